@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine with Python >= 3.10 and pip: each creates .venv
+# when absent. torch is installed before the project so a CPU-only machine does not pull CUDA wheels
+# (override TORCH_SPEC, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test env docs clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev,mpi]' || $(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m ep_runtime demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+env: $(VENV)/.installed
+	$(PY) -m ep_runtime env
+
+docs: $(VENV)/.installed
+	$(PY) -m ep_runtime env --markdown > docs/environment_variables.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,38 @@
+"""Token dispatchers, one module each; every module registers its class here on import.
+
+    ep_runtime.dispatchers.create("deepep_normal", group=group, config=cfg)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ep_runtime.config import MoeConfig
+
+from .base import Dispatcher
+
+_DISPATCHERS: dict[str, type[Dispatcher]] = {}
+
+
+def register(cls: type[Dispatcher]) -> type[Dispatcher]:
+    _DISPATCHERS[cls.name] = cls
+    return cls
+
+
+def registered() -> list[str]:
+    return list(_DISPATCHERS)
+
+
+def get(name: str) -> type[Dispatcher]:
+    if name not in _DISPATCHERS:
+        raise ValueError(f"dispatcher={name!r} is unknown; registered: {', '.join(_DISPATCHERS)}")
+    return _DISPATCHERS[name]
+
+
+def create(name: str, config: MoeConfig, group: Optional[Any] = None, **options: Any) -> Dispatcher:
+    """Build dispatcher `name` over `group` (None: the default group, or a single process)."""
+    return get(name)(config, group=group, **options)
+
+
+from . import standard  # noqa: E402,F401
+
+__all__ = ["Dispatcher", "create", "get", "register", "registered"]

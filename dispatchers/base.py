@@ -1,0 +1,61 @@
+"""What every dispatcher is: dispatch(x, topk) -> its format's DispatchOutput; combine(CombineInput) -> y."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime.config import MoeConfig
+from ep_runtime.placement import ExpertPlacement
+from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput
+from ep_runtime.validation import check_hidden_states, check_topk
+
+
+def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(rank, size) in `group`; (0, 1) when no process group exists (a plain single process)."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Dispatcher:
+    """Ships (token, expert) pairs to the ranks owning the experts and brings the results home.
+
+    Subclasses set `name` and `format` and implement _dispatch / _combine. `shards_experts` says
+    whether experts are spread over the group (False: every rank holds every expert).
+    """
+
+    name: ClassVar[str] = ""
+    format: ClassVar[str] = ""
+    shards_experts: ClassVar[bool] = True
+
+    def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None):
+        self.config = config
+        self.group = group
+        rank, size = group_rank_and_size(group)
+        self.rank, self.world_size = rank, size
+        self.placement = (ExpertPlacement(config.num_experts, size, rank) if self.shards_experts
+                          else ExpertPlacement(config.num_experts))
+
+    def dispatch(self, x: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        """x [T, H]; topk ids [T, K] global (-1 = nowhere), weights [T, K]. Checked before any collective."""
+        check_hidden_states(x, self.config.hidden_size)
+        ids, weights = topk
+        check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device)
+        self.check_capacity(x.shape[0])
+        return self._dispatch(x, TopKOutput(ids.to(torch.int32), weights.float()))
+
+    def combine(self, combine_input: CombineInput) -> torch.Tensor:
+        """The runner's rows, reduced per original token: [T, H] in x's dtype."""
+        return self._combine(combine_input)
+
+    def check_capacity(self, num_tokens: int) -> None:
+        """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
+
+    def _dispatch(self, x: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+        raise NotImplementedError
+
+    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
+        raise NotImplementedError

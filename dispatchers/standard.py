@@ -1,0 +1,45 @@
+"""standard: no exchange. R = 1, or every rank holds every expert and computes its own tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ep_runtime.runner_core import CombineInput, DispatchOutput, global_runner_input, register_permute
+
+from . import register
+from .base import Dispatcher
+
+
+@dataclass
+class StandardDispatchOutput(DispatchOutput):
+    """hidden_states [T, H]; topk_ids [T, K] int32 global (-1 = nowhere); topk_weights [T, K] fp32."""
+
+    format = "standard"
+    hidden_states: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+@register
+class StandardDispatcher(Dispatcher):
+    name = "standard"
+    format = "standard"
+    shards_experts = False
+
+    def _dispatch(self, x, topk):
+        return StandardDispatchOutput(x, topk.topk_ids, topk.topk_weights)
+
+    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
+        return combine_input.hidden_states
+
+
+def _pre(out: StandardDispatchOutput, placement, config):
+    return global_runner_input(out.hidden_states, out.topk_ids, out.topk_weights, placement)
+
+
+def _post(y: torch.Tensor, out: StandardDispatchOutput) -> CombineInput:
+    return CombineInput(y, out)
+
+
+register_permute("standard", ("torch",), _pre, _post)

@@ -1,0 +1,27 @@
+"""ep_runtime: expert-parallel Mixture-of-Experts layers for PyTorch.
+
+    import ep_runtime as ep
+    group = ep.init_distributed()
+    layer = ep.EPMoE(num_experts=64, top_k=6, hidden_size=1024, intermediate_size=512,
+                     dispatcher="deepep_normal", runner="torch", group=group)
+    layer.load_experts(w13, w2)
+    y = layer(x, topk_ids, topk_weights)
+"""
+from . import envs
+from .config import ExpertWeights, MoeConfig
+from .distributed import destroy_distributed, detect_launch, init_distributed
+from .placement import ExpertPlacement
+from .routing import TopKConfig, TopKOutput, select_experts
+from .runner_core import CombineInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
+
+# Registries last: their modules import the core above.
+from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
+from .layer import EPMoE  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CombineInput", "EPMoE", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
+    "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
+    "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
+]

@@ -1,0 +1,94 @@
+"""Runner configuration and expert weights: what the experts compute, kept apart from the tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Shape and math of one MoE layer's experts.
+
+    num_experts E, top_k K, hidden_size H, intermediate_size I.
+    Expert e computes  w2[e] @ act(gate @ x) * (up @ x)  (gated; w13 = [gate; up], 2I rows) or
+    w2[e] @ act(w1 @ x) (not gated; w13 has I rows).
+    gemm1_alpha / gemm1_clamp_limit select gpt-oss's SwiGLU (gated silu only):
+        gate = min(gate, limit); up = clamp(up, -limit, limit); h = gate * sigmoid(alpha * gate) * (up + 1).
+    routed_scaling_factor multiplies the layer output (DeepSeek); apply_router_weight_on_input
+    multiplies each (token, expert) input by its weight instead of the output (Llama 4).
+    """
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    is_gated: bool = True
+    has_bias: bool = False
+    gemm1_alpha: Optional[float] = None
+    gemm1_clamp_limit: Optional[float] = None
+    routed_scaling_factor: float = 1.0
+    apply_router_weight_on_input: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.gemm1_alpha is not None or self.gemm1_clamp_limit is not None:
+            if not (self.is_gated and self.activation == "silu"):
+                raise ValueError(
+                    "gemm1_alpha / gemm1_clamp_limit (gpt-oss SwiGLU) need is_gated=True and activation='silu'; "
+                    f"got is_gated={self.is_gated}, activation={self.activation!r}")
+        if self.gemm1_clamp_limit is not None and self.gemm1_alpha is None:
+            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} needs gemm1_alpha (gpt-oss SwiGLU uses both)")
+        if self.gemm1_clamp_limit is not None and not self.gemm1_clamp_limit > 0:
+            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit!r} must be > 0")
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor != self.routed_scaling_factor:
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number")
+
+    @property
+    def w13_rows(self) -> int:
+        """Rows of one expert's first matrix: 2I when gated ([gate; up]), I otherwise."""
+        return 2 * self.intermediate_size if self.is_gated else self.intermediate_size
+
+
+@dataclass
+class ExpertWeights:
+    """Weights of the experts one rank computes (QuantInfo-style; scales come with quantization later).
+
+    w13 [L, 2I, H] (gated, gate rows then up rows) or [L, I, H]; w2 [L, H, I];
+    b13 [L, 2I] / [L, I] and b2 [L, H] when the config has biases.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: Optional[torch.Tensor] = None
+    b2: Optional[torch.Tensor] = None
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def check(self, config: MoeConfig, num_local_experts: int) -> None:
+        """Raise naming the tensor when a shape does not match the config."""
+        L, H, I = num_local_experts, config.hidden_size, config.intermediate_size
+        expected = {"w13": (L, config.w13_rows, H), "w2": (L, H, I)}
+        if config.has_bias:
+            expected.update(b13=(L, config.w13_rows), b2=(L, H))
+        for name, shape in expected.items():
+            tensor = getattr(self, name)
+            if tensor is None:
+                raise ValueError(f"{name} is missing; the config has has_bias=True so it needs shape {list(shape)}")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {list(tensor.shape)}; expected {list(shape)}")
+        if not config.has_bias and (self.b13 is not None or self.b2 is not None):
+            raise ValueError("biases were given but the config has has_bias=False")

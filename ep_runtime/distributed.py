@@ -1,0 +1,131 @@
+"""One call to join whatever launched this job: torchrun, Slurm (srun), MPI (mpirun) or nothing.
+
+Backend: NCCL when CUDA is available, gloo otherwise. The group gets a timeout
+(EP_RUNTIME_TIMEOUT_S unless given), so a dead or stalled rank makes the others fail instead of
+hanging. A group created here is destroyed at interpreter exit (gloo can abort the process at
+shutdown otherwise); call destroy_distributed() to do it earlier.
+"""
+from __future__ import annotations
+
+import atexit
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import envs
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list")
+    prefix, bracket = head.group(1), head.group(3)
+    if bracket is None:
+        return prefix
+    return prefix + bracket.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch() -> LaunchInfo:
+    """Which launcher started this process, and this process's place in the job."""
+    if envs.launcher("RANK", int) is not None and envs.launcher("WORLD_SIZE", int) is not None:
+        return LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
+                          envs.launcher("LOCAL_RANK", int) or 0, "env://")
+    if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
+        ntasks = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int) or 1
+        host = first_slurm_host(envs.launcher("SLURM_STEP_NODELIST") or envs.launcher("SLURM_JOB_NODELIST")
+                                or "localhost")
+        job = envs.launcher("SLURM_JOB_ID", int) or 0
+        step = envs.launcher("SLURM_STEP_ID", int) or 0
+        port = 20000 + (job * 7 + step) % 20000  # same on every task of the step, differs between steps
+        return LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
+                          envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}")
+    mpi_size = envs.launcher("OMPI_COMM_WORLD_SIZE", int) or envs.launcher("PMI_SIZE", int)
+    if mpi_size is not None:
+        return _mpi_launch()
+    return LaunchInfo("single", 0, 1, 0, "")
+
+
+def _mpi_launch() -> LaunchInfo:
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]'") from err
+    comm = MPI.COMM_WORLD
+    address = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None
+    host, port = comm.bcast(address, root=0)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = local.Get_rank()
+    local.Free()
+    return LaunchInfo("mpi", comm.Get_rank(), comm.Get_size(), local_rank, f"tcp://{host}:{port}")
+
+
+_CREATED_HERE = False
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
+    """Initialise the default process group from the launcher's environment and return it.
+
+    Safe to call twice (the second call returns the existing group). Sets the CUDA device from the
+    local rank. timeout_s: how long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
+    """
+    global _CREATED_HERE
+    if dist.is_initialized():
+        return dist.group.WORLD
+    envs.validate_all()
+    launch = detect_launch()
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend not in ("nccl", "gloo", "mpi"):
+        raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
+    timeout = timedelta(seconds=timeout_s if timeout_s is not None else envs.get("TIMEOUT_S"))
+    kwargs = {}
+    if use_cuda:
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if backend == "nccl":
+            kwargs["device_id"] = device
+    if launch.launcher == "single":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
+    else:
+        dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout, **kwargs)
+    if not _CREATED_HERE:
+        atexit.register(destroy_distributed)
+    _CREATED_HERE = True
+    return dist.group.WORLD
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group if one exists (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for_rank() -> torch.device:
+    """This process's CUDA device when the group runs on NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,163 @@
+"""The one registry of environment variables. Nothing else in ep_runtime reads os.environ.
+
+Two kinds of entries:
+- knobs (EP_RUNTIME_*): typed settings with a default and a one-line doc; an invalid value
+  raises an error that names the variable, the value and what is allowed.
+- launcher variables (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, ...): set by torchrun, Slurm
+  or mpirun; read here so the bootstrap can detect the launcher.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+PREFIX = "EP_RUNTIME_"
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    type: type
+    default: Any
+    doc: str
+    minimum: Optional[float] = None
+    choices: Optional[tuple] = None
+
+    def parse(self, raw: str) -> Any:
+        """Turn the raw string into a typed value, or raise naming the variable."""
+        text = raw.strip()
+        try:
+            if self.type is bool:
+                low = text.lower()
+                if low not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value: Any = low in ("1", "true", "yes", "on")
+            else:
+                value = self.type(text)
+        except ValueError:
+            raise ValueError(
+                f"environment variable {self.name}={raw!r} is not a valid {self.type.__name__}"
+                f"{self._allowed()}"
+            ) from None
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"environment variable {self.name}={raw!r} is below the minimum{self._allowed()}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"environment variable {self.name}={raw!r} is not allowed{self._allowed()}")
+        return value
+
+    def _allowed(self) -> str:
+        if self.choices is not None:
+            return f"; allowed: {', '.join(map(str, self.choices))}"
+        if self.minimum is not None:
+            return f"; allowed: {self.type.__name__} >= {self.minimum:g}"
+        return ""
+
+
+KNOBS: dict[str, Knob] = {}
+
+
+def _knob(name: str, type_: type, default: Any, doc: str, **kw: Any) -> None:
+    full = PREFIX + name
+    KNOBS[full] = Knob(full, type_, default, doc, **kw)
+
+
+_knob("TIMEOUT_S", float, 300.0,
+      "Seconds a collective may wait for the other ranks before every rank fails with an error.",
+      minimum=1.0)
+_knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
+      "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1)
+_knob("NORMAL_ALIGNMENT", int, 1,
+      "deepep_normal: round num_recv_tokens_per_expert up to a multiple of this.", minimum=1)
+_knob("MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", int, 4096,
+      "mori: most tokens one rank may dispatch; the receive buffer holds this many times R rows.", minimum=1)
+_knob("MORI_PREALLOC_MAX_RECV_TOKENS", int, 0,
+      "mori: receive-buffer rows when > 0 (overrides max dispatch tokens x R); 0 = off.", minimum=0)
+_knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
+      "mori: hand the runner only this many receive rows (widened when more arrived, never truncating data); 0 = off.",
+      minimum=0)
+_knob("RUNNER", str, "auto",
+      "Runner backend that EPMoE(runner='auto') picks: auto, torch, triton.",
+      choices=("auto", "torch", "triton"))
+_knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
+      minimum=1)
+
+
+def get(name: str) -> Any:
+    """Typed value of knob `name` (with or without the EP_RUNTIME_ prefix)."""
+    full = name if name.startswith(PREFIX) else PREFIX + name
+    if full not in KNOBS:
+        raise KeyError(f"unknown knob {full}; known: {', '.join(sorted(KNOBS))}")
+    knob = KNOBS[full]
+    raw = os.environ.get(full)
+    if raw is None or raw == "":
+        return knob.default
+    return knob.parse(raw)
+
+
+def validate_all() -> None:
+    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run."""
+    for name in KNOBS:
+        get(name)
+
+
+# Variables set by launchers. Read-only for us; listed so `ep-runtime env` can show what was detected.
+LAUNCHER_VARIABLES: dict[str, str] = {
+    "RANK": "torchrun: global rank",
+    "WORLD_SIZE": "torchrun: number of ranks",
+    "LOCAL_RANK": "torchrun: rank on this node",
+    "MASTER_ADDR": "torchrun: rendezvous host",
+    "MASTER_PORT": "torchrun: rendezvous port",
+    "SLURM_PROCID": "Slurm: global rank of this task",
+    "SLURM_NTASKS": "Slurm: number of tasks",
+    "SLURM_LOCALID": "Slurm: task index on this node",
+    "SLURM_JOB_NODELIST": "Slurm: hosts of the job (first one hosts the rendezvous)",
+    "SLURM_JOB_ID": "Slurm: job id (the rendezvous port is derived from it)",
+    "SLURM_STEP_ID": "Slurm: step id, set by srun (its presence means srun started this task)",
+    "SLURM_STEP_NUM_TASKS": "Slurm: number of tasks in this srun step",
+    "SLURM_STEP_NODELIST": "Slurm: hosts of this srun step",
+    "OMPI_COMM_WORLD_SIZE": "Open MPI: number of ranks (MPI launch detected)",
+    "PMI_SIZE": "MPICH/PMI: number of ranks (MPI launch detected)",
+    "CUDA_VISIBLE_DEVICES": "CUDA devices visible to this process",
+}
+
+
+def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
+    """A launcher variable's value, or None when it is unset."""
+    if name not in LAUNCHER_VARIABLES:
+        raise KeyError(f"{name} is not a registered launcher variable")
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"launcher variable {name}={raw!r} is not a valid {getattr(cast, '__name__', cast)}") from None
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(name, current value, default, doc) per knob, for `ep-runtime env`."""
+    rows = []
+    for name, knob in KNOBS.items():
+        raw = os.environ.get(name)
+        rows.append((name, raw if raw not in (None, "") else "(unset)", str(knob.default), knob.doc))
+    return rows
+
+
+def markdown() -> str:
+    """docs/environment_variables.md, generated from the registry (a test keeps them equal)."""
+    lines = [
+        "# Environment variables",
+        "",
+        "Generated by `ep-runtime env --markdown` from `ep_runtime/envs.py`; do not edit by hand.",
+        "",
+        "| name | type | default | allowed | doc |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for knob in KNOBS.values():
+        allowed = knob._allowed().removeprefix("; allowed: ") or "any"
+        lines.append(f"| `{knob.name}` | {knob.type.__name__} | `{knob.default}` | {allowed} | {knob.doc} |")
+    lines += ["", "## Launcher variables (read, never set, by ep_runtime)", "", "| name | meaning |", "| --- | --- |"]
+    for name, doc in LAUNCHER_VARIABLES.items():
+        lines.append(f"| `{name}` | {doc} |")
+    return "\n".join(lines) + "\n"

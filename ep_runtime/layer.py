@@ -1,0 +1,112 @@
+"""EPMoE: the expert-parallel MoE layer. forward reads as the data flow: route, dispatch, run, combine."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import dispatchers, runners
+from .config import ExpertWeights, MoeConfig
+from .routing import TopKConfig, TopKOutput, select_experts
+from .runner_core import MoeRunner
+from .validation import check_hidden_states
+
+
+class EPMoE(nn.Module):
+    """Mixture-of-Experts layer whose experts are spread over the ranks of `group`.
+
+    Owns this rank's experts only: w13 [L, 2I, H] ([gate; up]; [L, I, H] when not gated),
+    w2 [L, H, I], b13/b2 when has_bias. `load_experts` takes the global [E, ...] weights of a
+    checkpoint and keeps this rank's slice. dispatcher: a name from ep_runtime.dispatchers;
+    runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
+    else torch). group None: the default process group when one exists, else a single process.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
+                 dispatcher: str = "standard", runner: str = "auto", group: Optional[Any] = None,
+                 dtype: torch.dtype = torch.float32, device: Any = None,
+                 activation: str = "silu", is_gated: bool = True, has_bias: bool = False,
+                 gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
+                 routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
+                 topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
+                 dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None):
+        super().__init__()
+        from . import envs
+        self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
+                                is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
+                                gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
+                                apply_router_weight_on_input=apply_router_weight_on_input)
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, **(dispatcher_options or {}))
+        self.placement = self.dispatcher.placement
+        if runner == "auto":
+            runner = envs.get("RUNNER")
+        backend = runners.create(runners.resolve(runner, device), self.config, hooks=hooks, **(runner_options or {}))
+        self.runner = MoeRunner(backend, self.config, self.placement)
+        self.runner.check_format(self.dispatcher.format)
+        self.topk_config = topk_config or TopKConfig(top_k=top_k)
+        if self.topk_config.top_k != top_k:
+            raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
+
+        L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
+        factory = dict(dtype=dtype, device=device)
+        self.w13 = nn.Parameter(torch.empty(L, self.config.w13_rows, H, **factory))
+        self.w2 = nn.Parameter(torch.empty(L, H, I, **factory))
+        self.b13 = nn.Parameter(torch.zeros(L, self.config.w13_rows, **factory)) if has_bias else None
+        self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w13, std=self.config.hidden_size ** -0.5)
+        nn.init.normal_(self.w2, std=self.config.intermediate_size ** -0.5)
+
+    @property
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w13, self.w2, self.b13, self.b2)
+
+    @torch.no_grad()
+    def load_experts(self, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor] = None,
+                     b2: Optional[torch.Tensor] = None) -> None:
+        """Copy this rank's shard out of the global weights: w13 [E, 2I, H] (gate rows then up rows;
+        [E, I, H] when not gated), w2 [E, H, I], b13 [E, 2I], b2 [E, H]."""
+        full = ExpertWeights(w13, w2, b13, b2)
+        full.check(self.config, self.config.num_experts)
+        lo = self.placement.first_expert
+        hi = lo + self.placement.num_local_experts
+        for name in ("w13", "w2", "b13", "b2"):
+            src = getattr(full, name)
+            if src is not None:
+                getattr(self, name).copy_(src[lo:hi])
+
+    def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
+                topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
+                correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K],
+        or router_logits [T, E] (routed with self.topk_config)."""
+        check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
+        topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        dispatch_output = self.dispatcher.dispatch(x, topk)
+        combine_input = self.runner.run(dispatch_output, self.weights)
+        return self.dispatcher.combine(combine_input)
+
+    def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
+        if router_logits is not None:
+            if topk_ids is not None or topk_weights is not None:
+                raise ValueError("give either topk_ids/topk_weights or router_logits, not both")
+            if router_logits.dim() != 2 or tuple(router_logits.shape) != (x.shape[0], self.config.num_experts):
+                raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
+                                 f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
+            return select_experts(router_logits, self.topk_config, correction_bias)
+        if topk_ids is None or topk_weights is None:
+            raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
+        return TopKOutput(topk_ids, topk_weights)  # checked by the dispatcher before any exchange
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
+                f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
+                f"runner={self.runner.backend.name}")

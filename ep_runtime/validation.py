@@ -1,0 +1,57 @@
+"""Input checks that run before any communication. Every rank runs the same checks on its own
+input, so symmetric bad input fails every rank together; messages name the argument, the value and
+the allowed range. Value checks (id range) read one scalar per tensor; they are skipped while a CUDA
+graph is being captured, where a host read is impossible (shapes and dtypes are still checked)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device] = None, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"{name} has shape {list(x.shape)}; expected [T, {hidden_size}] (hidden_size={hidden_size})")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device}; this layer is on {torch.device(device)}")
+
+
+def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, num_experts: int,
+               top_k: Optional[int], device: Optional[torch.device] = None) -> None:
+    """ids [T, K] integer in [-1, E); weights [T, K] floating, same device."""
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] != num_tokens or (top_k is not None and t.shape[1] != top_k):
+            k = top_k if top_k is not None else "K"
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected [{num_tokens}, {k}] (T rows of x, top_k)")
+        if device is not None and t.device != torch.device(device):
+            raise ValueError(f"{name} is on {t.device}; expected {torch.device(device)} (the device of x)")
+    if topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} differ in shape")
+    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected an integer dtype (int32 or int64)")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
+    if topk_ids.numel() == 0 or capturing():
+        return
+    bad = (topk_ids < -1) | (topk_ids >= num_experts)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        value = int(topk_ids[where[0], where[1]])
+        raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
+                         f"(num_experts={num_experts})")
+    if not bool(torch.isfinite(topk_weights).all()):
+        where = (~torch.isfinite(topk_weights)).nonzero()[0].tolist()
+        raise ValueError(f"topk_weights has a non-finite value {float(topk_weights[where[0], where[1]])} at {where}")

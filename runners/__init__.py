@@ -1,0 +1,51 @@
+"""Runner backends, one module each; every module registers its class here on import.
+
+    ep_runtime.runners.create("torch", config=cfg)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from ep_runtime.config import MoeConfig
+
+from .base import GemmHooks, RunnerBackend
+
+_RUNNERS: dict[str, type[RunnerBackend]] = {}
+
+
+def register(cls: type[RunnerBackend]) -> type[RunnerBackend]:
+    _RUNNERS[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of backends that can run in this process (e.g. triton needs a GPU or TRITON_INTERPRET)."""
+    return [name for name, cls in _RUNNERS.items() if cls.is_available()]
+
+
+def registered() -> list[str]:
+    return list(_RUNNERS)
+
+
+def resolve(name: str, device: Any = None) -> str:
+    """Resolve "auto" to the best backend for `device`: triton on CUDA when it imports, else torch."""
+    if name != "auto":
+        return name
+    import torch
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "triton" if on_cuda and "triton" in available() else "torch"
+
+
+def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **options: Any) -> RunnerBackend:
+    """Build runner backend `name` for `config`; rejects config fields it cannot compute."""
+    if name not in _RUNNERS:
+        raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')")
+    cls = _RUNNERS[name]
+    if not cls.is_available():
+        raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
+    return cls(config, hooks=hooks, **options)
+
+
+from . import torch_runner  # noqa: E402,F401  (registers "torch")
+
+__all__ = ["GemmHooks", "RunnerBackend", "available", "create", "register", "registered", "resolve"]

@@ -1,0 +1,97 @@
+"""The reference runner: plain PyTorch on CPU and GPU, full autograd (torch._grouped_mm on CUDA bf16)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.runner_core import RunnerInput
+
+from . import register
+from .base import RunnerBackend
+
+
+def activate(h: torch.Tensor, config: MoeConfig) -> torch.Tensor:
+    """[P, w13_rows] -> [P, I]: the activation (and the gate multiply when gated)."""
+    if not config.is_gated:
+        return _act(h, config.activation)
+    gate, up = h.split(config.intermediate_size, dim=-1)
+    if config.gemm1_alpha is not None:  # gpt-oss SwiGLU
+        limit = config.gemm1_clamp_limit
+        if limit is not None:
+            gate = gate.clamp(max=limit)
+            up = up.clamp(-limit, limit)
+        return gate * torch.sigmoid(config.gemm1_alpha * gate) * (up + 1)
+    return _act(gate, config.activation) * up
+
+
+def _act(h: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(h)
+    return F.gelu(h, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+@register
+class TorchRunner(RunnerBackend):
+    name = "torch"
+
+    def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+        cfg = self.config
+        x = inp.hidden_states
+        N, K = inp.topk_ids.shape
+        ids = inp.topk_ids.long()
+        computed = inp.expert_mask[ids].reshape(-1)
+        # (token, expert) pairs that are computed, grouped by expert (stable: deterministic order).
+        pair = computed.nonzero().squeeze(1)
+        expert = ids.reshape(-1)[pair] - inp.first_expert
+        order = torch.argsort(expert, stable=True)
+        pair, expert = pair[order], expert[order]
+        token = pair // K
+        weight = inp.topk_weights.reshape(-1)[pair]
+        counts = torch.bincount(expert, minlength=weights.num_local_experts)
+
+        rows = x[token]
+        if cfg.apply_router_weight_on_input:
+            rows = rows * weight.unsqueeze(1).to(rows.dtype)
+        h = _grouped_linear(rows, weights.w13, weights.b13, expert, counts)
+        h = _hook(self.hooks.after_gemm1, rows, h, expert)
+        a = activate(h, cfg)
+        o = _grouped_linear(a, weights.w2, weights.b2, expert, counts)
+        o = _hook(self.hooks.after_gemm2, a, o, expert)
+
+        acc = torch.promote_types(x.dtype, torch.float32)
+        o = o.to(acc)
+        if not cfg.apply_router_weight_on_input:
+            o = o * weight.unsqueeze(1).to(acc)
+        y = torch.zeros(N, x.shape[1], dtype=acc, device=x.device).index_add(0, token, o)
+        if cfg.routed_scaling_factor != 1.0:
+            y = y * cfg.routed_scaling_factor
+        return y.to(x.dtype)
+
+
+def _hook(hook, inputs, outputs, expert):
+    if hook is None:
+        return outputs
+    replaced = hook(inputs, outputs, expert)
+    return outputs if replaced is None else replaced
+
+
+def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                    expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows [P, in] grouped by expert -> [P, out] with rows of expert e multiplied by w[e]^T (+ b[e])."""
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and rows.shape[0] > 0:
+        offsets = counts.cumsum(0).to(torch.int32)
+        out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
+    else:
+        pieces = []
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                pieces.append(rows[start:start + count] @ w[e].t())
+                start += count
+        out = torch.cat(pieces) if pieces else rows[:0] @ w[0].t()  # keeps the autograd graph
+    if b is not None:
+        out = out + b[expert]
+    return out

@@ -1,0 +1,107 @@
+"""EPMoE(standard, torch) against the float64 reference: outputs and gradients."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+
+@pytest.mark.parametrize("T", [0, 1, 37])
+@pytest.mark.parametrize("K", [1, 2, 8])
+@pytest.mark.parametrize("E", [4, 64])
+def test_standard_fp32_matches_reference(T, K, E):
+    if K > E:
+        pytest.skip("top_k > num_experts")
+    layer = ep.EPMoE(E, K, 32, 24, dispatcher="standard", runner="torch")
+    errors = check_layer(layer, make_problem(layer.config, [T], seed=T * 100 + K + E), 0)
+    assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+CONFIGS = {
+    "gelu": dict(activation="gelu"),
+    "gelu_tanh_bias": dict(activation="gelu_tanh", has_bias=True),
+    "non_gated_silu": dict(is_gated=False),
+    "gpt_oss_swiglu": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.3, has_bias=True),
+    "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+    "routed_scaling": dict(routed_scaling_factor=2.5),
+    "weight_on_input": dict(apply_router_weight_on_input=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_fields_match_reference(name):
+    layer = ep.EPMoE(8, 2, 32, 16, runner="torch", dtype=torch.float64, **CONFIGS[name])
+    errors = check_layer(layer, make_problem(layer.config, [25], seed=7), 0)
+    assert max(errors.values()) <= tolerance(torch.float64), errors
+
+
+def test_gpt_oss_clamp_is_active():
+    # A tight limit must change the result (otherwise the clamp test above could not fail).
+    kw = dict(gemm1_alpha=1.702, runner="torch", dtype=torch.float64)
+    a = ep.EPMoE(4, 1, 16, 8, gemm1_clamp_limit=0.05, **kw)
+    b = ep.EPMoE(4, 1, 16, 8, **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(10, 16, dtype=torch.float64)
+    ids, w = torch.zeros(10, 1, dtype=torch.int32), torch.ones(10, 1)
+    assert not torch.allclose(a(x, ids, w), b(x, ids, w))
+
+
+def test_router_logits_path_equals_explicit_topk():
+    cfg = ep.TopKConfig(top_k=2, renormalize=True)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64, topk_config=cfg)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    logits = torch.randn(9, 8)
+    ids, w = ep.select_experts(logits, cfg)
+    assert torch.equal(layer(x, router_logits=logits), layer(x, ids, w))
+
+
+def test_load_experts_keeps_only_the_shard():
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
+    w13, w2 = torch.randn(8, 16, 16), torch.randn(8, 16, 8)
+    layer.load_experts(w13, w2)
+    assert layer.w13.shape == (8, 16, 16) and torch.equal(layer.w13, w13)
+    with pytest.raises(ValueError, match=r"w13 has shape \[8, 15, 16\]; expected \[8, 16, 16\]"):
+        layer.load_experts(torch.randn(8, 15, 16), w2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(ids=[[0, 8]]), r"topk_ids has id 8 at \[0, 1\]; allowed -1..7 \(num_experts=8\)"),
+    (dict(ids=[[0, -2]]), r"topk_ids has id -2 at \[0, 1\]; allowed -1..7"),
+    (dict(ids=[[0]]), r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
+    (dict(x_cols=15), r"x has shape \[1, 15\]; expected \[T, 16\]"),
+    (dict(x_dtype=torch.float64), "x has dtype torch.float64; this layer's weights are torch.float32"),
+    (dict(ids_dtype=torch.float32), "topk_ids has dtype torch.float32; expected an integer dtype"),
+    (dict(weights=[[0.5, float("nan")]]), "topk_weights has a non-finite value nan"),
+])
+def test_bad_input_names_argument_value_and_range(bad, match):
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
+    x = torch.randn(1, bad.get("x_cols", 16), dtype=bad.get("x_dtype", torch.float32))
+    ids = torch.tensor(bad.get("ids", [[0, 1]]), dtype=bad.get("ids_dtype", torch.int32))
+    w = torch.tensor(bad.get("weights", [[0.5] * ids.shape[1]]))
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer(x, ids, w)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation="relu"), "activation='relu'; allowed: silu, gelu, gelu_tanh"),
+    (dict(top_k=9), "top_k=9 must be <= num_experts=8"),
+    (dict(gemm1_alpha=1.0, activation="gelu"), "gemm1_alpha / gemm1_clamp_limit"),
+    (dict(gemm1_clamp_limit=7.0), "needs gemm1_alpha"),
+])
+def test_bad_config(kwargs, match):
+    args = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ep.EPMoE(**args, runner="torch")
+
+
+def _standard_on_ranks(rank, world_size):
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    problem = make_problem(layer.config, [11 * (r + 1) if r != 1 else 0 for r in range(world_size)], seed=5)
+    return check_layer(layer, problem, rank)
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_standard_replicated_experts_on_ranks(R):
+    for errors in run_ranks(_standard_on_ranks, R):
+        assert max(errors.values()) <= tolerance(torch.float32), errors

@@ -1,0 +1,89 @@
+"""select_experts against a plain-Python float64 reference."""
+import math
+
+import pytest
+import torch
+
+from ep_runtime import TopKConfig, select_experts
+
+
+def reference_routing(logits, cfg, bias=None):
+    T, E = logits.shape
+    out_ids, out_w = [], []
+    for t in range(T):
+        row = [float(v) for v in logits[t].double()]
+        if cfg.scoring == "softmax":
+            m = max(row)
+            ex = [math.exp(v - m) for v in row]
+            scores = [v / sum(ex) for v in ex]
+        else:
+            scores = [1 / (1 + math.exp(-v)) for v in row]
+        choice = [s + (float(bias[e]) if bias is not None else 0.0) for e, s in enumerate(scores)]
+        eligible = set(range(E))
+        if cfg.num_expert_group:
+            size = E // cfg.num_expert_group
+            groups = []
+            for g in range(cfg.num_expert_group):
+                members = sorted(choice[g * size:(g + 1) * size], reverse=True)
+                groups.append((sum(members[:2]) if bias is not None else members[0], g))
+            best = [g for _, g in sorted(groups, reverse=True)[:cfg.topk_group]]
+            eligible = {e for e in range(E) if e // size in best}
+        ranked = sorted(eligible, key=lambda e: -choice[e])[:cfg.top_k]
+        weights = [scores[e] for e in ranked]
+        if cfg.renormalize:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        out_ids.append(ranked)
+        out_w.append([w * cfg.routed_scaling_factor for w in weights])
+    return out_ids, out_w
+
+
+def check(logits, cfg, bias=None):
+    out = select_experts(logits, cfg, bias)
+    assert out.topk_ids.dtype == torch.int32 and out.topk_weights.dtype == torch.float32
+    ref_ids, ref_w = reference_routing(logits, cfg, bias)
+    for t in range(logits.shape[0]):
+        got = dict(zip(out.topk_ids[t].tolist(), out.topk_weights[t].tolist()))
+        assert set(got) == set(ref_ids[t]), t
+        for e, w in zip(ref_ids[t], ref_w[t]):
+            assert got[e] == pytest.approx(w, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_softmax_topk(renormalize):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(33, 16, generator=gen)
+    check(logits, TopKConfig(top_k=4, scoring="softmax", renormalize=renormalize))
+
+
+def test_sigmoid_grouped_with_bias_deepseek_v3():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 32, generator=gen)
+    bias = torch.randn(32, generator=gen) * 0.3
+    cfg = TopKConfig(top_k=6, scoring="sigmoid", renormalize=True, num_expert_group=8, topk_group=3,
+                     routed_scaling_factor=2.5)
+    check(logits, cfg, bias)
+
+
+def test_softmax_grouped_without_bias():
+    gen = torch.Generator().manual_seed(2)
+    check(torch.randn(20, 24, generator=gen), TopKConfig(top_k=3, num_expert_group=6, topk_group=2))
+
+
+def test_bias_changes_choice_not_weights():
+    logits = torch.zeros(1, 4)
+    logits[0, 0] = 1.0
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    out = select_experts(logits, TopKConfig(top_k=1, scoring="sigmoid"), bias)
+    assert out.topk_ids.tolist() == [[3]]
+    assert out.topk_weights.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (TopKConfig(top_k=9), "top_k=9 exceeds num_experts=8"),
+    (TopKConfig(top_k=5, num_expert_group=4, topk_group=2), "top_k=5 exceeds the 4 experts"),
+    (TopKConfig(top_k=2, num_expert_group=3, topk_group=1), "not divisible by num_expert_group=3"),
+])
+def test_bad_routing_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        select_experts(torch.randn(2, 8), cfg)

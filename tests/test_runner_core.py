@@ -1,0 +1,79 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import DispatchOutput, MoeRunner, reroute_to_sink
+from ep_runtime.testing import random_topk_ids
+
+
+@dataclass
+class UnregisteredOutput(DispatchOutput):
+    format = "no_such_format"
+
+
+def test_unregistered_pair_lists_registered_pairs():
+    cfg = ep.MoeConfig(4, 1, 8, 8)
+    runner = MoeRunner(ep.runners.create("torch", cfg), cfg, ep.ExpertPlacement(4))
+    with pytest.raises(ValueError, match=r"no_such_format.*'torch'.*\(standard, torch\)"):
+        runner.run(UnregisteredOutput(), None)
+
+
+def test_unknown_backend_and_dispatcher_names():
+    with pytest.raises(ValueError, match="runner='nope' is unknown; registered: torch"):
+        ep.EPMoE(4, 1, 8, 8, runner="nope")
+    with pytest.raises(ValueError, match="dispatcher='nope' is unknown; registered: standard"):
+        ep.EPMoE(4, 1, 8, 8, dispatcher="nope")
+
+
+def test_reroute_to_sink():
+    ids = torch.tensor([[-1, 2], [0, -1]])
+    out = reroute_to_sink(ids, 5)
+    assert out.dtype == torch.int32 and out.tolist() == [[5, 2], [0, 5]]
+
+
+def _layer(E=8, K=3, H=16, I=8, **kw):
+    torch.manual_seed(0)
+    return ep.EPMoE(E, K, H, I, runner="torch", dtype=torch.float64, **kw)
+
+
+def test_all_minus_one_gives_zeros_and_never_reads_rows():
+    layer = _layer()
+    x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed
+    ids = torch.full((5, 3), -1, dtype=torch.int32)
+    y = layer(x, ids, torch.rand(5, 3))
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_mixed_minus_one_equals_reference():
+    gen = torch.Generator().manual_seed(3)
+    layer = _layer()
+    x = torch.randn(30, 16, generator=gen, dtype=torch.float64)
+    ids = random_topk_ids(gen, 30, 8, 3, 1, minus_one_fraction=0.5)
+    assert (ids == -1).any() and (ids >= 0).any()
+    w = torch.rand(30, 3, generator=gen)
+    y = layer(x, ids, w)
+    ref = moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)
+    assert rel_err(y, ref) < 1e-12
+
+
+def test_gemm_hooks_see_grouped_rows_and_can_replace_outputs():
+    calls = []
+
+    def add_one(inputs, outputs, expert):
+        calls.append((inputs.shape[0], outputs.shape, expert.tolist()))
+        assert expert.tolist() == sorted(expert.tolist())  # rows come grouped by expert
+        return outputs + 1.0
+
+    layer = _layer(K=2, hooks=ep.runners.GemmHooks(after_gemm2=add_one))
+    x = torch.randn(6, 16, dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [1, 2], [3, -1], [0, 4], [-1, -1], [7, 6]], dtype=torch.int32)
+    w = torch.rand(6, 2)
+    y = layer(x, ids, w)
+    ref = moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)
+    # +1 on every computed expert output, weighted: sum over valid slots of w.
+    bump = (w.double() * (ids >= 0)).sum(1, keepdim=True)
+    assert rel_err(y, ref + bump) < 1e-12
+    assert calls[0][0] == int((ids >= 0).sum())
