@@ -33,6 +33,6 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, **options:
     return get(name)(config, group=group, **options)
 
 
-from . import standard  # noqa: E402,F401
+from . import deepep_normal, standard  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["Dispatcher", "create", "get", "register", "registered"]

@@ -39,13 +39,14 @@ class Dispatcher:
         self.placement = (ExpertPlacement(config.num_experts, size, rank) if self.shards_experts
                           else ExpertPlacement(config.num_experts))
 
-    def dispatch(self, x: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
-        """x [T, H]; topk ids [T, K] global (-1 = nowhere), weights [T, K]. Checked before any collective."""
+    def dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
+        """x [T, H]; topk ids [T, K] global (-1 = nowhere), weights [T, K]. Checked before any collective.
+        options: per-call extras a dispatcher documents (deepep_normal: handle)."""
         check_hidden_states(x, self.config.hidden_size)
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device)
         self.check_capacity(x.shape[0])
-        return self._dispatch(x, TopKOutput(ids.to(torch.int32), weights.float()))
+        return self._dispatch(x, TopKOutput(ids.to(torch.int32), weights.float()), **options)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""
@@ -54,7 +55,7 @@ class Dispatcher:
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
 
-    def _dispatch(self, x: torch.Tensor, topk: TopKOutput) -> DispatchOutput:
+    def _dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
         raise NotImplementedError
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""How rows cross ranks. Dispatchers call these functions only, so a faster transport (NVLink
+stores into symmetric memory) can replace them without touching the dispatch logic.
+
+The portable transport is torch.distributed: all_to_all_single for payloads (NCCL on GPU, gloo on
+CPU), all_gather for the small count tables. `all_to_all` is differentiable: its backward is the
+reverse exchange, which is what makes dispatch's backward a combine and combine's a dispatch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _exchange(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_splits: Optional[Sequence[int]],
+              group) -> torch.Tensor:
+    x = x.contiguous()
+    rows = x.shape[0] if recv_splits is None else int(sum(recv_splits))
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=None if recv_splits is None else list(recv_splits),
+                           input_split_sizes=None if send_splits is None else list(send_splits), group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group):
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        return _exchange(x, recv_splits, send_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_splits, send_splits = ctx.splits
+        return _exchange(grad, send_splits, recv_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_splits: Optional[Sequence[int]],
+               group, world_size: int) -> torch.Tensor:
+    """Rows [sum(send_splits), ...] out, [sum(recv_splits), ...] in; None splits = equal chunks
+    (static shapes, CUDA-graph capturable). Identity on one rank. Differentiable."""
+    if world_size == 1:
+        return x
+    if x.dtype == torch.bool:
+        return all_to_all(x.to(torch.uint8), recv_splits, send_splits, group, world_size).bool()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AllToAll.apply(x, recv_splits, send_splits, group)
+    return _exchange(x, recv_splits, send_splits, group)
+
+
+def all_gather_rows(row: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """[n] on each rank -> [world_size, n] (every rank's row, in rank order)."""
+    if world_size == 1:
+        return row.unsqueeze(0)
+    out = row.new_empty(world_size * row.numel())
+    _all_gather_single(out, row.contiguous().reshape(-1), group=group)
+    return out.view((world_size,) + tuple(row.shape))
+
+
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); older releases lack the new one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

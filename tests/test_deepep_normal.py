@@ -1,0 +1,108 @@
+"""deepep_normal on gloo ranks: layout, counts, EPMoE == float64 reference (outputs and gradients),
+handle reuse and static (num_worst_tokens) shapes."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.dispatchers.deepep_normal import dispatch_layout
+from ep_runtime.testing import check_layer, make_problem, random_topk_ids, run_ranks, tolerance
+
+
+def _python_layout(ids, E, R):
+    L = E // R
+    per_rank, per_expert = [0] * R, [0] * E
+    in_rank = [[False] * R for _ in ids]
+    for t, row in enumerate(ids):
+        for e in row:
+            if e >= 0:
+                per_expert[e] += 1
+                in_rank[t][e // L] = True
+        for r in range(R):
+            per_rank[r] += in_rank[t][r]
+    return per_rank, per_expert, in_rank
+
+
+@pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (57, 64, 8, 4), (33, 16, 4, 2), (20, 8, 8, 1)])
+def test_layout_equals_python_reference(T, E, K, R):
+    ids = random_topk_ids(torch.Generator().manual_seed(T + E), T, E, K, R, minus_one_fraction=0.3)
+    layout = dispatch_layout(ids, E, R)
+    per_rank, per_expert, in_rank = _python_layout(ids.tolist(), E, R)
+    assert layout.num_tokens_per_rank.tolist() == per_rank
+    assert layout.num_tokens_per_expert.tolist() == per_expert
+    assert layout.is_token_in_rank.tolist() == in_rank
+
+
+def _tokens(R):
+    # Uneven, one rank (rank 1) with none.
+    return [[13], [9, 0], [9, 0, 23], [9, 0, 23, 4]][R - 1]
+
+
+def _normal_rank(rank, world_size, E, K, options):
+    layer = ep.EPMoE(E, K, 32, 16, dispatcher="deepep_normal", runner="torch", dispatcher_options=options)
+    problem = make_problem(layer.config, _tokens(world_size), seed=11 + E + K, ep_size=world_size)
+    errors = check_layer(layer, problem, rank)
+    # Token conservation: the per-expert receive counts equal the true counts over all ranks' tokens.
+    out = layer.dispatcher.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank],
+                                                                            problem.topk_weights[rank]))
+    all_ids = torch.cat(problem.topk_ids).long()
+    lo = layer.placement.first_expert
+    truth = [int((all_ids == lo + e).sum()) for e in range(layer.placement.num_local_experts)]
+    counted = out.num_recv_tokens_per_expert_tensor.tolist()
+    real = (out.recv_topk_ids >= 0).sum().item()
+    return errors, truth, counted, out.num_recv_tokens_per_expert, real
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("E,K", [(64, 8), (8, 2)])
+def test_layer_matches_reference_on_ranks(R, E, K):
+    results = (run_ranks(_normal_rank, R, E, K, {}) if R > 1 else [_normal_rank(0, 1, E, K, {})])
+    for errors, truth, counted, listed, real in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert counted == truth and listed == truth and real == sum(truth)
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_static_shapes_num_worst_tokens(R):
+    # Every rank receives at most sum(tokens) rows; static mode pads to W and gives the same result.
+    W = sum(_tokens(R))
+    for errors, truth, counted, listed, real in run_ranks(_normal_rank, R, 16, 4, {"num_worst_tokens": W}):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert counted == truth and listed == [] and real == sum(truth)
+
+
+def _too_small_rank(rank, world_size):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch",
+                     dispatcher_options={"num_worst_tokens": 3})
+    x = torch.randn(10, 16)
+    ids = torch.zeros(10, 2, dtype=torch.int32)  # every token to expert 0 and -1
+    ids[:, 1] = -1
+    with pytest.raises(ValueError, match="num_worst_tokens=3 is below the tokens a rank receives"):
+        layer(x, ids, torch.ones(10, 2))
+    return True
+
+
+def test_num_worst_tokens_too_small_fails_every_rank():
+    assert run_ranks(_too_small_rank, 2) == [True, True]
+
+
+def _reuse_rank(rank, world_size):
+    cfg = ep.MoeConfig(16, 4, 24, 8)
+    d = ep.dispatchers.create("deepep_normal", cfg, alignment=4)
+    gen = torch.Generator().manual_seed(rank)
+    ids = random_topk_ids(gen, 19, 16, 4, world_size)
+    x, w = torch.randn(19, 24, generator=gen), torch.rand(19, 4, generator=gen)
+    first = d.dispatch(x, ep.TopKOutput(ids, w))
+    again = d.dispatch(2 * x, ep.TopKOutput(ids, w), handle=first.handle)
+    assert torch.equal(again.recv_x, 2 * first.recv_x)
+    assert torch.equal(again.recv_topk_ids, first.recv_topk_ids)
+    assert all(c % 4 == 0 for c in first.num_recv_tokens_per_expert)
+    # Combine of the received rows themselves: each token comes back once per rank it visited.
+    y = d.combine(ep.CombineInput(first.recv_x, first))
+    visits = first.handle.layout.is_token_in_rank.sum(1, keepdim=True).float()
+    assert torch.allclose(y, x * visits, rtol=1e-6, atol=1e-6)
+    return True
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_handle_reuse_and_alignment(R):
+    assert run_ranks(_reuse_rank, R) == [True] * R
