@@ -1,0 +1,185 @@
+"""Send each token once to every rank owning one of its experts, and bring partial results home.
+
+The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row goes:
+- host plan: one all_gather of a small count table ([1 + R + E] ints per rank: T, tokens per
+  destination, pairs per expert), read on the host once; exact split sizes, no padding bytes;
+- static plan (`chunk` rows per peer): the same table stays on the device; each rank sends a
+  fixed chunk to every peer (pad rows carry id -1), so nothing syncs and a CUDA graph can capture
+  it. Received chunks can be compacted into `rows` rows, valid rows first.
+Every rank sees the whole table, so a capacity overflow fails every rank with the same error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .transport import all_gather_rows, all_to_all
+
+
+class Layout(NamedTuple):
+    """DeepEP's get_dispatch_layout, computed on the device without a host sync."""
+
+    num_tokens_per_rank: torch.Tensor  # [R] int64: tokens this rank sends to each rank
+    num_tokens_per_expert: torch.Tensor  # [E] int64: (token, expert) pairs per global expert
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+
+
+def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> Layout:
+    T = topk_ids.shape[0]
+    L = num_experts // ep_size
+    ids = topk_ids.long()
+    valid = ids >= 0
+    owner = torch.where(valid, ids // L, torch.full_like(ids, ep_size))  # ep_size = nowhere
+    in_rank = torch.zeros(T, ep_size + 1, dtype=torch.bool, device=ids.device)
+    in_rank.scatter_(1, owner, True)
+    in_rank = in_rank[:, :ep_size]
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    per_expert.scatter_add_(0, torch.where(valid, ids, num_experts).reshape(-1), torch.ones_like(ids).reshape(-1))
+    return Layout(in_rank.sum(0), per_expert[:num_experts], in_rank)
+
+
+@dataclass
+class ExchangeHandle:
+    """Where every row went. send_token [S]: source token of each sent row, rank-major (T = pad row).
+    Host plan: send_splits / recv_splits (lists). Static plan: chunk rows per peer; when compacted,
+    recv_pos [R*chunk] (compact row of each chunk row; `rows` = dropped pad) and recv_rows [rows]
+    (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
+    received). num_recv_tokens: device int scalar of real received rows."""
+
+    num_tokens: int
+    layout: Layout
+    send_token: torch.Tensor
+    num_recv_tokens_per_expert_tensor: torch.Tensor
+    num_recv_tokens: torch.Tensor
+    send_splits: Optional[list[int]] = None
+    recv_splits: Optional[list[int]] = None
+    num_recv_tokens_per_expert: Optional[list[int]] = None  # host plan only
+    chunk: Optional[int] = None
+    rows: Optional[int] = None
+    recv_pos: Optional[torch.Tensor] = None
+    recv_rows: Optional[torch.Tensor] = None
+
+    @property
+    def static(self) -> bool:
+        return self.chunk is not None
+
+
+class RankExchange:
+    def __init__(self, num_experts: int, group, rank: int, world_size: int):
+        self.num_experts, self.group, self.rank, self.world_size = num_experts, group, rank, world_size
+        self.num_local_experts = num_experts // world_size
+
+    def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
+             capacity: str = "") -> ExchangeHandle:
+        """chunk None: host plan; else static. rows: pad/compact the receive side to this many rows;
+        `capacity` names the setting that sized chunk/rows, for the overflow error."""
+        R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
+        T = topk_ids.shape[0]
+        layout = dispatch_layout(topk_ids, E, R)
+        row = torch.cat([layout.num_tokens_per_rank.new_tensor([T]), layout.num_tokens_per_rank,
+                         layout.num_tokens_per_expert])
+        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E]
+        sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
+        per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
+        num_recv = sent[:, me].sum().to(torch.int32)
+        if chunk is None:
+            return self._host_plan(layout, sent, per_expert, num_recv, T, rows, capacity)
+        return self._static_plan(layout, sent, per_expert, num_recv, T, chunk, rows, capacity)
+
+    def _host_plan(self, layout, sent, per_expert, num_recv, T, rows, capacity) -> ExchangeHandle:
+        R, me = self.world_size, self.rank
+        host = torch.cat([sent.reshape(-1), per_expert]).tolist()  # the one host sync
+        host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:]
+        if rows is not None:
+            most = max(sum(host[s][d] for s in range(R)) for d in range(R))
+            if most > rows:
+                raise ValueError(f"{capacity} holds {rows} received tokens; a rank receives {most} "
+                                 f"this step (allowed: {capacity} >= {most})")
+        send_splits = host[me]
+        recv_splits = [host[s][me] for s in range(R)]
+        flat = layout.is_token_in_rank.t().reshape(-1)  # rank-major, tokens ascending
+        order = torch.argsort((~flat).to(torch.int8), stable=True)[:sum(send_splits)]
+        return ExchangeHandle(T, layout, order % max(T, 1), per_expert, num_recv, send_splits, recv_splits,
+                              per_expert_host, rows=rows)
+
+    def _static_plan(self, layout, sent, per_expert, num_recv, T, chunk, rows, capacity) -> ExchangeHandle:
+        R, me, device = self.world_size, self.rank, sent.device
+        per_peer, received = sent.max(), sent.sum(0).max()
+        overflow = per_peer > chunk
+        if rows is not None:
+            overflow = overflow | (received > rows)
+        message = (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
+                   + (f" and a rank receives at most {rows}" if rows is not None else ""))
+        if device.type == "cuda":
+            torch._assert_async(~overflow, message)  # no host sync: a device-side error
+        elif bool(overflow):
+            raise ValueError(f"{message}; this step needs {int(per_peer)} per peer and "
+                             f"{int(received)} received (allowed: {capacity} at least that)")
+        in_rank = layout.is_token_in_rank
+        pos = in_rank.long().cumsum(0) - 1  # [T, R]: row of each token inside its chunk
+        target = torch.where(in_rank & (pos < chunk), torch.arange(R, device=device) * chunk + pos, R * chunk)
+        tokens = torch.arange(T, device=device).repeat(R)
+        send_token = torch.full((R * chunk + 1,), T, dtype=torch.long, device=device)
+        send_token = send_token.scatter_(0, target.t().reshape(-1), tokens)[:R * chunk]
+        handle = ExchangeHandle(T, layout, send_token, per_expert, num_recv, chunk=chunk, rows=rows)
+        if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
+            counts = sent[:, me]
+            j = torch.arange(chunk, device=device)
+            compact = (counts.cumsum(0) - counts).unsqueeze(1) + j
+            valid = (j < counts.unsqueeze(1)) & (compact < rows)
+            handle.recv_pos = torch.where(valid, compact, rows).reshape(-1)
+            recv_rows = torch.full((rows + 1,), R * chunk, dtype=torch.long, device=device)
+            handle.recv_rows = recv_rows.scatter_(0, handle.recv_pos, torch.arange(R * chunk, device=device))[:rows]
+        return handle
+
+    def send_rank(self, handle: ExchangeHandle) -> torch.Tensor:
+        """Destination rank of each sent row."""
+        ranks = torch.arange(self.world_size, device=handle.send_token.device)
+        if handle.static:
+            return ranks.repeat_interleave(handle.chunk)
+        counts = torch.tensor(handle.send_splits, device=ranks.device)
+        return ranks.repeat_interleave(counts, output_size=handle.send_token.numel())
+
+    def send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, handle: ExchangeHandle,
+             local_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(recv_x, recv_ids int32, recv_weights fp32). local_ids: ids as the receiver's local
+        experts (-1 where the expert lives elsewhere); else global ids. Pad rows: zeros, id -1."""
+        R, L, K = self.world_size, self.num_local_experts, ids.shape[1]
+        token = handle.send_token
+        pad = x.new_zeros(1, x.shape[1])
+        rows = torch.cat([x, pad])[token]
+        ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
+        if local_ids:
+            local = ids_rows - self.send_rank(handle).unsqueeze(1) * L
+            ids_rows = torch.where((ids_rows >= 0) & (local >= 0) & (local < L), local, torch.full_like(local, -1))
+        # ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32).
+        meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
+        recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
+        recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
+        meta_pad = torch.cat([weights.new_zeros(1, K), weights.new_full((1, K), -1.0)], 1)
+        if handle.recv_rows is not None:
+            recv_x = torch.cat([recv_x, pad])[handle.recv_rows]
+            recv_meta = torch.cat([recv_meta, meta_pad])[handle.recv_rows]
+        elif handle.rows is not None and not handle.static:
+            missing = handle.rows - recv_x.shape[0]
+            recv_x = torch.cat([recv_x, pad.expand(missing, -1)])
+            recv_meta = torch.cat([recv_meta, meta_pad.expand(missing, -1)])
+        return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
+
+    def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
+        """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
+        each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""
+        zero = partial.new_zeros(1, partial.shape[1])
+        if handle.recv_pos is not None:
+            if partial.shape[0] < handle.rows:  # a truncated runner input: the rest is padding
+                partial = torch.cat([partial, zero.expand(handle.rows - partial.shape[0], -1)])
+            partial = torch.cat([partial[:handle.rows], zero])[handle.recv_pos]
+        elif not handle.static:
+            partial = partial[:sum(handle.recv_splits)]
+        back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
+        acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
+        T = handle.num_tokens
+        y = torch.zeros(T + 1, partial.shape[1], dtype=acc, device=partial.device)
+        return y.index_add(0, handle.send_token, back.to(acc))[:T].to(partial.dtype)
