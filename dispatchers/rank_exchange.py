@@ -46,13 +46,15 @@ class ExchangeHandle:
     Host plan: send_splits / recv_splits (lists). Static plan: chunk rows per peer; when compacted,
     recv_pos [R*chunk] (compact row of each chunk row; `rows` = dropped pad) and recv_rows [rows]
     (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
-    received). num_recv_tokens: device int scalar of real received rows."""
+    received). num_recv_tokens: device int scalar of real received rows; most_received: the largest
+    count any rank received (the same on every rank, for symmetric capacity errors)."""
 
     num_tokens: int
     layout: Layout
     send_token: torch.Tensor
     num_recv_tokens_per_expert_tensor: torch.Tensor
     num_recv_tokens: torch.Tensor
+    most_received: torch.Tensor
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
     num_recv_tokens_per_expert: Optional[list[int]] = None  # host plan only
@@ -83,30 +85,30 @@ class RankExchange:
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
-        num_recv = sent[:, me].sum().to(torch.int32)
+        recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         if chunk is None:
-            return self._host_plan(layout, sent, per_expert, num_recv, T, rows, capacity)
-        return self._static_plan(layout, sent, per_expert, num_recv, T, chunk, rows, capacity)
+            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity)
+        return self._static_plan(layout, sent, per_expert, recv, T, chunk, rows, capacity)
 
-    def _host_plan(self, layout, sent, per_expert, num_recv, T, rows, capacity) -> ExchangeHandle:
+    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity) -> ExchangeHandle:
         R, me = self.world_size, self.rank
         host = torch.cat([sent.reshape(-1), per_expert]).tolist()  # the one host sync
         host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:]
         if rows is not None:
             most = max(sum(host[s][d] for s in range(R)) for d in range(R))
             if most > rows:
-                raise ValueError(f"{capacity} holds {rows} received tokens; a rank receives {most} "
-                                 f"this step (allowed: {capacity} >= {most})")
+                raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
+                                 f"(allowed: at least {most})")
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
         flat = layout.is_token_in_rank.t().reshape(-1)  # rank-major, tokens ascending
         order = torch.argsort((~flat).to(torch.int8), stable=True)[:sum(send_splits)]
-        return ExchangeHandle(T, layout, order % max(T, 1), per_expert, num_recv, send_splits, recv_splits,
+        return ExchangeHandle(T, layout, order % max(T, 1), per_expert, *recv, send_splits, recv_splits,
                               per_expert_host, rows=rows)
 
-    def _static_plan(self, layout, sent, per_expert, num_recv, T, chunk, rows, capacity) -> ExchangeHandle:
+    def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         R, me, device = self.world_size, self.rank, sent.device
-        per_peer, received = sent.max(), sent.sum(0).max()
+        per_peer, received = sent.max(), recv[1]
         overflow = per_peer > chunk
         if rows is not None:
             overflow = overflow | (received > rows)
@@ -123,7 +125,7 @@ class RankExchange:
         tokens = torch.arange(T, device=device).repeat(R)
         send_token = torch.full((R * chunk + 1,), T, dtype=torch.long, device=device)
         send_token = send_token.scatter_(0, target.t().reshape(-1), tokens)[:R * chunk]
-        handle = ExchangeHandle(T, layout, send_token, per_expert, num_recv, chunk=chunk, rows=rows)
+        handle = ExchangeHandle(T, layout, send_token, per_expert, *recv, chunk=chunk, rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
             counts = sent[:, me]
             j = torch.arange(chunk, device=device)

@@ -1,0 +1,131 @@
+"""mori: MoRI semantics. A token-major padded receive buffer [N_buf, H] with global ids; the runner
+core masks this rank's experts with a mask [E] instead of remapping ids.
+
+N_buf = max_dispatch_tokens_per_rank * R, or prealloc_max_recv_tokens when set. Rows past
+num_recv_tokens (a device int32 scalar, MoRI's totalRecvTokenNum) are padding with id -1.
+
+Truncation (max_input_tokens n, EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS): the runner sees only the
+first rows of the buffer so kernel configs fit the real size. Upstream, an n below the received
+count silently dropped tokens. Here:
+- eager (host plan, counts already on the host): the runner sees max(n, received) rows, so a small
+  n never changes a result;
+- static plan (CUDA-graph capture, or static=True): the runner sees n rows and a received count
+  above n is an error naming the knob and the value needed (device-side assert on CUDA).
+A buffer too small for the step's traffic is an error on every rank, never a drop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ep_runtime import envs
+from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, global_runner_input, register_permute
+from ep_runtime.validation import capturing
+
+from . import register
+from .base import Dispatcher
+from .rank_exchange import ExchangeHandle, RankExchange
+
+_INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
+
+
+@dataclass
+class MoriDispatchOutput(DispatchOutput):
+    """recv_x [N_buf, H]; recv_topk_ids [N_buf, K] int32 global (-1: none or padding);
+    recv_topk_weights [N_buf, K] fp32; recv_scales (None until quantized dispatch exists);
+    num_recv_tokens: device int32 scalar; num_runner_rows: rows handed to the runner."""
+
+    format = "mori"
+    recv_x: torch.Tensor
+    recv_topk_ids: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    recv_scales: Optional[torch.Tensor]
+    num_recv_tokens: torch.Tensor
+    num_runner_rows: int
+    handle: ExchangeHandle
+
+
+def _positive_or_none(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name}={value!r}; allowed: an int >= 0 (0 = off / default)")
+
+
+@register
+class MoriDispatcher(Dispatcher):
+    """max_dispatch_tokens_per_rank (EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
+    rank may dispatch. prealloc_max_recv_tokens (EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS, 0 = off):
+    receive buffer rows instead of max * R. max_input_tokens (EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS,
+    0 = off): runner rows, see the module doc. static: None picks the static plan while a CUDA graph
+    is being captured and the host plan otherwise."""
+
+    name = "mori"
+    format = "mori"
+
+    def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
+                 prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
+                 static: Optional[bool] = None):
+        super().__init__(config, group)
+        for name, value in (("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank),
+                            ("prealloc_max_recv_tokens", prealloc_max_recv_tokens),
+                            ("max_input_tokens", max_input_tokens)):
+            _positive_or_none(name, value)
+        pick = lambda value, knob: envs.get(knob) if value is None else value  # noqa: E731
+        self.max_dispatch_tokens_per_rank = pick(max_dispatch_tokens_per_rank, "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
+        if self.max_dispatch_tokens_per_rank < 1:
+            raise ValueError(f"max_dispatch_tokens_per_rank={self.max_dispatch_tokens_per_rank}; allowed: >= 1")
+        prealloc = pick(prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS")
+        self.num_buffer_rows = prealloc or self.max_dispatch_tokens_per_rank * self.world_size
+        self.buffer_setting = ("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else
+                               "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R")
+        self.max_input_tokens = pick(max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS")
+        self.static = static
+        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
+
+    def check_capacity(self, num_tokens: int) -> None:
+        M = self.max_dispatch_tokens_per_rank
+        if num_tokens > M:
+            raise ValueError(f"x has {num_tokens} tokens; mori allows at most max_dispatch_tokens_per_rank={M} "
+                             f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
+
+    def _dispatch(self, x, topk: TopKOutput):
+        ids, weights = topk
+        static = capturing() if self.static is None else self.static
+        N, n = self.num_buffer_rows, self.max_input_tokens
+        chunk = self.max_dispatch_tokens_per_rank if static else None
+        handle = self.exchange.plan(ids, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}")
+        recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=False)
+        if n <= 0:
+            rows = N
+        elif static:
+            rows = min(n, N)
+            self._check_truncation(handle.most_received, rows)
+        else:
+            rows = min(N, max(n, sum(handle.recv_splits)))
+        return MoriDispatchOutput(recv_x, recv_ids, recv_weights, None, handle.num_recv_tokens, rows, handle)
+
+    def _check_truncation(self, most_received: torch.Tensor, rows: int) -> None:
+        """Symmetric: every rank checks the largest receive count of any rank."""
+        message = f"{_INPUT_KNOB}={self.max_input_tokens} is below the tokens a rank received"
+        if most_received.is_cuda:
+            torch._assert_async(most_received <= rows, message)
+        elif int(most_received) > rows:
+            needed = int(most_received)
+            raise ValueError(f"{message} ({needed}); allowed: 0 (off) or >= {needed}")
+
+    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
+        return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
+
+
+def _pre(out: MoriDispatchOutput, placement, config):
+    r = out.num_runner_rows
+    return global_runner_input(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement)
+
+
+def _post(y: torch.Tensor, out: MoriDispatchOutput) -> CombineInput:
+    return CombineInput(y, out)
+
+
+register_permute("mori", ("torch", "triton"), _pre, _post)

@@ -1,0 +1,97 @@
+"""mori on gloo ranks: EPMoE == float64 reference; the truncation knob never changes a result;
+buffer overflow fails every rank; the receive buffer's padding and counts."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+TOKENS = {1: [13], 2: [17, 0], 4: [9, 0, 23, 4]}  # uneven, rank 1 empty
+
+
+def _mori_rank(rank, world_size, options, E=16, K=4):
+    layer = ep.EPMoE(E, K, 32, 16, dispatcher="mori", runner="torch", dispatcher_options=options)
+    problem = make_problem(layer.config, TOKENS[world_size], seed=21 + E, ep_size=world_size)
+    errors = check_layer(layer, problem, rank)
+    out = layer.dispatcher.dispatch(problem.xs[rank].float(),
+                                    ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+    # The receive buffer: real rows first, then padding (id -1) up to N_buf.
+    ids = torch.cat(problem.topk_ids).long()
+    owner = torch.where(ids >= 0, ids // layer.placement.num_local_experts, -1)
+    true_recv = int((owner == rank).any(1).sum())
+    n = int(out.num_recv_tokens)
+    pad_ok = bool((out.recv_topk_ids[n:] == -1).all()) and out.recv_x.shape[0] == layer.dispatcher.num_buffer_rows
+    mine = out.recv_topk_ids[:n].long()
+    local_pairs = int(((mine >= layer.placement.first_expert) &
+                       (mine < layer.placement.first_expert + layer.placement.num_local_experts)).sum())
+    true_pairs = int(((ids >= layer.placement.first_expert) &
+                      (ids < layer.placement.first_expert + layer.placement.num_local_experts)).sum())
+    return errors, n == true_recv, pad_ok, local_pairs == true_pairs, out.num_runner_rows, n
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("E,K", [(16, 4), (64, 8)])
+def test_layer_matches_reference_on_ranks(R, E, K):
+    opts = {"max_dispatch_tokens_per_rank": 32}
+    results = run_ranks(_mori_rank, R, opts, E, K) if R > 1 else [_mori_rank(0, 1, opts, E, K)]
+    for errors, count_ok, pad_ok, pairs_ok, rows, n in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert count_ok and pad_ok and pairs_ok
+        assert rows == 32 * R  # knob off: the whole buffer
+
+
+@pytest.mark.parametrize("n", [1, 5, 20, 200])
+def test_truncation_never_changes_results(n):
+    # n below, near and above the received counts; eager mode hands the runner max(n, received) rows.
+    R = 4
+    for errors, _, _, _, rows, received in run_ranks(
+            _mori_rank, R, {"max_dispatch_tokens_per_rank": 32, "max_input_tokens": n}):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert rows == min(32 * R, max(n, received))
+
+
+def test_static_plan_matches_and_small_knob_is_an_error():
+    opts = {"max_dispatch_tokens_per_rank": 32, "static": True}
+    results = run_ranks(_mori_rank, 2, opts)
+    for errors, count_ok, pad_ok, pairs_ok, rows, _ in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert count_ok and pad_ok and pairs_ok
+    most = max(received for *_, received in results)
+    # Static plan: the runner gets exactly n rows; n at the largest receive count is fine...
+    for errors, *_, rows, _ in run_ranks(_mori_rank, 2, dict(opts, max_input_tokens=most)):
+        assert max(errors.values()) <= tolerance(torch.float32) and rows == most, errors
+    # ... and one below it is an error naming the knob and the value needed, on every rank.
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_mori_rank, 2, dict(opts, max_input_tokens=most - 1))
+    text = str(failure.value)
+    assert text.count(f"EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS={most - 1} is below the tokens a rank "
+                      f"received ({most}); allowed: 0 (off) or >= {most}") == 2
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_buffer_too_small_fails_every_rank(static):
+    opts = {"max_dispatch_tokens_per_rank": 32, "prealloc_max_recv_tokens": 5, "static": static}
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_mori_rank, 2, opts)
+    assert str(failure.value).count("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = 5 is too small for this step") == 2
+
+
+def test_too_many_tokens_names_the_knob():
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="mori", runner="torch",
+                     dispatcher_options={"max_dispatch_tokens_per_rank": 4})
+    with pytest.raises(ValueError, match=r"x has 5 tokens; mori allows at most max_dispatch_tokens_per_rank=4"):
+        layer(torch.randn(5, 16), torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, 2))
+
+
+def test_knobs_are_read_and_validated(monkeypatch):
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    monkeypatch.setenv("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", "7")
+    monkeypatch.setenv("EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", "12")
+    d = ep.dispatchers.create("mori", cfg)
+    assert (d.max_input_tokens, d.num_buffer_rows) == (7, 12)
+    monkeypatch.setenv("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", "50")
+    assert ep.dispatchers.create("mori", cfg).num_buffer_rows == 50
+    for bad in ("abc", "-3"):
+        monkeypatch.setenv("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", bad)
+        with pytest.raises(ValueError, match="EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"):
+            ep.dispatchers.create("mori", cfg)
