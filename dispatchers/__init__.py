@@ -33,6 +33,6 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, **options:
     return get(name)(config, group=group, **options)
 
 
-from . import deepep_normal, mori, standard  # noqa: E402,F401  (each registers itself)
+from . import deepep_ll, deepep_normal, mori, standard  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["Dispatcher", "create", "get", "register", "registered"]

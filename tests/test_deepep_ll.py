@@ -1,0 +1,63 @@
+"""deepep_ll on gloo ranks: EPMoE == float64 reference, masked_m == true counts, capacity M,
+and rows past masked_m never read."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+TOKENS = {1: [13], 2: [16, 0], 4: [9, 0, 16, 4]}  # uneven, rank 1 empty, one rank at T = M
+
+
+def _ll_rank(rank, world_size, E, K, extra=None):
+    layer = ep.EPMoE(E, K, 32, 16, dispatcher="deepep_ll", runner="torch",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 16}, **(extra or {}))
+    problem = make_problem(layer.config, TOKENS[world_size], seed=31 + E, ep_size=world_size)
+    errors = check_layer(layer, problem, rank)
+    topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    x = problem.xs[rank].float()
+    out = layer.dispatcher.dispatch(x, topk)
+    ids = torch.cat(problem.topk_ids).long()
+    lo, L = layer.placement.first_expert, layer.placement.num_local_experts
+    truth = [int((ids == lo + e).sum()) for e in range(L)]
+    # Poison every row past masked_m: the runner must not read them, combine must not use them.
+    poisoned = out.recv_x.clone()
+    for e, m in enumerate(out.masked_m.tolist()):
+        poisoned[e, m:] = float("nan")
+    clean = layer.dispatcher.combine(layer.runner.run(out, layer.weights))
+    out.recv_x = poisoned
+    dirty = layer.dispatcher.combine(layer.runner.run(out, layer.weights))
+    return errors, out.masked_m.tolist() == truth, tuple(out.recv_x.shape), bool(torch.equal(clean, dirty))
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("E,K", [(16, 4), (64, 8)])
+def test_layer_matches_reference_on_ranks(R, E, K):
+    results = run_ranks(_ll_rank, R, E, K) if R > 1 else [_ll_rank(0, 1, E, K)]
+    for errors, counts_ok, shape, poison_free in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert counts_ok and poison_free
+        assert shape == (E // R, 16 * R, 32)
+
+
+@pytest.mark.parametrize("extra", [dict(apply_router_weight_on_input=True), dict(routed_scaling_factor=2.5),
+                                   dict(activation="gelu", has_bias=True)])
+def test_config_fields_on_ranks(extra):
+    for errors, counts_ok, _, poison_free in run_ranks(_ll_rank, 2, 8, 2, extra):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert counts_ok and poison_free
+
+
+def _over_capacity(rank, world_size, T):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 4})
+    x, ids = torch.randn(T, 16), torch.randint(0, 8, (T, 2), dtype=torch.int32)
+    ids[:, 1] = (ids[:, 0] + 1) % 8
+    return tuple(layer(x, ids, torch.rand(T, 2)).shape)
+
+
+def test_t_equal_m_works_and_m_plus_one_fails_every_rank():
+    assert run_ranks(_over_capacity, 2, 4) == [(4, 16), (4, 16)]
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_over_capacity, 2, 5)
+    assert str(failure.value).count("x has T=5 tokens; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4") == 2
