@@ -63,17 +63,23 @@ def _demo(args) -> int:
     from .testing import run_ranks
 
     envs.validate_all()
-    if detect_launch().launcher != "single":
+    launch = detect_launch()
+    if launch.launcher != "single":
+        # Started by torchrun, srun or mpirun: this process is one rank of that job.
+        import torch.distributed as dist
         init_distributed()
         try:
-            import torch.distributed as dist
-            rows = demo_rank(dist.get_rank(), dist.get_world_size(), args.runner, args.tokens)
-            gathered = [None] * dist.get_world_size()
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            rows = demo_rank(rank, world_size, args.runner, args.tokens)
+            gathered = [None] * world_size
             dist.all_gather_object(gathered, rows)
-            rank = dist.get_rank()
+            backend = dist.get_backend()
         finally:
             destroy_distributed()
-        return _report(gathered) if rank == 0 else 0
+        if rank != 0:
+            return 0
+        print(f"demo: joined a {launch.launcher} job: {world_size} ranks, backend {backend}")
+        return _report(gathered)
     world_size = args.world_size or envs.get("DEMO_WORLD_SIZE")
     return _report(run_ranks(demo_rank, world_size, args.runner, args.tokens, timeout=300))
 

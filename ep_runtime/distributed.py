@@ -47,37 +47,67 @@ def free_port() -> int:
 
 
 def detect_launch() -> LaunchInfo:
-    """Which launcher started this process, and this process's place in the job."""
+    """Which launcher started this process, and this process's place in the job.
+
+    Order: torchrun (RANK and WORLD_SIZE; also torchrun under srun, as slurm/ep_multinode.sbatch
+    does), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
+    inside an allocation starts its daemons with srun, so every rank on a node would inherit the
+    daemon's SLURM_PROCID), a Slurm step (srun: SLURM_STEP_ID and SLURM_PROCID; a batch script
+    itself has no step id and counts as a single process), MPICH/PMI (PMI_SIZE), else a single
+    process. Under MPI every rank must call this together (rank 0 broadcasts the address).
+    """
     if envs.launcher("RANK", int) is not None and envs.launcher("WORLD_SIZE", int) is not None:
         return LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
                           envs.launcher("LOCAL_RANK", int) or 0, "env://")
+    if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
+        return _mpi_launch()
     if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
-        ntasks = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int) or 1
-        host = first_slurm_host(envs.launcher("SLURM_STEP_NODELIST") or envs.launcher("SLURM_JOB_NODELIST")
-                                or "localhost")
-        job = envs.launcher("SLURM_JOB_ID", int) or 0
-        step = envs.launcher("SLURM_STEP_ID", int) or 0
-        port = 20000 + (job * 7 + step) % 20000  # same on every task of the step, differs between steps
-        return LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
-                          envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}")
-    mpi_size = envs.launcher("OMPI_COMM_WORLD_SIZE", int) or envs.launcher("PMI_SIZE", int)
-    if mpi_size is not None:
+        return _slurm_launch()
+    if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
 
 
+def slurm_port(job_id: int, step_id: int) -> int:
+    """Rendezvous port of a Slurm step: the same on every task of the step, different for the next
+    step of the job and for neighbouring jobs; in 15000..29999, below Linux's ephemeral range."""
+    return 15000 + (job_id * 7 + step_id) % 15000
+
+
+def _slurm_launch() -> LaunchInfo:
+    ntasks = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int) or 1
+    nodelist = envs.launcher("SLURM_STEP_NODELIST") or envs.launcher("SLURM_JOB_NODELIST") or "localhost"
+    # MASTER_ADDR / MASTER_PORT, when exported, override (a head node known by another name).
+    host = envs.launcher("MASTER_ADDR") or first_slurm_host(nodelist)
+    step = envs.launcher("SLURM_STEP_ID", int) or 0  # "batch"/"extern" steps never run ranks
+    port = envs.launcher("MASTER_PORT", int) or slurm_port(envs.launcher("SLURM_JOB_ID", int) or 0, step)
+    return LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
+                      envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}")
+
+
+_MPI_LAUNCH: Optional[LaunchInfo] = None
+
+
 def _mpi_launch() -> LaunchInfo:
+    """Rank 0 picks its host name and a free port and broadcasts them with mpi4py (once per process)."""
+    global _MPI_LAUNCH
+    if _MPI_LAUNCH is not None:
+        return _MPI_LAUNCH
     try:
         from mpi4py import MPI
     except ImportError as err:
-        raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]'") from err
+        raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]' "
+                           "(scripts/setup_mpi.sh installs Open MPI and mpi4py)") from err
     comm = MPI.COMM_WORLD
-    address = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None
+    address = None
+    if comm.Get_rank() == 0:
+        address = (envs.launcher("MASTER_ADDR") or socket.gethostname(), free_port())
     host, port = comm.bcast(address, root=0)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank = local.Get_rank()
     local.Free()
-    return LaunchInfo("mpi", comm.Get_rank(), comm.Get_size(), local_rank, f"tcp://{host}:{port}")
+    _MPI_LAUNCH = LaunchInfo("mpi", comm.Get_rank(), comm.Get_size(), local_rank, f"tcp://{host}:{port}")
+    return _MPI_LAUNCH
 
 
 _CREATED_HERE = False

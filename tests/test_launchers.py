@@ -1,0 +1,177 @@
+"""`ep-runtime demo` joins a job started by each launcher: torchrun, mpirun (Open MPI + mpi4py) and
+Slurm (sbatch + srun on a real one-node cluster on localhost).
+
+mpirun and Slurm come from scripts/setup_mpi.sh and scripts/setup_slurm.sh, which install Debian's
+packages when root and start the cluster; a test skips only where that is impossible (not root and
+not installed, or no apt-get), with the script's reason. Where the scripts can run they must succeed.
+"""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ep_runtime import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: python, ep-runtime, torchrun
+CANNOT_INSTALL = 2  # the setup scripts' exit code for "not possible here"
+
+
+def launcher_free_env(**extra):
+    """This environment without any launcher's variables (pytest itself may run under Slurm or MPI),
+    with the venv first on PATH so jobs find its python and ep-runtime."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def setup(script):
+    """Run a setup script; skip with its reason when it says installing is impossible here."""
+    out = subprocess.run([str(REPO / "scripts" / script)], capture_output=True, text=True, timeout=900,
+                         env=launcher_free_env(VENV=str(BIN.parent)))
+    if out.returncode == CANNOT_INSTALL:
+        pytest.skip(out.stderr.strip() or f"{script}: cannot install here")
+    assert out.returncode == 0, f"{script} failed:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.fixture(scope="module")
+def mpirun():
+    setup("setup_mpi.sh")
+    return "mpirun"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    setup("setup_slurm.sh")
+
+
+def assert_demo_ok(out, launcher):
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert re.search(rf"demo: joined a {launcher} job: 2 ranks, backend (gloo|nccl)", out.stdout), text
+    assert out.stdout.rstrip().endswith("demo: OK"), text
+
+
+def test_torchrun_runs_demo():
+    out = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
+                          str(distributed.free_port()), "-m", "ep_runtime", "demo"],
+                         capture_output=True, text=True, timeout=180, env=launcher_free_env(), cwd=REPO)
+    assert_demo_ok(out, "torchrun")
+
+
+def test_mpirun_runs_demo(mpirun):
+    out = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                          sys.executable, "-m", "ep_runtime", "demo"],
+                         capture_output=True, text=True, timeout=180, env=launcher_free_env(), cwd=REPO)
+    assert_demo_ok(out, "mpi")
+
+
+def sbatch_wait(args, output: Path, timeout=300):
+    """sbatch --wait; returns (exit code, job output). Cancels the job if it outlives `timeout`."""
+    cmd = ["sbatch", "--wait", "--parsable", f"--output={output}", "--time=5", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=launcher_free_env(), cwd=REPO)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        job = stdout.strip().split(";")[0]
+        if job:
+            subprocess.run(["scancel", job], timeout=30)
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (job {job}):\n"
+                    f"{output.read_text() if output.exists() else ''}")
+    for _ in range(20):  # the output file can land a moment after sbatch --wait returns
+        if output.exists() and output.stat().st_size:
+            break
+        time.sleep(0.1)
+    text = output.read_text() if output.exists() else ""
+    return proc.returncode, f"{text}\n--- sbatch ---\n{stdout}{stderr}"
+
+
+def test_sbatch_runs_demo(slurm, tmp_path):
+    code, text = sbatch_wait(["--ntasks=2", str(REPO / "slurm" / "ep_demo.sbatch")], tmp_path / "demo.out")
+    assert code == 0, text
+    assert re.search(r"demo: joined a slurm job: 2 ranks, backend (gloo|nccl)", text), text
+    assert "demo: OK" in text, text
+
+
+def test_sbatch_multinode_template_runs_demo_on_one_node(slurm, tmp_path):
+    # The multi-node template (torchrun per node under srun, c10d rendezvous on the first host)
+    # on the one node we have, with 2 CPU workers.
+    code, text = sbatch_wait(["--nodes=1", "--export=ALL,GPUS_PER_NODE=2",
+                              str(REPO / "slurm" / "ep_multinode.sbatch")], tmp_path / "multinode.out")
+    assert code == 0, text
+    assert re.search(r"demo: joined a torchrun job: 2 ranks, backend (gloo|nccl)", text), text
+    assert "demo: OK" in text, text
+
+
+# ---------------------------------------------------------------- detection from the variables
+
+def test_first_slurm_host_parses_node_lists():
+    assert distributed.first_slurm_host("gpu[03-05,09],cpu1") == "gpu03"
+    assert distributed.first_slurm_host("node7") == "node7"
+    assert distributed.first_slurm_host("a-[1-2]") == "a-1"
+
+
+def clear_launcher_variables(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "PMI_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                     "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name)
+
+
+def test_slurm_step_is_detected_with_port_from_job_id(monkeypatch):
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_PROCID="3", SLURM_LOCALID="1",
+                            SLURM_STEP_NUM_TASKS="4", SLURM_NTASKS="8",
+                            SLURM_STEP_NODELIST="gpu[07-08]", SLURM_JOB_NODELIST="gpu[07-09]").items():
+        monkeypatch.setenv(name, value)
+    info = distributed.detect_launch()
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("slurm", 3, 4, 1)
+    assert info.init_method == f"tcp://gpu07:{distributed.slurm_port(4242, 1)}"
+    assert 15000 <= distributed.slurm_port(4242, 1) < 30000
+    assert distributed.slurm_port(4242, 1) != distributed.slurm_port(4242, 2)
+
+
+def test_slurm_batch_script_without_srun_is_a_single_process(monkeypatch):
+    # The batch script itself has SLURM_PROCID=0 and SLURM_NTASKS=2 but no step: it must not wait
+    # for a second rank that srun never started.
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(SLURM_JOB_ID="5", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="vm").items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detect_launch().launcher == "single"
+
+
+def test_torchrun_variables_win_over_slurm(monkeypatch):
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", SLURM_STEP_ID="0", SLURM_PROCID="0",
+                            SLURM_JOB_ID="9").items():
+        monkeypatch.setenv(name, value)
+    info = distributed.detect_launch()
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.init_method) == \
+        ("torchrun", 5, 8, 1, "env://")
+
+
+def test_init_distributed_twice_returns_the_same_group(monkeypatch):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    try:
+        group = distributed.init_distributed(backend="gloo")
+        assert distributed.init_distributed() is group
+        assert dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        assert distributed.device_for_rank().type == "cpu"
+    finally:
+        distributed.destroy_distributed()
+    assert not dist.is_initialized()
+    distributed.destroy_distributed()  # idempotent
