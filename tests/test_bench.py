@@ -1,0 +1,170 @@
+"""`ep-runtime bench`: the timing helpers measure what they claim; the CPU run yields sane JSON."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ep_runtime import bench
+from ep_runtime.testing import run_ranks
+
+CPU = torch.device("cpu")
+
+
+def _within(measured_us: float, expected_s: float, tol: float = 0.10) -> bool:
+    return abs(measured_us * 1e-6 - expected_s) <= tol * expected_s
+
+
+def test_measure_cpu_sleep_within_10_percent():
+    stats = bench.measure(lambda i: time.sleep(0.02), repeats=7, warmup=1, device=CPU)
+    assert stats.method == "wall" and stats.repeats == 7
+    assert _within(stats.median_us, 0.02), stats
+    assert stats.min_us <= stats.p10_us <= stats.median_us <= stats.p90_us
+
+
+def test_setup_and_teardown_are_not_timed():
+    stats = bench.measure(lambda arg: time.sleep(0.01), setup=lambda i: time.sleep(0.03),
+                          teardown=lambda arg, result: time.sleep(0.03), repeats=5, warmup=0, device=CPU)
+    assert _within(stats.median_us, 0.01), stats
+
+
+def test_measure_passes_repeat_index_for_rotation():
+    seen = []
+    bench.measure(seen.append, setup=lambda i: i % 3, repeats=4, warmup=2, device=CPU)
+    assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def _slow_rank_one(rank, world_size):
+    import torch.distributed as dist
+    stats = bench.measure(lambda i: time.sleep(0.04 if rank == 1 else 0.01), repeats=5, warmup=1,
+                          device=torch.device("cpu"), group=dist.group.WORLD)
+    return stats.median_us
+
+
+def test_repeat_time_is_the_slowest_ranks():
+    medians = run_ranks(_slow_rank_one, 2, timeout=60)
+    for median in medians:
+        assert _within(median, 0.04), medians
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_events_measure_a_sleep_kernel_within_10_percent():
+    device = torch.device("cuda")
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    expected = (time.perf_counter() - t0) / 5
+    stats = bench.measure(lambda i: torch.cuda._sleep(cycles), repeats=10, warmup=2, device=device)
+    assert stats.method == "cuda_events"
+    assert _within(stats.median_us, expected), (stats, expected)
+    graph = bench.measure_cuda_graph(lambda k: torch.cuda._sleep(cycles), repeats=10, warmup=2, rotate=2,
+                                     device=device)
+    assert graph.method == "cuda_graph" and _within(graph.median_us, expected), (graph, expected)
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert bench.percentile(values, 50) == 3.0
+    assert bench.percentile(values, 10) == pytest.approx(1.4)
+    assert bench.percentile(values, 90) == pytest.approx(4.6)
+    assert bench.percentile([7.0], 90) == 7.0
+
+
+def test_bytes_count_each_token_once_per_other_rank():
+    # E=8 over R=4 ranks: experts 2r, 2r+1 live on rank r.
+    ids = torch.tensor([[0, 1], [2, 3], [0, 6], [4, -1], [-1, -1]], dtype=torch.int32)
+    dest = bench.tokens_per_destination(ids, 8, 4)
+    assert dest.tolist() == [[True, False, False, False], [False, True, False, False],
+                             [True, False, False, True], [False, False, True, False],
+                             [False, False, False, False]]
+    # rank 0 sends token 1 to rank 1, token 2 to rank 3, token 3 to rank 2: 3 rows of H=16 fp32.
+    assert bench.bytes_leaving_rank(ids, 8, 4, rank=0, hidden_size=16, itemsize=4) == 3 * 16 * 4
+
+
+def test_runner_problem_keeps_t_times_k_pairs():
+    gen = torch.Generator().manual_seed(0)
+    inp, pairs, touched = bench.runner_problem(gen, 10, 1, 2, 8, torch.float32, CPU)  # L=1 < K=2
+    assert pairs == 20 and inp.hidden_states.shape == (20, 8) and touched == 1
+    inp, pairs, _ = bench.runner_problem(gen, 10, 8, 2, 8, torch.float32, CPU)
+    assert pairs == 20 and inp.topk_ids.shape == (10, 2) and int(inp.topk_ids.max()) < 8
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_cli_cpu_run_writes_sane_json(tmp_path):
+    from ep_runtime import dispatchers
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = [sys.executable, "-m", "ep_runtime", "bench", "--preset", "tiny", "--tokens", "4,32",
+            "--repeats", "3", "--warmup", "1", "--rotate", "2", "--runners", "torch", "--no-progress",
+            "--json", str(out_json), "--markdown", str(out_md)]
+    try:
+        import matplotlib  # noqa: F401
+        args += ["--plot", str(tmp_path / "bench.png")]
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
+    assert "all_to_all_single" in proc.stdout and "runner" in proc.stdout
+
+    data = json.loads(out_json.read_text())
+    assert set(data) == {"meta", "dispatch", "runner", "skipped"}
+    meta = data["meta"]
+    assert meta["world_size"] == 2 and meta["launcher"] == "spawn" and meta["command"].startswith("ep-runtime bench")
+    rows = data["dispatch"]
+    for T in (4, 32):
+        base = [r for r in rows if r["tokens_per_rank"] == T and r["op"] == "all_to_all"]
+        assert len(base) == 1 and _finite_positive(base[0]["gbps"])
+        for name in dispatchers.registered():
+            ops = {r["op"] for r in rows if r["impl"] == name and r["tokens_per_rank"] == T}
+            skipped = [s for s in data["skipped"] if s["impl"] == name and s["tokens_per_rank"] == T]
+            assert ops == {"dispatch", "combine", "round_trip"} or skipped, (name, T, ops)
+    for r in rows + data["runner"]:
+        for key in ("median_us", "p10_us", "p90_us", "mean_us", "min_us"):
+            assert _finite_positive(r[key]), (key, r)
+        assert r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        assert r["repeats"] == 3 and r["method"] == "wall"
+    for r in rows:
+        assert r["gbps"] is None or _finite_positive(r["gbps"])
+        assert r["bytes_per_rank"] >= 0
+    std = [r for r in rows if r["impl"] == "standard"]
+    assert std and all(r["bytes_per_rank"] == 0 and r["gbps"] is None for r in std)  # moves nothing
+    runner_rows = data["runner"]
+    assert {r["tokens_per_rank"] for r in runner_rows if r["impl"] == "torch"} == {4, 32}
+    for r in runner_rows:
+        assert _finite_positive(r["tflops"]) and _finite_positive(r["weight_gbps"])
+        assert r["local_experts"] == 8 and r["pairs"] == r["tokens_per_rank"] * 4
+    torch_rows = [r for r in runner_rows if r["impl"] == "torch"]
+    assert all(r["speedup_vs_torch"] == 1.0 for r in torch_rows)
+    assert "| E | K | H |" in out_md.read_text()
+
+
+def test_plot_without_matplotlib_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(RuntimeError, match="matplotlib"):
+        bench.plot(bench.Results(), "x.png")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--suite", "nope"], "allowed dispatch, runner"),
+    (["--tokens", "a,b"], "not a comma-separated list"),
+    (["--preset", "gpt9"], "invalid choice: 'gpt9'"),
+    (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),
+])
+def test_bad_arguments_fail_before_running(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
