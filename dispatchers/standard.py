@@ -42,4 +42,4 @@ def _post(y: torch.Tensor, out: StandardDispatchOutput) -> CombineInput:
     return CombineInput(y, out)
 
 
-register_permute("standard", ("torch",), _pre, _post)
+register_permute("standard", ("torch", "triton"), _pre, _post)

@@ -119,6 +119,7 @@ LAUNCHER_VARIABLES: dict[str, str] = {
     "OMPI_COMM_WORLD_SIZE": "Open MPI: number of ranks (MPI launch detected)",
     "PMI_SIZE": "MPICH/PMI: number of ranks (MPI launch detected)",
     "CUDA_VISIBLE_DEVICES": "CUDA devices visible to this process",
+    "TRITON_INTERPRET": "Triton: 1 runs Triton kernels on CPU tensors through its interpreter (runner='triton' without a GPU)",
 }
 
 

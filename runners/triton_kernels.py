@@ -1,0 +1,364 @@
+"""The triton runner's kernels, each beside its launcher, and the block-size table that picks their tiles.
+
+The sequence (runners/triton_runner.py strings it together; nothing else does):
+
+    align_pairs       (token, expert) pairs P = N*K -> pair ids sorted by expert, padded to BLOCK_M per
+                      expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block
+    grouped_gemm      GEMM 1: h[p] = x[p // K] @ w13[e]^T (+ b13[e])  for every pair p in an expert's blocks
+    act_and_mul       a[p] = act(gate) * up  (or act(h)); rows of filtered pairs are written as zeros
+                      without being read (they hold whatever the allocator left there)
+    grouped_gemm      GEMM 2: o[p] = a[p] @ w2[e]^T (+ b2[e])
+    topk_reduce       y[t] = scale * sum_k w[t,k] * o[t*K+k] over computed pairs, in slot order k = 0..K-1
+                      (deterministic: no atomics, the same sum on every run)
+
+Pair-indexed buffers (h, a, o have one row per pair p = t*K + k) keep the GEMMs free of a separate
+permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+# --------------------------------------------------------------------------- block configs
+
+@dataclass(frozen=True)
+class GemmTiles:
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tiles of one forward: BLOCK_M is shared by both GEMMs (the pair alignment is done once)."""
+
+    BLOCK_M: int
+    gemm1: GemmTiles
+    gemm2: GemmTiles
+
+    def to_json(self) -> dict:
+        return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
+
+    @staticmethod
+    def from_json(d: dict) -> "BlockConfig":
+        return BlockConfig(int(d["BLOCK_M"]), GemmTiles(**d["gemm1"]), GemmTiles(**d["gemm2"]))
+
+
+def shape_key(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+              dtype: torch.dtype) -> str:
+    return f"L={num_local_experts},K={top_k},H={hidden_size},I={intermediate_size},dtype={str(dtype).removeprefix('torch.')}"
+
+
+def device_file(device_name: str) -> Path:
+    """configs/<device name with spaces as _>.json, e.g. configs/NVIDIA_H100_80GB_HBM3.json."""
+    return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text())
+
+
+def _nearest(table: dict, num_tokens: int) -> Optional[dict]:
+    """The entry whose token count is nearest (in ratio) to num_tokens."""
+    if not table:
+        return None
+    import math
+    best = min(table, key=lambda k: abs(math.log2(max(int(k), 1)) - math.log2(max(num_tokens, 1))))
+    return table[best]
+
+
+def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpreted: bool) -> BlockConfig:
+    """Used when the device's table has no entry: small tiles for decode, large for prefill."""
+    if interpreted:  # few, small programs keep the CPU interpreter fast
+        return BlockConfig(16, GemmTiles(64, 64, 1, 4, 1), GemmTiles(64, 64, 1, 4, 1))
+    rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
+    if rows_per_expert <= 16:
+        return BlockConfig(16, GemmTiles(64, 128, 1, 4, 4), GemmTiles(64, 128, 1, 4, 4))
+    if rows_per_expert <= 64:
+        return BlockConfig(64, GemmTiles(64, 128, 8, 4, 4), GemmTiles(64, 128, 8, 4, 4))
+    return BlockConfig(128, GemmTiles(128, 64, 8, 8, 3), GemmTiles(128, 64, 8, 8, 3))
+
+
+def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                dtype: torch.dtype, device: torch.device, interpreted: bool) -> BlockConfig:
+    """The tuned table entry for this device and shape (nearest token count), else default_config."""
+    if not interpreted and device.type == "cuda":
+        table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
+        key = shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype)
+        entry = _nearest(table.get(key) or table.get("default") or {}, num_tokens)
+        if entry is not None:
+            return BlockConfig.from_json(entry)
+    return default_config(num_tokens, top_k, num_local_experts, interpreted)
+
+
+# --------------------------------------------------------------------------- block alignment
+
+@dataclass
+class AlignedPairs:
+    """Pairs p = t*K + k sorted by expert and padded per expert to a multiple of BLOCK_M.
+
+    sorted_pair_ids [num_blocks * BLOCK_M] int32: pair ids, padding = num_pairs (never a real pair);
+    block_expert [num_blocks] int32: the local expert of each block, -1 for blocks past the last used
+    one (num_blocks is a static upper bound so nothing here reads the device);
+    computed [num_pairs] bool: the pair has a local, unmasked expert; local_expert [num_pairs] int64.
+    """
+
+    sorted_pair_ids: torch.Tensor
+    block_expert: torch.Tensor
+    computed: torch.Tensor
+    local_expert: torch.Tensor
+    num_pairs: int
+    block_m: int
+
+
+def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
+                num_local_experts: int, block_m: int) -> AlignedPairs:
+    """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
+    expert_mask [S] bool indexed by id (0 = filtered; ids must lie in [0, S)), or None.
+    Sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    L = num_local_experts
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    P = ids.numel()
+    local = ids - first_expert
+    computed = (local >= 0) & (local < L)
+    if expert_mask is not None:
+        computed &= expert_mask[ids.clamp(0, expert_mask.numel() - 1)].to(torch.bool)
+    bucket = torch.where(computed, local, torch.full_like(local, L))  # bucket L: filtered pairs
+    counts = torch.zeros(L + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts[L] = 0
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    start = counts.cumsum(0) - counts
+    # Stable: pairs of one expert keep ascending pair order (the same order the torch runner uses).
+    order = torch.sort(bucket, stable=True).indices
+    sorted_bucket = bucket[order]
+    rank_in_expert = torch.arange(P, device=ids.device) - start[sorted_bucket]
+    num_blocks = triton.cdiv(P, block_m) + min(L, P)
+    capacity = num_blocks * block_m
+    dest = torch.where(sorted_bucket < L, padded_start[sorted_bucket] + rank_in_expert,
+                       torch.full_like(sorted_bucket, capacity))  # filtered pairs land in a dropped slot
+    sorted_pair_ids = torch.full((capacity + 1,), P, dtype=torch.int64, device=ids.device)
+    sorted_pair_ids.scatter_(0, dest, order)
+    block_start = torch.arange(num_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(padded_end[:L].contiguous(), block_start, right=True)
+    block_expert = torch.where(block_expert < L, block_expert, torch.full_like(block_expert, -1))
+    return AlignedPairs(sorted_pair_ids[:capacity].to(torch.int32), block_expert.to(torch.int32),
+                        computed, local, P, block_m)
+
+
+# --------------------------------------------------------------------------- grouped GEMM
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+    num_pairs, N, K_dim, num_blocks,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
+    ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks sweep the N tiles together, so an expert's weight tile is
+    # read from HBM once and reused from L2 by its neighbouring row blocks.
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    a_row = pair // ROWS_PER_A_ROW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K_dim - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_SCALE:  # router weight on the input: (w x) W^T = w (x W^T), applied before the bias
+        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
+                 rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                 interpreted: bool = False) -> torch.Tensor:
+    """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
+
+    a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
+    bias [L, N] or None; scale [num_pairs] fp32 or None."""
+    N, K_dim = w.shape[1], w.shape[2]
+    num_blocks = aligned.block_expert.numel()
+    if num_blocks == 0:
+        return out
+    upcast = interpreted and a.dtype == torch.bfloat16
+    precision = "ieee" if (a.dtype == torch.float32 or upcast) else None
+    grid = (num_blocks * triton.cdiv(N, tiles.BLOCK_N),)
+    _grouped_gemm_kernel[grid](
+        a, w, bias if bias is not None else w, scale if scale is not None else a, out,
+        aligned.sorted_pair_ids, aligned.block_expert,
+        aligned.num_pairs, N, K_dim, num_blocks,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
+        BLOCK_M=aligned.block_m, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- activation
+
+@triton.jit
+def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, alpha, limit,
+                        ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_FILTER: tl.constexpr,
+                        SWIGLU_ALPHA: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = rows < P
+    if HAS_FILTER:
+        keep = keep & (tl.load(computed_ptr + rows, mask=rows < P, other=0) != 0)
+    rows = rows.to(tl.int64)
+    # Filtered rows are never read (they may hold NaN from a previous allocation) and come out zero.
+    read = keep[:, None] & (cols < I)[None, :]
+    g_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+    g = tl.load(g_ptrs, mask=read, other=0.0).to(tl.float32)
+    if SWIGLU_ALPHA:  # gpt-oss: gate clamped above, up clamped both sides, up + 1
+        u = tl.load(g_ptrs + I, mask=read, other=0.0).to(tl.float32)
+        if HAS_LIMIT:
+            g = tl.minimum(g, limit)
+            u = tl.maximum(tl.minimum(u, limit), -limit)
+        a = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    else:
+        if ACTIVATION == 0:
+            a = g * tl.sigmoid(g)
+        elif ACTIVATION == 1:
+            a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        else:  # 0.5 g (1 + tanh(z)) with 1 + tanh(z) = 2 sigmoid(2z): one formula on every triton version
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = g * tl.sigmoid(2.0 * z)
+        if GATED:
+            a = a * tl.load(g_ptrs + I, mask=read, other=0.0).to(tl.float32)
+    a = tl.where(keep[:, None], a, 0.0)
+    out_mask = (rows < P)[:, None] & (cols < I)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _row_blocks(cols: int, interpreted: bool) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK) for the elementwise kernels: ~4K elements per program on GPU; larger
+    programs under the interpreter, whose cost is per program."""
+    block = min(1024, triton.next_power_of_2(cols))
+    return (max(1, (16384 if interpreted else 4096) // block), block)
+
+
+def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu", is_gated: bool = True,
+                computed: Optional[torch.Tensor] = None, gemm1_alpha: Optional[float] = None,
+                gemm1_clamp_limit: Optional[float] = None, out: Optional[torch.Tensor] = None,
+                interpreted: bool = False) -> torch.Tensor:
+    """h [P, 2I] ([gate | up]) or [P, I] (not gated) -> [P, I] in h's dtype, math in fp32.
+
+    computed [P] bool or None: rows with False are written as zeros and their h row is not read;
+    None computes every row (the unfiltered path; with an all-True mask the result is bit-identical)."""
+    P, I = h.shape[0], intermediate_size
+    if out is None:
+        out = torch.empty(P, I, dtype=h.dtype, device=h.device)
+    if P == 0:
+        return out
+    block_rows, block = _row_blocks(I, interpreted)
+    grid = (triton.cdiv(P, block_rows), triton.cdiv(I, block))
+    _act_and_mul_kernel[grid](
+        h, out, computed.view(torch.uint8) if computed is not None else h, P, I, h.stride(0), out.stride(0),
+        float(gemm1_alpha or 0.0), float(gemm1_clamp_limit or 0.0),
+        ACTIVATION=ACTIVATION_CODES[activation], GATED=is_gated, HAS_FILTER=computed is not None,
+        SWIGLU_ALPHA=gemm1_alpha is not None, HAS_LIMIT=gemm1_clamp_limit is not None,
+        BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- weighted top-k reduction
+
+@triton.jit
+def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, stride_y, scale,
+                        TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    tokens = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    token_ok = tokens < N
+    col_ok = cols < H
+    acc = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = tokens * TOP_K + k
+        keep = token_ok & (tl.load(computed_ptr + pair, mask=token_ok, other=0) != 0)
+        # Rows of filtered pairs are never loaded: their contents are undefined.
+        v = tl.load(o_ptr + pair[:, None] * stride_o + cols[None, :], mask=keep[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            v = v * tl.load(weight_ptr + pair, mask=keep, other=0.0)[:, None]
+        acc += v
+    tl.store(y_ptr + tokens[:, None] * stride_y + cols[None, :], (acc * scale).to(y_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Optional[torch.Tensor],
+                scale: float, out_dtype: torch.dtype, interpreted: bool = False) -> torch.Tensor:
+    """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
+    accumulated in fp32 in slot order (deterministic). weights [N*K] fp32 or None (all ones)."""
+    P, H = o.shape
+    N = P // top_k
+    y = torch.empty(N, H, dtype=out_dtype, device=o.device)
+    if N == 0:
+        return y
+    block_rows, block = _row_blocks(H, interpreted)
+    _topk_reduce_kernel[(triton.cdiv(N, block_rows), triton.cdiv(H, block))](
+        o, weights if weights is not None else o, computed.view(torch.uint8), y, N, H, o.stride(0), y.stride(0),
+        float(scale), TOP_K=top_k, HAS_WEIGHT=weights is not None, BLOCK_ROWS=block_rows, BLOCK=block,
+        num_warps=4,
+    )
+    return y

@@ -1,0 +1,194 @@
+"""The triton runner: fused MoE kernels (runners/triton_kernels.py) behind the runner core and a
+functional API. `fused_forward` is the one kernel sequence; the backend and `fused_experts` both
+call it, so the two entry points cannot drift apart.
+
+Autograd: the forward runs the kernels; the backward recomputes the layer with the torch runner's
+differentiable ops (activation checkpointing with a torch recompute) and back-propagates through
+that, so training with runner="triton" gives the torch runner's gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ep_runtime import envs
+from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.runner_core import RunnerInput
+
+from . import register
+from .base import GemmHooks, RunnerBackend
+
+try:
+    import triton  # noqa: F401
+
+    from . import triton_kernels as kernels
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
+    kernels = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
+
+
+def interpreted() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
+    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not interpreted():
+        raise ValueError(f"runner='triton' got tensors on {x.device}; it needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for CPU tensors through the interpreter)")
+
+
+def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
+                  block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
+    """The kernel sequence: align pairs -> GEMM 1 -> filtered activation -> GEMM 2 -> weighted top-k
+    reduction. Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
+    _check_device(inp.hidden_states)
+    x = inp.hidden_states.contiguous()
+    N, K = inp.topk_ids.shape
+    H, I = config.hidden_size, config.intermediate_size
+    L = weights.num_local_experts
+    interp = interpreted()
+    if block_config is None:
+        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp)
+    hooks = hooks or GemmHooks()
+    P = N * K
+    aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, inp.first_expert, L, block_config.BLOCK_M)
+    weight = inp.topk_weights.reshape(-1).float().contiguous()
+
+    # Each pair's GEMM rows; pairs never computed keep uninitialized rows, which no later kernel reads.
+    h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
+    kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
+                         scale=weight if config.apply_router_weight_on_input else None, interpreted=interp)
+    pairs = None
+    if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
+        # Computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors).
+        pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
+        expert_index = aligned.local_expert[pairs]
+    if hooks.after_gemm1 is not None:
+        rows = x[pairs // K]
+        if config.apply_router_weight_on_input:
+            rows = rows * weight[pairs].unsqueeze(1).to(rows.dtype)
+        _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
+    a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
+                            config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
+    o = torch.empty(P, H, dtype=x.dtype, device=x.device)
+    kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
+                         interpreted=interp)
+    if hooks.after_gemm2 is not None:
+        _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
+    return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
+                               config.routed_scaling_factor, x.dtype, interpreted=interp)
+
+
+def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:
+    replaced = hook(inputs, outputs[pairs], expert_index)
+    if replaced is not None:
+        outputs[pairs] = replaced.to(outputs.dtype)
+
+
+class _FusedExperts(torch.autograd.Function):
+    """Forward: the triton kernels. Backward: recompute with the torch runner and back-propagate."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, w13, w2, b13, b2, ids, mask, first_expert, config, hooks, block_config):
+        ctx.save_for_backward(x, topk_weights, w13, w2, b13, b2, ids, mask)
+        ctx.first_expert, ctx.config, ctx.hooks = first_expert, config, hooks
+        return fused_forward(RunnerInput(x, ids, topk_weights, mask, first_expert),
+                             ExpertWeights(w13, w2, b13, b2), config, hooks, block_config)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .torch_runner import TorchRunner
+        x, topk_weights, w13, w2, b13, b2, ids, mask = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x, topk_weights, w13, w2, b13, b2), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            y = TorchRunner(ctx.config, ctx.hooks).run(
+                RunnerInput(leaves[0], ids, leaves[1], mask, ctx.first_expert),
+                ExpertWeights(leaves[2], leaves[3], leaves[4], leaves[5]))
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            if ctx.hooks.after_gemm1 is None and ctx.hooks.after_gemm2 is None:
+                grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
+                out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+            else:
+                # Hooks may own parameters (LoRA): back-propagate through the whole recompute so they
+                # accumulate .grad too (as reentrant activation checkpointing does).
+                torch.autograd.backward(y, grad_y)
+                out = [t.grad if t is not None and t.requires_grad else None for t in leaves]
+        return (*out, None, None, None, None, None, None)
+
+
+def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
+              block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
+    """fused_forward with autograd when any input needs a gradient."""
+    tensors = (inp.hidden_states, inp.topk_weights, weights.w13, weights.w2, weights.b13, weights.b2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, inp.first_expert, config,
+                                   hooks or GemmHooks(), block_config)
+    return fused_forward(inp, weights, config, hooks, block_config)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, *, b13: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
+                  activation: str = "silu", is_gated: bool = True, gemm1_alpha: Optional[float] = None,
+                  gemm1_clamp_limit: Optional[float] = None, routed_scaling_factor: float = 1.0,
+                  apply_router_weight_on_input: bool = False, first_expert: int = 0,
+                  hooks: Optional[GemmHooks] = None, block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
+    """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
+    gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert, ids outside [first_expert, first_expert+L)
+    are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I], b2 [L, H] optional.
+    Returns [T, H] in x's dtype: routed_scaling_factor * sum_k w_k * expert_{id_k}(x). Differentiable."""
+    if kernels is None:
+        raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
+    L, w13_rows, H = w13.shape
+    intermediate = w2.shape[2]
+    config = MoeConfig(L, topk_ids.shape[1], H, intermediate, activation=activation, is_gated=is_gated,
+                       has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
+                       gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
+                       apply_router_weight_on_input=apply_router_weight_on_input)
+    weights = ExpertWeights(w13, w2, b13, b2)
+    weights.check(config, L)
+    if x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"x has shape {list(x.shape)}; expected [T, {H}] (H from w13)")
+    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
+                         f"must both be [T, K] with T={x.shape[0]} (rows of x)")
+    # Normalize to the runner core's input: local ids, everything else -> the sink L (masked out).
+    local = topk_ids.long() - first_expert
+    ids = torch.where((local >= 0) & (local < L), local, torch.full_like(local, L)).to(torch.int32)
+    mask = torch.ones(L + 1, dtype=torch.bool, device=x.device)
+    mask[L] = False
+    inp = RunnerInput(x, ids, topk_weights.float(), mask, 0)
+    return run_fused(inp, weights, config, hooks, block_config)
+
+
+@register
+class TritonRunner(RunnerBackend):
+    """Fused Triton kernels; every MoeConfig field is supported, and both GEMM hooks."""
+
+    name = "triton"
+
+    def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,
+                 block_config: Optional["kernels.BlockConfig"] = None):
+        super().__init__(config, hooks)
+        if kernels is None:
+            raise RuntimeError(f"runner='triton' cannot run here: {_IMPORT_ERROR}")
+        if config.activation not in kernels.ACTIVATION_CODES:
+            raise ValueError(f"runner='triton' does not implement activation={config.activation!r}; "
+                             f"supported: {', '.join(kernels.ACTIVATION_CODES)}")
+        self.block_config = block_config
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return kernels is not None and (torch.cuda.is_available() or interpreted())
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if kernels is None:
+            return _IMPORT_ERROR or ""
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
+
+    def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+        return run_fused(inp, weights, self.config, self.hooks, self.block_config)

@@ -1,0 +1,341 @@
+"""The triton runner against the float64 reference and the torch runner.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) in fp32 and fp16 only: the
+interpreter's bf16 dot is wrong and its fp32->bf16 store truncates instead of rounding, so bf16 is
+checked on GPU (benchmarks/bench_triton_runner.py). Tolerances: fp32 1e-5 (DESIGN.md; fp32
+accumulation over H, I <= 64 lands near 1e-7); fp16 2e-2 (DESIGN.md's low-precision bound; the
+intermediates h, a, o are rounded to fp16, about 5e-4 each).
+"""
+import json
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime import runners
+from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import RunnerInput
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+triton_runner = pytest.importorskip("ep_runtime.runners.triton_runner")
+kernels = pytest.importorskip("ep_runtime.runners.triton_kernels")
+
+
+def _weights(gen, E, H, I, gated=True, dtype=torch.float32, bias=False):
+    rows = 2 * I if gated else I
+    w13 = (torch.randn(E, rows, H, generator=gen) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=gen) * I ** -0.5).to(dtype)
+    b13 = (torch.randn(E, rows, generator=gen) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(E, H, generator=gen) * 0.1).to(dtype) if bias else None
+    return w13, w2, b13, b2
+
+
+def _ids(gen, T, E, K, minus_one=0.2):
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=1).indices
+    holes = torch.rand(T, K, generator=gen) < minus_one
+    return torch.where(holes, torch.full_like(ids, -1), ids).to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------ alignment
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m):
+    gen = torch.Generator().manual_seed(block_m)
+    T, K, E, L, first = 23, 3, 12, 4, 4  # this rank owns global experts 4..7; the sink is id 12
+    ids = torch.randint(0, E + 1, (T, K), generator=gen, dtype=torch.int32)
+    mask = torch.zeros(E + 1, dtype=torch.bool)
+    mask[first:first + L] = True
+    mask[first + 2] = False  # a masked-out local expert gets no blocks
+    aligned = kernels.align_pairs(ids, mask, first, L, block_m)
+    P = T * K
+    flat = ids.reshape(-1).long()
+    expected = mask[flat] & (flat >= first) & (flat < first + L)
+    assert torch.equal(aligned.computed, expected)
+
+    sorted_ids = aligned.sorted_pair_ids.long()
+    assert sorted_ids.numel() == aligned.block_expert.numel() * block_m
+    real = sorted_ids[sorted_ids < P]
+    assert sorted(real.tolist()) == expected.nonzero().squeeze(1).tolist()  # each computed pair exactly once
+    block_of = torch.arange(sorted_ids.numel()) // block_m
+    owner = aligned.block_expert.long()[block_of]
+    assert torch.equal(owner[sorted_ids < P], flat[real] - first)  # in a block of its own expert
+    used = aligned.block_expert >= 0
+    assert used.sum() == sum(-(-int((flat[expected] - first == e).sum()) // block_m) for e in range(L))
+    assert not used[int(used.sum()):].any()  # unused blocks trail
+    for e in range(L):  # ascending pair order inside an expert (the torch runner's order)
+        mine = real[flat[real] - first == e]
+        assert torch.equal(mine, mine.sort().values)
+
+
+# ------------------------------------------------------------------------------------ kernels alone
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_gemm_matches_float64(dtype):
+    gen = torch.Generator().manual_seed(1)
+    T, K, L, N, Kd = 13, 2, 3, 48, 40  # K_dim not a multiple of BLOCK_K: the masked tail path
+    x = torch.randn(T, Kd, generator=gen).to(dtype)
+    w = (torch.randn(L, N, Kd, generator=gen) * Kd ** -0.5).to(dtype)
+    bias = torch.randn(L, N, generator=gen).to(dtype)
+    scale = torch.rand(T * K, generator=gen)
+    ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
+    ids = torch.where(ids < 0, torch.full_like(ids, L), ids)
+    mask = torch.tensor([True] * L + [False])
+    aligned = kernels.align_pairs(ids, mask, 0, L, 16)
+    out = torch.full((T * K, N), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w, out, aligned, kernels.GemmTiles(32, 32, 2), rows_per_a_row=K, bias=bias,
+                         scale=scale, interpreted=True)
+    pair = aligned.computed.nonzero().squeeze(1)
+    e = ids.reshape(-1)[pair].long()
+    ref = torch.einsum("ph,pnh->pn", x.double()[pair // K], w.double()[e]) * scale.double()[pair, None] + bias.double()[e]
+    assert rel_err(out[pair], ref) <= tolerance(dtype) / (2 if dtype == torch.float16 else 1)
+    assert out[~aligned.computed].isnan().all()  # filtered pairs' rows are never written
+
+
+ACTIVATIONS = {
+    "silu": dict(), "gelu": dict(activation="gelu"), "gelu_tanh": dict(activation="gelu_tanh"),
+    "non_gated_gelu": dict(activation="gelu", is_gated=False),
+    "gpt_oss": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.4), "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+}
+
+
+def _act_reference(h, I, activation="silu", is_gated=True, gemm1_alpha=None, gemm1_clamp_limit=None):
+    from ep_runtime.reference import expert_reference
+    cfg = MoeConfig(1, 1, I, I, activation=activation, is_gated=is_gated, gemm1_alpha=gemm1_alpha,
+                    gemm1_clamp_limit=gemm1_clamp_limit)
+    # expert_reference with identity matrices isolates its activation: w13 = 1 (rows), w2 = 1.
+    rows = h.shape[1]
+    return expert_reference(h.double(), torch.eye(rows, dtype=torch.float64), torch.eye(I, dtype=torch.float64), cfg)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("skip_ratio", [0.0, 0.3, 0.8, 1.0])
+def test_filtered_activation(name, skip_ratio):
+    gen = torch.Generator().manual_seed(int(skip_ratio * 10))
+    kw = ACTIVATIONS[name]
+    P, I = 37, 24
+    rows = I if kw.get("is_gated") is False else 2 * I
+    h = torch.randn(P, rows, generator=gen) * 2
+    computed = torch.rand(P, generator=gen) >= skip_ratio
+    h[~computed] = float("nan")  # poison: a filtered row must never be read
+    a = kernels.act_and_mul(h, I, computed=computed, interpreted=True, **kw)
+    assert not a.isnan().any()
+    assert (a[~computed] == 0).all()
+    if computed.any():
+        assert rel_err(a[computed], _act_reference(h[computed], I, **kw)) <= 1e-6
+    if skip_ratio == 0.0:  # none skipped: bit-identical to the unfiltered path
+        assert torch.equal(a, kernels.act_and_mul(h, I, computed=None, interpreted=True, **kw))
+
+
+def test_topk_reduce_is_weighted_slot_order_sum_and_skips_filtered_rows():
+    gen = torch.Generator().manual_seed(3)
+    N, K, H = 11, 3, 40
+    o = torch.randn(N * K, H, generator=gen)
+    computed = torch.rand(N * K, generator=gen) > 0.3
+    o[~computed] = float("nan")
+    w = torch.rand(N * K, generator=gen)
+    y = kernels.topk_reduce(o, computed, K, w, 2.5, torch.float32, interpreted=True)
+    contrib = torch.where(computed[:, None], o.double() * w.double()[:, None], torch.zeros((), dtype=torch.float64))
+    assert rel_err(y, 2.5 * contrib.reshape(N, K, H).sum(1)) <= 1e-6
+    assert torch.equal(y, kernels.topk_reduce(o, computed, K, w, 2.5, torch.float32, interpreted=True))
+
+
+# ------------------------------------------------------------------------------------ functional API
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 29])
+def test_fused_experts_matches_float64_reference(T, dtype):
+    gen = torch.Generator().manual_seed(T)
+    E, K, H, I = 6, 2, 32, 48
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, E, H, I, dtype=dtype)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    ids, w = _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    if T:
+        ids[0] = -1  # a row with every slot -1 comes out zero
+    y = runners.fused_experts(x, w13, w2, ids, w)
+    ref = moe_reference(x, ids, w.double(), w13, w2, cfg)
+    assert y.dtype == dtype and y.shape == (T, H)
+    assert rel_err(y, ref) <= tolerance(dtype)
+    if T:
+        assert (y[0] == 0).all()
+
+
+def test_fused_experts_skips_other_ranks_experts():
+    gen = torch.Generator().manual_seed(4)
+    E, K, H, I, first, L = 8, 3, 16, 32, 4, 4
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(9, H, generator=gen), _ids(gen, 9, E, K), torch.rand(9, K, generator=gen)
+    y = runners.fused_experts(x, w13[first:], w2[first:], ids, w, first_expert=first)
+    local_ids = torch.where(ids >= first, ids, torch.full_like(ids, -1))  # experts 0..3 live elsewhere
+    assert rel_err(y, moe_reference(x, local_ids, w.double(), w13, w2, MoeConfig(E, K, H, I))) <= 1e-5
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    w13, w2, _, _ = _weights(gen, 4, 32, 16)
+    x, ids, w = torch.randn(17, 32, generator=gen), _ids(gen, 17, 4, 2), torch.rand(17, 2, generator=gen)
+    assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), runners.fused_experts(x, w13, w2, ids, w))
+
+
+# ------------------------------------------------------------------------------------ backend
+
+CONFIGS = {
+    "silu": dict(),
+    "gelu": dict(activation="gelu"),
+    "gelu_tanh_bias": dict(activation="gelu_tanh", has_bias=True),
+    "non_gated_silu": dict(is_gated=False),
+    "gpt_oss_swiglu": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.3, has_bias=True),
+    "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+    "routed_scaling": dict(routed_scaling_factor=2.5),
+    "weight_on_input": dict(apply_router_weight_on_input=True, has_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_config_field_matches_reference_and_torch_runner(name):
+    layer = ep.EPMoE(8, 2, 32, 16, runner="triton", **CONFIGS[name])
+    problem = make_problem(layer.config, [21], seed=11)
+    errors = check_layer(layer, problem, 0)  # y, dx, dw13, dw2 against float64
+    assert max(errors.values()) <= tolerance(torch.float32), errors
+
+    torch_layer = ep.EPMoE(8, 2, 32, 16, runner="torch", **CONFIGS[name])
+    torch_layer.load_state_dict(layer.state_dict())
+    x, ids, w = problem.xs[0], problem.topk_ids[0], problem.topk_weights[0]
+    with torch.no_grad():
+        assert rel_err(layer(x.float(), ids, w), torch_layer(x.float(), ids, w).double()) <= 1e-5
+
+
+def test_runner_input_with_mask_and_first_expert_matches_torch_runner():
+    # The mori-style input: global ids, a mask [E+1] of this rank's experts, first_expert = rank * L.
+    gen = torch.Generator().manual_seed(6)
+    E, K, H, I, L, first = 8, 2, 16, 32, 4, 4
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, L, H, I)
+    ids = torch.randint(0, E + 1, (15, K), generator=gen, dtype=torch.int32)
+    mask = torch.zeros(E + 1, dtype=torch.bool)
+    mask[first:first + L] = True
+    inp = RunnerInput(torch.randn(15, H, generator=gen), ids, torch.rand(15, K, generator=gen), mask, first)
+    y = runners.create("triton", cfg).run(inp, ExpertWeights(w13, w2))
+    assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
+
+
+def _lora_hooks(gen, L, H, I, rank=4):
+    a1 = (torch.randn(L, rank, H, generator=gen) * 0.3).requires_grad_()
+    b1 = (torch.randn(L, 2 * I, rank, generator=gen) * 0.3).requires_grad_()
+    a2 = (torch.randn(L, rank, I, generator=gen) * 0.3).requires_grad_()
+    b2 = (torch.randn(L, H, rank, generator=gen) * 0.3).requires_grad_()
+    seen = []
+
+    def lora(a, b):
+        def hook(inputs, outputs, expert_index):
+            seen.append(expert_index.clone())
+            low = torch.einsum("pi,pri->pr", inputs, a[expert_index])
+            return outputs + torch.einsum("pr,por->po", low, b[expert_index])
+        return hook
+
+    return runners.GemmHooks(lora(a1, b1), lora(a2, b2)), (a1, b1, a2, b2), seen
+
+
+def test_gemm_hooks_match_torch_runner_forward_and_backward():
+    E, K, H, I = 4, 2, 16, 24
+    results = {}
+    for name in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(8)
+        hooks, params, seen = _lora_hooks(gen, E, H, I)
+        layer = ep.EPMoE(E, K, H, I, runner=name, hooks=hooks)
+        problem = make_problem(layer.config, [13], seed=9)
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        x = problem.xs[0].float().requires_grad_()
+        y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
+        (y * problem.grad_outputs[0].float()).sum().backward()
+        results[name] = (y.detach(), x.grad, layer.w13.grad, *[p.grad for p in params], seen[:2])
+    ref, got = results["torch"], results["triton"]
+    for r, g in zip(ref[:-1], got[:-1]):
+        assert rel_err(g, r) <= 1e-5
+    assert all(torch.equal(r, g) for r, g in zip(ref[-1], got[-1]))  # hooks saw the same pair grouping
+
+
+def test_router_weight_gradient_flows():
+    # topk_weights from a differentiable router get the torch runner's gradient.
+    E, K, H, I = 4, 2, 16, 8
+    grads = {}
+    for name in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(E, K, H, I, runner=name, topk_config=ep.TopKConfig(top_k=K, renormalize=True))
+        x = torch.randn(7, H)
+        logits = torch.randn(7, E, requires_grad=True)
+        layer(x, router_logits=logits).square().sum().backward()
+        grads[name] = logits.grad
+    assert rel_err(grads["triton"], grads["torch"].double()) <= 1e-5
+
+
+def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = MoeConfig(4, 1, 16, 16)
+    if not torch.cuda.is_available():
+        assert "triton" not in runners.available()
+        with pytest.raises(RuntimeError, match="runner='triton' cannot run here: no CUDA device"):
+            runners.create("triton", cfg)
+    backend = triton_runner.TritonRunner(cfg)
+    inp = RunnerInput(torch.randn(2, 16), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
+                      torch.tensor([True] * 4 + [False]))
+    w = ExpertWeights(torch.randn(4, 32, 16), torch.randn(4, 16, 16))
+    with pytest.raises(ValueError, match="runner='triton' got tensors on cpu; it needs CUDA tensors"):
+        backend.run(inp, w)
+
+
+# ------------------------------------------------------------------------------------ layer on ranks
+
+def _triton_on_ranks(rank, world_size):
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="triton")
+    problem = make_problem(layer.config, [9 + 4 * r for r in range(world_size)], seed=5)
+    return check_layer(layer, problem, rank)
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_epmoe_standard_triton_on_gloo_ranks(R):
+    for errors in run_ranks(_triton_on_ranks, R):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def test_epmoe_triton_trains():
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, runner="triton")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x, ids, w = torch.randn(12, 16), torch.randint(0, 4, (12, 2), dtype=torch.int32), torch.rand(12, 2)
+    target = torch.randn(12, 16) * 0.1
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (layer(x, ids, w) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------ block configs
+
+def test_shipped_tables_parse_and_pick_nearest_token_count(tmp_path):
+    for path in kernels.CONFIG_DIR.glob("*.json"):
+        for shape, table in json.loads(path.read_text()).items():
+            for tokens, entry in table.items():
+                int(tokens)
+                kernels.BlockConfig.from_json(entry)
+    table = {"1": {"x": 1}, "64": {"x": 64}, "4096": {"x": 4096}}
+    assert kernels._nearest(table, 3) == {"x": 1} and kernels._nearest(table, 100) == {"x": 64}
+    assert kernels._nearest(table, 100000) == {"x": 4096}
+
+
+def test_tune_writes_a_table(tmp_path):
+    from ep_runtime.runners import triton_tune
+    out = tmp_path / "table.json"
+    candidates = [kernels.BlockConfig(16, kernels.GemmTiles(32, 32, 1), kernels.GemmTiles(32, 32, 1)),
+                  kernels.BlockConfig(32, kernels.GemmTiles(64, 64, 1), kernels.GemmTiles(64, 64, 1))]
+    triton_tune.tune(num_local_experts=2, top_k=2, hidden_size=32, intermediate_size=32, dtype=torch.float32,
+                     token_counts=[2, 8], out=out, candidates=candidates, device="cpu", repeats=1)
+    table = json.loads(out.read_text())
+    key = kernels.shape_key(2, 2, 32, 32, torch.float32)
+    assert set(table[key]) == {"2", "8"}
+    assert all(kernels.BlockConfig.from_json(e) in candidates for e in table[key].values())
