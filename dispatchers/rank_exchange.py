@@ -80,8 +80,9 @@ class RankExchange:
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
         layout = dispatch_layout(topk_ids, E, R)
-        row = torch.cat([layout.num_tokens_per_rank.new_tensor([T]), layout.num_tokens_per_rank,
-                         layout.num_tokens_per_expert])
+        # T enters through a fill kernel, not a host->device copy (which graph capture forbids).
+        row = torch.cat([torch.full((1,), T, dtype=torch.int64, device=topk_ids.device),
+                         layout.num_tokens_per_rank, layout.num_tokens_per_expert])
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
@@ -151,7 +152,7 @@ class RankExchange:
         R, L, K = self.world_size, self.num_local_experts, ids.shape[1]
         token = handle.send_token
         pad = x.new_zeros(1, x.shape[1])
-        rows = torch.cat([x, pad])[token]
+        rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
         ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
         if local_ids:
             local = ids_rows - self.send_rank(handle).unsqueeze(1) * L
