@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device machine): `bash scripts/gpu_check.sh` with $OUT set.
-# Dispatchers need >= 2 GPUs; runner benchmarks use GPU 0. Results: $OUT/*.json, $OUT/*.md, logs.
+# Dispatchers need >= 2 GPUs; runner benchmarks use GPU 0. Everything lands in $OUT/results.tgz
+# (the device tool brings back few files); summaries go to stdout.
+#   SKIP_RUNNERS=1  skip the runner benchmarks;  SKIP_BENCH=1  skip `ep-runtime bench`.
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
+W=$(mktemp -d)
+REPO=$(pwd)
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+python -m pip install -q --no-deps --no-build-isolation . >"$W/install.log" 2>&1 || tail -5 "$W/install.log"
 (cd /tmp && python -c "import ep_runtime.dispatchers as d; print('ep_runtime from', d.__file__)")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 if [ "$NGPU" -ge 2 ]; then
-  timeout 300 torchrun --nproc-per-node "$NGPU" benchmarks/gpu_dispatch.py --out "$OUT" >"$OUT/dispatch.log" 2>&1
-  echo "dispatch rc=$?"; tail -60 "$OUT/dispatch.log"
-fi
-for bench in benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py; do
-  if [ -f "$bench" ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
-    name=$(basename "$bench" .py)
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python "$bench" --out "$OUT" >"$OUT/$name.log" 2>&1
-    echo "$name rc=$?"; tail -30 "$OUT/$name.log"
+  timeout 300 torchrun --nproc-per-node "$NGPU" benchmarks/gpu_dispatch.py --out "$W" >"$W/dispatch.log" 2>&1
+  echo "gpu_dispatch rc=$?"; tail -120 "$W/dispatch.log"
+  if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    (cd /tmp && timeout 240 torchrun --nproc-per-node "$NGPU" -m ep_runtime bench --preset deepseek-v3 \
+       --tokens 128,1024,4096 --suite dispatch --no-progress --json "$W/bench_dispatch.json" \
+       --markdown "$W/bench_dispatch.md" --plot "$W/bench_dispatch.png") >"$W/bench.log" 2>&1
+    echo "ep-runtime bench rc=$?"; tail -40 "$W/bench.log"
   fi
-done
+fi
+if [ "${SKIP_RUNNERS:-0}" != 1 ]; then
+  for bench in benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py; do
+    [ -f "$bench" ] || continue
+    name=$(basename "$bench" .py)
+    mkdir -p "$W/$name"
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python "$REPO/$bench" --out "$W/$name" >"$W/$name.log" 2>&1
+    echo "$name rc=$?"; tail -40 "$W/$name.log"
+  done
+fi
+tar czf "$OUT/results.tgz" -C "$W" .
+cp "$W"/*.md "$OUT"/ 2>/dev/null || true
