@@ -47,6 +47,7 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **op
 
 
 from . import torch_runner  # noqa: E402,F401  (registers "torch")
+from . import masked_runner  # noqa: E402,F401  (registers "masked" and its deepep_ll path; needs triton and CUDA or TRITON_INTERPRET=1)
 from . import triton_runner  # noqa: E402,F401  (registers "triton"; available with triton and CUDA or TRITON_INTERPRET=1)
 from .triton_runner import fused_experts  # noqa: E402
 

@@ -1,0 +1,314 @@
+"""The masked runner: Triton grouped GEMMs over deepep_ll's expert-major layout [L, M*R, H].
+
+Expert l's rows p < masked_m[l] are tokens; the rest of its M*R rows are padding that is never read
+(it may hold NaN). Each kernel program reads masked_m[l] on the device and does nothing when its row
+block starts past it, so there is no host sync and the whole step captures into a CUDA graph; the
+cost follows the real row count, not the buffer size.
+
+    gemm1     a[l, p] = act(x[l, p] @ gate[l]^T + b_gate) * (x[l, p] @ up[l]^T + b_up)   (activation
+              and multiply in the epilogue, on the fp32 accumulators; not gated: act(x @ w1^T + b1))
+    gemm2     y[l, p] = routed_scaling_factor * (a[l, p] @ w2[l]^T + b2[l])
+
+The output is unweighted (deepep_ll's combine applies the topk weights; with
+apply_router_weight_on_input the dispatcher already scaled recv_x). Rows p >= masked_m[l] of the
+output are left unwritten (whatever the allocator held; combine never reads them): zeroing them would
+cost a full [L, M*R, H] write, more than the GEMMs themselves move at decode sizes.
+
+Autograd: the forward runs the kernels; the backward recomputes the valid rows with the torch
+runner's differentiable ops and back-propagates through them, so training gives the torch runner's
+gradients. GEMM hooks are not supported (rejected at construction): use runner="torch" or "triton".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ep_runtime import envs
+from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.runner_core import CombineInput, RunnerInput, register_fused
+
+from . import register
+from .base import GemmHooks, RunnerBackend
+
+try:
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
+    triton = tl = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
+
+# Epilogue activation codes (constexpr in the kernel).
+_ACT_NONE, _ACT_SILU, _ACT_GELU, _ACT_GELU_TANH, _ACT_SWIGLU_OAI = 0, 1, 2, 3, 4
+_ACTIVATION_CODES = {"silu": _ACT_SILU, "gelu": _ACT_GELU, "gelu_tanh": _ACT_GELU_TANH}
+
+
+def interpreted() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
+    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class MaskedTiles:
+    """Tiles of both GEMMs. BLOCK_M is the row block one program takes of one expert; blocks starting
+    at or past masked_m[l] exit at once. BLOCK_N1 counts output columns of gemm1 (of I: a gated
+    program keeps a gate and an up accumulator of BLOCK_N1 columns each)."""
+
+    BLOCK_M: int = 64
+    BLOCK_N1: int = 64
+    BLOCK_N2: int = 128
+    BLOCK_K: int = 64
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1)  # few, small programs keep the CPU interpreter fast
+
+
+if triton is not None:
+
+    @triton.jit
+    def _epilogue_activation(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+                             HAS_LIMIT: tl.constexpr):
+        """fp32 tiles: gate (or the only) accumulator g, up accumulator u (ignored when not gated)."""
+        if ACTIVATION == 4:  # gpt-oss SwiGLU
+            if HAS_LIMIT:
+                g = tl.minimum(g, limit)
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+            h = g * tl.sigmoid(alpha * g) * (u + 1.0)
+        else:
+            if ACTIVATION == 1:
+                h = g * tl.sigmoid(g)
+            elif ACTIVATION == 2:
+                h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+            else:  # tanh(z) = 2 sigmoid(2z) - 1 (tl.tanh is not in every Triton release)
+                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * z))
+            if GATED:
+                h = h * u
+        return h
+
+    @triton.jit
+    def _masked_gemm_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr,
+        num_buffer_rows, N, K, up_offset,
+        stride_al, stride_am, stride_ak,
+        stride_wl, stride_wn, stride_wk,
+        stride_bl, stride_bn,
+        stride_ol, stride_om, stride_on,
+        scale, alpha, limit,
+        GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
+
+        Grid (row blocks, column blocks, L): row blocks vary fastest so programs sharing one weight
+        tile run side by side (the tile is read from HBM once and from L2 after). GATED: a second
+        accumulator reads w rows up_offset + n (the up half) and the epilogue multiplies.
+        ACTIVATION 0 writes scale * acc (gemm2)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.program_id(2).to(tl.int64)
+        num_rows = tl.minimum(tl.load(masked_m_ptr + expert), num_buffer_rows)
+        if pid_m * BLOCK_M < num_rows:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            ks = tl.arange(0, BLOCK_K)
+            row_ok = rows < num_rows  # padding rows are never loaded (they may be NaN)
+            col_ok = cols < N
+            a_ptrs = a_ptr + expert * stride_al + rows[:, None] * stride_am + ks[None, :] * stride_ak
+            w_ptrs = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = ks < K - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if FP32_DOT:
+                    acc += tl.dot(a, w, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w)
+                if GATED:
+                    w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    if FP32_DOT:
+                        acc_up += tl.dot(a, w_up, input_precision="ieee")
+                    else:
+                        acc_up += tl.dot(a, w_up)
+                a_ptrs += BLOCK_K * stride_ak
+                w_ptrs += BLOCK_K * stride_wk
+            if HAS_BIAS:
+                b_ptrs = bias_ptr + expert * stride_bl + cols * stride_bn
+                acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if GATED:
+                    acc_up += tl.load(b_ptrs + up_offset * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ACTIVATION == 0:
+                result = acc * scale
+            else:
+                result = _epilogue_activation(acc, acc_up, alpha, limit, ACTIVATION, GATED, HAS_LIMIT)
+            out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
+            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+            masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *, gated: bool = False,
+            activation: int = _ACT_NONE, scale: float = 1.0, alpha: Optional[float] = None,
+            limit: Optional[float] = None) -> None:
+    """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N]."""
+    L, rows, K = a.shape
+    grid = (triton.cdiv(rows, tiles.BLOCK_M), triton.cdiv(N, block_n), L)
+    bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
+    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    _masked_gemm_kernel[grid](
+        a, w, bias_arg, out, masked_m,
+        rows, N, K, N if gated else 0,
+        a.stride(0), a.stride(1), a.stride(2),
+        w.stride(0), w.stride(1), w.stride(2),
+        *bias_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        float(scale), float(alpha if alpha is not None else 1.0), float(limit if limit is not None else 0.0),
+        GATED=gated, ACTIVATION=activation, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=a.dtype == torch.float32,
+        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig,
+                   tiles: Optional[MaskedTiles] = None) -> torch.Tensor:
+    """The kernel sequence (gemm1 with fused activation, gemm2). recv_x [L, M*R, H]; masked_m [L] int32
+    on recv_x's device. Returns [L, M*R, H] in recv_x's dtype; rows past masked_m are unwritten.
+    Not differentiable by itself (see _MaskedExperts)."""
+    L, rows, H = recv_x.shape
+    I = config.intermediate_size
+    if tiles is None:
+        tiles = INTERPRETER_TILES if interpreted() else MaskedTiles()
+    masked_m = masked_m.to(torch.int32)
+    a = torch.empty(L, rows, I, dtype=recv_x.dtype, device=recv_x.device)
+    if config.gemm1_alpha is not None:
+        activation = _ACT_SWIGLU_OAI
+    else:
+        activation = _ACTIVATION_CODES[config.activation]
+    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, gated=config.is_gated,
+            activation=activation, alpha=config.gemm1_alpha, limit=config.gemm1_clamp_limit)
+    out = torch.empty(L, rows, H, dtype=recv_x.dtype, device=recv_x.device)
+    _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
+            scale=config.routed_scaling_factor)
+    return out
+
+
+def torch_masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
+                         config: MoeConfig) -> torch.Tensor:
+    """The same result with the torch runner's differentiable ops (the backward recomputes this):
+    rows past masked_m go to the sink, so they are neither read nor given a gradient; they come out 0."""
+    from .torch_runner import TorchRunner
+    L, rows, H = recv_x.shape
+    experts = torch.arange(L, device=recv_x.device)
+    valid = torch.arange(rows, device=recv_x.device)[None, :] < masked_m.to(recv_x.device).long()[:, None]
+    ids = torch.where(valid, experts[:, None], L).reshape(-1, 1).to(torch.int32)
+    mask = torch.ones(L + 1, dtype=torch.bool, device=recv_x.device)
+    mask[L] = False
+    ones = torch.ones(L * rows, 1, dtype=torch.float32, device=recv_x.device)
+    # The runner's weight-1 multiply is exact, so the result is unweighted as the format needs.
+    y = TorchRunner(config).run(RunnerInput(recv_x.reshape(L * rows, H), ids, ones, mask), weights)
+    return y.view(L, rows, H)
+
+
+class _MaskedExperts(torch.autograd.Function):
+    """Forward: the Triton kernels. Backward: recompute the valid rows with torch ops and back-propagate."""
+
+    @staticmethod
+    def forward(ctx, recv_x, masked_m, w13, w2, b13, b2, config, tiles):
+        ctx.save_for_backward(recv_x, masked_m, w13, w2, b13, b2)
+        ctx.config = config
+        return masked_forward(recv_x, masked_m, ExpertWeights(w13, w2, b13, b2), config, tiles)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        recv_x, masked_m, *params = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((recv_x, *params), needs)]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            y = torch_masked_forward(leaves[0], masked_m, ExpertWeights(*leaves[1:]), ctx.config)
+            grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
+        x_grad, *param_grads = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return (x_grad, None, *param_grads, None, None)
+
+
+def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig) -> None:
+    if recv_x.dim() != 3:
+        raise ValueError(f"recv_x has shape {list(recv_x.shape)}; expected [L, M*R, H] (deepep_ll layout)")
+    L, _, H = recv_x.shape
+    if H != config.hidden_size:
+        raise ValueError(f"recv_x has H={H}; expected hidden_size={config.hidden_size}")
+    weights.check(config, L)
+    if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
+                         f"expected [{L}] (L local experts) int32")
+    for name in ("w13", "w2", "b13", "b2"):
+        t = getattr(weights, name)
+        if t is not None and t.dtype != recv_x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}; runner='masked' needs the dtype of recv_x ({recv_x.dtype})")
+    for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
+        if t.device.type != "cuda" and not interpreted():
+            raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "
+                             "(or TRITON_INTERPRET=1 for CPU tensors through the interpreter)")
+        if t.device != recv_x.device:
+            raise ValueError(f"{name} is on {t.device} but recv_x is on {recv_x.device}")
+
+
+@register
+class MaskedRunner(RunnerBackend):
+    """Triton grouped GEMMs over deepep_ll's [L, M*R, H] layout that skip rows past masked_m.
+    Every MoeConfig field is supported; GEMM hooks are not. Only the deepep_ll format."""
+
+    name = "masked"
+
+    def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None, tiles: Optional[MaskedTiles] = None):
+        super().__init__(config, hooks)
+        if triton is None:
+            raise RuntimeError(f"runner='masked' cannot run here: {_IMPORT_ERROR}")
+        if self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None:
+            raise ValueError("runner='masked' does not support GEMM hooks (after_gemm1/after_gemm2); "
+                             "use runner='torch' or runner='triton' with hooks")
+        if config.activation not in _ACTIVATION_CODES:
+            raise ValueError(f"runner='masked' does not implement activation={config.activation!r}; "
+                             f"supported: {', '.join(_ACTIVATION_CODES)}")
+        self.tiles = tiles
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return triton is not None and (torch.cuda.is_available() or interpreted())
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if triton is None:
+            return _IMPORT_ERROR or ""
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
+
+    def run_masked(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
+        """recv_x [L, M*R, H] expert-major, rows p >= masked_m[l] never read; masked_m [L] int32 on the
+        same device. Returns [L, M*R, H] in recv_x's dtype: routed_scaling_factor * expert_l(row) for
+        valid rows (no topk weight), unwritten rows past masked_m. Differentiable."""
+        _check_inputs(recv_x, masked_m, weights, self.config)
+        tensors = (recv_x, weights.w13, weights.w2, weights.b13, weights.b2)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _MaskedExperts.apply(recv_x, masked_m, weights.w13, weights.w2, weights.b13, weights.b2,
+                                        self.config, self.tiles)
+        return masked_forward(recv_x, masked_m, weights, self.config, self.tiles)
+
+    def run(self, runner_input: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+        raise ValueError("runner='masked' computes only the deepep_ll format's [L, M*R, H] layout (through "
+                         "the runner core's fused path); use dispatcher='deepep_ll', or runner='torch'/'triton'")
+
+
+def _run_deepep_ll(moe_runner, dispatch_output, weights: ExpertWeights) -> CombineInput:
+    out = moe_runner.backend.run_masked(dispatch_output.recv_x, dispatch_output.masked_m, weights)
+    return CombineInput(hidden_states=out, dispatch_output=dispatch_output)
+
+
+register_fused("deepep_ll", "masked", _run_deepep_ll)

@@ -1,0 +1,134 @@
+"""runner='masked' (Triton under TRITON_INTERPRET=1, fp16/fp32): == float64 reference on the rows below
+masked_m for every config field, padding rows (NaN) never read, and EPMoE(deepep_ll, masked) == reference
+with gradients, on 1 and 2 gloo ranks."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.reference import expert_reference, rel_err
+from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+L, ROWS, H, I = 3, 20, 40, 24  # H, I and ROWS not multiples of the interpreter tiles: edge masks are exercised
+MASKED_M = [20, 0, 7]
+
+CONFIGS = {
+    "silu": {},
+    "gelu": dict(activation="gelu"),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+    "not_gated": dict(is_gated=False),
+    "not_gated_gelu_tanh": dict(is_gated=False, activation="gelu_tanh"),
+    "bias": dict(has_bias=True),
+    "bias_not_gated": dict(has_bias=True, is_gated=False, activation="gelu"),
+    "gpt_oss": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.5, has_bias=True),
+    "alpha_only": dict(gemm1_alpha=1.702),
+    "routed_scaling_factor": dict(routed_scaling_factor=2.5),
+    "apply_router_weight_on_input": dict(apply_router_weight_on_input=True),  # folded in by the dispatcher
+}
+
+
+def _problem(fields, dtype, seed=0):
+    config = MoeConfig(L * 2, 2, H, I, **fields)
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape, std=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)  # noqa: E731
+    weights = ExpertWeights(randn(L, config.w13_rows, H, std=H ** -0.5), randn(L, H, I, std=I ** -0.5),
+                            randn(L, config.w13_rows, std=0.5) if config.has_bias else None,
+                            randn(L, H, std=0.5) if config.has_bias else None)
+    recv_x = randn(L, ROWS, H)
+    masked_m = torch.tensor(MASKED_M, dtype=torch.int32)
+    for e, m in enumerate(MASKED_M):
+        recv_x[e, m:] = float("nan")  # padding: must never be read
+    return config, weights, recv_x, masked_m
+
+
+def _reference(config, weights, recv_x):
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return [config.routed_scaling_factor * expert_reference(
+        recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config,
+        f64(weights.b13[e] if weights.b13 is not None else None), f64(weights.b2[e] if weights.b2 is not None else None))
+        for e, m in enumerate(MASKED_M)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_valid_rows_match_float64_reference(name, dtype):
+    config, weights, recv_x, masked_m = _problem(CONFIGS[name], dtype)
+    out = MaskedRunner(config).run_masked(recv_x, masked_m, weights)
+    assert out.shape == recv_x.shape and out.dtype == dtype
+    for e, (m, ref) in enumerate(zip(MASKED_M, _reference(config, weights, recv_x))):
+        assert torch.isfinite(out[e, :m]).all()
+        assert rel_err(out[e, :m], ref) <= tolerance(dtype), (e, rel_err(out[e, :m], ref))
+
+
+def test_padding_rows_are_never_read():
+    config, weights, poisoned, masked_m = _problem(CONFIGS["bias"], torch.float32)
+    clean = torch.nan_to_num(poisoned, nan=0.0)
+    runner = MaskedRunner(config)
+    a, b = runner.run_masked(poisoned, masked_m, weights), runner.run_masked(clean, masked_m, weights)
+    for e, m in enumerate(MASKED_M):
+        assert torch.equal(a[e, :m], b[e, :m])
+
+
+def test_larger_tiles_and_masked_m_past_one_block():
+    # BLOCK_M 16 < masked_m 20: two row blocks per expert, the second partly valid.
+    config, weights, recv_x, masked_m = _problem(CONFIGS["gelu"], torch.float32, seed=3)
+    out = MaskedRunner(config, tiles=MaskedTiles(16, 16, 64, 16, 4, 1)).run_masked(recv_x, masked_m, weights)
+    for e, (m, ref) in enumerate(zip(MASKED_M, _reference(config, weights, recv_x))):
+        assert rel_err(out[e, :m], ref) <= 1e-5
+
+
+def test_all_zero_masked_m_reads_nothing():
+    config, weights, recv_x, _ = _problem(CONFIGS["silu"], torch.float32)
+    recv_x.fill_(float("nan"))
+    out = MaskedRunner(config).run_masked(recv_x, torch.zeros(L, dtype=torch.int32), weights)
+    assert out.shape == recv_x.shape
+    # Through the layer: every slot -1 -> masked_m all zero -> y exactly 0, no NaN.
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="masked",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 8})
+    y = layer(torch.randn(5, 16), torch.full((5, 2), -1, dtype=torch.int32), torch.rand(5, 2))
+    assert torch.equal(y, torch.zeros(5, 16))
+
+
+def test_backward_matches_reference_single_process():
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_ll", runner="masked", has_bias=True,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 16})
+    errors = check_layer(layer, make_problem(layer.config, [13], seed=5), 0)
+    assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _masked_rank(rank, world_size, extra):
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_ll", runner="masked",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 16}, **extra)
+    problem = make_problem(layer.config, [16, 9][:world_size], seed=41, ep_size=world_size)
+    errors = check_layer(layer, problem, rank)
+    # Poison the dispatch output's padding rows: the layer's runner must give the same combine.
+    topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    with torch.no_grad():
+        out = layer.dispatcher.dispatch(problem.xs[rank].float(), topk)
+        clean = layer.dispatcher.combine(layer.runner.run(out, layer.weights))
+        for e, m in enumerate(out.masked_m.tolist()):
+            out.recv_x[e, m:] = float("nan")
+        dirty = layer.dispatcher.combine(layer.runner.run(out, layer.weights))
+    return errors, bool(torch.equal(clean, dirty))
+
+
+@pytest.mark.parametrize("extra", [{}, dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5),
+                                   dict(is_gated=False, activation="gelu", has_bias=True)])
+def test_layer_on_two_ranks_matches_reference(extra):
+    for errors, poison_free in run_ranks(_masked_rank, 2, extra):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert poison_free
+
+
+def test_rejects_what_it_cannot_compute():
+    config = MoeConfig(8, 2, 16, 8)
+    with pytest.raises(ValueError, match="does not support GEMM hooks"):
+        MaskedRunner(config, hooks=ep.runners.GemmHooks(after_gemm1=lambda i, o, e: None))
+    with pytest.raises(ValueError, match=r"no runner path for dispatch format 'standard' with runner backend 'masked'"):
+        ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="masked")
+    config, weights, recv_x, masked_m = _problem({}, torch.float32)
+    with pytest.raises(ValueError, match=r"masked_m has shape \[2\]"):
+        MaskedRunner(config).run_masked(recv_x, masked_m[:2], weights)
+    with pytest.raises(ValueError, match="w13 has dtype torch.float16"):
+        MaskedRunner(config).run_masked(recv_x, masked_m, ExpertWeights(weights.w13.half(), weights.w2))
