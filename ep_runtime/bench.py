@@ -270,13 +270,16 @@ def bytes_leaving_rank(topk_ids: torch.Tensor, num_experts: int, ep_size: int, r
 
 # ---------------------------------------------------------------- dispatch suite
 
+# Intermediate size of the torch runner that prepares combine inputs (a multiple of 16 elements keeps
+# torch._grouped_mm's alignment rules happy in bf16).
+_PREP_INTERMEDIATE = 64
+
 
 def dispatch_suite(settings: Settings, group: Any, device: torch.device, progress: bool) -> Results:
     """Every registered dispatcher (and the all_to_all_single baseline) on this rank; collective."""
-    from . import dispatchers, runners
-    from .config import ExpertWeights, MoeConfig
+    from . import dispatchers
+    from .config import MoeConfig
     from .routing import TopKOutput
-    from .runner_core import CombineInput, MoeRunner
 
     rank, R = dist.get_rank(group), dist.get_world_size(group)
     dtype = DTYPES[settings.dtype]
@@ -292,12 +295,13 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
                 raise ValueError(f"num_experts={E} is not divisible by the {R} ranks; pick --experts divisible by {R}")
             config = MoeConfig(E, K, H, settings.intermediate_size)
             # Combine needs expert outputs in each format's layout: the torch runner makes them once per
-            # input with a tiny intermediate size (dispatch and combine never look at I).
-            tiny = MoeConfig(E, K, H, 8)
+            # input with a small intermediate size (dispatch and combine never look at I).
+            tiny = MoeConfig(E, K, H, _PREP_INTERMEDIATE)
             made = {}
             for name in names:
                 try:
-                    made[name] = dispatchers.create(name, config, group=group)
+                    disp = dispatchers.create(name, config, group=group)
+                    made[name] = (disp, *_combine_input_maker(disp, tiny, dtype, device))
                 except Exception as err:  # noqa: BLE001 - a dispatcher that cannot run here is reported, not fatal
                     made[name] = err
             for T in settings.tokens:
@@ -308,7 +312,7 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
                     ids = uniform_topk(gen, T, E, K)
                     weights = torch.rand(T, K, generator=gen) + 0.1
                     xs.append(torch.randn(T, H, generator=gen).to(dtype).to(device))
-                    topks.append((ids.to(device), weights.to(device)))
+                    topks.append(TopKOutput(ids.to(device), weights.to(device)))
                     sent_bytes.append(bytes_leaving_rank(ids, E, R, rank, H, itemsize))
                 mean_bytes = statistics.fmean(sent_bytes)
                 bytes_per_rank = _sum_over_group([mean_bytes], group, device)[0] / R  # mean over ranks and inputs
@@ -318,67 +322,75 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
                                                       bytes_per_rank, R, dtype))
                 bar.step(f"a2a T={T}")
                 for name in names:
-                    disp = made[name]
-                    if isinstance(disp, Exception):
-                        results.skipped.append(dict(suite="dispatch", impl=name, **shape, reason=_reason(disp)))
+                    if isinstance(made[name], Exception):
+                        results.skipped.append(dict(suite="dispatch", impl=name, **shape, reason=_reason(made[name])))
                         for _ in range(3):
                             bar.step(name)
                         continue
+                    disp, runner, expert_weights = made[name]
+                    moved = bytes_per_rank if (disp.shards_experts and R > 1) else 0.0
                     try:
-                        moved = bytes_per_rank if (disp.shards_experts and R > 1) else 0.0
-                        placement = disp.placement
-                        L = placement.num_local_experts
-                        gw = torch.Generator().manual_seed(settings.seed + 17)
-                        w = ExpertWeights((torch.randn(L, tiny.w13_rows, H, generator=gw) * H ** -0.5).to(dtype).to(device),
-                                          (torch.randn(L, H, 8, generator=gw) * 8 ** -0.5).to(dtype).to(device))
-                        backend = runners.create("torch", tiny)
-                        runner = MoeRunner(backend, tiny, placement)
-                        runner.check_format(disp.format)
-                        rot = settings.rotate
-                        topk_out = [TopKOutput(*t) for t in topks]
-                        with torch.no_grad():
-                            rows = []
-                            for k in range(rot):  # expert outputs per rotated input, in the format's layout
-                                out = disp.dispatch(xs[k], topk_out[k])
-                                ci = runner.run(out, w)
-                                rows.append(ci.hidden_states.detach().clone())
-                                disp.combine(ci)
-
-                            def do_dispatch(i):
-                                return disp.dispatch(xs[i % rot], topk_out[i % rot])
-
-                            def finish(i, out):
-                                disp.combine(CombineInput(rows[i % rot], out))
-
-                            def prepare(i):
-                                return i, disp.dispatch(xs[i % rot], topk_out[i % rot])
-
-                            def do_combine(arg):
-                                i, out = arg
-                                return disp.combine(CombineInput(rows[i % rot], out))
-
-                            def round_trip(i):
-                                out = disp.dispatch(xs[i % rot], topk_out[i % rot])
-                                return disp.combine(CombineInput(rows[i % rot], out))
-
-                            st = measure(do_dispatch, teardown=finish, **timing)
-                            results.dispatch.append(_dispatch_row(name, "dispatch", shape, st, moved, R, dtype))
-                            bar.step(f"{name} dispatch T={T}")
-                            st = measure(do_combine, setup=prepare, **timing)
-                            results.dispatch.append(_dispatch_row(name, "combine", shape, st, moved, R, dtype))
-                            bar.step(f"{name} combine T={T}")
-                            st = measure(round_trip, **timing)
-                            results.dispatch.append(_dispatch_row(name, "round_trip", shape, st, 2 * moved, R, dtype))
-                            bar.step(f"{name} round trip T={T}")
+                        for op, stats in _time_dispatcher(disp, runner, expert_weights, xs, topks, timing):
+                            results.dispatch.append(_dispatch_row(name, op, shape, stats,
+                                                                  2 * moved if op == "round_trip" else moved, R, dtype))
+                            bar.step(f"{name} {op} T={T}")
                     except Exception as err:  # noqa: BLE001 - e.g. T over a static buffer's capacity
                         results.skipped.append(dict(suite="dispatch", impl=name, **shape, reason=_reason(err)))
                         done = sum(1 for r in results.dispatch if r["impl"] == name and _same_case(r, shape))
                         for _ in range(3 - done):
                             bar.step(name)
+            del made
         _add_baseline_ratios(results.dispatch)
     finally:
         bar.close()
     return results
+
+
+def _combine_input_maker(disp, config, dtype: torch.dtype, device: torch.device):
+    """A torch runner (and random weights) over `disp`'s placement, to make combine inputs once."""
+    from . import runners
+    from .config import ExpertWeights
+    from .runner_core import MoeRunner
+
+    L, H, I = disp.placement.num_local_experts, config.hidden_size, config.intermediate_size
+    weights = ExpertWeights(torch.randn(L, config.w13_rows, H, dtype=dtype, device=device) * H ** -0.5,
+                            torch.randn(L, H, I, dtype=dtype, device=device) * I ** -0.5)
+    runner = MoeRunner(runners.create("torch", config), config, disp.placement)
+    runner.check_format(disp.format)
+    return runner, weights
+
+
+@torch.no_grad()
+def _time_dispatcher(disp, runner, expert_weights, xs, topks, timing):
+    """Yield (op, Stats) for dispatch, combine and round_trip over the rotated inputs."""
+    from .runner_core import CombineInput
+
+    rot = len(xs)
+    rows = []
+    for k in range(rot):  # expert outputs per rotated input, in the format's layout (untimed)
+        combine_input = runner.run(disp.dispatch(xs[k], topks[k]), expert_weights)
+        rows.append(combine_input.hidden_states.detach().clone())
+        disp.combine(combine_input)
+
+    def dispatch(i):
+        return disp.dispatch(xs[i % rot], topks[i % rot])
+
+    def combine_after(i, dispatch_output):  # keeps dispatch/combine paired for stateful dispatchers
+        disp.combine(CombineInput(rows[i % rot], dispatch_output))
+
+    def dispatched(i):
+        return i, dispatch(i)
+
+    def combine(arg):
+        i, dispatch_output = arg
+        return disp.combine(CombineInput(rows[i % rot], dispatch_output))
+
+    def round_trip(i):
+        return disp.combine(CombineInput(rows[i % rot], dispatch(i)))
+
+    yield "dispatch", measure(dispatch, teardown=combine_after, **timing)
+    yield "combine", measure(combine, setup=dispatched, **timing)
+    yield "round_trip", measure(round_trip, **timing)
 
 
 def _all_to_all_baseline(xs, topks, E, R, group, device, timing) -> Stats:
@@ -406,10 +418,14 @@ def _all_to_all_baseline(xs, topks, E, R, group, device, timing) -> Stats:
     return measure(a2a, **timing)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _dispatch_row(impl: str, op: str, shape: dict, stats: Stats, moved_bytes: float, R: int,
                   dtype: torch.dtype) -> dict:
     gbps = moved_bytes / (stats.median_us * 1e-6) / 1e9 if moved_bytes > 0 and stats.median_us > 0 else None
-    return dict(impl=impl, op=op, **shape, world_size=R, dtype=str(dtype).removeprefix("torch."),
+    return dict(impl=impl, op=op, **shape, world_size=R, dtype=_dtype_name(dtype),
                 bytes_per_rank=moved_bytes, gbps=gbps, **asdict(stats))
 
 
@@ -472,8 +488,9 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
             L = E // ep_size
             config = MoeConfig(E, K, H, I)
             gen = torch.Generator().manual_seed(settings.seed + 1)
-            weights = ExpertWeights((torch.randn(L, config.w13_rows, H, generator=gen) * H ** -0.5).to(dtype).to(device),
-                                    (torch.randn(L, H, I, generator=gen) * I ** -0.5).to(dtype).to(device))
+            # Made on the device: DeepSeek-V3's 64 local experts are 2.8e9 numbers.
+            weights = ExpertWeights(torch.randn(L, config.w13_rows, H, dtype=dtype, device=device) * H ** -0.5,
+                                    torch.randn(L, H, I, dtype=dtype, device=device) * I ** -0.5)
             flops_per_pair = 2 * (3 if config.is_gated else 2) * H * I
             weight_bytes_per_expert = (config.w13_rows * H + H * I) * itemsize
             backends = {}
@@ -502,7 +519,7 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                         continue
                     seconds = stats.median_us * 1e-6
                     results.runner.append(dict(
-                        impl=name, **shape, dtype=settings.dtype, pairs=pairs, experts_touched=touched,
+                        impl=name, **shape, dtype=_dtype_name(dtype), pairs=pairs, experts_touched=touched,
                         tflops=pairs * flops_per_pair / seconds / 1e12,
                         weight_gbps=touched * weight_bytes_per_expert / seconds / 1e9, **asdict(stats)))
             del weights, backends
@@ -564,8 +581,6 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
             from .distributed import device_for_rank
             rank, R = dist.get_rank(), dist.get_world_size()
             device = device_for_rank()
-            if device.type == "cpu" and torch.cuda.is_available() and dist.get_backend() != "gloo":
-                device = torch.device("cuda", torch.cuda.current_device())
             if "dispatch" in settings.suites:
                 _merge(results, dispatch_suite(settings, dist.group.WORLD, device, settings.progress))
             runner_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
@@ -809,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib)")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: print, plot or convert the results of an earlier --json FILE (e.g. a GPU "
+                        "run's, on a machine that has matplotlib)")
     return p
 
 
@@ -856,7 +874,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed: pip install 'ep-runtime[bench]' "
                          "(or pip install matplotlib)")
-    results = run(settings, args.world_size)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = Results(**json.load(f))
+    else:
+        results = run(settings, args.world_size)
     if results is None:  # not rank 0
         return 0
     print(render_text(results), end="")

@@ -150,6 +150,11 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     assert all(r["speedup_vs_torch"] == 1.0 for r in torch_rows)
     assert "| E | K | H |" in out_md.read_text()
 
+    # A run's JSON renders again elsewhere (a GPU run's, plotted on a machine with matplotlib).
+    again = tmp_path / "again.md"
+    assert bench.main(["--from-json", str(out_json), "--markdown", str(again)]) == 0
+    assert again.read_text() == out_md.read_text()
+
 
 def test_plot_without_matplotlib_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
