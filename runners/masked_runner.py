@@ -1,9 +1,9 @@
 """The masked runner: Triton grouped GEMMs over deepep_ll's expert-major layout [L, M*R, H].
 
 Expert l's rows p < masked_m[l] are tokens; the rest of its M*R rows are padding that is never read
-(it may hold NaN). Each kernel program reads masked_m[l] on the device and does nothing when its row
-block starts past it, so there is no host sync and the whole step captures into a CUDA graph; the
-cost follows the real row count, not the buffer size.
+(it may hold NaN). Each kernel program reads masked_m[l] on the device and loops only over the row
+blocks below it, so the launch is data-independent (no host sync: the whole step captures into a
+CUDA graph) while the cost follows the real row count, not the buffer size.
 
     gemm1     a[l, p] = act(x[l, p] @ gate[l]^T + b_gate) * (x[l, p] @ up[l]^T + b_up)   (activation
               and multiply in the epilogue, on the fp32 accumulators; not gated: act(x @ w1^T + b1))
@@ -52,9 +52,10 @@ def interpreted() -> bool:
 
 @dataclass(frozen=True)
 class MaskedTiles:
-    """Tiles of both GEMMs. BLOCK_M is the row block one program takes of one expert; blocks starting
-    at or past masked_m[l] exit at once. BLOCK_N1 counts output columns of gemm1 (of I: a gated
-    program keeps a gate and an up accumulator of BLOCK_N1 columns each)."""
+    """Tiles of both GEMMs. A program owns one expert's BLOCK_N output columns and loops over that
+    expert's row blocks below masked_m[l], taking every ROW_SPLITS-th one (ROW_SPLITS programs share
+    the rows: more parallelism when experts hold many rows). BLOCK_N1 counts output columns of gemm1
+    (of I: a gated program keeps a gate and an up accumulator of BLOCK_N1 columns each)."""
 
     BLOCK_M: int = 64
     BLOCK_N1: int = 64
@@ -62,9 +63,10 @@ class MaskedTiles:
     BLOCK_K: int = 64
     num_warps: int = 4
     num_stages: int = 4
+    ROW_SPLITS: int = 1
 
 
-INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1)  # few, small programs keep the CPU interpreter fast
+INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs keep the CPU interpreter fast
 
 
 if triton is not None:
@@ -100,27 +102,30 @@ if triton is not None:
         stride_ol, stride_om, stride_on,
         scale, alpha, limit,
         GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr,
+        FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
 
-        Grid (row blocks, column blocks, L): row blocks vary fastest so programs sharing one weight
-        tile run side by side (the tile is read from HBM once and from L2 after). GATED: a second
-        accumulator reads w rows up_offset + n (the up half) and the epilogue multiplies.
-        ACTIVATION 0 writes scale * acc (gemm2)."""
-        pid_m = tl.program_id(0)
+        Grid (ROW_SPLITS, column blocks, L). A program loops over the row blocks s, s + ROW_SPLITS, ...
+        of its expert that start below masked_m[l]: the launch never depends on the data (no host
+        sync) and no program exists per padding block (a grid over all M*R rows would launch mostly
+        empty programs at decode sizes). GATED: a second accumulator reads w rows up_offset + n (the
+        up half) and the epilogue multiplies. ACTIVATION 0 writes scale * acc (gemm2)."""
+        pid_s = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.program_id(2).to(tl.int64)
         num_rows = tl.minimum(tl.load(masked_m_ptr + expert), num_buffer_rows)
-        if pid_m * BLOCK_M < num_rows:
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            ks = tl.arange(0, BLOCK_K)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_base = a_ptr + expert * stride_al
+        w_base = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+        for m0 in range(pid_s * BLOCK_M, num_rows, ROW_SPLITS * BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < num_rows  # padding rows are never loaded (they may be NaN)
-            col_ok = cols < N
-            a_ptrs = a_ptr + expert * stride_al + rows[:, None] * stride_am + ks[None, :] * stride_ak
-            w_ptrs = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+            a_ptrs = a_base + rows[:, None] * stride_am + ks[None, :] * stride_ak
+            w_ptrs = w_base
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -158,7 +163,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
             limit: Optional[float] = None) -> None:
     """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N]."""
     L, rows, K = a.shape
-    grid = (triton.cdiv(rows, tiles.BLOCK_M), triton.cdiv(N, block_n), L)
+    row_splits = max(1, min(tiles.ROW_SPLITS, triton.cdiv(rows, tiles.BLOCK_M)))
+    grid = (row_splits, triton.cdiv(N, block_n), L)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     _masked_gemm_kernel[grid](
@@ -170,7 +176,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         out.stride(0), out.stride(1), out.stride(2),
         float(scale), float(alpha if alpha is not None else 1.0), float(limit if limit is not None else 0.0),
         GATED=gated, ACTIVATION=activation, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=a.dtype == torch.float32,
+        FP32_DOT=a.dtype == torch.float32, ROW_SPLITS=row_splits,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

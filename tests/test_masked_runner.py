@@ -70,10 +70,12 @@ def test_padding_rows_are_never_read():
         assert torch.equal(a[e, :m], b[e, :m])
 
 
-def test_larger_tiles_and_masked_m_past_one_block():
-    # BLOCK_M 16 < masked_m 20: two row blocks per expert, the second partly valid.
+@pytest.mark.parametrize("row_splits", [1, 2, 8])
+def test_other_tiles_and_row_splits(row_splits):
+    # BLOCK_M 16 < masked_m 20: two row blocks per expert, the second partly valid; split over programs.
     config, weights, recv_x, masked_m = _problem(CONFIGS["gelu"], torch.float32, seed=3)
-    out = MaskedRunner(config, tiles=MaskedTiles(16, 16, 64, 16, 4, 1)).run_masked(recv_x, masked_m, weights)
+    tiles = MaskedTiles(16, 16, 64, 16, 4, 1, row_splits)
+    out = MaskedRunner(config, tiles=tiles).run_masked(recv_x, masked_m, weights)
     for e, (m, ref) in enumerate(zip(MASKED_M, _reference(config, weights, recv_x))):
         assert rel_err(out[e, :m], ref) <= 1e-5
 
