@@ -117,51 +117,126 @@ class AlignedPairs:
     sorted_pair_ids [num_blocks * BLOCK_M] int32: pair ids, padding = num_pairs (never a real pair);
     block_expert [num_blocks] int32: the local expert of each block, -1 for blocks past the last used
     one (num_blocks is a static upper bound so nothing here reads the device);
-    computed [num_pairs] bool: the pair has a local, unmasked expert; local_expert [num_pairs] int64.
+    computed [num_pairs] bool: the pair has a local, unmasked expert.
     """
 
     sorted_pair_ids: torch.Tensor
     block_expert: torch.Tensor
     computed: torch.Tensor
-    local_expert: torch.Tensor
     num_pairs: int
     block_m: int
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs, first_expert, mask_size,
+                        L: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    # One chunk of pairs: which are computed, and how many go to each local expert.
+    chunk = tl.program_id(0)
+    pair = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_range = pair < num_pairs
+    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
+    local = ids - first_expert
+    ok = in_range & (local >= 0) & (local < L)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + tl.minimum(tl.maximum(ids, 0), mask_size - 1), mask=in_range, other=0) != 0)
+    tl.store(computed_ptr + pair, ok.to(tl.uint8), mask=in_range)
+    bucket = tl.where(ok, local, L)  # L: filtered, counted in a slot nobody reads
+    experts = tl.arange(0, E_PAD)
+    counts = tl.sum((bucket[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
+
+
+@triton.jit
+def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_chunks,
+                          L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK_TILE: tl.constexpr):
+    # One program: each chunk's first slot per expert (exclusive prefix over chunks), then each
+    # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end.
+    experts = tl.arange(0, E_PAD)
+    running = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_TILE):
+        rows = c0 + tl.arange(0, CHUNK_TILE)
+        ptrs = rows[:, None] * E_PAD + experts[None, :]
+        tile = tl.load(chunk_counts_ptr + ptrs, mask=(rows < num_chunks)[:, None], other=0)
+        tl.store(chunk_offsets_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + running[None, :],
+                 mask=(rows < num_chunks)[:, None])
+        running += tl.sum(tile, axis=0)
+    counts = tl.where(experts < L, running, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    tl.store(padded_ptr + experts, padded_end - padded)
+    tl.store(padded_ptr + E_PAD + experts, tl.where(experts < L, padded_end, 2147483647))
+
+
+@triton.jit
+def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
+                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS: tl.constexpr):
+    # BLOCKS blocks per program: the owner of each (-1 past the last used block), and sentinel pair
+    # ids in every slot (the scatter overwrites the real ones afterwards).
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    padded_end = tl.load(padded_ptr + E_PAD + tl.arange(0, E_PAD))
+    owner = tl.sum((padded_end[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+    used_end = tl.max(tl.where(padded_end < 2147483647, padded_end, 0), axis=0)
+    owner = tl.where(block * BLOCK_M < used_end, owner, -1)
+    tl.store(block_expert_ptr + block, owner, mask=block < num_blocks)
+    slot = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_pair_ids_ptr + slot, tl.zeros((BLOCKS, BLOCK_M), dtype=tl.int32) + num_pairs,
+             mask=(block < num_blocks)[:, None])
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
+                          num_pairs, first_expert, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    # Slot of each computed pair: its expert's padded start + earlier chunks' pairs of that expert +
+    # earlier pairs of that expert in this chunk (so pairs keep ascending order within an expert).
+    chunk = tl.program_id(0)
+    idx = tl.arange(0, CHUNK)
+    pair = chunk * CHUNK + idx
+    in_range = pair < num_pairs
+    ok = tl.load(computed_ptr + pair, mask=in_range, other=0) != 0
+    local = tl.load(ids_ptr + pair, mask=in_range, other=0) - first_expert
+    bucket = tl.where(ok, local, -1)
+    earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
+    rank = tl.sum(earlier.to(tl.int32), axis=1)
+    safe = tl.where(ok, local, 0)
+    base = tl.load(padded_start_ptr + safe, mask=ok, other=0) + \
+        tl.load(chunk_offsets_ptr + chunk * E_PAD + safe, mask=ok, other=0)
+    tl.store(sorted_pair_ids_ptr + base + rank, pair, mask=ok)
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
                 num_local_experts: int, block_m: int) -> AlignedPairs:
     """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
-    expert_mask [S] bool indexed by id (0 = filtered; ids must lie in [0, S)), or None.
-    Sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    expert_mask [S] bool indexed by id (0 = filtered; ids are clamped into [0, S) for the lookup), or None.
+    Four launches, sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
-    ids = topk_ids.reshape(-1).to(torch.int64)
+    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
     P = ids.numel()
-    local = ids - first_expert
-    computed = (local >= 0) & (local < L)
-    if expert_mask is not None:
-        computed &= expert_mask[ids.clamp(0, expert_mask.numel() - 1)].to(torch.bool)
-    bucket = torch.where(computed, local, torch.full_like(local, L))  # bucket L: filtered pairs
-    counts = torch.zeros(L + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts[L] = 0
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    padded_start = padded_end - padded
-    start = counts.cumsum(0) - counts
-    # Stable: pairs of one expert keep ascending pair order (the same order the torch runner uses).
-    order = torch.sort(bucket, stable=True).indices
-    sorted_bucket = bucket[order]
-    rank_in_expert = torch.arange(P, device=ids.device) - start[sorted_bucket]
+    device = ids.device
     num_blocks = triton.cdiv(P, block_m) + min(L, P)
-    capacity = num_blocks * block_m
-    dest = torch.where(sorted_bucket < L, padded_start[sorted_bucket] + rank_in_expert,
-                       torch.full_like(sorted_bucket, capacity))  # filtered pairs land in a dropped slot
-    sorted_pair_ids = torch.full((capacity + 1,), P, dtype=torch.int64, device=ids.device)
-    sorted_pair_ids.scatter_(0, dest, order)
-    block_start = torch.arange(num_blocks, device=ids.device) * block_m
-    block_expert = torch.searchsorted(padded_end[:L].contiguous(), block_start, right=True)
-    block_expert = torch.where(block_expert < L, block_expert, torch.full_like(block_expert, -1))
-    return AlignedPairs(sorted_pair_ids[:capacity].to(torch.int32), block_expert.to(torch.int32),
-                        computed, local, P, block_m)
+    computed = torch.empty(P, dtype=torch.bool, device=device)
+    sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    if P == 0:
+        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
+    chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
+    e_pad = triton.next_power_of_2(L + 1)
+    num_chunks = triton.cdiv(P, chunk)
+    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
+    chunk_offsets = torch.empty_like(chunk_counts)
+    padded = torch.empty(2 * e_pad, dtype=torch.int32, device=device)  # [start | end] per expert
+    mask = expert_mask.view(torch.uint8) if expert_mask is not None else ids
+    _align_count_kernel[(num_chunks,)](ids, mask, computed.view(torch.uint8), chunk_counts, P, first_expert,
+                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=chunk,
+                                       E_PAD=e_pad, num_warps=4)
+    _align_offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded, num_chunks, L=L, BLOCK_M=block_m,
+                                E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
+    blocks_per_program = max(1, 4096 // max(e_pad, block_m))
+    _align_blocks_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
+        padded, block_expert, sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
+        BLOCKS=blocks_per_program, num_warps=4)
+    _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
+                                         sorted_pair_ids, P, first_expert, CHUNK=chunk, E_PAD=e_pad, num_warps=4)
+    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
 
 
 # --------------------------------------------------------------------------- grouped GEMM

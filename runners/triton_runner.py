@@ -65,7 +65,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
         # Computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors).
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
-        expert_index = aligned.local_expert[pairs]
+        expert_index = inp.topk_ids.reshape(-1).long()[pairs] - inp.first_expert
     if hooks.after_gemm1 is not None:
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:

@@ -21,10 +21,10 @@ import torch
 from . import triton_kernels as kernels
 from .triton_runner import interpreted
 
-TILES = [  # (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-    (32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3),
-    (64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3),
-]
+# (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Few rows per block: the GEMMs stream weights,
+# so wide K tiles and several stages keep loads in flight; many rows: square-ish tiles for the MMA.
+SMALL_M_TILES = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3)]
+LARGE_M_TILES = [(64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
 
 
@@ -32,7 +32,7 @@ def default_candidates(num_tokens: int, top_k: int, num_local_experts: int) -> l
     """(BLOCK_M, tiles) pairs worth timing: BLOCK_M no larger than twice the mean rows per expert."""
     rows = num_tokens * top_k / max(num_local_experts, 1)
     block_ms = [m for m in BLOCK_MS if m == 16 or m <= 2 * rows]
-    return [(m, kernels.GemmTiles(*t)) for m in block_ms for t in TILES if not (m >= 128 and t[0] < 64)]
+    return [(m, kernels.GemmTiles(*t)) for m in block_ms for t in (SMALL_M_TILES if m <= 32 else LARGE_M_TILES)]
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:

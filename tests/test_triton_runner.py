@@ -39,10 +39,14 @@ def _ids(gen, T, E, K, minus_one=0.2):
 
 # ------------------------------------------------------------------------------------ alignment
 
-@pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m):
-    gen = torch.Generator().manual_seed(block_m)
-    T, K, E, L, first = 23, 3, 12, 4, 4  # this rank owns global experts 4..7; the sink is id 12
+@pytest.mark.parametrize("block_m,T,K,E,L,first", [
+    (1, 23, 3, 12, 4, 4),  # this rank owns global experts 4..7; the sink is id 12
+    (4, 23, 3, 12, 4, 4),
+    (16, 23, 3, 12, 4, 4),
+    (16, 150, 4, 80, 40, 40),  # several 128-pair chunks, L + 1 > 32 experts
+])
+def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m, T, K, E, L, first):
+    gen = torch.Generator().manual_seed(block_m + T)
     ids = torch.randint(0, E + 1, (T, K), generator=gen, dtype=torch.int32)
     mask = torch.zeros(E + 1, dtype=torch.bool)
     mask[first:first + L] = True
