@@ -26,11 +26,12 @@ from .rank_exchange import ExchangeHandle, RankExchange
 
 @dataclass
 class LLHandle:
-    """exchange: the chunked exchange; src_row [L, M*R]: received row behind each expert row (M*R =
-    none); slot_weight [L, M*R] fp32: the weight combine applies (0 for rows past masked_m)."""
+    """exchange: the chunked exchange; slot_index [N, K]: flat row l*N + p of each received (row,
+    topk slot) in recv_x viewed as [L*N, H] (L*N = not here); slot_weight [N, K] fp32: the weight
+    combine applies (0 where not here). N = M * R received rows."""
 
     exchange: ExchangeHandle
-    src_row: torch.Tensor
+    slot_index: torch.Tensor
     slot_weight: torch.Tensor
 
 
@@ -72,32 +73,35 @@ class DeepEPLLDispatcher(Dispatcher):
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
         handle = self.exchange.plan(ids, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}")
         rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
-        N = rows.shape[0]  # M * R received rows, source-major
-        col = torch.where(recv_ids >= 0, recv_ids.long(), L)
+        N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
+        here = recv_ids >= 0
+        col = torch.where(here, recv_ids.long(), L)
         present = torch.zeros(N, L + 1, dtype=torch.bool, device=x.device).scatter_(1, col, True)[:, :L]
-        weight = torch.zeros(N, L + 1, dtype=recv_w.dtype, device=x.device).scatter_add(1, col, recv_w)
         masked_m = present.sum(0).to(torch.int32)
         slot = present.long().cumsum(0) - 1  # [N, L]: row of each (received row, expert) in that expert
-        target = torch.where(present, torch.arange(L, device=x.device) * N + slot, L * N)
-        src_row = torch.full((L * N + 1,), N, dtype=torch.long, device=x.device)
-        src_row = src_row.scatter_(0, target.reshape(-1), torch.arange(N, device=x.device).repeat_interleave(L))
-        src_row = src_row[:L * N].view(L, N)
-        slot_weight = torch.cat([weight, weight.new_zeros(1, L + 1)])[src_row, torch.arange(L, device=x.device)[:, None]]
-        recv_x = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[src_row.reshape(-1)].view(L, N, -1)
+        pos = slot.gather(1, col.clamp(max=L - 1))
+        slot_index = torch.where(here, col * N + pos, L * N)  # [N, K]
+        slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))
+        values = rows.unsqueeze(1).expand(N, K, H)
         if self.config.apply_router_weight_on_input:
-            recv_x = recv_x * slot_weight.unsqueeze(-1).to(recv_x.dtype)
-            slot_weight = (src_row < N).to(slot_weight.dtype)
-        return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, src_row, slot_weight))
+            values = values * slot_weight.unsqueeze(-1).to(values.dtype)
+            slot_weight = here.to(slot_weight.dtype)
+        # Only valid rows are written; rows past masked_m stay unwritten (never read), as in DeepEP.
+        buffer = rows.new_empty(L * N + 1, H)
+        buffer = buffer.index_put_((slot_index.reshape(-1),), values.reshape(N * K, H))
+        recv_x = buffer[:L * N].view(L, N, H)
+        return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]
         handle: LLHandle = combine_input.dispatch_output.handle
         L, N, H = out.shape
-        valid = (handle.src_row < N).unsqueeze(-1)
+        index = handle.slot_index
+        K = index.shape[1]
+        rows = out.reshape(L * N, H)[index.clamp(max=L * N - 1).reshape(-1)].view(N, K, H)
+        rows = torch.where((index < L * N).unsqueeze(-1), rows, rows.new_zeros(()))  # unwritten rows may be NaN
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-        weighted = torch.where(valid, out, out.new_zeros(())).to(acc) * handle.slot_weight.unsqueeze(-1).to(acc)
-        partial = torch.zeros(N + 1, H, dtype=acc, device=out.device)
-        partial = partial.index_add(0, handle.src_row.reshape(-1), weighted.view(L * N, H))[:N]
+        partial = (rows.to(acc) * handle.slot_weight.unsqueeze(-1).to(acc)).sum(1)
         return self.exchange.reduce(partial.to(out.dtype), handle.exchange)
 
 
