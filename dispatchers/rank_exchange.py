@@ -42,7 +42,8 @@ def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> L
 
 @dataclass
 class ExchangeHandle:
-    """Where every row went. send_token [S]: source token of each sent row, rank-major (T = pad row).
+    """Where every row went. send_token [S]: source token of each sent row, rank-major (T = pad row);
+    combine_index [T, R]: the inverse, row of (token, rank) among the S sent rows (S: not sent).
     Host plan: send_splits / recv_splits (lists). Static plan: chunk rows per peer; when compacted,
     recv_pos [R*chunk] (compact row of each chunk row; `rows` = dropped pad) and recv_rows [rows]
     (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
@@ -52,6 +53,7 @@ class ExchangeHandle:
     num_tokens: int
     layout: Layout
     send_token: torch.Tensor
+    combine_index: torch.Tensor  # [T, R]: row of (token, rank) among the sent rows; S = not sent
     num_recv_tokens_per_expert_tensor: torch.Tensor
     num_recv_tokens: torch.Tensor
     most_received: torch.Tensor
@@ -103,9 +105,13 @@ class RankExchange:
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
         flat = layout.is_token_in_rank.t().reshape(-1)  # rank-major, tokens ascending
-        order = torch.argsort((~flat).to(torch.int8), stable=True)[:sum(send_splits)]
-        return ExchangeHandle(T, layout, order % max(T, 1), per_expert, *recv, send_splits, recv_splits,
-                              per_expert_host, rows=rows)
+        S = sum(send_splits)
+        order = torch.argsort((~flat).to(torch.int8), stable=True)[:S]
+        in_rank = layout.is_token_in_rank
+        offset = sent[me].cumsum(0) - sent[me]
+        combine_index = torch.where(in_rank, offset + in_rank.long().cumsum(0) - 1, S)
+        return ExchangeHandle(T, layout, order % max(T, 1), combine_index, per_expert, *recv, send_splits,
+                              recv_splits, per_expert_host, rows=rows)
 
     def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         R, me, device = self.world_size, self.rank, sent.device
@@ -126,7 +132,7 @@ class RankExchange:
         tokens = torch.arange(T, device=device).repeat(R)
         send_token = torch.full((R * chunk + 1,), T, dtype=torch.long, device=device)
         send_token = send_token.scatter_(0, target.t().reshape(-1), tokens)[:R * chunk]
-        handle = ExchangeHandle(T, layout, send_token, per_expert, *recv, chunk=chunk, rows=rows)
+        handle = ExchangeHandle(T, layout, send_token, target, per_expert, *recv, chunk=chunk, rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
             counts = sent[:, me]
             j = torch.arange(chunk, device=device)
@@ -183,6 +189,6 @@ class RankExchange:
             partial = partial[:sum(handle.recv_splits)]
         back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
         acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
-        T = handle.num_tokens
-        y = torch.zeros(T + 1, partial.shape[1], dtype=acc, device=partial.device)
-        return y.index_add(0, handle.send_token, back.to(acc))[:T].to(partial.dtype)
+        # Gather each token's (at most R) rows and sum them: no atomics, deterministic.
+        back = torch.cat([back, back.new_zeros(1, back.shape[1])])
+        return back[handle.combine_index].sum(1, dtype=acc).to(partial.dtype)
