@@ -533,11 +533,35 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
     return results
 
 
+def masked_layout(inp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (token, expert) pairs in deepep_ll's expert-major layout: recv_x [L, P, H] (P = the
+    largest per-expert count, rounded up to 16; rows past masked_m are padding) and masked_m [L] int32."""
+    L = inp.expert_mask.numel() - 1
+    ids = inp.topk_ids.long()
+    pair = (ids < L).reshape(-1).nonzero().squeeze(1)
+    expert = ids.reshape(-1)[pair]
+    order = torch.argsort(expert, stable=True)
+    pair, expert = pair[order], expert[order]
+    counts = torch.bincount(expert, minlength=L)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(expert.numel(), device=expert.device) - start[expert]
+    width = max(16, -(-int(counts.max()) // 16) * 16) if expert.numel() else 16
+    x = inp.hidden_states
+    recv_x = x.new_zeros(L, width, x.shape[1])
+    recv_x[expert, slot] = x[pair // ids.shape[1]]
+    return recv_x, counts.to(torch.int32)
+
+
 def _time_runner(backend, problems, weights, settings: Settings, device: torch.device) -> Stats:
     rot = len(problems)
+    if hasattr(backend, "run_masked"):  # a backend for deepep_ll's [L, M*R, H] layout only (e.g. "masked")
+        masked = [masked_layout(p[0]) for p in problems]
 
-    def run(i):
-        return backend.run(problems[i % rot][0], weights)
+        def run(i):
+            return backend.run_masked(*masked[i % rot], weights)
+    else:
+        def run(i):
+            return backend.run(problems[i % rot][0], weights)
 
     timing = dict(repeats=settings.repeats, warmup=settings.warmup, device=device)
     if settings.cuda_graph and device.type == "cuda":
@@ -711,14 +735,24 @@ def render_markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+MISSING_MATPLOTLIB = ("--plot needs matplotlib, which is not installed: pip install 'ep-runtime[bench]' "
+                      "(or pip install matplotlib)")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(results: Results, path: str) -> None:
     """Latency (median, p10-p90 band) against tokens per rank, one line per implementation; one panel
     per dispatch op (all_to_all_single drawn in each) and one for the runners."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib, which is not installed: pip install 'ep-runtime[bench]' "
-                           "(or pip install matplotlib)") from None
+    if not _has_matplotlib():
+        raise RuntimeError(MISSING_MATPLOTLIB)
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -868,12 +902,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
     except ValueError as err:
         parser.error(str(err))
-    if args.plot:  # fail before the run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed: pip install 'ep-runtime[bench]' "
-                         "(or pip install matplotlib)")
+    if args.plot and not _has_matplotlib():
+        if not (args.json or args.markdown):  # nothing would be kept: fail before the run
+            parser.error(MISSING_MATPLOTLIB)
+        print(f"warning: {MISSING_MATPLOTLIB}; the run goes on and --plot fails after --json/--markdown are "
+              "written (plot them later with --from-json)", file=sys.stderr)
     if args.from_json:
         with open(args.from_json) as f:
             results = Results(**json.load(f))
@@ -891,7 +924,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write(render_markdown(results))
         print(f"wrote {args.markdown}")
     if args.plot:
-        plot(results, args.plot)
+        try:
+            plot(results, args.plot)
+        except RuntimeError as err:
+            print(f"ep-runtime bench: error: {err}", file=sys.stderr)
+            return 2
         print(f"wrote {args.plot}")
     measured = len(results.dispatch) + len(results.runner)
     return 0 if measured else 1

@@ -97,6 +97,17 @@ def test_runner_problem_keeps_t_times_k_pairs():
     assert pairs == 20 and inp.topk_ids.shape == (10, 2) and int(inp.topk_ids.max()) < 8
 
 
+def test_masked_layout_holds_the_same_pairs():
+    gen = torch.Generator().manual_seed(1)
+    inp, pairs, _ = bench.runner_problem(gen, 20, 4, 2, 8, torch.float32, CPU)
+    recv_x, masked_m = bench.masked_layout(inp)
+    assert int(masked_m.sum()) == pairs and recv_x.shape[0] == 4 and recv_x.shape[1] % 16 == 0
+    for expert in range(4):
+        tokens = (inp.topk_ids == expert).any(1).nonzero().squeeze(1)
+        assert torch.equal(recv_x[expert, :int(masked_m[expert])], inp.hidden_states[tokens])
+        assert not recv_x[expert, int(masked_m[expert]):].any()
+
+
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -156,10 +167,19 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     assert again.read_text() == out_md.read_text()
 
 
-def test_plot_without_matplotlib_names_the_package(monkeypatch):
+def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(RuntimeError, match="matplotlib"):
+    with pytest.raises(RuntimeError, match="pip install 'ep-runtime\\[bench\\]'"):
         bench.plot(bench.Results(), "x.png")
+    with pytest.raises(SystemExit):  # nothing else would be kept: refused before the run
+        bench.main(["--plot", str(tmp_path / "x.png")])
+    assert "needs matplotlib" in capsys.readouterr().err
+    # With --json the results are kept and the plot fails at the end, naming the package.
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": []}))
+    assert bench.main(["--from-json", str(saved), "--json", str(tmp_path / "copy.json"),
+                       "--plot", str(tmp_path / "x.png")]) == 2
+    assert (tmp_path / "copy.json").exists() and "needs matplotlib" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
