@@ -21,7 +21,7 @@ from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, re
 
 from . import register
 from .base import Dispatcher
-from .rank_exchange import ExchangeHandle, RankExchange
+from .rank_exchange import ExchangeHandle, RankExchange, running_count
 
 
 @dataclass
@@ -78,7 +78,7 @@ class DeepEPLLDispatcher(Dispatcher):
         col = torch.where(here, recv_ids.long(), L)
         present = torch.zeros(N, L + 1, dtype=torch.bool, device=x.device).scatter_(1, col, True)[:, :L]
         masked_m = present.sum(0).to(torch.int32)
-        slot = present.long().cumsum(0) - 1  # [N, L]: row of each (received row, expert) in that expert
+        slot = running_count(present)  # [N, L]: row of each (received row, expert) in that expert
         pos = slot.gather(1, col.clamp(max=L - 1))
         slot_index = torch.where(here, col * N + pos, L * N)  # [N, K]
         slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))

@@ -26,6 +26,13 @@ class Layout(NamedTuple):
     is_token_in_rank: torch.Tensor  # [T, R] bool
 
 
+def running_count(mask: torch.Tensor) -> torch.Tensor:
+    """[T, C] bool -> [T, C] int64: how many True entries precede each entry in its column (its row
+    among that column's Trues). Scans along the contiguous dim: a dim-0 scan of a narrow [T, C]
+    tensor is a slow strided kernel on CUDA."""
+    return (mask.t().contiguous().long().cumsum(1) - 1).t()
+
+
 def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> Layout:
     T = topk_ids.shape[0]
     L = num_experts // ep_size
@@ -53,6 +60,7 @@ class ExchangeHandle:
     num_tokens: int
     layout: Layout
     send_token: torch.Tensor
+    send_rank: torch.Tensor  # [S]: destination rank of each sent row
     combine_index: torch.Tensor  # [T, R]: row of (token, rank) among the sent rows; S = not sent
     num_recv_tokens_per_expert_tensor: torch.Tensor
     num_recv_tokens: torch.Tensor
@@ -109,9 +117,9 @@ class RankExchange:
         order = torch.argsort((~flat).to(torch.int8), stable=True)[:S]
         in_rank = layout.is_token_in_rank
         offset = sent[me].cumsum(0) - sent[me]
-        combine_index = torch.where(in_rank, offset + in_rank.long().cumsum(0) - 1, S)
-        return ExchangeHandle(T, layout, order % max(T, 1), combine_index, per_expert, *recv, send_splits,
-                              recv_splits, per_expert_host, rows=rows)
+        combine_index = torch.where(in_rank, offset + running_count(in_rank), S)
+        return ExchangeHandle(T, layout, order % max(T, 1), order.div(max(T, 1), rounding_mode="floor"),
+                              combine_index, per_expert, *recv, send_splits, recv_splits, per_expert_host, rows=rows)
 
     def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         R, me, device = self.world_size, self.rank, sent.device
@@ -127,12 +135,13 @@ class RankExchange:
             raise ValueError(f"{message}; this step needs {int(per_peer)} per peer and "
                              f"{int(received)} received (allowed: {capacity} at least that)")
         in_rank = layout.is_token_in_rank
-        pos = in_rank.long().cumsum(0) - 1  # [T, R]: row of each token inside its chunk
+        pos = running_count(in_rank)  # [T, R]: row of each token inside its chunk
         target = torch.where(in_rank & (pos < chunk), torch.arange(R, device=device) * chunk + pos, R * chunk)
         tokens = torch.arange(T, device=device).repeat(R)
         send_token = torch.full((R * chunk + 1,), T, dtype=torch.long, device=device)
         send_token = send_token.scatter_(0, target.t().reshape(-1), tokens)[:R * chunk]
-        handle = ExchangeHandle(T, layout, send_token, target, per_expert, *recv, chunk=chunk, rows=rows)
+        send_rank = torch.arange(R, device=device).repeat_interleave(chunk)
+        handle = ExchangeHandle(T, layout, send_token, send_rank, target, per_expert, *recv, chunk=chunk, rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
             counts = sent[:, me]
             j = torch.arange(chunk, device=device)
@@ -142,14 +151,6 @@ class RankExchange:
             recv_rows = torch.full((rows + 1,), R * chunk, dtype=torch.long, device=device)
             handle.recv_rows = recv_rows.scatter_(0, handle.recv_pos, torch.arange(R * chunk, device=device))[:rows]
         return handle
-
-    def send_rank(self, handle: ExchangeHandle) -> torch.Tensor:
-        """Destination rank of each sent row."""
-        ranks = torch.arange(self.world_size, device=handle.send_token.device)
-        if handle.static:
-            return ranks.repeat_interleave(handle.chunk)
-        counts = torch.tensor(handle.send_splits, device=ranks.device)
-        return ranks.repeat_interleave(counts, output_size=handle.send_token.numel())
 
     def send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, handle: ExchangeHandle,
              local_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +162,7 @@ class RankExchange:
         rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
         ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
         if local_ids:
-            local = ids_rows - self.send_rank(handle).unsqueeze(1) * L
+            local = ids_rows - handle.send_rank.unsqueeze(1) * L
             ids_rows = torch.where((ids_rows >= 0) & (local >= 0) & (local < L), local, torch.full_like(local, -1))
         # ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32).
         meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)

@@ -47,11 +47,12 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
     if topk_ids.numel() == 0 or capturing():
         return
     bad = (topk_ids < -1) | (topk_ids >= num_experts)
-    if bool(bad.any()):
+    bad_id, bad_weight = torch.stack([bad.any(), ~torch.isfinite(topk_weights).all()]).tolist()  # one sync
+    if bad_id:
         where = bad.nonzero()[0].tolist()
         value = int(topk_ids[where[0], where[1]])
         raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
                          f"(num_experts={num_experts})")
-    if not bool(torch.isfinite(topk_weights).all()):
+    if bad_weight:
         where = (~torch.isfinite(topk_weights)).nonzero()[0].tolist()
         raise ValueError(f"topk_weights has a non-finite value {float(topk_weights[where[0], where[1]])} at {where}")
