@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import exchange_kernels
 from .transport import all_gather_rows, all_to_all
 
 
@@ -159,13 +160,16 @@ class RankExchange:
         R, L, K = self.world_size, self.num_local_experts, ids.shape[1]
         token = handle.send_token
         pad = x.new_zeros(1, x.shape[1])
-        rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
-        ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
-        if local_ids:
-            local = ids_rows - handle.send_rank.unsqueeze(1) * L
-            ids_rows = torch.where((ids_rows >= 0) & (local >= 0) & (local < L), local, torch.full_like(local, -1))
         # ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32).
-        meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
+        if exchange_kernels.enabled(x):
+            rows, meta = exchange_kernels.pack_rows(x, ids, weights, token, handle.send_rank, L if local_ids else None)
+        else:
+            rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
+            ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
+            if local_ids:
+                local = ids_rows - handle.send_rank.unsqueeze(1) * L
+                ids_rows = torch.where((ids_rows >= 0) & (local >= 0) & (local < L), local, torch.full_like(local, -1))
+            meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
         recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
         recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
         meta_pad = torch.cat([weights.new_zeros(1, K), weights.new_full((1, K), -1.0)], 1)
@@ -189,7 +193,9 @@ class RankExchange:
         elif not handle.static:
             partial = partial[:sum(handle.recv_splits)]
         back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
-        acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
         # Gather each token's (at most R) rows and sum them: no atomics, deterministic.
+        if exchange_kernels.enabled(back):
+            return exchange_kernels.gather_sum(back, handle.combine_index, handle.send_token)
+        acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
         back = torch.cat([back, back.new_zeros(1, back.shape[1])])
         return back[handle.combine_index].sum(1, dtype=acc).to(partial.dtype)

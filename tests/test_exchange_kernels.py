@@ -1,0 +1,72 @@
+"""The fused exchange kernels (run here through TRITON_INTERPRET=1 on CPU tensors) against plain
+torch: packing of sent rows and metadata, the per-token gather-sum, and their gradients."""
+import pytest
+import torch
+
+from ep_runtime.dispatchers import exchange_kernels as xk
+
+pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
+
+
+def _case(T=9, H=40, K=3, E=8, R=2, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    w = torch.rand(T, K, generator=gen)
+    S = 2 * T + 3
+    send_token = torch.randint(0, T + 1, (S,), generator=gen)  # T = pad rows
+    send_rank = torch.randint(0, R, (S,), generator=gen)
+    return x, ids, w, send_token, send_rank, E // R
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("local", [True, False])
+def test_pack_rows_matches_torch(dtype, local):
+    x, ids, w, send_token, send_rank, L = _case(dtype=dtype)
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, L if local else None)
+    T, K = ids.shape
+    x_pad = torch.cat([x, torch.zeros(1, x.shape[1], dtype=dtype)])
+    ids_pad = torch.cat([ids, torch.full((1, K), -1, dtype=torch.int32)]).long()[send_token]
+    if local:
+        loc = ids_pad - send_rank[:, None] * L
+        ids_pad = torch.where((ids_pad >= 0) & (loc >= 0) & (loc < L), loc, -1)
+    w_pad = torch.cat([w, torch.zeros(1, K)])[send_token]
+    assert torch.equal(rows, x_pad[send_token])
+    assert torch.equal(meta[:, :K], w_pad) and torch.equal(meta[:, K:], ids_pad.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gather_sum_matches_float64(dtype):
+    gen = torch.Generator().manual_seed(1)
+    T, R, H, S = 11, 4, 70, 25
+    back = torch.randn(S, H, generator=gen).to(dtype)
+    index = torch.randint(0, S + 1, (T, R), generator=gen)  # S = nothing
+    y = xk.gather_sum(back, index, torch.zeros(S, dtype=torch.long))
+    ref = torch.cat([back.double(), torch.zeros(1, H, dtype=torch.float64)])[index].sum(1)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert y.dtype == dtype and torch.allclose(y.double(), ref, rtol=tol, atol=tol)
+
+
+def test_gradients_equal_torch_gathers():
+    x, ids, w, send_token, send_rank, L = _case(seed=3)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, L)
+    g_rows, g_meta = torch.randn_like(rows), torch.randn_like(meta)
+    (rows * g_rows).sum().add((meta * g_meta).sum()).backward()
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    pad = lambda t: torch.cat([t, torch.zeros(1, t.shape[1])])  # noqa: E731
+    ((pad(x2)[send_token] * g_rows).sum() + (pad(w2)[send_token] * g_meta[:, :ids.shape[1]]).sum()).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(w.grad, w2.grad, atol=1e-6)
+    # gather_sum's backward sends each token's gradient to the rows it summed (send_token is the inverse).
+    T, S = x.shape[0], send_token.numel()
+    index = torch.full((T, 1), S)
+    index[send_token[send_token < T], 0] = torch.nonzero(send_token < T).squeeze(1)
+    back = torch.randn(S, x.shape[1], requires_grad=True)
+    y = xk.gather_sum(back, index, send_token)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    expected = pad(g)[send_token] * (index.view(-1)[send_token.clamp(max=T - 1)] == torch.arange(S)).float()[:, None]
+    used = torch.zeros(S, dtype=torch.bool)
+    used[index[index < S]] = True
+    assert torch.allclose(back.grad[used], expected[used], atol=1e-6)
