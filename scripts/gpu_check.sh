@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one call (device machine): `bash scripts/gpu_check.sh` with $OUT set.
 # Dispatchers need >= 2 GPUs; runner benchmarks use GPU 0. Everything lands in $OUT/results.tgz
 # (the device tool brings back few files); summaries go to stdout.
-#   SKIP_RUNNERS=1  skip the runner benchmarks;  SKIP_BENCH=1  skip `ep-runtime bench`.
+#   SKIP_RUNNERS=1  skip the runner benchmarks (RUNNER_BENCHES="..." picks some);  SKIP_BENCH=1  skip `ep-runtime bench`.
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
@@ -24,7 +24,7 @@ if [ "$NGPU" -ge 2 ]; then
   fi
 fi
 if [ "${SKIP_RUNNERS:-0}" != 1 ]; then
-  for bench in benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py; do
+  for bench in ${RUNNER_BENCHES:-benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py}; do
     [ -f "$bench" ] || continue
     name=$(basename "$bench" .py)
     mkdir -p "$W/$name"
