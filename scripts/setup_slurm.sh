@@ -32,7 +32,7 @@ if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
 fi
 
 # munge: the key comes with the package; create one if it did not.
-if ! pgrep -u munge -x munged >/dev/null; then
+if ! munge -n >/dev/null 2>&1; then  # no credential: munged is not running
     [ -s /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || create-munge-key -f; }
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
     mkdir -p /run/munge /var/log/munge /var/lib/munge
@@ -40,12 +40,14 @@ if ! pgrep -u munge -x munged >/dev/null; then
     runuser -u munge -- munged --force
 fi
 
-host=$(hostname -s)
+# The node is called localhost (slurmd -N): it always resolves, and tasks meet at the first host of
+# the node list, whatever this machine's host name is.
+host=localhost
 mkdir -p /etc/slurm "$SLURM_TMP/state" "$SLURM_TMP/spool"
 cat > "$CONF" <<CONF
 $MARK
 ClusterName=eplocal
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -64,12 +66,13 @@ SlurmctldPidFile=$SLURM_TMP/slurmctld.pid
 SlurmdPidFile=$SLURM_TMP/slurmd.pid
 SlurmctldLogFile=$SLURM_TMP/slurmctld.log
 SlurmdLogFile=$SLURM_TMP/slurmd.log
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=$host NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running "$SLURM_TMP/slurmctld.pid" || slurmctld
+running "$SLURM_TMP/slurmd.pid" || slurmd -N "$host"
 for _ in $(seq 60); do
     node_ready && { echo "setup_slurm: ok, node $host is up ($(nproc) CPUs)"; exit 0; }
     # A node that was down (e.g. after a restart) comes back on request.

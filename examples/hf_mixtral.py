@@ -1,0 +1,74 @@
+"""Drop EPMoE into a Hugging Face Mixtral: `torchrun --nproc-per-node 2 examples/hf_mixtral.py`.
+
+Builds a small randomly initialised `transformers` Mixtral (the same weights on every rank), runs it
+once as is, then replaces every sparse MoE block with an EPMoE layer that keeps only this rank's
+experts (sliced straight from the HF weights: gate_up_proj [E, 2I, H] is [gate; up], down_proj
+[E, H, I], the layout EPMoE.load_experts takes) and uses the block's own router. Each rank feeds its
+own batch; the logits must equal the original model's. Needs transformers >= 5.0 (its Mixtral keeps
+the experts as 3-D tensors): `pip install 'transformers>=5.0'`.
+"""
+import torch
+from torch import nn
+
+import ep_runtime as ep
+from ep_runtime.reference import rel_err
+
+
+class EPMixtralSparseMoeBlock(nn.Module):
+    """Replacement for transformers' MixtralSparseMoeBlock: same router, experts spread over ranks."""
+
+    def __init__(self, block, config, dispatcher, group, device):
+        super().__init__()
+        if not hasattr(block.experts, "gate_up_proj"):
+            raise RuntimeError("this example needs transformers >= 5.0 (Mixtral experts as 3-D gate_up_proj "
+                               "and down_proj tensors): pip install 'transformers>=5.0'")
+        self.gate = block.gate  # HF router: softmax, top-k, renormalise -> (logits, weights, ids)
+        self.experts = ep.EPMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
+                                config.intermediate_size, dispatcher=dispatcher, runner="torch", group=group,
+                                dtype=block.experts.gate_up_proj.dtype, device=device)
+        self.experts.load_experts(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, topk_weights, topk_ids = self.gate(x)
+        return self.experts(x, topk_ids.int(), topk_weights.float()).reshape(shape)
+
+
+def main():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    group = ep.init_distributed()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = ep.distributed.device_for_rank()
+    dispatcher = "deepep_normal" if "deepep_normal" in ep.dispatchers.registered() else "standard"
+
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=64,
+                           initializer_range=0.1)  # large enough that the experts move the logits
+    torch.manual_seed(0)  # the same random model on every rank
+    model = MixtralForCausalLM(config).to(device).eval()
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own batch (and its own length)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12 + 3 * rank), generator=gen).to(device)
+
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        for layer in model.model.layers:
+            layer.mlp = EPMixtralSparseMoeBlock(layer.mlp, config, dispatcher, group, device)
+        actual = model(input_ids).logits
+
+    err = rel_err(actual, expected)
+    placement = model.model.layers[0].mlp.experts.placement
+    print(f"rank {rank}: {config.num_hidden_layers} MoE blocks -> EPMoE ({dispatcher}), experts "
+          f"{placement.first_expert}..{placement.first_expert + placement.num_local_experts - 1} of "
+          f"{config.num_local_experts} here; logits {tuple(actual.shape)} rel err {err:.1e}")
+    assert err < 1e-5, f"rank {rank}: logits differ from the original model's: rel err {err:.2e}"
+    torch.distributed.barrier()
+    if rank == 0:
+        print(f"hf_mixtral: OK ({world_size} ranks)")
+    ep.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
