@@ -27,3 +27,59 @@ def test_every_registered_pair_matches_reference(dispatcher, runner):
 
 def test_every_dispatcher_has_a_torch_path():
     assert {fmt for fmt, runner in PAIRS if runner == "torch"} == set(ep.dispatchers.registered())
+
+
+DISPATCHERS = ep.dispatchers.registered()
+
+
+def _awkward_rank(rank, world_size, dispatcher):
+    """Awkward but valid input: int64 ids, non-contiguous x, router weights that need gradients,
+    bf16, inference mode, and a step where no rank has any token."""
+    torch.manual_seed(0)
+    E, K, H, I = 8, 3, 32, 16
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    gen = torch.Generator().manual_seed(100 + rank)
+    T = 9 + rank
+    wide = torch.randn(T, 2 * H, generator=gen, dtype=torch.float64)
+    logits = torch.randn(T, E, generator=gen, dtype=torch.float64).requires_grad_(True)
+    ids = logits.detach().topk(K, dim=1).indices  # int64
+    ids[0, 1] = -1
+    full = layer.w13.detach().new_zeros(E, 2 * I, H)
+    w2 = layer.w2.detach().new_zeros(E, H, I)
+    g = torch.Generator().manual_seed(7)
+    full.copy_(torch.randn(E, 2 * I, H, generator=g) / H ** 0.5)
+    w2.copy_(torch.randn(E, H, I, generator=g) / I ** 0.5)
+    layer.load_experts(full, w2)
+    x = wide[:, ::2].float().requires_grad_(True)  # non-contiguous
+    weights = torch.softmax(logits, -1).gather(1, ids.clamp(min=0))
+    y = layer(x, ids, weights.float())
+    y.sum().backward()
+    # Reference in float64 over this rank's tokens only: with y.sum() as the loss, the gradients of
+    # x and of the router logits depend on this rank's tokens alone (experts are shared weights).
+    logits64 = logits.detach().clone().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = torch.softmax(logits64, -1).gather(1, ids.clamp(min=0))
+    from ep_runtime.reference import moe_reference, rel_err
+    ref = moe_reference(x64, ids, w64, full.double(), w2.double(), layer.config)
+    ref.sum().backward()
+    errors = {"y": rel_err(y.detach(), ref.detach()), "dx": rel_err(x.grad, x64.grad),
+              "dlogits": rel_err(logits.grad, logits64.grad)}
+    # bf16 layer and inference mode on the same tokens.
+    layer16 = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", dtype=torch.bfloat16,
+                       dispatcher_options=OPTIONS.get(dispatcher))
+    layer16.load_experts(full.bfloat16(), w2.bfloat16())
+    with torch.inference_mode():
+        y16 = layer16(x.detach().bfloat16(), ids, weights.detach())
+    errors["bf16"] = rel_err(y16, ref.detach())
+    # No tokens anywhere.
+    empty = layer(torch.zeros(0, H), torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K))
+    return errors, tuple(empty.shape)
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_awkward_valid_input(dispatcher):
+    for errors, empty_shape in run_ranks(_awkward_rank, 2, dispatcher):
+        assert empty_shape == (0, 32)
+        bf16 = errors.pop("bf16")
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert bf16 <= tolerance(torch.bfloat16), bf16
