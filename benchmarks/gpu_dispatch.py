@@ -203,6 +203,25 @@ def bench_ll(rank, R, device, T, H, E, K):
     return res
 
 
+def bench_mori_truncation(rank, R, device, H, E, K, received=128, buffer_per_rank=4096):
+    """Runner time on mori's padded buffer (buffer_per_rank * R rows, ~`received` real tokens per
+    rank), knob off (the runner sees the whole buffer) against max_input_tokens = 2 * received."""
+    res = {}
+    x = torch.randn(received, H, device=device, dtype=torch.bfloat16)
+    ids, w = routing(received, E, K, device, 11 + rank)
+    for runner in [r for r in ("torch", "triton") if r in ep.runners.available()]:
+        for label, n in (("knob_off", 0), ("knob_2x_received", 2 * received)):
+            layer = ep.EPMoE(E, K, H, 2048, dispatcher="mori", runner=runner, dtype=torch.bfloat16, device=device,
+                             dispatcher_options={"max_dispatch_tokens_per_rank": buffer_per_rank,
+                                                 "max_input_tokens": n})
+            out = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w))
+            with torch.no_grad():
+                t = timed(lambda: layer.runner.run(out, layer.weights), iters=20, warmup=3)
+            res[f"{runner}_{label}"] = dict(t, runner_rows=out.num_runner_rows,
+                                            received=int(out.num_recv_tokens))
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.getcwd())
@@ -219,7 +238,14 @@ def main():
     report["correctness"] = correctness(rank, R, device)
     report["cuda_graphs"] = graph_checks(rank, R, device)
     shape = (args.hidden, args.experts, args.topk)
-    for name, fn, T in (("deepep_normal", bench_normal, args.tokens), ("deepep_ll", bench_ll, args.ll_tokens)):
+    for name, fn, T in (("deepep_normal", bench_normal, args.tokens), ("deepep_ll", bench_ll, args.ll_tokens),
+                        ("mori_truncation", bench_mori_truncation, None)):
+        if T is None:
+            try:
+                report[f"bench_{name}"] = fn(rank, R, device, *shape)
+            except Exception:  # noqa: BLE001
+                report[f"bench_{name}"] = {"error": traceback.format_exc()[-1500:]}
+            continue
         try:
             report[f"bench_{name}"] = fn(rank, R, device, T, *shape)
         except Exception:  # noqa: BLE001

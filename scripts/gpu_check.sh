@@ -23,6 +23,14 @@ if [ "$NGPU" -ge 2 ]; then
     echo "ep-runtime bench rc=$?"; tail -40 "$W/bench.log"
   fi
 fi
+if [ "$NGPU" -ge 2 ] && [ "${SKIP_EXAMPLES:-0}" != 1 ]; then
+  (cd /tmp && timeout 240 torchrun --nproc-per-node 2 "$REPO/examples/inference_cuda_graph.py") >"$W/example_graph.log" 2>&1
+  echo "inference_cuda_graph rc=$?"; tail -15 "$W/example_graph.log"
+fi
+if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # the tests marked gpu (outside the repo root so the installed package is used)
+  (cd /tmp && timeout 300 python -m pytest -q -m gpu -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
+  echo "pytest -m gpu rc=$?"; tail -15 "$W/pytest_gpu.log"
+fi
 if [ "${SKIP_RUNNERS:-0}" != 1 ]; then
   for bench in ${RUNNER_BENCHES:-benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py}; do
     [ -f "$bench" ] || continue
