@@ -110,6 +110,18 @@ def _mpi_launch() -> LaunchInfo:
     return _MPI_LAUNCH
 
 
+def check_timeout(timeout_s) -> float:
+    """timeout_s as float seconds, or an error: a finite number in the range of EP_RUNTIME_TIMEOUT_S
+    (an infinite or NaN timeout would let a job hang forever)."""
+    knob = envs.KNOBS[envs.PREFIX + "TIMEOUT_S"]
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s={timeout_s!r} must be a number of seconds (int or float)")
+    if not knob.minimum <= timeout_s <= knob.maximum:  # False for NaN too
+        raise ValueError(f"timeout_s={timeout_s!r}; allowed: {knob.minimum:g} <= seconds <= {knob.maximum:g} "
+                         f"(the range of {knob.name})")
+    return float(timeout_s)
+
+
 _CREATED_HERE = False
 
 
@@ -130,7 +142,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
-    timeout = timedelta(seconds=timeout_s if timeout_s is not None else envs.get("TIMEOUT_S"))
+    timeout = timedelta(seconds=check_timeout(timeout_s) if timeout_s is not None else envs.get("TIMEOUT_S"))
     kwargs = {}
     if use_cuda:
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())

@@ -8,6 +8,7 @@ Two kinds of entries:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -22,6 +23,7 @@ class Knob:
     default: Any
     doc: str
     minimum: Optional[float] = None
+    maximum: Optional[float] = None
     choices: Optional[tuple] = None
 
     def parse(self, raw: str) -> Any:
@@ -35,6 +37,8 @@ class Knob:
                 value: Any = low in ("1", "true", "yes", "on")
             else:
                 value = self.type(text)
+                if self.type is float and not math.isfinite(value):
+                    raise ValueError
         except ValueError:
             raise ValueError(
                 f"environment variable {self.name}={raw!r} is not a valid {self.type.__name__}"
@@ -42,6 +46,8 @@ class Knob:
             ) from None
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"environment variable {self.name}={raw!r} is below the minimum{self._allowed()}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"environment variable {self.name}={raw!r} is above the maximum{self._allowed()}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"environment variable {self.name}={raw!r} is not allowed{self._allowed()}")
         return value
@@ -50,7 +56,8 @@ class Knob:
         if self.choices is not None:
             return f"; allowed: {', '.join(map(str, self.choices))}"
         if self.minimum is not None:
-            return f"; allowed: {self.type.__name__} >= {self.minimum:g}"
+            most = f" and <= {self.maximum:g}" if self.maximum is not None else ""
+            return f"; allowed: {self.type.__name__} >= {self.minimum:g}{most}"
         return ""
 
 
@@ -64,7 +71,7 @@ def _knob(name: str, type_: type, default: Any, doc: str, **kw: Any) -> None:
 
 _knob("TIMEOUT_S", float, 300.0,
       "Seconds a collective may wait for the other ranks before every rank fails with an error.",
-      minimum=1.0)
+      minimum=1.0, maximum=1e9)  # finite: a job must never wait forever
 _knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
       "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1)
 _knob("NORMAL_ALIGNMENT", int, 1,
