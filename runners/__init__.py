@@ -27,13 +27,24 @@ def registered() -> list[str]:
     return list(_RUNNERS)
 
 
-def resolve(name: str, device: Any = None) -> str:
-    """Resolve "auto" to the best backend for `device`: triton on CUDA when it imports, else torch."""
+# "auto" takes the first of these that runs here and has a path for the dispatch format.
+AUTO_PREFERENCE = ("masked", "triton", "torch")
+
+
+def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
+    """Resolve "auto": on CUDA the fastest available backend registered for `format` (masked for
+    deepep_ll, triton for the others), else torch. Any other name is returned as is."""
     if name != "auto":
         return name
     import torch
-    on_cuda = device is not None and torch.device(device).type == "cuda"
-    return "triton" if on_cuda and "triton" in available() else "torch"
+    from ep_runtime.runner_core import registered_pairs
+    if device is None or torch.device(device).type != "cuda":
+        return "torch"
+    pairs = registered_pairs()
+    for backend in AUTO_PREFERENCE:
+        if backend in available() and (format or "standard", backend) in pairs:
+            return backend
+    return "torch"
 
 
 def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **options: Any) -> RunnerBackend:

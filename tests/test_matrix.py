@@ -83,3 +83,14 @@ def test_awkward_valid_input(dispatcher):
         bf16 = errors.pop("bf16")
         assert max(errors.values()) <= tolerance(torch.float32), errors
         assert bf16 <= tolerance(torch.bfloat16), bf16
+
+
+def test_auto_runner_has_a_path_for_every_dispatcher():
+    # "auto" on CUDA picks the fastest backend registered for the format; on CPU always torch.
+    for fmt in DISPATCHERS:
+        assert ep.runners.resolve("auto", "cpu", fmt) == "torch"
+        picked = ep.runners.resolve("auto", "cuda", fmt)
+        assert (fmt, picked) in registered_pairs()
+    if {"masked", "triton"} <= set(ep.runners.available()):
+        assert ep.runners.resolve("auto", "cuda", "deepep_ll") == "masked"
+        assert ep.runners.resolve("auto", "cuda", "deepep_normal") == "triton"
