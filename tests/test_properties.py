@@ -155,6 +155,9 @@ def received(name: str, out, d, inputs, g: int, ex: dict):
     """(combine input rows, received pairs, count problems) for this rank's dispatch output."""
     lo, L = d.placement.first_expert, d.placement.num_local_experts
     problems = []
+    if name not in ("standard", "deepep_normal", "deepep_ll", "mori"):
+        raise NotImplementedError(f"dispatcher {name!r} (format {d.format!r}) is registered but this test has no "
+                                  f"reader for its format: add one to received()")
     if name == "standard":
         x, ids, w = out.hidden_states, out.topk_ids, out.topk_weights
         here = ids >= 0
