@@ -5,7 +5,8 @@ Failure injection runs real jobs the way a launcher would: R processes with torc
 ep.init_distributed() and running EPMoE forwards. Mid-forward (inside the runner, after dispatch
 and before combine) one rank raises, is SIGKILLed, or stalls. The survivors must exit with an error
 within EP_RUNTIME_TIMEOUT_S + 10 s of the fault; the test kills every process it started, so it
-never hangs. This file is also the worker: `python tests/test_reliability.py DISPATCHER FAULT DIR`.
+never hangs. Ranks fork from the harness's torch-preloaded server (fast); one test starts fresh
+interpreters, with this file as the worker: `python tests/test_reliability.py DISPATCHER FAULT DIR`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.distributed import free_port
-from ep_runtime.testing import RankFailure, run_ranks
+from ep_runtime.testing import RankFailure, _context, run_ranks
 
 TIMEOUT_S = 3  # EP_RUNTIME_TIMEOUT_S in the injected jobs
 FAULT_RANK = 1
@@ -65,49 +67,86 @@ def _worker(dispatcher: str, fault: str, folder: Path) -> None:
     (folder / f"rank{rank}_done").touch()
 
 
-def _run_job(tmp_path: Path, dispatcher: str, fault: str, world_size: int = 2):
-    """Start the job; return (fault time, {rank: (exit code, exit time, stderr)}) for the survivors."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size),
-               EP_RUNTIME_TIMEOUT_S=str(TIMEOUT_S), PYTHONPATH=str(ROOT))
-    procs = {}
+def _forked_rank(rank: int, env: dict, dispatcher: str, fault: str, folder: Path) -> None:
+    """One rank forked from the harness's torch-preloaded server (fast start); the same bootstrap
+    as a launched process: the launcher's variables, then init_distributed()."""
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        _worker(dispatcher, fault, folder)
+    except BaseException:
+        (folder / f"rank{rank}_error").write_text(traceback.format_exc())
+        raise
+
+
+def _run_job(folder: Path, dispatcher: str, fault: str, launch: str, world_size: int = 2):
+    """Start the job ("fork": processes from the forkserver; "exec": fresh interpreters, as torchrun
+    starts them). Returns (fault time, {survivor: (exit code, exit time, error text)}, survivors
+    still running TIMEOUT_S + 10 s after the fault). Every process started here is killed."""
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size),
+               EP_RUNTIME_TIMEOUT_S=str(TIMEOUT_S))
+    procs, survivors = {}, {}
+    fault_file = folder / "fault_at"
     try:
         for r in range(world_size):
-            procs[r] = subprocess.Popen([sys.executable, __file__, dispatcher, fault, str(tmp_path)],
-                                        env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-        survivors = {}
-        deadline = time.monotonic() + 60 + TIMEOUT_S  # start-up on a busy machine, then the fault
+            if launch == "exec":
+                procs[r] = subprocess.Popen([sys.executable, __file__, dispatcher, fault, str(folder)],
+                                            env=dict(os.environ, **env, RANK=str(r), LOCAL_RANK=str(r),
+                                                     PYTHONPATH=str(ROOT)),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            else:
+                procs[r] = _context().Process(target=_forked_rank, args=(r, env, dispatcher, fault, folder),
+                                              daemon=True)
+                procs[r].start()
+        exit_code = (lambda p: p.poll()) if launch == "exec" else (lambda p: p.exitcode)
+        deadline = time.monotonic() + 90  # start-up on a busy machine, until the fault fires
         pending = {r for r in procs if r != FAULT_RANK}
         while pending and time.monotonic() < deadline:
+            if fault_file.exists() and deadline - time.monotonic() > TIMEOUT_S + 10:
+                deadline = time.monotonic() + TIMEOUT_S + 10
             for r in sorted(pending):
-                if procs[r].poll() is not None:
-                    survivors[r] = (procs[r].returncode, time.time(), procs[r].stderr.read())
+                if exit_code(procs[r]) is not None:
+                    text = (procs[r].stderr.read() if launch == "exec" else
+                            (folder / f"rank{r}_error").read_text() if (folder / f"rank{r}_error").exists() else "")
+                    survivors[r] = (exit_code(procs[r]), time.time(), text)
                     pending.discard(r)
             time.sleep(0.05)
-        fault_file = tmp_path / "fault_at"
         fault_at = float(fault_file.read_text()) if fault_file.exists() else None
         return fault_at, survivors, pending
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stdout.close()
-            p.stderr.close()
+            if launch == "exec":
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stderr.close()
+            else:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+
+
+def _check_survivors(folder: Path, fault_at, survivors, hung) -> None:
+    assert fault_at is not None, f"the fault never fired; survivors: {survivors}"
+    assert not hung, f"ranks {sorted(hung)} still running {TIMEOUT_S + 10} s after the fault"
+    assert (folder / "rank0_step1").exists()  # healthy until the fault
+    for r, (code, exited_at, error) in survivors.items():
+        assert code != 0, f"rank {r} exited 0 after rank {FAULT_RANK} failed:\n{error}"
+        assert exited_at - fault_at <= TIMEOUT_S + 10, f"rank {r} took {exited_at - fault_at:.1f} s"
+        assert not (folder / f"rank{r}_done").exists()
+        assert "RuntimeError" in error, error  # torch.distributed's error, not a silent exit
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill", "stall"])
 @pytest.mark.parametrize("dispatcher", SHARDED)
 def test_survivors_fail_within_the_timeout(tmp_path, dispatcher, fault):
-    fault_at, survivors, hung = _run_job(tmp_path, dispatcher, fault)
-    assert fault_at is not None, f"the fault never fired; survivors: {survivors}"
-    assert not hung, f"ranks {sorted(hung)} still running {TIMEOUT_S + 10} s after the fault"
-    assert (tmp_path / "rank0_step1").exists()  # healthy until the fault
-    for r, (code, exited_at, stderr) in survivors.items():
-        assert code != 0, f"rank {r} exited 0 after rank {FAULT_RANK} failed:\n{stderr}"
-        assert exited_at - fault_at <= TIMEOUT_S + 10, f"rank {r} took {exited_at - fault_at:.1f} s"
-        assert not (tmp_path / f"rank{r}_done").exists()
-        assert "Error" in stderr, stderr  # a Python exception, not a silent exit
+    _check_survivors(tmp_path, *_run_job(tmp_path, dispatcher, fault, "fork"))
+
+
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_launched_job_survivors_exit_within_the_timeout(tmp_path, fault):
+    """The same with fresh interpreters, as torchrun starts ranks: the uncaught error ends the
+    process with a non-zero exit code (and the group is destroyed at exit)."""
+    _check_survivors(tmp_path, *_run_job(tmp_path, SHARDED[-1], fault, "exec"))
 
 
 # ---------------------------------------------------------------- symmetric bad input
