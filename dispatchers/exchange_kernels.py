@@ -1,5 +1,8 @@
 """Fused Triton kernels around the exchange (CUDA; CPU tensors only under TRITON_INTERPRET=1).
 
+layout_row: one kernel turns topk ids into is_token_in_rank and the count row [T; per rank; per
+expert] that ranks all-gather. row_plan: one kernel (a program per destination rank scanning the
+tokens) places every (token, rank) pair in the send order: send_token, send_rank, combine_index.
 pack_rows: one kernel builds the send payload: each sent row's hidden state and its [weights;
 ids] metadata (ids remapped to the destination's local ids when asked). gather_sum: one kernel adds
 each token's returned rows (at most R) in fp32 and writes the token's output; no atomics, so it is
@@ -23,7 +26,11 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def enabled(x: torch.Tensor) -> bool:
     """Use the kernels for this tensor: CUDA, a dtype they accumulate correctly, triton present."""
-    return triton is not None and x.is_cuda and x.dtype in _DTYPES
+    return on_gpu(x) and x.dtype in _DTYPES
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda
 
 
 if triton is not None:
@@ -63,6 +70,69 @@ if triton is not None:
             h_real = tl.where(src < S, H, 0)
             acc += tl.load(back_ptr + src.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0).to(tl.float32)
         tl.store(y_ptr + t.to(tl.int64) * H + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < H)
+
+
+    @triton.jit
+    def _layout_kernel(ids_ptr, in_rank_ptr, row_ptr, T, K, L, R, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        k = tl.arange(0, BLOCK_K)
+        inside = (t[:, None] < T) & (k[None, :] < K)
+        ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * K + k[None, :], mask=inside, other=-1)
+        valid = ids >= 0
+        owner = tl.where(valid, ids // L, -1)
+        if pid == 0:
+            tl.store(row_ptr, T)
+        for r in range(R):
+            hit = tl.max((owner == r).to(tl.int32), axis=1)
+            tl.store(in_rank_ptr + t.to(tl.int64) * R + r, hit.to(tl.int8), mask=t < T)
+            tl.atomic_add(row_ptr + 1 + r, tl.sum(hit))
+        tl.atomic_add(row_ptr + 1 + R + tl.where(valid, ids, 0), tl.full(ids.shape, 1, tl.int32), mask=valid)
+
+    @triton.jit
+    def _row_plan_kernel(in_rank_ptr, base_ptr, limit_ptr, send_token_ptr, send_rank_ptr, index_ptr, T, R, total,
+                         BLOCK_T: tl.constexpr):
+        r = tl.program_id(0)
+        base = tl.load(base_ptr + r)
+        limit = tl.load(limit_ptr + r)
+        carry = tl.zeros([], dtype=tl.int64)
+        for start in range(0, T, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            flag = tl.load(in_rank_ptr + t.to(tl.int64) * R + r, mask=t < T, other=0).to(tl.int64)
+            pos = carry + tl.cumsum(flag, axis=0) - 1
+            ok = (flag > 0) & (pos < limit)
+            dest = tl.where(ok, base + pos, total)
+            tl.store(send_token_ptr + dest, t.to(tl.int64), mask=ok)
+            tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
+            tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
+            carry += tl.sum(flag, axis=0)
+
+
+def layout_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is_token_in_rank [T, R] bool, row [1 + R + E] int32 = [T; tokens per rank; pairs per expert])."""
+    T, K = topk_ids.shape
+    in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
+    row = torch.zeros(1 + ep_size + num_experts, dtype=torch.int32, device=topk_ids.device)
+    BLOCK_T = 64
+    _layout_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
+        topk_ids.to(torch.int32).contiguous(), in_rank, row, T, K, num_experts // ep_size, ep_size,
+        BLOCK_T=BLOCK_T, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+    return in_rank.view(torch.bool), row
+
+
+def row_plan(in_rank: torch.Tensor, base: torch.Tensor, limit: torch.Tensor, total: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pair (t, r) with in_rank goes to send row base[r] + (its rank among rank r's tokens) while that
+    is below limit[r]: (send_token [total] (T = pad), send_rank [total], combine_index [T, R] (total
+    = not sent))."""
+    T, R = in_rank.shape
+    device = in_rank.device
+    send_token = torch.full((total,), T, dtype=torch.long, device=device)
+    send_rank = torch.zeros(total, dtype=torch.long, device=device)
+    index = torch.empty(T, R, dtype=torch.long, device=device)
+    _row_plan_kernel[(R,)](in_rank.view(torch.int8).contiguous(), base.long().contiguous(), limit.long().contiguous(),
+                           send_token, send_rank, index, T, R, total, BLOCK_T=256)
+    return send_token, send_rank, index
 
 
 def _block_h(H: int) -> int:

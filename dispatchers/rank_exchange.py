@@ -22,8 +22,8 @@ from .transport import all_gather_rows, all_to_all
 class Layout(NamedTuple):
     """DeepEP's get_dispatch_layout, computed on the device without a host sync."""
 
-    num_tokens_per_rank: torch.Tensor  # [R] int64: tokens this rank sends to each rank
-    num_tokens_per_expert: torch.Tensor  # [E] int64: (token, expert) pairs per global expert
+    num_tokens_per_rank: torch.Tensor  # [R] int32: tokens this rank sends to each rank
+    num_tokens_per_expert: torch.Tensor  # [E] int32: (token, expert) pairs per global expert
     is_token_in_rank: torch.Tensor  # [T, R] bool
 
 
@@ -35,17 +35,47 @@ def running_count(mask: torch.Tensor) -> torch.Tensor:
 
 
 def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> Layout:
+    return count_row(topk_ids, num_experts, ep_size)[0]
+
+
+def count_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[Layout, torch.Tensor]:
+    """The layout and the row every rank all-gathers: [T; tokens per rank; pairs per expert] int32
+    (the layout's counts are views into it). One kernel on CUDA."""
+    R = ep_size
+    if exchange_kernels.on_gpu(topk_ids):
+        in_rank, row = exchange_kernels.layout_row(topk_ids, num_experts, R)
+        return Layout(row[1:1 + R], row[1 + R:], in_rank), row
     T = topk_ids.shape[0]
-    L = num_experts // ep_size
+    L = num_experts // R
     ids = topk_ids.long()
     valid = ids >= 0
-    owner = torch.where(valid, ids // L, torch.full_like(ids, ep_size))  # ep_size = nowhere
-    in_rank = torch.zeros(T, ep_size + 1, dtype=torch.bool, device=ids.device)
+    owner = torch.where(valid, ids // L, torch.full_like(ids, R))  # R = nowhere
+    in_rank = torch.zeros(T, R + 1, dtype=torch.bool, device=ids.device)
     in_rank.scatter_(1, owner, True)
-    in_rank = in_rank[:, :ep_size]
+    in_rank = in_rank[:, :R]
     per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     per_expert.scatter_add_(0, torch.where(valid, ids, num_experts).reshape(-1), torch.ones_like(ids).reshape(-1))
-    return Layout(in_rank.sum(0), per_expert[:num_experts], in_rank)
+    row = torch.cat([torch.full((1,), T, dtype=torch.int64, device=ids.device), in_rank.sum(0),
+                     per_expert[:num_experts]]).to(torch.int32)
+    return Layout(row[1:1 + R], row[1 + R:], in_rank), row
+
+
+def row_plan(in_rank: torch.Tensor, base: torch.Tensor, limit: torch.Tensor, total: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Send order: pair (t, r) goes to row base[r] + (its rank among the tokens going to r) while
+    that rank is below limit[r]. Returns send_token [total] (T = pad), send_rank [total] and
+    combine_index [T, R] (total = not sent). One kernel on CUDA."""
+    if exchange_kernels.on_gpu(in_rank):
+        return exchange_kernels.row_plan(in_rank, base, limit, total)
+    T, R = in_rank.shape
+    pos = running_count(in_rank)
+    target = torch.where(in_rank & (pos < limit), base + pos, total)
+    flat = target.reshape(-1)
+    send_token = torch.full((total + 1,), T, dtype=torch.long, device=in_rank.device)
+    send_token = send_token.scatter_(0, flat, torch.arange(T, device=in_rank.device).repeat_interleave(R))[:total]
+    send_rank = torch.zeros(total + 1, dtype=torch.long, device=in_rank.device)
+    send_rank = send_rank.scatter_(0, flat, torch.arange(R, device=in_rank.device).repeat(T))[:total]
+    return send_token, send_rank, target
 
 
 @dataclass
@@ -90,10 +120,7 @@ class RankExchange:
         `capacity` names the setting that sized chunk/rows, for the overflow error."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
-        layout = dispatch_layout(topk_ids, E, R)
-        # T enters through a fill kernel, not a host->device copy (which graph capture forbids).
-        row = torch.cat([torch.full((1,), T, dtype=torch.int64, device=topk_ids.device),
-                         layout.num_tokens_per_rank, layout.num_tokens_per_expert])
+        layout, row = count_row(topk_ids, E, R)
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
@@ -113,14 +140,12 @@ class RankExchange:
                                  f"(allowed: at least {most})")
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
-        flat = layout.is_token_in_rank.t().reshape(-1)  # rank-major, tokens ascending
+        counts = sent[me].long()
         S = sum(send_splits)
-        order = torch.argsort((~flat).to(torch.int8), stable=True)[:S]
-        in_rank = layout.is_token_in_rank
-        offset = sent[me].cumsum(0) - sent[me]
-        combine_index = torch.where(in_rank, offset + running_count(in_rank), S)
-        return ExchangeHandle(T, layout, order % max(T, 1), order.div(max(T, 1), rounding_mode="floor"),
-                              combine_index, per_expert, *recv, send_splits, recv_splits, per_expert_host, rows=rows)
+        send_token, send_rank, combine_index = row_plan(layout.is_token_in_rank, counts.cumsum(0) - counts,
+                                                        counts, S)
+        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
+                              recv_splits, per_expert_host, rows=rows)
 
     def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         R, me, device = self.world_size, self.rank, sent.device
@@ -135,13 +160,9 @@ class RankExchange:
         elif bool(overflow):
             raise ValueError(f"{message}; this step needs {int(per_peer)} per peer and "
                              f"{int(received)} received (allowed: {capacity} at least that)")
-        in_rank = layout.is_token_in_rank
-        pos = running_count(in_rank)  # [T, R]: row of each token inside its chunk
-        target = torch.where(in_rank & (pos < chunk), torch.arange(R, device=device) * chunk + pos, R * chunk)
-        tokens = torch.arange(T, device=device).repeat(R)
-        send_token = torch.full((R * chunk + 1,), T, dtype=torch.long, device=device)
-        send_token = send_token.scatter_(0, target.t().reshape(-1), tokens)[:R * chunk]
-        send_rank = torch.arange(R, device=device).repeat_interleave(chunk)
+        base = torch.arange(R, device=device) * chunk
+        send_token, send_rank, target = row_plan(layout.is_token_in_rank, base, torch.full_like(base, chunk),
+                                                 R * chunk)
         handle = ExchangeHandle(T, layout, send_token, send_rank, target, per_expert, *recv, chunk=chunk, rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
             counts = sent[:, me]

@@ -70,3 +70,31 @@ def test_gradients_equal_torch_gathers():
     used = torch.zeros(S, dtype=torch.bool)
     used[index[index < S]] = True
     assert torch.allclose(back.grad[used], expected[used], atol=1e-6)
+
+
+@pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (130, 64, 8, 4), (77, 16, 3, 2)])
+def test_layout_kernel_matches_torch(T, E, K, R):
+    from ep_runtime.dispatchers.rank_exchange import count_row
+    from ep_runtime.testing import random_topk_ids
+    ids = random_topk_ids(torch.Generator().manual_seed(T + K), T, E, K, R, minus_one_fraction=0.3)
+    in_rank, row = xk.layout_row(ids, E, R)
+    layout, torch_row = count_row(ids, E, R)  # CPU tensors: the torch path
+    assert torch.equal(in_rank, layout.is_token_in_rank) and torch.equal(row, torch_row)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_row_plan_kernel_matches_torch(static):
+    from ep_runtime.dispatchers.rank_exchange import row_plan
+    gen = torch.Generator().manual_seed(5)
+    T, R = 300, 4  # more tokens than one block of the scan
+    in_rank = torch.rand(T, R, generator=gen) < 0.6
+    counts = in_rank.sum(0)
+    if static:
+        chunk = int(counts.max()) - 7  # some pairs do not fit: they must be dropped from the plan
+        base, limit, total = torch.arange(R) * chunk, torch.full((R,), chunk), R * chunk
+    else:
+        base, limit, total = counts.cumsum(0) - counts, counts, int(counts.sum())
+    got = xk.row_plan(in_rank, base, limit, total)
+    want = row_plan(in_rank, base, limit, total)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
