@@ -1,6 +1,6 @@
 """GPU checks and benchmark of the triton runner (one script, one device call).
 
-    python benchmarks/bench_triton_runner.py [--tune] [--out DIR] [--quick]
+    python benchmarks/bench_triton_runner.py [--tune] [--sweep gemm1 gemm2] [--out DIR] [--quick]
 
 1. Roofline of this GPU: device-to-device copy bandwidth (read + write) and an 8192^3 bf16 matmul.
 2. bf16 correctness against the float64 reference, for T in {1, 7, 64, 512, 4096, 16384}: a rank that
@@ -9,6 +9,9 @@
    exactly zero); the torch runner's error alongside. Plus a fp32 check, a CUDA-graph capture/replay,
    and EPMoE(runner="triton") forward+backward in bf16 against the reference.
 3. --tune: python -m ep_runtime.runners.triton_tune for both benchmark shapes, table -> DIR.
+   --sweep gemm1 gemm2: re-pick each GEMM's tiles at --tune-tokens, keeping the table's BLOCK_M and the
+   other GEMM's tiles; GEMM 1 is timed with the activation fused in its epilogue (the runner's path
+   without an after_gemm1 hook), beside the unfused GEMM 1 + activation pass. Table -> the tree's copy and DIR.
 4. Timing, triton vs the torch runner (torch._grouped_mm) in the same run: Mixtral-like (E=8, K=2,
    H=4096, I=14336) and DeepSeek-like (32 local experts of 256, K=8, H=7168, I=2048). CUDA events
    around each repeat, inputs rotated over 4 routings, median of the repeats. TFLOP/s counts
@@ -21,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -230,6 +234,69 @@ def bench(shape: str, tokens, roof: dict, repeats: int) -> list[dict]:
     torch.cuda.empty_cache()
     return rows
 
+# Tiles tried by the sweeps: (BLOCK_N = weight rows per program, BLOCK_K, GROUP_M, warps, stages).
+SWEEP_SMALL_M = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3), (128, 64, 1, 4, 4),
+                 (128, 128, 1, 8, 3)]
+SWEEP_LARGE_M = [(128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (256, 64, 8, 8, 4), (256, 64, 16, 8, 3),
+                 (256, 64, 16, 8, 4), (256, 64, 4, 8, 4), (256, 32, 8, 8, 6), (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]
+
+
+def sweep(shape: str, tokens, gemm: str, repeats: int = 10) -> None:
+    """Re-pick one GEMM's tiles per token count, keeping the table's BLOCK_M and the other GEMM's tiles;
+    GEMM 1 is timed with the activation fused (the runner's path without an after_gemm1 hook), beside
+    the unfused GEMM 1 + activation pass. Writes the tree's table."""
+    s = SHAPES[shape]
+    L, K, H, I = s["L"], s["K"], s["H"], s["I"]
+    say(f"## {gemm} sweep, {shape}: L={L}, K={K}, H={H}, I={I}")
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    if gemm == "gemm1":
+        w = (torch.randn(L, 2 * I, H, device=DEV, generator=gen) * H ** -0.5).to(torch.bfloat16)
+    else:
+        w = (torch.randn(L, H, I, device=DEV, generator=gen) * I ** -0.5).to(torch.bfloat16)
+    mask = torch.ones(L + 1, dtype=torch.bool, device=DEV)
+    mask[L] = False
+    path = kernels.device_file(torch.cuda.get_device_name())
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = table.setdefault(kernels.shape_key(L, K, H, I, torch.bfloat16), {})
+
+    def med(fn):
+        return statistics.median(cuda_time_ms(lambda i: fn(), repeats, warmup=2))
+
+    for T in tokens:
+        cfg = kernels.pick_config(T, L, K, H, I, torch.bfloat16, DEV, False)
+        ids = torch.rand(T, L, device=DEV, generator=gen).topk(K, dim=1).indices.to(torch.int32)
+        aligned = kernels.align_pairs(ids, mask, 0, L, cfg.BLOCK_M)
+        a = torch.randn(T * K, I, device=DEV, generator=gen).to(torch.bfloat16)
+        note = ""
+        if gemm == "gemm1":
+            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+            h = torch.empty(T * K, 2 * I, device=DEV, dtype=torch.bfloat16)
+            unfused = med(lambda: (kernels.grouped_gemm(x, w, h, aligned, cfg.gemm1, K),
+                                   kernels.act_and_mul(h, I, computed=aligned.computed, out=a)))
+            note = f"unfused GEMM1+act {unfused:.3f} ms; "
+            run = lambda tiles: kernels.grouped_gemm(x, w, a, aligned, tiles, K, fuse_activation="silu")  # noqa: E731
+        else:
+            o = torch.empty(T * K, H, device=DEV, dtype=torch.bfloat16)
+            run = lambda tiles: kernels.grouped_gemm(a, w, o, aligned, tiles, 1)  # noqa: E731
+        current = getattr(cfg, gemm)
+        cands = [current] + [kernels.GemmTiles(*t) for t in (SWEEP_SMALL_M if cfg.BLOCK_M <= 32 else SWEEP_LARGE_M)]
+        results = []
+        for tiles in dict.fromkeys(cands):
+            try:
+                results.append((med(lambda: run(tiles)), tiles))
+            except Exception as exc:  # noqa: BLE001 - out of shared memory etc.
+                say(f"  T={T} {tiles}: skipped ({type(exc).__name__})")
+        best_ms, best = min(results, key=lambda r: r[0])
+        say(f"T={T} BLOCK_M={cfg.BLOCK_M}: {note}{gemm} with the table's tiles {results[0][0]:.3f} ms; "
+            f"best {best_ms:.3f} ms {asdict(best)}")
+        entry = cfg.to_json()
+        entry[gemm] = asdict(best)
+        entries[str(T)] = entry
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    kernels._load_table.cache_clear()
+    del w
+    torch.cuda.empty_cache()
+
 
 def profile(shape: str, T: int) -> None:
     """Where the time of one small call goes: host time per call, graph-replay time, kernel table."""
@@ -271,6 +338,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--tune", action="store_true", help="tune both shapes first, write the table to --out")
+    p.add_argument("--sweep", nargs="+", choices=["gemm1", "gemm2"], default=[],
+                   help="re-pick these GEMMs' tiles at --tune-tokens (after --tune, if given); table -> --out")
     p.add_argument("--tune-tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
     p.add_argument("--repeats", type=int, default=20)
@@ -299,6 +368,12 @@ def main() -> None:
             triton_tune.tune(s["L"], s["K"], s["H"], s["I"], torch.bfloat16, args.tune_tokens, table_path,
                              repeats=5, log=say)
             say(f"tuned {shape} in {time.time() - t0:.0f} s")
+        (args.out / table_path.name).write_text(table_path.read_text())
+    if args.sweep:
+        for gemm in args.sweep:
+            for shape in ("mixtral", "deepseek"):
+                sweep(shape, args.tune_tokens, gemm)
+        table_path = kernels.device_file(name)
         (args.out / table_path.name).write_text(table_path.read_text())
     result["bench"] = []
     for shape in ("mixtral", "deepseek"):

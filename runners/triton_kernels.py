@@ -4,6 +4,10 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
 
     align_pairs       (token, expert) pairs P = N*K -> pair ids sorted by expert, padded to BLOCK_M per
                       expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block
+    grouped_gemm      GEMM 1 with the activation in its epilogue (FUSE_ACT, the default path): each program
+                      computes a tile of gate columns and the same columns of up and writes
+                      a[p] = act(gate) * up (or act(h)) directly, so h never reaches memory
+    -- or, when an after_gemm1 hook needs the raw GEMM 1 output --
     grouped_gemm      GEMM 1: h[p] = x[p // K] @ w13[e]^T (+ b13[e])  for every pair p in an expert's blocks
     act_and_mul       a[p] = act(gate) * up  (or act(h)); rows of filtered pairs are written as zeros
                       without being read (they hold whatever the allocator left there)
@@ -12,7 +16,8 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
                       (deterministic: no atomics, the same sum on every run)
 
 Pair-indexed buffers (h, a, o have one row per pair p = t*K + k) keep the GEMMs free of a separate
-permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores.
+permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores. Both
+paths share one activation function (_activate) and one GEMM kernel (FUSE_ACT is a constexpr).
 """
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass(frozen=True)
 class GemmTiles:
+    """BLOCK_N counts weight rows per program: for GEMM 1 with the activation fused and gated, each
+    program takes BLOCK_N // 2 gate rows and the same BLOCK_N // 2 up rows (the same weight bytes,
+    accumulator size and shared memory per program as the unfused tile of BLOCK_N)."""
+
     BLOCK_N: int
     BLOCK_K: int
     GROUP_M: int = 8
@@ -239,6 +248,31 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
 
 
+# --------------------------------------------------------------------------- activation math
+
+@triton.jit
+def _activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+              HAS_LIMIT: tl.constexpr):
+    """fp32 gate g and up u (ignored when not gated) -> fp32 act(g) * u, or act(g); the one copy of the
+    activation math, used by GEMM 1's fused epilogue and by _act_and_mul_kernel."""
+    if SWIGLU_ALPHA:  # gpt-oss: gate clamped above, up clamped both sides, up + 1
+        if HAS_LIMIT:
+            g = tl.minimum(g, limit)
+            u = tl.maximum(tl.minimum(u, limit), -limit)
+        a = g * tl.sigmoid(alpha * g) * (u + 1.0)
+    else:
+        if ACTIVATION == 0:
+            a = g * tl.sigmoid(g)
+        elif ACTIVATION == 1:
+            a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        else:  # 0.5 g (1 + tanh(z)) with 1 + tanh(z) = 2 sigmoid(2z): one formula on every triton version
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            a = g * tl.sigmoid(2.0 * z)
+        if GATED:
+            a = a * u
+    return a
+
+
 # --------------------------------------------------------------------------- grouped GEMM
 
 @triton.jit
@@ -246,11 +280,16 @@ def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr,
     num_pairs, N, K_dim, num_blocks,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
+    alpha, limit,
     ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
 ):
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
+    # FUSE_ACT: out[p, n] = _activate(that with b's row n, that with b's row N + n if GATED); N = I.
+    TWO: tl.constexpr = FUSE_ACT and GATED  # a gate tile and the matching up tile per program
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M row blocks sweep the N tiles together, so an expert's weight tile is
@@ -274,60 +313,94 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    up_shift = N * stride_bn  # the up rows follow the I gate rows in w13 (used when TWO)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            if TWO:
+                b_up = tl.load(b_ptrs + up_shift, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < K_dim - k * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if TWO:
+                b_up = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+            if TWO:
+                b_up = b_up.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if TWO:
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_SCALE:  # router weight on the input: (w x) W^T = w (x W^T), applied before the bias
-        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        row_scale = tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc = acc * row_scale
+        if TWO:
+            acc_up = acc_up * row_scale
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias_ptrs = bias_ptr + expert * stride_bias_e + offs_n
+        acc = acc + tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if TWO:
+            acc_up = acc_up + tl.load(bias_ptrs + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if FUSE_ACT:  # (padding rows are not stored; filtered pairs have no rows here at all)
+        acc = _activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
                  rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                 interpreted: bool = False) -> torch.Tensor:
+                 interpreted: bool = False, fuse_activation: Optional[str] = None, is_gated: bool = True,
+                 gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
 
     a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
-    bias [L, N] or None; scale [num_pairs] fp32 or None."""
+    bias [L, N] or None; scale [num_pairs] fp32 or None.
+    fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
+    w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
+    of the unfused output would give (but from the fp32 accumulator, not a rounded h)."""
     N, K_dim = w.shape[1], w.shape[2]
+    fuse = fuse_activation is not None
+    two = fuse and is_gated
+    if two:
+        if N % 2:
+            raise ValueError(f"gated GEMM 1 needs an even number of w13 rows, got {N}")
+        N //= 2
+    if out.shape[1] != N:
+        raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
+    block_n = max(16, tiles.BLOCK_N // 2) if two else tiles.BLOCK_N  # same weight rows per program
     num_blocks = aligned.block_expert.numel()
     if num_blocks == 0:
         return out
     upcast = interpreted and a.dtype == torch.bfloat16
     precision = "ieee" if (a.dtype == torch.float32 or upcast) else None
-    grid = (num_blocks * triton.cdiv(N, tiles.BLOCK_N),)
+    grid = (num_blocks * triton.cdiv(N, block_n),)
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, scale if scale is not None else a, out,
         aligned.sorted_pair_ids, aligned.block_expert,
         aligned.num_pairs, N, K_dim, num_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        float(gemm1_alpha or 0.0), float(gemm1_clamp_limit or 0.0),
         ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
-        BLOCK_M=aligned.block_m, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
+        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
+        FUSE_ACT=fuse, ACTIVATION=ACTIVATION_CODES[fuse_activation or "silu"], GATED=is_gated,
+        SWIGLU_ALPHA=fuse and gemm1_alpha is not None, HAS_LIMIT=fuse and gemm1_clamp_limit is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
 
-# --------------------------------------------------------------------------- activation
+# --------------------------------------------------------------------------- activation (unfused)
 
 @triton.jit
 def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, alpha, limit,
@@ -344,22 +417,10 @@ def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, 
     read = keep[:, None] & (cols < I)[None, :]
     g_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(g_ptrs, mask=read, other=0.0).to(tl.float32)
-    if SWIGLU_ALPHA:  # gpt-oss: gate clamped above, up clamped both sides, up + 1
+    u = g
+    if GATED:
         u = tl.load(g_ptrs + I, mask=read, other=0.0).to(tl.float32)
-        if HAS_LIMIT:
-            g = tl.minimum(g, limit)
-            u = tl.maximum(tl.minimum(u, limit), -limit)
-        a = g * tl.sigmoid(alpha * g) * (u + 1.0)
-    else:
-        if ACTIVATION == 0:
-            a = g * tl.sigmoid(g)
-        elif ACTIVATION == 1:
-            a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        else:  # 0.5 g (1 + tanh(z)) with 1 + tanh(z) = 2 sigmoid(2z): one formula on every triton version
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            a = g * tl.sigmoid(2.0 * z)
-        if GATED:
-            a = a * tl.load(g_ptrs + I, mask=read, other=0.0).to(tl.float32)
+    a = _activate(g, u, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     a = tl.where(keep[:, None], a, 0.0)
     out_mask = (rows < P)[:, None] & (cols < I)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=out_mask)

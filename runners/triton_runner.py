@@ -42,8 +42,9 @@ def _check_device(x: torch.Tensor) -> None:
 
 def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
                   block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
-    """The kernel sequence: align pairs -> GEMM 1 -> filtered activation -> GEMM 2 -> weighted top-k
-    reduction. Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
+    """The kernel sequence: align pairs -> GEMM 1 with the activation fused in its epilogue (or, with an
+    after_gemm1 hook, GEMM 1 -> hook -> filtered activation) -> GEMM 2 -> weighted top-k reduction.
+    Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
     _check_device(inp.hidden_states)
     x = inp.hidden_states.contiguous()
     N, K = inp.topk_ids.shape
@@ -57,22 +58,31 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, inp.first_expert, L, block_config.BLOCK_M)
     weight = inp.topk_weights.reshape(-1).float().contiguous()
 
-    # Each pair's GEMM rows; pairs never computed keep uninitialized rows, which no later kernel reads.
-    h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
-    kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
-                         scale=weight if config.apply_router_weight_on_input else None, interpreted=interp)
+    scale = weight if config.apply_router_weight_on_input else None
     pairs = None
     if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
         # Computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors).
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
         expert_index = inp.topk_ids.reshape(-1).long()[pairs] - inp.first_expert
-    if hooks.after_gemm1 is not None:
+    # Each pair's rows; rows of pairs never computed stay uninitialized, and no later kernel reads them.
+    if hooks.after_gemm1 is None:
+        # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
+        a = torch.empty(P, I, dtype=x.dtype, device=x.device)
+        kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
+                             scale=scale, interpreted=interp, fuse_activation=config.activation,
+                             is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
+                             gemm1_clamp_limit=config.gemm1_clamp_limit)
+    else:
+        # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
+        h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
+        kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
+                             scale=scale, interpreted=interp)
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:
             rows = rows * weight[pairs].unsqueeze(1).to(rows.dtype)
         _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
-    a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
-                            config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
+        a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
+                                config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
     o = torch.empty(P, H, dtype=x.dtype, device=x.device)
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
                          interpreted=interp)

@@ -131,6 +131,40 @@ def test_filtered_activation(name, skip_ratio):
         assert torch.equal(a, kernels.act_and_mul(h, I, computed=None, interpreted=True, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_gemm1_with_fused_activation_matches_unfused_gemm_then_act_and_mul(name, dtype):
+    # The fused epilogue (gate and up tiles in one program) against GEMM 1 -> act_and_mul, with bias,
+    # router weight on the input, I not a multiple of the half tile and K_dim not of BLOCK_K.
+    kw = ACTIVATIONS[name]
+    gated = kw.get("is_gated", True)
+    gen = torch.Generator().manual_seed(len(name))
+    T, K, L, I, Kd = 13, 2, 3, 40, 40
+    rows = 2 * I if gated else I
+    x = torch.randn(T, Kd, generator=gen).to(dtype)
+    w = (torch.randn(L, rows, Kd, generator=gen) * Kd ** -0.5).to(dtype)
+    bias = (torch.randn(L, rows, generator=gen) * 0.3).to(dtype)
+    scale = torch.rand(T * K, generator=gen)
+    ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
+    ids = torch.where(ids < 0, torch.full_like(ids, L), ids)
+    aligned = kernels.align_pairs(ids, torch.tensor([True] * L + [False]), 0, L, 16)
+    tiles = kernels.GemmTiles(32, 32, 2)
+    fused = torch.full((T * K, I), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w, fused, aligned, tiles, rows_per_a_row=K, bias=bias, scale=scale, interpreted=True,
+                         fuse_activation=kw.get("activation", "silu"), is_gated=gated,
+                         gemm1_alpha=kw.get("gemm1_alpha"), gemm1_clamp_limit=kw.get("gemm1_clamp_limit"))
+    pair = aligned.computed.nonzero().squeeze(1)
+    e = ids.reshape(-1)[pair].long()
+    h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w.double()[e]) * scale.double()[pair, None] + bias.double()[e]
+    ref = _act_reference(h, I, **kw)
+    assert rel_err(fused[pair], ref) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    assert fused[~aligned.computed].isnan().all()  # filtered pairs' rows are never written
+    unfused = torch.empty(T * K, rows, dtype=dtype)
+    kernels.grouped_gemm(x, w, unfused, aligned, tiles, rows_per_a_row=K, bias=bias, scale=scale, interpreted=True)
+    a = kernels.act_and_mul(unfused, I, computed=aligned.computed, interpreted=True, **kw)
+    assert rel_err(fused[pair], a[pair].double()) <= (1e-6 if dtype == torch.float32 else 2e-3)
+
+
 def test_topk_reduce_is_weighted_slot_order_sum_and_skips_filtered_rows():
     gen = torch.Generator().manual_seed(3)
     N, K, H = 11, 3, 40
@@ -258,6 +292,22 @@ def test_gemm_hooks_match_torch_runner_forward_and_backward():
     for r, g in zip(ref[:-1], got[:-1]):
         assert rel_err(g, r) <= 1e-5
     assert all(torch.equal(r, g) for r, g in zip(ref[-1], got[-1]))  # hooks saw the same pair grouping
+
+
+def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_runner():
+    # No after_gemm1 hook: GEMM 1 runs with the activation fused; the GEMM 2 hook still sees a[pairs].
+    E, K, H, I = 4, 2, 16, 24
+    outs = {}
+    for name in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(8)
+        hooks, _, seen = _lora_hooks(gen, E, H, I)
+        layer = ep.EPMoE(E, K, H, I, runner=name, hooks=runners.GemmHooks(None, hooks.after_gemm2))
+        problem = make_problem(layer.config, [13], seed=9)
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        with torch.no_grad():
+            outs[name] = (layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0]), seen[0])
+    assert rel_err(outs["triton"][0], outs["torch"][0].double()) <= 1e-5
+    assert torch.equal(outs["triton"][1], outs["torch"][1])
 
 
 def test_router_weight_gradient_flows():
