@@ -44,13 +44,19 @@ class Dispatcher:
         options: per-call extras a dispatcher documents (deepep_normal: handle)."""
         check_hidden_states(x, self.config.hidden_size)
         ids, weights = topk
-        check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device)
+        check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
+                   values=not self.checks_values_in_exchange(**options))
         self.check_capacity(x.shape[0])
         return self._dispatch(x, TopKOutput(ids.to(torch.int32), weights.float()), **options)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""
         return self._combine(combine_input)
+
+    def checks_values_in_exchange(self, **options: Any) -> bool:
+        """True when this call's exchange checks id range and weights itself (in a count table every
+        rank reads, so one rank's bad input fails every rank at once, with no extra sync)."""
+        return False
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""

@@ -65,11 +65,15 @@ class DeepEPNormalDispatcher(Dispatcher):
     def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None) -> DeepEPNormalDispatchOutput:
         return super().dispatch(x, topk, handle=handle)
 
+    def checks_values_in_exchange(self, handle: Optional[ExchangeHandle] = None) -> bool:
+        # Host plan: in the count table. With a handle the routing was checked when it was made.
+        return self.num_worst_tokens is None or handle is not None
+
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
         if handle is None:
             W = self.num_worst_tokens
-            handle = self.exchange.plan(ids, chunk=W, rows=W, capacity=f"num_worst_tokens={W}")
+            handle = self.exchange.plan(ids, chunk=W, rows=W, capacity=f"num_worst_tokens={W}", topk_weights=weights)
         elif handle.num_tokens != x.shape[0]:
             raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                              f"(a handle is only valid for a dispatch with the same routing)")

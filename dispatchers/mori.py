@@ -90,12 +90,18 @@ class MoriDispatcher(Dispatcher):
             raise ValueError(f"x has {num_tokens} tokens; mori allows at most max_dispatch_tokens_per_rank={M} "
                              f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
 
+    def _static(self) -> bool:
+        return capturing() if self.static is None else self.static
+
+    def checks_values_in_exchange(self) -> bool:
+        return not self._static()  # the host plan checks them in its count table
+
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
-        static = capturing() if self.static is None else self.static
+        static = self._static()
         N, n = self.num_buffer_rows, self.max_input_tokens
         chunk = self.max_dispatch_tokens_per_rank if static else None
-        handle = self.exchange.plan(ids, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}")
+        handle = self.exchange.plan(ids, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}", topk_weights=weights)
         recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=False)
         if n <= 0:
             rows = N

@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ep_runtime.validation import check_topk_values, topk_value_flags
+
 from . import exchange_kernels
 from .transport import all_gather_rows, all_to_all
 
@@ -115,24 +117,43 @@ class RankExchange:
         self.num_local_experts = num_experts // world_size
 
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
-             capacity: str = "") -> ExchangeHandle:
+             capacity: str = "", topk_weights: Optional[torch.Tensor] = None) -> ExchangeHandle:
         """chunk None: host plan; else static. rows: pad/compact the receive side to this many rows;
-        `capacity` names the setting that sized chunk/rows, for the overflow error."""
+        `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights
+        (host plan): check ids and weights inside the count table (see checks_values_in_exchange)."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R)
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E]
+        checked = topk_weights is not None and chunk is None
+        if checked:
+            row = torch.cat([row, topk_value_flags(topk_ids, topk_weights, E)])
+        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ 2 flags)]
+        flags = None
+        if checked:
+            table, flags = table[:, :-2], table[:, -2:]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         if chunk is None:
-            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity)
+            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights)
         return self._static_plan(layout, sent, per_expert, recv, T, chunk, rows, capacity)
 
-    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity) -> ExchangeHandle:
-        R, me = self.world_size, self.rank
-        host = torch.cat([sent.reshape(-1), per_expert]).tolist()  # the one host sync
-        host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:]
+    def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Every rank raises when any rank's ids or weights are bad; the bad rank names the value."""
+        check_topk_values(topk_ids, topk_weights, self.num_experts, flags[self.rank])
+        bad = [r for r, f in enumerate(flags) if any(f)]
+        if bad:
+            raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1} "
+                             f"or non-finite weights; its own error names the value); every rank stops here")
+
+    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights
+                   ) -> ExchangeHandle:
+        R, me, L = self.world_size, self.rank, self.num_local_experts
+        parts = [sent.reshape(-1), per_expert] + ([flags.reshape(-1)] if flags is not None else [])
+        host = torch.cat(parts).tolist()  # the one host sync
+        if flags is not None:
+            self._check_flags([host[R * R + L + 2 * r:R * R + L + 2 * r + 2] for r in range(R)], topk_ids, topk_weights)
+        host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:R * R + L]
         if rows is not None:
             most = max(sum(host[s][d] for s in range(R)) for d in range(R))
             if most > rows:

@@ -28,8 +28,9 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
 
 
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, num_experts: int,
-               top_k: Optional[int], device: Optional[torch.device] = None) -> None:
-    """ids [T, K] integer in [-1, E); weights [T, K] floating, same device."""
+               top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True) -> None:
+    """ids [T, K] integer in [-1, E); weights [T, K] floating, same device. values=False: shapes,
+    dtypes and devices only (the caller checks values, e.g. inside its count exchange)."""
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -44,11 +45,26 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
         raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected an integer dtype (int32 or int64)")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
-    if topk_ids.numel() == 0 or capturing():
+    if values:
+        check_topk_values(topk_ids, topk_weights, num_experts)
+
+
+def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight). Exchanges
+    that read a count table on the host carry these in it, so every rank sees any rank's bad input."""
+    bad_id = ((topk_ids < -1) | (topk_ids >= num_experts)).any()
+    return torch.stack([bad_id, ~torch.isfinite(topk_weights).all()]).to(torch.int32)
+
+
+def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                      flags: Optional[list] = None) -> None:
+    """Raise naming the first bad id or weight (one host read; none while capturing a CUDA graph).
+    flags: this rank's topk_value_flags already read on the host."""
+    if topk_ids.numel() == 0 or (flags is None and capturing()):
         return
-    bad = (topk_ids < -1) | (topk_ids >= num_experts)
-    bad_id, bad_weight = torch.stack([bad.any(), ~torch.isfinite(topk_weights).all()]).tolist()  # one sync
+    bad_id, bad_weight = flags if flags is not None else topk_value_flags(topk_ids, topk_weights, num_experts).tolist()
     if bad_id:
+        bad = (topk_ids < -1) | (topk_ids >= num_experts)
         where = bad.nonzero()[0].tolist()
         value = int(topk_ids[where[0], where[1]])
         raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
