@@ -106,3 +106,21 @@ def _reuse_rank(rank, world_size):
 @pytest.mark.parametrize("R", [2, 4])
 def test_handle_reuse_and_alignment(R):
     assert run_ranks(_reuse_rank, R) == [True] * R
+
+
+def _one_bad_rank(rank, world_size, dispatcher):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch")
+    ids = torch.tensor([[0, 5], [3, 7]], dtype=torch.int32)
+    if rank == 1:
+        ids[1, 0] = 8
+    layer(torch.randn(2, 16), ids, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_one_rank_with_bad_ids_fails_every_rank_at_once(dispatcher):
+    # The ids check rides in the count table, so rank 0 learns of rank 1's bad input at once (no timeout).
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_one_bad_rank, 2, dispatcher, timeout=60, group_timeout=300)
+    text = str(failure.value)
+    assert "topk_ids has id 8 at [1, 0]; allowed -1..7" in text
+    assert "rank 1 got invalid topk_ids or topk_weights" in text
