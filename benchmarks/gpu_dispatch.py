@@ -95,6 +95,26 @@ def correctness(rank, R, device):
     return rows
 
 
+def kernel_checks(device):
+    """The exchange's CUDA kernels against its torch path on CPU, for several R (any GPU count)."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    from ep_runtime.dispatchers.rank_exchange import count_row, row_plan
+    from ep_runtime.testing import random_topk_ids
+    rows = []
+    for T, E, K, R in ((0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8), (333, 32, 4, 2)):
+        ids = random_topk_ids(torch.Generator().manual_seed(T + R), T, E, K, R, minus_one_fraction=0.2)
+        in_rank, row = xk.layout_row(ids.to(device), E, R)
+        layout, want = count_row(ids, E, R)
+        ok = torch.equal(in_rank.cpu(), layout.is_token_in_rank) and torch.equal(row.cpu(), want)
+        counts = layout.is_token_in_rank.sum(0)
+        for base, limit, total in ((counts.cumsum(0) - counts, counts, int(counts.sum())),
+                                   (torch.arange(R) * 50, torch.full((R,), 50), R * 50)):
+            got = xk.row_plan(in_rank, base.to(device), limit.to(device), total)
+            ok &= all(torch.equal(a.cpu(), b) for a, b in zip(got, row_plan(layout.is_token_in_rank, base, limit, total)))
+        rows.append({"T": T, "E": E, "K": K, "R": R, "ok": bool(ok)})
+    return rows
+
+
 def graph_checks(rank, R, device):
     rows = []
     E, K, H, M = 32, 4, 256, 64
@@ -237,6 +257,7 @@ def main():
     report = {"world_size": R, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["correctness"] = correctness(rank, R, device)
     report["cuda_graphs"] = graph_checks(rank, R, device)
+    report["kernel_checks"] = kernel_checks(device)
     shape = (args.hidden, args.experts, args.topk)
     for name, fn, T in (("deepep_normal", bench_normal, args.tokens), ("deepep_ll", bench_ll, args.ll_tokens),
                         ("mori_truncation", bench_mori_truncation, None)):
