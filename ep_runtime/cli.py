@@ -31,18 +31,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "env":
-        return _env(args.markdown)
-    return _demo(args)
+    try:
+        if args.command == "env":
+            return _env(args.markdown)
+        _check_runner(args.runner)
+        return _demo(args)
+    except (ValueError, TypeError) as err:  # user errors (bad knob, unknown runner): one line, no traceback
+        print(f"ep-runtime {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
-def _positive_int(text: str) -> int:
+def _check_runner(name: str) -> None:
+    from . import runners
+    if name != "auto" and name not in runners.registered():
+        raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(runners.registered())} (or 'auto')")
+
+
+def _positive_int(text: str, most: int = 1 << 20) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; allowed 1..{most}")
     return value
 
 

@@ -41,7 +41,7 @@ def test_env_lists_every_knob():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["demo", "--world-size", "0"], "0 must be >= 1"),
+    (["demo", "--world-size", "0"], "0 is out of range; allowed 1..1048576"),
     (["demo", "--world-size", "two"], "'two' is not an integer"),
     (["nope"], "invalid choice: 'nope'"),
     (["env", "--bogus"], "unrecognized arguments: --bogus"),
