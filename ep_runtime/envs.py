@@ -84,8 +84,8 @@ _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
       "mori: hand the runner only this many receive rows (widened when more arrived, never truncating data); 0 = off.",
       minimum=0)
 _knob("RUNNER", str, "auto",
-      "Runner backend that EPMoE(runner='auto') picks: auto, torch, triton.",
-      choices=("auto", "torch", "triton"))
+      "Runner backend that EPMoE(runner='auto') uses: auto (the fastest with a path for the dispatcher), "
+      "torch, triton or masked.", choices=("auto", "torch", "triton", "masked"))
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
       minimum=1)
 

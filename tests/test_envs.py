@@ -35,7 +35,7 @@ def test_defaults_and_typed_values(monkeypatch):
     ("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", "abc", r"EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS='abc' is not a valid int"),
     ("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", "-3", r"'-3' is below the minimum; allowed: int >= 0"),
     ("EP_RUNTIME_TIMEOUT_S", "0", r"EP_RUNTIME_TIMEOUT_S='0' is below the minimum; allowed: float >= 1"),
-    ("EP_RUNTIME_RUNNER", "cuda", r"EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton"),
+    ("EP_RUNTIME_RUNNER", "cuda", r"EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton, masked"),
 ])
 def test_invalid_values_name_the_variable(monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)

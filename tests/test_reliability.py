@@ -273,7 +273,7 @@ KNOB_CASES = [
     ("EP_RUNTIME_NORMAL_ALIGNMENT", "-4", "EP_RUNTIME_NORMAL_ALIGNMENT='-4' is below the minimum"),
     ("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", "many",
      "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS='many' is not a valid int"),
-    ("EP_RUNTIME_RUNNER", "cuda", "EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton"),
+    ("EP_RUNTIME_RUNNER", "cuda", "EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton, masked"),
     ("EP_RUNTIME_DEMO_WORLD_SIZE", "0", "EP_RUNTIME_DEMO_WORLD_SIZE='0' is below the minimum"),
 ]
 
