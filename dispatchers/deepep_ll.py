@@ -19,7 +19,7 @@ from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_permute
 
-from . import register
+from . import exchange_kernels, register
 from .base import Dispatcher
 from .rank_exchange import ExchangeHandle, RankExchange, running_count
 
@@ -75,34 +75,65 @@ class DeepEPLLDispatcher(Dispatcher):
         rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
         N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
         here = recv_ids >= 0
-        col = torch.where(here, recv_ids.long(), L)
-        present = torch.zeros(N, L + 1, dtype=torch.bool, device=x.device).scatter_(1, col, True)[:, :L]
-        masked_m = present.sum(0).to(torch.int32)
-        slot = running_count(present)  # [N, L]: row of each (received row, expert) in that expert
-        pos = slot.gather(1, col.clamp(max=L - 1))
-        slot_index = torch.where(here, col * N + pos, L * N)  # [N, K]
+        slot_index, masked_m = _slots(recv_ids, L)
         slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))
-        values = rows.unsqueeze(1).expand(N, K, H)
+        scale = None
         if self.config.apply_router_weight_on_input:
-            values = values * slot_weight.unsqueeze(-1).to(values.dtype)
-            slot_weight = here.to(slot_weight.dtype)
+            scale, slot_weight = slot_weight, here.to(slot_weight.dtype)
         # Only valid rows are written; rows past masked_m stay unwritten (never read), as in DeepEP.
-        buffer = rows.new_empty(L * N + 1, H)
-        buffer = buffer.index_put_((slot_index.reshape(-1),), values.reshape(N * K, H))
-        recv_x = buffer[:L * N].view(L, N, H)
+        recv_x = _scatter(rows, slot_index, scale, L * N + 1)[:L * N].view(L, N, H)
         return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]
         handle: LLHandle = combine_input.dispatch_output.handle
         L, N, H = out.shape
-        index = handle.slot_index
-        K = index.shape[1]
-        rows = out.reshape(L * N, H)[index.clamp(max=L * N - 1).reshape(-1)].view(N, K, H)
-        rows = torch.where((index < L * N).unsqueeze(-1), rows, rows.new_zeros(()))  # unwritten rows may be NaN
-        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-        partial = (rows.to(acc) * handle.slot_weight.unsqueeze(-1).to(acc)).sum(1)
-        return self.exchange.reduce(partial.to(out.dtype), handle.exchange)
+        partial = _gather(out.reshape(L * N, H), handle.slot_index, handle.slot_weight)
+        return self.exchange.reduce(partial, handle.exchange)
+
+
+# Each step below has one fused kernel on CUDA (inference; the slot plan always) and torch ops
+# elsewhere and under autograd.
+
+def _slots(local_ids: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slot_index [N, K]: flat row l*N + p of each (received row, topk slot) (L*N = none); masked_m [L]."""
+    if exchange_kernels.on_gpu(local_ids):
+        return exchange_kernels.ll_slots(local_ids, L)
+    N = local_ids.shape[0]
+    here = local_ids >= 0
+    col = torch.where(here, local_ids.long(), L)
+    present = torch.zeros(N, L + 1, dtype=torch.bool, device=local_ids.device).scatter_(1, col, True)[:, :L]
+    pos = running_count(present).gather(1, col.clamp(max=L - 1))  # row of each pair inside its expert
+    return torch.where(here, col * N + pos, L * N), present.sum(0).to(torch.int32)
+
+
+def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int) -> torch.Tensor:
+    """[num_slots, H]: row n copied to slot_index[n, k] for every k (times scale[n, k] when given)."""
+    if exchange_kernels.enabled(rows) and not _needs_grad(rows, scale):
+        return exchange_kernels.ll_scatter(rows, slot_index, scale, num_slots)
+    N, K = slot_index.shape
+    values = rows.unsqueeze(1).expand(N, K, rows.shape[1])
+    if scale is not None:
+        acc = torch.promote_types(rows.dtype, torch.float32)  # scaled in fp32 (fp64 kept), rounded once
+        values = (values.to(acc) * scale.unsqueeze(-1).to(acc)).to(rows.dtype)
+    buffer = rows.new_empty(num_slots, rows.shape[1])
+    return buffer.index_put_((slot_index.reshape(-1),), values.reshape(N * K, -1))
+
+
+def _gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, H] in out's dtype: sum_k weight[n, k] * out[slot_index[n, k]], accumulated in fp32 (fp64 kept)."""
+    if exchange_kernels.enabled(out) and not _needs_grad(out, weight):
+        return exchange_kernels.ll_gather(out, slot_index, weight)
+    S, H = out.shape
+    N, K = slot_index.shape
+    rows = out[slot_index.clamp(max=S - 1).reshape(-1)].view(N, K, H)
+    rows = torch.where((slot_index < S).unsqueeze(-1), rows, rows.new_zeros(()))  # unwritten rows may be NaN
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return (rows.to(acc) * weight.unsqueeze(-1).to(acc)).sum(1).to(out.dtype)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pre(out: DeepEPLLDispatchOutput, placement, config) -> RunnerInput:

@@ -73,6 +73,52 @@ if triton is not None:
 
 
     @triton.jit
+    def _ll_slots_kernel(ids_ptr, slot_ptr, masked_m_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program l: the rows holding local expert l, in order, get slots l*N + 0, 1, ..."""
+        e = tl.program_id(0)
+        k = tl.arange(0, BLOCK_K)
+        carry = tl.zeros([], dtype=tl.int64)
+        for start in range(0, N, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            inside = (n[:, None] < N) & (k[None, :] < K)
+            ids = tl.load(ids_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=inside, other=-1)
+            match = ids == e
+            present = tl.max(match.to(tl.int64), axis=1)
+            pos = carry + tl.cumsum(present, axis=0) - 1
+            slot = e.to(tl.int64) * N + pos
+            tl.store(slot_ptr + n[:, None].to(tl.int64) * K + k[None, :], slot[:, None] + tl.zeros_like(ids).to(tl.int64),
+                     mask=match & inside)
+            carry += tl.sum(present, axis=0)
+        tl.store(masked_m_ptr + e, carry.to(tl.int32))
+
+    @triton.jit
+    def _ll_scatter_kernel(rows_ptr, slot_ptr, scale_ptr, out_ptr, K, H, none, SCALE: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
+        i = tl.program_id(0)  # one (received row, topk slot)
+        hb = tl.program_id(1)
+        slot = tl.load(slot_ptr + i)
+        if slot < none:
+            cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            row = tl.load(rows_ptr + (i // K).to(tl.int64) * H + cols, mask=cols < H, other=0.0)
+            if SCALE:
+                row = (row.to(tl.float32) * tl.load(scale_ptr + i)).to(row.dtype)
+            tl.store(out_ptr + slot * H + cols, row, mask=cols < H)
+
+    @triton.jit
+    def _ll_gather_kernel(out_ptr, slot_ptr, weight_ptr, partial_ptr, K, H, none, BLOCK_H: tl.constexpr):
+        n = tl.program_id(0)
+        hb = tl.program_id(1)
+        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for k in range(K):
+            slot = tl.load(slot_ptr + n.to(tl.int64) * K + k)
+            w = tl.load(weight_ptr + n.to(tl.int64) * K + k)
+            h_real = tl.where(slot < none, H, 0)
+            acc += w * tl.load(out_ptr + tl.where(slot < none, slot, 0) * H + cols, mask=cols < h_real,
+                               other=0.0).to(tl.float32)
+        tl.store(partial_ptr + n.to(tl.int64) * H + cols, acc.to(partial_ptr.dtype.element_ty), mask=cols < H)
+
+    @triton.jit
     def _layout_kernel(ids_ptr, in_rank_ptr, row_ptr, T, K, L, R, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -133,6 +179,45 @@ def row_plan(in_rank: torch.Tensor, base: torch.Tensor, limit: torch.Tensor, tot
     _row_plan_kernel[(R,)](in_rank.view(torch.int8).contiguous(), base.long().contiguous(), limit.long().contiguous(),
                            send_token, send_rank, index, T, R, total, BLOCK_T=256)
     return send_token, send_rank, index
+
+
+def ll_slots(local_ids: torch.Tensor, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """deepep_ll's expert-major placement: slot_index [N, K] (l*N + row within expert l; L*N = none)
+    and masked_m [L] int32. One kernel (a program per local expert scanning the rows)."""
+    N, K = local_ids.shape
+    L = num_local_experts
+    slot = torch.full((N, K), L * N, dtype=torch.long, device=local_ids.device)
+    masked_m = torch.empty(L, dtype=torch.int32, device=local_ids.device)
+    _ll_slots_kernel[(L,)](local_ids.to(torch.int32).contiguous(), slot, masked_m, N, K,
+                           BLOCK_N=128, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+    return slot, masked_m
+
+
+def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int
+               ) -> torch.Tensor:
+    """buffer [num_slots, H]: row n lands at slot_index[n, k] for each k (times scale[n, k] when given);
+    slots nobody writes stay unwritten. Inference only (no autograd)."""
+    (N, H), K = rows.shape, slot_index.shape[1]
+    out = rows.new_empty(num_slots, H)
+    if N * K:
+        BLOCK_H = _block_h(H)
+        _ll_scatter_kernel[(N * K, triton.cdiv(H, BLOCK_H))](
+            rows.contiguous(), slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
+            out, K, H, num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H)
+    return out
+
+
+def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """partial [N, H] = sum_k weight[n, k] * out[slot_index[n, k]] (fp32 accumulation; none skipped).
+    Inference only (no autograd)."""
+    S, H = out.shape
+    N, K = slot_index.shape
+    partial = out.new_empty(N, H)
+    if N:
+        BLOCK_H = _block_h(H)
+        _ll_gather_kernel[(N, triton.cdiv(H, BLOCK_H))](out.contiguous(), slot_index.contiguous(),
+                                                        weight.float().contiguous(), partial, K, H, S, BLOCK_H=BLOCK_H)
+    return partial
 
 
 def _block_h(H: int) -> int:

@@ -98,3 +98,28 @@ def test_row_plan_kernel_matches_torch(static):
     want = row_plan(in_rank, base, limit, total)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ll_kernels_match_torch(dtype, scaled):
+    from ep_runtime.dispatchers import deepep_ll
+    gen = torch.Generator().manual_seed(9)
+    N, K, L, H = 150, 4, 6, 24  # N above one scan block
+    ids = torch.randint(-1, L, (N, K), generator=gen, dtype=torch.int32)
+    slot, masked_m = xk.ll_slots(ids, L)
+    want_slot, want_m = deepep_ll._slots(ids, L)  # CPU tensors: the torch path
+    assert torch.equal(slot, want_slot) and torch.equal(masked_m, want_m)
+    rows = torch.randn(N, H, generator=gen).to(dtype)
+    scale = torch.rand(N, K, generator=gen) if scaled else None
+    got = xk.ll_scatter(rows, slot, scale, L * N + 1)
+    want = deepep_ll._scatter(rows, slot, scale, L * N + 1)
+    written = torch.zeros(L * N + 1, dtype=torch.bool)
+    written[slot[slot < L * N]] = True
+    assert torch.equal(got[written], want[written])
+    out = torch.randn(L * N, H, generator=gen).to(dtype)
+    out[~written[:-1]] = float("nan")  # unwritten rows are never read
+    weight = torch.rand(N, K, generator=gen)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(xk.ll_gather(out, slot, weight).double(), deepep_ll._gather(out, slot, weight).double(),
+                          rtol=tol, atol=tol)
