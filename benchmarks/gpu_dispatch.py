@@ -112,6 +112,23 @@ def kernel_checks(device):
             got = xk.row_plan(in_rank, base.to(device), limit.to(device), total)
             ok &= all(torch.equal(a.cpu(), b) for a, b in zip(got, row_plan(layout.is_token_in_rank, base, limit, total)))
         rows.append({"T": T, "E": E, "K": K, "R": R, "ok": bool(ok)})
+    from ep_runtime.dispatchers import deepep_ll
+    gen = torch.Generator().manual_seed(3)
+    for N, K, L in ((256, 8, 64), (512, 8, 128), (1, 2, 4)):
+        ids = torch.randint(-1, L, (N, K), generator=gen, dtype=torch.int32)
+        slot, m = xk.ll_slots(ids.to(device), L)
+        want_slot, want_m = deepep_ll._slots(ids, L)
+        rows_ = torch.randn(N, 512, generator=gen).bfloat16()
+        got = xk.ll_scatter(rows_.to(device), slot, None, L * N + 1).cpu()
+        want = deepep_ll._scatter(rows_, want_slot, None, L * N + 1)
+        written = torch.zeros(L * N + 1, dtype=torch.bool)
+        written[want_slot[want_slot < L * N]] = True
+        w = torch.rand(N, K, generator=gen)
+        part = xk.ll_gather(want.to(device)[:L * N], slot, w.to(device)).float().cpu()
+        ref = deepep_ll._gather(want[:L * N].float(), want_slot, w)
+        ok = (torch.equal(slot.cpu(), want_slot) and torch.equal(m.cpu(), want_m)
+              and torch.equal(got[written], want[written]) and torch.allclose(part, ref, rtol=1e-2, atol=1e-2))
+        rows.append({"ll_N": N, "K": K, "L": L, "ok": bool(ok)})
     return rows
 
 
