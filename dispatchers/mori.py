@@ -82,13 +82,17 @@ class MoriDispatcher(Dispatcher):
                                "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R")
         self.max_input_tokens = pick(max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS")
         self.static = static
-        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
+        M = self.max_dispatch_tokens_per_rank
+        self.token_rule = (f"mori allows at most max_dispatch_tokens_per_rank={M} "
+                           f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
+        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size,
+                                     max_tokens=(M, self.token_rule))
 
     def check_capacity(self, num_tokens: int) -> None:
-        M = self.max_dispatch_tokens_per_rank
-        if num_tokens > M:
-            raise ValueError(f"x has {num_tokens} tokens; mori allows at most max_dispatch_tokens_per_rank={M} "
-                             f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
+        # The host plan checks every rank's T in its count table (symmetric); a static plan reads
+        # nothing on the host, so it checks its own T here, before any collective.
+        if num_tokens > self.max_dispatch_tokens_per_rank and self._static():
+            raise ValueError(f"x has {num_tokens} tokens; {self.token_rule}")
 
     def _static(self) -> bool:
         return capturing() if self.static is None else self.static

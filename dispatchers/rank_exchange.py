@@ -112,9 +112,14 @@ class ExchangeHandle:
 
 
 class RankExchange:
-    def __init__(self, num_experts: int, group, rank: int, world_size: int):
+    """max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks every
+    rank's T against it in the count table, so one rank over it fails every rank at once."""
+
+    def __init__(self, num_experts: int, group, rank: int, world_size: int,
+                 max_tokens: Optional[tuple[int, str]] = None):
         self.num_experts, self.group, self.rank, self.world_size = num_experts, group, rank, world_size
         self.num_local_experts = num_experts // world_size
+        self.max_tokens = max_tokens
 
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
              capacity: str = "", topk_weights: Optional[torch.Tensor] = None) -> ExchangeHandle:
@@ -135,8 +140,17 @@ class RankExchange:
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         if chunk is None:
-            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights)
+            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights,
+                                   table[:, 0])
         return self._static_plan(layout, sent, per_expert, recv, T, chunk, rows, capacity)
+
+    def _check_tokens(self, tokens: list) -> None:
+        if self.max_tokens is None:
+            return
+        most, rule = self.max_tokens
+        over = [r for r, t in enumerate(tokens) if t > most]
+        if over:
+            raise ValueError(f"x has {tokens[over[0]]} tokens on rank {over[0]}; {rule} (every rank stops here)")
 
     def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Every rank raises when any rank's ids or weights are bad; the bad rank names the value."""
@@ -146,13 +160,15 @@ class RankExchange:
             raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1} "
                              f"or non-finite weights; its own error names the value); every rank stops here")
 
-    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights
-                   ) -> ExchangeHandle:
+    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights,
+                   tokens) -> ExchangeHandle:
         R, me, L = self.world_size, self.rank, self.num_local_experts
-        parts = [sent.reshape(-1), per_expert] + ([flags.reshape(-1)] if flags is not None else [])
+        parts = [sent.reshape(-1), per_expert, tokens] + ([flags.reshape(-1)] if flags is not None else [])
         host = torch.cat(parts).tolist()  # the one host sync
         if flags is not None:
-            self._check_flags([host[R * R + L + 2 * r:R * R + L + 2 * r + 2] for r in range(R)], topk_ids, topk_weights)
+            at = R * R + L + R
+            self._check_flags([host[at + 2 * r:at + 2 * r + 2] for r in range(R)], topk_ids, topk_weights)
+        self._check_tokens(host[R * R + L:R * R + L + R])
         host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:R * R + L]
         if rows is not None:
             most = max(sum(host[s][d] for s in range(R)) for d in range(R))

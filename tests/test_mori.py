@@ -79,7 +79,7 @@ def test_buffer_too_small_fails_every_rank(static):
 def test_too_many_tokens_names_the_knob():
     layer = ep.EPMoE(8, 2, 16, 8, dispatcher="mori", runner="torch",
                      dispatcher_options={"max_dispatch_tokens_per_rank": 4})
-    with pytest.raises(ValueError, match=r"x has 5 tokens; mori allows at most max_dispatch_tokens_per_rank=4"):
+    with pytest.raises(ValueError, match=r"x has 5 tokens on rank 0; mori allows at most max_dispatch_tokens_per_rank=4"):
         layer(torch.randn(5, 16), torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, 2))
 
 
@@ -95,3 +95,18 @@ def test_knobs_are_read_and_validated(monkeypatch):
         monkeypatch.setenv("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", bad)
         with pytest.raises(ValueError, match="EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"):
             ep.dispatchers.create("mori", cfg)
+
+
+def _one_rank_over(rank, world_size):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="mori", runner="torch",
+                     dispatcher_options={"max_dispatch_tokens_per_rank": 4})
+    T = 5 if rank == 1 else 2
+    ids = torch.stack([torch.arange(T) % 8, (torch.arange(T) + 3) % 8], 1).int()
+    layer(torch.randn(T, 16), ids, torch.ones(T, 2))
+
+
+def test_one_rank_over_capacity_fails_every_rank_at_once():
+    # T travels in the count table: rank 0 learns of rank 1's overflow at once (no timeout).
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_one_rank_over, 2, timeout=60, group_timeout=300)
+    assert str(failure.value).count("x has 5 tokens on rank 1; mori allows at most max_dispatch_tokens_per_rank=4") == 2

@@ -165,7 +165,7 @@ BAD_INPUT = {
 }
 CAPACITY = {  # T = 5 over a capacity of 4 tokens per rank
     "deepep_ll": "x has T=5 tokens; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4 per rank",
-    "mori": "x has 5 tokens; mori allows at most max_dispatch_tokens_per_rank=4",
+    "mori": "x has 5 tokens on rank 0; mori allows at most max_dispatch_tokens_per_rank=4",
 }
 
 
