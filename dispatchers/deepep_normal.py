@@ -63,6 +63,8 @@ class DeepEPNormalDispatcher(Dispatcher):
         return dispatch_layout(topk_ids, self.config.num_experts, self.world_size)
 
     def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None) -> DeepEPNormalDispatchOutput:
+        """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
+        plan is reused, nothing syncs, and the ids are not checked again (they were when it was made)."""
         return super().dispatch(x, topk, handle=handle)
 
     def checks_values_in_exchange(self, handle: Optional[ExchangeHandle] = None) -> bool:
