@@ -133,16 +133,38 @@ class RankExchange:
         if checked:
             row = torch.cat([row, topk_value_flags(topk_ids, topk_weights, E)])
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ 2 flags)]
-        flags = None
-        if checked:
-            table, flags = table[:, :-2], table[:, -2:]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         if chunk is None:
-            return self._host_plan(layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights,
-                                   table[:, 0])
+            return self._host_plan(layout, table.tolist(), sent, per_expert, recv, rows, capacity,  # the one sync
+                                   topk_ids, topk_weights if checked else None)
         return self._static_plan(layout, sent, per_expert, recv, T, chunk, rows, capacity)
+
+    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity, topk_ids, topk_weights
+                   ) -> ExchangeHandle:
+        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
+        (bad-id, bad-weight flags when topk_weights is given)])."""
+        R, me, L = self.world_size, self.rank, self.num_local_experts
+        T = host_table[me][0]
+        if topk_weights is not None:
+            self._check_flags([row[-2:] for row in host_table], topk_ids, topk_weights)
+        self._check_tokens([row[0] for row in host_table])
+        host = [row[1:1 + R] for row in host_table]
+        per_expert_host = [sum(row[1 + R + me * L + e] for row in host_table) for e in range(L)]
+        if rows is not None:
+            most = max(sum(host[s][d] for s in range(R)) for d in range(R))
+            if most > rows:
+                raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
+                                 f"(allowed: at least {most})")
+        send_splits = host[me]
+        recv_splits = [host[s][me] for s in range(R)]
+        counts = sent[me].long()
+        S = sum(send_splits)
+        send_token, send_rank, combine_index = row_plan(layout.is_token_in_rank, counts.cumsum(0) - counts,
+                                                        counts, S)
+        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
+                              recv_splits, per_expert_host, rows=rows)
 
     def _check_tokens(self, tokens: list) -> None:
         if self.max_tokens is None:
@@ -159,30 +181,6 @@ class RankExchange:
         if bad:
             raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1} "
                              f"or non-finite weights; its own error names the value); every rank stops here")
-
-    def _host_plan(self, layout, sent, per_expert, recv, T, rows, capacity, flags, topk_ids, topk_weights,
-                   tokens) -> ExchangeHandle:
-        R, me, L = self.world_size, self.rank, self.num_local_experts
-        parts = [sent.reshape(-1), per_expert, tokens] + ([flags.reshape(-1)] if flags is not None else [])
-        host = torch.cat(parts).tolist()  # the one host sync
-        if flags is not None:
-            at = R * R + L + R
-            self._check_flags([host[at + 2 * r:at + 2 * r + 2] for r in range(R)], topk_ids, topk_weights)
-        self._check_tokens(host[R * R + L:R * R + L + R])
-        host, per_expert_host = [host[s * R:(s + 1) * R] for s in range(R)], host[R * R:R * R + L]
-        if rows is not None:
-            most = max(sum(host[s][d] for s in range(R)) for d in range(R))
-            if most > rows:
-                raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
-                                 f"(allowed: at least {most})")
-        send_splits = host[me]
-        recv_splits = [host[s][me] for s in range(R)]
-        counts = sent[me].long()
-        S = sum(send_splits)
-        send_token, send_rank, combine_index = row_plan(layout.is_token_in_rank, counts.cumsum(0) - counts,
-                                                        counts, S)
-        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
-                              recv_splits, per_expert_host, rows=rows)
 
     def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         R, me, device = self.world_size, self.rank, sent.device
