@@ -87,7 +87,15 @@ class EPMoE(nn.Module):
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
                 correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K],
-        or router_logits [T, E] (routed with self.topk_config)."""
+        or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
+        Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
+        y comes back in x's shape."""
+        if isinstance(x, torch.Tensor) and x.dim() > 2:
+            lead = x.shape[:-1]
+            flat = lambda t: t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) and t.shape[:-1] == lead else t  # noqa: E731
+            y = self.forward(x.reshape(-1, x.shape[-1]), flat(topk_ids), flat(topk_weights),
+                             router_logits=flat(router_logits), correction_bias=correction_bias)
+            return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         dispatch_output = self.dispatcher.dispatch(x, topk)

@@ -105,3 +105,17 @@ def _standard_on_ranks(rank, world_size):
 def test_standard_replicated_experts_on_ranks(R):
     for errors in run_ranks(_standard_on_ranks, R):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def test_batched_input_is_flattened_and_restored():
+    # A Hugging Face block hands [batch, seq, H]; ids/weights/logits come as [batch, seq, K or E].
+    cfg = ep.TopKConfig(top_k=2, renormalize=True)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64, topk_config=cfg)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    logits = torch.randn(3, 5, 8)
+    y = layer(x, router_logits=logits)
+    ids, w = ep.select_experts(logits.reshape(15, 8), cfg)
+    assert y.shape == (3, 5, 16) and torch.equal(y.reshape(15, 16), layer(x.reshape(15, 16), ids, w))
+    assert torch.equal(layer(x, ids.view(3, 5, 2), w.view(3, 5, 2)), y)
+    with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[15, 2\]"):
+        layer(x, ids.view(5, 3, 2), w.view(3, 5, 2))
