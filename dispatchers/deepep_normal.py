@@ -43,13 +43,15 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
 @register
 class DeepEPNormalDispatcher(Dispatcher):
     """alignment: round num_recv_tokens_per_expert up to a multiple (EP_RUNTIME_NORMAL_ALIGNMENT).
-    num_worst_tokens: an upper bound on the tokens any rank receives; static shapes, no host sync."""
+    num_worst_tokens: an upper bound on the tokens any rank receives; static shapes, no host sync.
+    num_max_dispatch_tokens_per_rank (static mode): the most tokens a rank sends to one peer, i.e.
+    the fixed chunk per peer (default num_worst_tokens); set it to cut the padding bytes by ~R."""
 
     name = "deepep_normal"
     format = "deepep_normal"
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
-                 num_worst_tokens: Optional[int] = None):
+                 num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
         super().__init__(config, group)
         self.alignment = envs.get("NORMAL_ALIGNMENT") if alignment is None else alignment
         if not isinstance(self.alignment, int) or self.alignment < 1:
@@ -57,6 +59,10 @@ class DeepEPNormalDispatcher(Dispatcher):
         if num_worst_tokens is not None and (not isinstance(num_worst_tokens, int) or num_worst_tokens < 1):
             raise ValueError(f"num_worst_tokens={num_worst_tokens!r}; allowed: None or an int >= 1")
         self.num_worst_tokens = num_worst_tokens
+        M = num_max_dispatch_tokens_per_rank
+        if M is not None and (num_worst_tokens is None or not isinstance(M, int) or M < 1):
+            raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1, with num_worst_tokens set")
+        self.chunk = M or num_worst_tokens
         self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
@@ -74,8 +80,9 @@ class DeepEPNormalDispatcher(Dispatcher):
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
         if handle is None:
-            W = self.num_worst_tokens
-            handle = self.exchange.plan(ids, chunk=W, rows=W, capacity=f"num_worst_tokens={W}", topk_weights=weights)
+            W, C = self.num_worst_tokens, self.chunk
+            setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
+            handle = self.exchange.plan(ids, chunk=C, rows=W, capacity=setting, topk_weights=weights)
         elif handle.num_tokens != x.shape[0]:
             raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                              f"(a handle is only valid for a dispatch with the same routing)")

@@ -61,28 +61,34 @@ def test_layer_matches_reference_on_ranks(R, E, K):
         assert counted == truth and listed == truth and real == sum(truth)
 
 
-@pytest.mark.parametrize("R", [2, 4])
-def test_static_shapes_num_worst_tokens(R):
+@pytest.mark.parametrize("R,per_peer", [(2, False), (4, False), (4, True)])
+def test_static_shapes_num_worst_tokens(R, per_peer):
     # Every rank receives at most sum(tokens) rows; static mode pads to W and gives the same result.
+    # per_peer: chunks of max(tokens) rows per peer instead of W.
     W = sum(_tokens(R))
-    for errors, truth, counted, listed, real in run_ranks(_normal_rank, R, 16, 4, {"num_worst_tokens": W}):
+    opts = {"num_worst_tokens": W, **({"num_max_dispatch_tokens_per_rank": max(_tokens(R))} if per_peer else {})}
+    for errors, truth, counted, listed, real in run_ranks(_normal_rank, R, 16, 4, opts):
         assert max(errors.values()) <= tolerance(torch.float32), errors
         assert counted == truth and listed == [] and real == sum(truth)
 
 
-def _too_small_rank(rank, world_size):
-    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch",
-                     dispatcher_options={"num_worst_tokens": 3})
+def _too_small_rank(rank, world_size, options, message):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", dispatcher_options=options)
     x = torch.randn(10, 16)
     ids = torch.zeros(10, 2, dtype=torch.int32)  # every token to expert 0 and -1
     ids[:, 1] = -1
-    with pytest.raises(ValueError, match="num_worst_tokens=3 is too small for this step"):
+    with pytest.raises(ValueError, match=message):
         layer(x, ids, torch.ones(10, 2))
     return True
 
 
-def test_num_worst_tokens_too_small_fails_every_rank():
-    assert run_ranks(_too_small_rank, 2) == [True, True]
+@pytest.mark.parametrize("options,message", [
+    ({"num_worst_tokens": 3}, "num_worst_tokens=3 is too small for this step"),
+    ({"num_worst_tokens": 40, "num_max_dispatch_tokens_per_rank": 9},
+     "num_worst_tokens=40 / num_max_dispatch_tokens_per_rank=9 is too small for this step"),
+])
+def test_num_worst_tokens_too_small_fails_every_rank(options, message):
+    assert run_ranks(_too_small_rank, 2, options, message) == [True, True]
 
 
 def _reuse_rank(rank, world_size):
