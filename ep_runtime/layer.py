@@ -91,10 +91,12 @@ class EPMoE(nn.Module):
         Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
         y comes back in x's shape."""
         if isinstance(x, torch.Tensor) and x.dim() > 2:
-            lead = x.shape[:-1]
-            flat = lambda t: t.reshape(-1, t.shape[-1]) if isinstance(t, torch.Tensor) and t.shape[:-1] == lead else t  # noqa: E731
-            y = self.forward(x.reshape(-1, x.shape[-1]), flat(topk_ids), flat(topk_weights),
-                             router_logits=flat(router_logits), correction_bias=correction_bias)
+            lead = tuple(x.shape[:-1])
+            K, E = self.config.top_k, self.config.num_experts
+            y = self.forward(x.reshape(-1, x.shape[-1]), _flatten("topk_ids", topk_ids, lead, K),
+                             _flatten("topk_weights", topk_weights, lead, K),
+                             router_logits=_flatten("router_logits", router_logits, lead, E),
+                             correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
@@ -119,3 +121,13 @@ class EPMoE(nn.Module):
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
                 f"runner={self.runner.backend.name}")
+
+
+def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:
+    """[*lead, last] -> [prod(lead), last]; a tensor without x's leading dims is an error."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if tuple(t.shape) != lead + (last,):
+        raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(lead) + [last]} (x's leading dims, "
+                         f"then {'num_experts' if name == 'router_logits' else 'top_k'})")
+    return t.reshape(-1, last)

@@ -117,5 +117,5 @@ def test_batched_input_is_flattened_and_restored():
     ids, w = ep.select_experts(logits.reshape(15, 8), cfg)
     assert y.shape == (3, 5, 16) and torch.equal(y.reshape(15, 16), layer(x.reshape(15, 16), ids, w))
     assert torch.equal(layer(x, ids.view(3, 5, 2), w.view(3, 5, 2)), y)
-    with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[15, 2\]"):
+    with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[3, 5, 2\]"):
         layer(x, ids.view(5, 3, 2), w.view(3, 5, 2))

@@ -160,7 +160,7 @@ BAD_INPUT = {
     "int_weights": "topk_weights has dtype torch.int64; expected a floating dtype",
     "x_hidden": "x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "x_dtype": "x has dtype torch.float64; this layer's weights are torch.float32",
-    "x_3d": "x has shape [4, 1, 16]; expected [T, 16] (hidden_size=16)",
+    "x_3d": "topk_ids has shape [4, 2]; expected [4, 1, 2] (x's leading dims, then top_k)",
     "nan_weight": "topk_weights has a non-finite value nan at [3, 1]",
 }
 CAPACITY = {  # T = 5 over a capacity of 4 tokens per rank
