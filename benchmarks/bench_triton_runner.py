@@ -1,6 +1,7 @@
 """GPU checks and benchmark of the triton runner (one script, one device call).
 
-    python benchmarks/bench_triton_runner.py [--tune] [--sweep gemm1 gemm2] [--out DIR] [--quick]
+    python benchmarks/bench_triton_runner.py [--tune] [--sweep gemm1 gemm2] [--shapes mixtral deepseek]
+        [--out DIR] [--quick]
 
 1. Roofline of this GPU: device-to-device copy bandwidth (read + write) and an 8192^3 bf16 matmul.
 2. bf16 correctness against the float64 reference, for T in {1, 7, 64, 512, 4096, 16384}: a rank that
@@ -10,7 +11,7 @@
    and EPMoE(runner="triton") forward+backward in bf16 against the reference.
 3. --tune: python -m ep_runtime.runners.triton_tune for both benchmark shapes, table -> DIR.
    --sweep gemm1 gemm2: re-pick each GEMM's tiles at --tune-tokens, keeping the table's BLOCK_M and the
-   other GEMM's tiles; GEMM 1 is timed with the activation fused in its epilogue (the runner's path
+   other GEMM's tiles (a wider list at T >= 4096); GEMM 1 is timed with the activation fused in its epilogue (the runner's path
    without an after_gemm1 hook), beside the unfused GEMM 1 + activation pass. Table -> the tree's copy and DIR.
 4. Timing, triton vs the torch runner (torch._grouped_mm) in the same run: Mixtral-like (E=8, K=2,
    H=4096, I=14336) and DeepSeek-like (32 local experts of 256, K=8, H=7168, I=2048). CUDA events
@@ -239,6 +240,9 @@ SWEEP_SMALL_M = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (12
                  (128, 128, 1, 8, 3)]
 SWEEP_LARGE_M = [(128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (256, 64, 8, 8, 4), (256, 64, 16, 8, 3),
                  (256, 64, 16, 8, 4), (256, 64, 4, 8, 4), (256, 32, 8, 8, 6), (128, 128, 8, 8, 3), (128, 64, 8, 8, 4)]
+# T >= 4096 (compute-bound): more orderings (GROUP_M) and pipeline depths around 128 x 256 with 8 warps.
+SWEEP_LARGE_T = SWEEP_LARGE_M + [(256, 64, 32, 8, 4), (256, 64, 2, 8, 4), (256, 32, 8, 8, 5),
+                                 (256, 128, 8, 8, 2), (256, 64, 1, 8, 4)]
 
 
 def sweep(shape: str, tokens, gemm: str, repeats: int = 10) -> None:
@@ -279,7 +283,8 @@ def sweep(shape: str, tokens, gemm: str, repeats: int = 10) -> None:
             o = torch.empty(T * K, H, device=DEV, dtype=torch.bfloat16)
             run = lambda tiles: kernels.grouped_gemm(a, w, o, aligned, tiles, 1)  # noqa: E731
         current = getattr(cfg, gemm)
-        cands = [current] + [kernels.GemmTiles(*t) for t in (SWEEP_SMALL_M if cfg.BLOCK_M <= 32 else SWEEP_LARGE_M)]
+        listed = SWEEP_SMALL_M if cfg.BLOCK_M <= 32 else (SWEEP_LARGE_T if T >= 4096 else SWEEP_LARGE_M)
+        cands = [current] + [kernels.GemmTiles(*t) for t in listed]
         results = []
         for tiles in dict.fromkeys(cands):
             try:
@@ -345,6 +350,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                   help="shapes to sweep and benchmark (default: both)")
     p.add_argument("--profile", action="store_true", help="only profile small calls, then exit")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -371,12 +378,12 @@ def main() -> None:
         (args.out / table_path.name).write_text(table_path.read_text())
     if args.sweep:
         for gemm in args.sweep:
-            for shape in ("mixtral", "deepseek"):
+            for shape in args.shapes:
                 sweep(shape, args.tune_tokens, gemm)
         table_path = kernels.device_file(name)
         (args.out / table_path.name).write_text(table_path.read_text())
     result["bench"] = []
-    for shape in ("mixtral", "deepseek"):
+    for shape in args.shapes:
         result["bench"] += bench(shape, args.tokens, result["roofline"], args.repeats)
         (args.out / "bench_triton_runner.json").write_text(json.dumps(result, indent=1, default=str))
 

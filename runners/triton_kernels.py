@@ -5,8 +5,9 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
     align_pairs       (token, expert) pairs P = N*K -> pair ids sorted by expert, padded to BLOCK_M per
                       expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block
     grouped_gemm      GEMM 1 with the activation in its epilogue (FUSE_ACT, the default path): each program
-                      computes a tile of gate columns and the same columns of up and writes
-                      a[p] = act(gate) * up (or act(h)) directly, so h never reaches memory
+                      computes a tile of gate columns and the same columns of up (interleaved in one
+                      weight tile, one dot) and writes a[p] = act(gate) * up (or act(h)) directly, so h
+                      never reaches memory
     -- or, when an after_gemm1 hook needs the raw GEMM 1 output --
     grouped_gemm      GEMM 1: h[p] = x[p // K] @ w13[e]^T (+ b13[e])  for every pair p in an expert's blocks
     act_and_mul       a[p] = act(gate) * up  (or act(h)); rows of filtered pairs are written as zeros
@@ -289,9 +290,13 @@ def _grouped_gemm_kernel(
 ):
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # FUSE_ACT: out[p, n] = _activate(that with b's row n, that with b's row N + n if GATED); N = I.
-    TWO: tl.constexpr = FUSE_ACT and GATED  # a gate tile and the matching up tile per program
+    # BLOCK_N weight rows per program. When TWO they interleave gate and up rows (column 2j: gate row
+    # n0 + j, column 2j + 1: up row N + n0 + j), so one dot of the full width (wgmma's widest N, one
+    # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
+    TWO: tl.constexpr = FUSE_ACT and GATED
+    OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N  # output columns per program
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(N, OUT_N)
     # Grouped ordering: GROUP_M row blocks sweep the N tiles together, so an expert's weight tile is
     # read from HBM once and reused from L2 by its neighbouring row blocks.
     per_group = GROUP_M * num_n
@@ -308,52 +313,50 @@ def _grouped_gemm_kernel(
     pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
     row_ok = pair < num_pairs
     a_row = pair // ROWS_PER_A_ROW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    cols = tl.arange(0, BLOCK_N)
+    if TWO:
+        col_n = pid_n * OUT_N + cols // 2  # the output column each weight row feeds
+        w_row = col_n + (cols % 2) * N
+    else:
+        col_n = pid_n * BLOCK_N + cols
+        w_row = col_n
+    n_ok = col_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    up_shift = N * stride_bn  # the up rows follow the I gate rows in w13 (used when TWO)
+    b_ptrs = b_ptr + expert * stride_be + w_row[None, :] * stride_bn + offs_k[:, None] * stride_bk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-            if TWO:
-                b_up = tl.load(b_ptrs + up_shift, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < K_dim - k * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if TWO:
-                b_up = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-            if TWO:
-                b_up = b_up.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if TWO:
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_SCALE:  # router weight on the input: (w x) W^T = w (x W^T), applied before the bias
-        row_scale = tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        acc = acc * row_scale
-        if TWO:
-            acc_up = acc_up * row_scale
+        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
-        bias_ptrs = bias_ptr + expert * stride_bias_e + offs_n
-        acc = acc + tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if TWO:
-            acc_up = acc_up + tl.load(bias_ptrs + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + w_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
     if FUSE_ACT:  # (padding rows are not stored; filtered pairs have no rows here at all)
-        acc = _activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+        if TWO:
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
+        else:
+            gate = acc
+            up = acc
+        res = _activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    else:
+        res = acc
     out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
@@ -376,13 +379,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         N //= 2
     if out.shape[1] != N:
         raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
-    block_n = max(16, tiles.BLOCK_N // 2) if two else tiles.BLOCK_N  # same weight rows per program
+    block_n = max(32, tiles.BLOCK_N) if two else tiles.BLOCK_N  # weight rows per program (gate and up)
+    out_n = block_n // 2 if two else block_n
     num_blocks = aligned.block_expert.numel()
     if num_blocks == 0:
         return out
     upcast = interpreted and a.dtype == torch.bfloat16
     precision = "ieee" if (a.dtype == torch.float32 or upcast) else None
-    grid = (num_blocks * triton.cdiv(N, block_n),)
+    grid = (num_blocks * triton.cdiv(N, out_n),)
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, scale if scale is not None else a, out,
         aligned.sorted_pair_ids, aligned.block_expert,
