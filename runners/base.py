@@ -40,3 +40,30 @@ class RunnerBackend:
     def run(self, runner_input: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         """[N, H] in the input's dtype: per row, routed_scaling_factor * sum_k w_k * expert(x)."""
         raise NotImplementedError
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
+    from ep_runtime import envs
+    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class TritonBackend(RunnerBackend):
+    """A backend whose kernels are Triton: it runs on CUDA, or on CPU tensors under the interpreter.
+    Subclasses set import_error to why their kernels did not import (None when they did)."""
+
+    import_error: ClassVar[Optional[str]] = None
+
+    def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
+        super().__init__(config, hooks)
+        if self.import_error is not None:
+            raise RuntimeError(f"runner={self.name!r} cannot run here: {self.import_error}")
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.import_error is None and (torch.cuda.is_available() or triton_interpreted())
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return cls.import_error or ("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through "
+                                    "the interpreter)")

@@ -25,12 +25,12 @@ from typing import Optional
 
 import torch
 
-from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.runner_core import CombineInput, RunnerInput, register_fused
 
 from . import register
-from .base import GemmHooks, RunnerBackend
+from .base import GemmHooks, TritonBackend
+from .base import triton_interpreted as interpreted
 
 try:
     import triton
@@ -44,10 +44,6 @@ except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton
 _ACT_NONE, _ACT_SILU, _ACT_GELU, _ACT_GELU_TANH, _ACT_SWIGLU_OAI = 0, 1, 2, 3, 4
 _ACTIVATION_CODES = {"silu": _ACT_SILU, "gelu": _ACT_GELU, "gelu_tanh": _ACT_GELU_TANH}
 
-
-def interpreted() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
-    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -268,16 +264,15 @@ def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertW
 
 
 @register
-class MaskedRunner(RunnerBackend):
+class MaskedRunner(TritonBackend):
     """Triton grouped GEMMs over deepep_ll's [L, M*R, H] layout that skip rows past masked_m.
     Every MoeConfig field is supported; GEMM hooks are not. Only the deepep_ll format."""
 
     name = "masked"
+    import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None, tiles: Optional[MaskedTiles] = None):
         super().__init__(config, hooks)
-        if triton is None:
-            raise RuntimeError(f"runner='masked' cannot run here: {_IMPORT_ERROR}")
         if self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None:
             raise ValueError("runner='masked' does not support GEMM hooks (after_gemm1/after_gemm2); "
                              "use runner='torch' or runner='triton' with hooks")
@@ -285,16 +280,6 @@ class MaskedRunner(RunnerBackend):
             raise ValueError(f"runner='masked' does not implement activation={config.activation!r}; "
                              f"supported: {', '.join(_ACTIVATION_CODES)}")
         self.tiles = tiles
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return triton is not None and (torch.cuda.is_available() or interpreted())
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        if triton is None:
-            return _IMPORT_ERROR or ""
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
 
     def run_masked(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
         """recv_x [L, M*R, H] expert-major, rows p >= masked_m[l] never read; masked_m [L] int32 on the

@@ -12,12 +12,12 @@ from typing import Optional
 
 import torch
 
-from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.runner_core import RunnerInput
 
 from . import register
-from .base import GemmHooks, RunnerBackend
+from .base import GemmHooks, TritonBackend
+from .base import triton_interpreted as interpreted
 
 try:
     import triton  # noqa: F401
@@ -28,10 +28,6 @@ except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton
     kernels = None  # type: ignore[assignment]
     _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
 
-
-def interpreted() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
-    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -175,30 +171,19 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
 
 
 @register
-class TritonRunner(RunnerBackend):
+class TritonRunner(TritonBackend):
     """Fused Triton kernels; every MoeConfig field is supported, and both GEMM hooks."""
 
     name = "triton"
+    import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,
                  block_config: Optional["kernels.BlockConfig"] = None):
         super().__init__(config, hooks)
-        if kernels is None:
-            raise RuntimeError(f"runner='triton' cannot run here: {_IMPORT_ERROR}")
         if config.activation not in kernels.ACTIVATION_CODES:
             raise ValueError(f"runner='triton' does not implement activation={config.activation!r}; "
                              f"supported: {', '.join(kernels.ACTIVATION_CODES)}")
         self.block_config = block_config
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return kernels is not None and (torch.cuda.is_available() or interpreted())
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        if kernels is None:
-            return _IMPORT_ERROR or ""
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through the interpreter)"
 
     def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         return run_fused(inp, weights, self.config, self.hooks, self.block_config)
