@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import traceback
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ep_runtime.bench import measure
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import expert_reference, rel_err
 from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles
@@ -48,21 +48,9 @@ CONFIG_FIELDS = {
 
 
 def cuda_time(fn, iters: int, warmup: int = 5) -> dict:
-    """Median, p10, p90 in microseconds of fn(), one CUDA-event pair per call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_us": statistics.median(times), "p10_us": q(0.1), "p90_us": q(0.9)}
+    """Median, p10, p90 in microseconds of fn(): ep_runtime.bench.measure (one CUDA-event pair per call)."""
+    stats = measure(lambda _: fn(), repeats=iters, warmup=warmup, device=torch.device("cuda"))
+    return {"median_us": stats.median_us, "p10_us": stats.p10_us, "p90_us": stats.p90_us}
 
 
 def routed_masked_m(M: int, R: int, K: int, L: int, gen: torch.Generator) -> torch.Tensor:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ep_runtime import runners
+from ep_runtime.bench import measure
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.runner_core import RunnerInput
@@ -48,30 +49,21 @@ def say(line: str = "") -> None:
             f.write(line + "\n")
 
 
-def cuda_time_ms(fn, repeats: int, warmup: int = 3, inputs=None) -> list[float]:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn(i) (i = call index, for rotating inputs): ep_runtime.bench.measure."""
+    return measure(fn, repeats=repeats, warmup=warmup, device=DEV).median_us / 1e3
 
 
 def roofline() -> dict:
     n = 1 << 30  # 2 GiB of bf16 each way
     src = torch.randn(n, device=DEV, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    t = statistics.median(cuda_time_ms(lambda i: dst.copy_(src), 20))
+    t = median_ms(lambda i: dst.copy_(src), 20)
     copy_tbs = 2 * n * 2 / t / 1e9
     del src, dst
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    t = statistics.median(cuda_time_ms(lambda i: a @ b, 20))
+    t = median_ms(lambda i: a @ b, 20)
     mm_tflops = 2 * 8192 ** 3 / t / 1e9
     say(f"roofline: copy {copy_tbs:.2f} TB/s (read+write), bf16 8192^3 matmul {mm_tflops:.0f} TFLOP/s")
     return {"copy_TBps": copy_tbs, "matmul_TFLOPs": mm_tflops}
@@ -199,7 +191,7 @@ def bench(shape: str, tokens, roof: dict, repeats: int) -> list[dict]:
         med = {}
         with torch.inference_mode():
             for name, b in backends.items():
-                med[name] = statistics.median(cuda_time_ms(lambda i: b.run(inputs[i % 4], weights), repeats))
+                med[name] = median_ms(lambda i: b.run(inputs[i % 4], weights), repeats)
             # The triton sequence is sync-free: a CUDA graph per input removes the host launch time.
             graphs = []
             b = backends["triton"]
@@ -213,7 +205,7 @@ def bench(shape: str, tokens, roof: dict, repeats: int) -> list[dict]:
                 with torch.cuda.graph(g):
                     b.run(inp, weights)
                 graphs.append(g)
-            med["graph"] = statistics.median(cuda_time_ms(lambda i: graphs[i % 4].replay(), repeats))
+            med["graph"] = median_ms(lambda i: graphs[i % 4].replay(), repeats)
             del graphs
         flops = 2 * 3 * H * I * pairs
         wbytes = hit * 3 * H * I * 2
@@ -264,7 +256,7 @@ def sweep(shape: str, tokens, gemm: str, repeats: int = 10) -> None:
     entries = table.setdefault(kernels.shape_key(L, K, H, I, torch.bfloat16), {})
 
     def med(fn):
-        return statistics.median(cuda_time_ms(lambda i: fn(), repeats, warmup=2))
+        return median_ms(lambda i: fn(), repeats, warmup=2)
 
     for T in tokens:
         cfg = kernels.pick_config(T, L, K, H, I, torch.bfloat16, DEV, False)
@@ -328,7 +320,7 @@ def profile(shape: str, T: int) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             b.run(inp, weights)
-        replay = statistics.median(cuda_time_ms(lambda i: graph.replay(), 20))
+        replay = median_ms(lambda i: graph.replay(), 20)
         say(f"profile {shape} T={T}: host {host:.3f} ms per call (launch only), graph replay {replay:.3f} ms")
         from torch.profiler import ProfilerActivity, profile as tprofile
         with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

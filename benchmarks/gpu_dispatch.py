@@ -16,34 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import traceback
 
 import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
+from ep_runtime.bench import measure
 from ep_runtime.runner_core import CombineInput, registered_pairs
 from ep_runtime.testing import check_layer, make_problem, tolerance
 
 
 def timed(fn, iters=30, warmup=5):
-    """Median, p10, p90 in microseconds of fn() measured with CUDA events (after a barrier)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_us": statistics.median(times), "p10_us": q(0.1), "p90_us": q(0.9)}
+    """Median, p10, p90 in microseconds of fn(): ep_runtime.bench.measure (CUDA events after a barrier;
+    a repeat's time is the slowest rank's)."""
+    stats = measure(lambda _: fn(), repeats=iters, warmup=warmup,
+                    device=torch.device("cuda", torch.cuda.current_device()), group=dist.group.WORLD)
+    return {"median_us": stats.median_us, "p10_us": stats.p10_us, "p90_us": stats.p90_us}
 
 
 def graph_of(fn):
