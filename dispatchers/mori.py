@@ -48,7 +48,7 @@ class MoriDispatchOutput(DispatchOutput):
     handle: ExchangeHandle
 
 
-def _positive_or_none(name: str, value) -> None:
+def _non_negative_or_none(name: str, value) -> None:
     if value is not None and (not isinstance(value, int) or value < 0):
         raise ValueError(f"{name}={value!r}; allowed: an int >= 0 (0 = off / default)")
 
@@ -71,7 +71,7 @@ class MoriDispatcher(Dispatcher):
         for name, value in (("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank),
                             ("prealloc_max_recv_tokens", prealloc_max_recv_tokens),
                             ("max_input_tokens", max_input_tokens)):
-            _positive_or_none(name, value)
+            _non_negative_or_none(name, value)
         pick = lambda value, knob: envs.get(knob) if value is None else value  # noqa: E731
         self.max_dispatch_tokens_per_rank = pick(max_dispatch_tokens_per_rank, "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
         if self.max_dispatch_tokens_per_rank < 1:

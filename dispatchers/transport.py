@@ -41,8 +41,6 @@ def all_to_all(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_split
     (static shapes, CUDA-graph capturable). Identity on one rank. Differentiable."""
     if world_size == 1:
         return x
-    if x.dtype == torch.bool:
-        return all_to_all(x.to(torch.uint8), recv_splits, send_splits, group, world_size).bool()
     if torch.is_grad_enabled() and x.requires_grad:
         return _AllToAll.apply(x, recv_splits, send_splits, group)
     return _exchange(x, recv_splits, send_splits, group)

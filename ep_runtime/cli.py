@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import runners
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
@@ -34,17 +36,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "env":
             return _env(args.markdown)
-        _check_runner(args.runner)
+        runners.check_name(args.runner)
         return _demo(args)
     except (ValueError, TypeError) as err:  # user errors (bad knob, unknown runner): one line, no traceback
         print(f"ep-runtime {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-def _check_runner(name: str) -> None:
-    from . import runners
-    if name != "auto" and name not in runners.registered():
-        raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(runners.registered())} (or 'auto')")
 
 
 def _positive_int(text: str, most: int = 1 << 20) -> int:

@@ -47,10 +47,16 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
     return "torch"
 
 
-def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **options: Any) -> RunnerBackend:
-    """Build runner backend `name` for `config`; rejects config fields it cannot compute."""
-    if name not in _RUNNERS:
+def check_name(name: str) -> None:
+    """Raise naming the registered backends when `name` is neither one of them nor "auto"."""
+    if name != "auto" and name not in _RUNNERS:
         raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')")
+
+
+def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **options: Any) -> RunnerBackend:
+    """Build runner backend `name` (not "auto": resolve it first) for `config`; rejects config fields
+    it cannot compute."""
+    check_name(name)
     cls = _RUNNERS[name]
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
@@ -62,4 +68,4 @@ from . import masked_runner  # noqa: E402,F401  (registers "masked" and its deep
 from . import triton_runner  # noqa: E402,F401  (registers "triton"; available with triton and CUDA or TRITON_INTERPRET=1)
 from .triton_runner import fused_experts  # noqa: E402
 
-__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "create", "register", "registered", "resolve"]
+__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "register", "registered", "resolve"]
