@@ -99,8 +99,5 @@ def _pre(out: DeepEPNormalDispatchOutput, placement, config):
     return local_runner_input(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
 
 
-def _post(y: torch.Tensor, out: DeepEPNormalDispatchOutput) -> CombineInput:
-    return CombineInput(y, out)
 
-
-register_permute("deepep_normal", ("torch", "triton"), _pre, _post)
+register_permute("deepep_normal", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are

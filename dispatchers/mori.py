@@ -134,8 +134,5 @@ def _pre(out: MoriDispatchOutput, placement, config):
     return global_runner_input(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement)
 
 
-def _post(y: torch.Tensor, out: MoriDispatchOutput) -> CombineInput:
-    return CombineInput(y, out)
 
-
-register_permute("mori", ("torch", "triton"), _pre, _post)
+register_permute("mori", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are

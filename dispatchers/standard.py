@@ -38,8 +38,5 @@ def _pre(out: StandardDispatchOutput, placement, config):
     return global_runner_input(out.hidden_states, out.topk_ids, out.topk_weights, placement)
 
 
-def _post(y: torch.Tensor, out: StandardDispatchOutput) -> CombineInput:
-    return CombineInput(y, out)
 
-
-register_permute("standard", ("torch", "triton"), _pre, _post)
+register_permute("standard", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are
