@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on this machine, for `sbatch slurm/ep_demo.sbatch` in tests and CI.
-# Idempotent: does nothing when a Slurm controller already answers (a real cluster, or an earlier run).
-# Otherwise, as root: apt-get install slurm-wlm munge when absent, start munged (as user munge),
+# Idempotent: does nothing when someone else's Slurm controller answers (a real cluster) or when our
+# cluster already runs with the configuration below. Otherwise, as root: apt-get install slurm-wlm munge when absent, start munged (as user munge),
 # write /etc/slurm/slurm.conf (this host only, all its CPUs, state under $SLURM_TMP), start slurmctld
 # and slurmd, and wait until the node is idle. Exits non-zero with the reason when that is impossible.
 set -euo pipefail
@@ -11,7 +11,8 @@ MARK="# written by ep-runtime scripts/setup_slurm.sh"
 
 node_ready() { sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
 
-if command -v sinfo >/dev/null && node_ready; then
+ours() { [ -f "$CONF" ] && grep -qF "$MARK" "$CONF"; }
+if command -v sinfo >/dev/null && node_ready && ! ours; then
     echo "setup_slurm: a Slurm controller answers; nothing to do"
     exit 0
 fi
@@ -43,7 +44,12 @@ fi
 # The node is called localhost (slurmd -N): it always resolves, and tasks meet at the first host of
 # the node list, whatever this machine's host name is.
 host=localhost
+# All of the machine's CPUs (nproc --all: plain nproc obeys OMP_NUM_THREADS, which tests set to 1), and
+# at least 2 so the 2-task demo runs on a 1-core machine too (config_overrides lets slurmd accept that).
+cpus=$(nproc --all)
+[ "$cpus" -ge 2 ] || cpus=2
 mkdir -p /etc/slurm "$SLURM_TMP/state" "$SLURM_TMP/spool"
+old=$(cat "$CONF" 2>/dev/null || true)
 cat > "$CONF" <<CONF
 $MARK
 ClusterName=eplocal
@@ -60,21 +66,31 @@ SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
+SlurmdParameters=config_overrides
 StateSaveLocation=$SLURM_TMP/state
 SlurmdSpoolDir=$SLURM_TMP/spool
 SlurmctldPidFile=$SLURM_TMP/slurmctld.pid
 SlurmdPidFile=$SLURM_TMP/slurmd.pid
 SlurmctldLogFile=$SLURM_TMP/slurmctld.log
 SlurmdLogFile=$SLURM_TMP/slurmd.log
-NodeName=$host NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=$host NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+if [ "$old" != "$(cat "$CONF")" ]; then  # daemons started with another configuration: restart them
+    for pid in "$SLURM_TMP/slurmd.pid" "$SLURM_TMP/slurmctld.pid"; do
+        if running "$pid"; then kill "$(cat "$pid")"; fi
+    done
+    for _ in $(seq 30); do
+        running "$SLURM_TMP/slurmd.pid" || running "$SLURM_TMP/slurmctld.pid" || break
+        sleep 1
+    done
+fi
 running "$SLURM_TMP/slurmctld.pid" || slurmctld
 running "$SLURM_TMP/slurmd.pid" || slurmd -N "$host"
 for _ in $(seq 60); do
-    node_ready && { echo "setup_slurm: ok, node $host is up ($(nproc) CPUs)"; exit 0; }
+    node_ready && { echo "setup_slurm: ok, node $host is up ($cpus CPUs)"; exit 0; }
     # A node that was down (e.g. after a restart) comes back on request.
     scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
     sleep 1

@@ -85,9 +85,12 @@ def sbatch_wait(args, output: Path, timeout=300):
         proc.kill()
         stdout, stderr = proc.communicate()
         job = stdout.strip().split(";")[0]
-        if job:
+        state = ""
+        if job:  # why it did not finish (e.g. pending for resources) goes into the failure
+            state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                                   timeout=30).stdout
             subprocess.run(["scancel", job], timeout=30)
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (job {job}):\n"
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (job {job}):\n{state}\n"
                     f"{output.read_text() if output.exists() else ''}")
     for _ in range(20):  # the output file can land a moment after sbatch --wait returns
         if output.exists() and output.stat().st_size:
