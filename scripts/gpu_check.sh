@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one call (device machine): `bash scripts/gpu_check.sh` with $OUT set.
 # Dispatchers use every GPU (R = 1 on a one-GPU machine); runner benchmarks use GPU 0. Everything lands in $OUT/results.tgz
 # (the device tool brings back few files); summaries go to stdout.
-#   SKIP_RUNNERS=1  skip the runner benchmarks (RUNNER_BENCHES="..." picks some);  SKIP_BENCH=1  skip `ep-runtime bench`.
+#   SKIP_RUNNERS=1  skip the runner benchmarks (RUNNER_BENCHES="..." picks some, RUNNER_ARGS="--quick" shortens them);  SKIP_BENCH=1  skip `ep-runtime bench`.
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
@@ -36,7 +36,7 @@ if [ "${SKIP_RUNNERS:-0}" != 1 ]; then
     [ -f "$bench" ] || continue
     name=$(basename "$bench" .py)
     mkdir -p "$W/$name"
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python "$REPO/$bench" --out "$W/$name" >"$W/$name.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python "$REPO/$bench" --out "$W/$name" ${RUNNER_ARGS:-} >"$W/$name.log" 2>&1
     echo "$name rc=$?"; tail -40 "$W/$name.log"
   done
 fi
