@@ -10,7 +10,7 @@ from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
-from ep_runtime.validation import check_hidden_states, check_topk
+from ep_runtime.validation import check_hidden_states, check_topk, int32_ids
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -47,7 +47,7 @@ class Dispatcher:
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
                    values=not self.checks_values_in_exchange(**options))
         self.check_capacity(x.shape[0])
-        return self._dispatch(x, TopKOutput(ids.to(torch.int32), weights.float()), **options)
+        return self._dispatch(x, TopKOutput(int32_ids(ids), weights.float()), **options)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""

@@ -125,7 +125,7 @@ if triton is not None:
         k = tl.arange(0, BLOCK_K)
         inside = (t[:, None] < T) & (k[None, :] < K)
         ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * K + k[None, :], mask=inside, other=-1)
-        valid = ids >= 0
+        valid = (ids >= 0) & (ids < L * R)  # bad ids are flagged elsewhere; never index with them
         owner = tl.where(valid, ids // L, -1)
         if pid == 0:
             tl.store(row_ptr, T)

@@ -50,7 +50,7 @@ def count_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[L
     T = topk_ids.shape[0]
     L = num_experts // R
     ids = topk_ids.long()
-    valid = ids >= 0
+    valid = (ids >= 0) & (ids < num_experts)  # bad ids are flagged in the count table, never used
     owner = torch.where(valid, ids // L, torch.full_like(ids, R))  # R = nowhere
     in_rank = torch.zeros(T, R + 1, dtype=torch.bool, device=ids.device)
     in_rank.scatter_(1, owner, True)

@@ -49,6 +49,15 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
         check_topk_values(topk_ids, topk_weights, num_experts)
 
 
+def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    """ids as int32, wider values saturated to the int32 range, so an out-of-range int64 id (2**40, say)
+    stays out of range for the checks after the conversion instead of wrapping onto a valid expert."""
+    if topk_ids.dtype == torch.int64:
+        info = torch.iinfo(torch.int32)
+        topk_ids = topk_ids.clamp(info.min, info.max)
+    return topk_ids.to(torch.int32)
+
+
 def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight). Exchanges
     that read a count table on the host carry these in it, so every rank sees any rank's bad input."""

@@ -123,3 +123,16 @@ def test_ll_kernels_match_torch(dtype, scaled):
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     assert torch.allclose(xk.ll_gather(out, slot, weight).double(), deepep_ll._gather(out, slot, weight).double(),
                           rtol=tol, atol=tol)
+
+
+def test_layout_ignores_out_of_range_ids():
+    """Bad ids reach the layout before the count table flags them: both paths count them nowhere
+    (the kernel must not add to a count past the row's end)."""
+    from ep_runtime.dispatchers.rank_exchange import count_row
+    E, R = 8, 2
+    ids = torch.tensor([[0, 8], [2 ** 31 - 1, -2], [5, 3]], dtype=torch.int32)
+    in_rank, row = xk.layout_row(ids, E, R)
+    layout, torch_row = count_row(ids, E, R)
+    expected = torch.tensor([3, 2, 1] + [1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.int32)  # T; per rank; per expert
+    assert torch.equal(row, expected) and torch.equal(torch_row, expected)
+    assert torch.equal(in_rank, layout.is_token_in_rank)

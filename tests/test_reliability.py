@@ -154,6 +154,9 @@ def test_launched_job_survivors_exit_within_the_timeout(tmp_path, fault):
 BAD_INPUT = {
     "id_too_big": "topk_ids has id 8 at [2, 0]; allowed -1..7 (num_experts=8)",
     "id_below_minus_one": "topk_ids has id -2 at [1, 1]; allowed -1..7 (num_experts=8)",
+    # int64 2**40 + 1 must not wrap to expert 1 when ids become int32 (checks inside the count
+    # exchange name the value saturated to int32, 2147483647).
+    "id_beyond_int32": " at [0, 1]; allowed -1..7 (num_experts=8)",
     "float_ids": "topk_ids has dtype torch.float32; expected an integer dtype (int32 or int64)",
     "ids_shape": "topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
     "weights_shape": "topk_weights has shape [4, 3]; expected [4, 2] (T rows of x, top_k)",
@@ -179,6 +182,8 @@ def _layer_and_input(dispatcher, case):
         ids[2, 0] = 8
     elif case == "id_below_minus_one":
         ids[1, 1] = -2
+    elif case == "id_beyond_int32":
+        ids[0, 1] = 2 ** 40 + 1
     elif case == "float_ids":
         ids = ids.float()
     elif case == "ids_shape":
