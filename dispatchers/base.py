@@ -45,7 +45,7 @@ class Dispatcher:
         check_hidden_states(x, self.config.hidden_size)
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
-                   values=not self.checks_values_in_exchange(**options))
+                   values=not self.checks_values_in_exchange(**options), distinct=self.distinct_ids_reason())
         self.check_capacity(x.shape[0])
         return self._dispatch(x, TopKOutput(int32_ids(ids), weights.float()), **options)
 
@@ -57,6 +57,11 @@ class Dispatcher:
         """True when this call's exchange checks id range and weights itself (in a count table every
         rank reads, so one rank's bad input fails every rank at once, with no extra sync)."""
         return False
+
+    def distinct_ids_reason(self) -> Optional[str]:
+        """Why this dispatcher needs each token's experts distinct (None: repeats are fine; the value
+        check then also rejects a token listing one expert twice)."""
+        return None
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""

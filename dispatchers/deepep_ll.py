@@ -17,6 +17,7 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.validation import is_int_at_least
 from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_permute
 
 from . import exchange_kernels, register
@@ -57,10 +58,18 @@ class DeepEPLLDispatcher(Dispatcher):
         super().__init__(config, group)
         M = num_max_dispatch_tokens_per_rank
         M = envs.get("LL_MAX_DISPATCH_TOKENS_PER_RANK") if M is None else M
-        if not isinstance(M, int) or M < 1:
+        if not is_int_at_least(M, 1):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1")
         self.num_max_dispatch_tokens_per_rank = M
         self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
+
+    def distinct_ids_reason(self) -> Optional[str]:
+        # A token's row goes to an expert once; with the weight folded into that row, a repeated
+        # expert would need two rows with different weights.
+        if self.config.apply_router_weight_on_input and self.config.top_k > 1:
+            return ("deepep_ll with apply_router_weight_on_input needs distinct experts per token "
+                    "(one row per token and expert, scaled by that slot's weight)")
+        return None
 
     def check_capacity(self, num_tokens: int) -> None:
         M = self.num_max_dispatch_tokens_per_rank
@@ -80,8 +89,9 @@ class DeepEPLLDispatcher(Dispatcher):
         scale = None
         if self.config.apply_router_weight_on_input:
             scale, slot_weight = slot_weight, here.to(slot_weight.dtype)
-        # Only valid rows are written; rows past masked_m stay unwritten (never read), as in DeepEP.
-        recv_x = _scatter(rows, slot_index, scale, L * N + 1)[:L * N].view(L, N, H)
+        # Only valid rows are written, each once (a token listing one expert twice has one row there);
+        # rows past masked_m stay unwritten (never read), as in DeepEP.
+        recv_x = _scatter(rows, _first_of_each_slot(slot_index, L * N), scale, L * N + 1)[:L * N].view(L, N, H)
         return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
@@ -105,6 +115,15 @@ def _slots(local_ids: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]
     present = torch.zeros(N, L + 1, dtype=torch.bool, device=local_ids.device).scatter_(1, col, True)[:, :L]
     pos = running_count(present).gather(1, col.clamp(max=L - 1))  # row of each pair inside its expert
     return torch.where(here, col * N + pos, L * N), present.sum(0).to(torch.int32)
+
+
+def _first_of_each_slot(slot_index: torch.Tensor, none: int) -> torch.Tensor:
+    """slot_index with every repeat of a slot within a row (a token listing one expert twice) set to
+    `none`, so the slot is written once and its gradient flows back once."""
+    K = slot_index.shape[1]
+    earlier = torch.ones(K, K, dtype=torch.bool, device=slot_index.device).tril(-1)  # [k, k']: k' < k
+    repeat = ((slot_index.unsqueeze(2) == slot_index.unsqueeze(1)) & earlier).any(2)
+    return torch.where(repeat, torch.full_like(slot_index, none), slot_index)
 
 
 def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int) -> torch.Tensor:

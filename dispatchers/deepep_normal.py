@@ -17,6 +17,7 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.validation import is_int_at_least
 from ep_runtime.runner_core import CombineInput, DispatchOutput, local_runner_input, register_permute
 
 from . import register
@@ -54,13 +55,13 @@ class DeepEPNormalDispatcher(Dispatcher):
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
         super().__init__(config, group)
         self.alignment = envs.get("NORMAL_ALIGNMENT") if alignment is None else alignment
-        if not isinstance(self.alignment, int) or self.alignment < 1:
+        if not is_int_at_least(self.alignment, 1):
             raise ValueError(f"alignment={self.alignment!r}; allowed: an int >= 1")
-        if num_worst_tokens is not None and (not isinstance(num_worst_tokens, int) or num_worst_tokens < 1):
+        if num_worst_tokens is not None and not is_int_at_least(num_worst_tokens, 1):
             raise ValueError(f"num_worst_tokens={num_worst_tokens!r}; allowed: None or an int >= 1")
         self.num_worst_tokens = num_worst_tokens
         M = num_max_dispatch_tokens_per_rank
-        if M is not None and (num_worst_tokens is None or not isinstance(M, int) or M < 1):
+        if M is not None and (num_worst_tokens is None or not is_int_at_least(M, 1)):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1, with num_worst_tokens set")
         self.chunk = M or num_worst_tokens
         self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)

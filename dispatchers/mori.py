@@ -23,7 +23,7 @@ import torch
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, global_runner_input, register_permute
-from ep_runtime.validation import capturing
+from ep_runtime.validation import capturing, is_int_at_least
 
 from . import register
 from .base import Dispatcher
@@ -49,7 +49,7 @@ class MoriDispatchOutput(DispatchOutput):
 
 
 def _non_negative_or_none(name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or value < 0):
+    if value is not None and not is_int_at_least(value, 0):
         raise ValueError(f"{name}={value!r}; allowed: an int >= 0 (0 = off / default)")
 
 

@@ -45,8 +45,8 @@ class EPMoE(nn.Module):
         self.placement = self.dispatcher.placement
         if runner == "auto":
             runner = envs.get("RUNNER")
-        backend = runners.create(runners.resolve(runner, device, self.dispatcher.format), self.config, hooks=hooks,
-                                  **(runner_options or {}))
+        backend = runners.create(runner, self.config, hooks=hooks, device=device, format=self.dispatcher.format,
+                                 **(runner_options or {}))
         self.runner = MoeRunner(backend, self.config, self.placement)
         self.runner.check_format(self.dispatcher.format)
         self.topk_config = topk_config or TopKConfig(top_k=top_k)

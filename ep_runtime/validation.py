@@ -9,6 +9,14 @@ from typing import Optional
 import torch
 
 
+ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def is_int_at_least(value, minimum: int) -> bool:
+    """A plain int (bool excluded: True would pass as 1) no smaller than `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -28,9 +36,11 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
 
 
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, num_experts: int,
-               top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True) -> None:
+               top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True,
+               distinct: Optional[str] = None) -> None:
     """ids [T, K] integer in [-1, E); weights [T, K] floating, same device. values=False: shapes,
-    dtypes and devices only (the caller checks values, e.g. inside its count exchange)."""
+    dtypes and devices only (the caller checks values, e.g. inside its count exchange). distinct:
+    why no token may list one expert twice, when the caller needs that (checked with the values)."""
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -41,12 +51,13 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
             raise ValueError(f"{name} is on {t.device}; expected {torch.device(device)} (the device of x)")
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} differ in shape")
-    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
-        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected an integer dtype (int32 or int64)")
+    if topk_ids.dtype not in ID_DTYPES:  # unsigned wider types would hide -1 (uint32 2**32-1 reads as -1)
+        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected a signed integer dtype (int32 or int64; "
+                        f"int8, int16 and uint8 also accepted)")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
     if values:
-        check_topk_values(topk_ids, topk_weights, num_experts)
+        check_topk_values(topk_ids, topk_weights, num_experts, distinct=distinct)
 
 
 def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -58,20 +69,32 @@ def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
     return topk_ids.to(torch.int32)
 
 
-def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight). Exchanges
-    that read a count table on the host carry these in it, so every rank sees any rank's bad input."""
-    bad_id = ((topk_ids < -1) | (topk_ids >= num_experts)).any()
-    return torch.stack([bad_id, ~torch.isfinite(topk_weights).all()]).to(torch.int32)
+def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                     distinct: bool = False) -> torch.Tensor:
+    """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight), and a third,
+    any token listing one expert twice, when `distinct`. Exchanges that read a count table on the host
+    carry these in it, so every rank sees any rank's bad input."""
+    flags = [((topk_ids < -1) | (topk_ids >= num_experts)).any(), ~torch.isfinite(topk_weights).all()]
+    if distinct:
+        flags.append(_repeated(topk_ids).any())
+    return torch.stack(flags).to(torch.int32)
+
+
+def _repeated(topk_ids: torch.Tensor) -> torch.Tensor:
+    """[T, K-1] bool over the ids sorted per token: an expert (not -1) equal to the one before it."""
+    ids = topk_ids.sort(dim=1).values
+    return (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
 
 
 def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                      flags: Optional[list] = None) -> None:
+                      flags: Optional[list] = None, distinct: Optional[str] = None) -> None:
     """Raise naming the first bad id or weight (one host read; none while capturing a CUDA graph).
-    flags: this rank's topk_value_flags already read on the host."""
+    flags: this rank's topk_value_flags already read on the host. distinct: see check_topk."""
     if topk_ids.numel() == 0 or (flags is None and capturing()):
         return
-    bad_id, bad_weight = flags if flags is not None else topk_value_flags(topk_ids, topk_weights, num_experts).tolist()
+    if flags is None:
+        flags = topk_value_flags(topk_ids, topk_weights, num_experts, distinct is not None).tolist()
+    bad_id, bad_weight = flags[:2]
     if bad_id:
         bad = (topk_ids < -1) | (topk_ids >= num_experts)
         where = bad.nonzero()[0].tolist()
@@ -81,3 +104,6 @@ def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_ex
     if bad_weight:
         where = (~torch.isfinite(topk_weights)).nonzero()[0].tolist()
         raise ValueError(f"topk_weights has a non-finite value {float(topk_weights[where[0], where[1]])} at {where}")
+    if len(flags) > 2 and flags[2]:
+        t = int(_repeated(topk_ids).any(1).nonzero()[0])
+        raise ValueError(f"topk_ids row {t} lists an expert twice: {topk_ids[t].tolist()}; {distinct}")

@@ -53,10 +53,12 @@ def check_name(name: str) -> None:
         raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')")
 
 
-def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, **options: Any) -> RunnerBackend:
-    """Build runner backend `name` (not "auto": resolve it first) for `config`; rejects config fields
-    it cannot compute."""
+def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, device: Any = None,
+           format: Optional[str] = None, **options: Any) -> RunnerBackend:
+    """Build runner backend `name` for `config`; rejects config fields it cannot compute. "auto" is
+    resolved for `device` and dispatch `format` (see resolve; no device: torch)."""
     check_name(name)
+    name = resolve(name, device, format)
     cls = _RUNNERS[name]
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")

@@ -67,7 +67,7 @@ def test_load_experts_keeps_only_the_shard():
     (dict(ids=[[0]]), r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
     (dict(x_cols=15), r"x has shape \[1, 15\]; expected \[T, 16\]"),
     (dict(x_dtype=torch.float64), "x has dtype torch.float64; this layer's weights are torch.float32"),
-    (dict(ids_dtype=torch.float32), "topk_ids has dtype torch.float32; expected an integer dtype"),
+    (dict(ids_dtype=torch.float32), "topk_ids has dtype torch.float32; expected a signed integer dtype"),
     (dict(weights=[[0.5, float("nan")]]), "topk_weights has a non-finite value nan"),
 ])
 def test_bad_input_names_argument_value_and_range(bad, match):
@@ -84,6 +84,11 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(top_k=9), "top_k=9 must be <= num_experts=8"),
     (dict(gemm1_alpha=1.0, activation="gelu"), "gemm1_alpha / gemm1_clamp_limit"),
     (dict(gemm1_clamp_limit=7.0), "needs gemm1_alpha"),
+    (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor=inf must be a finite number"),
+    (dict(gemm1_alpha=float("nan")), "gemm1_alpha=nan must be a finite number"),
+    (dict(num_experts=True), "num_experts=True must be an int >= 1"),
+    (dict(dispatcher="deepep_ll", dispatcher_options={"num_max_dispatch_tokens_per_rank": True}),
+     "num_max_dispatch_tokens_per_rank=True; allowed: an int >= 1"),
 ])
 def test_bad_config(kwargs, match):
     args = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)

@@ -124,3 +124,27 @@ def test_torch_compile_matches_eager():
     for errors in run_ranks(_compiled_rank, 2):  # one spawn for all dispatchers: compiling is slow to start
         assert set(errors) == set(DISPATCHERS)
         assert all(max(e) <= tolerance(torch.float32) for e in errors.values()), errors
+
+
+def _repeated_expert_rank(rank, world_size, dispatcher):
+    """Tokens that list one expert twice (ids [e, e, ...]) count it twice, forward and backward."""
+    layer = ep.EPMoE(8, 3, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [9, 6][:world_size], seed=12, ep_size=world_size)
+    for ids in problem.topk_ids:
+        ids[::2, 1] = ids[::2, 0]  # -1 twice, too, where slot 0 is a hole
+        ids[1, :] = ids[1, 0]
+    return check_layer(layer, problem, rank)
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_repeated_expert_in_a_token_counts_twice(dispatcher):
+    for errors in run_ranks(_repeated_expert_rank, 2, dispatcher):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def test_deepep_ll_weight_on_input_rejects_a_repeated_expert():
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch", apply_router_weight_on_input=True,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 4})
+    with pytest.raises(ValueError, match=r"topk_ids row 1 lists an expert twice: \[3, 3\]; deepep_ll with "
+                                         r"apply_router_weight_on_input needs distinct experts per token"):
+        layer(torch.randn(2, 16), torch.tensor([[0, 1], [3, 3]]), torch.rand(2, 2))

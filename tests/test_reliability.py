@@ -157,7 +157,8 @@ BAD_INPUT = {
     # int64 2**40 + 1 must not wrap to expert 1 when ids become int32 (checks inside the count
     # exchange name the value saturated to int32, 2147483647).
     "id_beyond_int32": " at [0, 1]; allowed -1..7 (num_experts=8)",
-    "float_ids": "topk_ids has dtype torch.float32; expected an integer dtype (int32 or int64)",
+    "float_ids": "topk_ids has dtype torch.float32; expected a signed integer dtype (int32 or int64;",
+    "uint32_ids": "topk_ids has dtype torch.uint32; expected a signed integer dtype",
     "ids_shape": "topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
     "weights_shape": "topk_weights has shape [4, 3]; expected [4, 2] (T rows of x, top_k)",
     "int_weights": "topk_weights has dtype torch.int64; expected a floating dtype",
@@ -186,6 +187,9 @@ def _layer_and_input(dispatcher, case):
         ids[0, 1] = 2 ** 40 + 1
     elif case == "float_ids":
         ids = ids.float()
+    elif case == "uint32_ids":  # 2**32 - 1 would read as -1 (a dropped slot) if accepted
+        ids = ids.to(torch.uint32)
+        ids[0, 0] = 2 ** 32 - 1
     elif case == "ids_shape":
         ids = ids[:3]
     elif case == "weights_shape":
