@@ -30,6 +30,9 @@ class Dispatcher:
     name: ClassVar[str] = ""
     format: ClassVar[str] = ""
     shards_experts: ClassVar[bool] = True
+    # True when the exchange checks id range and weights itself, in a count table every rank reads:
+    # one rank's bad input then fails every rank at once, with no extra sync.
+    checks_values_in_exchange: ClassVar[bool] = False
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None):
         self.config = config
@@ -45,23 +48,13 @@ class Dispatcher:
         check_hidden_states(x, self.config.hidden_size)
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
-                   values=not self.checks_values_in_exchange(**options), distinct=self.distinct_ids_reason())
+                   values=not self.checks_values_in_exchange)
         self.check_capacity(x.shape[0])
         return self._dispatch(x, TopKOutput(int32_ids(ids), weights.float()), **options)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""
         return self._combine(combine_input)
-
-    def checks_values_in_exchange(self, **options: Any) -> bool:
-        """True when this call's exchange checks id range and weights itself (in a count table every
-        rank reads, so one rank's bad input fails every rank at once, with no extra sync)."""
-        return False
-
-    def distinct_ids_reason(self) -> Optional[str]:
-        """Why this dispatcher needs each token's experts distinct (None: repeats are fine; the value
-        check then also rejects a token listing one expert twice)."""
-        return None
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""

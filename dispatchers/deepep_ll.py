@@ -1,5 +1,7 @@
-"""deepep_ll: low-latency mode with DeepEP semantics. Static shapes and no host sync, so dispatch ->
-runner -> combine captures into one CUDA graph.
+"""deepep_ll: low-latency mode with DeepEP semantics. Static shapes and no host sync inside a CUDA
+graph, so dispatch -> runner -> combine captures into one graph and replays without the host. Eager
+calls read the count table once (every rank's T and id/weight checks, so bad input on one rank
+fails every rank instead of hanging them); while capturing nothing is read.
 
 Each rank sends a fixed chunk of M = num_max_dispatch_tokens_per_rank rows to every peer (each
 token once per owning rank; rank_exchange's static plan), and the receiver lays the rows out
@@ -53,6 +55,7 @@ class DeepEPLLDispatcher(Dispatcher):
 
     name = "deepep_ll"
     format = "deepep_ll"
+    checks_values_in_exchange = True
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
         super().__init__(config, group)
@@ -61,26 +64,24 @@ class DeepEPLLDispatcher(Dispatcher):
         if not is_int_at_least(M, 1):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1")
         self.num_max_dispatch_tokens_per_rank = M
-        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
-
-    def distinct_ids_reason(self) -> Optional[str]:
+        rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
+                f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
+        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size, max_tokens=(M, rule))
         # A token's row goes to an expert once; with the weight folded into that row, a repeated
         # expert would need two rows with different weights.
-        if self.config.apply_router_weight_on_input and self.config.top_k > 1:
-            return ("deepep_ll with apply_router_weight_on_input needs distinct experts per token "
-                    "(one row per token and expert, scaled by that slot's weight)")
-        return None
+        self.distinct_ids = None
+        if config.apply_router_weight_on_input and config.top_k > 1:
+            self.distinct_ids = ("deepep_ll with apply_router_weight_on_input needs distinct experts per token "
+                                 "(one row per token and expert, scaled by that slot's weight)")
 
     def check_capacity(self, num_tokens: int) -> None:
-        M = self.num_max_dispatch_tokens_per_rank
-        if num_tokens > M:
-            raise ValueError(f"x has T={num_tokens} tokens; deepep_ll allows at most num_max_dispatch_tokens_per_rank "
-                             f"M={M} per rank (EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
+        self.exchange.check_tokens_while_capturing(num_tokens)
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
-        handle = self.exchange.plan(ids, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}")
+        handle = self.exchange.plan(ids, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
+                                    topk_weights=weights, distinct=self.distinct_ids)
         rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
         N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
         here = recv_ids >= 0

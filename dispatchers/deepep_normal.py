@@ -50,6 +50,7 @@ class DeepEPNormalDispatcher(Dispatcher):
 
     name = "deepep_normal"
     format = "deepep_normal"
+    checks_values_in_exchange = True  # with a reused handle, they were checked when it was made
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
@@ -73,10 +74,6 @@ class DeepEPNormalDispatcher(Dispatcher):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
         plan is reused, nothing syncs, and the ids are not checked again (they were when it was made)."""
         return super().dispatch(x, topk, handle=handle)
-
-    def checks_values_in_exchange(self, handle: Optional[ExchangeHandle] = None) -> bool:
-        # Host plan: in the count table. With a handle the routing was checked when it was made.
-        return self.num_worst_tokens is None or handle is not None
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk

@@ -63,6 +63,7 @@ class MoriDispatcher(Dispatcher):
 
     name = "mori"
     format = "mori"
+    checks_values_in_exchange = True
 
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
@@ -89,16 +90,10 @@ class MoriDispatcher(Dispatcher):
                                      max_tokens=(M, self.token_rule))
 
     def check_capacity(self, num_tokens: int) -> None:
-        # The host plan checks every rank's T in its count table (symmetric); a static plan reads
-        # nothing on the host, so it checks its own T here, before any collective.
-        if num_tokens > self.max_dispatch_tokens_per_rank and self._static():
-            raise ValueError(f"x has {num_tokens} tokens; {self.token_rule}")
+        self.exchange.check_tokens_while_capturing(num_tokens)
 
     def _static(self) -> bool:
         return capturing() if self.static is None else self.static
-
-    def checks_values_in_exchange(self) -> bool:
-        return not self._static()  # the host plan checks them in its count table
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk

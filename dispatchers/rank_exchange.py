@@ -2,11 +2,14 @@
 
 The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row goes:
 - host plan: one all_gather of a small count table ([1 + R + E] ints per rank: T, tokens per
-  destination, pairs per expert), read on the host once; exact split sizes, no padding bytes;
-- static plan (`chunk` rows per peer): the same table stays on the device; each rank sends a
-  fixed chunk to every peer (pad rows carry id -1), so nothing syncs and a CUDA graph can capture
-  it. Received chunks can be compacted into `rows` rows, valid rows first.
-Every rank sees the whole table, so a capacity overflow fails every rank with the same error.
+  destination, pairs per expert, and flags for bad ids/weights), read on the host once; exact
+  split sizes, no padding bytes;
+- static plan (`chunk` rows per peer): each rank sends a fixed chunk to every peer (pad rows carry
+  id -1), so shapes never change and a CUDA graph can capture it. Received chunks can be compacted
+  into `rows` rows, valid rows first. The table is read on the host as well, except while a graph
+  is being captured (nothing can be read then: overflow becomes a device-side assert).
+Every rank sees the whole table, so one rank's bad ids or weights, too many tokens or a capacity
+overflow fails every rank with the same error, before any payload moves.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ep_runtime.validation import check_topk_values, topk_value_flags
+from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels
 from .transport import all_gather_rows, all_to_all
@@ -122,34 +125,36 @@ class RankExchange:
         self.max_tokens = max_tokens
 
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
-             capacity: str = "", topk_weights: Optional[torch.Tensor] = None) -> ExchangeHandle:
+             capacity: str = "", topk_weights: Optional[torch.Tensor] = None,
+             distinct: Optional[str] = None) -> ExchangeHandle:
         """chunk None: host plan; else static. rows: pad/compact the receive side to this many rows;
-        `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights
-        (host plan): check ids and weights inside the count table (see checks_values_in_exchange)."""
+        `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
+        check ids and weights (and, given `distinct`, the reason, repeated experts in a token) inside
+        the count table, so they fail every rank (skipped while capturing a CUDA graph)."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R)
-        checked = topk_weights is not None and chunk is None
+        read = chunk is None or not capturing()
+        checked = topk_weights is not None and read
         if checked:
-            row = torch.cat([row, topk_value_flags(topk_ids, topk_weights, E)])
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ 2 flags)]
+            row = torch.cat([row, topk_value_flags(topk_ids, topk_weights, E, distinct is not None)])
+        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
+        host = table.tolist() if read else None  # the one sync
+        if host is not None:
+            if checked:
+                self._check_flags([row[1 + R + E:] for row in host], topk_ids, topk_weights, distinct)
+            self._check_tokens([row[0] for row in host])
         if chunk is None:
-            return self._host_plan(layout, table.tolist(), sent, per_expert, recv, rows, capacity,  # the one sync
-                                   topk_ids, topk_weights if checked else None)
-        return self._static_plan(layout, sent, per_expert, recv, T, chunk, rows, capacity)
+            return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity)
+        return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
 
-    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity, topk_ids, topk_weights
-                   ) -> ExchangeHandle:
-        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
-        (bad-id, bad-weight flags when topk_weights is given)])."""
+    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity) -> ExchangeHandle:
+        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert, flags])."""
         R, me, L = self.world_size, self.rank, self.num_local_experts
         T = host_table[me][0]
-        if topk_weights is not None:
-            self._check_flags([row[-2:] for row in host_table], topk_ids, topk_weights)
-        self._check_tokens([row[0] for row in host_table])
         host = [row[1:1 + R] for row in host_table]
         per_expert_host = [sum(row[1 + R + me * L + e] for row in host_table) for e in range(L)]
         if rows is not None:
@@ -166,6 +171,12 @@ class RankExchange:
         return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
                               recv_splits, per_expert_host, rows=rows)
 
+    def check_tokens_while_capturing(self, num_tokens: int) -> None:
+        """While a CUDA graph is being captured the table is not read, so this rank checks its own T
+        (before any collective); otherwise the table check fails every rank together."""
+        if capturing() and self.max_tokens is not None and num_tokens > self.max_tokens[0]:
+            raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
+
     def _check_tokens(self, tokens: list) -> None:
         if self.max_tokens is None:
             return
@@ -174,27 +185,33 @@ class RankExchange:
         if over:
             raise ValueError(f"x has {tokens[over[0]]} tokens on rank {over[0]}; {rule} (every rank stops here)")
 
-    def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     distinct: Optional[str]) -> None:
         """Every rank raises when any rank's ids or weights are bad; the bad rank names the value."""
-        check_topk_values(topk_ids, topk_weights, self.num_experts, flags[self.rank])
+        check_topk_values(topk_ids, topk_weights, self.num_experts, flags[self.rank], distinct)
         bad = [r for r, f in enumerate(flags) if any(f)]
         if bad:
-            raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1} "
-                             f"or non-finite weights; its own error names the value); every rank stops here")
+            raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
+                             f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "
+                             f"the value); every rank stops here")
 
-    def _static_plan(self, layout, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
+    def _static_plan(self, layout, host_table, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
+        """host_table: the count table read on the host, or None while capturing a CUDA graph."""
         R, me, device = self.world_size, self.rank, sent.device
-        per_peer, received = sent.max(), recv[1]
-        overflow = per_peer > chunk
-        if rows is not None:
-            overflow = overflow | (received > rows)
         message = (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
                    + (f" and a rank receives at most {rows}" if rows is not None else ""))
-        if device.type == "cuda":
-            torch._assert_async(~overflow, message)  # no host sync: a device-side error
-        elif bool(overflow):
-            raise ValueError(f"{message}; this step needs {int(per_peer)} per peer and "
-                             f"{int(received)} received (allowed: {capacity} at least that)")
+        if host_table is None:  # capturing: nothing can be read, so a device-side error
+            overflow = sent.max() > chunk
+            if rows is not None:
+                overflow = overflow | (recv[1] > rows)
+            torch._assert_async(~overflow, message)
+        else:
+            host = [row[1:1 + R] for row in host_table]
+            per_peer = max(max(row) for row in host)
+            received = max(sum(host[s][d] for s in range(R)) for d in range(R))
+            if per_peer > chunk or (rows is not None and received > rows):
+                raise ValueError(f"{message}; this step needs {per_peer} per peer and "
+                                 f"{received} received (allowed: {capacity} at least that)")
         base = torch.arange(R, device=device) * chunk
         send_token, send_rank, target = row_plan(layout.is_token_in_rank, base, torch.full_like(base, chunk),
                                                  R * chunk)

@@ -36,11 +36,9 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
 
 
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, num_experts: int,
-               top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True,
-               distinct: Optional[str] = None) -> None:
+               top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True) -> None:
     """ids [T, K] integer in [-1, E); weights [T, K] floating, same device. values=False: shapes,
-    dtypes and devices only (the caller checks values, e.g. inside its count exchange). distinct:
-    why no token may list one expert twice, when the caller needs that (checked with the values)."""
+    dtypes and devices only (the caller checks values, e.g. inside its count exchange)."""
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -57,7 +55,7 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
     if values:
-        check_topk_values(topk_ids, topk_weights, num_experts, distinct=distinct)
+        check_topk_values(topk_ids, topk_weights, num_experts)
 
 
 def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -89,7 +87,8 @@ def _repeated(topk_ids: torch.Tensor) -> torch.Tensor:
 def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                       flags: Optional[list] = None, distinct: Optional[str] = None) -> None:
     """Raise naming the first bad id or weight (one host read; none while capturing a CUDA graph).
-    flags: this rank's topk_value_flags already read on the host. distinct: see check_topk."""
+    flags: this rank's topk_value_flags already read on the host. distinct: why no token may list
+    one expert twice, when the caller needs that (None: repeats are fine)."""
     if topk_ids.numel() == 0 or (flags is None and capturing()):
         return
     if flags is None:

@@ -60,4 +60,4 @@ def test_t_equal_m_works_and_m_plus_one_fails_every_rank():
     assert run_ranks(_over_capacity, 2, 4) == [(4, 16), (4, 16)]
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_over_capacity, 2, 5)
-    assert str(failure.value).count("x has T=5 tokens; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4") == 2
+    assert str(failure.value).count("x has 5 tokens on rank 0; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4") == 2

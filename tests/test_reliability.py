@@ -168,7 +168,7 @@ BAD_INPUT = {
     "nan_weight": "topk_weights has a non-finite value nan at [3, 1]",
 }
 CAPACITY = {  # T = 5 over a capacity of 4 tokens per rank
-    "deepep_ll": "x has T=5 tokens; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4 per rank",
+    "deepep_ll": "x has 5 tokens on rank 0; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4 per rank",
     "mori": "x has 5 tokens on rank 0; mori allows at most max_dispatch_tokens_per_rank=4",
 }
 
@@ -236,35 +236,48 @@ def test_symmetric_bad_input_fails_every_rank_with_the_same_message(dispatcher):
         assert shape == [4, 16]
 
 
-def _asymmetric_bad_input_rank(rank, world_size, dispatcher, linger):
-    layer, x, ids, weights = _layer_and_input(dispatcher, "id_too_big" if rank == 1 else "good")
+def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
+    layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
         return list(layer(x, ids, weights).shape)
-    except ValueError:
+    except (ValueError, TypeError):
         time.sleep(linger)  # linger > 0: the process lives on (a framework that caught the error)
         raise
 
 
-EXCHANGE_CHECKED = ("deepep_normal", "mori")  # host plans carry every rank's id check in the count table
+@pytest.mark.parametrize("dispatcher", SHARDED)
+def test_one_rank_with_bad_values_fails_every_rank_at_once(dispatcher):
+    """Bad ids or weights, or too many tokens, on rank 1 only: every sharded dispatcher carries these
+    checks in its count table, so rank 0 fails at once too, naming rank 1, and no payload moves."""
+    cases = {"id_too_big": "ValueError: rank 1 got invalid topk_ids or topk_weights",
+             "nan_weight": "ValueError: rank 1 got invalid topk_ids or topk_weights"}
+    if dispatcher in CAPACITY:
+        cases["too_many_tokens"] = "x has 5 tokens on rank 1; "
+    for case, on_rank0 in cases.items():
+        start = time.monotonic()
+        with pytest.raises(RankFailure) as failure:  # linger: rank 0 must not depend on rank 1 exiting
+            run_ranks(_asymmetric_bad_input_rank, 2, dispatcher, case, TIMEOUT_S + 2, timeout=60,
+                      group_timeout=TIMEOUT_S)
+        rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+        assert (BAD_INPUT.get(case) or CAPACITY[dispatcher].replace("rank 0", "rank 1")) in rank1, rank1
+        assert on_rank0 in rank0, rank0
+        assert time.monotonic() - start < TIMEOUT_S + 10  # not the collective timeout: rank 0 raised itself
 
 
-@pytest.mark.parametrize("dispatcher,linger", [(d, 0) for d in SHARDED] +
-                         [(d, TIMEOUT_S + 2) for d in SHARDED if d not in EXCHANGE_CHECKED])
-def test_one_rank_with_bad_input_fails_every_rank_within_the_timeout(dispatcher, linger):
-    """The bad rank raises its own error at once. deepep_normal and mori (host plans) fail the others
-    at once too, naming the bad rank; deepep_ll (no host sync by design) leaves them in a collective
-    that fails when the bad rank's process ends, or after the timeout while it lives on."""
+@pytest.mark.parametrize("dispatcher,linger", [(d, 0) for d in SHARDED] + [("deepep_ll", TIMEOUT_S + 2)])
+def test_one_rank_with_a_bad_shape_fails_every_rank_within_the_timeout(dispatcher, linger):
+    """A dtype error on rank 1 only is raised there before any collective (checking shapes across ranks
+    would cost an exchange per call); rank 0 waits in the count exchange, which fails when rank 1's
+    process ends, or after EP_RUNTIME_TIMEOUT_S while it lives on."""
     start = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        run_ranks(_asymmetric_bad_input_rank, 2, dispatcher, linger, timeout=60, group_timeout=TIMEOUT_S)
+        run_ranks(_asymmetric_bad_input_rank, 2, dispatcher, "x_dtype", linger, timeout=60, group_timeout=TIMEOUT_S)
     elapsed = time.monotonic() - start
     rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
-    assert BAD_INPUT["id_too_big"] in rank1
-    assert "--- rank 0 ---" in rank0  # an error on rank 0 too, not a hang
-    if dispatcher in EXCHANGE_CHECKED:
-        assert "ValueError: rank 1 got invalid topk_ids or topk_weights" in rank0, rank0
-    else:
-        assert "RuntimeError" in rank0 and ("Timed out" in rank0 if linger else True), rank0
+    assert BAD_INPUT["x_dtype"] in rank1
+    assert "--- rank 0 ---" in rank0 and "RuntimeError" in rank0, rank0  # an error on rank 0 too, not a hang
+    if linger:
+        assert "Timed out" in rank0, rank0
     assert elapsed < linger + TIMEOUT_S + 20
 
 
