@@ -10,7 +10,7 @@ from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
-from ep_runtime.validation import check_hidden_states, check_topk, int32_ids
+from ep_runtime.validation import check_hidden_states, check_topk
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -50,7 +50,10 @@ class Dispatcher:
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
                    values=not self.checks_values_in_exchange)
         self.check_capacity(x.shape[0])
-        return self._dispatch(x, TopKOutput(int32_ids(ids), weights.float()), **options)
+        # int64 ids stay int64 until checked (a count-table check names the caller's value); the
+        # narrower accepted types become int32 losslessly.
+        ids = ids if ids.dtype == torch.int64 else ids.to(torch.int32)
+        return self._dispatch(x, TopKOutput(ids, weights.float()), **options)
 
     def combine(self, combine_input: CombineInput) -> torch.Tensor:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ep_runtime.validation import int32_ids
+
 try:
     import triton
     import triton.language as tl
@@ -161,7 +163,7 @@ def layout_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[
     row = torch.zeros(1 + ep_size + num_experts, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
-        topk_ids.to(torch.int32).contiguous(), in_rank, row, T, K, num_experts // ep_size, ep_size,
+        int32_ids(topk_ids).contiguous(), in_rank, row, T, K, num_experts // ep_size, ep_size,
         BLOCK_T=BLOCK_T, BLOCK_K=triton.next_power_of_2(max(K, 2)))
     return in_rank.view(torch.bool), row
 

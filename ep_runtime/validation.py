@@ -60,7 +60,8 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
 
 def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
     """ids as int32, wider values saturated to the int32 range, so an out-of-range int64 id (2**40, say)
-    stays out of range for the checks after the conversion instead of wrapping onto a valid expert."""
+    stays out of range instead of wrapping onto a valid expert (for kernels that read ids before
+    they are checked)."""
     if topk_ids.dtype == torch.int64:
         info = torch.iinfo(torch.int32)
         topk_ids = topk_ids.clamp(info.min, info.max)

@@ -154,9 +154,8 @@ def test_launched_job_survivors_exit_within_the_timeout(tmp_path, fault):
 BAD_INPUT = {
     "id_too_big": "topk_ids has id 8 at [2, 0]; allowed -1..7 (num_experts=8)",
     "id_below_minus_one": "topk_ids has id -2 at [1, 1]; allowed -1..7 (num_experts=8)",
-    # int64 2**40 + 1 must not wrap to expert 1 when ids become int32 (checks inside the count
-    # exchange name the value saturated to int32, 2147483647).
-    "id_beyond_int32": " at [0, 1]; allowed -1..7 (num_experts=8)",
+    # int64 2**40 + 1 must not wrap to expert 1 when ids become int32.
+    "id_beyond_int32": "topk_ids has id 1099511627777 at [0, 1]; allowed -1..7 (num_experts=8)",
     "float_ids": "topk_ids has dtype torch.float32; expected a signed integer dtype (int32 or int64;",
     "uint32_ids": "topk_ids has dtype torch.uint32; expected a signed integer dtype",
     "ids_shape": "topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
