@@ -29,8 +29,11 @@ def get(name: str) -> type[Dispatcher]:
 
 
 def create(name: str, config: MoeConfig, group: Optional[Any] = None, **options: Any) -> Dispatcher:
-    """Build dispatcher `name` over `group` (None: the default group, or a single process)."""
-    return get(name)(config, group=group, **options)
+    """Build dispatcher `name` over `group` (None: the default group, or a single process). Every
+    rank of the group must call this together: it checks that they all built the same settings."""
+    dispatcher = get(name)(config, group=group, **options)
+    dispatcher.check_same_settings_on_every_rank()
+    return dispatcher
 
 
 from . import deepep_ll, deepep_normal, mori, standard  # noqa: E402,F401  (each registers itself)

@@ -1,6 +1,7 @@
 """What every dispatcher is: dispatch(x, topk) -> its format's DispatchOutput; combine(CombineInput) -> y."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -41,6 +42,30 @@ class Dispatcher:
         self.rank, self.world_size = rank, size
         self.placement = (ExpertPlacement(config.num_experts, size, rank) if self.shards_experts
                           else ExpertPlacement(config.num_experts))
+
+    def settings(self) -> dict:
+        """What every rank must agree on: the config and the dispatcher's resolved scalar settings
+        (buffer sizes, alignment, ...; knobs included, whichever way they were set)."""
+        plain = {k: v for k, v in vars(self).items()
+                 if k != "rank" and (v is None or isinstance(v, (bool, int, float, str)))}
+        return {"dispatcher": self.name, **asdict(self.config), **plain}
+
+    def check_same_settings_on_every_rank(self) -> None:
+        """One small all_gather when the dispatcher is built: ranks that disagree (a different
+        hidden_size, or a knob set on one rank only) would otherwise exchange mismatched byte counts,
+        which aborts the process instead of raising. Raises on every rank, naming the setting."""
+        if self.world_size == 1 or not self.shards_experts:
+            return
+        mine = self.settings()
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self.group)
+        for rank, theirs in enumerate(every):
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            if differ:
+                k = differ[0]
+                raise ValueError(f"ranks disagree on {self.name} setting {k}: rank {self.rank} has {mine.get(k)!r}, "
+                                 f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
+                                 f"same arguments and EP_RUNTIME_* knobs")
 
     def dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
         """x [T, H]; topk ids [T, K] global (-1 = nowhere), weights [T, K]. Checked before any collective.

@@ -235,6 +235,34 @@ def test_symmetric_bad_input_fails_every_rank_with_the_same_message(dispatcher):
         assert shape == [4, 16]
 
 
+def _mismatched_layer_rank(rank, world_size, dispatcher, field):
+    kwargs = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+    options = {}
+    if field == "hidden_size":
+        kwargs["hidden_size"] += 16 * rank
+    else:  # a dispatcher setting, as a knob set on one rank only would give
+        options = {field: 4 + 4 * rank}
+    try:
+        ep.EPMoE(**kwargs, dispatcher=dispatcher, runner="torch", dispatcher_options=options)
+        return "built"
+    except ValueError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("dispatcher,field", [("deepep_normal", "hidden_size"),
+                                              ("deepep_ll", "num_max_dispatch_tokens_per_rank"),
+                                              ("mori", "max_dispatch_tokens_per_rank")])
+def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(dispatcher, field):
+    """Mismatched settings would exchange mismatched byte counts later (gloo aborts the process);
+    building the layer compares them once and raises on every rank instead."""
+    small, large = (16, 32) if field == "hidden_size" else (4, 8)
+    assert run_ranks(_mismatched_layer_rank, 2, dispatcher, field, timeout=60, group_timeout=TIMEOUT_S) == [
+        f"ranks disagree on {dispatcher} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
+        "build the layer with the same arguments and EP_RUNTIME_* knobs",
+        f"ranks disagree on {dispatcher} setting {field}: rank 1 has {large}, rank 0 has {small}; every rank must "
+        "build the layer with the same arguments and EP_RUNTIME_* knobs"]
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
