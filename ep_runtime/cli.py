@@ -61,6 +61,8 @@ def _env(markdown: bool) -> int:
     envs.validate_all()
     for name, value, default, doc in envs.describe():
         print(f"{name}={value}  (default {default})\n    {doc}")
+    for name in envs.unknown():
+        print(f"{name}  (unknown: not an ep-runtime knob, ignored)")
     return 0
 
 

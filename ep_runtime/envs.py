@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -103,9 +104,18 @@ def get(name: str) -> Any:
 
 
 def validate_all() -> None:
-    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run."""
+    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run; warn about
+    EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word)."""
     for name in KNOBS:
         get(name)
+    if unknown():
+        warnings.warn(f"ignoring unknown variables {', '.join(unknown())}: no such ep-runtime knob "
+                      f"(known: {', '.join(KNOBS)}; see `ep-runtime env`)", stacklevel=2)
+
+
+def unknown() -> list[str]:
+    """Names set in the environment with our prefix that are not registered knobs."""
+    return sorted(name for name in os.environ if name.startswith(PREFIX) and name not in KNOBS)
 
 
 # Variables set by launchers. Read-only for us; listed so `ep-runtime env` can show what was detected.

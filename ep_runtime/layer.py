@@ -11,7 +11,7 @@ from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner
-from .validation import check_hidden_states
+from .validation import check_finite, check_hidden_states, layer_dtype_and_device
 
 
 class EPMoE(nn.Module):
@@ -40,7 +40,7 @@ class EPMoE(nn.Module):
                                 apply_router_weight_on_input=apply_router_weight_on_input)
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype, device = layer_dtype_and_device(dtype, device)
         self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, **(dispatcher_options or {}))
         self.placement = self.dispatcher.placement
         if runner == "auto":
@@ -52,6 +52,7 @@ class EPMoE(nn.Module):
         self.topk_config = topk_config or TopKConfig(top_k=top_k)
         if self.topk_config.top_k != top_k:
             raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
+        self.topk_config.check(num_experts)
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)
@@ -81,6 +82,7 @@ class EPMoE(nn.Module):
         for name in ("w13", "w2", "b13", "b2"):
             src = getattr(full, name)
             if src is not None:
+                check_finite(f"{name} (experts {lo}..{hi - 1})", src[lo:hi])
                 getattr(self, name).copy_(src[lo:hi])
 
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,

@@ -1,10 +1,15 @@
 """Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+
+from .validation import is_int_at_least
+
+GROUP_SCORES = ("max", "top2_sum")
 
 
 class TopKOutput(NamedTuple):
@@ -21,8 +26,9 @@ class TopKConfig:
     scoring: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3).
     renormalize: divide the chosen K weights by their sum.
     num_expert_group / topk_group: grouped top-k (DeepSeek): experts split in num_expert_group
-        groups, only the best topk_group groups are eligible. A group's score is its best expert
-        (no correction bias) or the sum of its best two (with a correction bias, as V3 does).
+        groups, only the best topk_group groups are eligible.
+    group_score: how a group is scored: "max" (its best expert, DeepSeek-V2) or "top2_sum" (the sum
+        of its best two, DeepSeek-V3). None: top2_sum when a correction bias is given, else max.
     routed_scaling_factor: multiplies the final weights (DeepSeek-V3's gate does this; leave
         MoeConfig.routed_scaling_factor at 1 when you use it here).
     """
@@ -33,16 +39,43 @@ class TopKConfig:
     num_expert_group: Optional[int] = None
     topk_group: Optional[int] = None
     routed_scaling_factor: float = 1.0
+    group_score: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring={self.scoring!r}; allowed: softmax, sigmoid")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if not is_int_at_least(self.top_k, 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 1")
         if (self.num_expert_group is None) != (self.topk_group is None):
             raise ValueError("num_expert_group and topk_group must be given together")
-        if self.num_expert_group is not None and not 1 <= self.topk_group <= self.num_expert_group:
-            raise ValueError(f"topk_group={self.topk_group} must be in [1, num_expert_group={self.num_expert_group}]")
+        if self.num_expert_group is not None:
+            if not is_int_at_least(self.num_expert_group, 1):
+                raise ValueError(f"num_expert_group={self.num_expert_group!r} must be an int >= 1")
+            if not is_int_at_least(self.topk_group, 1) or self.topk_group > self.num_expert_group:
+                raise ValueError(f"topk_group={self.topk_group!r} must be in [1, num_expert_group={self.num_expert_group}]")
+        if self.group_score not in (None,) + GROUP_SCORES:
+            raise ValueError(f"group_score={self.group_score!r}; allowed: None (inferred), {', '.join(GROUP_SCORES)}")
+        rsf = self.routed_scaling_factor
+        if not isinstance(rsf, (int, float)) or isinstance(rsf, bool) or not math.isfinite(rsf):
+            raise ValueError(f"routed_scaling_factor={rsf!r} must be a finite number")
+
+    def check(self, num_experts: int) -> None:
+        """Raise when this routing cannot pick top_k of num_experts experts (checked when a layer is
+        built, not at the first forward)."""
+        if self.top_k > num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={num_experts}")
+        G = self.num_expert_group
+        if G is None:
+            return
+        if num_experts % G != 0:
+            raise ValueError(f"num_experts={num_experts} is not divisible by num_expert_group={G}")
+        eligible = self.topk_group * (num_experts // G)
+        if self.top_k > eligible:
+            raise ValueError(f"top_k={self.top_k} exceeds the {eligible} experts in topk_group="
+                             f"{self.topk_group} groups of {num_experts // G}")
+        if self.group_score == "top2_sum" and num_experts // G < 2:
+            raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
+                             f"num_experts={num_experts} / num_expert_group={G} = {num_experts // G}")
 
 
 def select_experts(router_logits: torch.Tensor, config: TopKConfig,
@@ -52,8 +85,7 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
-    if config.top_k > E:
-        raise ValueError(f"top_k={config.top_k} exceeds num_experts={E} (router_logits.shape[1])")
+    config.check(E)
     scores = router_logits.float()
     scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
     choice = scores
@@ -63,20 +95,15 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         choice = scores + correction_bias.float()
     if config.num_expert_group is not None:
         G = config.num_expert_group
-        if E % G != 0:
-            raise ValueError(f"num_experts={E} is not divisible by num_expert_group={G}")
         per_group = choice.view(T, G, E // G)
-        if correction_bias is not None and E // G >= 2:
+        rule = config.group_score or ("top2_sum" if correction_bias is not None and E // G >= 2 else "max")
+        if rule == "top2_sum":
             group_scores = per_group.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = per_group.max(dim=-1).values
         best_groups = group_scores.topk(config.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
         eligible = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-        eligible_count = config.topk_group * (E // G)
-        if config.top_k > eligible_count:
-            raise ValueError(f"top_k={config.top_k} exceeds the {eligible_count} experts in topk_group="
-                             f"{config.topk_group} groups of {E // G}")
         choice = choice.masked_fill(~eligible, float("-inf"))
     ids = choice.topk(config.top_k, dim=-1).indices
     weights = scores.gather(1, ids)

@@ -21,6 +21,34 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
+    """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16") and device (None: cpu),
+    checked: a wrong one would otherwise surface as a torch error far from the argument."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (or their names)")
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} needs CUDA, and this process has none (torch.cuda.is_available() "
+                         f"is False); use device='cpu'")
+    return dtype, device
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise naming the tensor and the first non-finite entry (one host read)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} has a non-finite value {float(t[tuple(where)])} at {where}")
+
+
 def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch.dtype] = None,
                         device: Optional[torch.device] = None, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):

@@ -48,3 +48,14 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value, match):
 def test_unknown_knob():
     with pytest.raises(KeyError, match="unknown knob EP_RUNTIME_NOPE"):
         envs.get("NOPE")
+
+
+def test_a_mistyped_variable_is_reported(monkeypatch, capsys):
+    from ep_runtime import cli
+    monkeypatch.setenv("EP_RUNTIME_MORI_MAX_INPUT_TOKENS", "64")  # the knob is ..._MORI_MOE_MAX_INPUT_TOKENS
+    assert envs.unknown() == ["EP_RUNTIME_MORI_MAX_INPUT_TOKENS"]
+    with pytest.warns(UserWarning, match="ignoring unknown variables EP_RUNTIME_MORI_MAX_INPUT_TOKENS"):
+        envs.validate_all()
+    with pytest.warns(UserWarning):
+        assert cli.main(["env"]) == 0
+    assert "EP_RUNTIME_MORI_MAX_INPUT_TOKENS  (unknown: not an ep-runtime knob, ignored)" in capsys.readouterr().out

@@ -89,6 +89,9 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(num_experts=True), "num_experts=True must be an int >= 1"),
     (dict(dispatcher="deepep_ll", dispatcher_options={"num_max_dispatch_tokens_per_rank": True}),
      "num_max_dispatch_tokens_per_rank=True; allowed: an int >= 1"),
+    (dict(dtype=torch.int32), r"dtype=torch.int32; allowed: torch.float32, torch.bfloat16"),
+    (dict(dtype="float8"), r"dtype='float8'; allowed"),
+    (dict(device="gpu0"), r"device='gpu0' is not a torch device"),
 ])
 def test_bad_config(kwargs, match):
     args = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
@@ -121,3 +124,12 @@ def test_batched_input_is_flattened_and_restored():
     assert torch.equal(layer(x, ids.view(3, 5, 2), w.view(3, 5, 2)), y)
     with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[3, 5, 2\]"):
         layer(x, ids.view(5, 3, 2), w.view(3, 5, 2))
+
+
+def test_dtype_by_name_and_non_finite_weights():
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype="bfloat16")
+    assert layer.w13.dtype == torch.bfloat16
+    w13, w2 = torch.randn(8, 16, 16), torch.randn(8, 16, 8)
+    w2[5, 3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"w2 \(experts 0..7\) has a non-finite value inf at \[5, 3, 2\]"):
+        layer.load_experts(w13, w2)

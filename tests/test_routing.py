@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import ep_runtime as ep
 from ep_runtime import TopKConfig, select_experts
 
 
@@ -25,7 +26,8 @@ def reference_routing(logits, cfg, bias=None):
             groups = []
             for g in range(cfg.num_expert_group):
                 members = sorted(choice[g * size:(g + 1) * size], reverse=True)
-                groups.append((sum(members[:2]) if bias is not None else members[0], g))
+                top2 = cfg.group_score == "top2_sum" or (cfg.group_score is None and bias is not None)
+                groups.append((sum(members[:2]) if top2 else members[0], g))
             best = [g for _, g in sorted(groups, reverse=True)[:cfg.topk_group]]
             eligible = {e for e in range(E) if e // size in best}
         ranked = sorted(eligible, key=lambda e: -choice[e])[:cfg.top_k]
@@ -65,6 +67,21 @@ def test_sigmoid_grouped_with_bias_deepseek_v3():
     check(logits, cfg, bias)
 
 
+@pytest.mark.parametrize("group_score,with_bias", [("top2_sum", False), ("max", True)])
+def test_explicit_group_score(group_score, with_bias):
+    # DeepSeek-V3 scores groups by their top two even when its correction bias is zero (None here).
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 32, generator=gen)
+    bias = torch.randn(32, generator=gen) * 0.3 if with_bias else None
+    cfg = TopKConfig(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=8, topk_group=2,
+                     group_score=group_score)
+    check(logits, cfg, bias)
+    inferred = select_experts(logits, TopKConfig(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=8,
+                                                 topk_group=2), bias)
+    assert not torch.equal(select_experts(logits, cfg, bias).topk_ids.sort(1).values,
+                           inferred.topk_ids.sort(1).values)  # the setting changes the choice here
+
+
 def test_softmax_grouped_without_bias():
     gen = torch.Generator().manual_seed(2)
     check(torch.randn(20, 24, generator=gen), TopKConfig(top_k=3, num_expert_group=6, topk_group=2))
@@ -87,3 +104,16 @@ def test_bias_changes_choice_not_weights():
 def test_bad_routing_config(cfg, match):
     with pytest.raises(ValueError, match=match):
         select_experts(torch.randn(2, 8), cfg)
+    with pytest.raises(ValueError, match=match if cfg.top_k <= 8 else "top_k=9"):  # and when a layer is built
+        ep.EPMoE(8, cfg.top_k, 16, 8, topk_config=cfg)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor=nan must be a finite number"),
+    (dict(group_score="sum"), "group_score='sum'; allowed: None"),
+    (dict(num_expert_group=2, topk_group=0), "topk_group=0 must be in"),
+    (dict(top_k=2.0), "top_k=2.0 must be an int >= 1"),
+])
+def test_bad_topk_config_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKConfig(**{"top_k": 2, **kwargs})
