@@ -28,11 +28,13 @@ def get(name: str) -> type[Dispatcher]:
     return _DISPATCHERS[name]
 
 
-def create(name: str, config: MoeConfig, group: Optional[Any] = None, **options: Any) -> Dispatcher:
+def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Optional[Any] = None,
+           **options: Any) -> Dispatcher:
     """Build dispatcher `name` over `group` (None: the default group, or a single process). Every
-    rank of the group must call this together: it checks that they all built the same settings."""
+    rank of the group must call this together: it checks that they all built the same settings
+    (on `device` when the group is NCCL; None: the current CUDA device)."""
     dispatcher = get(name)(config, group=group, **options)
-    dispatcher.check_same_settings_on_every_rank()
+    dispatcher.check_same_settings_on_every_rank(device)
     return dispatcher
 
 

@@ -1,6 +1,7 @@
 """What every dispatcher is: dispatch(x, topk) -> its format's DispatchOutput; combine(CombineInput) -> y."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, ClassVar, Optional
 
@@ -50,7 +51,7 @@ class Dispatcher:
                  if k != "rank" and (v is None or isinstance(v, (bool, int, float, str)))}
         return {"dispatcher": self.name, **asdict(self.config), **plain}
 
-    def check_same_settings_on_every_rank(self) -> None:
+    def check_same_settings_on_every_rank(self, device: Optional[Any] = None) -> None:
         """One small all_gather when the dispatcher is built: ranks that disagree (a different
         hidden_size, or a knob set on one rank only) would otherwise exchange mismatched byte counts,
         which aborts the process instead of raising. Raises on every rank, naming the setting."""
@@ -58,7 +59,9 @@ class Dispatcher:
             return
         mine = self.settings()
         every = [None] * self.world_size
-        dist.all_gather_object(every, mine, group=self.group)
+        device = torch.device(device) if device is not None else None
+        with torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext():
+            dist.all_gather_object(every, mine, group=self.group)  # NCCL: on the current CUDA device
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:

@@ -41,7 +41,8 @@ class EPMoE(nn.Module):
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)
-        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, **(dispatcher_options or {}))
+        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, device=device,
+                                             **(dispatcher_options or {}))
         self.placement = self.dispatcher.placement
         if runner == "auto":
             runner = envs.get("RUNNER")
