@@ -17,6 +17,7 @@ from .runner_core import CombineInput, MoeRunner, RunnerInput, registered_pairs,
 # Registries last: their modules import the core above.
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
+from . import hf  # noqa: E402  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
 
 __version__ = "0.1.0"
 

@@ -1,38 +1,16 @@
 """Drop EPMoE into a Hugging Face Mixtral: `torchrun --nproc-per-node 2 examples/hf_mixtral.py`.
 
 Builds a small randomly initialised `transformers` Mixtral (the same weights on every rank), runs it
-once as is, then replaces every sparse MoE block with an EPMoE layer that keeps only this rank's
-experts (sliced straight from the HF weights: gate_up_proj [E, 2I, H] is [gate; up], down_proj
-[E, H, I], the layout EPMoE.load_experts takes) and uses the block's own router. Each rank feeds its
-own batch; the logits must equal the original model's. Needs transformers >= 5.0 (its Mixtral keeps
-the experts as 3-D tensors): `pip install 'transformers>=5.0'`.
+once as is, then lets `ep.hf.replace_experts` swap every MoE block's experts for EPExperts: each rank
+keeps only its slice of the HF weights (gate_up_proj [E, 2I, H] is [gate; up], down_proj [E, H, I],
+the layout EPMoE.load_experts takes) and the block keeps its own router. Each rank feeds its own
+batch; the logits must equal the original model's. The same call works for Qwen2-MoE, Qwen3-MoE and
+DeepSeek-V3 (tests/test_hf.py). Needs transformers >= 5.0: `pip install 'transformers>=5.0'`.
 """
 import torch
-from torch import nn
 
 import ep_runtime as ep
 from ep_runtime.reference import rel_err
-
-
-class EPMixtralSparseMoeBlock(nn.Module):
-    """Replacement for transformers' MixtralSparseMoeBlock: same router, experts spread over ranks."""
-
-    def __init__(self, block, config, dispatcher, group, device):
-        super().__init__()
-        if not hasattr(block.experts, "gate_up_proj"):
-            raise RuntimeError("this example needs transformers >= 5.0 (Mixtral experts as 3-D gate_up_proj "
-                               "and down_proj tensors): pip install 'transformers>=5.0'")
-        self.gate = block.gate  # HF router: softmax, top-k, renormalise -> (logits, weights, ids)
-        self.experts = ep.EPMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
-                                config.intermediate_size, dispatcher=dispatcher, runner="torch", group=group,
-                                dtype=block.experts.gate_up_proj.dtype, device=device)
-        self.experts.load_experts(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
-
-    def forward(self, hidden_states):
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_ids = self.gate(x)
-        return self.experts(x, topk_ids.int(), topk_weights.float()).reshape(shape)
 
 
 def main():
@@ -54,13 +32,12 @@ def main():
 
     with torch.no_grad():
         expected = model(input_ids).logits
-        for layer in model.model.layers:
-            layer.mlp = EPMixtralSparseMoeBlock(layer.mlp, config, dispatcher, group, device)
+        replaced = ep.hf.replace_experts(model, dispatcher=dispatcher, runner="torch", group=group, device=device)
         actual = model(input_ids).logits
 
     err = rel_err(actual, expected)
-    placement = model.model.layers[0].mlp.experts.placement
-    print(f"rank {rank}: {config.num_hidden_layers} MoE blocks -> EPMoE ({dispatcher}), experts "
+    placement = model.model.layers[0].mlp.experts.layer.placement
+    print(f"rank {rank}: {replaced} MoE blocks -> EPMoE ({dispatcher}), experts "
           f"{placement.first_expert}..{placement.first_expert + placement.num_local_experts - 1} of "
           f"{config.num_local_experts} here; logits {tuple(actual.shape)} rel err {err:.1e}")
     assert err < 1e-5, f"rank {rank}: logits differ from the original model's: rel err {err:.2e}"

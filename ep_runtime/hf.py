@@ -1,0 +1,94 @@
+"""Hugging Face transformers (>= 5) drop-in: spread a model's MoE experts over the ranks of a group.
+
+transformers 5 gives its MoE blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, ...) one shape: a
+router `gate` (with `top_k`) returning (logits, weights, ids) and an `experts` module holding
+gate_up_proj [E, 2I, H] ([gate; up]) and down_proj [E, H, I], called as
+experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]). `replace_experts` swaps
+each such `experts` for `EPExperts`, which keeps this rank's slice and runs an EPMoE layer; the
+router, shared experts and everything else stay HF's own, so outputs and gradients are unchanged:
+
+    model = AutoModelForCausalLM.from_config(config)     # the same weights on every rank
+    ep.hf.replace_experts(model, dispatcher="deepep_normal", group=ep.init_distributed())
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import EPMoE
+
+# activation name -> function, to recognise an experts module's act_fn by what it computes
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+def is_hf_experts(module: nn.Module) -> bool:
+    """A transformers >= 5 experts module with 3-D gate_up_proj / down_proj weights."""
+    w13, w2 = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor) and w13.dim() == 3 and w2.dim() == 3
+
+
+def activation_name(act_fn: Any) -> str:
+    """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    try:
+        out = act_fn(probe)
+    except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)
+        raise ValueError(f"act_fn={act_fn!r} cannot be probed ({err}); EPExperts supports "
+                         f"{', '.join(_ACTIVATIONS)}") from None
+    for name, fn in _ACTIVATIONS.items():
+        if torch.allclose(out, fn(probe), rtol=1e-6, atol=1e-9):
+            return name
+    raise ValueError(f"act_fn={act_fn!r} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
+
+
+class EPExperts(nn.Module):
+    """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
+
+    Takes the module's global weights once (gate_up_proj [E, 2I, H] = [gate; up], down_proj
+    [E, H, I]) and keeps this rank's slice in `self.layer` (an EPMoE). Called like the original:
+    forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]; an index equal
+    to E (HF's "no expert") or -1 adds nothing. Biases and other activations are rejected.
+    """
+
+    def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
+                 group: Optional[Any] = None, device: Any = None, dispatcher_options: Optional[dict] = None,
+                 runner_options: Optional[dict] = None):
+        super().__init__()
+        if not is_hf_experts(experts):
+            raise ValueError(f"experts={type(experts).__name__} has no 3-D gate_up_proj / down_proj "
+                             f"(a transformers >= 5 experts module)")
+        for bias in ("gate_up_proj_bias", "down_proj_bias"):
+            if getattr(experts, bias, None) is not None:
+                raise ValueError(f"experts has {bias}: HF's biased experts (e.g. gpt-oss) interleave gate and "
+                                 f"up differently; EPExperts does not convert them")
+        w13, w2 = experts.gate_up_proj, experts.down_proj
+        E, two_i, H = w13.shape
+        self.num_experts = E
+        self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
+                           dtype=w13.dtype, device=w13.device if device is None else device,
+                           activation=activation_name(experts.act_fn), dispatcher_options=dispatcher_options,
+                           runner_options=runner_options)
+        self.layer.load_experts(w13.detach(), w2.detach())
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
+        return self.layer(hidden_states, ids, top_k_weights)
+
+
+def replace_experts(model: nn.Module, **options: Any) -> int:
+    """Swap the `experts` of every MoE block in `model` (a block with a router `gate` that has `top_k`
+    and an HF experts module) for EPExperts(experts, gate.top_k, **options). Every rank must call it
+    on the same model. Returns how many blocks it changed."""
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
+              and is_hf_experts(m.experts) and isinstance(getattr(getattr(m, "gate", None), "top_k", None), int)]
+    for block in blocks:
+        block.experts = EPExperts(block.experts, block.gate.top_k, **options)
+    return len(blocks)

@@ -1,0 +1,70 @@
+"""ep_runtime.hf on real transformers models: every MoE family that transformers 5 builds with the
+shared router/experts interface, randomly initialised (the same on every rank), with its experts
+swapped for EPExperts over 2 gloo ranks: logits and router gradients equal the original model's."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import rel_err
+from ep_runtime.testing import run_ranks, tolerance
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=32, initializer_range=0.2)
+FAMILIES = {  # name -> (config class, extra fields); small, with routing options each family uses
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                                         num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=1)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(moe_intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                         norm_topk_prob=True, decoder_sparse_step=1, head_dim=8)),
+    "deepseek_v3": ("DeepseekV3Config", dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+                                             n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                                             first_k_dense_replace=0, intermediate_size=24, q_lora_rank=None,
+                                             kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
+}
+
+
+def _family_rank(rank, world_size, dispatcher):
+    errors = {}
+    for name, (cls_name, extra) in FAMILIES.items():
+        config = getattr(transformers, cls_name)(**COMMON, **extra)
+        torch.manual_seed(0)  # the same model on every rank
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        for m in model.modules():  # a non-zero DeepSeek correction bias, so it matters
+            if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
+                m.e_score_correction_bias.data.normal_(0, 0.3)
+        ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+        router = next(m.gate.weight for m in model.modules() if hasattr(getattr(m, "gate", None), "top_k"))
+        expected = model(ids).logits
+        expected.square().mean().backward()
+        expected_grad, router.grad = router.grad.clone(), None
+        replaced = ep.hf.replace_experts(model, dispatcher=dispatcher, runner="torch")
+        actual = model(ids).logits
+        actual.square().mean().backward()
+        errors[name] = (replaced, rel_err(actual.detach(), expected.detach()), rel_err(router.grad, expected_grad))
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll"])
+def test_replace_experts_keeps_every_family_exact(dispatcher):
+    for errors in run_ranks(_family_rank, 2, dispatcher, timeout=300):
+        for name, (replaced, logits, router_grad) in errors.items():
+            assert replaced == 2, name  # both decoder layers are MoE blocks
+            assert logits <= tolerance(torch.float32) and router_grad <= tolerance(torch.float32), (name, errors[name])
+
+
+def test_unsupported_experts_are_rejected():
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 8, 6))
+            self.down_proj = torch.nn.Parameter(torch.randn(4, 6, 4))
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 8))
+            self.act_fn = torch.nn.SiLU()
+    with pytest.raises(ValueError, match="experts has gate_up_proj_bias"):
+        ep.hf.EPExperts(Biased(), 2)
+    with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):
+        ep.hf.activation_name(torch.relu)
+    assert [ep.hf.activation_name(f) for f in (torch.nn.SiLU(), torch.nn.GELU(), torch.nn.GELU("tanh"))] == [
+        "silu", "gelu", "gelu_tanh"]
