@@ -136,8 +136,11 @@ class RankExchange:
         layout, row = count_row(topk_ids, E, R)
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
-        if checked:
-            row = torch.cat([row, topk_value_flags(topk_ids, topk_weights, E, distinct is not None)])
+        if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
+            # rank replaying a graph and a rank running eagerly still exchange rows of one length
+            flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if checked else
+                     torch.zeros(2 + (distinct is not None), dtype=torch.int32, device=row.device))
+            row = torch.cat([row, flags])
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)

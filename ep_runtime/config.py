@@ -1,13 +1,12 @@
 """Runner configuration and expert weights: what the experts compute, kept apart from the tensors."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ep_runtime.validation import is_int_at_least
+from ep_runtime.validation import finite_float, is_int_at_least
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -42,6 +41,7 @@ class MoeConfig:
             value = getattr(self, name)
             if not is_int_at_least(value, 1):
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+            object.__setattr__(self, name, int(value))  # numpy ints become plain ints
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.activation not in ACTIVATIONS:
@@ -53,14 +53,12 @@ class MoeConfig:
                     f"got is_gated={self.is_gated}, activation={self.activation!r}")
         if self.gemm1_clamp_limit is not None and self.gemm1_alpha is None:
             raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} needs gemm1_alpha (gpt-oss SwiGLU uses both)")
-        if self.gemm1_alpha is not None and not (isinstance(self.gemm1_alpha, (int, float))
-                                                  and math.isfinite(self.gemm1_alpha)):
-            raise ValueError(f"gemm1_alpha={self.gemm1_alpha!r} must be a finite number")
+        if self.gemm1_alpha is not None:
+            object.__setattr__(self, "gemm1_alpha", finite_float("gemm1_alpha", self.gemm1_alpha))
         if self.gemm1_clamp_limit is not None and not self.gemm1_clamp_limit > 0:
             raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit!r} must be > 0")
-        rsf = self.routed_scaling_factor
-        if not isinstance(rsf, (int, float)) or isinstance(rsf, bool) or not math.isfinite(rsf):
-            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number")
+        object.__setattr__(self, "routed_scaling_factor",
+                           finite_float("routed_scaling_factor", self.routed_scaling_factor))
 
     @property
     def w13_rows(self) -> int:

@@ -82,9 +82,8 @@ class EPMoE(nn.Module):
         hi = lo + self.placement.num_local_experts
         for name in ("w13", "w2", "b13", "b2"):
             src = getattr(full, name)
-            if src is not None:
-                check_finite(f"{name} (experts {lo}..{hi - 1})", src[lo:hi])
-                getattr(self, name).copy_(src[lo:hi])
+            if src is not None:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
+                check_finite(f"{name} (experts {lo}..{hi - 1})", getattr(self, name).copy_(src[lo:hi]))
 
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,

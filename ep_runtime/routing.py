@@ -1,13 +1,12 @@
 """Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import is_int_at_least
+from .validation import finite_float, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -55,9 +54,11 @@ class TopKConfig:
                 raise ValueError(f"topk_group={self.topk_group!r} must be in [1, num_expert_group={self.num_expert_group}]")
         if self.group_score not in (None,) + GROUP_SCORES:
             raise ValueError(f"group_score={self.group_score!r}; allowed: None (inferred), {', '.join(GROUP_SCORES)}")
-        rsf = self.routed_scaling_factor
-        if not isinstance(rsf, (int, float)) or isinstance(rsf, bool) or not math.isfinite(rsf):
-            raise ValueError(f"routed_scaling_factor={rsf!r} must be a finite number")
+        object.__setattr__(self, "routed_scaling_factor",
+                           finite_float("routed_scaling_factor", self.routed_scaling_factor))
+        for name in ("top_k", "num_expert_group", "topk_group"):  # numpy ints become plain ints
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     def check(self, num_experts: int) -> None:
         """Raise when this routing cannot pick top_k of num_experts experts (checked when a layer is

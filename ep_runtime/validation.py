@@ -4,6 +4,8 @@ the allowed range. Value checks (id range) read one scalar per tensor; they are 
 graph is being captured, where a host read is impossible (shapes and dtypes are still checked)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -13,8 +15,15 @@ ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
 def is_int_at_least(value, minimum: int) -> bool:
-    """A plain int (bool excluded: True would pass as 1) no smaller than `minimum`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """An integer (Python or numpy; bool excluded: True would pass as 1) no smaller than `minimum`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def finite_float(name: str, value) -> float:
+    """`value` as a float when it is a finite real number (Python or numpy; not bool), else an error."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return float(value)
 
 
 def capturing() -> bool:
@@ -25,8 +34,11 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
-    """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16") and device (None: cpu),
-    checked: a wrong one would otherwise surface as a torch error far from the argument."""
+    """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16"; None: torch's default) and
+    device (None: cpu), checked: a wrong one would otherwise surface as a torch error far from the
+    argument."""
+    if dtype is None:  # e.g. a Hugging Face config's torch_dtype left unset
+        dtype = torch.get_default_dtype()
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)
     if dtype not in WEIGHT_DTYPES:
@@ -42,7 +54,9 @@ def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise naming the tensor and the first non-finite entry (one host read)."""
+    """Raise naming the tensor and the first non-finite entry (one host read; meta tensors pass)."""
+    if t.is_meta:
+        return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()

@@ -61,3 +61,20 @@ def test_t_equal_m_works_and_m_plus_one_fails_every_rank():
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_over_capacity, 2, 5)
     assert str(failure.value).count("x has 5 tokens on rank 0; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4") == 2
+
+
+def _one_rank_capturing(rank, world_size):
+    """Rank 0 runs the plan as under CUDA-graph capture (no host read, so no value checks), rank 1
+    eagerly: the count rows they exchange must have one length (a graph replayed next to an eager
+    call), and the step must give the reference result on both."""
+    from ep_runtime.dispatchers import rank_exchange
+    if rank == 0:
+        rank_exchange.capturing = lambda: True
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch", apply_router_weight_on_input=True,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 8})
+    return check_layer(layer, make_problem(layer.config, [5, 3], seed=3, ep_size=2), rank, backward=False)
+
+
+def test_a_capturing_rank_and_an_eager_rank_exchange_rows_of_one_length():
+    for errors in run_ranks(_one_rank_capturing, 2, timeout=60, group_timeout=15):
+        assert errors["y"] <= tolerance(torch.float32), errors

@@ -133,3 +133,18 @@ def test_dtype_by_name_and_non_finite_weights():
     w2[5, 3, 2] = float("inf")
     with pytest.raises(ValueError, match=r"w2 \(experts 0..7\) has a non-finite value inf at \[5, 3, 2\]"):
         layer.load_experts(w13, w2)
+
+
+def test_numpy_scalars_and_loads_that_must_keep_working():
+    np = pytest.importorskip("numpy")
+    cfg = ep.TopKConfig(top_k=np.int64(2), routed_scaling_factor=np.float32(2.5), num_expert_group=np.int64(2),
+                        topk_group=1)
+    assert (cfg.top_k, cfg.routed_scaling_factor, cfg.num_expert_group) == (2, 2.5, 2)
+    layer = ep.EPMoE(np.int64(8), 2, 16, 8, runner="torch", dtype=None, gemm1_alpha=np.float32(1.5), topk_config=cfg)
+    assert layer.w13.dtype == torch.get_default_dtype() and layer.config.num_experts == 8
+    bf16 = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.bfloat16)
+    w13, w2 = torch.randn(8, 16, 16), torch.randn(8, 16, 8)
+    bf16.load_experts(w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn))  # float8 has no isfinite
+    assert torch.equal(bf16.w13, w13.to(torch.float8_e4m3fn).to(torch.bfloat16))
+    meta = ep.EPMoE(8, 2, 16, 8, runner="torch", device="meta")
+    meta.load_experts(w13.to("meta"), w2.to("meta"))
