@@ -288,7 +288,9 @@ def test_one_rank_with_bad_values_fails_every_rank_at_once(dispatcher):
         rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
         assert (BAD_INPUT.get(case) or CAPACITY[dispatcher].replace("rank 0", "rank 1")) in rank1, rank1
         assert on_rank0 in rank0, rank0
-        assert time.monotonic() - start < TIMEOUT_S + 10  # not the collective timeout: rank 0 raised itself
+        # rank 0's own ValueError (above) shows it did not wait out a collective; the bound only
+        # catches a hang (rank 1 lingers TIMEOUT_S + 2 s before its process ends)
+        assert time.monotonic() - start < 2 * TIMEOUT_S + 30
 
 
 @pytest.mark.parametrize("dispatcher,linger", [(d, 0) for d in SHARDED] + [("deepep_ll", TIMEOUT_S + 2)])
