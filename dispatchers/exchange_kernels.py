@@ -62,16 +62,22 @@ if triton is not None:
             tl.store(meta_ptr + i.to(tl.int64) * 2 * K + K + k, ids.to(tl.float32), mask=kmask)
 
     @triton.jit
-    def _gather_sum_kernel(back_ptr, index_ptr, y_ptr, S, H, R, BLOCK_H: tl.constexpr):
-        t = tl.program_id(0)
+    def _gather_rows_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, K, H, none, WEIGHTED: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        """out[n] = sum_k (weight[n, k] *) src[index[n, k]], fp32 accumulation; index >= none adds nothing."""
+        n = tl.program_id(0)
         hb = tl.program_id(1)
         cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for r in range(R):
-            src = tl.load(index_ptr + t.to(tl.int64) * R + r)
-            h_real = tl.where(src < S, H, 0)
-            acc += tl.load(back_ptr + src.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0).to(tl.float32)
-        tl.store(y_ptr + t.to(tl.int64) * H + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < H)
+        for k in range(K):
+            row = tl.load(index_ptr + n.to(tl.int64) * K + k)
+            h_real = tl.where(row < none, H, 0)
+            value = tl.load(src_ptr + tl.where(row < none, row, 0).to(tl.int64) * H + cols, mask=cols < h_real,
+                            other=0.0).to(tl.float32)
+            if WEIGHTED:
+                value = value * tl.load(weight_ptr + n.to(tl.int64) * K + k)
+            acc += value
+        tl.store(out_ptr + n.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 
     @triton.jit
@@ -105,20 +111,6 @@ if triton is not None:
             if SCALE:
                 row = (row.to(tl.float32) * tl.load(scale_ptr + i)).to(row.dtype)
             tl.store(out_ptr + slot * H + cols, row, mask=cols < H)
-
-    @triton.jit
-    def _ll_gather_kernel(out_ptr, slot_ptr, weight_ptr, partial_ptr, K, H, none, BLOCK_H: tl.constexpr):
-        n = tl.program_id(0)
-        hb = tl.program_id(1)
-        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for k in range(K):
-            slot = tl.load(slot_ptr + n.to(tl.int64) * K + k)
-            w = tl.load(weight_ptr + n.to(tl.int64) * K + k)
-            h_real = tl.where(slot < none, H, 0)
-            acc += w * tl.load(out_ptr + tl.where(slot < none, slot, 0) * H + cols, mask=cols < h_real,
-                               other=0.0).to(tl.float32)
-        tl.store(partial_ptr + n.to(tl.int64) * H + cols, acc.to(partial_ptr.dtype.element_ty), mask=cols < H)
 
     @triton.jit
     def _layout_kernel(ids_ptr, in_rank_ptr, row_ptr, T, K, L, R, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -212,14 +204,20 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
 def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """partial [N, H] = sum_k weight[n, k] * out[slot_index[n, k]] (fp32 accumulation; none skipped).
     Inference only (no autograd)."""
-    S, H = out.shape
-    N, K = slot_index.shape
-    partial = out.new_empty(N, H)
+    return _gather_rows(out, slot_index, weight.float())
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing."""
+    S, H = src.shape
+    N, K = index.shape
+    out = src.new_empty(N, H)
     if N:
         BLOCK_H = _block_h(H)
-        _ll_gather_kernel[(N, triton.cdiv(H, BLOCK_H))](out.contiguous(), slot_index.contiguous(),
-                                                        weight.float().contiguous(), partial, K, H, S, BLOCK_H=BLOCK_H)
-    return partial
+        _gather_rows_kernel[(N, triton.cdiv(H, BLOCK_H))](
+            src.contiguous(), index.contiguous(), weight.contiguous() if weight is not None else index, out, K, H, S,
+            WEIGHTED=weight is not None, BLOCK_H=BLOCK_H)
+    return out
 
 
 def _block_h(H: int) -> int:
@@ -262,15 +260,8 @@ class _Pack(torch.autograd.Function):
 class _GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, back, combine_index, send_token):
-        T, R = combine_index.shape
-        S, H = back.shape
-        y = back.new_empty(T, H)
-        if T:
-            BLOCK_H = _block_h(H)
-            _gather_sum_kernel[(T, triton.cdiv(H, BLOCK_H))](back.contiguous(), combine_index.contiguous(), y,
-                                                             S, H, R, BLOCK_H=BLOCK_H)
         ctx.save_for_backward(send_token)
-        return y
+        return _gather_rows(back, combine_index)
 
     @staticmethod
     def backward(ctx, grad_y):
