@@ -114,6 +114,12 @@ class ExchangeHandle:
         return self.chunk is not None
 
 
+def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
+    """(sent[s][d]: tokens rank s sends to rank d, the most tokens any rank receives) from the count table."""
+    sent = [row[1:1 + R] for row in host_table]
+    return sent, max(sum(sent[s][d] for s in range(R)) for d in range(R))
+
+
 class RankExchange:
     """max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks every
     rank's T against it in the count table, so one rank over it fails every rank at once."""
@@ -158,13 +164,11 @@ class RankExchange:
         """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert, flags])."""
         R, me, L = self.world_size, self.rank, self.num_local_experts
         T = host_table[me][0]
-        host = [row[1:1 + R] for row in host_table]
+        host, most = _sent_on_host(host_table, R)
         per_expert_host = [sum(row[1 + R + me * L + e] for row in host_table) for e in range(L)]
-        if rows is not None:
-            most = max(sum(host[s][d] for s in range(R)) for d in range(R))
-            if most > rows:
-                raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
-                                 f"(allowed: at least {most})")
+        if rows is not None and most > rows:
+            raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
+                             f"(allowed: at least {most})")
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
         counts = sent[me].long()
@@ -209,9 +213,8 @@ class RankExchange:
                 overflow = overflow | (recv[1] > rows)
             torch._assert_async(~overflow, message)
         else:
-            host = [row[1:1 + R] for row in host_table]
+            host, received = _sent_on_host(host_table, R)
             per_peer = max(max(row) for row in host)
-            received = max(sum(host[s][d] for s in range(R)) for d in range(R))
             if per_peer > chunk or (rows is not None and received > rows):
                 raise ValueError(f"{message}; this step needs {per_peer} per peer and "
                                  f"{received} received (allowed: {capacity} at least that)")
