@@ -275,15 +275,20 @@ def _lora_hooks(gen, L, H, I, rank=4):
     return runners.GemmHooks(lora(a1, b1), lora(a2, b2)), (a1, b1, a2, b2), seen
 
 
+def _hooked_layer(runner, E, K, H, I, pick):
+    """A layer on `runner` with the hooks `pick` makes of the LoRA hooks, loaded with a fixed problem."""
+    hooks, params, seen = _lora_hooks(torch.Generator().manual_seed(8), E, H, I)
+    layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=pick(hooks))
+    problem = make_problem(layer.config, [13], seed=9)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    return layer, problem, params, seen
+
+
 def test_gemm_hooks_match_torch_runner_forward_and_backward():
     E, K, H, I = 4, 2, 16, 24
     results = {}
     for name in ("torch", "triton"):
-        gen = torch.Generator().manual_seed(8)
-        hooks, params, seen = _lora_hooks(gen, E, H, I)
-        layer = ep.EPMoE(E, K, H, I, runner=name, hooks=hooks)
-        problem = make_problem(layer.config, [13], seed=9)
-        layer.load_experts(problem.w13.float(), problem.w2.float())
+        layer, problem, params, seen = _hooked_layer(name, E, K, H, I, lambda hooks: hooks)
         x = problem.xs[0].float().requires_grad_()
         y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
         (y * problem.grad_outputs[0].float()).sum().backward()
@@ -299,11 +304,8 @@ def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_run
     E, K, H, I = 4, 2, 16, 24
     outs = {}
     for name in ("torch", "triton"):
-        gen = torch.Generator().manual_seed(8)
-        hooks, _, seen = _lora_hooks(gen, E, H, I)
-        layer = ep.EPMoE(E, K, H, I, runner=name, hooks=runners.GemmHooks(None, hooks.after_gemm2))
-        problem = make_problem(layer.config, [13], seed=9)
-        layer.load_experts(problem.w13.float(), problem.w2.float())
+        layer, problem, _, seen = _hooked_layer(name, E, K, H, I,
+                                                lambda hooks: runners.GemmHooks(None, hooks.after_gemm2))
         with torch.no_grad():
             outs[name] = (layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0]), seen[0])
     assert rel_err(outs["triton"][0], outs["torch"][0].double()) <= 1e-5
