@@ -115,10 +115,15 @@ def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exp
     """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight), and a third,
     any token listing one expert twice, when `distinct`. Exchanges that read a count table on the host
     carry these in it, so every rank sees any rank's bad input."""
-    flags = [((topk_ids < -1) | (topk_ids >= num_experts)).any(), ~torch.isfinite(topk_weights).all()]
+    flags = [_out_of_range(topk_ids, num_experts).any(), ~torch.isfinite(topk_weights).all()]
     if distinct:
         flags.append(_repeated(topk_ids).any())
     return torch.stack(flags).to(torch.int32)
+
+
+def _out_of_range(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, K] bool: ids outside [-1, num_experts)."""
+    return (topk_ids < -1) | (topk_ids >= num_experts)
 
 
 def _repeated(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -138,14 +143,12 @@ def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_ex
         flags = topk_value_flags(topk_ids, topk_weights, num_experts, distinct is not None).tolist()
     bad_id, bad_weight = flags[:2]
     if bad_id:
-        bad = (topk_ids < -1) | (topk_ids >= num_experts)
-        where = bad.nonzero()[0].tolist()
+        where = _out_of_range(topk_ids, num_experts).nonzero()[0].tolist()
         value = int(topk_ids[where[0], where[1]])
         raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
                          f"(num_experts={num_experts})")
     if bad_weight:
-        where = (~torch.isfinite(topk_weights)).nonzero()[0].tolist()
-        raise ValueError(f"topk_weights has a non-finite value {float(topk_weights[where[0], where[1]])} at {where}")
+        check_finite("topk_weights", topk_weights)
     if len(flags) > 2 and flags[2]:
         t = int(_repeated(topk_ids).any(1).nonzero()[0])
         raise ValueError(f"topk_ids row {t} lists an expert twice: {topk_ids[t].tolist()}; {distinct}")
