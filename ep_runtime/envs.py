@@ -108,8 +108,9 @@ def validate_all() -> None:
     EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word)."""
     for name in KNOBS:
         get(name)
-    if unknown():
-        warnings.warn(f"ignoring unknown variables {', '.join(unknown())}: no such ep-runtime knob "
+    ignored = unknown()
+    if ignored:
+        warnings.warn(f"ignoring unknown variables {', '.join(ignored)}: no such ep-runtime knob "
                       f"(known: {', '.join(KNOBS)}; see `ep-runtime env`)", stacklevel=2)
 
 
