@@ -90,8 +90,9 @@ class DeepEPLLDispatcher(Dispatcher):
         scale = None
         if self.config.apply_router_weight_on_input:
             scale, slot_weight = slot_weight, here.to(slot_weight.dtype)
-        # Only valid rows are written; rows past masked_m stay unwritten (never read), as in DeepEP.
-        recv_x = _scatter(rows, slot_index, scale, L * N + 1)[:L * N].view(L, N, H)
+        # Only valid rows are written, each once (a token listing one expert twice has one row there);
+        # rows past masked_m stay unwritten (never read), as in DeepEP.
+        recv_x = _scatter(rows, _first_of_each_slot(slot_index, L * N), scale, L * N + 1)[:L * N].view(L, N, H)
         return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
@@ -127,13 +128,9 @@ def _first_of_each_slot(slot_index: torch.Tensor, none: int) -> torch.Tensor:
 
 
 def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int) -> torch.Tensor:
-    """[num_slots, H]: row n copied to slot_index[n, k] for every k (times scale[n, k] when given); the
-    last slot is the dump for rows that go nowhere. A slot listed twice in a row (a token naming one
-    expert twice) holds the same unscaled row either way: the kernel writes it twice, the autograd
-    path once, so its gradient flows back once (scaled repeats are rejected before dispatch)."""
+    """[num_slots, H]: row n copied to slot_index[n, k] for every k (times scale[n, k] when given)."""
     if exchange_kernels.enabled(rows) and not _needs_grad(rows, scale):
         return exchange_kernels.ll_scatter(rows, slot_index, scale, num_slots)
-    slot_index = _first_of_each_slot(slot_index, num_slots - 1)
     N, K = slot_index.shape
     values = rows.unsqueeze(1).expand(N, K, rows.shape[1])
     if scale is not None:
