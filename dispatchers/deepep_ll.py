@@ -84,6 +84,11 @@ class DeepEPLLDispatcher(Dispatcher):
                                     topk_weights=weights, distinct=self.distinct_ids)
         rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
         N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
+        if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
+            slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(
+                recv_ids, recv_w, L, fold=self.config.apply_router_weight_on_input)
+            recv_x = exchange_kernels.ll_scatter(rows, first, scale, L * N + 1)[:L * N].view(L, N, H)
+            return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
         here = recv_ids >= 0
         slot_index, masked_m = _slots(recv_ids, L)
         slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))

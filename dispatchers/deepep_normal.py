@@ -68,7 +68,10 @@ class DeepEPNormalDispatcher(Dispatcher):
         self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
-        return dispatch_layout(topk_ids, self.config.num_experts, self.world_size)
+        """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+        is_token_in_rank [T, R] bool (topk_ids [T, K] global, -1 = none). No host sync."""
+        return dispatch_layout(topk_ids, self.config.num_experts, self.world_size,
+                               self.exchange.tables(topk_ids.device)[0])
 
     def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None) -> DeepEPNormalDispatchOutput:
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its

@@ -8,14 +8,16 @@ ids] metadata (ids remapped to the destination's local ids when asked). gather_s
 each token's returned rows (at most R) in fp32 and writes the token's output; no atomics, so it is
 deterministic. Both are autograd Functions whose backward is the inverse gather/scatter.
 rank_exchange uses them on CUDA for bf16/fp16/fp32 and plain torch ops elsewhere.
+
+The inference fast path (no autograd) launches each kernel directly, without an autograd Function
+around it, and sends metadata as int32 ([weights as fp32 bits; ids]) so the receiver takes ids
+and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-
-from ep_runtime.validation import int32_ids
 
 try:
     import triton
@@ -26,20 +28,44 @@ except ImportError:  # triton is optional: the torch path runs instead
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+_FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU
+
+
 def enabled(x: torch.Tensor) -> bool:
     """Use the kernels for this tensor: CUDA, a dtype they accumulate correctly, triton present."""
     return on_gpu(x) and x.dtype in _DTYPES
 
 
 def on_gpu(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda
+    return triton is not None and (t.is_cuda or _FORCED)
+
+
+def inference_path(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """The fast kernel path: kernels enabled for x and nothing needs a gradient (autograd takes the
+    differentiable path)."""
+    return enabled(x) and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                               for t in (x,) + others))
+
+
+class forced:
+    """Context manager for tests: the kernel paths serve CPU tensors too (under TRITON_INTERPRET=1),
+    so CI runs the GPU code path end to end on gloo ranks."""
+
+    def __enter__(self):
+        global _FORCED
+        self.before, _FORCED = _FORCED, triton is not None
+        return self
+
+    def __exit__(self, *exc):
+        global _FORCED
+        _FORCED = self.before
 
 
 if triton is not None:
 
     @triton.jit
-    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rows_ptr, meta_ptr, T, H, K, L,
-                     LOCAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr, T, H,
+                     K, E, LOCAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
@@ -55,9 +81,10 @@ if triton is not None:
             ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1)
             w = tl.load(w_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=0.0)
             if LOCAL:
-                dest = tl.load(rank_ptr + i)
-                local = ids - dest * L
-                ids = tl.where((ids >= 0) & (local >= 0) & (local < L), local, -1)
+                valid = (ids >= 0) & (ids < E)
+                owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+                local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+                ids = tl.where(owner == tl.load(rank_ptr + i), local, -1)
             tl.store(meta_ptr + i.to(tl.int64) * 2 * K + k, w, mask=kmask)
             tl.store(meta_ptr + i.to(tl.int64) * 2 * K + K + k, ids.to(tl.float32), mask=kmask)
 
@@ -81,46 +108,78 @@ if triton is not None:
 
 
     @triton.jit
-    def _ll_slots_kernel(ids_ptr, slot_ptr, masked_m_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program l: the rows holding local expert l, in order, get slots l*N + 0, 1, ..."""
+    def _ll_slots_kernel(ids_ptr, w_ptr, ids_stride, w_stride, slot_ptr, first_ptr, weight_ptr, scale_ptr, masked_m_ptr,
+                         N, K, L, WEIGHTS: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """Program e < L: the rows holding local expert e, in order, get slots e*N + 0, 1, ... (slot_ptr:
+        every topk slot naming e; first_ptr: only the first slot of a row naming e, so a repeated
+        expert is written once); with WEIGHTS, weight_ptr gets the slot's weight (FOLD: the weight goes
+        to scale_ptr and weight_ptr gets 1). Program L writes the slots naming no local expert (none,
+        weight 0), so every output entry is written exactly once and nothing needs pre-filling."""
         e = tl.program_id(0)
         k = tl.arange(0, BLOCK_K)
+        none = L * N
         carry = tl.zeros([], dtype=tl.int64)
         for start in range(0, N, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             inside = (n[:, None] < N) & (k[None, :] < K)
-            ids = tl.load(ids_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=inside, other=-1)
-            match = ids == e
-            present = tl.max(match.to(tl.int64), axis=1)
-            pos = carry + tl.cumsum(present, axis=0) - 1
-            slot = e.to(tl.int64) * N + pos
-            tl.store(slot_ptr + n[:, None].to(tl.int64) * K + k[None, :], slot[:, None] + tl.zeros_like(ids).to(tl.int64),
-                     mask=match & inside)
-            carry += tl.sum(present, axis=0)
-        tl.store(masked_m_ptr + e, carry.to(tl.int32))
+            ids = tl.load(ids_ptr + n[:, None].to(tl.int64) * ids_stride + k[None, :], mask=inside, other=-1)
+            flat = n[:, None].to(tl.int64) * K + k[None, :]
+            if e < L:
+                match = (ids == e) & inside
+                present = tl.max(match.to(tl.int64), axis=1)
+                slot = e.to(tl.int64) * N + carry + tl.cumsum(present, axis=0) - 1
+                slot2 = slot[:, None] + tl.zeros_like(flat)
+                first_k = tl.min(tl.where(match, k[None, :], BLOCK_K), axis=1)
+                tl.store(slot_ptr + flat, slot2, mask=match)
+                tl.store(first_ptr + flat, tl.where(k[None, :] == first_k[:, None], slot2, none), mask=match)
+                if WEIGHTS:
+                    w = tl.load(w_ptr + n[:, None].to(tl.int64) * w_stride + k[None, :], mask=match, other=0.0)
+                    if FOLD:
+                        tl.store(scale_ptr + flat, w, mask=match)
+                        tl.store(weight_ptr + flat, tl.full(w.shape, 1.0, tl.float32), mask=match)
+                    else:
+                        tl.store(weight_ptr + flat, w, mask=match)
+                carry += tl.sum(present, axis=0)
+            else:
+                elsewhere = inside & ((ids < 0) | (ids >= L))
+                tl.store(slot_ptr + flat, none + tl.zeros_like(flat), mask=elsewhere)
+                tl.store(first_ptr + flat, none + tl.zeros_like(flat), mask=elsewhere)
+                if WEIGHTS:
+                    zero = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                    tl.store(weight_ptr + flat, zero, mask=elsewhere)
+                    if FOLD:
+                        tl.store(scale_ptr + flat, zero, mask=elsewhere)
+        if e < L:
+            tl.store(masked_m_ptr + e, carry.to(tl.int32))
 
     @triton.jit
-    def _ll_scatter_kernel(rows_ptr, slot_ptr, scale_ptr, out_ptr, K, H, none, SCALE: tl.constexpr,
+    def _ll_scatter_kernel(rows_ptr, slot_ptr, scale_ptr, out_ptr, K, H, row_stride, none, SCALE: tl.constexpr,
                            BLOCK_H: tl.constexpr):
         i = tl.program_id(0)  # one (received row, topk slot)
         hb = tl.program_id(1)
         slot = tl.load(slot_ptr + i)
         if slot < none:
             cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-            row = tl.load(rows_ptr + (i // K).to(tl.int64) * H + cols, mask=cols < H, other=0.0)
+            row = tl.load(rows_ptr + (i // K).to(tl.int64) * row_stride + cols, mask=cols < H, other=0.0)
             if SCALE:
                 row = (row.to(tl.float32) * tl.load(scale_ptr + i)).to(row.dtype)
             tl.store(out_ptr + slot * H + cols, row, mask=cols < H)
 
     @triton.jit
-    def _layout_kernel(ids_ptr, in_rank_ptr, row_ptr, T, K, L, R, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _layout_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at,
+                       FLAGS: tl.constexpr, DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A program per BLOCK_T tokens: is_token_in_rank, tokens per destination rank and pairs per
+        expert (row[1:1+R], row[1+R:1+R+E]), and the value flags at row[flags_at:] (an id outside
+        [-1, E), a non-finite weight, and with DISTINCT a token listing one expert twice)."""
         pid = tl.program_id(0)
         t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         k = tl.arange(0, BLOCK_K)
         inside = (t[:, None] < T) & (k[None, :] < K)
-        ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * K + k[None, :], mask=inside, other=-1)
-        valid = (ids >= 0) & (ids < L * R)  # bad ids are flagged elsewhere; never index with them
-        owner = tl.where(valid, ids // L, -1)
+        offs = t[:, None].to(tl.int64) * K + k[None, :]
+        ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)  # int32 or int64: never wrapped
+        valid = inside & (ids >= 0) & (ids < E)  # bad ids are flagged, never used as an index
+        owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
         if pid == 0:
             tl.store(row_ptr, T)
         for r in range(R):
@@ -128,13 +187,21 @@ if triton is not None:
             tl.store(in_rank_ptr + t.to(tl.int64) * R + r, hit.to(tl.int8), mask=t < T)
             tl.atomic_add(row_ptr + 1 + r, tl.sum(hit))
         tl.atomic_add(row_ptr + 1 + R + tl.where(valid, ids, 0), tl.full(ids.shape, 1, tl.int32), mask=valid)
+        if FLAGS:
+            bad_id = tl.max(tl.max((inside & ((ids < -1) | (ids >= E))).to(tl.int32), axis=1), axis=0)
+            w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            bad_w = tl.max(tl.max((w - w != 0).to(tl.int32), axis=1), axis=0)  # NaN and +-inf give NaN
+            tl.atomic_max(row_ptr + flags_at, bad_id)
+            tl.atomic_max(row_ptr + flags_at + 1, bad_w)
+        if DISTINCT:
+            later = k[None, :, None] > k[None, None, :]
+            same = (ids[:, :, None] == ids[:, None, :]) & later & valid[:, :, None] & valid[:, None, :]
+            tl.atomic_max(row_ptr + flags_at + 2, tl.max(tl.max(tl.max(same.to(tl.int32), axis=2), axis=1), axis=0))
 
     @triton.jit
-    def _row_plan_kernel(in_rank_ptr, base_ptr, limit_ptr, send_token_ptr, send_rank_ptr, index_ptr, T, R, total,
-                         BLOCK_T: tl.constexpr):
-        r = tl.program_id(0)
-        base = tl.load(base_ptr + r)
-        limit = tl.load(limit_ptr + r)
+    def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,
+                          BLOCK_T: tl.constexpr):
+        """Pairs (t, r) in token order take send rows base, base + 1, ... while below limit."""
         carry = tl.zeros([], dtype=tl.int64)
         for start in range(0, T, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
@@ -147,67 +214,244 @@ if triton is not None:
             tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
             carry += tl.sum(flag, axis=0)
 
+    @triton.jit
+    def _table_plan_kernel(in_rank_ptr, table_ptr, global_of_ptr, send_token_ptr, send_rank_ptr, index_ptr,
+                           summary_ptr, recv_pos_ptr, recv_rows_ptr, T, R, ROW, me, L, chunk, total, rows,
+                           STATIC: tl.constexpr, COMPACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+        """The whole plan from the all-gathered count table on the device (no host values needed).
+        Program r: the send rows for destination r (exact offsets, or chunk r when STATIC); with
+        COMPACT, where chunk r of the receive buffer lands among `rows` compact rows. Program 0 also
+        writes summary = [pairs per local expert (L); rows received; most rows any rank receives]."""
+        r = tl.program_id(0)
+        rr = tl.arange(0, BLOCK_R)
+        to_each = tl.load(table_ptr + me * ROW + 1 + rr, mask=rr < R, other=0)  # tokens I send to each rank
+        from_each = tl.load(table_ptr + rr * ROW + 1 + me, mask=rr < R, other=0)  # tokens each rank sends me
+        if STATIC:
+            base = r * chunk
+            limit = chunk
+            for start in range(0, chunk, BLOCK_T):  # pad rows of chunk r too: every entry is written
+                j = start + tl.arange(0, BLOCK_T)
+                tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
+        else:
+            base = tl.sum(tl.where(rr < r, to_each, 0))
+            limit = tl.sum(tl.where(rr == r, to_each, 0))
+        _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, BLOCK_T)
+        if COMPACT:  # chunk row (r, j) lands at compact row offset[r] + j; rows = dropped pad
+            offset = tl.sum(tl.where(rr < r, from_each, 0))
+            count = tl.sum(tl.where(rr == r, from_each, 0))
+            for start in range(0, chunk, BLOCK_T):
+                j = start + tl.arange(0, BLOCK_T)
+                compact = offset + j
+                ok = (j < count) & (compact < rows)
+                tl.store(recv_pos_ptr + r * chunk + j, tl.where(ok, compact, rows).to(tl.int64), mask=j < chunk)
+                tl.store(recv_rows_ptr + compact, (r * chunk + j).to(tl.int64), mask=ok & (j < chunk))
+        if r == 0:
+            lane = tl.arange(0, BLOCK_L)
+            g = tl.load(global_of_ptr + lane, mask=lane < L, other=0)
+            per_expert = tl.zeros([BLOCK_L], dtype=tl.int32)
+            received = tl.zeros([BLOCK_R], dtype=tl.int32)
+            for s in range(R):
+                per_expert += tl.load(table_ptr + s * ROW + 1 + R + g, mask=lane < L, other=0)
+                received += tl.load(table_ptr + s * ROW + 1 + rr, mask=rr < R, other=0)
+            tl.store(summary_ptr + lane, per_expert, mask=lane < L)
+            tl.store(summary_ptr + L, tl.sum(from_each))
+            tl.store(summary_ptr + L + 1, tl.max(received))
 
-def layout_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(is_token_in_rank [T, R] bool, row [1 + R + E] int32 = [T; tokens per rank; pairs per expert])."""
+    @triton.jit
+    def _pack_payload_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr,
+                             T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """Send row i: x[token[i]] and int32 metadata [weights as fp32 bits; ids] (ids as the
+        destination's local ids when LOCAL, -1 where the expert lives elsewhere); pad token T: zeros, -1."""
+        i = tl.program_id(0)
+        hb = tl.program_id(1)
+        tok = tl.load(token_ptr + i)
+        h_real = tl.where(tok < T, H, 0)  # a pad row reads nothing (no scalar-bool masks)
+        k_real = tl.where(tok < T, K, 0)
+        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        row = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0)
+        tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, row, mask=cols < H)
+        if hb == 0:
+            k = tl.arange(0, BLOCK_K)
+            ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1).to(tl.int64)
+            w = tl.load(w_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=0.0).to(tl.float32)
+            if LOCAL:
+                valid = (ids >= 0) & (ids < E)
+                owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+                local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+                ids = tl.where(owner == tl.load(rank_ptr + i), local, -1)
+            out = meta_ptr + i.to(tl.int64) * meta_stride
+            tl.store(out + k, w.to(tl.int32, bitcast=True), mask=k < K)
+            tl.store(out + K + k, ids.to(tl.int32), mask=k < K)
+
+    @triton.jit
+    def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
+                          BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
+        """Output row i = received row index[i] (payload and metadata); index >= none: a pad row
+        (zeros, weights 0, ids -1)."""
+        i = tl.program_id(0)
+        hb = tl.program_id(1)
+        src = tl.load(index_ptr + i)
+        h_real = tl.where(src < none, H, 0)
+        k_real = tl.where(src < none, 2 * K, 0)
+        src = tl.where(src < none, src, 0).to(tl.int64)
+        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        row = tl.load(x_ptr + src * x_stride + cols, mask=cols < h_real, other=0.0)
+        tl.store(out_x_ptr + i.to(tl.int64) * H + cols, row, mask=cols < H)
+        if hb == 0:
+            c = tl.arange(0, BLOCK_K2)
+            m = tl.load(meta_ptr + src * meta_stride + c, mask=c < k_real, other=0)
+            m = tl.where((c < k_real) | (c < K), m, -1)  # pad: weight bits 0, ids -1
+            tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
+
+def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], rank_of: torch.Tensor, ep_size: int,
+               num_flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is_token_in_rank [T, R] bool, row [1 + R + E + num_flags] int32 = [T; tokens per rank; pairs
+    per expert; flags]). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
+    needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token)."""
     T, K = topk_ids.shape
+    E = rank_of.numel()
     in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
-    row = torch.zeros(1 + ep_size + num_experts, dtype=torch.int32, device=topk_ids.device)
+    row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
-        int32_ids(topk_ids).contiguous(), in_rank, row, T, K, num_experts // ep_size, ep_size,
-        BLOCK_T=BLOCK_T, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        topk_ids, topk_weights if topk_weights is not None else rank_of, rank_of, in_rank, row, T, K, E, ep_size,
+        1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
+        BLOCK_K=triton.next_power_of_2(max(K, 2)))
     return in_rank.view(torch.bool), row
 
 
-def row_plan(in_rank: torch.Tensor, base: torch.Tensor, limit: torch.Tensor, total: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pair (t, r) with in_rank goes to send row base[r] + (its rank among rank r's tokens) while that
-    is below limit[r]: (send_token [total] (T = pad), send_rank [total], combine_index [T, R] (total
-    = not sent))."""
+class TablePlan(NamedTuple):
+    send_token: torch.Tensor  # [total] int64: source token of each send row (T = pad)
+    send_rank: torch.Tensor  # [total] int64: destination of each send row
+    combine_index: torch.Tensor  # [T, R] int64: send row of (token, rank); total = not sent
+    summary: torch.Tensor  # [L + 2] int32: pairs per local expert, rows received, most any rank receives
+    recv_pos: Optional[torch.Tensor]  # [R*chunk] int64 (compact row of each chunk row; rows = pad)
+    recv_rows: Optional[torch.Tensor]  # [rows] int64 (chunk row of each compact row; R*chunk = pad)
+
+
+def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of: torch.Tensor, total: int,
+               chunk: Optional[int] = None, rows: Optional[int] = None) -> TablePlan:
+    """One kernel: the send plan (exact offsets, or fixed `chunk` rows per peer), the receive-side
+    compaction into `rows` rows (static plans given rows) and the receive counts, all read from the
+    all-gathered count table [R, ROW] on the device. global_of [L]: this rank's experts' global ids."""
     T, R = in_rank.shape
     device = in_rank.device
+    L = global_of.numel()
+    static, compact = chunk is not None, chunk is not None and rows is not None
     send_token = torch.full((total,), T, dtype=torch.long, device=device)
-    send_rank = torch.zeros(total, dtype=torch.long, device=device)
+    send_rank = torch.empty(total, dtype=torch.long, device=device)
     index = torch.empty(T, R, dtype=torch.long, device=device)
-    _row_plan_kernel[(R,)](in_rank.view(torch.int8).contiguous(), base.long().contiguous(), limit.long().contiguous(),
-                           send_token, send_rank, index, T, R, total, BLOCK_T=256)
-    return send_token, send_rank, index
+    summary = torch.empty(L + 2, dtype=torch.int32, device=device)
+    recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
+    recv_rows = torch.full((rows,), R * chunk, dtype=torch.long, device=device) if compact else None
+    _table_plan_kernel[(R,)](
+        in_rank.view(torch.int8), table, global_of, send_token, send_rank, index, summary,
+        recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
+        chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
+        BLOCK_R=triton.next_power_of_2(max(R, 2)), BLOCK_L=triton.next_power_of_2(max(L, 2)))
+    return TablePlan(send_token, send_rank, index, summary, recv_pos, recv_rows)
+
+
+def payload_views(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 payload [S, B] seen as (rows [S, H] of `dtype`, meta [S, 2K] int32), both strided views:
+    one exchange moves a row and its metadata together."""
+    width = _meta_offset(hidden, dtype)
+    return payload[:, :hidden * dtype.itemsize].view(dtype), payload[:, width:width + 8 * top_k].view(torch.int32)
+
+
+def _meta_offset(hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of a payload row before its metadata (the hidden state, padded to a multiple of 8)."""
+    return -(-hidden * dtype.itemsize // 8) * 8
+
+
+def payload_bytes(hidden: int, dtype: torch.dtype, top_k: int) -> int:
+    return _meta_offset(hidden, dtype) + 8 * top_k
+
+
+def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
+                 send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inference path: payload [S, payload_bytes] uint8 holding x[send_token] and [weights bits; ids]
+    per row (see payload_views); ids as the destination's local ids when local_of [E] is given."""
+    S, (T, H), K = send_token.numel(), x.shape, ids.shape[1]
+    payload = torch.empty(S, payload_bytes(H, x.dtype, K), dtype=torch.uint8, device=x.device)
+    rows, meta = payload_views(payload, H, x.dtype, K)
+    if S:
+        BLOCK_H = _block_h(H)
+        _pack_payload_kernel[(S, triton.cdiv(H, BLOCK_H))](
+            x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
+            local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(), rows.stride(0),
+            meta.stride(0), LOCAL=local_of is not None, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+    return payload
+
+
+def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [n, H], meta [n, 2K] int32), contiguous: row i is received row index[i]; index >= none gives a
+    pad row (zeros, weight 0, id -1)."""
+    (n,), H, K = index.shape, rows.shape[1], meta.shape[1] // 2
+    out_x = rows.new_empty(n, H)
+    out_meta = torch.empty(n, 2 * K, dtype=torch.int32, device=rows.device)
+    if n:
+        BLOCK_H = _block_h(H)
+        _take_rows_kernel[(n, triton.cdiv(H, BLOCK_H))](
+            rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none,
+            BLOCK_H=BLOCK_H, BLOCK_K2=triton.next_power_of_2(max(2 * K, 2)))
+    return out_x, out_meta
 
 
 def ll_slots(local_ids: torch.Tensor, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """deepep_ll's expert-major placement: slot_index [N, K] (l*N + row within expert l; L*N = none)
     and masked_m [L] int32. One kernel (a program per local expert scanning the rows)."""
-    N, K = local_ids.shape
-    L = num_local_experts
-    slot = torch.full((N, K), L * N, dtype=torch.long, device=local_ids.device)
-    masked_m = torch.empty(L, dtype=torch.int32, device=local_ids.device)
-    _ll_slots_kernel[(L,)](local_ids.to(torch.int32).contiguous(), slot, masked_m, N, K,
-                           BLOCK_N=128, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+    slot, _, _, _, masked_m = ll_plan(local_ids, None, num_local_experts, fold=False)
     return slot, masked_m
+
+
+def ll_plan(local_ids: torch.Tensor, weights: Optional[torch.Tensor], num_local_experts: int, fold: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """(slot_index [N, K], scatter_index [N, K] (repeats of a slot in a row set to none), slot_weight
+    [N, K] fp32 (0 where not here; 1 when fold), scale [N, K] (the weights, when fold), masked_m [L]).
+    local_ids and weights [N, K] may be strided row views (the received metadata). One kernel."""
+    N, K = local_ids.shape
+    L, device = num_local_experts, local_ids.device
+    slot = torch.empty(N, K, dtype=torch.long, device=device)
+    first = torch.empty(N, K, dtype=torch.long, device=device)
+    weight = torch.empty(N, K, dtype=torch.float32, device=device) if weights is not None else None
+    scale = torch.empty(N, K, dtype=torch.float32, device=device) if fold else None
+    masked_m = torch.empty(L, dtype=torch.int32, device=device)
+    ids = local_ids if local_ids.dtype == torch.int32 else local_ids.to(torch.int32)
+    _ll_slots_kernel[(L + 1,)](
+        ids, weights if weights is not None else ids, ids.stride(0), weights.stride(0) if weights is not None else 0,
+        slot, first, weight if weight is not None else slot, scale if fold else slot, masked_m, N, K, L,
+        WEIGHTS=weights is not None, FOLD=fold, BLOCK_N=128, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+    return slot, first, weight, scale, masked_m
 
 
 def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int
                ) -> torch.Tensor:
     """buffer [num_slots, H]: row n lands at slot_index[n, k] for each k (times scale[n, k] when given);
-    slots nobody writes stay unwritten. Inference only (no autograd)."""
+    slots nobody writes stay unwritten. rows may be a row-strided view. Inference only (no autograd)."""
     (N, H), K = rows.shape, slot_index.shape[1]
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
     out = rows.new_empty(num_slots, H)
     if N * K:
         BLOCK_H = _block_h(H)
         _ll_scatter_kernel[(N * K, triton.cdiv(H, BLOCK_H))](
-            rows.contiguous(), slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
-            out, K, H, num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H)
+            rows, slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
+            out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H)
     return out
 
 
 def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """partial [N, H] = sum_k weight[n, k] * out[slot_index[n, k]] (fp32 accumulation; none skipped).
     Inference only (no autograd)."""
-    return _gather_rows(out, slot_index, weight.float())
+    return gather_rows(out, slot_index, weight.float())
 
 
-def _gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing."""
     S, H = src.shape
     N, K = index.shape
@@ -232,16 +476,16 @@ def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, num_rows: int) -> tor
 
 class _Pack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ids, weights, send_token, send_rank, num_local_experts):
+    def forward(ctx, x, ids, weights, send_token, send_rank, rank_of, local_of):
         S, (T, H), K = send_token.numel(), x.shape, ids.shape[1]
         rows = x.new_empty(S, H)
         meta = torch.empty(S, 2 * K, dtype=torch.float32, device=x.device)
         if S:
             BLOCK_H = _block_h(H)
             _pack_kernel[(S, triton.cdiv(H, BLOCK_H))](
-                x.contiguous(), ids.contiguous(), weights.float().contiguous(), send_token, send_rank, rows, meta,
-                T, H, K, num_local_experts or 0, LOCAL=num_local_experts is not None,
-                BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+                x.contiguous(), ids.contiguous(), weights.float().contiguous(), send_token, send_rank, rank_of,
+                local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(),
+                LOCAL=local_of is not None, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
         ctx.save_for_backward(send_token)
         ctx.T, ctx.K, ctx.dtypes = T, K, (x.dtype, weights.dtype)
         return rows, meta
@@ -254,14 +498,14 @@ class _Pack(torch.autograd.Function):
             grad_x = _scatter_rows(grad_rows, send_token, ctx.T).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2] and grad_meta is not None:
             grad_w = _scatter_rows(grad_meta[:, :ctx.K], send_token, ctx.T).to(ctx.dtypes[1])
-        return grad_x, None, grad_w, None, None, None
+        return grad_x, None, grad_w, None, None, None, None
 
 
 class _GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, back, combine_index, send_token):
         ctx.save_for_backward(send_token)
-        return _gather_rows(back, combine_index)
+        return gather_rows(back, combine_index)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -272,10 +516,12 @@ class _GatherSum(torch.autograd.Function):
 
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
-              send_rank: torch.Tensor, num_local_experts: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [S, H] = x[send_token] (zeros for pad token T); meta [S, 2K] fp32 = [weights; ids], ids
-    as destination-local ids when num_local_experts is given (-1 where the expert is elsewhere)."""
-    return _Pack.apply(x, ids.to(torch.int32), weights, send_token, send_rank, num_local_experts)
+              send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable: rows [S, H] = x[send_token] (zeros for pad token T); meta [S, 2K] fp32 =
+    [weights; ids], ids as destination-local ids when local_of [E] is given (-1 where the expert is
+    elsewhere). rank_of [E]: owning rank of each expert."""
+    return _Pack.apply(x, ids, weights, send_token, send_rank, rank_of, local_of)
 
 
 def gather_sum(back: torch.Tensor, combine_index: torch.Tensor, send_token: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,24 @@ The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row 
   is being captured (nothing can be read then: overflow becomes a device-side assert).
 Every rank sees the whole table, so one rank's bad ids or weights, too many tokens or a capacity
 overflow fails every rank with the same error, before any payload moves.
+
+Inference on CUDA takes the kernel path: layout, value flags and counts in one kernel, one
+all_gather, the plan built from the gathered table on the device by one kernel, and each row sent
+together with its metadata in one exchange. A static plan there does not read the table on the host:
+it is copied to pinned memory without a sync and checked at the next call on this exchange (or by
+`raise_deferred(wait=True)`), every rank raising the same error; EP_RUNTIME_SYNC_CHECKS=1 reads it at
+once instead. CPU ranks always read it at once.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
+from ep_runtime import envs
+from ep_runtime.placement import ExpertPlacement
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels
@@ -39,22 +49,26 @@ def running_count(mask: torch.Tensor) -> torch.Tensor:
     return (mask.t().contiguous().long().cumsum(1) - 1).t()
 
 
-def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> Layout:
-    return count_row(topk_ids, num_experts, ep_size)[0]
+def dispatch_layout(topk_ids: torch.Tensor, num_experts: int, ep_size: int,
+                    rank_of: Optional[torch.Tensor] = None) -> Layout:
+    return count_row(topk_ids, num_experts, ep_size, rank_of)[0]
 
 
-def count_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> tuple[Layout, torch.Tensor]:
+def count_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int, rank_of: Optional[torch.Tensor] = None
+              ) -> tuple[Layout, torch.Tensor]:
     """The layout and the row every rank all-gathers: [T; tokens per rank; pairs per expert] int32
-    (the layout's counts are views into it). One kernel on CUDA."""
+    (the layout's counts are views into it). rank_of [E]: owning rank of each expert (default:
+    contiguous placement). One kernel on CUDA."""
     R = ep_size
+    if rank_of is None:
+        rank_of = ExpertPlacement(num_experts, R).owner(torch.arange(num_experts, device=topk_ids.device))
     if exchange_kernels.on_gpu(topk_ids):
-        in_rank, row = exchange_kernels.layout_row(topk_ids, num_experts, R)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, None, rank_of.to(torch.int32), R, 0)
         return Layout(row[1:1 + R], row[1 + R:], in_rank), row
     T = topk_ids.shape[0]
-    L = num_experts // R
     ids = topk_ids.long()
     valid = (ids >= 0) & (ids < num_experts)  # bad ids are flagged in the count table, never used
-    owner = torch.where(valid, ids // L, torch.full_like(ids, R))  # R = nowhere
+    owner = torch.where(valid, rank_of.long()[torch.where(valid, ids, 0)], torch.full_like(ids, R))  # R = nowhere
     in_rank = torch.zeros(T, R + 1, dtype=torch.bool, device=ids.device)
     in_rank.scatter_(1, owner, True)
     in_rank = in_rank[:, :R]
@@ -120,15 +134,52 @@ def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     return sent, max(sum(sent[s][d] for s in range(R)) for d in range(R))
 
 
+class _Deferred(NamedTuple):
+    """A static plan's count table on its way to pinned host memory, and what checking it needs."""
+
+    ready: "torch.cuda.Event"
+    table: torch.Tensor  # pinned [R, ROW] int32
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    distinct: Optional[str]
+    chunk: int
+    rows: Optional[int]
+    capacity: str
+
+
+_MAX_DEFERRED = 8  # a host running further ahead than this waits for the oldest check
+
+
 class RankExchange:
     """max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks every
-    rank's T against it in the count table, so one rank over it fails every rank at once."""
+    rank's T against it in the count table, so one rank over it fails every rank at once. placement:
+    which rank holds which expert (default: contiguous)."""
 
     def __init__(self, num_experts: int, group, rank: int, world_size: int,
-                 max_tokens: Optional[tuple[int, str]] = None):
+                 max_tokens: Optional[tuple[int, str]] = None, placement: Optional[ExpertPlacement] = None):
         self.num_experts, self.group, self.rank, self.world_size = num_experts, group, rank, world_size
-        self.num_local_experts = num_experts // world_size
+        self.placement = placement or ExpertPlacement(num_experts, world_size, rank)
+        self.num_local_experts = self.placement.num_local_experts
         self.max_tokens = max_tokens
+        self._tables: dict = {}
+        self._aranges: dict = {}
+        self._deferred: deque = deque()
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
+        the kernels read it (owning rank and local index of each expert; this rank's experts' ids)."""
+        if device not in self._tables:
+            experts = torch.arange(self.num_experts)
+            rank_of = self.placement.owner(experts)
+            local_of = experts - rank_of * self.num_local_experts
+            global_of = self.placement.to_global(torch.arange(self.num_local_experts))
+            self._tables[device] = tuple(t.to(device=device, dtype=torch.int32) for t in (rank_of, local_of, global_of))
+        return self._tables[device]
+
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        if (n, device) not in self._aranges:
+            self._aranges[(n, device)] = torch.arange(n, device=device)
+        return self._aranges[(n, device)]
 
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
              capacity: str = "", topk_weights: Optional[torch.Tensor] = None,
@@ -137,9 +188,13 @@ class RankExchange:
         `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
         check ids and weights (and, given `distinct`, the reason, repeated experts in a token) inside
         the count table, so they fail every rank (skipped while capturing a CUDA graph)."""
+        if not capturing():
+            self.raise_deferred()
+        if topk_weights is not None and exchange_kernels.on_gpu(topk_ids):
+            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
-        layout, row = count_row(topk_ids, E, R)
+        layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
@@ -160,15 +215,119 @@ class RankExchange:
             return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity)
         return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
 
+    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct) -> ExchangeHandle:
+        """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
+        one kernel from the table on the device. A host plan reads the table once (its one sync); a
+        static plan defers the read on CUDA (see the module doc)."""
+        R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
+        T = topk_ids.shape[0]
+        static, now = chunk is not None, capturing()
+        defer = static and not now and topk_ids.is_cuda and not envs.get("SYNC_CHECKS")
+        if static and (now or defer):  # the table is not read now: this rank checks its own T first
+            self._check_local_tokens(T)
+        rank_of, _, global_of = self.tables(topk_ids.device)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
+        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
+        layout = Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
+        send_splits = recv_splits = per_expert_host = None
+        if static:
+            total = R * chunk
+            if defer:
+                self._defer(table, topk_ids, topk_weights, distinct, chunk, rows, capacity)
+            elif not now:
+                host = table.tolist()
+                self._check_host_table(host, topk_ids, topk_weights, distinct)
+                self._check_static(host, chunk, rows, capacity)
+        else:
+            host = table.tolist()  # the one sync
+            self._check_host_table(host, topk_ids, topk_weights, distinct)
+            sent, most = _sent_on_host(host, R)
+            self._check_receive_rows(most, rows, capacity)
+            send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
+            first = 1 + R + me * L
+            per_expert_host = [sum(column) for column in zip(*(r[first:first + L] for r in host))]
+            total = sum(send_splits)
+        plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
+        summary = plan.summary
+        if now:  # capturing: nothing can be read, so an overflow is a device-side error
+            self._assert_fits(table[:, 1:1 + R], summary[L + 1], chunk, rows, capacity)
+        return ExchangeHandle(T, layout, plan.send_token, plan.send_rank, plan.combine_index, summary[:L],
+                              summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host, chunk=chunk,
+                              rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows)
+
+    def _defer(self, table, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
+        while len(self._deferred) >= _MAX_DEFERRED:
+            self.raise_deferred(wait=True, oldest_only=True)
+        pinned = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+        pinned.copy_(table, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._deferred.append(_Deferred(ready, pinned, topk_ids, topk_weights, distinct, chunk, rows, capacity))
+
+    def raise_deferred(self, wait: bool = False, oldest_only: bool = False) -> None:
+        """Check the count tables of earlier static-plan calls whose copy has arrived (wait: every
+        pending one, blocking); the first bad one raises the error its call would have raised."""
+        while self._deferred:
+            pending = self._deferred[0]
+            if not wait and not pending.ready.query():
+                return
+            pending.ready.synchronize()
+            self._deferred.popleft()
+            host = pending.table.tolist()
+            try:
+                self._check_host_table(host, pending.topk_ids, pending.topk_weights, pending.distinct)
+                self._check_static(host, pending.chunk, pending.rows, pending.capacity)
+            except ValueError as err:
+                self._deferred.clear()
+                raise ValueError(f"{err} [found by the deferred check of an earlier call's count table: that "
+                                 f"call's output is not valid; EP_RUNTIME_SYNC_CHECKS=1 raises before the payload "
+                                 f"moves]") from None
+            if oldest_only:
+                return
+
+    def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
+        R, E = self.world_size, self.num_experts
+        self._check_flags([row[1 + R + E:] for row in host], topk_ids, topk_weights, distinct)
+        self._check_tokens([row[0] for row in host])
+
+    @staticmethod
+    def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
+        if rows is not None and most > rows:
+            raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
+                             f"(allowed: at least {most})")
+
+    @staticmethod
+    def _static_message(chunk: int, rows: Optional[int], capacity: str) -> str:
+        return (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
+                + (f" and a rank receives at most {rows}" if rows is not None else ""))
+
+    def _assert_fits(self, sent: torch.Tensor, most_received: torch.Tensor, chunk: int, rows: Optional[int],
+                     capacity: str) -> None:
+        """While capturing: a device-side assert that every peer chunk and the receive rows hold the step."""
+        overflow = sent.max() > chunk
+        if rows is not None:
+            overflow = overflow | (most_received > rows)
+        torch._assert_async(~overflow, self._static_message(chunk, rows, capacity))
+
+    def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: str) -> None:
+        """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""
+        sent, received = _sent_on_host(host, self.world_size)
+        per_peer = max(max(row) for row in sent)
+        if per_peer > chunk or (rows is not None and received > rows):
+            raise ValueError(f"{self._static_message(chunk, rows, capacity)}; this step needs {per_peer} per peer "
+                             f"and {received} received (allowed: {capacity} at least that)")
+
+    def _check_local_tokens(self, num_tokens: int) -> None:
+        if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
+            raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
+
     def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity) -> ExchangeHandle:
         """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert, flags])."""
         R, me, L = self.world_size, self.rank, self.num_local_experts
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
         per_expert_host = [sum(row[1 + R + me * L + e] for row in host_table) for e in range(L)]
-        if rows is not None and most > rows:
-            raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
-                             f"(allowed: at least {most})")
+        self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
         counts = sent[me].long()
@@ -181,8 +340,8 @@ class RankExchange:
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
         (before any collective); otherwise the table check fails every rank together."""
-        if capturing() and self.max_tokens is not None and num_tokens > self.max_tokens[0]:
-            raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
+        if capturing():
+            self._check_local_tokens(num_tokens)
 
     def _check_tokens(self, tokens: list) -> None:
         if self.max_tokens is None:
@@ -205,19 +364,10 @@ class RankExchange:
     def _static_plan(self, layout, host_table, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
         """host_table: the count table read on the host, or None while capturing a CUDA graph."""
         R, me, device = self.world_size, self.rank, sent.device
-        message = (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
-                   + (f" and a rank receives at most {rows}" if rows is not None else ""))
         if host_table is None:  # capturing: nothing can be read, so a device-side error
-            overflow = sent.max() > chunk
-            if rows is not None:
-                overflow = overflow | (recv[1] > rows)
-            torch._assert_async(~overflow, message)
+            self._assert_fits(sent, recv[1], chunk, rows, capacity)
         else:
-            host, received = _sent_on_host(host_table, R)
-            per_peer = max(max(row) for row in host)
-            if per_peer > chunk or (rows is not None and received > rows):
-                raise ValueError(f"{message}; this step needs {per_peer} per peer and "
-                                 f"{received} received (allowed: {capacity} at least that)")
+            self._check_static(host_table, chunk, rows, capacity)
         base = torch.arange(R, device=device) * chunk
         send_token, send_rank, target = row_plan(layout.is_token_in_rank, base, torch.full_like(base, chunk),
                                                  R * chunk)
@@ -235,19 +385,26 @@ class RankExchange:
     def send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, handle: ExchangeHandle,
              local_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(recv_x, recv_ids int32, recv_weights fp32). local_ids: ids as the receiver's local
-        experts (-1 where the expert lives elsewhere); else global ids. Pad rows: zeros, id -1."""
-        R, L, K = self.world_size, self.num_local_experts, ids.shape[1]
+        experts (-1 where the expert lives elsewhere); else global ids. Pad rows: zeros, id -1.
+        On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer."""
+        if exchange_kernels.inference_path(x, weights):
+            return self._send_payload(x, ids, weights, handle, local_ids)
+        R, E, K = self.world_size, self.num_experts, ids.shape[1]
+        rank_of, local_of, _ = self.tables(x.device)
         token = handle.send_token
         pad = x.new_zeros(1, x.shape[1])
         # ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32).
         if exchange_kernels.enabled(x):
-            rows, meta = exchange_kernels.pack_rows(x, ids, weights, token, handle.send_rank, L if local_ids else None)
+            rows, meta = exchange_kernels.pack_rows(x, ids, weights, token, handle.send_rank, rank_of,
+                                                    local_of if local_ids else None)
         else:
             rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
             ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
             if local_ids:
-                local = ids_rows - handle.send_rank.unsqueeze(1) * L
-                ids_rows = torch.where((ids_rows >= 0) & (local >= 0) & (local < L), local, torch.full_like(local, -1))
+                valid = (ids_rows >= 0) & (ids_rows < E)
+                expert = torch.where(valid, ids_rows, 0)
+                here = valid & (rank_of[expert] == handle.send_rank.unsqueeze(1))
+                ids_rows = torch.where(here, local_of[expert].long(), torch.full_like(ids_rows, -1))
             meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
         recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
         recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
@@ -261,9 +418,33 @@ class RankExchange:
             recv_meta = torch.cat([recv_meta, meta_pad.expand(missing, -1)])
         return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
 
+    def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool):
+        """The kernel path: one packing kernel, one exchange of rows with their metadata, and for
+        padded or compacted receive sides one kernel laying the rows out."""
+        H, K = x.shape[1], ids.shape[1]
+        rank_of, local_of, _ = self.tables(x.device)
+        payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
+                                                local_of if local_ids else None)
+        received = all_to_all(payload, handle.recv_splits, handle.send_splits, self.group, self.world_size)
+        rows, meta = exchange_kernels.payload_views(received, H, x.dtype, K)
+        if handle.recv_rows is not None:
+            rows, meta = exchange_kernels.take_rows(rows, meta, handle.recv_rows, received.shape[0])
+        elif handle.rows is not None and not handle.static:  # rows past the received ones: padding
+            rows, meta = exchange_kernels.take_rows(rows, meta, self._arange(handle.rows, x.device), received.shape[0])
+        return rows, meta[:, K:], meta[:, :K].view(torch.float32)
+
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
         each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""
+        if not capturing():
+            self.raise_deferred()
+        if exchange_kernels.inference_path(partial):
+            if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
+                partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))
+            elif not handle.static:
+                partial = partial[:sum(handle.recv_splits)]
+            back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
+            return exchange_kernels.gather_rows(back, handle.combine_index)
         zero = partial.new_zeros(1, partial.shape[1])
         if handle.recv_pos is not None:
             if partial.shape[0] < handle.rows:  # a truncated runner input: the rest is padding

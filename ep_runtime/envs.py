@@ -84,6 +84,10 @@ _knob("MORI_PREALLOC_MAX_RECV_TOKENS", int, 0,
 _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
       "mori: hand the runner only this many receive rows (widened when more arrived, never truncating data); 0 = off.",
       minimum=0)
+_knob("SYNC_CHECKS", bool, False,
+      "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
+      "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves "
+      "(one host sync per call). Off: the table is copied without a sync and checked at the next call.")
 _knob("RUNNER", str, "auto",
       "Runner backend that EPMoE(runner='auto') uses: auto (the fastest with a path for the dispatcher), "
       "torch, triton or masked.", choices=("auto", "torch", "triton", "masked"))

@@ -8,6 +8,12 @@ from ep_runtime.dispatchers import exchange_kernels as xk
 pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
 
 
+def _tables(E, R):
+    """Contiguous placement as the kernels read it: owning rank and local index of each expert."""
+    experts = torch.arange(E, dtype=torch.int32)
+    return experts // (E // R), experts % (E // R)
+
+
 def _case(T=9, H=40, K=3, E=8, R=2, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=gen).to(dtype)
@@ -23,7 +29,8 @@ def _case(T=9, H=40, K=3, E=8, R=2, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("local", [True, False])
 def test_pack_rows_matches_torch(dtype, local):
     x, ids, w, send_token, send_rank, L = _case(dtype=dtype)
-    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, L if local else None)
+    rank_of, local_of = _tables(8, 2)
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of if local else None)
     T, K = ids.shape
     x_pad = torch.cat([x, torch.zeros(1, x.shape[1], dtype=dtype)])
     ids_pad = torch.cat([ids, torch.full((1, K), -1, dtype=torch.int32)]).long()[send_token]
@@ -33,6 +40,25 @@ def test_pack_rows_matches_torch(dtype, local):
     w_pad = torch.cat([w, torch.zeros(1, K)])[send_token]
     assert torch.equal(rows, x_pad[send_token])
     assert torch.equal(meta[:, :K], w_pad) and torch.equal(meta[:, K:], ids_pad.float())
+    # the inference path: one payload, rows and int32 metadata as views of it
+    payload = xk.pack_payload(x, ids, w, send_token, send_rank, rank_of, local_of if local else None)
+    rows2, meta2 = xk.payload_views(payload, x.shape[1], dtype, K)
+    assert torch.equal(rows2, x_pad[send_token])
+    assert torch.equal(meta2[:, :K].view(torch.float32), w_pad) and torch.equal(meta2[:, K:], ids_pad.int())
+
+
+@pytest.mark.parametrize("H", [40, 7])  # odd H: the metadata starts at an aligned offset
+def test_take_rows_lays_out_received_rows_and_pads(H):
+    x, ids, w, send_token, send_rank, L = _case(H=H, dtype=torch.float16)
+    rank_of, local_of = _tables(8, 2)
+    payload = xk.pack_payload(x, ids, w, send_token, send_rank, rank_of, None)
+    rows, meta = xk.payload_views(payload, H, torch.float16, ids.shape[1])
+    S, K = rows.shape[0], ids.shape[1]
+    index = torch.tensor([3, S, 0, S + 4, S - 1])  # >= S: pad rows
+    out_x, out_meta = xk.take_rows(rows, meta, index, S)
+    real = index < S
+    assert torch.equal(out_x[real], rows[index[real]]) and torch.equal(out_meta[real], meta[index[real]])
+    assert not out_x[~real].any() and not out_meta[~real][:, :K].any() and (out_meta[~real][:, K:] == -1).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -51,7 +77,8 @@ def test_gradients_equal_torch_gathers():
     x, ids, w, send_token, send_rank, L = _case(seed=3)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, L)
+    rank_of, local_of = _tables(8, 2)
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of)
     g_rows, g_meta = torch.randn_like(rows), torch.randn_like(meta)
     (rows * g_rows).sum().add((meta * g_meta).sum()).backward()
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
@@ -73,31 +100,79 @@ def test_gradients_equal_torch_gathers():
 
 
 @pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (130, 64, 8, 4), (77, 16, 3, 2)])
-def test_layout_kernel_matches_torch(T, E, K, R):
+@pytest.mark.parametrize("distinct", [False, True])
+def test_layout_kernel_matches_torch(T, E, K, R, distinct):
     from ep_runtime.dispatchers.rank_exchange import count_row
     from ep_runtime.testing import random_topk_ids
-    ids = random_topk_ids(torch.Generator().manual_seed(T + K), T, E, K, R, minus_one_fraction=0.3)
-    in_rank, row = xk.layout_row(ids, E, R)
+    from ep_runtime.validation import topk_value_flags
+    gen = torch.Generator().manual_seed(T + K)
+    ids = random_topk_ids(gen, T, E, K, R, minus_one_fraction=0.3)
+    w = torch.rand(T, K, generator=gen)
+    if T > 1:  # a repeated expert and a NaN weight must raise their flags
+        ids[T // 2, :2] = ids[T // 2, 0].clamp(min=0)
+        w[1, 0] = float("nan")
+    rank_of, _ = _tables(E, R)
+    in_rank, row = xk.layout_row(ids, w, rank_of, R, 3 if distinct else 2)
     layout, torch_row = count_row(ids, E, R)  # CPU tensors: the torch path
-    assert torch.equal(in_rank, layout.is_token_in_rank) and torch.equal(row, torch_row)
+    flags = topk_value_flags(ids, w, E, distinct)
+    assert torch.equal(in_rank, layout.is_token_in_rank) and torch.equal(row, torch.cat([torch_row, flags]))
+    assert T <= 1 or row[-2 if distinct else -1:].tolist() == [1] * (2 if distinct else 1)  # NaN weight (, repeat)
+
+
+def test_layout_kernel_follows_a_non_contiguous_placement():
+    from ep_runtime.dispatchers.rank_exchange import count_row
+    E, R, T, K = 8, 2, 50, 3
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    rank_of = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], dtype=torch.int32)
+    in_rank, row = xk.layout_row(ids, None, rank_of, R, 0)
+    layout, torch_row = count_row(ids, E, R, rank_of)
+    want = torch.zeros(T, R, dtype=torch.bool)
+    for t in range(T):
+        for e in ids[t].tolist():
+            if e >= 0:
+                want[t, rank_of[e]] = True
+    assert torch.equal(in_rank, want) and torch.equal(layout.is_token_in_rank, want) and torch.equal(row, torch_row)
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_row_plan_kernel_matches_torch(static):
+def test_table_plan_kernel_matches_torch(static):
+    """The device plan from the gathered table equals the torch plan: send order, combine index,
+    receive counts and (static) the compaction of received chunks."""
     from ep_runtime.dispatchers.rank_exchange import row_plan
     gen = torch.Generator().manual_seed(5)
-    T, R = 300, 4  # more tokens than one block of the scan
+    T, R, L, me = 300, 4, 3, 2  # more tokens than one block of the scan
+    E = R * L
     in_rank = torch.rand(T, R, generator=gen) < 0.6
     counts = in_rank.sum(0)
+    table = torch.randint(0, 90, (R, 1 + R + E + 2), generator=gen, dtype=torch.int32)
+    table[me, 1:1 + R] = counts.int()
+    global_of = torch.arange(me * L, (me + 1) * L, dtype=torch.int32)
     if static:
         chunk = int(counts.max()) - 7  # some pairs do not fit: they must be dropped from the plan
+        rows = int(table[:, 1 + me].sum()) - 5  # and some received rows do not fit the compact buffer
         base, limit, total = torch.arange(R) * chunk, torch.full((R,), chunk), R * chunk
     else:
+        chunk = rows = None
         base, limit, total = counts.cumsum(0) - counts, counts, int(counts.sum())
-    got = xk.row_plan(in_rank, base, limit, total)
+    got = xk.table_plan(in_rank, table, me, global_of, total, chunk, rows)
     want = row_plan(in_rank, base, limit, total)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    real = want[0] < T  # pad rows carry no token; their destination is their chunk's (torch: 0)
+    assert torch.equal(got.send_token, want[0]) and torch.equal(got.combine_index, want[2])
+    assert torch.equal(got.send_rank[real], want[1][real])
+    if static:
+        assert torch.equal(got.send_rank, torch.arange(R).repeat_interleave(chunk))
+    sent = table[:, 1:1 + R].long()
+    assert got.summary.tolist() == (table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0).tolist()
+                                    + [int(sent[:, me].sum()), int(sent.sum(0).max())])
+    if static:
+        recv = sent[:, me]
+        j = torch.arange(chunk)
+        compact = (recv.cumsum(0) - recv).unsqueeze(1) + j
+        valid = (j < recv.unsqueeze(1)) & (compact < rows)
+        recv_pos = torch.where(valid, compact, rows).reshape(-1)
+        recv_rows = torch.full((rows + 1,), R * chunk).scatter_(0, recv_pos, torch.arange(R * chunk))[:rows]
+        assert torch.equal(got.recv_pos, recv_pos) and torch.equal(got.recv_rows, recv_rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -107,9 +182,21 @@ def test_ll_kernels_match_torch(dtype, scaled):
     gen = torch.Generator().manual_seed(9)
     N, K, L, H = 150, 4, 6, 24  # N above one scan block
     ids = torch.randint(-1, L, (N, K), generator=gen, dtype=torch.int32)
+    ids[7, :2] = 3  # a repeated expert: written once, counted in both slots at combine
     slot, masked_m = xk.ll_slots(ids, L)
     want_slot, want_m = deepep_ll._slots(ids, L)  # CPU tensors: the torch path
     assert torch.equal(slot, want_slot) and torch.equal(masked_m, want_m)
+    # the received metadata is a strided view [N, 2K] int32 of weights' bits and ids
+    w = torch.rand(N, K, generator=gen)
+    meta = torch.cat([w.view(torch.int32), ids], 1)
+    slot2, first, slot_w, scale, m2 = xk.ll_plan(meta[:, K:], meta[:, :K].view(torch.float32), L, fold=scaled)
+    here = ids >= 0
+    assert torch.equal(slot2, want_slot) and torch.equal(m2, want_m)
+    assert torch.equal(first, deepep_ll._first_of_each_slot(want_slot, L * N))
+    if scaled:
+        assert torch.equal(scale, torch.where(here, w, 0.0)) and torch.equal(slot_w, here.float())
+    else:
+        assert scale is None and torch.equal(slot_w, torch.where(here, w, 0.0))
     rows = torch.randn(N, H, generator=gen).to(dtype)
     scale = torch.rand(N, K, generator=gen) if scaled else None
     got = xk.ll_scatter(rows, slot, scale, L * N + 1)
@@ -127,12 +214,15 @@ def test_ll_kernels_match_torch(dtype, scaled):
 
 def test_layout_ignores_out_of_range_ids():
     """Bad ids reach the layout before the count table flags them: both paths count them nowhere
-    (the kernel must not add to a count past the row's end)."""
+    (the kernel must not add to a count past the row's end), and the kernel raises the id flag."""
     from ep_runtime.dispatchers.rank_exchange import count_row
     E, R = 8, 2
     ids = torch.tensor([[0, 8], [2 ** 31 - 1, -2], [5, 3]], dtype=torch.int32)
-    in_rank, row = xk.layout_row(ids, E, R)
+    in_rank, row = xk.layout_row(ids, torch.ones(3, 2), _tables(E, R)[0], R, 2)
     layout, torch_row = count_row(ids, E, R)
     expected = torch.tensor([3, 2, 1] + [1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.int32)  # T; per rank; per expert
-    assert torch.equal(row, expected) and torch.equal(torch_row, expected)
-    assert torch.equal(in_rank, layout.is_token_in_rank)
+    assert torch.equal(row, torch.cat([expected, torch.tensor([1, 0], dtype=torch.int32)]))
+    assert torch.equal(torch_row, expected) and torch.equal(in_rank, layout.is_token_in_rank)
+    wide = torch.tensor([[2 ** 32 + 3, 1]])  # int64 beyond int32: never wraps onto a valid expert
+    _, row = xk.layout_row(wide, torch.ones(1, 2), _tables(E, R)[0], R, 2)
+    assert row[-2] == 1 and row[1 + R:1 + R + E].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]

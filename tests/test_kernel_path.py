@@ -1,0 +1,84 @@
+"""The GPU inference path of the exchange (fused layout/flag kernel, device-built plan, one payload
+exchange with int32 metadata views, slot kernels), run end to end on 2 gloo ranks through the Triton
+interpreter: outputs equal the float64 reference, and every dispatch field equals the torch path's."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.dispatchers import exchange_kernels as xk
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
+
+CASES = {
+    "deepep_normal": ("deepep_normal", {}),
+    "deepep_normal_static": ("deepep_normal", {"num_worst_tokens": 24, "num_max_dispatch_tokens_per_rank": 13}),
+    "mori": ("mori", {"max_dispatch_tokens_per_rank": 16}),
+    "mori_static": ("mori", {"max_dispatch_tokens_per_rank": 16, "static": True, "max_input_tokens": 20}),
+    "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 16}),
+}
+
+
+def _fields(out) -> dict:
+    """Every tensor/list field of a dispatch output (the handle's plan excluded), for comparison."""
+    return {k: v for k, v in vars(out).items() if k != "handle" and isinstance(v, (torch.Tensor, list, int))}
+
+
+def _kernel_path_rank(rank, world_size, case, apply_on_input):
+    name, options = CASES[case]
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 3, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options,
+                     apply_router_weight_on_input=apply_on_input)
+    problem = make_problem(layer.config, [11, 7], seed=5, ep_size=world_size)
+    if apply_on_input:  # distinct experts per token (deepep_ll requires it then); keep -1 holes
+        problem.topk_ids[rank][:, 1:] = torch.where(problem.topk_ids[rank][:, 1:] == problem.topk_ids[rank][:, :1],
+                                                    -1, problem.topk_ids[rank][:, 1:])
+    x = problem.xs[rank].float()
+    topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    with torch.no_grad():
+        torch_out = layer.dispatcher.dispatch(x, topk)
+        with xk.forced():
+            kernel_out = layer.dispatcher.dispatch(x, topk)
+            errors = check_layer(layer, problem, rank, backward=False)
+    differ = []
+    for key, want in _fields(torch_out).items():
+        got = getattr(kernel_out, key)
+        if key == "recv_x" and hasattr(torch_out, "masked_m"):  # rows past masked_m hold no data
+            valid = torch.arange(want.shape[1])[None, :] < torch_out.masked_m[:, None]
+            got, want = got[valid], want[valid]
+        same = torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+        if not same:
+            differ.append(key)
+    return {"y": errors["y"], "differing fields": differ}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("apply_on_input", [False, True])
+def test_kernel_path_matches_reference_and_torch_path(case, apply_on_input):
+    for result in run_ranks(_kernel_path_rank, 2, case, apply_on_input, timeout=240):
+        assert result["y"] <= tolerance(torch.float32), result
+        assert result["differing fields"] == [], result
+
+
+def _bad_rank(rank, world_size, case):
+    """Rank 1 sends an id out of range: on the kernel path (read at once on CPU ranks) every rank
+    fails, and rank 1's error names the value."""
+    name, options = CASES[case]
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options)
+    x = torch.randn(5, 32)
+    ids = torch.tensor([[0, 5]] * 5, dtype=torch.int32)
+    if rank == 1:
+        ids[2, 1] = 8
+    with torch.no_grad(), xk.forced():
+        try:
+            layer(x, ids, torch.rand(5, 2))
+        except ValueError as err:
+            return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_kernel_path_flags_bad_ids_on_every_rank(case):
+    messages = run_ranks(_bad_rank, 2, case, timeout=240)
+    assert "rank 1 got invalid topk_ids" in messages[0], messages
+    assert "topk_ids has id 8 at [2, 1]" in messages[1], messages
