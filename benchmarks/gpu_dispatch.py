@@ -90,16 +90,26 @@ def kernel_checks(device):
     from ep_runtime.dispatchers.rank_exchange import count_row, row_plan
     from ep_runtime.testing import random_topk_ids
     rows = []
+    from ep_runtime.validation import topk_value_flags
     for T, E, K, R in ((0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8), (333, 32, 4, 2)):
         ids = random_topk_ids(torch.Generator().manual_seed(T + R), T, E, K, R, minus_one_fraction=0.2)
-        in_rank, row = xk.layout_row(ids.to(device), E, R)
+        w = torch.rand(T, K)
+        rank_of = (torch.arange(E) // (E // R)).int()
+        in_rank, row = xk.layout_row(ids.to(device), w.to(device), rank_of.to(device), R, 3)
         layout, want = count_row(ids, E, R)
+        want = torch.cat([want, topk_value_flags(ids, w, E, True)])
         ok = torch.equal(in_rank.cpu(), layout.is_token_in_rank) and torch.equal(row.cpu(), want)
         counts = layout.is_token_in_rank.sum(0)
-        for base, limit, total in ((counts.cumsum(0) - counts, counts, int(counts.sum())),
-                                   (torch.arange(R) * 50, torch.full((R,), 50), R * 50)):
-            got = xk.row_plan(in_rank, base.to(device), limit.to(device), total)
-            ok &= all(torch.equal(a.cpu(), b) for a, b in zip(got, row_plan(layout.is_token_in_rank, base, limit, total)))
+        table = torch.randint(0, 50, (R, row.numel()), dtype=torch.int32)
+        table[1 % R, 1:1 + R] = counts.int()
+        global_of = torch.arange(E // R, dtype=torch.int32) + (1 % R) * (E // R)
+        for base, limit, total, chunk in ((counts.cumsum(0) - counts, counts, int(counts.sum()), None),
+                                          (torch.arange(R) * 50, torch.full((R,), 50), R * 50, 50)):
+            got = xk.table_plan(in_rank, table.to(device), 1 % R, global_of.to(device), total, chunk)
+            want_plan = row_plan(layout.is_token_in_rank, base, limit, total)
+            real = want_plan[0] < T
+            ok &= (torch.equal(got.send_token.cpu(), want_plan[0]) and torch.equal(got.combine_index.cpu(), want_plan[2])
+                   and torch.equal(got.send_rank.cpu()[real], want_plan[1][real]))
         rows.append({"T": T, "E": E, "K": K, "R": R, "ok": bool(ok)})
     from ep_runtime.dispatchers import deepep_ll
     gen = torch.Generator().manual_seed(3)

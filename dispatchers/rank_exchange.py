@@ -164,6 +164,9 @@ class RankExchange:
         self._tables: dict = {}
         self._aranges: dict = {}
         self._deferred: deque = deque()
+        self._landing: list = []  # pinned tables and their events, reused in turn by deferred checks
+        self._next_landing = 0
+        self.sync_checks = envs.get("SYNC_CHECKS")
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
@@ -222,7 +225,7 @@ class RankExchange:
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
         static, now = chunk is not None, capturing()
-        defer = static and not now and topk_ids.is_cuda and not envs.get("SYNC_CHECKS")
+        defer = static and not now and topk_ids.is_cuda and not self.sync_checks
         if static and (now or defer):  # the table is not read now: this rank checks its own T first
             self._check_local_tokens(T)
         rank_of, _, global_of = self.tables(topk_ids.device)
@@ -256,11 +259,19 @@ class RankExchange:
                               rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows)
 
     def _defer(self, table, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
+        """Start the table's copy to pinned memory (no sync). Landing slots are used in turn, and a
+        slot is free once its check ran: the queue never holds more than _MAX_DEFERRED."""
         while len(self._deferred) >= _MAX_DEFERRED:
             self.raise_deferred(wait=True, oldest_only=True)
-        pinned = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+        if len(self._landing) < _MAX_DEFERRED:
+            self._landing.append(None)
+        slot = self._next_landing
+        self._next_landing = (slot + 1) % _MAX_DEFERRED
+        pinned, ready = self._landing[slot] or (None, None)
+        if pinned is None or pinned.shape != table.shape:
+            pinned, ready = torch.empty(table.shape, dtype=table.dtype, pin_memory=True), torch.cuda.Event()
+            self._landing[slot] = (pinned, ready)
         pinned.copy_(table, non_blocking=True)
-        ready = torch.cuda.Event()
         ready.record()
         self._deferred.append(_Deferred(ready, pinned, topk_ids, topk_weights, distinct, chunk, rows, capacity))
 
