@@ -148,7 +148,7 @@ def _gpu_rank(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def on_ranks() -> list[dict]:
     """Every multi-rank check in one NCCL job (one start-up for all of them), each rank's outcomes."""
-    return run_ranks(_gpu_rank, _ranks(), backend="nccl", timeout=240, group_timeout=120)
+    return run_ranks(_gpu_rank, _ranks(), backend="nccl", timeout=130, group_timeout=100)
 
 
 def _outcome(on_ranks: list[dict], key: str):
