@@ -156,9 +156,13 @@ def _runner_call(backend, config, disp, outs: list, weights) -> Callable[[int], 
 
 @torch.no_grad()
 def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict) -> Stats:
-    if mode == "graph":
+    if mode == "eager":
+        return measure(run, **timing)
+    try:
         return measure_cuda_graph(run, rotate=rotate, **timing)
-    return measure(run, **timing)
+    except Exception:
+        torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
+        raise
 
 
 @torch.no_grad()
