@@ -80,6 +80,21 @@ def _capture(fn):
     return graph, out
 
 
+def _host_sync_in(fn) -> "str | None":
+    """The message of fn's first host sync (torch's sync debug mode), or None when it makes none."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as err:
+        if "synchroniz" not in str(err):
+            raise
+        return str(err).splitlines()[0][:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return None
+
+
 def _routing(T: int, device, seed: int):
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.rand(T, E, device=device, generator=gen).topk(K, dim=1).indices.to(torch.int32)
@@ -88,7 +103,8 @@ def _routing(T: int, device, seed: int):
 
 
 def graphs_on_rank(rank: int, world_size: int) -> dict:
-    """{'dispatch/<impl>' | 'layer/<runner>': ('ok', max |replay - eager|) | ('skip', why) | ('error', tb)}."""
+    """{'dispatch/<impl>' | 'layer/<runner>': ('ok', max |replay - eager|) | ('skip', why) | ('error', tb)}
+    for each static dispatcher's dispatch -> combine and the layer on deepep_ll with each runner."""
     from ep_runtime.distributed import device_for_rank
 
     device = device_for_rank()
@@ -129,6 +145,13 @@ def graphs_on_rank(rank: int, world_size: int) -> dict:
             x = torch.randn(M, H, device=device, dtype=torch.bfloat16)
             ids, w = _routing(M, device, 7 + rank)
             with torch.no_grad():
+                # A runner step that syncs with the host cannot be captured (the torch reference does);
+                # one that does not must capture and replay exactly.
+                dispatched = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w))
+                sync = _host_sync_in(lambda: layer.runner.run(dispatched, layer.weights))
+                if sync is not None:
+                    out[key] = ("skip", f"runner={runner!r} syncs with the host on deepep_ll's output: {sync}")
+                    continue
                 graph, y = _capture(lambda: layer(x, ids, w))
                 worst = 0.0
                 for _ in range(3):
