@@ -3,11 +3,12 @@
 # Sections (each bounded by `timeout` within one overall budget, GPU_CHECK_BUDGET_S, default 570 s; each prints
 # `<name> rc=<code>`):
 #   install                      pip install the tree (60 s)
-#   pytest -m gpu                the gpu-marked tests: tests/test_gpu.py on min(2, GPUs) ranks, ... (150 s)
+#   pytest -m gpu                the gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
+#                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer) (170 s)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
-#                                replays of the static-shape dispatchers (150 s)
-#   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (90 s)
-#   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (90 s)
+#                                replays of the static-shape dispatchers (140 s)
+#   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (85 s)
+#   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (85 s)
 #   inference_cuda_graph         examples/inference_cuda_graph.py on min(2, GPUs) ranks (30 s)
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
@@ -36,12 +37,12 @@ plot_arg() { [ "$PLOT" = yes ] && echo "--plot $W/$1.png"; }
 
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed package is used
   # The example has its own section below (it may not exit: issue 16).
-  (cd /tmp && timeout -k 10 "$(budget 150)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph" \
+  (cd /tmp && timeout -k 10 "$(budget 170)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph" \
      -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
   section "pytest -m gpu" $?; grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | head -20; tail -3 "$W/pytest_gpu.log"
 fi
 if [ "$NGPU" -ge 1 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # one GPU: R = 1 (exchange numbers then mean little)
-  (cd /tmp && timeout -k 10 "$(budget 150)" torchrun --nproc-per-node "$NGPU" -m ep_runtime bench \
+  (cd /tmp && timeout -k 10 "$(budget 140)" torchrun --nproc-per-node "$NGPU" -m ep_runtime bench \
      --preset deepseek-v3 --tokens 128,1024,4096 --suite dispatch --cuda-graph --no-progress \
      --json "$W/bench_dispatch.json" --markdown "$W/bench_dispatch.md" $(plot_arg bench_dispatch)) \
      >"$W/bench_dispatch.log" 2>&1
@@ -52,7 +53,7 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
                "deepseek --preset deepseek-v3 --runner-ep-size 8 --tokens 1,64,256,1024,4096,16384"; do
     set -- $shape
     name=bench_runner_$1; shift
-    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$(budget 90)" python -m ep_runtime bench --suite runner "$@" \
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$(budget 85)" python -m ep_runtime bench --suite runner "$@" \
        --cuda-graph --repeats 20 --warmup 3 --no-progress --json "$W/$name.json" --markdown "$W/$name.md" \
        $(plot_arg "$name") ${RUNNER_ARGS:-}) >"$W/$name.log" 2>&1
     section "$name" $?; grep -A8 "^roofline" "$W/$name.log"; tail -3 "$W/$name.log"
