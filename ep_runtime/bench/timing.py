@@ -113,11 +113,13 @@ def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, r
             fn(k)
     torch.cuda.current_stream(device).wait_stream(stream)
     graphs = []
-    for k in range(rotate):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(k)
-        graphs.append(graph)
+    # A failed capture leaves torch.cuda.graph's capture stream current: the outer context restores ours.
+    with torch.cuda.stream(torch.cuda.current_stream(device)):
+        for k in range(rotate):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(k)
+            graphs.append(graph)
     stats = measure(lambda i: graphs[i % rotate].replay(), repeats=repeats, warmup=warmup, device=device,
                     group=group)
     stats.method = "cuda_graph"
