@@ -83,8 +83,9 @@ def render_text(results: Results) -> str:
 
 def render_markdown(results: Results) -> str:
     m = results.meta
-    lines = [f"Machine: {m.get('host')}: dispatch on {m.get('dispatch_device')} x{m.get('world_size')} "
-             f"({m.get('backend')}), runner on {m.get('runner_device')}; torch {m.get('torch')}"
+    ran = ([f"dispatch on {m.get('dispatch_device')} x{m.get('world_size')} ({m.get('backend')})"] if results.dispatch
+           else []) + ([f"runner on {m.get('runner_device')}"] if results.runner else [])
+    lines = [f"Machine: {m.get('host')}: {', '.join(ran) or 'no results'}; torch {m.get('torch')}"
              f"{', CUDA ' + m['cuda'] if m.get('cuda') else ''}. Date: {m.get('date')}.",
              "", f"Command: `{m.get('command')}`", "", f"Timing: {m.get('timing')}.", ""]
     for title, header, rows in tables(results):
