@@ -41,6 +41,8 @@ def _worker(fn, rank, world_size, port, results, args, kwargs, group_timeout, ba
     torch.set_num_threads(1)
     status, payload = "ok", None
     try:
+        if backend == "nccl":  # one GPU per rank, as torchrun's LOCAL_RANK gives it
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=group_timeout))
         payload = fn(rank, world_size, *args, **kwargs)
@@ -58,7 +60,8 @@ def _worker(fn, rank, world_size, port, results, args, kwargs, group_timeout, ba
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
               backend: str = "gloo", group_timeout: Optional[float] = None, **kwargs: Any) -> list[Any]:
     """Run fn(rank, world_size, *args, **kwargs) on world_size processes; return each rank's result
-    (results must be picklable plain values). fn must be importable (module level)."""
+    (results must be picklable plain values). fn must be importable (module level). backend="nccl"
+    puts rank r on GPU r % (GPUs visible)."""
     ctx = _context()
     port = free_port()
     results = ctx.Queue()

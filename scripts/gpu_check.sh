@@ -1,44 +1,69 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one call (device machine): `bash scripts/gpu_check.sh` with $OUT set.
-# Dispatchers use every GPU (R = 1 on a one-GPU machine); runner benchmarks use GPU 0. Everything lands in $OUT/results.tgz
-# (the device tool brings back few files); summaries go to stdout.
-#   SKIP_RUNNERS=1  skip the runner benchmarks (RUNNER_BENCHES="..." picks some, RUNNER_ARGS="--quick" shortens them);  SKIP_BENCH=1  skip `ep-runtime bench`.
+# Every GPU check and benchmark in one device call, inside 10 minutes: `bash scripts/gpu_check.sh` with $OUT set.
+# Sections (each bounded by `timeout` within one overall budget, GPU_CHECK_BUDGET_S, default 570 s; each prints
+# `<name> rc=<code>`):
+#   install                      pip install the tree (60 s)
+#   pytest -m gpu                the gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
+#                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer) (170 s)
+#   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
+#                                replays of the static-shape dispatchers (140 s)
+#   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (85 s)
+#   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (85 s)
+#   inference_cuda_graph         examples/inference_cuda_graph.py on min(2, GPUs) ranks (30 s)
+# Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
+# files); summaries go to stdout.
+#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1  skip a section;  RUNNER_ARGS="..."  extra arguments
+#   for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096").
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
 REPO=$(pwd)
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python -m pip install -q --no-deps --no-build-isolation . >"$W/install.log" 2>&1 || tail -5 "$W/install.log"
-(cd /tmp && python -c "import ep_runtime.dispatchers as d; print('ep_runtime from', d.__file__)")
+START=$SECONDS
+TOTAL=${GPU_CHECK_BUDGET_S:-570}
+# budget WANT: WANT seconds, or what is left of the overall budget (less 15 s for the kill and the tarball).
+budget() { local left=$(( TOTAL - (SECONDS - START) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+section() { echo "$1 rc=$2 ($(( SECONDS - START )) s in)"; }
+
+timeout -k 5 "$(budget 60)" python -m pip install -q --no-deps --no-build-isolation . >"$W/install.log" 2>&1
+section install $?; tail -3 "$W/install.log"
+(cd /tmp && python -c "import ep_runtime.bench, ep_runtime.dispatchers as d; print('ep_runtime from', d.__file__)")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name --format=csv,noheader | head -1
-if [ "$NGPU" -ge 1 ]; then  # one GPU: the checks run with R = 1 (exchange numbers then mean little)
-  timeout 300 torchrun --nproc-per-node "$NGPU" benchmarks/gpu_dispatch.py --out "$W" >"$W/dispatch.log" 2>&1
-  echo "gpu_dispatch rc=$?"; tail -120 "$W/dispatch.log"
-  if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    (cd /tmp && timeout 240 torchrun --nproc-per-node "$NGPU" -m ep_runtime bench --preset deepseek-v3 \
-       --tokens 128,1024,4096 --suite dispatch --no-progress --json "$W/bench_dispatch.json" \
-       --markdown "$W/bench_dispatch.md" --plot "$W/bench_dispatch.png") >"$W/bench.log" 2>&1
-    echo "ep-runtime bench rc=$?"; tail -40 "$W/bench.log"
-  fi
+PAIR=$(( NGPU < 2 ? NGPU : 2 ))
+PLOT=$(python -c "import matplotlib" 2>/dev/null && echo yes || echo no)
+plot_arg() { [ "$PLOT" = yes ] && echo "--plot $W/$1.png"; }
+
+if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed package is used
+  # The example has its own section below (it may not exit: issue 16).
+  (cd /tmp && timeout -k 10 "$(budget 170)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph" \
+     -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
+  section "pytest -m gpu" $?; grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | head -20; tail -3 "$W/pytest_gpu.log"
+fi
+if [ "$NGPU" -ge 1 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # one GPU: R = 1 (exchange numbers then mean little)
+  (cd /tmp && timeout -k 10 "$(budget 140)" torchrun --nproc-per-node "$NGPU" -m ep_runtime bench \
+     --preset deepseek-v3 --tokens 128,1024,4096 --suite dispatch --cuda-graph --no-progress \
+     --json "$W/bench_dispatch.json" --markdown "$W/bench_dispatch.md" $(plot_arg bench_dispatch)) \
+     >"$W/bench_dispatch.log" 2>&1
+  section bench_dispatch $?; grep -A12 "^skipped" "$W/bench_dispatch.log" | cut -c1-220; tail -3 "$W/bench_dispatch.log"
+fi
+if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
+  for shape in "mixtral --preset mixtral-8x7b --runner-ep-size 1 --tokens 1,16,64,256,1024,4096,16384" \
+               "deepseek --preset deepseek-v3 --runner-ep-size 8 --tokens 1,64,256,1024,4096,16384"; do
+    set -- $shape
+    name=bench_runner_$1; shift
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$(budget 85)" python -m ep_runtime bench --suite runner "$@" \
+       --cuda-graph --repeats 20 --warmup 3 --no-progress --json "$W/$name.json" --markdown "$W/$name.md" \
+       $(plot_arg "$name") ${RUNNER_ARGS:-}) >"$W/$name.log" 2>&1
+    section "$name" $?; grep -A8 "^roofline" "$W/$name.log"; tail -3 "$W/$name.log"
+  done
 fi
 if [ "$NGPU" -ge 1 ] && [ "${SKIP_EXAMPLES:-0}" != 1 ]; then
-  (cd /tmp && timeout 240 torchrun --nproc-per-node "$(( NGPU < 2 ? NGPU : 2 ))" "$REPO/examples/inference_cuda_graph.py") >"$W/example_graph.log" 2>&1
-  echo "inference_cuda_graph rc=$?"; tail -15 "$W/example_graph.log"
-fi
-if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # the tests marked gpu (outside the repo root so the installed package is used)
-  (cd /tmp && timeout 300 python -m pytest -q -m gpu -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
-  echo "pytest -m gpu rc=$?"; tail -15 "$W/pytest_gpu.log"
-fi
-if [ "${SKIP_RUNNERS:-0}" != 1 ]; then
-  for bench in ${RUNNER_BENCHES:-benchmarks/bench_triton_runner.py benchmarks/bench_masked_runner.py}; do
-    [ -f "$bench" ] || continue
-    name=$(basename "$bench" .py)
-    mkdir -p "$W/$name"
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python "$REPO/$bench" --out "$W/$name" ${RUNNER_ARGS:-} >"$W/$name.log" 2>&1
-    echo "$name rc=$?"; tail -40 "$W/$name.log"
-  done
+  (cd /tmp && timeout -k 5 "$(budget 30)" torchrun --nproc-per-node "$PAIR" "$REPO/examples/inference_cuda_graph.py") \
+    >"$W/example_graph.log" 2>&1
+  section inference_cuda_graph $?; tail -8 "$W/example_graph.log"
 fi
 tar czf "$OUT/results.tgz" -C "$W" .
 cp "$W"/*.md "$OUT"/ 2>/dev/null || true
+echo "gpu_check done in $(( SECONDS - START )) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -51,6 +51,7 @@ def test_repeat_time_is_the_slowest_ranks():
         assert _within(median, 0.04), medians
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_events_measure_a_sleep_kernel_within_10_percent():
     device = torch.device("cuda")
@@ -68,6 +69,8 @@ def test_cuda_events_measure_a_sleep_kernel_within_10_percent():
     graph = bench.measure_cuda_graph(lambda k: torch.cuda._sleep(cycles), repeats=10, warmup=2, rotate=2,
                                      device=device)
     assert graph.method == "cuda_graph" and _within(graph.median_us, expected), (graph, expected)
+    # Host time: the launch alone (no sync after it), far below the kernel's 10^7 cycles.
+    assert stats.host_us < 0.2 * stats.median_us and graph.host_us < 0.2 * graph.median_us, (stats, graph)
 
 
 def test_percentile_interpolates_like_numpy():
@@ -91,21 +94,50 @@ def test_bytes_count_each_token_once_per_other_rank():
 
 def test_runner_problem_keeps_t_times_k_pairs():
     gen = torch.Generator().manual_seed(0)
-    inp, pairs, touched = bench.runner_problem(gen, 10, 1, 2, 8, torch.float32, CPU)  # L=1 < K=2
-    assert pairs == 20 and inp.hidden_states.shape == (20, 8) and touched == 1
-    inp, pairs, _ = bench.runner_problem(gen, 10, 8, 2, 8, torch.float32, CPU)
-    assert pairs == 20 and inp.topk_ids.shape == (10, 2) and int(inp.topk_ids.max()) < 8
+    x, topk, pairs, touched = bench.runner_problem(gen, 10, 1, 2, 8, torch.float32, CPU)  # L=1 < K=2
+    assert pairs == 20 and x.shape == (20, 8) and topk.topk_ids.shape == (20, 1) and touched == 1
+    x, topk, pairs, _ = bench.runner_problem(gen, 10, 8, 2, 8, torch.float32, CPU)
+    assert pairs == 20 and topk.topk_ids.shape == (10, 2) and int(topk.topk_ids.max()) < 8
+    assert all(len(set(row)) == 2 for row in topk.topk_ids.tolist())  # K distinct experts per token
 
 
-def test_masked_layout_holds_the_same_pairs():
-    gen = torch.Generator().manual_seed(1)
-    inp, pairs, _ = bench.runner_problem(gen, 20, 4, 2, 8, torch.float32, CPU)
-    recv_x, masked_m = bench.masked_layout(inp)
-    assert int(masked_m.sum()) == pairs and recv_x.shape[0] == 4 and recv_x.shape[1] % 16 == 0
-    for expert in range(4):
-        tokens = (inp.topk_ids == expert).any(1).nonzero().squeeze(1)
-        assert torch.equal(recv_x[expert, :int(masked_m[expert])], inp.hidden_states[tokens])
-        assert not recv_x[expert, int(masked_m[expert]):].any()
+def test_host_time_is_the_wall_time_on_cpu():
+    stats = bench.measure(lambda i: time.sleep(0.01), repeats=3, warmup=0, device=CPU)
+    assert stats.host_us == stats.median_us
+
+
+def _tiny_settings(**changes) -> "bench.Settings":
+    values = dict(preset="tiny", tokens=[4], hidden_sizes=[64], num_experts=[8], top_ks=[2], intermediate_size=32,
+                  dtype="fp32", suites=["runner"], dispatchers=None, runners=None, runner_ep_size=None, warmup=0,
+                  repeats=1, rotate=1, cuda_graph=False, seed=0, progress=False)
+    return bench.Settings(**{**values, **changes})
+
+
+def test_masked_runner_is_timed_through_the_layers_path_under_deepep_ll():
+    """The runner suite feeds every runner a dispatcher's output through MoeRunner: masked gets
+    deepep_ll's expert-major layout that way (run under the Triton interpreter here)."""
+    from ep_runtime import runners
+    if "masked" not in runners.available():
+        pytest.skip("runner='masked' cannot run here (needs triton with CUDA or TRITON_INTERPRET=1)")
+    results = bench.runner_suite(_tiny_settings(runners=["masked"], runner_formats=["deepep_ll"]), CPU,
+                                 ep_size=1, progress=False)
+    masked = [r for r in results.runner if r["impl"] == "masked"]
+    assert len(masked) == 1 and masked[0]["format"] == "deepep_ll" and masked[0]["pairs"] == 8
+    assert _finite_positive(masked[0]["host_us"]) and _finite_positive(masked[0]["pct_roofline"])
+    assert {r["impl"] for r in results.roofline} == {"copy", "matmul"}
+
+
+def test_a_pair_that_does_not_run_is_skipped_with_its_format():
+    results = bench.runner_suite(_tiny_settings(runners=["torch"], runner_formats=["standard"], tokens=[3]),
+                                 CPU, ep_size=2, progress=False)
+    assert [(r["impl"], r["format"]) for r in results.runner] == [("torch", "standard"),
+                                                                  ("grouped_mm (raw)", "pre-grouped")]
+    assert results.runner[0]["local_experts"] == 4 and results.runner[0]["speedup_vs_torch"] == 1.0
+    deepep_ll_over_capacity = bench.runner_suite(
+        _tiny_settings(runners=["torch"], runner_formats=["deepep_ll"], tokens=[200]), CPU, ep_size=1,
+        progress=False)
+    assert not [r for r in deepep_ll_over_capacity.runner if r["impl"] == "torch"]
+    assert any("deepep_ll" in s["reason"] and "200" in s["reason"] for s in deepep_ll_over_capacity.skipped)
 
 
 def _finite_positive(value) -> bool:
@@ -131,19 +163,22 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     assert "all_to_all_single" in proc.stdout and "runner" in proc.stdout
 
     data = json.loads(out_json.read_text())
-    assert set(data) == {"meta", "dispatch", "runner", "skipped"}
+    assert set(data) == {"meta", "dispatch", "runner", "roofline", "skipped"}
     meta = data["meta"]
     assert meta["world_size"] == 2 and meta["launcher"] == "spawn" and meta["command"].startswith("ep-runtime bench")
     rows = data["dispatch"]
     for T in (4, 32):
         base = [r for r in rows if r["tokens_per_rank"] == T and r["op"] == "all_to_all"]
         assert len(base) == 1 and _finite_positive(base[0]["gbps"])
-        for name in dispatchers.registered():
+        for name in dispatchers.registered() + ["deepep_normal static", "mori static"]:
             ops = {r["op"] for r in rows if r["impl"] == name and r["tokens_per_rank"] == T}
             skipped = [s for s in data["skipped"] if s["impl"] == name and s["tokens_per_rank"] == T]
-            assert ops == {"dispatch", "combine", "round_trip"} or skipped, (name, T, ops)
-    for r in rows + data["runner"]:
-        for key in ("median_us", "p10_us", "p90_us", "mean_us", "min_us"):
+            expected = {"dispatch", "combine", "round_trip"}
+            if name.startswith("deepep_normal"):  # its dispatch takes the handle of an earlier one
+                expected.add("dispatch (reused handle)")
+            assert ops == expected or skipped, (name, T, ops)
+    for r in rows + data["runner"] + data["roofline"]:
+        for key in ("median_us", "p10_us", "p90_us", "mean_us", "min_us", "host_us"):
             assert _finite_positive(r[key]), (key, r)
         assert r["p10_us"] <= r["median_us"] <= r["p90_us"]
         assert r["repeats"] == 3 and r["method"] == "wall"
@@ -153,13 +188,17 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     std = [r for r in rows if r["impl"] == "standard"]
     assert std and all(r["bytes_per_rank"] == 0 and r["gbps"] is None for r in std)  # moves nothing
     runner_rows = data["runner"]
-    assert {r["tokens_per_rank"] for r in runner_rows if r["impl"] == "torch"} == {4, 32}
+    for fmt in ("standard", "deepep_ll"):  # the torch runner under each format, fed by that dispatcher
+        assert {r["tokens_per_rank"] for r in runner_rows if r["impl"] == "torch" and r["format"] == fmt} == {4, 32}
+    assert {r["tokens_per_rank"] for r in runner_rows if r["impl"] == "grouped_mm (raw)"} == {4, 32}
     for r in runner_rows:
-        assert _finite_positive(r["tflops"]) and _finite_positive(r["weight_gbps"])
+        assert _finite_positive(r["tflops"]) and _finite_positive(r["weight_gbps"]) and r["mode"] == "eager"
         assert r["local_experts"] == 8 and r["pairs"] == r["tokens_per_rank"] * 4
     torch_rows = [r for r in runner_rows if r["impl"] == "torch"]
     assert all(r["speedup_vs_torch"] == 1.0 for r in torch_rows)
-    assert "| E | K | H |" in out_md.read_text()
+    assert {r["impl"] for r in data["roofline"]} == {"copy", "matmul"}
+    md = out_md.read_text()
+    assert "| E | K | H |" in md and "| host us |" in md
 
     # A run's JSON renders again elsewhere (a GPU run's, plotted on a machine with matplotlib).
     again = tmp_path / "again.md"
@@ -176,7 +215,7 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     assert "needs matplotlib" in capsys.readouterr().err
     # With --json the results are kept and the plot fails at the end, naming the package.
     saved = tmp_path / "r.json"
-    saved.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": []}))
+    saved.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": []}))  # an older run's keys
     assert bench.main(["--from-json", str(saved), "--json", str(tmp_path / "copy.json"),
                        "--plot", str(tmp_path / "x.png")]) == 2
     assert (tmp_path / "copy.json").exists() and "needs matplotlib" in capsys.readouterr().err
@@ -184,6 +223,7 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
 
 @pytest.mark.parametrize("args,message", [
     (["--suite", "nope"], "allowed dispatch, runner"),
+    (["--runner-formats", "standard,nope"], "--runner-formats standard,nope: allowed deepep_ll,"),
     (["--tokens", "a,b"], "not a comma-separated list"),
     (["--preset", "gpt9"], "invalid choice: 'gpt9'"),
     (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),

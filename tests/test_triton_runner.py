@@ -2,7 +2,7 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) in fp32 and fp16 only: the
 interpreter's bf16 dot is wrong and its fp32->bf16 store truncates instead of rounding, so bf16 is
-checked on GPU (benchmarks/bench_triton_runner.py). Tolerances: fp32 1e-5 (DESIGN.md; fp32
+checked on GPU (tests/test_gpu.py, `pytest -m gpu`). Tolerances: fp32 1e-5 (DESIGN.md; fp32
 accumulation over H, I <= 64 lands near 1e-7); fp16 2e-2 (DESIGN.md's low-precision bound; the
 intermediates h, a, o are rounded to fp16, about 5e-4 each).
 """

@@ -1,0 +1,241 @@
+"""`ep-runtime bench` command line: arguments -> Settings, the run in whatever launch this process is
+in, and the report (text on stdout; --json, --markdown, --plot files)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .dispatch import dispatch_suite
+from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
+from .runner import runner_suite
+from .settings import DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ep-runtime bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark every registered dispatcher (against raw all_to_all_single) and every available "
+                    "runner backend (against the torch runner, a raw torch._grouped_mm baseline and the device's "
+                    "roofline).",
+        epilog="presets:\n" + "\n".join(f"  {p.name:<20}{p.note}" for p in PRESETS.values()) +
+               "\n\nexamples:\n  ep-runtime bench                                  # CPU: 2 local gloo ranks, tiny"
+               "\n  torchrun --nproc-per-node 4 -m ep_runtime bench --preset deepseek-v3 --json out.json --plot out.png"
+               "\n  ep-runtime bench --suite runner --preset deepseek-v3 --runner-ep-size 8 --cuda-graph"
+               "   # one GPU: a rank of EP=8")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default tiny)")
+    p.add_argument("--tokens", type=_int_list, default=None,
+                   help="tokens per rank to sweep, comma-separated (default: the preset's GPU or CPU sweep)")
+    p.add_argument("--hidden", type=_int_list, default=None, help="hidden sizes H to sweep (default: preset)")
+    p.add_argument("--experts", type=_int_list, default=None, help="expert counts E to sweep (default: preset)")
+    p.add_argument("--top-k", type=_int_list, default=None, help="top-k values K to sweep (default: preset)")
+    p.add_argument("--intermediate", type=_positive, default=None, help="intermediate size I (default: preset)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--suite", type=_name_list, default=list(SUITES),
+                   help="comma-separated: dispatch, runner (default both)")
+    p.add_argument("--dispatchers", type=_name_list, default=None,
+                   help="only these dispatchers, and their static modes (default: all registered)")
+    p.add_argument("--runners", type=_name_list, default=None, help="only these runners (default: all available)")
+    p.add_argument("--runner-formats", type=_name_list, default=list(RUNNER_FORMATS),
+                   help="runner suite: the dispatch formats fed to the runners, each made by that dispatcher on "
+                        f"one rank (default {','.join(RUNNER_FORMATS)})")
+    p.add_argument("--runner-ep-size", type=_positive, default=None,
+                   help="runner suite: compute E / this many local experts (default: the number of ranks)")
+    p.add_argument("--world-size", type=_positive, default=2,
+                   help="local CPU ranks to spawn when no launcher is detected (default 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--repeats", type=_positive, default=None,
+                   help="timed repeats (default 100 on CUDA, 10 on CPU); on CUDA as many again for the host time")
+    p.add_argument("--rotate", type=_positive, default=4, help="distinct inputs cycled through (default 4)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on CUDA, also time CUDA-graph replays: every runner, and the dispatch suite's static-shape "
+                        "implementations and baseline (what cannot be captured is listed under skipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write every result and the run's metadata as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib)")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: print, plot or convert the results of an earlier --json FILE (e.g. a GPU "
+                        "run's, on a machine that has matplotlib)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
+    from .. import dispatchers
+
+    preset = PRESETS[args.preset]
+    suites = args.suite
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        raise ValueError(f"--suite {','.join(suites)}: allowed {', '.join(SUITES)}")
+    formats = args.runner_formats
+    if not formats or any(f not in dispatchers.registered() for f in formats):
+        raise ValueError(f"--runner-formats {','.join(formats)}: allowed {', '.join(dispatchers.registered())}")
+    for flag, values in (("--hidden", args.hidden), ("--experts", args.experts), ("--top-k", args.top_k)):
+        if values is not None and min(values) < 1:
+            raise ValueError(f"{flag} {','.join(map(str, values))}: every value must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup} must be >= 0")
+    return Settings(
+        preset=preset.name,
+        tokens=args.tokens or list(preset.tokens_gpu if cuda else preset.tokens_cpu),
+        hidden_sizes=args.hidden or [preset.hidden_size],
+        num_experts=args.experts or [preset.num_experts],
+        top_ks=args.top_k or [preset.top_k],
+        intermediate_size=args.intermediate or preset.intermediate_size,
+        dtype=args.dtype or ("bf16" if cuda else "fp32"),
+        suites=suites, dispatchers=args.dispatchers, runners=args.runners, runner_ep_size=args.runner_ep_size,
+        warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
+        repeats=args.repeats or (100 if cuda else 10), rotate=args.rotate, cuda_graph=args.cuda_graph,
+        seed=args.seed, progress=not args.no_progress, runner_formats=formats)
+
+
+def bench_rank(rank: int, world_size: int, settings: Settings) -> Optional[dict]:
+    """Dispatch suite on this rank of the default group; returns rank 0's results as a dict."""
+    from ..distributed import device_for_rank
+
+    torch.manual_seed(settings.seed)
+    results = dispatch_suite(settings, dist.group.WORLD, device_for_rank(), settings.progress)
+    return asdict(results) if rank == 0 else None
+
+
+def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Results]:
+    """Run the chosen suites in whatever launch this process is in; rank 0 gets the Results."""
+    from .. import envs
+    from ..distributed import destroy_distributed, detect_launch, device_for_rank, init_distributed
+    from ..testing import run_ranks
+
+    envs.validate_all()
+    launch = detect_launch()
+    results = Results()
+    if launch.launcher != "single" or (world_size or 1) == 1:
+        init_distributed()
+        try:
+            rank, R = dist.get_rank(), dist.get_world_size()
+            device = device_for_rank()
+            if "dispatch" in settings.suites:
+                results.merge(dispatch_suite(settings, dist.group.WORLD, device, settings.progress))
+            runner_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
+            if "runner" in settings.suites:
+                # The runner suite's dispatchers work on one rank; making those groups takes every rank.
+                solo = dist.group.WORLD if R == 1 else dist.new_subgroups(group_size=1)[0]
+                if rank == 0 or runner_device.type == "cuda":
+                    # Each GPU rank times its own GPU; on CPU only rank 0 runs (the ranks share the cores).
+                    results.merge(runner_suite(settings, runner_device, settings.runner_ep_size or R,
+                                               settings.progress and rank == 0, group=solo))
+            results.meta = _meta(settings, launch.launcher, R, dist.get_backend(), device, runner_device)
+            dist.barrier()
+        finally:
+            destroy_distributed()
+        return results if rank == 0 else None
+
+    # No launcher: spawn local CPU ranks (gloo) for the dispatch suite; the runner suite runs here.
+    if "dispatch" in settings.suites:
+        timeout = max(600.0, float(envs.get("TIMEOUT_S")))
+        per_rank = run_ranks(bench_rank, world_size, settings, timeout=24 * 3600.0, group_timeout=timeout)
+        results.merge(Results(**{k: v for k, v in per_rank[0].items() if k != "meta"}))
+    runner_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if "runner" in settings.suites:
+        results.merge(runner_suite(settings, runner_device, settings.runner_ep_size or world_size,
+                                   settings.progress))
+    results.meta = _meta(settings, "spawn", world_size, "gloo", torch.device("cpu"), runner_device)
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _meta(settings: Settings, launcher: str, world_size: int, backend: str, device: torch.device,
+          runner_device: torch.device) -> dict:
+    from .. import __version__
+    cuda = device.type == "cuda" or runner_device.type == "cuda"
+    return dict(
+        command=settings.command,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), ep_runtime=__version__, torch=torch.__version__,
+        cuda=torch.version.cuda, launcher=launcher, world_size=world_size, backend=backend,
+        dispatch_device=_device_name(device), runner_device=_device_name(runner_device),
+        settings=asdict(settings),
+        timing=("CUDA events per repeat" if cuda else "wall time per repeat")
+        + f"; {settings.warmup} warm-up + {settings.repeats} timed repeats over {settings.rotate} rotated inputs;"
+          " barrier before each repeat; a repeat's time is the slowest rank's; host us: median CPU time of one call"
+          " with no device sync after it" + (f", on {settings.repeats} more repeats" if cuda else " (the wall time)")
+        + ("; graph: CUDA-graph replays" if settings.cuda_graph and cuda else ""),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args, torch.cuda.is_available())
+        settings.command = " ".join(["ep-runtime bench", *map(shlex.quote, argv)])
+        for K in settings.top_ks:
+            for E in settings.num_experts:
+                if K > E:
+                    raise ValueError(f"--top-k {K} is more than --experts {E}")
+    except ValueError as err:
+        parser.error(str(err))
+    if args.plot and not has_matplotlib():
+        if not (args.json or args.markdown):  # nothing would be kept: fail before the run
+            parser.error(MISSING_MATPLOTLIB)
+        print(f"warning: {MISSING_MATPLOTLIB}; the run goes on and --plot fails after --json/--markdown are "
+              "written (plot them later with --from-json)", file=sys.stderr)
+    results = read_json(args.from_json) if args.from_json else run(settings, args.world_size)
+    if results is None:  # not rank 0
+        return 0
+    print(render_text(results), end="")
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(render_markdown(results))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except RuntimeError as err:
+            print(f"ep-runtime bench: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
+    measured = len(results.dispatch) + len(results.runner)
+    return 0 if measured else 1

@@ -1,0 +1,223 @@
+"""The runner suite: every available runner backend on one rank computing that rank's share of the
+experts (L = E / R local experts, T*K (token, expert) pairs routed uniformly over them).
+
+Runners are driven only through the public path a layer uses: a dispatcher on a one-rank group
+turns the tokens into its format's output (untimed), and `MoeRunner(backend, config,
+placement).run(dispatch_output, weights)` is timed, for each format in --runner-formats (a pair
+that does not run is listed under skipped). Beside them, in the same run: the device's roofline
+(copy bandwidth and a dense matmul) and a raw baseline, `torch._grouped_mm` for both GEMMs plus the
+activation on rows already grouped by expert (no permutation, no weighting: what a user would
+write instead of fused kernels). FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
+bytes: the expert weights of every expert that received >= 1 pair, read once.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+import torch
+
+from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
+from .timing import Stats, measure, measure_cuda_graph
+
+RAW_BASELINE = "grouped_mm (raw)"
+# Roofline sizes: elements copied (read + write) and the square matmul's side, per device type.
+_ROOFLINE_SIZES = {"cuda": (1 << 30, 8192), "cpu": (1 << 22, 512)}
+
+
+def runner_problem(gen: torch.Generator, num_tokens: int, num_local_experts: int, top_k: int,
+                   hidden_size: int, dtype: torch.dtype, device: torch.device):
+    """One rank's tokens under uniform routing: T*K (token, expert) pairs over L local experts.
+
+    Each row picks min(K, L) distinct experts; with L < K there are ceil(T*K / L) rows so the pair
+    count stays T*K. Returns x [N, H], TopKOutput (ids [N, min(K, L)] int32, weights fp32), the
+    pair count and the number of experts that received >= 1 pair.
+    """
+    from ..routing import TopKOutput
+
+    L, K = num_local_experts, top_k
+    per_row = min(K, L)
+    rows = math.ceil(num_tokens * K / per_row)
+    ids = torch.rand(rows, L, generator=gen).topk(per_row, dim=1).indices.to(torch.int32)
+    weights = torch.rand(rows, per_row, generator=gen) + 0.1
+    x = torch.randn(rows, hidden_size, generator=gen).to(dtype)
+    touched = int(torch.bincount(ids.reshape(-1).long(), minlength=L).gt(0).sum())
+    return x.to(device), TopKOutput(ids.to(device), weights.to(device)), rows * per_row, touched
+
+
+def runner_suite(settings: Settings, device: torch.device, ep_size: int, progress: bool,
+                 group: Optional[Any] = None) -> Results:
+    """Every available runner backend (torch first: the baseline) under each runner format, on this
+    rank; `group` is a one-rank group for the dispatchers (None in a process without one)."""
+    from .. import dispatchers, runners
+    from ..config import ExpertWeights, MoeConfig
+
+    dtype = DTYPES[settings.dtype]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    names = [n for n in runners.available() if settings.runners is None or n in settings.runners]
+    names.sort(key=lambda n: n != "torch")
+    modes = ["eager"] + (["graph"] if settings.cuda_graph and device.type == "cuda" else [])
+    results = Results()
+    timing = settings.timing(device)
+    results.roofline = roofline(dtype, device, timing)
+    peak = {r["impl"]: r for r in results.roofline}
+    total = len(settings.cases()) * len(settings.tokens) * (len(names) * len(settings.runner_formats) + 1)
+    bar = Progress(total, progress, "runner")
+    inter = settings.intermediate_size
+    try:
+        for E, K, H in settings.cases():
+            if E % ep_size:
+                raise ValueError(f"num_experts={E} is not divisible by ep size {ep_size} (--runner-ep-size)")
+            L = E // ep_size
+            # The rank's share as a layer of its own: L experts, all local on a one-rank group.
+            config = MoeConfig(L, min(K, L), H, inter)
+            gen = torch.Generator().manual_seed(settings.seed + 1)
+            # Made on the device: DeepSeek-V3's 64 local experts are 2.8e9 numbers.
+            weights = ExpertWeights(torch.randn(L, config.w13_rows, H, dtype=dtype, device=device) * H ** -0.5,
+                                    torch.randn(L, H, inter, dtype=dtype, device=device) * inter ** -0.5)
+            flops_per_pair = 2 * (3 if config.is_gated else 2) * H * inter
+            weight_bytes_per_expert = (config.w13_rows * H + H * inter) * itemsize
+            backends = {name: _try(lambda: runners.create(name, config)) for name in names}
+            formats = {fmt: _try(lambda: dispatchers.create(fmt, config, group=group))
+                       for fmt in settings.runner_formats}
+            for T in settings.tokens:
+                shape = dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter, tokens_per_rank=T,
+                             local_experts=L)
+                problems = [runner_problem(gen, T, L, K, H, dtype, device) for _ in range(settings.rotate)]
+                pairs = statistics.fmean(p[2] for p in problems)
+                touched = statistics.fmean(p[3] for p in problems)
+
+                def row(impl: str, fmt: str, mode: str, stats: Stats) -> dict:
+                    seconds = stats.median_us * 1e-6
+                    tflops = pairs * flops_per_pair / seconds / 1e12
+                    gbps = touched * weight_bytes_per_expert / seconds / 1e9
+                    roof = max(tflops / peak["matmul"]["tflops"], gbps / peak["copy"]["gbps"]) if peak else None
+                    return dict(impl=impl, format=fmt, mode=mode, **shape, dtype=dtype_name(dtype), pairs=pairs,
+                                experts_touched=touched, tflops=tflops, weight_gbps=gbps,
+                                pct_roofline=None if roof is None else 100 * roof, **asdict(stats))
+
+                def skip(impl: str, err: BaseException, what: str = "") -> None:
+                    results.skipped.append(dict(suite="runner", impl=impl, **shape, reason=what + reason(err)))
+
+                for fmt, disp in formats.items():
+                    outs = _dispatch_all(disp, problems)
+                    for name in names:
+                        bar.step(f"{name} {fmt} T={T}")
+                        failure = next((e for e in (backends[name], outs) if isinstance(e, Exception)), None)
+                        if failure is not None:
+                            skip(name, failure, f"{fmt}: ")
+                            continue
+                        run = _runner_call(backends[name], config, disp, outs, weights)
+                        for mode in modes:
+                            stats = _try(lambda: _time(run, mode, len(outs), timing))
+                            if isinstance(stats, Exception):
+                                skip(name, stats, f"{fmt} {mode}: ")
+                                if mode == "eager":
+                                    break
+                                continue
+                            results.runner.append(row(name, fmt, mode, stats))
+                bar.step(f"{RAW_BASELINE} T={T}")
+                stats = _try(lambda: _time_grouped_mm(problems, weights, config, timing))
+                if isinstance(stats, Exception):
+                    skip(RAW_BASELINE, stats)
+                else:
+                    results.runner.append(row(RAW_BASELINE, "pre-grouped", "eager", stats))
+        _add_speedups(results.runner)
+    finally:
+        bar.close()
+    return results
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    """fn()'s result, or the exception it raised (a case that cannot run here is reported, not fatal)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
+def _dispatch_all(disp, problems) -> "list | Exception":
+    """The dispatcher's output for each rotated input (untimed), or why it cannot make them."""
+    if isinstance(disp, Exception):
+        return disp
+    with torch.no_grad():
+        return _try(lambda: [disp.dispatch(x, topk) for x, topk, *_ in problems])
+
+
+def _runner_call(backend, config, disp, outs: list, weights) -> Callable[[int], Any]:
+    """run(i): the layer's runner step on rotated dispatch output i % len(outs)."""
+    from ..runner_core import MoeRunner
+
+    moe_runner = MoeRunner(backend, config, disp.placement)
+    return lambda i: moe_runner.run(outs[i % len(outs)], weights)
+
+
+@torch.no_grad()
+def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict) -> Stats:
+    if mode == "eager":
+        return measure(run, **timing)
+    try:
+        return measure_cuda_graph(run, rotate=rotate, **timing)
+    except Exception:
+        torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
+        raise
+
+
+@torch.no_grad()
+def _time_grouped_mm(problems, weights, config, timing: dict) -> Stats:
+    """Both GEMMs with torch._grouped_mm plus the activation, on each input's (token, expert) pairs
+    already grouped by expert (the grouping is untimed)."""
+    if not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm")
+    from ..runners.torch_runner import activate
+
+    L = weights.w13.shape[0]
+    w13_t, w2_t = weights.w13.transpose(1, 2), weights.w2.transpose(1, 2)  # [L, H, 2I], [L, I, H]
+    grouped = []
+    for x, topk, *_ in problems:
+        ids = topk.topk_ids.reshape(-1).long()
+        order = torch.argsort(ids, stable=True)
+        offsets = torch.cumsum(torch.bincount(ids, minlength=L), 0).to(torch.int32)
+        grouped.append((x[order // topk.topk_ids.shape[1]].contiguous(), offsets))
+
+    def run(i):
+        rows, offsets = grouped[i % len(grouped)]
+        h = torch._grouped_mm(rows, w13_t, offs=offsets)
+        return torch._grouped_mm(activate(h, config), w2_t, offs=offsets)
+
+    return measure(run, **timing)
+
+
+@torch.no_grad()
+def roofline(dtype: torch.dtype, device: torch.device, timing: dict) -> list[dict]:
+    """This device's reference rates in the same run: a device-to-device copy (GB/s, read + write)
+    and a square matmul (TFLOP/s), in the suite's dtype."""
+    elements, n = _ROOFLINE_SIZES["cuda" if device.type == "cuda" else "cpu"]
+    return [_copy_rate(elements, dtype, device, timing), _matmul_rate(n, dtype, device, timing)]
+
+
+def _copy_rate(elements: int, dtype: torch.dtype, device: torch.device, timing: dict) -> dict:
+    src = torch.randn(elements, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    stats = measure(lambda i: dst.copy_(src), **timing)
+    return dict(impl="copy", size=f"{elements} elements", dtype=dtype_name(dtype), tflops=None,
+                gbps=2 * src.numel() * src.element_size() / (stats.median_us * 1e-6) / 1e9, **asdict(stats))
+
+
+def _matmul_rate(n: int, dtype: torch.dtype, device: torch.device, timing: dict) -> dict:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    stats = measure(lambda i: a @ b, **timing)
+    return dict(impl="matmul", size=f"{n}x{n}x{n}", dtype=dtype_name(dtype), gbps=None,
+                tflops=2 * n ** 3 / (stats.median_us * 1e-6) / 1e12, **asdict(stats))
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_torch: the torch runner's median over this row's, same shape, format and mode."""
+    keys = ("num_experts", "top_k", "hidden_size", "intermediate_size", "tokens_per_rank", "format", "mode")
+    base = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in keys))
+        r["speedup_vs_torch"] = b["median_us"] / r["median_us"] if b else None
