@@ -82,3 +82,21 @@ def test_kernel_path_flags_bad_ids_on_every_rank(case):
     messages = run_ranks(_bad_rank, 2, case, timeout=240)
     assert "rank 1 got invalid topk_ids" in messages[0], messages
     assert "topk_ids has id 8 at [2, 1]" in messages[1], messages
+
+
+def test_standard_checks_values_with_one_kernel():
+    """standard on the kernel path: the fused flag kernel names a bad id and a NaN weight as the torch
+    checks do, and good input runs."""
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    x = torch.randn(4, 32)
+    ids = torch.tensor([[0, 5], [1, 2], [3, 7], [6, 4]], dtype=torch.int32)
+    with torch.no_grad(), xk.forced():
+        assert layer(x, ids, torch.rand(4, 2)).shape == (4, 32)
+        bad = ids.clone()
+        bad[2, 1] = 9
+        with pytest.raises(ValueError, match=r"topk_ids has id 9 at \[2, 1\]"):
+            layer(x, bad, torch.rand(4, 2))
+        w = torch.rand(4, 2)
+        w[1, 0] = float("nan")
+        with pytest.raises(ValueError, match="topk_weights has a non-finite value"):
+            layer(x, ids, w)
