@@ -164,8 +164,61 @@ def graphs_on_rank(rank: int, world_size: int) -> dict:
     return out
 
 
+INFERENCE = {"standard": ("standard", {}), "deepep_normal": ("deepep_normal", {}), "mori": ("mori", {}),
+             "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 128}),
+             **{v.impl: (v.dispatcher, v.options(128, 2)) for v in STATIC_VARIANTS}}
+# Host syncs per call (issue 16): one count-table read per dynamic-shape dispatch, the standard
+# dispatcher's value check, and none anywhere else (combine, reused handle, static plans).
+EXPECTED_SYNCS = {"standard": 1, "deepep_normal": 1, "mori": 1}
+
+
+def _syncs(fn) -> int:
+    """Host syncs fn() makes, as torch.cuda.set_sync_debug_mode reports them."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def inference_on_rank(rank: int, world_size: int) -> dict:
+    """The inference kernel path (no autograd) of every dispatcher: bf16 forward against float64, and
+    the host syncs of dispatch, combine and (deepep_normal) dispatch with a reused handle."""
+    from ep_runtime.distributed import device_for_rank
+
+    device = device_for_rank()
+    out = {}
+    for impl, (name, options) in INFERENCE.items():
+        try:
+            layer = ep.EPMoE(E, K, H, INTER, dispatcher=name, runner="torch", dtype=torch.bfloat16, device=device,
+                             dispatcher_options=options)
+            problem = make_problem(layer.config, TOKENS[:world_size], seed=8, ep_size=world_size)
+            with torch.no_grad():
+                errors = check_layer(layer, problem, rank, backward=False)
+                x = torch.randn(100, H, device=device, dtype=torch.bfloat16)
+                topk = ep.TopKOutput(*_routing(100, device, 3 + rank))
+                d = layer.dispatcher
+                sent = d.dispatch(x, topk)
+                combine = CombineInput(getattr(sent, "recv_x", x) * 1, sent)
+                d.combine(combine)
+                torch.cuda.synchronize()
+                syncs = {"dispatch": _syncs(lambda: d.dispatch(x, topk)), "combine": _syncs(lambda: d.combine(combine))}
+                if name == "deepep_normal" and not options:
+                    syncs["reused handle"] = _syncs(lambda: d.dispatch(x, topk, handle=sent.handle))
+                torch.cuda.synchronize()
+            out[f"inference/{impl}"] = ("ok", {"y": errors["y"], "syncs": syncs})
+        except Exception:  # noqa: BLE001
+            out[f"inference/{impl}"] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
 def _gpu_rank(rank: int, world_size: int) -> dict:
-    return {**pairs_on_rank(rank, world_size, torch.bfloat16), **graphs_on_rank(rank, world_size)}
+    return {**pairs_on_rank(rank, world_size, torch.bfloat16), **graphs_on_rank(rank, world_size),
+            **inference_on_rank(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +243,17 @@ def test_pair_matches_float64_reference_forward_and_backward(on_ranks, dispatche
     assert status == "ok", value
     for errors in value:
         assert max(errors.values()) <= tolerance(torch.bfloat16), errors
+
+
+@pytest.mark.parametrize("impl", list(INFERENCE))
+def test_inference_path_matches_reference_with_one_sync_at_most(on_ranks, impl):
+    status, value = _outcome(on_ranks, f"inference/{impl}")
+    assert status == "ok", value
+    want = EXPECTED_SYNCS.get(impl, 0)
+    for result in value:
+        assert result["y"] <= tolerance(torch.bfloat16), result
+        assert result["syncs"]["dispatch"] == want and result["syncs"]["combine"] == 0, result
+        assert result["syncs"].get("reused handle", 0) == 0, result
 
 
 @pytest.mark.parametrize("key", [f"dispatch/{impl}" for impl in STATIC] + [f"layer/{r}" for r in runners.registered()])
