@@ -216,9 +216,30 @@ def inference_on_rank(rank: int, world_size: int) -> dict:
     return out
 
 
+def deferred_check_on_rank(rank: int, world_size: int) -> dict:
+    """deepep_ll eager on CUDA: rank 1's bad id passes the call (the table read is deferred), then the
+    deferred check fails every rank, the bad one naming the value."""
+    from ep_runtime.distributed import device_for_rank
+
+    device = device_for_rank()
+    layer = ep.EPMoE(E, K, H, INTER, dispatcher="deepep_ll", runner="torch", dtype=torch.bfloat16, device=device,
+                     dispatcher_options=dict(num_max_dispatch_tokens_per_rank=M))
+    x = torch.randn(M, H, device=device, dtype=torch.bfloat16)
+    ids, w = _routing(M, device, 11 + rank)
+    if rank == 1:
+        ids[5, 2] = E + 3
+    try:
+        with torch.no_grad():
+            layer(x, ids, w)
+        layer.dispatcher.exchange.raise_deferred(wait=True)
+        return {"deferred": ("ok", "no error")}
+    except ValueError as err:
+        return {"deferred": ("ok", str(err))}
+
+
 def _gpu_rank(rank: int, world_size: int) -> dict:
     return {**pairs_on_rank(rank, world_size, torch.bfloat16), **graphs_on_rank(rank, world_size),
-            **inference_on_rank(rank, world_size)}
+            **inference_on_rank(rank, world_size), **deferred_check_on_rank(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +275,15 @@ def test_inference_path_matches_reference_with_one_sync_at_most(on_ranks, impl):
         assert result["y"] <= tolerance(torch.bfloat16), result
         assert result["syncs"]["dispatch"] == want and result["syncs"]["combine"] == 0, result
         assert result["syncs"].get("reused handle", 0) == 0, result
+
+
+def test_deferred_check_fails_every_rank(on_ranks):
+    status, messages = _outcome(on_ranks, "deferred")
+    assert status == "ok", messages
+    if len(messages) < 2:
+        pytest.skip("needs 2 GPUs")
+    assert "rank 1 got invalid topk_ids" in messages[0] and "deferred check" in messages[0], messages
+    assert f"topk_ids has id {E + 3} at [5, 2]" in messages[1], messages
 
 
 @pytest.mark.parametrize("key", [f"dispatch/{impl}" for impl in STATIC] + [f"layer/{r}" for r in runners.registered()])
