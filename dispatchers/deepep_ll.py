@@ -80,9 +80,9 @@ class DeepEPLLDispatcher(Dispatcher):
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
-        handle = self.exchange.plan(ids, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
-                                    topk_weights=weights, distinct=self.distinct_ids)
-        rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
+        handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
+            x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
+            distinct=self.distinct_ids)
         N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(

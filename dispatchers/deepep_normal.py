@@ -83,11 +83,13 @@ class DeepEPNormalDispatcher(Dispatcher):
         if handle is None:
             W, C = self.num_worst_tokens, self.chunk
             setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
-            handle = self.exchange.plan(ids, chunk=C, rows=W, capacity=setting, topk_weights=weights)
+            handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
+                x, ids, weights, local_ids=True, chunk=C, rows=W, capacity=setting)
         elif handle.num_tokens != x.shape[0]:
             raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                              f"(a handle is only valid for a dispatch with the same routing)")
-        recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True)
+        else:
+            recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True)
         listed = [-(-c // self.alignment) * self.alignment for c in handle.num_recv_tokens_per_expert or []]
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle)

@@ -269,13 +269,17 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _pack_payload_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr,
-                             T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """Send row i: x[token[i]] and int32 metadata [weights as fp32 bits; ids] (ids as the
-        destination's local ids when LOCAL, -1 where the expert lives elsewhere); pad token T: zeros, -1."""
+        destination's local ids when LOCAL, -1 where the expert lives elsewhere); pad token T: zeros, -1
+        (SKIP_PAD: left unwritten, for rows past what a host plan sends)."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
+        if SKIP_PAD:
+            if tok >= T:
+                return
         h_real = tl.where(tok < T, H, 0)  # a pad row reads nothing (no scalar-bool masks)
         k_real = tl.where(tok < T, K, 0)
         cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -382,9 +386,11 @@ def payload_bytes(hidden: int, dtype: torch.dtype, top_k: int) -> int:
 
 
 def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
-                 send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor]) -> torch.Tensor:
+                 send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor],
+                 skip_pad: bool = False) -> torch.Tensor:
     """Inference path: payload [S, payload_bytes] uint8 holding x[send_token] and [weights bits; ids]
-    per row (see payload_views); ids as the destination's local ids when local_of [E] is given."""
+    per row (see payload_views); ids as the destination's local ids when local_of [E] is given.
+    skip_pad: rows of pad token T stay unwritten (they are never sent)."""
     S, (T, H), K = send_token.numel(), x.shape, ids.shape[1]
     payload = torch.empty(S, payload_bytes(H, x.dtype, K), dtype=torch.uint8, device=x.device)
     rows, meta = payload_views(payload, H, x.dtype, K)
@@ -393,7 +399,8 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
         _pack_payload_kernel[(S, triton.cdiv(H, BLOCK_H))](
             x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
             local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(), rows.stride(0),
-            meta.stride(0), LOCAL=local_of is not None, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+            meta.stride(0), LOCAL=local_of is not None, SKIP_PAD=skip_pad, BLOCK_H=BLOCK_H,
+            BLOCK_K=triton.next_power_of_2(max(K, 2)))
     return payload
 
 

@@ -100,8 +100,8 @@ class MoriDispatcher(Dispatcher):
         static = self._static()
         N, n = self.num_buffer_rows, self.max_input_tokens
         chunk = self.max_dispatch_tokens_per_rank if static else None
-        handle = self.exchange.plan(ids, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}", topk_weights=weights)
-        recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=False)
+        handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
+            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}")
         if n <= 0:
             rows = N
         elif static:

@@ -194,7 +194,7 @@ class RankExchange:
         if not capturing():
             self.raise_deferred()
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids):
-            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)
+            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
@@ -218,20 +218,27 @@ class RankExchange:
             return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity)
         return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
 
-    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct) -> ExchangeHandle:
+    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False):
         """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
         one kernel from the table on the device. A host plan reads the table once (its one sync); a
-        static plan defers the read on CUDA (see the module doc)."""
+        static plan defers the read on CUDA (see the module doc). Given x, a host plan also packs the
+        payload before that read (sized for the most rows T * min(R, K) could need), so the device
+        plans and packs while the host waits; returns (handle, payload or None)."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
-        T = topk_ids.shape[0]
+        T, K = topk_ids.shape
         static, now = chunk is not None, capturing()
         defer = static and not now and topk_ids.is_cuda and not self.sync_checks
         if static and (now or defer):  # the table is not read now: this rank checks its own T first
             self._check_local_tokens(T)
-        rank_of, _, global_of = self.tables(topk_ids.device)
+        rank_of, local_of, global_of = self.tables(topk_ids.device)
         in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
         layout = Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
+        plan = payload = None
+        if not static and x is not None:  # plan and pack first: the read below then overlaps them
+            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, T * min(R, K))
+            payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
+                                                    rank_of, local_of if local_ids else None, skip_pad=True)
         send_splits = recv_splits = per_expert_host = None
         if static:
             total = R * chunk
@@ -250,13 +257,32 @@ class RankExchange:
             first = 1 + R + me * L
             per_expert_host = [sum(column) for column in zip(*(r[first:first + L] for r in host))]
             total = sum(send_splits)
-        plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
+        if plan is None:
+            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
         summary = plan.summary
         if now:  # capturing: nothing can be read, so an overflow is a device-side error
             self._assert_fits(table[:, 1:1 + R], summary[L + 1], chunk, rows, capacity)
-        return ExchangeHandle(T, layout, plan.send_token, plan.send_rank, plan.combine_index, summary[:L],
-                              summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host, chunk=chunk,
-                              rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows)
+        # Rows past `total` of an early plan are unused; its combine_index marks unsent pairs with a
+        # larger value than total, which every reader treats as "not sent".
+        handle = ExchangeHandle(T, layout, plan.send_token[:total], plan.send_rank[:total], plan.combine_index,
+                                summary[:L], summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host,
+                                chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows)
+        return handle, (payload[:total] if payload is not None else None)
+
+    def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
+                      chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
+                      distinct: Optional[str] = None) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """plan() then send() (their arguments); on the kernel path in one go, packing before the
+        count table is read. Returns (handle, recv_x, recv_ids, recv_weights)."""
+        if not capturing():
+            self.raise_deferred()
+        if exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights):
+            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids)
+            if payload is None:
+                return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids))
+            return (handle, *self._receive_payload(payload, handle, x.shape[1], x.dtype, topk_ids.shape[1]))
+        handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
+        return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
 
     def _defer(self, table, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
         """Start the table's copy to pinned memory (no sync). Landing slots are used in turn, and a
@@ -432,17 +458,20 @@ class RankExchange:
     def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool):
         """The kernel path: one packing kernel, one exchange of rows with their metadata, and for
         padded or compacted receive sides one kernel laying the rows out."""
-        H, K = x.shape[1], ids.shape[1]
         rank_of, local_of, _ = self.tables(x.device)
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
                                                 local_of if local_ids else None)
+        return self._receive_payload(payload, handle, x.shape[1], x.dtype, ids.shape[1])
+
+    def _receive_payload(self, payload, handle: ExchangeHandle, hidden: int, dtype: torch.dtype, top_k: int):
         received = all_to_all(payload, handle.recv_splits, handle.send_splits, self.group, self.world_size)
-        rows, meta = exchange_kernels.payload_views(received, H, x.dtype, K)
+        rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
         if handle.recv_rows is not None:
             rows, meta = exchange_kernels.take_rows(rows, meta, handle.recv_rows, received.shape[0])
         elif handle.rows is not None and not handle.static:  # rows past the received ones: padding
-            rows, meta = exchange_kernels.take_rows(rows, meta, self._arange(handle.rows, x.device), received.shape[0])
-        return rows, meta[:, K:], meta[:, :K].view(torch.float32)
+            rows, meta = exchange_kernels.take_rows(rows, meta, self._arange(handle.rows, payload.device),
+                                                    received.shape[0])
+        return rows, meta[:, top_k:], meta[:, :top_k].view(torch.float32)
 
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
@@ -468,5 +497,5 @@ class RankExchange:
         if exchange_kernels.enabled(back):
             return exchange_kernels.gather_sum(back, handle.combine_index, handle.send_token)
         acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
-        back = torch.cat([back, back.new_zeros(1, back.shape[1])])
-        return back[handle.combine_index].sum(1, dtype=acc).to(partial.dtype)
+        back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row S: "not sent" (an early plan marks more)
+        return back[handle.combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(partial.dtype)
