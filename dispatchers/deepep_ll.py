@@ -19,8 +19,8 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format
 from ep_runtime.validation import is_int_at_least
-from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_permute
 
 from . import exchange_kernels, register
 from .base import Dispatcher
@@ -156,18 +156,8 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _pre(out: DeepEPLLDispatchOutput, placement, config) -> RunnerInput:
-    """Flatten [L, N, H] to rows with id l (valid) or the sink (past masked_m); weight 1."""
-    L, N, H = out.recv_x.shape
-    row = torch.arange(N, device=out.recv_x.device)
-    ids = torch.where(row < out.masked_m.unsqueeze(1), torch.arange(L, device=row.device).unsqueeze(1), L)
-    ones = torch.ones(L * N, 1, dtype=torch.float32, device=row.device)
-    return RunnerInput(out.recv_x.reshape(L * N, H), ids.reshape(-1, 1).to(torch.int32), ones,
-                       placement.local_mask_with_sink(row.device))
+def _runner_input(out: DeepEPLLDispatchOutput, placement, config) -> ExpertMajorInput:
+    return ExpertMajorInput(out.recv_x, out.masked_m)
 
 
-def _post(y: torch.Tensor, out: DeepEPLLDispatchOutput) -> CombineInput:
-    return CombineInput(y.view(out.recv_x.shape), out)
-
-
-register_permute("deepep_ll", ("torch",), _pre, _post)
+register_format("deepep_ll", ExpertMajorInput, _runner_input)  # the [L, M*R, H] result goes to combine as it is

@@ -17,8 +17,8 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import is_int_at_least
-from ep_runtime.runner_core import CombineInput, DispatchOutput, local_runner_input, register_permute
 
 from . import register
 from .base import Dispatcher
@@ -93,9 +93,8 @@ class DeepEPNormalDispatcher(Dispatcher):
         return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
 
 
-def _pre(out: DeepEPNormalDispatchOutput, placement, config):
-    return local_runner_input(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
+def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:
+    return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
 
 
-
-register_permute("deepep_normal", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are
+register_format("deepep_normal", RunnerInput, _runner_input)  # the rows go to combine as they are

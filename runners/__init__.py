@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
 
@@ -14,6 +14,14 @@ _RUNNERS: dict[str, type[RunnerBackend]] = {}
 
 
 def register(cls: type[RunnerBackend]) -> type[RunnerBackend]:
+    """Class decorator: make backend `cls.name` available to create(); a name is registered once."""
+    if not cls.name:
+        raise ValueError(f"runner class {cls.__qualname__} has no name")
+    if cls.name in _RUNNERS:
+        raise ValueError(f"runner {cls.name!r} is already registered (by {_RUNNERS[cls.name].__module__}."
+                         f"{_RUNNERS[cls.name].__qualname__}); pick another name")
+    if not cls.layouts:
+        raise ValueError(f"runner {cls.name!r} declares no input layouts (RunnerBackend.layouts)")
     _RUNNERS[cls.name] = cls
     return cls
 
@@ -27,22 +35,24 @@ def registered() -> list[str]:
     return list(_RUNNERS)
 
 
-# "auto" takes the first of these that runs here and has a path for the dispatch format.
+# "auto" on CUDA takes the first of these that runs here and computes the format's layout natively.
 AUTO_PREFERENCE = ("masked", "triton", "torch")
 
 
 def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
-    """Resolve "auto": on CUDA the fastest available backend registered for `format` (masked for
-    deepep_ll, triton for the others), else torch. Any other name is returned as is."""
+    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available and computes the
+    dispatch format's layout natively (masked for deepep_ll, triton for the others), else torch.
+    Any other name is returned as is."""
     if name != "auto":
         return name
     import torch
-    from ep_runtime.runner_core import registered_pairs
+
+    from ep_runtime.runner_core import format_path
     if device is None or torch.device(device).type != "cuda":
         return "torch"
-    pairs = registered_pairs()
+    layout = format_path(format or "standard").layout
     for backend in AUTO_PREFERENCE:
-        if backend in available() and (format or "standard", backend) in pairs:
+        if backend in available() and layout in _RUNNERS[backend].layouts:
             return backend
     return "torch"
 
@@ -65,9 +75,13 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     return cls(config, hooks=hooks, **options)
 
 
+# Registration order is the order registered() and error messages list the backends.
+# isort: off
 from . import torch_runner  # noqa: E402,F401  (registers "torch")
-from . import masked_runner  # noqa: E402,F401  (registers "masked" and its deepep_ll path; needs triton and CUDA or TRITON_INTERPRET=1)
 from . import triton_runner  # noqa: E402,F401  (registers "triton"; available with triton and CUDA or TRITON_INTERPRET=1)
+from . import masked_runner  # noqa: E402,F401  (registers "masked"; same needs as triton)
+# isort: on
 from .triton_runner import fused_experts  # noqa: E402
 
-__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "register", "registered", "resolve"]
+__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "register", "registered",
+           "resolve"]

@@ -36,8 +36,9 @@ def _act(h: torch.Tensor, name: str) -> torch.Tensor:
 @register
 class TorchRunner(RunnerBackend):
     name = "torch"
+    layouts = (RunnerInput,)
 
-    def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+    def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         cfg = self.config
         x = inp.hidden_states
         N, K = inp.topk_ids.shape
@@ -45,7 +46,7 @@ class TorchRunner(RunnerBackend):
         computed = inp.expert_mask[ids].reshape(-1)
         # (token, expert) pairs that are computed, grouped by expert (stable: deterministic order).
         pair = computed.nonzero().squeeze(1)
-        expert = ids.reshape(-1)[pair] - inp.first_expert
+        expert = ids.reshape(-1)[pair]
         order = torch.argsort(expert, stable=True)
         pair, expert = pair[order], expert[order]
         token = pair // K
