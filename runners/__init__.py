@@ -57,6 +57,14 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
     return "torch"
 
 
+def get(name: str) -> type[RunnerBackend]:
+    """The registered backend class `name`."""
+    check_name(name)
+    if name == "auto":
+        raise ValueError("runner='auto' is no class; resolve it first (runners.resolve)")
+    return _RUNNERS[name]
+
+
 def check_name(name: str) -> None:
     """Raise naming the registered backends when `name` is neither one of them nor "auto"."""
     if name != "auto" and name not in _RUNNERS:
@@ -69,7 +77,7 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     resolved for `device` and dispatch `format` (see resolve; no device: torch)."""
     check_name(name)
     name = resolve(name, device, format)
-    cls = _RUNNERS[name]
+    cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
     return cls(config, hooks=hooks, **options)
@@ -83,5 +91,5 @@ from . import masked_runner  # noqa: E402,F401  (registers "masked"; same needs 
 # isort: on
 from .triton_runner import fused_experts  # noqa: E402
 
-__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "register", "registered",
-           "resolve"]
+__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "get", "register",
+           "registered", "resolve"]
