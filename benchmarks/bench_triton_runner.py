@@ -151,7 +151,7 @@ def correctness(quick: bool) -> dict:
     errors = check_layer(layer, make_problem(layer.config, [300], seed=3), 0)
     layer_ok = max(errors.values()) <= 2e-2
     ok_all &= layer_ok
-    say(f"EPMoE(runner='triton') bf16 vs float64: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    say("EPMoE(runner='triton') bf16 vs float64: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     say(f"correctness: {'ALL OK' if ok_all else 'FAILURES'}")
     return {"bf16": results, "fp32": err32, "cuda_graph": graph_ok, "layer": errors, "ok": ok_all}
 
@@ -322,7 +322,8 @@ def profile(shape: str, T: int) -> None:
             b.run(inp, weights)
         replay = median_ms(lambda i: graph.replay(), 20)
         say(f"profile {shape} T={T}: host {host:.3f} ms per call (launch only), graph replay {replay:.3f} ms")
-        from torch.profiler import ProfilerActivity, profile as tprofile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
         with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 b.run(inp, weights)

@@ -83,7 +83,7 @@ class DeepEPLLDispatcher(Dispatcher):
         handle = self.exchange.plan(ids, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
                                     topk_weights=weights, distinct=self.distinct_ids)
         rows, recv_ids, recv_w = self.exchange.send(x, ids, weights, handle, local_ids=True)
-        N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
+        N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         here = recv_ids >= 0
         slot_index, masked_m = _slots(recv_ids, L)
         slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))

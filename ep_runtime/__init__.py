@@ -15,9 +15,11 @@ from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import CombineInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
 
 # Registries last: their modules import the core above.
+# isort: off
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
-from . import hf  # noqa: E402  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
+from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
+# isort: on
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,6 @@ destroys every group, fails with the traceback of any rank that raised, and kill
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback

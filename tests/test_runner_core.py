@@ -5,8 +5,14 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.runner_core import (CombineInput, DispatchOutput, ExpertMajorInput, MoeRunner, RunnerInput,
-                                    reroute_to_sink)
+from ep_runtime.runner_core import (
+    CombineInput,
+    DispatchOutput,
+    ExpertMajorInput,
+    MoeRunner,
+    RunnerInput,
+    reroute_to_sink,
+)
 from ep_runtime.testing import random_topk_ids
 
 

@@ -201,7 +201,7 @@ def test_fused_experts_matches_float64_reference(T, dtype):
 
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
-    E, K, H, I, first, L = 8, 3, 16, 32, 4, 4
+    E, K, H, I, first = 8, 3, 16, 32, 4
     w13, w2, _, _ = _weights(gen, E, H, I)
     x, ids, w = torch.randn(9, H, generator=gen), _ids(gen, 9, E, K), torch.rand(9, K, generator=gen)
     y = runners.fused_experts(x, w13[first:], w2[first:], ids, w, first_expert=first)
