@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
+from ep_runtime.registry import register_named
 
 from .base import Dispatcher
 
@@ -15,13 +16,7 @@ _DISPATCHERS: dict[str, type[Dispatcher]] = {}
 
 def register(cls: type[Dispatcher]) -> type[Dispatcher]:
     """Class decorator: make dispatcher `cls.name` available to create(); a name is registered once."""
-    if not cls.name:
-        raise ValueError(f"dispatcher class {cls.__qualname__} has no name")
-    if cls.name in _DISPATCHERS:
-        raise ValueError(f"dispatcher {cls.name!r} is already registered (by {_DISPATCHERS[cls.name].__module__}."
-                         f"{_DISPATCHERS[cls.name].__qualname__}); pick another name")
-    _DISPATCHERS[cls.name] = cls
-    return cls
+    return register_named(_DISPATCHERS, cls, "dispatcher")
 
 
 def registered() -> list[str]:

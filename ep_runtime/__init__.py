@@ -12,7 +12,7 @@ from .config import ExpertWeights, MoeConfig
 from .distributed import destroy_distributed, detect_launch, init_distributed
 from .placement import ExpertPlacement
 from .routing import TopKConfig, TopKOutput, select_experts
-from .runner_core import CombineInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
+from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
 
 # Registries last: their modules import the core above.
 # isort: off
@@ -24,7 +24,7 @@ from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; impor
 __version__ = "0.1.0"
 
 __all__ = [
-    "CombineInput", "EPMoE", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
+    "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
     "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
     "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

@@ -169,6 +169,9 @@ def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _cached(placement: ExpertPlacement, kind, device: torch.device) -> torch.Tensor:
     """Built on the host once per (placement, table, device). On CUDA the first call copies to the
     device: run one eager step before capturing a CUDA graph (the usual warm-up does)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a host copy cannot be captured
+        raise RuntimeError(f"the expert placement's {kind} table for {device} is built on the first eager call; "
+                           "run one eager step (the usual warm-up) before capturing a CUDA graph")
     name, *args = kind if isinstance(kind, tuple) else (kind,)
     return _TABLES[name](placement, *args).to(device)
 

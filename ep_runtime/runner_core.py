@@ -19,6 +19,7 @@ import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
+from .registry import add_once
 
 
 class DispatchOutput:
@@ -56,6 +57,17 @@ class RunnerInput:
     def num_local_experts(self) -> int:
         return self.expert_mask.numel() - 1
 
+    def pairs_by_expert(self) -> "ExpertPairs":
+        """The computed (token, slot) pairs grouped by expert (host sync: the count is data-dependent)."""
+        N, K = self.topk_ids.shape
+        ids = self.topk_ids.reshape(-1).long()
+        pair = self.expert_mask[ids].nonzero().squeeze(1)
+        expert = ids[pair]
+        order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert
+        pair, expert = pair[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_local_experts)
+        return ExpertPairs(pair // K, expert, self.topk_weights.reshape(-1)[pair], counts)
+
     @classmethod
     def from_local_ids(cls, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                        placement: ExpertPlacement) -> "RunnerInput":
@@ -71,6 +83,17 @@ class RunnerInput:
         table = placement.global_to_local_table(hidden_states.device)  # [E+1]; entry E (for -1) = sink
         local = table[reroute_to_sink(global_ids, placement.num_experts).long()]
         return cls(hidden_states, local, weights.float(), placement.local_mask_with_sink(hidden_states.device))
+
+
+@dataclass(frozen=True)
+class ExpertPairs:
+    """RunnerInput's computed pairs, grouped by expert: token [P], expert [P] (local index), weight [P]
+    fp32 (P pairs, expert-ascending, slot order within an expert); counts [L] pairs per expert."""
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    counts: torch.Tensor
 
 
 @dataclass
@@ -91,13 +114,6 @@ def reroute_to_sink(ids: torch.Tensor, sink: int) -> torch.Tensor:
     return torch.where(ids < 0, torch.full_like(ids, sink), ids)
 
 
-def _add(registry: dict, key: Any, value: Any, what: str) -> None:
-    """Registries take each key once: a second registration is a bug (two modules, one name)."""
-    if key in registry:
-        raise ValueError(f"{what} is already registered; each is registered once")
-    registry[key] = value
-
-
 # ---------------------------------------------------------------- layout conversions
 
 # fn(input, config) -> (input in the target layout, back: target layout's result -> source layout's)
@@ -107,7 +123,7 @@ _CONVERSIONS: dict[tuple[type, type], Conversion] = {}
 
 def register_conversion(source: type, target: type, fn: Conversion) -> None:
     """Register how an input in layout `source` is computed by a backend of layout `target`."""
-    _add(_CONVERSIONS, (source, target), fn, f"layout conversion {source.__name__} -> {target.__name__}")
+    add_once(_CONVERSIONS, (source, target), fn, f"layout conversion {source.__name__} -> {target.__name__}")
 
 
 def convert(inp: Any, target: type, config: MoeConfig) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
@@ -137,17 +153,11 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
     expert; the result is weighted and summed per token. Reads the counts on the host (one sync):
     a token-major format is not graph-captured through this path."""
     x = inp.hidden_states
-    N, K = inp.topk_ids.shape
-    L, H = inp.num_local_experts, x.shape[1]
-    ids = inp.topk_ids.reshape(-1).long()
-    pair = inp.expert_mask[ids].nonzero().squeeze(1)
-    expert = ids[pair]
-    order = torch.argsort(expert, stable=True)
-    pair, expert = pair[order], expert[order]
-    counts = torch.bincount(expert, minlength=L)
-    slot = torch.arange(pair.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-    capacity = int(counts.max()) if pair.numel() else 0
-    token, weight = pair // K, inp.topk_weights.reshape(-1)[pair]
+    N, L, H = x.shape[0], inp.num_local_experts, x.shape[1]
+    pairs = inp.pairs_by_expert()
+    token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
+    slot = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    capacity = int(counts.max()) if token.numel() else 0
     acc = torch.promote_types(x.dtype, torch.float32)
     rows = x[token]
     if config.apply_router_weight_on_input:  # scaled in fp32, rounded once
@@ -189,12 +199,12 @@ def register_format(format: str, layout: type, to_runner_input: Callable[[Any, E
     """Register dispatch format `format`: to_runner_input(dispatch_output, placement, config) returns a
     `layout` input (RunnerInput or ExpertMajorInput); to_combine_input(result, dispatch_output)
     makes the combine input (default: the rows as they are)."""
-    _add(_FORMATS, format, FormatPath(layout, to_runner_input, to_combine_input), f"dispatch format {format!r}")
+    add_once(_FORMATS, format, FormatPath(layout, to_runner_input, to_combine_input), f"dispatch format {format!r}")
 
 
 def register_fused(format: str, backend: str, fn: Fused) -> None:
     """Optional: one function doing conversion, compute and post step for (format, backend)."""
-    _add(_FUSED, (format, backend), fn, f"fused function for ({format!r}, {backend!r})")
+    add_once(_FUSED, (format, backend), fn, f"fused function for ({format!r}, {backend!r})")
 
 
 def _ensure_registrations() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
+from ep_runtime.registry import register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -15,15 +16,9 @@ _RUNNERS: dict[str, type[RunnerBackend]] = {}
 
 def register(cls: type[RunnerBackend]) -> type[RunnerBackend]:
     """Class decorator: make backend `cls.name` available to create(); a name is registered once."""
-    if not cls.name:
-        raise ValueError(f"runner class {cls.__qualname__} has no name")
-    if cls.name in _RUNNERS:
-        raise ValueError(f"runner {cls.name!r} is already registered (by {_RUNNERS[cls.name].__module__}."
-                         f"{_RUNNERS[cls.name].__qualname__}); pick another name")
     if not cls.layouts:
         raise ValueError(f"runner {cls.name!r} declares no input layouts (RunnerBackend.layouts)")
-    _RUNNERS[cls.name] = cls
-    return cls
+    return register_named(_RUNNERS, cls, "runner")
 
 
 def available() -> list[str]:
