@@ -4,12 +4,18 @@ E global experts over R ranks, L = E / R on each. `expert_to_rank[e]` is the ran
 (default contiguous: rank r holds [r*L, (r+1)*L)); on its owner, expert e has the local index given
 by its position among that rank's experts in ascending global id. Nothing else derives ownership.
 
-What an exchange calls (tensors are int32, cached per device and shared: read them, never write):
-    placement.expert_rank_table(device)          [E]  owning rank of each global expert
-    placement.expert_local_index_table(device)   [E]  its index among its owner's L experts
-    placement.experts_of_rank(rank, device)      [L]  int64 global ids of `rank`'s experts, local order
+What an exchange calls (device tensors are cached per device and shared: read them, never write):
+    placement.expert_rank_table(device)          [E] int32  owning rank of each global expert
+                                                 (replaces `ids // L`; a kernel takes its pointer)
+    placement.expert_local_index_table(device)   [E] int32  each expert's index on its owner (replaces
+                                                 `ids - owner * L` when sending receiver-local ids)
+    placement.experts_of_rank(rank, device)      [L] int64  `rank`'s global experts in local order
+                                                 (replaces the column range me*L..(me+1)*L of
+                                                 per-expert counts: gather those columns instead)
+    placement.global_mask(device)                [E] bool   this rank's experts (mori's mask)
     placement.rank_of(ids), placement.local_index(ids)   the same lookups elementwise (-1 stays -1)
-The runner side calls global_to_local_table / local_mask_with_sink through RunnerInput's constructors.
+The runner side reads global_to_local_table / local_mask_with_sink through RunnerInput's constructors;
+load_experts slices local_expert_ids().
 """
 from __future__ import annotations
 
