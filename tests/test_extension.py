@@ -1,7 +1,10 @@
 """Extension points: a runner backend and a dispatcher defined in this file alone (no edit anywhere
 else, one registration line each) run with everything already registered, on 2 gloo ranks, and equal
 the float64 reference, forward and gradients. The dispatcher also carries a non-contiguous placement
-(experts dealt round-robin), which load_experts, the runner input and the gradients must follow."""
+(experts dealt round-robin), which load_experts, the runner input and the gradients must follow.
+
+The registration lines (register_extensions) run inside this test's own worker processes only: the
+pytest process keeps the package's registries, so other test files that list them are unaffected."""
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +25,6 @@ OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_
 
 # ---------------------------------------------------------------- a new runner backend
 
-@ep.runners.register
 class Float64LoopRunner(RunnerBackend):
     """Token rows, one expert at a time in float64: the plainest backend the contract allows. Gated SiLU
     without biases only; anything else is rejected at construction, as the contract asks."""
@@ -103,7 +105,6 @@ class AllGatherDispatchOutput(DispatchOutput):
     num_tokens: list[int]
 
 
-@ep.dispatchers.register
 class AllGatherDispatcher(Dispatcher):
     """Every rank receives every token, computes its own experts' share of all of them, and combine
     sums the shares on each token's rank (all_reduce). Simple and wasteful: a test of the seams."""
@@ -129,17 +130,21 @@ class AllGatherDispatcher(Dispatcher):
                                  self.group)
 
 
-@ep.dispatchers.register
 class RoundRobinAllGatherDispatcher(AllGatherDispatcher):
     name = "test_allgather_round_robin"
     round_robin = True
 
 
-register_format("test_allgather", RunnerInput, lambda out, placement, config: RunnerInput.from_global_ids(
-    out.hidden_states, out.topk_ids, out.topk_weights, placement))
+def register_extensions() -> None:
+    """What a plugin module would run at import: one line per backend, dispatcher and format."""
+    ep.runners.register(Float64LoopRunner)
+    ep.dispatchers.register(AllGatherDispatcher)
+    ep.dispatchers.register(RoundRobinAllGatherDispatcher)
+    register_format("test_allgather", RunnerInput, lambda out, placement, config: RunnerInput.from_global_ids(
+        out.hidden_states, out.topk_ids, out.topk_weights, placement))
 
 
-# ---------------------------------------------------------------- the tests
+# ---------------------------------------------------------------- the tests (each in fresh processes)
 
 def _layer_errors(rank, world_size, dispatcher, runner, extra):
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner=runner, dispatcher_options=OPTIONS.get(dispatcher),
@@ -148,18 +153,19 @@ def _layer_errors(rank, world_size, dispatcher, runner, extra):
 
 
 def _every_dispatcher_rank(rank, world_size, runner, extra):
+    register_extensions()
     return {d: _layer_errors(rank, world_size, d, runner, extra) for d in ep.dispatchers.registered()}
 
 
 @pytest.mark.parametrize("extra", [{}, dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5)])
 def test_new_runner_runs_under_every_dispatcher(extra):
-    assert set(BUILT_IN_DISPATCHERS) <= set(ep.dispatchers.registered())
     for errors in run_ranks(_every_dispatcher_rank, 2, Float64LoopRunner.name, extra, timeout=300):
-        assert set(errors) == set(ep.dispatchers.registered())
+        assert set(errors) == {*BUILT_IN_DISPATCHERS, AllGatherDispatcher.name, RoundRobinAllGatherDispatcher.name}
         assert all(max(e.values()) <= tolerance(torch.float32) for e in errors.values()), errors
 
 
 def _every_runner_rank(rank, world_size, dispatcher):
+    register_extensions()
     return {r: _layer_errors(rank, world_size, dispatcher, r, {}) for r in ep.runners.available()}
 
 
@@ -170,16 +176,23 @@ def test_new_dispatcher_runs_under_every_runner(dispatcher):
         assert all(max(e.values()) <= tolerance(torch.float32) for e in errors.values()), errors
 
 
-def test_new_runner_rejects_config_it_cannot_compute():
+def _registry_rank(rank, world_size):
+    """The new backend's construction check and the EP_RUNTIME_RUNNER knob, which reads the registry."""
+    import os
+    register_extensions()
     with pytest.raises(ValueError, match="computes gated silu without biases only"):
         ep.EPMoE(4, 1, 8, 8, runner=Float64LoopRunner.name, has_bias=True)
-
-
-def test_runner_knob_validates_against_the_registry(monkeypatch):
-    monkeypatch.setenv("EP_RUNTIME_RUNNER", Float64LoopRunner.name)
+    with pytest.raises(ValueError, match="runner 'test_float64_loop' is already registered"):
+        ep.runners.register(Float64LoopRunner)
+    os.environ["EP_RUNTIME_RUNNER"] = Float64LoopRunner.name  # this worker process only
     assert ep.envs.get("RUNNER") == Float64LoopRunner.name
     assert ep.EPMoE(4, 1, 8, 8).runner.backend.name == Float64LoopRunner.name  # runner="auto" reads the knob
-    monkeypatch.setenv("EP_RUNTIME_RUNNER", "test_no_such_runner")
+    os.environ["EP_RUNTIME_RUNNER"] = "test_no_such_runner"
     with pytest.raises(ValueError, match=r"EP_RUNTIME_RUNNER='test_no_such_runner' is not allowed; allowed: auto, "
-                                         r"torch, triton, masked, .*test_float64_loop"):
+                                         r"torch, triton, masked, test_float64_loop"):
         ep.envs.get("RUNNER")
+
+
+def test_new_runner_is_checked_and_the_runner_knob_accepts_it():
+    run_ranks(_registry_rank, 1)
+    assert Float64LoopRunner.name not in ep.runners.registered()  # the pytest process kept the package's registry
