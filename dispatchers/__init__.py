@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
+from ep_runtime.registry import register_named
 
 from .base import Dispatcher
 
@@ -14,8 +15,8 @@ _DISPATCHERS: dict[str, type[Dispatcher]] = {}
 
 
 def register(cls: type[Dispatcher]) -> type[Dispatcher]:
-    _DISPATCHERS[cls.name] = cls
-    return cls
+    """Class decorator: make dispatcher `cls.name` available to create(); a name is registered once."""
+    return register_named(_DISPATCHERS, cls, "dispatcher")
 
 
 def registered() -> list[str]:

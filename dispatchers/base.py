@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import asdict
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,12 +36,15 @@ class Dispatcher:
     # one rank's bad input then fails every rank at once, with no extra sync.
     checks_values_in_exchange: ClassVar[bool] = False
 
-    def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
+                 expert_to_rank: Optional[Sequence[int]] = None):
+        """expert_to_rank: the rank holding each global expert (None: contiguous, rank r holds
+        [r*L, (r+1)*L)); ignored by dispatchers that do not shard experts."""
         self.config = config
         self.group = group
         rank, size = group_rank_and_size(group)
         self.rank, self.world_size = rank, size
-        self.placement = (ExpertPlacement(config.num_experts, size, rank) if self.shards_experts
+        self.placement = (ExpertPlacement(config.num_experts, size, rank, expert_to_rank) if self.shards_experts
                           else ExpertPlacement(config.num_experts))
 
     def settings(self) -> dict:
@@ -49,7 +52,8 @@ class Dispatcher:
         (buffer sizes, alignment, ...; knobs included, whichever way they were set)."""
         plain = {k: v for k, v in vars(self).items()
                  if k != "rank" and (v is None or isinstance(v, (bool, int, float, str)))}
-        return {"dispatcher": self.name, **asdict(self.config), **plain}
+        return {"dispatcher": self.name, **asdict(self.config), **plain,
+                "expert_to_rank": self.placement.expert_to_rank}
 
     def check_same_settings_on_every_rank(self, device: Optional[Any] = None) -> None:
         """One small all_gather when the dispatcher is built: ranks that disagree (a different

@@ -19,8 +19,8 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format
 from ep_runtime.validation import is_int_at_least
-from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_permute
 
 from . import exchange_kernels, register
 from .base import Dispatcher
@@ -57,8 +57,9 @@ class DeepEPLLDispatcher(Dispatcher):
     format = "deepep_ll"
     checks_values_in_exchange = True
 
-    def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
-        super().__init__(config, group)
+    def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
+                 expert_to_rank=None):
+        super().__init__(config, group, expert_to_rank)
         M = num_max_dispatch_tokens_per_rank
         M = envs.get("LL_MAX_DISPATCH_TOKENS_PER_RANK") if M is None else M
         if not is_int_at_least(M, 1):
@@ -66,7 +67,7 @@ class DeepEPLLDispatcher(Dispatcher):
         self.num_max_dispatch_tokens_per_rank = M
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
-        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size, max_tokens=(M, rule))
+        self.exchange = RankExchange(self.placement, self.group, max_tokens=(M, rule))
         # A token's row goes to an expert once; with the weight folded into that row, a repeated
         # expert would need two rows with different weights.
         self.distinct_ids = None
@@ -83,7 +84,7 @@ class DeepEPLLDispatcher(Dispatcher):
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
             x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
             distinct=self.distinct_ids)
-        N, K, H = rows.shape[0], recv_ids.shape[1], rows.shape[1]  # N = M * R received rows
+        N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(
                 recv_ids, recv_w, L, fold=self.config.apply_router_weight_on_input)
@@ -161,18 +162,8 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _pre(out: DeepEPLLDispatchOutput, placement, config) -> RunnerInput:
-    """Flatten [L, N, H] to rows with id l (valid) or the sink (past masked_m); weight 1."""
-    L, N, H = out.recv_x.shape
-    row = torch.arange(N, device=out.recv_x.device)
-    ids = torch.where(row < out.masked_m.unsqueeze(1), torch.arange(L, device=row.device).unsqueeze(1), L)
-    ones = torch.ones(L * N, 1, dtype=torch.float32, device=row.device)
-    return RunnerInput(out.recv_x.reshape(L * N, H), ids.reshape(-1, 1).to(torch.int32), ones,
-                       placement.local_mask_with_sink(row.device))
+def _runner_input(out: DeepEPLLDispatchOutput, placement, config) -> ExpertMajorInput:
+    return ExpertMajorInput(out.recv_x, out.masked_m)
 
 
-def _post(y: torch.Tensor, out: DeepEPLLDispatchOutput) -> CombineInput:
-    return CombineInput(y.view(out.recv_x.shape), out)
-
-
-register_permute("deepep_ll", ("torch",), _pre, _post)
+register_format("deepep_ll", ExpertMajorInput, _runner_input)  # the [L, M*R, H] result goes to combine as it is

@@ -17,8 +17,8 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import is_int_at_least
-from ep_runtime.runner_core import CombineInput, DispatchOutput, local_runner_input, register_permute
 
 from . import register
 from .base import Dispatcher
@@ -53,8 +53,9 @@ class DeepEPNormalDispatcher(Dispatcher):
     checks_values_in_exchange = True  # with a reused handle, they were checked when it was made
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
-                 num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None):
-        super().__init__(config, group)
+                 num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
+                 expert_to_rank=None):
+        super().__init__(config, group, expert_to_rank)
         self.alignment = envs.get("NORMAL_ALIGNMENT") if alignment is None else alignment
         if not is_int_at_least(self.alignment, 1):
             raise ValueError(f"alignment={self.alignment!r}; allowed: an int >= 1")
@@ -65,7 +66,7 @@ class DeepEPNormalDispatcher(Dispatcher):
         if M is not None and (num_worst_tokens is None or not is_int_at_least(M, 1)):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1, with num_worst_tokens set")
         self.chunk = M or num_worst_tokens
-        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size)
+        self.exchange = RankExchange(self.placement, self.group)
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -98,9 +99,8 @@ class DeepEPNormalDispatcher(Dispatcher):
         return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
 
 
-def _pre(out: DeepEPNormalDispatchOutput, placement, config):
-    return local_runner_input(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
+def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:
+    return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
 
 
-
-register_permute("deepep_normal", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are
+register_format("deepep_normal", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -22,7 +22,7 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput, global_runner_input, register_permute
+from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import capturing, is_int_at_least
 
 from . import register
@@ -35,14 +35,13 @@ _INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
 @dataclass
 class MoriDispatchOutput(DispatchOutput):
     """recv_x [N_buf, H]; recv_topk_ids [N_buf, K] int32 global (-1: none or padding);
-    recv_topk_weights [N_buf, K] fp32; recv_scales (None until quantized dispatch exists);
-    num_recv_tokens: device int32 scalar; num_runner_rows: rows handed to the runner."""
+    recv_topk_weights [N_buf, K] fp32; num_recv_tokens: device int32 scalar; num_runner_rows: rows
+    handed to the runner. (Scales join when quantized dispatch exists.)"""
 
     format = "mori"
     recv_x: torch.Tensor
     recv_topk_ids: torch.Tensor
     recv_topk_weights: torch.Tensor
-    recv_scales: Optional[torch.Tensor]
     num_recv_tokens: torch.Tensor
     num_runner_rows: int
     handle: ExchangeHandle
@@ -67,8 +66,8 @@ class MoriDispatcher(Dispatcher):
 
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
-                 static: Optional[bool] = None):
-        super().__init__(config, group)
+                 static: Optional[bool] = None, expert_to_rank=None):
+        super().__init__(config, group, expert_to_rank)
         for name, value in (("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank),
                             ("prealloc_max_recv_tokens", prealloc_max_recv_tokens),
                             ("max_input_tokens", max_input_tokens)):
@@ -86,8 +85,7 @@ class MoriDispatcher(Dispatcher):
         M = self.max_dispatch_tokens_per_rank
         self.token_rule = (f"mori allows at most max_dispatch_tokens_per_rank={M} "
                            f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
-        self.exchange = RankExchange(config.num_experts, self.group, self.rank, self.world_size,
-                                     max_tokens=(M, self.token_rule))
+        self.exchange = RankExchange(self.placement, self.group, max_tokens=(M, self.token_rule))
 
     def check_capacity(self, num_tokens: int) -> None:
         self.exchange.check_tokens_while_capturing(num_tokens)
@@ -109,7 +107,7 @@ class MoriDispatcher(Dispatcher):
             self._check_truncation(handle.most_received, rows)
         else:
             rows = min(N, max(n, sum(handle.recv_splits)))
-        return MoriDispatchOutput(recv_x, recv_ids, recv_weights, None, handle.num_recv_tokens, rows, handle)
+        return MoriDispatchOutput(recv_x, recv_ids, recv_weights, handle.num_recv_tokens, rows, handle)
 
     def _check_truncation(self, most_received: torch.Tensor, rows: int) -> None:
         """Symmetric: every rank checks the largest receive count of any rank."""
@@ -124,10 +122,10 @@ class MoriDispatcher(Dispatcher):
         return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
 
 
-def _pre(out: MoriDispatchOutput, placement, config):
+def _runner_input(out: MoriDispatchOutput, placement, config) -> RunnerInput:
+    """Global ids map to this rank's weight rows through the placement (any placement)."""
     r = out.num_runner_rows
-    return global_runner_input(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement)
+    return RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement)
 
 
-
-register_permute("mori", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are
+register_format("mori", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -151,15 +151,14 @@ _MAX_DEFERRED = 8  # a host running further ahead than this waits for the oldest
 
 
 class RankExchange:
-    """max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks every
-    rank's T against it in the count table, so one rank over it fails every rank at once. placement:
-    which rank holds which expert (default: contiguous)."""
+    """placement: which rank holds which expert (this rank's view: E, R, rank); group: the ranks.
+    max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks
+    every rank's T against it in the count table, so one rank over it fails every rank at once."""
 
-    def __init__(self, num_experts: int, group, rank: int, world_size: int,
-                 max_tokens: Optional[tuple[int, str]] = None, placement: Optional[ExpertPlacement] = None):
-        self.num_experts, self.group, self.rank, self.world_size = num_experts, group, rank, world_size
-        self.placement = placement or ExpertPlacement(num_experts, world_size, rank)
-        self.num_local_experts = self.placement.num_local_experts
+    def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None):
+        self.placement, self.group = placement, group
+        self.num_experts, self.rank, self.world_size = placement.num_experts, placement.rank, placement.ep_size
+        self.num_local_experts = placement.num_local_experts
         self.max_tokens = max_tokens
         self._tables: dict = {}
         self._aranges: dict = {}
@@ -172,11 +171,10 @@ class RankExchange:
         """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
         the kernels read it (owning rank and local index of each expert; this rank's experts' ids)."""
         if device not in self._tables:
-            experts = torch.arange(self.num_experts)
-            rank_of = self.placement.owner(experts)
-            local_of = experts - rank_of * self.num_local_experts
-            global_of = self.placement.to_global(torch.arange(self.num_local_experts))
-            self._tables[device] = tuple(t.to(device=device, dtype=torch.int32) for t in (rank_of, local_of, global_of))
+            p = self.placement
+            self._tables[device] = (p.expert_rank_table(device), p.expert_local_index_table(device),
+                                    p.local_expert_ids(device).to(torch.int32))
+            self._local_columns = [1 + self.world_size + g for g in p.local_expert_ids().tolist()]
         return self._tables[device]
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
@@ -195,7 +193,7 @@ class RankExchange:
             self.raise_deferred()
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids):
             return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
-        R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
+        R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
         read = chunk is None or not capturing()
@@ -207,7 +205,7 @@ class RankExchange:
             row = torch.cat([row, flags])
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
-        per_expert = table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0)
+        per_expert = table[:, 1 + R + self.tables(table.device)[2].long()].sum(0)  # this rank's experts' columns
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         host = table.tolist() if read else None  # the one sync
         if host is not None:
@@ -254,8 +252,7 @@ class RankExchange:
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
             send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
-            first = 1 + R + me * L
-            per_expert_host = [sum(column) for column in zip(*(r[first:first + L] for r in host))]
+            per_expert_host = [sum(row[c] for row in host) for c in self._local_columns]
             total = sum(send_splits)
         if plan is None:
             plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
@@ -360,10 +357,10 @@ class RankExchange:
 
     def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity) -> ExchangeHandle:
         """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert, flags])."""
-        R, me, L = self.world_size, self.rank, self.num_local_experts
+        R, me = self.world_size, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
-        per_expert_host = [sum(row[1 + R + me * L + e] for row in host_table) for e in range(L)]
+        per_expert_host = [sum(row[c] for row in host_table) for c in self._local_columns]
         self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]

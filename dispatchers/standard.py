@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ep_runtime.runner_core import CombineInput, DispatchOutput, global_runner_input, register_permute
+from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import check_topk_values
 
 from . import exchange_kernels, register
@@ -48,9 +48,8 @@ class StandardDispatcher(Dispatcher):
         return combine_input.hidden_states
 
 
-def _pre(out: StandardDispatchOutput, placement, config):
-    return global_runner_input(out.hidden_states, out.topk_ids, out.topk_weights, placement)
+def _runner_input(out: StandardDispatchOutput, placement, config) -> RunnerInput:
+    return RunnerInput.from_global_ids(out.hidden_states, out.topk_ids, out.topk_weights, placement)
 
 
-
-register_permute("standard", ("torch", "triton"), _pre, CombineInput)  # the rows go to combine as they are
+register_format("standard", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -12,17 +12,19 @@ from .config import ExpertWeights, MoeConfig
 from .distributed import destroy_distributed, detect_launch, init_distributed
 from .placement import ExpertPlacement
 from .routing import TopKConfig, TopKOutput, select_experts
-from .runner_core import CombineInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
+from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
 
 # Registries last: their modules import the core above.
+# isort: off
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
-from . import hf  # noqa: E402  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
+from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
+# isort: on
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CombineInput", "EPMoE", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
+    "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
     "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
     "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

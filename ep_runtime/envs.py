@@ -26,6 +26,10 @@ class Knob:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     choices: Optional[tuple] = None
+    # Values from a registry: returns the allowed values, called when a value is checked (not at import,
+    # so the registry's modules may import this one); `allowed` describes them for the docs.
+    choices_from: Optional[Callable[[], tuple]] = None
+    allowed: str = ""
 
     def parse(self, raw: str) -> Any:
         """Turn the raw string into a typed value, or raise naming the variable."""
@@ -49,11 +53,15 @@ class Knob:
             raise ValueError(f"environment variable {self.name}={raw!r} is below the minimum{self._allowed()}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"environment variable {self.name}={raw!r} is above the maximum{self._allowed()}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"environment variable {self.name}={raw!r} is not allowed{self._allowed()}")
+        choices = self.choices if self.choices_from is None else self.choices_from()
+        if choices is not None and value not in choices:
+            raise ValueError(f"environment variable {self.name}={raw!r} is not allowed; allowed: "
+                             f"{', '.join(map(str, choices))}")
         return value
 
     def _allowed(self) -> str:
+        if self.allowed:
+            return f"; allowed: {self.allowed}"
         if self.choices is not None:
             return f"; allowed: {', '.join(map(str, self.choices))}"
         if self.minimum is not None:
@@ -88,9 +96,15 @@ _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves "
       "(one host sync per call). Off: the table is copied without a sync and checked at the next call.")
+def _runner_names() -> tuple:
+    from ep_runtime import runners  # the registry imports this module; read it only when checking a value
+    return ("auto", *runners.registered())
+
+
 _knob("RUNNER", str, "auto",
-      "Runner backend that EPMoE(runner='auto') uses: auto (the fastest with a path for the dispatcher), "
-      "torch, triton or masked.", choices=("auto", "torch", "triton", "masked"))
+      "Runner backend that EPMoE(runner='auto') uses: auto (the fastest for the dispatcher's layout), "
+      "or a registered runner (torch, triton, masked, ...).",
+      choices_from=_runner_names, allowed="auto or a registered runner (ep_runtime.runners.registered())")
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
       minimum=1)
 

@@ -78,12 +78,12 @@ class EPMoE(nn.Module):
         [E, I, H] when not gated), w2 [E, H, I], b13 [E, 2I], b2 [E, H]."""
         full = ExpertWeights(w13, w2, b13, b2)
         full.check(self.config, self.config.num_experts)
-        lo = self.placement.first_expert
-        hi = lo + self.placement.num_local_experts
+        experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         for name in ("w13", "w2", "b13", "b2"):
             src = getattr(full, name)
             if src is not None:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
-                check_finite(f"{name} (experts {lo}..{hi - 1})", getattr(self, name).copy_(src[lo:hi]))
+                check_finite(f"{name} (experts {self.placement.describe_local_experts()})",
+                             getattr(self, name).copy_(src[experts.to(src.device)]))
 
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,

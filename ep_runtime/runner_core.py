@@ -1,22 +1,29 @@
-"""The shared runner core: dispatch output -> normalized runner input -> backend -> combine input.
+"""The shared runner core: dispatch output -> runner input -> backend -> combine input.
 
-Every (dispatch format, runner backend) pair registers a pre-permute (format -> RunnerInput) and a
-post-permute (backend output -> CombineInput), or one fused function doing the whole step. -1 ids
-are rerouted to a sink slot here, once, for every backend; a backend only ever sees RunnerInput.
+Two input layouts exist: token rows (RunnerInput) and expert-major rows (ExpertMajorInput, deepep_ll's
+[L, M*R, H] with masked_m counts). Each dispatch format registers once how its output becomes the
+layout it produces natively (register_format); each backend declares the layouts it computes
+(RunnerBackend.layouts). A backend computes its own layouts natively and any other through a
+registered layout conversion (register_conversion), so every backend runs under every format and
+neither names the other. A (format, backend) pair may also register one function for the whole
+step (register_fused, as SGLang's register_fused_func); none is needed.
+
+-1 ids are rerouted to a sink slot by RunnerInput's constructors, once, for every backend.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
+from .registry import add_once
 
 
 class DispatchOutput:
-    """Base of every dispatcher's output dataclass; `format` keys the permute registry."""
+    """Base of every dispatcher's output dataclass; `format` keys the format registry."""
 
     format: ClassVar[str] = ""
 
@@ -32,21 +39,73 @@ class CombineInput:
 
 @dataclass
 class RunnerInput:
-    """The one normalized input every runner backend computes.
+    """Token rows, the layout of every token-major format.
 
-    hidden_states [N, H]; topk_ids [N, K] int32 in [0, S) where S = expert_mask.numel() and slot
-    S-1 is the sink (mask 0) that -1 ids were rerouted to; topk_weights [N, K] fp32;
-    expert_mask [S] bool: an id whose mask entry is 0 is skipped (no FLOPs, contributes zero);
-    first_expert: the weight index of an unmasked id is id - first_expert (0 for local-id formats,
-    rank*L for formats that keep global ids, such as mori).
-    The backend returns [N, H]: per row, routed_scaling_factor * sum_k w_k * expert_k(x).
+    hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
+    that -1 ids and other ranks' experts were rerouted to; topk_weights [N, K] fp32;
+    expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
+    A backend returns [N, H] in x's dtype: per row, routed_scaling_factor * sum_k w_k * expert_k(x).
+    Build it with from_local_ids / from_global_ids: they own the id mapping and the mask.
     """
 
     hidden_states: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     expert_mask: torch.Tensor
-    first_expert: int = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.expert_mask.numel() - 1
+
+    def pairs_by_expert(self) -> "ExpertPairs":
+        """The computed (token, slot) pairs grouped by expert (host sync: the count is data-dependent)."""
+        N, K = self.topk_ids.shape
+        ids = self.topk_ids.reshape(-1).long()
+        pair = self.expert_mask[ids].nonzero().squeeze(1)
+        expert = ids[pair]
+        order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert
+        pair, expert = pair[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_local_experts)
+        return ExpertPairs(pair // K, expert, self.topk_weights.reshape(-1)[pair], counts)
+
+    @classmethod
+    def from_local_ids(cls, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                       placement: ExpertPlacement) -> "RunnerInput":
+        """Formats carrying this rank's local ids (-1 = elsewhere or nowhere): -1 -> sink L."""
+        return cls(hidden_states, reroute_to_sink(local_ids, placement.sink), weights.float(),
+                   placement.local_mask_with_sink(hidden_states.device))
+
+    @classmethod
+    def from_global_ids(cls, hidden_states: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor,
+                        placement: ExpertPlacement) -> "RunnerInput":
+        """Formats carrying global ids (-1 = nowhere): each id becomes this rank's local index through
+        the placement's table, or the sink L when the expert lives elsewhere (any placement)."""
+        table = placement.global_to_local_table(hidden_states.device)  # [E+1]; entry E (for -1) = sink
+        local = table[reroute_to_sink(global_ids, placement.num_experts).long()]
+        return cls(hidden_states, local, weights.float(), placement.local_mask_with_sink(hidden_states.device))
+
+
+@dataclass(frozen=True)
+class ExpertPairs:
+    """RunnerInput's computed pairs, grouped by expert: token [P], expert [P] (local index), weight [P]
+    fp32 (P pairs, expert-ascending, slot order within an expert); counts [L] pairs per expert."""
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass
+class ExpertMajorInput:
+    """Expert-major rows, deepep_ll's layout: hidden_states [L, N, H] (N = M*R), where rows
+    p < masked_m[l] of expert l are tokens and the rest padding that is never read (may be NaN);
+    masked_m [L] int32 on the same device.
+    A backend returns [L, N, H] in x's dtype: routed_scaling_factor * expert_l(row), without topk
+    weights (the format applies them at combine); rows past masked_m are undefined."""
+
+    hidden_states: torch.Tensor
+    masked_m: torch.Tensor
 
 
 def reroute_to_sink(ids: torch.Tensor, sink: int) -> torch.Tensor:
@@ -55,55 +114,128 @@ def reroute_to_sink(ids: torch.Tensor, sink: int) -> torch.Tensor:
     return torch.where(ids < 0, torch.full_like(ids, sink), ids)
 
 
-def local_runner_input(hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                       placement: ExpertPlacement) -> RunnerInput:
-    """RunnerInput for formats carrying local ids (-1 = elsewhere or nowhere): sink L, mask [L+1]."""
-    return RunnerInput(hidden_states, reroute_to_sink(local_ids, placement.sink), weights.float(),
-                       placement.local_mask_with_sink(hidden_states.device))
+# ---------------------------------------------------------------- layout conversions
+
+# fn(input, config) -> (input in the target layout, back: target layout's result -> source layout's)
+Conversion = Callable[[Any, MoeConfig], tuple[Any, Callable[[torch.Tensor], torch.Tensor]]]
+_CONVERSIONS: dict[tuple[type, type], Conversion] = {}
 
 
-def global_runner_input(hidden_states: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor,
-                        placement: ExpertPlacement) -> RunnerInput:
-    """RunnerInput for formats carrying global ids: mask [E] of this rank's experts plus sink slot E."""
-    mask = torch.cat([placement.global_mask(hidden_states.device),
-                      torch.zeros(1, dtype=torch.bool, device=hidden_states.device)])
-    return RunnerInput(hidden_states, reroute_to_sink(global_ids, placement.num_experts), weights.float(),
-                       mask, placement.first_expert)
+def register_conversion(source: type, target: type, fn: Conversion) -> None:
+    """Register how an input in layout `source` is computed by a backend of layout `target`."""
+    add_once(_CONVERSIONS, (source, target), fn, f"layout conversion {source.__name__} -> {target.__name__}")
 
 
-PrePermute = Callable[[Any, ExpertPlacement, MoeConfig], RunnerInput]
-PostPermute = Callable[[torch.Tensor, Any], CombineInput]
+def convert(inp: Any, target: type, config: MoeConfig) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
+    """`inp` in layout `target`, and the function taking the result back to `inp`'s layout."""
+    key = (type(inp), target)
+    if key not in _CONVERSIONS:
+        known = ", ".join(f"{s.__name__} -> {t.__name__}" for s, t in _CONVERSIONS)
+        raise ValueError(f"no layout conversion {key[0].__name__} -> {target.__name__}; registered: {known}")
+    return _CONVERSIONS[key](inp, config)
+
+
+def _expert_major_to_token_rows(inp: ExpertMajorInput, config: MoeConfig):
+    """Each row becomes a token with one slot: expert l below masked_m[l], else -1 (the sink: never
+    read). Weight 1 is exact, so the rows come back unweighted, as the expert-major contract says."""
+    L, N, H = inp.hidden_states.shape
+    device = inp.hidden_states.device
+    row = torch.arange(N, device=device)
+    valid = row < inp.masked_m.to(device).unsqueeze(1)
+    ids = torch.where(valid, torch.arange(L, device=device).unsqueeze(1), -1).reshape(-1, 1)
+    ones = torch.ones(L * N, 1, dtype=torch.float32, device=device)
+    rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, ExpertPlacement(L))
+    return rows, lambda y: y.view(L, N, H)
+
+
+def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
+    """Computed (token, slot) pairs grouped by expert into [L, C, H], C = the most pairs of one
+    expert; the result is weighted and summed per token. Reads the counts on the host (one sync):
+    a token-major format is not graph-captured through this path."""
+    x = inp.hidden_states
+    N, L, H = x.shape[0], inp.num_local_experts, x.shape[1]
+    pairs = inp.pairs_by_expert()
+    token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
+    slot = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    capacity = int(counts.max()) if token.numel() else 0
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = x[token]
+    if config.apply_router_weight_on_input:  # scaled in fp32, rounded once
+        rows = (rows.to(acc) * weight.unsqueeze(1).to(acc)).to(x.dtype)
+    buffer = x.new_zeros(L, capacity, H).index_put((expert, slot), rows)
+
+    def back(out: torch.Tensor) -> torch.Tensor:
+        o = out[expert, slot].to(acc)
+        if not config.apply_router_weight_on_input:
+            o = o * weight.unsqueeze(1).to(acc)
+        return torch.zeros(N, H, dtype=acc, device=x.device).index_add(0, token, o).to(x.dtype)
+
+    return ExpertMajorInput(buffer, counts.to(torch.int32)), back
+
+
+register_conversion(ExpertMajorInput, RunnerInput, _expert_major_to_token_rows)
+register_conversion(RunnerInput, ExpertMajorInput, _token_rows_to_expert_major)
+
+
+# ---------------------------------------------------------------- dispatch formats
+
+@dataclass(frozen=True)
+class FormatPath:
+    """How a format's dispatch output reaches a backend and comes back: `layout` is the input type
+    to_runner_input returns; to_combine_input takes the runner's result (in that layout)."""
+
+    layout: type
+    to_runner_input: Callable[[Any, ExpertPlacement, MoeConfig], Any]
+    to_combine_input: Callable[[torch.Tensor, Any], CombineInput]
+
+
 Fused = Callable[["MoeRunner", Any, ExpertWeights], CombineInput]
-
-_PRE: dict[tuple[str, str], PrePermute] = {}
-_POST: dict[tuple[str, str], PostPermute] = {}
+_FORMATS: dict[str, FormatPath] = {}
 _FUSED: dict[tuple[str, str], Fused] = {}
 
 
-def register_permute(format: str, backends: tuple[str, ...], pre: PrePermute, post: PostPermute) -> None:
-    """Register pre/post-permute functions for (format, backend) for each backend listed."""
-    for backend in backends:
-        _PRE[(format, backend)] = pre
-        _POST[(backend, format)] = post
+def register_format(format: str, layout: type, to_runner_input: Callable[[Any, ExpertPlacement, MoeConfig], Any],
+                    to_combine_input: Callable[[torch.Tensor, Any], CombineInput] = CombineInput) -> None:
+    """Register dispatch format `format`: to_runner_input(dispatch_output, placement, config) returns a
+    `layout` input (RunnerInput or ExpertMajorInput); to_combine_input(result, dispatch_output)
+    makes the combine input (default: the rows as they are)."""
+    add_once(_FORMATS, format, FormatPath(layout, to_runner_input, to_combine_input), f"dispatch format {format!r}")
 
 
 def register_fused(format: str, backend: str, fn: Fused) -> None:
-    """Register one function doing pre-permute, compute and post-permute for (format, backend)."""
-    _FUSED[(format, backend)] = fn
+    """Optional: one function doing conversion, compute and post step for (format, backend)."""
+    add_once(_FUSED, (format, backend), fn, f"fused function for ({format!r}, {backend!r})")
+
+
+def _ensure_registrations() -> None:
+    # Dispatcher and runner modules register on import.
+    from . import dispatchers, runners  # noqa: F401
+
+
+def format_path(format: str) -> FormatPath:
+    """The registration of `format`; raises naming the registered formats."""
+    if format not in _FORMATS:
+        _ensure_registrations()
+    if format not in _FORMATS:
+        raise ValueError(f"no runner path for dispatch format {format!r}: no module registered it "
+                         f"(runner_core.register_format); registered formats: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[format]
+
+
+def registered_formats() -> list[str]:
+    _ensure_registrations()
+    return sorted(_FORMATS)
 
 
 def registered_pairs() -> list[tuple[str, str]]:
-    """Every (format, backend) pair the core can run."""
-    return sorted(set(_PRE) | set(_FUSED))
+    """Every (format, backend) pair the core can run: all of them (natively or through a conversion)."""
+    _ensure_registrations()
+    from . import runners
+    return [(fmt, backend) for fmt in sorted(_FORMATS) for backend in sorted(runners.registered())]
 
 
 def supported_formats(backend: str) -> list[str]:
     return sorted({fmt for fmt, be in registered_pairs() if be == backend})
-
-
-def _ensure_registrations() -> None:
-    # Dispatcher and runner modules register their pairs on import.
-    from . import dispatchers, runners  # noqa: F401
 
 
 class MoeRunner:
@@ -115,19 +247,12 @@ class MoeRunner:
         self.placement = placement
 
     def check_format(self, format: str) -> None:
-        _ensure_registrations()
-        key = (format, self.backend.name)
-        if key not in _FUSED and key not in _PRE:
-            pairs = ", ".join(f"({f}, {b})" for f, b in registered_pairs())
-            raise ValueError(f"no runner path for dispatch format {format!r} with runner backend "
-                             f"{self.backend.name!r}; registered (format, backend) pairs: {pairs}")
+        format_path(format)
 
     def run(self, dispatch_output: DispatchOutput, weights: ExpertWeights) -> CombineInput:
-        key = (dispatch_output.format, self.backend.name)
-        if key in _FUSED:
-            return _FUSED[key](self, dispatch_output, weights)
-        if key not in _PRE:
-            self.check_format(dispatch_output.format)
-        runner_input = _PRE[key](dispatch_output, self.placement, self.config)
-        out = self.backend.run(runner_input, weights)
-        return _POST[(self.backend.name, dispatch_output.format)](out, dispatch_output)
+        fused = _FUSED.get((dispatch_output.format, self.backend.name))
+        if fused is not None:
+            return fused(self, dispatch_output, weights)
+        path = format_path(dispatch_output.format)
+        runner_input = path.to_runner_input(dispatch_output, self.placement, self.config)
+        return path.to_combine_input(self.backend.run(runner_input, weights), dispatch_output)

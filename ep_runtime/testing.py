@@ -7,7 +7,6 @@ destroys every group, fails with the traceback of any rank that raised, and kill
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback
@@ -184,12 +183,11 @@ def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> di
         loss = sum((refs[r] * problem.grad_outputs[r].to(dtype).double()).sum() for r in sources)
         if loss.requires_grad:
             loss.backward()
-        lo = layer.placement.first_expert
-        hi = lo + layer.placement.num_local_experts
+        mine = layer.placement.local_expert_ids()  # this rank's global experts, in local order
         zero_if_none = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
         errors["dx"] = rel_err(zero_if_none(x.grad, x).cpu(), zero_if_none(xs[rank].grad, xs[rank]))
-        errors["dw13"] = rel_err(zero_if_none(layer.w13.grad, layer.w13).cpu(), zero_if_none(w13.grad, w13)[lo:hi])
-        errors["dw2"] = rel_err(zero_if_none(layer.w2.grad, layer.w2).cpu(), zero_if_none(w2.grad, w2)[lo:hi])
+        errors["dw13"] = rel_err(zero_if_none(layer.w13.grad, layer.w13).cpu(), zero_if_none(w13.grad, w13)[mine])
+        errors["dw2"] = rel_err(zero_if_none(layer.w2.grad, layer.w2).cpu(), zero_if_none(w2.grad, w2)[mine])
     return errors
 
 

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-
 ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 

@@ -38,7 +38,7 @@ def main():
     err = rel_err(actual, expected)
     placement = model.model.layers[0].mlp.experts.layer.placement
     print(f"rank {rank}: {replaced} MoE blocks -> EPMoE ({dispatcher}), experts "
-          f"{placement.first_expert}..{placement.first_expert + placement.num_local_experts - 1} of "
+          f"{placement.describe_local_experts()} of "
           f"{config.num_local_experts} here; logits {tuple(actual.shape)} rel err {err:.1e}")
     assert err < 1e-5, f"rank {rank}: logits differ from the original model's: rel err {err:.2e}"
     torch.distributed.barrier()

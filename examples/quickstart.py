@@ -16,5 +16,5 @@ x = torch.randn(10 + rank, 64, device=device)
 y = layer(x, router_logits=router(x))  # dispatch -> experts on their owners -> combine
 y.sum().backward()  # autograd flows back through the exchange
 print(f"rank {rank}: {dispatcher} layer {tuple(x.shape)} -> {tuple(y.shape)}, "
-      f"local experts {layer.placement.first_expert}..{layer.placement.first_expert + layer.placement.num_local_experts - 1}")
+      f"local experts {layer.placement.describe_local_experts()}")
 ep.destroy_distributed()

@@ -107,8 +107,7 @@ def check_step0_against_replica(model, expert_weights, tokens, targets, rank, wo
         expected = replica_params[name].grad
         if model.is_expert(name):  # this rank's shard of the replica's experts
             block = model.blocks[int(name.split(".")[1])]
-            lo = block.moe.placement.first_expert
-            expected = expected[lo:lo + block.moe.placement.num_local_experts]
+            expected = expected[block.moe.placement.local_expert_ids()]
         err = rel_err(p.grad, expected)
         assert err < 1e-4, f"rank {rank}: step-0 gradient of {name} differs from the replica's: rel err {err:.2e}"
         worst = max(worst, err)

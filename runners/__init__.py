@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
+from ep_runtime.registry import register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -14,8 +15,10 @@ _RUNNERS: dict[str, type[RunnerBackend]] = {}
 
 
 def register(cls: type[RunnerBackend]) -> type[RunnerBackend]:
-    _RUNNERS[cls.name] = cls
-    return cls
+    """Class decorator: make backend `cls.name` available to create(); a name is registered once."""
+    if not cls.layouts:
+        raise ValueError(f"runner {cls.name!r} declares no input layouts (RunnerBackend.layouts)")
+    return register_named(_RUNNERS, cls, "runner")
 
 
 def available() -> list[str]:
@@ -27,24 +30,34 @@ def registered() -> list[str]:
     return list(_RUNNERS)
 
 
-# "auto" takes the first of these that runs here and has a path for the dispatch format.
+# "auto" on CUDA takes the first of these that runs here and computes the format's layout natively.
 AUTO_PREFERENCE = ("masked", "triton", "torch")
 
 
 def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
-    """Resolve "auto": on CUDA the fastest available backend registered for `format` (masked for
-    deepep_ll, triton for the others), else torch. Any other name is returned as is."""
+    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available and computes the
+    dispatch format's layout natively (masked for deepep_ll, triton for the others), else torch.
+    Any other name is returned as is."""
     if name != "auto":
         return name
     import torch
-    from ep_runtime.runner_core import registered_pairs
+
+    from ep_runtime.runner_core import format_path
     if device is None or torch.device(device).type != "cuda":
         return "torch"
-    pairs = registered_pairs()
+    layout = format_path(format or "standard").layout
     for backend in AUTO_PREFERENCE:
-        if backend in available() and (format or "standard", backend) in pairs:
+        if backend in available() and layout in _RUNNERS[backend].layouts:
             return backend
     return "torch"
+
+
+def get(name: str) -> type[RunnerBackend]:
+    """The registered backend class `name`."""
+    check_name(name)
+    if name == "auto":
+        raise ValueError("runner='auto' is no class; resolve it first (runners.resolve)")
+    return _RUNNERS[name]
 
 
 def check_name(name: str) -> None:
@@ -59,15 +72,19 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     resolved for `device` and dispatch `format` (see resolve; no device: torch)."""
     check_name(name)
     name = resolve(name, device, format)
-    cls = _RUNNERS[name]
+    cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
     return cls(config, hooks=hooks, **options)
 
 
+# Registration order is the order registered() and error messages list the backends.
+# isort: off
 from . import torch_runner  # noqa: E402,F401  (registers "torch")
-from . import masked_runner  # noqa: E402,F401  (registers "masked" and its deepep_ll path; needs triton and CUDA or TRITON_INTERPRET=1)
 from . import triton_runner  # noqa: E402,F401  (registers "triton"; available with triton and CUDA or TRITON_INTERPRET=1)
+from . import masked_runner  # noqa: E402,F401  (registers "masked"; same needs as triton)
+# isort: on
 from .triton_runner import fused_experts  # noqa: E402
 
-__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "register", "registered", "resolve"]
+__all__ = ["GemmHooks", "RunnerBackend", "fused_experts", "available", "check_name", "create", "get", "register",
+           "registered", "resolve"]

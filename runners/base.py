@@ -1,13 +1,14 @@
-"""What every runner backend is: a config, optional GEMM hooks, and run(RunnerInput, weights)."""
+"""What every runner backend is: a config, optional GEMM hooks, the input layouts it computes, and
+run(input, weights) for any layout (its own natively, others through the runner core's conversion)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.runner_core import RunnerInput
+from ep_runtime.runner_core import RunnerInput, convert
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
 # P counts computed (token, expert) pairs, grouped by expert; expert_index is the local weight index.
@@ -23,7 +24,11 @@ class GemmHooks:
 
 
 class RunnerBackend:
+    """Subclasses set `name`, `layouts` (the input types compute() takes, preferred first: RunnerInput
+    for token rows, ExpertMajorInput for [L, M*R, H] with masked_m) and implement compute()."""
+
     name: ClassVar[str] = ""
+    layouts: ClassVar[tuple[type, ...]] = (RunnerInput,)
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
@@ -37,9 +42,41 @@ class RunnerBackend:
     def unavailable_reason(cls) -> str:
         return ""
 
-    def run(self, runner_input: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
-        """[N, H] in the input's dtype: per row, routed_scaling_factor * sum_k w_k * expert(x)."""
-        raise NotImplementedError
+    def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+        """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
+        natively when the backend declares that layout, else through the registered conversion."""
+        if isinstance(runner_input, self.layouts):
+            return self.compute(runner_input, weights)
+        converted, back = convert(runner_input, self.layouts[0], self.config)
+        return back(self.compute(converted, weights))
+
+    def compute(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+        """The result of an input in one of `layouts` (the backend's own kernels)."""
+        raise NotImplementedError(f"runner {self.name!r} declares layouts {self.layouts} but implements no compute()")
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must see this step (grad mode on and some input requires a gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+                       needs_input_grad: Sequence[bool], grad_output: torch.Tensor,
+                       into_every_leaf: bool = False) -> list[Optional[torch.Tensor]]:
+    """Backward of an autograd Function whose forward ran kernels: recompute the forward with the torch
+    runner's differentiable ops on detached inputs and back-propagate grad_output through it (activation
+    checkpointing with a torch recompute). Returns one gradient per input (None where not needed).
+    into_every_leaf: back-propagate into every leaf the recompute reaches, so parameters a hook owns
+    (LoRA) accumulate .grad too, as reentrant activation checkpointing does."""
+    leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs_input_grad)]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        y = recompute(*leaves)
+        if into_every_leaf:
+            torch.autograd.backward(y, grad_output)
+            return [t.grad if t is not None and t.requires_grad else None for t in leaves]
+        grads = iter(torch.autograd.grad(y, wanted, grad_output, allow_unused=True) if wanted else ())
+    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
 def triton_interpreted() -> bool:

@@ -14,6 +14,9 @@ apply_router_weight_on_input the dispatcher already scaled recv_x). Rows p >= ma
 output are left unwritten (whatever the allocator held; combine never reads them): zeroing them would
 cost a full [L, M*R, H] write, more than the GEMMs themselves move at decode sizes.
 
+The backend computes the expert-major layout (ExpertMajorInput) natively; token-row formats reach
+it through the runner core's conversion (pairs grouped into [L, C, H], one host sync for C).
+
 Autograd: the forward runs the kernels; the backward recomputes the valid rows with the torch
 runner's differentiable ops and back-propagates through them, so training gives the torch runner's
 gradients. GEMM hooks are not supported (rejected at construction): use runner="torch" or "triton".
@@ -26,24 +29,22 @@ from typing import Optional
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.runner_core import CombineInput, RunnerInput, register_fused
+from ep_runtime.runner_core import ExpertMajorInput
 
 from . import register
-from .base import GemmHooks, TritonBackend
+from .base import GemmHooks, TritonBackend, needs_grad, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
     import triton
     import triton.language as tl
+
+    from .triton_kernels import ACTIVATION_CODES, activate, activation_args
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
+    ACTIVATION_CODES = {}
     _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
-
-# Epilogue activation codes (constexpr in the kernel).
-_ACT_NONE, _ACT_SILU, _ACT_GELU, _ACT_GELU_TANH, _ACT_SWIGLU_OAI = 0, 1, 2, 3, 4
-_ACTIVATION_CODES = {"silu": _ACT_SILU, "gelu": _ACT_GELU, "gelu_tanh": _ACT_GELU_TANH}
-
 
 
 @dataclass(frozen=True)
@@ -68,27 +69,6 @@ INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs 
 if triton is not None:
 
     @triton.jit
-    def _epilogue_activation(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
-                             HAS_LIMIT: tl.constexpr):
-        """fp32 tiles: gate (or the only) accumulator g, up accumulator u (ignored when not gated)."""
-        if ACTIVATION == 4:  # gpt-oss SwiGLU
-            if HAS_LIMIT:
-                g = tl.minimum(g, limit)
-                u = tl.minimum(tl.maximum(u, -limit), limit)
-            h = g * tl.sigmoid(alpha * g) * (u + 1.0)
-        else:
-            if ACTIVATION == 1:
-                h = g * tl.sigmoid(g)
-            elif ACTIVATION == 2:
-                h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-            else:  # tanh(z) = 2 sigmoid(2z) - 1 (tl.tanh is not in every Triton release)
-                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * z))
-            if GATED:
-                h = h * u
-        return h
-
-    @triton.jit
     def _masked_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr,
         num_buffer_rows, N, K, up_offset,
@@ -97,8 +77,8 @@ if triton is not None:
         stride_bl, stride_bn,
         stride_ol, stride_om, stride_on,
         scale, alpha, limit,
-        GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
+        FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+        HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
@@ -107,7 +87,8 @@ if triton is not None:
         of its expert that start below masked_m[l]: the launch never depends on the data (no host
         sync) and no program exists per padding block (a grid over all M*R rows would launch mostly
         empty programs at decode sizes). GATED: a second accumulator reads w rows up_offset + n (the
-        up half) and the epilogue multiplies. ACTIVATION 0 writes scale * acc (gemm2)."""
+        up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it
+        writes scale * acc (gemm2)."""
         pid_s = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.program_id(2).to(tl.int64)
@@ -145,19 +126,25 @@ if triton is not None:
                 acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 if GATED:
                     acc_up += tl.load(b_ptrs + up_offset * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if ACTIVATION == 0:
-                result = acc * scale
+            if FUSE_ACT:
+                result = activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
             else:
-                result = _epilogue_activation(acc, acc_up, alpha, limit, ACTIVATION, GATED, HAS_LIMIT)
+                result = acc * scale
             out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
             tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-            masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *, gated: bool = False,
-            activation: int = _ACT_NONE, scale: float = 1.0, alpha: Optional[float] = None,
-            limit: Optional[float] = None) -> None:
-    """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N]."""
+            masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *,
+            activation: Optional[MoeConfig] = None, scale: float = 1.0) -> None:
+    """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N].
+    activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc)."""
+    if activation is not None:
+        act = activation_args(activation.activation, activation.is_gated, activation.gemm1_alpha,
+                              activation.gemm1_clamp_limit)
+    else:
+        act = activation_args("silu", False, None, None)
+    gated = act["GATED"]
     L, rows, K = a.shape
     row_splits = max(1, min(tiles.ROW_SPLITS, triton.cdiv(rows, tiles.BLOCK_M)))
     grid = (row_splits, triton.cdiv(N, block_n), L)
@@ -170,8 +157,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         w.stride(0), w.stride(1), w.stride(2),
         *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        float(scale), float(alpha if alpha is not None else 1.0), float(limit if limit is not None else 0.0),
-        GATED=gated, ACTIVATION=activation, HAS_LIMIT=limit is not None, HAS_BIAS=bias is not None,
+        float(scale), FUSE_ACT=activation is not None, **act, HAS_BIAS=bias is not None,
         FP32_DOT=a.dtype == torch.float32, ROW_SPLITS=row_splits,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -189,37 +175,16 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
         tiles = INTERPRETER_TILES if interpreted() else MaskedTiles()
     masked_m = masked_m.to(torch.int32)
     a = torch.empty(L, rows, I, dtype=recv_x.dtype, device=recv_x.device)
-    if config.gemm1_alpha is not None:
-        activation = _ACT_SWIGLU_OAI
-    else:
-        activation = _ACTIVATION_CODES[config.activation]
-    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, gated=config.is_gated,
-            activation=activation, alpha=config.gemm1_alpha, limit=config.gemm1_clamp_limit)
+    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
     out = torch.empty(L, rows, H, dtype=recv_x.dtype, device=recv_x.device)
     _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
             scale=config.routed_scaling_factor)
     return out
 
 
-def torch_masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
-                         config: MoeConfig) -> torch.Tensor:
-    """The same result with the torch runner's differentiable ops (the backward recomputes this):
-    rows past masked_m go to the sink, so they are neither read nor given a gradient; they come out 0."""
-    from .torch_runner import TorchRunner
-    L, rows, H = recv_x.shape
-    experts = torch.arange(L, device=recv_x.device)
-    valid = torch.arange(rows, device=recv_x.device)[None, :] < masked_m.to(recv_x.device).long()[:, None]
-    ids = torch.where(valid, experts[:, None], L).reshape(-1, 1).to(torch.int32)
-    mask = torch.ones(L + 1, dtype=torch.bool, device=recv_x.device)
-    mask[L] = False
-    ones = torch.ones(L * rows, 1, dtype=torch.float32, device=recv_x.device)
-    # The runner's weight-1 multiply is exact, so the result is unweighted as the format needs.
-    y = TorchRunner(config).run(RunnerInput(recv_x.reshape(L * rows, H), ids, ones, mask), weights)
-    return y.view(L, rows, H)
-
-
 class _MaskedExperts(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: recompute the valid rows with torch ops and back-propagate."""
+    """Forward: the Triton kernels. Backward: recompute the valid rows with the torch runner (through the
+    runner core's expert-major -> token-rows conversion) and back-propagate."""
 
     @staticmethod
     def forward(ctx, recv_x, masked_m, w13, w2, b13, b2, config, tiles):
@@ -229,15 +194,14 @@ class _MaskedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        from .torch_runner import TorchRunner
         recv_x, masked_m, *params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
-        leaves = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip((recv_x, *params), needs)]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            y = torch_masked_forward(leaves[0], masked_m, ExpertWeights(*leaves[1:]), ctx.config)
-            grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
-        x_grad, *param_grads = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+        def recompute(x, w13, w2, b13, b2):
+            return TorchRunner(ctx.config).run(ExpertMajorInput(x, masked_m), ExpertWeights(w13, w2, b13, b2))
+
+        x_grad, *param_grads = recompute_backward(recompute, (recv_x, *params), needs, grad_y)
         return (x_grad, None, *param_grads, None, None)
 
 
@@ -265,10 +229,11 @@ def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertW
 
 @register
 class MaskedRunner(TritonBackend):
-    """Triton grouped GEMMs over deepep_ll's [L, M*R, H] layout that skip rows past masked_m.
-    Every MoeConfig field is supported; GEMM hooks are not. Only the deepep_ll format."""
+    """Triton grouped GEMMs over the expert-major [L, M*R, H] layout that skip rows past masked_m.
+    Every MoeConfig field is supported; GEMM hooks are not."""
 
     name = "masked"
+    layouts = (ExpertMajorInput,)
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None, tiles: Optional[MaskedTiles] = None):
@@ -276,30 +241,22 @@ class MaskedRunner(TritonBackend):
         if self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None:
             raise ValueError("runner='masked' does not support GEMM hooks (after_gemm1/after_gemm2); "
                              "use runner='torch' or runner='triton' with hooks")
-        if config.activation not in _ACTIVATION_CODES:
+        if config.activation not in ACTIVATION_CODES:
             raise ValueError(f"runner='masked' does not implement activation={config.activation!r}; "
-                             f"supported: {', '.join(_ACTIVATION_CODES)}")
+                             f"supported: {', '.join(ACTIVATION_CODES)}")
         self.tiles = tiles
 
-    def run_masked(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
-        """recv_x [L, M*R, H] expert-major, rows p >= masked_m[l] never read; masked_m [L] int32 on the
-        same device. Returns [L, M*R, H] in recv_x's dtype: routed_scaling_factor * expert_l(row) for
-        valid rows (no topk weight), unwritten rows past masked_m. Differentiable."""
+    def compute(self, inp: ExpertMajorInput, weights: ExpertWeights) -> torch.Tensor:
+        """inp.hidden_states [L, M*R, H], rows p >= masked_m[l] never read. Returns [L, M*R, H] in its
+        dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
+        unwritten. Differentiable."""
+        recv_x, masked_m = inp.hidden_states, inp.masked_m
         _check_inputs(recv_x, masked_m, weights, self.config)
-        tensors = (recv_x, weights.w13, weights.w2, weights.b13, weights.b2)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if needs_grad(recv_x, weights.w13, weights.w2, weights.b13, weights.b2):
             return _MaskedExperts.apply(recv_x, masked_m, weights.w13, weights.w2, weights.b13, weights.b2,
                                         self.config, self.tiles)
         return masked_forward(recv_x, masked_m, weights, self.config, self.tiles)
 
-    def run(self, runner_input: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
-        raise ValueError("runner='masked' computes only the deepep_ll format's [L, M*R, H] layout (through "
-                         "the runner core's fused path); use dispatcher='deepep_ll', or runner='torch'/'triton'")
-
-
-def _run_deepep_ll(moe_runner, dispatch_output, weights: ExpertWeights) -> CombineInput:
-    out = moe_runner.backend.run_masked(dispatch_output.recv_x, dispatch_output.masked_m, weights)
-    return CombineInput(hidden_states=out, dispatch_output=dispatch_output)
-
-
-register_fused("deepep_ll", "masked", _run_deepep_ll)
+    def run_masked(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
+        """run() on deepep_ll's tensors as they come (recv_x [L, M*R, H], masked_m [L] int32)."""
+        return self.run(ExpertMajorInput(recv_x, masked_m), weights)

@@ -36,21 +36,14 @@ def _act(h: torch.Tensor, name: str) -> torch.Tensor:
 @register
 class TorchRunner(RunnerBackend):
     name = "torch"
+    layouts = (RunnerInput,)
 
-    def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+    def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         cfg = self.config
         x = inp.hidden_states
-        N, K = inp.topk_ids.shape
-        ids = inp.topk_ids.long()
-        computed = inp.expert_mask[ids].reshape(-1)
-        # (token, expert) pairs that are computed, grouped by expert (stable: deterministic order).
-        pair = computed.nonzero().squeeze(1)
-        expert = ids.reshape(-1)[pair] - inp.first_expert
-        order = torch.argsort(expert, stable=True)
-        pair, expert = pair[order], expert[order]
-        token = pair // K
-        weight = inp.topk_weights.reshape(-1)[pair]
-        counts = torch.bincount(expert, minlength=weights.num_local_experts)
+        N = inp.topk_ids.shape[0]
+        pairs = inp.pairs_by_expert()
+        token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
 
         rows = x[token]
         if cfg.apply_router_weight_on_input:

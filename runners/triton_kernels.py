@@ -18,7 +18,8 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
 
 Pair-indexed buffers (h, a, o have one row per pair p = t*K + k) keep the GEMMs free of a separate
 permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores. Both
-paths share one activation function (_activate) and one GEMM kernel (FUSE_ACT is a constexpr).
+paths share one activation function (activate, also the masked runner's epilogue) and one GEMM kernel
+(FUSE_ACT is a constexpr).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+# The one activation table: activate()'s ACTIVATION constexpr (gpt-oss SwiGLU is the SWIGLU_ALPHA flag).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -251,11 +253,20 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
 
 # --------------------------------------------------------------------------- activation math
 
+def activation_args(activation: str, is_gated: bool, gemm1_alpha: Optional[float],
+                    gemm1_clamp_limit: Optional[float]) -> dict:
+    """activate()'s scalars and constexprs as launch keywords; every kernel calling activate() is launched
+    with these, so the code table lives in one place."""
+    return dict(alpha=float(gemm1_alpha or 0.0), limit=float(gemm1_clamp_limit or 0.0),
+                ACTIVATION=ACTIVATION_CODES[activation], GATED=is_gated,
+                SWIGLU_ALPHA=gemm1_alpha is not None, HAS_LIMIT=gemm1_clamp_limit is not None)
+
+
 @triton.jit
-def _activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-              HAS_LIMIT: tl.constexpr):
+def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+             HAS_LIMIT: tl.constexpr):
     """fp32 gate g and up u (ignored when not gated) -> fp32 act(g) * u, or act(g); the one copy of the
-    activation math, used by GEMM 1's fused epilogue and by _act_and_mul_kernel."""
+    activation math, used by GEMM 1's fused epilogue, _act_and_mul_kernel and the masked runner."""
     if SWIGLU_ALPHA:  # gpt-oss: gate clamped above, up clamped both sides, up + 1
         if HAS_LIMIT:
             g = tl.minimum(g, limit)
@@ -289,7 +300,7 @@ def _grouped_gemm_kernel(
     HAS_LIMIT: tl.constexpr,
 ):
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
-    # FUSE_ACT: out[p, n] = _activate(that with b's row n, that with b's row N + n if GATED); N = I.
+    # FUSE_ACT: out[p, n] = activate(that with b's row n, that with b's row N + n if GATED); N = I.
     # BLOCK_N weight rows per program. When TWO they interleave gate and up rows (column 2j: gate row
     # n0 + j, column 2j + 1: up row N + n0 + j), so one dot of the full width (wgmma's widest N, one
     # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
@@ -352,7 +363,7 @@ def _grouped_gemm_kernel(
         else:
             gate = acc
             up = acc
-        res = _activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+        res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     else:
         res = acc
     out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -393,12 +404,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         aligned.num_pairs, N, K_dim, num_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-        float(gemm1_alpha or 0.0), float(gemm1_clamp_limit or 0.0),
         ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
-        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
-        FUSE_ACT=fuse, ACTIVATION=ACTIVATION_CODES[fuse_activation or "silu"], GATED=is_gated,
-        SWIGLU_ALPHA=fuse and gemm1_alpha is not None, HAS_LIMIT=fuse and gemm1_clamp_limit is not None,
+        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M, FUSE_ACT=fuse,
+        **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse
+           else activation_args("silu", is_gated, None, None)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
@@ -424,7 +434,7 @@ def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, 
     u = g
     if GATED:
         u = tl.load(g_ptrs + I, mask=read, other=0.0).to(tl.float32)
-    a = _activate(g, u, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    a = activate(g, u, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     a = tl.where(keep[:, None], a, 0.0)
     out_mask = (rows < P)[:, None] & (cols < I)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -454,9 +464,7 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
     grid = (triton.cdiv(P, block_rows), triton.cdiv(I, block))
     _act_and_mul_kernel[grid](
         h, out, computed.view(torch.uint8) if computed is not None else h, P, I, h.stride(0), out.stride(0),
-        float(gemm1_alpha or 0.0), float(gemm1_clamp_limit or 0.0),
-        ACTIVATION=ACTIVATION_CODES[activation], GATED=is_gated, HAS_FILTER=computed is not None,
-        SWIGLU_ALPHA=gemm1_alpha is not None, HAS_LIMIT=gemm1_clamp_limit is not None,
+        HAS_FILTER=computed is not None, **activation_args(activation, is_gated, gemm1_alpha, gemm1_clamp_limit),
         BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4,
     )
     return out

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.placement import ExpertPlacement
 from ep_runtime.runner_core import RunnerInput
 
 from . import register
-from .base import GemmHooks, TritonBackend
+from .base import GemmHooks, TritonBackend, needs_grad, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -27,7 +28,6 @@ try:
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     kernels = None  # type: ignore[assignment]
     _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
-
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -51,7 +51,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp)
     hooks = hooks or GemmHooks()
     P = N * K
-    aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, inp.first_expert, L, block_config.BLOCK_M)
+    aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_config.BLOCK_M)
     weight = inp.topk_weights.reshape(-1).float().contiguous()
 
     scale = weight if config.apply_router_weight_on_input else None
@@ -59,7 +59,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
         # Computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors).
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
-        expert_index = inp.topk_ids.reshape(-1).long()[pairs] - inp.first_expert
+        expert_index = inp.topk_ids.reshape(-1).long()[pairs]
     # Each pair's rows; rows of pairs never computed stay uninitialized, and no later kernel reads them.
     if hooks.after_gemm1 is None:
         # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
@@ -98,41 +98,32 @@ class _FusedExperts(torch.autograd.Function):
     """Forward: the triton kernels. Backward: recompute with the torch runner and back-propagate."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, w13, w2, b13, b2, ids, mask, first_expert, config, hooks, block_config):
+    def forward(ctx, x, topk_weights, w13, w2, b13, b2, ids, mask, config, hooks, block_config):
         ctx.save_for_backward(x, topk_weights, w13, w2, b13, b2, ids, mask)
-        ctx.first_expert, ctx.config, ctx.hooks = first_expert, config, hooks
-        return fused_forward(RunnerInput(x, ids, topk_weights, mask, first_expert),
-                             ExpertWeights(w13, w2, b13, b2), config, hooks, block_config)
+        ctx.config, ctx.hooks = config, hooks
+        return fused_forward(RunnerInput(x, ids, topk_weights, mask), ExpertWeights(w13, w2, b13, b2), config,
+                             hooks, block_config)
 
     @staticmethod
     def backward(ctx, grad_y):
         from .torch_runner import TorchRunner
-        x, topk_weights, w13, w2, b13, b2, ids, mask = ctx.saved_tensors
-        leaves = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip((x, topk_weights, w13, w2, b13, b2), ctx.needs_input_grad)]
-        with torch.enable_grad():
-            y = TorchRunner(ctx.config, ctx.hooks).run(
-                RunnerInput(leaves[0], ids, leaves[1], mask, ctx.first_expert),
-                ExpertWeights(leaves[2], leaves[3], leaves[4], leaves[5]))
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            if ctx.hooks.after_gemm1 is None and ctx.hooks.after_gemm2 is None:
-                grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
-                out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-            else:
-                # Hooks may own parameters (LoRA): back-propagate through the whole recompute so they
-                # accumulate .grad too (as reentrant activation checkpointing does).
-                torch.autograd.backward(y, grad_y)
-                out = [t.grad if t is not None and t.requires_grad else None for t in leaves]
-        return (*out, None, None, None, None, None, None)
+        *inputs, ids, mask = ctx.saved_tensors
+
+        def recompute(x, topk_weights, w13, w2, b13, b2):
+            return TorchRunner(ctx.config, ctx.hooks).run(RunnerInput(x, ids, topk_weights, mask),
+                                                          ExpertWeights(w13, w2, b13, b2))
+
+        hooked = ctx.hooks.after_gemm1 is not None or ctx.hooks.after_gemm2 is not None
+        grads = recompute_backward(recompute, inputs, ctx.needs_input_grad[:6], grad_y, into_every_leaf=hooked)
+        return (*grads, None, None, None, None, None)
 
 
 def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
               block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
     """fused_forward with autograd when any input needs a gradient."""
     tensors = (inp.hidden_states, inp.topk_weights, weights.w13, weights.w2, weights.b13, weights.b2)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, inp.first_expert, config,
-                                   hooks or GemmHooks(), block_config)
+    if needs_grad(*tensors):
+        return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, config, hooks or GemmHooks(), block_config)
     return fused_forward(inp, weights, config, hooks, block_config)
 
 
@@ -163,10 +154,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                          f"must both be [T, K] with T={x.shape[0]} (rows of x)")
     # Normalize to the runner core's input: local ids, everything else -> the sink L (masked out).
     local = topk_ids.long() - first_expert
-    ids = torch.where((local >= 0) & (local < L), local, torch.full_like(local, L)).to(torch.int32)
-    mask = torch.ones(L + 1, dtype=torch.bool, device=x.device)
-    mask[L] = False
-    inp = RunnerInput(x, ids, topk_weights.float(), mask, 0)
+    local = torch.where((local >= 0) & (local < L), local, torch.full_like(local, -1))
+    inp = RunnerInput.from_local_ids(x, local, topk_weights, ExpertPlacement(L))
     return run_fused(inp, weights, config, hooks, block_config)
 
 
@@ -175,6 +164,7 @@ class TritonRunner(TritonBackend):
     """Fused Triton kernels; every MoeConfig field is supported, and both GEMM hooks."""
 
     name = "triton"
+    layouts = (RunnerInput,)
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,
@@ -185,5 +175,5 @@ class TritonRunner(TritonBackend):
                              f"supported: {', '.join(kernels.ACTIVATION_CODES)}")
         self.block_config = block_config
 
-    def run(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+    def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         return run_fused(inp, weights, self.config, self.hooks, self.block_config)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ep_runtime.placement import ExpertPlacement
+
 from . import triton_kernels as kernels
 from .triton_runner import interpreted
 
@@ -70,8 +72,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
     for T in token_counts:
         x = torch.randn(T, H, device=dev, generator=gen).to(dtype)
         ids = torch.rand(T, L, device=dev, generator=gen).topk(K, dim=1).indices.to(torch.int32)
-        mask = torch.ones(L + 1, dtype=torch.bool, device=dev)
-        mask[L] = False
+        mask = ExpertPlacement(L).local_mask_with_sink(dev)
         h = torch.empty(T * K, 2 * I, dtype=dtype, device=dev)
         a = torch.randn(T * K, I, device=dev, generator=gen).to(dtype)
         o = torch.empty(T * K, H, dtype=dtype, device=dev)

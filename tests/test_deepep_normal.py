@@ -32,6 +32,35 @@ def test_layout_equals_python_reference(T, E, K, R):
     assert layout.is_token_in_rank.tolist() == in_rank
 
 
+def _torch_layout(ids, placement):
+    """DeepEP's layout from the placement's ownership table with plain torch ops."""
+    E, R = placement.num_experts, placement.ep_size
+    valid = ids >= 0
+    in_rank = torch.zeros(ids.shape[0], R, dtype=torch.bool)
+    for r in range(R):
+        in_rank[:, r] = ((placement.rank_of(ids) == r) & valid).any(1)
+    per_expert = torch.bincount(ids[valid].long(), minlength=E)
+    return in_rank.sum(0).tolist(), per_expert.tolist(), in_rank.tolist()
+
+
+def _get_dispatch_layout_rank(rank, world_size, E, K):
+    dispatcher = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, 16, 8))
+    ids = random_topk_ids(torch.Generator().manual_seed(rank), 19 + rank, E, K, world_size, minus_one_fraction=0.3)
+    layout = dispatcher.get_dispatch_layout(ids)
+    got = (layout.num_tokens_per_rank.tolist(), layout.num_tokens_per_expert.tolist(), layout.is_token_in_rank.tolist())
+    shapes = [tuple(t.shape) for t in layout]
+    return got, _torch_layout(ids, dispatcher.placement), shapes, ids.shape[0]
+
+
+@pytest.mark.parametrize("E,K", [(8, 2), (16, 4)])
+def test_get_dispatch_layout_matches_torch_reference(E, K):
+    """The public DeepEP-style verb: num_tokens_per_rank [R], num_tokens_per_expert [E], is_token_in_rank
+    [T, R] of this rank's routing, on 2 gloo ranks."""
+    for got, expected, shapes, T in run_ranks(_get_dispatch_layout_rank, 2, E, K):
+        assert shapes == [(2,), (E,), (T, 2)]
+        assert got == expected
+
+
 def _tokens(R):
     # Uneven, one rank (rank 1) with none.
     return [[13], [9, 0], [9, 0, 23], [9, 0, 23, 4]][R - 1]

@@ -102,3 +102,26 @@ def test_standard_checks_values_with_one_kernel():
         w[1, 0] = float("nan")
         with pytest.raises(ValueError, match="topk_weights has a non-finite value"):
             layer(x, ids, w)
+
+
+PERMUTED = [1, 0, 0, 1, 1, 0, 1, 0]  # experts dealt to ranks out of order (each rank holds 4)
+
+
+def _permuted_rank(rank, world_size, name):
+    options = dict(CASES.get(name, (name, {}))[1], expert_to_rank=PERMUTED)
+    if name == "standard":
+        options = {}
+    layer = ep.EPMoE(8, 3, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options)
+    problem = make_problem(layer.config, [11, 7], seed=9, ep_size=world_size)
+    errors = check_layer(layer, problem, rank, backward=True)  # the torch path, forward and gradients
+    with torch.no_grad(), xk.forced():
+        errors["y (kernel path)"] = check_layer(layer, problem, rank, backward=False)["y"]
+    return errors
+
+
+@pytest.mark.parametrize("name", ep.dispatchers.registered())
+def test_every_dispatcher_with_a_non_contiguous_placement_matches_reference(name):
+    """Experts assigned to ranks by a permutation: the exchange, the counts and the weight shards all
+    follow the placement table (torch path with gradients, and the kernel path)."""
+    for errors in run_ranks(_permuted_rank, 2, name, timeout=240):
+        assert max(errors.values()) <= tolerance(torch.float32), errors

@@ -1,6 +1,7 @@
 """runner='masked' (Triton under TRITON_INTERPRET=1, fp16/fp32): == float64 reference on the rows below
 masked_m for every config field, padding rows (NaN) never read, and EPMoE(deepep_ll, masked) == reference
-with gradients, on 1 and 2 gloo ranks."""
+with gradients, on 1 and 2 gloo ranks. Token-row formats reach it through the runner core's conversion
+(tests/test_matrix.py runs it under every dispatcher)."""
 import pytest
 import torch
 
@@ -123,12 +124,26 @@ def test_layer_on_two_ranks_matches_reference(extra):
         assert poison_free
 
 
+@pytest.mark.parametrize("fields", [{}, dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5)])
+def test_token_rows_through_the_conversion_match_the_torch_runner(fields):
+    """run() on token rows (RunnerInput): the core groups the pairs expert-major, the kernels compute them,
+    the rows come back weighted and summed per token; == the torch runner, with -1 and repeated ids."""
+    config = MoeConfig(L, 3, H, I, **fields)
+    gen = torch.Generator().manual_seed(9)
+    weights = ExpertWeights(torch.randn(L, config.w13_rows, H, generator=gen) / H ** 0.5,
+                            torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    local_ids = torch.randint(-1, L, (17, 3), generator=gen)
+    local_ids[4] = torch.tensor([2, 2, -1])
+    inp = ep.RunnerInput.from_local_ids(torch.randn(17, H, generator=gen), local_ids, torch.rand(17, 3, generator=gen),
+                                        ep.ExpertPlacement(L))
+    y = MaskedRunner(config).run(inp, weights)
+    assert rel_err(y, ep.runners.create("torch", config).run(inp, weights).double()) <= 1e-5
+
+
 def test_rejects_what_it_cannot_compute():
     config = MoeConfig(8, 2, 16, 8)
     with pytest.raises(ValueError, match="does not support GEMM hooks"):
         MaskedRunner(config, hooks=ep.runners.GemmHooks(after_gemm1=lambda i, o, e: None))
-    with pytest.raises(ValueError, match=r"no runner path for dispatch format 'standard' with runner backend 'masked'"):
-        ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="masked")
     config, weights, recv_x, masked_m = _problem({}, torch.float32)
     with pytest.raises(ValueError, match=r"masked_m has shape \[2\]"):
         MaskedRunner(config).run_masked(recv_x, masked_m[:2], weights)

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
+import ep_runtime as ep
 from ep_runtime import ExpertPlacement
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import RunnerInput
+from ep_runtime.testing import random_topk_ids
+
+# E=8 over R=2, experts dealt round-robin: rank 0 holds 0, 2, 4, 6; rank 1 holds 1, 3, 5, 7.
+ROUND_ROBIN = [e % 2 for e in range(8)]
 
 
 @pytest.mark.parametrize("E,R", [(4, 1), (8, 2), (64, 4)])
@@ -12,7 +19,7 @@ def test_every_expert_has_exactly_one_owner(E, R):
     assert hits.sum(0).eq(1).all()
     for r, p in enumerate(owners):
         assert p.num_local_experts == E // R
-        assert p.owner(ids).eq(ids // (E // R)).all()
+        assert p.rank_of(ids).eq(ids // (E // R)).all()
         local = p.to_local(ids)
         mine = local >= 0
         assert ids[mine].tolist() == list(range(r * E // R, (r + 1) * E // R))
@@ -23,7 +30,8 @@ def test_minus_one_maps_to_minus_one():
     p = ExpertPlacement(8, 2, 1)
     ids = torch.tensor([-1, 0, 3, 4, 7])
     assert p.to_local(ids).tolist() == [-1, -1, -1, 0, 3]
-    assert p.owner(ids).tolist() == [-1, 0, 0, 1, 1]
+    assert p.rank_of(ids).tolist() == [-1, 0, 0, 1, 1]
+    assert p.local_index(ids).tolist() == [-1, 0, 3, 0, 3]
     assert p.to_global(torch.tensor([-1, 0, 3])).tolist() == [-1, 4, 7]
 
 
@@ -34,11 +42,78 @@ def test_masks():
     assert p.global_mask().tolist() == [False] * 4 + [True] * 2 + [False] * 2
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_non_contiguous_tables_agree_with_a_python_model(seed):
+    """A random assignment (L experts per rank): every table and lookup equals a plain-Python model."""
+    E, R = 12, 3
+    g = torch.Generator().manual_seed(seed)
+    owner = [r for r in range(R) for _ in range(E // R)]
+    owner = [owner[i] for i in torch.randperm(E, generator=g).tolist()]
+    for rank in range(R):
+        p = ExpertPlacement(E, R, rank, expert_to_rank=owner)
+        mine = [e for e in range(E) if owner[e] == rank]
+        index = [[f for f in range(E) if owner[f] == owner[e]].index(e) for e in range(E)]
+        assert p.expert_rank_table().tolist() == owner
+        assert p.expert_rank_table().dtype == p.expert_local_index_table().dtype == torch.int32
+        assert p.expert_local_index_table().tolist() == index
+        assert p.local_expert_ids().tolist() == mine
+        assert [p.experts_of_rank(r).tolist() for r in range(R)] == [[e for e in range(E) if owner[e] == r]
+                                                                   for r in range(R)]
+        assert p.global_mask().tolist() == [o == rank for o in owner]
+        assert p.global_to_local_table().tolist() == [index[e] if owner[e] == rank else E // R
+                                                      for e in range(E)] + [E // R]
+        ids = torch.tensor([-1, *range(E)])
+        assert p.to_local(ids).tolist() == [-1] + [index[e] if owner[e] == rank else -1 for e in range(E)]
+        assert p.to_global(p.to_local(ids)).tolist() == [-1] + [e if owner[e] == rank else -1 for e in range(E)]
+        assert p.is_contiguous == (owner == sorted(owner))
+
+
+def test_from_global_ids_computes_this_ranks_experts_under_any_placement():
+    """RunnerInput.from_global_ids + the torch runner == the float64 reference over this rank's experts,
+    with experts dealt round-robin (so no offset arithmetic could find them)."""
+    gen = torch.Generator().manual_seed(2)
+    cfg = ep.MoeConfig(8, 3, 16, 8)
+    w13 = torch.randn(8, 16, 16, generator=gen, dtype=torch.float64) / 4
+    w2 = torch.randn(8, 16, 8, generator=gen, dtype=torch.float64) / 3
+    x = torch.randn(20, 16, generator=gen, dtype=torch.float64)
+    ids = random_topk_ids(gen, 20, 8, 3, 1)
+    w = torch.rand(20, 3, generator=gen)
+    for rank in range(2):
+        p = ExpertPlacement(8, 2, rank, expert_to_rank=ROUND_ROBIN)
+        mine = p.local_expert_ids()
+        inp = RunnerInput.from_global_ids(x, ids, w, p)
+        y = ep.runners.create("torch", cfg).run(inp, ep.ExpertWeights(w13[mine], w2[mine]))
+        elsewhere = torch.where(p.rank_of(ids) == rank, ids, torch.full_like(ids, -1))
+        assert rel_err(y, moe_reference(x, elsewhere, w.double(), w13, w2, cfg)) < 1e-12
+
+
+def test_load_experts_takes_this_ranks_experts_from_the_placement():
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
+    layer.placement = ExpertPlacement(8, 2, 1, expert_to_rank=ROUND_ROBIN)  # what the lead's wiring will pass
+    w13, w2 = torch.randn(8, 16, 16), torch.randn(8, 16, 8)
+    layer.w13.data, layer.w2.data = torch.empty(4, 16, 16), torch.empty(4, 16, 8)
+    layer.load_experts(w13, w2)
+    assert torch.equal(layer.w13, w13[[1, 3, 5, 7]]) and torch.equal(layer.w2, w2[[1, 3, 5, 7]])
+    w2[5, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"w2 \(experts \[1, 3, 5, 7\]\) has a non-finite value inf at \[2, 0, 0\]"):
+        layer.load_experts(w13, w2)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_experts=10, ep_size=4), "num_experts=10 is not divisible by ep_size=4"),
     (dict(num_experts=8, ep_size=2, rank=2), r"rank=2 out of range \[0, 2\)"),
     (dict(num_experts=8, ep_size=0), "ep_size=0"),
+    (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 0]), "expert_to_rank has 3 entries; expected num_experts=4"),
+    (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 2, 1]), r"expert_to_rank\[2\]=2 out of range \[0, 2\)"),
+    (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 1, 1]),
+     "expert_to_rank gives rank 0 1 experts; every rank must hold num_experts / ep_size = 2"),
 ])
 def test_bad_placement_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ExpertPlacement(**kwargs)
+
+
+def test_first_expert_exists_only_for_contiguous_placements():
+    assert ExpertPlacement(8, 2, 1, expert_to_rank=[0, 0, 0, 0, 1, 1, 1, 1]).first_expert == 4
+    with pytest.raises(ValueError, match="first_expert is undefined for a non-contiguous placement"):
+        ExpertPlacement(8, 2, 1, expert_to_rank=ROUND_ROBIN).first_expert

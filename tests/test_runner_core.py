@@ -5,7 +5,14 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.runner_core import DispatchOutput, MoeRunner, reroute_to_sink
+from ep_runtime.runner_core import (
+    CombineInput,
+    DispatchOutput,
+    ExpertMajorInput,
+    MoeRunner,
+    RunnerInput,
+    reroute_to_sink,
+)
 from ep_runtime.testing import random_topk_ids
 
 
@@ -14,11 +21,46 @@ class UnregisteredOutput(DispatchOutput):
     format = "no_such_format"
 
 
-def test_unregistered_pair_lists_registered_pairs():
+def test_unregistered_format_lists_registered_formats():
     cfg = ep.MoeConfig(4, 1, 8, 8)
     runner = MoeRunner(ep.runners.create("torch", cfg), cfg, ep.ExpertPlacement(4))
-    with pytest.raises(ValueError, match=r"no_such_format.*'torch'.*\(standard, torch\)"):
+    with pytest.raises(ValueError, match=r"dispatch format 'no_such_format'.*registered formats: .*deepep_ll.*standard"):
         runner.run(UnregisteredOutput(), None)
+
+
+def test_every_backend_has_a_path_for_every_format():
+    formats = {ep.dispatchers.get(d).format for d in ep.dispatchers.registered()}
+    every = {(f, r) for f in formats for r in ep.runners.registered()}
+    assert every <= set(ep.registered_pairs())
+    assert all(ep.supported_formats(r) == sorted(formats) for r in ep.runners.registered())
+
+
+def test_registering_a_name_twice_raises():
+    from ep_runtime import runner_core
+    from ep_runtime.runners.torch_runner import TorchRunner
+    with pytest.raises(ValueError, match="runner 'torch' is already registered"):
+        ep.runners.register(TorchRunner)
+    with pytest.raises(ValueError, match="dispatcher 'standard' is already registered"):
+        ep.dispatchers.register(ep.dispatchers.get("standard"))
+    with pytest.raises(ValueError, match="dispatch format 'mori' is already registered"):
+        runner_core.register_format("mori", RunnerInput, lambda out, placement, config: None)
+    with pytest.raises(ValueError, match=r"layout conversion RunnerInput -> ExpertMajorInput is already registered"):
+        runner_core.register_conversion(RunnerInput, ExpertMajorInput, lambda inp, config: None)
+    runner_core.register_fused("no_such_format", "torch", lambda runner, out, weights: None)
+    with pytest.raises(ValueError, match=r"fused function for \('no_such_format', 'torch'\) is already registered"):
+        runner_core.register_fused("no_such_format", "torch", lambda runner, out, weights: None)
+
+
+def test_a_fused_function_replaces_the_whole_step():
+    """register_fused (SGLang's register_fused_func): MoeRunner calls it instead of conversion + compute."""
+    from ep_runtime import runner_core
+    cfg = ep.MoeConfig(4, 1, 8, 8)
+    calls = []
+    runner_core.register_fused("fused_only_format", "torch",
+                               lambda runner, out, weights: calls.append(out) or CombineInput(torch.ones(1), out))
+    out = type("FusedOnlyOutput", (DispatchOutput,), {"format": "fused_only_format"})()
+    combine = MoeRunner(ep.runners.create("torch", cfg), cfg, ep.ExpertPlacement(4)).run(out, None)
+    assert calls == [out] and combine.dispatch_output is out
 
 
 def test_unknown_backend_and_dispatcher_names():

@@ -201,7 +201,7 @@ def test_fused_experts_matches_float64_reference(T, dtype):
 
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
-    E, K, H, I, first, L = 8, 3, 16, 32, 4, 4
+    E, K, H, I, first = 8, 3, 16, 32, 4
     w13, w2, _, _ = _weights(gen, E, H, I)
     x, ids, w = torch.randn(9, H, generator=gen), _ids(gen, 9, E, K), torch.rand(9, K, generator=gen)
     y = runners.fused_experts(x, w13[first:], w2[first:], ids, w, first_expert=first)
@@ -244,16 +244,16 @@ def test_every_config_field_matches_reference_and_torch_runner(name):
         assert rel_err(layer(x.float(), ids, w), torch_layer(x.float(), ids, w).double()) <= 1e-5
 
 
-def test_runner_input_with_mask_and_first_expert_matches_torch_runner():
-    # The mori-style input: global ids, a mask [E+1] of this rank's experts, first_expert = rank * L.
+def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
+    # The mori-style input: global ids mapped to this rank's weight rows through the placement's table
+    # (experts dealt round-robin over 2 ranks: rank 1 holds 1, 3, 5, 7), -1 and other ranks' ids -> sink.
     gen = torch.Generator().manual_seed(6)
-    E, K, H, I, L, first = 8, 2, 16, 32, 4, 4
+    E, K, H, I, L = 8, 2, 16, 32, 4
     cfg = MoeConfig(E, K, H, I)
     w13, w2, _, _ = _weights(gen, L, H, I)
-    ids = torch.randint(0, E + 1, (15, K), generator=gen, dtype=torch.int32)
-    mask = torch.zeros(E + 1, dtype=torch.bool)
-    mask[first:first + L] = True
-    inp = RunnerInput(torch.randn(15, H, generator=gen), ids, torch.rand(15, K, generator=gen), mask, first)
+    ids = torch.randint(-1, E, (15, K), generator=gen, dtype=torch.int32)
+    placement = ep.ExpertPlacement(E, 2, 1, expert_to_rank=[e % 2 for e in range(E)])
+    inp = RunnerInput.from_global_ids(torch.randn(15, H, generator=gen), ids, torch.rand(15, K, generator=gen), placement)
     y = runners.create("triton", cfg).run(inp, ExpertWeights(w13, w2))
     assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
 
@@ -334,8 +334,7 @@ def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
         with pytest.raises(RuntimeError, match="runner='triton' cannot run here: no CUDA device"):
             runners.create("triton", cfg)
     backend = triton_runner.TritonRunner(cfg)
-    inp = RunnerInput(torch.randn(2, 16), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
-                      torch.tensor([True] * 4 + [False]))
+    inp = RunnerInput.from_local_ids(torch.randn(2, 16), torch.zeros(2, 1), torch.ones(2, 1), ep.ExpertPlacement(4))
     w = ExpertWeights(torch.randn(4, 32, 16), torch.randn(4, 16, 16))
     with pytest.raises(ValueError, match="runner='triton' got tensors on cpu; it needs CUDA tensors"):
         backend.run(inp, w)
