@@ -91,6 +91,13 @@ class Dispatcher:
         """The runner's rows, reduced per original token: [T, H] in x's dtype."""
         return self._combine(combine_input)
 
+    def raise_deferred(self) -> None:
+        """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.
+        after a job's last step; call it on every rank together. A no-op for the others."""
+        exchange = getattr(self, "exchange", None)
+        if exchange is not None:
+            exchange.raise_deferred()
+
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
 

@@ -88,7 +88,8 @@ class DeepEPLLDispatcher(Dispatcher):
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(
                 recv_ids, recv_w, L, fold=self.config.apply_router_weight_on_input)
-            recv_x = exchange_kernels.ll_scatter(rows, first, scale, L * N + 1)[:L * N].view(L, N, H)
+            # L*N slots: a (row, k) naming no local expert writes nothing
+            recv_x = exchange_kernels.ll_scatter(rows, first, scale, L * N).view(L, N, H)
             return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
         here = recv_ids >= 0
         slot_index, masked_m = _slots(recv_ids, L)

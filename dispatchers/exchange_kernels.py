@@ -1,8 +1,9 @@
 """Fused Triton kernels around the exchange (CUDA; CPU tensors only under TRITON_INTERPRET=1).
 
 layout_row: one kernel turns topk ids into is_token_in_rank and the count row [T; per rank; per
-expert] that ranks all-gather. row_plan: one kernel (a program per destination rank scanning the
-tokens) places every (token, rank) pair in the send order: send_token, send_rank, combine_index.
+expert; value flags] that ranks all-gather. table_plan: one kernel (a program per destination rank
+scanning the tokens) places every (token, rank) pair in the send order from the gathered table:
+send_token, send_rank, combine_index, plus receive counts and the static compaction.
 pack_rows: one kernel builds the send payload: each sent row's hidden state and its [weights;
 ids] metadata (ids remapped to the destination's local ids when asked). gather_sum: one kernel adds
 each token's returned rows (at most R) in fp32 and writes the token's output; no atomics, so it is
@@ -280,11 +281,13 @@ if triton is not None:
             k = tl.arange(0, BLOCK_K)
             ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1).to(tl.int64)
             w = tl.load(w_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=0.0).to(tl.float32)
+            valid = (ids >= 0) & (ids < E)
             if LOCAL:
-                valid = (ids >= 0) & (ids < E)
                 owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
                 local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
                 ids = tl.where(owner == tl.load(rank_ptr + i), local, -1)
+            else:  # an id outside [-1, E) (flagged, checked later) never reaches a receiver as an index
+                ids = tl.where(valid, ids, -1)
             out = meta_ptr + i.to(tl.int64) * meta_stride
             tl.store(out + k, w.to(tl.int32, bitcast=True), mask=k < K)
             tl.store(out + K + k, ids.to(tl.int32), mask=k < K)
@@ -320,7 +323,8 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
-        topk_ids, topk_weights if topk_weights is not None else rank_of, rank_of, in_rank, row, T, K, E, ep_size,
+        topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else rank_of, rank_of, in_rank,
+        row, T, K, E, ep_size,
         1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
         BLOCK_K=triton.next_power_of_2(max(K, 2)))
     return in_rank.view(torch.bool), row

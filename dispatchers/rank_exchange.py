@@ -14,9 +14,9 @@ overflow fails every rank with the same error, before any payload moves.
 Inference on CUDA takes the kernel path: layout, value flags and counts in one kernel, one
 all_gather, the plan built from the gathered table on the device by one kernel, and each row sent
 together with its metadata in one exchange. A static plan there does not read the table on the host:
-it is copied to pinned memory without a sync and checked at the next call on this exchange (or by
-`raise_deferred(wait=True)`), every rank raising the same error; EP_RUNTIME_SYNC_CHECKS=1 reads it at
-once instead. CPU ranks always read it at once.
+it is copied to pinned memory without a sync and checked _CHECK_LAG static calls later on this
+exchange (or by `raise_deferred()`), every rank raising the same error at the same call;
+EP_RUNTIME_SYNC_CHECKS=1 reads it at once instead. CPU ranks always read it at once.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def count_row(topk_ids: torch.Tensor, num_experts: int, ep_size: int, rank_of: O
     contiguous placement). One kernel on CUDA."""
     R = ep_size
     if rank_of is None:
-        rank_of = ExpertPlacement(num_experts, R).owner(torch.arange(num_experts, device=topk_ids.device))
+        rank_of = ExpertPlacement(num_experts, R).expert_rank_table(topk_ids.device)
     if exchange_kernels.on_gpu(topk_ids):
         in_rank, row = exchange_kernels.layout_row(topk_ids, None, rank_of.to(torch.int32), R, 0)
         return Layout(row[1:1 + R], row[1 + R:], in_rank), row
@@ -83,9 +83,7 @@ def row_plan(in_rank: torch.Tensor, base: torch.Tensor, limit: torch.Tensor, tot
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Send order: pair (t, r) goes to row base[r] + (its rank among the tokens going to r) while
     that rank is below limit[r]. Returns send_token [total] (T = pad), send_rank [total] and
-    combine_index [T, R] (total = not sent). One kernel on CUDA."""
-    if exchange_kernels.on_gpu(in_rank):
-        return exchange_kernels.row_plan(in_rank, base, limit, total)
+    combine_index [T, R] (total = not sent). Torch ops (the kernel path plans with table_plan)."""
     T, R = in_rank.shape
     pos = running_count(in_rank)
     target = torch.where(in_rank & (pos < limit), base + pos, total)
@@ -147,7 +145,10 @@ class _Deferred(NamedTuple):
     capacity: str
 
 
-_MAX_DEFERRED = 8  # a host running further ahead than this waits for the oldest check
+# A static plan's table is checked this many calls later on the same exchange: at the same call on
+# every rank (never "when its copy happens to have landed", which differs between ranks), and late
+# enough that the wait for the copy normally finds it done.
+_CHECK_LAG = 2
 
 
 class RankExchange:
@@ -189,8 +190,6 @@ class RankExchange:
         `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
         check ids and weights (and, given `distinct`, the reason, repeated experts in a token) inside
         the count table, so they fail every rank (skipped while capturing a CUDA graph)."""
-        if not capturing():
-            self.raise_deferred()
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids):
             return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
         R, E, me = self.world_size, self.num_experts, self.rank
@@ -228,6 +227,9 @@ class RankExchange:
         defer = static and not now and topk_ids.is_cuda and not self.sync_checks
         if static and (now or defer):  # the table is not read now: this rank checks its own T first
             self._check_local_tokens(T)
+        if defer:  # before this call's collectives, so every rank raises at the same point
+            while len(self._deferred) >= _CHECK_LAG:
+                self._check_oldest()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
         in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
@@ -271,8 +273,6 @@ class RankExchange:
                       distinct: Optional[str] = None) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan() then send() (their arguments); on the kernel path in one go, packing before the
         count table is read. Returns (handle, recv_x, recv_ids, recv_weights)."""
-        if not capturing():
-            self.raise_deferred()
         if exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights):
             handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids)
             if payload is None:
@@ -282,14 +282,12 @@ class RankExchange:
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
 
     def _defer(self, table, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
-        """Start the table's copy to pinned memory (no sync). Landing slots are used in turn, and a
-        slot is free once its check ran: the queue never holds more than _MAX_DEFERRED."""
-        while len(self._deferred) >= _MAX_DEFERRED:
-            self.raise_deferred(wait=True, oldest_only=True)
-        if len(self._landing) < _MAX_DEFERRED:
+        """Start the table's copy to pinned memory (no sync). At most _CHECK_LAG tables are pending, so
+        _CHECK_LAG landing buffers, used in turn, never overwrite one still to be checked."""
+        if len(self._landing) < _CHECK_LAG:
             self._landing.append(None)
         slot = self._next_landing
-        self._next_landing = (slot + 1) % _MAX_DEFERRED
+        self._next_landing = (slot + 1) % _CHECK_LAG
         pinned, ready = self._landing[slot] or (None, None)
         if pinned is None or pinned.shape != table.shape:
             pinned, ready = torch.empty(table.shape, dtype=table.dtype, pin_memory=True), torch.cuda.Event()
@@ -298,26 +296,27 @@ class RankExchange:
         ready.record()
         self._deferred.append(_Deferred(ready, pinned, topk_ids, topk_weights, distinct, chunk, rows, capacity))
 
-    def raise_deferred(self, wait: bool = False, oldest_only: bool = False) -> None:
-        """Check the count tables of earlier static-plan calls whose copy has arrived (wait: every
-        pending one, blocking); the first bad one raises the error its call would have raised."""
+    def raise_deferred(self) -> None:
+        """Check every pending static-plan table now (waits for their copies). Call it on every rank
+        together, e.g. after the last step; the first bad table raises its call's error."""
         while self._deferred:
-            pending = self._deferred[0]
-            if not wait and not pending.ready.query():
-                return
-            pending.ready.synchronize()
-            self._deferred.popleft()
-            host = pending.table.tolist()
-            try:
-                self._check_host_table(host, pending.topk_ids, pending.topk_weights, pending.distinct)
-                self._check_static(host, pending.chunk, pending.rows, pending.capacity)
-            except ValueError as err:
-                self._deferred.clear()
-                raise ValueError(f"{err} [found by the deferred check of an earlier call's count table: that "
-                                 f"call's output is not valid; EP_RUNTIME_SYNC_CHECKS=1 raises before the payload "
-                                 f"moves]") from None
-            if oldest_only:
-                return
+            self._check_oldest()
+
+    def _check_oldest(self) -> None:
+        pending = self._deferred.popleft()
+        pending.ready.synchronize()  # work this old has normally finished: no wait
+        host = pending.table.tolist()
+        try:
+            self._check_host_table(host, pending.topk_ids, pending.topk_weights, pending.distinct)
+            self._check_static(host, pending.chunk, pending.rows, pending.capacity)
+        except (ValueError, IndexError) as err:  # IndexError: the caller has since overwritten its ids
+            self._deferred.clear()
+            detail = str(err) if isinstance(err, ValueError) else (
+                f"rank {self.rank}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} "
+                f"or non-finite weights) and have been overwritten since, so the value cannot be named")
+            raise ValueError(f"{detail} [found by the deferred check of the count table of the call {_CHECK_LAG} "
+                             f"static-plan calls back: that call's output is not valid; EP_RUNTIME_SYNC_CHECKS=1 "
+                             f"raises before the payload moves]") from None
 
     def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
         R, E = self.world_size, self.num_experts
@@ -473,8 +472,6 @@ class RankExchange:
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
         each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""
-        if not capturing():
-            self.raise_deferred()
         if exchange_kernels.inference_path(partial):
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
                 partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
-from ep_runtime.validation import check_topk_values
+from ep_runtime.validation import capturing, check_topk_values
 
 from . import exchange_kernels, register
 from .base import Dispatcher
@@ -32,7 +32,7 @@ class StandardDispatcher(Dispatcher):
     def _dispatch(self, x, topk):
         ids, weights = topk
         flags = None
-        if exchange_kernels.on_gpu(ids) and ids.numel():  # one kernel and one read instead of ~12 ops
+        if exchange_kernels.on_gpu(ids) and ids.numel() and not capturing():  # one kernel + one read, not ~12 ops
             _, row = exchange_kernels.layout_row(ids, weights, self._no_owner(ids.device), 1, 2)
             flags = row[-2:].tolist()
         check_topk_values(ids, weights, self.config.num_experts, flags)

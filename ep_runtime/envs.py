@@ -60,6 +60,8 @@ class Knob:
         return value
 
     def _allowed(self) -> str:
+        if self.type is bool:
+            return "; allowed: 0, 1, true, false, yes, no, on, off"
         if self.allowed:
             return f"; allowed: {self.allowed}"
         if self.choices is not None:
@@ -95,7 +97,7 @@ _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
 _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves "
-      "(one host sync per call). Off: the table is copied without a sync and checked at the next call.")
+      "(one host sync per call). Off: the table is copied without a sync and checked two calls later.")
 def _runner_names() -> tuple:
     from ep_runtime import runners  # the registry imports this module; read it only when checking a value
     return ("auto", *runners.registered())

@@ -226,3 +226,26 @@ def test_layout_ignores_out_of_range_ids():
     wide = torch.tensor([[2 ** 32 + 3, 1]])  # int64 beyond int32: never wraps onto a valid expert
     _, row = xk.layout_row(wide, torch.ones(1, 2), _tables(E, R)[0], R, 2)
     assert row[-2] == 1 and row[1 + R:1 + R + E].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_layout_kernel_reads_strided_ids_and_weights():
+    """Ids and weights may be views (a column slice, a transpose): same row as their contiguous copies."""
+    gen = torch.Generator().manual_seed(6)
+    full = torch.randint(-1, 8, (20, 6), generator=gen, dtype=torch.int32)
+    ids, w = full[:, ::2], torch.rand(20, 6, generator=gen)[:, 1::2]
+    w[4, 1] = float("inf")
+    rank_of, _ = _tables(8, 2)
+    got = xk.layout_row(ids, w, rank_of, 2, 2)
+    want = xk.layout_row(ids.contiguous(), w.contiguous(), rank_of, 2, 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1][-1] == 1
+
+
+def test_pack_never_forwards_an_out_of_range_global_id():
+    """Global ids outside [-1, E) (flagged in the count table, raised later on a deferred check) reach
+    the receiver as -1, never as an index; int64 beyond int32 does not wrap onto an expert."""
+    x = torch.randn(2, 16)
+    ids = torch.tensor([[0, 100], [1, 2 ** 32 + 1]])
+    rank_of, _ = _tables(8, 2)
+    payload = xk.pack_payload(x, ids, torch.rand(2, 2), torch.tensor([0, 1]), torch.tensor([0, 0]), rank_of, None)
+    _, meta = xk.payload_views(payload, 16, x.dtype, 2)
+    assert meta[:, 2:].tolist() == [[0, -1], [1, -1]]

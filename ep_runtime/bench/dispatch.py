@@ -60,7 +60,7 @@ def tokens_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: in
     """[T, R] bool: token t goes to rank r (owns >= 1 of its experts, under the default placement)."""
     from ..placement import ExpertPlacement
 
-    owner = ExpertPlacement(num_experts, ep_size).owner(topk_ids.long())
+    owner = ExpertPlacement(num_experts, ep_size).rank_of(topk_ids.long())
     return (owner.unsqueeze(2) == torch.arange(ep_size, device=topk_ids.device)).any(1)
 
 
