@@ -231,12 +231,19 @@ if triton is not None:
         if STATIC:
             base = r * chunk
             limit = chunk
+            real = tl.minimum(tl.sum(tl.where(rr == r, to_each, 0)), chunk)
             for start in range(0, chunk, BLOCK_T):  # pad rows of chunk r too: every entry is written
                 j = start + tl.arange(0, BLOCK_T)
                 tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
+                tl.store(send_token_ptr + base + j, (tl.zeros_like(j) + T).to(tl.int64), mask=(j >= real) & (j < chunk))
         else:
             base = tl.sum(tl.where(rr < r, to_each, 0))
             limit = tl.sum(tl.where(rr == r, to_each, 0))
+            if r == 0:  # rows past the S sent ones (a plan sized before S was known): pad token T
+                sent = tl.sum(to_each)
+                for start in range(sent, total, BLOCK_T):
+                    j = start + tl.arange(0, BLOCK_T)
+                    tl.store(send_token_ptr + j, (tl.zeros_like(j) + T).to(tl.int64), mask=j < total)
         _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, BLOCK_T)
         if COMPACT:  # chunk row (r, j) lands at compact row offset[r] + j; rows = dropped pad
             offset = tl.sum(tl.where(rr < r, from_each, 0))
@@ -348,7 +355,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     device = in_rank.device
     L = global_of.numel()
     static, compact = chunk is not None, chunk is not None and rows is not None
-    send_token = torch.full((total,), T, dtype=torch.long, device=device)
+    send_token = torch.empty(total, dtype=torch.long, device=device)  # every entry written by the kernel
     send_rank = torch.empty(total, dtype=torch.long, device=device)
     index = torch.empty(T, R, dtype=torch.long, device=device)
     summary = torch.empty(L + 2, dtype=torch.int32, device=device)

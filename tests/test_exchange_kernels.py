@@ -162,6 +162,10 @@ def test_table_plan_kernel_matches_torch(static):
     assert torch.equal(got.send_rank[real], want[1][real])
     if static:
         assert torch.equal(got.send_rank, torch.arange(R).repeat_interleave(chunk))
+    else:  # a plan sized before the total was known (T * R rows): the rows past it are pad rows
+        early = xk.table_plan(in_rank, table, me, global_of, T * R)
+        assert torch.equal(early.send_token[:total], want[0]) and (early.send_token[total:] == T).all()
+        assert torch.equal(torch.where(early.combine_index < total, early.combine_index, total), want[2])
     sent = table[:, 1:1 + R].long()
     assert got.summary.tolist() == (table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0).tolist()
                                     + [int(sent[:, me].sum()), int(sent.sum(0).max())])
