@@ -14,6 +14,8 @@ from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
 from ep_runtime.validation import check_hidden_states, check_topk
 
+from .rank_exchange import RankExchange
+
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     """(rank, size) in `group`; (0, 1) when no process group exists (a plain single process)."""
@@ -93,10 +95,7 @@ class Dispatcher:
 
     def raise_deferred(self) -> None:
         """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.
-        after a job's last step; call it on every rank together. A no-op for the others."""
-        exchange = getattr(self, "exchange", None)
-        if exchange is not None:
-            exchange.raise_deferred()
+        after a job's last step; call it on every rank together. Nothing to run here."""
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
@@ -106,3 +105,26 @@ class Dispatcher:
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         raise NotImplementedError
+
+
+class ExchangeDispatcher(Dispatcher):
+    """A dispatcher whose rows travel through a RankExchange (deepep_normal, deepep_ll, mori): it
+    checks ids and weights in the exchange's count table, and combine sends each received row (that
+    rank's partial sum) home, where a token's partials are added (deepep_ll gathers its expert rows
+    into those partials first)."""
+
+    checks_values_in_exchange = True
+
+    def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
+                 expert_to_rank: Optional[Sequence[int]] = None):
+        super().__init__(config, group, expert_to_rank)
+        self.exchange = RankExchange(self.placement, self.group)
+
+    def check_capacity(self, num_tokens: int) -> None:
+        self.exchange.check_tokens_while_capturing(num_tokens)
+
+    def raise_deferred(self) -> None:
+        self.exchange.raise_deferred()
+
+    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
+        return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)

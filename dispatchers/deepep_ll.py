@@ -23,8 +23,8 @@ from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInpu
 from ep_runtime.validation import is_int_at_least
 
 from . import exchange_kernels, register
-from .base import Dispatcher
-from .rank_exchange import ExchangeHandle, RankExchange, running_count
+from .base import ExchangeDispatcher
+from .rank_exchange import ExchangeHandle, running_count
 
 
 @dataclass
@@ -49,13 +49,12 @@ class DeepEPLLDispatchOutput(DispatchOutput):
 
 
 @register
-class DeepEPLLDispatcher(Dispatcher):
+class DeepEPLLDispatcher(ExchangeDispatcher):
     """num_max_dispatch_tokens_per_rank M (EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
     rank may dispatch per step; T > M is an error, never a drop."""
 
     name = "deepep_ll"
     format = "deepep_ll"
-    checks_values_in_exchange = True
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None):
@@ -67,16 +66,13 @@ class DeepEPLLDispatcher(Dispatcher):
         self.num_max_dispatch_tokens_per_rank = M
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
-        self.exchange = RankExchange(self.placement, self.group, max_tokens=(M, rule))
+        self.exchange.max_tokens = (M, rule)
         # A token's row goes to an expert once; with the weight folded into that row, a repeated
         # expert would need two rows with different weights.
         self.distinct_ids = None
         if config.apply_router_weight_on_input and config.top_k > 1:
             self.distinct_ids = ("deepep_ll with apply_router_weight_on_input needs distinct experts per token "
                                  "(one row per token and expert, scaled by that slot's weight)")
-
-    def check_capacity(self, num_tokens: int) -> None:
-        self.exchange.check_tokens_while_capturing(num_tokens)
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk

@@ -17,12 +17,12 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
+from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import is_int_at_least
 
 from . import register
-from .base import Dispatcher
-from .rank_exchange import ExchangeHandle, Layout, RankExchange, dispatch_layout
+from .base import ExchangeDispatcher
+from .rank_exchange import ExchangeHandle, Layout, dispatch_layout
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
 
 
 @register
-class DeepEPNormalDispatcher(Dispatcher):
+class DeepEPNormalDispatcher(ExchangeDispatcher):
     """alignment: round num_recv_tokens_per_expert up to a multiple (EP_RUNTIME_NORMAL_ALIGNMENT).
     num_worst_tokens: an upper bound on the tokens any rank receives; static shapes, no host sync.
     num_max_dispatch_tokens_per_rank (static mode): the most tokens a rank sends to one peer, i.e.
@@ -50,7 +50,7 @@ class DeepEPNormalDispatcher(Dispatcher):
 
     name = "deepep_normal"
     format = "deepep_normal"
-    checks_values_in_exchange = True  # with a reused handle, they were checked when it was made
+    # with a reused handle the values are not checked again: they were when the handle was made
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
@@ -66,7 +66,6 @@ class DeepEPNormalDispatcher(Dispatcher):
         if M is not None and (num_worst_tokens is None or not is_int_at_least(M, 1)):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1, with num_worst_tokens set")
         self.chunk = M or num_worst_tokens
-        self.exchange = RankExchange(self.placement, self.group)
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -95,8 +94,6 @@ class DeepEPNormalDispatcher(Dispatcher):
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle)
 
-    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
-        return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:

@@ -22,12 +22,12 @@ import torch
 
 from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
+from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import capturing, is_int_at_least
 
 from . import register
-from .base import Dispatcher
-from .rank_exchange import ExchangeHandle, RankExchange
+from .base import ExchangeDispatcher
+from .rank_exchange import ExchangeHandle
 
 _INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
 
@@ -53,7 +53,7 @@ def _non_negative_or_none(name: str, value) -> None:
 
 
 @register
-class MoriDispatcher(Dispatcher):
+class MoriDispatcher(ExchangeDispatcher):
     """max_dispatch_tokens_per_rank (EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
     rank may dispatch. prealloc_max_recv_tokens (EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS, 0 = off):
     receive buffer rows instead of max * R. max_input_tokens (EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS,
@@ -62,7 +62,6 @@ class MoriDispatcher(Dispatcher):
 
     name = "mori"
     format = "mori"
-    checks_values_in_exchange = True
 
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
@@ -85,10 +84,7 @@ class MoriDispatcher(Dispatcher):
         M = self.max_dispatch_tokens_per_rank
         self.token_rule = (f"mori allows at most max_dispatch_tokens_per_rank={M} "
                            f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
-        self.exchange = RankExchange(self.placement, self.group, max_tokens=(M, self.token_rule))
-
-    def check_capacity(self, num_tokens: int) -> None:
-        self.exchange.check_tokens_while_capturing(num_tokens)
+        self.exchange.max_tokens = (M, self.token_rule)
 
     def _static(self) -> bool:
         return capturing() if self.static is None else self.static
@@ -118,8 +114,6 @@ class MoriDispatcher(Dispatcher):
             needed = int(most_received)
             raise ValueError(f"{message} ({needed}); allowed: 0 (off) or >= {needed}")
 
-    def _combine(self, combine_input: CombineInput) -> torch.Tensor:
-        return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)
 
 
 def _runner_input(out: MoriDispatchOutput, placement, config) -> RunnerInput:
