@@ -4,12 +4,24 @@ Backend: NCCL when CUDA is available, gloo otherwise. The group gets a timeout
 (EP_RUNTIME_TIMEOUT_S unless given), so a dead or stalled rank makes the others fail instead of
 hanging. A group created here is destroyed at interpreter exit (gloo can abort the process at
 shutdown otherwise); call destroy_distributed() to do it earlier.
+
+Why destroy_distributed() waits for gloo's worker threads: a ProcessGroupGloo runs collectives on
+its own threads, and the thread that ran a collective may be the last owner of that work's tensors.
+Freeing a tensor that Python also sees takes the GIL. Python still references the group after
+torch's destroy_process_group (the `group` a script keeps, every layer's dispatcher), so those
+threads live on until interpreter shutdown; a thread that only then gets round to freeing its last
+work (it was waiting for a CPU, or for the GIL) is stopped by Python while it unwinds a noexcept
+destructor: "terminate called without an active exception", SIGABRT, after the job's results were
+printed (torch issue 190489). So destroy_distributed() releases the GIL until no gloo worker thread
+is runnable any more, i.e. each has finished its last work and sleeps waiting for the next.
 """
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -161,9 +173,55 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
 
 
 def destroy_distributed() -> None:
-    """Destroy the default process group if one exists (idempotent)."""
+    """Destroy the default process group if one exists (idempotent), then wait until gloo's worker
+    threads have released their last work (see the module doc: a thread still doing so when the
+    interpreter shuts down aborts the process). Free CUDA graphs that captured collectives of the
+    group first: NCCL waits for their work to be released when it destroys the communicator."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            torch.cuda.synchronize()  # no kernel of this group still in flight when its communicator goes
         dist.destroy_process_group()
+    wait_for_idle_gloo_workers()
+
+
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
+
+
+def gloo_worker_states() -> list[str]:
+    """Scheduler state of each gloo worker thread of this process ("R" runnable, "S" sleeping, ...),
+    read from /proc (Linux); empty where there is none or no /proc."""
+    states = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return states
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != GLOO_WORKER_THREAD:
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return states
+
+
+def wait_for_idle_gloo_workers(limit_s: float = 5.0) -> bool:
+    """Release the GIL until no gloo worker thread is runnable in two samples in a row (each sample
+    follows a sleep, during which a worker waiting for the GIL gets it); True when they went idle,
+    False after limit_s. A worker blocked inside a collective sleeps too, so this never waits for a
+    peer. Returns at once when the process has no gloo worker."""
+    if not gloo_worker_states():
+        return True
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+        quiet = quiet + 1 if "R" not in gloo_worker_states() else 0
+    return True
 
 
 def device_for_rank() -> torch.device:
