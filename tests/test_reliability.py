@@ -431,7 +431,7 @@ def test_bad_knob_value_fails_the_cli_naming_it(name, value):
 
 @pytest.mark.parametrize("args,env,expected", [
     (["env"], {"EP_RUNTIME_TIMEOUT_S": "soon"}, "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float"),
-    (["demo", "--world-size", "1", "--runner", "nope"], {}, "runner='nope' is unknown"),
+    (["demo", "--world-size", "1", "--runner", "nope"], {}, "--runner nope: unknown; allowed: auto, "),
     (["demo", "--world-size", "1", "--tokens", "99999999999999999999"], {}, "--tokens"),
 ])
 def test_cli_user_errors_are_one_line_without_a_traceback(args, env, expected):
