@@ -22,6 +22,8 @@ class EPMoE(nn.Module):
     checkpoint and keeps this rank's slice. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
     else torch). group None: the default process group when one exists, else a single process.
+    Until load_experts, the experts are random and depend only on the seed and their global ids
+    (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -63,9 +65,27 @@ class EPMoE(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w13, std=self.config.hidden_size ** -0.5)
-        nn.init.normal_(self.w2, std=self.config.intermediate_size ** -0.5)
+        """Random initial experts that depend only on torch's seed and each expert's global id, so a
+        layer spread over R ranks holds exactly the experts a one-process layer built after the same
+        torch.manual_seed holds (and two ranks never start with copies of each other's experts).
+        One base seed is drawn from torch's global generator (the same draw on every rank), then
+        expert e gets its own generator seeded base + e: w13 ~ N(0, 1/H), w2 ~ N(0, 1/I), drawn in
+        float32 on the CPU and cast to the layer's dtype; biases start at 0. Nothing is drawn on the
+        meta device (materialise with to_empty, then load_experts)."""
+        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        if self.w13.is_meta:
+            return
+        H, I = self.config.hidden_size, self.config.intermediate_size
+        global_ids = self.placement.to_global(torch.arange(self.placement.num_local_experts)).tolist()
+        for local, expert in enumerate(global_ids):
+            gen = torch.Generator().manual_seed(base + expert)
+            self.w13[local].copy_(torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5)
+            self.w2[local].copy_(torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5)
+        for bias in (self.b13, self.b2):
+            if bias is not None:
+                bias.zero_()
 
     @property
     def weights(self) -> ExpertWeights:
