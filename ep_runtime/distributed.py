@@ -22,9 +22,10 @@ import os
 import re
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -229,3 +230,46 @@ def device_for_rank() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class PeerFailure(RuntimeError):
+    """A collective of a layer failed because another rank did not answer in time (stalled, or on a
+    different code path) or its process ended. The message names the dispatcher, the operation,
+    the peer rank(s) and EP_RUNTIME_TIMEOUT_S; the backend's own error is chained (__cause__)."""
+
+
+# What gloo says when a peer does not answer ("Timed out waiting 3000ms for recv operation to
+# complete") or its process ended ("Connection closed by peer", "Connection reset by peer").
+_PEER_TIMEOUT = re.compile(r"timed out", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGNORECASE)
+_WAITED_MS = re.compile(r"waiting (\d+)ms")
+
+
+@contextmanager
+def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
+    """Re-raise a collective's timeout or lost connection inside the block as a PeerFailure that
+    says which dispatcher and operation waited, for which rank(s), and which knob sets the wait
+    (EP_RUNTIME_TIMEOUT_S); every other error passes through unchanged. `dispatcher` gives name,
+    rank and world_size."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistBackendError is a RuntimeError
+        text = str(exc)
+        timed_out, gone = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text)
+        if isinstance(exc, PeerFailure) or not (timed_out or gone):
+            raise
+        rank, size = dispatcher.rank, dispatcher.world_size
+        others = [r for r in range(size) if r != rank]
+        peers = f"rank {others[0]}" if len(others) == 1 else f"one or more of ranks {', '.join(map(str, others))}"
+        knob = envs.PREFIX + "TIMEOUT_S"
+        if gone:
+            what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
+                    f"a rank that stalls instead is given up on after {knob}")
+        else:
+            waited = _WAITED_MS.search(text)
+            limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
+            what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
+                    f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise PeerFailure(f"{dispatcher.name} {operation} on rank {rank} of {size} {what}. Backend error: "
+                          f"{first_line}") from exc

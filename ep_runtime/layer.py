@@ -9,6 +9,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .distributed import naming_peer_failures
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner
 from .validation import check_finite, check_hidden_states, layer_dtype_and_device
@@ -122,9 +123,11 @@ class EPMoE(nn.Module):
             return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        dispatch_output = self.dispatcher.dispatch(x, topk)
+        with naming_peer_failures(self.dispatcher, "dispatch"):
+            dispatch_output = self.dispatcher.dispatch(x, topk)
         combine_input = self.runner.run(dispatch_output, self.weights)
-        return self.dispatcher.combine(combine_input)
+        with naming_peer_failures(self.dispatcher, "combine"):
+            return self.dispatcher.combine(combine_input)
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:
