@@ -20,7 +20,9 @@ class EPMoE(nn.Module):
 
     Owns this rank's experts only: w13 [L, 2I, H] ([gate; up]; [L, I, H] when not gated),
     w2 [L, H, I], b13/b2 when has_bias. `load_experts` takes the global [E, ...] weights of a
-    checkpoint and keeps this rank's slice. dispatcher: a name from ep_runtime.dispatchers;
+    checkpoint and keeps this rank's slice, or this rank's [L, ...] shard; `gather_experts` hands
+    every expert back in that layout. device="meta" builds it without memory: `to_empty(device=...)`
+    then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
     else torch). group None: the default process group when one exists, else a single process.
     Until load_experts, the experts are random and depend only on the seed and their global ids
@@ -95,16 +97,68 @@ class EPMoE(nn.Module):
     @torch.no_grad()
     def load_experts(self, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor] = None,
                      b2: Optional[torch.Tensor] = None) -> None:
-        """Copy this rank's shard out of the global weights: w13 [E, 2I, H] (gate rows then up rows;
-        [E, I, H] when not gated), w2 [E, H, I], b13 [E, 2I], b2 [E, H]."""
+        """Load this rank's experts from either the global weights (w13 [E, 2I, H], gate rows then up
+        rows, [E, I, H] when not gated; w2 [E, H, I]; b13 [E, 2I]; b2 [E, H]), of which it keeps its
+        shard, or this rank's shard itself ([L, ...], experts in the order of its global ids: what
+        gather_experts' inverse and a sharded checkpoint hold), so no rank needs every expert in
+        memory. Dim 0 tells them apart: E means global, L means shard (with one rank, L == E and both
+        are the same). Works after building on the meta device and `to_empty(device=...)`."""
+        E, L = self.config.num_experts, self.placement.num_local_experts
+        given = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None
+        if given not in (E, L):
+            raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
+                             f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
+        shard = given == L
         full = ExpertWeights(w13, w2, b13, b2)
-        full.check(self.config, self.config.num_experts)
+        full.check(self.config, L if shard else E)
         lo = self.placement.first_expert
         hi = lo + self.placement.num_local_experts
         for name in ("w13", "w2", "b13", "b2"):
             src = getattr(full, name)
             if src is not None:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
-                check_finite(f"{name} (experts {lo}..{hi - 1})", getattr(self, name).copy_(src[lo:hi]))
+                piece = src if shard else src[lo:hi]
+                check_finite(f"{name} (experts {lo}..{hi - 1})", getattr(self, name).copy_(piece))
+
+    @torch.no_grad()
+    def gather_experts(self, dst: Optional[int] = None) -> Optional[ExpertWeights]:
+        """Every expert back in checkpoint layout: ExpertWeights with w13 [E, 2I, H] ([gate; up]),
+        w2 [E, H, I] (and b13 [E, 2I], b2 [E, H] with biases), the inverse of load_experts. dst None:
+        on every rank (one all_gather per tensor); dst r (a rank of the layer's group): only there
+        (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
+        shards = [self.w13, self.w2, self.b13, self.b2]
+        group, R = self.dispatcher.group, self.dispatcher.world_size
+        if not self.dispatcher.shards_experts or R == 1:
+            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
+        if dst is not None and not 0 <= dst < R:
+            raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
+        me = self.dispatcher.rank
+        local_ids = self.placement.to_global(torch.arange(self.placement.num_local_experts, device=self.w13.device))
+        ids = self._collect(local_ids, group, R, dst)
+        out = []
+        for t in shards:
+            parts = None if t is None else self._collect(t.detach().contiguous(), group, R, dst)
+            if parts is None or (dst is not None and me != dst):
+                out.append(None)
+                continue
+            full = parts.new_empty((self.config.num_experts,) + tuple(parts.shape[2:]))
+            full[ids.reshape(-1)] = parts.reshape((-1,) + tuple(parts.shape[2:]))
+            out.append(full)
+        if dst is not None and me != dst:
+            return None
+        return ExpertWeights(*out)
+
+    @staticmethod
+    def _collect(t: torch.Tensor, group, world_size: int, dst: Optional[int]) -> Optional[torch.Tensor]:
+        """[R, *t.shape]: every rank's t in group-rank order, on every rank (dst None) or on dst only."""
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        if dst is None:
+            dist.all_gather(parts, t, group=group)
+        elif dist.get_rank(group) == dst:
+            dist.gather(t, parts, group=group, group_dst=dst)
+        else:
+            dist.gather(t, None, group=group, group_dst=dst)
+            return None
+        return torch.stack(parts)
 
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
