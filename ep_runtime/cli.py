@@ -46,8 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "env" and args.markdown:  # the registry's docs, whatever the environment holds
         return _env(markdown=True)
     try:
-        envs.validate_all()
-    except ValueError as err:  # a bad knob value: named by the registry
+        launch = detect_launch()
+        envs.validate_all(warn=launch.rank == 0)
+    except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
@@ -57,7 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.runner != "auto" and args.runner not in runners.available():
         command.error(f"--runner {args.runner}: cannot run here ({_unavailable_reason(args.runner)}); available "
                       f"here: auto, {', '.join(runners.available())}")
-    launch = detect_launch()
     device = torch.device("cuda" if launch.launcher != "single" and torch.cuda.is_available() else "cpu")
     plan = demo_plan(args.runner, device, args.tokens)
     if not any(runner for _, runner, _ in plan):
@@ -160,7 +160,7 @@ def _env(markdown: bool) -> int:
     for name, value, default, doc in envs.describe():
         print(f"{name}={value}  (default {default})\n    {doc}")
     for name in envs.unknown():
-        print(f"{name}  (unknown: not an ep-runtime knob, ignored)")
+        print(f"{name}  (unknown: not an ep-runtime knob, ignored){envs.suggestion(name)}")
     return 0
 
 

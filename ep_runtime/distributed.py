@@ -147,8 +147,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     global _CREATED_HERE
     if dist.is_initialized():
         return dist.group.WORLD
-    envs.validate_all()
     launch = detect_launch()
+    envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend not in ("nccl", "gloo", "mpi"):
