@@ -169,7 +169,7 @@ def _demo(args, launch, plan) -> int:
     from .testing import run_ranks
 
     for name, runner, why in plan:
-        if runner is None:
+        if runner is None and launch.rank == 0:  # once per job
             print(f"demo: skipping {name}: {why}")
     runnable = [(name, runner, options) for name, runner, options in plan if runner is not None]
     if launch.launcher != "single":
