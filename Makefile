@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint env docs clean
+.PHONY: demo test lint env docs docs-site clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ env: $(VENV)/.installed
 
 docs: $(VENV)/.installed
 	$(PY) -m ep_runtime env --markdown > docs/environment_variables.md
+
+# The documentation site (MkDocs + mkdocstrings: API reference from the docstrings) in build/site, warnings as errors.
+# mkdocstrings reads the package as it installs: dispatchers/ and runners/ staged inside ep_runtime/ by symlinks.
+docs-site: $(VENV)/.installed
+	$(PY) -c "import mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q -e '.[docs]'
+	rm -rf build/docs-src && mkdir -p build/docs-src/ep_runtime
+	ln -s $(CURDIR)/ep_runtime/*.py build/docs-src/ep_runtime/
+	ln -s $(CURDIR)/dispatchers build/docs-src/ep_runtime/dispatchers
+	ln -s $(CURDIR)/runners build/docs-src/ep_runtime/runners
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,7 +9,7 @@
 """
 from . import envs
 from .config import ExpertWeights, MoeConfig
-from .distributed import destroy_distributed, detect_launch, init_distributed
+from .distributed import PeerFailure, destroy_distributed, detect_launch, init_distributed
 from .placement import ExpertPlacement
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
@@ -24,7 +24,8 @@ from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; impor
 __version__ = "0.1.0"
 
 __all__ = [
-    "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner", "RunnerInput",
+    "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner",
+    "PeerFailure", "RunnerInput",
     "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
     "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

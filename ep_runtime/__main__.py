@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # `python -m ep_runtime`; importing the module (docs tools do) runs nothing
+    raise SystemExit(main())

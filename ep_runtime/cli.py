@@ -2,24 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from . import runners
+from . import envs, runners
+from .distributed import detect_launch
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Every input is checked before any work: a user error is one line naming the flag (or knob) and
+    what is allowed, exit code 2 (argparse's `parser.error`), no traceback."""
     parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run every dispatcher forward and backward against the float64 reference")
     demo.add_argument("--world-size", type=_positive_int, default=None,
                       help="local CPU ranks to spawn when no launcher is detected (default EP_RUNTIME_DEMO_WORLD_SIZE)")
-    demo.add_argument("--runner", default="torch", help="runner backend (default torch)")
-    demo.add_argument("--tokens", type=_positive_int, default=48, help="tokens on rank 0 (rank 1 gets none)")
+    demo.add_argument("--runner", default="auto",
+                      help="runner backend for every dispatcher it serves; auto (default) picks, per dispatcher, the "
+                           "best available one that serves it")
+    demo.add_argument("--tokens", type=lambda text: _positive_int(text, DEMO_MAX_TOKENS), default=48,
+                      help=f"tokens on rank 0 (rank 1 gets none); sizes static buffers (deepep_ll's M); "
+                           f"1..{DEMO_MAX_TOKENS}")
 
     env = sub.add_parser("env", help="print every EP_RUNTIME_* knob: value, default, doc")
     env.add_argument("--markdown", action="store_true", help="print docs/environment_variables.md instead")
@@ -30,17 +39,108 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
-        return bench_main(rest)
+        return bench_main(bench_arguments(rest, interactive=sys.stdout.isatty() and sys.stderr.isatty()))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    command = sub.choices[args.command]
+    if args.command == "env" and args.markdown:  # the registry's docs, whatever the environment holds
+        return _env(markdown=True)
     try:
-        if args.command == "env":
-            return _env(args.markdown)
-        runners.check_name(args.runner)
-        return _demo(args)
-    except (ValueError, TypeError) as err:  # user errors (bad knob, unknown runner): one line, no traceback
-        print(f"ep-runtime {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        launch = detect_launch()
+        envs.validate_all(warn=launch.rank == 0)
+    except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
+        command.error(str(err))
+    if args.command == "env":
+        return _env(markdown=False)
+    if args.runner != "auto" and args.runner not in runners.registered():
+        command.error(f"--runner {args.runner}: unknown; allowed: auto, {', '.join(runners.registered())}"
+                      f"{_did_you_mean(args.runner, runners.registered())}")
+    if args.runner != "auto" and args.runner not in runners.available():
+        command.error(f"--runner {args.runner}: cannot run here ({_unavailable_reason(args.runner)}); available "
+                      f"here: auto, {', '.join(runners.available())}")
+    device = torch.device("cuda" if launch.launcher != "single" and torch.cuda.is_available() else "cpu")
+    plan = demo_plan(args.runner, device, args.tokens)
+    if not any(runner for _, runner, _ in plan):
+        reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
+        command.error(f"--runner {args.runner} serves no dispatcher here ({reasons}); allowed here: auto, "
+                      f"{', '.join(runners.available())}")
+    return _demo(args, launch, plan)
+
+
+DEMO_MAX_TOKENS = 1 << 16
+
+# Options that size a dispatcher's static buffers for the tokens one rank sends: the demo sets them from
+# --tokens when the knob's value is smaller (a dispatcher absent here has no static buffer to size).
+DEMO_CAPACITY = {
+    "deepep_ll": ("num_max_dispatch_tokens_per_rank", "LL_MAX_DISPATCH_TOKENS_PER_RANK"),
+    "mori": ("max_dispatch_tokens_per_rank", "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK"),
+}
+
+
+def demo_plan(runner: str, device: torch.device, tokens: int) -> list[tuple[str, Optional[str], Any]]:
+    """One row per registered dispatcher: (dispatcher, runner backend, dispatcher options), or
+    (dispatcher, None, why it is skipped) when `runner` cannot serve it here. "auto" picks per
+    dispatcher (runners.resolve); a named runner serves the dispatchers whose format it has a path
+    for (ep.registered_pairs())."""
+    from . import dispatchers
+    from .runner_core import registered_pairs
+    pairs = registered_pairs()
+    plan = []
+    for name in dispatchers.registered():
+        fmt = dispatchers.get(name).format
+        backend = runners.resolve(runner, device, fmt)
+        if backend not in runners.available():
+            plan.append((name, None, f"runner {backend} cannot run here ({_unavailable_reason(backend)})"))
+            continue
+        if (fmt, backend) not in pairs:
+            served = ", ".join(f for f, b in pairs if b == backend) or "none"
+            plan.append((name, None, f"runner {backend} has no path for the {fmt} format (it serves: {served})"))
+            continue
+        options = {}
+        if name in DEMO_CAPACITY:
+            option, knob = DEMO_CAPACITY[name]
+            if tokens > envs.get(knob):
+                options[option] = tokens
+        plan.append((name, backend, options))
+    return plan
+
+
+def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
+    """`ep-runtime bench` arguments checked before any work (argparse's one-line errors, exit 2):
+    dispatcher and runner names (registered, and for runners, available here), --plot's matplotlib.
+    Returns the arguments to run with: --no-progress added when output is not a terminal."""
+    from . import dispatchers
+    from .bench import build_parser
+    argv = list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in args.dispatchers or []:
+        if name not in dispatchers.registered():
+            parser.error(f"--dispatchers {name}: unknown; allowed: {', '.join(dispatchers.registered())}"
+                         f"{_did_you_mean(name, dispatchers.registered())}")
+    for name in [] if args.from_json else args.runners or []:
+        if name not in runners.registered():
+            parser.error(f"--runners {name}: unknown; allowed: {', '.join(runners.registered())}"
+                         f"{_did_you_mean(name, runners.registered())}")
+        if name not in runners.available():
+            parser.error(f"--runners {name}: cannot run here ({_unavailable_reason(name)}); available here: "
+                         f"{', '.join(runners.available())}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error(f"--plot {args.plot}: needs matplotlib, which is not installed (pip install matplotlib, or "
+                     f"drop --plot and plot a --json file later with --from-json)")
+    if not interactive and not args.no_progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def _unavailable_reason(name: str) -> str:
+    from .runners import _RUNNERS  # the registry: each backend class says why it cannot run here
+    return _RUNNERS[name].unavailable_reason() or "not available"
+
+
+def _did_you_mean(name: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=2, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _positive_int(text: str, most: int = 1 << 20) -> int:
@@ -54,32 +154,31 @@ def _positive_int(text: str, most: int = 1 << 20) -> int:
 
 
 def _env(markdown: bool) -> int:
-    from . import envs
     if markdown:
         sys.stdout.write(envs.markdown())
         return 0
-    envs.validate_all()
     for name, value, default, doc in envs.describe():
         print(f"{name}={value}  (default {default})\n    {doc}")
     for name in envs.unknown():
-        print(f"{name}  (unknown: not an ep-runtime knob, ignored)")
+        print(f"{name}  (unknown: not an ep-runtime knob, ignored){envs.suggestion(name)}")
     return 0
 
 
-def _demo(args) -> int:
-    from . import envs
-    from .distributed import destroy_distributed, detect_launch, init_distributed
+def _demo(args, launch, plan) -> int:
+    from .distributed import destroy_distributed, init_distributed
     from .testing import run_ranks
 
-    envs.validate_all()
-    launch = detect_launch()
+    for name, runner, why in plan:
+        if runner is None and launch.rank == 0:  # once per job
+            print(f"demo: skipping {name}: {why}")
+    runnable = [(name, runner, options) for name, runner, options in plan if runner is not None]
     if launch.launcher != "single":
         # Started by torchrun, srun or mpirun: this process is one rank of that job.
         import torch.distributed as dist
         init_distributed()
         try:
             rank, world_size = dist.get_rank(), dist.get_world_size()
-            rows = demo_rank(rank, world_size, args.runner, args.tokens)
+            rows = demo_rank(rank, world_size, runnable, args.tokens)
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rows)
             backend = dist.get_backend()
@@ -90,14 +189,14 @@ def _demo(args) -> int:
         print(f"demo: joined a {launch.launcher} job: {world_size} ranks, backend {backend}")
         return _report(gathered)
     world_size = args.world_size or envs.get("DEMO_WORLD_SIZE")
-    return _report(run_ranks(demo_rank, world_size, args.runner, args.tokens, timeout=300))
+    return _report(run_ranks(demo_rank, world_size, runnable, args.tokens, timeout=300))
 
 
-def demo_rank(rank: int, world_size: int, runner: str, tokens: int) -> list[tuple]:
-    """Every registered dispatcher with `runner`: forward + backward vs the reference on this rank."""
+def demo_rank(rank: int, world_size: int, plan: list[tuple[str, str, dict]], tokens: int) -> list[tuple]:
+    """Each (dispatcher, runner, dispatcher options) of `plan`: forward + backward vs the reference
+    on this rank."""
     import torch.distributed as dist
 
-    from . import dispatchers
     from .distributed import device_for_rank
     from .layer import EPMoE
     from .testing import check_layer, make_problem
@@ -107,8 +206,9 @@ def demo_rank(rank: int, world_size: int, runner: str, tokens: int) -> list[tupl
     num_experts = 16 if 16 % world_size == 0 else 4 * world_size
     tokens_per_rank = [tokens if r != 1 else 0 for r in range(world_size)]  # rank 1 routes nothing
     rows = []
-    for name in dispatchers.registered():
-        layer = EPMoE(num_experts, 4, 64, 32, dispatcher=name, runner=runner, dtype=dtype, device=device)
+    for name, runner, options in plan:
+        layer = EPMoE(num_experts, 4, 64, 32, dispatcher=name, runner=runner, dtype=dtype, device=device,
+                      dispatcher_options=options)
         problem = make_problem(layer.config, tokens_per_rank, seed=1234, ep_size=world_size)
         dist.barrier()
         start = time.perf_counter()

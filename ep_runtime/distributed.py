@@ -4,15 +4,28 @@ Backend: NCCL when CUDA is available, gloo otherwise. The group gets a timeout
 (EP_RUNTIME_TIMEOUT_S unless given), so a dead or stalled rank makes the others fail instead of
 hanging. A group created here is destroyed at interpreter exit (gloo can abort the process at
 shutdown otherwise); call destroy_distributed() to do it earlier.
+
+Why destroy_distributed() waits for gloo's worker threads: a ProcessGroupGloo runs collectives on
+its own threads, and the thread that ran a collective may be the last owner of that work's tensors.
+Freeing a tensor that Python also sees takes the GIL. Python still references the group after
+torch's destroy_process_group (the `group` a script keeps, every layer's dispatcher), so those
+threads live on until interpreter shutdown; a thread that only then gets round to freeing its last
+work (it was waiting for a CPU, or for the GIL) is stopped by Python while it unwinds a noexcept
+destructor: "terminate called without an active exception", SIGABRT, after the job's results were
+printed (torch issue 190489). So destroy_distributed() releases the GIL until no gloo worker thread
+is runnable any more, i.e. each has finished its last work and sleeps waiting for the next.
 """
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,8 +147,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     global _CREATED_HERE
     if dist.is_initialized():
         return dist.group.WORLD
-    envs.validate_all()
     launch = detect_launch()
+    envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend not in ("nccl", "gloo", "mpi"):
@@ -161,9 +174,55 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
 
 
 def destroy_distributed() -> None:
-    """Destroy the default process group if one exists (idempotent)."""
+    """Destroy the default process group if one exists (idempotent), then wait until gloo's worker
+    threads have released their last work (see the module doc: a thread still doing so when the
+    interpreter shuts down aborts the process). Free CUDA graphs that captured collectives of the
+    group first: NCCL waits for their work to be released when it destroys the communicator."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            torch.cuda.synchronize()  # no kernel of this group still in flight when its communicator goes
         dist.destroy_process_group()
+    wait_for_idle_gloo_workers()
+
+
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
+
+
+def gloo_worker_states() -> list[str]:
+    """Scheduler state of each gloo worker thread of this process ("R" runnable, "S" sleeping, ...),
+    read from /proc (Linux); empty where there is none or no /proc."""
+    states = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return states
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != GLOO_WORKER_THREAD:
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return states
+
+
+def wait_for_idle_gloo_workers(limit_s: float = 5.0) -> bool:
+    """Release the GIL until no gloo worker thread is runnable in two samples in a row (each sample
+    follows a sleep, during which a worker waiting for the GIL gets it); True when they went idle,
+    False after limit_s. A worker blocked inside a collective sleeps too, so this never waits for a
+    peer. Returns at once when the process has no gloo worker."""
+    if not gloo_worker_states():
+        return True
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+        quiet = quiet + 1 if "R" not in gloo_worker_states() else 0
+    return True
 
 
 def device_for_rank() -> torch.device:
@@ -171,3 +230,46 @@ def device_for_rank() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class PeerFailure(RuntimeError):
+    """A collective of a layer failed because another rank did not answer in time (stalled, or on a
+    different code path) or its process ended. The message names the dispatcher, the operation,
+    the peer rank(s) and EP_RUNTIME_TIMEOUT_S; the backend's own error is chained (__cause__)."""
+
+
+# What gloo says when a peer does not answer ("Timed out waiting 3000ms for recv operation to
+# complete") or its process ended ("Connection closed by peer", "Connection reset by peer").
+_PEER_TIMEOUT = re.compile(r"timed out", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGNORECASE)
+_WAITED_MS = re.compile(r"waiting (\d+)ms")
+
+
+@contextmanager
+def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
+    """Re-raise a collective's timeout or lost connection inside the block as a PeerFailure that
+    says which dispatcher and operation waited, for which rank(s), and which knob sets the wait
+    (EP_RUNTIME_TIMEOUT_S); every other error passes through unchanged. `dispatcher` gives name,
+    rank and world_size."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistBackendError is a RuntimeError
+        text = str(exc)
+        timed_out, gone = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text)
+        if isinstance(exc, PeerFailure) or not (timed_out or gone):
+            raise
+        rank, size = dispatcher.rank, dispatcher.world_size
+        others = [r for r in range(size) if r != rank]
+        peers = f"rank {others[0]}" if len(others) == 1 else f"one or more of ranks {', '.join(map(str, others))}"
+        knob = envs.PREFIX + "TIMEOUT_S"
+        if gone:
+            what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
+                    f"a rank that stalls instead is given up on after {knob}")
+        else:
+            waited = _WAITED_MS.search(text)
+            limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
+            what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
+                    f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise PeerFailure(f"{dispatcher.name} {operation} on rank {rank} of {size} {what}. Backend error: "
+                          f"{first_line}") from exc

@@ -8,6 +8,7 @@ Two kinds of entries:
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import warnings
@@ -123,15 +124,30 @@ def get(name: str) -> Any:
     return knob.parse(raw)
 
 
-def validate_all() -> None:
+_WARNED: set[str] = set()  # unknown variables already warned about in this process
+
+
+def validate_all(warn: bool = True) -> None:
     """Parse every knob that is set, so a bad value fails at start-up rather than mid-run; warn about
-    EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word)."""
+    EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word), once
+    per process and variable, with the closest knob's name. warn=False: check only (ranks other than
+    0 pass it, so a job prints the warning once)."""
     for name in KNOBS:
         get(name)
-    ignored = unknown()
-    if ignored:
-        warnings.warn(f"ignoring unknown variables {', '.join(ignored)}: no such ep-runtime knob "
-                      f"(known: {', '.join(KNOBS)}; see `ep-runtime env`)", stacklevel=2)
+    new = [name for name in unknown() if name not in _WARNED]
+    if warn and new:
+        _WARNED.update(new)
+        described = ", ".join(name + suggestion(name) for name in new)
+        warnings.warn(f"ignoring unknown variable{'s' if len(new) > 1 else ''} {described}: no such ep-runtime knob "
+                      f"(`ep-runtime env` lists them)", stacklevel=2)
+
+
+def suggestion(name: str) -> str:
+    """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''."""
+    # Compared without the shared prefix, which would make every name look close.
+    close = difflib.get_close_matches(name.removeprefix(PREFIX), [k.removeprefix(PREFIX) for k in KNOBS], n=1,
+                                      cutoff=0.6)
+    return f" (did you mean {PREFIX}{close[0]}?)" if close else ""
 
 
 def unknown() -> list[str]:

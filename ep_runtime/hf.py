@@ -9,6 +9,13 @@ router, shared experts and everything else stay HF's own, so outputs and gradien
 
     model = AutoModelForCausalLM.from_config(config)     # the same weights on every rank
     ep.hf.replace_experts(model, dispatcher="deepep_normal", group=ep.init_distributed())
+
+and back to a Hugging Face checkpoint (every rank calls export_state_dict; rank 0 gets HF's names
+and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
+
+    state_dict = ep.hf.export_state_dict(model)
+    if state_dict is not None:
+        model.save_pretrained(path, state_dict=state_dict)
 """
 from __future__ import annotations
 
@@ -92,3 +99,24 @@ def replace_experts(model: nn.Module, **options: Any) -> int:
     for block in blocks:
         block.experts = EPExperts(block.experts, block.gate.top_k, **options)
     return len(blocks)
+
+
+def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict[str, torch.Tensor]]:
+    """`model.state_dict()` as the Hugging Face model had it before replace_experts: each EPExperts'
+    `<prefix>.layer.w13` / `.layer.w2` (this rank's shard) become `<prefix>.gate_up_proj` [E, 2I, H]
+    and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group. Every rank
+    must call it (one gather per expert tensor); dst r: the dict on rank r only, None elsewhere
+    (dst None: on every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
+    gathered = {name: m.layer.gather_experts(dst) for name, m in experts.items()}
+    if any(w is None for w in gathered.values()):
+        return None
+    out = {}
+    for key, value in model.state_dict().items():
+        owner = next((name for name in experts if key.startswith(f"{name}.layer.")), None)
+        if owner is None:
+            out[key] = value
+    for name, weights in gathered.items():
+        out[f"{name}.gate_up_proj"] = weights.w13
+        out[f"{name}.down_proj"] = weights.w2
+    return out

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .distributed import naming_peer_failures
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner
 from .validation import check_finite, check_hidden_states, layer_dtype_and_device
@@ -19,9 +20,13 @@ class EPMoE(nn.Module):
 
     Owns this rank's experts only: w13 [L, 2I, H] ([gate; up]; [L, I, H] when not gated),
     w2 [L, H, I], b13/b2 when has_bias. `load_experts` takes the global [E, ...] weights of a
-    checkpoint and keeps this rank's slice. dispatcher: a name from ep_runtime.dispatchers;
+    checkpoint and keeps this rank's slice, or this rank's [L, ...] shard; `gather_experts` hands
+    every expert back in that layout. device="meta" builds it without memory: `to_empty(device=...)`
+    then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
     else torch). group None: the default process group when one exists, else a single process.
+    Until load_experts, the experts are random and depend only on the seed and their global ids
+    (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -63,9 +68,27 @@ class EPMoE(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w13, std=self.config.hidden_size ** -0.5)
-        nn.init.normal_(self.w2, std=self.config.intermediate_size ** -0.5)
+        """Random initial experts that depend only on torch's seed and each expert's global id, so a
+        layer spread over R ranks holds exactly the experts a one-process layer built after the same
+        torch.manual_seed holds (and two ranks never start with copies of each other's experts).
+        One base seed is drawn from torch's global generator (the same draw on every rank), then
+        expert e gets its own generator seeded base + e: w13 ~ N(0, 1/H), w2 ~ N(0, 1/I), drawn in
+        float32 on the CPU and cast to the layer's dtype; biases start at 0. Nothing is drawn on the
+        meta device (materialise with to_empty, then load_experts)."""
+        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        if self.w13.is_meta:
+            return
+        H, I = self.config.hidden_size, self.config.intermediate_size
+        global_ids = self.placement.local_expert_ids().tolist()
+        for local, expert in enumerate(global_ids):
+            gen = torch.Generator().manual_seed(base + expert)
+            self.w13[local].copy_(torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5)
+            self.w2[local].copy_(torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5)
+        for bias in (self.b13, self.b2):
+            if bias is not None:
+                bias.zero_()
 
     @property
     def weights(self) -> ExpertWeights:
@@ -74,16 +97,68 @@ class EPMoE(nn.Module):
     @torch.no_grad()
     def load_experts(self, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor] = None,
                      b2: Optional[torch.Tensor] = None) -> None:
-        """Copy this rank's shard out of the global weights: w13 [E, 2I, H] (gate rows then up rows;
-        [E, I, H] when not gated), w2 [E, H, I], b13 [E, 2I], b2 [E, H]."""
+        """Load this rank's experts from either the global weights (w13 [E, 2I, H], gate rows then up
+        rows, [E, I, H] when not gated; w2 [E, H, I]; b13 [E, 2I]; b2 [E, H]), of which it keeps its
+        shard, or this rank's shard itself ([L, ...], experts in the order of its global ids: what
+        gather_experts' inverse and a sharded checkpoint hold), so no rank needs every expert in
+        memory. Dim 0 tells them apart: E means global, L means shard (with one rank, L == E and both
+        are the same). Works after building on the meta device and `to_empty(device=...)`."""
+        E, L = self.config.num_experts, self.placement.num_local_experts
+        given = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None
+        if given not in (E, L):
+            raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
+                             f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
+        shard = given == L
         full = ExpertWeights(w13, w2, b13, b2)
-        full.check(self.config, self.config.num_experts)
+        full.check(self.config, L if shard else E)
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         for name in ("w13", "w2", "b13", "b2"):
             src = getattr(full, name)
             if src is not None:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
+                piece = src if shard else src[experts.to(src.device)]
                 check_finite(f"{name} (experts {self.placement.describe_local_experts()})",
-                             getattr(self, name).copy_(src[experts.to(src.device)]))
+                             getattr(self, name).copy_(piece))
+
+    @torch.no_grad()
+    def gather_experts(self, dst: Optional[int] = None) -> Optional[ExpertWeights]:
+        """Every expert back in checkpoint layout: ExpertWeights with w13 [E, 2I, H] ([gate; up]),
+        w2 [E, H, I] (and b13 [E, 2I], b2 [E, H] with biases), the inverse of load_experts. dst None:
+        on every rank (one all_gather per tensor); dst r (a rank of the layer's group): only there
+        (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
+        shards = [self.w13, self.w2, self.b13, self.b2]
+        group, R = self.dispatcher.group, self.dispatcher.world_size
+        if not self.dispatcher.shards_experts or R == 1:
+            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
+        if dst is not None and not 0 <= dst < R:
+            raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
+        me = self.dispatcher.rank
+        local_ids = self.placement.local_expert_ids(self.w13.device)
+        ids = self._collect(local_ids, group, R, dst)
+        out = []
+        for t in shards:
+            parts = None if t is None else self._collect(t.detach().contiguous(), group, R, dst)
+            if parts is None or (dst is not None and me != dst):
+                out.append(None)
+                continue
+            full = parts.new_empty((self.config.num_experts,) + tuple(parts.shape[2:]))
+            full[ids.reshape(-1)] = parts.reshape((-1,) + tuple(parts.shape[2:]))
+            out.append(full)
+        if dst is not None and me != dst:
+            return None
+        return ExpertWeights(*out)
+
+    @staticmethod
+    def _collect(t: torch.Tensor, group, world_size: int, dst: Optional[int]) -> Optional[torch.Tensor]:
+        """[R, *t.shape]: every rank's t in group-rank order, on every rank (dst None) or on dst only."""
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        if dst is None:
+            dist.all_gather(parts, t, group=group)
+        elif dist.get_rank(group) == dst:
+            dist.gather(t, parts, group=group, group_dst=dst)
+        else:
+            dist.gather(t, None, group=group, group_dst=dst)
+            return None
+        return torch.stack(parts)
 
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
@@ -102,9 +177,11 @@ class EPMoE(nn.Module):
             return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        dispatch_output = self.dispatcher.dispatch(x, topk)
+        with naming_peer_failures(self.dispatcher, "dispatch"):
+            dispatch_output = self.dispatcher.dispatch(x, topk)
         combine_input = self.runner.run(dispatch_output, self.weights)
-        return self.dispatcher.combine(combine_input)
+        with naming_peer_failures(self.dispatcher, "combine"):
+            return self.dispatcher.combine(combine_input)
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:

@@ -104,10 +104,17 @@ def main() -> int:
     ok = worst_vs_eager <= limit and worst_vs_ref <= limit
     flags = torch.tensor([int(ok)], device=device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    all_ok = bool(flags.item())
+    # The graph holds the NCCL work it captured, and NCCL's communicator waits for such work to be
+    # released when it is destroyed: free the graph (and let the device finish) before the group
+    # goes, or the process never exits.
+    graph.reset()
+    del graph
+    torch.cuda.synchronize()
     ep.destroy_distributed()
     if rank == 0:
-        print("inference_cuda_graph: OK" if flags.item() else f"inference_cuda_graph: FAILED (limit {limit:g})")
-    return 0 if flags.item() else 1
+        print("inference_cuda_graph: OK" if all_ok else f"inference_cuda_graph: FAILED (limit {limit:g})")
+    return 0 if all_ok else 1
 
 
 if __name__ == "__main__":

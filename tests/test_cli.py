@@ -56,3 +56,78 @@ def test_bad_knob_value_fails_demo_with_the_name():
     out = subprocess.run([sys.executable, "-m", "ep_runtime", "demo"], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode != 0 and "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float" in out.stderr
+
+
+# ---------------------------------------------------------------- issue 15, item 2: user errors up front
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["demo", "--runner", "nope"], "--runner nope: unknown; allowed: auto, torch"),
+    (["demo", "--runner", "trition"], "(did you mean triton?)"),
+    (["demo", "--tokens", "70000"], "argument --tokens: 70000 is out of range; allowed 1..65536"),
+    (["bench", "--runners", "nope"], "--runners nope: unknown; allowed: torch"),
+    (["bench", "--dispatchers", "deepep"], "--dispatchers deepep: unknown; allowed: deepep_ll, deepep_normal, mori, "
+                                           "standard (did you mean deepep_ll or deepep_normal?)"),
+    (["bench", "--dispatchers", "standard,nope"], "--dispatchers nope: unknown"),
+    (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
+    (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
+    (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
+])
+def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monkeypatch):
+    """In process, so nothing can have started: exit 2, the last line names the flag and what is
+    allowed, nothing on stdout (no rank ran), no traceback."""
+    from ep_runtime import runners
+    from ep_runtime.cli import main
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if "triton" in args or "masked" in args:
+        if {"triton", "masked"} & set(runners.available()):
+            pytest.skip("Triton runs here (GPU)")
+    if "--plot" in args and _has("matplotlib"):
+        pytest.skip("matplotlib is installed")
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"ep-runtime {args[0]}: error: ") and expected in last, err
+    assert out == "" and "Traceback" not in err, out + err
+
+
+def test_demo_sizes_deepep_ll_from_tokens():
+    """--tokens above deepep_ll's default M (128) used to fail inside the ranks (T > M)."""
+    out = _run([sys.executable, "-m", "ep_runtime", "demo", "--world-size", "2", "--tokens", "500"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "deepep_ll" in out.stdout and out.stdout.strip().endswith("demo: OK"), out.stdout
+
+
+def test_demo_plan_picks_a_runner_per_dispatcher_or_says_why_not(monkeypatch):
+    import torch
+
+    import ep_runtime as ep
+    from ep_runtime.cli import demo_plan
+    cpu = torch.device("cpu")
+    auto = demo_plan("auto", cpu, 48)
+    assert [name for name, _, _ in auto] == ep.dispatchers.registered()
+    assert all(runner == "torch" for _, runner, _ in auto), auto  # auto on CPU: the reference backend
+    options = {name: opts for name, _, opts in demo_plan("torch", cpu, 500)}
+    assert options["deepep_ll"] == {"num_max_dispatch_tokens_per_rank": 500}, options
+    assert options["standard"] == {} and options["deepep_normal"] == {}, options
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if "masked" not in ep.runners.available():
+        pytest.skip("triton is not installed")
+    for name, runner, why in demo_plan("masked", cpu, 48):
+        fmt = ep.dispatchers.get(name).format
+        if (fmt, "masked") in ep.registered_pairs():
+            assert runner == "masked", (name, why)
+        else:
+            assert runner is None and f"runner masked has no path for the {fmt} format" in why, (name, why)
+
+
+def test_bench_progress_bar_only_on_a_terminal():
+    from ep_runtime.cli import bench_arguments
+    assert bench_arguments(["--suite", "dispatch"], interactive=False) == ["--suite", "dispatch", "--no-progress"]
+    assert bench_arguments(["--suite", "dispatch"], interactive=True) == ["--suite", "dispatch"]

@@ -55,8 +55,43 @@ def test_a_mistyped_variable_is_reported(monkeypatch, capsys):
     monkeypatch.setenv("EP_RUNTIME_MORI_MAX_INPUT_TOKENS", "64")  # the knob is ..._MORI_MOE_MAX_INPUT_TOKENS
     assert "EP_RUNTIME_MORI_MAX_INPUT_TOKENS" in envs.unknown()
     assert not set(envs.unknown()) & set(envs.KNOBS)
-    with pytest.warns(UserWarning, match=r"ignoring unknown variables .*EP_RUNTIME_MORI_MAX_INPUT_TOKENS"):
+    monkeypatch.setattr(envs, "_WARNED", set())  # as in a fresh process
+    with pytest.warns(UserWarning, match=r"ignoring unknown variable EP_RUNTIME_MORI_MAX_INPUT_TOKENS \(did you mean "
+                                         r"EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS\?\)"):
         envs.validate_all()
-    with pytest.warns(UserWarning):
-        assert cli.main(["env"]) == 0
-    assert "EP_RUNTIME_MORI_MAX_INPUT_TOKENS  (unknown: not an ep-runtime knob, ignored)" in capsys.readouterr().out
+    assert cli.main(["env"]) == 0
+    assert ("EP_RUNTIME_MORI_MAX_INPUT_TOKENS  (unknown: not an ep-runtime knob, ignored) (did you mean "
+            "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS?)") in capsys.readouterr().out
+
+
+def test_unknown_variable_warning_once_per_process_and_on_rank_0_only(monkeypatch, recwarn):
+    """Issue 15, item 7: it printed once per rank and per call, and without a suggestion."""
+    monkeypatch.setattr(envs, "_WARNED", set())
+    monkeypatch.setenv("EP_RUNTIME_RUNNERS", "torch")  # the knob is EP_RUNTIME_RUNNER
+    envs.validate_all(warn=False)  # what every rank but 0 does
+    assert len(recwarn) == 0
+    for _ in range(3):
+        envs.validate_all()
+    messages = [str(w.message) for w in recwarn]
+    assert messages == ["ignoring unknown variable EP_RUNTIME_RUNNERS (did you mean EP_RUNTIME_RUNNER?): no such "
+                        "ep-runtime knob (`ep-runtime env` lists them)"], messages
+    monkeypatch.setenv("EP_RUNTIME_ZZZZZZ", "1")  # a new one is reported; no knob is close to it
+    envs.validate_all()
+    assert [str(w.message) for w in recwarn][1:] == [
+        "ignoring unknown variable EP_RUNTIME_ZZZZZZ: no such ep-runtime knob (`ep-runtime env` lists them)"]
+
+
+def test_unknown_variable_is_reported_by_rank_0_of_a_job_only():
+    import os
+    import subprocess
+    import sys
+
+    from ep_runtime.distributed import free_port
+    code = "import ep_runtime as ep; ep.init_distributed(backend='gloo'); ep.destroy_distributed()"
+    env = dict(os.environ, EP_RUNTIME_RUNNERS="torch", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "did you mean EP_RUNTIME_RUNNER?" in errs[0] and "EP_RUNTIME_RUNNERS" not in errs[1], errs

@@ -134,6 +134,7 @@ def _check_survivors(folder: Path, fault_at, survivors, hung) -> None:
         assert exited_at - fault_at <= TIMEOUT_S + 10, f"rank {r} took {exited_at - fault_at:.1f} s"
         assert not (folder / f"rank{r}_done").exists()
         assert "RuntimeError" in error, error  # torch.distributed's error, not a silent exit
+        assert "PeerFailure: " in error and " on rank 0 of 2 " in error and "rank 1" in error, error
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill", "stall"])
@@ -306,7 +307,11 @@ def test_one_rank_with_a_bad_shape_fails_every_rank_within_the_timeout(dispatche
     assert BAD_INPUT["x_dtype"] in rank1
     assert "--- rank 0 ---" in rank0 and "RuntimeError" in rank0, rank0  # an error on rank 0 too, not a hang
     if linger:
-        assert "Timed out" in rank0, rank0
+        assert "Timed out" in rank0, rank0  # the backend's error, chained
+        # what a user can act on (issue 15, item 4): the dispatcher, the operation, the peer, the knob
+        assert (f"ep_runtime.distributed.PeerFailure: {dispatcher} dispatch on rank 0 of 2 waited in vain for "
+                f"rank 1: no answer within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S or "
+                f"init_distributed(timeout_s=...))") in rank0, rank0
     assert elapsed < linger + TIMEOUT_S + 20
 
 
@@ -431,7 +436,7 @@ def test_bad_knob_value_fails_the_cli_naming_it(name, value):
 
 @pytest.mark.parametrize("args,env,expected", [
     (["env"], {"EP_RUNTIME_TIMEOUT_S": "soon"}, "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float"),
-    (["demo", "--world-size", "1", "--runner", "nope"], {}, "runner='nope' is unknown"),
+    (["demo", "--world-size", "1", "--runner", "nope"], {}, "--runner nope: unknown; allowed: auto, "),
     (["demo", "--world-size", "1", "--tokens", "99999999999999999999"], {}, "--tokens"),
 ])
 def test_cli_user_errors_are_one_line_without_a_traceback(args, env, expected):

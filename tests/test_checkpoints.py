@@ -1,0 +1,115 @@
+"""Issue 15, item 6: checkpoints in and out of an expert-parallel layer.
+
+- load_experts takes this rank's shard [L, ...] as well as the global [E, ...] weights: same layer.
+- a layer built on the meta device, materialised with to_empty and loaded, equals one built normally.
+- gather_experts hands every expert back in checkpoint layout, on every rank or on one.
+- Hugging Face: HF -> replace_experts (2 gloo ranks) -> export_state_dict -> save_pretrained ->
+  from_pretrained gives back the original state dict and logits exactly.
+All on 2 gloo ranks against a one-process view of the same seeded weights.
+"""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.testing import run_ranks
+
+E, K, H, I = 8, 2, 16, 24
+
+
+def _global_weights():
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+
+
+def _tokens(rank):
+    gen = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(6 + rank, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(x.shape[0])])
+    return x, ids, torch.rand(x.shape[0], K, generator=gen)
+
+
+def _checkpoint_rank(rank, world_size, dispatcher):
+    w13, w2 = _global_weights()
+    L = E // world_size
+    lo = rank * L
+    from_global = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch")
+    from_global.load_experts(w13, w2)
+    from_shard = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch")
+    from_shard.load_experts(w13[lo:lo + L].clone(), w2[lo:lo + L].clone())
+    on_meta = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", device="meta")
+    assert on_meta.w13.is_meta
+    on_meta.to_empty(device="cpu")
+    on_meta.load_experts(w13[lo:lo + L].clone(), w2[lo:lo + L].clone())
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), from_global.config)
+    with torch.no_grad():
+        errors = {name: rel_err(layer(x, ids, weights), ref)
+                  for name, layer in (("global", from_global), ("shard", from_shard), ("meta", on_meta))}
+    same = torch.equal(from_shard.w13, from_global.w13) and torch.equal(on_meta.w2, from_global.w2)
+    everywhere = from_shard.gather_experts()
+    on_root = from_shard.gather_experts(dst=0)
+    gathered = {"everywhere": torch.equal(everywhere.w13, w13) and torch.equal(everywhere.w2, w2),
+                "on_root": (on_root is None) if rank != 0 else
+                           (torch.equal(on_root.w13, w13) and torch.equal(on_root.w2, w2))}
+    bad = {}
+    for name, args in (("experts", (w13[:3], w2[:3])), ("w2", (w13, w2[:L]))):
+        try:
+            from_global.load_experts(*args)
+        except ValueError as err:
+            bad[name] = str(err)
+    return errors, same, gathered, bad
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll"])
+def test_shard_meta_and_gather_round_trip(dispatcher):
+    for rank, (errors, same, gathered, bad) in enumerate(run_ranks(_checkpoint_rank, 2, dispatcher, timeout=120)):
+        assert max(errors.values()) < 1e-5, (rank, errors)  # float32 vs float64 (the contract's bound)
+        assert same, rank
+        assert gathered == {"everywhere": True, "on_root": True}, (rank, gathered)
+        assert bad["experts"] == ("w13 has shape [3, 48, 16]; dim 0 must be num_experts=8 (global weights) or "
+                                  "this rank's num_local_experts=4 (its shard)"), bad
+        assert bad["w2"] == "w2 has shape [4, 16, 24]; expected [8, 16, 24]", bad
+
+
+def test_one_rank_shard_is_the_global_weights():
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, runner="torch")
+    layer.load_experts(w13, w2)
+    back = layer.gather_experts()
+    assert torch.equal(back.w13, w13) and torch.equal(back.w2, w2)
+
+
+# ---------------------------------------------------------------- Hugging Face round trip
+
+def _hf_round_trip_rank(rank, world_size, family, folder):
+    transformers = pytest.importorskip("transformers")
+    from test_hf import COMMON, FAMILIES
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(0)  # the same model on every rank
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+    assert any(k.endswith("experts.layer.w13") for k in model.state_dict())  # the EP layout now
+    exported = ep.hf.export_state_dict(model)
+    everywhere = ep.hf.export_state_dict(model, dst=None)
+    if rank != 0:
+        return exported is None and everywhere is not None
+    model.save_pretrained(folder, state_dict=exported)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+    return (sorted(exported) == sorted(original), all(torch.equal(exported[k], original[k]) for k in original),
+            all(torch.equal(everywhere[k], original[k]) for k in original), torch.equal(logits, expected))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_hf_round_trip(family, tmp_path):
+    pytest.importorskip("transformers")
+    rank0, rank1 = run_ranks(_hf_round_trip_rank, 2, family, str(tmp_path), timeout=300)
+    assert rank1 is True
+    assert rank0 == (True, True, True, True), rank0  # same keys, same tensors, same reloaded logits

@@ -1,0 +1,58 @@
+"""docs/routing.md's TopKConfig recipes pick the experts and weights the Hugging Face routers pick.
+
+For each family, a small transformers model (tests/test_hf.py's configs); its first MoE block's
+router `gate` returns (logits, weights, ids) for random hidden states; ep.select_experts on the same
+logits with the recipe must give the same expert set per token and the same weights (float32
+softmax/sigmoid arithmetic on both sides: 1e-6).
+"""
+import pytest
+import torch
+
+import ep_runtime as ep
+
+transformers = pytest.importorskip("transformers")
+from test_hf import COMMON, FAMILIES  # noqa: E402  (after the importorskip)
+
+
+def recipe(family: str, config) -> tuple[ep.TopKConfig, bool]:
+    """The docs' recipe for `family` with the small model's K and group sizes; True: pass the gate's
+    correction bias."""
+    K = config.num_experts_per_tok
+    if family == "mixtral":
+        return ep.TopKConfig(top_k=K, scoring="softmax", renormalize=True), False
+    if family == "qwen3_moe":
+        return ep.TopKConfig(top_k=K, scoring="softmax", renormalize=True), False
+    if family == "qwen2_moe":  # norm_topk_prob=False: the defaults
+        return ep.TopKConfig(top_k=K), False
+    return ep.TopKConfig(top_k=K, scoring="sigmoid", renormalize=True, num_expert_group=config.n_group,
+                         topk_group=config.topk_group, routed_scaling_factor=config.routed_scaling_factor,
+                         group_score="top2_sum"), True
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_recipe_matches_the_hf_router(family):
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    block = next(m for m in model.modules() if hasattr(getattr(m, "gate", None), "top_k"))
+    bias = getattr(block.gate, "e_score_correction_bias", None)
+    if bias is not None:
+        bias.data.normal_(0, 0.3)  # non-zero, so the bias has to be passed to matter
+    hidden = torch.randn(40, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, hf_weights, hf_ids = block.gate(hidden)
+    cfg, needs_bias = recipe(family, config)
+    ids, weights = ep.select_experts(logits, cfg, bias if needs_bias else None)
+    mine = torch.sort(ids.long(), dim=1)
+    theirs = torch.sort(hf_ids.long(), dim=1)
+    assert torch.equal(mine.values, theirs.values), family
+    torch.testing.assert_close(weights.gather(1, mine.indices), hf_weights.float().gather(1, theirs.indices),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_the_defaults_are_none_of_mixtral_qwen3_deepseek():
+    """What docs/routing.md says: TopKConfig(top_k=K) does not renormalise (so not Mixtral/Qwen3)
+    and scores with softmax (so not DeepSeek-V3)."""
+    default = ep.TopKConfig(top_k=2)
+    assert default.scoring == "softmax" and not default.renormalize and default.num_expert_group is None
