@@ -36,7 +36,7 @@ docs: $(VENV)/.installed
 docs-site: $(VENV)/.installed
 	$(PY) -c "import mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q -e '.[docs]'
 	rm -rf build/docs-src && mkdir -p build/docs-src/ep_runtime
-	ln -s $(CURDIR)/ep_runtime/*.py build/docs-src/ep_runtime/
+	ln -s $(CURDIR)/ep_runtime/*.py $(CURDIR)/ep_runtime/bench build/docs-src/ep_runtime/
 	ln -s $(CURDIR)/dispatchers build/docs-src/ep_runtime/dispatchers
 	ln -s $(CURDIR)/runners build/docs-src/ep_runtime/runners
 	$(VENV)/bin/mkdocs build --strict --quiet

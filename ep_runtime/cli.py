@@ -110,7 +110,7 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
     dispatcher and runner names (registered, and for runners, available here), --plot's matplotlib.
     Returns the arguments to run with: --no-progress added when output is not a terminal."""
     from . import dispatchers
-    from .bench import build_parser
+    from .bench.cli import build_parser
     argv = list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
