@@ -77,9 +77,13 @@ class Dispatcher:
                                  f"same arguments and EP_RUNTIME_* knobs")
 
     def dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
-        """x [T, H]; topk ids [T, K] global (-1 = nowhere), weights [T, K]. Checked before any collective.
-        options: per-call extras a dispatcher documents (deepep_normal: handle)."""
+        """x [T, H]; topk: TopKOutput(topk_ids [T, K] int global (-1 = nowhere), topk_weights [T, K]),
+        or any (ids, weights) pair. Checked before any collective. options: per-call extras a
+        dispatcher documents (deepep_normal: handle)."""
         check_hidden_states(x, self.config.hidden_size)
+        if isinstance(topk, torch.Tensor) or not isinstance(topk, (tuple, list)) or len(topk) != 2:
+            raise TypeError(f"topk must be ep.TopKOutput(topk_ids, topk_weights) (or an (ids, weights) pair); got "
+                            f"{type(topk).__name__}{' of shape ' + str(list(topk.shape)) if isinstance(topk, torch.Tensor) else ''}")
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device,
                    values=not self.checks_values_in_exchange)

@@ -1,7 +1,7 @@
 """EPMoE: the expert-parallel MoE layer. forward reads as the data flow: route, dispatch, run, combine."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,8 @@ class EPMoE(nn.Module):
     else torch). group None: the default process group when one exists, else a single process.
     Until load_experts, the experts are random and depend only on the seed and their global ids
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
+    expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
+    [r*L, (r+1)*L)); load_experts, gather_experts and the exchange all follow it.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -36,7 +38,8 @@ class EPMoE(nn.Module):
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
-                 dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None):
+                 dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
+                 expert_to_rank: Optional[Sequence[int]] = None):
         super().__init__()
         from . import envs
         self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
@@ -46,8 +49,10 @@ class EPMoE(nn.Module):
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)
-        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, device=device,
-                                             **(dispatcher_options or {}))
+        options = dict(dispatcher_options or {})
+        if expert_to_rank is not None:
+            options["expert_to_rank"] = expert_to_rank
+        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, device=device, **options)
         self.placement = self.dispatcher.placement
         if runner == "auto":
             runner = envs.get("RUNNER")

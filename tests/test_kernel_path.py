@@ -108,10 +108,9 @@ PERMUTED = [1, 0, 0, 1, 1, 0, 1, 0]  # experts dealt to ranks out of order (each
 
 
 def _permuted_rank(rank, world_size, name):
-    options = dict(CASES.get(name, (name, {}))[1], expert_to_rank=PERMUTED)
-    if name == "standard":
-        options = {}
-    layer = ep.EPMoE(8, 3, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options)
+    options = CASES.get(name, (name, {}))[1]
+    layer = ep.EPMoE(8, 3, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options,
+                     expert_to_rank=None if name == "standard" else PERMUTED)
     problem = make_problem(layer.config, [11, 7], seed=9, ep_size=world_size)
     errors = check_layer(layer, problem, rank, backward=True)  # the torch path, forward and gradients
     with torch.no_grad(), xk.forced():
@@ -125,3 +124,10 @@ def test_every_dispatcher_with_a_non_contiguous_placement_matches_reference(name
     follow the placement table (torch path with gradients, and the kernel path)."""
     for errors in run_ranks(_permuted_rank, 2, name, timeout=240):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def test_dispatch_names_a_missing_topk_pair():
+    """d.dispatch(x, ids) (the weights forgotten) is a TypeError naming topk, not an unpacking error."""
+    d = ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 32, 16))
+    with pytest.raises(TypeError, match=r"topk must be ep.TopKOutput\(topk_ids, topk_weights\).*Tensor of shape \[4, 2\]"):
+        d.dispatch(torch.randn(4, 32), torch.zeros(4, 2, dtype=torch.int32))
