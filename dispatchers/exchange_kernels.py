@@ -65,31 +65,6 @@ class forced:
 if triton is not None:
 
     @triton.jit
-    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr, T, H,
-                     K, E, LOCAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-        i = tl.program_id(0)
-        hb = tl.program_id(1)
-        tok = tl.load(token_ptr + i)
-        # A pad row (tok == T) reads nothing: its column limits drop to 0 (no scalar-bool masks).
-        h_real = tl.where(tok < T, H, 0)
-        k_real = tl.where(tok < T, K, 0)
-        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0)
-        tl.store(rows_ptr + i.to(tl.int64) * H + cols, row, mask=cols < H)
-        if hb == 0:
-            k = tl.arange(0, BLOCK_K)
-            kmask = k < K
-            ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1)
-            w = tl.load(w_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=0.0)
-            if LOCAL:
-                valid = (ids >= 0) & (ids < E)
-                owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
-                local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
-                ids = tl.where(owner == tl.load(rank_ptr + i), local, -1)
-            tl.store(meta_ptr + i.to(tl.int64) * 2 * K + k, w, mask=kmask)
-            tl.store(meta_ptr + i.to(tl.int64) * 2 * K + K + k, ids.to(tl.float32), mask=kmask)
-
-    @triton.jit
     def _gather_rows_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, K, H, none, WEIGHTED: tl.constexpr,
                             BLOCK_H: tl.constexpr):
         """out[n] = sum_k (weight[n, k] *) src[index[n, k]], fp32 accumulation; index >= none adds nothing."""
@@ -267,12 +242,13 @@ if triton is not None:
             tl.store(summary_ptr + L + 1, tl.max(received))
 
     @triton.jit
-    def _pack_payload_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr,
-                             T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Send row i: x[token[i]] and int32 metadata [weights as fp32 bits; ids] (ids as the
-        destination's local ids when LOCAL, -1 where the expert lives elsewhere); pad token T: zeros, -1
-        (SKIP_PAD: left unwritten, for rows past what a host plan sends)."""
+    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr,
+                     T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr,
+                     INT_META: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Send row i: x[token[i]] and its metadata [weights; ids] (INT_META: int32, weights as fp32
+        bits; else fp32 values); ids as the destination's local ids when LOCAL, -1 where the expert
+        lives elsewhere or is out of range; pad token T: zeros, -1 (SKIP_PAD: left unwritten, for rows
+        past what a host plan sends)."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
@@ -296,8 +272,12 @@ if triton is not None:
             else:  # an id outside [-1, E) (flagged, checked later) never reaches a receiver as an index
                 ids = tl.where(valid, ids, -1)
             out = meta_ptr + i.to(tl.int64) * meta_stride
-            tl.store(out + k, w.to(tl.int32, bitcast=True), mask=k < K)
-            tl.store(out + K + k, ids.to(tl.int32), mask=k < K)
+            if INT_META:
+                tl.store(out + k, w.to(tl.int32, bitcast=True), mask=k < K)
+                tl.store(out + K + k, ids.to(tl.int32), mask=k < K)
+            else:
+                tl.store(out + k, w, mask=k < K)
+                tl.store(out + K + k, ids.to(tl.float32), mask=k < K)
 
     @triton.jit
     def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
@@ -392,17 +372,23 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     """Inference path: payload [S, payload_bytes] uint8 holding x[send_token] and [weights bits; ids]
     per row (see payload_views); ids as the destination's local ids when local_of [E] is given.
     skip_pad: rows of pad token T stay unwritten (they are never sent)."""
-    S, (T, H), K = send_token.numel(), x.shape, ids.shape[1]
+    S, H, K = send_token.numel(), x.shape[1], ids.shape[1]
     payload = torch.empty(S, payload_bytes(H, x.dtype, K), dtype=torch.uint8, device=x.device)
     rows, meta = payload_views(payload, H, x.dtype, K)
     if S:
-        BLOCK_H = _block_h(H)
-        _pack_payload_kernel[(S, triton.cdiv(H, BLOCK_H))](
-            x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
-            local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(), rows.stride(0),
-            meta.stride(0), LOCAL=local_of is not None, SKIP_PAD=skip_pad, BLOCK_H=BLOCK_H,
-            BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad)
     return payload
+
+
+def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad: bool) -> None:
+    """Launch the packing kernel: rows [S, H] (any row stride) and meta [S, 2K] (int32 bits or fp32)."""
+    (S,), (T, H), K = send_token.shape, x.shape, ids.shape[1]
+    BLOCK_H = _block_h(H)
+    _pack_kernel[(S, triton.cdiv(H, BLOCK_H))](
+        x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
+        local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(), rows.stride(0),
+        meta.stride(0), LOCAL=local_of is not None, SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32,
+        BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
 
 
 def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none: int
@@ -499,11 +485,7 @@ class _Pack(torch.autograd.Function):
         rows = x.new_empty(S, H)
         meta = torch.empty(S, 2 * K, dtype=torch.float32, device=x.device)
         if S:
-            BLOCK_H = _block_h(H)
-            _pack_kernel[(S, triton.cdiv(H, BLOCK_H))](
-                x.contiguous(), ids.contiguous(), weights.float().contiguous(), send_token, send_rank, rank_of,
-                local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(),
-                LOCAL=local_of is not None, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+            _pack(x, ids, weights.float(), send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=False)
         ctx.save_for_backward(send_token)
         ctx.T, ctx.K, ctx.dtypes = T, K, (x.dtype, weights.dtype)
         return rows, meta

@@ -194,3 +194,16 @@ def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> di
 def tolerance(dtype: torch.dtype) -> float:
     """DESIGN.md's bounds: fp32 1e-5 relative (norm), bf16/fp16 2e-2, float64 1e-12."""
     return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+
+
+def host_syncs(fn: Callable[[], Any]) -> list[str]:
+    """The host syncs fn() makes on CUDA, as torch.cuda.set_sync_debug_mode reports them (one line each)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).split("\n")[0][:120] for w in caught if "synchronizing CUDA operation" in str(w.message)]

@@ -10,13 +10,13 @@ import argparse
 import json
 import os
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
 from ep_runtime.runner_core import CombineInput
+from ep_runtime.testing import host_syncs
 
 
 def routing(T, E, K, device, seed):
@@ -57,17 +57,6 @@ def device_us(fn, repeats=30, warmup=5):
         samples.append(start.elapsed_time(end) * 1e3)
     samples.sort()
     return samples[len(samples) // 2]
-
-
-def count_syncs(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).split("\n")[0][:120] for w in caught if "synchroniz" in str(w.message)]
 
 
 def profile_table(fn, rows=25):
@@ -128,12 +117,12 @@ def main():
             row["dispatch_dev_us"] = device_us(lambda: d.dispatch(x, topk))
             row["combine_host_us"] = host_us(lambda: d.combine(ci))
             row["combine_dev_us"] = device_us(lambda: d.combine(ci))
-            row["dispatch_syncs"] = count_syncs(lambda: d.dispatch(x, topk))
-            row["combine_syncs"] = count_syncs(lambda: d.combine(ci))
+            row["dispatch_syncs"] = host_syncs(lambda: d.dispatch(x, topk))
+            row["combine_syncs"] = host_syncs(lambda: d.combine(ci))
             if name == "deepep_normal" and label == "deepep_normal":
                 row["reuse_host_us"] = host_us(lambda: d.dispatch(x, topk, handle=out.handle))
                 row["reuse_dev_us"] = device_us(lambda: d.dispatch(x, topk, handle=out.handle))
-                row["reuse_syncs"] = count_syncs(lambda: d.dispatch(x, topk, handle=out.handle))
+                row["reuse_syncs"] = host_syncs(lambda: d.dispatch(x, topk, handle=out.handle))
             if rank == 0:
                 print(json.dumps({k: v for k, v in row.items() if not k.endswith("syncs")}), flush=True)
                 print("  syncs:", {k: len(v) for k, v in row.items() if k.endswith("syncs")},

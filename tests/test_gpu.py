@@ -19,7 +19,7 @@ from ep_runtime import dispatchers, runners
 from ep_runtime.bench.dispatch import STATIC_VARIANTS
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.runner_core import CombineInput
-from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+from ep_runtime.testing import check_layer, host_syncs, make_problem, run_ranks, tolerance
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
 
@@ -172,19 +172,6 @@ INFERENCE = {"standard": ("standard", {}), "deepep_normal": ("deepep_normal", {}
 EXPECTED_SYNCS = {"standard": 1, "deepep_normal": 1, "mori": 1}
 
 
-def _syncs(fn) -> int:
-    """Host syncs fn() makes, as torch.cuda.set_sync_debug_mode reports them."""
-    import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
-
-
 def inference_on_rank(rank: int, world_size: int) -> dict:
     """The inference kernel path (no autograd) of every dispatcher: bf16 forward against float64, and
     the host syncs of dispatch, combine and (deepep_normal) dispatch with a reused handle."""
@@ -206,9 +193,10 @@ def inference_on_rank(rank: int, world_size: int) -> dict:
                 combine = CombineInput(getattr(sent, "recv_x", x) * 1, sent)
                 d.combine(combine)
                 torch.cuda.synchronize()
-                syncs = {"dispatch": _syncs(lambda: d.dispatch(x, topk)), "combine": _syncs(lambda: d.combine(combine))}
+                syncs = {"dispatch": len(host_syncs(lambda: d.dispatch(x, topk))),
+                         "combine": len(host_syncs(lambda: d.combine(combine)))}
                 if name == "deepep_normal" and not options:
-                    syncs["reused handle"] = _syncs(lambda: d.dispatch(x, topk, handle=sent.handle))
+                    syncs["reused handle"] = len(host_syncs(lambda: d.dispatch(x, topk, handle=sent.handle)))
                 torch.cuda.synchronize()
             out[f"inference/{impl}"] = ("ok", {"y": errors["y"], "syncs": syncs})
         except Exception:  # noqa: BLE001
