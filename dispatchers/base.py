@@ -8,13 +8,29 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ep_runtime import envs
 from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
-from ep_runtime.validation import check_hidden_states, check_topk
+from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
 
 from .rank_exchange import RankExchange
+
+
+def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int = 1,
+                optional: bool = False) -> Optional[int]:
+    """A dispatcher's integer option: the argument, else its knob (EP_RUNTIME_<knob>), else None when
+    optional; one error wording for every dispatcher, naming the argument, its value and the range."""
+    if value is None and knob is not None:
+        value = envs.get(knob)
+    if value is None and optional:
+        return None
+    if not is_int_at_least(value, minimum):
+        none = "None or " if optional else ""
+        also = f" (also settable as {envs.PREFIX}{knob})" if knob else ""
+        raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum}{also}")
+    return int(value)
 
 
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -49,12 +65,19 @@ class Dispatcher:
         self.placement = (ExpertPlacement(config.num_experts, size, rank, expert_to_rank) if self.shards_experts
                           else ExpertPlacement(config.num_experts))
 
+    def __getattr__(self, name: str) -> Any:
+        """A resolved option reads as an attribute too (d.num_buffer_rows is d.options.num_buffer_rows)."""
+        options = self.__dict__.get("options")
+        if options is not None and name in getattr(options, "__dataclass_fields__", {}):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def settings(self) -> dict:
-        """What every rank must agree on: the config and the dispatcher's resolved scalar settings
-        (buffer sizes, alignment, ...; knobs included, whichever way they were set)."""
-        plain = {k: v for k, v in vars(self).items()
-                 if k != "rank" and (v is None or isinstance(v, (bool, int, float, str)))}
-        return {"dispatcher": self.name, **asdict(self.config), **plain,
+        """What every rank must agree on: the config, the placement and the dispatcher's resolved
+        options (its frozen `options` dataclass: buffer sizes, alignment, ...; knobs included,
+        whichever way they were set)."""
+        options = asdict(self.options) if getattr(self, "options", None) is not None else {}
+        return {"dispatcher": self.name, **asdict(self.config), **options,
                 "expert_to_rank": self.placement.expert_to_rank}
 
     def check_same_settings_on_every_rank(self, device: Optional[Any] = None) -> None:

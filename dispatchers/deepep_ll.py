@@ -17,13 +17,11 @@ from typing import Optional
 
 import torch
 
-from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format
-from ep_runtime.validation import is_int_at_least
 
 from . import exchange_kernels, register
-from .base import ExchangeDispatcher
+from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle, running_count
 
 
@@ -48,6 +46,13 @@ class DeepEPLLDispatchOutput(DispatchOutput):
     handle: LLHandle
 
 
+@dataclass(frozen=True)
+class DeepEPLLOptions:
+    """num_max_dispatch_tokens_per_rank M: the most tokens a rank dispatches per call (buffer rows)."""
+
+    num_max_dispatch_tokens_per_rank: int
+
+
 @register
 class DeepEPLLDispatcher(ExchangeDispatcher):
     """num_max_dispatch_tokens_per_rank M (EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
@@ -59,11 +64,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None):
         super().__init__(config, group, expert_to_rank)
-        M = num_max_dispatch_tokens_per_rank
-        M = envs.get("LL_MAX_DISPATCH_TOKENS_PER_RANK") if M is None else M
-        if not is_int_at_least(M, 1):
-            raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1")
-        self.num_max_dispatch_tokens_per_rank = M
+        M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
+                        "LL_MAX_DISPATCH_TOKENS_PER_RANK")
+        self.options = DeepEPLLOptions(M)
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
         self.exchange.max_tokens = (M, rule)

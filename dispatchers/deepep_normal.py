@@ -15,13 +15,11 @@ from typing import Optional
 
 import torch
 
-from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
-from ep_runtime.validation import is_int_at_least
 
 from . import register
-from .base import ExchangeDispatcher
+from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle, Layout, dispatch_layout
 
 
@@ -41,6 +39,17 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
     handle: ExchangeHandle
 
 
+@dataclass(frozen=True)
+class DeepEPNormalOptions:
+    """alignment of the listed per-expert counts; num_worst_tokens: receive rows of the static mode
+    (None: host plan); chunk: rows per peer in the static mode (num_max_dispatch_tokens_per_rank, else
+    num_worst_tokens)."""
+
+    alignment: int
+    num_worst_tokens: Optional[int]
+    chunk: Optional[int]
+
+
 @register
 class DeepEPNormalDispatcher(ExchangeDispatcher):
     """alignment: round num_recv_tokens_per_expert up to a multiple (EP_RUNTIME_NORMAL_ALIGNMENT).
@@ -56,16 +65,12 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None):
         super().__init__(config, group, expert_to_rank)
-        self.alignment = envs.get("NORMAL_ALIGNMENT") if alignment is None else alignment
-        if not is_int_at_least(self.alignment, 1):
-            raise ValueError(f"alignment={self.alignment!r}; allowed: an int >= 1")
-        if num_worst_tokens is not None and not is_int_at_least(num_worst_tokens, 1):
-            raise ValueError(f"num_worst_tokens={num_worst_tokens!r}; allowed: None or an int >= 1")
-        self.num_worst_tokens = num_worst_tokens
-        M = num_max_dispatch_tokens_per_rank
-        if M is not None and (num_worst_tokens is None or not is_int_at_least(M, 1)):
-            raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: an int >= 1, with num_worst_tokens set")
-        self.chunk = M or num_worst_tokens
+        W = resolve_int("num_worst_tokens", num_worst_tokens, optional=True)
+        M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, optional=True)
+        if M is not None and W is None:
+            raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: None, or an int >= 1 with "
+                             f"num_worst_tokens set (it sizes the static mode's chunks)")
+        self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W)
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,

@@ -20,13 +20,12 @@ from typing import Optional
 
 import torch
 
-from ep_runtime import envs
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
-from ep_runtime.validation import capturing, is_int_at_least
+from ep_runtime.validation import capturing
 
 from . import register
-from .base import ExchangeDispatcher
+from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle
 
 _INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
@@ -47,9 +46,17 @@ class MoriDispatchOutput(DispatchOutput):
     handle: ExchangeHandle
 
 
-def _non_negative_or_none(name: str, value) -> None:
-    if value is not None and not is_int_at_least(value, 0):
-        raise ValueError(f"{name}={value!r}; allowed: an int >= 0 (0 = off / default)")
+@dataclass(frozen=True)
+class MoriOptions:
+    """max_dispatch_tokens_per_rank: most tokens a rank dispatches; num_buffer_rows N_buf and the
+    setting that sized it (buffer_setting, for errors); max_input_tokens: runner rows (0 = off);
+    static: None (static plan while capturing), True or False."""
+
+    max_dispatch_tokens_per_rank: int
+    num_buffer_rows: int
+    buffer_setting: str
+    max_input_tokens: int
+    static: Optional[bool]
 
 
 @register
@@ -67,24 +74,17 @@ class MoriDispatcher(ExchangeDispatcher):
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
                  static: Optional[bool] = None, expert_to_rank=None):
         super().__init__(config, group, expert_to_rank)
-        for name, value in (("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank),
-                            ("prealloc_max_recv_tokens", prealloc_max_recv_tokens),
-                            ("max_input_tokens", max_input_tokens)):
-            _non_negative_or_none(name, value)
-        pick = lambda value, knob: envs.get(knob) if value is None else value  # noqa: E731
-        self.max_dispatch_tokens_per_rank = pick(max_dispatch_tokens_per_rank, "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
-        if self.max_dispatch_tokens_per_rank < 1:
-            raise ValueError(f"max_dispatch_tokens_per_rank={self.max_dispatch_tokens_per_rank}; allowed: >= 1")
-        prealloc = pick(prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS")
-        self.num_buffer_rows = prealloc or self.max_dispatch_tokens_per_rank * self.world_size
-        self.buffer_setting = ("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else
-                               "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R")
-        self.max_input_tokens = pick(max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS")
-        self.static = static
-        M = self.max_dispatch_tokens_per_rank
-        self.token_rule = (f"mori allows at most max_dispatch_tokens_per_rank={M} "
-                           f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
-        self.exchange.max_tokens = (M, self.token_rule)
+        M = resolve_int("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank,
+                        "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
+        prealloc = resolve_int("prealloc_max_recv_tokens", prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS", 0)
+        if static not in (None, True, False):
+            raise ValueError(f"static={static!r}; allowed: None (static while capturing a CUDA graph), True or False")
+        self.options = MoriOptions(
+            M, prealloc or M * self.world_size,
+            "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
+            resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static)
+        self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "
+                                       f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
 
     def _static(self) -> bool:
         return capturing() if self.static is None else self.static

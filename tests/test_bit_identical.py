@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from bit_identical_case import PAIRS, rank_outputs
 
 import ep_runtime as ep
 from ep_runtime.testing import run_ranks
-
-from bit_identical_case import PAIRS, rank_outputs
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "bdbf96f_outputs.json").read_text())
 
