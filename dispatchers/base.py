@@ -18,6 +18,19 @@ from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_lea
 from .rank_exchange import RankExchange
 
 
+class ExchangeWork:
+    """What dispatch/combine return beside their output when called with async_op=True (the
+    torch.distributed convention): wait() orders the caller after the exchange. The exchange is
+    issued on the caller's stream today, so it is already ordered and wait() returns at once;
+    overlapping it with other work on a communication stream is issue 19."""
+
+    def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int = 1,
                 optional: bool = False) -> Optional[int]:
     """A dispatcher's integer option: the argument, else its knob (EP_RUNTIME_<knob>), else None when
@@ -99,10 +112,15 @@ class Dispatcher:
                                  f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
                                  f"same arguments and EP_RUNTIME_* knobs")
 
-    def dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
+    def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False, **options: Any):
         """x [T, H]; topk: TopKOutput(topk_ids [T, K] int global (-1 = nowhere), topk_weights [T, K]),
         or any (ids, weights) pair. Checked before any collective. options: per-call extras a
-        dispatcher documents (deepep_normal: handle)."""
+        dispatcher documents (deepep_normal: handle). async_op=True returns (output, work), see
+        ExchangeWork."""
+        out = self._checked_dispatch(x, topk, **options)
+        return (out, ExchangeWork()) if async_op else out
+
+    def _checked_dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
         check_hidden_states(x, self.config.hidden_size)
         if isinstance(topk, torch.Tensor) or not isinstance(topk, (tuple, list)) or len(topk) != 2:
             raise TypeError(f"topk must be ep.TopKOutput(topk_ids, topk_weights) (or an (ids, weights) pair); got "
@@ -116,9 +134,11 @@ class Dispatcher:
         ids = ids if ids.dtype == torch.int64 else ids.to(torch.int32)
         return self._dispatch(x, TopKOutput(ids, weights.float()), **options)
 
-    def combine(self, combine_input: CombineInput) -> torch.Tensor:
-        """The runner's rows, reduced per original token: [T, H] in x's dtype."""
-        return self._combine(combine_input)
+    def combine(self, combine_input: CombineInput, *, async_op: bool = False):
+        """The runner's rows, reduced per original token: [T, H] in x's dtype. async_op=True returns
+        (y, work), see ExchangeWork."""
+        y = self._combine(combine_input)
+        return (y, ExchangeWork()) if async_op else y
 
     def raise_deferred(self) -> None:
         """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.

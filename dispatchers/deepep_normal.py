@@ -78,10 +78,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         return dispatch_layout(topk_ids, self.config.num_experts, self.world_size,
                                self.exchange.tables(topk_ids.device)[0])
 
-    def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None) -> DeepEPNormalDispatchOutput:
+    def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
         plan is reused, nothing syncs, and the ids are not checked again (they were when it was made)."""
-        return super().dispatch(x, topk, handle=handle)
+        return super().dispatch(x, topk, handle=handle, async_op=async_op)
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
