@@ -1,7 +1,8 @@
 """deepep_ll: low-latency mode with DeepEP semantics. Static shapes and no host sync inside a CUDA
-graph, so dispatch -> runner -> combine captures into one graph and replays without the host. Eager
-calls read the count table once (every rank's T and id/weight checks, so bad input on one rank
-fails every rank instead of hanging them); while capturing nothing is read.
+graph, so dispatch -> runner -> combine captures into one graph and replays without the host. The
+count table carries every rank's T and id/weight flags, so bad input on one rank fails every rank
+instead of hanging them: eager calls on CPU ranks read it at once, eager calls on CUDA check it two
+calls later without a sync (rank_exchange's deferred check), and while capturing nothing is read.
 
 Each rank sends a fixed chunk of M = num_max_dispatch_tokens_per_rank rows to every peer (each
 token once per owning rank; rank_exchange's static plan), and the receiver lays the rows out

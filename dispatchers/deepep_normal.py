@@ -6,7 +6,9 @@ an earlier dispatch with the same routing it reuses the plan and nothing syncs. 
 `num_worst_tokens` W every shape is static (W-row chunks per peer, compacted into W received rows on
 the device): no host sync, graph-capturable. Combine sends each received row (that rank's weighted
 partial sum) home and adds the partials per token in fp32. Built from differentiable gathers,
-index_adds and exchanges, so dispatch's backward is a combine and combine's backward a dispatch.
+index_adds and exchanges, so dispatch's backward is a combine and combine's backward a dispatch;
+inference on CUDA takes rank_exchange's kernel path (recv_x, recv_topk_ids and recv_topk_weights are
+then row-strided views of one receive buffer).
 """
 from __future__ import annotations
 

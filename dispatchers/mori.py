@@ -1,5 +1,6 @@
 """mori: MoRI semantics. A token-major padded receive buffer [N_buf, H] with global ids; the runner
-core masks this rank's experts with a mask [E] instead of remapping ids.
+core maps them to this rank's experts through the placement (ids of other ranks' experts go to the
+sink) instead of the sender remapping them.
 
 N_buf = max_dispatch_tokens_per_rank * R, or prealloc_max_recv_tokens when set. Rows past
 num_recv_tokens (a device int32 scalar, MoRI's totalRecvTokenNum) are padding with id -1.
