@@ -132,11 +132,13 @@ class EPMoE(nn.Module):
         (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
         shards = [self.w13, self.w2, self.b13, self.b2]
         group, R = self.dispatcher.group, self.dispatcher.world_size
-        if not self.dispatcher.shards_experts or R == 1:
-            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
-        if dst is not None and not 0 <= dst < R:
+        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < R):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
         me = self.dispatcher.rank
+        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert
+            if dst is not None and me != dst:
+                return None
+            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
         local_ids = self.placement.local_expert_ids(self.w13.device)
         ids = self._collect(local_ids, group, R, dst)
         out = []

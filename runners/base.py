@@ -96,6 +96,12 @@ class TritonBackend(RunnerBackend):
         if self.import_error is not None:
             raise RuntimeError(f"runner={self.name!r} cannot run here: {self.import_error}")
 
+    @torch.compiler.disable
+    def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+        """As RunnerBackend.run; torch.compile runs it as it is (a graph break) rather than tracing
+        into the kernels' launch code."""
+        return super().run(runner_input, weights)
+
     @classmethod
     def is_available(cls) -> bool:
         return cls.import_error is None and (torch.cuda.is_available() or triton_interpreted())

@@ -113,3 +113,22 @@ def test_hf_round_trip(family, tmp_path):
     rank0, rank1 = run_ranks(_hf_round_trip_rank, 2, family, str(tmp_path), timeout=300)
     assert rank1 is True
     assert rank0 == (True, True, True, True), rank0  # same keys, same tensors, same reloaded logits
+
+
+def _gather_dst_rank(rank, world_size):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    to_zero = layer.gather_experts(dst=0)
+    try:
+        layer.gather_experts(dst=7)
+        bad = "no error"
+    except ValueError as err:
+        bad = str(err)
+    return to_zero is None, bad
+
+
+def test_gather_experts_to_one_rank_also_when_experts_are_replicated():
+    """dispatcher='standard' (every rank holds every expert): dst=0 gives the weights on rank 0 only,
+    and a dst outside the group is an error naming it."""
+    results = run_ranks(_gather_dst_rank, 2)
+    assert [r[0] for r in results] == [False, True], results
+    assert all("dst=7; allowed: None (every rank) or a rank 0..1" in r[1] for r in results), results

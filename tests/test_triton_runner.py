@@ -394,3 +394,21 @@ def test_tune_writes_a_table(tmp_path):
     key = kernels.shape_key(2, 2, 32, 32, torch.float32)
     assert set(table[key]) == {"2", "8"}
     assert all(kernels.BlockConfig.from_json(e) in candidates for e in table[key].values())
+
+
+@pytest.mark.parametrize("runner", ["triton", "masked"])
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
+def test_torch_compile_of_a_layer_with_triton_kernels_equals_eager(runner, dispatcher):
+    """torch.compile (aot_eager) around a layer whose runner launches Triton kernels: the runner runs
+    as it is inside the compiled layer (no tracing into the launch code); output and dx equal eager."""
+    if runner not in runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner=runner)
+    x, logits = torch.randn(5, 16, requires_grad=True), torch.randn(5, 8)
+    y = layer(x, router_logits=logits)
+    y.sum().backward()
+    dx, x.grad = x.grad.clone(), None
+    y_compiled = torch.compile(layer, backend="aot_eager")(x, router_logits=logits)
+    y_compiled.sum().backward()
+    assert torch.equal(y, y_compiled) and torch.equal(dx, x.grad)
