@@ -85,6 +85,13 @@ class Dispatcher:
             return getattr(options, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        options = self.__dict__.get("options")
+        if options is not None and name in getattr(options, "__dataclass_fields__", {}):
+            raise AttributeError(f"{name} is a resolved option of this {self.name} dispatcher (frozen: every rank "
+                                 f"checked it when the dispatcher was built); build a new one with {name}={value!r}")
+        super().__setattr__(name, value)
+
     def settings(self) -> dict:
         """What every rank must agree on: the config, the placement and the dispatcher's resolved
         options (its frozen `options` dataclass: buffer sizes, alignment, ...; knobs included,

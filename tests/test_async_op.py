@@ -30,3 +30,12 @@ def _async_rank(rank, world_size, name):
 @pytest.mark.parametrize("name", ep.dispatchers.registered())
 def test_async_op_returns_output_and_work(name):
     assert all(run_ranks(_async_rank, 2, name, timeout=120))
+
+
+def test_a_resolved_option_cannot_be_changed_in_place():
+    """Options are checked across ranks when a dispatcher is built: assigning one later is an error
+    naming it, not a silent divergence between the dispatcher and its settings."""
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 32, 16), alignment=2)
+    with pytest.raises(AttributeError, match=r"alignment is a resolved option .* build a new one with alignment=4"):
+        d.alignment = 4
+    assert d.alignment == 2 and d.options.alignment == 2
