@@ -21,8 +21,8 @@ from .rank_exchange import RankExchange
 class ExchangeWork:
     """What dispatch/combine return beside their output when called with async_op=True (the
     torch.distributed convention): wait() orders the caller after the exchange. The exchange is
-    issued on the caller's stream today, so it is already ordered and wait() returns at once;
-    overlapping it with other work on a communication stream is issue 19."""
+    issued on the caller's stream today, so it is already ordered and wait() returns at once (no
+    overlap with other work on a communication stream yet)."""
 
     def wait(self) -> bool:
         return True

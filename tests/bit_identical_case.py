@@ -1,6 +1,6 @@
 """One fixed fp32 problem per (dispatcher, runner) pair, for tests/test_bit_identical.py: the layer's
 output and gradients on each of 2 gloo ranks, built only from the public API so that the same code
-ran on the tree before the issue-14 restructuring (commit bdbf96f) to record tests/data/bdbf96f.pt."""
+ran on the tree before the runner-layout/placement restructuring (commit bdbf96f) to record tests/data/bdbf96f.pt."""
 import torch
 
 import ep_runtime as ep

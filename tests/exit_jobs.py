@@ -9,7 +9,7 @@ the interpreter's real shutdown (atexit, finalization) as a torchrun worker does
 for `import torch` each time. Like examples/quickstart.py it keeps the group, the layer and its
 tensors referenced until shutdown. Each rank runs on one core with its gloo worker threads at the
 lowest priority, which is what a loaded machine does to them now and then: the exit crash of
-issue 15 (a worker still releasing its last work at shutdown) then shows in about 1 job in 4
+the exit crash (a worker still releasing its last work at shutdown) then shows in about 1 job in 4
 instead of 1 in 12. Prints one line per job, then `exit_jobs: N of M jobs had a rank that did not
 exit 0`.
 """

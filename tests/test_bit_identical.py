@@ -1,4 +1,4 @@
-"""Behaviour unchanged by the restructuring (issue 14): every (dispatcher, runner) pair that ran before
+"""Behaviour unchanged by the runner-layout/placement restructuring: every (dispatcher, runner) pair that ran before
 it gives bit-identical outputs and gradients on 2 gloo ranks (fp32, CPU; triton and masked through the
 interpreter) to the tree before it, commit bdbf96f, whose results are recorded as SHA-256 digests in
 tests/data/bdbf96f_outputs.json (by running tests/bit_identical_case.py there)."""

@@ -1,4 +1,4 @@
-"""Issue 15, item 6: checkpoints in and out of an expert-parallel layer.
+"""Checkpoints in and out of an expert-parallel layer.
 
 - load_experts takes this rank's shard [L, ...] as well as the global [E, ...] weights: same layer.
 - a layer built on the meta device, materialised with to_empty and loaded, equals one built normally.

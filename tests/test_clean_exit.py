@@ -1,4 +1,4 @@
-"""Issue 15, item 1: a 2-rank job exits 0 on every rank, every time.
+"""A 2-rank job exits 0 on every rank, every time.
 
 A gloo worker thread that still had to release its last work when the interpreter shut down
 aborted the process ("terminate called without an active exception", SIGABRT) in about 1 run in 12

@@ -58,7 +58,7 @@ def test_bad_knob_value_fails_demo_with_the_name():
     assert out.returncode != 0 and "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float" in out.stderr
 
 
-# ---------------------------------------------------------------- issue 15, item 2: user errors up front
+# ---------------------------------------------------------------- user errors up front
 
 def _has(module: str) -> bool:
     import importlib.util

@@ -1,4 +1,4 @@
-"""Docs hygiene (issue 15, item 7): the README stays inside the repository and lists every example."""
+"""Docs hygiene: the README stays inside the repository and lists every example."""
 import re
 from pathlib import Path
 

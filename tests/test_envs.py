@@ -65,7 +65,7 @@ def test_a_mistyped_variable_is_reported(monkeypatch, capsys):
 
 
 def test_unknown_variable_warning_once_per_process_and_on_rank_0_only(monkeypatch, recwarn):
-    """Issue 15, item 7: it printed once per rank and per call, and without a suggestion."""
+    """The unknown-knob warning comes once per process, on rank 0 only, with a did-you-mean."""
     monkeypatch.setattr(envs, "_WARNED", set())
     monkeypatch.setenv("EP_RUNTIME_RUNNERS", "torch")  # the knob is EP_RUNTIME_RUNNER
     envs.validate_all(warn=False)  # what every rank but 0 does
