@@ -136,7 +136,7 @@ def _first_of_each_slot(slot_index: torch.Tensor, none: int) -> torch.Tensor:
 
 def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch.Tensor], num_slots: int) -> torch.Tensor:
     """[num_slots, H]: row n copied to slot_index[n, k] for every k (times scale[n, k] when given)."""
-    if exchange_kernels.enabled(rows) and not _needs_grad(rows, scale):
+    if exchange_kernels.inference_path(rows, scale):
         return exchange_kernels.ll_scatter(rows, slot_index, scale, num_slots)
     N, K = slot_index.shape
     values = rows.unsqueeze(1).expand(N, K, rows.shape[1])
@@ -149,7 +149,7 @@ def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch
 
 def _gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[N, H] in out's dtype: sum_k weight[n, k] * out[slot_index[n, k]], accumulated in fp32 (fp64 kept)."""
-    if exchange_kernels.enabled(out) and not _needs_grad(out, weight):
+    if exchange_kernels.inference_path(out, weight):
         return exchange_kernels.ll_gather(out, slot_index, weight)
     S, H = out.shape
     N, K = slot_index.shape
@@ -157,10 +157,6 @@ def _gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -
     rows = torch.where((slot_index < S).unsqueeze(-1), rows, rows.new_zeros(()))  # unwritten rows may be NaN
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     return (rows.to(acc) * weight.unsqueeze(-1).to(acc)).sum(1).to(out.dtype)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _runner_input(out: DeepEPLLDispatchOutput, placement, config) -> ExpertMajorInput:

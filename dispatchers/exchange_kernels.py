@@ -20,6 +20,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ep_runtime.runner_core import needs_grad
+
 try:
     import triton
     import triton.language as tl
@@ -44,8 +46,7 @@ def on_gpu(t: torch.Tensor) -> bool:
 def inference_path(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """The fast kernel path: kernels enabled for x and nothing needs a gradient (autograd takes the
     differentiable path)."""
-    return enabled(x) and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                               for t in (x,) + others))
+    return enabled(x) and not needs_grad(x, *others)
 
 
 class forced:

@@ -33,16 +33,11 @@ class StandardDispatcher(Dispatcher):
         ids, weights = topk
         flags = None
         if exchange_kernels.on_gpu(ids) and ids.numel() and not capturing():  # one kernel + one read, not ~12 ops
-            _, row = exchange_kernels.layout_row(ids, weights, self._no_owner(ids.device), 1, 2)
+            # one "rank" holds every expert here: the placement's owner table is all zeros
+            _, row = exchange_kernels.layout_row(ids, weights, self.placement.expert_rank_table(ids.device), 1, 2)
             flags = row[-2:].tolist()
         check_topk_values(ids, weights, self.config.num_experts, flags)
         return StandardDispatchOutput(x, ids, weights)
-
-    def _no_owner(self, device) -> torch.Tensor:
-        """[E] zeros: every expert on the one "rank" the flag kernel counts for."""
-        if getattr(self, "_zeros", None) is None or self._zeros.device != device:
-            self._zeros = torch.zeros(self.config.num_experts, dtype=torch.int32, device=device)
-        return self._zeros
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         return combine_input.hidden_states

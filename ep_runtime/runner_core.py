@@ -13,13 +13,19 @@ step (register_fused, as SGLang's register_fused_func); none is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .registry import add_once
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must see this step (grad mode on and some input requires a gradient): the
+    exchange and the runners take their differentiable path then, their direct kernels otherwise."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class DispatchOutput:

@@ -55,11 +55,6 @@ class RunnerBackend:
         raise NotImplementedError(f"runner {self.name!r} declares layouts {self.layouts} but implements no compute()")
 
 
-def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd must see this step (grad mode on and some input requires a gradient)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
                        needs_input_grad: Sequence[bool], grad_output: torch.Tensor,
                        into_every_leaf: bool = False) -> list[Optional[torch.Tensor]]:

@@ -29,10 +29,10 @@ from typing import Optional
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.runner_core import ExpertMajorInput
+from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 
 from . import register
-from .base import GemmHooks, TritonBackend, needs_grad, recompute_backward
+from .base import GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:

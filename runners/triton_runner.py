@@ -14,10 +14,10 @@ import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
-from ep_runtime.runner_core import RunnerInput
+from ep_runtime.runner_core import RunnerInput, needs_grad
 
 from . import register
-from .base import GemmHooks, TritonBackend, needs_grad, recompute_backward
+from .base import GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
