@@ -109,23 +109,36 @@ if triton is not None:
                                              pack=1)
 
     @triton.jit
-    def _wait_for(flag, epoch, start, timeout_ns, max_polls, error, peer, INTERPRET: tl.constexpr):
-        """Spin until the flag word reaches `epoch` (acquire), or record `peer` as silent and go on."""
+    def _acquire(INTERPRET: tl.constexpr):
+        """A system-scope acquire fence: what a peer stored before raising the flag just seen is
+        visible to every read after this (the interpreter runs programs in order: nothing to do)."""
+        if not INTERPRET:
+            tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+
+    @triton.jit
+    def _wait_for(flag, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET: tl.constexpr):
+        """Spin until the flag word reaches `epoch`, or record `peer` as silent and go on. Plain
+        volatile loads poll (no atomics: a program's threads would all hit one address); a wait that
+        is followed by reads of the peer's rows needs _acquire() after it. The error word lives on the
+        device (every program reads it); a wait that gives up also writes it to host memory, where
+        the host reads it without a sync."""
         polls = 0
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+        seen = tl.load(flag, volatile=True)
         if tl.load(error, volatile=True) != 0:  # a wait of this rank gave up already: none waits again
             seen = epoch
         while seen < epoch:
             polls += 1
             if (_clock_ns(INTERPRET) - start > timeout_ns) | (polls > max_polls):
                 tl.store(error, peer + 1)
+                tl.store(host_error, peer + 1)
                 seen = epoch  # give up: the host reads the error and raises
             else:
-                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+                seen = tl.load(flag, volatile=True)
 
     @triton.jit
-    def _put_kernel(src_ptr, region_ptrs, flag_ptrs, epoch_ptr, error_ptr, table_ptr, table_stride, me, R, chunk,
-                    src_step, row_words, timeout_ns, max_polls, TABLE: tl.constexpr, TO_OWNER: tl.constexpr,
+    def _put_kernel(src_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr, table_ptr, table_stride, me,
+                    R, chunk, src_step, row_words, timeout_ns, max_polls, TABLE: tl.constexpr, TO_OWNER: tl.constexpr,
                     VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
         """Copy every outgoing row into its destination's region: one peer's rows are contiguous on
         both sides, so each share is one flat copy. Flags: [ready (R words); free (R words)]."""
@@ -138,19 +151,20 @@ if triton is not None:
                 free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
                 tl.atomic_xchg(free, done, sem="release", scope="sys")
         mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
-        error = error_ptr.to(tl.pointer_type(tl.int32))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
         start = _clock_ns(INTERPRET)
         for step in range(1, R + 1):  # peers first, this rank last
             peer = (me + step) % R
             count, src, dst = _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE, TO_OWNER)
-            if peer != me:
-                _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, peer, INTERPRET)
+            if peer != me:  # no fence after: the stores below depend on the flag seen, nothing is read
+                _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
             _copy_words(src_ptr + tl.multiple_of(tl.cast(src, tl.int64) * row_words, VEC),
                         _words_at(tl.load(region_ptrs + peer), dst, row_words, ty, VEC),
                         tl.cast(count, tl.int64) * row_words, pid, nprog, VEC, BLOCK)
 
     @triton.jit
-    def _signal_kernel(flag_ptrs, epoch_ptr, error_ptr, me, R, timeout_ns, max_polls, INTERPRET: tl.constexpr):
+    def _signal_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
+                       INTERPRET: tl.constexpr):
         """One program: raise this call's ready flag in every peer (the put kernel before this one has
         finished: its stores precede the release), wait for every peer's, advance the epoch."""
         epoch = tl.load(epoch_ptr) + 1
@@ -158,10 +172,11 @@ if triton is not None:
             ready = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + me
             tl.atomic_xchg(ready, epoch, sem="release", scope="sys")
         mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
-        error = error_ptr.to(tl.pointer_type(tl.int32))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
         start = _clock_ns(INTERPRET)
         for peer in range(0, R):
-            _wait_for(mine + peer, epoch, start, timeout_ns, max_polls, error, peer, INTERPRET)
+            _wait_for(mine + peer, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+        _acquire(INTERPRET)  # the rows the peers stored before their flags are visible after this kernel
         tl.store(epoch_ptr, epoch)
 
 
@@ -223,7 +238,8 @@ class PeerTransport:
         self._region: Optional[_Region] = None
         self._region_ptrs = torch.zeros(R, dtype=torch.int64, device=device)  # updated in place on growth
         self._epoch = torch.zeros(1, dtype=torch.int64, device=device)  # calls finished
-        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")  # read by the host
+        self._device_error = torch.zeros(1, dtype=torch.int32, device=device)  # read by the kernels
         self._failed: Optional[str] = None
         self._timeout_s = envs.get("TIMEOUT_S")
         interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
@@ -281,13 +297,14 @@ class PeerTransport:
         words_in = x.view(torch.uint8).view(_word(row_bytes))
         vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
         _put_kernel[(num_sms,)](
-            words_in, self._region_ptrs, self._flag_ptrs, self._epoch, self._waits[0],
+            words_in, self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0],
             table if table is not None else self._epoch, table.shape[1] if table is not None else 0, self.rank,
             self.world_size, chunk or 0, 0 if gather else (chunk or 0), row_bytes // words_in.element_size(),
             *self._waits[1:], TABLE=table is not None, TO_OWNER=to_owner, VEC=vec, BLOCK=_BLOCK,
             INTERPRET=self._interpret, num_warps=_WARPS)
-        _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._waits[0], self.rank, self.world_size,
-                             *self._waits[1:], INTERPRET=self._interpret)
+        _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
+                             self.world_size,
+                             *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
         received = self._region.local[:rows_out * row_bytes]
         return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
 

@@ -8,9 +8,18 @@ import time
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 import ep_runtime as ep
 from ep_runtime.dispatchers import peer_transport as pt
+
+
+@triton.jit
+def _raw_copy(src_ptr, dst_address, n, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """The transport's copy loop alone: n words into the peer's region, no flags."""
+    dst = pt._words_at(dst_address, 0, 1, src_ptr.dtype.element_ty, VEC)
+    pt._copy_words(src_ptr, dst, n, tl.program_id(0), tl.num_programs(0), VEC, BLOCK)
 
 
 def _time(fn, repeats=30, warmup=5):
@@ -51,8 +60,18 @@ def main():
         if me == 0:
             print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'nccl a2a':>14} {'-':>4} {'-':>5} {d:>9.1f} {h:>8.1f} "
                   f"{out_bytes / d / 1e3:>7.1f}")
-        for warps in (4, 8, 16):
-            for sms in (8, 16, 24, 32, 64):
+        words = x[:rows].view(torch.int64).reshape(-1)
+        peer_address = peer._region.addresses[(me + 1) % R]
+        for block in (1024, 4096):
+            for warps in (4, 8):
+                for sms in (24, 64):
+                    d, h = _time(lambda: _raw_copy[(sms,)](words, peer_address, words.numel(), VEC=2, BLOCK=block,
+                                                           num_warps=warps))
+                    if me == 0:
+                        print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'raw b=' + str(block):>14} {sms:>4} {warps:>5} "
+                              f"{d:>9.1f} {h:>8.1f} {out_bytes / d / 1e3:>7.1f}")
+        for warps in (4, 8):
+            for sms in (16, 24, 32, 64):
                 pt._WARPS = warps
                 got = peer.all_to_all(x, R * rows, chunk=rows, num_sms=sms)
                 assert torch.equal(got, ref)
