@@ -62,7 +62,7 @@ def main():
                   f"{out_bytes / d / 1e3:>7.1f}")
         words = x[:rows].view(torch.int64).reshape(-1)
         peer_address = peer._region.addresses[(me + 1) % R]
-        for block in (1024, 4096):
+        for block in (4096,):
             for warps in (4, 8):
                 for sms in (24, 64):
                     d, h = _time(lambda: _raw_copy[(sms,)](words, peer_address, words.numel(), VEC=2, BLOCK=block,
