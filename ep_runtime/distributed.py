@@ -407,7 +407,7 @@ def synchronize(group, name: str, rank: int, world_size: int, operation: str = "
     has finished (e.g. a replayed CUDA graph holding a layer's exchange); on expiry abort the group
     and raise PeerFailure. Nothing to wait for on CPU ranks (gloo's collectives wait themselves)."""
     check_group(group, name, operation)
-    if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+    if not dist.is_initialized() or dist.get_backend(group) != "nccl" or torch.cuda.is_current_stream_capturing():
         return
     event = torch.cuda.Event()
     event.record()
