@@ -226,6 +226,8 @@ def destroy_distributed() -> None:
     threads have released their last work (see the module doc: a thread still doing so when the
     interpreter shuts down aborts the process). Free CUDA graphs that captured collectives of the
     group first: NCCL waits for their work to be released when it destroys the communicator."""
+    global _TIMEOUT_S
+    _TIMEOUT_S = None
     if dist.is_available() and dist.is_initialized():
         if _FAILED:  # a group was aborted after a peer failed: nothing to flush, and a wait could hang
             abort_group(None)
@@ -324,9 +326,9 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
         peers = _peers(rank, size)
         knob = envs.PREFIX + "TIMEOUT_S"
         if aborted:
-            what = (f"found the group's NCCL communicator aborted: NCCL's watchdog gave up on a collective that "
-                    f"waited for {peers} longer than the group's timeout ({knob} + "
-                    f"{NCCL_WATCHDOG_MARGIN_S:g} s), in a wait outside ep-runtime (e.g. a read of an earlier output); "
+            what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
+                    f"after a collective failed or outlived the group's timeout ({knob} + "
+                    f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
                     f"that rank stalled, died, or took a different code path")
         elif gone:
             what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "

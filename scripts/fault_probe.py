@@ -109,6 +109,13 @@ def worker(case: str, fault: str, folder: Path) -> None:
                 result = {"raised": True, "type": type(exc).__name__, "message": str(exc), "calls": calls}
                 error = exc
             result["at"] = time.time()
+            if error is not None:  # a later call must fail at once, not wait on the aborted group (never
+                try:  # replay a graph that captured an aborted group's collectives: its kernels would use freed state)
+                    (layer.synchronize if graph is not None else step)()
+                    result["again"] = "no error"
+                except Exception as exc:  # noqa: BLE001
+                    result["again"] = f"{type(exc).__name__}: {exc}"
+                result["again_s"] = time.time() - result["at"]
             (folder / f"rank{rank}.json").write_text(json.dumps(result))
             del graph, step
             if error is not None:
@@ -168,7 +175,7 @@ class Job:
         out = {"case": self.case, "fault": self.fault, "fault_at": fault}
         path = self.folder / "rank0.json"
         survivor = json.loads(path.read_text()) if path.exists() else {"raised": None}
-        out.update({k: survivor.get(k) for k in ("raised", "type", "message", "calls")})
+        out.update({k: survivor.get(k) for k in ("raised", "type", "message", "calls", "again", "again_s")})
         out["raise_s"] = survivor["at"] - fault if fault and "at" in survivor else None
         code, exited = self.exited.get(0, (None, None))
         out["exit_code"] = code
