@@ -13,7 +13,8 @@ deepep_normal, mori and deepep_ll eager, and deepep_ll replayed from a CUDA grap
 its type and first words, and seconds to rank 0's exit. A warm-up job first runs every case healthy
 with a long timeout so that Triton's kernel cache is filled before the timed jobs start.
 
-Needs 2 GPUs. tests/test_gpu_faults.py runs this and checks every survivor raised ep.PeerFailure
+Needs 2 GPUs and ep-runtime installed (the jobs import it as installed: `pip install .` or `-e .`).
+tests/test_gpu_faults.py runs this and checks every survivor raised ep.PeerFailure
 within EP_RUNTIME_TIMEOUT_S + 5 s.
 """
 from __future__ import annotations
@@ -32,7 +33,6 @@ CASES = ["deepep_normal", "mori", "deepep_ll", "deepep_ll_graph"]
 FAULTS = ["stall", "sigkill"]
 FAULT_RANK = 1
 E, K, H, INTER, T = 32, 4, 256, 256, 64
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- one rank of a job
@@ -137,8 +137,7 @@ class Job:
         self.case, self.fault, self.folder = case, fault, folder
         folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                   EP_RUNTIME_TIMEOUT_S=str(timeout_s), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   EP_RUNTIME_TIMEOUT_S=str(timeout_s), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
         self.procs, self.exited = [], {}
         for r in range(2):
             log = open(folder / f"rank{r}.log", "w")
