@@ -187,7 +187,7 @@ class RankExchange:
         PeerFailure names the dispatcher, the operation, the peer(s) and the knob), then copy.
         recorded: the caller recorded the event right after the all_gather (_record_read) and queued
         more of this rank's own kernels since, which the copy then waits for (they wait for no peer)."""
-        if table.is_cuda:
+        if table.is_cuda and not capturing():  # (while capturing nothing can be read: tolist raises as ever)
             if not recorded:
                 self._record_read()
             wait_on_device(self._read_event, issued_at=issued_at, group=self.group, name=self.name,

@@ -1,8 +1,10 @@
 """One call to join whatever launched this job: torchrun, Slurm (srun), MPI (mpirun) or nothing.
 
-Backend: NCCL when CUDA is available, gloo otherwise. The group gets a timeout
+Backend: NCCL when CUDA is available, gloo otherwise. A gloo group gets the timeout
 (EP_RUNTIME_TIMEOUT_S unless given), so a dead or stalled rank makes the others fail instead of
-hanging. A group created here is destroyed at interpreter exit (gloo can abort the process at
+hanging. On NCCL, collectives do not wait on the host: each wait of ep-runtime's own polls with that
+deadline, then aborts the group and raises (wait_on_device, at the end of this module), and the
+group's own timeout, which drives NCCL's watchdog, is set 30 s later (nccl_watchdog_settings). A group created here is destroyed at interpreter exit (gloo can abort the process at
 shutdown otherwise); call destroy_distributed() to do it earlier.
 
 Why destroy_distributed() waits for gloo's worker threads: a ProcessGroupGloo runs collectives on
@@ -376,14 +378,13 @@ def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: 
                    rank: int, world_size: int, waited_for: str = "the count table's all_gather") -> None:
     """Return once `event` has completed; raise PeerFailure (after aborting the group) when it has not
     completed EP_RUNTIME_TIMEOUT_S after `issued_at` (time.monotonic() when the awaited collective was
-    queued). Polls: a few microseconds of queries first (the usual wait is tens of microseconds), then
-    sleeps of 50 us, then of 1 ms."""
+    queued). Polls: queries alone for the first 2 ms (the usual wait is tens of microseconds, and a
+    blocking synchronize spins too), then with sleeps of 50 us until 20 ms, then of 1 ms."""
     if event.query():
         return
     limit = timeout_s()
     deadline = issued_at + limit
     start = time.monotonic()
-    spins = 0
     while not event.query():
         now = time.monotonic()
         if now >= deadline:
@@ -397,11 +398,11 @@ def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: 
                        f"The group's NCCL communicator has been aborted, so no later call waits on it")
             done = abort_group(group, message)
             if not done:
-                message += f" (the abort had not finished after {ABORT_WAIT_S:g} s; it goes on in the background)"
+                message += (f" (or so it was asked: the abort had not finished after {ABORT_WAIT_S:g} s, or it failed; "
+                            f"ep-runtime queues nothing more on this group either way)")
             raise PeerFailure(message)
-        spins += 1
-        if spins > 50:
-            time.sleep(50e-6 if now - start < 0.01 else 1e-3)
+        if now - start > 0.002:
+            time.sleep(50e-6 if now - start < 0.02 else 1e-3)
 
 
 def synchronize(group, name: str, rank: int, world_size: int, operation: str = "synchronize") -> None:

@@ -91,8 +91,8 @@ def worker(case: str, fault: str, folder: Path) -> None:
             sync()
             dist.barrier()
             sync()
-            if fault == "none":  # the warm-up job
-                del graph
+            if fault == "none":  # the warm-up job; a graph holding the group's collectives goes before the group
+                del graph, step
                 continue
             if rank == FAULT_RANK:
                 (folder / "fault_at").write_text(repr(time.time()))
