@@ -186,7 +186,7 @@ class Job:
 def run(cases: list[str], timeout_s: float, sequential: bool, warmup: bool, folder: Path) -> list[dict]:
     if warmup:
         job = Job("all", "none", folder / "warmup", 120.0)
-        deadline = time.time() + 300
+        deadline = time.time() + 240
         while not job.done(120.0) and time.time() < deadline:
             time.sleep(0.2)
         job.kill()

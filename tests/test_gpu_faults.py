@@ -33,7 +33,7 @@ def outcomes(tmp_path_factory, request) -> dict:
     out = folder / "times.json"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "fault_probe.py"), "--timeout", str(TIMEOUT_S),
                           "--json", str(out), "--dir", str(folder / "jobs")], capture_output=True, text=True,
-                         timeout=400)
+                         timeout=600)  # the probe bounds itself (240 s warm-up, 180 s of jobs)
     assert run.returncode == 0 and out.exists(), run.stdout[-3000:] + run.stderr[-5000:]
     results = json.loads(out.read_text())["results"]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
