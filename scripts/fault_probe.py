@@ -8,8 +8,9 @@ Each case is one job of two fresh processes started the way torchrun starts them
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT, EP_RUNTIME_TIMEOUT_S), each calling ep.init_distributed() and
 running an EPMoE forward in bf16 under torch.no_grad() (the exchange's kernel path): a few healthy
 steps, a barrier, then rank 1 stalls (sleeps) or SIGKILLs itself and rank 0 keeps stepping. Cases:
-deepep_normal, mori and deepep_ll eager, and deepep_ll replayed from a CUDA graph (each step
-`graph.replay(); layer.synchronize()`). Printed per case: seconds from the fault to rank 0's error,
+deepep_normal, mori and deepep_ll eager; deepep_ll (the layer) and the static modes of deepep_normal
+(num_worst_tokens) and mori (static=True) (dispatch -> combine) replayed from a CUDA graph, each step
+`graph.replay(); layer.synchronize()`. Printed per case: seconds from the fault to rank 0's error,
 its type and first words, and seconds to rank 0's exit. A warm-up job first runs every case healthy
 with a long timeout so that Triton's kernel cache is filled before the timed jobs start.
 
@@ -29,10 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = ["deepep_normal", "mori", "deepep_ll", "deepep_ll_graph"]
+E, K, H, INTER, T = 32, 4, 256, 256, 64
+CASES = ["deepep_normal", "mori", "deepep_ll", "deepep_ll_graph", "deepep_normal_static_graph", "mori_static_graph"]
+# The static modes' options (as the benchmarks' static variants set them); deepep_ll's M.
+OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": T},
+           "deepep_normal_static": {"num_worst_tokens": 2 * T, "num_max_dispatch_tokens_per_rank": T},
+           "mori_static": {"max_dispatch_tokens_per_rank": T, "static": True}}
 FAULTS = ["stall", "sigkill"]
 FAULT_RANK = 1
-E, K, H, INTER, T = 32, 4, 256, 256, 64
 
 
 # ---------------------------------------------------------------- one rank of a job
@@ -41,10 +46,12 @@ def _layer_and_step(case: str):
     import torch
 
     import ep_runtime as ep
+    from ep_runtime.runner_core import CombineInput
 
-    graph_mode = case == "deepep_ll_graph"
-    dispatcher = "deepep_ll" if case.startswith("deepep_ll") else case
-    options = {"num_max_dispatch_tokens_per_rank": T} if dispatcher == "deepep_ll" else {}
+    graph_mode = case.endswith("_graph")
+    mode = case.removesuffix("_graph")
+    dispatcher = mode.removesuffix("_static")
+    options = OPTIONS.get(mode, {})
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU (gloo): a dry run of this script's machinery
     layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner="auto", dtype=torch.bfloat16, device=device,
                      dispatcher_options=options)
@@ -55,16 +62,21 @@ def _layer_and_step(case: str):
     w = w / w.sum(1, keepdim=True)
     if not graph_mode:
         return layer, None, lambda: layer(x, ids, w)
+    def captured():
+        if dispatcher == "deepep_ll":  # the whole layer (its masked runner captures)
+            return layer(x, ids, w)
+        sent = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w))  # the static modes: dispatch -> combine,
+        return layer.dispatcher.combine(CombineInput(sent.recv_x * 2, sent))  # as tests/test_gpu.py captures them
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            layer(x, ids, w)
+            captured()
     torch.cuda.current_stream().wait_stream(side)
     layer.dispatcher.raise_deferred()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        layer(x, ids, w)
+        captured()
 
     def step():
         graph.replay()

@@ -1,11 +1,11 @@
 """On 2 GPUs (marker `gpu`): a peer that stalls or dies makes every survivor raise ep.PeerFailure
 within EP_RUNTIME_TIMEOUT_S + 5 s, for each exchange dispatcher eager (deepep_normal, mori,
-deepep_ll) and for deepep_ll replayed from a CUDA graph (each step `graph.replay();
-layer.synchronize()`).
+deepep_ll) and replayed from a CUDA graph (deepep_ll's layer; the static modes of deepep_normal and
+mori, dispatch -> combine), each replay followed by `layer.synchronize()`.
 
 Every case is a real job of two fresh processes on NCCL (scripts/fault_probe.py starts them as
 torchrun would, each calling ep.init_distributed()); after a few healthy steps and a barrier rank 1
-sleeps or SIGKILLs itself and rank 0 keeps stepping. All eight jobs run at once after one healthy
+sleeps or SIGKILLs itself and rank 0 keeps stepping. All twelve jobs run at once after one healthy
 warm-up job (which fills Triton's kernel cache), so the module takes about the timeout plus start-up.
 The measured times are written to the terminal, one `fault_probe:` line per case.
 """
@@ -24,7 +24,7 @@ TIMEOUT_S = 10  # EP_RUNTIME_TIMEOUT_S of the jobs
 sys.path.insert(0, str(ROOT / "scripts"))
 from fault_probe import CASES, FAULTS, table  # noqa: E402
 
-OPERATION = {"deepep_normal": "dispatch", "mori": "dispatch", "deepep_ll": "dispatch", "deepep_ll_graph": "synchronize"}
+OPERATION = {case: "synchronize" if case.endswith("_graph") else "dispatch" for case in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_survivor_raises_peer_failure_within_the_timeout(outcomes, case, fault):
     assert r["raised"], "rank 0 did not raise: " + context
     assert r["type"] == "PeerFailure", context
     assert r["raise_s"] <= TIMEOUT_S + 5, context
-    dispatcher = "deepep_ll" if case.startswith("deepep_ll") else case
+    dispatcher = case.removesuffix("_graph").removesuffix("_static")
     # the dispatcher, the operation, this rank, the peer that did not answer, the knob
     assert r["message"].startswith(f"{dispatcher} {OPERATION[case]} on rank 0 of 2 waited in vain for rank 1: "), context
     assert "EP_RUNTIME_TIMEOUT_S" in r["message"] and "aborted" in r["message"], context
