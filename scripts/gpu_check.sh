@@ -5,7 +5,7 @@
 #   install                      pip install the tree (60 s)
 #   pytest -m gpu                the gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
 #                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer;
-#                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~45 s, its times printed
+#                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~60 s, its times printed
 #                                as `fault_probe:` lines) (230 s)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
 #                                replays of the static-shape dispatchers (140 s)
