@@ -358,6 +358,7 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
 
 _FAILED: dict = {}  # group (or "WORLD" for the default group) -> the PeerFailure message that ended it
 ABORT_WAIT_S = 4.0  # how long a failing wait waits for the abort before it raises anyway
+_ABORTING: Optional[threading.Thread] = None  # the abort under way (or the last one)
 
 
 def _group_key(group):
@@ -423,9 +424,14 @@ def abort_group(group, message: Optional[str] = None) -> bool:
     abort path, which ends NCCL's kernels still waiting; record the group as failed (with `message`).
     The abort runs on a helper thread and is waited for at most ABORT_WAIT_S, so a failing wait stays
     bounded even if NCCL's abort stalls. Returns True when the abort finished."""
+    global _ABORTING
     key = _group_key(group)
     if message is not None:
         _FAILED[key] = message
+    wait_s = ABORT_WAIT_S + (30.0 if envs.get("NCCL_DUMP_ON_TIMEOUT") else 0.0)
+    if _ABORTING is not None and _ABORTING.is_alive():  # never two aborts of one communicator at once
+        _ABORTING.join(wait_s)
+        return not _ABORTING.is_alive()
     if key == "WORLD" and not dist.is_initialized():
         return True
     errors: list = []
@@ -444,10 +450,10 @@ def abort_group(group, message: Optional[str] = None) -> bool:
         except Exception as exc:  # noqa: BLE001 - already gone, or no abort here: reported below
             errors.append(exc)
 
-    worker = threading.Thread(target=run, name="ep_runtime_abort", daemon=True)
-    worker.start()
-    worker.join(ABORT_WAIT_S + (30.0 if envs.get("NCCL_DUMP_ON_TIMEOUT") else 0.0))
-    return not worker.is_alive() and not errors
+    _ABORTING = threading.Thread(target=run, name="ep_runtime_abort", daemon=True)
+    _ABORTING.start()
+    _ABORTING.join(wait_s)
+    return not _ABORTING.is_alive() and not errors
 
 
 def _dump_flight_recorder() -> None:
