@@ -369,7 +369,7 @@ def check_group(group, name: str, operation: str) -> None:
     """Raise a PeerFailure at once when an earlier wait gave up on this group (its communicator is
     aborted: anything queued on it would fail or hang)."""
     if _FAILED:
-        earlier = _FAILED.get(_group_key(group))
+        earlier = _FAILED.get(_group_key(group)) or _FAILED.get("WORLD")  # aborting WORLD aborted every group
         if earlier is not None:
             raise PeerFailure(f"{name} {operation}: this group failed earlier and its communicator was aborted; "
                               f"rebuild the process group (and the layer) to go on. The earlier failure: {earlier}")
