@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ep_runtime import envs
+from ep_runtime import distributed, envs
 from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.routing import TopKOutput
@@ -127,6 +127,7 @@ class Dispatcher:
         or any (ids, weights) pair. Checked before any collective. options: per-call extras a
         dispatcher documents (deepep_normal: handle). async_op=True returns (output, work), see
         ExchangeWork."""
+        distributed.check_group(self.group, self.name, "dispatch")
         out = self._checked_dispatch(x, topk, **options)
         return (out, ExchangeWork()) if async_op else out
 
@@ -147,12 +148,23 @@ class Dispatcher:
     def combine(self, combine_input: CombineInput, *, async_op: bool = False):
         """The runner's rows, reduced per original token: [T, H] in x's dtype. async_op=True returns
         (y, work), see ExchangeWork."""
+        distributed.check_group(self.group, self.name, "combine")
         y = self._combine(combine_input)
         return (y, ExchangeWork()) if async_op else y
 
     def raise_deferred(self) -> None:
         """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.
         after a job's last step; call it on every rank together. Nothing to run here."""
+
+    def synchronize(self, operation: str = "synchronize") -> None:
+        """Wait until the work queued so far on the current CUDA stream has finished (a replayed CUDA
+        graph holding this dispatcher's exchange, say), at most EP_RUNTIME_TIMEOUT_S: a peer that does
+        not answer makes every waiting rank abort the group's communicator and raise ep.PeerFailure
+        naming this dispatcher, `operation` and the peer(s). Call it instead of
+        torch.cuda.synchronize() where a host waits for a graph's results. Returns at once on CPU."""
+        if self.world_size == 1 or not self.shards_experts:
+            return torch.cuda.synchronize() if torch.cuda.is_available() else None
+        distributed.synchronize(self.group, self.name, self.rank, self.world_size, operation)
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
@@ -195,7 +207,8 @@ class ExchangeDispatcher(Dispatcher):
                  num_sms: Optional[int] = None):
         super().__init__(config, group, expert_to_rank)
         self.transport_options = resolve_transport(transport, num_sms)
-        self.exchange = RankExchange(self.placement, self.group, transport=self.transport_options.transport,
+        self.exchange = RankExchange(self.placement, self.group, name=self.name,
+                                     transport=self.transport_options.transport,
                                      num_sms=self.transport_options.num_sms)
 
     def check_capacity(self, num_tokens: int) -> None:

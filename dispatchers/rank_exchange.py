@@ -17,10 +17,17 @@ together with its metadata in one exchange. A static plan there does not read th
 it is copied to pinned memory without a sync and checked _CHECK_LAG static calls later on this
 exchange (or by `raise_deferred()`), every rank raising the same error at the same call;
 EP_RUNTIME_SYNC_CHECKS=1 reads it at once instead. CPU ranks always read it at once.
+
+Every read of the table on CUDA goes through _read_table (and the deferred check through
+_check_oldest): the host polls an event recorded after the all_gather, with a deadline of
+EP_RUNTIME_TIMEOUT_S after the collective was issued, instead of blocking in a synchronize; a peer
+that never joins makes this rank abort the group's communicator and raise ep.PeerFailure
+(ep_runtime.distributed.wait_on_device). On CPU ranks gloo's collective itself waits and fails.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -28,6 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ep_runtime import envs
+from ep_runtime.distributed import wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
@@ -140,6 +148,7 @@ class _Deferred(NamedTuple):
     """A static plan's count table on its way to pinned host memory, and what checking it needs."""
 
     ready: "torch.cuda.Event"
+    issued_at: float  # time.monotonic() when the table's all_gather was queued: the wait's deadline counts from it
     table: torch.Tensor  # pinned [R, ROW] int32
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
@@ -161,8 +170,9 @@ class RankExchange:
     every rank's T against it in the count table, so one rank over it fails every rank at once."""
 
     def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None,
-                 transport: str = "auto", num_sms: int = 24):
-        self.placement, self.group = placement, group
+                 name: str = "exchange", transport: str = "auto", num_sms: int = 24):
+        """name: the dispatcher's, for the errors a peer that does not answer causes."""
+        self.placement, self.group, self.name = placement, group, name
         self.num_experts, self.rank, self.world_size = placement.num_experts, placement.rank, placement.ep_size
         self.num_local_experts = placement.num_local_experts
         self.max_tokens = max_tokens
@@ -173,6 +183,26 @@ class RankExchange:
         self._next_landing = 0
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
+        self._read_event = None  # recorded after each all_gather whose table the host reads now
+
+    def _read_table(self, table: torch.Tensor, issued_at: float, recorded: bool = False) -> list:
+        """The all-gathered count table on the host: every host read of it goes through here. On CUDA:
+        poll an event recorded after the all_gather until it completes (deadline EP_RUNTIME_TIMEOUT_S
+        after issued_at, the time the all_gather was queued; past it the group is aborted and a
+        PeerFailure names the dispatcher, the operation, the peer(s) and the knob), then copy.
+        recorded: the caller recorded the event right after the all_gather (_record_read) and queued
+        more of this rank's own kernels since, which the copy then waits for (they wait for no peer)."""
+        if table.is_cuda and not capturing():  # (while capturing nothing can be read: tolist raises as ever)
+            if not recorded:
+                self._record_read()
+            wait_on_device(self._read_event, issued_at=issued_at, group=self.group, name=self.name,
+                           operation="dispatch", rank=self.rank, world_size=self.world_size)
+        return table.tolist()
+
+    def _record_read(self) -> None:
+        if self._read_event is None:
+            self._read_event = torch.cuda.Event()
+        self._read_event.record()
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
@@ -208,11 +238,12 @@ class RankExchange:
             flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if checked else
                      torch.zeros(2 + (distinct is not None), dtype=torch.int32, device=row.device))
             row = torch.cat([row, flags])
+        issued_at = time.monotonic()
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + self.tables(table.device)[2].long()].sum(0)  # this rank's experts' columns
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
-        host = table.tolist() if read else None  # the one sync
+        host = self._read_table(table, issued_at) if read else None  # the one sync
         if host is not None:
             if checked:
                 self._check_flags([row[1 + R + E:] for row in host], topk_ids, topk_weights, distinct)
@@ -238,7 +269,10 @@ class RankExchange:
                 self._check_oldest()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
         in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
+        issued_at = time.monotonic()
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
+        if not static and not now and table.is_cuda:  # the event the read below polls: right after the all_gather, not
+            self._record_read()  # after the plan and pack queued next
         layout = Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
         plan = payload = None
         if not static and x is not None:  # plan and pack first: the read below then overlaps them
@@ -249,13 +283,13 @@ class RankExchange:
         if static:
             total = R * chunk
             if defer:
-                self._defer(table, topk_ids, topk_weights, distinct, chunk, rows, capacity)
+                self._defer(table, issued_at, topk_ids, topk_weights, distinct, chunk, rows, capacity)
             elif not now:
-                host = table.tolist()
+                host = self._read_table(table, issued_at)
                 self._check_host_table(host, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
         else:
-            host = table.tolist()  # the one sync
+            host = self._read_table(table, issued_at, recorded=True)  # the one sync
             self._check_host_table(host, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
@@ -293,7 +327,7 @@ class RankExchange:
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
 
-    def _defer(self, table, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
+    def _defer(self, table, issued_at, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
         """Start the table's copy to pinned memory (no sync). At most _CHECK_LAG tables are pending, so
         _CHECK_LAG landing buffers, used in turn, never overwrite one still to be checked."""
         if len(self._landing) < _CHECK_LAG:
@@ -306,7 +340,8 @@ class RankExchange:
             self._landing[slot] = (pinned, ready)
         pinned.copy_(table, non_blocking=True)
         ready.record()
-        self._deferred.append(_Deferred(ready, pinned, topk_ids, topk_weights, distinct, chunk, rows, capacity))
+        self._deferred.append(_Deferred(ready, issued_at, pinned, topk_ids, topk_weights, distinct, chunk, rows,
+                                        capacity))
 
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank
@@ -316,7 +351,16 @@ class RankExchange:
 
     def _check_oldest(self) -> None:
         pending = self._deferred.popleft()
-        pending.ready.synchronize()  # work this old has normally finished: no wait
+        # Work this old has normally finished: no wait. A peer that never joined that call's
+        # all_gather: abort the group and raise, EP_RUNTIME_TIMEOUT_S after the all_gather was issued.
+        try:
+            wait_on_device(pending.ready, issued_at=pending.issued_at, group=self.group, name=self.name,
+                           operation="dispatch", rank=self.rank, world_size=self.world_size,
+                           waited_for=f"the count table's all_gather of the static-plan call {_CHECK_LAG} calls back "
+                                      f"(its deferred check)")
+        except Exception:
+            self._deferred.clear()
+            raise
         host = pending.table.tolist()
         try:
             self._check_host_table(host, pending.topk_ids, pending.topk_weights, pending.distinct)

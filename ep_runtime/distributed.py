@@ -1,8 +1,10 @@
 """One call to join whatever launched this job: torchrun, Slurm (srun), MPI (mpirun) or nothing.
 
-Backend: NCCL when CUDA is available, gloo otherwise. The group gets a timeout
+Backend: NCCL when CUDA is available, gloo otherwise. A gloo group gets the timeout
 (EP_RUNTIME_TIMEOUT_S unless given), so a dead or stalled rank makes the others fail instead of
-hanging. A group created here is destroyed at interpreter exit (gloo can abort the process at
+hanging. On NCCL, collectives do not wait on the host: each wait of ep-runtime's own polls with that
+deadline, then aborts the group and raises (wait_on_device, at the end of this module), and the
+group's own timeout, which drives NCCL's watchdog, is set 30 s later (nccl_watchdog_settings). A group created here is destroyed at interpreter exit (gloo can abort the process at
 shutdown otherwise); call destroy_distributed() to do it earlier.
 
 Why destroy_distributed() waits for gloo's worker threads: a ProcessGroupGloo runs collectives on
@@ -21,6 +23,7 @@ import atexit
 import os
 import re
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,22 +158,69 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
-    timeout = timedelta(seconds=check_timeout(timeout_s) if timeout_s is not None else envs.get("TIMEOUT_S"))
+    ours = check_timeout(timeout_s) if timeout_s is not None else envs.get("TIMEOUT_S")
+    timeout = timedelta(seconds=ours)
     kwargs = {}
     if use_cuda:
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         if backend == "nccl":
             kwargs["device_id"] = device
+    if backend == "nccl":  # our own waits give up after `ours`; NCCL's watchdog only backs them up
+        nccl_watchdog_settings()
+        timeout = timedelta(seconds=nccl_group_timeout(ours))
     if launch.launcher == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
         dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout, **kwargs)
+    _FAILED.clear()  # a new default group: earlier failures were of the old one
     if not _CREATED_HERE:
         atexit.register(destroy_distributed)
     _CREATED_HERE = True
+    global _TIMEOUT_S
+    _TIMEOUT_S = ours
     return dist.group.WORLD
+
+
+# Seconds NCCL's watchdog waits beyond EP_RUNTIME_TIMEOUT_S before it acts on a collective itself: our
+# own waits (the count-table read, the deferred check, synchronize()) run out first, abort the group
+# and raise; the watchdog is left for waits that are not ours (a user's .item() on a layer's output).
+NCCL_WATCHDOG_MARGIN_S = 30.0
+_TIMEOUT_S: Optional[float] = None  # the timeout init_distributed was given (None: the knob's)
+
+
+def nccl_group_timeout(timeout_s: float) -> float:
+    """The timeout an NCCL group gets: ours plus NCCL_WATCHDOG_MARGIN_S, so NCCL's watchdog never
+    acts on a collective before our own deadline for it has run out."""
+    return timeout_s + NCCL_WATCHDOG_MARGIN_S
+
+
+def timeout_s() -> float:
+    """Seconds our waits for other ranks last: init_distributed's timeout_s, else EP_RUNTIME_TIMEOUT_S."""
+    return _TIMEOUT_S if _TIMEOUT_S is not None else envs.get("TIMEOUT_S")
+
+
+def nccl_watchdog_settings() -> dict[str, str]:
+    """Give torch's NCCL watchdog settings that neither beat nor slow our own timeout, unless the user
+    set them (their values win); returns the values in force. Read by ProcessGroupNCCL when a group
+    is created, so init_distributed calls this first.
+
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly): when a collective outlives the group's timeout
+      (ours + NCCL_WATCHDOG_MARGIN_S: only waits that are not ours get there), the watchdog aborts
+      the communicator, which ends the stuck kernel, and leaves the process alive, so the next call
+      on the group raises in Python. torch's default (3) ends the process from a C++ thread instead.
+    - TORCH_NCCL_DUMP_ON_TIMEOUT=0 and TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC=500: no flight-recorder
+      dump, and the watchdog's grace before it aborts (4x that wait) is 2 s instead of 60 s.
+      EP_RUNTIME_NCCL_DUMP_ON_TIMEOUT=1 keeps torch's dump and its grace (and our own abort writes a
+      dump first).
+    """
+    values = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": envs.set_torch_nccl_default("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")}
+    if not envs.get("NCCL_DUMP_ON_TIMEOUT"):
+        values["TORCH_NCCL_DUMP_ON_TIMEOUT"] = envs.set_torch_nccl_default("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+        values["TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC"] = envs.set_torch_nccl_default(
+            "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "500")
+    return values
 
 
 def destroy_distributed() -> None:
@@ -178,12 +228,17 @@ def destroy_distributed() -> None:
     threads have released their last work (see the module doc: a thread still doing so when the
     interpreter shuts down aborts the process). Free CUDA graphs that captured collectives of the
     group first: NCCL waits for their work to be released when it destroys the communicator."""
+    global _TIMEOUT_S
+    _TIMEOUT_S = None
     if dist.is_available() and dist.is_initialized():
         from ep_runtime.dispatchers.peer_transport import release_transports
         release_transports()  # their symmetric memory belongs to the group
-        if dist.get_backend() == "nccl":
-            torch.cuda.synchronize()  # no kernel of this group still in flight when its communicator goes
-        dist.destroy_process_group()
+        if _FAILED:  # a group was aborted after a peer failed: nothing to flush, and a wait could hang
+            abort_group(None)
+        else:
+            if dist.get_backend() == "nccl":
+                torch.cuda.synchronize()  # no kernel of this group still in flight when its communicator goes
+            dist.destroy_process_group()
     wait_for_idle_gloo_workers()
 
 
@@ -247,6 +302,17 @@ _PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGN
 _WAITED_MS = re.compile(r"waiting (\d+)ms")
 
 
+def _peers(rank: int, size: int) -> str:
+    """The rank(s) that did not answer, as far as a collective can tell: the other rank of a 2-rank
+    group; otherwise any of the others (neither gloo nor NCCL says which)."""
+    others = [r for r in range(size) if r != rank]
+    return f"rank {others[0]}" if len(others) == 1 else f"one or more of ranks {', '.join(map(str, others))}"
+
+
+# What NCCL says once its communicator was aborted (by NCCL's watchdog, after the group's timeout).
+_NCCL_ABORTED = re.compile(r"communicator was aborted|watchdog caught collective operation timeout", re.IGNORECASE)
+
+
 @contextmanager
 def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
     """Re-raise a collective's timeout or lost connection inside the block as a PeerFailure that
@@ -257,14 +323,18 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:  # torch's DistBackendError is a RuntimeError
         text = str(exc)
-        timed_out, gone = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text)
-        if isinstance(exc, PeerFailure) or not (timed_out or gone):
+        timed_out, gone, aborted = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text), _NCCL_ABORTED.search(text)
+        if isinstance(exc, PeerFailure) or not (timed_out or gone or aborted):
             raise
         rank, size = dispatcher.rank, dispatcher.world_size
-        others = [r for r in range(size) if r != rank]
-        peers = f"rank {others[0]}" if len(others) == 1 else f"one or more of ranks {', '.join(map(str, others))}"
+        peers = _peers(rank, size)
         knob = envs.PREFIX + "TIMEOUT_S"
-        if gone:
+        if aborted:
+            what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
+                    f"after a collective failed or outlived the group's timeout ({knob} + "
+                    f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
+                    f"that rank stalled, died, or took a different code path")
+        elif gone:
             what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
                     f"a rank that stalls instead is given up on after {knob}")
         else:
@@ -275,3 +345,125 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise PeerFailure(f"{dispatcher.name} {operation} on rank {rank} of {size} {what}. Backend error: "
                           f"{first_line}") from exc
+
+
+# ---------------------------------------------------------------- bounded waits on the device (NCCL)
+#
+# On NCCL a collective is queued on the GPU and returns at once; the host waits only where it reads a
+# result. Each such wait of ours polls a CUDA event (query() and short sleeps, never a blocking
+# synchronize) until EP_RUNTIME_TIMEOUT_S after the collective was issued. On expiry the group's
+# communicator is aborted (ncclCommAbort through torch: NCCL's kernels waiting for the missing rank
+# see the abort flag and return, so the stream drains and nothing later waits on them), the group is
+# recorded as failed (later calls through ep-runtime raise at once instead of queueing work on it),
+# and a PeerFailure is raised on this rank. Every survivor waits on its own copy of the collective, so
+# every survivor raises.
+
+_FAILED: dict = {}  # group (or "WORLD" for the default group) -> the PeerFailure message that ended it
+ABORT_WAIT_S = 4.0  # how long a failing wait waits for the abort before it raises anyway
+_ABORTING: Optional[threading.Thread] = None  # the abort under way (or the last one)
+
+
+def _group_key(group):
+    return "WORLD" if group is None or group is dist.GroupMember.WORLD else group
+
+
+def check_group(group, name: str, operation: str) -> None:
+    """Raise a PeerFailure at once when an earlier wait gave up on this group (its communicator is
+    aborted: anything queued on it would fail or hang)."""
+    if _FAILED:
+        earlier = _FAILED.get(_group_key(group)) or _FAILED.get("WORLD")  # aborting WORLD aborted every group
+        if earlier is not None:
+            raise PeerFailure(f"{name} {operation}: this group failed earlier and its communicator was aborted; "
+                              f"rebuild the process group (and the layer) to go on. The earlier failure: {earlier}")
+
+
+def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: str, operation: str,
+                   rank: int, world_size: int, waited_for: str = "the count table's all_gather") -> None:
+    """Return once `event` has completed; raise PeerFailure (after aborting the group) when it has not
+    completed EP_RUNTIME_TIMEOUT_S after `issued_at` (time.monotonic() when the awaited collective was
+    queued). Polls: queries alone for the first 2 ms (the usual wait is tens of microseconds, and a
+    blocking synchronize spins too), then with sleeps of 50 us until 20 ms, then of 1 ms."""
+    if event.query():
+        return
+    limit = timeout_s()
+    deadline = issued_at + limit
+    start = time.monotonic()
+    while not event.query():
+        now = time.monotonic()
+        if now >= deadline:
+            if event.query():
+                return
+            knob = envs.PREFIX + "TIMEOUT_S"
+            message = (f"{name} {operation} on rank {rank} of {world_size} waited in vain for "
+                       f"{_peers(rank, world_size)}: {waited_for} had not completed {now - issued_at:.1f} s after it "
+                       f"was issued (the timeout is {limit:g} s; set it with {knob} or "
+                       f"init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path. "
+                       f"The group's NCCL communicator has been aborted, so no later call waits on it")
+            done = abort_group(group, message)
+            if not done:
+                message += (f" (or so it was asked: the abort had not finished after {ABORT_WAIT_S:g} s, or it failed; "
+                            f"ep-runtime queues nothing more on this group either way)")
+            raise PeerFailure(message)
+        if now - start > 0.002:
+            time.sleep(50e-6 if now - start < 0.02 else 1e-3)
+
+
+def synchronize(group, name: str, rank: int, world_size: int, operation: str = "synchronize") -> None:
+    """Wait, bounded by EP_RUNTIME_TIMEOUT_S, until the work queued so far on the current CUDA stream
+    has finished (e.g. a replayed CUDA graph holding a layer's exchange); on expiry abort the group
+    and raise PeerFailure. Nothing to wait for on CPU ranks (gloo's collectives wait themselves)."""
+    check_group(group, name, operation)
+    if not dist.is_initialized() or dist.get_backend(group) != "nccl" or torch.cuda.is_current_stream_capturing():
+        return
+    event = torch.cuda.Event()
+    event.record()
+    wait_on_device(event, issued_at=time.monotonic(), group=group, name=name, operation=operation, rank=rank,
+                   world_size=world_size, waited_for="the work queued on the current CUDA stream")
+
+
+def abort_group(group, message: Optional[str] = None) -> bool:
+    """Abort `group`'s communicator (None: the default group, and with it every group) through torch's
+    abort path, which ends NCCL's kernels still waiting; record the group as failed (with `message`).
+    The abort runs on a helper thread and is waited for at most ABORT_WAIT_S, so a failing wait stays
+    bounded even if NCCL's abort stalls. Returns True when the abort finished."""
+    global _ABORTING
+    key = _group_key(group)
+    if message is not None:
+        _FAILED[key] = message
+    wait_s = ABORT_WAIT_S + (30.0 if envs.get("NCCL_DUMP_ON_TIMEOUT") else 0.0)
+    if _ABORTING is not None and _ABORTING.is_alive():  # never two aborts of one communicator at once
+        _ABORTING.join(wait_s)
+        return not _ABORTING.is_alive()
+    if key == "WORLD" and not dist.is_initialized():
+        return True
+    errors: list = []
+
+    def run() -> None:
+        try:
+            if envs.get("NCCL_DUMP_ON_TIMEOUT"):
+                _dump_flight_recorder()
+            c10d = dist.distributed_c10d
+            if hasattr(c10d, "_abort_process_group"):  # torch >= 2.5: every backend of the group
+                c10d._abort_process_group(None if key == "WORLD" else group)
+            else:
+                pg = dist.GroupMember.WORLD if key == "WORLD" else group
+                backend = pg._get_backend(torch.device("cuda")) if hasattr(pg, "_get_backend") else pg
+                backend.abort()
+        except Exception as exc:  # noqa: BLE001 - already gone, or no abort here: reported below
+            errors.append(exc)
+
+    _ABORTING = threading.Thread(target=run, name="ep_runtime_abort", daemon=True)
+    _ABORTING.start()
+    _ABORTING.join(wait_s)
+    return not _ABORTING.is_alive() and not errors
+
+
+def _dump_flight_recorder() -> None:
+    """Write torch's NCCL flight recorder where its watchdog would (TORCH_NCCL_DEBUG_INFO_TEMP_FILE +
+    global rank), before our abort discards it. Best effort: nothing when torch has no recorder."""
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is None or not dist.is_initialized():
+        return
+    prefix = envs.torch_nccl("TORCH_NCCL_DEBUG_INFO_TEMP_FILE") or "/tmp/nccl_trace_rank_"
+    with open(f"{prefix}{dist.get_rank()}", "wb") as f:
+        f.write(dump())

@@ -5,6 +5,8 @@ Two kinds of entries:
   raises an error that names the variable, the value and what is allowed.
 - launcher variables (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, ...): set by torchrun, Slurm
   or mpirun; read here so the bootstrap can detect the launcher.
+- torch's NCCL variables (TORCH_NCCL_*): init_distributed gives them defaults on NCCL (see
+  ep_runtime.distributed.nccl_watchdog_settings) unless the user set them; set and read only here.
 """
 from __future__ import annotations
 
@@ -91,6 +93,9 @@ _knob("TRANSPORT", str, "auto",
 _knob("NUM_SMS", int, 24,
       "SMs (Triton programs) each NVLink transport kernel uses; the rest stay free for the experts' GEMMs.",
       minimum=1, maximum=1024)
+_knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
+      "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
+      "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")
 _knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
       "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1)
 _knob("NORMAL_ALIGNMENT", int, 1,
@@ -184,6 +189,38 @@ LAUNCHER_VARIABLES: dict[str, str] = {
 }
 
 
+# torch's NCCL variables that init_distributed gives a default on NCCL (the user's own value wins).
+# Read by ProcessGroupNCCL when the group is created, so they are set before it.
+TORCH_NCCL_VARIABLES: dict[str, str] = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "torch: what NCCL's watchdog does when a collective outlives the group's "
+                                       "timeout; ep-runtime's default 2 aborts the communicator and leaves the "
+                                       "process alive (the next call on the group raises in Python)",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "torch: write the flight recorder on a timeout; ep-runtime's default 0 unless "
+                                  "EP_RUNTIME_NCCL_DUMP_ON_TIMEOUT=1",
+    "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "torch: how long the watchdog waits for a dump (it sleeps 4x this before "
+                                          "aborting); ep-runtime's default 500 while the dump is off",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "torch: path prefix of the flight-recorder dump (rank appended; default "
+                                       "/tmp/nccl_trace_rank_); read, never set",
+}
+
+
+def torch_nccl(name: str) -> Optional[str]:
+    """A torch NCCL variable's value, or None when it is unset."""
+    if name not in TORCH_NCCL_VARIABLES:
+        raise KeyError(f"{name} is not a registered torch NCCL variable")
+    raw = os.environ.get(name)
+    return None if raw is None or raw == "" else raw
+
+
+def set_torch_nccl_default(name: str, value: str) -> str:
+    """Give torch NCCL variable `name` the value `value` unless the user set it; returns the value in force."""
+    current = torch_nccl(name)
+    if current is None:
+        os.environ[name] = value
+        return value
+    return current
+
+
 def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
     """A launcher variable's value, or None when it is unset."""
     if name not in LAUNCHER_VARIABLES:
@@ -219,6 +256,10 @@ def markdown() -> str:
     for knob in KNOBS.values():
         allowed = knob._allowed().removeprefix("; allowed: ") or "any"
         lines.append(f"| `{knob.name}` | {knob.type.__name__} | `{knob.default}` | {allowed} | {knob.doc} |")
+    lines += ["", "## torch's NCCL variables (given a default by init_distributed on NCCL; a value you set wins)", "",
+              "| name | meaning |", "| --- | --- |"]
+    for name, doc in TORCH_NCCL_VARIABLES.items():
+        lines.append(f"| `{name}` | {doc} |")
     lines += ["", "## Launcher variables (read, never set, by ep_runtime)", "", "| name | meaning |", "| --- | --- |"]
     for name, doc in LAUNCHER_VARIABLES.items():
         lines.append(f"| `{name}` | {doc} |")

@@ -191,6 +191,14 @@ class EPMoE(nn.Module):
         with naming_peer_failures(self.dispatcher, "combine"):
             return self.dispatcher.combine(combine_input)
 
+    def synchronize(self) -> None:
+        """Wait, at most EP_RUNTIME_TIMEOUT_S, until the work queued on the current CUDA stream has
+        finished: what to call instead of torch.cuda.synchronize() after replaying a CUDA graph that
+        holds this layer (nothing on the host runs inside a replay, so this is where a stalled or
+        dead peer is noticed). Raises ep.PeerFailure, with the group aborted, when a peer does not
+        answer; see Dispatcher.synchronize."""
+        self.dispatcher.synchronize()
+
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:
             if topk_ids is not None or topk_weights is not None:
