@@ -1,6 +1,7 @@
 """EPMoE: the expert-parallel MoE layer. forward reads as the data flow: route, dispatch, run, combine."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -11,9 +12,10 @@ from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
+from .placement import ExpertPlacement
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner
-from .validation import check_finite, check_hidden_states, layer_dtype_and_device
+from .validation import check_finite, check_hidden_states, check_topk, check_topk_values, layer_dtype_and_device
 
 
 class EPMoE(nn.Module):
@@ -30,6 +32,11 @@ class EPMoE(nn.Module):
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
     [r*L, (r+1)*L)); load_experts, gather_experts and the exchange all follow it.
+    num_redundant_experts N: E + N physical experts, L = (E + N) / R per rank, so hot experts can
+    have copies on several ranks (expert_to_rank then names the rank of each of the E + N slots).
+    The router's ids stay logical: each (token, expert) pair goes to one copy, chosen on the device
+    (placement.to_physical). expert_load() counts the pairs this rank sent per expert;
+    apply_placement / rebalance move experts between steps (ep_runtime.eplb).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -40,7 +47,7 @@ class EPMoE(nn.Module):
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
-                 expert_to_rank: Optional[Sequence[int]] = None):
+                 expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0):
         super().__init__()
         from . import envs
         self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
@@ -50,16 +57,14 @@ class EPMoE(nn.Module):
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)
-        options = dict(dispatcher_options or {})
-        if expert_to_rank is not None:
-            options["expert_to_rank"] = expert_to_rank
-        self.dispatcher = dispatchers.create(dispatcher, self.config, group=group, device=device, **options)
-        self.placement = self.dispatcher.placement
+        self._dispatcher_args = (dispatcher, group, device, dict(dispatcher_options or {}))
+        self.placement = _initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts)
+        self.dispatcher = self._make_dispatcher(self.placement)
         if runner == "auto":
             runner = envs.get("RUNNER")
-        backend = runners.create(runner, self.config, hooks=hooks, device=device, format=self.dispatcher.format,
-                                 **(runner_options or {}))
-        self.runner = MoeRunner(backend, self.config, self.placement)
+        backend = runners.create(runner, self.dispatcher.config, hooks=hooks, device=device,
+                                 format=self.dispatcher.format, **(runner_options or {}))
+        self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
         self.runner.check_format(self.dispatcher.format)
         self.topk_config = topk_config or TopKConfig(top_k=top_k)
         if self.topk_config.top_k != top_k:
@@ -72,7 +77,31 @@ class EPMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(L, H, I, **factory))
         self.b13 = nn.Parameter(torch.zeros(L, self.config.w13_rows, **factory)) if has_bias else None
         self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
+        self._new_load_counters()
         self.reset_parameters()
+
+    def _make_dispatcher(self, placement: ExpertPlacement):
+        """The dispatcher over `placement`'s physical view: it sees P physical experts and their ranks."""
+        name, group, device, options = self._dispatcher_args
+        physical = placement.physical()
+        config = self.config if physical.num_experts == self.config.num_experts else replace(
+            self.config, num_experts=physical.num_experts)
+        if physical.expert_to_rank is not None:
+            options = {**options, "expert_to_rank": physical.expert_to_rank}
+        return dispatchers.create(name, config, group=group, device=device, **options)
+
+    def _new_load_counters(self) -> None:
+        """Per-expert load since the last reset: pairs per physical slot of the current placement
+        ([P] int64, one add per forward) and per logical expert from earlier placements ([E])."""
+        device = self.w13.device
+        self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64, device=device)
+        self._load_logical = torch.zeros(self.config.num_experts, dtype=torch.int64, device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .cuda(), to_empty() ...: the load counters follow the weights (and restart at 0)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._new_load_counters()
+        return out
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -87,7 +116,7 @@ class EPMoE(nn.Module):
         if self.w13.is_meta:
             return
         H, I = self.config.hidden_size, self.config.intermediate_size
-        global_ids = self.placement.local_expert_ids().tolist()
+        global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
             self.w13[local].copy_(torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5)
@@ -114,7 +143,7 @@ class EPMoE(nn.Module):
         if given not in (E, L):
             raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
                              f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
-        shard = given == L
+        shard = given == L and not (given == E and self.placement.maps_ids)  # with copies, E rows are global
         full = ExpertWeights(w13, w2, b13, b2)
         full.check(self.config, L if shard else E)
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
@@ -140,17 +169,17 @@ class EPMoE(nn.Module):
             if dst is not None and me != dst:
                 return None
             return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
-        local_ids = self.placement.local_expert_ids(self.w13.device)
-        ids = self._collect(local_ids, group, R, dst)
+        # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
+        first = [rank * self.placement.num_local_experts + local
+                 for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
         out = []
         for t in shards:
             parts = None if t is None else self._collect(t.detach().contiguous(), group, R, dst)
             if parts is None or (dst is not None and me != dst):
                 out.append(None)
                 continue
-            full = parts.new_empty((self.config.num_experts,) + tuple(parts.shape[2:]))
-            full[ids.reshape(-1)] = parts.reshape((-1,) + tuple(parts.shape[2:]))
-            out.append(full)
+            rows = parts.reshape((-1,) + tuple(parts.shape[2:]))
+            out.append(rows[torch.tensor(first, device=rows.device)])
         if dst is not None and me != dst:
             return None
         return ExpertWeights(*out)
@@ -185,8 +214,15 @@ class EPMoE(nn.Module):
             return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        physical = self._to_physical(x, topk)
         with naming_peer_failures(self.dispatcher, "dispatch"):
-            dispatch_output = self.dispatcher.dispatch(x, topk)
+            try:
+                dispatch_output = self.dispatcher.dispatch(x, physical)
+            except ValueError as err:
+                if physical is not topk:
+                    self._name_logical_ids(topk, err)
+                raise
+        self._count_load(dispatch_output, physical)
         combine_input = self.runner.run(dispatch_output, self.weights)
         with naming_peer_failures(self.dispatcher, "combine"):
             return self.dispatcher.combine(combine_input)
@@ -198,6 +234,140 @@ class EPMoE(nn.Module):
         dead peer is noticed). Raises ep.PeerFailure, with the group aborted, when a peer does not
         answer; see Dispatcher.synchronize."""
         self.dispatcher.synchronize()
+
+    def _to_physical(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
+        """The router's logical ids as the dispatcher's physical ids (the same object without copies)."""
+        if not self.placement.maps_ids:
+            return topk
+        ids, weights = topk
+        check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device, values=False)
+        return TopKOutput(self.placement.to_physical(ids), weights)
+
+    def _name_logical_ids(self, topk: TopKOutput, err: ValueError) -> None:
+        """A dispatcher error about ids names physical ids: name this rank's logical id instead."""
+        if "topk_ids" not in str(err):
+            return
+        check_topk_values(topk[0], topk[1], self.config.num_experts)
+        P = self.placement.num_physical_experts
+        raise ValueError(f"{err} [this layer has {P - self.config.num_experts} redundant experts: the exchange "
+                         f"sees physical ids -1..{P - 1}, topk_ids are logical, -1..{self.config.num_experts - 1}]"
+                         ) from None
+
+    def _count_load(self, dispatch_output, topk: TopKOutput) -> None:
+        """Add this step's pairs per physical expert to the load counter: the dispatch layout's
+        per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids."""
+        sent = _SENT_PER_EXPERT.get(dispatch_output.format)
+        counts = sent(dispatch_output) if sent is not None else None
+        if counts is None:
+            ids = topk[0].reshape(-1).long()
+            P = self.placement.num_physical_experts
+            valid = (ids >= 0) & (ids < P)
+            counts = torch.zeros(P + 1, dtype=torch.int64, device=ids.device).scatter_add_(
+                0, torch.where(valid, ids, P), torch.ones_like(ids))[:P]
+        self._load_physical.add_(counts)
+
+    def expert_load(self, reset: bool = False) -> torch.Tensor:
+        """[E] int64 on the layer's device: (token, expert) pairs this rank sent to each logical
+        expert since the last reset (pairs with id -1 are not counted; a token listing an expert twice
+        counts twice). Summed over ranks (dist.all_reduce) it is the global load ep.eplb.plan takes.
+        No host sync: the counts are added on the device at every forward."""
+        logical = self.placement.logical_of(torch.arange(self.placement.num_physical_experts,
+                                                         device=self._load_physical.device))
+        load = self._load_logical.clone().index_add_(0, logical, self._load_physical)
+        if reset:
+            self._load_physical.zero_()
+            self._load_logical.zero_()
+        return load
+
+    def rebalance(self, num_nodes: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                  reset: bool = True):
+        """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
+        every rank calls it together, between steps. Returns the ep.eplb.Plan."""
+        from . import eplb
+        load = self.expert_load(reset=reset)
+        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+            dist.all_reduce(load, group=self.dispatcher.group)
+        plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
+        self.apply_placement(plan, optimizer=optimizer)
+        return plan
+
+    @torch.no_grad()
+    def apply_placement(self, plan, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Switch to `plan` (an ep.eplb.Plan or an ExpertPlacement with the layer's E, R and P), between
+        steps, on every rank together. Only experts that a rank does not already hold travel (one
+        exchange per weight tensor); the rest are copied in place, bit for bit. Parameters keep their
+        identity, and their .grad moves with them. optimizer: its per-parameter state tensors shaped
+        like a weight (Adam's moments, momentum buffers) move the same way; without it such state
+        stays where it was and no longer matches its expert (reset it, or pass the optimizer)."""
+        new = self._check_plan(plan)
+        group = self.dispatcher.group
+        if self.dispatcher.shards_experts and new.ep_size > 1:
+            every = [None] * new.ep_size
+            dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical), group=group)
+            if any(theirs != every[0] for theirs in every):
+                bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
+                raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
+                                 f"must apply the same plan (compute it from the same all-reduced load)")
+        moves = _ExpertMoves(self.placement, new)
+        tensors = [t for t in (self.w13, self.w2, self.b13, self.b2) if t is not None]
+        states = optimizer.state if optimizer is not None else {}
+        for param in tensors:
+            for t in [param.data, param.grad] + [v for v in states.get(param, {}).values()
+                                                  if isinstance(v, torch.Tensor) and v.shape == param.shape]:
+                if t is not None:
+                    t.copy_(moves.apply(t, group))
+        self._load_logical = self.expert_load()  # the physical counts refer to the old slots
+        self._load_physical = torch.zeros(new.num_physical_experts, dtype=torch.int64, device=self.w13.device)
+        self.placement = new
+        self.dispatcher = self._make_dispatcher(new)
+        self.runner = MoeRunner(self.runner.backend, self.dispatcher.config, self.dispatcher.placement)
+
+    def _check_plan(self, plan) -> ExpertPlacement:
+        """The plan as this rank's placement, checked against the layer before any collective."""
+        current = self.placement
+        if isinstance(plan, ExpertPlacement):
+            new = plan.at_rank(current.rank)
+        elif hasattr(plan, "placement") and callable(plan.placement):
+            new = plan.placement(0)
+            if new.ep_size != current.ep_size:
+                raise ValueError(f"plan is for num_ranks={new.ep_size}; this layer's placement has "
+                                 f"ep_size={current.ep_size} (allowed: {current.ep_size})")
+            new = new.at_rank(current.rank)
+        else:
+            raise TypeError(f"plan must be an ep.eplb.Plan or an ep.ExpertPlacement; got {type(plan).__name__}")
+        for name, have, want in (("num_experts", new.num_experts, current.num_experts),
+                                 ("ep_size (num_ranks)", new.ep_size, current.ep_size),
+                                 ("num_physical_experts", new.num_physical_experts, current.num_physical_experts)):
+            if have != want:
+                raise ValueError(f"plan has {name}={have}; this layer has {want} (allowed: {want}; the weights' "
+                                 f"shapes are fixed)")
+        return new
+
+    @torch.no_grad()
+    def reduce_replica_grads(self) -> None:
+        """Training with redundant experts: make every copy's gradient the sum over all copies of its
+        expert (one all_reduce per weight tensor, over the replicated experts only), so copies that
+        start equal stay equal under any optimizer. Call it after backward, before optimizer.step(),
+        on every rank. Nothing to do without copies."""
+        replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
+        if not replicated:
+            return
+        row = {e: i for i, e in enumerate(replicated)}
+        local = self.placement.local_expert_ids().tolist()
+        slots = [(j, row[e]) for j, e in enumerate(local) if e in row]
+        for param in (self.w13, self.w2, self.b13, self.b2):
+            if param is None or param.grad is None:
+                continue
+            grad = param.grad
+            total = grad.new_zeros((len(replicated),) + tuple(grad.shape[1:]))
+            if slots:
+                mine = torch.tensor([j for j, _ in slots], device=grad.device)
+                where = torch.tensor([i for _, i in slots], device=grad.device)
+                total.index_add_(0, where, grad[mine])
+            if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+                dist.all_reduce(total, group=self.dispatcher.group)
+            if slots:
+                grad[mine] = total[where]
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:
@@ -215,9 +385,10 @@ class EPMoE(nn.Module):
         c = self.config
         transport = getattr(self.dispatcher, "transport_options", None)
         moved_by = "" if transport is None else ", " + describe_transport(self.dispatcher.group, transport.transport)
+        copies = self.placement.num_redundant_experts
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
-                f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
-                f"runner={self.runner.backend.name}{moved_by}")
+                f"L={self.placement.num_local_experts}{f', redundant={copies}' if copies else ''}, "
+                f"dispatcher={self.dispatcher.name}, runner={self.runner.backend.name}{moved_by}")
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:
@@ -228,3 +399,72 @@ def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Op
         raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(lead) + [last]} (x's leading dims, "
                          f"then {'num_experts' if name == 'router_logits' else 'top_k'})")
     return t.reshape(-1, last)
+
+
+# Formats whose dispatch output already holds this rank's pairs per (physical) expert: the layout the
+# exchange computed, [P] int32 on the device. Other formats count with one scatter-add.
+_SENT_PER_EXPERT = {
+    "deepep_normal": lambda out: out.handle.layout.num_tokens_per_expert,
+    "mori": lambda out: out.handle.layout.num_tokens_per_expert,
+    "deepep_ll": lambda out: out.handle.exchange.layout.num_tokens_per_expert,
+}
+
+
+def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank, num_redundant_experts
+                       ) -> ExpertPlacement:
+    """The layer's starting placement: this rank's view of E experts (plus N copies) over the group,
+    or over one rank for dispatchers where every rank holds every expert."""
+    from .dispatchers.base import group_rank_and_size
+    shards = dispatchers.get(dispatcher).shards_experts
+    rank, size = group_rank_and_size(group) if shards else (0, 1)
+    if num_redundant_experts != 0 and not shards:
+        raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: 0 with dispatcher="
+                         f"{dispatcher!r} (every rank holds every expert: there is no load to spread)")
+    placement = ExpertPlacement.with_redundant_experts(num_experts, num_redundant_experts, size, rank)
+    if expert_to_rank is not None and shards:
+        placement = ExpertPlacement(num_experts, size, rank, expert_to_rank, placement.physical_to_logical)
+    return placement
+
+
+class _ExpertMoves:
+    """Where every slot of a new placement comes from: a slot of the same rank (copied in place) or
+    one of another rank (exchanged). Every rank builds the same list from the two placements."""
+
+    def __init__(self, old: ExpertPlacement, new: ExpertPlacement):
+        me, R = new.rank, new.ep_size
+        self.local_src, self.local_dst = [], []
+        self.send: list[list[int]] = [[] for _ in range(R)]  # my old slots, per destination rank
+        self.recv: list[list[int]] = [[] for _ in range(R)]  # my new slots, per source rank
+        self.num_exchanged = 0  # experts crossing ranks, over all ranks (the same number everywhere)
+        for dst in range(R):
+            held = {e: j for j, e in enumerate(old.logical_experts_of_rank(dst))}
+            for j, e in enumerate(new.logical_experts_of_rank(dst)):
+                if e in held:
+                    if dst == me:
+                        self.local_src.append(held[e])
+                        self.local_dst.append(j)
+                    continue
+                copies = old.replicas_of(e)
+                src, src_slot = copies[dst % len(copies)]  # spread the sends over the old copies
+                self.num_exchanged += 1
+                if src == me:
+                    self.send[dst].append(src_slot)
+                if dst == me:
+                    self.recv[src].append(j)
+
+    def apply(self, t: torch.Tensor, group) -> torch.Tensor:
+        """t [L, ...] laid out by the old placement -> a new tensor laid out by the new one."""
+        from .dispatchers.transport import all_to_all
+        out = torch.empty_like(t)
+        if self.local_dst:
+            out[torch.tensor(self.local_dst, device=t.device)] = t[torch.tensor(self.local_src, device=t.device)]
+        R = len(self.send)
+        if self.num_exchanged:
+            # Every rank takes part even when it sends and receives nothing (the exchange is collective).
+            send = [i for rows in self.send for i in rows]
+            rows = t[torch.tensor(send, dtype=torch.long, device=t.device)]
+            received = all_to_all(rows, [len(r) for r in self.recv], [len(s) for s in self.send], group, R)
+            dst = [j for rows in self.recv for j in rows]
+            if dst:
+                out[torch.tensor(dst, device=t.device)] = received
+        return out

@@ -16,6 +16,15 @@ What an exchange calls (device tensors are cached per device and shared: read th
     placement.rank_of(ids), placement.local_index(ids)   the same lookups elementwise (-1 stays -1)
 The runner side reads global_to_local_table / local_mask_with_sink through RunnerInput's constructors;
 load_experts slices local_expert_ids().
+
+Redundant experts (load balancing, see ep_runtime.eplb): `physical_to_logical` names the logical
+expert held by each of P >= E physical slots, so a hot expert can have copies on several ranks.
+Then `expert_to_rank` has P entries (the rank of each slot), the tables above are indexed by
+physical id, and `to_physical(ids)` maps the router's logical ids to physical ids once, on the
+device, before the dispatcher. `physical()` is the replica-free view (P experts) the dispatcher and
+the runner are built on, so they only ever see "expert ids + a rank table". local_expert_ids() and
+experts_of_rank() name logical experts: the checkpoint rows a rank's slots hold (copies of one
+expert hold the same weights).
 """
 from __future__ import annotations
 
@@ -28,45 +37,127 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """E experts over R ranks, L = E / R each; this object describes rank `rank`'s view.
+    """E logical experts in P physical slots over R ranks, L = P / R slots each; this object
+    describes rank `rank`'s view (P = E and slot e holds expert e unless physical_to_logical is given).
 
-    expert_to_rank: None (contiguous) or a length-E sequence of ranks in [0, R) naming each expert's
-    owner, every rank named exactly L times (e.g. experts assigned round-robin or by a permutation).
+    expert_to_rank: None (contiguous: rank r holds slots [r*L, (r+1)*L)) or a length-P sequence of
+    ranks in [0, R) naming each slot's owner, every rank named exactly L times (e.g. experts assigned
+    round-robin or by a permutation).
+    physical_to_logical: None, or a length-P sequence naming the logical expert of each slot; every
+    expert has at least one slot, and the copies of one expert sit on different ranks.
     """
 
     num_experts: int
     ep_size: int = 1
     rank: int = 0
     expert_to_rank: Optional[Sequence[int]] = None
+    physical_to_logical: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
             raise ValueError(f"ep_size={self.ep_size} must be >= 1")
         if self.num_experts < 1:
             raise ValueError(f"num_experts={self.num_experts} must be >= 1")
-        if self.num_experts % self.ep_size != 0:
-            raise ValueError(
-                f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; "
-                f"pick an ep_size that divides it (each rank must own the same number of experts)")
+        if self.physical_to_logical is not None:
+            self._check_physical_to_logical()
+        P = self.num_physical_experts
+        if P % self.ep_size != 0:
+            what = (f"num_experts={self.num_experts}" if self.physical_to_logical is None else
+                    f"the number of physical experts {P} (num_experts {self.num_experts} + "
+                    f"{P - self.num_experts} redundant)")
+            raise ValueError(f"{what} is not divisible by ep_size={self.ep_size}; "
+                             f"pick an ep_size that divides it (each rank must own the same number of experts)")
         if not 0 <= self.rank < self.ep_size:
             raise ValueError(f"rank={self.rank} out of range [0, {self.ep_size})")
-        if self.expert_to_rank is None:
-            return
+        if self.expert_to_rank is not None:
+            self._check_expert_to_rank()
+        if self.physical_to_logical is not None:
+            owners = self._owners()
+            for e, slots in enumerate(self._replicas()):
+                ranks = [owners[q] for q in slots]
+                if len(set(ranks)) != len(ranks):
+                    twice = max(ranks, key=ranks.count)
+                    raise ValueError(f"physical_to_logical puts two copies of expert {e} on rank {twice} (slots "
+                                     f"{[q for q in slots if owners[q] == twice]}); copies of one expert must sit "
+                                     f"on different ranks")
+
+    def _check_physical_to_logical(self) -> None:
+        table = tuple(int(e) for e in self.physical_to_logical)
+        E = self.num_experts
+        for q, e in enumerate(table):
+            if not 0 <= e < E:
+                raise ValueError(f"physical_to_logical[{q}]={e} out of range [0, {E}) (num_experts={E})")
+        missing = sorted(set(range(E)) - set(table))
+        if missing:
+            raise ValueError(f"physical_to_logical has no slot for expert {missing[0]}; every expert 0..{E - 1} "
+                             f"needs at least one")
+        object.__setattr__(self, "physical_to_logical", table)  # hashable: device tables are cached per placement
+
+    def _check_expert_to_rank(self) -> None:
         table = tuple(int(r) for r in self.expert_to_rank)
-        if len(table) != self.num_experts:
-            raise ValueError(f"expert_to_rank has {len(table)} entries; expected num_experts={self.num_experts}")
+        P = self.num_physical_experts
+        if len(table) != P:
+            expected = (f"num_experts={P}" if self.physical_to_logical is None else
+                        f"one per physical expert ({P} = len(physical_to_logical))")
+            raise ValueError(f"expert_to_rank has {len(table)} entries; expected {expected}")
         for e, r in enumerate(table):
             if not 0 <= r < self.ep_size:
                 raise ValueError(f"expert_to_rank[{e}]={r} out of range [0, {self.ep_size}) (ep_size={self.ep_size})")
         for r in range(self.ep_size):
             if table.count(r) != self.num_local_experts:
+                total = "num_experts" if self.physical_to_logical is None else "physical experts"
                 raise ValueError(f"expert_to_rank gives rank {r} {table.count(r)} experts; every rank must hold "
-                                 f"num_experts / ep_size = {self.num_local_experts}")
-        object.__setattr__(self, "expert_to_rank", table)  # hashable: device tables are cached per placement
+                                 f"{total} / ep_size = {self.num_local_experts}")
+        object.__setattr__(self, "expert_to_rank", table)
+
+    @classmethod
+    def with_redundant_experts(cls, num_experts: int, num_redundant_experts: int, ep_size: int = 1,
+                               rank: int = 0) -> "ExpertPlacement":
+        """The starting placement of E experts plus N copies, before any load is measured: P = E + N
+        slots, contiguous over the ranks, slot p holding expert p % E (with N < E, experts 0..N-1 get a
+        second copy). ep.eplb.plan computes a better one from measured load."""
+        limit = num_experts * (ep_size - 1)
+        if isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int) or not (
+                0 <= num_redundant_experts <= limit):
+            raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: an int in 0..{limit} "
+                             f"(num_experts * (ep_size - 1) = {num_experts} * ({ep_size} - 1): at most one copy "
+                             f"of an expert per rank)")
+        P = num_experts + num_redundant_experts
+        if P % ep_size:
+            raise ValueError(f"num_redundant_experts={num_redundant_experts}: num_experts + num_redundant_experts = "
+                             f"{P} is not divisible by ep_size={ep_size}; allowed: values that make it a multiple "
+                             f"of {ep_size}")
+        if num_redundant_experts == 0:
+            return cls(num_experts, ep_size, rank)
+        return cls(num_experts, ep_size, rank, physical_to_logical=tuple(q % num_experts for q in range(P)))
+
+    @property
+    def num_physical_experts(self) -> int:
+        """P: slots over all ranks (E without redundant experts)."""
+        return self.num_experts if self.physical_to_logical is None else len(self.physical_to_logical)
+
+    @property
+    def num_redundant_experts(self) -> int:
+        return self.num_physical_experts - self.num_experts
+
+    @property
+    def maps_ids(self) -> bool:
+        """Whether logical ids must become physical ids before the dispatcher (False: they are equal)."""
+        return self.physical_to_logical is not None and self.physical_to_logical != tuple(range(self.num_experts))
+
+    def physical(self) -> "ExpertPlacement":
+        """The view dispatchers and runners are built on: the P physical slots as experts, no copies."""
+        if self.physical_to_logical is None:
+            return self
+        return ExpertPlacement(self.num_physical_experts, self.ep_size, self.rank, self.expert_to_rank)
+
+    def at_rank(self, rank: int) -> "ExpertPlacement":
+        """The same placement as rank `rank` sees it."""
+        return ExpertPlacement(self.num_experts, self.ep_size, rank, self.expert_to_rank, self.physical_to_logical)
 
     @property
     def num_local_experts(self) -> int:
-        return self.num_experts // self.ep_size
+        return self.num_physical_experts // self.ep_size
 
     @property
     def sink(self) -> int:
@@ -75,25 +166,32 @@ class ExpertPlacement:
 
     @property
     def is_contiguous(self) -> bool:
-        return self.expert_to_rank is None or self._owners() == _contiguous(self.num_experts, self.ep_size)
+        return not self.maps_ids and (self.expert_to_rank is None or
+                                      self._owners() == _contiguous(self.num_physical_experts, self.ep_size))
 
     @property
     def first_expert(self) -> int:
         """This rank's first global expert; only a contiguous placement has one (else: local_expert_ids)."""
         if not self.is_contiguous:
-            raise ValueError("first_expert is undefined for a non-contiguous placement (expert_to_rank given); "
-                             "use local_expert_ids() for this rank's global expert ids")
+            raise ValueError("first_expert is undefined for a non-contiguous placement (expert_to_rank or "
+                             "redundant experts given); use local_expert_ids() for this rank's global expert ids")
         return self.rank * self.num_local_experts
 
     def describe_local_experts(self) -> str:
         """This rank's global experts for messages: "4..7" when contiguous, else the list."""
-        ids = [e for e, r in enumerate(self._owners()) if r == self.rank]
+        ids = self.logical_experts_of_rank(self.rank)
         return f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
 
     # ------------------------------------------------------------------ host-side tables (tuples)
 
     def _owners(self) -> tuple[int, ...]:
-        return self.expert_to_rank if self.expert_to_rank is not None else _contiguous(self.num_experts, self.ep_size)
+        """[P]: the rank of each physical slot."""
+        return (self.expert_to_rank if self.expert_to_rank is not None
+                else _contiguous(self.num_physical_experts, self.ep_size))
+
+    def _logical(self) -> tuple[int, ...]:
+        """[P]: the logical expert of each physical slot."""
+        return self.physical_to_logical if self.physical_to_logical is not None else tuple(range(self.num_experts))
 
     def _local_indices(self) -> tuple[int, ...]:
         seen = [0] * self.ep_size
@@ -103,10 +201,31 @@ class ExpertPlacement:
             seen[r] += 1
         return tuple(index)
 
+    def _replicas(self) -> list[list[int]]:
+        """[E] lists: the physical slots of each logical expert, ascending."""
+        slots: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for q, e in enumerate(self._logical()):
+            slots[e].append(q)
+        return slots
+
+    def physical_slots_of_rank(self, rank: int) -> list[int]:
+        """`rank`'s physical slots in local order (ascending physical id)."""
+        return [q for q, r in enumerate(self._owners()) if r == rank]
+
+    def logical_experts_of_rank(self, rank: int) -> list[int]:
+        """The logical expert of each of `rank`'s slots, in local order."""
+        logical = self._logical()
+        return [logical[q] for q in self.physical_slots_of_rank(rank)]
+
+    def replicas_of(self, expert: int) -> list[tuple[int, int]]:
+        """(rank, local index) of every copy of logical `expert`."""
+        owners, local = self._owners(), self._local_indices()
+        return [(owners[q], local[q]) for q in self._replicas()[expert]]
+
     # ------------------------------------------------------------------ device tables (cached)
 
     def expert_rank_table(self, device=None) -> torch.Tensor:
-        """[E] int32: the rank owning each global expert."""
+        """[E] int32: the rank owning each global expert ([P]: each physical slot, with copies)."""
         return _cached(self, "rank", _device(device))
 
     def expert_local_index_table(self, device=None) -> torch.Tensor:
@@ -114,7 +233,7 @@ class ExpertPlacement:
         return _cached(self, "local_index", _device(device))
 
     def experts_of_rank(self, rank: int, device=None) -> torch.Tensor:
-        """[L] int64: global ids of `rank`'s experts in local order (local index -> global id)."""
+        """[L] int64: global (logical) ids of `rank`'s experts in local order (local index -> global id)."""
         if not 0 <= rank < self.ep_size:
             raise ValueError(f"rank={rank} out of range [0, {self.ep_size})")
         return _cached(self, ("experts_of", rank), _device(device))
@@ -152,8 +271,38 @@ class ExpertPlacement:
         return torch.where(mine, self.local_index(global_ids), torch.full_like(global_ids, -1))
 
     def to_global(self, local_ids: torch.Tensor) -> torch.Tensor:
-        """Global id of this rank's local ids; -1 stays -1."""
+        """Global (logical) id of this rank's local ids; -1 stays -1."""
         return _lookup(self.local_expert_ids(local_ids.device).to(local_ids.dtype), local_ids)
+
+    # ------------------------------------------------------------------ logical -> physical (copies)
+
+    def to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids [T, K] logical (-1 = none) -> [T, K] physical ids, on the device, no host sync.
+        Each (token, expert) pair goes to exactly one copy of its expert: the copy on this rank when
+        there is one (it never leaves the rank), else copy (t + rank) mod c of the expert's c copies
+        for token t, so senders spread their pairs evenly over the copies. -1 stays -1; an id outside
+        -1..E-1 stays outside -1..P-1 (the caller's value when it already is, else -2), so the
+        dispatcher's check still fails every rank. int64 ids stay int64, others become int32.
+        Without copies (or with slot e holding expert e) the ids come back as they are."""
+        if not self.maps_ids:
+            return topk_ids
+        device = topk_ids.device
+        choice, count, local = (_cached(self, name, device) for name in ("replica_choice", "replica_count",
+                                                                              "replica_local"))
+        E, P = self.num_experts, self.num_physical_experts
+        ids = topk_ids.long()
+        valid = (ids >= 0) & (ids < E)
+        row = torch.where(valid, ids, E)  # row E: -1 and bad ids (one "copy", slot -1)
+        token = torch.arange(ids.shape[0], device=device).unsqueeze(1) + self.rank
+        here = local[row]
+        physical = torch.where(here >= 0, here, choice[row, token % count[row]])
+        bad = torch.where((ids < -1) | (ids >= P), ids, torch.full_like(ids, -2))
+        physical = torch.where(valid | (ids == -1), physical, bad)
+        return physical if topk_ids.dtype == torch.int64 else physical.to(torch.int32)
+
+    def logical_of(self, physical_ids: torch.Tensor) -> torch.Tensor:
+        """The logical expert of each physical id; -1 stays -1."""
+        return _lookup(_cached(self, "logical", physical_ids.device), physical_ids)
 
 
 def _contiguous(num_experts: int, ep_size: int) -> tuple[int, ...]:
@@ -187,10 +336,26 @@ def _global_to_local(p: ExpertPlacement) -> torch.Tensor:
     return torch.tensor(local + [p.sink], dtype=torch.int32)
 
 
+def _replica_table(p: ExpertPlacement, name: str) -> torch.Tensor:
+    """replica_choice [E+1, C]: each expert's physical slots repeated to C (the most copies of any
+    expert; row E, for -1: all -1); replica_count [E+1]: copies (1 in row E); replica_local [E+1]:
+    the copy on this rank, -1 when there is none (row E: -1)."""
+    slots, owners = p._replicas(), p._owners()
+    C = max(len(s) for s in slots)
+    tables = {"replica_choice": [[s[i % len(s)] for i in range(C)] for s in slots] + [[-1] * C],
+              "replica_count": [len(s) for s in slots] + [1],
+              "replica_local": [next((q for q in s if owners[q] == p.rank), -1) for s in slots] + [-1]}
+    return torch.tensor(tables[name], dtype=torch.int64)
+
+
 _TABLES = {
     "rank": lambda p: torch.tensor(p._owners(), dtype=torch.int32),
     "local_index": lambda p: torch.tensor(p._local_indices(), dtype=torch.int32),
-    "experts_of": lambda p, rank: torch.tensor([e for e, r in enumerate(p._owners()) if r == rank], dtype=torch.int64),
+    "experts_of": lambda p, rank: torch.tensor(p.logical_experts_of_rank(rank), dtype=torch.int64),
+    "logical": lambda p: torch.tensor(p._logical(), dtype=torch.int64),
+    "replica_choice": lambda p: _replica_table(p, "replica_choice"),
+    "replica_count": lambda p: _replica_table(p, "replica_count"),
+    "replica_local": lambda p: _replica_table(p, "replica_local"),
     "global_to_local": _global_to_local,
     "local_mask": lambda p: torch.tensor([True] * p.num_local_experts + [False]),
     "global_mask": lambda p: torch.tensor([r == p.rank for r in p._owners()]),

@@ -183,6 +183,7 @@ def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> di
         loss = sum((refs[r] * problem.grad_outputs[r].to(dtype).double()).sum() for r in sources)
         if loss.requires_grad:
             loss.backward()
+        layer.reduce_replica_grads()  # with redundant experts: each copy's gradient becomes its expert's
         mine = layer.placement.local_expert_ids()  # this rank's global experts, in local order
         zero_if_none = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
         errors["dx"] = rel_err(zero_if_none(x.grad, x).cpu(), zero_if_none(xs[rank].grad, xs[rank]))

@@ -66,6 +66,46 @@ def uniform_topk(gen: torch.Generator, num_tokens: int, num_experts: int, top_k:
     return torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=1).indices.to(torch.int32)
 
 
+def zipf_topk(gen: torch.Generator, num_tokens: int, num_experts: int, top_k: int, exponent: float,
+              order_seed: int = 0) -> torch.Tensor:
+    """[T, K] int32: K distinct experts per token drawn without replacement with probability
+    proportional to 1 / rank**exponent, where an expert's popularity rank comes from a permutation
+    seeded by order_seed (the same on every rank: the hot experts are the same everywhere, and not
+    simply experts 0, 1, ...). exponent 0 is uniform."""
+    if num_tokens == 0:
+        return torch.zeros(0, top_k, dtype=torch.int32)
+    order = torch.randperm(num_experts, generator=torch.Generator().manual_seed(order_seed))
+    log_p = torch.empty(num_experts, dtype=torch.float64)
+    log_p[order] = -exponent * torch.arange(1, num_experts + 1, dtype=torch.float64).log()
+    # Gumbel top-k: the K largest of log p + Gumbel noise are a draw without replacement.
+    u = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
+    return (log_p - (-u.log()).log()).topk(top_k, dim=1).indices.to(torch.int32)
+
+
+def routing_topk(routing: str, gen: torch.Generator, num_tokens: int, num_experts: int, top_k: int,
+                 order_seed: int = 0) -> torch.Tensor:
+    """[T, K] int32 for a --routing spec: "uniform" or "zipf:S" (S >= 0, e.g. zipf:1.2)."""
+    kind, exponent = parse_routing(routing)
+    if kind == "uniform":
+        return uniform_topk(gen, num_tokens, num_experts, top_k)
+    return zipf_topk(gen, num_tokens, num_experts, top_k, exponent, order_seed)
+
+
+def parse_routing(routing: str) -> tuple[str, float]:
+    """("uniform", 0.0) or ("zipf", S); an error naming the value and what is allowed otherwise."""
+    kind, _, value = routing.partition(":")
+    if kind == "uniform" and not value:
+        return "uniform", 0.0
+    if kind == "zipf":
+        try:
+            exponent = float(value)
+        except ValueError:
+            exponent = -1.0
+        if exponent >= 0 and exponent == exponent and exponent != float("inf"):
+            return "zipf", exponent
+    raise ValueError(f"routing={routing!r}; allowed: uniform, or zipf:S with a number S >= 0 (e.g. zipf:1.2)")
+
+
 def tokens_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
     """[T, R] bool: token t goes to rank r (owns >= 1 of its experts, under the default placement)."""
     from ..placement import ExpertPlacement
