@@ -83,6 +83,8 @@ class EPMoE(nn.Module):
     def _make_dispatcher(self, placement: ExpertPlacement):
         """The dispatcher over `placement`'s physical view: it sees P physical experts and their ranks."""
         name, group, device, options = self._dispatcher_args
+        if hasattr(self, "w13") and not self.w13.is_meta:  # built on meta, then materialised: the real device
+            device = self.w13.device
         physical = placement.physical()
         config = self.config if physical.num_experts == self.config.num_experts else replace(
             self.config, num_experts=physical.num_experts)

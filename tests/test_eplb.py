@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
-from ep_runtime import ExpertPlacement, eplb
+from ep_runtime import ExpertPlacement, bench, eplb
 from ep_runtime.bench.dispatch import zipf_topk
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
@@ -283,3 +283,27 @@ def test_one_rebalance_brings_zipf_load_within_ten_percent():
         assert max(errors) <= tolerance(torch.float64) * 10, errors
         assert before[1] > 1.5, before  # Zipf(1.2) without copies: the hottest rank gets far more pairs
         assert after[0] <= 1.10 and after[1] <= 1.10, (before, after, expected)
+
+
+# ---------------------------------------------------------------- the bench suite (2 CPU ranks)
+
+def test_bench_eplb_suite_times_before_and_after_a_rebalance(capsys):
+    from ep_runtime.bench.cli import build_parser, settings_from_args
+    args = build_parser().parse_args(["--suite", "eplb", "--routing", "zipf:1.2", "--experts", "16", "--top-k", "4",
+                                      "--hidden", "32", "--intermediate", "16", "--tokens", "256", "--repeats", "2",
+                                      "--warmup", "0", "--rotate", "2", "--no-progress"])
+    results = bench.run(settings_from_args(args, cuda=False), world_size=2)
+    assert not results.skipped and not results.dispatch and not results.runner
+    impls = [r["impl"] for r in results.eplb]
+    assert impls == ["EPMoE no copies", "EPMoE +2 copies, initial", "EPMoE +2 copies, rebalanced"]
+    before, _, after = results.eplb
+    assert before["max_over_mean"] > 1.3 and after["max_over_mean"] <= 1.10, results.eplb
+    assert after["routing"] == "zipf:1.2" and after["redundant_experts"] == 2 and after["vs_no_copies"] > 0
+    assert "vs no copies" in bench.render_text(results)
+
+
+@pytest.mark.parametrize("spec", ["zipf", "zipf:-1", "zipf:1.2:sorted", "gauss:1"])
+def test_bad_routing_spec_is_named(spec, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--routing", spec])
+    assert f"--routing {spec}: allowed uniform, zipf:S or zipf:S:shuffled" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """`ep-runtime bench`: how fast are the dispatchers and runners on this machine.
 
-Two suites, over sweeps of tokens per rank T (and optionally H, E, K), for a model preset:
+Suites, over sweeps of tokens per rank T (and optionally H, E, K), for a model preset:
 
 - dispatch (bench/dispatch.py): every registered dispatcher's dispatch, combine and round trip
   across the ranks of the group, next to raw `dist.all_to_all_single` moving the same rows.
 - runner (bench/runner.py): every available runner backend on one rank, driven the way the layer
   drives it, next to the torch runner, a raw `torch._grouped_mm` baseline and the device's roofline.
+- eplb (bench/eplb.py, on request): the whole EPMoE forward without redundant experts, with them,
+  and after one rebalance, under --routing (e.g. zipf:1.2): what load balancing buys here.
 
 One timer serves both and every GPU script (bench/timing.py: `measure`, `measure_cuda_graph`); one
 report path prints, writes and plots the results (bench/report.py); bench/cli.py is the command.
@@ -15,12 +17,22 @@ launcher it spawns `--world-size` local CPU ranks (gloo) for the dispatch suite 
 suite in this process.
 """
 from .cli import main, run
-from .dispatch import bytes_leaving_rank, dispatch_suite, tokens_per_destination, uniform_topk
+from .dispatch import (
+           bytes_leaving_rank,
+           dispatch_suite,
+           parse_routing,
+           routing_topk,
+           tokens_per_destination,
+           uniform_topk,
+           zipf_topk,
+)
+from .eplb import eplb_suite
 from .report import plot, render_markdown, render_text, tables
 from .runner import roofline, runner_problem, runner_suite
 from .settings import PRESETS, Preset, Results, Settings
 from .timing import Stats, measure, measure_cuda_graph, percentile
 
-__all__ = ["PRESETS", "Preset", "Results", "Settings", "Stats", "bytes_leaving_rank", "dispatch_suite", "main",
-           "measure", "measure_cuda_graph", "percentile", "plot", "render_markdown", "render_text", "roofline",
-           "run", "runner_problem", "runner_suite", "tables", "tokens_per_destination", "uniform_topk"]
+__all__ = ["PRESETS", "Preset", "Results", "Settings", "Stats", "bytes_leaving_rank", "dispatch_suite", "eplb_suite",
+           "main", "measure", "measure_cuda_graph", "parse_routing", "percentile", "plot", "render_markdown",
+           "render_text", "roofline", "routing_topk", "run", "runner_problem", "runner_suite", "tables",
+           "tokens_per_destination", "uniform_topk", "zipf_topk"]

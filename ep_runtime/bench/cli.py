@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .dispatch import dispatch_suite
+from .dispatch import dispatch_suite, parse_routing
+from .eplb import eplb_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
-from .settings import DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
+from .settings import DEFAULT_SUITES, DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
 
 
 def _int_list(text: str) -> list[int]:
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\n\nexamples:\n  ep-runtime bench                                  # CPU: 2 local gloo ranks, tiny"
                "\n  torchrun --nproc-per-node 4 -m ep_runtime bench --preset deepseek-v3 --json out.json --plot out.png"
                "\n  ep-runtime bench --suite runner --preset deepseek-v3 --runner-ep-size 8 --cuda-graph"
-               "   # one GPU: a rank of EP=8")
+               "   # one GPU: a rank of EP=8"
+               "\n  torchrun --nproc-per-node 2 -m ep_runtime bench --preset deepseek-v3 --suite eplb --routing zipf:1.2"
+               " --tokens 4096 --redundant-experts 32 --runners triton   # load balancing, before/after")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default tiny)")
     p.add_argument("--tokens", type=_int_list, default=None,
                    help="tokens per rank to sweep, comma-separated (default: the preset's GPU or CPU sweep)")
@@ -63,8 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_int_list, default=None, help="top-k values K to sweep (default: preset)")
     p.add_argument("--intermediate", type=_positive, default=None, help="intermediate size I (default: preset)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--suite", type=_name_list, default=list(SUITES),
-                   help="comma-separated: dispatch, runner (default both)")
+    p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
+                   help="comma-separated: dispatch, runner, eplb (default dispatch,runner); eplb times the whole "
+                        "EPMoE forward without redundant experts, with them, and after one rebalance")
+    p.add_argument("--routing", default="uniform",
+                   help="how tokens pick experts: uniform (default), or zipf:S: expert e is picked with weight "
+                        "1/(e+1)^S (e.g. zipf:1.2; expert 0 hottest, the same on every rank), zipf:S:shuffled: "
+                        "the hot experts spread over the ids by a permutation seeded by --seed")
+    p.add_argument("--redundant-experts", type=int, default=None,
+                   help="eplb suite: redundant experts N (default E/8, rounded up so E+N divides over the ranks)")
     p.add_argument("--dispatchers", type=_name_list, default=None,
                    help="only these dispatchers, and their static modes (default: all registered)")
     p.add_argument("--runners", type=_name_list, default=None, help="only these runners (default: all available)")
@@ -109,6 +119,13 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
             raise ValueError(f"{flag} {','.join(map(str, values))}: every value must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup {args.warmup} must be >= 0")
+    try:
+        parse_routing(args.routing)
+    except ValueError:
+        raise ValueError(f"--routing {args.routing}: allowed uniform, zipf:S or zipf:S:shuffled with a number "
+                         f"S >= 0 (e.g. zipf:1.2)") from None
+    if args.redundant_experts is not None and args.redundant_experts < 0:
+        raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
         preset=preset.name,
         tokens=args.tokens or list(preset.tokens_gpu if cuda else preset.tokens_cpu),
@@ -120,16 +137,25 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         suites=suites, dispatchers=args.dispatchers, runners=args.runners, runner_ep_size=args.runner_ep_size,
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
         repeats=args.repeats or (100 if cuda else 10), rotate=args.rotate, cuda_graph=args.cuda_graph,
-        seed=args.seed, progress=not args.no_progress, runner_formats=formats)
+        seed=args.seed, progress=not args.no_progress, runner_formats=formats, routing=args.routing,
+        redundant_experts=args.redundant_experts)
 
 
 def bench_rank(rank: int, world_size: int, settings: Settings) -> Optional[dict]:
-    """Dispatch suite on this rank of the default group; returns rank 0's results as a dict."""
+    """The multi-rank suites (dispatch, eplb) on this rank of the default group; returns rank 0's
+    results as a dict."""
     from ..distributed import device_for_rank
 
     torch.manual_seed(settings.seed)
-    results = dispatch_suite(settings, dist.group.WORLD, device_for_rank(), settings.progress)
+    results = Results()
+    for suite, fn in _GROUP_SUITES.items():
+        if suite in settings.suites:
+            results.merge(fn(settings, dist.group.WORLD, device_for_rank(), settings.progress))
     return asdict(results) if rank == 0 else None
+
+
+# Suites that run across the ranks of the group (the runner suite runs on one rank).
+_GROUP_SUITES = {"dispatch": dispatch_suite, "eplb": eplb_suite}
 
 
 def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Results]:
@@ -146,8 +172,9 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
         try:
             rank, R = dist.get_rank(), dist.get_world_size()
             device = device_for_rank()
-            if "dispatch" in settings.suites:
-                results.merge(dispatch_suite(settings, dist.group.WORLD, device, settings.progress))
+            for suite, fn in _GROUP_SUITES.items():
+                if suite in settings.suites:
+                    results.merge(fn(settings, dist.group.WORLD, device, settings.progress))
             runner_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
             if "runner" in settings.suites:
                 # The runner suite's dispatchers work on one rank; making those groups takes every rank.
@@ -162,8 +189,8 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
             destroy_distributed()
         return results if rank == 0 else None
 
-    # No launcher: spawn local CPU ranks (gloo) for the dispatch suite; the runner suite runs here.
-    if "dispatch" in settings.suites:
+    # No launcher: spawn local CPU ranks (gloo) for the dispatch and eplb suites; the runner suite runs here.
+    if any(suite in settings.suites for suite in _GROUP_SUITES):
         timeout = max(600.0, float(envs.get("TIMEOUT_S")))
         per_rank = run_ranks(bench_rank, world_size, settings, timeout=24 * 3600.0, group_timeout=timeout)
         results.merge(Results(**{k: v for k, v in per_rank[0].items() if k != "meta"}))
@@ -237,5 +264,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ep-runtime bench: error: {err}", file=sys.stderr)
             return 2
         print(f"wrote {args.plot}")
-    measured = len(results.dispatch) + len(results.runner)
+    measured = len(results.dispatch) + len(results.runner) + len(results.eplb)
     return 0 if measured else 1

@@ -67,43 +67,46 @@ def uniform_topk(gen: torch.Generator, num_tokens: int, num_experts: int, top_k:
 
 
 def zipf_topk(gen: torch.Generator, num_tokens: int, num_experts: int, top_k: int, exponent: float,
-              order_seed: int = 0) -> torch.Tensor:
+              order_seed: Optional[int] = None) -> torch.Tensor:
     """[T, K] int32: K distinct experts per token drawn without replacement with probability
-    proportional to 1 / rank**exponent, where an expert's popularity rank comes from a permutation
-    seeded by order_seed (the same on every rank: the hot experts are the same everywhere, and not
-    simply experts 0, 1, ...). exponent 0 is uniform."""
+    proportional to 1 / popularity_rank**exponent. order_seed None: expert e has rank e + 1 (expert 0
+    is the hottest, so the default contiguous placement puts the hottest experts on rank 0); an int:
+    ranks from a permutation seeded by it. Either way the same hot experts on every rank."""
     if num_tokens == 0:
         return torch.zeros(0, top_k, dtype=torch.int32)
-    order = torch.randperm(num_experts, generator=torch.Generator().manual_seed(order_seed))
-    log_p = torch.empty(num_experts, dtype=torch.float64)
-    log_p[order] = -exponent * torch.arange(1, num_experts + 1, dtype=torch.float64).log()
+    log_p = -exponent * torch.arange(1, num_experts + 1, dtype=torch.float64).log()
+    if order_seed is not None:
+        log_p = log_p[torch.randperm(num_experts, generator=torch.Generator().manual_seed(order_seed)).argsort()]
     # Gumbel top-k: the K largest of log p + Gumbel noise are a draw without replacement.
     u = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
     return (log_p - (-u.log()).log()).topk(top_k, dim=1).indices.to(torch.int32)
 
 
 def routing_topk(routing: str, gen: torch.Generator, num_tokens: int, num_experts: int, top_k: int,
-                 order_seed: int = 0) -> torch.Tensor:
-    """[T, K] int32 for a --routing spec: "uniform" or "zipf:S" (S >= 0, e.g. zipf:1.2)."""
-    kind, exponent = parse_routing(routing)
+                 seed: int = 0) -> torch.Tensor:
+    """[T, K] int32 for a --routing spec: "uniform", "zipf:S" (expert 0 hottest) or "zipf:S:shuffled"
+    (hot experts spread by a permutation seeded by `seed`)."""
+    kind, exponent, shuffled = parse_routing(routing)
     if kind == "uniform":
         return uniform_topk(gen, num_tokens, num_experts, top_k)
-    return zipf_topk(gen, num_tokens, num_experts, top_k, exponent, order_seed)
+    return zipf_topk(gen, num_tokens, num_experts, top_k, exponent, seed if shuffled else None)
 
 
-def parse_routing(routing: str) -> tuple[str, float]:
-    """("uniform", 0.0) or ("zipf", S); an error naming the value and what is allowed otherwise."""
-    kind, _, value = routing.partition(":")
-    if kind == "uniform" and not value:
-        return "uniform", 0.0
-    if kind == "zipf":
+def parse_routing(routing: str) -> tuple[str, float, bool]:
+    """(kind, exponent, shuffled) of a --routing spec; an error naming the value and what is allowed."""
+    kind, _, rest = routing.partition(":")
+    if kind == "uniform" and not rest:
+        return "uniform", 0.0, False
+    value, _, order = rest.partition(":")
+    if kind == "zipf" and order in ("", "shuffled"):
         try:
             exponent = float(value)
         except ValueError:
             exponent = -1.0
-        if exponent >= 0 and exponent == exponent and exponent != float("inf"):
-            return "zipf", exponent
-    raise ValueError(f"routing={routing!r}; allowed: uniform, or zipf:S with a number S >= 0 (e.g. zipf:1.2)")
+        if 0 <= exponent < float("inf"):
+            return "zipf", exponent, order == "shuffled"
+    raise ValueError(f"routing={routing!r}; allowed: uniform, zipf:S or zipf:S:shuffled with a number S >= 0 "
+                     f"(e.g. zipf:1.2)")
 
 
 def tokens_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -151,10 +154,12 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
                     for v in variants if v.options is None}
             for T in settings.tokens:
                 shape = dict(num_experts=E, top_k=K, hidden_size=H, tokens_per_rank=T)
+                if settings.routing != "uniform":
+                    shape["routing"] = settings.routing
                 gen = torch.Generator().manual_seed(settings.seed * 1000003 + rank * 7919 + T)
                 xs, topks, sent_bytes = [], [], []
                 for _ in range(settings.rotate):
-                    ids = uniform_topk(gen, T, E, K)
+                    ids = routing_topk(settings.routing, gen, T, E, K, seed=settings.seed)
                     weights = torch.rand(T, K, generator=gen) + 0.1
                     xs.append(torch.randn(T, H, generator=gen).to(dtype).to(device))
                     topks.append(TopKOutput(ids.to(device), weights.to(device)))

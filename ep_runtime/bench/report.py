@@ -63,6 +63,17 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                  _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2)] for r in results.runner]
         out.append((f"runner: one rank, {results.runner[0]['dtype']}; L local experts, T*K pairs; % roof = the "
                     "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's", header, rows))
+    if results.eplb:
+        header = ["E", "K", "H", "T/rank", "routing", "dispatcher", "runner", "layer", "median us", "p10 us",
+                  "p90 us", "host us", "max/mean", "vs no copies"]
+        rows = [[str(r["num_experts"]), str(r["top_k"]), str(r["hidden_size"]), str(r["tokens_per_rank"]),
+                 r["routing"], r["dispatcher"], r["runner"], r["impl"], _fmt(r["median_us"]), _fmt(r["p10_us"]),
+                 _fmt(r["p90_us"]), _fmt(r.get("host_us")), _fmt(r["max_over_mean"], 3), _fmt(r["vs_no_copies"], 2)]
+                for r in results.eplb]
+        out.append((f"eplb: EPMoE forward (dispatch + runner + combine), {results.eplb[0]['world_size']} ranks, "
+                    f"{results.eplb[0]['dtype']}, run one after the other on the same inputs; max/mean = pairs the "
+                    "busiest rank receives over the mean; rebalanced = one rebalance from the load counted while "
+                    "timing the initial placement", header, rows))
     if results.skipped:
         header = ["suite", "impl", "E", "K", "H", "T/rank", "reason"]
         rows = [[s["suite"], s["impl"], str(s["num_experts"]), str(s["top_k"]), str(s["hidden_size"]),

@@ -34,7 +34,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
-SUITES = ("dispatch", "runner")
+SUITES = ("dispatch", "runner", "eplb")
+DEFAULT_SUITES = ("dispatch", "runner")  # eplb on request: it builds and rebalances whole layers
 # Dispatch formats the runner suite feeds the runners, each made by that dispatcher on one rank.
 RUNNER_FORMATS = ("standard", "deepep_ll")
 
@@ -62,6 +63,8 @@ class Settings:
     progress: bool
     runner_formats: list[str] = field(default_factory=lambda: list(RUNNER_FORMATS))
     command: str = "ep-runtime bench"
+    routing: str = "uniform"  # "uniform" or "zipf:S": how tokens pick experts (dispatch and eplb suites)
+    redundant_experts: Optional[int] = None  # eplb suite: copies N (None: E / 8, rounded to divide over R)
 
     def cases(self) -> list[tuple[int, int, int]]:
         """(E, K, H) of every swept layer shape."""
@@ -79,9 +82,11 @@ class Results:
     runner: list[dict] = field(default_factory=list)
     roofline: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    eplb: list[dict] = field(default_factory=list)
 
     def merge(self, other: "Results") -> None:
         self.dispatch += other.dispatch
+        self.eplb += other.eplb
         self.runner += other.runner
         self.roofline += other.roofline
         self.skipped += other.skipped
