@@ -43,6 +43,13 @@ def test_torchrun_basic():
     assert len(errors) == 2 and max(errors) < 1e-5, out
 
 
+def test_eplb_rebalances_and_keeps_outputs():
+    out = torchrun("eplb.py")  # asserts its outputs equal the float64 reference before and after
+    assert "eplb: OK" in out, out
+    before, after = map(float, re.search(r"receives ([0-9.]+)x the mean pairs before, ([0-9.]+)x after", out).groups())
+    assert after <= 1.10 and after < before, out
+
+
 def test_train_moe_matches_replica_and_loss_falls():
     out = torchrun("train_moe.py", "--steps", "200")
     assert "gradients match the replica's" in out, out
