@@ -7,7 +7,7 @@
     layer.load_experts(w13, w2)
     y = layer(x, topk_ids, topk_weights)
 """
-from . import envs
+from . import envs, eplb
 from .config import ExpertWeights, MoeConfig
 from .distributed import PeerFailure, destroy_distributed, detect_launch, init_distributed
 from .placement import ExpertPlacement
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner",
-    "PeerFailure", "RunnerInput",
+    "PeerFailure", "RunnerInput", "eplb",
     "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
     "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]
