@@ -95,9 +95,15 @@ class EPMoE(nn.Module):
     def _new_load_counters(self) -> None:
         """Per-expert load since the last reset: pairs per physical slot of the current placement
         ([P] int64, one add per forward) and per logical expert from earlier placements ([E])."""
-        device = self.w13.device
-        self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64, device=device)
-        self._load_logical = torch.zeros(self.config.num_experts, dtype=torch.int64, device=device)
+        self._set_load_counters(torch.zeros(self.config.num_experts, dtype=torch.int64, device=self.w13.device))
+
+    def _set_load_counters(self, logical: torch.Tensor) -> None:
+        """Fresh physical counters and these logical ones, as normal tensors even when made under
+        torch.inference_mode (a later training step adds to them)."""
+        with torch.inference_mode(False):
+            self._load_logical = logical.clone()
+            self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64,
+                                              device=logical.device)
 
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), to_empty() ...: the load counters follow the weights (and restart at 0)."""
@@ -318,9 +324,9 @@ class EPMoE(nn.Module):
                                                   if isinstance(v, torch.Tensor) and v.shape == param.shape]:
                 if t is not None:
                     t.copy_(moves.apply(t, group))
-        self._load_logical = self.expert_load()  # the physical counts refer to the old slots
-        self._load_physical = torch.zeros(new.num_physical_experts, dtype=torch.int64, device=self.w13.device)
+        load = self.expert_load()  # kept per logical expert: the physical counts refer to the old slots
         self.placement = new
+        self._set_load_counters(load)
         self.dispatcher = self._make_dispatcher(new)
         self.runner = MoeRunner(self.runner.backend, self.dispatcher.config, self.dispatcher.placement)
 

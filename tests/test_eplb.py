@@ -307,3 +307,21 @@ def test_bad_routing_spec_is_named(spec, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--routing", spec])
     assert f"--routing {spec}: allowed uniform, zipf:S or zipf:S:shuffled" in capsys.readouterr().err
+
+
+def test_load_counts_survive_inference_mode_and_a_permutation_plan():
+    """One process (R = 1, no copies): a placement permuting the slots; counters made under
+    inference_mode still count a later training step, and the output is unchanged by the move."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    gen = torch.Generator().manual_seed(0)
+    x, ids, w = torch.randn(6, 16, generator=gen), torch.randint(0, 8, (6, 2), generator=gen), torch.rand(6, 2)
+    with torch.inference_mode():
+        before = layer(x, ids, w)
+        layer.apply_placement(ExpertPlacement(8, physical_to_logical=range(7, -1, -1)))
+    assert layer.placement.maps_ids  # slot order changed: ids are mapped
+    y = layer(x, ids, w)
+    y.sum().backward()
+    assert torch.equal(y.detach(), before)
+    host = torch.bincount(ids.reshape(-1), minlength=8)
+    assert torch.equal(layer.expert_load(reset=True), 2 * host) and layer.expert_load().sum() == 0
