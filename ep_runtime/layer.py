@@ -58,8 +58,7 @@ class EPMoE(nn.Module):
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)
         self._dispatcher_args = (dispatcher, group, device, dict(dispatcher_options or {}))
-        self.placement = _initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts)
-        self.dispatcher = self._make_dispatcher(self.placement)
+        self._use_placement(_initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts))
         if runner == "auto":
             runner = envs.get("RUNNER")
         backend = runners.create(runner, self.dispatcher.config, hooks=hooks, device=device,
@@ -80,8 +79,17 @@ class EPMoE(nn.Module):
         self._new_load_counters()
         self.reset_parameters()
 
+    def _use_placement(self, placement: ExpertPlacement) -> None:
+        """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
+        ranks) and take the placement as the dispatcher holds it: a dispatcher may place its slots
+        itself (a plugin dealing experts round-robin, say), and the weights must follow it."""
+        self.dispatcher = self._make_dispatcher(placement)
+        physical = self.dispatcher.placement
+        self.placement = physical if placement.physical_to_logical is None else ExpertPlacement(
+            placement.num_experts, physical.ep_size, physical.rank, physical.expert_to_rank,
+            placement.physical_to_logical)
+
     def _make_dispatcher(self, placement: ExpertPlacement):
-        """The dispatcher over `placement`'s physical view: it sees P physical experts and their ranks."""
         name, group, device, options = self._dispatcher_args
         if hasattr(self, "w13") and not self.w13.is_meta:  # built on meta, then materialised: the real device
             device = self.w13.device
@@ -325,9 +333,8 @@ class EPMoE(nn.Module):
                 if t is not None:
                     t.copy_(moves.apply(t, group))
         load = self.expert_load()  # kept per logical expert: the physical counts refer to the old slots
-        self.placement = new
+        self._use_placement(new)
         self._set_load_counters(load)
-        self.dispatcher = self._make_dispatcher(new)
         self.runner = MoeRunner(self.runner.backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _check_plan(self, plan) -> ExpertPlacement:
