@@ -82,8 +82,12 @@ class EPMoE(nn.Module):
     def _use_placement(self, placement: ExpertPlacement) -> None:
         """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
         ranks) and take the placement as the dispatcher holds it: a dispatcher may place its slots
-        itself (a plugin dealing experts round-robin, say), and the weights must follow it."""
-        self.dispatcher = self._make_dispatcher(placement)
+        itself (a plugin dealing experts round-robin, say), and the weights must follow it. When only
+        the logical map changes (ep.eplb plans keep slots contiguous over the ranks) the dispatcher,
+        its buffers and its transport stay as they are."""
+        current = getattr(self, "dispatcher", None)
+        if current is None or current.placement != placement.physical():
+            self.dispatcher = self._make_dispatcher(placement)
         physical = self.dispatcher.placement
         self.placement = physical if placement.physical_to_logical is None else ExpertPlacement(
             placement.num_experts, physical.ep_size, physical.rank, physical.expert_to_rank,
