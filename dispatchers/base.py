@@ -11,10 +11,12 @@ import torch.distributed as dist
 from ep_runtime import envs
 from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
+from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
 from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
 
+from . import fp8_payload
 from .rank_exchange import RankExchange
 
 
@@ -173,6 +175,26 @@ class ExchangeDispatcher(Dispatcher):
                  expert_to_rank: Optional[Sequence[int]] = None):
         super().__init__(config, group, expert_to_rank)
         self.exchange = RankExchange(self.placement, self.group)
+
+    @property
+    def fp8(self) -> Optional[QuantConfig]:
+        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None."""
+        options = self.__dict__.get("options")
+        if options is None or not getattr(options, "use_fp8", False):
+            return None
+        return QuantConfig(scale_encoding=options.fp8_scale_encoding)
+
+    def _wire_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """What travels: x itself, or with use_fp8 its fp8 wire rows (quantized once per token)."""
+        quant = self.fp8
+        return x if quant is None else fp8_payload.encode(x, quant)
+
+    def _received(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(recv_x, recv_x_scale): received rows as they are, or an fp8 dispatch's values and scales."""
+        quant = self.fp8
+        if quant is None:
+            return rows, None
+        return fp8_payload.views(rows, self.config.hidden_size, quant)
 
     def check_capacity(self, num_tokens: int) -> None:
         self.exchange.check_tokens_while_capturing(num_tokens)

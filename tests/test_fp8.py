@@ -1,0 +1,293 @@
+"""fp8: the formats (block-scaled e4m3 weights, per-token-per-128-channel activations, fp32/UE8M0
+scales), DeepSeek-V3 checkpoint loading, the fused quantization kernel (Triton interpreter on CPU),
+the torch / triton / masked runners' w8a8 paths and fp8 dispatch payloads on gloo ranks.
+
+Tolerances. Against the float64 reference run on the dequantized weights and the fp8-rounded
+activations (reference.fp8_round_trip: the expert input and the intermediate activation), the fp8
+layer is held to the bf16 bound (2e-2): what is left is fp32 accumulation, the bf16 output and the
+rare activation element that rounds to the neighbouring fp8 value. Against the unquantized float64
+reference: e4m3 keeps 3 mantissa bits, so one rounding moves a normal value by at most u = 2^-4
+relative and, uniformly over the mantissa, by u / sqrt(3) ~ 3.6% rms or less. Four independent
+roundings (x, w13, the activation, w2) add in quadrature through the two GEMMs, whose sums keep the
+relative rms: about 2u / sqrt(3) ~ 7.2%; the tests assert < 0.1 (and > 1e-3, so quantization
+really happened).
+"""
+import math
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.quant import QuantConfig, decode_scales, encode_ue8m0, fp8_relative_step
+from ep_runtime.reference import fp8_round_trip, moe_reference, rel_err
+from ep_runtime.testing import make_problem, run_ranks, tolerance
+
+triton = pytest.importorskip("triton")
+from ep_runtime.quant_kernels import quantize_rows  # noqa: E402
+
+BF16 = tolerance(torch.bfloat16)
+# See the module doc: 2u / sqrt(3) ~ 0.072 expected, asserted below 0.1.
+UNQUANTIZED_BOUND = 0.1
+assert 2 * fp8_relative_step() / math.sqrt(3) < UNQUANTIZED_BOUND
+
+
+def _seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------- formats
+
+def test_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="format='nvfp9'"):
+        QuantConfig(format="nvfp9")
+    with pytest.raises(ValueError, match="weight_block=\\(128, 100\\)"):
+        QuantConfig(weight_block=(128, 100))
+    with pytest.raises(ValueError, match="activation_group=64 must equal weight_block\\[1\\]=128"):
+        QuantConfig(activation_group=64)
+    with pytest.raises(ValueError, match="scale_encoding='e5m2'"):
+        QuantConfig(scale_encoding="e5m2")
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_weight_round_trip_is_within_one_e4m3_rounding(encoding):
+    q = QuantConfig(scale_encoding=encoding)
+    w = torch.randn(3, 300, 200, generator=_seeded(1)) * torch.logspace(-4, 1, 300).view(1, 300, 1)
+    w[1, :128, :128] = 0  # an all-zero block
+    qw, scale = q.quantize_weight(w)
+    assert qw.dtype == torch.float8_e4m3fn and scale.shape == (3, 3, 2) and scale.dtype == torch.float32
+    assert bool((scale > 0).all()) and bool(torch.isfinite(scale).all())
+    if encoding == "ue8m0":
+        assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))  # powers of two
+    back = q.dequantize_weight(qw, scale)
+    s = scale.repeat_interleave(128, 1)[:, :300].repeat_interleave(128, 2)[:, :, :200]
+    # normal range: half a step of 2^(e-3) is at most u = 2^-4 of the value; subnormal: half of 2^-9 * scale
+    bound = torch.maximum(w.abs() * fp8_relative_step(), s * 2.0 ** -10)
+    assert bool(((back - w).abs() <= bound * (1 + 1e-6)).all())
+    assert torch.equal(back[1, :128, :128], torch.zeros(128, 128))
+    if encoding == "fp32":  # each block's largest magnitude maps onto e4m3's largest value
+        assert float(qw.float().abs().amax()) == 448.0
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
+    q = QuantConfig(scale_encoding=encoding)
+    x = (torch.randn(9, 300, generator=_seeded(2)) * torch.logspace(-3, 3, 9).view(9, 1)).to(torch.bfloat16)
+    x[4, 128:256] = 0
+    x[5, 7] = 1e-30  # a subnormal fp8 value after scaling
+    got_q, got_s = quantize_rows(x, q, interpreted=True)
+    want_q, want_s = q.quantize_activation(x)
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    if encoding == "ue8m0":  # exponent bytes, as the dispatch payload carries them
+        byte_scale = torch.empty(9, 3, dtype=torch.uint8)
+        quantize_rows(x, q, scale=byte_scale, interpreted=True)
+        assert torch.equal(byte_scale, encode_ue8m0(want_s)) and torch.equal(decode_scales(byte_scale), want_s)
+    # rows flagged off are neither read nor written
+    q_out = torch.full((9, 300), 3.0).to(torch.float8_e4m3fn)
+    row_ok = torch.arange(9) % 2 == 0
+    quantize_rows(x, q, q=q_out, row_ok=row_ok, interpreted=True)
+    assert torch.equal(q_out[1].float(), torch.full((300,), 3.0))
+    assert torch.equal(q_out[2].view(torch.uint8), want_q[2].view(torch.uint8))
+
+
+def test_activation_round_trip_matches_float64_reference_rounding():
+    q = QuantConfig()
+    x = torch.randn(16, 384, generator=_seeded(3), dtype=torch.float64)
+    ours = q.dequantize_activation(*q.quantize_activation(x.float())).double()
+    assert rel_err(ours, fp8_round_trip(x)) < 1e-3  # the same roundings up to fp32 scale arithmetic
+    assert fp8_relative_step() / 8 < rel_err(ours, x) < fp8_relative_step()
+
+
+# ----------------------------------------------------------------- loading
+
+def _fp8_checkpoint(E, H, I, seed=4):
+    q = QuantConfig()
+    gen = _seeded(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=gen) * I ** -0.5
+    return w13, w2, *q.quantize_weight(w13), *q.quantize_weight(w2)
+
+
+def _load_rank(rank, world_size):
+    E, H, I = 8, 256, 128
+    _, _, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    layer = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    mine = layer.placement.local_expert_ids()
+    kept = (torch.equal(layer.w13.view(torch.uint8), q13[mine].view(torch.uint8))
+            and torch.equal(layer.w2_scale_inv, s2[mine]) and layer.w13.dtype == torch.float8_e4m3fn)
+    back = layer.gather_experts()
+    returned = (torch.equal(back.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(back.w13_scale_inv, s13)
+                and torch.equal(back.w2.view(torch.uint8), q2.view(torch.uint8)) and back.quant == QuantConfig())
+    shard = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    shard.load_experts(q13[mine], q2[mine], w13_scale_inv=s13[mine], w2_scale_inv=s2[mine])
+    return kept, returned, torch.equal(shard.w2.view(torch.uint8), layer.w2.view(torch.uint8))
+
+
+def test_deepseek_layout_loads_this_ranks_slice_and_gathers_back():
+    assert run_ranks(_load_rank, 2) == [(True, True, True)] * 2
+
+
+def test_quantize_on_load_equals_quantizing_the_slice():
+    E, H, I = 4, 256, 128
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16)
+    layer.load_experts(w13, w2, quantize="fp8_block")
+    assert layer.quant == QuantConfig() and not layer.w13.requires_grad
+    assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, s2)
+    built = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16, quant_config=QuantConfig())
+    built.load_experts(w13, w2)  # a layer built fp8 quantizes float weights with its config
+    assert torch.equal(built.w2.view(torch.uint8), q2.view(torch.uint8))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shape", r"w13_scale_inv has shape \[4, 2, 1\]; expected \[4, 2, 2\]"),
+    ("dtype", "w2_scale_inv has dtype torch.bfloat16; expected torch.float32"),
+    ("nan", r"w13_scale_inv has nan at \[1, 0, 1\]; allowed: finite values > 0"),
+    ("zero", r"w2_scale_inv has 0.0 at \[2, 1, 0\]; allowed: finite values > 0"),
+    ("missing", "w2_scale_inv is missing"),
+    ("unquantized", "w13_scale_inv was given but w13 has dtype torch.float32"),
+    ("quantize", "quantize='int4'"),
+])
+def test_bad_scales_raise_naming_the_argument(case, match):
+    E, H, I = 4, 256, 128
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    args = dict(w13_scale_inv=s13, w2_scale_inv=s2)
+    weights = (q13, q2)
+    if case == "shape":
+        args["w13_scale_inv"] = s13[:, :, :1]
+    elif case == "dtype":
+        args["w2_scale_inv"] = s2.bfloat16()
+    elif case == "nan":
+        args["w13_scale_inv"] = s13.clone().index_put_((torch.tensor(1), torch.tensor(0), torch.tensor(1)),
+                                                       torch.tensor(float("nan")))
+    elif case == "zero":
+        args["w2_scale_inv"] = s2.clone().index_put_((torch.tensor(2), torch.tensor(1), torch.tensor(0)),
+                                                     torch.tensor(0.0))
+    elif case == "missing":
+        del args["w2_scale_inv"]
+    elif case == "unquantized":
+        weights, args = (w13, w2), dict(w13_scale_inv=s13)
+    elif case == "quantize":
+        weights, args = (w13, w2), dict(quantize="int4")
+    layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        layer.load_experts(*weights, **args)
+
+
+# ----------------------------------------------------------------- runners (one process)
+
+def _fp8_references(problem, rank_xs, ids, weights, config, x_fp8):
+    """(fp8 reference, unquantized reference) in float64 for the tokens of one rank."""
+    q = QuantConfig()
+    w13 = q.dequantize_weight(*q.quantize_weight(problem.w13.float())).double()
+    w2 = q.dequantize_weight(*q.quantize_weight(problem.w2.float())).double()
+    exact = moe_reference(rank_xs, ids, weights.double(), problem.w13, problem.w2, config)
+    return moe_reference(rank_xs, ids, weights.double(), w13, w2, config, fp8_activations=x_fp8), exact
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton"])
+@pytest.mark.parametrize("extra", [{}, dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5)])
+def test_fp8_experts_match_the_fp8_reference(runner, extra):
+    E, K, H, I = 8, 2, 256, 128
+    layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
+    problem = make_problem(layer.config, [48], seed=5)
+    layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
+    x = problem.xs[0].to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
+    fp8_ref, exact = _fp8_references(problem, x.double(), problem.topk_ids[0], problem.topk_weights[0],
+                                     layer.config, True)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, fp8_ref) < BF16
+    assert 1e-3 < rel_err(y, exact) < UNQUANTIZED_BOUND
+    bf16 = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
+    bf16.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16())
+    with torch.no_grad():
+        assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
+
+
+def test_fp8_is_inference_only():
+    layer = ep.EPMoE(4, 2, 128, 128, dtype=torch.bfloat16, quant_config=QuantConfig())
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.tensor([[0, 1], [2, 3], [1, -1]])
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x, ids, torch.rand(3, 2))
+    with torch.no_grad():
+        assert layer(x, ids, torch.rand(3, 2)).shape == (3, 128)
+
+
+# ----------------------------------------------------------------- fp8 dispatch on gloo ranks
+
+def _dispatch_rank(rank, world_size, dispatcher, encoding, forced):
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    E, K, H, I = 8, 2, 256, 128
+    options = {"use_fp8": True, "fp8_scale_encoding": encoding}
+    options.update({"deepep_ll": {"num_max_dispatch_tokens_per_rank": 24},
+                    "mori": {"max_dispatch_tokens_per_rank": 24}}.get(dispatcher, {}))
+    results = {}
+    runners = ["torch", "triton", "masked"] if forced else ["torch"]
+    for runner in runners:
+        for experts in ("fp8", "bf16"):
+            layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                             dispatcher_options=options)
+            problem = make_problem(layer.config, [24, 17][:world_size], seed=6, ep_size=world_size)
+            if experts == "fp8":
+                layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
+            else:
+                layer.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16())
+            x = problem.xs[rank].to(torch.bfloat16)
+            ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+            with torch.no_grad(), (xk.forced() if forced else _nothing()):
+                out = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, weights))
+                y = layer(x, ids, weights)
+            fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, experts == "fp8")
+            if experts == "bf16":  # fp8 on the wire only: the reference rounds x alone
+                fp8_ref = moe_reference(fp8_round_trip(x.double()), ids, weights.double(),
+                                        problem.w13.bfloat16().double(), problem.w2.bfloat16().double(), layer.config)
+            G = H // 128
+            scale_ok = (out.recv_x.dtype == torch.float8_e4m3fn and out.recv_x_scale.shape[-1] == G
+                        and out.recv_x_scale.shape[:-1] == out.recv_x.shape[:-1]
+                        and out.recv_x_scale.dtype == (torch.uint8 if encoding == "ue8m0" else torch.float32)
+                        and out.x_dtype == torch.bfloat16)
+            results[(runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
+    return results
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("dispatcher,encoding,forced", [
+    ("deepep_normal", "fp32", False), ("deepep_normal", "ue8m0", True),
+    ("deepep_ll", "fp32", True), ("mori", "ue8m0", False), ("mori", "fp32", True),
+])
+def test_fp8_dispatch_matches_the_reference(dispatcher, encoding, forced):
+    for results in run_ranks(_dispatch_rank, 2, dispatcher, encoding, forced, timeout=240):
+        for (runner, experts), (fp8_err, exact_err, scale_ok) in results.items():
+            assert scale_ok, (runner, experts)
+            assert fp8_err < BF16, (runner, experts, fp8_err)
+            assert exact_err < UNQUANTIZED_BOUND, (runner, experts, exact_err)
+
+
+def test_fp8_dispatch_halves_the_wire_row():
+    from ep_runtime.dispatchers import fp8_payload
+    H = 7168
+    width, _, _ = fp8_payload.row_layout(H, QuantConfig())
+    assert width / (2 * H) < 0.52
+    assert fp8_payload.row_layout(H, QuantConfig(scale_encoding="ue8m0"))[0] / (2 * H) < 0.51
+
+
+def test_fp8_dispatch_options_are_checked():
+    cfg = ep.MoeConfig(8, 2, 128, 64)
+    with pytest.raises(ValueError, match="use_fp8='yes'"):
+        ep.dispatchers.create("deepep_normal", cfg, use_fp8="yes")
+    with pytest.raises(ValueError, match="fp8_scale_encoding='e8m0'"):
+        ep.dispatchers.create("mori", cfg, use_fp8=True, fp8_scale_encoding="e8m0")
+    cfg = ep.MoeConfig(8, 2, 128, 64, apply_router_weight_on_input=True)
+    with pytest.raises(ValueError, match="use_fp8=True on deepep_ll"):
+        ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
