@@ -62,6 +62,9 @@ class Settings:
     progress: bool
     runner_formats: list[str] = field(default_factory=lambda: list(RUNNER_FORMATS))
     command: str = "ep-runtime bench"
+    # Also fp8, in the same run: fp8 block-scaled experts in the runner suite (beside `dtype`'s), fp8
+    # dispatch (use_fp8=True) beside each dispatcher that has it.
+    fp8: bool = False
 
     def cases(self) -> list[tuple[int, int, int]]:
         """(E, K, H) of every swept layer shape."""
