@@ -299,3 +299,109 @@ def test_fp8_dispatch_options_are_checked():
     cfg = ep.MoeConfig(8, 2, 128, 64, apply_router_weight_on_input=True)
     with pytest.raises(ValueError, match="use_fp8=True on deepep_ll"):
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
+
+
+# ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("H", [7168, 300])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_gpu_quantize_kernel_equals_torch(encoding, H):
+    q = QuantConfig(scale_encoding=encoding)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = (torch.randn(513, H, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    got_q, got_s = quantize_rows(x, q)
+    want_q, want_s = q.quantize_activation(x)
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("runner", ["triton", "masked", "torch"])
+@pytest.mark.parametrize("T", [1, 64, 2048])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_gpu_fp8_runner_matches_the_fp8_reference(runner, T):
+    layer = ep.EPMoE(16, 4, 512, 256, runner=runner, dtype=torch.bfloat16, device="cuda")
+    problem = make_problem(layer.config, [T], seed=8)
+    layer.load_experts(problem.w13.float().cuda(), problem.w2.float().cuda(), quantize="fp8_block")
+    x = problem.xs[0].to(torch.bfloat16).cuda()
+    with torch.inference_mode():
+        y = layer(x, problem.topk_ids[0].cuda(), problem.topk_weights[0].cuda())
+    fp8_ref, exact = _fp8_references(problem, x.double().cpu(), problem.topk_ids[0], problem.topk_weights[0],
+                                     layer.config)
+    assert rel_err(y.cpu(), fp8_ref) < BF16
+    assert rel_err(y.cpu(), exact) < UNQUANTIZED_BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference():
+    """DeepSeek-V3's expert shapes (H=7168, I=2048), 8 local experts, K=8, 512 tokens: the tiles the
+    tuned tables and defaults pick for real sizes (BLOCK_K clipped to the 128-channel scale group)."""
+    E, K, H, I, T = 8, 8, 7168, 2048, 512
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
+    x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    weights = torch.rand(T, K, device="cuda", generator=gen)
+    q = QuantConfig()
+    q13, s13 = q.quantize_weight(w13)
+    q2, s2 = q.quantize_weight(w2)
+    with torch.inference_mode():
+        y = ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
+    cfg = ep.MoeConfig(E, K, H, I)
+    ref = moe_reference(x.double(), ids, weights.double(), q.dequantize_weight(q13, s13).double(),
+                        q.dequantize_weight(q2, s2).double(), cfg, fp8_activations=True)
+    assert rel_err(y, ref) < BF16
+
+
+def _gpu_dispatch_rank(rank, world_size):
+    from ep_runtime.distributed import device_for_rank
+    device = device_for_rank()
+    E, K, H, I = 16, 4, 512, 256
+    out = {}
+    for dispatcher, runner, options in [
+            ("deepep_normal", "triton", {}), ("mori", "triton", {"max_dispatch_tokens_per_rank": 96}),
+            ("deepep_ll", "masked", {"num_max_dispatch_tokens_per_rank": 96}),
+            ("deepep_normal", "triton", {"fp8_scale_encoding": "ue8m0"})]:
+        layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16, device=device,
+                         dispatcher_options={"use_fp8": True, **options})
+        problem = make_problem(layer.config, [96, 41][:world_size], seed=10, ep_size=world_size)
+        layer.load_experts(problem.w13.float().to(device), problem.w2.float().to(device), quantize="fp8_block")
+        x = problem.xs[rank].to(torch.bfloat16)
+        ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+        with torch.inference_mode():
+            y = layer(x.to(device), ids.to(device), weights.to(device))
+        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config,
+                                         options.get("fp8_scale_encoding") == "ue8m0")
+        out[f"{dispatcher}/{runner}/{options}"] = (rel_err(y.cpu(), fp8_ref), rel_err(y.cpu(), exact))
+    # deepep_ll + masked with fp8 dispatch captures into a CUDA graph; replays with new inputs equal eager
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", runner="masked", dtype=torch.bfloat16, device=device,
+                     dispatcher_options={"use_fp8": True, "num_max_dispatch_tokens_per_rank": 64},
+                     quant_config=QuantConfig())
+    gen = torch.Generator(device=device).manual_seed(11 + rank)
+    x = torch.randn(64, H, device=device, generator=gen).to(torch.bfloat16)
+    ids = torch.rand(64, E, device=device, generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    w = torch.rand(64, K, device=device, generator=gen)
+    with torch.inference_mode():
+        for _ in range(3):
+            layer(x, ids, w)  # warm up: compile every kernel before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = layer(x, ids, w)
+        x.copy_(torch.randn(64, H, device=device, generator=gen).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        out["graph"] = (rel_err(y_graph.cpu(), layer(x, ids, w).cpu()), 0.0)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_fp8_dispatch_on_two_ranks():
+    for result in run_ranks(_gpu_dispatch_rank, 2, backend="nccl", timeout=240, group_timeout=200):
+        assert result.pop("graph")[0] == 0.0
+        for key, (fp8_err, exact_err) in result.items():
+            assert fp8_err < BF16 and exact_err < UNQUANTIZED_BOUND, (key, fp8_err, exact_err)
