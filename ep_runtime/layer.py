@@ -149,7 +149,8 @@ class EPMoE(nn.Module):
         fp8 (DeepSeek-V3 checkpoints as they are): w13/w2 float8_e4m3fn with w13_scale_inv
         [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
         [L, ...] shards); the layer then stores fp8. quantize="fp8_block" (or a QuantConfig) quantizes
-        float weights on load; a layer built with quant_config quantizes float weights with it."""
+        float weights on load; a layer built with quant_config quantizes float weights with it. fp8
+        weights given without scales to an unquantized layer are cast to its dtype as they are."""
         E, L = self.config.num_experts, self.placement.num_local_experts
         given = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None
         if given not in (E, L):
@@ -200,6 +201,8 @@ class EPMoE(nn.Module):
         for name, t in (("w2", w2),):
             if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) != fp8_in:
                 raise ValueError(f"{name} has dtype {t.dtype} but w13 has {w13.dtype}; give both quantized or neither")
+        if fp8_in and w13_scale_inv is None and w2_scale_inv is None and quantize is None and self.quant is None:
+            return None  # fp8 values without scales into a float layer: cast as they are (scale 1)
         for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
             if fp8_in and scale is None:
                 raise ValueError(f"{name} is missing: fp8 weights need their block scales (DeepSeek-V3's "

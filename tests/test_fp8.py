@@ -183,18 +183,23 @@ def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
     q = QuantConfig()
     w13 = q.dequantize_weight(*q.quantize_weight(problem.w13.float())).double()
     w2 = q.dequantize_weight(*q.quantize_weight(problem.w2.float())).double()
-    exact = moe_reference(rank_xs, ids, weights.double(), problem.w13, problem.w2, config)
+    b13, b2 = (None if b is None else b.to(torch.bfloat16).double() for b in (problem.b13, problem.b2))  # as stored
+    exact = moe_reference(rank_xs, ids, weights.double(), problem.w13, problem.w2, config, b13, b2)
     x = fp8_round_trip(rank_xs, ue8m0=ue8m0_input)
-    return moe_reference(x, ids, weights.double(), w13, w2, config, fp8_activations=True, fp8_input=False), exact
+    return moe_reference(x, ids, weights.double(), w13, w2, config, b13, b2, fp8_activations=True,
+                         fp8_input=False), exact
 
 
-@pytest.mark.parametrize("runner", ["torch", "triton"])
-@pytest.mark.parametrize("extra", [{}, dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5)])
+FIELDS = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5, activation="gelu", has_bias=True)
+
+
+@pytest.mark.parametrize("runner,extra", [("torch", {}), ("triton", {}), ("torch", FIELDS), ("triton", FIELDS)])
 def test_fp8_experts_match_the_fp8_reference(runner, extra):
     E, K, H, I = 8, 2, 256, 128
     layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
-    problem = make_problem(layer.config, [48], seed=5)
-    layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
+    problem = make_problem(layer.config, [24], seed=5)
+    biases = [None if b is None else b.float() for b in (problem.b13, problem.b2)]
+    layer.load_experts(problem.w13.float(), problem.w2.float(), *biases, quantize="fp8_block")
     x = problem.xs[0].to(torch.bfloat16)
     with torch.no_grad():
         y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
@@ -203,8 +208,8 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra):
     assert y.dtype == torch.bfloat16
     assert rel_err(y, fp8_ref) < BF16
     assert 1e-3 < rel_err(y, exact) < UNQUANTIZED_BOUND
-    bf16 = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
-    bf16.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16())
+    bf16 = ep.EPMoE(E, K, H, I, runner="torch", dtype=torch.bfloat16, **extra)
+    bf16.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16(), *[None if b is None else b.bfloat16() for b in biases])
     with torch.no_grad():
         assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
 
@@ -221,14 +226,14 @@ def test_fp8_is_inference_only():
 
 # ----------------------------------------------------------------- fp8 dispatch on gloo ranks
 
-def _dispatch_rank(rank, world_size, dispatcher, encoding, forced, cases):
+def _dispatch_rank(rank, world_size, forced, cases):
     from ep_runtime.dispatchers import exchange_kernels as xk
     E, K, H, I = 8, 2, 256, 128
-    options = {"use_fp8": True, "fp8_scale_encoding": encoding}
-    options.update({"deepep_ll": {"num_max_dispatch_tokens_per_rank": 12},
-                    "mori": {"max_dispatch_tokens_per_rank": 12}}.get(dispatcher, {}))
     results = {}
-    for runner, experts in cases:
+    for dispatcher, encoding, runner, experts in cases:
+        options = {"use_fp8": True, "fp8_scale_encoding": encoding}
+        options.update({"deepep_ll": {"num_max_dispatch_tokens_per_rank": 12},
+                        "mori": {"max_dispatch_tokens_per_rank": 12}}.get(dispatcher, {}))
         if True:
             layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
                              dispatcher_options=options)
@@ -252,7 +257,7 @@ def _dispatch_rank(rank, world_size, dispatcher, encoding, forced, cases):
                         and out.recv_x_scale.shape[:-1] == out.recv_x.shape[:-1]
                         and out.recv_x_scale.dtype == (torch.uint8 if encoding == "ue8m0" else torch.float32)
                         and out.x_dtype == torch.bfloat16)
-            results[(runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
+            results[(dispatcher, encoding, runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
     return results
 
 
@@ -265,21 +270,19 @@ class _nothing:
 
 
 # forced: the CUDA kernel path (fused quantization into the wire rows, byte payloads) on CPU tensors
-# under the interpreter; else the torch path. Each case: (runner, experts' format).
-@pytest.mark.parametrize("dispatcher,encoding,forced,cases", [
-    ("deepep_normal", "fp32", False, [("torch", "fp8"), ("torch", "bf16")]),
-    ("deepep_normal", "ue8m0", True, [("triton", "fp8"), ("torch", "bf16")]),
-    ("deepep_ll", "fp32", True, [("masked", "fp8"), ("torch", "bf16")]),
-    ("deepep_ll", "ue8m0", False, [("torch", "fp8")]),
-    ("mori", "ue8m0", False, [("torch", "fp8")]),
-    ("mori", "fp32", True, [("triton", "fp8"), ("masked", "fp8")]),
+# under the interpreter; else the torch path. Each case: (dispatcher, scale encoding, runner, experts).
+@pytest.mark.parametrize("forced,cases", [
+    (False, [("deepep_normal", "fp32", "torch", "fp8"), ("deepep_normal", "fp32", "torch", "bf16"),
+             ("deepep_ll", "ue8m0", "torch", "fp8"), ("mori", "ue8m0", "torch", "fp8")]),
+    (True, [("deepep_normal", "ue8m0", "triton", "fp8"), ("deepep_ll", "fp32", "masked", "fp8"),
+            ("deepep_ll", "fp32", "torch", "bf16"), ("mori", "fp32", "triton", "fp8")]),
 ])
-def test_fp8_dispatch_matches_the_reference(dispatcher, encoding, forced, cases):
-    for results in run_ranks(_dispatch_rank, 2, dispatcher, encoding, forced, cases, timeout=240):
-        for (runner, experts), (fp8_err, exact_err, scale_ok) in results.items():
-            assert scale_ok, (runner, experts)
-            assert fp8_err < BF16, (runner, experts, fp8_err)
-            assert exact_err < UNQUANTIZED_BOUND, (runner, experts, exact_err)
+def test_fp8_dispatch_matches_the_reference(forced, cases):
+    for results in run_ranks(_dispatch_rank, 2, forced, cases, timeout=240):
+        for case, (fp8_err, exact_err, scale_ok) in results.items():
+            assert scale_ok, case
+            assert fp8_err < BF16, (case, fp8_err)
+            assert exact_err < UNQUANTIZED_BOUND, (case, exact_err)
 
 
 def test_fp8_dispatch_halves_the_wire_row():
