@@ -1,6 +1,7 @@
 """What every dispatcher is: dispatch(x, topk) -> its format's DispatchOutput; combine(CombineInput) -> y."""
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, ClassVar, Optional, Sequence
@@ -176,11 +177,12 @@ class ExchangeDispatcher(Dispatcher):
         super().__init__(config, group, expert_to_rank)
         self.exchange = RankExchange(self.placement, self.group)
 
-    @property
+    @functools.cached_property
     def fp8(self) -> Optional[QuantConfig]:
-        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None."""
-        options = self.__dict__.get("options")
-        if options is None or not getattr(options, "use_fp8", False):
+        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None;
+        made once (the options are frozen)."""
+        options = self.__dict__["options"]
+        if not getattr(options, "use_fp8", False):
             return None
         return QuantConfig(scale_encoding=options.fp8_scale_encoding)
 
