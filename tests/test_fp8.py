@@ -408,3 +408,30 @@ def test_gpu_fp8_dispatch_on_two_ranks():
         assert result.pop("graph")[0] == 0.0
         for key, (fp8_err, exact_err) in result.items():
             assert fp8_err < BF16 and exact_err < UNQUANTIZED_BOUND, (key, fp8_err, exact_err)
+
+
+def test_hf_fp8_experts_are_replaced_and_kept_fp8():
+    """transformers' FP8Experts (DeepSeek-V3's fp8 blocks) under EPExperts: fp8 kept, w8a8 result."""
+    transformers = pytest.importorskip("transformers")
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(4, 256, 128, seed=12)
+    with torch.no_grad():
+        for name, value in (("gate_up_proj", q13), ("gate_up_proj_scale_inv", s13), ("down_proj", q2),
+                            ("down_proj_scale_inv", s2)):
+            getattr(experts, name).copy_(value)
+    wrapped = ep.hf.EPExperts(experts, top_k=2, dispatcher="standard", runner="torch")
+    assert wrapped.layer.quant == QuantConfig() and wrapped.layer.dtype == torch.bfloat16
+    assert torch.equal(wrapped.layer.w13.view(torch.uint8), q13.view(torch.uint8))
+    x = torch.randn(10, 256, generator=_seeded(13)).to(torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 4], [3, 0], [1, 2], [4, 4], [0, 3], [2, 1], [3, 2], [1, 0], [0, 2]])
+    weights = torch.rand(10, 2, generator=_seeded(14))
+    with torch.no_grad():
+        y = wrapped(x, ids, weights)
+    q = QuantConfig()
+    ref = moe_reference(x.double(), torch.where(ids == 4, -1, ids), weights.double(),
+                        q.dequantize_weight(q13, s13).double(), q.dequantize_weight(q2, s2).double(),
+                        wrapped.layer.config, fp8_activations=True)
+    assert rel_err(y, ref) < BF16
