@@ -111,6 +111,15 @@ def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpre
     return BlockConfig(128, GemmTiles(128, 64, 8, 8, 3), GemmTiles(128, 64, 8, 8, 3))
 
 
+def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                    dtype: torch.dtype, device: torch.device, interpreted: bool) -> bool:
+    """Whether this device's table has entries for exactly this shape and dtype (not "default")."""
+    if interpreted or device.type != "cuda":
+        return False
+    table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
+    return shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype) in table
+
+
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                 dtype: torch.dtype, device: torch.device, interpreted: bool) -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config."""

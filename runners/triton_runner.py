@@ -65,7 +65,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if quant is not None:
         if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
             raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
-        block_config = _fit_k_tiles(block_config, quant.weight_block[1], picked)
+        untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
+        block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
         fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
     P = N * K
     aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_config.BLOCK_M)
@@ -131,11 +132,11 @@ def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
     return x, scale
 
 
-def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, picked: bool) -> "kernels.BlockConfig":
-    """BLOCK_K no larger than a scale group (one activation and one weight scale per K step); for picked
-    tiles exactly one group: 128 one-byte values are the bytes of a 64-wide bf16 tile (the tables hold
-    bf16 tunings until fp8 shapes are tuned)."""
-    fit = lambda t: dataclasses.replace(t, BLOCK_K=group_k if picked else min(t.BLOCK_K, group_k))  # noqa: E731
+def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: bool) -> "kernels.BlockConfig":
+    """BLOCK_K no larger than a scale group (one activation and one weight scale per K step); for tiles
+    not tuned for this fp8 shape (defaults, or a bf16 "default" entry) exactly one group: 128 one-byte
+    values are the bytes of a 64-wide bf16 tile. `triton_tune --dtype float8_e4m3fn` tunes fp8 shapes."""
+    fit = lambda t: dataclasses.replace(t, BLOCK_K=group_k if untuned else min(t.BLOCK_K, group_k))  # noqa: E731
     return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1), gemm2=fit(block_config.gemm2))
 
 

@@ -285,6 +285,17 @@ def test_fp8_dispatch_matches_the_reference(forced, cases):
             assert exact_err < UNQUANTIZED_BOUND, (case, exact_err)
 
 
+def test_tune_writes_an_fp8_table(tmp_path):
+    from ep_runtime.runners import triton_kernels as kernels
+    from ep_runtime.runners import triton_tune
+    out = tmp_path / "table.json"
+    candidate = kernels.BlockConfig(16, kernels.GemmTiles(64, 64, 1, 4, 1), kernels.GemmTiles(64, 64, 1, 4, 1))
+    table = triton_tune.tune(2, 2, 128, 128, torch.float8_e4m3fn, [4], out, candidates=[candidate], device="cpu",
+                             repeats=1)
+    assert kernels.BlockConfig.from_json(table["4"]) == candidate
+    assert kernels.shape_key(2, 2, 128, 128, torch.float8_e4m3fn) in out.read_text()
+
+
 def test_fp8_dispatch_halves_the_wire_row():
     from ep_runtime.dispatchers import fp8_payload
     H = 7168
