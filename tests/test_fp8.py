@@ -222,6 +222,9 @@ def test_fp8_is_inference_only():
         layer(x, ids, torch.rand(3, 2))
     with torch.no_grad():
         assert layer(x, ids, torch.rand(3, 2)).shape == (3, 128)
+        layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
+        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
+            layer(x, ids, torch.rand(3, 2))
 
 
 # ----------------------------------------------------------------- fp8 dispatch on gloo ranks
