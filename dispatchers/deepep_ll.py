@@ -70,8 +70,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     format = "deepep_ll"
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
-                 expert_to_rank=None, use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
-        super().__init__(config, group, expert_to_rank)
+                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
+                 use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
         self.options = DeepEPLLOptions(M, *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
@@ -94,7 +95,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
             x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
-            distinct=self.distinct_ids)
+            distinct=self.distinct_ids, transient=True)  # the rows are scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
@@ -304,9 +305,11 @@ class EPMoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        transport = getattr(self.dispatcher, "transport_options", None)
+        moved_by = "" if transport is None else ", " + describe_transport(self.dispatcher.group, transport.transport)
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
-                f"runner={self.runner.backend.name}")
+                f"runner={self.runner.backend.name}{moved_by}")
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:

@@ -1,0 +1,380 @@
+"""The NVLink transport: a rank stores its rows straight into its peers' memory and signals them;
+no NCCL call, no host sync, a fixed number of SMs.
+
+Every rank of a group maps one symmetric region of every other rank (PyTorch symmetric memory on
+CUDA), and a few flag words. A call of `all_to_all` runs two kernels on the caller's stream:
+- put: program 0 first tells every peer that this rank is done with the rows of its previous call
+  (its "free" flag: everything earlier on this stream has run); then `num_sms` programs copy each
+  outgoing row into the destination rank's region, at the row offset this rank owns there (fixed
+  chunks for static plans; for exact plans the offsets come from the all-gathered count table on
+  the device, the table that planned the rows), each peer's share only once that peer is free,
+  and this rank's own rows last (their copy overlaps the peers' incoming stores);
+- signal: one program raises this rank's "ready" flag in every peer (the call's epoch, release
+  semantics), waits until every peer's ready flag here reaches it (acquire; bounded by
+  EP_RUNTIME_TIMEOUT_S, after which it records the silent rank in host memory and gives up), and
+  advances the epoch.
+The result is a view of this rank's region, valid until its next call on the transport (callers
+that hand rows to users copy them; the exchange's own kernels read them at once). The epoch lives
+on the device, so CUDA-graph replays keep counting.
+
+The region is sized by the largest call so far, and grows (a collective re-allocation, the same
+decision on every rank because it is made from sizes every rank knows) outside graph capture; a
+call that does not fit while a graph is captured takes the collective transport instead.
+
+On CPU ranks of one host the same kernels run under TRITON_INTERPRET=1 over shared-memory files
+standing in for symmetric memory: tests check every offset, signal and copy without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime import envs
+from ep_runtime.distributed import PeerFailure
+from ep_runtime.validation import capturing
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the collective transport runs instead
+    triton = None
+
+_GRANULE = 1 << 20  # regions grow in whole MiB, to at least twice the old size
+_WORD = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_BLOCK, _WARPS = 4096, 8  # words per program per step (32 KiB of int64), warps per program
+
+if triton is not None:
+
+    @triton.jit
+    def _table_offsets(table_ptr, stride, me, peer, R, TO_OWNER: tl.constexpr):
+        """(rows, first source row, first destination row) of what this rank sends `peer`, read from
+        the count table (sent[s][d] at table[s, 1 + d]). Dispatch: rank `me` sends sent[me][peer]
+        rows, which land after the rows of lower source ranks. TO_OWNER (combine): the rows `me`
+        received from `peer` go back to where `peer` sent them from."""
+        if TO_OWNER:
+            count = tl.load(table_ptr + peer * stride + 1 + me)
+            src = 0
+            for s in range(0, peer):
+                src += tl.load(table_ptr + s * stride + 1 + me)
+            dst = 0
+            for d in range(0, me):
+                dst += tl.load(table_ptr + peer * stride + 1 + d)
+        else:
+            count = tl.load(table_ptr + me * stride + 1 + peer)
+            src = 0
+            for d in range(0, peer):
+                src += tl.load(table_ptr + me * stride + 1 + d)
+            dst = 0
+            for s in range(0, me):
+                dst += tl.load(table_ptr + s * stride + 1 + peer)
+        return count, src, dst
+
+    @triton.jit
+    def _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE: tl.constexpr, TO_OWNER: tl.constexpr):
+        """(rows, first source row, first destination row) of what this rank sends `peer`."""
+        if TABLE:
+            count, src, dst = _table_offsets(table_ptr, table_stride, me, peer, R, TO_OWNER)
+        else:
+            count = chunk
+            src = peer * src_step
+            dst = me * chunk
+        return count, src, dst
+
+    @triton.jit
+    def _words_at(address, first_row, row_words, ty: tl.constexpr, VEC: tl.constexpr):
+        """Pointer to word 0 of row `first_row` of the rows at `address` (an int, 16-byte aligned)."""
+        base = tl.multiple_of(address, 16).to(tl.pointer_type(ty))
+        return base + tl.multiple_of(tl.cast(first_row, tl.int64) * row_words, VEC)
+
+    @triton.jit
+    def _copy_words(src_ptr, dst_ptr, n, pid, nprog, VEC: tl.constexpr, BLOCK: tl.constexpr):
+        """Copy n words, BLOCK per program per step (VEC: words known aligned, for wide accesses)."""
+        cols = tl.arange(0, BLOCK)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = tl.multiple_of(start, VEC) + cols
+            mask = offs < n
+            tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+    @triton.jit
+    def _clock_ns(INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return 0
+        else:
+            return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                             pack=1)
+
+    @triton.jit
+    def _acquire(INTERPRET: tl.constexpr):
+        """A system-scope acquire fence: what a peer stored before raising the flag just seen is
+        visible to every read after this (the interpreter runs programs in order: nothing to do)."""
+        if not INTERPRET:
+            tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+
+    @triton.jit
+    def _wait_for(flag, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET: tl.constexpr):
+        """Spin until the flag word reaches `epoch`, or record `peer` as silent and go on. Plain
+        volatile loads poll (no atomics: a program's threads would all hit one address); a wait that
+        is followed by reads of the peer's rows needs _acquire() after it. The error word lives on the
+        device (every program reads it); a wait that gives up also writes it to host memory, where
+        the host reads it without a sync."""
+        polls = 0
+        seen = tl.load(flag, volatile=True)
+        if tl.load(error, volatile=True) != 0:  # a wait of this rank gave up already: none waits again
+            seen = epoch
+        while seen < epoch:
+            polls += 1
+            if (_clock_ns(INTERPRET) - start > timeout_ns) | (polls > max_polls):
+                tl.store(error, peer + 1)
+                tl.store(host_error, peer + 1)
+                seen = epoch  # give up: the host reads the error and raises
+            else:
+                seen = tl.load(flag, volatile=True)
+
+    @triton.jit
+    def _put_kernel(src_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr, table_ptr, table_stride, me,
+                    R, chunk, src_step, row_words, timeout_ns, max_polls, TABLE: tl.constexpr, TO_OWNER: tl.constexpr,
+                    VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+        """Copy every outgoing row into its destination's region: one peer's rows are contiguous on
+        both sides, so each share is one flat copy. Flags: [ready (R words); free (R words)]."""
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        ty = src_ptr.dtype.element_ty
+        done = tl.load(epoch_ptr)  # calls this rank has finished, the same count on every rank
+        if pid == 0:
+            for peer in range(0, R):
+                free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
+                tl.atomic_xchg(free, done, sem="release", scope="sys")
+        mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
+        start = _clock_ns(INTERPRET)
+        for step in range(1, R + 1):  # peers first, this rank last
+            peer = (me + step) % R
+            count, src, dst = _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE, TO_OWNER)
+            if peer != me:  # no fence after: the stores below depend on the flag seen, nothing is read
+                _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+            _copy_words(src_ptr + tl.multiple_of(tl.cast(src, tl.int64) * row_words, VEC),
+                        _words_at(tl.load(region_ptrs + peer), dst, row_words, ty, VEC),
+                        tl.cast(count, tl.int64) * row_words, pid, nprog, VEC, BLOCK)
+
+    @triton.jit
+    def _signal_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
+                       INTERPRET: tl.constexpr):
+        """One program: raise this call's ready flag in every peer (the put kernel before this one has
+        finished: its stores precede the release), wait for every peer's, advance the epoch."""
+        epoch = tl.load(epoch_ptr) + 1
+        for peer in range(0, R):
+            ready = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + me
+            tl.atomic_xchg(ready, epoch, sem="release", scope="sys")
+        mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
+        start = _clock_ns(INTERPRET)
+        for peer in range(0, R):
+            _wait_for(mine + peer, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+        _acquire(INTERPRET)  # the rows the peers stored before their flags are visible after this kernel
+        tl.store(epoch_ptr, epoch)
+
+
+def _word(row_bytes: int) -> torch.dtype:
+    """The widest integer type that divides a row (wide loads and stores move the bytes)."""
+    return next(dtype for size, dtype in _WORD.items() if row_bytes % size == 0)
+
+
+class _Region:
+    """This rank's symmetric allocation and every rank's address of it (index = group rank)."""
+
+    def __init__(self, local: torch.Tensor, addresses: list, keep: object = None):
+        self.local, self.addresses, self.keep = local, addresses, keep
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.numel()
+
+
+def _cuda_region(nbytes: int, group, device: torch.device) -> _Region:
+    from torch.distributed import _symmetric_memory as symm_mem
+    local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(local, group)
+    return _Region(local, list(handle.buffer_ptrs), handle)
+
+
+def _shared_file_region(nbytes: int, group, device: torch.device) -> _Region:
+    """CPU stand-in for tests: one file per rank in /dev/shm, mapped by every rank of the group."""
+    name = [uuid.uuid4().hex if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(name, group_src=0, group=group)
+    R, me = dist.get_world_size(group), dist.get_rank(group)
+    paths = [f"/dev/shm/ep_runtime_{name[0]}_{r}" for r in range(R)]
+    with open(paths[me], "wb") as f:
+        f.truncate(nbytes)
+    dist.barrier(group=group)
+    maps = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in paths]
+    dist.barrier(group=group)
+    os.unlink(paths[me])  # the mappings keep the memory; nothing is left behind at exit
+    return _Region(maps[me], [m.data_ptr() for m in maps], maps)
+
+
+def _map_region(nbytes: int, group, device: torch.device) -> _Region:
+    return (_cuda_region if device.type == "cuda" else _shared_file_region)(nbytes, group, device)
+
+
+class PeerTransport:
+    """Rows between the ranks of `group` by stores into each other's memory. One per (group,
+    device), shared by every layer on the group (see `peer_transport`)."""
+
+    def __init__(self, group, device: torch.device):
+        group = group if group is not None else dist.group.WORLD  # the rendezvous needs the object
+        self.group, self.device = group, device
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        R = self.world_size
+        # flags [ready; free] x R: the last call rank s finished storing here / is done reading there
+        self._flags = _map_region(16 * R, group, device)
+        self._flags.local.zero_()
+        self._flag_ptrs = torch.tensor(self._flags.addresses, dtype=torch.int64, device=device)
+        self._region: Optional[_Region] = None
+        self._region_ptrs = torch.zeros(R, dtype=torch.int64, device=device)  # updated in place on growth
+        self._epoch = torch.zeros(1, dtype=torch.int64, device=device)  # calls finished
+        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")  # read by the host
+        self._device_error = torch.zeros(1, dtype=torch.int32, device=device)  # read by the kernels
+        self._failed: Optional[str] = None
+        self._timeout_s = envs.get("TIMEOUT_S")
+        interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
+        self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
+                       int(self._timeout_s * 2000) if interpret else 2 ** 62)
+        self._interpret = interpret
+        dist.barrier(group=group)  # every flag word is zero before any rank signals
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this rank holds for the transport (the region and the flags)."""
+        return (self._region.nbytes if self._region is not None else 0) + self._flags.nbytes
+
+    @property
+    def calls(self) -> int:
+        """Exchanges made so far (the device epoch; reading it waits for them)."""
+        return int(self._epoch[0])
+
+    def fits(self, nbytes: int) -> bool:
+        """Make room for a call moving at most `nbytes` into any rank (the same answer on every rank);
+        False while capturing a graph when the region is too small (the caller takes the collective)."""
+        have = self._region.nbytes if self._region is not None else 0
+        if self._region is not None and nbytes <= have:
+            return True
+        if capturing():
+            return False
+        want = -(-max(nbytes, 2 * have, 1) // _GRANULE) * _GRANULE
+        if self._region is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing of ours still reads or writes the old region
+        self._region = _map_region(want, self.group, self.device)
+        self._region_ptrs.copy_(torch.tensor(self._region.addresses, dtype=torch.int64))
+        return True
+
+    def check(self) -> None:
+        """Raise when a wait gave up on a peer (read from host memory: no sync)."""
+        if self._failed is None and int(self._error[0]):
+            peer = int(self._error[0]) - 1
+            self._failed = (f"rank {peer} did not signal within EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s on the "
+                            f"NVLink transport (stalled or ended); outputs since are not valid")
+        if self._failed is not None:
+            raise PeerFailure(self._failed)
+
+    def all_to_all(self, x: torch.Tensor, rows_out: int, chunk: Optional[int] = None,
+                   table: Optional[torch.Tensor] = None, to_owner: bool = False, gather: bool = False,
+                   num_sms: int = 24) -> torch.Tensor:
+        """x [S, ...] -> [rows_out, ...], rows grouped by source rank in rank order: a view of this
+        rank's region, valid until its next call here. Static plans: `chunk` rows to every peer (x
+        holds R chunks, peer-major), or with `gather` all of x (chunk = S) to every peer. Exact plans:
+        `table` [R, 1 + R + ...] int32, the all-gathered count table (sent[s][d] = table[s, 1 + d]);
+        dispatch sends x's rows peer by peer, `to_owner` (combine) sends received rows back to their
+        senders. Call fits() first."""
+        self.check()
+        x = x.contiguous()
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        words_in = x.view(torch.uint8).view(_word(row_bytes))
+        vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
+        _put_kernel[(num_sms,)](
+            words_in, self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0],
+            table if table is not None else self._epoch, table.shape[1] if table is not None else 0, self.rank,
+            self.world_size, chunk or 0, 0 if gather else (chunk or 0), row_bytes // words_in.element_size(),
+            *self._waits[1:], TABLE=table is not None, TO_OWNER=to_owner, VEC=vec, BLOCK=_BLOCK,
+            INTERPRET=self._interpret, num_warps=_WARPS)
+        _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
+                             self.world_size,
+                             *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+        received = self._region.local[:rows_out * row_bytes]
+        return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
+
+
+_TRANSPORTS: dict = {}  # (group, device) -> PeerTransport, or why there can be none (a str)
+TRANSPORTS = ("auto", "nccl", "nvlink")
+
+
+def peer_transport(group, device: torch.device, world_size: int, mode: str) -> Optional[PeerTransport]:
+    """The NVLink transport of (group, device) for an exchange whose transport setting is `mode`:
+    `auto` takes it when every rank's GPU maps every other's memory (one host, peer access), `nccl`
+    never, `nvlink` always (an error naming why where it cannot be). None: the collective transport.
+    Made on first use, shared by every exchange on the group after; collective then (every rank
+    reaches its first exchange together)."""
+    if mode == "nccl" or world_size == 1 or (mode == "auto" and device.type != "cuda"):
+        return None  # CPU ranks take the stand-in only when asked (tests)
+    key = (group, device)
+    if key not in _TRANSPORTS:
+        reason = _cannot_map(group, device, world_size)
+        _TRANSPORTS[key] = reason if reason is not None else PeerTransport(group, device)
+    found = _TRANSPORTS[key]
+    if isinstance(found, str):
+        if mode == "nvlink":
+            raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {found}; "
+                               f"allowed here: 'auto' or 'nccl'")
+        return None
+    return found
+
+
+def describe(group, mode: str) -> str:
+    """What an exchange with transport setting `mode` on `group` uses, as far as known without a
+    collective (the choice is made at the first exchange): for layer reprs."""
+    group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    for (g, device), found in _TRANSPORTS.items():
+        if g is group and mode != "nccl":
+            if isinstance(found, PeerTransport):
+                return f"transport=nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+            return "transport=nccl"
+    return f"transport={mode}"
+
+
+def release_transports() -> None:
+    """Drop every transport (their memory goes with them); before the process groups are destroyed."""
+    _TRANSPORTS.clear()
+
+
+def _interpreting() -> bool:
+    return envs.launcher("TRITON_INTERPRET") == "1"
+
+
+def _cannot_map(group, device: torch.device, world_size: int) -> Optional[str]:
+    """Why some rank cannot map some peer's memory (None: every rank can), the same on every rank."""
+    import socket
+    if triton is None:
+        return "triton is not installed"
+    if device.type != "cuda":  # CPU ranks: only the test stand-in, under the interpreter
+        return None if _interpreting() else "the ranks are CPU processes (no GPU memory to map)"
+    mine = (socket.gethostname(), device.index if device.index is not None else torch.cuda.current_device())
+    every = [None] * world_size
+    with torch.cuda.device(device):
+        dist.all_gather_object(every, mine, group=group)
+    hosts = sorted({host for host, _ in every})
+    if len(hosts) > 1:
+        return f"the group spans {len(hosts)} hosts ({', '.join(hosts)})"
+    missing = [r for r, (_, index) in enumerate(every) if index != mine[1]
+               and not torch.cuda.can_device_access_peer(mine[1], index)]
+    verdicts = [None] * world_size
+    with torch.cuda.device(device):
+        dist.all_gather_object(verdicts, missing, group=group)
+    for rank, unreachable in enumerate(verdicts):
+        if unreachable:
+            return f"rank {rank}'s GPU has no peer access to rank {unreachable[0]}'s GPU"
+    return None
