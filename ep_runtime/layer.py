@@ -74,7 +74,7 @@ class EPMoE(nn.Module):
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)
-        self.dtype = dtype
+        self._activation_dtype = dtype  # the tokens' dtype once the experts are quantized
         self.quant: Optional[QuantConfig] = None
         self.w13_scale_inv = self.w2_scale_inv = None
         self.w13 = nn.Parameter(torch.empty(L, self.config.w13_rows, H, **factory))
@@ -92,6 +92,8 @@ class EPMoE(nn.Module):
             raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant).__name__}")
         L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        if self.quant is None:
+            self._activation_dtype = self.w13.dtype
         self.quant = quant
         self.w13 = frozen(torch.empty(L, self.config.w13_rows, H, dtype=quant.dtype, device=device))
         self.w2 = frozen(torch.empty(L, H, I, dtype=quant.dtype, device=device))
@@ -130,6 +132,12 @@ class EPMoE(nn.Module):
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.zero_()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tokens' dtype: the experts' (it follows .to(dtype)), or for quantized experts the dtype
+        the layer computes in and returns."""
+        return self.w13.dtype if self.quant is None else self._activation_dtype
 
     @property
     def weights(self) -> ExpertWeights:
@@ -324,6 +332,8 @@ def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Op
 
 def _check_fp8_not_nan(name: str, q: torch.Tensor, experts: str) -> None:
     """float8_e4m3fn has one NaN pattern per sign (0x7F / 0xFF) and no infinities."""
+    if q.is_meta:
+        return
     bad = (q.view(torch.uint8) & 0x7F) == 0x7F
     if bool(bad.any()):
         where = [int(i) for i in bad.nonzero()[0]]
