@@ -1,6 +1,7 @@
 """What every dispatcher is: dispatch(x, topk) -> its format's DispatchOutput; combine(CombineInput) -> y."""
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Optional, Sequence
@@ -11,10 +12,12 @@ import torch.distributed as dist
 from ep_runtime import distributed, envs
 from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
+from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
 from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
 
+from . import fp8_payload
 from .peer_transport import TRANSPORTS
 from .rank_exchange import RankExchange
 
@@ -210,6 +213,27 @@ class ExchangeDispatcher(Dispatcher):
         self.exchange = RankExchange(self.placement, self.group, name=self.name,
                                      transport=self.transport_options.transport,
                                      num_sms=self.transport_options.num_sms)
+
+    @functools.cached_property
+    def fp8(self) -> Optional[QuantConfig]:
+        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None;
+        made once (the options are frozen)."""
+        options = self.__dict__["options"]
+        if not getattr(options, "use_fp8", False):
+            return None
+        return QuantConfig(scale_encoding=options.fp8_scale_encoding)
+
+    def _wire_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """What travels: x itself, or with use_fp8 its fp8 wire rows (quantized once per token)."""
+        quant = self.fp8
+        return x if quant is None else fp8_payload.encode(x, quant)
+
+    def _received(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(recv_x, recv_x_scale): received rows as they are, or an fp8 dispatch's values and scales."""
+        quant = self.fp8
+        if quant is None:
+            return rows, None
+        return fp8_payload.views(rows, self.config.hidden_size, quant)
 
     def check_capacity(self, num_tokens: int) -> None:
         self.exchange.check_tokens_while_capturing(num_tokens)

@@ -21,7 +21,7 @@ import torch
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format
 
-from . import exchange_kernels, register
+from . import exchange_kernels, fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle, running_count
 
@@ -39,12 +39,16 @@ class LLHandle:
 
 @dataclass
 class DeepEPLLDispatchOutput(DispatchOutput):
-    """recv_x [L, M*R, H] expert-major (rows past masked_m are not data); masked_m [L] int32."""
+    """recv_x [L, M*R, H] expert-major (rows past masked_m are not data); masked_m [L] int32.
+    use_fp8: recv_x float8_e4m3fn with recv_x_scale [L, M*R, ceil(H/128)] (fp32, or uint8 UE8M0
+    exponents), as DeepEP's low-latency (x, scales); x_dtype: the tokens' dtype before quantization."""
 
     format = "deepep_ll"
     recv_x: torch.Tensor
     masked_m: torch.Tensor
     handle: LLHandle
+    recv_x_scale: Optional[torch.Tensor] = None
+    x_dtype: Optional[torch.dtype] = None
 
 
 @dataclass(frozen=True)
@@ -52,22 +56,29 @@ class DeepEPLLOptions:
     """num_max_dispatch_tokens_per_rank M: the most tokens a rank dispatches per call (buffer rows)."""
 
     num_max_dispatch_tokens_per_rank: int
+    use_fp8: bool = False
+    fp8_scale_encoding: str = "fp32"
 
 
 @register
 class DeepEPLLDispatcher(ExchangeDispatcher):
     """num_max_dispatch_tokens_per_rank M (EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
-    rank may dispatch per step; T > M is an error, never a drop."""
+    rank may dispatch per step; T > M is an error, never a drop. use_fp8 / fp8_scale_encoding
+    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only."""
 
     name = "deepep_ll"
     format = "deepep_ll"
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
-                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None):
+                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
+                 use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
         super().__init__(config, group, expert_to_rank, transport, num_sms)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
-        self.options = DeepEPLLOptions(M)
+        self.options = DeepEPLLOptions(M, *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
+        if self.options.use_fp8 and config.apply_router_weight_on_input:
+            raise ValueError("use_fp8=True on deepep_ll cannot fold apply_router_weight_on_input into the received rows "
+                             "(fp8 bytes); use use_fp8=False or deepep_normal / mori")
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
         self.exchange.max_tokens = (M, rule)
@@ -80,6 +91,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
+        x_dtype, x = x.dtype, self._wire_rows(x)
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
             x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
@@ -89,8 +101,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(
                 recv_ids, recv_w, L, fold=self.config.apply_router_weight_on_input)
             # L*N slots: a (row, k) naming no local expert writes nothing
-            recv_x = exchange_kernels.ll_scatter(rows, first, scale, L * N).view(L, N, H)
-            return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
+            recv_x, recv_x_scale = self._received(exchange_kernels.ll_scatter(rows, first, scale, L * N).view(L, N, H))
+            return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight), recv_x_scale,
+                                          x_dtype)
         here = recv_ids >= 0
         slot_index, masked_m = _slots(recv_ids, L)
         slot_weight = torch.where(here, recv_w, torch.zeros_like(recv_w))
@@ -100,7 +113,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         # Only valid rows are written, each once (a token listing one expert twice has one row there);
         # rows past masked_m stay unwritten (never read), as in DeepEP.
         recv_x = _scatter(rows, _first_of_each_slot(slot_index, L * N), scale, L * N + 1)[:L * N].view(L, N, H)
-        return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
+        recv_x, recv_x_scale = self._received(recv_x)
+        return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight), recv_x_scale,
+                                      x_dtype)
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]
@@ -160,7 +175,7 @@ def _gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -
 
 
 def _runner_input(out: DeepEPLLDispatchOutput, placement, config) -> ExpertMajorInput:
-    return ExpertMajorInput(out.recv_x, out.masked_m)
+    return ExpertMajorInput(out.recv_x, out.masked_m, out.recv_x_scale, out.x_dtype)
 
 
 register_format("deepep_ll", ExpertMajorInput, _runner_input)  # the [L, M*R, H] result goes to combine as it is

@@ -20,7 +20,7 @@ import torch
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
 
-from . import register
+from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle, Layout, dispatch_layout
 
@@ -30,7 +30,9 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
     """recv_x [N, H]; recv_topk_ids [N, K] int32 local (-1: expert elsewhere or none); recv_topk_weights
     [N, K] fp32; num_recv_tokens_per_expert: list rounded up to the alignment (empty in static mode,
     as DeepEP's num_worst_tokens gives; num_recv_tokens_per_expert_tensor [L] always holds the true
-    counts on the device)."""
+    counts on the device). use_fp8: recv_x is float8_e4m3fn and recv_x_scale [N, ceil(H/128)] holds
+    its scales (fp32, or uint8 UE8M0 exponents), as DeepEP's (x, scales) pair; x_dtype is the tokens'
+    dtype before quantization (the runner's output and combine's dtype)."""
 
     format = "deepep_normal"
     recv_x: torch.Tensor
@@ -39,6 +41,8 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
     num_recv_tokens_per_expert: list[int]
     num_recv_tokens_per_expert_tensor: torch.Tensor
     handle: ExchangeHandle
+    recv_x_scale: Optional[torch.Tensor] = None
+    x_dtype: Optional[torch.dtype] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class DeepEPNormalOptions:
     alignment: int
     num_worst_tokens: Optional[int]
     chunk: Optional[int]
+    use_fp8: bool = False
+    fp8_scale_encoding: str = "fp32"
 
 
 @register
@@ -57,7 +63,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     """alignment: round num_recv_tokens_per_expert up to a multiple (EP_RUNTIME_NORMAL_ALIGNMENT).
     num_worst_tokens: an upper bound on the tokens any rank receives; static shapes, no host sync.
     num_max_dispatch_tokens_per_rank (static mode): the most tokens a rank sends to one peer, i.e.
-    the fixed chunk per peer (default num_worst_tokens); set it to cut the padding bytes by ~R."""
+    the fixed chunk per peer (default num_worst_tokens); set it to cut the padding bytes by ~R.
+    use_fp8 (EP_RUNTIME_DISPATCH_FP8): tokens travel as fp8 with per-128-channel scales
+    (fp8_scale_encoding fp32 or ue8m0, EP_RUNTIME_DISPATCH_FP8_SCALE_ENCODING); inference only."""
 
     name = "deepep_normal"
     format = "deepep_normal"
@@ -65,14 +73,16 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
-                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None):
+                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
+                 use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
         super().__init__(config, group, expert_to_rank, transport, num_sms)
         W = resolve_int("num_worst_tokens", num_worst_tokens, optional=True)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, optional=True)
         if M is not None and W is None:
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: None, or an int >= 1 with "
                              f"num_worst_tokens set (it sizes the static mode's chunks)")
-        self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W)
+        self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
+                                           *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -87,6 +97,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
+        x_dtype, x = x.dtype, self._wire_rows(x)
         if handle is None:
             W, C = self.num_worst_tokens, self.chunk
             setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
@@ -98,13 +109,15 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         else:
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True)
         listed = [-(-c // self.alignment) * self.alignment for c in handle.num_recv_tokens_per_expert or []]
+        recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
-                                          handle.num_recv_tokens_per_expert_tensor, handle)
+                                          handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)
 
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:
-    return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement)
+    return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement,
+                                      out.recv_x_scale, out.x_dtype)
 
 
 register_format("deepep_normal", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -28,7 +28,9 @@ try:
 except ImportError:  # triton is optional: the torch path runs instead
     triton = None
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# uint8: fp8 dispatch rows with their scales as bytes (dispatchers/fp8_payload.py): copied and laid out,
+# never accumulated.
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
 
 
 _FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU

@@ -25,7 +25,7 @@ from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import capturing
 
-from . import register
+from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle
 
@@ -36,7 +36,8 @@ _INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
 class MoriDispatchOutput(DispatchOutput):
     """recv_x [N_buf, H]; recv_topk_ids [N_buf, K] int32 global (-1: none or padding);
     recv_topk_weights [N_buf, K] fp32; num_recv_tokens: device int32 scalar; num_runner_rows: rows
-    handed to the runner. (Scales join when quantized dispatch exists.)"""
+    handed to the runner. use_fp8: recv_x float8_e4m3fn with recv_x_scale [N_buf, ceil(H/128)] (fp32,
+    or uint8 UE8M0 exponents); x_dtype: the tokens' dtype before quantization."""
 
     format = "mori"
     recv_x: torch.Tensor
@@ -45,6 +46,8 @@ class MoriDispatchOutput(DispatchOutput):
     num_recv_tokens: torch.Tensor
     num_runner_rows: int
     handle: ExchangeHandle
+    recv_x_scale: Optional[torch.Tensor] = None
+    x_dtype: Optional[torch.dtype] = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class MoriOptions:
     buffer_setting: str
     max_input_tokens: int
     static: Optional[bool]
+    use_fp8: bool = False
+    fp8_scale_encoding: str = "fp32"
 
 
 @register
@@ -66,7 +71,8 @@ class MoriDispatcher(ExchangeDispatcher):
     rank may dispatch. prealloc_max_recv_tokens (EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS, 0 = off):
     receive buffer rows instead of max * R. max_input_tokens (EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS,
     0 = off): runner rows, see the module doc. static: None picks the static plan while a CUDA graph
-    is being captured and the host plan otherwise."""
+    is being captured and the host plan otherwise. use_fp8 / fp8_scale_encoding
+    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only."""
 
     name = "mori"
     format = "mori"
@@ -74,7 +80,7 @@ class MoriDispatcher(ExchangeDispatcher):
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
                  static: Optional[bool] = None, expert_to_rank=None, transport: Optional[str] = None,
-                 num_sms: Optional[int] = None):
+                 num_sms: Optional[int] = None, use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
         super().__init__(config, group, expert_to_rank, transport, num_sms)
         M = resolve_int("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank,
                         "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
@@ -84,7 +90,8 @@ class MoriDispatcher(ExchangeDispatcher):
         self.options = MoriOptions(
             M, prealloc or M * self.world_size,
             "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
-            resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static)
+            resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static,
+            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "
                                        f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
 
@@ -93,6 +100,7 @@ class MoriDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
+        x_dtype, x = x.dtype, self._wire_rows(x)
         static = self._static()
         N, n = self.num_buffer_rows, self.max_input_tokens
         chunk = self.max_dispatch_tokens_per_rank if static else None
@@ -105,7 +113,9 @@ class MoriDispatcher(ExchangeDispatcher):
             self._check_truncation(handle.most_received, rows)
         else:
             rows = min(N, max(n, sum(handle.recv_splits)))
-        return MoriDispatchOutput(recv_x, recv_ids, recv_weights, handle.num_recv_tokens, rows, handle)
+        recv_x, recv_x_scale = self._received(recv_x)
+        return MoriDispatchOutput(recv_x, recv_ids, recv_weights, handle.num_recv_tokens, rows, handle, recv_x_scale,
+                                  x_dtype)
 
     def _check_truncation(self, most_received: torch.Tensor, rows: int) -> None:
         """Symmetric: every rank checks the largest receive count of any rank."""
@@ -121,7 +131,9 @@ class MoriDispatcher(ExchangeDispatcher):
 def _runner_input(out: MoriDispatchOutput, placement, config) -> RunnerInput:
     """Global ids map to this rank's weight rows through the placement (any placement)."""
     r = out.num_runner_rows
-    return RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement)
+    scale = out.recv_x_scale[:r] if out.recv_x_scale is not None else None
+    return RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement,
+                                       scale, out.x_dtype)
 
 
 register_format("mori", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -11,6 +11,7 @@ from . import envs, eplb
 from .config import ExpertWeights, MoeConfig
 from .distributed import PeerFailure, destroy_distributed, detect_launch, init_distributed
 from .placement import ExpertPlacement
+from .quant import QuantConfig
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput, registered_pairs, supported_formats
 
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner",
-    "PeerFailure", "RunnerInput", "eplb",
+    "PeerFailure", "QuantConfig", "RunnerInput", "eplb",
     "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
     "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ep_runtime.quant import QuantConfig, check_scale_tensor
 from ep_runtime.validation import finite_float, is_int_at_least
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -68,23 +69,34 @@ class MoeConfig:
 
 @dataclass
 class ExpertWeights:
-    """Weights of the experts one rank computes (QuantInfo-style; scales come with quantization later).
+    """Weights of the experts one rank computes (QuantInfo-style: the tensors and their scales).
 
     w13 [L, 2I, H] (gated, gate rows then up rows) or [L, I, H]; w2 [L, H, I];
     b13 [L, 2I] / [L, I] and b2 [L, H] when the config has biases.
+    Quantized (quant set): w13/w2 in quant's dtype (float8_e4m3fn) with w13_scale_inv
+    [L, ceil(2I/128), ceil(H/128)] and w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (DeepSeek-V3's
+    layout: w = q * scale_inv per [128, 128] block); biases stay in the layer's dtype.
     """
 
     w13: torch.Tensor
     w2: torch.Tensor
     b13: Optional[torch.Tensor] = None
     b2: Optional[torch.Tensor] = None
+    w13_scale_inv: Optional[torch.Tensor] = None
+    w2_scale_inv: Optional[torch.Tensor] = None
+    quant: Optional[QuantConfig] = None
 
     @property
     def num_local_experts(self) -> int:
         return self.w13.shape[0]
 
-    def check(self, config: MoeConfig, num_local_experts: int) -> None:
-        """Raise naming the tensor when a shape does not match the config."""
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
+
+    def check(self, config: MoeConfig, num_local_experts: int, values: bool = False) -> None:
+        """Raise naming the tensor when a shape (or, quantized, a dtype or scale) does not match the config.
+        values: also read the scales (finite, > 0; one host read, done when weights are loaded)."""
         L, H, I = num_local_experts, config.hidden_size, config.intermediate_size
         expected = {"w13": (L, config.w13_rows, H), "w2": (L, H, I)}
         if config.has_bias:
@@ -97,3 +109,15 @@ class ExpertWeights:
                 raise ValueError(f"{name} has shape {list(tensor.shape)}; expected {list(shape)}")
         if not config.has_bias and (self.b13 is not None or self.b2 is not None):
             raise ValueError("biases were given but the config has has_bias=False")
+        if self.quant is None:
+            for name in ("w13_scale_inv", "w2_scale_inv"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} was given but quant is None (unquantized weights take no scales)")
+            return
+        for name in ("w13", "w2"):
+            tensor, scale_name = getattr(self, name), f"{name}_scale_inv"
+            if tensor.dtype != self.quant.dtype:
+                raise ValueError(f"{name} has dtype {tensor.dtype}; quant format {self.quant.format!r} stores "
+                                 f"{self.quant.dtype}")
+            check_scale_tensor(scale_name, getattr(self, scale_name), self.quant.weight_scale_shape(*tensor.shape),
+                               values=values)

@@ -111,6 +111,14 @@ _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves "
       "(one host sync per call). Off: the table is copied without a sync and checked two calls later.")
+_knob("DISPATCH_FP8", bool, False,
+      "deepep_normal, deepep_ll, mori: send tokens as fp8 (e4m3, one scale per token and 128 channels) "
+      "when the dispatcher's use_fp8 argument is None; combine stays in the tokens' dtype. Inference only.")
+_knob("DISPATCH_FP8_SCALE_ENCODING", str, "fp32",
+      "fp8 dispatch scales: fp32 (amax / 448) or ue8m0 (powers of two, one exponent byte each on the wire), "
+      "when the dispatcher's fp8_scale_encoding argument is None.", choices=("fp32", "ue8m0"))
+
+
 def _runner_names() -> tuple:
     from ep_runtime import runners  # the registry imports this module; read it only when checking a value
     return ("auto", *runners.registered())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import EPMoE
+from .quant import QuantConfig, is_quantized_dtype
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -55,6 +56,22 @@ def activation_name(act_fn: Any) -> str:
     raise ValueError(f"act_fn={act_fn!r} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
 
 
+def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
+    """(QuantConfig, compute dtype) of transformers' fp8 experts; an error naming what is not supported."""
+    block = getattr(experts, "block_size", None)
+    scales = [getattr(experts, name, None) for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv")]
+    scheme = getattr(experts, "activation_scheme", "dynamic")
+    if block is None or scheme != "dynamic" or any(not isinstance(s, torch.Tensor) or s.dtype != torch.float32
+                                                   for s in scales):
+        raise ValueError(f"experts={type(experts).__name__} holds fp8 weights with block_size={block!r}, "
+                         f"activation_scheme={scheme!r} and scale dtypes {[getattr(s, 'dtype', None) for s in scales]}; "
+                         f"EPExperts takes fp8 blocks (block_size set), dynamic activation scales and float32 "
+                         f"*_scale_inv")
+    config = getattr(experts, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    return QuantConfig(weight_block=tuple(block), activation_group=block[1]), dtype
+
+
 class EPExperts(nn.Module):
     """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
 
@@ -62,6 +79,9 @@ class EPExperts(nn.Module):
     [E, H, I]) and keeps this rank's slice in `self.layer` (an EPMoE). Called like the original:
     forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]; an index equal
     to E (HF's "no expert") or -1 adds nothing. Biases and other activations are rejected.
+    fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
+    *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
+    (inference only); the layer computes in the model config's dtype (bf16 when it names none).
     """
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
@@ -78,11 +98,16 @@ class EPExperts(nn.Module):
         w13, w2 = experts.gate_up_proj, experts.down_proj
         E, two_i, H = w13.shape
         self.num_experts = E
+        quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
-                           dtype=w13.dtype, device=w13.device if device is None else device,
+                           dtype=dtype, device=w13.device if device is None else device,
                            activation=activation_name(experts.act_fn), dispatcher_options=dispatcher_options,
                            runner_options=runner_options)
-        self.layer.load_experts(w13.detach(), w2.detach())
+        if quant is None:
+            self.layer.load_experts(w13.detach(), w2.detach())
+        else:
+            self.layer.load_experts(w13.detach(), w2.detach(), w13_scale_inv=experts.gate_up_proj_scale_inv.detach(),
+                                    w2_scale_inv=experts.down_proj_scale_inv.detach(), quantize=quant)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

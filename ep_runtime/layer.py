@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -13,8 +13,10 @@ from .config import ExpertWeights, MoeConfig
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
+from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
+from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, select_experts
-from .runner_core import MoeRunner
+from .runner_core import MoeRunner, needs_grad
 from .validation import check_finite, check_hidden_states, check_topk, check_topk_values, layer_dtype_and_device
 
 
@@ -37,6 +39,10 @@ class EPMoE(nn.Module):
     The router's ids stay logical: each (token, expert) pair goes to one copy, chosen on the device
     (placement.to_physical). expert_load() counts the pairs this rank sent per expert;
     apply_placement / rebalance move experts between steps (ep_runtime.eplb).
+    quant_config: store the experts quantized (ep.QuantConfig(): fp8 e4m3 with [128, 128] block
+    scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the activations' dtype.
+    load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
+    fp8 layers are inference-only (forward raises when a gradient is needed).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -47,7 +53,8 @@ class EPMoE(nn.Module):
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
-                 expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0):
+                 expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0,
+                 quant_config: Optional[QuantConfig] = None):
         super().__init__()
         from . import envs
         self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
@@ -72,11 +79,16 @@ class EPMoE(nn.Module):
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)
+        self._activation_dtype = dtype  # the tokens' dtype once the experts are quantized
+        self.quant: Optional[QuantConfig] = None
+        self.w13_scale_inv = self.w2_scale_inv = None
         self.w13 = nn.Parameter(torch.empty(L, self.config.w13_rows, H, **factory))
         self.w2 = nn.Parameter(torch.empty(L, H, I, **factory))
         self.b13 = nn.Parameter(torch.zeros(L, self.config.w13_rows, **factory)) if has_bias else None
         self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
         self._new_load_counters()
+        if quant_config is not None:
+            self._store_quantized(quant_config, device)
         self.reset_parameters()
 
     def _use_placement(self, placement: ExpertPlacement) -> None:
@@ -123,6 +135,24 @@ class EPMoE(nn.Module):
         self._new_load_counters()
         return out
 
+    def _store_quantized(self, quant: QuantConfig, device) -> None:
+        """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
+        none of them (nor the biases) trainable (fp8 is inference-only)."""
+        if not isinstance(quant, QuantConfig):
+            raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant).__name__}")
+        L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        if self.quant is None:
+            self._activation_dtype = self.w13.dtype
+        self.quant = quant
+        self.w13 = frozen(torch.empty(L, self.config.w13_rows, H, dtype=quant.dtype, device=device))
+        self.w2 = frozen(torch.empty(L, H, I, dtype=quant.dtype, device=device))
+        self.w13_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, self.config.w13_rows, H), device=device))
+        self.w2_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, H, I), device=device))
+        for bias in (self.b13, self.b2):
+            if bias is not None:
+                bias.requires_grad_(False)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random initial experts that depend only on torch's seed and each expert's global id, so a
@@ -139,40 +169,112 @@ class EPMoE(nn.Module):
         global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
-            self.w13[local].copy_(torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5)
-            self.w2[local].copy_(torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5)
+            w13 = torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5
+            w2 = torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5
+            if self.quant is None:
+                self.w13[local].copy_(w13)
+                self.w2[local].copy_(w2)
+                continue
+            for name, w in (("w13", w13), ("w2", w2)):  # quantized per expert: the same draws, then rounded
+                q, scale = self.quant.quantize_weight(w.unsqueeze(0))
+                getattr(self, name)[local].copy_(q[0])
+                getattr(self, f"{name}_scale_inv")[local].copy_(scale[0])
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.zero_()
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The tokens' dtype: the experts' (it follows .to(dtype)), or for quantized experts the dtype
+        the layer computes in and returns."""
+        return self.w13.dtype if self.quant is None else self._activation_dtype
+
+    @property
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, self.b13, self.b2)
+        return ExpertWeights(self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv, self.quant)
 
     @torch.no_grad()
     def load_experts(self, w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor] = None,
-                     b2: Optional[torch.Tensor] = None) -> None:
+                     b2: Optional[torch.Tensor] = None, *, w13_scale_inv: Optional[torch.Tensor] = None,
+                     w2_scale_inv: Optional[torch.Tensor] = None,
+                     quantize: Optional[Union[str, QuantConfig]] = None) -> None:
         """Load this rank's experts from either the global weights (w13 [E, 2I, H], gate rows then up
         rows, [E, I, H] when not gated; w2 [E, H, I]; b13 [E, 2I]; b2 [E, H]), of which it keeps its
         shard, or this rank's shard itself ([L, ...], experts in the order of its global ids: what
         gather_experts' inverse and a sharded checkpoint hold), so no rank needs every expert in
         memory. Dim 0 tells them apart: E means global, L means shard (with one rank, L == E and both
-        are the same). Works after building on the meta device and `to_empty(device=...)`."""
+        are the same). Works after building on the meta device and `to_empty(device=...)`.
+
+        fp8 (DeepSeek-V3 checkpoints as they are): w13/w2 float8_e4m3fn with w13_scale_inv
+        [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
+        [L, ...] shards); the layer then stores fp8. quantize="fp8_block" (or a QuantConfig) quantizes
+        float weights on load; a layer built with quant_config quantizes float weights with it. fp8
+        weights given without scales to an unquantized layer are cast to its dtype as they are."""
         E, L = self.config.num_experts, self.placement.num_local_experts
         given = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None
         if given not in (E, L):
             raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
                              f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
         shard = given == L and not (given == E and self.placement.maps_ids)  # with copies, E rows are global
-        full = ExpertWeights(w13, w2, b13, b2)
-        full.check(self.config, L if shard else E)
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
-        for name in ("w13", "w2", "b13", "b2"):
+        take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
+        quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
+        if quant is None:
+            full = ExpertWeights(w13, w2, b13, b2)
+            full.check(self.config, L if shard else E)
+        else:
+            if quant is not self.quant:
+                self._store_quantized(quant, self.w13.device)
+            if is_quantized_dtype(w13.dtype):  # the checkpoint's fp8 and scales, as they are
+                full = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
+                full.check(self.config, L if shard else E)
+                for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
+                    mine = take(scale)  # values of this rank's slice (shapes were checked above)
+                    check_scale_tensor(name, mine, tuple(mine.shape))
+                for name in ("w13", "w2"):
+                    _check_fp8_not_nan(name, take(getattr(full, name)), self.placement.describe_local_experts())
+            else:  # float weights, quantized here (this rank's slice only)
+                ExpertWeights(w13, w2, b13, b2).check(self.config, L if shard else E)
+                q13, s13 = quant.quantize_weight(take(w13))
+                q2, s2 = quant.quantize_weight(take(w2))
+                full, shard = ExpertWeights(q13, q2, take(b13), take(b2), s13, s2, quant), True
+        for name in ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv"):
             src = getattr(full, name)
-            if src is not None:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
-                piece = src if shard else src[experts.to(src.device)]
-                check_finite(f"{name} (experts {self.placement.describe_local_experts()})",
-                             getattr(self, name).copy_(piece))
+            if src is None:
+                continue
+            piece = take(src) if not shard else src
+            dst = getattr(self, name)
+            if dst.dtype in FP8_DTYPES:  # raw bytes: fp8 has no isfinite (NaN was checked above)
+                dst.view(torch.uint8).copy_(piece.to(dst.device).view(torch.uint8))
+            else:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
+                check_finite(f"{name} (experts {self.placement.describe_local_experts()})", dst.copy_(piece))
+
+    def _load_quant(self, w13, w2, w13_scale_inv, w2_scale_inv, quantize) -> Optional[QuantConfig]:
+        """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""
+        if quantize is not None and not isinstance(quantize, QuantConfig):
+            if quantize not in registered_quant_formats():
+                raise ValueError(f"quantize={quantize!r}; allowed: None, {', '.join(registered_quant_formats())} "
+                                 f"or an ep.QuantConfig")
+            quantize = QuantConfig(format=quantize)
+        fp8_in = isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype)
+        for name, t in (("w2", w2),):
+            if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) != fp8_in:
+                raise ValueError(f"{name} has dtype {t.dtype} but w13 has {w13.dtype}; give both quantized or neither")
+        if fp8_in and w13_scale_inv is None and w2_scale_inv is None and quantize is None and self.quant is None:
+            return None  # fp8 values without scales into a float layer: cast as they are (scale 1)
+        for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
+            if fp8_in and scale is None:
+                raise ValueError(f"{name} is missing: fp8 weights need their block scales (DeepSeek-V3's "
+                                 f"*_scale_inv, fp32 [E, ceil(rows/128), ceil(cols/128)])")
+            if not fp8_in and scale is not None:
+                raise ValueError(f"{name} was given but w13 has dtype {w13.dtype}; scales come with float8 weights")
+        if fp8_in and quantize is not None and quantize.dtype != w13.dtype:
+            raise ValueError(f"quantize={quantize.format!r} stores {quantize.dtype} but w13 is already {w13.dtype}")
+        if quantize is not None:
+            return quantize if self.quant is None or quantize != self.quant else self.quant
+        if fp8_in:
+            return self.quant or QuantConfig()
+        return self.quant
 
     @torch.no_grad()
     def gather_experts(self, dst: Optional[int] = None) -> Optional[ExpertWeights]:
@@ -180,7 +282,7 @@ class EPMoE(nn.Module):
         w2 [E, H, I] (and b13 [E, 2I], b2 [E, H] with biases), the inverse of load_experts. dst None:
         on every rank (one all_gather per tensor); dst r (a rank of the layer's group): only there
         (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
-        shards = [self.w13, self.w2, self.b13, self.b2]
+        shards = [self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv]
         group, R = self.dispatcher.group, self.dispatcher.world_size
         if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < R):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
@@ -188,21 +290,22 @@ class EPMoE(nn.Module):
         if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert
             if dst is not None and me != dst:
                 return None
-            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards])
+            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards], self.quant)
         # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
         out = []
         for t in shards:
-            parts = None if t is None else self._collect(t.detach().contiguous(), group, R, dst)
+            raw = t.detach().contiguous().view(torch.uint8) if t is not None and t.dtype in FP8_DTYPES else t
+            parts = None if t is None else self._collect(raw.detach().contiguous(), group, R, dst)  # fp8 as bytes
             if parts is None or (dst is not None and me != dst):
                 out.append(None)
                 continue
             rows = parts.reshape((-1,) + tuple(parts.shape[2:]))
-            out.append(rows[torch.tensor(first, device=rows.device)])
+            out.append(rows[torch.tensor(first, device=rows.device)].view(t.dtype))  # fp8 travelled as bytes
         if dst is not None and me != dst:
             return None
-        return ExpertWeights(*out)
+        return ExpertWeights(*out, self.quant)
 
     @staticmethod
     def _collect(t: torch.Tensor, group, world_size: int, dst: Optional[int]) -> Optional[torch.Tensor]:
@@ -232,7 +335,13 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
+        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
+        if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
+            raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
+                               f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
+                               f"move it with .to(device) only, or reload the experts")
+        if self.quant is not None and needs_grad(x, self.b13, self.b2):
+            raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         physical = self._to_physical(x, topk)
         with naming_peer_failures(self.dispatcher, "dispatch"):
@@ -329,13 +438,15 @@ class EPMoE(nn.Module):
                 raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
                                  f"must apply the same plan (compute it from the same all-reduced load)")
         moves = _ExpertMoves(self.placement, new)
-        tensors = [t for t in (self.w13, self.w2, self.b13, self.b2) if t is not None]
+        tensors = [t for t in (self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv)
+                   if t is not None]
         states = optimizer.state if optimizer is not None else {}
         for param in tensors:
             for t in [param.data, param.grad] + [v for v in states.get(param, {}).values()
                                                   if isinstance(v, torch.Tensor) and v.shape == param.shape]:
                 if t is not None:
-                    t.copy_(moves.apply(t, group))
+                    raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t  # fp8 travels as bytes
+                    raw.copy_(moves.apply(raw, group))
         load = self.expert_load()  # kept per logical expert: the physical counts refer to the old slots
         self._use_placement(new)
         self._set_load_counters(load)
@@ -487,3 +598,13 @@ class _ExpertMoves:
             if dst:
                 out[torch.tensor(dst, device=t.device)] = received
         return out
+
+
+def _check_fp8_not_nan(name: str, q: torch.Tensor, experts: str) -> None:
+    """float8_e4m3fn has one NaN pattern per sign (0x7F / 0xFF) and no infinities."""
+    if q.is_meta:
+        return
+    bad = (q.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{name} (experts {experts}) has NaN at {where}; allowed: finite fp8 values")

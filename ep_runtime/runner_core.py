@@ -19,6 +19,7 @@ import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
+from .quant import decode_scales
 from .registry import add_once
 
 
@@ -50,7 +51,9 @@ class RunnerInput:
     hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
     that -1 ids and other ranks' experts were rerouted to; topk_weights [N, K] fp32;
     expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
-    A backend returns [N, H] in x's dtype: per row, routed_scaling_factor * sum_k w_k * expert_k(x).
+    Quantized rows (an fp8 dispatch): hidden_states float8_e4m3fn, hidden_scale [N, ceil(H/128)] fp32
+    (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
+    A backend returns [N, H] in output_dtype: per row, routed_scaling_factor * sum_k w_k * expert_k(x).
     Build it with from_local_ids / from_global_ids: they own the id mapping and the mask.
     """
 
@@ -58,6 +61,12 @@ class RunnerInput:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     expert_mask: torch.Tensor
+    hidden_scale: Optional[torch.Tensor] = None
+    out_dtype: Optional[torch.dtype] = None
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return self.out_dtype or self.hidden_states.dtype
 
     @property
     def num_local_experts(self) -> int:
@@ -76,19 +85,22 @@ class RunnerInput:
 
     @classmethod
     def from_local_ids(cls, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                       placement: ExpertPlacement) -> "RunnerInput":
+                       placement: ExpertPlacement, hidden_scale: Optional[torch.Tensor] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
         """Formats carrying this rank's local ids (-1 = elsewhere or nowhere): -1 -> sink L."""
         return cls(hidden_states, reroute_to_sink(local_ids, placement.sink), weights.float(),
-                   placement.local_mask_with_sink(hidden_states.device))
+                   placement.local_mask_with_sink(hidden_states.device), hidden_scale, out_dtype)
 
     @classmethod
     def from_global_ids(cls, hidden_states: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor,
-                        placement: ExpertPlacement) -> "RunnerInput":
+                        placement: ExpertPlacement, hidden_scale: Optional[torch.Tensor] = None,
+                        out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
         """Formats carrying global ids (-1 = nowhere): each id becomes this rank's local index through
         the placement's table, or the sink L when the expert lives elsewhere (any placement)."""
         table = placement.global_to_local_table(hidden_states.device)  # [E+1]; entry E (for -1) = sink
         local = table[reroute_to_sink(global_ids, placement.num_experts).long()]
-        return cls(hidden_states, local, weights.float(), placement.local_mask_with_sink(hidden_states.device))
+        return cls(hidden_states, local, weights.float(), placement.local_mask_with_sink(hidden_states.device),
+                   hidden_scale, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -106,12 +118,19 @@ class ExpertPairs:
 class ExpertMajorInput:
     """Expert-major rows, deepep_ll's layout: hidden_states [L, N, H] (N = M*R), where rows
     p < masked_m[l] of expert l are tokens and the rest padding that is never read (may be NaN);
-    masked_m [L] int32 on the same device.
-    A backend returns [L, N, H] in x's dtype: routed_scaling_factor * expert_l(row), without topk
+    masked_m [L] int32 on the same device. Quantized rows: hidden_states float8_e4m3fn with
+    hidden_scale [L, N, ceil(H/128)] (fp32 or uint8 UE8M0 exponents), out_dtype as in RunnerInput.
+    A backend returns [L, N, H] in output_dtype: routed_scaling_factor * expert_l(row), without topk
     weights (the format applies them at combine); rows past masked_m are undefined."""
 
     hidden_states: torch.Tensor
     masked_m: torch.Tensor
+    hidden_scale: Optional[torch.Tensor] = None
+    out_dtype: Optional[torch.dtype] = None
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return self.out_dtype or self.hidden_states.dtype
 
 
 def reroute_to_sink(ids: torch.Tensor, sink: int) -> torch.Tensor:
@@ -150,7 +169,9 @@ def _expert_major_to_token_rows(inp: ExpertMajorInput, config: MoeConfig):
     valid = row < inp.masked_m.to(device).unsqueeze(1)
     ids = torch.where(valid, torch.arange(L, device=device).unsqueeze(1), -1).reshape(-1, 1)
     ones = torch.ones(L * N, 1, dtype=torch.float32, device=device)
-    rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, ExpertPlacement(L))
+    scale = inp.hidden_scale.reshape(L * N, -1) if inp.hidden_scale is not None else None
+    rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, ExpertPlacement(L), scale,
+                                      inp.out_dtype)
     return rows, lambda y: y.view(L, N, H)
 
 
@@ -164,9 +185,16 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
     token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
     slot = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
     capacity = int(counts.max()) if token.numel() else 0
-    acc = torch.promote_types(x.dtype, torch.float32)
+    out_dtype = inp.output_dtype
+    acc = torch.promote_types(out_dtype, torch.float32)
     rows = x[token]
-    if config.apply_router_weight_on_input:  # scaled in fp32, rounded once
+    scale = buffer_scale = None
+    if inp.hidden_scale is not None:  # quantized rows: the router weight goes into their scales
+        scale = decode_scales(inp.hidden_scale)[token]
+        if config.apply_router_weight_on_input:
+            scale = scale * weight.unsqueeze(1)
+        buffer_scale = scale.new_ones(L, capacity, scale.shape[1]).index_put((expert, slot), scale)
+    elif config.apply_router_weight_on_input:  # scaled in fp32, rounded once
         rows = (rows.to(acc) * weight.unsqueeze(1).to(acc)).to(x.dtype)
     buffer = x.new_zeros(L, capacity, H).index_put((expert, slot), rows)
 
@@ -174,9 +202,9 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
         o = out[expert, slot].to(acc)
         if not config.apply_router_weight_on_input:
             o = o * weight.unsqueeze(1).to(acc)
-        return torch.zeros(N, H, dtype=acc, device=x.device).index_add(0, token, o).to(x.dtype)
+        return torch.zeros(N, H, dtype=acc, device=x.device).index_add(0, token, o).to(out_dtype)
 
-    return ExpertMajorInput(buffer, counts.to(torch.int32)), back
+    return ExpertMajorInput(buffer, counts.to(torch.int32), buffer_scale, inp.out_dtype), back
 
 
 register_conversion(ExpertMajorInput, RunnerInput, _expert_major_to_token_rows)

@@ -17,6 +17,11 @@ cost a full [L, M*R, H] write, more than the GEMMs themselves move at decode siz
 The backend computes the expert-major layout (ExpertMajorInput) natively; token-row formats reach
 it through the runner core's conversion (pairs grouped into [L, C, H], one host sync for C).
 
+Quantized experts (fp8 block weights): both GEMMs are block-scaled fp8 (BLOCK_SCALED) over fp8 rows with
+one scale per row and 128 channels: an fp8 dispatch's rows as they arrive (else recv_x quantized by
+the fused row kernel), and gemm1's epilogue writes its output as fp8 plus scales (QUANT_OUT; a
+program's BLOCK_N1 columns are one scale group). Inference only.
+
 Autograd: the forward runs the kernels; the backward recomputes the valid rows with the torch
 runner's differentiable ops and back-propagates through them, so training gives the torch runner's
 gradients. GEMM hooks are not supported (rejected at construction): use runner="torch" or "triton".
@@ -29,6 +34,7 @@ from typing import Optional
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 
 from . import register
@@ -38,6 +44,8 @@ from .base import triton_interpreted as interpreted
 try:
     import triton
     import triton.language as tl
+
+    from ep_runtime.quant_kernels import quantize_rows, round_to_e4m3
 
     from .triton_kernels import ACTIVATION_CODES, activate, activation_args
     _IMPORT_ERROR: Optional[str] = None
@@ -76,10 +84,14 @@ if triton is not None:
         stride_wl, stride_wn, stride_wk,
         stride_bl, stride_bn,
         stride_ol, stride_om, stride_on,
+        a_scale_ptr, stride_asl, stride_asm, stride_ask, w_scale_ptr, stride_wsl, stride_wsn, stride_wsk,
+        out_scale_ptr, stride_osl, stride_osm, fp8_max, min_amax,
         scale, alpha, limit,
         FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
         HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr,
+        UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
     ):
         """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
 
@@ -88,7 +100,9 @@ if triton is not None:
         sync) and no program exists per padding block (a grid over all M*R rows would launch mostly
         empty programs at decode sizes). GATED: a second accumulator reads w rows up_offset + n (the
         up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it
-        writes scale * acc (gemm2)."""
+        writes scale * acc (gemm2). BLOCK_SCALED: fp8 a and w, each K step's product times a's (row, k
+        group) and w's (row block, k group) scales. QUANT_OUT: the epilogue writes fp8 and one scale per
+        row for its BLOCK_N columns (one group)."""
         pid_s = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.program_id(2).to(tl.int64)
@@ -109,13 +123,24 @@ if triton is not None:
                 k_ok = ks < K - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if FP32_DOT:
+                if BLOCK_SCALED:
+                    group_k = k0 // SCALE_K
+                    a_s = tl.load(a_scale_ptr + expert * stride_asl + rows * stride_asm + group_k * stride_ask,
+                                  mask=row_ok, other=0.0)
+                    w_s_ptrs = w_scale_ptr + expert * stride_wsl + (cols // SCALE_N) * stride_wsn + group_k * stride_wsk
+                    w_s = tl.load(w_s_ptrs, mask=col_ok, other=0.0)
+                    acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+                elif FP32_DOT:
                     acc += tl.dot(a, w, input_precision="ieee")
                 else:
                     acc += tl.dot(a, w)
                 if GATED:
                     w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    if FP32_DOT:
+                    if BLOCK_SCALED:
+                        w_s = tl.load(w_scale_ptr + expert * stride_wsl + ((cols + up_offset) // SCALE_N) * stride_wsn
+                                      + group_k * stride_wsk, mask=col_ok, other=0.0)
+                        acc_up += tl.dot(a, w_up) * (a_s[:, None] * w_s[None, :])
+                    elif FP32_DOT:
                         acc_up += tl.dot(a, w_up, input_precision="ieee")
                     else:
                         acc_up += tl.dot(a, w_up)
@@ -130,15 +155,30 @@ if triton is not None:
                 result = activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
             else:
                 result = acc * scale
+            if QUANT_OUT:  # gemm2's fp8 input: this program's BLOCK_N columns are one scale group
+                result = tl.where(col_ok[None, :], result, 0.0)
+                group_scale = tl.maximum(tl.max(tl.abs(result), axis=1), min_amax) / fp8_max
+                if UE8M0:
+                    bits = group_scale.to(tl.int32, bitcast=True)
+                    group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
+                        tl.float32, bitcast=True)
+                result = tl.minimum(tl.maximum(tl.div_rn(result, group_scale[:, None]), -fp8_max), fp8_max)
+                if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates
+                    result = round_to_e4m3(result)
+                tl.store(out_scale_ptr + expert * stride_osl + rows * stride_osm + pid_n, group_scale, mask=row_ok)
             out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
             tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
             masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *,
-            activation: Optional[MoeConfig] = None, scale: float = 1.0) -> None:
+            activation: Optional[MoeConfig] = None, scale: float = 1.0, quant: Optional[QuantConfig] = None,
+            a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+            out_scale: Optional[torch.Tensor] = None) -> None:
     """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N].
-    activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc)."""
+    activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
+    quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
+    out is fp8, quantized in the epilogue (block_n must be the activation group)."""
     if activation is not None:
         act = activation_args(activation.activation, activation.is_gated, activation.gemm1_alpha,
                               activation.gemm1_clamp_limit)
@@ -150,6 +190,10 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     grid = (row_splits, triton.cdiv(N, block_n), L)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    scaled, quant_out = quant is not None, out_scale is not None
+    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if scaled else (a, 0, 0, 0, a, 0, 0, 0)
+    fp8 += ((out_scale, out_scale.stride(0), out_scale.stride(1)) if quant_out else (a, 0, 0))
+    block_k = min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K
     _masked_gemm_kernel[grid](
         a, w, bias_arg, out, masked_m,
         rows, N, K, N if gated else 0,
@@ -157,28 +201,49 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         w.stride(0), w.stride(1), w.stride(2),
         *bias_strides,
         out.stride(0), out.stride(1), out.stride(2),
-        float(scale), FUSE_ACT=activation is not None, **act, HAS_BIAS=bias is not None,
+        *fp8, quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale),
+        FUSE_ACT=activation is not None, **act, HAS_BIAS=bias is not None,
         FP32_DOT=a.dtype == torch.float32, ROW_SPLITS=row_splits,
-        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K,
+        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
+        SCALE_K=quant.weight_block[1] if scaled else 1, QUANT_OUT=quant_out, UE8M0=quant_out and quant.ue8m0,
+        ROUND_FIRST=quant_out and interpreted(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
 def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig,
-                   tiles: Optional[MaskedTiles] = None) -> torch.Tensor:
+                   tiles: Optional[MaskedTiles] = None, recv_scale: Optional[torch.Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The kernel sequence (gemm1 with fused activation, gemm2). recv_x [L, M*R, H]; masked_m [L] int32
-    on recv_x's device. Returns [L, M*R, H] in recv_x's dtype; rows past masked_m are unwritten.
+    on recv_x's device; recv_scale [L, M*R, G]: recv_x's fp8 scales (an fp8 dispatch). Returns
+    [L, M*R, H] in out_dtype (default recv_x's dtype); rows past masked_m are unwritten.
     Not differentiable by itself (see _MaskedExperts)."""
     L, rows, H = recv_x.shape
     I = config.intermediate_size
     if tiles is None:
         tiles = INTERPRETER_TILES if interpreted() else MaskedTiles()
     masked_m = masked_m.to(torch.int32)
-    a = torch.empty(L, rows, I, dtype=recv_x.dtype, device=recv_x.device)
-    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
-    out = torch.empty(L, rows, H, dtype=recv_x.dtype, device=recv_x.device)
-    _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
-            scale=config.routed_scaling_factor)
+    out_dtype = out_dtype or recv_x.dtype
+    quant = weights.quant
+    if quant is None:
+        a = torch.empty(L, rows, I, dtype=out_dtype, device=recv_x.device)
+        _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
+        out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
+        _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
+                scale=config.routed_scaling_factor)
+        return out
+    if recv_scale is None:  # float rows: quantized here (every buffer row; padding rows are never read)
+        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=interpreted())
+        recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
+    recv_scale = decode_scales(recv_scale)
+    a = torch.empty(L, rows, I, dtype=quant.dtype, device=recv_x.device)
+    a_scale = torch.empty(L, rows, quant.num_groups(I), dtype=torch.float32, device=recv_x.device)
+    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, quant.activation_group, tiles, activation=config,
+            quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv, out_scale=a_scale)
+    out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
+    _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles, scale=config.routed_scaling_factor,
+            quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
     return out
 
 
@@ -215,7 +280,7 @@ def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertW
     if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
                          f"expected [{L}] (L local experts) int32")
-    for name in ("w13", "w2", "b13", "b2"):
+    for name in ("w13", "w2", "b13", "b2") if weights.quant is None else ():
         t = getattr(weights, name)
         if t is not None and t.dtype != recv_x.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}; runner='masked' needs the dtype of recv_x ({recv_x.dtype})")
@@ -250,8 +315,14 @@ class MaskedRunner(TritonBackend):
         """inp.hidden_states [L, M*R, H], rows p >= masked_m[l] never read. Returns [L, M*R, H] in its
         dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
         unwritten. Differentiable."""
-        recv_x, masked_m = inp.hidden_states, inp.masked_m
+        recv_x, masked_m, recv_scale = inp.hidden_states, inp.masked_m, inp.hidden_scale
+        if recv_scale is not None and weights.quant is None:  # fp8 rows, unquantized experts: dequantized first
+            recv_x, recv_scale = QuantConfig().dequantize_activation(recv_x, recv_scale).to(inp.output_dtype), None
         _check_inputs(recv_x, masked_m, weights, self.config)
+        if weights.quant is not None or recv_scale is not None:
+            if needs_grad(recv_x, weights.b13, weights.b2):
+                raise RuntimeError(INFERENCE_ONLY)
+            return masked_forward(recv_x, masked_m, weights, self.config, self.tiles, recv_scale, inp.output_dtype)
         if needs_grad(recv_x, weights.w13, weights.w2, weights.b13, weights.b2):
             return _MaskedExperts.apply(recv_x, masked_m, weights.w13, weights.w2, weights.b13, weights.b2,
                                         self.config, self.tiles)

@@ -1,4 +1,9 @@
-"""The reference runner: plain PyTorch on CPU and GPU, full autograd (torch._grouped_mm on CUDA bf16)."""
+"""The reference runner: plain PyTorch on CPU and GPU, full autograd (torch._grouped_mm on CUDA bf16).
+
+Quantized experts (fp8 block weights) run as the fp8 kernels compute them, in fp32 from dequantized
+tensors: the expert input and the intermediate activation are rounded to fp8 per token and 128
+channels (w8a8), the weights are dequantized blockwise. fp8 rows from an fp8 dispatch are
+dequantized; with unquantized weights the layer then computes in the tokens' dtype."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import RunnerInput
 
 from . import register
@@ -40,7 +46,13 @@ class TorchRunner(RunnerBackend):
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         cfg = self.config
-        x = inp.hidden_states
+        quant = weights.quant
+        x = activation_input(inp, quant)
+        w13, w2, b13, b2 = weights.w13, weights.w2, weights.b13, weights.b2
+        if quant is not None:
+            w13 = quant.dequantize_weight(w13, weights.w13_scale_inv)
+            w2 = quant.dequantize_weight(w2, weights.w2_scale_inv)
+            b13, b2 = (None if b is None else b.float() for b in (b13, b2))
         N = inp.topk_ids.shape[0]
         pairs = inp.pairs_by_expert()
         token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
@@ -48,20 +60,35 @@ class TorchRunner(RunnerBackend):
         rows = x[token]
         if cfg.apply_router_weight_on_input:
             rows = rows * weight.unsqueeze(1).to(rows.dtype)
-        h = _grouped_linear(rows, weights.w13, weights.b13, expert, counts)
+        h = _grouped_linear(rows, w13, b13, expert, counts)
         h = _hook(self.hooks.after_gemm1, rows, h, expert)
         a = activate(h, cfg)
-        o = _grouped_linear(a, weights.w2, weights.b2, expert, counts)
+        if quant is not None:  # GEMM 2's input is rounded to fp8 as the w8a8 kernels round it
+            a = quant.dequantize_activation(*quant.quantize_activation(a))
+        o = _grouped_linear(a, w2, b2, expert, counts)
         o = _hook(self.hooks.after_gemm2, a, o, expert)
 
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = torch.promote_types(inp.output_dtype, torch.float32)
         o = o.to(acc)
         if not cfg.apply_router_weight_on_input:
             o = o * weight.unsqueeze(1).to(acc)
         y = torch.zeros(N, x.shape[1], dtype=acc, device=x.device).index_add(0, token, o)
         if cfg.routed_scaling_factor != 1.0:
             y = y * cfg.routed_scaling_factor
-        return y.to(x.dtype)
+        return y.to(inp.output_dtype)
+
+
+def activation_input(inp: RunnerInput, quant: Optional[QuantConfig]) -> torch.Tensor:
+    """The expert input as this runner computes it: fp8 rows dequantized (fp32 with quantized weights,
+    else the tokens' dtype); float rows rounded through fp8 when the weights are quantized (w8a8)."""
+    x = inp.hidden_states
+    act = quant or QuantConfig()
+    if inp.hidden_scale is not None:
+        x = act.dequantize_activation(x, inp.hidden_scale)
+        return x if quant is not None else x.to(inp.output_dtype)
+    if quant is not None:
+        return quant.dequantize_activation(*quant.quantize_activation(x))
+    return x
 
 
 def _hook(hook, inputs, outputs, expert):

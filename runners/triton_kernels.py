@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ep_runtime.quant import MIN_AMAX, QuantConfig
+from ep_runtime.quant_kernels import round_to_e4m3
+
 # The one activation table: activate()'s ACTIVATION constexpr (gpt-oss SwiGLU is the SWIGLU_ALPHA flag).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -106,6 +109,15 @@ def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpre
     if rows_per_expert <= 64:
         return BlockConfig(64, GemmTiles(64, 128, 8, 4, 4), GemmTiles(64, 128, 8, 4, 4))
     return BlockConfig(128, GemmTiles(128, 64, 8, 8, 3), GemmTiles(128, 64, 8, 8, 3))
+
+
+def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                    dtype: torch.dtype, device: torch.device, interpreted: bool) -> bool:
+    """Whether this device's table has entries for exactly this shape and dtype (not "default")."""
+    if interpreted or device.type != "cuda":
+        return False
+    table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
+    return shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype) in table
 
 
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
@@ -289,17 +301,23 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr,
     num_pairs, N, K_dim, num_blocks,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    out_scale_ptr, stride_os, fp8_max, min_amax,
     alpha, limit,
     ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+    QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
+    # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
+    # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
     # FUSE_ACT: out[p, n] = activate(that with b's row n, that with b's row N + n if GATED); N = I.
     # BLOCK_N weight rows per program. When TWO they interleave gate and up rows (column 2j: gate row
     # n0 + j, column 2j + 1: up row N + n0 + j), so one dot of the full width (wgmma's widest N, one
@@ -348,7 +366,14 @@ def _grouped_gemm_kernel(
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if BLOCK_SCALED:  # (the interpreter's fp8 x fp8 dot is exact: no upcast needed)
+            group_k = (k * BLOCK_K) // SCALE_K
+            a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
+            b_s = tl.load(b_scale_ptr + expert * stride_bse + (w_row // SCALE_N) * stride_bsn + group_k * stride_bsk,
+                          mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -366,6 +391,17 @@ def _grouped_gemm_kernel(
         res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     else:
         res = acc
+    if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
+        res = tl.where((offs_n < N)[None, :], res, 0.0)
+        group_scale = tl.maximum(tl.max(tl.abs(res), axis=1), min_amax) / fp8_max
+        if UE8M0:  # rounded up to a power of two on the bits (as ep_runtime.quant.round_up_pow2)
+            bits = group_scale.to(tl.int32, bitcast=True)
+            group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
+                tl.float32, bitcast=True)
+        res = tl.minimum(tl.maximum(tl.div_rn(res, group_scale[:, None]), -fp8_max), fp8_max)
+        if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates (see round_to_e4m3)
+            res = round_to_e4m3(res)
+        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
     out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
 
@@ -373,8 +409,18 @@ def _grouped_gemm_kernel(
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
                  rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                  interpreted: bool = False, fuse_activation: Optional[str] = None, is_gated: bool = True,
-                 gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None) -> torch.Tensor:
+                 gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
+                 a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                 scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
+                 out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
+
+    Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
+    fp32 (one per row and bk channels), w_scale [L, ceil(N/bn), ceil(K_dim/bk)] fp32, (bn, bk) =
+    scale_block; the product is a's and w's dequantized values, accumulated in fp32.
+    out_quant (with fuse_activation): out is fp8 and out_scale [num_pairs, ceil(I/group)] fp32 gets one
+    scale per pair and group: GEMM 2's w8a8 input quantized in the epilogue (a program's output columns
+    are exactly one group), never rounded to 16 bits first.
 
     a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
     bias [L, N] or None; scale [num_pairs] fp32 or None.
@@ -391,20 +437,34 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     if out.shape[1] != N:
         raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
     block_n = max(32, tiles.BLOCK_N) if two else tiles.BLOCK_N  # weight rows per program (gate and up)
+    if out_quant is not None:
+        if not fuse or out_scale is None:
+            raise ValueError("out_quant needs fuse_activation and out_scale")
+        block_n = out_quant.activation_group * (2 if two else 1)
     out_n = block_n // 2 if two else block_n
     num_blocks = aligned.block_expert.numel()
     if num_blocks == 0:
         return out
     upcast = interpreted and a.dtype == torch.bfloat16
     precision = "ieee" if (a.dtype == torch.float32 or upcast) else None
+    scaled = a_scale is not None
+    if scaled != (w_scale is not None):
+        raise ValueError("a_scale and w_scale come together (block-scaled fp8) or not at all")
+    if scaled and scale_block[1] % tiles.BLOCK_K:
+        raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
     grid = (num_blocks * triton.cdiv(N, out_n),)
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, scale if scale is not None else a, out,
-        aligned.sorted_pair_ids, aligned.block_expert,
+        aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
         aligned.num_pairs, N, K_dim, num_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
+        out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
+        out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX,
         ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=out_quant is not None,
+        UE8M0=out_quant is not None and out_quant.ue8m0, ROUND_FIRST=interpreted and out_quant is not None,
         UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
         BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M, FUSE_ACT=fuse,
         **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse

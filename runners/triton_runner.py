@@ -5,15 +5,22 @@ call it, so the two entry points cannot drift apart.
 Autograd: the forward runs the kernels; the backward recomputes the layer with the torch runner's
 differentiable ops (activation checkpointing with a torch recompute) and back-propagates through
 that, so training with runner="triton" gives the torch runner's gradients.
+
+Quantized experts (fp8 block weights) take the same sequence as w8a8: the input rows are quantized per
+token and 128 channels by one fused kernel (or arrive quantized from an fp8 dispatch), both GEMMs are
+block-scaled fp8 (the same grouped GEMM kernel, BLOCK_SCALED), and GEMM 1's epilogue writes its
+activation output as fp8 with one scale per pair and 128 channels (QUANT_OUT), GEMM 2's input. Inference only (GEMM hooks: use runner="torch").
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
+from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad
 
 from . import register
@@ -22,6 +29,8 @@ from .base import triton_interpreted as interpreted
 
 try:
     import triton  # noqa: F401
+
+    from ep_runtime.quant_kernels import quantize_rows
 
     from . import triton_kernels as kernels
     _IMPORT_ERROR: Optional[str] = None
@@ -42,14 +51,23 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     after_gemm1 hook, GEMM 1 -> hook -> filtered activation) -> GEMM 2 -> weighted top-k reduction.
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
     _check_device(inp.hidden_states)
-    x = inp.hidden_states.contiguous()
+    quant, out_dtype = weights.quant, inp.output_dtype
+    interp = interpreted()
+    x, x_scale = _gemm_input(inp, quant, interp)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
     L = weights.num_local_experts
-    interp = interpreted()
-    if block_config is None:
+    picked = block_config is None
+    if picked:
         block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp)
     hooks = hooks or GemmHooks()
+    fp8 = {}
+    if quant is not None:
+        if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
+            raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
+        untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
+        block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
+        fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
     P = N * K
     aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_config.BLOCK_M)
     weight = inp.topk_weights.reshape(-1).float().contiguous()
@@ -63,11 +81,16 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     # Each pair's rows; rows of pairs never computed stay uninitialized, and no later kernel reads them.
     if hooks.after_gemm1 is None:
         # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
-        a = torch.empty(P, I, dtype=x.dtype, device=x.device)
+        if quant is not None:  # GEMM 2's fp8 input and its scales come out of GEMM 1's epilogue
+            a = torch.empty(P, I, dtype=quant.dtype, device=x.device)
+            a_scale = torch.empty(P, quant.num_groups(I), dtype=torch.float32, device=x.device)
+            fp8.update(out_quant=quant, out_scale=a_scale)
+        else:
+            a = torch.empty(P, I, dtype=out_dtype, device=x.device)
         kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
                              scale=scale, interpreted=interp, fuse_activation=config.activation,
                              is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
-                             gemm1_clamp_limit=config.gemm1_clamp_limit)
+                             gemm1_clamp_limit=config.gemm1_clamp_limit, **fp8)
     else:
         # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
         h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
@@ -79,13 +102,42 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
         a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
                                 config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
-    o = torch.empty(P, H, dtype=x.dtype, device=x.device)
+    if quant is not None:
+        fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
+    o = torch.empty(P, H, dtype=out_dtype, device=x.device)
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                         interpreted=interp)
+                         interpreted=interp, **fp8)
     if hooks.after_gemm2 is not None:
         _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
-                               config.routed_scaling_factor, x.dtype, interpreted=interp)
+                               config.routed_scaling_factor, out_dtype, interpreted=interp)
+
+
+def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(rows, their fp32 scales or None) as GEMM 1 reads them: fp8 experts take fp8 rows (quantized here
+    by the fused kernel unless an fp8 dispatch already did); unquantized experts take float rows (fp8
+    dispatch rows dequantized first)."""
+    x = inp.hidden_states
+    if inp.hidden_scale is None:
+        if quant is None:
+            return x.contiguous(), None
+        return quantize_rows(x, quant, interpreted=interp)
+    if quant is None:
+        return QuantConfig().dequantize_activation(x, inp.hidden_scale).to(inp.output_dtype), None
+    scale = decode_scales(inp.hidden_scale)
+    if scale.shape[-1] != quant.num_groups(x.shape[-1]):
+        raise ValueError(f"hidden_scale has {scale.shape[-1]} groups per row; the experts' {quant.format} needs "
+                         f"{quant.num_groups(x.shape[-1])} (activation_group={quant.activation_group})")
+    return x, scale
+
+
+def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: bool) -> "kernels.BlockConfig":
+    """BLOCK_K no larger than a scale group (one activation and one weight scale per K step); for tiles
+    not tuned for this fp8 shape (defaults, or a bf16 "default" entry) exactly one group: 128 one-byte
+    values are the bytes of a 64-wide bf16 tile. `triton_tune --dtype float8_e4m3fn` tunes fp8 shapes."""
+    fit = lambda t: dataclasses.replace(t, BLOCK_K=group_k if untuned else min(t.BLOCK_K, group_k))  # noqa: E731
+    return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1), gemm2=fit(block_config.gemm2))
 
 
 def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:
@@ -123,6 +175,8 @@ def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks
     """fused_forward with autograd when any input needs a gradient."""
     tensors = (inp.hidden_states, inp.topk_weights, weights.w13, weights.w2, weights.b13, weights.b2)
     if needs_grad(*tensors):
+        if weights.quantized or inp.hidden_scale is not None:
+            raise RuntimeError(INFERENCE_ONLY)
         return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, config, hooks or GemmHooks(), block_config)
     return fused_forward(inp, weights, config, hooks, block_config)
 
@@ -132,11 +186,17 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                   activation: str = "silu", is_gated: bool = True, gemm1_alpha: Optional[float] = None,
                   gemm1_clamp_limit: Optional[float] = None, routed_scaling_factor: float = 1.0,
                   apply_router_weight_on_input: bool = False, first_expert: int = 0,
-                  hooks: Optional[GemmHooks] = None, block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
+                  hooks: Optional[GemmHooks] = None, block_config: Optional["kernels.BlockConfig"] = None,
+                  w13_scale_inv: Optional[torch.Tensor] = None, w2_scale_inv: Optional[torch.Tensor] = None,
+                  quant: Optional[QuantConfig] = None) -> torch.Tensor:
     """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
     gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert, ids outside [first_expert, first_expert+L)
     are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I], b2 [L, H] optional.
-    Returns [T, H] in x's dtype: routed_scaling_factor * sum_k w_k * expert_{id_k}(x). Differentiable."""
+    fp8 experts: w13/w2 float8_e4m3fn with w13_scale_inv [L, ceil(2I/128), ceil(H/128)] and
+    w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: default ep.QuantConfig()); x stays float
+    and is quantized per token and 128 channels inside (w8a8), inference only.
+    Returns [T, H] in x's dtype: routed_scaling_factor * sum_k w_k * expert_{id_k}(x). Differentiable
+    (unquantized experts)."""
     if kernels is None:
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
     L, w13_rows, H = w13.shape
@@ -145,7 +205,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                        has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
                        gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                        apply_router_weight_on_input=apply_router_weight_on_input)
-    weights = ExpertWeights(w13, w2, b13, b2)
+    if quant is None and (w13_scale_inv is not None or w2_scale_inv is not None):
+        quant = QuantConfig()
+    weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
     weights.check(config, L)
     if x.dim() != 2 or x.shape[1] != H:
         raise ValueError(f"x has shape {list(x.shape)}; expected [T, {H}] (H from w13)")

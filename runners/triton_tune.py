@@ -7,6 +7,8 @@ For each token count and BLOCK_M, GEMM 1 and GEMM 2 are timed separately over a 
 two GEMMs share only BLOCK_M, through the pair alignment); the fastest (BLOCK_M, tiles1, tiles2) by
 summed time goes in the table under this shape's key. An existing file is updated, not replaced.
 The runner picks the entry with the nearest token count (runners/triton_kernels.py: pick_config).
+--dtype float8_e4m3fn tunes the block-scaled fp8 path (ep.QuantConfig(): [128, 128] weight blocks,
+GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 key the runner reads.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ep_runtime.placement import ExpertPlacement
+from ep_runtime.quant import QuantConfig
 
 from . import triton_kernels as kernels
 from .triton_runner import interpreted
@@ -65,21 +68,39 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
     interp = interpreted()
     L, K, H, I = num_local_experts, top_k, hidden_size, intermediate_size
     gen = torch.Generator(device=dev).manual_seed(seed)
-    w13 = (torch.randn(L, 2 * I, H, device=dev, generator=gen) * H ** -0.5).to(dtype)
-    w2 = (torch.randn(L, H, I, device=dev, generator=gen) * I ** -0.5).to(dtype)
+    fp8 = dtype == torch.float8_e4m3fn
+    quant = QuantConfig() if fp8 else None
+    w13 = torch.randn(L, 2 * I, H, device=dev, generator=gen) * H ** -0.5
+    w2 = torch.randn(L, H, I, device=dev, generator=gen) * I ** -0.5
+    if fp8:
+        (w13, s13), (w2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
     measure = _timer(dev, repeats)
     table = {}
     for T in token_counts:
-        x = torch.randn(T, H, device=dev, generator=gen).to(dtype)
+        x = torch.randn(T, H, device=dev, generator=gen)
+        a = torch.randn(T * K, I, device=dev, generator=gen)
         ids = torch.rand(T, L, device=dev, generator=gen).topk(K, dim=1).indices.to(torch.int32)
         mask = ExpertPlacement(L).local_mask_with_sink(dev)
-        h = torch.empty(T * K, 2 * I, dtype=dtype, device=dev)
-        a = torch.randn(T * K, I, device=dev, generator=gen).to(dtype)
-        o = torch.empty(T * K, H, dtype=dtype, device=dev)
+        if fp8:  # GEMM 1 as the runner runs it: fp8 in, activation and fp8 out in the epilogue
+            (x, x_s), (a, a_s) = quant.quantize_activation(x), quant.quantize_activation(a)
+            h = torch.empty(T * K, I, dtype=dtype, device=dev)
+            h_s = torch.empty(T * K, quant.num_groups(I), device=dev)
+            extra1 = dict(a_scale=x_s, w_scale=s13, fuse_activation="silu", out_quant=quant, out_scale=h_s)
+            extra2 = dict(a_scale=a_s, w_scale=s2)
+            o = torch.empty(T * K, H, dtype=torch.bfloat16, device=dev)
+        else:
+            x, a = x.to(dtype), a.to(dtype)
+            h = torch.empty(T * K, 2 * I, dtype=dtype, device=dev)
+            o = torch.empty(T * K, H, dtype=dtype, device=dev)
+            extra1 = extra2 = {}
         if candidates is not None:
             pairs = [(c.BLOCK_M, c) for c in candidates]
         else:
             pairs = default_candidates(T, K, L)
+        if fp8:  # one activation and one weight scale per K step
+            pairs = [(m, t) for m, t in pairs if (t.gemm1 if isinstance(t, kernels.BlockConfig) else t).BLOCK_K <= 128]
         best1: dict[int, tuple[float, kernels.GemmTiles]] = {}
         best2: dict[int, tuple[float, kernels.GemmTiles]] = {}
         for block_m, cand in pairs:
@@ -88,7 +109,8 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
             t2s = [cand.gemm2] if isinstance(cand, kernels.BlockConfig) else [cand]
             for tiles in t1s:
                 try:
-                    ms = measure(lambda: kernels.grouped_gemm(x, w13, h, aligned, tiles, K, interpreted=interp))
+                    ms = measure(lambda: kernels.grouped_gemm(x, w13, h, aligned, tiles, K, interpreted=interp,
+                                                              **extra1))
                 except Exception as exc:  # noqa: BLE001 - a tile that does not compile (shared memory) is skipped
                     log(f"T={T} BLOCK_M={block_m} gemm1 {tiles}: skipped ({type(exc).__name__})")
                     continue
@@ -96,7 +118,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
                     best1[block_m] = (ms, tiles)
             for tiles in t2s:
                 try:
-                    ms = measure(lambda: kernels.grouped_gemm(a, w2, o, aligned, tiles, 1, interpreted=interp))
+                    ms = measure(lambda: kernels.grouped_gemm(a, w2, o, aligned, tiles, 1, interpreted=interp, **extra2))
                 except Exception as exc:  # noqa: BLE001
                     log(f"T={T} BLOCK_M={block_m} gemm2 {tiles}: skipped ({type(exc).__name__})")
                     continue
@@ -131,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--hidden", type=int, required=True)
     p.add_argument("--intermediate", type=int, required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float8_e4m3fn"])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096, 16384])
     p.add_argument("--out", type=Path, default=None,
                    help="table to write (default: the shipped table of this device in runners/configs/)")

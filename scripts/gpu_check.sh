@@ -16,7 +16,8 @@
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
 #   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1  skip a section;  RUNNER_ARGS="..."  extra arguments
-#   for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096").
+#   for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the dispatch bench
+#   (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
@@ -48,7 +49,7 @@ fi
 if [ "$NGPU" -ge 1 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # one GPU: R = 1 (exchange numbers then mean little)
   (cd /tmp && timeout -k 10 "$(budget 140)" torchrun --nproc-per-node "$NGPU" -m ep_runtime bench \
      --preset deepseek-v3 --tokens 128,1024,4096 --suite dispatch --cuda-graph --no-progress \
-     --json "$W/bench_dispatch.json" --markdown "$W/bench_dispatch.md" $(plot_arg bench_dispatch)) \
+     --json "$W/bench_dispatch.json" --markdown "$W/bench_dispatch.md" $(plot_arg bench_dispatch) ${DISPATCH_ARGS:-}) \
      >"$W/bench_dispatch.log" 2>&1
   section bench_dispatch $?; grep -A12 "^skipped" "$W/bench_dispatch.log" | cut -c1-220; tail -3 "$W/bench_dispatch.log"
 fi

@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=_int_list, default=None, help="expert counts E to sweep (default: preset)")
     p.add_argument("--top-k", type=_int_list, default=None, help="top-k values K to sweep (default: preset)")
     p.add_argument("--intermediate", type=_positive, default=None, help="intermediate size I (default: preset)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + ["fp8"], default=None,
+                   help="default bf16 on CUDA, fp32 on CPU; fp8: bf16 tokens plus the fp8 rows of --fp8")
+    p.add_argument("--fp8", action="store_true",
+                   help="also fp8 in the same run: runners on fp8 block-scaled experts (fed fp8 dispatch rows where "
+                        "the format has them) with fp8 baselines, and each dispatcher's use_fp8=True dispatch")
     p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
                    help="comma-separated: dispatch, runner, eplb (default dispatch,runner); eplb times the whole "
                         "EPMoE forward without redundant experts, with them, and after one rebalance")
@@ -133,7 +137,8 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         num_experts=args.experts or [preset.num_experts],
         top_ks=args.top_k or [preset.top_k],
         intermediate_size=args.intermediate or preset.intermediate_size,
-        dtype=args.dtype or ("bf16" if cuda else "fp32"),
+        dtype=("bf16" if args.dtype == "fp8" else args.dtype) or ("bf16" if cuda else "fp32"),
+        fp8=args.fp8 or args.dtype == "fp8",
         suites=suites, dispatchers=args.dispatchers, runners=args.runners, runner_ep_size=args.runner_ep_size,
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
         repeats=args.repeats or (100 if cuda else 10), rotate=args.rotate, cuda_graph=args.cuda_graph,

@@ -42,6 +42,9 @@ STATIC_VARIANTS = (
             lambda T, R: dict(num_worst_tokens=max(T, 1) * R, num_max_dispatch_tokens_per_rank=max(T, 1))),
     Variant("mori static", "mori", lambda T, R: dict(max_dispatch_tokens_per_rank=max(T, 1), static=True)),
 )
+# --fp8: each dispatcher with an fp8 payload again with use_fp8=True (tokens quantized on the sender).
+FP8_DISPATCHERS = ("deepep_normal", "deepep_ll", "mori")
+FP8 = " fp8"
 # The exchange dispatchers choose their transport (`auto`: NVLink where every GPU maps every other's
 # memory); these rows pin the collective one (NCCL) beside them, and sweep the NVLink transport's SMs.
 TRANSPORT_VARIANTS = (
@@ -52,7 +55,7 @@ TRANSPORT_VARIANTS = (
               min_tokens=4096) for n in (8, 16, 32, 64)),
 )
 # Implementations with static shapes and no host sync: --cuda-graph also times their replays.
-CAPTURABLE = ("deepep_ll", "deepep_ll nccl", *(v.impl for v in STATIC_VARIANTS))
+CAPTURABLE = ("deepep_ll", "deepep_ll nccl", "deepep_ll" + FP8, *(v.impl for v in STATIC_VARIANTS))
 
 # Intermediate size of the torch runner that prepares combine inputs (a multiple of 16 elements keeps
 # torch._grouped_mm's alignment rules happy in bf16).
@@ -137,6 +140,8 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
     variants = [Variant(n, n) for n in chosen] + [v for v in STATIC_VARIANTS if v.dispatcher in chosen]
     if device.type == "cuda" and R > 1:  # the transports differ only there
         variants += [v for v in TRANSPORT_VARIANTS if v.dispatcher in chosen]
+    if settings.fp8:  # bytes and GB/s of these rows count the tokens' dtype (what the fp8 rows stand for)
+        variants += [Variant(n + FP8, n, lambda T, R: dict(use_fp8=True)) for n in chosen if n in FP8_DISPATCHERS]
     graphs = settings.cuda_graph and device.type == "cuda"
     timing = settings.timing(device, group)
     results = Results()

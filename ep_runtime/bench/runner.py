@@ -9,6 +9,12 @@ that does not run is listed under skipped). Beside them, in the same run: the de
 activation on rows already grouped by expert (no permutation, no weighting: what a user would
 write instead of fused kernels). FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
 bytes: the expert weights of every expert that received >= 1 pair, read once.
+
+--fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
+weights; fed the fp8 rows of a use_fp8=True dispatcher where the format has one, else quantizing
+inside) and the fp8 baselines a user would write instead: the weights dequantized to the tokens' dtype
+every call, then torch._grouped_mm ("dequant + grouped_mm (raw)"), and torch._scaled_grouped_mm with
+rowwise scales ("scaled_grouped_mm rowwise (raw)", where this torch and device support it).
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
 from .timing import Stats, measure, measure_cuda_graph
 
 RAW_BASELINE = "grouped_mm (raw)"
+FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)")
+FP8 = " fp8"
 # Roofline sizes: elements copied (read + write) and the square matmul's side, per device type.
 _ROOFLINE_SIZES = {"cuda": (1 << 30, 8192), "cpu": (1 << 22, 512)}
 
@@ -63,7 +71,9 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
     timing = settings.timing(device)
     results.roofline = roofline(dtype, device, timing)
     peak = {r["impl"]: r for r in results.roofline}
-    total = len(settings.cases()) * len(settings.tokens) * (len(names) * len(settings.runner_formats) + 1)
+    fp8_names = [n for n in names if settings.fp8 and not (n == "torch" and device.type == "cuda")]
+    total = len(settings.cases()) * len(settings.tokens) * (
+        (len(names) + len(fp8_names)) * len(settings.runner_formats) + 1 + (2 if settings.fp8 else 0))
     bar = Progress(total, progress, "runner")
     inter = settings.intermediate_size
     try:
@@ -82,6 +92,11 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
             backends = {name: _try(lambda: runners.create(name, config)) for name in names}
             formats = {fmt: _try(lambda: dispatchers.create(fmt, config, group=group))
                        for fmt in settings.runner_formats}
+            # (row label suffix, weights, bytes per expert, backends, dispatchers by format)
+            variants = [("", weights, weight_bytes_per_expert, names, formats)]
+            if settings.fp8:
+                fp8_weights, fp8_formats = _fp8_setup(weights, config, group, settings.runner_formats, formats)
+                variants.append((FP8, fp8_weights, config.w13_rows * H + H * inter, fp8_names, fp8_formats))
             for T in settings.tokens:
                 shape = dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter, tokens_per_rank=T,
                              local_experts=L)
@@ -89,41 +104,53 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 pairs = statistics.fmean(p[2] for p in problems)
                 touched = statistics.fmean(p[3] for p in problems)
 
-                def row(impl: str, fmt: str, mode: str, stats: Stats) -> dict:
+                def row(impl: str, fmt: str, mode: str, stats: Stats, expert_bytes: float = weight_bytes_per_expert,
+                        row_dtype: str = dtype_name(dtype)) -> dict:
                     seconds = stats.median_us * 1e-6
                     tflops = pairs * flops_per_pair / seconds / 1e12
-                    gbps = touched * weight_bytes_per_expert / seconds / 1e9
+                    gbps = touched * expert_bytes / seconds / 1e9
                     roof = max(tflops / peak["matmul"]["tflops"], gbps / peak["copy"]["gbps"]) if peak else None
-                    return dict(impl=impl, format=fmt, mode=mode, **shape, dtype=dtype_name(dtype), pairs=pairs,
+                    return dict(impl=impl, format=fmt, mode=mode, **shape, dtype=row_dtype, pairs=pairs,
                                 experts_touched=touched, tflops=tflops, weight_gbps=gbps,
                                 pct_roofline=None if roof is None else 100 * roof, **asdict(stats))
 
                 def skip(impl: str, err: BaseException, what: str = "") -> None:
                     results.skipped.append(dict(suite="runner", impl=impl, **shape, reason=what + reason(err)))
 
-                for fmt, disp in formats.items():
-                    outs = _dispatch_all(disp, problems)
-                    for name in names:
-                        bar.step(f"{name} {fmt} T={T}")
-                        failure = next((e for e in (backends[name], outs) if isinstance(e, Exception)), None)
-                        if failure is not None:
-                            skip(name, failure, f"{fmt}: ")
-                            continue
-                        run = _runner_call(backends[name], config, disp, outs, weights)
-                        for mode in modes:
-                            stats = _try(lambda: _time(run, mode, len(outs), timing))
-                            if isinstance(stats, Exception):
-                                skip(name, stats, f"{fmt} {mode}: ")
-                                if mode == "eager":
-                                    break
+                for suffix, run_weights, expert_bytes, run_names, run_formats in variants:
+                    for fmt, disp in run_formats.items():
+                        outs = _dispatch_all(disp, problems)
+                        for name in run_names:
+                            impl = name + suffix
+                            bar.step(f"{impl} {fmt} T={T}")
+                            failure = next((e for e in (backends[name], outs) if isinstance(e, Exception)), None)
+                            if failure is not None:
+                                skip(impl, failure, f"{fmt}: ")
                                 continue
-                            results.runner.append(row(name, fmt, mode, stats))
+                            run = _runner_call(backends[name], config, disp, outs, run_weights)
+                            for mode in modes:
+                                stats = _try(lambda: _time(run, mode, len(outs), timing))
+                                if isinstance(stats, Exception):
+                                    skip(impl, stats, f"{fmt} {mode}: ")
+                                    if mode == "eager":
+                                        break
+                                    continue
+                                results.runner.append(row(impl, fmt, mode, stats, expert_bytes,
+                                                          "fp8_e4m3" if suffix else dtype_name(dtype)))
                 bar.step(f"{RAW_BASELINE} T={T}")
                 stats = _try(lambda: _time_grouped_mm(problems, weights, config, timing))
                 if isinstance(stats, Exception):
                     skip(RAW_BASELINE, stats)
                 else:
                     results.runner.append(row(RAW_BASELINE, "pre-grouped", "eager", stats))
+                if settings.fp8:
+                    for impl, timer in zip(FP8_BASELINES, (_time_dequant_grouped_mm, _time_scaled_grouped_mm)):
+                        bar.step(f"{impl} T={T}")
+                        stats = _try(lambda: timer(problems, variants[1][1], config, timing))
+                        if isinstance(stats, Exception):
+                            skip(impl, stats)
+                        else:
+                            results.runner.append(row(impl, "pre-grouped", "eager", stats, variants[1][2], "fp8_e4m3"))
         _add_speedups(results.runner)
     finally:
         bar.close()
@@ -173,19 +200,106 @@ def _time_grouped_mm(problems, weights, config, timing: dict) -> Stats:
         raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm")
     from ..runners.torch_runner import activate
 
-    L = weights.w13.shape[0]
     w13_t, w2_t = weights.w13.transpose(1, 2), weights.w2.transpose(1, 2)  # [L, H, 2I], [L, I, H]
-    grouped = []
-    for x, topk, *_ in problems:
-        ids = topk.topk_ids.reshape(-1).long()
-        order = torch.argsort(ids, stable=True)
-        offsets = torch.cumsum(torch.bincount(ids, minlength=L), 0).to(torch.int32)
-        grouped.append((x[order // topk.topk_ids.shape[1]].contiguous(), offsets))
+    grouped = _grouped_rows(problems, weights.w13.shape[0])
 
     def run(i):
         rows, offsets = grouped[i % len(grouped)]
         h = torch._grouped_mm(rows, w13_t, offs=offsets)
         return torch._grouped_mm(activate(h, config), w2_t, offs=offsets)
+
+    return measure(run, **timing)
+
+
+def _fp8_setup(weights, config, group, formats: list, plain: dict):
+    """fp8 block-scaled copies of the experts, and per format the dispatcher whose rows the fp8 runners
+    take: use_fp8=True where the format has an fp8 payload, else the plain one (the runner quantizes)."""
+    from .. import dispatchers
+    from ..config import ExpertWeights
+    from ..quant import QuantConfig
+    from .dispatch import FP8_DISPATCHERS as FP8_FORMATS
+
+    quant = QuantConfig()
+    q13, s13 = _quantize_per_expert(quant, weights.w13)
+    q2, s2 = _quantize_per_expert(quant, weights.w2)
+    fp8_formats = {fmt: (_try(lambda: dispatchers.create(fmt, config, group=group, use_fp8=True))
+                         if fmt in FP8_FORMATS else plain[fmt]) for fmt in formats}
+    return ExpertWeights(q13, q2, None, None, s13, s2, quant), fp8_formats
+
+
+def _quantize_per_expert(quant, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuantConfig.quantize_weight one expert at a time (its fp32 staging copy of all 256 DeepSeek
+    experts at once would be tens of GB)."""
+    parts = [quant.quantize_weight(w[e:e + 1]) for e in range(w.shape[0])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _grouped_rows(problems, num_local_experts: int) -> list:
+    """Each input's rows grouped by expert (untimed) and the int32 group ends torch._grouped_mm takes."""
+    grouped = []
+    for x, topk, *_ in problems:
+        ids = topk.topk_ids.reshape(-1).long()
+        order = torch.argsort(ids, stable=True)
+        offsets = torch.cumsum(torch.bincount(ids, minlength=num_local_experts), 0).to(torch.int32)
+        grouped.append((x[order // topk.topk_ids.shape[1]].contiguous(), offsets))
+    return grouped
+
+
+@torch.no_grad()
+def _time_dequant_grouped_mm(problems, fp8_weights, config, timing: dict) -> Stats:
+    """The fp8 experts dequantized to the tokens' dtype on every call, then _time_grouped_mm's GEMMs."""
+    from ..runners.torch_runner import activate
+
+    quant = fp8_weights.quant
+    grouped = _grouped_rows(problems, fp8_weights.w13.shape[0])
+    dtype = grouped[0][0].dtype
+
+    def dequantized(q, scale):
+        bn, bk = quant.weight_block
+        s = scale.repeat_interleave(bn, 1)[:, :q.shape[1]].repeat_interleave(bk, 2)[:, :, :q.shape[2]]
+        return (q.to(dtype) * s.to(dtype)).transpose(1, 2)
+
+    def run(i):
+        rows, offsets = grouped[i % len(grouped)]
+        h = torch._grouped_mm(rows, dequantized(fp8_weights.w13, fp8_weights.w13_scale_inv), offs=offsets)
+        return torch._grouped_mm(activate(h, config), dequantized(fp8_weights.w2, fp8_weights.w2_scale_inv),
+                                 offs=offsets)
+
+    return measure(run, **timing)
+
+
+@torch.no_grad()
+def _time_scaled_grouped_mm(problems, fp8_weights, config, timing: dict) -> Stats:
+    """torch._scaled_grouped_mm with rowwise scales (one per token row, one per weight output row;
+    block scales are not among its scalings): the weights requantized rowwise once (untimed), the
+    rows and the activation quantized rowwise with torch ops inside the timing."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._scaled_grouped_mm")
+    from ..runners.torch_runner import activate
+
+    quant = fp8_weights.quant
+    fp8 = quant.dtype
+    grouped = _grouped_rows(problems, fp8_weights.w13.shape[0])
+    dtype = grouped[0][0].dtype
+
+    def rowwise(w):  # [L, N, K] float -> fp8 [L, K, N] (column-major view) and scales [L, N]
+        scale = w.abs().amax(dim=2).clamp(min=1e-10) / 448.0
+        q = (w / scale.unsqueeze(2)).clamp(-448, 448).to(fp8)
+        return q.transpose(1, 2), scale.float()
+
+    def quant_rows(x):
+        scale = x.abs().amax(dim=1).float().clamp(min=1e-10) / 448.0
+        return (x.float() / scale.unsqueeze(1)).clamp(-448, 448).to(fp8), scale
+
+    w13_q, w13_s = rowwise(quant.dequantize_weight(fp8_weights.w13, fp8_weights.w13_scale_inv))
+    w2_q, w2_s = rowwise(quant.dequantize_weight(fp8_weights.w2, fp8_weights.w2_scale_inv))
+
+    def run(i):
+        rows, offsets = grouped[i % len(grouped)]
+        a, a_s = quant_rows(rows)
+        h = torch._scaled_grouped_mm(a, w13_q, a_s, w13_s, offs=offsets, out_dtype=dtype)
+        b, b_s = quant_rows(activate(h, config))
+        return torch._scaled_grouped_mm(b, w2_q, b_s, w2_s, offs=offsets, out_dtype=dtype)
 
     return measure(run, **timing)
 

@@ -65,6 +65,9 @@ class Settings:
     command: str = "ep-runtime bench"
     routing: str = "uniform"  # "uniform" or "zipf:S": how tokens pick experts (dispatch and eplb suites)
     redundant_experts: Optional[int] = None  # eplb suite: copies N (None: E / 8, rounded to divide over R)
+    # Also fp8, in the same run: fp8 block-scaled experts in the runner suite (beside `dtype`'s), fp8
+    # dispatch (use_fp8=True) beside each dispatcher that has it.
+    fp8: bool = False
 
     def cases(self) -> list[tuple[int, int, int]]:
         """(E, K, H) of every swept layer shape."""

@@ -1,0 +1,198 @@
+"""Quantization: one config (QuantConfig) for the expert weights' format with their block scales and the
+activations' per-token group scales, plus the torch reference of every conversion.
+
+fp8_block (DeepSeek-V3's format): weights float8_e4m3fn with one scale per [128, 128] block of each
+expert matrix (checkpoint name `*_scale_inv`: the dequantization multiplier, w = q * scale_inv);
+activations float8_e4m3fn with one scale per token and 128 channels ([T, ceil(H/128)] fp32). Scale
+encoding "fp32" keeps amax / 448; "ue8m0" rounds every scale up to a power of two (what DeepGEMM on
+Blackwell consumes), and dispatch payloads then carry each activation scale as its one exponent byte.
+
+A format is a registry entry (register_format), so later formats (MXFP8, NVFP4) add an entry and
+keep this API. fp8 is inference-only: the layer raises under autograd (no straight-through gradient
+is defined).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .registry import add_once
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """What a format stores: element dtype and its largest finite value (the scale maps a block's
+    amax there)."""
+
+    name: str
+    dtype: torch.dtype
+    max_value: float
+    doc: str
+
+
+_FORMATS: dict[str, QuantFormat] = {}
+
+
+def register_format(fmt: QuantFormat) -> None:
+    add_once(_FORMATS, fmt.name, fmt, f"quantization format {fmt.name!r}")
+
+
+def registered_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+register_format(QuantFormat("fp8_block", torch.float8_e4m3fn, 448.0,
+                            "float8_e4m3fn weights with [128, 128] block scales, activations per token and 128 "
+                            "channels"))
+
+SCALE_ENCODINGS = ("fp32", "ue8m0")
+INFERENCE_ONLY = ("quantized (fp8) experts and fp8 dispatch are inference-only: no gradient is defined through "
+                  "fp8 rounding. Run under torch.no_grad() / torch.inference_mode() (or detach the inputs); train "
+                  "with unquantized experts and use_fp8=False")
+FP8_DTYPES = (torch.float8_e4m3fn,)
+# Scales derive from amax / max_value; an all-zero group gets this amax so its scale stays a normal
+# fp32 (and a power of two >= 2^-126 under ue8m0) instead of 0.
+MIN_AMAX = 1e-10
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """format: a registered format (fp8_block). weight_block: [rows, cols] of one weight scale block
+    (DeepSeek-V3: [128, 128]). activation_group: channels per activation scale; it must equal
+    weight_block[1], because the GEMMs multiply one activation scale by one weight scale per K group.
+    scale_encoding: fp32 (amax / 448) or ue8m0 (rounded up to a power of two)."""
+
+    format: str = "fp8_block"
+    weight_block: tuple[int, int] = (128, 128)
+    activation_group: int = 128
+    scale_encoding: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.format not in _FORMATS:
+            raise ValueError(f"format={self.format!r}; allowed: {', '.join(_FORMATS)}")
+        block = tuple(self.weight_block) if isinstance(self.weight_block, (tuple, list)) else None
+        if block is None or len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 16
+                                                      and b & (b - 1) == 0 for b in block):
+            raise ValueError(f"weight_block={self.weight_block!r}; allowed: two powers of two >= 16, e.g. (128, 128)")
+        object.__setattr__(self, "weight_block", block)
+        if self.activation_group != block[1]:
+            raise ValueError(f"activation_group={self.activation_group!r} must equal weight_block[1]={block[1]} "
+                             f"(one activation scale and one weight scale per K group)")
+        if self.scale_encoding not in SCALE_ENCODINGS:
+            raise ValueError(f"scale_encoding={self.scale_encoding!r}; allowed: {', '.join(SCALE_ENCODINGS)}")
+
+    @property
+    def spec(self) -> QuantFormat:
+        return _FORMATS[self.format]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.dtype
+
+    @property
+    def ue8m0(self) -> bool:
+        return self.scale_encoding == "ue8m0"
+
+    def weight_scale_shape(self, num_experts: int, rows: int, cols: int) -> tuple[int, int, int]:
+        """[E, ceil(rows / block rows), ceil(cols / block cols)]: DeepSeek-V3's scale_inv layout."""
+        return (num_experts, -(-rows // self.weight_block[0]), -(-cols // self.weight_block[1]))
+
+    def num_groups(self, channels: int) -> int:
+        return -(-channels // self.activation_group)
+
+    # ------------------------------------------------------------------ torch conversions (reference)
+
+    def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [E, N, K] float -> (q [E, N, K] in the format's dtype, scale_inv [E, ceil(N/bn), ceil(K/bk)]
+        fp32) with w ~= q * scale_inv blockwise."""
+        E, N, K = w.shape
+        bn, bk = self.weight_block
+        _, gn, gk = self.weight_scale_shape(E, N, K)
+        padded = torch.zeros(E, gn * bn, gk * bk, dtype=torch.float32, device=w.device)
+        padded[:, :N, :K] = w.float()
+        blocks = padded.view(E, gn, bn, gk, bk)
+        scale = self._scale(blocks.abs().amax(dim=(2, 4)))  # [E, gn, gk]
+        q = (blocks / scale[:, :, None, :, None]).view(E, gn * bn, gk * bk)[:, :N, :K]
+        return self._cast(q), scale
+
+    def dequantize_weight(self, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        """(q [E, N, K], scale_inv [E, gn, gk]) -> fp32 [E, N, K]."""
+        bn, bk = self.weight_block
+        N, K = q.shape[1], q.shape[2]
+        s = scale_inv.float().repeat_interleave(bn, 1)[:, :N].repeat_interleave(bk, 2)[:, :, :K]
+        return q.float() * s
+
+    def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group."""
+        T, H = x.shape
+        g = self.activation_group
+        G = self.num_groups(H)
+        padded = torch.zeros(T, G * g, dtype=torch.float32, device=x.device)
+        padded[:, :H] = x.float()
+        groups = padded.view(T, G, g)
+        scale = self._scale(groups.abs().amax(dim=2))
+        return self._cast((groups / scale.unsqueeze(2)).view(T, G * g)[:, :H]), scale
+
+    def dequantize_activation(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(q [..., H], scale [..., G] fp32, or uint8 exponents under ue8m0) -> fp32 [..., H]."""
+        H = q.shape[-1]
+        s = decode_scales(scale).repeat_interleave(self.activation_group, -1)[..., :H]
+        return q.float() * s
+
+    def _scale(self, amax: torch.Tensor) -> torch.Tensor:
+        scale = amax.clamp(min=MIN_AMAX) / self.spec.max_value
+        return round_up_pow2(scale) if self.ue8m0 else scale
+
+    def _cast(self, v: torch.Tensor) -> torch.Tensor:
+        limit = self.spec.max_value  # |v| <= max by construction; the clamp guards fp32 rounding
+        return v.clamp(-limit, limit).to(self.dtype)
+
+
+def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Each positive fp32 rounded up to a power of two, exactly (on the bits: any mantissa bumps the
+    exponent), as the kernels do."""
+    bits = scale.float().contiguous().view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exponent << 23).view(torch.float32)
+
+
+def encode_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two fp32 scales -> uint8 exponent bytes (2^(e - 127))."""
+    return ((scale.float().contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def decode_scales(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 scales as they are; uint8 UE8M0 exponent bytes -> fp32 2^(e - 127)."""
+    if scale.dtype == torch.uint8:
+        return (scale.to(torch.int32) << 23).view(torch.float32)
+    return scale.float()
+
+
+def is_quantized_dtype(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def check_scale_tensor(name: str, scale: torch.Tensor, shape: tuple, values: bool = True) -> None:
+    """Raise naming the argument when a scale tensor has the wrong type, shape or dtype, or (values)
+    holds a value that is not finite and > 0 (one host read)."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)} float32; got {type(scale).__name__}")
+    if tuple(scale.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {list(scale.shape)}; expected {list(shape)} (one scale per block)")
+    if scale.dtype != torch.float32:
+        raise ValueError(f"{name} has dtype {scale.dtype}; expected torch.float32 (DeepSeek-V3's scale_inv)")
+    if not values or scale.is_meta or scale.numel() == 0:
+        return
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        value = scale[tuple(where)].item()
+        raise ValueError(f"{name} has {value!r} at {where}; allowed: finite values > 0")
+
+
+def fp8_relative_step() -> float:
+    """u = 2^-4: the largest relative rounding error of e4m3 on normal values (3 mantissa bits)."""
+    return math.ldexp(1.0, -4)

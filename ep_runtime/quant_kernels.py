@@ -1,0 +1,94 @@
+"""The fused activation quantization kernel (CUDA; CPU tensors under TRITON_INTERPRET=1), beside its
+launcher. One pass per row reads the group, takes its amax, writes the fp8 values and the scale (fp32,
+or one UE8M0 exponent byte), into any row-strided destination: the dispatchers point it straight at
+their send rows, the triton and masked runners at their GEMM inputs.
+
+The torch reference is QuantConfig.quantize_activation (ep_runtime/quant.py); the two agree bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .quant import MIN_AMAX, QuantConfig
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: callers use QuantConfig.quantize_activation instead
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def round_to_e4m3(v):
+        """v (fp32, |v| <= 448) rounded to the nearest e4m3 value (ties to even), still fp32: the
+        interpreter's fp32 -> fp8 cast truncates (31.3 became 16, a carry into the exponent is lost;
+        values below 2^-9 became 0), so under it the kernel rounds first and the cast is then exact."""
+        exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2^-9 steps
+        ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        r = (tl.abs(v) / ulp + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to even
+        return tl.where(v < 0, -r, r) * ulp
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
+                              GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
+                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, HAS_ROW_OK: tl.constexpr):
+        """Row r, groups g0 .. g0 + GROUPS: q = x / s, s = amax / fp8_max (UE8M0: rounded up to 2^n;
+        SCALE_BYTE: stored as its exponent byte). HAS_ROW_OK: rows whose flag is 0 are skipped (never
+        read: pair rows no expert here computed)."""
+        row = tl.program_id(0).to(tl.int64)
+        if HAS_ROW_OK:
+            if tl.load(row_ok_ptr + row) == 0:
+                return
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        inside = (cols < H) & (g[:, None] < G)
+        v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(v), axis=1), min_amax)
+        scale = amax / fp8_max
+        if UE8M0:  # round up to a power of two on the bits, exactly as quant.round_up_pow2
+            bits = scale.to(tl.int32, bitcast=True)
+            exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+            scale = (exponent << 23).to(tl.float32, bitcast=True)
+        q = tl.div_rn(v, scale[:, None])
+        q = tl.minimum(tl.maximum(q, -fp8_max), fp8_max)
+        if ROUND_FIRST:
+            q = round_to_e4m3(q)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
+        if SCALE_BYTE:
+            stored = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
+        else:
+            stored = scale
+        tl.store(s_ptr + row * stride_s + g, stored, mask=g < G)
+
+
+def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,
+                  scale: Optional[torch.Tensor] = None, row_ok: Optional[torch.Tensor] = None,
+                  interpreted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (any float dtype, row-strided) -> (q [T, H] fp8, scale [T, G] fp32, or uint8 exponent
+    bytes when `scale` is given as uint8 under ue8m0). q and scale may be row-strided views of one
+    buffer (the send payload). row_ok [T] bool: rows with False are neither read nor written."""
+    if triton is None:
+        raise RuntimeError("quantize_rows needs triton; use QuantConfig.quantize_activation")
+    T, H = x.shape
+    G, group = config.num_groups(H), config.activation_group
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if q is None:
+        q = torch.empty(T, H, dtype=config.dtype, device=x.device)
+    if scale is None:
+        scale = torch.empty(T, G, dtype=torch.float32, device=x.device)
+    if scale.dtype == torch.uint8 and not config.ue8m0:
+        raise ValueError("uint8 scales (exponent bytes) need scale_encoding='ue8m0'")
+    if T == 0:
+        return q, scale
+    groups = max(1, min(triton.next_power_of_2(G), 4096 // group if not interpreted else 64))
+    _quantize_rows_kernel[(T, triton.cdiv(G, groups))](
+        x, q, scale, row_ok.view(torch.uint8) if row_ok is not None else x, H, G, x.stride(0), q.stride(0),
+        scale.stride(0), config.spec.max_value, MIN_AMAX, GROUP=group, GROUPS=groups, UE8M0=config.ue8m0,
+        SCALE_BYTE=scale.dtype == torch.uint8, ROUND_FIRST=interpreted, HAS_ROW_OK=row_ok is not None,
+        num_warps=4)
+    return q, scale
