@@ -61,6 +61,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
 
     name = "deepep_ll"
     format = "deepep_ll"
+    supports_recv_hook = True
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None):
@@ -101,6 +102,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         # rows past masked_m stay unwritten (never read), as in DeepEP.
         recv_x = _scatter(rows, _first_of_each_slot(slot_index, L * N), scale, L * N + 1)[:L * N].view(L, N, H)
         return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight))
+
+    def combined_tokens(self, dispatch_output) -> Optional[int]:
+        return dispatch_output.handle.exchange.num_tokens
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]

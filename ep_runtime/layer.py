@@ -29,6 +29,10 @@ class EPMoE(nn.Module):
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
     [r*L, (r+1)*L)); load_experts, gather_experts and the exchange all follow it.
+    shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
+    [T, H] -> [T, H]; forward adds its output to the routed experts'. It runs while the dispatch is
+    in flight (on a side CUDA stream, or on CPU ranks while the exchange thread moves the rows), so
+    it costs no time on the critical path; the sum equals routed + shared computed one after the other.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -39,9 +43,14 @@ class EPMoE(nn.Module):
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
-                 expert_to_rank: Optional[Sequence[int]] = None):
+                 expert_to_rank: Optional[Sequence[int]] = None, shared_experts: Optional[nn.Module] = None):
         super().__init__()
         from . import envs
+        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+            raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
+                            f"mapping [T, H] to [T, H]")
+        self.shared_experts = shared_experts
+        self._side_streams: dict = {}
         self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
                                 is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                 gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
@@ -184,11 +193,44 @@ class EPMoE(nn.Module):
             return y.view(*lead, y.shape[-1])
         check_hidden_states(x, self.config.hidden_size, self.w13.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        with naming_peer_failures(self.dispatcher, "dispatch"):
-            dispatch_output = self.dispatcher.dispatch(x, topk)
+        if self.shared_experts is None:
+            with naming_peer_failures(self.dispatcher, "dispatch"):
+                dispatch_output = self.dispatcher.dispatch(x, topk)
+            return self.experts_and_combine(dispatch_output)
+        routed, shared = self.routed_and_shared(x, topk)
+        return routed + shared
+
+    def experts_and_combine(self, dispatch_output) -> torch.Tensor:
+        """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
         combine_input = self.runner.run(dispatch_output, self.weights)
         with naming_peer_failures(self.dispatcher, "combine"):
             return self.dispatcher.combine(combine_input)
+
+    def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed experts' output, shared(x)), both [T, H], shared = shared_experts or the layer's own;
+        the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
+        overlap a host-planned dispatch's count read) and joined before this returns."""
+        shared_module = shared_experts if shared_experts is not None else self.shared_experts
+        side = None
+        if x.is_cuda:
+            caller = torch.cuda.current_stream(x.device)
+            side = self._side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                shared = shared_module(x)
+            x.record_stream(side)
+        with naming_peer_failures(self.dispatcher, "dispatch"):
+            dispatch_output, work = self.dispatcher.dispatch(x, topk, async_op=True)
+        if side is None:  # CPU ranks: here, while the exchange thread moves the rows
+            shared = shared_module(x)
+        with naming_peer_failures(self.dispatcher, "dispatch"):
+            work.wait()
+        routed = self.experts_and_combine(dispatch_output)
+        if side is not None:
+            caller.wait_stream(side)
+            shared.record_stream(caller)
+        return routed, shared
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:
@@ -206,7 +248,7 @@ class EPMoE(nn.Module):
         c = self.config
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
-                f"runner={self.runner.backend.name}")
+                f"runner={self.runner.backend.name}" + (", shared_experts" if self.shared_experts is not None else ""))
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:

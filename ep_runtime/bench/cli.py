@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 from .dispatch import dispatch_suite
+from .overlap import overlap_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
-from .settings import DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
+from .settings import DEFAULT_SUITES, DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
 
 
 def _int_list(text: str) -> list[int]:
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\n\nexamples:\n  ep-runtime bench                                  # CPU: 2 local gloo ranks, tiny"
                "\n  torchrun --nproc-per-node 4 -m ep_runtime bench --preset deepseek-v3 --json out.json --plot out.png"
                "\n  ep-runtime bench --suite runner --preset deepseek-v3 --runner-ep-size 8 --cuda-graph"
-               "   # one GPU: a rank of EP=8")
+               "   # one GPU: a rank of EP=8"
+               "\n  torchrun --nproc-per-node 2 -m ep_runtime bench --suite overlap --preset deepseek-v3 --tokens 64,4096"
+               " --cuda-graph")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default tiny)")
     p.add_argument("--tokens", type=_int_list, default=None,
                    help="tokens per rank to sweep, comma-separated (default: the preset's GPU or CPU sweep)")
@@ -63,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_int_list, default=None, help="top-k values K to sweep (default: preset)")
     p.add_argument("--intermediate", type=_positive, default=None, help="intermediate size I (default: preset)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--suite", type=_name_list, default=list(SUITES),
-                   help="comma-separated: dispatch, runner (default both)")
+    p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
+                   help="comma-separated: dispatch, runner, overlap (default dispatch,runner); overlap: a layer "
+                        "step in two micro-batches, sequential vs exchanges overlapped with the other half's experts")
     p.add_argument("--dispatchers", type=_name_list, default=None,
                    help="only these dispatchers, and their static modes (default: all registered)")
     p.add_argument("--runners", type=_name_list, default=None, help="only these runners (default: all available)")
@@ -128,7 +132,11 @@ def bench_rank(rank: int, world_size: int, settings: Settings) -> Optional[dict]
     from ..distributed import device_for_rank
 
     torch.manual_seed(settings.seed)
-    results = dispatch_suite(settings, dist.group.WORLD, device_for_rank(), settings.progress)
+    results = Results()
+    if "dispatch" in settings.suites:
+        results.merge(dispatch_suite(settings, dist.group.WORLD, device_for_rank(), settings.progress))
+    if "overlap" in settings.suites:
+        results.merge(overlap_suite(settings, dist.group.WORLD, device_for_rank(), settings.progress))
     return asdict(results) if rank == 0 else None
 
 
@@ -148,6 +156,8 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
             device = device_for_rank()
             if "dispatch" in settings.suites:
                 results.merge(dispatch_suite(settings, dist.group.WORLD, device, settings.progress))
+            if "overlap" in settings.suites:
+                results.merge(overlap_suite(settings, dist.group.WORLD, device, settings.progress))
             runner_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
             if "runner" in settings.suites:
                 # The runner suite's dispatchers work on one rank; making those groups takes every rank.
@@ -163,7 +173,7 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
         return results if rank == 0 else None
 
     # No launcher: spawn local CPU ranks (gloo) for the dispatch suite; the runner suite runs here.
-    if "dispatch" in settings.suites:
+    if "dispatch" in settings.suites or "overlap" in settings.suites:
         timeout = max(600.0, float(envs.get("TIMEOUT_S")))
         per_rank = run_ranks(bench_rank, world_size, settings, timeout=24 * 3600.0, group_timeout=timeout)
         results.merge(Results(**{k: v for k, v in per_rank[0].items() if k != "meta"}))
@@ -237,5 +247,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ep-runtime bench: error: {err}", file=sys.stderr)
             return 2
         print(f"wrote {args.plot}")
-    measured = len(results.dispatch) + len(results.runner)
+    measured = len(results.dispatch) + len(results.runner) + len(results.overlap)
     return 0 if measured else 1

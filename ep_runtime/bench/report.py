@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 from .dispatch import BASELINE, GRAPH
+from .overlap import overlap_rows
 from .runner import RAW_BASELINE
 from .settings import Results
 
@@ -63,6 +64,13 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                  _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2)] for r in results.runner]
         out.append((f"runner: one rank, {results.runner[0]['dtype']}; L local experts, T*K pairs; % roof = the "
                     "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's", header, rows))
+    overlap = overlap_rows(results)
+    if overlap is not None:
+        first = results.overlap[0]
+        out.append((f"overlap: {first['world_size']} ranks, {first['dtype']}; one layer step in micro-batches "
+                    "(T/rank: batches x tokens each), sequential vs exchanges overlapped with the other batch's "
+                    "experts; ratio = overlapped / sequential (median); identical: overlapped outputs equal the "
+                    "sequential ones bit for bit on every rank", *overlap))
     if results.skipped:
         header = ["suite", "impl", "E", "K", "H", "T/rank", "reason"]
         rows = [[s["suite"], s["impl"], str(s["num_experts"]), str(s["top_k"]), str(s["hidden_size"]),
@@ -83,8 +91,8 @@ def render_text(results: Results) -> str:
 
 def render_markdown(results: Results) -> str:
     m = results.meta
-    ran = ([f"dispatch on {m.get('dispatch_device')} x{m.get('world_size')} ({m.get('backend')})"] if results.dispatch
-           else []) + ([f"runner on {m.get('runner_device')}"] if results.runner else [])
+    ran = ([f"dispatch on {m.get('dispatch_device')} x{m.get('world_size')} ({m.get('backend')})"]
+           if results.dispatch or results.overlap else []) + ([f"runner on {m.get('runner_device')}"] if results.runner else [])
     lines = [f"Machine: {m.get('host')}: {', '.join(ran) or 'no results'}; torch {m.get('torch')}"
              f"{', CUDA ' + m['cuda'] if m.get('cuda') else ''}. Date: {m.get('date')}.",
              "", f"Command: `{m.get('command')}`", "", f"Timing: {m.get('timing')}.", ""]

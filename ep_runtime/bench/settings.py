@@ -34,7 +34,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
-SUITES = ("dispatch", "runner")
+SUITES = ("dispatch", "runner", "overlap")
+DEFAULT_SUITES = ("dispatch", "runner")  # overlap runs when asked for (--suite overlap)
 # Dispatch formats the runner suite feeds the runners, each made by that dispatcher on one rank.
 RUNNER_FORMATS = ("standard", "deepep_ll")
 
@@ -79,9 +80,11 @@ class Results:
     runner: list[dict] = field(default_factory=list)
     roofline: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    overlap: list[dict] = field(default_factory=list)
 
     def merge(self, other: "Results") -> None:
         self.dispatch += other.dispatch
+        self.overlap += other.overlap
         self.runner += other.runner
         self.roofline += other.roofline
         self.skipped += other.skipped
