@@ -133,8 +133,8 @@ def _time_variant(layer, inputs: list, timing: dict, graphs: bool, group: Any, d
     rows = [("eager", measure(lambda i: run_sequential(layer, inputs[i % rot]), **timing),
              measure(lambda i: run_overlapped(layer, inputs[i % rot]), **timing), identical)]
     if graphs:
-        sequential, seq_out = _graphs(lambda k: run_sequential(layer, inputs[k]), rot, device)
-        overlapped, over_out = _graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device)
+        sequential, seq_out = capture_graphs(lambda k: run_sequential(layer, inputs[k]), rot, device)
+        overlapped, over_out = capture_graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device)
         try:
             for k in range(rot):
                 sequential[k].replay()
@@ -151,7 +151,7 @@ def _time_variant(layer, inputs: list, timing: dict, graphs: bool, group: Any, d
     return rows
 
 
-def _graphs(fn: Callable[[int], Any], rotate: int, device: torch.device) -> tuple[list, list]:
+def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device) -> tuple[list, list]:
     """One CUDA graph per rotation slot of fn(k), after a warm-up on a side stream; (graphs, outputs)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
