@@ -104,7 +104,6 @@ def main() -> int:
                   f"({t_ovl / t_seq:.2f}x sequential, speed-up {t_seq / t_ovl:.2f}x); bit-identical: "
                   f"{'yes' if identical else 'NO'}" + (f"; vs float64 reference {worst:.1e}" if worst else ""),
                   flush=True)
-        del layer
     ep.destroy_distributed()
     if rank == 0:
         print(f"two_batch_overlap: {'OK' if all_ok else 'FAILED'} ({R} ranks, E={E} K={K} H={H} I={I}, "

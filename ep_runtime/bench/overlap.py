@@ -181,10 +181,10 @@ def overlap_rows(results: Results) -> Optional[tuple[list[str], list[list[str]]]
     """(header, rows) of the overlap table, or None without results."""
     if not results.overlap:
         return None
-    header = ["E", "K", "H", "I", "T/rank", "batches", "impl", "mode", "sequential us", "overlapped us",
+    header = ["E", "K", "H", "I", "T/rank", "impl", "mode", "sequential us", "overlapped us",
               "host us (seq/ovl)", "ratio", "identical"]
     rows = [[str(r["num_experts"]), str(r["top_k"]), str(r["hidden_size"]), str(r["intermediate_size"]),
-             f"{r['micro_batches']}x{r['tokens_per_rank']}", str(r["micro_batches"]), r["impl"], r["mode"],
+             f"{r['micro_batches']}x{r['tokens_per_rank']}", r["impl"], r["mode"],
              f"{r['sequential']['median_us']:.1f}", f"{r['overlapped']['median_us']:.1f}",
              f"{r['sequential'].get('host_us') or 0:.0f}/{r['overlapped'].get('host_us') or 0:.0f}",
              "-" if r["ratio"] is None else f"{r['ratio']:.3f}", "yes" if r["identical"] else "NO"]
