@@ -27,6 +27,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 _WORKERS: dict[Any, ThreadPoolExecutor] = {}
 _WORKERS_LOCK = threading.Lock()
@@ -72,13 +73,11 @@ class ExchangeWork:
 
     def __init__(self, event: Optional["torch.cuda.Event"] = None, device: Optional[torch.device] = None,
                  outputs: tuple = (),
-                 future: Optional[Future] = None, fill: Optional[Callable[[Any], None]] = None,
-                 on_error: Optional[Callable[[BaseException], None]] = None):
+                 future: Optional[Future] = None, fill: Optional[Callable[[Any], None]] = None):
         self.event, self.device = event, device
         self._outputs = outputs
         self._future = future
         self._fill = fill
-        self._on_error = on_error
         self._waited_streams: set = set()
 
     def wait(self) -> bool:
@@ -90,12 +89,7 @@ class ExchangeWork:
                     t.record_stream(stream)
                 self._waited_streams.add(stream)
         elif self._future is not None:
-            try:
-                result = self._future.result()
-            except BaseException as err:  # noqa: BLE001 - the exchange's own error, raised where the caller waits
-                if self._on_error is not None:
-                    self._on_error(err)
-                raise
+            result = self._future.result()  # the exchange's own error is raised here, where the caller waits
             if self._fill is not None:
                 fill, self._fill = self._fill, None
                 fill(result)
@@ -150,7 +144,7 @@ class Streams:
         """A synchronous call after async ones on this device: the caller's stream first waits for them
         (their buffers and the exchange's state are then settled)."""
         comm = self._comm.get(device)
-        if comm is not None:
+        if comm is not None and not torch.cuda.is_current_stream_capturing():  # a graph joins by its waits
             torch.cuda.current_stream(device).wait_stream(comm)
 
     def launch_cuda(self, device: torch.device, fn: Callable[[], Any], inputs: Any,
@@ -173,9 +167,16 @@ class Streams:
         return out, ExchangeWork(event=done, device=device, outputs=outputs)
 
 
+def _key(group: Any) -> Any:
+    """One worker per process group, however it is named (None is the default group)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return group if group is not None else "default"
+
+
 def worker(group: Any) -> ThreadPoolExecutor:
     """The group's exchange thread (made on first use)."""
-    key = group if group is not None else "default"
+    key = _key(group)
     with _WORKERS_LOCK:
         if key not in _WORKERS:
             _WORKERS[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ep-runtime-exchange")
@@ -183,7 +184,7 @@ def worker(group: Any) -> ThreadPoolExecutor:
 
 
 def has_worker(group: Any) -> bool:
-    return (group if group is not None else "default") in _WORKERS
+    return _key(group) in _WORKERS
 
 
 def in_caller_modes(fn: Callable[[], Any]) -> Callable[[], Any]:
