@@ -18,7 +18,7 @@ import sys
 import torch
 
 import ep_runtime as ep
-from ep_runtime.bench.overlap import capture_graphs, run_overlapped, run_sequential
+from ep_runtime.bench.overlap import build_layer, capture_graphs, expert_weights, run_overlapped, run_sequential
 from ep_runtime.bench.timing import measure
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import tolerance
@@ -50,19 +50,16 @@ def main() -> int:
     repeats = args.repeats or (20 if cuda else 5)
     routing = ep.TopKConfig(top_k=K, scoring="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
                             routed_scaling_factor=2.5, group_score="top2_sum")  # DeepSeek-V3's router
-    gen = torch.Generator().manual_seed(0)  # the same router and experts on every rank
+    gen = torch.Generator().manual_seed(0)  # the same router on every rank
     router = (torch.randn(H, E, generator=gen) * H ** -0.5).to(device, dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=gen) * I ** -0.5).to(dtype)
     tokens = torch.Generator().manual_seed(1 + rank)
     all_ok = True
     phases = (("decode", shape["decode"], "deepep_ll", lambda T: dict(num_max_dispatch_tokens_per_rank=T)),
               ("prefill", shape["prefill"], "deepep_normal",
                lambda T: dict(num_worst_tokens=R * T, num_max_dispatch_tokens_per_rank=T)))
     for phase, T, dispatcher, options in phases:
-        layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, group=group, dtype=dtype, device=device,
-                         dispatcher_options=options(T))
-        layer.load_experts(w13.to(device), w2.to(device))
+        # Each rank draws its own experts on its device (the same expert from the same seed everywhere).
+        layer = build_layer(E, K, H, I, dispatcher, options(T), group, dtype, device)
         with torch.inference_mode():
             batches = []
             for _ in range(2):
@@ -71,10 +68,11 @@ def main() -> int:
             sequential, overlapped = run_sequential(layer, batches), run_overlapped(layer, batches)
             identical = all(torch.equal(a, b) for a, b in zip(sequential, overlapped))
             worst = 0.0
-            if H * E <= 1 << 16:  # small shapes: the float64 reference too
+            if H * E <= 1 << 16:  # small shapes: the float64 reference too, from every expert's weights
+                w13, w2 = (torch.stack(w).double().cpu() for w in zip(*(
+                    expert_weights(e, H, I, dtype, device) for e in range(E))))
                 for (x, (ids, weights)), y in zip(batches, overlapped):
-                    ref = moe_reference(x.double().cpu(), ids.cpu(), weights.double().cpu(), w13.double(),
-                                        w2.double(), layer.config)
+                    ref = moe_reference(x.double().cpu(), ids.cpu(), weights.double().cpu(), w13, w2, layer.config)
                     worst = max(worst, rel_err(y.double().cpu(), ref))
             timing = dict(repeats=repeats, warmup=3, device=device, group=group)
             graphs = cuda and phase == "decode"

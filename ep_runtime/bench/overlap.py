@@ -45,6 +45,36 @@ VARIANTS = (
 )
 
 
+def expert_weights(expert: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                   device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global expert `expert`'s (w13 [2I, H], w2 [H, I]), drawn on `device` from a generator seeded by
+    (seed, expert): the same on every rank of one device type, and fast for DeepSeek-V3-sized layers."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + expert)
+    w13 = torch.randn(2 * intermediate_size, hidden_size, generator=gen, device=device) * hidden_size ** -0.5
+    w2 = torch.randn(hidden_size, intermediate_size, generator=gen, device=device) * intermediate_size ** -0.5
+    return w13.to(dtype), w2.to(dtype)
+
+
+def build_layer(num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, dispatcher: str,
+                dispatcher_options: dict, group: Any, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """An EPMoE (runner "auto" for `device`) built on the meta device and given this rank's experts
+    from expert_weights: drawing 128 DeepSeek-V3 experts on the CPU, as a fresh layer does, takes
+    about a minute; this takes a moment."""
+    from .. import dispatchers, envs, runners
+    from ..layer import EPMoE
+
+    runner = runners.resolve(envs.get("RUNNER"), device, dispatchers.get(dispatcher).format)
+    layer = EPMoE(num_experts, top_k, hidden_size, intermediate_size, dispatcher=dispatcher, runner=runner,
+                  group=group, dtype=dtype, device="meta", dispatcher_options=dispatcher_options)
+    layer.to_empty(device=device)
+    with torch.no_grad():
+        for local, expert in enumerate(layer.placement.local_expert_ids().tolist()):
+            w13, w2 = expert_weights(expert, hidden_size, intermediate_size, dtype, device, seed)
+            layer.w13[local].copy_(w13)
+            layer.w2[local].copy_(w2)
+    return layer
+
+
 def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
     """Each micro-batch (x [T, H], TopKOutput) through dispatch, experts and combine, one after the other."""
     return [layer.experts_and_combine(layer.dispatcher.dispatch(x, topk)) for x, topk in batches]
@@ -67,7 +97,6 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
 
 def overlap_suite(settings: Settings, group: Any, device: torch.device, progress: bool) -> Results:
     """Every variant (of settings.dispatchers) at each T (tokens per micro-batch and rank); collective."""
-    from ..layer import EPMoE
     from ..routing import TopKOutput
     from .dispatch import uniform_topk
 
@@ -102,9 +131,8 @@ def overlap_suite(settings: Settings, group: Any, device: torch.device, progress
                                                                  f"over {_LL_BUFFER_LIMIT_BYTES >> 30} GiB"))
                         continue
                     try:
-                        torch.manual_seed(settings.seed)
-                        layer = EPMoE(E, K, H, I, dispatcher=v.dispatcher, runner="auto", group=group, dtype=dtype,
-                                      device=device, dispatcher_options=v.options(T, R))
+                        layer = build_layer(E, K, H, I, v.dispatcher, v.options(T, R), group, dtype, device,
+                                            settings.seed)
                         rows = _time_variant(layer, inputs, timing, graphs and v.capturable, group, device)
                     except Exception as err:  # noqa: BLE001 - reported, the suite goes on
                         results.skipped.append(dict(skip, reason=reason(err)))
