@@ -136,8 +136,8 @@ class Streams:
         self._comm: dict[torch.device, torch.cuda.Stream] = {}
 
     def comm_stream(self, device: torch.device) -> "torch.cuda.Stream":
-        if device not in self._comm:
-            self._comm[device] = torch.cuda.Stream(device)
+        if device not in self._comm:  # high priority: its small packing kernels go ahead of queued GEMMs
+            self._comm[device] = torch.cuda.Stream(device, priority=-1)
         return self._comm[device]
 
     def order_caller_after(self, device: torch.device) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from .layer import EPMoE
 from .routing import TopKOutput
+from .validation import check_hidden_states
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -91,6 +92,7 @@ class EPExperts(nn.Module):
         ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
         if self._shared is None:
             return self.layer(hidden_states, ids, top_k_weights)
+        check_hidden_states(hidden_states, self.layer.config.hidden_size, self.layer.w13.dtype, self.layer.w13.device)
         # The block's shared experts run while the dispatch is in flight; the block then gets their
         # output from its own call of them (the hand-off), so it adds exactly what it added before.
         routed, shared = self.layer.routed_and_shared(hidden_states, TopKOutput(ids, top_k_weights),
@@ -110,14 +112,19 @@ class _SharedHandoff:
         module.forward = self  # an instance attribute: nn.Module.__call__ finds it before the class's
 
     def stash(self, x: torch.Tensor, shared: torch.Tensor) -> None:
-        self._stashed = (x, shared)
+        self._stashed = (_identity(x), shared)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         stashed, self._stashed = self._stashed, None
-        if (stashed is not None and not args and not kwargs and x.numel() == stashed[0].numel()
-                and x.data_ptr() == stashed[0].data_ptr() and x.shape[-1] == stashed[0].shape[-1]):
+        if stashed is not None and not args and not kwargs and _identity(x) == stashed[0]:
             return stashed[1].view(x.shape)
         return self.compute(x, *args, **kwargs)
+
+
+def _identity(x: torch.Tensor) -> tuple:
+    """The same tokens, unchanged: same memory, elements, last dim and version (an in-place write
+    in between would bump it). A block may pass its [B, S, H] input where the experts got [T, H]."""
+    return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], x._version)
 
 
 def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:

@@ -42,7 +42,8 @@ def _two_batches_rank(rank, world_size, name):
         order = [0, 1] if rank == 0 else [1, 0]
         for b in order:
             sent[b][1].wait()
-        pending = [d.combine(runner.run(out, weights), async_op=True) for out, _ in sent]
+        # previous_event: each combine also after its own dispatch's work (already ordered: a no-op wait)
+        pending = [d.combine(runner.run(out, weights), async_op=True, previous_event=work) for out, work in sent]
         for b in order:
             pending[b][1].wait()
     ys = [y for y, _ in pending]
