@@ -64,7 +64,6 @@ class Dispatcher:
         [r*L, (r+1)*L)); ignored by dispatchers that do not shard experts."""
         self.config = config
         self.group = group
-        self._streams = overlap.Streams()  # communication streams of async calls (CUDA)
         rank, size = group_rank_and_size(group)
         self.rank, self.world_size = rank, size
         self.placement = (ExpertPlacement(config.num_experts, size, rank, expert_to_rank) if self.shards_experts
@@ -117,7 +116,7 @@ class Dispatcher:
         or any (ids, weights) pair. Checked before any collective. options: per-call extras a
         dispatcher documents (deepep_normal: handle).
 
-        async_op=True returns (output, work): the exchange runs on the dispatcher's communication
+        async_op=True returns (output, work): the exchange runs on the device's communication
         stream (CPU ranks: its group's exchange thread) and work.wait() must be called before the
         output is read (see dispatchers/overlap.py). return_recv_hook=True (dispatchers with
         `supports_recv_hook`) returns (output, hook) instead: calling hook() completes the receive.
@@ -183,9 +182,9 @@ class Dispatcher:
         moves = self._moves_rows()
         if device.type == "cuda":
             if wanted and moves:
-                out, work = self._streams.launch_cuda(device, fn, inputs, previous_event)
+                out, work = overlap.launch_cuda(device, fn, inputs, previous_event)
             else:
-                self._streams.order_caller_after(device)
+                overlap.order_caller_after(device)
                 if previous_event is not None:
                     event = previous_event.event if isinstance(previous_event, ExchangeWork) else previous_event
                     if event is not None:

@@ -1,6 +1,6 @@
 """Asynchronous exchanges: what dispatch/combine(async_op=True) and return_recv_hook=True run on.
 
-CUDA: the exchange is issued on a communication stream of the dispatcher's (one per device), after
+CUDA: the exchange is issued on a communication stream (one per device, shared by every dispatcher), after
 the work already queued on the caller's stream (and after `previous_event`), so the caller's stream
 is free for other work (the other micro-batch's experts, shared experts) meanwhile. An event recorded
 on the communication stream ends it; `ExchangeWork.wait()` makes the caller's current stream wait on
@@ -128,43 +128,48 @@ def check_previous_event(previous_event: Any) -> None:
     raise TypeError(f"previous_event={previous_event!r}; allowed: None, a torch.cuda.Event or an ExchangeWork")
 
 
-class Streams:
-    """A dispatcher's communication streams (one per CUDA device, made on first use) and its
-    asynchronous launches."""
+_COMM_STREAMS: dict = {}
 
-    def __init__(self):
-        self._comm: dict[torch.device, torch.cuda.Stream] = {}
 
-    def comm_stream(self, device: torch.device) -> "torch.cuda.Stream":
-        if device not in self._comm:  # high priority: its small packing kernels go ahead of queued GEMMs
-            self._comm[device] = torch.cuda.Stream(device, priority=-1)
-        return self._comm[device]
+def comm_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The device's communication stream, shared by every dispatcher (made on first use): exchanges of
+    all layers then run one after the other in call order, as the transports need (NCCL serialises
+    them anyway; the NVLink transport's signals count calls on a region every dispatcher shares).
+    High priority: its small packing kernels go ahead of queued GEMMs."""
+    if device not in _COMM_STREAMS:
+        _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _COMM_STREAMS[device]
 
-    def order_caller_after(self, device: torch.device) -> None:
-        """A synchronous call after async ones on this device: the caller's stream first waits for them
-        (their buffers and the exchange's state are then settled)."""
-        comm = self._comm.get(device)
-        if comm is not None and not torch.cuda.is_current_stream_capturing():  # a graph joins by its waits
-            torch.cuda.current_stream(device).wait_stream(comm)
 
-    def launch_cuda(self, device: torch.device, fn: Callable[[], Any], inputs: Any,
-                    previous_event: Any) -> tuple[Any, ExchangeWork]:
-        caller = torch.cuda.current_stream(device)
-        comm = self.comm_stream(device)
-        comm.wait_stream(caller)
-        if isinstance(previous_event, ExchangeWork):
-            previous_event = previous_event.event
-        if previous_event is not None:
-            comm.wait_event(previous_event)
-        for t in tensors_in(inputs):
-            if t.is_cuda:
-                t.record_stream(comm)
-        with torch.cuda.stream(comm):
-            out = fn()
-            done = torch.cuda.Event()
-            done.record(comm)
-        outputs = tuple(t for t in tensors_in(out) if t.is_cuda)
-        return out, ExchangeWork(event=done, device=device, outputs=outputs)
+def order_caller_after(device: torch.device) -> None:
+    """A synchronous call after async ones on this device: the caller's stream first waits for them
+    (their buffers and the transport's state are then settled). Not while capturing a CUDA graph:
+    a graph joins the communication stream through its own waits."""
+    comm = _COMM_STREAMS.get(device)
+    if comm is not None and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(device).wait_stream(comm)
+
+
+def launch_cuda(device: torch.device, fn: Callable[[], Any], inputs: Any, previous_event: Any
+                ) -> tuple[Any, ExchangeWork]:
+    """fn() on the communication stream, after the caller's stream and previous_event; inputs are
+    recorded on that stream (see the module doc)."""
+    caller = torch.cuda.current_stream(device)
+    comm = comm_stream(device)
+    comm.wait_stream(caller)
+    if isinstance(previous_event, ExchangeWork):
+        previous_event = previous_event.event
+    if previous_event is not None:
+        comm.wait_event(previous_event)
+    for t in tensors_in(inputs):
+        if t.is_cuda:
+            t.record_stream(comm)
+    with torch.cuda.stream(comm):
+        out = fn()
+        done = torch.cuda.Event()
+        done.record(comm)
+    outputs = tuple(t for t in tensors_in(out) if t.is_cuda)
+    return out, ExchangeWork(event=done, device=device, outputs=outputs)
 
 
 def _key(group: Any) -> Any:

@@ -5,7 +5,7 @@ in two micro-batches whose exchanges run while the other micro-batch's experts c
     torchrun --nproc-per-node 2 examples/two_batch_overlap.py      # CPU ranks (gloo): small shapes, fp32
 
 Sequential: dispatch, experts, combine of micro-batch 0, then of micro-batch 1. Overlapped: both
-dispatches issued with async_op=True (on the dispatcher's communication stream; on CPU ranks its
+dispatches issued with async_op=True (on the device's communication stream; on CPU ranks its
 exchange thread), then each micro-batch waits for its own dispatch, runs its experts and issues its
 combine asynchronously, so micro-batch 1's dispatch and micro-batch 0's combine travel while the other
 computes. Decode uses deepep_ll (on GPUs timed as CUDA-graph replays, both schedules captured);

@@ -1,5 +1,5 @@
 """The overlap suite: one EPMoE layer step split in two micro-batches, run sequentially (dispatch,
-experts, combine of the first, then of the second) and overlapped (each exchange on the dispatcher's
+experts, combine of the first, then of the second) and overlapped (each exchange on the device's
 communication stream while the other micro-batch's experts run), timed on the same inputs, with the
 overlapped outputs checked bit-identical to the sequential ones.
 
