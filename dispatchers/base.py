@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -17,6 +17,7 @@ from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_lea
 
 from . import overlap
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
+from .peer_transport import TRANSPORTS
 from .rank_exchange import RankExchange
 
 
@@ -88,6 +89,8 @@ class Dispatcher:
         options (its frozen `options` dataclass: buffer sizes, alignment, ...; knobs included,
         whichever way they were set)."""
         options = asdict(self.options) if getattr(self, "options", None) is not None else {}
+        if getattr(self, "transport_options", None) is not None:
+            options.update(asdict(self.transport_options))
         return {"dispatcher": self.name, **asdict(self.config), **options,
                 "expert_to_rank": self.placement.expert_to_rank}
 
@@ -218,18 +221,39 @@ class Dispatcher:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class TransportOptions:
+    """How an exchange moves rows on GPUs. transport: 'auto' (NVLink stores into peers' memory where
+    every rank's GPU maps every other's, else NCCL), 'nccl' or 'nvlink' (an error where impossible);
+    num_sms: SMs each NVLink transport kernel uses. Every rank must agree (checked at construction)."""
+
+    transport: str
+    num_sms: int
+
+
+def resolve_transport(transport: Optional[str], num_sms: Optional[int]) -> TransportOptions:
+    transport = envs.get("TRANSPORT") if transport is None else transport
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r}; allowed: {', '.join(map(repr, TRANSPORTS))} "
+                         f"(also settable as {envs.PREFIX}TRANSPORT)")
+    return TransportOptions(transport, resolve_int("num_sms", num_sms, "NUM_SMS"))
+
+
 class ExchangeDispatcher(Dispatcher):
     """A dispatcher whose rows travel through a RankExchange (deepep_normal, deepep_ll, mori): it
     checks ids and weights in the exchange's count table, and combine sends each received row (that
     rank's partial sum) home, where a token's partials are added (deepep_ll gathers its expert rows
-    into those partials first)."""
+    into those partials first). transport, num_sms: see TransportOptions."""
 
     checks_values_in_exchange = True
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
-                 expert_to_rank: Optional[Sequence[int]] = None):
+                 expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,
+                 num_sms: Optional[int] = None):
         super().__init__(config, group, expert_to_rank)
-        self.exchange = RankExchange(self.placement, self.group)
+        self.transport_options = resolve_transport(transport, num_sms)
+        self.exchange = RankExchange(self.placement, self.group, transport=self.transport_options.transport,
+                                     num_sms=self.transport_options.num_sms)
 
     def check_capacity(self, num_tokens: int) -> None:
         self.exchange.check_tokens_while_capturing(num_tokens)

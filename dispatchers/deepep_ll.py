@@ -64,8 +64,8 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     supports_recv_hook = True
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
-                 expert_to_rank=None):
-        super().__init__(config, group, expert_to_rank)
+                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
         self.options = DeepEPLLOptions(M)

@@ -66,8 +66,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
-                 expert_to_rank=None):
-        super().__init__(config, group, expert_to_rank)
+                 expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms)
         W = resolve_int("num_worst_tokens", num_worst_tokens, optional=True)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, optional=True)
         if M is not None and W is None:

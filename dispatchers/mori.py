@@ -73,8 +73,9 @@ class MoriDispatcher(ExchangeDispatcher):
 
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
-                 static: Optional[bool] = None, expert_to_rank=None):
-        super().__init__(config, group, expert_to_rank)
+                 static: Optional[bool] = None, expert_to_rank=None, transport: Optional[str] = None,
+                 num_sms: Optional[int] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms)
         M = resolve_int("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank,
                         "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
         prealloc = resolve_int("prealloc_max_recv_tokens", prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS", 0)

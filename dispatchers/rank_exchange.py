@@ -20,6 +20,7 @@ EP_RUNTIME_SYNC_CHECKS=1 reads it at once instead. CPU ranks always read it at o
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -31,6 +32,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels
+from .peer_transport import peer_transport
 from .transport import all_gather_rows, all_to_all
 
 
@@ -120,6 +122,8 @@ class ExchangeHandle:
     rows: Optional[int] = None
     recv_pos: Optional[torch.Tensor] = None
     recv_rows: Optional[torch.Tensor] = None
+    table: Optional[torch.Tensor] = None  # kernel path, exact plans: the all-gathered count table (device)
+    most_rows: Optional[int] = None  # kernel path, exact plans: most rows any rank receives, either way
 
     @property
     def static(self) -> bool:
@@ -156,7 +160,8 @@ class RankExchange:
     max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks
     every rank's T against it in the count table, so one rank over it fails every rank at once."""
 
-    def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None):
+    def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None,
+                 transport: str = "auto", num_sms: int = 24):
         self.placement, self.group = placement, group
         self.num_experts, self.rank, self.world_size = placement.num_experts, placement.rank, placement.ep_size
         self.num_local_experts = placement.num_local_experts
@@ -167,6 +172,7 @@ class RankExchange:
         self._landing: list = []  # pinned tables and their events, reused in turn by deferred checks
         self._next_landing = 0
         self.sync_checks = envs.get("SYNC_CHECKS")
+        self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
@@ -239,7 +245,7 @@ class RankExchange:
             plan = exchange_kernels.table_plan(in_rank, table, me, global_of, T * min(R, K))
             payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
                                                     rank_of, local_of if local_ids else None, skip_pad=True)
-        send_splits = recv_splits = per_expert_host = None
+        send_splits = recv_splits = per_expert_host = most_rows = None
         if static:
             total = R * chunk
             if defer:
@@ -253,6 +259,7 @@ class RankExchange:
             self._check_host_table(host, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
+            most_rows = max(most, max(sum(row) for row in sent))
             send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
             per_expert_host = [sum(row[c] for row in host) for c in self._local_columns]
             total = sum(send_splits)
@@ -265,7 +272,8 @@ class RankExchange:
         # larger value than total, which every reader treats as "not sent".
         handle = ExchangeHandle(T, layout, plan.send_token[:total], plan.send_rank[:total], plan.combine_index,
                                 summary[:L], summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host,
-                                chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows)
+                                chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows,
+                                table=None if static else table, most_rows=most_rows)
         return handle, (payload[:total] if payload is not None else None)
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
@@ -459,8 +467,26 @@ class RankExchange:
                                                 local_of if local_ids else None)
         return self._receive_payload(payload, handle, x.shape[1], x.dtype, ids.shape[1])
 
+    def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool) -> torch.Tensor:
+        """The kernel path's exchange of one plan's rows: dispatch (to the experts' ranks) or, with
+        to_owner, combine (back to the senders). Through the NVLink transport where it serves and the
+        rows fit, else the collective."""
+        R = self.world_size
+        peer = peer_transport(self.group, rows.device, R, self.transport)
+        if peer is not None and (handle.static or handle.table is not None):
+            row_bytes = math.prod(rows.shape[1:]) * rows.element_size()
+            if handle.static:
+                if peer.fits(R * handle.chunk * row_bytes):
+                    return peer.all_to_all(rows, R * handle.chunk, chunk=handle.chunk, num_sms=self.num_sms)
+            elif peer.fits(handle.most_rows * row_bytes):
+                out_rows = sum(handle.send_splits if to_owner else handle.recv_splits)
+                return peer.all_to_all(rows, out_rows, table=handle.table, to_owner=to_owner, num_sms=self.num_sms)
+        if to_owner:
+            return all_to_all(rows, handle.send_splits, handle.recv_splits, self.group, R)
+        return all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
+
     def _receive_payload(self, payload, handle: ExchangeHandle, hidden: int, dtype: torch.dtype, top_k: int):
-        received = all_to_all(payload, handle.recv_splits, handle.send_splits, self.group, self.world_size)
+        received = self._move(payload, handle, to_owner=False)
         rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
         if handle.recv_rows is not None:
             rows, meta = exchange_kernels.take_rows(rows, meta, handle.recv_rows, received.shape[0])
@@ -477,8 +503,7 @@ class RankExchange:
                 partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))
             elif not handle.static:
                 partial = partial[:sum(handle.recv_splits)]
-            back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
-            return exchange_kernels.gather_rows(back, handle.combine_index)
+            return exchange_kernels.gather_rows(self._move(partial, handle, to_owner=True), handle.combine_index)
         zero = partial.new_zeros(1, partial.shape[1])
         if handle.recv_pos is not None:
             if partial.shape[0] < handle.rows:  # a truncated runner input: the rest is padding

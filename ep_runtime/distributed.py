@@ -179,6 +179,8 @@ def destroy_distributed() -> None:
     interpreter shuts down aborts the process). Free CUDA graphs that captured collectives of the
     group first: NCCL waits for their work to be released when it destroys the communicator."""
     if dist.is_available() and dist.is_initialized():
+        from ep_runtime.dispatchers.peer_transport import release_transports
+        release_transports()  # their symmetric memory belongs to the group
         if dist.get_backend() == "nccl":
             torch.cuda.synchronize()  # no kernel of this group still in flight when its communicator goes
         dist.destroy_process_group()

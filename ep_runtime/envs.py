@@ -84,6 +84,13 @@ def _knob(name: str, type_: type, default: Any, doc: str, **kw: Any) -> None:
 _knob("TIMEOUT_S", float, 300.0,
       "Seconds a collective may wait for the other ranks before every rank fails with an error.",
       minimum=1.0, maximum=1e9)  # finite: a job must never wait forever
+_knob("TRANSPORT", str, "auto",
+      "How exchanges move rows on GPUs: auto (NVLink stores into peers' memory when every rank's GPU maps "
+      "every other's, else NCCL), nccl, or nvlink (an error where impossible).",
+      choices=("auto", "nccl", "nvlink"))
+_knob("NUM_SMS", int, 24,
+      "SMs (Triton programs) each NVLink transport kernel uses; the rest stay free for the experts' GEMMs.",
+      minimum=1, maximum=1024)
 _knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
       "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1)
 _knob("NORMAL_ALIGNMENT", int, 1,

@@ -1,0 +1,117 @@
+"""The NVLink transport's kernels (puts into peers' memory, signals, bounded waits, copy-out) run on
+gloo ranks under the Triton interpreter, over shared-memory files standing in for symmetric memory:
+every row lands where the collective transport puts it, over several calls (the two halves of the
+region alternate), across a growth of the region, and a silent peer is reported, not waited for."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ep_runtime as ep
+from ep_runtime.dispatchers import exchange_kernels as xk
+from ep_runtime.dispatchers import peer_transport as pt
+from ep_runtime.dispatchers.transport import all_gather_rows
+from ep_runtime.testing import make_problem, run_ranks
+
+pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
+
+
+def _transport_rank(rank, world_size):
+    group = dist.group.WORLD
+    peer = pt.peer_transport(group, torch.device("cpu"), world_size, "nvlink")
+    gen = torch.Generator().manual_seed(100 + rank)
+    mismatches = []
+    for call, H in enumerate([6, 6, 5, 40, 6]):  # H=40 after H=6: the region grows between calls
+        # static: 3 rows to every peer (rows differ per destination)
+        chunk = 3
+        x = torch.randn(world_size * chunk, H, generator=gen).to(torch.bfloat16)
+        want = torch.empty_like(x)
+        dist.all_to_all_single(want, x)
+        assert peer.fits(world_size * chunk * H * 2)
+        got = peer.all_to_all(x, world_size * chunk, chunk=chunk, num_sms=2)
+        if not torch.equal(got, want):
+            mismatches.append(("static", call))
+        # all-gather: every peer gets all of x
+        row = torch.randint(-50, 50, (1, H), generator=gen, dtype=torch.int32)
+        gathered = [torch.empty_like(row) for _ in range(world_size)]
+        dist.all_gather(gathered, row)
+        assert peer.fits(world_size * H * 4)
+        if not torch.equal(peer.all_to_all(row, world_size, chunk=1, gather=True, num_sms=3), torch.cat(gathered)):
+            mismatches.append(("gather", call))
+        # exact plan from a count table: uneven rows per peer (zero included), then back to the owners
+        sent_row = torch.randint(0, 4, (world_size,), generator=gen, dtype=torch.int32)
+        sent_row[(rank + call) % world_size] = 0
+        table = all_gather_rows(torch.cat([torch.tensor([7], dtype=torch.int32), sent_row]), group, world_size)
+        send_splits = sent_row.tolist()
+        recv_splits = table[:, 1 + rank].tolist()
+        x = torch.randn(sum(send_splits), H, generator=gen)
+        want = x.new_empty(sum(recv_splits), H)
+        dist.all_to_all_single(want, x, recv_splits, send_splits)
+        most = max(int(table[:, 1:].sum(0).max()), int(table[:, 1:].sum(1).max()))
+        assert peer.fits(most * H * 4)
+        got = peer.all_to_all(x, sum(recv_splits), table=table, num_sms=2)
+        if not torch.equal(got, want):
+            mismatches.append(("table", call))
+        back = peer.all_to_all(got * 2, sum(send_splits), table=table, to_owner=True, num_sms=2)
+        if not torch.equal(back, x * 2):
+            mismatches.append(("to_owner", call))
+    return {"mismatches": mismatches, "bytes": peer.nbytes}
+
+
+def test_rows_land_where_the_collective_puts_them():
+    for result in run_ranks(_transport_rank, 3, timeout=240):
+        assert result["mismatches"] == [], result
+        assert result["bytes"] >= 2 * (1 << 20), result  # both halves of at least one MiB, and the flags
+
+
+def _silent_peer_rank(rank, world_size):
+    """Rank 1 never calls: rank 0's wait gives up (its poll bound) and its next call raises, naming rank 1."""
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert peer.fits(x.numel() * 4)
+    if rank == 1:
+        dist.barrier()
+        return "silent"
+    peer.all_to_all(x, world_size * 2, chunk=2, num_sms=1)
+    try:
+        peer.check()
+    except ep.PeerFailure as err:
+        dist.barrier()
+        return str(err)
+    dist.barrier()
+    return "no error"
+
+
+def test_a_silent_peer_is_reported_not_waited_for():
+    message = run_ranks(_silent_peer_rank, 2, timeout=120)[0]
+    assert "rank 1 did not signal" in message and "EP_RUNTIME_TIMEOUT_S=1" in message, message
+
+
+CASES = {
+    "deepep_normal": ("deepep_normal", {}),
+    "mori_static": ("mori", {"max_dispatch_tokens_per_rank": 16, "static": True, "max_input_tokens": 20}),
+    "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 16}),
+}
+
+
+def _layer_rank(rank, world_size, case):
+    """The same layer call on the collective transport and on the NVLink one: identical outputs."""
+    name, options = CASES[case]
+    outputs = {}
+    for transport in ("nccl", "nvlink"):  # num_sms=2: the interpreter runs programs one by one
+        torch.manual_seed(0)
+        layer = ep.EPMoE(12, 3, 32, 16, dispatcher=name, runner="torch",
+                         dispatcher_options=dict(options, transport=transport, num_sms=2))
+        problem = make_problem(layer.config, [11, 7, 9], seed=6, ep_size=world_size)
+        x = problem.xs[rank].float()
+        with torch.no_grad(), xk.forced():
+            outputs[transport] = [layer(x, problem.topk_ids[rank], problem.topk_weights[rank]) for _ in range(2)]
+    calls = pt.peer_transport(dist.group.WORLD, x.device, world_size, "nvlink").calls  # dispatch + combine, twice
+    return calls, all(torch.equal(a, b) for a, b in zip(outputs["nccl"], outputs["nvlink"]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_outputs_equal_the_collective_transport(case):
+    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(4, True)] * 3
