@@ -3,6 +3,7 @@ waits may come in any order (the exchanges stay in call order on every rank), ou
 synchronous run bit for bit and the float64 reference, buffers can be reused once waited, receive
 hooks complete the receive, bad arguments fail before any collective, and EPMoE's shared experts
 run during the dispatch with an unchanged result."""
+import importlib.util
 import time
 
 import pytest
@@ -218,3 +219,27 @@ def test_shared_experts_run_during_dispatch_with_unchanged_result(dispatcher):
 def test_shared_experts_must_be_a_module():
     with pytest.raises(TypeError, match="shared_experts=function; allowed: None or an nn.Module"):
         ep.EPMoE(8, 2, 32, 16, shared_experts=lambda x: x)
+
+
+def _nvlink_rank(rank, world_size, name):
+    """The kernel path through the NVLink transport (its CPU stand-in under the Triton interpreter):
+    the overlapped schedule's exchanges keep their order, so the transport's per-call signals line
+    up on every rank and the outputs equal the sequential ones."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    from ep_runtime.dispatchers import exchange_kernels as xk
+
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, dispatcher=name, runner="torch",
+                     dispatcher_options=dict(num_max_dispatch_tokens_per_rank=4, transport="nvlink", num_sms=1))
+    problem = make_problem(layer.config, [4, 3, 2, 4], seed=4, ep_size=world_size)
+    batches = [(problem.xs[2 * rank + b].float(), ep.TopKOutput(problem.topk_ids[2 * rank + b],
+                                                               problem.topk_weights[2 * rank + b])) for b in range(2)]
+    with torch.no_grad(), xk.forced():
+        sequential = run_sequential(layer, batches)
+        overlapped = run_overlapped(layer, batches)
+    return all(torch.equal(a, b) for a, b in zip(sequential, overlapped))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_overlap_through_the_nvlink_transport():
+    assert all(run_ranks(_nvlink_rank, 2, "deepep_ll", timeout=240))
