@@ -163,7 +163,7 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     assert "all_to_all_single" in proc.stdout and "runner" in proc.stdout
 
     data = json.loads(out_json.read_text())
-    assert set(data) == {"meta", "dispatch", "runner", "roofline", "skipped"}
+    assert set(data) == {"meta", "dispatch", "runner", "roofline", "skipped", "overlap"}
     meta = data["meta"]
     assert meta["world_size"] == 2 and meta["launcher"] == "spawn" and meta["command"].startswith("ep-runtime bench")
     rows = data["dispatch"]

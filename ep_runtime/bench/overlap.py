@@ -130,13 +130,15 @@ def overlap_suite(settings: Settings, group: Any, device: torch.device, progress
                         results.skipped.append(dict(skip, reason=f"expert-major buffer [L={L}, M*R={T * R}, H={H}] "
                                                                  f"over {_LL_BUFFER_LIMIT_BYTES >> 30} GiB"))
                         continue
+                    rows = []
                     try:
                         layer = build_layer(E, K, H, I, v.dispatcher, v.options(T, R), group, dtype, device,
                                             settings.seed)
-                        rows = _time_variant(layer, inputs, timing, graphs and v.capturable, group, device)
+                        rows.append(_time_eager(layer, inputs, timing, group, device))
+                        if graphs and v.capturable:
+                            rows.append(_time_graphs(layer, inputs, timing, group, device))
                     except Exception as err:  # noqa: BLE001 - reported, the suite goes on
-                        results.skipped.append(dict(skip, reason=reason(err)))
-                        continue
+                        results.skipped.append(dict(skip, reason=("graph: " if rows else "") + reason(err)))
                     finally:
                         layer = None
                     for mode, sequential, overlapped, identical in rows:
@@ -151,32 +153,38 @@ def overlap_suite(settings: Settings, group: Any, device: torch.device, progress
 
 
 @torch.inference_mode()
-def _time_variant(layer, inputs: list, timing: dict, graphs: bool, group: Any, device: torch.device
-                  ) -> list[tuple[str, Stats, Stats, bool]]:
-    """[(mode, sequential Stats, overlapped Stats, bit-identical on every rank)] for eager (and graph)."""
+def _time_eager(layer, inputs: list, timing: dict, group: Any, device: torch.device
+                ) -> tuple[str, Stats, Stats, bool]:
+    """(mode, sequential Stats, overlapped Stats, bit-identical on every rank), eager calls."""
     rot = len(inputs)
     identical = all(all(torch.equal(a, b) for a, b in zip(run_sequential(layer, batches),
                                                           run_overlapped(layer, batches))) for batches in inputs)
-    identical = _all_ranks(identical, group, device)
-    rows = [("eager", measure(lambda i: run_sequential(layer, inputs[i % rot]), **timing),
-             measure(lambda i: run_overlapped(layer, inputs[i % rot]), **timing), identical)]
-    if graphs:
-        sequential, seq_out = capture_graphs(lambda k: run_sequential(layer, inputs[k]), rot, device)
-        overlapped, over_out = capture_graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device)
-        try:
-            for k in range(rot):
-                sequential[k].replay()
-                overlapped[k].replay()
-            torch.cuda.synchronize(device)
-            same = _all_ranks(all(torch.equal(a, b) for k in range(rot) for a, b in zip(seq_out[k], over_out[k])),
-                              group, device)
-            rows.append(("graph", measure(lambda i: sequential[i % rot].replay(), **timing),
-                         measure(lambda i: overlapped[i % rot].replay(), **timing), same))
-        finally:
-            torch.cuda.synchronize(device)
-            for g in sequential + overlapped:  # a graph holding NCCL work must go before the group does
-                g.reset()
-    return rows
+    return ("eager", measure(lambda i: run_sequential(layer, inputs[i % rot]), **timing),
+            measure(lambda i: run_overlapped(layer, inputs[i % rot]), **timing), _all_ranks(identical, group, device))
+
+
+@torch.inference_mode()
+def _time_graphs(layer, inputs: list, timing: dict, group: Any, device: torch.device
+                 ) -> tuple[str, Stats, Stats, bool]:
+    """The same as CUDA-graph replays: both schedules captured per rotated input; identical compares the
+    replays' outputs with the eager sequential run's."""
+    rot = len(inputs)
+    eager = [run_sequential(layer, batches) for batches in inputs]
+    sequential, seq_out = capture_graphs(lambda k: run_sequential(layer, inputs[k]), rot, device)
+    overlapped, over_out = capture_graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device)
+    try:
+        for k in range(rot):
+            sequential[k].replay()
+            overlapped[k].replay()
+        torch.cuda.synchronize(device)
+        same = all(torch.equal(a, b) and torch.equal(a, c)
+                   for k in range(rot) for a, b, c in zip(eager[k], seq_out[k], over_out[k]))
+        return ("graph", measure(lambda i: sequential[i % rot].replay(), **timing),
+                measure(lambda i: overlapped[i % rot].replay(), **timing), _all_ranks(same, group, device))
+    finally:
+        torch.cuda.synchronize(device)
+        for g in sequential + overlapped:  # a graph holding NCCL work must go before the group does
+            g.reset()
 
 
 def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device) -> tuple[list, list]:
