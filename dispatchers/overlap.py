@@ -17,7 +17,8 @@ filled by wait(): a dispatch output that raises when read before wait(), a combi
 final shape whose values are written by wait().
 
 Argument checks run in the caller before anything is issued (they raise on every rank before any
-collective); an error of the exchange itself (a count-table check, a peer failure) is raised by wait().
+collective); an error of the exchange itself (a count-table check, a peer failure) is raised by wait()
+on CPU ranks, and on CUDA where the synchronous call raises it (a host plan reads its table in the call).
 """
 from __future__ import annotations
 
