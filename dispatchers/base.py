@@ -127,6 +127,8 @@ class Dispatcher:
         must not be changed before the wait."""
         self._check_async(async_op, return_recv_hook, previous_event)
         ids, weights = self._checked_topk(x, topk)
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._dispatch(x, TopKOutput(ids, weights), **options)
         return self._issue(lambda: self._dispatch(x, TopKOutput(ids, weights), **options), x.device, (x, ids, weights),
                            async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
@@ -149,6 +151,8 @@ class Dispatcher:
         """The runner's rows, reduced per original token: [T, H] in x's dtype. async_op=True returns
         (y, work), return_recv_hook=True (y, hook), as dispatch does; previous_event likewise."""
         self._check_async(async_op, return_recv_hook, previous_event)
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._combine(combine_input)
         T = None
         if (async_op or return_recv_hook) and self._moves_rows() and combine_input.hidden_states.device.type != "cuda":
             T = self.combined_tokens(combine_input.dispatch_output)
@@ -161,6 +165,12 @@ class Dispatcher:
         """T of the dispatch `dispatch_output` came from (the rows combine returns); None when unknown,
         and an async combine on CPU ranks then completes before it returns."""
         return None
+
+    @staticmethod
+    def _plain(async_op: bool, return_recv_hook: bool, previous_event: Any) -> bool:
+        """A synchronous call in a process that has run nothing asynchronously: the exchange runs here,
+        as it is (what torch.compile traces, with no stream or thread bookkeeping)."""
+        return not (async_op or return_recv_hook) and previous_event is None and not overlap.used()
 
     def _moves_rows(self) -> bool:
         return self.world_size > 1 and self.shards_experts

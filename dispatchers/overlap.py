@@ -32,6 +32,13 @@ import torch.distributed as dist
 
 _WORKERS: dict[Any, ThreadPoolExecutor] = {}
 _WORKERS_LOCK = threading.Lock()
+_USED = False  # set by the first asynchronous launch in this process
+
+
+def used() -> bool:
+    """Whether any exchange of this process ran asynchronously: until then a synchronous call takes
+    the plain path (nothing to order after, nothing for torch.compile to trace through)."""
+    return _USED
 
 
 def tensors_in(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
@@ -155,6 +162,8 @@ def launch_cuda(device: torch.device, fn: Callable[[], Any], inputs: Any, previo
                 ) -> tuple[Any, ExchangeWork]:
     """fn() on the communication stream, after the caller's stream and previous_event; inputs are
     recorded on that stream (see the module doc)."""
+    global _USED
+    _USED = True
     caller = torch.cuda.current_stream(device)
     comm = comm_stream(device)
     comm.wait_stream(caller)
@@ -182,6 +191,8 @@ def _key(group: Any) -> Any:
 
 def worker(group: Any) -> ThreadPoolExecutor:
     """The group's exchange thread (made on first use)."""
+    global _USED
+    _USED = True
     key = _key(group)
     with _WORKERS_LOCK:
         if key not in _WORKERS:
