@@ -2,18 +2,20 @@
 no NCCL call, no host sync, a fixed number of SMs.
 
 Every rank of a group maps one symmetric region of every other rank (PyTorch symmetric memory on
-CUDA). A call of `all_to_all` runs two kernels on the caller's stream:
-- put: `num_sms` programs copy each outgoing row into the destination rank's region, at the row
-  offset this rank owns there (fixed chunks for static plans; for exact plans the offsets come
-  from the all-gathered count table on the device, the same table that planned the rows);
-- wait: program 0 raises this rank's flag in every peer (the call's epoch, with release
-  semantics), every program waits until every peer's flag here reaches the epoch (acquire; bounded
-  by EP_RUNTIME_TIMEOUT_S, after which it records the silent rank in host memory and gives up), then
-  the programs copy the received rows out into an ordinary tensor, and the last one to finish
+CUDA), and a few flag words. A call of `all_to_all` runs two kernels on the caller's stream:
+- put: program 0 first tells every peer that this rank is done with the rows of its previous call
+  (its "free" flag: everything earlier on this stream has run); then `num_sms` programs copy each
+  outgoing row into the destination rank's region, at the row offset this rank owns there (fixed
+  chunks for static plans; for exact plans the offsets come from the all-gathered count table on
+  the device, the table that planned the rows), each peer's share only once that peer is free,
+  and this rank's own rows last (their copy overlaps the peers' incoming stores);
+- signal: one program raises this rank's "ready" flag in every peer (the call's epoch, release
+  semantics), waits until every peer's ready flag here reaches it (acquire; bounded by
+  EP_RUNTIME_TIMEOUT_S, after which it records the silent rank in host memory and gives up), and
   advances the epoch.
-The epoch lives on the device, so CUDA-graph replays keep counting. Calls alternate between two
-halves of the region (by epoch parity): a peer can be at most one call ahead (its next call waits
-for this rank's signal), so it never writes the half this rank is still copying out.
+The result is a view of this rank's region, valid until its next call on the transport (callers
+that hand rows to users copy them; the exchange's own kernels read them at once). The epoch lives
+on the device, so CUDA-graph replays keep counting.
 
 The region is sized by the largest call so far, and grows (a collective re-allocation, the same
 decision on every rank because it is made from sizes every rank knows) outside graph capture; a
@@ -44,6 +46,7 @@ except ImportError:  # triton is optional: the collective transport runs instead
 
 _GRANULE = 1 << 20  # regions grow in whole MiB, to at least twice the old size
 _WORD = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_BLOCK, _WARPS = 4096, 8  # words per program per step (32 KiB of int64), warps per program
 
 if triton is not None:
 
@@ -72,27 +75,30 @@ if triton is not None:
         return count, src, dst
 
     @triton.jit
-    def _put_kernel(src_ptr, region_ptrs, epoch_ptr, table_ptr, table_stride, me, R, chunk, src_step, row_words,
-                    half_words, TABLE: tl.constexpr, TO_OWNER: tl.constexpr, BLOCK: tl.constexpr):
-        """Copy every outgoing row into its destination's region (the half of this call's parity)."""
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        half = (tl.load(epoch_ptr) % 2) * half_words
+    def _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE: tl.constexpr, TO_OWNER: tl.constexpr):
+        """(rows, first source row, first destination row) of what this rank sends `peer`."""
+        if TABLE:
+            count, src, dst = _table_offsets(table_ptr, table_stride, me, peer, R, TO_OWNER)
+        else:
+            count = chunk
+            src = peer * src_step
+            dst = me * chunk
+        return count, src, dst
+
+    @triton.jit
+    def _words_at(address, first_row, row_words, ty: tl.constexpr, VEC: tl.constexpr):
+        """Pointer to word 0 of row `first_row` of the rows at `address` (an int, 16-byte aligned)."""
+        base = tl.multiple_of(address, 16).to(tl.pointer_type(ty))
+        return base + tl.multiple_of(tl.cast(first_row, tl.int64) * row_words, VEC)
+
+    @triton.jit
+    def _copy_words(src_ptr, dst_ptr, n, pid, nprog, VEC: tl.constexpr, BLOCK: tl.constexpr):
+        """Copy n words, BLOCK per program per step (VEC: words known aligned, for wide accesses)."""
         cols = tl.arange(0, BLOCK)
-        for peer in range(0, R):
-            if TABLE:
-                count, src, dst = _table_offsets(table_ptr, table_stride, me, peer, R, TO_OWNER)
-            else:
-                count = chunk
-                src = peer * src_step
-                dst = me * chunk
-            base = tl.load(region_ptrs + peer).to(tl.pointer_type(src_ptr.dtype.element_ty)) + half
-            for r in range(pid, count, nprog):
-                src_row = src_ptr + tl.cast(src + r, tl.int64) * row_words
-                dst_row = base + tl.cast(dst + r, tl.int64) * row_words
-                for c in range(0, row_words, BLOCK):
-                    mask = c + cols < row_words
-                    tl.store(dst_row + c + cols, tl.load(src_row + c + cols, mask=mask), mask=mask)
+        for start in range(pid * BLOCK, n, nprog * BLOCK):
+            offs = tl.multiple_of(start, VEC) + cols
+            mask = offs < n
+            tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
     @triton.jit
     def _clock_ns(INTERPRET: tl.constexpr):
@@ -103,41 +109,75 @@ if triton is not None:
                                              pack=1)
 
     @triton.jit
-    def _wait_kernel(out_ptr, region_ptrs, flag_ptrs, epoch_ptr, done_ptr, error_ptr, me, R, rows, row_words,
-                     half_words, timeout_ns, max_polls, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-        """Signal every peer, wait for every peer's signal, copy the received rows [0, rows) out."""
+    def _acquire(INTERPRET: tl.constexpr):
+        """A system-scope acquire fence: what a peer stored before raising the flag just seen is
+        visible to every read after this (the interpreter runs programs in order: nothing to do)."""
+        if not INTERPRET:
+            tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+
+    @triton.jit
+    def _wait_for(flag, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET: tl.constexpr):
+        """Spin until the flag word reaches `epoch`, or record `peer` as silent and go on. Plain
+        volatile loads poll (no atomics: a program's threads would all hit one address); a wait that
+        is followed by reads of the peer's rows needs _acquire() after it. The error word lives on the
+        device (every program reads it); a wait that gives up also writes it to host memory, where
+        the host reads it without a sync."""
+        polls = 0
+        seen = tl.load(flag, volatile=True)
+        if tl.load(error, volatile=True) != 0:  # a wait of this rank gave up already: none waits again
+            seen = epoch
+        while seen < epoch:
+            polls += 1
+            if (_clock_ns(INTERPRET) - start > timeout_ns) | (polls > max_polls):
+                tl.store(error, peer + 1)
+                tl.store(host_error, peer + 1)
+                seen = epoch  # give up: the host reads the error and raises
+            else:
+                seen = tl.load(flag, volatile=True)
+
+    @triton.jit
+    def _put_kernel(src_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr, table_ptr, table_stride, me,
+                    R, chunk, src_step, row_words, timeout_ns, max_polls, TABLE: tl.constexpr, TO_OWNER: tl.constexpr,
+                    VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+        """Copy every outgoing row into its destination's region: one peer's rows are contiguous on
+        both sides, so each share is one flat copy. Flags: [ready (R words); free (R words)]."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        epoch = tl.load(epoch_ptr) + 1  # this call's number, the same on every rank
-        half = (epoch - 1) % 2 * half_words
-        if pid == 0:  # the put kernel before this one has finished: its stores precede the release
+        ty = src_ptr.dtype.element_ty
+        done = tl.load(epoch_ptr)  # calls this rank has finished, the same count on every rank
+        if pid == 0:
             for peer in range(0, R):
-                flag = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + me
-                tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+                free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
+                tl.atomic_xchg(free, done, sem="release", scope="sys")
         mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
-        error = error_ptr.to(tl.pointer_type(tl.int32))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
+        start = _clock_ns(INTERPRET)
+        for step in range(1, R + 1):  # peers first, this rank last
+            peer = (me + step) % R
+            count, src, dst = _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE, TO_OWNER)
+            if peer != me:  # no fence after: the stores below depend on the flag seen, nothing is read
+                _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+            _copy_words(src_ptr + tl.multiple_of(tl.cast(src, tl.int64) * row_words, VEC),
+                        _words_at(tl.load(region_ptrs + peer), dst, row_words, ty, VEC),
+                        tl.cast(count, tl.int64) * row_words, pid, nprog, VEC, BLOCK)
+
+    @triton.jit
+    def _signal_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
+                       INTERPRET: tl.constexpr):
+        """One program: raise this call's ready flag in every peer (the put kernel before this one has
+        finished: its stores precede the release), wait for every peer's, advance the epoch."""
+        epoch = tl.load(epoch_ptr) + 1
+        for peer in range(0, R):
+            ready = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + me
+            tl.atomic_xchg(ready, epoch, sem="release", scope="sys")
+        mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
         start = _clock_ns(INTERPRET)
         for peer in range(0, R):
-            polls = 0
-            seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
-            while seen < epoch:
-                polls += 1
-                late = (_clock_ns(INTERPRET) - start > timeout_ns) | (polls > max_polls)
-                if late:
-                    tl.store(error, peer + 1)
-                    seen = epoch  # give up: the host reads the error and raises
-                else:
-                    seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
-        local = tl.load(region_ptrs + me).to(tl.pointer_type(out_ptr.dtype.element_ty)) + half
-        cols = tl.arange(0, BLOCK)
-        for r in range(pid, rows, nprog):
-            for c in range(0, row_words, BLOCK):
-                mask = c + cols < row_words
-                value = tl.load(local + tl.cast(r, tl.int64) * row_words + c + cols, mask=mask)
-                tl.store(out_ptr + tl.cast(r, tl.int64) * row_words + c + cols, value, mask=mask)
-        if tl.atomic_add(done_ptr, 1) == nprog - 1:  # the last program out advances the epoch
-            tl.store(done_ptr, 0)
-            tl.store(epoch_ptr, epoch)
+            _wait_for(mine + peer, epoch, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+        _acquire(INTERPRET)  # the rows the peers stored before their flags are visible after this kernel
+        tl.store(epoch_ptr, epoch)
 
 
 def _word(row_bytes: int) -> torch.dtype:
@@ -187,22 +227,30 @@ class PeerTransport:
     device), shared by every layer on the group (see `peer_transport`)."""
 
     def __init__(self, group, device: torch.device):
+        group = group if group is not None else dist.group.WORLD  # the rendezvous needs the object
         self.group, self.device = group, device
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         R = self.world_size
-        self._flags = _map_region(8 * R, group, device)  # flags[s]: the last epoch rank s signalled here
+        # flags [ready; free] x R: the last call rank s finished storing here / is done reading there
+        self._flags = _map_region(16 * R, group, device)
         self._flags.local.zero_()
         self._flag_ptrs = torch.tensor(self._flags.addresses, dtype=torch.int64, device=device)
         self._region: Optional[_Region] = None
         self._region_ptrs = torch.zeros(R, dtype=torch.int64, device=device)  # updated in place on growth
-        self._epoch = torch.zeros(2, dtype=torch.int64, device=device)  # [epoch, programs done]
-        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._epoch = torch.zeros(1, dtype=torch.int64, device=device)  # calls finished
+        self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")  # read by the host
+        self._device_error = torch.zeros(1, dtype=torch.int32, device=device)  # read by the kernels
         self._failed: Optional[str] = None
+        self._timeout_s = envs.get("TIMEOUT_S")
+        interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
+        self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
+                       int(self._timeout_s * 2000) if interpret else 2 ** 62)
+        self._interpret = interpret
         dist.barrier(group=group)  # every flag word is zero before any rank signals
 
     @property
     def nbytes(self) -> int:
-        """Device memory this rank holds for the transport (both halves of the region, and flags)."""
+        """Memory this rank holds for the transport (the region and the flags)."""
         return (self._region.nbytes if self._region is not None else 0) + self._flags.nbytes
 
     @property
@@ -210,19 +258,18 @@ class PeerTransport:
         """Exchanges made so far (the device epoch; reading it waits for them)."""
         return int(self._epoch[0])
 
-    def fits(self, half_bytes: int) -> bool:
-        """Make room for a call moving at most `half_bytes` into any rank (identical on every rank);
+    def fits(self, nbytes: int) -> bool:
+        """Make room for a call moving at most `nbytes` into any rank (the same answer on every rank);
         False while capturing a graph when the region is too small (the caller takes the collective)."""
-        have = self._region.nbytes // 2 if self._region is not None else 0
-        if self._region is not None and half_bytes <= have:
+        have = self._region.nbytes if self._region is not None else 0
+        if self._region is not None and nbytes <= have:
             return True
         if capturing():
             return False
-        want = max(half_bytes, 2 * have, 1)
-        want = -(-want // _GRANULE) * _GRANULE
+        want = -(-max(nbytes, 2 * have, 1) // _GRANULE) * _GRANULE
         if self._region is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # nothing of ours still reads or writes the old region
-        self._region = _map_region(2 * want, self.group, self.device)
+        self._region = _map_region(want, self.group, self.device)
         self._region_ptrs.copy_(torch.tensor(self._region.addresses, dtype=torch.int64))
         return True
 
@@ -230,41 +277,36 @@ class PeerTransport:
         """Raise when a wait gave up on a peer (read from host memory: no sync)."""
         if self._failed is None and int(self._error[0]):
             peer = int(self._error[0]) - 1
-            self._failed = (f"rank {peer} did not signal its rows within EP_RUNTIME_TIMEOUT_S="
-                            f"{envs.get('TIMEOUT_S'):g}s on the NVLink transport (stalled or ended); "
-                            f"outputs since are not valid")
+            self._failed = (f"rank {peer} did not signal within EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s on the "
+                            f"NVLink transport (stalled or ended); outputs since are not valid")
         if self._failed is not None:
             raise PeerFailure(self._failed)
 
     def all_to_all(self, x: torch.Tensor, rows_out: int, chunk: Optional[int] = None,
                    table: Optional[torch.Tensor] = None, to_owner: bool = False, gather: bool = False,
                    num_sms: int = 24) -> torch.Tensor:
-        """x [S, ...] -> [rows_out, ...], rows grouped by source rank in rank order. Static plans:
-        `chunk` rows to every peer (x holds R chunks, peer-major), or with `gather` all of x (chunk =
-        S) to every peer. Exact plans: `table` [R, 1 + R + ...] int32, the all-gathered count table
-        (sent[s][d] = table[s, 1 + d]); dispatch sends x's rows peer by peer, `to_owner` (combine)
-        sends received rows back to their senders. Call fits() first."""
+        """x [S, ...] -> [rows_out, ...], rows grouped by source rank in rank order: a view of this
+        rank's region, valid until its next call here. Static plans: `chunk` rows to every peer (x
+        holds R chunks, peer-major), or with `gather` all of x (chunk = S) to every peer. Exact plans:
+        `table` [R, 1 + R + ...] int32, the all-gathered count table (sent[s][d] = table[s, 1 + d]);
+        dispatch sends x's rows peer by peer, `to_owner` (combine) sends received rows back to their
+        senders. Call fits() first."""
         self.check()
         x = x.contiguous()
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
-        word = _word(row_bytes)
-        out = torch.empty((rows_out,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        words_in, words_out = x.view(torch.uint8).view(word), out.view(torch.uint8).view(word)
-        row_words = row_bytes // words_in.element_size()
-        half_words = self._region.nbytes // 2 // words_in.element_size()
-        block = min(triton.next_power_of_2(max(row_words, 16)), 2048)
-        interpret = not x.is_cuda  # CPU tensors: the Triton interpreter
-        timeout_s = envs.get("TIMEOUT_S")
+        words_in = x.view(torch.uint8).view(_word(row_bytes))
+        vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
         _put_kernel[(num_sms,)](
-            words_in, self._region_ptrs, self._epoch, table if table is not None else self._epoch,
-            table.shape[1] if table is not None else 0, self.rank, self.world_size, chunk or 0,
-            0 if gather else (chunk or 0), row_words, half_words, TABLE=table is not None, TO_OWNER=to_owner,
-            BLOCK=block)
-        _wait_kernel[(num_sms,)](
-            words_out, self._region_ptrs, self._flag_ptrs, self._epoch, self._epoch[1:], self._error.data_ptr(),
-            self.rank, self.world_size, rows_out, row_words, half_words, int(timeout_s * 1e9),
-            int(timeout_s * 2000) if interpret else 2 ** 62, BLOCK=block, INTERPRET=interpret)
-        return out
+            words_in, self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0],
+            table if table is not None else self._epoch, table.shape[1] if table is not None else 0, self.rank,
+            self.world_size, chunk or 0, 0 if gather else (chunk or 0), row_bytes // words_in.element_size(),
+            *self._waits[1:], TABLE=table is not None, TO_OWNER=to_owner, VEC=vec, BLOCK=_BLOCK,
+            INTERPRET=self._interpret, num_warps=_WARPS)
+        _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
+                             self.world_size,
+                             *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+        received = self._region.local[:rows_out * row_bytes]
+        return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
 
 
 _TRANSPORTS: dict = {}  # (group, device) -> PeerTransport, or why there can be none (a str)
@@ -290,6 +332,18 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str) -> O
                                f"allowed here: 'auto' or 'nccl'")
         return None
     return found
+
+
+def describe(group, mode: str) -> str:
+    """What an exchange with transport setting `mode` on `group` uses, as far as known without a
+    collective (the choice is made at the first exchange): for layer reprs."""
+    group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    for (g, device), found in _TRANSPORTS.items():
+        if g is group and mode != "nccl":
+            if isinstance(found, PeerTransport):
+                return f"transport=nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+            return "transport=nccl"
+    return f"transport={mode}"
 
 
 def release_transports() -> None:

@@ -278,14 +278,18 @@ class RankExchange:
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
                       chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
-                      distinct: Optional[str] = None) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      distinct: Optional[str] = None, transient: bool = False
+                      ) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan() then send() (their arguments); on the kernel path in one go, packing before the
-        count table is read. Returns (handle, recv_x, recv_ids, recv_weights)."""
+        count table is read. transient: the caller consumes the received rows before its next
+        exchange (they may stay in the NVLink transport's region). Returns (handle, recv_x, recv_ids,
+        recv_weights)."""
         if exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights):
             handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids)
             if payload is None:
-                return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids))
-            return (handle, *self._receive_payload(payload, handle, x.shape[1], x.dtype, topk_ids.shape[1]))
+                return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient))
+            return (handle, *self._receive_payload(payload, handle, x.shape[1], x.dtype, topk_ids.shape[1],
+                                                   transient))
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
 
@@ -459,7 +463,7 @@ class RankExchange:
             recv_meta = torch.cat([recv_meta, meta_pad.expand(missing, -1)])
         return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
 
-    def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool):
+    def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool, transient: bool = False):
         """The kernel path: one packing kernel, one exchange of rows with their metadata, and for
         padded or compacted receive sides one kernel laying the rows out."""
         rank_of, local_of, _ = self.tables(x.device)
@@ -467,26 +471,33 @@ class RankExchange:
                                                 local_of if local_ids else None)
         return self._receive_payload(payload, handle, x.shape[1], x.dtype, ids.shape[1])
 
-    def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool) -> torch.Tensor:
+    def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool, keep: bool) -> torch.Tensor:
         """The kernel path's exchange of one plan's rows: dispatch (to the experts' ranks) or, with
         to_owner, combine (back to the senders). Through the NVLink transport where it serves and the
-        rows fit, else the collective."""
+        rows fit, else the collective. keep: the result outlives this rank's next exchange (the
+        NVLink transport's rows are then copied out of its region)."""
         R = self.world_size
         peer = peer_transport(self.group, rows.device, R, self.transport)
         if peer is not None and (handle.static or handle.table is not None):
             row_bytes = math.prod(rows.shape[1:]) * rows.element_size()
+            moved = None
             if handle.static:
                 if peer.fits(R * handle.chunk * row_bytes):
-                    return peer.all_to_all(rows, R * handle.chunk, chunk=handle.chunk, num_sms=self.num_sms)
+                    moved = peer.all_to_all(rows, R * handle.chunk, chunk=handle.chunk, num_sms=self.num_sms)
             elif peer.fits(handle.most_rows * row_bytes):
                 out_rows = sum(handle.send_splits if to_owner else handle.recv_splits)
-                return peer.all_to_all(rows, out_rows, table=handle.table, to_owner=to_owner, num_sms=self.num_sms)
+                moved = peer.all_to_all(rows, out_rows, table=handle.table, to_owner=to_owner, num_sms=self.num_sms)
+            if moved is not None:
+                return moved.clone() if keep else moved
         if to_owner:
             return all_to_all(rows, handle.send_splits, handle.recv_splits, self.group, R)
         return all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
 
-    def _receive_payload(self, payload, handle: ExchangeHandle, hidden: int, dtype: torch.dtype, top_k: int):
-        received = self._move(payload, handle, to_owner=False)
+    def _receive_payload(self, payload, handle: ExchangeHandle, hidden: int, dtype: torch.dtype, top_k: int,
+                         transient: bool = False):
+        """transient: the caller reads the rows before its next exchange and keeps none of them."""
+        taken = handle.recv_rows is not None or (handle.rows is not None and not handle.static)
+        received = self._move(payload, handle, to_owner=False, keep=not (taken or transient))
         rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
         if handle.recv_rows is not None:
             rows, meta = exchange_kernels.take_rows(rows, meta, handle.recv_rows, received.shape[0])
@@ -503,7 +514,8 @@ class RankExchange:
                 partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))
             elif not handle.static:
                 partial = partial[:sum(handle.recv_splits)]
-            return exchange_kernels.gather_rows(self._move(partial, handle, to_owner=True), handle.combine_index)
+            return exchange_kernels.gather_rows(self._move(partial, handle, to_owner=True, keep=False),
+                                                handle.combine_index)
         zero = partial.new_zeros(1, partial.shape[1])
         if handle.recv_pos is not None:
             if partial.shape[0] < handle.rows:  # a truncated runner input: the rest is padding

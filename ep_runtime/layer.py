@@ -9,6 +9,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner
@@ -246,9 +247,12 @@ class EPMoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        transport = getattr(self.dispatcher, "transport_options", None)
+        moved_by = "" if transport is None else ", " + describe_transport(self.dispatcher.group, transport.transport)
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}, dispatcher={self.dispatcher.name}, "
-                f"runner={self.runner.backend.name}" + (", shared_experts" if self.shared_experts is not None else ""))
+                f"runner={self.runner.backend.name}{moved_by}"
+                + (", shared_experts" if self.shared_experts is not None else ""))
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:

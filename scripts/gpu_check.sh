@@ -9,6 +9,7 @@
 #                                replays of the static-shape dispatchers (140 s)
 #   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (85 s)
 #   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (85 s)
+#   bench_peer_transport         scripts/bench_peer_transport.py: the NVLink transport alone vs NCCL, on >= 2 GPUs (60 s)
 #   inference_cuda_graph         examples/inference_cuda_graph.py on min(2, GPUs) ranks (30 s)
 #   bench_overlap                ep-runtime bench overlap suite, DeepSeek-V3 shape, two micro-batches of 64 (decode,
 #                                graph replays) and 4096 (prefill) tok/rank, sequential vs overlapped (120 s)
@@ -61,6 +62,11 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
        $(plot_arg "$name") ${RUNNER_ARGS:-}) >"$W/$name.log" 2>&1
     section "$name" $?; grep -A8 "^roofline" "$W/$name.log"; tail -3 "$W/$name.log"
   done
+fi
+if [ "$NGPU" -ge 2 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # the NVLink transport alone vs NCCL, per SM budget
+  (cd /tmp && timeout -k 5 "$(budget 60)" torchrun --nproc-per-node "$NGPU" "$REPO/scripts/bench_peer_transport.py") \
+    >"$W/bench_peer_transport.log" 2>&1
+  section bench_peer_transport $?; grep -v "^W\|\*\*\*" "$W/bench_peer_transport.log" | tail -40
 fi
 if [ "$NGPU" -ge 1 ] && [ "${SKIP_EXAMPLES:-0}" != 1 ]; then
   (cd /tmp && timeout -k 5 "$(budget 30)" torchrun --nproc-per-node "$PAIR" "$REPO/examples/inference_cuda_graph.py") \

@@ -225,9 +225,52 @@ def deferred_check_on_rank(rank: int, world_size: int) -> dict:
         return {"deferred": ("ok", str(err))}
 
 
+TRANSPORTED = {"deepep_normal": ("deepep_normal", {}), "mori": ("mori", {}),
+               "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 128}),
+               **{v.impl: (v.dispatcher, v.options(128, 2)) for v in STATIC_VARIANTS}}
+
+
+def transports_on_rank(rank: int, world_size: int) -> dict:
+    """Each exchange dispatcher on NCCL and on the NVLink transport, bf16, inference: every dispatch
+    field and the combine output bit-identical; the NVLink transport really carried the calls."""
+    from ep_runtime.dispatchers.peer_transport import peer_transport
+    from ep_runtime.distributed import device_for_rank
+
+    device = device_for_rank()
+    config = ep.MoeConfig(E, K, H, INTER)
+    out = {}
+    for impl, (name, options) in TRANSPORTED.items():
+        try:
+            results = {}
+            for transport in ("nccl", "nvlink"):
+                d = dispatchers.create(name, config, transport=transport, **options)
+                fields = []
+                for T, seed in ((100, 1), (0 if rank else 17, 2), (128, 3)):
+                    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=torch.Generator(
+                        device).manual_seed(seed * 10 + rank))
+                    with torch.no_grad():
+                        sent = d.dispatch(x, ep.TopKOutput(*_routing(T, device, seed * 10 + rank)))
+                        y = d.combine(CombineInput(sent.recv_x * 3, sent))
+                    kept = {k: v for k, v in vars(sent).items() if isinstance(v, (torch.Tensor, list, int))
+                            and k != "handle"}
+                    if "masked_m" in kept:  # expert-major rows past masked_m hold no data
+                        kept["recv_x"] = kept["recv_x"][torch.arange(kept["recv_x"].shape[1], device=device)[None, :]
+                                                        < kept["masked_m"][:, None]]
+                    fields.append(kept | {"y": y})
+                results[transport] = fields
+            peer = peer_transport(d.group, device, world_size, "nvlink")
+            differ = [f"call {i}: {k}" for i, (a, b) in enumerate(zip(results["nccl"], results["nvlink"]))
+                      for k in a if not (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k])]
+            out[f"transport/{impl}"] = ("ok", {"differ": differ, "nvlink calls": peer.calls})
+        except Exception:  # noqa: BLE001
+            out[f"transport/{impl}"] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
 def _gpu_rank(rank: int, world_size: int) -> dict:
     return {**pairs_on_rank(rank, world_size, torch.bfloat16), **graphs_on_rank(rank, world_size),
-            **inference_on_rank(rank, world_size), **deferred_check_on_rank(rank, world_size)}
+            **inference_on_rank(rank, world_size), **deferred_check_on_rank(rank, world_size),
+            **transports_on_rank(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +295,51 @@ def test_pair_matches_float64_reference_forward_and_backward(on_ranks, dispatche
     assert status == "ok", value
     for errors in value:
         assert max(errors.values()) <= tolerance(torch.bfloat16), errors
+
+
+@pytest.mark.parametrize("impl", list(TRANSPORTED))
+def test_nvlink_transport_equals_nccl_bit_for_bit(on_ranks, impl):
+    status, per_rank = _outcome(on_ranks, f"transport/{impl}")
+    assert status == "ok", per_rank
+    for result in per_rank:
+        assert result["differ"] == [], result
+        assert result["nvlink calls"] > 0, result
+
+
+def _silent_peer_on_rank(rank: int, world_size: int) -> dict:
+    """Rank 1 never makes its call: rank 0's wait gives up after EP_RUNTIME_TIMEOUT_S and raises."""
+    import os
+    import time
+
+    from ep_runtime.dispatchers.peer_transport import peer_transport
+    from ep_runtime.distributed import device_for_rank
+
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "3"
+    device = device_for_rank()
+    peer = peer_transport(torch.distributed.group.WORLD, device, world_size, "nvlink")
+    x = torch.randn(2 * world_size, 64, device=device)
+    assert peer.fits(x.numel() * 4)
+    peer.all_to_all(x, 2 * world_size, chunk=2)  # one good call
+    torch.cuda.synchronize()
+    torch.distributed.barrier()
+    if rank == 1:
+        time.sleep(8)
+        return {"silent": "slept"}
+    start = time.monotonic()
+    peer.all_to_all(x, 2 * world_size, chunk=2)
+    torch.cuda.synchronize()
+    try:
+        peer.check()
+        return {"silent": ("no error", time.monotonic() - start)}
+    except ep.PeerFailure as err:
+        return {"silent": (str(err), time.monotonic() - start)}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nvlink_wait_on_a_silent_peer_raises_within_the_timeout():
+    message, seconds = run_ranks(_silent_peer_on_rank, 2, backend="nccl", timeout=60)[0]["silent"]
+    print(f"NVLink transport: silent peer reported after {seconds:.2f} s (EP_RUNTIME_TIMEOUT_S=3)")
+    assert "rank 1 did not signal" in message and seconds < 3 + 5, (message, seconds)
 
 
 @pytest.mark.parametrize("impl", list(INFERENCE))

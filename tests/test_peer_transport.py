@@ -1,7 +1,8 @@
-"""The NVLink transport's kernels (puts into peers' memory, signals, bounded waits, copy-out) run on
+"""The NVLink transport's kernels (puts into peers' memory, free/ready signals, bounded waits) run on
 gloo ranks under the Triton interpreter, over shared-memory files standing in for symmetric memory:
-every row lands where the collective transport puts it, over several calls (the two halves of the
-region alternate), across a growth of the region, and a silent peer is reported, not waited for."""
+every row lands where the collective transport puts it, over several back-to-back calls (each one
+waits until its peers are done reading the last), across a growth of the region, and a silent peer
+is reported, not waited for."""
 import os
 
 import pytest
@@ -62,7 +63,7 @@ def _transport_rank(rank, world_size):
 def test_rows_land_where_the_collective_puts_them():
     for result in run_ranks(_transport_rank, 3, timeout=240):
         assert result["mismatches"] == [], result
-        assert result["bytes"] >= 2 * (1 << 20), result  # both halves of at least one MiB, and the flags
+        assert result["bytes"] > 1 << 20, result  # a region of at least one MiB, and the flags
 
 
 def _silent_peer_rank(rank, world_size):

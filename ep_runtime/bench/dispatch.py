@@ -32,6 +32,7 @@ class Variant:
     impl: str
     dispatcher: str
     options: Optional[Callable[[int, int], dict]] = None
+    min_tokens: int = 0  # timed only from this many tokens per rank up
 
 
 # Static-shape modes (no host sync; sized for exactly T tokens per rank): DeepEP's num_worst_tokens
@@ -41,8 +42,17 @@ STATIC_VARIANTS = (
             lambda T, R: dict(num_worst_tokens=max(T, 1) * R, num_max_dispatch_tokens_per_rank=max(T, 1))),
     Variant("mori static", "mori", lambda T, R: dict(max_dispatch_tokens_per_rank=max(T, 1), static=True)),
 )
+# The exchange dispatchers choose their transport (`auto`: NVLink where every GPU maps every other's
+# memory); these rows pin the collective one (NCCL) beside them, and sweep the NVLink transport's SMs.
+TRANSPORT_VARIANTS = (
+    *(Variant(f"{name} nccl", name, lambda T, R: dict(transport="nccl"))
+      for name in ("deepep_normal", "mori")),
+    Variant("deepep_ll nccl", "deepep_ll", lambda T, R: dict(transport="nccl")),
+    *(Variant(f"deepep_normal sms={n}", "deepep_normal", lambda T, R, n=n: dict(transport="nvlink", num_sms=n),
+              min_tokens=4096) for n in (8, 16, 32, 64)),
+)
 # Implementations with static shapes and no host sync: --cuda-graph also times their replays.
-CAPTURABLE = ("deepep_ll", *(v.impl for v in STATIC_VARIANTS))
+CAPTURABLE = ("deepep_ll", "deepep_ll nccl", *(v.impl for v in STATIC_VARIANTS))
 
 # Intermediate size of the torch runner that prepares combine inputs (a multiple of 16 elements keeps
 # torch._grouped_mm's alignment rules happy in bf16).
@@ -82,6 +92,8 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
     itemsize = torch.empty(0, dtype=dtype).element_size()
     chosen = [n for n in dispatchers.registered() if settings.dispatchers is None or n in settings.dispatchers]
     variants = [Variant(n, n) for n in chosen] + [v for v in STATIC_VARIANTS if v.dispatcher in chosen]
+    if device.type == "cuda" and R > 1:  # the transports differ only there
+        variants += [v for v in TRANSPORT_VARIANTS if v.dispatcher in chosen]
     graphs = settings.cuda_graph and device.type == "cuda"
     timing = settings.timing(device, group)
     results = Results()
@@ -115,6 +127,8 @@ def dispatch_suite(settings: Settings, group: Any, device: torch.device, progres
                 bar.step(f"a2a T={T}")
                 for v in variants:
                     bar.step(f"{v.impl} T={T}")
+                    if T < v.min_tokens:
+                        continue
                     entry = made[v.impl] if v.options is None else _make(v, config, prep_config, group, dtype,
                                                                           device, T=T, R=R)
                     if isinstance(entry, Exception):
