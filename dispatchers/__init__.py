@@ -9,7 +9,8 @@ from typing import Any, Optional
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import register_named
 
-from .base import Dispatcher, ExchangeWork
+from .base import Dispatcher
+from .overlap import ExchangeWork, ReceiveHook
 
 _DISPATCHERS: dict[str, type[Dispatcher]] = {}
 
@@ -41,4 +42,4 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
 
 from . import deepep_ll, deepep_normal, mori, standard  # noqa: E402,F401  (each registers itself)
 
-__all__ = ["Dispatcher", "ExchangeWork", "create", "get", "register", "registered"]
+__all__ = ["Dispatcher", "ExchangeWork", "ReceiveHook", "create", "get", "register", "registered"]

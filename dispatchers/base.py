@@ -17,22 +17,10 @@ from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
 from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
 
-from . import fp8_payload
+from . import fp8_payload, overlap
+from .overlap import ExchangeWork, PendingOutput, ReceiveHook
 from .peer_transport import TRANSPORTS
 from .rank_exchange import RankExchange
-
-
-class ExchangeWork:
-    """What dispatch/combine return beside their output when called with async_op=True (the
-    torch.distributed convention): wait() orders the caller after the exchange. The exchange is
-    issued on the caller's stream today, so it is already ordered and wait() returns at once (no
-    overlap with other work on a communication stream yet)."""
-
-    def wait(self) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
 
 
 def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int = 1,
@@ -70,6 +58,8 @@ class Dispatcher:
     # True when the exchange checks id range and weights itself, in a count table every rank reads:
     # one rank's bad input then fails every rank at once, with no extra sync.
     checks_values_in_exchange: ClassVar[bool] = False
+    # True where dispatch/combine offer return_recv_hook=True (the low-latency and normal modes, as DeepEP).
+    supports_recv_hook: ClassVar[bool] = False
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None):
@@ -125,16 +115,27 @@ class Dispatcher:
                                  f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
                                  f"same arguments and EP_RUNTIME_* knobs")
 
-    def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False, **options: Any):
+    def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False,
+                 return_recv_hook: bool = False, previous_event: Any = None, **options: Any):
         """x [T, H]; topk: TopKOutput(topk_ids [T, K] int global (-1 = nowhere), topk_weights [T, K]),
         or any (ids, weights) pair. Checked before any collective. options: per-call extras a
-        dispatcher documents (deepep_normal: handle). async_op=True returns (output, work), see
-        ExchangeWork."""
-        distributed.check_group(self.group, self.name, "dispatch")
-        out = self._checked_dispatch(x, topk, **options)
-        return (out, ExchangeWork()) if async_op else out
+        dispatcher documents (deepep_normal: handle).
 
-    def _checked_dispatch(self, x: torch.Tensor, topk: TopKOutput, **options: Any) -> DispatchOutput:
+        async_op=True returns (output, work): the exchange runs on the device's communication
+        stream (CPU ranks: its group's exchange thread) and work.wait() must be called before the
+        output is read (see dispatchers/overlap.py). return_recv_hook=True (dispatchers with
+        `supports_recv_hook`) returns (output, hook) instead: calling hook() completes the receive.
+        previous_event: a torch.cuda.Event or an ExchangeWork the exchange is ordered after. x, topk
+        must not be changed before the wait."""
+        self._check_async(async_op, return_recv_hook, previous_event)
+        distributed.check_group(self.group, self.name, "dispatch")
+        ids, weights = self._checked_topk(x, topk)
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._dispatch(x, TopKOutput(ids, weights), **options)
+        return self._issue(lambda: self._dispatch(x, TopKOutput(ids, weights), **options), x.device, (x, ids, weights),
+                           async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
+
+    def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_hidden_states(x, self.config.hidden_size)
         if isinstance(topk, torch.Tensor) or not isinstance(topk, (tuple, list)) or len(topk) != 2:
             raise TypeError(f"topk must be ep.TopKOutput(topk_ids, topk_weights) (or an (ids, weights) pair); got "
@@ -146,14 +147,79 @@ class Dispatcher:
         # int64 ids stay int64 until checked (a count-table check names the caller's value); the
         # narrower accepted types become int32 losslessly.
         ids = ids if ids.dtype == torch.int64 else ids.to(torch.int32)
-        return self._dispatch(x, TopKOutput(ids, weights.float()), **options)
+        return TopKOutput(ids, weights.float())
 
-    def combine(self, combine_input: CombineInput, *, async_op: bool = False):
+    def combine(self, combine_input: CombineInput, *, async_op: bool = False, return_recv_hook: bool = False,
+                previous_event: Any = None):
         """The runner's rows, reduced per original token: [T, H] in x's dtype. async_op=True returns
-        (y, work), see ExchangeWork."""
+        (y, work), return_recv_hook=True (y, hook), as dispatch does; previous_event likewise."""
+        self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "combine")
-        y = self._combine(combine_input)
-        return (y, ExchangeWork()) if async_op else y
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._combine(combine_input)
+        T = None
+        if (async_op or return_recv_hook) and self._moves_rows() and combine_input.hidden_states.device.type != "cuda":
+            T = self.combined_tokens(combine_input.dispatch_output)
+        rows = combine_input.hidden_states
+        shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
+        return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
+                           return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+
+    def combined_tokens(self, dispatch_output: DispatchOutput) -> Optional[int]:
+        """T of the dispatch `dispatch_output` came from (the rows combine returns); None when unknown,
+        and an async combine on CPU ranks then completes before it returns."""
+        return None
+
+    @staticmethod
+    def _plain(async_op: bool, return_recv_hook: bool, previous_event: Any) -> bool:
+        """A synchronous call in a process that has run nothing asynchronously: the exchange runs here,
+        as it is (what torch.compile traces, with no stream or thread bookkeeping)."""
+        return not (async_op or return_recv_hook) and previous_event is None and not overlap.used()
+
+    def _moves_rows(self) -> bool:
+        return self.world_size > 1 and self.shards_experts
+
+    def _check_async(self, async_op: Any, return_recv_hook: Any, previous_event: Any) -> None:
+        for name, value in (("async_op", async_op), ("return_recv_hook", return_recv_hook)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r}; allowed: True or False")
+        if async_op and return_recv_hook:
+            raise ValueError("async_op=True and return_recv_hook=True; allowed: one of them (the hook is the "
+                             "receive side's wait)")
+        if return_recv_hook and not self.supports_recv_hook:
+            raise ValueError(f"return_recv_hook=True on the {self.name} dispatcher; allowed: False here (receive "
+                             f"hooks are offered by deepep_ll and deepep_normal)")
+        overlap.check_previous_event(previous_event)
+
+    def _issue(self, fn, device: torch.device, inputs: Any, async_op: bool, return_recv_hook: bool,
+               previous_event: Any, make_shell, fill):
+        """Run fn (the exchange) now, on the communication stream or on the group's exchange thread;
+        see dispatchers/overlap.py. make_shell/fill: the CPU output until wait() and how it is filled."""
+        wanted = async_op or return_recv_hook
+        moves = self._moves_rows()
+        if device.type == "cuda":
+            if wanted and moves:
+                out, work = overlap.launch_cuda(device, fn, inputs, previous_event)
+            else:
+                overlap.order_caller_after(device)
+                if previous_event is not None:
+                    event = previous_event.event if isinstance(previous_event, ExchangeWork) else previous_event
+                    if event is not None:
+                        torch.cuda.current_stream(device).wait_event(event)
+                out, work = fn(), ExchangeWork()
+        elif moves and (wanted or overlap.has_worker(self.group)):
+            prior = previous_event if isinstance(previous_event, ExchangeWork) else None
+            future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)
+            if not wanted or make_shell is None:  # in call order after the pending async exchanges
+                out, work = future.result(), ExchangeWork()
+            else:
+                out = make_shell()
+                work = ExchangeWork(future=future, fill=lambda real, out=out: fill(out, real))
+        else:
+            out, work = fn(), ExchangeWork()
+        if not wanted:
+            return out
+        return (out, ReceiveHook(work)) if return_recv_hook else (out, work)
 
     def raise_deferred(self) -> None:
         """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.
@@ -240,6 +306,9 @@ class ExchangeDispatcher(Dispatcher):
 
     def raise_deferred(self) -> None:
         self.exchange.raise_deferred()
+
+    def combined_tokens(self, dispatch_output: DispatchOutput) -> Optional[int]:
+        return dispatch_output.handle.num_tokens
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         return self.exchange.reduce(combine_input.hidden_states, combine_input.dispatch_output.handle)

@@ -68,6 +68,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
 
     name = "deepep_ll"
     format = "deepep_ll"
+    supports_recv_hook = True
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
@@ -116,6 +117,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPLLDispatchOutput(recv_x, masked_m, LLHandle(handle, slot_index, slot_weight), recv_x_scale,
                                       x_dtype)
+
+    def combined_tokens(self, dispatch_output) -> Optional[int]:
+        return dispatch_output.handle.exchange.num_tokens
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]

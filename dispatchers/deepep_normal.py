@@ -69,6 +69,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     name = "deepep_normal"
     format = "deepep_normal"
+    supports_recv_hook = True
     # with a reused handle the values are not checked again: they were when the handle was made
 
     def __init__(self, config, group=None, alignment: Optional[int] = None,
@@ -90,10 +91,14 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         return dispatch_layout(topk_ids, self.config.num_experts, self.world_size,
                                self.exchange.tables(topk_ids.device)[0])
 
-    def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False):
+    def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
+                 return_recv_hook: bool = False, previous_event=None):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
-        plan is reused, nothing syncs, and the ids are not checked again (they were when it was made)."""
-        return super().dispatch(x, topk, handle=handle, async_op=async_op)
+        plan is reused, nothing syncs, and the ids are not checked again (they were when it was made).
+        async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
+        then waits for the communication stream only, never for the caller's later work)."""
+        return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
+                                previous_event=previous_event)
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk

@@ -27,6 +27,8 @@ from torch import nn
 
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
+from .routing import TopKOutput
+from .validation import check_hidden_states
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -88,6 +90,7 @@ class EPExperts(nn.Module):
                  group: Optional[Any] = None, device: Any = None, dispatcher_options: Optional[dict] = None,
                  runner_options: Optional[dict] = None):
         super().__init__()
+        self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
         if not is_hf_experts(experts):
             raise ValueError(f"experts={type(experts).__name__} has no 3-D gate_up_proj / down_proj "
                              f"(a transformers >= 5 experts module)")
@@ -112,17 +115,61 @@ class EPExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
-        return self.layer(hidden_states, ids, top_k_weights)
+        if self._shared is None:
+            return self.layer(hidden_states, ids, top_k_weights)
+        check_hidden_states(hidden_states, self.layer.config.hidden_size, self.layer.w13.dtype, self.layer.w13.device)
+        # The block's shared experts run while the dispatch is in flight; the block then gets their
+        # output from its own call of them (the hand-off), so it adds exactly what it added before.
+        routed, shared = self.layer.routed_and_shared(hidden_states, TopKOutput(ids, top_k_weights),
+                                                      self._shared.compute)
+        self._shared.stash(hidden_states, shared)
+        return routed
 
 
-def replace_experts(model: nn.Module, **options: Any) -> int:
+class _SharedHandoff:
+    """A Hugging Face block's shared-experts module whose output EPExperts computes during its
+    dispatch: the module's own forward is wrapped (its parameters and state_dict names stay where
+    they are) to return that output when the block calls it on the same tokens, else to compute."""
+
+    def __init__(self, module: nn.Module):
+        self.compute = module.forward  # the original bound forward
+        self._stashed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        module.forward = self  # an instance attribute: nn.Module.__call__ finds it before the class's
+
+    def stash(self, x: torch.Tensor, shared: torch.Tensor) -> None:
+        self._stashed = (_identity(x), shared)
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        stashed, self._stashed = self._stashed, None
+        if stashed is not None and not args and not kwargs and _identity(x) == stashed[0]:
+            return stashed[1].view(x.shape)
+        return self.compute(x, *args, **kwargs)
+
+
+def _identity(x: torch.Tensor) -> tuple:
+    """The same tokens, unchanged: same memory, elements, last dim and version (an in-place write
+    in between would bump it). A block may pass its [B, S, H] input where the experts got [T, H]."""
+    return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], x._version)
+
+
+def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with a router `gate` that has `top_k`
     and an HF experts module) for EPExperts(experts, gate.top_k, **options). Every rank must call it
-    on the same model. Returns how many blocks it changed."""
+    on the same model. Returns how many blocks it changed.
+
+    overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
+    (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
+    critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
+    the routed ones (Qwen2-MoE) keep computing them first."""
+    if not isinstance(overlap_shared_experts, bool):
+        raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
               and is_hf_experts(m.experts) and isinstance(getattr(getattr(m, "gate", None), "top_k", None), int)]
     for block in blocks:
         block.experts = EPExperts(block.experts, block.gate.top_k, **options)
+        shared = getattr(block, "shared_experts", None)
+        if overlap_shared_experts and isinstance(shared, nn.Module):
+            block.experts._shared = _SharedHandoff(shared)
     return len(blocks)
 
 

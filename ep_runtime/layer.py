@@ -43,6 +43,10 @@ class EPMoE(nn.Module):
     scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the activations' dtype.
     load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
     fp8 layers are inference-only (forward raises when a gradient is needed).
+    shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
+    [T, H] -> [T, H]; forward adds its output to the routed experts'. It runs while the dispatch is
+    in flight (on a side CUDA stream, or on CPU ranks while the exchange thread moves the rows), so
+    it costs no time on the critical path; the sum equals routed + shared computed one after the other.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -54,9 +58,14 @@ class EPMoE(nn.Module):
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0,
-                 quant_config: Optional[QuantConfig] = None):
+                 quant_config: Optional[QuantConfig] = None, shared_experts: Optional[nn.Module] = None):
         super().__init__()
         from . import envs
+        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+            raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
+                            f"mapping [T, H] to [T, H]")
+        self.shared_experts = shared_experts
+        self._side_streams: dict = {}
         self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
                                 is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                 gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
@@ -343,15 +352,27 @@ class EPMoE(nn.Module):
         if self.quant is not None and needs_grad(x, self.b13, self.b2):
             raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        if self.shared_experts is None:
+            dispatch_output, physical = self._dispatch(x, topk)
+            self._count_load(dispatch_output, physical)
+            return self.experts_and_combine(dispatch_output)
+        routed, shared = self.routed_and_shared(x, topk)
+        return routed + shared
+
+    def _dispatch(self, x: torch.Tensor, topk: TopKOutput, async_op: bool = False):
+        """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
+        ones, and an error about ids naming this rank's logical id."""
         physical = self._to_physical(x, topk)
         with naming_peer_failures(self.dispatcher, "dispatch"):
             try:
-                dispatch_output = self.dispatcher.dispatch(x, physical)
+                return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
             except ValueError as err:
                 if physical is not topk:
                     self._name_logical_ids(topk, err)
                 raise
-        self._count_load(dispatch_output, physical)
+
+    def experts_and_combine(self, dispatch_output) -> torch.Tensor:
+        """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
         combine_input = self.runner.run(dispatch_output, self.weights)
         with naming_peer_failures(self.dispatcher, "combine"):
             return self.dispatcher.combine(combine_input)
@@ -499,6 +520,32 @@ class EPMoE(nn.Module):
             if slots:
                 grad[mine] = total[where]
 
+    def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed experts' output, shared(x)), both [T, H], shared = shared_experts or the layer's own;
+        the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
+        overlap a host-planned dispatch's count read) and joined before this returns."""
+        shared_module = shared_experts if shared_experts is not None else self.shared_experts
+        side = None
+        if x.is_cuda:
+            caller = torch.cuda.current_stream(x.device)
+            side = self._side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                shared = shared_module(x)
+            x.record_stream(side)
+        (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
+        if side is None:  # CPU ranks: here, while the exchange thread moves the rows
+            shared = shared_module(x)
+        with naming_peer_failures(self.dispatcher, "dispatch"):
+            work.wait()
+        self._count_load(dispatch_output, physical)
+        routed = self.experts_and_combine(dispatch_output)
+        if side is not None:
+            caller.wait_stream(side)
+            shared.record_stream(caller)
+        return routed, shared
+
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:
             if topk_ids is not None or topk_weights is not None:
@@ -518,7 +565,8 @@ class EPMoE(nn.Module):
         copies = self.placement.num_redundant_experts
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}{f', redundant={copies}' if copies else ''}, "
-                f"dispatcher={self.dispatcher.name}, runner={self.runner.backend.name}{moved_by}")
+                f"dispatcher={self.dispatcher.name}, runner={self.runner.backend.name}{moved_by}"
+                + (", shared_experts" if self.shared_experts is not None else ""))
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:

@@ -13,11 +13,14 @@
 #   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (85 s)
 #   bench_peer_transport         scripts/bench_peer_transport.py: the NVLink transport alone vs NCCL, on >= 2 GPUs (60 s)
 #   inference_cuda_graph         examples/inference_cuda_graph.py on min(2, GPUs) ranks (30 s)
+#   bench_overlap                ep-runtime bench overlap suite, DeepSeek-V3 shape, two micro-batches of 64 (decode,
+#                                graph replays) and 4096 (prefill) tok/rank, sequential vs overlapped (120 s)
+#   two_batch_overlap            examples/two_batch_overlap.py on min(2, GPUs) ranks (90 s)
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
-#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1  skip a section;  RUNNER_ARGS="..."  extra arguments
-#   for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the dispatch bench
-#   (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
+#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
+#   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
+#   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
@@ -73,6 +76,15 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_EXAMPLES:-0}" != 1 ]; then
   (cd /tmp && timeout -k 5 "$(budget 30)" torchrun --nproc-per-node "$PAIR" "$REPO/examples/inference_cuda_graph.py") \
     >"$W/example_graph.log" 2>&1
   section inference_cuda_graph $?; tail -8 "$W/example_graph.log"
+fi
+if [ "$PAIR" -ge 2 ] && [ "${SKIP_OVERLAP:-0}" != 1 ]; then
+  (cd /tmp && timeout -k 10 "$(budget 120)" torchrun --nproc-per-node "$PAIR" -m ep_runtime bench --suite overlap \
+     --preset deepseek-v3 --tokens 64,4096 --cuda-graph --repeats 20 --warmup 3 --rotate 2 --no-progress \
+     --json "$W/bench_overlap.json" --markdown "$W/bench_overlap.md") >"$W/bench_overlap.log" 2>&1
+  section bench_overlap $?; grep -A8 "^overlap" "$W/bench_overlap.log" | cut -c1-220; tail -3 "$W/bench_overlap.log"
+  (cd /tmp && timeout -k 5 "$(budget 90)" torchrun --nproc-per-node "$PAIR" "$REPO/examples/two_batch_overlap.py") \
+    >"$W/example_overlap.log" 2>&1
+  section two_batch_overlap $?; tail -4 "$W/example_overlap.log"
 fi
 tar czf "$OUT/results.tgz" -C "$W" .
 cp "$W"/*.md "$OUT"/ 2>/dev/null || true

@@ -163,7 +163,7 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     assert "all_to_all_single" in proc.stdout and "runner" in proc.stdout
 
     data = json.loads(out_json.read_text())
-    assert set(data) == {"meta", "dispatch", "runner", "roofline", "skipped", "eplb"}
+    assert set(data) == {"meta", "dispatch", "runner", "roofline", "skipped", "eplb", "overlap"}
     assert data["eplb"] == []  # the eplb suite runs only when asked for (--suite eplb)
     meta = data["meta"]
     assert meta["world_size"] == 2 and meta["launcher"] == "spawn" and meta["command"].startswith("ep-runtime bench")
@@ -234,3 +234,23 @@ def test_bad_arguments_fail_before_running(args, message, capsys):
         bench.main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _overlap_rank(rank, world_size):
+    import torch.distributed as dist
+
+    from ep_runtime.bench.overlap import overlap_suite
+    settings = _tiny_settings(suites=["overlap"], tokens=[6], num_experts=[16], top_ks=[4])
+    return overlap_suite(settings, dist.group.WORLD, CPU, progress=False)
+
+
+def test_overlap_suite_times_both_schedules_and_finds_them_identical():
+    results = run_ranks(_overlap_rank, 2, timeout=120)[0]
+    rows = {r["impl"]: r for r in results.overlap}
+    assert set(rows) == {"deepep_normal", "deepep_normal static", "deepep_ll"} and not results.skipped
+    for r in rows.values():
+        assert r["identical"] and r["mode"] == "eager" and r["micro_batches"] == 2 and r["tokens_per_rank"] == 6
+        assert r["sequential"]["median_us"] > 0 and r["ratio"] == pytest.approx(
+            r["overlapped"]["median_us"] / r["sequential"]["median_us"])
+    text = bench.render_text(results)
+    assert "overlap: 2 ranks, float32" in text and "deepep_normal static" in text, text

@@ -63,6 +63,13 @@ def test_hf_mixtral_logits_equal_original():
     assert "hf_mixtral: OK (2 ranks)" in out, out
 
 
+def test_two_batch_overlap_is_bit_identical_to_sequential():
+    out = torchrun("two_batch_overlap.py", "--repeats", "2")
+    for phase in ("decode", "prefill"):
+        assert re.search(rf"{phase}: 2x\d+ tok/rank, .* speed-up [0-9.]+x\); bit-identical: yes", out), out
+    assert "two_batch_overlap: OK (2 ranks" in out, out
+
+
 def test_inference_cuda_graph_explains_and_exits_0_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: test_inference_cuda_graph covers it")

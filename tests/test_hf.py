@@ -68,3 +68,42 @@ def test_unsupported_experts_are_rejected():
         ep.hf.activation_name(torch.relu)
     assert [ep.hf.activation_name(f) for f in (torch.nn.SiLU(), torch.nn.GELU(), torch.nn.GELU("tanh"))] == [
         "silu", "gelu", "gelu_tanh"]
+
+
+def _shared_overlap_rank(rank, world_size):
+    out = {}
+    for name in ("deepseek_v3", "qwen2_moe"):
+        cls_name, extra = FAMILIES[name]
+        config = getattr(transformers, cls_name)(**COMMON, **extra)
+        models = []
+        for overlap in (False, True):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+            ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
+            models.append(model)
+        plain, overlapped = models
+        calls = []
+        for m in overlapped.modules():  # each shared expert's first projection: computed once per forward
+            shared = getattr(m, "shared_experts", None) or getattr(m, "shared_expert", None)
+            if isinstance(shared, torch.nn.Module):
+                next(shared.children()).register_forward_hook(lambda *args: calls.append(1))
+        ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+        logits = [m(ids).logits for m in models]
+        for lg in logits:
+            lg.square().mean().backward()
+        grads = [[p.grad for n, p in m.named_parameters() if "shared_expert" in n] for m in models]
+        out[name] = (torch.equal(logits[0], logits[1]), all(torch.equal(a, b) for a, b in zip(*grads)),
+                     len(grads[1]) > 0, list(plain.state_dict()) == list(overlapped.state_dict()), len(calls),
+                     sum(getattr(m, "_shared", None) is not None for m in overlapped.modules()))
+    return out
+
+
+def test_overlapped_shared_experts_leave_logits_and_gradients_unchanged():
+    """DeepSeek-V3's shared experts (called after its routed experts) are computed during the dispatch
+    and handed to the block's own call: logits and gradients equal bit for bit, computed once, same
+    state_dict; Qwen2-MoE (shared expert first) keeps its own order."""
+    for out in run_ranks(_shared_overlap_rank, 2, timeout=300):
+        same, same_grad, has_grads, same_keys, calls, handed = out["deepseek_v3"]
+        assert same and same_grad and has_grads and same_keys and handed == 2 and calls == 2, out["deepseek_v3"]
+        same, same_grad, has_grads, same_keys, calls, handed = out["qwen2_moe"]
+        assert same and same_grad and has_grads and same_keys and handed == 0, out["qwen2_moe"]

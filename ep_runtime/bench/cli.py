@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
+from .overlap import overlap_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
 from .settings import DEFAULT_SUITES, DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\n  ep-runtime bench --suite runner --preset deepseek-v3 --runner-ep-size 8 --cuda-graph"
                "   # one GPU: a rank of EP=8"
                "\n  torchrun --nproc-per-node 2 -m ep_runtime bench --preset deepseek-v3 --suite eplb --routing zipf:1.2"
-               " --tokens 4096 --redundant-experts 32 --runners triton   # load balancing, before/after")
+               " --tokens 4096 --redundant-experts 32 --runners triton   # load balancing, before/after"
+               "\n  torchrun --nproc-per-node 2 -m ep_runtime bench --suite overlap --preset deepseek-v3 --tokens 64,4096"
+               " --cuda-graph")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default tiny)")
     p.add_argument("--tokens", type=_int_list, default=None,
                    help="tokens per rank to sweep, comma-separated (default: the preset's GPU or CPU sweep)")
@@ -71,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fp8 in the same run: runners on fp8 block-scaled experts (fed fp8 dispatch rows where "
                         "the format has them) with fp8 baselines, and each dispatcher's use_fp8=True dispatch")
     p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
-                   help="comma-separated: dispatch, runner, eplb (default dispatch,runner); eplb times the whole "
-                        "EPMoE forward without redundant experts, with them, and after one rebalance")
+                   help="comma-separated: dispatch, runner, eplb, overlap (default dispatch,runner); eplb times the "
+                        "whole EPMoE forward without redundant experts, with them, and after one rebalance; overlap: "
+                        "a layer step in two micro-batches, sequential vs exchanges overlapped with the other half's "
+                        "experts")
     p.add_argument("--routing", default="uniform",
                    help="how tokens pick experts: uniform (default), or zipf:S: expert e is picked with weight "
                         "1/(e+1)^S (e.g. zipf:1.2; expert 0 hottest, the same on every rank), zipf:S:shuffled: "
@@ -160,7 +165,7 @@ def bench_rank(rank: int, world_size: int, settings: Settings) -> Optional[dict]
 
 
 # Suites that run across the ranks of the group (the runner suite runs on one rank).
-_GROUP_SUITES = {"dispatch": dispatch_suite, "eplb": eplb_suite}
+_GROUP_SUITES = {"dispatch": dispatch_suite, "eplb": eplb_suite, "overlap": overlap_suite}
 
 
 def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Results]:
@@ -194,7 +199,7 @@ def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Result
             destroy_distributed()
         return results if rank == 0 else None
 
-    # No launcher: spawn local CPU ranks (gloo) for the dispatch and eplb suites; the runner suite runs here.
+    # No launcher: spawn local CPU ranks (gloo) for the dispatch, eplb and overlap suites; the runner suite runs here.
     if any(suite in settings.suites for suite in _GROUP_SUITES):
         timeout = max(600.0, float(envs.get("TIMEOUT_S")))
         per_rank = run_ranks(bench_rank, world_size, settings, timeout=24 * 3600.0, group_timeout=timeout)
@@ -269,5 +274,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ep-runtime bench: error: {err}", file=sys.stderr)
             return 2
         print(f"wrote {args.plot}")
-    measured = len(results.dispatch) + len(results.runner) + len(results.eplb)
+    measured = len(results.dispatch) + len(results.runner) + len(results.eplb) + len(results.overlap)
     return 0 if measured else 1

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 from .dispatch import BASELINE, GRAPH
+from .overlap import overlap_rows
 from .runner import RAW_BASELINE
 from .settings import Results
 
@@ -74,6 +75,13 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                     f"{results.eplb[0]['dtype']}, run one after the other on the same inputs; max/mean = pairs the "
                     "busiest rank receives over the mean; rebalanced = one rebalance from the load counted while "
                     "timing the initial placement", header, rows))
+    overlap = overlap_rows(results)
+    if overlap is not None:
+        first = results.overlap[0]
+        out.append((f"overlap: {first['world_size']} ranks, {first['dtype']}; one layer step in micro-batches "
+                    "(T/rank: batches x tokens each), sequential vs exchanges overlapped with the other batch's "
+                    "experts; ratio = overlapped / sequential (median); identical: overlapped outputs equal the "
+                    "sequential ones bit for bit on every rank", *overlap))
     if results.skipped:
         header = ["suite", "impl", "E", "K", "H", "T/rank", "reason"]
         rows = [[s["suite"], s["impl"], str(s["num_experts"]), str(s["top_k"]), str(s["hidden_size"]),
@@ -94,8 +102,8 @@ def render_text(results: Results) -> str:
 
 def render_markdown(results: Results) -> str:
     m = results.meta
-    ran = ([f"dispatch on {m.get('dispatch_device')} x{m.get('world_size')} ({m.get('backend')})"] if results.dispatch
-           else []) + ([f"runner on {m.get('runner_device')}"] if results.runner else [])
+    ran = ([f"dispatch on {m.get('dispatch_device')} x{m.get('world_size')} ({m.get('backend')})"]
+           if results.dispatch or results.overlap else []) + ([f"runner on {m.get('runner_device')}"] if results.runner else [])
     lines = [f"Machine: {m.get('host')}: {', '.join(ran) or 'no results'}; torch {m.get('torch')}"
              f"{', CUDA ' + m['cuda'] if m.get('cuda') else ''}. Date: {m.get('date')}.",
              "", f"Command: `{m.get('command')}`", "", f"Timing: {m.get('timing')}.", ""]

@@ -34,8 +34,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
-SUITES = ("dispatch", "runner", "eplb")
-DEFAULT_SUITES = ("dispatch", "runner")  # eplb on request: it builds and rebalances whole layers
+SUITES = ("dispatch", "runner", "eplb", "overlap")
+DEFAULT_SUITES = ("dispatch", "runner")  # eplb and overlap on request: they build and time whole layers
 # Dispatch formats the runner suite feeds the runners, each made by that dispatcher on one rank.
 RUNNER_FORMATS = ("standard", "deepep_ll")
 
@@ -86,10 +86,12 @@ class Results:
     roofline: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     eplb: list[dict] = field(default_factory=list)
+    overlap: list[dict] = field(default_factory=list)
 
     def merge(self, other: "Results") -> None:
         self.dispatch += other.dispatch
         self.eplb += other.eplb
+        self.overlap += other.overlap
         self.runner += other.runner
         self.roofline += other.roofline
         self.skipped += other.skipped

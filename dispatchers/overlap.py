@@ -1,0 +1,218 @@
+"""Asynchronous exchanges: what dispatch/combine(async_op=True) and return_recv_hook=True run on.
+
+CUDA: the exchange is issued on a communication stream (one per device, shared by every dispatcher), after
+the work already queued on the caller's stream (and after `previous_event`), so the caller's stream
+is free for other work (the other micro-batch's experts, shared experts) meanwhile. An event recorded
+on the communication stream ends it; `ExchangeWork.wait()` makes the caller's current stream wait on
+that event (no host sync) and records the outputs on that stream. Inputs are recorded on the
+communication stream when the call is made: the caching allocator then never hands their memory to
+new work while the exchange may still read it, even if the caller drops them at once. Capturable in a
+CUDA graph (the streams fork and join through events); the graph must call wait() before it ends.
+
+CPU (gloo): the exchange runs on one worker thread per process group. Every exchange of a group, the
+synchronous ones included once the worker exists, runs there in call order, so every rank issues its
+collectives in the same order however its waits are ordered. gloo releases the GIL while it waits on
+the wire, so the caller's own compute runs meanwhile. The output handed back at the call is a shell
+filled by wait(): a dispatch output that raises when read before wait(), a combine output of the
+final shape whose values are written by wait().
+
+Argument checks run in the caller before anything is issued (they raise on every rank before any
+collective); an error of the exchange itself (a count-table check, a peer failure) is raised by wait()
+on CPU ranks, and on CUDA where the synchronous call raises it (a host plan reads its table in the call).
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+_WORKERS: dict[Any, ThreadPoolExecutor] = {}
+_WORKERS_LOCK = threading.Lock()
+_USED = False  # set by the first asynchronous launch in this process
+
+
+def used() -> bool:
+    """Whether any exchange of this process ran asynchronously: until then a synchronous call takes
+    the plain path (nothing to order after, nothing for torch.compile to trace through)."""
+    return _USED
+
+
+def tensors_in(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor in a dispatch output, combine input or handle (dataclasses, tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif _depth > 4:
+        return
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from tensors_in(getattr(obj, f.name, None), _depth + 1)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensors_in(item, _depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_in(item, _depth + 1)
+
+
+class PendingOutput:
+    """The output of an async dispatch on CPU ranks until its work.wait(): reading it before then is
+    a mistake the message names (the exchange may still be writing it); wait() turns this very object
+    into the dispatcher's output."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"this dispatch output is not ready: call work.wait() (or the receive hook) before "
+                           f"reading it (attribute {name!r})")
+
+    def _become(self, real: Any) -> None:
+        self.__class__ = type(real)
+        self.__dict__.update(vars(real))
+
+
+class ExchangeWork:
+    """What dispatch/combine return beside their output when called with async_op=True (the
+    torch.distributed convention). wait() orders the caller after the exchange: on CUDA the current
+    stream waits on the exchange's event (the host does not block); on CPU ranks the host waits for
+    the worker thread and the output is filled in. Waiting again is a no-op; works may be waited in
+    any order. `event` (CUDA): the exchange's end, to pass as another call's previous_event."""
+
+    def __init__(self, event: Optional["torch.cuda.Event"] = None, device: Optional[torch.device] = None,
+                 outputs: tuple = (),
+                 future: Optional[Future] = None, fill: Optional[Callable[[Any], None]] = None):
+        self.event, self.device = event, device
+        self._outputs = outputs
+        self._future = future
+        self._fill = fill
+        self._waited_streams: set = set()
+
+    def wait(self) -> bool:
+        if self.event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            if stream not in self._waited_streams:
+                stream.wait_event(self.event)
+                for t in self._outputs:  # read on this stream from now on: freed only once it is done
+                    t.record_stream(stream)
+                self._waited_streams.add(stream)
+        elif self._future is not None:
+            result = self._future.result()  # the exchange's own error is raised here, where the caller waits
+            if self._fill is not None:
+                fill, self._fill = self._fill, None
+                fill(result)
+        return True
+
+    def finished(self) -> None:
+        """Block until the exchange itself is done (CPU ranks; from any thread, fills nothing)."""
+        if self._future is not None:
+            self._future.result()
+
+    def is_completed(self) -> bool:
+        if self.event is not None:
+            return self.event.query()
+        if self._future is not None:
+            return self._future.done() and self._fill is None
+        return True
+
+
+class ReceiveHook:
+    """return_recv_hook=True: the call issued the exchange and returned; calling this completes the
+    receive on the caller's side (on CUDA an event wait, capturable; on CPU ranks the wait for the
+    worker). `work`: the same as an ExchangeWork (e.g. for its event)."""
+
+    def __init__(self, work: ExchangeWork):
+        self.work = work
+
+    def __call__(self) -> None:
+        self.work.wait()
+
+
+def check_previous_event(previous_event: Any) -> None:
+    if previous_event is None or isinstance(previous_event, ExchangeWork):
+        return
+    if torch.cuda.is_available() and isinstance(previous_event, torch.cuda.Event):
+        return
+    raise TypeError(f"previous_event={previous_event!r}; allowed: None, a torch.cuda.Event or an ExchangeWork")
+
+
+_COMM_STREAMS: dict = {}
+
+
+def comm_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The device's communication stream, shared by every dispatcher (made on first use): exchanges of
+    all layers then run one after the other in call order, as the transports need (NCCL serialises
+    them anyway; the NVLink transport's signals count calls on a region every dispatcher shares).
+    High priority: its small packing kernels go ahead of queued GEMMs."""
+    if device not in _COMM_STREAMS:
+        _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _COMM_STREAMS[device]
+
+
+def order_caller_after(device: torch.device) -> None:
+    """A synchronous call after async ones on this device: the caller's stream first waits for them
+    (their buffers and the transport's state are then settled). Not while capturing a CUDA graph:
+    a graph joins the communication stream through its own waits."""
+    comm = _COMM_STREAMS.get(device)
+    if comm is not None and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(device).wait_stream(comm)
+
+
+def launch_cuda(device: torch.device, fn: Callable[[], Any], inputs: Any, previous_event: Any
+                ) -> tuple[Any, ExchangeWork]:
+    """fn() on the communication stream, after the caller's stream and previous_event; inputs are
+    recorded on that stream (see the module doc)."""
+    global _USED
+    _USED = True
+    caller = torch.cuda.current_stream(device)
+    comm = comm_stream(device)
+    comm.wait_stream(caller)
+    if isinstance(previous_event, ExchangeWork):
+        previous_event = previous_event.event
+    if previous_event is not None:
+        comm.wait_event(previous_event)
+    for t in tensors_in(inputs):
+        if t.is_cuda:
+            t.record_stream(comm)
+    with torch.cuda.stream(comm):
+        out = fn()
+        done = torch.cuda.Event()
+        done.record(comm)
+    outputs = tuple(t for t in tensors_in(out) if t.is_cuda)
+    return out, ExchangeWork(event=done, device=device, outputs=outputs)
+
+
+def _key(group: Any) -> Any:
+    """One worker per process group, however it is named (None is the default group)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return group if group is not None else "default"
+
+
+def worker(group: Any) -> ThreadPoolExecutor:
+    """The group's exchange thread (made on first use)."""
+    global _USED
+    _USED = True
+    key = _key(group)
+    with _WORKERS_LOCK:
+        if key not in _WORKERS:
+            _WORKERS[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ep-runtime-exchange")
+        return _WORKERS[key]
+
+
+def has_worker(group: Any) -> bool:
+    return _key(group) in _WORKERS
+
+
+def in_caller_modes(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn run elsewhere with the caller's autograd modes (grad and inference mode are per thread)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run():
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn()
+    return run
+
+
+def submit(group: Any, fn: Callable[[], Any]) -> Future:
+    return worker(group).submit(in_caller_modes(fn))

@@ -1,0 +1,245 @@
+"""Asynchronous dispatch/combine on gloo ranks: the exchange really runs while the caller goes on,
+waits may come in any order (the exchanges stay in call order on every rank), outputs equal the
+synchronous run bit for bit and the float64 reference, buffers can be reused once waited, receive
+hooks complete the receive, bad arguments fail before any collective, and EPMoE's shared experts
+run during the dispatch with an unchanged result."""
+import importlib.util
+import time
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import MoeRunner
+from ep_runtime.testing import make_problem, run_ranks, tolerance
+
+EXCHANGES = ["deepep_normal", "deepep_ll", "mori"]
+OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 24}, "mori": {"max_dispatch_tokens_per_rank": 24}}
+CONFIG = ep.MoeConfig(8, 2, 32, 16)
+
+
+def _setup(rank, world_size, name, tokens=(17, 11, 20, 9)):
+    d = ep.dispatchers.create(name, CONFIG, **OPTIONS.get(name, {}))
+    runner = MoeRunner(ep.runners.create("torch", CONFIG), CONFIG, d.placement)
+    problem = make_problem(CONFIG, [tokens[i % len(tokens)] for i in range(2 * world_size)], seed=5,
+                           ep_size=world_size)
+    w13, w2 = problem.w13.float(), problem.w2.float()
+    mine = d.placement.local_expert_ids()
+    weights = ep.ExpertWeights(w13[mine], w2[mine])
+    batches = [(problem.xs[2 * rank + b].float(), ep.TopKOutput(problem.topk_ids[2 * rank + b],
+                                                                  problem.topk_weights[2 * rank + b]))
+               for b in range(2)]
+    return d, runner, weights, batches, problem
+
+
+def _two_batches_rank(rank, world_size, name):
+    """Two micro-batches, the second's exchange in flight while the first's experts run; rank 0
+    waits in call order, rank 1 in reverse order."""
+    d, runner, weights, batches, problem = _setup(rank, world_size, name)
+    sequential = [d.combine(runner.run(d.dispatch(x, topk), weights)) for x, topk in batches]
+    with torch.no_grad():
+        sent = [d.dispatch(x, topk, async_op=True) for x, topk in batches]
+        order = [0, 1] if rank == 0 else [1, 0]
+        for b in order:
+            sent[b][1].wait()
+        # previous_event: each combine also after its own dispatch's work (already ordered: a no-op wait)
+        pending = [d.combine(runner.run(out, weights), async_op=True, previous_event=work) for out, work in sent]
+        for b in order:
+            pending[b][1].wait()
+    ys = [y for y, _ in pending]
+    refs = [moe_reference(problem.xs[2 * rank + b], problem.topk_ids[2 * rank + b],
+                          problem.topk_weights[2 * rank + b].double(), problem.w13, problem.w2, CONFIG)
+            for b in range(2)]
+    return ([torch.equal(y, s) for y, s in zip(ys, sequential)], [rel_err(y, ref) for y, ref in zip(ys, refs)],
+            all(w.is_completed() for _, w in sent + pending))
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_out_of_order_waits_give_the_sequential_bits(name):
+    for same, errors, completed in run_ranks(_two_batches_rank, 2, name, timeout=120):
+        assert same == [True, True] and completed
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
+def _in_flight_rank(rank, world_size):
+    """Rank 1 joins the exchange 0.6 s late: rank 0's async call returns at once and its caller
+    computes meanwhile; wait() is what blocks."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, "deepep_normal")
+    x, topk = batches[0]
+    sync = d.dispatch(x, topk)
+    if rank == 1:
+        time.sleep(0.6)
+    start = time.perf_counter()
+    out, work = d.dispatch(x, topk, async_op=True)
+    returned = time.perf_counter() - start
+    busy = not work.is_completed()
+    with pytest.raises(RuntimeError, match="not ready: call work.wait"):
+        out.recv_x
+    work.wait()
+    waited = time.perf_counter() - start
+    same = torch.equal(out.recv_x, sync.recv_x) and torch.equal(out.recv_topk_ids, sync.recv_topk_ids)
+    return returned, busy, waited, same
+
+
+def test_the_call_returns_while_the_exchange_is_in_flight():
+    (returned, busy, waited, same), other = run_ranks(_in_flight_rank, 2, timeout=60)
+    assert returned < 0.3 and busy and waited >= 0.4, (returned, busy, waited)
+    assert same and other[3]
+
+
+def _reuse_rank(rank, world_size, name):
+    """Inputs overwritten right after wait() leave the outputs as they were: nothing still reads
+    them, and no output aliases them. A synchronous call issued behind pending async ones waits its
+    turn (the exchanges keep their order on every rank)."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    x, topk = batches[0]
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    x_buffer = x.clone()
+    out, work = d.dispatch(x_buffer, topk, async_op=True)
+    late = d.dispatch(batches[1][0], batches[1][1])  # synchronous, behind the async one
+    work.wait()
+    x_buffer.fill_(float("nan"))
+    combine_input = runner.run(out, weights)
+    y, work = d.combine(combine_input, async_op=True)
+    work.wait()
+    combine_input.hidden_states.fill_(float("nan"))
+    again = d.combine(runner.run(late, weights))
+    return torch.equal(y, expected), bool(torch.isfinite(again).all())
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "deepep_ll"])
+def test_a_buffer_is_reused_only_after_its_wait(name):
+    for same, finite in run_ranks(_reuse_rank, 2, name, timeout=120):
+        assert same and finite
+
+
+def _hook_rank(rank, world_size, name):
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    x, topk = batches[0]
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    out, hook = d.dispatch(x, topk, return_recv_hook=True)
+    assert isinstance(hook, ep.dispatchers.ReceiveHook)
+    hook()
+    y, hook = d.combine(runner.run(out, weights), return_recv_hook=True)
+    hook()
+    return torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "deepep_ll"])
+def test_receive_hook_completes_the_receive(name):
+    assert all(run_ranks(_hook_rank, 2, name, timeout=120))
+
+
+def _errors_rank(rank, world_size):
+    d, runner, weights, batches, _ = _setup(rank, world_size, "deepep_ll")
+    x, topk = batches[0]
+    raised = []
+    for kwargs, error in ((dict(async_op=True, return_recv_hook=True), ValueError),
+                          (dict(async_op=1), TypeError), (dict(previous_event="now"), TypeError)):
+        try:
+            d.dispatch(x, topk, **kwargs)
+        except error as err:
+            raised.append(str(err).splitlines()[0])
+    try:  # bad shape: raised at the call, before any collective, on every rank
+        d.dispatch(x[:, :5], topk, async_op=True)
+    except ValueError as err:
+        raised.append(str(err).splitlines()[0])
+    mori = ep.dispatchers.create("mori", CONFIG, max_dispatch_tokens_per_rank=24)
+    try:
+        mori.dispatch(x, topk, return_recv_hook=True)
+    except ValueError as err:
+        raised.append(str(err))
+    # An id out of range on rank 0 only: found in the count table, raised by wait() on every rank.
+    ids = topk.topk_ids.clone()
+    if rank == 0:
+        ids[3, 1] = 99
+    out, work = d.dispatch(x, ep.TopKOutput(ids, topk.topk_weights), async_op=True)
+    try:
+        work.wait()
+    except ValueError as err:
+        raised.append(str(err).splitlines()[0])
+    return raised
+
+
+def test_bad_arguments_raise_on_every_rank():
+    for raised in run_ranks(_errors_rank, 2, timeout=60):
+        assert len(raised) == 6, raised
+        assert "async_op=True and return_recv_hook=True" in raised[0]
+        assert "async_op=1; allowed: True or False" in raised[1]
+        assert "previous_event='now'; allowed: None, a torch.cuda.Event or an ExchangeWork" in raised[2]
+        assert "hidden" in raised[3] or "32" in raised[3]
+        assert "return_recv_hook=True on the mori dispatcher; allowed: False" in raised[4]
+        assert "invalid topk_ids" in raised[5] or "99" in raised[5]
+
+
+class SharedMLP(torch.nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.up = torch.nn.Linear(hidden, inter, bias=False)
+        self.down = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def _shared_rank(rank, world_size, dispatcher):
+    E, K, H, I = 8, 2, 32, 16
+    torch.manual_seed(0)
+    shared = SharedMLP(H, 24)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    torch.manual_seed(0)
+    plain = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [13, 19], seed=2, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    plain.load_experts(problem.w13.float(), problem.w2.float())
+    x = problem.xs[rank].float().requires_grad_(True)
+    ids, w = problem.topk_ids[rank], problem.topk_weights[rank]
+    y = layer(x, ids, w)
+    sequential = plain(x, ids, w) + shared(x)
+    y.square().sum().backward()
+    grad_shared = shared.up.weight.grad.clone()
+    shared.zero_grad()
+    sequential.square().sum().backward()
+    x64 = problem.xs[rank]
+    s64 = shared.down.weight.double() @ torch.nn.functional.silu(shared.up.weight.double() @ x64.T)
+    ref = moe_reference(x64, ids, w.double(), problem.w13, problem.w2, layer.config) + s64.T
+    return (torch.equal(y, sequential), torch.equal(grad_shared, shared.up.weight.grad), rel_err(y.detach(), ref),
+            "shared_experts" in repr(layer) and "shared_experts.up.weight" in layer.state_dict())
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll"])
+def test_shared_experts_run_during_dispatch_with_unchanged_result(dispatcher):
+    for same, same_grad, err, listed in run_ranks(_shared_rank, 2, dispatcher, timeout=120):
+        assert same and same_grad and listed
+        assert err <= tolerance(torch.float32), err
+
+
+def test_shared_experts_must_be_a_module():
+    with pytest.raises(TypeError, match="shared_experts=function; allowed: None or an nn.Module"):
+        ep.EPMoE(8, 2, 32, 16, shared_experts=lambda x: x)
+
+
+def _nvlink_rank(rank, world_size, name):
+    """The kernel path through the NVLink transport (its CPU stand-in under the Triton interpreter):
+    the overlapped schedule's exchanges keep their order, so the transport's per-call signals line
+    up on every rank and the outputs equal the sequential ones."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    from ep_runtime.dispatchers import exchange_kernels as xk
+
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, dispatcher=name, runner="torch",
+                     dispatcher_options=dict(num_max_dispatch_tokens_per_rank=4, transport="nvlink", num_sms=1))
+    problem = make_problem(layer.config, [4, 3, 2, 4], seed=4, ep_size=world_size)
+    batches = [(problem.xs[2 * rank + b].float(), ep.TopKOutput(problem.topk_ids[2 * rank + b],
+                                                               problem.topk_weights[2 * rank + b])) for b in range(2)]
+    with torch.no_grad(), xk.forced():
+        sequential = run_sequential(layer, batches)
+        overlapped = run_overlapped(layer, batches)
+    return all(torch.equal(a, b) for a, b in zip(sequential, overlapped))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_overlap_through_the_nvlink_transport():
+    assert all(run_ranks(_nvlink_rank, 2, "deepep_ll", timeout=240))
