@@ -11,6 +11,8 @@
 #                                replays of the static-shape dispatchers (140 s)
 #   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (85 s)
 #   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (85 s)
+#   bench_eplb                   ep-runtime bench --suite eplb: Zipf(1.2) routing, DeepSeek-V3, 4096 tok/rank, before
+#                                and after one rebalance with 32 redundant experts (90 s)
 #   bench_peer_transport         scripts/bench_peer_transport.py: the NVLink transport alone vs NCCL, on >= 2 GPUs (60 s)
 #   inference_cuda_graph         examples/inference_cuda_graph.py on min(2, GPUs) ranks (30 s)
 #   bench_overlap                ep-runtime bench overlap suite, DeepSeek-V3 shape, two micro-batches of 64 (decode,
@@ -18,7 +20,7 @@
 #   two_batch_overlap            examples/two_batch_overlap.py on min(2, GPUs) ranks (90 s)
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
-#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
+#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
 #   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
 #   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
 set -u
@@ -66,6 +68,13 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
        $(plot_arg "$name") ${RUNNER_ARGS:-}) >"$W/$name.log" 2>&1
     section "$name" $?; grep -A8 "^roofline" "$W/$name.log"; tail -3 "$W/$name.log"
   done
+fi
+if [ "$PAIR" -ge 2 ] && [ "${SKIP_EPLB:-0}" != 1 ]; then  # load balancing: a skewed layer before/after one rebalance
+  (cd /tmp && timeout -k 10 "$(budget 90)" torchrun --nproc-per-node "$PAIR" -m ep_runtime bench --suite eplb \
+     --preset deepseek-v3 --routing zipf:1.2 --tokens 4096 --redundant-experts 32 --dispatchers deepep_normal \
+     --runners triton --no-progress --json "$W/bench_eplb.json" --markdown "$W/bench_eplb.md") \
+     >"$W/bench_eplb.log" 2>&1
+  section bench_eplb $?; grep -A6 "^eplb" "$W/bench_eplb.log" | cut -c1-220; tail -3 "$W/bench_eplb.log"
 fi
 if [ "$NGPU" -ge 2 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # the NVLink transport alone vs NCCL, per SM budget
   (cd /tmp && timeout -k 5 "$(budget 60)" torchrun --nproc-per-node "$NGPU" "$REPO/scripts/bench_peer_transport.py") \
