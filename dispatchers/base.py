@@ -247,9 +247,8 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class TransportOptions:
-    """How an exchange moves rows on GPUs. transport: 'auto' (NVLink stores into peers' memory where
-    measured faster, decode-sized static plans in CUDA graphs; else NCCL), 'nccl' or 'nvlink' (always;
-    an error where impossible);
+    """How an exchange moves rows on GPUs. transport: 'auto' (the fastest measured: NCCL today, see
+    peer_transport), 'nccl' or 'nvlink' (Triton stores into peers' memory; an error where impossible);
     num_sms: SMs each NVLink transport kernel uses. Every rank must agree (checked at construction)."""
 
     transport: str

@@ -314,23 +314,24 @@ TRANSPORTS = ("auto", "nccl", "nvlink")
 
 
 def peer_transport(group, device: torch.device, world_size: int, mode: str) -> Optional[PeerTransport]:
-    """The NVLink transport of (group, device) for an exchange whose transport setting is `mode`:
-    `auto` takes it when every rank's GPU maps every other's memory (one host, peer access), `nccl`
-    never, `nvlink` always (an error naming why where it cannot be). None: the collective transport.
-    Made on first use, shared by every exchange on the group after; collective then (every rank
-    reaches its first exchange together)."""
-    if mode == "nccl" or world_size == 1 or (mode == "auto" and device.type != "cuda"):
-        return None  # CPU ranks take the stand-in only when asked (tests)
+    """The NVLink transport of (group, device) for an exchange whose transport setting is `mode`, or
+    None for the collective one. `nvlink`: always (an error naming why where it cannot be: several
+    hosts, a GPU without peer access to another, CPU ranks outside the interpreter). `auto` and
+    `nccl`: the collective, for now: on 2x H200 the NVLink transport was not measured faster than NCCL
+    in any case (prefill sizes: NCCL moves more bytes per second than the 24-SM copy; eager decode:
+    the two Triton launches cost more host time; graph-replayed decode: within run-to-run noise), so
+    `auto` keeps the collective until it is (docs/transports.md). Made on first use, shared by every
+    exchange on the group after; collective then (every rank reaches its first exchange together)."""
+    if mode != "nvlink" or world_size == 1:
+        return None
     key = (group, device)
     if key not in _TRANSPORTS:
         reason = _cannot_map(group, device, world_size)
         _TRANSPORTS[key] = reason if reason is not None else PeerTransport(group, device)
     found = _TRANSPORTS[key]
     if isinstance(found, str):
-        if mode == "nvlink":
-            raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {found}; "
-                               f"allowed here: 'auto' or 'nccl'")
-        return None
+        raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {found}; "
+                           f"allowed here: 'auto' or 'nccl'")
     return found
 
 

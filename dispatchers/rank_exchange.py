@@ -158,10 +158,6 @@ class _Deferred(NamedTuple):
     capacity: str
 
 
-# 'auto' takes the NVLink transport for CUDA-graph-captured static plans moving at most this many bytes
-# into a rank per call (decode sizes; see RankExchange._takes_nvlink).
-AUTO_NVLINK_MAX_BYTES = 8 << 20
-
 # A static plan's table is checked this many calls later on the same exchange: at the same call on
 # every rank (never "when its copy happens to have landed", which differs between ranks), and late
 # enough that the wait for the copy normally finds it done.
@@ -521,15 +517,14 @@ class RankExchange:
 
     def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool, keep: bool) -> torch.Tensor:
         """The kernel path's exchange of one plan's rows: dispatch (to the experts' ranks) or, with
-        to_owner, combine (back to the senders). Through the NVLink transport where it serves (see
-        _takes_nvlink) and the rows fit, else the collective. keep: the result outlives this rank's
+        to_owner, combine (back to the senders). Through the NVLink transport where it is chosen
+        (peer_transport) and the rows fit, else the collective. keep: the result outlives this rank's
         next exchange (the NVLink transport's rows are then copied out of its region)."""
         R = self.world_size
         peer = peer_transport(self.group, rows.device, R, self.transport)
         if peer is not None and (handle.static or handle.table is not None):
             row_bytes = math.prod(rows.shape[1:]) * rows.element_size()
-            nbytes = (R * handle.chunk if handle.static else handle.most_rows) * row_bytes
-            if self._takes_nvlink(peer, handle, nbytes) and peer.fits(nbytes):
+            if peer.fits((R * handle.chunk if handle.static else handle.most_rows) * row_bytes):
                 if handle.static:
                     moved = peer.all_to_all(rows, R * handle.chunk, chunk=handle.chunk, num_sms=self.num_sms)
                 else:
@@ -540,21 +535,6 @@ class RankExchange:
         if to_owner:
             return all_to_all(rows, handle.send_splits, handle.recv_splits, self.group, R)
         return all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
-
-    def _takes_nvlink(self, peer, handle: ExchangeHandle, nbytes: int) -> bool:
-        """transport='nvlink': always. 'auto': where it was measured faster than NCCL on 2x H200, a
-        static plan of at most AUTO_NVLINK_MAX_BYTES per rank replayed from a CUDA graph (decode).
-        Eager calls pay ~2 Triton launches of host time, and at prefill sizes NCCL moves more bytes
-        per second than the 24-SM copy (docs/transports.md). Such eager calls size the region, so a
-        graph captured after them finds it (the same decision on every rank: same sizes)."""
-        if self.transport == "nvlink":
-            return True
-        if not handle.static or nbytes > AUTO_NVLINK_MAX_BYTES:
-            return False
-        if capturing():
-            return True
-        peer.fits(nbytes)  # warm-up before capture: nothing can be allocated while capturing
-        return False
 
     def _receive_payload(self, payload, handle: ExchangeHandle, hidden: int, dtype: torch.dtype, top_k: int,
                          transient: bool = False):

@@ -87,9 +87,8 @@ _knob("TIMEOUT_S", float, 300.0,
       "Seconds a collective may wait for the other ranks before every rank fails with an error.",
       minimum=1.0, maximum=1e9)  # finite: a job must never wait forever
 _knob("TRANSPORT", str, "auto",
-      "How exchanges move rows on GPUs: auto (NVLink stores into peers' memory where measured faster: "
-      "decode-sized static plans in CUDA graphs, when every rank's GPU maps every other's; else NCCL), nccl, "
-      "or nvlink (always; an error where impossible).",
+      "How exchanges move rows on GPUs: auto (the fastest measured here; today NCCL everywhere), nccl, or "
+      "nvlink (Triton stores into peers' symmetric memory; an error where GPUs cannot map each other's).",
       choices=("auto", "nccl", "nvlink"))
 _knob("NUM_SMS", int, 24,
       "SMs (Triton programs) each NVLink transport kernel uses; the rest stay free for the experts' GEMMs.",
