@@ -54,24 +54,21 @@ if triton is not None:
     def _table_offsets(table_ptr, stride, me, peer, R, TO_OWNER: tl.constexpr):
         """(rows, first source row, first destination row) of what this rank sends `peer`, read from
         the count table (sent[s][d] at table[s, 1 + d]). Dispatch: rank `me` sends sent[me][peer]
-        rows, which land after the rows of lower source ranks. TO_OWNER (combine): the rows `me`
-        received from `peer` go back to where `peer` sent them from."""
-        if TO_OWNER:
-            count = tl.load(table_ptr + peer * stride + 1 + me)
-            src = 0
-            for s in range(0, peer):
-                src += tl.load(table_ptr + s * stride + 1 + me)
-            dst = 0
-            for d in range(0, me):
-                dst += tl.load(table_ptr + peer * stride + 1 + d)
-        else:
-            count = tl.load(table_ptr + me * stride + 1 + peer)
-            src = 0
-            for d in range(0, peer):
-                src += tl.load(table_ptr + me * stride + 1 + d)
-            dst = 0
-            for s in range(0, me):
-                dst += tl.load(table_ptr + s * stride + 1 + peer)
+        rows, which land after the rows of lower source ranks. TO_OWNER (combine): the same on the
+        transposed table, so the rows `me` received from `peer` go back to where `peer` sent them from."""
+        if TO_OWNER:  # a(i, j) = sent[j][i]
+            row_step = 1
+            col_step = stride
+        else:  # a(i, j) = sent[i][j]
+            row_step = stride
+            col_step = 1
+        count = tl.load(table_ptr + 1 + me * row_step + peer * col_step)
+        src = 0
+        for k in range(0, peer):
+            src += tl.load(table_ptr + 1 + me * row_step + k * col_step)
+        dst = 0
+        for k in range(0, me):
+            dst += tl.load(table_ptr + 1 + k * row_step + peer * col_step)
         return count, src, dst
 
     @triton.jit
