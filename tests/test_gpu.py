@@ -32,6 +32,8 @@ CONFIGS = {
 E, K, H, INTER, M = 32, 4, 256, 128, 64  # INTER: intermediate size; M: static buffers' tokens per rank
 TOKENS = [64, 0, 37, 100, 5, 80, 1, 33]  # per rank; rank 1 routes nothing
 STATIC = {"deepep_ll": ("deepep_ll", lambda T, R: dict(num_max_dispatch_tokens_per_rank=T)),
+          # the NVLink transport captured too (transport='auto' takes NCCL)
+          "deepep_ll nvlink": ("deepep_ll", lambda T, R: dict(num_max_dispatch_tokens_per_rank=T, transport="nvlink")),
           **{v.impl: (v.dispatcher, v.options) for v in STATIC_VARIANTS}}
 PAIRS = [(d, r, c) for d in dispatchers.registered() for r in runners.registered() for c in CONFIGS]
 
