@@ -334,13 +334,11 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str) -> O
 
 def describe(group, mode: str) -> str:
     """What an exchange with transport setting `mode` on `group` uses, as far as known without a
-    collective (the choice is made at the first exchange): for layer reprs."""
-    group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
-    for (g, device), found in _TRANSPORTS.items():
-        if g is group and mode != "nccl":
-            if isinstance(found, PeerTransport):
+    collective (an nvlink transport is made at the group's first exchange): for layer reprs."""
+    if mode == "nvlink":
+        for (g, device), found in _TRANSPORTS.items():
+            if g is group and isinstance(found, PeerTransport):
                 return f"transport=nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
-            return "transport=nccl"
     return f"transport={mode}"
 
 
