@@ -50,7 +50,7 @@ def main():
     if me == 0:
         print(f"{'rows/peer':>9} {'MB out':>7} {'impl':>14} {'sms':>4} {'warps':>5} {'device us':>9} {'host us':>8} "
               f"{'GB/s':>7}")
-    for rows in (64, 2048):
+    for rows in (64, 2048, 4096):
         x = torch.randint(0, 255, (R * rows, row_bytes), dtype=torch.uint8, device=device)
         out_bytes = (R - 1) * rows * row_bytes
         peer.fits(R * rows * row_bytes)
@@ -62,14 +62,21 @@ def main():
                   f"{out_bytes / d / 1e3:>7.1f}")
         words = x[:rows].view(torch.int64).reshape(-1)
         peer_address = peer._region.addresses[(me + 1) % R]
-        for block in (4096,):
-            for warps in (4, 8):
+        for block in (4096, 8192):
+            for warps in (8, 16, 32):
                 for sms in (24, 64):
                     d, h = _time(lambda: _raw_copy[(sms,)](words, peer_address, words.numel(), VEC=2, BLOCK=block,
                                                            num_warps=warps))
                     if me == 0:
                         print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'raw b=' + str(block):>14} {sms:>4} {warps:>5} "
                               f"{d:>9.1f} {h:>8.1f} {out_bytes / d / 1e3:>7.1f}")
+        # The copy engine (cudaMemcpyAsync into the peer's mapped region): no SM at all.
+        src = x[:rows].reshape(-1)
+        dst = peer._region.keep.get_buffer((me + 1) % R, (src.numel(),), torch.uint8)
+        d, h = _time(lambda: dst.copy_(src))
+        if me == 0:
+            print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'copy engine':>14} {0:>4} {'-':>5} {d:>9.1f} {h:>8.1f} "
+                  f"{out_bytes / d / 1e3:>7.1f}")
         for warps in (4, 8):
             for sms in (16, 24, 32, 64):
                 pt._WARPS = warps
