@@ -249,7 +249,8 @@ class Dispatcher:
 class TransportOptions:
     """How an exchange moves rows on GPUs. transport: 'auto' (the fastest measured: NCCL today, see
     peer_transport), 'nccl' or 'nvlink' (Triton stores into peers' memory; an error where impossible);
-    num_sms: SMs each NVLink transport kernel uses. Every rank must agree (checked at construction)."""
+    num_sms: SMs the NVLink transport copies rows with (0: none, the copy engines do). Every rank must
+    agree (checked at construction)."""
 
     transport: str
     num_sms: int
@@ -260,7 +261,7 @@ def resolve_transport(transport: Optional[str], num_sms: Optional[int]) -> Trans
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}; allowed: {', '.join(map(repr, TRANSPORTS))} "
                          f"(also settable as {envs.PREFIX}TRANSPORT)")
-    return TransportOptions(transport, resolve_int("num_sms", num_sms, "NUM_SMS"))
+    return TransportOptions(transport, resolve_int("num_sms", num_sms, "NUM_SMS", minimum=0))
 
 
 class ExchangeDispatcher(Dispatcher):

@@ -1,28 +1,34 @@
 """The NVLink transport: a rank stores its rows straight into its peers' memory and signals them;
-no NCCL call, no host sync, a fixed number of SMs.
+no NCCL call, no host sync, no SM for the bytes (or a fixed number of them).
 
 Every rank of a group maps one symmetric region of every other rank (PyTorch symmetric memory on
-CUDA), and a few flag words. A call of `all_to_all` runs two kernels on the caller's stream:
-- put: program 0 first tells every peer that this rank is done with the rows of its previous call
-  (its "free" flag: everything earlier on this stream has run); then `num_sms` programs copy each
-  outgoing row into the destination rank's region, at the row offset this rank owns there (fixed
-  chunks for static plans; for exact plans the offsets come from the all-gathered count table on
-  the device, the table that planned the rows), each peer's share only once that peer is free,
-  and this rank's own rows last (their copy overlaps the peers' incoming stores);
+CUDA), and a few flag words. Where each rank's rows go is known on the host (`shares`: fixed chunks
+for static plans, the count table the host plan read for exact ones). A call of `all_to_all` on the
+caller's stream:
+- free, then copy: by default (num_sms=0) one program tells every peer that this rank is done with
+  the rows of its previous call (its "free" flag: everything earlier on this stream has run) and
+  waits until every peer has said the same to it; then one cudaMemcpyAsync per peer stores this
+  rank's share into that peer's region, at the row offset this rank owns there: the GPU's copy
+  engines move the bytes over NVLink (measured faster than NCCL and than an SM copy loop on 2x
+  H200, docs/transports.md), and a large own share is copied on a side stream meanwhile. With
+  num_sms > 0 instead one kernel of that many programs does both (program 0 frees, every program
+  copies each peer's share once that peer is free, own rows last);
 - signal: one program raises this rank's "ready" flag in every peer (the call's epoch, release
   semantics), waits until every peer's ready flag here reaches it (acquire; bounded by
   EP_RUNTIME_TIMEOUT_S, after which it records the silent rank in host memory and gives up), and
   advances the epoch.
 The result is a view of this rank's region, valid until its next call on the transport (callers
 that hand rows to users copy them; the exchange's own kernels read them at once). The epoch lives
-on the device, so CUDA-graph replays keep counting.
+on the device, so CUDA-graph replays keep counting (a replay repeats the captured copies, so only
+static plans are captured, as everywhere).
 
 The region is sized by the largest call so far, and grows (a collective re-allocation, the same
 decision on every rank because it is made from sizes every rank knows) outside graph capture; a
 call that does not fit while a graph is captured takes the collective transport instead.
 
 On CPU ranks of one host the same kernels run under TRITON_INTERPRET=1 over shared-memory files
-standing in for symmetric memory: tests check every offset, signal and copy without a GPU.
+standing in for symmetric memory (the copies are plain CPU copies): tests check every offset,
+signal and copy without a GPU.
 """
 from __future__ import annotations
 
@@ -47,40 +53,9 @@ except ImportError:  # triton is optional: the collective transport runs instead
 _GRANULE = 1 << 20  # regions grow in whole MiB, to at least twice the old size
 _WORD = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _BLOCK, _WARPS = 4096, 8  # words per program per step (32 KiB of int64), warps per program
+_SIDE_BYTES = 4 << 20  # a rank's own rows from this size on are copied on a side stream, beside the peers'
 
 if triton is not None:
-
-    @triton.jit
-    def _table_offsets(table_ptr, stride, me, peer, R, TO_OWNER: tl.constexpr):
-        """(rows, first source row, first destination row) of what this rank sends `peer`, read from
-        the count table (sent[s][d] at table[s, 1 + d]). Dispatch: rank `me` sends sent[me][peer]
-        rows, which land after the rows of lower source ranks. TO_OWNER (combine): the same on the
-        transposed table, so the rows `me` received from `peer` go back to where `peer` sent them from."""
-        if TO_OWNER:  # a(i, j) = sent[j][i]
-            row_step = 1
-            col_step = stride
-        else:  # a(i, j) = sent[i][j]
-            row_step = stride
-            col_step = 1
-        count = tl.load(table_ptr + 1 + me * row_step + peer * col_step)
-        src = 0
-        for k in range(0, peer):
-            src += tl.load(table_ptr + 1 + me * row_step + k * col_step)
-        dst = 0
-        for k in range(0, me):
-            dst += tl.load(table_ptr + 1 + k * row_step + peer * col_step)
-        return count, src, dst
-
-    @triton.jit
-    def _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE: tl.constexpr, TO_OWNER: tl.constexpr):
-        """(rows, first source row, first destination row) of what this rank sends `peer`."""
-        if TABLE:
-            count, src, dst = _table_offsets(table_ptr, table_stride, me, peer, R, TO_OWNER)
-        else:
-            count = chunk
-            src = peer * src_step
-            dst = me * chunk
-        return count, src, dst
 
     @triton.jit
     def _words_at(address, first_row, row_words, ty: tl.constexpr, VEC: tl.constexpr):
@@ -134,30 +109,52 @@ if triton is not None:
                 seen = tl.load(flag, volatile=True)
 
     @triton.jit
-    def _put_kernel(src_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr, table_ptr, table_stride, me,
-                    R, chunk, src_step, row_words, timeout_ns, max_polls, TABLE: tl.constexpr, TO_OWNER: tl.constexpr,
-                    VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-        """Copy every outgoing row into its destination's region: one peer's rows are contiguous on
-        both sides, so each share is one flat copy. Flags: [ready (R words); free (R words)]."""
+    def _free_flags(flag_ptrs, done, me, R):
+        """Tell every peer that this rank is done with the rows of its previous call (everything earlier
+        on this stream has run): release its "free" word there."""
+        for peer in range(0, R):
+            free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
+            tl.atomic_xchg(free, done, sem="release", scope="sys")
+
+    @triton.jit
+    def _open_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
+                     INTERPRET: tl.constexpr):
+        """One program, before the copy engine stores into the peers: free every peer, then wait until
+        every peer has freed this rank (its region there may be overwritten)."""
+        done = tl.load(epoch_ptr)
+        _free_flags(flag_ptrs, done, me, R)
+        mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+        host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
+        start = _clock_ns(INTERPRET)
+        for peer in range(0, R):
+            if peer != me:
+                _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
+
+    @triton.jit
+    def _put_kernel(src_ptr, region_ptrs, shares_ptr, flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, row_words,
+                    timeout_ns, max_polls, VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+        """The SM copy: every outgoing row into its destination's region. One peer's rows are
+        contiguous on both sides, so each share (rows, first source row, first destination row: see
+        `shares`) is one flat copy. Flags: [ready (R words); free (R words)]."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         ty = src_ptr.dtype.element_ty
         done = tl.load(epoch_ptr)  # calls this rank has finished, the same count on every rank
         if pid == 0:
-            for peer in range(0, R):
-                free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
-                tl.atomic_xchg(free, done, sem="release", scope="sys")
+            _free_flags(flag_ptrs, done, me, R)
         mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
         host_error = host_error_ptr.to(tl.pointer_type(tl.int32))
         start = _clock_ns(INTERPRET)
         for step in range(1, R + 1):  # peers first, this rank last
             peer = (me + step) % R
-            count, src, dst = _share(table_ptr, table_stride, me, peer, R, chunk, src_step, TABLE, TO_OWNER)
+            count = tl.load(shares_ptr + 3 * peer)
+            src = tl.load(shares_ptr + 3 * peer + 1)
+            dst = tl.load(shares_ptr + 3 * peer + 2)
             if peer != me:  # no fence after: the stores below depend on the flag seen, nothing is read
                 _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
-            _copy_words(src_ptr + tl.multiple_of(tl.cast(src, tl.int64) * row_words, VEC),
+            _copy_words(src_ptr + tl.multiple_of(src * row_words, VEC),
                         _words_at(tl.load(region_ptrs + peer), dst, row_words, ty, VEC),
-                        tl.cast(count, tl.int64) * row_words, pid, nprog, VEC, BLOCK)
+                        count * row_words, pid, nprog, VEC, BLOCK)
 
     @triton.jit
     def _signal_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
@@ -183,10 +180,11 @@ def _word(row_bytes: int) -> torch.dtype:
 
 
 class _Region:
-    """This rank's symmetric allocation and every rank's address of it (index = group rank)."""
+    """This rank's symmetric allocation, every rank's address of it (index = group rank), and every
+    rank's as a byte tensor mapped here (what the copy engine stores into)."""
 
-    def __init__(self, local: torch.Tensor, addresses: list, keep: object = None):
-        self.local, self.addresses, self.keep = local, addresses, keep
+    def __init__(self, local: torch.Tensor, addresses: list, views: list, keep: object = None):
+        self.local, self.addresses, self.views, self.keep = local, addresses, views, keep
 
     @property
     def nbytes(self) -> int:
@@ -197,7 +195,10 @@ def _cuda_region(nbytes: int, group, device: torch.device) -> _Region:
     from torch.distributed import _symmetric_memory as symm_mem
     local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     handle = symm_mem.rendezvous(local, group)
-    return _Region(local, list(handle.buffer_ptrs), handle)
+    me = dist.get_rank(group)
+    views = [local if r == me else handle.get_buffer(r, (nbytes,), torch.uint8)
+             for r in range(dist.get_world_size(group))]
+    return _Region(local, list(handle.buffer_ptrs), views, handle)
 
 
 def _shared_file_region(nbytes: int, group, device: torch.device) -> _Region:
@@ -238,6 +239,8 @@ class PeerTransport:
         self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")  # read by the host
         self._device_error = torch.zeros(1, dtype=torch.int32, device=device)  # read by the kernels
         self._failed: Optional[str] = None
+        self._side = None  # the side stream of large own-row copies (made on first use)
+        self._shares: dict = {}  # shares tuple -> its device tensor (the copy kernel's)
         self._timeout_s = envs.get("TIMEOUT_S")
         interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
         self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
@@ -279,31 +282,90 @@ class PeerTransport:
         if self._failed is not None:
             raise PeerFailure(self._failed)
 
-    def all_to_all(self, x: torch.Tensor, rows_out: int, chunk: Optional[int] = None,
-                   table: Optional[torch.Tensor] = None, to_owner: bool = False, gather: bool = False,
-                   num_sms: int = 24) -> torch.Tensor:
+    def all_to_all(self, x: torch.Tensor, rows_out: int, chunk: Optional[int] = None, sent: Optional[list] = None,
+                   to_owner: bool = False, gather: bool = False, num_sms: int = 0) -> torch.Tensor:
         """x [S, ...] -> [rows_out, ...], rows grouped by source rank in rank order: a view of this
-        rank's region, valid until its next call here. Static plans: `chunk` rows to every peer (x
-        holds R chunks, peer-major), or with `gather` all of x (chunk = S) to every peer. Exact plans:
-        `table` [R, 1 + R + ...] int32, the all-gathered count table (sent[s][d] = table[s, 1 + d]);
-        dispatch sends x's rows peer by peer, `to_owner` (combine) sends received rows back to their
-        senders. Call fits() first."""
+        rank's region, valid until its next call here. Where the rows go (see `shares`): static plans
+        `chunk` rows to every peer (x holds R chunks, peer-major; with `gather` all of x to every
+        peer); exact plans from the count table read on the host, `sent[s][d]` rows from rank s to d,
+        `to_owner` (combine) sending received rows back to their senders. num_sms: 0, the copy engine
+        stores the rows (no SM); else that many programs of the copy kernel. Call fits() first."""
         self.check()
         x = x.contiguous()
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
-        words_in = x.view(torch.uint8).view(_word(row_bytes))
-        vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
-        _put_kernel[(num_sms,)](
-            words_in, self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0],
-            table if table is not None else self._epoch, table.shape[1] if table is not None else 0, self.rank,
-            self.world_size, chunk or 0, 0 if gather else (chunk or 0), row_bytes // words_in.element_size(),
-            *self._waits[1:], TABLE=table is not None, TO_OWNER=to_owner, VEC=vec, BLOCK=_BLOCK,
-            INTERPRET=self._interpret, num_warps=_WARPS)
+        parts = shares(self.rank, self.world_size, chunk, gather, sent, to_owner)
+        if num_sms == 0:
+            self._engine_copy(x.view(torch.uint8).reshape(-1), row_bytes, parts)
+        else:
+            words_in = x.view(torch.uint8).view(_word(row_bytes))
+            vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
+            _put_kernel[(num_sms,)](
+                words_in, self._region_ptrs, self._shares_tensor(parts), self._flag_ptrs, self._epoch,
+                self._device_error, self._waits[0], self.rank, self.world_size, row_bytes // words_in.element_size(),
+                *self._waits[1:], VEC=vec, BLOCK=_BLOCK, INTERPRET=self._interpret, num_warps=_WARPS)
         _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
-                             self.world_size,
-                             *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+                             self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
         received = self._region.local[:rows_out * row_bytes]
         return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
+
+    def _engine_copy(self, data: torch.Tensor, row_bytes: int, parts: list) -> None:
+        """Free the peers and wait until they free this rank (one program), then one copy per peer
+        into its region (cudaMemcpyAsync: the copy engine, over NVLink; no SM), peers first. This
+        rank's own share goes on a side stream meanwhile when it is large (it overlaps the peers')."""
+        _open_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
+                           self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+        R, me, views = self.world_size, self.rank, self._region.views
+
+        def copy(peer):
+            count, src, dst = parts[peer]
+            if count:
+                views[peer][dst * row_bytes:(dst + count) * row_bytes].copy_(
+                    data[src * row_bytes:(src + count) * row_bytes])
+
+        side = (self._side_stream() if self.device.type == "cuda" and parts[me][0] * row_bytes >= _SIDE_BYTES
+                else None)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                copy(me)
+        for step in range(1, R):
+            copy((me + step) % R)
+        if side is None:
+            copy(me)
+        else:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _side_stream(self) -> "torch.cuda.Stream":
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+    def _shares_tensor(self, parts: list) -> torch.Tensor:
+        """The shares on the device for the copy kernel, kept per distinct value (static plans repeat
+        theirs: a CUDA graph replays the tensor made before capture)."""
+        key = tuple(parts)
+        if key not in self._shares:
+            if len(self._shares) >= 64:
+                self._shares.clear()
+            self._shares[key] = torch.tensor(parts, dtype=torch.int64).to(self.device)
+        return self._shares[key]
+
+
+def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, sent: Optional[list] = None,
+           to_owner: bool = False) -> list:
+    """(rows, first source row, first destination row) of what rank `me` sends each rank (index =
+    rank). Static: `chunk` rows to every rank from x's rank-major chunks (gather: all of x, chunk =
+    its rows), landing in chunk `me` there. Exact: a[i][j] = rows i sends j (sent, or its transpose
+    for to_owner: rows go back to where their sender took them from); rank `me` sends its rows rank
+    by rank, and they land after the rows of lower sending ranks."""
+    if sent is None:
+        return [(chunk, 0 if gather else peer * chunk, me * chunk) for peer in range(R)]
+    a = [[sent[j][i] for j in range(R)] for i in range(R)] if to_owner else sent
+    out, src = [], 0
+    for peer in range(R):
+        out.append((a[me][peer], src, sum(a[k][peer] for k in range(me))))
+        src += a[me][peer]
+    return out
 
 
 _TRANSPORTS: dict = {}  # (group, device) -> PeerTransport, or why there can be none (a str)

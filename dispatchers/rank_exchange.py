@@ -130,7 +130,7 @@ class ExchangeHandle:
     rows: Optional[int] = None
     recv_pos: Optional[torch.Tensor] = None
     recv_rows: Optional[torch.Tensor] = None
-    table: Optional[torch.Tensor] = None  # kernel path, exact plans: the all-gathered count table (device)
+    sent: Optional[list] = None  # kernel path, exact plans: the count table's sent[s][d], read on the host
     most_rows: Optional[int] = None  # kernel path, exact plans: most rows any rank receives, either way
 
     @property
@@ -170,7 +170,7 @@ class RankExchange:
     every rank's T against it in the count table, so one rank over it fails every rank at once."""
 
     def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None,
-                 name: str = "exchange", transport: str = "auto", num_sms: int = 24):
+                 name: str = "exchange", transport: str = "auto", num_sms: int = 0):
         """name: the dispatcher's, for the errors a peer that does not answer causes."""
         self.placement, self.group, self.name = placement, group, name
         self.num_experts, self.rank, self.world_size = placement.num_experts, placement.rank, placement.ep_size
@@ -307,7 +307,7 @@ class RankExchange:
         handle = ExchangeHandle(T, layout, plan.send_token[:total], plan.send_rank[:total], plan.combine_index,
                                 summary[:L], summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host,
                                 chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows,
-                                table=None if static else table, most_rows=most_rows)
+                                sent=None if static else sent, most_rows=most_rows)
         return handle, (payload[:total] if payload is not None else None)
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
@@ -522,14 +522,14 @@ class RankExchange:
         next exchange (the NVLink transport's rows are then copied out of its region)."""
         R = self.world_size
         peer = peer_transport(self.group, rows.device, R, self.transport)
-        if peer is not None and (handle.static or handle.table is not None):
+        if peer is not None and (handle.static or handle.sent is not None):
             row_bytes = math.prod(rows.shape[1:]) * rows.element_size()
             if peer.fits((R * handle.chunk if handle.static else handle.most_rows) * row_bytes):
                 if handle.static:
                     moved = peer.all_to_all(rows, R * handle.chunk, chunk=handle.chunk, num_sms=self.num_sms)
                 else:
                     out_rows = sum(handle.send_splits if to_owner else handle.recv_splits)
-                    moved = peer.all_to_all(rows, out_rows, table=handle.table, to_owner=to_owner,
+                    moved = peer.all_to_all(rows, out_rows, sent=handle.sent, to_owner=to_owner,
                                             num_sms=self.num_sms)
                 return moved.clone() if keep else moved
         if to_owner:

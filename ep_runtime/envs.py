@@ -90,9 +90,10 @@ _knob("TRANSPORT", str, "auto",
       "How exchanges move rows on GPUs: auto (the fastest measured here; today NCCL everywhere), nccl, or "
       "nvlink (Triton stores into peers' symmetric memory; an error where GPUs cannot map each other's).",
       choices=("auto", "nccl", "nvlink"))
-_knob("NUM_SMS", int, 24,
-      "SMs (Triton programs) each NVLink transport kernel uses; the rest stay free for the experts' GEMMs.",
-      minimum=1, maximum=1024)
+_knob("NUM_SMS", int, 0,
+      "SMs the NVLink transport copies rows with: 0 (default) none, the GPU's copy engines move them "
+      "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs.",
+      minimum=0, maximum=1024)
 _knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
       "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
       "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")

@@ -62,30 +62,26 @@ def main():
                   f"{out_bytes / d / 1e3:>7.1f}")
         words = x[:rows].view(torch.int64).reshape(-1)
         peer_address = peer._region.addresses[(me + 1) % R]
-        for block in (4096, 8192):
-            for warps in (8, 16, 32):
-                for sms in (24, 64):
-                    d, h = _time(lambda: _raw_copy[(sms,)](words, peer_address, words.numel(), VEC=2, BLOCK=block,
-                                                           num_warps=warps))
-                    if me == 0:
-                        print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'raw b=' + str(block):>14} {sms:>4} {warps:>5} "
-                              f"{d:>9.1f} {h:>8.1f} {out_bytes / d / 1e3:>7.1f}")
-        # The copy engine (cudaMemcpyAsync into the peer's mapped region): no SM at all.
+        for sms in (24, 64):  # the SM copy loop alone (8 warps, 4096-word steps)
+            d, h = _time(lambda: _raw_copy[(sms,)](words, peer_address, words.numel(), VEC=2, BLOCK=4096,
+                                                   num_warps=8))
+            if me == 0:
+                print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'raw copy loop':>14} {sms:>4} {8:>5} "
+                      f"{d:>9.1f} {h:>8.1f} {out_bytes / d / 1e3:>7.1f}")
+        # The copy engine alone (cudaMemcpyAsync into the peer's mapped region): no SM at all.
         src = x[:rows].reshape(-1)
-        dst = peer._region.keep.get_buffer((me + 1) % R, (src.numel(),), torch.uint8)
+        dst = peer._region.views[(me + 1) % R][:src.numel()]
         d, h = _time(lambda: dst.copy_(src))
         if me == 0:
             print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'copy engine':>14} {0:>4} {'-':>5} {d:>9.1f} {h:>8.1f} "
                   f"{out_bytes / d / 1e3:>7.1f}")
-        for warps in (4, 8):
-            for sms in (16, 24, 32, 64):
-                pt._WARPS = warps
-                got = peer.all_to_all(x, R * rows, chunk=rows, num_sms=sms)
-                assert torch.equal(got, ref)
-                d, h = _time(lambda: peer.all_to_all(x, R * rows, chunk=rows, num_sms=sms))
-                if me == 0:
-                    print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'nvlink':>14} {sms:>4} {warps:>5} {d:>9.1f} {h:>8.1f} "
-                          f"{out_bytes / d / 1e3:>7.1f}")
+        for sms in (0, 24, 64):  # the whole transport call: copy engine (0), copy kernel
+            got = peer.all_to_all(x, R * rows, chunk=rows, num_sms=sms)
+            assert torch.equal(got, ref)
+            d, h = _time(lambda: peer.all_to_all(x, R * rows, chunk=rows, num_sms=sms))
+            if me == 0:
+                print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'nvlink':>14} {sms:>4} {pt._WARPS if sms else 1:>5} "
+                      f"{d:>9.1f} {h:>8.1f} {out_bytes / d / 1e3:>7.1f}")
         d, h = _time(lambda: ref.copy_(x))
         if me == 0:
             print(f"{rows:>9} {out_bytes / 1e6:>7.2f} {'local copy':>14} {'-':>4} {'-':>5} {d:>9.1f} {h:>8.1f} "

@@ -230,7 +230,7 @@ def _nvlink_rank(rank, world_size, name):
 
     torch.manual_seed(0)
     layer = ep.EPMoE(4, 2, 16, 8, dispatcher=name, runner="torch",
-                     dispatcher_options=dict(num_max_dispatch_tokens_per_rank=4, transport="nvlink", num_sms=1))
+                     dispatcher_options=dict(num_max_dispatch_tokens_per_rank=4, transport="nvlink"))
     problem = make_problem(layer.config, [4, 3, 2, 4], seed=4, ep_size=world_size)
     batches = [(problem.xs[2 * rank + b].float(), ep.TopKOutput(problem.topk_ids[2 * rank + b],
                                                                problem.topk_weights[2 * rank + b])) for b in range(2)]

@@ -1,6 +1,7 @@
 """The NVLink transport's kernels (puts into peers' memory, free/ready signals, bounded waits) run on
 gloo ranks under the Triton interpreter, over shared-memory files standing in for symmetric memory:
-every row lands where the collective transport puts it, over several back-to-back calls (each one
+every row lands where the collective transport puts it (stored by the copy engine's stand-in, a
+plain copy, or by the copy kernel), over several back-to-back calls (each one
 waits until its peers are done reading the last), across a growth of the region, and a silent peer
 is reported, not waited for."""
 import os
@@ -18,7 +19,7 @@ from ep_runtime.testing import make_problem, run_ranks
 pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
 
 
-def _transport_rank(rank, world_size):
+def _transport_rank(rank, world_size, sms):
     group = dist.group.WORLD
     peer = pt.peer_transport(group, torch.device("cpu"), world_size, "nvlink")
     gen = torch.Generator().manual_seed(100 + rank)
@@ -30,7 +31,7 @@ def _transport_rank(rank, world_size):
         want = torch.empty_like(x)
         dist.all_to_all_single(want, x)
         assert peer.fits(world_size * chunk * H * 2)
-        got = peer.all_to_all(x, world_size * chunk, chunk=chunk, num_sms=2)
+        got = peer.all_to_all(x, world_size * chunk, chunk=chunk, num_sms=sms)
         if not torch.equal(got, want):
             mismatches.append(("static", call))
         # all-gather: every peer gets all of x
@@ -38,7 +39,7 @@ def _transport_rank(rank, world_size):
         gathered = [torch.empty_like(row) for _ in range(world_size)]
         dist.all_gather(gathered, row)
         assert peer.fits(world_size * H * 4)
-        if not torch.equal(peer.all_to_all(row, world_size, chunk=1, gather=True, num_sms=3), torch.cat(gathered)):
+        if not torch.equal(peer.all_to_all(row, world_size, chunk=1, gather=True, num_sms=sms and 3), torch.cat(gathered)):
             mismatches.append(("gather", call))
         # exact plan from a count table: uneven rows per peer (zero included), then back to the owners
         sent_row = torch.randint(0, 4, (world_size,), generator=gen, dtype=torch.int32)
@@ -51,22 +52,24 @@ def _transport_rank(rank, world_size):
         dist.all_to_all_single(want, x, recv_splits, send_splits)
         most = max(int(table[:, 1:].sum(0).max()), int(table[:, 1:].sum(1).max()))
         assert peer.fits(most * H * 4)
-        got = peer.all_to_all(x, sum(recv_splits), table=table, num_sms=2)
+        sent = table[:, 1:].tolist()
+        got = peer.all_to_all(x, sum(recv_splits), sent=sent, num_sms=sms)
         if not torch.equal(got, want):
             mismatches.append(("table", call))
-        back = peer.all_to_all(got * 2, sum(send_splits), table=table, to_owner=True, num_sms=2)
+        back = peer.all_to_all(got * 2, sum(send_splits), sent=sent, to_owner=True, num_sms=sms)
         if not torch.equal(back, x * 2):
             mismatches.append(("to_owner", call))
     return {"mismatches": mismatches, "bytes": peer.nbytes}
 
 
-def test_rows_land_where_the_collective_puts_them():
-    for result in run_ranks(_transport_rank, 3, timeout=240):
+@pytest.mark.parametrize("sms", [0, 2], ids=["copy_engine", "copy_kernel"])
+def test_rows_land_where_the_collective_puts_them(sms):
+    for result in run_ranks(_transport_rank, 3, sms, timeout=240):
         assert result["mismatches"] == [], result
         assert result["bytes"] > 1 << 20, result  # a region of at least one MiB, and the flags
 
 
-def _silent_peer_rank(rank, world_size):
+def _silent_peer_rank(rank, world_size, sms):
     """Rank 1 never calls: rank 0's wait gives up (its poll bound) and its next call raises, naming rank 1."""
     os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
     peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
@@ -75,7 +78,7 @@ def _silent_peer_rank(rank, world_size):
     if rank == 1:
         dist.barrier()
         return "silent"
-    peer.all_to_all(x, world_size * 2, chunk=2, num_sms=1)
+    peer.all_to_all(x, world_size * 2, chunk=2, num_sms=sms)
     try:
         peer.check()
     except ep.PeerFailure as err:
@@ -85,8 +88,9 @@ def _silent_peer_rank(rank, world_size):
     return "no error"
 
 
-def test_a_silent_peer_is_reported_not_waited_for():
-    message = run_ranks(_silent_peer_rank, 2, timeout=120)[0]
+@pytest.mark.parametrize("sms", [0, 1], ids=["copy_engine", "copy_kernel"])
+def test_a_silent_peer_is_reported_not_waited_for(sms):
+    message = run_ranks(_silent_peer_rank, 2, sms, timeout=120)[0]
     assert "rank 1 did not signal" in message and "EP_RUNTIME_TIMEOUT_S=1" in message, message
 
 
@@ -101,10 +105,10 @@ def _layer_rank(rank, world_size, case):
     """The same layer call on the collective transport and on the NVLink one: identical outputs."""
     name, options = CASES[case]
     outputs = {}
-    for transport in ("nccl", "nvlink"):  # num_sms=2: the interpreter runs programs one by one
+    for transport in ("nccl", "nvlink"):
         torch.manual_seed(0)
         layer = ep.EPMoE(12, 3, 32, 16, dispatcher=name, runner="torch",
-                         dispatcher_options=dict(options, transport=transport, num_sms=2))
+                         dispatcher_options=dict(options, transport=transport))
         problem = make_problem(layer.config, [11, 7, 9], seed=6, ep_size=world_size)
         x = problem.xs[rank].float()
         with torch.no_grad(), xk.forced():

@@ -45,17 +45,16 @@ STATIC_VARIANTS = (
 # --fp8: each dispatcher with an fp8 payload again with use_fp8=True (tokens quantized on the sender).
 FP8_DISPATCHERS = ("deepep_normal", "deepep_ll", "mori")
 FP8 = " fp8"
-# The exchange dispatchers choose their transport (`auto`: NVLink where every GPU maps every other's
-# memory); these rows pin the collective one (NCCL) beside them, and sweep the NVLink transport's SMs.
+# The exchange dispatchers choose their transport (`auto`, see peer_transport); these rows pin each
+# one beside them (the NVLink transport's copy engine, and its SM copy kernel at two SM budgets).
 TRANSPORT_VARIANTS = (
-    *(Variant(f"{name} nccl", name, lambda T, R: dict(transport="nccl"))
-      for name in ("deepep_normal", "mori")),
-    Variant("deepep_ll nccl", "deepep_ll", lambda T, R: dict(transport="nccl")),
+    *(Variant(f"{name} {transport}", name, lambda T, R, transport=transport: dict(transport=transport))
+      for name in ("deepep_normal", "mori", "deepep_ll") for transport in ("nccl", "nvlink")),
     *(Variant(f"deepep_normal sms={n}", "deepep_normal", lambda T, R, n=n: dict(transport="nvlink", num_sms=n),
-              min_tokens=4096) for n in (8, 16, 32, 64)),
+              min_tokens=4096) for n in (24, 64)),
 )
 # Implementations with static shapes and no host sync: --cuda-graph also times their replays.
-CAPTURABLE = ("deepep_ll", "deepep_ll nccl", "deepep_ll" + FP8, *(v.impl for v in STATIC_VARIANTS))
+CAPTURABLE = ("deepep_ll", "deepep_ll nccl", "deepep_ll nvlink", "deepep_ll" + FP8, *(v.impl for v in STATIC_VARIANTS))
 
 # Intermediate size of the torch runner that prepares combine inputs (a multiple of 16 elements keeps
 # torch._grouped_mm's alignment rules happy in bf16).
