@@ -44,6 +44,14 @@ VARIANTS = (
                    capturable=True),
 )
 
+# On GPUs of one host, again through the NVLink transport: its copy engines move the rows without
+# taking SMs from the other micro-batch's experts (NCCL's kernels do take them).
+NVLINK_VARIANTS = (
+    OverlapVariant("deepep_normal nvlink", "deepep_normal", lambda T, R: dict(transport="nvlink")),
+    OverlapVariant("deepep_ll nvlink", "deepep_ll",
+                   lambda T, R: dict(num_max_dispatch_tokens_per_rank=max(T, 1), transport="nvlink"), capturable=True),
+)
+
 
 def expert_weights(expert: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
                    device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,8 @@ def overlap_suite(settings: Settings, group: Any, device: torch.device, progress
 
     rank, R = dist.get_rank(group), dist.get_world_size(group)
     dtype = DTYPES[settings.dtype]
-    variants = [v for v in VARIANTS if settings.dispatchers is None or v.dispatcher in settings.dispatchers
+    nvlink = NVLINK_VARIANTS if device.type == "cuda" and R > 1 else ()
+    variants = [v for v in VARIANTS + nvlink if settings.dispatchers is None or v.dispatcher in settings.dispatchers
                 or v.impl in settings.dispatchers]
     graphs = settings.cuda_graph and device.type == "cuda"
     timing = settings.timing(device, group)
