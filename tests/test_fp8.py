@@ -450,6 +450,33 @@ def test_gpu_quantize_kernel_equals_torch(encoding, H):
     assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
 
 
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("H", [7168, 300])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_gpu_fused_pack_equals_torch_and_the_float64_rule(encoding, H):
+    """The packing kernel compiled for the GPU (its hardware fp8 cast, 8 groups per program): every
+    sent row, each token twice, the bytes of the torch rule and the float64 rule's values."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    quant, (T, K, E) = QuantConfig(scale_encoding=encoding), (513, 8, 256)
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    x = (torch.randn(T, H, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    ids = torch.randint(-1, E, (T, K), device="cuda", generator=gen, dtype=torch.int32)
+    weights = torch.rand(T, K, device="cuda", generator=gen)
+    send_token = torch.cat([torch.arange(T), torch.arange(T).flip(0), torch.tensor([T])]).cuda()
+    send_rank = (torch.arange(2 * T + 1) >= T).long().cuda()
+    experts = torch.arange(E, dtype=torch.int32, device="cuda")
+    payload = xk.pack_payload(x, ids, weights, send_token, send_rank, experts // 128, experts % 128, quant=quant)
+    values, scales, _ = _payload_parts(xk, payload, x, quant, K)
+    want_q, want_s = quant.quantize_activation(x)
+    token = send_token[:2 * T]
+    assert torch.equal(values[:2 * T].view(torch.uint8), want_q[token].view(torch.uint8))
+    assert torch.equal(scales[:2 * T], (encode_ue8m0(want_s) if quant.ue8m0 else want_s)[token])
+    ref_q, ref_s = _quantize64(x.cpu(), quant.ue8m0)
+    assert torch.equal(values[:T].cpu().double(), ref_q) and torch.equal(decode_scales(scales[:T]).cpu().double(), ref_s)
+    assert not values[2 * T].view(torch.uint8).any() and not scales[2 * T].view(torch.uint8).any()
+
+
 @pytest.mark.parametrize("runner", ["triton", "masked", "torch"])
 @pytest.mark.parametrize("T", [1, 64, 2048])
 @pytest.mark.gpu
@@ -505,11 +532,13 @@ def _gpu_dispatch_rank(rank, world_size):
         layer.load_experts(problem.w13.float().to(device), problem.w2.float().to(device), quantize="fp8_block")
         x = problem.xs[rank].to(torch.bfloat16)
         ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+        ue8m0 = options.get("fp8_scale_encoding") == "ue8m0"
         with torch.inference_mode():
+            sent = layer.dispatcher.dispatch(x.to(device), ep.TopKOutput(ids.to(device), weights.to(device)))
+            received = _received_rows_are_the_senders(sent, problem, rank, world_size, E, ue8m0)
             y = layer(x.to(device), ids.to(device), weights.to(device))
-        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config,
-                                         options.get("fp8_scale_encoding") == "ue8m0")
-        out[f"{dispatcher}/{runner}/{options}"] = (rel_err(y.cpu(), fp8_ref), rel_err(y.cpu(), exact))
+        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, ue8m0)
+        out[f"{dispatcher}/{runner}/{options}"] = (rel_err(y.cpu(), fp8_ref), rel_err(y.cpu(), exact), received)
     # deepep_ll + masked with fp8 dispatch captures into a CUDA graph; replays with new inputs equal eager
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", runner="masked", dtype=torch.bfloat16, device=device,
                      dispatcher_options={"use_fp8": True, "num_max_dispatch_tokens_per_rank": 64},
@@ -527,7 +556,7 @@ def _gpu_dispatch_rank(rank, world_size):
         x.copy_(torch.randn(64, H, device=device, generator=gen).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
-        out["graph"] = (rel_err(y_graph.cpu(), layer(x, ids, w).cpu()), 0.0)
+        out["graph"] = (rel_err(y_graph.cpu(), layer(x, ids, w).cpu()), 0.0, True)
     return out
 
 
@@ -536,8 +565,9 @@ def _gpu_dispatch_rank(rank, world_size):
 def test_gpu_fp8_dispatch_on_two_ranks():
     for result in run_ranks(_gpu_dispatch_rank, 2, backend="nccl", timeout=240, group_timeout=200):
         assert result.pop("graph")[0] == 0.0
-        for key, (fp8_err, exact_err) in result.items():
+        for key, (fp8_err, exact_err, received) in result.items():
             assert fp8_err < BF16 and exact_err < UNQUANTIZED_BOUND, (key, fp8_err, exact_err)
+            assert received, (key, "received fp8 rows differ from the senders' quantized tokens")
 
 
 def test_hf_fp8_experts_are_replaced_and_kept_fp8():
