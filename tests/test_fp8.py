@@ -434,6 +434,23 @@ def test_fp8_dispatch_options_are_checked():
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
 
+def test_fp8_dispatch_refuses_autograd_before_any_exchange():
+    """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
+    quantizes, after its first collective: a late error there would leave the peers waiting)."""
+    cfg = ep.MoeConfig(8, 2, 128, 64)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    topk = ep.TopKOutput(torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32), torch.rand(3, 2))
+
+    def exchanged(*args, **kwargs):
+        raise AssertionError("the exchange was entered")
+
+    for name in ("deepep_normal", "mori"):
+        dispatcher = ep.dispatchers.create(name, cfg, use_fp8=True)
+        dispatcher.exchange.plan_and_send = exchanged
+        with pytest.raises(RuntimeError, match="use_fp8=True dispatch: .*inference-only"):
+            dispatcher.dispatch(x, topk)
+
+
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
