@@ -56,8 +56,10 @@ if triton is not None:
     def stored_scale(scale, SCALE_BYTE: tl.constexpr):
         """A scale as it is stored: fp32, or (SCALE_BYTE, UE8M0 scales) its exponent byte."""
         if SCALE_BYTE:
-            return ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
-        return scale
+            stored = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
+        else:
+            stored = scale
+        return stored
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
