@@ -290,10 +290,13 @@ class ExchangeDispatcher(Dispatcher):
             return None
         return QuantConfig(scale_encoding=options.fp8_scale_encoding)
 
-    def _wire_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """What travels: x itself, or with use_fp8 its fp8 wire rows (quantized once per token)."""
+    def _fp8_for(self, x: torch.Tensor) -> Optional[QuantConfig]:
+        """The format x travels in (None: as it is), checked for x before any collective; the exchange
+        quantizes (on the kernel path inside its packing kernel)."""
         quant = self.fp8
-        return x if quant is None else fp8_payload.encode(x, quant)
+        if quant is not None:
+            fp8_payload.check_inference(x)
+        return quant
 
     def _received(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(recv_x, recv_x_scale): received rows as they are, or an fp8 dispatch's values and scales."""

@@ -92,11 +92,11 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
-        x_dtype, x = x.dtype, self._wire_rows(x)
+        x_dtype, quant = x.dtype, self._fp8_for(x)
         M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
             x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
-            distinct=self.distinct_ids, transient=True)  # the rows are scattered into recv_x below
+            distinct=self.distinct_ids, transient=True, quant=quant)  # the rows are scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(

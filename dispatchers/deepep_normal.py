@@ -102,17 +102,17 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
-        x_dtype, x = x.dtype, self._wire_rows(x)
+        x_dtype, quant = x.dtype, self._fp8_for(x)
         if handle is None:
             W, C = self.num_worst_tokens, self.chunk
             setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-                x, ids, weights, local_ids=True, chunk=C, rows=W, capacity=setting)
+                x, ids, weights, local_ids=True, chunk=C, rows=W, capacity=setting, quant=quant)
         elif handle.num_tokens != x.shape[0]:
             raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                              f"(a handle is only valid for a dispatch with the same routing)")
         else:
-            recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True)
+            recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
         listed = [-(-c // self.alignment) * self.alignment for c in handle.num_recv_tokens_per_expert or []]
         recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,

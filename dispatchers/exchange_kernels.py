@@ -5,9 +5,11 @@ expert; value flags] that ranks all-gather. table_plan: one kernel (a program pe
 scanning the tokens) places every (token, rank) pair in the send order from the gathered table:
 send_token, send_rank, combine_index, plus receive counts and the static compaction.
 pack_rows: one kernel builds the send payload: each sent row's hidden state and its [weights;
-ids] metadata (ids remapped to the destination's local ids when asked). gather_sum: one kernel adds
-each token's returned rows (at most R) in fp32 and writes the token's output; no atomics, so it is
-deterministic. Both are autograd Functions whose backward is the inverse gather/scatter.
+ids] metadata (ids remapped to the destination's local ids when asked); for an fp8 dispatch the
+same kernel quantizes each row per 128 channels as it reads it and writes the fp8 values and
+their scales (quant_kernels.quantize_groups, the one rule) straight into the payload. gather_sum:
+one kernel adds each token's returned rows (at most R) in fp32 and writes the token's output; no
+atomics, so it is deterministic. Both are autograd Functions whose backward is the inverse gather/scatter.
 rank_exchange uses them on CUDA for bf16/fp16/fp32 and plain torch ops elsewhere.
 
 The inference fast path (no autograd) launches each kernel directly, without an autograd Function
@@ -20,16 +22,21 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
+
+from . import fp8_payload
 
 try:
     import triton
     import triton.language as tl
+
+    from ep_runtime.quant_kernels import quantize_groups, stored_scale
 except ImportError:  # triton is optional: the torch path runs instead
     triton = None
 
-# uint8: fp8 dispatch rows with their scales as bytes (dispatchers/fp8_payload.py): copied and laid out,
-# never accumulated.
+# uint8: fp8 dispatch rows with their scales as bytes (dispatchers/fp8_payload.py), received or (off the
+# inference path) encoded before packing: copied and laid out, never accumulated.
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
 
 
@@ -245,13 +252,17 @@ if triton is not None:
             tl.store(summary_ptr + L + 1, tl.max(received))
 
     @triton.jit
-    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, meta_ptr,
-                     T, H, K, E, row_stride, meta_stride, LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr,
-                     INT_META: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, scale_ptr,
+                     meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
+                     LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr, INT_META: tl.constexpr, QUANT: tl.constexpr,
+                     UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """Send row i: x[token[i]] and its metadata [weights; ids] (INT_META: int32, weights as fp32
         bits; else fp32 values); ids as the destination's local ids when LOCAL, -1 where the expert
         lives elsewhere or is out of range; pad token T: zeros, -1 (SKIP_PAD: left unwritten, for rows
-        past what a host plan sends)."""
+        past what a host plan sends). QUANT (fp8 dispatch): the row is quantized as it is read, GROUPS
+        groups of GROUP channels per program, by quant_kernels.quantize_groups (the one rule), fp8
+        values to rows_ptr and scales to scale_ptr (a pad row: all zero bytes, scale 0 included)."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
@@ -260,9 +271,19 @@ if triton is not None:
                 return
         h_real = tl.where(tok < T, H, 0)  # a pad row reads nothing (no scalar-bool masks)
         k_real = tl.where(tok < T, K, 0)
-        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0)
-        tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, row, mask=cols < H)
+        if QUANT:
+            g = hb * GROUPS + tl.arange(0, GROUPS)
+            cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            v = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0).to(tl.float32)
+            q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST)
+            tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, q.to(rows_ptr.dtype.element_ty), mask=cols < H)
+            scale = tl.where(tok < T, scale, 0.0)
+            tl.store(scale_ptr + i.to(tl.int64) * scale_stride + g, stored_scale(scale, SCALE_BYTE),
+                     mask=g * GROUP < H)
+        else:
+            cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            row = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0)
+            tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, row, mask=cols < H)
         if hb == 0:
             k = tl.arange(0, BLOCK_K)
             ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1).to(tl.int64)
@@ -369,29 +390,59 @@ def payload_bytes(hidden: int, dtype: torch.dtype, top_k: int) -> int:
     return _meta_offset(hidden, dtype) + 8 * top_k
 
 
+def row_format(x: torch.Tensor, quant: Optional[QuantConfig]) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of the row x [T, H] sends: x's own, or with quant (an fp8 dispatch) the bytes
+    of its wire row (fp8_payload.row_layout: values and scales)."""
+    if quant is None:
+        return x.shape[1], x.dtype
+    return fp8_payload.row_layout(x.shape[1], quant)[0], torch.uint8
+
+
 def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
                  send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor],
-                 skip_pad: bool = False) -> torch.Tensor:
+                 skip_pad: bool = False, quant: Optional[QuantConfig] = None) -> torch.Tensor:
     """Inference path: payload [S, payload_bytes] uint8 holding x[send_token] and [weights bits; ids]
-    per row (see payload_views); ids as the destination's local ids when local_of [E] is given.
-    skip_pad: rows of pad token T stay unwritten (they are never sent)."""
-    S, H, K = send_token.numel(), x.shape[1], ids.shape[1]
-    payload = torch.empty(S, payload_bytes(H, x.dtype, K), dtype=torch.uint8, device=x.device)
-    rows, meta = payload_views(payload, H, x.dtype, K)
+    per row (see payload_views; row_format gives the row's elements and dtype); ids as the
+    destination's local ids when local_of [E] is given. skip_pad: rows of pad token T stay unwritten
+    (they are never sent). quant: an fp8 dispatch: each row is quantized as it is packed, into its wire
+    row (fp8_payload.views reads values and scales), in the same one kernel: no quantized copy of x,
+    and a token sent to several ranks is quantized the same way (bit for bit) for each."""
+    S, K = send_token.numel(), ids.shape[1]
+    width, dtype = row_format(x, quant)
+    payload = torch.empty(S, payload_bytes(width, dtype, K), dtype=torch.uint8, device=x.device)
+    rows, meta = payload_views(payload, width, dtype, K)
     if S:
-        _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad)
+        _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad, quant=quant)
     return payload
 
 
-def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad: bool) -> None:
-    """Launch the packing kernel: rows [S, H] (any row stride) and meta [S, 2K] (int32 bits or fp32)."""
+def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad: bool,
+          quant: Optional[QuantConfig] = None) -> None:
+    """Launch the packing kernel: rows [S, H] (any row stride; with quant the uint8 wire rows [S, W])
+    and meta [S, 2K] (int32 bits or fp32)."""
     (S,), (T, H), K = send_token.shape, x.shape, ids.shape[1]
-    BLOCK_H = _block_h(H)
+    values = scales = rows
+    group = groups = 1
+    fp8_max = min_amax = 0.0
+    interpreted = False
+    if quant is None:
+        BLOCK_H = _block_h(H)
+    else:
+        from ep_runtime.runners.base import triton_interpreted  # (lazily: runners import the dispatchers)
+        interpreted = triton_interpreted()
+        values, scales = fp8_payload.views(rows, H, quant)
+        group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
+        # Groups per program: 1024 channels on a GPU (as the unquantized rows); the interpreter runs
+        # whole rows (its cost is per program).
+        groups = min(triton.next_power_of_2(quant.num_groups(H)), 64 if interpreted else max(1, 1024 // group))
+        BLOCK_H = groups * group
     _pack_kernel[(S, triton.cdiv(H, BLOCK_H))](
         x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
-        local_of if local_of is not None else rank_of, rows, meta, T, H, K, rank_of.numel(), rows.stride(0),
-        meta.stride(0), LOCAL=local_of is not None, SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32,
-        BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
+        values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
+        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, QUANT=quant is not None,
+        UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=scales.dtype == torch.uint8, ROUND_FIRST=interpreted,
+        GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
 
 
 def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none: int

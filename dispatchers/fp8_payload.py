@@ -1,10 +1,13 @@
-"""fp8 dispatch rows: each token quantized once on the sender and sent as bytes with its scales.
+"""fp8 dispatch rows: each token quantized on the sender and sent as bytes with its scales.
 
 A wire row is [H fp8 values | pad to 16 bytes | G scales | pad to 16 bytes], G = ceil(H / 128): fp32
 scales (4 bytes each), or UE8M0 exponent bytes (1 byte each) under scale_encoding="ue8m0". The rows
 are plain uint8 to the exchange (rank_exchange moves and lays them out like any other rows, never
 adding them), and the receiver takes the values and the scales as two strided views of the same
 bytes: no copy, no decode. H bf16 = 2H bytes per row becomes H + 4G (fp32 scales, 0.52x) or H + G.
+
+Where the exchange kernels run (CUDA), the packing kernel writes these rows itself, quantizing each
+token as it reads it (exchange_kernels.pack_payload); encode is the torch path of the same bytes.
 """
 from __future__ import annotations
 
@@ -15,8 +18,6 @@ import torch
 from ep_runtime import envs
 from ep_runtime.quant import INFERENCE_ONLY, SCALE_ENCODINGS, QuantConfig, encode_ue8m0
 from ep_runtime.runner_core import needs_grad
-
-from . import exchange_kernels
 
 _ALIGN = 16
 
@@ -45,23 +46,23 @@ def resolve(use_fp8: Optional[bool], scale_encoding: Optional[str]) -> tuple[boo
     return use, encoding
 
 
-def encode(x: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
-    """x [T, H] float -> wire rows [T, W] uint8: one fused quantization kernel on CUDA (and under the
-    interpreter where the exchange kernels run), writing straight into the rows; torch ops elsewhere."""
+def check_inference(x: torch.Tensor) -> None:
+    """fp8 dispatch defines no gradient: raise before any collective when x needs one."""
     if needs_grad(x):
         raise RuntimeError(f"use_fp8=True dispatch: {INFERENCE_ONLY}")
+
+
+def encode(x: torch.Tensor, quant: QuantConfig) -> torch.Tensor:
+    """x [T, H] float -> wire rows [T, W] uint8 with torch ops (QuantConfig.quantize_activation): the
+    path where the exchange kernels do not run (CPU ranks, autograd). On the kernel path the packing
+    kernel quantizes each row as it packs it (exchange_kernels.pack_payload), bit for bit the same."""
+    check_inference(x)
     T, H = x.shape
-    width, offset, itemsize = row_layout(H, quant)
-    rows = torch.empty(T, width, dtype=torch.uint8, device=x.device)
+    rows = torch.empty(T, row_layout(H, quant)[0], dtype=torch.uint8, device=x.device)
     q, scale = views(rows, H, quant)
-    if exchange_kernels.on_gpu(x):
-        from ep_runtime.quant_kernels import quantize_rows
-        from ep_runtime.runners.base import triton_interpreted
-        quantize_rows(x, quant, q=q, scale=scale, interpreted=triton_interpreted())
-    else:
-        q_ref, scale_ref = quant.quantize_activation(x)
-        q.copy_(q_ref)
-        scale.copy_(encode_ue8m0(scale_ref) if quant.ue8m0 else scale_ref)
+    q_ref, scale_ref = quant.quantize_activation(x)
+    q.copy_(q_ref)
+    scale.copy_(encode_ue8m0(scale_ref) if quant.ue8m0 else scale_ref)
     return rows
 
 

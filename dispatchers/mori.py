@@ -100,12 +100,13 @@ class MoriDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
-        x_dtype, x = x.dtype, self._wire_rows(x)
+        x_dtype, quant = x.dtype, self._fp8_for(x)
         static = self._static()
         N, n = self.num_buffer_rows, self.max_input_tokens
         chunk = self.max_dispatch_tokens_per_rank if static else None
         handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}")
+            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}",
+            quant=quant)
         if n <= 0:
             rows = N
         elif static:

@@ -37,9 +37,10 @@ import torch
 from ep_runtime import envs
 from ep_runtime.distributed import wait_on_device
 from ep_runtime.placement import ExpertPlacement
+from ep_runtime.quant import QuantConfig
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
-from . import exchange_kernels
+from . import exchange_kernels, fp8_payload
 from .peer_transport import peer_transport
 from .transport import all_gather_rows, all_to_all
 
@@ -252,7 +253,8 @@ class RankExchange:
             return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity)
         return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
 
-    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False):
+    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
+                     quant=None):
         """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
         one kernel from the table on the device. A host plan reads the table once (its one sync); a
         static plan defers the read on CUDA (see the module doc). Given x, a host plan also packs the
@@ -278,7 +280,8 @@ class RankExchange:
         if not static and x is not None:  # plan and pack first: the read below then overlaps them
             plan = exchange_kernels.table_plan(in_rank, table, me, global_of, T * min(R, K))
             payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
-                                                    rank_of, local_of if local_ids else None, skip_pad=True)
+                                                    rank_of, local_of if local_ids else None, skip_pad=True,
+                                                    quant=quant)
         send_splits = recv_splits = per_expert_host = most_rows = None
         if static:
             total = R * chunk
@@ -312,20 +315,21 @@ class RankExchange:
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
                       chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
-                      distinct: Optional[str] = None, transient: bool = False
+                      distinct: Optional[str] = None, transient: bool = False, quant: Optional[QuantConfig] = None
                       ) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan() then send() (their arguments); on the kernel path in one go, packing before the
         count table is read. transient: the caller consumes the received rows before its next
         exchange (they may stay in the NVLink transport's region). Returns (handle, recv_x, recv_ids,
         recv_weights)."""
         if exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights):
-            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids)
+            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids,
+                                                quant)
             if payload is None:
-                return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient))
-            return (handle, *self._receive_payload(payload, handle, x.shape[1], x.dtype, topk_ids.shape[1],
-                                                   transient))
+                return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient, quant))
+            return (handle, *self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant),
+                                                   topk_ids.shape[1], transient))
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
-        return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
+        return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids, quant))
 
     def _defer(self, table, issued_at, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
         """Start the table's copy to pinned memory (no sync). At most _CHECK_LAG tables are pending, so
@@ -472,12 +476,16 @@ class RankExchange:
         return handle
 
     def send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, handle: ExchangeHandle,
-             local_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             local_ids: bool, quant: Optional[QuantConfig] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(recv_x, recv_ids int32, recv_weights fp32). local_ids: ids as the receiver's local
         experts (-1 where the expert lives elsewhere); else global ids. Pad rows: zeros, id -1.
-        On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer."""
+        On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer.
+        quant: an fp8 dispatch; recv_x is then its uint8 wire rows (fp8_payload), quantized by the
+        packing kernel on the kernel path, else by fp8_payload.encode first."""
         if exchange_kernels.inference_path(x, weights):
-            return self._send_payload(x, ids, weights, handle, local_ids)
+            return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)
+        if quant is not None:
+            x = fp8_payload.encode(x, quant)
         R, E, K = self.world_size, self.num_experts, ids.shape[1]
         rank_of, local_of, _ = self.tables(x.device)
         token = handle.send_token
@@ -507,13 +515,14 @@ class RankExchange:
             recv_meta = torch.cat([recv_meta, meta_pad.expand(missing, -1)])
         return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
 
-    def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool, transient: bool = False):
-        """The kernel path: one packing kernel, one exchange of rows with their metadata, and for
-        padded or compacted receive sides one kernel laying the rows out."""
+    def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool, transient: bool = False,
+                      quant: Optional[QuantConfig] = None):
+        """The kernel path: one packing kernel (quantizing with quant), one exchange of rows with their
+        metadata, and for padded or compacted receive sides one kernel laying the rows out."""
         rank_of, local_of, _ = self.tables(x.device)
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
-                                                local_of if local_ids else None)
-        return self._receive_payload(payload, handle, x.shape[1], x.dtype, ids.shape[1])
+                                                local_of if local_ids else None, quant=quant)
+        return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1])
 
     def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool, keep: bool) -> torch.Tensor:
         """The kernel path's exchange of one plan's rows: dispatch (to the experts' ranks) or, with

@@ -1,7 +1,8 @@
 """The fused activation quantization kernel (CUDA; CPU tensors under TRITON_INTERPRET=1), beside its
 launcher. One pass per row reads the group, takes its amax, writes the fp8 values and the scale (fp32,
-or one UE8M0 exponent byte), into any row-strided destination: the dispatchers point it straight at
-their send rows, the triton and masked runners at their GEMM inputs.
+or one UE8M0 exponent byte), into any row-strided destination: the triton and masked runners point it
+at their GEMM inputs. The rule itself is one jit function, quantize_groups, which the dispatch packing
+kernel (dispatchers/exchange_kernels.py) calls too, quantizing each token as it packs the send rows.
 
 The torch reference is QuantConfig.quantize_activation (ep_runtime/quant.py); the two agree bit for bit.
 """
@@ -33,12 +34,39 @@ if triton is not None:
         return tl.where(v < 0, -r, r) * ulp
 
     @triton.jit
+    def quantize_groups(v, fp8_max, min_amax, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
+        """The activation rule, shared by every kernel that quantizes (this file's and the dispatch
+        packing kernel): v [GROUPS, GROUP] fp32 (zeros past the row) -> (q [GROUPS, GROUP] fp32, exact
+        once cast to e4m3; scale [GROUPS] fp32). s = max(amax, min_amax) / fp8_max (UE8M0: rounded up
+        to 2^n on the bits, exactly as quant.round_up_pow2), q = x / s clamped to +-fp8_max; ROUND_FIRST
+        (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does."""
+        amax = tl.maximum(tl.max(tl.abs(v), axis=1), min_amax)
+        scale = amax / fp8_max
+        if UE8M0:
+            bits = scale.to(tl.int32, bitcast=True)
+            exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+            scale = (exponent << 23).to(tl.float32, bitcast=True)
+        q = tl.div_rn(v, scale[:, None])
+        q = tl.minimum(tl.maximum(q, -fp8_max), fp8_max)
+        if ROUND_FIRST:
+            q = round_to_e4m3(q)
+        return q, scale
+
+    @triton.jit
+    def stored_scale(scale, SCALE_BYTE: tl.constexpr):
+        """A scale as it is stored: fp32, or (SCALE_BYTE, UE8M0 scales) its exponent byte."""
+        if SCALE_BYTE:
+            stored = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
+        else:
+            stored = scale
+        return stored
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
                               GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
                               SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, HAS_ROW_OK: tl.constexpr):
-        """Row r, groups g0 .. g0 + GROUPS: q = x / s, s = amax / fp8_max (UE8M0: rounded up to 2^n;
-        SCALE_BYTE: stored as its exponent byte). HAS_ROW_OK: rows whose flag is 0 are skipped (never
-        read: pair rows no expert here computed)."""
+        """Row r, groups g0 .. g0 + GROUPS quantized by quantize_groups. HAS_ROW_OK: rows whose flag is
+        0 are skipped (never read: pair rows no expert here computed)."""
         row = tl.program_id(0).to(tl.int64)
         if HAS_ROW_OK:
             if tl.load(row_ok_ptr + row) == 0:
@@ -47,22 +75,9 @@ if triton is not None:
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         inside = (cols < H) & (g[:, None] < G)
         v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(v), axis=1), min_amax)
-        scale = amax / fp8_max
-        if UE8M0:  # round up to a power of two on the bits, exactly as quant.round_up_pow2
-            bits = scale.to(tl.int32, bitcast=True)
-            exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-            scale = (exponent << 23).to(tl.float32, bitcast=True)
-        q = tl.div_rn(v, scale[:, None])
-        q = tl.minimum(tl.maximum(q, -fp8_max), fp8_max)
-        if ROUND_FIRST:
-            q = round_to_e4m3(q)
+        q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
-        if SCALE_BYTE:
-            stored = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8)
-        else:
-            stored = scale
-        tl.store(s_ptr + row * stride_s + g, stored, mask=g < G)
+        tl.store(s_ptr + row * stride_s + g, stored_scale(scale, SCALE_BYTE), mask=g < G)
 
 
 def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,

@@ -92,6 +92,28 @@ def test_bytes_count_each_token_once_per_other_rank():
     assert bench.bytes_leaving_rank(ids, 8, 4, rank=0, hidden_size=16, itemsize=4) == 3 * 16 * 4
 
 
+def test_fp8_rows_report_their_time_over_the_same_dispatchers_unquantized_one():
+    """--fp8: each " fp8" row's median time over the same dispatcher's, same op and shape (the fp8
+    dispatch target is this ratio), printed in the dispatch table; other rows and unmatched ones: none."""
+    from ep_runtime.bench.dispatch import _add_baseline_ratios
+    from ep_runtime.bench.report import render_text
+    from ep_runtime.bench.settings import Results
+
+    def row(impl, op, median_us, T=4096):
+        return dict(impl=impl, op=op, num_experts=256, top_k=8, hidden_size=7168, tokens_per_rank=T, world_size=2,
+                    dtype="bfloat16", median_us=median_us, p10_us=median_us, p90_us=median_us, bytes_per_rank=1.0,
+                    gbps=None)
+
+    rows = [row("deepep_normal", "dispatch", 1000.0), row("deepep_normal fp8", "dispatch", 550.0),
+            row("deepep_normal", "combine", 300.0), row("deepep_normal fp8", "combine", 330.0),
+            row("deepep_normal fp8", "dispatch", 90.0, T=128), row("mori fp8", "dispatch", 70.0)]
+    _add_baseline_ratios(rows)
+    assert [r["vs_unquantized"] for r in rows] == [None, pytest.approx(0.55), None, pytest.approx(1.1), None, None]
+    lines = render_text(Results(dispatch=rows)).splitlines()
+    assert lines[1].rstrip().endswith("time vs unquantized")
+    assert lines[4].rstrip().endswith("0.55") and lines[3].rstrip().endswith("-")
+
+
 def test_runner_problem_keeps_t_times_k_pairs():
     gen = torch.Generator().manual_seed(0)
     x, topk, pairs, touched = bench.runner_problem(gen, 10, 1, 2, 8, torch.float32, CPU)  # L=1 < K=2

@@ -90,6 +90,94 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
     assert torch.equal(q_out[2].view(torch.uint8), want_q[2].view(torch.uint8))
 
 
+def _e4m3_round64(v: torch.Tensor) -> torch.Tensor:
+    """float64 |v| <= 448 onto e4m3's grid, nearest with ties to even (torch.round): 3 mantissa bits in
+    each binade, subnormal steps of 2^-9 below 2^-6. Neither torch's fp8 cast nor the kernels' helper."""
+    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2.0 ** -6))) - 3)
+    return torch.round(v / step) * step
+
+
+def _quantize64(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation rule in float64, rounding to fp32 where the rule does: s = fp32(max(amax,
+    fp32(1e-10)) / 448) (ue8m0: the next power of two up), q = e4m3(clamp(fp32(x / s), +-448)). An
+    fp32 quotient of fp32 operands computed in float64 and rounded once more is the correctly rounded
+    fp32 quotient (53 >= 2 * 24 + 2 bits), so the fp32 points are exact here. Returns (q [T, H], s [T, G])."""
+    T, H = x.shape
+    G = -(-H // 128)
+    groups = torch.zeros(T, G * 128, dtype=torch.float64)
+    groups[:, :H] = x.double()
+    groups = groups.view(T, G, 128)
+    floor = float(torch.tensor(1e-10, dtype=torch.float32))
+    scale = (groups.abs().amax(2).clamp(min=floor) / 448.0).float().double()
+    if ue8m0:
+        mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+        scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
+    q = (groups / scale.unsqueeze(2)).float().double().clamp(-448.0, 448.0)
+    return _e4m3_round64(q).view(T, G * 128)[:, :H], scale
+
+
+def _fused_pack_case(encoding):
+    """bf16 rows over 6 decades, an all-zero group, an element far below its group's fp8 range, H not a
+    multiple of 128; every token sent to both ranks, then two pad rows."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    T, H, K, E = 6, 300, 3, 8
+    gen = _seeded(13)
+    x = (torch.randn(T, H, generator=gen) * torch.logspace(-3, 3, T).view(T, 1)).to(torch.bfloat16)
+    x[2, 128:256] = 0
+    x[3, 5] = 1e-30  # rounds to 0
+    x[4, 7] = x[4, :128].float().abs().max() * 1e-5  # an fp8 subnormal (q ~ 0.0045, steps of 2^-9)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    weights = torch.rand(T, K, generator=gen)
+    send_token = torch.cat([torch.arange(T), torch.arange(T), torch.tensor([T, T])])
+    send_rank = torch.cat([torch.zeros(T, dtype=torch.long), torch.ones(T + 2, dtype=torch.long)])
+    rank_of, local_of = torch.arange(E, dtype=torch.int32) // 4, torch.arange(E, dtype=torch.int32) % 4
+    args = (ids, weights, send_token, send_rank, rank_of, local_of)
+    quant = QuantConfig(scale_encoding=encoding)
+    return xk, x, args, quant
+
+
+def _payload_parts(xk, payload, x, quant, K):
+    """(fp8 values [S, H], scales [S, G], metadata [S, 2K] int32) of a packed fp8 payload."""
+    from ep_runtime.dispatchers import fp8_payload
+    rows, meta = xk.payload_views(payload, *xk.row_format(x, quant), K)
+    return (*fp8_payload.views(rows, x.shape[1], quant), meta)
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_fused_pack_quantizes_each_row_by_the_float64_rule(encoding):
+    """The packing kernel's fp8 payload: values and scales as the float64 rule gives them, the same
+    bytes for a token in every rank's rows, pad rows all zero, metadata as the unquantized pack's."""
+    xk, x, args, quant = _fused_pack_case(encoding)
+    T, H, K = x.shape[0], x.shape[1], args[0].shape[1]
+    values, scales, meta = _payload_parts(xk, xk.pack_payload(x, *args, quant=quant), x, quant, K)
+    want_q, want_s = _quantize64(x, quant.ue8m0)
+    assert scales.dtype == (torch.uint8 if quant.ue8m0 else torch.float32)
+    assert torch.equal(values[:T].double(), want_q) and torch.equal(decode_scales(scales[:T]).double(), want_s)
+    assert float(want_q[0].abs().max()) == 448.0 or quant.ue8m0  # fp32 scales map amax onto 448
+    assert torch.equal(values[T:2 * T].view(torch.uint8), values[:T].view(torch.uint8))  # sent twice, one row
+    assert torch.equal(scales[T:2 * T], scales[:T])
+    assert not values[2 * T:].view(torch.uint8).any() and not scales[2 * T:].view(torch.uint8).any()
+    _, plain_meta = xk.payload_views(xk.pack_payload(x, *args), H, x.dtype, K)
+    assert torch.equal(meta, plain_meta)
+    assert 0 < float(values[4, 7]) < 2.0 ** -6  # the subnormal case was reached
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_fused_pack_equals_quantizing_first(encoding):
+    """Bit for bit the payload of the unfused paths: x quantized into wire rows first (the
+    quantization kernel, or fp8_payload.encode's torch ops), then those bytes packed."""
+    from ep_runtime.dispatchers import fp8_payload
+    xk, x, args, quant = _fused_pack_case(encoding)
+    H, K = x.shape[1], args[0].shape[1]
+    fused = _payload_parts(xk, xk.pack_payload(x, *args, quant=quant), x, quant, K)
+    wire = torch.zeros(x.shape[0], fp8_payload.row_layout(H, quant)[0], dtype=torch.uint8)
+    quantize_rows(x, quant, *fp8_payload.views(wire, H, quant), interpreted=True)
+    for first in (wire, fp8_payload.encode(x, quant)):
+        unfused = _payload_parts(xk, xk.pack_payload(first, *args), x, quant, K)
+        for got, want in zip(fused, unfused):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_activation_round_trip_matches_float64_reference_rounding():
     q = QuantConfig()
     x = torch.randn(16, 384, generator=_seeded(3), dtype=torch.float64)
@@ -260,8 +348,36 @@ def _dispatch_rank(rank, world_size, forced, cases):
                         and out.recv_x_scale.shape[:-1] == out.recv_x.shape[:-1]
                         and out.recv_x_scale.dtype == (torch.uint8 if encoding == "ue8m0" else torch.float32)
                         and out.x_dtype == torch.bfloat16)
+            scale_ok = scale_ok and _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0)
             results[(dispatcher, encoding, runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
     return results
+
+
+def _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0) -> bool:
+    """The received (fp8 row, scales) bytes, as a multiset, are the senders' tokens quantized by the
+    torch rule: one row per (token, this rank), or per (token, local expert here) in deepep_ll's
+    expert-major layout. Contiguous placement."""
+    quant, L = QuantConfig(scale_encoding="ue8m0" if ue8m0 else "fp32"), E // world_size
+
+    def byte_rows(values, scales):
+        return [bytes(r) for r in torch.cat([values.view(torch.uint8), scales.view(torch.uint8)], 1).tolist()]
+
+    want = []
+    for src in range(world_size):
+        q, scale = quant.quantize_activation(problem.xs[src].to(torch.bfloat16))
+        ids = problem.topk_ids[src].long()
+        here = (ids >= 0) & (ids // L == rank)
+        for t, row in enumerate(byte_rows(q, encode_ue8m0(scale) if ue8m0 else scale)):
+            copies = len(set(ids[t][here[t]].tolist())) if out.recv_x.dim() == 3 else int(here[t].any())
+            want += [row] * copies
+    if out.recv_x.dim() == 3:  # [L, M*R, H]: rows past masked_m[l] are not written
+        m = out.masked_m.tolist()
+        got = byte_rows(torch.cat([out.recv_x[e, :m[e]] for e in range(L)]),
+                        torch.cat([out.recv_x_scale[e, :m[e]] for e in range(L)]))
+    else:  # pad rows carry id -1 in every slot; a received token has one of this rank's experts
+        real = (out.recv_topk_ids >= 0).any(1)
+        got = byte_rows(out.recv_x[real], out.recv_x_scale[real])
+    return sorted(got) == sorted(want) and len(want) > 0
 
 
 class _nothing:
@@ -318,6 +434,23 @@ def test_fp8_dispatch_options_are_checked():
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
 
+def test_fp8_dispatch_refuses_autograd_before_any_exchange():
+    """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
+    quantizes, after its first collective: a late error there would leave the peers waiting)."""
+    cfg = ep.MoeConfig(8, 2, 128, 64)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    topk = ep.TopKOutput(torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32), torch.rand(3, 2))
+
+    def exchanged(*args, **kwargs):
+        raise AssertionError("the exchange was entered")
+
+    for name in ("deepep_normal", "mori"):
+        dispatcher = ep.dispatchers.create(name, cfg, use_fp8=True)
+        dispatcher.exchange.plan_and_send = exchanged
+        with pytest.raises(RuntimeError, match="use_fp8=True dispatch: .*inference-only"):
+            dispatcher.dispatch(x, topk)
+
+
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
@@ -332,6 +465,33 @@ def test_gpu_quantize_kernel_equals_torch(encoding, H):
     want_q, want_s = q.quantize_activation(x)
     assert torch.equal(got_s, want_s)
     assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("H", [7168, 300])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+def test_gpu_fused_pack_equals_torch_and_the_float64_rule(encoding, H):
+    """The packing kernel compiled for the GPU (its hardware fp8 cast, 8 groups per program): every
+    sent row, each token twice, the bytes of the torch rule and the float64 rule's values."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    quant, (T, K, E) = QuantConfig(scale_encoding=encoding), (513, 8, 256)
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    x = (torch.randn(T, H, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    ids = torch.randint(-1, E, (T, K), device="cuda", generator=gen, dtype=torch.int32)
+    weights = torch.rand(T, K, device="cuda", generator=gen)
+    send_token = torch.cat([torch.arange(T), torch.arange(T).flip(0), torch.tensor([T])]).cuda()
+    send_rank = (torch.arange(2 * T + 1) >= T).long().cuda()
+    experts = torch.arange(E, dtype=torch.int32, device="cuda")
+    payload = xk.pack_payload(x, ids, weights, send_token, send_rank, experts // 128, experts % 128, quant=quant)
+    values, scales, _ = _payload_parts(xk, payload, x, quant, K)
+    want_q, want_s = quant.quantize_activation(x)
+    token = send_token[:2 * T]
+    assert torch.equal(values[:2 * T].view(torch.uint8), want_q[token].view(torch.uint8))
+    assert torch.equal(scales[:2 * T], (encode_ue8m0(want_s) if quant.ue8m0 else want_s)[token])
+    ref_q, ref_s = _quantize64(x.cpu(), quant.ue8m0)
+    assert torch.equal(values[:T].cpu().double(), ref_q) and torch.equal(decode_scales(scales[:T]).cpu().double(), ref_s)
+    assert not values[2 * T].view(torch.uint8).any() and not scales[2 * T].view(torch.uint8).any()
 
 
 @pytest.mark.parametrize("runner", ["triton", "masked", "torch"])
@@ -389,11 +549,13 @@ def _gpu_dispatch_rank(rank, world_size):
         layer.load_experts(problem.w13.float().to(device), problem.w2.float().to(device), quantize="fp8_block")
         x = problem.xs[rank].to(torch.bfloat16)
         ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+        ue8m0 = options.get("fp8_scale_encoding") == "ue8m0"
         with torch.inference_mode():
+            sent = layer.dispatcher.dispatch(x.to(device), ep.TopKOutput(ids.to(device), weights.to(device)))
+            received = _received_rows_are_the_senders(sent, problem, rank, world_size, E, ue8m0)
             y = layer(x.to(device), ids.to(device), weights.to(device))
-        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config,
-                                         options.get("fp8_scale_encoding") == "ue8m0")
-        out[f"{dispatcher}/{runner}/{options}"] = (rel_err(y.cpu(), fp8_ref), rel_err(y.cpu(), exact))
+        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, ue8m0)
+        out[f"{dispatcher}/{runner}/{options}"] = (rel_err(y.cpu(), fp8_ref), rel_err(y.cpu(), exact), received)
     # deepep_ll + masked with fp8 dispatch captures into a CUDA graph; replays with new inputs equal eager
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", runner="masked", dtype=torch.bfloat16, device=device,
                      dispatcher_options={"use_fp8": True, "num_max_dispatch_tokens_per_rank": 64},
@@ -411,7 +573,7 @@ def _gpu_dispatch_rank(rank, world_size):
         x.copy_(torch.randn(64, H, device=device, generator=gen).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
-        out["graph"] = (rel_err(y_graph.cpu(), layer(x, ids, w).cpu()), 0.0)
+        out["graph"] = (rel_err(y_graph.cpu(), layer(x, ids, w).cpu()), 0.0, True)
     return out
 
 
@@ -420,8 +582,9 @@ def _gpu_dispatch_rank(rank, world_size):
 def test_gpu_fp8_dispatch_on_two_ranks():
     for result in run_ranks(_gpu_dispatch_rank, 2, backend="nccl", timeout=240, group_timeout=200):
         assert result.pop("graph")[0] == 0.0
-        for key, (fp8_err, exact_err) in result.items():
+        for key, (fp8_err, exact_err, received) in result.items():
             assert fp8_err < BF16 and exact_err < UNQUANTIZED_BOUND, (key, fp8_err, exact_err)
+            assert received, (key, "received fp8 rows differ from the senders' quantized tokens")
 
 
 def test_hf_fp8_experts_are_replaced_and_kept_fp8():

@@ -321,9 +321,15 @@ def _dispatch_row(impl: str, op: str, shape: dict, stats: Stats, moved_bytes: fl
 
 def _add_baseline_ratios(rows: list[dict]) -> None:
     """vs_baseline: GB/s relative to all_to_all_single moving the same rows (round trip: both ways),
-    timed the same way (graph replays against the baseline's graph replays)."""
+    timed the same way (graph replays against the baseline's graph replays). vs_unquantized (the
+    " fp8" rows of --fp8): median time over the same dispatcher's without use_fp8, same op and shape,
+    same run (the fp8 dispatch target is a time ratio of the same dispatcher)."""
     keys = ("num_experts", "top_k", "hidden_size", "tokens_per_rank")
     base = {(*(r[k] for k in keys), r["op"]): r for r in rows if r["impl"] == BASELINE}
+    by_impl = {(r["impl"], *(r[k] for k in keys), r["op"]): r for r in rows}
     for r in rows:
         b = base.get((*(r[k] for k in keys), "all_to_all" + (GRAPH if r["op"].endswith(GRAPH) else "")))
         r["vs_baseline"] = (r["gbps"] / b["gbps"]) if (b and r["gbps"] and b["gbps"]) else None
+        fp8 = r["impl"].endswith(FP8)
+        plain = by_impl.get((r["impl"].removesuffix(FP8), *(r[k] for k in keys), r["op"])) if fp8 else None
+        r["vs_unquantized"] = (r["median_us"] / plain["median_us"]) if plain and plain["median_us"] > 0 else None

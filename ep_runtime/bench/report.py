@@ -40,15 +40,16 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     if results.dispatch:
         header = ["E", "K", "H", "T/rank", "impl", "op", "median us", "p10 us", "p90 us", "host us", "MB/rank",
-                  "GB/s", "vs a2a"]
+                  "GB/s", "vs a2a", "time vs unquantized"]
         rows = [[str(r["num_experts"]), str(r["top_k"]), str(r["hidden_size"]), str(r["tokens_per_rank"]),
                  r["impl"], r["op"], _fmt(r["median_us"]), _fmt(r["p10_us"]), _fmt(r["p90_us"]),
                  _fmt(r.get("host_us")), _rate(r["bytes_per_rank"] / 1e6), _rate(r["gbps"]),
-                 _fmt(r["vs_baseline"], 2)] for r in results.dispatch]
+                 _fmt(r["vs_baseline"], 2), _fmt(r.get("vs_unquantized"), 2)] for r in results.dispatch]
         R = results.dispatch[0]["world_size"]
         out.append((f"dispatch: {R} ranks, {results.dispatch[0]['dtype']}; MB/rank = payload leaving a rank "
                     "(round trip: both ways); host us = CPU time of one call, no device sync after it; "
-                    "vs a2a = GB/s over all_to_all_single's", header, rows))
+                    "vs a2a = GB/s over all_to_all_single's; time vs unquantized = an fp8 row's median time over "
+                    "the same dispatcher's without use_fp8 (same op, same run)", header, rows))
     if results.roofline:
         header = ["impl", "size", "dtype", "median us", "host us", "GB/s", "TFLOP/s"]
         rows = [[r["impl"], r["size"], r["dtype"], _fmt(r["median_us"]), _fmt(r.get("host_us")), _rate(r["gbps"]),
