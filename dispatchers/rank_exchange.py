@@ -522,7 +522,8 @@ class RankExchange:
         rank_of, local_of, _ = self.tables(x.device)
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
                                                 local_of if local_ids else None, quant=quant)
-        return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1])
+        return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1],
+                                     transient)
 
     def _move(self, rows: torch.Tensor, handle: ExchangeHandle, to_owner: bool, keep: bool) -> torch.Tensor:
         """The kernel path's exchange of one plan's rows: dispatch (to the experts' ranks) or, with
