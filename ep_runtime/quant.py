@@ -142,7 +142,9 @@ class QuantConfig:
         return q.float() * s
 
     def _scale(self, amax: torch.Tensor) -> torch.Tensor:
-        scale = amax.clamp(min=MIN_AMAX) / self.spec.max_value
+        # divided by a tensor: a Python-number divisor is a multiply by its reciprocal on CUDA, which
+        # rounds differently from the correctly rounded quotient the kernels compute
+        scale = amax.clamp(min=MIN_AMAX) / torch.full_like(amax, self.spec.max_value)
         return round_up_pow2(scale) if self.ue8m0 else scale
 
     def _cast(self, v: torch.Tensor) -> torch.Tensor:

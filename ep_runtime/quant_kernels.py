@@ -41,7 +41,7 @@ if triton is not None:
         to 2^n on the bits, exactly as quant.round_up_pow2), q = x / s clamped to +-fp8_max; ROUND_FIRST
         (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does."""
         amax = tl.maximum(tl.max(tl.abs(v), axis=1), min_amax)
-        scale = amax / fp8_max
+        scale = tl.div_rn(amax, fp8_max)  # correctly rounded (a plain / is approximate on GPUs)
         if UE8M0:
             bits = scale.to(tl.int32, bitcast=True)
             exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)

@@ -45,7 +45,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ep_runtime.quant_kernels import quantize_rows, round_to_e4m3
+    from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
     from .triton_kernels import ACTIVATION_CODES, activate, activation_args
     _IMPORT_ERROR: Optional[str] = None
@@ -156,15 +156,8 @@ if triton is not None:
             else:
                 result = acc * scale
             if QUANT_OUT:  # gemm2's fp8 input: this program's BLOCK_N columns are one scale group
-                result = tl.where(col_ok[None, :], result, 0.0)
-                group_scale = tl.maximum(tl.max(tl.abs(result), axis=1), min_amax) / fp8_max
-                if UE8M0:
-                    bits = group_scale.to(tl.int32, bitcast=True)
-                    group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
-                        tl.float32, bitcast=True)
-                result = tl.minimum(tl.maximum(tl.div_rn(result, group_scale[:, None]), -fp8_max), fp8_max)
-                if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates
-                    result = round_to_e4m3(result)
+                result, group_scale = quantize_groups(tl.where(col_ok[None, :], result, 0.0), fp8_max, min_amax,
+                                                      UE8M0, ROUND_FIRST)
                 tl.store(out_scale_ptr + expert * stride_osl + rows * stride_osm + pid_n, group_scale, mask=row_ok)
             out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
             tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
-from ep_runtime.quant_kernels import round_to_e4m3
+from ep_runtime.quant_kernels import quantize_groups
 
 # The one activation table: activate()'s ACTIVATION constexpr (gpt-oss SwiGLU is the SWIGLU_ALPHA flag).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -392,15 +392,8 @@ def _grouped_gemm_kernel(
     else:
         res = acc
     if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
-        res = tl.where((offs_n < N)[None, :], res, 0.0)
-        group_scale = tl.maximum(tl.max(tl.abs(res), axis=1), min_amax) / fp8_max
-        if UE8M0:  # rounded up to a power of two on the bits (as ep_runtime.quant.round_up_pow2)
-            bits = group_scale.to(tl.int32, bitcast=True)
-            group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
-                tl.float32, bitcast=True)
-        res = tl.minimum(tl.maximum(tl.div_rn(res, group_scale[:, None]), -fp8_max), fp8_max)
-        if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates (see round_to_e4m3)
-            res = round_to_e4m3(res)
+        res, group_scale = quantize_groups(tl.where((offs_n < N)[None, :], res, 0.0), fp8_max, min_amax, UE8M0,
+                                           ROUND_FIRST)
         tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
     out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])

@@ -32,7 +32,12 @@ def main():
     peer.fits(x.numel() * 2)
     pieces = {
         "all_to_all": lambda: peer.all_to_all(x, R * 64, chunk=64),
+        "all_to_all sms=24": lambda: peer.all_to_all(x, R * 64, chunk=64, num_sms=24),
+        "copy to peer": lambda: peer._region.views[1 - me][:x.numel()].copy_(x.view(torch.uint8)[:x.numel()]),
         "check": peer.check,
+        "open kernel": lambda: pt._open_kernel[(1,)](peer._flag_ptrs, peer._epoch, peer._device_error,
+                                                     peer._waits[0], me, R, *peer._waits[1:], INTERPRET=False,
+                                                     num_warps=1),
         "signal kernel": lambda: pt._signal_kernel[(1,)](peer._flag_ptrs, peer._epoch, peer._device_error,
                                                          peer._waits[0], me, R, *peer._waits[1:], INTERPRET=False,
                                                          num_warps=1),
@@ -41,7 +46,7 @@ def main():
     for name, fn in pieces.items():
         us = _per_call_us(fn)
         if me == 0:
-            print(f"{name:>16}: {us:8.1f} us per call (host)")
+            print(f"{name:>18}: {us:8.1f} us per call (host)")
     prof = cProfile.Profile()
     prof.enable()
     _per_call_us(pieces["all_to_all"])
