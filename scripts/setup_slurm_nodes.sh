@@ -146,6 +146,6 @@ if slurm_wait_nodes "${NODES[@]}"; then
     echo "SLURM_CONF=$CONF"
     exit 0
 fi
-echo "$NAME: the nodes did not come up; see the logs in $SLURM_NODES_TMP" >&2
+echo "$NAME: the nodes did not come up; see the logs in $SLURM_NODES_TMP; '$0 down' starts afresh" >&2
 sinfo -N >&2 || true
 exit 4
