@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import socket
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -180,14 +181,19 @@ def _demo(args, launch, plan) -> int:
             rank, world_size = dist.get_rank(), dist.get_world_size()
             rows = demo_rank(rank, world_size, runnable, args.tokens)
             gathered = [None] * world_size
-            dist.all_gather_object(gathered, rows)
+            dist.all_gather_object(gathered, (socket.gethostname(), rows))
             backend = dist.get_backend()
         finally:
             destroy_distributed()
         if rank != 0:
             return 0
         print(f"demo: joined a {launch.launcher} job: {world_size} ranks, backend {backend}")
-        return _report(gathered)
+        # Where the ranks ran: a multi-node launch shows whether it really spans its nodes.
+        ranks_of_host: dict[str, list[int]] = {}
+        for r, (host, _) in enumerate(gathered):
+            ranks_of_host.setdefault(host, []).append(r)
+        print("demo: ranks per host: " + ", ".join(f"{host} {ranks}" for host, ranks in ranks_of_host.items()))
+        return _report([rows for _, rows in gathered])
     world_size = args.world_size or envs.get("DEMO_WORLD_SIZE")
     return _report(run_ranks(demo_rank, world_size, runnable, args.tokens, timeout=300))
 

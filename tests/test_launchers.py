@@ -1,10 +1,14 @@
 """`ep-runtime demo` joins a job started by each launcher: torchrun, mpirun (Open MPI + mpi4py) and
-Slurm (sbatch + srun on a real one-node cluster on localhost).
+Slurm (sbatch + srun on a real one-node cluster on localhost, and on a real two-node cluster whose
+nodes are network namespaces of this machine).
 
-mpirun and Slurm come from scripts/setup_mpi.sh and scripts/setup_slurm.sh, which install Debian's
-packages when root and start the cluster; a test skips only where that is impossible (not root and
-not installed, or no apt-get), with the script's reason. Where the scripts can run they must succeed.
+mpirun and Slurm come from scripts/setup_mpi.sh, scripts/setup_slurm.sh and
+scripts/setup_slurm_nodes.sh, which install Debian's packages when root and start the clusters; a
+test skips only where that is impossible (not root and not installed, no apt-get, no network
+namespaces), with the script's reason. Where the scripts can run they must succeed.
 """
+import fcntl
+import json
 import os
 import re
 import subprocess
@@ -33,13 +37,15 @@ def launcher_free_env(**extra):
     return env
 
 
-def setup(script):
-    """Run a setup script; skip with its reason when it says installing is impossible here."""
-    out = subprocess.run([str(REPO / "scripts" / script)], capture_output=True, text=True, timeout=900,
+def setup(script, *args) -> str:
+    """Run a setup script and return its output; skip with its reason when it says installing is
+    impossible here."""
+    out = subprocess.run([str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=900,
                          env=launcher_free_env(VENV=str(BIN.parent)))
     if out.returncode == CANNOT_INSTALL:
         pytest.skip(out.stderr.strip() or f"{script}: cannot install here")
-    assert out.returncode == 0, f"{script} failed:\n{out.stdout}\n{out.stderr}"
+    assert out.returncode == 0, f"{script} {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,33 @@ def mpirun():
 @pytest.fixture(scope="module")
 def slurm():
     setup("setup_slurm.sh")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """The environment for jobs on scripts/setup_slurm_nodes.sh's cluster (nodes ep-node1 and ep-node2,
+    each a network namespace), torn down after this module's tests. It has its own slurm.conf, named
+    by SLURM_CONF, so the one-node cluster keeps /etc/slurm/slurm.conf and runs beside it whatever the
+    order of the tests. The lock keeps another pytest session's teardown from removing the nodes
+    under these tests."""
+    with open("/tmp/ep-runtime-slurm-nodes-tests.lock", "w") as lock:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("another pytest session has held the two-node cluster for 600 s")
+                time.sleep(1)
+        conf = re.search(r"^SLURM_CONF=(\S+)$", setup("setup_slurm_nodes.sh"), re.M)
+        assert conf, "setup_slurm_nodes.sh did not say where its slurm.conf is"
+        try:
+            yield launcher_free_env(SLURM_CONF=conf.group(1))
+        finally:
+            setup("setup_slurm_nodes.sh", "down")
+            netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+            assert "ep-node" not in netns, f"teardown left network namespaces behind:\n{netns}"
 
 
 def assert_demo_ok(out, launcher):
@@ -74,11 +107,12 @@ def test_mpirun_runs_demo(mpirun):
     assert_demo_ok(out, "mpi")
 
 
-def sbatch_wait(args, output: Path, timeout=300):
-    """sbatch --wait; returns (exit code, job output). Cancels the job if it outlives `timeout`."""
+def sbatch_wait(args, output: Path, timeout=300, env=None):
+    """sbatch --wait; returns (exit code, job output). Cancels the job if it outlives `timeout`.
+    `env` (default: launcher_free_env()) picks the cluster through SLURM_CONF."""
+    env = env or launcher_free_env()
     cmd = ["sbatch", "--wait", "--parsable", f"--output={output}", "--time=5", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=launcher_free_env(), cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -88,8 +122,8 @@ def sbatch_wait(args, output: Path, timeout=300):
         state = ""
         if job:  # why it did not finish (e.g. pending for resources) goes into the failure
             state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
-                                   timeout=30).stdout
-            subprocess.run(["scancel", job], timeout=30)
+                                   timeout=30, env=env).stdout
+            subprocess.run(["scancel", job], timeout=30, env=env)
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (job {job}):\n{state}\n"
                     f"{output.read_text() if output.exists() else ''}")
     for _ in range(20):  # the output file can land a moment after sbatch --wait returns
@@ -114,6 +148,37 @@ def test_sbatch_multinode_template_runs_demo_on_one_node(slurm, tmp_path):
                               str(REPO / "slurm" / "ep_multinode.sbatch")], tmp_path / "multinode.out")
     assert code == 0, text
     assert re.search(r"demo: joined a torchrun job: 2 ranks, backend (gloo|nccl)", text), text
+    assert "demo: OK" in text, text
+
+
+def ranks_per_host(text) -> dict[str, list[int]]:
+    """The demo's `demo: ranks per host: ep-node1 [0, 1], ep-node2 [2, 3]` line as a dict."""
+    line = re.search(r"^demo: ranks per host: (.*)$", text, re.M)
+    assert line, text
+    return {host: json.loads(ranks) for host, ranks in re.findall(r"(\S+) (\[[\d, ]*\])", line.group(1))}
+
+
+def test_sbatch_runs_demo_on_two_nodes(two_nodes, tmp_path):
+    # srun starts every rank; they meet at the first node of the step (ep-node1), whose name must
+    # resolve to an address that the ranks on ep-node2 reach. Host names are the nodes' own (each
+    # slurmd runs in a UTS namespace), so the ranks say where they ran.
+    code, text = sbatch_wait(["--nodes=2", "--ntasks=4", "--ntasks-per-node=2",
+                              str(REPO / "slurm" / "ep_demo.sbatch")], tmp_path / "demo.out", env=two_nodes)
+    assert code == 0, text
+    assert re.search(r"demo: joined a slurm job: 4 ranks, backend gloo", text), text
+    assert ranks_per_host(text) == {"ep-node1": [0, 1], "ep-node2": [2, 3]}, text  # srun's block distribution
+    assert "demo: OK" in text, text
+
+
+def test_sbatch_multinode_template_runs_demo_on_two_nodes(two_nodes, tmp_path):
+    # One torchrun per node, 2 CPU workers each (the tasks per node), c10d rendezvous on ep-node1.
+    # Which node's workers get ranks 0-1 is the rendezvous' choice.
+    code, text = sbatch_wait(["--nodes=2", "--ntasks-per-node=2", str(REPO / "slurm" / "ep_multinode.sbatch")],
+                             tmp_path / "multinode.out", env=two_nodes)
+    assert code == 0, text
+    assert re.search(r"demo: joined a torchrun job: 4 ranks, backend gloo", text), text
+    hosts = ranks_per_host(text)
+    assert sorted(hosts) == ["ep-node1", "ep-node2"] and sorted(hosts.values()) == [[0, 1], [2, 3]], text
     assert "demo: OK" in text, text
 
 
