@@ -161,3 +161,24 @@ def test_deepseek_v3_reduction_at_2x8():
     assert abs(flat / (R * T) - per_token.flat_other_node) < 0.04 * per_token.flat_other_node
     assert abs(aware / (R * T) - per_token.aware_other_node) < 0.01 * per_token.aware_other_node
     assert abs(flat / aware - factor) < 0.05 * factor
+
+
+def test_cost_model_by_hand():
+    """One number by hand: flat dispatch at 2 x 8, 4096 tok/rank, is network-bound: alpha + the bytes to
+    the other node at 50 GB/s + one 5 us message latency. And the 2x H200 check: the model fitted on
+    1024 and 4096 tok/rank predicts 128 tok/rank inside the measured eager range (37-61 us)."""
+    from ep_runtime.bench import cost_model as cm
+    p_rank = 1 - math.prod((240 - i) / (256 - i) for i in range(8))
+    network_bytes = 4096 * 8 * p_rank * (7168 * 2 + 8 * 8)  # 8 other-node ranks, row + 8 weights + 8 ids
+    want = cm.ALPHA_US + network_bytes / 50e3 + 5.0
+    assert math.isclose(cm.predict(4096, 7168, 256, 8, 16, 8).flat, want, rel_tol=1e-9)
+    assert 3890 < want < 3900
+    intra = cm.predict(128, 7168, 256, 8, 2, 2, combine=True).flat
+    assert 37 <= intra <= 61
+
+
+@pytest.mark.parametrize("options,message", [({"hierarchical": "yes"}, "hierarchical='yes'; allowed: 'auto', 'on', 'off'"),
+                                             ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0")])
+def test_bad_options_name_the_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
