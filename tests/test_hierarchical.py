@@ -117,18 +117,19 @@ def test_node_aware_equals_flat_on_2x2(name):
 
 
 def _layer_rank(rank, world_size, name):
-    layer = ep.EPMoE(32, 6, 32, 16, dispatcher=name, runner="torch",
+    layer = ep.EPMoE(48, 6, 32, 16, dispatcher=name, runner="torch",
                      dispatcher_options={"hierarchical": "on", "ranks_per_node": 2})
-    problem = make_problem(layer.config, TOKENS, seed=17, ep_size=world_size)
-    return check_layer(layer, problem, rank)
+    problem = make_problem(layer.config, TOKENS[:world_size], seed=17, ep_size=world_size)
+    return check_layer(layer, problem, rank), layer.dispatcher.exchange.nodes.node_of
 
 
-@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
-def test_node_aware_layer_matches_reference(name):
+@pytest.mark.parametrize("name,R", [("deepep_normal", 4), ("mori", 4), ("deepep_normal", 3)])
+def test_node_aware_layer_matches_reference(name, R):
     """The whole layer (runner masks for -1 slots and other ranks' experts, an empty rank) forward and
-    backward against float64."""
-    for errors in run_ranks(_layer_rank, 4, name):
+    backward against float64; with 3 ranks the nodes are uneven (2 + 1 ranks)."""
+    for errors, node_of in run_ranks(_layer_rank, R, name):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert node_of == (0, 0, 1, 1)[:R]
 
 
 def test_count_link_rows_by_hand():
