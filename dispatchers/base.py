@@ -18,6 +18,7 @@ from ep_runtime.runner_core import CombineInput, DispatchOutput
 from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
 
 from . import fp8_payload, overlap
+from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
 from .peer_transport import TRANSPORTS
 from .rank_exchange import RankExchange
@@ -247,39 +248,64 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class TransportOptions:
-    """How an exchange moves rows on GPUs. transport: 'auto' (the fastest measured: NCCL today, see
+    """How an exchange moves rows. transport (GPUs): 'auto' (the fastest measured: NCCL today, see
     peer_transport), 'nccl' or 'nvlink' (Triton stores into peers' memory; an error where impossible);
-    num_sms: SMs the NVLink transport copies rows with (0: none, the copy engines do). Every rank must
-    agree (checked at construction)."""
+    num_sms: SMs the NVLink transport copies rows with (0: none, the copy engines do). hierarchical:
+    'auto' (node-aware where the group spans several nodes), 'on' or 'off', for host plans
+    (dispatchers/hierarchical.py); ranks_per_node: > 0 sets the nodes (ranks [0, n) on node 0, ...),
+    0 takes them from the launcher. Every rank must agree (checked at construction)."""
 
     transport: str
     num_sms: int
+    hierarchical: str = "auto"
+    ranks_per_node: int = 0
 
 
-def resolve_transport(transport: Optional[str], num_sms: Optional[int]) -> TransportOptions:
+def resolve_transport(transport: Optional[str], num_sms: Optional[int], hierarchical: Optional[str] = None,
+                      ranks_per_node: Optional[int] = None) -> TransportOptions:
     transport = envs.get("TRANSPORT") if transport is None else transport
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}; allowed: {', '.join(map(repr, TRANSPORTS))} "
                          f"(also settable as {envs.PREFIX}TRANSPORT)")
-    return TransportOptions(transport, resolve_int("num_sms", num_sms, "NUM_SMS", minimum=0))
+    hierarchical = envs.get("HIERARCHICAL") if hierarchical is None else hierarchical
+    if hierarchical not in MODES:
+        raise ValueError(f"hierarchical={hierarchical!r}; allowed: {', '.join(map(repr, MODES))} "
+                         f"(also settable as {envs.PREFIX}HIERARCHICAL)")
+    return TransportOptions(transport, resolve_int("num_sms", num_sms, "NUM_SMS", minimum=0), hierarchical,
+                            resolve_int("ranks_per_node", ranks_per_node, "RANKS_PER_NODE", minimum=0))
 
 
 class ExchangeDispatcher(Dispatcher):
     """A dispatcher whose rows travel through a RankExchange (deepep_normal, deepep_ll, mori): it
     checks ids and weights in the exchange's count table, and combine sends each received row (that
     rank's partial sum) home, where a token's partials are added (deepep_ll gathers its expert rows
-    into those partials first). transport, num_sms: see TransportOptions."""
+    into those partials first). transport, num_sms, hierarchical, ranks_per_node: see TransportOptions."""
 
     checks_values_in_exchange = True
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,
-                 num_sms: Optional[int] = None):
+                 num_sms: Optional[int] = None, hierarchical: Optional[str] = None,
+                 ranks_per_node: Optional[int] = None):
         super().__init__(config, group, expert_to_rank)
-        self.transport_options = resolve_transport(transport, num_sms)
-        self.exchange = RankExchange(self.placement, self.group, name=self.name,
-                                     transport=self.transport_options.transport,
-                                     num_sms=self.transport_options.num_sms)
+        options = self.transport_options = resolve_transport(transport, num_sms, hierarchical, ranks_per_node)
+        self.exchange = RankExchange(self.placement, self.group, name=self.name, transport=options.transport,
+                                     num_sms=options.num_sms, hierarchical=options.hierarchical,
+                                     ranks_per_node=options.ranks_per_node)
+
+    def link_bytes(self, dispatch_output: DispatchOutput) -> Optional[LinkBytes]:
+        """Bytes this rank sends over links inside its node and between nodes, for the dispatch that
+        made `dispatch_output` and its combine (ep.dispatchers.hierarchical.LinkBytes); None for static
+        plans (fixed chunks, padding included). A dispatch row is the wire row (x, or its fp8 row with
+        scales) plus K weights and K ids; a combine row H values of x's dtype."""
+        handle = getattr(dispatch_output.handle, "exchange", dispatch_output.handle)
+        if handle.links is None:
+            return None
+        H, K = self.config.hidden_size, self.config.top_k
+        dtype = dispatch_output.x_dtype or dispatch_output.recv_x.dtype
+        quant = self.fp8
+        wire = fp8_payload.row_layout(H, quant)[0] if quant is not None else H * dtype.itemsize
+        return LinkBytes.of(handle.links, wire + 8 * K, H * dtype.itemsize)
 
     @functools.cached_property
     def fp8(self) -> Optional[QuantConfig]:

@@ -65,7 +65,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     num_max_dispatch_tokens_per_rank (static mode): the most tokens a rank sends to one peer, i.e.
     the fixed chunk per peer (default num_worst_tokens); set it to cut the padding bytes by ~R.
     use_fp8 (EP_RUNTIME_DISPATCH_FP8): tokens travel as fp8 with per-128-channel scales
-    (fp8_scale_encoding fp32 or ue8m0, EP_RUNTIME_DISPATCH_FP8_SCALE_ENCODING); inference only."""
+    (fp8_scale_encoding fp32 or ue8m0, EP_RUNTIME_DISPATCH_FP8_SCALE_ENCODING); inference only.
+    hierarchical (EP_RUNTIME_HIERARCHICAL auto/on/off) and ranks_per_node (EP_RUNTIME_RANKS_PER_NODE):
+    the node-aware exchange of the host plan (dispatchers/hierarchical.py); static mode stays flat."""
 
     name = "deepep_normal"
     format = "deepep_normal"
@@ -75,8 +77,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     def __init__(self, config, group=None, alignment: Optional[int] = None,
                  num_worst_tokens: Optional[int] = None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
-                 use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
-        super().__init__(config, group, expert_to_rank, transport, num_sms)
+                 use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None,
+                 hierarchical: Optional[str] = None, ranks_per_node: Optional[int] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms, hierarchical, ranks_per_node)
         W = resolve_int("num_worst_tokens", num_worst_tokens, optional=True)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, optional=True)
         if M is not None and W is None:

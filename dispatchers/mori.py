@@ -72,7 +72,9 @@ class MoriDispatcher(ExchangeDispatcher):
     receive buffer rows instead of max * R. max_input_tokens (EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS,
     0 = off): runner rows, see the module doc. static: None picks the static plan while a CUDA graph
     is being captured and the host plan otherwise. use_fp8 / fp8_scale_encoding
-    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only."""
+    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only.
+    hierarchical / ranks_per_node (EP_RUNTIME_HIERARCHICAL, EP_RUNTIME_RANKS_PER_NODE): the node-aware
+    exchange of the host plan (dispatchers/hierarchical.py); the static plan stays flat."""
 
     name = "mori"
     format = "mori"
@@ -80,8 +82,9 @@ class MoriDispatcher(ExchangeDispatcher):
     def __init__(self, config, group=None, max_dispatch_tokens_per_rank: Optional[int] = None,
                  prealloc_max_recv_tokens: Optional[int] = None, max_input_tokens: Optional[int] = None,
                  static: Optional[bool] = None, expert_to_rank=None, transport: Optional[str] = None,
-                 num_sms: Optional[int] = None, use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
-        super().__init__(config, group, expert_to_rank, transport, num_sms)
+                 num_sms: Optional[int] = None, use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None,
+                 hierarchical: Optional[str] = None, ranks_per_node: Optional[int] = None):
+        super().__init__(config, group, expert_to_rank, transport, num_sms, hierarchical, ranks_per_node)
         M = resolve_int("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank,
                         "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
         prealloc = resolve_int("prealloc_max_recv_tokens", prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS", 0)

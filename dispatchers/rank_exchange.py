@@ -40,7 +40,8 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
-from . import exchange_kernels, fp8_payload
+from . import exchange_kernels, fp8_payload, hierarchical
+from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import peer_transport
 from .transport import all_gather_rows, all_to_all
 
@@ -133,6 +134,11 @@ class ExchangeHandle:
     recv_rows: Optional[torch.Tensor] = None
     sent: Optional[list] = None  # kernel path, exact plans: the count table's sent[s][d], read on the host
     most_rows: Optional[int] = None  # kernel path, exact plans: most rows any rank receives, either way
+    # Host plans: rows this rank puts on each link class (dispatch and combine); static plans: None.
+    links: Optional[LinkRows] = None
+    # Node-aware host plans (dispatchers/hierarchical.py): send_token, send_rank and combine_index are
+    # then stage 1's (to the relays), send_splits / recv_splits still the tokens to / from each rank.
+    relay: Optional[RelayPlan] = None
 
     @property
     def static(self) -> bool:
@@ -171,8 +177,11 @@ class RankExchange:
     every rank's T against it in the count table, so one rank over it fails every rank at once."""
 
     def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None,
-                 name: str = "exchange", transport: str = "auto", num_sms: int = 0):
-        """name: the dispatcher's, for the errors a peer that does not answer causes."""
+                 name: str = "exchange", transport: str = "auto", num_sms: int = 0, hierarchical: str = "auto",
+                 ranks_per_node: int = 0):
+        """name: the dispatcher's, for the errors a peer that does not answer causes. hierarchical
+        (auto/on/off), ranks_per_node (0: from the launcher): the node-aware exchange, see
+        dispatchers/hierarchical.py."""
         self.placement, self.group, self.name = placement, group, name
         self.num_experts, self.rank, self.world_size = placement.num_experts, placement.rank, placement.ep_size
         self.num_local_experts = placement.num_local_experts
@@ -185,6 +194,18 @@ class RankExchange:
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
         self._read_event = None  # recorded after each all_gather whose table the host reads now
+        self.hierarchical, self.ranks_per_node = hierarchical, ranks_per_node
+        self.nodes: Optional[NodeLayout] = None  # resolved on the first host plan
+
+    def _two_stages(self, chunk: Optional[int], device: torch.device) -> Optional[NodeLayout]:
+        """The node layout when this plan goes node-aware (host plans only), else None. The first host
+        plan resolves every rank's node (one small all_gather unless ranks_per_node is set)."""
+        if chunk is not None:
+            return None
+        if self.nodes is None:
+            self.nodes = hierarchical.resolve_nodes(self.group, self.rank, self.world_size, self.ranks_per_node,
+                                                    device)
+        return self.nodes if hierarchical.use_two_stages(self.hierarchical, self.nodes) else None
 
     def _read_table(self, table: torch.Tensor, issued_at: float, recorded: bool = False) -> list:
         """The all-gathered count table on the host: every host read of it goes through here. On CUDA:
@@ -227,11 +248,16 @@ class RankExchange:
         `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
         check ids and weights (and, given `distinct`, the reason, repeated experts in a token) inside
         the count table, so they fail every rank (skipped while capturing a CUDA graph)."""
-        if topk_weights is not None and exchange_kernels.on_gpu(topk_ids):
+        nodes = self._two_stages(chunk, topk_ids.device)
+        if topk_weights is not None and exchange_kernels.on_gpu(topk_ids) and nodes is None:
             return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
         R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
+        flags_at = 1 + R + E
+        if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
+            row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
+            flags_at += nodes.num_nodes
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
@@ -240,17 +266,17 @@ class RankExchange:
                      torch.zeros(2 + (distinct is not None), dtype=torch.int32, device=row.device))
             row = torch.cat([row, flags])
         issued_at = time.monotonic()
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ flags)]
+        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ N nodes) (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + self.tables(table.device)[2].long()].sum(0)  # this rank's experts' columns
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
         host = self._read_table(table, issued_at) if read else None  # the one sync
         if host is not None:
             if checked:
-                self._check_flags([row[1 + R + E:] for row in host], topk_ids, topk_weights, distinct)
+                self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
             self._check_tokens([row[0] for row in host])
         if chunk is None:
-            return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity)
+            return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity, nodes)
         return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
@@ -282,7 +308,7 @@ class RankExchange:
             payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
                                                     rank_of, local_of if local_ids else None, skip_pad=True,
                                                     quant=quant)
-        send_splits = recv_splits = per_expert_host = most_rows = None
+        send_splits = recv_splits = per_expert_host = most_rows = links = None
         if static:
             total = R * chunk
             if defer:
@@ -300,6 +326,7 @@ class RankExchange:
             send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
             per_expert_host = [sum(row[c] for row in host) for c in self._local_columns]
             total = sum(send_splits)
+            links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
         if plan is None:
             plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
         summary = plan.summary
@@ -310,7 +337,7 @@ class RankExchange:
         handle = ExchangeHandle(T, layout, plan.send_token[:total], plan.send_rank[:total], plan.combine_index,
                                 summary[:L], summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host,
                                 chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows,
-                                sent=None if static else sent, most_rows=most_rows)
+                                sent=None if static else sent, most_rows=most_rows, links=links)
         return handle, (payload[:total] if payload is not None else None)
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
@@ -321,7 +348,8 @@ class RankExchange:
         count table is read. transient: the caller consumes the received rows before its next
         exchange (they may stay in the NVLink transport's region). Returns (handle, recv_x, recv_ids,
         recv_weights)."""
-        if exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights):
+        if (exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights)
+                and self._two_stages(chunk, topk_ids.device) is None):
             handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids,
                                                 quant)
             if payload is None:
@@ -414,21 +442,29 @@ class RankExchange:
         if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
             raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
 
-    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity) -> ExchangeHandle:
-        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert, flags])."""
-        R, me = self.world_size, self.rank
+    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity,
+                   nodes: Optional[NodeLayout] = None) -> ExchangeHandle:
+        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
+        (tokens per node,) flags]). nodes: go node-aware (send_token etc. are then stage 1's)."""
+        R, E, me = self.world_size, self.num_experts, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
         per_expert_host = [sum(row[c] for row in host_table) for c in self._local_columns]
         self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
-        counts = sent[me].long()
-        S = sum(send_splits)
-        send_token, send_rank, combine_index = row_plan(layout.is_token_in_rank, counts.cumsum(0) - counts,
-                                                        counts, S)
+        in_rank, counts, relay = layout.is_token_in_rank, sent[me].long(), None
+        if nodes is not None:
+            per_node = [row[1 + R + E:1 + R + E + nodes.num_nodes] for row in host_table]
+            relay = RelayPlan.from_counts(host, per_node, nodes, me, in_rank.device)
+            in_rank = RelayPlan.stage_one(in_rank, nodes, me)
+            counts = torch.tensor(relay.send1, dtype=torch.long, device=in_rank.device)
+        send_token, send_rank, combine_index = row_plan(in_rank, counts.cumsum(0) - counts, counts,
+                                                        sum(relay.send1) if relay else sum(send_splits))
+        links = (relay.link_rows(me) if relay is not None
+                 else hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes))
         return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
-                              recv_splits, per_expert_host, rows=rows)
+                              recv_splits, per_expert_host, rows=rows, links=links, relay=relay)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
@@ -482,29 +518,19 @@ class RankExchange:
         On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer.
         quant: an fp8 dispatch; recv_x is then its uint8 wire rows (fp8_payload), quantized by the
         packing kernel on the kernel path, else by fp8_payload.encode first."""
-        if exchange_kernels.inference_path(x, weights):
+        if exchange_kernels.inference_path(x, weights) and handle.relay is None:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)
         if quant is not None:
             x = fp8_payload.encode(x, quant)
-        R, E, K = self.world_size, self.num_experts, ids.shape[1]
-        rank_of, local_of, _ = self.tables(x.device)
-        token = handle.send_token
+        R, K = self.world_size, ids.shape[1]
         pad = x.new_zeros(1, x.shape[1])
-        # ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32).
-        if exchange_kernels.enabled(x):
-            rows, meta = exchange_kernels.pack_rows(x, ids, weights, token, handle.send_rank, rank_of,
-                                                    local_of if local_ids else None)
+        if handle.relay is not None:  # node-aware: two stages, rows back in this order
+            recv_x, recv_meta = handle.relay.send(x, ids, weights, handle.send_token, handle.send_rank, local_ids,
+                                                  self._pack, self.tables(x.device)[0], self.group, self.rank)
         else:
-            rows = torch.cat([x, pad])[token] if handle.static else x.index_select(0, token)
-            ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
-            if local_ids:
-                valid = (ids_rows >= 0) & (ids_rows < E)
-                expert = torch.where(valid, ids_rows, 0)
-                here = valid & (rank_of[expert] == handle.send_rank.unsqueeze(1))
-                ids_rows = torch.where(here, local_of[expert].long(), torch.full_like(ids_rows, -1))
-            meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
-        recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
-        recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
+            rows, meta = self._pack(x, ids, weights, handle.send_token, handle.send_rank, local_ids, handle.static)
+            recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
+            recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
         meta_pad = torch.cat([weights.new_zeros(1, K), weights.new_full((1, K), -1.0)], 1)
         if handle.recv_rows is not None:
             recv_x = torch.cat([recv_x, pad])[handle.recv_rows]
@@ -514,6 +540,26 @@ class RankExchange:
             recv_x = torch.cat([recv_x, pad.expand(missing, -1)])
             recv_meta = torch.cat([recv_meta, meta_pad.expand(missing, -1)])
         return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
+
+    def _pack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, token: torch.Tensor,
+              send_rank: torch.Tensor, local_ids: bool, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable (training, CPU): rows [S, H] = x[token] (token T: a zero pad row, static plans)
+        and meta [S, 2K] fp32 = [weights; ids], the ids local to send_rank (-1 elsewhere) when
+        local_ids. ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32)."""
+        E, K = self.num_experts, ids.shape[1]
+        rank_of, local_of, _ = self.tables(x.device)
+        if exchange_kernels.enabled(x):
+            return exchange_kernels.pack_rows(x, ids, weights, token, send_rank, rank_of,
+                                              local_of if local_ids else None)
+        rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[token] if static else x.index_select(0, token)
+        ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
+        if local_ids:
+            valid = (ids_rows >= 0) & (ids_rows < E)
+            expert = torch.where(valid, ids_rows, 0)
+            here = valid & (rank_of[expert] == send_rank.unsqueeze(1))
+            ids_rows = torch.where(here, local_of[expert].long(), torch.full_like(ids_rows, -1))
+        meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
+        return rows, meta
 
     def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool, transient: bool = False,
                       quant: Optional[QuantConfig] = None):
@@ -562,7 +608,7 @@ class RankExchange:
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
         each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""
-        if exchange_kernels.inference_path(partial):
+        if exchange_kernels.inference_path(partial) and handle.relay is None:
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
                 partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))
             elif not handle.static:
@@ -576,10 +622,19 @@ class RankExchange:
             partial = torch.cat([partial[:handle.rows], zero])[handle.recv_pos]
         elif not handle.static:
             partial = partial[:sum(handle.recv_splits)]
-        back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
+        if handle.relay is not None:  # node-aware: summed within each node first, one row per node back
+            back = handle.relay.reduce(partial, sum_rows, self.group)
+        else:
+            back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
         # Gather each token's (at most R) rows and sum them: no atomics, deterministic.
         if exchange_kernels.enabled(back):
             return exchange_kernels.gather_sum(back, handle.combine_index, handle.send_token)
-        acc = torch.float64 if partial.dtype == torch.float64 else torch.float32
-        back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row S: "not sent" (an early plan marks more)
-        return back[handle.combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(partial.dtype)
+        return sum_rows(back, handle.combine_index)
+
+
+def sum_rows(back: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
+    """[S, H], [T, C] -> [T, H]: row t sums back[combine_index[t, c]] over c in order (index >= S: nothing),
+    in fp32 (fp64 stays fp64), returned in back's dtype."""
+    acc = torch.float64 if back.dtype == torch.float64 else torch.float32
+    back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row S: "not sent" (an early plan marks more)
+    return back[combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(back.dtype)

@@ -94,6 +94,14 @@ _knob("NUM_SMS", int, 0,
       "SMs the NVLink transport copies rows with: 0 (default) none, the GPU's copy engines move them "
       "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs.",
       minimum=0, maximum=1024)
+_knob("HIERARCHICAL", str, "auto",
+      "Node-aware exchange for host-plan dispatches (deepep_normal, mori eager): a token crosses the network once "
+      "per destination node, then fans out inside it. auto: when the group spans several nodes and a node holds "
+      "several ranks; on; off (flat: once per destination rank).", choices=("auto", "on", "off"))
+_knob("RANKS_PER_NODE", int, 0,
+      "Node of each rank for the node-aware exchange: > 0 puts group ranks [0, n) on node 0, [n, 2n) on node 1, "
+      "... (e.g. to test 4 CPU ranks as 2 nodes); 0 takes it from the launcher (GROUP_RANK, SLURM_NODEID) or "
+      "the host name.", minimum=0)
 _knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
       "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
       "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")
@@ -183,9 +191,11 @@ LAUNCHER_VARIABLES: dict[str, str] = {
     "LOCAL_RANK": "torchrun: rank on this node",
     "MASTER_ADDR": "torchrun: rendezvous host",
     "MASTER_PORT": "torchrun: rendezvous port",
+    "GROUP_RANK": "torchrun: index of this node (the node-aware exchange's node, unless overridden)",
     "SLURM_PROCID": "Slurm: global rank of this task",
     "SLURM_NTASKS": "Slurm: number of tasks",
     "SLURM_LOCALID": "Slurm: task index on this node",
+    "SLURM_NODEID": "Slurm: index of this task's node in the job (the node-aware exchange's node)",
     "SLURM_JOB_NODELIST": "Slurm: hosts of the job (first one hosts the rendezvous)",
     "SLURM_JOB_ID": "Slurm: job id (the rendezvous port is derived from it)",
     "SLURM_STEP_ID": "Slurm: step id, set by srun (its presence means srun started this task)",

@@ -1,0 +1,224 @@
+"""The node-aware exchange on 4 gloo ranks pretending to be 2 nodes x 2 (ranks_per_node=2): dispatch
+outputs bit-identical to the flat exchange, combine and gradients within the fp32 summation-order
+bound (bit-identical for tokens whose experts sit on one node), the layer against the float64
+reference, the bytes per link class against the counting rule, and the inter-node reduction at
+2 x 8 ranks for DeepSeek-V3 routing counted on random routing."""
+import math
+import os
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.bench.cost_model import uniform_rows_per_token
+from ep_runtime.dispatchers.hierarchical import LinkBytes, LinkRows, NodeLayout, count_link_rows, use_two_stages
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+
+# One rank sends nothing; ranks 1 and 2 do, so stage 2's arrival order (relay by relay) differs
+# from the flat order (source by source) and the receiver's reordering is exercised.
+TOKENS = [9, 23, 4, 0]
+U32 = 2.0 ** -24  # fp32 unit roundoff
+
+
+def _destinations(placement, topk_ids):
+    """[[ranks owning an expert of token t] per token] per rank (-1 slots go nowhere)."""
+    return [[sorted({placement.rank_of(torch.tensor([e])).item() for e in row if e >= 0}) for row in ids.tolist()]
+            for ids in topk_ids]
+
+
+def _compare_rank(rank, world_size, name):
+    """Flat vs node-aware dispatcher on the same inputs: outputs, combine, gradients and link rows."""
+    cfg = ep.MoeConfig(16, 4, 24, 8)
+    problem = make_problem(cfg, TOKENS, seed=5, ep_size=world_size, minus_one_fraction=0.25)
+    made = {mode: ep.dispatchers.create(name, cfg, hierarchical=mode, ranks_per_node=2) for mode in ("off", "on")}
+    scale = torch.tensor([0.75, 1.5, -1.25, 2.0])  # partial of rank d: its rows times scale[d]
+    runs = {}
+    for mode, d in made.items():
+        x = problem.xs[rank].float().requires_grad_()
+        w = problem.topk_weights[rank].clone().requires_grad_()
+        out = d.dispatch(x, ep.TopKOutput(problem.topk_ids[rank], w))
+        ids = out.recv_topk_ids
+        mine = (ids >= 0) if name == "deepep_normal" else (d.placement.rank_of(ids.clamp(min=0)) == rank) & (ids >= 0)
+        # Like a runner: each row weighted by this rank's experts' weights only.
+        partial = out.recv_x * (out.recv_topk_weights * mine).sum(1, keepdim=True) * scale[rank]
+        y = d.combine(ep.CombineInput(partial, out))
+        (y * problem.grad_outputs[rank].float()).sum().backward()
+        reused = True
+        if name == "deepep_normal":  # a later dispatch with the same routing reuses the (two-stage) plan
+            again = d.dispatch(x.detach() * 2, ep.TopKOutput(problem.topk_ids[rank], w.detach()), handle=out.handle)
+            reused = torch.equal(again.recv_x, out.recv_x.detach() * 2)
+        runs[mode] = dict(out=out, y=y.detach(), dx=x.grad, dw=w.grad, links=out.handle.links, reused=reused,
+                          bytes=d.link_bytes(out), relay=out.handle.relay is not None)
+    flat, aware = runs["off"], runs["on"]
+    fields = ["recv_x", "recv_topk_ids", "recv_topk_weights"] + (
+        ["num_recv_tokens_per_expert"] if name == "deepep_normal" else ["num_recv_tokens"])
+    same_dispatch = all(torch.equal(torch.as_tensor(getattr(flat["out"], f)), torch.as_tensor(getattr(aware["out"], f)))
+                        for f in fields)
+    # Sum-order bound per element: 2 (R - 1) u sum |partials| (each order within (R - 1) u of the exact sum).
+    dests = _destinations(made["on"].placement, problem.topk_ids)
+    x, w = problem.xs[rank].float(), problem.topk_weights[rank]
+    spread = torch.tensor([sum(float(scale[d].abs()) for d in ds) for ds in dests[rank]])  # sum |scale| per token
+    bound = 2 * (world_size - 1) * U32 * (x.abs() * (w.sum(1) * spread).unsqueeze(1))
+    one_node = torch.tensor([len({d // 2 for d in ds}) <= 1 for ds in dests[rank]], dtype=torch.bool)
+    g = problem.grad_outputs[rank].float()
+    grad_bound = 2 * (world_size - 1) * U32 * (g.abs() * (w.sum(1) * spread).unsqueeze(1))
+    nodes = NodeLayout.blocks(world_size, 2)
+    auto = _auto_modes(rank, cfg, problem) if name == "deepep_normal" else None
+    expected = {mode: count_link_rows(dests, nodes, node_aware=mode == "on")[rank] for mode in runs}
+    return dict(
+        same_dispatch=same_dispatch, relay=(flat["relay"], aware["relay"]), reused=aware["reused"],
+        y_within=bool(((flat["y"] - aware["y"]).abs() <= bound + 1e-30).all()),
+        y_one_node_equal=torch.equal(flat["y"][one_node], aware["y"][one_node]),
+        dx_within=bool(((flat["dx"] - aware["dx"]).abs() <= grad_bound + 1e-30).all()),
+        dx_one_node_equal=torch.equal(flat["dx"][one_node], aware["dx"][one_node]),
+        dw_close=torch.allclose(flat["dw"], aware["dw"], rtol=1e-5, atol=1e-6),
+        links={mode: (runs[mode]["links"], expected[mode]) for mode in runs},
+        bytes={mode: (runs[mode]["bytes"], LinkBytes.of(expected[mode], 24 * 4 + 8 * 4, 24 * 4)) for mode in runs},
+        multi_node_tokens=int((~one_node).sum()), auto=auto)
+
+
+def _auto_modes(rank, cfg, problem):
+    """hierarchical='auto' (the default) under three node sources: this one host (flat), torchrun's
+    GROUP_RANK saying 2 nodes, EP_RUNTIME_RANKS_PER_NODE=2 (both node-aware)."""
+    topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    went = []
+    for env in ({}, {"GROUP_RANK": str(rank // 2)}, {"EP_RUNTIME_RANKS_PER_NODE": "2"}):
+        os.environ.update(env)
+        try:
+            d = ep.dispatchers.create("deepep_normal", cfg)
+            out = d.dispatch(problem.xs[rank].float(), topk)
+            went.append((out.handle.relay is not None, d.exchange.nodes.node_of))
+        finally:
+            for k in env:
+                del os.environ[k]
+    return went
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_node_aware_equals_flat_on_2x2(name):
+    results = run_ranks(_compare_rank, 4, name)
+    for r in results:
+        assert r["relay"] == (False, True)
+        assert r["same_dispatch"], "dispatch outputs must be bit-identical to the flat exchange"
+        assert r["reused"]
+        assert r["y_within"] and r["dx_within"] and r["dw_close"]
+        assert r["y_one_node_equal"] and r["dx_one_node_equal"]
+        for got, want in r["links"].values():
+            assert got == want
+        for got, want in r["bytes"].values():
+            assert got == want
+    if name == "deepep_normal":
+        two = (0, 0, 1, 1)
+        assert all(r["auto"] == [(False, (0, 0, 0, 0)), (True, two), (True, two)] for r in results)
+    assert sum(r["multi_node_tokens"] for r in results) > 0  # the bound was exercised, not only equality
+    flat_other = sum(r["links"]["off"][0].dispatch_other_node for r in results)
+    aware_other = sum(r["links"]["on"][0].dispatch_other_node for r in results)
+    assert aware_other < flat_other
+
+
+def _layer_rank(rank, world_size, name):
+    layer = ep.EPMoE(48, 6, 32, 16, dispatcher=name, runner="torch",
+                     dispatcher_options={"hierarchical": "on", "ranks_per_node": 2})
+    problem = make_problem(layer.config, TOKENS[:world_size], seed=17, ep_size=world_size)
+    return check_layer(layer, problem, rank), layer.dispatcher.exchange.nodes.node_of
+
+
+@pytest.mark.parametrize("name,R", [("deepep_normal", 4), ("mori", 4), ("deepep_normal", 3)])
+def test_node_aware_layer_matches_reference(name, R):
+    """The whole layer (runner masks for -1 slots and other ranks' experts, an empty rank) forward and
+    backward against float64; with 3 ranks the nodes are uneven (2 + 1 ranks)."""
+    for errors, node_of in run_ranks(_layer_rank, R, name):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert node_of == (0, 0, 1, 1)[:R]
+
+
+def test_count_link_rows_by_hand():
+    """2 nodes x 2: rank 0's token to ranks {1, 2, 3}: flat 1 same-node + 2 other-node rows; node-aware
+    1 row to relay 2, which forwards 1 row to rank 3 (same node there), plus 1 to rank 1."""
+    nodes = NodeLayout.blocks(4, 2)
+    dests = [[[1, 2, 3]], [], [], []]
+    flat = count_link_rows(dests, nodes, node_aware=False)
+    aware = count_link_rows(dests, nodes, node_aware=True)
+    assert flat[0] == LinkRows(1, 2, 0, 0) and flat[2] == LinkRows(0, 0, 0, 1)
+    assert aware[0] == LinkRows(1, 1, 0, 0)
+    assert aware[2] == LinkRows(1, 0, 0, 1) and aware[3] == LinkRows(0, 0, 1, 0)
+    assert nodes.relay(1, 1) == 3 and nodes.relay(2, 0) == 0
+    assert use_two_stages("auto", nodes) and not use_two_stages("auto", NodeLayout.blocks(4, 4))
+    assert not use_two_stages("auto", NodeLayout.blocks(4, 1)) and use_two_stages("on", NodeLayout.blocks(4, 4))
+
+
+def test_deepseek_v3_reduction_at_2x8():
+    """K=8 of 256 uniform at 2 nodes x 8 ranks: inter-node rows counted on random routing match the
+    hypergeometric expectation and shrink by its factor (~3.26x)."""
+    E, K, R, G, T = 256, 8, 16, 8, 512
+    gen = torch.Generator().manual_seed(0)
+    L = E // R
+    dests = [[sorted(set((torch.randperm(E, generator=gen)[:K] // L).tolist())) for _ in range(T)] for _ in range(R)]
+    nodes = NodeLayout.blocks(R, G)
+    flat = sum(r.dispatch_other_node for r in count_link_rows(dests, nodes, node_aware=False))
+    aware = sum(r.dispatch_other_node for r in count_link_rows(dests, nodes, node_aware=True))
+    per_token = uniform_rows_per_token(E, K, R, G)
+    factor = per_token.flat_other_node / per_token.aware_other_node
+    miss_rank = math.prod((E - L - i) / (E - i) for i in range(K))  # no expert on a given rank: 0.5924
+    miss_node = math.prod((E - G * L - i) / (E - i) for i in range(K))  # none on a given node: 0.00343
+    assert math.isclose(factor, (R - G) * (1 - miss_rank) / (1 - miss_node), rel_tol=1e-12)
+    assert 3.26 < factor < 3.28
+    # 8192 tokens: the counts' relative standard error is ~1% (flat) and ~0.1% (node-aware).
+    assert abs(flat / (R * T) - per_token.flat_other_node) < 0.04 * per_token.flat_other_node
+    assert abs(aware / (R * T) - per_token.aware_other_node) < 0.01 * per_token.aware_other_node
+    assert abs(flat / aware - factor) < 0.05 * factor
+
+
+def test_cost_model_by_hand():
+    """One number by hand: flat dispatch at 2 x 8, 4096 tok/rank, is network-bound: alpha + the bytes to
+    the other node at 50 GB/s + one 5 us message latency. And the 2x H200 check: the model fitted on
+    1024 and 4096 tok/rank predicts 128 tok/rank inside the measured eager range (37-61 us)."""
+    from ep_runtime.bench import cost_model as cm
+    p_rank = 1 - math.prod((240 - i) / (256 - i) for i in range(8))
+    network_bytes = 4096 * 8 * p_rank * (7168 * 2 + 8 * 8)  # 8 other-node ranks, row + 8 weights + 8 ids
+    want = cm.ALPHA_US + network_bytes / 50e3 + 5.0
+    assert math.isclose(cm.predict(4096, 7168, 256, 8, 16, 8).flat, want, rel_tol=1e-9)
+    assert 3890 < want < 3900
+    intra = cm.predict(128, 7168, 256, 8, 2, 2, combine=True).flat
+    assert 37 <= intra <= 61
+
+
+@pytest.mark.parametrize("options,message", [({"hierarchical": "yes"}, "hierarchical='yes'; allowed: 'auto', 'on', 'off'"),
+                                             ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0")])
+def test_bad_options_name_the_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
+
+
+def _gpu_rank(rank, world_size, name, grad):
+    """bf16 on GPUs over NCCL, flat vs node-aware (ranks_per_node = R / 2): inference (the flat path on
+    the fused kernel path, node-aware on torch ops) and training."""
+    from ep_runtime.distributed import device_for_rank
+    device = device_for_rank()
+    cfg = ep.MoeConfig(32, 4, 256, 64)
+    tokens = [64, 37, 100, 0][:world_size] if world_size > 2 else [64, 37]
+    problem = make_problem(cfg, tokens, seed=3, ep_size=world_size)
+    out = {}
+    for mode in ("off", "on"):
+        d = ep.dispatchers.create(name, cfg, device=device, hierarchical=mode, ranks_per_node=max(1, world_size // 2))
+        x = problem.xs[rank].to(device, torch.bfloat16).requires_grad_(grad)
+        o = d.dispatch(x, ep.TopKOutput(problem.topk_ids[rank].to(device), problem.topk_weights[rank].to(device)))
+        y = d.combine(ep.CombineInput(o.recv_x * 0.5, o))
+        out[mode] = (o.recv_x.float().cpu(), o.recv_topk_ids.cpu(), o.recv_topk_weights.cpu(), y.detach().float().cpu(),
+                     o.handle.relay is not None)
+    (fx, fi, fw, fy, frel), (ax, ai, aw, ay, arel) = out["off"], out["on"]
+    return dict(relay=(frel, arel), same=torch.equal(fx, ax) and torch.equal(fi, ai) and torch.equal(fw, aw),
+                y_err=float((fy - ay).norm() / fy.norm().clamp(min=1e-30)), y_equal=torch.equal(fy, ay))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_gpu_node_aware_equals_flat(name, grad):
+    R = 4 if torch.cuda.device_count() >= 4 else 2
+    for r in run_ranks(_gpu_rank, R, name, grad, backend="nccl", timeout=130, group_timeout=100):
+        assert r["relay"] == (False, True) and r["same"]
+        assert r["y_err"] <= 2e-2
+        if R == 2:  # one rank per node: every node sum is one partial, so combine is bit-identical too
+            assert r["y_equal"]
