@@ -52,9 +52,13 @@ TRANSPORT_VARIANTS = (
       for name in ("deepep_normal", "mori", "deepep_ll") for transport in ("nccl", "nvlink")),
     *(Variant(f"deepep_normal sms={n}", "deepep_normal", lambda T, R, n=n: dict(transport="nvlink", num_sms=n),
               min_tokens=4096) for n in (24, 64)),
+    # static plans replayed from CUDA graphs show the transports' device time without the host's
+    *(Variant(f"{v.impl} {transport}", v.dispatcher, lambda T, R, v=v, transport=transport:
+              dict(v.options(T, R), transport=transport)) for v in STATIC_VARIANTS for transport in ("nccl", "nvlink")),
 )
 # Implementations with static shapes and no host sync: --cuda-graph also times their replays.
-CAPTURABLE = ("deepep_ll", "deepep_ll nccl", "deepep_ll nvlink", "deepep_ll" + FP8, *(v.impl for v in STATIC_VARIANTS))
+CAPTURABLE = ("deepep_ll", "deepep_ll nccl", "deepep_ll nvlink", "deepep_ll" + FP8,
+              *(f"{v.impl}{transport}" for v in STATIC_VARIANTS for transport in ("", " nccl", " nvlink")))
 
 # Intermediate size of the torch runner that prepares combine inputs (a multiple of 16 elements keeps
 # torch._grouped_mm's alignment rules happy in bf16).
