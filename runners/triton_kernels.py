@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +35,11 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import round_to_e4m3
+
+try:  # host-side TMA descriptors (triton >= 3.4; the "tma" GEMM kernel)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the portable and persistent kernels only
+    _TensorDescriptor = None
 
 # The one activation table: activate()'s ACTIVATION constexpr (gpt-oss SwiGLU is the SWIGLU_ALPHA flag).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -54,6 +59,7 @@ class GemmTiles:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "portable"  # which grouped GEMM kernel runs these tiles: one of GEMM_KERNELS
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,21 @@ class BlockConfig:
     def to_json(self) -> dict:
         return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 
+    def with_kernel(self, kernel: str) -> "BlockConfig":
+        """The same tiles run by `kernel` in both GEMMs."""
+        return BlockConfig(self.BLOCK_M, replace(self.gemm1, kernel=kernel), replace(self.gemm2, kernel=kernel))
+
     @staticmethod
     def from_json(d: dict) -> "BlockConfig":
         return BlockConfig(int(d["BLOCK_M"]), GemmTiles(**d["gemm1"]), GemmTiles(**d["gemm2"]))
 
 
 def shape_key(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-              dtype: torch.dtype) -> str:
-    return f"L={num_local_experts},K={top_k},H={hidden_size},I={intermediate_size},dtype={str(dtype).removeprefix('torch.')}"
+              dtype: torch.dtype, kernel: str = "auto") -> str:
+    """A table's key: "auto" entries hold the fastest measured per GEMM, whichever kernel; a kernel's own
+    entries (",kernel=tma" appended) the fastest tiles of that kernel, read when it is forced."""
+    key = f"L={num_local_experts},K={top_k},H={hidden_size},I={intermediate_size},dtype={str(dtype).removeprefix('torch.')}"
+    return key if kernel == "auto" else f"{key},kernel={kernel}"
 
 
 def device_file(device_name: str) -> Path:
@@ -121,15 +134,21 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
 
 
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                dtype: torch.dtype, device: torch.device, interpreted: bool) -> BlockConfig:
-    """The tuned table entry for this device and shape (nearest token count), else default_config."""
+                dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
+    """The tuned table entry for this device and shape (nearest token count), else default_config.
+    kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
+    own entry where tuned, else the auto entry's (or default) tiles run by that kernel."""
+    config = None
     if not interpreted and device.type == "cuda":
         table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
         key = shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype)
-        entry = _nearest(table.get(key) or table.get("default") or {}, num_tokens)
+        own = table.get(shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype, kernel))
+        entry = _nearest(own or table.get(key) or table.get("default") or {}, num_tokens)
         if entry is not None:
-            return BlockConfig.from_json(entry)
-    return default_config(num_tokens, top_k, num_local_experts, interpreted)
+            config = BlockConfig.from_json(entry)
+    if config is None:
+        config = default_config(num_tokens, top_k, num_local_experts, interpreted)
+    return config if kernel == "auto" else config.with_kernel(kernel)
 
 
 # --------------------------------------------------------------------------- block alignment
@@ -299,6 +318,71 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
 
 # --------------------------------------------------------------------------- grouped GEMM
 
+# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, two ways of handing out tiles and loading
+# weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the interpreter).
+# "persistent": ~one program per SM looping over the same (row block, column tile) work items, pointer
+# loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
+# (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer loads).
+GEMM_KERNELS = ("portable", "persistent", "tma")
+
+
+@triton.jit
+def _tile_coords(tile, num_blocks, num_n, GROUP_M: tl.constexpr):
+    # Work item -> (row block, column tile). Grouped ordering: GROUP_M row blocks sweep the column tiles
+    # together, so an expert's weight tile is read from HBM once and reused from L2 by its neighbouring
+    # row blocks. Every kernel maps its work items through here.
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr,
+                   ROUND_FIRST: tl.constexpr, OUT_N: tl.constexpr, FUSE_ACT: tl.constexpr, TWO: tl.constexpr,
+                   ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+                   HAS_LIMIT: tl.constexpr):
+    # gate [BLOCK_M, OUT_N] fp32: the tile's product for output columns offs_n (weight rows offs_n);
+    # up: the same columns' up rows (weight rows N + offs_n) when TWO, else unused. Applies the router
+    # weight (on the input: (w x) W^T = w (x W^T), before the bias), the bias, the activation and the
+    # fp8 output quantization, and stores the pairs' rows (padding rows are not stored).
+    offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+    n_ok = offs_n < N
+    if HAS_SCALE:
+        row_scale = tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        gate = gate * row_scale
+        if TWO:
+            up = up * row_scale
+    if HAS_BIAS:
+        bias_row = bias_ptr + expert * stride_bias_e + offs_n
+        gate = gate + tl.load(bias_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if TWO:
+            up = up + tl.load(bias_row + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if TWO:  # (filtered pairs have no rows here at all)
+        res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    elif FUSE_ACT:
+        res = activate(gate, gate, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    else:
+        res = gate
+    if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
+        res = tl.where(n_ok[None, :], res, 0.0)
+        group_scale = tl.maximum(tl.max(tl.abs(res), axis=1), min_amax) / fp8_max
+        if UE8M0:  # rounded up to a power of two on the bits (as ep_runtime.quant.round_up_pow2)
+            bits = group_scale.to(tl.int32, bitcast=True)
+            group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
+                tl.float32, bitcast=True)
+        res = tl.minimum(tl.maximum(tl.div_rn(res, group_scale[:, None]), -fp8_max), fp8_max)
+        if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates (see round_to_e4m3)
+            res = round_to_e4m3(res)
+        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
+    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr,
@@ -315,6 +399,7 @@ def _grouped_gemm_kernel(
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
+    # "portable": one program per work item.
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
     # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
@@ -324,16 +409,7 @@ def _grouped_gemm_kernel(
     # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
     TWO: tl.constexpr = FUSE_ACT and GATED
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N  # output columns per program
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, OUT_N)
-    # Grouped ordering: GROUP_M row blocks sweep the N tiles together, so an expert's weight tile is
-    # read from HBM once and reused from L2 by its neighbouring row blocks.
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_blocks, tl.cdiv(N, OUT_N), GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -377,33 +453,130 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_SCALE:  # router weight on the input: (w x) W^T = w (x W^T), applied before the bias
-        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + w_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
-    if FUSE_ACT:  # (padding rows are not stored; filtered pairs have no rows here at all)
-        if TWO:
-            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
-        else:
-            gate = acc
-            up = acc
-        res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    if TWO:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
     else:
-        res = acc
-    if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
-        res = tl.where((offs_n < N)[None, :], res, 0.0)
-        group_scale = tl.maximum(tl.max(tl.abs(res), axis=1), min_amax) / fp8_max
-        if UE8M0:  # rounded up to a power of two on the bits (as ep_runtime.quant.round_up_pow2)
-            bits = group_scale.to(tl.int32, bitcast=True)
-            group_scale = ((((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(
-                tl.float32, bitcast=True)
-        res = tl.minimum(tl.maximum(tl.div_rn(res, group_scale[:, None]), -fp8_max), fp8_max)
-        if ROUND_FIRST:  # the interpreter's fp32 -> fp8 cast truncates (see round_to_e4m3)
-            res = round_to_e4m3(res)
-        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
-    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+        gate = acc
+        up = acc
+    _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                   HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                   ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+
+
+@triton.jit
+def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, stride_bn, stride_bk,
+                 OUT_N: tl.constexpr, BLOCK_K: tl.constexpr, B_DESC: tl.constexpr):
+    # Weight rows row0 .. row0 + OUT_N of the expert, channels k .. k + BLOCK_K: [OUT_N, BLOCK_K].
+    # Through the descriptor ([L * N_ROWS, K_dim] view of b): rows past the expert's read the next
+    # expert's (finite, their columns are never stored) or zeros past the last; channels past K_dim
+    # are zeros. Pointer loads give zeros for both.
+    if B_DESC:
+        tile = b_desc.load([(expert * N_ROWS + row0).to(tl.int32), k])
+    else:
+        rows = row0 + tl.arange(0, OUT_N)
+        chans = k + tl.arange(0, BLOCK_K)
+        tile = tl.load(b_ptr + expert * stride_be + rows[:, None] * stride_bn + chans[None, :] * stride_bk,
+                       mask=(rows < N_ROWS)[:, None] & (chans < K_dim)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _grouped_gemm_persistent_kernel(
+    a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
+    b_scale_ptr, num_pairs, N, K_dim, num_blocks, num_programs,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    out_scale_ptr, stride_os, fp8_max, min_amax,
+    alpha, limit,
+    ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+    QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr,
+):
+    # "persistent" and "tma" (B_DESC): num_programs programs; program i takes work items i,
+    # i + num_programs, ... of the portable kernel's (_tile_coords), blocks without an expert skipped.
+    # Same math as _grouped_gemm_kernel, but gate and up are two weight tiles of contiguous rows (what
+    # one TMA box reads) and two dots of BLOCK_N // 2 columns each, instead of one interleaved tile.
+    TWO: tl.constexpr = FUSE_ACT and GATED
+    OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
+    N_ROWS = 2 * N if TWO else N  # weight rows per expert
+    num_n = tl.cdiv(N, OUT_N)
+    for tile in range(tl.program_id(0), num_blocks * num_n, num_programs):
+        pid_m, pid_n = _tile_coords(tile, num_blocks, num_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if expert >= 0:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+            row_ok = pair < num_pairs
+            a_row = pair // ROWS_PER_A_ROW
+            col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+            n_ok = col_n < N
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+            gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+            for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
+                b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
+                                      stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+                    a = a.to(tl.float32)
+                    b_gate = b_gate.to(tl.float32)
+                if BLOCK_SCALED:
+                    group_k = (k * BLOCK_K) // SCALE_K
+                    a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
+                    b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
+                    b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                    gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                else:
+                    gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+                if TWO:
+                    b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
+                                        stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                    if UPCAST:
+                        b_up = b_up.to(tl.float32)
+                    if BLOCK_SCALED:
+                        b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                        up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
+                    else:
+                        up = tl.dot(a, b_up, up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+            _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                           stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                           HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                           ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+
+
+def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
+    """Why the "tma" kernel cannot load this weight tensor here (None: it can). The descriptor views w
+    [L, rows, K_dim] as [L * rows, K_dim]: K_dim contiguous, experts back to back, 16-byte aligned."""
+    if _TensorDescriptor is None:
+        return f"triton {triton.__version__} has no triton.tools.tensor_descriptor.TensorDescriptor"
+    if not interpreted:
+        if w.device.type != "cuda":
+            return f"weights on {w.device}, not CUDA"
+        major, minor = torch.cuda.get_device_capability(w.device)
+        if major < 9:
+            return f"CUDA capability {major}.{minor} < 9.0 (TMA needs Hopper or newer)"
+    L, rows, K_dim = w.shape
+    if w.stride(2) != 1 or (L > 1 and w.stride(0) != rows * w.stride(1)):
+        return f"weights with strides {tuple(w.stride())} are not [L * rows, K_dim] row-major"
+    if (w.stride(1) * w.element_size()) % 16 or w.data_ptr() % 16:
+        return (f"weight rows of {w.stride(1) * w.element_size()} bytes at address {w.data_ptr()} are not "
+                "16-byte aligned")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
@@ -412,7 +585,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
-                 out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
 
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
@@ -426,7 +599,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     bias [L, N] or None; scale [num_pairs] fp32 or None.
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
-    of the unfused output would give (but from the fp32 accumulator, not a rounded h)."""
+    of the unfused output would give (but from the fp32 accumulator, not a rounded h).
+    tiles.kernel picks the kernel (GEMM_KERNELS); "tma" raises where tma_unsupported says why not.
+    num_programs: programs of the persistent kernels (default: the GPU's SM count; 3 in the interpreter)."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -436,6 +611,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         N //= 2
     if out.shape[1] != N:
         raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
+    if tiles.kernel not in GEMM_KERNELS:
+        raise ValueError(f"GemmTiles.kernel={tiles.kernel!r}; allowed: {', '.join(GEMM_KERNELS)}")
     block_n = max(32, tiles.BLOCK_N) if two else tiles.BLOCK_N  # weight rows per program (gate and up)
     if out_quant is not None:
         if not fuse or out_scale is None:
@@ -452,16 +629,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         raise ValueError("a_scale and w_scale come together (block-scaled fp8) or not at all")
     if scaled and scale_block[1] % tiles.BLOCK_K:
         raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
-    grid = (num_blocks * triton.cdiv(N, out_n),)
-    _grouped_gemm_kernel[grid](
-        a, w, bias if bias is not None else w, scale if scale is not None else a, out,
-        aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
-        aligned.num_pairs, N, K_dim, num_blocks,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-        *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
-        out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
-        out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX,
+    num_tiles = num_blocks * triton.cdiv(N, out_n)
+    args = (bias if bias is not None else w, scale if scale is not None else a, out,
+            aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
+            aligned.num_pairs, N, K_dim, num_blocks)
+    strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+               bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+               *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
+               out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
+               out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
+    meta = dict(
         ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=out_quant is not None,
         UE8M0=out_quant is not None and out_quant.ue8m0, ROUND_FIRST=interpreted and out_quant is not None,
@@ -471,6 +648,22 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
            else activation_args("silu", is_gated, None, None)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if tiles.kernel == "portable":
+        _grouped_gemm_kernel[(num_tiles,)](a, w, *args, *strides, **meta)
+        return out
+    b_desc = w
+    if tiles.kernel == "tma":
+        why = tma_unsupported(w, interpreted)
+        if why is not None:
+            raise ValueError(f"GemmTiles.kernel='tma' cannot run here: {why}; use 'persistent' or 'portable'")
+        L, rows = w.shape[0], w.shape[1]
+        b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+    if num_programs is None:
+        num_programs = 3 if interpreted else _num_sms(a.device.index if a.device.index is not None
+                                                      else torch.cuda.current_device())
+    num_programs = max(1, min(num_programs, num_tiles))
+    _grouped_gemm_persistent_kernel[(num_programs,)](a, w, b_desc, *args, num_programs, *strides,
+                                                     B_DESC=tiles.kernel == "tma", **meta)
     return out
 
 

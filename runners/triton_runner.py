@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
@@ -59,7 +60,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     L = weights.num_local_experts
     picked = block_config is None
     if picked:
-        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp)
+        kernel = envs.get("TRITON_GEMM_KERNEL")
+        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel)
+        if kernel == "auto":
+            block_config = _runnable(block_config, weights, interp)
     hooks = hooks or GemmHooks()
     fp8 = {}
     if quant is not None:
@@ -138,6 +142,17 @@ def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: boo
     values are the bytes of a 64-wide bf16 tile. `triton_tune --dtype float8_e4m3fn` tunes fp8 shapes."""
     fit = lambda t: dataclasses.replace(t, BLOCK_K=group_k if untuned else min(t.BLOCK_K, group_k))  # noqa: E731
     return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1), gemm2=fit(block_config.gemm2))
+
+
+def _runnable(block_config: "kernels.BlockConfig", weights: ExpertWeights, interp: bool) -> "kernels.BlockConfig":
+    """A tuned table's "tma" GEMM runs as "portable" where these weights or this GPU cannot take TMA
+    (e.g. a strided weight view): the table's choice is a speed hint, the forced kernel an order."""
+    def fit(tiles, w):
+        if tiles.kernel == "tma" and kernels.tma_unsupported(w, interp) is not None:
+            return dataclasses.replace(tiles, kernel="portable")
+        return tiles
+    return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1, weights.w13),
+                               gemm2=fit(block_config.gemm2, weights.w2))
 
 
 def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:
