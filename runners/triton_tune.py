@@ -9,8 +9,8 @@ two GEMMs share only BLOCK_M, through the pair alignment), under each grouped GE
 tiles2) by summed time over all kernels, each GEMM keeping its own kernel, goes in the table under this
 shape's key (what the runner reads by default); each kernel's own fastest goes under the shape's key
 with ",kernel=<name>" (what it reads when EP_RUNTIME_TRITON_GEMM_KERNEL forces that kernel). An
-existing file is updated, not replaced. The runner picks the entry with the nearest token count
-(runners/triton_kernels.py: pick_config).
+existing file is updated, not replaced: entries of other shapes and of token counts not swept stay.
+The runner picks the entry with the nearest token count (runners/triton_kernels.py: pick_config).
 --dtype float8_e4m3fn tunes the block-scaled fp8 path (ep.QuantConfig(): [128, 128] weight blocks,
 GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 key the runner reads.
 """
@@ -167,7 +167,8 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
     existing = json.loads(out.read_text()) if out.exists() else {}
     for kernel, table in tables.items():
         if kernel == "auto" or gemm_kernels:  # given candidates alone: the shape's table only
-            existing[kernels.shape_key(L, K, H, I, dtype, kernel)] = table
+            # merged by token count: a sweep of some token counts keeps the others' entries
+            existing.setdefault(kernels.shape_key(L, K, H, I, dtype, kernel), {}).update(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     kernels._load_table.cache_clear()
