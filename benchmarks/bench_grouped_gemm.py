@@ -8,6 +8,7 @@ For each model shape (one rank's local experts) and token count, the triton runn
   portable     the portable kernel and the device table's tiles (the runner's path before the others)
   persistent   the persistent kernel, same tiles
   tma <tiles>  the persistent kernel with TMA weight loads: the table's tma tiles, then CANDIDATES
+  tma_stacked  the same with GEMM 1's gate and up rows in one TMA box and one dot
 and the raw baseline: torch._grouped_mm for both GEMMs plus the activation on rows already grouped by
 expert (grouping untimed), as the bench's runner suite times it. TFLOP/s count 2*3*H*I per pair.
 
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["deepseek-v3-ep8", "mixtral-8x7b"], choices=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--candidates", type=int, default=len(CANDIDATES), help="how many of CANDIDATES to time")
+    p.add_argument("--candidates", type=int, default=3, help="how many of CANDIDATES to time with tma")
+    p.add_argument("--stacked-candidates", type=int, default=1, help="... and with tma_stacked")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -84,15 +86,15 @@ def main(argv=None) -> int:
 
         def pick(kernel):
             return kernels.pick_config(T, L, K, H, I, dtype, device, interp, kernel)
-        out = [("portable", pick("portable")), ("grouped_mm (raw)", None), ("persistent", pick("persistent"))]
-        tma = [pick("tma")] + [kernels.BlockConfig(m, kernels.GemmTiles(n, k, g, w, s, "tma"),
-                                                   kernels.GemmTiles(n, k, g, w, s, "tma"))
-                               for m, n, k, g, w, s in CANDIDATES[:args.candidates]]
-        seen = []
-        for c in tma:
-            if c not in seen:
-                seen.append(c)
-        return out + [(f"tma {_tiles(c)}", c) for c in seen]
+        def candidates(kernel, count):
+            out = [pick(kernel)]
+            for m, n, k, g, w, s in CANDIDATES[:count]:
+                tiles = kernels.GemmTiles(n, k, g, w, s, kernel)
+                if kernels.BlockConfig(m, tiles, tiles) not in out:
+                    out.append(kernels.BlockConfig(m, tiles, tiles))
+            return [(f"{kernel} {_tiles(c)}", c) for c in out]
+        return ([("portable", pick("portable")), ("grouped_mm (raw)", None), ("persistent", pick("persistent"))]
+                + candidates("tma", args.candidates) + candidates("tma_stacked", args.stacked_candidates))
 
     rows, dead = [], None
     plan = [(i, key) for key in cases for i in range(len(configs(cases[key])))]

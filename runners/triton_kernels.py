@@ -48,6 +48,18 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # --------------------------------------------------------------------------- block configs
 
+# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, different ways of handing out tiles and loading
+# weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the interpreter).
+# "persistent": ~one program per SM looping over the same (row block, column tile) work items, pointer
+# loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
+# (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer
+# loads). "tma_stacked": "tma" with gated GEMM 1's gate and up tiles in one box and one dot.
+GEMM_KERNELS = ("portable", "persistent", "tma", "tma_stacked")
+TMA_KERNELS = ("tma", "tma_stacked")
+# A kernel without a table of its own reads this one's before the shape's auto table (the same tiles fit).
+BORROWS_TILES_OF = {"tma_stacked": "tma"}
+
+
 @dataclass(frozen=True)
 class GemmTiles:
     """BLOCK_N counts weight rows per program: for GEMM 1 with the activation fused and gated, each
@@ -137,13 +149,13 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
                 dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config.
     kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
-    own entry where tuned, else the auto entry's (or default) tiles run by that kernel."""
+    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it."""
     config = None
     if not interpreted and device.type == "cuda":
         table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
-        key = shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype)
-        own = table.get(shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype, kernel))
-        entry = _nearest(own or table.get(key) or table.get("default") or {}, num_tokens)
+        key = functools.partial(shape_key, num_local_experts, top_k, hidden_size, intermediate_size, dtype)
+        own = table.get(key(kernel)) or table.get(key(BORROWS_TILES_OF.get(kernel, kernel)))
+        entry = _nearest(own or table.get(key()) or table.get("default") or {}, num_tokens)
         if entry is not None:
             config = BlockConfig.from_json(entry)
     if config is None:
@@ -318,13 +330,6 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
 
 # --------------------------------------------------------------------------- grouped GEMM
 
-# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, two ways of handing out tiles and loading
-# weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the interpreter).
-# "persistent": ~one program per SM looping over the same (row block, column tile) work items, pointer
-# loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
-# (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer loads).
-GEMM_KERNELS = ("portable", "persistent", "tma")
-
 
 @triton.jit
 def _tile_coords(tile, num_blocks, num_n, GROUP_M: tl.constexpr):
@@ -495,12 +500,14 @@ def _grouped_gemm_persistent_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
 ):
-    # "persistent" and "tma" (B_DESC): num_programs programs; program i takes work items i,
-    # i + num_programs, ... of the portable kernel's (_tile_coords), blocks without an expert skipped.
-    # Same math as _grouped_gemm_kernel, but gate and up are two weight tiles of contiguous rows (what
-    # one TMA box reads) and two dots of BLOCK_N // 2 columns each, instead of one interleaved tile.
+    # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs;
+    # program i takes work items i, i + num_programs, ... of the portable kernel's (_tile_coords),
+    # blocks without an expert skipped. Same math as _grouped_gemm_kernel, but gate and up are two
+    # weight tiles of contiguous rows (what one TMA box reads of a 2D view) and two dots of BLOCK_N // 2
+    # columns each, instead of one interleaved tile; STACKED (gated GEMM 1 only): one box of a 3D view
+    # [L * 2, N, K_dim] holds the gate rows and the same up rows, one dot of BLOCK_N columns [gate | up].
     TWO: tl.constexpr = FUSE_ACT and GATED
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
     N_ROWS = 2 * N if TWO else N  # weight rows per expert
@@ -519,35 +526,56 @@ def _grouped_gemm_persistent_kernel(
             a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
             gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
             up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+            if STACKED:
+                acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
+                stacked = tl.arange(0, 2 * OUT_N)
+                stacked_n = pid_n * OUT_N + stacked % OUT_N
+                stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
             for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 else:
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
-                b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
-                                      stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
                 if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
                     a = a.to(tl.float32)
-                    b_gate = b_gate.to(tl.float32)
                 if BLOCK_SCALED:
                     group_k = (k * BLOCK_K) // SCALE_K
                     a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
                     b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
-                    b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                    gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
-                else:
-                    gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
-                if TWO:
-                    b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
-                                        stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                if STACKED:
+                    b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
+                                   (2 * OUT_N, BLOCK_K)).T
                     if UPCAST:
-                        b_up = b_up.to(tl.float32)
+                        b = b.to(tl.float32)
                     if BLOCK_SCALED:
-                        b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                        up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
+                        b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
+                                      other=0.0)
+                        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
                     else:
-                        up = tl.dot(a, b_up, up, input_precision=PRECISION)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                else:
+                    b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
+                                          stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                    if UPCAST:
+                        b_gate = b_gate.to(tl.float32)
+                    if BLOCK_SCALED:
+                        b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                        gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                    else:
+                        gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+                    if TWO:
+                        b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
+                                            stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                        if UPCAST:
+                            b_up = b_up.to(tl.float32)
+                        if BLOCK_SCALED:
+                            b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                            up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
+                        else:
+                            up = tl.dot(a, b_up, up, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
+            if STACKED:  # columns [gate | up] -> the two halves
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
             _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
                            stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                            HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
@@ -555,8 +583,9 @@ def _grouped_gemm_persistent_kernel(
 
 
 def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
-    """Why the "tma" kernel cannot load this weight tensor here (None: it can). The descriptor views w
-    [L, rows, K_dim] as [L * rows, K_dim]: K_dim contiguous, experts back to back, 16-byte aligned."""
+    """Why the TMA kernels cannot load this weight tensor here (None: they can). The descriptor views w
+    [L, rows, K_dim] as [L * rows, K_dim] (or [L * 2, rows / 2, K_dim]): K_dim contiguous, experts back
+    to back, 16-byte aligned."""
     if _TensorDescriptor is None:
         return f"triton {triton.__version__} has no triton.tools.tensor_descriptor.TensorDescriptor"
     if not interpreted:
@@ -600,7 +629,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
-    tiles.kernel picks the kernel (GEMM_KERNELS); "tma" raises where tma_unsupported says why not.
+    tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
     num_programs: programs of the persistent kernels (default: the GPU's SM count; 3 in the interpreter)."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
@@ -651,19 +680,24 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, *strides, **meta)
         return out
-    b_desc = w
-    if tiles.kernel == "tma":
+    b_desc, stacked = w, tiles.kernel == "tma_stacked" and two
+    if tiles.kernel in TMA_KERNELS:
         why = tma_unsupported(w, interpreted)
         if why is not None:
-            raise ValueError(f"GemmTiles.kernel='tma' cannot run here: {why}; use 'persistent' or 'portable'")
+            raise ValueError(f"GemmTiles.kernel={tiles.kernel!r} cannot run here: {why}; use 'persistent' or "
+                             "'portable'")
         L, rows = w.shape[0], w.shape[1]
-        b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+        if stacked:  # [L * 2, N, K_dim]: one box holds N-rows of gate and the same rows of up
+            b_desc = _TensorDescriptor(w, [L * 2, N, K_dim], [N * w.stride(1), w.stride(1), 1],
+                                       [2, out_n, tiles.BLOCK_K])
+        else:
+            b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
     if num_programs is None:
         num_programs = 3 if interpreted else _num_sms(a.device.index if a.device.index is not None
                                                       else torch.cuda.current_device())
     num_programs = max(1, min(num_programs, num_tiles))
     _grouped_gemm_persistent_kernel[(num_programs,)](a, w, b_desc, *args, num_programs, *strides,
-                                                     B_DESC=tiles.kernel == "tma", **meta)
+                                                     B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, **meta)
     return out
 
 

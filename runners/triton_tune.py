@@ -5,7 +5,7 @@
 
 For each token count and BLOCK_M, GEMM 1 and GEMM 2 are timed separately over a list of tiles (the
 two GEMMs share only BLOCK_M, through the pair alignment), under each grouped GEMM kernel of --kernels
-(default: portable and persistent, and tma where the GPU has TMA). The fastest (BLOCK_M, tiles1,
+(default: all of them, less the TMA ones where the GPU has no TMA). The fastest (BLOCK_M, tiles1,
 tiles2) by summed time over all kernels, each GEMM keeping its own kernel, goes in the table under this
 shape's key (what the runner reads by default); each kernel's own fastest goes under the shape's key
 with ",kernel=<name>" (what it reads when EP_RUNTIME_TRITON_GEMM_KERNEL forces that kernel). An
@@ -43,9 +43,9 @@ BLOCK_MS = (16, 32, 64, 128)
 
 
 def default_kernels(device: torch.device) -> tuple[str, ...]:
-    """The kernels worth timing on this device: tma only where the GPU has TMA (CUDA capability >= 9)."""
+    """The kernels worth timing on this device: the TMA ones only where the GPU has TMA (capability >= 9)."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return ("portable", "persistent", "tma") if hopper else ("portable", "persistent")
+    return kernels.GEMM_KERNELS if hopper else tuple(k for k in kernels.GEMM_KERNELS if k not in kernels.TMA_KERNELS)
 
 
 def default_candidates(num_tokens: int, top_k: int, num_local_experts: int,
@@ -205,8 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="table to write (default: the shipped table of this device in runners/configs/)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--kernels", nargs="+", default=None, choices=list(kernels.GEMM_KERNELS),
-                   help="grouped GEMM kernels to sweep (default: portable and persistent, and tma on CUDA "
-                        "capability >= 9)")
+                   help="grouped GEMM kernels to sweep (default: all; the TMA ones only on CUDA capability >= 9)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("triton_tune needs a CUDA device (tables are per GPU model)")

@@ -195,9 +195,9 @@ FIELDS = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5, acti
 
 @pytest.mark.parametrize("runner,extra,kernel", [
     ("torch", {}, "auto"), ("triton", {}, "auto"), ("torch", FIELDS, "auto"), ("triton", FIELDS, "auto"),
-    # the persistent grouped GEMM kernel with TMA weight tiles (block scales, fp8 epilogue), forced
-    # through the knob (its pointer-load twin differs only in the weight tile load, tested unscaled)
-    ("triton", FIELDS, "tma")])
+    # the persistent grouped GEMM kernels with TMA weight tiles (block scales, fp8 epilogue), forced
+    # through the knob (the pointer-load twin differs only in the weight tile load, tested unscaled)
+    ("triton", FIELDS, "tma"), ("triton", {}, "tma_stacked")])
 def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, monkeypatch):
     monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I = 8, 2, 256, 128
@@ -358,13 +358,13 @@ def test_gpu_fp8_runner_matches_the_fp8_reference(runner, T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
-@pytest.mark.parametrize("kernel", ["auto", "tma"])
+@pytest.mark.parametrize("kernel", ["auto", "tma", "tma_stacked"])
 def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference(kernel, monkeypatch):
     """DeepSeek-V3's expert shapes (H=7168, I=2048), 8 local experts, K=8, 512 tokens: the tiles the
     tuned tables and defaults pick for real sizes (BLOCK_K clipped to the 128-channel scale group), with
-    the grouped GEMM kernel the table picks and forced to the tma kernel (Hopper and newer)."""
-    if kernel == "tma" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the tma kernel needs CUDA capability >= 9")
+    the grouped GEMM kernel the table picks and forced to each TMA kernel (Hopper and newer)."""
+    if kernel.startswith("tma") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need CUDA capability >= 9")
     monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I, T = 8, 8, 7168, 2048, 512
     gen = torch.Generator(device="cuda").manual_seed(9)

@@ -452,7 +452,7 @@ def test_low_latency_kernels_on_gpu_equal_the_torch_path(N, K_, L):
     assert torch.allclose(part, deepep_ll._gather(want[:L * N].float(), want_slot, w), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("kernel", ["persistent", "tma"])
+@pytest.mark.parametrize("kernel", ["persistent", "tma", "tma_stacked"])
 @pytest.mark.parametrize("tokens", [64, 2048])
 def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(kernel, tokens):
     """DeepSeek-V3's expert shapes at EP 16 (16 local experts, K=8, H=7168, I=2048), bf16: the persistent
@@ -464,8 +464,8 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
     from ep_runtime.runners import triton_kernels as kernels
     from ep_runtime.runners.triton_runner import run_fused
 
-    if kernel == "tma" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the tma kernel needs CUDA capability >= 9")
+    if kernel in kernels.TMA_KERNELS and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need CUDA capability >= 9")
     L, K_, H_, I_ = 16, 8, 7168, 2048
     config = ep.MoeConfig(L, K_, H_, I_)
     gen = torch.Generator(device="cuda").manual_seed(tokens)

@@ -166,13 +166,14 @@ def test_gemm1_with_fused_activation_matches_unfused_gemm_then_act_and_mul(name,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kernel", ["persistent", "tma"])
+@pytest.mark.parametrize("kernel", ["persistent", "tma", "tma_stacked"])
 def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype):
     # Three programs (the interpreter's default) loop over 2-4x as many work items, blocks without an
     # expert among them; every computed pair's row must come out right, so no work item is missed.
     # "tma" runs the same loop with the weight tiles from a host TensorDescriptor (the interpreter
     # executes descriptor loads): rows past an expert's last read the next expert's (or zeros past the
-    # last) and are never stored, channels past K_dim are zeros. Cases: plain GEMM (bias, router weight,
+    # last) and are never stored, channels past K_dim are zeros; "tma_stacked" loads gated GEMM 1's
+    # gate and up rows as one 3D box and splits one dot's columns. Cases: plain GEMM (bias, router weight,
     # K_dim not a multiple of BLOCK_K), gated SiLU and non-gated GELU in the epilogue with I not a
     # multiple of the 16-column half tile.
     gen = torch.Generator().manual_seed(7)
