@@ -486,7 +486,7 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
     return tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
     a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
     b_scale_ptr, num_pairs, N, K_dim, num_blocks, num_programs,
@@ -603,9 +603,24 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_PROGRAMS_PER_SM: dict = {}  # (device, dtypes, constexprs) -> resident programs per SM
+
+
+def _persistent_programs(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """SMs x the programs of this compiled variant that fit on one SM at once (shared memory, registers,
+    warps): one wave of programs, each looping over work items. Compiles the variant on its first use
+    (Triton's warm-up: no launch), then reads the count from a cache."""
+    key = (device.index, tuple(getattr(a, "dtype", None) for a in args[:3]), tuple(sorted(meta.items())))
+    if key not in _PROGRAMS_PER_SM:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        compiled._init_handles()
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        warps = compiled.metadata.num_warps
+        fits = min(props["max_shared_mem"] // max(compiled.metadata.shared, 1),
+                   props["max_num_regs"] // max(compiled.n_regs * 32 * warps, 1), 64 // warps)
+        _PROGRAMS_PER_SM[key] = (props["multiprocessor_count"], max(1, fits))
+    sms, per_sm = _PROGRAMS_PER_SM[key]
+    return sms * per_sm
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
@@ -630,7 +645,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
     tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
-    num_programs: programs of the persistent kernels (default: the GPU's SM count; 3 in the interpreter)."""
+    num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
+    wave: SMs x resident programs per SM; 3 in the interpreter)."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -692,12 +708,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked)
+    call = (a, w, b_desc, *args)
     if num_programs is None:
-        num_programs = 3 if interpreted else _num_sms(a.device.index if a.device.index is not None
-                                                      else torch.cuda.current_device())
+        num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
+                                                                  (*call, num_tiles, *strides), meta, a.device)
     num_programs = max(1, min(num_programs, num_tiles))
-    _grouped_gemm_persistent_kernel[(num_programs,)](a, w, b_desc, *args, num_programs, *strides,
-                                                     B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, **meta)
+    _grouped_gemm_persistent_kernel[(num_programs,)](*call, num_programs, *strides, **meta)
     return out
 
 
