@@ -10,6 +10,9 @@ Quantized experts (fp8 block weights) take the same sequence as w8a8: the input 
 token and 128 channels by one fused kernel (or arrive quantized from an fp8 dispatch), both GEMMs are
 block-scaled fp8 (the same grouped GEMM kernel, BLOCK_SCALED), and GEMM 1's epilogue writes its
 activation output as fp8 with one scale per pair and 128 channels (QUANT_OUT), GEMM 2's input. Inference only (GEMM hooks: use runner="torch").
+
+Each GEMM's kernel (portable, persistent, tma, tma_stacked: runners/triton_kernels.py) comes with its
+tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_GEMM_KERNEL.
 """
 from __future__ import annotations
 
@@ -145,10 +148,10 @@ def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: boo
 
 
 def _runnable(block_config: "kernels.BlockConfig", weights: ExpertWeights, interp: bool) -> "kernels.BlockConfig":
-    """A tuned table's "tma" GEMM runs as "portable" where these weights or this GPU cannot take TMA
+    """A tuned table's TMA GEMM runs as "portable" where these weights or this GPU cannot take TMA
     (e.g. a strided weight view): the table's choice is a speed hint, the forced kernel an order."""
     def fit(tiles, w):
-        if tiles.kernel == "tma" and kernels.tma_unsupported(w, interp) is not None:
+        if tiles.kernel in kernels.TMA_KERNELS and kernels.tma_unsupported(w, interp) is not None:
             return dataclasses.replace(tiles, kernel="portable")
         return tiles
     return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1, weights.w13),
