@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -613,12 +614,16 @@ def _persistent_programs(kernel, args: tuple, meta: dict, device: torch.device) 
     key = (device.index, tuple(getattr(a, "dtype", None) for a in args[:3]), tuple(sorted(meta.items())))
     if key not in _PROGRAMS_PER_SM:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
-        compiled._init_handles()
-        props = triton.runtime.driver.active.utils.get_device_properties(device.index)
-        warps = compiled.metadata.num_warps
-        fits = min(props["max_shared_mem"] // max(compiled.metadata.shared, 1),
-                   props["max_num_regs"] // max(compiled.n_regs * 32 * warps, 1), 64 // warps)
-        _PROGRAMS_PER_SM[key] = (props["multiprocessor_count"], max(1, fits))
+        try:  # (triton internals: a version without them gets one program per SM, the same results)
+            compiled._init_handles()
+            props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+            warps = compiled.metadata.num_warps
+            fits = min(props["max_shared_mem"] // max(compiled.metadata.shared, 1),
+                       props["max_num_regs"] // max(compiled.n_regs * 32 * warps, 1), 64 // warps)
+            _PROGRAMS_PER_SM[key] = (props["multiprocessor_count"], max(1, fits))
+        except (AttributeError, KeyError, TypeError) as err:
+            warnings.warn(f"grouped GEMM: no occupancy from this triton ({err!r}); one program per SM")
+            _PROGRAMS_PER_SM[key] = (torch.cuda.get_device_properties(device).multi_processor_count, 1)
     sms, per_sm = _PROGRAMS_PER_SM[key]
     return sms * per_sm
 
