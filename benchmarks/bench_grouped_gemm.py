@@ -118,6 +118,7 @@ def main(argv=None) -> int:
                 if _context_lost(err):
                     dead = row["error"]
         _print_row(row)
+    _summary(rows)
     print(f"done in {time.time() - start:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
@@ -174,6 +175,21 @@ def _spot_error(x, ids, weights, w13, w2, y, I) -> float:
             a = torch.nn.functional.silu(h[:I]) * h[I:]
             ref[t] += weights[t, k] * (w2[e].float() @ a)
     return rel_err(y[:ref.shape[0]].double(), ref.double())
+
+
+def _summary(rows: list) -> None:
+    """Per case: the raw baseline, portable, and the fastest correct row of the other kernels."""
+    print("\nsummary (TFLOP/s; x raw = raw time / row time)")
+    for key in dict.fromkeys((r["model"], r["tokens"]) for r in rows):
+        ok = [r for r in rows if (r["model"], r["tokens"]) == key and "ms" in r and "WRONG" not in r["check"]]
+        by = {r["impl"]: r for r in ok}
+        best = max((r for r in ok if r["impl"] not in ("portable", "grouped_mm (raw)")), key=lambda r: r["tflops"],
+                   default=None)
+        parts = [f"{name} {by[name]['tflops']:.0f}" for name in ("grouped_mm (raw)", "portable") if name in by]
+        if best is not None:
+            vs = f" ({best['vs_raw']:.2f}x raw)" if best.get("vs_raw") else ""
+            parts.append(f"best other: {best['impl']} {best['tflops']:.0f}{vs}")
+        print(f"  {key[0]:<16} T={key[1]:<6} " + "; ".join(parts), flush=True)
 
 
 def _context_lost(err: BaseException) -> bool:
