@@ -37,7 +37,7 @@ import triton.language as tl
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import round_to_e4m3
 
-try:  # host-side TMA descriptors (triton >= 3.4; the "tma" GEMM kernel)
+try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the portable and persistent kernels only
     _TensorDescriptor = None
@@ -49,10 +49,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # --------------------------------------------------------------------------- block configs
 
-# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, different ways of handing out tiles and loading
-# weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the interpreter).
-# "persistent": ~one program per SM looping over the same (row block, column tile) work items, pointer
-# loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
+# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, several ways of handing out tiles and
+# loading weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the
+# interpreter). "persistent": one wave of programs (as many as the GPU holds at once) looping over the
+# same (row block, column tile) work items, pointer loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
 # (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer
 # loads). "tma_stacked": "tma" with gated GEMM 1's gate and up tiles in one box and one dot.
 GEMM_KERNELS = ("portable", "persistent", "tma", "tma_stacked")
