@@ -40,8 +40,10 @@ from ep_runtime.runners.triton_runner import fused_experts, interpreted
 # (L local experts, K, H, I): DeepSeek-V3 at EP 8 (256 experts / 8 ranks), Mixtral 8x7B whole.
 # "tiny": a check of this script itself (on CPU with TRITON_INTERPRET=1: --models tiny --tokens 16).
 MODELS = {"deepseek-v3-ep8": (32, 8, 7168, 2048), "mixtral-8x7b": (8, 2, 4096, 14336), "tiny": (4, 2, 64, 64)}
-# (BLOCK_M, BLOCK_N weight rows per program, BLOCK_K, GROUP_M, num_warps, num_stages) for the tma kernel.
-CANDIDATES = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4)]
+# (BLOCK_M, BLOCK_N weight rows per program, BLOCK_K, GROUP_M, num_warps, num_stages, flatten) for the
+# TMA kernels, the first --candidates / --stacked-candidates of them after the table's tiles.
+CANDIDATES = [(128, 256, 64, 8, 8, 3, False), (128, 256, 64, 8, 8, 3, True), (128, 256, 64, 8, 8, 4, False),
+              (128, 128, 64, 8, 4, 4, False), (64, 256, 64, 8, 4, 4, False)]
 
 
 def main(argv=None) -> int:
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["deepseek-v3-ep8", "mixtral-8x7b"], choices=list(MODELS))
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--candidates", type=int, default=3, help="how many of CANDIDATES to time with tma")
-    p.add_argument("--stacked-candidates", type=int, default=1, help="... and with tma_stacked")
+    p.add_argument("--stacked-candidates", type=int, default=2, help="... and with tma_stacked")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
             return kernels.pick_config(T, L, K, H, I, dtype, device, interp, kernel)
         def candidates(kernel, count):
             out = [pick(kernel)]
-            for m, n, k, g, w, s in CANDIDATES[:count]:
-                tiles = kernels.GemmTiles(n, k, g, w, s, kernel)
+            for m, n, k, g, w, s, flatten in CANDIDATES[:count]:
+                tiles = kernels.GemmTiles(n, k, g, w, s, kernel, flatten)
                 if kernels.BlockConfig(m, tiles, tiles) not in out:
                     out.append(kernels.BlockConfig(m, tiles, tiles))
             return [(f"{kernel} {_tiles(c)}", c) for c in out]
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
 
 def _tiles(cfg) -> str:
     g1, g2 = cfg.gemm1, cfg.gemm2
-    one = lambda t: f"N{t.BLOCK_N} K{t.BLOCK_K} w{t.num_warps} s{t.num_stages}"  # noqa: E731
+    one = lambda t: f"N{t.BLOCK_N} K{t.BLOCK_K} w{t.num_warps} s{t.num_stages}" + (" flat" if t.flatten else "")  # noqa: E731
     return f"M{cfg.BLOCK_M} " + (one(g1) if g1 == g2 else f"{one(g1)} / {one(g2)}")
 
 

@@ -73,6 +73,7 @@ class GemmTiles:
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = "portable"  # which grouped GEMM kernel runs these tiles: one of GEMM_KERNELS
+    flatten: bool = False  # persistent kernels: pipeline across work items (tl.range(flatten=True))
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,9 @@ class AlignedPairs:
     sorted_pair_ids [num_blocks * BLOCK_M] int32: pair ids, padding = num_pairs (never a real pair);
     block_expert [num_blocks] int32: the local expert of each block, -1 for blocks past the last used
     one (num_blocks is a static upper bound so nothing here reads the device);
-    computed [num_pairs] bool: the pair has a local, unmasked expert.
+    computed [num_pairs] bool: the pair has a local, unmasked expert;
+    used_blocks [1] int32: how many leading blocks have an expert (on the device: the persistent GEMM
+    kernels hand out only these blocks' work items).
     """
 
     sorted_pair_ids: torch.Tensor
@@ -181,6 +184,7 @@ class AlignedPairs:
     computed: torch.Tensor
     num_pairs: int
     block_m: int
+    used_blocks: torch.Tensor
 
 
 @triton.jit
@@ -206,7 +210,8 @@ def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_p
 def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_chunks,
                           L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK_TILE: tl.constexpr):
     # One program: each chunk's first slot per expert (exclusive prefix over chunks), then each
-    # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end.
+    # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end,
+    # padded_ptr[2*E_PAD] = the blocks they fill.
     experts = tl.arange(0, E_PAD)
     running = tl.zeros((E_PAD,), dtype=tl.int32)
     for c0 in range(0, num_chunks, CHUNK_TILE):
@@ -221,6 +226,7 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
     padded_end = tl.cumsum(padded, axis=0)
     tl.store(padded_ptr + experts, padded_end - padded)
     tl.store(padded_ptr + E_PAD + experts, tl.where(experts < L, padded_end, 2147483647))
+    tl.store(padded_ptr + 2 * E_PAD, tl.sum(padded, axis=0) // BLOCK_M)
 
 
 @triton.jit
@@ -273,13 +279,14 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     if P == 0:
-        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
+        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m,
+                            torch.zeros(1, dtype=torch.int32, device=device))
     chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
     e_pad = triton.next_power_of_2(L + 1)
     num_chunks = triton.cdiv(P, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
-    padded = torch.empty(2 * e_pad, dtype=torch.int32, device=device)  # [start | end] per expert
+    padded = torch.empty(2 * e_pad + 1, dtype=torch.int32, device=device)  # [start | end] per expert, blocks
     mask = expert_mask.view(torch.uint8) if expert_mask is not None else ids
     _align_count_kernel[(num_chunks,)](ids, mask, computed.view(torch.uint8), chunk_counts, P, first_expert,
                                        mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=chunk,
@@ -292,7 +299,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
         BLOCKS=blocks_per_program, num_warps=4)
     _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
                                          sorted_pair_ids, P, first_expert, CHUNK=chunk, E_PAD=e_pad, num_warps=4)
-    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
+    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m, padded[2 * e_pad:])
 
 
 # --------------------------------------------------------------------------- activation math
@@ -490,7 +497,7 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
 @triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
     a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
-    b_scale_ptr, num_pairs, N, K_dim, num_blocks, num_programs,
+    b_scale_ptr, num_pairs, N, K_dim, used_blocks_ptr, num_programs,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     out_scale_ptr, stride_os, fp8_max, min_amax,
@@ -501,11 +508,12 @@ def _grouped_gemm_persistent_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs;
-    # program i takes work items i, i + num_programs, ... of the portable kernel's (_tile_coords),
-    # blocks without an expert skipped. Same math as _grouped_gemm_kernel, but gate and up are two
+    # program i takes work items i, i + num_programs, ... of the used blocks (the portable kernel's
+    # mapping, _tile_coords, over those); FLATTEN lets the compiler pipeline across work items (the
+    # next item's first loads during this one's epilogue). Same math as _grouped_gemm_kernel, but gate and up are two
     # weight tiles of contiguous rows (what one TMA box reads of a 2D view) and two dots of BLOCK_N // 2
     # columns each, instead of one interleaved tile; STACKED (gated GEMM 1 only): one box of a 3D view
     # [L * 2, N, K_dim] holds the gate rows and the same up rows, one dot of BLOCK_N columns [gate | up].
@@ -513,74 +521,74 @@ def _grouped_gemm_persistent_kernel(
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
     N_ROWS = 2 * N if TWO else N  # weight rows per expert
     num_n = tl.cdiv(N, OUT_N)
-    for tile in range(tl.program_id(0), num_blocks * num_n, num_programs):
+    num_blocks = tl.load(used_blocks_ptr)
+    for tile in tl.range(tl.program_id(0), num_blocks * num_n, num_programs, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_blocks, num_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        if expert >= 0:
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
-            row_ok = pair < num_pairs
-            a_row = pair // ROWS_PER_A_ROW
-            col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
-            n_ok = col_n < N
-            offs_k = tl.arange(0, BLOCK_K)
-            a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-            gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
-            up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+        row_ok = pair < num_pairs
+        a_row = pair // ROWS_PER_A_ROW
+        col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+        n_ok = col_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+        gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+        if STACKED:
+            acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
+            stacked = tl.arange(0, 2 * OUT_N)
+            stacked_n = pid_n * OUT_N + stacked % OUT_N
+            stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
+        for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+                a = a.to(tl.float32)
+            if BLOCK_SCALED:
+                group_k = (k * BLOCK_K) // SCALE_K
+                a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
+                b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
             if STACKED:
-                acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
-                stacked = tl.arange(0, 2 * OUT_N)
-                stacked_n = pid_n * OUT_N + stacked % OUT_N
-                stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
-            for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                else:
-                    a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
-                if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
-                    a = a.to(tl.float32)
+                b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
+                               (2 * OUT_N, BLOCK_K)).T
+                if UPCAST:
+                    b = b.to(tl.float32)
                 if BLOCK_SCALED:
-                    group_k = (k * BLOCK_K) // SCALE_K
-                    a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
-                    b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
-                if STACKED:
-                    b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
-                                   (2 * OUT_N, BLOCK_K)).T
-                    if UPCAST:
-                        b = b.to(tl.float32)
-                    if BLOCK_SCALED:
-                        b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
-                                      other=0.0)
-                        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-                    else:
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
+                                  other=0.0)
+                    acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
                 else:
-                    b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
-                                          stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
+                                      stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                if UPCAST:
+                    b_gate = b_gate.to(tl.float32)
+                if BLOCK_SCALED:
+                    b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                    gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                else:
+                    gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+                if TWO:
+                    b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
+                                        stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
                     if UPCAST:
-                        b_gate = b_gate.to(tl.float32)
+                        b_up = b_up.to(tl.float32)
                     if BLOCK_SCALED:
-                        b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                        gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                        b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                        up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
                     else:
-                        gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
-                    if TWO:
-                        b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
-                                            stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
-                        if UPCAST:
-                            b_up = b_up.to(tl.float32)
-                        if BLOCK_SCALED:
-                            b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                            up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
-                        else:
-                            up = tl.dot(a, b_up, up, input_precision=PRECISION)
-                a_ptrs += BLOCK_K * stride_ak
-            if STACKED:  # columns [gate | up] -> the two halves
-                gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
-            _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
-                           stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
-                           HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
-                           ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+                        up = tl.dot(a, b_up, up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        if STACKED:  # columns [gate | up] -> the two halves
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
+        _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                       stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                       HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                       ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
 
 
 def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
@@ -682,7 +690,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     num_tiles = num_blocks * triton.cdiv(N, out_n)
     args = (bias if bias is not None else w, scale if scale is not None else a, out,
             aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
-            aligned.num_pairs, N, K_dim, num_blocks)
+            aligned.num_pairs, N, K_dim)
     strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
                bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
@@ -699,7 +707,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if tiles.kernel == "portable":
-        _grouped_gemm_kernel[(num_tiles,)](a, w, *args, *strides, **meta)
+        _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
         return out
     b_desc, stacked = w, tiles.kernel == "tma_stacked" and two
     if tiles.kernel in TMA_KERNELS:
@@ -713,8 +721,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked)
-    call = (a, w, b_desc, *args)
+    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
+    call = (a, w, b_desc, *args, aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
                                                                   (*call, num_tiles, *strides), meta, a.device)

@@ -37,8 +37,9 @@ SMALL_M_TILES = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (12
 LARGE_M_TILES = [(64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]
 # The persistent kernels (one program per SM, weight tiles by TMA on Hopper): wgmma-sized tiles, 3-4
 # stages of 128 x 64 A and BLOCK_N x 64 B in shared memory (<= 192 KB for BLOCK_N 256).
-PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 4), (256, 64, 16, 8, 4), (128, 64, 8, 8, 4),
-                            (128, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
+# (..., flatten: pipelined across work items, which keeps the epilogue's buffers apart: +32 KB at 256).
+PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, True), (256, 64, 8, 8, 4), (256, 64, 16, 8, 4),
+                            (128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
 
 
@@ -54,7 +55,8 @@ def default_candidates(num_tokens: int, top_k: int, num_local_experts: int,
     rows = num_tokens * top_k / max(num_local_experts, 1)
     block_ms = [m for m in BLOCK_MS if m == 16 or m <= 2 * rows]
     large = LARGE_M_TILES if kernel == "portable" else PERSISTENT_LARGE_M_TILES
-    return [(m, kernels.GemmTiles(*t, kernel=kernel)) for m in block_ms for t in (SMALL_M_TILES if m <= 32 else large)]
+    return [(m, kernels.GemmTiles(*t[:5], kernel=kernel, flatten=t[5:] == (True,)))
+            for m in block_ms for t in (SMALL_M_TILES if m <= 32 else large)]
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:

@@ -1,7 +1,7 @@
 """Compile the triton runner's grouped GEMM kernels for Hopper (sm_90a) on a machine without a GPU.
 
     python scripts/compile_sm90.py                      # every kernel, a few tiles, bf16 and fp8
-    python scripts/compile_sm90.py --kernels tma_stacked
+    python scripts/compile_sm90.py --kernels tma_stacked --flatten
 
 Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
 compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
@@ -51,6 +51,7 @@ class _Hopper:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", nargs="+", default=None)
+    p.add_argument("--flatten", action="store_true", help="the persistent kernels' tiles with flatten=True")
     args = p.parse_args()
     driver.set_active(_Hopper())
     compiled = []
@@ -71,7 +72,8 @@ def main() -> None:
         for fp8 in (False, True):
             for fuse in (True, False):
                 for m, n, k, g, w, s in TILES[:2] if fp8 else TILES:
-                    tiles = kernels.GemmTiles(n, 128 if fp8 else k, g, w, s, kernel)
+                    tiles = kernels.GemmTiles(n, 128 if fp8 else k, g, w, s, kernel,
+                                              args.flatten and kernel != "portable")
                     label = f"{kernel:<12} {'fp8 ' if fp8 else 'bf16'} {'gemm1' if fuse else 'gemm2'} M{m} N{n} " \
                             f"K{tiles.BLOCK_K} w{w} s{s}"
                     try:

@@ -455,8 +455,9 @@ def test_low_latency_kernels_on_gpu_equal_the_torch_path(N, K_, L):
 @pytest.mark.parametrize("kernel,tokens", [("persistent", 2048), ("tma", 64), ("tma", 2048), ("tma_stacked", 2048)])
 def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(kernel, tokens):
     """DeepSeek-V3's expert shapes at EP 16 (16 local experts, K=8, H=7168, I=2048), bf16: the persistent
-    kernels (the shipped tma table's tiles, and the 128 x 256 tile) against the portable kernel and the
-    float64 reference; a CUDA-graph replay (host-side TMA descriptors are launch arguments) equals eager."""
+    kernels (the shipped tma table's tiles, the 128 x 256 tile, and that tile flattened) against the
+    portable kernel and the float64 reference; a CUDA-graph replay (host-side TMA descriptors are
+    launch arguments) equals eager."""
     from ep_runtime.config import ExpertWeights
     from ep_runtime.placement import ExpertPlacement
     from ep_runtime.runner_core import RunnerInput
@@ -482,10 +483,12 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
     def pick(name):
         return kernels.pick_config(tokens, L, K_, H_, I_, torch.bfloat16, torch.device("cuda"), False, name)
     wide = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel)
+    flat = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel, flatten=True)  # pipelined across work items
     with torch.inference_mode():
         portable = run(pick("portable"))
         assert rel_err(portable, ref) <= tolerance(torch.bfloat16)
-        for block_config in dict.fromkeys((pick(kernel), kernels.BlockConfig(128, wide, wide))):
+        for block_config in dict.fromkeys((pick(kernel), kernels.BlockConfig(128, wide, wide),
+                                           kernels.BlockConfig(128, flat, flat))):
             y = run(block_config)
             assert not y.isnan().any(), block_config
             assert rel_err(y, ref) <= tolerance(torch.bfloat16), (block_config, rel_err(y, ref))

@@ -65,6 +65,7 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
     owner = aligned.block_expert.long()[block_of]
     assert torch.equal(owner[sorted_ids < P], flat[real] - first)  # in a block of its own expert
     used = aligned.block_expert >= 0
+    assert int(aligned.used_blocks) == int(used.sum())  # the count the persistent GEMM kernels read
     assert used.sum() == sum(-(-int((flat[expected] - first == e).sum()) // block_m) for e in range(L))
     assert not used[int(used.sum()):].any()  # unused blocks trail
     for e in range(L):  # ascending pair order inside an expert (the torch runner's order)
