@@ -129,9 +129,9 @@ def main(argv=None) -> int:
 
 
 def _tiles(cfg) -> str:
-    g1, g2 = cfg.gemm1, cfg.gemm2
-    one = lambda t: f"N{t.BLOCK_N} K{t.BLOCK_K} w{t.num_warps} s{t.num_stages}" + (" flat" if t.flatten else "")  # noqa: E731
-    return f"M{cfg.BLOCK_M} " + (one(g1) if g1 == g2 else f"{one(g1)} / {one(g2)}")
+    def one(t):
+        return f"N{t.BLOCK_N} K{t.BLOCK_K} w{t.num_warps} s{t.num_stages}" + (" flat" if t.flatten else "")
+    return f"M{cfg.BLOCK_M} " + (one(cfg.gemm1) if cfg.gemm1 == cfg.gemm2 else f"{one(cfg.gemm1)} / {one(cfg.gemm2)}")
 
 
 def _run_row(row: dict, case: dict, cfg, rows: list, timing: dict) -> None:
