@@ -200,6 +200,11 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype)
         portable = torch.empty_like(out)
         kernels.grouped_gemm(x, w, portable, aligned, kernels.GemmTiles(32, 32, 2), **kw)
         assert rel_err(out[pair], portable[pair].double()) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    # every pair filtered: no used block, no work item, nothing written
+    aligned = kernels.align_pairs(torch.full((T, K), L, dtype=torch.int32), torch.tensor([True] * L + [False]), 0, L, 16)
+    out = torch.full((T * K, cols), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
+    assert int(aligned.used_blocks) == 0 and out.isnan().all()
 
 
 def test_tma_kernel_refuses_weights_it_cannot_describe(monkeypatch):
