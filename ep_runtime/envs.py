@@ -137,6 +137,12 @@ _knob("RUNNER", str, "auto",
       "Runner backend that EPMoE(runner='auto') uses: auto (the fastest for the dispatcher's layout), "
       "or a registered runner (torch, triton, masked, ...).",
       choices_from=_runner_names, allowed="auto or a registered runner (ep_runtime.runners.registered())")
+_knob("TRITON_GEMM_KERNEL", str, "auto",
+      "runner='triton': the grouped GEMM kernel when no block_config is passed: auto (the one the device's tuned "
+      "table names per shape and token count; portable where none is tuned), portable (one program per tile), "
+      "persistent (one program per SM looping over tiles), tma (persistent, weight tiles by TMA; Hopper or "
+      "newer, an error elsewhere) or tma_stacked (tma with GEMM 1's gate and up tiles in one box and one dot).",
+      choices=("auto", "portable", "persistent", "tma", "tma_stacked"))
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
       minimum=1)
 

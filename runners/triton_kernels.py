@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,12 +37,29 @@ import triton.language as tl
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
 
+try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the portable and persistent kernels only
+    _TensorDescriptor = None
+
 # The one activation table: activate()'s ACTIVATION constexpr (gpt-oss SwiGLU is the SWIGLU_ALPHA flag).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 # --------------------------------------------------------------------------- block configs
+
+# Grouped GEMM kernels (GemmTiles.kernel): one tile computation, several ways of handing out tiles and
+# loading weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the
+# interpreter). "persistent": one wave of programs (as many as the GPU holds at once) looping over the
+# same (row block, column tile) work items, pointer loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
+# (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer
+# loads). "tma_stacked": "tma" with gated GEMM 1's gate and up tiles in one box and one dot.
+GEMM_KERNELS = ("portable", "persistent", "tma", "tma_stacked")
+TMA_KERNELS = ("tma", "tma_stacked")
+# A kernel without a table of its own reads this one's before the shape's auto table (the same tiles fit).
+BORROWS_TILES_OF = {"tma_stacked": "tma"}
+
 
 @dataclass(frozen=True)
 class GemmTiles:
@@ -54,6 +72,8 @@ class GemmTiles:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "portable"  # which grouped GEMM kernel runs these tiles: one of GEMM_KERNELS
+    flatten: bool = False  # persistent kernels: pipeline across work items (tl.range(flatten=True))
 
 
 @dataclass(frozen=True)
@@ -67,14 +87,21 @@ class BlockConfig:
     def to_json(self) -> dict:
         return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 
+    def with_kernel(self, kernel: str) -> "BlockConfig":
+        """The same tiles run by `kernel` in both GEMMs."""
+        return BlockConfig(self.BLOCK_M, replace(self.gemm1, kernel=kernel), replace(self.gemm2, kernel=kernel))
+
     @staticmethod
     def from_json(d: dict) -> "BlockConfig":
         return BlockConfig(int(d["BLOCK_M"]), GemmTiles(**d["gemm1"]), GemmTiles(**d["gemm2"]))
 
 
 def shape_key(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-              dtype: torch.dtype) -> str:
-    return f"L={num_local_experts},K={top_k},H={hidden_size},I={intermediate_size},dtype={str(dtype).removeprefix('torch.')}"
+              dtype: torch.dtype, kernel: str = "auto") -> str:
+    """A table's key: "auto" entries hold the fastest measured per GEMM, whichever kernel; a kernel's own
+    entries (",kernel=tma" appended) the fastest tiles of that kernel, read when it is forced."""
+    key = f"L={num_local_experts},K={top_k},H={hidden_size},I={intermediate_size},dtype={str(dtype).removeprefix('torch.')}"
+    return key if kernel == "auto" else f"{key},kernel={kernel}"
 
 
 def device_file(device_name: str) -> Path:
@@ -121,15 +148,21 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
 
 
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                dtype: torch.dtype, device: torch.device, interpreted: bool) -> BlockConfig:
-    """The tuned table entry for this device and shape (nearest token count), else default_config."""
+                dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
+    """The tuned table entry for this device and shape (nearest token count), else default_config.
+    kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
+    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it."""
+    config = None
     if not interpreted and device.type == "cuda":
         table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
-        key = shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype)
-        entry = _nearest(table.get(key) or table.get("default") or {}, num_tokens)
+        key = functools.partial(shape_key, num_local_experts, top_k, hidden_size, intermediate_size, dtype)
+        own = table.get(key(kernel)) or table.get(key(BORROWS_TILES_OF.get(kernel, kernel)))
+        entry = _nearest(own or table.get(key()) or table.get("default") or {}, num_tokens)
         if entry is not None:
-            return BlockConfig.from_json(entry)
-    return default_config(num_tokens, top_k, num_local_experts, interpreted)
+            config = BlockConfig.from_json(entry)
+    if config is None:
+        config = default_config(num_tokens, top_k, num_local_experts, interpreted)
+    return config if kernel == "auto" else config.with_kernel(kernel)
 
 
 # --------------------------------------------------------------------------- block alignment
@@ -141,7 +174,9 @@ class AlignedPairs:
     sorted_pair_ids [num_blocks * BLOCK_M] int32: pair ids, padding = num_pairs (never a real pair);
     block_expert [num_blocks] int32: the local expert of each block, -1 for blocks past the last used
     one (num_blocks is a static upper bound so nothing here reads the device);
-    computed [num_pairs] bool: the pair has a local, unmasked expert.
+    computed [num_pairs] bool: the pair has a local, unmasked expert;
+    used_blocks [1] int32: how many leading blocks have an expert (on the device: the persistent GEMM
+    kernels hand out only these blocks' work items).
     """
 
     sorted_pair_ids: torch.Tensor
@@ -149,6 +184,7 @@ class AlignedPairs:
     computed: torch.Tensor
     num_pairs: int
     block_m: int
+    used_blocks: torch.Tensor
 
 
 @triton.jit
@@ -174,7 +210,8 @@ def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_p
 def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_chunks,
                           L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK_TILE: tl.constexpr):
     # One program: each chunk's first slot per expert (exclusive prefix over chunks), then each
-    # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end.
+    # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end,
+    # padded_ptr[2*E_PAD] = the blocks they fill.
     experts = tl.arange(0, E_PAD)
     running = tl.zeros((E_PAD,), dtype=tl.int32)
     for c0 in range(0, num_chunks, CHUNK_TILE):
@@ -189,6 +226,7 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
     padded_end = tl.cumsum(padded, axis=0)
     tl.store(padded_ptr + experts, padded_end - padded)
     tl.store(padded_ptr + E_PAD + experts, tl.where(experts < L, padded_end, 2147483647))
+    tl.store(padded_ptr + 2 * E_PAD, tl.sum(padded, axis=0) // BLOCK_M)
 
 
 @triton.jit
@@ -241,13 +279,14 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     if P == 0:
-        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
+        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m,
+                            torch.zeros(1, dtype=torch.int32, device=device))
     chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
     e_pad = triton.next_power_of_2(L + 1)
     num_chunks = triton.cdiv(P, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
-    padded = torch.empty(2 * e_pad, dtype=torch.int32, device=device)  # [start | end] per expert
+    padded = torch.empty(2 * e_pad + 1, dtype=torch.int32, device=device)  # [start | end] per expert, blocks
     mask = expert_mask.view(torch.uint8) if expert_mask is not None else ids
     _align_count_kernel[(num_chunks,)](ids, mask, computed.view(torch.uint8), chunk_counts, P, first_expert,
                                        mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=chunk,
@@ -260,7 +299,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
         BLOCKS=blocks_per_program, num_warps=4)
     _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
                                          sorted_pair_ids, P, first_expert, CHUNK=chunk, E_PAD=e_pad, num_warps=4)
-    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m)
+    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m, padded[2 * e_pad:])
 
 
 # --------------------------------------------------------------------------- activation math
@@ -299,6 +338,56 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
 
 # --------------------------------------------------------------------------- grouped GEMM
 
+
+@triton.jit
+def _tile_coords(tile, num_blocks, num_n, GROUP_M: tl.constexpr):
+    # Work item -> (row block, column tile). Grouped ordering: GROUP_M row blocks sweep the column tiles
+    # together, so an expert's weight tile is read from HBM once and reused from L2 by its neighbouring
+    # row blocks. Every kernel maps its work items through here.
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr,
+                   ROUND_FIRST: tl.constexpr, OUT_N: tl.constexpr, FUSE_ACT: tl.constexpr, TWO: tl.constexpr,
+                   ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+                   HAS_LIMIT: tl.constexpr):
+    # gate [BLOCK_M, OUT_N] fp32: the tile's product for output columns offs_n (weight rows offs_n);
+    # up: the same columns' up rows (weight rows N + offs_n) when TWO, else unused. Applies the router
+    # weight (on the input: (w x) W^T = w (x W^T), before the bias), the bias, the activation and the
+    # fp8 output quantization, and stores the pairs' rows (padding rows are not stored).
+    offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+    n_ok = offs_n < N
+    if HAS_SCALE:
+        row_scale = tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        gate = gate * row_scale
+        if TWO:
+            up = up * row_scale
+    if HAS_BIAS:
+        bias_row = bias_ptr + expert * stride_bias_e + offs_n
+        gate = gate + tl.load(bias_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if TWO:
+            up = up + tl.load(bias_row + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if TWO:  # (filtered pairs have no rows here at all)
+        res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    elif FUSE_ACT:
+        res = activate(gate, gate, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    else:
+        res = gate
+    if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
+        res, group_scale = quantize_groups(tl.where(n_ok[None, :], res, 0.0), fp8_max, min_amax, UE8M0, ROUND_FIRST)
+        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
+    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr,
@@ -315,6 +404,7 @@ def _grouped_gemm_kernel(
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
+    # "portable": one program per work item.
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
     # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
@@ -324,16 +414,7 @@ def _grouped_gemm_kernel(
     # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
     TWO: tl.constexpr = FUSE_ACT and GATED
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N  # output columns per program
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, OUT_N)
-    # Grouped ordering: GROUP_M row blocks sweep the N tiles together, so an expert's weight tile is
-    # read from HBM once and reused from L2 by its neighbouring row blocks.
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_blocks, tl.cdiv(N, OUT_N), GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -377,26 +458,174 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_SCALE:  # router weight on the input: (w x) W^T = w (x W^T), applied before the bias
-        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + w_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
-    if FUSE_ACT:  # (padding rows are not stored; filtered pairs have no rows here at all)
-        if TWO:
-            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
-        else:
-            gate = acc
-            up = acc
-        res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    if TWO:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
     else:
-        res = acc
-    if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
-        res, group_scale = quantize_groups(tl.where((offs_n < N)[None, :], res, 0.0), fp8_max, min_amax, UE8M0,
-                                           ROUND_FIRST)
-        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
-    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+        gate = acc
+        up = acc
+    _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                   HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                   ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+
+
+@triton.jit
+def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, stride_bn, stride_bk,
+                 OUT_N: tl.constexpr, BLOCK_K: tl.constexpr, B_DESC: tl.constexpr):
+    # Weight rows row0 .. row0 + OUT_N of the expert, channels k .. k + BLOCK_K: [OUT_N, BLOCK_K].
+    # Through the descriptor ([L * N_ROWS, K_dim] view of b): rows past the expert's read the next
+    # expert's (finite, their columns are never stored) or zeros past the last; channels past K_dim
+    # are zeros. Pointer loads give zeros for both.
+    if B_DESC:
+        tile = b_desc.load([(expert * N_ROWS + row0).to(tl.int32), k])
+    else:
+        rows = row0 + tl.arange(0, OUT_N)
+        chans = k + tl.arange(0, BLOCK_K)
+        tile = tl.load(b_ptr + expert * stride_be + rows[:, None] * stride_bn + chans[None, :] * stride_bk,
+                       mask=(rows < N_ROWS)[:, None] & (chans < K_dim)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
+def _grouped_gemm_persistent_kernel(
+    a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
+    b_scale_ptr, num_pairs, N, K_dim, used_blocks_ptr, num_programs,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    out_scale_ptr, stride_os, fp8_max, min_amax,
+    alpha, limit,
+    ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+    QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs;
+    # program i takes work items i, i + num_programs, ... of the used blocks (the portable kernel's
+    # mapping, _tile_coords, over those); FLATTEN lets the compiler pipeline across work items (the
+    # next item's first loads during this one's epilogue). Same math as _grouped_gemm_kernel, but gate and up are two
+    # weight tiles of contiguous rows (what one TMA box reads of a 2D view) and two dots of BLOCK_N // 2
+    # columns each, instead of one interleaved tile; STACKED (gated GEMM 1 only): one box of a 3D view
+    # [L * 2, N, K_dim] holds the gate rows and the same up rows, one dot of BLOCK_N columns [gate | up].
+    TWO: tl.constexpr = FUSE_ACT and GATED
+    OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
+    N_ROWS = 2 * N if TWO else N  # weight rows per expert
+    num_n = tl.cdiv(N, OUT_N)
+    num_blocks = tl.load(used_blocks_ptr)
+    for tile in tl.range(tl.program_id(0), num_blocks * num_n, num_programs, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_blocks, num_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+        row_ok = pair < num_pairs
+        a_row = pair // ROWS_PER_A_ROW
+        col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+        n_ok = col_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+        gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+        if STACKED:
+            acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
+            stacked = tl.arange(0, 2 * OUT_N)
+            stacked_n = pid_n * OUT_N + stacked % OUT_N
+            stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
+        for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+                a = a.to(tl.float32)
+            if BLOCK_SCALED:
+                group_k = (k * BLOCK_K) // SCALE_K
+                a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
+                b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
+            if STACKED:
+                b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
+                               (2 * OUT_N, BLOCK_K)).T
+                if UPCAST:
+                    b = b.to(tl.float32)
+                if BLOCK_SCALED:
+                    b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
+                                  other=0.0)
+                    acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
+                                      stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                if UPCAST:
+                    b_gate = b_gate.to(tl.float32)
+                if BLOCK_SCALED:
+                    b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                    gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                else:
+                    gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+                if TWO:
+                    b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
+                                        stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                    if UPCAST:
+                        b_up = b_up.to(tl.float32)
+                    if BLOCK_SCALED:
+                        b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+                        up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
+                    else:
+                        up = tl.dot(a, b_up, up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        if STACKED:  # columns [gate | up] -> the two halves
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
+        _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                       stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                       HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                       ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+
+
+def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
+    """Why the TMA kernels cannot load this weight tensor here (None: they can). The descriptor views w
+    [L, rows, K_dim] as [L * rows, K_dim] (or [L * 2, rows / 2, K_dim]): K_dim contiguous, experts back
+    to back, 16-byte aligned."""
+    if _TensorDescriptor is None:
+        return f"triton {triton.__version__} has no triton.tools.tensor_descriptor.TensorDescriptor"
+    if not interpreted:
+        if w.device.type != "cuda":
+            return f"weights on {w.device}, not CUDA"
+        major, minor = torch.cuda.get_device_capability(w.device)
+        if major < 9:
+            return f"CUDA capability {major}.{minor} < 9.0 (TMA needs Hopper or newer)"
+    L, rows, K_dim = w.shape
+    if w.stride(2) != 1 or (L > 1 and w.stride(0) != rows * w.stride(1)):
+        return f"weights with strides {tuple(w.stride())} are not [L * rows, K_dim] row-major"
+    if (w.stride(1) * w.element_size()) % 16 or w.data_ptr() % 16:
+        return (f"weight rows of {w.stride(1) * w.element_size()} bytes at address {w.data_ptr()} are not "
+                "16-byte aligned")
+    return None
+
+
+_PROGRAMS_PER_SM: dict = {}  # (device, dtypes, constexprs) -> resident programs per SM
+
+
+def _persistent_programs(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """SMs x the programs of this compiled variant that fit on one SM at once (shared memory, registers,
+    warps): one wave of programs, each looping over work items. Compiles the variant on its first use
+    (Triton's warm-up: no launch), then reads the count from a cache."""
+    key = (device.index, tuple(getattr(a, "dtype", None) for a in args[:3]), tuple(sorted(meta.items())))
+    if key not in _PROGRAMS_PER_SM:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        try:  # (triton internals: a version without them gets one program per SM, the same results)
+            compiled._init_handles()
+            props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+            warps = compiled.metadata.num_warps
+            fits = min(props["max_shared_mem"] // max(compiled.metadata.shared, 1),
+                       props["max_num_regs"] // max(compiled.n_regs * 32 * warps, 1), 64 // warps)
+            _PROGRAMS_PER_SM[key] = (props["multiprocessor_count"], max(1, fits))
+        except (AttributeError, KeyError, TypeError) as err:
+            warnings.warn(f"grouped GEMM: no occupancy from this triton ({err!r}); one program per SM")
+            _PROGRAMS_PER_SM[key] = (torch.cuda.get_device_properties(device).multi_processor_count, 1)
+    sms, per_sm = _PROGRAMS_PER_SM[key]
+    return sms * per_sm
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
@@ -405,7 +634,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
-                 out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
 
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
@@ -419,7 +648,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     bias [L, N] or None; scale [num_pairs] fp32 or None.
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
-    of the unfused output would give (but from the fp32 accumulator, not a rounded h)."""
+    of the unfused output would give (but from the fp32 accumulator, not a rounded h).
+    tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
+    num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
+    wave: SMs x resident programs per SM; 3 in the interpreter)."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -429,6 +661,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         N //= 2
     if out.shape[1] != N:
         raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
+    if tiles.kernel not in GEMM_KERNELS:
+        raise ValueError(f"GemmTiles.kernel={tiles.kernel!r}; allowed: {', '.join(GEMM_KERNELS)}")
     block_n = max(32, tiles.BLOCK_N) if two else tiles.BLOCK_N  # weight rows per program (gate and up)
     if out_quant is not None:
         if not fuse or out_scale is None:
@@ -445,16 +679,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         raise ValueError("a_scale and w_scale come together (block-scaled fp8) or not at all")
     if scaled and scale_block[1] % tiles.BLOCK_K:
         raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
-    grid = (num_blocks * triton.cdiv(N, out_n),)
-    _grouped_gemm_kernel[grid](
-        a, w, bias if bias is not None else w, scale if scale is not None else a, out,
-        aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
-        aligned.num_pairs, N, K_dim, num_blocks,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-        *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
-        out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
-        out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX,
+    num_tiles = num_blocks * triton.cdiv(N, out_n)
+    args = (bias if bias is not None else w, scale if scale is not None else a, out,
+            aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
+            aligned.num_pairs, N, K_dim)
+    strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+               bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+               *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
+               out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
+               out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
+    meta = dict(
         ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=out_quant is not None,
         UE8M0=out_quant is not None and out_quant.ue8m0, ROUND_FIRST=interpreted and out_quant is not None,
@@ -464,6 +698,28 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
            else activation_args("silu", is_gated, None, None)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if tiles.kernel == "portable":
+        _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
+        return out
+    b_desc, stacked = w, tiles.kernel == "tma_stacked" and two
+    if tiles.kernel in TMA_KERNELS:
+        why = tma_unsupported(w, interpreted)
+        if why is not None:
+            raise ValueError(f"GemmTiles.kernel={tiles.kernel!r} cannot run here: {why}; use 'persistent' or "
+                             "'portable'")
+        L, rows = w.shape[0], w.shape[1]
+        if stacked:  # [L * 2, N, K_dim]: one box holds N-rows of gate and the same rows of up
+            b_desc = _TensorDescriptor(w, [L * 2, N, K_dim], [N * w.stride(1), w.stride(1), 1],
+                                       [2, out_n, tiles.BLOCK_K])
+        else:
+            b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
+    call = (a, w, b_desc, *args, aligned.used_blocks)
+    if num_programs is None:
+        num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
+                                                                  (*call, num_tiles, *strides), meta, a.device)
+    num_programs = max(1, min(num_programs, num_tiles))
+    _grouped_gemm_persistent_kernel[(num_programs,)](*call, num_programs, *strides, **meta)
     return out
 
 

@@ -10,6 +10,9 @@ Quantized experts (fp8 block weights) take the same sequence as w8a8: the input 
 token and 128 channels by one fused kernel (or arrive quantized from an fp8 dispatch), both GEMMs are
 block-scaled fp8 (the same grouped GEMM kernel, BLOCK_SCALED), and GEMM 1's epilogue writes its
 activation output as fp8 with one scale per pair and 128 channels (QUANT_OUT), GEMM 2's input. Inference only (GEMM hooks: use runner="torch").
+
+Each GEMM's kernel (portable, persistent, tma, tma_stacked: runners/triton_kernels.py) comes with its
+tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_GEMM_KERNEL.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
@@ -59,7 +63,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     L = weights.num_local_experts
     picked = block_config is None
     if picked:
-        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp)
+        kernel = envs.get("TRITON_GEMM_KERNEL")
+        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel)
+        if kernel == "auto":
+            block_config = _runnable(block_config, weights, interp)
     hooks = hooks or GemmHooks()
     fp8 = {}
     if quant is not None:
@@ -138,6 +145,17 @@ def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: boo
     values are the bytes of a 64-wide bf16 tile. `triton_tune --dtype float8_e4m3fn` tunes fp8 shapes."""
     fit = lambda t: dataclasses.replace(t, BLOCK_K=group_k if untuned else min(t.BLOCK_K, group_k))  # noqa: E731
     return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1), gemm2=fit(block_config.gemm2))
+
+
+def _runnable(block_config: "kernels.BlockConfig", weights: ExpertWeights, interp: bool) -> "kernels.BlockConfig":
+    """A tuned table's TMA GEMM runs as "portable" where these weights or this GPU cannot take TMA
+    (e.g. a strided weight view): the table's choice is a speed hint, the forced kernel an order."""
+    def fit(tiles, w):
+        if tiles.kernel in kernels.TMA_KERNELS and kernels.tma_unsupported(w, interp) is not None:
+            return dataclasses.replace(tiles, kernel="portable")
+        return tiles
+    return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1, weights.w13),
+                               gemm2=fit(block_config.gemm2, weights.w2))
 
 
 def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:

@@ -4,8 +4,12 @@
         --tokens 1 16 64 256 1024 4096 16384 --out runners/configs/NVIDIA_H200.json
 
 For each token count and BLOCK_M, GEMM 1 and GEMM 2 are timed separately over a list of tiles (the
-two GEMMs share only BLOCK_M, through the pair alignment); the fastest (BLOCK_M, tiles1, tiles2) by
-summed time goes in the table under this shape's key. An existing file is updated, not replaced.
+two GEMMs share only BLOCK_M, through the pair alignment), under each grouped GEMM kernel of --kernels
+(default: all of them, less the TMA ones where the GPU has no TMA). The fastest (BLOCK_M, tiles1,
+tiles2) by summed time over all kernels, each GEMM keeping its own kernel, goes in the table under this
+shape's key (what the runner reads by default); each kernel's own fastest goes under the shape's key
+with ",kernel=<name>" (what it reads when EP_RUNTIME_TRITON_GEMM_KERNEL forces that kernel). An
+existing file is updated, not replaced: entries of other shapes and of token counts not swept stay.
 The runner picks the entry with the nearest token count (runners/triton_kernels.py: pick_config).
 --dtype float8_e4m3fn tunes the block-scaled fp8 path (ep.QuantConfig(): [128, 128] weight blocks,
 GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 key the runner reads.
@@ -13,6 +17,7 @@ GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,14 +35,28 @@ from .triton_runner import interpreted
 # so wide K tiles and several stages keep loads in flight; many rows: square-ish tiles for the MMA.
 SMALL_M_TILES = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3)]
 LARGE_M_TILES = [(64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]
+# The persistent kernels (one program per SM, weight tiles by TMA on Hopper): wgmma-sized tiles, 3-4
+# stages of 128 x 64 A and BLOCK_N x 64 B in shared memory (<= 192 KB for BLOCK_N 256).
+# (..., flatten: pipelined across work items, which keeps the epilogue's buffers apart: +32 KB at 256).
+PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, True), (256, 64, 8, 8, 4), (256, 64, 16, 8, 4),
+                            (128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
 
 
-def default_candidates(num_tokens: int, top_k: int, num_local_experts: int) -> list[tuple[int, kernels.GemmTiles]]:
+def default_kernels(device: torch.device) -> tuple[str, ...]:
+    """The kernels worth timing on this device: the TMA ones only where the GPU has TMA (capability >= 9)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return kernels.GEMM_KERNELS if hopper else tuple(k for k in kernels.GEMM_KERNELS if k not in kernels.TMA_KERNELS)
+
+
+def default_candidates(num_tokens: int, top_k: int, num_local_experts: int,
+                       kernel: str = "portable") -> list[tuple[int, kernels.GemmTiles]]:
     """(BLOCK_M, tiles) pairs worth timing: BLOCK_M no larger than twice the mean rows per expert."""
     rows = num_tokens * top_k / max(num_local_experts, 1)
     block_ms = [m for m in BLOCK_MS if m == 16 or m <= 2 * rows]
-    return [(m, kernels.GemmTiles(*t)) for m in block_ms for t in (SMALL_M_TILES if m <= 32 else LARGE_M_TILES)]
+    large = LARGE_M_TILES if kernel == "portable" else PERSISTENT_LARGE_M_TILES
+    return [(m, kernels.GemmTiles(*t[:5], kernel=kernel, flatten=t[5:] == (True,)))
+            for m in block_ms for t in (SMALL_M_TILES if m <= 32 else large)]
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -61,12 +80,21 @@ def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]
 
 def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
          token_counts: Sequence[int], out: Path, candidates: Optional[Sequence[kernels.BlockConfig]] = None,
-         device: str = "cuda", repeats: int = 10, seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict:
+         device: str = "cuda", repeats: int = 10, seed: int = 0, log: Callable[[str], None] = lambda s: None,
+         gemm_kernels: Optional[Sequence[str]] = None) -> dict:
     """Time the candidates for every token count and write/update `out`; returns the shape's table.
-    candidates: full BlockConfigs to time as given (default: BLOCK_M x TILES, each GEMM tuned alone)."""
+    candidates: full BlockConfigs to time as given (default: BLOCK_M x TILES, each GEMM tuned alone).
+    gemm_kernels: time every candidate under each of these kernels (default: the candidates' own kernels
+    when given, else default_kernels); each kernel's best goes in its own table (shape_key(..., kernel)),
+    the best of all, GEMM by GEMM, in the shape's table the runner reads by default."""
     dev = torch.device(device)
     interp = interpreted()
     L, K, H, I = num_local_experts, top_k, hidden_size, intermediate_size
+    if gemm_kernels is None and candidates is None:
+        gemm_kernels = default_kernels(dev)
+    for k in gemm_kernels or ():
+        if k not in kernels.GEMM_KERNELS:
+            raise ValueError(f"gemm_kernels has {k!r}; allowed: {', '.join(kernels.GEMM_KERNELS)}")
     gen = torch.Generator(device=dev).manual_seed(seed)
     fp8 = dtype == torch.float8_e4m3fn
     quant = QuantConfig() if fp8 else None
@@ -77,7 +105,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
     else:
         w13, w2 = w13.to(dtype), w2.to(dtype)
     measure = _timer(dev, repeats)
-    table = {}
+    tables: dict[str, dict] = {}
     for T in token_counts:
         x = torch.randn(T, H, device=dev, generator=gen)
         a = torch.randn(T * K, I, device=dev, generator=gen)
@@ -95,56 +123,76 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
             h = torch.empty(T * K, 2 * I, dtype=dtype, device=dev)
             o = torch.empty(T * K, H, dtype=dtype, device=dev)
             extra1 = extra2 = {}
+        # (BLOCK_M, GEMM 1 tiles, GEMM 2 tiles) to time, each GEMM alone
         if candidates is not None:
-            pairs = [(c.BLOCK_M, c) for c in candidates]
+            runs = [(c.BLOCK_M, c.gemm1, c.gemm2) for c in candidates]
+            if gemm_kernels:
+                runs = [(m, dataclasses.replace(t1, kernel=k), dataclasses.replace(t2, kernel=k))
+                        for k in gemm_kernels for m, t1, t2 in runs]
         else:
-            pairs = default_candidates(T, K, L)
+            runs = [(m, t, t) for k in gemm_kernels for m, t in default_candidates(T, K, L, k)]
         if fp8:  # one activation and one weight scale per K step
-            pairs = [(m, t) for m, t in pairs if (t.gemm1 if isinstance(t, kernels.BlockConfig) else t).BLOCK_K <= 128]
-        best1: dict[int, tuple[float, kernels.GemmTiles]] = {}
-        best2: dict[int, tuple[float, kernels.GemmTiles]] = {}
-        for block_m, cand in pairs:
+            runs = [(m, t1, t2) for m, t1, t2 in runs if t1.BLOCK_K <= 128 and t2.BLOCK_K <= 128]
+        best1: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}  # (kernel, BLOCK_M) -> best
+        best2: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}
+        timed = set()
+        for block_m, t1, t2 in runs:
             aligned = kernels.align_pairs(ids, mask, 0, L, block_m)
-            t1s = [cand.gemm1] if isinstance(cand, kernels.BlockConfig) else [cand]
-            t2s = [cand.gemm2] if isinstance(cand, kernels.BlockConfig) else [cand]
-            for tiles in t1s:
+            gemm1 = lambda t: kernels.grouped_gemm(x, w13, h, aligned, t, K, interpreted=interp, **extra1)  # noqa: E731
+            gemm2 = lambda t: kernels.grouped_gemm(a, w2, o, aligned, t, 1, interpreted=interp, **extra2)  # noqa: E731
+            for name, best, tiles, gemm in (("gemm1", best1, t1, gemm1), ("gemm2", best2, t2, gemm2)):
+                if (name, block_m, tiles) in timed:
+                    continue  # (default candidates share tiles between the GEMMs)
+                timed.add((name, block_m, tiles))
+                key = (tiles.kernel, block_m)
                 try:
-                    ms = measure(lambda: kernels.grouped_gemm(x, w13, h, aligned, tiles, K, interpreted=interp,
-                                                              **extra1))
+                    ms = measure(lambda: gemm(tiles))
                 except Exception as exc:  # noqa: BLE001 - a tile that does not compile (shared memory) is skipped
-                    log(f"T={T} BLOCK_M={block_m} gemm1 {tiles}: skipped ({type(exc).__name__})")
+                    log(f"T={T} BLOCK_M={block_m} {name} {tiles}: skipped "
+                        f"({type(exc).__name__}: {str(exc).strip()[:120]})")
                     continue
-                if block_m not in best1 or ms < best1[block_m][0]:
-                    best1[block_m] = (ms, tiles)
-            for tiles in t2s:
-                try:
-                    ms = measure(lambda: kernels.grouped_gemm(a, w2, o, aligned, tiles, 1, interpreted=interp, **extra2))
-                except Exception as exc:  # noqa: BLE001
-                    log(f"T={T} BLOCK_M={block_m} gemm2 {tiles}: skipped ({type(exc).__name__})")
-                    continue
-                if block_m not in best2 or ms < best2[block_m][0]:
-                    best2[block_m] = (ms, tiles)
-        if candidates is not None:  # given configs are timed whole, as listed
-            scored = []
-            for c in candidates:
-                if c.BLOCK_M in best1 and c.BLOCK_M in best2:
-                    scored.append((best1[c.BLOCK_M][0] + best2[c.BLOCK_M][0], c))
-            ms, chosen = min(scored, key=lambda s: s[0])
-            chosen = kernels.BlockConfig(chosen.BLOCK_M, best1[chosen.BLOCK_M][1], best2[chosen.BLOCK_M][1])
-        else:
-            block_m = min((m for m in best1 if m in best2), key=lambda m: best1[m][0] + best2[m][0])
-            ms = best1[block_m][0] + best2[block_m][0]
-            chosen = kernels.BlockConfig(block_m, best1[block_m][1], best2[block_m][1])
-        table[str(T)] = chosen.to_json()
-        log(f"T={T}: {ms:.3f} ms (GEMMs) with {chosen.to_json()}")
+                if key not in best or ms < best[key][0]:
+                    best[key] = (ms, tiles)
+        for kernel in sorted({k for k, _ in best1} | {k for k, _ in best2}):
+            chosen = _choose({m: v for (k, m), v in best1.items() if k == kernel},
+                             {m: v for (k, m), v in best2.items() if k == kernel})
+            if chosen is not None:
+                tables.setdefault(kernel, {})[str(T)] = chosen[1].to_json()
+                log(f"T={T} {kernel}: {chosen[0]:.3f} ms (GEMMs) with {chosen[1].to_json()}")
+        overall = _choose(_fastest(best1), _fastest(best2))
+        if overall is None:
+            raise RuntimeError(f"T={T}: no candidate ran for both GEMMs (see the log)")
+        tables.setdefault("auto", {})[str(T)] = overall[1].to_json()
+        log(f"T={T} auto: {overall[0]:.3f} ms (GEMMs) with {overall[1].to_json()}")
 
     out = Path(out)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    existing[kernels.shape_key(L, K, H, I, dtype)] = table
+    for kernel, table in tables.items():
+        if kernel == "auto" or gemm_kernels:  # given candidates alone: the shape's table only
+            # merged by token count: a sweep of some token counts keeps the others' entries
+            existing.setdefault(kernels.shape_key(L, K, H, I, dtype, kernel), {}).update(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
     kernels._load_table.cache_clear()
-    return table
+    return tables["auto"]
+
+
+def _fastest(best: dict) -> dict:
+    """{(kernel, BLOCK_M): (ms, tiles)} -> {BLOCK_M: the fastest (ms, tiles) over kernels}."""
+    out: dict = {}
+    for (_, m), v in best.items():
+        if m not in out or v[0] < out[m][0]:
+            out[m] = v
+    return out
+
+
+def _choose(best1: dict, best2: dict) -> Optional[tuple[float, kernels.BlockConfig]]:
+    """The BLOCK_M with the least summed time of both GEMMs' best tiles, as (ms, BlockConfig)."""
+    both = [m for m in best1 if m in best2]
+    if not both:
+        return None
+    m = min(both, key=lambda m: best1[m][0] + best2[m][0])
+    return best1[m][0] + best2[m][0], kernels.BlockConfig(m, best1[m][1], best2[m][1])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -158,12 +206,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="table to write (default: the shipped table of this device in runners/configs/)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--kernels", nargs="+", default=None, choices=list(kernels.GEMM_KERNELS),
+                   help="grouped GEMM kernels to sweep (default: all; the TMA ones only on CUDA capability >= 9)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("triton_tune needs a CUDA device (tables are per GPU model)")
     out = args.out or kernels.device_file(torch.cuda.get_device_name())
     tune(args.experts, args.top_k, args.hidden, args.intermediate, getattr(torch, args.dtype), args.tokens, out,
-         repeats=args.repeats, log=print)
+         repeats=args.repeats, log=print, gemm_kernels=args.kernels)
     print(f"wrote {out}")
 
 

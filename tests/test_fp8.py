@@ -281,8 +281,13 @@ def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
 FIELDS = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5, activation="gelu", has_bias=True)
 
 
-@pytest.mark.parametrize("runner,extra", [("torch", {}), ("triton", {}), ("torch", FIELDS), ("triton", FIELDS)])
-def test_fp8_experts_match_the_fp8_reference(runner, extra):
+@pytest.mark.parametrize("runner,extra,kernel", [
+    ("torch", {}, "auto"), ("triton", {}, "auto"), ("torch", FIELDS, "auto"), ("triton", FIELDS, "auto"),
+    # the persistent grouped GEMM kernels with TMA weight tiles (block scales, fp8 epilogue), forced
+    # through the knob (the pointer-load twin differs only in the weight tile load, tested unscaled)
+    ("triton", FIELDS, "tma"), ("triton", {}, "tma_stacked")])
+def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, monkeypatch):
+    monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I = 8, 2, 256, 128
     layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
     problem = make_problem(layer.config, [24], seed=5)
@@ -513,9 +518,14 @@ def test_gpu_fp8_runner_matches_the_fp8_reference(runner, T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
-def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference():
+@pytest.mark.parametrize("kernel", ["auto", "tma", "tma_stacked"])
+def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference(kernel, monkeypatch):
     """DeepSeek-V3's expert shapes (H=7168, I=2048), 8 local experts, K=8, 512 tokens: the tiles the
-    tuned tables and defaults pick for real sizes (BLOCK_K clipped to the 128-channel scale group)."""
+    tuned tables and defaults pick for real sizes (BLOCK_K clipped to the 128-channel scale group), with
+    the grouped GEMM kernel the table picks and forced to each TMA kernel (Hopper and newer)."""
+    if kernel.startswith("tma") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need CUDA capability >= 9")
+    monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I, T = 8, 8, 7168, 2048, 512
     gen = torch.Generator(device="cuda").manual_seed(9)
     w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5

@@ -450,3 +450,52 @@ def test_low_latency_kernels_on_gpu_equal_the_torch_path(N, K_, L):
     w = torch.rand(N, K_, generator=gen)
     part = xk.ll_gather(want.cuda()[:L * N], slot, w.cuda()).float().cpu()
     assert torch.allclose(part, deepep_ll._gather(want[:L * N].float(), want_slot, w), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kernel,tokens", [("persistent", 2048), ("tma", 64), ("tma", 2048), ("tma_stacked", 2048)])
+def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(kernel, tokens):
+    """DeepSeek-V3's expert shapes at EP 16 (16 local experts, K=8, H=7168, I=2048), bf16: the persistent
+    kernels (the shipped tma table's tiles, the 128 x 256 tile, and that tile flattened) against the
+    portable kernel and the float64 reference; a CUDA-graph replay (host-side TMA descriptors are
+    launch arguments) equals eager."""
+    from ep_runtime.config import ExpertWeights
+    from ep_runtime.placement import ExpertPlacement
+    from ep_runtime.runner_core import RunnerInput
+    from ep_runtime.runners import triton_kernels as kernels
+    from ep_runtime.runners.triton_runner import run_fused
+
+    if kernel in kernels.TMA_KERNELS and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need CUDA capability >= 9")
+    L, K_, H_, I_ = 16, 8, 7168, 2048
+    config = ep.MoeConfig(L, K_, H_, I_)
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    w13 = (torch.randn(L, 2 * I_, H_, device="cuda", generator=gen) * H_ ** -0.5).bfloat16()
+    w2 = (torch.randn(L, H_, I_, device="cuda", generator=gen) * I_ ** -0.5).bfloat16()
+    x = torch.randn(tokens, H_, device="cuda", generator=gen).bfloat16()
+    ids = torch.rand(tokens, L, device="cuda", generator=gen).topk(K_, dim=1).indices.to(torch.int32)
+    weights = torch.rand(tokens, K_, device="cuda", generator=gen)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), config)
+    inp = RunnerInput.from_local_ids(x, ids, weights, ExpertPlacement(L))
+
+    def run(block_config):
+        return run_fused(inp, ExpertWeights(w13, w2), config, None, block_config)
+
+    def pick(name):
+        return kernels.pick_config(tokens, L, K_, H_, I_, torch.bfloat16, torch.device("cuda"), False, name)
+    wide = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel)
+    flat = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel, flatten=True)  # pipelined across work items
+    with torch.inference_mode():
+        portable = run(pick("portable"))
+        assert rel_err(portable, ref) <= tolerance(torch.bfloat16)
+        for block_config in dict.fromkeys((pick(kernel), kernels.BlockConfig(128, wide, wide),
+                                           kernels.BlockConfig(128, flat, flat))):
+            y = run(block_config)
+            assert not y.isnan().any(), block_config
+            assert rel_err(y, ref) <= tolerance(torch.bfloat16), (block_config, rel_err(y, ref))
+            assert rel_err(y, portable) <= tolerance(torch.bfloat16), (block_config, rel_err(y, portable))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = run(block_config)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, run(block_config))

@@ -65,6 +65,7 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
     owner = aligned.block_expert.long()[block_of]
     assert torch.equal(owner[sorted_ids < P], flat[real] - first)  # in a block of its own expert
     used = aligned.block_expert >= 0
+    assert int(aligned.used_blocks) == int(used.sum())  # the count the persistent GEMM kernels read
     assert used.sum() == sum(-(-int((flat[expected] - first == e).sum()) // block_m) for e in range(L))
     assert not used[int(used.sum()):].any()  # unused blocks trail
     for e in range(L):  # ascending pair order inside an expert (the torch runner's order)
@@ -163,6 +164,63 @@ def test_gemm1_with_fused_activation_matches_unfused_gemm_then_act_and_mul(name,
     kernels.grouped_gemm(x, w, unfused, aligned, tiles, rows_per_a_row=K, bias=bias, scale=scale, interpreted=True)
     a = kernels.act_and_mul(unfused, I, computed=aligned.computed, interpreted=True, **kw)
     assert rel_err(fused[pair], a[pair].double()) <= (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kernel", ["persistent", "tma", "tma_stacked"])
+def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype):
+    # Three programs (the interpreter's default) loop over 2-4x as many work items, blocks without an
+    # expert among them; every computed pair's row must come out right, so no work item is missed.
+    # "tma" runs the same loop with the weight tiles from a host TensorDescriptor (the interpreter
+    # executes descriptor loads): rows past an expert's last read the next expert's (or zeros past the
+    # last) and are never stored, channels past K_dim are zeros; "tma_stacked" loads gated GEMM 1's
+    # gate and up rows as one 3D box and splits one dot's columns. Cases: plain GEMM (bias, router weight,
+    # K_dim not a multiple of BLOCK_K), gated SiLU and non-gated GELU in the epilogue with I not a
+    # multiple of the 16-column half tile.
+    gen = torch.Generator().manual_seed(7)
+    T, K, L, I, Kd = 13, 2, 3, 40, 40
+    tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel)
+    for fuse, gated, rows in [(None, True, 48), ("silu", True, 2 * I), ("gelu", False, I)]:
+        x = torch.randn(T, Kd, generator=gen).to(dtype)
+        w = (torch.randn(L, rows, Kd, generator=gen) * Kd ** -0.5).to(dtype)
+        bias = (torch.randn(L, rows, generator=gen) * 0.3).to(dtype)
+        scale = torch.rand(T * K, generator=gen)
+        ids = torch.randint(0, L + 1, (T, K), generator=gen, dtype=torch.int32)  # L: the sink, filtered
+        aligned = kernels.align_pairs(ids, torch.tensor([True] * L + [False]), 0, L, 16)
+        cols = rows if fuse is None else I
+        out = torch.full((T * K, cols), float("nan"), dtype=dtype)
+        kw = dict(rows_per_a_row=K, bias=bias, scale=scale, interpreted=True, fuse_activation=fuse, is_gated=gated)
+        kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
+        pair = aligned.computed.nonzero().squeeze(1)
+        e = ids.reshape(-1)[pair].long()
+        h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w.double()[e]) * scale.double()[pair, None] + bias.double()[e]
+        ref = h if fuse is None else _act_reference(h, I, activation=fuse, is_gated=gated)
+        assert rel_err(out[pair], ref) <= (1e-6 if dtype == torch.float32 else 2e-3), (fuse, gated)
+        assert out[~aligned.computed].isnan().all()  # filtered pairs' rows are never written
+        portable = torch.empty_like(out)
+        kernels.grouped_gemm(x, w, portable, aligned, kernels.GemmTiles(32, 32, 2), **kw)
+        assert rel_err(out[pair], portable[pair].double()) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    # every pair filtered: no used block, no work item, nothing written
+    aligned = kernels.align_pairs(torch.full((T, K), L, dtype=torch.int32), torch.tensor([True] * L + [False]), 0, L, 16)
+    out = torch.full((T * K, cols), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
+    assert int(aligned.used_blocks) == 0 and out.isnan().all()
+
+
+def test_tma_kernel_refuses_weights_it_cannot_describe(monkeypatch):
+    # A strided weight view cannot be a [L * rows, K_dim] descriptor: forced through the knob, the
+    # runner says why instead of reading the wrong bytes.
+    gen = torch.Generator().manual_seed(8)
+    L, H, I = 2, 32, 32
+    w13 = torch.randn(L, H, 2 * I, generator=gen).transpose(1, 2)  # [L, 2I, H], H not contiguous
+    w2 = torch.randn(L, H, I, generator=gen)
+    assert "not [L * rows, K_dim] row-major" in kernels.tma_unsupported(w13, True)
+    assert kernels.tma_unsupported(w2, True) is None
+    x = torch.randn(5, H, generator=gen)
+    ids = torch.randint(0, L, (5, 2), generator=gen, dtype=torch.int32)
+    monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", "tma")
+    with pytest.raises(ValueError, match="kernel='tma' cannot run here: .*row-major"):
+        triton_runner.fused_experts(x, w13, w2, ids, torch.rand(5, 2, generator=gen))
 
 
 def test_topk_reduce_is_weighted_slot_order_sum_and_skips_filtered_rows():
@@ -375,12 +433,20 @@ def test_epmoe_triton_trains():
 def test_shipped_tables_parse_and_pick_nearest_token_count(tmp_path):
     for path in kernels.CONFIG_DIR.glob("*.json"):
         for shape, table in json.loads(path.read_text()).items():
+            own = shape.partition(",kernel=")[2]  # a kernel's own table holds only that kernel's tiles
             for tokens, entry in table.items():
                 int(tokens)
-                kernels.BlockConfig.from_json(entry)
+                config = kernels.BlockConfig.from_json(entry)
+                assert {config.gemm1.kernel, config.gemm2.kernel} <= set(kernels.GEMM_KERNELS)
+                assert not own or {config.gemm1.kernel, config.gemm2.kernel} == {own}, (path, shape, tokens)
     table = {"1": {"x": 1}, "64": {"x": 64}, "4096": {"x": 4096}}
     assert kernels._nearest(table, 3) == {"x": 1} and kernels._nearest(table, 100) == {"x": 64}
     assert kernels._nearest(table, 100000) == {"x": 4096}
+
+
+def test_the_kernel_knob_offers_exactly_the_kernels():
+    from ep_runtime import envs
+    assert envs.KNOBS["EP_RUNTIME_TRITON_GEMM_KERNEL"].choices == ("auto", *kernels.GEMM_KERNELS)
 
 
 def test_tune_writes_a_table(tmp_path):
@@ -394,6 +460,23 @@ def test_tune_writes_a_table(tmp_path):
     key = kernels.shape_key(2, 2, 32, 32, torch.float32)
     assert set(table[key]) == {"2", "8"}
     assert all(kernels.BlockConfig.from_json(e) in candidates for e in table[key].values())
+
+
+def test_tune_sweeps_each_kernel_into_its_own_table_and_the_fastest_into_the_shape_table(tmp_path):
+    from ep_runtime.runners import triton_tune
+    out = tmp_path / "table.json"
+    candidate = kernels.BlockConfig(16, kernels.GemmTiles(32, 32, 1), kernels.GemmTiles(32, 32, 1))
+    swept = ("portable", "tma")
+    triton_tune.tune(num_local_experts=2, top_k=2, hidden_size=32, intermediate_size=32, dtype=torch.float32,
+                     token_counts=[4], out=out, candidates=[candidate], device="cpu", repeats=1,
+                     gemm_kernels=swept)
+    table = json.loads(out.read_text())
+    for kernel in swept:
+        own = kernels.BlockConfig.from_json(table[kernels.shape_key(2, 2, 32, 32, torch.float32, kernel)]["4"])
+        assert own == candidate.with_kernel(kernel)
+    fastest = kernels.BlockConfig.from_json(table[kernels.shape_key(2, 2, 32, 32, torch.float32)]["4"])
+    assert {fastest.gemm1.kernel, fastest.gemm2.kernel} <= set(swept)
+    assert fastest.with_kernel("portable") == candidate
 
 
 @pytest.mark.parametrize("runner", ["triton", "masked"])

@@ -1,0 +1,120 @@
+"""Compile the triton runner's grouped GEMM kernels for Hopper (sm_90a) on a machine without a GPU.
+
+    python scripts/compile_sm90.py                      # every kernel, a few tiles, bf16 and fp8
+    python scripts/compile_sm90.py --kernels tma_stacked --flatten
+
+Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
+compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
+for sm_90a. Per kernel and tile it prints shared memory, registers, spill bytes and how many TMA
+copies (cp.async.bulk.tensor), wgmma and mma.sync instructions the PTX holds: whether a kernel
+compiles with this triton, fits shared memory, and uses TMA and wgmma, before a GPU run. Uses
+triton internals (driver.set_active, JITFunction.run); tensors are CPU placeholders.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+TILES = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (16, 64, 128, 1, 4, 4)]
+PATTERNS = {"tma": r"cp\.async\.bulk\.tensor", "wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync"}
+
+
+class _Hopper:
+    """The driver calls a compile-only launch makes."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", nargs="+", default=None)
+    p.add_argument("--flatten", action="store_true", help="the persistent kernels' tiles with flatten=True")
+    args = p.parse_args()
+    driver.set_active(_Hopper())
+    compiled = []
+    launch = JITFunction.run
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        kernel = launch(self, *a, grid=grid, warmup=True, **kw)
+        compiled.append(kernel)
+        return kernel
+    JITFunction.run = compile_only
+
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.runners import triton_kernels as kernels
+
+    kernels.tma_unsupported = lambda w, interpreted: None  # CPU placeholders stand for CUDA weights
+    print(f"triton {triton.__version__}, target sm_90a")
+    for kernel in args.kernels or kernels.GEMM_KERNELS:
+        for fp8 in (False, True):
+            for fuse in (True, False):
+                for m, n, k, g, w, s in TILES[:2] if fp8 else TILES:
+                    tiles = kernels.GemmTiles(n, 128 if fp8 else k, g, w, s, kernel,
+                                              args.flatten and kernel != "portable")
+                    label = f"{kernel:<12} {'fp8 ' if fp8 else 'bf16'} {'gemm1' if fuse else 'gemm2'} M{m} N{n} " \
+                            f"K{tiles.BLOCK_K} w{w} s{s}"
+                    try:
+                        _compile_gemm(kernels, tiles, m, fuse, QuantConfig() if fp8 else None)
+                        print(f"{label:<52} {_describe(compiled[-1])}", flush=True)
+                    except Exception as err:  # noqa: BLE001 - reported, the next one compiles
+                        print(f"{label:<52} FAILED {type(err).__name__}: {str(err).strip()[:300]}", flush=True)
+
+
+def _compile_gemm(kernels, tiles, block_m: int, fuse: bool, quant) -> None:
+    """DeepSeek-V3-sized GEMM 1 (activation fused) or GEMM 2 on 8 experts, 256 tokens, K=8."""
+    L, H, I, T, K = 8, 7168, 2048, 256, 8
+    rows, k_dim = (2 * I, H) if fuse else (H, I)
+    aligned = kernels.align_pairs(torch.randint(0, L, (T, K), dtype=torch.int32), None, 0, L, block_m)
+    dtype = quant.dtype if quant is not None else torch.bfloat16
+    a = torch.empty(T if fuse else T * K, k_dim, dtype=dtype)
+    w = torch.empty(L, rows, k_dim, dtype=dtype)
+    out = torch.empty(T * K, I if fuse else H, dtype=dtype if fuse else torch.bfloat16)
+    extra = {}
+    if quant is not None:
+        extra = dict(a_scale=torch.empty(a.shape[0], k_dim // 128), w_scale=torch.empty(L, rows // 128, k_dim // 128))
+        if fuse:
+            extra.update(out_quant=quant, out_scale=torch.empty(T * K, I // 128))
+    kernels.grouped_gemm(a, w, out, aligned, tiles, K if fuse else 1, fuse_activation="silu" if fuse else None,
+                         num_programs=132, **extra)
+
+
+def _describe(kernel) -> str:
+    ptx = kernel.asm["ptx"]
+    counts = " ".join(f"{name}={len(re.findall(pattern, ptx))}" for name, pattern in PATTERNS.items())
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                          text=True).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return (f"smem {kernel.metadata.shared // 1024} KB, regs {regs.group(1) if regs else '?'}, "
+            f"spill {spills.group(1) if spills else '?'} B, {counts}")
+
+
+if __name__ == "__main__":
+    main()
