@@ -37,9 +37,11 @@ def outcomes(tmp_path_factory, request) -> dict:
     assert run.returncode == 0 and out.exists(), run.stdout[-3000:] + run.stderr[-5000:]
     results = json.loads(out.read_text())["results"]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # the times, for the record, also when every test passes
-        for line in table(results, TIMEOUT_S).splitlines():
-            reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:  # the times, for the record, also when every test passes
+        with capture.global_and_fixture_disabled():  # (a fixture's output is captured, and dropped on a pass)
+            for line in table(results, TIMEOUT_S).splitlines():
+                reporter.write_line(line)
     return {f"{r['case']}/{r['fault']}": r for r in results}
 
 
