@@ -89,15 +89,20 @@ def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
 
 
 def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
-    """The same work, exchanges asynchronous: every dispatch is issued first; then per micro-batch wait
-    for its dispatch, run its experts (while the next micro-batch's dispatch and the previous one's
-    combine are in flight) and issue its combine; wait for the combines last."""
+    """The same work, exchanges asynchronous: per micro-batch wait for its dispatch, queue its experts,
+    then issue the next micro-batch's dispatch (its host work, e.g. a count-table read, runs while the
+    device computes these experts, and its exchange overlaps them) and this one's combine (which
+    overlaps the next micro-batch's experts); wait for the combines last."""
     d = layer.dispatcher
-    sent = [d.dispatch(x, topk, async_op=True) for x, topk in batches]
+    pending = d.dispatch(*batches[0], async_op=True)
     combined = []
-    for out, work in sent:
+    for i in range(len(batches)):
+        out, work = pending
         work.wait()
-        combined.append(d.combine(layer.runner.run(out, layer.weights), async_op=True))
+        expert_out = layer.runner.run(out, layer.weights)
+        if i + 1 < len(batches):
+            pending = d.dispatch(*batches[i + 1], async_op=True)
+        combined.append(d.combine(expert_out, async_op=True))
     for _, work in combined:
         work.wait()
     return [y for y, _ in combined]
