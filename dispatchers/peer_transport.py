@@ -234,13 +234,15 @@ class PeerTransport:
         self._flags.local.zero_()
         self._flag_ptrs = torch.tensor(self._flags.addresses, dtype=torch.int64, device=device)
         self._region: Optional[_Region] = None
-        self._region_ptrs = torch.zeros(R, dtype=torch.int64, device=device)  # updated in place on growth
+        self._region_ptrs: Optional[torch.Tensor] = None  # the region's addresses on the device (copy kernel)
+        self._retired: list = []  # regions a CUDA graph captured earlier may still use (kept, see fits)
         self._epoch = torch.zeros(1, dtype=torch.int64, device=device)  # calls finished
         self._error = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")  # read by the host
         self._device_error = torch.zeros(1, dtype=torch.int32, device=device)  # read by the kernels
         self._failed: Optional[str] = None
-        self._side = None  # the side stream of large own-row copies (made on first use)
-        self._shares: dict = {}  # shares tuple -> its device tensor (the copy kernel's)
+        # the side stream of large own-row copies, made here: never first inside a graph capture
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._shares: dict = {}  # static shares tuple -> its device tensor (the copy kernel's), kept for good
         self._timeout_s = envs.get("TIMEOUT_S")
         interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
         self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
@@ -250,8 +252,9 @@ class PeerTransport:
 
     @property
     def nbytes(self) -> int:
-        """Memory this rank holds for the transport (the region and the flags)."""
-        return (self._region.nbytes if self._region is not None else 0) + self._flags.nbytes
+        """Memory this rank holds for the transport (the region, the ones it outgrew, the flags)."""
+        regions = [self._region] + [old for old, _ in self._retired] if self._region is not None else []
+        return sum(region.nbytes for region in regions) + self._flags.nbytes
 
     @property
     def calls(self) -> int:
@@ -267,10 +270,10 @@ class PeerTransport:
         if capturing():
             return False
         want = -(-max(nbytes, 2 * have, 1) // _GRANULE) * _GRANULE
-        if self._region is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # nothing of ours still reads or writes the old region
+        if self._region is not None:  # graphs captured before hold its addresses: never freed while we live
+            self._retired.append((self._region, self._region_ptrs))
         self._region = _map_region(want, self.group, self.device)
-        self._region_ptrs.copy_(torch.tensor(self._region.addresses, dtype=torch.int64))
+        self._region_ptrs = torch.tensor(self._region.addresses, dtype=torch.int64).to(self.device)
         return True
 
     def check(self) -> None:
@@ -300,7 +303,7 @@ class PeerTransport:
             words_in = x.view(torch.uint8).view(_word(row_bytes))
             vec = max(1, 16 // words_in.element_size()) if row_bytes % 16 == 0 else 1  # 16-byte accesses
             _put_kernel[(num_sms,)](
-                words_in, self._region_ptrs, self._shares_tensor(parts), self._flag_ptrs, self._epoch,
+                words_in, self._region_ptrs, self._shares_tensor(parts, sent is None), self._flag_ptrs, self._epoch,
                 self._device_error, self._waits[0], self.rank, self.world_size, row_bytes // words_in.element_size(),
                 *self._waits[1:], VEC=vec, BLOCK=_BLOCK, INTERPRET=self._interpret, num_warps=_WARPS)
         _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
@@ -322,8 +325,7 @@ class PeerTransport:
                 views[peer][dst * row_bytes:(dst + count) * row_bytes].copy_(
                     data[src * row_bytes:(src + count) * row_bytes])
 
-        side = (self._side_stream() if self.device.type == "cuda" and parts[me][0] * row_bytes >= _SIDE_BYTES
-                else None)
+        side = self._side if parts[me][0] * row_bytes >= _SIDE_BYTES else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -335,20 +337,21 @@ class PeerTransport:
         else:
             torch.cuda.current_stream(self.device).wait_stream(side)
 
-    def _side_stream(self) -> "torch.cuda.Stream":
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
-
-    def _shares_tensor(self, parts: list) -> torch.Tensor:
-        """The shares on the device for the copy kernel, kept per distinct value (static plans repeat
-        theirs: a CUDA graph replays the tensor made before capture)."""
+    def _shares_tensor(self, parts: list, static: bool) -> torch.Tensor:
+        """The shares on the device for the copy kernel. Static plans repeat theirs: kept for good, so a
+        CUDA graph replays the tensor made before capture (a first one while capturing is an error).
+        Exact plans (never captured): a fresh one per call, copied from pinned memory without a sync."""
         key = tuple(parts)
-        if key not in self._shares:
-            if len(self._shares) >= 64:
-                self._shares.clear()
-            self._shares[key] = torch.tensor(parts, dtype=torch.int64).to(self.device)
-        return self._shares[key]
+        if static and key in self._shares:
+            return self._shares[key]
+        if capturing():
+            raise RuntimeError(f"the NVLink transport's copy kernel (num_sms > 0) met the plan {key} first while a "
+                               f"CUDA graph was captured; run the same call eagerly once before capturing")
+        made = torch.tensor(parts, dtype=torch.int64)
+        made = made.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else made
+        if static:
+            self._shares[key] = made
+        return made
 
 
 def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, sent: Optional[list] = None,

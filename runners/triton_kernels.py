@@ -680,6 +680,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     if scaled and scale_block[1] % tiles.BLOCK_K:
         raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
     num_tiles = num_blocks * triton.cdiv(N, out_n)
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue steps through a bias row with stride 1
     args = (bias if bias is not None else w, scale if scale is not None else a, out,
             aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
             aligned.num_pairs, N, K_dim)

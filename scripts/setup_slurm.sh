@@ -6,6 +6,7 @@
 # and slurmd, and wait until the node is idle. Exits non-zero with the reason when that is impossible.
 # scripts/setup_slurm_nodes.sh runs a second, two-node cluster beside this one.
 set -euo pipefail
+unset SLURM_CONF  # this cluster's file is /etc/slurm/slurm.conf, not one a caller's environment points at
 source "$(dirname "$0")/slurm_common.sh"
 SLURM_TMP=${SLURM_TMP:-/tmp/ep-runtime-slurm}
 CONF=/etc/slurm/slurm.conf

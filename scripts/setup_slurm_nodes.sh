@@ -41,8 +41,14 @@ command -v ip >/dev/null && ip netns list >/dev/null 2>&1 \
 command -v unshare >/dev/null && command -v nsenter >/dev/null \
     || { echo "$NAME: unshare and nsenter (util-linux) are not available" >&2; exit 2; }
 
+MARK=.ep-runtime-slurm-nodes  # in $SLURM_NODES_TMP: this script made the directory, so down may delete it
+
 down() {
     local ns pids
+    if [ -d "$SLURM_NODES_TMP" ] && [ ! -e "$SLURM_NODES_TMP/$MARK" ]; then
+        echo "$NAME: $SLURM_NODES_TMP was not made by this script (no $MARK in it); leaving it and its daemons alone" >&2
+        exit 3
+    fi
     slurm_stop "$SLURM_NODES_TMP"/slurmd.*.pid "$SLURM_NODES_TMP/slurmctld.pid"
     for ns in "${NODES[@]}"; do
         if [ -e "/run/netns/$ns" ]; then
@@ -108,7 +114,12 @@ done
 # SlurmctldHost=localhost: slurmctld takes it for this machine's short host name, whatever that is;
 # everyone (root namespace and nodes) reaches it at the bridge address.
 cpus=$(slurm_cpus)
+if [ -d "$SLURM_NODES_TMP" ] && [ ! -e "$SLURM_NODES_TMP/$MARK" ]; then
+    echo "$NAME: $SLURM_NODES_TMP exists and was not made by this script; set SLURM_NODES_TMP to a new directory" >&2
+    exit 3
+fi
 mkdir -p "$SLURM_NODES_TMP/state"
+touch "$SLURM_NODES_TMP/$MARK"
 old=$(cat "$CONF" 2>/dev/null || true)
 {
     echo "# written by ep-runtime scripts/setup_slurm_nodes.sh"

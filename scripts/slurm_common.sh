@@ -59,7 +59,14 @@ SlurmctldLogFile=$1/slurmctld.log
 CONF
 }
 
-slurm_running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file ($1) names a live Slurm daemon: the pid runs and is a slurmd or slurmctld (a stale file
+# left across a reboot may name any process by now; it is never signalled).
+slurm_running() {
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1")
+    kill -0 "$pid" 2>/dev/null && grep -qxE 'slurmd|slurmctld' "/proc/$pid/comm" 2>/dev/null
+}
 
 # Stop the daemons of the pid files given ($@) and wait (30 s at most) until they are gone.
 slurm_stop() {

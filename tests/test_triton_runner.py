@@ -75,13 +75,14 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
 
 # ------------------------------------------------------------------------------------ kernels alone
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grouped_gemm_matches_float64(dtype):
+@pytest.mark.parametrize("dtype,strided_bias", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_grouped_gemm_matches_float64(dtype, strided_bias):
     gen = torch.Generator().manual_seed(1)
     T, K, L, N, Kd = 13, 2, 3, 48, 40  # K_dim not a multiple of BLOCK_K: the masked tail path
     x = torch.randn(T, Kd, generator=gen).to(dtype)
     w = (torch.randn(L, N, Kd, generator=gen) * Kd ** -0.5).to(dtype)
-    bias = torch.randn(L, N, generator=gen).to(dtype)
+    # strided_bias: [L, N] with strides (1, L), as a transposed checkpoint tensor arrives
+    bias = (torch.randn(N, L, generator=gen).t() if strided_bias else torch.randn(L, N, generator=gen)).to(dtype)
     scale = torch.rand(T * K, generator=gen)
     ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
     ids = torch.where(ids < 0, torch.full_like(ids, L), ids)
