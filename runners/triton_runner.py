@@ -67,6 +67,12 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel)
         if kernel == "auto":
             block_config = _runnable(block_config, weights, interp)
+        else:  # forced: a kernel that cannot run here is an error naming the knob that forced it
+            for tiles, w in ((block_config.gemm1, weights.w13), (block_config.gemm2, weights.w2)):
+                why = kernels.tma_unsupported(w, interp) if tiles.kernel in kernels.TMA_KERNELS else None
+                if why is not None:
+                    raise ValueError(f"EP_RUNTIME_TRITON_GEMM_KERNEL={kernel!r} cannot run here: {why}; allowed here: "
+                                     f"'auto', 'portable' or 'persistent'")
     hooks = hooks or GemmHooks()
     fp8 = {}
     if quant is not None:

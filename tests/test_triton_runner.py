@@ -220,7 +220,7 @@ def test_tma_kernel_refuses_weights_it_cannot_describe(monkeypatch):
     x = torch.randn(5, H, generator=gen)
     ids = torch.randint(0, L, (5, 2), generator=gen, dtype=torch.int32)
     monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", "tma")
-    with pytest.raises(ValueError, match="kernel='tma' cannot run here: .*row-major"):
+    with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_GEMM_KERNEL='tma' cannot run here: .*row-major"):
         triton_runner.fused_experts(x, w13, w2, ids, torch.rand(5, 2, generator=gen))
 
 
