@@ -17,6 +17,7 @@ import torch
 import ep_runtime as ep
 from ep_runtime import dispatchers, runners
 from ep_runtime.bench.dispatch import STATIC_VARIANTS
+from ep_runtime.bench.timing import capture_graphs
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.runner_core import CombineInput
 from ep_runtime.testing import check_layer, host_syncs, make_problem, run_ranks, tolerance
@@ -69,17 +70,9 @@ def pairs_on_rank(rank: int, world_size: int, dtype: torch.dtype) -> dict:
 
 
 def _capture(fn):
-    """(graph, outputs of fn) after warm-up on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    """(graph, outputs of fn) after three warm-up calls on a side stream."""
+    graphs, outs = capture_graphs(lambda k: fn(), 1, torch.device("cuda", torch.cuda.current_device()), warmup=3)
+    return graphs[0], outs[0]
 
 
 def _host_sync_in(fn) -> "str | None":

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
-from .timing import Stats, measure
+from .timing import Stats, capture_graphs, measure
 
 MICRO_BATCHES = 2
 # Largest expert-major receive buffer (deepep_ll's [L, M*R, H]) the suite allocates per micro-batch.
@@ -199,24 +199,6 @@ def _time_graphs(layer, inputs: list, timing: dict, group: Any, device: torch.de
         torch.cuda.synchronize(device)
         for g in sequential + overlapped:  # a graph holding NCCL work must go before the group does
             g.reset()
-
-
-def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device) -> tuple[list, list]:
-    """One CUDA graph per rotation slot of fn(k), after a warm-up on a side stream; (graphs, outputs)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for k in range(rotate):
-            fn(k)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graphs, outs = [], []
-    with torch.cuda.stream(torch.cuda.current_stream(device)):
-        for k in range(rotate):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs.append(fn(k))
-            graphs.append(graph)
-    return graphs, outs
 
 
 def _all_ranks(flag: bool, group: Any, device: torch.device) -> bool:

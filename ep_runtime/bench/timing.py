@@ -102,24 +102,34 @@ def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torc
     return Stats.from_seconds(seconds, "cuda_events" if cuda else "wall", host_seconds)
 
 
-def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, rotate: int,
-                       device: torch.device, group: Optional[Any] = None) -> Stats:
-    """Capture fn(k) for each rotation slot k into a CUDA graph, then time replays with `measure`.
-    Raises when fn cannot be captured (a host sync, ...); every rank must capture the same calls."""
+def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, warmup: int = 1
+                   ) -> tuple[list, list]:
+    """One CUDA graph per rotation slot of fn(k), after `warmup` passes over the slots on a side stream
+    (as torch.cuda.graphs recommends); (graphs, outputs). Raises when fn cannot be captured (a host
+    sync, ...); every rank must capture the same calls."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        for k in range(rotate):  # warm-up on a side stream, as torch.cuda.graphs recommends
-            fn(k)
+        for _ in range(warmup):
+            for k in range(rotate):
+                fn(k)
     torch.cuda.current_stream(device).wait_stream(stream)
-    graphs = []
+    graphs, outs = [], []
     # A failed capture leaves torch.cuda.graph's capture stream current: the outer context restores ours.
     with torch.cuda.stream(torch.cuda.current_stream(device)):
         for k in range(rotate):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                fn(k)
+                outs.append(fn(k))
             graphs.append(graph)
+    return graphs, outs
+
+
+def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, rotate: int,
+                       device: torch.device, group: Optional[Any] = None) -> Stats:
+    """Capture fn(k) for each rotation slot k into a CUDA graph (capture_graphs), then time replays
+    with `measure`."""
+    graphs, _ = capture_graphs(fn, rotate, device)
     stats = measure(lambda i: graphs[i % rotate].replay(), repeats=repeats, warmup=warmup, device=device,
                     group=group)
     stats.method = "cuda_graph"
