@@ -107,7 +107,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         ids, weights = topk
         x_dtype, quant = x.dtype, self._fp8_for(x)
         if handle is None:
-            W, C = self.num_worst_tokens, self.chunk
+            W, C = self.options.num_worst_tokens, self.options.chunk
             setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
                 x, ids, weights, local_ids=True, chunk=C, rows=W, capacity=setting, quant=quant)
@@ -116,7 +116,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                              f"(a handle is only valid for a dispatch with the same routing)")
         else:
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
-        listed = [-(-c // self.alignment) * self.alignment for c in handle.num_recv_tokens_per_expert or []]
+        align = self.options.alignment  # a local: this runs per expert on every call
+        listed = [-(-c // align) * align for c in handle.num_recv_tokens_per_expert or []] if align > 1 else list(
+            handle.num_recv_tokens_per_expert or [])
         recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)

@@ -24,6 +24,7 @@ import torch
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
+from ep_runtime.triton_launch import fast_launch
 
 from . import fp8_payload
 
@@ -74,6 +75,7 @@ class forced:
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _gather_rows_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, K, H, none, WEIGHTED: tl.constexpr,
                             BLOCK_H: tl.constexpr):
@@ -93,6 +95,7 @@ if triton is not None:
         tl.store(out_ptr + n.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 
+    @fast_launch
     @triton.jit
     def _ll_slots_kernel(ids_ptr, w_ptr, ids_stride, w_stride, slot_ptr, first_ptr, weight_ptr, scale_ptr, masked_m_ptr,
                          N, K, L, WEIGHTS: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -139,6 +142,7 @@ if triton is not None:
         if e < L:
             tl.store(masked_m_ptr + e, carry.to(tl.int32))
 
+    @fast_launch
     @triton.jit
     def _ll_scatter_kernel(rows_ptr, slot_ptr, scale_ptr, out_ptr, K, H, row_stride, none, SCALE: tl.constexpr,
                            BLOCK_H: tl.constexpr):
@@ -152,6 +156,7 @@ if triton is not None:
                 row = (row.to(tl.float32) * tl.load(scale_ptr + i)).to(row.dtype)
             tl.store(out_ptr + slot * H + cols, row, mask=cols < H)
 
+    @fast_launch
     @triton.jit
     def _layout_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at,
                        FLAGS: tl.constexpr, DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -200,6 +205,7 @@ if triton is not None:
             tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
             carry += tl.sum(flag, axis=0)
 
+    @fast_launch
     @triton.jit
     def _table_plan_kernel(in_rank_ptr, table_ptr, global_of_ptr, send_token_ptr, send_rank_ptr, index_ptr,
                            summary_ptr, recv_pos_ptr, recv_rows_ptr, T, R, ROW, me, L, chunk, total, rows,
@@ -251,6 +257,7 @@ if triton is not None:
             tl.store(summary_ptr + L, tl.sum(from_each))
             tl.store(summary_ptr + L + 1, tl.max(received))
 
+    @fast_launch
     @triton.jit
     def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, scale_ptr,
                      meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
@@ -303,6 +310,7 @@ if triton is not None:
                 tl.store(out + k, w, mask=k < K)
                 tl.store(out + K + k, ids.to(tl.float32), mask=k < K)
 
+    @fast_launch
     @triton.jit
     def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
                           BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure
+from ep_runtime.triton_launch import fast_launch
 from ep_runtime.validation import capturing
 
 try:
@@ -116,6 +117,7 @@ if triton is not None:
             free = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int64)) + R + me
             tl.atomic_xchg(free, done, sem="release", scope="sys")
 
+    @fast_launch
     @triton.jit
     def _open_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
                      INTERPRET: tl.constexpr):
@@ -130,6 +132,7 @@ if triton is not None:
             if peer != me:
                 _wait_for(mine + R + peer, done, start, timeout_ns, max_polls, error, host_error, peer, INTERPRET)
 
+    @fast_launch
     @triton.jit
     def _put_kernel(src_ptr, region_ptrs, shares_ptr, flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, row_words,
                     timeout_ns, max_polls, VEC: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
@@ -156,6 +159,7 @@ if triton is not None:
                         _words_at(tl.load(region_ptrs + peer), dst, row_words, ty, VEC),
                         count * row_words, pid, nprog, VEC, BLOCK)
 
+    @fast_launch
     @triton.jit
     def _signal_kernel(flag_ptrs, epoch_ptr, error, host_error_ptr, me, R, timeout_ns, max_polls,
                        INTERPRET: tl.constexpr):

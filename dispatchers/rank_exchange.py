@@ -324,7 +324,8 @@ class RankExchange:
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(sum(row) for row in sent))
             send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
-            per_expert_host = [sum(row[c] for row in host) for c in self._local_columns]
+            columns = list(zip(*host))  # per column of the table: every rank's count
+            per_expert_host = [sum(columns[c]) for c in self._local_columns]
             total = sum(send_splits)
             links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
         if plan is None:
@@ -449,7 +450,8 @@ class RankExchange:
         R, E, me = self.world_size, self.num_experts, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
-        per_expert_host = [sum(row[c] for row in host_table) for c in self._local_columns]
+        columns = list(zip(*host_table))
+        per_expert_host = [sum(columns[c]) for c in self._local_columns]
         self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]

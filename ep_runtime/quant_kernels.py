@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .quant import MIN_AMAX, QuantConfig
+from .triton_launch import fast_launch
 
 try:
     import triton
@@ -61,6 +62,7 @@ if triton is not None:
             stored = scale
         return stored
 
+    @fast_launch
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
                               GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,

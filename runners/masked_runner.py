@@ -36,6 +36,7 @@ import torch
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
+from ep_runtime.triton_launch import fast_launch
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -76,6 +77,7 @@ INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs 
 
 if triton is not None:
 
+    @fast_launch
     @triton.jit
     def _masked_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr,

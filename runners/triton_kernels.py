@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
+from ep_runtime.triton_launch import fast_launch
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -187,6 +188,7 @@ class AlignedPairs:
     used_blocks: torch.Tensor
 
 
+@fast_launch
 @triton.jit
 def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs, first_expert, mask_size,
                         L: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
@@ -206,6 +208,7 @@ def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_p
     tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
 
 
+@fast_launch
 @triton.jit
 def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_chunks,
                           L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK_TILE: tl.constexpr):
@@ -229,6 +232,7 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
     tl.store(padded_ptr + 2 * E_PAD, tl.sum(padded, axis=0) // BLOCK_M)
 
 
+@fast_launch
 @triton.jit
 def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS: tl.constexpr):
@@ -245,6 +249,7 @@ def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_
              mask=(block < num_blocks)[:, None])
 
 
+@fast_launch
 @triton.jit
 def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
                           num_pairs, first_expert, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
@@ -388,6 +393,7 @@ def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bi
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@fast_launch
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr,
@@ -486,6 +492,7 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
     return tile
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
     a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
@@ -727,6 +734,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
 
 # --------------------------------------------------------------------------- activation (unfused)
 
+@fast_launch
 @triton.jit
 def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, alpha, limit,
                         ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_FILTER: tl.constexpr,
@@ -783,6 +791,7 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
 
 # --------------------------------------------------------------------------- weighted top-k reduction
 
+@fast_launch
 @triton.jit
 def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, stride_y, scale,
                         TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr,

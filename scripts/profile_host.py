@@ -71,18 +71,85 @@ def profile_table(fn, rows=25):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def trace_file(path):
+    """A function that writes a torch.profiler chrome trace (CPU ops and CUDA kernels) of 5 calls to path."""
+    def run(fn):
+        from torch.profiler import ProfilerActivity, profile
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(path)
+        return path
+    run.__name__ = "trace"
+    return run
+
+
+def python_table(fn, calls=50, rows=30):
+    """cProfile of `calls` calls (no device sync between them): where the Python time goes, by own time."""
+    import cProfile
+    import io
+    import pstats
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(rows)
+    return text.getvalue()
+
+
+def floor_us(device) -> dict:
+    """What one launch costs the host here: a torch op, an empty Triton kernel, and the same kernel
+    through its compiled handle (Triton's argument binding skipped)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noop(ptr, n):
+        tl.store(ptr + tl.arange(0, 16), tl.arange(0, 16), mask=tl.arange(0, 16) < n)
+
+    buf = torch.zeros(16, device=device, dtype=torch.int32)
+    compiled = _noop[(1,)](buf, 16)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    launch = compiled.run if hasattr(compiled, "run") else None
+    out = {"torch add_": host_us(lambda: buf.add_(1)), "torch.empty": host_us(lambda: torch.empty(16, device=device)),
+           "triton launch": host_us(lambda: _noop[(1,)](buf, 16))}
+    if launch is not None:
+        try:
+            fn = compiled.function if hasattr(compiled, "function") else None
+            out["triton compiled.run"] = host_us(lambda: launch(1, 1, 1, stream, fn, compiled.packed_metadata,
+                                                                None, None, None, buf, 16))
+        except Exception as e:  # the launcher's signature moves between Triton releases
+            out["triton compiled.run"] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/profile_host")
     p.add_argument("--tokens", default="128,4096")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="torch.profiler's top CPU ops per case")
+    p.add_argument("--python", action="store_true", help="cProfile's top Python functions per case")
+    p.add_argument("--trace", action="store_true", help="a chrome trace per case and op (rank 0) in --out")
     args = p.parse_args()
     group = ep.init_distributed()
     rank, R = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())
     E, K, H = 256, 8, 7168
     config = ep.MoeConfig(E, K, H, 2048)
-    report = {"R": R, "rows": [], "profiles": {}}
+    report = {"R": R, "rows": [], "profiles": {}, "floor": floor_us(device)}
+    if rank == 0:
+        print("floor (host us per call):", report["floor"], flush=True)
     cases = [("standard", {}), ("deepep_normal", {}), ("deepep_normal", {"num_worst_tokens": None}),
              ("mori", {}), ("deepep_ll", {})]
     for T in [int(t) for t in args.tokens.split(",")]:
@@ -128,9 +195,16 @@ def main():
                 print("  syncs:", {k: len(v) for k, v in row.items() if k.endswith("syncs")},
                       row["dispatch_syncs"][:3], flush=True)
             report["rows"].append(row)
-            if args.profile:
-                report["profiles"][f"{label}/T{T}/dispatch"] = profile_table(lambda: d.dispatch(x, topk))
-                report["profiles"][f"{label}/T{T}/combine"] = profile_table(lambda: d.combine(ci))
+            ops = {"dispatch": lambda: d.dispatch(x, topk), "combine": lambda: d.combine(ci)}
+            if label == "deepep_normal":
+                ops["reuse"] = lambda: d.dispatch(x, topk, handle=out.handle)
+            os.makedirs(args.out, exist_ok=True)
+            for op, fn in ops.items():
+                tables = [t for flag, t in ((args.profile, profile_table), (args.python, python_table),
+                                            (args.trace, trace_file(os.path.join(
+                                                args.out, f"trace_{label}_T{T}_{op}.r{rank}.json")))) if flag]
+                for table in tables:
+                    report["profiles"][f"{label}/T{T}/{op}/{table.__name__}"] = table(fn)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_host.json"), "w") as f:

@@ -492,3 +492,45 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y_graph, run(block_config))
+
+
+def test_direct_triton_launches_respect_the_kernels_specialisation():
+    """ep_runtime.triton_launch keys compiled kernels by Triton's own specialisation: alternating
+    16-byte-aligned and misaligned inputs, sizes that are and are not multiples of 16, weighted and
+    not, eagerly and inside a CUDA graph, every launch equals the float64 sum."""
+    from ep_runtime import triton_launch
+    from ep_runtime.dispatchers import exchange_kernels as xk
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    cases = []
+    for H in (64, 33):
+        for offset in (0, 1):  # 1 float: the rows start 4 bytes past a 16-byte boundary
+            S, N, K_ = 40, 24, 3
+            flat = torch.randn(S * H + 1, device="cuda", generator=gen)
+            src = flat[offset:offset + S * H].view(S, H)
+            index = torch.randint(0, S + 2, (N, K_), device="cuda", generator=gen)  # >= S adds nothing
+            weight = torch.rand(N, K_, device="cuda", generator=gen)
+            cases.append((src, index, weight))
+    assert {c[0].data_ptr() % 16 == 0 for c in cases} == {True, False}
+
+    def want(src, index, weight):
+        rows = torch.cat([src.double(), torch.zeros(2, src.shape[1], dtype=torch.float64, device="cuda")])
+        w = torch.ones_like(index, dtype=torch.float64) if weight is None else weight.double()
+        return (rows[index] * w.unsqueeze(-1)).sum(1)
+
+    for _ in range(3):  # the first launches of each variant go through Triton, the later ones direct
+        for src, index, weight in cases:
+            for wt in (weight, None):
+                got = xk.gather_rows(src, index, wt)
+                torch.testing.assert_close(got.double(), want(src, index, wt), rtol=1e-6, atol=1e-6)
+    assert triton_launch._DISABLED == []
+    assert len(xk._gather_rows_kernel._compiled) >= 4  # (aligned or not) x (H % 16 or not) x weighted
+    src, index, weight = cases[1]
+    graph, static = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    static.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(static), torch.cuda.graph(graph):
+        out = xk.gather_rows(src, index, weight)
+    torch.cuda.current_stream().wait_stream(static)
+    src.mul_(-2.0)
+    graph.replay()
+    torch.testing.assert_close(out.double(), want(src, index, weight), rtol=1e-6, atol=1e-6)
