@@ -34,9 +34,9 @@ class FastKernel:
     def run(self, grid, args: tuple, kwargs: dict):
         if callable(grid) or _DISABLED or not _plain_launches():
             return self.kernel[grid](*args, **kwargs)
-        device = torch._C._cuda_getDevice()
         key = None
         try:
+            device = torch._C._cuda_getDevice()  # (absent from CPU builds of torch: Triton's path then)
             binder = self._binders.get(device)
             if binder is None:
                 caches = self.kernel.device_caches.get(device)
