@@ -24,7 +24,7 @@ import torch
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
-from ep_runtime.triton_launch import fast_launch
+from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
 
 from . import fp8_payload
 
@@ -341,11 +341,11 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
     row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
-    _layout_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
+    _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
         topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else rank_of, rank_of, in_rank,
         row, T, K, E, ep_size,
         1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
-        BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        BLOCK_K=next_power_of_2(max(K, 2)))
     return in_rank.view(torch.bool), row
 
 
@@ -377,7 +377,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
         in_rank.view(torch.int8), table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
         chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
-        BLOCK_R=triton.next_power_of_2(max(R, 2)), BLOCK_L=triton.next_power_of_2(max(L, 2)))
+        BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
     return TablePlan(send_token, send_rank, index, summary, recv_pos, recv_rows)
 
 
@@ -442,15 +442,15 @@ def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta,
         group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
         # Groups per program: 1024 channels on a GPU (as the unquantized rows); the interpreter runs
         # whole rows (its cost is per program).
-        groups = min(triton.next_power_of_2(quant.num_groups(H)), 64 if interpreted else max(1, 1024 // group))
+        groups = min(next_power_of_2(quant.num_groups(H)), 64 if interpreted else max(1, 1024 // group))
         BLOCK_H = groups * group
-    _pack_kernel[(S, triton.cdiv(H, BLOCK_H))](
+    _pack_kernel[(S, cdiv(H, BLOCK_H))](
         x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
         local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
         values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
         SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, QUANT=quant is not None,
         UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=scales.dtype == torch.uint8, ROUND_FIRST=interpreted,
-        GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=next_power_of_2(max(K, 2)))
 
 
 def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none: int
@@ -462,9 +462,9 @@ def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none:
     out_meta = torch.empty(n, 2 * K, dtype=torch.int32, device=rows.device)
     if n:
         BLOCK_H = _block_h(H)
-        _take_rows_kernel[(n, triton.cdiv(H, BLOCK_H))](
+        _take_rows_kernel[(n, cdiv(H, BLOCK_H))](
             rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none,
-            BLOCK_H=BLOCK_H, BLOCK_K2=triton.next_power_of_2(max(2 * K, 2)))
+            BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
     return out_x, out_meta
 
 
@@ -491,7 +491,7 @@ def ll_plan(local_ids: torch.Tensor, weights: Optional[torch.Tensor], num_local_
     _ll_slots_kernel[(L + 1,)](
         ids, weights if weights is not None else ids, ids.stride(0), weights.stride(0) if weights is not None else 0,
         slot, first, weight if weight is not None else slot, scale if fold else slot, masked_m, N, K, L,
-        WEIGHTS=weights is not None, FOLD=fold, BLOCK_N=128, BLOCK_K=triton.next_power_of_2(max(K, 2)))
+        WEIGHTS=weights is not None, FOLD=fold, BLOCK_N=128, BLOCK_K=next_power_of_2(max(K, 2)))
     return slot, first, weight, scale, masked_m
 
 
@@ -505,7 +505,7 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
     out = rows.new_empty(num_slots, H)
     if N * K:
         BLOCK_H = _block_h(H)
-        _ll_scatter_kernel[(N * K, triton.cdiv(H, BLOCK_H))](
+        _ll_scatter_kernel[(N * K, cdiv(H, BLOCK_H))](
             rows, slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
             out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H)
     return out
@@ -524,14 +524,14 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.T
     out = src.new_empty(N, H)
     if N:
         BLOCK_H = _block_h(H)
-        _gather_rows_kernel[(N, triton.cdiv(H, BLOCK_H))](
+        _gather_rows_kernel[(N, cdiv(H, BLOCK_H))](
             src.contiguous(), index.contiguous(), weight.contiguous() if weight is not None else index, out, K, H, S,
             WEIGHTED=weight is not None, BLOCK_H=BLOCK_H)
     return out
 
 
 def _block_h(H: int) -> int:
-    return min(1024, triton.next_power_of_2(max(H, 16)))
+    return min(1024, next_power_of_2(max(H, 16)))
 
 
 def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .quant import MIN_AMAX, QuantConfig
-from .triton_launch import fast_launch
+from .triton_launch import cdiv, fast_launch, next_power_of_2
 
 try:
     import triton
@@ -102,8 +102,8 @@ def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor
         raise ValueError("uint8 scales (exponent bytes) need scale_encoding='ue8m0'")
     if T == 0:
         return q, scale
-    groups = max(1, min(triton.next_power_of_2(G), 4096 // group if not interpreted else 64))
-    _quantize_rows_kernel[(T, triton.cdiv(G, groups))](
+    groups = max(1, min(next_power_of_2(G), 4096 // group if not interpreted else 64))
+    _quantize_rows_kernel[(T, cdiv(G, groups))](
         x, q, scale, row_ok.view(torch.uint8) if row_ok is not None else x, H, G, x.stride(0), q.stride(0),
         scale.stride(0), config.spec.max_value, MIN_AMAX, GROUP=group, GROUPS=groups, UE8M0=config.ue8m0,
         SCALE_BYTE=scale.dtype == torch.uint8, ROUND_FIRST=interpreted, HAS_ROW_OK=row_ok is not None,

@@ -36,7 +36,7 @@ import torch
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
-from ep_runtime.triton_launch import fast_launch
+from ep_runtime.triton_launch import cdiv, fast_launch
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -181,8 +181,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         act = activation_args("silu", False, None, None)
     gated = act["GATED"]
     L, rows, K = a.shape
-    row_splits = max(1, min(tiles.ROW_SPLITS, triton.cdiv(rows, tiles.BLOCK_M)))
-    grid = (row_splits, triton.cdiv(N, block_n), L)
+    row_splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+    grid = (row_splits, cdiv(N, block_n), L)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
     bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     scaled, quant_out = quant is not None, out_scale is not None

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
-from ep_runtime.triton_launch import fast_launch
+from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -279,7 +279,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
     P = ids.numel()
     device = ids.device
-    num_blocks = triton.cdiv(P, block_m) + min(L, P)
+    num_blocks = cdiv(P, block_m) + min(L, P)
     computed = torch.empty(P, dtype=torch.bool, device=device)
     sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
@@ -287,8 +287,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
         return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m,
                             torch.zeros(1, dtype=torch.int32, device=device))
     chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
-    e_pad = triton.next_power_of_2(L + 1)
-    num_chunks = triton.cdiv(P, chunk)
+    e_pad = next_power_of_2(L + 1)
+    num_chunks = cdiv(P, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
     padded = torch.empty(2 * e_pad + 1, dtype=torch.int32, device=device)  # [start | end] per expert, blocks
@@ -299,7 +299,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     _align_offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded, num_chunks, L=L, BLOCK_M=block_m,
                                 E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
-    _align_blocks_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
+    _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
         padded, block_expert, sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
         BLOCKS=blocks_per_program, num_warps=4)
     _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
@@ -686,7 +686,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         raise ValueError("a_scale and w_scale come together (block-scaled fp8) or not at all")
     if scaled and scale_block[1] % tiles.BLOCK_K:
         raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
-    num_tiles = num_blocks * triton.cdiv(N, out_n)
+    num_tiles = num_blocks * cdiv(N, out_n)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue steps through a bias row with stride 1
     args = (bias if bias is not None else w, scale if scale is not None else a, out,
@@ -762,7 +762,7 @@ def _act_and_mul_kernel(h_ptr, out_ptr, computed_ptr, P, I, stride_h, stride_o, 
 def _row_blocks(cols: int, interpreted: bool) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK) for the elementwise kernels: ~4K elements per program on GPU; larger
     programs under the interpreter, whose cost is per program."""
-    block = min(1024, triton.next_power_of_2(cols))
+    block = min(1024, next_power_of_2(cols))
     return (max(1, (16384 if interpreted else 4096) // block), block)
 
 
@@ -780,7 +780,7 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
     if P == 0:
         return out
     block_rows, block = _row_blocks(I, interpreted)
-    grid = (triton.cdiv(P, block_rows), triton.cdiv(I, block))
+    grid = (cdiv(P, block_rows), cdiv(I, block))
     _act_and_mul_kernel[grid](
         h, out, computed.view(torch.uint8) if computed is not None else h, P, I, h.stride(0), out.stride(0),
         HAS_FILTER=computed is not None, **activation_args(activation, is_gated, gemm1_alpha, gemm1_clamp_limit),
@@ -824,7 +824,7 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
     if N == 0:
         return y
     block_rows, block = _row_blocks(H, interpreted)
-    _topk_reduce_kernel[(triton.cdiv(N, block_rows), triton.cdiv(H, block))](
+    _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))](
         o, weights if weights is not None else o, computed.view(torch.uint8), y, N, H, o.stride(0), y.stride(0),
         float(scale), TOP_K=top_k, HAS_WEIGHT=weights is not None, BLOCK_ROWS=block_rows, BLOCK=block,
         num_warps=4,
