@@ -236,6 +236,12 @@ class RankExchange:
             self._local_columns = [1 + self.world_size + g for g in p.local_expert_ids().tolist()]
         return self._tables[device]
 
+    def _per_local_expert(self, host_table: list) -> list:
+        """Pairs this rank receives per local expert, summed over the host table's rows (every rank's
+        counts). C-level iteration throughout: E = 256 columns made this a 100 us Python loop."""
+        columns = list(zip(*host_table))
+        return list(map(sum, map(columns.__getitem__, self._local_columns)))
+
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         if (n, device) not in self._aranges:
             self._aranges[(n, device)] = torch.arange(n, device=device)
@@ -324,8 +330,7 @@ class RankExchange:
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(sum(row) for row in sent))
             send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
-            columns = list(zip(*host))  # per column of the table: every rank's count
-            per_expert_host = [sum(columns[c]) for c in self._local_columns]
+            per_expert_host = self._per_local_expert(host)
             total = sum(send_splits)
             links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
         if plan is None:
@@ -450,8 +455,7 @@ class RankExchange:
         R, E, me = self.world_size, self.num_experts, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
-        columns = list(zip(*host_table))
-        per_expert_host = [sum(columns[c]) for c in self._local_columns]
+        per_expert_host = self._per_local_expert(host_table)
         self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
