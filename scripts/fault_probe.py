@@ -46,6 +46,7 @@ def _layer_and_step(case: str):
     import torch
 
     import ep_runtime as ep
+    from ep_runtime.bench.timing import capture_graphs
     from ep_runtime.runner_core import CombineInput
 
     graph_mode = case.endswith("_graph")
@@ -67,16 +68,8 @@ def _layer_and_step(case: str):
             return layer(x, ids, w)
         sent = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w))  # the static modes: dispatch -> combine,
         return layer.dispatcher.combine(CombineInput(sent.recv_x * 2, sent))  # as tests/test_gpu.py captures them
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            captured()
-    torch.cuda.current_stream().wait_stream(side)
-    layer.dispatcher.raise_deferred()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured()
+    graph = capture_graphs(lambda k: captured(), 1, torch.device(device), warmup=3,
+                           before_capture=layer.dispatcher.raise_deferred)[0][0]
 
     def step():
         graph.replay()

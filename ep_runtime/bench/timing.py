@@ -102,11 +102,12 @@ def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torc
     return Stats.from_seconds(seconds, "cuda_events" if cuda else "wall", host_seconds)
 
 
-def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, warmup: int = 1
-                   ) -> tuple[list, list]:
+def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, warmup: int = 1,
+                   before_capture: Optional[Callable[[], Any]] = None) -> tuple[list, list]:
     """One CUDA graph per rotation slot of fn(k), after `warmup` passes over the slots on a side stream
-    (as torch.cuda.graphs recommends); (graphs, outputs). Raises when fn cannot be captured (a host
-    sync, ...); every rank must capture the same calls."""
+    (as torch.cuda.graphs recommends); (graphs, outputs). before_capture runs between the two (e.g. a
+    dispatcher's raise_deferred, so the warm-up's deferred checks cannot fire inside the capture).
+    Raises when fn cannot be captured (a host sync, ...); every rank must capture the same calls."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -114,6 +115,8 @@ def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, 
             for k in range(rotate):
                 fn(k)
     torch.cuda.current_stream(device).wait_stream(stream)
+    if before_capture is not None:
+        before_capture()
     graphs, outs = [], []
     # A failed capture leaves torch.cuda.graph's capture stream current: the outer context restores ours.
     with torch.cuda.stream(torch.cuda.current_stream(device)):
