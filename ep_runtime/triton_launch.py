@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-_DISABLED: list[str] = []  # why the direct launch was turned off (its first failure): Triton's path from then on
-_KNOBS: list = []  # triton.knobs, imported on the first launch
+_DISABLED: list[str] = []  # why the direct launch was turned off (Triton's internals differ): Triton's path then
+_KNOBS: list = []  # (triton.knobs.runtime, triton.knobs.compilation), imported on the first launch; [] without
 
 
 class FastKernel:
@@ -26,13 +26,16 @@ class FastKernel:
         self._binders: dict = {}
 
     def __getattr__(self, name: str) -> Any:  # .fn, .warmup, .cache, ...: the kernel's own
+        if name.startswith("__") or name in ("kernel", "_compiled", "_binders"):  # (copy/pickle before __init__)
+            raise AttributeError(name)
         return getattr(self.kernel, name)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
-    def run(self, grid, args: tuple, kwargs: dict):
-        if callable(grid) or _DISABLED or not _plain_launches():
+    def _launch(self, grid, args: tuple, kwargs: dict):
+        # torch.compile traces Triton's own launch (a kernel node), never this cache
+        if callable(grid) or _DISABLED or torch.compiler.is_compiling() or not _plain_launches():
             return self.kernel[grid](*args, **kwargs)
         key = None
         try:
@@ -43,7 +46,10 @@ class FastKernel:
                 binder = None if caches is None else self._binders.setdefault(device, caches[-1])
             if binder is not None:  # else the kernel has not run on this device yet: Triton sets it up
                 bound, specialization, options = binder(*args, **kwargs)
-                key = (device, tuple(specialization), tuple(options.items()))
+                runtime, compilation = _KNOBS
+                # Triton's own key also holds these two knobs (it adds them to the options)
+                key = (device, runtime.debug, getattr(compilation, "instrumentation_mode", None),
+                       tuple(specialization), tuple(options.items()))
                 try:
                     compiled = self._compiled.get(key)
                 except TypeError:  # an unhashable constexpr value
@@ -55,9 +61,13 @@ class FastKernel:
                     compiled.run(grid[0], g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
                                  compiled.packed_metadata, None, None, None, *bound.values())
                     return compiled
-        except Exception as err:  # a Triton whose internals differ: its own path from now on (and its own error)
+        except Exception as err:
+            # Triton's path: a caller's error (bad arguments) raises there again and changes nothing; if
+            # Triton launches what failed here, its internals differ from what this module expects, and
+            # every launch takes Triton's path from now on.
+            result = self.kernel[grid](*args, **kwargs)
             _DISABLED.append(f"{self.kernel.__name__}: {type(err).__name__}: {err}")
-            return self.kernel[grid](*args, **kwargs)
+            return result
         return self._first(grid, args, kwargs, key)
 
     def _first(self, grid, args, kwargs, key):
@@ -83,12 +93,22 @@ def _hashable(value: Any) -> Any:
 
 
 def _plain_launches() -> bool:
-    """False while a Triton launch hook is set (a profiler wants every launch through Triton)."""
+    """False while a Triton launch hook is set (a profiler wants every launch through Triton), and on
+    Triton < 3.4 (no triton.knobs: its own path always)."""
     if not _KNOBS:
-        from triton import knobs
-        _KNOBS.append(knobs.runtime)
+        try:
+            from triton import knobs
+        except ImportError:
+            _DISABLED.append(f"triton {_triton_version()} has no triton.knobs (3.4+)")
+            return False
+        _KNOBS.extend((knobs.runtime, knobs.compilation))
     runtime = _KNOBS[0]
     return _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
 
 
 def _no_hook(hook: Any) -> bool:
