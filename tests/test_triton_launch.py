@@ -1,6 +1,8 @@
-"""Host-side helpers of ep_runtime.triton_launch against Triton's own (the GPU test in test_gpu.py
-checks the direct launches themselves)."""
+"""ep_runtime.triton_launch on CPU: the host-side helpers against Triton's own, and FastKernel's choice
+between Triton's path and the direct launch with a stand-in kernel (the GPU test in test_gpu.py checks
+the direct launches of real kernels)."""
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -19,3 +21,63 @@ def test_next_power_of_2_equals_tritons(n):
 def test_cdiv_equals_tritons(b):
     for a in VALUES:
         assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: a loaded function and its launcher."""
+
+    def __init__(self, spec, launches):
+        self.spec, self.launches, self.function, self.packed_metadata = spec, launches, object(), ()
+
+    def run(self, g0, g1, g2, stream, function, metadata, launch_metadata, enter, exit_, *args):
+        self.launches.append(("direct", self.spec, (g0, g1, g2), args))
+
+
+class _Kernel:
+    """Stands in for a @triton.jit kernel: Triton's path compiles one kernel per specialisation (here the
+    argument's parity) and launches it; its binder is the last entry of device_caches[device]."""
+
+    __name__ = "fake_kernel"
+
+    def __init__(self):
+        self.launches, self.compiled, self.device_caches = [], {}, {}
+
+    @staticmethod
+    def binder(n, *, BLOCK=4):
+        if not isinstance(n, int):
+            raise TypeError(f"failed to specialize argument of type: {type(n).__name__}")
+        return {"n": n, "BLOCK": BLOCK}, [("i32", "odd" if n % 2 else "even"), ("constexpr", BLOCK)], {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.device_caches.setdefault(0, ({}, self.binder))
+            _, spec, _ = self.binder(*args, **kwargs)
+            compiled = self.compiled.setdefault(tuple(spec), _Compiled(tuple(spec), self.launches))
+            self.launches.append(("triton", tuple(spec), tuple(grid), args))
+            return compiled
+        return launch
+
+
+def test_fast_kernel_caches_per_specialisation_and_survives_caller_errors(monkeypatch):
+    """The direct path launches the kernel Triton compiled for the same specialisation (never another
+    one's), and a caller's bad argument raises Triton's error without turning the direct path off."""
+    from ep_runtime import triton_launch
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(triton_launch, "_DISABLED", [])
+    kernel = _Kernel()
+    fast = triton_launch.FastKernel(kernel)
+    for n in (2, 2, 2, 3, 3, 3, 4):
+        fast[(n,)](n)
+    paths = [(path, spec[0][1]) for path, spec, _, _ in kernel.launches]
+    assert paths == [("triton", "even"), ("triton", "even"), ("direct", "even"),
+                     ("triton", "odd"), ("direct", "odd"), ("direct", "odd"), ("direct", "even")]
+    assert kernel.launches[-1][2:] == ((4, 1, 1), (4, 4))  # the grid padded to 3-D, every parameter in order
+    with pytest.raises(TypeError, match="failed to specialize"):
+        fast[(1,)]("not an int")
+    assert triton_launch._DISABLED == []
+    fast[(1,)](5, BLOCK=8)  # a new constexpr value: Triton's path once, then direct
+    fast[(1,)](5, BLOCK=8)
+    assert [p for p, spec, _, _ in kernel.launches[-2:]] == ["triton", "direct"]
+    assert kernel.launches[-1][1] == (("i32", "odd"), ("constexpr", 8))
