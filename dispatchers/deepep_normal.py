@@ -117,8 +117,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         else:
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
         align = self.options.alignment  # a local: this runs per expert on every call
-        listed = [-(-c // align) * align for c in handle.num_recv_tokens_per_expert or []] if align > 1 else list(
-            handle.num_recv_tokens_per_expert or [])
+        listed = [-(-c // align) * align for c in handle.num_recv_tokens_per_expert or []]
         recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)

@@ -109,29 +109,23 @@ def python_table(fn, calls=50, rows=30):
 
 
 def floor_us(device) -> dict:
-    """What one launch costs the host here: a torch op, an empty Triton kernel, and the same kernel
-    through its compiled handle (Triton's argument binding skipped)."""
+    """What one launch costs the host here: a torch op, an empty Triton kernel through Triton's launch
+    path, and the same kernel through ep_runtime.triton_launch (the direct launch our kernels use)."""
     import triton
     import triton.language as tl
+
+    from ep_runtime import triton_launch
 
     @triton.jit
     def _noop(ptr, n):
         tl.store(ptr + tl.arange(0, 16), tl.arange(0, 16), mask=tl.arange(0, 16) < n)
 
     buf = torch.zeros(16, device=device, dtype=torch.int32)
-    compiled = _noop[(1,)](buf, 16)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    launch = compiled.run if hasattr(compiled, "run") else None
-    out = {"torch add_": host_us(lambda: buf.add_(1)), "torch.empty": host_us(lambda: torch.empty(16, device=device)),
-           "triton launch": host_us(lambda: _noop[(1,)](buf, 16))}
-    if launch is not None:
-        try:
-            fn = compiled.function if hasattr(compiled, "function") else None
-            out["triton compiled.run"] = host_us(lambda: launch(1, 1, 1, stream, fn, compiled.packed_metadata,
-                                                                None, None, None, buf, 16))
-        except Exception as e:  # the launcher's signature moves between Triton releases
-            out["triton compiled.run"] = f"{type(e).__name__}: {e}"[:200]
-    return out
+    direct = triton_launch.fast_launch(_noop)
+    return {"torch add_": host_us(lambda: buf.add_(1)), "torch.empty": host_us(lambda: torch.empty(16, device=device)),
+            "triton launch": host_us(lambda: _noop[(1,)](buf, 16)),
+            "fast_launch": host_us(lambda: direct[(1,)](buf, 16)),
+            "fast_launch disabled": list(triton_launch._DISABLED)}
 
 
 def main():

@@ -526,11 +526,7 @@ def test_direct_triton_launches_respect_the_kernels_specialisation():
     assert triton_launch._DISABLED == []
     assert len(xk._gather_rows_kernel._compiled) >= 4  # (aligned or not) x (H % 16 or not) x weighted
     src, index, weight = cases[1]
-    graph, static = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    static.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(static), torch.cuda.graph(graph):
-        out = xk.gather_rows(src, index, weight)
-    torch.cuda.current_stream().wait_stream(static)
+    graphs, outs = capture_graphs(lambda k: xk.gather_rows(src, index, weight), 1, src.device)
     src.mul_(-2.0)
-    graph.replay()
-    torch.testing.assert_close(out.double(), want(src, index, weight), rtol=1e-6, atol=1e-6)
+    graphs[0].replay()
+    torch.testing.assert_close(outs[0].double(), want(src, index, weight), rtol=1e-6, atol=1e-6)
