@@ -408,7 +408,7 @@ def _grouped_gemm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-    HAS_LIMIT: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr,
 ):
     # "portable": one program per work item.
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
@@ -456,9 +456,8 @@ def _grouped_gemm_kernel(
         if BLOCK_SCALED:  # (the interpreter's fp8 x fp8 dot is exact: no upcast needed)
             group_k = (k * BLOCK_K) // SCALE_K
             a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
-            b_s = tl.load(b_scale_ptr + expert * stride_bse + (w_row // SCALE_N) * stride_bsn + group_k * stride_bsk,
-                          mask=n_ok, other=0.0)
-            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            acc = _scaled_step(acc, tl.dot(a, b), a_s, b_scale_ptr + expert * stride_bse + group_k * stride_bsk, w_row,
+                               n_ok, stride_bsn, SCALE_N, ONE_SCALE)
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -492,6 +491,20 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
     return tile
 
 
+@triton.jit
+def _scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N: tl.constexpr,
+                 ONE_SCALE: tl.constexpr):
+    # acc + one K step's fp32 product times a's scale (per row) and w's (per block of SCALE_N weight
+    # rows). ONE_SCALE: the tile's weight rows lie in one scale block, so w's scale is one number and
+    # the step costs one multiply-add per element (the general case: a scale outer product first).
+    if ONE_SCALE:
+        b_s = tl.load(b_scale_row + (tl.min(w_row, axis=0) // SCALE_N) * stride_bsn)
+        return acc + product * (a_s * b_s)[:, None]
+    else:
+        b_s = tl.load(b_scale_row + (w_row // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
+        return acc + product * (a_s[:, None] * b_s[None, :])
+
+
 @fast_launch
 @triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
@@ -507,7 +520,8 @@ def _grouped_gemm_persistent_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr, FLATTEN: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs;
     # program i takes work items i, i + num_programs, ... of the used blocks (the portable kernel's
@@ -567,8 +581,8 @@ def _grouped_gemm_persistent_kernel(
                 if UPCAST:
                     b_gate = b_gate.to(tl.float32)
                 if BLOCK_SCALED:
-                    b_s = tl.load(b_scale_row + (col_n // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                    gate += tl.dot(a, b_gate) * (a_s[:, None] * b_s[None, :])
+                    gate = _scaled_step(gate, tl.dot(a, b_gate), a_s, b_scale_row, col_n, n_ok, stride_bsn,
+                                        SCALE_N, ONE_SCALE)
                 else:
                     gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
                 if TWO:
@@ -577,8 +591,8 @@ def _grouped_gemm_persistent_kernel(
                     if UPCAST:
                         b_up = b_up.to(tl.float32)
                     if BLOCK_SCALED:
-                        b_s = tl.load(b_scale_row + ((N + col_n) // SCALE_N) * stride_bsn, mask=n_ok, other=0.0)
-                        up += tl.dot(a, b_up) * (a_s[:, None] * b_s[None, :])
+                        up = _scaled_step(up, tl.dot(a, b_up), a_s, b_scale_row, N + col_n, n_ok, stride_bsn,
+                                          SCALE_N, ONE_SCALE)
                     else:
                         up = tl.dot(a, b_up, up, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
@@ -706,6 +720,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse
            else activation_args("silu", is_gated, None, None)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        # each weight tile (gate or up, apart) in one scale block: no block straddled, the up rows starting
+        # on a boundary; the portable kernel's gated tile interleaves gate and up rows (two blocks)
+        ONE_SCALE=scaled and scale_block[0] % out_n == 0 and (not two or (tiles.kernel != "portable"
+                                                                          and N % scale_block[0] == 0)),
     )
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)

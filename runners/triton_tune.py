@@ -49,14 +49,22 @@ def default_kernels(device: torch.device) -> tuple[str, ...]:
     return kernels.GEMM_KERNELS if hopper else tuple(k for k in kernels.GEMM_KERNELS if k not in kernels.TMA_KERNELS)
 
 
-def default_candidates(num_tokens: int, top_k: int, num_local_experts: int,
-                       kernel: str = "portable") -> list[tuple[int, kernels.GemmTiles]]:
-    """(BLOCK_M, tiles) pairs worth timing: BLOCK_M no larger than twice the mean rows per expert."""
+def default_candidates(num_tokens: int, top_k: int, num_local_experts: int, kernel: str = "portable",
+                       fp8: bool = False) -> list[tuple[int, kernels.GemmTiles]]:
+    """(BLOCK_M, tiles) pairs worth timing: BLOCK_M no larger than twice the mean rows per expert.
+    fp8: BLOCK_K doubled, to at most 128 (one scale per K step): a byte per element, so the same shared
+    memory per stage as the 16-bit tile, and the K depth fp8 tensor-core instructions want."""
     rows = num_tokens * top_k / max(num_local_experts, 1)
     block_ms = [m for m in BLOCK_MS if m == 16 or m <= 2 * rows]
     large = LARGE_M_TILES if kernel == "portable" else PERSISTENT_LARGE_M_TILES
-    return [(m, kernels.GemmTiles(*t[:5], kernel=kernel, flatten=t[5:] == (True,)))
-            for m in block_ms for t in (SMALL_M_TILES if m <= 32 else large)]
+    out = []
+    for m in block_ms:
+        for t in SMALL_M_TILES if m <= 32 else large:
+            block_k = min(2 * t[1], 128) if fp8 else t[1]
+            pair = (m, kernels.GemmTiles(t[0], block_k, *t[2:5], kernel=kernel, flatten=t[5:] == (True,)))
+            if pair not in out:
+                out.append(pair)
+    return out
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -130,7 +138,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
                 runs = [(m, dataclasses.replace(t1, kernel=k), dataclasses.replace(t2, kernel=k))
                         for k in gemm_kernels for m, t1, t2 in runs]
         else:
-            runs = [(m, t, t) for k in gemm_kernels for m, t in default_candidates(T, K, L, k)]
+            runs = [(m, t, t) for k in gemm_kernels for m, t in default_candidates(T, K, L, k, fp8)]
         if fp8:  # one activation and one weight scale per K step
             runs = [(m, t1, t2) for m, t1, t2 in runs if t1.BLOCK_K <= 128 and t2.BLOCK_K <= 128]
         best1: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}  # (kernel, BLOCK_M) -> best
