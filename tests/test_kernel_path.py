@@ -96,6 +96,9 @@ def test_standard_checks_values_with_one_kernel():
     with torch.no_grad(), xk.forced():
         assert layer(x, ids, torch.rand(4, 2)).shape == (4, 32)
         assert layer.expert_load().tolist() == [2, 1, 1, 1, 0, 1, 1, 1]
+        more = torch.tensor([[4, -1]] * 9, dtype=torch.int32)  # more tokens than before: a bigger scratch buffer
+        assert layer(torch.randn(9, 32), more, torch.rand(9, 2)).shape == (9, 32)
+        assert layer.expert_load().tolist() == [2, 1, 1, 1, 9, 1, 1, 1]
         bad = ids.clone()
         bad[2, 1] = 9
         with pytest.raises(ValueError, match=r"topk_ids has id 9 at \[2, 1\]"):
