@@ -51,19 +51,21 @@ class StandardDispatcher(Dispatcher):
             f"overwritten since, so the value cannot be named")
 
     def _dispatch(self, x, topk):
-        """On CUDA (not capturing, nothing needing a gradient) the flag kernel's row lands in pinned
+        """On CUDA (eager, nothing needing a gradient) the flag kernel's row lands in pinned
         memory and is checked CHECK_LAG calls later or at raise_deferred(): no host sync. Bad ids reach
         the runner meanwhile, which sends every id outside [0, E) to the sink (runner_core)."""
         ids, weights = topk
         if not (exchange_kernels.on_gpu(ids) and ids.numel() and not capturing()):
             check_topk_values(ids, weights, self.config.num_experts)
             return StandardDispatchOutput(x, ids, weights)
-        defer = ids.is_cuda and not self.sync_checks and not needs_grad(x, weights)
+        # torch.compile traces the plain form (an immediate read), not state kept across calls
+        eager = not torch.compiler.is_compiling()
+        defer = eager and ids.is_cuda and not self.sync_checks and not needs_grad(x, weights)
         if defer:
             self._deferred.make_room()
         # one kernel, not ~12 ops; one "rank" holds every expert here: the owner table is all zeros
         _, row = exchange_kernels.layout_row(ids, weights, self.placement.expert_rank_table(ids.device), 1, 2,
-                                             self._scratch(ids.shape[0], ids.device))
+                                             self._scratch(ids.shape[0], ids.device) if eager else None)
         if defer:
             self._deferred.defer(row, (ids, weights))
         else:
