@@ -224,8 +224,9 @@ class Dispatcher:
         return (out, ReceiveHook(work)) if return_recv_hook else (out, work)
 
     def raise_deferred(self) -> None:
-        """Run now the count-table checks that static plans on CUDA defer (docs/reliability.md), e.g.
-        after a job's last step; call it on every rank together. Nothing to run here."""
+        """Run now the value checks that CUDA calls defer (static plans' count tables, standard's id/weight
+        flags; docs/reliability.md), e.g. after a job's last step or before capturing a CUDA graph;
+        call it on every rank together. Nothing to run here."""
 
     def synchronize(self, operation: str = "synchronize") -> None:
         """Wait until the work queued so far on the current CUDA stream has finished (a replayed CUDA
