@@ -332,13 +332,17 @@ if triton is not None:
             tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
 
 def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], rank_of: torch.Tensor, ep_size: int,
-               num_flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+               num_flags: int, in_rank: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(is_token_in_rank [T, R] bool, row [1 + R + E + num_flags] int32 = [T; tokens per rank; pairs
     per expert; flags]). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
-    needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token)."""
+    needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token). in_rank: a
+    contiguous int8 buffer of at least T*R entries that the caller never reads (standard), written
+    and returned as it is instead of a new tensor (two torch ops fewer)."""
     T, K = topk_ids.shape
     E = rank_of.numel()
-    in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
+    mine = in_rank is None
+    if mine:
+        in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
     row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
@@ -346,7 +350,7 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
         row, T, K, E, ep_size,
         1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
         BLOCK_K=next_power_of_2(max(K, 2)))
-    return in_rank.view(torch.bool), row
+    return (in_rank.view(torch.bool) if mine else in_rank), row
 
 
 class TablePlan(NamedTuple):

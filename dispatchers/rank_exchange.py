@@ -14,8 +14,8 @@ overflow fails every rank with the same error, before any payload moves.
 Inference on CUDA takes the kernel path: layout, value flags and counts in one kernel, one
 all_gather, the plan built from the gathered table on the device by one kernel, and each row sent
 together with its metadata in one exchange. A static plan there does not read the table on the host:
-it is copied to pinned memory without a sync and checked _CHECK_LAG static calls later on this
-exchange (or by `raise_deferred()`), every rank raising the same error at the same call;
+it is copied to pinned memory without a sync and checked CHECK_LAG static calls later on this
+exchange (or by `raise_deferred()`; dispatchers/deferred.py), every rank raising the same error at the same call;
 EP_RUNTIME_SYNC_CHECKS=1 reads it at once instead. CPU ranks always read it at once.
 
 Every read of the table on CUDA goes through _read_table (and the deferred check through
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -41,6 +40,7 @@ from ep_runtime.quant import QuantConfig
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
+from .deferred import CHECK_LAG, DeferredChecks
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import peer_transport
 from .transport import all_gather_rows, all_to_all
@@ -151,24 +151,16 @@ def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     return sent, max(sum(sent[s][d] for s in range(R)) for d in range(R))
 
 
-class _Deferred(NamedTuple):
-    """A static plan's count table on its way to pinned host memory, and what checking it needs."""
+class _StaticCall(NamedTuple):
+    """What the deferred check of a static plan's count table needs besides the table."""
 
-    ready: "torch.cuda.Event"
     issued_at: float  # time.monotonic() when the table's all_gather was queued: the wait's deadline counts from it
-    table: torch.Tensor  # pinned [R, ROW] int32
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     distinct: Optional[str]
     chunk: int
     rows: Optional[int]
     capacity: str
-
-
-# A static plan's table is checked this many calls later on the same exchange: at the same call on
-# every rank (never "when its copy happens to have landed", which differs between ranks), and late
-# enough that the wait for the copy normally finds it done.
-_CHECK_LAG = 2
 
 
 class RankExchange:
@@ -188,9 +180,10 @@ class RankExchange:
         self.max_tokens = max_tokens
         self._tables: dict = {}
         self._aranges: dict = {}
-        self._deferred: deque = deque()
-        self._landing: list = []  # pinned tables and their events, reused in turn by deferred checks
-        self._next_landing = 0
+        self._deferred = DeferredChecks(
+            self._check_deferred, "the count table of a static-plan call on this exchange",
+            f"rank {self.rank}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} or "
+            f"non-finite weights) and have been overwritten since, so the value cannot be named", self._wait_deferred)
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
         self._read_event = None  # recorded after each all_gather whose table the host reads now
@@ -299,8 +292,7 @@ class RankExchange:
         if static and (now or defer):  # the table is not read now: this rank checks its own T first
             self._check_local_tokens(T)
         if defer:  # before this call's collectives, so every rank raises at the same point
-            while len(self._deferred) >= _CHECK_LAG:
-                self._check_oldest()
+            self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
         in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
         issued_at = time.monotonic()
@@ -318,7 +310,8 @@ class RankExchange:
         if static:
             total = R * chunk
             if defer:
-                self._defer(table, issued_at, topk_ids, topk_weights, distinct, chunk, rows, capacity)
+                self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, rows,
+                                                        capacity))
             elif not now:
                 host = self._read_table(table, issued_at)
                 self._check_host_table(host, topk_ids, topk_weights, distinct)
@@ -365,52 +358,22 @@ class RankExchange:
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids, quant))
 
-    def _defer(self, table, issued_at, topk_ids, topk_weights, distinct, chunk, rows, capacity) -> None:
-        """Start the table's copy to pinned memory (no sync). At most _CHECK_LAG tables are pending, so
-        _CHECK_LAG landing buffers, used in turn, never overwrite one still to be checked."""
-        if len(self._landing) < _CHECK_LAG:
-            self._landing.append(None)
-        slot = self._next_landing
-        self._next_landing = (slot + 1) % _CHECK_LAG
-        pinned, ready = self._landing[slot] or (None, None)
-        if pinned is None or pinned.shape != table.shape:
-            pinned, ready = torch.empty(table.shape, dtype=table.dtype, pin_memory=True), torch.cuda.Event()
-            self._landing[slot] = (pinned, ready)
-        pinned.copy_(table, non_blocking=True)
-        ready.record()
-        self._deferred.append(_Deferred(ready, issued_at, pinned, topk_ids, topk_weights, distinct, chunk, rows,
-                                        capacity))
-
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank
         together, e.g. after the last step; the first bad table raises its call's error."""
-        while self._deferred:
-            self._check_oldest()
+        self._deferred.flush()
 
-    def _check_oldest(self) -> None:
-        pending = self._deferred.popleft()
+    def _wait_deferred(self, ready: "torch.cuda.Event", call: _StaticCall) -> None:
         # Work this old has normally finished: no wait. A peer that never joined that call's
         # all_gather: abort the group and raise, EP_RUNTIME_TIMEOUT_S after the all_gather was issued.
-        try:
-            wait_on_device(pending.ready, issued_at=pending.issued_at, group=self.group, name=self.name,
-                           operation="dispatch", rank=self.rank, world_size=self.world_size,
-                           waited_for=f"the count table's all_gather of the static-plan call {_CHECK_LAG} calls back "
-                                      f"(its deferred check)")
-        except Exception:
-            self._deferred.clear()
-            raise
-        host = pending.table.tolist()
-        try:
-            self._check_host_table(host, pending.topk_ids, pending.topk_weights, pending.distinct)
-            self._check_static(host, pending.chunk, pending.rows, pending.capacity)
-        except (ValueError, IndexError) as err:  # IndexError: the caller has since overwritten its ids
-            self._deferred.clear()
-            detail = str(err) if isinstance(err, ValueError) else (
-                f"rank {self.rank}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} "
-                f"or non-finite weights) and have been overwritten since, so the value cannot be named")
-            raise ValueError(f"{detail} [found by the deferred check of the count table of the call {_CHECK_LAG} "
-                             f"static-plan calls back: that call's output is not valid; EP_RUNTIME_SYNC_CHECKS=1 "
-                             f"raises before the payload moves]") from None
+        wait_on_device(ready, issued_at=call.issued_at, group=self.group, name=self.name, operation="dispatch",
+                       rank=self.rank, world_size=self.world_size,
+                       waited_for=f"the count table's all_gather of the static-plan call {CHECK_LAG} calls back "
+                                  f"(its deferred check)")
+
+    def _check_deferred(self, host: list, call: _StaticCall) -> None:
+        self._check_host_table(host, call.topk_ids, call.topk_weights, call.distinct)
+        self._check_static(host, call.chunk, call.rows, call.capacity)
 
     def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
         R, E = self.world_size, self.num_experts

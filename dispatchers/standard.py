@@ -2,24 +2,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, register_format
+from ep_runtime import envs
+from ep_runtime.runner_core import CombineInput, DispatchOutput, RunnerInput, needs_grad, register_format
 from ep_runtime.validation import capturing, check_topk_values
 
 from . import exchange_kernels, register
 from .base import Dispatcher
+from .deferred import DeferredChecks
 
 
 @dataclass
 class StandardDispatchOutput(DispatchOutput):
-    """hidden_states [T, H]; topk_ids [T, K] int32 global (-1 = nowhere); topk_weights [T, K] fp32."""
+    """hidden_states [T, H]; topk_ids [T, K] int32 global (-1 = nowhere; int64 ids stay int64);
+    topk_weights [T, K] fp32; count_row [1 + 1 + E + 2] int32: the flag kernel's row (T, tokens with an
+    expert, pairs per expert, value flags) where it ran, else None."""
 
     format = "standard"
     hidden_states: torch.Tensor
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
+    count_row: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens_per_expert(self) -> Optional[torch.Tensor]:
+        """[E] int32 pairs per expert (ids outside [0, E) not counted), or None where no kernel ran."""
+        return None if self.count_row is None else self.count_row[2:-2]
 
 
 @register
@@ -29,15 +40,55 @@ class StandardDispatcher(Dispatcher):
     shards_experts = False
     checks_values_in_exchange = True  # checked in _dispatch: one fused flag kernel on CUDA
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sync_checks = envs.get("SYNC_CHECKS")
+        self._in_rank: dict = {}  # device -> the flag kernel's is_token_in_rank output, never read here
+        E = self.config.num_experts
+        self._deferred = DeferredChecks(
+            self._check_deferred, "the value flags of a standard dispatch",
+            f"topk_ids/topk_weights were invalid (ids outside -1..{E - 1} or non-finite weights) and have been "
+            f"overwritten since, so the value cannot be named")
+
     def _dispatch(self, x, topk):
+        """On CUDA (eager, nothing needing a gradient) the flag kernel's row lands in pinned
+        memory and is checked CHECK_LAG calls later or at raise_deferred(): no host sync. Bad ids reach
+        the runner meanwhile, which sends every id outside [0, E) to the sink (runner_core)."""
         ids, weights = topk
-        flags = None
-        if exchange_kernels.on_gpu(ids) and ids.numel() and not capturing():  # one kernel + one read, not ~12 ops
-            # one "rank" holds every expert here: the placement's owner table is all zeros
-            _, row = exchange_kernels.layout_row(ids, weights, self.placement.expert_rank_table(ids.device), 1, 2)
-            flags = row[-2:].tolist()
-        check_topk_values(ids, weights, self.config.num_experts, flags)
-        return StandardDispatchOutput(x, ids, weights)
+        if not (exchange_kernels.on_gpu(ids) and ids.numel() and not capturing()):
+            check_topk_values(ids, weights, self.config.num_experts)
+            return StandardDispatchOutput(x, ids, weights)
+        # torch.compile traces the plain form (an immediate read), not state kept across calls
+        eager = not torch.compiler.is_compiling()
+        defer = eager and ids.is_cuda and not self.sync_checks and not needs_grad(x, weights)
+        if defer:
+            self._deferred.make_room()
+        # one kernel, not ~12 ops; one "rank" holds every expert here: the owner table is all zeros
+        _, row = exchange_kernels.layout_row(ids, weights, self.placement.expert_rank_table(ids.device), 1, 2,
+                                             self._scratch(ids.shape[0], ids.device) if eager else None)
+        if defer:
+            self._deferred.defer(row, (ids, weights))
+        else:
+            check_topk_values(ids, weights, self.config.num_experts, row[-2:].tolist())
+        return StandardDispatchOutput(x, ids, weights, row)
+
+    def _scratch(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """An int8 buffer of at least num_tokens entries on `device`, grown when needed, kept across calls."""
+        buffer = self._in_rank.get(device)
+        if buffer is None or buffer.numel() < num_tokens:
+            buffer = self._in_rank[device] = torch.empty(num_tokens, dtype=torch.int8, device=device)
+        return buffer
+
+    def _check_deferred(self, row: list, call: tuple) -> None:
+        flags = row[-2:]
+        check_topk_values(*call, self.config.num_experts, flags)
+        if any(flags):  # flagged, yet nothing bad there now: the caller changed its tensors since
+            raise LookupError("overwritten")
+
+    def raise_deferred(self) -> None:
+        """Check every pending dispatch's value flags now (waits for their copies); the first bad call
+        raises the error it would have raised at once, naming which call it was."""
+        self._deferred.flush()
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         return combine_input.hidden_states

@@ -582,6 +582,7 @@ def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Op
 # Formats whose dispatch output already holds this rank's pairs per (physical) expert: the layout the
 # exchange computed, [P] int32 on the device. Other formats count with one scatter-add.
 _SENT_PER_EXPERT = {
+    "standard": lambda out: out.num_tokens_per_expert,  # None where no flag kernel ran
     "deepep_normal": lambda out: out.handle.layout.num_tokens_per_expert,
     "mori": lambda out: out.handle.layout.num_tokens_per_expert,
     "deepep_ll": lambda out: out.handle.exchange.layout.num_tokens_per_expert,

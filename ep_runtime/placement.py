@@ -247,6 +247,11 @@ class ExpertPlacement:
         entry E (where a -1 id is rerouted) is the sink too. RunnerInput.from_global_ids reads it."""
         return _cached(self, "global_to_local", _device(device))
 
+    def local_to_local_table(self, device=None) -> torch.Tensor:
+        """[L + 1] int32: 0..L-1, then the sink L; RunnerInput.from_local_ids reads it (any id outside
+        [0, L), -1 included, becomes the sink)."""
+        return _cached(self, "local_to_local", _device(device))
+
     def local_mask_with_sink(self, device=None) -> torch.Tensor:
         """[L+1] bool: every local expert on, the sink slot L off."""
         return _cached(self, "local_mask", _device(device))
@@ -357,6 +362,7 @@ _TABLES = {
     "replica_count": lambda p: _replica_table(p, "replica_count"),
     "replica_local": lambda p: _replica_table(p, "replica_local"),
     "global_to_local": _global_to_local,
+    "local_to_local": lambda p: torch.arange(p.num_local_experts + 1, dtype=torch.int32),
     "local_mask": lambda p: torch.tensor([True] * p.num_local_experts + [False]),
     "global_mask": lambda p: torch.tensor([r == p.rank for r in p._owners()]),
 }

@@ -8,7 +8,8 @@ registered layout conversion (register_conversion), so every backend runs under 
 neither names the other. A (format, backend) pair may also register one function for the whole
 step (register_fused, as SGLang's register_fused_func); none is needed.
 
--1 ids are rerouted to a sink slot by RunnerInput's constructors, once, for every backend.
+-1 ids (and any id outside the table) are rerouted to a sink slot by RunnerInput's constructors, once,
+for every backend.
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ class RunnerInput:
                        placement: ExpertPlacement, hidden_scale: Optional[torch.Tensor] = None,
                        out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
         """Formats carrying this rank's local ids (-1 = elsewhere or nowhere): -1 -> sink L."""
-        return cls(hidden_states, reroute_to_sink(local_ids, placement.sink), weights.float(),
-                   placement.local_mask_with_sink(hidden_states.device), hidden_scale, out_dtype)
+        device = hidden_states.device
+        return cls(hidden_states, reroute_to_sink(local_ids, placement.local_to_local_table(device)), weights.float(),
+                   placement.local_mask_with_sink(device), hidden_scale, out_dtype)
 
     @classmethod
     def from_global_ids(cls, hidden_states: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor,
@@ -97,10 +99,9 @@ class RunnerInput:
                         out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
         """Formats carrying global ids (-1 = nowhere): each id becomes this rank's local index through
         the placement's table, or the sink L when the expert lives elsewhere (any placement)."""
-        table = placement.global_to_local_table(hidden_states.device)  # [E+1]; entry E (for -1) = sink
-        local = table[reroute_to_sink(global_ids, placement.num_experts).long()]
-        return cls(hidden_states, local, weights.float(), placement.local_mask_with_sink(hidden_states.device),
-                   hidden_scale, out_dtype)
+        device = hidden_states.device
+        return cls(hidden_states, reroute_to_sink(global_ids, placement.global_to_local_table(device)),
+                   weights.float(), placement.local_mask_with_sink(device), hidden_scale, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,15 @@ class ExpertMajorInput:
         return self.out_dtype or self.hidden_states.dtype
 
 
-def reroute_to_sink(ids: torch.Tensor, sink: int) -> torch.Tensor:
-    """int32 ids with every negative id replaced by the sink slot."""
-    ids = ids.to(torch.int32)
-    return torch.where(ids < 0, torch.full_like(ids, sink), ids)
+def reroute_to_sink(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table [n + 1] int32: what each id in [0, n) becomes, then the sink. Returns table[id] as int32,
+    the sink for every id outside [0, n): -1, and bad ids that reach the runner before their
+    deferred check reports them (standard, mori static on CUDA), which must never index out of
+    bounds (a device-side assert ends the process). Two ops: ids clamped to [-1, n], and -1 indexes
+    the table's last entry."""
+    if ids.dtype not in (torch.int32, torch.int64):  # index tensors must be int32/int64 (uint8 is a mask)
+        ids = ids.to(torch.int32)
+    return table[ids.clamp(-1, table.shape[0] - 1)]
 
 
 # ---------------------------------------------------------------- layout conversions

@@ -162,9 +162,9 @@ def graphs_on_rank(rank: int, world_size: int) -> dict:
 INFERENCE = {"standard": ("standard", {}), "deepep_normal": ("deepep_normal", {}), "mori": ("mori", {}),
              "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 128}),
              **{v.impl: (v.dispatcher, v.options(128, 2)) for v in STATIC_VARIANTS}}
-# Host syncs per call (issue 16): one count-table read per dynamic-shape dispatch, the standard
-# dispatcher's value check, and none anywhere else (combine, reused handle, static plans).
-EXPECTED_SYNCS = {"standard": 1, "deepep_normal": 1, "mori": 1}
+# Host syncs per call: one count-table read per dynamic-shape dispatch, none anywhere else (combine,
+# reused handle, static plans, standard: its value check is deferred).
+EXPECTED_SYNCS = {"deepep_normal": 1, "mori": 1}
 
 
 def inference_on_rank(rank: int, world_size: int) -> dict:
@@ -355,6 +355,91 @@ def test_deferred_check_fails_every_rank(on_ranks):
         pytest.skip("needs 2 GPUs")
     assert "rank 1 got invalid topk_ids" in messages[0] and "deferred check" in messages[0], messages
     assert f"topk_ids has id {E + 3} at [5, 2]" in messages[1], messages
+
+
+def test_standard_dispatch_and_combine_make_no_host_sync():
+    """standard on CUDA: dispatch (its value check deferred) and combine run under sync debug mode
+    "error", the deferred checks of earlier calls included; good input raises nothing at the end."""
+    from ep_runtime.dispatchers.deferred import CHECK_LAG
+
+    d = dispatchers.create("standard", ep.MoeConfig(E, K, H, INTER))
+    x = torch.randn(100, H, device="cuda", dtype=torch.bfloat16)
+    topk = ep.TopKOutput(*_routing(100, "cuda", 5))
+    d.dispatch(x, topk)  # builds the placement's device tables (a host copy), once per dispatcher
+
+    def calls():
+        for _ in range(2 * CHECK_LAG + 1):
+            out = d.dispatch(x, topk)
+            y = d.combine(CombineInput(out.hidden_states * 2, out))
+        return y
+
+    assert _host_sync_in(calls) is None
+    d.raise_deferred()
+    assert torch.equal(calls(), x * 2)
+
+
+@pytest.mark.parametrize("via", ["a later call", "raise_deferred"])
+@pytest.mark.parametrize("bad", ["id", "weight"])
+def test_standard_bad_value_raises_two_calls_later_and_the_calls_between_stay_finite(bad, via):
+    """A bad id (E+3) or a NaN weight at call n passes that call: ids outside [0, E) go to the runner's
+    sink (never an out-of-bounds index), so call n equals the reference with that pair dropped on
+    every good row and call n+1 is finite and right; call n+2 (or raise_deferred) raises the error the
+    immediate check names, saying which call it was. The dispatcher then goes on."""
+    runner = "triton" if "triton" in runners.available() else "torch"
+    layer = ep.EPMoE(E, K, H, INTER, dispatcher="standard", runner=runner, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(40, H, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(40, "cuda", 9)
+    bad_ids, bad_w = ids.clone(), w.clone()
+    if bad == "id":
+        bad_ids[5, 2] = E + 3
+        named, bad_row = f"topk_ids has id {E + 3} at [5, 2]", None
+    else:
+        bad_w[9, 1] = float("nan")
+        named, bad_row = "topk_weights has a non-finite value nan at [9, 1]", 9
+
+    def reference(ids_, w_):
+        return moe_reference(x.double(), ids_, w_.double(), layer.w13.detach().double(), layer.w2.detach().double(),
+                             layer.config)
+    dropped = torch.where(bad_ids >= E, -1, bad_ids)
+    with torch.no_grad():
+        layer(x, ids, w)
+        y_bad = layer(x, bad_ids, bad_w)  # call n: no error yet
+        y_next = layer(x, ids, w)  # call n + 1
+        torch.cuda.synchronize()  # no device-side assert
+        with pytest.raises(ValueError) as err:
+            if via == "raise_deferred":
+                layer.dispatcher.raise_deferred()
+            else:
+                layer(x, ids, w)  # call n + 2
+        good = torch.ones(40, dtype=torch.bool, device="cuda")
+        if bad_row is not None:
+            good[bad_row] = False
+        assert torch.isfinite(y_bad[good]).all() and torch.isfinite(y_next).all()
+        assert rel_err(y_bad[good], reference(dropped, w)[good]) <= tolerance(torch.bfloat16)
+        assert rel_err(y_next, reference(ids, w)) <= tolerance(torch.bfloat16)
+        message = str(err.value)
+        assert message.startswith(named) and "deferred check" in message and "2 calls back" in message, message
+        layer(x, ids, w)
+        layer.dispatcher.raise_deferred()  # nothing left over from the bad call
+
+
+def test_standard_layer_forward_makes_no_host_sync():
+    """EPMoE on standard with the triton runner, inference: a forward makes no host sync (the torch
+    runner groups pairs by expert with a data-dependent count: it syncs by design)."""
+    if "triton" not in runners.available():
+        pytest.skip("runner='triton' is not available here")
+    layer = ep.EPMoE(E, K, H, INTER, dispatcher="standard", runner="triton", dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(64, H, device="cuda", dtype=torch.bfloat16)
+    ids, w = _routing(64, "cuda", 13)
+    with torch.no_grad():
+        want = layer(x, ids, w)  # compiles the kernels, builds the device tables
+        ys = []
+        assert _host_sync_in(lambda: ys.extend(layer(x, ids, w) for _ in range(4))) is None
+        layer.dispatcher.raise_deferred()
+    assert all(torch.equal(y, want) for y in ys)
+    ref = moe_reference(x.double(), ids, w.double(), layer.w13.detach().double(), layer.w2.detach().double(),
+                        layer.config)
+    assert rel_err(want, ref) <= tolerance(torch.bfloat16)
 
 
 @pytest.mark.parametrize("key", [f"dispatch/{impl}" for impl in STATIC] + [f"layer/{r}" for r in runners.registered()])

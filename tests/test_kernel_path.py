@@ -88,12 +88,17 @@ def test_kernel_path_flags_bad_ids_on_every_rank(case):
 
 def test_standard_checks_values_with_one_kernel():
     """standard on the kernel path: the fused flag kernel names a bad id and a NaN weight as the torch
-    checks do, and good input runs."""
+    checks do (at once on CPU tensors), good input runs, and the kernel's per-expert counts are the
+    layer's expert load."""
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
     x = torch.randn(4, 32)
-    ids = torch.tensor([[0, 5], [1, 2], [3, 7], [6, 4]], dtype=torch.int32)
+    ids = torch.tensor([[0, 5], [1, 2], [3, 7], [6, 0]], dtype=torch.int32)
     with torch.no_grad(), xk.forced():
         assert layer(x, ids, torch.rand(4, 2)).shape == (4, 32)
+        assert layer.expert_load().tolist() == [2, 1, 1, 1, 0, 1, 1, 1]
+        more = torch.tensor([[4, -1]] * 9, dtype=torch.int32)  # more tokens than before: a bigger scratch buffer
+        assert layer(torch.randn(9, 32), more, torch.rand(9, 2)).shape == (9, 32)
+        assert layer.expert_load().tolist() == [2, 1, 1, 1, 9, 1, 1, 1]
         bad = ids.clone()
         bad[2, 1] = 9
         with pytest.raises(ValueError, match=r"topk_ids has id 9 at \[2, 1\]"):

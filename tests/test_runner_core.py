@@ -74,8 +74,32 @@ def test_unknown_backend_and_dispatcher_names():
 
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
-    out = reroute_to_sink(ids, 5)
+    out = reroute_to_sink(ids, ep.ExpertPlacement(5).local_to_local_table())
     assert out.dtype == torch.int32 and out.tolist() == [[5, 2], [0, 5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_ids_outside_the_experts_go_to_the_sink_never_out_of_bounds(dtype):
+    """Ids outside [0, E) that reach the runner before their deferred check fires (-7, E+5, and an
+    int64 id past int32) are dropped: RunnerInput through the torch runner equals the float64
+    reference with those pairs set to -1; local ids likewise."""
+    gen = torch.Generator().manual_seed(4)
+    E, K, H, I = 8, 3, 16, 8
+    cfg = ep.MoeConfig(E, K, H, I)
+    w13 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64) / 4
+    w2 = torch.randn(E, H, I, generator=gen, dtype=torch.float64) / 3
+    x = torch.randn(12, H, generator=gen, dtype=torch.float64)
+    ids = random_topk_ids(gen, 12, E, K, 1, minus_one_fraction=0.2).to(dtype)
+    w = torch.rand(12, K, generator=gen)
+    bad = ids.clone()
+    bad[1, 0], bad[4, 2], bad[7, 1] = -7, E + 5, 2 ** 40 if dtype == torch.int64 else E
+    dropped = torch.where((bad < -1) | (bad >= E), -1, bad)
+    want = moe_reference(x, dropped, w.double(), w13, w2, cfg)
+    runner = ep.runners.create("torch", cfg)
+    p = ep.ExpertPlacement(E)
+    for inp in (RunnerInput.from_global_ids(x, bad, w, p), RunnerInput.from_local_ids(x, bad, w, p)):
+        assert inp.topk_ids.dtype == torch.int32 and inp.topk_ids.tolist() == torch.where(dropped < 0, E, dropped).tolist()
+        assert rel_err(runner.run(inp, ep.ExpertWeights(w13, w2)), want) < 1e-12
 
 
 def _layer(E=8, K=3, H=16, I=8, **kw):

@@ -275,7 +275,7 @@ def _time_dispatcher(disp, runner, expert_weights, xs, topks, timing: dict,
             ("round_trip", lambda: measure(round_trip, **timing))]
     if graphs:
         # Replays of the combine read the eager dispatch outputs made above (static shapes).
-        graph = dict(rotate=rot, **timing)
+        graph = dict(rotate=rot, before_capture=disp.raise_deferred, **timing)
         ops += [("dispatch" + GRAPH, lambda: measure_cuda_graph(dispatch, **graph)),
                 ("combine" + GRAPH, lambda: measure_cuda_graph(
                     lambda k: disp.combine(CombineInput(rows[k], outs[k])), **graph)),

@@ -184,8 +184,9 @@ def _time_graphs(layer, inputs: list, timing: dict, group: Any, device: torch.de
     replays' outputs with the eager sequential run's."""
     rot = len(inputs)
     eager = [run_sequential(layer, batches) for batches in inputs]
-    sequential, seq_out = capture_graphs(lambda k: run_sequential(layer, inputs[k]), rot, device)
-    overlapped, over_out = capture_graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device)
+    flush = layer.dispatcher.raise_deferred  # the warm-up's deferred checks, before each capture
+    sequential, seq_out = capture_graphs(lambda k: run_sequential(layer, inputs[k]), rot, device, before_capture=flush)
+    overlapped, over_out = capture_graphs(lambda k: run_overlapped(layer, inputs[k]), rot, device, before_capture=flush)
     try:
         for k in range(rot):
             sequential[k].replay()

@@ -129,10 +129,11 @@ def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, 
 
 
 def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, rotate: int,
-                       device: torch.device, group: Optional[Any] = None) -> Stats:
-    """Capture fn(k) for each rotation slot k into a CUDA graph (capture_graphs), then time replays
-    with `measure`."""
-    graphs, _ = capture_graphs(fn, rotate, device)
+                       device: torch.device, group: Optional[Any] = None,
+                       before_capture: Optional[Callable[[], Any]] = None) -> Stats:
+    """Capture fn(k) for each rotation slot k into a CUDA graph (capture_graphs, before_capture as
+    there: pass the dispatcher's raise_deferred where fn dispatches), then time replays with `measure`."""
+    graphs, _ = capture_graphs(fn, rotate, device, before_capture=before_capture)
     stats = measure(lambda i: graphs[i % rotate].replay(), repeats=repeats, warmup=warmup, device=device,
                     group=group)
     stats.method = "cuda_graph"

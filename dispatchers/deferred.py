@@ -1,0 +1,93 @@
+"""Checks read on the host a fixed number of calls late instead of now, so a call on CUDA costs no sync.
+
+The values a check needs (a count table, value flags) are computed on the device, copied to pinned
+host memory without a sync (a non_blocking copy and an event) and checked CHECK_LAG deferring calls
+later on the same owner, before that call's work, or when the owner flushes (its dispatcher's
+`raise_deferred()`). The point depends on the call count only, never on timing, so ranks making
+the same calls check at the same call. At most CHECK_LAG copies are pending, so CHECK_LAG landing
+buffers, used in turn, never overwrite one still to be checked. Shared by rank_exchange's static
+plans and the standard dispatcher.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+# Late enough that the copy has normally landed when it is read (no wait), early enough that a bad
+# call is reported while the caller can still tell which one it was.
+CHECK_LAG = 2
+
+
+class _Pending(NamedTuple):
+    call: int  # this owner's deferred calls so far, this one included
+    ready: Optional["torch.cuda.Event"]  # recorded after the copy (None: host values, copied at once)
+    values: torch.Tensor  # the landing buffer (pinned for device values)
+    context: Any  # what the check needs besides the values (that call's ids and weights, ...)
+
+
+def _wait_for_own_work(ready: "torch.cuda.Event", context: Any) -> None:
+    """Wait for this rank's own queued work (no peer involved); two calls on, normally already done."""
+    if not ready.query():
+        ready.synchronize()
+
+
+class DeferredChecks:
+    """check(values as a list, context) raises ValueError naming the bad value, or LookupError (an
+    IndexError included) when the caller's tensors have changed since and the value cannot be found:
+    `overwritten` then says what was wrong. `what` names the checked call in the error, e.g. "the
+    count table of the static-plan call". wait(event, context) waits for one copy (default: this
+    rank's own work)."""
+
+    def __init__(self, check: Callable[[list, Any], None], what: str, overwritten: str,
+                 wait: Callable[[Any, Any], None] = _wait_for_own_work):
+        self._check, self._what, self._overwritten, self._wait = check, what, overwritten, wait
+        self._pending: deque = deque()
+        self._landing: list = [None] * CHECK_LAG  # (buffer, event) per slot, reused in turn
+        self._calls = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def make_room(self) -> None:
+        """Before a deferring call's work: check the calls CHECK_LAG back (raises their error)."""
+        while len(self._pending) >= CHECK_LAG:
+            self._check_oldest()
+
+    def defer(self, values: torch.Tensor, context: Any) -> None:
+        """Start the copy of `values` to the host (no sync on CUDA); call make_room() first."""
+        self._calls += 1
+        slot = self._calls % CHECK_LAG
+        buffer, ready = self._landing[slot] or (None, None)
+        if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
+            buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+            ready = torch.cuda.Event() if values.is_cuda else None
+            self._landing[slot] = (buffer, ready)
+        buffer.copy_(values, non_blocking=values.is_cuda)
+        if ready is not None:
+            ready.record()
+        self._pending.append(_Pending(self._calls, ready, buffer, context))
+
+    def flush(self) -> None:
+        """Check every pending call now (waits for their copies); the first bad one raises."""
+        while self._pending:
+            self._check_oldest()
+
+    def _check_oldest(self) -> None:
+        pending = self._pending.popleft()
+        try:
+            if pending.ready is not None:
+                self._wait(pending.ready, pending.context)
+        except Exception:
+            self._pending.clear()
+            raise
+        try:
+            self._check(pending.values.tolist(), pending.context)
+        except (ValueError, LookupError) as err:
+            self._pending.clear()
+            back = self._calls - pending.call + 1
+            when = "the last call" if back == 1 else f"the call {back} calls back"
+            detail = str(err) if isinstance(err, ValueError) else self._overwritten
+            raise ValueError(f"{detail} [found by the deferred check of {self._what}: {when}, whose output is not "
+                             f"valid; EP_RUNTIME_SYNC_CHECKS=1 raises at the call itself]") from None
