@@ -19,7 +19,7 @@ exchange (or by `raise_deferred()`; dispatchers/deferred.py), every rank raising
 EP_RUNTIME_SYNC_CHECKS=1 reads it at once instead. CPU ranks always read it at once.
 
 Every read of the table on CUDA goes through _read_table (and the deferred check through
-_check_oldest): the host polls an event recorded after the all_gather, with a deadline of
+_wait_deferred): the host polls an event recorded after the table's copy to pinned memory, with a deadline of
 EP_RUNTIME_TIMEOUT_S after the collective was issued, instead of blocking in a synchronize; a peer
 that never joins makes this rank abort the group's communicator and raise ep.PeerFailure
 (ep_runtime.distributed.wait_on_device). On CPU ranks gloo's collective itself waits and fails.
@@ -186,7 +186,7 @@ class RankExchange:
             f"non-finite weights) and have been overwritten since, so the value cannot be named", self._wait_deferred)
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
-        self._read_event = None  # recorded after each all_gather whose table the host reads now
+        self._landing = self._read_event = None  # the pinned copy of a table the host reads now, its event
         self.hierarchical, self.ranks_per_node = hierarchical, ranks_per_node
         self.nodes: Optional[NodeLayout] = None  # resolved on the first host plan
 
@@ -200,23 +200,29 @@ class RankExchange:
                                                     device)
         return self.nodes if hierarchical.use_two_stages(self.hierarchical, self.nodes) else None
 
-    def _read_table(self, table: torch.Tensor, issued_at: float, recorded: bool = False) -> list:
+    def _read_table(self, table: torch.Tensor, issued_at: float, landed: bool = False) -> list:
         """The all-gathered count table on the host: every host read of it goes through here. On CUDA:
-        poll an event recorded after the all_gather until it completes (deadline EP_RUNTIME_TIMEOUT_S
-        after issued_at, the time the all_gather was queued; past it the group is aborted and a
-        PeerFailure names the dispatcher, the operation, the peer(s) and the knob), then copy.
-        recorded: the caller recorded the event right after the all_gather (_record_read) and queued
-        more of this rank's own kernels since, which the copy then waits for (they wait for no peer)."""
+        the table is copied to pinned memory right after the all_gather (_land_table) and the host polls
+        an event recorded after that copy until it completes (deadline EP_RUNTIME_TIMEOUT_S after
+        issued_at, the time the all_gather was queued; past it the group is aborted and a PeerFailure
+        names the dispatcher, the operation, the peer(s) and the knob), then reads the pinned copy: no
+        device sync, and no wait for the kernels queued after the copy (the plan and the pack).
+        landed: the caller called _land_table right after the all_gather."""
         if table.is_cuda and not capturing():  # (while capturing nothing can be read: tolist raises as ever)
-            if not recorded:
-                self._record_read()
+            if not landed:
+                self._land_table(table)
             wait_on_device(self._read_event, issued_at=issued_at, group=self.group, name=self.name,
                            operation="dispatch", rank=self.rank, world_size=self.world_size)
+            return self._landing.tolist()
         return table.tolist()
 
-    def _record_read(self) -> None:
-        if self._read_event is None:
+    def _land_table(self, table: torch.Tensor) -> None:
+        """Queue the table's copy to pinned host memory and an event after it (no sync). One landing
+        buffer serves every read: each is read on the host before its call returns."""
+        if self._landing is None or self._landing.shape != table.shape:
+            self._landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
             self._read_event = torch.cuda.Event()
+        self._landing.copy_(table, non_blocking=True)
         self._read_event.record()
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,7 +304,7 @@ class RankExchange:
         issued_at = time.monotonic()
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
         if not static and not now and table.is_cuda:  # the event the read below polls: right after the all_gather, not
-            self._record_read()  # after the plan and pack queued next
+            self._land_table(table)  # before the plan and pack queued next
         layout = Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
         plan = payload = None
         if not static and x is not None:  # plan and pack first: the read below then overlaps them
@@ -317,7 +323,7 @@ class RankExchange:
                 self._check_host_table(host, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
         else:
-            host = self._read_table(table, issued_at, recorded=True)  # the one sync
+            host = self._read_table(table, issued_at, landed=True)  # the one wait
             self._check_host_table(host, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)

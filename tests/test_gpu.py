@@ -162,9 +162,9 @@ def graphs_on_rank(rank: int, world_size: int) -> dict:
 INFERENCE = {"standard": ("standard", {}), "deepep_normal": ("deepep_normal", {}), "mori": ("mori", {}),
              "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 128}),
              **{v.impl: (v.dispatcher, v.options(128, 2)) for v in STATIC_VARIANTS}}
-# Host syncs per call: one count-table read per dynamic-shape dispatch, none anywhere else (combine,
-# reused handle, static plans, standard: its value check is deferred).
-EXPECTED_SYNCS = {"deepep_normal": 1, "mori": 1}
+# Host syncs per call, as torch's sync debug mode sees them: none. A dynamic-shape dispatch waits once,
+# for its count table, by polling an event after the table's copy to pinned memory (not a device sync);
+# combine, a reused handle, static plans and standard (its value check is deferred) wait for nothing.
 
 
 def inference_on_rank(rank: int, world_size: int) -> dict:
@@ -338,13 +338,12 @@ def test_nvlink_wait_on_a_silent_peer_raises_within_the_timeout():
 
 
 @pytest.mark.parametrize("impl", list(INFERENCE))
-def test_inference_path_matches_reference_with_one_sync_at_most(on_ranks, impl):
+def test_inference_path_matches_reference_with_no_device_sync(on_ranks, impl):
     status, value = _outcome(on_ranks, f"inference/{impl}")
     assert status == "ok", value
-    want = EXPECTED_SYNCS.get(impl, 0)
     for result in value:
         assert result["y"] <= tolerance(torch.bfloat16), result
-        assert result["syncs"]["dispatch"] == want and result["syncs"]["combine"] == 0, result
+        assert result["syncs"]["dispatch"] == 0 and result["syncs"]["combine"] == 0, result
         assert result["syncs"].get("reused handle", 0) == 0, result
 
 
