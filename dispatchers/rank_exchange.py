@@ -275,7 +275,7 @@ class RankExchange:
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         per_expert = table[:, 1 + R + self.tables(table.device)[2].long()].sum(0)  # this rank's experts' columns
         recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
-        host = self._read_table(table, issued_at) if read else None  # the one sync
+        host = self._read_table(table, issued_at) if read else None  # the one wait
         if host is not None:
             if checked:
                 self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
@@ -287,7 +287,7 @@ class RankExchange:
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
                      quant=None):
         """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
-        one kernel from the table on the device. A host plan reads the table once (its one sync); a
+        one kernel from the table on the device. A host plan reads the table once (its one wait); a
         static plan defers the read on CUDA (see the module doc). Given x, a host plan also packs the
         payload before that read (sized for the most rows T * min(R, K) could need), so the device
         plans and packs while the host waits; returns (handle, payload or None)."""

@@ -119,7 +119,7 @@ _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
 _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves, "
-      "and standard dispatch reads its id/weight flags (one host sync per call). Off: they are copied without "
+      "and standard dispatch reads its id/weight flags (one host wait per call). Off: they are copied without "
       "a sync and checked two calls later.")
 _knob("DISPATCH_FP8", bool, False,
       "deepep_normal, deepep_ll, mori: send tokens as fp8 (e4m3, one scale per token and 128 channels) "
