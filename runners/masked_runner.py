@@ -48,7 +48,7 @@ try:
 
     from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
-    from .triton_kernels import ACTIVATION_CODES, activate, activation_args
+    from .triton_kernels import ACTIVATION_CODES, activate, activation_args, scaled_step
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
@@ -93,7 +93,7 @@ if triton is not None:
         HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr,
-        UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
+        UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, ONE_SCALE: tl.constexpr,
     ):
         """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
 
@@ -129,9 +129,9 @@ if triton is not None:
                     group_k = k0 // SCALE_K
                     a_s = tl.load(a_scale_ptr + expert * stride_asl + rows * stride_asm + group_k * stride_ask,
                                   mask=row_ok, other=0.0)
-                    w_s_ptrs = w_scale_ptr + expert * stride_wsl + (cols // SCALE_N) * stride_wsn + group_k * stride_wsk
-                    w_s = tl.load(w_s_ptrs, mask=col_ok, other=0.0)
-                    acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+                    w_scale_row = w_scale_ptr + expert * stride_wsl + group_k * stride_wsk
+                    acc = scaled_step(acc, tl.dot(a, w), a_s, w_scale_row, cols, col_ok, stride_wsn, SCALE_N,
+                                       ONE_SCALE)
                 elif FP32_DOT:
                     acc += tl.dot(a, w, input_precision="ieee")
                 else:
@@ -139,9 +139,8 @@ if triton is not None:
                 if GATED:
                     w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                     if BLOCK_SCALED:
-                        w_s = tl.load(w_scale_ptr + expert * stride_wsl + ((cols + up_offset) // SCALE_N) * stride_wsn
-                                      + group_k * stride_wsk, mask=col_ok, other=0.0)
-                        acc_up += tl.dot(a, w_up) * (a_s[:, None] * w_s[None, :])
+                        acc_up = scaled_step(acc_up, tl.dot(a, w_up), a_s, w_scale_row, cols + up_offset, col_ok,
+                                              stride_wsn, SCALE_N, ONE_SCALE)
                     elif FP32_DOT:
                         acc_up += tl.dot(a, w_up, input_precision="ieee")
                     else:
@@ -203,6 +202,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
         SCALE_K=quant.weight_block[1] if scaled else 1, QUANT_OUT=quant_out, UE8M0=quant_out and quant.ue8m0,
         ROUND_FIRST=quant_out and interpreted(),
+        # a tile's gate (or up) rows in one weight-scale block (triton_kernels.scaled_step)
+        ONE_SCALE=scaled and quant.weight_block[0] % block_n == 0 and (not gated or N % quant.weight_block[0] == 0),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 

@@ -456,7 +456,7 @@ def _grouped_gemm_kernel(
         if BLOCK_SCALED:  # (the interpreter's fp8 x fp8 dot is exact: no upcast needed)
             group_k = (k * BLOCK_K) // SCALE_K
             a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
-            acc = _scaled_step(acc, tl.dot(a, b), a_s, b_scale_ptr + expert * stride_bse + group_k * stride_bsk, w_row,
+            acc = scaled_step(acc, tl.dot(a, b), a_s, b_scale_ptr + expert * stride_bse + group_k * stride_bsk, w_row,
                                n_ok, stride_bsn, SCALE_N, ONE_SCALE)
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -492,7 +492,7 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
 
 
 @triton.jit
-def _scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N: tl.constexpr,
+def scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N: tl.constexpr,
                  ONE_SCALE: tl.constexpr):
     # acc + one K step's fp32 product times a's scale (per row) and w's (per block of SCALE_N weight
     # rows). ONE_SCALE: the tile's weight rows lie in one scale block, so w's scale is one number and
@@ -581,7 +581,7 @@ def _grouped_gemm_persistent_kernel(
                 if UPCAST:
                     b_gate = b_gate.to(tl.float32)
                 if BLOCK_SCALED:
-                    gate = _scaled_step(gate, tl.dot(a, b_gate), a_s, b_scale_row, col_n, n_ok, stride_bsn,
+                    gate = scaled_step(gate, tl.dot(a, b_gate), a_s, b_scale_row, col_n, n_ok, stride_bsn,
                                         SCALE_N, ONE_SCALE)
                 else:
                     gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
@@ -591,7 +591,7 @@ def _grouped_gemm_persistent_kernel(
                     if UPCAST:
                         b_up = b_up.to(tl.float32)
                     if BLOCK_SCALED:
-                        up = _scaled_step(up, tl.dot(a, b_up), a_s, b_scale_row, N + col_n, n_ok, stride_bsn,
+                        up = scaled_step(up, tl.dot(a, b_up), a_s, b_scale_row, N + col_n, n_ok, stride_bsn,
                                           SCALE_N, ONE_SCALE)
                     else:
                         up = tl.dot(a, b_up, up, input_precision=PRECISION)
