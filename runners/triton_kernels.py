@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
-from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -110,6 +110,12 @@ def device_file(device_name: str) -> Path:
     return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
 
 
+def reload_tables() -> None:
+    """Forget the tables read so far and the configs picked from them (after triton_tune writes one)."""
+    _load_table.cache_clear()
+    pick_config.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _load_table(path: str) -> dict:
     p = Path(path)
@@ -148,11 +154,13 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
     return shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype) in table
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                 dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config.
     kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
-    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it."""
+    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it.
+    Memoized (a per-call table lookup is host time): reload_tables() after rewriting a table."""
     config = None
     if not interpreted and device.type == "cuda":
         table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
@@ -168,6 +176,13 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
 
 # --------------------------------------------------------------------------- block alignment
 
+ALIGN_CHUNK = 128  # pairs per chunk: a chunk ranks its pairs with a CHUNK x CHUNK comparison
+# Up to this many pairs (decode sizes) one program aligns them all in one launch: there the four
+# launches' host time is the cost, and one program's loop over <= 8 chunks is short. Above it, four
+# kernels spread the chunks over programs.
+SINGLE_PROGRAM_MAX_PAIRS = 1024
+
+
 @dataclass
 class AlignedPairs:
     """Pairs p = t*K + k sorted by expert and padded per expert to a multiple of BLOCK_M.
@@ -178,6 +193,9 @@ class AlignedPairs:
     computed [num_pairs] bool: the pair has a local, unmasked expert;
     used_blocks [1] int32: how many leading blocks have an expert (on the device: the persistent GEMM
     kernels hand out only these blocks' work items).
+    chunk_counts, chunk_offsets [num_chunks, E_PAD] and padded [2 * E_PAD + 1] int32: the four-kernel
+    path's scratch (per-chunk counts and first slots; each expert's padded start, end, and the used
+    blocks, which used_blocks views).
     """
 
     sorted_pair_ids: torch.Tensor
@@ -186,6 +204,107 @@ class AlignedPairs:
     num_pairs: int
     block_m: int
     used_blocks: torch.Tensor
+    chunk_counts: Optional[torch.Tensor] = None
+    chunk_offsets: Optional[torch.Tensor] = None
+    padded: Optional[torch.Tensor] = None
+
+
+def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device: torch.device) -> AlignedPairs:
+    """Every buffer align_pairs writes for this shape, carved from one allocation (one allocator call
+    instead of six; a caller that keeps it across calls pays none)."""
+    P, e_pad = num_pairs, next_power_of_2(num_local_experts + 1)
+    num_blocks = cdiv(P, block_m) + min(num_local_experts, P)
+    chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
+    sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4))
+    sorted_pair_ids, block_expert, padded, counts, offsets, flags = torch.empty(
+        sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    return AlignedPairs(sorted_pair_ids, block_expert, flags.view(torch.uint8)[:P].view(torch.bool), P, block_m,
+                        padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded)
+
+
+@triton.jit
+def _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L: tl.constexpr,
+                  HAS_MASK: tl.constexpr):
+    # (computed, local expert) of each pair: computed = a local expert the mask does not turn off.
+    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
+    local = ids - first_expert
+    ok = in_range & (local >= 0) & (local < L)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + tl.minimum(tl.maximum(ids, 0), mask_size - 1), mask=in_range, other=0) != 0)
+    return ok, local
+
+
+@triton.jit
+def _expert_counts(ok, local, L: tl.constexpr, E_PAD: tl.constexpr):
+    # [E_PAD] computed pairs per local expert (filtered pairs land in slot L, which nobody reads).
+    bucket = tl.where(ok, local, L)
+    return tl.sum((bucket[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _padded_bounds(counts, L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    # Each expert's counts padded to BLOCK_M: (start, end (int32 max past the L experts), blocks used).
+    experts = tl.arange(0, E_PAD)
+    counts = tl.where(experts < L, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    return padded_end - padded, tl.where(experts < L, padded_end, 2147483647), tl.sum(padded, axis=0) // BLOCK_M
+
+
+@triton.jit
+def _fill_blocks(block, padded_end, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    # The owner of each block (-1 past the last used block), and sentinel pair ids in every slot (the
+    # scatter overwrites the real ones afterwards).
+    owner = tl.sum((padded_end[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+    used_end = tl.max(tl.where(padded_end < 2147483647, padded_end, 0), axis=0)
+    owner = tl.where(block * BLOCK_M < used_end, owner, -1)
+    tl.store(block_expert_ptr + block, owner, mask=block < num_blocks)
+    slot = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_pair_ids_ptr + slot, tl.zeros((BLOCKS, BLOCK_M), dtype=tl.int32) + num_pairs,
+             mask=(block < num_blocks)[:, None])
+
+
+@triton.jit
+def _rank_in_chunk(ok, local, CHUNK: tl.constexpr):
+    # Each computed pair's count of earlier pairs of its expert in the chunk (pairs keep ascending
+    # order within an expert).
+    idx = tl.arange(0, CHUNK)
+    bucket = tl.where(ok, local, -1)
+    earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
+    return tl.sum(earlier.to(tl.int32), axis=1)
+
+
+@fast_launch
+@triton.jit
+def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
+                         num_pairs, num_blocks, first_expert, mask_size, L: tl.constexpr, HAS_MASK: tl.constexpr,
+                         CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    # The four kernels below in one program: count every chunk, pad, fill the blocks, then scatter
+    # chunk by chunk with the running count of each expert's pairs as the chunk's offset.
+    idx = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        pair = c0 + idx
+        in_range = pair < num_pairs
+        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        tl.store(computed_ptr + pair, ok, mask=in_range)
+        counts += _expert_counts(ok, local, L, E_PAD)
+    start, end, used_blocks = _padded_bounds(counts, L, BLOCK_M, E_PAD)
+    tl.store(padded_ptr + 2 * E_PAD, used_blocks)
+    for b0 in range(0, num_blocks, BLOCKS):
+        _fill_blocks(b0 + tl.arange(0, BLOCKS), end, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
+                     BLOCK_M, BLOCKS)
+    tl.debug_barrier()  # the scatter overwrites sentinels that other threads of this program stored
+    experts = tl.arange(0, E_PAD)
+    running = start  # each expert's next free slot
+    for c0 in range(0, num_pairs, CHUNK):
+        pair = c0 + idx
+        in_range = pair < num_pairs
+        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        base = tl.sum(tl.where(local[:, None] == experts[None, :], running[None, :], 0), axis=1)
+        tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
+        running += _expert_counts(ok, local, L, E_PAD)
 
 
 @fast_launch
@@ -196,16 +315,9 @@ def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_p
     chunk = tl.program_id(0)
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
-    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
-    local = ids - first_expert
-    ok = in_range & (local >= 0) & (local < L)
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + tl.minimum(tl.maximum(ids, 0), mask_size - 1), mask=in_range, other=0) != 0)
-    tl.store(computed_ptr + pair, ok.to(tl.uint8), mask=in_range)
-    bucket = tl.where(ok, local, L)  # L: filtered, counted in a slot nobody reads
-    experts = tl.arange(0, E_PAD)
-    counts = tl.sum((bucket[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
+    ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+    tl.store(computed_ptr + pair, ok, mask=in_range)
+    tl.store(chunk_counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), _expert_counts(ok, local, L, E_PAD))
 
 
 @fast_launch
@@ -224,29 +336,19 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
         tl.store(chunk_offsets_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + running[None, :],
                  mask=(rows < num_chunks)[:, None])
         running += tl.sum(tile, axis=0)
-    counts = tl.where(experts < L, running, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    tl.store(padded_ptr + experts, padded_end - padded)
-    tl.store(padded_ptr + E_PAD + experts, tl.where(experts < L, padded_end, 2147483647))
-    tl.store(padded_ptr + 2 * E_PAD, tl.sum(padded, axis=0) // BLOCK_M)
+    start, end, used_blocks = _padded_bounds(running, L, BLOCK_M, E_PAD)
+    tl.store(padded_ptr + experts, start)
+    tl.store(padded_ptr + E_PAD + experts, end)
+    tl.store(padded_ptr + 2 * E_PAD, used_blocks)
 
 
 @fast_launch
 @triton.jit
 def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS: tl.constexpr):
-    # BLOCKS blocks per program: the owner of each (-1 past the last used block), and sentinel pair
-    # ids in every slot (the scatter overwrites the real ones afterwards).
-    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    padded_end = tl.load(padded_ptr + E_PAD + tl.arange(0, E_PAD))
-    owner = tl.sum((padded_end[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-    used_end = tl.max(tl.where(padded_end < 2147483647, padded_end, 0), axis=0)
-    owner = tl.where(block * BLOCK_M < used_end, owner, -1)
-    tl.store(block_expert_ptr + block, owner, mask=block < num_blocks)
-    slot = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-    tl.store(sorted_pair_ids_ptr + slot, tl.zeros((BLOCKS, BLOCK_M), dtype=tl.int32) + num_pairs,
-             mask=(block < num_blocks)[:, None])
+    # BLOCKS blocks per program: their owners and sentinels.
+    _fill_blocks(tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS), tl.load(padded_ptr + E_PAD + tl.arange(0, E_PAD)),
+                 block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks, BLOCK_M, BLOCKS)
 
 
 @fast_launch
@@ -254,57 +356,57 @@ def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_
 def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
                           num_pairs, first_expert, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # Slot of each computed pair: its expert's padded start + earlier chunks' pairs of that expert +
-    # earlier pairs of that expert in this chunk (so pairs keep ascending order within an expert).
+    # earlier pairs of that expert in this chunk.
     chunk = tl.program_id(0)
-    idx = tl.arange(0, CHUNK)
-    pair = chunk * CHUNK + idx
+    pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
     ok = tl.load(computed_ptr + pair, mask=in_range, other=0) != 0
     local = tl.load(ids_ptr + pair, mask=in_range, other=0) - first_expert
-    bucket = tl.where(ok, local, -1)
-    earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
-    rank = tl.sum(earlier.to(tl.int32), axis=1)
     safe = tl.where(ok, local, 0)
     base = tl.load(padded_start_ptr + safe, mask=ok, other=0) + \
         tl.load(chunk_offsets_ptr + chunk * E_PAD + safe, mask=ok, other=0)
-    tl.store(sorted_pair_ids_ptr + base + rank, pair, mask=ok)
+    tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
-                num_local_experts: int, block_m: int) -> AlignedPairs:
+                num_local_experts: int, block_m: int, out: Optional[AlignedPairs] = None,
+                single_program: Optional[bool] = None) -> AlignedPairs:
     """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
     expert_mask [S] bool indexed by id (0 = filtered; ids are clamped into [0, S) for the lookup), or None.
-    Four launches, sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    out: align_workspace(N*K, L, block_m, device) to write into (a caller reusing it across calls
+    allocates nothing); None allocates one. single_program: one launch (default up to
+    SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. Sync-free: shapes depend on
+    N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
-    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()  # read flat: pair p = t*K + k
     P = ids.numel()
-    device = ids.device
-    num_blocks = cdiv(P, block_m) + min(L, P)
-    computed = torch.empty(P, dtype=torch.bool, device=device)
-    sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
     if P == 0:
-        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m,
-                            torch.zeros(1, dtype=torch.int32, device=device))
-    chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
-    e_pad = next_power_of_2(L + 1)
-    num_chunks = cdiv(P, chunk)
-    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
-    chunk_offsets = torch.empty_like(chunk_counts)
-    padded = torch.empty(2 * e_pad + 1, dtype=torch.int32, device=device)  # [start | end] per expert, blocks
-    mask = expert_mask.view(torch.uint8) if expert_mask is not None else ids
-    _align_count_kernel[(num_chunks,)](ids, mask, computed.view(torch.uint8), chunk_counts, P, first_expert,
-                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=chunk,
-                                       E_PAD=e_pad, num_warps=4)
-    _align_offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded, num_chunks, L=L, BLOCK_M=block_m,
-                                E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
+        aligned.used_blocks.zero_()
+        return aligned
+    e_pad = aligned.padded.numel() // 2
+    num_blocks = aligned.block_expert.numel()
+    mask = expert_mask if expert_mask is not None else ids
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
+    if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+        _align_single_kernel[(1,)](ids, mask, aligned.computed, aligned.padded, aligned.block_expert,
+                                   aligned.sorted_pair_ids, P, num_blocks, first_expert, mask.numel(), L=L,
+                                   HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, BLOCK_M=block_m,
+                                   BLOCKS=blocks_per_program, num_warps=4)
+        return aligned
+    num_chunks = cdiv(P, ALIGN_CHUNK)
+    _align_count_kernel[(num_chunks,)](ids, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
+                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK,
+                                       E_PAD=e_pad, num_warps=4)
+    _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, num_chunks, L=L,
+                                BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
     _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
-        padded, block_expert, sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
+        aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
         BLOCKS=blocks_per_program, num_warps=4)
-    _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
-                                         sorted_pair_ids, P, first_expert, CHUNK=chunk, E_PAD=e_pad, num_warps=4)
-    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m, padded[2 * e_pad:])
+    _align_scatter_kernel[(num_chunks,)](ids, aligned.computed, aligned.chunk_offsets, aligned.padded,
+                                         aligned.sorted_pair_ids, P, first_expert, CHUNK=ALIGN_CHUNK, E_PAD=e_pad,
+                                         num_warps=4)
+    return aligned
 
 
 # --------------------------------------------------------------------------- activation math
@@ -339,6 +441,10 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
         if GATED:
             a = a * u
     return a
+
+
+# Whether these kernels run under the interpreter (fixed when they were decorated: read once, not per call).
+INTERPRETED = interpreted(activate)
 
 
 # --------------------------------------------------------------------------- grouped GEMM
@@ -599,7 +705,7 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
     if not interpreted:
         if w.device.type != "cuda":
             return f"weights on {w.device}, not CUDA"
-        major, minor = torch.cuda.get_device_capability(w.device)
+        major, minor = _capability(w.device.index)
         if major < 9:
             return f"CUDA capability {major}.{minor} < 9.0 (TMA needs Hopper or newer)"
     L, rows, K_dim = w.shape
@@ -609,6 +715,11 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
         return (f"weight rows of {w.stride(1) * w.element_size()} bytes at address {w.data_ptr()} are not "
                 "16-byte aligned")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 _PROGRAMS_PER_SM: dict = {}  # (device, dtypes, constexprs) -> resident programs per SM
@@ -782,7 +893,7 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
     block_rows, block = _row_blocks(I, interpreted)
     grid = (cdiv(P, block_rows), cdiv(I, block))
     _act_and_mul_kernel[grid](
-        h, out, computed.view(torch.uint8) if computed is not None else h, P, I, h.stride(0), out.stride(0),
+        h, out, computed if computed is not None else h, P, I, h.stride(0), out.stride(0),
         HAS_FILTER=computed is not None, **activation_args(activation, is_gated, gemm1_alpha, gemm1_clamp_limit),
         BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4,
     )
@@ -825,7 +936,7 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
         return y
     block_rows, block = _row_blocks(H, interpreted)
     _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))](
-        o, weights if weights is not None else o, computed.view(torch.uint8), y, N, H, o.stride(0), y.stride(0),
+        o, weights if weights is not None else o, computed, y, N, H, o.stride(0), y.stride(0),
         float(scale), TOP_K=top_k, HAS_WEIGHT=weights is not None, BLOCK_ROWS=block_rows, BLOCK=block,
         num_warps=4,
     )
