@@ -39,7 +39,7 @@ from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.triton_launch import cdiv, fast_launch
 
 from . import register
-from .base import GemmHooks, TritonBackend, recompute_backward
+from .base import SCRATCH, GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -48,11 +48,12 @@ try:
 
     from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
-    from .triton_kernels import ACTIVATION_CODES, activate, activation_args
+    from .triton_kernels import ACTIVATION_CODES, INTERPRETED, activate, activation_args
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
     ACTIVATION_CODES = {}
+    INTERPRETED = False
     _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
 
 
@@ -202,7 +203,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
         SCALE_K=quant.weight_block[1] if scaled else 1, QUANT_OUT=quant_out, UE8M0=quant_out and quant.ue8m0,
-        ROUND_FIRST=quant_out and interpreted(),
+        ROUND_FIRST=quant_out and INTERPRETED,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -217,29 +218,39 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     L, rows, H = recv_x.shape
     I = config.intermediate_size
     if tiles is None:
-        tiles = INTERPRETER_TILES if interpreted() else MaskedTiles()
+        tiles = INTERPRETER_TILES if INTERPRETED else MaskedTiles()
     masked_m = masked_m.to(torch.int32)
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
+    device = recv_x.device
+    # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
+    a, a_scale = SCRATCH.get(("masked", L, rows, I, out_dtype, quant), device,
+                             lambda: _scratch(L, rows, I, out_dtype, quant, device))
     if quant is None:
-        a = torch.empty(L, rows, I, dtype=out_dtype, device=recv_x.device)
         _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
-        out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
+        out = torch.empty(L, rows, H, dtype=out_dtype, device=device)
         _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
                 scale=config.routed_scaling_factor)
         return out
     if recv_scale is None:  # float rows: quantized here (every buffer row; padding rows are never read)
-        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=interpreted())
+        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED)
         recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
     recv_scale = decode_scales(recv_scale)
-    a = torch.empty(L, rows, I, dtype=quant.dtype, device=recv_x.device)
-    a_scale = torch.empty(L, rows, quant.num_groups(I), dtype=torch.float32, device=recv_x.device)
     _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, quant.activation_group, tiles, activation=config,
             quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv, out_scale=a_scale)
     out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
     _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles, scale=config.routed_scaling_factor,
             quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
     return out
+
+
+def _scratch(L: int, rows: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
+             device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """gemm1's output [L, M*R, I] (fp8 with quant) and its scales [L, M*R, I/group] fp32 (None without)."""
+    if quant is None:
+        return torch.empty(L, rows, I, dtype=out_dtype, device=device), None
+    return (torch.empty(L, rows, I, dtype=quant.dtype, device=device),
+            torch.empty(L, rows, quant.num_groups(I), dtype=torch.float32, device=device))
 
 
 class _MaskedExperts(torch.autograd.Function):
