@@ -28,6 +28,7 @@ gradients. GEMM hooks are not supported (rejected at construction): use runner="
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -175,36 +176,37 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
     quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
     out is fp8, quantized in the epilogue (block_n must be the activation group)."""
-    if activation is not None:
-        act = activation_args(activation.activation, activation.is_gated, activation.gemm1_alpha,
-                              activation.gemm1_clamp_limit)
-    else:
-        act = activation_args("silu", False, None, None)
-    gated = act["GATED"]
     L, rows, K = a.shape
     row_splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
-    grid = (row_splits, cdiv(N, block_n), L)
+    act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
+                                           activation.gemm1_clamp_limit)
+    meta = _meta(act, bias is not None, a.dtype == torch.float32, row_splits, block_n, tiles, quant,
+                 out_scale is not None)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
-    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
-    scaled, quant_out = quant is not None, out_scale is not None
-    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if scaled else (a, 0, 0, 0, a, 0, 0, 0)
-    fp8 += ((out_scale, out_scale.stride(0), out_scale.stride(1)) if quant_out else (a, 0, 0))
-    block_k = min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K
-    _masked_gemm_kernel[grid](
-        a, w, bias_arg, out, masked_m,
-        rows, N, K, N if gated else 0,
-        a.stride(0), a.stride(1), a.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
-        *bias_strides,
-        out.stride(0), out.stride(1), out.stride(2),
-        *fp8, quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale),
-        FUSE_ACT=activation is not None, **act, HAS_BIAS=bias is not None,
-        FP32_DOT=a.dtype == torch.float32, ROW_SPLITS=row_splits,
-        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if quant is not None else (a, 0, 0, 0, a, 0, 0, 0)
+    fp8 += ((out_scale, *out_scale.stride()[:2]) if out_scale is not None else (a, 0, 0))
+    _masked_gemm_kernel[(row_splits, cdiv(N, block_n), L)](
+        a, w, bias_arg, out, masked_m, rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
+        *bias_strides, *out.stride(), *fp8, quant.spec.max_value if quant is not None else 1.0, MIN_AMAX,
+        float(scale), **meta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, row_splits: int, block_n: int,
+          tiles: MaskedTiles, quant: Optional[QuantConfig], quant_out: bool) -> dict:
+    """_masked_gemm_kernel's constexprs and launch options, built once per combination (rebuilding ~25
+    entries per launch is host time at decode sizes). Shared: never changed by a caller. activation:
+    (activation, is_gated, gemm1_alpha, gemm1_clamp_limit) of gemm1's epilogue, or None (gemm2)."""
+    act = activation_args(*activation) if activation is not None else activation_args("silu", False, None, None)
+    scaled = quant is not None
+    return dict(
+        FUSE_ACT=activation is not None, **act, HAS_BIAS=has_bias, FP32_DOT=fp32_dot, ROW_SPLITS=row_splits,
+        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K,
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
         SCALE_K=quant.weight_block[1] if scaled else 1, QUANT_OUT=quant_out, UE8M0=quant_out and quant.ue8m0,
-        ROUND_FIRST=quant_out and INTERPRETED,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        ROUND_FIRST=quant_out and INTERPRETED, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 

@@ -746,6 +746,28 @@ def _persistent_programs(kernel, args: tuple, meta: dict, device: torch.device) 
     return sms * per_sm
 
 
+@functools.lru_cache(maxsize=1024)
+def _gemm_meta(rows_per_a_row: int, has_bias: bool, has_scale: bool, scaled: bool, scale_block: tuple[int, int],
+               quant_out_ue8m0: Optional[bool], interpreted: bool, upcast: bool, precision: Optional[str],
+               even_k: bool, block_m: int, block_n: int, tiles: GemmTiles, fuse_activation: Optional[str],
+               is_gated: bool, gemm1_alpha: Optional[float], gemm1_clamp_limit: Optional[float]) -> dict:
+    """The grouped GEMM kernels' constexprs and launch options, built once per combination (a dict of
+    ~25 entries per launch is host time at decode sizes). Shared: callers copy before changing it.
+    quant_out_ue8m0: None without QUANT_OUT, else whether its scales are UE8M0."""
+    quant_out = quant_out_ue8m0 is not None
+    return dict(
+        ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=has_bias, HAS_SCALE=has_scale,
+        BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=quant_out,
+        UE8M0=bool(quant_out_ue8m0), ROUND_FIRST=interpreted and quant_out,
+        UPCAST=upcast, PRECISION=precision, EVEN_K=even_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
+        FUSE_ACT=fuse_activation is not None,
+        **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse_activation is not None
+           else activation_args("silu", is_gated, None, None)),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
                  rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                  interpreted: bool = False, fuse_activation: Optional[str] = None, is_gated: bool = True,
@@ -808,16 +830,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
                out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
                out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
-    meta = dict(
-        ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=out_quant is not None,
-        UE8M0=out_quant is not None and out_quant.ue8m0, ROUND_FIRST=interpreted and out_quant is not None,
-        UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
-        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M, FUSE_ACT=fuse,
-        **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse
-           else activation_args("silu", is_gated, None, None)),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    meta = _gemm_meta(rows_per_a_row, bias is not None, scale is not None, scaled, scale_block,
+                      None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
+                      K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
+                      gemm1_alpha, gemm1_clamp_limit)
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
         return out
@@ -833,7 +849,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
+    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
     call = (a, w, b_desc, *args, aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
