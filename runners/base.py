@@ -118,10 +118,10 @@ class TritonBackend(RunnerBackend):
 class ScratchCache:
     """Buffers a runner call writes and reads but never returns (pair alignment, intermediate rows),
     kept per shape for the next call: each CUDA allocation costs microseconds of host time, as much as
-    a decode step's kernel launches. Sharing is safe because the key holds the current stream and
-    thread (calls on one stream run in order; two streams or threads never share a buffer), and nothing
-    is reused or kept while a CUDA graph is captured (the graph allocates its own buffers from its
-    pool; a cached one could be freed under a graph that still writes it). Least recently used
+    a decode step's kernel launches. Sharing is safe because the key holds the device, its current
+    stream and the thread (calls on one stream run in order; two streams or threads never share a
+    buffer), and nothing is reused or kept while a CUDA graph is captured (the graph allocates its own
+    buffers from its pool; a cached one could be freed under a graph that still writes it). Least recently used
     entries beyond EP_RUNTIME_RUNNER_SCRATCH_MB are dropped; an entry larger than it is not kept."""
 
     def __init__(self):
@@ -130,13 +130,15 @@ class ScratchCache:
         self._lock = threading.Lock()
 
     def get(self, key: tuple, device: torch.device, make: Callable[[], Any]) -> Any:
-        """The buffers make() built for (key, this stream, this thread) on an earlier call, else make()'s."""
+        """The buffers make() built for (key, device, its stream, this thread) on an earlier call, else
+        make()'s."""
         if device.type == "cuda":
             if torch.cuda.is_current_stream_capturing():
                 return make()
-            key = (key, torch._C._cuda_getCurrentRawStream(device.index), threading.get_ident())
+            # (every device's default stream is 0: the device is part of the key)
+            key = (key, device, torch._C._cuda_getCurrentRawStream(device.index), threading.get_ident())
         else:
-            key = (key, None, threading.get_ident())
+            key = (key, device, None, threading.get_ident())
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
