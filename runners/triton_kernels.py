@@ -3,7 +3,8 @@
 The sequence (runners/triton_runner.py strings it together; nothing else does):
 
     align_pairs       (token, expert) pairs P = N*K -> pair ids sorted by expert, padded to BLOCK_M per
-                      expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block
+                      expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block;
+                      one launch up to SINGLE_PROGRAM_MAX_PAIRS pairs (decode), four above
     grouped_gemm      GEMM 1 with the activation in its epilogue (FUSE_ACT, the default path): each program
                       computes a tile of gate columns and the same columns of up (interleaved in one
                       weight tile, one dot) and writes a[p] = act(gate) * up (or act(h)) directly, so h
