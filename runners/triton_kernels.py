@@ -217,7 +217,8 @@ def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device
     num_blocks = cdiv(P, block_m) + min(num_local_experts, P)
     chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
     sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4))
-    sorted_pair_ids, block_expert, padded, counts, offsets, flags = torch.empty(
+    # No pairs: nothing will write it, so used_blocks must already say 0 (zeros: a few ints)
+    sorted_pair_ids, block_expert, padded, counts, offsets, flags = (torch.empty if P else torch.zeros)(
         sum(sizes), dtype=torch.int32, device=device).split(sizes)
     return AlignedPairs(sorted_pair_ids, block_expert, flags.view(torch.uint8)[:P].view(torch.bool), P, block_m,
                         padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded)
@@ -382,8 +383,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     ids = topk_ids.to(torch.int32).contiguous()  # read flat: pair p = t*K + k
     P = ids.numel()
     aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
-    if P == 0:
-        aligned.used_blocks.zero_()
+    if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
         return aligned
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()

@@ -17,6 +17,7 @@ tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_G
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -85,50 +86,41 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     block_m = block_config.BLOCK_M
     weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
     scale = weight if config.apply_router_weight_on_input else None
-    if hooks.after_gemm1 is None and hooks.after_gemm2 is None:
-        # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory. Every buffer but the
-        # result is scratch, kept per shape across calls (SCRATCH); rows of pairs never computed stay
-        # uninitialized, and no later kernel reads them.
-        aligned, a, a_scale, o = SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant), x.device,
-                                             lambda: _scratch(P, L, block_m, H, I, out_dtype, quant, x.device))
-        kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned)
+    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
+    # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
+    # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no kernel reads them.
+    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device)
+    aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),
+                                                                x.device, make)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned)
+    if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
+        pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
+        expert_index = inp.topk_ids.reshape(-1).long()[pairs]
+    if hooks.after_gemm1 is None:
+        # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
         if quant is not None:  # GEMM 2's fp8 input and its scales come out of GEMM 1's epilogue
             fp8.update(out_quant=quant, out_scale=a_scale)
         kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
                              scale=scale, interpreted=interp, fuse_activation=config.activation,
                              is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
                              gemm1_clamp_limit=config.gemm1_clamp_limit, **fp8)
-        if quant is not None:
-            fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
-        kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                             interpreted=interp, **fp8)
     else:
-        # The hooks need GEMM 1's raw output: h, the hook, then the filtered activation pass; they take
-        # computed pairs grouped by expert (host sync: compacted [P, ...] tensors).
-        aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m)
-        pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
-        expert_index = inp.topk_ids.reshape(-1).long()[pairs]
-        if hooks.after_gemm1 is None:
-            a = torch.empty(P, I, dtype=out_dtype, device=x.device)
-            kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K,
-                                 bias=weights.b13, scale=scale, interpreted=interp,
-                                 fuse_activation=config.activation, is_gated=config.is_gated,
-                                 gemm1_alpha=config.gemm1_alpha, gemm1_clamp_limit=config.gemm1_clamp_limit)
-        else:
-            h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
-            kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K,
-                                 bias=weights.b13, scale=scale, interpreted=interp)
-            rows = x[pairs // K]
-            if config.apply_router_weight_on_input:
-                rows = rows * weight.reshape(-1)[pairs].unsqueeze(1).to(rows.dtype)
-            _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
-            a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
-                                    config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
-        o = torch.empty(P, H, dtype=out_dtype, device=x.device)
-        kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                             interpreted=interp)
-        if hooks.after_gemm2 is not None:
-            _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
+        # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
+        h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
+        kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
+                             scale=scale, interpreted=interp)
+        rows = x[pairs // K]
+        if config.apply_router_weight_on_input:
+            rows = rows * weight.reshape(-1)[pairs].unsqueeze(1).to(rows.dtype)
+        _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
+        kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed, config.gemm1_alpha,
+                            config.gemm1_clamp_limit, out=a, interpreted=interp)
+    if quant is not None:
+        fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
+    kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
+                         interpreted=interp, **fp8)
+    if hooks.after_gemm2 is not None:
+        _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
                                config.routed_scaling_factor, out_dtype, interpreted=interp)
 

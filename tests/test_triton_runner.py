@@ -317,6 +317,21 @@ def test_scratch_reuse_and_either_alignment_path_give_the_same_bits(dtype, monke
     assert torch.equal(ys[1], runners.fused_experts(calls[1][0], w13, w2, *calls[1][1:]))
 
 
+@pytest.mark.parametrize("T", [0, 3])
+def test_scratch_kept_in_inference_mode_serves_calls_outside_it(T):
+    # Buffers kept from a call under torch.inference_mode are inference tensors: a later call outside
+    # it may write them only through kernels, never a torch op (T=0, no pairs, once zeroed one).
+    from ep_runtime.runners.base import SCRATCH
+    gen = torch.Generator().manual_seed(12)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(T, 16, generator=gen), _ids(gen, T, 4, 2), torch.rand(T, 2, generator=gen)
+    SCRATCH.clear()
+    with torch.inference_mode():
+        y = runners.fused_experts(x, w13, w2, ids, w)
+    with torch.no_grad():
+        assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), y)
+
+
 def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
     import threading
 
