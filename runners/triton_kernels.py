@@ -786,7 +786,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     are exactly one group), never rounded to 16 bits first.
 
     a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
-    bias [L, N] or None; scale [num_pairs] fp32 or None.
+    bias [L, N] or None; scale [num_pairs] (or [N, K]) contiguous fp32, read by pair index, or None.
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
@@ -945,7 +945,7 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
 def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Optional[torch.Tensor],
                 scale: float, out_dtype: torch.dtype, interpreted: bool = False) -> torch.Tensor:
     """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
-    accumulated in fp32 in slot order (deterministic). weights [N*K] fp32 or None (all ones)."""
+    accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones)."""
     P, H = o.shape
     N = P // top_k
     y = torch.empty(N, H, dtype=out_dtype, device=o.device)
