@@ -126,7 +126,13 @@ def next_power_of_2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+def interpreted(kernel: Any) -> bool:
+    """Whether a @triton.jit kernel runs under Triton's interpreter: decided when it was decorated
+    (TRITON_INTERPRET=1 then), whatever the environment says later, so callers may read it once."""
+    return not hasattr(kernel, "device_caches")
+
+
 def fast_launch(kernel: Any) -> Any:
     """Wrap a @triton.jit kernel that Python launches (never one that other kernels call). Under the
     interpreter (TRITON_INTERPRET=1) the kernel is returned as it is."""
-    return FastKernel(kernel) if hasattr(kernel, "device_caches") else kernel
+    return kernel if interpreted(kernel) else FastKernel(kernel)

@@ -28,6 +28,7 @@ gradients. GEMM hooks are not supported (rejected at construction): use runner="
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,7 +40,7 @@ from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.triton_launch import cdiv, fast_launch
 
 from . import register
-from .base import GemmHooks, TritonBackend, recompute_backward
+from .base import SCRATCH, GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -48,11 +49,12 @@ try:
 
     from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
-    from .triton_kernels import ACTIVATION_CODES, activate, activation_args, scaled_step
+    from .triton_kernels import ACTIVATION_CODES, INTERPRETED, activate, activation_args, scaled_step
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
     ACTIVATION_CODES = {}
+    INTERPRETED = False
     _IMPORT_ERROR = f"triton does not import ({exc}); pip install triton"
 
 
@@ -173,38 +175,41 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
     quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
     out is fp8, quantized in the epilogue (block_n must be the activation group)."""
-    if activation is not None:
-        act = activation_args(activation.activation, activation.is_gated, activation.gemm1_alpha,
-                              activation.gemm1_clamp_limit)
-    else:
-        act = activation_args("silu", False, None, None)
-    gated = act["GATED"]
     L, rows, K = a.shape
     row_splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
-    grid = (row_splits, cdiv(N, block_n), L)
+    act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
+                                           activation.gemm1_clamp_limit)
+    # a tile's gate (or up) rows in one weight-scale block (triton_kernels.scaled_step)
+    one_scale = quant is not None and quant.weight_block[0] % block_n == 0 and (
+        activation is None or not activation.is_gated or N % quant.weight_block[0] == 0)
+    meta = _meta(act, bias is not None, a.dtype == torch.float32, row_splits, block_n, tiles, quant,
+                 out_scale is not None, one_scale)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
-    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
-    scaled, quant_out = quant is not None, out_scale is not None
-    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if scaled else (a, 0, 0, 0, a, 0, 0, 0)
-    fp8 += ((out_scale, out_scale.stride(0), out_scale.stride(1)) if quant_out else (a, 0, 0))
-    block_k = min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K
-    _masked_gemm_kernel[grid](
-        a, w, bias_arg, out, masked_m,
-        rows, N, K, N if gated else 0,
-        a.stride(0), a.stride(1), a.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
-        *bias_strides,
-        out.stride(0), out.stride(1), out.stride(2),
-        *fp8, quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale),
-        FUSE_ACT=activation is not None, **act, HAS_BIAS=bias is not None,
-        FP32_DOT=a.dtype == torch.float32, ROW_SPLITS=row_splits,
-        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if quant is not None else (a, 0, 0, 0, a, 0, 0, 0)
+    fp8 += ((out_scale, *out_scale.stride()[:2]) if out_scale is not None else (a, 0, 0))
+    _masked_gemm_kernel[(row_splits, cdiv(N, block_n), L)](
+        a, w, bias_arg, out, masked_m, rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
+        *bias_strides, *out.stride(), *fp8, quant.spec.max_value if quant is not None else 1.0, MIN_AMAX,
+        float(scale), **meta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, row_splits: int, block_n: int,
+          tiles: MaskedTiles, quant: Optional[QuantConfig], quant_out: bool, one_scale: bool) -> dict:
+    """_masked_gemm_kernel's constexprs and launch options, built once per combination (rebuilding ~25
+    entries per launch is host time at decode sizes). Shared: never changed by a caller. activation:
+    (activation, is_gated, gemm1_alpha, gemm1_clamp_limit) of gemm1's epilogue, or None (gemm2)."""
+    act = activation_args(*activation) if activation is not None else activation_args("silu", False, None, None)
+    scaled = quant is not None
+    return dict(
+        FUSE_ACT=activation is not None, **act, HAS_BIAS=has_bias, FP32_DOT=fp32_dot, ROW_SPLITS=row_splits,
+        BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K,
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
         SCALE_K=quant.weight_block[1] if scaled else 1, QUANT_OUT=quant_out, UE8M0=quant_out and quant.ue8m0,
-        ROUND_FIRST=quant_out and interpreted(),
-        # a tile's gate (or up) rows in one weight-scale block (triton_kernels.scaled_step)
-        ONE_SCALE=scaled and quant.weight_block[0] % block_n == 0 and (not gated or N % quant.weight_block[0] == 0),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        ROUND_FIRST=quant_out and INTERPRETED, ONE_SCALE=one_scale, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
@@ -218,29 +223,39 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     L, rows, H = recv_x.shape
     I = config.intermediate_size
     if tiles is None:
-        tiles = INTERPRETER_TILES if interpreted() else MaskedTiles()
+        tiles = INTERPRETER_TILES if INTERPRETED else MaskedTiles()
     masked_m = masked_m.to(torch.int32)
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
+    device = recv_x.device
+    # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
+    a, a_scale = SCRATCH.get(("masked", L, rows, I, out_dtype, quant), device,
+                             lambda: _scratch(L, rows, I, out_dtype, quant, device))
     if quant is None:
-        a = torch.empty(L, rows, I, dtype=out_dtype, device=recv_x.device)
         _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
-        out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
+        out = torch.empty(L, rows, H, dtype=out_dtype, device=device)
         _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
                 scale=config.routed_scaling_factor)
         return out
     if recv_scale is None:  # float rows: quantized here (every buffer row; padding rows are never read)
-        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=interpreted())
+        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED)
         recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
     recv_scale = decode_scales(recv_scale)
-    a = torch.empty(L, rows, I, dtype=quant.dtype, device=recv_x.device)
-    a_scale = torch.empty(L, rows, quant.num_groups(I), dtype=torch.float32, device=recv_x.device)
     _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, quant.activation_group, tiles, activation=config,
             quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv, out_scale=a_scale)
     out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
     _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles, scale=config.routed_scaling_factor,
             quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
     return out
+
+
+def _scratch(L: int, rows: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
+             device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """gemm1's output [L, M*R, I] (fp8 with quant) and its scales [L, M*R, I/group] fp32 (None without)."""
+    if quant is None:
+        return torch.empty(L, rows, I, dtype=out_dtype, device=device), None
+    return (torch.empty(L, rows, I, dtype=quant.dtype, device=device),
+            torch.empty(L, rows, quant.num_groups(I), dtype=torch.float32, device=device))
 
 
 class _MaskedExperts(torch.autograd.Function):

@@ -3,7 +3,8 @@
 The sequence (runners/triton_runner.py strings it together; nothing else does):
 
     align_pairs       (token, expert) pairs P = N*K -> pair ids sorted by expert, padded to BLOCK_M per
-                      expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block
+                      expert, one expert per block; filtered pairs (sink, masked, other ranks') get no block;
+                      one launch up to SINGLE_PROGRAM_MAX_PAIRS pairs (decode), four above
     grouped_gemm      GEMM 1 with the activation in its epilogue (FUSE_ACT, the default path): each program
                       computes a tile of gate columns and the same columns of up (interleaved in one
                       weight tile, one dot) and writes a[p] = act(gate) * up (or act(h)) directly, so h
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
-from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -110,6 +111,12 @@ def device_file(device_name: str) -> Path:
     return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
 
 
+def reload_tables() -> None:
+    """Forget the tables read so far and the configs picked from them (after triton_tune writes one)."""
+    _load_table.cache_clear()
+    pick_config.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _load_table(path: str) -> dict:
     p = Path(path)
@@ -148,11 +155,13 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
     return shape_key(num_local_experts, top_k, hidden_size, intermediate_size, dtype) in table
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                 dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config.
     kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
-    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it."""
+    own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it.
+    Memoized (a per-call table lookup is host time): reload_tables() after rewriting a table."""
     config = None
     if not interpreted and device.type == "cuda":
         table = _load_table(str(device_file(torch.cuda.get_device_name(device))))
@@ -168,6 +177,13 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
 
 # --------------------------------------------------------------------------- block alignment
 
+ALIGN_CHUNK = 128  # pairs per chunk: a chunk ranks its pairs with a CHUNK x CHUNK comparison
+# Up to this many pairs (decode sizes) one program aligns them all in one launch: there the four
+# launches' host time is the cost, and one program's loop over <= 8 chunks is short. Above it, four
+# kernels spread the chunks over programs.
+SINGLE_PROGRAM_MAX_PAIRS = 1024
+
+
 @dataclass
 class AlignedPairs:
     """Pairs p = t*K + k sorted by expert and padded per expert to a multiple of BLOCK_M.
@@ -178,6 +194,9 @@ class AlignedPairs:
     computed [num_pairs] bool: the pair has a local, unmasked expert;
     used_blocks [1] int32: how many leading blocks have an expert (on the device: the persistent GEMM
     kernels hand out only these blocks' work items).
+    chunk_counts, chunk_offsets [num_chunks, E_PAD] and padded [2 * E_PAD + 1] int32: the four-kernel
+    path's scratch (per-chunk counts and first slots; each expert's padded start, end, and the used
+    blocks, which used_blocks views).
     """
 
     sorted_pair_ids: torch.Tensor
@@ -186,6 +205,108 @@ class AlignedPairs:
     num_pairs: int
     block_m: int
     used_blocks: torch.Tensor
+    chunk_counts: Optional[torch.Tensor] = None
+    chunk_offsets: Optional[torch.Tensor] = None
+    padded: Optional[torch.Tensor] = None
+
+
+def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device: torch.device) -> AlignedPairs:
+    """Every buffer align_pairs writes for this shape, carved from one allocation (one allocator call
+    instead of six; a caller that keeps it across calls pays none)."""
+    P, e_pad = num_pairs, next_power_of_2(num_local_experts + 1)
+    num_blocks = cdiv(P, block_m) + min(num_local_experts, P)
+    chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
+    sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4))
+    # No pairs: nothing will write it, so used_blocks must already say 0 (zeros: a few ints)
+    sorted_pair_ids, block_expert, padded, counts, offsets, flags = (torch.empty if P else torch.zeros)(
+        sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    return AlignedPairs(sorted_pair_ids, block_expert, flags.view(torch.uint8)[:P].view(torch.bool), P, block_m,
+                        padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded)
+
+
+@triton.jit
+def _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L: tl.constexpr,
+                  HAS_MASK: tl.constexpr):
+    # (computed, local expert) of each pair: computed = a local expert the mask does not turn off.
+    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
+    local = ids - first_expert
+    ok = in_range & (local >= 0) & (local < L)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + tl.minimum(tl.maximum(ids, 0), mask_size - 1), mask=in_range, other=0) != 0)
+    return ok, local
+
+
+@triton.jit
+def _expert_counts(ok, local, L: tl.constexpr, E_PAD: tl.constexpr):
+    # [E_PAD] computed pairs per local expert (filtered pairs land in slot L, which nobody reads).
+    bucket = tl.where(ok, local, L)
+    return tl.sum((bucket[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _padded_bounds(counts, L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    # Each expert's counts padded to BLOCK_M: (start, end (int32 max past the L experts), blocks used).
+    experts = tl.arange(0, E_PAD)
+    counts = tl.where(experts < L, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    return padded_end - padded, tl.where(experts < L, padded_end, 2147483647), tl.sum(padded, axis=0) // BLOCK_M
+
+
+@triton.jit
+def _fill_blocks(block, padded_end, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    # The owner of each block (-1 past the last used block), and sentinel pair ids in every slot (the
+    # scatter overwrites the real ones afterwards).
+    owner = tl.sum((padded_end[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+    used_end = tl.max(tl.where(padded_end < 2147483647, padded_end, 0), axis=0)
+    owner = tl.where(block * BLOCK_M < used_end, owner, -1)
+    tl.store(block_expert_ptr + block, owner, mask=block < num_blocks)
+    slot = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_pair_ids_ptr + slot, tl.zeros((BLOCKS, BLOCK_M), dtype=tl.int32) + num_pairs,
+             mask=(block < num_blocks)[:, None])
+
+
+@triton.jit
+def _rank_in_chunk(ok, local, CHUNK: tl.constexpr):
+    # Each computed pair's count of earlier pairs of its expert in the chunk (pairs keep ascending
+    # order within an expert).
+    idx = tl.arange(0, CHUNK)
+    bucket = tl.where(ok, local, -1)
+    earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
+    return tl.sum(earlier.to(tl.int32), axis=1)
+
+
+@fast_launch
+@triton.jit
+def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
+                         num_pairs, num_blocks, first_expert, mask_size, L: tl.constexpr, HAS_MASK: tl.constexpr,
+                         CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    # The four kernels below in one program: count every chunk, pad, fill the blocks, then scatter
+    # chunk by chunk with the running count of each expert's pairs as the chunk's offset.
+    idx = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        pair = c0 + idx
+        in_range = pair < num_pairs
+        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        tl.store(computed_ptr + pair, ok, mask=in_range)
+        counts += _expert_counts(ok, local, L, E_PAD)
+    start, end, used_blocks = _padded_bounds(counts, L, BLOCK_M, E_PAD)
+    tl.store(padded_ptr + 2 * E_PAD, used_blocks)
+    for b0 in range(0, num_blocks, BLOCKS):
+        _fill_blocks(b0 + tl.arange(0, BLOCKS), end, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
+                     BLOCK_M, BLOCKS)
+    tl.debug_barrier()  # the scatter overwrites sentinels that other threads of this program stored
+    experts = tl.arange(0, E_PAD)
+    running = start  # each expert's next free slot
+    for c0 in range(0, num_pairs, CHUNK):
+        pair = c0 + idx
+        in_range = pair < num_pairs
+        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        base = tl.sum(tl.where(local[:, None] == experts[None, :], running[None, :], 0), axis=1)
+        tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
+        running += _expert_counts(ok, local, L, E_PAD)
 
 
 @fast_launch
@@ -196,16 +317,9 @@ def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_p
     chunk = tl.program_id(0)
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
-    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
-    local = ids - first_expert
-    ok = in_range & (local >= 0) & (local < L)
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + tl.minimum(tl.maximum(ids, 0), mask_size - 1), mask=in_range, other=0) != 0)
-    tl.store(computed_ptr + pair, ok.to(tl.uint8), mask=in_range)
-    bucket = tl.where(ok, local, L)  # L: filtered, counted in a slot nobody reads
-    experts = tl.arange(0, E_PAD)
-    counts = tl.sum((bucket[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
+    ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+    tl.store(computed_ptr + pair, ok, mask=in_range)
+    tl.store(chunk_counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), _expert_counts(ok, local, L, E_PAD))
 
 
 @fast_launch
@@ -224,29 +338,19 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
         tl.store(chunk_offsets_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + running[None, :],
                  mask=(rows < num_chunks)[:, None])
         running += tl.sum(tile, axis=0)
-    counts = tl.where(experts < L, running, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    tl.store(padded_ptr + experts, padded_end - padded)
-    tl.store(padded_ptr + E_PAD + experts, tl.where(experts < L, padded_end, 2147483647))
-    tl.store(padded_ptr + 2 * E_PAD, tl.sum(padded, axis=0) // BLOCK_M)
+    start, end, used_blocks = _padded_bounds(running, L, BLOCK_M, E_PAD)
+    tl.store(padded_ptr + experts, start)
+    tl.store(padded_ptr + E_PAD + experts, end)
+    tl.store(padded_ptr + 2 * E_PAD, used_blocks)
 
 
 @fast_launch
 @triton.jit
 def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
                          BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS: tl.constexpr):
-    # BLOCKS blocks per program: the owner of each (-1 past the last used block), and sentinel pair
-    # ids in every slot (the scatter overwrites the real ones afterwards).
-    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    padded_end = tl.load(padded_ptr + E_PAD + tl.arange(0, E_PAD))
-    owner = tl.sum((padded_end[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-    used_end = tl.max(tl.where(padded_end < 2147483647, padded_end, 0), axis=0)
-    owner = tl.where(block * BLOCK_M < used_end, owner, -1)
-    tl.store(block_expert_ptr + block, owner, mask=block < num_blocks)
-    slot = block[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-    tl.store(sorted_pair_ids_ptr + slot, tl.zeros((BLOCKS, BLOCK_M), dtype=tl.int32) + num_pairs,
-             mask=(block < num_blocks)[:, None])
+    # BLOCKS blocks per program: their owners and sentinels.
+    _fill_blocks(tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS), tl.load(padded_ptr + E_PAD + tl.arange(0, E_PAD)),
+                 block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks, BLOCK_M, BLOCKS)
 
 
 @fast_launch
@@ -254,57 +358,56 @@ def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_
 def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
                           num_pairs, first_expert, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # Slot of each computed pair: its expert's padded start + earlier chunks' pairs of that expert +
-    # earlier pairs of that expert in this chunk (so pairs keep ascending order within an expert).
+    # earlier pairs of that expert in this chunk.
     chunk = tl.program_id(0)
-    idx = tl.arange(0, CHUNK)
-    pair = chunk * CHUNK + idx
+    pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
     ok = tl.load(computed_ptr + pair, mask=in_range, other=0) != 0
     local = tl.load(ids_ptr + pair, mask=in_range, other=0) - first_expert
-    bucket = tl.where(ok, local, -1)
-    earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
-    rank = tl.sum(earlier.to(tl.int32), axis=1)
     safe = tl.where(ok, local, 0)
     base = tl.load(padded_start_ptr + safe, mask=ok, other=0) + \
         tl.load(chunk_offsets_ptr + chunk * E_PAD + safe, mask=ok, other=0)
-    tl.store(sorted_pair_ids_ptr + base + rank, pair, mask=ok)
+    tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
-                num_local_experts: int, block_m: int) -> AlignedPairs:
+                num_local_experts: int, block_m: int, out: Optional[AlignedPairs] = None,
+                single_program: Optional[bool] = None) -> AlignedPairs:
     """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
     expert_mask [S] bool indexed by id (0 = filtered; ids are clamped into [0, S) for the lookup), or None.
-    Four launches, sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    out: align_workspace(N*K, L, block_m, device) to write into (a caller reusing it across calls
+    allocates nothing); None allocates one. single_program: one launch (default up to
+    SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. Sync-free: shapes depend on
+    N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
-    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()  # read flat: pair p = t*K + k
     P = ids.numel()
-    device = ids.device
-    num_blocks = cdiv(P, block_m) + min(L, P)
-    computed = torch.empty(P, dtype=torch.bool, device=device)
-    sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    if P == 0:
-        return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m,
-                            torch.zeros(1, dtype=torch.int32, device=device))
-    chunk = 128  # the scatter ranks pairs inside a chunk with a CHUNK x CHUNK comparison
-    e_pad = next_power_of_2(L + 1)
-    num_chunks = cdiv(P, chunk)
-    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
-    chunk_offsets = torch.empty_like(chunk_counts)
-    padded = torch.empty(2 * e_pad + 1, dtype=torch.int32, device=device)  # [start | end] per expert, blocks
-    mask = expert_mask.view(torch.uint8) if expert_mask is not None else ids
-    _align_count_kernel[(num_chunks,)](ids, mask, computed.view(torch.uint8), chunk_counts, P, first_expert,
-                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=chunk,
-                                       E_PAD=e_pad, num_warps=4)
-    _align_offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded, num_chunks, L=L, BLOCK_M=block_m,
-                                E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
+    aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
+    if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
+        return aligned
+    e_pad = aligned.padded.numel() // 2
+    num_blocks = aligned.block_expert.numel()
+    mask = expert_mask if expert_mask is not None else ids
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
+    if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+        _align_single_kernel[(1,)](ids, mask, aligned.computed, aligned.padded, aligned.block_expert,
+                                   aligned.sorted_pair_ids, P, num_blocks, first_expert, mask.numel(), L=L,
+                                   HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, BLOCK_M=block_m,
+                                   BLOCKS=blocks_per_program, num_warps=4)
+        return aligned
+    num_chunks = cdiv(P, ALIGN_CHUNK)
+    _align_count_kernel[(num_chunks,)](ids, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
+                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK,
+                                       E_PAD=e_pad, num_warps=4)
+    _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, num_chunks, L=L,
+                                BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
     _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
-        padded, block_expert, sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
+        aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
         BLOCKS=blocks_per_program, num_warps=4)
-    _align_scatter_kernel[(num_chunks,)](ids, computed.view(torch.uint8), chunk_offsets, padded,
-                                         sorted_pair_ids, P, first_expert, CHUNK=chunk, E_PAD=e_pad, num_warps=4)
-    return AlignedPairs(sorted_pair_ids, block_expert, computed, P, block_m, padded[2 * e_pad:])
+    _align_scatter_kernel[(num_chunks,)](ids, aligned.computed, aligned.chunk_offsets, aligned.padded,
+                                         aligned.sorted_pair_ids, P, first_expert, CHUNK=ALIGN_CHUNK, E_PAD=e_pad,
+                                         num_warps=4)
+    return aligned
 
 
 # --------------------------------------------------------------------------- activation math
@@ -339,6 +442,10 @@ def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, 
         if GATED:
             a = a * u
     return a
+
+
+# Whether these kernels run under the interpreter (fixed when they were decorated: read once, not per call).
+INTERPRETED = interpreted(activate)
 
 
 # --------------------------------------------------------------------------- grouped GEMM
@@ -613,7 +720,7 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
     if not interpreted:
         if w.device.type != "cuda":
             return f"weights on {w.device}, not CUDA"
-        major, minor = torch.cuda.get_device_capability(w.device)
+        major, minor = _capability(w.device.index)
         if major < 9:
             return f"CUDA capability {major}.{minor} < 9.0 (TMA needs Hopper or newer)"
     L, rows, K_dim = w.shape
@@ -623,6 +730,11 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
         return (f"weight rows of {w.stride(1) * w.element_size()} bytes at address {w.data_ptr()} are not "
                 "16-byte aligned")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 _PROGRAMS_PER_SM: dict = {}  # (device, dtypes, constexprs) -> resident programs per SM
@@ -649,6 +761,29 @@ def _persistent_programs(kernel, args: tuple, meta: dict, device: torch.device) 
     return sms * per_sm
 
 
+@functools.lru_cache(maxsize=1024)
+def _gemm_meta(rows_per_a_row: int, has_bias: bool, has_scale: bool, scaled: bool, scale_block: tuple[int, int],
+               quant_out_ue8m0: Optional[bool], interpreted: bool, upcast: bool, precision: Optional[str],
+               even_k: bool, block_m: int, block_n: int, tiles: GemmTiles, fuse_activation: Optional[str],
+               is_gated: bool, gemm1_alpha: Optional[float], gemm1_clamp_limit: Optional[float],
+               one_scale: bool) -> dict:
+    """The grouped GEMM kernels' constexprs and launch options, built once per combination (a dict of
+    ~25 entries per launch is host time at decode sizes). Shared: callers copy before changing it.
+    quant_out_ue8m0: None without QUANT_OUT, else whether its scales are UE8M0."""
+    quant_out = quant_out_ue8m0 is not None
+    return dict(
+        ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=has_bias, HAS_SCALE=has_scale,
+        BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=quant_out,
+        UE8M0=bool(quant_out_ue8m0), ROUND_FIRST=interpreted and quant_out,
+        UPCAST=upcast, PRECISION=precision, EVEN_K=even_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
+        FUSE_ACT=fuse_activation is not None,
+        **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse_activation is not None
+           else activation_args("silu", is_gated, None, None)),
+        ONE_SCALE=one_scale, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
                  rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
                  interpreted: bool = False, fuse_activation: Optional[str] = None, is_gated: bool = True,
@@ -666,7 +801,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     are exactly one group), never rounded to 16 bits first.
 
     a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
-    bias [L, N] or None; scale [num_pairs] fp32 or None.
+    bias [L, N] or None; scale [num_pairs] (or [N, K]) contiguous fp32, read by pair index, or None.
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
     w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
@@ -711,20 +846,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
                out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
                out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
-    meta = dict(
-        ROWS_PER_A_ROW=rows_per_a_row, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        BLOCK_SCALED=scaled, SCALE_N=scale_block[0], SCALE_K=scale_block[1], QUANT_OUT=out_quant is not None,
-        UE8M0=out_quant is not None and out_quant.ue8m0, ROUND_FIRST=interpreted and out_quant is not None,
-        UPCAST=upcast, PRECISION=precision, EVEN_K=K_dim % tiles.BLOCK_K == 0,
-        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M, FUSE_ACT=fuse,
-        **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse
-           else activation_args("silu", is_gated, None, None)),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        # each weight tile (gate or up, apart) in one scale block: no block straddled, the up rows starting
-        # on a boundary; the portable kernel's gated tile interleaves gate and up rows (two blocks)
-        ONE_SCALE=scaled and scale_block[0] % out_n == 0 and (not two or (tiles.kernel != "portable"
-                                                                          and N % scale_block[0] == 0)),
-    )
+    # each weight tile (gate or up, apart) in one scale block: no block straddled, the up rows starting on
+    # a boundary; the portable kernel's gated tile interleaves gate and up rows (two blocks)
+    one_scale = scaled and scale_block[0] % out_n == 0 and (not two or (tiles.kernel != "portable"
+                                                                        and N % scale_block[0] == 0))
+    meta = _gemm_meta(rows_per_a_row, bias is not None, scale is not None, scaled, scale_block,
+                      None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
+                      K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
+                      gemm1_alpha, gemm1_clamp_limit, one_scale)
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
         return out
@@ -740,7 +869,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-    meta.update(B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
+    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
     call = (a, w, b_desc, *args, aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
@@ -800,7 +929,7 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
     block_rows, block = _row_blocks(I, interpreted)
     grid = (cdiv(P, block_rows), cdiv(I, block))
     _act_and_mul_kernel[grid](
-        h, out, computed.view(torch.uint8) if computed is not None else h, P, I, h.stride(0), out.stride(0),
+        h, out, computed if computed is not None else h, P, I, h.stride(0), out.stride(0),
         HAS_FILTER=computed is not None, **activation_args(activation, is_gated, gemm1_alpha, gemm1_clamp_limit),
         BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4,
     )
@@ -835,7 +964,7 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
 def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Optional[torch.Tensor],
                 scale: float, out_dtype: torch.dtype, interpreted: bool = False) -> torch.Tensor:
     """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
-    accumulated in fp32 in slot order (deterministic). weights [N*K] fp32 or None (all ones)."""
+    accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones)."""
     P, H = o.shape
     N = P // top_k
     y = torch.empty(N, H, dtype=out_dtype, device=o.device)
@@ -843,7 +972,7 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
         return y
     block_rows, block = _row_blocks(H, interpreted)
     _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))](
-        o, weights if weights is not None else o, computed.view(torch.uint8), y, N, H, o.stride(0), y.stride(0),
+        o, weights if weights is not None else o, computed, y, N, H, o.stride(0), y.stride(0),
         float(scale), TOP_K=top_k, HAS_WEIGHT=weights is not None, BLOCK_ROWS=block_rows, BLOCK=block,
         num_warps=4,
     )

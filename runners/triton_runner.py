@@ -17,6 +17,7 @@ tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_G
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -28,7 +29,7 @@ from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad
 
 from . import register
-from .base import GemmHooks, TritonBackend, recompute_backward
+from .base import SCRATCH, GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -56,7 +57,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
     _check_device(inp.hidden_states)
     quant, out_dtype = weights.quant, inp.output_dtype
-    interp = interpreted()
+    interp = kernels.INTERPRETED
     x, x_scale = _gemm_input(inp, quant, interp)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
@@ -82,24 +83,23 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
         fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
     P = N * K
-    aligned = kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_config.BLOCK_M)
-    weight = inp.topk_weights.reshape(-1).float().contiguous()
-
+    block_m = block_config.BLOCK_M
+    weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
     scale = weight if config.apply_router_weight_on_input else None
-    pairs = None
-    if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
-        # Computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors).
+    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
+    # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
+    # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no kernel reads them.
+    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device)
+    aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),
+                                                                x.device, make)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned)
+    if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
         expert_index = inp.topk_ids.reshape(-1).long()[pairs]
-    # Each pair's rows; rows of pairs never computed stay uninitialized, and no later kernel reads them.
     if hooks.after_gemm1 is None:
         # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
         if quant is not None:  # GEMM 2's fp8 input and its scales come out of GEMM 1's epilogue
-            a = torch.empty(P, I, dtype=quant.dtype, device=x.device)
-            a_scale = torch.empty(P, quant.num_groups(I), dtype=torch.float32, device=x.device)
             fp8.update(out_quant=quant, out_scale=a_scale)
-        else:
-            a = torch.empty(P, I, dtype=out_dtype, device=x.device)
         kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
                              scale=scale, interpreted=interp, fuse_activation=config.activation,
                              is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
@@ -111,19 +111,28 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                              scale=scale, interpreted=interp)
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:
-            rows = rows * weight[pairs].unsqueeze(1).to(rows.dtype)
+            rows = rows * weight.reshape(-1)[pairs].unsqueeze(1).to(rows.dtype)
         _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
-        a = kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed,
-                                config.gemm1_alpha, config.gemm1_clamp_limit, interpreted=interp)
+        kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed, config.gemm1_alpha,
+                            config.gemm1_clamp_limit, out=a, interpreted=interp)
     if quant is not None:
         fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
-    o = torch.empty(P, H, dtype=out_dtype, device=x.device)
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
                          interpreted=interp, **fp8)
     if hooks.after_gemm2 is not None:
         _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
                                config.routed_scaling_factor, out_dtype, interpreted=interp)
+
+
+def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
+             device: torch.device) -> tuple:
+    """fused_forward's buffers other than its result: (aligned pairs, GEMM 1's output a [P, I] (fp8 with
+    quant), a's scales [P, I/group] fp32 or None, GEMM 2's output o [P, H])."""
+    a_scale = None if quant is None else torch.empty(P, quant.num_groups(I), dtype=torch.float32, device=device)
+    return (kernels.align_workspace(P, L, block_m, device),
+            torch.empty(P, I, dtype=out_dtype if quant is None else quant.dtype, device=device), a_scale,
+            torch.empty(P, H, dtype=out_dtype, device=device))
 
 
 def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
@@ -160,8 +169,10 @@ def _runnable(block_config: "kernels.BlockConfig", weights: ExpertWeights, inter
         if tiles.kernel in kernels.TMA_KERNELS and kernels.tma_unsupported(w, interp) is not None:
             return dataclasses.replace(tiles, kernel="portable")
         return tiles
-    return dataclasses.replace(block_config, gemm1=fit(block_config.gemm1, weights.w13),
-                               gemm2=fit(block_config.gemm2, weights.w2))
+    gemm1, gemm2 = fit(block_config.gemm1, weights.w13), fit(block_config.gemm2, weights.w2)
+    if gemm1 is block_config.gemm1 and gemm2 is block_config.gemm2:
+        return block_config  # (the common case: no new config object per call)
+    return dataclasses.replace(block_config, gemm1=gemm1, gemm2=gemm2)
 
 
 def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:

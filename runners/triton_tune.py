@@ -181,7 +181,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
             existing.setdefault(kernels.shape_key(L, K, H, I, dtype, kernel), {}).update(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
-    kernels._load_table.cache_clear()
+    kernels.reload_tables()
     return tables["auto"]
 
 

@@ -39,19 +39,21 @@ def _ids(gen, T, E, K, minus_one=0.2):
 
 # ------------------------------------------------------------------------------------ alignment
 
+@pytest.mark.parametrize("single_program", [True, False])
 @pytest.mark.parametrize("block_m,T,K,E,L,first", [
     (1, 23, 3, 12, 4, 4),  # this rank owns global experts 4..7; the sink is id 12
     (4, 23, 3, 12, 4, 4),
     (16, 23, 3, 12, 4, 4),
     (16, 150, 4, 80, 40, 40),  # several 128-pair chunks, L + 1 > 32 experts
 ])
-def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m, T, K, E, L, first):
+def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m, T, K, E, L, first,
+                                                                          single_program):
     gen = torch.Generator().manual_seed(block_m + T)
     ids = torch.randint(0, E + 1, (T, K), generator=gen, dtype=torch.int32)
     mask = torch.zeros(E + 1, dtype=torch.bool)
     mask[first:first + L] = True
     mask[first + 2] = False  # a masked-out local expert gets no blocks
-    aligned = kernels.align_pairs(ids, mask, first, L, block_m)
+    aligned = kernels.align_pairs(ids, mask, first, L, block_m, single_program=single_program)
     P = T * K
     flat = ids.reshape(-1).long()
     expected = mask[flat] & (flat >= first) & (flat < first + L)
@@ -71,6 +73,28 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
     for e in range(L):  # ascending pair order inside an expert (the torch runner's order)
         mine = real[flat[real] - first == e]
         assert torch.equal(mine, mine.sort().values)
+
+
+@pytest.mark.parametrize("block_m,T,K,L,first,masked", [
+    (16, 0, 8, 32, 0, True),  # no pairs
+    (16, 1, 8, 32, 0, True),  # decode: one token, DeepSeek's local shard
+    (1, 37, 3, 5, 2, False),  # no mask: the id range alone filters
+    (64, 300, 4, 7, 0, True),  # 1200 pairs: more than SINGLE_PROGRAM_MAX_PAIRS, 10 chunks, the last partial
+])
+def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L, first, masked):
+    # The one-launch path (decode sizes) must produce the very buffers the four kernels do, so the
+    # GEMMs downstream compute bit for bit the same; out= reuses a workspace that holds another
+    # call's result (stale values must not leak through).
+    gen = torch.Generator().manual_seed(T + block_m)
+    ids = torch.randint(-1, first + L + 2, (T, K), generator=gen, dtype=torch.int32)
+    mask = (torch.rand(first + L + 3, generator=gen) > 0.2) if masked else None
+    four = kernels.align_pairs(ids, mask, first, L, block_m, single_program=False)
+    stale = kernels.align_pairs(torch.randint(0, L, (T, K), generator=gen, dtype=torch.int32), None, 0, L, block_m)
+    one = kernels.align_pairs(ids, mask, first, L, block_m, out=stale, single_program=True)
+    assert one is stale
+    for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
+        assert torch.equal(getattr(one, name), getattr(four, name)), name
+    assert torch.equal(kernels.align_pairs(ids, mask, first, L, block_m).sorted_pair_ids, four.sorted_pair_ids)
 
 
 # ------------------------------------------------------------------------------------ kernels alone
@@ -273,6 +297,69 @@ def test_deterministic():
     w13, w2, _, _ = _weights(gen, 4, 32, 16)
     x, ids, w = torch.randn(17, 32, generator=gen), _ids(gen, 17, 4, 2), torch.rand(17, 2, generator=gen)
     assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), runners.fused_experts(x, w13, w2, ids, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scratch_reuse_and_either_alignment_path_give_the_same_bits(dtype, monkeypatch):
+    # Two calls of one shape share their scratch (kept across calls): the first result, still held,
+    # must not change when the second call runs (both are checked after it). Forcing the
+    # four-kernel alignment (no single-program path) must give bit-identical results.
+    gen = torch.Generator().manual_seed(11)
+    E, K, H, I, T = 6, 2, 32, 48, 29
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, E, H, I, dtype=dtype)
+    calls = [(torch.randn(T, H, generator=gen).to(dtype), _ids(gen, T, E, K), torch.rand(T, K, generator=gen))
+             for _ in range(2)]
+    ys = [runners.fused_experts(x, w13, w2, ids, w) for x, ids, w in calls]
+    for y, (x, ids, w) in zip(ys, calls):
+        assert rel_err(y, moe_reference(x, ids, w.double(), w13, w2, cfg)) <= tolerance(dtype)
+    monkeypatch.setattr(kernels, "SINGLE_PROGRAM_MAX_PAIRS", 0)
+    assert torch.equal(ys[1], runners.fused_experts(calls[1][0], w13, w2, *calls[1][1:]))
+
+
+@pytest.mark.parametrize("T", [0, 3])
+def test_scratch_kept_in_inference_mode_serves_calls_outside_it(T):
+    # Buffers kept from a call under torch.inference_mode are inference tensors: a later call outside
+    # it may write them only through kernels, never a torch op (T=0, no pairs, once zeroed one).
+    from ep_runtime.runners.base import SCRATCH
+    gen = torch.Generator().manual_seed(12)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(T, 16, generator=gen), _ids(gen, T, 4, 2), torch.rand(T, 2, generator=gen)
+    SCRATCH.clear()
+    with torch.inference_mode():
+        y = runners.fused_experts(x, w13, w2, ids, w)
+    with torch.no_grad():
+        assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), y)
+
+
+def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
+    import threading
+
+    from ep_runtime.runners.base import ScratchCache
+    cache, cpu = ScratchCache(), torch.device("cpu")
+    made = []
+
+    def make(n):
+        return lambda: made.append(n) or torch.empty(n, 1024, dtype=torch.uint8)  # n KiB
+    first = cache.get(("a",), cpu, make(1))
+    assert cache.get(("a",), cpu, make(1)) is first and made == [1]  # a hit allocates nothing
+    other = []
+    thread = threading.Thread(target=lambda: other.append(cache.get(("a",), cpu, make(1))))
+    thread.start()
+    thread.join()
+    assert other[0] is not first  # another thread never shares a buffer
+    monkeypatch.setenv("EP_RUNTIME_RUNNER_SCRATCH_MB", "1")
+    big = cache.get(("big",), cpu, make(1025))  # larger than the budget: returned, not kept
+    assert cache.get(("big",), cpu, make(1025)) is not big
+    cache.clear()
+    kept = [cache.get((n,), cpu, make(300)) for n in range(3)]  # 900 KiB
+    cache.get((0,), cpu, make(300))  # 0 becomes the most recently used
+    cache.get((3,), cpu, make(300))  # 1200 KiB: the least recently used (1) goes
+    assert cache.get((0,), cpu, make(300)) is kept[0] and cache.get((2,), cpu, make(300)) is kept[2]
+    assert cache.get((1,), cpu, make(300)) is not kept[1]
+    monkeypatch.setenv("EP_RUNTIME_RUNNER_SCRATCH_MB", "0")
+    cache.clear()
+    assert cache.get(("a",), cpu, make(1)) is not cache.get(("a",), cpu, make(1))  # 0: nothing kept
 
 
 # ------------------------------------------------------------------------------------ backend
