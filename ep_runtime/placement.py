@@ -333,7 +333,8 @@ def _cached(placement: ExpertPlacement, kind, device: torch.device) -> torch.Ten
         raise RuntimeError(f"the expert placement's {kind} table for {device} is built on the first eager call; "
                            "run one eager step (the usual warm-up) before capturing a CUDA graph")
     name, *args = kind if isinstance(kind, tuple) else (kind,)
-    return _TABLES[name](placement, *args).to(device)
+    with torch.inference_mode(False):  # kept for later calls, training ones included: never an inference tensor
+        return _TABLES[name](placement, *args).to(device)
 
 
 def _global_to_local(p: ExpertPlacement) -> torch.Tensor:

@@ -472,6 +472,23 @@ def test_router_weight_gradient_flows():
     assert rel_err(grads["triton"], grads["torch"].double()) <= 1e-5
 
 
+def test_training_after_a_call_under_inference_mode():
+    # Tables and buffers the first call caches (under inference_mode here) must not be inference tensors:
+    # a later training step saves them for backward. Gradients as the torch runner's (fp32, same math).
+    E, K, H, I = 4, 2, 32, 16
+    grads = {}
+    for name in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(E, K, H, I, runner=name)
+        x, ids, w = torch.randn(5, H), torch.randint(-1, E, (5, K)), torch.rand(5, K)
+        with torch.inference_mode():
+            layer(x, ids, w)
+        x = x.clone().requires_grad_()
+        layer(x, ids, w).square().sum().backward()
+        grads[name] = x.grad
+    assert rel_err(grads["triton"], grads["torch"].double()) <= 1e-5
+
+
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cfg = MoeConfig(4, 1, 16, 16)
