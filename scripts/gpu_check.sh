@@ -20,6 +20,7 @@
 #   two_batch_overlap            examples/two_batch_overlap.py on min(2, GPUs) ranks (90 s)
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
+#   PYTEST_K="..." narrows the GPU tests (pytest -k, e.g. "not faults" when device time is short);
 #   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
 #   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
 #   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
@@ -46,7 +47,7 @@ plot_arg() { [ "$PLOT" = yes ] && echo "--plot $W/$1.png"; }
 
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed package is used
   # The example has its own section below (it may not exit: issue 16).
-  (cd /tmp && timeout -k 10 "$(budget 270)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph" \
+  (cd /tmp && timeout -k 10 "$(budget 270)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph${PYTEST_K:+ and ($PYTEST_K)}" \
      -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
   section "pytest -m gpu" $?; grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | head -20; tail -3 "$W/pytest_gpu.log"
   grep "fault_probe:" "$W/pytest_gpu.log" | cut -c1-260
