@@ -336,13 +336,12 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     """(is_token_in_rank [T, R] bool, row [1 + R + E + num_flags] int32 = [T; tokens per rank; pairs
     per expert; flags]). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
     needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token). in_rank: a
-    contiguous int8 buffer of at least T*R entries that the caller never reads (standard), written
+    contiguous int8 or bool buffer of at least T*R entries that the caller never reads (standard), written
     and returned as it is instead of a new tensor (two torch ops fewer)."""
     T, K = topk_ids.shape
     E = rank_of.numel()
-    mine = in_rank is None
-    if mine:
-        in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
+    if in_rank is None:  # bool: the kernel stores 0/1 bytes (no int8 -> bool view per call)
+        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=topk_ids.device)
     row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
@@ -350,7 +349,7 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
         row, T, K, E, ep_size,
         1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
         BLOCK_K=next_power_of_2(max(K, 2)))
-    return (in_rank.view(torch.bool) if mine else in_rank), row
+    return in_rank, row
 
 
 class TablePlan(NamedTuple):
@@ -378,7 +377,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
     recv_rows = torch.full((rows,), R * chunk, dtype=torch.long, device=device) if compact else None
     _table_plan_kernel[(R,)](
-        in_rank.view(torch.int8), table, global_of, send_token, send_rank, index, summary,
+        in_rank, table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
         chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
         BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))

@@ -51,6 +51,15 @@ def _kernel_path_rank(rank, world_size, case, apply_on_input):
         same = torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
         if not same:
             differ.append(key)
+    # the handle's layout and receive counts (views the kernel path makes when first read)
+    plans = [getattr(out.handle, "exchange", out.handle) for out in (torch_out, kernel_out)]
+    for key in ("num_recv_tokens_per_expert_tensor", "num_recv_tokens", "most_received"):
+        if not torch.equal(*(getattr(plan, key).long() for plan in plans)):
+            differ.append(f"handle.{key}")
+    for key, want, got in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                              plans[0].layout, plans[1].layout):
+        if not torch.equal(got.long(), want.long()):
+            differ.append(f"handle.layout.{key}")
     return {"y": max(errors["y"], mixed["y"]), "differing fields": differ}
 
 
