@@ -71,6 +71,59 @@ def test_kernel_path_matches_reference_and_torch_path(case, apply_on_input):
         assert result["differing fields"] == [], result
 
 
+def _kept_buffer_rank(rank, world_size):
+    """Static plans pack into a send buffer kept per shape and stream (CPU: thread). Calls with new
+    routing, with another shape in between and from another thread each send their own rows (equal
+    to the torch path's), and an earlier output is not changed by later calls."""
+    import threading
+    xk._SEND_BUFFERS.clear()
+    config = ep.MoeConfig(8, 3, 32, 16)
+    small, large = (ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=m) for m in (16, 24))
+    gen = torch.Generator().manual_seed(rank)
+
+    def problem(T):
+        return torch.randn(T, 32, generator=gen), ep.TopKOutput(
+            torch.randint(-1, 8, (T, 3), generator=gen, dtype=torch.int32), torch.rand(T, 3, generator=gen))
+
+    def rows(out):  # the rows that hold data, and the counts
+        valid = torch.arange(out.recv_x.shape[1])[None, :] < out.masked_m[:, None]
+        return out.recv_x[valid].clone(), out.masked_m.clone()
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a, b))
+
+    differ, first = [], None
+    with torch.no_grad():
+        for i, (d, (x, topk)) in enumerate([(small, problem(11)), (large, problem(20)), (small, problem(16)),
+                                            (small, problem(5))]):
+            want = rows(d.dispatch(x, topk))
+            with xk.forced():
+                out = d.dispatch(x, topk)
+            if not same(rows(out), want):
+                differ.append(f"call {i}")
+            if first is None:
+                first, first_rows = out, rows(out)
+        x, topk = problem(9)
+        want = rows(small.dispatch(x, topk))
+        got = []
+        with xk.forced():
+            thread = threading.Thread(target=lambda: got.append(rows(small.dispatch(x, topk))))
+            thread.start()
+            thread.join()
+        if not same(got[0], want):
+            differ.append("other thread")
+    if not same(rows(first), first_rows):
+        differ.append("first output changed")
+    kept = sorted((k[0], k[5] == threading.get_ident()) for k in xk._SEND_BUFFERS)
+    return differ, kept
+
+
+def test_static_send_buffer_is_kept_per_shape_and_thread():
+    for differ, kept in run_ranks(_kept_buffer_rank, 2, timeout=240):
+        assert differ == []
+        assert kept == [(32, False), (32, True), (48, True)]  # R * M rows: one per shape, one per thread
+
+
 def _bad_rank(rank, world_size, case):
     """Rank 1 sends an id out of range: on the kernel path (read at once on CPU ranks) every rank
     fails, and rank 1's error names the value."""
