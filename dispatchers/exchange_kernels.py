@@ -18,6 +18,7 @@ and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple, Optional
 
@@ -411,32 +412,29 @@ def row_format(x: torch.Tensor, quant: Optional[QuantConfig]) -> tuple[int, torc
     return fp8_payload.row_layout(x.shape[1], quant)[0], torch.uint8
 
 
-# Send buffers of static plans, kept across calls: (rows, width, dtype, K, device, stream or thread) ->
-# (payload, rows view, meta view). Saves the allocation and four views a call (~15 us of host time on
-# a GPU host). Safe because a static plan's packing kernel rewrites every row of it each call, the
-# exchange only reads it (never hands it out: callers use it with R > 1 only), and calls sharing a
-# key run in order (one CUDA stream, or one thread on CPU ranks); never made while a CUDA graph is
-# captured (it would belong to the graph's pool).
-_SEND_BUFFERS: dict = {}
-_SEND_BUFFER_BYTES = 32 << 20  # larger payloads are allocated per call: their copy dwarfs the allocation,
-_SEND_BUFFER_KEYS = 64  # and a kept buffer would hold that memory for good; at most this many kept
+# Scratch tensors kept across calls: (what, shape, dtype, device, CUDA stream or CPU thread) -> the
+# tensor (a send payload with its views). Each saves an allocation (and views) per call: ~4 us of host
+# time apiece on a GPU host. Only for tensors a call rewrites whole before anything reads them and
+# never hands out; calls sharing a key run in order (one stream, or one thread on CPU ranks). Never
+# made while a CUDA graph is captured (it would belong to the graph's pool): a fresh tensor then.
+_KEPT: dict = {}
+_KEPT_BYTES = 32 << 20  # larger ones are allocated per call: their work dwarfs the allocation, and a kept
+_KEPT_KEYS = 64  # tensor would hold that memory for good; at most this many kept (then they start over)
 
 
-def send_buffer(rows: int, width: int, dtype: torch.dtype, top_k: int, device: torch.device
-                ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(payload, rows, meta) as pack_payload makes them, kept for the next call of this shape on the
-    current stream (CPU: thread); None where none may be kept (too large, or made while capturing)."""
+def kept(what: str, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
+    """The scratch `what` of this shape kept for the current stream (CPU: thread), or a new one (see
+    _KEPT). make(tensor): what to keep instead of the bare tensor (e.g. it with its views)."""
     where = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else threading.get_ident()
-    key = (rows, width, dtype, top_k, device, where)
-    found = _SEND_BUFFERS.get(key)
+    key = (what, shape, dtype, device, where)
+    found = _KEPT.get(key)
     if found is None:
-        nbytes = payload_bytes(width, dtype, top_k)
-        if rows * nbytes > _SEND_BUFFER_BYTES or capturing():
-            return None
-        if len(_SEND_BUFFERS) >= _SEND_BUFFER_KEYS:
-            _SEND_BUFFERS.clear()
-        payload = torch.empty(rows, nbytes, dtype=torch.uint8, device=device)
-        found = _SEND_BUFFERS[key] = (payload, *payload_views(payload, width, dtype, top_k))
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        found = make(tensor) if make is not None else tensor
+        if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and not capturing():
+            if len(_KEPT) >= _KEPT_KEYS:
+                _KEPT.clear()
+            _KEPT[key] = found
     return found
 
 
@@ -448,16 +446,17 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     destination's local ids when local_of [E] is given. skip_pad: rows of pad token T stay unwritten
     (they are never sent). quant: an fp8 dispatch: each row is quantized as it is packed, into its wire
     row (fp8_payload.views reads values and scales), in the same one kernel: no quantized copy of x,
-    and a token sent to several ranks is quantized the same way (bit for bit) for each. reuse: pack
-    into send_buffer's kept buffer where there is one (a static plan's payload that is sent, never
-    handed out, and has every row written: skip_pad False)."""
+    and a token sent to several ranks is quantized the same way (bit for bit) for each. reuse: a kept
+    buffer (`kept`) for a payload that is only sent, never handed out, and has every row written
+    (skip_pad False): a static plan's on R > 1 ranks."""
     S, K = send_token.numel(), ids.shape[1]
     width, dtype = row_format(x, quant)
-    kept = send_buffer(S, width, dtype, K, x.device) if reuse and not skip_pad else None
-    if kept is not None:
-        payload, rows, meta = kept
+    shape = (S, payload_bytes(width, dtype, K))
+    if reuse and not skip_pad:
+        payload, rows, meta = kept(f"payload {width} {dtype} {K}", shape, torch.uint8, x.device,
+                                   lambda p: (p, *payload_views(p, width, dtype, K)))
     else:
-        payload = torch.empty(S, payload_bytes(width, dtype, K), dtype=torch.uint8, device=x.device)
+        payload = torch.empty(shape, dtype=torch.uint8, device=x.device)
         rows, meta = payload_views(payload, width, dtype, K)
     if S:
         _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad, quant=quant)
@@ -519,13 +518,15 @@ def ll_plan(local_ids: torch.Tensor, weights: Optional[torch.Tensor], num_local_
             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """(slot_index [N, K], scatter_index [N, K] (repeats of a slot in a row set to none), slot_weight
     [N, K] fp32 (0 where not here; 1 when fold), scale [N, K] (the weights, when fold), masked_m [L]).
-    local_ids and weights [N, K] may be strided row views (the received metadata). One kernel."""
+    local_ids and weights [N, K] may be strided row views (the received metadata). One kernel.
+    scatter_index and scale are kept scratch (`kept`): valid until the next ll_plan on this stream."""
     N, K = local_ids.shape
     L, device = num_local_experts, local_ids.device
     slot = torch.empty(N, K, dtype=torch.long, device=device)
-    first = torch.empty(N, K, dtype=torch.long, device=device)
+    # scatter_index and scale: read by ll_scatter only, every entry written by the kernel: kept
+    first = kept("ll_plan first", (N, K), torch.long, device)
     weight = torch.empty(N, K, dtype=torch.float32, device=device) if weights is not None else None
-    scale = torch.empty(N, K, dtype=torch.float32, device=device) if fold else None
+    scale = kept("ll_plan scale", (N, K), torch.float32, device) if fold else None
     masked_m = torch.empty(L, dtype=torch.int32, device=device)
     ids = local_ids if local_ids.dtype == torch.int32 else local_ids.to(torch.int32)
     _ll_slots_kernel[(L + 1,)](
@@ -553,15 +554,19 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
 
 def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """partial [N, H] = sum_k weight[n, k] * out[slot_index[n, k]] (fp32 accumulation; none skipped).
-    Inference only (no autograd)."""
-    return gather_rows(out, slot_index, weight.float())
+    Inference only (no autograd). partial is kept scratch (`kept`; combine only sends it): valid until
+    the next ll_gather of this shape on this stream."""
+    N, H = slot_index.shape[0], out.shape[1]
+    return gather_rows(out, slot_index, weight.float(), kept("ll_gather", (N, H), out.dtype, out.device))
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing."""
+def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing.
+    out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
     S, H = src.shape
     N, K = index.shape
-    out = src.new_empty(N, H)
+    out = src.new_empty(N, H) if out is None else out
     if N:
         BLOCK_H = _block_h(H)
         _gather_rows_kernel[(N, cdiv(H, BLOCK_H))](

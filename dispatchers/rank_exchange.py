@@ -627,7 +627,9 @@ class RankExchange:
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
                 if partial.shape[0] != handle.rows:
                     partial = partial[:handle.rows]
-                partial = exchange_kernels.gather_rows(partial, handle.recv_pos.view(-1, 1))
+                index = handle.recv_pos.view(-1, 1)  # the chunk rows are only sent: kept scratch
+                partial = exchange_kernels.gather_rows(partial, index, out=exchange_kernels.kept(
+                    "chunk rows", (index.shape[0], partial.shape[1]), partial.dtype, partial.device))
             elif not handle.static:
                 received = sum(handle.recv_splits)
                 if partial.shape[0] != received:  # (a view costs host time: none when the rows are exact)

@@ -71,12 +71,15 @@ def test_kernel_path_matches_reference_and_torch_path(case, apply_on_input):
         assert result["differing fields"] == [], result
 
 
-def _kept_buffer_rank(rank, world_size):
-    """Static plans pack into a send buffer kept per shape and stream (CPU: thread). Calls with new
-    routing, with another shape in between and from another thread each send their own rows (equal
-    to the torch path's), and an earlier output is not changed by later calls."""
+def _kept_scratch_rank(rank, world_size):
+    """deepep_ll on the kernel path keeps its scratch (send payload, scatter plan, combine partials) per
+    shape and stream (CPU: thread). Calls with new routing, with another shape in between and from
+    another thread each give the torch path's rows and combine, and an earlier output is not
+    changed by later calls."""
     import threading
-    xk._SEND_BUFFERS.clear()
+
+    from ep_runtime.runner_core import CombineInput
+    xk._KEPT.clear()
     config = ep.MoeConfig(8, 3, 32, 16)
     small, large = (ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=m) for m in (16, 24))
     gen = torch.Generator().manual_seed(rank)
@@ -85,43 +88,48 @@ def _kept_buffer_rank(rank, world_size):
         return torch.randn(T, 32, generator=gen), ep.TopKOutput(
             torch.randint(-1, 8, (T, 3), generator=gen, dtype=torch.int32), torch.rand(T, 3, generator=gen))
 
-    def rows(out):  # the rows that hold data, and the counts
+    def run(d, x, topk):  # (the rows that hold data, the counts, combine of the rows doubled)
+        out = d.dispatch(x, topk)
         valid = torch.arange(out.recv_x.shape[1])[None, :] < out.masked_m[:, None]
-        return out.recv_x[valid].clone(), out.masked_m.clone()
+        return out, (out.recv_x[valid].clone(), out.masked_m.clone(), d.combine(CombineInput(out.recv_x * 2, out)))
 
     def same(a, b):
-        return all(torch.equal(u, v) for u, v in zip(a, b))
+        return all(torch.allclose(u.float(), v.float(), rtol=1e-6, atol=1e-6) for u, v in zip(a, b))
 
     differ, first = [], None
     with torch.no_grad():
         for i, (d, (x, topk)) in enumerate([(small, problem(11)), (large, problem(20)), (small, problem(16)),
                                             (small, problem(5))]):
-            want = rows(d.dispatch(x, topk))
+            want = run(d, x, topk)[1]
             with xk.forced():
-                out = d.dispatch(x, topk)
-            if not same(rows(out), want):
+                out, got = run(d, x, topk)
+            if not same(got, want):
                 differ.append(f"call {i}")
             if first is None:
-                first, first_rows = out, rows(out)
+                first, first_rows = out, got[0]
         x, topk = problem(9)
-        want = rows(small.dispatch(x, topk))
+        want = run(small, x, topk)[1]
         got = []
         with xk.forced():
-            thread = threading.Thread(target=lambda: got.append(rows(small.dispatch(x, topk))))
+            thread = threading.Thread(target=lambda: got.append(run(small, x, topk)[1]))
             thread.start()
             thread.join()
         if not same(got[0], want):
             differ.append("other thread")
-    if not same(rows(first), first_rows):
+    valid = torch.arange(first.recv_x.shape[1])[None, :] < first.masked_m[:, None]
+    if not torch.equal(first.recv_x[valid], first_rows):
         differ.append("first output changed")
-    kept = sorted((k[0], k[5] == threading.get_ident()) for k in xk._SEND_BUFFERS)
+    kept = sorted((what.split()[0], shape[0], where == threading.get_ident())
+                  for what, shape, _, _, where in xk._KEPT)
     return differ, kept
 
 
-def test_static_send_buffer_is_kept_per_shape_and_thread():
-    for differ, kept in run_ranks(_kept_buffer_rank, 2, timeout=240):
+def test_kernel_path_scratch_is_kept_per_shape_and_thread():
+    for differ, kept in run_ranks(_kept_scratch_rank, 2, timeout=240):
         assert differ == []
-        assert kept == [(32, False), (32, True), (48, True)]  # R * M rows: one per shape, one per thread
+        # N = R * M rows (M = 16 and 24); this thread's for both shapes, the other thread's for M = 16
+        assert kept == sorted((what, n, mine) for what in ("ll_gather", "ll_plan", "payload")
+                              for n, mine in ((32, False), (32, True), (48, True))), kept
 
 
 def _bad_rank(rank, world_size, case):
