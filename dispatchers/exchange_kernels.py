@@ -422,9 +422,13 @@ _KEPT_BYTES = 32 << 20  # larger ones are allocated per call: their work dwarfs 
 _KEPT_KEYS = 64  # tensor would hold that memory for good; at most this many kept (then they start over)
 
 
-def kept(what: str, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
-    """The scratch `what` of this shape kept for the current stream (CPU: thread), or a new one (see
-    _KEPT). make(tensor): what to keep instead of the bare tensor (e.g. it with its views)."""
+def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
+    """The scratch `what` (any hashable name) of this shape kept for the current stream (CPU: thread), or
+    a new one (see _KEPT; always under torch.compile, which traces the plain form, never state kept
+    across calls). make(tensor): what to keep instead of the bare tensor (e.g. it with its views)."""
+    if torch.compiler.is_compiling():
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        return make(tensor) if make is not None else tensor
     where = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else threading.get_ident()
     key = (what, shape, dtype, device, where)
     found = _KEPT.get(key)
@@ -453,7 +457,7 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     width, dtype = row_format(x, quant)
     shape = (S, payload_bytes(width, dtype, K))
     if reuse and not skip_pad:
-        payload, rows, meta = kept(f"payload {width} {dtype} {K}", shape, torch.uint8, x.device,
+        payload, rows, meta = kept(("payload", width, dtype, K), shape, torch.uint8, x.device,
                                    lambda p: (p, *payload_views(p, width, dtype, K)))
     else:
         payload = torch.empty(shape, dtype=torch.uint8, device=x.device)

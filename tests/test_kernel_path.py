@@ -119,7 +119,7 @@ def _kept_scratch_rank(rank, world_size):
     valid = torch.arange(first.recv_x.shape[1])[None, :] < first.masked_m[:, None]
     if not torch.equal(first.recv_x[valid], first_rows):
         differ.append("first output changed")
-    kept = sorted((what.split()[0], shape[0], where == threading.get_ident())
+    kept = sorted(((what if isinstance(what, str) else what[0]).split()[0], shape[0], where == threading.get_ident())
                   for what, shape, _, _, where in xk._KEPT)
     return differ, kept
 
