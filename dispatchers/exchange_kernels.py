@@ -248,6 +248,16 @@ if triton is not None:
                 ok = (j < count) & (compact < rows)
                 tl.store(recv_pos_ptr + r * chunk + j, tl.where(ok, compact, rows).to(tl.int64), mask=j < chunk)
                 tl.store(recv_rows_ptr + compact, (r * chunk + j).to(tl.int64), mask=ok & (j < chunk))
+            # every other compact row is pad (R*chunk), so recv_rows needs no pre-fill: the rows of r's
+            # tokens past its chunk (an overflow, reported as an error), and program 0 those past all
+            for start in range(chunk, count, BLOCK_T):
+                j = start + tl.arange(0, BLOCK_T)
+                tl.store(recv_rows_ptr + offset + j, (tl.zeros_like(j) + R * chunk).to(tl.int64),
+                         mask=(j < count) & (offset + j < rows))
+            if r == 0:
+                for start in range(tl.sum(from_each), rows, BLOCK_T):
+                    p = start + tl.arange(0, BLOCK_T)
+                    tl.store(recv_rows_ptr + p, (tl.zeros_like(p) + R * chunk).to(tl.int64), mask=p < rows)
         if r == 0:
             lane = tl.arange(0, BLOCK_L)
             g = tl.load(global_of_ptr + lane, mask=lane < L, other=0)
@@ -378,7 +388,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     index = torch.empty(T, R, dtype=torch.long, device=device)
     summary = torch.empty(L + 2, dtype=torch.int32, device=device)
     recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
-    recv_rows = torch.full((rows,), R * chunk, dtype=torch.long, device=device) if compact else None
+    recv_rows = torch.empty(rows, dtype=torch.long, device=device) if compact else None  # every entry written
     _table_plan_kernel[(R,)](
         in_rank, table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
