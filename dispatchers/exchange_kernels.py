@@ -429,7 +429,8 @@ def row_format(x: torch.Tensor, quant: Optional[QuantConfig]) -> tuple[int, torc
 # made while a CUDA graph is captured (it would belong to the graph's pool): a fresh tensor then.
 _KEPT: dict = {}
 _KEPT_BYTES = 32 << 20  # larger ones are allocated per call: their work dwarfs the allocation, and a kept
-_KEPT_KEYS = 64  # tensor would hold that memory for good; at most this many kept (then they start over)
+_KEPT_KEYS = 64  # tensor holds that memory for good; at most this many kept. None is ever dropped: a CUDA
+# graph captured with one writes it at every replay, so its memory must never go to another tensor.
 
 
 def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
@@ -445,9 +446,7 @@ def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None
     if found is None:
         tensor = torch.empty(shape, dtype=dtype, device=device)
         found = make(tensor) if make is not None else tensor
-        if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and not capturing():
-            if len(_KEPT) >= _KEPT_KEYS:
-                _KEPT.clear()
+        if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and len(_KEPT) < _KEPT_KEYS and not capturing():
             _KEPT[key] = found
     return found
 
