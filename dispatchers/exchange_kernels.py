@@ -444,8 +444,9 @@ def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None
     key = (what, shape, dtype, device, where)
     found = _KEPT.get(key)
     if found is None:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-        found = make(tensor) if make is not None else tensor
+        with torch.inference_mode(False):  # kept for later calls, outside inference mode too: a plain tensor
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            found = make(tensor) if make is not None else tensor
         if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and len(_KEPT) < _KEPT_KEYS and not capturing():
             _KEPT[key] = found
     return found
