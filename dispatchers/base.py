@@ -130,10 +130,10 @@ class Dispatcher:
         must not be changed before the wait."""
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "dispatch")
-        ids, weights = self._checked_topk(x, topk)
+        topk = self._checked_topk(x, topk)
         if self._plain(async_op, return_recv_hook, previous_event):
-            return self._dispatch(x, TopKOutput(ids, weights), **options)
-        return self._issue(lambda: self._dispatch(x, TopKOutput(ids, weights), **options), x.device, (x, ids, weights),
+            return self._dispatch(x, topk, **options)
+        return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                            async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:

@@ -83,6 +83,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
         self.exchange.max_tokens = (M, rule)
+        self._capacity = f"num_max_dispatch_tokens_per_rank={M}"  # made once: it names the setting in errors
         # A token's row goes to an expert once; with the weight folded into that row, a repeated
         # expert would need two rows with different weights.
         self.distinct_ids = None
@@ -93,9 +94,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self._fp8_for(x)
-        M, L = self.num_max_dispatch_tokens_per_rank, self.placement.num_local_experts
+        M, L = self.options.num_max_dispatch_tokens_per_rank, self.exchange.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
-            x, ids, weights, local_ids=True, chunk=M, capacity=f"num_max_dispatch_tokens_per_rank={M}",
+            x, ids, weights, local_ids=True, chunk=M, capacity=self._capacity,
             distinct=self.distinct_ids, transient=True, quant=quant)  # the rows are scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows

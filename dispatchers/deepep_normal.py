@@ -87,6 +87,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                              f"num_worst_tokens set (it sizes the static mode's chunks)")
         self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
                                            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
+        # the static mode's capacity as its errors name it (made once)
+        self._capacity = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={M}" if M not in (None, W) else "")
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -106,18 +108,20 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
         x_dtype, quant = x.dtype, self._fp8_for(x)
+        options = self.options
         if handle is None:
-            W, C = self.options.num_worst_tokens, self.options.chunk
-            setting = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={C}" if C != W else "")
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-                x, ids, weights, local_ids=True, chunk=C, rows=W, capacity=setting, quant=quant)
+                x, ids, weights, local_ids=True, chunk=options.chunk, rows=options.num_worst_tokens,
+                capacity=self._capacity, quant=quant)
         elif handle.num_tokens != x.shape[0]:
             raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                              f"(a handle is only valid for a dispatch with the same routing)")
         else:
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
-        align = self.options.alignment  # a local: this runs per expert on every call
-        listed = [-(-c // align) * align for c in handle.num_recv_tokens_per_expert or []]
+        align = options.alignment  # a local: this runs per expert on every call
+        counts = handle.num_recv_tokens_per_expert or []
+        # a new list each call (the caller may keep or change it); alignment 1 needs no rounding loop
+        listed = list(counts) if align == 1 else [-(-c // align) * align for c in counts]
         recv_x, recv_x_scale = self._received(recv_x)
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)

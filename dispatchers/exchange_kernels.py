@@ -18,6 +18,8 @@ and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
+import math
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,6 +27,7 @@ import torch
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
 from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
+from ep_runtime.validation import capturing
 
 from . import fp8_payload
 
@@ -245,6 +248,16 @@ if triton is not None:
                 ok = (j < count) & (compact < rows)
                 tl.store(recv_pos_ptr + r * chunk + j, tl.where(ok, compact, rows).to(tl.int64), mask=j < chunk)
                 tl.store(recv_rows_ptr + compact, (r * chunk + j).to(tl.int64), mask=ok & (j < chunk))
+            # every other compact row is pad (R*chunk), so recv_rows needs no pre-fill: the rows of r's
+            # tokens past its chunk (an overflow, reported as an error), and program 0 those past all
+            for start in range(chunk, count, BLOCK_T):
+                j = start + tl.arange(0, BLOCK_T)
+                tl.store(recv_rows_ptr + offset + j, (tl.zeros_like(j) + R * chunk).to(tl.int64),
+                         mask=(j < count) & (offset + j < rows))
+            if r == 0:
+                for start in range(tl.sum(from_each), rows, BLOCK_T):
+                    p = start + tl.arange(0, BLOCK_T)
+                    tl.store(recv_rows_ptr + p, (tl.zeros_like(p) + R * chunk).to(tl.int64), mask=p < rows)
         if r == 0:
             lane = tl.arange(0, BLOCK_L)
             g = tl.load(global_of_ptr + lane, mask=lane < L, other=0)
@@ -336,13 +349,12 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     """(is_token_in_rank [T, R] bool, row [1 + R + E + num_flags] int32 = [T; tokens per rank; pairs
     per expert; flags]). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
     needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token). in_rank: a
-    contiguous int8 buffer of at least T*R entries that the caller never reads (standard), written
+    contiguous int8 or bool buffer of at least T*R entries that the caller never reads (standard), written
     and returned as it is instead of a new tensor (two torch ops fewer)."""
     T, K = topk_ids.shape
     E = rank_of.numel()
-    mine = in_rank is None
-    if mine:
-        in_rank = torch.empty(T, ep_size, dtype=torch.int8, device=topk_ids.device)
+    if in_rank is None:  # bool: the kernel stores 0/1 bytes (no int8 -> bool view per call)
+        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=topk_ids.device)
     row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
     BLOCK_T = 64
     _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
@@ -350,7 +362,7 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
         row, T, K, E, ep_size,
         1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
         BLOCK_K=next_power_of_2(max(K, 2)))
-    return (in_rank.view(torch.bool) if mine else in_rank), row
+    return in_rank, row
 
 
 class TablePlan(NamedTuple):
@@ -376,9 +388,9 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     index = torch.empty(T, R, dtype=torch.long, device=device)
     summary = torch.empty(L + 2, dtype=torch.int32, device=device)
     recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
-    recv_rows = torch.full((rows,), R * chunk, dtype=torch.long, device=device) if compact else None
+    recv_rows = torch.empty(rows, dtype=torch.long, device=device) if compact else None  # every entry written
     _table_plan_kernel[(R,)](
-        in_rank.view(torch.int8), table, global_of, send_token, send_rank, index, summary,
+        in_rank, table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
         chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
         BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
@@ -410,19 +422,56 @@ def row_format(x: torch.Tensor, quant: Optional[QuantConfig]) -> tuple[int, torc
     return fp8_payload.row_layout(x.shape[1], quant)[0], torch.uint8
 
 
+# Scratch tensors kept across calls: (what, shape, dtype, device, CUDA stream or CPU thread) -> the
+# tensor (a send payload with its views). Each saves an allocation (and views) per call: ~4 us of host
+# time apiece on a GPU host. Only for tensors a call rewrites whole before anything reads them and
+# never hands out; calls sharing a key run in order (one stream, or one thread on CPU ranks). Never
+# made while a CUDA graph is captured (it would belong to the graph's pool): a fresh tensor then.
+_KEPT: dict = {}
+_KEPT_BYTES = 32 << 20  # larger ones are allocated per call: their work dwarfs the allocation, and a kept
+_KEPT_KEYS = 64  # tensor holds that memory for good; at most this many kept. None is ever dropped: a CUDA
+# graph captured with one writes it at every replay, so its memory must never go to another tensor.
+
+
+def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
+    """The scratch `what` (any hashable name) of this shape kept for the current stream (CPU: thread), or
+    a new one (see _KEPT; always under torch.compile, which traces the plain form, never state kept
+    across calls). make(tensor): what to keep instead of the bare tensor (e.g. it with its views)."""
+    if torch.compiler.is_compiling():
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        return make(tensor) if make is not None else tensor
+    where = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else threading.get_ident()
+    key = (what, shape, dtype, device, where)
+    found = _KEPT.get(key)
+    if found is None:
+        with torch.inference_mode(False):  # kept for later calls, outside inference mode too: a plain tensor
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            found = make(tensor) if make is not None else tensor
+        if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and len(_KEPT) < _KEPT_KEYS and not capturing():
+            _KEPT[key] = found
+    return found
+
+
 def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
                  send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor],
-                 skip_pad: bool = False, quant: Optional[QuantConfig] = None) -> torch.Tensor:
+                 skip_pad: bool = False, quant: Optional[QuantConfig] = None, reuse: bool = False) -> torch.Tensor:
     """Inference path: payload [S, payload_bytes] uint8 holding x[send_token] and [weights bits; ids]
     per row (see payload_views; row_format gives the row's elements and dtype); ids as the
     destination's local ids when local_of [E] is given. skip_pad: rows of pad token T stay unwritten
     (they are never sent). quant: an fp8 dispatch: each row is quantized as it is packed, into its wire
     row (fp8_payload.views reads values and scales), in the same one kernel: no quantized copy of x,
-    and a token sent to several ranks is quantized the same way (bit for bit) for each."""
+    and a token sent to several ranks is quantized the same way (bit for bit) for each. reuse: a kept
+    buffer (`kept`) for a payload that is only sent, never handed out, and has every row written
+    (skip_pad False): a static plan's on R > 1 ranks."""
     S, K = send_token.numel(), ids.shape[1]
     width, dtype = row_format(x, quant)
-    payload = torch.empty(S, payload_bytes(width, dtype, K), dtype=torch.uint8, device=x.device)
-    rows, meta = payload_views(payload, width, dtype, K)
+    shape = (S, payload_bytes(width, dtype, K))
+    if reuse and not skip_pad:
+        payload, rows, meta = kept(("payload", width, dtype, K), shape, torch.uint8, x.device,
+                                   lambda p: (p, *payload_views(p, width, dtype, K)))
+    else:
+        payload = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        rows, meta = payload_views(payload, width, dtype, K)
     if S:
         _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad, quant=quant)
     return payload
@@ -483,13 +532,15 @@ def ll_plan(local_ids: torch.Tensor, weights: Optional[torch.Tensor], num_local_
             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """(slot_index [N, K], scatter_index [N, K] (repeats of a slot in a row set to none), slot_weight
     [N, K] fp32 (0 where not here; 1 when fold), scale [N, K] (the weights, when fold), masked_m [L]).
-    local_ids and weights [N, K] may be strided row views (the received metadata). One kernel."""
+    local_ids and weights [N, K] may be strided row views (the received metadata). One kernel.
+    scatter_index and scale are kept scratch (`kept`): valid until the next ll_plan on this stream."""
     N, K = local_ids.shape
     L, device = num_local_experts, local_ids.device
     slot = torch.empty(N, K, dtype=torch.long, device=device)
-    first = torch.empty(N, K, dtype=torch.long, device=device)
+    # scatter_index and scale: read by ll_scatter only, every entry written by the kernel: kept
+    first = kept("ll_plan first", (N, K), torch.long, device)
     weight = torch.empty(N, K, dtype=torch.float32, device=device) if weights is not None else None
-    scale = torch.empty(N, K, dtype=torch.float32, device=device) if fold else None
+    scale = kept("ll_plan scale", (N, K), torch.float32, device) if fold else None
     masked_m = torch.empty(L, dtype=torch.int32, device=device)
     ids = local_ids if local_ids.dtype == torch.int32 else local_ids.to(torch.int32)
     _ll_slots_kernel[(L + 1,)](
@@ -517,15 +568,19 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
 
 def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """partial [N, H] = sum_k weight[n, k] * out[slot_index[n, k]] (fp32 accumulation; none skipped).
-    Inference only (no autograd)."""
-    return gather_rows(out, slot_index, weight.float())
+    Inference only (no autograd). partial is kept scratch (`kept`; combine only sends it): valid until
+    the next ll_gather of this shape on this stream."""
+    N, H = slot_index.shape[0], out.shape[1]
+    return gather_rows(out, slot_index, weight.float(), kept("ll_gather", (N, H), out.dtype, out.device))
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing."""
+def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing.
+    out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
     S, H = src.shape
     N, K = index.shape
-    out = src.new_empty(N, H)
+    out = src.new_empty(N, H) if out is None else out
     if N:
         BLOCK_H = _block_h(H)
         _gather_rows_kernel[(N, cdiv(H, BLOCK_H))](

@@ -97,19 +97,20 @@ class MoriDispatcher(ExchangeDispatcher):
             *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "
                                        f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
+        self._capacity = f"{self.options.buffer_setting} = {self.options.num_buffer_rows}"  # made once, for errors
 
     def _static(self) -> bool:
-        return capturing() if self.static is None else self.static
+        static = self.options.static
+        return capturing() if static is None else static
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self._fp8_for(x)
-        static = self._static()
-        N, n = self.num_buffer_rows, self.max_input_tokens
-        chunk = self.max_dispatch_tokens_per_rank if static else None
+        static, options = self._static(), self.options
+        N, n = options.num_buffer_rows, options.max_input_tokens
+        chunk = options.max_dispatch_tokens_per_rank if static else None
         handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=f"{self.buffer_setting} = {N}",
-            quant=quant)
+            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=self._capacity, quant=quant)
         if n <= 0:
             rows = N
         elif static:

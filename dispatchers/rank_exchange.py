@@ -26,10 +26,12 @@ that never joins makes this rank abort the group's communicator and raise ep.Pee
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -114,17 +116,19 @@ class ExchangeHandle:
     Host plan: send_splits / recv_splits (lists). Static plan: chunk rows per peer; when compacted,
     recv_pos [R*chunk] (compact row of each chunk row; `rows` = dropped pad) and recv_rows [rows]
     (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
-    received). num_recv_tokens: device int scalar of real received rows; most_received: the largest
-    count any rank received (the same on every rank, for symmetric capacity errors)."""
+    received). layout (DeepEP's), num_recv_tokens_per_expert_tensor [L], num_recv_tokens (device int
+    scalar of real received rows) and most_received (the largest count any rank received, the same
+    on every rank, for symmetric capacity errors) are properties: on the kernel path they are views
+    of the count row and of the plan's summary, made when first read (most calls read none, and
+    each view costs a few us of host time)."""
 
     num_tokens: int
-    layout: Layout
+    counts: Any  # the Layout, or on the kernel path (count row, is_token_in_rank, E)
     send_token: torch.Tensor
     send_rank: torch.Tensor  # [S]: destination rank of each sent row
     combine_index: torch.Tensor  # [T, R]: row of (token, rank) among the sent rows; S = not sent
-    num_recv_tokens_per_expert_tensor: torch.Tensor
-    num_recv_tokens: torch.Tensor
-    most_received: torch.Tensor
+    # (pairs per local expert [L], rows received, most any rank receives), or the kernel plan's summary [L + 2]
+    received: Any
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
     num_recv_tokens_per_expert: Optional[list[int]] = None  # host plan only
@@ -144,11 +148,31 @@ class ExchangeHandle:
     def static(self) -> bool:
         return self.chunk is not None
 
+    @functools.cached_property
+    def layout(self) -> Layout:
+        if isinstance(self.counts, Layout):
+            return self.counts
+        row, in_rank, E = self.counts
+        R = in_rank.shape[1]
+        return Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
+
+    @functools.cached_property
+    def num_recv_tokens_per_expert_tensor(self) -> torch.Tensor:
+        return self.received[0] if isinstance(self.received, tuple) else self.received[:-2]
+
+    @functools.cached_property
+    def num_recv_tokens(self) -> torch.Tensor:
+        return self.received[1] if isinstance(self.received, tuple) else self.received[-2]
+
+    @functools.cached_property
+    def most_received(self) -> torch.Tensor:
+        return self.received[2] if isinstance(self.received, tuple) else self.received[-1]
+
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     """(sent[s][d]: tokens rank s sends to rank d, the most tokens any rank receives) from the count table."""
     sent = [row[1:1 + R] for row in host_table]
-    return sent, max(sum(sent[s][d] for s in range(R)) for d in range(R))
+    return sent, max(map(sum, zip(*sent)))
 
 
 class _StaticCall(NamedTuple):
@@ -232,14 +256,22 @@ class RankExchange:
             p = self.placement
             self._tables[device] = (p.expert_rank_table(device), p.expert_local_index_table(device),
                                     p.local_expert_ids(device).to(torch.int32))
-            self._local_columns = [1 + self.world_size + g for g in p.local_expert_ids().tolist()]
+            columns = [1 + self.world_size + g for g in p.local_expert_ids().tolist()]
+            first = columns[0] if columns else 0
+            if columns == list(range(first, first + len(columns))):  # contiguous: one C-level slice per row
+                self._local_columns = operator.itemgetter(slice(first, first + len(columns)))
+            else:
+                self._local_columns = lambda row: [row[c] for c in columns]
         return self._tables[device]
 
     def _per_local_expert(self, host_table: list) -> list:
         """Pairs this rank receives per local expert, summed over the host table's rows (every rank's
-        counts). C-level iteration throughout: E = 256 columns made this a 100 us Python loop."""
-        columns = list(zip(*host_table))
-        return list(map(sum, map(columns.__getitem__, self._local_columns)))
+        counts): one C-level map per row over its local columns (a slice for contiguous placements).
+        E = 256 columns made a Python loop 100 us, a transpose of the whole table 40 us (2 ranks)."""
+        per_expert = self._local_columns(host_table[0])  # a new list
+        for row in host_table[1:]:
+            per_expert = list(map(operator.add, per_expert, self._local_columns(row)))
+        return per_expert
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         if (n, device) not in self._aranges:
@@ -305,7 +337,6 @@ class RankExchange:
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
         if not static and not now and table.is_cuda:  # the event the read below polls: right after the all_gather, not
             self._land_table(table)  # before the plan and pack queued next
-        layout = Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
         plan = payload = None
         if not static and x is not None:  # plan and pack first: the read below then overlaps them
             plan = exchange_kernels.table_plan(in_rank, table, me, global_of, T * min(R, K))
@@ -327,8 +358,8 @@ class RankExchange:
             self._check_host_table(host, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
-            most_rows = max(most, max(sum(row) for row in sent))
-            send_splits, recv_splits = sent[me], [sent[s][me] for s in range(R)]
+            most_rows = max(most, max(map(sum, sent)))
+            send_splits, recv_splits = sent[me], [row[me] for row in sent]
             per_expert_host = self._per_local_expert(host)
             total = sum(send_splits)
             links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
@@ -338,12 +369,18 @@ class RankExchange:
         if now:  # capturing: nothing can be read, so an overflow is a device-side error
             self._assert_fits(table[:, 1:1 + R], summary[L + 1], chunk, rows, capacity)
         # Rows past `total` of an early plan are unused; its combine_index marks unsent pairs with a
-        # larger value than total, which every reader treats as "not sent".
-        handle = ExchangeHandle(T, layout, plan.send_token[:total], plan.send_rank[:total], plan.combine_index,
-                                summary[:L], summary[L], summary[L + 1], send_splits, recv_splits, per_expert_host,
-                                chunk=chunk, rows=rows, recv_pos=plan.recv_pos, recv_rows=plan.recv_rows,
-                                sent=None if static else sent, most_rows=most_rows, links=links)
-        return handle, (payload[:total] if payload is not None else None)
+        # larger value than total, which every reader treats as "not sent". (A plan of `total` rows, as
+        # static plans are, is kept as it is: a view costs host time.)
+        send_token, send_rank = plan.send_token, plan.send_rank
+        if send_token.shape[0] != total:
+            send_token, send_rank = send_token[:total], send_rank[:total]
+        handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, plan.combine_index, summary,
+                                send_splits, recv_splits, per_expert_host, chunk=chunk, rows=rows, recv_pos=plan.recv_pos,
+                                recv_rows=plan.recv_rows, sent=None if static else sent, most_rows=most_rows,
+                                links=links)
+        if payload is not None and payload.shape[0] != total:
+            payload = payload[:total]
+        return handle, payload
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
                       chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
@@ -438,7 +475,7 @@ class RankExchange:
                                                         sum(relay.send1) if relay else sum(send_splits))
         links = (relay.link_rows(me) if relay is not None
                  else hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes))
-        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, per_expert, *recv, send_splits,
+        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, (per_expert, *recv), send_splits,
                               recv_splits, per_expert_host, rows=rows, links=links, relay=relay)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
@@ -475,7 +512,8 @@ class RankExchange:
         base = torch.arange(R, device=device) * chunk
         send_token, send_rank, target = row_plan(layout.is_token_in_rank, base, torch.full_like(base, chunk),
                                                  R * chunk)
-        handle = ExchangeHandle(T, layout, send_token, send_rank, target, per_expert, *recv, chunk=chunk, rows=rows)
+        handle = ExchangeHandle(T, layout, send_token, send_rank, target, (per_expert, *recv), chunk=chunk,
+                                rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
             counts = sent[:, me]
             j = torch.arange(chunk, device=device)
@@ -541,8 +579,10 @@ class RankExchange:
         """The kernel path: one packing kernel (quantizing with quant), one exchange of rows with their
         metadata, and for padded or compacted receive sides one kernel laying the rows out."""
         rank_of, local_of, _ = self.tables(x.device)
+        # a static plan's payload on R > 1 ranks is only read by the exchange: its buffer is kept across calls
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
-                                                local_of if local_ids else None, quant=quant)
+                                                local_of if local_ids else None, quant=quant,
+                                                reuse=handle.static and self.world_size > 1)
         return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1],
                                      transient)
 
@@ -585,9 +625,15 @@ class RankExchange:
         each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""
         if exchange_kernels.inference_path(partial) and handle.relay is None:
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
-                partial = exchange_kernels.gather_rows(partial[:handle.rows], handle.recv_pos.view(-1, 1))
+                if partial.shape[0] != handle.rows:
+                    partial = partial[:handle.rows]
+                index = handle.recv_pos.view(-1, 1)  # the chunk rows are only sent: kept scratch
+                partial = exchange_kernels.gather_rows(partial, index, out=exchange_kernels.kept(
+                    "chunk rows", (index.shape[0], partial.shape[1]), partial.dtype, partial.device))
             elif not handle.static:
-                partial = partial[:sum(handle.recv_splits)]
+                received = sum(handle.recv_splits)
+                if partial.shape[0] != received:  # (a view costs host time: none when the rows are exact)
+                    partial = partial[:received]
             return exchange_kernels.gather_rows(self._move(partial, handle, to_owner=True, keep=False),
                                                 handle.combine_index)
         zero = partial.new_zeros(1, partial.shape[1])

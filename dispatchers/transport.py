@@ -53,7 +53,7 @@ def all_gather_rows(row: torch.Tensor, group, world_size: int) -> torch.Tensor:
     # Zeros on CUDA: if a peer never answers, the group is aborted and the kernels queued behind this
     # read a table of zeros (nothing to send, nothing received), never leftover memory as counts.
     out = row.new_zeros(world_size * row.numel()) if row.is_cuda else row.new_empty(world_size * row.numel())
-    _all_gather_single(out, row.contiguous().reshape(-1), group=group)
+    _all_gather_single(out, row.contiguous() if row.dim() == 1 else row.contiguous().reshape(-1), group=group)
     return out.view((world_size,) + tuple(row.shape))
 
 

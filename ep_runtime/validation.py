@@ -25,8 +25,14 @@ def finite_float(name: str, value) -> float:
     return float(value)
 
 
+_CUDA: list = []  # torch.cuda.is_available(), asked once: it costs ~2 us and capturing() runs several times a call
+
+
 def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured on the current stream (False without CUDA)."""
+    if not _CUDA:
+        _CUDA.append(torch.cuda.is_available())
+    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -80,14 +86,15 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
                top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True) -> None:
     """ids [T, K] integer in [-1, E); weights [T, K] floating, same device. values=False: shapes,
     dtypes and devices only (the caller checks values, e.g. inside its count exchange)."""
+    device = torch.device(device) if device is not None else None
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dim() != 2 or t.shape[0] != num_tokens or (top_k is not None and t.shape[1] != top_k):
             k = top_k if top_k is not None else "K"
             raise ValueError(f"{name} has shape {list(t.shape)}; expected [{num_tokens}, {k}] (T rows of x, top_k)")
-        if device is not None and t.device != torch.device(device):
-            raise ValueError(f"{name} is on {t.device}; expected {torch.device(device)} (the device of x)")
+        if device is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}; expected {device} (the device of x)")
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} differ in shape")
     if topk_ids.dtype not in ID_DTYPES:  # unsigned wider types would hide -1 (uint32 2**32-1 reads as -1)

@@ -169,14 +169,16 @@ def test_table_plan_kernel_matches_torch(static):
     sent = table[:, 1:1 + R].long()
     assert got.summary.tolist() == (table[:, 1 + R + me * L:1 + R + (me + 1) * L].sum(0).tolist()
                                     + [int(sent[:, me].sum()), int(sent.sum(0).max())])
-    if static:
+    if static:  # compact rows too few (rows), and more than received: pad rows after the received ones
         recv = sent[:, me]
         j = torch.arange(chunk)
         compact = (recv.cumsum(0) - recv).unsqueeze(1) + j
-        valid = (j < recv.unsqueeze(1)) & (compact < rows)
-        recv_pos = torch.where(valid, compact, rows).reshape(-1)
-        recv_rows = torch.full((rows + 1,), R * chunk).scatter_(0, recv_pos, torch.arange(R * chunk))[:rows]
-        assert torch.equal(got.recv_pos, recv_pos) and torch.equal(got.recv_rows, recv_rows)
+        for rows in (rows, int(recv.sum()) + 7):
+            got = xk.table_plan(in_rank, table, me, global_of, total, chunk, rows)
+            valid = (j < recv.unsqueeze(1)) & (compact < rows)
+            recv_pos = torch.where(valid, compact, rows).reshape(-1)
+            recv_rows = torch.full((rows + 1,), R * chunk).scatter_(0, recv_pos, torch.arange(R * chunk))[:rows]
+            assert torch.equal(got.recv_pos, recv_pos) and torch.equal(got.recv_rows, recv_rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -51,6 +51,15 @@ def _kernel_path_rank(rank, world_size, case, apply_on_input):
         same = torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
         if not same:
             differ.append(key)
+    # the handle's layout and receive counts (views the kernel path makes when first read)
+    plans = [getattr(out.handle, "exchange", out.handle) for out in (torch_out, kernel_out)]
+    for key in ("num_recv_tokens_per_expert_tensor", "num_recv_tokens", "most_received"):
+        if not torch.equal(*(getattr(plan, key).long() for plan in plans)):
+            differ.append(f"handle.{key}")
+    for key, want, got in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                              plans[0].layout, plans[1].layout):
+        if not torch.equal(got.long(), want.long()):
+            differ.append(f"handle.layout.{key}")
     return {"y": max(errors["y"], mixed["y"]), "differing fields": differ}
 
 
@@ -60,6 +69,67 @@ def test_kernel_path_matches_reference_and_torch_path(case, apply_on_input):
     for result in run_ranks(_kernel_path_rank, 2, case, apply_on_input, timeout=240):
         assert result["y"] <= tolerance(torch.float32), result
         assert result["differing fields"] == [], result
+
+
+def _kept_scratch_rank(rank, world_size):
+    """deepep_ll on the kernel path keeps its scratch (send payload, scatter plan, combine partials) per
+    shape and stream (CPU: thread). Calls with new routing, with another shape in between and from
+    another thread each give the torch path's rows and combine, and an earlier output is not
+    changed by later calls."""
+    import threading
+
+    from ep_runtime.runner_core import CombineInput
+    xk._KEPT.clear()
+    config = ep.MoeConfig(8, 3, 32, 16)
+    small, large = (ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=m) for m in (16, 24))
+    gen = torch.Generator().manual_seed(rank)
+
+    def problem(T):
+        return torch.randn(T, 32, generator=gen), ep.TopKOutput(
+            torch.randint(-1, 8, (T, 3), generator=gen, dtype=torch.int32), torch.rand(T, 3, generator=gen))
+
+    def run(d, x, topk):  # (the rows that hold data, the counts, combine of the rows doubled)
+        out = d.dispatch(x, topk)
+        valid = torch.arange(out.recv_x.shape[1])[None, :] < out.masked_m[:, None]
+        return out, (out.recv_x[valid].clone(), out.masked_m.clone(), d.combine(CombineInput(out.recv_x * 2, out)))
+
+    def same(a, b):
+        return all(torch.allclose(u.float(), v.float(), rtol=1e-6, atol=1e-6) for u, v in zip(a, b))
+
+    differ, first = [], None
+    with torch.no_grad():
+        for i, (d, (x, topk)) in enumerate([(small, problem(11)), (large, problem(20)), (small, problem(16)),
+                                            (small, problem(5))]):
+            want = run(d, x, topk)[1]
+            with xk.forced(), torch.inference_mode(i == 0):  # the first call's scratch serves later ones
+                out, got = run(d, x, topk)
+            if not same(got, want):
+                differ.append(f"call {i}")
+            if first is None:
+                first, first_rows = out, got[0]
+        x, topk = problem(9)
+        want = run(small, x, topk)[1]
+        got = []
+        with xk.forced():
+            thread = threading.Thread(target=lambda: got.append(run(small, x, topk)[1]))
+            thread.start()
+            thread.join()
+        if not same(got[0], want):
+            differ.append("other thread")
+    valid = torch.arange(first.recv_x.shape[1])[None, :] < first.masked_m[:, None]
+    if not torch.equal(first.recv_x[valid], first_rows):
+        differ.append("first output changed")
+    kept = sorted(((what if isinstance(what, str) else what[0]).split()[0], shape[0], where == threading.get_ident())
+                  for what, shape, _, _, where in xk._KEPT)
+    return differ, kept
+
+
+def test_kernel_path_scratch_is_kept_per_shape_and_thread():
+    for differ, kept in run_ranks(_kept_scratch_rank, 2, timeout=240):
+        assert differ == []
+        # N = R * M rows (M = 16 and 24); this thread's for both shapes, the other thread's for M = 16
+        assert kept == sorted((what, n, mine) for what in ("ll_gather", "ll_plan", "payload")
+                              for n, mine in ((32, False), (32, True), (48, True))), kept
 
 
 def _bad_rank(rank, world_size, case):
