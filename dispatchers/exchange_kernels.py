@@ -18,16 +18,14 @@ and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
-import math
-import threading
 from typing import NamedTuple, Optional
 
 import torch
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
+from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
-from ep_runtime.validation import capturing
 
 from . import fp8_payload
 
@@ -422,34 +420,15 @@ def row_format(x: torch.Tensor, quant: Optional[QuantConfig]) -> tuple[int, torc
     return fp8_payload.row_layout(x.shape[1], quant)[0], torch.uint8
 
 
-# Scratch tensors kept across calls: (what, shape, dtype, device, CUDA stream or CPU thread) -> the
-# tensor (a send payload with its views). Each saves an allocation (and views) per call: ~4 us of host
-# time apiece on a GPU host. Only for tensors a call rewrites whole before anything reads them and
-# never hands out; calls sharing a key run in order (one stream, or one thread on CPU ranks). Never
-# made while a CUDA graph is captured (it would belong to the graph's pool): a fresh tensor then.
-_KEPT: dict = {}
-_KEPT_BYTES = 32 << 20  # larger ones are allocated per call: their work dwarfs the allocation, and a kept
-_KEPT_KEYS = 64  # tensor holds that memory for good; at most this many kept. None is ever dropped: a CUDA
-# graph captured with one writes it at every replay, so its memory must never go to another tensor.
-
-
 def kept(what, shape: tuple, dtype: torch.dtype, device: torch.device, make=None):
-    """The scratch `what` (any hashable name) of this shape kept for the current stream (CPU: thread), or
-    a new one (see _KEPT; always under torch.compile, which traces the plain form, never state kept
-    across calls). make(tensor): what to keep instead of the bare tensor (e.g. it with its views)."""
-    if torch.compiler.is_compiling():
+    """The scratch `what` (any hashable name) of this shape, kept across calls (ep_runtime.scratch: per
+    stream and thread, never inside a graph capture). Only for tensors a call rewrites whole before
+    anything reads them and never hands out. make(tensor): what to keep instead of the bare tensor
+    (e.g. it with its views)."""
+    def build():
         tensor = torch.empty(shape, dtype=dtype, device=device)
         return make(tensor) if make is not None else tensor
-    where = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else threading.get_ident()
-    key = (what, shape, dtype, device, where)
-    found = _KEPT.get(key)
-    if found is None:
-        with torch.inference_mode(False):  # kept for later calls, outside inference mode too: a plain tensor
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-            found = make(tensor) if make is not None else tensor
-        if math.prod(shape) * dtype.itemsize <= _KEPT_BYTES and len(_KEPT) < _KEPT_KEYS and not capturing():
-            _KEPT[key] = found
-    return found
+    return SCRATCH.get(("exchange", what, shape, dtype), device, build)
 
 
 def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,

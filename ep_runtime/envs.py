@@ -144,10 +144,11 @@ _knob("TRITON_GEMM_KERNEL", str, "auto",
       "persistent (one program per SM looping over tiles), tma (persistent, weight tiles by TMA; Hopper or "
       "newer, an error elsewhere) or tma_stacked (tma with GEMM 1's gate and up tiles in one box and one dot).",
       choices=("auto", "portable", "persistent", "tma", "tma_stacked"))
-_knob("RUNNER_SCRATCH_MB", int, 256,
-      "runner='triton' and 'masked': MiB of scratch buffers (pair alignment, intermediate rows; never an output) "
-      "kept between calls, per shape, stream and thread, so an eager call of a shape seen before allocates only "
-      "its output; the least recently used shapes beyond it are freed. 0: allocate every call.", minimum=0)
+_knob("SCRATCH_MB", int, 256,
+      "MiB of scratch buffers kept between calls (runner='triton' and 'masked': pair alignment, intermediate "
+      "rows; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "
+      "an eager call of a shape seen before allocates only its output; the least recently used shapes beyond it "
+      "are freed. 0: allocate every call.", minimum=0)
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
       minimum=1)
 

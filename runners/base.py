@@ -2,9 +2,7 @@
 run(input, weights) for any layout (its own natively, others through the runner core's conversion)."""
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
@@ -113,74 +111,3 @@ class TritonBackend(RunnerBackend):
     def unavailable_reason(cls) -> str:
         return cls.import_error or ("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU through "
                                     "the interpreter)")
-
-
-class ScratchCache:
-    """Buffers a runner call writes and reads but never returns (pair alignment, intermediate rows),
-    kept per shape for the next call: each CUDA allocation costs microseconds of host time, as much as
-    a decode step's kernel launches. Sharing is safe because the key holds the device, its current
-    stream and the thread (calls on one stream run in order; two streams or threads never share a
-    buffer), and nothing is reused or kept while a CUDA graph is captured (the graph allocates its own
-    buffers from its pool; a cached one could be freed under a graph that still writes it). Least recently used
-    entries beyond EP_RUNTIME_RUNNER_SCRATCH_MB are dropped; an entry larger than it is not kept."""
-
-    def __init__(self):
-        self._entries: OrderedDict = OrderedDict()  # key -> (buffers, bytes)
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, device: torch.device, make: Callable[[], Any]) -> Any:
-        """The buffers make() built for (key, device, its stream, this thread) on an earlier call, else
-        make()'s."""
-        if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                return make()
-            # (every device's default stream is 0: the device is part of the key)
-            key = (key, device, torch._C._cuda_getCurrentRawStream(device.index), threading.get_ident())
-        else:
-            key = (key, device, None, threading.get_ident())
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                return entry[0]
-        buffers = make()
-        self._keep(key, buffers)
-        return buffers
-
-    def _keep(self, key: tuple, buffers: Any) -> None:
-        from ep_runtime import envs
-        budget = envs.get("RUNNER_SCRATCH_MB") << 20
-        size = _storage_bytes(buffers)
-        with self._lock:
-            if size > budget or key in self._entries:
-                return
-            self._entries[key] = (buffers, size)
-            self._bytes += size
-            while self._bytes > budget:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
-def _storage_bytes(buffers: Any) -> int:
-    """Bytes of the distinct storages the tensors in `buffers` (tensors, tuples, dataclasses) view."""
-    storages: dict = {}
-    pending = [buffers]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(item, (tuple, list)):
-            pending.extend(item)
-        elif is_dataclass(item):
-            pending.extend(getattr(item, f.name) for f in fields(item))
-    return sum(storages.values())
-
-
-SCRATCH = ScratchCache()  # shared by the Triton runners: keys name the runner and the shape

@@ -37,10 +37,11 @@ import torch
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
+from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import cdiv, fast_launch
 
 from . import register
-from .base import SCRATCH, GemmHooks, TritonBackend, recompute_backward
+from .base import GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:

@@ -27,9 +27,10 @@ from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad
+from ep_runtime.scratch import SCRATCH
 
 from . import register
-from .base import SCRATCH, GemmHooks, TritonBackend, recompute_backward
+from .base import GemmHooks, TritonBackend, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:

@@ -619,7 +619,7 @@ def test_direct_triton_launches_respect_the_kernels_specialisation():
 @pytest.mark.parametrize("runner,tokens", [("triton", 1), ("triton", 64), ("triton", 300), ("masked", 64)])
 def test_runner_scratch_is_reused_eagerly_and_never_under_a_graph(runner, tokens):
     """The triton and masked runners keep their scratch (alignment, intermediate rows) across eager calls
-    of one shape (runners.base.SCRATCH) and allocate their own inside a capture. Checked: a held result
+    of one shape (ep_runtime.scratch.SCRATCH) and allocate their own inside a capture. Checked: a held result
     survives the next same-shape call (both against float64), eager calls make no host sync, a graph
     replay equals an eager call bit for bit, and still does after the cache is emptied and its memory
     handed to other tensors. T=1 and 64 align in one program, 300 (2400 pairs) in four kernels."""
@@ -627,7 +627,7 @@ def test_runner_scratch_is_reused_eagerly_and_never_under_a_graph(runner, tokens
     from ep_runtime.placement import ExpertPlacement
     from ep_runtime.reference import expert_reference
     from ep_runtime.runner_core import ExpertMajorInput, RunnerInput
-    from ep_runtime.runners.base import SCRATCH
+    from ep_runtime.scratch import SCRATCH
 
     if runner not in runners.available():
         pytest.skip(f"runner={runner!r} is not available here")

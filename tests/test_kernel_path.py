@@ -79,7 +79,8 @@ def _kept_scratch_rank(rank, world_size):
     import threading
 
     from ep_runtime.runner_core import CombineInput
-    xk._KEPT.clear()
+    from ep_runtime.scratch import SCRATCH
+    SCRATCH.clear()
     config = ep.MoeConfig(8, 3, 32, 16)
     small, large = (ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=m) for m in (16, 24))
     gen = torch.Generator().manual_seed(rank)
@@ -119,8 +120,8 @@ def _kept_scratch_rank(rank, world_size):
     valid = torch.arange(first.recv_x.shape[1])[None, :] < first.masked_m[:, None]
     if not torch.equal(first.recv_x[valid], first_rows):
         differ.append("first output changed")
-    kept = sorted(((what if isinstance(what, str) else what[0]).split()[0], shape[0], where == threading.get_ident())
-                  for what, shape, _, _, where in xk._KEPT)
+    kept = sorted(((what if isinstance(what, str) else what[0]).split()[0], shape[0], thread == threading.get_ident())
+                  for (user, what, shape, _), _, _, thread in SCRATCH._entries if user == "exchange")
     return differ, kept
 
 

@@ -321,7 +321,7 @@ def test_scratch_reuse_and_either_alignment_path_give_the_same_bits(dtype, monke
 def test_scratch_kept_in_inference_mode_serves_calls_outside_it(T):
     # Buffers kept from a call under torch.inference_mode are inference tensors: a later call outside
     # it may write them only through kernels, never a torch op (T=0, no pairs, once zeroed one).
-    from ep_runtime.runners.base import SCRATCH
+    from ep_runtime.scratch import SCRATCH
     gen = torch.Generator().manual_seed(12)
     w13, w2, _, _ = _weights(gen, 4, 16, 8)
     x, ids, w = torch.randn(T, 16, generator=gen), _ids(gen, T, 4, 2), torch.rand(T, 2, generator=gen)
@@ -335,7 +335,7 @@ def test_scratch_kept_in_inference_mode_serves_calls_outside_it(T):
 def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
     import threading
 
-    from ep_runtime.runners.base import ScratchCache
+    from ep_runtime.scratch import ScratchCache
     cache, cpu = ScratchCache(), torch.device("cpu")
     made = []
 
@@ -348,7 +348,7 @@ def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
     thread.start()
     thread.join()
     assert other[0] is not first  # another thread never shares a buffer
-    monkeypatch.setenv("EP_RUNTIME_RUNNER_SCRATCH_MB", "1")
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "1")
     big = cache.get(("big",), cpu, make(1025))  # larger than the budget: returned, not kept
     assert cache.get(("big",), cpu, make(1025)) is not big
     cache.clear()
@@ -357,7 +357,7 @@ def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
     cache.get((3,), cpu, make(300))  # 1200 KiB: the least recently used (1) goes
     assert cache.get((0,), cpu, make(300)) is kept[0] and cache.get((2,), cpu, make(300)) is kept[2]
     assert cache.get((1,), cpu, make(300)) is not kept[1]
-    monkeypatch.setenv("EP_RUNTIME_RUNNER_SCRATCH_MB", "0")
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "0")
     cache.clear()
     assert cache.get(("a",), cpu, make(1)) is not cache.get(("a",), cpu, make(1))  # 0: nothing kept
 
