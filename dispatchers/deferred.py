@@ -33,6 +33,21 @@ def _wait_for_own_work(ready: "torch.cuda.Event", context: Any) -> None:
         ready.synchronize()
 
 
+def land(values: torch.Tensor, slot: Optional[tuple]) -> tuple:
+    """Queue the copy of `values` to host memory (pinned for device values; no sync) into slot's
+    buffer when its shape and dtype fit (else a new one), and record an event after it on CUDA.
+    slot: an earlier return value or None. Returns (buffer, event or None): read the buffer once the
+    event has completed."""
+    buffer, ready = slot or (None, None)
+    if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
+        buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        ready = torch.cuda.Event() if values.is_cuda else None
+    buffer.copy_(values, non_blocking=values.is_cuda)
+    if ready is not None:
+        ready.record()
+    return buffer, ready
+
+
 class DeferredChecks:
     """check(values as a list, context) raises ValueError naming the bad value, or LookupError (an
     IndexError included) when the caller's tensors have changed since and the value cannot be found:
@@ -59,14 +74,7 @@ class DeferredChecks:
         """Start the copy of `values` to the host (no sync on CUDA); call make_room() first."""
         self._calls += 1
         slot = self._calls % CHECK_LAG
-        buffer, ready = self._landing[slot] or (None, None)
-        if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
-            buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
-            ready = torch.cuda.Event() if values.is_cuda else None
-            self._landing[slot] = (buffer, ready)
-        buffer.copy_(values, non_blocking=values.is_cuda)
-        if ready is not None:
-            ready.record()
+        self._landing[slot] = buffer, ready = land(values, self._landing[slot])
         self._pending.append(_Pending(self._calls, ready, buffer, context))
 
     def flush(self) -> None:

@@ -42,7 +42,7 @@ from ep_runtime.quant import QuantConfig
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
-from .deferred import CHECK_LAG, DeferredChecks
+from .deferred import CHECK_LAG, DeferredChecks, land
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import peer_transport
 from .transport import all_gather_rows, all_to_all
@@ -210,7 +210,7 @@ class RankExchange:
             f"non-finite weights) and have been overwritten since, so the value cannot be named", self._wait_deferred)
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
-        self._landing = self._read_event = None  # the pinned copy of a table the host reads now, its event
+        self._landing = None  # (pinned copy of a table the host reads now, its event): deferred.land
         self.hierarchical, self.ranks_per_node = hierarchical, ranks_per_node
         self.nodes: Optional[NodeLayout] = None  # resolved on the first host plan
 
@@ -235,19 +235,16 @@ class RankExchange:
         if table.is_cuda and not capturing():  # (while capturing nothing can be read: tolist raises as ever)
             if not landed:
                 self._land_table(table)
-            wait_on_device(self._read_event, issued_at=issued_at, group=self.group, name=self.name,
+            landed, event = self._landing
+            wait_on_device(event, issued_at=issued_at, group=self.group, name=self.name,
                            operation="dispatch", rank=self.rank, world_size=self.world_size)
-            return self._landing.tolist()
+            return landed.tolist()
         return table.tolist()
 
     def _land_table(self, table: torch.Tensor) -> None:
         """Queue the table's copy to pinned host memory and an event after it (no sync). One landing
         buffer serves every read: each is read on the host before its call returns."""
-        if self._landing is None or self._landing.shape != table.shape:
-            self._landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-            self._read_event = torch.cuda.Event()
-        self._landing.copy_(table, non_blocking=True)
-        self._read_event.record()
+        self._landing = land(table, self._landing)
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rank_of [E], local_of [E], global_of [L]) int32 on `device`, made once: the placement as
