@@ -43,7 +43,6 @@ class StandardDispatcher(Dispatcher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sync_checks = envs.get("SYNC_CHECKS")
-        self._in_rank: dict = {}  # device -> the flag kernel's is_token_in_rank output, never read here
         E = self.config.num_experts
         self._deferred = DeferredChecks(
             self._check_deferred, "the value flags of a standard dispatch",
@@ -63,21 +62,16 @@ class StandardDispatcher(Dispatcher):
         defer = eager and ids.is_cuda and not self.sync_checks and not needs_grad(x, weights)
         if defer:
             self._deferred.make_room()
-        # one kernel, not ~12 ops; one "rank" holds every expert here: the owner table is all zeros
+        # one kernel, not ~12 ops; one "rank" holds every expert here: the owner table is all zeros. Its
+        # is_token_in_rank output is never read here: kept scratch
+        in_rank = exchange_kernels.kept("standard in_rank", (ids.shape[0], 1), torch.bool, ids.device)
         _, row = exchange_kernels.layout_row(ids, weights, self.placement.expert_rank_table(ids.device), 1, 2,
-                                             self._scratch(ids.shape[0], ids.device) if eager else None)
+                                             in_rank)
         if defer:
             self._deferred.defer(row, (ids, weights))
         else:
             check_topk_values(ids, weights, self.config.num_experts, row[-2:].tolist())
         return StandardDispatchOutput(x, ids, weights, row)
-
-    def _scratch(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """An int8 buffer of at least num_tokens entries on `device`, grown when needed, kept across calls."""
-        buffer = self._in_rank.get(device)
-        if buffer is None or buffer.numel() < num_tokens:
-            buffer = self._in_rank[device] = torch.empty(num_tokens, dtype=torch.int8, device=device)
-        return buffer
 
     def _check_deferred(self, row: list, call: tuple) -> None:
         flags = row[-2:]
