@@ -50,7 +50,7 @@ try:
 
     from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
-    from .triton_kernels import ACTIVATION_CODES, INTERPRETED, activate, activation_args, scaled_step
+    from .triton_kernels import ACTIVATION_CODES, INTERPRETED, activate, activation_args, one_weight_scale, scaled_step
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
@@ -180,9 +180,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     row_splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
     act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
                                            activation.gemm1_clamp_limit)
-    # a tile's gate (or up) rows in one weight-scale block (triton_kernels.scaled_step)
-    one_scale = quant is not None and quant.weight_block[0] % block_n == 0 and (
-        activation is None or not activation.is_gated or N % quant.weight_block[0] == 0)
+    gated = activation is not None and activation.is_gated
+    one_scale = quant is not None and one_weight_scale(quant.weight_block[0], block_n, N if gated else None)
     meta = _meta(act, bias is not None, a.dtype == torch.float32, row_splits, block_n, tiles, quant,
                  out_scale is not None, one_scale)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off

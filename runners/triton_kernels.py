@@ -598,6 +598,13 @@ def _weight_tile(b_ptr, b_desc, expert, row0, k, N_ROWS, K_dim, stride_be, strid
     return tile
 
 
+def one_weight_scale(scale_rows: int, tile_rows: int, up_rows_from: Optional[int]) -> bool:
+    """scaled_step's ONE_SCALE: a weight tile of tile_rows rows (gate and up loaded apart) lies in one
+    block of scale_rows rows: tiles never straddle a block, and the up rows (from row up_rows_from;
+    None: no up rows) start on a block boundary."""
+    return scale_rows % tile_rows == 0 and (up_rows_from is None or up_rows_from % scale_rows == 0)
+
+
 @triton.jit
 def scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N: tl.constexpr,
                  ONE_SCALE: tl.constexpr):
@@ -846,10 +853,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
                out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
                out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
-    # each weight tile (gate or up, apart) in one scale block: no block straddled, the up rows starting on
-    # a boundary; the portable kernel's gated tile interleaves gate and up rows (two blocks)
-    one_scale = scaled and scale_block[0] % out_n == 0 and (not two or (tiles.kernel != "portable"
-                                                                        and N % scale_block[0] == 0))
+    # the portable kernel's gated tile interleaves gate and up rows (two scale blocks)
+    one_scale = (scaled and not (two and tiles.kernel == "portable")
+                 and one_weight_scale(scale_block[0], out_n, N if two else None))
     meta = _gemm_meta(rows_per_a_row, bias is not None, scale is not None, scaled, scale_block,
                       None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
                       K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
