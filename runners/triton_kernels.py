@@ -197,6 +197,8 @@ class AlignedPairs:
     chunk_counts, chunk_offsets [num_chunks, E_PAD] and padded [2 * E_PAD + 1] int32: the four-kernel
     path's scratch (per-chunk counts and first slots; each expert's padded start, end, and the used
     blocks, which used_blocks views).
+    work_queue [2] int32, zero between launches: the persistent GEMM kernels' dynamic schedule (the next
+    work item, the programs done; the last program out sets both back to zero).
     """
 
     sorted_pair_ids: torch.Tensor
@@ -208,6 +210,7 @@ class AlignedPairs:
     chunk_counts: Optional[torch.Tensor] = None
     chunk_offsets: Optional[torch.Tensor] = None
     padded: Optional[torch.Tensor] = None
+    work_queue: Optional[torch.Tensor] = None
 
 
 def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device: torch.device) -> AlignedPairs:
@@ -216,12 +219,14 @@ def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device
     P, e_pad = num_pairs, next_power_of_2(num_local_experts + 1)
     num_blocks = cdiv(P, block_m) + min(num_local_experts, P)
     chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
-    sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4))
+    sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4), 2)
     # No pairs: nothing will write it, so used_blocks must already say 0 (zeros: a few ints)
-    sorted_pair_ids, block_expert, padded, counts, offsets, flags = (torch.empty if P else torch.zeros)(
+    sorted_pair_ids, block_expert, padded, counts, offsets, flags, work_queue = (torch.empty if P else torch.zeros)(
         sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    if P:
+        work_queue.zero_()  # once per workspace: the GEMM kernels leave it at zero
     return AlignedPairs(sorted_pair_ids, block_expert, flags.view(torch.uint8)[:P].view(torch.bool), P, block_m,
-                        padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded)
+                        padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded, work_queue)
 
 
 @triton.jit
@@ -619,11 +624,97 @@ def scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N
         return acc + product * (a_s[:, None] * b_s[None, :])
 
 
+@triton.jit
+def _persistent_tile(
+    tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+    block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be, stride_bn,
+    stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr,
+    SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FUSE_ACT: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
+):
+    # One work item of the persistent kernels: the row block and column tile `tile` names (_tile_coords).
+    TWO: tl.constexpr = FUSE_ACT and GATED
+    OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
+    N_ROWS = 2 * N if TWO else N  # weight rows per expert
+    pid_m, pid_n = _tile_coords(tile, num_blocks, num_n, GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+    row_ok = pair < num_pairs
+    a_row = pair // ROWS_PER_A_ROW
+    col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
+    n_ok = col_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
+    if STACKED:
+        acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
+        stacked = tl.arange(0, 2 * OUT_N)
+        stacked_n = pid_n * OUT_N + stacked % OUT_N
+        stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
+    for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+            a = a.to(tl.float32)
+        if BLOCK_SCALED:
+            group_k = (k * BLOCK_K) // SCALE_K
+            a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
+            b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
+        if STACKED:
+            b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
+                           (2 * OUT_N, BLOCK_K)).T
+            if UPCAST:
+                b = b.to(tl.float32)
+            if BLOCK_SCALED:
+                b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
+                              other=0.0)
+                acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
+                                  stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+            if UPCAST:
+                b_gate = b_gate.to(tl.float32)
+            if BLOCK_SCALED:
+                gate = scaled_step(gate, tl.dot(a, b_gate), a_s, b_scale_row, col_n, n_ok, stride_bsn,
+                                    SCALE_N, ONE_SCALE)
+            else:
+                gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
+            if TWO:
+                b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
+                                    stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
+                if UPCAST:
+                    b_up = b_up.to(tl.float32)
+                if BLOCK_SCALED:
+                    up = scaled_step(up, tl.dot(a, b_up), a_s, b_scale_row, N + col_n, n_ok, stride_bsn,
+                                      SCALE_N, ONE_SCALE)
+                else:
+                    up = tl.dot(a, b_up, up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+    if STACKED:  # columns [gate | up] -> the two halves
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
+    _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+                   HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                   ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+
+
 @fast_launch
 @triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
+
     a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
-    b_scale_ptr, num_pairs, N, K_dim, used_blocks_ptr, num_programs,
+    b_scale_ptr, num_pairs, N, K_dim, used_blocks_ptr, work_queue_ptr, num_programs,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     out_scale_ptr, stride_os, fp8_max, min_amax,
@@ -635,87 +726,49 @@ def _grouped_gemm_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, DYNAMIC: tl.constexpr,
 ):
-    # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs;
-    # program i takes work items i, i + num_programs, ... of the used blocks (the portable kernel's
-    # mapping, _tile_coords, over those); FLATTEN lets the compiler pipeline across work items (the
-    # next item's first loads during this one's epilogue). Same math as _grouped_gemm_kernel, but gate and up are two
+    # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs over the
+    # work items of the used blocks (the portable kernel's mapping, _tile_coords, over those). Static
+    # schedule: program i takes items i, i + num_programs, ...; FLATTEN lets the compiler pipeline across
+    # them (the next item's first loads during this one's epilogue). DYNAMIC: each program takes the next
+    # item from a counter (work_queue_ptr[0]) until none is left, so programs that start late (their SMs
+    # held by another stream's kernel, an exchange's) take fewer items instead of stretching the whole
+    # GEMM by that kernel's duration; the last program to finish (counted in work_queue_ptr[1]) sets both
+    # words back to zero for the next launch. Same math as _grouped_gemm_kernel, but gate and up are two
     # weight tiles of contiguous rows (what one TMA box reads of a 2D view) and two dots of BLOCK_N // 2
     # columns each, instead of one interleaved tile; STACKED (gated GEMM 1 only): one box of a 3D view
     # [L * 2, N, K_dim] holds the gate rows and the same up rows, one dot of BLOCK_N columns [gate | up].
     TWO: tl.constexpr = FUSE_ACT and GATED
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
-    N_ROWS = 2 * N if TWO else N  # weight rows per expert
     num_n = tl.cdiv(N, OUT_N)
     num_blocks = tl.load(used_blocks_ptr)
-    for tile in tl.range(tl.program_id(0), num_blocks * num_n, num_programs, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile, num_blocks, num_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
-        row_ok = pair < num_pairs
-        a_row = pair // ROWS_PER_A_ROW
-        col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
-        n_ok = col_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-        gate = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, OUT_N), dtype=tl.float32)  # (unused unless TWO)
-        if STACKED:
-            acc = tl.zeros((BLOCK_M, 2 * OUT_N), dtype=tl.float32)
-            stacked = tl.arange(0, 2 * OUT_N)
-            stacked_n = pid_n * OUT_N + stacked % OUT_N
-            stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
-        for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
-                a = a.to(tl.float32)
-            if BLOCK_SCALED:
-                group_k = (k * BLOCK_K) // SCALE_K
-                a_s = tl.load(a_scale_ptr + a_row * stride_asm + group_k * stride_ask, mask=row_ok, other=0.0)
-                b_scale_row = b_scale_ptr + expert * stride_bse + group_k * stride_bsk
-            if STACKED:
-                b = tl.reshape(b_desc.load([(2 * expert).to(tl.int32), pid_n * OUT_N, k * BLOCK_K]),
-                               (2 * OUT_N, BLOCK_K)).T
-                if UPCAST:
-                    b = b.to(tl.float32)
-                if BLOCK_SCALED:
-                    b_s = tl.load(b_scale_row + (stacked_row // SCALE_N) * stride_bsn, mask=stacked_n < N,
-                                  other=0.0)
-                    acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            else:
-                b_gate = _weight_tile(b_ptr, b_desc, expert, pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim, stride_be,
-                                      stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
-                if UPCAST:
-                    b_gate = b_gate.to(tl.float32)
-                if BLOCK_SCALED:
-                    gate = scaled_step(gate, tl.dot(a, b_gate), a_s, b_scale_row, col_n, n_ok, stride_bsn,
-                                        SCALE_N, ONE_SCALE)
-                else:
-                    gate = tl.dot(a, b_gate, gate, input_precision=PRECISION)
-                if TWO:
-                    b_up = _weight_tile(b_ptr, b_desc, expert, N + pid_n * OUT_N, k * BLOCK_K, N_ROWS, K_dim,
-                                        stride_be, stride_bn, stride_bk, OUT_N, BLOCK_K, B_DESC).T
-                    if UPCAST:
-                        b_up = b_up.to(tl.float32)
-                    if BLOCK_SCALED:
-                        up = scaled_step(up, tl.dot(a, b_up), a_s, b_scale_row, N + col_n, n_ok, stride_bsn,
-                                          SCALE_N, ONE_SCALE)
-                    else:
-                        up = tl.dot(a, b_up, up, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-        if STACKED:  # columns [gate | up] -> the two halves
-            gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
-        _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
-                       stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
-                       HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
-                       ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+    num_tiles = num_blocks * num_n
+    if DYNAMIC:
+        tile = tl.atomic_add(work_queue_ptr, 1)
+        while tile < num_tiles:
+            _persistent_tile(
+            tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+            block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
+            stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
+            stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+            HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
+            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
+            HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
+            tile = tl.atomic_add(work_queue_ptr, 1)
+        if tl.atomic_add(work_queue_ptr + 1, 1) == num_programs - 1:  # the last program out
+            tl.atomic_xchg(work_queue_ptr, 0)
+            tl.atomic_xchg(work_queue_ptr + 1, 0)
+    else:
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
+            _persistent_tile(
+            tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+            block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
+            stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
+            stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+            HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
+            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
+            HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
 
 
 def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
@@ -797,7 +850,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
-                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None) -> torch.Tensor:
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
+                 dynamic: bool = False) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
 
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
@@ -814,7 +868,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
     tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
     num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
-    wave: SMs x resident programs per SM; 3 in the interpreter)."""
+    wave: SMs x resident programs per SM; 3 in the interpreter). dynamic: the persistent kernels take
+    work items from aligned.work_queue as they free up instead of a fixed share each (what keeps a GEMM
+    from waiting on programs that start late, when another stream's kernel holds SMs at its launch)."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -875,8 +931,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten)
-    call = (a, w, b_desc, *args, aligned.used_blocks)
+    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten, DYNAMIC=dynamic)
+    call = (a, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if dynamic else aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
                                                                   (*call, num_tiles, *strides), meta, a.device)

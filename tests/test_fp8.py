@@ -281,13 +281,16 @@ def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
 FIELDS = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5, activation="gelu", has_bias=True)
 
 
-@pytest.mark.parametrize("runner,extra,kernel", [
-    ("torch", {}, "auto"), ("triton", {}, "auto"), ("torch", FIELDS, "auto"), ("triton", FIELDS, "auto"),
+@pytest.mark.parametrize("runner,extra,kernel,schedule", [
+    ("torch", {}, "auto", "static"), ("triton", {}, "auto", "static"), ("torch", FIELDS, "auto", "static"),
+    ("triton", FIELDS, "auto", "static"),
     # the persistent grouped GEMM kernels with TMA weight tiles (block scales, fp8 epilogue), forced
-    # through the knob (the pointer-load twin differs only in the weight tile load, tested unscaled)
-    ("triton", FIELDS, "tma"), ("triton", {}, "tma_stacked")])
-def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, monkeypatch):
+    # through the knob (the pointer-load twin differs only in the weight tile load, tested unscaled);
+    # the dynamic schedule (work items from a counter) through the runner, both GEMMs on one workspace
+    ("triton", FIELDS, "tma", "static"), ("triton", {}, "tma_stacked", "static"), ("triton", {}, "tma", "dynamic")])
+def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, monkeypatch):
     monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
+    monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_SCHEDULE", schedule)
     E, K, H, I = 8, 2, 256, 128
     layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.bfloat16, **extra)
     problem = make_problem(layer.config, [24], seed=5)

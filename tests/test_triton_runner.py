@@ -191,9 +191,9 @@ def test_gemm1_with_fused_activation_matches_unfused_gemm_then_act_and_mul(name,
     assert rel_err(fused[pair], a[pair].double()) <= (1e-6 if dtype == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,dynamic", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
 @pytest.mark.parametrize("kernel", ["persistent", "tma", "tma_stacked"])
-def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype):
+def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype, dynamic):
     # Three programs (the interpreter's default) loop over 2-4x as many work items, blocks without an
     # expert among them; every computed pair's row must come out right, so no work item is missed.
     # "tma" runs the same loop with the weight tiles from a host TensorDescriptor (the interpreter
@@ -201,7 +201,9 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype)
     # last) and are never stored, channels past K_dim are zeros; "tma_stacked" loads gated GEMM 1's
     # gate and up rows as one 3D box and splits one dot's columns. Cases: plain GEMM (bias, router weight,
     # K_dim not a multiple of BLOCK_K), gated SiLU and non-gated GELU in the epilogue with I not a
-    # multiple of the 16-column half tile.
+    # multiple of the 16-column half tile. dynamic: the programs take work items from the workspace's
+    # counter (the interpreter runs them one after another: the first takes every item), which the last
+    # program out leaves at zero, so the next launch on the same workspace computes every item again.
     gen = torch.Generator().manual_seed(7)
     T, K, L, I, Kd = 13, 2, 3, 40, 40
     tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel)
@@ -215,7 +217,12 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype)
         cols = rows if fuse is None else I
         out = torch.full((T * K, cols), float("nan"), dtype=dtype)
         kw = dict(rows_per_a_row=K, bias=bias, scale=scale, interpreted=True, fuse_activation=fuse, is_gated=gated)
-        kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
+        kernels.grouped_gemm(x, w, out, aligned, tiles, dynamic=dynamic, **kw)
+        if dynamic:
+            assert aligned.work_queue.tolist() == [0, 0]
+            again = torch.full_like(out, float("nan"))
+            kernels.grouped_gemm(x, w, again, aligned, tiles, dynamic=True, **kw)
+            assert torch.equal(again.nan_to_num(7.0), out.nan_to_num(7.0)) and aligned.work_queue.tolist() == [0, 0]
         pair = aligned.computed.nonzero().squeeze(1)
         e = ids.reshape(-1)[pair].long()
         h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w.double()[e]) * scale.double()[pair, None] + bias.double()[e]
@@ -228,7 +235,7 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype)
     # every pair filtered: no used block, no work item, nothing written
     aligned = kernels.align_pairs(torch.full((T, K), L, dtype=torch.int32), torch.tensor([True] * L + [False]), 0, L, 16)
     out = torch.full((T * K, cols), float("nan"), dtype=dtype)
-    kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
+    kernels.grouped_gemm(x, w, out, aligned, tiles, dynamic=dynamic, **kw)
     assert int(aligned.used_blocks) == 0 and out.isnan().all()
 
 
