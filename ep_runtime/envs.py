@@ -144,11 +144,13 @@ _knob("TRITON_GEMM_KERNEL", str, "auto",
       "persistent (one program per SM looping over tiles), tma (persistent, weight tiles by TMA; Hopper or "
       "newer, an error elsewhere) or tma_stacked (tma with GEMM 1's gate and up tiles in one box and one dot).",
       choices=("auto", "portable", "persistent", "tma", "tma_stacked"))
-_knob("TRITON_GEMM_SCHEDULE", str, "static",
-      "runner='triton', persistent and TMA grouped GEMM kernels: how programs share the work items: static (a "
-      "fixed share each) or dynamic (each takes the next item from a counter as it frees up: no program waits "
-      "for a late one, e.g. while an overlapped exchange's kernel holds some SMs at the GEMM's launch).",
-      choices=("static", "dynamic"))
+_knob("TRITON_GEMM_SCHEDULE", str, "auto",
+      "runner='triton', persistent and TMA grouped GEMM kernels, when no block_config is passed: how programs "
+      "share the work items: auto (as the device's tuned table says per shape and token count; static where "
+      "none is tuned), static (a fixed share each) or dynamic (each takes the next item from a counter as it "
+      "frees up: no program waits for a late one, e.g. while an overlapped exchange's kernel holds some SMs "
+      "at the GEMM's launch; set it when overlapping exchanges with prefill GEMMs).",
+      choices=("auto", "static", "dynamic"))
 _knob("SCRATCH_MB", int, 256,
       "MiB of scratch buffers kept between calls (runner='triton' and 'masked': pair alignment, intermediate "
       "rows; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "

@@ -76,6 +76,10 @@ class GemmTiles:
     num_stages: int = 3
     kernel: str = "portable"  # which grouped GEMM kernel runs these tiles: one of GEMM_KERNELS
     flatten: bool = False  # persistent kernels: pipeline across work items (tl.range(flatten=True))
+    # persistent kernels: each program takes the next work item from a counter as it frees up instead of a
+    # fixed share (flatten does not apply); measured faster where a static share leaves programs idle, and
+    # what keeps a GEMM from waiting on programs that start late beside an overlapped exchange's kernel
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,11 @@ class BlockConfig:
 
     def with_kernel(self, kernel: str) -> "BlockConfig":
         """The same tiles run by `kernel` in both GEMMs."""
-        return BlockConfig(self.BLOCK_M, replace(self.gemm1, kernel=kernel), replace(self.gemm2, kernel=kernel))
+        return self.with_tiles(kernel=kernel)
+
+    def with_tiles(self, **changes) -> "BlockConfig":
+        """Both GEMMs' tiles with these GemmTiles fields changed."""
+        return BlockConfig(self.BLOCK_M, replace(self.gemm1, **changes), replace(self.gemm2, **changes))
 
     @staticmethod
     def from_json(d: dict) -> "BlockConfig":
@@ -157,10 +165,12 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto") -> BlockConfig:
+                dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto",
+                schedule: str = "auto") -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config.
     kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
     own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it.
+    schedule "auto": each GEMM's `dynamic` as tuned; "static" or "dynamic": that one for both.
     Memoized (a per-call table lookup is host time): reload_tables() after rewriting a table."""
     config = None
     if not interpreted and device.type == "cuda":
@@ -172,7 +182,9 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
             config = BlockConfig.from_json(entry)
     if config is None:
         config = default_config(num_tokens, top_k, num_local_experts, interpreted)
-    return config if kernel == "auto" else config.with_kernel(kernel)
+    if kernel != "auto":
+        config = config.with_kernel(kernel)
+    return config if schedule == "auto" else config.with_tiles(dynamic=schedule == "dynamic")
 
 
 # --------------------------------------------------------------------------- block alignment
@@ -850,8 +862,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
-                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
-                 dynamic: bool = False) -> torch.Tensor:
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
 
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
@@ -868,9 +879,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
     tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
     num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
-    wave: SMs x resident programs per SM; 3 in the interpreter). dynamic: the persistent kernels take
-    work items from aligned.work_queue as they free up instead of a fixed share each (what keeps a GEMM
-    from waiting on programs that start late, when another stream's kernel holds SMs at its launch)."""
+    wave: SMs x resident programs per SM; 3 in the interpreter); with tiles.dynamic they take work items
+    from aligned.work_queue as they free up."""
     N, K_dim = w.shape[1], w.shape[2]
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -931,8 +941,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten, DYNAMIC=dynamic)
-    call = (a, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if dynamic else aligned.used_blocks)
+    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
+                DYNAMIC=tiles.dynamic)
+    call = (a, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if tiles.dynamic else aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
                                                                   (*call, num_tiles, *strides), meta, a.device)

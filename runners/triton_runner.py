@@ -66,7 +66,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     picked = block_config is None
     if picked:
         kernel = envs.get("TRITON_GEMM_KERNEL")
-        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel)
+        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel,
+                                           envs.get("TRITON_GEMM_SCHEDULE"))
         if kernel == "auto":
             block_config = _runnable(block_config, weights, interp)
         else:  # forced: a kernel that cannot run here is an error naming the knob that forced it
@@ -76,7 +77,6 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                     raise ValueError(f"EP_RUNTIME_TRITON_GEMM_KERNEL={kernel!r} cannot run here: {why}; allowed here: "
                                      f"'auto', 'portable' or 'persistent'")
     hooks = hooks or GemmHooks()
-    dynamic = envs.get("TRITON_GEMM_SCHEDULE") == "dynamic"
     fp8 = {}
     if quant is not None:
         if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
@@ -105,12 +105,12 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
                              scale=scale, interpreted=interp, fuse_activation=config.activation,
                              is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
-                             gemm1_clamp_limit=config.gemm1_clamp_limit, dynamic=dynamic, **fp8)
+                             gemm1_clamp_limit=config.gemm1_clamp_limit, **fp8)
     else:
         # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
         h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
         kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
-                             scale=scale, interpreted=interp, dynamic=dynamic)
+                             scale=scale, interpreted=interp)
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:
             rows = rows * weight.reshape(-1)[pairs].unsqueeze(1).to(rows.dtype)
@@ -120,7 +120,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if quant is not None:
         fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                         interpreted=interp, dynamic=dynamic, **fp8)
+                         interpreted=interp, **fp8)
     if hooks.after_gemm2 is not None:
         _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,

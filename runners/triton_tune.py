@@ -37,8 +37,10 @@ SMALL_M_TILES = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3), (12
 LARGE_M_TILES = [(64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]
 # The persistent kernels (one program per SM, weight tiles by TMA on Hopper): wgmma-sized tiles, 3-4
 # stages of 128 x 64 A and BLOCK_N x 64 B in shared memory (<= 192 KB for BLOCK_N 256).
-# (..., flatten: pipelined across work items, which keeps the epilogue's buffers apart: +32 KB at 256).
-PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, True), (256, 64, 8, 8, 4), (256, 64, 16, 8, 4),
+# (..., "flatten": pipelined across work items, which keeps the epilogue's buffers apart: +32 KB at 256;
+# "dynamic": work items taken from a counter as programs free up, GemmTiles.dynamic).
+PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, "flatten"), (256, 64, 8, 8, 3, "dynamic"),
+                            (256, 64, 8, 8, 4), (256, 64, 8, 8, 4, "dynamic"), (256, 64, 16, 8, 4),
                             (128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
 
@@ -61,7 +63,8 @@ def default_candidates(num_tokens: int, top_k: int, num_local_experts: int, kern
     for m in block_ms:
         for t in SMALL_M_TILES if m <= 32 else large:
             block_k = min(2 * t[1], 128) if fp8 else t[1]
-            pair = (m, kernels.GemmTiles(t[0], block_k, *t[2:5], kernel=kernel, flatten=t[5:] == (True,)))
+            pair = (m, kernels.GemmTiles(t[0], block_k, *t[2:5], kernel=kernel, flatten=t[5:] == ("flatten",),
+                                         dynamic=t[5:] == ("dynamic",)))
             if pair not in out:
                 out.append(pair)
     return out

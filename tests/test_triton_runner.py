@@ -206,7 +206,7 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype,
     # program out leaves at zero, so the next launch on the same workspace computes every item again.
     gen = torch.Generator().manual_seed(7)
     T, K, L, I, Kd = 13, 2, 3, 40, 40
-    tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel)
+    tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel, dynamic=dynamic)
     for fuse, gated, rows in [(None, True, 48), ("silu", True, 2 * I), ("gelu", False, I)]:
         x = torch.randn(T, Kd, generator=gen).to(dtype)
         w = (torch.randn(L, rows, Kd, generator=gen) * Kd ** -0.5).to(dtype)
@@ -217,11 +217,11 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype,
         cols = rows if fuse is None else I
         out = torch.full((T * K, cols), float("nan"), dtype=dtype)
         kw = dict(rows_per_a_row=K, bias=bias, scale=scale, interpreted=True, fuse_activation=fuse, is_gated=gated)
-        kernels.grouped_gemm(x, w, out, aligned, tiles, dynamic=dynamic, **kw)
+        kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
         if dynamic:
             assert aligned.work_queue.tolist() == [0, 0]
             again = torch.full_like(out, float("nan"))
-            kernels.grouped_gemm(x, w, again, aligned, tiles, dynamic=True, **kw)
+            kernels.grouped_gemm(x, w, again, aligned, tiles, **kw)
             assert torch.equal(again.nan_to_num(7.0), out.nan_to_num(7.0)) and aligned.work_queue.tolist() == [0, 0]
         pair = aligned.computed.nonzero().squeeze(1)
         e = ids.reshape(-1)[pair].long()
@@ -235,7 +235,7 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype,
     # every pair filtered: no used block, no work item, nothing written
     aligned = kernels.align_pairs(torch.full((T, K), L, dtype=torch.int32), torch.tensor([True] * L + [False]), 0, L, 16)
     out = torch.full((T * K, cols), float("nan"), dtype=dtype)
-    kernels.grouped_gemm(x, w, out, aligned, tiles, dynamic=dynamic, **kw)
+    kernels.grouped_gemm(x, w, out, aligned, tiles, **kw)
     assert int(aligned.used_blocks) == 0 and out.isnan().all()
 
 
