@@ -533,8 +533,9 @@ def test_low_latency_kernels_on_gpu_equal_the_torch_path(N, K_, L):
 def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(kernel, tokens):
     """DeepSeek-V3's expert shapes at EP 16 (16 local experts, K=8, H=7168, I=2048), bf16: the persistent
     kernels (the shipped tma table's tiles, the 128 x 256 tile, and that tile flattened) against the
-    portable kernel and the float64 reference; a CUDA-graph replay (host-side TMA descriptors are
-    launch arguments) equals eager."""
+    portable kernel and the float64 reference; the wide tile's dynamic schedule (work items from a
+    counter) gives the same bits as its static one; CUDA-graph replays of it (host-side TMA descriptors
+    are launch arguments, the counter is zeroed by the last program of each launch) equal eager."""
     from ep_runtime.config import ExpertWeights
     from ep_runtime.placement import ExpertPlacement
     from ep_runtime.runner_core import RunnerInput
@@ -561,6 +562,7 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
         return kernels.pick_config(tokens, L, K_, H_, I_, torch.bfloat16, torch.device("cuda"), False, name)
     wide = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel)
     flat = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel, flatten=True)  # pipelined across work items
+    dynamic = kernels.GemmTiles(256, 64, 8, 8, 3, kernel=kernel, dynamic=True)
     with torch.inference_mode():
         portable = run(pick("portable"))
         assert rel_err(portable, ref) <= tolerance(torch.bfloat16)
@@ -570,12 +572,16 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
             assert not y.isnan().any(), block_config
             assert rel_err(y, ref) <= tolerance(torch.bfloat16), (block_config, rel_err(y, ref))
             assert rel_err(y, portable) <= tolerance(torch.bfloat16), (block_config, rel_err(y, portable))
+        block_config = kernels.BlockConfig(128, dynamic, dynamic)
+        assert torch.equal(run(block_config), run(kernels.BlockConfig(128, wide, wide)))  # each tile's math is the same
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y_graph = run(block_config)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_graph, run(block_config))
+        for _ in range(2):
+            y_graph.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y_graph, run(block_config))
 
 
 def test_direct_triton_launches_respect_the_kernels_specialisation():
