@@ -756,17 +756,19 @@ def _grouped_gemm_persistent_kernel(
     num_n = tl.cdiv(N, OUT_N)
     num_blocks = tl.load(used_blocks_ptr)
     num_tiles = num_blocks * num_n
+    # Two loops over one body: a counter's loop has no trip count, so only the static one can be a
+    # tl.range the compiler pipelines across work items (FLATTEN).
     if DYNAMIC:
         tile = tl.atomic_add(work_queue_ptr, 1)
         while tile < num_tiles:
             _persistent_tile(
-            tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
-            block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
-            stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
-            stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
-            HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
-            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
-            HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
+                tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+                block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
+                stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
+                stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+                HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
+                PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
+                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
             tile = tl.atomic_add(work_queue_ptr, 1)
         if tl.atomic_add(work_queue_ptr + 1, 1) == num_programs - 1:  # the last program out
             tl.atomic_xchg(work_queue_ptr, 0)
@@ -774,13 +776,13 @@ def _grouped_gemm_persistent_kernel(
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
             _persistent_tile(
-            tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
-            block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
-            stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
-            stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
-            HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
-            PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
-            HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
+                tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+                block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
+                stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
+                stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+                HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
+                PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
+                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
 
 
 def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
