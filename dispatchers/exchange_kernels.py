@@ -25,7 +25,7 @@ import torch
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.runner_core import needs_grad
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
 
 from . import fp8_payload
 
@@ -205,6 +205,9 @@ if triton is not None:
             tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
             tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
             carry += tl.sum(flag, axis=0)
+
+    # Whether these kernels run under the interpreter (fixed when they were decorated: read once).
+    INTERPRETED = interpreted(_scan_destination)
 
     @fast_launch
     @triton.jit
@@ -464,24 +467,21 @@ def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta,
     values = scales = rows
     group = groups = 1
     fp8_max = min_amax = 0.0
-    interpreted = False
     if quant is None:
         BLOCK_H = _block_h(H)
     else:
-        from ep_runtime.runners.base import triton_interpreted  # (lazily: runners import the dispatchers)
-        interpreted = triton_interpreted()
         values, scales = fp8_payload.views(rows, H, quant)
         group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
         # Groups per program: 1024 channels on a GPU (as the unquantized rows); the interpreter runs
         # whole rows (its cost is per program).
-        groups = min(next_power_of_2(quant.num_groups(H)), 64 if interpreted else max(1, 1024 // group))
+        groups = min(next_power_of_2(quant.num_groups(H)), 64 if INTERPRETED else max(1, 1024 // group))
         BLOCK_H = groups * group
     _pack_kernel[(S, cdiv(H, BLOCK_H))](
         x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
         local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
         values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
         SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, QUANT=quant is not None,
-        UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=scales.dtype == torch.uint8, ROUND_FIRST=interpreted,
+        UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=scales.dtype == torch.uint8, ROUND_FIRST=INTERPRETED,
         GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=next_power_of_2(max(K, 2)))
 
 
