@@ -31,7 +31,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -118,17 +118,16 @@ class ExchangeHandle:
     (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
     received). layout (DeepEP's), num_recv_tokens_per_expert_tensor [L], num_recv_tokens (device int
     scalar of real received rows) and most_received (the largest count any rank received, the same
-    on every rank, for symmetric capacity errors) are properties: on the kernel path they are views
-    of the count row and of the plan's summary, made when first read (most calls read none, and
-    each view costs a few us of host time)."""
+    on every rank, for symmetric capacity errors) are properties: views of the count row and of the
+    plan's summary, made when first read (most calls read none, and each view costs a few us of host
+    time on a GPU host)."""
 
     num_tokens: int
-    counts: Any  # the Layout, or on the kernel path (count row, is_token_in_rank, E)
+    counts: tuple  # (count row [1 + R + E + ...] int32 as count_row makes it, is_token_in_rank [T, R], E)
     send_token: torch.Tensor
     send_rank: torch.Tensor  # [S]: destination rank of each sent row
     combine_index: torch.Tensor  # [T, R]: row of (token, rank) among the sent rows; S = not sent
-    # (pairs per local expert [L], rows received, most any rank receives), or the kernel plan's summary [L + 2]
-    received: Any
+    received: torch.Tensor  # [L + 2] int32: pairs per local expert, rows received, most any rank receives
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
     num_recv_tokens_per_expert: Optional[list[int]] = None  # host plan only
@@ -150,23 +149,21 @@ class ExchangeHandle:
 
     @functools.cached_property
     def layout(self) -> Layout:
-        if isinstance(self.counts, Layout):
-            return self.counts
         row, in_rank, E = self.counts
         R = in_rank.shape[1]
         return Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
 
     @functools.cached_property
     def num_recv_tokens_per_expert_tensor(self) -> torch.Tensor:
-        return self.received[0] if isinstance(self.received, tuple) else self.received[:-2]
+        return self.received[:-2]
 
     @functools.cached_property
     def num_recv_tokens(self) -> torch.Tensor:
-        return self.received[1] if isinstance(self.received, tuple) else self.received[-2]
+        return self.received[-2]
 
     @functools.cached_property
     def most_received(self) -> torch.Tensor:
-        return self.received[2] if isinstance(self.received, tuple) else self.received[-1]
+        return self.received[-1]
 
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
@@ -288,6 +285,7 @@ class RankExchange:
         R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
+        counts = (row, layout.is_token_in_rank, E)  # (the row before the node and flag entries join it)
         flags_at = 1 + R + E
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
@@ -302,16 +300,17 @@ class RankExchange:
         issued_at = time.monotonic()
         table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ N nodes) (+ flags)]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
-        per_expert = table[:, 1 + R + self.tables(table.device)[2].long()].sum(0)  # this rank's experts' columns
-        recv = (sent[:, me].sum().to(torch.int32), sent.sum(0).max())
+        # the kernel plan's summary: pairs per local expert (this rank's experts' columns), rows received, most received
+        summary = torch.cat([table[:, 1 + R + self.tables(table.device)[2].long()].sum(0), sent[:, me].sum().view(1),
+                             sent.sum(0).max().view(1)]).to(torch.int32)
         host = self._read_table(table, issued_at) if read else None  # the one wait
         if host is not None:
             if checked:
                 self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
             self._check_tokens([row[0] for row in host])
         if chunk is None:
-            return self._host_plan(layout, host, sent, per_expert, recv, rows, capacity, nodes)
-        return self._static_plan(layout, host, sent, per_expert, recv, T, chunk, rows, capacity)
+            return self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
+        return self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
                      quant=None):
@@ -456,7 +455,7 @@ class RankExchange:
         if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
             raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
 
-    def _host_plan(self, layout, host_table, sent, per_expert, recv, rows, capacity,
+    def _host_plan(self, counts, host_table, sent, summary, rows, capacity,
                    nodes: Optional[NodeLayout] = None) -> ExchangeHandle:
         """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
         (tokens per node,) flags]). nodes: go node-aware (send_token etc. are then stage 1's)."""
@@ -467,17 +466,17 @@ class RankExchange:
         self._check_receive_rows(most, rows, capacity)
         send_splits = host[me]
         recv_splits = [host[s][me] for s in range(R)]
-        in_rank, counts, relay = layout.is_token_in_rank, sent[me].long(), None
+        in_rank, per_rank, relay = counts[1], sent[me].long(), None
         if nodes is not None:
             per_node = [row[1 + R + E:1 + R + E + nodes.num_nodes] for row in host_table]
             relay = RelayPlan.from_counts(host, per_node, nodes, me, in_rank.device)
             in_rank = RelayPlan.stage_one(in_rank, nodes, me)
-            counts = torch.tensor(relay.send1, dtype=torch.long, device=in_rank.device)
-        send_token, send_rank, combine_index = row_plan(in_rank, counts.cumsum(0) - counts, counts,
+            per_rank = torch.tensor(relay.send1, dtype=torch.long, device=in_rank.device)
+        send_token, send_rank, combine_index = row_plan(in_rank, per_rank.cumsum(0) - per_rank, per_rank,
                                                         sum(relay.send1) if relay else sum(send_splits))
         links = (relay.link_rows(me) if relay is not None
                  else hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes))
-        return ExchangeHandle(T, layout, send_token, send_rank, combine_index, (per_expert, *recv), send_splits,
+        return ExchangeHandle(T, counts, send_token, send_rank, combine_index, summary, send_splits,
                               recv_splits, per_expert_host, rows=rows, links=links, relay=relay)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
@@ -504,23 +503,21 @@ class RankExchange:
                              f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "
                              f"the value); every rank stops here")
 
-    def _static_plan(self, layout, host_table, sent, per_expert, recv, T, chunk, rows, capacity) -> ExchangeHandle:
+    def _static_plan(self, counts, host_table, sent, summary, T, chunk, rows, capacity) -> ExchangeHandle:
         """host_table: the count table read on the host, or None while capturing a CUDA graph."""
         R, me, device = self.world_size, self.rank, sent.device
         if host_table is None:  # capturing: nothing can be read, so a device-side error
-            self._assert_fits(sent, recv[1], chunk, rows, capacity)
+            self._assert_fits(sent, summary[-1], chunk, rows, capacity)
         else:
             self._check_static(host_table, chunk, rows, capacity)
         base = torch.arange(R, device=device) * chunk
-        send_token, send_rank, target = row_plan(layout.is_token_in_rank, base, torch.full_like(base, chunk),
-                                                 R * chunk)
-        handle = ExchangeHandle(T, layout, send_token, send_rank, target, (per_expert, *recv), chunk=chunk,
-                                rows=rows)
+        send_token, send_rank, target = row_plan(counts[1], base, torch.full_like(base, chunk), R * chunk)
+        handle = ExchangeHandle(T, counts, send_token, send_rank, target, summary, chunk=chunk, rows=rows)
         if rows is not None:  # chunk row (s, j) lands at compact row offset[s] + j
-            counts = sent[:, me]
+            from_each = sent[:, me]
             j = torch.arange(chunk, device=device)
-            compact = (counts.cumsum(0) - counts).unsqueeze(1) + j
-            valid = (j < counts.unsqueeze(1)) & (compact < rows)
+            compact = (from_each.cumsum(0) - from_each).unsqueeze(1) + j
+            valid = (j < from_each.unsqueeze(1)) & (compact < rows)
             handle.recv_pos = torch.where(valid, compact, rows).reshape(-1)
             recv_rows = torch.full((rows + 1,), R * chunk, dtype=torch.long, device=device)
             handle.recv_rows = recv_rows.scatter_(0, handle.recv_pos, torch.arange(R * chunk, device=device))[:rows]

@@ -48,13 +48,15 @@ def _kernel_path_rank(rank, world_size, case, apply_on_input):
         if key == "recv_x" and hasattr(torch_out, "masked_m"):  # rows past masked_m hold no data
             valid = torch.arange(want.shape[1])[None, :] < torch_out.masked_m[:, None]
             got, want = got[valid], want[valid]
-        same = torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+        # (torch.equal ignores dtypes: a field must also have the same dtype on both paths)
+        same = torch.equal(got, want) and got.dtype == want.dtype if isinstance(want, torch.Tensor) else got == want
         if not same:
             differ.append(key)
     # the handle's layout and receive counts (views the kernel path makes when first read)
     plans = [getattr(out.handle, "exchange", out.handle) for out in (torch_out, kernel_out)]
     for key in ("num_recv_tokens_per_expert_tensor", "num_recv_tokens", "most_received"):
-        if not torch.equal(*(getattr(plan, key).long() for plan in plans)):
+        got, want = (getattr(plan, key) for plan in plans)
+        if not (torch.equal(got, want) and got.dtype == want.dtype):
             differ.append(f"handle.{key}")
     for key, want, got in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
                               plans[0].layout, plans[1].layout):
