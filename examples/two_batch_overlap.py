@@ -19,7 +19,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.bench.overlap import build_layer, capture_graphs, expert_weights, run_overlapped, run_sequential
-from ep_runtime.bench.timing import measure
+from ep_runtime.bench.timing import measure_interleaved
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import tolerance
 
@@ -84,14 +84,14 @@ def main() -> int:
                 torch.cuda.synchronize(device)
                 identical = identical and all(torch.equal(a, b) for a, b in zip(seq_out[0], ovl_out[0])) and all(
                     torch.equal(a, b) for a, b in zip(seq_out[0], sequential))
-                t_seq = measure(lambda i: seq_graph[0].replay(), **timing).median_us
-                t_ovl = measure(lambda i: ovl_graph[0].replay(), **timing).median_us
+                t_seq, t_ovl = (stats.median_us for stats in measure_interleaved(
+                    (lambda i: seq_graph[0].replay(), lambda i: ovl_graph[0].replay()), **timing))
                 torch.cuda.synchronize(device)
                 for g in seq_graph + ovl_graph:  # a graph holding NCCL work must go before the group does
                     g.reset()
             else:
-                t_seq = measure(lambda i: run_sequential(layer, batches), **timing).median_us
-                t_ovl = measure(lambda i: run_overlapped(layer, batches), **timing).median_us
+                t_seq, t_ovl = (stats.median_us for stats in measure_interleaved(
+                    (lambda i: run_sequential(layer, batches), lambda i: run_overlapped(layer, batches)), **timing))
         ok = identical and worst <= tolerance(dtype)
         flag = torch.tensor([int(ok)], device=device if cuda else "cpu")
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)

@@ -38,6 +38,16 @@ def test_measure_passes_repeat_index_for_rotation():
     assert seen == [0, 1, 2, 0, 1, 2]
 
 
+def test_measure_interleaved_alternates_the_functions_and_times_each():
+    calls = []
+    fast, slow = bench.measure_interleaved((lambda i: (calls.append(("fast", i)), time.sleep(0.01)),
+                                            lambda i: (calls.append(("slow", i)), time.sleep(0.03))),
+                                           repeats=3, warmup=1, device=CPU)
+    assert calls == [(name, i) for i in range(4) for name in ("fast", "slow")]  # a, b, a, b with arguments 0, 1, ...
+    assert fast.repeats == slow.repeats == 3
+    assert _within(fast.median_us, 0.01) and _within(slow.median_us, 0.03), (fast, slow)
+
+
 def _slow_rank_one(rank, world_size):
     import torch.distributed as dist
     stats = bench.measure(lambda i: time.sleep(0.04 if rank == 1 else 0.01), repeats=5, warmup=1,

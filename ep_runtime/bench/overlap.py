@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
-from .timing import Stats, capture_graphs, measure
+from .timing import Stats, capture_graphs, measure_interleaved
 
 MICRO_BATCHES = 2
 # Largest expert-major receive buffer (deepep_ll's [L, M*R, H]) the suite allocates per micro-batch.
@@ -187,8 +187,9 @@ def _time_eager(layer, inputs: list, timing: dict, group: Any, device: torch.dev
     rot = len(inputs)
     identical = all(all(torch.equal(a, b) for a, b in zip(run_sequential(layer, batches),
                                                           run_overlapped(layer, batches))) for batches in inputs)
-    return ("eager", measure(lambda i: run_sequential(layer, inputs[i % rot]), **timing),
-            measure(lambda i: run_overlapped(layer, inputs[i % rot]), **timing), _all_ranks(identical, group, device))
+    sequential, overlapped = measure_interleaved((lambda i: run_sequential(layer, inputs[i % rot]),
+                                                  lambda i: run_overlapped(layer, inputs[i % rot])), **timing)
+    return "eager", sequential, overlapped, _all_ranks(identical, group, device)
 
 
 @torch.inference_mode()
@@ -208,8 +209,9 @@ def _time_graphs(layer, inputs: list, timing: dict, group: Any, device: torch.de
         torch.cuda.synchronize(device)
         same = all(torch.equal(a, b) and torch.equal(a, c)
                    for k in range(rot) for a, b, c in zip(eager[k], seq_out[k], over_out[k]))
-        return ("graph", measure(lambda i: sequential[i % rot].replay(), **timing),
-                measure(lambda i: overlapped[i % rot].replay(), **timing), _all_ranks(same, group, device))
+        times = measure_interleaved((lambda i: sequential[i % rot].replay(), lambda i: overlapped[i % rot].replay()),
+                                    **timing)
+        return ("graph", *times, _all_ranks(same, group, device))
     finally:
         torch.cuda.synchronize(device)
         for g in sequential + overlapped:  # a graph holding NCCL work must go before the group does

@@ -61,6 +61,26 @@ def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torc
     after a barrier and its time is the maximum over the group's ranks. On CUDA the device time is
     between two CUDA events around fn on the current stream; on CPU it is wall time.
     """
+    seconds, host_seconds = _samples(fn, repeats, warmup, device, setup, teardown, group)
+    return Stats.from_seconds(seconds, "cuda_events" if device.type == "cuda" else "wall", host_seconds)
+
+
+def measure_interleaved(fns: Sequence[Callable[[Any], Any]], *, repeats: int, warmup: int, device: torch.device,
+                        group: Optional[Any] = None) -> list[Stats]:
+    """measure() of several functions whose repeats alternate (a, b, a, b, ...), each fn getting
+    arguments 0, 1, 2, ... as with measure: a comparison of them is not skewed by what drifts during a
+    run (clocks, temperature), as timing one after the other would be."""
+    n = len(fns)
+    seconds, host_seconds = _samples(lambda i: fns[i % n](i // n), n * repeats, n * warmup, device, None, None,
+                                     group)
+    method = "cuda_events" if device.type == "cuda" else "wall"
+    return [Stats.from_seconds(seconds[k::n], method, host_seconds[k::n] if host_seconds else None)
+            for k in range(n)]
+
+
+def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardown, group
+             ) -> tuple[list[float], Optional[list[float]]]:
+    """(seconds of each timed repeat, host seconds of each host repeat or None off CUDA); see measure."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     cuda = device.type == "cuda"
@@ -98,8 +118,7 @@ def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torc
         host_seconds = timed_calls(warmup + repeats, repeats, None)  # the repeat index keeps rotating
         sync()
         host_seconds = max_over_group(host_seconds, group, device)
-    seconds = max_over_group(seconds, group, device)
-    return Stats.from_seconds(seconds, "cuda_events" if cuda else "wall", host_seconds)
+    return max_over_group(seconds, group, device), host_seconds
 
 
 def capture_graphs(fn: Callable[[int], Any], rotate: int, device: torch.device, warmup: int = 1,
