@@ -77,8 +77,8 @@ class GemmTiles:
     kernel: str = "portable"  # which grouped GEMM kernel runs these tiles: one of GEMM_KERNELS
     flatten: bool = False  # persistent kernels: pipeline across work items (tl.range(flatten=True))
     # persistent kernels: each program takes the next work item from a counter as it frees up instead of a
-    # fixed share (flatten does not apply); measured faster where a static share leaves programs idle, and
-    # what keeps a GEMM from waiting on programs that start late beside an overlapped exchange's kernel
+    # fixed share (flatten does not apply): measured faster at some sizes (the tuned tables say which), and
+    # no program that starts late (its SM held by an overlapped exchange's kernel) holds the GEMM back
     dynamic: bool = False
 
 

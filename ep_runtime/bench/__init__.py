@@ -10,8 +10,8 @@ Suites, over sweeps of tokens per rank T (and optionally H, E, K), for a model p
   and after one rebalance, under --routing (e.g. zipf:1.2): what load balancing buys here.
 
 One timer serves both and every GPU script (bench/timing.py: `measure`, `measure_interleaved` for
-comparisons, `measure_cuda_graph`); one
-report path prints, writes and plots the results (bench/report.py); bench/cli.py is the command.
+comparisons, `measure_cuda_graph`); one report path prints, writes and plots the results
+(bench/report.py); bench/cli.py is the command.
 
 Launch: under torchrun / srun / mpirun every rank joins the job's group (NCCL on GPUs); with no
 launcher it spawns `--world-size` local CPU ranks (gloo) for the dispatch suite and runs the runner
@@ -34,6 +34,6 @@ from .settings import PRESETS, Preset, Results, Settings
 from .timing import Stats, measure, measure_cuda_graph, measure_interleaved, percentile
 
 __all__ = ["PRESETS", "Preset", "Results", "Settings", "Stats", "bytes_leaving_rank", "dispatch_suite", "eplb_suite",
-           "main", "measure", "measure_cuda_graph", "measure_interleaved", "parse_routing", "percentile", "plot", "render_markdown",
-           "render_text", "roofline", "routing_topk", "run", "runner_problem", "runner_suite", "tables",
-           "tokens_per_destination", "uniform_topk", "zipf_topk"]
+           "main", "measure", "measure_cuda_graph", "measure_interleaved", "parse_routing", "percentile", "plot",
+           "render_markdown", "render_text", "roofline", "routing_topk", "run", "runner_problem", "runner_suite",
+           "tables", "tokens_per_destination", "uniform_topk", "zipf_topk"]
