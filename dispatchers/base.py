@@ -208,7 +208,10 @@ class Dispatcher:
                     event = previous_event.event if isinstance(previous_event, ExchangeWork) else previous_event
                     if event is not None:
                         torch.cuda.current_stream(device).wait_event(event)
-                out, work = fn(), ExchangeWork()
+                out = fn()
+                # an async call that moves nothing ran on the caller's current stream: its work still
+                # orders a waiter on another stream after it
+                work = overlap.finished_here(device, out) if wanted else ExchangeWork()
         elif moves and (wanted or overlap.has_worker(self.group)):
             prior = previous_event if isinstance(previous_event, ExchangeWork) else None
             future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)

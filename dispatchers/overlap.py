@@ -182,6 +182,14 @@ def launch_cuda(device: torch.device, fn: Callable[[], Any], inputs: Any, previo
     return out, ExchangeWork(event=done, device=device, outputs=outputs)
 
 
+def finished_here(device: torch.device, out: Any) -> ExchangeWork:
+    """The work of a call that ran on the caller's current stream (nothing to move): an event there, so
+    wait() on another stream is still ordered after it."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return ExchangeWork(event=done, device=device, outputs=tuple(t for t in tensors_in(out) if t.is_cuda))
+
+
 def _key(group: Any) -> Any:
     """One worker per process group, however it is named (None is the default group)."""
     if group is None and dist.is_available() and dist.is_initialized():

@@ -377,6 +377,27 @@ def test_standard_dispatch_and_combine_make_no_host_sync():
     assert torch.equal(calls(), x * 2)
 
 
+def test_async_call_that_moves_nothing_orders_the_waiter_after_it():
+    """standard (nothing moves) with async_op=True, issued from a side stream still busy: its work holds
+    an event on that stream, and wait() on the caller's stream orders the caller after it (what
+    run_overlapped relies on when it issues a dispatch from its inputs' stream)."""
+    d = dispatchers.create("standard", ep.MoeConfig(E, K, H, INTER))
+    x = torch.randn(100, H, device="cuda", dtype=torch.bfloat16)
+    topk = ep.TopKOutput(*_routing(100, "cuda", 6))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the side stream is busy when the call returns
+        out, work = d.dispatch(x, topk, async_op=True)
+    assert isinstance(work.event, torch.cuda.Event) and not work.event.query()
+    work.wait()
+    after = torch.cuda.Event()
+    after.record()
+    after.synchronize()  # the caller's stream, after wait(): the side stream's call must be done
+    assert work.event.query()
+    assert torch.equal(d.combine(CombineInput(out.hidden_states * 2, out)), x * 2)
+
+
 @pytest.mark.parametrize("via", ["a later call", "raise_deferred"])
 @pytest.mark.parametrize("bad", ["id", "weight"])
 def test_standard_bad_value_raises_two_calls_later_and_the_calls_between_stay_finite(bad, via):
@@ -533,9 +554,11 @@ def test_low_latency_kernels_on_gpu_equal_the_torch_path(N, K_, L):
 def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(kernel, tokens):
     """DeepSeek-V3's expert shapes at EP 16 (16 local experts, K=8, H=7168, I=2048), bf16: the persistent
     kernels (the shipped tma table's tiles, the 128 x 256 tile, and that tile flattened) against the
-    portable kernel and the float64 reference; the wide tile's dynamic schedule (work items from a
-    counter) gives the same bits as its static one; CUDA-graph replays of it (host-side TMA descriptors
-    are launch arguments, the counter is zeroed by the last program of each launch) equal eager."""
+    portable kernel and the float64 reference; CUDA-graph replays (host-side TMA descriptors are launch
+    arguments) equal eager. The wide tile's dynamic schedule (work items from a counter), launched
+    straight (the runner's kept scratch would hide a launch that computes nothing): every computed row
+    of a NaN-filled output written, the static schedule's bits, twice on one workspace whose counter the
+    last program of each launch sets back to zero."""
     from ep_runtime.config import ExpertWeights
     from ep_runtime.placement import ExpertPlacement
     from ep_runtime.runner_core import RunnerInput
@@ -572,8 +595,18 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
             assert not y.isnan().any(), block_config
             assert rel_err(y, ref) <= tolerance(torch.bfloat16), (block_config, rel_err(y, ref))
             assert rel_err(y, portable) <= tolerance(torch.bfloat16), (block_config, rel_err(y, portable))
+        # GEMM 2's shape ([pairs, I] rows times w2), straight through the kernel
+        aligned = kernels.align_pairs(ids, torch.tensor([True] * L + [False], device="cuda"), 0, L, 128)
+        a = torch.randn(tokens * K_, I_, device="cuda", generator=gen).bfloat16()
+        outs = []
+        for tiles in (wide, dynamic, dynamic):
+            out = torch.full((tokens * K_, H_), float("nan"), device="cuda", dtype=torch.bfloat16)
+            kernels.grouped_gemm(a, w2, out, aligned, tiles, rows_per_a_row=1)
+            outs.append(out)
+        assert aligned.work_queue.tolist() == [0, 0]
+        assert not outs[0][aligned.computed].isnan().any()
+        assert all(torch.equal(out.nan_to_num(7.0), outs[0].nan_to_num(7.0)) for out in outs[1:])
         block_config = kernels.BlockConfig(128, dynamic, dynamic)
-        assert torch.equal(run(block_config), run(kernels.BlockConfig(128, wide, wide)))  # each tile's math is the same
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y_graph = run(block_config)

@@ -10,6 +10,7 @@ with --cuda-graph also as CUDA-graph replays, the decode target). `run_sequentia
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -88,6 +89,9 @@ def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     return [layer.experts_and_combine(layer.dispatcher.dispatch(x, topk)) for x, topk in batches]
 
 
+_INPUTS_READY: dict = {}  # device -> the stream run_overlapped issues later dispatches from
+
+
 def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
     """The same work, exchanges asynchronous: per micro-batch wait for its dispatch, queue its experts,
     then issue the next micro-batch's dispatch (its host work, e.g. a count-table read, runs while the
@@ -103,7 +107,9 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
     inputs_ready = None  # CUDA: a stream holding nothing but a wait for the work queued before this call
     if caller is not None:
-        inputs_ready = torch.cuda.Stream(device)
+        if device not in _INPUTS_READY:
+            _INPUTS_READY[device] = torch.cuda.Stream(device)
+        inputs_ready = _INPUTS_READY[device]
         inputs_ready.wait_stream(caller)
     pending = d.dispatch(*batches[0], async_op=True)
     combined = []
@@ -112,7 +118,7 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
         work.wait()
         expert_out = layer.runner.run(out, layer.weights)
         if i + 1 < len(batches):
-            with torch.cuda.stream(inputs_ready):  # a no-op context off CUDA
+            with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
                 pending = d.dispatch(*batches[i + 1], async_op=True)
         combined.append(d.combine(expert_out, async_op=True))
     for _, work in combined:
