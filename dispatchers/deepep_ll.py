@@ -97,7 +97,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         M, L = self.options.num_max_dispatch_tokens_per_rank, self.exchange.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
             x, ids, weights, local_ids=True, chunk=M, capacity=self._capacity,
-            distinct=self.distinct_ids, transient=True, quant=quant)  # the rows are scattered into recv_x below
+            distinct=self.distinct_ids, transient=True, quant=quant, by_token=True)  # rows scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(

@@ -260,36 +260,44 @@ if triton is not None:
                     p = start + tl.arange(0, BLOCK_T)
                     tl.store(recv_rows_ptr + p, (tl.zeros_like(p) + R * chunk).to(tl.int64), mask=p < rows)
         if r == 0:
-            lane = tl.arange(0, BLOCK_L)
-            g = tl.load(global_of_ptr + lane, mask=lane < L, other=0)
-            per_expert = tl.zeros([BLOCK_L], dtype=tl.int32)
-            received = tl.zeros([BLOCK_R], dtype=tl.int32)
-            for s in range(R):
-                per_expert += tl.load(table_ptr + s * ROW + 1 + R + g, mask=lane < L, other=0)
-                received += tl.load(table_ptr + s * ROW + 1 + rr, mask=rr < R, other=0)
-            tl.store(summary_ptr + lane, per_expert, mask=lane < L)
-            tl.store(summary_ptr + L, tl.sum(from_each))
-            tl.store(summary_ptr + L + 1, tl.max(received))
+            _summarize(table_ptr, global_of_ptr, summary_ptr, R, ROW, me, L, BLOCK_R, BLOCK_L)
+
+    @triton.jit
+    def _summarize(table_ptr, global_of_ptr, summary_ptr, R, ROW, me, L, BLOCK_R: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+        """summary = [pairs per local expert (L); rows this rank receives; most rows any rank receives]
+        from the count table [R, ROW] (rows [T; tokens to each rank; pairs per expert; ...])."""
+        rr = tl.arange(0, BLOCK_R)
+        lane = tl.arange(0, BLOCK_L)
+        g = tl.load(global_of_ptr + lane, mask=lane < L, other=0)
+        per_expert = tl.zeros([BLOCK_L], dtype=tl.int32)
+        received = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for s in range(R):
+            per_expert += tl.load(table_ptr + s * ROW + 1 + R + g, mask=lane < L, other=0)
+            received += tl.load(table_ptr + s * ROW + 1 + rr, mask=rr < R, other=0)
+        tl.store(summary_ptr + lane, per_expert, mask=lane < L)
+        tl.store(summary_ptr + L, tl.sum(tl.where(rr == me, received, 0)))
+        tl.store(summary_ptr + L + 1, tl.max(received))
 
     @fast_launch
     @triton.jit
-    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, scale_ptr,
-                     meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
-                     LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr, INT_META: tl.constexpr, QUANT: tl.constexpr,
-                     UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
-                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Send row i: x[token[i]] and its metadata [weights; ids] (INT_META: int32, weights as fp32
-        bits; else fp32 values); ids as the destination's local ids when LOCAL, -1 where the expert
-        lives elsewhere or is out of range; pad token T: zeros, -1 (SKIP_PAD: left unwritten, for rows
-        past what a host plan sends). QUANT (fp8 dispatch): the row is quantized as it is read, GROUPS
-        groups of GROUP channels per program, by quant_kernels.quantize_groups (the one rule), fp8
-        values to rows_ptr and scales to scale_ptr (a pad row: all zero bytes, scale 0 included)."""
-        i = tl.program_id(0)
-        hb = tl.program_id(1)
-        tok = tl.load(token_ptr + i)
-        if SKIP_PAD:
-            if tok >= T:
-                return
+    def _summary_kernel(table_ptr, global_of_ptr, summary_ptr, R, ROW, me, L, BLOCK_R: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+        _summarize(table_ptr, global_of_ptr, summary_ptr, R, ROW, me, L, BLOCK_R, BLOCK_L)
+
+    @triton.jit
+    def _pack_one(x_ptr, ids_ptr, w_ptr, tok, dest, hb, rank_of_ptr, local_of_ptr, values_out, scales_out, meta_out,
+                  T, H, K, E, store_h, fp8_max, min_amax, LOCAL: tl.constexpr, INT_META: tl.constexpr,
+                  QUANT: tl.constexpr, UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                  GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Block hb of one send row, x[tok] for rank `dest`, stored at values_out (and scales_out) with
+        its metadata [weights; ids] at meta_out (block 0 only): the one packing rule, for the packing
+        kernel (rows of a local payload) and the NVLink transport's token put (rows in the peers'
+        memory). INT_META: int32, weights as fp32 bits; else fp32 values. ids as the destination's
+        local ids when LOCAL, -1 where the expert lives elsewhere or is out of range. Pad token T:
+        zeros, -1. store_h: channels stored (H; 0 stores only the metadata). QUANT (fp8 dispatch): the
+        row is quantized as it is read, GROUPS groups of GROUP channels per program, by
+        quant_kernels.quantize_groups, fp8 values and their scales (a pad row: all zero bytes)."""
         h_real = tl.where(tok < T, H, 0)  # a pad row reads nothing (no scalar-bool masks)
         k_real = tl.where(tok < T, K, 0)
         if QUANT:
@@ -297,14 +305,13 @@ if triton is not None:
             cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
             v = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0).to(tl.float32)
             q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST)
-            tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, q.to(rows_ptr.dtype.element_ty), mask=cols < H)
+            tl.store(values_out + cols, q.to(values_out.dtype.element_ty), mask=cols < store_h)
             scale = tl.where(tok < T, scale, 0.0)
-            tl.store(scale_ptr + i.to(tl.int64) * scale_stride + g, stored_scale(scale, SCALE_BYTE),
-                     mask=g * GROUP < H)
+            tl.store(scales_out + g, stored_scale(scale, SCALE_BYTE), mask=g * GROUP < store_h)
         else:
             cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
             row = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0)
-            tl.store(rows_ptr + i.to(tl.int64) * row_stride + cols, row, mask=cols < H)
+            tl.store(values_out + cols, row, mask=cols < store_h)
         if hb == 0:
             k = tl.arange(0, BLOCK_K)
             ids = tl.load(ids_ptr + tok.to(tl.int64) * K + k, mask=k < k_real, other=-1).to(tl.int64)
@@ -313,16 +320,36 @@ if triton is not None:
             if LOCAL:
                 owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
                 local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
-                ids = tl.where(owner == tl.load(rank_ptr + i), local, -1)
+                ids = tl.where(owner == dest, local, -1)
             else:  # an id outside [-1, E) (flagged, checked later) never reaches a receiver as an index
                 ids = tl.where(valid, ids, -1)
-            out = meta_ptr + i.to(tl.int64) * meta_stride
             if INT_META:
-                tl.store(out + k, w.to(tl.int32, bitcast=True), mask=k < K)
-                tl.store(out + K + k, ids.to(tl.int32), mask=k < K)
+                tl.store(meta_out + k, w.to(tl.int32, bitcast=True), mask=k < K)
+                tl.store(meta_out + K + k, ids.to(tl.int32), mask=k < K)
             else:
-                tl.store(out + k, w, mask=k < K)
-                tl.store(out + K + k, ids.to(tl.float32), mask=k < K)
+                tl.store(meta_out + k, w, mask=k < K)
+                tl.store(meta_out + K + k, ids.to(tl.float32), mask=k < K)
+
+    @fast_launch
+    @triton.jit
+    def _pack_kernel(x_ptr, ids_ptr, w_ptr, token_ptr, rank_ptr, rank_of_ptr, local_of_ptr, rows_ptr, scale_ptr,
+                     meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
+                     LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr, INT_META: tl.constexpr, QUANT: tl.constexpr,
+                     UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Send row i: x[token[i]] for rank[i], packed by _pack_one (SKIP_PAD: pad token T rows are left
+        unwritten, for rows past what a host plan sends)."""
+        i = tl.program_id(0)
+        hb = tl.program_id(1)
+        tok = tl.load(token_ptr + i)
+        if SKIP_PAD:
+            if tok >= T:
+                return
+        row = i.to(tl.int64)
+        _pack_one(x_ptr, ids_ptr, w_ptr, tok, tl.load(rank_ptr + i), hb, rank_of_ptr, local_of_ptr,
+                  rows_ptr + row * row_stride, scale_ptr + row * scale_stride, meta_ptr + row * meta_stride,
+                  T, H, K, E, H, fp8_max, min_amax, LOCAL, INT_META, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP,
+                  GROUPS, BLOCK_H, BLOCK_K)
 
     @fast_launch
     @triton.jit
@@ -396,6 +423,16 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
         chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
         BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
     return TablePlan(send_token, send_rank, index, summary, recv_pos, recv_rows)
+
+
+def summarize(table: torch.Tensor, rank: int, global_of: torch.Tensor) -> torch.Tensor:
+    """[L + 2] int32 (table_plan's summary: pairs per local expert, rows received, most any rank
+    receives) from a count table [R, ROW] that may be a view (one kernel)."""
+    R, L = table.shape[0], global_of.numel()
+    summary = torch.empty(L + 2, dtype=torch.int32, device=table.device)
+    _summary_kernel[(1,)](table, global_of, summary, R, table.stride(0), rank, L,
+                          BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
+    return summary
 
 
 def payload_views(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int

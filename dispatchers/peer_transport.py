@@ -42,12 +42,17 @@ import torch.distributed as dist
 
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure
+from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.triton_launch import fast_launch
 from ep_runtime.validation import capturing
+
+from . import exchange_kernels, fp8_payload
 
 try:
     import triton
     import triton.language as tl
+
+    from .exchange_kernels import _pack_one
 except ImportError:  # triton is optional: the collective transport runs instead
     triton = None
 
@@ -178,9 +183,77 @@ if triton is not None:
         tl.store(epoch_ptr, epoch)
 
 
+    @fast_launch
+    @triton.jit
+    def _put_tokens_kernel(x_ptr, ids_ptr, w_ptr, in_rank_ptr, rank_of_ptr, local_of_ptr, count_row_ptr, region_ptrs,
+                           flag_ptrs, epoch_ptr, error, host_error_ptr, index_ptr, send_token_ptr, T, H, K, E, R, me,
+                           M, row_bytes, scale_at, meta_at, header_at, ROW, timeout_ns, max_polls, fp8_max,
+                           min_amax, LOCAL: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr,
+                           SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, GROUP: tl.constexpr,
+                           GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_ROW: tl.constexpr, ALIGN: tl.constexpr, INTERPRET: tl.constexpr):
+        """Program (t, h, r): block h of token t's row, packed (exchange_kernels._pack_one) straight into
+        rank r's region at row me*M + t once r has freed it; a token not going to r (or t >= T) gets a
+        pad row's metadata there only (ids -1: stale bytes never look like data). Block 0 also writes
+        the plan entries (combine_index[t, r], send_token[r*M + t]); program (0, 0, r) this rank's count
+        row into r's table at header_at; program (0, 0, 0) frees every peer first."""
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        r = tl.program_id(2)
+        done = tl.load(epoch_ptr)
+        if t == 0:
+            if hb == 0:
+                if r == 0:
+                    _free_flags(flag_ptrs, done, me, R)
+        if r != me:  # no fence after: the stores below depend on the flag seen, nothing is read
+            mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+            _wait_for(mine + R + r, done, _clock_ns(INTERPRET), timeout_ns, max_polls, error,
+                      host_error_ptr.to(tl.pointer_type(tl.int32)), r, INTERPRET)
+        going = tl.load(in_rank_ptr + t.to(tl.int64) * R + r, mask=t < T, other=0) != 0
+        tok = tl.where(going, t, T)
+        region = tl.load(region_ptrs + r)
+        row = tl.multiple_of(region + (me * M + t).to(tl.int64) * row_bytes, ALIGN)
+        if QUANT:
+            values = row.to(tl.pointer_type(tl.float8e4nv))
+        else:
+            values = row.to(tl.pointer_type(x_ptr.dtype.element_ty))
+        if SCALE_BYTE:
+            scales = (row + scale_at).to(tl.pointer_type(tl.uint8))
+        else:
+            scales = (row + scale_at).to(tl.pointer_type(tl.float32))
+        _pack_one(x_ptr, ids_ptr, w_ptr, tok, r, hb, rank_of_ptr, local_of_ptr, values, scales,
+                  (row + meta_at).to(tl.pointer_type(tl.int32)), T, H, K, E, tl.where(going, H, 0), fp8_max,
+                  min_amax, LOCAL, True, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP, GROUPS, BLOCK_H, BLOCK_K)
+        if hb == 0:
+            if t < T:
+                tl.store(index_ptr + t.to(tl.int64) * R + r, tl.where(going, r * M + t, R * M).to(tl.int64))
+            tl.store(send_token_ptr + r * M + t, tok.to(tl.int64))
+            if t == 0:
+                c = tl.arange(0, BLOCK_ROW)
+                header = (region + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
+                tl.store(header + c, tl.load(count_row_ptr + c, mask=c < ROW), mask=c < ROW)
+
+
 def _word(row_bytes: int) -> torch.dtype:
     """The widest integer type that divides a row (wide loads and stores move the bytes)."""
     return next(dtype for size, dtype in _WORD.items() if row_bytes % size == 0)
+
+
+def _token_row(x: torch.Tensor, top_k: int, quant: Optional[QuantConfig], rows: int) -> tuple[int, int, int, int]:
+    """(row bytes, byte offsets of the scales and the metadata in a row, of the table after `rows`
+    rows) of the token put's layout: exchange_kernels' payload rows (values, fp8 scales, [weights;
+    ids]), then the count table, 16-byte aligned."""
+    width, dtype = exchange_kernels.row_format(x, quant)
+    row_bytes = exchange_kernels.payload_bytes(width, dtype, top_k)
+    scale_at = fp8_payload.row_layout(x.shape[1], quant)[1] if quant is not None else 0
+    meta_at = row_bytes - 8 * top_k
+    return row_bytes, scale_at, meta_at, -(-rows * row_bytes // 16) * 16
+
+
+def put_bytes(x: torch.Tensor, top_k: int, quant: Optional[QuantConfig], chunk: int, world_size: int,
+              row_ints: int) -> int:
+    """Region bytes a token put needs (received rows, then the table of count rows of row_ints ints)."""
+    return _token_row(x, top_k, quant, world_size * chunk)[3] + world_size * row_ints * 4
 
 
 class _Region:
@@ -310,10 +383,51 @@ class PeerTransport:
                 words_in, self._region_ptrs, self._shares_tensor(parts, sent is None), self._flag_ptrs, self._epoch,
                 self._device_error, self._waits[0], self.rank, self.world_size, row_bytes // words_in.element_size(),
                 *self._waits[1:], VEC=vec, BLOCK=_BLOCK, INTERPRET=self._interpret, num_warps=_WARPS)
+        received = self._finish(rows_out * row_bytes)
+        return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
+
+    def _finish(self, nbytes: int) -> torch.Tensor:
+        """Signal every peer and wait for theirs (one program); the first nbytes of this rank's region."""
         _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
                              self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
-        received = self._region.local[:rows_out * row_bytes]
-        return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
+        return self._region.local[:nbytes]
+
+    def put_tokens(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, in_rank: torch.Tensor,
+                   count_row: torch.Tensor, rank_of: torch.Tensor, local_of: torch.Tensor, chunk: int,
+                   quant: Optional[QuantConfig], combine_index: torch.Tensor, send_token: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token put (deepep_ll's dispatch, T <= chunk): one kernel packs token t's row (its hidden
+        state, or fp8 wire row with quant, and [weights; local ids]) straight into row me*chunk + t of
+        every rank the token goes to (is_token_in_rank [T, R]), with pad metadata everywhere else, and
+        this rank's count row [ROW] into every rank's table; then the signal. No count-table collective
+        and no payload in this rank's memory. Fills combine_index [T, R] (r*chunk + t, R*chunk = not
+        sent) and send_token [R*chunk] (T = pad): the static plan of this layout. Returns (received
+        payload [R*chunk, B] uint8: row s*chunk + t is source s's token t, the table [R, ROW] int32 of
+        every rank's count row), views of this rank's region valid until its next call here. Call
+        fits(put_bytes(...)) first."""
+        self.check()
+        R, me, (T, H), K = self.world_size, self.rank, x.shape, topk_ids.shape[1]
+        row_bytes, scale_at, meta_at, header_at = _token_row(x, K, quant, R * chunk)
+        ROW = count_row.numel()
+        group = groups = 1
+        fp8_max = min_amax = 0.0
+        if quant is None:
+            BLOCK_H = min(1024, triton.next_power_of_2(max(H, 16)))
+        else:
+            group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
+            groups = min(triton.next_power_of_2(quant.num_groups(H)), 64 if self._interpret else max(1, 1024 // group))
+            BLOCK_H = groups * group
+        _put_tokens_kernel[(chunk, -(-H // BLOCK_H), R)](
+            x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
+            self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0], combine_index,
+            send_token, T, H, K, rank_of.numel(), R, me, chunk, row_bytes, scale_at, meta_at, header_at, ROW,
+            *self._waits[1:], fp8_max, min_amax, LOCAL=True, QUANT=quant is not None,
+            UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=quant is not None and quant.ue8m0,
+            ROUND_FIRST=self._interpret, GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H,
+            BLOCK_K=triton.next_power_of_2(max(K, 2)), BLOCK_ROW=triton.next_power_of_2(max(ROW, 2)),
+            ALIGN=math.gcd(row_bytes, 16), INTERPRET=self._interpret)
+        region = self._finish(header_at + R * ROW * 4)
+        return region[:R * chunk * row_bytes].view(R * chunk, row_bytes), region[header_at:].view(torch.int32).view(R, ROW)
 
     def _engine_copy(self, data: torch.Tensor, row_bytes: int, parts: list) -> None:
         """Free the peers and wait until they free this rank (one program), then one copy per peer

@@ -44,7 +44,7 @@ from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
-from .peer_transport import peer_transport
+from .peer_transport import peer_transport, put_bytes
 from .transport import all_gather_rows, all_to_all
 
 
@@ -201,6 +201,7 @@ class RankExchange:
         self.max_tokens = max_tokens
         self._tables: dict = {}
         self._aranges: dict = {}
+        self._send_ranks: dict = {}  # (chunk, device) -> send_rank of a by-token static plan, made once
         self._deferred = DeferredChecks(
             self._check_deferred, "the count table of a static-plan call on this exchange",
             f"rank {self.rank}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} or "
@@ -380,14 +381,21 @@ class RankExchange:
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
                       chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
-                      distinct: Optional[str] = None, transient: bool = False, quant: Optional[QuantConfig] = None
-                      ) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      distinct: Optional[str] = None, transient: bool = False, quant: Optional[QuantConfig] = None,
+                      by_token: bool = False) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan() then send() (their arguments); on the kernel path in one go, packing before the
         count table is read. transient: the caller consumes the received rows before its next
-        exchange (they may stay in the NVLink transport's region). Returns (handle, recv_x, recv_ids,
-        recv_weights)."""
+        exchange (they may stay in the NVLink transport's region). by_token (static plans, T <=
+        chunk by max_tokens, no compaction): the received rows may come as token t of source s at
+        row s*chunk + t (pad rows between, ids -1) instead of packed at the front of each chunk; the
+        NVLink transport then puts the rows without a count-table collective (_put_tokens). Returns
+        (handle, recv_x, recv_ids, recv_weights)."""
         if (exchange_kernels.on_gpu(topk_ids) and exchange_kernels.inference_path(x, topk_weights)
                 and self._two_stages(chunk, topk_ids.device) is None):
+            if by_token and transient and rows is None:
+                put = self._put_tokens(x, topk_ids, topk_weights, chunk, capacity, distinct, quant)
+                if put is not None:
+                    return put
             handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids,
                                                 quant)
             if payload is None:
@@ -396,6 +404,49 @@ class RankExchange:
                                                    topk_ids.shape[1], transient))
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids, quant))
+
+    def _put_tokens(self, x, topk_ids, topk_weights, chunk: int, capacity: str, distinct: Optional[str],
+                    quant: Optional[QuantConfig]):
+        """plan_and_send's by_token layout over the NVLink transport (None where it is not chosen or
+        the region cannot grow now): layout kernel, the token put (PeerTransport.put_tokens: rows and
+        count rows straight into the peers' memory, then the signal), the summary from the table that
+        arrived with the rows. The table is checked as a static plan's (deferred on CUDA; at once on
+        CPU ranks or with EP_RUNTIME_SYNC_CHECKS), every rank raising the same error at the same call."""
+        R, E, me = self.world_size, self.num_experts, self.rank
+        peer = peer_transport(self.group, x.device, R, self.transport)
+        if peer is None or self.max_tokens is None or self.max_tokens[0] > chunk:
+            return None
+        T = topk_ids.shape[0]
+        num_flags = 3 if distinct else 2
+        if not peer.fits(put_bytes(x, topk_ids.shape[1], quant, chunk, R, 1 + R + E + num_flags)):
+            return None
+        now = capturing()
+        defer = not now and topk_ids.is_cuda and not self.sync_checks
+        self._check_local_tokens(T)  # T <= chunk: nothing else can overflow a chunk
+        if defer:
+            self._deferred.make_room()
+        rank_of, local_of, global_of = self.tables(x.device)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, num_flags)
+        combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
+        send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
+        issued_at = time.monotonic()
+        received, table = peer.put_tokens(x, topk_ids, topk_weights, in_rank, row, rank_of, local_of, chunk, quant,
+                                          combine_index, send_token)
+        summary = exchange_kernels.summarize(table, me, global_of)
+        if defer:
+            self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
+        elif not now:
+            self._check_deferred(self._read_table(table, issued_at), _StaticCall(
+                issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
+        key = (chunk, x.device)
+        if key not in self._send_ranks:
+            self._send_ranks[key] = torch.arange(R, device=x.device).repeat_interleave(chunk)
+        handle = ExchangeHandle(T, (row, in_rank, E), send_token, self._send_ranks[key], combine_index,
+                                summary, chunk=chunk)
+        rows, meta = exchange_kernels.payload_views(received, *exchange_kernels.row_format(x, quant),
+                                                    topk_ids.shape[1])
+        K = topk_ids.shape[1]
+        return handle, rows, meta[:, K:], meta[:, :K].view(torch.float32)
 
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank

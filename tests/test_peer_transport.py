@@ -98,6 +98,7 @@ CASES = {
     "deepep_normal": ("deepep_normal", {}),
     "mori_static": ("mori", {"max_dispatch_tokens_per_rank": 16, "static": True, "max_input_tokens": 20}),
     "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 16}),
+    "deepep_ll_fp8": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 16, "use_fp8": True}),
 }
 
 
@@ -120,3 +121,100 @@ def _layer_rank(rank, world_size, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_outputs_equal_the_collective_transport(case):
     assert run_ranks(_layer_rank, 3, case, timeout=300) == [(4, True)] * 3
+
+
+def _token_put_rank(rank, world_size, encoding):
+    """PeerTransport.put_tokens against rows built here from every rank's inputs (all-gathered): row
+    s*M + t of this rank's region holds source s's token t with its weights and this rank's local
+    ids where the token comes here, pad metadata (ids -1, weight 0) everywhere else, over calls that
+    reuse the region with fewer tokens (stale rows must read as pads) and an empty rank; the table
+    is every rank's count row; combine_index and send_token are the by-token static plan."""
+    from ep_runtime.dispatchers import fp8_payload
+    R, M, E, K, H = world_size, 8, 6, 3, 160
+    L = E // R
+    quant = ep.QuantConfig(scale_encoding=encoding) if encoding else None
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), R, "nvlink")
+    rank_of = (torch.arange(E) // L).to(torch.int32)
+    local_of = (torch.arange(E) % L).to(torch.int32)
+    gen = torch.Generator().manual_seed(300 + rank)
+    problems = []
+    for call, sizes in enumerate([[8, 5, 7], [3, 0, 8], [1, 6, 2]]):
+        T = sizes[rank % 3]
+        x = (torch.randn(T, H, generator=gen) * 4).to(torch.bfloat16)
+        ids = torch.randint(-1, E, (T, K), generator=gen)
+        w = torch.rand(T, K, generator=gen)
+        with xk.forced():
+            in_rank, row = xk.layout_row(ids, w, rank_of, R, 2)
+            assert peer.fits(pt.put_bytes(x, K, quant, M, R, row.numel()))
+            combine_index = torch.empty(T, R, dtype=torch.long)
+            send_token = torch.empty(R * M, dtype=torch.long)
+            received, table = peer.put_tokens(x, ids, w, in_rank, row, rank_of, local_of, M, quant, combine_index,
+                                              send_token)
+            received, table = received.clone(), table.clone()
+        every = [None] * R
+        dist.all_gather_object(every, (x, ids, w, row))
+        problems.append((call, received, table, combine_index, send_token, every, x, ids))
+    bad = []
+    for call, received, table, combine_index, send_token, every, x, ids in problems:
+        width, dtype = xk.row_format(x, quant)
+        rows, meta = xk.payload_views(received, width, dtype, K)
+        if not torch.equal(table, torch.stack([r for *_, r in every])):
+            bad.append(("table", call))
+        for s, (xs, ids_s, w_s, _) in enumerate(every):
+            for t in range(M):
+                n = s * M + t
+                owners = {int(rank_of[e]) for e in ids_s[t].tolist() if e >= 0} if t < xs.shape[0] else set()
+                got_ids, got_w = meta[n, K:], meta[n, :K].view(torch.float32)
+                if rank not in owners:
+                    if got_ids.tolist() != [-1] * K or got_w.tolist() != [0.0] * K:
+                        bad.append(("pad", call, s, t))
+                    continue
+                want_ids = [int(local_of[e]) if e >= 0 and int(rank_of[e]) == rank else -1 for e in ids_s[t].tolist()]
+                if quant is None:
+                    same = torch.equal(rows[n], xs[t])
+                else:  # values and scales (the wire row's padding bytes are not data)
+                    want = fp8_payload.views(fp8_payload.encode(xs[t:t + 1], quant), H, quant)
+                    got = fp8_payload.views(rows[n:n + 1], H, quant)
+                    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want))
+                if got_ids.tolist() != want_ids or not torch.equal(got_w, w_s[t]) or not same:
+                    bad.append(("row", call, s, t))
+        T = x.shape[0]
+        goes = torch.zeros(T, R, dtype=torch.bool)
+        for t in range(T):
+            for e in ids[t].tolist():
+                if e >= 0:
+                    goes[t, int(rank_of[e])] = True
+        want_index = torch.where(goes, torch.arange(R) * M + torch.arange(T).unsqueeze(1), R * M)
+        want_token = torch.where(goes.t(), torch.arange(T), T) if T else torch.empty(R, 0, dtype=torch.long)
+        want_token = torch.cat([want_token, torch.full((R, M - T), T)], 1).reshape(-1)
+        if not torch.equal(combine_index, want_index) or not torch.equal(send_token, want_token):
+            bad.append(("plan", call))
+    return bad
+
+
+@pytest.mark.parametrize("encoding", [None, "fp32", "ue8m0"], ids=["bf16", "fp8", "fp8_ue8m0"])
+def test_token_put_lands_every_row_at_its_token(encoding):
+    assert run_ranks(_token_put_rank, 3, encoding, timeout=300) == [[]] * 3
+
+
+def _bad_id_rank(rank, world_size):
+    """deepep_ll on the NVLink transport (its token put: no count-table collective) with rank 1's ids
+    out of range: every rank raises, rank 1 naming the value, the others naming rank 1."""
+    layer = ep.EPMoE(12, 3, 32, 16, dispatcher="deepep_ll", runner="torch",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 16, "transport": "nvlink"})
+    problem = make_problem(layer.config, [11, 7, 9], seed=8, ep_size=world_size)
+    ids = problem.topk_ids[rank].clone()
+    if rank == 1:
+        ids[2, 1] = 999
+    try:
+        with torch.no_grad(), xk.forced():
+            layer(problem.xs[rank].float(), ids, problem.topk_weights[rank])
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_bad_id_on_one_rank_fails_every_rank_on_the_token_put():
+    errors = run_ranks(_bad_id_rank, 3, timeout=300)
+    assert "999" in errors[1], errors
+    assert all("rank 1 got invalid topk_ids" in e for e in (errors[0], errors[2])), errors
