@@ -76,14 +76,11 @@ class forced:
 
 if triton is not None:
 
-    @fast_launch
     @triton.jit
-    def _gather_rows_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, K, H, none, WEIGHTED: tl.constexpr,
-                            BLOCK_H: tl.constexpr):
-        """out[n] = sum_k (weight[n, k] *) src[index[n, k]], fp32 accumulation; index >= none adds nothing."""
-        n = tl.program_id(0)
-        hb = tl.program_id(1)
-        cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    def _gather_one(src_ptr, index_ptr, weight_ptr, n, cols, K, H, none, WEIGHTED: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+        """Columns `cols` of sum_k (weight[n, k] *) src[index[n, k]] in fp32 (index >= none adds
+        nothing): the one summing rule of gather_rows and the NVLink transport's partial put."""
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for k in range(K):
             row = tl.load(index_ptr + n.to(tl.int64) * K + k)
@@ -93,6 +90,16 @@ if triton is not None:
             if WEIGHTED:
                 value = value * tl.load(weight_ptr + n.to(tl.int64) * K + k)
             acc += value
+        return acc
+
+    @fast_launch
+    @triton.jit
+    def _gather_rows_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, K, H, none, WEIGHTED: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        """out[n] = sum_k (weight[n, k] *) src[index[n, k]], fp32 accumulation; index >= none adds nothing."""
+        n = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        acc = _gather_one(src_ptr, index_ptr, weight_ptr, n, cols, K, H, none, WEIGHTED, BLOCK_H)
         tl.store(out_ptr + n.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 

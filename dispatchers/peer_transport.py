@@ -52,7 +52,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .exchange_kernels import _pack_one
+    from .exchange_kernels import _gather_one, _pack_one
 except ImportError:  # triton is optional: the collective transport runs instead
     triton = None
 
@@ -232,6 +232,37 @@ if triton is not None:
                 c = tl.arange(0, BLOCK_ROW)
                 header = (region + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
                 tl.store(header + c, tl.load(count_row_ptr + c, mask=c < ROW), mask=c < ROW)
+
+
+    @fast_launch
+    @triton.jit
+    def _put_sums_kernel(src_ptr, index_ptr, weight_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr,
+                         K, H, none, R, me, chunk, row_bytes, timeout_ns, max_polls, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ALIGN: tl.constexpr, INTERPRET: tl.constexpr):
+        """Program (n, h): block h of received row n's partial, sum_k weight[n, k] * src[index[n, k]] in
+        fp32 (exchange_kernels._gather_one), stored in src's dtype straight into row me*chunk + n % chunk
+        of rank n // chunk (the row's sender) once that rank has freed its region. A row naming no
+        slot here (a pad, or a token that came for nothing here) is not stored: its sender never reads
+        it. Program (0, 0) frees every peer first."""
+        n = tl.program_id(0)
+        hb = tl.program_id(1)
+        owner = n // chunk
+        done = tl.load(epoch_ptr)
+        if n == 0:
+            if hb == 0:
+                _free_flags(flag_ptrs, done, me, R)
+        k = tl.arange(0, BLOCK_K)
+        slots = tl.load(index_ptr + n.to(tl.int64) * K + k, mask=k < K, other=none)
+        if tl.min(slots) < none:
+            if owner != me:
+                mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
+                _wait_for(mine + R + owner, done, _clock_ns(INTERPRET), timeout_ns, max_polls, error,
+                          host_error_ptr.to(tl.pointer_type(tl.int32)), owner, INTERPRET)
+            cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            acc = _gather_one(src_ptr, index_ptr, weight_ptr, n, cols, K, H, none, True, BLOCK_H)
+            ty = src_ptr.dtype.element_ty
+            at = tl.load(region_ptrs + owner) + (me * chunk + n % chunk).to(tl.int64) * row_bytes
+            tl.store(tl.multiple_of(at, ALIGN).to(tl.pointer_type(ty)) + cols, acc.to(ty), mask=cols < H)
 
 
 def _word(row_bytes: int) -> torch.dtype:
@@ -428,6 +459,24 @@ class PeerTransport:
             ALIGN=math.gcd(row_bytes, 16), INTERPRET=self._interpret)
         region = self._finish(header_at + R * ROW * 4)
         return region[:R * chunk * row_bytes].view(R * chunk, row_bytes), region[header_at:].view(torch.int32).view(R, ROW)
+
+    def put_sums(self, src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A static plan's combine in one kernel: each received row n's partial (exchange_kernels.ll_gather's
+        sum over index [N, K] into src [S, H], times weight) goes straight home, to row me*chunk + n %
+        chunk of rank n // chunk (N = R * chunk > 0); then the signal. Returns this rank's [R * chunk, H]
+        rows (row d*chunk + j: its token of send row j's partial from rank d; rows nobody sent are
+        stale), a view of its region valid until its next call here. Call fits(R * chunk * H *
+        itemsize) first."""
+        self.check()
+        (N, K), H = index.shape, src.shape[1]
+        BLOCK_H = min(1024, triton.next_power_of_2(max(H, 16)))
+        row_bytes = H * src.element_size()
+        _put_sums_kernel[(N, -(-H // BLOCK_H))](
+            src.contiguous(), index.contiguous(), weight.float().contiguous(), self._region_ptrs, self._flag_ptrs,
+            self._epoch, self._device_error, self._waits[0], K, H, src.shape[0], self.world_size, self.rank, chunk,
+            row_bytes, *self._waits[1:], BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)),
+            ALIGN=math.gcd(row_bytes, 16), INTERPRET=self._interpret)
+        return self._finish(N * H * src.element_size()).view(src.dtype).view(N, H)
 
     def _engine_copy(self, data: torch.Tensor, row_bytes: int, parts: list) -> None:
         """Free the peers and wait until they free this rank (one program), then one copy per peer

@@ -670,6 +670,21 @@ class RankExchange:
                                                     received.shape[0])
         return rows, meta[:, top_k:], meta[:, :top_k].view(torch.float32)
 
+    def put_sums(self, src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, handle: ExchangeHandle
+                 ) -> Optional[torch.Tensor]:
+        """reduce() of the partials [N, H] = sum_k weight[n, k] * src[index[n, k]] (exchange_kernels.ll_gather's,
+        one per received row of a static plan without compaction), the partials made and sent home in
+        one kernel over the NVLink transport (PeerTransport.put_sums): bit-identical to ll_gather then
+        reduce. None where that transport is not chosen or its region cannot grow now (the caller
+        gathers and reduces)."""
+        R = self.world_size
+        if not handle.static or handle.recv_pos is not None:
+            return None
+        peer = peer_transport(self.group, src.device, R, self.transport)
+        if peer is None or not peer.fits(R * handle.chunk * src.shape[1] * src.element_size()):
+            return None
+        return exchange_kernels.gather_rows(peer.put_sums(src, index, weight, handle.chunk), handle.combine_index)
+
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """partial: one row per received row (at least the real ones, in receive order) -> [T, H]:
         each token's partials summed in fp32 (fp64 stays fp64), returned in partial's dtype."""

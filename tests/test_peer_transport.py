@@ -218,3 +218,32 @@ def test_a_bad_id_on_one_rank_fails_every_rank_on_the_token_put():
     errors = run_ranks(_bad_id_rank, 3, timeout=300)
     assert "999" in errors[1], errors
     assert all("rank 1 got invalid topk_ids" in e for e in (errors[0], errors[2])), errors
+
+
+def _sum_put_rank(rank, world_size):
+    """PeerTransport.put_sums against exchange_kernels.gather_rows (ll_gather's partials) sent home by
+    all_to_all_single: bit-identical on every row that names a slot, over calls that reuse the region."""
+    R, M, K, H, S = world_size, 6, 3, 96, 20
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), R, "nvlink")
+    gen = torch.Generator().manual_seed(500 + rank)
+    bad = []
+    for call in range(3):
+        src = torch.randn(S, H, generator=gen).to(torch.bfloat16)
+        index = torch.randint(0, S + 1, (R * M, K), generator=gen)  # S: no slot
+        index[torch.rand(R * M, generator=gen) < 0.3] = S  # whole rows naming nothing here: never stored
+        weight = torch.rand(R * M, K, generator=gen)
+        with xk.forced():
+            partial = xk.gather_rows(src, index, weight)
+            assert peer.fits(R * M * H * 2)
+            got = peer.put_sums(src, index, weight, M).clone()
+        want = torch.empty_like(partial)
+        dist.all_to_all_single(want, partial)
+        named = torch.empty(R * M, dtype=torch.bool)
+        dist.all_to_all_single(named, (index < S).any(1))
+        if not named.any() or not torch.equal(got[named], want[named]):
+            bad.append(call)
+    return bad
+
+
+def test_sum_put_equals_the_gathered_partials_sent_home():
+    assert run_ranks(_sum_put_rank, 3, timeout=300) == [[]] * 3
