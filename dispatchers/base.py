@@ -20,7 +20,7 @@ from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_lea
 from . import fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
-from .peer_transport import TRANSPORTS
+from .peer_transport import TRANSPORTS, check_transport
 from .rank_exchange import RankExchange
 
 
@@ -240,6 +240,7 @@ class Dispatcher:
         if self.world_size == 1 or not self.shards_experts:
             return torch.cuda.synchronize() if torch.cuda.is_available() else None
         distributed.synchronize(self.group, self.name, self.rank, self.world_size, operation)
+        check_transport(self.group, self.name, operation)  # a wait on the NVLink transport that gave up
 
     def check_capacity(self, num_tokens: int) -> None:
         """Raise when T exceeds a fixed buffer (dispatchers with static buffers override)."""
@@ -253,8 +254,9 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class TransportOptions:
-    """How an exchange moves rows. transport (GPUs): 'auto' (the fastest measured: NCCL today, see
-    peer_transport), 'nccl' or 'nvlink' (Triton stores into peers' memory; an error where impossible);
+    """How an exchange moves rows. transport (GPUs): 'auto' (the fastest measured, see peer_transport:
+    NVLink for dispatchers whose kernels put rows themselves, deepep_ll, where the GPUs map each
+    other's memory; NCCL otherwise), 'nccl' or 'nvlink' (stores into peers' memory; an error where impossible);
     num_sms: SMs the NVLink transport copies rows with (0: none, the copy engines do). hierarchical:
     'auto' (node-aware where the group spans several nodes), 'on' or 'off', for host plans
     (dispatchers/hierarchical.py); ranks_per_node: > 0 sets the nodes (ranks [0, n) on node 0, ...),
@@ -287,6 +289,7 @@ class ExchangeDispatcher(Dispatcher):
     into those partials first). transport, num_sms, hierarchical, ranks_per_node: see TransportOptions."""
 
     checks_values_in_exchange = True
+    puts_rows = False  # its own kernels store rows into peers' memory (transport 'auto' then takes NVLink)
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,

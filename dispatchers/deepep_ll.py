@@ -69,6 +69,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     name = "deepep_ll"
     format = "deepep_ll"
     supports_recv_hook = True
+    puts_rows = True  # the token put and the sum put (docs/transports.md)
 
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,

@@ -153,16 +153,23 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _ll_scatter_kernel(rows_ptr, slot_ptr, scale_ptr, out_ptr, K, H, row_stride, none, SCALE: tl.constexpr,
-                           BLOCK_H: tl.constexpr):
-        i = tl.program_id(0)  # one (received row, topk slot)
+                           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (n, h): block h of received row n, read once if any of its K slots is here, stored
+        at each of them (times its scale with SCALE)."""
+        n = tl.program_id(0)
         hb = tl.program_id(1)
-        slot = tl.load(slot_ptr + i)
-        if slot < none:
+        k = tl.arange(0, BLOCK_K)
+        slots = tl.load(slot_ptr + n.to(tl.int64) * K + k, mask=k < K, other=none)
+        if tl.min(slots) < none:  # pads and rows for other ranks' experts (most of them) read nothing
             cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-            row = tl.load(rows_ptr + (i // K).to(tl.int64) * row_stride + cols, mask=cols < H, other=0.0)
-            if SCALE:
-                row = (row.to(tl.float32) * tl.load(scale_ptr + i)).to(row.dtype)
-            tl.store(out_ptr + slot * H + cols, row, mask=cols < H)
+            row = tl.load(rows_ptr + n.to(tl.int64) * row_stride + cols, mask=cols < H, other=0.0)
+            for j in range(K):
+                slot = tl.load(slot_ptr + n.to(tl.int64) * K + j)
+                if slot < none:
+                    value = row
+                    if SCALE:
+                        value = (row.to(tl.float32) * tl.load(scale_ptr + n.to(tl.int64) * K + j)).to(row.dtype)
+                    tl.store(out_ptr + slot * H + cols, value, mask=cols < H)
 
     @fast_launch
     @triton.jit
@@ -583,9 +590,10 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
     out = rows.new_empty(num_slots, H)
     if N * K:
         BLOCK_H = _block_h(H)
-        _ll_scatter_kernel[(N * K, cdiv(H, BLOCK_H))](
+        _ll_scatter_kernel[(N, cdiv(H, BLOCK_H))](
             rows, slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
-            out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H)
+            out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H,
+            BLOCK_K=next_power_of_2(max(K, 2)))
     return out
 
 

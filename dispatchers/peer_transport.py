@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime import envs
-from ep_runtime.distributed import PeerFailure
+from ep_runtime.distributed import PeerFailure, abort_group, record_failure
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.triton_launch import fast_launch
 from ep_runtime.validation import capturing
@@ -384,12 +384,23 @@ class PeerTransport:
         self._region_ptrs = torch.tensor(self._region.addresses, dtype=torch.int64).to(self.device)
         return True
 
-    def check(self) -> None:
-        """Raise when a wait gave up on a peer (read from host memory: no sync)."""
+    def check(self, name: str = "exchange", operation: str = "call") -> None:
+        """Raise PeerFailure when a wait gave up on a peer (read from host memory: no sync), naming the
+        caller (name, operation) as every PeerFailure does. The first time, the group is recorded as
+        failed and its NCCL communicator aborted (distributed.abort_group), as a timed-out collective
+        would: later calls through any dispatcher of the group raise at once."""
         if self._failed is None and int(self._error[0]):
             peer = int(self._error[0]) - 1
-            self._failed = (f"rank {peer} did not signal within EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s on the "
-                            f"NVLink transport (stalled or ended); outputs since are not valid")
+            nccl = dist.get_backend(self.group) == "nccl"
+            self._failed = (f"{name} {operation} on rank {self.rank} of {self.world_size} waited in vain for rank "
+                            f"{peer}: rank {peer} did not signal within EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s on "
+                            f"the NVLink transport (stalled, ended, or took a different code path); outputs since "
+                            f"are not valid" + (". The group's NCCL communicator has been aborted, so no later call "
+                                                "waits on it" if nccl else ""))
+            if nccl:
+                abort_group(self.group, self._failed)
+            else:
+                record_failure(self.group, self._failed)
         if self._failed is not None:
             raise PeerFailure(self._failed)
 
@@ -542,16 +553,17 @@ _TRANSPORTS: dict = {}  # (group, device) -> PeerTransport, or why there can be 
 TRANSPORTS = ("auto", "nccl", "nvlink")
 
 
-def peer_transport(group, device: torch.device, world_size: int, mode: str) -> Optional[PeerTransport]:
+def peer_transport(group, device: torch.device, world_size: int, mode: str, puts: bool = False
+                   ) -> Optional[PeerTransport]:
     """The NVLink transport of (group, device) for an exchange whose transport setting is `mode`, or
     None for the collective one. `nvlink`: always (an error naming why where it cannot be: several
-    hosts, a GPU without peer access to another, CPU ranks outside the interpreter). `auto` and
-    `nccl`: the collective, for now: on 2x H200 the NVLink transport was not measured faster than NCCL
-    in any case (prefill sizes: NCCL moves more bytes per second than the 24-SM copy; eager decode:
-    the two Triton launches cost more host time; graph-replayed decode: within run-to-run noise), so
-    `auto` keeps the collective until it is (docs/transports.md). Made on first use, shared by every
-    exchange on the group after; collective then (every rank reaches its first exchange together)."""
-    if mode != "nvlink" or world_size == 1:
+    hosts, a GPU without peer access to another, CPU ranks outside the interpreter). `nccl`: never.
+    `auto`: for callers whose own kernels put the rows (`puts`: deepep_ll's token and sum puts, faster
+    than NCCL eagerly and graph-replayed on 2x H200) wherever every rank can map every other's GPU
+    memory; else the collective: moving a plan's rows with the copy engines or the copy kernel was
+    not measured faster than NCCL in any case (docs/transports.md). Made on first use, shared by
+    every exchange on the group after; collective then (every rank reaches its first exchange together)."""
+    if world_size == 1 or mode == "nccl" or (mode == "auto" and not (puts and device.type == "cuda")):
         return None
     key = (group, device)
     if key not in _TRANSPORTS:
@@ -559,19 +571,31 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str) -> O
         _TRANSPORTS[key] = reason if reason is not None else PeerTransport(group, device)
     found = _TRANSPORTS[key]
     if isinstance(found, str):
+        if mode == "auto":
+            return None
         raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {found}; "
                            f"allowed here: 'auto' or 'nccl'")
     return found
 
 
-def describe(group, mode: str) -> str:
-    """What an exchange with transport setting `mode` on `group` uses, as far as known without a
-    collective (an nvlink transport is made at the group's first exchange): for layer reprs."""
-    if mode == "nvlink":
+def describe(group, mode: str, puts: bool = False) -> str:
+    """What an exchange with transport setting `mode` on `group` uses (puts: as peer_transport's), as
+    far as known without a collective (an nvlink transport is made at the group's first exchange):
+    for layer reprs."""
+    if mode == "nvlink" or (mode == "auto" and puts):
         for (g, device), found in _TRANSPORTS.items():
             if g is group and isinstance(found, PeerTransport):
-                return f"transport=nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+                return f"transport={mode}: nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
     return f"transport={mode}"
+
+
+def check_transport(group, name: str, operation: str) -> None:
+    """PeerTransport.check of the group's NVLink transport, if it has one (a replayed CUDA graph's
+    waits give up on the device; the host learns it here, e.g. in a dispatcher's synchronize)."""
+    for (g, _), found in _TRANSPORTS.items():
+        if g is group or (group is None and g is dist.group.WORLD):
+            if isinstance(found, PeerTransport):
+                found.check(name, operation)
 
 
 def release_transports() -> None:

@@ -413,7 +413,7 @@ class RankExchange:
         arrived with the rows. The table is checked as a static plan's (deferred on CUDA; at once on
         CPU ranks or with EP_RUNTIME_SYNC_CHECKS), every rank raising the same error at the same call."""
         R, E, me = self.world_size, self.num_experts, self.rank
-        peer = peer_transport(self.group, x.device, R, self.transport)
+        peer = peer_transport(self.group, x.device, R, self.transport, puts=True)
         if peer is None or self.max_tokens is None or self.max_tokens[0] > chunk:
             return None
         T = topk_ids.shape[0]
@@ -430,6 +430,7 @@ class RankExchange:
         combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
+        peer.check(self.name, "dispatch")
         received, table = peer.put_tokens(x, topk_ids, topk_weights, in_rank, row, rank_of, local_of, chunk, quant,
                                           combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
@@ -680,9 +681,10 @@ class RankExchange:
         R = self.world_size
         if not handle.static or handle.recv_pos is not None:
             return None
-        peer = peer_transport(self.group, src.device, R, self.transport)
+        peer = peer_transport(self.group, src.device, R, self.transport, puts=True)
         if peer is None or not peer.fits(R * handle.chunk * src.shape[1] * src.element_size()):
             return None
+        peer.check(self.name, "combine")
         return exchange_kernels.gather_rows(peer.put_sums(src, index, weight, handle.chunk), handle.combine_index)
 
     def reduce(self, partial: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:

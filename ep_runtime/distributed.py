@@ -421,6 +421,12 @@ def synchronize(group, name: str, rank: int, world_size: int, operation: str = "
                    world_size=world_size, waited_for="the work queued on the current CUDA stream")
 
 
+def record_failure(group, message: str) -> None:
+    """Record `group` as failed without an abort (a group with no NCCL communicator): later calls
+    through ep-runtime raise at once (check_group)."""
+    _FAILED[_group_key(group)] = message
+
+
 def abort_group(group, message: Optional[str] = None) -> bool:
     """Abort `group`'s communicator (None: the default group, and with it every group) through torch's
     abort path, which ends NCCL's kernels still waiting; record the group as failed (with `message`).
@@ -429,7 +435,7 @@ def abort_group(group, message: Optional[str] = None) -> bool:
     global _ABORTING
     key = _group_key(group)
     if message is not None:
-        _FAILED[key] = message
+        record_failure(group, message)
     wait_s = ABORT_WAIT_S + (30.0 if envs.get("NCCL_DUMP_ON_TIMEOUT") else 0.0)
     if _ABORTING is not None and _ABORTING.is_alive():  # never two aborts of one communicator at once
         _ABORTING.join(wait_s)

@@ -87,8 +87,9 @@ _knob("TIMEOUT_S", float, 300.0,
       "Seconds a collective may wait for the other ranks before every rank fails with an error.",
       minimum=1.0, maximum=1e9)  # finite: a job must never wait forever
 _knob("TRANSPORT", str, "auto",
-      "How exchanges move rows on GPUs: auto (the fastest measured here; today NCCL everywhere), nccl, or "
-      "nvlink (Triton stores into peers' symmetric memory; an error where GPUs cannot map each other's).",
+      "How exchanges move rows on GPUs: auto (the fastest measured here: NVLink for deepep_ll where the GPUs map "
+      "each other's memory, NCCL otherwise), nccl, or nvlink (stores into peers' symmetric memory; an error "
+      "where GPUs cannot map each other's).",
       choices=("auto", "nccl", "nvlink"))
 _knob("NUM_SMS", int, 0,
       "SMs the NVLink transport copies rows with: 0 (default) none, the GPU's copy engines move them "

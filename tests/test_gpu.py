@@ -385,9 +385,11 @@ def test_async_call_that_moves_nothing_orders_the_waiter_after_it():
     x = torch.randn(100, H, device="cuda", dtype=torch.bfloat16)
     topk = ep.TopKOutput(*_routing(100, "cuda", 6))
     side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # once before, so no kernel compiles while the stream sleeps below
+        d.dispatch(x, topk, async_op=True)[1].wait()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s: the side stream is busy when the call returns
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s: the side stream is busy when the call returns
         out, work = d.dispatch(x, topk, async_op=True)
     assert isinstance(work.event, torch.cuda.Event) and not work.event.query()
     work.wait()
