@@ -459,7 +459,7 @@ class RankExchange:
         # all_gather: abort the group and raise, EP_RUNTIME_TIMEOUT_S after the all_gather was issued.
         wait_on_device(ready, issued_at=call.issued_at, group=self.group, name=self.name, operation="dispatch",
                        rank=self.rank, world_size=self.world_size,
-                       waited_for=f"the count table's all_gather of the static-plan call {CHECK_LAG} calls back "
+                       waited_for=f"the count table (all-gathered, or put by the NVLink transport) of the static-plan call {CHECK_LAG} calls back "
                                   f"(its deferred check)")
 
     def _check_deferred(self, host: list, call: _StaticCall) -> None:
