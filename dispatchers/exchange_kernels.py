@@ -515,25 +515,32 @@ def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta,
     """Launch the packing kernel: rows [S, H] (any row stride; with quant the uint8 wire rows [S, W])
     and meta [S, 2K] (int32 bits or fp32)."""
     (S,), (T, H), K = send_token.shape, x.shape, ids.shape[1]
-    values = scales = rows
+    values, scales = (rows, rows) if quant is None else fp8_payload.views(rows, H, quant)
+    fp8_max, min_amax, blocks = pack_params(H, K, quant)
+    _pack_kernel[(S, cdiv(H, blocks["BLOCK_H"]))](
+        x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
+        local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
+        values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
+        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, **blocks)
+
+
+def pack_params(H: int, K: int, quant: Optional[QuantConfig]) -> tuple[float, float, dict]:
+    """(fp8_max, min_amax, the constexprs of _pack_one but LOCAL / INT_META) for rows of H channels and
+    K slots: one choice for the packing kernel and the NVLink transport's token put, so both pack a
+    row bit for bit alike."""
     group = groups = 1
     fp8_max = min_amax = 0.0
     if quant is None:
         BLOCK_H = _block_h(H)
     else:
-        values, scales = fp8_payload.views(rows, H, quant)
         group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
         # Groups per program: 1024 channels on a GPU (as the unquantized rows); the interpreter runs
         # whole rows (its cost is per program).
         groups = min(next_power_of_2(quant.num_groups(H)), 64 if INTERPRETED else max(1, 1024 // group))
         BLOCK_H = groups * group
-    _pack_kernel[(S, cdiv(H, BLOCK_H))](
-        x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
-        local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
-        values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
-        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, QUANT=quant is not None,
-        UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=scales.dtype == torch.uint8, ROUND_FIRST=INTERPRETED,
-        GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=next_power_of_2(max(K, 2)))
+    ue8m0 = quant is not None and quant.ue8m0
+    return fp8_max, min_amax, dict(QUANT=quant is not None, UE8M0=ue8m0, SCALE_BYTE=ue8m0, ROUND_FIRST=INTERPRETED,
+                                   GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H, BLOCK_K=next_power_of_2(max(K, 2)))
 
 
 def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none: int

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure, abort_group, record_failure
-from ep_runtime.quant import MIN_AMAX, QuantConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.triton_launch import fast_launch
 from ep_runtime.validation import capturing
 
@@ -186,29 +186,19 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _put_tokens_kernel(x_ptr, ids_ptr, w_ptr, in_rank_ptr, rank_of_ptr, local_of_ptr, count_row_ptr, region_ptrs,
-                           flag_ptrs, epoch_ptr, error, host_error_ptr, index_ptr, send_token_ptr, T, H, K, E, R, me,
-                           M, row_bytes, scale_at, meta_at, header_at, ROW, timeout_ns, max_polls, fp8_max,
-                           min_amax, LOCAL: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr,
+                           index_ptr, send_token_ptr, T, H, K, E, R, me, M, row_bytes, scale_at, meta_at, header_at,
+                           ROW, fp8_max, min_amax, LOCAL: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr,
                            SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, GROUP: tl.constexpr,
                            GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_ROW: tl.constexpr, ALIGN: tl.constexpr, INTERPRET: tl.constexpr):
+                           BLOCK_ROW: tl.constexpr, ALIGN: tl.constexpr):
         """Program (t, h, r): block h of token t's row, packed (exchange_kernels._pack_one) straight into
-        rank r's region at row me*M + t once r has freed it; a token not going to r (or t >= T) gets a
-        pad row's metadata there only (ids -1: stale bytes never look like data). Block 0 also writes
-        the plan entries (combine_index[t, r], send_token[r*M + t]); program (0, 0, r) this rank's count
-        row into r's table at header_at; program (0, 0, 0) frees every peer first."""
+        rank r's region at row me*M + t (the open kernel before it waited until r freed it: no program
+        here waits); a token not going to r (or t >= T) gets a pad row's metadata there only (ids -1:
+        stale bytes never look like data). Block 0 also writes the plan entries (combine_index[t, r],
+        send_token[r*M + t]); program (0, 0, r) this rank's count row into r's table at header_at."""
         t = tl.program_id(0)
         hb = tl.program_id(1)
         r = tl.program_id(2)
-        done = tl.load(epoch_ptr)
-        if t == 0:
-            if hb == 0:
-                if r == 0:
-                    _free_flags(flag_ptrs, done, me, R)
-        if r != me:  # no fence after: the stores below depend on the flag seen, nothing is read
-            mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
-            _wait_for(mine + R + r, done, _clock_ns(INTERPRET), timeout_ns, max_polls, error,
-                      host_error_ptr.to(tl.pointer_type(tl.int32)), r, INTERPRET)
         going = tl.load(in_rank_ptr + t.to(tl.int64) * R + r, mask=t < T, other=0) != 0
         tok = tl.where(going, t, T)
         region = tl.load(region_ptrs + r)
@@ -236,28 +226,19 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _put_sums_kernel(src_ptr, index_ptr, weight_ptr, region_ptrs, flag_ptrs, epoch_ptr, error, host_error_ptr,
-                         K, H, none, R, me, chunk, row_bytes, timeout_ns, max_polls, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ALIGN: tl.constexpr, INTERPRET: tl.constexpr):
+    def _put_sums_kernel(src_ptr, index_ptr, weight_ptr, region_ptrs, K, H, none, me, chunk, row_bytes,
+                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr):
         """Program (n, h): block h of received row n's partial, sum_k weight[n, k] * src[index[n, k]] in
         fp32 (exchange_kernels._gather_one), stored in src's dtype straight into row me*chunk + n % chunk
-        of rank n // chunk (the row's sender) once that rank has freed its region. A row naming no
-        slot here (a pad, or a token that came for nothing here) is not stored: its sender never reads
-        it. Program (0, 0) frees every peer first."""
+        of rank n // chunk (the row's sender; the open kernel before it waited until that rank freed its
+        region). A row naming no slot here (a pad, or a token that came for nothing here) is not stored:
+        its sender never reads it."""
         n = tl.program_id(0)
         hb = tl.program_id(1)
         owner = n // chunk
-        done = tl.load(epoch_ptr)
-        if n == 0:
-            if hb == 0:
-                _free_flags(flag_ptrs, done, me, R)
         k = tl.arange(0, BLOCK_K)
         slots = tl.load(index_ptr + n.to(tl.int64) * K + k, mask=k < K, other=none)
         if tl.min(slots) < none:
-            if owner != me:
-                mine = tl.load(flag_ptrs + me).to(tl.pointer_type(tl.int64))
-                _wait_for(mine + R + owner, done, _clock_ns(INTERPRET), timeout_ns, max_polls, error,
-                          host_error_ptr.to(tl.pointer_type(tl.int32)), owner, INTERPRET)
             cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
             acc = _gather_one(src_ptr, index_ptr, weight_ptr, n, cols, K, H, none, True, BLOCK_H)
             ty = src_ptr.dtype.element_ty
@@ -391,14 +372,17 @@ class PeerTransport:
         would: later calls through any dispatcher of the group raise at once."""
         if self._failed is None and int(self._error[0]):
             peer = int(self._error[0]) - 1
-            nccl = dist.get_backend(self.group) == "nccl"
             self._failed = (f"{name} {operation} on rank {self.rank} of {self.world_size} waited in vain for rank "
-                            f"{peer}: rank {peer} did not signal within EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s on "
-                            f"the NVLink transport (stalled, ended, or took a different code path); outputs since "
-                            f"are not valid" + (". The group's NCCL communicator has been aborted, so no later call "
-                                                "waits on it" if nccl else ""))
-            if nccl:
-                abort_group(self.group, self._failed)
+                            f"{peer}: a wait on the group's NVLink transport (this call's or an earlier one's, of any "
+                            f"layer on the group) gave up: rank {peer} did not signal within "
+                            f"EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s (stalled, ended, or took a different code "
+                            f"path); outputs since are not valid")
+            if dist.get_backend(self.group) == "nccl":
+                self._failed += ". The group's NCCL communicator has been aborted, so no later call waits on it"
+                if not abort_group(self.group, self._failed):
+                    self._failed += (" (or so it was asked: the abort had not finished in time, or it failed; "
+                                     "ep-runtime queues nothing more on this group either way)")
+                    record_failure(self.group, self._failed)
             else:
                 record_failure(self.group, self._failed)
         if self._failed is not None:
@@ -428,6 +412,13 @@ class PeerTransport:
         received = self._finish(rows_out * row_bytes)
         return received.view(x.dtype).view((rows_out,) + tuple(x.shape[1:]))
 
+    def _open(self) -> None:
+        """One program frees every peer and waits until every peer has freed this rank: the stores that
+        follow (copy engine or kernel) never wait, so no grid of programs spins on a flag (it could hold
+        the SMs a peer's other work needs to reach its own free)."""
+        _open_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
+                           self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+
     def _finish(self, nbytes: int) -> torch.Tensor:
         """Signal every peer and wait for theirs (one program); the first nbytes of this rank's region."""
         _signal_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
@@ -438,7 +429,7 @@ class PeerTransport:
                    count_row: torch.Tensor, rank_of: torch.Tensor, local_of: torch.Tensor, chunk: int,
                    quant: Optional[QuantConfig], combine_index: torch.Tensor, send_token: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token put (deepep_ll's dispatch, T <= chunk): one kernel packs token t's row (its hidden
+        """The token put (deepep_ll's dispatch, T <= chunk): after the open kernel, one kernel packs token t's row (its hidden
         state, or fp8 wire row with quant, and [weights; local ids]) straight into row me*chunk + t of
         every rank the token goes to (is_token_in_rank [T, R]), with pad metadata everywhere else, and
         this rank's count row [ROW] into every rank's table; then the signal. No count-table collective
@@ -451,23 +442,13 @@ class PeerTransport:
         R, me, (T, H), K = self.world_size, self.rank, x.shape, topk_ids.shape[1]
         row_bytes, scale_at, meta_at, header_at = _token_row(x, K, quant, R * chunk)
         ROW = count_row.numel()
-        group = groups = 1
-        fp8_max = min_amax = 0.0
-        if quant is None:
-            BLOCK_H = min(1024, triton.next_power_of_2(max(H, 16)))
-        else:
-            group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
-            groups = min(triton.next_power_of_2(quant.num_groups(H)), 64 if self._interpret else max(1, 1024 // group))
-            BLOCK_H = groups * group
-        _put_tokens_kernel[(chunk, -(-H // BLOCK_H), R)](
+        fp8_max, min_amax, blocks = exchange_kernels.pack_params(H, K, quant)
+        self._open()
+        _put_tokens_kernel[(chunk, -(-H // blocks["BLOCK_H"]), R)](
             x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
-            self._region_ptrs, self._flag_ptrs, self._epoch, self._device_error, self._waits[0], combine_index,
-            send_token, T, H, K, rank_of.numel(), R, me, chunk, row_bytes, scale_at, meta_at, header_at, ROW,
-            *self._waits[1:], fp8_max, min_amax, LOCAL=True, QUANT=quant is not None,
-            UE8M0=quant is not None and quant.ue8m0, SCALE_BYTE=quant is not None and quant.ue8m0,
-            ROUND_FIRST=self._interpret, GROUP=group, GROUPS=groups, BLOCK_H=BLOCK_H,
-            BLOCK_K=triton.next_power_of_2(max(K, 2)), BLOCK_ROW=triton.next_power_of_2(max(ROW, 2)),
-            ALIGN=math.gcd(row_bytes, 16), INTERPRET=self._interpret)
+            self._region_ptrs, combine_index, send_token, T, H, K, rank_of.numel(), R, me, chunk, row_bytes, scale_at,
+            meta_at, header_at, ROW, fp8_max, min_amax, LOCAL=True, BLOCK_ROW=triton.next_power_of_2(max(ROW, 2)),
+            ALIGN=math.gcd(row_bytes, 16), **blocks)
         region = self._finish(header_at + R * ROW * 4)
         return region[:R * chunk * row_bytes].view(R * chunk, row_bytes), region[header_at:].view(torch.int32).view(R, ROW)
 
@@ -482,19 +463,18 @@ class PeerTransport:
         (N, K), H = index.shape, src.shape[1]
         BLOCK_H = min(1024, triton.next_power_of_2(max(H, 16)))
         row_bytes = H * src.element_size()
+        self._open()
         _put_sums_kernel[(N, -(-H // BLOCK_H))](
-            src.contiguous(), index.contiguous(), weight.float().contiguous(), self._region_ptrs, self._flag_ptrs,
-            self._epoch, self._device_error, self._waits[0], K, H, src.shape[0], self.world_size, self.rank, chunk,
-            row_bytes, *self._waits[1:], BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)),
-            ALIGN=math.gcd(row_bytes, 16), INTERPRET=self._interpret)
+            src.contiguous(), index.contiguous(), weight.float().contiguous(), self._region_ptrs, K, H, src.shape[0],
+            self.rank, chunk, row_bytes, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)),
+            ALIGN=math.gcd(row_bytes, 16))
         return self._finish(N * H * src.element_size()).view(src.dtype).view(N, H)
 
     def _engine_copy(self, data: torch.Tensor, row_bytes: int, parts: list) -> None:
         """Free the peers and wait until they free this rank (one program), then one copy per peer
         into its region (cudaMemcpyAsync: the copy engine, over NVLink; no SM), peers first. This
         rank's own share goes on a side stream meanwhile when it is large (it overlaps the peers')."""
-        _open_kernel[(1,)](self._flag_ptrs, self._epoch, self._device_error, self._waits[0], self.rank,
-                           self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
+        self._open()
         R, me, views = self.world_size, self.rank, self._region.views
 
         def copy(peer):
@@ -549,7 +529,9 @@ def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, s
     return out
 
 
-_TRANSPORTS: dict = {}  # (group, device) -> PeerTransport, or why there can be none (a str)
+_TRANSPORTS: dict = {}  # (group, device) -> PeerTransport
+# (group, device) -> (why no rank may map some peer's memory, why `auto` should not count on it), None: fine
+_VERDICTS: dict = {}
 TRANSPORTS = ("auto", "nccl", "nvlink")
 
 
@@ -558,24 +540,38 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
     """The NVLink transport of (group, device) for an exchange whose transport setting is `mode`, or
     None for the collective one. `nvlink`: always (an error naming why where it cannot be: several
     hosts, a GPU without peer access to another, CPU ranks outside the interpreter). `nccl`: never.
-    `auto`: for callers whose own kernels put the rows (`puts`: deepep_ll's token and sum puts, faster
-    than NCCL eagerly and graph-replayed on 2x H200) wherever every rank can map every other's GPU
-    memory; else the collective: moving a plan's rows with the copy engines or the copy kernel was
+    `auto`: for callers whose own kernels put the rows (`puts`: deepep_ll's token and sum puts; its
+    dispatch faster than through NCCL eagerly and graph-replayed on 2x H200, a round trip 1.45x) wherever
+    every rank can map every other's GPU memory and that could be checked; else the collective: moving a plan's rows with the copy engines or the copy kernel was
     not measured faster than NCCL in any case (docs/transports.md). Made on first use, shared by
     every exchange on the group after; collective then (every rank reaches its first exchange together)."""
     if world_size == 1 or mode == "nccl" or (mode == "auto" and not (puts and device.type == "cuda")):
         return None
     key = (group, device)
     if key not in _TRANSPORTS:
-        reason = _cannot_map(group, device, world_size)
-        _TRANSPORTS[key] = reason if reason is not None else PeerTransport(group, device)
-    found = _TRANSPORTS[key]
-    if isinstance(found, str):
+        if key not in _VERDICTS and capturing():  # the check takes collectives, which a graph cannot capture
+            return _not_while_capturing(mode)
+        if key not in _VERDICTS:
+            _VERDICTS[key] = _cannot_map(group, device, world_size)
+        reason, unsure = _VERDICTS[key]
+        if reason is None and (mode == "nvlink" or unsure is None):
+            if capturing():  # the rendezvous is collective too
+                return _not_while_capturing(mode)
+            _TRANSPORTS[key] = PeerTransport(group, device)
+    found = _TRANSPORTS.get(key)
+    if found is None:
         if mode == "auto":
             return None
-        raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {found}; "
+        raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {_VERDICTS[key][0]}; "
                            f"allowed here: 'auto' or 'nccl'")
     return found
+
+
+def _not_while_capturing(mode: str) -> None:
+    if mode == "auto":
+        return None
+    raise RuntimeError("transport='nvlink': the group's first exchange ran while a CUDA graph was being captured; "
+                       "run one exchange eagerly first (the NVLink transport is made then)")
 
 
 def describe(group, mode: str, puts: bool = False) -> str:
@@ -585,7 +581,8 @@ def describe(group, mode: str, puts: bool = False) -> str:
     if mode == "nvlink" or (mode == "auto" and puts):
         for (g, device), found in _TRANSPORTS.items():
             if g is group and isinstance(found, PeerTransport):
-                return f"transport={mode}: nvlink ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+                chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
+                return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
     return f"transport={mode}"
 
 
@@ -601,32 +598,42 @@ def check_transport(group, name: str, operation: str) -> None:
 def release_transports() -> None:
     """Drop every transport (their memory goes with them); before the process groups are destroyed."""
     _TRANSPORTS.clear()
+    _VERDICTS.clear()
 
 
 def _interpreting() -> bool:
     return envs.launcher("TRITON_INTERPRET") == "1"
 
 
-def _cannot_map(group, device: torch.device, world_size: int) -> Optional[str]:
-    """Why some rank cannot map some peer's memory (None: every rank can), the same on every rank."""
+def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[str], Optional[str]]:
+    """(why some rank cannot map some peer's memory, why `auto` should not rely on it although `nvlink`
+    may try), None where nothing stands in the way; the same on every rank."""
     import socket
     if triton is None:
-        return "triton is not installed"
+        return "triton is not installed", None
     if device.type != "cuda":  # CPU ranks: only the test stand-in, under the interpreter
-        return None if _interpreting() else "the ranks are CPU processes (no GPU memory to map)"
-    mine = (socket.gethostname(), device.index if device.index is not None else torch.cuda.current_device())
+        return (None if _interpreting() else "the ranks are CPU processes (no GPU memory to map)"), None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    mine = (socket.gethostname(), index, str(torch.cuda.get_device_properties(index).uuid))
     every = [None] * world_size
     with torch.cuda.device(device):
         dist.all_gather_object(every, mine, group=group)
-    hosts = sorted({host for host, _ in every})
+    hosts = sorted({host for host, _, _ in every})
     if len(hosts) > 1:
-        return f"the group spans {len(hosts)} hosts ({', '.join(hosts)})"
-    missing = [r for r, (_, index) in enumerate(every) if index != mine[1]
-               and not torch.cuda.can_device_access_peer(mine[1], index)]
+        return f"the group spans {len(hosts)} hosts ({', '.join(hosts)})", None
+    missing = [r for r, (_, other, _) in enumerate(every) if other != index
+               and not torch.cuda.can_device_access_peer(index, other)]
     verdicts = [None] * world_size
     with torch.cuda.device(device):
         dist.all_gather_object(verdicts, missing, group=group)
     for rank, unreachable in enumerate(verdicts):
         if unreachable:
-            return f"rank {rank}'s GPU has no peer access to rank {unreachable[0]}'s GPU"
-    return None
+            return f"rank {rank}'s GPU has no peer access to rank {unreachable[0]}'s GPU", None
+    # each process seeing only its own GPU (CUDA_VISIBLE_DEVICES per rank): peer access unchecked (decided
+    # from `every`, the same list on every rank, so every rank gives the same answer)
+    hidden = [(a, b) for a in range(world_size) for b in range(a) if every[a][1] == every[b][1]
+              and every[a][2] != every[b][2]]
+    if hidden:
+        return None, (f"ranks {hidden[0][1]} and {hidden[0][0]} see different GPUs under one device index, so their "
+                      f"peer access cannot be checked")
+    return None, None

@@ -44,7 +44,7 @@ from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
-from .peer_transport import peer_transport, put_bytes
+from .peer_transport import check_transport, peer_transport, put_bytes
 from .transport import all_gather_rows, all_to_all
 
 
@@ -222,20 +222,22 @@ class RankExchange:
                                                     device)
         return self.nodes if hierarchical.use_two_stages(self.hierarchical, self.nodes) else None
 
-    def _read_table(self, table: torch.Tensor, issued_at: float, landed: bool = False) -> list:
+    def _read_table(self, table: torch.Tensor, issued_at: float, landed: bool = False,
+                    waited_for: str = "the count table's all_gather") -> list:
         """The all-gathered count table on the host: every host read of it goes through here. On CUDA:
         the table is copied to pinned memory right after the all_gather (_land_table) and the host polls
         an event recorded after that copy until it completes (deadline EP_RUNTIME_TIMEOUT_S after
         issued_at, the time the all_gather was queued; past it the group is aborted and a PeerFailure
         names the dispatcher, the operation, the peer(s) and the knob), then reads the pinned copy: no
         device sync, and no wait for the kernels queued after the copy (the plan and the pack).
-        landed: the caller called _land_table right after the all_gather."""
+        landed: the caller called _land_table right after the all_gather. waited_for: what the wait's
+        error names."""
         if table.is_cuda and not capturing():  # (while capturing nothing can be read: tolist raises as ever)
             if not landed:
                 self._land_table(table)
             landed, event = self._landing
             wait_on_device(event, issued_at=issued_at, group=self.group, name=self.name,
-                           operation="dispatch", rank=self.rank, world_size=self.world_size)
+                           operation="dispatch", rank=self.rank, world_size=self.world_size, waited_for=waited_for)
             return landed.tolist()
         return table.tolist()
 
@@ -422,7 +424,9 @@ class RankExchange:
             return None
         now = capturing()
         defer = not now and topk_ids.is_cuda and not self.sync_checks
-        self._check_local_tokens(T)  # T <= chunk: nothing else can overflow a chunk
+        if now or defer:  # the table is not read now: this rank checks its own T (T <= chunk: nothing else can
+            self._check_local_tokens(T)  # overflow a chunk); read at once, T > chunk fails every rank below
+        peer.check(self.name, "dispatch")  # a wait that gave up: PeerFailure, before any table is checked
         if defer:
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(x.device)
@@ -430,19 +434,22 @@ class RankExchange:
         combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
-        peer.check(self.name, "dispatch")
         received, table = peer.put_tokens(x, topk_ids, topk_weights, in_rank, row, rank_of, local_of, chunk, quant,
                                           combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
         if defer:
             self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
         elif not now:
-            self._check_deferred(self._read_table(table, issued_at), _StaticCall(
-                issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
+            host = self._read_table(table, issued_at, waited_for="the count table of the NVLink token put")
+            peer.check(self.name, "dispatch")  # a peer that never wrote its row: PeerFailure, not a stale-row error
+            self._check_deferred(host, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
         key = (chunk, x.device)
-        if key not in self._send_ranks:
-            self._send_ranks[key] = torch.arange(R, device=x.device).repeat_interleave(chunk)
-        handle = ExchangeHandle(T, (row, in_rank, E), send_token, self._send_ranks[key], combine_index,
+        send_rank = self._send_ranks.get(key)
+        if send_rank is None:
+            send_rank = torch.arange(R, device=x.device).repeat_interleave(chunk)
+            if not now:  # (made inside a capture it would hold values only in replays)
+                self._send_ranks[key] = send_rank
+        handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, combine_index,
                                 summary, chunk=chunk)
         rows, meta = exchange_kernels.payload_views(received, *exchange_kernels.row_format(x, quant),
                                                     topk_ids.shape[1])
@@ -459,8 +466,10 @@ class RankExchange:
         # all_gather: abort the group and raise, EP_RUNTIME_TIMEOUT_S after the all_gather was issued.
         wait_on_device(ready, issued_at=call.issued_at, group=self.group, name=self.name, operation="dispatch",
                        rank=self.rank, world_size=self.world_size,
-                       waited_for=f"the count table (all-gathered, or put by the NVLink transport) of the static-plan call {CHECK_LAG} calls back "
-                                  f"(its deferred check)")
+                       waited_for=f"the count table (all-gathered, or put by the NVLink transport) of the static-plan "
+                                  f"call {CHECK_LAG} calls back (its deferred check)")
+        # a wait on the NVLink transport that gave up leaves that table stale: PeerFailure, not a value error
+        check_transport(self.group, self.name, "dispatch")
 
     def _check_deferred(self, host: list, call: _StaticCall) -> None:
         self._check_host_table(host, call.topk_ids, call.topk_weights, call.distinct)
