@@ -437,12 +437,13 @@ class RankExchange:
         received, table = peer.put_tokens(x, topk_ids, topk_weights, in_rank, row, rank_of, local_of, chunk, quant,
                                           combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
+        call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity)
         if defer:
-            self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
+            self._deferred.defer(table, call)
         elif not now:
             host = self._read_table(table, issued_at, waited_for="the count table of the NVLink token put")
             peer.check(self.name, "dispatch")  # a peer that never wrote its row: PeerFailure, not a stale-row error
-            self._check_deferred(host, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity))
+            self._check_deferred(host, call)
         key = (chunk, x.device)
         send_rank = self._send_ranks.get(key)
         if send_rank is None:
