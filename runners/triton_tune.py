@@ -3,16 +3,16 @@
     python -m ep_runtime.runners.triton_tune --experts 8 --top-k 2 --hidden 4096 --intermediate 14336 \
         --tokens 1 16 64 256 1024 4096 16384 --out runners/configs/NVIDIA_H200.json
 
-For each token count and BLOCK_M, GEMM 1 and GEMM 2 are timed separately over a list of tiles (the
-two GEMMs share only BLOCK_M, through the pair alignment), under each grouped GEMM kernel of --kernels
-(default: all of them, less the TMA ones where the GPU has no TMA). The fastest (BLOCK_M, tiles1,
-tiles2) by summed time over all kernels, each GEMM keeping its own kernel, goes in the table under this
-shape's key (what the runner reads by default); each kernel's own fastest goes under the shape's key
-with ",kernel=<name>" (what it reads when EP_RUNTIME_TRITON_GEMM_KERNEL forces that kernel). An
-existing file is updated, not replaced: entries of other shapes and of token counts not swept stay.
-The runner picks the entry with the nearest token count (runners/triton_kernels.py: pick_config).
---dtype float8_e4m3fn tunes the block-scaled fp8 path (ep.QuantConfig(): [128, 128] weight blocks,
-GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 key the runner reads.
+For each token count and BLOCK_M, GEMM 1 (as the runner runs it: gate and up with the activation in its
+epilogue) and GEMM 2 are timed separately over a list of tiles (the two GEMMs share only BLOCK_M, through the
+pair alignment), under each grouped GEMM kernel of --kernels (default: all of them, less the TMA ones where
+the GPU has no TMA). The fastest (BLOCK_M, tiles1, tiles2) by summed time over all kernels, each GEMM keeping
+its own kernel, goes in the table under this shape's key (what the runner reads by default); each kernel's own
+fastest goes under the shape's key with ",kernel=<name>" (what it reads when EP_RUNTIME_TRITON_GEMM_KERNEL
+forces that kernel). An existing file is updated, not replaced: entries of other shapes and of token counts
+not swept stay. The runner picks the entry with the nearest token count (runners/triton_kernels.py:
+pick_config). --dtype float8_e4m3fn tunes the block-scaled fp8 path (ep.QuantConfig(): [128, 128] weight
+blocks, GEMM 1 writing fp8 in its epilogue; BLOCK_K at most 128), stored under the fp8 key the runner reads.
 """
 from __future__ import annotations
 
@@ -122,18 +122,20 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
         a = torch.randn(T * K, I, device=dev, generator=gen)
         ids = torch.rand(T, L, device=dev, generator=gen).topk(K, dim=1).indices.to(torch.int32)
         mask = ExpertPlacement(L).local_mask_with_sink(dev)
-        if fp8:  # GEMM 1 as the runner runs it: fp8 in, activation and fp8 out in the epilogue
+        # GEMM 1 as the runner runs it: gate and up in one tile, the activation in the epilogue, [P, I]
+        # out (timed unfused, tma_stacked is tma and the tiles' register and epilogue costs differ: picks
+        # that measured slower in the runner's step)
+        h = torch.empty(T * K, I, dtype=dtype, device=dev)
+        extra1, extra2 = dict(fuse_activation="silu"), {}
+        if fp8:  # fp8 in, and GEMM 2's fp8 input out of GEMM 1's epilogue
             (x, x_s), (a, a_s) = quant.quantize_activation(x), quant.quantize_activation(a)
-            h = torch.empty(T * K, I, dtype=dtype, device=dev)
             h_s = torch.empty(T * K, quant.num_groups(I), device=dev)
-            extra1 = dict(a_scale=x_s, w_scale=s13, fuse_activation="silu", out_quant=quant, out_scale=h_s)
+            extra1.update(a_scale=x_s, w_scale=s13, out_quant=quant, out_scale=h_s)
             extra2 = dict(a_scale=a_s, w_scale=s2)
             o = torch.empty(T * K, H, dtype=torch.bfloat16, device=dev)
         else:
             x, a = x.to(dtype), a.to(dtype)
-            h = torch.empty(T * K, 2 * I, dtype=dtype, device=dev)
             o = torch.empty(T * K, H, dtype=dtype, device=dev)
-            extra1 = extra2 = {}
         # (BLOCK_M, GEMM 1 tiles, GEMM 2 tiles) to time, each GEMM alone
         if candidates is not None:
             runs = [(c.BLOCK_M, c.gemm1, c.gemm2) for c in candidates]
