@@ -194,15 +194,66 @@ if triton is not None:
             tl.atomic_add(row_ptr + 1 + r, tl.sum(hit))
         tl.atomic_add(row_ptr + 1 + R + tl.where(valid, ids, 0), tl.full(ids.shape, 1, tl.int32), mask=valid)
         if FLAGS:
-            bad_id = tl.max(tl.max((inside & ((ids < -1) | (ids >= E))).to(tl.int32), axis=1), axis=0)
-            w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-            bad_w = tl.max(tl.max((w - w != 0).to(tl.int32), axis=1), axis=0)  # NaN and +-inf give NaN
+            bad_id, bad_w, repeated = _value_flags(ids, w_ptr, offs, inside, valid, k, E, DISTINCT)
             tl.atomic_max(row_ptr + flags_at, bad_id)
             tl.atomic_max(row_ptr + flags_at + 1, bad_w)
+            if DISTINCT:
+                tl.atomic_max(row_ptr + flags_at + 2, repeated)
+
+    @triton.jit
+    def _value_flags(ids, w_ptr, offs, inside, valid, k, E, DISTINCT: tl.constexpr):
+        """The count row's value flags over a block of tokens' ids [BLOCK_T, BLOCK_K] (int64; `inside`:
+        real entries, `valid`: ids in [0, E)): (an id outside [-1, E), a non-finite weight, and with
+        DISTINCT a token listing one expert twice), each 0 or 1."""
+        bad_id = tl.max(tl.max((inside & ((ids < -1) | (ids >= E))).to(tl.int32), axis=1), axis=0)
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        bad_w = tl.max(tl.max((w - w != 0).to(tl.int32), axis=1), axis=0)  # NaN and +-inf give NaN
+        repeated = tl.zeros([], tl.int32)
         if DISTINCT:
             later = k[None, :, None] > k[None, None, :]
             same = (ids[:, :, None] == ids[:, None, :]) & later & valid[:, :, None] & valid[:, None, :]
-            tl.atomic_max(row_ptr + flags_at + 2, tl.max(tl.max(tl.max(same.to(tl.int32), axis=2), axis=1), axis=0))
+            repeated = tl.max(tl.max(tl.max(same.to(tl.int32), axis=2), axis=1), axis=0)
+        return bad_id, bad_w, repeated
+
+    @triton.jit
+    def _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out_ptr, FLAGS: tl.constexpr, DISTINCT: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+        """layout_row's count row [T; tokens per rank (R); pairs per expert (E); flags] of all T tokens
+        in one program, stored at out_ptr (int32) without atomics or a zeroed buffer (the NVLink token
+        put stores it straight into the peers' tables). BLOCK_E > E: ids outside [0, E) count in bin
+        BLOCK_E - 1, which is not stored."""
+        k = tl.arange(0, BLOCK_K)
+        r = tl.arange(0, BLOCK_R)
+        per_rank = tl.zeros([BLOCK_R], tl.int32)
+        per_expert = tl.zeros([BLOCK_E], tl.int32)
+        bad_id = tl.zeros([], tl.int32)
+        bad_w = tl.zeros([], tl.int32)
+        repeated = tl.zeros([], tl.int32)
+        for start in range(0, T, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            inside = (t[:, None] < T) & (k[None, :] < K)
+            offs = t[:, None].to(tl.int64) * K + k[None, :]
+            ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
+            valid = inside & (ids >= 0) & (ids < E)
+            owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+            hit = tl.max((owner[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
+            per_rank += tl.sum(hit, axis=0)
+            bins = tl.reshape(tl.where(valid, ids, BLOCK_E - 1).to(tl.int32), [BLOCK_T * BLOCK_K])
+            per_expert += tl.histogram(bins, BLOCK_E)
+            if FLAGS:
+                b_id, b_w, rep = _value_flags(ids, w_ptr, offs, inside, valid, k, E, DISTINCT)
+                bad_id = tl.maximum(bad_id, b_id)
+                bad_w = tl.maximum(bad_w, b_w)
+                repeated = tl.maximum(repeated, rep)
+        tl.store(out_ptr, T)
+        tl.store(out_ptr + 1 + r, per_rank, mask=r < R)
+        e = tl.arange(0, BLOCK_E)
+        tl.store(out_ptr + 1 + R + e, per_expert, mask=e < E)
+        if FLAGS:
+            tl.store(out_ptr + 1 + R + E, bad_id)
+            tl.store(out_ptr + 2 + R + E, bad_w)
+            if DISTINCT:
+                tl.store(out_ptr + 3 + R + E, repeated)
 
     @triton.jit
     def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,

@@ -52,7 +52,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .exchange_kernels import _gather_one, _pack_one
+    from .exchange_kernels import _count_row, _gather_one, _pack_one
 except ImportError:  # triton is optional: the collective transport runs instead
     triton = None
 
@@ -187,42 +187,54 @@ if triton is not None:
     @triton.jit
     def _put_tokens_kernel(x_ptr, ids_ptr, w_ptr, in_rank_ptr, rank_of_ptr, local_of_ptr, count_row_ptr, region_ptrs,
                            index_ptr, send_token_ptr, T, H, K, E, R, me, M, row_bytes, scale_at, meta_at, header_at,
-                           ROW, fp8_max, min_amax, LOCAL: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr,
+                           ROW, fp8_max, min_amax, QUANT: tl.constexpr, UE8M0: tl.constexpr,
                            SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, GROUP: tl.constexpr,
                            GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_ROW: tl.constexpr, ALIGN: tl.constexpr):
-        """Program (t, h, r): block h of token t's row, packed (exchange_kernels._pack_one) straight into
-        rank r's region at row me*M + t (the open kernel before it waited until r freed it: no program
-        here waits); a token not going to r (or t >= T) gets a pad row's metadata there only (ids -1:
-        stale bytes never look like data). Block 0 also writes the plan entries (combine_index[t, r],
-        send_token[r*M + t]); program (0, 0, r) this rank's count row into r's table at header_at."""
+                           FLAGS: tl.constexpr, DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGN: tl.constexpr):
+        """Program (t, h, r), t < M: block h of token t's row, packed (exchange_kernels._pack_one) straight
+        into rank r's region at row me*M + t (the open kernel before it waited until r freed it: no
+        program here waits) if one of the token's experts lives on r; else (or t >= T) a pad row's
+        metadata there only (ids -1: stale bytes never look like data). Block 0 also writes the plan
+        entries (is_token_in_rank[t, r], combine_index[t, r], send_token[r*M + t]). Program (M, 0, r):
+        this rank's count row (exchange_kernels._count_row) into r's table at header_at; (M + 1, 0, me):
+        the same row into count_row, for the handle. No layout kernel runs before this one."""
         t = tl.program_id(0)
         hb = tl.program_id(1)
         r = tl.program_id(2)
-        going = tl.load(in_rank_ptr + t.to(tl.int64) * R + r, mask=t < T, other=0) != 0
-        tok = tl.where(going, t, T)
-        region = tl.load(region_ptrs + r)
-        row = tl.multiple_of(region + (me * M + t).to(tl.int64) * row_bytes, ALIGN)
-        if QUANT:
-            values = row.to(tl.pointer_type(tl.float8e4nv))
-        else:
-            values = row.to(tl.pointer_type(x_ptr.dtype.element_ty))
-        if SCALE_BYTE:
-            scales = (row + scale_at).to(tl.pointer_type(tl.uint8))
-        else:
-            scales = (row + scale_at).to(tl.pointer_type(tl.float32))
-        _pack_one(x_ptr, ids_ptr, w_ptr, tok, r, hb, rank_of_ptr, local_of_ptr, values, scales,
-                  (row + meta_at).to(tl.pointer_type(tl.int32)), T, H, K, E, tl.where(going, H, 0), fp8_max,
-                  min_amax, LOCAL, True, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP, GROUPS, BLOCK_H, BLOCK_K)
-        if hb == 0:
-            if t < T:
-                tl.store(index_ptr + t.to(tl.int64) * R + r, tl.where(going, r * M + t, R * M).to(tl.int64))
-            tl.store(send_token_ptr + r * M + t, tok.to(tl.int64))
-            if t == 0:
-                c = tl.arange(0, BLOCK_ROW)
-                header = (region + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
-                tl.store(header + c, tl.load(count_row_ptr + c, mask=c < ROW), mask=c < ROW)
-
+        if t < M:
+            k = tl.arange(0, BLOCK_K)
+            ids = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=k < tl.where(t < T, K, 0), other=-1).to(tl.int64)
+            valid = (ids >= 0) & (ids < E)
+            owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+            going = tl.max((owner == r).to(tl.int32), axis=0) != 0
+            tok = tl.where(going, t, T)
+            region = tl.load(region_ptrs + r)
+            row = tl.multiple_of(region + (me * M + t).to(tl.int64) * row_bytes, ALIGN)
+            if QUANT:
+                values = row.to(tl.pointer_type(tl.float8e4nv))
+            else:
+                values = row.to(tl.pointer_type(x_ptr.dtype.element_ty))
+            if SCALE_BYTE:
+                scales = (row + scale_at).to(tl.pointer_type(tl.uint8))
+            else:
+                scales = (row + scale_at).to(tl.pointer_type(tl.float32))
+            _pack_one(x_ptr, ids_ptr, w_ptr, tok, r, hb, rank_of_ptr, local_of_ptr, values, scales,
+                      (row + meta_at).to(tl.pointer_type(tl.int32)), T, H, K, E, tl.where(going, H, 0), fp8_max,
+                      min_amax, True, True, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP, GROUPS, BLOCK_H, BLOCK_K)
+            if hb == 0:
+                if t < T:
+                    tl.store(in_rank_ptr + t.to(tl.int64) * R + r, going.to(tl.int8))
+                    tl.store(index_ptr + t.to(tl.int64) * R + r, tl.where(going, r * M + t, R * M).to(tl.int64))
+                tl.store(send_token_ptr + r * M + t, tok.to(tl.int64))
+        elif hb == 0:
+            if t == M:
+                out = (tl.load(region_ptrs + r) + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
+                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out, FLAGS, DISTINCT, BLOCK_T, BLOCK_K, BLOCK_R,
+                           BLOCK_E)
+            elif r == me:
+                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, count_row_ptr, FLAGS, DISTINCT, BLOCK_T,
+                           BLOCK_K, BLOCK_R, BLOCK_E)
 
     @fast_launch
     @triton.jit
@@ -425,30 +437,33 @@ class PeerTransport:
                              self.world_size, *self._waits[1:], INTERPRET=self._interpret, num_warps=1)
         return self._region.local[:nbytes]
 
-    def put_tokens(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, in_rank: torch.Tensor,
-                   count_row: torch.Tensor, rank_of: torch.Tensor, local_of: torch.Tensor, chunk: int,
-                   quant: Optional[QuantConfig], combine_index: torch.Tensor, send_token: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token put (deepep_ll's dispatch, T <= chunk): after the open kernel, one kernel packs token t's row (its hidden
-        state, or fp8 wire row with quant, and [weights; local ids]) straight into row me*chunk + t of
-        every rank the token goes to (is_token_in_rank [T, R]), with pad metadata everywhere else, and
-        this rank's count row [ROW] into every rank's table; then the signal. No count-table collective
-        and no payload in this rank's memory. Fills combine_index [T, R] (r*chunk + t, R*chunk = not
-        sent) and send_token [R*chunk] (T = pad): the static plan of this layout. Returns (received
-        payload [R*chunk, B] uint8: row s*chunk + t is source s's token t, the table [R, ROW] int32 of
-        every rank's count row), views of this rank's region valid until its next call here. Call
-        fits(put_bytes(...)) first."""
+    def put_tokens(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, rank_of: torch.Tensor,
+                   local_of: torch.Tensor, chunk: int, quant: Optional[QuantConfig], num_flags: int,
+                   in_rank: torch.Tensor, count_row: torch.Tensor, combine_index: torch.Tensor,
+                   send_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token put (deepep_ll's dispatch, T <= chunk): after the open kernel, one kernel packs
+        token t's row (its hidden state, or fp8 wire row with quant, and [weights; local ids]) straight
+        into row me*chunk + t of every rank one of its experts lives on, with pad metadata everywhere
+        else, and makes this rank's count row (exchange_kernels.layout_row's, num_flags flags) straight
+        into every rank's table; then the signal. No layout kernel, no count-table collective, no
+        payload in this rank's memory. Fills in_rank [T, R] bool (is_token_in_rank), count_row [1 +
+        R + E + num_flags] int32 (this rank's row), combine_index [T, R] (r*chunk + t, R*chunk = not
+        sent) and send_token [R*chunk] (T = pad): the layout and static plan of this call. Returns
+        (received payload [R*chunk, B] uint8: row s*chunk + t is source s's token t, the table [R,
+        ROW] int32 of every rank's count row), views of this rank's region valid until its next call
+        here. Call fits(put_bytes(...)) first."""
         self.check()
-        R, me, (T, H), K = self.world_size, self.rank, x.shape, topk_ids.shape[1]
+        R, me, (T, H), (_, K), E = self.world_size, self.rank, x.shape, topk_ids.shape, rank_of.numel()
         row_bytes, scale_at, meta_at, header_at = _token_row(x, K, quant, R * chunk)
         ROW = count_row.numel()
         fp8_max, min_amax, blocks = exchange_kernels.pack_params(H, K, quant)
         self._open()
-        _put_tokens_kernel[(chunk, -(-H // blocks["BLOCK_H"]), R)](
+        _put_tokens_kernel[(chunk + 2, -(-H // blocks["BLOCK_H"]), R)](
             x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
-            self._region_ptrs, combine_index, send_token, T, H, K, rank_of.numel(), R, me, chunk, row_bytes, scale_at,
-            meta_at, header_at, ROW, fp8_max, min_amax, LOCAL=True, BLOCK_ROW=triton.next_power_of_2(max(ROW, 2)),
-            ALIGN=math.gcd(row_bytes, 16), **blocks)
+            self._region_ptrs, combine_index, send_token, T, H, K, E, R, me, chunk, row_bytes, scale_at,
+            meta_at, header_at, ROW, fp8_max, min_amax, FLAGS=num_flags > 0, DISTINCT=num_flags > 2,
+            BLOCK_T=min(64, triton.next_power_of_2(max(chunk, 2))), BLOCK_R=triton.next_power_of_2(max(R, 2)),
+            BLOCK_E=triton.next_power_of_2(E + 1), ALIGN=math.gcd(row_bytes, 16), **blocks)
         region = self._finish(header_at + R * ROW * 4)
         return region[:R * chunk * row_bytes].view(R * chunk, row_bytes), region[header_at:].view(torch.int32).view(R, ROW)
 

@@ -410,9 +410,9 @@ class RankExchange:
     def _put_tokens(self, x, topk_ids, topk_weights, chunk: int, capacity: str, distinct: Optional[str],
                     quant: Optional[QuantConfig]):
         """plan_and_send's by_token layout over the NVLink transport (None where it is not chosen or
-        the region cannot grow now): layout kernel, the token put (PeerTransport.put_tokens: rows and
-        count rows straight into the peers' memory, then the signal), the summary from the table that
-        arrived with the rows. The table is checked as a static plan's (deferred on CUDA; at once on
+        the region cannot grow now): the token put (PeerTransport.put_tokens: the layout, the rows and
+        the count rows straight into the peers' memory, then the signal), the summary from the table
+        that arrived with the rows. The table is checked as a static plan's (deferred on CUDA; at once on
         CPU ranks or with EP_RUNTIME_SYNC_CHECKS), every rank raising the same error at the same call."""
         R, E, me = self.world_size, self.num_experts, self.rank
         peer = peer_transport(self.group, x.device, R, self.transport, puts=True)
@@ -430,12 +430,13 @@ class RankExchange:
         if defer:
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(x.device)
-        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, num_flags)
+        in_rank = torch.empty(T, R, dtype=torch.bool, device=x.device)  # every entry written by the put
+        row = torch.empty(1 + R + E + num_flags, dtype=torch.int32, device=x.device)
         combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
-        received, table = peer.put_tokens(x, topk_ids, topk_weights, in_rank, row, rank_of, local_of, chunk, quant,
-                                          combine_index, send_token)
+        received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant, num_flags,
+                                          in_rank, row, combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
         call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity)
         if defer:

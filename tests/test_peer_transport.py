@@ -137,24 +137,29 @@ def _token_put_rank(rank, world_size, encoding):
     rank_of = (torch.arange(E) // L).to(torch.int32)
     local_of = (torch.arange(E) % L).to(torch.int32)
     gen = torch.Generator().manual_seed(300 + rank)
-    problems = []
+    problems, bad = [], []
     for call, sizes in enumerate([[8, 5, 7], [3, 0, 8], [1, 6, 2]]):
         T = sizes[rank % 3]
         x = (torch.randn(T, H, generator=gen) * 4).to(torch.bfloat16)
         ids = torch.randint(-1, E, (T, K), generator=gen)
         w = torch.rand(T, K, generator=gen)
+        if call == 2 and rank == 1:  # the count row's flags: a bad id and a non-finite weight
+            ids[0, 0], w[-1, -1] = E, float("inf")
         with xk.forced():
-            in_rank, row = xk.layout_row(ids, w, rank_of, R, 2)
-            assert peer.fits(pt.put_bytes(x, K, quant, M, R, row.numel()))
+            want_in_rank, want_row = xk.layout_row(ids, w, rank_of, R, 2)  # (tested against torch elsewhere)
+            assert peer.fits(pt.put_bytes(x, K, quant, M, R, want_row.numel()))
+            in_rank = torch.empty(T, R, dtype=torch.bool)
+            row = torch.empty_like(want_row)
             combine_index = torch.empty(T, R, dtype=torch.long)
             send_token = torch.empty(R * M, dtype=torch.long)
-            received, table = peer.put_tokens(x, ids, w, in_rank, row, rank_of, local_of, M, quant, combine_index,
+            received, table = peer.put_tokens(x, ids, w, rank_of, local_of, M, quant, 2, in_rank, row, combine_index,
                                               send_token)
             received, table = received.clone(), table.clone()
+        if not torch.equal(in_rank, want_in_rank) or not torch.equal(row, want_row):
+            bad.append(("layout", call))
         every = [None] * R
-        dist.all_gather_object(every, (x, ids, w, row))
+        dist.all_gather_object(every, (x, ids, w, want_row))
         problems.append((call, received, table, combine_index, send_token, every, x, ids))
-    bad = []
     for call, received, table, combine_index, send_token, every, x, ids in problems:
         width, dtype = xk.row_format(x, quant)
         rows, meta = xk.payload_views(received, width, dtype, K)
@@ -163,13 +168,14 @@ def _token_put_rank(rank, world_size, encoding):
         for s, (xs, ids_s, w_s, _) in enumerate(every):
             for t in range(M):
                 n = s * M + t
-                owners = {int(rank_of[e]) for e in ids_s[t].tolist() if e >= 0} if t < xs.shape[0] else set()
+                owners = {int(rank_of[e]) for e in ids_s[t].tolist() if 0 <= e < E} if t < xs.shape[0] else set()
                 got_ids, got_w = meta[n, K:], meta[n, :K].view(torch.float32)
                 if rank not in owners:
                     if got_ids.tolist() != [-1] * K or got_w.tolist() != [0.0] * K:
                         bad.append(("pad", call, s, t))
                     continue
-                want_ids = [int(local_of[e]) if e >= 0 and int(rank_of[e]) == rank else -1 for e in ids_s[t].tolist()]
+                want_ids = [int(local_of[e]) if 0 <= e < E and int(rank_of[e]) == rank else -1
+                            for e in ids_s[t].tolist()]
                 if quant is None:
                     same = torch.equal(rows[n], xs[t])
                 else:  # values and scales (the wire row's padding bytes are not data)
@@ -182,7 +188,7 @@ def _token_put_rank(rank, world_size, encoding):
         goes = torch.zeros(T, R, dtype=torch.bool)
         for t in range(T):
             for e in ids[t].tolist():
-                if e >= 0:
+                if 0 <= e < E:
                     goes[t, int(rank_of[e])] = True
         want_index = torch.where(goes, torch.arange(R) * M + torch.arange(T).unsqueeze(1), R * M)
         want_token = torch.where(goes.t(), torch.arange(T), T) if T else torch.empty(R, 0, dtype=torch.long)
