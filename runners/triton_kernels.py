@@ -149,11 +149,12 @@ def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpre
     rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
     if rows_per_expert <= 16:
         return BlockConfig(16, GemmTiles(64, 128, 1, 4, 4), GemmTiles(64, 128, 1, 4, 4))
+    if top_k == 1:  # expert-major rows taken as tokens (deepep_ll's output here): M*R capacity rows per
+        # expert, mostly empty (the real count is on the device), so the decode tile at any capacity (H200,
+        # DeepSeek-V3 dims, 64 tokens into 32 experts: GEMMs 392 against 1393 us per step with fp8 rows
+        # under BLOCK_M 64, 682 against 764 with bf16; the fp8 step took 2.3 ms under BLOCK_M 128 at M=128)
+        return BlockConfig(32, GemmTiles(64, 128, 1, 4, 4), GemmTiles(64, 128, 1, 4, 4))
     if rows_per_expert <= 64:
-        if top_k == 1:  # expert-major rows taken as tokens (deepep_ll's output here): capacity rows, mostly
-            # empty; the decode tile (H200, DeepSeek-V3 dims, T=64 into 32 experts: GEMMs 392 against
-            # 1393 us per step with fp8 rows, 682 against 764 with bf16)
-            return BlockConfig(32, GemmTiles(64, 128, 1, 4, 4), GemmTiles(64, 128, 1, 4, 4))
         return BlockConfig(64, GemmTiles(64, 128, 8, 4, 4), GemmTiles(64, 128, 8, 4, 4))
     return BlockConfig(128, GemmTiles(128, 64, 8, 8, 3), GemmTiles(128, 64, 8, 8, 3))
 
