@@ -43,7 +43,7 @@ import torch.distributed as dist
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure, abort_group, record_failure
 from ep_runtime.quant import QuantConfig
-from ep_runtime.triton_launch import fast_launch
+from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
 
 from . import exchange_kernels, fp8_payload
@@ -456,14 +456,17 @@ class PeerTransport:
         R, me, (T, H), (_, K), E = self.world_size, self.rank, x.shape, topk_ids.shape, rank_of.numel()
         row_bytes, scale_at, meta_at, header_at = _token_row(x, K, quant, R * chunk)
         ROW = count_row.numel()
+        if num_flags not in (0, 2, 3) or ROW != 1 + R + E + num_flags:
+            raise ValueError(f"count_row has {ROW} entries and num_flags={num_flags}; need num_flags in (0, 2, 3) "
+                             f"and 1 + R + E + num_flags = {1 + R + E + num_flags} entries")
         fp8_max, min_amax, blocks = exchange_kernels.pack_params(H, K, quant)
         self._open()
         _put_tokens_kernel[(chunk + 2, -(-H // blocks["BLOCK_H"]), R)](
             x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
             self._region_ptrs, combine_index, send_token, T, H, K, E, R, me, chunk, row_bytes, scale_at,
             meta_at, header_at, ROW, fp8_max, min_amax, FLAGS=num_flags > 0, DISTINCT=num_flags > 2,
-            BLOCK_T=min(64, triton.next_power_of_2(max(chunk, 2))), BLOCK_R=triton.next_power_of_2(max(R, 2)),
-            BLOCK_E=triton.next_power_of_2(E + 1), ALIGN=math.gcd(row_bytes, 16), **blocks)
+            # (64 tokens: the count row's histogram takes >= 128 ids, at least one per thread)
+            BLOCK_T=64, BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_E=next_power_of_2(E + 1), ALIGN=math.gcd(row_bytes, 16), **blocks)
         region = self._finish(header_at + R * ROW * 4)
         return region[:R * chunk * row_bytes].view(R * chunk, row_bytes), region[header_at:].view(torch.int32).view(R, ROW)
 

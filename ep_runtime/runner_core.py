@@ -56,6 +56,8 @@ class RunnerInput:
     (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
     A backend returns [N, H] in output_dtype: per row, routed_scaling_factor * sum_k w_k * expert_k(x).
     Build it with from_local_ids / from_global_ids: they own the id mapping and the mask.
+    capacity_rows: the rows are an expert-major buffer's capacity slots taken as top-1 tokens, mostly
+    padding whose real count is on the device (a speed hint: kernels pick decode-sized tiles).
     """
 
     hidden_states: torch.Tensor
@@ -64,6 +66,7 @@ class RunnerInput:
     expert_mask: torch.Tensor
     hidden_scale: Optional[torch.Tensor] = None
     out_dtype: Optional[torch.dtype] = None
+    capacity_rows: bool = False
 
     @property
     def output_dtype(self) -> torch.dtype:
@@ -178,6 +181,7 @@ def _expert_major_to_token_rows(inp: ExpertMajorInput, config: MoeConfig):
     scale = inp.hidden_scale.reshape(L * N, -1) if inp.hidden_scale is not None else None
     rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, ExpertPlacement(L), scale,
                                       inp.out_dtype)
+    rows.capacity_rows = True
     return rows, lambda y: y.view(L, N, H)
 
 

@@ -142,14 +142,16 @@ def _nearest(table: dict, num_tokens: int) -> Optional[dict]:
     return table[best]
 
 
-def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpreted: bool) -> BlockConfig:
-    """Used when the device's table has no entry: small tiles for decode, large for prefill."""
+def default_config(num_tokens: int, top_k: int, num_local_experts: int, interpreted: bool,
+                   capacity_rows: bool = False) -> BlockConfig:
+    """Used when the device's table has no entry: small tiles for decode, large for prefill.
+    capacity_rows (RunnerInput.capacity_rows): the rows are mostly padding; decode tiles at any count."""
     if interpreted:  # few, small programs keep the CPU interpreter fast
         return BlockConfig(16, GemmTiles(64, 64, 1, 4, 1), GemmTiles(64, 64, 1, 4, 1))
     rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
     if rows_per_expert <= 16:
         return BlockConfig(16, GemmTiles(64, 128, 1, 4, 4), GemmTiles(64, 128, 1, 4, 4))
-    if top_k == 1:  # expert-major rows taken as tokens (deepep_ll's output here): M*R capacity rows per
+    if capacity_rows:  # expert-major rows taken as tokens (deepep_ll's output here): M*R capacity rows per
         # expert, mostly empty (the real count is on the device), so the decode tile at any capacity (H200,
         # DeepSeek-V3 dims, 64 tokens into 32 experts: GEMMs 392 against 1393 us per step with fp8 rows
         # under BLOCK_M 64, 682 against 764 with bf16; the fp8 step took 2.3 ms under BLOCK_M 128 at M=128)
@@ -171,7 +173,7 @@ def has_tuned_shape(num_local_experts: int, top_k: int, hidden_size: int, interm
 @functools.lru_cache(maxsize=4096)
 def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                 dtype: torch.dtype, device: torch.device, interpreted: bool, kernel: str = "auto",
-                schedule: str = "auto") -> BlockConfig:
+                schedule: str = "auto", capacity_rows: bool = False) -> BlockConfig:
     """The tuned table entry for this device and shape (nearest token count), else default_config.
     kernel "auto": the entry as tuned (each GEMM's kernel included); a GEMM_KERNELS name: that kernel's
     own entry where tuned (or BORROWS_TILES_OF's), else the auto entry's (or default) tiles run by it.
@@ -186,7 +188,7 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
         if entry is not None:
             config = BlockConfig.from_json(entry)
     if config is None:
-        config = default_config(num_tokens, top_k, num_local_experts, interpreted)
+        config = default_config(num_tokens, top_k, num_local_experts, interpreted, capacity_rows)
     if kernel != "auto":
         config = config.with_kernel(kernel)
     return config if schedule == "auto" else config.with_tiles(dynamic=schedule == "dynamic")

@@ -67,7 +67,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if picked:
         kernel = envs.get("TRITON_GEMM_KERNEL")
         block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel,
-                                           envs.get("TRITON_GEMM_SCHEDULE"))
+                                           envs.get("TRITON_GEMM_SCHEDULE"), inp.capacity_rows)
         if kernel == "auto":
             block_config = _runnable(block_config, weights, interp)
         else:  # forced: a kernel that cannot run here is an error naming the knob that forced it

@@ -185,7 +185,7 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
             # merged by token count: a sweep of some token counts keeps the others' entries
             existing.setdefault(kernels.shape_key(L, K, H, I, dtype, kernel), {}).update(table)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")  # as the shipped tables
+    out.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")  # as NVIDIA_H200.json
     kernels.reload_tables()
     return tables["auto"]
 

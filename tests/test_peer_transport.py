@@ -145,15 +145,18 @@ def _token_put_rank(rank, world_size, encoding):
         w = torch.rand(T, K, generator=gen)
         if call == 2 and rank == 1:  # the count row's flags: a bad id and a non-finite weight
             ids[0, 0], w[-1, -1] = E, float("inf")
+        num_flags = 3 if call == 1 else 2  # call 1 also flags a token listing one expert twice
+        if call == 1 and rank == 0:
+            ids[0, 1] = ids[0, 0] = 1
         with xk.forced():
-            want_in_rank, want_row = xk.layout_row(ids, w, rank_of, R, 2)  # (tested against torch elsewhere)
+            want_in_rank, want_row = xk.layout_row(ids, w, rank_of, R, num_flags)  # (tested against torch elsewhere)
             assert peer.fits(pt.put_bytes(x, K, quant, M, R, want_row.numel()))
             in_rank = torch.empty(T, R, dtype=torch.bool)
             row = torch.empty_like(want_row)
             combine_index = torch.empty(T, R, dtype=torch.long)
             send_token = torch.empty(R * M, dtype=torch.long)
-            received, table = peer.put_tokens(x, ids, w, rank_of, local_of, M, quant, 2, in_rank, row, combine_index,
-                                              send_token)
+            received, table = peer.put_tokens(x, ids, w, rank_of, local_of, M, quant, num_flags, in_rank, row,
+                                              combine_index, send_token)
             received, table = received.clone(), table.clone()
         if not torch.equal(in_rank, want_in_rank) or not torch.equal(row, want_row):
             bad.append(("layout", call))

@@ -607,3 +607,19 @@ def test_torch_compile_of_a_layer_with_triton_kernels_equals_eager(runner, dispa
     y_compiled = torch.compile(layer, backend="aot_eager")(x, router_logits=logits)
     y_compiled.sum().backward()
     assert torch.equal(y, y_compiled) and torch.equal(dx, x.grad)
+
+
+def test_capacity_rows_take_the_decode_tile_and_real_top1_tokens_keep_the_prefill_tile():
+    """deepep_ll's expert-major rows reach token-row runners as top-1 capacity slots (mostly padding: the
+    conversion marks them); real top-1 routing at prefill sizes must not get the decode tile."""
+    from ep_runtime.runner_core import ExpertMajorInput, convert
+    from ep_runtime.runners import triton_kernels as kernels
+    L, N, H = 4, 6, 8
+    inp = ExpertMajorInput(torch.randn(L, N, H), torch.tensor([2, 0, 6, 1], dtype=torch.int32))
+    rows, _ = convert(inp, RunnerInput, None)
+    assert rows.capacity_rows and not RunnerInput.from_local_ids(
+        torch.randn(3, H), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), ep.ExpertPlacement(L)).capacity_rows
+    rows_per_expert = 256
+    capacity = kernels.default_config(32 * rows_per_expert, 1, 32, False, capacity_rows=True)
+    real = kernels.default_config(32 * rows_per_expert, 1, 32, False)
+    assert (capacity.BLOCK_M, real.BLOCK_M) == (32, 128)
