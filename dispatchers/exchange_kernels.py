@@ -183,9 +183,7 @@ if triton is not None:
         k = tl.arange(0, BLOCK_K)
         inside = (t[:, None] < T) & (k[None, :] < K)
         offs = t[:, None].to(tl.int64) * K + k[None, :]
-        ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)  # int32 or int64: never wrapped
-        valid = inside & (ids >= 0) & (ids < E)  # bad ids are flagged, never used as an index
-        owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+        ids, valid, owner = _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E)
         if pid == 0:
             tl.store(row_ptr, T)
         for r in range(R):
@@ -199,6 +197,15 @@ if triton is not None:
             tl.atomic_max(row_ptr + flags_at + 1, bad_w)
             if DISTINCT:
                 tl.atomic_max(row_ptr + flags_at + 2, repeated)
+
+    @triton.jit
+    def _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E):
+        """(ids as int64 (int32 or int64 inputs: never wrapped; -1 outside `inside`), valid: ids in
+        [0, E), owner: each valid id's rank (-1 elsewhere)): bad ids are flagged, never used as an index."""
+        ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
+        valid = inside & (ids >= 0) & (ids < E)
+        owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+        return ids, valid, owner
 
     @triton.jit
     def _value_flags(ids, w_ptr, offs, inside, valid, k, E, DISTINCT: tl.constexpr):
@@ -233,9 +240,7 @@ if triton is not None:
             t = start + tl.arange(0, BLOCK_T)
             inside = (t[:, None] < T) & (k[None, :] < K)
             offs = t[:, None].to(tl.int64) * K + k[None, :]
-            ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
-            valid = inside & (ids >= 0) & (ids < E)
-            owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+            ids, valid, owner = _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E)
             hit = tl.max((owner[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
             per_rank += tl.sum(hit, axis=0)
             bins = tl.reshape(tl.where(valid, ids, BLOCK_E - 1).to(tl.int32), [BLOCK_T * BLOCK_K])

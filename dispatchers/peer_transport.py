@@ -52,7 +52,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .exchange_kernels import _count_row, _gather_one, _pack_one
+    from .exchange_kernels import _count_row, _gather_one, _owned_ids, _pack_one
 except ImportError:  # triton is optional: the collective transport runs instead
     triton = None
 
@@ -204,9 +204,7 @@ if triton is not None:
         r = tl.program_id(2)
         if t < M:
             k = tl.arange(0, BLOCK_K)
-            ids = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=k < tl.where(t < T, K, 0), other=-1).to(tl.int64)
-            valid = (ids >= 0) & (ids < E)
-            owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
+            _, _, owner = _owned_ids(ids_ptr, t.to(tl.int64) * K + k, k < tl.where(t < T, K, 0), rank_of_ptr, E)
             going = tl.max((owner == r).to(tl.int32), axis=0) != 0
             tok = tl.where(going, t, T)
             region = tl.load(region_ptrs + r)
