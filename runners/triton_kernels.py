@@ -17,9 +17,10 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
     topk_reduce       y[t] = scale * sum_k w[t,k] * o[t*K+k] over computed pairs, in slot order k = 0..K-1
                       (deterministic: no atomics, the same sum on every run)
 
-Pair-indexed buffers (h, a, o have one row per pair p = t*K + k) keep the GEMMs free of a separate
-permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores. Both
-paths share one activation function (activate, also the masked runner's epilogue) and one GEMM kernel
+No separate permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores
+(o has one row per pair p = t*K + k). Between the GEMMs, a is in sorted order: row s belongs to the pair
+sorted_pair_ids[s] (each expert's rows contiguous, so GEMM 2's TMA kernels load a block's rows as one
+box); on the hooked path h and a have one row per pair, as the hooks see them. Both paths share one activation function (activate, also the masked runner's epilogue) and one GEMM kernel
 (FUSE_ACT is a constexpr).
 """
 from __future__ import annotations
@@ -489,7 +490,7 @@ def _tile_coords(tile, num_blocks, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
                    stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr,
                    ROUND_FIRST: tl.constexpr, OUT_N: tl.constexpr, FUSE_ACT: tl.constexpr, TWO: tl.constexpr,
@@ -498,7 +499,8 @@ def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bi
     # gate [BLOCK_M, OUT_N] fp32: the tile's product for output columns offs_n (weight rows offs_n);
     # up: the same columns' up rows (weight rows N + offs_n) when TWO, else unused. Applies the router
     # weight (on the input: (w x) W^T = w (x W^T), before the bias), the bias, the activation and the
-    # fp8 output quantization, and stores the pairs' rows (padding rows are not stored).
+    # fp8 output quantization, and stores the pairs' results in rows out_row (the pair's own row, or its
+    # sorted row: OUT_SORTED); padding rows are not stored.
     offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
     n_ok = offs_n < N
     if HAS_SCALE:
@@ -519,8 +521,8 @@ def _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bi
         res = gate
     if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
         res, group_scale = quantize_groups(tl.where(n_ok[None, :], res, 0.0), fp8_max, min_amax, UE8M0, ROUND_FIRST)
-        tl.store(out_scale_ptr + pair * stride_os + pid_n, group_scale, mask=row_ok)
-    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_scale_ptr + out_row * stride_os + pid_n, group_scale, mask=row_ok)
+    out_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -539,13 +541,15 @@ def _grouped_gemm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr, A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr,
 ):
     # "portable": one program per work item.
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
     # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
     # FUSE_ACT: out[p, n] = activate(that with b's row n, that with b's row N + n if GATED); N = I.
+    # A_SORTED: a's row for pair p is its sorted row s (sorted_pair_ids[s] = p) instead of p // ROWS_PER_A_ROW;
+    # OUT_SORTED: the result goes to out's row s instead of row p (GEMM 1 -> GEMM 2 in sorted order).
     # BLOCK_N weight rows per program. When TWO they interleave gate and up rows (column 2j: gate row
     # n0 + j, column 2j + 1: up row N + n0 + j), so one dot of the full width (wgmma's widest N, one
     # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
@@ -559,7 +563,8 @@ def _grouped_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
     row_ok = pair < num_pairs
-    a_row = pair // ROWS_PER_A_ROW
+    a_row = offs_m.to(tl.int64) if A_SORTED else pair // ROWS_PER_A_ROW
+    out_row = offs_m.to(tl.int64) if OUT_SORTED else pair
     cols = tl.arange(0, BLOCK_N)
     if TWO:
         col_n = pid_n * OUT_N + cols // 2  # the output column each weight row feeds
@@ -599,7 +604,7 @@ def _grouped_gemm_kernel(
     else:
         gate = acc
         up = acc
-    _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
                    stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                    HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
@@ -645,7 +650,7 @@ def scaled_step(acc, product, a_s, b_scale_row, w_row, n_ok, stride_bsn, SCALE_N
 
 @triton.jit
 def _persistent_tile(
-    tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+    tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
     block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be, stride_bn,
     stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW: tl.constexpr,
@@ -654,9 +659,11 @@ def _persistent_tile(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FUSE_ACT: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
+    ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr, A_SORTED: tl.constexpr,
+    A_DESC: tl.constexpr, OUT_SORTED: tl.constexpr,
 ):
     # One work item of the persistent kernels: the row block and column tile `tile` names (_tile_coords).
+    # A_DESC (with A_SORTED): the block's rows of a are contiguous, one TMA box per K step.
     TWO: tl.constexpr = FUSE_ACT and GATED
     OUT_N: tl.constexpr = BLOCK_N // 2 if TWO else BLOCK_N
     N_ROWS = 2 * N if TWO else N  # weight rows per expert
@@ -665,7 +672,8 @@ def _persistent_tile(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
     row_ok = pair < num_pairs
-    a_row = pair // ROWS_PER_A_ROW
+    a_row = offs_m.to(tl.int64) if A_SORTED else pair // ROWS_PER_A_ROW
+    out_row = offs_m.to(tl.int64) if OUT_SORTED else pair
     col_n = pid_n * OUT_N + tl.arange(0, OUT_N)
     n_ok = col_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -678,7 +686,9 @@ def _persistent_tile(
         stacked_n = pid_n * OUT_N + stacked % OUT_N
         stacked_row = stacked_n + (stacked // OUT_N) * N  # gate rows, then the same up rows
     for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
-        if EVEN_K:
+        if A_DESC:  # (padding rows load whatever their row holds; their results are never stored)
+            a = a_desc.load([(pid_m * BLOCK_M).to(tl.int32), k * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K_dim - k * BLOCK_K)[None, :], other=0.0)
@@ -722,7 +732,7 @@ def _persistent_tile(
         a_ptrs += BLOCK_K * stride_ak
     if STACKED:  # columns [gate | up] -> the two halves
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
-    _gemm_epilogue(gate, up, pair, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
                    stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                    HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
@@ -732,7 +742,7 @@ def _persistent_tile(
 @triton.jit(do_not_specialize=["num_programs"])  # one compiled variant whatever the grid
 def _grouped_gemm_persistent_kernel(
 
-    a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
+    a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr,
     b_scale_ptr, num_pairs, N, K_dim, used_blocks_ptr, work_queue_ptr, num_programs,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
@@ -745,7 +755,8 @@ def _grouped_gemm_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr, B_DESC: tl.constexpr, STACKED: tl.constexpr,
-    FLATTEN: tl.constexpr, DYNAMIC: tl.constexpr,
+    FLATTEN: tl.constexpr, DYNAMIC: tl.constexpr, A_SORTED: tl.constexpr, A_DESC: tl.constexpr,
+    OUT_SORTED: tl.constexpr,
 ):
     # "persistent", "tma" (B_DESC) and "tma_stacked" (B_DESC and STACKED): num_programs programs over the
     # work items of the used blocks (the portable kernel's mapping, _tile_coords, over those). Static
@@ -769,13 +780,13 @@ def _grouped_gemm_persistent_kernel(
         tile = tl.atomic_add(work_queue_ptr, 1)
         while tile < num_tiles:
             _persistent_tile(
-                tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
                 block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
                 stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
                 stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
                 HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
                 PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
-                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
+                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED, A_SORTED, A_DESC, OUT_SORTED)
             tile = tl.atomic_add(work_queue_ptr, 1)
         if tl.atomic_add(work_queue_ptr + 1, 1) == num_programs - 1:  # the last program out
             tl.atomic_xchg(work_queue_ptr, 0)
@@ -783,13 +794,13 @@ def _grouped_gemm_persistent_kernel(
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
             _persistent_tile(
-                tile, num_blocks, num_n, a_ptr, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
+                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
                 block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
                 stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
                 stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
                 HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
                 PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
-                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED)
+                HAS_LIMIT, ONE_SCALE, B_DESC, STACKED, A_SORTED, A_DESC, OUT_SORTED)
 
 
 def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
@@ -811,6 +822,11 @@ def tma_unsupported(w: torch.Tensor, interpreted: bool) -> Optional[str]:
         return (f"weight rows of {w.stride(1) * w.element_size()} bytes at address {w.data_ptr()} are not "
                 "16-byte aligned")
     return None
+
+
+def _describable(t: torch.Tensor) -> bool:
+    """Whether a 2D TMA descriptor can view t: rows contiguous, row stride and base 16-byte aligned."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -871,8 +887,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
-                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None) -> torch.Tensor:
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
+                 a_sorted: bool = False, out_sorted: bool = False) -> torch.Tensor:
     """out[p] = a[p // rows_per_a_row] @ w[e(p)]^T (* scale[p]) (+ bias[e(p)]) for every computed pair p.
+
+    Sorted order (a_sorted, out_sorted): pair p's row is its place s in aligned.sorted_pair_ids
+    ([num_blocks * BLOCK_M] rows, each expert's pairs contiguous) instead of p. out_sorted writes GEMM 1's
+    result (and out_scale) at sorted rows; a_sorted reads GEMM 2's input (and a_scale) there
+    (rows_per_a_row must be 1), and the TMA kernels then load each block's rows as one box instead of
+    gathering them row by row. Padding rows are never written; read by a box, they only feed padding
+    results, which are never stored.
 
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
     fp32 (one per row and bk channels), w_scale [L, ceil(N/bn), ceil(K_dim/bk)] fp32, (bn, bk) =
@@ -891,6 +915,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     wave: SMs x resident programs per SM; 3 in the interpreter); with tiles.dynamic they take work items
     from aligned.work_queue as they free up."""
     N, K_dim = w.shape[1], w.shape[2]
+    sorted_rows = aligned.sorted_pair_ids.numel()
+    if a_sorted and (rows_per_a_row != 1 or a.shape[0] < sorted_rows):
+        raise ValueError(f"a_sorted needs rows_per_a_row=1 (got {rows_per_a_row}) and {sorted_rows} rows "
+                         f"(aligned.sorted_pair_ids' length); a has {a.shape[0]}")
+    if out_sorted and out.shape[0] < sorted_rows:
+        raise ValueError(f"out_sorted needs {sorted_rows} rows (aligned.sorted_pair_ids' length); out has "
+                         f"{out.shape[0]}")
     fuse = fuse_activation is not None
     two = fuse and is_gated
     if two:
@@ -935,10 +966,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                       None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
                       K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
                       gemm1_alpha, gemm1_clamp_limit, one_scale)
+    meta = dict(meta, A_SORTED=a_sorted, OUT_SORTED=out_sorted)
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
         return out
-    b_desc, stacked = w, tiles.kernel == "tma_stacked" and two
+    b_desc, stacked, a_desc = w, tiles.kernel == "tma_stacked" and two, a
     if tiles.kernel in TMA_KERNELS:
         why = tma_unsupported(w, interpreted)
         if why is not None:
@@ -950,9 +982,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                                        [2, out_n, tiles.BLOCK_K])
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+        if a_sorted and _describable(a):
+            a_desc = _TensorDescriptor(a, [sorted_rows, K_dim], [a.stride(0), 1], [aligned.block_m, tiles.BLOCK_K])
     meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
-                DYNAMIC=tiles.dynamic)
-    call = (a, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if tiles.dynamic else aligned.used_blocks)
+                DYNAMIC=tiles.dynamic, A_DESC=a_desc is not a)
+    call = (a, a_desc, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if tiles.dynamic else aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
                                                                   (*call, num_tiles, *strides), meta, a.device)

@@ -40,8 +40,9 @@ LARGE_M_TILES = [(64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 3), (25
 # (..., "flatten": pipelined across work items, which keeps the epilogue's buffers apart: +32 KB at 256;
 # "dynamic": work items taken from a counter as programs free up, GemmTiles.dynamic).
 PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, "flatten"), (256, 64, 8, 8, 3, "dynamic"),
-                            (256, 64, 8, 8, 4), (256, 64, 8, 8, 4, "dynamic"), (256, 64, 16, 8, 4),
-                            (128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (128, 128, 8, 8, 3)]
+                            (256, 64, 8, 8, 4), (256, 64, 8, 8, 4, "flatten"), (256, 64, 8, 8, 4, "dynamic"),
+                            (256, 64, 4, 8, 4), (256, 64, 16, 8, 4), (128, 64, 8, 8, 4), (128, 64, 8, 4, 4),
+                            (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
 
 
@@ -119,19 +120,21 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
     tables: dict[str, dict] = {}
     for T in token_counts:
         x = torch.randn(T, H, device=dev, generator=gen)
-        a = torch.randn(T * K, I, device=dev, generator=gen)
         ids = torch.rand(T, L, device=dev, generator=gen).topk(K, dim=1).indices.to(torch.int32)
         mask = ExpertPlacement(L).local_mask_with_sink(dev)
         # GEMM 1 as the runner runs it: gate and up in one tile, the activation in the epilogue, [P, I]
-        # out (timed unfused, tma_stacked is tma and the tiles' register and epilogue costs differ: picks
-        # that measured slower in the runner's step)
-        h = torch.empty(T * K, I, dtype=dtype, device=dev)
-        extra1, extra2 = dict(fuse_activation="silu"), {}
+        # out in sorted order (timed unfused, tma_stacked is tma and the tiles' register and epilogue
+        # costs differ: picks that measured slower in the runner's step); GEMM 2 reads sorted rows. Sized
+        # for the most sorted rows any BLOCK_M here has (align_workspace's count at the largest BLOCK_M).
+        rows = (kernels.cdiv(T * K, max(BLOCK_MS)) + min(L, T * K)) * max(BLOCK_MS)
+        a = torch.randn(rows, I, device=dev, generator=gen)
+        h = torch.empty(rows, I, dtype=dtype, device=dev)
+        extra1, extra2 = dict(fuse_activation="silu", out_sorted=True), dict(a_sorted=True)
         if fp8:  # fp8 in, and GEMM 2's fp8 input out of GEMM 1's epilogue
             (x, x_s), (a, a_s) = quant.quantize_activation(x), quant.quantize_activation(a)
-            h_s = torch.empty(T * K, quant.num_groups(I), device=dev)
+            h_s = torch.empty(rows, quant.num_groups(I), device=dev)
             extra1.update(a_scale=x_s, w_scale=s13, out_quant=quant, out_scale=h_s)
-            extra2 = dict(a_scale=a_s, w_scale=s2)
+            extra2.update(a_scale=a_s, w_scale=s2)
             o = torch.empty(T * K, H, dtype=torch.bfloat16, device=dev)
         else:
             x, a = x.to(dtype), a.to(dtype)

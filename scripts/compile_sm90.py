@@ -89,14 +89,15 @@ def _compile_gemm(kernels, tiles, block_m: int, fuse: bool, quant) -> None:
     rows, k_dim = (2 * I, H) if fuse else (H, I)
     aligned = kernels.align_pairs(torch.randint(0, L, (T, K), dtype=torch.int32), None, 0, L, block_m)
     dtype = quant.dtype if quant is not None else torch.bfloat16
-    a = torch.empty(T if fuse else T * K, k_dim, dtype=dtype)
+    sorted_rows = aligned.sorted_pair_ids.numel()  # GEMM 1 writes, GEMM 2 reads sorted rows (as the runner)
+    a = torch.empty(T if fuse else sorted_rows, k_dim, dtype=dtype)
     w = torch.empty(L, rows, k_dim, dtype=dtype)
-    out = torch.empty(T * K, I if fuse else H, dtype=dtype if fuse else torch.bfloat16)
-    extra = {}
+    out = torch.empty(sorted_rows if fuse else T * K, I if fuse else H, dtype=dtype if fuse else torch.bfloat16)
+    extra = dict(out_sorted=True) if fuse else dict(a_sorted=True)
     if quant is not None:
-        extra = dict(a_scale=torch.empty(a.shape[0], k_dim // 128), w_scale=torch.empty(L, rows // 128, k_dim // 128))
+        extra.update(a_scale=torch.empty(a.shape[0], k_dim // 128), w_scale=torch.empty(L, rows // 128, k_dim // 128))
         if fuse:
-            extra.update(out_quant=quant, out_scale=torch.empty(T * K, I // 128))
+            extra.update(out_quant=quant, out_scale=torch.empty(sorted_rows, I // 128))
     kernels.grouped_gemm(a, w, out, aligned, tiles, K if fuse else 1, fuse_activation="silu" if fuse else None,
                          num_programs=132, **extra)
 

@@ -239,6 +239,46 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype,
     assert int(aligned.used_blocks) == 0 and out.isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kernel", kernels.GEMM_KERNELS)
+def test_gemms_in_sorted_order_equal_the_pair_indexed_gemms(kernel, dtype):
+    # The runner's default: GEMM 1 writes its fused output at sorted rows (out_sorted), GEMM 2 reads them
+    # there (a_sorted; under "tma"/"tma_stacked" one descriptor box per block, I = 40 not a multiple of
+    # BLOCK_K: the box's tail columns are zeros). Padding rows of the sorted buffer are poisoned with NaN:
+    # a box reads them, and only padding results (never stored) may see them. The same products as the
+    # pair-indexed path, so the same bits, and within tolerance of float64.
+    gen = torch.Generator().manual_seed(11)
+    T, K, L, H, I = 13, 2, 3, 48, 40
+    tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    w13 = (torch.randn(L, 2 * I, H, generator=gen) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(L, H, I, generator=gen) * I ** -0.5).to(dtype)
+    ids = torch.randint(0, L + 1, (T, K), generator=gen, dtype=torch.int32)  # L: the sink, filtered
+    aligned = kernels.align_pairs(ids, torch.tensor([True] * L + [False]), 0, L, 16)
+    rows = aligned.sorted_pair_ids.numel()
+    sorted_a = torch.full((rows, I), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w13, sorted_a, aligned, tiles, K, interpreted=True, fuse_activation="silu",
+                         out_sorted=True)
+    out = torch.full((T * K, H), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(sorted_a, w2, out, aligned, tiles, 1, interpreted=True, a_sorted=True)
+    pair_a = torch.full((T * K, I), float("nan"), dtype=dtype)
+    kernels.grouped_gemm(x, w13, pair_a, aligned, tiles, K, interpreted=True, fuse_activation="silu")
+    pair_out = torch.full_like(out, float("nan"))
+    kernels.grouped_gemm(pair_a, w2, pair_out, aligned, tiles, 1, interpreted=True)
+    slots = aligned.sorted_pair_ids.long()
+    real = slots < T * K
+    assert torch.equal(sorted_a[real], pair_a[slots[real]])  # each pair's row at its sorted place
+    assert sorted_a[~real].isnan().all()  # padding rows never written
+    pair = aligned.computed.nonzero().squeeze(1)
+    assert torch.equal(out[pair], pair_out[pair]) and out[~aligned.computed].isnan().all()
+    e = ids.reshape(-1)[pair].long()
+    h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w13.double()[e])
+    ref = torch.einsum("pi,phi->ph", _act_reference(h, I), w2.double()[e])
+    assert rel_err(out[pair], ref) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    with pytest.raises(ValueError, match=f"a_sorted needs rows_per_a_row=1 .* and {rows} rows"):
+        kernels.grouped_gemm(pair_a, w2, out, aligned, tiles, 1, interpreted=True, a_sorted=True)
+
+
 def test_tma_kernel_refuses_weights_it_cannot_describe(monkeypatch):
     # A strided weight view cannot be a [L * rows, K_dim] descriptor: forced through the knob, the
     # runner says why instead of reading the wrong bytes.
