@@ -103,9 +103,10 @@ CASES = {
 
 
 def _layer_rank(rank, world_size, case):
-    """The same layer call on the collective transport and on the NVLink one: identical outputs."""
+    """The same layer call on the collective transport and on the NVLink one: identical outputs, and
+    the same receive summary in the exchange handle (on the token put, made when first read)."""
     name, options = CASES[case]
-    outputs = {}
+    outputs, summaries = {}, {}
     for transport in ("nccl", "nvlink"):
         torch.manual_seed(0)
         layer = ep.EPMoE(12, 3, 32, 16, dispatcher=name, runner="torch",
@@ -114,13 +115,18 @@ def _layer_rank(rank, world_size, case):
         x = problem.xs[rank].float()
         with torch.no_grad(), xk.forced():
             outputs[transport] = [layer(x, problem.topk_ids[rank], problem.topk_weights[rank]) for _ in range(2)]
-    calls = pt.peer_transport(dist.group.WORLD, x.device, world_size, "nvlink").calls  # dispatch + combine, twice
-    return calls, all(torch.equal(a, b) for a, b in zip(outputs["nccl"], outputs["nvlink"]))
+            sent = layer.dispatcher.dispatch(x, ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+        exchange = getattr(sent.handle, "exchange", sent.handle)  # deepep_ll's handle holds the exchange's
+        summaries[transport] = (exchange.num_recv_tokens_per_expert_tensor.tolist(), int(exchange.num_recv_tokens),
+                                int(exchange.most_received))
+    calls = pt.peer_transport(dist.group.WORLD, x.device, world_size, "nvlink").calls  # 2 x (dispatch + combine) + 1
+    same = all(torch.equal(a, b) for a, b in zip(outputs["nccl"], outputs["nvlink"]))
+    return calls, same and summaries["nccl"] == summaries["nvlink"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_outputs_equal_the_collective_transport(case):
-    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(4, True)] * 3
+    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(5, True)] * 3
 
 
 def _token_put_rank(rank, world_size, encoding):
