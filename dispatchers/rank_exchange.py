@@ -31,7 +31,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -127,9 +127,7 @@ class ExchangeHandle:
     send_token: torch.Tensor
     send_rank: torch.Tensor  # [S]: destination rank of each sent row
     combine_index: torch.Tensor  # [T, R]: row of (token, rank) among the sent rows; S = not sent
-    # [L + 2] int32: pairs per local expert, rows received, most any rank receives; or a function that
-    # makes it when first read (the token put's, from its table: valid until the group's next exchange)
-    received: Union[torch.Tensor, Callable[[], torch.Tensor]]
+    received: torch.Tensor  # [L + 2] int32: pairs per local expert, rows received, most any rank receives
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
     num_recv_tokens_per_expert: Optional[list[int]] = None  # host plan only
@@ -156,20 +154,16 @@ class ExchangeHandle:
         return Layout(row[1:1 + R], row[1 + R:1 + R + E], in_rank)
 
     @functools.cached_property
-    def summary(self) -> torch.Tensor:
-        return self.received() if callable(self.received) else self.received
-
-    @functools.cached_property
     def num_recv_tokens_per_expert_tensor(self) -> torch.Tensor:
-        return self.summary[:-2]
+        return self.received[:-2]
 
     @functools.cached_property
     def num_recv_tokens(self) -> torch.Tensor:
-        return self.summary[-2]
+        return self.received[-2]
 
     @functools.cached_property
     def most_received(self) -> torch.Tensor:
-        return self.summary[-1]
+        return self.received[-1]
 
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
@@ -417,8 +411,8 @@ class RankExchange:
                     quant: Optional[QuantConfig]):
         """plan_and_send's by_token layout over the NVLink transport (None where it is not chosen or
         the region cannot grow now): the token put (PeerTransport.put_tokens: the layout, the rows and
-        the count rows straight into the peers' memory, then the signal); the summary, made from the table
-        that arrived with the rows when first read. The table is checked as a static plan's (deferred on CUDA; at once on
+        the count rows straight into the peers' memory, then the signal), the summary from the table
+        that arrived with the rows. The table is checked as a static plan's (deferred on CUDA; at once on
         CPU ranks or with EP_RUNTIME_SYNC_CHECKS), every rank raising the same error at the same call."""
         R, E, me = self.world_size, self.num_experts, self.rank
         peer = peer_transport(self.group, x.device, R, self.transport, puts=True)
@@ -443,9 +437,7 @@ class RankExchange:
         issued_at = time.monotonic()
         received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant, num_flags,
                                           in_rank, row, combine_index, send_token)
-        # made when first read: deepep_ll reads none of it (one kernel less per dispatch); the table is a view
-        # of the transport's region, valid until the group's next exchange, as the received rows are
-        summary = functools.partial(exchange_kernels.summarize, table, me, global_of)
+        summary = exchange_kernels.summarize(table, me, global_of)
         call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity)
         if defer:
             self._deferred.defer(table, call)

@@ -104,7 +104,8 @@ CASES = {
 
 def _layer_rank(rank, world_size, case):
     """The same layer call on the collective transport and on the NVLink one: identical outputs, and
-    the same receive summary in the exchange handle (on the token put, made when first read)."""
+    the same receive summary in a dispatch's exchange handle, read after a later exchange on the group
+    (the token put's table lives in the transport's region, which that exchange overwrites)."""
     name, options = CASES[case]
     outputs, summaries = {}, {}
     for transport in ("nccl", "nvlink"):
@@ -116,17 +117,19 @@ def _layer_rank(rank, world_size, case):
         with torch.no_grad(), xk.forced():
             outputs[transport] = [layer(x, problem.topk_ids[rank], problem.topk_weights[rank]) for _ in range(2)]
             sent = layer.dispatcher.dispatch(x, ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+            later = problem.topk_ids[rank][: 5 + rank].flip(0)  # other tokens, other counts
+            layer.dispatcher.dispatch(x[: 5 + rank], ep.TopKOutput(later, problem.topk_weights[rank][: 5 + rank]))
         exchange = getattr(sent.handle, "exchange", sent.handle)  # deepep_ll's handle holds the exchange's
         summaries[transport] = (exchange.num_recv_tokens_per_expert_tensor.tolist(), int(exchange.num_recv_tokens),
                                 int(exchange.most_received))
-    calls = pt.peer_transport(dist.group.WORLD, x.device, world_size, "nvlink").calls  # 2 x (dispatch + combine) + 1
+    calls = pt.peer_transport(dist.group.WORLD, x.device, world_size, "nvlink").calls  # 2 x (dispatch + combine) + 2
     same = all(torch.equal(a, b) for a, b in zip(outputs["nccl"], outputs["nvlink"]))
     return calls, same and summaries["nccl"] == summaries["nvlink"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_outputs_equal_the_collective_transport(case):
-    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(5, True)] * 3
+    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(6, True)] * 3
 
 
 def _token_put_rank(rank, world_size, encoding):
