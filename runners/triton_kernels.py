@@ -7,21 +7,22 @@ The sequence (runners/triton_runner.py strings it together; nothing else does):
                       one launch up to SINGLE_PROGRAM_MAX_PAIRS pairs (decode), four above
     grouped_gemm      GEMM 1 with the activation in its epilogue (FUSE_ACT, the default path): each program
                       computes a tile of gate columns and the same columns of up (interleaved in one
-                      weight tile, one dot) and writes a[p] = act(gate) * up (or act(h)) directly, so h
-                      never reaches memory
+                      weight tile, one dot) and writes a[s] = act(gate) * up (or act(h)) directly at
+                      the pair's sorted row s, so h never reaches memory
     -- or, when an after_gemm1 hook needs the raw GEMM 1 output --
     grouped_gemm      GEMM 1: h[p] = x[p // K] @ w13[e]^T (+ b13[e])  for every pair p in an expert's blocks
     act_and_mul       a[p] = act(gate) * up  (or act(h)); rows of filtered pairs are written as zeros
                       without being read (they hold whatever the allocator left there)
-    grouped_gemm      GEMM 2: o[p] = a[p] @ w2[e]^T (+ b2[e])
+    grouped_gemm      GEMM 2: o[p] = a[s] @ w2[e]^T (+ b2[e])  (a[p] on the hooked path)
     topk_reduce       y[t] = scale * sum_k w[t,k] * o[t*K+k] over computed pairs, in slot order k = 0..K-1
                       (deterministic: no atomics, the same sum on every run)
 
 No separate permute/unpermute: the row gather sits in GEMM 1's A loads, the scatter in GEMM 2's stores
 (o has one row per pair p = t*K + k). Between the GEMMs, a is in sorted order: row s belongs to the pair
 sorted_pair_ids[s] (each expert's rows contiguous, so GEMM 2's TMA kernels load a block's rows as one
-box); on the hooked path h and a have one row per pair, as the hooks see them. Both paths share one activation function (activate, also the masked runner's epilogue) and one GEMM kernel
-(FUSE_ACT is a constexpr).
+box); on the hooked path h and a have one row per pair, as the hooks see them. Both paths share one
+activation function (activate, also the masked runner's epilogue) and one GEMM kernel (FUSE_ACT is a
+constexpr).
 """
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Grouped GEMM kernels (GemmTiles.kernel): one tile computation, several ways of handing out tiles and
 # loading weights. "portable": one program per (row block, column tile), pointer loads (any GPU, the
 # interpreter). "persistent": one wave of programs (as many as the GPU holds at once) looping over the
-# same (row block, column tile) work items, pointer loads. "tma": "persistent" with the weight tiles loaded by TMA through a host-side tensor descriptor
-# (Hopper and newer; the rows of A are gathered by pair, which Hopper's TMA cannot, so they stay pointer
-# loads). "tma_stacked": "tma" with gated GEMM 1's gate and up tiles in one box and one dot.
+# same (row block, column tile) work items, pointer loads. "tma": "persistent" with the weight tiles loaded
+# by TMA through a host-side tensor descriptor (Hopper and newer), and A's rows too where they are in sorted
+# order (GEMM 2's, a_sorted); rows gathered by pair (GEMM 1's) stay pointer loads: Hopper's TMA has no row
+# gather. "tma_stacked": "tma" with gated GEMM 1's gate and up tiles in one box and one dot.
 GEMM_KERNELS = ("portable", "persistent", "tma", "tma_stacked")
 TMA_KERNELS = ("tma", "tma_stacked")
 # A kernel without a table of its own reads this one's before the shape's auto table (the same tiles fit).
@@ -233,11 +235,17 @@ class AlignedPairs:
     work_queue: Optional[torch.Tensor] = None
 
 
+def sorted_rows(num_pairs: int, num_local_experts: int, block_m: int) -> int:
+    """Length of AlignedPairs.sorted_pair_ids: every expert's pairs padded to a multiple of block_m (at
+    most one partial block per expert that has pairs), a static bound that reads nothing on the device."""
+    return (cdiv(num_pairs, block_m) + min(num_local_experts, num_pairs)) * block_m
+
+
 def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device: torch.device) -> AlignedPairs:
     """Every buffer align_pairs writes for this shape, carved from one allocation (one allocator call
     instead of six; a caller that keeps it across calls pays none)."""
     P, e_pad = num_pairs, next_power_of_2(num_local_experts + 1)
-    num_blocks = cdiv(P, block_m) + min(num_local_experts, P)
+    num_blocks = sorted_rows(P, num_local_experts, block_m) // block_m
     chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
     sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4), 2)
     # No pairs: nothing will write it, so used_blocks must already say 0 (zeros: a few ints)
@@ -780,10 +788,11 @@ def _grouped_gemm_persistent_kernel(
         tile = tl.atomic_add(work_queue_ptr, 1)
         while tile < num_tiles:
             _persistent_tile(
-                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
-                block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
-                stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
-                stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr,
+                sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am,
+                stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm,
+                stride_ask, stride_bse, stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha,
+                limit, ROWS_PER_A_ROW,
                 HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
                 PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
                 HAS_LIMIT, ONE_SCALE, B_DESC, STACKED, A_SORTED, A_DESC, OUT_SORTED)
@@ -794,10 +803,11 @@ def _grouped_gemm_persistent_kernel(
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
             _persistent_tile(
-                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr,
-                block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am, stride_ak, stride_be,
-                stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm, stride_ask, stride_bse,
-                stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit, ROWS_PER_A_ROW,
+                tile, num_blocks, num_n, a_ptr, a_desc, b_ptr, b_desc, bias_ptr, scale_ptr, out_ptr,
+                sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr, num_pairs, N, K_dim, stride_am,
+                stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on, stride_asm,
+                stride_ask, stride_bse, stride_bsn, stride_bsk, out_scale_ptr, stride_os, fp8_max, min_amax, alpha,
+                limit, ROWS_PER_A_ROW,
                 HAS_BIAS, HAS_SCALE, BLOCK_SCALED, SCALE_N, SCALE_K, QUANT_OUT, UE8M0, ROUND_FIRST, UPCAST,
                 PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
                 HAS_LIMIT, ONE_SCALE, B_DESC, STACKED, A_SORTED, A_DESC, OUT_SORTED)
@@ -901,14 +911,15 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     Block-scaled fp8 (a_scale and w_scale given): a and w float8_e4m3fn, a_scale [rows, ceil(K_dim/bk)]
     fp32 (one per row and bk channels), w_scale [L, ceil(N/bn), ceil(K_dim/bk)] fp32, (bn, bk) =
     scale_block; the product is a's and w's dequantized values, accumulated in fp32.
-    out_quant (with fuse_activation): out is fp8 and out_scale [num_pairs, ceil(I/group)] fp32 gets one
+    out_quant (with fuse_activation): out is fp8 and out_scale [out's rows, ceil(I/group)] fp32 gets one
     scale per pair and group: GEMM 2's w8a8 input quantized in the epilogue (a program's output columns
     are exactly one group), never rounded to 16 bits first.
 
-    a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N] (rows of filtered pairs are left untouched);
+    a [rows, K_dim]; w [L, N, K_dim]; out [num_pairs, N], or [sorted rows, N] with out_sorted (rows of
+    filtered pairs and padding are left untouched);
     bias [L, N] or None; scale [num_pairs] (or [N, K]) contiguous fp32, read by pair index, or None.
     fuse_activation ("silu", "gelu", "gelu_tanh") or None: GEMM 1 with act_and_mul's math in the epilogue;
-    w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [num_pairs, I], as act_and_mul
+    w [L, 2I, K_dim] ([gate; up]) when is_gated else [L, I, K_dim], out [.., I], as act_and_mul
     of the unfused output would give (but from the fp32 accumulator, not a rounded h).
     tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
     num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
@@ -922,6 +933,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     if out_sorted and out.shape[0] < sorted_rows:
         raise ValueError(f"out_sorted needs {sorted_rows} rows (aligned.sorted_pair_ids' length); out has "
                          f"{out.shape[0]}")
+    for name, scales, by_sorted in (("a_scale", a_scale, a_sorted), ("out_scale", out_scale, out_sorted)):
+        if by_sorted and scales is not None and scales.shape[0] < sorted_rows:
+            raise ValueError(f"{name} has {scales.shape[0]} rows; in sorted order it needs {sorted_rows} "
+                             "(aligned.sorted_pair_ids' length)")
     fuse = fuse_activation is not None
     two = fuse and is_gated
     if two:
@@ -986,7 +1001,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
             a_desc = _TensorDescriptor(a, [sorted_rows, K_dim], [a.stride(0), 1], [aligned.block_m, tiles.BLOCK_K])
     meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
                 DYNAMIC=tiles.dynamic, A_DESC=a_desc is not a)
-    call = (a, a_desc, w, b_desc, *args, aligned.used_blocks, aligned.work_queue if tiles.dynamic else aligned.used_blocks)
+    call = (a, a_desc, w, b_desc, *args, aligned.used_blocks,
+            aligned.work_queue if tiles.dynamic else aligned.used_blocks)
     if num_programs is None:
         num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
                                                                   (*call, num_tiles, *strides), meta, a.device)

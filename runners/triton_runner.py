@@ -9,7 +9,8 @@ that, so training with runner="triton" gives the torch runner's gradients.
 Quantized experts (fp8 block weights) take the same sequence as w8a8: the input rows are quantized per
 token and 128 channels by one fused kernel (or arrive quantized from an fp8 dispatch), both GEMMs are
 block-scaled fp8 (the same grouped GEMM kernel, BLOCK_SCALED), and GEMM 1's epilogue writes its
-activation output as fp8 with one scale per pair and 128 channels (QUANT_OUT), GEMM 2's input. Inference only (GEMM hooks: use runner="torch").
+activation output as fp8 with one scale per row and 128 channels (QUANT_OUT), GEMM 2's input. Inference
+only (GEMM hooks: use runner="torch").
 
 Each GEMM's kernel (portable, persistent, tma, tma_stacked: runners/triton_kernels.py) comes with its
 tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_GEMM_KERNEL.
@@ -90,9 +91,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     scale = weight if config.apply_router_weight_on_input else None
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
-    # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no kernel reads them.
-    # Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2 reads
-    # it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by pair.
+    # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no result depends on
+    # them. Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2
+    # reads it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by
+    # pair (a block's padding rows come along, uninitialized; their results are never stored).
     sorted_rows = not hooked
     make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, sorted_rows)
     aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),

@@ -122,11 +122,21 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
         x = torch.randn(T, H, device=dev, generator=gen)
         ids = torch.rand(T, L, device=dev, generator=gen).topk(K, dim=1).indices.to(torch.int32)
         mask = ExpertPlacement(L).local_mask_with_sink(dev)
-        # GEMM 1 as the runner runs it: gate and up in one tile, the activation in the epilogue, [P, I]
-        # out in sorted order (timed unfused, tma_stacked is tma and the tiles' register and epilogue
-        # costs differ: picks that measured slower in the runner's step); GEMM 2 reads sorted rows. Sized
-        # for the most sorted rows any BLOCK_M here has (align_workspace's count at the largest BLOCK_M).
-        rows = (kernels.cdiv(T * K, max(BLOCK_MS)) + min(L, T * K)) * max(BLOCK_MS)
+        # (BLOCK_M, GEMM 1 tiles, GEMM 2 tiles) to time, each GEMM alone
+        if candidates is not None:
+            runs = [(c.BLOCK_M, c.gemm1, c.gemm2) for c in candidates]
+            if gemm_kernels:
+                runs = [(m, dataclasses.replace(t1, kernel=k), dataclasses.replace(t2, kernel=k))
+                        for k in gemm_kernels for m, t1, t2 in runs]
+        else:
+            runs = [(m, t, t) for k in gemm_kernels for m, t in default_candidates(T, K, L, k, fp8)]
+        if fp8:  # one activation and one weight scale per K step
+            runs = [(m, t1, t2) for m, t1, t2 in runs if t1.BLOCK_K <= 128 and t2.BLOCK_K <= 128]
+        # GEMM 1 as the runner runs it: gate and up in one tile, the activation in the epilogue, its [rows,
+        # I] output in sorted order (timed unfused, tma_stacked is tma and the tiles' register and epilogue
+        # costs differ: picks that measured slower in the runner's step); GEMM 2 reads those rows. rows:
+        # the most sorted rows of any BLOCK_M timed.
+        rows = max((kernels.sorted_rows(T * K, L, m) for m, _, _ in runs), default=0)
         a = torch.randn(rows, I, device=dev, generator=gen)
         h = torch.empty(rows, I, dtype=dtype, device=dev)
         extra1, extra2 = dict(fuse_activation="silu", out_sorted=True), dict(a_sorted=True)
@@ -139,16 +149,6 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
         else:
             x, a = x.to(dtype), a.to(dtype)
             o = torch.empty(T * K, H, dtype=dtype, device=dev)
-        # (BLOCK_M, GEMM 1 tiles, GEMM 2 tiles) to time, each GEMM alone
-        if candidates is not None:
-            runs = [(c.BLOCK_M, c.gemm1, c.gemm2) for c in candidates]
-            if gemm_kernels:
-                runs = [(m, dataclasses.replace(t1, kernel=k), dataclasses.replace(t2, kernel=k))
-                        for k in gemm_kernels for m, t1, t2 in runs]
-        else:
-            runs = [(m, t, t) for k in gemm_kernels for m, t in default_candidates(T, K, L, k, fp8)]
-        if fp8:  # one activation and one weight scale per K step
-            runs = [(m, t1, t2) for m, t1, t2 in runs if t1.BLOCK_K <= 128 and t2.BLOCK_K <= 128]
         best1: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}  # (kernel, BLOCK_M) -> best
         best2: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}
         timed = set()

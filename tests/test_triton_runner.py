@@ -239,42 +239,66 @@ def test_persistent_kernels_match_float64_and_the_portable_kernel(kernel, dtype,
     assert int(aligned.used_blocks) == 0 and out.isnan().all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn],
+                         ids=["fp32", "fp16", "bf16", "fp8"])
 @pytest.mark.parametrize("kernel", kernels.GEMM_KERNELS)
-def test_gemms_in_sorted_order_equal_the_pair_indexed_gemms(kernel, dtype):
-    # The runner's default: GEMM 1 writes its fused output at sorted rows (out_sorted), GEMM 2 reads them
-    # there (a_sorted; under "tma"/"tma_stacked" one descriptor box per block, I = 40 not a multiple of
-    # BLOCK_K: the box's tail columns are zeros). Padding rows of the sorted buffer are poisoned with NaN:
-    # a box reads them, and only padding results (never stored) may see them. The same products as the
-    # pair-indexed path, so the same bits, and within tolerance of float64.
+def test_gemms_in_sorted_order_equal_the_pair_indexed_gemms(kernel, dtype, monkeypatch):
+    # The runner's default: GEMM 1 writes its fused output (fp8: and its scales) at sorted rows
+    # (out_sorted), GEMM 2 reads them there (a_sorted; under "tma"/"tma_stacked" one descriptor box per
+    # block, checked below, I = 48 not a multiple of BLOCK_K: the box's tail columns are zeros; bf16:
+    # upcast after the box under the interpreter). Padding rows of the sorted buffers are poisoned with
+    # NaN: a box reads them, and only padding results (never stored) may see them. The same products as
+    # the pair-indexed path, so the same bits; unquantized, within tolerance of float64 too.
+    from ep_runtime.quant import QuantConfig
+    described = []
+    real = kernels._TensorDescriptor
+    monkeypatch.setattr(kernels, "_TensorDescriptor", lambda t, *a: described.append(t.data_ptr()) or real(t, *a))
     gen = torch.Generator().manual_seed(11)
-    T, K, L, H, I = 13, 2, 3, 48, 40
-    tiles = kernels.GemmTiles(32, 32, 2, kernel=kernel)
-    x = torch.randn(T, H, generator=gen).to(dtype)
-    w13 = (torch.randn(L, 2 * I, H, generator=gen) * H ** -0.5).to(dtype)
-    w2 = (torch.randn(L, H, I, generator=gen) * I ** -0.5).to(dtype)
+    T, K, L, H, I = 13, 2, 3, 48, 48  # (fp8 weight rows of I bytes: 16-byte aligned for TMA)
+    fp8 = dtype == torch.float8_e4m3fn
+    tiles = kernels.GemmTiles(32, 128 if fp8 else 32, 2, kernel=kernel)
+    x = torch.randn(T, H, generator=gen)
+    w13 = torch.randn(L, 2 * I, H, generator=gen) * H ** -0.5
+    w2 = torch.randn(L, H, I, generator=gen) * I ** -0.5
     ids = torch.randint(0, L + 1, (T, K), generator=gen, dtype=torch.int32)  # L: the sink, filtered
     aligned = kernels.align_pairs(ids, torch.tensor([True] * L + [False]), 0, L, 16)
     rows = aligned.sorted_pair_ids.numel()
-    sorted_a = torch.full((rows, I), float("nan"), dtype=dtype)
-    kernels.grouped_gemm(x, w13, sorted_a, aligned, tiles, K, interpreted=True, fuse_activation="silu",
-                         out_sorted=True)
-    out = torch.full((T * K, H), float("nan"), dtype=dtype)
-    kernels.grouped_gemm(sorted_a, w2, out, aligned, tiles, 1, interpreted=True, a_sorted=True)
-    pair_a = torch.full((T * K, I), float("nan"), dtype=dtype)
-    kernels.grouped_gemm(x, w13, pair_a, aligned, tiles, K, interpreted=True, fuse_activation="silu")
-    pair_out = torch.full_like(out, float("nan"))
-    kernels.grouped_gemm(pair_a, w2, pair_out, aligned, tiles, 1, interpreted=True)
+    assert rows == kernels.sorted_rows(T * K, L, 16)
+    quant = QuantConfig() if fp8 else None
+    if fp8:
+        (x, x_s), (w13, s13), (w2, s2) = quant.quantize_activation(x), quant.quantize_weight(w13), quant.quantize_weight(w2)
+    else:
+        x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    out_dtype = torch.bfloat16 if fp8 else dtype
+
+    def gemms(sorted_):
+        a = torch.full((rows if sorted_ else T * K, I), float("nan")).to(dtype)  # (NaN as fp8 too)
+        kw1 = dict(fuse_activation="silu", out_sorted=sorted_)
+        kw2 = dict(a_sorted=sorted_)
+        if fp8:
+            a_s = torch.full((a.shape[0], quant.num_groups(I)), float("nan"))
+            kw1.update(a_scale=x_s, w_scale=s13, out_quant=quant, out_scale=a_s)
+            kw2.update(a_scale=a_s, w_scale=s2)
+        kernels.grouped_gemm(x, w13, a, aligned, tiles, K, interpreted=True, **kw1)
+        out = torch.full((T * K, H), float("nan"), dtype=out_dtype)
+        kernels.grouped_gemm(a, w2, out, aligned, tiles, 1, interpreted=True, **kw2)
+        return a, out
+
+    described.clear()
+    sorted_a, out = gemms(True)
+    assert (kernel in kernels.TMA_KERNELS) == (sorted_a.data_ptr() in described)  # GEMM 2's rows by TMA box
+    pair_a, pair_out = gemms(False)
     slots = aligned.sorted_pair_ids.long()
-    real = slots < T * K
-    assert torch.equal(sorted_a[real], pair_a[slots[real]])  # each pair's row at its sorted place
-    assert sorted_a[~real].isnan().all()  # padding rows never written
+    real_rows = slots < T * K
+    assert torch.equal(sorted_a[real_rows].view(torch.uint8), pair_a[slots[real_rows]].view(torch.uint8))
+    assert sorted_a[~real_rows].float().isnan().all()  # padding rows never written
     pair = aligned.computed.nonzero().squeeze(1)
     assert torch.equal(out[pair], pair_out[pair]) and out[~aligned.computed].isnan().all()
-    e = ids.reshape(-1)[pair].long()
-    h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w13.double()[e])
-    ref = torch.einsum("pi,phi->ph", _act_reference(h, I), w2.double()[e])
-    assert rel_err(out[pair], ref) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    if not fp8:
+        e = ids.reshape(-1)[pair].long()
+        h = torch.einsum("ph,pnh->pn", x.double()[pair // K], w13.double()[e])
+        ref = torch.einsum("pi,phi->ph", _act_reference(h, I), w2.double()[e])
+        assert rel_err(out[pair], ref) <= {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
     with pytest.raises(ValueError, match=f"a_sorted needs rows_per_a_row=1 .* and {rows} rows"):
         kernels.grouped_gemm(pair_a, w2, out, aligned, tiles, 1, interpreted=True, a_sorted=True)
 
