@@ -926,16 +926,16 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     wave: SMs x resident programs per SM; 3 in the interpreter); with tiles.dynamic they take work items
     from aligned.work_queue as they free up."""
     N, K_dim = w.shape[1], w.shape[2]
-    sorted_rows = aligned.sorted_pair_ids.numel()
-    if a_sorted and (rows_per_a_row != 1 or a.shape[0] < sorted_rows):
-        raise ValueError(f"a_sorted needs rows_per_a_row=1 (got {rows_per_a_row}) and {sorted_rows} rows "
+    num_sorted = aligned.sorted_pair_ids.numel()
+    if a_sorted and (rows_per_a_row != 1 or a.shape[0] < num_sorted):
+        raise ValueError(f"a_sorted needs rows_per_a_row=1 (got {rows_per_a_row}) and {num_sorted} rows "
                          f"(aligned.sorted_pair_ids' length); a has {a.shape[0]}")
-    if out_sorted and out.shape[0] < sorted_rows:
-        raise ValueError(f"out_sorted needs {sorted_rows} rows (aligned.sorted_pair_ids' length); out has "
+    if out_sorted and out.shape[0] < num_sorted:
+        raise ValueError(f"out_sorted needs {num_sorted} rows (aligned.sorted_pair_ids' length); out has "
                          f"{out.shape[0]}")
     for name, scales, by_sorted in (("a_scale", a_scale, a_sorted), ("out_scale", out_scale, out_sorted)):
-        if by_sorted and scales is not None and scales.shape[0] < sorted_rows:
-            raise ValueError(f"{name} has {scales.shape[0]} rows; in sorted order it needs {sorted_rows} "
+        if by_sorted and scales is not None and scales.shape[0] < num_sorted:
+            raise ValueError(f"{name} has {scales.shape[0]} rows; in sorted order it needs {num_sorted} "
                              "(aligned.sorted_pair_ids' length)")
     fuse = fuse_activation is not None
     two = fuse and is_gated
@@ -998,7 +998,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         else:
             b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
         if a_sorted and _describable(a):
-            a_desc = _TensorDescriptor(a, [sorted_rows, K_dim], [a.stride(0), 1], [aligned.block_m, tiles.BLOCK_K])
+            a_desc = _TensorDescriptor(a, [num_sorted, K_dim], [a.stride(0), 1], [aligned.block_m, tiles.BLOCK_K])
     meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
                 DYNAMIC=tiles.dynamic, A_DESC=a_desc is not a)
     call = (a, a_desc, w, b_desc, *args, aligned.used_blocks,

@@ -95,8 +95,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     # them. Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2
     # reads it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by
     # pair (a block's padding rows come along, uninitialized; their results are never stored).
-    sorted_rows = not hooked
-    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, sorted_rows)
+    in_sorted_order = not hooked
+    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order)
     aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),
                                                                 x.device, make)
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned)
@@ -110,7 +110,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
                              scale=scale, interpreted=interp, fuse_activation=config.activation,
                              is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
-                             gemm1_clamp_limit=config.gemm1_clamp_limit, out_sorted=sorted_rows, **fp8)
+                             gemm1_clamp_limit=config.gemm1_clamp_limit, out_sorted=in_sorted_order, **fp8)
     else:
         # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
         h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
@@ -125,7 +125,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if quant is not None:
         fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                         interpreted=interp, a_sorted=sorted_rows, **fp8)
+                         interpreted=interp, a_sorted=in_sorted_order, **fp8)
     if hooks.after_gemm2 is not None:
         _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
@@ -133,12 +133,12 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
 
 
 def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
-             device: torch.device, sorted_rows: bool) -> tuple:
+             device: torch.device, in_sorted_order: bool) -> tuple:
     """fused_forward's buffers other than its result: (aligned pairs, GEMM 1's output a [rows, I] (fp8 with
     quant), a's scales [rows, I/group] fp32 or None, GEMM 2's output o [P, H]); rows: one per sorted row of
-    the aligned pairs (sorted_rows) or per pair."""
+    the aligned pairs (in_sorted_order) or per pair."""
     aligned = kernels.align_workspace(P, L, block_m, device)
-    rows = aligned.sorted_pair_ids.numel() if sorted_rows else P
+    rows = aligned.sorted_pair_ids.numel() if in_sorted_order else P
     a_scale = None if quant is None else torch.empty(rows, quant.num_groups(I), dtype=torch.float32, device=device)
     return (aligned, torch.empty(rows, I, dtype=out_dtype if quant is None else quant.dtype, device=device), a_scale,
             torch.empty(P, H, dtype=out_dtype, device=device))
