@@ -873,7 +873,7 @@ def _gemm_meta(rows_per_a_row: int, has_bias: bool, has_scale: bool, scaled: boo
                quant_out_ue8m0: Optional[bool], interpreted: bool, upcast: bool, precision: Optional[str],
                even_k: bool, block_m: int, block_n: int, tiles: GemmTiles, fuse_activation: Optional[str],
                is_gated: bool, gemm1_alpha: Optional[float], gemm1_clamp_limit: Optional[float],
-               one_scale: bool) -> dict:
+               one_scale: bool, a_sorted: bool, out_sorted: bool) -> dict:
     """The grouped GEMM kernels' constexprs and launch options, built once per combination (a dict of
     ~25 entries per launch is host time at decode sizes). Shared: callers copy before changing it.
     quant_out_ue8m0: None without QUANT_OUT, else whether its scales are UE8M0."""
@@ -887,7 +887,8 @@ def _gemm_meta(rows_per_a_row: int, has_bias: bool, has_scale: bool, scaled: boo
         FUSE_ACT=fuse_activation is not None,
         **(activation_args(fuse_activation, is_gated, gemm1_alpha, gemm1_clamp_limit) if fuse_activation is not None
            else activation_args("silu", is_gated, None, None)),
-        ONE_SCALE=one_scale, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        ONE_SCALE=one_scale, A_SORTED=a_sorted, OUT_SORTED=out_sorted, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
@@ -980,8 +981,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     meta = _gemm_meta(rows_per_a_row, bias is not None, scale is not None, scaled, scale_block,
                       None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
                       K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
-                      gemm1_alpha, gemm1_clamp_limit, one_scale)
-    meta = dict(meta, A_SORTED=a_sorted, OUT_SORTED=out_sorted)
+                      gemm1_alpha, gemm1_clamp_limit, one_scale, a_sorted, out_sorted)
     if tiles.kernel == "portable":
         _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
         return out
