@@ -229,6 +229,9 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
         assert r["local_experts"] == 8 and r["pairs"] == r["tokens_per_rank"] * 4
     torch_rows = [r for r in runner_rows if r["impl"] == "torch"]
     assert all(r["speedup_vs_torch"] == 1.0 for r in torch_rows)
+    # Every unquantized runner row was timed interleaved with the raw baseline; the baseline's own row was not.
+    assert all(_finite_positive(r["speedup_vs_raw"]) for r in torch_rows)
+    assert all(r["speedup_vs_raw"] is None for r in runner_rows if r["impl"] == "grouped_mm (raw)")
     assert {r["impl"] for r in data["roofline"]} == {"copy", "matmul"}
     md = out_md.read_text()
     assert "| E | K | H |" in md and "| host us |" in md

@@ -57,14 +57,16 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("roofline: this device, same run (copy GB/s counts read + write)", header, rows))
     if results.runner:
         header = ["E", "K", "H", "I", "L", "T/rank", "pairs", "runner", "format", "mode", "median us", "p10 us",
-                  "p90 us", "host us", "TFLOP/s", "weights GB/s", "% roof", "vs torch"]
+                  "p90 us", "host us", "TFLOP/s", "weights GB/s", "% roof", "vs torch", "vs raw"]
         rows = [[str(r["num_experts"]), str(r["top_k"]), str(r["hidden_size"]), str(r["intermediate_size"]),
                  str(r["local_experts"]), str(r["tokens_per_rank"]), _fmt(r["pairs"], 0), r["impl"],
                  r.get("format", "-"), r.get("mode", "-"), _fmt(r["median_us"]), _fmt(r["p10_us"]),
                  _fmt(r["p90_us"]), _fmt(r.get("host_us")), _rate(r["tflops"]), _rate(r["weight_gbps"]),
-                 _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2)] for r in results.runner]
+                 _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2), _fmt(r["speedup_vs_raw"], 3)]
+                for r in results.runner]
         out.append((f"runner: one rank, {results.runner[0]['dtype']}; L local experts, T*K pairs; % roof = the "
-                    "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's", header, rows))
+                    "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's; vs raw = the "
+                    f"{RAW_BASELINE} baseline's median over the row's, the two timed interleaved", header, rows))
     if results.eplb:
         header = ["E", "K", "H", "T/rank", "routing", "dispatcher", "runner", "layer", "median us", "p10 us",
                   "p90 us", "host us", "max/mean", "vs no copies"]

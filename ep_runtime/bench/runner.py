@@ -7,7 +7,9 @@ placement).run(dispatch_output, weights)` is timed, for each format in --runner-
 that does not run is listed under skipped). Beside them, in the same run: the device's roofline
 (copy bandwidth and a dense matmul) and a raw baseline, `torch._grouped_mm` for both GEMMs plus the
 activation on rows already grouped by expert (no permutation, no weighting: what a user would
-write instead of fused kernels). FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
+write instead of fused kernels); each unquantized runner row is also timed interleaved with it, call
+for call, and its `vs raw` is the baseline's median over the row's from those interleaved repeats (the
+standalone raw row is timed on its own). FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
 bytes: the expert weights of every expert that received >= 1 pair, read once.
 
 --fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
@@ -26,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
-from .timing import Stats, measure, measure_cuda_graph
+from .timing import Stats, capture_graphs, measure, measure_interleaved
 
 RAW_BASELINE = "grouped_mm (raw)"
 FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)")
@@ -105,19 +107,24 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 touched = statistics.fmean(p[3] for p in problems)
 
                 def row(impl: str, fmt: str, mode: str, stats: Stats, expert_bytes: float = weight_bytes_per_expert,
-                        row_dtype: str = dtype_name(dtype)) -> dict:
+                        row_dtype: str = dtype_name(dtype), raw_stats: Optional[Stats] = None) -> dict:
                     seconds = stats.median_us * 1e-6
                     tflops = pairs * flops_per_pair / seconds / 1e12
                     gbps = touched * expert_bytes / seconds / 1e9
                     roof = max(tflops / peak["matmul"]["tflops"], gbps / peak["copy"]["gbps"]) if peak else None
                     return dict(impl=impl, format=fmt, mode=mode, **shape, dtype=row_dtype, pairs=pairs,
                                 experts_touched=touched, tflops=tflops, weight_gbps=gbps,
-                                pct_roofline=None if roof is None else 100 * roof, **asdict(stats))
+                                pct_roofline=None if roof is None else 100 * roof, **asdict(stats),
+                                speedup_vs_raw=None if raw_stats is None else raw_stats.median_us / stats.median_us)
 
                 def skip(impl: str, err: BaseException, what: str = "") -> None:
                     results.skipped.append(dict(suite="runner", impl=impl, **shape, reason=what + reason(err)))
 
+                # Every unquantized row is timed interleaved with the raw baseline (vs raw): drift during the
+                # run (clocks, temperature) moves both sides of that ratio alike.
+                raw_run = _try(lambda: _grouped_mm_call(problems, weights, config))
                 for suffix, run_weights, expert_bytes, run_names, run_formats in variants:
+                    paired = None if suffix or isinstance(raw_run, Exception) else raw_run
                     for fmt, disp in run_formats.items():
                         outs = _dispatch_all(disp, problems)
                         for name in run_names:
@@ -129,16 +136,16 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                                 continue
                             run = _runner_call(backends[name], config, disp, outs, run_weights)
                             for mode in modes:
-                                stats = _try(lambda: _time(run, mode, len(outs), timing))
-                                if isinstance(stats, Exception):
-                                    skip(impl, stats, f"{fmt} {mode}: ")
+                                timed = _try(lambda: _time(run, mode, len(outs), timing, paired))
+                                if isinstance(timed, Exception):
+                                    skip(impl, timed, f"{fmt} {mode}: ")
                                     if mode == "eager":
                                         break
                                     continue
-                                results.runner.append(row(impl, fmt, mode, stats, expert_bytes,
-                                                          "fp8_e4m3" if suffix else dtype_name(dtype)))
+                                results.runner.append(row(impl, fmt, mode, timed[0], expert_bytes,
+                                                          "fp8_e4m3" if suffix else dtype_name(dtype), timed[1]))
                 bar.step(f"{RAW_BASELINE} T={T}")
-                stats = _try(lambda: _time_grouped_mm(problems, weights, config, timing))
+                stats = raw_run if isinstance(raw_run, Exception) else _try(lambda: measure(raw_run, **timing))
                 if isinstance(stats, Exception):
                     skip(RAW_BASELINE, stats)
                 else:
@@ -182,20 +189,28 @@ def _runner_call(backend, config, disp, outs: list, weights) -> Callable[[int], 
 
 
 @torch.no_grad()
-def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict) -> Stats:
-    if mode == "eager":
-        return measure(run, **timing)
-    try:
-        return measure_cuda_graph(run, rotate=rotate, **timing)
-    except Exception:
-        torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
-        raise
+def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict,
+          paired: Optional[Callable[[int], Any]] = None) -> tuple[Stats, Optional[Stats]]:
+    """(stats of run in `mode`, stats of `paired` timed interleaved with it, or None without one)."""
+    if mode == "graph":
+        try:
+            graphs, _ = capture_graphs(run, rotate, timing["device"])
+        except Exception:
+            torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
+            raise
+        run = lambda i: graphs[i % rotate].replay()  # noqa: E731
+    if paired is None:
+        stats, paired_stats = measure(run, **timing), None
+    else:
+        stats, paired_stats = measure_interleaved((run, paired), **timing)
+    stats.method = "cuda_graph" if mode == "graph" else stats.method
+    return stats, paired_stats
 
 
 @torch.no_grad()
-def _time_grouped_mm(problems, weights, config, timing: dict) -> Stats:
-    """Both GEMMs with torch._grouped_mm plus the activation, on each input's (token, expert) pairs
-    already grouped by expert (the grouping is untimed)."""
+def _grouped_mm_call(problems, weights, config) -> Callable[[int], Any]:
+    """run(i): both GEMMs with torch._grouped_mm plus the activation, on rotated input i's (token, expert)
+    pairs already grouped by expert (the grouping is done here, untimed)."""
     if not hasattr(torch, "_grouped_mm"):
         raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm")
     from ..runners.torch_runner import activate
@@ -203,12 +218,13 @@ def _time_grouped_mm(problems, weights, config, timing: dict) -> Stats:
     w13_t, w2_t = weights.w13.transpose(1, 2), weights.w2.transpose(1, 2)  # [L, H, 2I], [L, I, H]
     grouped = _grouped_rows(problems, weights.w13.shape[0])
 
+    @torch.no_grad()
     def run(i):
         rows, offsets = grouped[i % len(grouped)]
         h = torch._grouped_mm(rows, w13_t, offs=offsets)
         return torch._grouped_mm(activate(h, config), w2_t, offs=offsets)
 
-    return measure(run, **timing)
+    return run
 
 
 def _fp8_setup(weights, config, group, formats: list, plain: dict):
@@ -247,7 +263,7 @@ def _grouped_rows(problems, num_local_experts: int) -> list:
 
 @torch.no_grad()
 def _time_dequant_grouped_mm(problems, fp8_weights, config, timing: dict) -> Stats:
-    """The fp8 experts dequantized to the tokens' dtype on every call, then _time_grouped_mm's GEMMs."""
+    """The fp8 experts dequantized to the tokens' dtype on every call, then _grouped_mm_call's GEMMs."""
     from ..runners.torch_runner import activate
 
     quant = fp8_weights.quant
