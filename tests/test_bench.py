@@ -48,6 +48,28 @@ def test_measure_interleaved_alternates_the_functions_and_times_each():
     assert _within(fast.median_us, 0.01) and _within(slow.median_us, 0.03), (fast, slow)
 
 
+def test_measure_interleaved_in_blocks_times_each_call():
+    """calls=3: a repeat is three back-to-back calls of one function (arguments keep counting), and the
+    times are per call."""
+    calls = []
+    fast, slow = bench.measure_interleaved((lambda i: (calls.append(("fast", i)), time.sleep(0.01)),
+                                            lambda i: (calls.append(("slow", i)), time.sleep(0.03))),
+                                           repeats=2, warmup=1, device=CPU, calls=3)
+    assert calls == [(name, 3 * r + j) for r in range(3) for name in ("fast", "slow") for j in range(3)]
+    assert fast.repeats == slow.repeats == 2
+    assert _within(fast.median_us, 0.01) and _within(slow.median_us, 0.03), (fast, slow)
+    with pytest.raises(ValueError, match="calls=0"):
+        bench.measure_interleaved((lambda i: None,), repeats=1, warmup=0, device=CPU, calls=0)
+
+
+def test_vs_raw_is_the_baselines_time_over_the_rows_from_paired_blocks():
+    from ep_runtime.bench.runner import _time
+    stats, vs_raw = _time(lambda i: time.sleep(0.01), "eager", 1, dict(repeats=2, warmup=0, device=CPU, group=None),
+                          paired=lambda i: time.sleep(0.03))
+    assert _within(stats.median_us, 0.01) and abs(vs_raw - 3.0) < 0.3, (stats, vs_raw)
+    assert _time(lambda i: None, "eager", 1, dict(repeats=1, warmup=0, device=CPU, group=None))[1] is None
+
+
 def _slow_rank_one(rank, world_size):
     import torch.distributed as dist
     stats = bench.measure(lambda i: time.sleep(0.04 if rank == 1 else 0.01), repeats=5, warmup=1,

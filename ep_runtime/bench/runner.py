@@ -7,9 +7,10 @@ placement).run(dispatch_output, weights)` is timed, for each format in --runner-
 that does not run is listed under skipped). Beside them, in the same run: the device's roofline
 (copy bandwidth and a dense matmul) and a raw baseline, `torch._grouped_mm` for both GEMMs plus the
 activation on rows already grouped by expert (no permutation, no weighting: what a user would
-write instead of fused kernels); each unquantized runner row is also timed interleaved with it, call
-for call, and its `vs raw` is the baseline's median over the row's from those interleaved repeats (the
-standalone raw row is timed on its own). FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
+write instead of fused kernels). Each unquantized runner row of the last mode (graph replay where timed)
+is timed once more interleaved with that baseline, in blocks of PAIRED_CALLS calls (`measure_interleaved`),
+and `vs raw` is the baseline's median per call over the row's from those repeats; the rows' own times
+and the standalone raw row are timed on their own. FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
 bytes: the expert weights of every expert that received >= 1 pair, read once.
 
 --fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
@@ -33,6 +34,10 @@ from .timing import Stats, capture_graphs, measure, measure_interleaved
 RAW_BASELINE = "grouped_mm (raw)"
 FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)")
 FP8 = " fp8"
+# Back-to-back calls per repeat when a row is timed interleaved with the raw baseline: one call of either
+# side leaves the GPU hot for the next (measured: the raw GEMMs ran ~8% slower right after our step than
+# on their own), so single alternating calls would skew the ratio; in a block of 8 that carry-over is 1/8.
+PAIRED_CALLS = 8
 # Roofline sizes: elements copied (read + write) and the square matmul's side, per device type.
 _ROOFLINE_SIZES = {"cuda": (1 << 30, 8192), "cpu": (1 << 22, 512)}
 
@@ -107,7 +112,7 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 touched = statistics.fmean(p[3] for p in problems)
 
                 def row(impl: str, fmt: str, mode: str, stats: Stats, expert_bytes: float = weight_bytes_per_expert,
-                        row_dtype: str = dtype_name(dtype), raw_stats: Optional[Stats] = None) -> dict:
+                        row_dtype: str = dtype_name(dtype), vs_raw: Optional[float] = None) -> dict:
                     seconds = stats.median_us * 1e-6
                     tflops = pairs * flops_per_pair / seconds / 1e12
                     gbps = touched * expert_bytes / seconds / 1e9
@@ -115,13 +120,14 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                     return dict(impl=impl, format=fmt, mode=mode, **shape, dtype=row_dtype, pairs=pairs,
                                 experts_touched=touched, tflops=tflops, weight_gbps=gbps,
                                 pct_roofline=None if roof is None else 100 * roof, **asdict(stats),
-                                speedup_vs_raw=None if raw_stats is None else raw_stats.median_us / stats.median_us)
+                                speedup_vs_raw=vs_raw)
 
                 def skip(impl: str, err: BaseException, what: str = "") -> None:
                     results.skipped.append(dict(suite="runner", impl=impl, **shape, reason=what + reason(err)))
 
-                # Every unquantized row is timed interleaved with the raw baseline (vs raw): drift during the
-                # run (clocks, temperature) moves both sides of that ratio alike.
+                # The unquantized rows of the last mode (graph replay where timed) are also timed interleaved
+                # with the raw baseline (vs raw): drift during the run (clocks, temperature) moves both sides
+                # of that ratio alike.
                 raw_run = _try(lambda: _grouped_mm_call(problems, weights, config))
                 for suffix, run_weights, expert_bytes, run_names, run_formats in variants:
                     paired = None if suffix or isinstance(raw_run, Exception) else raw_run
@@ -136,7 +142,8 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                                 continue
                             run = _runner_call(backends[name], config, disp, outs, run_weights)
                             for mode in modes:
-                                timed = _try(lambda: _time(run, mode, len(outs), timing, paired))
+                                timed = _try(lambda: _time(run, mode, len(outs), timing,
+                                                           paired if mode == modes[-1] else None))
                                 if isinstance(timed, Exception):
                                     skip(impl, timed, f"{fmt} {mode}: ")
                                     if mode == "eager":
@@ -190,8 +197,9 @@ def _runner_call(backend, config, disp, outs: list, weights) -> Callable[[int], 
 
 @torch.no_grad()
 def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict,
-          paired: Optional[Callable[[int], Any]] = None) -> tuple[Stats, Optional[Stats]]:
-    """(stats of run in `mode`, stats of `paired` timed interleaved with it, or None without one)."""
+          paired: Optional[Callable[[int], Any]] = None) -> tuple[Stats, Optional[float]]:
+    """(stats of run in `mode`; with `paired`, paired's median over run's when the two are timed
+    interleaved in blocks of PAIRED_CALLS, else None)."""
     if mode == "graph":
         try:
             graphs, _ = capture_graphs(run, rotate, timing["device"])
@@ -199,12 +207,12 @@ def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict,
             torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
             raise
         run = lambda i: graphs[i % rotate].replay()  # noqa: E731
-    if paired is None:
-        stats, paired_stats = measure(run, **timing), None
-    else:
-        stats, paired_stats = measure_interleaved((run, paired), **timing)
+    stats, ratio = measure(run, **timing), None
+    if paired is not None:
+        ours, theirs = measure_interleaved((run, paired), calls=PAIRED_CALLS, host=False, **timing)
+        ratio = theirs.median_us / ours.median_us
     stats.method = "cuda_graph" if mode == "graph" else stats.method
-    return stats, paired_stats
+    return stats, ratio
 
 
 @torch.no_grad()

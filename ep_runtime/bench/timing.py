@@ -66,21 +66,35 @@ def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torc
 
 
 def measure_interleaved(fns: Sequence[Callable[[Any], Any]], *, repeats: int, warmup: int, device: torch.device,
-                        group: Optional[Any] = None) -> list[Stats]:
+                        group: Optional[Any] = None, calls: int = 1, host: bool = True) -> list[Stats]:
     """measure() of several functions whose repeats alternate (a, b, a, b, ...), each fn getting
     arguments 0, 1, 2, ... as with measure: a comparison of them is not skewed by what drifts during a
-    run (clocks, temperature), as timing one after the other would be."""
+    run (clocks, temperature), as timing one after the other would be.
+
+    calls: each repeat is that many back-to-back calls of one fn, timed together (the Stats are per
+    call). What one fn leaves behind (a hot, power-capped GPU after a long kernel) slows the next fn's
+    first call; in a block of calls that carry-over weighs 1/calls, and the block runs as a layer
+    stack does, under sustained load. host=False skips the host-time repeats (host_us is then the
+    device time's median)."""
     n = len(fns)
-    seconds, host_seconds = _samples(lambda i: fns[i % n](i // n), n * repeats, n * warmup, device, None, None,
-                                     group)
+    if calls < 1:
+        raise ValueError(f"calls={calls} must be >= 1")
+
+    def block(i):
+        first = i // n * calls
+        return [fns[i % n](first + j) for j in range(calls)]
+
+    seconds, host_seconds = _samples(block, n * repeats, n * warmup, device, None, None, group, host)
     method = "cuda_events" if device.type == "cuda" else "wall"
-    return [Stats.from_seconds(seconds[k::n], method, host_seconds[k::n] if host_seconds else None)
+    per_call = lambda values: [v / calls for v in values]  # noqa: E731
+    return [Stats.from_seconds(per_call(seconds[k::n]), method, per_call(host_seconds[k::n]) if host_seconds else None)
             for k in range(n)]
 
 
-def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardown, group
+def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardown, group, host: bool = True
              ) -> tuple[list[float], Optional[list[float]]]:
-    """(seconds of each timed repeat, host seconds of each host repeat or None off CUDA); see measure."""
+    """(seconds of each timed repeat, host seconds of each host repeat or None off CUDA or without host);
+    see measure."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     cuda = device.type == "cuda"
@@ -115,9 +129,10 @@ def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardow
     if cuda:
         sync()
         seconds = [start.elapsed_time(end) * 1e-3 for start, end in events]
-        host_seconds = timed_calls(warmup + repeats, repeats, None)  # the repeat index keeps rotating
-        sync()
-        host_seconds = max_over_group(host_seconds, group, device)
+        if host:
+            host_seconds = timed_calls(warmup + repeats, repeats, None)  # the repeat index keeps rotating
+            sync()
+            host_seconds = max_over_group(host_seconds, group, device)
     return max_over_group(seconds, group, device), host_seconds
 
 
