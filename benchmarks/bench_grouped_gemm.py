@@ -29,7 +29,7 @@ import traceback
 import torch
 import triton
 
-from ep_runtime.bench.runner import _matmul_rate, _time_grouped_mm
+from ep_runtime.bench.runner import _grouped_mm_call, _matmul_rate
 from ep_runtime.bench.timing import measure
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import rel_err
@@ -141,8 +141,8 @@ def _run_row(row: dict, case: dict, cfg, rows: list, timing: dict) -> None:
     flops = 2 * 3 * H * I * T * K
     with torch.inference_mode():
         if cfg is None:
-            stats = _time_grouped_mm([(x, TopKOutput(ids, weights))], ExpertWeights(w13, w2), MoeConfig(L, K, H, I),
-                                    timing)
+            stats = measure(_grouped_mm_call([(x, TopKOutput(ids, weights))], ExpertWeights(w13, w2),
+                                             MoeConfig(L, K, H, I)), **timing)
             row["check"] = "-"
         else:
             y = fused_experts(x, w13, w2, ids, weights, block_config=cfg)

@@ -194,6 +194,24 @@ def test_a_pair_that_does_not_run_is_skipped_with_its_format():
     assert any("deepep_ll" in s["reason"] and "200" in s["reason"] for s in deepep_ll_over_capacity.skipped)
 
 
+def test_a_baseline_that_cannot_run_leaves_the_runner_rows(monkeypatch):
+    """torch._grouped_mm failing here: the raw row is listed as skipped, every runner row stays (with no
+    vs raw), and fp8 rows are never paired with the unquantized baseline."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no grouped GEMM on this device")
+
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    results = bench.runner_suite(_tiny_settings(runners=["torch"], runner_formats=["standard"], fp8=True), CPU,
+                                 ep_size=1, progress=False)
+    assert [(r["impl"], r["speedup_vs_raw"]) for r in results.runner] == [("torch", None), ("torch fp8", None)]
+    assert any(s["impl"] == "grouped_mm (raw)" and "no grouped GEMM" in s["reason"] for s in results.skipped)
+    monkeypatch.undo()
+    paired = bench.runner_suite(_tiny_settings(runners=["torch"], runner_formats=["standard"], fp8=True), CPU,
+                                ep_size=1, progress=False)
+    vs = {r["impl"]: r["speedup_vs_raw"] for r in paired.runner}
+    assert _finite_positive(vs["torch"]) and vs["torch fp8"] is None and vs["grouped_mm (raw)"] is None
+
+
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 

@@ -62,11 +62,12 @@ def tables(results: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                  str(r["local_experts"]), str(r["tokens_per_rank"]), _fmt(r["pairs"], 0), r["impl"],
                  r.get("format", "-"), r.get("mode", "-"), _fmt(r["median_us"]), _fmt(r["p10_us"]),
                  _fmt(r["p90_us"]), _fmt(r.get("host_us")), _rate(r["tflops"]), _rate(r["weight_gbps"]),
-                 _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2), _fmt(r["speedup_vs_raw"], 3)]
+                 _fmt(r.get("pct_roofline"), 0), _fmt(r["speedup_vs_torch"], 2), _fmt(r.get("speedup_vs_raw"), 2)]
                 for r in results.runner]
         out.append((f"runner: one rank, {results.runner[0]['dtype']}; L local experts, T*K pairs; % roof = the "
-                    "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's; vs raw = the "
-                    f"{RAW_BASELINE} baseline's median over the row's, the two timed interleaved", header, rows))
+                    "nearer of TFLOP/s over the matmul's and weights GB/s over the copy's; vs raw (unquantized rows of "
+                    f"the last mode) = the {RAW_BASELINE} baseline's time per call over the row's, both run in "
+                    "the row's mode and timed interleaved in blocks of back-to-back calls", header, rows))
     if results.eplb:
         header = ["E", "K", "H", "T/rank", "routing", "dispatcher", "runner", "layer", "median us", "p10 us",
                   "p90 us", "host us", "max/mean", "vs no copies"]

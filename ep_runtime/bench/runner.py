@@ -7,10 +7,11 @@ placement).run(dispatch_output, weights)` is timed, for each format in --runner-
 that does not run is listed under skipped). Beside them, in the same run: the device's roofline
 (copy bandwidth and a dense matmul) and a raw baseline, `torch._grouped_mm` for both GEMMs plus the
 activation on rows already grouped by expert (no permutation, no weighting: what a user would
-write instead of fused kernels). Each unquantized runner row of the last mode (graph replay where timed)
-is timed once more interleaved with that baseline, in blocks of PAIRED_CALLS calls (`measure_interleaved`),
-and `vs raw` is the baseline's median per call over the row's from those repeats; the rows' own times
-and the standalone raw row are timed on their own. FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
+write instead of fused kernels). Each unquantized runner row of the suite's last mode (graph replay with
+--cuda-graph, else eager; rows that cannot run in it have none) is timed once more interleaved with
+that baseline run in the same mode, in blocks of PAIRED_CALLS back-to-back calls (`measure_interleaved`):
+`vs raw` is the baseline's median time per call over the row's from those repeats (> 1: ours is
+faster); the rows' own times and the standalone raw row (eager) are timed on their own. FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
 bytes: the expert weights of every expert that received >= 1 pair, read once.
 
 --fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
@@ -125,12 +126,13 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 def skip(impl: str, err: BaseException, what: str = "") -> None:
                     results.skipped.append(dict(suite="runner", impl=impl, **shape, reason=what + reason(err)))
 
-                # The unquantized rows of the last mode (graph replay where timed) are also timed interleaved
-                # with the raw baseline (vs raw): drift during the run (clocks, temperature) moves both sides
-                # of that ratio alike.
                 raw_run = _try(lambda: _grouped_mm_call(problems, weights, config))
+                raw_stats = raw_run if isinstance(raw_run, Exception) else _try(lambda: measure(raw_run, **timing))
+                # The unquantized rows of the last mode (graph replay where timed) are also timed interleaved
+                # with the raw baseline in that mode (vs raw): drift during the run (clocks, temperature)
+                # moves both sides of that ratio alike.
                 for suffix, run_weights, expert_bytes, run_names, run_formats in variants:
-                    paired = None if suffix or isinstance(raw_run, Exception) else raw_run
+                    paired = None if suffix or isinstance(raw_stats, Exception) else raw_run
                     for fmt, disp in run_formats.items():
                         outs = _dispatch_all(disp, problems)
                         for name in run_names:
@@ -149,14 +151,17 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                                     if mode == "eager":
                                         break
                                     continue
-                                results.runner.append(row(impl, fmt, mode, timed[0], expert_bytes,
-                                                          "fp8_e4m3" if suffix else dtype_name(dtype), timed[1]))
+                                stats, vs_raw = timed
+                                if isinstance(vs_raw, Exception):
+                                    skip(f"{impl} vs {RAW_BASELINE}", vs_raw, f"{fmt} {mode}: ")
+                                    vs_raw = None
+                                results.runner.append(row(impl, fmt, mode, stats, expert_bytes,
+                                                          "fp8_e4m3" if suffix else dtype_name(dtype), vs_raw))
                 bar.step(f"{RAW_BASELINE} T={T}")
-                stats = raw_run if isinstance(raw_run, Exception) else _try(lambda: measure(raw_run, **timing))
-                if isinstance(stats, Exception):
-                    skip(RAW_BASELINE, stats)
+                if isinstance(raw_stats, Exception):
+                    skip(RAW_BASELINE, raw_stats)
                 else:
-                    results.runner.append(row(RAW_BASELINE, "pre-grouped", "eager", stats))
+                    results.runner.append(row(RAW_BASELINE, "pre-grouped", "eager", raw_stats))
                 if settings.fp8:
                     for impl, timer in zip(FP8_BASELINES, (_time_dequant_grouped_mm, _time_scaled_grouped_mm)):
                         bar.step(f"{impl} T={T}")
@@ -197,22 +202,32 @@ def _runner_call(backend, config, disp, outs: list, weights) -> Callable[[int], 
 
 @torch.no_grad()
 def _time(run: Callable[[int], Any], mode: str, rotate: int, timing: dict,
-          paired: Optional[Callable[[int], Any]] = None) -> tuple[Stats, Optional[float]]:
-    """(stats of run in `mode`; with `paired`, paired's median over run's when the two are timed
-    interleaved in blocks of PAIRED_CALLS, else None)."""
-    if mode == "graph":
-        try:
-            graphs, _ = capture_graphs(run, rotate, timing["device"])
-        except Exception:
-            torch.cuda.synchronize(timing["device"])  # not capturable (e.g. a host sync): leave the device idle
-            raise
-        run = lambda i: graphs[i % rotate].replay()  # noqa: E731
-    stats, ratio = measure(run, **timing), None
+          paired: Optional[Callable[[int], Any]] = None) -> "tuple[Stats, float | Exception | None]":
+    """(stats of run in `mode`, vs): with `paired`, vs is paired's median over run's, the two run in `mode`
+    and timed interleaved in blocks of PAIRED_CALLS (or why that failed); None without `paired`."""
+    run = _in_mode(run, mode, rotate, timing["device"])
+    stats, vs = measure(run, **timing), None
     if paired is not None:
-        ours, theirs = measure_interleaved((run, paired), calls=PAIRED_CALLS, host=False, **timing)
-        ratio = theirs.median_us / ours.median_us
+        try:
+            ours, theirs = measure_interleaved((run, _in_mode(paired, mode, rotate, timing["device"])),
+                                               calls=PAIRED_CALLS, host=False, **timing)
+            vs = theirs.median_us / ours.median_us
+        except Exception as err:  # noqa: BLE001 (the row stands; its vs raw is reported as skipped)
+            vs = err
     stats.method = "cuda_graph" if mode == "graph" else stats.method
-    return stats, ratio
+    return stats, vs
+
+
+def _in_mode(run: Callable[[int], Any], mode: str, rotate: int, device: torch.device) -> Callable[[int], Any]:
+    """run itself ("eager"), or the replay of its CUDA graph for rotation slot i % rotate ("graph")."""
+    if mode == "eager":
+        return run
+    try:
+        graphs, _ = capture_graphs(run, rotate, device)
+    except Exception:
+        torch.cuda.synchronize(device)  # not capturable (e.g. a host sync): leave the device idle
+        raise
+    return lambda i: graphs[i % rotate].replay()
 
 
 @torch.no_grad()
