@@ -199,11 +199,18 @@ def pick_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size
 
 # --------------------------------------------------------------------------- block alignment
 
-ALIGN_CHUNK = 128  # pairs per chunk: a chunk ranks its pairs with a CHUNK x CHUNK comparison
-# Up to this many pairs (decode sizes) one program aligns them all in one launch: there the four
-# launches' host time is the cost, and one program's loop over <= 8 chunks is short. Above it, four
-# kernels spread the chunks over programs.
-SINGLE_PROGRAM_MAX_PAIRS = 1024
+ALIGN_CHUNK = 128  # pairs per chunk of the four-kernel path (one program each)
+# Up to this many pairs one program aligns them all in one launch (three launches' host time saved);
+# above it four kernels spread the chunks over programs. Measured on an H200 (graph replay, the presets'
+# shards): the four kernels take 8-10 us at any count up to 2048 pairs, one program 6-9 us up to 256
+# pairs but 10-22 us at 512 and 18-41 us at 1024 (its chunks run one after another).
+SINGLE_PROGRAM_MAX_PAIRS = 256
+
+
+def single_program_chunk(e_pad: int) -> int:
+    """Pairs per chunk of the one-program path: all of them in one pass where its [chunk, E_PAD] tiles
+    stay at 8192 values (64 per thread), else ALIGN_CHUNK."""
+    return max(ALIGN_CHUNK, min(SINGLE_PROGRAM_MAX_PAIRS, 8192 // e_pad))
 
 
 @dataclass
@@ -301,11 +308,15 @@ def _fill_blocks(block, padded_end, block_expert_ptr, sorted_pair_ids_ptr, num_p
 
 
 @triton.jit
-def _rank_in_chunk(ok, local, CHUNK: tl.constexpr):
+def _rank_in_chunk(ok, local, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # Each computed pair's count of earlier pairs of its expert in the chunk (pairs keep ascending
-    # order within an expert).
-    idx = tl.arange(0, CHUNK)
+    # order within an expert): a running count per expert ([CHUNK, E_PAD]) where there are fewer
+    # experts than pairs, else every pair against every other ([CHUNK, CHUNK]).
     bucket = tl.where(ok, local, -1)
+    if E_PAD < CHUNK:
+        one_hot = (bucket[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+        return tl.sum((tl.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
+    idx = tl.arange(0, CHUNK)
     earlier = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None])
     return tl.sum(earlier.to(tl.int32), axis=1)
 
@@ -338,7 +349,7 @@ def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expe
         in_range = pair < num_pairs
         ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
         base = tl.sum(tl.where(local[:, None] == experts[None, :], running[None, :], 0), axis=1)
-        tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
+        tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK, E_PAD), pair, mask=ok)
         running += _expert_counts(ok, local, L, E_PAD)
 
 
@@ -400,7 +411,7 @@ def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start
     safe = tl.where(ok, local, 0)
     base = tl.load(padded_start_ptr + safe, mask=ok, other=0) + \
         tl.load(chunk_offsets_ptr + chunk * E_PAD + safe, mask=ok, other=0)
-    tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK), pair, mask=ok)
+    tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK, E_PAD), pair, mask=ok)
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
@@ -425,7 +436,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
         _align_single_kernel[(1,)](ids, mask, aligned.computed, aligned.padded, aligned.block_expert,
                                    aligned.sorted_pair_ids, P, num_blocks, first_expert, mask.numel(), L=L,
-                                   HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, BLOCK_M=block_m,
+                                   HAS_MASK=expert_mask is not None, CHUNK=single_program_chunk(e_pad), E_PAD=e_pad,
+                                   BLOCK_M=block_m,
                                    BLOCKS=blocks_per_program, num_warps=4)
         return aligned
     num_chunks = cdiv(P, ALIGN_CHUNK)

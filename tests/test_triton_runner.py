@@ -45,6 +45,7 @@ def _ids(gen, T, E, K, minus_one=0.2):
     (4, 23, 3, 12, 4, 4),
     (16, 23, 3, 12, 4, 4),
     (16, 150, 4, 80, 40, 40),  # several 128-pair chunks, L + 1 > 32 experts
+    (16, 40, 4, 300, 140, 10),  # more expert slots (256) than a chunk's pairs: ranked pair against pair
 ])
 def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block_m, T, K, E, L, first,
                                                                           single_program):
@@ -80,6 +81,7 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
     (16, 1, 8, 32, 0, True),  # decode: one token, DeepSeek's local shard
     (1, 37, 3, 5, 2, False),  # no mask: the id range alone filters
     (64, 300, 4, 7, 0, True),  # 1200 pairs: more than SINGLE_PROGRAM_MAX_PAIRS, 10 chunks, the last partial
+    (16, 100, 8, 16, 0, True),  # Qwen3's local shard at decode: 800 pairs, four 256-pair chunks in one program
 ])
 def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L, first, masked):
     # The one-launch path (decode sizes) must produce the very buffers the four kernels do, so the
