@@ -130,7 +130,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:
     return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement,
-                                      out.recv_x_scale, out.x_dtype)
+                                      out.recv_x_scale, out.x_dtype, defer=True)
 
 
 register_format("deepep_normal", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -138,7 +138,7 @@ def _runner_input(out: MoriDispatchOutput, placement, config) -> RunnerInput:
     r = out.num_runner_rows
     scale = out.recv_x_scale[:r] if out.recv_x_scale is not None else None
     return RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement,
-                                       scale, out.x_dtype)
+                                       scale, out.x_dtype, defer=True)
 
 
 register_format("mori", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -89,7 +89,7 @@ class StandardDispatcher(Dispatcher):
 
 
 def _runner_input(out: StandardDispatchOutput, placement, config) -> RunnerInput:
-    return RunnerInput.from_global_ids(out.hidden_states, out.topk_ids, out.topk_weights, placement)
+    return RunnerInput.from_global_ids(out.hidden_states, out.topk_ids, out.topk_weights, placement, defer=True)
 
 
 register_format("standard", RunnerInput, _runner_input)  # the rows go to combine as they are

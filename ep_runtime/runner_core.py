@@ -13,7 +13,7 @@ for every backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -58,6 +58,10 @@ class RunnerInput:
     Build it with from_local_ids / from_global_ids: they own the id mapping and the mask.
     capacity_rows: the rows are an expert-major buffer's capacity slots taken as top-1 tokens, mostly
     padding whose real count is on the device (a speed hint: kernels pick decode-sized tiles).
+    id_table: None, or the ids are not mapped yet: topk_ids hold the format's ids as received and
+    id_table [n + 1] int32 maps them (reroute_to_sink's rule; routed() applies it). A backend sees a
+    mapped input unless its kernels do the lookup themselves (RunnerBackend.reads_id_table): two torch
+    ops fewer per step on the formats' path.
     """
 
     hidden_states: torch.Tensor
@@ -67,6 +71,7 @@ class RunnerInput:
     hidden_scale: Optional[torch.Tensor] = None
     out_dtype: Optional[torch.dtype] = None
     capacity_rows: bool = False
+    id_table: Optional[torch.Tensor] = None
 
     @property
     def output_dtype(self) -> torch.dtype:
@@ -76,8 +81,16 @@ class RunnerInput:
     def num_local_experts(self) -> int:
         return self.expert_mask.numel() - 1
 
+    def routed(self) -> "RunnerInput":
+        """This input with its ids mapped through id_table (itself when they already are)."""
+        if self.id_table is None:
+            return self
+        return replace(self, topk_ids=reroute_to_sink(self.topk_ids, self.id_table), id_table=None)
+
     def pairs_by_expert(self) -> "ExpertPairs":
         """The computed (token, slot) pairs grouped by expert (host sync: the count is data-dependent)."""
+        if self.id_table is not None:
+            return self.routed().pairs_by_expert()
         N, K = self.topk_ids.shape
         ids = self.topk_ids.reshape(-1).long()
         pair = self.expert_mask[ids].nonzero().squeeze(1)
@@ -90,21 +103,30 @@ class RunnerInput:
     @classmethod
     def from_local_ids(cls, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                        placement: ExpertPlacement, hidden_scale: Optional[torch.Tensor] = None,
-                       out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
-        """Formats carrying this rank's local ids (-1 = elsewhere or nowhere): -1 -> sink L."""
-        device = hidden_states.device
-        return cls(hidden_states, reroute_to_sink(local_ids, placement.local_to_local_table(device)), weights.float(),
-                   placement.local_mask_with_sink(device), hidden_scale, out_dtype)
+                       out_dtype: Optional[torch.dtype] = None, defer: bool = False) -> "RunnerInput":
+        """Formats carrying this rank's local ids (-1 = elsewhere or nowhere): -1 -> sink L.
+        defer: leave the mapping to the backend (id_table; see the class docstring)."""
+        return cls._mapped(hidden_states, local_ids, weights, placement.local_to_local_table(hidden_states.device),
+                           placement, hidden_scale, out_dtype, defer)
 
     @classmethod
     def from_global_ids(cls, hidden_states: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor,
                         placement: ExpertPlacement, hidden_scale: Optional[torch.Tensor] = None,
-                        out_dtype: Optional[torch.dtype] = None) -> "RunnerInput":
+                        out_dtype: Optional[torch.dtype] = None, defer: bool = False) -> "RunnerInput":
         """Formats carrying global ids (-1 = nowhere): each id becomes this rank's local index through
-        the placement's table, or the sink L when the expert lives elsewhere (any placement)."""
-        device = hidden_states.device
-        return cls(hidden_states, reroute_to_sink(global_ids, placement.global_to_local_table(device)),
-                   weights.float(), placement.local_mask_with_sink(device), hidden_scale, out_dtype)
+        the placement's table, or the sink L when the expert lives elsewhere (any placement).
+        defer: leave the mapping to the backend (id_table; see the class docstring)."""
+        return cls._mapped(hidden_states, global_ids, weights, placement.global_to_local_table(hidden_states.device),
+                           placement, hidden_scale, out_dtype, defer)
+
+    @classmethod
+    def _mapped(cls, hidden_states, ids, weights, table, placement, hidden_scale, out_dtype, defer) -> "RunnerInput":
+        mask = placement.local_mask_with_sink(hidden_states.device)
+        if defer:
+            if ids.dtype not in (torch.int32, torch.int64):  # as reroute_to_sink reads them
+                ids = ids.to(torch.int32)
+            return cls(hidden_states, ids, weights.float(), mask, hidden_scale, out_dtype, id_table=table)
+        return cls(hidden_states, reroute_to_sink(ids, table), weights.float(), mask, hidden_scale, out_dtype)
 
 
 @dataclass(frozen=True)

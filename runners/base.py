@@ -29,6 +29,8 @@ class RunnerBackend:
 
     name: ClassVar[str] = ""
     layouts: ClassVar[tuple[type, ...]] = (RunnerInput,)
+    # True: compute() takes a RunnerInput whose ids may still need its id_table (the kernels look them up)
+    reads_id_table: ClassVar[bool] = False
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
@@ -45,6 +47,8 @@ class RunnerBackend:
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
         natively when the backend declares that layout, else through the registered conversion."""
+        if isinstance(runner_input, RunnerInput) and not (self.reads_id_table and RunnerInput in self.layouts):
+            runner_input = runner_input.routed()
         if isinstance(runner_input, self.layouts):
             return self.compute(runner_input, weights)
         converted, back = convert(runner_input, self.layouts[0], self.config)

@@ -265,10 +265,23 @@ def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device
 
 
 @triton.jit
-def _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L: tl.constexpr,
-                  HAS_MASK: tl.constexpr):
-    # (computed, local expert) of each pair: computed = a local expert the mask does not turn off.
+def _pair_ids(ids_ptr, table_ptr, pair, in_range, table_size, HAS_TABLE: tl.constexpr):
+    # Each pair's id, through the table when given (runner_core.reroute_to_sink's rule: ids clamped to
+    # [-1, n], -1 meaning the last entry n = the sink); -1 past the pairs.
     ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)
+    if HAS_TABLE:
+        n = table_size - 1
+        slot = tl.minimum(tl.maximum(ids, -1), n)
+        slot = tl.where(slot < 0, n, slot).to(tl.int32)
+        ids = tl.where(in_range, tl.load(table_ptr + slot, mask=in_range, other=0), -1)
+    return ids
+
+
+@triton.jit
+def _pair_experts(ids_ptr, table_ptr, mask_ptr, pair, in_range, first_expert, table_size, mask_size,
+                  L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr):
+    # (computed, local expert) of each pair: computed = a local expert the mask does not turn off.
+    ids = _pair_ids(ids_ptr, table_ptr, pair, in_range, table_size, HAS_TABLE)
     local = ids - first_expert
     ok = in_range & (local >= 0) & (local < L)
     if HAS_MASK:
@@ -323,9 +336,10 @@ def _rank_in_chunk(ok, local, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
 
 @fast_launch
 @triton.jit
-def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
-                         num_pairs, num_blocks, first_expert, mask_size, L: tl.constexpr, HAS_MASK: tl.constexpr,
-                         CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
+                         sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
+                         L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
+                         E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     # The four kernels below in one program: count every chunk, pad, fill the blocks, then scatter
     # chunk by chunk with the running count of each expert's pairs as the chunk's offset.
     idx = tl.arange(0, CHUNK)
@@ -333,7 +347,8 @@ def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expe
     for c0 in range(0, num_pairs, CHUNK):
         pair = c0 + idx
         in_range = pair < num_pairs
-        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        ok, local = _pair_experts(ids_ptr, table_ptr, mask_ptr, pair, in_range, first_expert, table_size, mask_size, L,
+                                  HAS_TABLE, HAS_MASK)
         tl.store(computed_ptr + pair, ok, mask=in_range)
         counts += _expert_counts(ok, local, L, E_PAD)
     start, end, used_blocks = _padded_bounds(counts, L, BLOCK_M, E_PAD)
@@ -347,7 +362,8 @@ def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expe
     for c0 in range(0, num_pairs, CHUNK):
         pair = c0 + idx
         in_range = pair < num_pairs
-        ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+        ok, local = _pair_experts(ids_ptr, table_ptr, mask_ptr, pair, in_range, first_expert, table_size, mask_size, L,
+                                  HAS_TABLE, HAS_MASK)
         base = tl.sum(tl.where(local[:, None] == experts[None, :], running[None, :], 0), axis=1)
         tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK, E_PAD), pair, mask=ok)
         running += _expert_counts(ok, local, L, E_PAD)
@@ -355,13 +371,15 @@ def _align_single_kernel(ids_ptr, mask_ptr, computed_ptr, padded_ptr, block_expe
 
 @fast_launch
 @triton.jit
-def _align_count_kernel(ids_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs, first_expert, mask_size,
-                        L: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _align_count_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs, first_expert,
+                        table_size, mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
+                        CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # One chunk of pairs: which are computed, and how many go to each local expert.
     chunk = tl.program_id(0)
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
-    ok, local = _pair_experts(ids_ptr, mask_ptr, pair, in_range, first_expert, mask_size, L, HAS_MASK)
+    ok, local = _pair_experts(ids_ptr, table_ptr, mask_ptr, pair, in_range, first_expert, table_size, mask_size, L,
+                                  HAS_TABLE, HAS_MASK)
     tl.store(computed_ptr + pair, ok, mask=in_range)
     tl.store(chunk_counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), _expert_counts(ok, local, L, E_PAD))
 
@@ -399,15 +417,16 @@ def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_
 
 @fast_launch
 @triton.jit
-def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
-                          num_pairs, first_expert, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, table_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
+                          num_pairs, first_expert, table_size, HAS_TABLE: tl.constexpr, CHUNK: tl.constexpr,
+                          E_PAD: tl.constexpr):
     # Slot of each computed pair: its expert's padded start + earlier chunks' pairs of that expert +
     # earlier pairs of that expert in this chunk.
     chunk = tl.program_id(0)
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
     ok = tl.load(computed_ptr + pair, mask=in_range, other=0) != 0
-    local = tl.load(ids_ptr + pair, mask=in_range, other=0) - first_expert
+    local = _pair_ids(ids_ptr, table_ptr, pair, in_range, table_size, HAS_TABLE) - first_expert
     safe = tl.where(ok, local, 0)
     base = tl.load(padded_start_ptr + safe, mask=ok, other=0) + \
         tl.load(chunk_offsets_ptr + chunk * E_PAD + safe, mask=ok, other=0)
@@ -416,15 +435,19 @@ def _align_scatter_kernel(ids_ptr, computed_ptr, chunk_offsets_ptr, padded_start
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
                 num_local_experts: int, block_m: int, out: Optional[AlignedPairs] = None,
-                single_program: Optional[bool] = None) -> AlignedPairs:
+                single_program: Optional[bool] = None, id_table: Optional[torch.Tensor] = None) -> AlignedPairs:
     """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
     expert_mask [S] bool indexed by id (0 = filtered; ids are clamped into [0, S) for the lookup), or None.
+    id_table [n + 1] int32 or None: the ids are first mapped through it as runner_core.reroute_to_sink
+    maps them (RunnerInput.id_table), in the kernels instead of two torch ops before them.
     out: align_workspace(N*K, L, block_m, device) to write into (a caller reusing it across calls
     allocates nothing); None allocates one. single_program: one launch (default up to
     SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. Sync-free: shapes depend on
     N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
-    ids = topk_ids.to(torch.int32).contiguous()  # read flat: pair p = t*K + k
+    # read flat: pair p = t*K + k; int64 ids stay int64 before a table (clamped there, never wrapped)
+    keep = id_table is not None and topk_ids.dtype == torch.int64
+    ids = (topk_ids if keep else topk_ids.to(torch.int32)).contiguous()
     P = ids.numel()
     aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
     if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
@@ -432,26 +455,27 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()
     mask = expert_mask if expert_mask is not None else ids
+    table = id_table if id_table is not None else ids
+    lookup = dict(HAS_TABLE=id_table is not None, HAS_MASK=expert_mask is not None)
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
-        _align_single_kernel[(1,)](ids, mask, aligned.computed, aligned.padded, aligned.block_expert,
-                                   aligned.sorted_pair_ids, P, num_blocks, first_expert, mask.numel(), L=L,
-                                   HAS_MASK=expert_mask is not None, CHUNK=single_program_chunk(e_pad), E_PAD=e_pad,
-                                   BLOCK_M=block_m,
-                                   BLOCKS=blocks_per_program, num_warps=4)
+        _align_single_kernel[(1,)](ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
+                                   aligned.sorted_pair_ids, P, num_blocks, first_expert, table.numel(), mask.numel(),
+                                   L=L, CHUNK=single_program_chunk(e_pad), E_PAD=e_pad, BLOCK_M=block_m,
+                                   BLOCKS=blocks_per_program, num_warps=4, **lookup)
         return aligned
     num_chunks = cdiv(P, ALIGN_CHUNK)
-    _align_count_kernel[(num_chunks,)](ids, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
-                                       mask.numel(), L=L, HAS_MASK=expert_mask is not None, CHUNK=ALIGN_CHUNK,
-                                       E_PAD=e_pad, num_warps=4)
+    _align_count_kernel[(num_chunks,)](ids, table, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
+                                       table.numel(), mask.numel(), L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4,
+                                       **lookup)
     _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, num_chunks, L=L,
                                 BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
     _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
         aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
         BLOCKS=blocks_per_program, num_warps=4)
-    _align_scatter_kernel[(num_chunks,)](ids, aligned.computed, aligned.chunk_offsets, aligned.padded,
-                                         aligned.sorted_pair_ids, P, first_expert, CHUNK=ALIGN_CHUNK, E_PAD=e_pad,
-                                         num_warps=4)
+    _align_scatter_kernel[(num_chunks,)](ids, table, aligned.computed, aligned.chunk_offsets, aligned.padded,
+                                         aligned.sorted_pair_ids, P, first_expert, table.numel(),
+                                         HAS_TABLE=id_table is not None, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
     return aligned
 
 
@@ -938,6 +962,9 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
     wave: SMs x resident programs per SM; 3 in the interpreter); with tiles.dynamic they take work items
     from aligned.work_queue as they free up."""
+    if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
+        raise ValueError(f"grouped_gemm takes a [rows, K], w [L, N, K] and out [rows, N]; got a {list(a.shape)}, "
+                         f"w {list(w.shape)}, out {list(out.shape)}")
     N, K_dim = w.shape[1], w.shape[2]
     num_sorted = aligned.sorted_pair_ids.numel()
     if a_sorted and (rows_per_a_row != 1 or a.shape[0] < num_sorted):
@@ -982,8 +1009,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     args = (bias if bias is not None else w, scale if scale is not None else a, out,
             aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
             aligned.num_pairs, N, K_dim)
-    strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-               bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+    strides = (*a.stride(), *w.stride(),  # (one call each: this runs per launch, on the host path)
+               bias.stride(0) if bias is not None else 0, *out.stride(),
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
                out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
                out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)

@@ -56,8 +56,13 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                   block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
     """The kernel sequence: align pairs -> GEMM 1 with the activation fused in its epilogue (or, with an
     after_gemm1 hook, GEMM 1 -> hook -> filtered activation) -> GEMM 2 -> weighted top-k reduction.
-    Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts)."""
+    Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
+    need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
+    hooks = hooks or GemmHooks()
+    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
+    if hooked:
+        inp = inp.routed()
     quant, out_dtype = weights.quant, inp.output_dtype
     interp = kernels.INTERPRETED
     x, x_scale = _gemm_input(inp, quant, interp)
@@ -77,10 +82,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                 if why is not None:
                     raise ValueError(f"EP_RUNTIME_TRITON_GEMM_KERNEL={kernel!r} cannot run here: {why}; allowed here: "
                                      f"'auto', 'portable' or 'persistent'")
-    hooks = hooks or GemmHooks()
     fp8 = {}
     if quant is not None:
-        if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
+        if hooked:
             raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
         untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
         block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
@@ -89,7 +93,6 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     block_m = block_config.BLOCK_M
     weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
     scale = weight if config.apply_router_weight_on_input else None
-    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
     # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no result depends on
     # them. Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2
@@ -99,7 +102,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order)
     aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),
                                                                 x.device, make)
-    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned, id_table=inp.id_table)
     if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
         expert_index = inp.topk_ids.reshape(-1).long()[pairs]
@@ -221,6 +224,7 @@ def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks
     if needs_grad(*tensors):
         if weights.quantized or inp.hidden_scale is not None:
             raise RuntimeError(INFERENCE_ONLY)
+        inp = inp.routed()  # the backward's torch recompute reads the ids as they are
         return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, config, hooks or GemmHooks(), block_config)
     return fused_forward(inp, weights, config, hooks, block_config)
 
@@ -261,7 +265,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     # Normalize to the runner core's input: local ids, everything else -> the sink L (masked out).
     local = topk_ids.long() - first_expert
     local = torch.where((local >= 0) & (local < L), local, torch.full_like(local, -1))
-    inp = RunnerInput.from_local_ids(x, local, topk_weights, ExpertPlacement(L))
+    inp = RunnerInput.from_local_ids(x, local, topk_weights, ExpertPlacement(L), defer=True)
     return run_fused(inp, weights, config, hooks, block_config)
 
 
@@ -271,6 +275,7 @@ class TritonRunner(TritonBackend):
 
     name = "triton"
     layouts = (RunnerInput,)
+    reads_id_table = True  # the alignment kernels map the ids
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,

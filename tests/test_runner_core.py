@@ -100,6 +100,16 @@ def test_ids_outside_the_experts_go_to_the_sink_never_out_of_bounds(dtype):
     for inp in (RunnerInput.from_global_ids(x, bad, w, p), RunnerInput.from_local_ids(x, bad, w, p)):
         assert inp.topk_ids.dtype == torch.int32 and inp.topk_ids.tolist() == torch.where(dropped < 0, E, dropped).tolist()
         assert rel_err(runner.run(inp, ep.ExpertWeights(w13, w2)), want) < 1e-12
+    # defer=True (the formats' path): the ids stay as they came, with the table beside them, and a backend
+    # that does not read the table gets them mapped, with the same result
+    for build in (RunnerInput.from_global_ids, RunnerInput.from_local_ids):
+        deferred = build(x, bad, w, p, defer=True)
+        assert deferred.topk_ids is bad and deferred.id_table is not None
+        assert torch.equal(deferred.routed().topk_ids, build(x, bad, w, p).topk_ids)
+        assert deferred.routed().id_table is None and deferred.routed().routed().topk_ids is not bad
+        assert rel_err(runner.run(deferred, ep.ExpertWeights(w13, w2)), want) < 1e-12
+        pairs, eager = deferred.pairs_by_expert(), build(x, bad, w, p).pairs_by_expert()
+        assert all(torch.equal(getattr(pairs, f), getattr(eager, f)) for f in ("token", "expert", "weight", "counts"))
 
 
 def _layer(E=8, K=3, H=16, I=8, **kw):

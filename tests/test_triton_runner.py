@@ -15,7 +15,7 @@ import ep_runtime as ep
 from ep_runtime import runners
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.runner_core import RunnerInput
+from ep_runtime.runner_core import RunnerInput, reroute_to_sink
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 triton_runner = pytest.importorskip("ep_runtime.runners.triton_runner")
@@ -461,6 +461,48 @@ def test_every_config_field_matches_reference_and_torch_runner(name):
     x, ids, w = problem.xs[0], problem.topk_ids[0], problem.topk_weights[0]
     with torch.no_grad():
         assert rel_err(layer(x.float(), ids, w), torch_layer(x.float(), ids, w).double()) <= 1e-5
+
+
+@pytest.mark.parametrize("single_program", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_align_pairs_maps_ids_through_a_table_as_reroute_to_sink_does(single_program, dtype):
+    """id_table: the kernels look each id up (clamped to [-1, n], -1 meaning the sink) and give the very
+    buffers align_pairs gives the ids mapped by reroute_to_sink first; ids far outside the table (and an
+    int64 id past int32, which must not wrap onto a real expert) land on the sink."""
+    gen = torch.Generator().manual_seed(11 + (dtype == torch.int64))
+    E, L, K, T = 12, 4, 3, 150  # 450 pairs: several chunks either way
+    placement = ep.ExpertPlacement(E, 3, 1, expert_to_rank=[e % 3 for e in range(E)])  # rank 1: 1, 4, 7, 10
+    ids = torch.randint(-3, E + 3, (T, K), generator=gen).to(dtype)
+    if dtype == torch.int64:
+        ids[0, 0], ids[1, 1] = 2 ** 32 + 4, -(2 ** 33)  # wrapped to int32 these would be 4 (a local expert) and 0
+    table, mask = placement.global_to_local_table(), placement.local_mask_with_sink()
+    want = kernels.align_pairs(reroute_to_sink(ids, table), mask, 0, L, 16, single_program=single_program)
+    got = kernels.align_pairs(ids, mask, 0, L, 16, single_program=single_program, id_table=table)
+    for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert int(got.computed.sum()) == int(((ids % 3 == 1) & (ids >= 0) & (ids < E)).sum())
+
+
+def test_triton_runner_maps_deferred_ids_in_its_kernels_bit_for_bit():
+    """A format's input with the ids left to the backend (defer=True) gives the triton runner's result
+    bit for bit as the mapped input does, hooks (which take mapped ids) included."""
+    gen = torch.Generator().manual_seed(12)
+    E, K, H, I, L = 8, 2, 16, 32, 4
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, L, H, I)
+    placement = ep.ExpertPlacement(E, 2, 1, expert_to_rank=[e % 2 for e in range(E)])
+    ids = torch.randint(-2, E + 2, (15, K), generator=gen, dtype=torch.int32)
+    x, w = torch.randn(15, H, generator=gen), torch.rand(15, K, generator=gen)
+    deferred = RunnerInput.from_global_ids(x, ids, w, placement, defer=True)
+    mapped = RunnerInput.from_global_ids(x, ids, w, placement)
+    weights = ExpertWeights(w13, w2)
+    backend = runners.create("triton", cfg)
+    assert torch.equal(backend.run(deferred, weights), backend.run(mapped, weights))
+    seen = []
+    hooks = runners.GemmHooks(after_gemm2=lambda inputs, outputs, expert: seen.append(expert) or outputs * 2)
+    hooked = runners.create("triton", cfg, hooks=hooks)
+    assert torch.equal(hooked.run(deferred, weights), hooked.run(mapped, weights))
+    assert torch.equal(seen[0], seen[1]) and int(seen[0].max()) < L
 
 
 def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
