@@ -8,8 +8,9 @@ registered layout conversion (register_conversion), so every backend runs under 
 neither names the other. A (format, backend) pair may also register one function for the whole
 step (register_fused, as SGLang's register_fused_func); none is needed.
 
--1 ids (and any id outside the table) are rerouted to a sink slot by RunnerInput's constructors, once,
-for every backend.
+-1 ids (and any id outside the table) are rerouted to a sink slot, once, for every backend: by
+RunnerInput's constructors, or (the formats' path, defer=True) by RunnerBackend.run just before compute(),
+unless the backend's kernels do the lookup themselves (reads_id_table).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class RunnerInput:
     """Token rows, the layout of every token-major format.
 
     hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
-    that -1 ids and other ranks' experts were rerouted to; topk_weights [N, K] fp32;
+    that -1 ids and other ranks' experts were rerouted to (with id_table set: the format's int32 or int64
+    ids, not mapped yet); topk_weights [N, K] fp32;
     expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
     Quantized rows (an fp8 dispatch): hidden_states float8_e4m3fn, hidden_scale [N, ceil(H/128)] fp32
     (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
@@ -269,7 +271,9 @@ def register_format(format: str, layout: type, to_runner_input: Callable[[Any, E
 
 
 def register_fused(format: str, backend: str, fn: Fused) -> None:
-    """Optional: one function doing conversion, compute and post step for (format, backend)."""
+    """Optional: one function doing conversion, compute and post step for (format, backend). Its
+    to_runner_input may leave the ids unmapped (RunnerInput.id_table): call routed() unless the backend
+    reads the table."""
     add_once(_FUSED, (format, backend), fn, f"fused function for ({format!r}, {backend!r})")
 
 

@@ -55,7 +55,9 @@ class RunnerBackend:
         return back(self.compute(converted, weights))
 
     def compute(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
-        """The result of an input in one of `layouts` (the backend's own kernels)."""
+        """The result of an input in one of `layouts` (the backend's own kernels). A RunnerInput arrives
+        with its ids mapped, unless the class sets reads_id_table (then id_table may be set: look the ids
+        up, or call routed()). A subclass that overrides run() must route the same way."""
         raise NotImplementedError(f"runner {self.name!r} declares layouts {self.layouts} but implements no compute()")
 
 

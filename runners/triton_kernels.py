@@ -455,7 +455,9 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()
     mask = expert_mask if expert_mask is not None else ids
-    table = id_table if id_table is not None else ids
+    if id_table is not None and id_table.dim() != 1:
+        raise ValueError(f"id_table must be 1-D [n + 1]; got shape {list(id_table.shape)}")
+    table = id_table.contiguous() if id_table is not None else ids  # read flat
     lookup = dict(HAS_TABLE=id_table is not None, HAS_MASK=expert_mask is not None)
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:

@@ -262,10 +262,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
                          f"must both be [T, K] with T={x.shape[0]} (rows of x)")
-    # Normalize to the runner core's input: local ids, everything else -> the sink L (masked out).
-    local = topk_ids.long() - first_expert
-    local = torch.where((local >= 0) & (local < L), local, torch.full_like(local, -1))
-    inp = RunnerInput.from_local_ids(x, local, topk_weights, ExpertPlacement(L), defer=True)
+    # The runner core's input: local ids (int64: never wrapped) whose mapping (the alignment kernels do
+    # it) sends every id outside [0, L), -1 included, to the sink L (masked out).
+    inp = RunnerInput.from_local_ids(x, topk_ids.long() - first_expert, topk_weights, ExpertPlacement(L),
+                                     defer=True)
     return run_fused(inp, weights, config, hooks, block_config)
 
 

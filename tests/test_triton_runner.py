@@ -80,7 +80,7 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
     (16, 0, 8, 32, 0, True),  # no pairs
     (16, 1, 8, 32, 0, True),  # decode: one token, DeepSeek's local shard
     (1, 37, 3, 5, 2, False),  # no mask: the id range alone filters
-    (64, 300, 4, 7, 0, True),  # 1200 pairs: more than SINGLE_PROGRAM_MAX_PAIRS, 10 chunks, the last partial
+    (64, 300, 4, 7, 0, True),  # 1200 pairs: more than SINGLE_PROGRAM_MAX_PAIRS; 10 chunks (5 in one program)
     (16, 100, 8, 16, 0, True),  # Qwen3's local shard at decode: 800 pairs, four 256-pair chunks in one program
 ])
 def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L, first, masked):
@@ -474,7 +474,7 @@ def test_align_pairs_maps_ids_through_a_table_as_reroute_to_sink_does(single_pro
     placement = ep.ExpertPlacement(E, 3, 1, expert_to_rank=[e % 3 for e in range(E)])  # rank 1: 1, 4, 7, 10
     ids = torch.randint(-3, E + 3, (T, K), generator=gen).to(dtype)
     if dtype == torch.int64:
-        ids[0, 0], ids[1, 1] = 2 ** 32 + 4, -(2 ** 33)  # wrapped to int32 these would be 4 (a local expert) and 0
+        ids[0, 0], ids[1, 1] = 2 ** 32 + 4, -(2 ** 33) + 1  # wrapped to int32: 4 and 1, both local experts
     table, mask = placement.global_to_local_table(), placement.local_mask_with_sink()
     want = kernels.align_pairs(reroute_to_sink(ids, table), mask, 0, L, 16, single_program=single_program)
     got = kernels.align_pairs(ids, mask, 0, L, 16, single_program=single_program, id_table=table)
@@ -503,6 +503,27 @@ def test_triton_runner_maps_deferred_ids_in_its_kernels_bit_for_bit():
     hooked = runners.create("triton", cfg, hooks=hooks)
     assert torch.equal(hooked.run(deferred, weights), hooked.run(mapped, weights))
     assert torch.equal(seen[0], seen[1]) and int(seen[0].max()) < L
+
+
+def test_triton_runner_backward_with_deferred_ids_matches_the_torch_runner():
+    """Training through a format's deferred ids under a non-identity placement: the backward's torch
+    recompute must see the mapped ids (raw global ids would pick the wrong experts' weights)."""
+    gen = torch.Generator().manual_seed(13)
+    E, K, H, I, L = 8, 2, 16, 32, 4
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, L, H, I)
+    placement = ep.ExpertPlacement(E, 2, 1, expert_to_rank=[e % 2 for e in range(E)])  # rank 1: 1, 3, 5, 7
+    ids = torch.randint(-2, E + 2, (15, K), generator=gen, dtype=torch.int32)
+    x, w = torch.randn(15, H, generator=gen), torch.rand(15, K, generator=gen)
+    grads = {}
+    for name in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
+        inp = RunnerInput.from_global_ids(leaves[0], ids, w, placement, defer=name == "triton")
+        y = runners.create(name, cfg).run(inp, ExpertWeights(leaves[1], leaves[2]))
+        y.square().sum().backward()
+        grads[name] = [y.detach()] + [t.grad for t in leaves]
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert rel_err(got, want.double()) <= 1e-5
 
 
 def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
