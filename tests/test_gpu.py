@@ -623,6 +623,37 @@ def test_persistent_gemm_kernels_match_portable_and_float64_on_a_deepseek_shard(
             assert torch.equal(y_graph, run(block_config))
 
 
+@pytest.mark.parametrize("L,K_,T", [(16, 8, 30), (16, 8, 100), (32, 8, 130), (130, 8, 40)])
+def test_alignment_on_gpu_places_every_pair_once_and_maps_ids_as_reroute_to_sink(L, K_, T):
+    """The compiled alignment kernels (one program at <= 256 pairs, four above; ranks by a running count
+    per expert, or pair against pair at 130 experts): every computed pair once, in its expert's blocks,
+    in ascending order; the same buffers whether the ids come mapped or with their table (int64 ids
+    past int32 included)."""
+    from ep_runtime.runner_core import reroute_to_sink
+    from ep_runtime.runners import triton_kernels as kernels
+    gen = torch.Generator(device="cuda").manual_seed(L + T)
+    E = 2 * L
+    placement = ep.ExpertPlacement(E, 2, 1)  # rank 1: experts L..2L-1
+    table, mask = placement.global_to_local_table("cuda"), placement.local_mask_with_sink("cuda")
+    ids = torch.randint(-2, E + 2, (T, K_), device="cuda", generator=gen)
+    ids[0, 0] = 2 ** 32 + L  # wrapped to int32 it would be expert L, a local one
+    mapped = reroute_to_sink(ids, table)
+    for single in (True, False):
+        want = kernels.align_pairs(mapped, mask, 0, L, 16, single_program=single)
+        got = kernels.align_pairs(ids, mask, 0, L, 16, single_program=single, id_table=table)
+        for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (single, name)
+        flat = mapped.reshape(-1).long().cpu()
+        slots = got.sorted_pair_ids.long().cpu()
+        real = slots[slots < T * K_]
+        assert torch.equal(real.sort().values, (flat < L).nonzero().squeeze(1))  # every computed pair once
+        owner = got.block_expert.long().cpu().repeat_interleave(16)[:slots.numel()]
+        assert torch.equal(flat[real], owner[slots < T * K_])  # in its expert's blocks
+        for e in range(L):  # ascending within an expert
+            mine = real[flat[real] == e]
+            assert torch.equal(mine, mine.sort().values)
+
+
 def test_direct_triton_launches_respect_the_kernels_specialisation():
     """ep_runtime.triton_launch keys compiled kernels by Triton's own specialisation: alternating
     16-byte-aligned and misaligned inputs, sizes that are and are not multiples of 16, weighted and
