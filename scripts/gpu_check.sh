@@ -9,8 +9,8 @@
 #                                as `fault_probe:` lines) (270 s: ~200 s on a fast lent host, more on a slow one)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
 #                                replays of the static-shape dispatchers (140 s)
-#   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (100 s)
-#   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (100 s)
+#   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (115 s)
+#   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (115 s)
 #   bench_eplb                   ep-runtime bench --suite eplb: Zipf(1.2) routing, DeepSeek-V3, 4096 tok/rank, before
 #                                and after one rebalance with 32 redundant experts (90 s)
 #   bench_peer_transport         scripts/bench_peer_transport.py: the NVLink transport alone vs NCCL, on >= 2 GPUs (60 s)
@@ -64,7 +64,7 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
                "deepseek --preset deepseek-v3 --runner-ep-size 8 --tokens 1,64,256,1024,4096,16384"; do
     set -- $shape
     name=bench_runner_$1; shift
-    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$(budget 100)" python -m ep_runtime bench --suite runner "$@" \
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$(budget 115)" python -m ep_runtime bench --suite runner "$@" \
        --cuda-graph --repeats 20 --warmup 3 --no-progress --json "$W/$name.json" --markdown "$W/$name.md" \
        $(plot_arg "$name") ${RUNNER_ARGS:-}) >"$W/$name.log" 2>&1
     section "$name" $?; grep -A8 "^roofline" "$W/$name.log"; tail -3 "$W/$name.log"
