@@ -11,8 +11,9 @@ write instead of fused kernels). Each unquantized runner row of the suite's last
 --cuda-graph, else eager; rows that cannot run in it have none) is timed once more interleaved with
 that baseline run in the same mode, in blocks of PAIRED_CALLS back-to-back calls (`measure_interleaved`):
 `vs raw` is the baseline's median time per call over the row's from those repeats (> 1: ours is
-faster); the rows' own times and the standalone raw row (eager) are timed on their own. FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated);
-bytes: the expert weights of every expert that received >= 1 pair, read once.
+faster); the rows' own times and the standalone raw row (eager) are timed on their own.
+FLOPs: 2*3*H*I per computed pair (gated; 2*2*H*I not gated); bytes: the expert weights of every
+expert that received >= 1 pair, read once.
 
 --fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
 weights; fed the fp8 rows of a use_fp8=True dispatcher where the format has one, else quantizing
