@@ -379,7 +379,7 @@ def _align_count_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, chunk_counts
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pair < num_pairs
     ok, local = _pair_experts(ids_ptr, table_ptr, mask_ptr, pair, in_range, first_expert, table_size, mask_size, L,
-                                  HAS_TABLE, HAS_MASK)
+                              HAS_TABLE, HAS_MASK)
     tl.store(computed_ptr + pair, ok, mask=in_range)
     tl.store(chunk_counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), _expert_counts(ok, local, L, E_PAD))
 
@@ -477,7 +477,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
         BLOCKS=blocks_per_program, num_warps=4)
     _align_scatter_kernel[(num_chunks,)](ids, table, aligned.computed, aligned.chunk_offsets, aligned.padded,
                                          aligned.sorted_pair_ids, P, first_expert, table.numel(),
-                                         HAS_TABLE=id_table is not None, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
+                                         HAS_TABLE=lookup["HAS_TABLE"], CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
     return aligned
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
-from .timing import Stats, capture_graphs, measure, measure_interleaved
+from .timing import Stats, graph_replays, measure, measure_interleaved
 
 RAW_BASELINE = "grouped_mm (raw)"
 FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)")
@@ -224,11 +224,10 @@ def _in_mode(run: Callable[[int], Any], mode: str, rotate: int, device: torch.de
     if mode == "eager":
         return run
     try:
-        graphs, _ = capture_graphs(run, rotate, device)
+        return graph_replays(run, rotate, device)
     except Exception:
         torch.cuda.synchronize(device)  # not capturable (e.g. a host sync): leave the device idle
         raise
-    return lambda i: graphs[i % rotate].replay()
 
 
 @torch.no_grad()

@@ -167,11 +167,17 @@ def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, r
                        before_capture: Optional[Callable[[], Any]] = None) -> Stats:
     """Capture fn(k) for each rotation slot k into a CUDA graph (capture_graphs, before_capture as
     there: pass the dispatcher's raise_deferred where fn dispatches), then time replays with `measure`."""
-    graphs, _ = capture_graphs(fn, rotate, device, before_capture=before_capture)
-    stats = measure(lambda i: graphs[i % rotate].replay(), repeats=repeats, warmup=warmup, device=device,
-                    group=group)
+    stats = measure(graph_replays(fn, rotate, device, before_capture), repeats=repeats, warmup=warmup,
+                    device=device, group=group)
     stats.method = "cuda_graph"
     return stats
+
+
+def graph_replays(fn: Callable[[int], Any], rotate: int, device: torch.device,
+                  before_capture: Optional[Callable[[], Any]] = None) -> Callable[[int], Any]:
+    """replay(i): the CUDA graph of fn(i % rotate) replayed (capture_graphs' graphs; raises as it does)."""
+    graphs, _ = capture_graphs(fn, rotate, device, before_capture=before_capture)
+    return lambda i: graphs[i % rotate].replay()
 
 
 def _on_group_device(group: Any, device: torch.device) -> torch.device:
