@@ -181,6 +181,19 @@ def test_masked_runner_is_timed_through_the_layers_path_under_deepep_ll():
     assert {r["impl"] for r in results.roofline} == {"copy", "matmul"}
 
 
+def test_sustained_matmul_row_loads_the_device_first_then_times_the_same_product():
+    """The roofline's "matmul (sustained)" row: timed after sustain_s of back-to-back matmuls (the power
+    cap a long runner row runs at on a GPU); same product, same rate formula."""
+    from ep_runtime.bench.runner import _matmul_rate
+    timing = dict(repeats=3, warmup=1, device=CPU)
+    start = time.perf_counter()
+    row = _matmul_rate(64, torch.float32, CPU, timing, sustain_s=0.2)
+    assert time.perf_counter() - start >= 0.2
+    assert row["impl"] == "matmul (sustained)" and row["size"] == "64x64x64"
+    assert row["tflops"] == pytest.approx(2 * 64 ** 3 / (row["median_us"] * 1e-6) / 1e12)
+    assert _matmul_rate(64, torch.float32, CPU, timing)["impl"] == "matmul"
+
+
 def test_a_pair_that_does_not_run_is_skipped_with_its_format():
     results = bench.runner_suite(_tiny_settings(runners=["torch"], runner_formats=["standard"], tokens=[3]),
                                  CPU, ep_size=2, progress=False)
