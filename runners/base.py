@@ -31,6 +31,8 @@ class RunnerBackend:
     layouts: ClassVar[tuple[type, ...]] = (RunnerInput,)
     # True: compute() takes a RunnerInput whose ids may still need its id_table (the kernels look them up)
     reads_id_table: ClassVar[bool] = False
+    # the activation (and unquantized weight) dtypes compute() takes; None: every dtype a layer may have
+    dtypes: ClassVar[Optional[tuple[torch.dtype, ...]]] = None
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
@@ -39,6 +41,13 @@ class RunnerBackend:
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    @classmethod
+    def check_dtype(cls, dtype: torch.dtype, name: str = "dtype") -> None:
+        """Raise naming `name`, the dtype and the allowed ones when compute() cannot take `dtype`."""
+        if cls.dtypes is not None and dtype not in cls.dtypes:
+            raise ValueError(f"{name}={dtype}; runner={cls.name!r} computes in {', '.join(map(str, cls.dtypes))} "
+                             f"(use runner='torch' for other dtypes)")
 
     @classmethod
     def unavailable_reason(cls) -> str:

@@ -59,6 +59,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
+    # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
+    TritonRunner.check_dtype(inp.output_dtype, "x dtype")
+    if weights.quant is None:
+        TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
     hooks = hooks or GemmHooks()
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     if hooked:
@@ -276,6 +280,7 @@ class TritonRunner(TritonBackend):
     name = "triton"
     layouts = (RunnerInput,)
     reads_id_table = True  # the alignment kernels map the ids
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,

@@ -752,3 +752,28 @@ def test_capacity_rows_take_the_decode_tile_and_real_top1_tokens_keep_the_prefil
     capacity = kernels.default_config(32 * rows_per_expert, 1, 32, False, capacity_rows=True)
     real = kernels.default_config(32 * rows_per_expert, 1, 32, False)
     assert (capacity.BLOCK_M, real.BLOCK_M) == (32, 128)
+
+
+def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage():
+    """float64 reached tl.dot with an fp32 accumulator: the interpreter returned inf/garbage (the layer's
+    y off by 370%), and a GPU has no such kernel. A float64 layer is refused when built, a layer moved to
+    float64 and fused_experts when called, and "auto" does not pick triton for float64."""
+    msg = r"dtype=torch.float64; runner='triton' computes in torch.float32, torch.bfloat16, torch.float16"
+    with pytest.raises(ValueError, match=msg):
+        ep.EPMoE(8, 2, 16, 8, runner="triton", dtype=torch.float64)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="triton").to(torch.float64)
+    x, ids, w = torch.randn(3, 16, dtype=torch.float64), torch.tensor([[0, 1], [2, -1], [7, 3]]), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="x " + msg):
+        layer(x, ids, w)
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 8, 16, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x " + msg):
+        runners.fused_experts(x, w13, w2, ids, w)
+    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float64) == "torch"
+    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float32) == "triton"
+    # masked and torch compute float64 right
+    for runner in ("torch", "masked"):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(8, 2, 16, 8, runner=runner, dtype=torch.float64)
+        errors = check_layer(layer, make_problem(layer.config, [7], seed=1), 0)
+        assert max(errors.values()) <= tolerance(torch.float64), (runner, errors)
