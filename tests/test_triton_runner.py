@@ -777,3 +777,29 @@ def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage():
         layer = ep.EPMoE(8, 2, 16, 8, runner=runner, dtype=torch.float64)
         errors = check_layer(layer, make_problem(layer.config, [7], seed=1), 0)
         assert max(errors.values()) <= tolerance(torch.float64), (runner, errors)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(topk_ids="float"), TypeError, r"topk_ids has dtype torch.float32; expected a signed integer dtype"),
+    (dict(topk_ids="bool"), TypeError, r"topk_ids has dtype torch.bool; expected a signed integer dtype"),
+    (dict(topk_weights="int"), TypeError, r"topk_weights has dtype torch.int64; expected a floating dtype"),
+    (dict(x="fp16"), TypeError, r"w13 has dtype torch.float32; unquantized experts must have x's dtype \(torch.float16\)"),
+    (dict(w2="fp16"), TypeError, r"w2 has dtype torch.float16; unquantized experts must have x's dtype \(torch.float32\)"),
+    (dict(w2="wide"), ValueError, r"w2 has shape \[4, 16, 9\]; expected \[4, 16, 8\]"),
+    (dict(x="int"), TypeError, r"x has dtype torch.int64; expected a floating dtype"),
+])
+def test_fused_experts_names_the_bad_argument(bad, error, match):
+    """fused_experts took float and bool ids (2.7 silently became expert 2) and integer weights as
+    they were; x and expert weights of different dtypes failed inside Triton (an interpreter
+    AssertionError 'Both operands must be same dtype', a compile error on GPU); a w2 of the wrong
+    width was reported as a wrong w13. Each now raises naming the argument, as the layer does."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)
+    args = dict(x=x, w13=w13, w2=w2, topk_ids=ids, topk_weights=w)
+    change = {"float": lambda t: t.float() + 0.7, "bool": lambda t: t > 0, "int": lambda t: t.long(),
+              "fp16": lambda t: t.half(), "wide": lambda t: torch.randn(4, 16, 9)}
+    for name, how in bad.items():
+        args[name] = change[how](args[name])
+    with pytest.raises(error, match=match):
+        runners.fused_experts(**args)
