@@ -271,8 +271,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                 raise TypeError(f"{name} has dtype {t.dtype}; unquantized experts must have x's dtype ({x.dtype})"
                                 + (" (fp8 experts need w13_scale_inv and w2_scale_inv)" if t.element_size() == 1
                                    else ""))
-    config = MoeConfig(L, topk_ids.shape[1], H, intermediate, activation=activation, is_gated=is_gated,
-                       has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
+    # top_k may exceed L: a token's other experts live on other ranks (skipped). The runner never reads
+    # config.num_experts; it only has to admit top_k.
+    config = MoeConfig(max(L, topk_ids.shape[1]), topk_ids.shape[1], H, intermediate, activation=activation,
+                       is_gated=is_gated, has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
                        gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                        apply_router_weight_on_input=apply_router_weight_on_input)
     if quant is None and (w13_scale_inv is not None or w2_scale_inv is not None):

@@ -803,3 +803,24 @@ def test_fused_experts_names_the_bad_argument(bad, error, match):
         args[name] = change[how](args[name])
     with pytest.raises(error, match=match):
         runners.fused_experts(**args)
+
+
+@pytest.mark.parametrize("L,K,first", [(4, 6, 4), (1, 2, 3)])
+def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
+    """A rank's shard may hold fewer experts than a token's top_k (DeepSeek: K=8 over 4 local experts;
+    one expert per rank with K=2); the other slots name other ranks' experts and are skipped. It raised
+    'top_k=6 must be <= num_experts=4' (the shard's L taken as num_experts)."""
+    gen = torch.Generator().manual_seed(L)
+    E, H, I, T = 8, 16, 8, 7
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    xg = x.clone().requires_grad_(True)
+    y = runners.fused_experts(xg, w13[first:first + L], w2[first:first + L], ids, w, first_expert=first)
+    mine = (ids >= first) & (ids < first + L)
+    x64 = x.double().requires_grad_(True)
+    ref = moe_reference(x64, torch.where(mine, ids, torch.full_like(ids, -1)), w.double(), w13, w2,
+                        MoeConfig(E, K, H, I))
+    assert rel_err(y, ref) <= 1e-5
+    y.sum().backward()
+    ref.sum().backward()
+    assert rel_err(xg.grad, x64.grad) <= 1e-5
