@@ -191,3 +191,19 @@ def test_moe_runner_refuses_global_weights_on_a_sharded_rank(dispatcher, runner)
         first = 4 * rank
         assert message == (f"w13 has shape [8, 16, 16]; expected [4, 16, 16] (MoeRunner.run takes this rank's shard: "
                            f"its 4 local experts, global experts {first}..{first + 3}, as [4, ...] tensors)"), message
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_experts_of_another_dtype_than_the_tokens_are_named(runner):
+    """fp16 experts on fp32 tokens failed inside the GEMM: torch's 'expected m1 and m2 to have the same
+    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    cfg = ep.MoeConfig(4, 2, 16, 8)
+    disp = ep.dispatchers.create("standard", config=cfg)
+    moe = MoeRunner(ep.runners.create(runner, cfg), cfg, disp.placement)
+    out = disp.dispatch(torch.randn(3, 16), ep.TopKOutput(torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)))
+    weights = ep.ExpertWeights(torch.randn(4, 16, 16, dtype=torch.float16), torch.randn(4, 16, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=rf"w13 has dtype torch.float16; runner='{runner}' got tokens of dtype "
+                                         r"torch.float32, and unquantized experts must have the tokens' dtype"):
+        moe.run(out, weights)
