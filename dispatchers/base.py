@@ -157,6 +157,7 @@ class Dispatcher:
         (y, work), return_recv_hook=True (y, hook), as dispatch does; previous_event likewise."""
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "combine")
+        self.check_combine_input(combine_input)
         if self._plain(async_op, return_recv_hook, previous_event):
             return self._combine(combine_input)
         T = None
@@ -166,6 +167,17 @@ class Dispatcher:
         shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
         return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
                            return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+
+    def check_combine_input(self, combine_input: CombineInput) -> None:
+        """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked
+        before any exchange, from shapes only: no host sync). Here: a tensor whose rows have hidden_size
+        columns; dispatchers with a fixed layout check their rows too."""
+        rows = getattr(combine_input, "hidden_states", None)
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError(f"combine_input.hidden_states must be a torch.Tensor; got {type(rows).__name__}")
+        if rows.dim() < 2 or rows.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected rows of "
+                             f"hidden_size={self.config.hidden_size} (the {self.name} runner output)")
 
     def combined_tokens(self, dispatch_output: DispatchOutput) -> Optional[int]:
         """T of the dispatch `dispatch_output` came from (the rows combine returns); None when unknown,
@@ -300,6 +312,17 @@ class ExchangeDispatcher(Dispatcher):
         self.exchange = RankExchange(self.placement, self.group, name=self.name, transport=options.transport,
                                      num_sms=options.num_sms, hierarchical=options.hierarchical,
                                      ranks_per_node=options.ranks_per_node)
+
+    def check_combine_input(self, combine_input: CombineInput) -> None:
+        """Token rows: at least one per row this rank received (rows past them are padding), when the
+        plan has the received count on the host (host plans; device-only counts are not read here)."""
+        super().check_combine_input(combine_input)
+        splits = getattr(getattr(combine_input.dispatch_output, "handle", None), "recv_splits", None)
+        rows = combine_input.hidden_states
+        if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits)):
+            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
+                             f"{self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; "
+                             f"rows past them are padding)")
 
     def link_bytes(self, dispatch_output: DispatchOutput) -> Optional[LinkBytes]:
         """Bytes this rank sends over links inside its node and between nodes, for the dispatch that

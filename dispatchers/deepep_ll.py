@@ -123,6 +123,17 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     def combined_tokens(self, dispatch_output) -> Optional[int]:
         return dispatch_output.handle.exchange.num_tokens
 
+    def check_combine_input(self, combine_input: CombineInput) -> None:
+        """The expert outputs must have recv_x's [L, M*R, H] layout: combine reads row l*N + p of them
+        flat, so any other N would read the wrong rows (or past the end) without an error."""
+        super().check_combine_input(combine_input)
+        rows, recv_x = combine_input.hidden_states, combine_input.dispatch_output.recv_x
+        want = (*recv_x.shape[:2], self.config.hidden_size)
+        if tuple(rows.shape) != want:
+            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected {list(want)} "
+                             f"(recv_x's [L, M*R, H] layout, M=num_max_dispatch_tokens_per_rank="
+                             f"{self.options.num_max_dispatch_tokens_per_rank}, R={self.world_size})")
+
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]
         handle: LLHandle = combine_input.dispatch_output.handle

@@ -84,6 +84,14 @@ class StandardDispatcher(Dispatcher):
         raises the error it would have raised at once, naming which call it was."""
         self._deferred.flush()
 
+    def check_combine_input(self, combine_input: CombineInput) -> None:
+        """One row per dispatched token: combine returns them as they are, so T must match."""
+        super().check_combine_input(combine_input)
+        rows, T = combine_input.hidden_states, combine_input.dispatch_output.hidden_states.shape[0]
+        if rows.dim() != 2 or rows.shape[0] != T:
+            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected "
+                             f"[{T}, {self.config.hidden_size}] (one row per dispatched token)")
+
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         return combine_input.hidden_states
 

@@ -78,7 +78,7 @@ class EPMoE(nn.Module):
         if runner == "auto":
             runner = envs.get("RUNNER")
         backend = runners.create(runner, self.dispatcher.config, hooks=hooks, device=device,
-                                 format=self.dispatcher.format, **(runner_options or {}))
+                                 format=self.dispatcher.format, dtype=dtype, **(runner_options or {}))
         self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
         self.runner.check_format(self.dispatcher.format)
         self.topk_config = topk_config or TopKConfig(top_k=top_k)

@@ -320,9 +320,18 @@ class MoeRunner:
         format_path(format)
 
     def run(self, dispatch_output: DispatchOutput, weights: ExpertWeights) -> CombineInput:
+        """The backend on this rank's dispatch output (or the pair's registered fused function). weights:
+        this rank's local experts only, [L, ...] in the placement's local order, never the global
+        [E, ...] tensors (the format's local ids would index them as if they were the shard)."""
         fused = _FUSED.get((dispatch_output.format, self.backend.name))
         if fused is not None:
             return fused(self, dispatch_output, weights)
         path = format_path(dispatch_output.format)
+        L = self.placement.num_local_experts
+        try:
+            weights.check(self.config, L)
+        except ValueError as err:
+            raise ValueError(f"{err} (MoeRunner.run takes this rank's shard: its {L} local experts, global "
+                             f"experts {self.placement.describe_local_experts()}, as [{L}, ...] tensors)") from None
         runner_input = path.to_runner_input(dispatch_output, self.placement, self.config)
         return path.to_combine_input(self.backend.run(runner_input, weights), dispatch_output)

@@ -34,10 +34,10 @@ def registered() -> list[str]:
 AUTO_PREFERENCE = ("masked", "triton", "torch")
 
 
-def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
-    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available and computes the
-    dispatch format's layout natively (masked for deepep_ll, triton for the others), else torch.
-    Any other name is returned as is."""
+def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: Any = None) -> str:
+    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available, computes the
+    dispatch format's layout natively (masked for deepep_ll, triton for the others) and, when given,
+    `dtype`; else torch. Any other name is returned as is."""
     if name != "auto":
         return name
     import torch
@@ -47,7 +47,9 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None) -> str:
         return "torch"
     layout = format_path(format or "standard").layout
     for backend in AUTO_PREFERENCE:
-        if backend in available() and layout in _RUNNERS[backend].layouts:
+        cls = _RUNNERS[backend]
+        if backend in available() and layout in cls.layouts and (dtype is None or cls.dtypes is None
+                                                                  or dtype in cls.dtypes):
             return backend
     return "torch"
 
@@ -67,14 +69,17 @@ def check_name(name: str) -> None:
 
 
 def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, device: Any = None,
-           format: Optional[str] = None, **options: Any) -> RunnerBackend:
-    """Build runner backend `name` for `config`; rejects config fields it cannot compute. "auto" is
-    resolved for `device` and dispatch `format` (see resolve; no device: torch)."""
+           format: Optional[str] = None, dtype: Any = None, **options: Any) -> RunnerBackend:
+    """Build runner backend `name` for `config`; rejects config fields it cannot compute and, when
+    given, a `dtype` (the tokens') it cannot compute in. "auto" is resolved for `device`, dispatch
+    `format` and `dtype` (see resolve; no device: torch)."""
     check_name(name)
-    name = resolve(name, device, format)
+    name = resolve(name, device, format, dtype)
     cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
+    if dtype is not None:
+        cls.check_dtype(dtype)
     return cls(config, hooks=hooks, **options)
 
 

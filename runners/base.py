@@ -31,6 +31,8 @@ class RunnerBackend:
     layouts: ClassVar[tuple[type, ...]] = (RunnerInput,)
     # True: compute() takes a RunnerInput whose ids may still need its id_table (the kernels look them up)
     reads_id_table: ClassVar[bool] = False
+    # the activation (and unquantized weight) dtypes compute() takes; None: every dtype a layer may have
+    dtypes: ClassVar[Optional[tuple[torch.dtype, ...]]] = None
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
@@ -41,12 +43,25 @@ class RunnerBackend:
         return True
 
     @classmethod
+    def check_dtype(cls, dtype: torch.dtype, name: str = "dtype") -> None:
+        """Raise naming `name`, the dtype and the allowed ones when compute() cannot take `dtype`."""
+        if cls.dtypes is not None and dtype not in cls.dtypes:
+            raise ValueError(f"{name}={dtype}; runner={cls.name!r} computes in {', '.join(map(str, cls.dtypes))} "
+                             f"(use runner='torch' for other dtypes)")
+
+    @classmethod
     def unavailable_reason(cls) -> str:
         return ""
 
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
         natively when the backend declares that layout, else through the registered conversion."""
+        if weights.quant is None:  # (a mismatch would fail inside a matmul or a Triton kernel, naming neither)
+            want = runner_input.output_dtype
+            for name, t in (("w13", weights.w13), ("w2", weights.w2)):
+                if t.dtype != want:
+                    raise ValueError(f"{name} has dtype {t.dtype}; runner={self.name!r} got tokens of dtype {want}, "
+                                     f"and unquantized experts must have the tokens' dtype")
         if isinstance(runner_input, RunnerInput) and not (self.reads_id_table and RunnerInput in self.layouts):
             runner_input = runner_input.routed()
         if isinstance(runner_input, self.layouts):

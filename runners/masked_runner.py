@@ -93,7 +93,8 @@ if triton is not None:
         out_scale_ptr, stride_osl, stride_osm, fp8_max, min_amax,
         scale, alpha, limit,
         FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
-        HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, ROW_SPLITS: tl.constexpr,
+        HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
+        ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr,
         UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, ONE_SCALE: tl.constexpr,
@@ -128,6 +129,9 @@ if triton is not None:
                 k_ok = ks < K - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+                    a = a.to(tl.float32)
+                    w = w.to(tl.float32)
                 if BLOCK_SCALED:
                     group_k = k0 // SCALE_K
                     a_s = tl.load(a_scale_ptr + expert * stride_asl + rows * stride_asm + group_k * stride_ask,
@@ -141,6 +145,8 @@ if triton is not None:
                     acc += tl.dot(a, w)
                 if GATED:
                     w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    if UPCAST:
+                        w_up = w_up.to(tl.float32)
                     if BLOCK_SCALED:
                         acc_up = scaled_step(acc_up, tl.dot(a, w_up), a_s, w_scale_row, cols + up_offset, col_ok,
                                               stride_wsn, SCALE_N, ONE_SCALE)
@@ -182,7 +188,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
                                            activation.gemm1_clamp_limit)
     gated = activation is not None and activation.is_gated
     one_scale = quant is not None and one_weight_scale(quant.weight_block[0], block_n, N if gated else None)
-    meta = _meta(act, bias is not None, a.dtype == torch.float32, row_splits, block_n, tiles, quant,
+    upcast = INTERPRETED and a.dtype == torch.bfloat16
+    meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, row_splits, block_n, tiles, quant,
                  out_scale is not None, one_scale)
     bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
     bias_strides = bias.stride() if bias is not None else (0, 0)
@@ -195,7 +202,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
 
 
 @functools.lru_cache(maxsize=1024)
-def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, row_splits: int, block_n: int,
+def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, upcast: bool, row_splits: int, block_n: int,
           tiles: MaskedTiles, quant: Optional[QuantConfig], quant_out: bool, one_scale: bool) -> dict:
     """_masked_gemm_kernel's constexprs and launch options, built once per combination (rebuilding ~25
     entries per launch is host time at decode sizes). Shared: never changed by a caller. activation:
@@ -203,7 +210,8 @@ def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, row_split
     act = activation_args(*activation) if activation is not None else activation_args("silu", False, None, None)
     scaled = quant is not None
     return dict(
-        FUSE_ACT=activation is not None, **act, HAS_BIAS=has_bias, FP32_DOT=fp32_dot, ROW_SPLITS=row_splits,
+        FUSE_ACT=activation is not None, **act, HAS_BIAS=has_bias, FP32_DOT=fp32_dot, UPCAST=upcast,
+        ROW_SPLITS=row_splits,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K,
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,

@@ -29,6 +29,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad
 from ep_runtime.scratch import SCRATCH
+from ep_runtime.validation import check_hidden_states, check_topk
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -59,6 +60,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
+    # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
+    TritonRunner.check_dtype(inp.output_dtype, "x dtype")
+    if weights.quant is None:
+        TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
     hooks = hooks or GemmHooks()
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     if hooked:
@@ -247,21 +252,35 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     (unquantized experts)."""
     if kernels is None:
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} has shape {shape}; expected [L, 2I or I, H] (w13) and [L, H, I] (w2)")
     L, w13_rows, H = w13.shape
-    intermediate = w2.shape[2]
-    config = MoeConfig(L, topk_ids.shape[1], H, intermediate, activation=activation, is_gated=is_gated,
-                       has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
+    # I from w13 (checked to be even when gated): a w2 of the wrong width is then named as w2
+    intermediate = w13_rows // 2 if is_gated else w13_rows
+    check_hidden_states(x, H, name="x")
+    check_topk(topk_ids, topk_weights, x.shape[0], L, None, x.device, values=False)
+    for name, t in (("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2), ("w13_scale_inv", w13_scale_inv),
+                    ("w2_scale_inv", w2_scale_inv)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}; expected {x.device} (the device of x)")
+    if quant is None and w13_scale_inv is None and w2_scale_inv is None:
+        for name, t in (("w13", w13), ("w2", w2)):
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}; unquantized experts must have x's dtype ({x.dtype})"
+                                + (" (fp8 experts need w13_scale_inv and w2_scale_inv)" if t.element_size() == 1
+                                   else ""))
+    # top_k may exceed L: a token's other experts live on other ranks (skipped). The runner never reads
+    # config.num_experts; it only has to admit top_k.
+    config = MoeConfig(max(L, topk_ids.shape[1]), topk_ids.shape[1], H, intermediate, activation=activation,
+                       is_gated=is_gated, has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
                        gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                        apply_router_weight_on_input=apply_router_weight_on_input)
     if quant is None and (w13_scale_inv is not None or w2_scale_inv is not None):
         quant = QuantConfig()
     weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
     weights.check(config, L)
-    if x.dim() != 2 or x.shape[1] != H:
-        raise ValueError(f"x has shape {list(x.shape)}; expected [T, {H}] (H from w13)")
-    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
-                         f"must both be [T, K] with T={x.shape[0]} (rows of x)")
     # The runner core's input: local ids (int64: never wrapped) whose mapping (the alignment kernels do
     # it) sends every id outside [0, L), -1 included, to the sink L (masked out).
     inp = RunnerInput.from_local_ids(x, topk_ids.long() - first_expert, topk_weights, ExpertPlacement(L),
@@ -276,6 +295,7 @@ class TritonRunner(TritonBackend):
     name = "triton"
     layouts = (RunnerInput,)
     reads_id_table = True  # the alignment kernels map the ids
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None,

@@ -155,3 +155,55 @@ def test_gemm_hooks_see_grouped_rows_and_can_replace_outputs():
     bump = (w.double() * (ids >= 0)).sum(1, keepdim=True)
     assert rel_err(y, ref + bump) < 1e-12
     assert calls[0][0] == int((ids >= 0).sum())
+
+
+def _global_weights_rank(rank, world_size, dispatcher, runner):
+    """The registries used directly (DESIGN.md's lower level): MoeRunner.run given the global [E, ...]
+    weights instead of this rank's shard indexed them with local ids, i.e. computed rank 1's tokens with
+    experts 0..3 instead of 4..7 (rel err ~1, no error) for the torch and triton backends."""
+    E, K, H, I = 8, 2, 16, 8
+    cfg = ep.MoeConfig(E, K, H, I)
+    gen = torch.Generator().manual_seed(1)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(E, H, I, generator=gen) / I ** 0.5
+    options = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_dispatch_tokens_per_rank": 8}}
+    disp = ep.dispatchers.create(dispatcher, config=cfg, **options.get(dispatcher, {}))
+    runner = MoeRunner(ep.runners.create(runner, cfg), cfg, disp.placement)
+    x = torch.randn(5, H, generator=gen)
+    ids, w = torch.tensor([[0, 7], [4, -1], [5, 1], [3, 6], [2, 2]]), torch.rand(5, K, generator=gen)
+    mine = disp.placement.local_expert_ids()
+    y = disp.combine(runner.run(disp.dispatch(x, ep.TopKOutput(ids, w)), ep.ExpertWeights(w13[mine], w2[mine])))
+    err = rel_err(y, moe_reference(x, ids, w, w13, w2, cfg))
+    try:
+        disp.combine(runner.run(disp.dispatch(x, ep.TopKOutput(ids, w)), ep.ExpertWeights(w13, w2)))
+        return err, "no error"
+    except ValueError as e:
+        return err, str(e)
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+@pytest.mark.parametrize("runner", ["torch", "triton"])
+def test_moe_runner_refuses_global_weights_on_a_sharded_rank(dispatcher, runner):
+    from ep_runtime.testing import run_ranks
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    for rank, (err, message) in enumerate(run_ranks(_global_weights_rank, 2, dispatcher, runner, timeout=120)):
+        assert err <= 1e-5
+        first = 4 * rank
+        assert message == (f"w13 has shape [8, 16, 16]; expected [4, 16, 16] (MoeRunner.run takes this rank's shard: "
+                           f"its 4 local experts, global experts {first}..{first + 3}, as [4, ...] tensors)"), message
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_experts_of_another_dtype_than_the_tokens_are_named(runner):
+    """fp16 experts on fp32 tokens failed inside the GEMM: torch's 'expected m1 and m2 to have the same
+    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    cfg = ep.MoeConfig(4, 2, 16, 8)
+    disp = ep.dispatchers.create("standard", config=cfg)
+    moe = MoeRunner(ep.runners.create(runner, cfg), cfg, disp.placement)
+    out = disp.dispatch(torch.randn(3, 16), ep.TopKOutput(torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)))
+    weights = ep.ExpertWeights(torch.randn(4, 16, 16, dtype=torch.float16), torch.randn(4, 16, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=rf"w13 has dtype torch.float16; runner='{runner}' got tokens of dtype "
+                                         r"torch.float32, and unquantized experts must have the tokens' dtype"):
+        moe.run(out, weights)

@@ -752,3 +752,75 @@ def test_capacity_rows_take_the_decode_tile_and_real_top1_tokens_keep_the_prefil
     capacity = kernels.default_config(32 * rows_per_expert, 1, 32, False, capacity_rows=True)
     real = kernels.default_config(32 * rows_per_expert, 1, 32, False)
     assert (capacity.BLOCK_M, real.BLOCK_M) == (32, 128)
+
+
+def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage():
+    """float64 reached tl.dot with an fp32 accumulator: the interpreter returned inf/garbage (the layer's
+    y off by 370%), and a GPU has no such kernel. A float64 layer is refused when built, a layer moved to
+    float64 and fused_experts when called, and "auto" does not pick triton for float64."""
+    msg = r"dtype=torch.float64; runner='triton' computes in torch.float32, torch.bfloat16, torch.float16"
+    with pytest.raises(ValueError, match=msg):
+        ep.EPMoE(8, 2, 16, 8, runner="triton", dtype=torch.float64)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="triton").to(torch.float64)
+    x, ids, w = torch.randn(3, 16, dtype=torch.float64), torch.tensor([[0, 1], [2, -1], [7, 3]]), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="x " + msg):
+        layer(x, ids, w)
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 8, 16, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x " + msg):
+        runners.fused_experts(x, w13, w2, ids, w)
+    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float64) == "torch"
+    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float32) == "triton"
+    # masked and torch compute float64 right
+    for runner in ("torch", "masked"):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(8, 2, 16, 8, runner=runner, dtype=torch.float64)
+        errors = check_layer(layer, make_problem(layer.config, [7], seed=1), 0)
+        assert max(errors.values()) <= tolerance(torch.float64), (runner, errors)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(topk_ids="float"), TypeError, r"topk_ids has dtype torch.float32; expected a signed integer dtype"),
+    (dict(topk_ids="bool"), TypeError, r"topk_ids has dtype torch.bool; expected a signed integer dtype"),
+    (dict(topk_weights="int"), TypeError, r"topk_weights has dtype torch.int64; expected a floating dtype"),
+    (dict(x="fp16"), TypeError, r"w13 has dtype torch.float32; unquantized experts must have x's dtype \(torch.float16\)"),
+    (dict(w2="fp16"), TypeError, r"w2 has dtype torch.float16; unquantized experts must have x's dtype \(torch.float32\)"),
+    (dict(w2="wide"), ValueError, r"w2 has shape \[4, 16, 9\]; expected \[4, 16, 8\]"),
+    (dict(x="int"), TypeError, r"x has dtype torch.int64; expected a floating dtype"),
+])
+def test_fused_experts_names_the_bad_argument(bad, error, match):
+    """fused_experts took float and bool ids (2.7 silently became expert 2) and integer weights as
+    they were; x and expert weights of different dtypes failed inside Triton (an interpreter
+    AssertionError 'Both operands must be same dtype', a compile error on GPU); a w2 of the wrong
+    width was reported as a wrong w13. Each now raises naming the argument, as the layer does."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)
+    args = dict(x=x, w13=w13, w2=w2, topk_ids=ids, topk_weights=w)
+    change = {"float": lambda t: t.float() + 0.7, "bool": lambda t: t > 0, "int": lambda t: t.long(),
+              "fp16": lambda t: t.half(), "wide": lambda t: torch.randn(4, 16, 9)}
+    for name, how in bad.items():
+        args[name] = change[how](args[name])
+    with pytest.raises(error, match=match):
+        runners.fused_experts(**args)
+
+
+@pytest.mark.parametrize("L,K,first", [(4, 6, 4), (1, 2, 3)])
+def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
+    """A rank's shard may hold fewer experts than a token's top_k (DeepSeek: K=8 over 4 local experts;
+    one expert per rank with K=2); the other slots name other ranks' experts and are skipped. It raised
+    'top_k=6 must be <= num_experts=4' (the shard's L taken as num_experts)."""
+    gen = torch.Generator().manual_seed(L)
+    E, H, I, T = 8, 16, 8, 7
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    xg = x.clone().requires_grad_(True)
+    y = runners.fused_experts(xg, w13[first:first + L], w2[first:first + L], ids, w, first_expert=first)
+    mine = (ids >= first) & (ids < first + L)
+    x64 = x.double().requires_grad_(True)
+    ref = moe_reference(x64, torch.where(mine, ids, torch.full_like(ids, -1)), w.double(), w13, w2,
+                        MoeConfig(E, K, H, I))
+    assert rel_err(y, ref) <= 1e-5
+    y.sum().backward()
+    ref.sum().backward()
+    assert rel_err(xg.grad, x64.grad) <= 1e-5

@@ -1,0 +1,56 @@
+"""combine() given runner rows that cannot be this dispatch's runner output raises naming
+combine_input.hidden_states, on every rank, before any exchange (the low-level API: ep.dispatchers.create
+and a runner of the user's own). deepep_ll used to read its [L, M*R, H] rows flat with the wrong row
+count (garbage up to 1e33, reads past the end of the tensor), standard returned the wrong number of
+tokens, and deepep_normal / mori failed inside all_to_all ("Split sizes doesn't match")."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.runner_core import CombineInput
+from ep_runtime.testing import run_ranks
+
+OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_dispatch_tokens_per_rank": 8}}
+
+
+def _bad_rows(rows: torch.Tensor, case: str, received: int) -> torch.Tensor:
+    if case == "one_row_short":  # (mori's buffer has padding rows: one short of the received ones)
+        return rows[:, :-1] if rows.dim() == 3 else rows[:received - 1]
+    if case == "one_row_long":
+        return torch.cat([rows, rows[:, :1]], 1) if rows.dim() == 3 else torch.cat([rows, rows[:1]])
+    return torch.cat([rows, rows[..., :1]], -1)  # hidden_size + 1 columns
+
+
+def _combine_rank(rank, world_size, name):
+    d = ep.dispatchers.create(name, ep.MoeConfig(8, 2, 16, 8), **OPTIONS.get(name, {}))
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(rank))
+    topk = ep.TopKOutput(torch.tensor([[0, 7], [4, -1], [5, 1], [3, 6], [2, 2]]), torch.rand(5, 2))
+    out = d.dispatch(x, topk)
+    rows = out.hidden_states if name == "standard" else out.recv_x
+    messages = {}
+    for case in ("one_row_short", "one_row_long", "wide"):
+        if case == "one_row_long" and name in ("deepep_normal", "mori"):
+            continue  # padding rows past the received ones are allowed there
+        try:
+            received = sum(out.handle.recv_splits) if name in ("deepep_normal", "mori") else rows.shape[0]
+            d.combine(CombineInput(_bad_rows(rows.clone(), case, received), out))
+            messages[case] = "no error"
+        except ValueError as err:
+            messages[case] = str(err)
+    y = d.combine(CombineInput(rows.clone(), out))  # the ranks are still in step
+    return messages, list(y.shape)
+
+
+@pytest.mark.parametrize("name", ["standard", "deepep_normal", "deepep_ll", "mori"])
+def test_combine_names_rows_that_are_not_the_runner_output(name):
+    for messages, shape in run_ranks(_combine_rank, 2, name, timeout=120, group_timeout=20):
+        assert shape == [5, 16]
+        for case, message in messages.items():
+            assert message.startswith("combine_input.hidden_states has shape "), (case, message)
+        if name == "deepep_ll":
+            assert "expected [4, 16, 16] (recv_x's [L, M*R, H] layout" in messages["one_row_short"]
+        if name == "standard":
+            assert "expected [5, 16] (one row per dispatched token)" in messages["one_row_long"]
+        if name in ("deepep_normal", "mori"):
+            assert "(the rows this rank received; rows past them are padding)" in messages["one_row_short"]
+        assert "hidden_size=16" in messages["wide"]
