@@ -74,6 +74,43 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
     return QuantConfig(weight_block=tuple(block), activation_group=block[1]), dtype
 
 
+# FP8Experts' _apply_gate settings (from the model config) that change act(gate) * up
+_FP8_GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "swiglu_limit", "limit")
+
+
+def _check_plain_swiglu(experts: nn.Module) -> None:
+    """An error naming what makes `experts` compute something other than
+    sum_k w_k * down_proj[e] @ (act(gate) * up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights."""
+    name = type(experts).__name__
+    flags = {"is_transposed": False, "is_concatenated": True, "has_gate": True, "has_bias": False,
+             "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
+    for flag, plain in flags.items():
+        value = getattr(experts, flag, plain)
+        if value != plain:
+            raise ValueError(f"experts={name} has {flag}={value!r}; EPExperts supports {flag}={plain!r} only")
+    if isinstance(getattr(experts, "post_expert_norm", None), nn.Module):
+        raise ValueError(f"experts={name} has a post_expert_norm (a norm on each expert's output before the "
+                         f"router weight); EPExperts does not apply it")
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    if apply_gate is not None:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:  # pragma: no cover - a transformers without the experts interface
+            _default_apply_gate = None
+        plain_fp8 = apply_gate.__qualname__ == "FP8Experts._apply_gate" and all(
+            getattr(experts, knob, None) is None for knob in _FP8_GATE_KNOBS)  # its gate is the default then
+        if apply_gate is not _default_apply_gate and not plain_fp8:
+            knobs = {k: getattr(experts, k) for k in _FP8_GATE_KNOBS if getattr(experts, k, None) is not None}
+            raise ValueError(f"experts={name} overrides _apply_gate (e.g. a clamped SwiGLU) with "
+                             f"{apply_gate.__qualname__}{f' ({knobs})' if knobs else ''}; EPExperts runs "
+                             f"act(gate) * up only")
+    w13, w2 = experts.gate_up_proj, experts.down_proj
+    E, two_i, H = w13.shape
+    if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
+        raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
+                         f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
+
+
 class EPExperts(nn.Module):
     """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
 
@@ -98,6 +135,7 @@ class EPExperts(nn.Module):
             if getattr(experts, bias, None) is not None:
                 raise ValueError(f"experts has {bias}: HF's biased experts (e.g. gpt-oss) interleave gate and "
                                  f"up differently; EPExperts does not convert them")
+        _check_plain_swiglu(experts)
         w13, w2 = experts.gate_up_proj, experts.down_proj
         E, two_i, H = w13.shape
         self.num_experts = E

@@ -107,3 +107,48 @@ def test_overlapped_shared_experts_leave_logits_and_gradients_unchanged():
         assert same and same_grad and has_grads and same_keys and handed == 2 and calls == 2, out["deepseek_v3"]
         same, same_grad, has_grads, same_keys, calls, handed = out["qwen2_moe"]
         assert same and same_grad and has_grads and same_keys and handed == 0, out["qwen2_moe"]
+
+
+def _experts(module_name, cls_name, config_name, **fields):
+    """One transformers experts module built from a tiny config."""
+    import importlib
+    config = getattr(transformers, config_name)(**fields)
+    return getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), cls_name)(config)
+
+
+def test_experts_that_compute_something_else_are_rejected():
+    """Experts whose forward is not sum_k w_k * down(act(gate) * up) must not be swapped silently:
+    DeepSeek-V4's clamped SwiGLU (_apply_gate), MuSE-Spark's per-expert output norm, MiniMax-M3's
+    gpt-oss style gate on [gate; up], Llama 4's transposed weights."""
+    cases = [
+        (("deepseek_v4", "DeepseekV4Experts", "DeepseekV4Config"),
+         dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, swiglu_limit=0.1, q_lora_rank=8),
+         "overrides _apply_gate"),
+        (("muse_spark", "MuseSparkExperts", "MuseSparkTextConfig"),
+         dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_attention_heads=4,
+              num_key_value_heads=2), "has_post_expert_norm=True"),
+        (("minimax_m3_vl", "MiniMaxM3VLExperts", "MiniMaxM3VLTextConfig"),
+         dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4), "overrides _apply_gate"),
+        (("llama4", "Llama4TextExperts", "Llama4TextConfig"),
+         dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "needs \\[E, 2I, H\\] and \\[E, H, I\\]"),
+    ]
+    for names, fields, message in cases:
+        try:
+            experts = _experts(*names, **fields)
+        except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
+            pytest.skip(f"{names[1]}: {err}")
+        with pytest.raises(ValueError, match=message):
+            ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+
+
+def test_fp8_experts_with_a_clamped_gate_are_rejected():
+    """transformers' FP8Experts clamps its SwiGLU when the model config has swiglu_limit (DeepSeek-V4):
+    EPExperts' fp8 path computes act(gate) * up, so such experts are refused, not run unclamped."""
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("no DeepseekV4Config in this transformers")
+    config = transformers.DeepseekV4Config(hidden_size=128, moe_intermediate_size=128, num_local_experts=4,
+                                           swiglu_limit=10.0, q_lora_rank=8)
+    experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+    with pytest.raises(ValueError, match="overrides _apply_gate .*'swiglu_limit': 10.0"):
+        ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
