@@ -111,6 +111,15 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
                          f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
 
 
+def _router_top_k(block: nn.Module) -> Optional[int]:
+    """top_k of a transformers MoE block's router (`gate` or `router`), None if it has none."""
+    for name in ("gate", "router"):
+        top_k = getattr(getattr(block, name, None), "top_k", None)
+        if isinstance(top_k, int) and not isinstance(top_k, bool):
+            return top_k
+    return None
+
+
 class EPExperts(nn.Module):
     """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
 
@@ -191,9 +200,12 @@ def _identity(x: torch.Tensor) -> tuple:
 
 
 def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:
-    """Swap the `experts` of every MoE block in `model` (a block with a router `gate` that has `top_k`
-    and an HF experts module) for EPExperts(experts, gate.top_k, **options). Every rank must call it
-    on the same model. Returns how many blocks it changed.
+    """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
+    `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
+    ...) for EPExperts(experts, router.top_k, **options). Every rank must call it on the same model.
+    Returns how many blocks it changed. A block EPExperts cannot run exactly (no router top_k, biased,
+    transposed or interleaved weights, a custom _apply_gate, a post-expert norm, e.g. gpt-oss and Llama 4)
+    raises a ValueError naming it, before any block is changed.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
@@ -202,9 +214,14 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, *
     if not isinstance(overlap_shared_experts, bool):
         raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
-              and is_hf_experts(m.experts) and isinstance(getattr(getattr(m, "gate", None), "top_k", None), int)]
+              and is_hf_experts(m.experts)]
+    for block in blocks:  # check every block before changing any
+        if _router_top_k(block) is None:
+            raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "
+                             f"`gate` or `router` with an int top_k; EPExperts cannot tell its top_k")
+        _check_plain_swiglu(block.experts)
     for block in blocks:
-        block.experts = EPExperts(block.experts, block.gate.top_k, **options)
+        block.experts = EPExperts(block.experts, _router_top_k(block), **options)
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module):
             block.experts._shared = _SharedHandoff(shared)

@@ -22,7 +22,16 @@ FAMILIES = {  # name -> (config class, extra fields); small, with routing option
                                              n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
                                              first_k_dense_replace=0, intermediate_size=24, q_lora_rank=None,
                                              kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
+    # blocks whose router is called `router`, not `gate`
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
+    "jamba": ("JambaConfig", dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, attn_layer_period=1,
+                                  attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0)),
 }
+
+
+def _router(block):
+    return block.gate if hasattr(getattr(block, "gate", None), "top_k") else block.router
 
 
 def _family_rank(rank, world_size, dispatcher):
@@ -35,7 +44,7 @@ def _family_rank(rank, world_size, dispatcher):
             if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
                 m.e_score_correction_bias.data.normal_(0, 0.3)
         ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
-        router = next(m.gate.weight for m in model.modules() if hasattr(getattr(m, "gate", None), "top_k"))
+        router = next(_router(m).weight for m in model.modules() if ep.hf.is_hf_experts(getattr(m, "experts", m)))
         expected = model(ids).logits
         expected.square().mean().backward()
         expected_grad, router.grad = router.grad.clone(), None
@@ -152,3 +161,22 @@ def test_fp8_experts_with_a_clamped_gate_are_rejected():
     experts = fp8_module.FP8Experts(config, block_size=(128, 128))
     with pytest.raises(ValueError, match="overrides _apply_gate .*'swiglu_limit': 10.0"):
         ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+
+
+def test_blocks_that_cannot_be_swapped_fail_loudly():
+    """gpt-oss (biased, interleaved, transposed experts) and Llama 4 (transposed experts called without
+    top-k ids) have routers named `router`: replace_experts raises naming the experts, changes nothing."""
+    cases = {"GptOssConfig": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                                  layer_types=["full_attention"] * 2),
+             "Llama4TextConfig": dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8,
+                                      num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"] * 2,
+                                      no_rope_layers=[1, 1], moe_layers=[0, 1])}
+    for cls_name, extra in cases.items():
+        config = getattr(transformers, cls_name)(**COMMON, **extra)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"experts=(GptOss|Llama4Text)Experts has "):
+            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), cls_name
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), cls_name

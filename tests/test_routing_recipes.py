@@ -29,7 +29,7 @@ def recipe(family: str, config) -> tuple[ep.TopKConfig, bool]:
                          group_score="top2_sum"), True
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])  # the docs' recipes
 def test_recipe_matches_the_hf_router(family):
     cls_name, extra = FAMILIES[family]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
