@@ -195,8 +195,9 @@ class _SharedHandoff:
 
 def _identity(x: torch.Tensor) -> tuple:
     """The same tokens, unchanged: same memory, elements, last dim and version (an in-place write
-    in between would bump it). A block may pass its [B, S, H] input where the experts got [T, H]."""
-    return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], x._version)
+    in between would bump it; inference tensors have no version counter). A block may pass its
+    [B, S, H] input where the experts got [T, H]."""
+    return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], None if x.is_inference() else x._version)
 
 
 def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:

@@ -180,3 +180,19 @@ def test_blocks_that_cannot_be_swapped_fail_loudly():
             ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
         assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), cls_name
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), cls_name
+
+
+def test_overlapped_shared_experts_under_inference_mode():
+    """overlap_shared_experts=True in torch.inference_mode() (inference tensors have no version counter)."""
+    cls_name, extra = FAMILIES["deepseek_v3"]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    models = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
+        models.append(model)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain, overlapped = (m(ids).logits for m in models)
+    assert torch.equal(plain, overlapped)
