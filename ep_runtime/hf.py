@@ -162,7 +162,7 @@ class EPExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
-        if self._shared is None:
+        if self._shared is None or not self._shared.enabled:
             return self.layer(hidden_states, ids, top_k_weights)
         check_hidden_states(hidden_states, self.layer.config.hidden_size, self.layer.w13.dtype, self.layer.w13.device)
         # The block's shared experts run while the dispatch is in flight; the block then gets their
@@ -176,20 +176,28 @@ class EPExperts(nn.Module):
 class _SharedHandoff:
     """A Hugging Face block's shared-experts module whose output EPExperts computes during its
     dispatch: the module's own forward is wrapped (its parameters and state_dict names stay where
-    they are) to return that output when the block calls it on the same tokens, else to compute."""
+    they are) to return that output when the block calls it on the same tokens, else to compute.
+
+    A block that calls its shared experts without a hand-off waiting for those tokens (it calls them
+    before its routed experts, as AfMoE, ERNIE-4.5-MoE and Laguna do, or on other tokens) turns the
+    hand-off off for good: otherwise every forward would compute them twice and leave a stash
+    behind for the next call."""
 
     def __init__(self, module: nn.Module):
         self.compute = module.forward  # the original bound forward
-        self._stashed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.enabled = True
+        self._stashed: Optional[tuple[torch.Tensor, tuple, torch.Tensor]] = None
         module.forward = self  # an instance attribute: nn.Module.__call__ finds it before the class's
 
     def stash(self, x: torch.Tensor, shared: torch.Tensor) -> None:
-        self._stashed = (_identity(x), shared)
+        # x is held until the hand-off: no other tensor can take its memory and pass for it
+        self._stashed = (x, _identity(x), shared)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         stashed, self._stashed = self._stashed, None
-        if stashed is not None and not args and not kwargs and _identity(x) == stashed[0]:
-            return stashed[1].view(x.shape)
+        if stashed is not None and not args and not kwargs and _identity(x) == stashed[1]:
+            return stashed[2].view(x.shape)
+        self.enabled = False
         return self.compute(x, *args, **kwargs)
 
 
@@ -211,7 +219,7 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, *
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
-    the routed ones (Qwen2-MoE) keep computing them first."""
+    the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
     if not isinstance(overlap_shared_experts, bool):
         raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)

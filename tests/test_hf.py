@@ -196,3 +196,30 @@ def test_overlapped_shared_experts_under_inference_mode():
     with torch.inference_mode():
         plain, overlapped = (m(ids).logits for m in models)
     assert torch.equal(plain, overlapped)
+
+
+def test_shared_experts_called_first_are_computed_once_and_never_stale():
+    """A block that calls `shared_experts` before its routed experts (ERNIE-4.5-MoE) under
+    overlap_shared_experts=True: they run once per forward, nothing is left stashed for the next
+    call (a leftover stash was handed to a later input that landed at the same address), logits equal."""
+    if not hasattr(transformers, "Ernie4_5_MoeConfig"):
+        pytest.skip("no ERNIE-4.5-MoE in this transformers")
+    config = transformers.Ernie4_5_MoeConfig(**COMMON, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                                             moe_num_shared_experts=1, moe_layer_start_index=0, intermediate_size=24)
+    models = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
+        models.append(model)
+    blocks = [m for m in models[1].modules() if isinstance(getattr(m, "shared_experts", None), torch.nn.Module)]
+    calls = []
+    for block in blocks:
+        next(block.shared_experts.children()).register_forward_hook(lambda *args: calls.append(1))
+    for step in range(3):
+        ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            plain, overlapped = (m(ids).logits for m in models)
+        assert torch.equal(plain, overlapped), step
+        assert len(calls) == len(blocks) * (step + 1), (step, len(calls))
+        assert all(b.experts._shared._stashed is None for b in blocks), step
