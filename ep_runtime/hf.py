@@ -111,6 +111,53 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
                          f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
 
 
+def _gpt_oss_gate(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's SwiGLU on its interleaved [g0, u0, g1, u1, ...] layout (what EPMoE computes on [gate; up])."""
+    gate, up = gate_up[..., ::2].clamp(max=limit), gate_up[..., 1::2].clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _is_gpt_oss(experts: nn.Module) -> bool:
+    """transformers' gpt-oss experts layout: gate_up_proj [E, H, 2I] with gate / up columns interleaved,
+    biases, down_proj [E, I, H], and an _apply_gate that computes gpt-oss's clamped SwiGLU (checked on a probe)."""
+    flags = dict(is_transposed=True, is_concatenated=False, has_bias=True, has_gate=True)
+    if any(getattr(experts, k, None) != v for k, v in flags.items()) or getattr(experts, "has_post_expert_norm", False):
+        return False
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) or not limit > 0:
+        return False
+    if not all(isinstance(getattr(experts, b, None), torch.Tensor) for b in ("gate_up_proj_bias", "down_proj_bias")):
+        return False
+    probe = torch.linspace(-2 * limit, 2 * limit, 64, dtype=torch.float64).view(4, 16)
+    try:
+        out = experts._apply_gate(probe)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == (4, 8) and torch.allclose(
+        out, _gpt_oss_gate(probe, alpha, limit), rtol=1e-9, atol=1e-12)
+
+
+def _from_gpt_oss(experts: nn.Module) -> tuple[torch.Tensor, ...]:
+    """gpt-oss weights -> EPMoE's (w13 [E, 2I, H] = [gate; up], w2 [E, H, I], b13 [E, 2I], b2 [E, H])."""
+    w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+    E, H, two_i = w.shape
+    if two_i % 2 or tuple(experts.down_proj.shape) != (E, two_i // 2, H):
+        raise ValueError(f"experts={type(experts).__name__} has gate_up_proj {list(w.shape)} and down_proj "
+                         f"{list(experts.down_proj.shape)}; gpt-oss's layout is [E, H, 2I] and [E, I, H]")
+    w13 = torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2).contiguous()
+    b13 = torch.cat((b[..., ::2], b[..., 1::2]), dim=1)
+    return w13, experts.down_proj.detach().transpose(1, 2).contiguous(), b13, experts.down_proj_bias.detach()
+
+
+def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of _from_gpt_oss, under gpt-oss's parameter names."""
+    E, two_i, H = w13.shape
+    i = two_i // 2
+    return {"gate_up_proj": torch.stack((w13[:, :i], w13[:, i:]), dim=2).reshape(E, two_i, H).transpose(1, 2).contiguous(),
+            "gate_up_proj_bias": torch.stack((b13[:, :i], b13[:, i:]), dim=2).reshape(E, two_i),
+            "down_proj": w2.transpose(1, 2).contiguous(), "down_proj_bias": b2}
+
+
 def _router_top_k(block: nn.Module) -> Optional[int]:
     """top_k of a transformers MoE block's router (`gate` or `router`), None if it has none."""
     for name in ("gate", "router"):
@@ -126,7 +173,10 @@ class EPExperts(nn.Module):
     Takes the module's global weights once (gate_up_proj [E, 2I, H] = [gate; up], down_proj
     [E, H, I]) and keeps this rank's slice in `self.layer` (an EPMoE). Called like the original:
     forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]; an index equal
-    to E (HF's "no expert") or -1 adds nothing. Biases and other activations are rejected.
+    to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
+    up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
+    to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
+    Other biases and activations are rejected.
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
@@ -140,10 +190,21 @@ class EPExperts(nn.Module):
         if not is_hf_experts(experts):
             raise ValueError(f"experts={type(experts).__name__} has no 3-D gate_up_proj / down_proj "
                              f"(a transformers >= 5 experts module)")
+        self.gpt_oss = _is_gpt_oss(experts)  # its layout is converted in and out (export_state_dict)
+        if self.gpt_oss:
+            w13, w2, b13, b2 = _from_gpt_oss(experts)
+            E, two_i, H = w13.shape
+            self.num_experts = E
+            self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
+                               dtype=w13.dtype, device=w13.device if device is None else device, has_bias=True,
+                               gemm1_alpha=float(experts.alpha), gemm1_clamp_limit=float(experts.limit),
+                               dispatcher_options=dispatcher_options, runner_options=runner_options)
+            self.layer.load_experts(w13, w2, b13, b2)
+            return
         for bias in ("gate_up_proj_bias", "down_proj_bias"):
             if getattr(experts, bias, None) is not None:
-                raise ValueError(f"experts has {bias}: HF's biased experts (e.g. gpt-oss) interleave gate and "
-                                 f"up differently; EPExperts does not convert them")
+                raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
+                                 f"and up differently; EPExperts does not convert them")
         _check_plain_swiglu(experts)
         w13, w2 = experts.gate_up_proj, experts.down_proj
         E, two_i, H = w13.shape
@@ -228,7 +289,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, *
         if _router_top_k(block) is None:
             raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "
                              f"`gate` or `router` with an int top_k; EPExperts cannot tell its top_k")
-        _check_plain_swiglu(block.experts)
+        if not _is_gpt_oss(block.experts):
+            _check_plain_swiglu(block.experts)
     for block in blocks:
         block.experts = EPExperts(block.experts, _router_top_k(block), **options)
         shared = getattr(block, "shared_experts", None)
@@ -253,6 +315,10 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         if owner is None:
             out[key] = value
     for name, weights in gathered.items():
+        if experts[name].gpt_oss:
+            out.update({f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
+                                                                              weights.b2).items()})
+            continue
         out[f"{name}.gate_up_proj"] = weights.w13
         out[f"{name}.down_proj"] = weights.w2
     return out
