@@ -285,6 +285,13 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, *
         raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
               and is_hf_experts(m.experts)]
+    for m in model.modules():  # ungated experts (NemotronH: up_proj / down_proj only) would be skipped silently
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, nn.Module) and not is_hf_experts(experts) and all(
+                isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
+                for w in ("up_proj", "down_proj")):
+            raise ValueError(f"block={type(m).__name__} has experts={type(experts).__name__} with up_proj and no "
+                             f"gate_up_proj (has_gate=False); EPExperts runs gated ([gate; up]) experts only")
     for block in blocks:  # check every block before changing any
         if _router_top_k(block) is None:
             raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "

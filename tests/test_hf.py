@@ -224,3 +224,24 @@ def test_shared_experts_called_first_are_computed_once_and_never_stale():
         assert torch.equal(plain, overlapped), step
         assert len(calls) == len(blocks) * (step + 1), (step, len(calls))
         assert all(b.experts._shared._stashed is None for b in blocks), step
+
+
+def test_ungated_experts_are_rejected_not_skipped():
+    """NemotronH's experts (up_proj / down_proj, no gate): replace_experts raises instead of
+    returning 0 with the model left as it was."""
+    try:
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+        config = transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4)
+        experts = NemotronHExperts(config)
+    except (AttributeError, ImportError, TypeError, ValueError) as err:
+        pytest.skip(f"NemotronH: {err}")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = experts
+            self.gate = torch.nn.Linear(32, 4)
+            self.gate.top_k = 2
+
+    with pytest.raises(ValueError, match="experts=NemotronHExperts with up_proj and no gate_up_proj"):
+        ep.hf.replace_experts(torch.nn.Sequential(Block()), dispatcher="standard", runner="torch")
