@@ -159,11 +159,19 @@ def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torc
 
 
 def _router_top_k(block: nn.Module) -> Optional[int]:
-    """top_k of a transformers MoE block's router (`gate` or `router`), None if it has none."""
+    """top_k of a transformers MoE block's router (`gate` or `router`: its top_k, else its config's
+    top_k_experts as Gemma 4's router reads it), None if it has none."""
+    def as_int(value: Any) -> Optional[int]:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     for name in ("gate", "router"):
-        top_k = getattr(getattr(block, name, None), "top_k", None)
-        if isinstance(top_k, int) and not isinstance(top_k, bool):
-            return top_k
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Module):
+            top_k = as_int(getattr(router, "top_k", None))
+            if top_k is None:
+                top_k = as_int(getattr(getattr(router, "config", None), "top_k_experts", None))
+            if top_k is not None:
+                return top_k
     return None
 
 

@@ -245,3 +245,21 @@ def test_ungated_experts_are_rejected_not_skipped():
 
     with pytest.raises(ValueError, match="experts=NemotronHExperts with up_proj and no gate_up_proj"):
         ep.hf.replace_experts(torch.nn.Sequential(Block()), dispatcher="standard", runner="torch")
+
+
+def test_gemma4_router_without_top_k_attribute():
+    """Gemma 4's MoE decoder layer: its `router` has no top_k (it reads config.top_k_experts); the
+    blocks are swapped (not refused, not skipped) and the logits stay the same."""
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("no Gemma 4 in this transformers")
+    config = transformers.Gemma4TextConfig(**COMMON, intermediate_size=24, head_dim=8, enable_moe_block=True,
+                                           num_experts=8, top_k_experts=2, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+    with torch.no_grad():
+        actual = model(ids).logits
+    assert rel_err(actual, expected) <= tolerance(torch.float32)
