@@ -82,17 +82,24 @@ def test_unsupported_experts_are_rejected():
         "silu", "gelu", "gelu_tanh"]
 
 
+def _plain_and_overlapped(config):
+    """Two float32 models of `config` with the same weights, experts replaced (deepep_normal, torch):
+    without and with overlap_shared_experts."""
+    models = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
+        models.append(model)
+    return models
+
+
 def _shared_overlap_rank(rank, world_size):
     out = {}
     for name in ("deepseek_v3", "qwen2_moe"):
         cls_name, extra = FAMILIES[name]
         config = getattr(transformers, cls_name)(**COMMON, **extra)
-        models = []
-        for overlap in (False, True):
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-            ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
-            models.append(model)
+        models = _plain_and_overlapped(config)
         plain, overlapped = models
         calls = []
         for m in overlapped.modules():  # each shared expert's first projection: computed once per forward
@@ -187,12 +194,7 @@ def test_overlapped_shared_experts_under_inference_mode():
     """overlap_shared_experts=True in torch.inference_mode() (inference tensors have no version counter)."""
     cls_name, extra = FAMILIES["deepseek_v3"]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
-    models = []
-    for overlap in (False, True):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
-        models.append(model)
+    models = _plain_and_overlapped(config)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         plain, overlapped = (m(ids).logits for m in models)
@@ -207,12 +209,7 @@ def test_shared_experts_called_first_are_computed_once_and_never_stale():
         pytest.skip("no ERNIE-4.5-MoE in this transformers")
     config = transformers.Ernie4_5_MoeConfig(**COMMON, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
                                              moe_num_shared_experts=1, moe_layer_start_index=0, intermediate_size=24)
-    models = []
-    for overlap in (False, True):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", overlap_shared_experts=overlap)
-        models.append(model)
+    models = _plain_and_overlapped(config)
     blocks = [m for m in models[1].modules() if isinstance(getattr(m, "shared_experts", None), torch.nn.Module)]
     calls = []
     for block in blocks:
