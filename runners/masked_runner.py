@@ -318,6 +318,9 @@ class MaskedRunner(TritonBackend):
 
     name = "masked"
     layouts = (ExpertMajorInput,)
+    # float64 would reach tl.dot with an fp32 accumulator: a Triton CompilationError on GPU ("Loop-carried
+    # variable acc ... re-assigned to fp64"; only the interpreter runs it)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     import_error = _IMPORT_ERROR
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None, tiles: Optional[MaskedTiles] = None):
@@ -334,6 +337,7 @@ class MaskedRunner(TritonBackend):
         """inp.hidden_states [L, M*R, H], rows p >= masked_m[l] never read. Returns [L, M*R, H] in its
         dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
         unwritten. Differentiable."""
+        MaskedRunner.check_dtype(inp.output_dtype, "x dtype")  # (a layer moved to another dtype after it was built)
         recv_x, masked_m, recv_scale = inp.hidden_states, inp.masked_m, inp.hidden_scale
         if recv_scale is not None and weights.quant is None:  # fp8 rows, unquantized experts: dequantized first
             recv_x, recv_scale = QuantConfig().dequantize_activation(recv_x, recv_scale).to(inp.output_dtype), None
