@@ -160,19 +160,3 @@ def test_bf16_layer_matches_reference(dispatcher):
                      dispatcher_options={"num_max_dispatch_tokens_per_rank": 16} if dispatcher == "deepep_ll" else None)
     errors = check_layer(layer, make_problem(layer.config, [11], seed=4), 0)
     assert max(errors.values()) <= tolerance(torch.bfloat16), errors
-
-
-def test_float64_is_rejected_not_left_to_the_kernel():
-    """The masked kernel accumulates tl.dot in fp32: float64 operands make tl.dot return fp64 and Triton
-    refuses to compile the loop on a GPU ("Loop-carried variable acc has initial type fp32 but is
-    re-assigned to fp64"); only the CPU interpreter ran it. So, as for runner='triton': a float64 layer
-    is refused when built, a layer moved to float64 when called, and "auto" does not pick masked for it."""
-    msg = r"dtype=torch.float64; runner='masked' computes in torch.float32, torch.bfloat16, torch.float16"
-    with pytest.raises(ValueError, match=msg):
-        ep.EPMoE(8, 2, 16, 8, runner="masked", dtype=torch.float64)
-    layer = ep.EPMoE(8, 2, 16, 8, runner="masked").to(torch.float64)
-    x, ids, w = torch.randn(3, 16, dtype=torch.float64), torch.tensor([[0, 1], [2, -1], [7, 3]]), torch.rand(3, 2)
-    with pytest.raises(ValueError, match="x " + msg):
-        layer(x, ids, w)
-    assert ep.runners.resolve("auto", "cuda", "deepep_ll", torch.float64) == "torch"
-    assert ep.runners.resolve("auto", "cuda", "deepep_ll", torch.bfloat16) == "masked"

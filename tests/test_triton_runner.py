@@ -754,24 +754,28 @@ def test_capacity_rows_take_the_decode_tile_and_real_top1_tokens_keep_the_prefil
     assert (capacity.BLOCK_M, real.BLOCK_M) == (32, 128)
 
 
-def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage():
-    """float64 reached tl.dot with an fp32 accumulator: the interpreter returned inf/garbage (the layer's
-    y off by 370%), and a GPU has no such kernel. A float64 layer is refused when built, a layer moved to
-    float64 and fused_experts when called, and "auto" does not pick triton for float64."""
-    msg = r"dtype=torch.float64; runner='triton' computes in torch.float32, torch.bfloat16, torch.float16"
+@pytest.mark.parametrize("runner,fmt,other_dtype", [("triton", "deepep_normal", torch.float32),
+                                                      ("masked", "deepep_ll", torch.bfloat16)])
+def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage(runner, fmt, other_dtype):
+    """Both Triton runners accumulate tl.dot in fp32: float64 operands gave inf/garbage under the
+    interpreter (the triton layer's y off by 370%) and do not compile on a GPU ("Loop-carried variable
+    acc has initial type fp32 but is re-assigned to fp64"). A float64 layer is refused when built, a
+    layer moved to float64 (and fused_experts) when called, and "auto" does not pick the runner for
+    float64; the torch runner computes float64 right."""
+    msg = rf"dtype=torch.float64; {runner=!r} computes in torch.float32, torch.bfloat16, torch.float16"
     with pytest.raises(ValueError, match=msg):
-        ep.EPMoE(8, 2, 16, 8, runner="triton", dtype=torch.float64)
-    layer = ep.EPMoE(8, 2, 16, 8, runner="triton").to(torch.float64)
+        ep.EPMoE(8, 2, 16, 8, runner=runner, dtype=torch.float64)
+    layer = ep.EPMoE(8, 2, 16, 8, runner=runner).to(torch.float64)
     x, ids, w = torch.randn(3, 16, dtype=torch.float64), torch.tensor([[0, 1], [2, -1], [7, 3]]), torch.rand(3, 2)
     with pytest.raises(ValueError, match="x " + msg):
         layer(x, ids, w)
-    gen = torch.Generator().manual_seed(0)
-    w13, w2, _, _ = _weights(gen, 8, 16, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="x " + msg):
-        runners.fused_experts(x, w13, w2, ids, w)
-    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float64) == "torch"
-    assert runners.resolve("auto", "cuda", "deepep_normal", torch.float32) == "triton"
-    # torch computes float64 right (masked refuses it as triton does: tests/test_masked_runner.py)
+    if runner == "triton":
+        gen = torch.Generator().manual_seed(0)
+        w13, w2, _, _ = _weights(gen, 8, 16, 8, dtype=torch.float64)
+        with pytest.raises(ValueError, match="x " + msg):
+            runners.fused_experts(x, w13, w2, ids, w)
+    assert runners.resolve("auto", "cuda", fmt, torch.float64) == "torch"
+    assert runners.resolve("auto", "cuda", fmt, other_dtype) == runner
     torch.manual_seed(0)
     layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64)
     errors = check_layer(layer, make_problem(layer.config, [7], seed=1), 0)
