@@ -621,6 +621,18 @@ def _interpreting() -> bool:
     return envs.launcher("TRITON_INTERPRET") == "1"
 
 
+def shared_gpu(every: list) -> Optional[str]:
+    """Why ranks sharing one GPU cannot take the NVLink transport (None: one GPU per rank). every: each
+    rank's (host, device index, GPU uuid). Symmetric memory maps one allocation per GPU; two ranks on one
+    GPU make its rendezvous fail deep inside torch."""
+    seen: dict = {}
+    for rank, (host, _, gpu) in enumerate(every):
+        first = seen.setdefault((host, gpu), rank)
+        if first != rank:
+            return f"ranks {first} and {rank} share one GPU ({gpu}); the NVLink transport needs one GPU per rank"
+    return None
+
+
 def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[str], Optional[str]]:
     """(why some rank cannot map some peer's memory, why `auto` should not rely on it although `nvlink`
     may try), None where nothing stands in the way; the same on every rank."""
@@ -637,6 +649,9 @@ def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[
     hosts = sorted({host for host, _, _ in every})
     if len(hosts) > 1:
         return f"the group spans {len(hosts)} hosts ({', '.join(hosts)})", None
+    shared = shared_gpu(every)
+    if shared is not None:
+        return shared, None
     missing = [r for r, (_, other, _) in enumerate(every) if other != index
                and not torch.cuda.can_device_access_peer(index, other)]
     verdicts = [None] * world_size
