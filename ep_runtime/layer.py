@@ -99,6 +99,11 @@ class EPMoE(nn.Module):
         if quant_config is not None:
             self._store_quantized(quant_config, device)
         self.reset_parameters()
+        # A state_dict holds this rank's slots in the placement of the moment: after a rebalance it names
+        # that placement (PLACEMENT_KEY), and loading one adopts the placement its weights are in.
+        self._initial_placement = self.placement
+        self.register_state_dict_post_hook(_save_placement)
+        self.register_load_state_dict_pre_hook(_load_placement)
 
     def _use_placement(self, placement: ExpertPlacement) -> None:
         """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
@@ -468,6 +473,10 @@ class EPMoE(nn.Module):
                 if t is not None:
                     raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t  # fp8 travels as bytes
                     raw.copy_(moves.apply(raw, group))
+        self._adopt_placement(new)
+
+    def _adopt_placement(self, new: ExpertPlacement) -> None:
+        """Run on `new` from now on (the weights already sit in its slots)."""
         load = self.expert_load()  # kept per logical expert: the physical counts refer to the old slots
         self._use_placement(new)
         self._set_load_counters(load)
@@ -588,6 +597,47 @@ _SENT_PER_EXPERT = {
     "mori": lambda out: out.handle.layout.num_tokens_per_expert,
     "deepep_ll": lambda out: out.handle.exchange.layout.num_tokens_per_expert,
 }
+
+
+PLACEMENT_KEY = "expert_placement"
+
+
+def _placement_tables(placement: ExpertPlacement) -> tuple:
+    """(owner rank of each physical slot, logical expert of each slot): the placement as every rank sees it."""
+    return placement._owners(), placement._logical()
+
+
+def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: a layer off its initial placement (rebalanced) adds PLACEMENT_KEY, int64
+    [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same on every rank), so the
+    slots' weights can be loaded back into the placement they were saved in."""
+    if _placement_tables(layer.placement) != _placement_tables(layer._initial_placement):
+        state_dict[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64)
+
+
+def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                    missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: the weights in `state_dict` sit in the placement it names (none named: the
+    layer's initial one); the layer takes that placement (every rank loads together when it differs), so a
+    checkpoint saved after a rebalance computes the same experts in a fresh layer, and a fresh checkpoint
+    loaded into a rebalanced layer does too."""
+    table = state_dict.pop(prefix + PLACEMENT_KEY, None)
+    if prefix + "w13" not in state_dict:  # no expert weights loaded here: their placement stays
+        return
+    current = layer.placement
+    saved = layer._initial_placement
+    if table is not None:
+        P = current.num_physical_experts
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != (2, P):
+            shape = list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise ValueError(f"state_dict[{prefix + PLACEMENT_KEY!r}] has shape {shape}; expected [2, {P}] (each "
+                             f"physical slot's rank and logical expert)")
+        owners, logical = (tuple(int(v) for v in row) for row in table.tolist())
+        saved = ExpertPlacement(current.num_experts, current.ep_size, current.rank,
+                                None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
+                                None if logical == tuple(range(P)) else logical)
+    if _placement_tables(saved) != _placement_tables(current):
+        layer._adopt_placement(saved)
 
 
 def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank, num_redundant_experts

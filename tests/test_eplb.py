@@ -232,6 +232,51 @@ def test_weight_moves_are_exact_after_a_round_trip_of_placements():
         assert wrong == "plan has num_physical_experts=16; this layer has 24 (allowed: 24; the weights' shapes are fixed)"
 
 
+def _state_dict_rank(rank, world_size, redundant):
+    """A layer's state_dict holds its slots in the placement of the moment: saved after a rebalance and
+    loaded into a fresh layer (initial placement), or saved fresh and loaded into a rebalanced layer, the
+    loading layer must compute the loaded experts (float64 reference on the global weights)."""
+    torch.manual_seed(0)
+    E, K, H, I = 8, 2, 16, 8
+    config = ep.MoeConfig(E, K, H, I)
+
+    def make():
+        return ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                        num_redundant_experts=redundant)
+    gen = torch.Generator().manual_seed(1)
+    w13 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=gen, dtype=torch.float64) * I ** -0.5
+    x = torch.randn(12, H, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
+    ids = torch.randint(0, 3, (12, K), generator=torch.Generator().manual_seed(20 + rank))  # skewed: 0..2 hot
+    ids[:, 1] = (ids[:, 0] + 1 + rank) % E
+    weights = torch.rand(12, K, generator=gen).float()  # routing weights are fp32 (the layer keeps them so)
+    want = moe_reference(x, ids, weights.double(), w13, w2, config)
+    rebalanced = make()
+    rebalanced.load_experts(w13, w2)
+    fresh_state = {k: v.clone() for k, v in rebalanced.state_dict().items()}
+    with torch.no_grad():
+        rebalanced(x, ids, weights)
+        rebalanced.rebalance()
+        moved = rebalanced.placement != make().placement
+        saved = rebalanced.state_dict()
+        fresh = make()
+        fresh.load_state_dict(saved)  # strict: the placement entry is the layer's own
+        errors = [rel_err(fresh(x, ids, weights), want)]
+        rebalanced.load_state_dict(fresh_state)  # no placement entry: the initial placement's slots
+        errors.append(rel_err(rebalanced(x, ids, weights), want))
+        back_home = rebalanced.placement == make().placement
+    return moved, sorted(fresh_state), sorted(saved), errors, back_home
+
+
+@pytest.mark.parametrize("redundant", [0, 4])
+def test_state_dict_after_a_rebalance_loads_into_a_fresh_layer_and_back(redundant):
+    for moved, fresh_keys, saved_keys, errors, back_home in run_ranks(_state_dict_rank, 2, redundant):
+        assert moved  # the skewed load moved experts: the test means something
+        assert fresh_keys == ["w13", "w2"] and saved_keys == ["expert_placement", "w13", "w2"]
+        assert max(errors) < tolerance(torch.float64), errors
+        assert back_home
+
+
 # ---------------------------------------------------------------- the balance target (4 ranks, Zipf 1.2)
 
 def _received(layer, x, ids, weights):
