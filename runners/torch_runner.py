@@ -98,10 +98,21 @@ def _hook(hook, inputs, outputs, expert):
     return outputs if replaced is None else replaced
 
 
+def _grouped_mm_takes(rows: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes rows [P, in] @ w[e]^T (w [L, out, in]): every stride but the unit
+    one, and both bases, 16-byte aligned (it raises "strides should be multiple of 16 bytes" otherwise,
+    e.g. for H or I not a multiple of 8 in bf16; the loop below serves those), out included."""
+    size = rows.element_size()
+    strides = (*rows.stride(), *w.stride(), w.shape[1])  # (w.shape[1]: the output's row stride)
+    return (all(s == 1 or (s * size) % 16 == 0 for s in strides) and rows.data_ptr() % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
 def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                     expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows [P, in] grouped by expert -> [P, out] with rows of expert e multiplied by w[e]^T (+ b[e])."""
-    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and rows.shape[0] > 0:
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and rows.shape[0] > 0 \
+            and _grouped_mm_takes(rows, w):
         offsets = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
     else:

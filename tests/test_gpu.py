@@ -505,6 +505,21 @@ def test_runner_on_one_gpu_matches_float64_reference(runner, dtype, tokens):
         assert (y[:3] == 0).all()
 
 
+@pytest.mark.parametrize("runner", runners.registered())
+def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
+    """H=100, I=50 in bf16: rows of 200 and 100 bytes, not 16-byte multiples. torch._grouped_mm refuses
+    such strides ("strides should be multiple of 16 bytes"), so the torch runner (and every runner's
+    backward, a torch recompute) takes its loop there; forward and gradients equal the float64 reference."""
+    if runner not in runners.available():
+        pytest.skip(f"runner={runner!r} is not available here")
+    dispatcher = "deepep_ll" if runner == "masked" else "standard"
+    options = {"num_max_dispatch_tokens_per_rank": 40} if runner == "masked" else {}
+    layer = ep.EPMoE(8, 2, 100, 50, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16, device="cuda",
+                     dispatcher_options=options)
+    errors = check_layer(layer, make_problem(layer.config, [33], seed=7), 0)
+    assert max(errors.values()) < tolerance(torch.bfloat16), errors
+
+
 @pytest.mark.parametrize("T,E_,K_,R", [(0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8),
                                       (333, 32, 4, 2)])
 def test_exchange_kernels_on_gpu_equal_the_torch_path(T, E_, K_, R):
