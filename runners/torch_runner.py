@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import RunnerInput
+from ep_runtime.validation import capturing
 
 from . import register
 from .base import RunnerBackend
@@ -116,6 +117,10 @@ def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
         offsets = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
     else:
+        if capturing():  # (the counts below are read on the host: a sync, which invalidates the capture)
+            raise RuntimeError(f"runner='torch' cannot run inside a CUDA graph capture with {rows.dtype} rows of "
+                               f"width {rows.shape[1]} and weights {list(w.shape)}: only its bf16 path (torch._grouped_mm, "
+                               f"widths a multiple of 8) is capturable; capture runner='triton' or 'masked' instead")
         pieces = []
         start = 0
         for e, count in enumerate(counts.tolist()):

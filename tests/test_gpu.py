@@ -520,6 +520,25 @@ def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
     assert max(errors.values()) < tolerance(torch.bfloat16), errors
 
 
+def test_torch_runner_names_what_it_cannot_capture():
+    """The torch runner's per-expert loop (fp32 here; also bf16 of widths torch._grouped_mm refuses) reads
+    the counts on the host: under a graph capture it raises naming the runners that capture, instead of
+    invalidating the capture with a CUDA error."""
+    layer = ep.EPMoE(8, 2, 64, 32, dispatcher="deepep_ll", runner="torch", dtype=torch.float32, device="cuda",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 16})
+    x = torch.randn(16, 64, device="cuda")
+    ids = torch.rand(16, 8, device="cuda").topk(2, dim=1).indices.int()
+    w = torch.rand(16, 2, device="cuda")
+    with torch.inference_mode():
+        eager = layer(x, ids, w)
+        layer.dispatcher.raise_deferred()
+        torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="runner='torch' cannot run inside a CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                layer(x, ids, w)
+        assert torch.equal(layer(x, ids, w), eager)  # the layer still runs eagerly after the refused capture
+
+
 @pytest.mark.parametrize("T,E_,K_,R", [(0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8),
                                       (333, 32, 4, 2)])
 def test_exchange_kernels_on_gpu_equal_the_torch_path(T, E_, K_, R):
