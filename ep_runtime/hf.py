@@ -19,6 +19,7 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -175,6 +176,40 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
     return None
 
 
+@dataclass(frozen=True)
+class _Conversion:
+    """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
+    in and out) or the plain [gate; up] one, with its activation and, for fp8 experts, their format."""
+    gpt_oss: bool
+    activation: str
+    quant: Optional[QuantConfig]
+    dtype: torch.dtype
+
+
+def _conversion(experts: nn.Module) -> _Conversion:
+    """What EPExperts needs to run `experts` exactly; a ValueError naming what it cannot run."""
+    name = type(experts).__name__
+    if not is_hf_experts(experts):
+        if all(isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
+               for w in ("up_proj", "down_proj")):
+            raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
+                             f"gated ([gate; up]) experts only")
+        raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (a transformers >= 5 experts module)")
+    w13 = experts.gate_up_proj
+    if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
+        raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
+                         f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
+    if _is_gpt_oss(experts):
+        return _Conversion(True, "silu", None, w13.dtype)
+    for bias in ("gate_up_proj_bias", "down_proj_bias"):
+        if getattr(experts, bias, None) is not None:
+            raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
+                             f"and up differently; EPExperts does not convert them")
+    _check_plain_swiglu(experts)
+    quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
+    return _Conversion(False, activation_name(experts.act_fn), quant, dtype)
+
+
 class EPExperts(nn.Module):
     """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
 
@@ -192,13 +227,12 @@ class EPExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
                  group: Optional[Any] = None, device: Any = None, dispatcher_options: Optional[dict] = None,
-                 runner_options: Optional[dict] = None):
+                 runner_options: Optional[dict] = None, _conversion_checked: Optional[_Conversion] = None):
         super().__init__()
         self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
-        if not is_hf_experts(experts):
-            raise ValueError(f"experts={type(experts).__name__} has no 3-D gate_up_proj / down_proj "
-                             f"(a transformers >= 5 experts module)")
-        self.gpt_oss = _is_gpt_oss(experts)  # its layout is converted in and out (export_state_dict)
+        # replace_experts checked every block before changing any; it hands that check over
+        conversion = _conversion_checked or _conversion(experts)
+        self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
         if self.gpt_oss:
             w13, w2, b13, b2 = _from_gpt_oss(experts)
             E, two_i, H = w13.shape
@@ -209,18 +243,13 @@ class EPExperts(nn.Module):
                                dispatcher_options=dispatcher_options, runner_options=runner_options)
             self.layer.load_experts(w13, w2, b13, b2)
             return
-        for bias in ("gate_up_proj_bias", "down_proj_bias"):
-            if getattr(experts, bias, None) is not None:
-                raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
-                                 f"and up differently; EPExperts does not convert them")
-        _check_plain_swiglu(experts)
         w13, w2 = experts.gate_up_proj, experts.down_proj
         E, two_i, H = w13.shape
         self.num_experts = E
-        quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
+        quant = conversion.quant
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
-                           dtype=dtype, device=w13.device if device is None else device,
-                           activation=activation_name(experts.act_fn), dispatcher_options=dispatcher_options,
+                           dtype=conversion.dtype, device=w13.device if device is None else device,
+                           activation=conversion.activation, dispatcher_options=dispatcher_options,
                            runner_options=runner_options)
         if quant is None:
             self.layer.load_experts(w13.detach(), w2.detach())
@@ -300,14 +329,14 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, *
                 for w in ("up_proj", "down_proj")):
             raise ValueError(f"block={type(m).__name__} has experts={type(experts).__name__} with up_proj and no "
                              f"gate_up_proj (has_gate=False); EPExperts runs gated ([gate; up]) experts only")
+    checked = []
     for block in blocks:  # check every block before changing any
         if _router_top_k(block) is None:
             raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "
                              f"`gate` or `router` with an int top_k; EPExperts cannot tell its top_k")
-        if not _is_gpt_oss(block.experts):
-            _check_plain_swiglu(block.experts)
-    for block in blocks:
-        block.experts = EPExperts(block.experts, _router_top_k(block), **options)
+        checked.append(_conversion(block.experts))
+    for block, conversion in zip(blocks, checked):
+        block.experts = EPExperts(block.experts, _router_top_k(block), _conversion_checked=conversion, **options)
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module):
             block.experts._shared = _SharedHandoff(shared)

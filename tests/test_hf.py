@@ -260,3 +260,29 @@ def test_gemma4_router_without_top_k_attribute():
     with torch.no_grad():
         actual = model(ids).logits
     assert rel_err(actual, expected) <= tolerance(torch.float32)
+
+
+def _tiny(family):
+    """A float32 model of FAMILIES[family], the same on every call."""
+    cls_name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra)).float().eval()
+
+
+def test_every_block_is_checked_once_and_before_any_change():
+    """replace_experts checks each block's experts once (gpt-oss's _apply_gate is probed once per block,
+    not again when EPExperts is built), and a later block's unsupported activation (ReLU here) raises
+    before the earlier blocks are swapped."""
+    model = _tiny("gpt_oss")
+    probes = []
+    for experts in (m for m in model.modules() if ep.hf.is_hf_experts(m)):
+        gate = experts._apply_gate  # the bound method; an instance attribute shadows it
+        experts._apply_gate = lambda x, gate=gate: probes.append(1) or gate(x)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert len(probes) == 2, probes
+
+    model = _tiny("mixtral")
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    with pytest.raises(ValueError, match="act_fn=ReLU\\(\\) is none of silu, gelu, gelu_tanh"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
