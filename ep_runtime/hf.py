@@ -10,6 +10,10 @@ router, shared experts and everything else stay HF's own, so outputs and gradien
     model = AutoModelForCausalLM.from_config(config)     # the same weights on every rank
     ep.hf.replace_experts(model, dispatcher="deepep_normal", group=ep.init_distributed())
 
+An MoE block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights,
+a clamped SwiGLU, ...) raises an error naming it before anything changes; strict=False swaps the
+others and warns.
+
 and back to a Hugging Face checkpoint (every rank calls export_state_dict; rank 0 gets HF's names
 and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 
@@ -19,6 +23,7 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -194,7 +199,8 @@ def _conversion(experts: nn.Module) -> _Conversion:
                for w in ("up_proj", "down_proj")):
             raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
                              f"gated ([gate; up]) experts only")
-        raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (a transformers >= 5 experts module)")
+        raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
+                         f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
     w13 = experts.gate_up_proj
     if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
@@ -207,7 +213,11 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"and up differently; EPExperts does not convert them")
     _check_plain_swiglu(experts)
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
-    return _Conversion(False, activation_name(experts.act_fn), quant, dtype)
+    try:
+        activation = activation_name(experts.act_fn)
+    except ValueError as err:
+        raise ValueError(f"experts={name}: {err}") from None
+    return _Conversion(False, activation, quant, dtype)
 
 
 class EPExperts(nn.Module):
@@ -306,41 +316,87 @@ def _identity(x: torch.Tensor) -> tuple:
     return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], None if x.is_inference() else x._version)
 
 
-def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every MoE block of `model` not swapped yet: a module holding an `experts`
+    module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps its experts
+    elsewhere). A routed `experts` module inside such a block (JetMoE's mixture of attention heads) is
+    that block's, not a second one."""
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, m in model.named_modules():
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, EPExperts):
+            continue
+        if isinstance(experts, nn.Module) or _router_top_k(m) is not None:
+            found[id(m)] = (name, m)
+    for name, m in list(found.values()):
+        found.pop(id(getattr(m, "experts", None)), None)
+    return list(found.values())
+
+
+def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
+    """(top_k, conversion) for an MoE block EPExperts can take; a ValueError saying why not."""
+    name = type(block).__name__
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.Module):
+        raise ValueError(f"block={name} routes with top_k={_router_top_k(block)} but has no `experts` module "
+                         f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
+                         f"EPExperts swaps a block's `experts`")
+    top_k = _router_top_k(block)
+    if top_k is None and is_hf_experts(experts):
+        raise ValueError(f"block={name} has experts={type(experts).__name__} but no router `gate` or `router` "
+                         f"with an int top_k; EPExperts cannot tell its top_k")
+    try:
+        conversion = _conversion(experts)
+    except ValueError as err:
+        raise ValueError(f"block={name}: {err}") from None
+    return top_k, conversion
+
+
+def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, strict: bool = True,
+                    **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    ...) for EPExperts(experts, router.top_k, **options). Every rank must call it on the same model.
-    Returns how many blocks it changed. A block EPExperts cannot run exactly (no router top_k, biased,
-    transposed or interleaved weights, a custom _apply_gate, a post-expert norm, e.g. gpt-oss and Llama 4)
-    raises a ValueError naming it, before any block is changed.
+    gpt-oss, Gemma 4, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
+
+    An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
+    raises a ValueError naming every such block (its path, class, and why), before any block is
+    changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
+    (DBRX, JetMoE, Switch Transformers, NLLB-MoE: per-expert modules or other layouts), ungated
+    (NemotronH), packed quantized (MXFP4) weights, no router top_k, biased, transposed or interleaved
+    weights other than gpt-oss's (Llama 4), a custom _apply_gate, a post-expert norm, an activation
+    other than silu / gelu / gelu_tanh. strict=False swaps the blocks it can, leaves the others as they
+    are (they keep computing every expert on every rank) and warns (UserWarning) naming them.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
     the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
-    if not isinstance(overlap_shared_experts, bool):
-        raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
-    blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
-              and is_hf_experts(m.experts)]
-    for m in model.modules():  # ungated experts (NemotronH: up_proj / down_proj only) would be skipped silently
-        experts = getattr(m, "experts", None)
-        if isinstance(experts, nn.Module) and not is_hf_experts(experts) and all(
-                isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
-                for w in ("up_proj", "down_proj")):
-            raise ValueError(f"block={type(m).__name__} has experts={type(experts).__name__} with up_proj and no "
-                             f"gate_up_proj (has_gate=False); EPExperts runs gated ([gate; up]) experts only")
-    checked = []
-    for block in blocks:  # check every block before changing any
-        if _router_top_k(block) is None:
-            raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "
-                             f"`gate` or `router` with an int top_k; EPExperts cannot tell its top_k")
-        checked.append(_conversion(block.experts))
-    for block, conversion in zip(blocks, checked):
-        block.experts = EPExperts(block.experts, _router_top_k(block), _conversion_checked=conversion, **options)
+    for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r}; allowed: True or False")
+    swaps, refused = [], {}
+    for name, block in _moe_blocks(model):  # check every block before changing any
+        try:
+            swaps.append((block, *_swap_check(block)))
+        except ValueError as err:
+            refused.setdefault(str(err), []).append(name or "<model>")
+    if refused:
+        blocks = sum(len(names) for names in refused.values())
+        reasons = "\n".join(f"  {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}: "
+                             f"{reason}" for reason, names in refused.items())
+        message = f"replace_experts cannot swap {blocks} of the model's {blocks + len(swaps)} MoE blocks:\n{reasons}"
+        if strict:
+            raise ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
+                             f"other {len(swaps)} and warns")
+        warnings.warn(f"{message}\nThese blocks stay as they are (every rank computes all of their experts); "
+                      f"the other {len(swaps)} were swapped", stacklevel=2)
+    for block, top_k, conversion in swaps:
+        block.experts = EPExperts(block.experts, top_k, _conversion_checked=conversion, **options)
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module):
             block.experts._shared = _SharedHandoff(shared)
-    return len(blocks)
+    return len(swaps)
 
 
 def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict[str, torch.Tensor]]:

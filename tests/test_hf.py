@@ -286,3 +286,65 @@ def test_every_block_is_checked_once_and_before_any_change():
     with pytest.raises(ValueError, match="act_fn=ReLU\\(\\) is none of silu, gelu, gelu_tanh"):
         ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
     assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+
+
+def _unswappable_models():
+    """Tiny transformers models whose MoE blocks EPExperts cannot take: name -> (model, block class)."""
+    models = {}
+    torch.manual_seed(0)
+    models["dbrx"] = (transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))), "DbrxFFN")  # 2-D per-expert w1/v1/w2
+    models["jetmoe"] = (transformers.AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)), "JetMoeMoE")  # no `experts` module
+    models["switch"] = (transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4,
+        encoder_sparse_step=1, decoder_sparse_step=1)), "SwitchTransformersSparseMLP")  # a ModuleDict of MLPs
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    config = transformers.GptOssConfig(**COMMON, **FAMILIES["gpt_oss"][1])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:  # what from_pretrained builds for an MXFP4 checkpoint (packed uint8 weights)
+        layer.mlp.experts = mxfp4.Mxfp4GptOssExperts(config)
+    models["gpt_oss_mxfp4"] = (model, "GptOssMLP")
+    return models
+
+
+def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0():
+    """DBRX, JetMoE, Switch Transformers and MXFP4 gpt-oss: replace_experts raises naming each block's
+    path and class (nothing is skipped silently) and changes nothing; strict=False warns and leaves
+    them as they are."""
+    for name, (model, block) in _unswappable_models().items():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
+                                             "model's 4 MoE blocks") as err:
+            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+        assert f"block={block}" in str(err.value), (name, str(err.value))
+        with pytest.warns(UserWarning, match=f"block={block}"):
+            assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
+        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
+def test_strict_false_swaps_the_blocks_it_can():
+    """A Mixtral whose second block's experts use ReLU: replace_experts raises naming that block;
+    strict=False swaps the first, warns about the second (which stays HF's) and the logits are unchanged;
+    a second call finds nothing left to swap."""
+    model = _tiny("mixtral")
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.raises(ValueError, match=r"cannot swap 1 of the model's 2 MoE blocks:\n  model.layers.1.mlp: "
+                                         r"block=MixtralSparseMoeBlock: experts=MixtralExperts: act_fn=ReLU"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    with pytest.raises(TypeError, match="strict=1; allowed: True or False"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=1)
+    with pytest.warns(UserWarning, match=r"model.layers.1.mlp: block=MixtralSparseMoeBlock"):
+        assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 1
+    assert isinstance(model.model.layers[0].mlp.experts, ep.hf.EPExperts)
+    assert not isinstance(model.model.layers[1].mlp.experts, ep.hf.EPExperts)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
+    with pytest.warns(UserWarning, match="cannot swap 1 of the model's 1 MoE blocks"):
+        assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0
