@@ -402,7 +402,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
 def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict[str, torch.Tensor]]:
     """`model.state_dict()` as the Hugging Face model had it before replace_experts: each EPExperts'
     `<prefix>.layer.w13` / `.layer.w2` (this rank's shard) become `<prefix>.gate_up_proj` [E, 2I, H]
-    and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group. Every rank
+    and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group (fp8 experts:
+    also their `gate_up_proj_scale_inv` / `down_proj_scale_inv`; gpt-oss: its own layout). Every rank
     must call it (one gather per expert tensor); dst r: the dict on rank r only, None elsewhere
     (dst None: on every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
     experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
@@ -421,4 +422,7 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
             continue
         out[f"{name}.gate_up_proj"] = weights.w13
         out[f"{name}.down_proj"] = weights.w2
+        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
+            out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+            out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
     return out

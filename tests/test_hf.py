@@ -348,3 +348,32 @@ def test_strict_false_swaps_the_blocks_it_can():
         assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
     with pytest.warns(UserWarning, match="cannot swap 1 of the model's 1 MoE blocks"):
         assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0
+
+
+def _fp8_export_rank(rank, world_size):
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    block = torch.nn.Module()  # the same fp8 checkpoint on every rank
+    block.experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+    block.gate = torch.nn.Linear(256, 4)
+    block.gate.top_k = 2
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in block.experts.state_dict().items():
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) if "scale" not in name else
+                    torch.rand(t.shape, generator=gen) + 0.5)
+    model = torch.nn.ModuleDict({"block": block})
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 1
+    exported = ep.hf.export_state_dict(model, dst=None)
+    return sorted(exported) == sorted(original), [k for k in original if not torch.equal(
+        exported[k].view(torch.uint8), original[k].view(torch.uint8))] if sorted(exported) == sorted(original) else None
+
+
+def test_export_state_dict_keeps_fp8_scales():
+    """transformers' FP8Experts swapped over 2 ranks: export_state_dict gives back every key of the
+    checkpoint, gate_up_proj_scale_inv / down_proj_scale_inv included (they were dropped, so the saved
+    checkpoint lost its scales), byte for byte."""
+    for same_keys, differ in run_ranks(_fp8_export_rank, 2, timeout=120):
+        assert same_keys and differ == [], (same_keys, differ)
