@@ -229,7 +229,8 @@ class EPExperts(nn.Module):
     to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
-    Other biases and activations are rejected.
+    Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
@@ -237,7 +238,8 @@ class EPExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
                  group: Optional[Any] = None, device: Any = None, dispatcher_options: Optional[dict] = None,
-                 runner_options: Optional[dict] = None, _conversion_checked: Optional[_Conversion] = None):
+                 runner_options: Optional[dict] = None, num_redundant_experts: int = 0,
+                 _conversion_checked: Optional[_Conversion] = None):
         super().__init__()
         self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
         # replace_experts checked every block before changing any; it hands that check over
@@ -250,7 +252,8 @@ class EPExperts(nn.Module):
             self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                                dtype=w13.dtype, device=w13.device if device is None else device, has_bias=True,
                                gemm1_alpha=float(experts.alpha), gemm1_clamp_limit=float(experts.limit),
-                               dispatcher_options=dispatcher_options, runner_options=runner_options)
+                               dispatcher_options=dispatcher_options, runner_options=runner_options,
+                               num_redundant_experts=num_redundant_experts)
             self.layer.load_experts(w13, w2, b13, b2)
             return
         w13, w2 = experts.gate_up_proj, experts.down_proj
@@ -260,7 +263,7 @@ class EPExperts(nn.Module):
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
                            activation=conversion.activation, dispatcher_options=dispatcher_options,
-                           runner_options=runner_options)
+                           runner_options=runner_options, num_redundant_experts=num_redundant_experts)
         if quant is None:
             self.layer.load_experts(w13.detach(), w2.detach())
         else:

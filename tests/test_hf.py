@@ -377,3 +377,34 @@ def test_export_state_dict_keeps_fp8_scales():
     checkpoint lost its scales), byte for byte."""
     for same_keys, differ in run_ranks(_fp8_export_rank, 2, timeout=120):
         assert same_keys and differ == [], (same_keys, differ)
+
+
+def _redundant_rank(rank, world_size):
+    cls_name, extra = FAMILIES["mixtral"]
+    config = getattr(transformers, cls_name)(**COMMON, **{**extra, "num_local_experts": 5})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        expected = model(ids).logits
+    try:
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    replaced = ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", num_redundant_experts=1)
+    with torch.no_grad():
+        logits = model(ids).logits
+    exported = ep.hf.export_state_dict(model, dst=None)
+    return (refused, replaced, rel_err(logits, expected), sorted(exported) == sorted(original)
+            and all(torch.equal(exported[k], original[k]) for k in original))
+
+
+def test_num_experts_not_divisible_by_the_group():
+    """E=5 experts over 2 ranks: replace_experts says E is not divisible and names num_redundant_experts,
+    which it now takes (it was an unexpected keyword): with one redundant copy the logits are the
+    original's and export_state_dict gives back the checkpoint."""
+    for refused, replaced, err, same in run_ranks(_redundant_rank, 2, timeout=300):
+        assert refused is not None and "num_redundant_experts=0" in refused and "not divisible by ep_size=2" in refused
+        assert replaced == 2 and err <= tolerance(torch.float32) and same, (replaced, err, same)
