@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -410,6 +411,11 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     must call it (one gather per expert tensor); dst r: the dict on rank r only, None elsewhere
     (dst None: on every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
     experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
+    if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world_size):
+            raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{world_size - 1}")
+        return None if dst is not None and world_size > 1 and dist.get_rank() != dst else model.state_dict()
     gathered = {name: m.layer.gather_experts(dst) for name, m in experts.items()}
     if any(w is None for w in gathered.values()):
         return None

@@ -288,33 +288,39 @@ def test_every_block_is_checked_once_and_before_any_change():
     assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
 
 
-def _unswappable_models():
-    """Tiny transformers models whose MoE blocks EPExperts cannot take: name -> (model, block class)."""
-    models = {}
-    torch.manual_seed(0)
-    models["dbrx"] = (transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(
-        d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
-        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))), "DbrxFFN")  # 2-D per-expert w1/v1/w2
-    models["jetmoe"] = (transformers.AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)), "JetMoeMoE")  # no `experts` module
-    models["switch"] = (transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4,
-        encoder_sparse_step=1, decoder_sparse_step=1)), "SwitchTransformersSparseMLP")  # a ModuleDict of MLPs
+def _mxfp4_gpt_oss():
+    """A gpt-oss model with what from_pretrained builds for an MXFP4 checkpoint (packed uint8 weights)."""
     mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
     config = transformers.GptOssConfig(**COMMON, **FAMILIES["gpt_oss"][1])
     model = transformers.AutoModelForCausalLM.from_config(config)
-    for layer in model.model.layers:  # what from_pretrained builds for an MXFP4 checkpoint (packed uint8 weights)
+    for layer in model.model.layers:
         layer.mlp.experts = mxfp4.Mxfp4GptOssExperts(config)
-    models["gpt_oss_mxfp4"] = (model, "GptOssMLP")
-    return models
+    return model
+
+
+UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block class)
+    "dbrx": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(  # 2-D w1 / v1 / w2
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))), "DbrxFFN"),
+    "jetmoe": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.JetMoeConfig(  # no `experts`
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)), "JetMoeMoE"),
+    "switch": (lambda: transformers.SwitchTransformersForConditionalGeneration(  # a ModuleDict of MLPs
+        transformers.SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2,
+                                              num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=1,
+                                              decoder_sparse_step=1)), "SwitchTransformersSparseMLP"),
+    "gpt_oss_mxfp4": (_mxfp4_gpt_oss, "GptOssMLP"),
+}
 
 
 def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0():
     """DBRX, JetMoE, Switch Transformers and MXFP4 gpt-oss: replace_experts raises naming each block's
     path and class (nothing is skipped silently) and changes nothing; strict=False warns and leaves
     them as they are."""
-    for name, (model, block) in _unswappable_models().items():
+    for name, (build, block) in UNSWAPPABLE.items():
+        torch.manual_seed(0)
+        model = build()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
                                              "model's 4 MoE blocks") as err:
@@ -408,3 +414,18 @@ def test_num_experts_not_divisible_by_the_group():
     for refused, replaced, err, same in run_ranks(_redundant_rank, 2, timeout=300):
         assert refused is not None and "num_redundant_experts=0" in refused and "not divisible by ep_size=2" in refused
         assert replaced == 2 and err <= tolerance(torch.float32) and same, (replaced, err, same)
+
+
+def _unswapped_export_rank(rank, world_size):
+    torch.manual_seed(0)  # the same model on every rank
+    model = UNSWAPPABLE["dbrx"][0]()
+    with pytest.warns(UserWarning, match="block=DbrxFFN"):
+        assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False) == 0
+    exported = ep.hf.export_state_dict(model)
+    return None if exported is None else sorted(exported) == sorted(model.state_dict())
+
+
+def test_export_state_dict_on_dst_only_when_nothing_was_swapped():
+    """export_state_dict(model) with no EPExperts in it (strict=False refused every block) gives the
+    dict on rank 0 and None elsewhere, as documented (every rank got it, so every rank saved)."""
+    assert run_ranks(_unswapped_export_rank, 2, timeout=120) == [True, None]
