@@ -10,16 +10,16 @@ router, shared experts and everything else stay HF's own, so outputs and gradien
     model = AutoModelForCausalLM.from_config(config)     # the same weights on every rank
     ep.hf.replace_experts(model, dispatcher="deepep_normal", group=ep.init_distributed())
 
-An MoE block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights,
-a clamped SwiGLU, ...) raises an error naming it before anything changes; strict=False swaps the
-others and warns.
-
 and back to a Hugging Face checkpoint (every rank calls export_state_dict; rank 0 gets HF's names
 and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 
     state_dict = ep.hf.export_state_dict(model)
     if state_dict is not None:
         model.save_pretrained(path, state_dict=state_dict)
+
+An MoE block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights,
+a clamped SwiGLU, ...) is never skipped silently: replace_experts raises naming it before anything
+changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
