@@ -16,12 +16,19 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
     state_dict = ep.hf.export_state_dict(model)
     if state_dict is not None:
         model.save_pretrained(path, state_dict=state_dict)
+
+An MoE block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights,
+a clamped SwiGLU, ...) is never skipped silently: replace_experts raises naming it before anything
+changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -175,6 +182,45 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
     return None
 
 
+@dataclass(frozen=True)
+class _Conversion:
+    """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
+    in and out) or the plain [gate; up] one, with its activation and, for fp8 experts, their format."""
+    gpt_oss: bool
+    activation: str
+    quant: Optional[QuantConfig]
+    dtype: torch.dtype
+
+
+def _conversion(experts: nn.Module) -> _Conversion:
+    """What EPExperts needs to run `experts` exactly; a ValueError naming what it cannot run."""
+    name = type(experts).__name__
+    if not is_hf_experts(experts):
+        if all(isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
+               for w in ("up_proj", "down_proj")):
+            raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
+                             f"gated ([gate; up]) experts only")
+        raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
+                         f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
+    w13 = experts.gate_up_proj
+    if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
+        raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
+                         f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
+    if _is_gpt_oss(experts):
+        return _Conversion(True, "silu", None, w13.dtype)
+    for bias in ("gate_up_proj_bias", "down_proj_bias"):
+        if getattr(experts, bias, None) is not None:
+            raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
+                             f"and up differently; EPExperts does not convert them")
+    _check_plain_swiglu(experts)
+    quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
+    try:
+        activation = activation_name(experts.act_fn)
+    except ValueError as err:
+        raise ValueError(f"experts={name}: {err}") from None
+    return _Conversion(False, activation, quant, dtype)
+
+
 class EPExperts(nn.Module):
     """Drop-in for a transformers >= 5 experts module, with its experts spread over `group`.
 
@@ -184,7 +230,8 @@ class EPExperts(nn.Module):
     to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
-    Other biases and activations are rejected.
+    Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
@@ -192,13 +239,13 @@ class EPExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
                  group: Optional[Any] = None, device: Any = None, dispatcher_options: Optional[dict] = None,
-                 runner_options: Optional[dict] = None):
+                 runner_options: Optional[dict] = None, num_redundant_experts: int = 0,
+                 _conversion_checked: Optional[_Conversion] = None):
         super().__init__()
         self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
-        if not is_hf_experts(experts):
-            raise ValueError(f"experts={type(experts).__name__} has no 3-D gate_up_proj / down_proj "
-                             f"(a transformers >= 5 experts module)")
-        self.gpt_oss = _is_gpt_oss(experts)  # its layout is converted in and out (export_state_dict)
+        # replace_experts checked every block before changing any; it hands that check over
+        conversion = _conversion_checked or _conversion(experts)
+        self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
         if self.gpt_oss:
             w13, w2, b13, b2 = _from_gpt_oss(experts)
             E, two_i, H = w13.shape
@@ -206,22 +253,18 @@ class EPExperts(nn.Module):
             self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                                dtype=w13.dtype, device=w13.device if device is None else device, has_bias=True,
                                gemm1_alpha=float(experts.alpha), gemm1_clamp_limit=float(experts.limit),
-                               dispatcher_options=dispatcher_options, runner_options=runner_options)
+                               dispatcher_options=dispatcher_options, runner_options=runner_options,
+                               num_redundant_experts=num_redundant_experts)
             self.layer.load_experts(w13, w2, b13, b2)
             return
-        for bias in ("gate_up_proj_bias", "down_proj_bias"):
-            if getattr(experts, bias, None) is not None:
-                raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
-                                 f"and up differently; EPExperts does not convert them")
-        _check_plain_swiglu(experts)
         w13, w2 = experts.gate_up_proj, experts.down_proj
         E, two_i, H = w13.shape
         self.num_experts = E
-        quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
+        quant = conversion.quant
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
-                           dtype=dtype, device=w13.device if device is None else device,
-                           activation=activation_name(experts.act_fn), dispatcher_options=dispatcher_options,
-                           runner_options=runner_options)
+                           dtype=conversion.dtype, device=w13.device if device is None else device,
+                           activation=conversion.activation, dispatcher_options=dispatcher_options,
+                           runner_options=runner_options, num_redundant_experts=num_redundant_experts)
         if quant is None:
             self.layer.load_experts(w13.detach(), w2.detach())
         else:
@@ -277,50 +320,102 @@ def _identity(x: torch.Tensor) -> tuple:
     return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], None if x.is_inference() else x._version)
 
 
-def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, **options: Any) -> int:
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every MoE block of `model` not swapped yet: a module holding an `experts`
+    module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps its experts
+    elsewhere). A routed `experts` module inside such a block (JetMoE's mixture of attention heads) is
+    that block's, not a second one."""
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, m in model.named_modules():
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, EPExperts):
+            continue
+        if isinstance(experts, nn.Module) or _router_top_k(m) is not None:
+            found[id(m)] = (name, m)
+    for name, m in list(found.values()):
+        found.pop(id(getattr(m, "experts", None)), None)
+    return list(found.values())
+
+
+def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
+    """(top_k, conversion) for an MoE block EPExperts can take; a ValueError saying why not."""
+    name = type(block).__name__
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.Module):
+        raise ValueError(f"block={name} routes with top_k={_router_top_k(block)} but has no `experts` module "
+                         f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
+                         f"EPExperts swaps a block's `experts`")
+    top_k = _router_top_k(block)
+    if top_k is None and is_hf_experts(experts):
+        raise ValueError(f"block={name} has experts={type(experts).__name__} but no router `gate` or `router` "
+                         f"with an int top_k; EPExperts cannot tell its top_k")
+    try:
+        conversion = _conversion(experts)
+    except ValueError as err:
+        raise ValueError(f"block={name}: {err}") from None
+    return top_k, conversion
+
+
+def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, strict: bool = True,
+                    **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    ...) for EPExperts(experts, router.top_k, **options). Every rank must call it on the same model.
-    Returns how many blocks it changed. A block EPExperts cannot run exactly (no router top_k, biased,
-    transposed or interleaved weights, a custom _apply_gate, a post-expert norm, e.g. gpt-oss and Llama 4)
-    raises a ValueError naming it, before any block is changed.
+    gpt-oss, Gemma 4, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
+
+    An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
+    raises a ValueError naming every such block (its path, class, and why), before any block is
+    changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
+    (DBRX, JetMoE, Switch Transformers, NLLB-MoE: per-expert modules or other layouts), ungated
+    (NemotronH), packed quantized (MXFP4) weights, no router top_k, biased, transposed or interleaved
+    weights other than gpt-oss's (Llama 4), a custom _apply_gate, a post-expert norm, an activation
+    other than silu / gelu / gelu_tanh. strict=False swaps the blocks it can, leaves the others as they
+    are (they keep computing every expert on every rank) and warns (UserWarning) naming them.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
     the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
-    if not isinstance(overlap_shared_experts, bool):
-        raise TypeError(f"overlap_shared_experts={overlap_shared_experts!r}; allowed: True or False")
-    blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
-              and is_hf_experts(m.experts)]
-    for m in model.modules():  # ungated experts (NemotronH: up_proj / down_proj only) would be skipped silently
-        experts = getattr(m, "experts", None)
-        if isinstance(experts, nn.Module) and not is_hf_experts(experts) and all(
-                isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
-                for w in ("up_proj", "down_proj")):
-            raise ValueError(f"block={type(m).__name__} has experts={type(experts).__name__} with up_proj and no "
-                             f"gate_up_proj (has_gate=False); EPExperts runs gated ([gate; up]) experts only")
-    for block in blocks:  # check every block before changing any
-        if _router_top_k(block) is None:
-            raise ValueError(f"block={type(block).__name__} has experts={type(block.experts).__name__} but no router "
-                             f"`gate` or `router` with an int top_k; EPExperts cannot tell its top_k")
-        if not _is_gpt_oss(block.experts):
-            _check_plain_swiglu(block.experts)
-    for block in blocks:
-        block.experts = EPExperts(block.experts, _router_top_k(block), **options)
+    for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}={value!r}; allowed: True or False")
+    swaps, refused = [], {}
+    for name, block in _moe_blocks(model):  # check every block before changing any
+        try:
+            swaps.append((block, *_swap_check(block)))
+        except ValueError as err:
+            refused.setdefault(str(err), []).append(name or "<model>")
+    if refused:
+        blocks = sum(len(names) for names in refused.values())
+        reasons = "\n".join(f"  {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}: "
+                             f"{reason}" for reason, names in refused.items())
+        message = f"replace_experts cannot swap {blocks} of the model's {blocks + len(swaps)} MoE blocks:\n{reasons}"
+        if strict:
+            raise ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
+                             f"other {len(swaps)} and warns")
+        warnings.warn(f"{message}\nThese blocks stay as they are (every rank computes all of their experts); "
+                      f"the other {len(swaps)} were swapped", stacklevel=2)
+    for block, top_k, conversion in swaps:
+        block.experts = EPExperts(block.experts, top_k, _conversion_checked=conversion, **options)
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module):
             block.experts._shared = _SharedHandoff(shared)
-    return len(blocks)
+    return len(swaps)
 
 
 def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict[str, torch.Tensor]]:
     """`model.state_dict()` as the Hugging Face model had it before replace_experts: each EPExperts'
     `<prefix>.layer.w13` / `.layer.w2` (this rank's shard) become `<prefix>.gate_up_proj` [E, 2I, H]
-    and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group. Every rank
+    and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group (fp8 experts:
+    also their `gate_up_proj_scale_inv` / `down_proj_scale_inv`; gpt-oss: its own layout). Every rank
     must call it (one gather per expert tensor); dst r: the dict on rank r only, None elsewhere
     (dst None: on every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
     experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
+    if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world_size):
+            raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{world_size - 1}")
+        return None if dst is not None and world_size > 1 and dist.get_rank() != dst else model.state_dict()
     gathered = {name: m.layer.gather_experts(dst) for name, m in experts.items()}
     if any(w is None for w in gathered.values()):
         return None
@@ -336,4 +431,7 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
             continue
         out[f"{name}.gate_up_proj"] = weights.w13
         out[f"{name}.down_proj"] = weights.w2
+        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
+            out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+            out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
     return out

@@ -260,3 +260,172 @@ def test_gemma4_router_without_top_k_attribute():
     with torch.no_grad():
         actual = model(ids).logits
     assert rel_err(actual, expected) <= tolerance(torch.float32)
+
+
+def _tiny(family):
+    """A float32 model of FAMILIES[family], the same on every call."""
+    cls_name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra)).float().eval()
+
+
+def test_every_block_is_checked_once_and_before_any_change():
+    """replace_experts checks each block's experts once (gpt-oss's _apply_gate is probed once per block,
+    not again when EPExperts is built), and a later block's unsupported activation (ReLU here) raises
+    before the earlier blocks are swapped."""
+    model = _tiny("gpt_oss")
+    probes = []
+    for experts in (m for m in model.modules() if ep.hf.is_hf_experts(m)):
+        gate = experts._apply_gate  # the bound method; an instance attribute shadows it
+        experts._apply_gate = lambda x, gate=gate: probes.append(1) or gate(x)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert len(probes) == 2, probes
+
+    model = _tiny("mixtral")
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    with pytest.raises(ValueError, match="act_fn=ReLU\\(\\) is none of silu, gelu, gelu_tanh"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+
+
+def _mxfp4_gpt_oss():
+    """A gpt-oss model with what from_pretrained builds for an MXFP4 checkpoint (packed uint8 weights)."""
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    config = transformers.GptOssConfig(**COMMON, **FAMILIES["gpt_oss"][1])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:
+        layer.mlp.experts = mxfp4.Mxfp4GptOssExperts(config)
+    return model
+
+
+UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block class)
+    "dbrx": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(  # 2-D w1 / v1 / w2
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))), "DbrxFFN"),
+    "jetmoe": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.JetMoeConfig(  # no `experts`
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)), "JetMoeMoE"),
+    "switch": (lambda: transformers.SwitchTransformersForConditionalGeneration(  # a ModuleDict of MLPs
+        transformers.SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2,
+                                              num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=1,
+                                              decoder_sparse_step=1)), "SwitchTransformersSparseMLP"),
+    "gpt_oss_mxfp4": (_mxfp4_gpt_oss, "GptOssMLP"),
+}
+
+
+def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0():
+    """DBRX, JetMoE, Switch Transformers and MXFP4 gpt-oss: replace_experts raises naming each block's
+    path and class (nothing is skipped silently) and changes nothing; strict=False warns and leaves
+    them as they are."""
+    for name, (build, block) in UNSWAPPABLE.items():
+        torch.manual_seed(0)
+        model = build()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
+                                             "model's 4 MoE blocks") as err:
+            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+        assert f"block={block}" in str(err.value), (name, str(err.value))
+        with pytest.warns(UserWarning, match=f"block={block}"):
+            assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
+        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
+def test_strict_false_swaps_the_blocks_it_can():
+    """A Mixtral whose second block's experts use ReLU: replace_experts raises naming that block;
+    strict=False swaps the first, warns about the second (which stays HF's) and the logits are unchanged;
+    a second call finds nothing left to swap."""
+    model = _tiny("mixtral")
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.raises(ValueError, match=r"cannot swap 1 of the model's 2 MoE blocks:\n  model.layers.1.mlp: "
+                                         r"block=MixtralSparseMoeBlock: experts=MixtralExperts: act_fn=ReLU"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    with pytest.raises(TypeError, match="strict=1; allowed: True or False"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=1)
+    with pytest.warns(UserWarning, match=r"model.layers.1.mlp: block=MixtralSparseMoeBlock"):
+        assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 1
+    assert isinstance(model.model.layers[0].mlp.experts, ep.hf.EPExperts)
+    assert not isinstance(model.model.layers[1].mlp.experts, ep.hf.EPExperts)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
+    with pytest.warns(UserWarning, match="cannot swap 1 of the model's 1 MoE blocks"):
+        assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0
+
+
+def _fp8_export_rank(rank, world_size):
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    block = torch.nn.Module()  # the same fp8 checkpoint on every rank
+    block.experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+    block.gate = torch.nn.Linear(256, 4)
+    block.gate.top_k = 2
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in block.experts.state_dict().items():
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) if "scale" not in name else
+                    torch.rand(t.shape, generator=gen) + 0.5)
+    model = torch.nn.ModuleDict({"block": block})
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 1
+    exported = ep.hf.export_state_dict(model, dst=None)
+    return sorted(exported) == sorted(original), [k for k in original if not torch.equal(
+        exported[k].view(torch.uint8), original[k].view(torch.uint8))] if sorted(exported) == sorted(original) else None
+
+
+def test_export_state_dict_keeps_fp8_scales():
+    """transformers' FP8Experts swapped over 2 ranks: export_state_dict gives back every key of the
+    checkpoint, gate_up_proj_scale_inv / down_proj_scale_inv included (they were dropped, so the saved
+    checkpoint lost its scales), byte for byte."""
+    for same_keys, differ in run_ranks(_fp8_export_rank, 2, timeout=120):
+        assert same_keys and differ == [], (same_keys, differ)
+
+
+def _redundant_rank(rank, world_size):
+    cls_name, extra = FAMILIES["mixtral"]
+    config = getattr(transformers, cls_name)(**COMMON, **{**extra, "num_local_experts": 5})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        expected = model(ids).logits
+    try:
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    replaced = ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", num_redundant_experts=1)
+    with torch.no_grad():
+        logits = model(ids).logits
+    exported = ep.hf.export_state_dict(model, dst=None)
+    return (refused, replaced, rel_err(logits, expected), sorted(exported) == sorted(original)
+            and all(torch.equal(exported[k], original[k]) for k in original))
+
+
+def test_num_experts_not_divisible_by_the_group():
+    """E=5 experts over 2 ranks: replace_experts says E is not divisible and names num_redundant_experts,
+    which it now takes (it was an unexpected keyword): with one redundant copy the logits are the
+    original's and export_state_dict gives back the checkpoint."""
+    for refused, replaced, err, same in run_ranks(_redundant_rank, 2, timeout=300):
+        assert refused is not None and "num_redundant_experts=0" in refused and "not divisible by ep_size=2" in refused
+        assert replaced == 2 and err <= tolerance(torch.float32) and same, (replaced, err, same)
+
+
+def _unswapped_export_rank(rank, world_size):
+    torch.manual_seed(0)  # the same model on every rank
+    model = UNSWAPPABLE["dbrx"][0]()
+    with pytest.warns(UserWarning, match="block=DbrxFFN"):
+        assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False) == 0
+    exported = ep.hf.export_state_dict(model)
+    return None if exported is None else sorted(exported) == sorted(model.state_dict())
+
+
+def test_export_state_dict_on_dst_only_when_nothing_was_swapped():
+    """export_state_dict(model) with no EPExperts in it (strict=False refused every block) gives the
+    dict on rank 0 and None elsewhere, as documented (every rank got it, so every rank saved)."""
+    assert run_ranks(_unswapped_export_rank, 2, timeout=120) == [True, None]
