@@ -9,6 +9,7 @@ import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.runner_core import RunnerInput, convert
+from ep_runtime.validation import check_expert_dtypes
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
 # P counts computed (token, expert) pairs, grouped by expert; expert_index is the local weight index.
@@ -56,12 +57,7 @@ class RunnerBackend:
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
         natively when the backend declares that layout, else through the registered conversion."""
-        if weights.quant is None:  # (a mismatch would fail inside a matmul or a Triton kernel, naming neither)
-            want = runner_input.output_dtype
-            for name, t in (("w13", weights.w13), ("w2", weights.w2)):
-                if t.dtype != want:
-                    raise ValueError(f"{name} has dtype {t.dtype}; runner={self.name!r} got tokens of dtype {want}, "
-                                     f"and unquantized experts must have the tokens' dtype")
+        check_expert_dtypes(weights, runner_input.output_dtype, f"the tokens runner={self.name!r} got")
         if isinstance(runner_input, RunnerInput) and not (self.reads_id_table and RunnerInput in self.layouts):
             runner_input = runner_input.routed()
         if isinstance(runner_input, self.layouts):

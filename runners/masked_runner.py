@@ -299,10 +299,6 @@ def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertW
     if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
                          f"expected [{L}] (L local experts) int32")
-    for name in ("w13", "w2", "b13", "b2") if weights.quant is None else ():
-        t = getattr(weights, name)
-        if t is not None and t.dtype != recv_x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}; runner='masked' needs the dtype of recv_x ({recv_x.dtype})")
     for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
         if t.device.type != "cuda" and not interpreted():
             raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "

@@ -193,17 +193,35 @@ def test_moe_runner_refuses_global_weights_on_a_sharded_rank(dispatcher, runner)
                            f"its 4 local experts, global experts {first}..{first + 3}, as [4, ...] tensors)"), message
 
 
+@pytest.mark.parametrize("bad", ["w13", "b2"])
 @pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
-def test_experts_of_another_dtype_than_the_tokens_are_named(runner):
+def test_experts_of_another_dtype_than_the_tokens_are_named(runner, bad):
     """fp16 experts on fp32 tokens failed inside the GEMM: torch's 'expected m1 and m2 to have the same
-    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument."""
+    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument.
+    fp16 biases ran on the torch and triton runners (promoted) while masked refused them with a
+    ValueError; fused_experts raised a TypeError worded otherwise. Every entry point now raises the same
+    TypeError (validation.check_expert_dtypes) naming the tensor, its dtype and the allowed one."""
     if runner not in ep.runners.available():
         pytest.skip(f"runner {runner} cannot run here")
-    cfg = ep.MoeConfig(4, 2, 16, 8)
+    cfg = ep.MoeConfig(4, 2, 16, 8, has_bias=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=gen)
+    ids, w = torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2, generator=gen)
+    tensors = dict(w13=torch.randn(4, 16, 16, generator=gen), w2=torch.randn(4, 16, 8, generator=gen),
+                   b13=torch.randn(4, 16, generator=gen), b2=torch.randn(4, 16, generator=gen))
+    tensors[bad] = tensors[bad].half()
+    weights = ep.ExpertWeights(**tensors)
+    allowed = rf"{bad} has dtype torch.float16; allowed: torch.float32, the dtype of {{}} \(unquantized experts " \
+              r"compute in the tokens' dtype\)$"
+    tokens = rf"the tokens runner='{runner}' got"
     disp = ep.dispatchers.create("standard", config=cfg)
     moe = MoeRunner(ep.runners.create(runner, cfg), cfg, disp.placement)
-    out = disp.dispatch(torch.randn(3, 16), ep.TopKOutput(torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)))
-    weights = ep.ExpertWeights(torch.randn(4, 16, 16, dtype=torch.float16), torch.randn(4, 16, 8, dtype=torch.float16))
-    with pytest.raises(ValueError, match=rf"w13 has dtype torch.float16; runner='{runner}' got tokens of dtype "
-                                         r"torch.float32, and unquantized experts must have the tokens' dtype"):
-        moe.run(out, weights)
+    with pytest.raises(TypeError, match=allowed.format(tokens)):  # the layer's path
+        moe.run(disp.dispatch(x, ep.TopKOutput(ids, w)), weights)
+    inputs = {"torch": RunnerInput.from_local_ids(x, ids, w, ep.ExpertPlacement(4)),
+              "masked": ExpertMajorInput(torch.randn(4, 3, 16, generator=gen), torch.tensor([3, 0, 1, 2]))}
+    with pytest.raises(TypeError, match=allowed.format(tokens)):  # the backend used directly
+        ep.runners.create(runner, cfg).run(inputs.get(runner, inputs["torch"]), weights)
+    if runner == "triton":
+        with pytest.raises(TypeError, match=allowed.format("x")):  # the functional entry point
+            ep.runners.fused_experts(x, **tensors, topk_ids=ids, topk_weights=w)
