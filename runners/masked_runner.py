@@ -290,12 +290,13 @@ class _MaskedExperts(torch.autograd.Function):
 
 
 def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig) -> None:
+    """What the kernels need beyond RunnerBackend.check_weights (the weights' shapes and dtypes, checked
+    once per call before compute: by run(), or by the runner core)."""
     if recv_x.dim() != 3:
         raise ValueError(f"recv_x has shape {list(recv_x.shape)}; expected [L, M*R, H] (deepep_ll layout)")
     L, _, H = recv_x.shape
     if H != config.hidden_size:
         raise ValueError(f"recv_x has H={H}; expected hidden_size={config.hidden_size}")
-    weights.check(config, L)
     if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
                          f"expected [{L}] (L local experts) int32")

@@ -225,3 +225,52 @@ def test_experts_of_another_dtype_than_the_tokens_are_named(runner, bad):
     if runner == "triton":
         with pytest.raises(TypeError, match=allowed.format("x")):  # the functional entry point
             ep.runners.fused_experts(x, **tensors, topk_ids=ids, topk_weights=w)
+
+
+@pytest.mark.parametrize("layout", ["token_rows", "expert_major"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_a_backend_used_directly_refuses_weights_that_do_not_fit_its_input(runner, layout):
+    """ep.runners.create(...).run(input, weights) with the global [E, ...] weights for an input of L
+    local experts: the torch and triton backends computed the local ids with the first L global experts
+    (no error); only masked checked, inside its kernel path. run() now checks every backend's weights
+    against its input (RunnerBackend.check_weights)."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    E, L, H, I = 8, 4, 16, 8
+    cfg = ep.MoeConfig(E, 2, H, I)
+    gen = torch.Generator().manual_seed(3)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    if layout == "token_rows":
+        inp = RunnerInput.from_local_ids(torch.randn(5, H, generator=gen), random_topk_ids(gen, 5, L, 2, 1),
+                                         torch.rand(5, 2, generator=gen), ep.ExpertPlacement(L))
+    else:
+        inp = ExpertMajorInput(torch.randn(L, 3, H, generator=gen), torch.tensor([3, 0, 1, 2], dtype=torch.int32))
+    backend = ep.runners.create(runner, cfg)
+    backend.run(inp, ep.ExpertWeights(w13[:L], w2[:L]))  # this input's L experts: fine
+    with pytest.raises(ValueError, match=rf"^w13 has shape \[{E}, {2 * I}, {H}\]; expected \[{L}, {2 * I}, {H}\]$"):
+        backend.run(inp, ep.ExpertWeights(w13, w2))
+    with pytest.raises(ValueError, match=rf"^w2 has shape \[{L}, {H}, {I + 1}\]; expected \[{L}, {H}, {I}\]$"):
+        backend.run(inp, ep.ExpertWeights(w13[:L], torch.randn(L, H, I + 1, generator=gen)))
+    if layout == "expert_major":  # (the torch and triton backends failed unpacking its shape)
+        with pytest.raises(ValueError, match=r"^hidden_states has shape \[12, 16\]; expected \[L, M\*R, H\]"):
+            backend.run(ExpertMajorInput(inp.hidden_states.reshape(-1, H), inp.masked_m), ep.ExpertWeights(w13, w2))
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_a_layer_call_checks_its_weights_once(runner, dispatcher, monkeypatch):
+    """The masked runner checked the weights a second time in its kernel path (ExpertWeights.check after
+    the runner core's): host time on every call. One check per layer call, on every runner."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner=runner,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 8} if dispatcher == "deepep_ll" else None)
+    gen = torch.Generator().manual_seed(4)
+    x, ids, w = torch.randn(5, 16, generator=gen), random_topk_ids(gen, 5, 8, 2, 1), torch.rand(5, 2, generator=gen)
+    checks = []
+    check = ep.ExpertWeights.check
+    monkeypatch.setattr(ep.ExpertWeights, "check", lambda self, *a, **k: (checks.append(1), check(self, *a, **k))[1])
+    y = layer(x, ids, w)
+    assert len(checks) == 1
+    assert rel_err(y, moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)) <= 1e-5
