@@ -9,8 +9,8 @@ neither names the other. A (format, backend) pair may also register one function
 step (register_fused, as SGLang's register_fused_func); none is needed.
 
 -1 ids (and any id outside the table) are rerouted to a sink slot, once, for every backend: by
-RunnerInput's constructors, or (the formats' path, defer=True) by RunnerBackend.run just before compute(),
-unless the backend's kernels do the lookup themselves (reads_id_table).
+RunnerInput's constructors, or (the formats' path, defer=True) by RunnerBackend.run_checked just before
+compute(), unless the backend's kernels do the lookup themselves (reads_id_table).
 """
 from __future__ import annotations
 
@@ -159,6 +159,13 @@ class ExpertMajorInput:
     @property
     def output_dtype(self) -> torch.dtype:
         return self.out_dtype or self.hidden_states.dtype
+
+    @property
+    def num_local_experts(self) -> int:
+        if self.hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, H] "
+                             f"(expert-major rows)")
+        return self.hidden_states.shape[0]
 
 
 def reroute_to_sink(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -327,11 +334,11 @@ class MoeRunner:
         if fused is not None:
             return fused(self, dispatch_output, weights)
         path = format_path(dispatch_output.format)
+        runner_input = path.to_runner_input(dispatch_output, self.placement, self.config)
         L = self.placement.num_local_experts
-        try:
-            weights.check(self.config, L)
+        try:  # the weights' one check per call (run_checked, unlike run(), does not check them again)
+            self.backend.check_weights(weights, L, runner_input.output_dtype)
         except ValueError as err:
             raise ValueError(f"{err} (MoeRunner.run takes this rank's shard: its {L} local experts, global "
                              f"experts {self.placement.describe_local_experts()}, as [{L}, ...] tensors)") from None
-        runner_input = path.to_runner_input(dispatch_output, self.placement, self.config)
-        return path.to_combine_input(self.backend.run(runner_input, weights), dispatch_output)
+        return path.to_combine_input(self.backend.run_checked(runner_input, weights), dispatch_output)

@@ -82,6 +82,22 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
         raise ValueError(f"{name} is on {x.device}; this layer is on {torch.device(device)}")
 
 
+def check_expert_dtypes(weights, dtype: torch.dtype, tokens: str) -> None:
+    """Unquantized experts compute in the tokens' dtype: raise naming the first of w13, w2, b13, b2 (an
+    ExpertWeights' tensors) of another dtype, which would otherwise fail inside a matmul or a Triton
+    kernel naming neither. dtype: the tokens'; tokens: where it comes from, e.g. "x". Quantized experts
+    (weights.quant set) pass: ExpertWeights.check holds their dtypes."""
+    if weights.quant is not None:
+        return
+    for name in ("w13", "w2", "b13", "b2"):
+        t = getattr(weights, name)
+        if t is not None and t.dtype != dtype:
+            fp8 = name in ("w13", "w2") and t.element_size() == 1
+            fp8 = " (float8 experts need w13_scale_inv and w2_scale_inv)" if fp8 else ""
+            raise TypeError(f"{name} has dtype {t.dtype}; allowed: {dtype}, the dtype of {tokens} (unquantized "
+                            f"experts compute in the tokens' dtype){fp8}")
+
+
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, num_experts: int,
                top_k: Optional[int], device: Optional[torch.device] = None, values: bool = True) -> None:
     """ids [T, K] integer in [-1, E); weights [T, K] floating, same device. values=False: shapes,

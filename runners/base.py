@@ -9,6 +9,7 @@ import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.runner_core import RunnerInput, convert
+from ep_runtime.validation import check_expert_dtypes
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
 # P counts computed (token, expert) pairs, grouped by expert; expert_index is the local weight index.
@@ -55,13 +56,22 @@ class RunnerBackend:
 
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
-        natively when the backend declares that layout, else through the registered conversion."""
-        if weights.quant is None:  # (a mismatch would fail inside a matmul or a Triton kernel, naming neither)
-            want = runner_input.output_dtype
-            for name, t in (("w13", weights.w13), ("w2", weights.w2)):
-                if t.dtype != want:
-                    raise ValueError(f"{name} has dtype {t.dtype}; runner={self.name!r} got tokens of dtype {want}, "
-                                     f"and unquantized experts must have the tokens' dtype")
+        natively when the backend declares that layout, else through the registered conversion.
+        `weights` are checked against the input first (check_weights)."""
+        self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
+        return self.run_checked(runner_input, weights)
+
+    def check_weights(self, weights: ExpertWeights, num_local_experts: int, dtype: torch.dtype) -> None:
+        """Raise naming the tensor when `weights` cannot compute tokens of `dtype` over `num_local_experts`
+        experts: shapes (and quantized dtypes and scales) against the config (ExpertWeights.check), and
+        unquantized experts of another dtype than the tokens' (a mismatch would fail inside a matmul or a
+        Triton kernel, naming neither)."""
+        weights.check(self.config, num_local_experts)
+        check_expert_dtypes(weights, dtype, f"the tokens runner={self.name!r} got")
+
+    def run_checked(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+        """run() for `weights` that check_weights has passed for this input (the runner core checks them
+        once per call, naming this rank's shard)."""
         if isinstance(runner_input, RunnerInput) and not (self.reads_id_table and RunnerInput in self.layouts):
             runner_input = runner_input.routed()
         if isinstance(runner_input, self.layouts):
@@ -72,7 +82,7 @@ class RunnerBackend:
     def compute(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of an input in one of `layouts` (the backend's own kernels). A RunnerInput arrives
         with its ids mapped, unless the class sets reads_id_table (then id_table may be set: look the ids
-        up, or call routed()). A subclass that overrides run() must route the same way."""
+        up, or call routed()). A subclass that overrides run_checked() must route the same way."""
         raise NotImplementedError(f"runner {self.name!r} declares layouts {self.layouts} but implements no compute()")
 
 
@@ -112,17 +122,17 @@ class TritonBackend(RunnerBackend):
         if self.import_error is not None:
             raise RuntimeError(f"runner={self.name!r} cannot run here: {self.import_error}")
 
-    def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
-        """As RunnerBackend.run; torch.compile runs it as it is (a graph break) rather than tracing
-        into the kernels' launch code. Eager calls skip the torch.compiler.disable wrapper (a dynamo
-        frame hook per call)."""
+    def run_checked(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+        """As RunnerBackend.run_checked; torch.compile runs it as it is (a graph break) rather than
+        tracing into the kernels' launch code. Eager calls skip the torch.compiler.disable wrapper (a
+        dynamo frame hook per call)."""
         if torch.compiler.is_compiling():
             return self._run_opaque(runner_input, weights)
-        return RunnerBackend.run(self, runner_input, weights)
+        return RunnerBackend.run_checked(self, runner_input, weights)
 
     @torch.compiler.disable
     def _run_opaque(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
-        return RunnerBackend.run(self, runner_input, weights)
+        return RunnerBackend.run_checked(self, runner_input, weights)
 
     @classmethod
     def is_available(cls) -> bool:

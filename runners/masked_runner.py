@@ -290,19 +290,16 @@ class _MaskedExperts(torch.autograd.Function):
 
 
 def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig) -> None:
+    """What the kernels need beyond RunnerBackend.check_weights (the weights' shapes and dtypes, checked
+    once per call before compute: by run(), or by the runner core)."""
     if recv_x.dim() != 3:
         raise ValueError(f"recv_x has shape {list(recv_x.shape)}; expected [L, M*R, H] (deepep_ll layout)")
     L, _, H = recv_x.shape
     if H != config.hidden_size:
         raise ValueError(f"recv_x has H={H}; expected hidden_size={config.hidden_size}")
-    weights.check(config, L)
     if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
                          f"expected [{L}] (L local experts) int32")
-    for name in ("w13", "w2", "b13", "b2") if weights.quant is None else ():
-        t = getattr(weights, name)
-        if t is not None and t.dtype != recv_x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}; runner='masked' needs the dtype of recv_x ({recv_x.dtype})")
     for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
         if t.device.type != "cuda" and not interpreted():
             raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "

@@ -83,9 +83,8 @@ def activation_input(inp: RunnerInput, quant: Optional[QuantConfig]) -> torch.Te
     """The expert input as this runner computes it: fp8 rows dequantized (fp32 with quantized weights,
     else the tokens' dtype); float rows rounded through fp8 when the weights are quantized (w8a8)."""
     x = inp.hidden_states
-    act = quant or QuantConfig()
-    if inp.hidden_scale is not None:
-        x = act.dequantize_activation(x, inp.hidden_scale)
+    if inp.hidden_scale is not None:  # (the default QuantConfig built only here: ~4 us of host time a call)
+        x = (quant or QuantConfig()).dequantize_activation(x, inp.hidden_scale)
         return x if quant is not None else x.to(inp.output_dtype)
     if quant is not None:
         return quant.dequantize_activation(*quant.quantize_activation(x))

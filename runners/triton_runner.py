@@ -29,7 +29,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.validation import check_hidden_states, check_topk
+from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -265,12 +265,6 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                     ("w2_scale_inv", w2_scale_inv)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}; expected {x.device} (the device of x)")
-    if quant is None and w13_scale_inv is None and w2_scale_inv is None:
-        for name, t in (("w13", w13), ("w2", w2)):
-            if t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype}; unquantized experts must have x's dtype ({x.dtype})"
-                                + (" (fp8 experts need w13_scale_inv and w2_scale_inv)" if t.element_size() == 1
-                                   else ""))
     # top_k may exceed L: a token's other experts live on other ranks (skipped). The runner never reads
     # config.num_experts; it only has to admit top_k.
     config = MoeConfig(max(L, topk_ids.shape[1]), topk_ids.shape[1], H, intermediate, activation=activation,
@@ -280,6 +274,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     if quant is None and (w13_scale_inv is not None or w2_scale_inv is not None):
         quant = QuantConfig()
     weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
+    check_expert_dtypes(weights, x.dtype, "x")
     weights.check(config, L)
     # The runner core's input: local ids (int64: never wrapped) whose mapping (the alignment kernels do
     # it) sends every id outside [0, L), -1 included, to the sink L (masked out).

@@ -149,8 +149,10 @@ def test_rejects_what_it_cannot_compute():
     config, weights, recv_x, masked_m = _problem({}, torch.float32)
     with pytest.raises(ValueError, match=r"masked_m has shape \[2\]"):
         MaskedRunner(config).run_masked(recv_x, masked_m[:2], weights)
-    with pytest.raises(ValueError, match="w13 has dtype torch.float16"):
+    with pytest.raises(TypeError, match="w13 has dtype torch.float16; allowed: torch.float32"):
         MaskedRunner(config).run_masked(recv_x, masked_m, ExpertWeights(weights.w13.half(), weights.w2))
+    with pytest.raises(ValueError, match=rf"w2 has shape \[{L}, {H}, {I + 1}\]; expected \[{L}, {H}, {I}\]"):
+        MaskedRunner(config).run_masked(recv_x, masked_m, ExpertWeights(weights.w13, torch.zeros(L, H, I + 1)))
 
 
 @pytest.mark.parametrize("dispatcher", ["deepep_ll", "standard"])

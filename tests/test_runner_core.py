@@ -193,17 +193,99 @@ def test_moe_runner_refuses_global_weights_on_a_sharded_rank(dispatcher, runner)
                            f"its 4 local experts, global experts {first}..{first + 3}, as [4, ...] tensors)"), message
 
 
+@pytest.mark.parametrize("bad", ["w13", "b2"])
 @pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
-def test_experts_of_another_dtype_than_the_tokens_are_named(runner):
+def test_experts_of_another_dtype_than_the_tokens_are_named(runner, bad):
     """fp16 experts on fp32 tokens failed inside the GEMM: torch's 'expected m1 and m2 to have the same
-    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument."""
+    dtype', Triton's 'Both operands must be same dtype' (a compile error on GPU), naming no argument.
+    fp16 biases ran on the torch and triton runners (promoted) while masked refused them with a
+    ValueError; fused_experts raised a TypeError worded otherwise. Every entry point now raises the same
+    TypeError (validation.check_expert_dtypes) naming the tensor, its dtype and the allowed one."""
     if runner not in ep.runners.available():
         pytest.skip(f"runner {runner} cannot run here")
-    cfg = ep.MoeConfig(4, 2, 16, 8)
+    cfg = ep.MoeConfig(4, 2, 16, 8, has_bias=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=gen)
+    ids, w = torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2, generator=gen)
+    tensors = dict(w13=torch.randn(4, 16, 16, generator=gen), w2=torch.randn(4, 16, 8, generator=gen),
+                   b13=torch.randn(4, 16, generator=gen), b2=torch.randn(4, 16, generator=gen))
+    tensors[bad] = tensors[bad].half()
+    weights = ep.ExpertWeights(**tensors)
+    allowed = rf"{bad} has dtype torch.float16; allowed: torch.float32, the dtype of {{}} \(unquantized experts " \
+              r"compute in the tokens' dtype\)$"
+    tokens = rf"the tokens runner='{runner}' got"
     disp = ep.dispatchers.create("standard", config=cfg)
     moe = MoeRunner(ep.runners.create(runner, cfg), cfg, disp.placement)
-    out = disp.dispatch(torch.randn(3, 16), ep.TopKOutput(torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)))
-    weights = ep.ExpertWeights(torch.randn(4, 16, 16, dtype=torch.float16), torch.randn(4, 16, 8, dtype=torch.float16))
-    with pytest.raises(ValueError, match=rf"w13 has dtype torch.float16; runner='{runner}' got tokens of dtype "
-                                         r"torch.float32, and unquantized experts must have the tokens' dtype"):
-        moe.run(out, weights)
+    with pytest.raises(TypeError, match=allowed.format(tokens)):  # the layer's path
+        moe.run(disp.dispatch(x, ep.TopKOutput(ids, w)), weights)
+    inputs = {"torch": RunnerInput.from_local_ids(x, ids, w, ep.ExpertPlacement(4)),
+              "masked": ExpertMajorInput(torch.randn(4, 3, 16, generator=gen), torch.tensor([3, 0, 1, 2]))}
+    with pytest.raises(TypeError, match=allowed.format(tokens)):  # the backend used directly
+        ep.runners.create(runner, cfg).run(inputs.get(runner, inputs["torch"]), weights)
+    if runner == "triton":
+        with pytest.raises(TypeError, match=allowed.format("x")):  # the functional entry point
+            ep.runners.fused_experts(x, **tensors, topk_ids=ids, topk_weights=w)
+
+
+@pytest.mark.parametrize("layout", ["token_rows", "expert_major"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_a_backend_used_directly_refuses_weights_that_do_not_fit_its_input(runner, layout):
+    """ep.runners.create(...).run(input, weights) with the global [E, ...] weights for an input of L
+    local experts: the torch and triton backends computed the local ids with the first L global experts
+    (no error); only masked checked, inside its kernel path. run() now checks every backend's weights
+    against its input (RunnerBackend.check_weights)."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    E, L, H, I = 8, 4, 16, 8
+    cfg = ep.MoeConfig(E, 2, H, I)
+    gen = torch.Generator().manual_seed(3)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    if layout == "token_rows":
+        inp = RunnerInput.from_local_ids(torch.randn(5, H, generator=gen), random_topk_ids(gen, 5, L, 2, 1),
+                                         torch.rand(5, 2, generator=gen), ep.ExpertPlacement(L))
+    else:
+        inp = ExpertMajorInput(torch.randn(L, 3, H, generator=gen), torch.tensor([3, 0, 1, 2], dtype=torch.int32))
+    backend = ep.runners.create(runner, cfg)
+    backend.run(inp, ep.ExpertWeights(w13[:L], w2[:L]))  # this input's L experts: fine
+    with pytest.raises(ValueError, match=rf"^w13 has shape \[{E}, {2 * I}, {H}\]; expected \[{L}, {2 * I}, {H}\]$"):
+        backend.run(inp, ep.ExpertWeights(w13, w2))
+    with pytest.raises(ValueError, match=rf"^w2 has shape \[{L}, {H}, {I + 1}\]; expected \[{L}, {H}, {I}\]$"):
+        backend.run(inp, ep.ExpertWeights(w13[:L], torch.randn(L, H, I + 1, generator=gen)))
+    if layout == "expert_major":  # (the torch and triton backends failed unpacking its shape)
+        with pytest.raises(ValueError, match=r"^hidden_states has shape \[12, 16\]; expected \[L, M\*R, H\]"):
+            backend.run(ExpertMajorInput(inp.hidden_states.reshape(-1, H), inp.masked_m), ep.ExpertWeights(w13, w2))
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_a_layer_call_checks_its_weights_once(runner, dispatcher, monkeypatch):
+    """The masked runner checked the weights a second time in its kernel path (ExpertWeights.check after
+    the runner core's): host time on every call. One check per layer call, on every runner."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner=runner,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 8} if dispatcher == "deepep_ll" else None)
+    gen = torch.Generator().manual_seed(4)
+    x, ids, w = torch.randn(5, 16, generator=gen), random_topk_ids(gen, 5, 8, 2, 1), torch.rand(5, 2, generator=gen)
+    checks = []
+    check = ep.ExpertWeights.check
+    monkeypatch.setattr(ep.ExpertWeights, "check", lambda self, *a, **k: (checks.append(1), check(self, *a, **k))[1])
+    y = layer(x, ids, w)
+    assert len(checks) == 1
+    assert rel_err(y, moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)) <= 1e-5
+
+
+def test_the_torch_runner_builds_no_quant_config_for_float_rows(monkeypatch):
+    """activation_input built a default QuantConfig on every call (its __post_init__ checks: ~4 us of
+    host time per layer call) that only fp8 rows use."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
+    gen = torch.Generator().manual_seed(5)
+    x, ids, w = torch.randn(5, 16, generator=gen), random_topk_ids(gen, 5, 8, 2, 1), torch.rand(5, 2, generator=gen)
+    built = []
+    post_init = ep.QuantConfig.__post_init__
+    monkeypatch.setattr(ep.QuantConfig, "__post_init__", lambda self: (built.append(1), post_init(self))[1])
+    y = layer(x, ids, w)
+    assert built == []
+    assert rel_err(y, moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)) <= 1e-5

@@ -786,8 +786,8 @@ def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage(runner, fm
     (dict(topk_ids="float"), TypeError, r"topk_ids has dtype torch.float32; expected a signed integer dtype"),
     (dict(topk_ids="bool"), TypeError, r"topk_ids has dtype torch.bool; expected a signed integer dtype"),
     (dict(topk_weights="int"), TypeError, r"topk_weights has dtype torch.int64; expected a floating dtype"),
-    (dict(x="fp16"), TypeError, r"w13 has dtype torch.float32; unquantized experts must have x's dtype \(torch.float16\)"),
-    (dict(w2="fp16"), TypeError, r"w2 has dtype torch.float16; unquantized experts must have x's dtype \(torch.float32\)"),
+    (dict(x="fp16"), TypeError, r"w13 has dtype torch.float32; allowed: torch.float16, the dtype of x \(unquantized"),
+    (dict(w2="fp16"), TypeError, r"w2 has dtype torch.float16; allowed: torch.float32, the dtype of x \(unquantized"),
     (dict(w2="wide"), ValueError, r"w2 has shape \[4, 16, 9\]; expected \[4, 16, 8\]"),
     (dict(x="int"), TypeError, r"x has dtype torch.int64; expected a floating dtype"),
 ])
