@@ -23,6 +23,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import decode_scales
 from .registry import add_once
+from .validation import capturing
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -220,6 +221,10 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
     """Computed (token, slot) pairs grouped by expert into [L, C, H], C = the most pairs of one
     expert; the result is weighted and summed per token. Reads the counts on the host (one sync):
     a token-major format is not graph-captured through this path."""
+    if capturing():  # (the sync would invalidate the capture with a bare CUDA error)
+        raise RuntimeError("an expert-major runner (masked) on a token-major format cannot run inside a CUDA graph "
+                           "capture: its rows are grouped by expert with a host sync; capture runner='triton' "
+                           "on this format, or the masked runner under deepep_ll")
     x = inp.hidden_states
     N, L, H = x.shape[0], inp.num_local_experts, x.shape[1]
     pairs = inp.pairs_by_expert()

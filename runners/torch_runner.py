@@ -46,6 +46,9 @@ class TorchRunner(RunnerBackend):
     layouts = (RunnerInput,)
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+        if capturing():  # (a sync would invalidate the capture with a bare CUDA error)
+            raise RuntimeError("runner='torch' cannot run inside a CUDA graph capture: it groups the pairs by expert "
+                               "with a host sync (their count is data-dependent); capture runner='triton' or 'masked'")
         cfg = self.config
         quant = weights.quant
         x = activation_input(inp, quant)
@@ -116,10 +119,6 @@ def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
         offsets = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
     else:
-        if capturing():  # (the counts below are read on the host: a sync, which invalidates the capture)
-            raise RuntimeError(f"runner='torch' cannot run inside a CUDA graph capture with {rows.dtype} rows of "
-                               f"width {rows.shape[1]} and weights {list(w.shape)}: only its bf16 path (torch._grouped_mm, "
-                               f"widths a multiple of 8) is capturable; capture runner='triton' or 'masked' instead")
         pieces = []
         start = 0
         for e, count in enumerate(counts.tolist()):

@@ -521,9 +521,8 @@ def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
 
 
 def test_torch_runner_names_what_it_cannot_capture():
-    """The torch runner's per-expert loop (fp32 here; also bf16 of widths torch._grouped_mm refuses) reads
-    the counts on the host: under a graph capture it raises naming the runners that capture, instead of
-    invalidating the capture with a CUDA error."""
+    """The torch runner groups its pairs by expert with a host sync: under a graph capture it raises naming
+    the runners that capture, instead of invalidating the capture with a bare CUDA error."""
     layer = ep.EPMoE(8, 2, 64, 32, dispatcher="deepep_ll", runner="torch", dtype=torch.float32, device="cuda",
                      dispatcher_options={"num_max_dispatch_tokens_per_rank": 16})
     x = torch.randn(16, 64, device="cuda")
@@ -537,6 +536,15 @@ def test_torch_runner_names_what_it_cannot_capture():
             with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 layer(x, ids, w)
         assert torch.equal(layer(x, ids, w), eager)  # the layer still runs eagerly after the refused capture
+    # the masked runner on token rows groups them with a host sync too
+    masked = ep.EPMoE(8, 2, 64, 32, dispatcher="standard", runner="masked", dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        masked(x.bfloat16(), ids, w)
+        masked.dispatcher.raise_deferred()
+        torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="cannot run inside a CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                masked(x.bfloat16(), ids, w)
 
 
 @pytest.mark.parametrize("T,E_,K_,R", [(0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8),
