@@ -28,8 +28,9 @@ class EPMoE(nn.Module):
     checkpoint and keeps this rank's slice, or this rank's [L, ...] shard; `gather_experts` hands
     every expert back in that layout. device="meta" builds it without memory: `to_empty(device=...)`
     then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
-    runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
-    else torch). group None: the default process group when one exists, else a single process.
+    runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
+    native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
+    runners.resolve). group None: the default process group when one exists, else a single process.
     Until load_experts, the experts are random and depend only on the seed and their global ids
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
