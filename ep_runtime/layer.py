@@ -527,6 +527,9 @@ class EPMoE(nn.Module):
         the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
+        if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
+            raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
+                             "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)
