@@ -433,7 +433,9 @@ class EPMoE(nn.Module):
     def rebalance(self, num_nodes: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                   reset: bool = True):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
-        every rank calls it together, between steps. Returns the ep.eplb.Plan."""
+        every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
+        ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
+        load counts (expert_load(reset=True)), the default."""
         from . import eplb
         load = self.expert_load(reset=reset)
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
