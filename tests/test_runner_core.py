@@ -72,6 +72,22 @@ def test_unknown_backend_and_dispatcher_names():
     assert all(name in str(err.value) for name in ["standard", "deepep_normal", "deepep_ll", "mori"])
 
 
+def test_unknown_dispatcher_option_names_it_and_the_allowed_ones():
+    """An option a dispatcher does not take (e.g. deepep_normal's alignment given to deepep_ll, or a
+    typo) names the dispatcher, the option and the options it does take, not Python's bare
+    "unexpected keyword argument"."""
+    with pytest.raises(TypeError, match=r"dispatcher deepep_ll has no option 'alignment'; "
+                                        r"allowed: num_max_dispatch_tokens_per_rank, expert_to_rank, ") as err:
+        ep.EPMoE(8, 2, 16, 16, dispatcher="deepep_ll", dispatcher_options={"alignment": 4})
+    assert "hierarchical" not in str(err.value)
+    with pytest.raises(TypeError, match=r"dispatcher mori has no option 'hierachical'; allowed: .*"
+                                        r"hierarchical, ranks_per_node"):
+        ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 16), hierachical="on")
+    with pytest.raises(TypeError, match=r"dispatcher standard has no option 'static'; "
+                                        r"allowed: expert_to_rank$"):
+        ep.EPMoE(8, 2, 16, 16, dispatcher_options={"static": True})
+
+
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
     out = reroute_to_sink(ids, ep.ExpertPlacement(5).local_to_local_table())
