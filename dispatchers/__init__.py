@@ -4,11 +4,10 @@
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import register_named
+from ep_runtime.registry import check_options, register_named
 
 from .base import Dispatcher
 from .overlap import ExchangeWork, ReceiveHook
@@ -37,28 +36,10 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
     rank of the group must call this together: it checks that they all built the same settings
     (on `device` when the group is NCCL; None: the current CUDA device)."""
     cls = get(name)
-    allowed = options_of(cls)
-    for option in options:
-        if option not in allowed:
-            raise TypeError(f"dispatcher {name} has no option {option!r}; allowed: {', '.join(allowed)}")
+    check_options(cls, "dispatcher", name, options, ("config", "group"))
     dispatcher = cls(config, group=group, **options)
     dispatcher.check_same_settings_on_every_rank(device)
     return dispatcher
-
-
-def options_of(cls: type[Dispatcher]) -> list[str]:
-    """The options (keyword arguments besides config and group) cls's constructor takes, following
-    **kwargs up to the base classes that name them."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
-        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and p.name not in ("self", "config", "group") and p.name not in names]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
 
 
 from . import deepep_ll, deepep_normal, mori, standard  # noqa: E402,F401  (each registers itself)

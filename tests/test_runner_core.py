@@ -88,6 +88,12 @@ def test_unknown_dispatcher_option_names_it_and_the_allowed_ones():
         ep.EPMoE(8, 2, 16, 16, dispatcher_options={"static": True})
 
 
+def test_unknown_runner_option_names_it_and_the_allowed_ones():
+    """The same for runner_options: the triton runner's block_config given to the torch runner."""
+    with pytest.raises(TypeError, match=r"runner torch has no option 'block_config'; allowed: none$"):
+        ep.EPMoE(8, 2, 16, 16, runner="torch", runner_options={"block_config": None})
+
+
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
     out = reroute_to_sink(ids, ep.ExpertPlacement(5).local_to_local_table())
