@@ -4,6 +4,7 @@ later import silently replacing the earlier one."""
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 
@@ -16,10 +17,24 @@ def add_once(registry: dict, key: Any, value: Any, what: str) -> None:
     registry[key] = value
 
 
-def check_options(cls: type, kind: str, name: str, options: dict, fixed: tuple) -> None:
-    """Raise naming kind `name`, the option and the options it takes when `options` holds a keyword
-    cls's constructor does not take (fixed: its arguments given by the caller, not options). **kwargs
-    are followed up to the base classes that name them."""
+def build(cls: type, kind: str, name: str, fixed: dict, options: dict) -> Any:
+    """cls(**fixed, **options), where an option its constructor does not take raises a TypeError naming
+    kind `name`, the option and the options it names instead of Python's bare "unexpected keyword
+    argument" (fixed: the arguments the caller gives, not options). Only that error is translated, so a
+    class that takes options through **kwargs itself keeps working."""
+    try:
+        return cls(**fixed, **options)
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None or unknown.group(1) not in options:
+            raise
+        allowed = ", ".join(named_options(cls, tuple(fixed))) or "none"
+        raise TypeError(f"{kind} {name} has no option {unknown.group(1)!r}; allowed: {allowed}") from err
+
+
+def named_options(cls: type, fixed: tuple) -> list[str]:
+    """The keyword arguments cls's constructor names, besides `fixed`, following **kwargs up to the
+    base classes that name them."""
     allowed: list[str] = []
     for klass in cls.__mro__:
         if "__init__" not in klass.__dict__:
@@ -29,9 +44,7 @@ def check_options(cls: type, kind: str, name: str, options: dict, fixed: tuple) 
                     and p.name not in ("self",) + fixed and p.name not in allowed]
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
-    for option in options:
-        if option not in allowed:
-            raise TypeError(f"{kind} {name} has no option {option!r}; allowed: {', '.join(allowed) or 'none'}")
+    return allowed
 
 
 def register_named(registry: dict, cls: type, kind: str) -> type:

@@ -229,3 +229,22 @@ def test_experts_of_another_dtype_than_the_tokens_are_named(runner):
     with pytest.raises(ValueError, match=rf"w13 has dtype torch.float16; runner='{runner}' got tokens of dtype "
                                          r"torch.float32, and unquantized experts must have the tokens' dtype"):
         moe.run(out, weights)
+
+
+def test_build_keeps_options_a_class_takes_through_kwargs():
+    """A registered class may take an option through **kwargs itself: build passes it, and names
+    only the option its constructor chain really rejected."""
+    from ep_runtime.registry import build
+
+    class Base:
+        def __init__(self, config, group=None, expert_to_rank=None):
+            self.config = config
+
+    class Consumes(Base):
+        def __init__(self, config, group=None, **options):
+            self.foo = options.pop("foo")
+            super().__init__(config, group, **options)
+
+    assert build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2}).foo == 2
+    with pytest.raises(TypeError, match=r"^dispatcher mine has no option 'bar'; allowed: expert_to_rank$"):
+        build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2, "bar": 3})
