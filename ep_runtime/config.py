@@ -72,7 +72,8 @@ class ExpertWeights:
     """Weights of the experts one rank computes (QuantInfo-style: the tensors and their scales).
 
     w13 [L, 2I, H] (gated, gate rows then up rows) or [L, I, H]; w2 [L, H, I];
-    b13 [L, 2I] / [L, I] and b2 [L, H] when the config has biases.
+    b13 [L, 2I] / [L, I] and b2 [L, H] when the config has biases (EPMoE.gather_experts returns
+    every expert: E in place of L).
     Quantized (quant set): w13/w2 in quant's dtype (float8_e4m3fn) with w13_scale_inv
     [L, ceil(2I/128), ceil(H/128)] and w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (DeepSeek-V3's
     layout: w = q * scale_inv per [128, 128] block); biases stay in the layer's dtype.

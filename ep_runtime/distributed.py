@@ -145,7 +145,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     """Initialise the default process group from the launcher's environment and return it.
 
     Safe to call twice (the second call returns the existing group). Sets the CUDA device from the
-    local rank. timeout_s: how long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
+    local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
+    long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
     """
     global _CREATED_HERE
     if dist.is_initialized():

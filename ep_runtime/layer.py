@@ -28,8 +28,9 @@ class EPMoE(nn.Module):
     checkpoint and keeps this rank's slice, or this rank's [L, ...] shard; `gather_experts` hands
     every expert back in that layout. device="meta" builds it without memory: `to_empty(device=...)`
     then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
-    runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else triton on CUDA,
-    else torch). group None: the default process group when one exists, else a single process.
+    runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
+    native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
+    runners.resolve). group None: the default process group when one exists, else a single process.
     Until load_experts, the experts are random and depend only on the seed and their global ids
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
@@ -437,7 +438,9 @@ class EPMoE(nn.Module):
     def rebalance(self, num_nodes: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                   reset: bool = True):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
-        every rank calls it together, between steps. Returns the ep.eplb.Plan."""
+        every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
+        ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
+        load counts (expert_load(reset=True)), the default."""
         from . import eplb
         load = self.expert_load(reset=reset)
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
@@ -535,6 +538,9 @@ class EPMoE(nn.Module):
         the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
+        if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
+            raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
+                             "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)

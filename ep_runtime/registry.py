@@ -3,6 +3,8 @@ registered once. A second registration means two modules claim one name; failing
 later import silently replacing the earlier one."""
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 
@@ -13,6 +15,36 @@ def add_once(registry: dict, key: Any, value: Any, what: str) -> None:
         by = f" (by {first.__module__}.{first.__qualname__})" if hasattr(first, "__qualname__") else ""
         raise ValueError(f"{what} is already registered{by}; each name is registered once")
     registry[key] = value
+
+
+def build(cls: type, kind: str, name: str, fixed: dict, options: dict) -> Any:
+    """cls(**fixed, **options), where an option its constructor does not take raises a TypeError naming
+    kind `name`, the option and the options it names instead of Python's bare "unexpected keyword
+    argument" (fixed: the arguments the caller gives, not options). Only that error is translated, so a
+    class that takes options through **kwargs itself keeps working."""
+    try:
+        return cls(**fixed, **options)
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None or unknown.group(1) not in options:
+            raise
+        allowed = ", ".join(named_options(cls, tuple(fixed))) or "none"
+        raise TypeError(f"{kind} {name} has no option {unknown.group(1)!r}; allowed: {allowed}") from err
+
+
+def named_options(cls: type, fixed: tuple) -> list[str]:
+    """The keyword arguments cls's constructor names, besides `fixed`, following **kwargs up to the
+    base classes that name them."""
+    allowed: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
+        allowed += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and p.name not in ("self",) + fixed and p.name not in allowed]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return allowed
 
 
 def register_named(registry: dict, cls: type, kind: str) -> type:

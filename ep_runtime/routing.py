@@ -81,8 +81,10 @@ class TopKConfig:
 
 def select_experts(router_logits: torch.Tensor, config: TopKConfig,
                    correction_bias: Optional[torch.Tensor] = None) -> TopKOutput:
-    """Pick K experts per token. router_logits [T, E]; correction_bias [E] (DeepSeek-V3's
-    e_score_correction_bias) shifts the choice only, never the weights."""
+    """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32);
+    correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
+    weights. Returns TopKOutput(ids [T, K] int32 global, K distinct per token, never -1; weights
+    [T, K] fp32)."""
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape

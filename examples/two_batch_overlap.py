@@ -4,10 +4,11 @@ in two micro-batches whose exchanges run while the other micro-batch's experts c
     torchrun --nproc-per-node 2 examples/two_batch_overlap.py      # GPUs: E=256, K=8, H=7168, I=2048, bf16
     torchrun --nproc-per-node 2 examples/two_batch_overlap.py      # CPU ranks (gloo): small shapes, fp32
 
-Sequential: dispatch, experts, combine of micro-batch 0, then of micro-batch 1. Overlapped: both
-dispatches issued with async_op=True (on the device's communication stream; on CPU ranks its
-exchange thread), then each micro-batch waits for its own dispatch, runs its experts and issues its
-combine asynchronously, so micro-batch 1's dispatch and micro-batch 0's combine travel while the other
+Sequential: dispatch, experts, combine of micro-batch 0, then of micro-batch 1. Overlapped
+(ep_runtime.bench.overlap.run_overlapped): micro-batch 0's dispatch issued with async_op=True (on the
+device's communication stream; on CPU ranks its exchange thread), then each micro-batch waits for its
+own dispatch, queues its experts, and issues the next micro-batch's dispatch and its own combine
+asynchronously, so micro-batch 1's dispatch and micro-batch 0's combine travel while the other
 computes. Decode uses deepep_ll (on GPUs timed as CUDA-graph replays, both schedules captured);
 prefill uses deepep_normal with num_worst_tokens (static shapes, no host sync). The overlapped outputs
 must equal the sequential ones bit for bit on every rank; the speed-up is printed.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import register_named
+from ep_runtime.registry import build, register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -80,7 +80,7 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
     if dtype is not None:
         cls.check_dtype(dtype)
-    return cls(config, hooks=hooks, **options)
+    return build(cls, "runner", name, dict(config=config, hooks=hooks), options)
 
 
 # Registration order is the order registered() and error messages list the backends.

@@ -221,6 +221,22 @@ def test_shared_experts_must_be_a_module():
         ep.EPMoE(8, 2, 32, 16, shared_experts=lambda x: x)
 
 
+def test_routed_and_shared_without_shared_experts_names_the_argument():
+    """A layer built without shared experts, asked for routed_and_shared with none: an error naming
+    the argument before anything is dispatched (not NoneType's 'not callable' after the exchange was
+    issued), and the layer still works after it."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 32, 16, runner="torch")
+    x = torch.randn(5, 32)
+    topk = ep.select_experts(torch.randn(5, 8), ep.TopKConfig(top_k=2))
+    with pytest.raises(ValueError, match="shared_experts=None and this layer has none"):
+        layer.routed_and_shared(x, topk)
+    assert layer.expert_load().sum() == 0  # nothing was dispatched
+    y = layer(x, *topk)
+    ref = moe_reference(x, topk.topk_ids, topk.topk_weights, layer.w13, layer.w2, layer.config)
+    assert rel_err(y, ref) <= tolerance(torch.float32)
+
+
 def _nvlink_rank(rank, world_size, name):
     """The kernel path through the NVLink transport (its CPU stand-in under the Triton interpreter):
     the overlapped schedule's exchanges keep their order, so the transport's per-call signals line

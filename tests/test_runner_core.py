@@ -72,6 +72,28 @@ def test_unknown_backend_and_dispatcher_names():
     assert all(name in str(err.value) for name in ["standard", "deepep_normal", "deepep_ll", "mori"])
 
 
+def test_unknown_dispatcher_option_names_it_and_the_allowed_ones():
+    """An option a dispatcher does not take (e.g. deepep_normal's alignment given to deepep_ll, or a
+    typo) names the dispatcher, the option and the options it does take, not Python's bare
+    "unexpected keyword argument"."""
+    with pytest.raises(TypeError, match=r"dispatcher deepep_ll has no option 'alignment'; "
+                                        r"allowed: num_max_dispatch_tokens_per_rank, expert_to_rank, ") as err:
+        ep.EPMoE(8, 2, 16, 16, dispatcher="deepep_ll", dispatcher_options={"alignment": 4})
+    assert "hierarchical" not in str(err.value)
+    with pytest.raises(TypeError, match=r"dispatcher mori has no option 'hierachical'; allowed: .*"
+                                        r"hierarchical, ranks_per_node"):
+        ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 16), hierachical="on")
+    with pytest.raises(TypeError, match=r"dispatcher standard has no option 'static'; "
+                                        r"allowed: expert_to_rank$"):
+        ep.EPMoE(8, 2, 16, 16, dispatcher_options={"static": True})
+
+
+def test_unknown_runner_option_names_it_and_the_allowed_ones():
+    """The same for runner_options: the triton runner's block_config given to the torch runner."""
+    with pytest.raises(TypeError, match=r"runner torch has no option 'block_config'; allowed: none$"):
+        ep.EPMoE(8, 2, 16, 16, runner="torch", runner_options={"block_config": None})
+
+
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
     out = reroute_to_sink(ids, ep.ExpertPlacement(5).local_to_local_table())
@@ -289,3 +311,22 @@ def test_the_torch_runner_builds_no_quant_config_for_float_rows(monkeypatch):
     y = layer(x, ids, w)
     assert built == []
     assert rel_err(y, moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)) <= 1e-5
+
+
+def test_build_keeps_options_a_class_takes_through_kwargs():
+    """A registered class may take an option through **kwargs itself: build passes it, and names
+    only the option its constructor chain really rejected."""
+    from ep_runtime.registry import build
+
+    class Base:
+        def __init__(self, config, group=None, expert_to_rank=None):
+            self.config = config
+
+    class Consumes(Base):
+        def __init__(self, config, group=None, **options):
+            self.foo = options.pop("foo")
+            super().__init__(config, group, **options)
+
+    assert build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2}).foo == 2
+    with pytest.raises(TypeError, match=r"^dispatcher mine has no option 'bar'; allowed: expert_to_rank$"):
+        build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2, "bar": 3})
