@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import register_named
+from ep_runtime.registry import check_create_args, register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -78,6 +78,7 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
+    check_create_args(cls, "runner", config, options, ("hooks",))
     if dtype is not None:
         cls.check_dtype(dtype)
     return cls(config, hooks=hooks, **options)
