@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import build, register_named
+from ep_runtime.registry import build, check_config, register_named
 
 from .base import Dispatcher
 from .overlap import ExchangeWork, ReceiveHook
@@ -35,7 +35,9 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
     """Build dispatcher `name` over `group` (None: the default group, or a single process). Every
     rank of the group must call this together: it checks that they all built the same settings
     (on `device` when the group is NCCL; None: the current CUDA device)."""
-    dispatcher = build(get(name), "dispatcher", name, dict(config=config, group=group), options)
+    cls = get(name)
+    check_config(config)
+    dispatcher = build(cls, "dispatcher", name, dict(config=config, group=group), options)
     dispatcher.check_same_settings_on_every_rank(device)
     return dispatcher
 

@@ -20,7 +20,7 @@ from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_lea
 from . import fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
-from .peer_transport import TRANSPORTS, check_transport
+from .peer_transport import TRANSPORTS, check_cpu_ranks, check_transport
 from .rank_exchange import RankExchange
 
 
@@ -312,6 +312,10 @@ class ExchangeDispatcher(Dispatcher):
         self.exchange = RankExchange(self.placement, self.group, name=self.name, transport=options.transport,
                                      num_sms=options.num_sms, hierarchical=options.hierarchical,
                                      ranks_per_node=options.ranks_per_node)
+
+    def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
+        check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
+        return super()._checked_topk(x, topk)
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Token rows: at least one per row this rank received (rows past them are padding), when the

@@ -578,9 +578,22 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
     if found is None:
         if mode == "auto":
             return None
-        raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {_VERDICTS[key][0]}; "
-                           f"allowed here: 'auto' or 'nccl'")
+        _impossible(_VERDICTS[key][0])
     return found
+
+
+def check_cpu_ranks(device: torch.device, world_size: int, mode: str) -> None:
+    """`nvlink` asked for on CPU ranks outside the interpreter: the error peer_transport raises, for the
+    exchanges that never ask it (the autograd path moves rows through the collective). No collective."""
+    if mode == "nvlink" and world_size > 1 and device.type == "cpu":
+        reason, _ = _cannot_map(None, device, world_size)
+        if reason is not None:
+            _impossible(reason)
+
+
+def _impossible(reason: str) -> None:
+    raise RuntimeError(f"transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: {reason}; "
+                       f"allowed here: 'auto' or 'nccl'")
 
 
 def _not_while_capturing(mode: str) -> None:

@@ -106,6 +106,9 @@ class ExpertWeights:
             tensor = getattr(self, name)
             if tensor is None:
                 raise ValueError(f"{name} is missing; the config has has_bias=True so it needs shape {list(shape)}")
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():  # an int tensor was cast
+                what = f"dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else f"type {type(tensor).__name__}"
+                raise TypeError(f"{name} has {what}; expected a floating torch.Tensor")
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} has shape {list(tensor.shape)}; expected {list(shape)}")
         if not config.has_bias and (self.b13 is not None or self.b2 is not None):

@@ -73,15 +73,34 @@ def detect_launch() -> LaunchInfo:
     process. Under MPI every rank must call this together (rank 0 broadcasts the address).
     """
     if envs.launcher("RANK", int) is not None and envs.launcher("WORLD_SIZE", int) is not None:
-        return LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
-                          envs.launcher("LOCAL_RANK", int) or 0, "env://")
+        _check_port(envs.launcher("MASTER_PORT", int))  # read by torch's env:// (its error names no variable)
+        return _checked(LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
+                                   envs.launcher("LOCAL_RANK", int) or 0, "env://"), "RANK", "WORLD_SIZE", "LOCAL_RANK")
     if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
         return _mpi_launch()
     if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
-        return _slurm_launch()
+        return _checked(_slurm_launch(), "SLURM_PROCID", "SLURM_STEP_NUM_TASKS / SLURM_NTASKS", "SLURM_LOCALID")
     if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
+
+
+def _checked(launch: LaunchInfo, rank: str, size: str, local_rank: str) -> LaunchInfo:
+    """The launcher's numbers, checked: a rank outside the job would otherwise wait at the rendezvous
+    until the timeout and fail with a connection error that names no variable."""
+    if launch.world_size < 1:
+        raise ValueError(f"launcher variable {size}={launch.world_size}; allowed: an int >= 1 (the job's process count)")
+    if not 0 <= launch.rank < launch.world_size:
+        raise ValueError(f"launcher variable {rank}={launch.rank}; allowed: 0..{launch.world_size - 1} "
+                         f"({size}={launch.world_size})")
+    if launch.local_rank < 0:
+        raise ValueError(f"launcher variable {local_rank}={launch.local_rank}; allowed: an int >= 0")
+    return launch
+
+
+def _check_port(port: Optional[int]) -> None:
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"launcher variable MASTER_PORT={port}; allowed: 1..65535")
 
 
 def slurm_port(job_id: int, step_id: int) -> int:
@@ -96,6 +115,7 @@ def _slurm_launch() -> LaunchInfo:
     # MASTER_ADDR / MASTER_PORT, when exported, override (a head node known by another name).
     host = envs.launcher("MASTER_ADDR") or first_slurm_host(nodelist)
     step = envs.launcher("SLURM_STEP_ID", int) or 0  # "batch"/"extern" steps never run ranks
+    _check_port(envs.launcher("MASTER_PORT", int))
     port = envs.launcher("MASTER_PORT", int) or slurm_port(envs.launcher("SLURM_JOB_ID", int) or 0, step)
     return LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
                       envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}")

@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .validation import is_int_at_least
+
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -82,7 +84,7 @@ class ExpertPlacement:
                                      f"on different ranks")
 
     def _check_physical_to_logical(self) -> None:
-        table = tuple(int(e) for e in self.physical_to_logical)
+        table = _int_table("physical_to_logical", self.physical_to_logical)
         E = self.num_experts
         for q, e in enumerate(table):
             if not 0 <= e < E:
@@ -94,7 +96,7 @@ class ExpertPlacement:
         object.__setattr__(self, "physical_to_logical", table)  # hashable: device tables are cached per placement
 
     def _check_expert_to_rank(self) -> None:
-        table = tuple(int(r) for r in self.expert_to_rank)
+        table = _int_table("expert_to_rank", self.expert_to_rank)
         P = self.num_physical_experts
         if len(table) != P:
             expected = (f"num_experts={P}" if self.physical_to_logical is None else
@@ -367,3 +369,16 @@ _TABLES = {
     "local_mask": lambda p: torch.tensor([True] * p.num_local_experts + [False]),
     "global_mask": lambda p: torch.tensor([r == p.rank for r in p._owners()]),
 }
+
+
+def _int_table(name: str, values: Sequence) -> tuple:
+    """values as a tuple of Python ints (integer tensors and numpy ints too); an entry that is no
+    integer (0.7, True, "1") is an error naming it, not truncated onto some rank or expert by int()."""
+    table = []
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not (v.is_floating_point() or v.dtype == torch.bool):
+            v = v.item()
+        if not is_int_at_least(v, -2 ** 63):
+            raise ValueError(f"{name}[{i}]={v!r}; allowed: an int (a rank or an expert id)")
+        table.append(int(v))
+    return tuple(table)

@@ -53,3 +53,11 @@ def register_named(registry: dict, cls: type, kind: str) -> type:
         raise ValueError(f"{kind} class {cls.__qualname__} has no name")
     add_once(registry, cls.name, cls, f"{kind} {cls.name!r}")
     return cls
+
+
+def check_config(config: Any) -> None:
+    """create()'s config must be an ep.MoeConfig (anything else failed deep inside a constructor, or
+    built a runner on it silently)."""
+    from .config import MoeConfig
+    if not isinstance(config, MoeConfig):
+        raise TypeError(f"config={config!r}; allowed: an ep.MoeConfig (e.g. layer.config)")

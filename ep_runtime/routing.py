@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import finite_float, is_int_at_least
+from .validation import check_finite, finite_float, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -83,8 +83,8 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
                    correction_bias: Optional[torch.Tensor] = None) -> TopKOutput:
     """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32);
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
-    weights. Returns TopKOutput(ids [T, K] int32 global, K distinct per token, never -1; weights
-    [T, K] fp32)."""
+    weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
+    int32 global, K distinct per token, never -1; weights [T, K] fp32)."""
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
@@ -95,6 +95,9 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     if correction_bias is not None:
         if tuple(correction_bias.shape) != (E,):
             raise ValueError(f"correction_bias has shape {list(correction_bias.shape)}; expected [{E}]")
+        if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)
+            # topk picks a NaN first, and its weight is finite: no later check would see it
+            check_finite("correction_bias", correction_bias)
         choice = scores + correction_bias.float()
     if config.num_expert_group is not None:
         G = config.num_expert_group

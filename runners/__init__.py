@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import build, register_named
+from ep_runtime.registry import build, check_config, register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -78,6 +78,7 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
+    check_config(config)
     if dtype is not None:
         cls.check_dtype(dtype)
     return build(cls, "runner", name, dict(config=config, hooks=hooks), options)

@@ -72,6 +72,28 @@ def test_shard_meta_and_gather_round_trip(dispatcher):
         assert bad["w2"] == "w2 has shape [4, 16, 24]; expected [8, 16, 24]", bad
 
 
+def _non_float_weights_rank(rank, world_size):
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    messages = []
+    for args in ((w13.round().int(), w2), (w13, w2 > 0), (w13, w2.tolist())):
+        with pytest.raises(TypeError) as err:
+            layer.load_experts(*args)
+        messages.append(str(err.value))
+    layer.load_experts(w13, w2)  # the layer is still usable, and unchanged by the refused loads
+    return messages, torch.equal(layer.gather_experts().w13, w13)
+
+
+def test_integer_or_bool_weights_are_refused_naming_the_tensor():
+    """load_experts cast an int32 or bool checkpoint tensor into the layer's dtype without a word
+    (w13.round().int() loaded as whole numbers); a list for w2 failed with AttributeError 'shape'."""
+    for messages, loaded in run_ranks(_non_float_weights_rank, 2, timeout=120):
+        assert messages == ["w13 has dtype torch.int32; expected a floating torch.Tensor",
+                            "w2 has dtype torch.bool; expected a floating torch.Tensor",
+                            "w2 has type list; expected a floating torch.Tensor"], messages
+        assert loaded
+
+
 def test_one_rank_shard_is_the_global_weights():
     w13, w2 = _global_weights()
     layer = ep.EPMoE(E, K, H, I, runner="torch")

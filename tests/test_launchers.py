@@ -229,6 +229,32 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
         ("torchrun", 5, 8, 1, "env://")
 
 
+@pytest.mark.parametrize("env,match", [
+    (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
+    (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
+    (dict(RANK="0", WORLD_SIZE="0"), r"WORLD_SIZE=0; allowed: an int >= 1"),
+    (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="-2"), r"LOCAL_RANK=-2; allowed: an int >= 0"),
+    (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="notaport"),
+     r"MASTER_PORT='notaport' is not a valid int"),
+    (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="70000"), r"MASTER_PORT=70000; allowed: 1\.\.65535"),
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="4", SLURM_NTASKS="4", SLURM_JOB_NODELIST="vm"),
+     r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
+])
+def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):
+    """A rank outside [0, world size) waited at the rendezvous for the whole timeout, then failed with a
+    connection error naming no variable; a bad MASTER_PORT failed inside torch with "invalid literal for
+    int()". Now init_distributed raises at once, before any process group, naming the variable."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        distributed.init_distributed(backend="gloo", timeout_s=5)
+    assert not dist.is_initialized()
+
+
 def test_init_distributed_twice_returns_the_same_group(monkeypatch):
     import torch.distributed as dist
     if dist.is_initialized():

@@ -277,3 +277,27 @@ def test_ranks_sharing_one_gpu_are_refused_the_nvlink_transport_by_name():
     assert pt.shared_gpu([("node0", 0, "GPU-a"), ("node0", 0, "GPU-b"), ("node0", 1, "GPU-c")]) is None
     assert pt.shared_gpu([("node0", 0, "GPU-a"), ("node0", 1, "GPU-b"), ("node0", 1, "GPU-b")]).startswith(
         "ranks 1 and 2")
+
+
+def _nvlink_on_cpu_rank(rank, world_size, dispatcher):
+    os.environ.pop("TRITON_INTERPRET", None)  # plain CPU ranks: no stand-in for GPU memory
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch",
+                     dispatcher_options={"transport": "nvlink"})
+    x, ids, w = torch.randn(3, 16), torch.tensor([[0, 5], [7, -1], [2, 4]]), torch.rand(3, 2)
+    messages = []
+    for grad in (True, False):  # the autograd path and the inference path
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError) as err:
+            layer(x, ids, w)
+        messages.append(str(err.value))
+    return messages
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_nvlink_on_cpu_ranks_is_an_error_on_every_rank(dispatcher):
+    """transport='nvlink' is "an error where impossible" (docs/transports.md names CPU ranks); on CPU
+    ranks outside the interpreter the exchange silently went through gloo instead, since only the
+    kernel path asked for the transport."""
+    expected = ("transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: the ranks are CPU processes (no GPU "
+                "memory to map); allowed here: 'auto' or 'nccl'")
+    assert run_ranks(_nvlink_on_cpu_rank, 2, dispatcher) == [[expected] * 2] * 2

@@ -107,6 +107,12 @@ def test_load_experts_takes_this_ranks_experts_from_the_placement():
     (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 2, 1]), r"expert_to_rank\[2\]=2 out of range \[0, 2\)"),
     (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 1, 1]),
      "expert_to_rank gives rank 0 1 experts; every rank must hold num_experts / ep_size = 2"),
+    # non-integer entries are named, not truncated by int() onto a rank or an expert (0.7 was rank 0)
+    (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 0.7, 1, 1.2]),
+     r"expert_to_rank\[1\]=0.7; allowed: an int \(a rank or an expert id\)"),
+    (dict(num_experts=4, ep_size=2, expert_to_rank=[0, True, 1, 0]), r"expert_to_rank\[1\]=True; allowed: an int"),
+    (dict(num_experts=2, ep_size=2, physical_to_logical=[0, 1, 1.5, 0]),
+     r"physical_to_logical\[2\]=1.5; allowed: an int"),
 ])
 def test_bad_placement_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

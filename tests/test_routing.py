@@ -6,6 +6,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime import TopKConfig, select_experts
+from ep_runtime.testing import run_ranks
 
 
 def reference_routing(logits, cfg, bias=None):
@@ -94,6 +95,29 @@ def test_bias_changes_choice_not_weights():
     out = select_experts(logits, TopKConfig(top_k=1, scoring="sigmoid"), bias)
     assert out.topk_ids.tolist() == [[3]]
     assert out.topk_weights.item() == pytest.approx(0.5)
+
+
+def _non_finite_bias_rank(rank, world_size, bad):
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch",
+                     topk_config=TopKConfig(top_k=2, scoring="sigmoid", num_expert_group=4, topk_group=2))
+    bias = torch.zeros(8)
+    bias[5] = bad
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(3, 16), router_logits=torch.randn(3, 8), correction_bias=bias)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_correction_bias_fails_every_rank_naming_it(bad):
+    """A NaN (or inf) in correction_bias was picked first by topk for every token, with a finite weight:
+    every token silently went to expert 5. Now every rank raises naming the bias entry, before any exchange."""
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    bias = torch.zeros(8)
+    bias[5] = bad
+    with pytest.raises(ValueError, match=rf"correction_bias has a non-finite value {bad} at \[5\]"):
+        select_experts(logits, TopKConfig(top_k=2, scoring="sigmoid"), bias)
+    assert run_ranks(_non_finite_bias_rank, 2, bad) == [f"correction_bias has a non-finite value {bad} at [5]"] * 2
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -72,27 +72,33 @@ def test_unknown_backend_and_dispatcher_names():
     assert all(name in str(err.value) for name in ["standard", "deepep_normal", "deepep_ll", "mori"])
 
 
-def test_unknown_dispatcher_option_names_it_and_the_allowed_ones():
-    """An option a dispatcher does not take (e.g. deepep_normal's alignment given to deepep_ll, or a
-    typo) names the dispatcher, the option and the options it does take, not Python's bare
-    "unexpected keyword argument"."""
-    with pytest.raises(TypeError, match=r"dispatcher deepep_ll has no option 'alignment'; "
-                                        r"allowed: num_max_dispatch_tokens_per_rank, expert_to_rank, ") as err:
-        ep.EPMoE(8, 2, 16, 16, dispatcher="deepep_ll", dispatcher_options={"alignment": 4})
-    assert "hierarchical" not in str(err.value)
-    with pytest.raises(TypeError, match=r"dispatcher mori has no option 'hierachical'; allowed: .*"
-                                        r"hierarchical, ranks_per_node"):
-        ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 16), hierachical="on")
-    with pytest.raises(TypeError, match=r"dispatcher standard has no option 'static'; "
-                                        r"allowed: expert_to_rank$"):
-        ep.EPMoE(8, 2, 16, 16, dispatcher_options={"static": True})
 
-
-def test_unknown_runner_option_names_it_and_the_allowed_ones():
-    """The same for runner_options: the triton runner's block_config given to the torch runner."""
-    with pytest.raises(TypeError, match=r"runner torch has no option 'block_config'; allowed: none$"):
-        ep.EPMoE(8, 2, 16, 16, runner="torch", runner_options={"block_config": None})
-
+@pytest.mark.parametrize("bad", ["config", "dispatcher_option", "runner_option"])
+def test_create_names_a_bad_config_or_option_and_what_is_allowed(bad):
+    """The registries' create() and the layer's *_options: a config that is no MoeConfig, or an option
+    the class does not take (a typo), is named with what is allowed (was: AttributeError 'NoneType'
+    object has no attribute 'num_experts', a runner built on config='x', or a TypeError naming a
+    private __init__ without the options there are)."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    if bad == "config":
+        for config in (None, {"num_experts": 8}, "x"):
+            with pytest.raises(TypeError, match=rf"config={config!r}; allowed: an ep.MoeConfig"):
+                ep.dispatchers.create("deepep_normal", config)
+            with pytest.raises(TypeError, match=rf"config={config!r}; allowed: an ep.MoeConfig"):
+                ep.runners.create("torch", config)
+    elif bad == "dispatcher_option":
+        for name, allowed in (("standard", "expert_to_rank"), ("deepep_ll", "num_max_dispatch_tokens_per_rank, "),
+                              ("mori", "max_dispatch_tokens_per_rank, prealloc_max_recv_tokens, ")):
+            with pytest.raises(TypeError, match=rf"dispatcher {name} has no option 'num_wrst_tokens'; allowed: "
+                                                rf".*{allowed}"):
+                ep.dispatchers.create(name, cfg, num_wrst_tokens=4)
+        with pytest.raises(TypeError, match="dispatcher deepep_normal has no option 'bogus'; allowed: alignment, "):
+            ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", dispatcher_options={"bogus": 1})
+    else:
+        with pytest.raises(TypeError, match="runner torch has no option 'block_config'; allowed: none"):
+            ep.EPMoE(8, 2, 16, 8, runner="torch", runner_options={"block_config": None})
+        with pytest.raises(TypeError, match="runner torch has no option 'bogus'; allowed: none"):
+            ep.runners.create("torch", cfg, bogus=1)
 
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
