@@ -1,10 +1,11 @@
-"""One decode step of a whole EPMoE layer, eager against its CUDA-graph replay (one GPU, one rank).
+"""One decode step of a whole EPMoE layer, eager against its CUDA-graph replay.
 
-    python benchmarks/bench_decode_layer.py                      # DeepSeek-V3 and a toy shape, ~1 min on one H200
+    python benchmarks/bench_decode_layer.py                      # one GPU: DeepSeek-V3 and a toy shape, ~1 min on an H200
     python benchmarks/bench_decode_layer.py --shapes toy --tokens 48
+    torchrun --nproc-per-node 2 benchmarks/bench_decode_layer.py # one rank per GPU, experts sharded (rank 0 prints)
 
-The layer is deepep_ll + masked (the static-shape decode path) with all E experts on this rank, bf16, fed
-T tokens per step. "eager" is the time per step of 40 back-to-back forward calls (no sync between them: what
+The layer is deepep_ll + masked (the static-shape decode path), bf16, its E experts spread over the ranks
+(all on one rank without torchrun), fed T tokens per rank and step. "eager" is the time per step of 40 back-to-back forward calls (no sync between them: what
 a serving loop that does not capture graphs sees), "host" the CPU time of one such call, "graph" the time per
 replay of the same step captured once. At a real model's shape the step reads gigabytes of expert weights
 and the host's launches hide under it; at a toy shape the host is the step. Without CUDA it says so and
@@ -23,11 +24,10 @@ import ep_runtime as ep
 SHAPES = {"deepseek-v3": (256, 8, 7168, 2048), "toy": (16, 4, 512, 256)}  # (E, K, H, I)
 
 
-def step_times(E: int, K: int, H: int, I: int, T: int, steps: int = 40) -> dict:
+def step_times(E: int, K: int, H: int, I: int, T: int, group, device: torch.device, steps: int = 40) -> dict:
     """Per-step eager time, host time and graph replay time of one layer (weights N(0, 1/fan_in))."""
-    device = torch.device("cuda")
-    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", runner="masked", dtype=torch.bfloat16, device="meta",
-                     dispatcher_options={"num_max_dispatch_tokens_per_rank": max(T, 1)})
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", runner="masked", group=group, dtype=torch.bfloat16,
+                     device="meta",                     dispatcher_options={"num_max_dispatch_tokens_per_rank": max(T, 1)})
     layer.to_empty(device=device)  # weights drawn on the device: 22 GB of DeepSeek-V3 experts in a second
     with torch.no_grad():
         layer.w13.normal_(0, H ** -0.5)
@@ -77,6 +77,10 @@ def step_times(E: int, K: int, H: int, I: int, T: int, steps: int = 40) -> dict:
             "eager_over_graph": round(eager / replay, 3), "replay_equals_eager": same}
 
 
+def layer_ranks(group) -> int:
+    return torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="deepseek-v3,toy", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -86,17 +90,22 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_decode_layer: skipped: needs a CUDA GPU (CUDA graphs)")
         return 0
+    group = ep.init_distributed()  # a single process without a launcher: one rank, every expert local
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    device = ep.distributed.device_for_rank()
     rows = []
     for name in args.shapes.split(","):
         if name not in SHAPES:
             p.error(f"--shapes: {name!r} is none of {', '.join(SHAPES)}")
         E, K, H, I = SHAPES[name]
-        row = {"shape": name, "E": E, "K": K, "H": H, "I": I, "T": args.tokens,
-               **step_times(E, K, H, I, args.tokens)}
-        print(json.dumps(row), flush=True)
+        row = {"shape": name, "E": E, "K": K, "H": H, "I": I, "T": args.tokens, "ranks": layer_ranks(group),
+               **step_times(E, K, H, I, args.tokens, group, device)}
+        if rank == 0:
+            print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
-    if args.json:
+    ep.destroy_distributed()
+    if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0 if all(row["replay_equals_eager"] for row in rows) else 1
