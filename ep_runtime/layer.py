@@ -341,7 +341,8 @@ class EPMoE(nn.Module):
         """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K],
         or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
         Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
-        y comes back in x's shape."""
+        y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
+        torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead = tuple(x.shape[:-1])
             K, E = self.config.top_k, self.config.num_experts
@@ -350,6 +351,11 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            # Under autocast an op takes inputs of any float dtype (a Linear's bf16, a LayerNorm's float32)
+            # and picks its own compute dtype: the tokens travel and compute in the layer's dtype (autocast
+            # still runs the runner's GEMMs in its dtype), and y comes back in it.
+            x = x.to(self.dtype)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "

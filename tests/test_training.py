@@ -1,0 +1,56 @@
+"""The layer inside a training loop's machinery (torch.autocast, ...) on 2 gloo ranks, against the
+float64 reference."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.testing import make_problem, run_ranks, tolerance
+
+OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
+DISPATCHERS = ["standard", "deepep_normal", "deepep_ll", "mori"]
+
+
+def _autocast_rank(rank, world_size, dispatcher, layer_dtype, x_dtype):
+    """Under torch.autocast(cpu, bf16) the layer takes x in whatever dtype the previous op returned
+    (a Linear's bf16, a LayerNorm's float32), as torch's own layers do; y comes back in the layer's dtype."""
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dtype=layer_dtype,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=21, ep_size=world_size)
+    layer.load_experts(problem.w13.to(layer_dtype), problem.w2.to(layer_dtype))
+    x = problem.xs[rank].to(x_dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank])
+    (y.double() * problem.grad_outputs[rank]).sum().backward()
+    # Reference: every rank's tokens as they were given, experts in float64 (dispatch sends them to their owners).
+    w13, w2 = (w.to(layer_dtype).double().requires_grad_(True) for w in (problem.w13, problem.w2))
+    xs = [t.to(x_dtype).double().requires_grad_(True) for t in problem.xs]
+    loss = sum((moe_reference(xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+                * problem.grad_outputs[r]).sum() for r in range(world_size))
+    loss.backward()
+    ref = moe_reference(xs[rank].detach(), problem.topk_ids[rank], problem.topk_weights[rank].double(),
+                        w13.detach(), w2.detach(), layer.config)
+    mine = layer.placement.local_expert_ids()
+    errors = {"y": rel_err(y.detach(), ref), "dx": rel_err(x.grad, xs[rank].grad)}
+    if layer.dispatcher.shards_experts:  # replicated experts see this rank's tokens only
+        errors.update(dw13=rel_err(layer.w13.grad, w13.grad[mine]), dw2=rel_err(layer.w2.grad, w2.grad[mine]))
+    return (str(y.dtype), str(x.grad.dtype), str(layer.w13.grad.dtype)), errors
+
+
+@pytest.mark.parametrize("layer_dtype,x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_autocast_takes_x_in_another_dtype(dispatcher, layer_dtype, x_dtype):
+    for dtypes, errors in run_ranks(_autocast_rank, 2, dispatcher, layer_dtype, x_dtype):
+        assert dtypes == (str(layer_dtype), str(x_dtype), str(layer_dtype))
+        assert max(errors.values()) <= tolerance(torch.bfloat16), errors  # autocast runs the GEMMs in bf16
+
+
+def _mismatch_outside_autocast_rank(rank, world_size):
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16; this layer's weights are torch.float32"):
+        layer(x, torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2))
+
+
+def test_x_of_another_dtype_without_autocast_is_an_error():
+    run_ranks(_mismatch_outside_autocast_rank, 2)
