@@ -1,6 +1,7 @@
 """EPMoE: the expert-parallel MoE layer. forward reads as the data flow: route, dispatch, run, combine."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
@@ -119,6 +120,19 @@ class EPMoE(nn.Module):
         self.placement = physical if placement.physical_to_logical is None else ExpertPlacement(
             placement.num_experts, physical.ep_size, physical.rank, physical.expert_to_rank,
             placement.physical_to_logical)
+
+    def __deepcopy__(self, memo: dict) -> "EPMoE":
+        """copy.deepcopy (torch.optim.swa_utils.AveragedModel, an EMA or a frozen reference copy): the
+        copy owns copies of the weights, load counters and submodules; it shares the dispatcher and the
+        runner, which hold no weights but the process group (not copyable), the exchange's buffers and
+        transport, as one layer called twice shares them."""
+        for shared in (self.dispatcher, self.runner, self._dispatcher_args):
+            memo.setdefault(id(shared), shared)
+        memo.setdefault(id(self._side_streams), {})  # CUDA streams: the copy makes its own
+        twin = self.__class__.__new__(self.__class__)
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def _make_dispatcher(self, placement: ExpertPlacement):
         name, group, device, options = self._dispatcher_args

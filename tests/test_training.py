@@ -54,3 +54,35 @@ def _mismatch_outside_autocast_rank(rank, world_size):
 
 def test_x_of_another_dtype_without_autocast_is_an_error():
     run_ranks(_mismatch_outside_autocast_rank, 2)
+
+
+def _deepcopy_rank(rank, world_size, dispatcher):
+    """copy.deepcopy of a model holding the layer (what torch.optim.swa_utils.AveragedModel and EMA copies do):
+    the copy computes what the layer computes, forward and gradients, and owns its weights."""
+    import copy
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=22, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    twin = copy.deepcopy(layer)
+    results = []
+    for module in (layer, twin):
+        x = problem.xs[rank].float().requires_grad_(True)
+        y = module(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        (y * problem.grad_outputs[rank].float()).sum().backward()
+        results.append((y.detach(), x.grad, module.w13.grad, module.w2.grad))
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    with torch.no_grad():
+        twin.w13.mul_(2.0)  # the copy's weights are its own
+    averaged = torch.optim.swa_utils.AveragedModel(layer)
+    averaged.update_parameters(layer)
+    y_avg = averaged(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    errors.append(rel_err(y_avg.detach(), results[0][0]))
+    return errors, twin.w13.data_ptr() != layer.w13.data_ptr(), torch.equal(layer.w13, problem.w13.float()[
+        layer.placement.local_expert_ids()])
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_deepcopy_computes_the_same_and_owns_its_weights(dispatcher):
+    for errors, own_storage, original_unchanged in run_ranks(_deepcopy_rank, 2, dispatcher):
+        assert max(errors) == 0.0, errors  # the same kernels on the same values: bit for bit
+        assert own_storage and original_unchanged
