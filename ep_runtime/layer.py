@@ -431,7 +431,11 @@ class EPMoE(nn.Module):
 
     def _count_load(self, dispatch_output, topk: TopKOutput) -> None:
         """Add this step's pairs per physical expert to the load counter: the dispatch layout's
-        per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids."""
+        per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids.
+        A forward run again inside backward (activation checkpointing's recompute; FSDP tells backward
+        apart the same way) adds nothing: its pairs were counted when the step ran it."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
         sent = _SENT_PER_EXPERT.get(dispatch_output.format)
         counts = sent(dispatch_output) if sent is not None else None
         if counts is None:
@@ -446,7 +450,8 @@ class EPMoE(nn.Module):
         """[E] int64 on the layer's device: (token, expert) pairs this rank sent to each logical
         expert since the last reset (pairs with id -1 are not counted; a token listing an expert twice
         counts twice). Summed over ranks (dist.all_reduce) it is the global load ep.eplb.plan takes.
-        No host sync: the counts are added on the device at every forward."""
+        No host sync: the counts are added on the device at every forward (once: activation
+        checkpointing's recompute in backward adds nothing)."""
         logical = self.placement.logical_of(torch.arange(self.placement.num_physical_experts,
                                                          device=self._load_physical.device))
         load = self._load_logical.clone().index_add_(0, logical, self._load_physical)

@@ -131,3 +131,27 @@ def _ddp_rank(rank, world_size, dispatcher):
 def test_ddp_recipe_keeps_the_experts_and_their_gradients(dispatcher):
     for errors in run_ranks(_ddp_rank, 2, dispatcher):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _checkpointed_load_rank(rank, world_size, dispatcher):
+    """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
+    each (token, expert) pair of a step once."""
+    from torch.utils.checkpoint import checkpoint
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=24, ep_size=world_size)
+    x = problem.xs[rank].float().requires_grad_(True)
+    ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+    layer(x, ids, weights).sum().backward()
+    once = layer.expert_load(reset=True)
+    loads = []
+    for reentrant in (True, False):
+        checkpoint(lambda t: layer(t, ids, weights), x, use_reentrant=reentrant).sum().backward()
+        loads.append(layer.expert_load(reset=True))
+    return once.tolist(), [load.tolist() for load in loads]
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal", "mori"])
+def test_activation_checkpointing_counts_the_load_once(dispatcher):
+    for once, checkpointed in run_ranks(_checkpointed_load_rank, 2, dispatcher):
+        assert sum(once) > 0
+        assert checkpointed == [once, once]
