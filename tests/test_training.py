@@ -88,12 +88,13 @@ def test_deepcopy_computes_the_same_and_owns_its_weights(dispatcher):
         assert own_storage and original_unchanged
 
 
-def _ddp_rank(rank, world_size, dispatcher):
-    """docs/api.md's recipe: DistributedDataParallel over a model holding the layer, told to leave the sharded
-    experts alone. Without it DDP overwrites every rank's experts with rank 0's at construction and averages
-    different experts' gradients; with it the experts stay, the dense gradients are averaged over the ranks,
-    and the experts' gradients (summed over every rank's tokens by the exchange, then divided by R) are those
-    of the mean loss."""
+def _ddp_rank(rank, world_size, dispatcher, wrapper):
+    """docs/api.md's recipe: DistributedDataParallel (or FSDP2's fully_shard) over a model holding the layer,
+    told to leave the sharded experts alone. Without it DDP overwrites every rank's experts with rank 0's at
+    construction and averages different experts' gradients (fully_shard all-gathers pieces of different
+    ranks' experts); with it the experts stay, the dense gradients are averaged over the ranks, and the
+    experts' gradients (summed over every rank's tokens by the exchange, then divided by R) are those of
+    the mean loss."""
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.manual_seed(0)
@@ -106,30 +107,38 @@ def _ddp_rank(rank, world_size, dispatcher):
     # the recipe
     experts = [".".join(filter(None, (name, p))) for name, m in model.named_modules()
                if isinstance(m, ep.EPMoE) and m.dispatcher.shards_experts for p, _ in m.named_parameters(recurse=False)]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
-    ddp = DDP(model)
-    y = ddp(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
-    (y * problem.grad_outputs[rank].float()).sum().backward()  # DDP averages the dense gradients
+    if wrapper == "ddp":
+        DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
+        wrapped = DDP(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        wrapped = fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)),
+                              ignored_params={p for name, p in model.named_parameters() if name in experts})
+    lin = nn.Linear(32, 32).double()
+    lin.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model[0].state_dict().items()})
+    y = wrapped(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    (y * problem.grad_outputs[rank].float()).sum().backward()  # DDP or fully_shard averages the dense gradients
     for name, p in model.named_parameters():
         if name in experts:
             p.grad /= world_size
 
-    lin = nn.Linear(32, 32).double()
-    lin.load_state_dict(model[0].state_dict())  # rank 0's, broadcast by DDP
     w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
     loss = sum((moe_reference(torch.tanh(lin(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
                               w13, w2, model[2].config) * problem.grad_outputs[r]).sum()
                for r in range(world_size)) / world_size
     loss.backward()
     mine = model[2].placement.local_expert_ids()
-    return {"dlinear": rel_err(model[0].weight.grad, lin.weight.grad), "dw13": rel_err(model[2].w13.grad, w13.grad[mine]),
-            "dw2": rel_err(model[2].w2.grad, w2.grad[mine]),
-            "w13_kept": rel_err(model[2].w13.detach(), problem.w13.float()[mine])}
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    return {"dlinear": rel_err(full(model[0].weight.grad), lin.weight.grad),
+            "dw13": rel_err(full(model[2].w13.grad), w13.grad[mine]), "dw2": rel_err(full(model[2].w2.grad), w2.grad[mine]),
+            "w13_kept": rel_err(full(model[2].w13.detach()), problem.w13.float()[mine])}
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 @pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
-def test_ddp_recipe_keeps_the_experts_and_their_gradients(dispatcher):
-    for errors in run_ranks(_ddp_rank, 2, dispatcher):
+def test_data_parallel_recipe_keeps_the_experts_and_their_gradients(dispatcher, wrapper):
+    for errors in run_ranks(_ddp_rank, 2, dispatcher, wrapper):
         assert max(errors.values()) <= tolerance(torch.float32), errors
 
 
