@@ -365,11 +365,7 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-            # Under autocast an op takes inputs of any float dtype (a Linear's bf16, a LayerNorm's float32)
-            # and picks its own compute dtype: the tokens travel and compute in the layer's dtype (autocast
-            # still runs the runner's GEMMs in its dtype), and y comes back in it.
-            x = x.to(self.dtype)
+        x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
@@ -384,6 +380,15 @@ class EPMoE(nn.Module):
             return self.experts_and_combine(dispatch_output)
         routed, shared = self.routed_and_shared(x, topk)
         return routed + shared
+
+    def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of
+        any float dtype (a Linear's bf16, a LayerNorm's float32) and picks its own compute dtype; the
+        tokens travel and compute in the layer's dtype (autocast still runs the runner's GEMMs in its
+        own), and the output comes back in it."""
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return x.to(self.dtype)
+        return x
 
     def _dispatch(self, x: torch.Tensor, topk: TopKOutput, async_op: bool = False):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
@@ -566,6 +571,7 @@ class EPMoE(nn.Module):
         if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
             raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
                              "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
+        x = self._autocast_tokens(x)
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)

@@ -21,6 +21,8 @@ def _autocast_rank(rank, world_size, dispatcher, layer_dtype, x_dtype):
     x = problem.xs[rank].to(x_dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        routed, _ = layer.routed_and_shared(x.detach(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]),
+                                            shared_experts=torch.nn.Identity())
     (y.double() * problem.grad_outputs[rank]).sum().backward()
     # Reference: every rank's tokens as they were given, experts in float64 (dispatch sends them to their owners).
     w13, w2 = (w.to(layer_dtype).double().requires_grad_(True) for w in (problem.w13, problem.w2))
@@ -31,7 +33,7 @@ def _autocast_rank(rank, world_size, dispatcher, layer_dtype, x_dtype):
     ref = moe_reference(xs[rank].detach(), problem.topk_ids[rank], problem.topk_weights[rank].double(),
                         w13.detach(), w2.detach(), layer.config)
     mine = layer.placement.local_expert_ids()
-    errors = {"y": rel_err(y.detach(), ref), "dx": rel_err(x.grad, xs[rank].grad)}
+    errors = {"y": rel_err(y.detach(), ref), "dx": rel_err(x.grad, xs[rank].grad), "routed": rel_err(routed, ref)}
     if layer.dispatcher.shards_experts:  # replicated experts see this rank's tokens only
         errors.update(dw13=rel_err(layer.w13.grad, w13.grad[mine]), dw2=rel_err(layer.w2.grad, w2.grad[mine]))
     return (str(y.dtype), str(x.grad.dtype), str(layer.w13.grad.dtype)), errors
