@@ -1,6 +1,7 @@
 """EPMoE: the expert-parallel MoE layer. forward reads as the data flow: route, dispatch, run, combine."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
@@ -119,6 +120,19 @@ class EPMoE(nn.Module):
         self.placement = physical if placement.physical_to_logical is None else ExpertPlacement(
             placement.num_experts, physical.ep_size, physical.rank, physical.expert_to_rank,
             placement.physical_to_logical)
+
+    def __deepcopy__(self, memo: dict) -> "EPMoE":
+        """copy.deepcopy (torch.optim.swa_utils.AveragedModel, an EMA or a frozen reference copy): the
+        copy owns copies of the weights, load counters and submodules; it shares the dispatcher and the
+        runner, which hold no weights but the process group (not copyable), the exchange's buffers and
+        transport, as one layer called twice shares them."""
+        for shared in (self.dispatcher, self.runner, self._dispatcher_args):
+            memo.setdefault(id(shared), shared)
+        memo.setdefault(id(self._side_streams), {})  # CUDA streams: the copy makes its own
+        twin = self.__class__.__new__(self.__class__)
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def _make_dispatcher(self, placement: ExpertPlacement):
         name, group, device, options = self._dispatcher_args
@@ -341,7 +355,8 @@ class EPMoE(nn.Module):
         """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K],
         or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
         Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
-        y comes back in x's shape."""
+        y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
+        torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead = tuple(x.shape[:-1])
             K, E = self.config.top_k, self.config.num_experts
@@ -350,6 +365,7 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
+        x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
@@ -364,6 +380,15 @@ class EPMoE(nn.Module):
             return self.experts_and_combine(dispatch_output)
         routed, shared = self.routed_and_shared(x, topk)
         return routed + shared
+
+    def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of
+        any float dtype (a Linear's bf16, a LayerNorm's float32) and picks its own compute dtype; the
+        tokens travel and compute in the layer's dtype (autocast still runs the runner's GEMMs in its
+        own), and the output comes back in it."""
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return x.to(self.dtype)
+        return x
 
     def _dispatch(self, x: torch.Tensor, topk: TopKOutput, async_op: bool = False):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
@@ -411,7 +436,11 @@ class EPMoE(nn.Module):
 
     def _count_load(self, dispatch_output, topk: TopKOutput) -> None:
         """Add this step's pairs per physical expert to the load counter: the dispatch layout's
-        per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids."""
+        per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids.
+        A forward run again inside backward (activation checkpointing's recompute; FSDP tells backward
+        apart the same way) adds nothing: its pairs were counted when the step ran it."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
         sent = _SENT_PER_EXPERT.get(dispatch_output.format)
         counts = sent(dispatch_output) if sent is not None else None
         if counts is None:
@@ -426,7 +455,8 @@ class EPMoE(nn.Module):
         """[E] int64 on the layer's device: (token, expert) pairs this rank sent to each logical
         expert since the last reset (pairs with id -1 are not counted; a token listing an expert twice
         counts twice). Summed over ranks (dist.all_reduce) it is the global load ep.eplb.plan takes.
-        No host sync: the counts are added on the device at every forward."""
+        No host sync: the counts are added on the device at every forward (once: activation
+        checkpointing's recompute in backward adds nothing)."""
         logical = self.placement.logical_of(torch.arange(self.placement.num_physical_experts,
                                                          device=self._load_physical.device))
         load = self._load_logical.clone().index_add_(0, logical, self._load_physical)
@@ -541,6 +571,7 @@ class EPMoE(nn.Module):
         if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
             raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
                              "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
+        x = self._autocast_tokens(x)
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)

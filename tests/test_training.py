@@ -1,0 +1,168 @@
+"""The layer inside a training loop's machinery (torch.autocast, ...) on 2 gloo ranks, against the
+float64 reference."""
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.testing import make_problem, run_ranks, tolerance
+
+OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
+DISPATCHERS = ["standard", "deepep_normal", "deepep_ll", "mori"]
+
+
+def _autocast_rank(rank, world_size, dispatcher, layer_dtype, x_dtype):
+    """Under torch.autocast(cpu, bf16) the layer takes x in whatever dtype the previous op returned
+    (a Linear's bf16, a LayerNorm's float32), as torch's own layers do; y comes back in the layer's dtype."""
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dtype=layer_dtype,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=21, ep_size=world_size)
+    layer.load_experts(problem.w13.to(layer_dtype), problem.w2.to(layer_dtype))
+    x = problem.xs[rank].to(x_dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        routed, _ = layer.routed_and_shared(x.detach(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]),
+                                            shared_experts=torch.nn.Identity())
+    (y.double() * problem.grad_outputs[rank]).sum().backward()
+    # Reference: every rank's tokens as they were given, experts in float64 (dispatch sends them to their owners).
+    w13, w2 = (w.to(layer_dtype).double().requires_grad_(True) for w in (problem.w13, problem.w2))
+    xs = [t.to(x_dtype).double().requires_grad_(True) for t in problem.xs]
+    loss = sum((moe_reference(xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+                * problem.grad_outputs[r]).sum() for r in range(world_size))
+    loss.backward()
+    ref = moe_reference(xs[rank].detach(), problem.topk_ids[rank], problem.topk_weights[rank].double(),
+                        w13.detach(), w2.detach(), layer.config)
+    mine = layer.placement.local_expert_ids()
+    errors = {"y": rel_err(y.detach(), ref), "dx": rel_err(x.grad, xs[rank].grad), "routed": rel_err(routed, ref)}
+    if layer.dispatcher.shards_experts:  # replicated experts see this rank's tokens only
+        errors.update(dw13=rel_err(layer.w13.grad, w13.grad[mine]), dw2=rel_err(layer.w2.grad, w2.grad[mine]))
+    return (str(y.dtype), str(x.grad.dtype), str(layer.w13.grad.dtype)), errors
+
+
+@pytest.mark.parametrize("layer_dtype,x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_autocast_takes_x_in_another_dtype(dispatcher, layer_dtype, x_dtype):
+    for dtypes, errors in run_ranks(_autocast_rank, 2, dispatcher, layer_dtype, x_dtype):
+        assert dtypes == (str(layer_dtype), str(x_dtype), str(layer_dtype))
+        assert max(errors.values()) <= tolerance(torch.bfloat16), errors  # autocast runs the GEMMs in bf16
+
+
+def _mismatch_outside_autocast_rank(rank, world_size):
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16; this layer's weights are torch.float32"):
+        layer(x, torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2))
+
+
+def test_x_of_another_dtype_without_autocast_is_an_error():
+    run_ranks(_mismatch_outside_autocast_rank, 2)
+
+
+def _deepcopy_rank(rank, world_size, dispatcher):
+    """copy.deepcopy of a model holding the layer (what torch.optim.swa_utils.AveragedModel and EMA copies do):
+    the copy computes what the layer computes, forward and gradients, and owns its weights."""
+    import copy
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=22, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    twin = copy.deepcopy(layer)
+    results = []
+    for module in (layer, twin):
+        x = problem.xs[rank].float().requires_grad_(True)
+        y = module(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        (y * problem.grad_outputs[rank].float()).sum().backward()
+        results.append((y.detach(), x.grad, module.w13.grad, module.w2.grad))
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    with torch.no_grad():
+        twin.w13.mul_(2.0)  # the copy's weights are its own
+    averaged = torch.optim.swa_utils.AveragedModel(layer)
+    averaged.update_parameters(layer)
+    y_avg = averaged(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    errors.append(rel_err(y_avg.detach(), results[0][0]))
+    return errors, twin.w13.data_ptr() != layer.w13.data_ptr(), torch.equal(layer.w13, problem.w13.float()[
+        layer.placement.local_expert_ids()])
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_deepcopy_computes_the_same_and_owns_its_weights(dispatcher):
+    for errors, own_storage, original_unchanged in run_ranks(_deepcopy_rank, 2, dispatcher):
+        assert max(errors) == 0.0, errors  # the same kernels on the same values: bit for bit
+        assert own_storage and original_unchanged
+
+
+def _ddp_rank(rank, world_size, dispatcher, wrapper):
+    """docs/api.md's recipe: DistributedDataParallel (or FSDP2's fully_shard) over a model holding the layer,
+    told to leave the sharded experts alone. Without it DDP overwrites every rank's experts with rank 0's at
+    construction and averages different experts' gradients (fully_shard all-gathers pieces of different
+    ranks' experts); with it the experts stay, the dense gradients are averaged over the ranks, and the
+    experts' gradients (summed over every rank's tokens by the exchange, then divided by R) are those of
+    the mean loss."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    model.append(ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher)))
+    problem = make_problem(model[2].config, [11, 7][:world_size], seed=23, ep_size=world_size)
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+
+    # the recipe
+    experts = [".".join(filter(None, (name, p))) for name, m in model.named_modules()
+               if isinstance(m, ep.EPMoE) and m.dispatcher.shards_experts for p, _ in m.named_parameters(recurse=False)]
+    if wrapper == "ddp":
+        DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
+        wrapped = DDP(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        wrapped = fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)),
+                              ignored_params={p for name, p in model.named_parameters() if name in experts})
+    lin = nn.Linear(32, 32).double()
+    lin.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model[0].state_dict().items()})
+    y = wrapped(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    (y * problem.grad_outputs[rank].float()).sum().backward()  # DDP or fully_shard averages the dense gradients
+    for name, p in model.named_parameters():
+        if name in experts:
+            p.grad /= world_size
+
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    loss = sum((moe_reference(torch.tanh(lin(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
+                              w13, w2, model[2].config) * problem.grad_outputs[r]).sum()
+               for r in range(world_size)) / world_size
+    loss.backward()
+    mine = model[2].placement.local_expert_ids()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    return {"dlinear": rel_err(full(model[0].weight.grad), lin.weight.grad),
+            "dw13": rel_err(full(model[2].w13.grad), w13.grad[mine]), "dw2": rel_err(full(model[2].w2.grad), w2.grad[mine]),
+            "w13_kept": rel_err(full(model[2].w13.detach()), problem.w13.float()[mine])}
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_data_parallel_recipe_keeps_the_experts_and_their_gradients(dispatcher, wrapper):
+    for errors in run_ranks(_ddp_rank, 2, dispatcher, wrapper):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _checkpointed_load_rank(rank, world_size, dispatcher):
+    """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
+    each (token, expert) pair of a step once."""
+    from torch.utils.checkpoint import checkpoint
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=24, ep_size=world_size)
+    x = problem.xs[rank].float().requires_grad_(True)
+    ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+    layer(x, ids, weights).sum().backward()
+    once = layer.expert_load(reset=True)
+    loads = []
+    for reentrant in (True, False):
+        checkpoint(lambda t: layer(t, ids, weights), x, use_reentrant=reentrant).sum().backward()
+        loads.append(layer.expert_load(reset=True))
+    return once.tolist(), [load.tolist() for load in loads]
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal", "mori"])
+def test_activation_checkpointing_counts_the_load_once(dispatcher):
+    for once, checkpointed in run_ranks(_checkpointed_load_rank, 2, dispatcher):
+        assert sum(once) > 0
+        assert checkpointed == [once, once]
