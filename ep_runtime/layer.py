@@ -439,7 +439,7 @@ class EPMoE(nn.Module):
         per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids.
         A forward run again inside backward (activation checkpointing's recompute; FSDP tells backward
         apart the same way) adds nothing: its pairs were counted when the step ran it."""
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if not torch.compiler.is_compiling() and _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1:
             return
         sent = _SENT_PER_EXPERT.get(dispatch_output.format)
         counts = sent(dispatch_output) if sent is not None else None
@@ -637,6 +637,9 @@ _SENT_PER_EXPERT = {
 
 
 PLACEMENT_KEY = "expert_placement"
+# The running backward's graph task (-1 outside backward): a private torch call FSDP uses too; without it
+# (another torch) a checkpointed forward's recompute counts its pairs again.
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _placement_tables(placement: ExpertPlacement) -> tuple:
