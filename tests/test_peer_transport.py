@@ -14,7 +14,8 @@ import ep_runtime as ep
 from ep_runtime.dispatchers import exchange_kernels as xk
 from ep_runtime.dispatchers import peer_transport as pt
 from ep_runtime.dispatchers.transport import all_gather_rows
-from ep_runtime.testing import make_problem, run_ranks
+from ep_runtime.distributed import free_port
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
 
@@ -92,6 +93,37 @@ def _silent_peer_rank(rank, world_size, sms):
 def test_a_silent_peer_is_reported_not_waited_for(sms):
     message = run_ranks(_silent_peer_rank, 2, sms, timeout=120)[0]
     assert "rank 1 did not signal" in message and "EP_RUNTIME_TIMEOUT_S=1" in message, message
+
+
+def _failure_then_new_group_rank(rank, world_size, port):
+    """A peer failure recorded on the default group (rank 1 goes silent on its NVLink transport) ends
+    that group; a default group made after it (destroyed, then dist.init_process_group, as a
+    long-lived server re-initialises) is a new group: its layers run."""
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [5, 6], seed=4, ep_size=world_size)
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert peer.fits(x.numel() * 4)
+    before = "silent"
+    if rank == 0:
+        peer.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure, match="rank 1 did not signal"):
+            peer.check()
+        with pytest.raises(ep.PeerFailure, match="this group failed earlier"):  # the record is in force
+            layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+        before = "failed"
+    dist.barrier()
+    ep.destroy_distributed()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    return before, check_layer(layer, problem, rank, backward=False)["y"]
+
+
+def test_a_failure_does_not_outlive_its_group():
+    results = run_ranks(_failure_then_new_group_rank, 2, free_port(), timeout=120)
+    assert [before for before, _ in results] == ["failed", "silent"]
+    assert max(err for _, err in results) < tolerance(torch.float32), results
 
 
 CASES = {
