@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime import envs
-from ep_runtime.distributed import PeerFailure, abort_group, record_failure
+from ep_runtime.distributed import PeerFailure, abort_group, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
 from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
@@ -342,7 +342,7 @@ class PeerTransport:
         # the side stream of large own-row copies, made here: never first inside a graph capture
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._shares: dict = {}  # static shares tuple -> its device tensor (the copy kernel's), kept for good
-        self._timeout_s = envs.get("TIMEOUT_S")
+        self._timeout_s = timeout_s()  # init_distributed's timeout_s, else EP_RUNTIME_TIMEOUT_S
         interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
         self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
                        int(self._timeout_s * 2000) if interpret else 2 ** 62)
@@ -384,9 +384,9 @@ class PeerTransport:
             peer = int(self._error[0]) - 1
             self._failed = (f"{name} {operation} on rank {self.rank} of {self.world_size} waited in vain for rank "
                             f"{peer}: a wait on the group's NVLink transport (this call's or an earlier one's, of any "
-                            f"layer on the group) gave up: rank {peer} did not signal within "
-                            f"EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s (stalled, ended, or took a different code "
-                            f"path); outputs since are not valid")
+                            f"layer on the group) gave up: rank {peer} did not signal within the timeout "
+                            f"({self._timeout_s:g} s; set it with EP_RUNTIME_TIMEOUT_S or init_distributed(timeout_s=...)) "
+                            f"(stalled, ended, or took a different code path); outputs since are not valid")
             if dist.get_backend(self.group) == "nccl":
                 self._failed += ". The group's NCCL communicator has been aborted, so no later call waits on it"
                 if not abort_group(self.group, self._failed):

@@ -5,6 +5,8 @@ plain copy, or by the copy kernel), over several back-to-back calls (each one
 waits until its peers are done reading the last), across a growth of the region, and a silent peer
 is reported, not waited for."""
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -92,7 +94,38 @@ def _silent_peer_rank(rank, world_size, sms):
 @pytest.mark.parametrize("sms", [0, 1], ids=["copy_engine", "copy_kernel"])
 def test_a_silent_peer_is_reported_not_waited_for(sms):
     message = run_ranks(_silent_peer_rank, 2, sms, timeout=120)[0]
-    assert "rank 1 did not signal" in message and "EP_RUNTIME_TIMEOUT_S=1" in message, message
+    assert "rank 1 did not signal within the timeout (1 s; set it with EP_RUNTIME_TIMEOUT_S" in message, message
+
+
+def _init_distributed_timeout_rank(rank, world_size, port, store_port):
+    """init_distributed(timeout_s=1) with EP_RUNTIME_TIMEOUT_S at its default (300 s): the transport's
+    waits give up after that 1 s, as every other wait of the group does. (Rank 1 waits for rank 0 on
+    a store of its own: any collective of the group would give up after 1 s.)"""
+    dist.destroy_process_group()  # the harness's group: this one is made as a launched job's is
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    os.environ.pop("EP_RUNTIME_TIMEOUT_S", None)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ep.init_distributed(backend="gloo", timeout_s=1)
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert peer.fits(x.numel() * 4)
+    message = "silent"
+    if rank == 0:
+        start = time.monotonic()
+        peer.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure) as failure:
+            peer.check()
+        message = (str(failure.value), time.monotonic() - start)
+        store.set("done", "1")
+    else:
+        store.wait(["done"])
+    ep.destroy_distributed()
+    return message
+
+
+def test_a_silent_peer_is_given_up_on_after_init_distributeds_timeout():
+    message, seconds = run_ranks(_init_distributed_timeout_rank, 2, free_port(), free_port(), timeout=120)[0]
+    assert "rank 1 did not signal within the timeout (1 s;" in message and seconds < 10, (message, seconds)
 
 
 def _failure_then_new_group_rank(rank, world_size, port):
