@@ -545,7 +545,7 @@ def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, s
     return out
 
 
-_TRANSPORTS: dict = {}  # (group, device) -> PeerTransport
+_TRANSPORTS: dict = {}  # (group object, device) -> PeerTransport
 # (group, device) -> (why no rank may map some peer's memory, why `auto` should not count on it), None: fine
 _VERDICTS: dict = {}
 TRANSPORTS = ("auto", "nccl", "nvlink")
@@ -563,7 +563,8 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
     every exchange on the group after; collective then (every rank reaches its first exchange together)."""
     if world_size == 1 or mode == "nccl" or (mode == "auto" and not (puts and device.type == "cuda")):
         return None
-    key = (group, device)
+    # None names the default group of the moment: after a destroy and a new init, a new group
+    key = (group if group is not None else dist.group.WORLD, device)
     if key not in _TRANSPORTS:
         if key not in _VERDICTS and capturing():  # the check takes collectives, which a graph cannot capture
             return _not_while_capturing(mode)
@@ -609,7 +610,7 @@ def describe(group, mode: str, puts: bool = False) -> str:
     for layer reprs."""
     if mode == "nvlink" or (mode == "auto" and puts):
         for (g, device), found in _TRANSPORTS.items():
-            if g is group and isinstance(found, PeerTransport):
+            if (g is group or (group is None and g is dist.group.WORLD)) and isinstance(found, PeerTransport):
                 chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
                 return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
     return f"transport={mode}"

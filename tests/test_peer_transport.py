@@ -13,10 +13,13 @@ import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
+from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.dispatchers import exchange_kernels as xk
 from ep_runtime.dispatchers import peer_transport as pt
 from ep_runtime.dispatchers.transport import all_gather_rows
 from ep_runtime.distributed import free_port
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import MoeRunner
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
@@ -156,6 +159,46 @@ def _failure_then_new_group_rank(rank, world_size, port):
 def test_a_failure_does_not_outlive_its_group():
     results = run_ranks(_failure_then_new_group_rank, 2, free_port(), timeout=120)
     assert [before for before, _ in results] == ["failed", "silent"]
+    assert max(err for _, err in results) < tolerance(torch.float32), results
+
+
+def _new_default_group_transport_rank(rank, world_size, port, store_port):
+    """A dispatcher built with group=None (the default group) takes the NVLink transport of the default
+    group of the moment: after dist.destroy_process_group and a new default group, a new transport,
+    not the old group's (which rank 1's silence failed for good on rank 0)."""
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    config = MoeConfig(8, 2, 16, 8)
+    problem = make_problem(config, [5, 6], seed=9, ep_size=world_size)
+    old = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert old.fits(x.numel() * 4)
+    if rank == 0:
+        old.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure, match="rank 1 did not signal"):
+            old.check()
+        store.set("failed", "1")
+    else:
+        store.wait(["failed"])
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dispatcher = ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=8, transport="nvlink")
+    runner = MoeRunner(ep.runners.create("torch", config, format=dispatcher.format), config, dispatcher.placement)
+    mine = dispatcher.placement.local_expert_ids()
+    weights = ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
+    with torch.no_grad(), xk.forced():
+        out = dispatcher.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank],
+                                                                          problem.topk_weights[rank]))
+        y = dispatcher.combine(runner.run(out, weights))
+    want = moe_reference(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double(), problem.w13,
+                         problem.w2, config)
+    new = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
+    return new is not old and new.calls > 0, rel_err(y.double(), want)
+
+
+def test_a_new_default_group_gets_a_new_transport():
+    results = run_ranks(_new_default_group_transport_rank, 2, free_port(), free_port(), timeout=120)
+    assert all(fresh for fresh, _ in results), results
     assert max(err for _, err in results) < tolerance(torch.float32), results
 
 
