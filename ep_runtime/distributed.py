@@ -252,8 +252,10 @@ def destroy_distributed() -> None:
     global _TIMEOUT_S
     _TIMEOUT_S = None
     if dist.is_available() and dist.is_initialized():
+        from ep_runtime.dispatchers.overlap import release_workers
         from ep_runtime.dispatchers.peer_transport import release_transports
         release_transports()  # their symmetric memory belongs to the group
+        release_workers()  # each exchange thread holds its group
         if _current_failures():  # a group was aborted after a peer failed: nothing to flush, and a wait could hang
             abort_group(None)
         else:
