@@ -208,6 +208,17 @@ def worker(group: Any) -> ThreadPoolExecutor:
         return _WORKERS[key]
 
 
+def release_workers() -> None:
+    """End every group's exchange thread once its queued exchanges are done (not waited for here);
+    before the process groups are destroyed: each thread holds its group, whose connections would
+    otherwise outlive it in a process that goes on (and makes new groups)."""
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS.values())
+        _WORKERS.clear()
+    for executor in workers:
+        executor.shutdown(wait=False)
+
+
 def has_worker(group: Any) -> bool:
     return _key(group) in _WORKERS
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime import envs
-from ep_runtime.distributed import PeerFailure, abort_group, record_failure
+from ep_runtime.distributed import PeerFailure, abort_group, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
 from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
@@ -342,7 +342,7 @@ class PeerTransport:
         # the side stream of large own-row copies, made here: never first inside a graph capture
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._shares: dict = {}  # static shares tuple -> its device tensor (the copy kernel's), kept for good
-        self._timeout_s = envs.get("TIMEOUT_S")
+        self._timeout_s = timeout_s()  # init_distributed's timeout_s, else EP_RUNTIME_TIMEOUT_S
         interpret = device.type != "cuda"  # CPU tensors: the Triton interpreter (polls bound its waits)
         self._waits = (self._error.data_ptr(), int(self._timeout_s * 1e9),
                        int(self._timeout_s * 2000) if interpret else 2 ** 62)
@@ -384,9 +384,9 @@ class PeerTransport:
             peer = int(self._error[0]) - 1
             self._failed = (f"{name} {operation} on rank {self.rank} of {self.world_size} waited in vain for rank "
                             f"{peer}: a wait on the group's NVLink transport (this call's or an earlier one's, of any "
-                            f"layer on the group) gave up: rank {peer} did not signal within "
-                            f"EP_RUNTIME_TIMEOUT_S={self._timeout_s:g}s (stalled, ended, or took a different code "
-                            f"path); outputs since are not valid")
+                            f"layer on the group) gave up: rank {peer} did not signal within the timeout "
+                            f"({self._timeout_s:g} s; set it with EP_RUNTIME_TIMEOUT_S or init_distributed(timeout_s=...)) "
+                            f"(stalled, ended, or took a different code path); outputs since are not valid")
             if dist.get_backend(self.group) == "nccl":
                 self._failed += ". The group's NCCL communicator has been aborted, so no later call waits on it"
                 if not abort_group(self.group, self._failed):
@@ -545,7 +545,7 @@ def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, s
     return out
 
 
-_TRANSPORTS: dict = {}  # (group, device) -> PeerTransport
+_TRANSPORTS: dict = {}  # (group object, device) -> PeerTransport
 # (group, device) -> (why no rank may map some peer's memory, why `auto` should not count on it), None: fine
 _VERDICTS: dict = {}
 TRANSPORTS = ("auto", "nccl", "nvlink")
@@ -563,7 +563,8 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
     every exchange on the group after; collective then (every rank reaches its first exchange together)."""
     if world_size == 1 or mode == "nccl" or (mode == "auto" and not (puts and device.type == "cuda")):
         return None
-    key = (group, device)
+    # None names the default group of the moment: after a destroy and a new init, a new group
+    key = (group if group is not None else dist.group.WORLD, device)
     if key not in _TRANSPORTS:
         if key not in _VERDICTS and capturing():  # the check takes collectives, which a graph cannot capture
             return _not_while_capturing(mode)
@@ -609,7 +610,7 @@ def describe(group, mode: str, puts: bool = False) -> str:
     for layer reprs."""
     if mode == "nvlink" or (mode == "auto" and puts):
         for (g, device), found in _TRANSPORTS.items():
-            if g is group and isinstance(found, PeerTransport):
+            if (g is group or (group is None and g is dist.group.WORLD)) and isinstance(found, PeerTransport):
                 chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
                 return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
     return f"transport={mode}"

@@ -252,9 +252,11 @@ def destroy_distributed() -> None:
     global _TIMEOUT_S
     _TIMEOUT_S = None
     if dist.is_available() and dist.is_initialized():
+        from ep_runtime.dispatchers.overlap import release_workers
         from ep_runtime.dispatchers.peer_transport import release_transports
         release_transports()  # their symmetric memory belongs to the group
-        if _FAILED:  # a group was aborted after a peer failed: nothing to flush, and a wait could hang
+        release_workers()  # each exchange thread holds its group
+        if _current_failures():  # a group was aborted after a peer failed: nothing to flush, and a wait could hang
             abort_group(None)
         else:
             if dist.get_backend() == "nccl":
@@ -380,6 +382,7 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
 # every survivor raises.
 
 _FAILED: dict = {}  # group (or "WORLD" for the default group) -> the PeerFailure message that ended it
+_FAILED_UNDER = None  # the default group in place when those were recorded
 ABORT_WAIT_S = 4.0  # how long a failing wait waits for the abort before it raises anyway
 _ABORTING: Optional[threading.Thread] = None  # the abort under way (or the last one)
 
@@ -391,7 +394,7 @@ def _group_key(group):
 def check_group(group, name: str, operation: str) -> None:
     """Raise a PeerFailure at once when an earlier wait gave up on this group (its communicator is
     aborted: anything queued on it would fail or hang)."""
-    if _FAILED:
+    if _current_failures():
         earlier = _FAILED.get(_group_key(group)) or _FAILED.get("WORLD")  # aborting WORLD aborted every group
         if earlier is not None:
             raise PeerFailure(f"{name} {operation}: this group failed earlier and its communicator was aborted; "
@@ -445,7 +448,19 @@ def synchronize(group, name: str, rank: int, world_size: int, operation: str = "
 def record_failure(group, message: str) -> None:
     """Record `group` as failed without an abort (a group with no NCCL communicator): later calls
     through ep-runtime raise at once (check_group)."""
+    global _FAILED_UNDER
+    if not _current_failures():
+        _FAILED_UNDER = dist.GroupMember.WORLD
     _FAILED[_group_key(group)] = message
+
+
+def _current_failures() -> dict:
+    """_FAILED, emptied first when a default group other than the one it was recorded under exists
+    (dist.init_process_group after a destroy or an abort, as a long-lived server re-initialises): the
+    groups of that time went with their default group, and none made since has failed."""
+    if _FAILED and dist.is_initialized() and dist.GroupMember.WORLD is not _FAILED_UNDER:
+        _FAILED.clear()
+    return _FAILED
 
 
 def abort_group(group, message: Optional[str] = None) -> bool:

@@ -52,11 +52,10 @@ class ScratchCache:
         budget = envs.get("SCRATCH_MB") << 20
         size = _storage_bytes(buffers)
         with self._lock:
-            if size > budget or key in self._entries:
-                return
-            self._entries[key] = (buffers, size)
-            self._bytes += size
-            while self._bytes > budget:
+            if size <= budget and key not in self._entries:
+                self._entries[key] = (buffers, size)
+                self._bytes += size
+            while self._bytes > budget:  # also when the budget was lowered since the others were kept
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped
 

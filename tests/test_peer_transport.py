@@ -5,16 +5,22 @@ plain copy, or by the copy kernel), over several back-to-back calls (each one
 waits until its peers are done reading the last), across a growth of the region, and a silent peer
 is reported, not waited for."""
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
+from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.dispatchers import exchange_kernels as xk
 from ep_runtime.dispatchers import peer_transport as pt
 from ep_runtime.dispatchers.transport import all_gather_rows
-from ep_runtime.testing import make_problem, run_ranks
+from ep_runtime.distributed import free_port
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import MoeRunner
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 pytestmark = pytest.mark.skipif(xk.triton is None, reason="triton not installed")
 
@@ -91,7 +97,109 @@ def _silent_peer_rank(rank, world_size, sms):
 @pytest.mark.parametrize("sms", [0, 1], ids=["copy_engine", "copy_kernel"])
 def test_a_silent_peer_is_reported_not_waited_for(sms):
     message = run_ranks(_silent_peer_rank, 2, sms, timeout=120)[0]
-    assert "rank 1 did not signal" in message and "EP_RUNTIME_TIMEOUT_S=1" in message, message
+    assert "rank 1 did not signal within the timeout (1 s; set it with EP_RUNTIME_TIMEOUT_S" in message, message
+
+
+def _init_distributed_timeout_rank(rank, world_size, port, store_port):
+    """init_distributed(timeout_s=1) with EP_RUNTIME_TIMEOUT_S at its default (300 s): the transport's
+    waits give up after that 1 s, as every other wait of the group does. (Rank 1 waits for rank 0 on
+    a store of its own: any collective of the group would give up after 1 s.)"""
+    dist.destroy_process_group()  # the harness's group: this one is made as a launched job's is
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    os.environ.pop("EP_RUNTIME_TIMEOUT_S", None)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ep.init_distributed(backend="gloo", timeout_s=1)
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert peer.fits(x.numel() * 4)
+    message = "silent"
+    if rank == 0:
+        start = time.monotonic()
+        peer.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure) as failure:
+            peer.check()
+        message = (str(failure.value), time.monotonic() - start)
+        store.set("done", "1")
+    else:
+        store.wait(["done"])
+    ep.destroy_distributed()
+    return message
+
+
+def test_a_silent_peer_is_given_up_on_after_init_distributeds_timeout():
+    message, seconds = run_ranks(_init_distributed_timeout_rank, 2, free_port(), free_port(), timeout=120)[0]
+    assert "rank 1 did not signal within the timeout (1 s;" in message and seconds < 10, (message, seconds)
+
+
+def _failure_then_new_group_rank(rank, world_size, port):
+    """A peer failure recorded on the default group (rank 1 goes silent on its NVLink transport) ends
+    that group; a default group made after it (destroyed, then dist.init_process_group, as a
+    long-lived server re-initialises) is a new group: its layers run."""
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [5, 6], seed=4, ep_size=world_size)
+    peer = pt.peer_transport(dist.group.WORLD, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert peer.fits(x.numel() * 4)
+    before = "silent"
+    if rank == 0:
+        peer.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure, match="rank 1 did not signal"):
+            peer.check()
+        with pytest.raises(ep.PeerFailure, match="this group failed earlier"):  # the record is in force
+            layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+        before = "failed"
+    dist.barrier()
+    ep.destroy_distributed()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    return before, check_layer(layer, problem, rank, backward=False)["y"]
+
+
+def test_a_failure_does_not_outlive_its_group():
+    results = run_ranks(_failure_then_new_group_rank, 2, free_port(), timeout=120)
+    assert [before for before, _ in results] == ["failed", "silent"]
+    assert max(err for _, err in results) < tolerance(torch.float32), results
+
+
+def _new_default_group_transport_rank(rank, world_size, port, store_port):
+    """A dispatcher built with group=None (the default group) takes the NVLink transport of the default
+    group of the moment: after dist.destroy_process_group and a new default group, a new transport,
+    not the old group's (which rank 1's silence failed for good on rank 0)."""
+    os.environ["EP_RUNTIME_TIMEOUT_S"] = "1"
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, rank == 0, timeout=timedelta(seconds=60))
+    config = MoeConfig(8, 2, 16, 8)
+    problem = make_problem(config, [5, 6], seed=9, ep_size=world_size)
+    old = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
+    x = torch.randn(world_size * 2, 4)
+    assert old.fits(x.numel() * 4)
+    if rank == 0:
+        old.all_to_all(x, world_size * 2, chunk=2)
+        with pytest.raises(ep.PeerFailure, match="rank 1 did not signal"):
+            old.check()
+        store.set("failed", "1")
+    else:
+        store.wait(["failed"])
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dispatcher = ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=8, transport="nvlink")
+    runner = MoeRunner(ep.runners.create("torch", config, format=dispatcher.format), config, dispatcher.placement)
+    mine = dispatcher.placement.local_expert_ids()
+    weights = ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
+    with torch.no_grad(), xk.forced():
+        out = dispatcher.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank],
+                                                                          problem.topk_weights[rank]))
+        y = dispatcher.combine(runner.run(out, weights))
+    want = moe_reference(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double(), problem.w13,
+                         problem.w2, config)
+    new = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
+    return new is not old and new.calls > 0, rel_err(y.double(), want)
+
+
+def test_a_new_default_group_gets_a_new_transport():
+    results = run_ranks(_new_default_group_transport_rank, 2, free_port(), free_port(), timeout=120)
+    assert all(fresh for fresh, _ in results), results
+    assert max(err for _, err in results) < tolerance(torch.float32), results
 
 
 CASES = {

@@ -435,6 +435,25 @@ def test_scratch_cache_keys_by_thread_and_keeps_within_its_budget(monkeypatch):
     assert cache.get(("a",), cpu, make(1)) is not cache.get(("a",), cpu, make(1))  # 0: nothing kept
 
 
+def test_scratch_cache_frees_what_a_lowered_budget_no_longer_covers(monkeypatch):
+    """EP_RUNTIME_SCRATCH_MB lowered in a running process (e.g. to 0 to hand memory to a KV cache):
+    the next buffer made frees the kept ones beyond the new budget; they were kept for good before
+    (a buffer too large to keep returned before anything was freed)."""
+    from ep_runtime.scratch import ScratchCache
+    cache, cpu = ScratchCache(), torch.device("cpu")
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "2")
+    kept = [cache.get((n,), cpu, lambda: torch.empty(300 << 10, dtype=torch.uint8)) for n in range(3)]  # 900 KiB
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "0")
+    cache.get(("other",), cpu, lambda: torch.empty(1, dtype=torch.uint8))
+    assert cache._bytes == 0 and not cache._entries
+    assert cache.get((0,), cpu, lambda: torch.empty(300 << 10, dtype=torch.uint8)) is not kept[0]
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "1")
+    kept = [cache.get((n,), cpu, lambda: torch.empty(300 << 10, dtype=torch.uint8)) for n in range(3)]
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "0")
+    cache.get(("big",), cpu, lambda: torch.empty(2 << 20, dtype=torch.uint8))  # too large to keep: still frees
+    assert cache._bytes == 0 and not cache._entries
+
+
 # ------------------------------------------------------------------------------------ backend
 
 CONFIGS = {
