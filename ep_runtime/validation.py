@@ -77,7 +77,8 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
     if not x.is_floating_point():
         raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
     if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype}")
+        raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype} (cast {name} with "
+                        f".to({dtype}), build the layer in {x.dtype}, or run it under torch.autocast)")
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} is on {x.device}; this layer is on {torch.device(device)}")
 
