@@ -29,7 +29,7 @@ from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
 from .rank_exchange import ExchangeHandle
 
-_INPUT_KNOB = "EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"
+_INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set either way: errors name both)
 
 
 @dataclass
@@ -92,7 +92,8 @@ class MoriDispatcher(ExchangeDispatcher):
             raise ValueError(f"static={static!r}; allowed: None (static while capturing a CUDA graph), True or False")
         self.options = MoriOptions(
             M, prealloc or M * self.world_size,
-            "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
+            "prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else
+            "max_dispatch_tokens_per_rank / EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
             resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static,
             *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "

@@ -60,11 +60,11 @@ def test_static_plan_matches_and_small_knob_is_an_error():
     # Static plan: the runner gets exactly n rows; n at the largest receive count is fine...
     for errors, *_, rows, _ in run_ranks(_mori_rank, 2, dict(opts, max_input_tokens=most)):
         assert max(errors.values()) <= tolerance(torch.float32) and rows == most, errors
-    # ... and one below it is an error naming the knob and the value needed, on every rank.
+    # ... and one below it is an error naming the argument, its knob and the value needed, on every rank.
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_mori_rank, 2, dict(opts, max_input_tokens=most - 1))
     text = str(failure.value)
-    assert text.count(f"EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS={most - 1} is below the tokens a rank "
+    assert text.count(f"max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS={most - 1} is below the tokens a rank "
                       f"received ({most}); allowed: 0 (off) or >= {most}") == 2
 
 
@@ -73,7 +73,8 @@ def test_buffer_too_small_fails_every_rank(static):
     opts = {"max_dispatch_tokens_per_rank": 32, "prealloc_max_recv_tokens": 5, "static": static}
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_mori_rank, 2, opts)
-    assert str(failure.value).count("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = 5 is too small for this step") == 2
+    assert str(failure.value).count("prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = 5 is too "
+                                    "small for this step") == 2
 
 
 def test_too_many_tokens_names_the_knob():
