@@ -90,10 +90,16 @@ class RunnerInput:
             return self
         return replace(self, topk_ids=reroute_to_sink(self.topk_ids, self.id_table), id_table=None)
 
-    def pairs_by_expert(self) -> "ExpertPairs":
-        """The computed (token, slot) pairs grouped by expert (host sync: the count is data-dependent)."""
+    def pairs_by_expert(self, user: str) -> "ExpertPairs":
+        """The computed (token, slot) pairs grouped by expert (host sync: the count is data-dependent).
+        user: who needs them, named in the error raised inside a CUDA graph capture (where the sync would
+        invalidate the capture with a bare CUDA error)."""
+        if capturing():
+            raise RuntimeError(f"{user} cannot run inside a CUDA graph capture: it groups the (token, expert) pairs "
+                               f"by expert with a host sync (their count is data-dependent); capture runner='triton', "
+                               f"or the masked runner under deepep_ll")
         if self.id_table is not None:
-            return self.routed().pairs_by_expert()
+            return self.routed().pairs_by_expert(user)
         N, K = self.topk_ids.shape
         ids = self.topk_ids.reshape(-1).long()
         pair = self.expert_mask[ids].nonzero().squeeze(1)
@@ -221,13 +227,9 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
     """Computed (token, slot) pairs grouped by expert into [L, C, H], C = the most pairs of one
     expert; the result is weighted and summed per token. Reads the counts on the host (one sync):
     a token-major format is not graph-captured through this path."""
-    if capturing():  # (the sync would invalidate the capture with a bare CUDA error)
-        raise RuntimeError("an expert-major runner (masked) on a token-major format cannot run inside a CUDA graph "
-                           "capture: its rows are grouped by expert with a host sync; capture runner='triton' "
-                           "on this format, or the masked runner under deepep_ll")
     x = inp.hidden_states
     N, L, H = x.shape[0], inp.num_local_experts, x.shape[1]
-    pairs = inp.pairs_by_expert()
+    pairs = inp.pairs_by_expert("an expert-major runner (masked) on a token-major format")
     token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
     slot = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
     capacity = int(counts.max()) if token.numel() else 0

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import RunnerInput
-from ep_runtime.validation import capturing
 
 from . import register
 from .base import RunnerBackend
@@ -46,9 +45,7 @@ class TorchRunner(RunnerBackend):
     layouts = (RunnerInput,)
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
-        if capturing():  # (a sync would invalidate the capture with a bare CUDA error)
-            raise RuntimeError("runner='torch' cannot run inside a CUDA graph capture: it groups the pairs by expert "
-                               "with a host sync (their count is data-dependent); capture runner='triton' or 'masked'")
+        pairs = inp.pairs_by_expert("runner='torch'")  # first: it refuses a graph capture before any work
         cfg = self.config
         quant = weights.quant
         x = activation_input(inp, quant)
@@ -58,7 +55,6 @@ class TorchRunner(RunnerBackend):
             w2 = quant.dequantize_weight(w2, weights.w2_scale_inv)
             b13, b2 = (None if b is None else b.float() for b in (b13, b2))
         N = inp.topk_ids.shape[0]
-        pairs = inp.pairs_by_expert()
         token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
 
         rows = x[token]

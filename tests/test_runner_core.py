@@ -136,7 +136,7 @@ def test_ids_outside_the_experts_go_to_the_sink_never_out_of_bounds(dtype):
         assert torch.equal(deferred.routed().topk_ids, build(x, bad, w, p).topk_ids)
         assert deferred.routed().id_table is None and deferred.routed().routed().topk_ids is not bad
         assert rel_err(runner.run(deferred, ep.ExpertWeights(w13, w2)), want) < 1e-12
-        pairs, eager = deferred.pairs_by_expert(), build(x, bad, w, p).pairs_by_expert()
+        pairs, eager = deferred.pairs_by_expert("test"), build(x, bad, w, p).pairs_by_expert("test")
         assert all(torch.equal(getattr(pairs, f), getattr(eager, f)) for f in ("token", "expert", "weight", "counts"))
 
 
