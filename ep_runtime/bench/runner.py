@@ -18,8 +18,10 @@ expert that received >= 1 pair, read once.
 --fp8 adds, in the same run, every backend on fp8 block-scaled experts ("<runner> fp8" rows: 1-byte
 weights; fed the fp8 rows of a use_fp8=True dispatcher where the format has one, else quantizing
 inside) and the fp8 baselines a user would write instead: the weights dequantized to the tokens' dtype
-every call, then torch._grouped_mm ("dequant + grouped_mm (raw)"), and torch._scaled_grouped_mm with
-rowwise scales ("scaled_grouped_mm rowwise (raw)", where this torch and device support it).
+every call, then torch._grouped_mm ("dequant + grouped_mm (raw)"); torch._scaled_grouped_mm with
+rowwise scales ("scaled_grouped_mm rowwise (raw)", where this torch and device support it); and one
+torch._scaled_mm per expert with the experts' own block scales ("scaled_mm blockwise per expert (raw)":
+cuBLAS's DeepSeek recipe, 1 x 128 activations and 128 x 128 weights, Hopper with CUDA >= 12.9).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from .settings import DTYPES, Progress, Results, Settings, dtype_name, reason
 from .timing import Stats, graph_replays, measure, measure_interleaved
 
 RAW_BASELINE = "grouped_mm (raw)"
-FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)")
+FP8_BASELINES = ("dequant + grouped_mm (raw)", "scaled_grouped_mm rowwise (raw)", "scaled_mm blockwise per expert (raw)")
 FP8 = " fp8"
 # Back-to-back calls per repeat when a row is timed interleaved with the raw baseline: one call of either
 # side leaves the GPU hot for the next (measured: the raw GEMMs ran ~8% slower right after our step than
@@ -166,7 +168,8 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 else:
                     results.runner.append(row(RAW_BASELINE, "pre-grouped", "eager", raw_stats))
                 if settings.fp8:
-                    for impl, timer in zip(FP8_BASELINES, (_time_dequant_grouped_mm, _time_scaled_grouped_mm)):
+                    for impl, timer in zip(FP8_BASELINES, (_time_dequant_grouped_mm, _time_scaled_grouped_mm,
+                                                             _time_scaled_mm_per_expert)):
                         bar.step(f"{impl} T={T}")
                         stats = _try(lambda: timer(problems, variants[1][1], config, timing))
                         if isinstance(stats, Exception):
@@ -341,6 +344,48 @@ def _time_scaled_grouped_mm(problems, fp8_weights, config, timing: dict) -> Stat
         h = torch._scaled_grouped_mm(a, w13_q, a_s, w13_s, offs=offsets, out_dtype=dtype)
         b, b_s = quant_rows(activate(h, config))
         return torch._scaled_grouped_mm(b, w2_q, b_s, w2_s, offs=offsets, out_dtype=dtype)
+
+    return measure(run, **timing)
+
+
+@torch.no_grad()
+def _time_scaled_mm_per_expert(problems, fp8_weights, config, timing: dict) -> Stats:
+    """One torch._scaled_mm per expert and GEMM with the experts' own 128 x 128 block scales and the rows
+    quantized per 128 channels by torch ops inside the timing (what vLLM's block-wise torch backend does):
+    each expert's rows padded to a multiple of 4 (cuBLASLt's rule) once, untimed, and the loop's bounds
+    read on the host then (a real runner would need a host sync per call for them)."""
+    from ..runners.torch_runner import activate
+
+    quant = fp8_weights.quant
+    block = quant.activation_group
+    if fp8_weights.w13_scale_inv.dtype != torch.float32 or quant.weight_block != (block, block) or fp8_weights.w13.shape[2] % (4 * block) or \
+            fp8_weights.w2.shape[2] % (4 * block):
+        raise RuntimeError(f"cuBLAS's block recipe takes fp32 scales of {block} x {block} weight blocks and H, I "
+                           f"multiples of {4 * block}")
+    fp8 = quant.dtype
+    inputs = []
+    for rows, offsets in _grouped_rows(problems, fp8_weights.w13.shape[0]):
+        ends = [0, *offsets.tolist()]
+        groups = [(e, rows[a:b]) for e, (a, b) in enumerate(zip(ends, ends[1:])) if b > a]
+        inputs.append([(e, torch.cat([g, g.new_zeros(-len(g) % 4, g.shape[1])])) for e, g in groups])
+
+    def quant_rows(x):  # [m, K] -> fp8 [m, K], scales [m, K / 128] column-major (cuBLAS's layout)
+        m, k = x.shape
+        blocks = x.float().view(m, k // block, block)
+        scale = blocks.abs().amax(2).clamp(min=1e-10) / 448.0
+        q = (blocks / scale.unsqueeze(2)).clamp(-448, 448).to(fp8).view(m, k)
+        return q, scale.t().contiguous().t()
+
+    def run(i):
+        out = []
+        for e, rows in inputs[i % len(inputs)]:
+            a, a_s = quant_rows(rows)
+            h = torch._scaled_mm(a, fp8_weights.w13[e].t(), a_s, fp8_weights.w13_scale_inv[e].t(),
+                                 out_dtype=rows.dtype)
+            b, b_s = quant_rows(activate(h, config))
+            out.append(torch._scaled_mm(b, fp8_weights.w2[e].t(), b_s, fp8_weights.w2_scale_inv[e].t(),
+                                        out_dtype=rows.dtype))
+        return out
 
     return measure(run, **timing)
 
