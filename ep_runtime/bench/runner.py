@@ -351,9 +351,11 @@ def _time_scaled_grouped_mm(problems, fp8_weights, config, timing: dict) -> Stat
 @torch.no_grad()
 def _time_scaled_mm_per_expert(problems, fp8_weights, config, timing: dict) -> Stats:
     """One torch._scaled_mm per expert and GEMM with the experts' own 128 x 128 block scales and the rows
-    quantized per 128 channels by torch ops inside the timing (what vLLM's block-wise torch backend does):
+    quantized per 128 channels inside the timing by the runners' own kernel (what vLLM's block-wise torch
+    backend does with its own):
     each expert's rows padded to a multiple of 4 (cuBLASLt's rule) once, untimed, and the loop's bounds
     read on the host then (a real runner would need a host sync per call for them)."""
+    from ..quant_kernels import quantize_rows
     from ..runners.torch_runner import activate
 
     quant = fp8_weights.quant
@@ -362,7 +364,6 @@ def _time_scaled_mm_per_expert(problems, fp8_weights, config, timing: dict) -> S
             fp8_weights.w2.shape[2] % (4 * block):
         raise RuntimeError(f"cuBLAS's block recipe takes fp32 scales of {block} x {block} weight blocks and H, I "
                            f"multiples of {4 * block}")
-    fp8 = quant.dtype
     inputs = []
     for rows, offsets in _grouped_rows(problems, fp8_weights.w13.shape[0]):
         ends = [0, *offsets.tolist()]
@@ -370,10 +371,7 @@ def _time_scaled_mm_per_expert(problems, fp8_weights, config, timing: dict) -> S
         inputs.append([(e, torch.cat([g, g.new_zeros(-len(g) % 4, g.shape[1])])) for e, g in groups])
 
     def quant_rows(x):  # [m, K] -> fp8 [m, K], scales [m, K / 128] column-major (cuBLAS's layout)
-        m, k = x.shape
-        blocks = x.float().view(m, k // block, block)
-        scale = blocks.abs().amax(2).clamp(min=1e-10) / 448.0
-        q = (blocks / scale.unsqueeze(2)).clamp(-448, 448).to(fp8).view(m, k)
+        q, scale = quantize_rows(x, quant) if x.is_cuda else quant.quantize_activation(x)
         return q, scale.t().contiguous().t()
 
     def run(i):
