@@ -28,7 +28,7 @@ from .rank_exchange import ExchangeHandle, Layout, dispatch_layout
 @dataclass
 class DeepEPNormalDispatchOutput(DispatchOutput):
     """recv_x [N, H]; recv_topk_ids [N, K] int32 local (-1: expert elsewhere or none); recv_topk_weights
-    [N, K] fp32; num_recv_tokens_per_expert: list rounded up to the alignment (empty in static mode,
+    [N, K] fp32 (0 where the id is -1, as DeepEP); num_recv_tokens_per_expert: list rounded up to the alignment (empty in static mode,
     as DeepEP's num_worst_tokens gives; num_recv_tokens_per_expert_tensor [L] int32 always holds the true
     counts on the device). use_fp8: recv_x is float8_e4m3fn and recv_x_scale [N, ceil(H/128)] holds
     its scales (fp32, or uint8 UE8M0 exponents), as DeepEP's (x, scales) pair; x_dtype is the tokens'

@@ -364,7 +364,7 @@ if triton is not None:
         its metadata [weights; ids] at meta_out (block 0 only): the one packing rule, for the packing
         kernel (rows of a local payload) and the NVLink transport's token put (rows in the peers'
         memory). INT_META: int32, weights as fp32 bits; else fp32 values. ids as the destination's
-        local ids when LOCAL, -1 where the expert lives elsewhere or is out of range. Pad token T:
+        local ids when LOCAL, -1 where the expert lives elsewhere or is out of range (weight 0). Pad token T:
         zeros, -1. store_h: channels stored (H; 0 stores only the metadata). QUANT (fp8 dispatch): the
         row is quantized as it is read, GROUPS groups of GROUP channels per program, by
         quant_kernels.quantize_groups, fp8 values and their scales (a pad row: all zero bytes)."""
@@ -391,6 +391,7 @@ if triton is not None:
                 owner = tl.load(rank_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
                 local = tl.load(local_of_ptr + tl.where(valid, ids, 0), mask=valid, other=-1)
                 ids = tl.where(owner == dest, local, -1)
+                w = tl.where(ids >= 0, w, 0.0)  # as DeepEP: a slot whose expert is elsewhere weighs 0 here
             else:  # an id outside [-1, E) (flagged, checked later) never reaches a receiver as an index
                 ids = tl.where(valid, ids, -1)
             if INT_META:
@@ -701,18 +702,22 @@ class _Pack(torch.autograd.Function):
         meta = torch.empty(S, 2 * K, dtype=torch.float32, device=x.device)
         if S:
             _pack(x, ids, weights.float(), send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=False)
-        ctx.save_for_backward(send_token)
+        # local ids: a slot sent as -1 carries weight 0, so no gradient flows back to its weight
+        ctx.save_for_backward(send_token, meta[:, K:] >= 0 if local_of is not None else None)
         ctx.T, ctx.K, ctx.dtypes = T, K, (x.dtype, weights.dtype)
         return rows, meta
 
     @staticmethod
     def backward(ctx, grad_rows, grad_meta):
-        (send_token,) = ctx.saved_tensors
+        send_token, kept = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and grad_rows is not None:
             grad_x = _scatter_rows(grad_rows, send_token, ctx.T).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2] and grad_meta is not None:
-            grad_w = _scatter_rows(grad_meta[:, :ctx.K], send_token, ctx.T).to(ctx.dtypes[1])
+            grad_weights = grad_meta[:, :ctx.K]
+            if kept is not None:
+                grad_weights = torch.where(kept, grad_weights, grad_weights.new_zeros(()))
+            grad_w = _scatter_rows(grad_weights, send_token, ctx.T).to(ctx.dtypes[1])
         return grad_x, None, grad_w, None, None, None, None
 
 

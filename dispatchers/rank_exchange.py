@@ -619,8 +619,9 @@ class RankExchange:
     def _pack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, token: torch.Tensor,
               send_rank: torch.Tensor, local_ids: bool, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (training, CPU): rows [S, H] = x[token] (token T: a zero pad row, static plans)
-        and meta [S, 2K] fp32 = [weights; ids], the ids local to send_rank (-1 elsewhere) when
-        local_ids. ids ride with the weights in one fp32 payload (ids < 2^24 are exact in fp32)."""
+        and meta [S, 2K] fp32 = [weights; ids], the ids local to send_rank (-1 elsewhere, its weight
+        then 0, as DeepEP's recv_topk_weights) when local_ids. ids ride with the weights in one fp32
+        payload (ids < 2^24 are exact in fp32)."""
         E, K = self.num_experts, ids.shape[1]
         rank_of, local_of, _ = self.tables(x.device)
         if exchange_kernels.enabled(x):
@@ -628,12 +629,14 @@ class RankExchange:
                                               local_of if local_ids else None)
         rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[token] if static else x.index_select(0, token)
         ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
+        weight_rows = torch.cat([weights, weights.new_zeros(1, K)])[token]
         if local_ids:
             valid = (ids_rows >= 0) & (ids_rows < E)
             expert = torch.where(valid, ids_rows, 0)
             here = valid & (rank_of[expert] == send_rank.unsqueeze(1))
             ids_rows = torch.where(here, local_of[expert].long(), torch.full_like(ids_rows, -1))
-        meta = torch.cat([torch.cat([weights, weights.new_zeros(1, K)])[token], ids_rows.float()], dim=1)
+            weight_rows = torch.where(here, weight_rows, weight_rows.new_zeros(()))  # as DeepEP: 0 where the id is -1
+        meta = torch.cat([weight_rows, ids_rows.float()], dim=1)
         return rows, meta
 
     def _send_payload(self, x, ids, weights, handle: ExchangeHandle, local_ids: bool, transient: bool = False,

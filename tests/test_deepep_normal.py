@@ -1,9 +1,12 @@
 """deepep_normal on gloo ranks: layout, counts, EPMoE == float64 reference (outputs and gradients),
 handle reuse and static (num_worst_tokens) shapes."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import ep_runtime as ep
+from ep_runtime.dispatchers import exchange_kernels as xk
 from ep_runtime.dispatchers.rank_exchange import dispatch_layout
 from ep_runtime.testing import check_layer, make_problem, random_topk_ids, run_ranks, tolerance
 
@@ -159,3 +162,48 @@ def test_one_rank_with_bad_ids_fails_every_rank_at_once(dispatcher):
     text = str(failure.value)
     assert "topk_ids has id 8 at [1, 0]; allowed -1..7" in text
     assert "rank 1 got invalid topk_ids or topk_weights" in text
+
+
+def _receiver_view_rank(rank, world_size, options, kernels):
+    """What DeepEP's receiver sees, from every rank's seeded routing (-1 holes, repeated experts): rows
+    from each source rank in token order, ids local to this rank (-1 where the expert lives elsewhere or
+    nowhere), weights kept only where the id is kept (0 elsewhere), static pad rows id -1 weight 0."""
+    E, K, H = 8, 3, 16
+    L = E // world_size
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, 8), **options)
+    inputs = []
+    for r in range(world_size):
+        gen = torch.Generator().manual_seed(100 + r)
+        T = 5 + 3 * r
+        inputs.append((torch.randn(T, H, generator=gen), torch.randint(-1, E, (T, K), generator=gen),
+                       torch.rand(T, K, generator=gen)))
+    x, ids, weights = inputs[rank]
+    weights = weights.clone().requires_grad_()
+    with xk.forced() if kernels else nullcontext():
+        out = d.dispatch(x, ep.TopKOutput(ids, weights))
+        out.recv_topk_weights.sum().backward()
+    want_ids, want_weights = [], []
+    for _, src_ids, src_weights in inputs:
+        here = (src_ids >= 0) & (src_ids // L == rank)
+        want_ids.append(torch.where(here, src_ids - rank * L, -1)[here.any(1)])
+        want_weights.append(torch.where(here, src_weights, 0.0)[here.any(1)])
+    want_ids, want_weights = torch.cat(want_ids), torch.cat(want_weights)
+    pad = out.recv_topk_ids.shape[0] - want_ids.shape[0]  # static mode: rows past the received ones
+    want_ids = torch.cat([want_ids, want_ids.new_full((pad, K), -1)])
+    want_weights = torch.cat([want_weights, want_weights.new_zeros(pad, K)])
+    # each kept (token, slot) reaches exactly one rank, so d(sum of received weights)/d(weight) is 1 there
+    return (torch.equal(out.recv_topk_ids.long(), want_ids), torch.equal(out.recv_topk_weights, want_weights),
+            torch.equal(weights.grad, (ids >= 0).float()))
+
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 40}])
+def test_receiver_sees_deepep_ids_and_weights(R, options):
+    # DeepEP's intranode dispatch zeroes recv_topk_weights where recv_topk_idx is -1 (its test sums the
+    # received weights over ranks back into the sent ones); ours did not.
+    assert run_ranks(_receiver_view_rank, R, options, False) == [(True, True, True)] * R
+
+
+@pytest.mark.skipif(xk.triton is None, reason="triton not installed")
+def test_receiver_sees_deepep_ids_and_weights_kernel_path():
+    assert run_ranks(_receiver_view_rank, 2, {}, True, timeout=240) == [(True, True, True)] * 2

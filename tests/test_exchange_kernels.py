@@ -38,6 +38,8 @@ def test_pack_rows_matches_torch(dtype, local):
         loc = ids_pad - send_rank[:, None] * L
         ids_pad = torch.where((ids_pad >= 0) & (loc >= 0) & (loc < L), loc, -1)
     w_pad = torch.cat([w, torch.zeros(1, K)])[send_token]
+    if local:  # as DeepEP: a slot whose expert lives elsewhere weighs 0 at the destination
+        w_pad = torch.where(ids_pad >= 0, w_pad, 0.0)
     assert torch.equal(rows, x_pad[send_token])
     assert torch.equal(meta[:, :K], w_pad) and torch.equal(meta[:, K:], ids_pad.float())
     # the inference path: one payload, rows and int32 metadata as views of it
@@ -83,7 +85,9 @@ def test_gradients_equal_torch_gathers():
     (rows * g_rows).sum().add((meta * g_meta).sum()).backward()
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     pad = lambda t: torch.cat([t, torch.zeros(1, t.shape[1])])  # noqa: E731
-    ((pad(x2)[send_token] * g_rows).sum() + (pad(w2)[send_token] * g_meta[:, :ids.shape[1]]).sum()).backward()
+    kept = meta[:, ids.shape[1]:] >= 0  # local ids: a slot sent as -1 carries weight 0 (no gradient)
+    w_rows = torch.where(kept, pad(w2)[send_token], 0.0)
+    ((pad(x2)[send_token] * g_rows).sum() + (w_rows * g_meta[:, :ids.shape[1]]).sum()).backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(w.grad, w2.grad, atol=1e-6)
     # gather_sum's backward sends each token's gradient to the rows it summed (send_token is the inverse).
     T, S = x.shape[0], send_token.numel()
