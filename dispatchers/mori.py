@@ -3,7 +3,9 @@ core maps them to this rank's experts through the placement (ids of other ranks'
 sink) instead of the sender remapping them.
 
 N_buf = max_dispatch_tokens_per_rank * R, or prealloc_max_recv_tokens when set. Rows past
-num_recv_tokens (a device int32 scalar, MoRI's totalRecvTokenNum) are padding with id -1.
+num_recv_tokens (a device int32 tensor of shape [1], MoRI's totalRecvTokenNum as its dispatch returns
+it) are padding with id -1. Real rows come in (source rank, token) order (MoRI's order depends on
+timing; its callers map rows back with get_dispatch_src_token_pos).
 
 Truncation (max_input_tokens n, EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS): the runner sees only the
 first rows of the buffer so kernel configs fit the real size. Upstream, an n below the received
@@ -35,7 +37,7 @@ _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set 
 @dataclass
 class MoriDispatchOutput(DispatchOutput):
     """recv_x [N_buf, H]; recv_topk_ids [N_buf, K] int32 global (-1: none or padding);
-    recv_topk_weights [N_buf, K] fp32; num_recv_tokens: device int32 scalar; num_runner_rows: rows
+    recv_topk_weights [N_buf, K] fp32; num_recv_tokens: [1] device int32; num_runner_rows: rows
     handed to the runner. use_fp8: recv_x float8_e4m3fn with recv_x_scale [N_buf, ceil(H/128)] (fp32,
     or uint8 UE8M0 exponents); x_dtype: the tokens' dtype before quantization."""
 

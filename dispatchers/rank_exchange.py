@@ -116,8 +116,8 @@ class ExchangeHandle:
     Host plan: send_splits / recv_splits (lists). Static plan: chunk rows per peer; when compacted,
     recv_pos [R*chunk] (compact row of each chunk row; `rows` = dropped pad) and recv_rows [rows]
     (chunk row of each compact row; R*chunk = pad). rows: receive rows handed out (None: as
-    received). layout (DeepEP's), num_recv_tokens_per_expert_tensor [L], num_recv_tokens (device int
-    scalar of real received rows) and most_received (the largest count any rank received, the same
+    received). layout (DeepEP's), num_recv_tokens_per_expert_tensor [L], num_recv_tokens ([1] device int:
+    real received rows, shaped as MoRI's dispatch_recv_num_token) and most_received (the largest count any rank received, the same
     on every rank, for symmetric capacity errors) are properties: views of the count row and of the
     plan's summary, made when first read (most calls read none, and each view costs a few us of host
     time on a GPU host)."""
@@ -159,7 +159,7 @@ class ExchangeHandle:
 
     @functools.cached_property
     def num_recv_tokens(self) -> torch.Tensor:
-        return self.received[-2]
+        return self.received[-2:-1]
 
     @functools.cached_property
     def most_received(self) -> torch.Tensor:

@@ -111,3 +111,36 @@ def test_one_rank_over_capacity_fails_every_rank_at_once():
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_one_rank_over, 2, timeout=60, group_timeout=300)
     assert str(failure.value).count("x has 5 tokens on rank 1; mori allows at most max_dispatch_tokens_per_rank=4") == 2
+
+
+def _receiver_view_rank(rank, world_size, options):
+    """MoRI's receiver view, from every rank's seeded routing (-1 holes, repeated experts): each token with
+    an expert here arrives once, with all K global ids and weights as sent; dispatch_recv_num_token is
+    an int32 tensor of shape [1] (MoRI's callers read it as [0]); combine of the received rows
+    themselves returns each token times the number of ranks it visited."""
+    E, K, H = 8, 3, 16
+    L = E // world_size
+    d = ep.dispatchers.create("mori", ep.MoeConfig(E, K, H, 8), max_dispatch_tokens_per_rank=16, **options)
+    inputs = []
+    for r in range(world_size):
+        gen = torch.Generator().manual_seed(200 + r)
+        T = 6 + 4 * r
+        inputs.append((torch.randn(T, H, generator=gen, dtype=torch.float64),
+                       torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)))
+    x, ids, weights = inputs[rank]
+    out = d.dispatch(x, ep.TopKOutput(ids, weights))
+    count = out.num_recv_tokens
+    n = int(count[0])
+    rows = [(src_x[t], src_ids[t], src_weights[t]) for src_x, src_ids, src_weights in inputs
+            for t in range(src_ids.shape[0]) if bool(((src_ids[t] >= 0) & (src_ids[t] // L == rank)).any())]
+    got = sorted(zip(out.recv_x[:n].tolist(), out.recv_topk_ids[:n].tolist(), out.recv_topk_weights[:n].tolist()))
+    want = sorted((r[0].tolist(), r[1].tolist(), r[2].tolist()) for r in rows)
+    y = d.combine(ep.CombineInput(out.recv_x, out))
+    visits = ((ids >= 0).unsqueeze(2) & ((ids // L).unsqueeze(2) == torch.arange(world_size))).any(1).sum(1)
+    return (tuple(count.shape), count.dtype, got == want, torch.equal(y, x * visits.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_receiver_sees_mori_rows_and_count(static):
+    for result in run_ranks(_receiver_view_rank, 2, {"static": static}):
+        assert result == ((1,), torch.int32, True, True)
