@@ -96,12 +96,21 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         return dispatch_layout(topk_ids, self.config.num_experts, self.world_size,
                                self.exchange.tables(topk_ids.device)[0])
 
-    def dispatch(self, x, topk, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
+    def dispatch(self, x, topk=None, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event=None):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
         plan is reused, nothing syncs, and the ids are not checked again (they were when it was made).
+        With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
+        routing is sent again (its weights detached: pass topk for a weight gradient).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
+        if topk is None:
+            if not isinstance(handle, ExchangeHandle) or handle.topk is None:
+                raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
+                                f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+            if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
+                _check_handle_tokens(handle, x)
+            topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
 
@@ -113,10 +122,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
                 x, ids, weights, local_ids=True, chunk=options.chunk, rows=options.num_worst_tokens,
                 capacity=self._capacity, quant=quant)
-        elif handle.num_tokens != x.shape[0]:
-            raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
-                             f"(a handle is only valid for a dispatch with the same routing)")
+            handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
         else:
+            _check_handle_tokens(handle, x)
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
         align = options.alignment  # a local: this runs per expert on every call
         counts = handle.num_recv_tokens_per_expert or []
@@ -126,6 +134,12 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)
 
+
+
+def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:
+    if handle.num_tokens != x.shape[0]:
+        raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
+                         f"(a handle is only valid for a dispatch with the same routing)")
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:

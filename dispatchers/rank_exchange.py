@@ -142,6 +142,9 @@ class ExchangeHandle:
     # Node-aware host plans (dispatchers/hierarchical.py): send_token, send_rank and combine_index are
     # then stage 1's (to the relays), send_splits / recv_splits still the tokens to / from each rank.
     relay: Optional[RelayPlan] = None
+    # (topk_ids, topk_weights) the plan was made for, kept by a dispatcher whose handle may be reused
+    # without them (deepep_normal, as DeepEP's cached dispatch)
+    topk: Optional[tuple] = None
 
     @property
     def static(self) -> bool:

@@ -146,6 +146,33 @@ def test_handle_reuse_and_alignment(R):
     assert run_ranks(_reuse_rank, R) == [True] * R
 
 
+def _cached_dispatch_rank(rank, world_size, options):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(16, 4, 24, 8), **options)
+    gen = torch.Generator().manual_seed(rank)
+    ids = random_topk_ids(gen, 19, 16, 4, world_size)
+    x, w = torch.randn(19, 24, generator=gen, dtype=torch.float64), torch.rand(19, 4, generator=gen)
+    first = d.dispatch(x, ep.TopKOutput(ids, w))
+    cached = d.dispatch(3 * x, handle=first.handle)  # DeepEP's cached dispatch: x and the handle only
+    same = (torch.equal(cached.recv_x, 3 * first.recv_x) and torch.equal(cached.recv_topk_ids, first.recv_topk_ids)
+            and torch.equal(cached.recv_topk_weights, first.recv_topk_weights)
+            and cached.num_recv_tokens_per_expert == first.num_recv_tokens_per_expert)
+    y = d.combine(ep.CombineInput(cached.recv_x, cached))
+    visits = first.handle.layout.is_token_in_rank.sum(1, keepdim=True).double()
+    errors = []
+    for call, message in ((lambda: d.dispatch(x), "topk=None with handle=NoneType"),
+                          (lambda: d.dispatch(x[:7], handle=first.handle), "handle was made for 19 tokens; x has 7")):
+        try:
+            call()
+        except (TypeError, ValueError) as e:
+            errors.append(message in str(e))
+    return same, torch.equal(y, 3 * x * visits), errors
+
+
+@pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 40}])
+def test_cached_dispatch_takes_x_and_the_handle(options):
+    assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True, True])] * 2
+
+
 def _one_bad_rank(rank, world_size, dispatcher):
     layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch")
     ids = torch.tensor([[0, 5], [3, 7]], dtype=torch.int32)
