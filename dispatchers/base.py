@@ -319,14 +319,23 @@ class ExchangeDispatcher(Dispatcher):
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Token rows: at least one per row this rank received (rows past them are padding), when the
-        plan has the received count on the host (host plans; device-only counts are not read here)."""
+        plan has the received count on the host (host plans); static plans (device-only counts, not
+        read here): at least the rows the runner was handed."""
         super().check_combine_input(combine_input)
-        splits = getattr(getattr(combine_input.dispatch_output, "handle", None), "recv_splits", None)
+        out = combine_input.dispatch_output
+        handle = getattr(out, "handle", None)
+        splits = getattr(handle, "recv_splits", None)
         rows = combine_input.hidden_states
         if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits)):
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
                              f"{self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; "
                              f"rows past them are padding)")
+        if getattr(handle, "static", False) and handle.rows is not None:
+            handed = getattr(out, "num_runner_rows", handle.rows)
+            if rows.dim() != 2 or rows.shape[0] < handed:
+                raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
+                                 f"{self.config.hidden_size}] with N >= {handed} (the rows the runner was handed, "
+                                 f"a static plan's receive rows)")
 
     def link_bytes(self, dispatch_output: DispatchOutput) -> Optional[LinkBytes]:
         """Bytes this rank sends over links inside its node and between nodes, for the dispatch that

@@ -54,3 +54,31 @@ def test_combine_names_rows_that_are_not_the_runner_output(name):
         if name in ("deepep_normal", "mori"):
             assert "(the rows this rank received; rows past them are padding)" in messages["one_row_short"]
         assert "hidden_size=16" in messages["wide"]
+
+
+STATIC = {"deepep_normal": {"num_worst_tokens": 12}, "mori": {"max_dispatch_tokens_per_rank": 8, "static": True}}
+
+
+def _static_short_rank(rank, world_size, name):
+    d = ep.dispatchers.create(name, ep.MoeConfig(8, 2, 16, 8), **STATIC[name])
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(rank))
+    topk = ep.TopKOutput(torch.tensor([[0, 7], [4, -1], [5, 1], [3, 6], [2, 2]]), torch.rand(5, 2))
+    out = d.dispatch(x, topk)
+    handed = getattr(out, "num_runner_rows", out.recv_x.shape[0])  # the rows the runner gets (and returns)
+    try:
+        d.combine(CombineInput(out.recv_x[:int(out.handle.num_recv_tokens) - 1].clone(), out))
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    y = d.combine(CombineInput(out.recv_x[:handed].clone(), out))  # the ranks are still in step
+    return message, handed, list(y.shape)
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_static_combine_names_rows_short_of_the_runner_rows(name):
+    # A static plan has no host receive splits: rows short of what the runner was handed dropped the
+    # missing tokens' partials without an error (DeepEP's combine asserts num_worst_tokens rows).
+    for message, handed, shape in run_ranks(_static_short_rank, 2, name, timeout=120, group_timeout=20):
+        assert shape == [5, 16]
+        assert message.startswith("combine_input.hidden_states has shape "), message
+        assert f"with N >= {handed} (the rows the runner was handed" in message
