@@ -23,7 +23,8 @@ class TopKConfig:
     """How router logits pick experts.
 
     scoring: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3).
-    renormalize: divide the chosen K weights by their sum.
+    renormalize: divide the chosen K weights by their sum + 1e-20 (DeepSeek-V3's rule: exact wherever the
+        sum is above ~1e-13, and a sum of sigmoid scores of logits below about -45 is not).
     num_expert_group / topk_group: grouped top-k (DeepSeek): experts split in num_expert_group
         groups, only the best topk_group groups are eligible.
     group_score: how a group is scored: "max" (its best expert, DeepSeek-V2) or "top2_sum" (the sum
@@ -114,7 +115,7 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     ids = choice.topk(config.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if config.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return TopKOutput(ids.to(torch.int32), weights.float())

@@ -34,7 +34,7 @@ def reference_routing(logits, cfg, bias=None):
         ranked = sorted(eligible, key=lambda e: -choice[e])[:cfg.top_k]
         weights = [scores[e] for e in ranked]
         if cfg.renormalize:
-            total = sum(weights)
+            total = sum(weights) + 1e-20
             weights = [w / total for w in weights]
         out_ids.append(ranked)
         out_w.append([w * cfg.routed_scaling_factor for w in weights])
