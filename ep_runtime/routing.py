@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_finite, finite_float, is_int_at_least
+from .validation import check_finite, check_float_tensor, finite_float, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -86,6 +86,7 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
     weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
     int32 global, K distinct per token, never -1; weights [T, K] fp32)."""
+    check_float_tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
@@ -94,6 +95,7 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
     choice = scores
     if correction_bias is not None:
+        check_float_tensor("correction_bias", correction_bias, router_logits.device, "router_logits")
         if tuple(correction_bias.shape) != (E,):
             raise ValueError(f"correction_bias has shape {list(correction_bias.shape)}; expected [{E}]")
         if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)

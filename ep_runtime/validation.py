@@ -68,6 +68,16 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has a non-finite value {float(t[tuple(where)])} at {where}")
 
 
+def check_float_tensor(name: str, t, device: Optional[torch.device] = None, device_of: str = "x") -> None:
+    """`t` is a floating torch.Tensor (on `device`, the device of `device_of`, when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected {device} (the device of {device_of})")
+
+
 def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch.dtype] = None,
                         device: Optional[torch.device] = None, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):

@@ -141,3 +141,28 @@ def test_bad_routing_config(cfg, match):
 def test_bad_topk_config_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKConfig(**{"top_k": 2, **kwargs})
+
+
+@pytest.mark.parametrize("logits,error,match", [
+    (torch.randint(0, 4, (2, 8)), TypeError, r"router_logits has dtype torch.int64; expected a floating dtype"),
+    (torch.ones(2, 8, dtype=torch.bool), TypeError, r"router_logits has dtype torch.bool; expected a floating dtype"),
+    (torch.randn(2, 8, dtype=torch.complex64), TypeError, r"router_logits has dtype torch.complex64; expected a floating"),
+    ([[0.0] * 8] * 2, TypeError, r"router_logits must be a torch.Tensor; got list"),
+])
+def test_router_logits_of_a_wrong_type_are_refused(logits, error, match):
+    """Integer, bool or complex logits were routed as if they were scores (complex ones with a warning
+    that the imaginary part was dropped); a list failed with an AttributeError."""
+    with pytest.raises(error, match=match):
+        select_experts(logits, TopKConfig(top_k=2))
+
+
+@pytest.mark.parametrize("bias,error,match", [
+    (torch.zeros(8, dtype=torch.int64), TypeError, r"correction_bias has dtype torch.int64; expected a floating dtype"),
+    (torch.ones(8, dtype=torch.bool), TypeError, r"correction_bias has dtype torch.bool; expected a floating dtype"),
+    (torch.zeros(8, device="meta"), ValueError, r"correction_bias is on meta; expected cpu \(the device of router_logits\)"),
+    ([0.0] * 8, TypeError, r"correction_bias must be a torch.Tensor; got list"),
+])
+def test_bad_correction_bias_is_refused(bias, error, match):
+    with pytest.raises(error, match=match):
+        select_experts(torch.randn(2, 8), TopKConfig(top_k=2, scoring="sigmoid"), bias)
+
