@@ -18,7 +18,14 @@ from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, 
 from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, select_experts
 from .runner_core import MoeRunner, needs_grad
-from .validation import check_finite, check_hidden_states, check_topk, check_topk_values, layer_dtype_and_device
+from .validation import (
+    check_finite,
+    check_float_tensor,
+    check_hidden_states,
+    check_topk,
+    check_topk_values,
+    layer_dtype_and_device,
+)
 
 
 class EPMoE(nn.Module):
@@ -596,12 +603,16 @@ class EPMoE(nn.Module):
         if router_logits is not None:
             if topk_ids is not None or topk_weights is not None:
                 raise ValueError("give either topk_ids/topk_weights or router_logits, not both")
+            check_float_tensor("router_logits", router_logits, x.device)
             if router_logits.dim() != 2 or tuple(router_logits.shape) != (x.shape[0], self.config.num_experts):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
         if topk_ids is None or topk_weights is None:
             raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
+        if correction_bias is not None:
+            raise ValueError("correction_bias is given with topk_ids / topk_weights; it shifts the choice the layer "
+                             "makes from router_logits, so pass router_logits instead (or leave it out)")
         return TopKOutput(topk_ids, topk_weights)  # checked by the dispatcher before any exchange
 
     def extra_repr(self) -> str:

@@ -166,3 +166,18 @@ def test_bad_correction_bias_is_refused(bias, error, match):
     with pytest.raises(error, match=match):
         select_experts(torch.randn(2, 8), TopKConfig(top_k=2, scoring="sigmoid"), bias)
 
+
+def test_layer_names_router_logits_on_another_device():
+    """router_logits on another device than x: the error named topk_ids, which the caller never passed."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    with pytest.raises(ValueError, match=r"router_logits is on meta; expected cpu \(the device of x\)"):
+        layer(torch.randn(3, 16), router_logits=torch.randn(3, 8, device="meta"))
+
+
+def test_correction_bias_without_router_logits_is_refused():
+    """correction_bias with topk_ids / topk_weights was silently ignored (the ids are already chosen)."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"correction_bias is given with topk_ids / topk_weights"):
+        layer(torch.randn(3, 16), ids, torch.ones(3, 2), correction_bias=torch.zeros(8))
+
