@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_finite, check_float_tensor, finite_float, is_int_at_least
+from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -46,8 +46,12 @@ class TopKConfig:
             raise ValueError(f"scoring={self.scoring!r}; allowed: softmax, sigmoid")
         if not is_int_at_least(self.top_k, 1):
             raise ValueError(f"top_k={self.top_k!r} must be an int >= 1")
+        if not is_bool(self.renormalize):
+            raise TypeError(f"renormalize={self.renormalize!r}; allowed: True or False")
+        object.__setattr__(self, "renormalize", bool(self.renormalize))  # numpy's bool becomes a plain bool
         if (self.num_expert_group is None) != (self.topk_group is None):
-            raise ValueError("num_expert_group and topk_group must be given together")
+            raise ValueError(f"num_expert_group={self.num_expert_group!r} and topk_group={self.topk_group!r}: give "
+                             f"both (grouped top-k) or neither")
         if self.num_expert_group is not None:
             if not is_int_at_least(self.num_expert_group, 1):
                 raise ValueError(f"num_expert_group={self.num_expert_group!r} must be an int >= 1")
@@ -65,16 +69,17 @@ class TopKConfig:
         """Raise when this routing cannot pick top_k of num_experts experts (checked when a layer is
         built, not at the first forward)."""
         if self.top_k > num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={num_experts}")
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={num_experts}; allowed 1..{num_experts}")
         G = self.num_expert_group
         if G is None:
             return
         if num_experts % G != 0:
-            raise ValueError(f"num_experts={num_experts} is not divisible by num_expert_group={G}")
+            raise ValueError(f"num_experts={num_experts} is not divisible by num_expert_group={G}; allowed: a "
+                             f"divisor of {num_experts}")
         eligible = self.topk_group * (num_experts // G)
         if self.top_k > eligible:
             raise ValueError(f"top_k={self.top_k} exceeds the {eligible} experts in topk_group="
-                             f"{self.topk_group} groups of {num_experts // G}")
+                             f"{self.topk_group} groups of {num_experts // G}; allowed 1..{eligible}")
         if self.group_score == "top2_sum" and num_experts // G < 2:
             raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
                              f"num_experts={num_experts} / num_expert_group={G} = {num_experts // G}")

@@ -18,6 +18,12 @@ def is_int_at_least(value, minimum: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def is_bool(value) -> bool:
+    """True or False: Python's, or a numpy bool scalar (not 0 / 1, not None)."""
+    return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"
+                                       and getattr(value, "ndim", None) == 0)
+
+
 def finite_float(name: str, value) -> float:
     """`value` as a float when it is a finite real number (Python or numpy; not bool), else an error."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):

@@ -121,9 +121,9 @@ def test_non_finite_correction_bias_fails_every_rank_naming_it(bad):
 
 
 @pytest.mark.parametrize("cfg,match", [
-    (TopKConfig(top_k=9), "top_k=9 exceeds num_experts=8"),
-    (TopKConfig(top_k=5, num_expert_group=4, topk_group=2), "top_k=5 exceeds the 4 experts"),
-    (TopKConfig(top_k=2, num_expert_group=3, topk_group=1), "not divisible by num_expert_group=3"),
+    (TopKConfig(top_k=9), "top_k=9 exceeds num_experts=8; allowed 1..8"),
+    (TopKConfig(top_k=5, num_expert_group=4, topk_group=2), "top_k=5 exceeds the 4 experts .*; allowed 1..4"),
+    (TopKConfig(top_k=2, num_expert_group=3, topk_group=1), "not divisible by num_expert_group=3; allowed: a divisor of 8"),
 ])
 def test_bad_routing_config(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -137,6 +137,7 @@ def test_bad_routing_config(cfg, match):
     (dict(group_score="sum"), "group_score='sum'; allowed: None"),
     (dict(num_expert_group=2, topk_group=0), "topk_group=0 must be in"),
     (dict(top_k=2.0), "top_k=2.0 must be an int >= 1"),
+    (dict(num_expert_group=4), "num_expert_group=4 and topk_group=None: give both"),
 ])
 def test_bad_topk_config_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -181,3 +182,9 @@ def test_correction_bias_without_router_logits_is_refused():
     with pytest.raises(ValueError, match=r"correction_bias is given with topk_ids / topk_weights"):
         layer(torch.randn(3, 16), ids, torch.ones(3, 2), correction_bias=torch.zeros(8))
 
+
+@pytest.mark.parametrize("value", ["yes", None, 1])
+def test_renormalize_must_be_a_bool(value):
+    """renormalize="yes" renormalised and None did not, without a word."""
+    with pytest.raises(TypeError, match=rf"renormalize={value!r}; allowed: True or False"):
+        TopKConfig(top_k=2, renormalize=value)
