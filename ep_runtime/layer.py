@@ -16,7 +16,7 @@ from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
-from .routing import TopKConfig, TopKOutput, select_experts
+from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, needs_grad
 from .validation import (
     check_finite,
@@ -381,12 +381,17 @@ class EPMoE(nn.Module):
         if self.quant is not None and needs_grad(x, self.b13, self.b2):
             raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        if self.shared_experts is None:
-            dispatch_output, physical = self._dispatch(x, topk)
-            self._count_load(dispatch_output, physical)
-            return self.experts_and_combine(dispatch_output)
-        routed, shared = self.routed_and_shared(x, topk)
-        return routed + shared
+        try:
+            if self.shared_experts is None:
+                dispatch_output, physical = self._dispatch(x, topk)
+                self._count_load(dispatch_output, physical)
+                return self.experts_and_combine(dispatch_output)
+            routed, shared = self.routed_and_shared(x, topk)
+            return routed + shared
+        except ValueError as err:
+            if router_logits is not None:  # the weights the dispatcher found non-finite came from these
+                name_non_finite_logits(router_logits, self.topk_config, err)
+            raise
 
     def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of

@@ -126,3 +126,27 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return TopKOutput(ids.to(torch.int32), weights.float())
+
+
+def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err: ValueError) -> None:
+    """A dispatcher's error about non-finite topk_weights, when select_experts made them from router_logits
+    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf); else return.
+    (The dispatcher checks the weights with the counts every rank exchanges, so every rank stops together:
+    checking the logits here, before the exchange, would stop this rank alone.)"""
+    if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
+        return  # (a deferred check's error is about an earlier call's weights: its message says which)
+    logits = router_logits.detach()
+    softmax = config.scoring == "softmax"
+    bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
+    masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])
+    rows = (bad.any(dim=1) | masked_rows).nonzero()
+    if rows.numel() == 0:
+        return
+    t = int(rows[0])
+    where = bad[t].nonzero()
+    what = f"{float(logits[t, int(where[0])])} at [{t}, {int(where[0])}]" if where.numel() else \
+        f"-inf in every entry of row {t}"
+    allowed = ("finite logits or -inf (an expert the token may not take), at least one finite per row" if softmax
+               else "logits that are not NaN")
+    raise ValueError(f"router_logits has {what}, which gives non-finite routing weights; allowed: {allowed} "
+                     f"(scoring={config.scoring!r})") from None

@@ -1,5 +1,6 @@
 """select_experts against a plain-Python float64 reference."""
 import math
+import re
 
 import pytest
 import torch
@@ -188,3 +189,44 @@ def test_renormalize_must_be_a_bool(value):
     """renormalize="yes" renormalised and None did not, without a word."""
     with pytest.raises(TypeError, match=rf"renormalize={value!r}; allowed: True or False"):
         TopKConfig(top_k=2, renormalize=value)
+
+
+def _non_finite_logits_rank(rank, world_size, dispatcher, scoring, bad):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch",
+                     topk_config=TopKConfig(top_k=2, scoring=scoring, renormalize=True))
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank))
+    if rank == world_size - 1:  # one rank's router goes wrong
+        if bad == "all -inf":
+            logits[1] = float("-inf")
+        else:
+            logits[1, 3] = float(bad)
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(3, 16), router_logits=logits)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("dispatcher,world_size", [("standard", 1), ("deepep_normal", 2)])
+@pytest.mark.parametrize("scoring,bad,match", [
+    ("softmax", "nan", r"router_logits has nan at \[1, 3\]"),
+    ("sigmoid", "nan", r"router_logits has nan at \[1, 3\]"),
+    ("softmax", "inf", r"router_logits has inf at \[1, 3\]"),
+    ("softmax", "all -inf", r"router_logits has -inf in every entry of row 1"),
+])
+def test_non_finite_router_logits_are_named(dispatcher, world_size, scoring, bad, match):
+    """A NaN logit (or, under softmax, +inf or a row of -inf) gives NaN routing weights; the error named
+    topk_weights, which the caller never passed. Now the rank with the bad row names router_logits and
+    every other rank stops too."""
+    errors = run_ranks(_non_finite_logits_rank, world_size, dispatcher, scoring, bad)
+    assert re.match(match + r", which gives non-finite routing weights; allowed: ", errors[-1]), errors[-1]
+    assert all(f"rank {world_size - 1} got invalid" in e for e in errors[:-1]), errors
+
+
+def test_masked_experts_route_around_them():
+    """-inf logits mark experts a token may not take: they get weight 0 and are never picked ahead of a
+    finite one; under sigmoid a row of -inf is no error (every weight 0, renormalised or not)."""
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    logits[:, :5] = float("-inf")
+    out = select_experts(logits, TopKConfig(top_k=3, renormalize=True))
+    assert sorted(out.topk_ids[0].tolist()) == [5, 6, 7] and torch.isfinite(out.topk_weights).all()
+    out = select_experts(torch.full((2, 8), float("-inf")), TopKConfig(top_k=2, scoring="sigmoid", renormalize=True))
+    assert out.topk_weights.tolist() == [[0.0, 0.0], [0.0, 0.0]]
