@@ -94,6 +94,11 @@ class EPMoE(nn.Module):
         if self.topk_config.top_k != top_k:
             raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
         self.topk_config.check(num_experts)
+        if self.topk_config.routed_scaling_factor != 1.0 and self.config.routed_scaling_factor != 1.0:
+            both = self.topk_config.routed_scaling_factor * self.config.routed_scaling_factor
+            raise ValueError(f"routed_scaling_factor={self.config.routed_scaling_factor} and "
+                             f"topk_config.routed_scaling_factor={self.topk_config.routed_scaling_factor} would both "
+                             f"scale the output (by {both}); allowed: one of them != 1 (DeepSeek scales once)")
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)

@@ -230,3 +230,21 @@ def test_masked_experts_route_around_them():
     assert sorted(out.topk_ids[0].tolist()) == [5, 6, 7] and torch.isfinite(out.topk_weights).all()
     out = select_experts(torch.full((2, 8), float("-inf")), TopKConfig(top_k=2, scoring="sigmoid", renormalize=True))
     assert out.topk_weights.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_routed_scaling_factor_in_both_places_is_refused():
+    """EPMoE(routed_scaling_factor=2.5, topk_config=TopKConfig(..., routed_scaling_factor=2.5)) scaled
+    the output by 6.25 where DeepSeek-V3 scales it by 2.5; either place alone scales it once."""
+    with pytest.raises(ValueError, match=r"routed_scaling_factor=2.5 and topk_config.routed_scaling_factor=2.5 "
+                                         r"would both scale the output \(by 6.25\)"):
+        ep.EPMoE(8, 2, 16, 8, routed_scaling_factor=2.5, topk_config=TopKConfig(top_k=2, routed_scaling_factor=2.5))
+    gen = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(5, 16, generator=gen, dtype=torch.float64), torch.randn(5, 8, generator=gen)
+    outputs = []
+    for layer_factor, routing_factor in ((2.5, 1.0), (1.0, 2.5), (1.0, 1.0)):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64, routed_scaling_factor=layer_factor,
+                         topk_config=TopKConfig(top_k=2, routed_scaling_factor=routing_factor))
+        outputs.append(layer(x, router_logits=logits))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)  # fp32 weights scaled vs the output
+    torch.testing.assert_close(outputs[0], 2.5 * outputs[2], rtol=1e-6, atol=0)
