@@ -90,6 +90,8 @@ class EPMoE(nn.Module):
                                  format=self.dispatcher.format, dtype=dtype, **(runner_options or {}))
         self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
         self.runner.check_format(self.dispatcher.format)
+        if topk_config is not None and not isinstance(topk_config, TopKConfig):
+            raise TypeError(f"topk_config={topk_config!r}; expected None or an ep.TopKConfig")
         self.topk_config = topk_config or TopKConfig(top_k=top_k)
         if self.topk_config.top_k != top_k:
             raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")

@@ -59,6 +59,9 @@ class TopKConfig:
                 raise ValueError(f"topk_group={self.topk_group!r} must be in [1, num_expert_group={self.num_expert_group}]")
         if self.group_score not in (None,) + GROUP_SCORES:
             raise ValueError(f"group_score={self.group_score!r}; allowed: None (inferred), {', '.join(GROUP_SCORES)}")
+        if self.group_score is not None and self.num_expert_group is None:
+            raise ValueError(f"group_score={self.group_score!r} scores expert groups; give num_expert_group and "
+                             f"topk_group too (or leave group_score None)")
         object.__setattr__(self, "routed_scaling_factor",
                            finite_float("routed_scaling_factor", self.routed_scaling_factor))
         for name in ("top_k", "num_expert_group", "topk_group"):  # numpy ints become plain ints
@@ -91,6 +94,8 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
     weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
     int32 global, K distinct per token, never -1; weights [T, K] fp32)."""
+    if not isinstance(config, TopKConfig):
+        raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")

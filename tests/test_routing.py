@@ -248,3 +248,18 @@ def test_routed_scaling_factor_in_both_places_is_refused():
         outputs.append(layer(x, router_logits=logits))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)  # fp32 weights scaled vs the output
     torch.testing.assert_close(outputs[0], 2.5 * outputs[2], rtol=1e-6, atol=0)
+
+
+def test_a_config_that_is_not_a_topk_config_is_refused():
+    """A dict or an int where a TopKConfig goes failed with an AttributeError naming neither argument."""
+    with pytest.raises(TypeError, match=r"config=\{'top_k': 2\}; expected an ep.TopKConfig"):
+        select_experts(torch.randn(2, 8), {"top_k": 2})
+    with pytest.raises(TypeError, match=r"topk_config=\{'top_k': 2\}; expected None or an ep.TopKConfig"):
+        ep.EPMoE(8, 2, 16, 8, topk_config={"top_k": 2})
+
+
+def test_group_score_without_groups_is_refused():
+    """group_score='top2_sum' without num_expert_group was ignored: the experts were picked ungrouped."""
+    with pytest.raises(ValueError, match=r"group_score='top2_sum' scores expert groups; give num_expert_group and "
+                                         r"topk_group too"):
+        TopKConfig(top_k=2, group_score="top2_sum")
