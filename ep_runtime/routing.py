@@ -1,6 +1,7 @@
 """Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -135,12 +136,13 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
 
 def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err: ValueError) -> None:
     """A dispatcher's error about non-finite topk_weights, when select_experts made them from router_logits
-    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf); else return.
+    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf, in
+    float32, where they are scored); else return.
     (The dispatcher checks the weights with the counts every rank exchanges, so every rank stops together:
     checking the logits here, before the exchange, would stop this rank alone.)"""
     if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
         return  # (a deferred check's error is about an earlier call's weights: its message says which)
-    logits = router_logits.detach()
+    logits = router_logits.detach().float()  # as select_experts scores them: a float64 1e39 is inf here
     softmax = config.scoring == "softmax"
     bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
     masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])
@@ -149,8 +151,14 @@ def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err:
         return
     t = int(rows[0])
     where = bad[t].nonzero()
-    what = f"{float(logits[t, int(where[0])])} at [{t}, {int(where[0])}]" if where.numel() else \
-        f"-inf in every entry of row {t}"
+    if where.numel():
+        e = int(where[0])
+        value = float(router_logits[t, e])
+        what = f"{value} at [{t}, {e}]" + ("" if math.isinf(value) or math.isnan(value) else
+                                          " (inf in float32, where routing scores it)")
+    else:
+        what = f"-inf in every entry of row {t}" + ("" if torch.isneginf(router_logits[t]).all() else
+                                                     " (in float32, where routing scores it)")
     allowed = ("finite logits or -inf (an expert the token may not take), at least one finite per row" if softmax
                else "logits that are not NaN")
     raise ValueError(f"router_logits has {what}, which gives non-finite routing weights; allowed: {allowed} "

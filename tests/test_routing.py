@@ -263,3 +263,17 @@ def test_group_score_without_groups_is_refused():
     with pytest.raises(ValueError, match=r"group_score='top2_sum' scores expert groups; give num_expert_group and "
                                          r"topk_group too"):
         TopKConfig(top_k=2, group_score="top2_sum")
+
+
+def test_float64_logits_beyond_float32_are_named():
+    """A float64 logit of 1e39 is inf once routing scores it in float32 (softmax then gives NaN weights):
+    the error named topk_weights. Now it names the logit as given."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    logits = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits[2, 6] = 1e39
+    with pytest.raises(ValueError, match=r"router_logits has 1e\+39 at \[2, 6\] \(inf in float32, where routing "
+                                         r"scores it\), which gives non-finite routing weights"):
+        layer(torch.randn(3, 16), router_logits=logits)
+    logits[2] = -1e39
+    with pytest.raises(ValueError, match=r"router_logits has -inf in every entry of row 2 \(in float32"):
+        layer(torch.randn(3, 16), router_logits=logits)
