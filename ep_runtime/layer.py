@@ -16,9 +16,16 @@ from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
-from .routing import TopKConfig, TopKOutput, select_experts
+from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, needs_grad
-from .validation import check_finite, check_hidden_states, check_topk, check_topk_values, layer_dtype_and_device
+from .validation import (
+    check_finite,
+    check_float_tensor,
+    check_hidden_states,
+    check_topk,
+    check_topk_values,
+    layer_dtype_and_device,
+)
 
 
 class EPMoE(nn.Module):
@@ -83,10 +90,17 @@ class EPMoE(nn.Module):
                                  format=self.dispatcher.format, dtype=dtype, **(runner_options or {}))
         self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
         self.runner.check_format(self.dispatcher.format)
+        if topk_config is not None and not isinstance(topk_config, TopKConfig):
+            raise TypeError(f"topk_config={topk_config!r}; expected None or an ep.TopKConfig")
         self.topk_config = topk_config or TopKConfig(top_k=top_k)
         if self.topk_config.top_k != top_k:
             raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
         self.topk_config.check(num_experts)
+        if self.topk_config.routed_scaling_factor != 1.0 and self.config.routed_scaling_factor != 1.0:
+            both = self.topk_config.routed_scaling_factor * self.config.routed_scaling_factor
+            raise ValueError(f"routed_scaling_factor={self.config.routed_scaling_factor} and "
+                             f"topk_config.routed_scaling_factor={self.topk_config.routed_scaling_factor} would both "
+                             f"scale the output (by {both}); allowed: one of them != 1 (DeepSeek scales once)")
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)
@@ -374,12 +388,17 @@ class EPMoE(nn.Module):
         if self.quant is not None and needs_grad(x, self.b13, self.b2):
             raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        if self.shared_experts is None:
-            dispatch_output, physical = self._dispatch(x, topk)
-            self._count_load(dispatch_output, physical)
-            return self.experts_and_combine(dispatch_output)
-        routed, shared = self.routed_and_shared(x, topk)
-        return routed + shared
+        try:
+            if self.shared_experts is None:
+                dispatch_output, physical = self._dispatch(x, topk)
+                self._count_load(dispatch_output, physical)
+                return self.experts_and_combine(dispatch_output)
+            routed, shared = self.routed_and_shared(x, topk)
+            return routed + shared
+        except ValueError as err:
+            if router_logits is not None:  # the weights the dispatcher found non-finite came from these
+                name_non_finite_logits(router_logits, self.topk_config, err)
+            raise
 
     def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of
@@ -596,12 +615,16 @@ class EPMoE(nn.Module):
         if router_logits is not None:
             if topk_ids is not None or topk_weights is not None:
                 raise ValueError("give either topk_ids/topk_weights or router_logits, not both")
+            check_float_tensor("router_logits", router_logits, x.device)
             if router_logits.dim() != 2 or tuple(router_logits.shape) != (x.shape[0], self.config.num_experts):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
         if topk_ids is None or topk_weights is None:
             raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
+        if correction_bias is not None:
+            raise ValueError("correction_bias is given with topk_ids / topk_weights; it shifts the choice the layer "
+                             "makes from router_logits, so pass router_logits instead (or leave it out)")
         return TopKOutput(topk_ids, topk_weights)  # checked by the dispatcher before any exchange
 
     def extra_repr(self) -> str:

@@ -1,12 +1,13 @@
 """Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_finite, finite_float, is_int_at_least
+from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -23,7 +24,8 @@ class TopKConfig:
     """How router logits pick experts.
 
     scoring: "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3).
-    renormalize: divide the chosen K weights by their sum.
+    renormalize: divide the chosen K weights by their sum + 1e-20 (DeepSeek-V3's rule: exact wherever the
+        sum is above ~1e-13, and a sum of sigmoid scores of logits below about -45 is not).
     num_expert_group / topk_group: grouped top-k (DeepSeek): experts split in num_expert_group
         groups, only the best topk_group groups are eligible.
     group_score: how a group is scored: "max" (its best expert, DeepSeek-V2) or "top2_sum" (the sum
@@ -45,8 +47,12 @@ class TopKConfig:
             raise ValueError(f"scoring={self.scoring!r}; allowed: softmax, sigmoid")
         if not is_int_at_least(self.top_k, 1):
             raise ValueError(f"top_k={self.top_k!r} must be an int >= 1")
+        if not is_bool(self.renormalize):
+            raise TypeError(f"renormalize={self.renormalize!r}; allowed: True or False")
+        object.__setattr__(self, "renormalize", bool(self.renormalize))  # numpy's bool becomes a plain bool
         if (self.num_expert_group is None) != (self.topk_group is None):
-            raise ValueError("num_expert_group and topk_group must be given together")
+            raise ValueError(f"num_expert_group={self.num_expert_group!r} and topk_group={self.topk_group!r}: give "
+                             f"both (grouped top-k) or neither")
         if self.num_expert_group is not None:
             if not is_int_at_least(self.num_expert_group, 1):
                 raise ValueError(f"num_expert_group={self.num_expert_group!r} must be an int >= 1")
@@ -54,6 +60,9 @@ class TopKConfig:
                 raise ValueError(f"topk_group={self.topk_group!r} must be in [1, num_expert_group={self.num_expert_group}]")
         if self.group_score not in (None,) + GROUP_SCORES:
             raise ValueError(f"group_score={self.group_score!r}; allowed: None (inferred), {', '.join(GROUP_SCORES)}")
+        if self.group_score is not None and self.num_expert_group is None:
+            raise ValueError(f"group_score={self.group_score!r} scores expert groups; give num_expert_group and "
+                             f"topk_group too (or leave group_score None)")
         object.__setattr__(self, "routed_scaling_factor",
                            finite_float("routed_scaling_factor", self.routed_scaling_factor))
         for name in ("top_k", "num_expert_group", "topk_group"):  # numpy ints become plain ints
@@ -64,16 +73,17 @@ class TopKConfig:
         """Raise when this routing cannot pick top_k of num_experts experts (checked when a layer is
         built, not at the first forward)."""
         if self.top_k > num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={num_experts}")
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={num_experts}; allowed 1..{num_experts}")
         G = self.num_expert_group
         if G is None:
             return
         if num_experts % G != 0:
-            raise ValueError(f"num_experts={num_experts} is not divisible by num_expert_group={G}")
+            raise ValueError(f"num_experts={num_experts} is not divisible by num_expert_group={G}; allowed: a "
+                             f"divisor of {num_experts}")
         eligible = self.topk_group * (num_experts // G)
         if self.top_k > eligible:
             raise ValueError(f"top_k={self.top_k} exceeds the {eligible} experts in topk_group="
-                             f"{self.topk_group} groups of {num_experts // G}")
+                             f"{self.topk_group} groups of {num_experts // G}; allowed 1..{eligible}")
         if self.group_score == "top2_sum" and num_experts // G < 2:
             raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group; "
                              f"num_experts={num_experts} / num_expert_group={G} = {num_experts // G}")
@@ -85,6 +95,9 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
     weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
     int32 global, K distinct per token, never -1; weights [T, K] fp32)."""
+    if not isinstance(config, TopKConfig):
+        raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
+    check_float_tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
@@ -93,6 +106,7 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
     choice = scores
     if correction_bias is not None:
+        check_float_tensor("correction_bias", correction_bias, router_logits.device, "router_logits")
         if tuple(correction_bias.shape) != (E,):
             raise ValueError(f"correction_bias has shape {list(correction_bias.shape)}; expected [{E}]")
         if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)
@@ -114,7 +128,38 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     ids = choice.topk(config.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if config.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return TopKOutput(ids.to(torch.int32), weights.float())
+
+
+def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err: ValueError) -> None:
+    """A dispatcher's error about non-finite topk_weights, when select_experts made them from router_logits
+    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf, in
+    float32, where they are scored); else return.
+    (The dispatcher checks the weights with the counts every rank exchanges, so every rank stops together:
+    checking the logits here, before the exchange, would stop this rank alone.)"""
+    if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
+        return  # (a deferred check's error is about an earlier call's weights: its message says which)
+    logits = router_logits.detach().float()  # as select_experts scores them: a float64 1e39 is inf here
+    softmax = config.scoring == "softmax"
+    bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
+    masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])
+    rows = (bad.any(dim=1) | masked_rows).nonzero()
+    if rows.numel() == 0:
+        return
+    t = int(rows[0])
+    where = bad[t].nonzero()
+    if where.numel():
+        e = int(where[0])
+        value = float(router_logits[t, e])
+        what = f"{value} at [{t}, {e}]" + ("" if math.isinf(value) or math.isnan(value) else
+                                          " (inf in float32, where routing scores it)")
+    else:
+        what = f"-inf in every entry of row {t}" + ("" if torch.isneginf(router_logits[t]).all() else
+                                                     " (in float32, where routing scores it)")
+    allowed = ("finite logits or -inf (an expert the token may not take), at least one finite per row" if softmax
+               else "logits that are not NaN")
+    raise ValueError(f"router_logits has {what}, which gives non-finite routing weights; allowed: {allowed} "
+                     f"(scoring={config.scoring!r})") from None

@@ -18,6 +18,12 @@ def is_int_at_least(value, minimum: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def is_bool(value) -> bool:
+    """True or False: Python's, or a numpy bool scalar (not 0 / 1, not None)."""
+    return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"
+                                       and getattr(value, "ndim", None) == 0)
+
+
 def finite_float(name: str, value) -> float:
     """`value` as a float when it is a finite real number (Python or numpy; not bool), else an error."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
@@ -66,6 +72,16 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
         raise ValueError(f"{name} has a non-finite value {float(t[tuple(where)])} at {where}")
+
+
+def check_float_tensor(name: str, t, device: Optional[torch.device] = None, device_of: str = "x") -> None:
+    """`t` is a floating torch.Tensor (on `device`, the device of `device_of`, when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected {device} (the device of {device_of})")
 
 
 def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch.dtype] = None,

@@ -138,8 +138,9 @@ def test_dtype_by_name_and_non_finite_weights():
 def test_numpy_scalars_and_loads_that_must_keep_working():
     np = pytest.importorskip("numpy")
     cfg = ep.TopKConfig(top_k=np.int64(2), routed_scaling_factor=np.float32(2.5), num_expert_group=np.int64(2),
-                        topk_group=1)
-    assert (cfg.top_k, cfg.routed_scaling_factor, cfg.num_expert_group) == (2, 2.5, 2)
+                        topk_group=1, renormalize=np.bool_(True))
+    assert (cfg.top_k, cfg.routed_scaling_factor, cfg.num_expert_group, cfg.renormalize) == (2, 2.5, 2, True)
+    assert type(cfg.renormalize) is bool
     layer = ep.EPMoE(np.int64(8), 2, 16, 8, runner="torch", dtype=None, gemm1_alpha=np.float32(1.5), topk_config=cfg)
     assert layer.w13.dtype == torch.get_default_dtype() and layer.config.num_experts == 8
     bf16 = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.bfloat16)

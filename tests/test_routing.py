@@ -1,5 +1,6 @@
 """select_experts against a plain-Python float64 reference."""
 import math
+import re
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def reference_routing(logits, cfg, bias=None):
         ranked = sorted(eligible, key=lambda e: -choice[e])[:cfg.top_k]
         weights = [scores[e] for e in ranked]
         if cfg.renormalize:
-            total = sum(weights)
+            total = sum(weights) + 1e-20
             weights = [w / total for w in weights]
         out_ids.append(ranked)
         out_w.append([w * cfg.routed_scaling_factor for w in weights])
@@ -121,9 +122,9 @@ def test_non_finite_correction_bias_fails_every_rank_naming_it(bad):
 
 
 @pytest.mark.parametrize("cfg,match", [
-    (TopKConfig(top_k=9), "top_k=9 exceeds num_experts=8"),
-    (TopKConfig(top_k=5, num_expert_group=4, topk_group=2), "top_k=5 exceeds the 4 experts"),
-    (TopKConfig(top_k=2, num_expert_group=3, topk_group=1), "not divisible by num_expert_group=3"),
+    (TopKConfig(top_k=9), "top_k=9 exceeds num_experts=8; allowed 1..8"),
+    (TopKConfig(top_k=5, num_expert_group=4, topk_group=2), "top_k=5 exceeds the 4 experts .*; allowed 1..4"),
+    (TopKConfig(top_k=2, num_expert_group=3, topk_group=1), "not divisible by num_expert_group=3; allowed: a divisor of 8"),
 ])
 def test_bad_routing_config(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -137,7 +138,142 @@ def test_bad_routing_config(cfg, match):
     (dict(group_score="sum"), "group_score='sum'; allowed: None"),
     (dict(num_expert_group=2, topk_group=0), "topk_group=0 must be in"),
     (dict(top_k=2.0), "top_k=2.0 must be an int >= 1"),
+    (dict(num_expert_group=4), "num_expert_group=4 and topk_group=None: give both"),
 ])
 def test_bad_topk_config_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKConfig(**{"top_k": 2, **kwargs})
+
+
+@pytest.mark.parametrize("logits,error,match", [
+    (torch.randint(0, 4, (2, 8)), TypeError, r"router_logits has dtype torch.int64; expected a floating dtype"),
+    (torch.ones(2, 8, dtype=torch.bool), TypeError, r"router_logits has dtype torch.bool; expected a floating dtype"),
+    (torch.randn(2, 8, dtype=torch.complex64), TypeError, r"router_logits has dtype torch.complex64; expected a floating"),
+    ([[0.0] * 8] * 2, TypeError, r"router_logits must be a torch.Tensor; got list"),
+])
+def test_router_logits_of_a_wrong_type_are_refused(logits, error, match):
+    """Integer, bool or complex logits were routed as if they were scores (complex ones with a warning
+    that the imaginary part was dropped); a list failed with an AttributeError."""
+    with pytest.raises(error, match=match):
+        select_experts(logits, TopKConfig(top_k=2))
+
+
+@pytest.mark.parametrize("bias,error,match", [
+    (torch.zeros(8, dtype=torch.int64), TypeError, r"correction_bias has dtype torch.int64; expected a floating dtype"),
+    (torch.ones(8, dtype=torch.bool), TypeError, r"correction_bias has dtype torch.bool; expected a floating dtype"),
+    (torch.zeros(8, device="meta"), ValueError, r"correction_bias is on meta; expected cpu \(the device of router_logits\)"),
+    ([0.0] * 8, TypeError, r"correction_bias must be a torch.Tensor; got list"),
+])
+def test_bad_correction_bias_is_refused(bias, error, match):
+    with pytest.raises(error, match=match):
+        select_experts(torch.randn(2, 8), TopKConfig(top_k=2, scoring="sigmoid"), bias)
+
+
+def test_layer_names_router_logits_on_another_device():
+    """router_logits on another device than x: the error named topk_ids, which the caller never passed."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    with pytest.raises(ValueError, match=r"router_logits is on meta; expected cpu \(the device of x\)"):
+        layer(torch.randn(3, 16), router_logits=torch.randn(3, 8, device="meta"))
+
+
+def test_correction_bias_without_router_logits_is_refused():
+    """correction_bias with topk_ids / topk_weights was silently ignored (the ids are already chosen)."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"correction_bias is given with topk_ids / topk_weights"):
+        layer(torch.randn(3, 16), ids, torch.ones(3, 2), correction_bias=torch.zeros(8))
+
+
+@pytest.mark.parametrize("value", ["yes", None, 1])
+def test_renormalize_must_be_a_bool(value):
+    """renormalize="yes" renormalised and None did not, without a word."""
+    with pytest.raises(TypeError, match=rf"renormalize={value!r}; allowed: True or False"):
+        TopKConfig(top_k=2, renormalize=value)
+
+
+def _non_finite_logits_rank(rank, world_size, dispatcher, scoring, bad):
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch",
+                     topk_config=TopKConfig(top_k=2, scoring=scoring, renormalize=True))
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank))
+    if rank == world_size - 1:  # one rank's router goes wrong
+        if bad == "all -inf":
+            logits[1] = float("-inf")
+        else:
+            logits[1, 3] = float(bad)
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(3, 16), router_logits=logits)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("dispatcher,world_size", [("standard", 1), ("deepep_normal", 2)])
+@pytest.mark.parametrize("scoring,bad,match", [
+    ("softmax", "nan", r"router_logits has nan at \[1, 3\]"),
+    ("sigmoid", "nan", r"router_logits has nan at \[1, 3\]"),
+    ("softmax", "inf", r"router_logits has inf at \[1, 3\]"),
+    ("softmax", "all -inf", r"router_logits has -inf in every entry of row 1"),
+])
+def test_non_finite_router_logits_are_named(dispatcher, world_size, scoring, bad, match):
+    """A NaN logit (or, under softmax, +inf or a row of -inf) gives NaN routing weights; the error named
+    topk_weights, which the caller never passed. Now the rank with the bad row names router_logits and
+    every other rank stops too."""
+    errors = run_ranks(_non_finite_logits_rank, world_size, dispatcher, scoring, bad)
+    assert re.match(match + r", which gives non-finite routing weights; allowed: ", errors[-1]), errors[-1]
+    assert all(f"rank {world_size - 1} got invalid" in e for e in errors[:-1]), errors
+
+
+def test_masked_experts_route_around_them():
+    """-inf logits mark experts a token may not take: they get weight 0 and are never picked ahead of a
+    finite one; under sigmoid a row of -inf is no error (every weight 0, renormalised or not)."""
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    logits[:, :5] = float("-inf")
+    out = select_experts(logits, TopKConfig(top_k=3, renormalize=True))
+    assert sorted(out.topk_ids[0].tolist()) == [5, 6, 7] and torch.isfinite(out.topk_weights).all()
+    out = select_experts(torch.full((2, 8), float("-inf")), TopKConfig(top_k=2, scoring="sigmoid", renormalize=True))
+    assert out.topk_weights.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_routed_scaling_factor_in_both_places_is_refused():
+    """EPMoE(routed_scaling_factor=2.5, topk_config=TopKConfig(..., routed_scaling_factor=2.5)) scaled
+    the output by 6.25 where DeepSeek-V3 scales it by 2.5; either place alone scales it once."""
+    with pytest.raises(ValueError, match=r"routed_scaling_factor=2.5 and topk_config.routed_scaling_factor=2.5 "
+                                         r"would both scale the output \(by 6.25\)"):
+        ep.EPMoE(8, 2, 16, 8, routed_scaling_factor=2.5, topk_config=TopKConfig(top_k=2, routed_scaling_factor=2.5))
+    gen = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(5, 16, generator=gen, dtype=torch.float64), torch.randn(5, 8, generator=gen)
+    outputs = []
+    for layer_factor, routing_factor in ((2.5, 1.0), (1.0, 2.5), (1.0, 1.0)):
+        torch.manual_seed(0)
+        layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64, routed_scaling_factor=layer_factor,
+                         topk_config=TopKConfig(top_k=2, routed_scaling_factor=routing_factor))
+        outputs.append(layer(x, router_logits=logits))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)  # fp32 weights scaled vs the output
+    torch.testing.assert_close(outputs[0], 2.5 * outputs[2], rtol=1e-6, atol=0)
+
+
+def test_a_config_that_is_not_a_topk_config_is_refused():
+    """A dict or an int where a TopKConfig goes failed with an AttributeError naming neither argument."""
+    with pytest.raises(TypeError, match=r"config=\{'top_k': 2\}; expected an ep.TopKConfig"):
+        select_experts(torch.randn(2, 8), {"top_k": 2})
+    with pytest.raises(TypeError, match=r"topk_config=\{'top_k': 2\}; expected None or an ep.TopKConfig"):
+        ep.EPMoE(8, 2, 16, 8, topk_config={"top_k": 2})
+
+
+def test_group_score_without_groups_is_refused():
+    """group_score='top2_sum' without num_expert_group was ignored: the experts were picked ungrouped."""
+    with pytest.raises(ValueError, match=r"group_score='top2_sum' scores expert groups; give num_expert_group and "
+                                         r"topk_group too"):
+        TopKConfig(top_k=2, group_score="top2_sum")
+
+
+def test_float64_logits_beyond_float32_are_named():
+    """A float64 logit of 1e39 is inf once routing scores it in float32 (softmax then gives NaN weights):
+    the error named topk_weights. Now it names the logit as given."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    logits = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits[2, 6] = 1e39
+    with pytest.raises(ValueError, match=r"router_logits has 1e\+39 at \[2, 6\] \(inf in float32, where routing "
+                                         r"scores it\), which gives non-finite routing weights"):
+        layer(torch.randn(3, 16), router_logits=logits)
+    logits[2] = -1e39
+    with pytest.raises(ValueError, match=r"router_logits has -inf in every entry of row 2 \(in float32"):
+        layer(torch.randn(3, 16), router_logits=logits)

@@ -30,7 +30,10 @@ def recipe(family: str, config) -> tuple[ep.TopKConfig, bool]:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])  # the docs' recipes
-def test_recipe_matches_the_hf_router(family):
+@pytest.mark.parametrize("logit_scale", [1.0, -1.0])
+def test_recipe_matches_the_hf_router(family, logit_scale):
+    """logit_scale -1: every logit at or below -45, where sigmoid scores are under 1e-19 and DeepSeek-V3's
+    renormalisation (divide by the sum + 1e-20) is far from a plain division."""
     cls_name, extra = FAMILIES[family]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
     torch.manual_seed(0)
@@ -40,8 +43,13 @@ def test_recipe_matches_the_hf_router(family):
     if bias is not None:
         bias.data.normal_(0, 0.3)  # non-zero, so the bias has to be passed to matter
     hidden = torch.randn(40, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    if logit_scale < 0:  # the router sees hidden states that give logits -45 - |N(0, 10)|
+        target = -45 - 10 * torch.randn(40, block.gate.weight.shape[0], generator=torch.Generator().manual_seed(2)).abs()
+        hidden = torch.linalg.lstsq(block.gate.weight.detach().double(), target.double().T).solution.T.float()
     with torch.no_grad():
         logits, hf_weights, hf_ids = block.gate(hidden)
+    if logit_scale < 0:
+        assert logits.max() < -44
     cfg, needs_bias = recipe(family, config)
     ids, weights = ep.select_experts(logits, cfg, bias if needs_bias else None)
     mine = torch.sort(ids.long(), dim=1)
