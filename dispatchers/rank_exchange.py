@@ -39,6 +39,7 @@ from ep_runtime import envs
 from ep_runtime.distributed import wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
+from ep_runtime.runner_core import needs_grad
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
@@ -145,6 +146,9 @@ class ExchangeHandle:
     # (topk_ids, topk_weights) the plan was made for, kept by a dispatcher whose handle may be reused
     # without them (deepep_normal, as DeepEP's cached dispatch)
     topk: Optional[tuple] = None
+    # Plans that read a table made by torch ops (CPU ranks, node-aware plans): whether x and topk_weights
+    # need gradients on any rank (send then makes this rank's need them too); None elsewhere.
+    grads: Optional[tuple[bool, bool]] = None
 
     @property
     def static(self) -> bool:
@@ -280,11 +284,12 @@ class RankExchange:
 
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
              capacity: str = "", topk_weights: Optional[torch.Tensor] = None,
-             distinct: Optional[str] = None) -> ExchangeHandle:
+             distinct: Optional[str] = None, x: Optional[torch.Tensor] = None) -> ExchangeHandle:
         """chunk None: host plan; else static. rows: pad/compact the receive side to this many rows;
         `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
         check ids and weights (and, given `distinct`, the reason, repeated experts in a token) inside
-        the count table, so they fail every rank (skipped while capturing a CUDA graph)."""
+        the count table, so they fail every rank (skipped while capturing a CUDA graph). x, topk_weights:
+        whether they need gradients rides in the table too (handle.grads; see send)."""
         nodes = self._two_stages(chunk, topk_ids.device)
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids) and nodes is None:
             return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
@@ -296,6 +301,10 @@ class RankExchange:
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
             flags_at += nodes.num_nodes
+        # whether x and topk_weights need gradients here, for handle.grads (two entries before the flags)
+        wants = torch.tensor([needs_grad(x), needs_grad(topk_weights)], dtype=torch.int32, device=row.device)
+        row = torch.cat([row, wants])
+        flags_at += 2
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
@@ -315,8 +324,12 @@ class RankExchange:
                 self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
             self._check_tokens([row[0] for row in host])
         if chunk is None:
-            return self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
-        return self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
+            handle = self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
+        else:
+            handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
+        if host is not None:
+            handle.grads = tuple(any(row[flags_at - 2 + i] for row in host) for i in (0, 1))
+        return handle
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
                      quant=None):
@@ -407,7 +420,7 @@ class RankExchange:
                 return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient, quant))
             return (handle, *self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant),
                                                    topk_ids.shape[1], transient))
-        handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct)
+        handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct, x)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids, quant))
 
     def _put_tokens(self, x, topk_ids, topk_weights, chunk: int, capacity: str, distinct: Optional[str],
@@ -600,6 +613,12 @@ class RankExchange:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)
         if quant is not None:
             x = fp8_payload.encode(x, quant)
+        elif handle.grads is not None and torch.is_grad_enabled():
+            # The backward of each exchange is the reverse exchange, run by every rank whose sent rows need a
+            # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
+            # empty x made here, say) skips reverse exchanges the others run: a collective mismatch.
+            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
+                          for t, wanted in zip((x, weights), handle.grads))
         R, K = self.world_size, ids.shape[1]
         pad = x.new_zeros(1, x.shape[1])
         if handle.relay is not None:  # node-aware: two stages, rows back in this order

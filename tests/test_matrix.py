@@ -152,3 +152,35 @@ def test_deepep_ll_weight_on_input_rejects_a_repeated_expert():
     with pytest.raises(ValueError, match=r"topk_ids row 1 lists an expert twice: \[3, 3\]; deepep_ll with "
                                          r"apply_router_weight_on_input needs distinct experts per token"):
         layer(torch.randn(2, 16), torch.tensor([[0, 1], [3, 3]]), torch.rand(2, 2))
+
+
+def _empty_rank_rank(rank, world_size, dispatcher):
+    """Rank 1 has no tokens and gives an empty x and topk_weights made there, needing no gradient; the other
+    ranks' need gradients. The backward's reverse exchanges are collective: every rank must take part, and
+    every gradient equals the float64 reference's (rank 1 then still returns its experts' gradients)."""
+    from ep_runtime.reference import moe_reference, rel_err
+    layer = ep.EPMoE(6, 2, 16, 8, dispatcher=dispatcher, runner="torch", dtype=torch.float64,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [7, 0, 5][:world_size], seed=21, ep_size=world_size)
+    layer.load_experts(problem.w13, problem.w2)
+    needs = rank != 1
+    x = problem.xs[rank].clone().requires_grad_(needs)
+    weights = problem.topk_weights[rank].double().requires_grad_(needs)  # fp32 values: exact in the layer
+    (layer(x, problem.topk_ids[rank], weights) * problem.grad_outputs[rank]).sum().backward()
+    leaf = lambda t: t.double().clone().requires_grad_(True)  # noqa: E731
+    w13, w2 = leaf(problem.w13), leaf(problem.w2)
+    xs, ws = [leaf(t) for t in problem.xs], [leaf(t) for t in problem.topk_weights]
+    sum((moe_reference(xs[r], problem.topk_ids[r], ws[r], w13, w2, layer.config) * problem.grad_outputs[r]).sum()
+        for r in range(world_size)).backward()
+    mine = layer.placement.local_expert_ids()
+    errors = {"dw13": rel_err(layer.w13.grad, w13.grad[mine]), "dw2": rel_err(layer.w2.grad, w2.grad[mine])}
+    if needs:
+        errors.update(dx=rel_err(x.grad, xs[rank].grad), dweights=rel_err(weights.grad, ws[rank].grad))
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", [d for d in DISPATCHERS if ep.dispatchers.get(d).shards_experts])
+def test_empty_rank_whose_inputs_need_no_gradient(dispatcher):
+    for errors in run_ranks(_empty_rank_rank, 3, dispatcher, timeout=90, group_timeout=30):
+        # the weights' gradient is rounded to fp32: float64 layers take fp32 routing weights (TopKOutput)
+        assert errors.pop("dweights", 0.0) <= 1e-6 and max(errors.values()) <= tolerance(torch.float64), errors
