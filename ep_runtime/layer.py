@@ -191,15 +191,16 @@ class EPMoE(nn.Module):
         expert e gets its own generator seeded base + e: w13 ~ N(0, 1/H), w2 ~ N(0, 1/I), drawn in
         float32 on the CPU and cast to the layer's dtype; biases start at 0. Nothing is drawn on the
         meta device (materialise with to_empty, then load_experts)."""
-        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        # On the CPU whatever the default device (`with torch.device("meta"):` while a model is built)
+        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
         if self.w13.is_meta:
             return
         H, I = self.config.hidden_size, self.config.intermediate_size
         global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
-            w13 = torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5
-            w2 = torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5
+            w13 = torch.randn(self.w13.shape[1:], generator=gen, device="cpu") * H ** -0.5
+            w2 = torch.randn(self.w2.shape[1:], generator=gen, device="cpu") * I ** -0.5
             if self.quant is None:
                 self.w13[local].copy_(w13)
                 self.w2[local].copy_(w2)
