@@ -32,6 +32,9 @@ class EPMoE(nn.Module):
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
     runners.resolve). group None: the default process group when one exists, else a single process.
+    dtype None / device None: torch's default dtype and device, as torch's own modules take them
+    (torch.set_default_dtype, `with torch.device("meta"):` while a model is built; float32 and cpu
+    unless changed).
     Until load_experts, the experts are random and depend only on the seed and their global ids
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
@@ -53,7 +56,7 @@ class EPMoE(nn.Module):
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
                  dispatcher: str = "standard", runner: str = "auto", group: Optional[Any] = None,
-                 dtype: torch.dtype = torch.float32, device: Any = None,
+                 dtype: Optional[torch.dtype] = None, device: Any = None,
                  activation: str = "silu", is_gated: bool = True, has_bias: bool = False,
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
