@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
+from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, register_format
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
@@ -125,6 +125,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
         else:
             _check_handle_tokens(handle, x)
+            if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
+                handle = handle.for_autograd()
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
         align = options.alignment  # a local: this runs per expert on every call
         counts = handle.num_recv_tokens_per_expert or []

@@ -30,7 +30,7 @@ import functools
 import math
 import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -171,6 +171,28 @@ class ExchangeHandle:
     @functools.cached_property
     def most_received(self) -> torch.Tensor:
         return self.received[-1]
+
+    def for_autograd(self) -> "ExchangeHandle":
+        """This handle, or, when it was made under torch.inference_mode, one with normal copies of its
+        tensors: a dispatch that needs gradients saves the plan's index tensors for backward, which
+        inference tensors cannot be. (Every tensor of a plan is made in one mode: one check suffices.)"""
+        if not self.send_token.is_inference():
+            return self
+        with torch.inference_mode(False):
+            changes = {f.name: _normal_copy(getattr(self, f.name)) for f in fields(self)}
+            if self.relay is not None:
+                changes["relay"] = replace(self.relay, **{f.name: _normal_copy(getattr(self.relay, f.name))
+                                                          for f in fields(self.relay)})
+        return replace(self, **changes)
+
+
+def _normal_copy(value):
+    """value with each inference tensor in it (a tensor, or a tuple of them) cloned into a normal one."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple):
+        return tuple(_normal_copy(v) for v in value)
+    return value
 
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:

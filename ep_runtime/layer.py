@@ -39,6 +39,9 @@ class EPMoE(nn.Module):
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
     runners.resolve). group None: the default process group when one exists, else a single process.
+    dtype None / device None: torch's default dtype and device, as torch's own modules take them
+    (torch.set_default_dtype, `with torch.device("meta"):` while a model is built; float32 and cpu
+    unless changed).
     Until load_experts, the experts are random and depend only on the seed and their global ids
     (see reset_parameters): an EP layer equals a one-process layer built after the same manual_seed.
     expert_to_rank: which rank holds each global expert (default contiguous: rank r holds
@@ -60,7 +63,7 @@ class EPMoE(nn.Module):
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
                  dispatcher: str = "standard", runner: str = "auto", group: Optional[Any] = None,
-                 dtype: torch.dtype = torch.float32, device: Any = None,
+                 dtype: Optional[torch.dtype] = None, device: Any = None,
                  activation: str = "silu", is_gated: bool = True, has_bias: bool = False,
                  gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
                  routed_scaling_factor: float = 1.0, apply_router_weight_on_input: bool = False,
@@ -205,15 +208,16 @@ class EPMoE(nn.Module):
         expert e gets its own generator seeded base + e: w13 ~ N(0, 1/H), w2 ~ N(0, 1/I), drawn in
         float32 on the CPU and cast to the layer's dtype; biases start at 0. Nothing is drawn on the
         meta device (materialise with to_empty, then load_experts)."""
-        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        # On the CPU whatever the default device (`with torch.device("meta"):` while a model is built)
+        base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
         if self.w13.is_meta:
             return
         H, I = self.config.hidden_size, self.config.intermediate_size
         global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
-            w13 = torch.randn(self.w13.shape[1:], generator=gen) * H ** -0.5
-            w2 = torch.randn(self.w2.shape[1:], generator=gen) * I ** -0.5
+            w13 = torch.randn(self.w13.shape[1:], generator=gen, device="cpu") * H ** -0.5
+            w2 = torch.randn(self.w2.shape[1:], generator=gen, device="cpu") * I ** -0.5
             if self.quant is None:
                 self.w13[local].copy_(w13)
                 self.w2[local].copy_(w2)

@@ -46,8 +46,9 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
     """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16"; None: torch's default) and
-    device (None: cpu), checked: a wrong one would otherwise surface as a torch error far from the
-    argument."""
+    device (None: torch's default device, which `with torch.device("meta"):` and
+    torch.set_default_device set, as for torch's own modules; cpu unless changed), checked: a wrong
+    one would otherwise surface as a torch error far from the argument."""
     if dtype is None:  # e.g. a Hugging Face config's torch_dtype left unset
         dtype = torch.get_default_dtype()
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -55,7 +56,7 @@ def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (or their names)")
     try:
-        device = torch.device("cpu" if device is None else device)
+        device = torch.get_default_device() if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():

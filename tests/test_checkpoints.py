@@ -1,7 +1,8 @@
 """Checkpoints in and out of an expert-parallel layer.
 
 - load_experts takes this rank's shard [L, ...] as well as the global [E, ...] weights: same layer.
-- a layer built on the meta device, materialised with to_empty and loaded, equals one built normally.
+- a layer built on the meta device, materialised with to_empty and loaded, equals one built normally;
+  so does one built inside `with torch.device("meta"):` (as torchtitan builds a model).
 - gather_experts hands every expert back in checkpoint layout, on every rank or on one.
 - Hugging Face: HF -> replace_experts (2 gloo ranks) -> export_state_dict -> save_pretrained ->
   from_pretrained gives back the original state dict and logits exactly.
@@ -70,6 +71,38 @@ def test_shard_meta_and_gather_round_trip(dispatcher):
         assert bad["experts"] == ("w13 has shape [3, 48, 16]; dim 0 must be num_experts=8 (global weights) or "
                                   "this rank's num_local_experts=4 (its shard)"), bad
         assert bad["w2"] == "w2 has shape [4, 16, 24]; expected [8, 16, 24]", bad
+
+
+def _meta_context_rank(rank, world_size):
+    """Built inside `with torch.device("meta"):` without a device argument, as torchtitan and transformers
+    build a model: the experts take the default device (meta, no memory), then to_empty + load_experts
+    or reset_parameters give a working layer."""
+    w13, w2 = _global_weights()
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    on_meta = layer.w13.is_meta and layer.w2.is_meta
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    torch.manual_seed(3)
+    same_init = torch.equal(layer.w13, ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch").w13)
+    layer.load_experts(w13, w2)
+    x, ids, weights = _tokens(rank)
+    x = x.double().requires_grad_(True)
+    layer.double()
+    y = layer(x, ids, weights.double())
+    y.sum().backward()
+    x64 = x.detach().clone().requires_grad_(True)
+    ref = moe_reference(x64, ids, weights.double(), w13.double(), w2.double(), layer.config)
+    ref.sum().backward()
+    return on_meta, same_init, rel_err(y.detach(), ref.detach()), rel_err(x.grad, x64.grad)
+
+
+def test_layer_built_under_a_meta_device_context():
+    for rank, (on_meta, same_init, err_y, err_dx) in enumerate(run_ranks(_meta_context_rank, 2)):
+        assert on_meta and same_init, rank
+        assert max(err_y, err_dx) < 1e-12, (rank, err_y, err_dx)  # float64 layer against the float64 reference
 
 
 def _non_float_weights_rank(rank, world_size):

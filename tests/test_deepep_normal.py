@@ -173,6 +173,34 @@ def test_cached_dispatch_takes_x_and_the_handle(options):
     assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True, True])] * 2
 
 
+def _inference_handle_rank(rank, world_size, options):
+    """A handle made under torch.inference_mode (an evaluation pass), reused by a dispatch that needs
+    gradients: outputs and gradients of x and of the router weights equal the float64 reference."""
+    from ep_runtime.reference import moe_reference, rel_err
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                     dispatcher_options=options)
+    problem = make_problem(layer.config, [11, 5], seed=5, ep_size=world_size)
+    layer.load_experts(problem.w13, problem.w2)
+    ids, weights = problem.topk_ids[rank], problem.topk_weights[rank].double()
+    with torch.inference_mode():
+        handle = layer.dispatcher.dispatch(problem.xs[rank], ep.TopKOutput(ids, weights)).handle
+    x, w = problem.xs[rank].clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    y = layer.experts_and_combine(layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w), handle=handle))
+    (y * problem.grad_outputs[rank]).sum().backward()
+    x64, w64 = problem.xs[rank].clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    ref = moe_reference(x64, ids, w64, problem.w13, problem.w2, layer.config)
+    (ref * problem.grad_outputs[rank]).sum().backward()
+    # the experts' gradients are covered by the matrix tests; here: what crosses the reused plan
+    return rel_err(y.detach(), ref.detach()), rel_err(x.grad, x64.grad), rel_err(w.grad, w64.grad)
+
+
+@pytest.mark.parametrize("options", [None, {"num_worst_tokens": 24}], ids=["host_plan", "static_plan"])
+def test_handle_made_in_inference_mode_serves_a_training_dispatch(options):
+    for errors in run_ranks(_inference_handle_rank, 2, options):
+        # float64 layer; the router weights' gradient comes through fp32 (the dispatch's weights are fp32)
+        assert max(errors[:2]) <= tolerance(torch.float64) and errors[2] <= tolerance(torch.float32), errors
+
+
 def _one_bad_rank(rank, world_size, dispatcher):
     layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch")
     ids = torch.tensor([[0, 5], [3, 7]], dtype=torch.int32)

@@ -135,6 +135,21 @@ def test_dtype_by_name_and_non_finite_weights():
         layer.load_experts(w13, w2)
 
 
+def test_dtype_follows_torch_default_dtype():
+    """dtype left out follows torch.set_default_dtype, as torch's modules do (gpt-fast and torchtitan set
+    it before building a model): a float64 default gives a float64 layer that equals the reference."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = ep.EPMoE(8, 2, 32, 16, runner="torch")
+    finally:
+        torch.set_default_dtype(before)
+    assert layer.dtype == torch.float64
+    errors = check_layer(layer, make_problem(layer.config, [13], seed=11), 0)
+    assert max(errors.values()) <= tolerance(torch.float64), errors
+    assert ep.EPMoE(8, 2, 32, 16, runner="torch").dtype == torch.float32  # torch's own default
+
+
 def test_numpy_scalars_and_loads_that_must_keep_working():
     np = pytest.importorskip("numpy")
     cfg = ep.TopKConfig(top_k=np.int64(2), routed_scaling_factor=np.float32(2.5), num_expert_group=np.int64(2),
