@@ -89,9 +89,8 @@ class EPMoE(nn.Module):
         self._use_placement(_initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts))
         if runner == "auto":
             runner = envs.get("RUNNER")
-        backend = runners.create(runner, self.dispatcher.config, hooks=hooks, device=device,
-                                 format=self.dispatcher.format, dtype=dtype, **(runner_options or {}))
-        self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
+        self._runner_args = (runner, hooks, dict(runner_options or {}))
+        self.runner = self._make_runner(device, dtype)
         self.runner.check_format(self.dispatcher.format)
         if topk_config is not None and not isinstance(topk_config, TopKConfig):
             raise TypeError(f"topk_config={topk_config!r}; expected None or an ep.TopKConfig")
@@ -175,10 +174,22 @@ class EPMoE(nn.Module):
             self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64,
                                               device=logical.device)
 
+    def _make_runner(self, device, dtype) -> MoeRunner:
+        name, hooks, options = self._runner_args
+        backend = runners.create(name, self.dispatcher.config, hooks=hooks, device=device,
+                                 format=self.dispatcher.format, dtype=dtype, **options)
+        return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
+
     def _apply(self, fn, *args, **kwargs):
-        """.to(), .cuda(), to_empty() ...: the load counters follow the weights (and restart at 0)."""
+        """.to(), .cuda(), to_empty() ...: the load counters follow the weights (and restart at 0), and
+        runner="auto" is chosen again for the weights' new device and dtype (a layer built on the meta
+        device, as torchtitan builds models, then materialised on CUDA, gets the CUDA backend)."""
         out = super()._apply(fn, *args, **kwargs)
         self._new_load_counters()
+        if self._runner_args[0] == "auto" and not self.w13.is_meta:
+            wanted = runners.resolve("auto", self.w13.device, self.dispatcher.format, self.dtype)
+            if wanted != self.runner.backend.name:
+                self.runner = self._make_runner(self.w13.device, self.dtype)
         return out
 
     def _store_quantized(self, quant: QuantConfig, device) -> None:

@@ -520,6 +520,25 @@ def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
     assert max(errors.values()) < tolerance(torch.bfloat16), errors
 
 
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
+def test_auto_runner_follows_a_layer_built_on_meta_to_the_gpu(dispatcher):
+    """torchtitan builds models under `with torch.device("meta"):` and then calls to_empty(device="cuda"):
+    runner="auto" is chosen again there (triton / masked, not the meta device's torch), and again after
+    .double() (float64: torch); each step's output equals the float64 reference."""
+    options = {"num_max_dispatch_tokens_per_rank": 40} if dispatcher == "deepep_ll" else {}
+    with torch.device("meta"):
+        layer = ep.EPMoE(8, 2, 64, 32, dispatcher=dispatcher, dispatcher_options=options)
+    assert layer.runner.backend.name == "torch"
+    layer.to_empty(device="cuda")  # (check_layer loads the experts)
+    want = runners.resolve("auto", "cuda", layer.dispatcher.format, torch.float32)
+    assert want != "torch" and layer.runner.backend.name == want
+    problem = make_problem(layer.config, [33], seed=7)
+    assert max(check_layer(layer, problem, 0).values()) < tolerance(torch.float32)
+    layer.double()
+    assert layer.runner.backend.name == "torch"
+    assert max(check_layer(layer, problem, 0).values()) < tolerance(torch.float64)
+
+
 def test_torch_runner_names_what_it_cannot_capture():
     """The torch runner groups its pairs by expert with a host sync: under a graph capture it raises naming
     the runners that capture, instead of invalidating the capture with a bare CUDA error."""
