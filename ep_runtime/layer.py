@@ -276,36 +276,48 @@ class EPMoE(nn.Module):
         shard = given == L and not (given == E and self.placement.maps_ids)  # with copies, E rows are global
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
+        local_experts = self.placement.describe_local_experts()
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)
-        else:
-            if quant is not self.quant:
-                self._store_quantized(quant, self.w13.device)
-            if is_quantized_dtype(w13.dtype):  # the checkpoint's fp8 and scales, as they are
-                full = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
-                full.check(self.config, L if shard else E)
-                for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
-                    mine = take(scale)  # values of this rank's slice (shapes were checked above)
-                    check_scale_tensor(name, mine, tuple(mine.shape))
-                for name in ("w13", "w2"):
-                    _check_fp8_not_nan(name, take(getattr(full, name)), self.placement.describe_local_experts())
-            else:  # float weights, quantized here (this rank's slice only)
-                ExpertWeights(w13, w2, b13, b2).check(self.config, L if shard else E)
-                q13, s13 = quant.quantize_weight(take(w13))
-                q2, s2 = quant.quantize_weight(take(w2))
-                full, shard = ExpertWeights(q13, q2, take(b13), take(b2), s13, s2, quant), True
+        elif is_quantized_dtype(w13.dtype):  # the checkpoint's fp8 and scales, as they are
+            full = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
+            full.check(self.config, L if shard else E)
+            for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
+                mine = take(scale)  # values of this rank's slice (shapes were checked above)
+                check_scale_tensor(name, mine, tuple(mine.shape))
+            for name in ("w13", "w2"):
+                _check_fp8_not_nan(name, take(getattr(full, name)), local_experts)
+        else:  # float weights, quantized here (this rank's slice only)
+            ExpertWeights(w13, w2, b13, b2).check(self.config, L if shard else E)
+            mine13, mine2 = take(w13), take(w2)
+            for name, mine in (("w13", mine13), ("w2", mine2)):  # a NaN weight would show as a NaN scale
+                check_finite(f"{name} (experts {local_experts})", mine)
+            q13, s13 = quant.quantize_weight(mine13)
+            q2, s2 = quant.quantize_weight(mine2)
+            full, shard = ExpertWeights(q13, q2, take(b13), take(b2), s13, s2, quant), True
+        # Every check passes before the layer changes: a refused load leaves it as it was (its format too).
+        staged = {}
         for name in ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv"):
             src = getattr(full, name)
             if src is None:
                 continue
-            piece = take(src) if not shard else src
+            piece = (src if shard else take(src)).to(self.w13.device)
+            stored = (quant.dtype if quant is not None and name in ("w13", "w2") else
+                      torch.float32 if name.endswith("_scale_inv") else getattr(self, name).dtype)
+            if stored not in FP8_DTYPES:  # checked in the stored dtype (a float64 value may overflow float32)
+                piece = piece.to(stored)
+                check_finite(f"{name} (experts {local_experts})", piece)
+            staged[name] = piece  # fp8: copied as raw bytes (fp8 has no isfinite; NaN was checked above)
+        if quant is not None and quant is not self.quant:
+            self._store_quantized(quant, self.w13.device)
+        for name, piece in staged.items():
             dst = getattr(self, name)
-            if dst.dtype in FP8_DTYPES:  # raw bytes: fp8 has no isfinite (NaN was checked above)
-                dst.view(torch.uint8).copy_(piece.to(dst.device).view(torch.uint8))
-            else:  # checked after the copy, in the layer's dtype (float8 sources have no isfinite)
-                check_finite(f"{name} (experts {self.placement.describe_local_experts()})", dst.copy_(piece))
+            if dst.dtype in FP8_DTYPES:
+                dst.view(torch.uint8).copy_(piece.view(torch.uint8))
+            else:
+                dst.copy_(piece)
 
     def _load_quant(self, w13, w2, w13_scale_inv, w2_scale_inv, quantize) -> Optional[QuantConfig]:
         """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""

@@ -13,7 +13,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import run_ranks
+from ep_runtime.testing import run_ranks, tolerance
 
 E, K, H, I = 8, 2, 16, 24
 
@@ -188,3 +188,46 @@ def test_gather_experts_to_one_rank_also_when_experts_are_replicated():
     results = run_ranks(_gather_dst_rank, 2)
     assert [r[0] for r in results] == [False, True], results
     assert all("dst=7; allowed: None (every rank) or a rank 0..1" in r[1] for r in results), results
+
+
+# ---------------------------------------------------------------- refused loads change nothing
+
+def _refused_load_rank(rank, world_size):
+    w13, w2 = (w.double() for w in _global_weights())
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64)
+    layer.load_experts(w13, w2)
+    quant = ep.QuantConfig()
+    (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    nan_w2 = w2.clone()
+    nan_w2[E - 1, 0, 0] = float("nan")  # expert 7: rank 1's on 2 ranks
+    nan_w13 = w13.clone()
+    nan_w13[[3, E - 1], 0, 0] = float("nan")  # an expert of each rank
+    refused = {"fp8 scales": lambda: layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2[:3]),
+               "nan w2": lambda: layer.load_experts(w13 * (1 + rank), nan_w2),  # rank 0 loads what it holds
+               "quantize nan": lambda: layer.load_experts(nan_w13, w2, quantize="fp8_block")}
+    messages = {}
+    for name, load in refused.items():
+        try:
+            load()
+        except ValueError as err:
+            messages[name] = str(err)
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13, w2, layer.config)
+    with torch.no_grad():
+        error = rel_err(layer(x.double(), ids, weights), ref)
+    return messages, layer.quant, layer.w13.dtype, error
+
+
+def test_a_refused_load_leaves_the_layer_as_it_was():
+    """load_experts switched a float layer to fp8 storage (uninitialised fp8 weights, quant set) before
+    finding a scale of the wrong shape, and copied w13 before finding a NaN in w2: the refused load left
+    the layer broken or half-loaded. Every check now runs before the layer changes."""
+    for rank, (messages, quant, dtype, error) in enumerate(run_ranks(_refused_load_rank, 2, timeout=120)):
+        assert messages["fp8 scales"] == "w2_scale_inv has shape [3, 1, 1]; expected [8, 1, 1] (one scale per block)"
+        if rank == 1:  # each rank checks the experts it keeps (expert 7 is rank 1's)
+            assert messages["nan w2"] == "w2 (experts 4..7) has a non-finite value nan at [3, 0, 0]", messages
+        else:
+            assert set(messages) == {"fp8 scales", "quantize nan"}, messages
+        assert messages["quantize nan"] == f"w13 (experts {4 * rank}..{4 * rank + 3}) has a non-finite value nan at [3, 0, 0]"
+        assert quant is None and dtype == torch.float64
+        assert error < tolerance(torch.float64), (rank, error)  # both ranks still hold w13, w2
