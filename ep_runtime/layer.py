@@ -273,6 +273,11 @@ class EPMoE(nn.Module):
         if given not in (E, L):
             raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
                              f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
+        given_tensors = dict(w13=w13, w2=w2, b13=b13, b2=b2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
+        for name, t in given_tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
+                raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
+                                 f"checkpoint's values, on any device (this layer's is {self.w13.device})")
         shard = given == L and not (given == E and self.placement.maps_ids)  # with copies, E rows are global
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731

@@ -231,3 +231,18 @@ def test_a_refused_load_leaves_the_layer_as_it_was():
         assert messages["quantize nan"] == f"w13 (experts {4 * rank}..{4 * rank + 3}) has a non-finite value nan at [3, 0, 0]"
         assert quant is None and dtype == torch.float64
         assert error < tolerance(torch.float64), (rank, error)  # both ranks still hold w13, w2
+
+
+def test_weights_on_the_meta_device_are_named():
+    """Weights of a model built on the meta device (from_config under torch.device("meta"), never
+    materialised) failed inside torch with "Cannot copy out of meta tensor", naming no argument."""
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, runner="torch", has_bias=True)
+    for name, args in (("w13", (w13.to("meta"), w2, torch.zeros(E, 2 * I), torch.zeros(E, H))),
+                       ("b2", (w13, w2, torch.zeros(E, 2 * I), torch.zeros(E, H, device="meta")))):
+        with pytest.raises(ValueError) as err:
+            layer.load_experts(*args)
+        assert str(err.value) == (f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
+                                  f"checkpoint's values, on any device (this layer's is cpu)")
+    on_meta = ep.EPMoE(E, K, H, I, runner="torch", device="meta")
+    on_meta.load_experts(w13.to("meta"), w2.to("meta"))  # meta into meta: shapes checked, nothing to copy
