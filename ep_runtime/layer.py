@@ -122,6 +122,7 @@ class EPMoE(nn.Module):
         self._initial_placement = self.placement
         self.register_state_dict_post_hook(_save_placement)
         self.register_load_state_dict_pre_hook(_load_placement)
+        self.register_load_state_dict_post_hook(_load_counters_follow_weights)
 
     def _use_placement(self, placement: ExpertPlacement) -> None:
         """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
@@ -733,6 +734,13 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
                                 None if logical == tuple(range(P)) else logical)
     if _placement_tables(saved) != _placement_tables(current):
         layer._adopt_placement(saved)
+
+
+def _load_counters_follow_weights(layer: "EPMoE", incompatible_keys) -> None:
+    """load_state_dict post-hook: with assign=True the layer takes the state_dict's tensors (a layer built on
+    the meta device gets real ones); the load counters move to their device, as after .to() / to_empty()."""
+    if layer._load_physical.device != layer.w13.device:
+        layer._new_load_counters()
 
 
 def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank, num_redundant_experts

@@ -246,3 +246,32 @@ def test_weights_on_the_meta_device_are_named():
                                   f"checkpoint's values, on any device (this layer's is cpu)")
     on_meta = ep.EPMoE(E, K, H, I, runner="torch", device="meta")
     on_meta.load_experts(w13.to("meta"), w2.to("meta"))  # meta into meta: shapes checked, nothing to copy
+
+
+def _assign_into_meta_rank(rank, world_size):
+    w13, w2 = (w.double() for w in _global_weights())
+    make = lambda **kw: ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,  # noqa: E731
+                                 num_redundant_experts=2, **kw)
+    saved = make()
+    saved.load_experts(w13, w2)
+    layer = make(device="meta")
+    layer.load_state_dict({k: v.clone() for k, v in saved.state_dict().items()}, assign=True)
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13, w2, layer.config)
+    with torch.no_grad():
+        errors = [rel_err(layer(x.double(), ids, weights), ref)]
+        saved(x.double(), ids, weights)
+        load = layer.expert_load()
+        same_load = load.device == torch.device("cpu") and torch.equal(load, saved.expert_load())
+        layer.rebalance()  # reads the counts: they must hold values
+        errors.append(rel_err(layer(x.double(), ids, weights), ref))
+    return same_load, errors
+
+
+def test_load_state_dict_assign_into_a_meta_layer_counts_expert_load():
+    """A layer built on the meta device and given its weights by load_state_dict(..., assign=True) kept
+    its load counters on the meta device: expert_load() returned a meta tensor and rebalance() failed
+    with "Cannot copy out of meta tensor"."""
+    for same_load, errors in run_ranks(_assign_into_meta_rank, 2, timeout=120):
+        assert same_load
+        assert max(errors) < tolerance(torch.float64), errors
