@@ -548,17 +548,24 @@ class EPMoE(nn.Module):
                 bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
                 raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
                                  f"must apply the same plan (compute it from the same all-reduced load)")
+        self._move_slots(new, [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None],
+                         optimizer)
+        self._adopt_placement(new)
+
+    @torch.no_grad()
+    def _move_slots(self, new: ExpertPlacement, params: list, optimizer: Optional[torch.optim.Optimizer] = None
+                    ) -> None:
+        """Lay `params` (each with its .grad and the optimizer's state tensors shaped like it) out by `new`
+        instead of the current placement; every rank together (one exchange per tensor, none when no
+        expert crosses ranks)."""
         moves = _ExpertMoves(self.placement, new)
-        tensors = [t for t in (self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv)
-                   if t is not None]
         states = optimizer.state if optimizer is not None else {}
-        for param in tensors:
+        for param in params:
             for t in [param.data, param.grad] + [v for v in states.get(param, {}).values()
                                                   if isinstance(v, torch.Tensor) and v.shape == param.shape]:
                 if t is not None:
                     raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t  # fp8 travels as bytes
-                    raw.copy_(moves.apply(raw, group))
-        self._adopt_placement(new)
+                    raw.copy_(moves.apply(raw, self.dispatcher.group))
 
     def _adopt_placement(self, new: ExpertPlacement) -> None:
         """Run on `new` from now on (the weights already sit in its slots)."""
@@ -693,6 +700,7 @@ _SENT_PER_EXPERT = {
 
 
 PLACEMENT_KEY = "expert_placement"
+_EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv")  # laid out by the placement's slots
 # The running backward's graph task (-1 outside backward): a private torch call FSDP uses too; without it
 # (another torch) a checkpointed forward's recompute counts its pairs again.
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
@@ -718,7 +726,8 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
     checkpoint saved after a rebalance computes the same experts in a fresh layer, and a fresh checkpoint
     loaded into a rebalanced layer does too."""
     table = state_dict.pop(prefix + PLACEMENT_KEY, None)
-    if prefix + "w13" not in state_dict:  # no expert weights loaded here: their placement stays
+    held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
+    if not any(prefix + name in state_dict for name in held):  # no expert weights loaded here: their placement stays
         return
     current = layer.placement
     saved = layer._initial_placement
@@ -733,6 +742,8 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
                                 None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
                                 None if logical == tuple(range(P)) else logical)
     if _placement_tables(saved) != _placement_tables(current):
+        # what this state_dict does not hold (strict=False: biases, say) keeps its experts: it moves to their slots
+        layer._move_slots(saved, [getattr(layer, name) for name in held if prefix + name not in state_dict])
         layer._adopt_placement(saved)
 
 

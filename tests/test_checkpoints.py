@@ -275,3 +275,44 @@ def test_load_state_dict_assign_into_a_meta_layer_counts_expert_load():
     for same_load, errors in run_ranks(_assign_into_meta_rank, 2, timeout=120):
         assert same_load
         assert max(errors) < tolerance(torch.float64), errors
+
+
+def _partial_state_dict_rank(rank, world_size):
+    torch.manual_seed(0)
+    w13, w2 = (w.double() for w in _global_weights())
+    gen = torch.Generator().manual_seed(8)
+    b13, b2 = torch.randn(E, 2 * I, generator=gen, dtype=torch.float64), torch.randn(E, H, generator=gen, dtype=torch.float64)
+
+    def make():
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                         has_bias=True, num_redundant_experts=2)
+        layer.load_experts(w13, w2, b13, b2)
+        return layer
+    x, ids, weights = _tokens(rank)
+    ids[:, 0] = rank  # experts 0 and 1 hot: the rebalance moves experts
+    ref = moe_reference(x.double(), ids, weights.double(), w13, w2, make().config, b13, b2)
+    rebalanced = make()
+    with torch.no_grad():
+        rebalanced(x.double(), ids, weights)
+        rebalanced.rebalance()
+    moved = rebalanced.placement != make().placement
+    fresh_weights = {k: v for k, v in make().state_dict().items() if k in ("w13", "w2")}
+    rebalanced_w2 = {k: v.clone() for k, v in rebalanced.state_dict().items() if k != "w13"}
+    errors = {}
+    with torch.no_grad():
+        rebalanced.load_state_dict(fresh_weights, strict=False)  # biases not in it: they keep their experts
+        errors["no biases"] = rel_err(rebalanced(x.double(), ids, weights), ref)
+        fresh = make()
+        fresh.load_state_dict(rebalanced_w2, strict=False)  # no w13: it keeps its experts in the saved slots
+        errors["no w13"] = rel_err(fresh(x.double(), ids, weights), ref)
+    return moved, errors
+
+
+def test_a_partial_state_dict_in_another_placement_keeps_the_other_experts():
+    """load_state_dict(strict=False) of a state_dict in another placement (saved before or after a
+    rebalance) that holds only some expert tensors: the layer took the state_dict's placement, or, without
+    w13, ignored it, and the tensors it did not hold (biases, w13) stayed in the old slots, silently
+    attached to other experts."""
+    for moved, errors in run_ranks(_partial_state_dict_rank, 2, timeout=120):
+        assert moved
+        assert max(errors.values()) < tolerance(torch.float64), errors
