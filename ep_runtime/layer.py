@@ -738,9 +738,15 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
             raise ValueError(f"state_dict[{prefix + PLACEMENT_KEY!r}] has shape {shape}; expected [2, {P}] (each "
                              f"physical slot's rank and logical expert)")
         owners, logical = (tuple(int(v) for v in row) for row in table.tolist())
-        saved = ExpertPlacement(current.num_experts, current.ep_size, current.rank,
-                                None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
-                                None if logical == tuple(range(P)) else logical)
+        try:
+            saved = ExpertPlacement(current.num_experts, current.ep_size, current.rank,
+                                    None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
+                                    None if logical == tuple(range(P)) else logical)
+        except ValueError as err:  # e.g. saved at another EP size: the slots' ranks do not fit this group
+            raise ValueError(f"state_dict[{prefix + PLACEMENT_KEY!r}] places the {P} slots on ranks {min(owners)}.."
+                             f"{max(owners)}; this layer has ep_size={current.ep_size}, num_experts="
+                             f"{current.num_experts} ({err}). A per-rank state_dict loads at the EP size it was "
+                             f"saved at; to change it, gather_experts() then load_experts()") from None
     if _placement_tables(saved) != _placement_tables(current):
         # what this state_dict does not hold (strict=False: biases, say) keeps its experts: it moves to their slots
         layer._move_slots(saved, [getattr(layer, name) for name in held if prefix + name not in state_dict])

@@ -316,3 +316,35 @@ def test_a_partial_state_dict_in_another_placement_keeps_the_other_experts():
     for moved, errors in run_ranks(_partial_state_dict_rank, 2, timeout=120):
         assert moved
         assert max(errors.values()) < tolerance(torch.float64), errors
+
+
+def _rebalanced_state_rank(rank, world_size):
+    torch.manual_seed(0)
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    layer.load_experts(w13, w2)
+    x, ids, weights = _tokens(rank)
+    ids[:, 0] = 0  # expert 0 hot: the rebalance moves experts
+    with torch.no_grad():
+        layer(x, ids, weights)
+        layer.rebalance()
+    return {k: v.numpy().copy() for k, v in layer.state_dict().items()}  # by value through the result queue
+
+
+def _load_other_ep_size_rank(rank, world_size, states):
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    with pytest.raises(ValueError) as err:
+        layer.load_state_dict({k: torch.from_numpy(v) for k, v in states[rank % len(states)].items()})
+    return str(err.value)
+
+
+def test_a_rebalanced_state_dict_at_another_ep_size_is_named():
+    """A per-rank state_dict saved after a rebalance at EP=2 and loaded at EP=4 failed with
+    "expert_to_rank gives rank 0 4 experts ...", naming an argument the caller never gave."""
+    states = run_ranks(_rebalanced_state_rank, 2)
+    assert all("expert_placement" in s for s in states)
+    for message in run_ranks(_load_other_ep_size_rank, 4, states):
+        assert message.startswith("state_dict['expert_placement'] places the 8 slots on ranks 0..1; this layer has "
+                                  "ep_size=4, num_experts=8 (expert_to_rank gives rank 0 4 experts;"), message
+        assert message.endswith("A per-rank state_dict loads at the EP size it was saved at; to change it, "
+                                "gather_experts() then load_experts()"), message
