@@ -122,7 +122,7 @@ class EPMoE(nn.Module):
         self._initial_placement = self.placement
         self.register_state_dict_post_hook(_save_placement)
         self.register_load_state_dict_pre_hook(_load_placement)
-        self.register_load_state_dict_post_hook(_load_counters_follow_weights)
+        self.register_load_state_dict_post_hook(_follow_assigned_weights)
 
     def _use_placement(self, placement: ExpertPlacement) -> None:
         """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
@@ -182,16 +182,21 @@ class EPMoE(nn.Module):
         return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _apply(self, fn, *args, **kwargs):
-        """.to(), .cuda(), to_empty() ...: the load counters follow the weights (and restart at 0), and
-        runner="auto" is chosen again for the weights' new device and dtype (a layer built on the meta
-        device, as torchtitan builds models, then materialised on CUDA, gets the CUDA backend)."""
+        """.to(), .cuda(), to_empty() ...: see _follow_weights."""
         out = super()._apply(fn, *args, **kwargs)
+        self._follow_weights()
+        return out
+
+    def _follow_weights(self) -> None:
+        """The experts are new tensors (.to(), .cuda(), to_empty(), load_state_dict(assign=True)): the load
+        counters follow them (and restart at 0), and runner="auto" is chosen again for their device and
+        dtype (a layer built on the meta device, as torchtitan builds models, then materialised on CUDA,
+        gets the CUDA backend)."""
         self._new_load_counters()
         if self._runner_args[0] == "auto" and not self.w13.is_meta:
             wanted = runners.resolve("auto", self.w13.device, self.dispatcher.format, self.dtype)
             if wanted != self.runner.backend.name:
                 self.runner = self._make_runner(self.w13.device, self.dtype)
-        return out
 
     def _store_quantized(self, quant: QuantConfig, device) -> None:
         """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
@@ -753,11 +758,11 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
         layer._adopt_placement(saved)
 
 
-def _load_counters_follow_weights(layer: "EPMoE", incompatible_keys) -> None:
+def _follow_assigned_weights(layer: "EPMoE", incompatible_keys) -> None:
     """load_state_dict post-hook: with assign=True the layer takes the state_dict's tensors (a layer built on
-    the meta device gets real ones); the load counters move to their device, as after .to() / to_empty()."""
+    the meta device gets real ones); the load counters and the runner follow them, as after to_empty()."""
     if layer._load_physical.device != layer.w13.device:
-        layer._new_load_counters()
+        layer._follow_weights()
 
 
 def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank, num_redundant_experts
