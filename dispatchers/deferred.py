@@ -10,6 +10,7 @@ plans and the standard dispatcher.
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -57,7 +58,11 @@ class DeferredChecks:
 
     def __init__(self, check: Callable[[list, Any], None], what: str, overwritten: str,
                  wait: Callable[[Any, Any], None] = _wait_for_own_work):
-        self._check, self._what, self._overwritten, self._wait = check, what, overwritten, wait
+        # the owner's bound methods held weakly: no cycle through the owner (its dispatcher or exchange
+        # then goes, buffers and pending tensors with it, as soon as the last reference does, not at
+        # the cyclic collector's next run, which a serving loop may have turned off)
+        self._check, self._wait = _weakly(check), _weakly(wait)
+        self._what, self._overwritten = what, overwritten
         self._pending: deque = deque()
         self._landing: list = [None] * CHECK_LAG  # (buffer, event) per slot, reused in turn
         self._calls = 0
@@ -86,12 +91,12 @@ class DeferredChecks:
         pending = self._pending.popleft()
         try:
             if pending.ready is not None:
-                self._wait(pending.ready, pending.context)
+                self._wait()(pending.ready, pending.context)
         except Exception:
             self._pending.clear()
             raise
         try:
-            self._check(pending.values.tolist(), pending.context)
+            self._check()(pending.values.tolist(), pending.context)
         except (ValueError, LookupError) as err:
             self._pending.clear()
             back = self._calls - pending.call + 1
@@ -99,3 +104,11 @@ class DeferredChecks:
             detail = str(err) if isinstance(err, ValueError) else self._overwritten
             raise ValueError(f"{detail} [found by the deferred check of {self._what}: {when}, whose output is not "
                              f"valid; EP_RUNTIME_SYNC_CHECKS=1 raises at the call itself]") from None
+
+
+def _weakly(fn: Callable) -> Callable[[], Callable]:
+    """A callable giving fn back: a weak reference for a bound method (its object may go; nothing calls
+    it then, since only that object's calls reach the checks), else fn itself."""
+    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+        return weakref.WeakMethod(fn)
+    return lambda: fn

@@ -23,6 +23,7 @@ on CPU ranks, and on CUDA where the synchronous call raises it (a host plan read
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -30,7 +31,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-_WORKERS: dict[Any, ThreadPoolExecutor] = {}
+# group -> its exchange thread, dropped with the group: a process that makes and drops groups (a
+# serving loop, an elastic job) would otherwise keep every group it ever used and one thread for each.
+# (The thread holds no reference to the group or the executor between exchanges, so both can go.)
+_WORKERS: "weakref.WeakKeyDictionary[Any, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
 _WORKERS_LOCK = threading.Lock()
 _USED = False  # set by the first asynchronous launch in this process
 
@@ -190,11 +194,18 @@ def finished_here(device: torch.device, out: Any) -> ExchangeWork:
     return ExchangeWork(event=done, device=device, outputs=tuple(t for t in tensors_in(out) if t.is_cuda))
 
 
+class _NoGroup:
+    """The key of async calls without a process group (a single process that never initialised one)."""
+
+
+_NO_GROUP = _NoGroup()
+
+
 def _key(group: Any) -> Any:
     """One worker per process group, however it is named (None is the default group)."""
     if group is None and dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
-    return group if group is not None else "default"
+    return group if group is not None else _NO_GROUP
 
 
 def worker(group: Any) -> ThreadPoolExecutor:

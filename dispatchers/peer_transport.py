@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+import weakref
 from typing import Optional
 
 import torch
@@ -325,7 +326,8 @@ class PeerTransport:
 
     def __init__(self, group, device: torch.device):
         group = group if group is not None else dist.group.WORLD  # the rendezvous needs the object
-        self.group, self.device = group, device
+        # weakly: _TRANSPORTS keeps this transport exactly as long as its group lives
+        self._group, self.device = weakref.ref(group), device
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         R = self.world_size
         # flags [ready; free] x R: the last call rank s finished storing here / is done reading there
@@ -348,6 +350,10 @@ class PeerTransport:
                        int(self._timeout_s * 2000) if interpret else 2 ** 62)
         self._interpret = interpret
         dist.barrier(group=group)  # every flag word is zero before any rank signals
+
+    @property
+    def group(self):
+        return self._group()
 
     @property
     def nbytes(self) -> int:
@@ -545,9 +551,11 @@ def shares(me: int, R: int, chunk: Optional[int] = None, gather: bool = False, s
     return out
 
 
-_TRANSPORTS: dict = {}  # (group object, device) -> PeerTransport
-# (group, device) -> (why no rank may map some peer's memory, why `auto` should not count on it), None: fine
-_VERDICTS: dict = {}
+# group object -> {device: PeerTransport}, dropped with the group (its memory too): a process that makes
+# and drops groups (a serving loop, an elastic job) would otherwise keep every group's transport
+_TRANSPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# group -> {device: (why no rank may map some peer's memory, why `auto` should not count on it)}, None: fine
+_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 TRANSPORTS = ("auto", "nccl", "nvlink")
 
 
@@ -564,22 +572,23 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
     if world_size == 1 or mode == "nccl" or (mode == "auto" and not (puts and device.type == "cuda")):
         return None
     # None names the default group of the moment: after a destroy and a new init, a new group
-    key = (group if group is not None else dist.group.WORLD, device)
-    if key not in _TRANSPORTS:
-        if key not in _VERDICTS and capturing():  # the check takes collectives, which a graph cannot capture
+    key = group if group is not None else dist.group.WORLD
+    found = _TRANSPORTS.get(key, {}).get(device)
+    if found is None:
+        verdicts = _VERDICTS.setdefault(key, {})
+        if device not in verdicts and capturing():  # the check takes collectives, which a graph cannot capture
             return _not_while_capturing(mode)
-        if key not in _VERDICTS:
-            _VERDICTS[key] = _cannot_map(group, device, world_size)
-        reason, unsure = _VERDICTS[key]
+        if device not in verdicts:
+            verdicts[device] = _cannot_map(group, device, world_size)
+        reason, unsure = verdicts[device]
         if reason is None and (mode == "nvlink" or unsure is None):
             if capturing():  # the rendezvous is collective too
                 return _not_while_capturing(mode)
-            _TRANSPORTS[key] = PeerTransport(group, device)
-    found = _TRANSPORTS.get(key)
-    if found is None:
-        if mode == "auto":
+            found = _TRANSPORTS.setdefault(key, {})[device] = PeerTransport(group, device)
+        elif mode == "auto":
             return None
-        _impossible(_VERDICTS[key][0])
+        else:
+            _impossible(reason)
     return found
 
 
@@ -609,20 +618,24 @@ def describe(group, mode: str, puts: bool = False) -> str:
     far as known without a collective (an nvlink transport is made at the group's first exchange):
     for layer reprs."""
     if mode == "nvlink" or (mode == "auto" and puts):
-        for (g, device), found in _TRANSPORTS.items():
-            if (g is group or (group is None and g is dist.group.WORLD)) and isinstance(found, PeerTransport):
-                chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
-                return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+        for device, found in _of_group(group).items():
+            chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
+            return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
     return f"transport={mode}"
 
 
 def check_transport(group, name: str, operation: str) -> None:
     """PeerTransport.check of the group's NVLink transport, if it has one (a replayed CUDA graph's
     waits give up on the device; the host learns it here, e.g. in a dispatcher's synchronize)."""
-    for (g, _), found in _TRANSPORTS.items():
-        if g is group or (group is None and g is dist.group.WORLD):
-            if isinstance(found, PeerTransport):
-                found.check(name, operation)
+    for found in _of_group(group).values():
+        found.check(name, operation)
+
+
+def _of_group(group) -> dict:
+    """{device: PeerTransport} of `group` (None: the default group), empty when it has none."""
+    if group is None:
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return _TRANSPORTS.get(group, {}) if group is not None else {}
 
 
 def release_transports() -> None:

@@ -327,10 +327,17 @@ def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(ids >= 0, found, ids)
 
 
-@functools.lru_cache(maxsize=None)
+# Tables kept at most: every rebalance makes a new placement (and a few tables for it), so an unbounded
+# cache would keep every placement a long job ever used. A layer reads ~15 tables per device (its
+# logical and physical views), so this keeps ~270 layers' tables without rebuilding any.
+TABLE_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=TABLE_CACHE_SIZE)
 def _cached(placement: ExpertPlacement, kind, device: torch.device) -> torch.Tensor:
-    """Built on the host once per (placement, table, device). On CUDA the first call copies to the
-    device: run one eager step before capturing a CUDA graph (the usual warm-up does)."""
+    """Built on the host once per (placement, table, device), the least recently used dropped beyond
+    TABLE_CACHE_SIZE. On CUDA the first call copies to the device: run one eager step before capturing
+    a CUDA graph (the usual warm-up does)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a host copy cannot be captured
         raise RuntimeError(f"the expert placement's {kind} table for {device} is built on the first eager call; "
                            "run one eager step (the usual warm-up) before capturing a CUDA graph")

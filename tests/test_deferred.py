@@ -53,3 +53,43 @@ def test_flush_checks_every_pending_call_and_names_the_last():
     _call(checks, -1, "c")
     with pytest.raises(ValueError, match=r"^the values were bad and have been overwritten since \[found by"):
         checks.flush()
+
+
+def _dropped_dispatcher_rank(rank, world_size, name):
+    """A dispatcher (and its exchange) goes, with its deferred-check state, as soon as its last reference
+    does: nothing in the checks refers back to it (a serving loop may run with the cyclic collector off)."""
+    import gc
+    import weakref
+
+    import ep_runtime as ep
+    from ep_runtime.reference import moe_reference, rel_err
+    from ep_runtime.runner_core import MoeRunner
+    from ep_runtime.testing import make_problem
+    config = ep.MoeConfig(8, 2, 16, 8)
+    problem = make_problem(config, [9] * world_size, seed=3, ep_size=world_size)
+    gc.collect()
+    gc.disable()
+    try:
+        d = ep.dispatchers.create(name, config)
+        runner = MoeRunner(ep.runners.create("torch", config), config, d.placement)
+        mine = d.placement.local_expert_ids()
+        weights = ep.ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
+        x = problem.xs[rank].float()
+        y = d.combine(runner.run(d.dispatch(x, ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])),
+                                 weights))
+        refs = [weakref.ref(d), weakref.ref(d._deferred if hasattr(d, "_deferred") else d.exchange._deferred)]
+        del d, runner
+        live = sum(ref() is not None for ref in refs)
+    finally:
+        gc.enable()
+    return live, rel_err(y.double(), moe_reference(problem.xs[rank], problem.topk_ids[rank],
+                                                   problem.topk_weights[rank].double(), problem.w13, problem.w2,
+                                                   config))
+
+
+@pytest.mark.parametrize("name,world_size", [("standard", 1), ("deepep_normal", 2)])
+def test_a_dropped_dispatcher_frees_its_deferred_checks_without_the_cyclic_collector(name, world_size):
+    from ep_runtime.testing import run_ranks, tolerance
+    for live, err in run_ranks(_dropped_dispatcher_rank, world_size, name, timeout=120):
+        assert err <= tolerance(torch.float32), err
+        assert live == 0

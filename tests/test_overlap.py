@@ -62,6 +62,46 @@ def test_out_of_order_waits_give_the_sequential_bits(name):
         assert max(errors) <= tolerance(torch.float32), errors
 
 
+def _dropped_groups_rank(rank, world_size, rounds):
+    """A process that makes a group, runs async exchanges on it and drops it, over and over (a serving
+    loop rebuilding its groups, an elastic job): each dropped group goes, and its exchange thread too."""
+    import gc
+    import threading
+    import weakref
+
+    import torch.distributed as dist
+    groups, errors = [], []
+    for _ in range(rounds):
+        group = dist.new_group(list(range(world_size)))
+        d = ep.dispatchers.create("deepep_normal", CONFIG, group=group)
+        runner = MoeRunner(ep.runners.create("torch", CONFIG), CONFIG, d.placement)
+        _, _, weights, batches, problem = _setup(rank, world_size, "deepep_normal")
+        x, topk = batches[0]
+        with torch.no_grad():
+            out, work = d.dispatch(x, topk, async_op=True)
+            work.wait()
+            y, work = d.combine(runner.run(out, weights), async_op=True)
+            work.wait()
+        errors.append(rel_err(y, moe_reference(problem.xs[2 * rank], problem.topk_ids[2 * rank],
+                                               problem.topk_weights[2 * rank].double(), problem.w13, problem.w2,
+                                               CONFIG)))
+        groups.append(weakref.ref(group))
+        dist.destroy_process_group(group)
+        del d, runner, out, work, group
+    gc.collect()
+    for thread in threading.enumerate():  # (a thread ends shortly after its executor goes)
+        if thread.name.startswith("ep-runtime-exchange"):
+            thread.join(timeout=10)
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("ep-runtime-exchange")]
+    return errors, sum(ref() is not None for ref in groups), threads
+
+
+def test_dropped_groups_free_their_exchange_threads():
+    for errors, live_groups, threads in run_ranks(_dropped_groups_rank, 2, 3, timeout=120):
+        assert max(errors) <= tolerance(torch.float32), errors
+        assert live_groups == 0 and threads == [], (live_groups, threads)
+
+
 def _in_flight_rank(rank, world_size):
     """Rank 1 joins the exchange 0.6 s late: rank 0's async call returns at once and its caller
     computes meanwhile; wait() is what blocks."""

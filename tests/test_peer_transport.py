@@ -202,6 +202,46 @@ def test_a_new_default_group_gets_a_new_transport():
     assert max(err for _, err in results) < tolerance(torch.float32), results
 
 
+def _dropped_groups_transport_rank(rank, world_size, rounds):
+    """A process that makes a group, runs a layer's exchanges on its NVLink transport and drops it, over
+    and over (a serving loop rebuilding its groups, an elastic job): each dropped group's transport goes,
+    and its mapped memory with it."""
+    import gc
+    import weakref
+    config = MoeConfig(8, 2, 16, 8)
+    problem = make_problem(config, [5, 6], seed=9, ep_size=world_size)
+    transports, errors = [], []
+    for _ in range(rounds):
+        group = dist.new_group(list(range(world_size)))
+        dispatcher = ep.dispatchers.create("deepep_ll", config, group=group, num_max_dispatch_tokens_per_rank=8,
+                                           transport="nvlink")
+        runner = MoeRunner(ep.runners.create("torch", config, format=dispatcher.format), config, dispatcher.placement)
+        mine = dispatcher.placement.local_expert_ids()
+        weights = ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
+        with torch.no_grad(), xk.forced():
+            out = dispatcher.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank],
+                                                                              problem.topk_weights[rank]))
+            y = dispatcher.combine(runner.run(out, weights))
+        errors.append(rel_err(y.double(), moe_reference(problem.xs[rank], problem.topk_ids[rank],
+                                                        problem.topk_weights[rank].double(), problem.w13, problem.w2,
+                                                        config)))
+        peer = pt.peer_transport(group, torch.device("cpu"), world_size, "nvlink")
+        assert peer.calls > 0  # the exchanges took this transport
+        transports.append(weakref.ref(peer))
+        dist.destroy_process_group(group)
+        del dispatcher, runner, out, peer, group
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = maps.read().count("/dev/shm/ep_runtime_")
+    return errors, sum(ref() is not None for ref in transports), mapped
+
+
+def test_a_dropped_group_frees_its_transport():
+    for errors, live, mapped in run_ranks(_dropped_groups_transport_rank, 2, 3, timeout=120):
+        assert max(errors) < tolerance(torch.float32), errors
+        assert (live, mapped) == (0, 0)
+
+
 CASES = {
     "deepep_normal": ("deepep_normal", {}),
     "mori_static": ("mori", {"max_dispatch_tokens_per_rank": 16, "static": True, "max_input_tokens": 20}),

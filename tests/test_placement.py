@@ -123,3 +123,45 @@ def test_first_expert_exists_only_for_contiguous_placements():
     assert ExpertPlacement(8, 2, 1, expert_to_rank=[0, 0, 0, 0, 1, 1, 1, 1]).first_expert == 4
     with pytest.raises(ValueError, match="first_expert is undefined for a non-contiguous placement"):
         ExpertPlacement(8, 2, 1, expert_to_rank=ROUND_ROBIN).first_expert
+
+
+def test_device_tables_of_dropped_placements_are_freed():
+    """A long job rebalances over and over, each time to a new placement: the tables cached for the
+    placements it dropped go (least recently used first) instead of piling up for the life of the
+    process, and a placement whose tables were dropped builds them again, equal."""
+    import gc
+    import random
+    import weakref
+
+    from ep_runtime import placement as placement_module
+    E, N, R, T, K = 8, 4, 2, 32, 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, E, (T, K), generator=g)
+
+    def check(p):
+        physical = p.to_physical(ids)
+        assert torch.equal(p.logical_of(physical), ids)  # each pair's expert, -1 kept
+        here = torch.tensor([e in p.logical_experts_of_rank(p.rank) for e in range(E)])[ids.clamp(min=0)]
+        owner = p.physical().rank_of(physical)
+        assert owner[(ids >= 0) & here].eq(p.rank).all()  # an expert with a copy here never leaves the rank
+
+    start = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    first = ExpertPlacement(E, R, 1, physical_to_logical=start)
+    check(first)
+    first_ref = weakref.ref(first)
+    del first
+    seen, draw = set(), random.Random(0)
+    while len(seen) < placement_module.TABLE_CACHE_SIZE // 2:  # each builds 4 tables: twice the cache's worth
+        experts = list(range(E)) + [draw.randrange(E) for _ in range(N)]
+        draw.shuffle(experts)
+        try:
+            p = ExpertPlacement(E, R, 1, physical_to_logical=experts)
+        except ValueError:  # two copies of one expert on one rank: draw again
+            continue
+        seen.add(p.physical_to_logical)
+        assert torch.equal(p.logical_of(p.to_physical(ids)), ids)
+    assert placement_module._cached.cache_info().currsize <= placement_module.TABLE_CACHE_SIZE
+    del p
+    gc.collect()
+    assert first_ref() is None  # nothing keeps the first placement (or its tables) alive
+    check(ExpertPlacement(E, R, 1, physical_to_logical=start))
