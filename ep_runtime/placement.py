@@ -55,7 +55,17 @@ class ExpertPlacement:
     expert_to_rank: Optional[Sequence[int]] = None
     physical_to_logical: Optional[Sequence[int]] = None
 
+    def __hash__(self) -> int:
+        return self._hash
+
     def __post_init__(self) -> None:
+        self._validate()
+        # Hashed once (the tables are cached per placement and looked up several times per layer call:
+        # hashing two length-P tuples each time cost microseconds of host time per lookup)
+        object.__setattr__(self, "_hash", hash((self.num_experts, self.ep_size, self.rank, self.expert_to_rank,
+                                                self.physical_to_logical)))
+
+    def _validate(self) -> None:
         if self.ep_size < 1:
             raise ValueError(f"ep_size={self.ep_size} must be >= 1")
         if self.num_experts < 1:

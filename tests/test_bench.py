@@ -16,7 +16,10 @@ CPU = torch.device("cpu")
 
 
 def _within(measured_us: float, expected_s: float, tol: float = 0.10) -> bool:
-    return abs(measured_us * 1e-6 - expected_s) <= tol * expected_s
+    """Within tol of a sleep of expected_s; late by up to 5 ms more on a loaded machine (a sleeping thread
+    wakes when the scheduler lets it: never early, sometimes late)."""
+    measured = measured_us * 1e-6
+    return expected_s * (1 - tol) <= measured <= expected_s * (1 + tol) + 5e-3
 
 
 def test_measure_cpu_sleep_within_10_percent():
