@@ -27,6 +27,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.distributed import free_port
+from ep_runtime.runner_core import CombineInput
 from ep_runtime.testing import RankFailure, _context, run_ranks
 
 TIMEOUT_S = 3  # EP_RUNTIME_TIMEOUT_S in the injected jobs
@@ -313,6 +314,46 @@ def test_one_rank_with_a_bad_shape_fails_every_rank_within_the_timeout(dispatche
                 f"rank 1: no answer within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S or "
                 f"init_distributed(timeout_s=...))") in rank0, rank0
     assert elapsed < linger + TIMEOUT_S + 20
+
+
+# ---------------------------------------------------------------- ranks whose calls differ
+
+EXCHANGES = {"deepep_normal": {}, "deepep_normal_static": {"num_worst_tokens": 16},
+             "deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_dispatch_tokens_per_rank": 8},
+             "mori_static": {"max_dispatch_tokens_per_rank": 8, "static": True, "max_input_tokens": 8}}
+
+
+def _exchange_and_input(case, rank):
+    name = case.replace("_static", "")
+    d = ep.dispatchers.create(name, ep.MoeConfig(8, 2, 16, 8), **EXCHANGES[case])
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))
+    return d, x, ep.TopKOutput(torch.tensor([[0, 5], [1, 2], [7, -1], [3, 4]]), torch.rand(4, 2))
+
+
+def _different_dtypes_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    messages = []
+    for dtypes in ((torch.bfloat16, torch.float16), (torch.float32, torch.float64)):
+        try:  # bf16 and fp16 rows have the same size: read as each other they were garbage, with no error
+            d.dispatch(x.to(dtypes[rank % 2]), topk)  # fp32 vs fp64: gloo aborted the process (size mismatch)
+            messages.append("no error")
+        except TypeError as err:
+            messages.append(str(err))
+    out = d.dispatch(x, topk)  # every rank stopped before the payload: the ranks are still in step
+    y = d.combine(CombineInput(out.recv_x * 2, out))
+    return messages, list(y.shape)
+
+
+@pytest.mark.parametrize("case", list(EXCHANGES))
+def test_ranks_dispatching_x_in_different_dtypes_fail_every_rank_naming_them(case):
+    """x's dtype rides in the count table, so ranks that disagree all raise before any payload moves."""
+    results = run_ranks(_different_dtypes_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (messages, shape) in enumerate(results):
+        assert shape == [4, 16]
+        for dtypes, message in zip(((torch.bfloat16, torch.float16), (torch.float32, torch.float64)), messages):
+            assert message == (f"x has dtype {dtypes[rank]} on rank {rank}, but the ranks differ ({dtypes[0]} on "
+                               f"rank 0, {dtypes[1]} on rank 1); allowed: one dtype on every rank (rows cross ranks "
+                               f"as raw bytes); every rank stops here"), message
 
 
 # ---------------------------------------------------------------- knobs
