@@ -318,14 +318,18 @@ class ExchangeDispatcher(Dispatcher):
         return super()._checked_topk(x, topk)
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
-        """Token rows: at least one per row this rank received (rows past them are padding), when the
-        plan has the received count on the host (host plans); static plans (device-only counts, not
-        read here): at least the rows the runner was handed."""
+        """Token rows in the dispatched x's dtype: at least one per row this rank received (rows past them
+        are padding), when the plan has the received count on the host (host plans); static plans
+        (device-only counts, not read here): at least the rows the runner was handed."""
         super().check_combine_input(combine_input)
         out = combine_input.dispatch_output
         handle = getattr(out, "handle", None)
         splits = getattr(handle, "recv_splits", None)
         rows = combine_input.hidden_states
+        x_dtype = getattr(out, "x_dtype", None)
+        if x_dtype is not None and rows.dtype != x_dtype:  # (every rank dispatched x_dtype: the count table checks it)
+            raise TypeError(f"combine_input.hidden_states has dtype {rows.dtype}; expected {x_dtype}, the dtype of the "
+                            f"dispatched x (the rows cross ranks as raw bytes, so every rank must send that dtype)")
         if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits)):
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
                              f"{self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; "

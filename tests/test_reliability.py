@@ -356,6 +356,25 @@ def test_ranks_dispatching_x_in_different_dtypes_fail_every_rank_naming_them(cas
                                f"as raw bytes); every rank stops here"), message
 
 
+def _combine_dtype_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    out = d.dispatch(x, topk)
+    rows = out.recv_x * 2
+    return list(d.combine(CombineInput(rows.half() if rank == 1 else rows, out)).shape)
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_combine_rows_in_another_dtype_than_x_are_named_before_the_exchange(case):
+    """fp16 runner rows on rank 1 for an fp32 dispatch: raised there before the exchange (they crossed as
+    raw bytes: gloo aborted a process on the size mismatch); rank 0 then fails in its exchange."""
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_combine_dtype_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    assert ("TypeError: combine_input.hidden_states has dtype torch.float16; expected torch.float32, the dtype of "
+            "the dispatched x") in rank1, rank1
+    assert "RuntimeError" in rank0 and "died with exit code" not in rank0, rank0
+
+
 # ---------------------------------------------------------------- knobs
 
 KNOB_CASES = [
