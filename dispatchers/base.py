@@ -110,8 +110,8 @@ class Dispatcher:
             dist.all_gather_object(every, mine, group=self.group)  # NCCL: on the current CUDA device
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            if differ:
-                k = differ[0]
+            if differ:  # another dispatcher differs in its options too: name the dispatcher then
+                k = "dispatcher" if "dispatcher" in differ else differ[0]
                 raise ValueError(f"ranks disagree on {self.name} setting {k}: rank {self.rank} has {mine.get(k)!r}, "
                                  f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
                                  f"same arguments and EP_RUNTIME_* knobs")

@@ -242,6 +242,8 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
     options = {}
     if field == "hidden_size":
         kwargs["hidden_size"] += 16 * rank
+    elif field == "dispatcher":  # rank 1 builds mori
+        dispatcher, options = ("mori", {"max_dispatch_tokens_per_rank": 4}) if rank else (dispatcher, options)
     else:  # a dispatcher setting, as a knob set on one rank only would give
         options = {field: 4 + 4 * rank}
     try:
@@ -253,15 +255,18 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
 
 @pytest.mark.parametrize("dispatcher,field", [("deepep_normal", "hidden_size"),
                                               ("deepep_ll", "num_max_dispatch_tokens_per_rank"),
-                                              ("mori", "max_dispatch_tokens_per_rank")])
+                                              ("mori", "max_dispatch_tokens_per_rank"),
+                                              ("deepep_normal", "dispatcher")])
 def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(dispatcher, field):
     """Mismatched settings would exchange mismatched byte counts later (gloo aborts the process);
-    building the layer compares them once and raises on every rank instead."""
-    small, large = (16, 32) if field == "hidden_size" else (4, 8)
+    building the layer compares them once and raises on every rank instead. Different dispatchers
+    are named as such (not by the first option in which they differ, e.g. deepep_normal's alignment)."""
+    small, large = {"hidden_size": (16, 32), "dispatcher": ("'deepep_normal'", "'mori'")}.get(field, (4, 8))
+    names = (dispatcher, "mori" if field == "dispatcher" else dispatcher)
     assert run_ranks(_mismatched_layer_rank, 2, dispatcher, field, timeout=60, group_timeout=TIMEOUT_S) == [
-        f"ranks disagree on {dispatcher} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
+        f"ranks disagree on {names[0]} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
         "build the layer with the same arguments and EP_RUNTIME_* knobs",
-        f"ranks disagree on {dispatcher} setting {field}: rank 1 has {large}, rank 0 has {small}; every rank must "
+        f"ranks disagree on {names[1]} setting {field}: rank 1 has {large}, rank 0 has {small}; every rank must "
         "build the layer with the same arguments and EP_RUNTIME_* knobs"]
 
 
