@@ -131,10 +131,11 @@ class Dispatcher:
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "dispatch")
         topk = self._checked_topk(x, topk)
-        if self._plain(async_op, return_recv_hook, previous_event):
-            return self._dispatch(x, topk, **options)
-        return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
-                           async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
+        with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
+            if self._plain(async_op, return_recv_hook, previous_event):
+                return self._dispatch(x, topk, **options)
+            return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
+                               async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_hidden_states(x, self.config.hidden_size)
@@ -158,15 +159,17 @@ class Dispatcher:
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "combine")
         self.check_combine_input(combine_input)
-        if self._plain(async_op, return_recv_hook, previous_event):
-            return self._combine(combine_input)
-        T = None
-        if (async_op or return_recv_hook) and self._moves_rows() and combine_input.hidden_states.device.type != "cuda":
-            T = self.combined_tokens(combine_input.dispatch_output)
-        rows = combine_input.hidden_states
-        shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
-        return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
-                           return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+        with distributed.naming_peer_failures(self, "combine"):  # a peer that does not answer: ep.PeerFailure
+            if self._plain(async_op, return_recv_hook, previous_event):
+                return self._combine(combine_input)
+            T = None
+            if ((async_op or return_recv_hook) and self._moves_rows()
+                    and combine_input.hidden_states.device.type != "cuda"):
+                T = self.combined_tokens(combine_input.dispatch_output)
+            rows = combine_input.hidden_states
+            shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
+            return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
+                               return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked

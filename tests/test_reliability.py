@@ -380,6 +380,31 @@ def test_combine_rows_in_another_dtype_than_x_are_named_before_the_exchange(case
     assert "RuntimeError" in rank0 and "died with exit code" not in rank0, rank0
 
 
+def _user_code_raises_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    out = d.dispatch(x, topk)
+    if rank == 1:  # the user's own code between dispatch and combine; the process lives on a while
+        time.sleep(TIMEOUT_S + 2)
+        raise RuntimeError("user code failed between dispatch and combine")
+    return list(d.combine(CombineInput(out.recv_x * 2, out)).shape)
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_user_code_raising_between_dispatch_and_combine_names_the_peer(case):
+    """The low-level API (ep.dispatchers.create): the survivor's combine raises ep.PeerFailure naming
+    the dispatcher, the operation, the peer and the knob within the timeout, as the layer's does (it
+    raised gloo's bare "Timed out waiting 3000ms for send operation to complete")."""
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_user_code_raises_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    assert "RuntimeError: user code failed between dispatch and combine" in rank1, rank1
+    name = case.replace("_static", "")
+    assert (f"ep_runtime.distributed.PeerFailure: {name} combine on rank 0 of 2 waited in vain for rank 1: no answer "
+            f"within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S") in rank0, rank0
+    assert time.monotonic() - start < 2 * TIMEOUT_S + 30
+
+
 # ---------------------------------------------------------------- knobs
 
 KNOB_CASES = [
