@@ -110,8 +110,8 @@ class Dispatcher:
             dist.all_gather_object(every, mine, group=self.group)  # NCCL: on the current CUDA device
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            if differ:
-                k = differ[0]
+            if differ:  # another dispatcher differs in its options too: name the dispatcher then
+                k = "dispatcher" if "dispatcher" in differ else differ[0]
                 raise ValueError(f"ranks disagree on {self.name} setting {k}: rank {self.rank} has {mine.get(k)!r}, "
                                  f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
                                  f"same arguments and EP_RUNTIME_* knobs")
@@ -131,10 +131,11 @@ class Dispatcher:
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "dispatch")
         topk = self._checked_topk(x, topk)
-        if self._plain(async_op, return_recv_hook, previous_event):
-            return self._dispatch(x, topk, **options)
-        return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
-                           async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
+        with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
+            if self._plain(async_op, return_recv_hook, previous_event):
+                return self._dispatch(x, topk, **options)
+            return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
+                               async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_hidden_states(x, self.config.hidden_size)
@@ -158,15 +159,17 @@ class Dispatcher:
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "combine")
         self.check_combine_input(combine_input)
-        if self._plain(async_op, return_recv_hook, previous_event):
-            return self._combine(combine_input)
-        T = None
-        if (async_op or return_recv_hook) and self._moves_rows() and combine_input.hidden_states.device.type != "cuda":
-            T = self.combined_tokens(combine_input.dispatch_output)
-        rows = combine_input.hidden_states
-        shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
-        return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
-                           return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+        with distributed.naming_peer_failures(self, "combine"):  # a peer that does not answer: ep.PeerFailure
+            if self._plain(async_op, return_recv_hook, previous_event):
+                return self._combine(combine_input)
+            T = None
+            if ((async_op or return_recv_hook) and self._moves_rows()
+                    and combine_input.hidden_states.device.type != "cuda"):
+                T = self.combined_tokens(combine_input.dispatch_output)
+            rows = combine_input.hidden_states
+            shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
+            return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
+                               return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked
@@ -318,14 +321,18 @@ class ExchangeDispatcher(Dispatcher):
         return super()._checked_topk(x, topk)
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
-        """Token rows: at least one per row this rank received (rows past them are padding), when the
-        plan has the received count on the host (host plans); static plans (device-only counts, not
-        read here): at least the rows the runner was handed."""
+        """Token rows in the dispatched x's dtype: at least one per row this rank received (rows past them
+        are padding), when the plan has the received count on the host (host plans); static plans
+        (device-only counts, not read here): at least the rows the runner was handed."""
         super().check_combine_input(combine_input)
         out = combine_input.dispatch_output
         handle = getattr(out, "handle", None)
         splits = getattr(handle, "recv_splits", None)
         rows = combine_input.hidden_states
+        x_dtype = getattr(out, "x_dtype", None)
+        if x_dtype is not None and rows.dtype != x_dtype:  # (every rank dispatched x_dtype: the count table checks it)
+            raise TypeError(f"combine_input.hidden_states has dtype {rows.dtype}; expected {x_dtype}, the dtype of the "
+                            f"dispatched x (the rows cross ranks as raw bytes, so every rank must send that dtype)")
         if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits)):
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
                              f"{self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; "

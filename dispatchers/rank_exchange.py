@@ -2,8 +2,8 @@
 
 The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row goes:
 - host plan: one all_gather of a small count table ([1 + R + E] ints per rank: T, tokens per
-  destination, pairs per expert, and flags for bad ids/weights), read on the host once; exact
-  split sizes, no padding bytes;
+  destination, pairs per expert, and flags for bad ids/weights; made by torch ops, also x's dtype),
+  read on the host once; exact split sizes, no padding bytes;
 - static plan (`chunk` rows per peer): each rank sends a fixed chunk to every peer (pad rows carry
   id -1), so shapes never change and a CUDA graph can capture it. Received chunks can be compacted
   into `rows` rows, valid rows first. The table is read on the host as well, except while a graph
@@ -47,6 +47,13 @@ from .deferred import CHECK_LAG, DeferredChecks, land
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import check_transport, peer_transport, put_bytes
 from .transport import all_gather_rows, all_to_all
+
+# x's dtype as an int for the count table (0: no x): the payload crosses ranks as raw bytes, so ranks
+# dispatching different dtypes would read each other's rows as garbage (bf16 vs fp16) or exchange
+# mismatched byte counts (gloo then aborts the process); the table lets every rank see every dtype.
+_DTYPE_CODE = {t: i + 1 for i, t in enumerate(dict.fromkeys(
+    t for t in vars(torch).values() if isinstance(t, torch.dtype) and t.is_floating_point))}
+_CODE_DTYPE = {i: t for t, i in _DTYPE_CODE.items()}
 
 
 class Layout(NamedTuple):
@@ -323,10 +330,12 @@ class RankExchange:
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
             flags_at += nodes.num_nodes
-        # whether x and topk_weights need gradients here, for handle.grads (two entries before the flags)
-        wants = torch.tensor([needs_grad(x), needs_grad(topk_weights)], dtype=torch.int32, device=row.device)
+        # whether x and topk_weights need gradients here, for handle.grads, and x's dtype (three entries
+        # before the flags)
+        wants = torch.tensor([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
+                             dtype=torch.int32, device=row.device)
         row = torch.cat([row, wants])
-        flags_at += 2
+        flags_at += 3
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
@@ -345,12 +354,13 @@ class RankExchange:
             if checked:
                 self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
             self._check_tokens([row[0] for row in host])
+            self._check_dtypes([row[flags_at - 1] for row in host])
         if chunk is None:
             handle = self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
-            handle.grads = tuple(any(row[flags_at - 2 + i] for row in host) for i in (0, 1))
+            handle.grads = tuple(any(row[flags_at - 3 + i] for row in host) for i in (0, 1))
         return handle
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
@@ -593,6 +603,14 @@ class RankExchange:
         over = [r for r, t in enumerate(tokens) if t > most]
         if over:
             raise ValueError(f"x has {tokens[over[0]]} tokens on rank {over[0]}; {rule} (every rank stops here)")
+
+    def _check_dtypes(self, codes: list) -> None:
+        """Every rank raises, naming each rank's x dtype, when the ranks dispatch x in different dtypes."""
+        if any(code != codes[0] for code in codes):
+            dtypes = ", ".join(f"{_CODE_DTYPE.get(code)} on rank {r}" for r, code in enumerate(codes))
+            raise TypeError(f"x has dtype {_CODE_DTYPE.get(codes[self.rank])} on rank {self.rank}, but the ranks differ "
+                            f"({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
+                            f"rank stops here")
 
     def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      distinct: Optional[str]) -> None:

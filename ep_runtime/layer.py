@@ -451,19 +451,16 @@ class EPMoE(nn.Module):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
         ones, and an error about ids naming this rank's logical id."""
         physical = self._to_physical(x, topk)
-        with naming_peer_failures(self.dispatcher, "dispatch"):
-            try:
-                return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
-            except ValueError as err:
-                if physical is not topk:
-                    self._name_logical_ids(topk, err)
-                raise
+        try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
+            return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
+        except ValueError as err:
+            if physical is not topk:
+                self._name_logical_ids(topk, err)
+            raise
 
     def experts_and_combine(self, dispatch_output) -> torch.Tensor:
         """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
-        combine_input = self.runner.run(dispatch_output, self.weights)
-        with naming_peer_failures(self.dispatcher, "combine"):
-            return self.dispatcher.combine(combine_input)
+        return self.dispatcher.combine(self.runner.run(dispatch_output, self.weights))
 
     def synchronize(self) -> None:
         """Wait, at most EP_RUNTIME_TIMEOUT_S, until the work queued on the current CUDA stream has

@@ -27,6 +27,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.distributed import free_port
+from ep_runtime.runner_core import CombineInput
 from ep_runtime.testing import RankFailure, _context, run_ranks
 
 TIMEOUT_S = 3  # EP_RUNTIME_TIMEOUT_S in the injected jobs
@@ -241,6 +242,8 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
     options = {}
     if field == "hidden_size":
         kwargs["hidden_size"] += 16 * rank
+    elif field == "dispatcher":  # rank 1 builds mori
+        dispatcher, options = ("mori", {"max_dispatch_tokens_per_rank": 4}) if rank else (dispatcher, options)
     else:  # a dispatcher setting, as a knob set on one rank only would give
         options = {field: 4 + 4 * rank}
     try:
@@ -252,15 +255,18 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
 
 @pytest.mark.parametrize("dispatcher,field", [("deepep_normal", "hidden_size"),
                                               ("deepep_ll", "num_max_dispatch_tokens_per_rank"),
-                                              ("mori", "max_dispatch_tokens_per_rank")])
+                                              ("mori", "max_dispatch_tokens_per_rank"),
+                                              ("deepep_normal", "dispatcher")])
 def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(dispatcher, field):
     """Mismatched settings would exchange mismatched byte counts later (gloo aborts the process);
-    building the layer compares them once and raises on every rank instead."""
-    small, large = (16, 32) if field == "hidden_size" else (4, 8)
+    building the layer compares them once and raises on every rank instead. Different dispatchers
+    are named as such (not by the first option in which they differ, e.g. deepep_normal's alignment)."""
+    small, large = {"hidden_size": (16, 32), "dispatcher": ("'deepep_normal'", "'mori'")}.get(field, (4, 8))
+    names = (dispatcher, "mori" if field == "dispatcher" else dispatcher)
     assert run_ranks(_mismatched_layer_rank, 2, dispatcher, field, timeout=60, group_timeout=TIMEOUT_S) == [
-        f"ranks disagree on {dispatcher} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
+        f"ranks disagree on {names[0]} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
         "build the layer with the same arguments and EP_RUNTIME_* knobs",
-        f"ranks disagree on {dispatcher} setting {field}: rank 1 has {large}, rank 0 has {small}; every rank must "
+        f"ranks disagree on {names[1]} setting {field}: rank 1 has {large}, rank 0 has {small}; every rank must "
         "build the layer with the same arguments and EP_RUNTIME_* knobs"]
 
 
@@ -313,6 +319,90 @@ def test_one_rank_with_a_bad_shape_fails_every_rank_within_the_timeout(dispatche
                 f"rank 1: no answer within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S or "
                 f"init_distributed(timeout_s=...))") in rank0, rank0
     assert elapsed < linger + TIMEOUT_S + 20
+
+
+# ---------------------------------------------------------------- ranks whose calls differ
+
+EXCHANGES = {"deepep_normal": {}, "deepep_normal_static": {"num_worst_tokens": 16},
+             "deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_dispatch_tokens_per_rank": 8},
+             "mori_static": {"max_dispatch_tokens_per_rank": 8, "static": True, "max_input_tokens": 8}}
+
+
+def _exchange_and_input(case, rank):
+    name = case.replace("_static", "")
+    d = ep.dispatchers.create(name, ep.MoeConfig(8, 2, 16, 8), **EXCHANGES[case])
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))
+    return d, x, ep.TopKOutput(torch.tensor([[0, 5], [1, 2], [7, -1], [3, 4]]), torch.rand(4, 2))
+
+
+def _different_dtypes_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    messages = []
+    for dtypes in ((torch.bfloat16, torch.float16), (torch.float32, torch.float64)):
+        try:  # bf16 and fp16 rows have the same size: read as each other they were garbage, with no error
+            d.dispatch(x.to(dtypes[rank % 2]), topk)  # fp32 vs fp64: gloo aborted the process (size mismatch)
+            messages.append("no error")
+        except TypeError as err:
+            messages.append(str(err))
+    out = d.dispatch(x, topk)  # every rank stopped before the payload: the ranks are still in step
+    y = d.combine(CombineInput(out.recv_x * 2, out))
+    return messages, list(y.shape)
+
+
+@pytest.mark.parametrize("case", list(EXCHANGES))
+def test_ranks_dispatching_x_in_different_dtypes_fail_every_rank_naming_them(case):
+    """x's dtype rides in the count table, so ranks that disagree all raise before any payload moves."""
+    results = run_ranks(_different_dtypes_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (messages, shape) in enumerate(results):
+        assert shape == [4, 16]
+        for dtypes, message in zip(((torch.bfloat16, torch.float16), (torch.float32, torch.float64)), messages):
+            assert message == (f"x has dtype {dtypes[rank]} on rank {rank}, but the ranks differ ({dtypes[0]} on "
+                               f"rank 0, {dtypes[1]} on rank 1); allowed: one dtype on every rank (rows cross ranks "
+                               f"as raw bytes); every rank stops here"), message
+
+
+def _combine_dtype_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    out = d.dispatch(x, topk)
+    rows = out.recv_x * 2
+    return list(d.combine(CombineInput(rows.half() if rank == 1 else rows, out)).shape)
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_combine_rows_in_another_dtype_than_x_are_named_before_the_exchange(case):
+    """fp16 runner rows on rank 1 for an fp32 dispatch: raised there before the exchange (they crossed as
+    raw bytes: gloo aborted a process on the size mismatch); rank 0 then fails in its exchange."""
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_combine_dtype_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    assert ("TypeError: combine_input.hidden_states has dtype torch.float16; expected torch.float32, the dtype of "
+            "the dispatched x") in rank1, rank1
+    assert "RuntimeError" in rank0 and "died with exit code" not in rank0, rank0
+
+
+def _user_code_raises_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    out = d.dispatch(x, topk)
+    if rank == 1:  # the user's own code between dispatch and combine; the process lives on a while
+        time.sleep(TIMEOUT_S + 2)
+        raise RuntimeError("user code failed between dispatch and combine")
+    return list(d.combine(CombineInput(out.recv_x * 2, out)).shape)
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_user_code_raising_between_dispatch_and_combine_names_the_peer(case):
+    """The low-level API (ep.dispatchers.create): the survivor's combine raises ep.PeerFailure naming
+    the dispatcher, the operation, the peer and the knob within the timeout, as the layer's does (it
+    raised gloo's bare "Timed out waiting 3000ms for send operation to complete")."""
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_user_code_raises_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    assert "RuntimeError: user code failed between dispatch and combine" in rank1, rank1
+    name = case.replace("_static", "")
+    assert (f"ep_runtime.distributed.PeerFailure: {name} combine on rank 0 of 2 waited in vain for rank 1: no answer "
+            f"within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S") in rank0, rank0
+    assert time.monotonic() - start < 2 * TIMEOUT_S + 30
 
 
 # ---------------------------------------------------------------- knobs
