@@ -182,7 +182,16 @@ def _new_default_group_transport_rank(rank, world_size, port, store_port):
         store.wait(["failed"])
     dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    dispatcher = ep.dispatchers.create("deepep_ll", config, num_max_dispatch_tokens_per_rank=8, transport="nvlink")
+    err = _ll_step_error(config, problem, rank, None)
+    new = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
+    return new is not old and new.calls > 0, err
+
+
+def _ll_step_error(config, problem, rank, group) -> float:
+    """One deepep_ll dispatch -> torch runner -> combine on `group`'s NVLink transport (the kernel path under
+    the interpreter): the output's error against the float64 reference."""
+    dispatcher = ep.dispatchers.create("deepep_ll", config, group=group, num_max_dispatch_tokens_per_rank=8,
+                                       transport="nvlink")
     runner = MoeRunner(ep.runners.create("torch", config, format=dispatcher.format), config, dispatcher.placement)
     mine = dispatcher.placement.local_expert_ids()
     weights = ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
@@ -192,8 +201,7 @@ def _new_default_group_transport_rank(rank, world_size, port, store_port):
         y = dispatcher.combine(runner.run(out, weights))
     want = moe_reference(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double(), problem.w13,
                          problem.w2, config)
-    new = pt.peer_transport(None, torch.device("cpu"), world_size, "nvlink")
-    return new is not old and new.calls > 0, rel_err(y.double(), want)
+    return rel_err(y.double(), want)
 
 
 def test_a_new_default_group_gets_a_new_transport():
@@ -213,23 +221,12 @@ def _dropped_groups_transport_rank(rank, world_size, rounds):
     transports, errors = [], []
     for _ in range(rounds):
         group = dist.new_group(list(range(world_size)))
-        dispatcher = ep.dispatchers.create("deepep_ll", config, group=group, num_max_dispatch_tokens_per_rank=8,
-                                           transport="nvlink")
-        runner = MoeRunner(ep.runners.create("torch", config, format=dispatcher.format), config, dispatcher.placement)
-        mine = dispatcher.placement.local_expert_ids()
-        weights = ExpertWeights(problem.w13[mine].float(), problem.w2[mine].float())
-        with torch.no_grad(), xk.forced():
-            out = dispatcher.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank],
-                                                                              problem.topk_weights[rank]))
-            y = dispatcher.combine(runner.run(out, weights))
-        errors.append(rel_err(y.double(), moe_reference(problem.xs[rank], problem.topk_ids[rank],
-                                                        problem.topk_weights[rank].double(), problem.w13, problem.w2,
-                                                        config)))
+        errors.append(_ll_step_error(config, problem, rank, group))
         peer = pt.peer_transport(group, torch.device("cpu"), world_size, "nvlink")
         assert peer.calls > 0  # the exchanges took this transport
         transports.append(weakref.ref(peer))
         dist.destroy_process_group(group)
-        del dispatcher, runner, out, peer, group
+        del peer, group
     gc.collect()
     with open("/proc/self/maps") as maps:
         mapped = maps.read().count("/dev/shm/ep_runtime_")
