@@ -316,6 +316,11 @@ class ExchangeDispatcher(Dispatcher):
                                      num_sms=options.num_sms, hierarchical=options.hierarchical,
                                      ranks_per_node=options.ranks_per_node)
 
+    def settings(self) -> dict:
+        """Dispatcher.settings, and EP_RUNTIME_SYNC_CHECKS: ranks that read the count table at different calls
+        (at once on some, CHECK_LAG calls later on others) would raise a bad input at different calls."""
+        return {**super().settings(), "sync_checks": self.exchange.sync_checks}
+
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
         return super()._checked_topk(x, topk)

@@ -244,6 +244,8 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
         kwargs["hidden_size"] += 16 * rank
     elif field == "dispatcher":  # rank 1 builds mori
         dispatcher, options = ("mori", {"max_dispatch_tokens_per_rank": 4}) if rank else (dispatcher, options)
+    elif field == "sync_checks":  # the knob set on rank 1 only
+        os.environ["EP_RUNTIME_SYNC_CHECKS"] = "1" if rank else "0"
     else:  # a dispatcher setting, as a knob set on one rank only would give
         options = {field: 4 + 4 * rank}
     try:
@@ -256,12 +258,14 @@ def _mismatched_layer_rank(rank, world_size, dispatcher, field):
 @pytest.mark.parametrize("dispatcher,field", [("deepep_normal", "hidden_size"),
                                               ("deepep_ll", "num_max_dispatch_tokens_per_rank"),
                                               ("mori", "max_dispatch_tokens_per_rank"),
-                                              ("deepep_normal", "dispatcher")])
+                                              ("deepep_normal", "dispatcher"),
+                                              ("deepep_ll", "sync_checks")])
 def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(dispatcher, field):
     """Mismatched settings would exchange mismatched byte counts later (gloo aborts the process);
     building the layer compares them once and raises on every rank instead. Different dispatchers
     are named as such (not by the first option in which they differ, e.g. deepep_normal's alignment)."""
-    small, large = {"hidden_size": (16, 32), "dispatcher": ("'deepep_normal'", "'mori'")}.get(field, (4, 8))
+    small, large = {"hidden_size": (16, 32), "dispatcher": ("'deepep_normal'", "'mori'"),
+                    "sync_checks": (False, True)}.get(field, (4, 8))
     names = (dispatcher, "mori" if field == "dispatcher" else dispatcher)
     assert run_ranks(_mismatched_layer_rank, 2, dispatcher, field, timeout=60, group_timeout=TIMEOUT_S) == [
         f"ranks disagree on {names[0]} setting {field}: rank 0 has {small}, rank 1 has {large}; every rank must "
