@@ -43,8 +43,18 @@ def _ranks() -> int:
     return min(2, torch.cuda.device_count())
 
 
+def _poison_cached_memory(device) -> None:
+    """Fill the blocks the caching allocator hands out next with NaN (both of its pools: requests up to
+    1 MiB and larger ones), so a kernel that reads rows it never wrote (padding, a receive buffer's
+    tail, scratch) gives NaN where the CPU suite's fresh memory gives zeros or harmless values."""
+    held = [torch.empty(2 ** 18, device=device).fill_(float("nan")) for _ in range(16)]  # 1 MiB each
+    held.append(torch.empty(2 ** 26, device=device).fill_(float("nan")))  # 256 MiB
+    del held
+
+
 def pairs_on_rank(rank: int, world_size: int, dtype: torch.dtype) -> dict:
-    """{'dispatcher/runner/config': ('ok', errors) | ('skip', why) | ('error', traceback)} on this rank."""
+    """{'dispatcher/runner/config': ('ok', errors) | ('skip', why) | ('error', traceback)} on this rank;
+    each pair starts on NaN-poisoned cached memory."""
     from ep_runtime.distributed import device_for_rank
 
     device = device_for_rank()
@@ -54,6 +64,7 @@ def pairs_on_rank(rank: int, world_size: int, dtype: torch.dtype) -> dict:
         if runner not in runners.available():
             out[key] = ("skip", f"runner={runner!r} is not available here")
             continue
+        _poison_cached_memory(device)
         try:
             layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=dtype, device=device,
                              dispatcher_options={"deepep_ll": dict(num_max_dispatch_tokens_per_rank=128)}.get(
@@ -107,6 +118,7 @@ def graphs_on_rank(rank: int, world_size: int) -> dict:
     out = {}
     for impl, (name, options) in STATIC.items():
         key = f"dispatch/{impl}"
+        _poison_cached_memory(device)
         try:
             d = dispatchers.create(name, config, **options(M, world_size))
             x = torch.randn(M, H, device=device, dtype=torch.bfloat16)
@@ -199,6 +211,35 @@ def inference_on_rank(rank: int, world_size: int) -> dict:
     return out
 
 
+def isolation_on_rank(rank: int, world_size: int) -> dict:
+    """Rank 0's tokens 3 (NaN) and 5 (inf) leave every other token's output as it was, for each dispatcher
+    with runner="auto" (bf16 inference, memory NaN-poisoned first): a bad row reaches its own experts'
+    rows only, never padding, another token's rows or combine's sums."""
+    from ep_runtime.distributed import device_for_rank
+
+    device = device_for_rank()
+    out = {}
+    for impl, (name, options) in INFERENCE.items():
+        _poison_cached_memory(device)
+        try:
+            layer = ep.EPMoE(E, K, H, INTER, dispatcher=name, runner="auto", dtype=torch.bfloat16, device=device,
+                             dispatcher_options=options)
+            x = torch.randn(100, H, device=device, dtype=torch.bfloat16)
+            ids, w = _routing(100, device, 5 + rank)
+            bad = x.clone()
+            if rank == 0:
+                bad[3], bad[5] = float("nan"), float("inf")
+            with torch.no_grad():
+                clean, poisoned = layer(x, ids, w), layer(bad, ids, w)
+            keep = torch.ones(100, dtype=torch.bool, device=device)
+            keep[[3, 5]] = rank != 0
+            out[f"isolation/{impl}"] = ("ok", {"finite": bool(torch.isfinite(poisoned[keep]).all()),
+                                               "err": rel_err(poisoned[keep].double(), clean[keep].double())})
+        except Exception:  # noqa: BLE001
+            out[f"isolation/{impl}"] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
 def deferred_check_on_rank(rank: int, world_size: int) -> dict:
     """deepep_ll eager on CUDA: rank 1's bad id passes the call (the table read is deferred), then the
     deferred check fails every rank, the bad one naming the value."""
@@ -266,7 +307,8 @@ def transports_on_rank(rank: int, world_size: int) -> dict:
 
 def _gpu_rank(rank: int, world_size: int) -> dict:
     return {**pairs_on_rank(rank, world_size, torch.bfloat16), **graphs_on_rank(rank, world_size),
-            **inference_on_rank(rank, world_size), **deferred_check_on_rank(rank, world_size),
+            **inference_on_rank(rank, world_size), **isolation_on_rank(rank, world_size),
+            **deferred_check_on_rank(rank, world_size),
             **transports_on_rank(rank, world_size)}
 
 
@@ -292,6 +334,14 @@ def test_pair_matches_float64_reference_forward_and_backward(on_ranks, dispatche
     assert status == "ok", value
     for errors in value:
         assert max(errors.values()) <= tolerance(torch.bfloat16), errors
+
+
+@pytest.mark.parametrize("impl", list(INFERENCE))
+def test_a_non_finite_token_leaves_the_other_tokens_as_they_were(on_ranks, impl):
+    status, value = _outcome(on_ranks, f"isolation/{impl}")
+    assert status == "ok", value
+    for per_rank in value:  # the same inputs and kernels: only the two bad rows may change anything
+        assert per_rank["finite"] and per_rank["err"] <= tolerance(torch.bfloat16), per_rank
 
 
 @pytest.mark.parametrize("impl", list(TRANSPORTED))
