@@ -117,9 +117,9 @@ class EPMoE(nn.Module):
         if quant_config is not None:
             self._store_quantized(quant_config, device)
         self.reset_parameters()
-        # A state_dict holds this rank's slots in the placement of the moment: after a rebalance it names
-        # that placement (PLACEMENT_KEY), and loading one adopts the placement its weights are in.
-        self._initial_placement = self.placement
+        # A state_dict holds this rank's slots in the placement of the moment: off the default placement
+        # (rebalanced, or built with expert_to_rank) it names that placement (PLACEMENT_KEY), and loading
+        # one adopts the placement its weights are in.
         self.register_state_dict_post_hook(_save_placement)
         self.register_load_state_dict_pre_hook(_load_placement)
         self.register_load_state_dict_post_hook(_follow_assigned_weights)
@@ -713,26 +713,34 @@ def _placement_tables(placement: ExpertPlacement) -> tuple:
     return placement._owners(), placement._logical()
 
 
+def _default_placement(placement: ExpertPlacement) -> ExpertPlacement:
+    """What a state_dict without PLACEMENT_KEY is in: E + N slots contiguous over the ranks, slot p holding
+    expert p % E (a layer built without expert_to_rank, before any rebalance), whatever layer loads it."""
+    return ExpertPlacement.with_redundant_experts(placement.num_experts, placement.num_redundant_experts,
+                                                  placement.ep_size, placement.rank)
+
+
 def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: a layer off its initial placement (rebalanced) adds PLACEMENT_KEY, int64
-    [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same on every rank), so the
-    slots' weights can be loaded back into the placement they were saved in."""
-    if _placement_tables(layer.placement) != _placement_tables(layer._initial_placement):
+    """state_dict post-hook: a layer off the default placement (rebalanced, or built with expert_to_rank)
+    adds PLACEMENT_KEY, int64 [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same
+    on every rank), so the slots' weights can be loaded back into the placement they were saved in."""
+    if _placement_tables(layer.placement) != _placement_tables(_default_placement(layer.placement)):
         state_dict[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64)
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                     missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """load_state_dict pre-hook: the weights in `state_dict` sit in the placement it names (none named: the
-    layer's initial one); the layer takes that placement (every rank loads together when it differs), so a
-    checkpoint saved after a rebalance computes the same experts in a fresh layer, and a fresh checkpoint
-    loaded into a rebalanced layer does too."""
+    default one, whatever placement the loading layer was built with); the layer takes that placement (every
+    rank loads together when it differs), so a checkpoint saved after a rebalance computes the same experts
+    in a fresh layer, and a fresh checkpoint loaded into a rebalanced layer (or one built with
+    expert_to_rank) does too."""
     table = state_dict.pop(prefix + PLACEMENT_KEY, None)
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
     if not any(prefix + name in state_dict for name in held):  # no expert weights loaded here: their placement stays
         return
     current = layer.placement
-    saved = layer._initial_placement
+    saved = _default_placement(current)
     if table is not None:
         P = current.num_physical_experts
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != (2, P):

@@ -348,3 +348,38 @@ def test_a_rebalanced_state_dict_at_another_ep_size_is_named():
                                   "ep_size=4, num_experts=8 (expert_to_rank gives rank 0 4 experts;"), message
         assert message.endswith("A per-rank state_dict loads at the EP size it was saved at; to change it, "
                                 "gather_experts() then load_experts()"), message
+
+
+def _placement_less_state_rank(rank, world_size):
+    w13, w2 = (w.double() for w in _global_weights())
+    make = lambda **kw: ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64, **kw)  # noqa: E731
+    round_robin = dict(expert_to_rank=[e % world_size for e in range(E)])
+    redundant_swapped = dict(num_redundant_experts=2, expert_to_rank=[0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13, w2, make().config)
+    errors, keys = {}, {}
+    for name, saver_kw, loader_kw in (("default into round-robin", {}, round_robin),
+                                      ("round-robin into default", round_robin, {}),
+                                      ("redundant into other slots", dict(num_redundant_experts=2), redundant_swapped)):
+        saver = make(**saver_kw)
+        saver.load_experts(w13, w2)
+        state = {k: v.clone() for k, v in saver.state_dict().items()}
+        keys[name] = sorted(state)
+        loader = make(**loader_kw)
+        loader.load_state_dict(state)
+        with torch.no_grad():
+            errors[name] = rel_err(loader(x.double(), ids, weights), ref)
+    return keys, errors
+
+
+def test_a_state_dict_without_placement_loads_into_a_layer_built_with_another_placement():
+    """A per-rank state_dict named its placement only off the saving layer's initial placement, and one
+    without the entry was read as the loading layer's initial placement: saved by a default layer and
+    loaded into one built with expert_to_rank (or the other way round), every slot silently took another
+    expert's weights. The entry is now written whenever the slots are not in the default placement (E
+    + N slots contiguous over the ranks, slot p holding expert p % E), and no entry means that one."""
+    for keys, errors in run_ranks(_placement_less_state_rank, 2, timeout=120):
+        assert keys == {"default into round-robin": ["w13", "w2"],  # a default layer's state_dict is as it was
+                        "round-robin into default": ["expert_placement", "w13", "w2"],
+                        "redundant into other slots": ["w13", "w2"]}, keys
+        assert max(errors.values()) < tolerance(torch.float64), errors
