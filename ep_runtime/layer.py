@@ -368,13 +368,14 @@ class EPMoE(nn.Module):
         if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < R):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
         me = self.dispatcher.rank
-        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert
-            if dst is not None and me != dst:
-                return None
-            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards], self.quant)
         # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
+        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert (in its slots)
+            if dst is not None and me != dst:
+                return None
+            return ExpertWeights(*[_first_copies(t.detach(), first) if t is not None else None for t in shards],
+                                 self.quant)
         out = []
         for t in shards:
             raw = t.detach().contiguous().view(torch.uint8) if t is not None and t.dtype in FP8_DTYPES else t
@@ -382,8 +383,7 @@ class EPMoE(nn.Module):
             if parts is None or (dst is not None and me != dst):
                 out.append(None)
                 continue
-            rows = parts.reshape((-1,) + tuple(parts.shape[2:]))
-            out.append(rows[torch.tensor(first, device=rows.device)].view(t.dtype))  # fp8 travelled as bytes
+            out.append(_first_copies(parts.reshape((-1,) + tuple(parts.shape[2:])), first).view(t.dtype))
         if dst is not None and me != dst:
             return None
         return ExpertWeights(*out, self.quant)
@@ -679,6 +679,12 @@ class EPMoE(nn.Module):
                 f"L={self.placement.num_local_experts}{f', redundant={copies}' if copies else ''}, "
                 f"dispatcher={self.dispatcher.name}, runner={self.runner.backend.name}{moved_by}"
                 + (", shared_experts" if self.shared_experts is not None else ""))
+
+
+def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:
+    """rows[first] (a copy): each expert's first copy among the slots' rows; fp8 indexed as bytes."""
+    raw = rows.view(torch.uint8) if rows.dtype in FP8_DTYPES else rows
+    return raw[torch.tensor(first, device=rows.device)].view(rows.dtype)
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:

@@ -135,6 +135,23 @@ def test_one_rank_shard_is_the_global_weights():
     assert torch.equal(back.w13, w13) and torch.equal(back.w2, w2)
 
 
+def test_gather_experts_on_one_rank_follows_the_placement():
+    """On one rank gather_experts returned the slots as they were: after apply_placement with a
+    permutation (or a checkpoint loaded in another placement) the experts came back out of order."""
+    w13, w2 = _global_weights()
+    quant = ep.QuantConfig()
+    (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    permuted = ep.ExpertPlacement(E, 1, 0, physical_to_logical=[3, 1, 2, 0, 4, 5, 7, 6])
+    for quant_config, loaded in ((None, dict(w13=w13, w2=w2)),
+                                 (quant, dict(w13=q13, w2=q2, w13_scale_inv=s13, w2_scale_inv=s2))):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=quant_config)
+        layer.load_experts(**loaded)
+        layer.apply_placement(permuted)
+        back = layer.gather_experts()
+        for name, want in loaded.items():  # fp8 too, exactly, as float64
+            assert torch.equal(getattr(back, name).double(), want.double()), (quant_config, name)
+
+
 # ---------------------------------------------------------------- Hugging Face round trip
 
 def _hf_round_trip_rank(rank, world_size, family, folder):
