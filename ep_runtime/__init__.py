@@ -19,14 +19,16 @@ from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput,
 # isort: off
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
+from .checkpoint import ExpertLoadPlanner, distributed_state_dict, load_distributed_state_dict  # noqa: E402
 from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
 # isort: on
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CombineInput", "EPMoE", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig", "MoeRunner",
-    "PeerFailure", "QuantConfig", "RunnerInput", "eplb",
-    "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "envs",
-    "init_distributed", "registered_pairs", "runners", "select_experts", "supported_formats",
+    "CombineInput", "EPMoE", "ExpertLoadPlanner", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig",
+    "MoeRunner", "PeerFailure", "QuantConfig", "RunnerInput", "eplb",
+    "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "distributed_state_dict", "envs",
+    "init_distributed", "load_distributed_state_dict", "registered_pairs", "runners", "select_experts",
+    "supported_formats",
 ]

@@ -117,9 +117,9 @@ class EPMoE(nn.Module):
         if quant_config is not None:
             self._store_quantized(quant_config, device)
         self.reset_parameters()
-        # A state_dict holds this rank's slots in the placement of the moment: after a rebalance it names
-        # that placement (PLACEMENT_KEY), and loading one adopts the placement its weights are in.
-        self._initial_placement = self.placement
+        # A state_dict holds this rank's slots in the placement of the moment: off the default placement
+        # (rebalanced, or built with expert_to_rank) it names that placement (PLACEMENT_KEY), and loading
+        # one adopts the placement its weights are in.
         self.register_state_dict_post_hook(_save_placement)
         self.register_load_state_dict_pre_hook(_load_placement)
         self.register_load_state_dict_post_hook(_follow_assigned_weights)
@@ -368,13 +368,14 @@ class EPMoE(nn.Module):
         if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < R):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
         me = self.dispatcher.rank
-        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert
-            if dst is not None and me != dst:
-                return None
-            return ExpertWeights(*[t.detach().clone() if t is not None else None for t in shards], self.quant)
         # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
+        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert (in its slots)
+            if dst is not None and me != dst:
+                return None
+            return ExpertWeights(*[_first_copies(t.detach(), first) if t is not None else None for t in shards],
+                                 self.quant)
         out = []
         for t in shards:
             raw = t.detach().contiguous().view(torch.uint8) if t is not None and t.dtype in FP8_DTYPES else t
@@ -382,8 +383,7 @@ class EPMoE(nn.Module):
             if parts is None or (dst is not None and me != dst):
                 out.append(None)
                 continue
-            rows = parts.reshape((-1,) + tuple(parts.shape[2:]))
-            out.append(rows[torch.tensor(first, device=rows.device)].view(t.dtype))  # fp8 travelled as bytes
+            out.append(_first_copies(parts.reshape((-1,) + tuple(parts.shape[2:])), first).view(t.dtype))
         if dst is not None and me != dst:
             return None
         return ExpertWeights(*out, self.quant)
@@ -681,6 +681,12 @@ class EPMoE(nn.Module):
                 + (", shared_experts" if self.shared_experts is not None else ""))
 
 
+def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:
+    """rows[first] (a copy): each expert's first copy among the slots' rows; fp8 indexed as bytes."""
+    raw = rows.view(torch.uint8) if rows.dtype in FP8_DTYPES else rows
+    return raw[torch.tensor(first, device=rows.device)].view(rows.dtype)
+
+
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:
     """[*lead, last] -> [prod(lead), last]; a tensor without x's leading dims is an error."""
     if not isinstance(t, torch.Tensor):
@@ -713,26 +719,34 @@ def _placement_tables(placement: ExpertPlacement) -> tuple:
     return placement._owners(), placement._logical()
 
 
+def _default_placement(placement: ExpertPlacement) -> ExpertPlacement:
+    """What a state_dict without PLACEMENT_KEY is in: E + N slots contiguous over the ranks, slot p holding
+    expert p % E (a layer built without expert_to_rank, before any rebalance), whatever layer loads it."""
+    return ExpertPlacement.with_redundant_experts(placement.num_experts, placement.num_redundant_experts,
+                                                  placement.ep_size, placement.rank)
+
+
 def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: a layer off its initial placement (rebalanced) adds PLACEMENT_KEY, int64
-    [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same on every rank), so the
-    slots' weights can be loaded back into the placement they were saved in."""
-    if _placement_tables(layer.placement) != _placement_tables(layer._initial_placement):
+    """state_dict post-hook: a layer off the default placement (rebalanced, or built with expert_to_rank)
+    adds PLACEMENT_KEY, int64 [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same
+    on every rank), so the slots' weights can be loaded back into the placement they were saved in."""
+    if _placement_tables(layer.placement) != _placement_tables(_default_placement(layer.placement)):
         state_dict[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64)
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                     missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """load_state_dict pre-hook: the weights in `state_dict` sit in the placement it names (none named: the
-    layer's initial one); the layer takes that placement (every rank loads together when it differs), so a
-    checkpoint saved after a rebalance computes the same experts in a fresh layer, and a fresh checkpoint
-    loaded into a rebalanced layer does too."""
+    default one, whatever placement the loading layer was built with); the layer takes that placement (every
+    rank loads together when it differs), so a checkpoint saved after a rebalance computes the same experts
+    in a fresh layer, and a fresh checkpoint loaded into a rebalanced layer (or one built with
+    expert_to_rank) does too."""
     table = state_dict.pop(prefix + PLACEMENT_KEY, None)
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
     if not any(prefix + name in state_dict for name in held):  # no expert weights loaded here: their placement stays
         return
     current = layer.placement
-    saved = layer._initial_placement
+    saved = _default_placement(current)
     if table is not None:
         P = current.num_physical_experts
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != (2, P):

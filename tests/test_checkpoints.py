@@ -6,10 +6,15 @@
 - gather_experts hands every expert back in checkpoint layout, on every rank or on one.
 - Hugging Face: HF -> replace_experts (2 gloo ranks) -> export_state_dict -> save_pretrained ->
   from_pretrained gives back the original state dict and logits exactly.
+- torch.distributed.checkpoint: ep.distributed_state_dict -> dcp.save at 2 ranks -> dcp.load ->
+  ep.load_distributed_state_dict into a model built with another seed, at 2 ranks and at 1 and 4.
 All on 2 gloo ranks against a one-process view of the same seeded weights.
 """
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
@@ -133,6 +138,23 @@ def test_one_rank_shard_is_the_global_weights():
     layer.load_experts(w13, w2)
     back = layer.gather_experts()
     assert torch.equal(back.w13, w13) and torch.equal(back.w2, w2)
+
+
+def test_gather_experts_on_one_rank_follows_the_placement():
+    """On one rank gather_experts returned the slots as they were: after apply_placement with a
+    permutation (or a checkpoint loaded in another placement) the experts came back out of order."""
+    w13, w2 = _global_weights()
+    quant = ep.QuantConfig()
+    (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    permuted = ep.ExpertPlacement(E, 1, 0, physical_to_logical=[3, 1, 2, 0, 4, 5, 7, 6])
+    for quant_config, loaded in ((None, dict(w13=w13, w2=w2)),
+                                 (quant, dict(w13=q13, w2=q2, w13_scale_inv=s13, w2_scale_inv=s2))):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=quant_config)
+        layer.load_experts(**loaded)
+        layer.apply_placement(permuted)
+        back = layer.gather_experts()
+        for name, want in loaded.items():  # fp8 too, exactly, as float64
+            assert torch.equal(getattr(back, name).double(), want.double()), (quant_config, name)
 
 
 # ---------------------------------------------------------------- Hugging Face round trip
@@ -348,3 +370,189 @@ def test_a_rebalanced_state_dict_at_another_ep_size_is_named():
                                   "ep_size=4, num_experts=8 (expert_to_rank gives rank 0 4 experts;"), message
         assert message.endswith("A per-rank state_dict loads at the EP size it was saved at; to change it, "
                                 "gather_experts() then load_experts()"), message
+
+
+def _placement_less_state_rank(rank, world_size):
+    w13, w2 = (w.double() for w in _global_weights())
+    make = lambda **kw: ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64, **kw)  # noqa: E731
+    round_robin = dict(expert_to_rank=[e % world_size for e in range(E)])
+    redundant_swapped = dict(num_redundant_experts=2, expert_to_rank=[0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13, w2, make().config)
+    errors, keys = {}, {}
+    for name, saver_kw, loader_kw in (("default into round-robin", {}, round_robin),
+                                      ("round-robin into default", round_robin, {}),
+                                      ("redundant into other slots", dict(num_redundant_experts=2), redundant_swapped)):
+        saver = make(**saver_kw)
+        saver.load_experts(w13, w2)
+        state = {k: v.clone() for k, v in saver.state_dict().items()}
+        keys[name] = sorted(state)
+        loader = make(**loader_kw)
+        loader.load_state_dict(state)
+        with torch.no_grad():
+            errors[name] = rel_err(loader(x.double(), ids, weights), ref)
+    return keys, errors
+
+
+def test_a_state_dict_without_placement_loads_into_a_layer_built_with_another_placement():
+    """A per-rank state_dict named its placement only off the saving layer's initial placement, and one
+    without the entry was read as the loading layer's initial placement: saved by a default layer and
+    loaded into one built with expert_to_rank (or the other way round), every slot silently took another
+    expert's weights. The entry is now written whenever the slots are not in the default placement (E
+    + N slots contiguous over the ranks, slot p holding expert p % E), and no entry means that one."""
+    for keys, errors in run_ranks(_placement_less_state_rank, 2, timeout=120):
+        assert keys == {"default into round-robin": ["w13", "w2"],  # a default layer's state_dict is as it was
+                        "round-robin into default": ["expert_placement", "w13", "w2"],
+                        "redundant into other slots": ["w13", "w2"]}, keys
+        assert max(errors.values()) < tolerance(torch.float64), errors
+
+
+# ---------------------------------------------------------------- torch.distributed.checkpoint (DCP)
+
+class _Model(nn.Module):
+    """Two sharded EPMoE layers (fp8 experts, then float ones with biases), a replicated Linear between
+    them and a replicated (dispatcher="standard") EPMoE beside the second."""
+
+    def __init__(self, expert_to_rank=None):
+        super().__init__()
+        self.moe1 = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=ep.QuantConfig(),
+                             expert_to_rank=expert_to_rank)
+        self.proj = nn.Linear(H, H)
+        self.moe2 = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", has_bias=True)
+        self.replicated = ep.EPMoE(E, K, H, I, dispatcher="standard", runner="torch")
+
+    def forward(self, x, ids, weights):
+        h = self.proj(x + self.moe1(x, ids, weights))
+        return h + self.moe2(h, ids, weights) + self.replicated(h, ids, weights)
+
+
+def _experts(model) -> dict:
+    """Every layer's experts in checkpoint layout ([E, ...], float64) and the sharded layers' placements."""
+    out = {f"{name}.placement": [list(row) for row in ep.layer._placement_tables(getattr(model, name).placement)]
+           for name in ("moe1", "moe2")}
+    for name in ("moe1", "moe2", "replicated"):
+        for field, t in vars(getattr(model, name).gather_experts()).items():
+            if isinstance(t, torch.Tensor):
+                out[f"{name}.{field}"] = t.double().numpy()
+    out["proj.weight"] = model.proj.weight.detach().double().numpy()
+    return out
+
+
+def _outputs(model, ranks) -> list:
+    """The model's output on the tokens of each saving rank in `ranks` (float64 numpy)."""
+    with torch.no_grad():
+        return [model(*_tokens(r)).double().numpy() for r in ranks]
+
+
+def _dcp_save_rank(rank, world_size, path):
+    torch.manual_seed(0)
+    model = _Model(expert_to_rank=[e % world_size for e in range(E)])  # round-robin: rank r's rows are slots r, r+2, ...
+    w13, w2 = _global_weights()
+    quant = ep.QuantConfig()
+    (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    model.moe1.load_experts(q13, q2, w13_scale_inv=s13 * 1.5, w2_scale_inv=s2)  # scales unlike the initial ones
+    gen = torch.Generator().manual_seed(9)
+    model.moe2.load_experts(w13.flip(0), w2.flip(0), torch.randn(E, 2 * I, generator=gen), torch.randn(E, H, generator=gen))
+    x, ids, weights = _tokens(rank)
+    with torch.no_grad():
+        model.moe2(x, torch.zeros_like(ids) + torch.arange(K), weights)  # experts 0 and 1 hot
+        model.moe2.rebalance()
+    state = ep.distributed_state_dict(model)
+    kinds = {k: type(v).__name__ for k, v in state.items()}
+    dcp.save(state, checkpoint_id=path)
+    return _experts(model), _outputs(model, [rank]), kinds
+
+
+@pytest.fixture(scope="module")
+def dcp_checkpoint(tmp_path_factory):
+    """A DCP checkpoint of _Model saved at 2 ranks: (path, experts, each rank's outputs, state_dict types)."""
+    path = str(tmp_path_factory.mktemp("dcp"))
+    saved = run_ranks(_dcp_save_rank, 2, path, timeout=120)
+    return path, saved[0][0], [y for _, (y,), _ in saved], saved[0][2]
+
+
+def _dcp_load_rank(rank, world_size, path):
+    torch.manual_seed(1)  # another initialisation than the saved model's
+    model = _Model()
+    state = ep.distributed_state_dict(model)
+    dcp.load(state, checkpoint_id=path)
+    ep.load_distributed_state_dict(model, state)
+    ranks = [0, 1] if world_size == 1 else [rank % 2]  # the saving ranks' tokens, run here
+    return _experts(model), _outputs(model, ranks), ranks
+
+
+def test_dcp_round_trip_at_the_saved_ep_size(dcp_checkpoint):
+    """dcp.save of model.state_dict() kept one of the same-named expert tensors of the two ranks, and
+    dcp.load then gave every rank rank 0's experts, silently. ep.distributed_state_dict makes each
+    sharded layer's experts (fp8 ones with their scales too) DTensors sharded over the EP group, and the
+    placements come back with them: the rebalanced layer's, and the round-robin one into a model built
+    with the default placement."""
+    path, experts, outputs, kinds = dcp_checkpoint
+    for name in ("moe1.w13", "moe1.w2", "moe1.w13_scale_inv", "moe1.w2_scale_inv", "moe2.w13", "moe2.b2"):
+        assert kinds[name] == "DTensor", (name, kinds)
+    assert {kinds[name] for name in ("proj.weight", "replicated.w13", "moe2.expert_placement")} == {"Tensor"}, kinds
+    assert experts["moe1.placement"][0] == [0, 1] * (E // 2)  # round-robin: the rows are not the slots
+    assert experts["moe2.placement"][1] != list(range(E))  # the rebalance moved experts: the round trip means something
+    for rank, (loaded, ys, ranks) in enumerate(run_ranks(_dcp_load_rank, 2, path, timeout=120)):
+        assert sorted(loaded) == sorted(experts)
+        for name, want in experts.items():
+            assert torch.equal(torch.as_tensor(loaded[name]), torch.as_tensor(want)), (rank, name)  # bit for bit, in float64
+        for y, r in zip(ys, ranks):
+            assert rel_err(torch.from_numpy(y), torch.from_numpy(outputs[r])) < tolerance(torch.float32), (rank, r)
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_dcp_loads_at_another_ep_size(dcp_checkpoint, world_size):
+    """Saved at 2 ranks, loaded at 1 or 4: DCP reshards the [E, ...] slot tensors over the new ranks; each
+    rank's slots hold the experts of the rows it got (the rebalanced layer keeps its experts' order), and
+    the model computes what the saved one did."""
+    path, experts, outputs, _ = dcp_checkpoint
+    for rank, (loaded, ys, ranks) in enumerate(run_ranks(_dcp_load_rank, world_size, path, timeout=120)):
+        for name, want in experts.items():
+            if not name.endswith("placement"):  # the slots' ranks follow the EP size
+                assert torch.equal(torch.as_tensor(loaded[name]), torch.as_tensor(want)), (rank, name)
+        for y, r in zip(ys, ranks):
+            assert rel_err(torch.from_numpy(y), torch.from_numpy(outputs[r])) < tolerance(torch.float32), (rank, r)
+
+
+def _dcp_slot_counts_rank(rank, world_size, path):
+    make = lambda e, n: nn.ModuleDict({"moe": ep.EPMoE(e, K, H, I, dispatcher="deepep_normal", runner="torch",  # noqa: E731
+                                                       num_redundant_experts=n)})
+    saved = make(E, 2)
+    dcp.save(ep.distributed_state_dict(saved), checkpoint_id=path)
+    messages = {}
+    with pytest.raises(CheckpointException) as err:  # DCP's size check, before any layer sees the state
+        dcp.load(ep.distributed_state_dict(make(E, 0)), checkpoint_id=path)
+    messages["dcp"] = str(err.value)
+    with pytest.raises(CheckpointException) as err:
+        dcp.load(ep.distributed_state_dict(make(E, 0)), checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    messages["planner"] = str(next(iter(err.value.failures.values()))[0])
+    with pytest.raises(ValueError) as err:
+        ep.load_distributed_state_dict(make(E, 0), ep.distributed_state_dict(saved))
+    messages["load"] = str(err.value)
+    # 4 experts + 4 copies saved at 4 ranks, 2 slots each: rows 0..3 (rank 0's at 2 ranks) hold expert 0 twice
+    copies = make(4, 4)
+    state = ep.distributed_state_dict(copies)
+    state["moe.expert_placement"] = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 0, 2, 3, 1, 2, 3]])
+    with pytest.raises(ValueError) as err:
+        ep.load_distributed_state_dict(copies, state)
+    messages["copies"] = str(err.value)
+    return messages
+
+
+def test_dcp_checkpoint_with_other_slot_counts_is_named(tmp_path):
+    """A DCP checkpoint of a layer with 2 redundant experts (10 slots) loaded into one without (8): DCP
+    stops at its size check; ExpertLoadPlanner and load_distributed_state_dict name the layer, both slot
+    counts and the way out. Rows that would put two copies of an expert on one rank are named too."""
+    for messages in run_ranks(_dcp_slot_counts_rank, 2, str(tmp_path), timeout=120):
+        assert "ValueError: Size mismatch between saved torch.Size([" in messages["dcp"], messages["dcp"]
+        slots = ("moe: the checkpoint holds 10 physical expert slots (moe.expert_placement [2, 10]), this layer 8 "
+                 "(num_experts + num_redundant_experts); a distributed checkpoint loads at any EP size but into the "
+                 "same number of slots. To change num_redundant_experts, build the model as it was saved, load it, "
+                 "gather_experts() and load_experts() the [E, ...] weights into the new layer")
+        assert messages["planner"] == slots and messages["load"] == slots, messages
+        assert messages["copies"] == (
+            "moe: the checkpoint's 8 slots, saved at ep_size=4, in rows of 4 per rank at ep_size=2: "
+            "physical_to_logical puts two copies of expert 0 on rank 0 (slots [0, 2]); copies of one expert must sit "
+            "on different ranks. Load it at ep_size=4, then gather_experts() and load_experts() the [E, ...] weights "
+            "into the layer at this EP size"), messages["copies"]

@@ -1,0 +1,141 @@
+"""torch.distributed.checkpoint (DCP) for models holding EPMoE layers.
+
+model.state_dict() holds each rank's expert slots as plain tensors under the same names on every rank,
+and DCP takes same-named plain tensors for copies of one tensor (it keeps one). The functions here give
+and take the same dict with each sharded layer's slots as DTensors over its EP group, so DCP saves every
+rank's slots and reshards them on load, as torch.distributed.checkpoint.state_dict's
+get_model_state_dict / set_model_state_dict do for FSDP:
+
+    state = ep.distributed_state_dict(model)
+    dcp.save(state, checkpoint_id=path)
+    ...
+    state = ep.distributed_state_dict(model)          # a model built as the saved one, at any EP size
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())   # fills `state` in place
+    ep.load_distributed_state_dict(model, state)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _placement_tables
+from .placement import ExpertPlacement
+
+
+def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
+    """`model.state_dict()` for torch.distributed.checkpoint. Every rank calls it; the dict shares its
+    tensors with the model (dcp.load writes into the layers). For each EPMoE whose experts are sharded
+    (every dispatcher but "standard"), with L slots per rank and P = E + N slots over R ranks:
+
+    - `<layer>.w13`, `w2` (and `b13`, `b2`, fp8's `w13_scale_inv`, `w2_scale_inv`): a DTensor over a
+      1-D DeviceMesh of the layer's group, placement Shard(0), global shape [P, ...]: row r*L + j is rank
+      r's local slot j (physical slot r*L + j in a contiguous placement; with an expert_to_rank that
+      interleaves the ranks, the slots in rank order). Plain tensors when no process group is initialized.
+    - `<layer>.expert_placement`: int64 [2, P], always (the per-rank state_dict has it only off the default
+      placement): each physical slot's rank, then its logical expert; the same on every rank.
+
+    Everything else is what model.state_dict() holds: replicated parameters (a "standard" layer's
+    experts included) as plain tensors, which DCP saves once."""
+    state = model.state_dict()
+    for prefix, layer in _sharded_layers(model):
+        group = layer.dispatcher.group
+        mesh = (DeviceMesh.from_group(group, layer.w13.device.type)
+                if group is not None and dist.is_initialized() else None)
+        for name in _EXPERT_TENSORS:
+            t = getattr(layer, name)
+            if t is not None and mesh is not None:
+                state[prefix + name] = DTensor.from_local(t.detach(), mesh, [Shard(0)], run_check=False)
+        state[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64,
+                                                     device="cpu")
+    return state
+
+
+def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], strict: bool = True):
+    """Load a dict made by distributed_state_dict (after dcp.load filled it in place) into `model`; every
+    rank calls it. Each sharded EPMoE may have been saved at another EP size, with the same number of
+    physical slots P: its rows then hold the experts the checkpoint's placement put there, and the layer
+    runs in the placement they make: at the saved EP size the saved one (rebalanced or built with
+    expert_to_rank, as it was), at another one the layer's own slot ranks, each slot holding the expert
+    of its row. Everything else loads as model.load_state_dict(state, strict) loads it (which it returns).
+    Another number of slots (num_redundant_experts) is an error naming the layer; so is a placement whose
+    copies of an expert would share a rank at this EP size."""
+    state = dict(state_dict)
+    for prefix, layer in _sharded_layers(model):
+        for name in _EXPERT_TENSORS:
+            if isinstance(state.get(prefix + name), DTensor):
+                state[prefix + name] = state[prefix + name].to_local()
+        if prefix + PLACEMENT_KEY in state:  # the placement of the rows, as the per-rank load_state_dict takes it
+            state[prefix + PLACEMENT_KEY] = _placement_of_rows(layer, prefix, state[prefix + PLACEMENT_KEY])
+    return model.load_state_dict(state, strict=strict)
+
+
+class ExpertLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner that first checks every EPMoE layer in the state_dict against the
+    checkpoint: `dcp.load(state, checkpoint_id=..., planner=ep.ExpertLoadPlanner())`. A layer with
+    another number of physical slots than the saved one (num_experts + num_redundant_experts) is named
+    with both counts and the way to convert it (without this planner dcp.load stops at its own size
+    check, "Size mismatch between saved torch.Size([2, 10]) and current: torch.Size([2, 8]) for
+    <layer>.expert_placement" or the same for an expert tensor). Takes DefaultLoadPlanner's arguments."""
+
+    def create_local_plan(self):
+        for key, table in self.state_dict.items():
+            saved = self.metadata.state_dict_metadata.get(key)
+            if key.rpartition(".")[2] == PLACEMENT_KEY and saved is not None and hasattr(saved, "size"):
+                _check_slot_count(key, int(saved.size[-1]), int(table.shape[-1]))
+        return super().create_local_plan()
+
+
+def _sharded_layers(model: nn.Module):
+    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts."""
+    for name, module in model.named_modules():
+        if isinstance(module, EPMoE) and module.dispatcher.shards_experts:
+            yield (name + "." if name else ""), module
+
+
+def _check_slot_count(key: str, saved: int, have: int) -> None:
+    if saved != have:
+        layer = key[:-len(PLACEMENT_KEY)].rstrip(".") or "the model"
+        raise ValueError(f"{layer}: the checkpoint holds {saved} physical expert slots ({key} [2, {saved}]), this "
+                         f"layer {have} (num_experts + num_redundant_experts); a distributed checkpoint loads at any "
+                         f"EP size but into the same number of slots. To change num_redundant_experts, build the "
+                         f"model as it was saved, load it, gather_experts() and load_experts() the [E, ...] "
+                         f"weights into the new layer")
+
+
+def _placement_of_rows(layer: EPMoE, prefix: str, table: Any) -> torch.Tensor:
+    """The placement table ([2, P]: each physical slot's rank, then its logical expert) of the slots this
+    layer's ranks hold after dcp.load gave them the rows of a checkpoint saved in placement `table`."""
+    current = layer.placement
+    P, R = current.num_physical_experts, current.ep_size
+    key = prefix + PLACEMENT_KEY
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != 2:
+        shape = list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"state_dict[{key!r}] has shape {shape}; expected [2, {P}] (each physical slot's rank and "
+                         f"logical expert)")
+    _check_slot_count(key, table.shape[1], P)
+    owners, logical = (tuple(int(v) for v in row) for row in table.tolist())
+    saved_size = max(owners) + 1  # every rank holds P / R >= 1 slots
+    row_experts = [logical[q] for q in _slots_in_rank_order(owners, saved_size)]  # the expert of each row
+    slot_ranks = owners if saved_size == R else current._owners()
+    experts = [0] * P
+    for row, q in enumerate(_slots_in_rank_order(slot_ranks, R)):
+        experts[q] = row_experts[row]
+    try:
+        ExpertPlacement(current.num_experts, R, current.rank, slot_ranks, experts)
+    except ValueError as err:  # copies of one expert in rows that now share a rank
+        raise ValueError(f"{prefix.rstrip('.') or 'the model'}: the checkpoint's {P} slots, saved at ep_size="
+                         f"{saved_size}, in rows of {P // R} per rank at ep_size={R}: {err}. Load it at ep_size="
+                         f"{saved_size}, then gather_experts() and load_experts() the [E, ...] weights into the layer "
+                         f"at this EP size") from None
+    return torch.tensor([slot_ranks, experts], dtype=torch.int64)
+
+
+def _slots_in_rank_order(owners: tuple, ep_size: int) -> list[int]:
+    """The physical slots of rank 0 (ascending), then rank 1's, ...: the DTensor's rows."""
+    return [q for r in range(ep_size) for q, owner in enumerate(owners) if owner == r]
