@@ -19,11 +19,20 @@ from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput,
 # isort: off
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
-from .checkpoint import ExpertLoadPlanner, distributed_state_dict, load_distributed_state_dict  # noqa: E402
 from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
 # isort: on
 
 __version__ = "0.1.0"
+
+_CHECKPOINT = ("ExpertLoadPlanner", "distributed_state_dict", "load_distributed_state_dict")
+
+
+def __getattr__(name: str):
+    """The checkpoint names import torch.distributed.checkpoint (~0.3 s): only when first used."""
+    if name in _CHECKPOINT:
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'ep_runtime' has no attribute {name!r}")
 
 __all__ = [
     "CombineInput", "EPMoE", "ExpertLoadPlanner", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig",
