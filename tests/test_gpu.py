@@ -518,6 +518,32 @@ def test_standard_layer_forward_makes_no_host_sync():
     assert rel_err(want, ref) <= tolerance(torch.bfloat16)
 
 
+@pytest.mark.parametrize("dispatcher,runner,tokens", [("standard", "triton", 65536), ("deepep_ll", "masked", 16384)])
+def test_rows_past_2_31_elements_equal_the_same_rows_in_chunks(dispatcher, runner, tokens):
+    """DeepSeek-V3's EP 8 shard (32 experts, K=8, H=7168, I=2048) on enough tokens that the runner's
+    pair rows hold more than 2^31 elements (T*K*H = 3.8e9; deepep_ll's [L, M, H] buffer likewise): an
+    offset computed in int32 wraps there. The output equals the layer's on the same tokens in four
+    chunks, row by row (the same kernels on fewer rows; measured equal bit for bit on an H200)."""
+    if runner not in runners.available():
+        pytest.skip(f"runner={runner!r} is not available here")
+    options = {"num_max_dispatch_tokens_per_rank": tokens} if dispatcher == "deepep_ll" else None
+    layer = ep.EPMoE(256 // 8, 8, 7168, 2048, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                     device="cuda", dispatcher_options=options)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(tokens, 7168, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ids = torch.rand(tokens, 32, device="cuda", generator=gen).topk(8, dim=1).indices.to(torch.int32)
+    w = torch.rand(tokens, 8, device="cuda", generator=gen)
+    with torch.no_grad():
+        whole = layer(x, ids, w).float()
+        step = tokens // 4
+        chunks = torch.cat([layer(x[i:i + step], ids[i:i + step], w[i:i + step]) for i in range(0, tokens, step)]).float()
+    row_err = (whole - chunks).norm(dim=1) / chunks.norm(dim=1)
+    assert torch.isfinite(whole).all() and row_err.max().item() <= tolerance(torch.bfloat16), (
+        row_err.argmax().item(), row_err.max().item())
+    del layer, x, whole, chunks
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("key", [f"dispatch/{impl}" for impl in STATIC] + [f"layer/{r}" for r in runners.registered()])
 def test_graph_replay_equals_eager(on_ranks, key):
     if key not in on_ranks[0]:
