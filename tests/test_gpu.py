@@ -211,19 +211,28 @@ def inference_on_rank(rank: int, world_size: int) -> dict:
     return out
 
 
+# (dispatcher, its options, fp8 experts): every inference path, and the three places fp8 quantizes tokens
+ISOLATION = {**{impl: (name, options, False) for impl, (name, options) in INFERENCE.items()},
+             "fp8 experts": ("standard", {}, True),
+             "fp8 dispatch deepep_normal": ("deepep_normal", {"use_fp8": True}, False),
+             "fp8 dispatch deepep_ll, fp8 experts": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 128,
+                                                                  "use_fp8": True}, True)}
+
+
 def isolation_on_rank(rank: int, world_size: int) -> dict:
-    """Rank 0's tokens 3 (NaN) and 5 (inf) leave every other token's output as it was, for each dispatcher
-    with runner="auto" (bf16 inference, memory NaN-poisoned first): a bad row reaches its own experts'
-    rows only, never padding, another token's rows or combine's sums."""
+    """Rank 0's tokens 3 (NaN) and 5 (inf) leave every other token's output as it was and give non-finite
+    rows themselves, for each dispatcher with runner="auto" (bf16 inference, memory NaN-poisoned first;
+    fp8 where tokens are quantized): a bad row reaches its own experts' rows only, never padding, another
+    token's rows or combine's sums, and no quantization turns it finite."""
     from ep_runtime.distributed import device_for_rank
 
     device = device_for_rank()
     out = {}
-    for impl, (name, options) in INFERENCE.items():
+    for impl, (name, options, fp8) in ISOLATION.items():
         _poison_cached_memory(device)
         try:
             layer = ep.EPMoE(E, K, H, INTER, dispatcher=name, runner="auto", dtype=torch.bfloat16, device=device,
-                             dispatcher_options=options)
+                             dispatcher_options=options, quant_config=ep.QuantConfig() if fp8 else None)
             x = torch.randn(100, H, device=device, dtype=torch.bfloat16)
             ids, w = _routing(100, device, 5 + rank)
             bad = x.clone()
@@ -234,6 +243,7 @@ def isolation_on_rank(rank: int, world_size: int) -> dict:
             keep = torch.ones(100, dtype=torch.bool, device=device)
             keep[[3, 5]] = rank != 0
             out[f"isolation/{impl}"] = ("ok", {"finite": bool(torch.isfinite(poisoned[keep]).all()),
+                                               "bad rows finite": torch.isfinite(poisoned[~keep]).all(1).tolist(),
                                                "err": rel_err(poisoned[keep].double(), clean[keep].double())})
         except Exception:  # noqa: BLE001
             out[f"isolation/{impl}"] = ("error", traceback.format_exc()[-1500:])
@@ -336,12 +346,13 @@ def test_pair_matches_float64_reference_forward_and_backward(on_ranks, dispatche
         assert max(errors.values()) <= tolerance(torch.bfloat16), errors
 
 
-@pytest.mark.parametrize("impl", list(INFERENCE))
+@pytest.mark.parametrize("impl", list(ISOLATION))
 def test_a_non_finite_token_leaves_the_other_tokens_as_they_were(on_ranks, impl):
     status, value = _outcome(on_ranks, f"isolation/{impl}")
     assert status == "ok", value
     for per_rank in value:  # the same inputs and kernels: only the two bad rows may change anything
         assert per_rank["finite"] and per_rank["err"] <= tolerance(torch.bfloat16), per_rank
+    assert value[0]["bad rows finite"] == [False, False], value[0]  # rank 0's tokens 3 and 5 stay non-finite
 
 
 @pytest.mark.parametrize("impl", list(TRANSPORTED))
