@@ -444,6 +444,13 @@ def test_init_distributed_timeout_argument_is_checked(bad):
     with pytest.raises(TypeError, match="timeout_s='5' must be a number of seconds"):
         ep.init_distributed(backend="gloo", timeout_s="5")
     assert not torch.distributed.is_initialized()
+    group = ep.init_distributed(backend="gloo")  # a second call returns the group, but checks its argument too
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"timeout_s={bad!r}; allowed: 1 <= seconds <= 1e+09")):
+            ep.init_distributed(backend="gloo", timeout_s=bad)
+        assert ep.init_distributed(backend="gloo", timeout_s=5) is group
+    finally:
+        ep.destroy_distributed()
 
 
 JUNK = ["", "0", "-1", "1", "7", "1e9", "1e20", "abc", "nan", "inf", "-inf", "--", "1.5", " 3 ", "\t", "-0",
