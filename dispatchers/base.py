@@ -134,7 +134,7 @@ class Dispatcher:
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
             if self._plain(async_op, return_recv_hook, previous_event):
                 return self._dispatch(x, topk, **options)
-            return self._issue(lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
+            return self._issue(self._named("dispatch", lambda: self._dispatch(x, topk, **options)), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
@@ -168,8 +168,17 @@ class Dispatcher:
                 T = self.combined_tokens(combine_input.dispatch_output)
             rows = combine_input.hidden_states
             shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
-            return self._issue(lambda: self._combine(combine_input), rows.device, combine_input, async_op,
-                               return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+            return self._issue(self._named("combine", lambda: self._combine(combine_input)), rows.device, combine_input,
+                               async_op, return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
+
+    def _named(self, operation: str, fn):
+        """fn, raising a peer that does not answer as ep.PeerFailure wherever it runs: an async call on CPU
+        ranks runs on the group's exchange thread, and its error reaches the caller at work.wait() (or the
+        receive hook), outside dispatch's and combine's own naming."""
+        def run():
+            with distributed.naming_peer_failures(self, operation):
+                return fn()
+        return run
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked

@@ -613,14 +613,21 @@ def _not_while_capturing(mode: str) -> None:
                        "run one exchange eagerly first (the NVLink transport is made then)")
 
 
-def describe(group, mode: str, puts: bool = False) -> str:
-    """What an exchange with transport setting `mode` on `group` uses (puts: as peer_transport's), as
-    far as known without a collective (an nvlink transport is made at the group's first exchange):
-    for layer reprs."""
+def describe(group, mode: str, puts: bool = False, device: Optional[torch.device] = None) -> str:
+    """What an exchange with transport setting `mode` on `group` uses (puts, device: as peer_transport's),
+    as far as known without a collective (an nvlink transport is made at the group's first exchange):
+    for layer reprs. `auto` names its choice once made: the collective wherever peer_transport never
+    considers NVLink, or where the group's first exchange found it unusable."""
     if mode == "nvlink" or (mode == "auto" and puts):
-        for device, found in _of_group(group).items():
+        for where, found in _of_group(group).items():
             chosen = "nvlink" if mode == "nvlink" else "auto (nvlink)"
-            return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {device}, shared by the group)"
+            return f"transport={chosen} ({found.nbytes / 2 ** 20:.1f} MiB on {where}, shared by the group)"
+    if mode == "auto":
+        grouped = dist.is_available() and dist.is_initialized()
+        key = group if group is not None else (dist.group.WORLD if grouped else None)
+        considered = puts and device is not None and device.type == "cuda" and grouped and dist.get_world_size(group) > 1
+        if not considered or device in _VERDICTS.get(key, {}):
+            return "transport=auto (collective)"
     return f"transport={mode}"
 
 

@@ -85,12 +85,16 @@ class StandardDispatcher(Dispatcher):
         self._deferred.flush()
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
-        """One row per dispatched token: combine returns them as they are, so T must match."""
+        """One row per dispatched token, in x's dtype: combine returns them as they are, so T and the
+        dtype must match (combine returns [T, H] in x's dtype, as every dispatcher's does)."""
         super().check_combine_input(combine_input)
-        rows, T = combine_input.hidden_states, combine_input.dispatch_output.hidden_states.shape[0]
-        if rows.dim() != 2 or rows.shape[0] != T:
+        rows, x = combine_input.hidden_states, combine_input.dispatch_output.hidden_states
+        if rows.dim() != 2 or rows.shape[0] != x.shape[0]:
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected "
-                             f"[{T}, {self.config.hidden_size}] (one row per dispatched token)")
+                             f"[{x.shape[0]}, {self.config.hidden_size}] (one row per dispatched token)")
+        if rows.dtype != x.dtype:
+            raise TypeError(f"combine_input.hidden_states has dtype {rows.dtype}; expected {x.dtype}, the dtype of the "
+                            f"dispatched x (combine returns y in it)")
 
     def _combine(self, combine_input: CombineInput) -> torch.Tensor:
         return combine_input.hidden_states

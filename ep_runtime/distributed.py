@@ -164,11 +164,12 @@ _CREATED_HERE = False
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call returns the existing group). Sets the CUDA device from the
+    Safe to call twice (the second call checks timeout_s and returns the existing group). Sets the CUDA device from the
     local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
     long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
     """
     global _CREATED_HERE
+    given = check_timeout(timeout_s) if timeout_s is not None else None  # checked on a second call too
     if dist.is_initialized():
         return dist.group.WORLD
     launch = detect_launch()
@@ -179,7 +180,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
-    ours = check_timeout(timeout_s) if timeout_s is not None else envs.get("TIMEOUT_S")
+    ours = given if given is not None else envs.get("TIMEOUT_S")
     timeout = timedelta(seconds=ours)
     kwargs = {}
     if use_cuda:

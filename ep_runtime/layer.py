@@ -673,7 +673,7 @@ class EPMoE(nn.Module):
         c = self.config
         transport = getattr(self.dispatcher, "transport_options", None)
         moved_by = "" if transport is None else ", " + describe_transport(self.dispatcher.group, transport.transport,
-                                                                     self.dispatcher.puts_rows)
+                                                                     self.dispatcher.puts_rows, self.w13.device)
         copies = self.placement.num_redundant_experts
         return (f"E={c.num_experts}, K={c.top_k}, H={c.hidden_size}, I={c.intermediate_size}, "
                 f"L={self.placement.num_local_experts}{f', redundant={copies}' if copies else ''}, "

@@ -104,7 +104,10 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     config.check(E)
     scores = router_logits.float()
     scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
-    choice = scores
+    # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
+    # (softmax and sigmoid underflow in fp32): rank it below every score (>= 0) so topk never prefers it
+    # to a finite logit, yet above the -inf of groups left out below.
+    choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
     if correction_bias is not None:
         check_float_tensor("correction_bias", correction_bias, router_logits.device, "router_logits")
         if tuple(correction_bias.shape) != (E,):

@@ -14,6 +14,8 @@ OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_d
 
 
 def _bad_rows(rows: torch.Tensor, case: str, received: int) -> torch.Tensor:
+    if case == "dtype":
+        return rows.double()
     if case == "one_row_short":  # (mori's buffer has padding rows: one short of the received ones)
         return rows[:, :-1] if rows.dim() == 3 else rows[:received - 1]
     if case == "one_row_long":
@@ -28,14 +30,16 @@ def _combine_rank(rank, world_size, name):
     out = d.dispatch(x, topk)
     rows = out.hidden_states if name == "standard" else out.recv_x
     messages = {}
-    for case in ("one_row_short", "one_row_long", "wide"):
+    # standard returned rows of another dtype as they were ([T, H] in x's dtype is every combine's promise;
+    # the exchanges already refuse them: test_reliability.py)
+    for case in ("one_row_short", "one_row_long", "wide") + (("dtype",) if name == "standard" else ()):
         if case == "one_row_long" and name in ("deepep_normal", "mori"):
             continue  # padding rows past the received ones are allowed there
         try:
             received = sum(out.handle.recv_splits) if name in ("deepep_normal", "mori") else rows.shape[0]
             d.combine(CombineInput(_bad_rows(rows.clone(), case, received), out))
             messages[case] = "no error"
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             messages[case] = str(err)
     y = d.combine(CombineInput(rows.clone(), out))  # the ranks are still in step
     return messages, list(y.shape)
@@ -45,8 +49,12 @@ def _combine_rank(rank, world_size, name):
 def test_combine_names_rows_that_are_not_the_runner_output(name):
     for messages, shape in run_ranks(_combine_rank, 2, name, timeout=120, group_timeout=20):
         assert shape == [5, 16]
+        dtype = messages.pop("dtype", None)
         for case, message in messages.items():
             assert message.startswith("combine_input.hidden_states has shape "), (case, message)
+        if name == "standard":
+            assert dtype == ("combine_input.hidden_states has dtype torch.float64; expected torch.float32, the dtype "
+                             "of the dispatched x (combine returns y in it)"), dtype
         if name == "deepep_ll":
             assert "expected [4, 16, 16] (recv_x's [L, M*R, H] layout" in messages["one_row_short"]
         if name == "standard":

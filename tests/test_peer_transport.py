@@ -437,6 +437,9 @@ def _nvlink_on_cpu_rank(rank, world_size, dispatcher):
         with torch.set_grad_enabled(grad), pytest.raises(RuntimeError) as err:
             layer(x, ids, w)
         messages.append(str(err.value))
+    auto = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch")
+    auto(x, ids, w)
+    messages.append(repr(auto).partition(", transport=")[2])  # what print(layer) says the exchange used
     return messages
 
 
@@ -444,7 +447,8 @@ def _nvlink_on_cpu_rank(rank, world_size, dispatcher):
 def test_nvlink_on_cpu_ranks_is_an_error_on_every_rank(dispatcher):
     """transport='nvlink' is "an error where impossible" (docs/transports.md names CPU ranks); on CPU
     ranks outside the interpreter the exchange silently went through gloo instead, since only the
-    kernel path asked for the transport."""
+    kernel path asked for the transport. transport='auto' takes the collective there, and print(layer) says so
+    (it printed "transport=auto", not the transport in use)."""
     expected = ("transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: the ranks are CPU processes (no GPU "
                 "memory to map); allowed here: 'auto' or 'nccl'")
-    assert run_ranks(_nvlink_on_cpu_rank, 2, dispatcher) == [[expected] * 2] * 2
+    assert run_ranks(_nvlink_on_cpu_rank, 2, dispatcher) == [[expected] * 2 + ["auto (collective))"]] * 2

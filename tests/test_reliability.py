@@ -409,6 +409,27 @@ def test_user_code_raising_between_dispatch_and_combine_names_the_peer(case):
     assert time.monotonic() - start < 2 * TIMEOUT_S + 30
 
 
+def _async_combine_after_peer_left_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank)
+    out = d.dispatch(x, topk)
+    if rank == 1:  # the user's code fails here and the process ends: its connections close
+        raise RuntimeError("user code failed between dispatch and combine")
+    y, work = d.combine(CombineInput(out.recv_x * 2, out), async_op=True)  # on the group's exchange thread
+    work.wait()
+    return list(y.shape)
+
+
+def test_async_combine_names_the_peer_at_the_wait():
+    """async_op=True on CPU ranks: the exchange runs on the group's exchange thread and its error reaches
+    the caller at work.wait(); it is ep.PeerFailure there too (it was gloo's bare RuntimeError)."""
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_async_combine_after_peer_left_rank, 2, "deepep_normal", timeout=60, group_timeout=TIMEOUT_S)
+    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    assert "RuntimeError: user code failed between dispatch and combine" in rank1, rank1
+    assert "ep_runtime.distributed.PeerFailure: deepep_normal combine on rank 0 of 2 " in rank0, rank0
+    assert "rank 1" in rank0.partition("PeerFailure")[2], rank0
+
+
 # ---------------------------------------------------------------- knobs
 
 KNOB_CASES = [
@@ -444,6 +465,13 @@ def test_init_distributed_timeout_argument_is_checked(bad):
     with pytest.raises(TypeError, match="timeout_s='5' must be a number of seconds"):
         ep.init_distributed(backend="gloo", timeout_s="5")
     assert not torch.distributed.is_initialized()
+    group = ep.init_distributed(backend="gloo")  # a second call returns the group, but checks its argument too
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"timeout_s={bad!r}; allowed: 1 <= seconds <= 1e+09")):
+            ep.init_distributed(backend="gloo", timeout_s=bad)
+        assert ep.init_distributed(backend="gloo", timeout_s=5) is group
+    finally:
+        ep.destroy_distributed()
 
 
 JUNK = ["", "0", "-1", "1", "7", "1e9", "1e20", "abc", "nan", "inf", "-inf", "--", "1.5", " 3 ", "\t", "-0",

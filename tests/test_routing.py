@@ -221,13 +221,24 @@ def test_non_finite_router_logits_are_named(dispatcher, world_size, scoring, bad
     assert all(f"rank {world_size - 1} got invalid" in e for e in errors[:-1]), errors
 
 
-def test_masked_experts_route_around_them():
+@pytest.mark.parametrize("scoring,groups", [("softmax", None), ("sigmoid", None), ("sigmoid", (4, 2))])
+def test_masked_experts_route_around_them(scoring, groups):
     """-inf logits mark experts a token may not take: they get weight 0 and are never picked ahead of a
-    finite one; under sigmoid a row of -inf is no error (every weight 0, renormalised or not)."""
-    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    finite one, even a finite logit whose score underflows to 0 in fp32 as the masked one's does (they were
+    tied, and topk took the masked expert first); under sigmoid a row of -inf is no error (every weight 0,
+    renormalised or not)."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = TopKConfig(top_k=3, scoring=scoring, renormalize=True, num_expert_group=groups and groups[0],
+                     topk_group=groups and groups[1])
+    logits = torch.randn(6, 8, generator=gen)
     logits[:, :5] = float("-inf")
-    out = select_experts(logits, TopKConfig(top_k=3, renormalize=True))
+    out = select_experts(logits, cfg)
     assert sorted(out.topk_ids[0].tolist()) == [5, 6, 7] and torch.isfinite(out.topk_weights).all()
+    # experts 5..7 finite but far below expert 7's 0 (scores exactly 0 in fp32), the rest -inf
+    logits = torch.full((6, 8), float("-inf"))
+    logits[:, 5:] = torch.tensor([-1000.0, -2000.0, 0.0]) - 1000.0 * torch.rand(6, 1, generator=gen).round()
+    out = select_experts(logits, cfg)
+    assert (out.topk_ids.sort(1).values == torch.tensor([5, 6, 7], dtype=torch.int32)).all(), out.topk_ids
     out = select_experts(torch.full((2, 8), float("-inf")), TopKConfig(top_k=2, scoring="sigmoid", renormalize=True))
     assert out.topk_weights.tolist() == [[0.0, 0.0], [0.0, 0.0]]
 
