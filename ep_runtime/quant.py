@@ -154,11 +154,11 @@ class QuantConfig:
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     """Each positive fp32 rounded up to a power of two, exactly (on the bits: any mantissa bumps the
-    exponent), as the kernels do."""
+    exponent), as the kernels do; NaN stays NaN (bumped, its exponent overflowed into -0.0)."""
     bits = scale.float().contiguous().view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
+    return torch.where(scale.isnan(), scale.float(), (exponent << 23).view(torch.float32))
 
 
 def encode_ue8m0(scale: torch.Tensor) -> torch.Tensor:

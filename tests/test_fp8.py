@@ -90,6 +90,36 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
     assert torch.equal(q_out[2].view(torch.uint8), want_q[2].view(torch.uint8))
 
 
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_non_finite_activations_stay_non_finite(encoding):
+    """A NaN or an infinity in x makes its whole 128-channel group non-finite through the fp8 round
+    trip, in the fused kernels (the triton and masked runners' inputs and GEMM 2's input, the dispatch
+    packing kernel) as in the torch rule (the same scales), as a bf16 layer's output is non-finite there.
+    They turned a NaN into a finite number: the kernels' max and clamp dropped NaN operands (as a
+    GPU's max does), and the UE8M0 rounding made a NaN scale -0.0."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    q = QuantConfig(scale_encoding=encoding)
+    T, H = 5, 300
+    x = torch.randn(T, H, generator=_seeded(15)).to(torch.bfloat16)
+    x[0, 5], x[1, 200], x[2, 10], x[3, 129] = float("nan"), float("inf"), -float("inf"), float("nan")
+    bad = torch.zeros(T, 3, dtype=torch.bool)  # the 128-channel groups holding them
+    bad[0, 0] = bad[1, 1] = bad[2, 0] = bad[3, 1] = True
+    ids, one = torch.zeros(T, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    sent = xk.pack_payload(x, ids, torch.ones(T, 1), torch.arange(T), torch.zeros(T, dtype=torch.long), one, one,
+                           quant=q)
+    packed = _payload_parts(xk, sent, x, q, 1)[:2]
+    want_q, want_s = q.quantize_activation(x)
+    for name, (values, scales) in (("torch", (want_q, want_s)), ("kernel", quantize_rows(x, q, interpreted=True)),
+                                   ("pack", packed)):
+        back = torch.zeros(T, 384).index_copy(1, torch.arange(H), q.dequantize_activation(values, scales))
+        finite = torch.isfinite(back.view(T, 3, 128))
+        assert torch.equal(~finite.any(2), bad) and torch.equal(finite.all(2), ~bad), name
+        scales = decode_scales(scales)
+        assert torch.equal(~scales.isfinite(), bad) and torch.equal(scales[~bad], want_s[~bad]), name  # UE8M0 NaN: 0xFF
+        fine = (~bad).repeat_interleave(128, 1)[:, :H]  # (the interpreter's cast of a NaN is not NaN: its scale is)
+        assert torch.equal(values.view(torch.uint8)[fine], want_q.view(torch.uint8)[fine]), name
+
+
 def _e4m3_round64(v: torch.Tensor) -> torch.Tensor:
     """float64 |v| <= 448 onto e4m3's grid, nearest with ties to even (torch.round): 3 mantissa bits in
     each binade, subnormal steps of 2^-9 below 2^-6. Neither torch's fp8 cast nor the kernels' helper."""
