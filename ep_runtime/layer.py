@@ -423,8 +423,6 @@ class EPMoE(nn.Module):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
                                f"move it with .to(device) only, or reload the experts")
-        if self.quant is not None and needs_grad(x, self.b13, self.b2):
-            raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         try:
             if self.shared_experts is None:
@@ -449,7 +447,13 @@ class EPMoE(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, topk: TopKOutput, async_op: bool = False):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
-        ones, and an error about ids naming this rank's logical id."""
+        ones, and an error about ids naming this rank's logical id. fp8 (quantized experts or an fp8
+        dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
+        weights = topk[1] if isinstance(topk[1], torch.Tensor) else None
+        if (self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None) and needs_grad(x, weights, self.b13, self.b2):
+            fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
+                   else "this layer's dispatcher has use_fp8=True")
+            raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or a bias needs a gradient: {INFERENCE_ONLY}")
         physical = self._to_physical(x, topk)
         try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical

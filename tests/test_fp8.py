@@ -173,6 +173,18 @@ def _payload_parts(xk, payload, x, quant, K):
     return (*fp8_payload.views(rows, x.shape[1], quant), meta)
 
 
+
+def _w8a8_input64(x: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
+    """x [T, H] through fp8 by the float64 rule (_quantize64), dequantized: float64 [T, H]."""
+    q, scale = _quantize64(x, ue8m0)
+    return q * scale.repeat_interleave(128, 1)[:, :x.shape[1]]
+
+
+def _dequantize_weight64(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """(fp8 [E, N, K], scale_inv [E, ceil(N/128), ceil(K/128)]) -> float64 q * scale_inv per [128, 128] block."""
+    s = scale_inv.double().repeat_interleave(128, 1)[:, :q.shape[1]].repeat_interleave(128, 2)[:, :, :q.shape[2]]
+    return q.double() * s
+
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_fused_pack_quantizes_each_row_by_the_float64_rule(encoding):
     """The packing kernel's fp8 payload: values and scales as the float64 rule gives them, the same
@@ -351,6 +363,56 @@ def test_fp8_is_inference_only():
         layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
         with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
             layer(x, ids, torch.rand(3, 2))
+
+
+def _gradient_rank(rank, world_size):
+    """fp8 layers on 2 ranks (deepep_normal, torch runner: fp8 experts, or bf16 experts with an fp8
+    dispatch) given router weights that need a gradient; then each layer under no_grad against the
+    float64 reference (x through fp8 by the float64 rule, weights dequantized here)."""
+    E, K, H, I, T = 4, 2, 256, 128, 5
+    gen = _seeded(16)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    xs = [torch.randn(T, H, generator=gen).to(torch.bfloat16) for _ in range(world_size)]
+    ids = [torch.randint(-1, E, (T, K), generator=gen) for _ in range(world_size)]
+    weights = [torch.rand(T, K, generator=gen) for _ in range(world_size)]
+    x, ids, weights = xs[rank], ids[rank], weights[rank]
+    errors, errs = [], []
+    q = QuantConfig()
+    for experts, use_fp8 in (("fp8", False), ("bf16", True)):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                         dispatcher_options={"use_fp8": use_fp8})
+        if experts == "fp8":
+            layer.load_experts(w13, w2, quantize="fp8_block")
+            want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(*q.quantize_weight(w13)),
+                                 _dequantize_weight64(*q.quantize_weight(w2)), layer.config, fp8_activations=True,
+                                 fp8_input=False)
+        else:
+            layer.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+            want = moe_reference(_w8a8_input64(x), ids, weights.double(), w13.to(torch.bfloat16).double(),
+                                 w2.to(torch.bfloat16).double(), layer.config)
+        for needing in ("topk_weights", "router_logits"):
+            try:
+                if needing == "topk_weights":
+                    layer(x, ids, weights.clone().requires_grad_())
+                else:
+                    layer(x, router_logits=torch.randn(T, E, generator=gen, requires_grad=True))
+                errors.append(f"{experts}, use_fp8={use_fp8}, {needing}: no error")
+            except RuntimeError as err:
+                if "inference-only" not in str(err):
+                    raise
+        with torch.no_grad():
+            errs.append(rel_err(layer(x, ids, weights), want))
+    return errors, errs
+
+
+def test_fp8_refuses_a_router_gradient_before_the_exchange():
+    """fp8 experts or an fp8 dispatch with topk_weights (or router_logits) needing a gradient raise the
+    inference-only error in forward, before the dispatch, whatever the runner: the torch runner
+    computed (and back-propagated) the router's gradient while the triton runner raised after the
+    exchange. The layer then runs under no_grad, every rank in step."""
+    for errors, errs in run_ranks(_gradient_rank, 2):
+        assert errors == []
+        assert max(errs) < BF16, errs
 
 
 # ----------------------------------------------------------------- fp8 dispatch on gloo ranks
