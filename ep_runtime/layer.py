@@ -121,6 +121,7 @@ class EPMoE(nn.Module):
         # that placement (PLACEMENT_KEY), and loading one adopts the placement its weights are in.
         self._initial_placement = self.placement
         self.register_state_dict_post_hook(_save_placement)
+        self.register_load_state_dict_pre_hook(_load_format)  # first: the placement hook reads the format
         self.register_load_state_dict_pre_hook(_load_placement)
         self.register_load_state_dict_post_hook(_follow_assigned_weights)
 
@@ -723,6 +724,24 @@ def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
     slots' weights can be loaded back into the placement they were saved in."""
     if _placement_tables(layer.placement) != _placement_tables(layer._initial_placement):
         state_dict[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64)
+
+
+def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                 missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: the experts load in the format `state_dict` holds them in, as
+    load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
+    quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
+    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales)."""
+    scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
+    w13 = state_dict.get(prefix + "w13")
+    if layer.quant is None and all(scales) and isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype):
+        layer._store_quantized(QuantConfig(), layer.w13.device)
+    elif layer.quant is not None and not any(scales):
+        for name in ("w13", "w2"):
+            t = state_dict.get(prefix + name)
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
+                    and not t.is_meta and t.shape == getattr(layer, name).shape):
+                state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

@@ -305,6 +305,40 @@ def test_bad_scales_raise_naming_the_argument(case, match):
         layer.load_experts(*weights, **args)
 
 
+def test_state_dict_loads_into_a_layer_built_alike():
+    """A layer quantized on load (load_experts(quantize="fp8_block")) saves fp8 experts and their
+    scales; its state_dict loads into a layer built with the same arguments, which takes the fp8
+    format as load_experts takes fp8 weights (strict loads refused the scale keys after writing the
+    fp8 values, cast as numbers, into the bf16 experts; strict=False computed with them, no error). A
+    float state_dict loads into an fp8 layer quantized with its config (it was cast to fp8 under the
+    old scales)."""
+    E, K, H, I, T = 4, 2, 256, 128, 6
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    gen = _seeded(17)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    saved = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    saved.load_experts(w13, w2, quantize="fp8_block")
+    for strict in (True, False):
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+        assert layer.load_state_dict(saved.state_dict(), strict=strict) == ([], []), strict
+        assert layer.quant == QuantConfig() and torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8))
+        assert torch.equal(layer.w2_scale_inv, s2) and not layer.w13.requires_grad
+        with torch.no_grad():
+            y = layer(x, ids, weights)
+        want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                             _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
+        assert rel_err(y, want) < BF16
+    unquantized = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16)
+    unquantized.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, quant_config=QuantConfig(scale_encoding="ue8m0"))
+    assert layer.load_state_dict(unquantized.state_dict()) == ([], [])
+    for name, w in (("w13", w13), ("w2", w2)):
+        want_q, want_s = layer.quant.quantize_weight(w.to(torch.bfloat16))
+        assert torch.equal(getattr(layer, name).view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(getattr(layer, f"{name}_scale_inv"), want_s)
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
