@@ -258,6 +258,25 @@ def test_deepseek_layout_loads_this_ranks_slice_and_gathers_back():
     assert run_ranks(_load_rank, 2) == [(True, True, True)] * 2
 
 
+def _bad_scale_rank(rank, world_size):
+    E, H, I = 4, 256, 128
+    _, _, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    s13[E - 1, 0, 1] = float("nan")  # the last rank's expert
+    layer = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    try:
+        layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_bad_scale_in_global_weights_raises_on_every_rank():
+    """Global scales (every rank holds them all) are checked whole: a NaN in one rank's expert fails
+    on every rank, named at its index in the tensor given. Only the owner raised, naming the index in
+    its slice ([1, 0, 1]), and the other ranks went on into the layer's first exchange."""
+    for message in run_ranks(_bad_scale_rank, 2):
+        assert message is not None and "w13_scale_inv has nan at [3, 0, 1]" in message, message
+
 def test_quantize_on_load_equals_quantizing_the_slice():
     E, H, I = 4, 256, 128
     w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
