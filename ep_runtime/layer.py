@@ -204,6 +204,12 @@ class EPMoE(nn.Module):
         none of them (nor the biases) trainable (fp8 is inference-only)."""
         if not isinstance(quant, QuantConfig):
             raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant).__name__}")
+        rows = getattr(self.dispatcher, "fp8", None)  # the fp8 dispatch's activation format, if any
+        if rows is not None and quant.activation_group != rows.activation_group:
+            raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
+                             f"{list(quant.weight_block)}) cannot take the rows of dispatcher {self.dispatcher.name!r} "
+                             f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
+                             f"activation_group={rows.activation_group}, or use_fp8=False")
         L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         if self.quant is None:

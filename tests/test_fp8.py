@@ -587,6 +587,28 @@ def test_fp8_dispatch_options_are_checked():
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
 
+def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
+    """An fp8 dispatch sends one scale per 128 channels; experts quantized with another activation
+    group (weight_block (64, 64)) cannot consume those rows: refused when the layer is built or its
+    experts are quantized, naming both, and a refused load leaves the layer as it was. They failed
+    after the exchange, inside the runner (torch: a tensor size mismatch naming no argument)."""
+    blocks64 = QuantConfig(weight_block=(64, 64), activation_group=64)
+    fp8_rows = {"use_fp8": True}
+    match = "activation_group=64.*use_fp8=True.*128"
+    with pytest.raises(ValueError, match=match):
+        ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16, dispatcher_options=fp8_rows,
+                 quant_config=blocks64)
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(4, 256, 128)
+    for name in ("deepep_normal", "mori"):
+        layer = ep.EPMoE(4, 2, 256, 128, dispatcher=name, dtype=torch.bfloat16, dispatcher_options=fp8_rows)
+        with pytest.raises(ValueError, match=match):
+            layer.load_experts(w13, w2, quantize=blocks64)
+        assert layer.quant is None and layer.w13.dtype == torch.bfloat16
+        layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)  # 128-channel groups: taken
+        assert layer.quant == QuantConfig()
+    assert ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
+                    quant_config=blocks64).quant == blocks64  # unquantized rows: any group
+
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
     quantizes, after its first collective: a late error there would leave the peers waiting)."""
