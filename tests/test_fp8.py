@@ -48,6 +48,16 @@ def test_config_rejects_bad_fields():
         QuantConfig(scale_encoding="e5m2")
 
 
+def test_config_takes_integers_only():
+    """activation_group=128.0 was taken (it equals 128) and failed in the first forward inside torch
+    ("zeros(): ... got float"), naming nothing; numpy integers (what MoeConfig takes) were refused as
+    not powers of two. Both are now plain ints, or an error naming the field."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="activation_group=128.0"):
+        QuantConfig(activation_group=128.0)
+    config = QuantConfig(weight_block=(np.int64(128), 128), activation_group=np.int64(128))
+    assert config == QuantConfig() and all(type(v) is int for v in (*config.weight_block, config.activation_group))
+
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_weight_round_trip_is_within_one_e4m3_rounding(encoding):
     q = QuantConfig(scale_encoding=encoding)
