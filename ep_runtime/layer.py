@@ -422,12 +422,12 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        x = self._autocast_tokens(x)
-        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
                                f"move it with .to(device) only, or reload the experts")
+        x = self._autocast_tokens(x)
+        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         try:
             if self.shared_experts is None:

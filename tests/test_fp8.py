@@ -449,6 +449,9 @@ def test_fp8_is_inference_only():
         layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
         with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
             layer(x, ids, torch.rand(3, 2))
+        layer.half()  # named as such for tokens of the new dtype too (not as x's dtype, as if the layer were bf16)
+        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.float16"):
+            layer(x.half(), ids, torch.rand(3, 2))
 
 
 def _gradient_rank(rank, world_size):
