@@ -735,11 +735,19 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     """load_state_dict pre-hook: the experts load in the format `state_dict` holds them in, as
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
     quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
-    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales)."""
+    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
+    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized."""
     scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
-    w13 = state_dict.get(prefix + "w13")
-    if layer.quant is None and all(scales) and isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype):
+    fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
+           and is_quantized_dtype(state_dict[prefix + name].dtype)]
+    if layer.quant is None and fp8 and all(prefix + name + "_scale_inv" in state_dict for name in fp8):
+        kept = {name: getattr(layer, name).detach() for name in ("w13", "w2")
+                if prefix + name not in state_dict and not layer.w13.is_meta}
         layer._store_quantized(QuantConfig(), layer.w13.device)
+        for name, values in kept.items():
+            q, scale_inv = layer.quant.quantize_weight(values)
+            getattr(layer, name).view(torch.uint8).copy_(q.view(torch.uint8))
+            getattr(layer, name + "_scale_inv").copy_(scale_inv)
     elif layer.quant is not None and not any(scales):
         for name in ("w13", "w2"):
             t = state_dict.get(prefix + name)

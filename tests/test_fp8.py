@@ -12,6 +12,7 @@ roundings (x, w13, the activation, w2) add in quadrature through the two GEMMs, 
 relative rms: about 2u / sqrt(3) ~ 7.2%; the tests assert < 0.1 (and > 1e-3, so quantization
 really happened).
 """
+import copy
 import math
 
 import pytest
@@ -340,7 +341,7 @@ def test_state_dict_loads_into_a_layer_built_alike():
     format as load_experts takes fp8 weights (strict loads refused the scale keys after writing the
     fp8 values, cast as numbers, into the bf16 experts; strict=False computed with them, no error). A
     float state_dict loads into an fp8 layer quantized with its config (it was cast to fp8 under the
-    old scales)."""
+    old scales). An expert matrix a strict=False state_dict does not hold keeps its values, quantized."""
     E, K, H, I, T = 4, 2, 256, 128, 6
     w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
     gen = _seeded(17)
@@ -360,6 +361,12 @@ def test_state_dict_loads_into_a_layer_built_alike():
         assert rel_err(y, want) < BF16
     unquantized = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16)
     unquantized.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+    partial = {name: saved.state_dict()[name] for name in ("w13", "w13_scale_inv")}  # strict=False: w2 kept
+    layer = copy.deepcopy(unquantized)
+    assert layer.load_state_dict(partial, strict=False).missing_keys == ["w2", "w2_scale_inv"]
+    want_q2, want_s2 = QuantConfig().quantize_weight(w2.to(torch.bfloat16))
+    assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w13_scale_inv, s13)
+    assert torch.equal(layer.w2.view(torch.uint8), want_q2.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, want_s2)
     layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, quant_config=QuantConfig(scale_encoding="ue8m0"))
     assert layer.load_state_dict(unquantized.state_dict()) == ([], [])
     for name, w in (("w13", w13), ("w2", w2)):
