@@ -455,10 +455,12 @@ class EPMoE(nn.Module):
         ones, and an error about ids naming this rank's logical id. fp8 (quantized experts or an fp8
         dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
         weights = topk[1] if isinstance(topk[1], torch.Tensor) else None
-        if (self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None) and needs_grad(x, weights, self.b13, self.b2):
+        fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
+        if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
             fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
                    else "this layer's dispatcher has use_fp8=True")
-            raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or a bias needs a gradient: {INFERENCE_ONLY}")
+            raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
+                               f"{INFERENCE_ONLY}")
         physical = self._to_physical(x, topk)
         try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical

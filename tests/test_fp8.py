@@ -486,12 +486,16 @@ def _gradient_rank(rank, world_size):
             layer.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
             want = moe_reference(_w8a8_input64(x), ids, weights.double(), w13.to(torch.bfloat16).double(),
                                  w2.to(torch.bfloat16).double(), layer.config)
-        for needing in ("topk_weights", "router_logits"):
+        for needing in ("topk_weights", "router_logits", "the experts"):
+            if needing == "the experts" and experts == "fp8":
+                continue  # (fp8 experts are frozen)
             try:
                 if needing == "topk_weights":
                     layer(x, ids, weights.clone().requires_grad_())
-                else:
+                elif needing == "router_logits":
                     layer(x, router_logits=torch.randn(T, E, generator=gen, requires_grad=True))
+                else:  # bf16 experts are trainable: in grad mode their gradient is needed
+                    layer(x, ids, weights)
                 errors.append(f"{experts}, use_fp8={use_fp8}, {needing}: no error")
             except RuntimeError as err:
                 if "inference-only" not in str(err):
@@ -502,10 +506,11 @@ def _gradient_rank(rank, world_size):
 
 
 def test_fp8_refuses_a_router_gradient_before_the_exchange():
-    """fp8 experts or an fp8 dispatch with topk_weights (or router_logits) needing a gradient raise the
-    inference-only error in forward, before the dispatch, whatever the runner: the torch runner
-    computed (and back-propagated) the router's gradient while the triton runner raised after the
-    exchange. The layer then runs under no_grad, every rank in step."""
+    """fp8 experts or an fp8 dispatch with topk_weights (or router_logits), or the trainable bf16
+    experts behind an fp8 dispatch, needing a gradient raise the inference-only error in forward,
+    before the dispatch, whatever the runner: the torch runner computed (and back-propagated) those
+    gradients while the triton runner raised after the exchange. The layer then runs under no_grad,
+    every rank in step."""
     for errors, errs in run_ranks(_gradient_rank, 2):
         assert errors == []
         assert max(errs) < BF16, errs
