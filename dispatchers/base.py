@@ -381,12 +381,12 @@ class ExchangeDispatcher(Dispatcher):
             return None
         return QuantConfig(scale_encoding=options.fp8_scale_encoding)
 
-    def _fp8_for(self, x: torch.Tensor) -> Optional[QuantConfig]:
-        """The format x travels in (None: as it is), checked for x before any collective; the exchange
-        quantizes (on the kernel path inside its packing kernel)."""
+    def _fp8_for(self, x: torch.Tensor, topk_weights: torch.Tensor) -> Optional[QuantConfig]:
+        """The format x travels in (None: as it is), checked for x and topk_weights (inference only)
+        before any collective; the exchange quantizes (on the kernel path inside its packing kernel)."""
         quant = self.fp8
         if quant is not None:
-            fp8_payload.check_inference(x)
+            fp8_payload.check_inference(x, topk_weights)
         return quant
 
     def _received(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

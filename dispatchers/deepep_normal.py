@@ -116,7 +116,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk
-        x_dtype, quant = x.dtype, self._fp8_for(x)
+        x_dtype, quant = x.dtype, self._fp8_for(x, weights)
         options = self.options
         if handle is None:
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(

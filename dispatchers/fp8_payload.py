@@ -46,9 +46,9 @@ def resolve(use_fp8: Optional[bool], scale_encoding: Optional[str]) -> tuple[boo
     return use, encoding
 
 
-def check_inference(x: torch.Tensor) -> None:
-    """fp8 dispatch defines no gradient: raise before any collective when x needs one."""
-    if needs_grad(x):
+def check_inference(x: torch.Tensor, topk_weights: Optional[torch.Tensor] = None) -> None:
+    """fp8 dispatch defines no gradient: raise before any collective when x (or topk_weights) needs one."""
+    if needs_grad(x, topk_weights):
         raise RuntimeError(f"use_fp8=True dispatch: {INFERENCE_ONLY}")
 
 

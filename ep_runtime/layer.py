@@ -14,7 +14,7 @@ from .config import ExpertWeights, MoeConfig
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
-from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
+from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, needs_grad
@@ -121,6 +121,7 @@ class EPMoE(nn.Module):
         # (rebalanced, or built with expert_to_rank) it names that placement (PLACEMENT_KEY), and loading
         # one adopts the placement its weights are in.
         self.register_state_dict_post_hook(_save_placement)
+        self.register_load_state_dict_pre_hook(_load_format)  # first: the placement hook reads the format
         self.register_load_state_dict_pre_hook(_load_placement)
         self.register_load_state_dict_post_hook(_follow_assigned_weights)
 
@@ -203,6 +204,12 @@ class EPMoE(nn.Module):
         none of them (nor the biases) trainable (fp8 is inference-only)."""
         if not isinstance(quant, QuantConfig):
             raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant).__name__}")
+        rows = getattr(self.dispatcher, "fp8", None)  # the fp8 dispatch's activation format, if any
+        if rows is not None and quant.activation_group != rows.activation_group:
+            raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
+                             f"{list(quant.weight_block)}) cannot take the rows of dispatcher {self.dispatcher.name!r} "
+                             f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
+                             f"activation_group={rows.activation_group}, or use_fp8=False")
         L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         if self.quant is None:
@@ -294,10 +301,8 @@ class EPMoE(nn.Module):
             full.check(self.config, L if shard else E)
         elif is_quantized_dtype(w13.dtype):  # the checkpoint's fp8 and scales, as they are
             full = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
-            full.check(self.config, L if shard else E)
-            for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
-                mine = take(scale)  # values of this rank's slice (shapes were checked above)
-                check_scale_tensor(name, mine, tuple(mine.shape))
+            # every scale given, not this rank's slice: global scales fail on every rank alike (they are small)
+            full.check(self.config, L if shard else E, values=True)
             for name in ("w13", "w2"):
                 _check_fp8_not_nan(name, take(getattr(full, name)), local_experts)
         else:  # float weights, quantized here (this rank's slice only)
@@ -417,14 +422,12 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        x = self._autocast_tokens(x)
-        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
                                f"move it with .to(device) only, or reload the experts")
-        if self.quant is not None and needs_grad(x, self.b13, self.b2):
-            raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
+        x = self._autocast_tokens(x)
+        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         try:
             if self.shared_experts is None:
@@ -449,7 +452,15 @@ class EPMoE(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, topk: TopKOutput, async_op: bool = False):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
-        ones, and an error about ids naming this rank's logical id."""
+        ones, and an error about ids naming this rank's logical id. fp8 (quantized experts or an fp8
+        dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
+        weights = topk[1] if isinstance(topk[1], torch.Tensor) else None
+        fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
+        if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
+            fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
+                   else "this layer's dispatcher has use_fp8=True")
+            raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
+                               f"{INFERENCE_ONLY}")
         physical = self._to_physical(x, topk)
         try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
@@ -732,6 +743,32 @@ def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
     on every rank), so the slots' weights can be loaded back into the placement they were saved in."""
     if _placement_tables(layer.placement) != _placement_tables(_default_placement(layer.placement)):
         state_dict[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64)
+
+
+def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                 missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: the experts load in the format `state_dict` holds them in, as
+    load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
+    quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
+    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
+    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized."""
+    scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
+    fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
+           and is_quantized_dtype(state_dict[prefix + name].dtype)]
+    if layer.quant is None and fp8 and all(prefix + name + "_scale_inv" in state_dict for name in fp8):
+        kept = {name: getattr(layer, name).detach() for name in ("w13", "w2")
+                if prefix + name not in state_dict and not layer.w13.is_meta}
+        layer._store_quantized(QuantConfig(), layer.w13.device)
+        for name, values in kept.items():
+            q, scale_inv = layer.quant.quantize_weight(values)
+            getattr(layer, name).view(torch.uint8).copy_(q.view(torch.uint8))
+            getattr(layer, name + "_scale_inv").copy_(scale_inv)
+    elif layer.quant is not None and not any(scales):
+        for name in ("w13", "w2"):
+            t = state_dict.get(prefix + name)
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
+                    and not t.is_meta and t.shape == getattr(layer, name).shape):
+                state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

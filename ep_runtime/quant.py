@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .registry import add_once
+from .validation import is_int_at_least
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,14 @@ class QuantConfig:
         if self.format not in _FORMATS:
             raise ValueError(f"format={self.format!r}; allowed: {', '.join(_FORMATS)}")
         block = tuple(self.weight_block) if isinstance(self.weight_block, (tuple, list)) else None
-        if block is None or len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 16
-                                                      and b & (b - 1) == 0 for b in block):
+        if block is None or len(block) != 2 or not all(is_int_at_least(b, 16) and b & (b - 1) == 0 for b in block):
             raise ValueError(f"weight_block={self.weight_block!r}; allowed: two powers of two >= 16, e.g. (128, 128)")
+        block = tuple(int(b) for b in block)  # numpy ints become plain ints
         object.__setattr__(self, "weight_block", block)
-        if self.activation_group != block[1]:
+        if not is_int_at_least(self.activation_group, 1) or self.activation_group != block[1]:
             raise ValueError(f"activation_group={self.activation_group!r} must equal weight_block[1]={block[1]} "
                              f"(one activation scale and one weight scale per K group)")
+        object.__setattr__(self, "activation_group", block[1])
         if self.scale_encoding not in SCALE_ENCODINGS:
             raise ValueError(f"scale_encoding={self.scale_encoding!r}; allowed: {', '.join(SCALE_ENCODINGS)}")
 
@@ -154,11 +156,11 @@ class QuantConfig:
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     """Each positive fp32 rounded up to a power of two, exactly (on the bits: any mantissa bumps the
-    exponent), as the kernels do."""
+    exponent), as the kernels do; NaN stays NaN (bumped, its exponent overflowed into -0.0)."""
     bits = scale.float().contiguous().view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
+    return torch.where(scale.isnan(), scale.float(), (exponent << 23).view(torch.float32))
 
 
 def encode_ue8m0(scale: torch.Tensor) -> torch.Tensor:

@@ -35,20 +35,27 @@ if triton is not None:
         return tl.where(v < 0, -r, r) * ulp
 
     @triton.jit
+    def _max_keeping_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
     def quantize_groups(v, fp8_max, min_amax, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
         """The activation rule, shared by every kernel that quantizes (this file's and the dispatch
         packing kernel): v [GROUPS, GROUP] fp32 (zeros past the row) -> (q [GROUPS, GROUP] fp32, exact
         once cast to e4m3; scale [GROUPS] fp32). s = max(amax, min_amax) / fp8_max (UE8M0: rounded up
         to 2^n on the bits, exactly as quant.round_up_pow2), q = x / s clamped to +-fp8_max; ROUND_FIRST
-        (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does."""
-        amax = tl.maximum(tl.max(tl.abs(v), axis=1), min_amax)
+        (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does. A NaN or infinity
+        makes its group's scale and values non-finite, as in torch: max and clamp keep NaN operands
+        (a GPU's plain max drops them, which turned a NaN token into finite values)."""
+        amax = tl.maximum(tl.reduce(tl.abs(v), 1, _max_keeping_nan), min_amax, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.div_rn(amax, fp8_max)  # correctly rounded (a plain / is approximate on GPUs)
         if UE8M0:
             bits = scale.to(tl.int32, bitcast=True)
             exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-            scale = (exponent << 23).to(tl.float32, bitcast=True)
+            scale = tl.where(scale == scale, (exponent << 23).to(tl.float32, bitcast=True), scale)  # NaN stays NaN
         q = tl.div_rn(v, scale[:, None])
-        q = tl.minimum(tl.maximum(q, -fp8_max), fp8_max)
+        q = tl.minimum(tl.maximum(q, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
+                       propagate_nan=tl.PropagateNan.ALL)
         if ROUND_FIRST:
             q = round_to_e4m3(q)
         return q, scale

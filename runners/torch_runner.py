@@ -45,6 +45,14 @@ class TorchRunner(RunnerBackend):
     layouts = (RunnerInput,)
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
+        if weights.quant is None:
+            return self._compute(inp, weights)
+        # fp8 experts: the w8a8 math in fp32 whatever autocast says (its bf16 GEMMs would round the
+        # dequantized operands and GEMM 1's output before the activation's fp8 rounding)
+        with torch.autocast(inp.hidden_states.device.type, enabled=False):
+            return self._compute(inp, weights)
+
+    def _compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         pairs = inp.pairs_by_expert("runner='torch'")  # first: it refuses a graph capture before any work
         cfg = self.config
         quant = weights.quant

@@ -12,6 +12,7 @@ roundings (x, w13, the activation, w2) add in quadrature through the two GEMMs, 
 relative rms: about 2u / sqrt(3) ~ 7.2%; the tests assert < 0.1 (and > 1e-3, so quantization
 really happened).
 """
+import copy
 import math
 
 import pytest
@@ -47,6 +48,16 @@ def test_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="scale_encoding='e5m2'"):
         QuantConfig(scale_encoding="e5m2")
 
+
+def test_config_takes_integers_only():
+    """activation_group=128.0 was taken (it equals 128) and failed in the first forward inside torch
+    ("zeros(): ... got float"), naming nothing; numpy integers (what MoeConfig takes) were refused as
+    not powers of two. Both are now plain ints, or an error naming the field."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="activation_group=128.0"):
+        QuantConfig(activation_group=128.0)
+    config = QuantConfig(weight_block=(np.int64(128), 128), activation_group=np.int64(128))
+    assert config == QuantConfig() and all(type(v) is int for v in (*config.weight_block, config.activation_group))
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_weight_round_trip_is_within_one_e4m3_rounding(encoding):
@@ -88,6 +99,36 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
     quantize_rows(x, q, q=q_out, row_ok=row_ok, interpreted=True)
     assert torch.equal(q_out[1].float(), torch.full((300,), 3.0))
     assert torch.equal(q_out[2].view(torch.uint8), want_q[2].view(torch.uint8))
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_non_finite_activations_stay_non_finite(encoding):
+    """A NaN or an infinity in x makes its whole 128-channel group non-finite through the fp8 round
+    trip, in the fused kernels (the triton and masked runners' inputs and GEMM 2's input, the dispatch
+    packing kernel) as in the torch rule (the same scales), as a bf16 layer's output is non-finite there.
+    They turned a NaN into a finite number: the kernels' max and clamp dropped NaN operands (as a
+    GPU's max does), and the UE8M0 rounding made a NaN scale -0.0."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    q = QuantConfig(scale_encoding=encoding)
+    T, H = 5, 300
+    x = torch.randn(T, H, generator=_seeded(15)).to(torch.bfloat16)
+    x[0, 5], x[1, 200], x[2, 10], x[3, 129] = float("nan"), float("inf"), -float("inf"), float("nan")
+    bad = torch.zeros(T, 3, dtype=torch.bool)  # the 128-channel groups holding them
+    bad[0, 0] = bad[1, 1] = bad[2, 0] = bad[3, 1] = True
+    ids, one = torch.zeros(T, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    sent = xk.pack_payload(x, ids, torch.ones(T, 1), torch.arange(T), torch.zeros(T, dtype=torch.long), one, one,
+                           quant=q)
+    packed = _payload_parts(xk, sent, x, q, 1)[:2]
+    want_q, want_s = q.quantize_activation(x)
+    for name, (values, scales) in (("torch", (want_q, want_s)), ("kernel", quantize_rows(x, q, interpreted=True)),
+                                   ("pack", packed)):
+        back = torch.zeros(T, 384).index_copy(1, torch.arange(H), q.dequantize_activation(values, scales))
+        finite = torch.isfinite(back.view(T, 3, 128))
+        assert torch.equal(~finite.any(2), bad) and torch.equal(finite.all(2), ~bad), name
+        scales = decode_scales(scales)
+        assert torch.equal(~scales.isfinite(), bad) and torch.equal(scales[~bad], want_s[~bad]), name  # UE8M0 NaN: 0xFF
+        fine = (~bad).repeat_interleave(128, 1)[:, :H]  # (the interpreter's cast of a NaN is not NaN: its scale is)
+        assert torch.equal(values.view(torch.uint8)[fine], want_q.view(torch.uint8)[fine]), name
 
 
 def _e4m3_round64(v: torch.Tensor) -> torch.Tensor:
@@ -142,6 +183,18 @@ def _payload_parts(xk, payload, x, quant, K):
     rows, meta = xk.payload_views(payload, *xk.row_format(x, quant), K)
     return (*fp8_payload.views(rows, x.shape[1], quant), meta)
 
+
+
+def _w8a8_input64(x: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
+    """x [T, H] through fp8 by the float64 rule (_quantize64), dequantized: float64 [T, H]."""
+    q, scale = _quantize64(x, ue8m0)
+    return q * scale.repeat_interleave(128, 1)[:, :x.shape[1]]
+
+
+def _dequantize_weight64(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """(fp8 [E, N, K], scale_inv [E, ceil(N/128), ceil(K/128)]) -> float64 q * scale_inv per [128, 128] block."""
+    s = scale_inv.double().repeat_interleave(128, 1)[:, :q.shape[1]].repeat_interleave(128, 2)[:, :, :q.shape[2]]
+    return q.double() * s
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_fused_pack_quantizes_each_row_by_the_float64_rule(encoding):
@@ -216,6 +269,25 @@ def test_deepseek_layout_loads_this_ranks_slice_and_gathers_back():
     assert run_ranks(_load_rank, 2) == [(True, True, True)] * 2
 
 
+def _bad_scale_rank(rank, world_size):
+    E, H, I = 4, 256, 128
+    _, _, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    s13[E - 1, 0, 1] = float("nan")  # the last rank's expert
+    layer = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    try:
+        layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_bad_scale_in_global_weights_raises_on_every_rank():
+    """Global scales (every rank holds them all) are checked whole: a NaN in one rank's expert fails
+    on every rank, named at its index in the tensor given. Only the owner raised, naming the index in
+    its slice ([1, 0, 1]), and the other ranks went on into the layer's first exchange."""
+    for message in run_ranks(_bad_scale_rank, 2):
+        assert message is not None and "w13_scale_inv has nan at [3, 0, 1]" in message, message
+
 def test_quantize_on_load_equals_quantizing_the_slice():
     E, H, I = 4, 256, 128
     w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
@@ -261,6 +333,46 @@ def test_bad_scales_raise_naming_the_argument(case, match):
     layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=match):
         layer.load_experts(*weights, **args)
+
+
+def test_state_dict_loads_into_a_layer_built_alike():
+    """A layer quantized on load (load_experts(quantize="fp8_block")) saves fp8 experts and their
+    scales; its state_dict loads into a layer built with the same arguments, which takes the fp8
+    format as load_experts takes fp8 weights (strict loads refused the scale keys after writing the
+    fp8 values, cast as numbers, into the bf16 experts; strict=False computed with them, no error). A
+    float state_dict loads into an fp8 layer quantized with its config (it was cast to fp8 under the
+    old scales). An expert matrix a strict=False state_dict does not hold keeps its values, quantized."""
+    E, K, H, I, T = 4, 2, 256, 128, 6
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    gen = _seeded(17)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    saved = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    saved.load_experts(w13, w2, quantize="fp8_block")
+    for strict in (True, False):
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+        assert layer.load_state_dict(saved.state_dict(), strict=strict) == ([], []), strict
+        assert layer.quant == QuantConfig() and torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8))
+        assert torch.equal(layer.w2_scale_inv, s2) and not layer.w13.requires_grad
+        with torch.no_grad():
+            y = layer(x, ids, weights)
+        want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                             _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
+        assert rel_err(y, want) < BF16
+    unquantized = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16)
+    unquantized.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+    partial = {name: saved.state_dict()[name] for name in ("w13", "w13_scale_inv")}  # strict=False: w2 kept
+    layer = copy.deepcopy(unquantized)
+    assert layer.load_state_dict(partial, strict=False).missing_keys == ["w2", "w2_scale_inv"]
+    want_q2, want_s2 = QuantConfig().quantize_weight(w2.to(torch.bfloat16))
+    assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w13_scale_inv, s13)
+    assert torch.equal(layer.w2.view(torch.uint8), want_q2.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, want_s2)
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, quant_config=QuantConfig(scale_encoding="ue8m0"))
+    assert layer.load_state_dict(unquantized.state_dict()) == ([], [])
+    for name, w in (("w13", w13), ("w2", w2)):
+        want_q, want_s = layer.quant.quantize_weight(w.to(torch.bfloat16))
+        assert torch.equal(getattr(layer, name).view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(getattr(layer, f"{name}_scale_inv"), want_s)
 
 
 # ----------------------------------------------------------------- runners (one process)
@@ -310,6 +422,29 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
         assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
 
 
+def test_torch_runner_fp8_math_ignores_autocast():
+    """Under torch.autocast (bf16) the torch runner's fp8 path computes as it documents, in fp32 on the
+    dequantized weights: autocast ran its GEMMs in bf16, rounding the dequantized operands and GEMM 1's
+    output before the activation's fp8 rounding (a double rounding), and the layer missed the bf16
+    bound against the float64 w8a8 reference (0.034 at this seed)."""
+    E, K, H, I, T = 4, 2, 256, 128, 4
+    gen = _seeded(3)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    layer.load_experts(w13, w2, quantize="fp8_block")
+    with torch.no_grad():
+        plain = layer(x, ids, weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.float(), ids, weights)
+    q = QuantConfig()
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(*q.quantize_weight(w13)),
+                         _dequantize_weight64(*q.quantize_weight(w2)), layer.config, fp8_activations=True,
+                         fp8_input=False)
+    assert rel_err(y, want) < BF16
+    assert torch.equal(y, plain)
+
 def test_fp8_is_inference_only():
     layer = ep.EPMoE(4, 2, 128, 128, dtype=torch.bfloat16, quant_config=QuantConfig())
     x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
@@ -321,6 +456,64 @@ def test_fp8_is_inference_only():
         layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
         with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
             layer(x, ids, torch.rand(3, 2))
+        layer.half()  # named as such for tokens of the new dtype too (not as x's dtype, as if the layer were bf16)
+        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.float16"):
+            layer(x.half(), ids, torch.rand(3, 2))
+
+
+def _gradient_rank(rank, world_size):
+    """fp8 layers on 2 ranks (deepep_normal, torch runner: fp8 experts, or bf16 experts with an fp8
+    dispatch) given router weights that need a gradient; then each layer under no_grad against the
+    float64 reference (x through fp8 by the float64 rule, weights dequantized here)."""
+    E, K, H, I, T = 4, 2, 256, 128, 5
+    gen = _seeded(16)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    xs = [torch.randn(T, H, generator=gen).to(torch.bfloat16) for _ in range(world_size)]
+    ids = [torch.randint(-1, E, (T, K), generator=gen) for _ in range(world_size)]
+    weights = [torch.rand(T, K, generator=gen) for _ in range(world_size)]
+    x, ids, weights = xs[rank], ids[rank], weights[rank]
+    errors, errs = [], []
+    q = QuantConfig()
+    for experts, use_fp8 in (("fp8", False), ("bf16", True)):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                         dispatcher_options={"use_fp8": use_fp8})
+        if experts == "fp8":
+            layer.load_experts(w13, w2, quantize="fp8_block")
+            want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(*q.quantize_weight(w13)),
+                                 _dequantize_weight64(*q.quantize_weight(w2)), layer.config, fp8_activations=True,
+                                 fp8_input=False)
+        else:
+            layer.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+            want = moe_reference(_w8a8_input64(x), ids, weights.double(), w13.to(torch.bfloat16).double(),
+                                 w2.to(torch.bfloat16).double(), layer.config)
+        for needing in ("topk_weights", "router_logits", "the experts"):
+            if needing == "the experts" and experts == "fp8":
+                continue  # (fp8 experts are frozen)
+            try:
+                if needing == "topk_weights":
+                    layer(x, ids, weights.clone().requires_grad_())
+                elif needing == "router_logits":
+                    layer(x, router_logits=torch.randn(T, E, generator=gen, requires_grad=True))
+                else:  # bf16 experts are trainable: in grad mode their gradient is needed
+                    layer(x, ids, weights)
+                errors.append(f"{experts}, use_fp8={use_fp8}, {needing}: no error")
+            except RuntimeError as err:
+                if "inference-only" not in str(err):
+                    raise
+        with torch.no_grad():
+            errs.append(rel_err(layer(x, ids, weights), want))
+    return errors, errs
+
+
+def test_fp8_refuses_a_router_gradient_before_the_exchange():
+    """fp8 experts or an fp8 dispatch with topk_weights (or router_logits), or the trainable bf16
+    experts behind an fp8 dispatch, needing a gradient raise the inference-only error in forward,
+    before the dispatch, whatever the runner: the torch runner computed (and back-propagated) those
+    gradients while the triton runner raised after the exchange. The layer then runs under no_grad,
+    every rank in step."""
+    for errors, errs in run_ranks(_gradient_rank, 2):
+        assert errors == []
+        assert max(errs) < BF16, errs
 
 
 # ----------------------------------------------------------------- fp8 dispatch on gloo ranks
@@ -441,6 +634,28 @@ def test_fp8_dispatch_options_are_checked():
     with pytest.raises(ValueError, match="use_fp8=True on deepep_ll"):
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
+
+def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
+    """An fp8 dispatch sends one scale per 128 channels; experts quantized with another activation
+    group (weight_block (64, 64)) cannot consume those rows: refused when the layer is built or its
+    experts are quantized, naming both, and a refused load leaves the layer as it was. They failed
+    after the exchange, inside the runner (torch: a tensor size mismatch naming no argument)."""
+    blocks64 = QuantConfig(weight_block=(64, 64), activation_group=64)
+    fp8_rows = {"use_fp8": True}
+    match = "activation_group=64.*use_fp8=True.*128"
+    with pytest.raises(ValueError, match=match):
+        ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16, dispatcher_options=fp8_rows,
+                 quant_config=blocks64)
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(4, 256, 128)
+    for name in ("deepep_normal", "mori"):
+        layer = ep.EPMoE(4, 2, 256, 128, dispatcher=name, dtype=torch.bfloat16, dispatcher_options=fp8_rows)
+        with pytest.raises(ValueError, match=match):
+            layer.load_experts(w13, w2, quantize=blocks64)
+        assert layer.quant is None and layer.w13.dtype == torch.bfloat16
+        layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)  # 128-channel groups: taken
+        assert layer.quant == QuantConfig()
+    assert ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
+                    quant_config=blocks64).quant == blocks64  # unquantized rows: any group
 
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
