@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
@@ -451,12 +452,8 @@ class EPMoE(nn.Module):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
         ones, and an error about ids naming this rank's logical id."""
         physical = self._to_physical(x, topk)
-        try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
+        with self._naming_logical_ids(topk, physical):  # (a peer that does not answer: ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
-        except ValueError as err:
-            if physical is not topk:
-                self._name_logical_ids(topk, err)
-            raise
 
     def experts_and_combine(self, dispatch_output) -> torch.Tensor:
         """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
@@ -477,6 +474,17 @@ class EPMoE(nn.Module):
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device, values=False)
         return TopKOutput(self.placement.to_physical(ids), weights)
+
+    @contextmanager
+    def _naming_logical_ids(self, topk: TopKOutput, physical: TopKOutput):
+        """Around a dispatch of `physical` (the ids `topk` mapped to physical ones), or an async
+        dispatch's wait(): an error about its ids names this rank's logical ids instead."""
+        try:
+            yield
+        except ValueError as err:
+            if physical is not topk:
+                self._name_logical_ids(topk, err)
+            raise
 
     def _name_logical_ids(self, topk: TopKOutput, err: ValueError) -> None:
         """A dispatcher error about ids names physical ids: name this rank's logical id instead."""
@@ -644,8 +652,8 @@ class EPMoE(nn.Module):
         (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
         if side is None:  # CPU ranks: here, while the exchange thread moves the rows
             shared = shared_module(x)
-        with naming_peer_failures(self.dispatcher, "dispatch"):
-            work.wait()
+        with self._naming_logical_ids(topk, physical), naming_peer_failures(self.dispatcher, "dispatch"):
+            work.wait()  # (CPU ranks: the count table's errors are raised here)
         self._count_load(dispatch_output, physical)
         routed = self.experts_and_combine(dispatch_output)
         if side is not None:

@@ -183,6 +183,34 @@ def test_every_pair_with_copies_matches_reference_and_counts_load():
             assert plan == results[0][pair][4]  # every rank applied the same plan
 
 
+def _shared_bad_id_rank(rank, world_size):
+    """A layer with copies and shared experts dispatches asynchronously (the shared experts run meanwhile),
+    so the count table's error comes from wait(): it must still name the caller's logical id."""
+    raised = {}
+    for dispatcher in ["deepep_normal", "deepep_ll", "mori"]:
+        layer = ep.EPMoE(E, 2, 16, 8, dispatcher=dispatcher, runner="torch", num_redundant_experts=N,
+                         dispatcher_options=OPTIONS.get(dispatcher), shared_experts=torch.nn.Linear(16, 16))
+        gen = torch.Generator().manual_seed(rank)
+        ids = torch.randint(0, E, (5, 2), generator=gen)
+        if rank == 1:
+            ids[2, 1] = E + 1  # a valid physical id (P = 12), an invalid logical one
+        try:
+            layer(torch.randn(5, 16, generator=gen), ids, torch.rand(5, 2, generator=gen))
+        except ValueError as err:
+            raised[dispatcher] = str(err)
+    return raised
+
+
+def test_bad_logical_id_with_shared_experts_names_the_logical_value():
+    for rank, raised in enumerate(run_ranks(_shared_bad_id_rank, 2)):
+        assert len(raised) == 3, raised
+        for dispatcher, message in raised.items():
+            if rank == 1:
+                assert message.startswith("topk_ids has id 9 at [2, 1]; allowed -1..7 (num_experts=8)"), message
+            else:
+                assert "rank 1 got invalid topk_ids" in message and "topk_ids are logical, -1..7" in message, message
+
+
 def _moves_rank(rank, world_size):
     """Weights, gradients and Adam's moments follow their experts through placements A -> B -> A,
     bit for bit; gather_experts returns the loaded weights exactly at every step."""
