@@ -12,6 +12,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
@@ -394,11 +395,11 @@ class EPMoE(nn.Module):
         """[R, *t.shape]: every rank's t in group-rank order, on every rank (dst None) or on dst only."""
         parts = [torch.empty_like(t) for _ in range(world_size)]
         if dst is None:
-            dist.all_gather(parts, t, group=group)
+            in_call_order(group, lambda: dist.all_gather(parts, t, group=group))
         elif dist.get_rank(group) == dst:
-            dist.gather(t, parts, group=group, group_dst=dst)
+            in_call_order(group, lambda: dist.gather(t, parts, group=group, group_dst=dst))
         else:
-            dist.gather(t, None, group=group, group_dst=dst)
+            in_call_order(group, lambda: dist.gather(t, None, group=group, group_dst=dst))
             return None
         return torch.stack(parts)
 
@@ -536,7 +537,7 @@ class EPMoE(nn.Module):
         from . import eplb
         load = self.expert_load(reset=reset)
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
-            dist.all_reduce(load, group=self.dispatcher.group)
+            in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
         return plan
@@ -553,7 +554,8 @@ class EPMoE(nn.Module):
         group = self.dispatcher.group
         if self.dispatcher.shards_experts and new.ep_size > 1:
             every = [None] * new.ep_size
-            dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical), group=group)
+            in_call_order(group, lambda: dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical),
+                                                                group=group))
             if any(theirs != every[0] for theirs in every):
                 bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
                 raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
@@ -627,7 +629,7 @@ class EPMoE(nn.Module):
                 where = torch.tensor([i for _, i in slots], device=grad.device)
                 total.index_add_(0, where, grad[mine])
             if self.dispatcher.shards_experts and self.placement.ep_size > 1:
-                dist.all_reduce(total, group=self.dispatcher.group)
+                in_call_order(self.dispatcher.group, lambda: dist.all_reduce(total, group=self.dispatcher.group))
             if slots:
                 grad[mine] = total[where]
 
@@ -837,7 +839,8 @@ class _ExpertMoves:
             # Every rank takes part even when it sends and receives nothing (the exchange is collective).
             send = [i for rows in self.send for i in rows]
             rows = t[torch.tensor(send, dtype=torch.long, device=t.device)]
-            received = all_to_all(rows, [len(r) for r in self.recv], [len(s) for s in self.send], group, R)
+            received = in_call_order(group, lambda: all_to_all(rows, [len(r) for r in self.recv],
+                                                               [len(s) for s in self.send], group, R))
             dst = [j for rows in self.recv for j in rows]
             if dst:
                 out[torch.tensor(dst, device=t.device)] = received

@@ -213,6 +213,38 @@ def test_bad_arguments_raise_on_every_rank():
         assert "invalid topk_ids" in raised[5] or "99" in raised[5]
 
 
+def _collectives_while_pending_rank(rank, world_size):
+    """The layer's own collectives (rebalance, a new layer's settings check, gather_experts,
+    reduce_replica_grads) called while an async dispatch of the group is still in flight: they run after
+    it, in call order, on every rank (run beside it, their collectives paired with the exchange's in
+    another order on each rank: a hang until the timeout); the layer computes its experts after the move."""
+    E, H, I = 9, 16, 8
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", runner="torch", num_redundant_experts=world_size)
+    problem = make_problem(layer.config, [9, 6, 7], seed=4, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    ref = moe_reference(problem.xs[rank], ids, w.double(), problem.w13, problem.w2, layer.config)
+    with torch.no_grad():
+        layer(x, ids, w)  # some load to plan from
+        out, work = layer.dispatcher.dispatch(x, ep.TopKOutput(layer.placement.to_physical(ids), w), async_op=True)
+        placement = layer.placement
+        layer.rebalance()  # an all_reduce, the plan check (all_gather) and the weight moves (all_to_all)
+        other = ep.EPMoE(E, 2, H, I, dispatcher="mori", runner="torch")  # its settings are all-gathered
+        gathered = layer.gather_experts()
+        layer.reduce_replica_grads()
+        work.wait()
+        y = layer(x, ids, w)
+    return (rel_err(y.double(), ref), torch.equal(gathered.w13, problem.w13.float()), other.placement.num_experts,
+            layer.placement != placement)
+
+
+def test_collectives_of_the_layer_wait_for_pending_async_exchanges():
+    for err, same, experts, moved in run_ranks(_collectives_while_pending_rank, 3, timeout=60, group_timeout=10):
+        assert err <= tolerance(torch.float32), err
+        assert same and experts == 9 and moved
+
+
 class SharedMLP(torch.nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()
