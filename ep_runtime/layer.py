@@ -533,13 +533,16 @@ class EPMoE(nn.Module):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
         every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
         ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
-        load counts (expert_load(reset=True)), the default."""
+        load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
+        keeps them)."""
         from . import eplb
-        load = self.expert_load(reset=reset)
+        load = self.expert_load()
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
+        if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts
+            self.expert_load(reset=True)
         return plan
 
     @torch.no_grad()
@@ -605,7 +608,9 @@ class EPMoE(nn.Module):
             if have != want:
                 raise ValueError(f"plan has {name}={have}; this layer has {want} (allowed: {want}; the weights' "
                                  f"shapes are fixed)")
-        return new
+        # One spelling per placement (expert_to_rank None or its contiguous table, say): the ranks compare
+        # them, and each decides from it whether to rebuild its dispatcher (a collective)
+        return _canonical_placement(new.num_experts, new.ep_size, new.rank, *_placement_tables(new))
 
     @torch.no_grad()
     def reduce_replica_grads(self) -> None:
@@ -736,6 +741,15 @@ def _default_placement(placement: ExpertPlacement) -> ExpertPlacement:
                                                   placement.ep_size, placement.rank)
 
 
+def _canonical_placement(num_experts: int, ep_size: int, rank: int, owners: Sequence[int], logical: Sequence[int]
+                         ) -> ExpertPlacement:
+    """The placement with these tables (each slot's rank, its logical expert), spelled one way: None for a
+    contiguous expert_to_rank and for slot e holding expert e."""
+    P = len(owners)
+    return ExpertPlacement(num_experts, ep_size, rank, None if tuple(owners) == ExpertPlacement(P, ep_size)._owners()
+                           else owners, None if tuple(logical) == tuple(range(P)) else logical)
+
+
 def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: a layer off the default placement (rebalanced, or built with expert_to_rank)
     adds PLACEMENT_KEY, int64 [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same
@@ -765,9 +779,7 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
                              f"physical slot's rank and logical expert)")
         owners, logical = (tuple(int(v) for v in row) for row in table.tolist())
         try:
-            saved = ExpertPlacement(current.num_experts, current.ep_size, current.rank,
-                                    None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
-                                    None if logical == tuple(range(P)) else logical)
+            saved = _canonical_placement(current.num_experts, current.ep_size, current.rank, owners, logical)
         except ValueError as err:  # e.g. saved at another EP size: the slots' ranks do not fit this group
             raise ValueError(f"state_dict[{prefix + PLACEMENT_KEY!r}] places the {P} slots on ranks {min(owners)}.."
                              f"{max(owners)}; this layer has ep_size={current.ep_size}, num_experts="

@@ -211,6 +211,41 @@ def test_bad_logical_id_with_shared_experts_names_the_logical_value():
                 assert "rank 1 got invalid topk_ids" in message and "topk_ids are logical, -1..7" in message, message
 
 
+def _refused_and_respelled_rank(rank, world_size):
+    """A rebalance refused for its num_nodes keeps the load counted so far; the same placement spelled two
+    ways on two ranks (expert_to_rank None, or its contiguous table) is one plan, applied on every rank."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=N)
+    problem = make_problem(layer.config, [7, 5], seed=6, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    ref = moe_reference(problem.xs[rank], ids, w.double(), problem.w13, problem.w2, layer.config)
+    with torch.no_grad():
+        layer(x, ids, w)
+    counted = layer.expert_load()
+    try:
+        layer.rebalance(num_nodes=4)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    kept = torch.equal(layer.expert_load(), counted)
+    owners = None if rank == 0 else [r for r in range(world_size) for _ in range((E + N) // world_size)]
+    layer.apply_placement(ExpertPlacement(E, world_size, rank, owners, [5, 4, 3, 2, 1, 0, 7, 6, 5, 3, 1, 0]))
+    with torch.no_grad():
+        errors = [rel_err(layer(x, ids, w).double(), ref)]
+        layer.rebalance()
+        errors.append(rel_err(layer(x, ids, w).double(), ref))
+    return refused, kept, errors, int(layer.expert_load().sum()) == int((ids >= 0).sum())
+
+
+def test_a_refused_rebalance_keeps_the_load_and_one_placement_spelled_two_ways_applies():
+    for refused, kept, errors, counted_once in run_ranks(_refused_and_respelled_rank, 2):
+        assert refused == ("num_nodes=4; allowed: None or an int >= 1 dividing num_ranks=2, num_experts=8 and "
+                           "num_physical_experts=12"), refused
+        assert kept and counted_once
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
 def _moves_rank(rank, world_size):
     """Weights, gradients and Adam's moments follow their experts through placements A -> B -> A,
     bit for bit; gather_experts returns the loaded weights exactly at every step."""
