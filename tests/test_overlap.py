@@ -245,6 +245,38 @@ def test_collectives_of_the_layer_wait_for_pending_async_exchanges():
         assert same and experts == 9 and moved
 
 
+def _two_batch_rebalanced_rank(rank, world_size):
+    """run_sequential / run_overlapped take the router's ids, as the layer's forward does: on a layer with
+    copies of experts after a rebalance they go to the slots holding their experts (sent to the slots with
+    those numbers, they met other experts) and count in expert_load; both equal the float64 reference."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    E = 6
+    problem = make_problem(ep.MoeConfig(E, 2, 16, 8), [5, 7, 6, 4, 3, 5], seed=1, ep_size=world_size)
+    mine = range(2 * rank, 2 * rank + 2)
+    batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b])) for b in mine]
+    refs = [moe_reference(problem.xs[b], problem.topk_ids[b], problem.topk_weights[b].double(), problem.w13,
+                          problem.w2, problem.config) for b in mine]
+    ids = torch.cat([problem.topk_ids[b] for b in mine])
+    out = {}
+    for name in ["deepep_normal", "deepep_ll"]:
+        layer = ep.EPMoE(E, 2, 16, 8, dispatcher=name, runner="torch", num_redundant_experts=world_size,
+                         dispatcher_options=OPTIONS.get(name))
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        layer.apply_placement(ep.eplb.plan(torch.arange(E, dtype=torch.float64) ** 2, world_size, E + world_size))
+        with torch.no_grad():
+            ys = run_sequential(layer, batches) + run_overlapped(layer, batches)
+        counted = torch.equal(layer.expert_load(), 2 * torch.bincount(ids[ids >= 0].long(), minlength=E))
+        out[name] = [rel_err(y.double(), ref) for y, ref in zip(ys, refs * 2)], counted
+    return out
+
+
+def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
+    for out in run_ranks(_two_batch_rebalanced_rank, 3):
+        for name, (errors, counted) in out.items():
+            assert max(errors) <= tolerance(torch.float32), (name, errors)
+            assert counted, name
+
+
 class SharedMLP(torch.nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()
