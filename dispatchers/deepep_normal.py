@@ -105,15 +105,15 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         routing is sent again (its weights detached: pass topk for a weight gradient).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
-        if topk is None:
-            if not isinstance(handle, ExchangeHandle) or handle.topk is None:
-                raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
-                                f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+        if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
+            raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
+                            f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+        if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
+            self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
                 _check_handle_tokens(handle, x)
+        if topk is None:
             topk = (handle.topk[0], handle.topk[1].detach())
-        if handle is not None:
-            self._check_handle(handle)
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
 
@@ -128,7 +128,6 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
             handle.placement = self.placement
         else:
-            _check_handle_tokens(handle, x)
             if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
                 handle = handle.for_autograd()
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)

@@ -190,6 +190,17 @@ def _errors_rank(rank, world_size):
         mori.dispatch(x, topk, return_recv_hook=True)
     except ValueError as err:
         raised.append(str(err))
+    # Checks of this rank's arguments that the exchange used to make (raised by wait(), on its thread): at the call.
+    fp8 = ep.dispatchers.create("deepep_ll", CONFIG, num_max_dispatch_tokens_per_rank=24, use_fp8=True)
+    normal = ep.dispatchers.create("deepep_normal", CONFIG)
+    handle = normal.dispatch(x, topk).handle
+    for call, error in ((lambda: fp8.dispatch(x.clone().requires_grad_(), topk, async_op=True), RuntimeError),
+                        (lambda: normal.dispatch(x[:3], ep.TopKOutput(topk[0][:3], topk[1][:3]), handle=handle,
+                                                 return_recv_hook=True), ValueError)):
+        try:
+            call()
+        except error as err:
+            raised.append(str(err).splitlines()[0])
     # An id out of range on rank 0 only: found in the count table, raised by wait() on every rank.
     ids = topk.topk_ids.clone()
     if rank == 0:
@@ -204,13 +215,16 @@ def _errors_rank(rank, world_size):
 
 def test_bad_arguments_raise_on_every_rank():
     for raised in run_ranks(_errors_rank, 2, timeout=60):
-        assert len(raised) == 6, raised
+        assert len(raised) == 8, raised
         assert "async_op=True and return_recv_hook=True" in raised[0]
         assert "async_op=1; allowed: True or False" in raised[1]
         assert "previous_event='now'; allowed: None, a torch.cuda.Event or an ExchangeWork" in raised[2]
         assert "hidden" in raised[3] or "32" in raised[3]
         assert "return_recv_hook=True on the mori dispatcher; allowed: False" in raised[4]
-        assert "invalid topk_ids" in raised[5] or "99" in raised[5]
+        assert raised[5].startswith("use_fp8=True dispatch: quantized (fp8) experts and fp8 dispatch are inference-only")
+        assert raised[6].startswith("handle was made for ") and raised[6].endswith(
+            " tokens; x has 3 (a handle is only valid for a dispatch with the same routing)"), raised[6]
+        assert "invalid topk_ids" in raised[7] or "99" in raised[7]
 
 
 def _collectives_while_pending_rank(rank, world_size):
