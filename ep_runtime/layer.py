@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
@@ -553,6 +554,9 @@ class EPMoE(nn.Module):
         identity, and their .grad moves with them. optimizer: its per-parameter state tensors shaped
         like a weight (Adam's moments, momentum buffers) move the same way; without it such state
         stays where it was and no longer matches its expert (reset it, or pass the optimizer)."""
+        if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
+                            f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
         new = self._check_plan(plan)
         group = self.dispatcher.group
         if self.dispatcher.shards_experts and new.ep_size > 1:

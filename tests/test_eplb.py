@@ -212,8 +212,9 @@ def test_bad_logical_id_with_shared_experts_names_the_logical_value():
 
 
 def _refused_and_respelled_rank(rank, world_size):
-    """A rebalance refused for its num_nodes keeps the load counted so far; the same placement spelled two
-    ways on two ranks (expert_to_rank None, or its contiguous table) is one plan, applied on every rank."""
+    """A rebalance refused for its num_nodes or its optimizer (named, not an AttributeError) keeps the load
+    counted so far; the same placement spelled two ways on two ranks (expert_to_rank None, or its
+    contiguous table) is one plan, applied on every rank."""
     torch.manual_seed(0)
     layer = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=N)
     problem = make_problem(layer.config, [7, 5], seed=6, ep_size=world_size)
@@ -228,6 +229,10 @@ def _refused_and_respelled_rank(rank, world_size):
         refused = None
     except ValueError as err:
         refused = str(err)
+    try:
+        layer.rebalance(optimizer=[torch.optim.SGD(layer.parameters(), lr=0.1)])
+    except TypeError as err:
+        refused += " | " + str(err)
     kept = torch.equal(layer.expert_load(), counted)
     owners = None if rank == 0 else [r for r in range(world_size) for _ in range((E + N) // world_size)]
     layer.apply_placement(ExpertPlacement(E, world_size, rank, owners, [5, 4, 3, 2, 1, 0, 7, 6, 5, 3, 1, 0]))
@@ -241,7 +246,8 @@ def _refused_and_respelled_rank(rank, world_size):
 def test_a_refused_rebalance_keeps_the_load_and_one_placement_spelled_two_ways_applies():
     for refused, kept, errors, counted_once in run_ranks(_refused_and_respelled_rank, 2):
         assert refused == ("num_nodes=4; allowed: None or an int >= 1 dividing num_ranks=2, num_experts=8 and "
-                           "num_physical_experts=12"), refused
+                           "num_physical_experts=12 | optimizer=list; allowed: None or the optimizer of this layer's "
+                           "parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)"), refused
         assert kept and counted_once
         assert max(errors) <= tolerance(torch.float32), errors
 
