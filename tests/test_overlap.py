@@ -291,6 +291,40 @@ def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
             assert counted, name
 
 
+def _backward_while_pending_rank(rank, world_size):
+    """Training with overlap: the next micro-batch's dispatch is in flight (async) while this one's backward
+    runs, whose reverse exchanges are collectives on the same group. They run after the pending exchange,
+    in call order, on every rank. (Here rank 1's exchange thread starts late, after a previous_event, and
+    rank 0's backward starts late: run beside each other, the two ranks paired the backward's exchange
+    with the dispatch's, and both hung until the timeout.) The gradient equals the float64 reference."""
+    import threading
+    from concurrent.futures import Future
+    torch.manual_seed(0)
+    layer = ep.EPMoE(6, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [5, 7], seed=1, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float().requires_grad_(), problem.topk_ids[rank], problem.topk_weights[rank]
+    y = layer(x, ids, w)
+    later = Future()
+    threading.Timer(0.5, later.set_result, (None,)).start()
+    with torch.no_grad():
+        _, work = layer.dispatcher.dispatch(x.detach(), ep.TopKOutput(ids, w), async_op=True,
+                                            previous_event=ep.dispatchers.ExchangeWork(future=later) if rank else None)
+    if rank == 0:
+        time.sleep(0.5)
+    (y * problem.grad_outputs[rank].float()).sum().backward()
+    work.wait()
+    x64 = problem.xs[rank].clone().requires_grad_()
+    ref = moe_reference(x64, ids, w.double(), problem.w13, problem.w2, layer.config)
+    (ref * problem.grad_outputs[rank]).sum().backward()
+    return rel_err(x.grad, x64.grad)
+
+
+def test_backward_runs_after_a_pending_async_dispatch():
+    for err in run_ranks(_backward_while_pending_rank, 2, timeout=60, group_timeout=5):
+        assert err <= tolerance(torch.float32), err
+
+
 class SharedMLP(torch.nn.Module):
     def __init__(self, hidden, inter):
         super().__init__()
