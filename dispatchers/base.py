@@ -107,7 +107,8 @@ class Dispatcher:
         every = [None] * self.world_size
         device = torch.device(device) if device is not None else None
         with torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext():
-            dist.all_gather_object(every, mine, group=self.group)  # NCCL: on the current CUDA device
+            # (NCCL: on the current CUDA device; CPU ranks: after the group's pending async exchanges)
+            overlap.in_call_order(self.group, lambda: dist.all_gather_object(every, mine, group=self.group))
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:  # another dispatcher differs in its options too: name the dispatcher then
@@ -332,6 +333,7 @@ class ExchangeDispatcher(Dispatcher):
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
+        self._fp8_for(x)  # an fp8 dispatch that needs a gradient: raised at the call, also when issued async
         return super()._checked_topk(x, topk)
 
     def check_combine_input(self, combine_input: CombineInput) -> None:

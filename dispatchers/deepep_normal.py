@@ -98,18 +98,21 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def dispatch(self, x, topk=None, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event=None):
-        """handle: from an earlier dispatch with the same routing (same topk_ids on every rank): its
-        plan is reused, nothing syncs, and the ids are not checked again (they were when it was made).
+        """handle: from an earlier dispatch with the same routing (same topk_ids on every rank), by this
+        dispatcher or one with the same experts on the same ranks (another is an error): its plan is
+        reused, nothing syncs, and the ids are not checked again (they were when it was made).
         With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
         routing is sent again (its weights detached: pass topk for a weight gradient).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
-        if topk is None:
-            if not isinstance(handle, ExchangeHandle) or handle.topk is None:
-                raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
-                                f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+        if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
+            raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
+                            f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+        if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
+            self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
                 _check_handle_tokens(handle, x)
+        if topk is None:
             topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
@@ -123,8 +126,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                 x, ids, weights, local_ids=True, chunk=options.chunk, rows=options.num_worst_tokens,
                 capacity=self._capacity, quant=quant)
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
+            handle.placement = self.placement
         else:
-            _check_handle_tokens(handle, x)
             if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
                 handle = handle.for_autograd()
             recv_x, recv_ids, recv_weights = self.exchange.send(x, ids, weights, handle, local_ids=True, quant=quant)
@@ -136,6 +139,27 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         return DeepEPNormalDispatchOutput(recv_x, recv_ids, recv_weights, listed,
                                           handle.num_recv_tokens_per_expert_tensor, handle, recv_x_scale, x_dtype)
 
+    def _check_handle(self, handle) -> None:
+        """A handle names the ranks each token goes to and, there, the local expert of each id: one made
+        over another placement (another dispatcher's, or this layer's before apply_placement moved slots
+        between ranks) would send pairs to ranks that no longer hold their experts, which drop them."""
+        if not isinstance(handle, ExchangeHandle):
+            raise TypeError(f"handle={type(handle).__name__}; allowed: None or the handle of an earlier "
+                            f"deepep_normal dispatch")
+        made, mine = handle.placement, self.placement
+        if made is mine:
+            return
+        if made is None or _owners(made) != _owners(mine):
+            raise ValueError(f"handle was made {'by another dispatcher' if made is None else 'for ' + _owners(made)}; "
+                             f"allowed: a handle made for this dispatcher's experts and ranks, {_owners(mine)} "
+                             f"(reuse a handle only for the placement it was made over: after apply_placement "
+                             f"moved experts between ranks, dispatch again without it)")
+
+
+def _owners(placement) -> str:
+    """A placement's experts and their ranks, as a handle check names them."""
+    owners = "contiguous" if placement.is_contiguous else list(placement._owners())
+    return f"num_experts={placement.num_experts}, ep_size={placement.ep_size}, expert_to_rank={owners}"
 
 
 def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:

@@ -208,6 +208,9 @@ def _key(group: Any) -> Any:
     return group if group is not None else _NO_GROUP
 
 
+_THREAD_PREFIX = "ep-runtime-exchange"
+
+
 def worker(group: Any) -> ThreadPoolExecutor:
     """The group's exchange thread (made on first use)."""
     global _USED
@@ -215,7 +218,7 @@ def worker(group: Any) -> ThreadPoolExecutor:
     key = _key(group)
     with _WORKERS_LOCK:
         if key not in _WORKERS:
-            _WORKERS[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ep-runtime-exchange")
+            _WORKERS[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_PREFIX)
         return _WORKERS[key]
 
 
@@ -246,3 +249,14 @@ def in_caller_modes(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 def submit(group: Any, fn: Callable[[], Any]) -> Future:
     return worker(group).submit(in_caller_modes(fn))
+
+
+def in_call_order(group: Any, fn: Callable[[], Any]) -> Any:
+    """fn(), a collective on `group` besides dispatch/combine (a rebalance's all_reduce, a weight move, a
+    new dispatcher's settings check), after the group's exchanges issued so far. Where the group has an
+    exchange thread (CPU ranks that ran an async exchange) it runs there, in call order: run beside a
+    pending exchange, its collectives could pair with the exchange's in another order on each rank (a
+    hang until the timeout). Elsewhere, and on that thread itself, it runs here."""
+    if not has_worker(group) or threading.current_thread().name.startswith(_THREAD_PREFIX):
+        return fn()
+    return submit(group, fn).result()

@@ -150,9 +150,10 @@ class ExchangeHandle:
     # Node-aware host plans (dispatchers/hierarchical.py): send_token, send_rank and combine_index are
     # then stage 1's (to the relays), send_splits / recv_splits still the tokens to / from each rank.
     relay: Optional[RelayPlan] = None
-    # (topk_ids, topk_weights) the plan was made for, kept by a dispatcher whose handle may be reused
-    # without them (deepep_normal, as DeepEP's cached dispatch)
+    # (topk_ids, topk_weights) the plan was made for, and the placement it was made over, kept by a
+    # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch)
     topk: Optional[tuple] = None
+    placement: Optional[ExpertPlacement] = None
     # Plans that read a table made by torch ops (CPU ranks, node-aware plans): whether x and topk_weights
     # need gradients on any rank (send then makes this rank's need them too); None elsewhere.
     grads: Optional[tuple[bool, bool]] = None

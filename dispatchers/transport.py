@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .overlap import in_call_order
+
 
 def _exchange(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_splits: Optional[Sequence[int]],
               group) -> torch.Tensor:
@@ -32,7 +34,10 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         recv_splits, send_splits = ctx.splits
-        return _exchange(grad, send_splits, recv_splits, ctx.group), None, None, None
+        # CPU ranks: after the group's async exchanges issued so far (another micro-batch's dispatch in
+        # flight during this backward), in call order on every rank
+        back = in_call_order(ctx.group, lambda: _exchange(grad, send_splits, recv_splits, ctx.group))
+        return back, None, None, None
 
 
 def all_to_all(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_splits: Optional[Sequence[int]],

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
@@ -11,6 +13,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
@@ -398,11 +401,11 @@ class EPMoE(nn.Module):
         """[R, *t.shape]: every rank's t in group-rank order, on every rank (dst None) or on dst only."""
         parts = [torch.empty_like(t) for _ in range(world_size)]
         if dst is None:
-            dist.all_gather(parts, t, group=group)
+            in_call_order(group, lambda: dist.all_gather(parts, t, group=group))
         elif dist.get_rank(group) == dst:
-            dist.gather(t, parts, group=group, group_dst=dst)
+            in_call_order(group, lambda: dist.gather(t, parts, group=group, group_dst=dst))
         else:
-            dist.gather(t, None, group=group, group_dst=dst)
+            in_call_order(group, lambda: dist.gather(t, None, group=group, group_dst=dst))
             return None
         return torch.stack(parts)
 
@@ -462,12 +465,8 @@ class EPMoE(nn.Module):
             raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
                                f"{INFERENCE_ONLY}")
         physical = self._to_physical(x, topk)
-        try:  # (a peer that does not answer: the dispatcher raises ep.PeerFailure)
+        with self._naming_logical_ids(topk, physical):  # (a peer that does not answer: ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
-        except ValueError as err:
-            if physical is not topk:
-                self._name_logical_ids(topk, err)
-            raise
 
     def experts_and_combine(self, dispatch_output) -> torch.Tensor:
         """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
@@ -488,6 +487,17 @@ class EPMoE(nn.Module):
         ids, weights = topk
         check_topk(ids, weights, x.shape[0], self.config.num_experts, self.config.top_k, x.device, values=False)
         return TopKOutput(self.placement.to_physical(ids), weights)
+
+    @contextmanager
+    def _naming_logical_ids(self, topk: TopKOutput, physical: TopKOutput):
+        """Around a dispatch of `physical` (the ids `topk` mapped to physical ones), or an async
+        dispatch's wait(): an error about its ids names this rank's logical ids instead."""
+        try:
+            yield
+        except ValueError as err:
+            if physical is not topk:
+                self._name_logical_ids(topk, err)
+            raise
 
     def _name_logical_ids(self, topk: TopKOutput, err: ValueError) -> None:
         """A dispatcher error about ids names physical ids: name this rank's logical id instead."""
@@ -535,13 +545,16 @@ class EPMoE(nn.Module):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
         every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
         ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
-        load counts (expert_load(reset=True)), the default."""
+        load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
+        keeps them)."""
         from . import eplb
-        load = self.expert_load(reset=reset)
+        load = self.expert_load()
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
-            dist.all_reduce(load, group=self.dispatcher.group)
+            in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
+        if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts
+            self.expert_load(reset=True)
         return plan
 
     @torch.no_grad()
@@ -552,11 +565,15 @@ class EPMoE(nn.Module):
         identity, and their .grad moves with them. optimizer: its per-parameter state tensors shaped
         like a weight (Adam's moments, momentum buffers) move the same way; without it such state
         stays where it was and no longer matches its expert (reset it, or pass the optimizer)."""
+        if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
+                            f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
         new = self._check_plan(plan)
         group = self.dispatcher.group
         if self.dispatcher.shards_experts and new.ep_size > 1:
             every = [None] * new.ep_size
-            dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical), group=group)
+            in_call_order(group, lambda: dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical),
+                                                                group=group))
             if any(theirs != every[0] for theirs in every):
                 bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
                 raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
@@ -606,7 +623,9 @@ class EPMoE(nn.Module):
             if have != want:
                 raise ValueError(f"plan has {name}={have}; this layer has {want} (allowed: {want}; the weights' "
                                  f"shapes are fixed)")
-        return new
+        # One spelling per placement (expert_to_rank None or its contiguous table, say): the ranks compare
+        # them, and each decides from it whether to rebuild its dispatcher (a collective)
+        return _canonical_placement(new.num_experts, new.ep_size, new.rank, *_placement_tables(new))
 
     @torch.no_grad()
     def reduce_replica_grads(self) -> None:
@@ -630,7 +649,7 @@ class EPMoE(nn.Module):
                 where = torch.tensor([i for _, i in slots], device=grad.device)
                 total.index_add_(0, where, grad[mine])
             if self.dispatcher.shards_experts and self.placement.ep_size > 1:
-                dist.all_reduce(total, group=self.dispatcher.group)
+                in_call_order(self.dispatcher.group, lambda: dist.all_reduce(total, group=self.dispatcher.group))
             if slots:
                 grad[mine] = total[where]
 
@@ -655,8 +674,8 @@ class EPMoE(nn.Module):
         (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
         if side is None:  # CPU ranks: here, while the exchange thread moves the rows
             shared = shared_module(x)
-        with naming_peer_failures(self.dispatcher, "dispatch"):
-            work.wait()
+        with self._naming_logical_ids(topk, physical), naming_peer_failures(self.dispatcher, "dispatch"):
+            work.wait()  # (CPU ranks: the count table's errors are raised here)
         self._count_load(dispatch_output, physical)
         routed = self.experts_and_combine(dispatch_output)
         if side is not None:
@@ -737,6 +756,15 @@ def _default_placement(placement: ExpertPlacement) -> ExpertPlacement:
                                                   placement.ep_size, placement.rank)
 
 
+def _canonical_placement(num_experts: int, ep_size: int, rank: int, owners: Sequence[int], logical: Sequence[int]
+                         ) -> ExpertPlacement:
+    """The placement with these tables (each slot's rank, its logical expert), spelled one way: None for a
+    contiguous expert_to_rank and for slot e holding expert e."""
+    P = len(owners)
+    return ExpertPlacement(num_experts, ep_size, rank, None if tuple(owners) == ExpertPlacement(P, ep_size)._owners()
+                           else owners, None if tuple(logical) == tuple(range(P)) else logical)
+
+
 def _save_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict post-hook: a layer off the default placement (rebalanced, or built with expert_to_rank)
     adds PLACEMENT_KEY, int64 [2, P] (row 0: each physical slot's rank, row 1: its logical expert; the same
@@ -792,9 +820,7 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
                              f"physical slot's rank and logical expert)")
         owners, logical = (tuple(int(v) for v in row) for row in table.tolist())
         try:
-            saved = ExpertPlacement(current.num_experts, current.ep_size, current.rank,
-                                    None if owners == ExpertPlacement(P, current.ep_size)._owners() else owners,
-                                    None if logical == tuple(range(P)) else logical)
+            saved = _canonical_placement(current.num_experts, current.ep_size, current.rank, owners, logical)
         except ValueError as err:  # e.g. saved at another EP size: the slots' ranks do not fit this group
             raise ValueError(f"state_dict[{prefix + PLACEMENT_KEY!r}] places the {P} slots on ranks {min(owners)}.."
                              f"{max(owners)}; this layer has ep_size={current.ep_size}, num_experts="
@@ -866,7 +892,8 @@ class _ExpertMoves:
             # Every rank takes part even when it sends and receives nothing (the exchange is collective).
             send = [i for rows in self.send for i in rows]
             rows = t[torch.tensor(send, dtype=torch.long, device=t.device)]
-            received = all_to_all(rows, [len(r) for r in self.recv], [len(s) for s in self.send], group, R)
+            received = in_call_order(group, lambda: all_to_all(rows, [len(r) for r in self.recv],
+                                                               [len(s) for s in self.send], group, R))
             dst = [j for rows in self.recv for j in rows]
             if dst:
                 out[torch.tensor(dst, device=t.device)] = received

@@ -8,6 +8,7 @@ import torch
 import ep_runtime as ep
 from ep_runtime.dispatchers import exchange_kernels as xk
 from ep_runtime.dispatchers.rank_exchange import dispatch_layout
+from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import check_layer, make_problem, random_topk_ids, run_ranks, tolerance
 
 
@@ -171,6 +172,57 @@ def _cached_dispatch_rank(rank, world_size, options):
 @pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 40}])
 def test_cached_dispatch_takes_x_and_the_handle(options):
     assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True, True])] * 2
+
+
+def _foreign_handle_rank(rank, world_size):
+    """A handle sends each token to the ranks its plan named and tells them the local expert of each id: one
+    made over another placement (another dispatcher's experts, or the layer's own before apply_placement moved
+    experts between ranks) is an error naming both placements before any collective (its pairs reached ranks
+    that no longer hold their experts, which dropped them); one of a dispatcher with the same placement serves."""
+    E, K, H = 6, 2, 16
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(rank)
+    ids = random_topk_ids(gen, 9, E, K, world_size)
+    x, w = torch.randn(9, H, generator=gen, dtype=torch.float64), torch.rand(9, K, generator=gen)
+    layer = ep.EPMoE(E, K, H, 8, dispatcher="deepep_normal", runner="torch", dtype=torch.float64)
+    twin = ep.dispatchers.create("deepep_normal", layer.config)  # the same experts on the same ranks
+    wider = ep.dispatchers.create("deepep_normal", ep.MoeConfig(2 * E, K, H, 8))
+    handle = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w)).handle
+    fresh = twin.dispatch(x, ep.TopKOutput(ids, w))
+    served = twin.dispatch(x, handle=handle)
+    same = torch.equal(served.recv_x, fresh.recv_x) and torch.equal(served.recv_topk_ids, fresh.recv_topk_ids)
+    errors = []
+    try:
+        wider.dispatch(x, ep.TopKOutput(ids, w), handle=handle)
+    except ValueError as err:
+        errors.append(str(err))
+    layer.apply_placement(ep.ExpertPlacement(E, world_size, rank, [(e + 1) % world_size for e in range(E)]))
+    try:
+        layer.dispatcher.dispatch(x, handle=handle)
+    except ValueError as err:
+        errors.append(str(err))
+    try:
+        layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w), handle=fresh)
+    except TypeError as err:
+        errors.append(str(err))
+    y = layer(x, ids, w)  # a fresh dispatch after the move is right
+    experts = layer.gather_experts()
+    return same, errors, rel_err(y, moe_reference(x, ids, w.double(), experts.w13, experts.w2, layer.config))
+
+
+def test_a_handle_made_over_another_placement_is_refused():
+    contiguous = "num_experts=6, ep_size=3, expert_to_rank=contiguous"
+    for same, errors, err in run_ranks(_foreign_handle_rank, 3):
+        assert same and err <= 1e-12, err
+        assert errors == [
+            f"handle was made for {contiguous}; allowed: a handle made for this dispatcher's experts and ranks, "
+            "num_experts=12, ep_size=3, expert_to_rank=contiguous (reuse a handle only for the placement it was made "
+            "over: after apply_placement moved experts between ranks, dispatch again without it)",
+            f"handle was made for {contiguous}; allowed: a handle made for this dispatcher's experts and ranks, "
+            "num_experts=6, ep_size=3, expert_to_rank=[1, 2, 0, 1, 2, 0] (reuse a handle only for the placement it "
+            "was made over: after apply_placement moved experts between ranks, dispatch again without it)",
+            "handle=DeepEPNormalDispatchOutput; allowed: None or the handle of an earlier deepep_normal dispatch",
+        ], errors
 
 
 def _inference_handle_rank(rank, world_size, options):

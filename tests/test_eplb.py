@@ -183,6 +183,75 @@ def test_every_pair_with_copies_matches_reference_and_counts_load():
             assert plan == results[0][pair][4]  # every rank applied the same plan
 
 
+def _shared_bad_id_rank(rank, world_size):
+    """A layer with copies and shared experts dispatches asynchronously (the shared experts run meanwhile),
+    so the count table's error comes from wait(): it must still name the caller's logical id."""
+    raised = {}
+    for dispatcher in ["deepep_normal", "deepep_ll", "mori"]:
+        layer = ep.EPMoE(E, 2, 16, 8, dispatcher=dispatcher, runner="torch", num_redundant_experts=N,
+                         dispatcher_options=OPTIONS.get(dispatcher), shared_experts=torch.nn.Linear(16, 16))
+        gen = torch.Generator().manual_seed(rank)
+        ids = torch.randint(0, E, (5, 2), generator=gen)
+        if rank == 1:
+            ids[2, 1] = E + 1  # a valid physical id (P = 12), an invalid logical one
+        try:
+            layer(torch.randn(5, 16, generator=gen), ids, torch.rand(5, 2, generator=gen))
+        except ValueError as err:
+            raised[dispatcher] = str(err)
+    return raised
+
+
+def test_bad_logical_id_with_shared_experts_names_the_logical_value():
+    for rank, raised in enumerate(run_ranks(_shared_bad_id_rank, 2)):
+        assert len(raised) == 3, raised
+        for dispatcher, message in raised.items():
+            if rank == 1:
+                assert message.startswith("topk_ids has id 9 at [2, 1]; allowed -1..7 (num_experts=8)"), message
+            else:
+                assert "rank 1 got invalid topk_ids" in message and "topk_ids are logical, -1..7" in message, message
+
+
+def _refused_and_respelled_rank(rank, world_size):
+    """A rebalance refused for its num_nodes or its optimizer (named, not an AttributeError) keeps the load
+    counted so far; the same placement spelled two ways on two ranks (expert_to_rank None, or its
+    contiguous table) is one plan, applied on every rank."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=N)
+    problem = make_problem(layer.config, [7, 5], seed=6, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    ref = moe_reference(problem.xs[rank], ids, w.double(), problem.w13, problem.w2, layer.config)
+    with torch.no_grad():
+        layer(x, ids, w)
+    counted = layer.expert_load()
+    try:
+        layer.rebalance(num_nodes=4)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    try:
+        layer.rebalance(optimizer=[torch.optim.SGD(layer.parameters(), lr=0.1)])
+    except TypeError as err:
+        refused += " | " + str(err)
+    kept = torch.equal(layer.expert_load(), counted)
+    owners = None if rank == 0 else [r for r in range(world_size) for _ in range((E + N) // world_size)]
+    layer.apply_placement(ExpertPlacement(E, world_size, rank, owners, [5, 4, 3, 2, 1, 0, 7, 6, 5, 3, 1, 0]))
+    with torch.no_grad():
+        errors = [rel_err(layer(x, ids, w).double(), ref)]
+        layer.rebalance()
+        errors.append(rel_err(layer(x, ids, w).double(), ref))
+    return refused, kept, errors, int(layer.expert_load().sum()) == int((ids >= 0).sum())
+
+
+def test_a_refused_rebalance_keeps_the_load_and_one_placement_spelled_two_ways_applies():
+    for refused, kept, errors, counted_once in run_ranks(_refused_and_respelled_rank, 2):
+        assert refused == ("num_nodes=4; allowed: None or an int >= 1 dividing num_ranks=2, num_experts=8 and "
+                           "num_physical_experts=12 | optimizer=list; allowed: None or the optimizer of this layer's "
+                           "parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)"), refused
+        assert kept and counted_once
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
 def _moves_rank(rank, world_size):
     """Weights, gradients and Adam's moments follow their experts through placements A -> B -> A,
     bit for bit; gather_experts returns the loaded weights exactly at every step."""

@@ -190,6 +190,17 @@ def _errors_rank(rank, world_size):
         mori.dispatch(x, topk, return_recv_hook=True)
     except ValueError as err:
         raised.append(str(err))
+    # Checks of this rank's arguments that the exchange used to make (raised by wait(), on its thread): at the call.
+    fp8 = ep.dispatchers.create("deepep_ll", CONFIG, num_max_dispatch_tokens_per_rank=24, use_fp8=True)
+    normal = ep.dispatchers.create("deepep_normal", CONFIG)
+    handle = normal.dispatch(x, topk).handle
+    for call, error in ((lambda: fp8.dispatch(x.clone().requires_grad_(), topk, async_op=True), RuntimeError),
+                        (lambda: normal.dispatch(x[:3], ep.TopKOutput(topk[0][:3], topk[1][:3]), handle=handle,
+                                                 return_recv_hook=True), ValueError)):
+        try:
+            call()
+        except error as err:
+            raised.append(str(err).splitlines()[0])
     # An id out of range on rank 0 only: found in the count table, raised by wait() on every rank.
     ids = topk.topk_ids.clone()
     if rank == 0:
@@ -204,13 +215,114 @@ def _errors_rank(rank, world_size):
 
 def test_bad_arguments_raise_on_every_rank():
     for raised in run_ranks(_errors_rank, 2, timeout=60):
-        assert len(raised) == 6, raised
+        assert len(raised) == 8, raised
         assert "async_op=True and return_recv_hook=True" in raised[0]
         assert "async_op=1; allowed: True or False" in raised[1]
         assert "previous_event='now'; allowed: None, a torch.cuda.Event or an ExchangeWork" in raised[2]
         assert "hidden" in raised[3] or "32" in raised[3]
         assert "return_recv_hook=True on the mori dispatcher; allowed: False" in raised[4]
-        assert "invalid topk_ids" in raised[5] or "99" in raised[5]
+        assert raised[5].startswith("use_fp8=True dispatch: quantized (fp8) experts and fp8 dispatch are inference-only")
+        assert raised[6].startswith("handle was made for ") and raised[6].endswith(
+            " tokens; x has 3 (a handle is only valid for a dispatch with the same routing)"), raised[6]
+        assert "invalid topk_ids" in raised[7] or "99" in raised[7]
+
+
+def _collectives_while_pending_rank(rank, world_size):
+    """The layer's own collectives (rebalance, a new layer's settings check, gather_experts,
+    reduce_replica_grads) called while an async dispatch of the group is still in flight: they run after
+    it, in call order, on every rank (run beside it, their collectives paired with the exchange's in
+    another order on each rank: a hang until the timeout); the layer computes its experts after the move."""
+    E, H, I = 9, 16, 8
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, 2, H, I, dispatcher="deepep_normal", runner="torch", num_redundant_experts=world_size)
+    problem = make_problem(layer.config, [9, 6, 7], seed=4, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    ref = moe_reference(problem.xs[rank], ids, w.double(), problem.w13, problem.w2, layer.config)
+    with torch.no_grad():
+        layer(x, ids, w)  # some load to plan from
+        out, work = layer.dispatcher.dispatch(x, ep.TopKOutput(layer.placement.to_physical(ids), w), async_op=True)
+        placement = layer.placement
+        layer.rebalance()  # an all_reduce, the plan check (all_gather) and the weight moves (all_to_all)
+        other = ep.EPMoE(E, 2, H, I, dispatcher="mori", runner="torch")  # its settings are all-gathered
+        gathered = layer.gather_experts()
+        layer.reduce_replica_grads()
+        work.wait()
+        y = layer(x, ids, w)
+    return (rel_err(y.double(), ref), torch.equal(gathered.w13, problem.w13.float()), other.placement.num_experts,
+            layer.placement != placement)
+
+
+def test_collectives_of_the_layer_wait_for_pending_async_exchanges():
+    for err, same, experts, moved in run_ranks(_collectives_while_pending_rank, 3, timeout=60, group_timeout=10):
+        assert err <= tolerance(torch.float32), err
+        assert same and experts == 9 and moved
+
+
+def _two_batch_rebalanced_rank(rank, world_size):
+    """run_sequential / run_overlapped take the router's ids, as the layer's forward does: on a layer with
+    copies of experts after a rebalance they go to the slots holding their experts (sent to the slots with
+    those numbers, they met other experts) and count in expert_load; both equal the float64 reference."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    E = 6
+    problem = make_problem(ep.MoeConfig(E, 2, 16, 8), [5, 7, 6, 4, 3, 5], seed=1, ep_size=world_size)
+    mine = range(2 * rank, 2 * rank + 2)
+    batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b])) for b in mine]
+    refs = [moe_reference(problem.xs[b], problem.topk_ids[b], problem.topk_weights[b].double(), problem.w13,
+                          problem.w2, problem.config) for b in mine]
+    ids = torch.cat([problem.topk_ids[b] for b in mine])
+    out = {}
+    for name in ["deepep_normal", "deepep_ll"]:
+        layer = ep.EPMoE(E, 2, 16, 8, dispatcher=name, runner="torch", num_redundant_experts=world_size,
+                         dispatcher_options=OPTIONS.get(name))
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        layer.apply_placement(ep.eplb.plan(torch.arange(E, dtype=torch.float64) ** 2, world_size, E + world_size))
+        with torch.no_grad():
+            ys = run_sequential(layer, batches) + run_overlapped(layer, batches)
+        counted = torch.equal(layer.expert_load(), 2 * torch.bincount(ids[ids >= 0].long(), minlength=E))
+        out[name] = [rel_err(y.double(), ref) for y, ref in zip(ys, refs * 2)], counted
+    return out
+
+
+def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
+    for out in run_ranks(_two_batch_rebalanced_rank, 3):
+        for name, (errors, counted) in out.items():
+            assert max(errors) <= tolerance(torch.float32), (name, errors)
+            assert counted, name
+
+
+def _backward_while_pending_rank(rank, world_size):
+    """Training with overlap: the next micro-batch's dispatch is in flight (async) while this one's backward
+    runs, whose reverse exchanges are collectives on the same group. They run after the pending exchange,
+    in call order, on every rank. (Here rank 1's exchange thread starts late, after a previous_event, and
+    rank 0's backward starts late: run beside each other, the two ranks paired the backward's exchange
+    with the dispatch's, and both hung until the timeout.) The gradient equals the float64 reference."""
+    import threading
+    from concurrent.futures import Future
+    torch.manual_seed(0)
+    layer = ep.EPMoE(6, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [5, 7], seed=1, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float().requires_grad_(), problem.topk_ids[rank], problem.topk_weights[rank]
+    y = layer(x, ids, w)
+    later = Future()
+    threading.Timer(0.5, later.set_result, (None,)).start()
+    with torch.no_grad():
+        _, work = layer.dispatcher.dispatch(x.detach(), ep.TopKOutput(ids, w), async_op=True,
+                                            previous_event=ep.dispatchers.ExchangeWork(future=later) if rank else None)
+    if rank == 0:
+        time.sleep(0.5)
+    (y * problem.grad_outputs[rank].float()).sum().backward()
+    work.wait()
+    x64 = problem.xs[rank].clone().requires_grad_()
+    ref = moe_reference(x64, ids, w.double(), problem.w13, problem.w2, layer.config)
+    (ref * problem.grad_outputs[rank]).sum().backward()
+    return rel_err(x.grad, x64.grad)
+
+
+def test_backward_runs_after_a_pending_async_dispatch():
+    for err in run_ranks(_backward_while_pending_rank, 2, timeout=60, group_timeout=5):
+        assert err <= tolerance(torch.float32), err
 
 
 class SharedMLP(torch.nn.Module):

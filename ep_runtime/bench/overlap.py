@@ -85,8 +85,16 @@ def build_layer(num_experts: int, top_k: int, hidden_size: int, intermediate_siz
 
 
 def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
-    """Each micro-batch (x [T, H], TopKOutput) through dispatch, experts and combine, one after the other."""
-    return [layer.experts_and_combine(layer.dispatcher.dispatch(x, topk)) for x, topk in batches]
+    """Each micro-batch (x [T, H], TopKOutput of the router's ids, as the layer's forward takes them)
+    through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
+    the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
+    expert_load."""
+    ys = []
+    for x, topk in batches:
+        out, physical = layer._dispatch(x, topk)
+        layer._count_load(out, physical)
+        ys.append(layer.experts_and_combine(out))
+    return ys
 
 
 _INPUTS_READY: dict = {}  # device -> the stream run_overlapped issues later dispatches from
@@ -102,7 +110,6 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     micro-batch's dispatch is issued from a stream that has waited for the inputs only: issued from the
     caller's stream it would wait behind the experts just queued there and overlap nothing (measured on
     2x H200: the next dispatch's first kernel started only when the previous experts ended)."""
-    d = layer.dispatcher
     device = batches[0][0].device
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
     inputs_ready = None  # CUDA: a stream holding nothing but a wait for the work queued before this call
@@ -111,16 +118,18 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
             _INPUTS_READY[device] = torch.cuda.Stream(device)
         inputs_ready = _INPUTS_READY[device]
         inputs_ready.wait_stream(caller)
-    pending = d.dispatch(*batches[0], async_op=True)
+    pending = layer._dispatch(*batches[0], async_op=True)  # ((output, work), the physical ids sent)
     combined = []
     for i in range(len(batches)):
-        out, work = pending
-        work.wait()
+        (out, work), physical = pending
+        with layer._naming_logical_ids(batches[i][1], physical):
+            work.wait()
+        layer._count_load(out, physical)
         expert_out = layer.runner.run(out, layer.weights)
         if i + 1 < len(batches):
             with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
-                pending = d.dispatch(*batches[i + 1], async_op=True)
-        combined.append(d.combine(expert_out, async_op=True))
+                pending = layer._dispatch(*batches[i + 1], async_op=True)
+        combined.append(layer.dispatcher.combine(expert_out, async_op=True))
     for _, work in combined:
         work.wait()
     if caller is not None:  # joins the side stream back (a CUDA-graph capture needs every fork joined)
