@@ -417,6 +417,24 @@ class EPMoE(nn.Module):
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
+        x = self._checked_tokens(x)
+        topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        try:
+            if self.shared_experts is None:
+                dispatch_output, physical = self._dispatch(x, topk)
+                self._count_load(dispatch_output, physical)
+                return self.experts_and_combine(dispatch_output)
+            routed, shared = self._routed_and_shared(x, topk, self.shared_experts)
+            return routed + shared
+        except ValueError as err:
+            if router_logits is not None:  # the weights the dispatcher found non-finite came from these
+                name_non_finite_logits(router_logits, self.topk_config, err)
+            raise
+
+    def _checked_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the
+        layer before anything runs: [T, H], the layer's dtype (self.dtype: for fp8 experts the activations'
+        dtype, not the weights') and device; fp8 experts still fp8 and asked for no gradient."""
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
@@ -425,18 +443,7 @@ class EPMoE(nn.Module):
                                f"move it with .to(device) only, or reload the experts")
         if self.quant is not None and needs_grad(x, self.b13, self.b2):
             raise RuntimeError(f"this layer's experts are {self.quant.format} ({self.quant.dtype}): {INFERENCE_ONLY}")
-        topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
-        try:
-            if self.shared_experts is None:
-                dispatch_output, physical = self._dispatch(x, topk)
-                self._count_load(dispatch_output, physical)
-                return self.experts_and_combine(dispatch_output)
-            routed, shared = self.routed_and_shared(x, topk)
-            return routed + shared
-        except ValueError as err:
-            if router_logits is not None:  # the weights the dispatcher found non-finite came from these
-                name_non_finite_logits(router_logits, self.topk_config, err)
-            raise
+        return x
 
     def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of
@@ -632,7 +639,11 @@ class EPMoE(nn.Module):
         if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
             raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
                              "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
-        x = self._autocast_tokens(x)
+        return self._routed_and_shared(self._checked_tokens(x), topk, shared_module)
+
+    def _routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_module: nn.Module
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """routed_and_shared on checked tokens (_checked_tokens)."""
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)
