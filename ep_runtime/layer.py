@@ -435,6 +435,10 @@ class EPMoE(nn.Module):
         """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the
         layer before anything runs: [T, H], the layer's dtype (self.dtype: for fp8 experts the activations'
         dtype, not the weights') and device; fp8 experts still fp8 and asked for no gradient."""
+        if self.w13.is_meta:  # (nothing could be read: the first value check failed inside torch)
+            raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
+                               "`with torch.device('meta'):`), so they have no values to compute with; materialise "
+                               "them first: layer.to_empty(device=...), then layer.load_experts(...)")
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
@@ -450,7 +454,9 @@ class EPMoE(nn.Module):
         any float dtype (a Linear's bf16, a LayerNorm's float32) and picks its own compute dtype; the
         tokens travel and compute in the layer's dtype (autocast still runs the runner's GEMMs in its
         own), and the output comes back in it."""
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        # (autocast has no meta device: asking raises; such an x is named by the device check after this)
+        if (isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta
+                and torch.is_autocast_enabled(x.device.type)):
             return x.to(self.dtype)
         return x
 
