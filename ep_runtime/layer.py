@@ -410,7 +410,10 @@ class EPMoE(nn.Module):
         y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         if isinstance(x, torch.Tensor) and x.dim() > 2:
-            lead = tuple(x.shape[:-1])
+            lead, H = tuple(x.shape[:-1]), self.config.hidden_size
+            if x.shape[-1] != H:  # named as given: the [T, H] check would name the flattened shape
+                raise ValueError(f"x has shape {list(x.shape)}; expected [..., {H}] (hidden_size={H}: [T, H], or "
+                                 f"leading dims such as [batch, seq, H])")
             K, E = self.config.top_k, self.config.num_experts
             y = self.forward(x.reshape(-1, x.shape[-1]), _flatten("topk_ids", topk_ids, lead, K),
                              _flatten("topk_weights", topk_weights, lead, K),

@@ -124,6 +124,9 @@ def test_batched_input_is_flattened_and_restored():
     assert torch.equal(layer(x, ids.view(3, 5, 2), w.view(3, 5, 2)), y)
     with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[3, 5, 2\]"):
         layer(x, ids.view(5, 3, 2), w.view(3, 5, 2))
+    # a wrong hidden size is named in the shape given (it named the flattened [15, 15])
+    with pytest.raises(ValueError, match=r"^x has shape \[3, 5, 15\]; expected \[\.\.\., 16\] \(hidden_size=16"):
+        layer(x[..., :15], ids.view(3, 5, 2), w.view(3, 5, 2))
 
 
 def test_dtype_by_name_and_non_finite_weights():
