@@ -682,6 +682,10 @@ class EPMoE(nn.Module):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
+        if isinstance(topk_ids, tuple) and topk_weights is None:  # layer(x, ep.select_experts(...))
+            raise TypeError(f"topk_ids is a {type(topk_ids).__name__} of {len(topk_ids)} items; allowed: the ids "
+                            f"tensor [T, K], with topk_weights [T, K] as the next argument (layer(x, *topk) unpacks "
+                            f"an ep.TopKOutput)")
         if topk_ids is None or topk_weights is None:
             raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
         if correction_bias is not None:
