@@ -35,7 +35,6 @@ from torch import nn
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .routing import TopKOutput
-from .validation import check_hidden_states
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -276,7 +275,6 @@ class EPExperts(nn.Module):
         ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
         if self._shared is None or not self._shared.enabled:
             return self.layer(hidden_states, ids, top_k_weights)
-        check_hidden_states(hidden_states, self.layer.config.hidden_size, self.layer.w13.dtype, self.layer.w13.device)
         # The block's shared experts run while the dispatch is in flight; the block then gets their
         # output from its own call of them (the hand-off), so it adds exactly what it added before.
         routed, shared = self.layer.routed_and_shared(hidden_states, TopKOutput(ids, top_k_weights),

@@ -418,38 +418,54 @@ class EPMoE(nn.Module):
         y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         if isinstance(x, torch.Tensor) and x.dim() > 2:
-            lead = tuple(x.shape[:-1])
+            lead, H = tuple(x.shape[:-1]), self.config.hidden_size
+            if x.shape[-1] != H:  # named as given: the [T, H] check would name the flattened shape
+                raise ValueError(f"x has shape {list(x.shape)}; expected [..., {H}] (hidden_size={H}: [T, H], or "
+                                 f"leading dims such as [batch, seq, H])")
             K, E = self.config.top_k, self.config.num_experts
             y = self.forward(x.reshape(-1, x.shape[-1]), _flatten("topk_ids", topk_ids, lead, K),
                              _flatten("topk_weights", topk_weights, lead, K),
                              router_logits=_flatten("router_logits", router_logits, lead, E),
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
-            raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
-                               f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
-                               f"move it with .to(device) only, or reload the experts")
-        x = self._autocast_tokens(x)
-        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
+        x = self._checked_tokens(x)
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         try:
             if self.shared_experts is None:
                 dispatch_output, physical = self._dispatch(x, topk)
                 self._count_load(dispatch_output, physical)
                 return self.experts_and_combine(dispatch_output)
-            routed, shared = self.routed_and_shared(x, topk)
+            routed, shared = self._routed_and_shared(x, topk, self.shared_experts)
             return routed + shared
         except ValueError as err:
             if router_logits is not None:  # the weights the dispatcher found non-finite came from these
                 name_non_finite_logits(router_logits, self.topk_config, err)
             raise
 
+    def _checked_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the
+        layer before anything runs: [T, H], the layer's dtype (self.dtype: for fp8 experts the activations'
+        dtype, not the weights') and device; fp8 experts still fp8 (a step needing a gradient: _dispatch)."""
+        if self.w13.is_meta:  # (nothing could be read: the first value check failed inside torch)
+            raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
+                               "`with torch.device('meta'):`), so they have no values to compute with; materialise "
+                               "them first: layer.to_empty(device=...), then layer.load_experts(...)")
+        if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
+            raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
+                               f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
+                               f"move it with .to(device) only, or reload the experts")
+        x = self._autocast_tokens(x)
+        check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
+        return x
+
     def _autocast_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x in the layer's dtype under torch.autocast (as it is otherwise): there an op takes inputs of
         any float dtype (a Linear's bf16, a LayerNorm's float32) and picks its own compute dtype; the
         tokens travel and compute in the layer's dtype (autocast still runs the runner's GEMMs in its
         own), and the output comes back in it."""
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        # (autocast has no meta device: asking raises; such an x is named by the device check after this)
+        if (isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta
+                and torch.is_autocast_enabled(x.device.type)):
             return x.to(self.dtype)
         return x
 
@@ -662,7 +678,11 @@ class EPMoE(nn.Module):
         if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
             raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
                              "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
-        x = self._autocast_tokens(x)
+        return self._routed_and_shared(self._checked_tokens(x), topk, shared_module)
+
+    def _routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_module: nn.Module
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """routed_and_shared on checked tokens (_checked_tokens)."""
         side = None
         if x.is_cuda:
             caller = torch.cuda.current_stream(x.device)
@@ -692,6 +712,10 @@ class EPMoE(nn.Module):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
+        if isinstance(topk_ids, tuple) and topk_weights is None:  # layer(x, ep.select_experts(...))
+            raise TypeError(f"topk_ids is a {type(topk_ids).__name__} of {len(topk_ids)} items; allowed: the ids "
+                            f"tensor [T, K], with topk_weights [T, K] as the next argument (layer(x, *topk) unpacks "
+                            f"an ep.TopKOutput)")
         if topk_ids is None or topk_weights is None:
             raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
         if correction_bias is not None:

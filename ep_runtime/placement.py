@@ -135,6 +135,10 @@ class ExpertPlacement:
                              f"(num_experts * (ep_size - 1) = {num_experts} * ({ep_size} - 1): at most one copy "
                              f"of an expert per rank)")
         P = num_experts + num_redundant_experts
+        if P % ep_size and num_redundant_experts == 0:  # (the caller's argument is num_experts, not the copies)
+            raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}; allowed: a multiple of "
+                             f"{ep_size} (each rank holds the same number of experts), or num_redundant_experts="
+                             f"{-P % ep_size} copies of hot experts to fill the ranks' slots")
         if P % ep_size:
             raise ValueError(f"num_redundant_experts={num_redundant_experts}: num_experts + num_redundant_experts = "
                              f"{P} is not divisible by ep_size={ep_size}; allowed: values that make it a multiple "

@@ -270,6 +270,34 @@ def test_weights_on_the_meta_device_are_named():
     on_meta.load_experts(w13.to("meta"), w2.to("meta"))  # meta into meta: shapes checked, nothing to copy
 
 
+def _meta_forward_rank(rank, world_size):
+    w13, w2 = _global_weights()
+    x, ids, weights = _tokens(rank)
+    messages = []
+    on_meta = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", device="meta")
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    for module, tokens in ((on_meta, x.to("meta")), (on_meta, x), (layer, x.to("meta"))):
+        with pytest.raises((RuntimeError, ValueError)) as err:
+            module(tokens, ids.to(tokens.device), weights.to(tokens.device))
+        messages.append(str(err.value))
+    layer.load_experts(w13, w2)  # nothing was dispatched: the group goes on as usual
+    y = layer(x, ids, weights)
+    return messages, rel_err(y, moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(),
+                                              layer.config))
+
+
+def test_meta_device_forward_is_named():
+    """A forward on a layer still on the meta device (built there, never materialised), or of x on the
+    meta device into a CPU layer, failed inside torch.autocast's device lookup ("unknown device type for
+    autocast"), naming neither the layer nor x. Now: an error naming what to do, or x's device."""
+    not_materialised = ("this layer's experts are on the meta device (built with device='meta' or under `with "
+                        "torch.device('meta'):`), so they have no values to compute with; materialise them first: "
+                        "layer.to_empty(device=...), then layer.load_experts(...)")
+    for messages, error in run_ranks(_meta_forward_rank, 2):
+        assert messages == [not_materialised, not_materialised, "x is on meta; this layer is on cpu"]
+        assert error <= tolerance(torch.float32)
+
+
 def _assign_into_meta_rank(rank, world_size):
     w13, w2 = (w.double() for w in _global_weights())
     make = lambda **kw: ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,  # noqa: E731

@@ -80,6 +80,11 @@ def test_placement_errors_name_the_argument():
         ExpertPlacement.with_redundant_experts(8, 3, 2)
     with pytest.raises(ValueError, match=r"num_redundant_experts=9; allowed: an int in 0..8"):
         ExpertPlacement.with_redundant_experts(8, 9, 2)
+    # E not a multiple of R, no copies asked for: num_experts is named (it named num_redundant_experts=0)
+    with pytest.raises(ValueError, match=r"^num_experts=8 is not divisible by ep_size=3; allowed: a multiple of 3 "
+                                         r"\(.*\), or num_redundant_experts=1 copies"):
+        ExpertPlacement.with_redundant_experts(8, 0, 3)
+    assert ExpertPlacement.with_redundant_experts(8, 1, 3).num_local_experts == 3
     with pytest.raises(ValueError, match=r"physical_to_logical\[1\]=9 out of range \[0, 4\)"):
         ExpertPlacement(4, 1, 0, physical_to_logical=[0, 9, 1, 2, 3])
     with pytest.raises(ValueError, match=r"no slot for expert 3"):

@@ -385,6 +385,39 @@ def test_export_state_dict_keeps_fp8_scales():
         assert same_keys and differ == [], (same_keys, differ)
 
 
+def test_fp8_experts_with_overlapped_shared_experts():
+    """transformers' FP8Experts (DeepSeek-V3's fp8 checkpoint) swapped with overlap_shared_experts=True,
+    bf16 hidden states: the block's output equals the one without the overlap, bit for bit (the
+    overlapped forward checked x against the experts' fp8 dtype, rejecting every bf16 input with "x has
+    dtype torch.bfloat16; this layer's weights are torch.float8_e4m3fn"). In this process (the path does
+    not depend on the exchange; ranks spawned here would each import transformers' fp8 module, ~15 s)."""
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=128, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    blocks = []
+    for overlap in (False, True):  # the same fp8 checkpoint and shared experts in both
+        block = torch.nn.Module()
+        block.experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+        block.gate = torch.nn.Linear(128, 4)
+        block.gate.top_k = 2
+        block.shared_experts = torch.nn.Linear(128, 128, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for i, (name, t) in enumerate(block.state_dict().items()):
+                gen = torch.Generator().manual_seed(i)
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if "scale" in name else
+                        torch.randn(t.shape, generator=gen).to(t.dtype))
+        ep.hf.replace_experts(torch.nn.ModuleDict({"block": block}), dispatcher="standard", runner="torch",
+                              overlap_shared_experts=overlap)
+        blocks.append(block)
+    tokens = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 128, generator=tokens).bfloat16()
+    ids = torch.stack([torch.randperm(4, generator=tokens)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=tokens).bfloat16()
+    with torch.no_grad():  # DeepSeek-V3's order: the routed experts, then the shared ones on the same tokens
+        plain, overlapped = (b.experts(x, ids, weights) + b.shared_experts(x) for b in blocks)
+    assert torch.equal(plain, overlapped) and plain.abs().sum() > 0
+
+
 def _redundant_rank(rank, world_size):
     cls_name, extra = FAMILIES["mixtral"]
     config = getattr(transformers, cls_name)(**COMMON, **{**extra, "num_local_experts": 5})
@@ -412,7 +445,8 @@ def test_num_experts_not_divisible_by_the_group():
     which it now takes (it was an unexpected keyword): with one redundant copy the logits are the
     original's and export_state_dict gives back the checkpoint."""
     for refused, replaced, err, same in run_ranks(_redundant_rank, 2, timeout=300):
-        assert refused is not None and "num_redundant_experts=0" in refused and "not divisible by ep_size=2" in refused
+        assert refused is not None and "num_experts=5 is not divisible by ep_size=2" in refused
+        assert "num_redundant_experts=1" in refused  # the copies that would fill the slots, as used below
         assert replaced == 2 and err <= tolerance(torch.float32) and same, (replaced, err, same)
 
 

@@ -50,6 +50,13 @@ def test_router_logits_path_equals_explicit_topk():
     logits = torch.randn(9, 8)
     ids, w = ep.select_experts(logits, cfg)
     assert torch.equal(layer(x, router_logits=logits), layer(x, ids, w))
+    # select_experts' TopKOutput passed whole as topk_ids is named (it read "forward needs topk_ids and
+    # topk_weights"), in x's [T, H] and [batch, seq, H] forms
+    for tokens, topk in ((x, ep.select_experts(logits, cfg)), (x.view(3, 3, 16), (ids.view(3, 3, 2), w.view(3, 3, 2)))):
+        with pytest.raises(TypeError, match=r"^topk_ids is a (TopKOutput|tuple) of 2 items; allowed: the ids tensor "
+                                            r"\[T, K\], with topk_weights \[T, K\] as the next argument"):
+            layer(tokens, topk)
+    assert torch.equal(layer(x, *ep.select_experts(logits, cfg)), layer(x, ids, w))
 
 
 def test_load_experts_keeps_only_the_shard():
@@ -124,6 +131,9 @@ def test_batched_input_is_flattened_and_restored():
     assert torch.equal(layer(x, ids.view(3, 5, 2), w.view(3, 5, 2)), y)
     with pytest.raises(ValueError, match=r"topk_ids has shape \[5, 3, 2\]; expected \[3, 5, 2\]"):
         layer(x, ids.view(5, 3, 2), w.view(3, 5, 2))
+    # a wrong hidden size is named in the shape given (it named the flattened [15, 15])
+    with pytest.raises(ValueError, match=r"^x has shape \[3, 5, 15\]; expected \[\.\.\., 16\] \(hidden_size=16"):
+        layer(x[..., :15], ids.view(3, 5, 2), w.view(3, 5, 2))
 
 
 def test_dtype_by_name_and_non_finite_weights():

@@ -389,6 +389,26 @@ def test_routed_and_shared_without_shared_experts_names_the_argument():
     assert rel_err(y, ref) <= tolerance(torch.float32)
 
 
+def test_routed_and_shared_checks_x_as_forward_does():
+    """routed_and_shared (what ep.hf's overlapped shared experts call) takes x as forward does: x in
+    another dtype than the layer's is named before anything is dispatched or computed (it failed inside
+    the shared module with torch's "mat1 and mat2 must have the same dtype"), and under torch.autocast
+    it is cast to the layer's dtype."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(32, 32)
+    layer = ep.EPMoE(8, 2, 32, 16, runner="torch", shared_experts=shared)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    topk = ep.select_experts(torch.randn(5, 8), ep.TopKConfig(top_k=2))
+    with pytest.raises(TypeError, match=r"^x has dtype torch.float64; this layer's weights are torch.float32"):
+        layer.routed_and_shared(x, topk)
+    assert layer.expert_load().sum() == 0  # nothing was dispatched
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
+        routed, out = layer.routed_and_shared(x, topk)
+    assert routed.dtype == torch.float32
+    ref = moe_reference(x.float(), topk.topk_ids, topk.topk_weights, layer.w13, layer.w2, layer.config)
+    assert rel_err(routed, ref) <= tolerance(torch.bfloat16)  # autocast runs the GEMMs in bf16
+
+
 def _nvlink_rank(rank, world_size, name):
     """The kernel path through the NVLink transport (its CPU stand-in under the Triton interpreter):
     the overlapped schedule's exchanges keep their order, so the transport's per-call signals line
