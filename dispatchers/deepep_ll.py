@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format
+from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format, weighted_rows
 
 from . import exchange_kernels, fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
@@ -177,8 +177,7 @@ def _scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[torch
     N, K = slot_index.shape
     values = rows.unsqueeze(1).expand(N, K, rows.shape[1])
     if scale is not None:
-        acc = torch.promote_types(rows.dtype, torch.float32)  # scaled in fp32 (fp64 kept), rounded once
-        values = (values.to(acc) * scale.unsqueeze(-1).to(acc)).to(rows.dtype)
+        values = weighted_rows(values, scale.unsqueeze(-1))
     buffer = rows.new_empty(num_slots, rows.shape[1])
     return buffer.index_put_((slot_index.reshape(-1),), values.reshape(N * K, -1))
 

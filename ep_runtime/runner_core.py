@@ -175,6 +175,15 @@ class ExpertMajorInput:
         return self.hidden_states.shape[0]
 
 
+def weighted_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows * weight (weight broadcastable to rows: apply_router_weight_on_input's scaling of an expert's
+    input), computed in fp32 (fp64 kept) and rounded once to rows' dtype, the same on every path (the
+    Triton GEMM scales its fp32 product). A weight rounded to fp16 first is subnormal below 6.1e-5 (a
+    router weight of 1e-7 then lands up to 30% off) and inf above 65504."""
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    return (rows.to(acc) * weight.to(acc)).to(rows.dtype)
+
+
 def reroute_to_sink(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """table [n + 1] int32: what each id in [0, n) becomes, then the sink. Returns table[id] as int32,
     the sink for every id outside [0, n): -1, and bad ids that reach the runner before their
@@ -242,8 +251,8 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
         if config.apply_router_weight_on_input:
             scale = scale * weight.unsqueeze(1)
         buffer_scale = scale.new_ones(L, capacity, scale.shape[1]).index_put((expert, slot), scale)
-    elif config.apply_router_weight_on_input:  # scaled in fp32, rounded once
-        rows = (rows.to(acc) * weight.unsqueeze(1).to(acc)).to(x.dtype)
+    elif config.apply_router_weight_on_input:
+        rows = weighted_rows(rows, weight.unsqueeze(1))
     buffer = x.new_zeros(L, capacity, H).index_put((expert, slot), rows)
 
     def back(out: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import QuantConfig
-from ep_runtime.runner_core import RunnerInput
+from ep_runtime.runner_core import RunnerInput, weighted_rows
 
 from . import register
 from .base import RunnerBackend
@@ -67,7 +67,7 @@ class TorchRunner(RunnerBackend):
 
         rows = x[token]
         if cfg.apply_router_weight_on_input:
-            rows = rows * weight.unsqueeze(1).to(rows.dtype)
+            rows = weighted_rows(rows, weight.unsqueeze(1))
         h = _grouped_linear(rows, w13, b13, expert, counts)
         h = _hook(self.hooks.after_gemm1, rows, h, expert)
         a = activate(h, cfg)

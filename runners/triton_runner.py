@@ -27,7 +27,7 @@ from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
-from ep_runtime.runner_core import RunnerInput, needs_grad
+from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
 
@@ -126,7 +126,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                              scale=scale, interpreted=interp)
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:
-            rows = rows * weight.reshape(-1)[pairs].unsqueeze(1).to(rows.dtype)
+            rows = weighted_rows(rows, weight.reshape(-1)[pairs].unsqueeze(1))
         _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
         kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed, config.gemm1_alpha,
                             config.gemm1_clamp_limit, out=a, interpreted=interp)

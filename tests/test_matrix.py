@@ -184,3 +184,31 @@ def test_empty_rank_whose_inputs_need_no_gradient(dispatcher):
     for errors in run_ranks(_empty_rank_rank, 3, dispatcher, timeout=90, group_timeout=30):
         # the weights' gradient is rounded to fp32: float64 layers take fp32 routing weights (TopKOutput)
         assert errors.pop("dweights", 0.0) <= 1e-6 and max(errors.values()) <= tolerance(torch.float64), errors
+
+
+def _weight_on_input_fp16_rank(rank, world_size):
+    """apply_router_weight_on_input in fp16 with router weights of ~1e-7 (subnormal in fp16) on tokens of ~1e4:
+    the scaled inputs (~1e-3) are normal fp16 numbers, so a path that scales in fp32 and rounds once lands
+    within rounding of the float64 reference. The torch runner rounded the weight to fp16 first: up to 30%
+    off (the Triton runners scale in fp32 too; the interpreter is too slow to run them here)."""
+    from ep_runtime.reference import moe_reference, rel_err
+    errors = {}
+    for dispatcher in ("deepep_normal", "mori", "deepep_ll"):  # deepep_ll scales in its dispatch, the others in the runner
+        # (not gated: gelu keeps the ~1e-3 activations normal in fp16; a gated product would be ~1e-6)
+        layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch", dtype=torch.float16, activation="gelu",
+                         is_gated=False, apply_router_weight_on_input=True, dispatcher_options=OPTIONS.get(dispatcher))
+        problem = make_problem(layer.config, [6, 5], seed=3, ep_size=world_size)
+        ids = problem.topk_ids[rank]
+        ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], -1, ids[:, 1])  # distinct (deepep_ll folds the weight)
+        x, weights = (problem.xs[rank] * 1e4).half(), problem.topk_weights[rank] * 1e-7
+        w13, w2 = problem.w13.half(), problem.w2.half()
+        layer.load_experts(w13, w2)
+        ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), layer.config)
+        errors[dispatcher] = rel_err(layer(x, ids, weights), ref)
+    return errors
+
+
+def test_weight_on_input_is_applied_in_fp32_for_subnormal_fp16_weights():
+    for errors in run_ranks(_weight_on_input_fp16_rank, 2, timeout=120):
+        # fp16 rounding of the inputs, activations and output alone gives ~5e-4 here
+        assert max(errors.values()) <= 2e-3, errors
