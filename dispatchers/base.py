@@ -333,8 +333,9 @@ class ExchangeDispatcher(Dispatcher):
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
-        self._fp8_for(x)  # an fp8 dispatch that needs a gradient: raised at the call, also when issued async
-        return super()._checked_topk(x, topk)
+        topk = super()._checked_topk(x, topk)
+        self._fp8_for(x, topk[1])  # an fp8 dispatch that needs a gradient: raised at the call, also when issued async
+        return topk
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Token rows in the dispatched x's dtype: at least one per row this rank received (rows past them

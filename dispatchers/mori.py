@@ -108,7 +108,7 @@ class MoriDispatcher(ExchangeDispatcher):
 
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
-        x_dtype, quant = x.dtype, self._fp8_for(x, weights)
+        x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)
         static, options = self._static(), self.options
         N, n = options.num_buffer_rows, options.max_input_tokens
         chunk = options.max_dispatch_tokens_per_rank if static else None
