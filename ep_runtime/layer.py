@@ -481,6 +481,12 @@ class EPMoE(nn.Module):
             raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
                                f"{INFERENCE_ONLY}")
         physical = self._to_physical(x, topk)
+        if self.dispatcher._moves_rows() and not needs_grad(x) and needs_grad(self.w13, self.w2, self.b13, self.b2):
+            # This rank's experts compute rows that other ranks' tokens sent: their gradient comes back through
+            # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
+            # experts are frozen (and whose x and weights need none) would skip the exchanges this rank's backward
+            # waits in. x needing a gradient rides in the dispatch's count table, so every rank's rows need one.
+            x = x.detach().requires_grad_()
         with self._naming_logical_ids(topk, physical):  # (a peer that does not answer: ep.PeerFailure)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
 

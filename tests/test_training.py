@@ -166,3 +166,35 @@ def test_activation_checkpointing_counts_the_load_once(dispatcher):
     for once, checkpointed in run_ranks(_checkpointed_load_rank, 2, dispatcher):
         assert sum(once) > 0
         assert checkpointed == [once, once]
+
+
+def _experts_trainable_on_some_ranks_rank(rank, world_size):
+    """Fine-tuning some ranks' experts only (the others frozen), under a frozen embedding and router, with a
+    trainable head on every rank: the trainable experts get their float64 reference gradients (from every
+    rank's tokens), the frozen ones stay None, and no rank's backward waits for an exchange another skips."""
+    results = {}
+    for dispatcher in ["deepep_normal", "deepep_ll", "mori"]:
+        layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))
+        problem = make_problem(layer.config, [9, 6][:world_size], seed=25, ep_size=world_size)
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        trainable = rank == 0
+        layer.requires_grad_(trainable)
+        head = torch.nn.Parameter(torch.tensor(1.5))
+        y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+        (y * head * problem.grad_outputs[rank].float()).sum().backward()
+
+        w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+        sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+             * 1.5 * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+        mine = layer.placement.local_expert_ids()
+        if trainable:
+            results[dispatcher] = max(rel_err(layer.w13.grad, w13.grad[mine]), rel_err(layer.w2.grad, w2.grad[mine]))
+        else:
+            results[dispatcher] = (layer.w13.grad, layer.w2.grad)
+    return results
+
+
+def test_experts_trainable_on_some_ranks_only():
+    trained, frozen = run_ranks(_experts_trainable_on_some_ranks_rank, 2, timeout=30)
+    assert max(trained.values()) <= tolerance(torch.float32), trained
+    assert all(grads == (None, None) for grads in frozen.values()), frozen
