@@ -224,8 +224,14 @@ class _FusedExperts(torch.autograd.Function):
 
 def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
               block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
-    """fused_forward with autograd when any input needs a gradient."""
+    """fused_forward with autograd when any input needs a gradient. With GEMM hooks and none: the torch
+    runner's forward (what the backward recomputes), since parameters a hook owns (LoRA adapters on frozen
+    experts and tokens) may need one, and autograd sees them only where the hooks run with it enabled."""
     tensors = (inp.hidden_states, inp.topk_weights, weights.w13, weights.w2, weights.b13, weights.b2)
+    hooked = hooks is not None and (hooks.after_gemm1 is not None or hooks.after_gemm2 is not None)
+    if hooked and torch.is_grad_enabled() and not needs_grad(*tensors) and not weights.quantized:
+        from .torch_runner import TorchRunner
+        return TorchRunner(config, hooks).run(inp.routed(), weights)
     if needs_grad(*tensors):
         if weights.quantized or inp.hidden_scale is not None:
             raise RuntimeError(INFERENCE_ONLY)

@@ -6,6 +6,7 @@ checked on GPU (tests/test_gpu.py, `pytest -m gpu`). Tolerances: fp32 1e-5 (DESI
 accumulation over H, I <= 64 lands near 1e-7); fp16 2e-2 (DESIGN.md's low-precision bound; the
 intermediates h, a, o are rounded to fp16, about 5e-4 each).
 """
+import itertools
 import json
 
 import pytest
@@ -598,6 +599,33 @@ def test_gemm_hooks_match_torch_runner_forward_and_backward():
     for r, g in zip(ref[:-1], got[:-1]):
         assert rel_err(g, r) <= 1e-5
     assert all(torch.equal(r, g) for r, g in zip(ref[-1], got[-1]))  # hooks saw the same pair grouping
+
+
+def test_lora_hooks_on_frozen_experts_and_tokens_get_the_reference_gradients():
+    # LoRA fine-tuning: the experts and the tokens need no gradient, only the adapters the hooks own do. Both
+    # runners give the adapters the float64 reference's gradients (triton gave none: y needed no gradient).
+    E, K, H, I = 4, 2, 16, 24
+    for name in ("torch", "triton"):
+        layer, problem, params, _ = _hooked_layer(name, E, K, H, I, lambda hooks: hooks)
+        layer.requires_grad_(False)
+        y = layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
+        (y * problem.grad_outputs[0].float()).sum().backward()
+
+        a1, b1, a2, b2 = (p.detach().double().requires_grad_() for p in params)
+        ref = torch.zeros(13, H, dtype=torch.float64)
+        for t, k in itertools.product(range(13), range(K)):
+            e = int(problem.topk_ids[0][t, k])
+            if e < 0:
+                continue
+            x_t = problem.xs[0][t]
+            h = problem.w13[e] @ x_t + b1[e] @ (a1[e] @ x_t)
+            a = torch.nn.functional.silu(h[:I]) * h[I:]
+            ref[t] += problem.topk_weights[0][t, k].double() * (problem.w2[e] @ a + b2[e] @ (a2[e] @ a))
+        (ref * problem.grad_outputs[0]).sum().backward()
+        assert rel_err(y.detach(), ref.detach()) <= tolerance(torch.float32), name
+        for got, want in zip(params, (a1, b1, a2, b2)):
+            assert got.grad is not None, name
+            assert rel_err(got.grad, want.grad) <= tolerance(torch.float32), name
 
 
 def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_runner():
