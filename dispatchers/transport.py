@@ -33,7 +33,11 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # The reverse exchange, itself differentiable: under create_graph=True (a gradient penalty, double
+        # backward) the gradient keeps its graph through the exchange instead of arriving as a constant.
         recv_splits, send_splits = ctx.splits
+        if torch.is_grad_enabled() and grad.requires_grad:
+            return _AllToAll.apply(grad, send_splits, recv_splits, ctx.group), None, None, None
         # CPU ranks: after the group's async exchanges issued so far (another micro-batch's dispatch in
         # flight during this backward), in call order on every rank
         back = in_call_order(ctx.group, lambda: _exchange(grad, send_splits, recv_splits, ctx.group))

@@ -94,14 +94,22 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
     checkpointing with a torch recompute). Returns one gradient per input (None where not needed).
     into_every_leaf: back-propagate into every leaf the recompute reaches, so parameters a hook owns
     (LoRA) accumulate .grad too, as reentrant activation checkpointing does."""
-    leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs_input_grad)]
+    # Grad mode is on here only under create_graph=True (double backward, a gradient penalty): then the
+    # recompute runs on the inputs themselves, so the gradients keep their graph back to the inputs' history.
+    double = torch.is_grad_enabled()
+    if double and into_every_leaf:
+        raise RuntimeError("double backward (create_graph=True) through GEMM hooks on a kernel runner is not "
+                           "supported; use runner='torch' for it")
+    leaves = [None if t is None else t if double and need else t.detach().requires_grad_(need)
+              for t, need in zip(inputs, needs_input_grad)]
     wanted = [t for t in leaves if t is not None and t.requires_grad]
     with torch.enable_grad():
         y = recompute(*leaves)
         if into_every_leaf:
             torch.autograd.backward(y, grad_output)
             return [t.grad if t is not None and t.requires_grad else None for t in leaves]
-        grads = iter(torch.autograd.grad(y, wanted, grad_output, allow_unused=True) if wanted else ())
+        grads = iter(torch.autograd.grad(y, wanted, grad_output, allow_unused=True, create_graph=double)
+                     if wanted else ())
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 

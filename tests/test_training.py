@@ -198,3 +198,37 @@ def test_experts_trainable_on_some_ranks_only():
     trained, frozen = run_ranks(_experts_trainable_on_some_ranks_rank, 2, timeout=30)
     assert max(trained.values()) <= tolerance(torch.float32), trained
     assert all(grads == (None, None) for grads in frozen.values()), frozen
+
+
+def _gradient_penalty_rank(rank, world_size):
+    """Double backward (torch.autograd.grad(create_graph=True), as a gradient penalty takes it): the
+    penalty's gradients through dispatch, runner and combine equal the float64 reference's (the kernel
+    runners' backward recomputes with torch). Before, the reverse exchange and that recompute returned
+    constants, so the penalty had no graph."""
+    errors = {}
+    for dispatcher, runner in [("deepep_normal", "torch"), ("deepep_ll", "torch"), ("mori", "torch")]:
+        layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner=runner, dispatcher_options=OPTIONS.get(dispatcher))
+        problem = make_problem(layer.config, [9, 5][:world_size], seed=26, ep_size=world_size)
+        layer.load_experts(problem.w13.float(), problem.w2.float())
+        x = problem.xs[rank].float().requires_grad_(True)
+        y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        dx, = torch.autograd.grad((y * problem.grad_outputs[rank].float()).sum(), [x], create_graph=True)
+        dx.square().sum().backward()
+
+        w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+        xs = [t.clone().requires_grad_(True) for t in problem.xs]
+        penalty = 0
+        for r in range(world_size):
+            y_ref = moe_reference(xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+            dx_ref, = torch.autograd.grad((y_ref * problem.grad_outputs[r]).sum(), [xs[r]], create_graph=True)
+            penalty = penalty + dx_ref.square().sum()
+        penalty.backward()
+        mine = layer.placement.local_expert_ids()
+        errors[f"{dispatcher}/{runner}"] = max(rel_err(x.grad, xs[rank].grad), rel_err(layer.w13.grad, w13.grad[mine]),
+                                               rel_err(layer.w2.grad, w2.grad[mine]))
+    return errors
+
+
+def test_gradient_penalty_through_the_exchange():
+    for errors in run_ranks(_gradient_penalty_rank, 2, timeout=60):
+        assert errors and max(errors.values()) <= tolerance(torch.float32), errors

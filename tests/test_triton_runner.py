@@ -628,6 +628,25 @@ def test_lora_hooks_on_frozen_experts_and_tokens_get_the_reference_gradients():
             assert rel_err(got.grad, want.grad) <= tolerance(torch.float32), name
 
 
+def test_double_backward_matches_the_reference():
+    # A gradient penalty (torch.autograd.grad(create_graph=True)) through the kernels: the backward's torch
+    # recompute keeps its graph, so the penalty's gradients are the float64 reference's (they were missing).
+    E, K, H, I = 4, 2, 16, 8
+    layer = ep.EPMoE(E, K, H, I, runner="triton")
+    problem = make_problem(layer.config, [7], seed=12)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x = problem.xs[0].float().requires_grad_()
+    y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
+    dx, = torch.autograd.grad((y * problem.grad_outputs[0].float()).sum(), [x], create_graph=True)
+    dx.square().sum().backward()
+    x_ref, w13, w2 = (t.clone().requires_grad_() for t in (problem.xs[0], problem.w13, problem.w2))
+    y_ref = moe_reference(x_ref, problem.topk_ids[0], problem.topk_weights[0].double(), w13, w2, layer.config)
+    dx_ref, = torch.autograd.grad((y_ref * problem.grad_outputs[0]).sum(), [x_ref], create_graph=True)
+    dx_ref.square().sum().backward()
+    for got, want in ((x.grad, x_ref.grad), (layer.w13.grad, w13.grad), (layer.w2.grad, w2.grad)):
+        assert rel_err(got, want) <= tolerance(torch.float32)
+
+
 def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_runner():
     # No after_gemm1 hook: GEMM 1 runs with the activation fused; the GEMM 2 hook still sees a[pairs].
     E, K, H, I = 4, 2, 16, 24
