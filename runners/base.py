@@ -24,6 +24,24 @@ class GemmHooks:
     after_gemm2: Optional[GemmHook] = None
 
 
+def call_hook(name: str, hook: Optional[GemmHook], inputs: torch.Tensor, outputs: torch.Tensor,
+              expert_index: torch.Tensor) -> torch.Tensor:
+    """outputs after `hook` (hooks.<name>): its replacement, or outputs when it returns None. A replacement
+    of another shape raises naming the hook (a kernel's row store would broadcast a [out] row silently)."""
+    if hook is None:
+        return outputs
+    replaced = hook(inputs, outputs, expert_index)
+    if replaced is None:
+        return outputs
+    if not isinstance(replaced, torch.Tensor):
+        raise TypeError(f"hooks.{name} returned {type(replaced).__name__}; allowed: None or a tensor of the "
+                        f"outputs' shape {list(outputs.shape)}")
+    if replaced.shape != outputs.shape:
+        raise ValueError(f"hooks.{name} returned a tensor of shape {list(replaced.shape)}; allowed: None or the "
+                         f"outputs' shape {list(outputs.shape)} (one row per (token, expert) pair)")
+    return replaced
+
+
 class RunnerBackend:
     """Subclasses set `name`, `layouts` (the input types compute() takes, preferred first: RunnerInput
     for token rows, ExpertMajorInput for [L, M*R, H] with masked_m) and implement compute()."""

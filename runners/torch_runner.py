@@ -16,7 +16,7 @@ from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import RunnerInput, weighted_rows
 
 from . import register
-from .base import RunnerBackend
+from .base import RunnerBackend, call_hook
 
 
 def activate(h: torch.Tensor, config: MoeConfig) -> torch.Tensor:
@@ -69,12 +69,12 @@ class TorchRunner(RunnerBackend):
         if cfg.apply_router_weight_on_input:
             rows = weighted_rows(rows, weight.unsqueeze(1))
         h = _grouped_linear(rows, w13, b13, expert, counts)
-        h = _hook(self.hooks.after_gemm1, rows, h, expert)
+        h = call_hook("after_gemm1", self.hooks.after_gemm1, rows, h, expert)
         a = activate(h, cfg)
         if quant is not None:  # GEMM 2's input is rounded to fp8 as the w8a8 kernels round it
             a = quant.dequantize_activation(*quant.quantize_activation(a))
         o = _grouped_linear(a, w2, b2, expert, counts)
-        o = _hook(self.hooks.after_gemm2, a, o, expert)
+        o = call_hook("after_gemm2", self.hooks.after_gemm2, a, o, expert)
 
         acc = torch.promote_types(inp.output_dtype, torch.float32)
         o = o.to(acc)
@@ -96,13 +96,6 @@ def activation_input(inp: RunnerInput, quant: Optional[QuantConfig]) -> torch.Te
     if quant is not None:
         return quant.dequantize_activation(*quant.quantize_activation(x))
     return x
-
-
-def _hook(hook, inputs, outputs, expert):
-    if hook is None:
-        return outputs
-    replaced = hook(inputs, outputs, expert)
-    return outputs if replaced is None else replaced
 
 
 def _grouped_mm_takes(rows: torch.Tensor, w: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ from ep_runtime.scratch import SCRATCH
 from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
 
 from . import register
-from .base import GemmHooks, TritonBackend, recompute_backward
+from .base import GemmHooks, TritonBackend, call_hook, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -127,7 +127,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         rows = x[pairs // K]
         if config.apply_router_weight_on_input:
             rows = weighted_rows(rows, weight.reshape(-1)[pairs].unsqueeze(1))
-        _apply_hook(hooks.after_gemm1, rows, h, pairs, expert_index)
+        _apply_hook("after_gemm1", hooks.after_gemm1, rows, h, pairs, expert_index)
         kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed, config.gemm1_alpha,
                             config.gemm1_clamp_limit, out=a, interpreted=interp)
     if quant is not None:
@@ -135,7 +135,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
                          interpreted=interp, a_sorted=in_sorted_order, **fp8)
     if hooks.after_gemm2 is not None:
-        _apply_hook(hooks.after_gemm2, a[pairs], o, pairs, expert_index)
+        _apply_hook("after_gemm2", hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
                                config.routed_scaling_factor, out_dtype, interpreted=interp)
 
@@ -192,9 +192,10 @@ def _runnable(block_config: "kernels.BlockConfig", weights: ExpertWeights, inter
     return dataclasses.replace(block_config, gemm1=gemm1, gemm2=gemm2)
 
 
-def _apply_hook(hook, inputs, outputs, pairs, expert_index) -> None:
-    replaced = hook(inputs, outputs[pairs], expert_index)
-    if replaced is not None:
+def _apply_hook(name, hook, inputs, outputs, pairs, expert_index) -> None:
+    selected = outputs[pairs]
+    replaced = call_hook(name, hook, inputs, selected, expert_index)
+    if replaced is not selected:
         outputs[pairs] = replaced.to(outputs.dtype)
 
 

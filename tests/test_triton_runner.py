@@ -893,3 +893,18 @@ def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
     y.sum().backward()
     ref.sum().backward()
     assert rel_err(xg.grad, x64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton"])
+def test_a_hook_returning_another_shape_is_an_error_naming_it(runner):
+    # A [2I] row returned for GEMM 1's [P, 2I] was broadcast over every pair by triton's row store (silently
+    # wrong); a [P, H - 1] block failed inside index_add or a matmul, naming neither the hook nor the shape.
+    E, K, H, I = 4, 2, 16, 8
+    problem = make_problem(MoeConfig(E, K, H, I), [5], seed=13)
+    shape_of_outputs = r"allowed: None or the outputs' shape \[\d+, 16\]"
+    for name, bad, message in [("after_gemm1", lambda i, o, e: o.sum(0), r"a tensor of shape \[16\]; " + shape_of_outputs),
+                               ("after_gemm2", lambda i, o, e: o[:, :-1], r"a tensor of shape \[\d+, 15\]; " + shape_of_outputs),
+                               ("after_gemm2", lambda i, o, e: 3.0, "float; allowed: None or a tensor")]:
+        layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=runners.GemmHooks(**{name: bad}))
+        with pytest.raises((ValueError, TypeError), match=f"hooks.{name} returned " + message):
+            layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
