@@ -646,6 +646,11 @@ def test_double_backward_matches_the_reference():
     for got, want in ((x.grad, x_ref.grad), (layer.w13.grad, w13.grad), (layer.w2.grad, w2.grad)):
         assert rel_err(got, want) <= tolerance(torch.float32)
 
+    hooked, problem, _, _ = _hooked_layer("triton", E, K, H, I, lambda hooks: hooks)  # not supported: says so
+    y = hooked(x, problem.topk_ids[0][:7], problem.topk_weights[0][:7])
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) through GEMM hooks .* runner='torch'"):
+        torch.autograd.grad(y.sum(), [x], create_graph=True)
+
 
 def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_runner():
     # No after_gemm1 hook: GEMM 1 runs with the activation fused; the GEMM 2 hook still sees a[pairs].
