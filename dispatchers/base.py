@@ -334,7 +334,8 @@ class ExchangeDispatcher(Dispatcher):
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
         topk = super()._checked_topk(x, topk)
-        self._fp8_for(x, topk[1])  # an fp8 dispatch that needs a gradient: raised at the call, also when issued async
+        if self.fp8 is not None:  # raised at the call before any collective, also when issued async
+            fp8_payload.check_inference(x, topk[1])
         return topk
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
@@ -377,20 +378,13 @@ class ExchangeDispatcher(Dispatcher):
 
     @functools.cached_property
     def fp8(self) -> Optional[QuantConfig]:
-        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None;
-        made once (the options are frozen)."""
+        """The activation format of an fp8 dispatch (options use_fp8, fp8_scale_encoding), else None (x
+        travels as it is); made once (the options are frozen). The exchange quantizes (on the kernel path
+        inside its packing kernel); _checked_topk refuses a gradient before any collective."""
         options = self.__dict__["options"]
         if not getattr(options, "use_fp8", False):
             return None
         return QuantConfig(scale_encoding=options.fp8_scale_encoding)
-
-    def _fp8_for(self, x: torch.Tensor, topk_weights: torch.Tensor) -> Optional[QuantConfig]:
-        """The format x travels in (None: as it is), checked for x and topk_weights (inference only)
-        before any collective; the exchange quantizes (on the kernel path inside its packing kernel)."""
-        quant = self.fp8
-        if quant is not None:
-            fp8_payload.check_inference(x, topk_weights)
-        return quant
 
     def _received(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(recv_x, recv_x_scale): received rows as they are, or an fp8 dispatch's values and scales."""
