@@ -230,10 +230,11 @@ def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks
     experts and tokens) may need one, and autograd sees them only where the hooks run with it enabled."""
     tensors = (inp.hidden_states, inp.topk_weights, weights.w13, weights.w2, weights.b13, weights.b2)
     hooked = hooks is not None and (hooks.after_gemm1 is not None or hooks.after_gemm2 is not None)
-    if hooked and torch.is_grad_enabled() and not needs_grad(*tensors) and not weights.quantized:
+    grad = needs_grad(*tensors)
+    if hooked and torch.is_grad_enabled() and not grad and not weights.quantized:
         from .torch_runner import TorchRunner
-        return TorchRunner(config, hooks).run(inp.routed(), weights)
-    if needs_grad(*tensors):
+        return TorchRunner(config, hooks).run_checked(inp, weights)  # (both callers checked the weights)
+    if grad:
         if weights.quantized or inp.hidden_scale is not None:
             raise RuntimeError(INFERENCE_ONLY)
         inp = inp.routed()  # the backward's torch recompute reads the ids as they are
