@@ -432,15 +432,20 @@ class EPMoE(nn.Module):
         topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         try:
             if self.shared_experts is None:
-                dispatch_output, physical = self._dispatch(x, topk)
-                self._count_load(dispatch_output, physical)
-                return self.experts_and_combine(dispatch_output)
+                return self._routed(x, topk)
             routed, shared = self._routed_and_shared(x, topk, self.shared_experts)
             return routed + shared
         except ValueError as err:
             if router_logits is not None:  # the weights the dispatcher found non-finite came from these
                 name_non_finite_logits(router_logits, self.topk_config, err)
             raise
+
+    def _routed(self, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+        """The routed experts on checked tokens (_checked_tokens): dispatch (the pairs counted in
+        expert_load), the experts, combine: [T, H]."""
+        dispatch_output, physical = self._dispatch(x, topk)
+        self._count_load(dispatch_output, physical)
+        return self.experts_and_combine(dispatch_output)
 
     def _checked_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the

@@ -89,12 +89,7 @@ def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
     the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
     expert_load."""
-    ys = []
-    for x, topk in batches:
-        out, physical = layer._dispatch(x, topk)
-        layer._count_load(out, physical)
-        ys.append(layer.experts_and_combine(out))
-    return ys
+    return [layer._routed(x, topk) for x, topk in batches]
 
 
 _INPUTS_READY: dict = {}  # device -> the stream run_overlapped issues later dispatches from
