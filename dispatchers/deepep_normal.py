@@ -149,7 +149,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         made, mine = handle.placement, self.placement
         if made is mine:
             return
-        if made is None or _owners(made) != _owners(mine):
+        if made is None or (made.num_experts, made.ep_size, made._owners()) != (mine.num_experts, mine.ep_size,
+                                                                                mine._owners()):
             raise ValueError(f"handle was made {'by another dispatcher' if made is None else 'for ' + _owners(made)}; "
                              f"allowed: a handle made for this dispatcher's experts and ranks, {_owners(mine)} "
                              f"(reuse a handle only for the placement it was made over: after apply_placement "
