@@ -135,7 +135,7 @@ class Dispatcher:
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
             if self._plain(async_op, return_recv_hook, previous_event):
                 return self._dispatch(x, topk, **options)
-            return self._issue(self._named("dispatch", lambda: self._dispatch(x, topk, **options)), x.device, (x, *topk),
+            return self._issue("dispatch", lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
@@ -169,13 +169,13 @@ class Dispatcher:
                 T = self.combined_tokens(combine_input.dispatch_output)
             rows = combine_input.hidden_states
             shell = None if T is None else (lambda: rows.new_empty(T, rows.shape[-1]))
-            return self._issue(self._named("combine", lambda: self._combine(combine_input)), rows.device, combine_input,
+            return self._issue("combine", lambda: self._combine(combine_input), rows.device, combine_input,
                                async_op, return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
 
     def _named(self, operation: str, fn):
-        """fn, raising a peer that does not answer as ep.PeerFailure wherever it runs: an async call on CPU
-        ranks runs on the group's exchange thread, and its error reaches the caller at work.wait() (or the
-        receive hook), outside dispatch's and combine's own naming."""
+        """fn, raising a peer that does not answer as ep.PeerFailure on the group's exchange thread: an async
+        call on CPU ranks runs there, and its error reaches the caller at work.wait() (or the receive hook),
+        outside dispatch's and combine's own naming (a CUDA call runs fn in dispatch/combine, inside it)."""
         def run():
             with distributed.naming_peer_failures(self, operation):
                 return fn()
@@ -218,10 +218,11 @@ class Dispatcher:
                              f"hooks are offered by deepep_ll and deepep_normal)")
         overlap.check_previous_event(previous_event)
 
-    def _issue(self, fn, device: torch.device, inputs: Any, async_op: bool, return_recv_hook: bool,
+    def _issue(self, operation: str, fn, device: torch.device, inputs: Any, async_op: bool, return_recv_hook: bool,
                previous_event: Any, make_shell, fill):
-        """Run fn (the exchange) now, on the communication stream or on the group's exchange thread;
-        see dispatchers/overlap.py. make_shell/fill: the CPU output until wait() and how it is filled."""
+        """Run fn (the exchange `operation`) now, on the communication stream or on the group's exchange
+        thread; see dispatchers/overlap.py. make_shell/fill: the CPU output until wait() and how it is
+        filled."""
         wanted = async_op or return_recv_hook
         moves = self._moves_rows()
         if device.type == "cuda":
@@ -239,6 +240,7 @@ class Dispatcher:
                 work = overlap.finished_here(device, out) if wanted else ExchangeWork()
         elif moves and (wanted or overlap.has_worker(self.group)):
             prior = previous_event if isinstance(previous_event, ExchangeWork) else None
+            fn = self._named(operation, fn)  # (its error may reach the caller outside dispatch's own naming)
             future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)
             if not wanted or make_shell is None:  # in call order after the pending async exchanges
                 out, work = future.result(), ExchangeWork()
