@@ -478,7 +478,8 @@ class EPMoE(nn.Module):
         """(dispatch's result, the physical ids sent): the router's logical ids mapped to physical
         ones, and an error about ids naming this rank's logical id. fp8 (quantized experts or an fp8
         dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
-        weights = topk[1] if isinstance(topk[1], torch.Tensor) else None
+        # (topk's form is the dispatcher's to check and name: a malformed one reaches it)
+        weights = topk[1] if isinstance(topk, (tuple, list)) and len(topk) == 2 and isinstance(topk[1], torch.Tensor) else None
         fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
         if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
             fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
@@ -492,8 +493,12 @@ class EPMoE(nn.Module):
             # experts are frozen (and whose x and weights need none) would skip the exchanges this rank's backward
             # waits in. x needing a gradient rides in the dispatch's count table, so every rank's rows need one.
             x = x.detach().requires_grad_()
-        with self._naming_logical_ids(topk, physical):  # (a peer that does not answer: ep.PeerFailure)
+        try:  # (a plain try on this per-call path: a context manager costs ~2.6 us a call; the dispatcher raises
+            # ep.PeerFailure for a peer that does not answer)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
+        except ValueError as err:
+            self._name_logical_ids(topk, physical, err)
+            raise
 
     def experts_and_combine(self, dispatch_output) -> torch.Tensor:
         """The routed experts on a (waited) dispatch output, then combine: [T, H]."""
@@ -522,13 +527,13 @@ class EPMoE(nn.Module):
         try:
             yield
         except ValueError as err:
-            if physical is not topk:
-                self._name_logical_ids(topk, err)
+            self._name_logical_ids(topk, physical, err)
             raise
 
-    def _name_logical_ids(self, topk: TopKOutput, err: ValueError) -> None:
-        """A dispatcher error about ids names physical ids: name this rank's logical id instead."""
-        if "topk_ids" not in str(err):
+    def _name_logical_ids(self, topk: TopKOutput, physical: TopKOutput, err: ValueError) -> None:
+        """A dispatcher error about the ids of `physical` (`topk`'s mapped to physical ids, or `topk` itself
+        without copies) names physical ids: name this rank's logical id instead."""
+        if physical is topk or "topk_ids" not in str(err):
             return
         check_topk_values(topk[0], topk[1], self.config.num_experts)
         P = self.placement.num_physical_experts
