@@ -286,8 +286,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     weights.check(config, L)
     # The runner core's input: local ids (int64: never wrapped) whose mapping (the alignment kernels do
     # it) sends every id outside [0, L), -1 included, to the sink L (masked out).
-    inp = RunnerInput.from_local_ids(x, topk_ids.long() - first_expert, topk_weights, ExpertPlacement(L),
-                                     defer=True)
+    local_ids = topk_ids.long() - first_expert if first_expert else topk_ids.long()  # (one kernel less at 0)
+    inp = RunnerInput.from_local_ids(x, local_ids, topk_weights, ExpertPlacement(L), defer=True)
     return run_fused(inp, weights, config, hooks, block_config)
 
 
