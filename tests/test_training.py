@@ -232,3 +232,45 @@ def _gradient_penalty_rank(rank, world_size):
 def test_gradient_penalty_through_the_exchange():
     for errors in run_ranks(_gradient_penalty_rank, 2, timeout=60):
         assert errors and max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _loss_scaler_rank(rank, world_size):
+    """The loss-scaler recipe of docs/api.md: an overflow in one rank's expert gradients skips the step
+    on every rank and leaves every rank with the same scale (one scale for the whole exchange: the
+    backward adds every rank's scaled gradients into each rank's experts), then a clean step equals
+    the unscaled SGD step, float64 reference's gradients."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=27, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    scaler = ShardedGradScaler(device="cpu", init_scale=2.0 ** 10, process_group=dist.group.WORLD)
+    start = layer.w13.detach().clone(), layer.w2.detach().clone()
+
+    def step(overflow_here: bool) -> None:
+        optimizer.zero_grad()
+        y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+        scaler.scale((y * problem.grad_outputs[rank].float()).sum()).backward()
+        if overflow_here:
+            layer.w13.grad[0, 0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+    step(overflow_here=rank == 0)
+    skipped = (torch.equal(layer.w13, start[0]) and torch.equal(layer.w2, start[1]), scaler.get_scale())
+    step(overflow_here=False)
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+         * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+    mine = layer.placement.local_expert_ids()
+    stepped = {"w13": rel_err(layer.w13.detach(), (problem.w13 - 0.5 * w13.grad)[mine]),
+               "w2": rel_err(layer.w2.detach(), (problem.w2 - 0.5 * w2.grad)[mine])}
+    return skipped, stepped
+
+
+def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank():
+    results = run_ranks(_loss_scaler_rank, 2, timeout=30)
+    assert [skipped for skipped, _ in results] == [(True, 2.0 ** 9)] * 2, results
+    for _, stepped in results:
+        assert max(stepped.values()) <= tolerance(torch.float32), stepped
