@@ -24,7 +24,8 @@ from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; impor
 
 __version__ = "0.1.0"
 
-_CHECKPOINT = ("ExpertLoadPlanner", "distributed_state_dict", "load_distributed_state_dict")
+_CHECKPOINT = ("ExpertLoadPlanner", "distributed_optimizer_state_dict", "distributed_state_dict",
+               "load_distributed_optimizer_state_dict", "load_distributed_state_dict")
 
 
 def __getattr__(name: str):
@@ -36,8 +37,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CombineInput", "EPMoE", "ExpertLoadPlanner", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig",
-    "MoeRunner", "PeerFailure", "QuantConfig", "RunnerInput", "eplb",
-    "TopKConfig", "TopKOutput", "destroy_distributed", "detect_launch", "dispatchers", "distributed_state_dict", "envs",
-    "init_distributed", "load_distributed_state_dict", "registered_pairs", "runners", "select_experts",
-    "supported_formats",
+    "MoeRunner", "PeerFailure", "QuantConfig", "RunnerInput", "eplb", "TopKConfig", "TopKOutput",
+    "destroy_distributed", "detect_launch", "dispatchers", "distributed_optimizer_state_dict",
+    "distributed_state_dict", "envs", "init_distributed", "load_distributed_optimizer_state_dict",
+    "load_distributed_state_dict", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

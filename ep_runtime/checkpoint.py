@@ -12,6 +12,10 @@ get_model_state_dict / set_model_state_dict do for FSDP:
     state = ep.distributed_state_dict(model)          # a model built as the saved one, at any EP size
     dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())   # fills `state` in place
     ep.load_distributed_state_dict(model, state)
+
+The optimizer's state of the expert parameters (Adam's moments, SGD's momentum) is per rank in the same
+way; distributed_optimizer_state_dict / load_distributed_optimizer_state_dict wrap torch's
+get_optimizer_state_dict / set_optimizer_state_dict likewise.
 """
 from __future__ import annotations
 
@@ -44,9 +48,7 @@ def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
     experts included) as plain tensors, which DCP saves once."""
     state = model.state_dict()
     for prefix, layer in _sharded_layers(model):
-        group = layer.dispatcher.group
-        mesh = (DeviceMesh.from_group(group, layer.w13.device.type)
-                if group is not None and dist.is_initialized() else None)
+        mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
             t = getattr(layer, name)
             if t is not None and mesh is not None:
@@ -75,6 +77,51 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     return model.load_state_dict(state, strict=strict)
 
 
+def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """torch's `get_optimizer_state_dict(model, optimizer)` for torch.distributed.checkpoint, with the
+    state of each sharded EPMoE layer's expert parameters that has the parameter's shape (Adam's
+    exp_avg and exp_avg_sq, SGD's momentum_buffer, ...) as DTensors over the layer's EP group, Shard(0)
+    over the physical slots as distributed_state_dict gives the parameters (plain tensors there, DCP
+    would save rank 0's state for every rank). Scalars (Adam's step) and every other parameter's state
+    stay as torch gives them. Every rank calls it; an optimizer without state yet gets it initialised
+    (torch does that, with a step of learning rate 0), so a fresh optimizer gives the dict to load into:
+
+        dcp.save({"model": ep.distributed_state_dict(model),
+                  "optim": ep.distributed_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+        ...
+        state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+        ep.load_distributed_state_dict(model, state["model"])   # first: the layers take the rows' placement
+        ep.load_distributed_optimizer_state_dict(model, optimizer, state["optim"])
+
+    At another EP size each rank's state rows follow its parameter rows (the same slots)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)
+    for prefix, layer in _sharded_layers(model):
+        mesh = _mesh(layer)
+        for name in _EXPERT_TENSORS:
+            param, per_param = getattr(layer, name), state["state"].get(prefix + name)
+            if mesh is None or param is None or not per_param:
+                continue
+            # (a new dict: torch's may be the optimizer's own, whose tensors must stay plain)
+            state["state"][prefix + name] = {
+                key: DTensor.from_local(value, mesh, [Shard(0)], run_check=False)
+                if isinstance(value, torch.Tensor) and value.shape == param.shape else value
+                for key, value in per_param.items()}
+    return state
+
+
+def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                          state_dict: dict[str, Any]) -> None:
+    """Load a dict made by distributed_optimizer_state_dict (after dcp.load filled it) into `optimizer`
+    with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    state = {**state_dict, "state": {fqn: {key: value.to_local() if isinstance(value, DTensor) else value
+                                           for key, value in per_param.items()}
+                                     for fqn, per_param in state_dict["state"].items()}}
+    set_optimizer_state_dict(model, optimizer, state)
+
+
 class ExpertLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner that first checks every EPMoE layer in the state_dict against the
     checkpoint: `dcp.load(state, checkpoint_id=..., planner=ep.ExpertLoadPlanner())`. A layer with
@@ -89,6 +136,12 @@ class ExpertLoadPlanner(DefaultLoadPlanner):
             if key.rpartition(".")[2] == PLACEMENT_KEY and saved is not None and hasattr(saved, "size"):
                 _check_slot_count(key, int(saved.size[-1]), int(table.shape[-1]))
         return super().create_local_plan()
+
+
+def _mesh(layer: EPMoE):
+    """A 1-D DeviceMesh over the layer's EP group; None without a process group (one process)."""
+    group = layer.dispatcher.group
+    return DeviceMesh.from_group(group, layer.w13.device.type) if group is not None and dist.is_initialized() else None
 
 
 def _sharded_layers(model: nn.Module):

@@ -7,7 +7,8 @@
 - Hugging Face: HF -> replace_experts (2 gloo ranks) -> export_state_dict -> save_pretrained ->
   from_pretrained gives back the original state dict and logits exactly.
 - torch.distributed.checkpoint: ep.distributed_state_dict -> dcp.save at 2 ranks -> dcp.load ->
-  ep.load_distributed_state_dict into a model built with another seed, at 2 ranks and at 1 and 4.
+  ep.load_distributed_state_dict into a model built with another seed, at 2 ranks and at 1 and 4; with
+  Adam's state through ep.distributed_optimizer_state_dict, the step after resuming equals the uninterrupted one.
 All on 2 gloo ranks against a one-process view of the same seeded weights.
 """
 import pytest
@@ -584,3 +585,68 @@ def test_dcp_checkpoint_with_other_slot_counts_is_named(tmp_path):
             "physical_to_logical puts two copies of expert 0 on rank 0 (slots [0, 2]); copies of one expert must sit "
             "on different ranks. Load it at ep_size=4, then gather_experts() and load_experts() the [E, ...] weights "
             "into the layer at this EP size"), messages["copies"]
+
+
+def _train_step(model, optimizer, ranks):
+    """One Adam step on the saving ranks' tokens in `ranks` (at 1 rank: both ranks' tokens, the same loss)."""
+    optimizer.zero_grad()
+    loss = 0
+    for r in ranks:
+        x, ids, weights = _tokens(r)
+        y = model.moe(x, ids, weights)
+        loss = loss + (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(80 + r))).sum()
+    loss.backward()
+    optimizer.step()
+
+
+def _adam_model(seed):
+    torch.manual_seed(seed)
+    model = nn.Module()
+    model.moe = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _dcp_optimizer_save_rank(rank, world_size, path):
+    model, optimizer = _adam_model(0)
+    model.moe.load_experts(*_global_weights())
+    for _ in range(2):
+        _train_step(model, optimizer, [rank])
+    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
+    kinds = {k: type(v).__name__ for k, v in state["optim"]["state"]["moe.w13"].items()}
+    dcp.save(state, checkpoint_id=path)
+    _train_step(model, optimizer, [rank])
+    gathered = model.moe.gather_experts()
+    return kinds, gathered.w13.numpy(), gathered.w2.numpy()  # (numpy: pickled by value)
+
+
+def _dcp_optimizer_load_rank(rank, world_size, path):
+    model, optimizer = _adam_model(1)  # another initialisation, a fresh optimizer
+    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(model, state["model"])
+    ep.load_distributed_optimizer_state_dict(model, optimizer, state["optim"])
+    _train_step(model, optimizer, [0, 1] if world_size == 1 else [rank])
+    gathered = model.moe.gather_experts()
+    return gathered.w13.numpy(), gathered.w2.numpy()
+
+
+@pytest.fixture(scope="module")
+def dcp_optimizer_checkpoint(tmp_path_factory):
+    """(path, what each rank's dict held for moe.w13, the experts after one more step) of an Adam run saved at 2 ranks."""
+    path = str(tmp_path_factory.mktemp("dcp_optim"))
+    saved = run_ranks(_dcp_optimizer_save_rank, 2, path, timeout=60)
+    return path, saved[0][0], [torch.from_numpy(w) for w in saved[0][1:]]
+
+
+@pytest.mark.parametrize("world_size", [2, 1])
+def test_dcp_optimizer_state_resumes_training(dcp_optimizer_checkpoint, world_size):
+    """Adam's moments of the expert parameters are per rank like the experts: through
+    torch's get_optimizer_state_dict DCP saved rank 0's moments and loaded them on every rank (the step
+    after resuming differed from the uninterrupted one, silently). ep.distributed_optimizer_state_dict
+    shards them as the experts; the step after loading, at the saved EP size or at 1 rank, equals the
+    uninterrupted run's."""
+    path, kinds, (want13, want2) = dcp_optimizer_checkpoint
+    assert kinds == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor"}, kinds
+    for w13, w2 in run_ranks(_dcp_optimizer_load_rank, world_size, path, timeout=60):
+        errors = rel_err(torch.from_numpy(w13), want13), rel_err(torch.from_numpy(w2), want2)
+        assert max(errors) <= tolerance(torch.float32), errors
