@@ -14,7 +14,8 @@ and sends one row per token back over the network in the partials' dtype, and th
 node sums (fp32, node order). How that compares with the flat path's single sum: docs/multinode.md.
 
 Every split size comes from the one count table (one extra column per node: tokens a rank sends to
-that node), so no host sync is added; each direction runs two all_to_alls instead of one. Built from
+that node), so no host sync is added. Dispatch runs four all_to_alls (each stage: the rows, then their
+weights and ids), combine two (ep_runtime.bench.cost_model.AWARE_COLLECTIVES). Built from
 differentiable gathers and exchanges, so autograd works as on the flat path (dispatch's backward is
 this combine, combine's backward this dispatch).
 
