@@ -183,6 +183,22 @@ def test_cost_model_by_hand():
     assert 37 <= intra <= 61
 
 
+def _mpirun_nodes_rank(rank, world_size):
+    """Ranks of one host started by Open MPI's mpirun inside a Slurm job: SLURM_NODEID is what each rank
+    inherited (mpirun's own node: the batch script's 0; a daemon's node: its srun step's index), so ranks
+    of different hosts can share one and ranks of one host differ. The node then comes from the host name."""
+    os.environ.update(OMPI_COMM_WORLD_SIZE=str(world_size), SLURM_NODEID=str(rank))
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    problem = make_problem(cfg, [4, 5], seed=4, ep_size=world_size)
+    d = ep.dispatchers.create("deepep_normal", cfg)
+    d.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+    return d.exchange.nodes.node_of
+
+
+def test_mpirun_nodes_come_from_host_names_not_slurm_nodeid():
+    assert run_ranks(_mpirun_nodes_rank, 2) == [(0, 0), (0, 0)]
+
+
 def _collectives_rank(rank, world_size):
     """all_to_all_single calls of one node-aware dispatch and of its combine (2 nodes x 1 rank), after a
     first dispatch that resolved the nodes."""
