@@ -14,13 +14,14 @@ and sends one row per token back over the network in the partials' dtype, and th
 node sums (fp32, node order). How that compares with the flat path's single sum: docs/multinode.md.
 
 Every split size comes from the one count table (one extra column per node: tokens a rank sends to
-that node), so no host sync is added; each direction runs two all_to_alls instead of one. Built from
+that node), so no host sync is added. Dispatch runs four all_to_alls (each stage: the rows, then their
+weights and ids), combine two (ep_runtime.bench.cost_model.AWARE_COLLECTIVES). Built from
 differentiable gathers and exchanges, so autograd works as on the flat path (dispatch's backward is
 this combine, combine's backward this dispatch).
 
 Which node a rank is on: EP_RUNTIME_RANKS_PER_NODE / ranks_per_node=n (> 0: group ranks [0, n) are
-node 0, ...), else the launcher's node index (torchrun's GROUP_RANK, Slurm's SLURM_NODEID), else the
-host name; gathered once, on the first host plan.
+node 0, ...), else the launcher's node index (torchrun's GROUP_RANK, Slurm's SLURM_NODEID, except under
+Open MPI's mpirun), else the host name; gathered once, on the first host plan.
 """
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ def use_two_stages(mode: str, nodes: NodeLayout) -> bool:
 def _node_key(rank: int, ranks_per_node: int) -> int:
     if ranks_per_node > 0:
         return rank // ranks_per_node
-    for name in ("GROUP_RANK", "SLURM_NODEID"):
+    # Under Open MPI's mpirun a SLURM_NODEID is not this job's: mpirun starts its daemons with an srun step
+    # of the other nodes (numbered from 0 there) and its own node's ranks inherit the batch script's 0, so two
+    # nodes would read one (detect_launch ignores the Slurm variables there too); the host name tells them apart.
+    mpirun = envs.launcher("OMPI_COMM_WORLD_SIZE") is not None
+    for name in ("GROUP_RANK",) if mpirun else ("GROUP_RANK", "SLURM_NODEID"):
         index = envs.launcher(name, int)
         if index is not None:
             return index

@@ -183,6 +183,62 @@ def test_cost_model_by_hand():
     assert 37 <= intra <= 61
 
 
+def _mpirun_nodes_rank(rank, world_size):
+    """Ranks of one host started by Open MPI's mpirun inside a Slurm job: SLURM_NODEID is what each rank
+    inherited (mpirun's own node: the batch script's 0; a daemon's node: its srun step's index), so ranks
+    of different hosts can share one and ranks of one host differ. The node then comes from the host name."""
+    os.environ.update(OMPI_COMM_WORLD_SIZE=str(world_size), SLURM_NODEID=str(rank))
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    problem = make_problem(cfg, [4, 5], seed=4, ep_size=world_size)
+    d = ep.dispatchers.create("deepep_normal", cfg)
+    d.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+    return d.exchange.nodes.node_of
+
+
+def test_mpirun_nodes_come_from_host_names_not_slurm_nodeid():
+    assert run_ranks(_mpirun_nodes_rank, 2) == [(0, 0), (0, 0)]
+
+
+def _collectives_rank(rank, world_size):
+    """all_to_all_single calls of one node-aware dispatch and of its combine (2 nodes x 1 rank), after a
+    first dispatch that resolved the nodes."""
+    import torch.distributed as dist
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    problem = make_problem(cfg, [6, 3], seed=2, ep_size=world_size)
+    d = ep.dispatchers.create("deepep_normal", cfg, hierarchical="on", ranks_per_node=1)
+    topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    d.dispatch(problem.xs[rank].float(), topk)
+    calls, exchange = [], dist.all_to_all_single
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return exchange(*args, **kwargs)
+
+    dist.all_to_all_single = counted
+    try:
+        out = d.dispatch(problem.xs[rank].float(), topk)
+        dispatched = len(calls)
+        d.combine(ep.CombineInput(out.recv_x, out))
+    finally:
+        dist.all_to_all_single = exchange
+    return out.handle.relay is not None, dispatched, len(calls) - dispatched
+
+
+def test_cost_model_counts_the_collectives_node_aware_runs():
+    """The model charges alpha per collective the node-aware exchange really issues: dispatch sends each
+    stage's rows and then their weights and ids (4), combine one stage each way back (2)."""
+    from ep_runtime.bench import cost_model as cm
+    for relay, dispatched, combined in run_ranks(_collectives_rank, 2):
+        assert relay and (dispatched, combined) == cm.AWARE_COLLECTIVES
+    rows = cm.uniform_rows_per_token(256, 8, 16, 8)
+    for combine in (False, True):
+        row_bytes = 7168 * 2 + (0 if combine else 8 * 8)
+        net = cm.NETWORK_400G.time_us(4096 * rows.aware_other_node * row_bytes)
+        nvl = cm.NVLINK_2XH200.time_us(4096 * rows.aware_same_node * row_bytes)
+        want = (2 if combine else 4) * cm.ALPHA_US + net + nvl
+        assert math.isclose(cm.predict(4096, 7168, 256, 8, 16, 8, combine=combine).aware, want, rel_tol=1e-9)
+
+
 @pytest.mark.parametrize("options,message", [({"hierarchical": "yes"}, "hierarchical='yes'; allowed: 'auto', 'on', 'off'"),
                                              ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0")])
 def test_bad_options_name_the_value(options, message):

@@ -4,8 +4,10 @@ Each all_to_all stage costs  alpha + max over link classes of (bytes_c / bandwid
 alpha is the fixed cost of one collective call (launch, handshakes), the classes (NVLink inside a
 node, the network between nodes) move their bytes at the same time, and a class's per-message
 latency is paid once per stage (a rank's messages to its peers travel concurrently). The flat
-exchange is one stage; the node-aware one is two (network, then NVLink), run one after the other
-as dispatchers/hierarchical.py does, or overlapped chunk by chunk as DeepEP's internode kernels do
+exchange is one stage of one collective (the GPU kernel path sends each row with its weights and
+ids); the node-aware one is two stages (network, then NVLink), run one after the other as
+dispatchers/hierarchical.py does, where each dispatch stage is two collectives (the rows, then their
+weights and ids: AWARE_COLLECTIVES), or overlapped chunk by chunk as DeepEP's internode kernels do
 (`pipelined`: alpha + the slower stage).
 
 Expected rows for uniform routing (every token picks K distinct experts of E uniformly, contiguous
@@ -42,6 +44,9 @@ NVLINK_2XH200 = Link(bandwidth_gbs=(58.5 - 14.6) * 1e3 / (251.5 - 94.0))
 ALPHA_US = 94.0 - 14.6e6 / (NVLINK_2XH200.bandwidth_gbs * 1e9) * 1e6
 # 400 Gb/s per NIC, one NIC per GPU: 50 GB/s nominal; an RDMA message costs a few us.
 NETWORK_400G = Link(bandwidth_gbs=50.0, latency_us=5.0)
+# all_to_all calls of one node-aware (dispatch, combine) in dispatchers/hierarchical.py: dispatch sends each
+# stage's rows and then their weights and ids, combine one stage of sums each way back (each pays alpha)
+AWARE_COLLECTIVES = (4, 2)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def predict(tokens: int, hidden: int, num_experts: int, top_k: int, world_size: 
     nbytes = lambda r: tokens * r * row_bytes  # noqa: E731
     flat = alpha_us + max(nvlink.time_us(nbytes(rows.flat_same_node)), network.time_us(nbytes(rows.flat_other_node)))
     net, nvl = network.time_us(nbytes(rows.aware_other_node)), nvlink.time_us(nbytes(rows.aware_same_node))
-    return Prediction(flat, 2 * alpha_us + net + nvl, alpha_us + max(net, nvl))
+    return Prediction(flat, AWARE_COLLECTIVES[combine] * alpha_us + net + nvl, alpha_us + max(net, nvl))
 
 
 def table(tokens=(128, 1024, 4096), hidden: int = 7168, num_experts: int = 256, top_k: int = 8, world_size: int = 16,
