@@ -17,7 +17,7 @@ from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
-from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, is_quantized_dtype
+from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, needs_grad
@@ -27,6 +27,7 @@ from .validation import (
     check_hidden_states,
     check_topk,
     check_topk_values,
+    is_int_at_least,
     layer_dtype_and_device,
 )
 
@@ -36,9 +37,10 @@ class EPMoE(nn.Module):
 
     Owns this rank's experts only: w13 [L, 2I, H] ([gate; up]; [L, I, H] when not gated),
     w2 [L, H, I], b13/b2 when has_bias. `load_experts` takes the global [E, ...] weights of a
-    checkpoint and keeps this rank's slice, or this rank's [L, ...] shard; `gather_experts` hands
-    every expert back in that layout. device="meta" builds it without memory: `to_empty(device=...)`
-    then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
+    checkpoint and keeps this rank's slice, or this rank's [L, ...] shard (`load_expert`: one expert's
+    tensors, as an inference engine reads them); `gather_experts` hands every expert back in that
+    layout. device="meta" builds it without memory: `to_empty(device=...)` then `load_experts` (or
+    `load_expert` per expert) materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
     runners.resolve). group None: the default process group when one exists, else a single process.
@@ -307,7 +309,7 @@ class EPMoE(nn.Module):
             # every scale given, not this rank's slice: global scales fail on every rank alike (they are small)
             full.check(self.config, L if shard else E, values=True)
             for name in ("w13", "w2"):
-                _check_fp8_not_nan(name, take(getattr(full, name)), local_experts)
+                _check_fp8_not_nan(f"{name} (experts {local_experts})", take(getattr(full, name)))
         else:  # float weights, quantized here (this rank's slice only)
             ExpertWeights(w13, w2, b13, b2).check(self.config, L if shard else E)
             mine13, mine2 = take(w13), take(w2)
@@ -337,6 +339,128 @@ class EPMoE(nn.Module):
                 dst.view(torch.uint8).copy_(piece.view(torch.uint8))
             else:
                 dst.copy_(piece)
+
+    @torch.no_grad()
+    def load_expert(self, expert_id: int, *, w13: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+                    gate: Optional[torch.Tensor] = None, up: Optional[torch.Tensor] = None,
+                    b13: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
+                    w13_scale_inv: Optional[torch.Tensor] = None, w2_scale_inv: Optional[torch.Tensor] = None,
+                    gate_scale_inv: Optional[torch.Tensor] = None, up_scale_inv: Optional[torch.Tensor] = None) -> int:
+        """Load pieces of one expert, as an inference engine's weight loader reads a checkpoint tensor by
+        tensor (vLLM's weight_loader(param, weight, name, shard_id in w1/w2/w3, expert_id)): no rank builds
+        the [E, ...] or [L, ...] tensors load_experts takes. expert_id: the global (logical) id, 0..E-1.
+        Each piece in nn.Linear's [out, in] layout, as a per-expert checkpoint stores it: w13 [2I, H]
+        ([gate; up]; [I, H] when not gated), or gate [I, H] (w1, gate_proj) and up [I, H] (w3, up_proj)
+        apart, in one call or several; w2 [H, I] (down_proj); b13 [2I] ([I] when not gated), b2 [H]. A
+        checkpoint storing a matrix transposed passes its .t() (a view: no copy). The pieces go into every
+        slot of this rank that holds the expert (each copy, with redundant experts) and nowhere else:
+        call it on every rank with every expert; it returns how many of this rank's slots it wrote (0:
+        another rank holds the expert; its pieces' shapes and dtypes are still checked, their values
+        only where they are stored). Works after building on the meta device and `to_empty(device=...)`
+        (until every expert is loaded, the others hold what to_empty left).
+        Quantized layers (built with quant_config, or switched to fp8 by load_experts): float pieces are
+        quantized as load_experts does; fp8 pieces come with their block scales ({piece}_scale_inv fp32
+        [ceil(rows/block), ceil(cols/block)], DeepSeek-V3's weight_scale_inv). gate and up apart need
+        intermediate_size to be a multiple of the scale block's rows (else their blocks overlap: give w13)."""
+        E, H, I = self.config.num_experts, self.config.hidden_size, self.config.intermediate_size
+        if not is_int_at_least(expert_id, 0) or expert_id >= E:
+            raise ValueError(f"expert_id={expert_id!r}; allowed: an int 0..{E - 1} (a global expert id, "
+                             f"num_experts={E})")
+        if self.w13.is_meta:
+            raise RuntimeError("this layer's experts are on the meta device (no memory to load into); "
+                               "layer.to_empty(device=...) first")
+        rows = self.config.w13_rows
+        pieces = {"w13": ("w13", 0, (rows, H)), "w2": ("w2", 0, (H, I))}  # piece -> (tensor, first row, shape)
+        if self.config.is_gated:
+            pieces.update(gate=("w13", 0, (I, H)), up=("w13", I, (I, H)))
+        if self.config.has_bias:
+            pieces.update(b13=("b13", 0, (rows,)), b2=("b2", 0, (H,)))
+        given = {name: t for name, t in dict(w13=w13, gate=gate, up=up, w2=w2, b13=b13, b2=b2).items() if t is not None}
+        scales = dict(w13=w13_scale_inv, gate=gate_scale_inv, up=up_scale_inv, w2=w2_scale_inv)
+        unknown = [name for name in given if name not in pieces]
+        if unknown:
+            raise ValueError(f"{unknown[0]} was given but this layer has " + (
+                "is_gated=False (w13 is [I, H]: give w13)" if unknown[0] in ("gate", "up") else "has_bias=False"))
+        if "w13" in given and ("gate" in given or "up" in given):
+            raise ValueError("w13 was given with gate / up; allowed: w13 ([gate; up] rows), or gate and / or up")
+        for name, scale in scales.items():
+            if scale is not None and name not in given:
+                raise ValueError(f"{name}_scale_inv was given without {name}; scales come with their fp8 weight")
+        if not given:
+            raise ValueError(f"nothing to load for expert {expert_id}; give at least one of {', '.join(pieces)}")
+        for name, t in given.items():
+            self._check_expert_piece(name, t, pieces[name], scales.get(name))
+        slots = [j for rank, j in self.placement.replicas_of(expert_id) if rank == self.placement.rank]
+        if not slots:
+            return 0
+        # Every value is checked before the first write: a refused call leaves the layer as it was.
+        staged = [(pieces[name], *self._expert_piece_values(name, t, scales.get(name), expert_id))
+                  for name, t in given.items()]
+        for (param, start, shape), value, scale in staged:
+            dst = getattr(self, param)
+            for j in slots:
+                piece = dst[j, start:start + shape[0]]
+                if dst.dtype in FP8_DTYPES:
+                    piece.view(torch.uint8).copy_(value.view(torch.uint8))
+                else:
+                    piece.copy_(value)
+                if scale is not None:
+                    first = start // self.quant.weight_block[0]
+                    getattr(self, f"{param}_scale_inv")[j, first:first + scale.shape[0]].copy_(scale)
+        return len(slots)
+
+    def _check_expert_piece(self, name: str, t, where: tuple, scale) -> None:
+        """load_expert's checks of one piece that read no values: type, shape, dtype, scale shape, block fit."""
+        param, start, shape = where
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}; got {type(t).__name__}")
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
+                             f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+        if tuple(t.shape) != shape:
+            hint = f"; a checkpoint storing it transposed passes {name}.t()" if tuple(t.shape) == shape[::-1] else ""
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(shape)} (one expert, [out, in] as "
+                             f"nn.Linear stores it{hint})")
+        fp8 = is_quantized_dtype(t.dtype)
+        if fp8 and (self.quant is None or param not in ("w13", "w2") or t.dtype != self.quant.dtype):
+            stores = getattr(self, param).dtype
+            raise ValueError(f"{name} has dtype {t.dtype}; this layer stores {param} as {stores} (fp8 experts one at a "
+                             f"time need a layer built with quant_config=ep.QuantConfig(); load_experts switches a "
+                             f"whole layer)")
+        if scale is not None and not fp8:
+            raise ValueError(f"{name}_scale_inv was given but {name} has dtype {t.dtype}; scales come with float8 "
+                             f"weights")
+        if self.quant is None or param not in ("w13", "w2"):
+            return
+        block_rows = self.quant.weight_block[0]
+        end = start + shape[0]
+        if start % block_rows or (end % block_rows and end != getattr(self, param).shape[1]):
+            raise ValueError(f"{name} fills rows {start}..{end - 1} of {param}, whose [{block_rows}, "
+                             f"{self.quant.weight_block[1]}] scale blocks it shares with the other half "
+                             f"(intermediate_size={shape[0]} is not a multiple of weight_block[0]={block_rows}); "
+                             f"give w13 whole ([gate; up])")
+        if fp8:
+            if scale is None:
+                raise ValueError(f"{name}_scale_inv is missing: fp8 weights need their block scales (fp32 "
+                                 f"{list(self.quant.weight_scale_shape(1, *shape)[1:])})")
+            check_scale_tensor(f"{name}_scale_inv", scale, self.quant.weight_scale_shape(1, *shape)[1:], values=False)
+
+    def _expert_piece_values(self, name: str, t: torch.Tensor, scale, expert_id: int) -> tuple:
+        """(the piece as stored, its block scales or None), on the layer's device, values checked."""
+        param = "w13" if name in ("gate", "up") else name
+        if is_quantized_dtype(t.dtype):
+            _check_fp8_not_nan(f"{name} (expert {expert_id})", t)
+            check_scale_tensor(f"{name}_scale_inv", scale, tuple(scale.shape))
+            return t.to(self.w13.device), scale.to(self.w13.device)
+        stored = torch.float32 if self.quant is not None and param in ("w13", "w2") else getattr(self, param).dtype
+        value = t.to(device=self.w13.device, dtype=stored)  # checked in the stored dtype, as load_experts
+        check_finite(f"{name} (expert {expert_id})", value)
+        if stored != getattr(self, param).dtype:  # float into fp8 experts: quantized as load_experts does
+            q, scale_inv = self.quant.quantize_weight(value.unsqueeze(0))
+            return q[0], scale_inv[0]
+        return value, None
 
     def _load_quant(self, w13, w2, w13_scale_inv, w2_scale_inv, quantize) -> Optional[QuantConfig]:
         """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""
@@ -940,11 +1064,11 @@ class _ExpertMoves:
         return out
 
 
-def _check_fp8_not_nan(name: str, q: torch.Tensor, experts: str) -> None:
+def _check_fp8_not_nan(name: str, q: torch.Tensor) -> None:
     """float8_e4m3fn has one NaN pattern per sign (0x7F / 0xFF) and no infinities."""
     if q.is_meta:
         return
     bad = (q.view(torch.uint8) & 0x7F) == 0x7F
     if bool(bad.any()):
         where = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(f"{name} (experts {experts}) has NaN at {where}; allowed: finite fp8 values")
+        raise ValueError(f"{name} has NaN at {where}; allowed: finite fp8 values")

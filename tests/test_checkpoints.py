@@ -1,6 +1,7 @@
 """Checkpoints in and out of an expert-parallel layer.
 
 - load_experts takes this rank's shard [L, ...] as well as the global [E, ...] weights: same layer.
+- load_expert takes one expert's checkpoint tensors (gate, up, down apart, fp8 with scales), as an engine reads them.
 - a layer built on the meta device, materialised with to_empty and loaded, equals one built normally;
   so does one built inside `with torch.device("meta"):` (as torchtitan builds a model).
 - gather_experts hands every expert back in checkpoint layout, on every rank or on one.
@@ -110,6 +111,71 @@ def test_layer_built_under_a_meta_device_context():
         assert on_meta and same_init, rank
         assert max(err_y, err_dx) < 1e-12, (rank, err_y, err_dx)  # float64 layer against the float64 reference
 
+
+
+def _one_expert_at_a_time_rank(rank, world_size):
+    """An inference engine's weight loader: each checkpoint tensor once per expert (gate_proj and up_proj
+    apart, down_proj stored transposed), into a layer with redundant experts built on the meta device."""
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", device="meta", num_redundant_experts=2)
+    layer.to_empty(device="cpu")
+    written = [0] * E
+    for e in range(E):
+        down_proj = w2[e].t().contiguous()  # a checkpoint holding [I, H]
+        written[e] = layer.load_expert(e, gate=w13[e, :I].clone())
+        assert layer.load_expert(e, up=w13[e, I:].clone(), w2=down_proj.t()) == written[e]
+    whole = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", num_redundant_experts=2)
+    whole.load_experts(w13, w2)
+    x, ids, weights = _tokens(rank)
+    with torch.no_grad():
+        y = layer(x, ids, weights)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), layer.config)
+    # fp8 experts, block rows 16: I=24 splits a block between gate and up, so w13 comes whole
+    fp8 = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=ep.QuantConfig(
+        weight_block=(16, 16), activation_group=16))
+    fp8_whole = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=fp8.quant)
+    fp8_whole.load_experts(w13, w2)
+    fp8_checkpoint = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", quant_config=fp8.quant)
+    (q13, s13), (q2, s2) = fp8.quant.quantize_weight(w13), fp8.quant.quantize_weight(w2)
+    for e in range(E):
+        fp8.load_expert(e, w13=w13[e], w2=w2[e])  # float, quantized on the way
+        fp8_checkpoint.load_expert(e, w13=q13[e], w13_scale_inv=s13[e], w2=q2[e], w2_scale_inv=s2[e])
+    fp8_same = all(torch.equal(getattr(loaded, n).view(torch.uint8), getattr(fp8_whole, n).view(torch.uint8))
+                   for n in ("w13", "w2", "w13_scale_inv", "w2_scale_inv") for loaded in (fp8, fp8_checkpoint))
+    messages = []
+    for kwargs in (dict(expert_id=E, w2=w2[0]), dict(expert_id=True, w2=w2[0]), dict(expert_id=0, gate=w13[0, :I].t()),
+                   dict(expert_id=0, w13=w13[0], up=w13[0, I:]), dict(expert_id=0, w2=w2[0].half().to(torch.float8_e4m3fn))):
+        with pytest.raises(ValueError) as err:
+            layer.load_expert(**kwargs)
+        messages.append(str(err.value))
+    with pytest.raises(ValueError) as err:
+        fp8.load_expert(0, gate=w13[0, :I])
+    messages.append(str(err.value))
+    return (written, torch.equal(layer.w13, whole.w13) and torch.equal(layer.w2, whole.w2), rel_err(y, ref), fp8_same,
+            messages)
+
+
+def test_load_expert_one_checkpoint_tensor_at_a_time():
+    """An engine loads a checkpoint expert by expert and projection by projection (vLLM's weight_loader
+    with shard_id w1 / w3 / w2 and expert_id); load_experts took [E, ...] or [L, ...] tensors only, so
+    each rank had to build its whole shard (a second copy of its experts) and know which slots hold which
+    expert. load_expert(expert_id, gate=..., up=..., w2=...) writes every local copy of that expert."""
+    results = run_ranks(_one_expert_at_a_time_rank, 2, timeout=120)
+    copies = [sum(counts) for counts in zip(*(written for written, *_ in results))]
+    assert sorted(copies) == [1] * (E - 2) + [2, 2], copies  # two redundant copies: 10 slots, 5 per rank
+    for rank, (written, same, error, fp8_same, messages) in enumerate(results):
+        assert sum(written) == 5 and same and fp8_same, (rank, written, same, fp8_same)
+        assert error < tolerance(torch.float32), (rank, error)
+        assert messages == [
+            f"expert_id={E}; allowed: an int 0..{E - 1} (a global expert id, num_experts={E})",
+            f"expert_id=True; allowed: an int 0..{E - 1} (a global expert id, num_experts={E})",
+            f"gate has shape [{H}, {I}]; expected [{I}, {H}] (one expert, [out, in] as nn.Linear stores it; a "
+            f"checkpoint storing it transposed passes gate.t())",
+            "w13 was given with gate / up; allowed: w13 ([gate; up] rows), or gate and / or up",
+            "w2 has dtype torch.float8_e4m3fn; this layer stores w2 as torch.float32 (fp8 experts one at a time need "
+            "a layer built with quant_config=ep.QuantConfig(); load_experts switches a whole layer)",
+            f"gate fills rows 0..{I - 1} of w13, whose [16, 16] scale blocks it shares with the other half "
+            f"(intermediate_size={I} is not a multiple of weight_block[0]=16); give w13 whole ([gate; up])"], messages
 
 def _non_float_weights_rank(rank, world_size):
     w13, w2 = _global_weights()
