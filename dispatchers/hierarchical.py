@@ -34,7 +34,7 @@ import torch
 
 from ep_runtime import envs
 
-from .transport import all_gather_rows, all_to_all
+from .transport import all_gather_rows, all_to_all, host_values
 
 MODES = ("auto", "on", "off")
 
@@ -180,7 +180,7 @@ def tokens_per_node(in_rank: torch.Tensor, nodes: NodeLayout) -> torch.Tensor:
 
 
 def _in_node(in_rank: torch.Tensor, nodes: NodeLayout) -> torch.Tensor:
-    node_of = torch.tensor(nodes.node_of, device=in_rank.device)
+    node_of = host_values(nodes.node_of, torch.long, in_rank.device)
     hits = torch.zeros(in_rank.shape[0], nodes.num_nodes, dtype=torch.int32, device=in_rank.device)
     return hits.index_add_(1, node_of, in_rank.to(torch.int32)) > 0
 
@@ -225,7 +225,7 @@ class RelayPlan:
     def stage_one(cls, in_rank: torch.Tensor, nodes: NodeLayout, me: int) -> torch.Tensor:
         """[T, R] bool: token t goes to rank q in stage 1 (q: the relay of each of t's nodes)."""
         out = torch.zeros_like(in_rank)
-        relays = [nodes.relay(me, b) for b in range(nodes.num_nodes)]
+        relays = host_values([nodes.relay(me, b) for b in range(nodes.num_nodes)], torch.long, in_rank.device)
         out[:, relays] = _in_node(in_rank, nodes)
         return out
 
@@ -249,8 +249,9 @@ class RelayPlan:
         at = dict(zip(arrival, _starts([counts[s] for s in arrival])))
         shift = torch.tensor([at[s] - flat for s, flat in enumerate(_starts(counts))], dtype=torch.long)
         total = sum(counts)
-        order = (torch.repeat_interleave(shift, torch.tensor(counts, dtype=torch.long), output_size=total)
-                 + torch.arange(total)).to(device)
+        order = torch.repeat_interleave(shift, torch.tensor(counts, dtype=torch.long), output_size=total) + \
+            torch.arange(total)
+        order = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order
         unorder = torch.empty_like(order).scatter_(0, order, torch.arange(total, device=device))
         return cls(nodes, send1, recv1, send2, recv2, order, unorder)
 
@@ -286,12 +287,12 @@ class RelayPlan:
         owner = torch.where(valid, rank_of.long()[torch.where(valid, ids, 0)], torch.full_like(ids, R))
         to = torch.zeros(ids.shape[0], R + 1, dtype=torch.bool, device=ids.device).scatter_(1, owner, True)[:, :R]
         here = list(self.nodes.ranks_on(self.nodes.node_of[me]))
-        mask = torch.zeros(R, dtype=torch.bool, device=ids.device)
-        mask[here] = True
-        counts = torch.tensor(self.send2, dtype=torch.long, device=ids.device)
+        # (host lists made device tensors without a sync: this runs between the two stages)
+        mask = host_values([r in here for r in range(R)], torch.bool, ids.device)
+        counts = host_values(self.send2, torch.long, ids.device)
         self.forward_token, self.forward_rank, index = row_plan(to & mask, counts.cumsum(0) - counts, counts,
                                                                 sum(self.send2))
-        self.forward_index = index[:, here]
+        self.forward_index = index[:, host_values(here, torch.long, ids.device)]
 
     def reduce(self, partial: torch.Tensor, sum_rows: SumRows, group) -> torch.Tensor:
         """partial [N_recv, H] in the flat path's receive order -> each stage-1 row's node sum, back at

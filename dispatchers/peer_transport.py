@@ -48,6 +48,7 @@ from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
 
 from . import exchange_kernels, fp8_payload
+from .transport import host_values
 
 try:
     import triton
@@ -527,8 +528,7 @@ class PeerTransport:
         if capturing():
             raise RuntimeError(f"the NVLink transport's copy kernel (num_sms > 0) met the plan {key} first while a "
                                f"CUDA graph was captured; run the same call eagerly once before capturing")
-        made = torch.tensor(parts, dtype=torch.int64)
-        made = made.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else made
+        made = host_values(parts, torch.int64, self.device)
         if static:
             self._shares[key] = made
         return made

@@ -46,7 +46,7 @@ from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import check_transport, peer_transport, put_bytes
-from .transport import all_gather_rows, all_to_all
+from .transport import all_gather_rows, all_to_all, host_values
 
 # x's dtype as an int for the count table (0: no x): the payload crosses ranks as raw bytes, so ranks
 # dispatching different dtypes would read each other's rows as garbage (bf16 vs fp16) or exchange
@@ -333,8 +333,8 @@ class RankExchange:
             flags_at += nodes.num_nodes
         # whether x and topk_weights need gradients here, for handle.grads, and x's dtype (three entries
         # before the flags)
-        wants = torch.tensor([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
-                             dtype=torch.int32, device=row.device)
+        wants = host_values([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
+                            torch.int32, row.device)
         row = torch.cat([row, wants])
         flags_at += 3
         read = chunk is None or not capturing()
@@ -583,7 +583,7 @@ class RankExchange:
             per_node = [row[1 + R + E:1 + R + E + nodes.num_nodes] for row in host_table]
             relay = RelayPlan.from_counts(host, per_node, nodes, me, in_rank.device)
             in_rank = RelayPlan.stage_one(in_rank, nodes, me)
-            per_rank = torch.tensor(relay.send1, dtype=torch.long, device=in_rank.device)
+            per_rank = host_values(relay.send1, torch.long, in_rank.device)
         send_token, send_rank, combine_index = row_plan(in_rank, per_rank.cumsum(0) - per_rank, per_rank,
                                                         sum(relay.send1) if relay else sum(send_splits))
         links = (relay.link_rows(me) if relay is not None

@@ -55,6 +55,13 @@ def all_to_all(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_split
     return _exchange(x, recv_splits, send_splits, group)
 
 
+def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few host values as a tensor on `device` without a host sync: on CUDA copied from pinned memory
+    without blocking (torch.tensor(values, device="cuda") first waits for the stream's queued work)."""
+    made = torch.tensor(values, dtype=dtype)
+    return made.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else made
+
+
 def all_gather_rows(row: torch.Tensor, group, world_size: int) -> torch.Tensor:
     """[n] on each rank -> [world_size, n] (every rank's row, in rank order)."""
     if world_size == 1:

@@ -421,6 +421,23 @@ def test_deferred_check_fails_every_rank(on_ranks):
     assert f"topk_ids has id {E + 3} at [5, 2]" in messages[1], messages
 
 
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_a_training_dispatch_makes_no_host_sync(name):
+    """x needing gradients on CUDA takes the torch-op plan (one rank): dispatch and combine make no host
+    sync (the count table is read by polling an event); the plan's few host values (whether x and the
+    weights need gradients, x's dtype) reach the device from pinned memory, not by a blocking copy."""
+    d = dispatchers.create(name, ep.MoeConfig(E, K, H, INTER))
+    x = torch.randn(100, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    topk = ep.TopKOutput(*_routing(100, "cuda", 4))
+    sent = d.dispatch(x, topk)
+    d.combine(CombineInput(sent.recv_x * 0.5, sent)).float().sum().backward()
+    torch.cuda.synchronize()
+    again = []
+    syncs = (host_syncs(lambda: again.append(d.dispatch(x, topk))),
+             host_syncs(lambda: d.combine(CombineInput(again[0].recv_x * 0.5, again[0]))))
+    assert syncs == ([], []), syncs
+
+
 def test_standard_dispatch_and_combine_make_no_host_sync():
     """standard on CUDA: dispatch (its value check deferred) and combine run under sync debug mode
     "error", the deferred checks of earlier calls included; good input raises nothing at the end."""

@@ -12,7 +12,7 @@ import torch
 import ep_runtime as ep
 from ep_runtime.bench.cost_model import uniform_rows_per_token
 from ep_runtime.dispatchers.hierarchical import LinkBytes, LinkRows, NodeLayout, count_link_rows, use_two_stages
-from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+from ep_runtime.testing import check_layer, host_syncs, make_problem, run_ranks, tolerance
 
 # One rank sends nothing; ranks 1 and 2 do, so stage 2's arrival order (relay by relay) differs
 # from the flat order (source by source) and the receiver's reordering is exercised.
@@ -254,7 +254,7 @@ def _gpu_rank(rank, world_size, name, grad):
     cfg = ep.MoeConfig(32, 4, 256, 64)
     tokens = [64, 37, 100, 0][:world_size] if world_size > 2 else [64, 37]
     problem = make_problem(cfg, tokens, seed=3, ep_size=world_size)
-    out = {}
+    out, syncs = {}, {}
     for mode in ("off", "on"):
         d = ep.dispatchers.create(name, cfg, device=device, hierarchical=mode, ranks_per_node=max(1, world_size // 2))
         x = problem.xs[rank].to(device, torch.bfloat16).requires_grad_(grad)
@@ -262,9 +262,15 @@ def _gpu_rank(rank, world_size, name, grad):
         y = d.combine(ep.CombineInput(o.recv_x * 0.5, o))
         out[mode] = (o.recv_x.float().cpu(), o.recv_topk_ids.cpu(), o.recv_topk_weights.cpu(), y.detach().float().cpu(),
                      o.handle.relay is not None)
+        # host syncs of a second call (the count table is read by polling an event: not one): none, also
+        # between the node-aware path's two stages
+        topk = ep.TopKOutput(problem.topk_ids[rank].to(device), problem.topk_weights[rank].to(device))
+        sent = []
+        syncs[mode] = (len(host_syncs(lambda: sent.append(d.dispatch(x, topk)))),
+                       len(host_syncs(lambda: d.combine(ep.CombineInput(sent[0].recv_x * 0.5, sent[0])))))
     (fx, fi, fw, fy, frel), (ax, ai, aw, ay, arel) = out["off"], out["on"]
     return dict(relay=(frel, arel), same=torch.equal(fx, ax) and torch.equal(fi, ai) and torch.equal(fw, aw),
-                y_err=float((fy - ay).norm() / fy.norm().clamp(min=1e-30)), y_equal=torch.equal(fy, ay))
+                y_err=float((fy - ay).norm() / fy.norm().clamp(min=1e-30)), y_equal=torch.equal(fy, ay), syncs=syncs)
 
 
 @pytest.mark.gpu
@@ -275,6 +281,7 @@ def test_gpu_node_aware_equals_flat(name, grad):
     R = 4 if torch.cuda.device_count() >= 4 else 2
     for r in run_ranks(_gpu_rank, R, name, grad, backend="nccl", timeout=130, group_timeout=100):
         assert r["relay"] == (False, True) and r["same"]
+        assert r["syncs"] == {"off": (0, 0), "on": (0, 0)}, r["syncs"]
         assert r["y_err"] <= 2e-2
         if R == 2:  # one rank per node: every node sum is one partial, so combine is bit-identical too
             assert r["y_equal"]
