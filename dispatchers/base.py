@@ -15,9 +15,9 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput
-from ep_runtime.validation import check_hidden_states, check_topk, is_int_at_least
+from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least
 
-from . import fp8_payload, overlap
+from . import exchange_kernels, fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
 from .peer_transport import TRANSPORTS, check_cpu_ranks, check_transport
@@ -128,15 +128,27 @@ class Dispatcher:
         output is read (see dispatchers/overlap.py). return_recv_hook=True (dispatchers with
         `supports_recv_hook`) returns (output, hook) instead: calling hook() completes the receive.
         previous_event: a torch.cuda.Event or an ExchangeWork the exchange is ordered after. x, topk
-        must not be changed before the wait."""
-        self._check_async(async_op, return_recv_hook, previous_event)
+        must not be changed before the wait. Input that fails a check on one rank only fails the others'
+        dispatch at once too, where it starts with a count table (see join_with_bad_input)."""
         distributed.check_group(self.group, self.name, "dispatch")
-        topk = self._checked_topk(x, topk)
+        try:
+            self._check_async(async_op, return_recv_hook, previous_event)
+            topk = self._checked_topk(x, topk)
+        except Exception as error:
+            self.join_with_bad_input(error, **options)
+            raise
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
             if self._plain(async_op, return_recv_hook, previous_event):
                 return self._dispatch(x, topk, **options)
             return self._issue("dispatch", lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
+
+    def join_with_bad_input(self, error: Exception, **options: Any) -> None:
+        """This rank's dispatch input failed its checks (`error`, raised before any collective; options:
+        the dispatch's): where the other ranks' dispatch starts with a count table that they read at once,
+        take part in it anyway, so that they raise at once too, naming this rank, instead of waiting for it
+        until EP_RUNTIME_TIMEOUT_S (ExchangeDispatcher). The caller raises `error` after. Nothing here: no
+        exchange."""
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_hidden_states(x, self.config.hidden_size)
@@ -327,6 +339,43 @@ class ExchangeDispatcher(Dispatcher):
         self.exchange = RankExchange(self.placement, self.group, name=self.name, transport=options.transport,
                                      num_sms=options.num_sms, hierarchical=options.hierarchical,
                                      ranks_per_node=options.ranks_per_node)
+
+    def _table_plan(self, **options: Any) -> Optional[tuple[Optional[int], Optional[str]]]:
+        """(chunk, distinct) of the count table a dispatch with these options starts with, as
+        RankExchange.plan takes them; None where it starts with none (a reused handle) or is not known
+        (a subclass that does not say: its peers wait until the timeout, as before)."""
+        return None
+
+    def join_with_bad_input(self, error: Exception, **options: Any) -> None:
+        """Dispatcher.join_with_bad_input: one all_gather of a row marking this rank's input as bad
+        (RankExchange.join_with_bad_input), in call order after the group's pending async exchanges. Where
+        the peers read their table at once: gloo groups (CPU ranks, every plan) and, on NCCL groups, host
+        plans (deepep_normal without num_worst_tokens, mori outside static). Not while capturing a CUDA
+        graph, nor for static plans on CUDA (their table is read CHECK_LAG calls later, if at all), nor
+        where deepep_ll's rows may be put by the NVLink transport (no table all_gather then), nor on a group
+        of other backends: there the peers wait until the timeout, as before. A join that fails (a peer
+        elsewhere, options a dispatch would refuse) is dropped: `error` is this rank's to raise."""
+        if self.world_size == 1 or capturing():
+            return
+        try:
+            plan = self._table_plan(**options)
+            backend = dist.get_backend(self.group)
+            # the device the peers' tables are on (NCCL: the current CUDA device, as the settings check's)
+            device = (torch.device("cpu") if backend == "gloo" else
+                      torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None)
+            if plan is None or device is None:
+                return
+            chunk, distinct = plan
+            if chunk is not None:  # a static plan
+                if device.type == "cuda":
+                    return
+                if (self.puts_rows and self.transport_options.transport == "nvlink"
+                        and exchange_kernels.on_gpu(torch.empty(0, device=device))):  # (kernels forced on CPU ranks)
+                    return
+            overlap.in_call_order(self.group, lambda: self.exchange.join_with_bad_input(chunk, distinct, error,
+                                                                                         device))
+        except Exception:  # noqa: BLE001 - the peers are elsewhere (stalled, in another call): raise error anyway
+            pass
 
     def settings(self) -> dict:
         """Dispatcher.settings, and EP_RUNTIME_SYNC_CHECKS: ranks that read the count table at different calls

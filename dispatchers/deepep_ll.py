@@ -92,6 +92,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
             self.distinct_ids = ("deepep_ll with apply_router_weight_on_input needs distinct experts per token "
                                  "(one row per token and expert, scaled by that slot's weight)")
 
+    def _table_plan(self):
+        return self.options.num_max_dispatch_tokens_per_rank, self.distinct_ids
+
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)

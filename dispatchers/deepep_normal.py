@@ -106,8 +106,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
         if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
-            raise TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
-                            f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+            error = TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
+                              f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
+            self.join_with_bad_input(error, handle=handle)
+            raise error
         if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
             self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
@@ -116,6 +118,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
+
+    def _table_plan(self, handle=None):
+        return None if handle is not None else (self.options.chunk, None)  # a reused handle: no count table
 
     def _dispatch(self, x, topk: TopKOutput, handle: Optional[ExchangeHandle] = None):
         ids, weights = topk

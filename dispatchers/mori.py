@@ -106,6 +106,9 @@ class MoriDispatcher(ExchangeDispatcher):
         static = self.options.static
         return capturing() if static is None else static
 
+    def _table_plan(self):
+        return (self.options.max_dispatch_tokens_per_rank if self._static() else None), None
+
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)

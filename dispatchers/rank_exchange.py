@@ -9,7 +9,9 @@ The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row 
   into `rows` rows, valid rows first. The table is read on the host as well, except while a graph
   is being captured (nothing can be read then: overflow becomes a device-side assert).
 Every rank sees the whole table, so one rank's bad ids or weights, too many tokens or a capacity
-overflow fails every rank with the same error, before any payload moves.
+overflow fails every rank with the same error, before any payload moves; a rank whose input failed its
+shape/dtype/device checks still joins the all_gather, with a row marking it (join_with_bad_input), so
+the others fail at once too where they read the table at once.
 
 Inference on CUDA takes the kernel path: layout, value flags and counts in one kernel, one
 all_gather, the plan built from the gathered table on the device by one kernel, and each row sent
@@ -54,6 +56,14 @@ from .transport import all_gather_rows, all_to_all, host_values
 _DTYPE_CODE = {t: i + 1 for i, t in enumerate(dict.fromkeys(
     t for t in vars(torch).values() if isinstance(t, torch.dtype) and t.is_floating_point))}
 _CODE_DTYPE = {i: t for t, i in _DTYPE_CODE.items()}
+# Entries of a torch-made count row between the counts and the flags: whether x and topk_weights need
+# gradients, and x's dtype code.
+_GRADS_AND_DTYPE = 3
+# A rank whose dispatch input failed its own checks (before any collective) still joins the count table's
+# all_gather (RankExchange.join_with_bad_input): its row has the length a good row would have, every count
+# 0, its first flag set and T = -1 - (the index of its error's type here), so every other rank's flag check
+# raises that type at once, before any payload moves.
+_BAD_INPUT_TYPES = (ValueError, TypeError, RuntimeError)
 
 
 class Layout(NamedTuple):
@@ -336,7 +346,7 @@ class RankExchange:
         wants = host_values([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
                             torch.int32, row.device)
         row = torch.cat([row, wants])
-        flags_at += 3
+        flags_at += _GRADS_AND_DTYPE
         read = chunk is None or not capturing()
         checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
@@ -353,7 +363,7 @@ class RankExchange:
         host = self._read_table(table, issued_at) if read else None  # the one wait
         if host is not None:
             if checked:
-                self._check_flags([row[flags_at:] for row in host], topk_ids, topk_weights, distinct)
+                self._check_flags(host, flags_at, topk_ids, topk_weights, distinct)
             self._check_tokens([row[0] for row in host])
             self._check_dtypes([row[flags_at - 1] for row in host])
         if chunk is None:
@@ -528,7 +538,7 @@ class RankExchange:
 
     def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
         R, E = self.world_size, self.num_experts
-        self._check_flags([row[1 + R + E:] for row in host], topk_ids, topk_weights, distinct)
+        self._check_flags(host, 1 + R + E, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
 
     @staticmethod
@@ -591,6 +601,28 @@ class RankExchange:
         return ExchangeHandle(T, counts, send_token, send_rank, combine_index, summary, send_splits,
                               recv_splits, per_expert_host, rows=rows, links=links, relay=relay)
 
+    def join_with_bad_input(self, chunk: Optional[int], distinct: Optional[str], error: Exception,
+                            device: torch.device) -> None:
+        """This rank's dispatch input failed its checks with `error`, before any collective: take part in
+        the count table's all_gather that the other ranks' dispatch (a plan with this chunk and distinct, as
+        plan's) starts with, so that they raise at once too (_check_flags) instead of waiting for this rank
+        until the timeout. The row is the length theirs is (the kernel path's on CUDA, or forced, unless the
+        plan is node-aware; else the torch-made one), made on `device` from the settings alone (the bad
+        input is not touched): every count 0, the first flag set, and T = -1 - the index of error's type in
+        _BAD_INPUT_TYPES. The caller decides where the peers read the table at once (not for static plans
+        on CUDA)."""
+        R, E = self.world_size, self.num_experts
+        nodes = self._two_stages(chunk, device)  # (the first host plan's node all_gather comes first on every rank)
+        num_flags = 2 + (distinct is not None)
+        if nodes is None and exchange_kernels.on_gpu(torch.empty(0, device=device)):  # exchange_kernels.layout_row's
+            length = 1 + R + E + num_flags
+        else:  # plan's: count_row's, tokens per node, grads and dtype, flags
+            length = 1 + R + E + (nodes.num_nodes if nodes is not None else 0) + _GRADS_AND_DTYPE + num_flags
+        row = torch.zeros(length, dtype=torch.int32)
+        row[0] = -1 - next((i for i, t in enumerate(_BAD_INPUT_TYPES) if isinstance(error, t)), 0)
+        row[-num_flags] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
+        all_gather_rows(row.to(device), self.group, R)
+
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
         (before any collective); otherwise the table check fails every rank together."""
@@ -613,12 +645,25 @@ class RankExchange:
                             f"({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
                             f"rank stops here")
 
-    def _check_flags(self, flags: list, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    def _check_flags(self, host: list, flags_at: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      distinct: Optional[str]) -> None:
-        """Every rank raises when any rank's ids or weights are bad; the bad rank names the value."""
+        """Every rank raises when any rank's ids or weights are bad; the bad rank names the value. host: the
+        count table read on the host, its rows' flags from flags_at on. Rows of ranks whose input failed
+        their own checks (join_with_bad_input) set a flag too, so the same pass finds them: every rank then
+        raises naming them instead (with the type their error has)."""
+        flags = [row[flags_at:] for row in host]
         check_topk_values(topk_ids, topk_weights, self.num_experts, flags[self.rank], distinct)
         bad = [r for r, f in enumerate(flags) if any(f)]
         if bad:
+            refused = [r for r in bad if host[r][0] < 0]
+            if refused:
+                kind = -1 - host[refused[0]][0]
+                ranks = (f"rank {refused[0]} of {self.world_size} was given bad input (its own error names the "
+                         f"argument)" if len(refused) == 1 else
+                         f"ranks {', '.join(map(str, refused))} of {self.world_size} were given bad input (their own "
+                         f"errors name the arguments)")
+                raise (_BAD_INPUT_TYPES[kind] if kind < len(_BAD_INPUT_TYPES) else ValueError)(
+                    f"{self.name} dispatch: {ranks}; no token was sent")
             raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
                              f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "
                              f"the value); every rank stops here")

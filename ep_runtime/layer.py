@@ -541,19 +541,29 @@ class EPMoE(nn.Module):
         Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
         y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
+        # A check failing here, on one rank only, fails the other ranks' dispatch at once too
+        # (Dispatcher.join_with_bad_input), as the dispatcher's own checks do.
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead, H = tuple(x.shape[:-1]), self.config.hidden_size
-            if x.shape[-1] != H:  # named as given: the [T, H] check would name the flattened shape
-                raise ValueError(f"x has shape {list(x.shape)}; expected [..., {H}] (hidden_size={H}: [T, H], or "
-                                 f"leading dims such as [batch, seq, H])")
             K, E = self.config.top_k, self.config.num_experts
-            y = self.forward(x.reshape(-1, x.shape[-1]), _flatten("topk_ids", topk_ids, lead, K),
-                             _flatten("topk_weights", topk_weights, lead, K),
-                             router_logits=_flatten("router_logits", router_logits, lead, E),
+            try:
+                if x.shape[-1] != H:  # named as given: the [T, H] check would name the flattened shape
+                    raise ValueError(f"x has shape {list(x.shape)}; expected [..., {H}] (hidden_size={H}: [T, H], or "
+                                     f"leading dims such as [batch, seq, H])")
+                flat = (_flatten("topk_ids", topk_ids, lead, K), _flatten("topk_weights", topk_weights, lead, K),
+                        _flatten("router_logits", router_logits, lead, E))
+            except Exception as error:
+                self.dispatcher.join_with_bad_input(error)
+                raise
+            y = self.forward(x.reshape(-1, x.shape[-1]), flat[0], flat[1], router_logits=flat[2],
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
-        x = self._checked_tokens(x)
-        topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        try:
+            x = self._checked_tokens(x)
+            topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
+        except Exception as error:
+            self.dispatcher.join_with_bad_input(error)
+            raise
         try:
             if self.shared_experts is None:
                 return self._routed(x, topk)
@@ -604,13 +614,17 @@ class EPMoE(nn.Module):
         dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
         # (topk's form is the dispatcher's to check and name: a malformed one reaches it)
         weights = topk[1] if isinstance(topk, (tuple, list)) and len(topk) == 2 and isinstance(topk[1], torch.Tensor) else None
-        fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
-        if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
-            fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
-                   else "this layer's dispatcher has use_fp8=True")
-            raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
-                               f"{INFERENCE_ONLY}")
-        physical = self._to_physical(x, topk)
+        try:  # (on one rank only: the others' dispatch fails at once too, see forward)
+            fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
+            if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
+                fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
+                       else "this layer's dispatcher has use_fp8=True")
+                raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
+                                   f"{INFERENCE_ONLY}")
+            physical = self._to_physical(x, topk)
+        except Exception as error:
+            self.dispatcher.join_with_bad_input(error)
+            raise
         if self.dispatcher._moves_rows() and not needs_grad(x) and needs_grad(self.w13, self.w2, self.b13, self.b2):
             # This rank's experts compute rows that other ranks' tokens sent: their gradient comes back through
             # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
@@ -815,10 +829,15 @@ class EPMoE(nn.Module):
         the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
-        if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
-            raise ValueError("shared_experts=None and this layer has none (built without shared_experts); "
-                             "pass a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
-        return self._routed_and_shared(self._checked_tokens(x), topk, shared_module)
+        try:  # (on one rank only: the others' dispatch fails at once too, see forward)
+            if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
+                raise ValueError("shared_experts=None and this layer has none (built without shared_experts); pass "
+                                 "a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
+            x = self._checked_tokens(x)
+        except Exception as error:
+            self.dispatcher.join_with_bad_input(error)
+            raise
+        return self._routed_and_shared(x, topk, shared_module)
 
     def _routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_module: nn.Module
                            ) -> tuple[torch.Tensor, torch.Tensor]:

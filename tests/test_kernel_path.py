@@ -159,6 +159,33 @@ def test_kernel_path_flags_bad_ids_on_every_rank(case):
     assert "topk_ids has id 8 at [2, 1]" in messages[1], messages
 
 
+def _bad_shape_rank(rank, world_size, case):
+    """Rank 1's x has another hidden size: raised there before any collective, but rank 1 still joins the
+    count table with a row marking its input as bad, of the kernel path's length (no gradient or dtype
+    entries), so rank 0 fails at once too, naming rank 1; then both ranks run a good forward (the torch
+    path: the interpreter is slow)."""
+    name, options = CASES[case]
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options)
+    ids = torch.tensor([[0, 5]] * 5, dtype=torch.int32)
+    with torch.no_grad(), xk.forced():
+        try:
+            layer(torch.randn(5, 31 if rank == 1 else 32), ids, torch.rand(5, 2))
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+    problem = make_problem(layer.config, [5, 4], seed=2, ep_size=world_size)
+    return message, check_layer(layer, problem, rank, backward=False)["y"]
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
+def test_kernel_path_fails_every_rank_at_once_for_one_rank_with_a_bad_shape(case):
+    (message0, error0), (message1, error1) = run_ranks(_bad_shape_rank, 2, case, timeout=240, group_timeout=30)
+    assert message0 == (f"{CASES[case][0]} dispatch: rank 1 of 2 was given bad input (its own error names the "
+                        f"argument); no token was sent"), message0
+    assert message1 == "x has shape [5, 31]; expected [T, 32] (hidden_size=32)", message1
+    assert max(error0, error1) <= tolerance(torch.float32)
+
+
 def test_standard_checks_values_with_one_kernel():
     """standard on the kernel path: the fused flag kernel names a bad id and a NaN weight as the torch
     checks do (at once on CPU tensors), good input runs, and the kernel's per-expert counts are the

@@ -28,7 +28,7 @@ import torch
 import ep_runtime as ep
 from ep_runtime.distributed import free_port
 from ep_runtime.runner_core import CombineInput
-from ep_runtime.testing import RankFailure, _context, run_ranks
+from ep_runtime.testing import RankFailure, _context, check_layer, make_problem, run_ranks, tolerance
 
 TIMEOUT_S = 3  # EP_RUNTIME_TIMEOUT_S in the injected jobs
 FAULT_RANK = 1
@@ -304,25 +304,123 @@ def test_one_rank_with_bad_values_fails_every_rank_at_once(dispatcher):
         assert time.monotonic() - start < 2 * TIMEOUT_S + 30
 
 
-@pytest.mark.parametrize("dispatcher,linger", [(d, 0) for d in SHARDED] + [("deepep_ll", TIMEOUT_S + 2)])
-def test_one_rank_with_a_bad_shape_fails_every_rank_within_the_timeout(dispatcher, linger):
-    """A dtype error on rank 1 only is raised there before any collective (checking shapes across ranks
-    would cost an exchange per call); rank 0 waits in the count exchange, which fails when rank 1's
-    process ends, or after EP_RUNTIME_TIMEOUT_S while it lives on."""
+# Rank 1's bad input (rank 0's is good) and the error rank 1 raises, checked before any collective.
+# The dispatcher's own checks (layer.dispatcher.dispatch), then the layer's (forward, routed_and_shared).
+ONE_RANK_BAD = {
+    "x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
+    "ids_shape": "ValueError: topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
+    "int_weights": "TypeError: topk_weights has dtype torch.int64; expected a floating dtype",
+    "x_on_meta": "ValueError: topk_ids is on cpu; expected meta (the device of x)",
+    "async_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
+    "layer_x_dtype": "TypeError: x has dtype torch.float64; this layer's weights are torch.float32",
+    "layer_x_on_meta": "ValueError: x is on meta; this layer is on cpu",
+    "layer_x_3d": "ValueError: topk_ids has shape [4, 2]; expected [4, 1, 2] (x's leading dims, then top_k)",
+    "layer_logits_shape": "ValueError: router_logits has shape [4, 7]; expected [4, 8] (T, num_experts)",
+    "shared_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
+}
+ONE_RANK_PLANS = {**{case: (case.replace("_static", ""), options) for case, options in {
+    "deepep_normal": {}, "deepep_normal_static": {"num_worst_tokens": 16},
+    "deepep_ll": {"num_max_dispatch_tokens_per_rank": 8}, "mori": {"max_dispatch_tokens_per_rank": 8},
+    "mori_static": {"max_dispatch_tokens_per_rank": 8, "static": True, "max_input_tokens": 12}}.items()},
+    # node-aware host plans (two ranks as two nodes): their count row carries tokens per node too
+    "deepep_normal_nodes": ("deepep_normal", {"hierarchical": "on", "ranks_per_node": 1}),
+    "mori_nodes": ("mori", {"max_dispatch_tokens_per_rank": 8, "hierarchical": "on", "ranks_per_node": 1}),
+    # apply_router_weight_on_input with top_k > 1: deepep_ll's count row carries a third flag (repeated experts)
+    "deepep_ll_weight_on_input": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 8})}
+
+
+def _one_rank_bad_call(layer, case, bad):
+    """One dispatch (or forward) of rank 1's bad input `case` (bad=True) or of good input."""
+    x, ids, weights = torch.randn(4, 16), torch.tensor([[0, 5], [1, 2], [7, -1], [3, 4]]), torch.rand(4, 2)
+    if bad and case in ("x_hidden", "async_x_hidden", "shared_x_hidden"):
+        x = torch.randn(4, 17)
+    elif bad and case == "ids_shape":
+        ids = ids[:3]
+    elif bad and case == "int_weights":
+        weights = torch.ones(4, 2, dtype=torch.long)
+    elif bad and case in ("x_on_meta", "layer_x_on_meta"):
+        x = x.to("meta")
+    elif bad and case == "layer_x_dtype":
+        x = x.double()
+    elif bad and case == "layer_x_3d":
+        x = x.unsqueeze(1)
+    if case == "async_x_hidden":  # CPU ranks: the exchange runs on the group's thread; its error comes at wait()
+        out, work = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, weights), async_op=True)
+        work.wait()
+    elif case == "shared_x_hidden":  # the layer's async dispatch, shared experts running meanwhile
+        layer.routed_and_shared(x, ep.TopKOutput(ids, weights), torch.nn.Identity())
+    elif case == "layer_logits_shape":
+        layer(x, router_logits=torch.randn(4, 7 if bad else 8))
+    elif case.startswith("layer_"):
+        layer(x, ids, weights)
+    else:
+        layer.dispatcher.dispatch(x, ep.TopKOutput(ids, weights))
+
+
+def _one_rank_bad_shape_rank(rank, world_size, plan):
+    name, options = ONE_RANK_PLANS[plan]
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=name, runner="torch", dispatcher_options=options,
+                     apply_router_weight_on_input=plan.endswith("weight_on_input"))
+    raised = {}
+    for case in ONE_RANK_BAD:  # the first is the group's first dispatch: node-aware plans resolve the nodes first
+        start = time.monotonic()
+        try:
+            _one_rank_bad_call(layer, case, bad=rank == 1)
+            raised[case] = ("no error", time.monotonic() - start)
+        except Exception as err:  # noqa: BLE001 - each rank reports what it raised
+            raised[case] = (f"{type(err).__name__}: {err}", time.monotonic() - start)
+    problem = make_problem(layer.config, [6, 5], seed=3, ep_size=world_size)  # the group is still in step
+    return raised, check_layer(layer, problem, rank, backward=False)["y"]
+
+
+@pytest.mark.parametrize("plan", list(ONE_RANK_PLANS))
+def test_one_rank_with_a_bad_shape_fails_every_rank_at_once(plan):
+    """A shape, dtype or device error on rank 1 only (the dispatcher's checks, sync and async, and the
+    layer's) is raised there before any collective; rank 1 still joins the count table's all_gather, with a
+    row marking its input as bad, so rank 0 raises at once too (the same exception type), naming rank 1,
+    before any payload moves (it waited in that all_gather until EP_RUNTIME_TIMEOUT_S, or until rank 1's
+    process ended). Afterwards a good forward on both ranks equals the float64 reference."""
+    name = ONE_RANK_PLANS[plan][0]
+    (good, y_error0), (bad, y_error1) = run_ranks(_one_rank_bad_shape_rank, 2, plan, timeout=60,
+                                                  group_timeout=TIMEOUT_S)
+    for case, expected in ONE_RANK_BAD.items():
+        assert bad[case][0].startswith(expected), (case, bad[case])
+        kind = expected.partition(":")[0]
+        assert good[case][0] == (f"{kind}: {name} dispatch: rank 1 of 2 was given bad input (its own error names "
+                                 f"the argument); no token was sent"), (case, good[case])
+        assert good[case][1] < TIMEOUT_S / 2, (case, good[case])  # at once, not after the timeout
+    assert max(y_error0, y_error1) <= tolerance(torch.float32)
+
+
+def _reused_handle_rank(rank, world_size, folder):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8))
+    topk = ep.TopKOutput(torch.tensor([[0, 5], [1, 2], [7, -1], [3, 4]]), torch.rand(4, 2))
+    handle = d.dispatch(torch.randn(4, 16), topk).handle
+    try:
+        d.dispatch(torch.randn(4, 17 if rank == 1 else 16), topk, handle=handle)
+        return "no error"
+    except (ValueError, RuntimeError) as err:
+        if rank == 0:
+            (folder / "rank0_raised").touch()
+        else:  # rank 1 lives on (a framework that caught the error) until rank 0 has given up on it
+            deadline = time.monotonic() + 30
+            while not (folder / "rank0_raised").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return f"{type(err).__module__}.{type(err).__name__}: {err}"
+
+
+def test_one_rank_with_a_bad_shape_and_a_reused_handle_leaves_the_others_to_the_timeout(tmp_path):
+    """A dispatch given a handle sends the payload at once, with no count table to mark rank 1's bad input
+    in: rank 0 waits in the payload exchange and raises ep.PeerFailure after the group's timeout, naming
+    the dispatcher, the operation, rank 1 and the knob (what a user can act on, issue 15 item 4)."""
     start = time.monotonic()
-    with pytest.raises(RankFailure) as failure:
-        run_ranks(_asymmetric_bad_input_rank, 2, dispatcher, "x_dtype", linger, timeout=60, group_timeout=TIMEOUT_S)
-    elapsed = time.monotonic() - start
-    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
-    assert BAD_INPUT["x_dtype"] in rank1
-    assert "--- rank 0 ---" in rank0 and "RuntimeError" in rank0, rank0  # an error on rank 0 too, not a hang
-    if linger:
-        assert "Timed out" in rank0, rank0  # the backend's error, chained
-        # what a user can act on (issue 15, item 4): the dispatcher, the operation, the peer, the knob
-        assert (f"ep_runtime.distributed.PeerFailure: {dispatcher} dispatch on rank 0 of 2 waited in vain for "
-                f"rank 1: no answer within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S or "
-                f"init_distributed(timeout_s=...))") in rank0, rank0
-    assert elapsed < linger + TIMEOUT_S + 20
+    rank0, rank1 = run_ranks(_reused_handle_rank, 2, tmp_path, timeout=60, group_timeout=1)
+    assert rank1 == "builtins.ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)", rank1
+    assert rank0.startswith("ep_runtime.distributed.PeerFailure: deepep_normal dispatch on rank 0 of 2 waited in vain "
+                            "for rank 1: no answer within the group's timeout (1 s; set it with EP_RUNTIME_TIMEOUT_S "
+                            "or init_distributed(timeout_s=...))"), rank0
+    assert time.monotonic() - start < 30
 
 
 # ---------------------------------------------------------------- ranks whose calls differ
