@@ -159,6 +159,26 @@ def check_timeout(timeout_s) -> float:
 
 
 _CREATED_HERE = False
+_RENDEZVOUS: dict = {}  # (init_method, rank, world_size) -> [the launcher's store, groups made on it]
+
+
+def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
+    """The launcher's rendezvous store, with keys of its own for each group made on it.
+
+    torch's init_process_group writes every default group's addresses under the same keys, and the
+    store can outlive a group (torchrun's agent hosts it for the whole job; rank 0's is shared within
+    its process): a group made after destroy_distributed() then read a peer's address of the group
+    before and failed with gloo's "Connect timeout". The store is kept for the process (as torchrun's
+    agent keeps its own), and every rank makes its groups in the same order, so the n-th group of each
+    rank meets under the n-th prefix."""
+    key = (launch.init_method, launch.rank, launch.world_size)
+    if key not in _RENDEZVOUS:
+        store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
+        _RENDEZVOUS[key] = [store, 0]
+    store, made = _RENDEZVOUS[key]
+    _RENDEZVOUS[key][1] += 1
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"ep_runtime/group{made}", store)
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
@@ -194,7 +214,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     if launch.launcher == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
-        dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
+        dist.init_process_group(backend, store=_rendezvous(launch, timeout), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout, **kwargs)
     _FAILED.clear()  # a new default group: earlier failures were of the old one
     if not _CREATED_HERE:
