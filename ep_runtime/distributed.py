@@ -46,14 +46,12 @@ class LaunchInfo:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
+    """First host of a Slurm node list, as `scontrol show hostnames` gives it: 'gpu[03-05,09],cpu1' ->
+    'gpu03'; a name with several ranges is their product, 'rack[1-2]-n[07-08]' -> 'rack1-n07'."""
+    head = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())  # up to the first comma outside brackets
+    if head is None or nodelist.strip()[head.end():head.end() + 1] not in ("", ","):
         raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list")
-    prefix, bracket = head.group(1), head.group(3)
-    if bracket is None:
-        return prefix
-    return prefix + bracket.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda bracket: bracket.group(1).split(",")[0].split("-")[0], head.group(0))
 
 
 def free_port() -> int:

@@ -190,6 +190,14 @@ def test_first_slurm_host_parses_node_lists():
     assert distributed.first_slurm_host("a-[1-2]") == "a-1"
 
 
+def test_first_slurm_host_of_names_with_several_ranges():
+    """Slurm expands every bracket of a name (`scontrol show hostnames 'rack[1-2]-n[07-08]'` starts with
+    rack1-n07); only the first was, so the rendezvous host was 'rack1', a host of no node."""
+    assert distributed.first_slurm_host("rack[1-2]-n[07-08]") == "rack1-n07"
+    assert distributed.first_slurm_host("x[1-2]y[3-4],z") == "x1y3"
+    assert distributed.first_slurm_host("c[3,1-2]n[5-6]") == "c3n5"
+
+
 def clear_launcher_variables(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("SLURM_", "OMPI_", "PMI_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
