@@ -64,16 +64,22 @@ def detect_launch() -> LaunchInfo:
     """Which launcher started this process, and this process's place in the job.
 
     Order: torchrun (RANK and WORLD_SIZE; also torchrun under srun, as slurm/ep_multinode.sbatch
-    does), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
+    does; one of the two without the other is an error), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
     inside an allocation starts its daemons with srun, so every rank on a node would inherit the
     daemon's SLURM_PROCID), a Slurm step (srun: SLURM_STEP_ID and SLURM_PROCID; a batch script
     itself has no step id and counts as a single process), MPICH/PMI (PMI_SIZE), else a single
     process. Under MPI every rank must call this together (rank 0 broadcasts the address).
     """
-    if envs.launcher("RANK", int) is not None and envs.launcher("WORLD_SIZE", int) is not None:
+    rank, world_size = envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int)
+    if (rank is None) != (world_size is None):  # else a rank of a job would run alone as a single process
+        given, missing = ("RANK", "WORLD_SIZE") if world_size is None else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"launcher variable {given}={rank if world_size is None else world_size} is set but "
+                         f"{missing} is not; torchrun sets both (with MASTER_ADDR, MASTER_PORT): set both, or "
+                         f"neither for Slurm, MPI or a single process")
+    if rank is not None:
         _check_port(envs.launcher("MASTER_PORT", int))  # read by torch's env:// (its error names no variable)
-        return _checked(LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
-                                   envs.launcher("LOCAL_RANK", int) or 0, "env://"), "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        return _checked(LaunchInfo("torchrun", rank, world_size, envs.launcher("LOCAL_RANK", int) or 0, "env://"),
+                        "RANK", "WORLD_SIZE", "LOCAL_RANK")
     if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
         return _mpi_launch()
     if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:

@@ -247,6 +247,9 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="70000"), r"MASTER_PORT=70000; allowed: 1\.\.65535"),
     (dict(SLURM_STEP_ID="0", SLURM_PROCID="4", SLURM_NTASKS="4", SLURM_JOB_NODELIST="vm"),
      r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
+    # Half of torchrun's variables (a hand-written launch): ran as a one-process job.
+    (dict(RANK="1"), r"RANK=1 is set but WORLD_SIZE is not; torchrun sets both"),
+    (dict(WORLD_SIZE="2", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1"), r"WORLD_SIZE=2 is set but RANK is not"),
 ])
 def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):
     """A rank outside [0, world size) waited at the rendezvous for the whole timeout, then failed with a
