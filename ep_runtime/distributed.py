@@ -78,8 +78,10 @@ def detect_launch() -> LaunchInfo:
                          f"neither for Slurm, MPI or a single process")
     if rank is not None:
         _check_port(envs.launcher("MASTER_PORT", int))  # read by torch's env:// (its error names no variable)
-        return _checked(LaunchInfo("torchrun", rank, world_size, envs.launcher("LOCAL_RANK", int) or 0, "env://"),
-                        "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        local_name = _local_rank_variable()
+        local_rank = envs.launcher(local_name, int) if local_name else 0
+        return _checked(LaunchInfo("torchrun", rank, world_size, local_rank, "env://"), "RANK", "WORLD_SIZE",
+                        local_name or "LOCAL_RANK")
     if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
         return _mpi_launch()
     if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
@@ -87,6 +89,17 @@ def detect_launch() -> LaunchInfo:
     if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
+
+
+def _local_rank_variable() -> Optional[str]:
+    """The variable that holds this rank's index on its node in a torchrun-style launch: LOCAL_RANK; where
+    RANK and WORLD_SIZE were exported by hand in an srun or mpirun job and LOCAL_RANK was not, that
+    launcher's own (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK), so each rank of a node gets a GPU of its
+    own (every rank took cuda:0, and NCCL failed on the duplicate GPU). None: no such variable (0)."""
+    candidates = ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]
+    if envs.launcher("SLURM_STEP_ID") is not None:  # a batch script's SLURM_LOCALID is not a rank's
+        candidates.insert(1, "SLURM_LOCALID")
+    return next((name for name in candidates if envs.launcher(name) is not None), None)
 
 
 def _checked(launch: LaunchInfo, rank: str, size: str, local_rank: str) -> LaunchInfo:

@@ -237,6 +237,22 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
         ("torchrun", 5, 8, 1, "env://")
 
 
+@pytest.mark.parametrize("env,local_rank", [
+    (dict(SLURM_STEP_ID="3", SLURM_PROCID="3", SLURM_LOCALID="1"), 1),
+    (dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1"), 1),
+    (dict(SLURM_STEP_ID="3", SLURM_LOCALID="1", LOCAL_RANK="0"), 0),  # torchrun's own wins
+    (dict(SLURM_LOCALID="1"), 0),  # a batch script (no step) is not a rank of the node
+])
+def test_hand_set_rank_and_world_size_take_the_launchers_local_rank(monkeypatch, env, local_rank):
+    """srun (or mpirun) running a script that exports RANK and WORLD_SIZE but not LOCAL_RANK: every
+    rank got local rank 0, so every rank of a node took cuda:0."""
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(env, RANK="3", WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    info = distributed.detect_launch()
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("torchrun", 3, 4, local_rank)
+
+
 @pytest.mark.parametrize("env,match", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
     (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
