@@ -25,6 +25,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -176,6 +177,7 @@ def check_timeout(timeout_s) -> float:
 
 
 _CREATED_HERE = False
+_MADE_HERE: Optional[weakref.ref] = None  # the default group init_distributed made last
 _RENDEZVOUS: dict = {}  # (init_method, rank, world_size) -> [the launcher's store, groups made on it]
 
 
@@ -201,13 +203,19 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call checks timeout_s and returns the existing group). Sets the CUDA device from the
-    local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
+    Safe to call twice (the second call checks timeout_s and returns the existing group). A group the caller
+    made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
+    timeout_s then bounds ep-runtime's own waits (the group keeps the timeout it was made with). Sets the
+    CUDA device from the local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
     long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
     """
     global _CREATED_HERE
     given = check_timeout(timeout_s) if timeout_s is not None else None  # checked on a second call too
+    global _TIMEOUT_S, _MADE_HERE
     if dist.is_initialized():
+        made_here = _MADE_HERE is not None and _MADE_HERE() is dist.group.WORLD
+        if given is not None and not made_here:  # the caller's group: its own timeout is set; ours take this one
+            _TIMEOUT_S = given
         return dist.group.WORLD
     launch = detect_launch()
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
@@ -237,7 +245,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     if not _CREATED_HERE:
         atexit.register(destroy_distributed)
     _CREATED_HERE = True
-    global _TIMEOUT_S
+    _MADE_HERE = weakref.ref(dist.group.WORLD)
     _TIMEOUT_S = ours
     return dist.group.WORLD
 

@@ -345,3 +345,22 @@ def test_init_distributed_again_after_destroy_under_torchrun():
     finally:
         del agent
     assert sums[0] == sums[1] == [(3.0 + 2 * g, (3, 8)) for g in range(REINIT_GROUPS)]
+
+
+def test_init_distributed_on_the_callers_group_takes_timeout_s(monkeypatch):
+    """A framework made the group (torchtitan, SGLang); ep.init_distributed(timeout_s=7) returned it
+    and dropped the 7: ep-runtime's waits (NCCL count table, NVLink transport) kept the knob's 300 s."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.delenv("EP_RUNTIME_TIMEOUT_S", raising=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        assert distributed.init_distributed(timeout_s=7) is group
+        assert distributed.timeout_s() == 7.0
+        assert dist.is_initialized() and dist.group.WORLD is group  # reused, not made again
+    finally:
+        distributed.destroy_distributed()
+    assert distributed.timeout_s() == 300.0  # the knob's default again once the group is gone
