@@ -68,7 +68,8 @@ def detect_launch() -> LaunchInfo:
     does; one of the two without the other is an error), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
     inside an allocation starts its daemons with srun, so every rank on a node would inherit the
     daemon's SLURM_PROCID), a Slurm step (srun: SLURM_STEP_ID and SLURM_PROCID; a batch script
-    itself has no step id and counts as a single process), MPICH/PMI (PMI_SIZE), else a single
+    itself has no step id and counts as a single process; not when PMI's numbers disagree with it:
+    MPICH's mpiexec under Slurm, see _started_by_mpi_proxy), MPICH/PMI (PMI_SIZE), else a single
     process. Under MPI every rank must call this together (rank 0 broadcasts the address).
     """
     rank, world_size = envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int)
@@ -85,11 +86,25 @@ def detect_launch() -> LaunchInfo:
                         local_name or "LOCAL_RANK")
     if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
         return _mpi_launch()
-    if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
+    if (envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None
+            and not _started_by_mpi_proxy()):
         return _checked(_slurm_launch(), "SLURM_PROCID", "SLURM_STEP_NUM_TASKS / SLURM_NTASKS", "SLURM_LOCALID")
     if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
+
+
+def _started_by_mpi_proxy() -> bool:
+    """MPICH's and Intel MPI's mpiexec inside an allocation start one proxy per node with srun, and the
+    proxy starts that node's ranks: each rank inherits the proxy's SLURM_PROCID and the step's task
+    count (one task per node), so every rank of a node took the same Slurm rank. PMI's numbers then
+    differ from Slurm's; srun --mpi=pmi2, which starts each rank itself, gives equal ones."""
+    pmi_size = envs.launcher("PMI_SIZE", int)
+    if pmi_size is None:
+        return False
+    slurm_size = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int)
+    pmi_rank = envs.launcher("PMI_RANK", int)
+    return pmi_size != slurm_size or (pmi_rank is not None and pmi_rank != envs.launcher("SLURM_PROCID", int))
 
 
 def _local_rank_variable() -> Optional[str]:

@@ -253,6 +253,25 @@ def test_hand_set_rank_and_world_size_take_the_launchers_local_rank(monkeypatch,
     assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("torchrun", 3, 4, local_rank)
 
 
+@pytest.mark.parametrize("pmi,launcher", [
+    (dict(PMI_SIZE="4", PMI_RANK="3"), "mpi"),  # mpiexec's proxy started this rank
+    (dict(PMI_SIZE="2", PMI_RANK="1"), "slurm"),  # srun --mpi=pmi2 started it: the same numbers
+])
+def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
+    """MPICH's (and Intel MPI's) mpiexec in an allocation of 2 nodes: srun starts one proxy per node
+    (a step of 2 tasks), each proxy starts its node's 2 ranks, and every rank inherits its proxy's
+    SLURM_PROCID. Each rank was taken for Slurm rank 1 of 2 (or 0 of 2): two ranks per number, four
+    processes in a group of two. PMI's numbers disagree with Slurm's there; the rank is MPI's."""
+    if launcher == "mpi":
+        pytest.importorskip("mpi4py", reason="an MPI launch needs mpi4py (scripts/setup_mpi.sh)")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.setattr(distributed, "_MPI_LAUNCH", None)  # this process's MPI launch is made afresh
+    for name, value in dict(pmi, SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_LOCALID="0",
+                            SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="n[1-2]").items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detect_launch().launcher == launcher
+
+
 @pytest.mark.parametrize("env,match", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
     (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
