@@ -207,12 +207,29 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
     rank meets under the n-th prefix."""
     key = (launch.init_method, launch.rank, launch.world_size)
     if key not in _RENDEZVOUS:
-        store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
+        try:
+            store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
+        except dist.DistNetworkError as err:  # torch's message names the port, not where it came from
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise RuntimeError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
+                               f"host (by another job, or a process left over from one)") from err
         _RENDEZVOUS[key] = [store, 0]
     store, made = _RENDEZVOUS[key]
     _RENDEZVOUS[key][1] += 1
     store.set_timeout(timeout)
     return dist.PrefixStore(f"ep_runtime/group{made}", store)
+
+
+def _port_origin(launch: LaunchInfo) -> str:
+    """Where the rendezvous port of `launch` came from, and how to choose another."""
+    if envs.launcher("MASTER_PORT") is not None and launch.launcher != "mpi":
+        return f"MASTER_PORT={envs.launcher('MASTER_PORT')} (export a free port instead)"
+    port = launch.init_method.rsplit(":", 1)[-1]
+    if launch.launcher == "slurm":
+        return (f"port {port}, derived from SLURM_JOB_ID={envs.launcher('SLURM_JOB_ID')} and "
+                f"SLURM_STEP_ID={envs.launcher('SLURM_STEP_ID')} (export MASTER_PORT to choose a free one)")
+    return f"port {port}, free when rank 0 picked it a moment before (start the job again)"
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:

@@ -301,6 +301,38 @@ def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("master_port", [False, True])
+def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_port):
+    """Rank 0 of a Slurm step whose port (derived from the job id, or MASTER_PORT) another process
+    holds: torch's EADDRINUSE named the port only, not the variable that chose it."""
+    import socket
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    with socket.socket() as holder:
+        for job in range(1000, 2000):  # a job id whose derived port is free, then held here
+            try:
+                holder.bind(("", distributed.slurm_port(job, 0)))
+                break
+            except OSError:
+                continue
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = dict(SLURM_JOB_ID=str(job), SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1",
+                   SLURM_JOB_NODELIST="localhost")
+        if master_port:
+            env.update(SLURM_JOB_ID="1", MASTER_PORT=str(port))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        expected = (f"MASTER_PORT={port} (export a free port instead)" if master_port else
+                    f"port {port}, derived from SLURM_JOB_ID={job} and SLURM_STEP_ID=0 (export MASTER_PORT")
+        with pytest.raises(RuntimeError, match=re.escape(f"rank 0 cannot host the rendezvous: {expected}")):
+            distributed.init_distributed(backend="gloo", timeout_s=5)
+    assert not dist.is_initialized()
+
+
 def test_init_distributed_twice_returns_the_same_group(monkeypatch):
     import torch.distributed as dist
     if dist.is_initialized():
