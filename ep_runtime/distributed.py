@@ -193,7 +193,7 @@ def check_timeout(timeout_s) -> float:
 
 _CREATED_HERE = False
 _MADE_HERE: Optional[weakref.ref] = None  # the default group init_distributed made last
-_RENDEZVOUS: dict = {}  # (init_method, rank, world_size) -> [the launcher's store, groups made on it]
+_RENDEZVOUS: dict = {}  # (init_method, MASTER_ADDR, MASTER_PORT, rank, world_size) -> [store, groups made on it]
 
 
 def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
@@ -205,7 +205,7 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
     before and failed with gloo's "Connect timeout". The store is kept for the process (as torchrun's
     agent keeps its own), and every rank makes its groups in the same order, so the n-th group of each
     rank meets under the n-th prefix."""
-    key = (launch.init_method, launch.rank, launch.world_size)
+    key = (launch.init_method, envs.launcher("MASTER_ADDR"), envs.launcher("MASTER_PORT"), launch.rank, launch.world_size)
     if key not in _RENDEZVOUS:
         try:
             store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))

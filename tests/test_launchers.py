@@ -333,6 +333,28 @@ def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_por
     assert not dist.is_initialized()
 
 
+def test_init_distributed_again_meets_at_the_new_master_port(monkeypatch):
+    """The rendezvous store kept for a re-made group is the one of the launcher's current address: a
+    process told to meet elsewhere (MASTER_PORT changed) must not stay on the old store."""
+    import socket
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    for _ in range(2):
+        port = distributed.free_port()
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        try:
+            distributed.init_distributed(backend="gloo", timeout_s=5)
+            with socket.socket() as probe, pytest.raises(OSError):  # rank 0 hosts the store there now
+                probe.bind(("127.0.0.1", port))
+        finally:
+            distributed.destroy_distributed()
+
+
 def test_init_distributed_twice_returns_the_same_group(monkeypatch):
     import torch.distributed as dist
     if dist.is_initialized():
