@@ -25,6 +25,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,14 +47,12 @@ class LaunchInfo:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
+    """First host of a Slurm node list, as `scontrol show hostnames` gives it: 'gpu[03-05,09],cpu1' ->
+    'gpu03'; a name with several ranges is their product, 'rack[1-2]-n[07-08]' -> 'rack1-n07'."""
+    head = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())  # up to the first comma outside brackets
+    if head is None or nodelist.strip()[head.end():head.end() + 1] not in ("", ","):
         raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list")
-    prefix, bracket = head.group(1), head.group(3)
-    if bracket is None:
-        return prefix
-    return prefix + bracket.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda bracket: bracket.group(1).split(",")[0].split("-")[0], head.group(0))
 
 
 def free_port() -> int:
@@ -66,23 +65,57 @@ def detect_launch() -> LaunchInfo:
     """Which launcher started this process, and this process's place in the job.
 
     Order: torchrun (RANK and WORLD_SIZE; also torchrun under srun, as slurm/ep_multinode.sbatch
-    does), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
+    does; one of the two without the other is an error), Open MPI's mpirun (OMPI_COMM_WORLD_SIZE: it wins over Slurm's variables because mpirun
     inside an allocation starts its daemons with srun, so every rank on a node would inherit the
     daemon's SLURM_PROCID), a Slurm step (srun: SLURM_STEP_ID and SLURM_PROCID; a batch script
-    itself has no step id and counts as a single process), MPICH/PMI (PMI_SIZE), else a single
+    itself has no step id and counts as a single process; not when PMI's numbers disagree with it:
+    MPICH's mpiexec under Slurm, see _started_by_mpi_proxy), MPICH/PMI (PMI_SIZE), else a single
     process. Under MPI every rank must call this together (rank 0 broadcasts the address).
     """
-    if envs.launcher("RANK", int) is not None and envs.launcher("WORLD_SIZE", int) is not None:
+    rank, world_size = envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int)
+    if (rank is None) != (world_size is None):  # else a rank of a job would run alone as a single process
+        given, missing = ("RANK", "WORLD_SIZE") if world_size is None else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"launcher variable {given}={rank if world_size is None else world_size} is set but "
+                         f"{missing} is not; torchrun sets both (with MASTER_ADDR, MASTER_PORT): set both, or "
+                         f"neither for Slurm, MPI or a single process")
+    if rank is not None:
         _check_port(envs.launcher("MASTER_PORT", int))  # read by torch's env:// (its error names no variable)
-        return _checked(LaunchInfo("torchrun", envs.launcher("RANK", int), envs.launcher("WORLD_SIZE", int),
-                                   envs.launcher("LOCAL_RANK", int) or 0, "env://"), "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        local_name = _local_rank_variable()
+        local_rank = envs.launcher(local_name, int) if local_name else 0
+        return _checked(LaunchInfo("torchrun", rank, world_size, local_rank, "env://"), "RANK", "WORLD_SIZE",
+                        local_name or "LOCAL_RANK")
     if envs.launcher("OMPI_COMM_WORLD_SIZE", int) is not None:
         return _mpi_launch()
-    if envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None:
+    if (envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None
+            and not _started_by_mpi_proxy()):
         return _checked(_slurm_launch(), "SLURM_PROCID", "SLURM_STEP_NUM_TASKS / SLURM_NTASKS", "SLURM_LOCALID")
     if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
+
+
+def _started_by_mpi_proxy() -> bool:
+    """MPICH's and Intel MPI's mpiexec inside an allocation start one proxy per node with srun, and the
+    proxy starts that node's ranks: each rank inherits the proxy's SLURM_PROCID and the step's task
+    count (one task per node), so every rank of a node took the same Slurm rank. PMI's numbers then
+    differ from Slurm's; srun --mpi=pmi2, which starts each rank itself, gives equal ones."""
+    pmi_size = envs.launcher("PMI_SIZE", int)
+    if pmi_size is None:
+        return False
+    slurm_size = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int)
+    pmi_rank = envs.launcher("PMI_RANK", int)
+    return pmi_size != slurm_size or (pmi_rank is not None and pmi_rank != envs.launcher("SLURM_PROCID", int))
+
+
+def _local_rank_variable() -> Optional[str]:
+    """The variable that holds this rank's index on its node in a torchrun-style launch: LOCAL_RANK; where
+    RANK and WORLD_SIZE were exported by hand in an srun or mpirun job and LOCAL_RANK was not, that
+    launcher's own (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK), so each rank of a node gets a GPU of its
+    own (every rank took cuda:0, and NCCL failed on the duplicate GPU). None: no such variable (0)."""
+    candidates = ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]
+    if envs.launcher("SLURM_STEP_ID") is not None:  # a batch script's SLURM_LOCALID is not a rank's
+        candidates.insert(1, "SLURM_LOCALID")
+    return next((name for name in candidates if envs.launcher(name) is not None), None)
 
 
 def _checked(launch: LaunchInfo, rank: str, size: str, local_rank: str) -> LaunchInfo:
@@ -159,18 +192,62 @@ def check_timeout(timeout_s) -> float:
 
 
 _CREATED_HERE = False
+_MADE_HERE: Optional[weakref.ref] = None  # the default group init_distributed made last
+_RENDEZVOUS: dict = {}  # (init_method, MASTER_ADDR, MASTER_PORT, rank, world_size) -> [store, groups made on it]
+
+
+def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
+    """The launcher's rendezvous store, with keys of its own for each group made on it.
+
+    torch's init_process_group writes every default group's addresses under the same keys, and the
+    store can outlive a group (torchrun's agent hosts it for the whole job; rank 0's is shared within
+    its process): a group made after destroy_distributed() then read a peer's address of the group
+    before and failed with gloo's "Connect timeout". The store is kept for the process (as torchrun's
+    agent keeps its own), and every rank makes its groups in the same order, so the n-th group of each
+    rank meets under the n-th prefix."""
+    key = (launch.init_method, envs.launcher("MASTER_ADDR"), envs.launcher("MASTER_PORT"), launch.rank, launch.world_size)
+    if key not in _RENDEZVOUS:
+        try:
+            store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
+        except dist.DistNetworkError as err:  # torch's message names the port, not where it came from
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise RuntimeError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
+                               f"host (by another job, or a process left over from one)") from err
+        _RENDEZVOUS[key] = [store, 0]
+    store, made = _RENDEZVOUS[key]
+    _RENDEZVOUS[key][1] += 1
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"ep_runtime/group{made}", store)
+
+
+def _port_origin(launch: LaunchInfo) -> str:
+    """Where the rendezvous port of `launch` came from, and how to choose another."""
+    if envs.launcher("MASTER_PORT") is not None and launch.launcher != "mpi":
+        return f"MASTER_PORT={envs.launcher('MASTER_PORT')} (export a free port instead)"
+    port = launch.init_method.rsplit(":", 1)[-1]
+    if launch.launcher == "slurm":
+        return (f"port {port}, derived from SLURM_JOB_ID={envs.launcher('SLURM_JOB_ID')} and "
+                f"SLURM_STEP_ID={envs.launcher('SLURM_STEP_ID')} (export MASTER_PORT to choose a free one)")
+    return f"port {port}, free when rank 0 picked it a moment before (start the job again)"
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call checks timeout_s and returns the existing group). Sets the CUDA device from the
-    local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
+    Safe to call twice (the second call checks timeout_s and returns the existing group). A group the caller
+    made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
+    timeout_s then bounds ep-runtime's own waits (the group keeps the timeout it was made with). Sets the
+    CUDA device from the local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
     long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
     """
     global _CREATED_HERE
     given = check_timeout(timeout_s) if timeout_s is not None else None  # checked on a second call too
+    global _TIMEOUT_S, _MADE_HERE
     if dist.is_initialized():
+        made_here = _MADE_HERE is not None and _MADE_HERE() is dist.group.WORLD
+        if given is not None and not made_here:  # the caller's group: its own timeout is set; ours take this one
+            _TIMEOUT_S = given
         return dist.group.WORLD
     launch = detect_launch()
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
@@ -194,13 +271,13 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     if launch.launcher == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
-        dist.init_process_group(backend, init_method=launch.init_method, rank=launch.rank,
+        dist.init_process_group(backend, store=_rendezvous(launch, timeout), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout, **kwargs)
     _FAILED.clear()  # a new default group: earlier failures were of the old one
     if not _CREATED_HERE:
         atexit.register(destroy_distributed)
     _CREATED_HERE = True
-    global _TIMEOUT_S
+    _MADE_HERE = weakref.ref(dist.group.WORLD)
     _TIMEOUT_S = ours
     return dist.group.WORLD
 

@@ -222,7 +222,9 @@ LAUNCHER_VARIABLES: dict[str, str] = {
     "SLURM_STEP_NUM_TASKS": "Slurm: number of tasks in this srun step",
     "SLURM_STEP_NODELIST": "Slurm: hosts of this srun step",
     "OMPI_COMM_WORLD_SIZE": "Open MPI: number of ranks (MPI launch detected)",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "Open MPI: rank on this node (the local rank when RANK and WORLD_SIZE are set without LOCAL_RANK)",
     "PMI_SIZE": "MPICH/PMI: number of ranks (MPI launch detected)",
+    "PMI_RANK": "MPICH/PMI: rank (compared with SLURM_PROCID: MPICH's mpiexec under Slurm starts ranks from one srun task per node)",
     "CUDA_VISIBLE_DEVICES": "CUDA devices visible to this process",
     "TRITON_INTERPRET": "Triton: 1 runs Triton kernels on CPU tensors through its interpreter (runner='triton' without a GPU)",
 }

@@ -190,6 +190,14 @@ def test_first_slurm_host_parses_node_lists():
     assert distributed.first_slurm_host("a-[1-2]") == "a-1"
 
 
+def test_first_slurm_host_of_names_with_several_ranges():
+    """Slurm expands every bracket of a name (`scontrol show hostnames 'rack[1-2]-n[07-08]'` starts with
+    rack1-n07); only the first was, so the rendezvous host was 'rack1', a host of no node."""
+    assert distributed.first_slurm_host("rack[1-2]-n[07-08]") == "rack1-n07"
+    assert distributed.first_slurm_host("x[1-2]y[3-4],z") == "x1y3"
+    assert distributed.first_slurm_host("c[3,1-2]n[5-6]") == "c3n5"
+
+
 def clear_launcher_variables(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("SLURM_", "OMPI_", "PMI_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
@@ -229,6 +237,41 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
         ("torchrun", 5, 8, 1, "env://")
 
 
+@pytest.mark.parametrize("env,local_rank", [
+    (dict(SLURM_STEP_ID="3", SLURM_PROCID="3", SLURM_LOCALID="1"), 1),
+    (dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1"), 1),
+    (dict(SLURM_STEP_ID="3", SLURM_LOCALID="1", LOCAL_RANK="0"), 0),  # torchrun's own wins
+    (dict(SLURM_LOCALID="1"), 0),  # a batch script (no step) is not a rank of the node
+])
+def test_hand_set_rank_and_world_size_take_the_launchers_local_rank(monkeypatch, env, local_rank):
+    """srun (or mpirun) running a script that exports RANK and WORLD_SIZE but not LOCAL_RANK: every
+    rank got local rank 0, so every rank of a node took cuda:0."""
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(env, RANK="3", WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    info = distributed.detect_launch()
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("torchrun", 3, 4, local_rank)
+
+
+@pytest.mark.parametrize("pmi,launcher", [
+    (dict(PMI_SIZE="4", PMI_RANK="3"), "mpi"),  # mpiexec's proxy started this rank
+    (dict(PMI_SIZE="2", PMI_RANK="1"), "slurm"),  # srun --mpi=pmi2 started it: the same numbers
+])
+def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
+    """MPICH's (and Intel MPI's) mpiexec in an allocation of 2 nodes: srun starts one proxy per node
+    (a step of 2 tasks), each proxy starts its node's 2 ranks, and every rank inherits its proxy's
+    SLURM_PROCID. Each rank was taken for Slurm rank 1 of 2 (or 0 of 2): two ranks per number, four
+    processes in a group of two. PMI's numbers disagree with Slurm's there; the rank is MPI's."""
+    if launcher == "mpi":
+        pytest.importorskip("mpi4py", reason="an MPI launch needs mpi4py (scripts/setup_mpi.sh)")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.setattr(distributed, "_MPI_LAUNCH", None)  # this process's MPI launch is made afresh
+    for name, value in dict(pmi, SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_LOCALID="0",
+                            SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="n[1-2]").items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detect_launch().launcher == launcher
+
+
 @pytest.mark.parametrize("env,match", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
     (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
@@ -239,6 +282,9 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="70000"), r"MASTER_PORT=70000; allowed: 1\.\.65535"),
     (dict(SLURM_STEP_ID="0", SLURM_PROCID="4", SLURM_NTASKS="4", SLURM_JOB_NODELIST="vm"),
      r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
+    # Half of torchrun's variables (a hand-written launch): ran as a one-process job.
+    (dict(RANK="1"), r"RANK=1 is set but WORLD_SIZE is not; torchrun sets both"),
+    (dict(WORLD_SIZE="2", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1"), r"WORLD_SIZE=2 is set but RANK is not"),
 ])
 def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):
     """A rank outside [0, world size) waited at the rendezvous for the whole timeout, then failed with a
@@ -255,6 +301,60 @@ def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("master_port", [False, True])
+def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_port):
+    """Rank 0 of a Slurm step whose port (derived from the job id, or MASTER_PORT) another process
+    holds: torch's EADDRINUSE named the port only, not the variable that chose it."""
+    import socket
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    with socket.socket() as holder:
+        for job in range(1000, 2000):  # a job id whose derived port is free, then held here
+            try:
+                holder.bind(("", distributed.slurm_port(job, 0)))
+                break
+            except OSError:
+                continue
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = dict(SLURM_JOB_ID=str(job), SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1",
+                   SLURM_JOB_NODELIST="localhost")
+        if master_port:
+            env.update(SLURM_JOB_ID="1", MASTER_PORT=str(port))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        expected = (f"MASTER_PORT={port} (export a free port instead)" if master_port else
+                    f"port {port}, derived from SLURM_JOB_ID={job} and SLURM_STEP_ID=0 (export MASTER_PORT")
+        with pytest.raises(RuntimeError, match=re.escape(f"rank 0 cannot host the rendezvous: {expected}")):
+            distributed.init_distributed(backend="gloo", timeout_s=5)
+    assert not dist.is_initialized()
+
+
+def test_init_distributed_again_meets_at_the_new_master_port(monkeypatch):
+    """The rendezvous store kept for a re-made group is the one of the launcher's current address: a
+    process told to meet elsewhere (MASTER_PORT changed) must not stay on the old store."""
+    import socket
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    for _ in range(2):
+        port = distributed.free_port()
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        try:
+            distributed.init_distributed(backend="gloo", timeout_s=5)
+            with socket.socket() as probe, pytest.raises(OSError):  # rank 0 hosts the store there now
+                probe.bind(("127.0.0.1", port))
+        finally:
+            distributed.destroy_distributed()
+
+
 def test_init_distributed_twice_returns_the_same_group(monkeypatch):
     import torch.distributed as dist
     if dist.is_initialized():
@@ -269,3 +369,71 @@ def test_init_distributed_twice_returns_the_same_group(monkeypatch):
         distributed.destroy_distributed()
     assert not dist.is_initialized()
     distributed.destroy_distributed()  # idempotent
+
+
+# ---------------------------------------------------------------- destroy, then initialise again
+
+REINIT_GROUPS = 8
+
+
+def _reinit_rank(rank, world_size, env):
+    """REINIT_GROUPS groups in a row through init_distributed / destroy_distributed, each checked with
+    an all_reduce and a deepep_normal layer. Rank 0 is slow to come back each time, so rank 1 reaches
+    the store first. (Whether rank 1 then dials the stale address depends on which side of the pair
+    gloo makes connect, one chance in two per group: 7 re-made groups miss it 1 time in 128.)"""
+    import torch
+    import torch.distributed as dist
+
+    import ep_runtime as ep
+    dist.destroy_process_group()  # the harness's group: these are made as a launched job's are
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    sums = []
+    for generation in range(REINIT_GROUPS):
+        if rank == 0 and generation:
+            time.sleep(0.15)
+        group = ep.init_distributed(backend="gloo", timeout_s=2)
+        x = torch.full((1,), float(rank + 1 + generation))
+        dist.all_reduce(x)
+        layer = ep.EPMoE(4, 2, 8, 8, dispatcher="deepep_normal", runner="torch", group=group)
+        y = layer(torch.ones(3, 8), router_logits=torch.ones(3, 4))
+        sums.append((x.item(), tuple(y.shape)))
+        ep.destroy_distributed()
+    return sums
+
+
+def test_init_distributed_again_after_destroy_under_torchrun():
+    """torchrun's workers meet on the agent's store, which outlives every group. torch writes each
+    default group's addresses under the same keys, so the second group's rank 1 read rank 0's address
+    of the first group and failed (gloo "Connect timeout"). Each group now has its own keys."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ep_runtime.testing import run_ranks
+    port = distributed.free_port()
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)  # torchrun's agent's
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
+    try:
+        sums = run_ranks(_reinit_rank, 2, env, timeout=60)
+    finally:
+        del agent
+    assert sums[0] == sums[1] == [(3.0 + 2 * g, (3, 8)) for g in range(REINIT_GROUPS)]
+
+
+def test_init_distributed_on_the_callers_group_takes_timeout_s(monkeypatch):
+    """A framework made the group (torchtitan, SGLang); ep.init_distributed(timeout_s=7) returned it
+    and dropped the 7: ep-runtime's waits (NCCL count table, NVLink transport) kept the knob's 300 s."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.delenv("EP_RUNTIME_TIMEOUT_S", raising=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        assert distributed.init_distributed(timeout_s=7) is group
+        assert distributed.timeout_s() == 7.0
+        assert dist.is_initialized() and dist.group.WORLD is group  # reused, not made again
+    finally:
+        distributed.destroy_distributed()
+    assert distributed.timeout_s() == 300.0  # the knob's default again once the group is gone
