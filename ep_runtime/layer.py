@@ -573,16 +573,22 @@ class EPMoE(nn.Module):
         return load
 
     def rebalance(self, num_nodes: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                  reset: bool = True):
+                  reset: bool = True, dp_group: Optional[Any] = None):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
         every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
         ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
         load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
-        keeps them)."""
+        keeps them). dp_group: where the layer's group is one of several data-parallel replicas that
+        hold the same experts (a dp x ep DeviceMesh: mesh["dp"].get_group()), the group of this rank's
+        replicas; the load is summed over it too (one more all_reduce), so every replica applies the
+        same plan. Without it each replica plans from its own tokens, and replicas that saw different
+        data hold different experts in the same slots (their gradients then average different experts)."""
         from . import eplb
         load = self.expert_load()
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
+        if dp_group is not None:
+            dist.all_reduce(load, group=dp_group)
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
         if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts

@@ -1,0 +1,63 @@
+"""The layer inside a larger job, as torchtitan builds it: a 2-D DeviceMesh, world 4 = dp 2 x ep 2, each
+layer over mesh["ep"].get_group() ([0, 1] and [2, 3]); the ranks holding the same experts (mesh["dp"]:
+[0, 2] and [1, 3]) are data-parallel replicas. Each ep group routes its own tokens (different data per
+group). Four gloo ranks on a small machine: tiny shapes, one process start per test."""
+import os
+
+import torch
+import torch.distributed as dist
+
+import ep_runtime as ep
+from ep_runtime.testing import run_ranks
+
+WORLD, DP, EP = 4, 2, 2
+
+
+def _mesh():
+    """(dp x ep mesh, this rank's dp coordinate): ep groups [0, 1], [2, 3]; dp groups [0, 2], [1, 3]."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (DP, EP), mesh_dim_names=("dp", "ep"))
+    return mesh, mesh.get_coordinate()[0]
+
+
+def _rebalance_rank(rank, world_size, path):
+    """Each dp replica sees other hot experts; rebalance(dp_group=...) sums the load over the replicas too,
+    so every replica applies one plan (before, each planned from its own load: replica 0 and replica 1 put
+    different experts in the same slots, silently, and a dcp.save of the model kept some rows of each)."""
+    import torch.distributed.checkpoint as dcp
+    mesh, dp = _mesh()
+    torch.manual_seed(0)  # the replicas start with the same experts
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", group=mesh["ep"].get_group(),
+                     num_redundant_experts=2)
+    hot = [0, 1] if dp == 0 else [6, 7]
+    ids = torch.tensor([hot] * 20 + [[2, 3]] * 2, dtype=torch.int32)
+    layer(torch.randn(ids.shape[0], 16), ids, torch.ones(ids.shape))
+    world_load = layer.expert_load()
+    dist.all_reduce(world_load)
+    plan = layer.rebalance(dp_group=mesh["dp"].get_group())
+    expected = ep.eplb.plan(world_load, EP, layer.placement.num_physical_experts).physical_to_logical
+    dcp.save(ep.distributed_state_dict(layer), checkpoint_id=path)
+    return list(plan.physical_to_logical), list(expected), layer.gather_experts().w13.tolist()
+
+
+def _load_rank(rank, world_size, path):
+    import torch.distributed.checkpoint as dcp
+    torch.manual_seed(1)  # other experts: the checkpoint's must replace them
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=2)
+    state = ep.distributed_state_dict(layer)
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(layer, state)
+    return list(layer.placement.physical_to_logical), layer.gather_experts().w13.tolist()
+
+
+def test_rebalance_over_dp_replicas_and_their_checkpoint(tmp_path):
+    saved = run_ranks(_rebalance_rank, WORLD, str(tmp_path), timeout=60)
+    plans = [plan for plan, _, _ in saved]
+    assert plans == [saved[0][1]] * WORLD, plans  # one plan everywhere, from the world's load
+    assert all(w13 == saved[0][2] for _, _, w13 in saved)  # (lists of floats: bit for bit)
+    # DCP keeps one copy of the replicas' identical shards (twice the expert bytes if it kept both) ...
+    expert_bytes = 10 * (16 * 16 + 16 * 8) * 4
+    assert sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".distcp")) < 2 * expert_bytes
+    # ... and they load in a plain ep 2 job: the same placement, the same experts, bit for bit
+    for placement, w13 in run_ranks(_load_rank, EP, str(tmp_path), timeout=60):
+        assert placement == plans[0] and w13 == saved[0][2]
