@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
-from ep_runtime.testing import run_ranks
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 WORLD, DP, EP = 4, 2, 2
 
@@ -61,3 +61,23 @@ def test_rebalance_over_dp_replicas_and_their_checkpoint(tmp_path):
     # ... and they load in a plain ep 2 job: the same placement, the same experts, bit for bit
     for placement, w13 in run_ranks(_load_rank, EP, str(tmp_path), timeout=60):
         assert placement == plans[0] and w13 == saved[0][2]
+
+
+def _ep_subgroup_rank(rank, world_size):
+    """Forward and gradients of a layer over an ep subgroup, both groups running at once on different data,
+    against the float64 reference over its group's tokens."""
+    mesh, dp = _mesh()
+    group = mesh["ep"].get_group()
+    errors = {}
+    for dispatcher, options in [("deepep_normal", None), ("mori", {"max_dispatch_tokens_per_rank": 8})]:
+        layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch", group=group, dispatcher_options=options)
+        problem = make_problem(layer.config, [7, 5], seed=40 + dp, ep_size=EP)  # other tokens and experts per group
+        errors[dispatcher] = check_layer(layer, problem, dist.get_rank(group))
+    return errors
+
+
+def test_layers_on_ep_subgroups_match_the_reference():
+    for errors in run_ranks(_ep_subgroup_rank, WORLD, timeout=60):
+        for dispatcher, e in errors.items():
+            assert max(e.values()) <= tolerance(torch.float32), (dispatcher, e)
+
