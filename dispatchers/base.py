@@ -113,9 +113,10 @@ class Dispatcher:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:  # another dispatcher differs in its options too: name the dispatcher then
                 k = "dispatcher" if "dispatcher" in differ else differ[0]
-                raise ValueError(f"ranks disagree on {self.name} setting {k}: rank {self.rank} has {mine.get(k)!r}, "
-                                 f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
-                                 f"same arguments and EP_RUNTIME_* knobs")
+                me, them = (distributed.rank_name(self.group, r) for r in (self.rank, rank))
+                raise ValueError(f"ranks disagree on {self.name} setting {k}: {me} has {mine.get(k)!r}, {them} has "
+                                 f"{theirs.get(k)!r}; every rank must build the layer with the same arguments and "
+                                 f"EP_RUNTIME_* knobs")
 
     def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event: Any = None, **options: Any):

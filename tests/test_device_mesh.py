@@ -4,10 +4,12 @@ layer over mesh["ep"].get_group() ([0, 1] and [2, 3]); the ranks holding the sam
 group). Four gloo ranks on a small machine: tiny shapes, one process start per test."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import ep_runtime as ep
+from ep_runtime.distributed import naming_peer_failures
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 WORLD, DP, EP = 4, 2, 2
@@ -73,11 +75,26 @@ def _ep_subgroup_rank(rank, world_size):
         layer = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch", group=group, dispatcher_options=options)
         problem = make_problem(layer.config, [7, 5], seed=40 + dp, ep_size=EP)  # other tokens and experts per group
         errors[dispatcher] = check_layer(layer, problem, dist.get_rank(group))
-    return errors
+    # Messages about a rank of the group name its global rank too (the process a log shows): settings that
+    # differ (a real all_gather over the group) and a peer that does not answer (gloo's words for it).
+    g = dist.get_rank(group)
+    with pytest.raises(ValueError) as disagree:
+        ep.dispatchers.create("deepep_normal", layer.config, group=group, alignment=1 + g)
+    with pytest.raises(ep.PeerFailure) as failure:
+        with naming_peer_failures(layer.dispatcher, "dispatch"):
+            raise RuntimeError("[gloo] Timed out waiting 3000ms for recv operation to complete")
+    return errors, str(disagree.value), str(failure.value)
 
 
 def test_layers_on_ep_subgroups_match_the_reference():
-    for errors in run_ranks(_ep_subgroup_rank, WORLD, timeout=60):
+    results = run_ranks(_ep_subgroup_rank, WORLD, timeout=60)
+    for errors, _, _ in results:
         for dispatcher, e in errors.items():
             assert max(e.values()) <= tolerance(torch.float32), (dispatcher, e)
+    # ep group [0, 1]: group ranks are global ranks; [2, 3]: both numbers
+    assert "rank 0 has 1, rank 1 has 2" in results[0][1], results[0][1]
+    assert "rank 0 (global rank 2) has 1, rank 1 (global rank 3) has 2" in results[2][1], results[2][1]
+    assert results[1][2].startswith("mori dispatch on rank 1 of 2 waited in vain for rank 0: "), results[1][2]
+    assert results[3][2].startswith("mori dispatch on rank 1 of 2 (global rank 3) waited in vain for rank 0 (global "
+                                    "rank 2): "), results[3][2]
 
