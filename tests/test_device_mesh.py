@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import ep_runtime as ep
 from ep_runtime.distributed import naming_peer_failures
+from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 WORLD, DP, EP = 4, 2, 2
@@ -98,3 +99,46 @@ def test_layers_on_ep_subgroups_match_the_reference():
     assert results[3][2].startswith("mori dispatch on rank 1 of 2 (global rank 3) waited in vain for rank 0 (global "
                                     "rank 2): "), results[3][2]
 
+
+def _dp_x_ep_recipe_rank(rank, world_size):
+    """docs/api.md's dp x ep recipe: DDP over the world with the experts left alone, then each expert
+    gradient summed over its dp replicas and divided by the world size; every gradient is then the mean
+    loss's over the world's tokens (dense ones by DDP's average)."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    mesh, _ = _mesh()
+    ep_group, dp_group = mesh["ep"].get_group(), mesh["dp"].get_group()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal",
+                                                                runner="torch", group=ep_group))
+    problem = make_problem(model[2].config, [7, 5, 6, 4], seed=41, ep_size=EP)  # rank r's tokens: xs[r]
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+
+    # the recipe
+    experts = [".".join(filter(None, (name, p))) for name, m in model.named_modules()
+               if isinstance(m, ep.EPMoE) and m.dispatcher.shards_experts for p, _ in m.named_parameters(recurse=False)]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
+    wrapped = DDP(model)
+    y = wrapped(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    (y * problem.grad_outputs[rank].float()).sum().backward()
+    for name, p in model.named_parameters():
+        if name in experts and p.grad is not None:
+            dist.all_reduce(p.grad, group=dp_group)
+            p.grad /= world_size
+
+    lin = nn.Linear(16, 16).double()
+    lin.load_state_dict(model[0].state_dict())
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    loss = sum((moe_reference(torch.tanh(lin(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
+                              w13, w2, model[2].config) * problem.grad_outputs[r]).sum()
+               for r in range(world_size)) / world_size
+    loss.backward()
+    mine = model[2].placement.local_expert_ids()
+    return {"dlinear": rel_err(model[0].weight.grad, lin.weight.grad), "dbias": rel_err(model[0].bias.grad, lin.bias.grad),
+            "dw13": rel_err(model[2].w13.grad, w13.grad[mine]), "dw2": rel_err(model[2].w2.grad, w2.grad[mine])}
+
+
+def test_dp_x_ep_training_recipe_gives_the_mean_loss_gradients():
+    for errors in run_ranks(_dp_x_ep_recipe_rank, WORLD, timeout=60):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
