@@ -41,7 +41,8 @@ class EPMoE(nn.Module):
     then `load_experts` materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
-    runners.resolve). group None: the default process group when one exists, else a single process.
+    runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
+    mesh["ep"]); None: the default process group when one exists, else a single process.
     dtype None / device None: torch's default dtype and device, as torch's own modules take them
     (torch.set_default_dtype, `with torch.device("meta"):` while a model is built; float32 and cpu
     unless changed).
@@ -85,6 +86,8 @@ class EPMoE(nn.Module):
                                 is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                 gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                                 apply_router_weight_on_input=apply_router_weight_on_input)
+        from .dispatchers.base import as_process_group
+        group = as_process_group(group)
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)

@@ -84,6 +84,14 @@ def _ep_subgroup_rank(rank, world_size):
     with pytest.raises(ep.PeerFailure) as failure:
         with naming_peer_failures(layer.dispatcher, "dispatch"):
             raise RuntimeError("[gloo] Timed out waiting 3000ms for recv operation to complete")
+    # group= takes the mesh's dimension itself; a group this rank is not in is named as such
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", group=mesh["ep"])
+    assert (layer.dispatcher.group, layer.placement.rank, layer.placement.ep_size) == (group, g, EP)
+    first_group = dist.new_group([0, 1])  # every rank creates it; ranks 2 and 3 are not in it
+    if rank >= 2:
+        with pytest.raises(ValueError, match=rf"group holds global ranks \[0, 1\]; this process \(global rank {rank}\) "
+                                             r"is not one of them"):
+            ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", group=first_group)
     return errors, str(disagree.value), str(failure.value)
 
 
