@@ -143,6 +143,12 @@ def _dp_x_ep_recipe_rank(rank, world_size):
                for r in range(world_size)) / world_size
     loss.backward()
     mine = model[2].placement.local_expert_ids()
+    # Experts sharded further by fully_shard over dp (torchtitan's way) have no slot rows for a checkpoint
+    from torch.distributed.fsdp import fully_shard
+    sharded = fully_shard(ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", group=ep_group),
+                          mesh=mesh["dp"])
+    with pytest.raises(ValueError, match=r"w13 is a DTensor over .*: the experts were sharded by FSDP2"):
+        ep.distributed_state_dict(sharded)
     return {"dlinear": rel_err(model[0].weight.grad, lin.weight.grad), "dbias": rel_err(model[0].bias.grad, lin.bias.grad),
             "dw13": rel_err(model[2].w13.grad, w13.grad[mine]), "dw2": rel_err(model[2].w2.grad, w2.grad[mine])}
 
