@@ -15,7 +15,7 @@ from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
-from .distributed import naming_peer_failures
+from .distributed import naming_peer_failures, rank_name
 from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
@@ -617,8 +617,9 @@ class EPMoE(nn.Module):
                                                                 group=group))
             if any(theirs != every[0] for theirs in every):
                 bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
-                raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
-                                 f"must apply the same plan (compute it from the same all-reduced load)")
+                raise ValueError(f"apply_placement: {rank_name(group, bad)} was given a different plan than "
+                                 f"{rank_name(group, 0)}; every rank must apply the same plan (compute it from the "
+                                 f"same all-reduced load)")
         self._move_slots(new, [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None],
                          optimizer)
         self._adopt_placement(new)

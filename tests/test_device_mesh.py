@@ -37,6 +37,11 @@ def _rebalance_rank(rank, world_size, path):
     layer(torch.randn(ids.shape[0], 16), ids, torch.ones(ids.shape))
     world_load = layer.expert_load()
     dist.all_reduce(world_load)
+    if dp == 1:  # ep group [2, 3], its rank 1 given another plan: named by both numbers, nothing moves
+        own = ep.eplb.plan(layer.expert_load() if rank == 3 else world_load, EP, layer.placement.num_physical_experts)
+        with pytest.raises(ValueError, match=r"rank 1 \(global rank 3\) was given a different plan than rank 0 "
+                                             r"\(global rank 2\)"):
+            layer.apply_placement(own)
     plan = layer.rebalance(dp_group=mesh["dp"].get_group())
     expected = ep.eplb.plan(world_load, EP, layer.placement.num_physical_experts).physical_to_logical
     dcp.save(ep.distributed_state_dict(layer), checkpoint_id=path)
