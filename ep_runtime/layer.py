@@ -582,16 +582,17 @@ class EPMoE(nn.Module):
         ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
         load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
         keeps them). dp_group: where the layer's group is one of several data-parallel replicas that
-        hold the same experts (a dp x ep DeviceMesh: mesh["dp"].get_group()), the group of this rank's
-        replicas; the load is summed over it too (one more all_reduce), so every replica applies the
-        same plan. Without it each replica plans from its own tokens, and replicas that saw different
+        hold the same experts (a dp x ep DeviceMesh), the group of this rank's replicas (mesh["dp"] or
+        mesh["dp"].get_group()); the load is summed over it too (one more all_reduce), so every replica
+        applies the same plan. Without it each replica plans from its own tokens, and replicas that saw different
         data hold different experts in the same slots (their gradients then average different experts)."""
         from . import eplb
         load = self.expert_load()
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         if dp_group is not None:
-            dist.all_reduce(load, group=dp_group)
+            from .dispatchers.base import as_process_group
+            dist.all_reduce(load, group=as_process_group(dp_group))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
         if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts

@@ -42,7 +42,7 @@ def _rebalance_rank(rank, world_size, path):
         with pytest.raises(ValueError, match=r"rank 1 \(global rank 3\) was given a different plan than rank 0 "
                                              r"\(global rank 2\)"):
             layer.apply_placement(own)
-    plan = layer.rebalance(dp_group=mesh["dp"].get_group())
+    plan = layer.rebalance(dp_group=mesh["dp"])  # (the mesh's dimension, or its group: mesh["dp"].get_group())
     expected = ep.eplb.plan(world_load, EP, layer.placement.num_physical_experts).physical_to_logical
     dcp.save(ep.distributed_state_dict(layer), checkpoint_id=path)
     return list(plan.physical_to_logical), list(expected), layer.gather_experts().w13.tolist()
