@@ -32,9 +32,9 @@ def get(name: str) -> type[Dispatcher]:
 
 def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Optional[Any] = None,
            **options: Any) -> Dispatcher:
-    """Build dispatcher `name` over `group` (None: the default group, or a single process). Every
-    rank of the group must call this together: it checks that they all built the same settings
-    (on `device` when the group is NCCL; None: the current CUDA device)."""
+    """Build dispatcher `name` over `group` (a ProcessGroup holding this rank or a 1-D DeviceMesh; None: the
+    default group, or a single process). Every rank of the group must call this together: it checks that
+    they all built the same settings (on `device` when the group is NCCL; None: the current CUDA device)."""
     cls = get(name)
     check_config(config)
     dispatcher = build(cls, "dispatcher", name, dict(config=config, group=group), options)

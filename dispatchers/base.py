@@ -39,11 +39,28 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
     return int(value)
 
 
+def as_process_group(group: Any) -> Optional[dist.ProcessGroup]:
+    """`group` as a ProcessGroup: a 1-D DeviceMesh (torchtitan's mesh["ep"]) gives its group; a ProcessGroup
+    or None stays as it is."""
+    if type(group).__name__ != "DeviceMesh":
+        return group
+    if group.ndim != 1:
+        raise ValueError(f"group={group!r} is a {group.ndim}-D DeviceMesh; allowed: a ProcessGroup, or a 1-D "
+                         f"DeviceMesh such as mesh['ep'] (the dimension the experts are spread over)")
+    return group.get_group()
+
+
 def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    """(rank, size) in `group`; (0, 1) when no process group exists (a plain single process)."""
+    """(rank, size) in `group`; (0, 1) when no process group exists (a plain single process). A group
+    this process is not in is an error naming its ranks."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group holds global ranks {dist.get_process_group_ranks(group)}; this process (global "
+                         f"rank {dist.get_rank()}) is not one of them. Allowed: a group this rank belongs to (in a "
+                         f"dp x ep DeviceMesh, each rank's own mesh['ep'].get_group())")
+    return rank, dist.get_world_size(group)
 
 
 class Dispatcher:
@@ -67,7 +84,7 @@ class Dispatcher:
         """expert_to_rank: the rank holding each global expert (None: contiguous, rank r holds
         [r*L, (r+1)*L)); ignored by dispatchers that do not shard experts."""
         self.config = config
-        self.group = group
+        self.group = group = as_process_group(group)
         rank, size = group_rank_and_size(group)
         self.rank, self.world_size = rank, size
         self.placement = (ExpertPlacement(config.num_experts, size, rank, expert_to_rank) if self.shards_experts
@@ -113,9 +130,10 @@ class Dispatcher:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:  # another dispatcher differs in its options too: name the dispatcher then
                 k = "dispatcher" if "dispatcher" in differ else differ[0]
-                raise ValueError(f"ranks disagree on {self.name} setting {k}: rank {self.rank} has {mine.get(k)!r}, "
-                                 f"rank {rank} has {theirs.get(k)!r}; every rank must build the layer with the "
-                                 f"same arguments and EP_RUNTIME_* knobs")
+                me, them = (distributed.rank_name(self.group, r) for r in (self.rank, rank))
+                raise ValueError(f"ranks disagree on {self.name} setting {k}: {me} has {mine.get(k)!r}, {them} has "
+                                 f"{theirs.get(k)!r}; every rank must build the layer with the same arguments and "
+                                 f"EP_RUNTIME_* knobs")
 
     def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event: Any = None, **options: Any):

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime import envs
-from ep_runtime.distributed import PeerFailure, abort_group, record_failure, timeout_s
+from ep_runtime.distributed import PeerFailure, abort_group, rank_name, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
 from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
@@ -389,9 +389,9 @@ class PeerTransport:
         would: later calls through any dispatcher of the group raise at once."""
         if self._failed is None and int(self._error[0]):
             peer = int(self._error[0]) - 1
-            self._failed = (f"{name} {operation} on rank {self.rank} of {self.world_size} waited in vain for rank "
-                            f"{peer}: a wait on the group's NVLink transport (this call's or an earlier one's, of any "
-                            f"layer on the group) gave up: rank {peer} did not signal within the timeout "
+            self._failed = (f"{name} {operation} on {rank_name(self.group, self.rank, self.world_size)} waited in vain "
+                            f"for {rank_name(self.group, peer)}: a wait on the group's NVLink transport (this call's or "
+                            f"an earlier one's, of any layer on the group) gave up: rank {peer} did not signal within the timeout "
                             f"({self._timeout_s:g} s; set it with EP_RUNTIME_TIMEOUT_S or init_distributed(timeout_s=...)) "
                             f"(stalled, ended, or took a different code path); outputs since are not valid")
             if dist.get_backend(self.group) == "nccl":

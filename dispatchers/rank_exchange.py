@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ep_runtime import envs
-from ep_runtime.distributed import wait_on_device
+from ep_runtime.distributed import rank_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import needs_grad
@@ -635,14 +635,15 @@ class RankExchange:
         most, rule = self.max_tokens
         over = [r for r, t in enumerate(tokens) if t > most]
         if over:
-            raise ValueError(f"x has {tokens[over[0]]} tokens on rank {over[0]}; {rule} (every rank stops here)")
+            raise ValueError(f"x has {tokens[over[0]]} tokens on {rank_name(self.group, over[0])}; {rule} (every rank "
+                             f"stops here)")
 
     def _check_dtypes(self, codes: list) -> None:
         """Every rank raises, naming each rank's x dtype, when the ranks dispatch x in different dtypes."""
         if any(code != codes[0] for code in codes):
-            dtypes = ", ".join(f"{_CODE_DTYPE.get(code)} on rank {r}" for r, code in enumerate(codes))
-            raise TypeError(f"x has dtype {_CODE_DTYPE.get(codes[self.rank])} on rank {self.rank}, but the ranks differ "
-                            f"({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
+            dtypes = ", ".join(f"{_CODE_DTYPE.get(code)} on {rank_name(self.group, r)}" for r, code in enumerate(codes))
+            raise TypeError(f"x has dtype {_CODE_DTYPE.get(codes[self.rank])} on {rank_name(self.group, self.rank)}, but "
+                            f"the ranks differ ({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
                             f"rank stops here")
 
     def _check_flags(self, host: list, flags_at: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -51,6 +51,7 @@ def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
         mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
             t = getattr(layer, name)
+            _check_not_distributed(prefix + name, t)
             if t is not None and mesh is not None:
                 state[prefix + name] = DTensor.from_local(t.detach(), mesh, [Shard(0)], run_check=False)
         state[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64,
@@ -101,6 +102,7 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
         mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
             param, per_param = getattr(layer, name), state["state"].get(prefix + name)
+            _check_not_distributed(prefix + name, param)
             if mesh is None or param is None or not per_param:
                 continue
             # (a new dict: torch's may be the optimizer's own, whose tensors must stay plain)
@@ -142,6 +144,16 @@ def _mesh(layer: EPMoE):
     """A 1-D DeviceMesh over the layer's EP group; None without a process group (one process)."""
     group = layer.dispatcher.group
     return DeviceMesh.from_group(group, layer.w13.device.type) if group is not None and dist.is_initialized() else None
+
+
+def _check_not_distributed(key: str, t: Any) -> None:
+    """The layer's own [L, ...] slots, not a DTensor: experts that FSDP2's fully_shard sharded further (over
+    a dp mesh, as torchtitan shards experts) have no row layout here to put them in."""
+    if isinstance(t, DTensor):
+        raise ValueError(f"{key} is a DTensor over {t.device_mesh} ({', '.join(map(str, t.placements))}): the "
+                         f"experts were sharded by FSDP2 (fully_shard over the layer or its parent). Allowed: the "
+                         f"layer's own [L, ...] slots; leave the experts out of fully_shard (ignored_params) and "
+                         f"reduce their gradients over the data-parallel replicas as docs/api.md's dp x ep recipe does")
 
 
 def _sharded_layers(model: nn.Module):

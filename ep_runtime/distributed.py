@@ -403,11 +403,33 @@ _PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGN
 _WAITED_MS = re.compile(r"waiting (\d+)ms")
 
 
-def _peers(rank: int, size: int) -> str:
-    """The rank(s) that did not answer, as far as a collective can tell: the other rank of a 2-rank
-    group; otherwise any of the others (neither gloo nor NCCL says which)."""
+def global_rank(group, rank: int) -> int:
+    """The global rank of rank `rank` of `group` (the same number in the default group, or without one)."""
+    if group is None or group is dist.GroupMember.WORLD or not (dist.is_available() and dist.is_initialized()):
+        return rank
+    try:
+        return dist.get_global_rank(group, rank)
+    except (ValueError, RuntimeError):  # not a group of this process's default group
+        return rank
+
+
+def rank_name(group, rank: int, size: Optional[int] = None) -> str:
+    """'rank r' (size given: 'rank r of n') for rank r of `group`, with its global rank where the two differ
+    ('rank 1 of 2 (global rank 3)': a subgroup, such as a dp x ep DeviceMesh's ep group), so a message
+    names the process a log shows."""
+    g = global_rank(group, rank)
+    return f"rank {rank}" + ("" if size is None else f" of {size}") + ("" if g == rank else f" (global rank {g})")
+
+
+def _peers(rank: int, size: int, group=None) -> str:
+    """The rank(s) of `group` that did not answer, as far as a collective can tell: the other rank of a
+    2-rank group; otherwise any of the others (neither gloo nor NCCL says which)."""
     others = [r for r in range(size) if r != rank]
-    return f"rank {others[0]}" if len(others) == 1 else f"one or more of ranks {', '.join(map(str, others))}"
+    if len(others) == 1:
+        return rank_name(group, others[0])
+    named = f"one or more of ranks {', '.join(map(str, others))}"
+    global_ranks = [global_rank(group, r) for r in others]
+    return named if global_ranks == others else f"{named} (global ranks {', '.join(map(str, global_ranks))})"
 
 
 # What NCCL says once its communicator was aborted (by NCCL's watchdog, after the group's timeout).
@@ -427,8 +449,8 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
         timed_out, gone, aborted = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text), _NCCL_ABORTED.search(text)
         if isinstance(exc, PeerFailure) or not (timed_out or gone or aborted):
             raise
-        rank, size = dispatcher.rank, dispatcher.world_size
-        peers = _peers(rank, size)
+        rank, size, group = dispatcher.rank, dispatcher.world_size, getattr(dispatcher, "group", None)
+        peers = _peers(rank, size, group)
         knob = envs.PREFIX + "TIMEOUT_S"
         if aborted:
             what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
@@ -444,7 +466,7 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
             what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
                     f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise PeerFailure(f"{dispatcher.name} {operation} on rank {rank} of {size} {what}. Backend error: "
+        raise PeerFailure(f"{dispatcher.name} {operation} on {rank_name(group, rank, size)} {what}. Backend error: "
                           f"{first_line}") from exc
 
 
@@ -496,8 +518,8 @@ def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: 
             if event.query():
                 return
             knob = envs.PREFIX + "TIMEOUT_S"
-            message = (f"{name} {operation} on rank {rank} of {world_size} waited in vain for "
-                       f"{_peers(rank, world_size)}: {waited_for} had not completed {now - issued_at:.1f} s after it "
+            message = (f"{name} {operation} on {rank_name(group, rank, world_size)} waited in vain for "
+                       f"{_peers(rank, world_size, group)}: {waited_for} had not completed {now - issued_at:.1f} s after it "
                        f"was issued (the timeout is {limit:g} s; set it with {knob} or "
                        f"init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path. "
                        f"The group's NCCL communicator has been aborted, so no later call waits on it")

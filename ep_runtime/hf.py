@@ -406,8 +406,9 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     `<prefix>.layer.w13` / `.layer.w2` (this rank's shard) become `<prefix>.gate_up_proj` [E, 2I, H]
     and `<prefix>.down_proj` [E, H, I] with every expert, gathered over the layer's group (fp8 experts:
     also their `gate_up_proj_scale_inv` / `down_proj_scale_inv`; gpt-oss: its own layout). Every rank
-    must call it (one gather per expert tensor); dst r: the dict on rank r only, None elsewhere
-    (dst None: on every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
+    must call it (one gather per expert tensor); dst r: the dict on rank r of the layers' group only (with
+    layers over a dp x ep DeviceMesh's ep group: on rank r of each ep group), None elsewhere (dst None: on
+    every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
     experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
     if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

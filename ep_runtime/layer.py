@@ -15,7 +15,7 @@ from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
-from .distributed import naming_peer_failures
+from .distributed import naming_peer_failures, rank_name
 from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
@@ -43,7 +43,8 @@ class EPMoE(nn.Module):
     `load_expert` per expert) materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
-    runners.resolve). group None: the default process group when one exists, else a single process.
+    runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
+    mesh["ep"]); None: the default process group when one exists, else a single process.
     dtype None / device None: torch's default dtype and device, as torch's own modules take them
     (torch.set_default_dtype, `with torch.device("meta"):` while a model is built; float32 and cpu
     unless changed).
@@ -87,6 +88,8 @@ class EPMoE(nn.Module):
                                 is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                 gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                                 apply_router_weight_on_input=apply_router_weight_on_input)
+        from .dispatchers.base import as_process_group
+        group = as_process_group(group)
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         dtype, device = layer_dtype_and_device(dtype, device)
@@ -711,16 +714,23 @@ class EPMoE(nn.Module):
         return load
 
     def rebalance(self, num_nodes: Optional[int] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                  reset: bool = True):
+                  reset: bool = True, dp_group: Optional[Any] = None):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
         every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
         ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
         load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
-        keeps them)."""
+        keeps them). dp_group: where the layer's group is one of several data-parallel replicas that
+        hold the same experts (a dp x ep DeviceMesh), the group of this rank's replicas (mesh["dp"] or
+        mesh["dp"].get_group()); the load is summed over it too (one more all_reduce), so every replica
+        applies the same plan. Without it each replica plans from its own tokens, and replicas that saw different
+        data hold different experts in the same slots (their gradients then average different experts)."""
         from . import eplb
         load = self.expert_load()
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
+        if dp_group is not None:
+            from .dispatchers.base import as_process_group
+            dist.all_reduce(load, group=as_process_group(dp_group))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
         if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts
@@ -746,8 +756,9 @@ class EPMoE(nn.Module):
                                                                 group=group))
             if any(theirs != every[0] for theirs in every):
                 bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
-                raise ValueError(f"apply_placement: rank {bad} was given a different plan than rank 0; every rank "
-                                 f"must apply the same plan (compute it from the same all-reduced load)")
+                raise ValueError(f"apply_placement: {rank_name(group, bad)} was given a different plan than "
+                                 f"{rank_name(group, 0)}; every rank must apply the same plan (compute it from the "
+                                 f"same all-reduced load)")
         self._move_slots(new, [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None],
                          optimizer)
         self._adopt_placement(new)
