@@ -39,14 +39,14 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
     return int(value)
 
 
-def as_process_group(group: Any) -> Optional[dist.ProcessGroup]:
-    """`group` as a ProcessGroup: a 1-D DeviceMesh (torchtitan's mesh["ep"]) gives its group; a ProcessGroup
-    or None stays as it is."""
+def as_process_group(group: Any, name: str = "group", dim: str = "ep") -> Optional[dist.ProcessGroup]:
+    """`group` (the argument `name`) as a ProcessGroup: a 1-D DeviceMesh (torchtitan's mesh["ep"]) gives its
+    group; a ProcessGroup or None stays as it is. dim: the mesh dimension the argument is meant to be."""
     if type(group).__name__ != "DeviceMesh":
         return group
     if group.ndim != 1:
-        raise ValueError(f"group={group!r} is a {group.ndim}-D DeviceMesh; allowed: a ProcessGroup, or a 1-D "
-                         f"DeviceMesh such as mesh['ep'] (the dimension the experts are spread over)")
+        raise ValueError(f"{name}={group!r} is a {group.ndim}-D DeviceMesh; allowed: a ProcessGroup, or a 1-D "
+                         f"DeviceMesh such as mesh['{dim}']")
     return group.get_group()
 
 

@@ -249,9 +249,8 @@ class RelayPlan:
         at = dict(zip(arrival, _starts([counts[s] for s in arrival])))
         shift = torch.tensor([at[s] - flat for s, flat in enumerate(_starts(counts))], dtype=torch.long)
         total = sum(counts)
-        order = torch.repeat_interleave(shift, torch.tensor(counts, dtype=torch.long), output_size=total) + \
-            torch.arange(total)
-        order = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order
+        order = host_values(torch.repeat_interleave(shift, torch.tensor(counts, dtype=torch.long), output_size=total)
+                            + torch.arange(total), torch.long, device)
         unorder = torch.empty_like(order).scatter_(0, order, torch.arange(total, device=device))
         return cls(nodes, send1, recv1, send2, recv2, order, unorder)
 

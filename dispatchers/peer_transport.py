@@ -389,9 +389,10 @@ class PeerTransport:
         would: later calls through any dispatcher of the group raise at once."""
         if self._failed is None and int(self._error[0]):
             peer = int(self._error[0]) - 1
+            silent = rank_name(self.group, peer)
             self._failed = (f"{name} {operation} on {rank_name(self.group, self.rank, self.world_size)} waited in vain "
-                            f"for {rank_name(self.group, peer)}: a wait on the group's NVLink transport (this call's or "
-                            f"an earlier one's, of any layer on the group) gave up: rank {peer} did not signal within the timeout "
+                            f"for {silent}: a wait on the group's NVLink transport (this call's or an earlier one's, of "
+                            f"any layer on the group) gave up: {silent} did not signal within the timeout "
                             f"({self._timeout_s:g} s; set it with EP_RUNTIME_TIMEOUT_S or init_distributed(timeout_s=...)) "
                             f"(stalled, ended, or took a different code path); outputs since are not valid")
             if dist.get_backend(self.group) == "nccl":

@@ -371,7 +371,7 @@ class RankExchange:
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
-            handle.grads = tuple(any(row[flags_at - 3 + i] for row in host) for i in (0, 1))
+            handle.grads = tuple(any(row[flags_at - _GRADS_AND_DTYPE + i] for row in host) for i in (0, 1))
         return handle
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
@@ -659,13 +659,12 @@ class RankExchange:
             refused = [r for r in bad if host[r][0] < 0]
             if refused:
                 kind = -1 - host[refused[0]][0]
-                ranks = (f"rank {refused[0]} of {self.world_size} was given bad input (its own error names the "
-                         f"argument)" if len(refused) == 1 else
+                ranks = (f"{rank_name(self.group, refused[0], self.world_size)} was given bad input (its own error "
+                         f"names the argument)" if len(refused) == 1 else
                          f"ranks {', '.join(map(str, refused))} of {self.world_size} were given bad input (their own "
                          f"errors name the arguments)")
-                raise (_BAD_INPUT_TYPES[kind] if kind < len(_BAD_INPUT_TYPES) else ValueError)(
-                    f"{self.name} dispatch: {ranks}; no token was sent")
-            raise ValueError(f"rank {bad[0]} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
+                raise _BAD_INPUT_TYPES[kind](f"{self.name} dispatch: {ranks}; no token was sent")
+            raise ValueError(f"{rank_name(self.group, bad[0])} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
                              f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "
                              f"the value); every rank stops here")
 

@@ -56,9 +56,10 @@ def all_to_all(x: torch.Tensor, recv_splits: Optional[Sequence[int]], send_split
 
 
 def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A few host values as a tensor on `device` without a host sync: on CUDA copied from pinned memory
-    without blocking (torch.tensor(values, device="cuda") first waits for the stream's queued work)."""
-    made = torch.tensor(values, dtype=dtype)
+    """Host values (a list, or a CPU tensor) as a tensor on `device` without a host sync: on CUDA copied from
+    pinned memory without blocking (torch.tensor(values, device="cuda") first waits for the stream's queued
+    work)."""
+    made = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return made.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else made
 
 

@@ -80,9 +80,9 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
 
 def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """torch's `get_optimizer_state_dict(model, optimizer)` for torch.distributed.checkpoint, with the
-    state of each sharded EPMoE layer's expert parameters that has the parameter's shape (Adam's
-    exp_avg and exp_avg_sq, SGD's momentum_buffer, ...) as DTensors over the layer's EP group, Shard(0)
-    over the physical slots as distributed_state_dict gives the parameters (plain tensors there, DCP
+    state of each sharded EPMoE layer's expert parameters that has a row per slot (Adam's exp_avg and
+    exp_avg_sq, SGD's momentum_buffer, a factored optimizer's rows: first dimension L) as DTensors over the
+    layer's EP group, Shard(0) over the physical slots as distributed_state_dict gives the parameters (plain tensors there, DCP
     would save rank 0's state for every rank). Scalars (Adam's step) and every other parameter's state
     stay as torch gives them. Every rank calls it; an optimizer without state yet gets it initialised
     (torch does that, with a step of learning rate 0), so a fresh optimizer gives the dict to load into:
@@ -98,18 +98,24 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
     At another EP size each rank's state rows follow its parameter rows (the same slots)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
+    # Each parameter's key in torch's dict, by identity: its param_groups list the keys in the optimizer's
+    # order (torch drops wrappers' prefixes, DDP's "module.", torch.compile's "_orig_mod.", from the keys).
+    key_of = {id(p): key for group, saved in zip(optimizer.param_groups, state["param_groups"])
+              for p, key in zip(group["params"], saved["params"])}
     for prefix, layer in _sharded_layers(model):
         mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
-            param, per_param = getattr(layer, name), state["state"].get(prefix + name)
+            param = getattr(layer, name)
             _check_not_distributed(prefix + name, param)
-            if mesh is None or param is None or not per_param:
+            key = key_of.get(id(param))
+            if mesh is None or param is None or not state["state"].get(key):
                 continue
-            # (a new dict: torch's may be the optimizer's own, whose tensors must stay plain)
-            state["state"][prefix + name] = {
-                key: DTensor.from_local(value, mesh, [Shard(0)], run_check=False)
-                if isinstance(value, torch.Tensor) and value.shape == param.shape else value
-                for key, value in per_param.items()}
+            # Per-slot state (Adam's moments, a factored optimizer's rows: first dimension L) is sharded as the
+            # slots; scalars (step) stay. (A new dict: torch's may be the optimizer's own, kept plain.)
+            state["state"][key] = {
+                k: DTensor.from_local(v, mesh, [Shard(0)], run_check=False)
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == param.shape[0] else v
+                for k, v in state["state"][key].items()}
     return state
 
 

@@ -113,7 +113,10 @@ def _local_rank_variable() -> Optional[str]:
     launcher's own (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK), so each rank of a node gets a GPU of its
     own (every rank took cuda:0, and NCCL failed on the duplicate GPU). None: no such variable (0)."""
     candidates = ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]
-    if envs.launcher("SLURM_STEP_ID") is not None:  # a batch script's SLURM_LOCALID is not a rank's
+    # A batch script's SLURM_LOCALID is not a rank's, nor is an MPI rank's inside an allocation (inherited from
+    # the srun step that started mpirun's daemons or mpiexec's proxies, 0 on every rank of a node).
+    mpi = envs.launcher("OMPI_COMM_WORLD_SIZE") is not None or _started_by_mpi_proxy()
+    if envs.launcher("SLURM_STEP_ID") is not None and not mpi:
         candidates.insert(1, "SLURM_LOCALID")
     return next((name for name in candidates if envs.launcher(name) is not None), None)
 
@@ -271,8 +274,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     if launch.launcher == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
-        dist.init_process_group(backend, store=_rendezvous(launch, timeout), rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout, **kwargs)
+        # (the MPI backend meets through MPI itself: torch ignores a store there, so none is made)
+        meet = dict(init_method=launch.init_method) if backend == "mpi" else dict(store=_rendezvous(launch, timeout))
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **meet,
+                                **kwargs)
     _FAILED.clear()  # a new default group: earlier failures were of the old one
     if not _CREATED_HERE:
         atexit.register(destroy_distributed)

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
+from .dispatchers.base import as_process_group
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures, rank_name
@@ -88,7 +89,6 @@ class EPMoE(nn.Module):
                                 is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                 gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                                 apply_router_weight_on_input=apply_router_weight_on_input)
-        from .dispatchers.base import as_process_group
         group = as_process_group(group)
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
@@ -729,8 +729,7 @@ class EPMoE(nn.Module):
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         if dp_group is not None:
-            from .dispatchers.base import as_process_group
-            dist.all_reduce(load, group=as_process_group(dp_group))
+            dist.all_reduce(load, group=as_process_group(dp_group, "dp_group", "dp"))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         self.apply_placement(plan, optimizer=optimizer)
         if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts

@@ -677,7 +677,8 @@ def _dcp_optimizer_save_rank(rank, world_size, path):
     model.moe.load_experts(*_global_weights())
     for _ in range(2):
         _train_step(model, optimizer, [rank])
-    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
+    wrapped = torch.compile(model)  # a wrapper (never run): torch's optimizer keys drop its "_orig_mod." prefix
+    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(wrapped, optimizer)}
     kinds = {k: type(v).__name__ for k, v in state["optim"]["state"]["moe.w13"].items()}
     dcp.save(state, checkpoint_id=path)
     _train_step(model, optimizer, [rank])
@@ -709,8 +710,8 @@ def test_dcp_optimizer_state_resumes_training(dcp_optimizer_checkpoint, world_si
     """Adam's moments of the expert parameters are per rank like the experts: through
     torch's get_optimizer_state_dict DCP saved rank 0's moments and loaded them on every rank (the step
     after resuming differed from the uninterrupted one, silently). ep.distributed_optimizer_state_dict
-    shards them as the experts; the step after loading, at the saved EP size or at 1 rank, equals the
-    uninterrupted run's."""
+    shards them as the experts, also given a wrapped model (torch.compile's, DDP's: torch's keys drop the
+    wrapper's prefix); the step after loading, at the saved EP size or at 1 rank, equals the uninterrupted run's."""
     path, kinds, (want13, want2) = dcp_optimizer_checkpoint
     assert kinds == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor"}, kinds
     for w13, w2 in run_ranks(_dcp_optimizer_load_rank, world_size, path, timeout=60):

@@ -141,16 +141,6 @@ def test_sbatch_runs_demo(slurm, tmp_path):
     assert "demo: OK" in text, text
 
 
-def test_sbatch_multinode_template_runs_demo_on_one_node(slurm, tmp_path):
-    # The multi-node template (torchrun per node under srun, c10d rendezvous on the first host)
-    # on the one node we have, with 2 CPU workers.
-    code, text = sbatch_wait(["--nodes=1", "--export=ALL,GPUS_PER_NODE=2",
-                              str(REPO / "slurm" / "ep_multinode.sbatch")], tmp_path / "multinode.out")
-    assert code == 0, text
-    assert re.search(r"demo: joined a torchrun job: 2 ranks, backend (gloo|nccl)", text), text
-    assert "demo: OK" in text, text
-
-
 def ranks_per_host(text) -> dict[str, list[int]]:
     """The demo's `demo: ranks per host: ep-node1 [0, 1], ep-node2 [2, 3]` line as a dict."""
     line = re.search(r"^demo: ranks per host: (.*)$", text, re.M)
@@ -171,10 +161,10 @@ def test_sbatch_runs_demo_on_two_nodes(two_nodes, tmp_path):
 
 
 def test_sbatch_multinode_template_runs_demo_on_two_nodes(two_nodes, tmp_path):
-    # One torchrun per node, 2 CPU workers each (the tasks per node), c10d rendezvous on ep-node1.
-    # Which node's workers get ranks 0-1 is the rendezvous' choice.
-    code, text = sbatch_wait(["--nodes=2", "--ntasks-per-node=2", str(REPO / "slurm" / "ep_multinode.sbatch")],
-                             tmp_path / "multinode.out", env=two_nodes)
+    # One torchrun per node, 2 CPU workers each (GPUS_PER_NODE overrides the one task per node), c10d
+    # rendezvous on ep-node1. Which node's workers get ranks 0-1 is the rendezvous' choice.
+    code, text = sbatch_wait(["--nodes=2", "--ntasks-per-node=1", "--export=ALL,GPUS_PER_NODE=2",
+                              str(REPO / "slurm" / "ep_multinode.sbatch")], tmp_path / "multinode.out", env=two_nodes)
     assert code == 0, text
     assert re.search(r"demo: joined a torchrun job: 4 ranks, backend gloo", text), text
     hosts = ranks_per_host(text)
@@ -242,6 +232,8 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     (dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1"), 1),
     (dict(SLURM_STEP_ID="3", SLURM_LOCALID="1", LOCAL_RANK="0"), 0),  # torchrun's own wins
     (dict(SLURM_LOCALID="1"), 0),  # a batch script (no step) is not a rank of the node
+    # Open MPI's mpirun in an allocation: SLURM_LOCALID is the daemon step's (0 on every rank of a node)
+    (dict(SLURM_STEP_ID="0", SLURM_LOCALID="0", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1"), 1),
 ])
 def test_hand_set_rank_and_world_size_take_the_launchers_local_rank(monkeypatch, env, local_rank):
     """srun (or mpirun) running a script that exports RANK and WORLD_SIZE but not LOCAL_RANK: every
