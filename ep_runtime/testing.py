@@ -192,6 +192,18 @@ def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> di
     return errors
 
 
+def mean_loss_reference(dense: torch.nn.Module, problem: "Problem", config: MoeConfig, world_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference of the training tests' model, tanh(dense(x)) -> MoE: the mean over the ranks of
+    each rank's loss sum(y * grad_output), back-propagated (dense, a float64 copy, gets its gradients);
+    returns (w13, w2), the global experts holding theirs."""
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    loss = sum((moe_reference(torch.tanh(dense(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
+                              w13, w2, config) * problem.grad_outputs[r]).sum() for r in range(world_size)) / world_size
+    loss.backward()
+    return w13, w2
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """DESIGN.md's bounds: fp32 1e-5 relative (norm), bf16/fp16 2e-2, float64 1e-12."""
     return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 import ep_runtime as ep
 from ep_runtime.distributed import naming_peer_failures
-from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+from ep_runtime.reference import rel_err
+from ep_runtime.testing import check_layer, make_problem, mean_loss_reference, run_ranks, tolerance
 
 WORLD, DP, EP = 4, 2, 2
 
@@ -142,11 +142,7 @@ def _dp_x_ep_recipe_rank(rank, world_size):
 
     lin = nn.Linear(16, 16).double()
     lin.load_state_dict(model[0].state_dict())
-    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
-    loss = sum((moe_reference(torch.tanh(lin(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
-                              w13, w2, model[2].config) * problem.grad_outputs[r]).sum()
-               for r in range(world_size)) / world_size
-    loss.backward()
+    w13, w2 = mean_loss_reference(lin, problem, model[2].config, world_size)
     mine = model[2].placement.local_expert_ids()
     # Experts sharded further by fully_shard over dp (torchtitan's way) have no slot rows for a checkpoint
     from torch.distributed.fsdp import fully_shard

@@ -5,7 +5,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import make_problem, run_ranks, tolerance
+from ep_runtime.testing import make_problem, mean_loss_reference, run_ranks, tolerance
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
 DISPATCHERS = ["standard", "deepep_normal", "deepep_ll", "mori"]
@@ -125,11 +125,7 @@ def _ddp_rank(rank, world_size, dispatcher, wrapper):
         if name in experts:
             p.grad /= world_size
 
-    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
-    loss = sum((moe_reference(torch.tanh(lin(problem.xs[r])), problem.topk_ids[r], problem.topk_weights[r].double(),
-                              w13, w2, model[2].config) * problem.grad_outputs[r]).sum()
-               for r in range(world_size)) / world_size
-    loss.backward()
+    w13, w2 = mean_loss_reference(lin, problem, model[2].config, world_size)
     mine = model[2].placement.local_expert_ids()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
     return {"dlinear": rel_err(full(model[0].weight.grad), lin.weight.grad),
