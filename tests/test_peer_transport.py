@@ -257,7 +257,7 @@ def _layer_rank(rank, world_size, case):
         torch.manual_seed(0)
         layer = ep.EPMoE(12, 3, 32, 16, dispatcher=name, runner="torch",
                          dispatcher_options=dict(options, transport=transport))
-        problem = make_problem(layer.config, [11, 7, 9], seed=6, ep_size=world_size)
+        problem = make_problem(layer.config, [11, 7, 9][:world_size], seed=6, ep_size=world_size)
         x = problem.xs[rank].float()
         with torch.no_grad(), xk.forced():
             outputs[transport] = [layer(x, problem.topk_ids[rank], problem.topk_weights[rank]) for _ in range(2)]
@@ -274,7 +274,8 @@ def _layer_rank(rank, world_size, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_outputs_equal_the_collective_transport(case):
-    assert run_ranks(_layer_rank, 3, case, timeout=300) == [(6, True)] * 3
+    R = 2 if case == "deepep_ll_fp8" else 3  # (fp8 under the interpreter is slow: the same put path at 2 ranks)
+    assert run_ranks(_layer_rank, R, case, timeout=300) == [(6, True)] * R
 
 
 def _token_put_rank(rank, world_size, encoding):

@@ -631,7 +631,7 @@ def _cli_fuzz_cases(n: int, seed: int = 8) -> list[list[str]]:
 
 def test_fuzz_cli_arguments(capsys):
     """Each invalid command line exits 2 with an argparse error naming what was wrong: many cases
-    through cli.main in this process, the first few through the real console entry point."""
+    through cli.main in this process, the first through the real console entry point."""
     from ep_runtime.cli import main
     cases = _cli_fuzz_cases(60)
     for args in cases:
@@ -639,7 +639,7 @@ def test_fuzz_cli_arguments(capsys):
             main(args)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "error:" in err.strip().splitlines()[-1], f"{args}: {err}"
-    for args in cases[:2]:
+    for args in cases[:1]:
         out = _cli(args)
         context = f"{args}: rc={out.returncode}\n{out.stderr[-1500:]}"
         assert out.returncode == 2 and "error:" in out.stderr.strip().splitlines()[-1], context
