@@ -74,10 +74,12 @@ class NodeLayout:
 
 
 def use_two_stages(mode: str, nodes: NodeLayout) -> bool:
-    """auto: only where it can save network bytes (several nodes, some holding several ranks)."""
+    """auto: only where it can save network bytes (several nodes, some holding several ranks); on:
+    wherever there are several nodes (on one node every relay is the sender itself, so stage 1 would
+    only move each rank's rows to itself: the flat plan is the same exchange, one stage)."""
     if mode == "auto":
         return 1 < nodes.num_nodes < len(nodes.node_of)
-    return mode == "on"
+    return mode == "on" and nodes.num_nodes > 1
 
 
 def _node_key(rank: int, ranks_per_node: int) -> int:

@@ -98,7 +98,8 @@ _knob("NUM_SMS", int, 0,
 _knob("HIERARCHICAL", str, "auto",
       "Node-aware exchange for host-plan dispatches (deepep_normal, mori eager): a token crosses the network once "
       "per destination node, then fans out inside it. auto: when the group spans several nodes and a node holds "
-      "several ranks; on; off (flat: once per destination rank).", choices=("auto", "on", "off"))
+      "several ranks; on: whenever the group spans several nodes (one node: flat, the same exchange in one stage); "
+      "off (flat: once per destination rank).", choices=("auto", "on", "off"))
 _knob("RANKS_PER_NODE", int, 0,
       "Node of each rank for the node-aware exchange: > 0 puts group ranks [0, n) on node 0, [n, 2n) on node 1, "
       "... (e.g. to test 4 CPU ranks as 2 nodes); 0 takes it from the launcher (GROUP_RANK, SLURM_NODEID) or "

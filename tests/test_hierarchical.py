@@ -144,7 +144,7 @@ def test_count_link_rows_by_hand():
     assert aware[2] == LinkRows(1, 0, 0, 1) and aware[3] == LinkRows(0, 0, 1, 0)
     assert nodes.relay(1, 1) == 3 and nodes.relay(2, 0) == 0
     assert use_two_stages("auto", nodes) and not use_two_stages("auto", NodeLayout.blocks(4, 4))
-    assert not use_two_stages("auto", NodeLayout.blocks(4, 1)) and use_two_stages("on", NodeLayout.blocks(4, 4))
+    assert not use_two_stages("auto", NodeLayout.blocks(4, 1)) and use_two_stages("on", NodeLayout.blocks(4, 1))
 
 
 def test_deepseek_v3_reduction_at_2x8():
@@ -199,13 +199,13 @@ def test_mpirun_nodes_come_from_host_names_not_slurm_nodeid():
     assert run_ranks(_mpirun_nodes_rank, 2) == [(0, 0), (0, 0)]
 
 
-def _collectives_rank(rank, world_size):
-    """all_to_all_single calls of one node-aware dispatch and of its combine (2 nodes x 1 rank), after a
-    first dispatch that resolved the nodes."""
+def _collectives_rank(rank, world_size, mode="on", ranks_per_node=1):
+    """all_to_all_single calls of one dispatch and of its combine (by default node-aware, 2 nodes x 1
+    rank), after a first dispatch that resolved the nodes."""
     import torch.distributed as dist
     cfg = ep.MoeConfig(8, 2, 16, 8)
     problem = make_problem(cfg, [6, 3], seed=2, ep_size=world_size)
-    d = ep.dispatchers.create("deepep_normal", cfg, hierarchical="on", ranks_per_node=1)
+    d = ep.dispatchers.create("deepep_normal", cfg, hierarchical=mode, ranks_per_node=ranks_per_node)
     topk = ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
     d.dispatch(problem.xs[rank].float(), topk)
     calls, exchange = [], dist.all_to_all_single
@@ -222,6 +222,23 @@ def _collectives_rank(rank, world_size):
     finally:
         dist.all_to_all_single = exchange
     return out.handle.relay is not None, dispatched, len(calls) - dispatched
+
+
+def _one_node_rank(rank, world_size):
+    return [_collectives_rank(rank, world_size, mode, ranks_per_node=world_size) for mode in ("off", "on")]
+
+
+def test_on_with_one_node_runs_the_flat_exchange():
+    """hierarchical='on' on one node (ranks_per_node = R): every relay would be the sender itself, so the
+    flat plan runs (no relay, the flat path's collectives; it ran both stages: 4 + 2 all_to_alls), and
+    the cost model predicts the flat time for it."""
+    from ep_runtime.bench import cost_model as cm
+    for flat, on in run_ranks(_one_node_rank, 2):
+        assert on == flat and not flat[0]
+    assert not use_two_stages("on", NodeLayout.blocks(4, 4)) and use_two_stages("on", NodeLayout.blocks(4, 2))
+    for combine in (False, True):
+        p = cm.predict(4096, 7168, 256, 8, 8, 8, combine=combine)
+        assert p.aware == p.aware_pipelined == p.flat
 
 
 def test_cost_model_counts_the_collectives_node_aware_runs():

@@ -91,6 +91,8 @@ def predict(tokens: int, hidden: int, num_experts: int, top_k: int, world_size: 
     row_bytes = hidden * itemsize + (0 if combine else 8 * top_k)
     nbytes = lambda r: tokens * r * row_bytes  # noqa: E731
     flat = alpha_us + max(nvlink.time_us(nbytes(rows.flat_same_node)), network.time_us(nbytes(rows.flat_other_node)))
+    if world_size == ranks_per_node:  # one node: hierarchical.use_two_stages runs the flat plan
+        return Prediction(flat, flat, flat)
     net, nvl = network.time_us(nbytes(rows.aware_other_node)), nvlink.time_us(nbytes(rows.aware_same_node))
     return Prediction(flat, AWARE_COLLECTIVES[combine] * alpha_us + net + nvl, alpha_us + max(net, nvl))
 
