@@ -65,7 +65,8 @@ def plan(load, num_ranks: int, num_physical_experts: int, num_nodes: Optional[in
     """load: [E] global (token, expert) pair counts (e.g. the all-reduced `layer.expert_load()`), a
     tensor or sequence of non-negative numbers; num_ranks R; num_physical_experts P: E plus the
     redundant copies, a multiple of R in E..E*R; num_nodes: ranks are grouped into this many nodes of
-    R / num_nodes consecutive ranks (hierarchical balancing; None: one level). max_swaps bounds the
+    R / num_nodes consecutive ranks (hierarchical balancing; None: one level; other layouts: on_nodes,
+    which EPMoE.rebalance applies for the group's real nodes). max_swaps bounds the
     refinement. Deterministic: the same arguments give the same plan on every rank."""
     loads = _check_load(load)
     E = len(loads)
@@ -97,6 +98,23 @@ def plan(load, num_ranks: int, num_physical_experts: int, num_nodes: Optional[in
         slots += node_slots
         rank_load += node_load
     return Plan(E, R, tuple(e for rank_slots in slots for e in rank_slots), tuple(rank_load))
+
+
+def on_nodes(plan: Plan, node_of: Sequence[int]) -> Plan:
+    """`plan`, made with num_nodes=G for nodes of consecutive ranks (node g: ranks [g*n, (g+1)*n), n = R / G),
+    moved onto ranks whose nodes are node_of[r] (G nodes numbered 0.. in order of first appearance, n ranks
+    each, in any order, e.g. a launcher that deals ranks out to nodes round-robin): the i-th rank of node
+    g takes the slots of rank g*n + i, so every copy of an expert still stays on one node."""
+    R, G = plan.num_ranks, max(node_of) + 1
+    n, L = R // G, plan.num_physical_experts // R
+    index = {b: 0 for b in range(G)}
+    source = []  # the consecutive-layout rank whose slots rank r takes
+    for b in node_of:
+        source.append(b * n + index[b])
+        index[b] += 1
+    slots = [plan.physical_to_logical[s * L:(s + 1) * L] for s in source]
+    return Plan(plan.num_experts, R, tuple(e for rank_slots in slots for e in rank_slots),
+                tuple(plan.rank_load[s] for s in source))
 
 
 def _check_load(load) -> list[float]:

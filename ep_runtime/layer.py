@@ -717,9 +717,11 @@ class EPMoE(nn.Module):
                   reset: bool = True, dp_group: Optional[Any] = None):
         """Plan a placement from the global load since the last reset (one all_reduce) and apply it;
         every rank calls it together, between steps. Returns the ep.eplb.Plan. num_nodes: as
-        ep.eplb.plan's (balance per node first); optimizer: as apply_placement's; reset: restart the
-        load counts (expert_load(reset=True)) once the plan is applied, the default (a refused plan
-        keeps them). dp_group: where the layer's group is one of several data-parallel replicas that
+        ep.eplb.plan's (balance per node first), on the nodes the ranks are really on where the group
+        spans num_nodes nodes (whichever ranks each holds: ep.eplb.on_nodes), else on consecutive
+        ranks; optimizer: as apply_placement's; reset: restart the load counts
+        (expert_load(reset=True)) once the plan is applied, the default (a refused plan keeps them).
+        dp_group: where the layer's group is one of several data-parallel replicas that
         hold the same experts (a dp x ep DeviceMesh), the group of this rank's replicas (mesh["dp"] or
         mesh["dp"].get_group()); the load is summed over it too (one more all_reduce), so every replica
         applies the same plan. Without it each replica plans from its own tokens, and replicas that saw different
@@ -731,10 +733,36 @@ class EPMoE(nn.Module):
         if dp_group is not None:
             dist.all_reduce(load, group=as_process_group(dp_group, "dp_group", "dp"))
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
+        if plan.num_ranks > 1 and num_nodes is not None and num_nodes > 1:
+            plan = self._on_real_nodes(plan, num_nodes, load.device)
         self.apply_placement(plan, optimizer=optimizer)
         if reset:  # once applied: a refused plan (a bad num_nodes) keeps the counts
             self.expert_load(reset=True)
         return plan
+
+    def _on_real_nodes(self, plan, num_nodes: int, device: torch.device):
+        """rebalance's plan for num_nodes nodes of consecutive ranks, on the nodes the group's ranks are
+        really on where those are num_nodes nodes (the node-aware exchange's layout: the dispatcher's
+        ranks_per_node, else the launcher's node index or the host name; one small all_gather the first
+        time); a group on another number of nodes (one host pretending) keeps consecutive ranks."""
+        from . import eplb
+        from .dispatchers.hierarchical import resolve_nodes
+        d = self.dispatcher
+        exchange = getattr(d, "exchange", None)  # (a registered dispatcher of one's own may have none)
+        nodes = getattr(exchange, "nodes", None)
+        if nodes is None:
+            ranks_per_node = getattr(exchange, "ranks_per_node", 0)
+            nodes = in_call_order(d.group, lambda: resolve_nodes(d.group, d.rank, d.world_size, ranks_per_node, device))
+            if exchange is not None:
+                exchange.nodes = nodes
+        if nodes.num_nodes != num_nodes:
+            return plan
+        sizes = [len(nodes.ranks_on(b)) for b in range(nodes.num_nodes)]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"num_nodes={num_nodes}: this layer's group has {sizes} ranks on its nodes (node of "
+                             f"each rank: {list(nodes.node_of)}); allowed: None (balancing per node needs the same "
+                             f"number of ranks on every node)")
+        return eplb.on_nodes(plan, nodes.node_of)
 
     @torch.no_grad()
     def apply_placement(self, plan, optimizer: Optional[torch.optim.Optimizer] = None) -> None:

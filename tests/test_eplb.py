@@ -6,6 +6,8 @@ lands on exactly one copy; the load counters equal a host count; weights come ba
 a round trip of placements; on 4 ranks with Zipf(1.2) routing one rebalance brings the most-loaded
 rank within 10% of the mean.
 """
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -444,3 +446,39 @@ def test_load_counts_survive_inference_mode_and_a_permutation_plan():
     assert torch.equal(y.detach(), before)
     host = torch.bincount(ids.reshape(-1), minlength=8)
     assert torch.equal(layer.expert_load(reset=True), 2 * host) and layer.expert_load().sum() == 0
+
+
+def _real_nodes_rank(rank, world_size):
+    """4 ranks dealt out to 2 nodes round-robin (torchrun's GROUP_RANK: ranks 0, 2 on node 0 and 1, 3 on
+    node 1), routing skewed to experts 0 and 1 so they get the copies; rebalance(num_nodes=2)."""
+    os.environ["GROUP_RANK"] = str(rank % 2)
+    try:
+        layer = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=N)
+        problem = make_problem(layer.config, [6, 5, 7, 4], seed=9, ep_size=world_size)
+        for ids in problem.topk_ids:  # every rank's (the reference's gradients see them all): experts 0, 1 hot
+            ids[:, 0] = torch.arange(len(ids)) % 2
+        check_layer(layer, problem, rank, backward=False)  # counts the load
+        layer.rebalance(num_nodes=2)
+        errors = check_layer(layer, problem, rank)
+        os.environ["GROUP_RANK"] = str(rank // 3)  # nodes of 3 and 1 ranks: no even split per node
+        uneven = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch", num_redundant_experts=N)
+        refused = None
+        try:
+            uneven.rebalance(num_nodes=2)
+        except ValueError as err:
+            refused = str(err)
+    finally:
+        del os.environ["GROUP_RANK"]
+    owners = [[r for r in range(world_size) if e in layer.placement.at_rank(r).local_expert_ids().tolist()]
+              for e in range(E)]
+    return owners, errors, refused
+
+
+def test_rebalance_per_node_keeps_each_experts_copies_on_its_real_node():
+    """The plan's nodes are the ranks' real nodes, not consecutive ranks (it put node 0's experts on ranks
+    0 and 1, one of each node, so traffic to an expert's copies crossed nodes)."""
+    for owners, errors, refused in run_ranks(_real_nodes_rank, 4):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert refused.startswith("num_nodes=2: this layer's group has [3, 1] ranks on its nodes"), refused
+        assert all(len({r % 2 for r in ranks}) == 1 for ranks in owners), owners
+        assert len(owners[0]) == 2 and len(owners[1]) == 2, owners  # the hot experts got the copies
