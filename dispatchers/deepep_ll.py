@@ -64,7 +64,9 @@ class DeepEPLLOptions:
 class DeepEPLLDispatcher(ExchangeDispatcher):
     """num_max_dispatch_tokens_per_rank M (EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK): most tokens a
     rank may dispatch per step; T > M is an error, never a drop. use_fp8 / fp8_scale_encoding
-    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only."""
+    (EP_RUNTIME_DISPATCH_FP8*): tokens travel as fp8 with per-128-channel scales; inference only.
+    Its plan is static, so the node-aware exchange's knobs (EP_RUNTIME_HIERARCHICAL,
+    EP_RUNTIME_RANKS_PER_NODE: host plans only) are neither read nor compared across ranks."""
 
     name = "deepep_ll"
     format = "deepep_ll"
@@ -74,7 +76,7 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     def __init__(self, config, group=None, num_max_dispatch_tokens_per_rank: Optional[int] = None,
                  expert_to_rank=None, transport: Optional[str] = None, num_sms: Optional[int] = None,
                  use_fp8: Optional[bool] = None, fp8_scale_encoding: Optional[str] = None):
-        super().__init__(config, group, expert_to_rank, transport, num_sms)
+        super().__init__(config, group, expert_to_rank, transport, num_sms, hierarchical="off", ranks_per_node=0)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
         self.options = DeepEPLLOptions(M, *fp8_payload.resolve(use_fp8, fp8_scale_encoding))

@@ -1,5 +1,7 @@
 """deepep_ll on gloo ranks: EPMoE == float64 reference, masked_m == true counts, capacity M,
 and rows past masked_m never read."""
+import os
+
 import pytest
 import torch
 
@@ -54,6 +56,27 @@ def _over_capacity(rank, world_size, T):
     x, ids = torch.randn(T, 16), torch.randint(0, 8, (T, 2), dtype=torch.int32)
     ids[:, 1] = (ids[:, 0] + 1) % 8
     return tuple(layer(x, ids, torch.rand(T, 2)).shape)
+
+
+def _node_knobs_rank(rank, world_size):
+    if rank == 1:  # knobs of the node-aware exchange (host plans), set on one rank only
+        os.environ.update(EP_RUNTIME_HIERARCHICAL="on", EP_RUNTIME_RANKS_PER_NODE="1")
+    try:
+        layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch",
+                         dispatcher_options={"num_max_dispatch_tokens_per_rank": 8})
+    finally:
+        for knob in ("EP_RUNTIME_HIERARCHICAL", "EP_RUNTIME_RANKS_PER_NODE"):
+            os.environ.pop(knob, None)
+    problem = make_problem(layer.config, [5, 3], seed=2, ep_size=world_size)
+    return check_layer(layer, problem, rank), layer.dispatcher.settings()["hierarchical"]
+
+
+def test_node_aware_knobs_are_neither_read_nor_compared():
+    """deepep_ll's static plan never goes node-aware: ranks that differ in EP_RUNTIME_HIERARCHICAL /
+    EP_RUNTIME_RANKS_PER_NODE build it and match the reference (the settings check refused them)."""
+    for errors, mode in run_ranks(_node_knobs_rank, 2):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert mode == "off"
 
 
 def test_t_equal_m_works_and_m_plus_one_fails_every_rank():
