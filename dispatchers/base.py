@@ -20,7 +20,7 @@ from ep_runtime.validation import capturing, check_hidden_states, check_topk, is
 from . import exchange_kernels, fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
-from .peer_transport import TRANSPORTS, check_cpu_ranks, check_transport
+from .peer_transport import TRANSPORTS, check_cpu_ranks, check_num_sms, check_transport
 from .rank_exchange import RankExchange
 
 
@@ -402,6 +402,7 @@ class ExchangeDispatcher(Dispatcher):
 
     def _checked_topk(self, x: torch.Tensor, topk: TopKOutput) -> TopKOutput:
         check_cpu_ranks(x.device, self.world_size, self.transport_options.transport)  # on every rank: same settings
+        check_num_sms(self.transport_options.num_sms, x.device)
         topk = super()._checked_topk(x, topk)
         if self.fp8 is not None:  # raised at the call before any collective, also when issued async
             fp8_payload.check_inference(x, topk[1])

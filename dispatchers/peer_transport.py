@@ -32,6 +32,7 @@ signal and copy without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import uuid
@@ -600,6 +601,24 @@ def check_cpu_ranks(device: torch.device, world_size: int, mode: str) -> None:
         reason, _ = _cannot_map(None, device, world_size)
         if reason is not None:
             _impossible(reason)
+
+
+def check_num_sms(num_sms: int, device: torch.device) -> None:
+    """num_sms (programs of the NVLink transport's copy kernel) at most the SMs of the GPU an exchange runs
+    on (more would only wait for each other's SMs): an error naming it, before any collective. CPU ranks
+    (the interpreter's stand-in) have no SM count."""
+    if num_sms and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms, name = _gpu_sms(index)
+        if num_sms > sms:
+            raise ValueError(f"num_sms={num_sms}; allowed: 0..{sms} (the SMs of cuda:{index}, {name}; also settable "
+                             f"as {envs.PREFIX}NUM_SMS)")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_sms(index: int) -> tuple[int, str]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.name
 
 
 def _impossible(reason: str) -> None:

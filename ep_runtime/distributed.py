@@ -20,6 +20,7 @@ is runnable any more, i.e. each has finished its last work and sleeps waiting fo
 from __future__ import annotations
 
 import atexit
+import numbers
 import os
 import re
 import socket
@@ -186,7 +187,7 @@ def check_timeout(timeout_s) -> float:
     """timeout_s as float seconds, or an error: a finite number in the range of EP_RUNTIME_TIMEOUT_S
     (an infinite or NaN timeout would let a job hang forever)."""
     knob = envs.KNOBS[envs.PREFIX + "TIMEOUT_S"]
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):  # numpy's numbers too
         raise TypeError(f"timeout_s={timeout_s!r} must be a number of seconds (int or float)")
     if not knob.minimum <= timeout_s <= knob.maximum:  # False for NaN too
         raise ValueError(f"timeout_s={timeout_s!r}; allowed: {knob.minimum:g} <= seconds <= {knob.maximum:g} "

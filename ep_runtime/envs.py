@@ -93,7 +93,7 @@ _knob("TRANSPORT", str, "auto",
       choices=("auto", "nccl", "nvlink"))
 _knob("NUM_SMS", int, 0,
       "SMs the NVLink transport copies rows with: 0 (default) none, the GPU's copy engines move them "
-      "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs.",
+      "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs (at most the GPU's SMs).",
       minimum=0, maximum=1024)
 _knob("HIERARCHICAL", str, "auto",
       "Node-aware exchange for host-plan dispatches (deepep_normal, mori eager): a token crosses the network once "

@@ -23,6 +23,7 @@ changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,6 +36,7 @@ from torch import nn
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .routing import TopKOutput
+from .validation import is_int_at_least
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -130,7 +132,7 @@ def _is_gpt_oss(experts: nn.Module) -> bool:
     if any(getattr(experts, k, None) != v for k, v in flags.items()) or getattr(experts, "has_post_expert_norm", False):
         return False
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) or not limit > 0:
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (alpha, limit)) or not limit > 0:
         return False
     if not all(isinstance(getattr(experts, b, None), torch.Tensor) for b in ("gate_up_proj_bias", "down_proj_bias")):
         return False
@@ -168,7 +170,7 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
     """top_k of a transformers MoE block's router (`gate` or `router`: its top_k, else its config's
     top_k_experts as Gemma 4's router reads it), None if it has none."""
     def as_int(value: Any) -> Optional[int]:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return int(value) if is_int_at_least(value, -2 ** 63) else None
 
     for name in ("gate", "router"):
         router = getattr(block, name, None)
@@ -412,7 +414,7 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
     if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world_size):
+        if dst is not None and not (is_int_at_least(dst, 0) and dst < world_size):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{world_size - 1}")
         return None if dst is not None and world_size > 1 and dist.get_rank() != dst else model.state_dict()
     gathered = {name: m.layer.gather_experts(dst) for name, m in experts.items()}

@@ -500,8 +500,9 @@ class EPMoE(nn.Module):
         (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
         shards = [self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv]
         group, R = self.dispatcher.group, self.dispatcher.world_size
-        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < R):
+        if dst is not None and not (is_int_at_least(dst, 0) and dst < R):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
+        dst = None if dst is None else int(dst)  # (a numpy integer becomes Python's, as torch's gather takes it)
         me = self.dispatcher.rank
         # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
         first = [rank * self.placement.num_local_experts + local

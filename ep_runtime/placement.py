@@ -129,11 +129,11 @@ class ExpertPlacement:
         slots, contiguous over the ranks, slot p holding expert p % E (with N < E, experts 0..N-1 get a
         second copy). ep.eplb.plan computes a better one from measured load."""
         limit = num_experts * (ep_size - 1)
-        if isinstance(num_redundant_experts, bool) or not isinstance(num_redundant_experts, int) or not (
-                0 <= num_redundant_experts <= limit):
+        if not is_int_at_least(num_redundant_experts, 0) or num_redundant_experts > limit:
             raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: an int in 0..{limit} "
                              f"(num_experts * (ep_size - 1) = {num_experts} * ({ep_size} - 1): at most one copy "
                              f"of an expert per rank)")
+        num_redundant_experts = int(num_redundant_experts)  # (a numpy integer becomes Python's)
         P = num_experts + num_redundant_experts
         if P % ep_size and num_redundant_experts == 0:  # (the caller's argument is num_experts, not the copies)
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}; allowed: a multiple of "

@@ -923,3 +923,15 @@ def test_runner_scratch_is_reused_eagerly_and_never_under_a_graph(runner, tokens
             assert torch.equal(outs[0][valid], eager[valid]) and torch.equal(eager[valid], y_second[valid])
         else:
             assert torch.equal(outs[0], eager) and torch.equal(eager, y_second)
+
+
+def test_num_sms_above_the_gpus_sm_count_is_named_before_any_collective():
+    """num_sms beyond the GPU's SMs (no maximum before): a dispatch on that GPU names it and the range;
+    the SM count itself is accepted."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    x, topk = torch.randn(4, 16, device="cuda"), ep.TopKOutput(torch.zeros(4, 2, dtype=torch.int32, device="cuda"),
+                                                              torch.ones(4, 2, device="cuda"))
+    with pytest.raises(ValueError, match=rf"num_sms={sms + 1}; allowed: 0..{sms} \(the SMs of cuda:0"):
+        dispatchers.create("deepep_normal", cfg, num_sms=sms + 1).dispatch(x, topk)
+    dispatchers.create("deepep_normal", cfg, num_sms=sms).dispatch(x, topk)

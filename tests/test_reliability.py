@@ -22,6 +22,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -568,8 +569,21 @@ def test_init_distributed_timeout_argument_is_checked(bad):
         with pytest.raises(ValueError, match=re.escape(f"timeout_s={bad!r}; allowed: 1 <= seconds <= 1e+09")):
             ep.init_distributed(backend="gloo", timeout_s=bad)
         assert ep.init_distributed(backend="gloo", timeout_s=5) is group
+        for number in (np.float32(2.5), np.int64(5)):  # numpy's numbers are numbers (a TypeError before)
+            assert ep.init_distributed(backend="gloo", timeout_s=number) is group
     finally:
         ep.destroy_distributed()
+    assert ep.distributed.check_timeout(np.float32(2.5)) == 2.5
+
+
+def test_numpy_integers_are_taken_as_ints():
+    """Where an int is taken, a numpy integer is too (they were refused as not an int)."""
+    from ep_runtime import hf
+    placement = ep.ExpertPlacement.with_redundant_experts(8, np.int64(4), ep_size=2, rank=1)
+    assert placement.num_physical_experts == 12 and type(placement.num_physical_experts) is int
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    assert torch.equal(layer.gather_experts(dst=np.int64(0)).w13, layer.gather_experts().w13)
+    assert hf.export_state_dict(torch.nn.Linear(2, 2), dst=np.int32(0)).keys() == {"weight", "bias"}
 
 
 JUNK = ["", "0", "-1", "1", "7", "1e9", "1e20", "abc", "nan", "inf", "-inf", "--", "1.5", " 3 ", "\t", "-0",
