@@ -281,8 +281,10 @@ class EPMoE(nn.Module):
         rows, [E, I, H] when not gated; w2 [E, H, I]; b13 [E, 2I]; b2 [E, H]), of which it keeps its
         shard, or this rank's shard itself ([L, ...], experts in the order of its global ids: what
         gather_experts' inverse and a sharded checkpoint hold), so no rank needs every expert in
-        memory. Dim 0 tells them apart: E means global, L means shard (with one rank, L == E and both
-        are the same). Works after building on the meta device and `to_empty(device=...)`.
+        memory. Dim 0 tells them apart: E means global, L means shard. Where L == E too (one rank, or
+        redundant copies filling every rank with one copy of each expert, in an order a placement may
+        change) E rows are always the global weights: a shard in its slots' order loads through
+        load_state_dict or load_expert. Works after building on the meta device and `to_empty(device=...)`.
 
         fp8 (DeepSeek-V3 checkpoints as they are): w13/w2 float8_e4m3fn with w13_scale_inv
         [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
@@ -299,7 +301,7 @@ class EPMoE(nn.Module):
             if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
                 raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
                                  f"checkpoint's values, on any device (this layer's is {self.w13.device})")
-        shard = given == L and not (given == E and self.placement.maps_ids)  # with copies, E rows are global
+        shard = given != E  # E rows are global, also where L == E (see above)
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
         local_experts = self.placement.describe_local_experts()

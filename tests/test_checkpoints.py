@@ -207,6 +207,27 @@ def test_one_rank_shard_is_the_global_weights():
     assert torch.equal(back.w13, w13) and torch.equal(back.w2, w2)
 
 
+def _every_expert_on_every_rank(rank, world_size):
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", num_redundant_experts=E)  # L = E
+    slots = list(range(E)) + list(range(E))[::-1]  # rank 1 holds the experts in reverse order
+    layer.apply_placement(ep.ExpertPlacement(E, world_size, rank, physical_to_logical=slots))
+    layer.load_experts(w13, w2)
+    x, ids, weights = _tokens(rank)
+    with torch.no_grad():
+        error = rel_err(layer(x, ids, weights), moe_reference(x.double(), ids, weights.double(), w13.double(),
+                                                              w2.double(), layer.config))
+    mine = slots[rank * E:(rank + 1) * E]
+    return torch.equal(layer.w13, w13[mine]) and torch.equal(layer.w2, w2[mine]), error
+
+
+def test_e_rows_are_the_global_weights_where_each_rank_holds_every_expert():
+    """L == E (a copy of every expert on every rank, in another order on rank 1): load_experts reads E
+    rows as the global weights, one per expert, not as the rank's slots in order (docs/api.md)."""
+    for by_expert, error in run_ranks(_every_expert_on_every_rank, 2):
+        assert by_expert and error <= tolerance(torch.float32), error
+
+
 def test_gather_experts_on_one_rank_follows_the_placement():
     """On one rank gather_experts returned the slots as they were: after apply_placement with a
     permutation (or a checkpoint loaded in another placement) the experts came back out of order."""
