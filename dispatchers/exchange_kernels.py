@@ -18,6 +18,7 @@ and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,6 +42,41 @@ except ImportError:  # triton is optional: the torch path runs instead
 # inference path) encoded before packing: copied and laid out, never accumulated.
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
 
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each field of a rank's count row (int32) sits, and its length: [T; tokens to each rank
+    (ranks); pairs per expert (experts); tokens to each node (nodes: node-aware plans, else none);
+    with `wants`, whether x and topk_weights need gradients and x's dtype code (GRADS_AND_DTYPE
+    entries); value flags (num_flags: 0, 2 bad id / non-finite weight, or 3 and a repeated expert)].
+    The one description of the row every maker and reader of a count table uses: ranks all-gather
+    their rows, so rows of different lengths would pair wrongly (gloo aborts, NCCL hangs)."""
+
+    ranks: int
+    experts: int
+    num_flags: int
+    nodes: int = 0
+    wants: bool = True
+
+    @property
+    def nodes_at(self) -> int:
+        return 1 + self.ranks + self.experts
+
+    @property
+    def wants_at(self) -> int:
+        """(with `wants`) x needs a gradient at wants_at, topk_weights at + 1, x's dtype code at + 2."""
+        return self.nodes_at + self.nodes
+
+    @property
+    def flags_at(self) -> int:
+        return self.wants_at + (GRADS_AND_DTYPE if self.wants else 0)
+
+    @property
+    def length(self) -> int:
+        return self.flags_at + self.num_flags
+
+
+GRADS_AND_DTYPE = 3  # a row's entries saying whether x and topk_weights need gradients, and x's dtype
 
 _FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU
 

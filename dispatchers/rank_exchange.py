@@ -46,6 +46,7 @@ from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
+from .exchange_kernels import RowLayout
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import check_transport, peer_transport, put_bytes
 from .transport import all_gather_rows, all_to_all, host_values
@@ -56,9 +57,6 @@ from .transport import all_gather_rows, all_to_all, host_values
 _DTYPE_CODE = {t: i + 1 for i, t in enumerate(dict.fromkeys(
     t for t in vars(torch).values() if isinstance(t, torch.dtype) and t.is_floating_point))}
 _CODE_DTYPE = {i: t for t, i in _DTYPE_CODE.items()}
-# Entries of a torch-made count row between the counts and the flags: whether x and topk_weights need
-# gradients, and x's dtype code.
-_GRADS_AND_DTYPE = 3
 # A rank whose dispatch input failed its own checks (before any collective) still joins the count table's
 # all_gather (RankExchange.join_with_bad_input): its row has the length a good row would have, every count
 # 0, its first flag set and T = -1 - (the index of its error's type here), so every other rank's flag check
@@ -229,6 +227,7 @@ class _StaticCall(NamedTuple):
     chunk: int
     rows: Optional[int]
     capacity: str
+    layout: RowLayout  # of the table's rows
 
 
 class RankExchange:
@@ -335,43 +334,38 @@ class RankExchange:
             return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
         R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
+        row_layout = self.row_layout(nodes, distinct, topk_weights is not None)
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
         counts = (row, layout.is_token_in_rank, E)  # (the row before the node and flag entries join it)
-        flags_at = 1 + R + E
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
-            flags_at += nodes.num_nodes
-        # whether x and topk_weights need gradients here, for handle.grads, and x's dtype (three entries
-        # before the flags)
+        # whether x and topk_weights need gradients here, for handle.grads, and x's dtype
         wants = host_values([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
                             torch.int32, row.device)
         row = torch.cat([row, wants])
-        flags_at += _GRADS_AND_DTYPE
         read = chunk is None or not capturing()
-        checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
             # rank replaying a graph and a rank running eagerly still exchange rows of one length
-            flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if checked else
-                     torch.zeros(2 + (distinct is not None), dtype=torch.int32, device=row.device))
+            flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if read else
+                     torch.zeros(row_layout.num_flags, dtype=torch.int32, device=row.device))
             row = torch.cat([row, flags])
+        assert row.shape[0] == row_layout.length, (row.shape, row_layout)  # what join_with_bad_input's row matches
         issued_at = time.monotonic()
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ N nodes) (+ flags)]
+        table = all_gather_rows(row, self.group, R)  # [R_src, row_layout.length]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         # the kernel plan's summary: pairs per local expert (this rank's experts' columns), rows received, most received
         summary = torch.cat([table[:, 1 + R + self.tables(table.device)[2].long()].sum(0), sent[:, me].sum().view(1),
                              sent.sum(0).max().view(1)]).to(torch.int32)
         host = self._read_table(table, issued_at) if read else None  # the one wait
         if host is not None:
-            if checked:
-                self._check_flags(host, flags_at, topk_ids, topk_weights, distinct)
-            self._check_tokens([row[0] for row in host])
-            self._check_dtypes([row[flags_at - 1] for row in host])
+            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
         if chunk is None:
             handle = self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
-            handle.grads = tuple(any(row[flags_at - _GRADS_AND_DTYPE + i] for row in host) for i in (0, 1))
+            at = row_layout.wants_at
+            handle.grads = (any(row[at] for row in host), any(row[at + 1] for row in host))
         return handle
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
@@ -390,9 +384,11 @@ class RankExchange:
         if defer:  # before this call's collectives, so every rank raises at the same point
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
-        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
+        row_layout = self.row_layout(None, distinct, wants=False)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, row_layout.num_flags)
+        assert row.shape[0] == row_layout.length, (row.shape, row_layout)  # what join_with_bad_input's row matches
         issued_at = time.monotonic()
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
+        table = all_gather_rows(row, self.group, R)  # [R_src, row_layout.length]
         if not static and not now and table.is_cuda:  # the event the read below polls: right after the all_gather, not
             self._land_table(table)  # before the plan and pack queued next
         plan = payload = None
@@ -406,14 +402,14 @@ class RankExchange:
             total = R * chunk
             if defer:
                 self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, rows,
-                                                        capacity))
+                                                        capacity, row_layout))
             elif not now:
                 host = self._read_table(table, issued_at)
-                self._check_host_table(host, topk_ids, topk_weights, distinct)
+                self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
         else:
             host = self._read_table(table, issued_at, landed=True)  # the one wait
-            self._check_host_table(host, topk_ids, topk_weights, distinct)
+            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(map(sum, sent)))
@@ -478,8 +474,8 @@ class RankExchange:
         if peer is None or self.max_tokens is None or self.max_tokens[0] > chunk:
             return None
         T = topk_ids.shape[0]
-        num_flags = 3 if distinct else 2
-        if not peer.fits(put_bytes(x, topk_ids.shape[1], quant, chunk, R, 1 + R + E + num_flags)):
+        row_layout = self.row_layout(None, distinct, wants=False)  # the token put's rows
+        if not peer.fits(put_bytes(x, topk_ids.shape[1], quant, chunk, R, row_layout.length)):
             return None
         now = capturing()
         defer = not now and topk_ids.is_cuda and not self.sync_checks
@@ -490,14 +486,14 @@ class RankExchange:
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(x.device)
         in_rank = torch.empty(T, R, dtype=torch.bool, device=x.device)  # every entry written by the put
-        row = torch.empty(1 + R + E + num_flags, dtype=torch.int32, device=x.device)
+        row = torch.empty(row_layout.length, dtype=torch.int32, device=x.device)
         combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
-        received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant, num_flags,
-                                          in_rank, row, combine_index, send_token)
+        received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant,
+                                          row_layout.num_flags, in_rank, row, combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
-        call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity)
+        call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity, row_layout)
         if defer:
             self._deferred.defer(table, call)
         elif not now:
@@ -533,13 +529,17 @@ class RankExchange:
         check_transport(self.group, self.name, "dispatch")
 
     def _check_deferred(self, host: list, call: _StaticCall) -> None:
-        self._check_host_table(host, call.topk_ids, call.topk_weights, call.distinct)
+        self._check_host_table(host, call.layout, call.topk_ids, call.topk_weights, call.distinct)
         self._check_static(host, call.chunk, call.rows, call.capacity)
 
-    def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
-        R, E = self.world_size, self.num_experts
-        self._check_flags(host, 1 + R + E, topk_ids, topk_weights, distinct)
+    def _check_host_table(self, host: list, layout: RowLayout, topk_ids, topk_weights, distinct) -> None:
+        """Every rank raises on the count table read on the host (rows of `layout`): bad ids or weights on any
+        rank (rows with flags), too many tokens, ranks dispatching x in different dtypes (rows with them)."""
+        if layout.num_flags:
+            self._check_flags(host, layout.flags_at, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
+        if layout.wants:
+            self._check_dtypes([row[layout.wants_at + 2] for row in host])
 
     @staticmethod
     def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
@@ -611,17 +611,22 @@ class RankExchange:
         input is not touched): every count 0, the first flag set, and T = -1 - the index of error's type in
         _BAD_INPUT_TYPES. The caller decides where the peers read the table at once (not for static plans
         on CUDA)."""
-        R, E = self.world_size, self.num_experts
         nodes = self._two_stages(chunk, device)  # (the first host plan's node all_gather comes first on every rank)
-        num_flags = 2 + (distinct is not None)
-        if nodes is None and exchange_kernels.on_gpu(torch.empty(0, device=device)):  # exchange_kernels.layout_row's
-            length = 1 + R + E + num_flags
-        else:  # plan's: count_row's, tokens per node, grads and dtype, flags
-            length = 1 + R + E + (nodes.num_nodes if nodes is not None else 0) + _GRADS_AND_DTYPE + num_flags
-        row = torch.zeros(length, dtype=torch.int32)
+        layout = self.row_layout(nodes, distinct, wants=not (nodes is None and exchange_kernels.on_gpu(
+            torch.empty(0, device=device))))  # as plan's: the kernel path's on CUDA (or forced), else the torch-made
+        row = torch.zeros(layout.length, dtype=torch.int32)
         row[0] = -1 - next((i for i, t in enumerate(_BAD_INPUT_TYPES) if isinstance(error, t)), 0)
-        row[-num_flags] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
-        all_gather_rows(row.to(device), self.group, R)
+        row[layout.flags_at] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
+        all_gather_rows(row.to(device), self.group, self.world_size)
+
+    def row_layout(self, nodes: Optional[NodeLayout], distinct: Optional[str], checked: bool = True,
+                   wants: bool = True) -> RowLayout:
+        """The count row of a plan with these settings, as plan takes them (node-aware over `nodes`;
+        `distinct`; checked: topk_weights given, so the row carries value flags; wants: the gradient and
+        dtype entries, which rows made by exchange_kernels.layout_row lack): the one source for plan,
+        _device_plan, _put_tokens and join_with_bad_input, whose rows the ranks all-gather together."""
+        return RowLayout(self.world_size, self.num_experts, (2 + (distinct is not None)) if checked else 0,
+                         nodes.num_nodes if nodes is not None else 0, wants)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
