@@ -1,9 +1,10 @@
 """Send each token once to every rank owning one of its experts, and bring partial results home.
 
 The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row goes:
-- host plan: one all_gather of a small count table ([1 + R + E] ints per rank: T, tokens per
-  destination, pairs per expert, and flags for bad ids/weights; made by torch ops, also x's dtype),
-  read on the host once; exact split sizes, no padding bytes;
+- host plan: one all_gather of a small count table (a row of ints per rank, laid out by
+  exchange_kernels.RowLayout: T, tokens per destination, pairs per expert, whether x and
+  topk_weights need gradients, x's dtype, and flags for bad ids/weights), read on the host once;
+  exact split sizes, no padding bytes;
 - static plan (`chunk` rows per peer): each rank sends a fixed chunk to every peer (pad rows carry
   id -1), so shapes never change and a CUDA graph can capture it. Received chunks can be compacted
   into `rows` rows, valid rows first. The table is read on the host as well, except while a graph
@@ -162,13 +163,20 @@ class ExchangeHandle:
     # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch)
     topk: Optional[tuple] = None
     placement: Optional[ExpertPlacement] = None
-    # Plans that read a table made by torch ops (CPU ranks, node-aware plans): whether x and topk_weights
-    # need gradients on any rank (send then makes this rank's need them too); None elsewhere.
+    # Plans whose table was read on the host when made (not a deferred or captured static plan, nor the
+    # NVLink token put): whether x and topk_weights need gradients on any rank (send then makes this
+    # rank's need them too); None elsewhere.
     grads: Optional[tuple[bool, bool]] = None
 
     @property
     def static(self) -> bool:
         return self.chunk is not None
+
+    @property
+    def differentiable(self) -> bool:
+        """Some rank's x or topk_weights needed a gradient when the plan was made (grads) and grad mode is on
+        here: this rank's send must be differentiable too."""
+        return self.grads is not None and any(self.grads) and torch.is_grad_enabled()
 
     @functools.cached_property
     def layout(self) -> Layout:
@@ -209,6 +217,18 @@ def _normal_copy(value):
     if isinstance(value, tuple):
         return tuple(_normal_copy(v) for v in value)
     return value
+
+
+def _wants(x: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor]) -> tuple[int, int]:
+    """A count row's RowLayout.wants entries for this rank: (gradient bits: 1 where x needs a gradient, 2
+    where topk_weights does; x's dtype code)."""
+    return needs_grad(x) + 2 * needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)
+
+
+def _grads_on_any_rank(host_table: list, layout: RowLayout) -> tuple[bool, bool]:
+    """(whether x, whether topk_weights need a gradient on some rank) from the count table read on the host."""
+    bits = functools.reduce(operator.or_, (row[layout.grads_at] for row in host_table))
+    return bool(bits & 1), bool(bits & 2)
 
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
@@ -331,7 +351,7 @@ class RankExchange:
         whether they need gradients rides in the table too (handle.grads; see send)."""
         nodes = self._two_stages(chunk, topk_ids.device)
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids) and nodes is None:
-            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
+            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, _wants(x, topk_weights))[0]
         R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
         row_layout = self.row_layout(nodes, distinct, topk_weights is not None)
@@ -340,9 +360,7 @@ class RankExchange:
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
         # whether x and topk_weights need gradients here, for handle.grads, and x's dtype
-        wants = host_values([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
-                            torch.int32, row.device)
-        row = torch.cat([row, wants])
+        row = torch.cat([row, host_values(list(_wants(x, topk_weights)), torch.int32, row.device)])
         read = chunk is None or not capturing()
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
             # rank replaying a graph and a rank running eagerly still exchange rows of one length
@@ -364,17 +382,17 @@ class RankExchange:
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
-            at = row_layout.wants_at
-            handle.grads = (any(row[at] for row in host), any(row[at + 1] for row in host))
+            handle.grads = _grads_on_any_rank(host, row_layout)
         return handle
 
-    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
+    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, wants, x=None, local_ids=False,
                      quant=None):
         """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
         one kernel from the table on the device. A host plan reads the table once (its one wait); a
-        static plan defers the read on CUDA (see the module doc). Given x, a host plan also packs the
-        payload before that read (sized for the most rows T * min(R, K) could need), so the device
-        plans and packs while the host waits; returns (handle, payload or None)."""
+        static plan defers the read on CUDA (see the module doc). wants: _wants(x, topk_weights), carried
+        in the row. Given x, a host plan also packs the payload before that read (sized for the most
+        rows T * min(R, K) could need), so the device plans and packs while the host waits; returns
+        (handle, payload or None)."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T, K = topk_ids.shape
         static, now = chunk is not None, capturing()
@@ -384,8 +402,9 @@ class RankExchange:
         if defer:  # before this call's collectives, so every rank raises at the same point
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
-        row_layout = self.row_layout(None, distinct, wants=False)
-        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, row_layout.num_flags)
+        row_layout = self.row_layout(None, distinct)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, row_layout.num_flags,
+                                                   wants=wants)
         assert row.shape[0] == row_layout.length, (row.shape, row_layout)  # what join_with_bad_input's row matches
         issued_at = time.monotonic()
         table = all_gather_rows(row, self.group, R)  # [R_src, row_layout.length]
@@ -397,7 +416,7 @@ class RankExchange:
             payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
                                                     rank_of, local_of if local_ids else None, skip_pad=True,
                                                     quant=quant)
-        send_splits = recv_splits = per_expert_host = most_rows = links = None
+        send_splits = recv_splits = per_expert_host = most_rows = links = grads = None
         if static:
             total = R * chunk
             if defer:
@@ -407,9 +426,11 @@ class RankExchange:
                 host = self._read_table(table, issued_at)
                 self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
+                grads = _grads_on_any_rank(host, row_layout)
         else:
             host = self._read_table(table, issued_at, landed=True)  # the one wait
             self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
+            grads = _grads_on_any_rank(host, row_layout)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(map(sum, sent)))
@@ -431,7 +452,7 @@ class RankExchange:
         handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, plan.combine_index, summary,
                                 send_splits, recv_splits, per_expert_host, chunk=chunk, rows=rows, recv_pos=plan.recv_pos,
                                 recv_rows=plan.recv_rows, sent=None if static else sent, most_rows=most_rows,
-                                links=links)
+                                links=links, grads=grads)
         if payload is not None and payload.shape[0] != total:
             payload = payload[:total]
         return handle, payload
@@ -453,8 +474,10 @@ class RankExchange:
                 put = self._put_tokens(x, topk_ids, topk_weights, chunk, capacity, distinct, quant)
                 if put is not None:
                     return put
-            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids,
-                                                quant)
+            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct,
+                                                _wants(x, topk_weights), x, local_ids, quant)
+            if quant is None and handle.differentiable:  # another rank's x or weights need a gradient: send()
+                return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
             if payload is None:
                 return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient, quant))
             return (handle, *self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant),
@@ -539,7 +562,7 @@ class RankExchange:
             self._check_flags(host, layout.flags_at, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
         if layout.wants:
-            self._check_dtypes([row[layout.wants_at + 2] for row in host])
+            self._check_dtypes([row[layout.dtype_at] for row in host])
 
     @staticmethod
     def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
@@ -606,14 +629,12 @@ class RankExchange:
         """This rank's dispatch input failed its checks with `error`, before any collective: take part in
         the count table's all_gather that the other ranks' dispatch (a plan with this chunk and distinct, as
         plan's) starts with, so that they raise at once too (_check_flags) instead of waiting for this rank
-        until the timeout. The row is the length theirs is (the kernel path's on CUDA, or forced, unless the
-        plan is node-aware; else the torch-made one), made on `device` from the settings alone (the bad
-        input is not touched): every count 0, the first flag set, and T = -1 - the index of error's type in
-        _BAD_INPUT_TYPES. The caller decides where the peers read the table at once (not for static plans
-        on CUDA)."""
+        until the timeout. The row is the length theirs is (row_layout's, as plan's), made on `device` from
+        the settings alone (the bad input is not touched): every count 0, the first flag set, and T = -1 -
+        the index of error's type in _BAD_INPUT_TYPES. The caller decides where the peers read the table at
+        once (not for static plans on CUDA)."""
         nodes = self._two_stages(chunk, device)  # (the first host plan's node all_gather comes first on every rank)
-        layout = self.row_layout(nodes, distinct, wants=not (nodes is None and exchange_kernels.on_gpu(
-            torch.empty(0, device=device))))  # as plan's: the kernel path's on CUDA (or forced), else the torch-made
+        layout = self.row_layout(nodes, distinct)
         row = torch.zeros(layout.length, dtype=torch.int32)
         row[0] = -1 - next((i for i, t in enumerate(_BAD_INPUT_TYPES) if isinstance(error, t)), 0)
         row[layout.flags_at] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
@@ -623,10 +644,11 @@ class RankExchange:
                    wants: bool = True) -> RowLayout:
         """The count row of a plan with these settings, as plan takes them (node-aware over `nodes`;
         `distinct`; checked: topk_weights given, so the row carries value flags; wants: the gradient and
-        dtype entries, which rows made by exchange_kernels.layout_row lack): the one source for plan,
-        _device_plan, _put_tokens and join_with_bad_input, whose rows the ranks all-gather together."""
-        return RowLayout(self.world_size, self.num_experts, (2 + (distinct is not None)) if checked else 0,
-                         nodes.num_nodes if nodes is not None else 0, wants)
+        dtype entries, which only the NVLink token put's rows lack): the one source for plan, _device_plan,
+        _put_tokens and join_with_bad_input, whose rows the ranks all-gather together."""
+        return exchange_kernels.row_layout(self.world_size, self.num_experts,
+                                           (2 + (distinct is not None)) if checked else 0,
+                                           nodes.num_nodes if nodes is not None else 0, wants)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
@@ -700,16 +722,17 @@ class RankExchange:
         On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer.
         quant: an fp8 dispatch; recv_x is then its uint8 wire rows (fp8_payload), quantized by the
         packing kernel on the kernel path, else by fp8_payload.encode first."""
+        if quant is None and handle.differentiable:
+            # The backward of each exchange is the reverse exchange, run by every rank whose sent rows need a
+            # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
+            # empty x made here, say) skips reverse exchanges the others run (and on the kernel path takes the
+            # inference kernels' one exchange where the others run two): a collective mismatch.
+            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
+                          for t, wanted in zip((x, weights), handle.grads))
         if exchange_kernels.inference_path(x, weights) and handle.relay is None:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)
         if quant is not None:
             x = fp8_payload.encode(x, quant)
-        elif handle.grads is not None and torch.is_grad_enabled():
-            # The backward of each exchange is the reverse exchange, run by every rank whose sent rows need a
-            # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
-            # empty x made here, say) skips reverse exchanges the others run: a collective mismatch.
-            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
-                          for t, wanted in zip((x, weights), handle.grads))
         R, K = self.world_size, ids.shape[1]
         pad = x.new_zeros(1, x.shape[1])
         if handle.relay is not None:  # node-aware: two stages, rows back in this order
