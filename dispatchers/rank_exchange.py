@@ -378,7 +378,7 @@ class RankExchange:
         if host is not None:
             self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
         if chunk is None:
-            handle = self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
+            handle = self._host_plan(counts, host, sent, summary, rows, capacity, row_layout, nodes)
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
@@ -600,11 +600,11 @@ class RankExchange:
         if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
             raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
 
-    def _host_plan(self, counts, host_table, sent, summary, rows, capacity,
+    def _host_plan(self, counts, host_table, sent, summary, rows, capacity, row_layout: RowLayout,
                    nodes: Optional[NodeLayout] = None) -> ExchangeHandle:
-        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
-        (tokens per node,) flags]). nodes: go node-aware (send_token etc. are then stage 1's)."""
-        R, E, me = self.world_size, self.num_experts, self.rank
+        """host_table: the count table read on the host (rows of row_layout). nodes: go node-aware
+        (send_token etc. are then stage 1's)."""
+        R, me = self.world_size, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
         per_expert_host = self._per_local_expert(host_table)
@@ -613,7 +613,8 @@ class RankExchange:
         recv_splits = [host[s][me] for s in range(R)]
         in_rank, per_rank, relay = counts[1], sent[me].long(), None
         if nodes is not None:
-            per_node = [row[1 + R + E:1 + R + E + nodes.num_nodes] for row in host_table]
+            at = row_layout.nodes_at
+            per_node = [row[at:at + nodes.num_nodes] for row in host_table]
             relay = RelayPlan.from_counts(host, per_node, nodes, me, in_rank.device)
             in_rank = RelayPlan.stage_one(in_rank, nodes, me)
             per_rank = host_values(relay.send1, torch.long, in_rank.device)
