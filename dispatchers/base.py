@@ -361,7 +361,9 @@ class ExchangeDispatcher(Dispatcher):
     def _table_plan(self, **options: Any) -> Optional[tuple[Optional[int], Optional[str]]]:
         """(chunk, distinct) of the count table a dispatch with these options starts with, as
         RankExchange.plan takes them; None where it starts with none (a reused handle) or is not known
-        (a subclass that does not say: its peers wait until the timeout, as before)."""
+        (a subclass that does not say: its peers wait until the timeout, as before). A subclass's
+        _dispatch takes its plan's chunk and distinct from here, so a bad-input join's row (made from
+        these) always has the length of the good ranks' rows."""
         return None
 
     def join_with_bad_input(self, error: Exception, **options: Any) -> None:

@@ -100,10 +100,10 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)
-        M, L = self.options.num_max_dispatch_tokens_per_rank, self.exchange.num_local_experts
+        (chunk, distinct), L = self._table_plan(), self.exchange.num_local_experts
         handle, rows, recv_ids, recv_w = self.exchange.plan_and_send(
-            x, ids, weights, local_ids=True, chunk=M, capacity=self._capacity,
-            distinct=self.distinct_ids, transient=True, quant=quant, by_token=True)  # rows scattered into recv_x below
+            x, ids, weights, local_ids=True, chunk=chunk, capacity=self._capacity,
+            distinct=distinct, transient=True, quant=quant, by_token=True)  # rows scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
         if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(

@@ -127,9 +127,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)
         options = self.options
         if handle is None:
+            chunk, distinct = self._table_plan()
             handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-                x, ids, weights, local_ids=True, chunk=options.chunk, rows=options.num_worst_tokens,
-                capacity=self._capacity, quant=quant)
+                x, ids, weights, local_ids=True, chunk=chunk, rows=options.num_worst_tokens,
+                capacity=self._capacity, distinct=distinct, quant=quant)
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
             handle.placement = self.placement
         else:

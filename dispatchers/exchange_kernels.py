@@ -18,6 +18,8 @@ and weights as views: every saved torch op is ~8 us of host time on a GPU host.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,6 +43,50 @@ except ImportError:  # triton is optional: the torch path runs instead
 # inference path) encoded before packing: copied and laid out, never accumulated.
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
 
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each field of a rank's count row (int32) sits, and its length: [T; tokens to each rank
+    (ranks); pairs per expert (experts); tokens to each node (nodes: node-aware plans, else none);
+    with `wants`, the gradient bits and x's dtype code (grads_at, dtype_at); value flags (num_flags:
+    0, 2 bad id / non-finite weight, or 3 and a repeated expert)]. The one description of the row
+    every maker and reader of a count table uses: ranks all-gather their rows, so rows of different
+    lengths would pair wrongly (gloo aborts, NCCL hangs)."""
+
+    ranks: int
+    experts: int
+    num_flags: int
+    nodes: int = 0
+    wants: bool = True
+
+    @functools.cached_property
+    def nodes_at(self) -> int:
+        return 1 + self.ranks + self.experts
+
+    @functools.cached_property
+    def grads_at(self) -> int:
+        """(with `wants`) the gradient bits: 1 when x needs a gradient on that rank, 2 when topk_weights does."""
+        return self.nodes_at + self.nodes
+
+    @functools.cached_property
+    def dtype_at(self) -> int:
+        """(with `wants`) x's dtype code (rank_exchange's; 0: no x)."""
+        return self.grads_at + 1
+
+    @functools.cached_property
+    def flags_at(self) -> int:
+        return self.grads_at + (2 if self.wants else 0)
+
+    @functools.cached_property
+    def length(self) -> int:
+        return self.flags_at + self.num_flags
+
+
+@functools.lru_cache(maxsize=None)
+def row_layout(ranks: int, experts: int, num_flags: int, nodes: int = 0, wants: bool = True) -> RowLayout:
+    """RowLayout(ranks, experts, num_flags, nodes, wants), made once (a dispatch then reads its offsets
+    as plain attributes: host time)."""
+    return RowLayout(ranks, experts, num_flags, nodes, wants)
 
 _FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU
 
@@ -172,11 +218,13 @@ if triton is not None:
                     tl.store(out_ptr + slot * H + cols, value, mask=cols < H)
 
     @fast_launch
-    @triton.jit
-    def _layout_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at,
-                       FLAGS: tl.constexpr, DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    @triton.jit(do_not_specialize=["grads", "dtype_code"])
+    def _layout_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at, grads_at, grads,
+                       dtype_code, FLAGS: tl.constexpr, DISTINCT: tl.constexpr, WANTS: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         """A program per BLOCK_T tokens: is_token_in_rank, tokens per destination rank and pairs per
-        expert (row[1:1+R], row[1+R:1+R+E]), and the value flags at row[flags_at:] (an id outside
+        expert (row[1:1+R], row[1+R:1+R+E]), with WANTS the gradient bits and x's dtype code (given,
+        at row[grads_at], row[grads_at + 1]), and the value flags at row[flags_at:] (an id outside
         [-1, E), a non-finite weight, and with DISTINCT a token listing one expert twice)."""
         pid = tl.program_id(0)
         t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -186,6 +234,9 @@ if triton is not None:
         ids, valid, owner = _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E)
         if pid == 0:
             tl.store(row_ptr, T)
+            if WANTS:
+                tl.store(row_ptr + grads_at, grads)
+                tl.store(row_ptr + grads_at + 1, dtype_code)
         for r in range(R):
             hit = tl.max((owner == r).to(tl.int32), axis=1)
             tl.store(in_rank_ptr + t.to(tl.int64) * R + r, hit.to(tl.int8), mask=t < T)
@@ -444,23 +495,26 @@ if triton is not None:
             tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
 
 def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], rank_of: torch.Tensor, ep_size: int,
-               num_flags: int, in_rank: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(is_token_in_rank [T, R] bool, row [1 + R + E + num_flags] int32 = [T; tokens per rank; pairs
-    per expert; flags]). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
-    needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token). in_rank: a
-    contiguous int8 or bool buffer of at least T*R entries that the caller never reads (standard), written
-    and returned as it is instead of a new tensor (two torch ops fewer)."""
+               num_flags: int, in_rank: Optional[torch.Tensor] = None, wants: Optional[tuple[int, int]] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(is_token_in_rank [T, R] bool, row int32 = [T; tokens per rank; pairs per expert; (wants;) flags],
+    placed by RowLayout). rank_of [E] int32: owning rank of each expert. num_flags: 0 (no weights
+    needed), 2 (bad id, non-finite weight) or 3 (and a repeated expert in a token). wants: (gradient
+    bits, x's dtype code), RowLayout's entries, stored by the same kernel (None: a row without them).
+    in_rank: a contiguous int8 or bool buffer of at least T*R entries that the caller never reads
+    (standard), written and returned as it is instead of a new tensor (two torch ops fewer)."""
     T, K = topk_ids.shape
     E = rank_of.numel()
+    layout = row_layout(ep_size, E, num_flags, 0, wants is not None)
     if in_rank is None:  # bool: the kernel stores 0/1 bytes (no int8 -> bool view per call)
         in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=topk_ids.device)
-    row = torch.zeros(1 + ep_size + E + num_flags, dtype=torch.int32, device=topk_ids.device)
+    row = torch.zeros(layout.length, dtype=torch.int32, device=topk_ids.device)
+    grads, dtype_code = wants if wants is not None else (0, 0)
     BLOCK_T = 64
     _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
         topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else rank_of, rank_of, in_rank,
-        row, T, K, E, ep_size,
-        1 + ep_size + E, FLAGS=num_flags > 0, DISTINCT=num_flags > 2, BLOCK_T=BLOCK_T,
-        BLOCK_K=next_power_of_2(max(K, 2)))
+        row, T, K, E, ep_size, layout.flags_at, layout.grads_at, grads, dtype_code, FLAGS=num_flags > 0,
+        DISTINCT=num_flags > 2, WANTS=wants is not None, BLOCK_T=BLOCK_T, BLOCK_K=next_power_of_2(max(K, 2)))
     return in_rank, row
 
 

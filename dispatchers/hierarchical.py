@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import socket
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -44,6 +44,7 @@ class NodeLayout:
     """node_of[r]: the node of group rank r, numbered 0.. in order of first appearance."""
 
     node_of: tuple[int, ...]
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)  # device -> node_of_on(device)
 
     @classmethod
     def from_keys(cls, keys: Sequence) -> "NodeLayout":
@@ -71,6 +72,13 @@ class NodeLayout:
 
     def same_node(self, a: int, b: int) -> bool:
         return self.node_of[a] == self.node_of[b]
+
+    def node_of_on(self, device: torch.device) -> torch.Tensor:
+        """node_of as an int64 tensor on `device`, made once per device (every node-aware dispatch reads it)."""
+        made = self._on_device.get(device)
+        if made is None:
+            made = self._on_device[device] = host_values(self.node_of, torch.long, device)
+        return made
 
 
 def use_two_stages(mode: str, nodes: NodeLayout) -> bool:
@@ -182,7 +190,7 @@ def tokens_per_node(in_rank: torch.Tensor, nodes: NodeLayout) -> torch.Tensor:
 
 
 def _in_node(in_rank: torch.Tensor, nodes: NodeLayout) -> torch.Tensor:
-    node_of = host_values(nodes.node_of, torch.long, in_rank.device)
+    node_of = nodes.node_of_on(in_rank.device)
     hits = torch.zeros(in_rank.shape[0], nodes.num_nodes, dtype=torch.int32, device=in_rank.device)
     return hits.index_add_(1, node_of, in_rank.to(torch.int32)) > 0
 

@@ -112,11 +112,11 @@ class MoriDispatcher(ExchangeDispatcher):
     def _dispatch(self, x, topk: TopKOutput):
         ids, weights = topk
         x_dtype, quant = x.dtype, self.fp8  # (checked for a gradient in _checked_topk)
-        static, options = self._static(), self.options
-        N, n = options.num_buffer_rows, options.max_input_tokens
-        chunk = options.max_dispatch_tokens_per_rank if static else None
+        (chunk, distinct), options = self._table_plan(), self.options
+        static, N, n = chunk is not None, options.num_buffer_rows, options.max_input_tokens
         handle, recv_x, recv_ids, recv_weights = self.exchange.plan_and_send(
-            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=self._capacity, quant=quant)
+            x, ids, weights, local_ids=False, chunk=chunk, rows=N, capacity=self._capacity, distinct=distinct,
+            quant=quant)
         if n <= 0:
             rows = N
         elif static:

@@ -1,9 +1,10 @@
 """Send each token once to every rank owning one of its experts, and bring partial results home.
 
 The piece deepep_normal, mori and deepep_ll share. A plan fixes where every row goes:
-- host plan: one all_gather of a small count table ([1 + R + E] ints per rank: T, tokens per
-  destination, pairs per expert, and flags for bad ids/weights; made by torch ops, also x's dtype),
-  read on the host once; exact split sizes, no padding bytes;
+- host plan: one all_gather of a small count table (a row of ints per rank, laid out by
+  exchange_kernels.RowLayout: T, tokens per destination, pairs per expert, whether x and
+  topk_weights need gradients, x's dtype, and flags for bad ids/weights), read on the host once;
+  exact split sizes, no padding bytes;
 - static plan (`chunk` rows per peer): each rank sends a fixed chunk to every peer (pad rows carry
   id -1), so shapes never change and a CUDA graph can capture it. Received chunks can be compacted
   into `rows` rows, valid rows first. The table is read on the host as well, except while a graph
@@ -46,6 +47,7 @@ from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
+from .exchange_kernels import RowLayout
 from .hierarchical import LinkRows, NodeLayout, RelayPlan
 from .peer_transport import check_transport, peer_transport, put_bytes
 from .transport import all_gather_rows, all_to_all, host_values
@@ -56,9 +58,6 @@ from .transport import all_gather_rows, all_to_all, host_values
 _DTYPE_CODE = {t: i + 1 for i, t in enumerate(dict.fromkeys(
     t for t in vars(torch).values() if isinstance(t, torch.dtype) and t.is_floating_point))}
 _CODE_DTYPE = {i: t for t, i in _DTYPE_CODE.items()}
-# Entries of a torch-made count row between the counts and the flags: whether x and topk_weights need
-# gradients, and x's dtype code.
-_GRADS_AND_DTYPE = 3
 # A rank whose dispatch input failed its own checks (before any collective) still joins the count table's
 # all_gather (RankExchange.join_with_bad_input): its row has the length a good row would have, every count
 # 0, its first flag set and T = -1 - (the index of its error's type here), so every other rank's flag check
@@ -164,13 +163,20 @@ class ExchangeHandle:
     # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch)
     topk: Optional[tuple] = None
     placement: Optional[ExpertPlacement] = None
-    # Plans that read a table made by torch ops (CPU ranks, node-aware plans): whether x and topk_weights
-    # need gradients on any rank (send then makes this rank's need them too); None elsewhere.
+    # Plans whose table was read on the host when made (not a deferred or captured static plan, nor the
+    # NVLink token put): whether x and topk_weights need gradients on any rank (send then makes this
+    # rank's need them too); None elsewhere.
     grads: Optional[tuple[bool, bool]] = None
 
     @property
     def static(self) -> bool:
         return self.chunk is not None
+
+    @property
+    def differentiable(self) -> bool:
+        """Some rank's x or topk_weights needed a gradient when the plan was made (grads) and grad mode is on
+        here: this rank's send must be differentiable too."""
+        return self.grads is not None and any(self.grads) and torch.is_grad_enabled()
 
     @functools.cached_property
     def layout(self) -> Layout:
@@ -213,6 +219,18 @@ def _normal_copy(value):
     return value
 
 
+def _wants(x: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor]) -> tuple[int, int]:
+    """A count row's RowLayout.wants entries for this rank: (gradient bits: 1 where x needs a gradient, 2
+    where topk_weights does; x's dtype code)."""
+    return needs_grad(x) + 2 * needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)
+
+
+def _grads_on_any_rank(host_table: list, layout: RowLayout) -> tuple[bool, bool]:
+    """(whether x, whether topk_weights need a gradient on some rank) from the count table read on the host."""
+    bits = functools.reduce(operator.or_, (row[layout.grads_at] for row in host_table))
+    return bool(bits & 1), bool(bits & 2)
+
+
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     """(sent[s][d]: tokens rank s sends to rank d, the most tokens any rank receives) from the count table."""
     sent = [row[1:1 + R] for row in host_table]
@@ -229,6 +247,7 @@ class _StaticCall(NamedTuple):
     chunk: int
     rows: Optional[int]
     capacity: str
+    layout: RowLayout  # of the table's rows
 
 
 class RankExchange:
@@ -332,55 +351,48 @@ class RankExchange:
         whether they need gradients rides in the table too (handle.grads; see send)."""
         nodes = self._two_stages(chunk, topk_ids.device)
         if topk_weights is not None and exchange_kernels.on_gpu(topk_ids) and nodes is None:
-            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct)[0]
+            return self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, _wants(x, topk_weights))[0]
         R, E, me = self.world_size, self.num_experts, self.rank
         T = topk_ids.shape[0]
+        row_layout = self.row_layout(nodes, distinct, topk_weights is not None)
         layout, row = count_row(topk_ids, E, R, self.tables(topk_ids.device)[0])
         counts = (row, layout.is_token_in_rank, E)  # (the row before the node and flag entries join it)
-        flags_at = 1 + R + E
         if nodes is not None:  # tokens per destination node: stage 1's splits, in the same table
             row = torch.cat([row, hierarchical.tokens_per_node(layout.is_token_in_rank, nodes)])
-            flags_at += nodes.num_nodes
-        # whether x and topk_weights need gradients here, for handle.grads, and x's dtype (three entries
-        # before the flags)
-        wants = host_values([needs_grad(x), needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)],
-                            torch.int32, row.device)
-        row = torch.cat([row, wants])
-        flags_at += _GRADS_AND_DTYPE
+        # whether x and topk_weights need gradients here, for handle.grads, and x's dtype
+        row = torch.cat([row, host_values(list(_wants(x, topk_weights)), torch.int32, row.device)])
         read = chunk is None or not capturing()
-        checked = topk_weights is not None and read
         if topk_weights is not None:  # the flag slots are always sent (zeros while capturing), so a
             # rank replaying a graph and a rank running eagerly still exchange rows of one length
-            flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if checked else
-                     torch.zeros(2 + (distinct is not None), dtype=torch.int32, device=row.device))
+            flags = (topk_value_flags(topk_ids, topk_weights, E, distinct is not None) if read else
+                     torch.zeros(row_layout.num_flags, dtype=torch.int32, device=row.device))
             row = torch.cat([row, flags])
+        assert row.shape[0] == row_layout.length, (row.shape, row_layout)  # what join_with_bad_input's row matches
         issued_at = time.monotonic()
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E (+ N nodes) (+ flags)]
+        table = all_gather_rows(row, self.group, R)  # [R_src, row_layout.length]
         sent = table[:, 1:1 + R]  # sent[s, d]: tokens rank s sends to rank d
         # the kernel plan's summary: pairs per local expert (this rank's experts' columns), rows received, most received
         summary = torch.cat([table[:, 1 + R + self.tables(table.device)[2].long()].sum(0), sent[:, me].sum().view(1),
                              sent.sum(0).max().view(1)]).to(torch.int32)
         host = self._read_table(table, issued_at) if read else None  # the one wait
         if host is not None:
-            if checked:
-                self._check_flags(host, flags_at, topk_ids, topk_weights, distinct)
-            self._check_tokens([row[0] for row in host])
-            self._check_dtypes([row[flags_at - 1] for row in host])
+            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
         if chunk is None:
-            handle = self._host_plan(counts, host, sent, summary, rows, capacity, nodes)
+            handle = self._host_plan(counts, host, sent, summary, rows, capacity, row_layout, nodes)
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
         if host is not None:
-            handle.grads = tuple(any(row[flags_at - _GRADS_AND_DTYPE + i] for row in host) for i in (0, 1))
+            handle.grads = _grads_on_any_rank(host, row_layout)
         return handle
 
-    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, x=None, local_ids=False,
+    def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, wants, x=None, local_ids=False,
                      quant=None):
         """The kernel plan (CUDA): layout, flags and counts in one kernel, one all_gather, the plan in
         one kernel from the table on the device. A host plan reads the table once (its one wait); a
-        static plan defers the read on CUDA (see the module doc). Given x, a host plan also packs the
-        payload before that read (sized for the most rows T * min(R, K) could need), so the device
-        plans and packs while the host waits; returns (handle, payload or None)."""
+        static plan defers the read on CUDA (see the module doc). wants: _wants(x, topk_weights), carried
+        in the row. Given x, a host plan also packs the payload before that read (sized for the most
+        rows T * min(R, K) could need), so the device plans and packs while the host waits; returns
+        (handle, payload or None)."""
         R, E, L, me = self.world_size, self.num_experts, self.num_local_experts, self.rank
         T, K = topk_ids.shape
         static, now = chunk is not None, capturing()
@@ -390,9 +402,12 @@ class RankExchange:
         if defer:  # before this call's collectives, so every rank raises at the same point
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(topk_ids.device)
-        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, 3 if distinct else 2)
+        row_layout = self.row_layout(None, distinct)
+        in_rank, row = exchange_kernels.layout_row(topk_ids, topk_weights, rank_of, R, row_layout.num_flags,
+                                                   wants=wants)
+        assert row.shape[0] == row_layout.length, (row.shape, row_layout)  # what join_with_bad_input's row matches
         issued_at = time.monotonic()
-        table = all_gather_rows(row, self.group, R)  # [R_src, 1 + R + E + flags]
+        table = all_gather_rows(row, self.group, R)  # [R_src, row_layout.length]
         if not static and not now and table.is_cuda:  # the event the read below polls: right after the all_gather, not
             self._land_table(table)  # before the plan and pack queued next
         plan = payload = None
@@ -401,19 +416,21 @@ class RankExchange:
             payload = exchange_kernels.pack_payload(x, topk_ids, topk_weights, plan.send_token, plan.send_rank,
                                                     rank_of, local_of if local_ids else None, skip_pad=True,
                                                     quant=quant)
-        send_splits = recv_splits = per_expert_host = most_rows = links = None
+        send_splits = recv_splits = per_expert_host = most_rows = links = grads = None
         if static:
             total = R * chunk
             if defer:
                 self._deferred.defer(table, _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, rows,
-                                                        capacity))
+                                                        capacity, row_layout))
             elif not now:
                 host = self._read_table(table, issued_at)
-                self._check_host_table(host, topk_ids, topk_weights, distinct)
+                self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
+                grads = _grads_on_any_rank(host, row_layout)
         else:
             host = self._read_table(table, issued_at, landed=True)  # the one wait
-            self._check_host_table(host, topk_ids, topk_weights, distinct)
+            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
+            grads = _grads_on_any_rank(host, row_layout)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(map(sum, sent)))
@@ -435,7 +452,7 @@ class RankExchange:
         handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, plan.combine_index, summary,
                                 send_splits, recv_splits, per_expert_host, chunk=chunk, rows=rows, recv_pos=plan.recv_pos,
                                 recv_rows=plan.recv_rows, sent=None if static else sent, most_rows=most_rows,
-                                links=links)
+                                links=links, grads=grads)
         if payload is not None and payload.shape[0] != total:
             payload = payload[:total]
         return handle, payload
@@ -457,8 +474,10 @@ class RankExchange:
                 put = self._put_tokens(x, topk_ids, topk_weights, chunk, capacity, distinct, quant)
                 if put is not None:
                     return put
-            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct, x, local_ids,
-                                                quant)
+            handle, payload = self._device_plan(topk_ids, topk_weights, chunk, rows, capacity, distinct,
+                                                _wants(x, topk_weights), x, local_ids, quant)
+            if quant is None and handle.differentiable:  # another rank's x or weights need a gradient: send()
+                return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids))
             if payload is None:
                 return (handle, *self._send_payload(x, topk_ids, topk_weights, handle, local_ids, transient, quant))
             return (handle, *self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant),
@@ -478,8 +497,8 @@ class RankExchange:
         if peer is None or self.max_tokens is None or self.max_tokens[0] > chunk:
             return None
         T = topk_ids.shape[0]
-        num_flags = 3 if distinct else 2
-        if not peer.fits(put_bytes(x, topk_ids.shape[1], quant, chunk, R, 1 + R + E + num_flags)):
+        row_layout = self.row_layout(None, distinct, wants=False)  # the token put's rows
+        if not peer.fits(put_bytes(x, topk_ids.shape[1], quant, chunk, R, row_layout.length)):
             return None
         now = capturing()
         defer = not now and topk_ids.is_cuda and not self.sync_checks
@@ -490,14 +509,14 @@ class RankExchange:
             self._deferred.make_room()
         rank_of, local_of, global_of = self.tables(x.device)
         in_rank = torch.empty(T, R, dtype=torch.bool, device=x.device)  # every entry written by the put
-        row = torch.empty(1 + R + E + num_flags, dtype=torch.int32, device=x.device)
+        row = torch.empty(row_layout.length, dtype=torch.int32, device=x.device)
         combine_index = torch.empty(T, R, dtype=torch.long, device=x.device)
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
-        received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant, num_flags,
-                                          in_rank, row, combine_index, send_token)
+        received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant,
+                                          row_layout.num_flags, in_rank, row, combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
-        call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity)
+        call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity, row_layout)
         if defer:
             self._deferred.defer(table, call)
         elif not now:
@@ -533,13 +552,17 @@ class RankExchange:
         check_transport(self.group, self.name, "dispatch")
 
     def _check_deferred(self, host: list, call: _StaticCall) -> None:
-        self._check_host_table(host, call.topk_ids, call.topk_weights, call.distinct)
+        self._check_host_table(host, call.layout, call.topk_ids, call.topk_weights, call.distinct)
         self._check_static(host, call.chunk, call.rows, call.capacity)
 
-    def _check_host_table(self, host: list, topk_ids, topk_weights, distinct) -> None:
-        R, E = self.world_size, self.num_experts
-        self._check_flags(host, 1 + R + E, topk_ids, topk_weights, distinct)
+    def _check_host_table(self, host: list, layout: RowLayout, topk_ids, topk_weights, distinct) -> None:
+        """Every rank raises on the count table read on the host (rows of `layout`): bad ids or weights on any
+        rank (rows with flags), too many tokens, ranks dispatching x in different dtypes (rows with them)."""
+        if layout.num_flags:
+            self._check_flags(host, layout.flags_at, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
+        if layout.wants:
+            self._check_dtypes([row[layout.dtype_at] for row in host])
 
     @staticmethod
     def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
@@ -577,11 +600,11 @@ class RankExchange:
         if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
             raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
 
-    def _host_plan(self, counts, host_table, sent, summary, rows, capacity,
+    def _host_plan(self, counts, host_table, sent, summary, rows, capacity, row_layout: RowLayout,
                    nodes: Optional[NodeLayout] = None) -> ExchangeHandle:
-        """host_table: the count table read on the host (rows [T, sent per rank, pairs per expert,
-        (tokens per node,) flags]). nodes: go node-aware (send_token etc. are then stage 1's)."""
-        R, E, me = self.world_size, self.num_experts, self.rank
+        """host_table: the count table read on the host (rows of row_layout). nodes: go node-aware
+        (send_token etc. are then stage 1's)."""
+        R, me = self.world_size, self.rank
         T = host_table[me][0]
         host, most = _sent_on_host(host_table, R)
         per_expert_host = self._per_local_expert(host_table)
@@ -590,7 +613,8 @@ class RankExchange:
         recv_splits = [host[s][me] for s in range(R)]
         in_rank, per_rank, relay = counts[1], sent[me].long(), None
         if nodes is not None:
-            per_node = [row[1 + R + E:1 + R + E + nodes.num_nodes] for row in host_table]
+            at = row_layout.nodes_at
+            per_node = [row[at:at + nodes.num_nodes] for row in host_table]
             relay = RelayPlan.from_counts(host, per_node, nodes, me, in_rank.device)
             in_rank = RelayPlan.stage_one(in_rank, nodes, me)
             per_rank = host_values(relay.send1, torch.long, in_rank.device)
@@ -606,22 +630,26 @@ class RankExchange:
         """This rank's dispatch input failed its checks with `error`, before any collective: take part in
         the count table's all_gather that the other ranks' dispatch (a plan with this chunk and distinct, as
         plan's) starts with, so that they raise at once too (_check_flags) instead of waiting for this rank
-        until the timeout. The row is the length theirs is (the kernel path's on CUDA, or forced, unless the
-        plan is node-aware; else the torch-made one), made on `device` from the settings alone (the bad
-        input is not touched): every count 0, the first flag set, and T = -1 - the index of error's type in
-        _BAD_INPUT_TYPES. The caller decides where the peers read the table at once (not for static plans
-        on CUDA)."""
-        R, E = self.world_size, self.num_experts
+        until the timeout. The row is the length theirs is (row_layout's, as plan's), made on `device` from
+        the settings alone (the bad input is not touched): every count 0, the first flag set, and T = -1 -
+        the index of error's type in _BAD_INPUT_TYPES. The caller decides where the peers read the table at
+        once (not for static plans on CUDA)."""
         nodes = self._two_stages(chunk, device)  # (the first host plan's node all_gather comes first on every rank)
-        num_flags = 2 + (distinct is not None)
-        if nodes is None and exchange_kernels.on_gpu(torch.empty(0, device=device)):  # exchange_kernels.layout_row's
-            length = 1 + R + E + num_flags
-        else:  # plan's: count_row's, tokens per node, grads and dtype, flags
-            length = 1 + R + E + (nodes.num_nodes if nodes is not None else 0) + _GRADS_AND_DTYPE + num_flags
-        row = torch.zeros(length, dtype=torch.int32)
+        layout = self.row_layout(nodes, distinct)
+        row = torch.zeros(layout.length, dtype=torch.int32)
         row[0] = -1 - next((i for i, t in enumerate(_BAD_INPUT_TYPES) if isinstance(error, t)), 0)
-        row[-num_flags] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
-        all_gather_rows(row.to(device), self.group, R)
+        row[layout.flags_at] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
+        all_gather_rows(row.to(device), self.group, self.world_size)
+
+    def row_layout(self, nodes: Optional[NodeLayout], distinct: Optional[str], checked: bool = True,
+                   wants: bool = True) -> RowLayout:
+        """The count row of a plan with these settings, as plan takes them (node-aware over `nodes`;
+        `distinct`; checked: topk_weights given, so the row carries value flags; wants: the gradient and
+        dtype entries, which only the NVLink token put's rows lack): the one source for plan, _device_plan,
+        _put_tokens and join_with_bad_input, whose rows the ranks all-gather together."""
+        return exchange_kernels.row_layout(self.world_size, self.num_experts,
+                                           (2 + (distinct is not None)) if checked else 0,
+                                           nodes.num_nodes if nodes is not None else 0, wants)
 
     def check_tokens_while_capturing(self, num_tokens: int) -> None:
         """While a CUDA graph is being captured the table is not read, so this rank checks its own T
@@ -695,16 +723,17 @@ class RankExchange:
         On the kernel path recv_x, ids and weights may be row-strided views of one receive buffer.
         quant: an fp8 dispatch; recv_x is then its uint8 wire rows (fp8_payload), quantized by the
         packing kernel on the kernel path, else by fp8_payload.encode first."""
+        if quant is None and handle.differentiable:
+            # The backward of each exchange is the reverse exchange, run by every rank whose sent rows need a
+            # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
+            # empty x made here, say) skips reverse exchanges the others run (and on the kernel path takes the
+            # inference kernels' one exchange where the others run two): a collective mismatch.
+            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
+                          for t, wanted in zip((x, weights), handle.grads))
         if exchange_kernels.inference_path(x, weights) and handle.relay is None:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)
         if quant is not None:
             x = fp8_payload.encode(x, quant)
-        elif handle.grads is not None and torch.is_grad_enabled():
-            # The backward of each exchange is the reverse exchange, run by every rank whose sent rows need a
-            # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
-            # empty x made here, say) skips reverse exchanges the others run: a collective mismatch.
-            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
-                          for t, wanted in zip((x, weights), handle.grads))
         R, K = self.world_size, ids.shape[1]
         pad = x.new_zeros(1, x.shape[1])
         if handle.relay is not None:  # node-aware: two stages, rows back in this order

@@ -161,8 +161,8 @@ def test_kernel_path_flags_bad_ids_on_every_rank(case):
 
 def _bad_shape_rank(rank, world_size, case):
     """Rank 1's x has another hidden size: raised there before any collective, but rank 1 still joins the
-    count table with a row marking its input as bad, of the kernel path's length (no gradient or dtype
-    entries), so rank 0 fails at once too, naming rank 1; then both ranks run a good forward (the torch
+    count table with a row marking its input as bad, of the kernel path's length (RankExchange.row_layout's),
+    so rank 0 fails at once too, naming rank 1; then both ranks run a good forward (the torch
     path: the interpreter is slow)."""
     name, options = CASES[case]
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher=name, runner="torch", dispatcher_options=options)
@@ -236,3 +236,59 @@ def test_dispatch_names_a_missing_topk_pair():
     d = ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 32, 16))
     with pytest.raises(TypeError, match=r"topk must be ep.TopKOutput\(topk_ids, topk_weights\).*Tensor of shape \[4, 2\]"):
         d.dispatch(torch.randn(4, 32), torch.zeros(4, 2, dtype=torch.int32))
+
+
+def _ranks_that_differ_rank(rank, world_size, case):
+    """On the kernel path (forced onto CPU ranks): (1) rank 0 dispatches bf16 x, rank 1 fp16 (rows of
+    one size: read as each other's bits they were garbage, with no error); (2) x and topk_weights need
+    a gradient on rank 0 only (rank 1 took the inference kernels' one exchange where rank 0 ran two:
+    gloo failed or hung). Returns the dtype errors, whether rank 1's combine output needs a gradient,
+    and rank 0's gradients' errors against the float64 reference."""
+    from ep_runtime.reference import rel_err
+    from ep_runtime.runner_core import CombineInput
+    name, options = CASES[case]
+    E, K, H, T = 8, 2, 16, 5
+    d = ep.dispatchers.create(name, ep.MoeConfig(E, K, H, 8), **options)
+    gen = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(T, H, generator=gen)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    w = torch.rand(T, K, generator=gen)
+    with xk.forced():
+        try:
+            d.dispatch(x.to((torch.bfloat16, torch.float16)[rank]), ep.TopKOutput(ids, w))
+            message = "no error"
+        except TypeError as err:
+            message = str(err)
+        x_in, w_in = (x.clone().requires_grad_(rank == 0), w.clone().requires_grad_(rank == 0))
+        out = d.dispatch(x_in, ep.TopKOutput(ids, w_in))
+        # each received row times its weights here (0 where the expert is elsewhere): y = x * its valid weights' sum
+        ids_here = out.recv_topk_ids  # (mori's are global: this rank holds experts [rank * E/R, (rank + 1) * E/R))
+        here = (ids_here >= 0) & ((ids_here // (E // world_size) == rank) if name == "mori" else True)
+        y = d.combine(CombineInput(out.recv_x * torch.where(here, out.recv_topk_weights, 0.0).sum(1, keepdim=True), out))
+        g = torch.randn(T, H, generator=gen)
+        if y.requires_grad:
+            (y * g).sum().backward()
+    errors = {}
+    if rank == 0:
+        valid = (ids >= 0).double()
+        x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+        (x64 * (w64 * valid).sum(1, keepdim=True) * g.double()).sum().backward()
+        errors = {"y": rel_err(y, x64.detach() * (w64.detach() * valid).sum(1, keepdim=True)),
+                  "dx": rel_err(x_in.grad, x64.grad), "dweights": rel_err(w_in.grad, w64.grad)}
+    return message, y.requires_grad, errors
+
+
+@pytest.mark.parametrize("case", ["deepep_normal", "mori_static"])
+def test_kernel_path_ranks_that_differ_in_dtype_or_gradients(case):
+    """x's dtype and whether x / topk_weights need gradients ride in the kernel's count row as in the
+    torch-made one: differing dtypes fail every rank naming them, and a rank whose inputs need no
+    gradient sends them as needing one where another rank's do (a host plan, and a static plan read at once)."""
+    results = run_ranks(_ranks_that_differ_rank, 2, case, timeout=120, group_timeout=30)
+    for rank, (message, differentiable, errors) in enumerate(results):
+        assert message == ("x has dtype torch.bfloat16 on rank 0, but the ranks differ (torch.bfloat16 on rank 0, "
+                           "torch.float16 on rank 1); allowed: one dtype on every rank (rows cross ranks as raw bytes); "
+                           "every rank stops here").replace("torch.bfloat16 on rank 0, but",
+                                                            f"{(torch.bfloat16, torch.float16)[rank]} on rank {rank}, but"
+                                                            ), message
+        assert differentiable, rank
+        assert max(errors.values(), default=0.0) <= 1e-6, errors
