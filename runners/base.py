@@ -131,6 +131,17 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
+_OPAQUE_RUN_CHECKED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _opaque_run_checked() -> Callable[..., torch.Tensor]:
+    """RunnerBackend.run_checked behind torch.compiler.disable, made at the first compiled call: making
+    it imports torch._dynamo (about 2 s of `import ep_runtime`'s 6 s), which an eager process never needs."""
+    if "run_checked" not in _OPAQUE_RUN_CHECKED:
+        _OPAQUE_RUN_CHECKED["run_checked"] = torch.compiler.disable(RunnerBackend.run_checked)
+    return _OPAQUE_RUN_CHECKED["run_checked"]
+
+
 def triton_interpreted() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
     from ep_runtime import envs
@@ -153,11 +164,7 @@ class TritonBackend(RunnerBackend):
         tracing into the kernels' launch code. Eager calls skip the torch.compiler.disable wrapper (a
         dynamo frame hook per call)."""
         if torch.compiler.is_compiling():
-            return self._run_opaque(runner_input, weights)
-        return RunnerBackend.run_checked(self, runner_input, weights)
-
-    @torch.compiler.disable
-    def _run_opaque(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
+            return _opaque_run_checked()(self, runner_input, weights)
         return RunnerBackend.run_checked(self, runner_input, weights)
 
     @classmethod

@@ -43,11 +43,16 @@ def test_bad_cli_arguments(args, message, capsys):
     assert exit_.value.code == 2 and message in err, err
 
 
-def test_bad_knob_value_fails_demo_with_the_name():
-    env = dict(os.environ, EP_RUNTIME_TIMEOUT_S="soon")
-    out = subprocess.run([sys.executable, "-m", "ep_runtime", "demo"], capture_output=True, text=True,
-                         timeout=120, env=env)
-    assert out.returncode != 0 and "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float" in out.stderr
+def test_bad_knob_value_fails_demo_with_the_name(capsys, monkeypatch):
+    # in this process, before any rank starts (a bad knob through the console entry point in a fresh
+    # interpreter: test_reliability's test_cli_user_errors_are_one_line_without_a_traceback)
+    from ep_runtime.cli import main
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "soon")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code != 0 and "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float" in err, err
+    assert out == "", out
 
 
 # ---------------------------------------------------------------- user errors up front
@@ -89,11 +94,16 @@ def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monk
     assert out == "" and "Traceback" not in err, out + err
 
 
-def test_demo_sizes_deepep_ll_from_tokens():
-    """--tokens above deepep_ll's default M (128) used to fail inside the ranks (T > M)."""
-    out = _run([sys.executable, "-m", "ep_runtime", "demo", "--world-size", "2", "--tokens", "500"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "deepep_ll" in out.stdout and out.stdout.strip().endswith("demo: OK"), out.stdout
+def test_demo_sizes_deepep_ll_from_tokens(capsys, monkeypatch):
+    """--tokens above deepep_ll's default M (128) used to fail inside the ranks (T > M). Through cli.main
+    in this process: the ranks are spawned all the same (the console entry point: test_demo_spawns_local_ranks)."""
+    from ep_runtime.cli import main
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["demo", "--world-size", "2", "--tokens", "500"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "deepep_ll" in out and out.strip().endswith("demo: OK"), out
 
 
 def test_demo_plan_picks_a_runner_per_dispatcher_or_says_why_not(monkeypatch):

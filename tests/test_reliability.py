@@ -660,23 +660,51 @@ def test_fuzz_cli_arguments(capsys):
         assert "Traceback" not in out.stderr, context
 
 
+def _cli_in_process(args, env, monkeypatch, capsys):
+    """(exit code, stdout, stderr) of cli.main(args) in this process with env set: what the console
+    entry point exits with and prints, less a fresh interpreter (about 7 s each on the CI machine)."""
+    from ep_runtime.cli import main
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("name,value", [("EP_RUNTIME_TIMEOUT_S", "nan"), ("EP_RUNTIME_RUNNER", "cuda"),
                                         ("EP_RUNTIME_DEMO_WORLD_SIZE", "-2")])
-def test_bad_knob_value_fails_the_cli_naming_it(name, value):
-    out = _cli(["env"], {name: value})
-    last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode != 0 and f"{name}={value!r}" in last and "allowed" in last, out.stderr
+def test_bad_knob_value_fails_the_cli_naming_it(name, value, monkeypatch, capsys):
+    """In this process (a bad knob through the console entry point in a fresh interpreter: the first
+    case of test_cli_user_errors_are_one_line_without_a_traceback)."""
+    code, _, err = _cli_in_process(["env"], {name: value}, monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code != 0 and f"{name}={value!r}" in last and "allowed" in last, err
 
 
-@pytest.mark.parametrize("args,env,expected", [
+CLI_USER_ERRORS = [
     (["env"], {"EP_RUNTIME_TIMEOUT_S": "soon"}, "EP_RUNTIME_TIMEOUT_S='soon' is not a valid float"),
     (["demo", "--world-size", "1", "--runner", "nope"], {}, "--runner nope: unknown; allowed: auto, "),
     (["demo", "--world-size", "1", "--tokens", "99999999999999999999"], {}, "--tokens"),
-])
-def test_cli_user_errors_are_one_line_without_a_traceback(args, env, expected):
-    out = _cli(args, env)
-    assert out.returncode != 0 and expected in out.stderr, out.stderr[-1500:]
-    assert "Traceback" not in out.stderr and "frame #" not in out.stderr, out.stderr[-1500:]
+]
+
+
+@pytest.mark.parametrize("args,env,expected", CLI_USER_ERRORS)
+def test_cli_user_errors_are_one_line_without_a_traceback(args, env, expected, monkeypatch, capsys):
+    """Each case through cli.main in this process; the first (a bad knob) also through the console
+    entry point in a fresh interpreter, where a knob read at import or an abort at interpreter exit
+    would show (a bad argument through it: test_fuzz_cli_arguments)."""
+    code, _, err = _cli_in_process(args, env, monkeypatch, capsys)
+    assert code != 0 and expected in err, err[-1500:]
+    assert "Traceback" not in err and "frame #" not in err, err[-1500:]
+    if (args, env, expected) == CLI_USER_ERRORS[0]:
+        out = _cli(args, env)
+        assert out.returncode != 0 and expected in out.stderr, out.stderr[-1500:]
+        assert "Traceback" not in out.stderr and "frame #" not in out.stderr, out.stderr[-1500:]
 
 
 if __name__ == "__main__":
