@@ -634,8 +634,9 @@ def _deterministic_mode_on_rank(rank: int, world_size: int) -> dict:
     from ep_runtime.distributed import device_for_rank
     from ep_runtime.scratch import SCRATCH
 
-    # cuBLAS is deterministic only with this workspace config; torch reads it once, at the process's first
-    # cuBLAS call (later calls under the mode raise without it): this fresh rank process has made none yet.
+    # cuBLAS is deterministic only with this workspace config (without it a GEMM under the mode raises); it must be
+    # set before the process's first cuBLAS call (PyTorch versions cache the check there): this fresh rank process
+    # has made none yet.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     device = device_for_rank()
     options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=M), "mori": dict(max_dispatch_tokens_per_rank=M)}
