@@ -624,6 +624,85 @@ def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
     assert max(errors.values()) < tolerance(torch.bfloat16), errors
 
 
+def _deterministic_mode_on_rank(rank: int, world_size: int) -> dict:
+    """{'dispatcher/runner': ('ok', (errors in the mode, errors outside it, whether two runs in the mode agree
+    bit for bit, rel_err of each result in the mode against outside it)) | ('skip', why) | ('error', tb)}: the
+    layer's forward and backward, then an inference forward, in bf16, twice under
+    torch.use_deterministic_algorithms(True) and once outside it, each on NaN-poisoned cached memory."""
+    import os
+
+    from ep_runtime.distributed import device_for_rank
+    from ep_runtime.scratch import SCRATCH
+
+    # cuBLAS is deterministic only with this workspace config (without it a GEMM under the mode raises); it must be
+    # set before the process's first cuBLAS call (PyTorch versions cache the check there): this fresh rank process
+    # has made none yet.
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    device = device_for_rank()
+    options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=M), "mori": dict(max_dispatch_tokens_per_rank=M)}
+    out = {}
+    for dispatcher in dispatchers.registered():
+        for runner in ("torch", "triton"):
+            key = f"{dispatcher}/{runner}"
+            if runner not in runners.available():
+                out[key] = ("skip", f"runner={runner!r} is not available here")
+                continue
+            try:
+                layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                                 device=device, dispatcher_options=options.get(dispatcher))
+                problem = make_problem(layer.config, [M], seed=5)
+                seen = []
+                layer.register_forward_hook(lambda module, args, y: seen.append((args[0], y.detach())))
+                runs = []
+                for deterministic in (True, True, False):
+                    SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
+                    _poison_cached_memory(device)
+                    was = torch.are_deterministic_algorithms_enabled()
+                    torch.use_deterministic_algorithms(deterministic)
+                    try:
+                        errors = check_layer(layer, problem, rank)
+                        x, y = seen[-1]
+                        with torch.inference_mode():
+                            y_inference = layer(x.detach(), problem.topk_ids[rank].to(device),
+                                                problem.topk_weights[rank].to(device))
+                        torch.cuda.synchronize()
+                    finally:
+                        torch.use_deterministic_algorithms(was)
+                    errors["y_inference"] = rel_err(y_inference.cpu(), y.cpu())
+                    runs.append((errors, [y, x.grad, layer.w13.grad, layer.w2.grad, y_inference]))
+                (inside, first), (_, second), (outside, plain) = runs
+                out[key] = ("ok", (inside, outside, all(torch.equal(a, b) for a, b in zip(first, second)),
+                                   [rel_err(a.float().cpu(), b.float().cpu()) for a, b in zip(first, plain)]))
+            except Exception:  # noqa: BLE001 - report this pair, go on with the others
+                out[key] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def deterministic_runs() -> dict:
+    """_deterministic_mode_on_rank's outcomes: one process on one GPU for every dispatcher."""
+    return run_ranks(_deterministic_mode_on_rank, 1, backend="nccl", timeout=300, group_timeout=200)[0]
+
+
+@pytest.mark.parametrize("dispatcher", dispatchers.registered())
+def test_deterministic_mode_trains_every_dispatcher_on_one_gpu(deterministic_runs, dispatcher):
+    """torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG=:4096:8 (torchtitan's
+    --debug.deterministic): no op of the layer raises (PyTorch raises for ops without a deterministic CUDA
+    implementation), two runs agree bit for bit, and each equals the float64 reference and the run outside the
+    mode within bf16 rounding (outside it, index_add and friends sum with atomics), with the torch and triton
+    runners; the inference forward equals the training one within bf16 rounding."""
+    for runner in ("torch", "triton"):
+        status, value = deterministic_runs[f"{dispatcher}/{runner}"]
+        if status == "skip":
+            continue
+        assert status == "ok", value
+        inside, outside, same, in_vs_out = value
+        assert max(inside.values()) <= tolerance(torch.bfloat16), (runner, inside)
+        assert max(outside.values()) <= tolerance(torch.bfloat16), (runner, outside)
+        assert same, runner
+        assert max(in_vs_out) <= tolerance(torch.bfloat16), (runner, in_vs_out)
+
+
 @pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
 def test_auto_runner_follows_a_layer_built_on_meta_to_the_gpu(dispatcher):
     """torchtitan builds models under `with torch.device("meta"):` and then calls to_empty(device="cuda"):

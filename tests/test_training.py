@@ -5,7 +5,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import make_problem, mean_loss_reference, run_ranks, tolerance
+from ep_runtime.testing import check_layer, make_problem, mean_loss_reference, run_ranks, tolerance
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
 DISPATCHERS = ["standard", "deepep_normal", "deepep_ll", "mori"]
@@ -270,3 +270,46 @@ def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank():
     assert [skipped for skipped, _ in results] == [(True, 2.0 ** 9)] * 2, results
     for _, stepped in results:
         assert max(stepped.values()) <= tolerance(torch.float32), stepped
+
+
+SMALL = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 4}, "mori": {"max_dispatch_tokens_per_rank": 4}}
+
+
+def _deterministic_mode_rank(rank, world_size, dispatcher, runner):
+    """torch.use_deterministic_algorithms(True), as torchtitan's --debug.deterministic and Megatron's deterministic
+    mode set it: PyTorch raises for an op without a deterministic implementation and fills the memory of every
+    torch.empty with NaN (integers: their largest value; torch.utils.deterministic.fill_uninitialized_memory), CPU
+    tensors too, so a result that depends on a row nobody wrote (padding, a scratch buffer's tail) shows. The layer
+    runs forward and backward first under the mode, with the scratch cache emptied (every buffer the runner and the
+    exchange keep is made there: NaN), then outside it on those buffers."""
+    from ep_runtime.scratch import SCRATCH
+    layer = ep.EPMoE(4, 2, 16, 8, dispatcher=dispatcher, runner=runner, dispatcher_options=SMALL.get(dispatcher))
+    problem = make_problem(layer.config, [4, 3][:world_size], seed=28, ep_size=world_size)
+    seen = []
+    layer.register_forward_hook(lambda module, args, y: seen.append((args[0], y.detach())))
+    runs = []
+    for deterministic in (True, False):
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            if deterministic:
+                SCRATCH.clear()
+            errors = check_layer(layer, problem, rank)
+        finally:
+            torch.use_deterministic_algorithms(was)
+        x, y = seen[-1]
+        runs.append((errors, [y, x.grad, layer.w13.grad, layer.w2.grad]))
+    (inside, tensors_inside), (outside, tensors_outside) = runs
+    return inside, outside, all(torch.equal(a, b) for a, b in zip(tensors_inside, tensors_outside))
+
+
+# each dispatcher with the torch and triton runners, and deepep_ll with its own (masked: padding rows stay unwritten)
+@pytest.mark.parametrize("dispatcher,runner", [(d, r) for r in ("torch", "triton") for d in DISPATCHERS]
+                         + [("deepep_ll", "masked")])
+def test_deterministic_mode_gives_the_reference_and_the_same_bits(dispatcher, runner):
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    for inside, outside, same in run_ranks(_deterministic_mode_rank, 2, dispatcher, runner):
+        assert max(inside.values()) <= tolerance(torch.float32), inside
+        assert max(outside.values()) <= tolerance(torch.float32), outside
+        assert same  # CPU kernels on one thread: the mode changes no sum's order
