@@ -6,7 +6,7 @@
 #   pytest -m gpu                the gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
 #                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer;
 #                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~60 s, its times printed
-#                                as `fault_probe:` lines) (270 s: ~200 s on a fast lent host, more on a slow one)
+#                                as `fault_probe:` lines) (330 s: ~250 s on a fast lent host, more on a slow one)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
 #                                replays of the static-shape dispatchers (140 s)
 #   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (115 s)
@@ -47,7 +47,7 @@ plot_arg() { [ "$PLOT" = yes ] && echo "--plot $W/$1.png"; }
 
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed package is used
   # The example has its own section below (it may not exit: issue 16).
-  (cd /tmp && timeout -k 10 "$(budget 270)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph${PYTEST_K:+ and ($PYTEST_K)}" \
+  (cd /tmp && timeout -k 10 "$(budget 330)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph${PYTEST_K:+ and ($PYTEST_K)}" \
      -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
   section "pytest -m gpu" $?; grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | head -20; tail -3 "$W/pytest_gpu.log"
   grep "fault_probe:" "$W/pytest_gpu.log" | cut -c1-260
