@@ -105,7 +105,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
             x, ids, weights, local_ids=True, chunk=chunk, capacity=self._capacity,
             distinct=distinct, transient=True, quant=quant, by_token=True)  # rows scattered into recv_x below
         N, H = rows.shape[0], rows.shape[1]  # N = M * R received rows
-        if exchange_kernels.inference_path(x, weights):  # one kernel for the slot plan, one for the rows
+        # (the received rows, not x: where another rank's x or weights need a gradient, send made this rank's
+        # rows need one too, and they must reach recv_x through autograd, or this rank skips their reverse exchange)
+        if exchange_kernels.inference_path(rows, recv_w):  # one kernel for the slot plan, one for the rows
             slot_index, first, slot_weight, scale, masked_m = exchange_kernels.ll_plan(
                 recv_ids, recv_w, L, fold=self.config.apply_router_weight_on_input)
             # L*N slots: a (row, k) naming no local expert writes nothing

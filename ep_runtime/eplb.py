@@ -105,7 +105,11 @@ def on_nodes(plan: Plan, node_of: Sequence[int]) -> Plan:
     moved onto ranks whose nodes are node_of[r] (G nodes numbered 0.. in order of first appearance, n ranks
     each, in any order, e.g. a launcher that deals ranks out to nodes round-robin): the i-th rank of node
     g takes the slots of rank g*n + i, so every copy of an expert still stays on one node."""
-    R, G = plan.num_ranks, max(node_of) + 1
+    R, node_of = plan.num_ranks, list(node_of)
+    G = max(node_of) + 1 if node_of and all(is_int_at_least(b, 0) for b in node_of) else 0
+    if len(node_of) != R or G == 0 or any(node_of.count(b) != R // G for b in range(G)):
+        raise ValueError(f"node_of={node_of}; allowed: the node (0..G-1) of each of the plan's num_ranks={R} ranks, "
+                         f"every node holding R/G of them (the plan's num_nodes=G)")
     n, L = R // G, plan.num_physical_experts // R
     index = {b: 0 for b in range(G)}
     source = []  # the consecutive-layout rank whose slots rank r takes

@@ -138,6 +138,20 @@ def test_plan_errors_name_the_argument():
         eplb.plan(torch.ones(8), 0, 8)
 
 
+def test_on_nodes_names_a_node_of_that_does_not_fit_the_plan():
+    """on_nodes moves a plan onto R ranks in G nodes of R/G ranks each: a node_of of another length, nodes
+    of unequal size, or one numbered past a missing node names node_of (it returned a plan whose slots
+    missed experts, or had another number of slots than the ranks hold)."""
+    plan = eplb.plan(torch.arange(1.0, 9.0), 4, 12, num_nodes=2)
+    moved = eplb.on_nodes(plan, [0, 1, 0, 1])
+    assert moved.physical_to_logical == plan.physical_to_logical[:3] + plan.physical_to_logical[6:9] + \
+        plan.physical_to_logical[3:6] + plan.physical_to_logical[9:]
+    for node_of in ([0, 0, 0, 1], [0, 1, 0], [0, 2, 0, 2], [0, -1, 0, -1], [0.0, 1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match=r"^node_of=\[.*\]; allowed: the node \(0..G-1\) of each of the plan's "
+                                             r"num_ranks=4 ranks, every node holding R/G of them"):
+            eplb.on_nodes(plan, node_of)
+
+
 # ---------------------------------------------------------------- every pair, load counts, moves (2 ranks)
 
 def _pairs_rank(rank, world_size):

@@ -292,3 +292,35 @@ def test_kernel_path_ranks_that_differ_in_dtype_or_gradients(case):
                                                             ), message
         assert differentiable, rank
         assert max(errors.values(), default=0.0) <= 1e-6, errors
+
+
+def _ll_one_rank_trains_x_rank(rank, world_size):
+    """deepep_ll on the kernel path (forced; its static plan is read at once on CPU ranks, as on CUDA with
+    EP_RUNTIME_SYNC_CHECKS=1): x and the experts need a gradient on rank 0, nothing on rank 1 (frozen
+    experts). Rank 1's rows are sent as needing one (handle.grads), so what it receives must reach recv_x
+    and combine through autograd too: rank 0's x gradient needs rank 1's reverse exchanges. Returns y's and
+    x's gradient's errors against the float64 reference."""
+    from ep_runtime.reference import moe_reference, rel_err
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 8})
+    problem = make_problem(layer.config, [5, 4], seed=3, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    layer.requires_grad_(rank == 0)
+    x = problem.xs[rank].float().requires_grad_(rank == 0)
+    with xk.forced():
+        y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank])
+        if y.requires_grad:
+            (y * problem.grad_outputs[rank].float()).sum().backward()
+    xs = [x_r.float().double().requires_grad_() for x_r in problem.xs]
+    refs = [moe_reference(xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), problem.w13.float().double(),
+                          problem.w2.float().double(), layer.config) for r in range(world_size)]
+    sum((ref * problem.grad_outputs[r].float().double()).sum() for r, ref in enumerate(refs)).backward()
+    errors = {"y": rel_err(y.detach(), refs[rank].detach())}
+    if rank == 0:
+        errors["dx"] = rel_err(x.grad, xs[0].grad) if x.grad is not None else float("inf")
+    return errors
+
+
+def test_kernel_path_deepep_ll_rank_whose_x_needs_no_gradient_runs_the_reverse_exchange():
+    for errors in run_ranks(_ll_one_rank_trains_x_rank, 2, timeout=120, group_timeout=20):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
