@@ -274,12 +274,13 @@ if triton is not None:
         return bad_id, bad_w, repeated
 
     @triton.jit
-    def _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out_ptr, FLAGS: tl.constexpr, DISTINCT: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-        """layout_row's count row [T; tokens per rank (R); pairs per expert (E); flags] of all T tokens
-        in one program, stored at out_ptr (int32) without atomics or a zeroed buffer (the NVLink token
-        put stores it straight into the peers' tables). BLOCK_E > E: ids outside [0, E) count in bin
-        BLOCK_E - 1, which is not stored."""
+    def _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out_ptr, flags_at, FLAGS: tl.constexpr,
+                   DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_E: tl.constexpr):
+        """layout_row's count row [T; tokens per rank (R); pairs per expert (E); flags at flags_at
+        (RowLayout's)] of all T tokens in one program, stored at out_ptr (int32) without atomics or a
+        zeroed buffer (the NVLink token put stores it straight into the peers' tables). BLOCK_E > E:
+        ids outside [0, E) count in bin BLOCK_E - 1, which is not stored."""
         k = tl.arange(0, BLOCK_K)
         r = tl.arange(0, BLOCK_R)
         per_rank = tl.zeros([BLOCK_R], tl.int32)
@@ -306,10 +307,10 @@ if triton is not None:
         e = tl.arange(0, BLOCK_E)
         tl.store(out_ptr + 1 + R + e, per_expert, mask=e < E)
         if FLAGS:
-            tl.store(out_ptr + 1 + R + E, bad_id)
-            tl.store(out_ptr + 2 + R + E, bad_w)
+            tl.store(out_ptr + flags_at, bad_id)
+            tl.store(out_ptr + flags_at + 1, bad_w)
             if DISTINCT:
-                tl.store(out_ptr + 3 + R + E, repeated)
+                tl.store(out_ptr + flags_at + 2, repeated)
 
     @triton.jit
     def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,

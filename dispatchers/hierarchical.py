@@ -44,7 +44,8 @@ class NodeLayout:
     """node_of[r]: the node of group rank r, numbered 0.. in order of first appearance."""
 
     node_of: tuple[int, ...]
-    _on_device: dict = field(default_factory=dict, compare=False, repr=False)  # device -> node_of_on(device)
+    # (what, device) -> the constant tensors below, made once per device (every node-aware dispatch reads them)
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_keys(cls, keys: Sequence) -> "NodeLayout":
@@ -74,10 +75,28 @@ class NodeLayout:
         return self.node_of[a] == self.node_of[b]
 
     def node_of_on(self, device: torch.device) -> torch.Tensor:
-        """node_of as an int64 tensor on `device`, made once per device (every node-aware dispatch reads it)."""
-        made = self._on_device.get(device)
+        """node_of as an int64 tensor on `device`."""
+        return self._constant("node_of", device, lambda: self.node_of, torch.long)
+
+    def relays_on(self, rank: int, device: torch.device) -> torch.Tensor:
+        """[N] int64 on `device`: rank's relay on each node (where its stage-1 rows go)."""
+        return self._constant(("relays", rank), device, lambda: [self.relay(rank, b) for b in range(self.num_nodes)],
+                              torch.long)
+
+    def node_mask_on(self, node: int, device: torch.device) -> torch.Tensor:
+        """[R] bool on `device`: which ranks are on `node`."""
+        return self._constant(("node_mask", node), device, lambda: [b == node for b in self.node_of], torch.bool)
+
+    def node_ranks_on(self, node: int, device: torch.device) -> torch.Tensor:
+        """ranks_on(node) as an int64 tensor on `device`."""
+        return self._constant(("node_ranks", node), device, lambda: self.ranks_on(node), torch.long)
+
+    def _constant(self, what, device: torch.device, values: Callable[[], Sequence], dtype: torch.dtype) -> torch.Tensor:
+        """values() on `device`, made once per (what, device): the layout never changes, so a dispatch
+        copies nothing host-to-device for it after the first."""
+        made = self._on_device.get((what, device))
         if made is None:
-            made = self._on_device[device] = host_values(self.node_of, torch.long, device)
+            made = self._on_device[(what, device)] = host_values(list(values()), dtype, device)
         return made
 
 
@@ -235,8 +254,7 @@ class RelayPlan:
     def stage_one(cls, in_rank: torch.Tensor, nodes: NodeLayout, me: int) -> torch.Tensor:
         """[T, R] bool: token t goes to rank q in stage 1 (q: the relay of each of t's nodes)."""
         out = torch.zeros_like(in_rank)
-        relays = host_values([nodes.relay(me, b) for b in range(nodes.num_nodes)], torch.long, in_rank.device)
-        out[:, relays] = _in_node(in_rank, nodes)
+        out[:, nodes.relays_on(me, in_rank.device)] = _in_node(in_rank, nodes)
         return out
 
     @classmethod
@@ -295,13 +313,12 @@ class RelayPlan:
         valid = ids >= 0
         owner = torch.where(valid, rank_of.long()[torch.where(valid, ids, 0)], torch.full_like(ids, R))
         to = torch.zeros(ids.shape[0], R + 1, dtype=torch.bool, device=ids.device).scatter_(1, owner, True)[:, :R]
-        here = list(self.nodes.ranks_on(self.nodes.node_of[me]))
-        # (host lists made device tensors without a sync: this runs between the two stages)
-        mask = host_values([r in here for r in range(R)], torch.bool, ids.device)
+        mine = self.nodes.node_of[me]
+        # (a host list made a device tensor without a sync: this runs between the two stages)
         counts = host_values(self.send2, torch.long, ids.device)
-        self.forward_token, self.forward_rank, index = row_plan(to & mask, counts.cumsum(0) - counts, counts,
-                                                                sum(self.send2))
-        self.forward_index = index[:, host_values(here, torch.long, ids.device)]
+        self.forward_token, self.forward_rank, index = row_plan(to & self.nodes.node_mask_on(mine, ids.device),
+                                                                counts.cumsum(0) - counts, counts, sum(self.send2))
+        self.forward_index = index[:, self.nodes.node_ranks_on(mine, ids.device)]
 
     def reduce(self, partial: torch.Tensor, sum_rows: SumRows, group) -> torch.Tensor:
         """partial [N_recv, H] in the flat path's receive order -> each stage-1 row's node sum, back at

@@ -190,7 +190,7 @@ if triton is not None:
     @triton.jit
     def _put_tokens_kernel(x_ptr, ids_ptr, w_ptr, in_rank_ptr, rank_of_ptr, local_of_ptr, count_row_ptr, region_ptrs,
                            index_ptr, send_token_ptr, T, H, K, E, R, me, M, row_bytes, scale_at, meta_at, header_at,
-                           ROW, fp8_max, min_amax, QUANT: tl.constexpr, UE8M0: tl.constexpr,
+                           ROW, flags_at, fp8_max, min_amax, QUANT: tl.constexpr, UE8M0: tl.constexpr,
                            SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, GROUP: tl.constexpr,
                            GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                            FLAGS: tl.constexpr, DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -231,10 +231,10 @@ if triton is not None:
         elif hb == 0:
             if t == M:
                 out = (tl.load(region_ptrs + r) + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
-                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out, FLAGS, DISTINCT, BLOCK_T, BLOCK_K, BLOCK_R,
-                           BLOCK_E)
+                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out, flags_at, FLAGS, DISTINCT, BLOCK_T, BLOCK_K,
+                           BLOCK_R, BLOCK_E)
             elif r == me:
-                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, count_row_ptr, FLAGS, DISTINCT, BLOCK_T,
+                _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, count_row_ptr, flags_at, FLAGS, DISTINCT, BLOCK_T,
                            BLOCK_K, BLOCK_R, BLOCK_E)
 
     @fast_launch
@@ -445,33 +445,36 @@ class PeerTransport:
         return self._region.local[:nbytes]
 
     def put_tokens(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, rank_of: torch.Tensor,
-                   local_of: torch.Tensor, chunk: int, quant: Optional[QuantConfig], num_flags: int,
+                   local_of: torch.Tensor, chunk: int, quant: Optional[QuantConfig], layout: exchange_kernels.RowLayout,
                    in_rank: torch.Tensor, count_row: torch.Tensor, combine_index: torch.Tensor,
                    send_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token put (deepep_ll's dispatch, T <= chunk): after the open kernel, one kernel packs
         token t's row (its hidden state, or fp8 wire row with quant, and [weights; local ids]) straight
         into row me*chunk + t of every rank one of its experts lives on, with pad metadata everywhere
-        else, and makes this rank's count row (exchange_kernels.layout_row's, num_flags flags) straight
-        into every rank's table; then the signal. No layout kernel, no count-table collective, no
-        payload in this rank's memory. Fills in_rank [T, R] bool (is_token_in_rank), count_row [1 +
-        R + E + num_flags] int32 (this rank's row), combine_index [T, R] (r*chunk + t, R*chunk = not
-        sent) and send_token [R*chunk] (T = pad): the layout and static plan of this call. Returns
-        (received payload [R*chunk, B] uint8: row s*chunk + t is source s's token t, the table [R,
-        ROW] int32 of every rank's count row), views of this rank's region valid until its next call
-        here. Call fits(put_bytes(...)) first."""
+        else, and makes this rank's count row (exchange_kernels.layout_row's, placed by `layout`: a
+        RowLayout of R ranks and E experts without nodes or wants) straight into every rank's table;
+        then the signal. No layout kernel, no count-table collective, no payload in this rank's memory.
+        Fills in_rank [T, R] bool (is_token_in_rank), count_row [layout.length] int32 (this rank's
+        row), combine_index [T, R] (r*chunk + t, R*chunk = not sent) and send_token [R*chunk] (T =
+        pad): the layout and static plan of this call. Returns (received payload [R*chunk, B] uint8:
+        row s*chunk + t is source s's token t, the table [R, layout.length] int32 of every rank's
+        count row), views of this rank's region valid until its next call here. Call
+        fits(put_bytes(...)) first."""
         self.check()
         R, me, (T, H), (_, K), E = self.world_size, self.rank, x.shape, topk_ids.shape, rank_of.numel()
         row_bytes, scale_at, meta_at, header_at = _token_row(x, K, quant, R * chunk)
-        ROW = count_row.numel()
-        if num_flags not in (0, 2, 3) or ROW != 1 + R + E + num_flags:
-            raise ValueError(f"count_row has {ROW} entries and num_flags={num_flags}; need num_flags in (0, 2, 3) "
-                             f"and 1 + R + E + num_flags = {1 + R + E + num_flags} entries")
+        ROW = layout.length
+        want = exchange_kernels.row_layout(R, E, layout.num_flags, wants=False)  # the rows the kernel writes
+        if layout.num_flags not in (0, 2, 3) or layout != want or count_row.numel() != ROW:
+            raise ValueError(f"layout is {layout} and count_row has {count_row.numel()} entries; need num_flags in "
+                             f"(0, 2, 3), {want} and layout.length = {ROW} entries")
         fp8_max, min_amax, blocks = exchange_kernels.pack_params(H, K, quant)
         self._open()
         _put_tokens_kernel[(chunk + 2, -(-H // blocks["BLOCK_H"]), R)](
             x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
             self._region_ptrs, combine_index, send_token, T, H, K, E, R, me, chunk, row_bytes, scale_at,
-            meta_at, header_at, ROW, fp8_max, min_amax, FLAGS=num_flags > 0, DISTINCT=num_flags > 2,
+            meta_at, header_at, ROW, layout.flags_at, fp8_max, min_amax, FLAGS=layout.num_flags > 0,
+            DISTINCT=layout.num_flags > 2,
             # (64 tokens: the count row's histogram takes >= 128 ids, at least one per thread)
             BLOCK_T=64, BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_E=next_power_of_2(E + 1), ALIGN=math.gcd(row_bytes, 16), **blocks)
         region = self._finish(header_at + R * ROW * 4)

@@ -514,7 +514,7 @@ class RankExchange:
         send_token = torch.empty(R * chunk, dtype=torch.long, device=x.device)
         issued_at = time.monotonic()
         received, table = peer.put_tokens(x, topk_ids, topk_weights, rank_of, local_of, chunk, quant,
-                                          row_layout.num_flags, in_rank, row, combine_index, send_token)
+                                          row_layout, in_rank, row, combine_index, send_token)
         summary = exchange_kernels.summarize(table, me, global_of)
         call = _StaticCall(issued_at, topk_ids, topk_weights, distinct, chunk, None, capacity, row_layout)
         if defer:

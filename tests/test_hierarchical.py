@@ -302,3 +302,33 @@ def test_gpu_node_aware_equals_flat(name, grad):
         assert r["y_err"] <= 2e-2
         if R == 2:  # one rank per node: every node sum is one partial, so combine is bit-identical too
             assert r["y_equal"]
+
+
+def _two_calls_rank(rank, world_size):
+    """Two dispatches (different routing) through one flat and one node-aware dispatcher (2 nodes x 1
+    rank), each combined; what the node-aware plans keep on the device for the layout after the first."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    problems = [make_problem(cfg, tokens, seed=seed, ep_size=world_size) for seed, tokens in ((11, [7, 5]), (12, [3, 9]))]
+    made = {mode: ep.dispatchers.create("deepep_normal", cfg, hierarchical=mode, ranks_per_node=1)
+            for mode in ("off", "on")}
+    outs, kept = {mode: [] for mode in made}, []
+    for problem in problems:
+        for mode, d in made.items():
+            out = d.dispatch(problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank]))
+            y = d.combine(ep.CombineInput(out.recv_x * (rank + 0.5), out))
+            outs[mode].append((out.recv_x, out.recv_topk_ids, out.recv_topk_weights, y, out.handle.relay is not None))
+        kept.append(dict(made["on"].exchange.nodes._on_device))
+    same = all(torch.equal(a, b) for flat, aware in zip(outs["off"], outs["on"]) for a, b in zip(flat[:4], aware[:4]))
+    relays = [(flat[4], aware[4]) for flat, aware in zip(outs["off"], outs["on"])]
+    return same, relays, {what for what, _ in kept[0]}, kept[1].keys() == kept[0].keys() and all(
+        kept[1][k] is v for k, v in kept[0].items())
+
+
+def test_node_aware_keeps_the_layouts_constants_across_dispatches():
+    """A second node-aware dispatch reuses the device tensors the first made for the layout (stage 1's
+    relays, the node's ranks and mask) and still equals the flat exchange bit for bit, dispatch and
+    combine (one rank per node: every node sum is one partial, summed in rank order as the flat path's)."""
+    for rank, (same, relays, kept, reused) in enumerate(run_ranks(_two_calls_rank, 2)):
+        assert same and relays == [(False, True)] * 2
+        assert kept == {"node_of", ("relays", rank), ("node_mask", rank), ("node_ranks", rank)}, kept  # node = rank
+        assert reused

@@ -310,7 +310,8 @@ def _token_put_rank(rank, world_size, encoding):
             row = torch.empty_like(want_row)
             combine_index = torch.empty(T, R, dtype=torch.long)
             send_token = torch.empty(R * M, dtype=torch.long)
-            received, table = peer.put_tokens(x, ids, w, rank_of, local_of, M, quant, num_flags, in_rank, row,
+            received, table = peer.put_tokens(x, ids, w, rank_of, local_of, M, quant,
+                                              xk.row_layout(R, E, num_flags, wants=False), in_rank, row,
                                               combine_index, send_token)
             received, table = received.clone(), table.clone()
         if not torch.equal(in_rank, want_in_rank) or not torch.equal(row, want_row):
