@@ -28,7 +28,9 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "ep_runtime"])
+        # torch._dynamo too: `import ep_runtime` leaves it out, but DDP/FSDP/DCP/compile in a rank import it
+        # (2-3 s per rank, 151 -> 61 s for test_training + test_checkpoints); the server imports it once
+        _CTX.set_forkserver_preload(["torch", "ep_runtime", "torch._dynamo"])
     return _CTX
 
 
