@@ -283,10 +283,16 @@ class RankExchange:
         plan resolves every rank's node (one small all_gather unless ranks_per_node is set)."""
         if chunk is not None:
             return None
+        nodes = self.node_layout(device)
+        return nodes if hierarchical.use_two_stages(self.hierarchical, nodes) else None
+
+    def node_layout(self, device: torch.device) -> NodeLayout:
+        """Every rank's node, resolved once (one small all_gather unless ranks_per_node is set; every rank
+        calls it together the first time) and kept: the host plans' and rebalance's one source."""
         if self.nodes is None:
             self.nodes = hierarchical.resolve_nodes(self.group, self.rank, self.world_size, self.ranks_per_node,
                                                     device)
-        return self.nodes if hierarchical.use_two_stages(self.hierarchical, self.nodes) else None
+        return self.nodes
 
     def _read_table(self, table: torch.Tensor, issued_at: float, landed: bool = False,
                     waited_for: str = "the count table's all_gather") -> list:

@@ -752,12 +752,8 @@ class EPMoE(nn.Module):
         from .dispatchers.hierarchical import resolve_nodes
         d = self.dispatcher
         exchange = getattr(d, "exchange", None)  # (a registered dispatcher of one's own may have none)
-        nodes = getattr(exchange, "nodes", None)
-        if nodes is None:
-            ranks_per_node = getattr(exchange, "ranks_per_node", 0)
-            nodes = in_call_order(d.group, lambda: resolve_nodes(d.group, d.rank, d.world_size, ranks_per_node, device))
-            if exchange is not None:
-                exchange.nodes = nodes
+        nodes = in_call_order(d.group, lambda: exchange.node_layout(device) if exchange is not None else
+                              resolve_nodes(d.group, d.rank, d.world_size, 0, device))
         if nodes.num_nodes != num_nodes:
             return plan
         sizes = [len(nodes.ranks_on(b)) for b in range(nodes.num_nodes)]
