@@ -83,6 +83,10 @@ class GemmTiles:
     # fixed share (flatten does not apply): measured faster at some sizes (the tuned tables say which), and
     # no program that starts late (its SM held by an overlapped exchange's kernel) holds the GEMM back
     dynamic: bool = False
+    # portable GEMM 2 only: each tile's K loop split over this many programs, each writing fp32 partial sums
+    # that the top-k reduction adds in split order (deterministic). Decode with few experts and long
+    # weight rows (Mixtral's I = 14336: 64 tiles of GEMM 2 at T=1 on 132 SMs) gets more weight streams.
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,8 @@ class BlockConfig:
         return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 
     def with_kernel(self, kernel: str) -> "BlockConfig":
-        """The same tiles run by `kernel` in both GEMMs."""
-        return self.with_tiles(kernel=kernel)
+        """The same tiles run by `kernel` in both GEMMs (split_k only under the portable one)."""
+        return self.with_tiles(kernel=kernel) if kernel == "portable" else self.with_tiles(kernel=kernel, split_k=1)
 
     def with_tiles(self, **changes) -> "BlockConfig":
         """Both GEMMs' tiles with these GemmTiles fields changed."""
@@ -536,7 +540,7 @@ def _tile_coords(tile, num_blocks, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
+def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
                    stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr,
                    ROUND_FIRST: tl.constexpr, OUT_N: tl.constexpr, FUSE_ACT: tl.constexpr, TWO: tl.constexpr,
@@ -546,7 +550,8 @@ def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, 
     # up: the same columns' up rows (weight rows N + offs_n) when TWO, else unused. Applies the router
     # weight (on the input: (w x) W^T = w (x W^T), before the bias), the bias, the activation and the
     # fp8 output quantization, and stores the pairs' results in rows out_row (the pair's own row, or its
-    # sorted row: OUT_SORTED); padding rows are not stored.
+    # sorted row: OUT_SORTED); padding rows are not stored. split: the K split this program summed (the bias
+    # goes into split 0's partial sums only).
     offs_n = pid_n * OUT_N + tl.arange(0, OUT_N)
     n_ok = offs_n < N
     if HAS_SCALE:
@@ -556,9 +561,10 @@ def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, 
             up = up * row_scale
     if HAS_BIAS:
         bias_row = bias_ptr + expert * stride_bias_e + offs_n
-        gate = gate + tl.load(bias_row, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias_ok = n_ok & (offs_n * 0 == split)  # (full-shape: the interpreter takes no scalar bool in a mask)
+        gate = gate + tl.load(bias_row, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
         if TWO:
-            up = up + tl.load(bias_row + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            up = up + tl.load(bias_row + N, mask=bias_ok, other=0.0).to(tl.float32)[None, :]
     if TWO:  # (filtered pairs have no rows here at all)
         res = activate(gate, up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
     elif FUSE_ACT:
@@ -580,7 +586,7 @@ def _grouped_gemm_kernel(
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
     stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
     out_scale_ptr, stride_os, fp8_max, min_amax,
-    alpha, limit,
+    alpha, limit, stride_split,
     ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
     QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr,
@@ -588,14 +594,17 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
     HAS_LIMIT: tl.constexpr, ONE_SCALE: tl.constexpr, A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    # "portable": one program per work item.
+    # "portable": one program per work item (and K split: program_id(1) of SPLIT_K).
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
     # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
     # FUSE_ACT: out[p, n] = activate(that with b's row n, that with b's row N + n if GATED); N = I.
     # A_SORTED: a's row for pair p is its sorted row s (sorted_pair_ids[s] = p) instead of p // ROWS_PER_A_ROW;
     # OUT_SORTED: the result goes to out's row s instead of row p (GEMM 1 -> GEMM 2 in sorted order).
+    # SPLIT_K: this program sums K steps [split * per_split, (split + 1) * per_split) into out + split *
+    # stride_split (the bias in split 0 only); the top-k reduction adds the splits.
     # BLOCK_N weight rows per program. When TWO they interleave gate and up rows (column 2j: gate row
     # n0 + j, column 2j + 1: up row N + n0 + j), so one dot of the full width (wgmma's widest N, one
     # read of the A tile from shared memory) serves both, and the epilogue splits adjacent columns.
@@ -619,12 +628,17 @@ def _grouped_gemm_kernel(
         col_n = pid_n * BLOCK_N + cols
         w_row = col_n
     n_ok = col_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    steps = tl.cdiv(K_dim, BLOCK_K)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first_step = split * per_split
+    offs_k = first_step * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + w_row[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K_dim, BLOCK_K)):
+    for k in range(first_step, tl.minimum(first_step + per_split, steps)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
@@ -650,9 +664,9 @@ def _grouped_gemm_kernel(
     else:
         gate = acc
         up = acc
-    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
-                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
-                   HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bias_ptr, stride_bias_e, scale_ptr,
+                   out_ptr + split * stride_split, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax,
+                   alpha, limit, HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
 
 
@@ -778,8 +792,8 @@ def _persistent_tile(
         a_ptrs += BLOCK_K * stride_ak
     if STACKED:  # columns [gate | up] -> the two halves
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, OUT_N)), (0, 2, 1)))
-    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, bias_ptr, stride_bias_e, scale_ptr, out_ptr,
-                   stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
+    _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, 0, bias_ptr, stride_bias_e, scale_ptr,
+                   out_ptr, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax, alpha, limit,
                    HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
 
@@ -963,18 +977,29 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     tiles.kernel picks the kernel (GEMM_KERNELS); the TMA ones raise where tma_unsupported says why not.
     num_programs: programs of the persistent kernels (default: as many as the GPU holds at once, one
     wave: SMs x resident programs per SM; 3 in the interpreter); with tiles.dynamic they take work items
-    from aligned.work_queue as they free up."""
-    if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
-        raise ValueError(f"grouped_gemm takes a [rows, K], w [L, N, K] and out [rows, N]; got a {list(a.shape)}, "
-                         f"w {list(w.shape)}, out {list(out.shape)}")
+    from aligned.work_queue as they free up.
+    tiles.split_k > 1 (portable kernel, no activation): out [split_k, rows, N] fp32 gets each K split's
+    partial sums (the bias in split 0); their sum is the product (topk_reduce adds them)."""
+    split = tiles.split_k
+    if a.dim() != 2 or w.dim() != 3 or out.dim() != (2 if split == 1 else 3):
+        raise ValueError(f"grouped_gemm takes a [rows, K], w [L, N, K] and out [rows, N] ([split_k, rows, N] with "
+                         f"split_k > 1); got a {list(a.shape)}, w {list(w.shape)}, out {list(out.shape)}, "
+                         f"split_k={split}")
+    if split != 1:
+        if split < 1 or tiles.kernel != "portable" or fuse_activation is not None or out.shape[0] != split:
+            raise ValueError(f"GemmTiles.split_k={split} needs split_k >= 1, the portable kernel (got "
+                             f"{tiles.kernel!r}), no fused activation (GEMM 2) and out [split_k, rows, N] "
+                             f"(got {list(out.shape)})")
+        if out.dtype != torch.float32:
+            raise ValueError(f"GemmTiles.split_k={split} writes fp32 partial sums; out is {out.dtype}")
     N, K_dim = w.shape[1], w.shape[2]
     num_sorted = aligned.sorted_pair_ids.numel()
     if a_sorted and (rows_per_a_row != 1 or a.shape[0] < num_sorted):
         raise ValueError(f"a_sorted needs rows_per_a_row=1 (got {rows_per_a_row}) and {num_sorted} rows "
                          f"(aligned.sorted_pair_ids' length); a has {a.shape[0]}")
-    if out_sorted and out.shape[0] < num_sorted:
+    if out_sorted and out.shape[-2] < num_sorted:
         raise ValueError(f"out_sorted needs {num_sorted} rows (aligned.sorted_pair_ids' length); out has "
-                         f"{out.shape[0]}")
+                         f"{out.shape[-2]}")
     for name, scales, by_sorted in (("a_scale", a_scale, a_sorted), ("out_scale", out_scale, out_sorted)):
         if by_sorted and scales is not None and scales.shape[0] < num_sorted:
             raise ValueError(f"{name} has {scales.shape[0]} rows; in sorted order it needs {num_sorted} "
@@ -985,8 +1010,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
         if N % 2:
             raise ValueError(f"gated GEMM 1 needs an even number of w13 rows, got {N}")
         N //= 2
-    if out.shape[1] != N:
-        raise ValueError(f"out has {out.shape[1]} columns; expected {N}")
+    if out.shape[-1] != N:
+        raise ValueError(f"out has {out.shape[-1]} columns; expected {N}")
     if tiles.kernel not in GEMM_KERNELS:
         raise ValueError(f"GemmTiles.kernel={tiles.kernel!r}; allowed: {', '.join(GEMM_KERNELS)}")
     block_n = max(32, tiles.BLOCK_N) if two else tiles.BLOCK_N  # weight rows per program (gate and up)
@@ -1012,7 +1037,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
             aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
             aligned.num_pairs, N, K_dim)
     strides = (*a.stride(), *w.stride(),  # (one call each: this runs per launch, on the host path)
-               bias.stride(0) if bias is not None else 0, *out.stride(),
+               bias.stride(0) if bias is not None else 0, *out.stride()[-2:],
                *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
                out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
                out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
@@ -1024,7 +1049,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                       K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
                       gemm1_alpha, gemm1_clamp_limit, one_scale, a_sorted, out_sorted)
     if tiles.kernel == "portable":
-        _grouped_gemm_kernel[(num_tiles,)](a, w, *args, num_blocks, *strides, **meta)
+        _grouped_gemm_kernel[(num_tiles, split)](a, w, *args, num_blocks, *strides,
+                                                 stride_split=out.stride(0) if split > 1 else 0, SPLIT_K=split, **meta)
         return out
     b_desc, stacked, a_desc = w, tiles.kernel == "tma_stacked" and two, a
     if tiles.kernel in TMA_KERNELS:
@@ -1113,9 +1139,9 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
 
 @fast_launch
 @triton.jit
-def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, stride_y, scale,
-                        TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, stride_y, scale, stride_split,
+                        TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     tokens = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     token_ok = tokens < N
@@ -1125,8 +1151,10 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
         pair = tokens * TOP_K + k
         keep = token_ok & (tl.load(computed_ptr + pair, mask=token_ok, other=0) != 0)
         # Rows of filtered pairs are never loaded: their contents are undefined.
-        v = tl.load(o_ptr + pair[:, None] * stride_o + cols[None, :], mask=keep[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        row = o_ptr + pair[:, None] * stride_o + cols[None, :]
+        v = tl.load(row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        for s in tl.static_range(1, SPLITS):  # a split GEMM 2's partial sums, in split order
+            v += tl.load(row + s * stride_split, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             v = v * tl.load(weight_ptr + pair, mask=keep, other=0.0)[:, None]
         acc += v
@@ -1137,16 +1165,19 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
 def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Optional[torch.Tensor],
                 scale: float, out_dtype: torch.dtype, interpreted: bool = False) -> torch.Tensor:
     """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
-    accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones)."""
-    P, H = o.shape
+    accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones).
+    o [S, N*K, H]: a split GEMM 2's partial sums (GemmTiles.split_k), each pair's S rows added first, in order."""
+    splits = o.shape[0] if o.dim() == 3 else 1
+    P, H = o.shape[-2:]
     N = P // top_k
     y = torch.empty(N, H, dtype=out_dtype, device=o.device)
     if N == 0:
         return y
     block_rows, block = _row_blocks(H, interpreted)
     _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))](
-        o, weights if weights is not None else o, computed, y, N, H, o.stride(0), y.stride(0),
-        float(scale), TOP_K=top_k, HAS_WEIGHT=weights is not None, BLOCK_ROWS=block_rows, BLOCK=block,
+        o, weights if weights is not None else o, computed, y, N, H, o.stride(-2), y.stride(0),
+        float(scale), o.stride(0) if splits > 1 else 0, TOP_K=top_k, HAS_WEIGHT=weights is not None, SPLITS=splits,
+        BLOCK_ROWS=block_rows, BLOCK=block,
         num_warps=4,
     )
     return y

@@ -94,6 +94,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
         block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
         fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
+    if hooked and block_config.gemm2.split_k > 1:  # (the after_gemm2 hook takes GEMM 2's whole [P, H] output)
+        block_config = dataclasses.replace(block_config, gemm2=dataclasses.replace(block_config.gemm2, split_k=1))
+    split = block_config.gemm2.split_k
     P = N * K
     block_m = block_config.BLOCK_M
     weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
@@ -104,8 +107,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     # reads it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by
     # pair (a block's padding rows come along, uninitialized; their results are never stored).
     in_sorted_order = not hooked
-    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order)
-    aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant),
+    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order, split)
+    aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant, split),
                                                                 x.device, make)
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned, id_table=inp.id_table)
     if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
@@ -141,15 +144,17 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
 
 
 def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
-             device: torch.device, in_sorted_order: bool) -> tuple:
+             device: torch.device, in_sorted_order: bool, split: int = 1) -> tuple:
     """fused_forward's buffers other than its result: (aligned pairs, GEMM 1's output a [rows, I] (fp8 with
-    quant), a's scales [rows, I/group] fp32 or None, GEMM 2's output o [P, H]); rows: one per sorted row of
-    the aligned pairs (in_sorted_order) or per pair."""
+    quant), a's scales [rows, I/group] fp32 or None, GEMM 2's output o [P, H], or its fp32 partial sums
+    [split, P, H] when its K loop is split); rows: one per sorted row of the aligned pairs (in_sorted_order)
+    or per pair."""
     aligned = kernels.align_workspace(P, L, block_m, device)
     rows = aligned.sorted_pair_ids.numel() if in_sorted_order else P
     a_scale = None if quant is None else torch.empty(rows, quant.num_groups(I), dtype=torch.float32, device=device)
-    return (aligned, torch.empty(rows, I, dtype=out_dtype if quant is None else quant.dtype, device=device), a_scale,
-            torch.empty(P, H, dtype=out_dtype, device=device))
+    o = (torch.empty(P, H, dtype=out_dtype, device=device) if split == 1
+         else torch.empty(split, P, H, dtype=torch.float32, device=device))
+    return (aligned, torch.empty(rows, I, dtype=out_dtype if quant is None else quant.dtype, device=device), a_scale, o)
 
 
 def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool

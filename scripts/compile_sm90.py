@@ -2,6 +2,7 @@
 
     python scripts/compile_sm90.py                      # every kernel, a few tiles, bf16 and fp8
     python scripts/compile_sm90.py --kernels tma_stacked --flatten
+    python scripts/compile_sm90.py --kernels portable --split-k 4    # GEMM 2 with its K loop split
 
 Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
 compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
@@ -52,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", nargs="+", default=None)
     p.add_argument("--flatten", action="store_true", help="the persistent kernels' tiles with flatten=True")
+    p.add_argument("--split-k", type=int, default=1, help="the portable kernel's GEMM 2 with GemmTiles.split_k")
     args = p.parse_args()
     driver.set_active(_Hopper())
     compiled = []
@@ -73,9 +75,10 @@ def main() -> None:
             for fuse in (True, False):
                 for m, n, k, g, w, s in TILES[:2] if fp8 else TILES:
                     tiles = kernels.GemmTiles(n, 128 if fp8 else k, g, w, s, kernel,
-                                              args.flatten and kernel != "portable")
+                                              args.flatten and kernel != "portable",
+                                              split_k=args.split_k if kernel == "portable" and not fuse else 1)
                     label = f"{kernel:<12} {'fp8 ' if fp8 else 'bf16'} {'gemm1' if fuse else 'gemm2'} M{m} N{n} " \
-                            f"K{tiles.BLOCK_K} w{w} s{s}"
+                            f"K{tiles.BLOCK_K} w{w} s{s}" + (f" split{tiles.split_k}" if tiles.split_k > 1 else "")
                     try:
                         _compile_gemm(kernels, tiles, m, fuse, QuantConfig() if fp8 else None)
                         print(f"{label:<52} {_describe(compiled[-1])}", flush=True)
@@ -93,6 +96,8 @@ def _compile_gemm(kernels, tiles, block_m: int, fuse: bool, quant) -> None:
     a = torch.empty(T if fuse else sorted_rows, k_dim, dtype=dtype)
     w = torch.empty(L, rows, k_dim, dtype=dtype)
     out = torch.empty(sorted_rows if fuse else T * K, I if fuse else H, dtype=dtype if fuse else torch.bfloat16)
+    if tiles.split_k > 1:  # fp32 partial sums, one slice per K split
+        out = torch.empty(tiles.split_k, T * K, H)
     extra = dict(out_sorted=True) if fuse else dict(a_sorted=True)
     if quant is not None:
         extra.update(a_scale=torch.empty(a.shape[0], k_dim // 128), w_scale=torch.empty(L, rows // 128, k_dim // 128))

@@ -422,6 +422,26 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
         assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
 
 
+
+def test_fp8_split_k_gemm2_matches_the_fp8_reference():
+    """Block-scaled GEMM 2 with its K loop split (GemmTiles.split_k: fp32 partial sums, each K step's
+    scales as in one loop; I = 384 is three 128-channel steps, split 2 ways unevenly)."""
+    from ep_runtime.runners import triton_kernels as kernels
+    E, K, H, I, T = 2, 2, 128, 384, 3
+    gen = _seeded(8)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(w13), q.quantize_weight(w2)
+    tiles = kernels.GemmTiles(128, 128, 1)
+    config = kernels.BlockConfig(16, tiles, kernels.GemmTiles(128, 128, 1, split_k=2))
+    y = ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2, block_config=config)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), ep.MoeConfig(E, K, H, I), fp8_activations=True,
+                         fp8_input=False)
+    assert rel_err(y, want) < BF16
+
 def test_torch_runner_fp8_math_ignores_autocast():
     """Under torch.autocast (bf16) the torch runner's fp8 path computes as it documents, in fp32 on the
     dequantized weights: autocast ran its GEMMs in bf16, rounding the dequantized operands and GEMM 1's

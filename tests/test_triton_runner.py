@@ -358,6 +358,32 @@ def test_fused_experts_matches_float64_reference(T, dtype):
         assert (y[0] == 0).all()
 
 
+
+@pytest.mark.parametrize("split,dtype", [(2, torch.float32), (3, torch.float16), (4, torch.float32)])
+def test_split_k_gemm2_matches_float64_and_adds_the_bias_once(split, dtype):
+    """GEMM 2's K loop split over programs (GemmTiles.split_k), its fp32 partial sums added by the top-k
+    reduction: I = 72 is 4.5 K steps of 16 (the last one masked), so the splits are uneven and, at 4, the
+    last split has no step at all (it stores zeros). b2 is added in the first split only."""
+    gen = torch.Generator().manual_seed(split)
+    E, K, H, I, T = 6, 2, 32, 72, 13
+    cfg = MoeConfig(E, K, H, I, has_bias=True)
+    w13, w2, b13, b2 = _weights(gen, E, H, I, dtype=dtype, bias=True)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    ids, w = _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    tiles = kernels.GemmTiles(32, 16, 1)
+    whole = kernels.BlockConfig(16, tiles, tiles)
+    config = kernels.BlockConfig(16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split))
+    y = runners.fused_experts(x, w13, w2, ids, w, b13=b13, b2=b2, block_config=config)
+    ref = moe_reference(x, ids, w.double(), w13, w2, cfg, b13=b13, b2=b2)
+    assert y.dtype == dtype and rel_err(y, ref) <= tolerance(dtype)
+    unsplit = runners.fused_experts(x, w13, w2, ids, w, b13=b13, b2=b2, block_config=whole)
+    # fp32 partial sums, added in another association than one K loop: within fp32 rounding of the
+    # unsplit step (fp32), or one fp16 rounding step of it (fp16 output)
+    assert rel_err(y, unsplit) <= (1e-6 if dtype == torch.float32 else 1e-3)
+    with pytest.raises(ValueError, match="split_k=2 needs .* the portable kernel"):
+        kernels.grouped_gemm(x, w2, torch.empty(2, T * K, H), kernels.align_pairs(ids, None, 0, E, 16),
+                             kernels.GemmTiles(32, 16, 1, kernel="persistent", split_k=2), 1, interpreted=True)
+
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
     E, K, H, I, first = 8, 3, 16, 32, 4
