@@ -289,9 +289,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
     check_expert_dtypes(weights, x.dtype, "x")
     weights.check(config, L)
-    # The runner core's input: local ids (int64: never wrapped) whose mapping (the alignment kernels do
-    # it) sends every id outside [0, L), -1 included, to the sink L (masked out).
-    local_ids = topk_ids.long() - first_expert if first_expert else topk_ids.long()  # (one kernel less at 0)
+    # The runner core's input: local ids whose mapping (the alignment kernels do it) sends every id outside
+    # [0, L), -1 included, to the sink L (masked out); shifted by first_expert in int64 (never wrapped),
+    # else as given (int32 and int64 ids are read as they are: no conversion kernel at decode sizes).
+    local_ids = topk_ids.long() - first_expert if first_expert else topk_ids
     inp = RunnerInput.from_local_ids(x, local_ids, topk_weights, ExpertPlacement(L), defer=True)
     return run_fused(inp, weights, config, hooks, block_config)
 
