@@ -753,6 +753,15 @@ def sum_rows(back: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
     return back[combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(back.dtype)
 
 
+def sent_rows(x: torch.Tensor, combine_index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Torch ops: [S, H] = x[send_token] (zero rows for pad token T), written through the plan's inverse
+    combine_index [T, C] (the row of each (token, c); >= S: not sent), each row once. Differentiable, and the
+    gradient is a gather (each token's rows, summed over C in order: sum_rows' sum), never an index_add over
+    send_token (x.index_select's and x[send_token]'s backward), whose CUDA atomics add in a varying order."""
+    index = combine_index.clamp(max=num_rows)  # row S: every unsent pair's, dropped
+    return x.new_zeros(num_rows + 1, x.shape[1]).index_put((index,), x.unsqueeze(1))[:num_rows]  # (no [T, C, H] copy)
+
+
 def _sum_sent_rows(grad: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
     """Adjoint of the row gather x[send_token] (pad token T): [T, H] in grad's dtype, token t's gradient the
     sum of its sent rows' grads, rows combine_index[t, :] (>= S: none) in column order, in fp32. A gather, as
