@@ -9,7 +9,9 @@ ids] metadata (ids remapped to the destination's local ids when asked); for an f
 same kernel quantizes each row per 128 channels as it reads it and writes the fp8 values and
 their scales (quant_kernels.quantize_groups, the one rule) straight into the payload. gather_sum:
 one kernel adds each token's returned rows (at most R) in fp32 and writes the token's output; no
-atomics, so it is deterministic. Both are autograd Functions whose backward is the inverse gather/scatter.
+atomics, so it is deterministic. Both are autograd Functions whose backward is the other one's gather:
+pack_rows' adds each token's sent rows' gradients over the plan's combine_index (the same kernel, no
+atomics), gather_sum's hands each row its token's gradient.
 rank_exchange uses them on CUDA for bf16/fp16/fp32 and plain torch ops elsewhere.
 
 The inference fast path (no autograd) launches each kernel directly, without an autograd Function
@@ -743,37 +745,59 @@ def _block_h(H: int) -> int:
     return min(1024, next_power_of_2(max(H, 16)))
 
 
-def _scatter_rows(grad: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Adjoint of a row gather with pad index num_rows: sum the grads of rows that came from each row."""
-    out = torch.zeros(num_rows + 1, grad.shape[1], dtype=torch.float32, device=grad.device)
-    return out.index_add_(0, index, grad.float())[:num_rows]
+def sum_rows(back: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
+    """[S, H], [T, C] -> [T, H]: row t sums back[combine_index[t, c]] over c in order (index >= S: nothing),
+    in fp32 (fp64 stays fp64), returned in back's dtype. Torch ops: differentiable, any device."""
+    acc = torch.float64 if back.dtype == torch.float64 else torch.float32
+    back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row S: "not sent" (an early plan marks more)
+    return back[combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(back.dtype)
+
+
+def sent_rows(x: torch.Tensor, combine_index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Torch ops: [S, H] = x[send_token] (zero rows for pad token T), written through the plan's inverse
+    combine_index [T, C] (the row of each (token, c); >= S: not sent), each row once. Differentiable, and the
+    gradient is a gather (each token's rows, summed over C in order: sum_rows' sum), never an index_add over
+    send_token (x.index_select's and x[send_token]'s backward), whose CUDA atomics add in a varying order."""
+    index = combine_index.clamp(max=num_rows)  # row S: every unsent pair's, dropped
+    return x.new_zeros(num_rows + 1, x.shape[1]).index_put((index,), x.unsqueeze(1))[:num_rows]  # (no [T, C, H] copy)
+
+
+def _sum_sent_rows(grad: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
+    """Adjoint of the row gather x[send_token] (pad token T): [T, H] in grad's dtype, token t's gradient the
+    sum of its sent rows' grads, rows combine_index[t, :] (>= S: none) in column order, in fp32. A gather, as
+    combine's gather_sum: the same bits on every run, where an index_add_ over send_token adds a token's rows
+    with CUDA atomics in a varying order. The kernel, or torch ops under create_graph=True (double backward:
+    they keep the graph)."""
+    if torch.is_grad_enabled():
+        return sum_rows(grad, combine_index)
+    return gather_rows(grad.contiguous(), combine_index)
 
 
 class _Pack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ids, weights, send_token, send_rank, rank_of, local_of):
-        S, (T, H), K = send_token.numel(), x.shape, ids.shape[1]
+    def forward(ctx, x, ids, weights, send_token, send_rank, rank_of, local_of, combine_index):
+        S, H, K = send_token.numel(), x.shape[1], ids.shape[1]
         rows = x.new_empty(S, H)
         meta = torch.empty(S, 2 * K, dtype=torch.float32, device=x.device)
         if S:
             _pack(x, ids, weights.float(), send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=False)
         # local ids: a slot sent as -1 carries weight 0, so no gradient flows back to its weight
-        ctx.save_for_backward(send_token, meta[:, K:] >= 0 if local_of is not None else None)
-        ctx.T, ctx.K, ctx.dtypes = T, K, (x.dtype, weights.dtype)
+        ctx.save_for_backward(combine_index, meta[:, K:] >= 0 if local_of is not None else None)
+        ctx.K, ctx.dtypes = K, (x.dtype, weights.dtype)
         return rows, meta
 
     @staticmethod
     def backward(ctx, grad_rows, grad_meta):
-        send_token, kept = ctx.saved_tensors
+        combine_index, kept = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and grad_rows is not None:
-            grad_x = _scatter_rows(grad_rows, send_token, ctx.T).to(ctx.dtypes[0])
+            grad_x = _sum_sent_rows(grad_rows, combine_index).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2] and grad_meta is not None:
             grad_weights = grad_meta[:, :ctx.K]
             if kept is not None:
                 grad_weights = torch.where(kept, grad_weights, grad_weights.new_zeros(()))
-            grad_w = _scatter_rows(grad_weights, send_token, ctx.T).to(ctx.dtypes[1])
-        return grad_x, None, grad_w, None, None, None, None
+            grad_w = _sum_sent_rows(grad_weights, combine_index).to(ctx.dtypes[1])
+        return grad_x, None, grad_w, None, None, None, None, None
 
 
 class _GatherSum(torch.autograd.Function):
@@ -791,12 +815,13 @@ class _GatherSum(torch.autograd.Function):
 
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
-              send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              send_rank: torch.Tensor, rank_of: torch.Tensor, local_of: Optional[torch.Tensor],
+              combine_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable: rows [S, H] = x[send_token] (zeros for pad token T); meta [S, 2K] fp32 =
     [weights; ids], ids as destination-local ids when local_of [E] is given (-1 where the expert is
-    elsewhere). rank_of [E]: owning rank of each expert."""
-    return _Pack.apply(x, ids, weights, send_token, send_rank, rank_of, local_of)
+    elsewhere). rank_of [E]: owning rank of each expert. combine_index [T, C]: the plan's inverse of
+    send_token (the rows sent from each token; >= S: none), which the backward gathers and sums."""
+    return _Pack.apply(x, ids, weights, send_token, send_rank, rank_of, local_of, combine_index)
 
 
 def gather_sum(back: torch.Tensor, combine_index: torch.Tensor, send_token: torch.Tensor) -> torch.Tensor:

@@ -222,9 +222,9 @@ def _starts(counts: Sequence[int]) -> list[int]:
     return out
 
 
-# (x, ids [., K] int, weights [., K], token [S], dest [S], local_ids) -> (rows [S, H], meta [S, 2K] fp32): the
-# flat exchange's packing, handed in so both stages pack exactly as the flat path does.
-Pack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+# (x, ids [., K] int, weights [., K], token [S], dest [S], token's inverse [., C], local_ids) -> (rows [S, H],
+# meta [S, 2K] fp32): the flat exchange's packing, handed in so both stages pack exactly as the flat path does.
+Pack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
                 tuple[torch.Tensor, torch.Tensor]]
 # (rows [S, H], combine_index [T, C]) -> [T, H]: the flat exchange's fp32 gather-sum.
 SumRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -290,18 +290,19 @@ class RelayPlan:
         return LinkRows(d_same, d_other, c_same, c_other)
 
     def send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send_token: torch.Tensor,
-             send_rank: torch.Tensor, local_ids: bool, pack: Pack, rank_of: torch.Tensor, group, me: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             send_rank: torch.Tensor, combine_index: torch.Tensor, local_ids: bool, pack: Pack, rank_of: torch.Tensor,
+             group, me: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both stages; returns (recv_x [N_recv, H], recv_meta [N_recv, 2K] fp32: weights then ids) in the
         flat exchange's row order."""
         R, K = len(self.nodes.node_of), ids.shape[1]
-        rows, meta = pack(x, ids, weights, send_token, send_rank, False)  # global ids: the relay routes by them
+        rows, meta = pack(x, ids, weights, send_token, send_rank, combine_index, False)  # global ids: the relay routes by them
         rows = all_to_all(rows, self.recv1, self.send1, group, R)
         meta = all_to_all(meta, self.recv1, self.send1, group, R)
         relayed_ids = meta[:, K:].round().to(torch.int32)
         if self.forward_token is None:
             self._plan_forward(relayed_ids, rank_of, me)
-        rows, meta = pack(rows, relayed_ids, meta[:, :K], self.forward_token, self.forward_rank, local_ids)
+        rows, meta = pack(rows, relayed_ids, meta[:, :K], self.forward_token, self.forward_rank, self.forward_index,
+                          local_ids)
         rows = all_to_all(rows, self.recv2, self.send2, group, R)
         meta = all_to_all(meta, self.recv2, self.send2, group, R)
         return rows.index_select(0, self.order), meta.index_select(0, self.order)

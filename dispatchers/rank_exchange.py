@@ -743,10 +743,12 @@ class RankExchange:
         R, K = self.world_size, ids.shape[1]
         pad = x.new_zeros(1, x.shape[1])
         if handle.relay is not None:  # node-aware: two stages, rows back in this order
-            recv_x, recv_meta = handle.relay.send(x, ids, weights, handle.send_token, handle.send_rank, local_ids,
-                                                  self._pack, self.tables(x.device)[0], self.group, self.rank)
+            recv_x, recv_meta = handle.relay.send(x, ids, weights, handle.send_token, handle.send_rank,
+                                                  handle.combine_index, local_ids, self._pack,
+                                                  self.tables(x.device)[0], self.group, self.rank)
         else:
-            rows, meta = self._pack(x, ids, weights, handle.send_token, handle.send_rank, local_ids, handle.static)
+            rows, meta = self._pack(x, ids, weights, handle.send_token, handle.send_rank, handle.combine_index,
+                                    local_ids)
             recv_x = all_to_all(rows, handle.recv_splits, handle.send_splits, self.group, R)
             recv_meta = all_to_all(meta, handle.recv_splits, handle.send_splits, self.group, R)
         meta_pad = torch.cat([weights.new_zeros(1, K), weights.new_full((1, K), -1.0)], 1)
@@ -760,19 +762,21 @@ class RankExchange:
         return recv_x, recv_meta[:, K:].round().to(torch.int32), recv_meta[:, :K]
 
     def _pack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, token: torch.Tensor,
-              send_rank: torch.Tensor, local_ids: bool, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              send_rank: torch.Tensor, combine_index: torch.Tensor, local_ids: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (training, CPU): rows [S, H] = x[token] (token T: a zero pad row, static plans)
         and meta [S, 2K] fp32 = [weights; ids], the ids local to send_rank (-1 elsewhere, its weight
         then 0, as DeepEP's recv_topk_weights) when local_ids. ids ride with the weights in one fp32
-        payload (ids < 2^24 are exact in fp32)."""
+        payload (ids < 2^24 are exact in fp32). combine_index [T, C]: token's inverse; the backward sums
+        each token's rows through it (a gather, on either path)."""
         E, K = self.num_experts, ids.shape[1]
         rank_of, local_of, _ = self.tables(x.device)
         if exchange_kernels.enabled(x):
             return exchange_kernels.pack_rows(x, ids, weights, token, send_rank, rank_of,
-                                              local_of if local_ids else None)
-        rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[token] if static else x.index_select(0, token)
+                                              local_of if local_ids else None, combine_index)
+        S = token.numel()
+        rows = exchange_kernels.sent_rows(x, combine_index, S)
         ids_rows = torch.cat([ids, ids.new_full((1, K), -1)])[token].long()
-        weight_rows = torch.cat([weights, weights.new_zeros(1, K)])[token]
+        weight_rows = exchange_kernels.sent_rows(weights, combine_index, S)
         if local_ids:
             valid = (ids_rows >= 0) & (ids_rows < E)
             expert = torch.where(valid, ids_rows, 0)
@@ -868,18 +872,11 @@ class RankExchange:
         elif not handle.static:
             partial = partial[:sum(handle.recv_splits)]
         if handle.relay is not None:  # node-aware: summed within each node first, one row per node back
-            back = handle.relay.reduce(partial, sum_rows, self.group)
+            back = handle.relay.reduce(partial, exchange_kernels.sum_rows, self.group)
         else:
             back = all_to_all(partial, handle.send_splits, handle.recv_splits, self.group, self.world_size)
         # Gather each token's (at most R) rows and sum them: no atomics, deterministic.
         if exchange_kernels.enabled(back):
             return exchange_kernels.gather_sum(back, handle.combine_index, handle.send_token)
-        return sum_rows(back, handle.combine_index)
+        return exchange_kernels.sum_rows(back, handle.combine_index)
 
-
-def sum_rows(back: torch.Tensor, combine_index: torch.Tensor) -> torch.Tensor:
-    """[S, H], [T, C] -> [T, H]: row t sums back[combine_index[t, c]] over c in order (index >= S: nothing),
-    in fp32 (fp64 stays fp64), returned in back's dtype."""
-    acc = torch.float64 if back.dtype == torch.float64 else torch.float32
-    back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row S: "not sent" (an early plan marks more)
-    return back[combine_index.clamp(max=back.shape[0] - 1)].sum(1, dtype=acc).to(back.dtype)

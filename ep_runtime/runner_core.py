@@ -101,13 +101,20 @@ class RunnerInput:
         if self.id_table is not None:
             return self.routed().pairs_by_expert(user)
         N, K = self.topk_ids.shape
-        ids = self.topk_ids.reshape(-1).long()
-        pair = self.expert_mask[ids].nonzero().squeeze(1)
-        expert = ids[pair]
+        ids = self.topk_ids.long()
+        computed = self.expert_mask[ids]  # [N, K]
+        pair = computed.reshape(-1).nonzero().squeeze(1)
+        expert = ids.reshape(-1)[pair]
         order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert
         pair, expert = pair[order], expert[order]
         counts = torch.bincount(expert, minlength=self.num_local_experts)
-        return ExpertPairs(pair // K, expert, self.topk_weights.reshape(-1)[pair], counts)
+        # Where each pair comes among its token's pairs in this order: the computed slots k' of its row that sort
+        # before it (a smaller expert, or the same one at an earlier slot).
+        a, b = ids.unsqueeze(2), ids.unsqueeze(1)  # [N, K (k), 1], [N, 1, K (k')]
+        before = (b < a) | ((b == a) & torch.ones(K, K, dtype=torch.bool, device=ids.device).tril(-1))
+        place = (before & computed.unsqueeze(1)).sum(2).reshape(-1)
+        token = pair // K
+        return ExpertPairs(token, expert, self.topk_weights.reshape(-1)[pair], counts, token * K + place[pair])
 
     @classmethod
     def from_local_ids(cls, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
@@ -141,12 +148,30 @@ class RunnerInput:
 @dataclass(frozen=True)
 class ExpertPairs:
     """RunnerInput's computed pairs, grouped by expert: token [P], expert [P] (local index), weight [P]
-    fp32 (P pairs, expert-ascending, slot order within an expert); counts [L] pairs per expert."""
+    fp32 (P pairs, expert-ascending, slot order within an expert); counts [L] pairs per expert;
+    place [P]: n*K + j for the j-th of token n's pairs in this order (sum_per_token's layout)."""
 
     token: torch.Tensor
     expert: torch.Tensor
     weight: torch.Tensor
     counts: torch.Tensor
+    place: torch.Tensor
+
+    def sum_per_token(self, rows: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+        """[N, H] in rows' dtype: token n sums rows [P, H] (one per pair, in this order) of its pairs, in this
+        order from zero, as K gathers of [N, H] (place j: the row of n's j-th pair, or a zero row) each added in
+        turn. No atomics, so the same bits on every run (an index_add into N rows adds a token's rows with CUDA
+        atomics in a varying order; on CPU it adds them in this order from zero, as this does), no [N, K, H]
+        copy, and the gradient is a gather (each pair's row gets its token's; the gathers' backward is
+        index_put_(accumulate=True), which sorts the indices on CUDA)."""
+        P, H = rows.shape
+        index = torch.full((num_tokens * top_k,), P, dtype=torch.long, device=rows.device)
+        index = index.index_put((self.place,), torch.arange(P, device=rows.device)).view(num_tokens, top_k)
+        padded = torch.cat([rows, rows.new_zeros(1, H)])  # row P: no pair
+        y = rows.new_zeros(num_tokens, H)
+        for j in range(top_k):
+            y = y + padded[index[:, j]]
+        return y
 
 
 @dataclass
@@ -259,7 +284,7 @@ def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):
         o = out[expert, slot].to(acc)
         if not config.apply_router_weight_on_input:
             o = o * weight.unsqueeze(1).to(acc)
-        return torch.zeros(N, H, dtype=acc, device=x.device).index_add(0, token, o).to(out_dtype)
+        return pairs.sum_per_token(o, N, inp.topk_ids.shape[1]).to(out_dtype)
 
     return ExpertMajorInput(buffer, counts.to(torch.int32), buffer_scale, inp.out_dtype), back
 

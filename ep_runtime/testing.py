@@ -194,6 +194,38 @@ def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> di
     return errors
 
 
+def training_step(layer, problem: Problem, rank: int) -> dict[str, torch.Tensor]:
+    """One forward and backward of the layer on this rank's tokens, x and topk_weights needing gradients (experts
+    loaded from the problem in the layer's dtype, their gradients reset): {y, dx, dweights, dw13, dw2} as the layer
+    computed them (training_step_errors compares them with float64)."""
+    dtype, device = layer.w13.dtype, layer.w13.device
+    cast = lambda t, to=dtype: t.to(to).to(device).clone()  # noqa: E731  (never the problem's own tensor)
+    layer.load_experts(cast(problem.w13), cast(problem.w2))
+    layer.zero_grad(set_to_none=True)
+    x = cast(problem.xs[rank]).requires_grad_(True)
+    weights = cast(problem.topk_weights[rank], torch.float32).requires_grad_(True)
+    y = layer(x, problem.topk_ids[rank].to(device), weights)
+    (y * cast(problem.grad_outputs[rank])).sum().backward()
+    return {"y": y.detach(), "dx": x.grad, "dweights": weights.grad, "dw13": layer.w13.grad, "dw2": layer.w2.grad}
+
+
+def training_step_errors(layer, problem: Problem, rank: int, step: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative errors of training_step's results against the float64 reference fed the same rounded inputs."""
+    dtype = layer.w13.dtype
+    as64 = lambda t: t.to(dtype).double().requires_grad_(True)  # noqa: E731
+    w13, w2 = as64(problem.w13), as64(problem.w2)
+    xs = [as64(x_r) for x_r in problem.xs]
+    ws = [w_r.double().requires_grad_(True) for w_r in problem.topk_weights]
+    # Sharded experts see every rank's tokens (through dispatch); replicated ones see only their own.
+    sources = range(len(problem.xs)) if layer.dispatcher.shards_experts else [rank]
+    refs = {r: moe_reference(xs[r], problem.topk_ids[r], ws[r], w13, w2, problem.config) for r in sources}
+    sum((refs[r] * problem.grad_outputs[r].to(dtype).double()).sum() for r in sources).backward()
+    mine = layer.placement.local_expert_ids()
+    want = {"y": refs[rank].detach(), "dx": xs[rank].grad, "dweights": ws[rank].grad, "dw13": w13.grad[mine],
+            "dw2": w2.grad[mine]}
+    return {k: rel_err(step[k].cpu(), want[k]) for k in want}
+
+
 def mean_loss_reference(dense: torch.nn.Module, problem: "Problem", config: MoeConfig, world_size: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference of the training tests' model, tanh(dense(x)) -> MoE: the mean over the ranks of

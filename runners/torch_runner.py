@@ -80,7 +80,7 @@ class TorchRunner(RunnerBackend):
         o = o.to(acc)
         if not cfg.apply_router_weight_on_input:
             o = o * weight.unsqueeze(1).to(acc)
-        y = torch.zeros(N, x.shape[1], dtype=acc, device=x.device).index_add(0, token, o)
+        y = pairs.sum_per_token(o, N, inp.topk_ids.shape[1])
         if cfg.routed_scaling_factor != 1.0:
             y = y * cfg.routed_scaling_factor
         return y.to(inp.output_dtype)

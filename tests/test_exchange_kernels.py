@@ -30,8 +30,9 @@ def _case(T=9, H=40, K=3, E=8, R=2, dtype=torch.float32, seed=0):
 def test_pack_rows_matches_torch(dtype, local):
     x, ids, w, send_token, send_rank, L = _case(dtype=dtype)
     rank_of, local_of = _tables(8, 2)
-    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of if local else None)
     T, K = ids.shape
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of if local else None,
+                              _inverse(send_token, T, send_token.numel()))
     x_pad = torch.cat([x, torch.zeros(1, x.shape[1], dtype=dtype)])
     ids_pad = torch.cat([ids, torch.full((1, K), -1, dtype=torch.int32)]).long()[send_token]
     if local:
@@ -75,12 +76,20 @@ def test_gather_sum_matches_float64(dtype):
     assert y.dtype == dtype and torch.allclose(y.double(), ref, rtol=tol, atol=tol)
 
 
+def _inverse(send_token: torch.Tensor, T: int, not_sent: int) -> torch.Tensor:
+    """combine_index [T, C] as a plan makes it: the rows sent from each token, in row order, then not_sent (>= S)."""
+    rows = [torch.nonzero(send_token == t).squeeze(1).tolist() for t in range(T)]
+    C = max(1, max(map(len, rows)))
+    return torch.tensor([r + [not_sent] * (C - len(r)) for r in rows], dtype=torch.long)
+
+
 def test_gradients_equal_torch_gathers():
     x, ids, w, send_token, send_rank, L = _case(seed=3)
     x.requires_grad_(True)
     w.requires_grad_(True)
     rank_of, local_of = _tables(8, 2)
-    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of)
+    rows, meta = xk.pack_rows(x, ids, w, send_token, send_rank, rank_of, local_of,
+                              _inverse(send_token, x.shape[0], send_token.numel()))
     g_rows, g_meta = torch.randn_like(rows), torch.randn_like(meta)
     (rows * g_rows).sum().add((meta * g_meta).sum()).backward()
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
@@ -101,6 +110,44 @@ def test_gradients_equal_torch_gathers():
     used = torch.zeros(S, dtype=torch.bool)
     used[index[index < S]] = True
     assert torch.allclose(back.grad[used], expected[used], atol=1e-6)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pack_rows_backward_sums_each_tokens_rows_by_gather(dtype):
+    """pack_rows' backward: token t's gradient is the sum of the gradients of the rows sent from it (a token
+    sent to several ranks, pad rows of token T that reach no token), gathered through the plan's combine_index
+    (an early plan marks unsent pairs with values past S) in fp32 and rounded once, equal to the float64 sum;
+    no index_add_ over send_token, whose CUDA atomics add a token's rows in a varying order. Under
+    create_graph=True (double backward) the torch gather gives them too and keeps the graph."""
+    gen = torch.Generator().manual_seed(4)
+    T, H, K, E, R = 13, 70, 3, 8, 4
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    ids = torch.randint(-1, E, (T, K), generator=gen, dtype=torch.int32)
+    w = torch.rand(T, K, generator=gen)
+    send_token = torch.cat([torch.arange(T), torch.randint(0, T, (2 * T,), generator=gen), torch.full((5,), T)])
+    send_token = send_token[torch.randperm(send_token.numel(), generator=gen)]  # tokens repeated, pads among them
+    S = send_token.numel()
+    combine_index = _inverse(send_token, T, S + 7)
+    assert combine_index.shape[1] > 2  # some token's gradient sums 3 or more rows
+    send_rank = torch.randint(0, R, (S,), generator=gen)
+    rank_of = torch.arange(E, dtype=torch.int32) // (E // R)
+    g_rows = torch.randn(S, H, generator=gen).to(dtype)
+    g_w = torch.randn(S, K, generator=gen)
+    ref_x = torch.zeros(T + 1, H, dtype=torch.float64).index_add_(0, send_token, g_rows.double())[:T]
+    ref_w = torch.zeros(T + 1, K, dtype=torch.float64).index_add_(0, send_token, g_w.double())[:T]
+    for create_graph in (False, True):
+        x_in, w_in = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        rows, meta = xk.pack_rows(x_in, ids, w_in, send_token, send_rank, rank_of, None, combine_index)
+        g = g_rows.clone().requires_grad_(create_graph)  # (a gradient with a graph of its own)
+        g_meta = torch.cat([g_w, torch.zeros(S, K)], 1)
+        dx, dw = torch.autograd.grad((rows * g).sum() + (meta * g_meta).sum(), [x_in, w_in], create_graph=create_graph)
+        assert dx.dtype == dtype and dw.dtype == torch.float32
+        assert dx.requires_grad == create_graph
+        # one rounding of an fp32 sum of a few rows: fp16's half ulp (2^-11) relative, fp32's far below 1e-6
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -11
+        assert torch.allclose(dx.double(), ref_x, rtol=tol, atol=tol), (dx.double() - ref_x).abs().max()
+        assert torch.allclose(dw.double(), ref_w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (130, 64, 8, 4), (77, 16, 3, 2)])

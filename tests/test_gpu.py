@@ -20,7 +20,15 @@ from ep_runtime.bench.dispatch import STATIC_VARIANTS
 from ep_runtime.bench.timing import capture_graphs
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.runner_core import CombineInput
-from ep_runtime.testing import check_layer, host_syncs, make_problem, run_ranks, tolerance
+from ep_runtime.testing import (
+    check_layer,
+    host_syncs,
+    make_problem,
+    run_ranks,
+    tolerance,
+    training_step,
+    training_step_errors,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
 
@@ -689,8 +697,9 @@ def test_deterministic_mode_trains_every_dispatcher_on_one_gpu(deterministic_run
     """torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG=:4096:8 (torchtitan's
     --debug.deterministic): no op of the layer raises (PyTorch raises for ops without a deterministic CUDA
     implementation), two runs agree bit for bit, and each equals the float64 reference and the run outside the
-    mode within bf16 rounding (outside it, index_add and friends sum with atomics), with the torch and triton
-    runners; the inference forward equals the training one within bf16 rounding."""
+    mode within bf16 rounding (test_training_step_is_bit_reproducible_outside_deterministic_mode checks the bits
+    outside it), with the torch and triton runners; the inference forward equals the training one within bf16
+    rounding."""
     for runner in ("torch", "triton"):
         status, value = deterministic_runs[f"{dispatcher}/{runner}"]
         if status == "skip":
@@ -701,6 +710,65 @@ def test_deterministic_mode_trains_every_dispatcher_on_one_gpu(deterministic_run
         assert max(outside.values()) <= tolerance(torch.bfloat16), (runner, outside)
         assert same, runner
         assert max(in_vs_out) <= tolerance(torch.bfloat16), (runner, in_vs_out)
+
+
+def _reproducible_on_rank(rank: int, world_size: int) -> dict:
+    """{'dispatcher/runner': ('ok', ({result: whether the two steps agree bit for bit}, errors of the first against
+    float64)) | ('skip', why) | ('error', tb)}: training_step (forward and backward; x and topk_weights need
+    gradients) twice on the same bf16 inputs, outside torch.use_deterministic_algorithms, each on NaN-poisoned
+    cached memory with the scratch cache emptied."""
+    from ep_runtime.distributed import device_for_rank
+    from ep_runtime.scratch import SCRATCH
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    device = device_for_rank()
+    T = 256  # tokens: K = 4 rows summed per token, many sums whose order atomics would vary
+    options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=T), "mori": dict(max_dispatch_tokens_per_rank=T)}
+    out = {}
+    for dispatcher in dispatchers.registered():
+        for runner in ("torch", "triton"):
+            key = f"{dispatcher}/{runner}"
+            if runner not in runners.available():
+                out[key] = ("skip", f"runner={runner!r} is not available here")
+                continue
+            try:
+                layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                                 device=device, dispatcher_options=options.get(dispatcher))
+                problem = make_problem(layer.config, [T], seed=9)
+                steps = []
+                for _ in range(2):
+                    SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
+                    _poison_cached_memory(device)
+                    steps.append(training_step(layer, problem, rank))
+                    torch.cuda.synchronize()
+                first, second = steps
+                same = {k: first[k] is not None and torch.equal(first[k], second[k]) for k in first}
+                out[key] = ("ok", (same, training_step_errors(layer, problem, rank, first)))
+            except Exception:  # noqa: BLE001 - report this pair, go on with the others
+                out[key] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reproducible_runs() -> dict:
+    """_reproducible_on_rank's outcomes: one process on one GPU for every dispatcher."""
+    return run_ranks(_reproducible_on_rank, 1, backend="nccl", timeout=300, group_timeout=200)[0]
+
+
+@pytest.mark.parametrize("dispatcher", dispatchers.registered())
+def test_training_step_is_bit_reproducible_outside_deterministic_mode(reproducible_runs, dispatcher):
+    """Without torch.use_deterministic_algorithms, two training steps on the same inputs give the same bits: the
+    output and the gradients of x, topk_weights, w13 and w2, with the torch and triton runners (no op of the step
+    adds float values with atomics: combine's and the pack's backward gather-sums, the runners' per-token sums over
+    [N, K, H], the triton kernels' fixed-order reductions); each within bf16 rounding of the float64 reference."""
+    for runner in ("torch", "triton"):
+        status, value = reproducible_runs[f"{dispatcher}/{runner}"]
+        if status == "skip":
+            continue
+        assert status == "ok", value
+        same, errors = value
+        assert all(same.values()), (runner, same)
+        assert max(errors.values()) <= tolerance(torch.bfloat16), (runner, errors)
 
 
 @pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])

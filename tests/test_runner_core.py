@@ -137,7 +137,36 @@ def test_ids_outside_the_experts_go_to_the_sink_never_out_of_bounds(dtype):
         assert deferred.routed().id_table is None and deferred.routed().routed().topk_ids is not bad
         assert rel_err(runner.run(deferred, ep.ExpertWeights(w13, w2)), want) < 1e-12
         pairs, eager = deferred.pairs_by_expert("test"), build(x, bad, w, p).pairs_by_expert("test")
-        assert all(torch.equal(getattr(pairs, f), getattr(eager, f)) for f in ("token", "expert", "weight", "counts"))
+        assert all(torch.equal(getattr(pairs, f), getattr(eager, f))
+                   for f in ("token", "expert", "weight", "counts", "place"))
+
+
+def test_sum_per_token_adds_each_tokens_rows_without_atomics():
+    """ExpertPairs.sum_per_token (the torch runner's and the expert-major conversion's per-token sum): token n
+    gets the sum of its pairs' rows, with -1 slots, a masked expert, the sink and a token listing one expert
+    three times among them, equal to float64; it adds them in pair order from zero, bit for bit as the CPU
+    index_add it replaces (whose CUDA atomics add them in a varying order), and its gradient is a gather of the
+    token's."""
+    gen = torch.Generator().manual_seed(6)
+    N, K, L, H = 23, 4, 5, 12
+    ids = torch.randint(-1, L + 1, (N, K), generator=gen, dtype=torch.int32)  # L: another rank's (the sink)
+    ids[0] = torch.tensor([2, 2, -1, 2], dtype=torch.int32)  # one expert three times
+    ids[1] = -1  # nothing
+    mask = torch.ones(L + 1, dtype=torch.bool)
+    mask[3] = mask[L] = False  # a masked expert and the sink
+    inp = RunnerInput(torch.zeros(N, H), torch.where(ids < 0, L, ids), torch.rand(N, K, generator=gen), mask)
+    pairs = inp.pairs_by_expert("test")
+    P = pairs.token.numel()
+    assert P == int(((ids >= 0) & (ids != 3) & (ids != L)).sum())
+    rows = torch.randn(P, H, generator=gen).requires_grad_(True)
+    y = pairs.sum_per_token(rows, N, K)
+    ref = torch.zeros(N, H, dtype=torch.float64).index_add_(0, pairs.token, rows.detach().double())
+    assert y.dtype == rows.dtype and rel_err(y.detach(), ref) < 1e-6
+    assert torch.equal(y.detach(), torch.zeros(N, H).index_add_(0, pairs.token, rows.detach()))
+    assert not y[1].any()
+    g = torch.randn(N, H, generator=gen)
+    y.backward(g)
+    assert torch.equal(rows.grad, g[pairs.token])
 
 
 def _layer(E=8, K=3, H=16, I=8, **kw):

@@ -1,11 +1,21 @@
 """The layer inside a training loop's machinery (torch.autocast, ...) on 2 gloo ranks, against the
 float64 reference."""
+import contextlib
+
 import pytest
 import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import check_layer, make_problem, mean_loss_reference, run_ranks, tolerance
+from ep_runtime.testing import (
+    check_layer,
+    make_problem,
+    mean_loss_reference,
+    run_ranks,
+    tolerance,
+    training_step,
+    training_step_errors,
+)
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
 DISPATCHERS = ["standard", "deepep_normal", "deepep_ll", "mori"]
@@ -313,3 +323,61 @@ def test_deterministic_mode_gives_the_reference_and_the_same_bits(dispatcher, ru
         assert max(inside.values()) <= tolerance(torch.float32), inside
         assert max(outside.values()) <= tolerance(torch.float32), outside
         assert same  # CPU kernels on one thread: the mode changes no sum's order
+
+
+# Ops whose CUDA kernels add float values with atomics outside torch.use_deterministic_algorithms (PyTorch's list of
+# ops the mode makes deterministic): index_add (also index_select's and repeat_interleave's backward), scatter_add
+# (gather's backward), scatter_reduce, index_reduce, put_, float cumsum, histc, bincount with weights. index_put
+# with accumulate=True (the backward of x[index]) is not among them: its CUDA kernel sorts the indices first.
+_FLOAT_ATOMICS = {"index_add", "scatter_add", "scatter_reduce", "index_reduce", "put", "cumsum", "histc", "bincount"}
+
+
+def _float_atomics_rank(rank, world_size, dispatcher, runner):
+    """One training step (x and topk_weights need gradients) on the GPU code path (exchange kernels forced onto
+    these CPU ranks; the Triton runner's kernels interpreted), then on the exchange's torch path (CUDA without
+    triton, float64), every aten op each runs, forward and backward, recorded by a TorchDispatchMode. Returns
+    [(the float-valued ops of _FLOAT_ATOMICS it ran, errors against float64)] for each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ep_runtime.dispatchers import exchange_kernels as xk
+
+    class Ran(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__.rstrip("_")
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if name in _FLOAT_ATOMICS and isinstance(first, torch.Tensor) and first.is_floating_point():
+                self.names.add(str(func))
+            return out
+
+    layer = ep.EPMoE(8, 3, 16, 8, dispatcher=dispatcher, runner=runner, dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [7, 5], seed=2, ep_size=world_size)
+    results = []
+    for kernels in (True, False):
+        ran = Ran()
+        with xk.forced() if kernels else contextlib.nullcontext(), ran:
+            step = training_step(layer, problem, rank)
+        results.append((sorted(ran.names), training_step_errors(layer, problem, rank, step)))
+    return results
+
+
+@pytest.mark.skipif("triton" not in ep.runners.available(), reason="the GPU code path needs triton (interpreted here)")
+# each dispatcher with the torch and triton runners; masked on its own format and on a token-major one (the layout
+# conversion's way back sums each token's rows)
+@pytest.mark.parametrize("dispatcher,runner", [(d, r) for r in ("torch", "triton") for d in DISPATCHERS]
+                         + [("deepep_ll", "masked"), ("standard", "masked")])
+def test_training_step_adds_no_float_values_with_atomics(dispatcher, runner):
+    """Outside deterministic mode a CUDA training step is bit-reproducible run to run only if no op on its forward
+    or backward adds float values with atomics (their order varies): on the GPU code path (kernels forced onto
+    CPU ranks) and on the exchange's torch path the layer runs none of them, and its output and gradients (x,
+    topk_weights, experts) equal the float64 reference. Before, pack_rows' backward, the torch path's
+    x.index_select(0, send_token) (its backward), the torch runner's per-token sum (also every kernel runner's
+    backward recompute) and the expert-major conversion's way back were index_adds."""
+    for results in run_ranks(_float_atomics_rank, 2, dispatcher, runner):
+        for ran, errors in results:
+            assert ran == [], ran
+            assert max(errors.values()) <= tolerance(torch.float32), errors
