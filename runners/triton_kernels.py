@@ -665,8 +665,8 @@ def _grouped_gemm_kernel(
         gate = acc
         up = acc
     _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bias_ptr, stride_bias_e, scale_ptr,
-                   out_ptr + split * stride_split, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax,
-                   alpha, limit, HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                   out_ptr + split.to(tl.int64) * stride_split, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max,
+                   min_amax, alpha, limit, HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
 
 
@@ -1153,8 +1153,10 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
         # Rows of filtered pairs are never loaded: their contents are undefined.
         row = o_ptr + pair[:, None] * stride_o + cols[None, :]
         v = tl.load(row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        split_row = row
         for s in tl.static_range(1, SPLITS):  # a split GEMM 2's partial sums, in split order
-            v += tl.load(row + s * stride_split, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            split_row += stride_split  # (a step at a time: s * stride_split would wrap in int32 past 2**31)
+            v += tl.load(split_row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             v = v * tl.load(weight_ptr + pair, mask=keep, other=0.0)[:, None]
         acc += v
