@@ -40,6 +40,7 @@ import triton.language as tl
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
 from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
+from ep_runtime.validation import is_int_at_least
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -87,6 +88,11 @@ class GemmTiles:
     # that the top-k reduction adds in split order (deterministic). Decode with few experts and long
     # weight rows (Mixtral's I = 14336: 64 tiles of GEMM 2 at T=1 on 132 SMs) gets more weight streams.
     split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if not is_int_at_least(self.split_k, 1):
+            raise ValueError(f"GemmTiles.split_k={self.split_k!r}; allowed: an int >= 1 (1: one K loop per tile)")
+        object.__setattr__(self, "split_k", int(self.split_k))  # (numpy ints: a plain int for the constexpr)
 
 
 @dataclass(frozen=True)
@@ -986,8 +992,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                          f"split_k > 1); got a {list(a.shape)}, w {list(w.shape)}, out {list(out.shape)}, "
                          f"split_k={split}")
     if split != 1:
-        if split < 1 or tiles.kernel != "portable" or fuse_activation is not None or out.shape[0] != split:
-            raise ValueError(f"GemmTiles.split_k={split} needs split_k >= 1, the portable kernel (got "
+        if tiles.kernel != "portable" or fuse_activation is not None or out.shape[0] != split:
+            raise ValueError(f"GemmTiles.split_k={split} needs the tiles run by the portable kernel (got "
                              f"{tiles.kernel!r}), no fused activation (GEMM 2) and out [split_k, rows, N] "
                              f"(got {list(out.shape)})")
         if out.dtype != torch.float32:

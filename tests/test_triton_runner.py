@@ -407,6 +407,20 @@ def test_split_k_partial_sums_lie_past_2_31_elements():
     assert rel_err(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("split_k", [0, -1, 2.0])
+def test_split_k_below_one_or_not_an_int_is_named(split_k):
+    """A GemmTiles.split_k below 1 (or a float from a hand-edited table) is rejected where the tiles are
+    made, naming the field and the allowed values, not as a tensor of negative size in the runner."""
+    gen = torch.Generator().manual_seed(32)
+    E, K, H, I, T = 2, 2, 16, 32, 3
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    with pytest.raises(ValueError, match=rf"GemmTiles.split_k={split_k!r}; allowed: an int >= 1"):
+        tiles = kernels.GemmTiles(32, 16, 1)
+        runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(
+            16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split_k)))
+
+
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
     E, K, H, I, first = 8, 3, 16, 32, 4
