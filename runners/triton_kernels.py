@@ -103,6 +103,11 @@ class BlockConfig:
     gemm1: GemmTiles
     gemm2: GemmTiles
 
+    def __post_init__(self) -> None:
+        if self.gemm1.split_k != 1:
+            raise ValueError(f"BlockConfig.gemm1.split_k={self.gemm1.split_k}; allowed: 1 (only GEMM 2 splits its K "
+                             "loop: GEMM 1's activation needs whole sums)")
+
     def to_json(self) -> dict:
         return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 

@@ -421,6 +421,19 @@ def test_split_k_below_one_or_not_an_int_is_named(split_k):
             16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split_k)))
 
 
+def test_gemm1_split_k_is_named():
+    """Only GEMM 2 splits its K loop (GEMM 1's activation needs whole sums): a BlockConfig whose gemm1 tiles
+    have split_k > 1 (e.g. from with_tiles(split_k=2), which changes both GEMMs) is rejected naming the field,
+    not as a grouped_gemm output-shape mismatch."""
+    gen = torch.Generator().manual_seed(33)
+    E, K, H, I, T = 2, 2, 16, 32, 3
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    tiles = kernels.GemmTiles(32, 16, 1)
+    with pytest.raises(ValueError, match=r"BlockConfig.gemm1.split_k=2; allowed: 1 \(only GEMM 2"):
+        runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(16, tiles, tiles).with_tiles(split_k=2))
+
+
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
     E, K, H, I, first = 8, 3, 16, 32, 4
