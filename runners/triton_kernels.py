@@ -40,6 +40,7 @@ import triton.language as tl
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import quantize_groups
 from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
+from ep_runtime.validation import is_int_at_least
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -88,6 +89,11 @@ class GemmTiles:
     # weight rows (Mixtral's I = 14336: 64 tiles of GEMM 2 at T=1 on 132 SMs) gets more weight streams.
     split_k: int = 1
 
+    def __post_init__(self) -> None:
+        if not is_int_at_least(self.split_k, 1):
+            raise ValueError(f"GemmTiles.split_k={self.split_k!r}; allowed: an int >= 1 (1: one K loop per tile)")
+        object.__setattr__(self, "split_k", int(self.split_k))  # (numpy ints: a plain int for the constexpr)
+
 
 @dataclass(frozen=True)
 class BlockConfig:
@@ -96,6 +102,11 @@ class BlockConfig:
     BLOCK_M: int
     gemm1: GemmTiles
     gemm2: GemmTiles
+
+    def __post_init__(self) -> None:
+        if self.gemm1.split_k != 1:
+            raise ValueError(f"BlockConfig.gemm1.split_k={self.gemm1.split_k}; allowed: 1 (only GEMM 2 splits its K "
+                             "loop: GEMM 1's activation needs whole sums)")
 
     def to_json(self) -> dict:
         return {"BLOCK_M": self.BLOCK_M, "gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
@@ -665,8 +676,8 @@ def _grouped_gemm_kernel(
         gate = acc
         up = acc
     _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bias_ptr, stride_bias_e, scale_ptr,
-                   out_ptr + split * stride_split, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max, min_amax,
-                   alpha, limit, HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
+                   out_ptr + split.to(tl.int64) * stride_split, stride_om, stride_on, out_scale_ptr, stride_os, fp8_max,
+                   min_amax, alpha, limit, HAS_BIAS, HAS_SCALE, QUANT_OUT, UE8M0, ROUND_FIRST, OUT_N, FUSE_ACT, TWO,
                    ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
 
 
@@ -986,8 +997,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
                          f"split_k > 1); got a {list(a.shape)}, w {list(w.shape)}, out {list(out.shape)}, "
                          f"split_k={split}")
     if split != 1:
-        if split < 1 or tiles.kernel != "portable" or fuse_activation is not None or out.shape[0] != split:
-            raise ValueError(f"GemmTiles.split_k={split} needs split_k >= 1, the portable kernel (got "
+        if tiles.kernel != "portable" or fuse_activation is not None or out.shape[0] != split:
+            raise ValueError(f"GemmTiles.split_k={split} needs the tiles run by the portable kernel (got "
                              f"{tiles.kernel!r}), no fused activation (GEMM 2) and out [split_k, rows, N] "
                              f"(got {list(out.shape)})")
         if out.dtype != torch.float32:
@@ -1153,8 +1164,10 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, 
         # Rows of filtered pairs are never loaded: their contents are undefined.
         row = o_ptr + pair[:, None] * stride_o + cols[None, :]
         v = tl.load(row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        split_row = row
         for s in tl.static_range(1, SPLITS):  # a split GEMM 2's partial sums, in split order
-            v += tl.load(row + s * stride_split, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            split_row += stride_split  # (a step at a time: s * stride_split would wrap in int32 past 2**31)
+            v += tl.load(split_row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             v = v * tl.load(weight_ptr + pair, mask=keep, other=0.0)[:, None]
         acc += v

@@ -384,6 +384,56 @@ def test_split_k_gemm2_matches_float64_and_adds_the_bias_once(split, dtype):
         kernels.grouped_gemm(x, w2, torch.empty(2, T * K, H), kernels.align_pairs(ids, None, 0, E, 16),
                              kernels.GemmTiles(32, 16, 1, kernel="persistent", split_k=2), 1, interpreted=True)
 
+
+def test_split_k_partial_sums_lie_past_2_31_elements():
+    """A split's partial sums start split * out.stride(0) elements into out: past 2**31 at prefill sizes
+    (T=16384 x K=8 pairs of H=7168, split 4: split 3 starts at element 2.8e9), an offset int32 wraps.
+    Here 3 splits 2**30 elements apart (8 GiB of address space, untouched but for the rows written), so
+    split 2's rows start at element 2**31; GEMM 2 writes them and the top-k reduction reads them."""
+    gen = torch.Generator().manual_seed(31)
+    E, K, H, I, T = 2, 2, 16, 48, 3
+    w2 = torch.randn(E, H, I, generator=gen) * I ** -0.5
+    b2 = torch.randn(E, H, generator=gen) * 0.1
+    a = torch.randn(T * K, I, generator=gen)
+    ids = _ids(gen, T, E, K)
+    aligned = kernels.align_pairs(ids, None, 0, E, 16)
+    out = torch.empty_strided((3, T * K, H), (2 ** 30, H, 1))
+    # I = 48: three K steps of 16, one per split
+    kernels.grouped_gemm(a, w2, out, aligned, kernels.GemmTiles(16, 16, 1, split_k=3), 1, bias=b2, interpreted=True)
+    y = kernels.topk_reduce(out, aligned.computed, K, None, 1.0, torch.float32, interpreted=True)
+    expert = ids.reshape(-1).long()
+    o = torch.einsum("pi,phi->ph", a.double(), w2.double()[expert.clamp(min=0)]) + b2.double()[expert.clamp(min=0)]
+    want = torch.where((expert >= 0)[:, None], o, 0.0).view(T, K, H).sum(1)
+    assert rel_err(y, want) < 1e-5
+
+
+@pytest.mark.parametrize("split_k", [0, -1, 2.0])
+def test_split_k_below_one_or_not_an_int_is_named(split_k):
+    """A GemmTiles.split_k below 1 (or a float from a hand-edited table) is rejected where the tiles are
+    made, naming the field and the allowed values, not as a tensor of negative size in the runner."""
+    gen = torch.Generator().manual_seed(32)
+    E, K, H, I, T = 2, 2, 16, 32, 3
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    with pytest.raises(ValueError, match=rf"GemmTiles.split_k={split_k!r}; allowed: an int >= 1"):
+        tiles = kernels.GemmTiles(32, 16, 1)
+        runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(
+            16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split_k)))
+
+
+def test_gemm1_split_k_is_named():
+    """Only GEMM 2 splits its K loop (GEMM 1's activation needs whole sums): a BlockConfig whose gemm1 tiles
+    have split_k > 1 (e.g. from with_tiles(split_k=2), which changes both GEMMs) is rejected naming the field,
+    not as a grouped_gemm output-shape mismatch."""
+    gen = torch.Generator().manual_seed(33)
+    E, K, H, I, T = 2, 2, 16, 32, 3
+    w13, w2, _, _ = _weights(gen, E, H, I)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    tiles = kernels.GemmTiles(32, 16, 1)
+    with pytest.raises(ValueError, match=r"BlockConfig.gemm1.split_k=2; allowed: 1 \(only GEMM 2"):
+        runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(16, tiles, tiles).with_tiles(split_k=2))
+
+
 def test_fused_experts_skips_other_ranks_experts():
     gen = torch.Generator().manual_seed(4)
     E, K, H, I, first = 8, 3, 16, 32, 4
