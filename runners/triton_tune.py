@@ -44,9 +44,11 @@ PERSISTENT_LARGE_M_TILES = [(256, 64, 8, 8, 3), (256, 64, 8, 8, 3, "flatten"), (
                             (256, 64, 4, 8, 4), (256, 64, 16, 8, 4), (128, 64, 8, 8, 4), (128, 64, 8, 4, 4),
                             (128, 128, 8, 8, 3)]
 BLOCK_MS = (16, 32, 64, 128)
-# GEMM 2's K loop split over this many programs (GemmTiles.split_k; the portable kernel, decode-sized
-# BLOCK_M): few experts with long weight rows give too few tiles to stream from every SM.
+# GEMM 2's K loop split over this many programs (GemmTiles.split_k; the portable kernel, decode sizes: at most
+# SPLIT_MAX_ROWS mean rows per expert): few experts with long weight rows give too few tiles to stream from
+# every SM. (Its fp32 partial sums are split_k x T*K x H: prefill sizes would take gigabytes.)
 SPLITS = (2, 4, 8)
+SPLIT_MAX_ROWS = 32
 
 
 def default_kernels(device: torch.device) -> tuple[str, ...]:
@@ -60,7 +62,8 @@ def default_candidates(num_tokens: int, top_k: int, num_local_experts: int, kern
     """(BLOCK_M, tiles) pairs worth timing: BLOCK_M no larger than twice the mean rows per expert.
     fp8: BLOCK_K doubled, to at most 128 (one scale per K step): a byte per element, so the same shared
     memory per stage as the 16-bit tile, and the K depth fp8 tensor-core instructions want. The portable
-    kernel's decode tiles also come with GEMM 2's K loop split (SPLITS; timed for GEMM 2 only)."""
+    kernel's decode tiles also come with GEMM 2's K loop split (SPLITS, up to SPLIT_MAX_ROWS rows per
+    expert; timed for GEMM 2 only)."""
     rows = num_tokens * top_k / max(num_local_experts, 1)
     block_ms = [m for m in BLOCK_MS if m == 16 or m <= 2 * rows]
     large = LARGE_M_TILES if kernel == "portable" else PERSISTENT_LARGE_M_TILES
@@ -72,7 +75,7 @@ def default_candidates(num_tokens: int, top_k: int, num_local_experts: int, kern
                                          dynamic=t[5:] == ("dynamic",)))
             if pair not in out:
                 out.append(pair)
-            if kernel == "portable" and m <= 32:
+            if kernel == "portable" and m <= 32 and rows <= SPLIT_MAX_ROWS:
                 out += [(m, dataclasses.replace(pair[1], split_k=s)) for s in SPLITS]
     return out
 
@@ -155,15 +158,16 @@ def tune(num_local_experts: int, top_k: int, hidden_size: int, intermediate_size
         else:
             x, a = x.to(dtype), a.to(dtype)
             o = torch.empty(T * K, H, dtype=dtype, device=dev)
-        partial_sums = {s: torch.empty(s, T * K, H, device=dev) for s in {t2.split_k for _, _, t2 in runs} - {1}}
+        splits = max((t2.split_k for _, _, t2 in runs), default=1)  # one buffer, each split's sums a slice of it
+        partial_sums = torch.empty(splits, T * K, H, device=dev) if splits > 1 else None
         best1: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}  # (kernel, BLOCK_M) -> best
         best2: dict[tuple[str, int], tuple[float, kernels.GemmTiles]] = {}
         timed = set()
         for block_m, t1, t2 in runs:
             aligned = kernels.align_pairs(ids, mask, 0, L, block_m)
             gemm1 = lambda t: kernels.grouped_gemm(x, w13, h, aligned, t, K, interpreted=interp, **extra1)  # noqa: E731
-            gemm2 = lambda t: kernels.grouped_gemm(a, w2, partial_sums.get(t.split_k, o), aligned, t, 1,  # noqa: E731
-                                                   interpreted=interp, **extra2)
+            gemm2 = lambda t: kernels.grouped_gemm(a, w2, o if t.split_k == 1 else partial_sums[:t.split_k],  # noqa: E731
+                                                   aligned, t, 1, interpreted=interp, **extra2)
             for name, best, tiles, gemm in (("gemm1", best1, t1, gemm1), ("gemm2", best2, t2, gemm2)):
                 if (name, block_m, tiles) in timed or (name == "gemm1" and tiles.split_k > 1):
                     continue  # (default candidates share tiles between the GEMMs; only GEMM 2 splits K)

@@ -617,6 +617,48 @@ def test_runner_on_one_gpu_matches_float64_reference(runner, dtype, tokens):
         assert (y[:3] == 0).all()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_k_gemm2_matches_float64_and_replays_in_a_graph(fp8):
+    """GEMM 2's K loop split over programs (GemmTiles.split_k, the decode tile the H200 table takes for
+    Mixtral fp8 at T=1) on the GPU: bf16 with biases (added once), and fp8 w8a8, each against float64, and
+    a CUDA-graph replay equal to the eager call. I = 1408 is 11 K steps of 128: splits of 3, the last one short."""
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.runners import triton_kernels as kernels
+    if "triton" not in runners.available():
+        pytest.skip("runner='triton' is not available here")
+    E, K, H, I, T = 4, 2, 1024, 1408, 3
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
+    x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.tensor([[0, 3], [2, -1], [1, 0]], device="cuda", dtype=torch.int32)
+    w = torch.rand(T, K, device="cuda", generator=gen)
+    tiles = kernels.GemmTiles(128, 128, 1, 4, 3)
+    config = kernels.BlockConfig(16, tiles, kernels.GemmTiles(128, 128, 1, 4, 3, split_k=3))
+    cfg = ep.MoeConfig(E, K, H, I, has_bias=not fp8)
+    if fp8:
+        q = QuantConfig()
+        (q13, s13), (q2, s2) = q.quantize_weight(w13), q.quantize_weight(w2)
+        run = lambda: ep.runners.fused_experts(x, q13, q2, ids, w, w13_scale_inv=s13, w2_scale_inv=s2,  # noqa: E731
+                                               block_config=config)
+        ref = moe_reference(x.double(), ids, w.double(), q.dequantize_weight(q13, s13).double(),
+                            q.dequantize_weight(q2, s2).double(), cfg, fp8_activations=True)
+    else:
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+        b13 = (torch.randn(E, 2 * I, device="cuda", generator=gen) * 0.1).bfloat16()
+        b2 = (torch.randn(E, H, device="cuda", generator=gen) * 0.1).bfloat16()
+        run = lambda: ep.runners.fused_experts(x, w13, w2, ids, w, b13=b13, b2=b2, block_config=config)  # noqa: E731
+        ref = moe_reference(x.double(), ids, w.double(), w13.double(), w2.double(), cfg, b13=b13.double(),
+                            b2=b2.double())
+    with torch.no_grad():
+        y = run()
+        assert rel_err(y, ref) <= tolerance(torch.bfloat16), rel_err(y, ref)
+        graphs, outs = capture_graphs(lambda k: run(), 1, x.device)
+        outs[0].zero_()
+        graphs[0].replay()
+        assert torch.equal(outs[0], y)
+
+
 @pytest.mark.parametrize("runner", runners.registered())
 def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
     """H=100, I=50 in bf16: rows of 200 and 100 bytes, not 16-byte multiples. torch._grouped_mm refuses

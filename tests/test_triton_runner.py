@@ -839,6 +839,18 @@ def test_the_kernel_knob_offers_exactly_the_kernels():
     assert envs.KNOBS["EP_RUNTIME_TRITON_GEMM_KERNEL"].choices == ("auto", *kernels.GEMM_KERNELS)
 
 
+def test_tuner_times_gemm2_splits_at_decode_sizes_only():
+    """Split GEMM 2 candidates (fp32 partial sums of split_k x T*K x H) only where experts get few rows: at
+    prefill sizes they would take gigabytes (the DeepSeek-V3 shard at T=16384: ~53 GB for splits 2, 4, 8)."""
+    from ep_runtime.runners import triton_tune
+
+    def splits(T):
+        return {t.split_k for _, t in triton_tune.default_candidates(T, 8, 32, "portable", fp8=True)}
+    assert splits(1) == {1, *triton_tune.SPLITS} and splits(64) == {1, *triton_tune.SPLITS}
+    assert splits(1024) == splits(16384) == {1}
+    assert {t.split_k for _, t in triton_tune.default_candidates(1, 8, 32, "tma", fp8=True)} == {1}
+
+
 def test_tune_writes_a_table(tmp_path):
     from ep_runtime.runners import triton_tune
     out = tmp_path / "table.json"
