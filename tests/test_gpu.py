@@ -674,6 +674,27 @@ def test_bf16_rows_of_unaligned_width_train_on_every_runner(runner):
     assert max(errors.values()) < tolerance(torch.bfloat16), errors
 
 
+def _for_each_bf16_layer(device: torch.device, tokens: int, seed: int, body) -> dict:
+    """{'dispatcher/runner': ('ok', body(layer, problem)) | ('skip', why) | ('error', tb)} for every dispatcher with
+    the torch and triton runners: a bf16 layer (E, K, H, INTER) on this one rank and a problem of `tokens` tokens."""
+    options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=tokens),
+               "mori": dict(max_dispatch_tokens_per_rank=tokens)}
+    out = {}
+    for dispatcher in dispatchers.registered():
+        for runner in ("torch", "triton"):
+            key = f"{dispatcher}/{runner}"
+            if runner not in runners.available():
+                out[key] = ("skip", f"runner={runner!r} is not available here")
+                continue
+            try:
+                layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                                 device=device, dispatcher_options=options.get(dispatcher))
+                out[key] = ("ok", body(layer, make_problem(layer.config, [tokens], seed=seed)))
+            except Exception:  # noqa: BLE001 - report this pair, go on with the others
+                out[key] = ("error", traceback.format_exc()[-1500:])
+    return out
+
+
 def _deterministic_mode_on_rank(rank: int, world_size: int) -> dict:
     """{'dispatcher/runner': ('ok', (errors in the mode, errors outside it, whether two runs in the mode agree
     bit for bit, rel_err of each result in the mode against outside it)) | ('skip', why) | ('error', tb)}: the
@@ -689,43 +710,31 @@ def _deterministic_mode_on_rank(rank: int, world_size: int) -> dict:
     # has made none yet.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     device = device_for_rank()
-    options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=M), "mori": dict(max_dispatch_tokens_per_rank=M)}
-    out = {}
-    for dispatcher in dispatchers.registered():
-        for runner in ("torch", "triton"):
-            key = f"{dispatcher}/{runner}"
-            if runner not in runners.available():
-                out[key] = ("skip", f"runner={runner!r} is not available here")
-                continue
+
+    def body(layer, problem):
+        seen = []
+        layer.register_forward_hook(lambda module, args, y: seen.append((args[0], y.detach())))
+        runs = []
+        for deterministic in (True, True, False):
+            SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
+            _poison_cached_memory(device)
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
             try:
-                layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
-                                 device=device, dispatcher_options=options.get(dispatcher))
-                problem = make_problem(layer.config, [M], seed=5)
-                seen = []
-                layer.register_forward_hook(lambda module, args, y: seen.append((args[0], y.detach())))
-                runs = []
-                for deterministic in (True, True, False):
-                    SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
-                    _poison_cached_memory(device)
-                    was = torch.are_deterministic_algorithms_enabled()
-                    torch.use_deterministic_algorithms(deterministic)
-                    try:
-                        errors = check_layer(layer, problem, rank)
-                        x, y = seen[-1]
-                        with torch.inference_mode():
-                            y_inference = layer(x.detach(), problem.topk_ids[rank].to(device),
-                                                problem.topk_weights[rank].to(device))
-                        torch.cuda.synchronize()
-                    finally:
-                        torch.use_deterministic_algorithms(was)
-                    errors["y_inference"] = rel_err(y_inference.cpu(), y.cpu())
-                    runs.append((errors, [y, x.grad, layer.w13.grad, layer.w2.grad, y_inference]))
-                (inside, first), (_, second), (outside, plain) = runs
-                out[key] = ("ok", (inside, outside, all(torch.equal(a, b) for a, b in zip(first, second)),
-                                   [rel_err(a.float().cpu(), b.float().cpu()) for a, b in zip(first, plain)]))
-            except Exception:  # noqa: BLE001 - report this pair, go on with the others
-                out[key] = ("error", traceback.format_exc()[-1500:])
-    return out
+                errors = check_layer(layer, problem, rank)
+                x, y = seen[-1]
+                with torch.inference_mode():
+                    y_inference = layer(x.detach(), problem.topk_ids[rank].to(device),
+                                        problem.topk_weights[rank].to(device))
+                torch.cuda.synchronize()
+            finally:
+                torch.use_deterministic_algorithms(was)
+            errors["y_inference"] = rel_err(y_inference.cpu(), y.cpu())
+            runs.append((errors, [y, x.grad, layer.w13.grad, layer.w2.grad, y_inference]))
+        (inside, first), (_, second), (outside, plain) = runs
+        return (inside, outside, all(torch.equal(a, b) for a, b in zip(first, second)),
+                [rel_err(a.float().cpu(), b.float().cpu()) for a, b in zip(first, plain)])
+    return _for_each_bf16_layer(device, M, 5, body)
 
 
 @pytest.fixture(scope="module")
@@ -764,31 +773,19 @@ def _reproducible_on_rank(rank: int, world_size: int) -> dict:
 
     assert not torch.are_deterministic_algorithms_enabled()
     device = device_for_rank()
-    T = 256  # tokens: K = 4 rows summed per token, many sums whose order atomics would vary
-    options = {"deepep_ll": dict(num_max_dispatch_tokens_per_rank=T), "mori": dict(max_dispatch_tokens_per_rank=T)}
-    out = {}
-    for dispatcher in dispatchers.registered():
-        for runner in ("torch", "triton"):
-            key = f"{dispatcher}/{runner}"
-            if runner not in runners.available():
-                out[key] = ("skip", f"runner={runner!r} is not available here")
-                continue
-            try:
-                layer = ep.EPMoE(E, K, H, INTER, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
-                                 device=device, dispatcher_options=options.get(dispatcher))
-                problem = make_problem(layer.config, [T], seed=9)
-                steps = []
-                for _ in range(2):
-                    SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
-                    _poison_cached_memory(device)
-                    steps.append(training_step(layer, problem, rank))
-                    torch.cuda.synchronize()
-                first, second = steps
-                same = {k: first[k] is not None and torch.equal(first[k], second[k]) for k in first}
-                out[key] = ("ok", (same, training_step_errors(layer, problem, rank, first)))
-            except Exception:  # noqa: BLE001 - report this pair, go on with the others
-                out[key] = ("error", traceback.format_exc()[-1500:])
-    return out
+
+    def body(layer, problem):
+        steps = []
+        for _ in range(2):
+            SCRATCH.clear()  # (its buffers go back to the allocator, then NaN fills them)
+            _poison_cached_memory(device)
+            steps.append(training_step(layer, problem, rank))
+            torch.cuda.synchronize()
+        first, second = steps
+        same = {k: first[k] is not None and torch.equal(first[k], second[k]) for k in first}
+        return same, training_step_errors(layer, problem, rank, first)
+    # 256 tokens: K = 4 rows summed per token, many sums whose order atomics would vary
+    return _for_each_bf16_layer(device, 256, 9, body)
 
 
 @pytest.fixture(scope="module")
