@@ -36,6 +36,8 @@ _CUDA: list = []  # torch.cuda.is_available(), asked once: it costs ~2 us and ca
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (False without CUDA)."""
+    if torch.compiler.is_compiling():  # dynamo folds is_available(); it would guard on the cache's first fill
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()  # and compile again
     if not _CUDA:
         _CUDA.append(torch.cuda.is_available())
     return _CUDA[0] and torch.cuda.is_current_stream_capturing()

@@ -131,15 +131,11 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
-_OPAQUE_RUN_CHECKED: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def _opaque_run_checked() -> Callable[..., torch.Tensor]:
-    """RunnerBackend.run_checked behind torch.compiler.disable, made at the first compiled call: making
-    it imports torch._dynamo (about 2 s of `import ep_runtime`'s 6 s), which an eager process never needs."""
-    if "run_checked" not in _OPAQUE_RUN_CHECKED:
-        _OPAQUE_RUN_CHECKED["run_checked"] = torch.compiler.disable(RunnerBackend.run_checked)
-    return _OPAQUE_RUN_CHECKED["run_checked"]
+# RunnerBackend.run_checked behind dynamo's disable, which torch makes at the wrapper's first call: making it
+# imports torch._dynamo (about 2 s of `import ep_runtime`'s 6 s), which an eager process never needs. Made here,
+# not inside the traced call: dynamo would guard on the cache that call fills, and a compiled layer's second
+# call would compile again.
+_OPAQUE_RUN_CHECKED = torch._disable_dynamo(RunnerBackend.run_checked)
 
 
 def triton_interpreted() -> bool:
@@ -161,10 +157,10 @@ class TritonBackend(RunnerBackend):
 
     def run_checked(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """As RunnerBackend.run_checked; torch.compile runs it as it is (a graph break) rather than
-        tracing into the kernels' launch code. Eager calls skip the torch.compiler.disable wrapper (a
-        dynamo frame hook per call)."""
+        tracing into the kernels' launch code. Eager calls skip the dynamo-disabled wrapper (a dynamo
+        frame hook per call)."""
         if torch.compiler.is_compiling():
-            return _opaque_run_checked()(self, runner_input, weights)
+            return _OPAQUE_RUN_CHECKED(self, runner_input, weights)
         return RunnerBackend.run_checked(self, runner_input, weights)
 
     @classmethod

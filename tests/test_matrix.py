@@ -130,6 +130,33 @@ def test_torch_compile_matches_eager():
         assert all(max(e) <= tolerance(torch.float32) for e in errors.values()), errors
 
 
+def frames_compiled_per_call(compiled, *args, calls: int = 3) -> list[int]:
+    """Frames dynamo compiles in each of `calls` calls of `compiled` on the same arguments."""
+    from torch._dynamo.utils import counters
+    per_call = []
+    for _ in range(calls):
+        before = counters["frames"]["total"]
+        compiled(*args)
+        per_call.append(counters["frames"]["total"] - before)
+    return per_call
+
+
+def _compiled_dispatch_frames(rank, world_size):
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, runner="torch")
+    x, logits = torch.randn(5, 16), torch.randn(5, 4)
+    topk = layer.route(x, None, None, logits, None)
+    return frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+
+
+def test_torch_compile_of_a_dispatch_compiles_nothing_after_its_first_call():
+    """A compiled dispatch called again on the same input reuses what its first call compiled (no recompile
+    that a user's error_on_recompile or recompile_limit would catch): its input checks read no cache that
+    the first call fills. In a fresh process (one rank): an earlier test's eager calls fill such caches."""
+    (compiled,) = run_ranks(_compiled_dispatch_frames, 1)
+    assert compiled[0] > 0 and compiled[1:] == [0, 0], compiled
+
+
 def _repeated_expert_rank(rank, world_size, dispatcher):
     """Tokens that list one expert twice (ids [e, e, ...]) count it twice, forward and backward."""
     layer = ep.EPMoE(8, 3, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher))

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from test_matrix import frames_compiled_per_call
 
 import ep_runtime as ep
 from ep_runtime import runners
@@ -897,6 +898,25 @@ def test_torch_compile_of_a_layer_with_triton_kernels_equals_eager(runner, dispa
     y_compiled = torch.compile(layer, backend="aot_eager")(x, router_logits=logits)
     y_compiled.sum().backward()
     assert torch.equal(y, y_compiled) and torch.equal(dx, x.grad)
+
+
+def _compiled_experts_frames(rank, world_size):
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, runner="triton")
+    x, logits = torch.randn(5, 16), torch.randn(5, 4)
+    dispatch_output = layer.dispatcher.dispatch(x, layer.route(x, None, None, logits, None))
+    return frames_compiled_per_call(torch.compile(layer.experts_and_combine, backend="eager"), dispatch_output)
+
+
+def test_torch_compile_of_triton_experts_compiles_nothing_after_their_first_call():
+    """The compiled experts (runner and combine) of a Triton runner called again on the same input reuse what
+    their first call compiled (no recompile a user's error_on_recompile or recompile_limit would catch): the
+    runner's dynamo-disabled wrapper is made where dynamo does not guard on it. In a fresh process (one
+    rank): an earlier compiled call makes that wrapper."""
+    if "triton" not in runners.available():
+        pytest.skip("runner triton cannot run here")
+    (compiled,) = run_ranks(_compiled_experts_frames, 1)
+    assert compiled[0] > 0 and compiled[1:] == [0, 0], compiled
 
 
 def test_import_leaves_dynamo_to_torch_compile():
