@@ -131,11 +131,20 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
-# RunnerBackend.run_checked behind dynamo's disable, which torch makes at the wrapper's first call: making it
-# imports torch._dynamo (about 2 s of `import ep_runtime`'s 6 s), which an eager process never needs. Made here,
-# not inside the traced call: dynamo would guard on the cache that call fills, and a compiled layer's second
-# call would compile again.
-_OPAQUE_RUN_CHECKED = torch._disable_dynamo(RunnerBackend.run_checked)
+def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
+    (no dynamo frame hook per call). The disabled wrapper is made here, at import, not inside a traced call
+    (dynamo would guard on the cache such a call fills, and a compiled layer's second call would compile
+    again); torch builds it at its first call, importing torch._dynamo only then (about 2 s of
+    `import ep_runtime`'s 6 s, which an eager process never needs)."""
+    opaque = torch._disable_dynamo(fn)
+
+    def call(*args: Any) -> Any:
+        return opaque(*args) if torch.compiler.is_compiling() else fn(*args)
+    return call
+
+
+_RUN_CHECKED = untraced(RunnerBackend.run_checked)
 
 
 def triton_interpreted() -> bool:
@@ -156,12 +165,9 @@ class TritonBackend(RunnerBackend):
             raise RuntimeError(f"runner={self.name!r} cannot run here: {self.import_error}")
 
     def run_checked(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
-        """As RunnerBackend.run_checked; torch.compile runs it as it is (a graph break) rather than
-        tracing into the kernels' launch code. Eager calls skip the dynamo-disabled wrapper (a dynamo
-        frame hook per call)."""
-        if torch.compiler.is_compiling():
-            return _OPAQUE_RUN_CHECKED(self, runner_input, weights)
-        return RunnerBackend.run_checked(self, runner_input, weights)
+        """As RunnerBackend.run_checked; torch.compile runs it as it is (untraced) rather than tracing into
+        the kernels' launch code."""
+        return _RUN_CHECKED(self, runner_input, weights)
 
     @classmethod
     def is_available(cls) -> bool:

@@ -16,7 +16,7 @@ from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import RunnerInput, weighted_rows
 
 from . import register
-from .base import RunnerBackend, call_hook
+from .base import RunnerBackend, call_hook, untraced
 
 
 def activate(h: torch.Tensor, config: MoeConfig) -> torch.Tensor:
@@ -116,12 +116,13 @@ def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
         offsets = counts.cumsum(0).to(torch.int32)
         out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
     else:
-        out = (_OPAQUE_PER_EXPERT if torch.compiler.is_compiling() else _per_expert)(rows, w, counts)
+        out = _per_expert(rows, w, counts)
     if b is not None:
         out = out + b[expert]
     return out
 
 
+@untraced  # traced, dynamo would guard on every expert's count: a compiled layer compiled again at each routing
 def _per_expert(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """_grouped_linear's loop: one matmul per expert with rows (counts read on the host)."""
     pieces = []
@@ -131,9 +132,3 @@ def _per_expert(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
             pieces.append(rows[start:start + count] @ w[e].t())
             start += count
     return torch.cat(pieces) if pieces else rows[:0] @ w[0].t()  # keeps the autograd graph
-
-
-# The loop run as it is under torch.compile (a graph break), not traced: dynamo would guard on every expert's
-# count and compile again whenever the routing changes (until its recompile limit). torch makes the wrapper
-# at its first call (dynamo is imported then, never by an eager process).
-_OPAQUE_PER_EXPERT = torch._disable_dynamo(_per_expert)
