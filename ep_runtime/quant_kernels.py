@@ -8,6 +8,7 @@ The torch reference is QuantConfig.quantize_activation (ep_runtime/quant.py); th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,18 +70,13 @@ if triton is not None:
             stored = scale
         return stored
 
-    @fast_launch
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
-                              GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
-                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, HAS_ROW_OK: tl.constexpr):
-        """Row r, groups g0 .. g0 + GROUPS quantized by quantize_groups. HAS_ROW_OK: rows whose flag is
-        0 are skipped (never read: pair rows no expert here computed)."""
-        row = tl.program_id(0).to(tl.int64)
-        if HAS_ROW_OK:
-            if tl.load(row_ok_ptr + row) == 0:
-                return
-        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    def quantize_row_groups(x_ptr, q_ptr, s_ptr, row, group_block, H, G, stride_x, stride_q, stride_s, fp8_max,
+                            min_amax, GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
+                            SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr):
+        """Row `row` (int64), groups group_block * GROUPS .. + GROUPS quantized by quantize_groups: one
+        program's share of quantize_rows (the triton runner's alignment kernel runs it too)."""
+        g = group_block * GROUPS + tl.arange(0, GROUPS)
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         inside = (cols < H) & (g[:, None] < G)
         v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
@@ -88,13 +84,46 @@ if triton is not None:
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
         tl.store(s_ptr + row * stride_s + g, stored_scale(scale, SCALE_BYTE), mask=g < G)
 
+    @fast_launch
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
+                              GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
+                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, HAS_ROW_OK: tl.constexpr):
+        """Program (r, b): row r's groups of block b. HAS_ROW_OK: rows whose flag is 0 are skipped
+        (never read: pair rows no expert here computed)."""
+        row = tl.program_id(0).to(tl.int64)
+        if HAS_ROW_OK:
+            if tl.load(row_ok_ptr + row) == 0:
+                return
+        quantize_row_groups(x_ptr, q_ptr, s_ptr, row, tl.program_id(1), H, G, stride_x, stride_q, stride_s, fp8_max,
+                            min_amax, GROUP, GROUPS, UE8M0, SCALE_BYTE, ROUND_FIRST)
 
-def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,
-                  scale: Optional[torch.Tensor] = None, row_ok: Optional[torch.Tensor] = None,
-                  interpreted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] (any float dtype, row-strided) -> (q [T, H] fp8, scale [T, G] fp32, or uint8 exponent
-    bytes when `scale` is given as uint8 under ue8m0). q and scale may be row-strided views of one
-    buffer (the send payload). row_ok [T] bool: rows with False are neither read nor written."""
+
+@dataclass
+class RowQuantization:
+    """One quantize_rows call, set up but not launched: x [T, H] row-strided, its outputs q [T, H] fp8 and
+    scale [T, G] (fp32, or uint8 exponent bytes), `group_blocks` programs per row, and the kernel's
+    remaining arguments (`args`, after the three pointers) and constexprs (`meta`). launch() runs it as
+    its own kernel; the triton runner's alignment kernel may run its programs instead (one launch less)."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+    group_blocks: int
+    args: tuple
+    meta: dict
+
+    def launch(self, row_ok: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.x.shape[0]:
+            _quantize_rows_kernel[(self.x.shape[0], self.group_blocks)](
+                self.x, self.q, self.scale, row_ok.view(torch.uint8) if row_ok is not None else self.x, *self.args,
+                HAS_ROW_OK=row_ok is not None, num_warps=4, **self.meta)
+        return self.q, self.scale
+
+
+def plan_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,
+              scale: Optional[torch.Tensor] = None, interpreted: bool = False) -> RowQuantization:
+    """quantize_rows' checks, outputs and launch arguments, without the launch."""
     if triton is None:
         raise RuntimeError("quantize_rows needs triton; use QuantConfig.quantize_activation")
     T, H = x.shape
@@ -107,12 +136,17 @@ def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor
         scale = torch.empty(T, G, dtype=torch.float32, device=x.device)
     if scale.dtype == torch.uint8 and not config.ue8m0:
         raise ValueError("uint8 scales (exponent bytes) need scale_encoding='ue8m0'")
-    if T == 0:
-        return q, scale
     groups = max(1, min(next_power_of_2(G), 4096 // group if not interpreted else 64))
-    _quantize_rows_kernel[(T, cdiv(G, groups))](
-        x, q, scale, row_ok.view(torch.uint8) if row_ok is not None else x, H, G, x.stride(0), q.stride(0),
-        scale.stride(0), config.spec.max_value, MIN_AMAX, GROUP=group, GROUPS=groups, UE8M0=config.ue8m0,
-        SCALE_BYTE=scale.dtype == torch.uint8, ROUND_FIRST=interpreted, HAS_ROW_OK=row_ok is not None,
-        num_warps=4)
-    return q, scale
+    args = (H, G, x.stride(0), q.stride(0), scale.stride(0), config.spec.max_value, MIN_AMAX)
+    meta = dict(GROUP=group, GROUPS=groups, UE8M0=config.ue8m0, SCALE_BYTE=scale.dtype == torch.uint8,
+                ROUND_FIRST=interpreted)
+    return RowQuantization(x, q, scale, cdiv(G, groups), args, meta)
+
+
+def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,
+                  scale: Optional[torch.Tensor] = None, row_ok: Optional[torch.Tensor] = None,
+                  interpreted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (any float dtype, row-strided) -> (q [T, H] fp8, scale [T, G] fp32, or uint8 exponent
+    bytes when `scale` is given as uint8 under ue8m0). q and scale may be row-strided views of one
+    buffer (the send payload). row_ok [T] bool: rows with False are neither read nor written."""
+    return plan_rows(x, config, q, scale, interpreted).launch(row_ok)

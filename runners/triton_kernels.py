@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
-from ep_runtime.quant_kernels import quantize_groups
+from ep_runtime.quant_kernels import RowQuantization, quantize_groups, quantize_row_groups
 from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
 from ep_runtime.validation import is_int_at_least
 
@@ -222,10 +222,11 @@ ALIGN_CHUNK = 128  # pairs per chunk of the four-kernel path (one program each)
 SINGLE_PROGRAM_MAX_PAIRS = 256
 
 
-def single_program_chunk(e_pad: int) -> int:
+def single_program_chunk(e_pad: int, num_pairs: int) -> int:
     """Pairs per chunk of the one-program path: all of them in one pass where its [chunk, E_PAD] tiles
-    stay at 8192 values (64 per thread), else ALIGN_CHUNK."""
-    return max(ALIGN_CHUNK, min(SINGLE_PROGRAM_MAX_PAIRS, 8192 // e_pad))
+    stay at 8192 values (64 per thread), else ALIGN_CHUNK; no wider than the pairs (at least 16), so a
+    decode step's few pairs do not scan a 128-row tile."""
+    return min(max(ALIGN_CHUNK, min(SINGLE_PROGRAM_MAX_PAIRS, 8192 // e_pad)), max(16, next_power_of_2(num_pairs)))
 
 
 @dataclass
@@ -349,12 +350,11 @@ def _rank_in_chunk(ok, local, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     return tl.sum(earlier.to(tl.int32), axis=1)
 
 
-@fast_launch
 @triton.jit
-def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
-                         sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
-                         L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
-                         E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+def _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
+                  num_pairs, num_blocks, first_expert, table_size, mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr,
+                  HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCKS: tl.constexpr):
     # The four kernels below in one program: count every chunk, pad, fill the blocks, then scatter
     # chunk by chunk with the running count of each expert's pairs as the chunk's offset.
     idx = tl.arange(0, CHUNK)
@@ -382,6 +382,41 @@ def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr,
         base = tl.sum(tl.where(local[:, None] == experts[None, :], running[None, :], 0), axis=1)
         tl.store(sorted_pair_ids_ptr + base + _rank_in_chunk(ok, local, CHUNK, E_PAD), pair, mask=ok)
         running += _expert_counts(ok, local, L, E_PAD)
+
+
+@fast_launch
+@triton.jit
+def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
+                         sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
+                         L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
+                         E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+    _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
+                  num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK, CHUNK, E_PAD,
+                  BLOCK_M, BLOCKS)
+
+
+@fast_launch
+@triton.jit
+def _align_quantize_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
+                           sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
+                           x_ptr, q_ptr, s_ptr, group_blocks, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
+                           L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
+                           E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, GROUP: tl.constexpr,
+                           GROUPS: tl.constexpr, UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr,
+                           ROUND_FIRST: tl.constexpr):
+    # Program 0 aligns the pairs (_align_single); program 1 + i quantizes the i-th group block of the
+    # rows (quantize_rows' programs in row order). Independent work in one launch: at decode the two
+    # kernels and the gap between them were ~1/4 of an fp8 step's non-GEMM time.
+    pid = tl.program_id(0)
+    if pid == 0:
+        _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
+                      num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK, CHUNK,
+                      E_PAD, BLOCK_M, BLOCKS)
+    else:
+        work = pid - 1
+        quantize_row_groups(x_ptr, q_ptr, s_ptr, (work // group_blocks).to(tl.int64), work % group_blocks, H, G,
+                            stride_x, stride_q, stride_s, fp8_max, min_amax, GROUP, GROUPS, UE8M0, SCALE_BYTE,
+                            ROUND_FIRST)
 
 
 @fast_launch
@@ -450,15 +485,17 @@ def _align_scatter_kernel(ids_ptr, table_ptr, computed_ptr, chunk_offsets_ptr, p
 
 def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], first_expert: int,
                 num_local_experts: int, block_m: int, out: Optional[AlignedPairs] = None,
-                single_program: Optional[bool] = None, id_table: Optional[torch.Tensor] = None) -> AlignedPairs:
+                single_program: Optional[bool] = None, id_table: Optional[torch.Tensor] = None,
+                quantize: Optional[RowQuantization] = None) -> AlignedPairs:
     """topk_ids [N, K] int (any id; ids outside [first_expert, first_expert + L) are filtered);
     expert_mask [S] bool indexed by id (0 = filtered; ids are clamped into [0, S) for the lookup), or None.
     id_table [n + 1] int32 or None: the ids are first mapped through it as runner_core.reroute_to_sink
     maps them (RunnerInput.id_table), in the kernels instead of two torch ops before them.
     out: align_workspace(N*K, L, block_m, device) to write into (a caller reusing it across calls
     allocates nothing); None allocates one. single_program: one launch (default up to
-    SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. Sync-free: shapes depend on
-    N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. quantize: rows to quantize as
+    well (quant_kernels.plan_rows), in the same launch on the one-program path, else by their own kernel
+    first. Sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
     # read flat: pair p = t*K + k; int64 ids stay int64 before a table (clamped there, never wrapped)
     keep = id_table is not None and topk_ids.dtype == torch.int64
@@ -466,6 +503,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     P = ids.numel()
     aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
     if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
+        if quantize is not None:
+            quantize.launch()
         return aligned
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()
@@ -476,11 +515,19 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     lookup = dict(HAS_TABLE=id_table is not None, HAS_MASK=expert_mask is not None)
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
-        _align_single_kernel[(1,)](ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
-                                   aligned.sorted_pair_ids, P, num_blocks, first_expert, table.numel(), mask.numel(),
-                                   L=L, CHUNK=single_program_chunk(e_pad), E_PAD=e_pad, BLOCK_M=block_m,
-                                   BLOCKS=blocks_per_program, num_warps=4, **lookup)
+        align_args = (ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
+                      aligned.sorted_pair_ids, P, num_blocks, first_expert, table.numel(), mask.numel())
+        align_meta = dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=block_m,
+                          BLOCKS=blocks_per_program, num_warps=4, **lookup)
+        if quantize is None:
+            _align_single_kernel[(1,)](*align_args, **align_meta)
+        else:
+            work = quantize.x.shape[0] * quantize.group_blocks
+            _align_quantize_kernel[(1 + work,)](*align_args, quantize.x, quantize.q, quantize.scale,
+                                                quantize.group_blocks, *quantize.args, **align_meta, **quantize.meta)
         return aligned
+    if quantize is not None:
+        quantize.launch()
     num_chunks = cdiv(P, ALIGN_CHUNK)
     _align_count_kernel[(num_chunks,)](ids, table, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
                                        table.numel(), mask.numel(), L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4,

@@ -38,7 +38,7 @@ from .base import triton_interpreted as interpreted
 try:
     import triton  # noqa: F401
 
-    from ep_runtime.quant_kernels import quantize_rows
+    from ep_runtime.quant_kernels import RowQuantization, plan_rows
 
     from . import triton_kernels as kernels
     _IMPORT_ERROR: Optional[str] = None
@@ -70,7 +70,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         inp = inp.routed()
     quant, out_dtype = weights.quant, inp.output_dtype
     interp = kernels.INTERPRETED
-    x, x_scale = _gemm_input(inp, quant, interp)
+    x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
     L = weights.num_local_experts
@@ -110,7 +110,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order, split)
     aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant, split),
                                                                 x.device, make)
-    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned, id_table=inp.id_table)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned, id_table=inp.id_table,
+                        quantize=to_quantize)
     if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
         pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
         expert_index = inp.topk_ids.reshape(-1).long()[pairs]
@@ -158,22 +159,24 @@ def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtyp
 
 
 def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(rows, their fp32 scales or None) as GEMM 1 reads them: fp8 experts take fp8 rows (quantized here
-    by the fused kernel unless an fp8 dispatch already did); unquantized experts take float rows (fp8
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional["RowQuantization"]]:
+    """(rows, their fp32 scales or None, their quantization still to launch or None) as GEMM 1 reads
+    them: fp8 experts take fp8 rows (quantized by the fused kernel, which the alignment launches with
+    its own work, unless an fp8 dispatch already did); unquantized experts take float rows (fp8
     dispatch rows dequantized first)."""
     x = inp.hidden_states
     if inp.hidden_scale is None:
         if quant is None:
-            return x.contiguous(), None
-        return quantize_rows(x, quant, interpreted=interp)
+            return x.contiguous(), None, None
+        rows = plan_rows(x, quant, interpreted=interp)
+        return rows.q, rows.scale, rows
     if quant is None:
-        return QuantConfig().dequantize_activation(x, inp.hidden_scale).to(inp.output_dtype), None
+        return QuantConfig().dequantize_activation(x, inp.hidden_scale).to(inp.output_dtype), None, None
     scale = decode_scales(inp.hidden_scale)
     if scale.shape[-1] != quant.num_groups(x.shape[-1]):
         raise ValueError(f"hidden_scale has {scale.shape[-1]} groups per row; the experts' {quant.format} needs "
                          f"{quant.num_groups(x.shape[-1])} (activation_group={quant.activation_group})")
-    return x, scale
+    return x, scale, None
 
 
 def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: bool) -> "kernels.BlockConfig":

@@ -90,7 +90,10 @@ def test_align_pairs_places_every_computed_pair_once_in_its_experts_blocks(block
 def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L, first, masked):
     # The one-launch path (decode sizes) must produce the very buffers the four kernels do, so the
     # GEMMs downstream compute bit for bit the same; out= reuses a workspace that holds another
-    # call's result (stale values must not leak through).
+    # call's result (stale values must not leak through). With rows to quantize (fp8 experts) the
+    # one-launch path runs the quantization's programs beside the alignment's: both results unchanged.
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.quant_kernels import plan_rows
     gen = torch.Generator().manual_seed(T + block_m)
     ids = torch.randint(-1, first + L + 2, (T, K), generator=gen, dtype=torch.int32)
     mask = (torch.rand(first + L + 3, generator=gen) > 0.2) if masked else None
@@ -98,6 +101,16 @@ def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L
     stale = kernels.align_pairs(torch.randint(0, L, (T, K), generator=gen, dtype=torch.int32), None, 0, L, block_m)
     one = kernels.align_pairs(ids, mask, first, L, block_m, out=stale, single_program=True)
     assert one is stale
+    quant = QuantConfig(scale_encoding="ue8m0")
+    # (its rows need not be the ids' tokens: a few keep the interpreter quick; three groups, one partial)
+    x = (torch.randn(min(T, 3), 300, generator=gen) * 10).to(torch.bfloat16)
+    want_q, want_s = quant.quantize_activation(x)
+    for single in (True, False) if T <= 40 else (True,):
+        rows = plan_rows(x, quant, interpreted=True)
+        with_rows = kernels.align_pairs(ids, mask, first, L, block_m, single_program=single, quantize=rows)
+        assert torch.equal(rows.q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(rows.scale, want_s)
+        for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
+            assert torch.equal(getattr(with_rows, name), getattr(four, name)), (name, single)
     for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
         assert torch.equal(getattr(one, name), getattr(four, name)), name
     assert torch.equal(kernels.align_pairs(ids, mask, first, L, block_m).sorted_pair_ids, four.sorted_pair_ids)
