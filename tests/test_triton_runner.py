@@ -349,6 +349,12 @@ def test_topk_reduce_is_weighted_slot_order_sum_and_skips_filtered_rows():
     contrib = torch.where(computed[:, None], o.double() * w.double()[:, None], torch.zeros((), dtype=torch.float64))
     assert rel_err(y, 2.5 * contrib.reshape(N, K, H).sum(1)) <= 1e-6
     assert torch.equal(y, kernels.topk_reduce(o, computed, K, w, 2.5, torch.float32, interpreted=True))
+    # the GPU's tiles (interpreted=False picks them; the kernel still runs interpreted): at this size one
+    # token per program (spread over more programs, as at decode), the same sums bit for bit
+    assert kernels._reduce_blocks(N, H, False) == (1, 64)
+    assert torch.equal(y, kernels.topk_reduce(o, computed, K, w, 2.5, torch.float32, interpreted=False))
+    assert kernels._reduce_blocks(1, 7168, False) == (1, 256)  # T=1, DeepSeek-V3: 28 programs, not 7
+    assert kernels._reduce_blocks(4096, 7168, False) == kernels._row_blocks(7168, False)  # prefill: as they were
 
 
 # ------------------------------------------------------------------------------------ functional API
