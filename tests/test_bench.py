@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ep_runtime import bench
+from ep_runtime.bench.timing import graph_replays
 from ep_runtime.testing import run_ranks
 
 CPU = torch.device("cpu")
@@ -106,6 +107,13 @@ def test_cuda_events_measure_a_sleep_kernel_within_10_percent():
     assert graph.method == "cuda_graph" and _within(graph.median_us, expected), (graph, expected)
     # Host time: the launch alone (no sync after it), far below the kernel's 10^7 cycles.
     assert stats.host_us < 0.2 * stats.median_us and graph.host_us < 0.2 * graph.median_us, (stats, graph)
+    # A replay of tiny kernels: the events time its device work, not its submission (measure_cuda_graph keeps
+    # the GPU busy meanwhile). Timed with the replay's submission on an idle GPU, it takes longer.
+    x = torch.ones(64, device=device)
+    tiny = bench.measure_cuda_graph(lambda k: [x.add_(1) for _ in range(4)], repeats=30, warmup=3, rotate=1, device=device)
+    replay = graph_replays(lambda k: [x.add_(1) for _ in range(4)], 1, device)
+    submitted = bench.measure(replay, repeats=30, warmup=3, device=device)
+    assert tiny.median_us < submitted.median_us, (tiny, submitted)
 
 
 def test_percentile_interpolates_like_numpy():

@@ -220,7 +220,7 @@ def _time_graphs(layer, inputs: list, timing: dict, group: Any, device: torch.de
         same = all(torch.equal(a, b) and torch.equal(a, c)
                    for k in range(rot) for a, b, c in zip(eager[k], seq_out[k], over_out[k]))
         times = measure_interleaved((lambda i: sequential[i % rot].replay(), lambda i: overlapped[i % rot].replay()),
-                                    **timing)
+                                    device_only=True, **timing)
         return ("graph", *times, _all_ranks(same, group, device))
     finally:
         torch.cuda.synchronize(device)

@@ -1,7 +1,9 @@
 """The one timer every benchmark uses: `measure` (and `measure_cuda_graph`, which times replays with it).
 
 A repeat's device time is one pair of CUDA events around the call on the current stream (wall time
-on CPU), after an untimed device sync and a barrier across the group; it is the slowest rank's.
+on CPU), after an untimed device sync and a barrier across the group; it is the slowest rank's. For
+CUDA graph replays (device_only) a sleep kernel ahead of the first event keeps the GPU busy while the
+replay is submitted: their time is the replay's device work (DeepEP's and the papers' kernel times).
 Host time is measured on separate repeats: CPU wall time of the call alone, with no device sync
 after it, which is what a serving loop pays per call in Python and launches (on CPU it is the wall
 time of the timed repeats themselves).
@@ -16,6 +18,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+# Sleep-kernel cycles ahead of a device_only repeat's first event: ~25 us at an H100/H200's ~2 GHz, longer
+# than submitting a CUDA graph replay takes (4-20 us of host time per replay measured on H200 hosts), so
+# the replay is queued behind the sleep and the events time its device work alone. Without it an event
+# pair around one replay on an idle GPU also timed the submission: ~5% of a 110 us decode step, which a
+# model's own graph (every layer in one replay) pays once per step, not per layer.
+LAUNCH_COVER_CYCLES = 50_000
 
 
 @dataclass
@@ -52,21 +61,24 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 def measure(fn: Callable[[Any], Any], *, repeats: int, warmup: int, device: torch.device,
             setup: Optional[Callable[[int], Any]] = None, teardown: Optional[Callable[[Any, Any], None]] = None,
-            group: Optional[Any] = None) -> Stats:
+            group: Optional[Any] = None, device_only: bool = False) -> Stats:
     """Time fn(arg) `repeats` times after `warmup` untimed calls; on CUDA then `repeats` more calls
     for the host time.
 
     arg = setup(i) (untimed; default i, the repeat index: use i % rotate to pick rotated inputs);
     teardown(arg, result) runs untimed after each call. With a process group, every repeat starts
     after a barrier and its time is the maximum over the group's ranks. On CUDA the device time is
-    between two CUDA events around fn on the current stream; on CPU it is wall time.
+    between two CUDA events around fn on the current stream; on CPU it is wall time. device_only
+    (CUDA graph replays): the GPU is kept busy while fn submits its work (a sleep kernel before the
+    first event), so the events time the work alone, not its submission (which host_us reports).
     """
-    seconds, host_seconds = _samples(fn, repeats, warmup, device, setup, teardown, group)
+    seconds, host_seconds = _samples(fn, repeats, warmup, device, setup, teardown, group, device_only=device_only)
     return Stats.from_seconds(seconds, "cuda_events" if device.type == "cuda" else "wall", host_seconds)
 
 
 def measure_interleaved(fns: Sequence[Callable[[Any], Any]], *, repeats: int, warmup: int, device: torch.device,
-                        group: Optional[Any] = None, calls: int = 1, host: bool = True) -> list[Stats]:
+                        group: Optional[Any] = None, calls: int = 1, host: bool = True,
+                        device_only: bool = False) -> list[Stats]:
     """measure() of several functions whose repeats alternate (a, b, a, b, ...), each fn getting
     arguments 0, 1, 2, ... as with measure: a comparison of them is not skewed by what drifts during a
     run (clocks, temperature), as timing one after the other would be.
@@ -75,7 +87,7 @@ def measure_interleaved(fns: Sequence[Callable[[Any], Any]], *, repeats: int, wa
     call). What one fn leaves behind (a hot, power-capped GPU after a long kernel) slows the next fn's
     first call; in a block of calls that carry-over weighs 1/calls, and the block runs as a layer
     stack does, under sustained load. host=False skips the host-time repeats (host_us is then the
-    device time's median)."""
+    device time's median). device_only: as in measure."""
     n = len(fns)
     if calls < 1:
         raise ValueError(f"calls={calls} must be >= 1")
@@ -84,15 +96,15 @@ def measure_interleaved(fns: Sequence[Callable[[Any], Any]], *, repeats: int, wa
         first = i // n * calls
         return [fns[i % n](first + j) for j in range(calls)]
 
-    seconds, host_seconds = _samples(block, n * repeats, n * warmup, device, None, None, group, host)
+    seconds, host_seconds = _samples(block, n * repeats, n * warmup, device, None, None, group, host, device_only)
     method = "cuda_events" if device.type == "cuda" else "wall"
     per_call = lambda values: [v / calls for v in values]  # noqa: E731
     return [Stats.from_seconds(per_call(seconds[k::n]), method, per_call(host_seconds[k::n]) if host_seconds else None)
             for k in range(n)]
 
 
-def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardown, group, host: bool = True
-             ) -> tuple[list[float], Optional[list[float]]]:
+def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardown, group, host: bool = True,
+             device_only: bool = False) -> tuple[list[float], Optional[list[float]]]:
     """(seconds of each timed repeat, host seconds of each host repeat or None off CUDA or without host);
     see measure."""
     if repeats < 1:
@@ -110,6 +122,8 @@ def _samples(fn, repeats: int, warmup: int, device: torch.device, setup, teardow
             barrier()
             if events is not None:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if device_only:
+                    torch.cuda._sleep(LAUNCH_COVER_CYCLES)
                 start.record()
                 result = fn(arg)
                 end.record()
@@ -168,7 +182,7 @@ def measure_cuda_graph(fn: Callable[[int], Any], *, repeats: int, warmup: int, r
     """Capture fn(k) for each rotation slot k into a CUDA graph (capture_graphs, before_capture as
     there: pass the dispatcher's raise_deferred where fn dispatches), then time replays with `measure`."""
     stats = measure(graph_replays(fn, rotate, device, before_capture), repeats=repeats, warmup=warmup,
-                    device=device, group=group)
+                    device=device, group=group, device_only=True)
     stats.method = "cuda_graph"
     return stats
 
