@@ -86,14 +86,18 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, row_ok_ptr, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
-                              GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
-                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, HAS_ROW_OK: tl.constexpr):
-        """Program (r, b): row r's groups of block b. HAS_ROW_OK: rows whose flag is 0 are skipped
-        (never read: pair rows no expert here computed)."""
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, filter_ptr, rows_per_count, H, G, stride_x, stride_q, stride_s,
+                              fp8_max, min_amax, GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
+                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, ROW_FILTER: tl.constexpr):
+        """Program (r, b): row r's groups of block b. Rows the filter leaves out are neither read nor
+        written: ROW_FILTER 1, a flag per row (0: skip); 2, a count per block of rows_per_count rows (rows
+        of the block from that count on are skipped: an expert-major buffer's padding past masked_m)."""
         row = tl.program_id(0).to(tl.int64)
-        if HAS_ROW_OK:
-            if tl.load(row_ok_ptr + row) == 0:
+        if ROW_FILTER == 1:
+            if tl.load(filter_ptr + row) == 0:
+                return
+        if ROW_FILTER == 2:
+            if row % rows_per_count >= tl.load(filter_ptr + row // rows_per_count):
                 return
         quantize_row_groups(x_ptr, q_ptr, s_ptr, row, tl.program_id(1), H, G, stride_x, stride_q, stride_s, fp8_max,
                             min_amax, GROUP, GROUPS, UE8M0, SCALE_BYTE, ROUND_FIRST)
@@ -113,11 +117,17 @@ class RowQuantization:
     args: tuple
     meta: dict
 
-    def launch(self, row_ok: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def launch(self, row_ok: Optional[torch.Tensor] = None, row_counts: Optional[torch.Tensor] = None,
+               rows_per_count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """row_ok [T] bool, or row_counts [T / rows_per_count] int: the rows to quantize (quantize_rows)."""
+        if row_ok is not None and row_counts is not None:
+            raise ValueError("quantize_rows takes row_ok or row_counts, not both")
         if self.x.shape[0]:
+            filter_by = row_ok.view(torch.uint8) if row_ok is not None else row_counts
             _quantize_rows_kernel[(self.x.shape[0], self.group_blocks)](
-                self.x, self.q, self.scale, row_ok.view(torch.uint8) if row_ok is not None else self.x, *self.args,
-                HAS_ROW_OK=row_ok is not None, num_warps=4, **self.meta)
+                self.x, self.q, self.scale, filter_by if filter_by is not None else self.x, rows_per_count,
+                *self.args, ROW_FILTER=1 if row_ok is not None else 2 if row_counts is not None else 0, num_warps=4,
+                **self.meta)
         return self.q, self.scale
 
 
@@ -145,8 +155,11 @@ def plan_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = 
 
 def quantize_rows(x: torch.Tensor, config: QuantConfig, q: Optional[torch.Tensor] = None,
                   scale: Optional[torch.Tensor] = None, row_ok: Optional[torch.Tensor] = None,
-                  interpreted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  interpreted: bool = False, row_counts: Optional[torch.Tensor] = None,
+                  rows_per_count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (any float dtype, row-strided) -> (q [T, H] fp8, scale [T, G] fp32, or uint8 exponent
     bytes when `scale` is given as uint8 under ue8m0). q and scale may be row-strided views of one
-    buffer (the send payload). row_ok [T] bool: rows with False are neither read nor written."""
-    return plan_rows(x, config, q, scale, interpreted).launch(row_ok)
+    buffer (the send payload). Rows left out are neither read nor written: row_ok [T] bool (False: left
+    out), or row_counts [T / rows_per_count] int32 (of each block of rows_per_count rows, those from
+    its count on: the masked runner's padding rows past masked_m)."""
+    return plan_rows(x, config, q, scale, interpreted).launch(row_ok, row_counts, rows_per_count)

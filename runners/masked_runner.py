@@ -245,8 +245,9 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
         _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
                 scale=config.routed_scaling_factor)
         return out
-    if recv_scale is None:  # float rows: quantized here (every buffer row; padding rows are never read)
-        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED)
+    if recv_scale is None:  # float rows: quantized here, each expert's first masked_m rows (the padding is never read)
+        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED, row_counts=masked_m,
+                                      rows_per_count=rows)
         recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
     recv_scale = decode_scales(recv_scale)
     _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, quant.activation_group, tiles, activation=config,

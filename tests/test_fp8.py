@@ -99,6 +99,13 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
     quantize_rows(x, q, q=q_out, row_ok=row_ok, interpreted=True)
     assert torch.equal(q_out[1].float(), torch.full((300,), 3.0))
     assert torch.equal(q_out[2].view(torch.uint8), want_q[2].view(torch.uint8))
+    # or by a count per block of rows (an expert-major buffer's masked_m): blocks of 3 rows, 1 / 3 / 0 kept
+    q_out = torch.full((9, 300), 3.0).to(torch.float8_e4m3fn)
+    quantize_rows(x, q, q=q_out, row_counts=torch.tensor([1, 3, 0], dtype=torch.int32), rows_per_count=3,
+                  interpreted=True)
+    kept = torch.tensor([1, 0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    assert torch.equal(q_out[kept].view(torch.uint8), want_q[kept].view(torch.uint8))
+    assert torch.equal(q_out[~kept].float(), torch.full((5, 300), 3.0))
 
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
