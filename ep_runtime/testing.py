@@ -159,71 +159,65 @@ def make_problem(config: MoeConfig, tokens_per_rank: Sequence[int], seed: int = 
     return Problem(config, w13, w2, b13, b2, xs, ids, weights, grads)
 
 
-def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> dict[str, float]:
-    """Run layer forward (and backward) on this rank's tokens; return relative errors against the
-    float64 reference: y, and the gradients of x and of this rank's expert weights."""
+def training_step(layer, problem: Problem, rank: int, *, backward: bool = True, weights_need_grad: bool = True
+                  ) -> dict[str, Optional[torch.Tensor]]:
+    """The layer's forward on this rank's tokens, the experts (and biases) loaded from the problem in the layer's
+    dtype and their gradients reset; with `backward`, x needs a gradient (topk_weights too with weights_need_grad),
+    sum(y * grad_output) is back-propagated and reduce_replica_grads() makes each redundant copy's gradient its
+    expert's. Returns {y, and with backward dx, dweights (with weights_need_grad), dw13, dw2 ([L, ...], this rank's
+    experts)} as the layer computed them, not copies (two steps compare bit for bit); a gradient that reached
+    nothing is None. training_step_errors compares them with float64."""
     dtype, device = layer.w13.dtype, layer.w13.device
-    cast = lambda t: None if t is None else t.to(dtype).to(device).clone()  # noqa: E731
+    # a copy, never the problem's own tensor
+    cast = lambda t, to=dtype: None if t is None else t.to(to).to(device).clone()  # noqa: E731
     layer.load_experts(cast(problem.w13), cast(problem.w2), cast(problem.b13), cast(problem.b2))
     layer.zero_grad(set_to_none=True)
     x = cast(problem.xs[rank]).requires_grad_(backward)
-    y = layer(x, problem.topk_ids[rank].to(device), problem.topk_weights[rank].to(device))
+    weights = cast(problem.topk_weights[rank], torch.float32).requires_grad_(backward and weights_need_grad)
+    y = layer(x, problem.topk_ids[rank].to(device), weights)
+    step = {"y": y.detach()}
+    if backward:
+        if y.requires_grad:
+            (y * cast(problem.grad_outputs[rank])).sum().backward()
+        layer.reduce_replica_grads()  # with redundant experts: each copy's gradient becomes its expert's
+        step["dx"] = x.grad
+        if weights_need_grad:
+            step["dweights"] = weights.grad
+        step.update(dw13=layer.w13.grad, dw2=layer.w2.grad)
+    return step
 
-    # The reference sees the same rounded inputs the layer saw.
-    as64 = lambda t: None if t is None else t.to(dtype).double().clone().requires_grad_(backward)  # noqa: E731
+
+def training_step_errors(layer, problem: Problem, rank: int, step: dict[str, Optional[torch.Tensor]]
+                         ) -> dict[str, float]:
+    """Relative error of each of training_step's results (its keys say which it computed) against the float64
+    reference fed the same rounded inputs; a gradient that reached nothing (None) counts as zeros on either side."""
+    dtype = layer.w13.dtype
+    backward, weights_need_grad = "dx" in step, "dweights" in step
+    as64 = lambda t, to=dtype, need_grad=backward: (  # noqa: E731
+        None if t is None else t.to(to).double().clone().requires_grad_(need_grad))
     w13, w2, b13, b2 = as64(problem.w13), as64(problem.w2), as64(problem.b13), as64(problem.b2)
     xs = [as64(x_r) for x_r in problem.xs]
+    ws = [as64(w_r, torch.float32, weights_need_grad) for w_r in problem.topk_weights]
     # Sharded experts see every rank's tokens (through dispatch); replicated ones see only their own.
     sources = range(len(problem.xs)) if layer.dispatcher.shards_experts else [rank]
-    refs = {r: moe_reference(xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2,
-                             problem.config, b13, b2) for r in sources}
-    errors = {"y": rel_err(y.detach().cpu(), refs[rank].detach())}
+    refs = {r: moe_reference(xs[r], problem.topk_ids[r], ws[r], w13, w2, problem.config, b13, b2) for r in sources}
+    want = {"y": refs[rank].detach()}
     if backward:
-        g = cast(problem.grad_outputs[rank])
-        if y.requires_grad:
-            (y * g).sum().backward()
         loss = sum((refs[r] * problem.grad_outputs[r].to(dtype).double()).sum() for r in sources)
         if loss.requires_grad:
             loss.backward()
-        layer.reduce_replica_grads()  # with redundant experts: each copy's gradient becomes its expert's
+        grad = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731
         mine = layer.placement.local_expert_ids()  # this rank's global experts, in local order
-        zero_if_none = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
-        errors["dx"] = rel_err(zero_if_none(x.grad, x).cpu(), zero_if_none(xs[rank].grad, xs[rank]))
-        errors["dw13"] = rel_err(zero_if_none(layer.w13.grad, layer.w13).cpu(), zero_if_none(w13.grad, w13)[mine])
-        errors["dw2"] = rel_err(zero_if_none(layer.w2.grad, layer.w2).cpu(), zero_if_none(w2.grad, w2)[mine])
-    return errors
+        want.update(dx=grad(xs[rank]), dweights=grad(ws[rank]), dw13=grad(w13)[mine], dw2=grad(w2)[mine])
+    return {k: rel_err(torch.zeros_like(want[k]) if t is None else t.cpu(), want[k]) for k, t in step.items()}
 
 
-def training_step(layer, problem: Problem, rank: int) -> dict[str, torch.Tensor]:
-    """One forward and backward of the layer on this rank's tokens, x and topk_weights needing gradients (experts
-    loaded from the problem in the layer's dtype, their gradients reset): {y, dx, dweights, dw13, dw2} as the layer
-    computed them (training_step_errors compares them with float64)."""
-    dtype, device = layer.w13.dtype, layer.w13.device
-    cast = lambda t, to=dtype: t.to(to).to(device).clone()  # noqa: E731  (never the problem's own tensor)
-    layer.load_experts(cast(problem.w13), cast(problem.w2))
-    layer.zero_grad(set_to_none=True)
-    x = cast(problem.xs[rank]).requires_grad_(True)
-    weights = cast(problem.topk_weights[rank], torch.float32).requires_grad_(True)
-    y = layer(x, problem.topk_ids[rank].to(device), weights)
-    (y * cast(problem.grad_outputs[rank])).sum().backward()
-    return {"y": y.detach(), "dx": x.grad, "dweights": weights.grad, "dw13": layer.w13.grad, "dw2": layer.w2.grad}
-
-
-def training_step_errors(layer, problem: Problem, rank: int, step: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative errors of training_step's results against the float64 reference fed the same rounded inputs."""
-    dtype = layer.w13.dtype
-    as64 = lambda t: t.to(dtype).double().requires_grad_(True)  # noqa: E731
-    w13, w2 = as64(problem.w13), as64(problem.w2)
-    xs = [as64(x_r) for x_r in problem.xs]
-    ws = [w_r.double().requires_grad_(True) for w_r in problem.topk_weights]
-    # Sharded experts see every rank's tokens (through dispatch); replicated ones see only their own.
-    sources = range(len(problem.xs)) if layer.dispatcher.shards_experts else [rank]
-    refs = {r: moe_reference(xs[r], problem.topk_ids[r], ws[r], w13, w2, problem.config) for r in sources}
-    sum((refs[r] * problem.grad_outputs[r].to(dtype).double()).sum() for r in sources).backward()
-    mine = layer.placement.local_expert_ids()
-    want = {"y": refs[rank].detach(), "dx": xs[rank].grad, "dweights": ws[rank].grad, "dw13": w13.grad[mine],
-            "dw2": w2.grad[mine]}
-    return {k: rel_err(step[k].cpu(), want[k]) for k in want}
+def check_layer(layer, problem: Problem, rank: int, backward: bool = True) -> dict[str, float]:
+    """Run layer forward (and backward) on this rank's tokens (training_step, topk_weights needing no gradient);
+    return relative errors against the float64 reference: y, and the gradients of x and of this rank's expert
+    weights."""
+    return training_step_errors(layer, problem, rank,
+                                training_step(layer, problem, rank, backward=backward, weights_need_grad=False))
 
 
 def mean_loss_reference(dense: torch.nn.Module, problem: "Problem", config: MoeConfig, world_size: int
