@@ -156,20 +156,24 @@ def frames_compiled_per_call(compiled, *args, calls: int = 3) -> list[int]:
     return per_call
 
 
-def _compiled_dispatch_frames(rank, world_size):
-    torch.manual_seed(0)
-    layer = ep.EPMoE(4, 2, 16, 8, runner="torch")
-    x, logits = torch.randn(5, 16), torch.randn(5, 4)
-    topk = layer.route(x, None, None, logits, None)
-    return frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+def _compiled_dispatch_frames(rank, world_size, dispatchers):
+    frames = {}
+    for name in dispatchers:
+        torch.manual_seed(0)
+        layer = ep.EPMoE(4, 2, 16, 8, dispatcher=name, runner="torch", dispatcher_options=OPTIONS.get(name))
+        x, logits = torch.randn(5, 16), torch.randn(5, 4)
+        topk = layer.route(x, None, None, logits, None)
+        frames[name] = frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+    return frames
 
 
 def test_torch_compile_of_a_dispatch_compiles_nothing_after_its_first_call():
     """A compiled dispatch called again on the same input reuses what its first call compiled (no recompile
     that a user's error_on_recompile or recompile_limit would catch): its input checks read no cache that
-    the first call fills. In a fresh process (one rank): an earlier test's eager calls fill such caches."""
-    (compiled,) = run_ranks(_compiled_dispatch_frames, 1)
-    assert compiled[0] > 0 and compiled[1:] == [0, 0], compiled
+    the first call fills, nor does an exchange's plan (its placement tables and node layout, filled at the
+    first plan). In a fresh process (one rank): an earlier test's eager calls fill such caches."""
+    (compiled,) = run_ranks(_compiled_dispatch_frames, 1, ["standard", "deepep_normal", "mori"])
+    assert all(frames[0] > 0 and frames[1:] == [0, 0] for frames in compiled.values()), compiled
 
 
 def _repeated_expert_rank(rank, world_size, dispatcher):
