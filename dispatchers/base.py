@@ -14,7 +14,7 @@ from ep_runtime.config import MoeConfig
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput
+from ep_runtime.runner_core import CombineInput, DispatchOutput, untraced
 from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least
 
 from . import exchange_kernels, fp8_payload, overlap
@@ -155,9 +155,9 @@ class Dispatcher:
         except Exception as error:
             self.join_with_bad_input(error, **options)
             raise
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._named_call("dispatch", self._dispatch, x, topk, **options)
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
-            if self._plain(async_op, return_recv_hook, previous_event):
-                return self._dispatch(x, topk, **options)
             return self._issue("dispatch", lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
 
@@ -190,9 +190,9 @@ class Dispatcher:
         self._check_async(async_op, return_recv_hook, previous_event)
         distributed.check_group(self.group, self.name, "combine")
         self.check_combine_input(combine_input)
+        if self._plain(async_op, return_recv_hook, previous_event):
+            return self._named_call("combine", self._combine, combine_input)
         with distributed.naming_peer_failures(self, "combine"):  # a peer that does not answer: ep.PeerFailure
-            if self._plain(async_op, return_recv_hook, previous_event):
-                return self._combine(combine_input)
             T = None
             if ((async_op or return_recv_hook) and self._moves_rows()
                     and combine_input.hidden_states.device.type != "cuda"):
@@ -202,14 +202,17 @@ class Dispatcher:
             return self._issue("combine", lambda: self._combine(combine_input), rows.device, combine_input,
                                async_op, return_recv_hook, previous_event, shell, lambda y, real: y.copy_(real))
 
+    def _named_call(self, operation: str, fn, *args: Any, **kwargs: Any):
+        """fn(*args, **kwargs), the exchange `operation` ("dispatch" or "combine"): a peer that does not answer
+        raises ep.PeerFailure naming this dispatcher, the operation and the peer(s)."""
+        with distributed.naming_peer_failures(self, operation):
+            return fn(*args, **kwargs)
+
     def _named(self, operation: str, fn):
         """fn, raising a peer that does not answer as ep.PeerFailure on the group's exchange thread: an async
         call on CPU ranks runs there, and its error reaches the caller at work.wait() (or the receive hook),
         outside dispatch's and combine's own naming (a CUDA call runs fn in dispatch/combine, inside it)."""
-        def run():
-            with distributed.naming_peer_failures(self, operation):
-                return fn()
-        return run
+        return lambda: self._named_call(operation, fn)
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked
@@ -347,6 +350,11 @@ class ExchangeDispatcher(Dispatcher):
 
     checks_values_in_exchange = True
     puts_rows = False  # its own kernels store rows into peers' memory (transport 'auto' then takes NVLink)
+    # Under torch.compile a synchronous exchange (count table, collectives, host reads) runs as it is: one graph
+    # break per dispatch or combine. Traced, it broke the graph at each collective and host read, inside
+    # naming_peer_failures (a generator context manager, which dynamo cannot resume in): dynamo skipped the
+    # whole dispatch frame and compiled each function under it as a frame of its own.
+    _named_call = untraced(Dispatcher._named_call)
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,

@@ -42,7 +42,7 @@ from ep_runtime import envs
 from ep_runtime.distributed import rank_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
-from ep_runtime.runner_core import needs_grad
+from ep_runtime.runner_core import needs_grad, untraced
 from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
@@ -347,6 +347,10 @@ class RankExchange:
             self._aranges[(n, device)] = torch.arange(n, device=device)
         return self._aranges[(n, device)]
 
+    # Host work around a collective and a host read: under torch.compile it runs as it is (one graph break).
+    # Traced, it filled the exchange's tables and node layout inside the first trace, dynamo guarded on them
+    # empty, and a compiled layer's second call compiled again; each of its graph breaks cost frames too.
+    @untraced
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
              capacity: str = "", topk_weights: Optional[torch.Tensor] = None,
              distinct: Optional[str] = None, x: Optional[torch.Tensor] = None) -> ExchangeHandle:

@@ -32,6 +32,19 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
+    (no dynamo frame hook per call). The disabled wrapper is made here, at import, not inside a traced call
+    (dynamo would guard on the cache such a call fills, and a compiled layer's second call would compile
+    again); torch builds it at its first call, importing torch._dynamo only then (about 2 s of
+    `import ep_runtime`'s 6 s, which an eager process never needs)."""
+    opaque = torch._disable_dynamo(fn)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return opaque(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+    return call
+
+
 class DispatchOutput:
     """Base of every dispatcher's output dataclass; `format` keys the format registry."""
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.runner_core import RunnerInput, convert
+from ep_runtime.runner_core import RunnerInput, convert, untraced
 from ep_runtime.validation import check_expert_dtypes
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
@@ -129,19 +129,6 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
         grads = iter(torch.autograd.grad(y, wanted, grad_output, allow_unused=True, create_graph=double)
                      if wanted else ())
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-
-
-def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
-    (no dynamo frame hook per call). The disabled wrapper is made here, at import, not inside a traced call
-    (dynamo would guard on the cache such a call fills, and a compiled layer's second call would compile
-    again); torch builds it at its first call, importing torch._dynamo only then (about 2 s of
-    `import ep_runtime`'s 6 s, which an eager process never needs)."""
-    opaque = torch._disable_dynamo(fn)
-
-    def call(*args: Any) -> Any:
-        return opaque(*args) if torch.compiler.is_compiling() else fn(*args)
-    return call
 
 
 _RUN_CHECKED = untraced(RunnerBackend.run_checked)

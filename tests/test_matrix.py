@@ -3,6 +3,8 @@ registers, each backend natively or through the runner core's layout conversion 
 through the interpreter here), equals the float64 reference on 2 gloo ranks, forward and gradients.
 A new dispatcher or runner module in the package is covered as soon as it registers. (Classes that
 tests register, as tests/test_extension.py does, exist only in that test's processes: left out here.)"""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -156,20 +158,39 @@ def frames_compiled_per_call(compiled, *args, calls: int = 3) -> list[int]:
     return per_call
 
 
-def _compiled_dispatch_frames(rank, world_size):
-    torch.manual_seed(0)
-    layer = ep.EPMoE(4, 2, 16, 8, runner="torch")
-    x, logits = torch.randn(5, 16), torch.randn(5, 4)
-    topk = layer.route(x, None, None, logits, None)
-    return frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+def _compiled_dispatch_frames(rank, world_size, dispatchers):
+    """(frames compiled per call of each dispatcher's compiled dispatch, the files of every frame dynamo compiled).
+    A name ending in "+kernels": that dispatcher's CUDA code path (exchange kernels forced onto CPU tensors,
+    inference, fp16)."""
+    from torch._dynamo.convert_frame import input_codes
+
+    from ep_runtime.dispatchers import exchange_kernels
+    frames = {}
+    for name in dispatchers:
+        dispatcher, kernels = name.removesuffix("+kernels"), name.endswith("+kernels")
+        dtype = torch.float16 if kernels else torch.float32
+        torch.manual_seed(0)
+        layer = ep.EPMoE(4, 2, 16, 8, dispatcher=dispatcher, runner="torch", dtype=dtype,
+                         dispatcher_options=OPTIONS.get(dispatcher))
+        x, logits = torch.randn(5, 16, dtype=dtype), torch.randn(5, 4)
+        topk = layer.route(x, None, None, logits, None)
+        with exchange_kernels.forced() if kernels else nullcontext(), torch.inference_mode(kernels):
+            frames[name] = frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+    return frames, sorted({code().co_filename.rsplit("/", 1)[-1] for code in input_codes.seen if code() is not None})
 
 
 def test_torch_compile_of_a_dispatch_compiles_nothing_after_its_first_call():
     """A compiled dispatch called again on the same input reuses what its first call compiled (no recompile
     that a user's error_on_recompile or recompile_limit would catch): its input checks read no cache that
-    the first call fills. In a fresh process (one rank): an earlier test's eager calls fill such caches."""
-    (compiled,) = run_ranks(_compiled_dispatch_frames, 1)
-    assert compiled[0] > 0 and compiled[1:] == [0, 0], compiled
+    the first call fills, nor does an exchange's plan (its placement tables and node layout, filled at the
+    first plan). The exchange itself runs as it is (one graph break): dynamo compiles none of its functions
+    (traced, each collective and host read in it broke the graph, and each break made frames; on the CUDA code
+    path dynamo also traced into the exchange kernels' launches, which Triton's CPU interpreter failed on).
+    In a fresh process (one rank): an earlier test's eager calls fill such caches."""
+    ((compiled, traced),) = run_ranks(_compiled_dispatch_frames, 1,
+                                      ["standard", "deepep_normal", "mori", "deepep_normal+kernels"])
+    assert all(frames[0] > 0 and frames[1:] == [0, 0] for frames in compiled.values()), compiled
+    assert "rank_exchange.py" not in traced, traced
 
 
 def _repeated_expert_rank(rank, world_size, dispatcher):
