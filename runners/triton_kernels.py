@@ -243,7 +243,8 @@ class AlignedPairs:
     path's scratch (per-chunk counts and first slots; each expert's padded start, end, and the used
     blocks, which used_blocks views).
     work_queue [2] int32, zero between launches: the persistent GEMM kernels' dynamic schedule (the next
-    work item, the programs done; the last program out sets both back to zero).
+    work item, the programs done); the alignment zeroes it, and the last program out of each GEMM sets
+    both back to zero for the next one.
     """
 
     sorted_pair_ids: torch.Tensor
@@ -271,11 +272,11 @@ def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device
     num_blocks = sorted_rows(P, num_local_experts, block_m) // block_m
     chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
     sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4), 2)
-    # No pairs: nothing will write it, so used_blocks must already say 0 (zeros: a few ints)
+    # No pairs: nothing will write it, so used_blocks and the work queue must already say 0 (zeros: a few ints).
+    # Else the alignment kernels zero the work queue each call (a zero_() here was a kernel of its own inside
+    # every CUDA graph that captured a fresh workspace: ~2 us of a decode step).
     sorted_pair_ids, block_expert, padded, counts, offsets, flags, work_queue = (torch.empty if P else torch.zeros)(
         sum(sizes), dtype=torch.int32, device=device).split(sizes)
-    if P:
-        work_queue.zero_()  # once per workspace: the GEMM kernels leave it at zero
     return AlignedPairs(sorted_pair_ids, block_expert, flags.view(torch.uint8)[:P].view(torch.bool), P, block_m,
                         padded[2 * e_pad:], counts.view(-1, e_pad), offsets.view(-1, e_pad), padded, work_queue)
 
@@ -351,10 +352,17 @@ def _rank_in_chunk(ok, local, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
 
 
 @triton.jit
+def _clear_work_queue(work_queue_ptr):
+    # The persistent GEMM kernels' dynamic schedule starts from zeros (they leave it so): set here, in the
+    # alignment that precedes them every call, not once per workspace.
+    tl.store(work_queue_ptr + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32))
+
+
+@triton.jit
 def _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
-                  num_pairs, num_blocks, first_expert, table_size, mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr,
-                  HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCKS: tl.constexpr):
+                  work_queue_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size, L: tl.constexpr,
+                  HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     # The four kernels below in one program: count every chunk, pad, fill the blocks, then scatter
     # chunk by chunk with the running count of each expert's pairs as the chunk's offset.
     idx = tl.arange(0, CHUNK)
@@ -368,6 +376,7 @@ def _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_
         counts += _expert_counts(ok, local, L, E_PAD)
     start, end, used_blocks = _padded_bounds(counts, L, BLOCK_M, E_PAD)
     tl.store(padded_ptr + 2 * E_PAD, used_blocks)
+    _clear_work_queue(work_queue_ptr)
     for b0 in range(0, num_blocks, BLOCKS):
         _fill_blocks(b0 + tl.arange(0, BLOCKS), end, block_expert_ptr, sorted_pair_ids_ptr, num_pairs, num_blocks,
                      BLOCK_M, BLOCKS)
@@ -387,18 +396,19 @@ def _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_
 @fast_launch
 @triton.jit
 def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
-                         sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
-                         L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
-                         E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
+                         sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert, table_size,
+                         mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
+                         CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
-                  num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK, CHUNK, E_PAD,
-                  BLOCK_M, BLOCKS)
+                  work_queue_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK,
+                  CHUNK, E_PAD, BLOCK_M, BLOCKS)
 
 
 @fast_launch
 @triton.jit
 def _align_quantize_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
-                           sorted_pair_ids_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size,
+                           sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert, table_size,
+                           mask_size,
                            x_ptr, q_ptr, s_ptr, group_blocks, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
                            L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
                            E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, GROUP: tl.constexpr,
@@ -410,8 +420,8 @@ def _align_quantize_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_pt
     pid = tl.program_id(0)
     if pid == 0:
         _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
-                      num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK, CHUNK,
-                      E_PAD, BLOCK_M, BLOCKS)
+                      work_queue_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE,
+                      HAS_MASK, CHUNK, E_PAD, BLOCK_M, BLOCKS)
     else:
         work = pid - 1
         quantize_row_groups(x_ptr, q_ptr, s_ptr, (work // group_blocks).to(tl.int64), work % group_blocks, H, G,
@@ -436,7 +446,7 @@ def _align_count_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, chunk_counts
 
 @fast_launch
 @triton.jit
-def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_chunks,
+def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, work_queue_ptr, num_chunks,
                           L: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK_TILE: tl.constexpr):
     # One program: each chunk's first slot per expert (exclusive prefix over chunks), then each
     # expert's padded start and end: padded_ptr[0:E_PAD] = start, padded_ptr[E_PAD:2*E_PAD] = end,
@@ -454,6 +464,7 @@ def _align_offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_ptr, num_c
     tl.store(padded_ptr + experts, start)
     tl.store(padded_ptr + E_PAD + experts, end)
     tl.store(padded_ptr + 2 * E_PAD, used_blocks)
+    _clear_work_queue(work_queue_ptr)
 
 
 @fast_launch
@@ -516,7 +527,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
         align_args = (ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
-                      aligned.sorted_pair_ids, P, num_blocks, first_expert, table.numel(), mask.numel())
+                      aligned.sorted_pair_ids, aligned.work_queue, P, num_blocks, first_expert, table.numel(),
+                      mask.numel())
         align_meta = dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=block_m,
                           BLOCKS=blocks_per_program, num_warps=4, **lookup)
         if quantize is None:
@@ -532,7 +544,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     _align_count_kernel[(num_chunks,)](ids, table, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
                                        table.numel(), mask.numel(), L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4,
                                        **lookup)
-    _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, num_chunks, L=L,
+    _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, aligned.work_queue,
+                                num_chunks, L=L,
                                 BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
     _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
         aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,

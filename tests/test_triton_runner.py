@@ -99,8 +99,13 @@ def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L
     mask = (torch.rand(first + L + 3, generator=gen) > 0.2) if masked else None
     four = kernels.align_pairs(ids, mask, first, L, block_m, single_program=False)
     stale = kernels.align_pairs(torch.randint(0, L, (T, K), generator=gen, dtype=torch.int32), None, 0, L, block_m)
+    if T:  # the alignment (either path) zeroes the GEMM kernels' work queue: nothing else does per call
+        stale.work_queue.fill_(7)
+        assert kernels.align_pairs(ids, mask, first, L, block_m, out=stale, single_program=False).work_queue.tolist() \
+            == [0, 0]
+        stale.work_queue.fill_(7)
     one = kernels.align_pairs(ids, mask, first, L, block_m, out=stale, single_program=True)
-    assert one is stale
+    assert one is stale and one.work_queue.tolist() == [0, 0]
     quant = QuantConfig(scale_encoding="ue8m0")
     # (its rows need not be the ids' tokens: a few keep the interpreter quick; three groups, one partial)
     x = (torch.randn(min(T, 3), 300, generator=gen) * 10).to(torch.bfloat16)
