@@ -42,6 +42,11 @@ def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return opaque(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+    # Its own code object per wrapped function: dynamo compiles `call`'s frame (the graph break is inside it)
+    # and keeps its compiled frames per code object, at most torch._dynamo.config.recompile_limit (8). One
+    # code object shared by every wrapper filled that within a compiled layer's first call (the exchange's
+    # plan, dispatch and combine, the runner: each its own fn and arity), and dynamo warned and stopped.
+    call.__code__ = call.__code__.replace(co_name=f"untraced_{getattr(fn, '__name__', 'fn')}")
     return call
 
 

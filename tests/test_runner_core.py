@@ -365,3 +365,28 @@ def test_build_keeps_options_a_class_takes_through_kwargs():
     assert build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2}).foo == 2
     with pytest.raises(TypeError, match=r"^dispatcher mine has no option 'bar'; allowed: expert_to_rank$"):
         build(Consumes, "dispatcher", "mine", dict(config=1, group=None), {"foo": 2, "bar": 3})
+
+
+def test_untraced_functions_compile_without_filling_one_frame_cache():
+    """Functions torch.compile runs as they are (runner_core.untraced: the exchange's plan, dispatch and combine,
+    the runners) each break the graph inside their own wrapper frame. Ten of them, each called once with its
+    own arity, in one compiled function under error_on_recompile: they shared one code object, whose compiled
+    frames (one per function and arity) went past dynamo's recompile limit (8) in a layer's first call
+    (RecompileError here; a warning and a fall back to eager without the flag). The results are the eager ones."""
+    import torch._dynamo
+
+    from ep_runtime.runner_core import untraced
+
+    def make(i):
+        return untraced(lambda x, *more: x * (i + 1) + sum(more))
+    wrapped = [make(i) for i in range(10)]
+
+    def body(x):
+        for i, fn in enumerate(wrapped):
+            x = fn(x, *[1.0] * (i % 3))
+        return x
+    x = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = torch.compile(body, backend="eager")(x)
+    assert torch.equal(got, body(x))
