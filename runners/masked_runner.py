@@ -232,7 +232,7 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     I = config.intermediate_size
     if tiles is None:
         tiles = INTERPRETER_TILES if INTERPRETED else MaskedTiles()
-    masked_m = masked_m.to(torch.int32)
+    masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
     device = recv_x.device

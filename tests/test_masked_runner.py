@@ -7,6 +7,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.reference import expert_reference, rel_err
 from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
@@ -93,6 +94,24 @@ def test_all_zero_masked_m_reads_nothing():
                      dispatcher_options={"num_max_dispatch_tokens_per_rank": 8})
     y = layer(torch.randn(5, 16), torch.full((5, 2), -1, dtype=torch.int32), torch.rand(5, 2))
     assert torch.equal(y, torch.zeros(5, 16))
+
+
+def test_masked_m_given_as_a_strided_view_is_read_by_value():
+    """masked_m [L] int32 as a view with a stride (a column of a per-expert table): every kernel that reads it
+    (the GEMMs, and the fp8 path's quantization of each expert's first masked_m rows) reads masked_m[l], not the
+    l-th int32 after its first element (expert 2 read the table's next row: 0 rows computed, y garbage)."""
+    config, weights, recv_x, masked_m = _problem(CONFIGS["silu"], torch.float16, seed=4)
+    column = torch.stack([masked_m, torch.full_like(masked_m, ROWS)], 1)[:, 0]  # [L] with stride 2
+    assert not column.is_contiguous() and torch.equal(column, masked_m)
+    out = MaskedRunner(config).run_masked(recv_x, column, weights)
+    for e, (m, ref) in enumerate(zip(MASKED_M, _reference(config, weights, recv_x))):
+        assert rel_err(out[e, :m], ref) <= tolerance(torch.float16), e
+    quant = QuantConfig()  # fp8 experts: float rows quantized by row_counts=masked_m, then two block-scaled GEMMs
+    (w13, s13), (w2, s2) = quant.quantize_weight(weights.w13.float()), quant.quantize_weight(weights.w2.float())
+    fp8 = ExpertWeights(w13, w2, w13_scale_inv=s13, w2_scale_inv=s2, quant=quant)
+    want, got = (MaskedRunner(config).run_masked(recv_x, m, fp8) for m in (masked_m, column))
+    for e, m in enumerate(MASKED_M):
+        assert torch.equal(got[e, :m], want[e, :m]), e
 
 
 def test_backward_matches_reference_single_process():
