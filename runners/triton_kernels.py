@@ -519,7 +519,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
         return aligned
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()
-    mask = expert_mask if expert_mask is not None else ids
+    mask = expert_mask.contiguous() if expert_mask is not None else ids  # read flat, as the table
     if id_table is not None and id_table.dim() != 1:
         raise ValueError(f"id_table must be 1-D [n + 1]; got shape {list(id_table.shape)}")
     table = id_table.contiguous() if id_table is not None else ids  # read flat

@@ -663,6 +663,23 @@ def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
     assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
 
 
+def test_an_expert_mask_given_as_a_strided_view_is_read_by_value():
+    # RunnerInput.expert_mask [L+1] as a view with a stride (a column of a per-expert table, here with expert 1
+    # masked out): the alignment kernels read mask[id], not the id-th byte after its first element (expert 1
+    # then read the table's [0, 1] entry, True, and expert 2 read [1, 0], False); == the torch runner.
+    gen = torch.Generator().manual_seed(8)
+    E, K, H, I, L = 4, 2, 16, 32, 4
+    cfg = MoeConfig(E, K, H, I)
+    w13, w2, _, _ = _weights(gen, L, H, I)
+    mask = torch.tensor([True, False, True, True, False])  # sink L = 4 off, as the runner core's masks
+    column = torch.stack([mask, ~mask], 1)[:, 0]
+    assert not column.is_contiguous() and torch.equal(column, mask)
+    ids = torch.randint(0, L + 1, (9, K), generator=gen, dtype=torch.int32)
+    inp = RunnerInput(torch.randn(9, H, generator=gen), ids, torch.rand(9, K, generator=gen), column)
+    y = runners.create("triton", cfg).run(inp, ExpertWeights(w13, w2))
+    assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
+
+
 def _lora_hooks(gen, L, H, I, rank=4):
     a1 = (torch.randn(L, rank, H, generator=gen) * 0.3).requires_grad_()
     b1 = (torch.randn(L, 2 * I, rank, generator=gen) * 0.3).requires_grad_()
