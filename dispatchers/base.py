@@ -356,6 +356,13 @@ class ExchangeDispatcher(Dispatcher):
     # whole dispatch frame and compiled each function under it as a frame of its own.
     _named_call = untraced(Dispatcher._named_call)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # One wrapper per dispatcher class: dynamo keeps at most 8 compiled frames per wrapper (per code
+        # object), one per class, arity and gradient mode; shared by every class, a process compiling
+        # layers of three dispatchers in training and under no_grad went past that.
+        super().__init_subclass__(**kwargs)
+        cls._named_call = untraced(Dispatcher._named_call)
+
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,
                  num_sms: Optional[int] = None, hierarchical: Optional[str] = None,
