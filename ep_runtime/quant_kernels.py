@@ -122,6 +122,10 @@ class RowQuantization:
         """row_ok [T] bool, or row_counts [T / rows_per_count] int: the rows to quantize (quantize_rows)."""
         if row_ok is not None and row_counts is not None:
             raise ValueError("quantize_rows takes row_ok or row_counts, not both")
+        T = self.x.shape[0]
+        if row_counts is not None and (rows_per_count < 1 or row_counts.numel() * rows_per_count != T):
+            raise ValueError(f"row_counts has {row_counts.numel()} counts of rows_per_count={rows_per_count} rows; x has "
+                             f"{T} rows (one count per block of rows, rows_per_count >= 1)")
         if self.x.shape[0]:
             filter_by = row_ok.view(torch.uint8) if row_ok is not None else row_counts
             _quantize_rows_kernel[(self.x.shape[0], self.group_blocks)](

@@ -106,6 +106,8 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
     kept = torch.tensor([1, 0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
     assert torch.equal(q_out[kept].view(torch.uint8), want_q[kept].view(torch.uint8))
     assert torch.equal(q_out[~kept].float(), torch.full((5, 300), 3.0))
+    with pytest.raises(ValueError, match="row_counts has 2 counts of rows_per_count=3 rows; x has 9 rows"):
+        quantize_rows(x, q, row_counts=torch.tensor([1, 3], dtype=torch.int32), rows_per_count=3, interpreted=True)
 
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
