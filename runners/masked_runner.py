@@ -50,7 +50,15 @@ try:
 
     from ep_runtime.quant_kernels import quantize_groups, quantize_rows
 
-    from .triton_kernels import ACTIVATION_CODES, INTERPRETED, activate, activation_args, one_weight_scale, scaled_step
+    from .triton_kernels import (
+        ACTIVATION_CODES,
+        INTERPRETED,
+        _capability,
+        activate,
+        activation_args,
+        one_weight_scale,
+        scaled_step,
+    )
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
     triton = tl = None  # type: ignore[assignment]
@@ -82,6 +90,15 @@ INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs 
 # configs). At T=1 BLOCK_M=16 with these was fastest (166.6 -> 101.4 us; BLOCK_M=64 ones were > 110 us) but
 # slower at T=64, where experts hold ~16 rows each and 16-row blocks read the weights again per block.
 FP8_TILES = MaskedTiles(64, 64, 128, 128, 8, 4, 1)
+
+
+def _default_tiles(fp8: bool, device: torch.device) -> MaskedTiles:
+    """The tiles masked_forward runs without a caller's: FP8_TILES only where they fit (their four stages of a
+    gate-and-up weight tile need ~192 KB of shared memory: Hopper and newer; an Ada GPU has ~100 KB)."""
+    if INTERPRETED:
+        return INTERPRETER_TILES
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return FP8_TILES if fp8 and _capability(index) >= (9, 0) else MaskedTiles()
 
 
 if triton is not None:
@@ -237,7 +254,7 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     L, rows, H = recv_x.shape
     I = config.intermediate_size
     if tiles is None:
-        tiles = INTERPRETER_TILES if INTERPRETED else FP8_TILES if weights.quant is not None else MaskedTiles()
+        tiles = _default_tiles(weights.quant is not None, recv_x.device)
     masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
