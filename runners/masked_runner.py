@@ -93,8 +93,8 @@ FP8_TILES = MaskedTiles(64, 64, 128, 128, 8, 4, 1)
 
 
 def _default_tiles(fp8: bool, device: torch.device) -> MaskedTiles:
-    """The tiles masked_forward runs without a caller's: FP8_TILES only where they fit (their four stages of a
-    gate-and-up weight tile need ~192 KB of shared memory: Hopper and newer; an Ada GPU has ~100 KB)."""
+    """The tiles masked_forward runs without a caller's: FP8_TILES only where they fit (four stages of a
+    gate-and-up weight tile need over 120 KB of shared memory: Hopper and newer; an Ada GPU has ~100 KB)."""
     if INTERPRETED:
         return INTERPRETER_TILES
     index = device.index if device.index is not None else torch.cuda.current_device()
