@@ -126,9 +126,9 @@ class RowQuantization:
         if row_counts is not None and (rows_per_count < 1 or row_counts.numel() * rows_per_count != T):
             raise ValueError(f"row_counts has {row_counts.numel()} counts of rows_per_count={rows_per_count} rows; x has "
                              f"{T} rows (one count per block of rows, rows_per_count >= 1)")
-        if self.x.shape[0]:
+        if T:
             filter_by = row_ok.view(torch.uint8) if row_ok is not None else row_counts
-            _quantize_rows_kernel[(self.x.shape[0], self.group_blocks)](
+            _quantize_rows_kernel[(T, self.group_blocks)](
                 self.x, self.q, self.scale, filter_by if filter_by is not None else self.x, rows_per_count,
                 *self.args, ROW_FILTER=1 if row_ok is not None else 2 if row_counts is not None else 0, num_warps=4,
                 **self.meta)
