@@ -89,6 +89,10 @@ INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs 
 # (57% -> 82% of the copy rate on the weights touched) against the default tiles (2026-12-02, a sweep of 33
 # configs). At T=1 BLOCK_M=16 with these was fastest (166.6 -> 101.4 us; BLOCK_M=64 ones were > 110 us) but
 # slower at T=64, where experts hold ~16 rows each and 16-row blocks read the weights again per block.
+# Measured and not adopted (2026-12-02): 16-row tiles gain 8-10% at 1-16 rows per expert but take 2x past 16 rows
+# (and skewed routing has such experts); one kernel choosing 16- or 64-row blocks per expert on the device from
+# masked_m ran its 16-row path slower than 16-row tiles alone (one token's 8 experts 117.9 against 102.5 us, and
+# 111.1 for these tiles).
 FP8_TILES = MaskedTiles(64, 64, 128, 128, 8, 4, 1)
 
 

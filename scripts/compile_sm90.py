@@ -3,6 +3,7 @@
     python scripts/compile_sm90.py                      # every kernel, a few tiles, bf16 and fp8
     python scripts/compile_sm90.py --kernels tma_stacked --flatten
     python scripts/compile_sm90.py --kernels portable --split-k 4    # GEMM 2 with its K loop split
+    python scripts/compile_sm90.py --masked                        # the masked runner's kernels, default tiles
 
 Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
 compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=None)
     p.add_argument("--flatten", action="store_true", help="the persistent kernels' tiles with flatten=True")
     p.add_argument("--split-k", type=int, default=1, help="the portable kernel's GEMM 2 with GemmTiles.split_k")
+    p.add_argument("--masked", action="store_true", help="the masked runner's two GEMMs instead (its default tiles)")
     args = p.parse_args()
     driver.set_active(_Hopper())
     compiled = []
@@ -70,6 +72,8 @@ def main() -> None:
 
     kernels.tma_unsupported = lambda w, interpreted: None  # CPU placeholders stand for CUDA weights
     print(f"triton {triton.__version__}, target sm_90a")
+    if args.masked:
+        return _compile_masked(compiled)
     for kernel in args.kernels or kernels.GEMM_KERNELS:
         for fp8 in (False, True):
             for fuse in (True, False):
@@ -105,6 +109,30 @@ def _compile_gemm(kernels, tiles, block_m: int, fuse: bool, quant) -> None:
             extra.update(out_quant=quant, out_scale=torch.empty(sorted_rows, I // 128))
     kernels.grouped_gemm(a, w, out, aligned, tiles, K if fuse else 1, fuse_activation="silu" if fuse else None,
                          num_programs=132, **extra)
+
+
+def _compile_masked(compiled: list) -> None:
+    """The masked runner's gemm1 and gemm2 (DeepSeek-V3 shard: 32 experts, 128 buffer rows), bf16 and fp8 experts,
+    each with the tiles masked_forward picks on a Hopper GPU."""
+    from ep_runtime.config import ExpertWeights, MoeConfig
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.runners import masked_runner
+
+    masked_runner._capability = lambda index: (9, 0)
+    L, rows, H, I = 32, 128, 7168, 2048
+    for quant in (None, QuantConfig()):
+        dtype = quant.dtype if quant is not None else torch.bfloat16
+        weights = ExpertWeights(torch.empty(L, 2 * I, H, dtype=dtype), torch.empty(L, H, I, dtype=dtype),
+                                w13_scale_inv=torch.empty(L, 2 * I // 128, H // 128) if quant else None,
+                                w2_scale_inv=torch.empty(L, H // 128, I // 128) if quant else None, quant=quant)
+        x = torch.empty(L, rows, H, dtype=dtype)
+        scale = torch.empty(L, rows, H // 128) if quant else None
+        tiles = masked_runner._default_tiles(quant is not None, torch.device("cuda", 0))
+        first = len(compiled)
+        masked_runner.masked_forward(x, torch.zeros(L, dtype=torch.int32), weights, MoeConfig(256, 8, H, I), tiles,
+                                     recv_scale=scale, out_dtype=torch.bfloat16)
+        for name, kernel in zip(("gemm1", "gemm2"), compiled[first:]):
+            print(f"masked {'fp8 ' if quant else 'bf16'} {name} {tiles}: {_describe(kernel)}", flush=True)
 
 
 def _describe(kernel) -> str:
