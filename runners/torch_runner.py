@@ -101,11 +101,14 @@ def activation_input(inp: RunnerInput, quant: Optional[QuantConfig]) -> torch.Te
 def _grouped_mm_takes(rows: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes rows [P, in] @ w[e]^T (w [L, out, in]): every stride but the unit
     one, and both bases, 16-byte aligned (it raises "strides should be multiple of 16 bytes" otherwise,
-    e.g. for H or I not a multiple of 8 in bf16; the loop below serves those), out included."""
+    e.g. for H or I not a multiple of 8 in bf16; the loop below serves those), out included.
+    Under torch.compile the bases are not read: dynamo cannot trace data_ptr() % 16 (it gave up on the
+    runner's frame there and ran the rest eagerly), and the rows are tensors the graph allocates, the
+    weights parameters the allocator placed (aligned: inductor assumes as much of every tensor)."""
     size = rows.element_size()
     strides = (*rows.stride(), *w.stride(), w.shape[1])  # (w.shape[1]: the output's row stride)
-    return (all(s == 1 or (s * size) % 16 == 0 for s in strides) and rows.data_ptr() % 16 == 0
-            and w.data_ptr() % 16 == 0)
+    return (all(s == 1 or (s * size) % 16 == 0 for s in strides)
+            and (torch.compiler.is_compiling() or rows.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0))
 
 
 def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],

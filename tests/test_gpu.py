@@ -856,6 +856,36 @@ def test_torch_runner_names_what_it_cannot_capture():
                 masked(x.bfloat16(), ids, w)
 
 
+def test_torch_compile_traces_the_torch_runners_grouped_mm_and_compiles_each_frame_once():
+    """A bf16 torch-runner layer on a GPU under torch.compile (aot_eager), forward and backward: the runner's
+    torch._grouped_mm path is traced with the rest of the runner (its alignment check read data_ptr() % 16,
+    which dynamo cannot trace: it ran the runner eagerly from there, compiling its helpers as frames of their
+    own), each frame compiles once in the first call (error_on_recompile) and never after, and the output and
+    dx equal eager's within bf16's tolerance."""
+    import torch._dynamo
+    from test_matrix import frames_compiled_per_call
+    from torch._dynamo.convert_frame import input_codes
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 64, 32, runner="torch", dtype=torch.bfloat16, device="cuda", has_bias=True)
+    x = torch.randn(24, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    logits = torch.randn(24, 8, device="cuda")
+
+    def step(module):
+        x.grad = None
+        y = module(x, router_logits=logits)
+        y.float().sum().backward()
+        return y.detach(), x.grad
+    want = step(layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        frames = frames_compiled_per_call(lambda: step(compiled))
+    assert frames[0] > 0 and frames[1:] == [0, 0], frames
+    names = {code().co_name for code in input_codes.seen if code() is not None}
+    assert "_grouped_mm_takes" not in names, sorted(names)
+    assert all(rel_err(got, ref) <= tolerance(torch.bfloat16) for got, ref in zip(step(compiled), want))
+
+
 @pytest.mark.parametrize("T,E_,K_,R", [(0, 8, 2, 2), (1, 8, 8, 4), (4096, 256, 8, 4), (1000, 64, 6, 8),
                                       (333, 32, 4, 2)])
 def test_exchange_kernels_on_gpu_equal_the_torch_path(T, E_, K_, R):
