@@ -32,12 +32,14 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
+def untraced(fn: Callable[..., Any], name: Optional[str] = None) -> Callable[..., Any]:
     """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
     (no dynamo frame hook per call). The disabled wrapper is made here, at import, not inside a traced call
     (dynamo would guard on the cache such a call fills, and a compiled layer's second call would compile
     again); torch builds it at its first call, importing torch._dynamo only then (about 2 s of
-    `import ep_runtime`'s 6 s, which an eager process never needs)."""
+    `import ep_runtime`'s 6 s, which an eager process never needs). Each call makes a wrapper dynamo compiles
+    apart (a frame of its own): wrap fn once per call site that takes other shapes. name: the wrapper's name
+    in dynamo's logs (untraced_<name>; default fn's name)."""
     opaque = torch._disable_dynamo(fn)
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -46,7 +48,7 @@ def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
     # and keeps its compiled frames per code object, at most torch._dynamo.config.recompile_limit (8). One
     # code object shared by every wrapper filled that within a compiled layer's first call (the exchange's
     # plan, dispatch and combine, the runner: each its own fn and arity), and dynamo warned and stopped.
-    call.__code__ = call.__code__.replace(co_name=f"untraced_{getattr(fn, '__name__', 'fn')}")
+    call.__code__ = call.__code__.replace(co_name=f"untraced_{name or getattr(fn, '__name__', 'fn')}")
     return call
 
 

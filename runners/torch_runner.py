@@ -68,13 +68,16 @@ class TorchRunner(RunnerBackend):
         rows = x[token]
         if cfg.apply_router_weight_on_input:
             rows = weighted_rows(rows, weight.unsqueeze(1))
-        h = _grouped_linear(rows, w13, b13, expert, counts)
-        h = call_hook("after_gemm1", self.hooks.after_gemm1, rows, h, expert)
+        # Each GEMM's loop is its own untraced function, called from this frame (the graph break is here): one
+        # helper around both loops broke inside itself, so dynamo compiled that helper as a frame, for w13's
+        # shapes and again for w2's in a compiled layer's first call (error_on_recompile raised there).
+        h = _grouped_mm(rows, w13, counts) if _grouped_mm_takes(rows, w13) else _gemm1_per_expert(rows, w13, counts)
+        h = call_hook("after_gemm1", self.hooks.after_gemm1, rows, _plus_bias(h, b13, expert), expert)
         a = activate(h, cfg)
         if quant is not None:  # GEMM 2's input is rounded to fp8 as the w8a8 kernels round it
             a = quant.dequantize_activation(*quant.quantize_activation(a))
-        o = _grouped_linear(a, w2, b2, expert, counts)
-        o = call_hook("after_gemm2", self.hooks.after_gemm2, a, o, expert)
+        o = _grouped_mm(a, w2, counts) if _grouped_mm_takes(a, w2) else _gemm2_per_expert(a, w2, counts)
+        o = call_hook("after_gemm2", self.hooks.after_gemm2, a, _plus_bias(o, b2, expert), expert)
 
         acc = torch.promote_types(inp.output_dtype, torch.float32)
         o = o.to(acc)
@@ -99,35 +102,32 @@ def activation_input(inp: RunnerInput, quant: Optional[QuantConfig]) -> torch.Te
 
 
 def _grouped_mm_takes(rows: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes rows [P, in] @ w[e]^T (w [L, out, in]): every stride but the unit
-    one, and both bases, 16-byte aligned (it raises "strides should be multiple of 16 bytes" otherwise,
-    e.g. for H or I not a multiple of 8 in bf16; the loop below serves those), out included.
+    """Whether torch._grouped_mm takes rows [P, in] @ w[e]^T (w [L, out, in]): CUDA bf16 rows, at least one,
+    every stride but the unit one, and both bases, 16-byte aligned (it raises "strides should be multiple of
+    16 bytes" otherwise, e.g. for H or I not a multiple of 8 in bf16; the per-expert loop serves those), out
+    included.
     Under torch.compile the bases are not read: dynamo cannot trace data_ptr() % 16 (it gave up on the
     runner's frame there and ran the rest eagerly), and the rows are tensors the graph allocates, the
     weights parameters the allocator placed (aligned: inductor assumes as much of every tensor)."""
+    if not (rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and rows.shape[0] > 0):
+        return False
     size = rows.element_size()
     strides = (*rows.stride(), *w.stride(), w.shape[1])  # (w.shape[1]: the output's row stride)
     return (all(s == 1 or (s * size) % 16 == 0 for s in strides)
             and (torch.compiler.is_compiling() or rows.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0))
 
 
-def _grouped_linear(rows: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                    expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """rows [P, in] grouped by expert -> [P, out] with rows of expert e multiplied by w[e]^T (+ b[e])."""
-    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and rows.shape[0] > 0 \
-            and _grouped_mm_takes(rows, w):
-        offsets = counts.cumsum(0).to(torch.int32)
-        out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offsets)
-    else:
-        out = _per_expert(rows, w, counts)
-    if b is not None:
-        out = out + b[expert]
-    return out
+def _grouped_mm(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows [P, in] grouped by expert (counts [L] rows each) -> [P, out]: the rows of expert e times w[e]^T."""
+    return torch._grouped_mm(rows, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
 
 
-@untraced  # traced, dynamo would guard on every expert's count: a compiled layer compiled again at each routing
+def _plus_bias(out: torch.Tensor, b: Optional[torch.Tensor], expert: torch.Tensor) -> torch.Tensor:
+    return out if b is None else out + b[expert]
+
+
 def _per_expert(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """_grouped_linear's loop: one matmul per expert with rows (counts read on the host)."""
+    """_grouped_mm as a loop: one matmul per expert with rows (counts read on the host)."""
     pieces = []
     start = 0
     for e, count in enumerate(counts.tolist()):
@@ -135,3 +135,10 @@ def _per_expert(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
             pieces.append(rows[start:start + count] @ w[e].t())
             start += count
     return torch.cat(pieces) if pieces else rows[:0] @ w[0].t()  # keeps the autograd graph
+
+
+# Untraced (traced, dynamo would guard on every expert's count: a compiled layer compiled again at each routing),
+# one wrapper per GEMM: dynamo compiles a wrapper's frame once per shape, and a wrapper shared by GEMM 1 and 2
+# compiled again for GEMM 2's shapes in a compiled layer's first call.
+_gemm1_per_expert = untraced(_per_expert, "gemm1_per_expert")
+_gemm2_per_expert = untraced(_per_expert, "gemm2_per_expert")

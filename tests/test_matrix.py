@@ -176,7 +176,20 @@ def _compiled_dispatch_frames(rank, world_size, dispatchers):
         topk = layer.route(x, None, None, logits, None)
         with exchange_kernels.forced() if kernels else nullcontext(), torch.inference_mode(kernels):
             frames[name] = frames_compiled_per_call(torch.compile(layer.dispatcher.dispatch, backend="eager"), x, topk)
+    frames["torch runner"] = _compiled_torch_experts_frames()
     return frames, sorted({code().co_filename.rsplit("/", 1)[-1] for code in input_codes.seen if code() is not None})
+
+
+def _compiled_torch_experts_frames():
+    """Frames compiled per forward and backward of the torch runner's compiled experts and combine (with biases),
+    under error_on_recompile."""
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 16, 8, runner="torch", has_bias=True)
+    x = torch.randn(5, 16, requires_grad=True)
+    dispatch_output = layer.dispatcher.dispatch(x, layer.route(x, None, None, torch.randn(5, 4), None))
+    compiled = torch.compile(layer.experts_and_combine, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        return frames_compiled_per_call(lambda out: compiled(out).sum().backward(), dispatch_output)
 
 
 def test_torch_compile_of_a_dispatch_compiles_nothing_after_its_first_call():
@@ -186,7 +199,10 @@ def test_torch_compile_of_a_dispatch_compiles_nothing_after_its_first_call():
     first plan). The exchange itself runs as it is (one graph break): dynamo compiles none of its functions
     (traced, each collective and host read in it broke the graph, and each break made frames; on the CUDA code
     path dynamo also traced into the exchange kernels' launches, which Triton's CPU interpreter failed on).
-    In a fresh process (one rank): an earlier test's eager calls fill such caches."""
+    In a fresh process (one rank): an earlier test's eager calls fill such caches.
+    Likewise the torch runner's experts, whose first call compiles each frame once (error_on_recompile): its
+    per-expert loop (untraced) broke the graph inside one helper shared by both GEMMs, which dynamo then
+    compiled as a frame of its own for w13's shapes and again for w2's."""
     ((compiled, traced),) = run_ranks(_compiled_dispatch_frames, 1,
                                       ["standard", "deepep_normal", "mori", "deepep_normal+kernels"])
     assert all(frames[0] > 0 and frames[1:] == [0, 0] for frames in compiled.values()), compiled
