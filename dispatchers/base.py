@@ -156,7 +156,7 @@ class Dispatcher:
             self.join_with_bad_input(error, **options)
             raise
         if self._plain(async_op, return_recv_hook, previous_event):
-            return self._named_call("dispatch", self._dispatch, x, topk, **options)
+            return self._named_dispatch("dispatch", self._dispatch, x, topk, **options)
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
             return self._issue("dispatch", lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
@@ -191,7 +191,7 @@ class Dispatcher:
         distributed.check_group(self.group, self.name, "combine")
         self.check_combine_input(combine_input)
         if self._plain(async_op, return_recv_hook, previous_event):
-            return self._named_call("combine", self._combine, combine_input)
+            return self._named_combine("combine", self._combine, combine_input)
         with distributed.naming_peer_failures(self, "combine"):  # a peer that does not answer: ep.PeerFailure
             T = None
             if ((async_op or return_recv_hook) and self._moves_rows()
@@ -207,6 +207,9 @@ class Dispatcher:
         raises ep.PeerFailure naming this dispatcher, the operation and the peer(s)."""
         with distributed.naming_peer_failures(self, operation):
             return fn(*args, **kwargs)
+
+    # what dispatch's and combine's synchronous calls run (ExchangeDispatcher: each its own untraced wrapper)
+    _named_dispatch = _named_combine = _named_call
 
     def _named(self, operation: str, fn):
         """fn, raising a peer that does not answer as ep.PeerFailure on the group's exchange thread: an async
@@ -354,14 +357,18 @@ class ExchangeDispatcher(Dispatcher):
     # break per dispatch or combine. Traced, it broke the graph at each collective and host read, inside
     # naming_peer_failures (a generator context manager, which dynamo cannot resume in): dynamo skipped the
     # whole dispatch frame and compiled each function under it as a frame of its own.
-    _named_call = untraced(Dispatcher._named_call)
+    _named_dispatch = untraced(Dispatcher._named_call, "dispatch")
+    _named_combine = untraced(Dispatcher._named_call, "combine")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        # One wrapper per dispatcher class: dynamo keeps at most 8 compiled frames per wrapper (per code
-        # object), one per class, arity and gradient mode; shared by every class, a process compiling
-        # layers of three dispatchers in training and under no_grad went past that.
+        # One wrapper per dispatcher class and operation: dynamo keeps at most 8 compiled frames per wrapper
+        # (per code object), one per arguments' shapes and gradient mode; shared by every class, a process
+        # compiling layers of three dispatchers in training and under no_grad went past that, and shared by
+        # dispatch and combine, a compiled layer's first call compiled the wrapper again for combine's
+        # arguments (error_on_recompile raised there).
         super().__init_subclass__(**kwargs)
-        cls._named_call = untraced(Dispatcher._named_call)
+        cls._named_dispatch = untraced(Dispatcher._named_call, f"{cls.__name__}_dispatch")
+        cls._named_combine = untraced(Dispatcher._named_call, f"{cls.__name__}_combine")
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, transport: Optional[str] = None,

@@ -105,7 +105,9 @@ def test_auto_runner_has_a_path_for_every_dispatcher():
 def _compiled_rank(rank, world_size):
     """Each dispatcher under torch.compile (aot_eager: dynamo and autograd tracing, no C++ toolchain needed) around the
     layer: the host-side plan and collectives graph-break, the rest is traced; results and
-    gradients equal the eager layer's; steps with other routings compile again at most once."""
+    gradients equal the eager layer's; the first call compiles each frame once (error_on_recompile: the exchanges'
+    dispatch and combine shared one untraced wrapper, compiled again for combine's arguments); steps with other
+    routings compile again at most once."""
     return {name: _compiled_errors(rank, world_size, name) for name in DISPATCHERS}
 
 
@@ -118,6 +120,7 @@ def _compiled_errors(rank, world_size, dispatcher):
     logits = torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(rank))
     from torch._dynamo.utils import counters
     results = []
+    torch._dynamo.reset()  # (the previous dispatcher's layer compiled the frames they share: another layer recompiles)
     compiled = torch.compile(layer, backend="aot_eager")
 
     def step(module, logits):
@@ -127,7 +130,8 @@ def _compiled_errors(rank, world_size, dispatcher):
         (y * problem.grad_outputs[rank].float()).sum().backward()
         return y.detach(), xr.grad, layer.w13.grad.clone(), layer.w2.grad.clone()
     for module in (layer, compiled):
-        results.append(step(module, logits))
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the first call compiles each frame once
+            results.append(step(module, logits))
     # other routings (the torch runner's per-expert loop once made dynamo guard on every expert's count)
     frames = []
     for seed in (1, 2, 3):

@@ -390,7 +390,8 @@ def test_untraced_functions_compile_without_filling_one_frame_cache():
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = torch.compile(body, backend="eager")(x)
     assert torch.equal(got, body(x))
-    # each exchange dispatcher class has its own dispatch/combine wrapper (its frames: arities x gradient modes)
+    # each exchange dispatcher class has its own dispatch wrapper and combine wrapper (frames: shapes x gradient modes)
     from ep_runtime.dispatchers.base import ExchangeDispatcher
     classes = [c for c in map(ep.dispatchers.get, ep.dispatchers.registered()) if issubclass(c, ExchangeDispatcher)]
-    assert len(classes) >= 3 and len({id(c._named_call.__code__) for c in classes}) == len(classes)  # (dynamo: per object)
+    wrappers = [wrapper for c in classes for wrapper in (c._named_dispatch, c._named_combine)]
+    assert len(classes) >= 3 and len({id(w.__code__) for w in wrappers}) == 2 * len(classes)  # (dynamo: per object)
