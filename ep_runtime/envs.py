@@ -153,6 +153,14 @@ _knob("TRITON_GEMM_SCHEDULE", str, "auto",
       "frees up: no program waits for a late one, e.g. while an overlapped exchange's kernel holds some SMs "
       "at the GEMM's launch; set it when overlapping exchanges with prefill GEMMs).",
       choices=("auto", "static", "dynamic"))
+_knob("TRITON_FP8_GEMM", str, "triton",
+      "runner='triton' with fp8 block-scaled experts: the grouped GEMMs of its w8a8 step: triton (the kernels of "
+      "EP_RUNTIME_TRITON_GEMM_KERNEL, activation and fp8 output fused into GEMM 1) or gluon (Gluon kernels that "
+      "overlap each K step's scaling with the next tensor-core step: Hopper (compute capability 9.0) only, no "
+      "biases, no apply_router_weight_on_input, hidden and intermediate sizes multiples of 512; GEMM 1's rows are "
+      "gathered and its output activated and quantized by separate kernels; more scratch memory; an error "
+      "where it cannot run).",
+      choices=("triton", "gluon"))
 _knob("SCRATCH_MB", int, 256,
       "MiB of scratch buffers kept between calls (runner='triton' and 'masked': pair alignment, intermediate "
       "rows; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "
@@ -295,8 +303,8 @@ def markdown() -> str:
         "When each is read: a dispatcher's and runner's knobs (transport, SMs, buffer sizes, alignment, fp8, "
         "sync checks, the node-aware exchange, `EP_RUNTIME_RUNNER`) when the layer or dispatcher is built: they "
         "become its frozen options, compared across the ranks then, and setting them later changes only layers "
-        "built later. `EP_RUNTIME_SCRATCH_MB`, `EP_RUNTIME_TRITON_GEMM_KERNEL` and `EP_RUNTIME_TRITON_GEMM_SCHEDULE` "
-        "at every call. `EP_RUNTIME_TIMEOUT_S` by `ep.init_distributed` (for a process group made without it: when a "
+        "built later. `EP_RUNTIME_SCRATCH_MB`, `EP_RUNTIME_TRITON_GEMM_KERNEL`, `EP_RUNTIME_TRITON_GEMM_SCHEDULE` "
+        "and `EP_RUNTIME_TRITON_FP8_GEMM` at every call. `EP_RUNTIME_TIMEOUT_S` by `ep.init_distributed` (for a process group made without it: when a "
         "wait or an NVLink transport starts); `EP_RUNTIME_NCCL_DUMP_ON_TIMEOUT` by `ep.init_distributed` and when a "
         "group is aborted.",
         "",

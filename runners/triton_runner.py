@@ -38,8 +38,9 @@ from .base import triton_interpreted as interpreted
 try:
     import triton  # noqa: F401
 
-    from ep_runtime.quant_kernels import RowQuantization, plan_rows
+    from ep_runtime.quant_kernels import RowQuantization, plan_rows, quantize_rows
 
+    from . import gluon_kernels
     from . import triton_kernels as kernels
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton]`)
@@ -71,6 +72,8 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     quant, out_dtype = weights.quant, inp.output_dtype
     interp = kernels.INTERPRETED
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
+    if quant is not None and envs.get("TRITON_FP8_GEMM") == "gluon":
+        return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize, hooked)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
     L = weights.num_local_experts
@@ -142,6 +145,63 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         _apply_hook("after_gemm2", hooks.after_gemm2, a[pairs], o, pairs, expert_index)
     return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
                                config.routed_scaling_factor, out_dtype, interpreted=interp)
+
+
+def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
+                       x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"], hooked: bool) -> torch.Tensor:
+    """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM=gluon; runners/gluon_kernels.py):
+    align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
+    (bf16 [gate | up] rows) -> activation -> fp8 quantization -> GEMM 2 (rows stored by pair) -> weighted top-k
+    reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, h [S, 2I] bf16, its activation
+    [S, I] bf16 and fp8, o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
+    N, K = inp.topk_ids.shape
+    H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
+    why = gluon_kernels.unsupported(x, config.w13_rows, H, H, I)
+    if why is None and (hooked or weights.b13 is not None or weights.b2 is not None):
+        why = "GEMM hooks and biases are not supported"
+    if why is None and config.apply_router_weight_on_input:
+        why = "apply_router_weight_on_input is not supported"
+    if why is None and (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2
+                        or quant.activation_group != gluon_kernels.GROUP):
+        why = (f"weight_block={tuple(quant.weight_block)} and activation_group={quant.activation_group}: the kernels "
+               f"take 128 x 128 weight blocks and 128-channel activation groups")
+    if why is None and not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv,
+                                                           weights.w2_scale_inv)):
+        why = "the expert weights and their scales must be contiguous (TMA descriptors over them)"
+    if why is not None:
+        raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'triton'")
+    P, device, out_dtype = N * K, x.device, inp.output_dtype
+    block = gluon_kernels.BLOCK_M
+
+    def make():
+        aligned = kernels.align_workspace(P, L, block, device)
+        S = aligned.sorted_pair_ids.numel()
+        return (aligned, torch.empty(S, H, dtype=quant.dtype, device=device),
+                torch.empty(S, quant.num_groups(H), dtype=torch.float32, device=device),
+                torch.empty(S, config.w13_rows, dtype=torch.bfloat16, device=device),
+                torch.empty(S, I, dtype=torch.bfloat16, device=device),
+                torch.empty(S, I, dtype=quant.dtype, device=device),
+                torch.empty(S, quant.num_groups(I), dtype=torch.float32, device=device),
+                torch.empty(P, H, dtype=torch.bfloat16, device=device))
+
+    aligned, a1, s1, h, act, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, out_dtype, quant),
+                                                     device, make)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
+                        quantize=to_quantize)
+    if P:
+        # row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding ids (= P) read the last token (computed,
+        # never stored by GEMM 2)
+        rows = aligned.sorted_pair_ids.clamp(max=P - 1) // K
+        torch.index_select(x.view(torch.uint8), 0, rows, out=a1.view(torch.uint8))
+        torch.index_select(x_scale, 0, rows, out=s1)
+        gluon_kernels.grouped_gemm(a1, s1, weights.w13, weights.w13_scale_inv, h, aligned, by_pair=False)
+        # (rows past the used blocks hold whatever they held: activated and quantized, never read by GEMM 2)
+        kernels.act_and_mul(h, I, config.activation, config.is_gated, None, config.gemm1_alpha,
+                            config.gemm1_clamp_limit, out=act)
+        quantize_rows(act, quant, q=a2, scale=s2)
+        gluon_kernels.grouped_gemm(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned, by_pair=True)
+    weight = inp.topk_weights.float().contiguous()
+    return kernels.topk_reduce(o, aligned.computed, K, weight, config.routed_scaling_factor, out_dtype)
 
 
 def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],

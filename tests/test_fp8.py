@@ -432,6 +432,25 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
 
 
 
+def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypatch):
+    """EP_RUNTIME_TRITON_FP8_GEMM=gluon (the Gluon GEMMs: CUDA capability 9.0 only, no interpreter) on CPU tensors:
+    an error naming the knob and why, not a silent fall-back to other kernels; 'triton' runs."""
+    E, K, H, I = 2, 2, 128, 128
+    gen = _seeded(11)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen)), q.quantize_weight(
+        torch.randn(E, H, I, generator=gen))
+    x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
+    with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: .*cpu.*allowed here: 'triton'"):
+        ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "triton")
+    assert torch.isfinite(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)).all()
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_FP8_GEMM"):
+        ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
+
+
 def test_fp8_split_k_gemm2_matches_the_fp8_reference():
     """Block-scaled GEMM 2 with its K loop split (GemmTiles.split_k: fp32 partial sums, each K step's
     scales as in one loop; I = 384 is three 128-channel steps, split 2 ways unevenly)."""
@@ -765,20 +784,30 @@ def test_gpu_fp8_runner_matches_the_fp8_reference(runner, T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
-@pytest.mark.parametrize("kernel", ["auto", "tma", "tma_stacked"])
+@pytest.mark.parametrize("kernel", ["auto", "tma", "tma_stacked", "gluon"])
 def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference(kernel, monkeypatch):
     """DeepSeek-V3's expert shapes (H=7168, I=2048), 8 local experts, K=8, 512 tokens: the tiles the
     tuned tables and defaults pick for real sizes (BLOCK_K clipped to the 128-channel scale group), with
-    the grouped GEMM kernel the table picks and forced to each TMA kernel (Hopper and newer)."""
+    the grouped GEMM kernel the table picks and forced to each TMA kernel (Hopper and newer); and the Gluon
+    GEMMs (EP_RUNTIME_TRITON_FP8_GEMM=gluon, capability 9.0), with some slots -1 and one expert taking no
+    token (padding rows, an empty expert)."""
     if kernel.startswith("tma") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA kernels need CUDA capability >= 9")
-    monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
+    if kernel == "gluon":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
+        monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
+    else:
+        monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I, T = 8, 8, 7168, 2048, 512
     gen = torch.Generator(device="cuda").manual_seed(9)
     w13 = torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5
     w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
     x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
     ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    if kernel == "gluon":
+        ids = torch.where(ids == 3, -1, ids)  # expert 3 gets nothing
+        ids[::5, 0] = -1
     weights = torch.rand(T, K, device="cuda", generator=gen)
     q = QuantConfig()
     q13, s13 = q.quantize_weight(w13)
