@@ -139,10 +139,27 @@ def _check_survivors(folder: Path, fault_at, survivors, hung) -> None:
         assert "PeerFailure: " in error and " on rank 0 of 2 " in error and "rank 1" in error, error
 
 
-@pytest.mark.parametrize("fault", ["raise", "sigkill", "stall"])
+FAULTS = ["raise", "sigkill", "stall"]
+
+
+@pytest.fixture(scope="module")
+def forked_jobs(tmp_path_factory):
+    """{(dispatcher, fault): (its folder, its _run_job future)}: every job started at once (a job's
+    survivors mostly wait out the timeout, on idle cores); each case's test checks its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [(dispatcher, fault) for dispatcher in SHARDED for fault in FAULTS]
+    folders = {case: tmp_path_factory.mktemp("-".join(case)) for case in cases}
+    _context()  # the forkserver, started once before the threads use it
+    with ThreadPoolExecutor(len(cases)) as pool:
+        jobs = {case: pool.submit(_run_job, folders[case], *case, "fork") for case in cases}
+    return {case: (folders[case], job) for case, job in jobs.items()}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("dispatcher", SHARDED)
-def test_survivors_fail_within_the_timeout(tmp_path, dispatcher, fault):
-    _check_survivors(tmp_path, *_run_job(tmp_path, dispatcher, fault, "fork"))
+def test_survivors_fail_within_the_timeout(forked_jobs, dispatcher, fault):
+    folder, job = forked_jobs[(dispatcher, fault)]
+    _check_survivors(folder, *job.result())
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill"])
