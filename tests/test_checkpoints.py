@@ -273,11 +273,34 @@ def _hf_round_trip_rank(rank, world_size, family, folder):
     return same + (torch.equal(logits, expected),)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
-def test_hf_round_trip(family, tmp_path):
+HF_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]
+
+
+def _hf_round_trips_rank(rank, world_size, folders):
+    """{family: _hf_round_trip_rank's result, or the traceback it raised}."""
+    import traceback
+    results = {}
+    for family, folder in folders.items():
+        try:
+            results[family] = _hf_round_trip_rank(rank, world_size, family, folder)
+        except Exception:  # noqa: BLE001 - the family's test reports it
+            results[family] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def hf_round_trips(tmp_path_factory):
+    """Every family's round trip from one spawn (its ranks import transformers and its safetensors I/O once,
+    not once per family)."""
     pytest.importorskip("transformers")
-    rank0, rank1 = run_ranks(_hf_round_trip_rank, 2, family, str(tmp_path), timeout=300)
-    assert rank1 is True
+    folders = {family: str(tmp_path_factory.mktemp(family)) for family in HF_FAMILIES}
+    return run_ranks(_hf_round_trips_rank, 2, folders, timeout=300)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_hf_round_trip(family, hf_round_trips):
+    rank0, rank1 = (per_rank[family] for per_rank in hf_round_trips)
+    assert rank1 is True, rank1
     assert rank0 == (True, True, True, True), rank0  # same keys, same tensors, same reloaded logits
 
 

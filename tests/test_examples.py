@@ -51,7 +51,7 @@ def test_eplb_rebalances_and_keeps_outputs():
 
 
 def test_train_moe_matches_replica_and_loss_falls():
-    out = torchrun("train_moe.py", "--steps", "60")  # the loss falls 1.96 -> 0.12 by then
+    out = torchrun("train_moe.py", "--steps", "30")  # the mean loss of the first 10 steps 1.96, of the last 10 0.19 (it must halve)
     assert "gradients match the replica's" in out, out
     assert "train_moe: OK (2 ranks" in out, out
 

@@ -585,8 +585,7 @@ def _dispatch_rank(rank, world_size, forced, cases):
             x = problem.xs[rank].to(torch.bfloat16)
             ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
             with torch.no_grad(), (xk.forced() if forced else _nothing()):
-                out = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, weights))
-                y = layer(x, ids, weights)
+                y, (out,) = _layer_and_its_dispatch(layer, x, ids, weights)
             ue8m0 = encoding == "ue8m0"
             fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, ue8m0)
             if experts == "bf16":  # fp8 on the wire only: the reference rounds x alone
@@ -600,6 +599,21 @@ def _dispatch_rank(rank, world_size, forced, cases):
             scale_ok = scale_ok and _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0)
             results[(dispatcher, encoding, runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
     return results
+
+
+def _layer_and_its_dispatch(layer, x, ids, weights):
+    """(layer(x, ids, weights), [the output of the dispatch it ran]): what the layer's own dispatch
+    received is read after the layer ran (one exchange, not a second one to look at)."""
+    outputs, dispatch = [], layer.dispatcher.dispatch
+
+    def kept(*args, **kwargs):
+        outputs.append(dispatch(*args, **kwargs))
+        return outputs[-1]
+    layer.dispatcher.dispatch = kept
+    try:
+        return layer(x, ids, weights), outputs
+    finally:
+        del layer.dispatcher.dispatch
 
 
 def _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0) -> bool:

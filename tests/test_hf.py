@@ -58,9 +58,23 @@ def _family_rank(rank, world_size, dispatcher):
     return errors
 
 
-@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll"])
-def test_replace_experts_keeps_every_family_exact(dispatcher):
-    for errors in run_ranks(_family_rank, 2, dispatcher, timeout=300):
+FAMILY_DISPATCHERS = ["deepep_normal", "deepep_ll"]
+
+
+def _families_rank(rank, world_size, dispatchers):
+    return {dispatcher: _family_rank(rank, world_size, dispatcher) for dispatcher in dispatchers}
+
+
+@pytest.fixture(scope="module")
+def family_errors():
+    """Every rank's errors per dispatcher, from one spawn (its ranks import each family's model code once:
+    ~3 s of a spawn of its own)."""
+    return run_ranks(_families_rank, 2, FAMILY_DISPATCHERS, timeout=300)
+
+
+@pytest.mark.parametrize("dispatcher", FAMILY_DISPATCHERS)
+def test_replace_experts_keeps_every_family_exact(dispatcher, family_errors):
+    for errors in (per_rank[dispatcher] for per_rank in family_errors):
         for name, (replaced, logits, router_grad) in errors.items():
             assert replaced == 2, name  # both decoder layers are MoE blocks
             assert logits <= tolerance(torch.float32) and router_grad <= tolerance(torch.float32), (name, errors[name])

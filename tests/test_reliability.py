@@ -139,10 +139,27 @@ def _check_survivors(folder: Path, fault_at, survivors, hung) -> None:
         assert "PeerFailure: " in error and " on rank 0 of 2 " in error and "rank 1" in error, error
 
 
-@pytest.mark.parametrize("fault", ["raise", "sigkill", "stall"])
+FAULTS = ["raise", "sigkill", "stall"]
+
+
+@pytest.fixture(scope="module")
+def forked_jobs(tmp_path_factory):
+    """{(dispatcher, fault): (its folder, its _run_job future)}: every job started at once (a job's
+    survivors mostly wait out the timeout, on idle cores); each case's test checks its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [(dispatcher, fault) for dispatcher in SHARDED for fault in FAULTS]
+    folders = {case: tmp_path_factory.mktemp("-".join(case)) for case in cases}
+    _context()  # the forkserver, started once before the threads use it
+    with ThreadPoolExecutor(len(cases)) as pool:
+        jobs = {case: pool.submit(_run_job, folders[case], *case, "fork") for case in cases}
+    return {case: (folders[case], job) for case, job in jobs.items()}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("dispatcher", SHARDED)
-def test_survivors_fail_within_the_timeout(tmp_path, dispatcher, fault):
-    _check_survivors(tmp_path, *_run_job(tmp_path, dispatcher, fault, "fork"))
+def test_survivors_fail_within_the_timeout(forked_jobs, dispatcher, fault):
+    folder, job = forked_jobs[(dispatcher, fault)]
+    _check_survivors(folder, *job.result())
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill"])
@@ -284,25 +301,46 @@ def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
         raise
 
 
-@pytest.mark.parametrize("dispatcher", SHARDED)
-def test_one_rank_with_bad_values_fails_every_rank_at_once(dispatcher):
-    """Bad ids or weights, or too many tokens, on rank 1 only: every sharded dispatcher carries these
-    checks in its count table, so rank 0 fails at once too, naming rank 1, and no payload moves."""
+def _bad_values_on_rank_one(dispatcher) -> dict[str, tuple[str, BaseException | None, float]]:
+    """{case: (what rank 0 must raise, what the job raised or None, its seconds)}, one job per case in turn."""
     cases = {"id_too_big": "ValueError: rank 1 got invalid topk_ids or topk_weights",
              "nan_weight": "ValueError: rank 1 got invalid topk_ids or topk_weights"}
     if dispatcher in CAPACITY:
         cases["too_many_tokens"] = "x has 5 tokens on rank 1; "
+    jobs = {}
     for case, on_rank0 in cases.items():
-        start = time.monotonic()
+        start, error = time.monotonic(), None
         # linger: rank 1 lives on for a second after raising; rank 0 woken by its exit would raise a lost
         # connection (a PeerFailure), not the ValueError naming rank 1 checked below
-        with pytest.raises(RankFailure) as failure:
+        try:
             run_ranks(_asymmetric_bad_input_rank, 2, dispatcher, case, 1.0, timeout=60, group_timeout=TIMEOUT_S)
-        rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
-        assert (BAD_INPUT.get(case) or CAPACITY[dispatcher].replace("rank 0", "rank 1")) in rank1, rank1
-        assert on_rank0 in rank0, rank0
+        except Exception as err:  # noqa: BLE001 - the dispatcher's test reads it
+            error = err
+        jobs[case] = (on_rank0, error, time.monotonic() - start)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def bad_values_jobs():
+    """Each dispatcher's jobs, the dispatchers' at once (rank 1 lingers a second after each error, on
+    idle cores); each dispatcher's test checks its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    _context()  # the forkserver, started once before the threads use it
+    with ThreadPoolExecutor(len(SHARDED)) as pool:
+        return {dispatcher: pool.submit(_bad_values_on_rank_one, dispatcher) for dispatcher in SHARDED}
+
+
+@pytest.mark.parametrize("dispatcher", SHARDED)
+def test_one_rank_with_bad_values_fails_every_rank_at_once(dispatcher, bad_values_jobs):
+    """Bad ids or weights, or too many tokens, on rank 1 only: every sharded dispatcher carries these
+    checks in its count table, so rank 0 fails at once too, naming rank 1, and no payload moves."""
+    for case, (on_rank0, failure, seconds) in bad_values_jobs[dispatcher].result().items():
+        assert isinstance(failure, RankFailure), (case, failure)
+        rank0, _, rank1 = str(failure).partition("--- rank 1 ---")
+        assert (BAD_INPUT.get(case) or CAPACITY[dispatcher].replace("rank 0", "rank 1")) in rank1, (case, rank1)
+        assert on_rank0 in rank0, (case, rank0)
         # rank 0's own ValueError (above) shows it did not wait out a collective; the bound only catches a hang
-        assert time.monotonic() - start < 2 * TIMEOUT_S + 30
+        assert seconds < 2 * TIMEOUT_S + 30, (case, seconds)
 
 
 # Rank 1's bad input (rank 0's is good) and the error rank 1 raises, checked before any collective.
@@ -492,20 +530,42 @@ def _user_code_raises_rank(rank, world_size, case):
     return list(d.combine(CombineInput(out.recv_x * 2, out)).shape)
 
 
-@pytest.mark.parametrize("case", ["deepep_normal", "deepep_ll", "mori_static"])
-def test_user_code_raising_between_dispatch_and_combine_names_the_peer(case):
+USER_CODE_CASES = ["deepep_normal", "deepep_ll", "mori_static"]
+
+
+def _user_code_job(case) -> tuple[BaseException | None, float]:
+    """(what the job raised, None if nothing; its seconds)."""
+    start = time.monotonic()
+    try:
+        run_ranks(_user_code_raises_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - the case's test reads it
+        return error, time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def user_code_jobs():
+    """Each case's job, all started at once: their ranks sleep or wait out the timeout (idle cores), so
+    the three take the time of one; each case's test reads its own job."""
+    from concurrent.futures import ThreadPoolExecutor
+    _context()  # the forkserver, started once before the threads use it
+    with ThreadPoolExecutor(len(USER_CODE_CASES)) as pool:
+        return dict(zip(USER_CODE_CASES, pool.map(_user_code_job, USER_CODE_CASES)))
+
+
+@pytest.mark.parametrize("case", USER_CODE_CASES)
+def test_user_code_raising_between_dispatch_and_combine_names_the_peer(case, user_code_jobs):
     """The low-level API (ep.dispatchers.create): the survivor's combine raises ep.PeerFailure naming
     the dispatcher, the operation, the peer and the knob within the timeout, as the layer's does (it
     raised gloo's bare "Timed out waiting 3000ms for send operation to complete")."""
-    start = time.monotonic()
-    with pytest.raises(RankFailure) as failure:
-        run_ranks(_user_code_raises_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
-    rank0, _, rank1 = str(failure.value).partition("--- rank 1 ---")
+    failure, seconds = user_code_jobs[case]
+    assert isinstance(failure, RankFailure), f"{case}: {failure!r}"
+    rank0, _, rank1 = str(failure).partition("--- rank 1 ---")
     assert "RuntimeError: user code failed between dispatch and combine" in rank1, rank1
     name = case.replace("_static", "")
     assert (f"ep_runtime.distributed.PeerFailure: {name} combine on rank 0 of 2 waited in vain for rank 1: no answer "
             f"within the group's timeout ({TIMEOUT_S} s; set it with EP_RUNTIME_TIMEOUT_S") in rank0, rank0
-    assert time.monotonic() - start < 2 * TIMEOUT_S + 30
+    assert seconds < 2 * TIMEOUT_S + 30
 
 
 def _async_combine_after_peer_left_rank(rank, world_size, case):
