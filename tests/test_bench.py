@@ -252,10 +252,8 @@ def test_cli_cpu_run_writes_sane_json(tmp_path):
     except ImportError:
         pass
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
-    start = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)  # (a hang fails, not a slow host)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert time.monotonic() - start < 60
     assert "all_to_all_single" in proc.stdout and "runner" in proc.stdout
 
     data = json.loads(out_json.read_text())
