@@ -67,13 +67,15 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
     hooks = hooks or GemmHooks()
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
+    quant, out_dtype = weights.quant, inp.output_dtype
+    if quant is not None and hooked:
+        raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
     if hooked:
         inp = inp.routed()
-    quant, out_dtype = weights.quant, inp.output_dtype
     interp = kernels.INTERPRETED
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
     if quant is not None and envs.get("TRITON_FP8_GEMM") == "gluon":
-        return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize, hooked)
+        return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
     L = weights.num_local_experts
@@ -92,8 +94,6 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                                      f"'auto', 'portable' or 'persistent'")
     fp8 = {}
     if quant is not None:
-        if hooked:
-            raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
         untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
         block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
         fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
@@ -148,7 +148,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
 
 
 def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
-                       x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"], hooked: bool) -> torch.Tensor:
+                       x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
     """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM=gluon; runners/gluon_kernels.py):
     align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
     (bf16 [gate | up] rows) -> activation -> fp8 quantization -> GEMM 2 (rows stored by pair) -> weighted top-k
@@ -157,8 +157,8 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
     why = gluon_kernels.unsupported(x, config.w13_rows, H, H, I)
-    if why is None and (hooked or weights.b13 is not None or weights.b2 is not None):
-        why = "GEMM hooks and biases are not supported"
+    if why is None and (weights.b13 is not None or weights.b2 is not None):
+        why = "biases are not supported"
     if why is None and config.apply_router_weight_on_input:
         why = "apply_router_weight_on_input is not supported"
     if why is None and (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2
@@ -184,8 +184,7 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
                 torch.empty(S, quant.num_groups(I), dtype=torch.float32, device=device),
                 torch.empty(P, H, dtype=torch.bfloat16, device=device))
 
-    aligned, a1, s1, h, act, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, out_dtype, quant),
-                                                     device, make)
+    aligned, a1, s1, h, act, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
                         quantize=to_quantize)
     if P:
