@@ -345,6 +345,10 @@ def resolve_transport(transport: Optional[str], num_sms: Optional[int], hierarch
                             resolve_int("ranks_per_node", ranks_per_node, "RANKS_PER_NODE", minimum=0))
 
 
+def _received_rows(output: DispatchOutput):
+    return output.data_dependent_rows()
+
+
 class ExchangeDispatcher(Dispatcher):
     """A dispatcher whose rows travel through a RankExchange (deepep_normal, deepep_ll, mori): it
     checks ids and weights in the exchange's count table, and combine sends each received row (that
@@ -357,7 +361,9 @@ class ExchangeDispatcher(Dispatcher):
     # break per dispatch or combine. Traced, it broke the graph at each collective and host read, inside
     # naming_peer_failures (a generator context manager, which dynamo cannot resume in): dynamo skipped the
     # whole dispatch frame and compiled each function under it as a frame of its own.
-    _named_dispatch = untraced(Dispatcher._named_call, "dispatch")
+    # The dispatch output's data-dependent row counts enter the traced code marked dynamic (untraced's
+    # dynamic_rows): a later routing compiles nothing again.
+    _named_dispatch = untraced(Dispatcher._named_call, "dispatch", dynamic_rows=_received_rows)
     _named_combine = untraced(Dispatcher._named_call, "combine")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -367,7 +373,8 @@ class ExchangeDispatcher(Dispatcher):
         # dispatch and combine, a compiled layer's first call compiled the wrapper again for combine's
         # arguments (error_on_recompile raised there).
         super().__init_subclass__(**kwargs)
-        cls._named_dispatch = untraced(Dispatcher._named_call, f"{cls.__name__}_dispatch")
+        cls._named_dispatch = untraced(Dispatcher._named_call, f"{cls.__name__}_dispatch",
+                                       dynamic_rows=_received_rows)
         cls._named_combine = untraced(Dispatcher._named_call, f"{cls.__name__}_combine")
 
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,

@@ -44,6 +44,12 @@ class DeepEPNormalDispatchOutput(DispatchOutput):
     recv_x_scale: Optional[torch.Tensor] = None
     x_dtype: Optional[torch.dtype] = None
 
+    def data_dependent_rows(self) -> tuple[Optional[torch.Tensor], ...]:
+        """N, received rows: the routing's, except in static mode (num_worst_tokens)."""
+        if self.handle.static:
+            return ()
+        return self.recv_x, self.recv_topk_ids, self.recv_topk_weights, self.recv_x_scale
+
 
 @dataclass(frozen=True)
 class DeepEPNormalOptions:

@@ -15,7 +15,7 @@ compute(), unless the backend's kernels do the lookup themselves (reads_id_table
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 
@@ -32,15 +32,21 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def untraced(fn: Callable[..., Any], name: Optional[str] = None) -> Callable[..., Any]:
+def untraced(fn: Callable[..., Any], name: Optional[str] = None,
+             dynamic_rows: Optional[Callable[[Any], Iterable[Optional[torch.Tensor]]]] = None) -> Callable[..., Any]:
     """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
     (no dynamo frame hook per call). The disabled wrapper is made here, at import, not inside a traced call
     (dynamo would guard on the cache such a call fills, and a compiled layer's second call would compile
     again); torch builds it at its first call, importing torch._dynamo only then (about 2 s of
     `import ep_runtime`'s 6 s, which an eager process never needs). Each call makes a wrapper dynamo compiles
     apart (a frame of its own): wrap fn once per call site that takes other shapes. name: the wrapper's name
-    in dynamo's logs (untraced_<name>; default fn's name)."""
-    opaque = torch._disable_dynamo(fn)
+    in dynamo's logs (untraced_<name>; default fn's name).
+    dynamic_rows(result): the tensors (None skipped) of fn's result whose row count (dim 0) depends on the
+    routing (received rows, computed pairs); under torch.compile they enter the traced code marked dynamic
+    (maybe_mark_dynamic, a 0 or 1 row count still specializes). Unmarked, dynamo compiles each frame they
+    reach for the sizes of the first call and makes a size dynamic only once it changed: a frame holding two
+    such sizes (received rows and pairs) compiled again at every call where one of them first changed."""
+    opaque = torch._disable_dynamo(fn if dynamic_rows is None else _marking(fn, dynamic_rows))
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return opaque(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
@@ -52,10 +58,26 @@ def untraced(fn: Callable[..., Any], name: Optional[str] = None) -> Callable[...
     return call
 
 
+def _marking(fn: Callable[..., Any], dynamic_rows: Callable[[Any], Iterable[Optional[torch.Tensor]]]):
+    """fn, marking dim 0 of dynamic_rows(its result) dynamic for torch.compile (see untraced)."""
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        for t in dynamic_rows(result):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return result
+    return marked
+
+
 class DispatchOutput:
     """Base of every dispatcher's output dataclass; `format` keys the format registry."""
 
     format: ClassVar[str] = ""
+
+    def data_dependent_rows(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The tensors whose row count depends on the routing (untraced's dynamic_rows); none here: a fixed
+        layout."""
+        return ()
 
 
 @dataclass
@@ -123,7 +145,7 @@ class RunnerInput:
         N, K = self.topk_ids.shape
         ids = self.topk_ids.long()
         computed = self.expert_mask[ids]  # [N, K]
-        pair = computed.reshape(-1).nonzero().squeeze(1)
+        pair = _computed_pairs(computed.reshape(-1))
         expert = ids.reshape(-1)[pair]
         order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert
         pair, expert = pair[order], expert[order]
@@ -163,6 +185,14 @@ class RunnerInput:
                 ids = ids.to(torch.int32)
             return cls(hidden_states, ids, weights.float(), mask, hidden_scale, out_dtype, id_table=table)
         return cls(hidden_states, reroute_to_sink(ids, table), weights.float(), mask, hidden_scale, out_dtype)
+
+
+def _nonzero(computed: torch.Tensor) -> torch.Tensor:
+    return computed.nonzero().squeeze(1)
+
+
+# [N*K] bool -> [P] indices of the computed pairs: P is data-dependent (a graph break either way)
+_computed_pairs = untraced(_nonzero, "computed_pairs", dynamic_rows=lambda pair: (pair,))
 
 
 @dataclass(frozen=True)

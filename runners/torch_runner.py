@@ -62,7 +62,6 @@ class TorchRunner(RunnerBackend):
             w13 = quant.dequantize_weight(w13, weights.w13_scale_inv)
             w2 = quant.dequantize_weight(w2, weights.w2_scale_inv)
             b13, b2 = (None if b is None else b.float() for b in (b13, b2))
-        N = inp.topk_ids.shape[0]
         token, expert, weight, counts = pairs.token, pairs.expert, pairs.weight, pairs.counts
 
         rows = x[token]
@@ -83,7 +82,9 @@ class TorchRunner(RunnerBackend):
         o = o.to(acc)
         if not cfg.apply_router_weight_on_input:
             o = o * weight.unsqueeze(1).to(acc)
-        y = pairs.sum_per_token(o, N, inp.topk_ids.shape[1])
+        # (the token count read here, not kept in an int across the GEMMs' graph breaks: the frame after them
+        # took it as a constant of the first call's routing, and compiled again when the received rows changed)
+        y = pairs.sum_per_token(o, *inp.topk_ids.shape)
         if cfg.routed_scaling_factor != 1.0:
             y = y * cfg.routed_scaling_factor
         return y.to(inp.output_dtype)
@@ -139,6 +140,7 @@ def _per_expert(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 # Untraced (traced, dynamo would guard on every expert's count: a compiled layer compiled again at each routing),
 # one wrapper per GEMM: dynamo compiles a wrapper's frame once per shape, and a wrapper shared by GEMM 1 and 2
-# compiled again for GEMM 2's shapes in a compiled layer's first call.
-_gemm1_per_expert = untraced(_per_expert, "gemm1_per_expert")
-_gemm2_per_expert = untraced(_per_expert, "gemm2_per_expert")
+# compiled again for GEMM 2's shapes in a compiled layer's first call. Their output [P, out] enters the traced
+# code marked dynamic, as the pairs do (untraced's dynamic_rows).
+_gemm1_per_expert = untraced(_per_expert, "gemm1_per_expert", dynamic_rows=lambda out: (out,))
+_gemm2_per_expert = untraced(_per_expert, "gemm2_per_expert", dynamic_rows=lambda out: (out,))
