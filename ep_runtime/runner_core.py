@@ -59,12 +59,15 @@ def untraced(fn: Callable[..., Any], name: Optional[str] = None,
 
 
 def _marking(fn: Callable[..., Any], dynamic_rows: Callable[[Any], Iterable[Optional[torch.Tensor]]]):
-    """fn, marking dim 0 of dynamic_rows(its result) dynamic for torch.compile (see untraced)."""
+    """fn, marking dim 0 of dynamic_rows(its result) dynamic for torch.compile (see untraced); not under
+    torch.compile(dynamic=False), which turns automatic dynamic shapes off (static shapes asked: a mark would
+    override it)."""
     def marked(*args: Any, **kwargs: Any) -> Any:
         result = fn(*args, **kwargs)
-        for t in dynamic_rows(result):
-            if t is not None:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if torch._dynamo.config.automatic_dynamic_shapes:
+            for t in dynamic_rows(result):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
         return result
     return marked
 

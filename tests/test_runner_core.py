@@ -395,3 +395,26 @@ def test_untraced_functions_compile_without_filling_one_frame_cache():
     classes = [c for c in map(ep.dispatchers.get, ep.dispatchers.registered()) if issubclass(c, ExchangeDispatcher)]
     wrappers = [wrapper for c in classes for wrapper in (c._named_dispatch, c._named_combine)]
     assert len(classes) >= 3 and len({id(w.__code__) for w in wrappers}) == 2 * len(classes)  # (dynamo: per object)
+
+
+def test_untraced_dynamic_rows_follow_the_compile_dynamic_argument():
+    """untraced(..., dynamic_rows=...) marks its result's rows dynamic under torch.compile: a compiled function
+    called on rows of other counts compiles nothing again; under torch.compile(dynamic=False) (static shapes
+    asked: the mark would override it) it marks nothing, and each new count compiles again. Results as eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ep_runtime.runner_core import untraced
+    rows = torch.randn(9, 3, generator=torch.Generator().manual_seed(0))
+    count = [0]
+    head = untraced(lambda: rows[:count[0]], "head", dynamic_rows=lambda out: (out,))
+    frames = {}
+    for dynamic in (None, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda: head() * 2, backend="eager", dynamic=dynamic)
+        frames[dynamic] = []
+        for count[0] in (5, 6, 7):
+            before = counters["frames"]["total"]
+            assert torch.equal(compiled(), rows[:count[0]] * 2)
+            frames[dynamic].append(counters["frames"]["total"] - before)
+    assert frames[None][1:] == [0, 0] and frames[False][1:] == [1, 1], frames
