@@ -46,6 +46,10 @@ def unsupported(x: torch.Tensor, N1: int, K1: int, N2: int, K2: int) -> Optional
     """Why the Gluon GEMMs cannot run these shapes here (None: they can): GEMM 1 [*, K1] x [N1, K1]^T and GEMM 2
     [*, K2] x [N2, K2]^T. They need the Gluon API, a CUDA device of capability 9.0 (wgmma), N a multiple of 128
     and K of 128 * GROUP_STEPS, and at least NUM_STAGES - 1 K steps."""
+    for name, size, multiple in (("N1", N1, GROUP), ("N2", N2, GROUP), ("K1", K1, GROUP * GROUP_STEPS),
+                                 ("K2", K2, GROUP * GROUP_STEPS)):
+        if size % multiple:
+            return f"{name}={size} is not a multiple of {multiple}"
     if gluon is None:
         return _IMPORT_ERROR
     if x.device.type != "cuda":
@@ -53,10 +57,6 @@ def unsupported(x: torch.Tensor, N1: int, K1: int, N2: int, K2: int) -> Optional
     capability = torch.cuda.get_device_capability(x.device)
     if capability != (9, 0):
         return f"the GPU has compute capability {capability} (wgmma needs 9.0)"
-    for name, size, multiple in (("N1", N1, GROUP), ("N2", N2, GROUP), ("K1", K1, GROUP * GROUP_STEPS),
-                                 ("K2", K2, GROUP * GROUP_STEPS)):
-        if size % multiple:
-            return f"{name}={size} is not a multiple of {multiple}"
     return None
 
 

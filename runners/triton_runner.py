@@ -156,18 +156,19 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
     [S, I] bf16 and fp8, o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
-    why = gluon_kernels.unsupported(x, config.w13_rows, H, H, I)
-    if why is None and (weights.b13 is not None or weights.b2 is not None):
+    # what the layer asks first (the same answer on any machine), then what this machine can run
+    why = None
+    if weights.b13 is not None or weights.b2 is not None:
         why = "biases are not supported"
-    if why is None and config.apply_router_weight_on_input:
+    elif config.apply_router_weight_on_input:
         why = "apply_router_weight_on_input is not supported"
-    if why is None and (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2
-                        or quant.activation_group != gluon_kernels.GROUP):
+    elif (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2 or quant.activation_group != gluon_kernels.GROUP):
         why = (f"weight_block={tuple(quant.weight_block)} and activation_group={quant.activation_group}: the kernels "
                f"take 128 x 128 weight blocks and 128-channel activation groups")
-    if why is None and not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv,
-                                                           weights.w2_scale_inv)):
+    elif not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv, weights.w2_scale_inv)):
         why = "the expert weights and their scales must be contiguous (TMA descriptors over them)"
+    else:
+        why = gluon_kernels.unsupported(x, config.w13_rows, H, H, I)
     if why is not None:
         raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'triton'")
     P, device, out_dtype = N * K, x.device, inp.output_dtype
@@ -197,7 +198,7 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
         # (rows past the used blocks hold whatever they held: activated and quantized, never read by GEMM 2)
         kernels.act_and_mul(h, I, config.activation, config.is_gated, None, config.gemm1_alpha,
                             config.gemm1_clamp_limit, out=act)
-        quantize_rows(act, quant, q=a2, scale=s2)
+        quantize_rows(act, quant, q=a2, scale=s2, interpreted=kernels.INTERPRETED)
         gluon_kernels.grouped_gemm(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned, by_pair=True)
     weight = inp.topk_weights.float().contiguous()
     return kernels.topk_reduce(o, aligned.computed, K, weight, config.routed_scaling_factor, out_dtype)

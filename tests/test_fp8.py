@@ -433,8 +433,9 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
 
 
 def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypatch):
-    """EP_RUNTIME_TRITON_FP8_GEMM=gluon (the Gluon GEMMs: CUDA capability 9.0 only, no interpreter) on CPU tensors:
-    an error naming the knob and why, not a silent fall-back to other kernels; 'triton' runs."""
+    """EP_RUNTIME_TRITON_FP8_GEMM=gluon (the Gluon GEMMs: CUDA capability 9.0 only, no interpreter) where it cannot
+    run: an error naming the knob and why (allowed: 'triton'), not a silent fall-back to other kernels; 'triton'
+    runs; a value outside the choices is an error."""
     E, K, H, I = 2, 2, 128, 128
     gen = _seeded(11)
     q = QuantConfig()
@@ -442,7 +443,17 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
         torch.randn(E, H, I, generator=gen))
     x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
     monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
-    with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: .*cpu.*allowed here: 'triton'"):
+    # what the layer asks is refused first, on any machine: biases; sizes not multiples of 512 (H = 128 here)
+    with pytest.raises(ValueError, match="FP8_GEMM='gluon' cannot run here: biases are not supported"):
+        ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
+                                 b13=torch.zeros(E, 2 * I), b2=torch.zeros(E, H))
+    H2, I2 = 512, 512
+    (p13, t13), (p2, t2) = q.quantize_weight(torch.randn(E, 2 * I2, H2, generator=gen)), q.quantize_weight(
+        torch.randn(E, H2, I2, generator=gen))
+    with pytest.raises(ValueError, match="cannot run here: .*cpu"):  # sizes fit: the device is what is left
+        ep.runners.fused_experts(torch.randn(3, H2, generator=gen), p13, p2, ids, weights, w13_scale_inv=t13,
+                                 w2_scale_inv=t2)
+    with pytest.raises(ValueError, match="cannot run here: K1=128 is not a multiple of 512"):
         ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
     monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "triton")
     assert torch.isfinite(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)).all()
