@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import numbers
 import os
+import random
 import re
 import socket
 import threading
@@ -56,10 +57,47 @@ def first_slurm_host(nodelist: str) -> str:
     return re.sub(r"\[([^\]]+)\]", lambda bracket: bracket.group(1).split(",")[0].split("-")[0], head.group(0))
 
 
+_PORTS_GIVEN: set = set()  # by free_port in this process: two calls never hand out the same port
+
+
+def _ephemeral_ports() -> tuple:
+    """The kernel's range for ports it picks itself (bind to 0, a client's connect); Linux's default
+    where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A TCP port that is free now, for a rendezvous server that binds it a moment later.
+
+    Taken between the Slurm steps' ports (slurm_port: 15000..29999) and the kernel's ephemeral range:
+    a port from bind(("", 0)) lies in that range, where another process's outgoing connection (a
+    gloo pair, a store client) may be given it before the server binds it (EADDRINUSE, seen in CI).
+    Random (from the OS, not the `random` module a test may seed, or forked ranks would pick alike)
+    and never the same twice in one process; bind(0) only when that gap is small or all taken."""
+    low, _ = _ephemeral_ports()
+    pick = random.SystemRandom()
+    below = range(30000, low) if low >= 30000 + 512 else range(0)
+    for _ in range(64 if below else 0):
+        port = pick.choice(below)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _PORTS_GIVEN.add(port)
+    return port
 
 
 def detect_launch() -> LaunchInfo:

@@ -130,18 +130,12 @@ def worker(case: str, fault: str, folder: Path) -> None:
 
 # ---------------------------------------------------------------- the jobs
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Job:
     def __init__(self, case: str, fault: str, folder: Path, timeout_s: float):
         self.case, self.fault, self.folder = case, fault, folder
+        from ep_runtime.distributed import free_port
         folder.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    EP_RUNTIME_TIMEOUT_S=str(timeout_s), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
         self.procs, self.exited = [], {}
         for r in range(2):

@@ -293,6 +293,27 @@ def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch
     assert not dist.is_initialized()
 
 
+def test_free_port_is_outside_the_ephemeral_range_and_never_repeats():
+    """free_port's ports lie below the kernel's ephemeral range (a port there can be given to another
+    process's outgoing connection before the rendezvous binds it: EADDRINUSE in CI) and above the
+    Slurm steps' ports; a seeded `random` (forked ranks share its state) does not make it repeat."""
+    import random
+    import socket
+
+    low, _ = distributed._ephemeral_ports()
+    if low < 30000 + 512:
+        pytest.skip(f"this machine's ephemeral range starts at {low}: free_port falls back to bind(0)")
+    ports = []
+    for _ in range(20):
+        random.seed(0)
+        ports.append(distributed.free_port())
+    assert len(set(ports)) == len(ports), ports
+    assert all(30000 <= p < low for p in ports), (ports, low)
+    for port in ports[:3]:  # free: a server can bind it
+        with socket.socket() as server:
+            server.bind(("", port))
+
+
 @pytest.mark.parametrize("master_port", [False, True])
 def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_port):
     """Rank 0 of a Slurm step whose port (derived from the job id, or MASTER_PORT) another process
