@@ -12,15 +12,25 @@ against 923 for the Triton kernel; grouped as here, 1.3-1.6x the runner's fp8 GE
 
 A persistent program takes (row block, column tile) work items of the used blocks of AlignedPairs (rows in
 sorted order: BLOCK_M rows of one expert per block, block_expert[b]); A [S, K] fp8 in sorted order (TMA), W
-[L, N, K] fp8 viewed as [L*N, K] (TMA rows expert*N + n0), sw [L, N/128, K/128] viewed as [L*N/128, K/128].
-Output bf16: [S, N] in sorted order (TMA store), or by pair ([P, N], row sorted_pair_ids[m]; padding rows
-are not stored). No interpreter: CPU tests cannot run these kernels (GPU tests do).
+[L, W_ROWS, K] fp8 viewed as [L*W_ROWS, K] (TMA rows expert*W_ROWS + n0), sw viewed likewise per 128 rows.
+GEMM 1 (gemm_act_quant) computes each item's gate tile, parks it in shared memory (fp32), computes the up
+tile (W rows I further), and stores act(gate) * up quantized to fp8 per 128 columns, with its scales, in
+sorted order: GEMM 2's input, never rounded to bf16 (as the triton runner's fused GEMM 1; the activation
+and the quantization rule are the same jit functions). GEMM 2 (gemm_by_pair) stores bf16 rows by pair ([P,
+N], row sorted_pair_ids[m]; padding rows are not stored). No interpreter: CPU tests cannot run these kernels
+(GPU tests do); scripts/compile_sm90.py --gluon compiles them for sm_90a on a machine without a GPU.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+
+from ep_runtime.quant import MIN_AMAX
+from ep_runtime.quant_kernels import quantize_groups
+
+from .triton_kernels import _capability, activate, activation_args
 
 GROUP = 128  # the scale block (activations 1 x 128, weights 128 x 128) and BLOCK_N, BLOCK_K
 BLOCK_M, NUM_STAGES, NUM_WARPS, GROUP_STEPS, GROUP_M = 128, 4, 8, 4, 8
@@ -36,6 +46,10 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # the TMA copies' names: triton 3.6 (the lent GPUs' build) has only the old ones; newer releases removed them
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _IMPORT_ERROR: Optional[str] = None
 except (ImportError, AttributeError) as exc:  # an older triton, or none
     gluon = None
@@ -54,10 +68,15 @@ def unsupported(x: torch.Tensor, N1: int, K1: int, N2: int, K2: int) -> Optional
         return _IMPORT_ERROR
     if x.device.type != "cuda":
         return f"the tensors are on {x.device} (CUDA only; no interpreter)"
-    capability = torch.cuda.get_device_capability(x.device)
+    capability = _capability(x.device.index)
     if capability != (9, 0):
         return f"the GPU has compute capability {capability} (wgmma needs 9.0)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if gluon is not None:
@@ -71,12 +90,12 @@ if gluon is not None:
         return (first_m + (tile % per_group) % size) * BLOCK_M, ((tile % per_group) // size) * BLOCK_N
 
     @gluon.jit
-    def _work_item(tile, num_tiles, M, N, block_expert_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    GROUP_M: gl.constexpr):
-        """(first sorted row, first output column, first row of W viewed as [L*N, K]) of work item `tile`; a tile
-        past the last is clamped (its loads are then issued with pred False)."""
+        """(first sorted row, first output column, first row of W viewed as [L*W_ROWS, K]) of work item `tile`; a
+        tile past the last is clamped (its loads are then issued with pred False)."""
         m0, n0 = _tile_origin(gl.maximum(gl.minimum(tile, num_tiles - 1), 0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        return m0, n0, gl.load(block_expert_ptr + m0 // BLOCK_M) * N + n0
+        return m0, n0, gl.load(block_expert_ptr + m0 // BLOCK_M) * W_ROWS + n0
 
     @gluon.jit
     def _issue_load(ring, base, j, k_steps, m0, b_row, pred):
@@ -85,8 +104,8 @@ if gluon is not None:
         slot, k0 = (base + j) % a_ring.shape[0], j * a_desc.block_type.shape[1]
         pred = pred & (j < k_steps)
         mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(a_desc, [m0, k0], ready.index(slot), a_ring.index(slot), pred)
-        tma.async_copy_global_to_shared(b_desc, [b_row, k0], ready.index(slot), b_ring.index(slot), pred)
+        _tma_load(a_desc, [m0, k0], ready.index(slot), a_ring.index(slot), pred)
+        _tma_load(b_desc, [b_row, k0], ready.index(slot), b_ring.index(slot), pred)
 
     @gluon.jit
     def _issue_mma(ring, position, acc, use_acc):
@@ -118,19 +137,46 @@ if gluon is not None:
         return issued, scale, acc + done * pending_scale
 
     @gluon.jit
+    def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, NUM_STAGES: gl.constexpr,
+                GROUP_STEPS: gl.constexpr):
+        """One work item's scaled product over K (its first NUM_STAGES - 1 loads already issued): returns acc."""
+        acc = zero
+        for k in range(0, k_steps, GROUP_STEPS):
+            _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
+            pending = _issue_mma(ring, step + k, zero, False)
+            scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
+            for i in gl.static_range(1, GROUP_STEPS):
+                pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
+                                                      zero, sa_rows, sw_ptr, stride_sw)
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
+            acc = acc + done * scale
+        return acc
+
+    @gluon.jit
     def _grouped_kernel(a_desc, b_desc, out, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr, used_blocks_ptr,
-                        num_pairs, N, K, stride_sa, stride_sw, stride_out, BY_PAIR: gl.constexpr,
-                        NUM_STAGES: gl.constexpr, GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, NUM_STAGES: gl.constexpr,
+                        GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
+                        out_scale_ptr=None, stride_out_scale=0, fp8_max=0.0, min_amax=0.0, alpha=0.0, limit=0.0,
+                        ACT_QUANT: gl.constexpr = False, ACTIVATION: gl.constexpr = 0, GATED: gl.constexpr = True,
+                        SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
+                        UE8M0: gl.constexpr = False):
+        """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
+        W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
+        per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
+        Else (GEMM 2): bf16 rows stored by pair."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 32])
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # 16 x 8 bf16 a row
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_ring = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
-        if not BY_PAIR:
+        if ACT_QUANT:
             c_smem = gl.allocate_shared_memory(out.dtype, out.block_type.shape, out.layout)
+        if PASSES == 2:
+            gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
+                                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
@@ -141,68 +187,101 @@ if gluon is not None:
         num_tiles = used * (N // BLOCK_N)
         k_steps = K // a_desc.block_type.shape[1]
         step = 0  # K steps this program has consumed: the ring position and the barriers' phase
-        m0, n0, b_row = _work_item(gl.program_id(0), num_tiles, M, N, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+        m0, n0, b_row = _work_item(gl.program_id(0), num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N,
+                                   GROUP_M)
         for j in gl.static_range(NUM_STAGES - 1):  # loads run NUM_STAGES - 1 steps ahead of the wgmma
             _issue_load(ring, 0, j, k_steps, m0, b_row, gl.program_id(0) < num_tiles)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            m0, n0, b_row = _work_item(tile, num_tiles, M, N, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+            m0, n0, b_row = _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
             sa_rows = sa_ptr + (m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))) * stride_sa
-            acc = zero
-            for k in range(0, k_steps, GROUP_STEPS):
-                _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
-                pending = _issue_mma(ring, step + k, zero, False)
-                scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
-                for i in gl.static_range(1, GROUP_STEPS):
-                    pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
-                                                          zero, sa_rows, sw_ptr, stride_sw)
-                done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
-                acc = acc + done * scale
-            step += k_steps
-            next_tile = tile + gl.num_programs(0)
-            next_m0, next_n0, next_b_row = _work_item(next_tile, num_tiles, M, N, block_expert_ptr, BLOCK_M, BLOCK_N,
-                                                      GROUP_M)
-            for j in gl.static_range(NUM_STAGES - 1):  # every slot is free after the wait(0): prefetch the next item
-                _issue_load(ring, step, j, k_steps, next_m0, next_b_row, next_tile < num_tiles)
-            if BY_PAIR:  # row m of the block is pair sorted_pair_ids[m]'s; padding (= num_pairs) is not stored
+            for p in gl.static_range(PASSES):
+                acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, NUM_STAGES,
+                              GROUP_STEPS)
+                step += k_steps
+                # every slot is free after the loop's last wait: prefetch the next pass (the up rows) or item
+                if p + 1 < PASSES:
+                    for j in gl.static_range(NUM_STAGES - 1):
+                        _issue_load(ring, step, j, k_steps, m0, b_row + (p + 1) * N, True)
+                    gate_smem.store(acc)  # read back below by the thread that wrote it: no barrier needed
+                else:
+                    next_tile = tile + gl.num_programs(0)
+                    next_m0, next_n0, next_b_row = _work_item(next_tile, num_tiles, M, N, W_ROWS, block_expert_ptr,
+                                                              BLOCK_M, BLOCK_N, GROUP_M)
+                    for j in gl.static_range(NUM_STAGES - 1):
+                        _issue_load(ring, step, j, k_steps, next_m0, next_b_row, next_tile < num_tiles)
+            if not ACT_QUANT:  # row m of the block is pair sorted_pair_ids[m]'s; padding (= num_pairs) is not stored
                 rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
                 pairs = gl.expand_dims(gl.load(sorted_pair_ids_ptr + rows), 1)
                 cols = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout)), 0)
                 gl.store(out + pairs.to(gl.int64) * stride_out + cols,
                          gl.convert_layout(acc.to(gl.bfloat16), out_layout), mask=(pairs < num_pairs) & (cols < N))
             else:  # sorted rows: one TMA box
+                if PASSES == 2:
+                    value = activate(gate_smem.load(mma_layout), acc, alpha, limit, ACTIVATION, True, SWIGLU_ALPHA,
+                                     HAS_LIMIT)
+                else:
+                    value = activate(acc, acc, alpha, limit, ACTIVATION, False, SWIGLU_ALPHA, HAS_LIMIT)
+                value, row_scale = quantize_groups(value, fp8_max, min_amax, UE8M0, False)
+                scale_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+                gl.store(out_scale_ptr + scale_rows * stride_out_scale + n0 // BLOCK_N, row_scale)
                 tma.store_wait(pendings=0)  # the previous item's store has left c_smem
-                c_smem.store(acc.to(out.dtype))
+                c_smem.store(value.to(out.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(out, [m0, n0], c_smem)
-        if not BY_PAIR:
+                _tma_store(out, [m0, n0], c_smem)
+        if ACT_QUANT:
             tma.store_wait(pendings=0)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
 
 
-def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
-                 aligned, by_pair: bool) -> torch.Tensor:
-    """out = (a * a_scale) @ (w[e] * w_scale[e])^T per row block, e = aligned.block_expert of the block.
-    a [S, K] float8_e4m3fn in sorted order (S = aligned.sorted_pair_ids.numel(), BLOCK_M-row blocks), a_scale
-    [S, K/128] fp32; w [L, N, K] float8_e4m3fn, w_scale [L, N/128, K/128] fp32 contiguous; out [S, N] bf16 in
-    sorted order, or (by_pair) [P, N] bf16 with sorted row m at row aligned.sorted_pair_ids[m]. Rows of blocks
-    past aligned.used_blocks are not written. Shapes as unsupported() admits them."""
-    (S, K), (num_experts, N, _) = a.shape, w.shape
+def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, aligned) -> None:
+    S = a.shape[0]
     if aligned.block_m != BLOCK_M or S != aligned.sorted_pair_ids.numel():
         raise ValueError(f"a has {S} rows in blocks of {aligned.block_m}; the Gluon GEMM needs the aligned pairs' "
                          f"{aligned.sorted_pair_ids.numel()} sorted rows in blocks of {BLOCK_M}")
     if not (w.is_contiguous() and w_scale.is_contiguous() and a.is_contiguous() and a_scale.stride(1) == 1):
         raise ValueError("w, w_scale and a must be contiguous and a_scale's rows unit-strided (TMA, flat scale rows)")
+
+
+def _launch(a, a_scale, w, w_scale, out, aligned, N: int, **epilogue) -> None:
+    """One persistent wave over the used blocks' (row block, BLOCK_N columns of N) work items."""
+    (_, K), (num_experts, w_rows, _) = a.shape, w.shape
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
-    b_desc = TensorDescriptor.from_tensor(w.view(num_experts * N, K), [GROUP, GROUP],
+    b_desc = TensorDescriptor.from_tensor(w.view(num_experts * w_rows, K), [GROUP, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([GROUP, GROUP], gl.float8e4nv))
-    target = out if by_pair else TensorDescriptor.from_tensor(
-        out, [BLOCK_M, GROUP], gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.bfloat16))
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (max(1, min(sms, aligned.block_expert.numel() * (N // GROUP))), )
+    target = out if not epilogue.get("ACT_QUANT") else TensorDescriptor.from_tensor(
+        out, [BLOCK_M, GROUP], gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
+    grid = (max(1, min(_sm_count(a.device.index), aligned.block_expert.numel() * (N // GROUP))), )
     _grouped_kernel[grid](a_desc, b_desc, target, a_scale, w_scale, aligned.sorted_pair_ids, aligned.block_expert,
-                          aligned.used_blocks, aligned.num_pairs, N, K, a_scale.stride(0), w_scale.shape[-1],
-                          out.stride(0), BY_PAIR=by_pair, NUM_STAGES=NUM_STAGES, GROUP_STEPS=GROUP_STEPS,
-                          GROUP_M=GROUP_M, num_warps=NUM_WARPS)
+                          aligned.used_blocks, aligned.num_pairs, N, w_rows, K, a_scale.stride(0), w_scale.shape[-1],
+                          out.stride(0), NUM_STAGES=NUM_STAGES, GROUP_STEPS=GROUP_STEPS, GROUP_M=GROUP_M,
+                          num_warps=NUM_WARPS, **epilogue)
+
+
+def gemm_act_quant(a: torch.Tensor, a_scale: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                   out: torch.Tensor, out_scale: torch.Tensor, aligned, config, quant) -> tuple:
+    """GEMM 1 with its epilogue: (out, out_scale) = quantize(act((a * a_scale) @ (w13[e] * w13_scale[e])^T)) per
+    row block, e = aligned.block_expert of the block. a [S, H] float8_e4m3fn in sorted order (S =
+    aligned.sorted_pair_ids.numel(), BLOCK_M-row blocks), a_scale [S, H/128] fp32; w13 [L, 2I, H] ([gate; up];
+    [L, I, H] not gated) float8_e4m3fn, w13_scale [L, 2I/128, H/128] fp32, contiguous; out [S, I] float8_e4m3fn
+    and out_scale [S, I/128] fp32 in sorted order: config's activation (triton_kernels.activate) from the fp32
+    products and quant's activation rule (quant_kernels.quantize_groups), as the triton runner's fused GEMM 1.
+    Rows of blocks past aligned.used_blocks are not written. Shapes as unsupported() admits them."""
+    _check(a, a_scale, w13, w13_scale, aligned)
+    _launch(a, a_scale, w13, w13_scale, out, aligned, config.intermediate_size, ACT_QUANT=True,
+            out_scale_ptr=out_scale, stride_out_scale=out_scale.stride(0), fp8_max=quant.spec.max_value,
+            min_amax=MIN_AMAX, UE8M0=quant.ue8m0,
+            **activation_args(config.activation, config.is_gated, config.gemm1_alpha, config.gemm1_clamp_limit))
+    return out, out_scale
+
+
+def gemm_by_pair(a: torch.Tensor, a_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, out: torch.Tensor,
+                 aligned) -> torch.Tensor:
+    """GEMM 2: out[sorted_pair_ids[m]] = (a[m] * a_scale[m]) @ (w2[e] * w2_scale[e])^T, e the expert of row m's
+    block. a [S, I] float8_e4m3fn and a_scale [S, I/128] fp32 in sorted order (as gemm_act_quant writes them);
+    w2 [L, H, I] float8_e4m3fn, w2_scale [L, H/128, I/128] fp32, contiguous; out [P, H] bf16 (padding rows,
+    sorted_pair_ids = P, are not stored)."""
+    _check(a, a_scale, w2, w2_scale, aligned)
+    _launch(a, a_scale, w2, w2_scale, out, aligned, w2.shape[1])
     return out

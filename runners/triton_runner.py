@@ -38,7 +38,7 @@ from .base import triton_interpreted as interpreted
 try:
     import triton  # noqa: F401
 
-    from ep_runtime.quant_kernels import RowQuantization, plan_rows, quantize_rows
+    from ep_runtime.quant_kernels import RowQuantization, plan_rows
 
     from . import gluon_kernels
     from . import triton_kernels as kernels
@@ -151,9 +151,9 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
                        x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
     """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM=gluon; runners/gluon_kernels.py):
     align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
-    (bf16 [gate | up] rows) -> activation -> fp8 quantization -> GEMM 2 (rows stored by pair) -> weighted top-k
-    reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, h [S, 2I] bf16, its activation
-    [S, I] bf16 and fp8, o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
+    with the activation and its fp8 quantization in the epilogue -> GEMM 2 (rows stored by pair) -> weighted
+    top-k reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8,
+    o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
     # what the layer asks first (the same answer on any machine), then what this machine can run
@@ -168,7 +168,7 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
     elif not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv, weights.w2_scale_inv)):
         why = "the expert weights and their scales must be contiguous (TMA descriptors over them)"
     else:
-        why = gluon_kernels.unsupported(x, config.w13_rows, H, H, I)
+        why = gluon_kernels.unsupported(x, I, H, H, I)
     if why is not None:
         raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'triton'")
     P, device, out_dtype = N * K, x.device, inp.output_dtype
@@ -179,13 +179,11 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
         S = aligned.sorted_pair_ids.numel()
         return (aligned, torch.empty(S, H, dtype=quant.dtype, device=device),
                 torch.empty(S, quant.num_groups(H), dtype=torch.float32, device=device),
-                torch.empty(S, config.w13_rows, dtype=torch.bfloat16, device=device),
-                torch.empty(S, I, dtype=torch.bfloat16, device=device),
                 torch.empty(S, I, dtype=quant.dtype, device=device),
                 torch.empty(S, quant.num_groups(I), dtype=torch.float32, device=device),
                 torch.empty(P, H, dtype=torch.bfloat16, device=device))
 
-    aligned, a1, s1, h, act, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
+    aligned, a1, s1, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
                         quantize=to_quantize)
     if P:
@@ -194,12 +192,9 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
         rows = aligned.sorted_pair_ids.clamp(max=P - 1) // K
         torch.index_select(x.view(torch.uint8), 0, rows, out=a1.view(torch.uint8))
         torch.index_select(x_scale, 0, rows, out=s1)
-        gluon_kernels.grouped_gemm(a1, s1, weights.w13, weights.w13_scale_inv, h, aligned, by_pair=False)
-        # (rows past the used blocks hold whatever they held: activated and quantized, never read by GEMM 2)
-        kernels.act_and_mul(h, I, config.activation, config.is_gated, None, config.gemm1_alpha,
-                            config.gemm1_clamp_limit, out=act)
-        quantize_rows(act, quant, q=a2, scale=s2, interpreted=kernels.INTERPRETED)
-        gluon_kernels.grouped_gemm(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned, by_pair=True)
+        # (rows past the used blocks are not written, nor read by GEMM 2)
+        gluon_kernels.gemm_act_quant(a1, s1, weights.w13, weights.w13_scale_inv, a2, s2, aligned, config, quant)
+        gluon_kernels.gemm_by_pair(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned)
     weight = inp.topk_weights.float().contiguous()
     return kernels.topk_reduce(o, aligned.computed, K, weight, config.routed_scaling_factor, out_dtype)
 

@@ -4,6 +4,7 @@
     python scripts/compile_sm90.py --kernels tma_stacked --flatten
     python scripts/compile_sm90.py --kernels portable --split-k 4    # GEMM 2 with its K loop split
     python scripts/compile_sm90.py --masked                        # the masked runner's kernels, default tiles
+    python scripts/compile_sm90.py --gluon          # the Gluon fp8 GEMMs (triton 3.6, as on the lent GPUs)
 
 Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
 compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--flatten", action="store_true", help="the persistent kernels' tiles with flatten=True")
     p.add_argument("--split-k", type=int, default=1, help="the portable kernel's GEMM 2 with GemmTiles.split_k")
     p.add_argument("--masked", action="store_true", help="the masked runner's two GEMMs instead (its default tiles)")
+    p.add_argument("--gluon", action="store_true", help="the Gluon fp8 GEMMs instead (runners/gluon_kernels.py)")
     args = p.parse_args()
     driver.set_active(_Hopper())
     compiled = []
@@ -74,6 +76,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a")
     if args.masked:
         return _compile_masked(compiled)
+    if args.gluon:
+        return _compile_gluon(compiled, compile_only)
     for kernel in args.kernels or kernels.GEMM_KERNELS:
         for fp8 in (False, True):
             for fuse in (True, False):
@@ -135,6 +139,37 @@ def _compile_masked(compiled: list) -> None:
             print(f"masked {'fp8 ' if quant else 'bf16'} {name} {tiles}: {_describe(kernel)}", flush=True)
 
 
+def _compile_gluon(compiled: list, compile_only) -> None:
+    """The Gluon fp8 GEMMs at DeepSeek-V3's sizes (8 experts, 256 tokens, K=8): GEMM 1 with its epilogue under
+    each activation config and scale encoding, and GEMM 2."""
+    from triton.experimental.gluon._runtime import GluonJITFunction
+
+    from ep_runtime.config import MoeConfig
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.runners import gluon_kernels
+    from ep_runtime.runners import triton_kernels as kernels
+
+    GluonJITFunction.run = compile_only
+    gluon_kernels._sm_count = lambda index: 132
+    L, H, I, T, K, f8 = 8, 7168, 2048, 256, 8, torch.float8_e4m3fn
+    aligned = kernels.align_pairs(torch.randint(0, L, (T, K), dtype=torch.int32), None, 0, L, gluon_kernels.BLOCK_M)
+    S = aligned.sorted_pair_ids.numel()
+    for name, config, quant in (("silu", MoeConfig(256, K, H, I), QuantConfig()),
+                                ("silu ue8m0", MoeConfig(256, K, H, I), QuantConfig(scale_encoding="ue8m0")),
+                                ("gelu, not gated", MoeConfig(256, K, H, I, activation="gelu", is_gated=False),
+                                 QuantConfig()),
+                                ("swiglu alpha, limit", MoeConfig(256, K, H, I, gemm1_alpha=1.702, gemm1_clamp_limit=7.0),
+                                 QuantConfig())):
+        w13 = torch.empty(L, config.w13_rows, H, dtype=f8)
+        gluon_kernels.gemm_act_quant(torch.empty(S, H, dtype=f8), torch.empty(S, H // 128), w13,
+                                     torch.empty(L, config.w13_rows // 128, H // 128), torch.empty(S, I, dtype=f8),
+                                     torch.empty(S, I // 128), aligned, config, quant)
+        print(f"gluon gemm1 {name:<20} {_describe(compiled[-1])}", flush=True)
+    gluon_kernels.gemm_by_pair(torch.empty(S, I, dtype=f8), torch.empty(S, I // 128), torch.empty(L, H, I, dtype=f8),
+                               torch.empty(L, H // 128, I // 128), torch.empty(T * K, H, dtype=torch.bfloat16), aligned)
+    print(f"gluon gemm2 {'by pair':<20} {_describe(compiled[-1])}", flush=True)
+
+
 def _describe(kernel) -> str:
     ptx = kernel.asm["ptx"]
     counts = " ".join(f"{name}={len(re.findall(pattern, ptx))}" for name, pattern in PATTERNS.items())
@@ -146,8 +181,9 @@ def _describe(kernel) -> str:
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores", info)
+    warnings = " ".join(line.strip() for line in info.splitlines() if "warning" in line.lower())  # e.g. C7514
     return (f"smem {kernel.metadata.shared // 1024} KB, regs {regs.group(1) if regs else '?'}, "
-            f"spill {spills.group(1) if spills else '?'} B, {counts}")
+            f"spill {spills.group(1) if spills else '?'} B, {counts}" + (f"; ptxas: {warnings}" if warnings else ""))
 
 
 if __name__ == "__main__":

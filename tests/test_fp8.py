@@ -845,6 +845,43 @@ def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference(kernel, monkeypatch):
     assert rel_err(y, ref) < BF16
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("case", ["silu", "ue8m0", "gelu_not_gated", "swiglu_alpha_limit"])
+def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch):
+    """The Gluon GEMM 1's epilogue (the activation of its fp32 products, quantized to fp8 per 128 columns) under
+    every activation config and both scale encodings: y equals the default triton kernels' y (their GEMM 1
+    fuses the same activation and quantization rule) within bf16's tolerance, and, with fp32 scales, the float64
+    w8a8 reference (ue8m0 rounds the activation on another grid than the reference's)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
+    E, K, H, I, T = 8, 4, 1024, 512, 300
+    options = {"silu": {}, "ue8m0": {}, "gelu_not_gated": dict(activation="gelu", is_gated=False),
+               "swiglu_alpha_limit": dict(gemm1_alpha=1.702, gemm1_clamp_limit=7.0)}[case]
+    quant = QuantConfig(scale_encoding="ue8m0" if case == "ue8m0" else "fp32")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w13 = torch.randn(E, 2 * I if options.get("is_gated", True) else I, H, device="cuda", generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
+    x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    ids[::7, 1] = -1
+    weights = torch.rand(T, K, device="cuda", generator=gen)
+    q13, s13 = quant.quantize_weight(w13)
+    q2, s2 = quant.quantize_weight(w2)
+    ys = {}
+    for kernel in ("triton", "gluon"):
+        monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", kernel)
+        with torch.inference_mode():
+            ys[kernel] = ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
+                                                 quant=quant, **options)
+    assert rel_err(ys["gluon"], ys["triton"]) < BF16
+    if not quant.ue8m0:
+        ref = moe_reference(x.double(), ids, weights.double(), quant.dequantize_weight(q13, s13).double(),
+                            quant.dequantize_weight(q2, s2).double(), ep.MoeConfig(E, K, H, I, **options),
+                            fp8_activations=True)
+        assert rel_err(ys["gluon"], ref) < BF16
+
+
 def _gpu_dispatch_rank(rank, world_size):
     from ep_runtime.distributed import device_for_rank
     device = device_for_rank()
