@@ -14,8 +14,9 @@ import difflib
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 PREFIX = "EP_RUNTIME_"
 
@@ -181,6 +182,25 @@ def get(name: str) -> Any:
     if raw is None or raw == "":
         return knob.default
     return knob.parse(raw)
+
+
+@contextmanager
+def overridden(name: str, value: Any) -> Iterator[None]:
+    """Knob `name` set to `value` (checked as the knob parses it) inside the block, restored after: how the bench
+    times one path under each value of a knob read at every call (e.g. TRITON_FP8_GEMM)."""
+    full = name if name.startswith(PREFIX) else PREFIX + name
+    if full not in KNOBS:
+        raise KeyError(f"unknown knob {full}; known: {', '.join(sorted(KNOBS))}")
+    KNOBS[full].parse(str(value))
+    before = os.environ.get(full)
+    os.environ[full] = str(value)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[full]
+        else:
+            os.environ[full] = before
 
 
 _WARNED: set[str] = set()  # unknown variables already warned about in this process

@@ -23,7 +23,8 @@
 #   PYTEST_K="..." narrows the GPU tests (pytest -k, e.g. "not faults" when device time is short);
 #   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
 #   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
-#   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones).
+#   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones; RUNNER_ARGS="--fp8
+#   --triton-fp8-gemm gluon": also the triton runner's fp8 rows on the Gluon GEMMs, Hopper only).
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)

@@ -236,6 +236,23 @@ def test_a_baseline_that_cannot_run_leaves_the_runner_rows(monkeypatch):
     assert _finite_positive(vs["torch"]) and vs["torch fp8"] is None and vs["grouped_mm (raw)"] is None
 
 
+def test_triton_fp8_rows_under_another_fp8_gemm_are_their_own_rows_or_skipped_with_why():
+    """--triton-fp8-gemm gluon: the triton runner's fp8 rows once more with EP_RUNTIME_TRITON_FP8_GEMM=gluon
+    ("triton fp8 gluon", standard format): where that path cannot run (here: no GPU, sizes under 512) the row
+    is skipped with the runner's error naming the knob, the other rows stay, and the knob is as before after."""
+    from ep_runtime import envs, runners
+    if "triton" not in runners.available():
+        pytest.skip("runner='triton' cannot run here (needs triton with CUDA or TRITON_INTERPRET=1)")
+    results = bench.runner_suite(_tiny_settings(runners=["triton"], runner_formats=["standard", "deepep_ll"],
+                                                fp8=True, triton_fp8_gemms=["gluon"]), CPU, ep_size=1, progress=False)
+    impls = [(r["impl"], r["format"]) for r in results.runner]
+    assert ("triton fp8", "standard") in impls and ("triton fp8", "deepep_ll") in impls
+    gluon = [s for s in results.skipped if s["impl"] == "triton fp8 gluon"]
+    assert len(gluon) == 1 and "EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here" in gluon[0]["reason"], gluon
+    assert gluon[0]["reason"].startswith("standard ")
+    assert envs.get("TRITON_FP8_GEMM") == "triton"
+
+
 def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -325,6 +342,8 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--tokens", "a,b"], "not a comma-separated list"),
     (["--preset", "gpt9"], "invalid choice: 'gpt9'"),
     (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),
+    (["--fp8", "--triton-fp8-gemm", "cublas"], "--triton-fp8-gemm cublas: allowed triton, gluon"),
+    (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

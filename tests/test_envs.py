@@ -45,6 +45,24 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value, match):
         envs.validate_all()
 
 
+def test_overridden_sets_a_knob_inside_the_block_and_restores_it(monkeypatch):
+    """envs.overridden: the value inside the block, the earlier value (or none) after it, also when the block
+    raises; a bad value is refused as the knob's parser refuses it, before anything is set."""
+    monkeypatch.delenv("EP_RUNTIME_TRITON_FP8_GEMM", raising=False)
+    with envs.overridden("TRITON_FP8_GEMM", "gluon"):
+        assert envs.get("TRITON_FP8_GEMM") == "gluon"
+    assert envs.get("TRITON_FP8_GEMM") == "triton" and "EP_RUNTIME_TRITON_FP8_GEMM" not in envs.os.environ
+    monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "64")
+    with pytest.raises(RuntimeError, match="inside"), envs.overridden("SCRATCH_MB", 0):
+        assert envs.get("SCRATCH_MB") == 0
+        raise RuntimeError("inside")
+    assert envs.get("SCRATCH_MB") == 64
+    with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_FP8_GEMM='cublas' is not allowed"):
+        with envs.overridden("TRITON_FP8_GEMM", "cublas"):
+            pass
+    assert envs.get("TRITON_FP8_GEMM") == "triton"
+
+
 def test_unknown_knob():
     with pytest.raises(KeyError, match="unknown knob EP_RUNTIME_NOPE"):
         envs.get("NOPE")

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true",
                    help="also fp8 in the same run: runners on fp8 block-scaled experts (fed fp8 dispatch rows where "
                         "the format has them) with fp8 baselines, and each dispatcher's use_fp8=True dispatch")
+    p.add_argument("--triton-fp8-gemm", type=_name_list, default=[],
+                   help="with --fp8: also the triton runner's fp8 rows with EP_RUNTIME_TRITON_FP8_GEMM set to each of "
+                        "these (e.g. gluon: 'triton fp8 gluon' rows; standard format only)")
     p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
                    help="comma-separated: dispatch, runner, eplb, overlap (default dispatch,runner); eplb times the "
                         "whole EPMoE forward without redundant experts, with them, and after one rebalance; overlap: "
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
-    from .. import dispatchers
+    from .. import dispatchers, envs
 
     preset = PRESETS[args.preset]
     suites = args.suite
@@ -133,6 +136,11 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
     except ValueError:
         raise ValueError(f"--routing {args.routing}: allowed uniform, zipf:S or zipf:S:shuffled with a number "
                          f"S >= 0 (e.g. zipf:1.2)") from None
+    gemm_knob = envs.KNOBS[envs.PREFIX + "TRITON_FP8_GEMM"]
+    if any(g not in gemm_knob.choices for g in args.triton_fp8_gemm):
+        raise ValueError(f"--triton-fp8-gemm {','.join(args.triton_fp8_gemm)}: allowed {', '.join(gemm_knob.choices)}")
+    if args.triton_fp8_gemm and not (args.fp8 or args.dtype == "fp8"):
+        raise ValueError("--triton-fp8-gemm times fp8 rows: add --fp8")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
@@ -143,7 +151,7 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         top_ks=args.top_k or [preset.top_k],
         intermediate_size=args.intermediate or preset.intermediate_size,
         dtype=("bf16" if args.dtype == "fp8" else args.dtype) or ("bf16" if cuda else "fp32"),
-        fp8=args.fp8 or args.dtype == "fp8",
+        fp8=args.fp8 or args.dtype == "fp8", triton_fp8_gemms=args.triton_fp8_gemm,
         suites=suites, dispatchers=args.dispatchers, runners=args.runners, runner_ep_size=args.runner_ep_size,
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
         repeats=args.repeats or (100 if cuda else 10), rotate=args.rotate, cuda_graph=args.cuda_graph,

@@ -22,9 +22,12 @@ every call, then torch._grouped_mm ("dequant + grouped_mm (raw)"); torch._scaled
 rowwise scales ("scaled_grouped_mm rowwise (raw)", where this torch and device support it); and one
 torch._scaled_mm per expert with the experts' own block scales ("scaled_mm blockwise per expert (raw)":
 cuBLAS's DeepSeek recipe, 1 x 128 activations and 128 x 128 weights, Hopper with CUDA >= 12.9).
+--triton-fp8-gemm adds the triton runner's fp8 rows under other values of EP_RUNTIME_TRITON_FP8_GEMM ("triton
+fp8 gluon" rows), on the standard format only (the prefill comparison it exists for).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -72,7 +75,7 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                  group: Optional[Any] = None) -> Results:
     """Every available runner backend (torch first: the baseline) under each runner format, on this
     rank; `group` is a one-rank group for the dispatchers (None in a process without one)."""
-    from .. import dispatchers, runners
+    from .. import dispatchers, envs, runners
     from ..config import ExpertWeights, MoeConfig
 
     dtype = DTYPES[settings.dtype]
@@ -85,8 +88,9 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
     results.roofline = roofline(dtype, device, timing)
     peak = {r["impl"]: r for r in results.roofline}
     fp8_names = [n for n in names if settings.fp8 and not (n == "torch" and device.type == "cuda")]
+    fp8_gemms = settings.triton_fp8_gemms if "triton" in fp8_names and "standard" in settings.runner_formats else []
     total = len(settings.cases()) * len(settings.tokens) * (
-        (len(names) + len(fp8_names)) * len(settings.runner_formats) + 1 + (2 if settings.fp8 else 0))
+        (len(names) + len(fp8_names)) * len(settings.runner_formats) + len(fp8_gemms) + 1 + (2 if settings.fp8 else 0))
     bar = Progress(total, progress, "runner")
     inter = settings.intermediate_size
     try:
@@ -105,11 +109,13 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
             backends = {name: _try(lambda: runners.create(name, config)) for name in names}
             formats = {fmt: _try(lambda: dispatchers.create(fmt, config, group=group))
                        for fmt in settings.runner_formats}
-            # (row label suffix, weights, bytes per expert, backends, dispatchers by format)
-            variants = [("", weights, weight_bytes_per_expert, names, formats)]
+            # (row label suffix, weights, bytes per expert, backends, dispatchers by format, TRITON_FP8_GEMM)
+            variants = [("", weights, weight_bytes_per_expert, names, formats, None)]
             if settings.fp8:
                 fp8_weights, fp8_formats = _fp8_setup(weights, config, group, settings.runner_formats, formats)
-                variants.append((FP8, fp8_weights, config.w13_rows * H + H * inter, fp8_names, fp8_formats))
+                variants.append((FP8, fp8_weights, config.w13_rows * H + H * inter, fp8_names, fp8_formats, None))
+                variants += [(f"{FP8} {gemm}", fp8_weights, variants[1][2], ["triton"],
+                              {"standard": fp8_formats["standard"]}, gemm) for gemm in fp8_gemms]
             for T in settings.tokens:
                 shape = dict(num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter, tokens_per_rank=T,
                              local_experts=L)
@@ -136,8 +142,9 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                 # The unquantized rows of the last mode (graph replay where timed) are also timed interleaved
                 # with the raw baseline in that mode (vs raw): drift during the run (clocks, temperature)
                 # moves both sides of that ratio alike.
-                for suffix, run_weights, expert_bytes, run_names, run_formats in variants:
+                for suffix, run_weights, expert_bytes, run_names, run_formats, fp8_gemm in variants:
                     paired = None if suffix or isinstance(raw_stats, Exception) else raw_run
+                    knob = (lambda: envs.overridden("TRITON_FP8_GEMM", fp8_gemm)) if fp8_gemm else contextlib.nullcontext
                     for fmt, disp in run_formats.items():
                         outs = _dispatch_all(disp, problems)
                         for name in run_names:
@@ -149,8 +156,9 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
                                 continue
                             run = _runner_call(backends[name], config, disp, outs, run_weights)
                             for mode in modes:
-                                timed = _try(lambda: _time(run, mode, len(outs), timing,
-                                                           paired if mode == modes[-1] else None))
+                                with knob():
+                                    timed = _try(lambda: _time(run, mode, len(outs), timing,
+                                                               paired if mode == modes[-1] else None))
                                 if isinstance(timed, Exception):
                                     skip(impl, timed, f"{fmt} {mode}: ")
                                     if mode == "eager":

@@ -68,6 +68,8 @@ class Settings:
     # Also fp8, in the same run: fp8 block-scaled experts in the runner suite (beside `dtype`'s), fp8
     # dispatch (use_fp8=True) beside each dispatcher that has it.
     fp8: bool = False
+    # With fp8: the triton runner's fp8 rows also under these values of EP_RUNTIME_TRITON_FP8_GEMM.
+    triton_fp8_gemms: list[str] = field(default_factory=list)
 
     def cases(self) -> list[tuple[int, int, int]]:
         """(E, K, H) of every swept layer shape."""
