@@ -162,6 +162,8 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
         why = "biases are not supported"
     elif config.apply_router_weight_on_input:
         why = "apply_router_weight_on_input is not supported"
+    elif quant.dtype != torch.float8_e4m3fn:
+        why = f"format={quant.format!r} stores {quant.dtype}; the kernels take float8_e4m3fn"
     elif (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2 or quant.activation_group != gluon_kernels.GROUP):
         why = (f"weight_block={tuple(quant.weight_block)} and activation_group={quant.activation_group}: the kernels "
                f"take 128 x 128 weight blocks and 128-channel activation groups")

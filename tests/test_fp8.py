@@ -852,15 +852,22 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
     """The Gluon GEMM 1's epilogue (the activation of its fp32 products, quantized to fp8 per 128 columns) under
     every activation config and both scale encodings: y equals the default triton kernels' y (their GEMM 1
     fuses the same activation and quantization rule) within bf16's tolerance, and, with fp32 scales, the float64
-    w8a8 reference (ue8m0 rounds the activation on another grid than the reference's)."""
+    w8a8 reference (ue8m0 rounds the activation on another grid than the reference's). Five programs, so each
+    takes ~13 work items in turn (the gate tile parked per item, c_smem and the ring reused, the next item's
+    prefetch); H=1536: 12 K steps, so passes start on either barrier phase; each 128-row block of w13 at its own
+    magnitude, so a scale stored in the wrong column or a gate/up mix-up changes y."""
+    from ep_runtime.runners import gluon_kernels
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
-    E, K, H, I, T = 8, 4, 1024, 512, 300
+    monkeypatch.setattr(gluon_kernels, "_sm_count", lambda index: 5)
+    E, K, H, I, T = 8, 4, 1536, 512, 300
     options = {"silu": {}, "ue8m0": {}, "gelu_not_gated": dict(activation="gelu", is_gated=False),
                "swiglu_alpha_limit": dict(gemm1_alpha=1.702, gemm1_clamp_limit=7.0)}[case]
     quant = QuantConfig(scale_encoding="ue8m0" if case == "ue8m0" else "fp32")
     gen = torch.Generator(device="cuda").manual_seed(11)
-    w13 = torch.randn(E, 2 * I if options.get("is_gated", True) else I, H, device="cuda", generator=gen) * H ** -0.5
+    rows = 2 * I if options.get("is_gated", True) else I
+    block_magnitude = 2.0 ** (torch.arange(rows, device="cuda") // 128 % 3)  # [1, 2, 4, 1, ...] per 128 rows
+    w13 = torch.randn(E, rows, H, device="cuda", generator=gen) * H ** -0.5 * block_magnitude[:, None]
     w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
     x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
     ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices.to(torch.int32)
