@@ -159,7 +159,7 @@ _knob("TRITON_FP8_GEMM", str, "triton",
       "EP_RUNTIME_TRITON_GEMM_KERNEL, activation and fp8 output fused into GEMM 1) or gluon (Gluon kernels that "
       "overlap each K step's scaling with the next tensor-core step: Hopper (compute capability 9.0) only, no "
       "biases, no apply_router_weight_on_input, 128 x 128 weight blocks, contiguous weights, hidden and intermediate "
-      "sizes multiples of 512; GEMM 1's rows are gathered in expert order (more scratch memory), its epilogue "
+      "sizes multiples of 128; GEMM 1's rows are gathered in expert order (more scratch memory), its epilogue "
       "activates and quantizes as triton's does; GEMM 2's output is bf16 whatever x's dtype; a block_config given "
       "is not used; an error where it cannot run).",
       choices=("triton", "gluon"))

@@ -58,10 +58,9 @@ except (ImportError, AttributeError) as exc:  # an older triton, or none
 
 def unsupported(x: torch.Tensor, N1: int, K1: int, N2: int, K2: int) -> Optional[str]:
     """Why the Gluon GEMMs cannot run these shapes here (None: they can): GEMM 1 [*, K1] x [N1, K1]^T and GEMM 2
-    [*, K2] x [N2, K2]^T. They need the Gluon API, a CUDA device of capability 9.0 (wgmma), N a multiple of 128
-    and K of 128 * GROUP_STEPS, and at least NUM_STAGES - 1 K steps."""
-    for name, size, multiple in (("N1", N1, GROUP), ("N2", N2, GROUP), ("K1", K1, GROUP * GROUP_STEPS),
-                                 ("K2", K2, GROUP * GROUP_STEPS)):
+    [*, K2] x [N2, K2]^T. They need the Gluon API, a CUDA device of capability 9.0 (wgmma), and N and K multiples
+    of 128 (the scale blocks)."""
+    for name, size, multiple in (("N1", N1, GROUP), ("N2", N2, GROUP), ("K1", K1, GROUP), ("K2", K2, GROUP)):
         if size % multiple:
             return f"{name}={size} is not a multiple of {multiple}"
     if gluon is None:
@@ -139,15 +138,23 @@ if gluon is not None:
     @gluon.jit
     def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, NUM_STAGES: gl.constexpr,
                 GROUP_STEPS: gl.constexpr):
-        """One work item's scaled product over K (its first NUM_STAGES - 1 loads already issued): returns acc."""
+        """One work item's scaled product over K (its first NUM_STAGES - 1 loads already issued): returns acc. The
+        steps past the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each waited."""
         acc = zero
-        for k in range(0, k_steps, GROUP_STEPS):
+        grouped = k_steps - k_steps % GROUP_STEPS
+        for k in range(0, grouped, GROUP_STEPS):
             _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
             pending = _issue_mma(ring, step + k, zero, False)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             for i in gl.static_range(1, GROUP_STEPS):
                 pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
                                                       zero, sa_rows, sw_ptr, stride_sw)
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
+            acc = acc + done * scale
+        for k in range(grouped, k_steps):
+            _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
+            pending = _issue_mma(ring, step + k, zero, False)
+            scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
             acc = acc + done * scale
         return acc

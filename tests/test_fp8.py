@@ -443,17 +443,17 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
         torch.randn(E, H, I, generator=gen))
     x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
     monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
-    # what the layer asks is refused first, on any machine: biases; sizes not multiples of 512 (H = 128 here)
+    # what the layer asks is refused first, on any machine: biases; sizes not multiples of 128 (H = 192)
     with pytest.raises(ValueError, match="FP8_GEMM='gluon' cannot run here: biases are not supported"):
         ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
                                  b13=torch.zeros(E, 2 * I), b2=torch.zeros(E, H))
-    H2, I2 = 512, 512
-    (p13, t13), (p2, t2) = q.quantize_weight(torch.randn(E, 2 * I2, H2, generator=gen)), q.quantize_weight(
-        torch.randn(E, H2, I2, generator=gen))
-    with pytest.raises(ValueError, match="cannot run here: .*cpu"):  # sizes fit: the device is what is left
+    H2 = 192
+    (p13, t13), (p2, t2) = q.quantize_weight(torch.randn(E, 2 * I, H2, generator=gen)), q.quantize_weight(
+        torch.randn(E, H2, I, generator=gen))
+    with pytest.raises(ValueError, match="cannot run here: N2=192 is not a multiple of 128"):
         ep.runners.fused_experts(torch.randn(3, H2, generator=gen), p13, p2, ids, weights, w13_scale_inv=t13,
                                  w2_scale_inv=t2)
-    with pytest.raises(ValueError, match="cannot run here: K1=128 is not a multiple of 512"):
+    with pytest.raises(ValueError, match="cannot run here: .*cpu"):  # sizes fit: the device is what is left
         ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
     monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "triton")
     assert torch.isfinite(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)).all()
@@ -853,14 +853,15 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
     every activation config and both scale encodings: y equals the default triton kernels' y (their GEMM 1
     fuses the same activation and quantization rule) within bf16's tolerance, and, with fp32 scales, the float64
     w8a8 reference (ue8m0 rounds the activation on another grid than the reference's). Five programs, so each
-    takes ~13 work items in turn (the gate tile parked per item, c_smem and the ring reused, the next item's
-    prefetch); H=1536: 12 K steps, so passes start on either barrier phase; each 128-row block of w13 at its own
-    magnitude, so a scale stored in the wrong column or a gate/up mix-up changes y."""
+    takes several work items in turn (the gate tile parked per item, c_smem and the ring reused, the next item's
+    prefetch); H=1664 and I=640: 13 and 5 K steps, each GEMM's groups of four steps then one step alone, and
+    passes starting on either barrier phase; each 128-row block of w13 at its own magnitude, so a scale stored in
+    the wrong column or a gate/up mix-up changes y."""
     from ep_runtime.runners import gluon_kernels
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
     monkeypatch.setattr(gluon_kernels, "_sm_count", lambda index: 5)
-    E, K, H, I, T = 8, 4, 1536, 512, 300
+    E, K, H, I, T = 8, 4, 1664, 640, 300
     options = {"silu": {}, "ue8m0": {}, "gelu_not_gated": dict(activation="gelu", is_gated=False),
                "swiglu_alpha_limit": dict(gemm1_alpha=1.702, gemm1_clamp_limit=7.0)}[case]
     quant = QuantConfig(scale_encoding="ue8m0" if case == "ue8m0" else "fp32")
