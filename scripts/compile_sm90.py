@@ -5,6 +5,7 @@
     python scripts/compile_sm90.py --kernels portable --split-k 4    # GEMM 2 with its K loop split
     python scripts/compile_sm90.py --masked                        # the masked runner's kernels, default tiles
     python scripts/compile_sm90.py --gluon          # the Gluon fp8 GEMMs (triton 3.6, as on the lent GPUs)
+    python scripts/compile_sm90.py --others         # every other runner, quantization and exchange kernel
 
 Nothing is launched: a stand-in driver reports a CUDA capability 9.0 target, every launch only
 compiles (Triton's own warm-up path), and ptxas (bundled with triton) reports registers and spills
@@ -58,6 +59,9 @@ def main() -> None:
     p.add_argument("--split-k", type=int, default=1, help="the portable kernel's GEMM 2 with GemmTiles.split_k")
     p.add_argument("--masked", action="store_true", help="the masked runner's two GEMMs instead (its default tiles)")
     p.add_argument("--gluon", action="store_true", help="the Gluon fp8 GEMMs instead (runners/gluon_kernels.py)")
+    p.add_argument("--others", action="store_true",
+                   help="instead, the kernels around the GEMMs: alignment, quantization, activation, reduction, and "
+                        "the exchange's layout, plan, packing and gathers (compiles or not, per launcher)")
     args = p.parse_args()
     driver.set_active(_Hopper())
     compiled = []
@@ -78,6 +82,8 @@ def main() -> None:
         return _compile_masked(compiled)
     if args.gluon:
         return _compile_gluon(compiled, compile_only)
+    if args.others:
+        return _compile_others(compiled)
     for kernel in args.kernels or kernels.GEMM_KERNELS:
         for fp8 in (False, True):
             for fuse in (True, False):
@@ -170,6 +176,52 @@ def _compile_gluon(compiled: list, compile_only) -> None:
                                    torch.empty(L, H, I, dtype=f8), torch.empty(L, H // 128, I // 128),
                                    torch.empty(T * K, H, dtype=torch.bfloat16), aligned)
         print(f"gluon gemm2 {f'by pair, K={I}':<20} {_describe(compiled[-1])}", flush=True)
+
+
+def _compile_others(compiled: list) -> None:
+    """Each launcher of the kernels that are not GEMMs, on small CPU placeholders: which kernels it compiles, or
+    why it failed (a triton release that changed the language shows here before any GPU run)."""
+    from ep_runtime import quant_kernels
+    from ep_runtime.dispatchers import exchange_kernels as exchange
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.runners import triton_kernels as kernels
+
+    T, K, L, E, R, H, I = 16, 4, 4, 8, 2, 512, 256
+    ids, weights = torch.randint(0, L, (T, K), dtype=torch.int32), torch.rand(T, K)
+    x, slots = torch.empty(T, H, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.long)
+    rank_of, global_of = torch.arange(E, dtype=torch.int32) // (E // R), torch.arange(L, dtype=torch.int32)
+    table = torch.zeros(R, exchange.row_layout(R, E, 2).length, dtype=torch.int32)
+    send_token = send_rank = torch.zeros(2 * T, dtype=torch.long)
+    rows, meta = exchange.payload_views(torch.empty(2 * T, exchange.payload_bytes(H, x.dtype, K), dtype=torch.uint8),
+                                        H, x.dtype, K)
+    launchers = {
+        "align_pairs (one program, with quantize_rows)": lambda: kernels.align_pairs(
+            ids, None, 0, L, 64, single_program=True, quantize=quant_kernels.plan_rows(x, QuantConfig())),
+        "align_pairs (four kernels)": lambda: kernels.align_pairs(ids, None, 0, L, 64, single_program=False),
+        "quantize_rows (ue8m0 bytes)": lambda: quant_kernels.quantize_rows(
+            x, QuantConfig(scale_encoding="ue8m0"), scale=torch.empty(T, H // 128, dtype=torch.uint8)),
+        "act_and_mul": lambda: kernels.act_and_mul(torch.empty(T * K, 2 * I, dtype=x.dtype), I),
+        "topk_reduce": lambda: kernels.topk_reduce(torch.empty(T * K, H, dtype=x.dtype),
+                                                   kernels.align_workspace(T * K, L, 64, x.device).computed, K,
+                                                   weights, 1.0, x.dtype),
+        "layout_row": lambda: exchange.layout_row(ids, weights, rank_of, R, 3, wants=(1, 2)),
+        "table_plan (static)": lambda: exchange.table_plan(torch.zeros(T, R, dtype=torch.bool), table, 0, global_of,
+                                                           2 * T, chunk=T, rows=T + 8),
+        "summarize": lambda: exchange.summarize(table, 0, global_of),
+        "pack_payload (fp8)": lambda: exchange.pack_payload(x, ids, weights, send_token, send_rank, rank_of, None,
+                                                            quant=QuantConfig()),
+        "take_rows": lambda: exchange.take_rows(rows, meta, torch.zeros(8, dtype=torch.long), 2 * T),
+        "ll_plan": lambda: exchange.ll_plan(ids, weights, L, True),
+        "ll_scatter": lambda: exchange.ll_scatter(x, slots, weights, L * T),
+        "gather_rows": lambda: exchange.gather_rows(x, slots, weights),
+    }
+    for name, launch in launchers.items():
+        first = len(compiled)
+        try:
+            launch()
+            print(f"{name:<48} {', '.join(k.name for k in compiled[first:])}", flush=True)
+        except Exception as err:  # noqa: BLE001 - reported, the next one compiles
+            print(f"{name:<48} FAILED {type(err).__name__}: {str(err).strip()[:300]}", flush=True)
 
 
 def _describe(kernel) -> str:
