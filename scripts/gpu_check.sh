@@ -3,7 +3,10 @@
 # Sections (each bounded by `timeout` within one overall budget, GPU_CHECK_BUDGET_S, default 570 s; each prints
 # `<name> rc=<code>`):
 #   install                      pip install the tree (60 s)
-#   pytest -m gpu                the gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
+#   pytest gluon                 the GPU tests of the Gluon kernels (tests/test_fp8.py -k gluon) first, on their own
+#                                clock: a pipelined kernel that waits forever on a barrier costs 90 s, and the rest of
+#                                the run then leaves the Gluon path out (its pytest cases and bench rows) (90 s)
+#   pytest -m gpu                the other gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
 #                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer;
 #                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~60 s, its times printed
 #                                as `fault_probe:` lines) (330 s: ~250 s on a fast lent host, more on a slow one)
@@ -47,8 +50,14 @@ PLOT=$(python -c "import matplotlib" 2>/dev/null && echo yes || echo no)
 plot_arg() { [ "$PLOT" = yes ] && echo "--plot $W/$1.png"; }
 
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed package is used
+  (cd /tmp && timeout -k 10 "$(budget 90)" python -m pytest -q -m gpu -k gluon -p no:cacheprovider --rootdir "$REPO" \
+     "$REPO/tests/test_fp8.py") >"$W/pytest_gluon.log" 2>&1
+  rc=$?; section "pytest gluon" $rc; grep -E "^(FAILED|ERROR)" "$W/pytest_gluon.log" | head -10; tail -2 "$W/pytest_gluon.log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "the Gluon tests did not finish: no Gluon rows in the runner benches"; RUNNER_ARGS=${RUNNER_ARGS//--triton-fp8-gemm gluon/}
+  fi
   # The example has its own section below (it may not exit: issue 16).
-  (cd /tmp && timeout -k 10 "$(budget 330)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph${PYTEST_K:+ and ($PYTEST_K)}" \
+  (cd /tmp && timeout -k 10 "$(budget 330)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph and not gluon${PYTEST_K:+ and ($PYTEST_K)}" \
      -p no:cacheprovider --rootdir "$REPO" "$REPO/tests") >"$W/pytest_gpu.log" 2>&1
   section "pytest -m gpu" $?; grep -E "^(FAILED|ERROR)" "$W/pytest_gpu.log" | head -20; tail -3 "$W/pytest_gpu.log"
   grep "fault_probe:" "$W/pytest_gpu.log" | cut -c1-260
