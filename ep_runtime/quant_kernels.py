@@ -86,18 +86,24 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, filter_ptr, rows_per_count, H, G, stride_x, stride_q, stride_s,
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, filter_ptr, span, H, G, stride_x, stride_q, stride_s,
                               fp8_max, min_amax, GROUP: tl.constexpr, GROUPS: tl.constexpr, UE8M0: tl.constexpr,
-                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, ROW_FILTER: tl.constexpr):
+                              SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr, ROW_FILTER: tl.constexpr,
+                              SPAN_PAD: tl.constexpr = 1):
         """Program (r, b): row r's groups of block b. Rows the filter leaves out are neither read nor
-        written: ROW_FILTER 1, a flag per row (0: skip); 2, a count per block of rows_per_count rows (rows
-        of the block from that count on are skipped: an expert-major buffer's padding past masked_m)."""
+        written: ROW_FILTER 1, a flag per row (0: skip); 2, a count per block of `span` rows (rows of the
+        block from that count on are skipped: an expert-major buffer's padding past masked_m); 3, a flag per
+        pair, `span` pairs per row (SPAN_PAD >= span): a row none of whose pairs is computed is skipped."""
         row = tl.program_id(0).to(tl.int64)
         if ROW_FILTER == 1:
             if tl.load(filter_ptr + row) == 0:
                 return
         if ROW_FILTER == 2:
-            if row % rows_per_count >= tl.load(filter_ptr + row // rows_per_count):
+            if row % span >= tl.load(filter_ptr + row // span):
+                return
+        if ROW_FILTER == 3:
+            k = tl.arange(0, SPAN_PAD)
+            if tl.max(tl.load(filter_ptr + row * span + k, mask=k < span, other=0).to(tl.int32), 0) == 0:
                 return
         quantize_row_groups(x_ptr, q_ptr, s_ptr, row, tl.program_id(1), H, G, stride_x, stride_q, stride_s, fp8_max,
                             min_amax, GROUP, GROUPS, UE8M0, SCALE_BYTE, ROUND_FIRST)
@@ -118,20 +124,31 @@ class RowQuantization:
     meta: dict
 
     def launch(self, row_ok: Optional[torch.Tensor] = None, row_counts: Optional[torch.Tensor] = None,
-               rows_per_count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """row_ok [T] bool, or row_counts [T / rows_per_count] int: the rows to quantize (quantize_rows)."""
-        if row_ok is not None and row_counts is not None:
-            raise ValueError("quantize_rows takes row_ok or row_counts, not both")
+               rows_per_count: int = 1, computed_pairs: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """row_ok [T] bool, or row_counts [T / rows_per_count] int, or computed_pairs [T * K] bool (a row is
+        quantized when one of its K pairs is computed: an alignment's AlignedPairs.computed, whose GEMM reads
+        no other row): the rows to quantize (quantize_rows)."""
+        if sum(f is not None for f in (row_ok, row_counts, computed_pairs)) > 1:
+            raise ValueError("quantize_rows takes one of row_ok, row_counts or computed_pairs")
         T = self.x.shape[0]
         if row_counts is not None and (rows_per_count < 1 or row_counts.numel() * rows_per_count != T):
             raise ValueError(f"row_counts has {row_counts.numel()} counts of rows_per_count={rows_per_count} rows; x has "
                              f"{T} rows (one count per block of rows, rows_per_count >= 1)")
+        if computed_pairs is not None and (computed_pairs.dtype != torch.bool or (T and computed_pairs.numel() % T)):
+            raise ValueError(f"computed_pairs has {computed_pairs.numel()} {computed_pairs.dtype} entries; x has {T} rows "
+                             f"(a bool per pair, the same number of pairs per row)")
         if T:
-            filter_by = row_ok.view(torch.uint8) if row_ok is not None else row_counts
+            filter_by, span, mode = self.x, rows_per_count, 0
+            if row_ok is not None:
+                filter_by, mode = row_ok.view(torch.uint8), 1
+            elif row_counts is not None:
+                filter_by, mode = row_counts, 2
+            elif computed_pairs is not None:
+                filter_by, span, mode = computed_pairs.view(torch.uint8), computed_pairs.numel() // T, 3
             _quantize_rows_kernel[(T, self.group_blocks)](
-                self.x, self.q, self.scale, filter_by if filter_by is not None else self.x, rows_per_count,
-                *self.args, ROW_FILTER=1 if row_ok is not None else 2 if row_counts is not None else 0, num_warps=4,
-                **self.meta)
+                self.x, self.q, self.scale, filter_by, span, *self.args, ROW_FILTER=mode,
+                SPAN_PAD=next_power_of_2(max(span, 1)) if mode == 3 else 1, num_warps=4, **self.meta)
         return self.q, self.scale
 
 

@@ -505,9 +505,13 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     out: align_workspace(N*K, L, block_m, device) to write into (a caller reusing it across calls
     allocates nothing); None allocates one. single_program: one launch (default up to
     SINGLE_PROGRAM_MAX_PAIRS pairs) or four; the same result either way. quantize: rows to quantize as
-    well (quant_kernels.plan_rows), in the same launch on the one-program path, else by their own kernel
-    first. Sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
+    well (quant_kernels.plan_rows), every row in the same launch on the one-program path, else by their own
+    kernel after the alignment, only rows with a computed pair (the others, which no GEMM reads, are left as
+    they were: an expert-major buffer's capacity rows are mostly padding). Sync-free: shapes depend on N, K, L and BLOCK_M only (CUDA-graph capturable)."""
     L = num_local_experts
+    if quantize is not None and quantize.x.shape[0] != topk_ids.shape[0]:
+        raise ValueError(f"quantize has {quantize.x.shape[0]} rows; topk_ids {topk_ids.shape[0]} (the rows are the ids' "
+                         f"tokens: one row per row of topk_ids)")
     # read flat: pair p = t*K + k; int64 ids stay int64 before a table (clamped there, never wrapped)
     keep = id_table is not None and topk_ids.dtype == torch.int64
     ids = (topk_ids if keep else topk_ids.to(torch.int32)).contiguous()
@@ -538,8 +542,6 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
             _align_quantize_kernel[(1 + work,)](*align_args, quantize.x, quantize.q, quantize.scale,
                                                 quantize.group_blocks, *quantize.args, **align_meta, **quantize.meta)
         return aligned
-    if quantize is not None:
-        quantize.launch()
     num_chunks = cdiv(P, ALIGN_CHUNK)
     _align_count_kernel[(num_chunks,)](ids, table, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
                                        table.numel(), mask.numel(), L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4,
@@ -553,6 +555,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     _align_scatter_kernel[(num_chunks,)](ids, table, aligned.computed, aligned.chunk_offsets, aligned.padded,
                                          aligned.sorted_pair_ids, P, first_expert, table.numel(),
                                          HAS_TABLE=lookup["HAS_TABLE"], CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
+    if quantize is not None:  # only rows with a computed pair (capacity or padded buffers: mostly none)
+        quantize.launch(computed_pairs=aligned.computed)
     return aligned
 
 

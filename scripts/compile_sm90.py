@@ -197,7 +197,8 @@ def _compile_others(compiled: list) -> None:
     launchers = {
         "align_pairs (one program, with quantize_rows)": lambda: kernels.align_pairs(
             ids, None, 0, L, 64, single_program=True, quantize=quant_kernels.plan_rows(x, QuantConfig())),
-        "align_pairs (four kernels)": lambda: kernels.align_pairs(ids, None, 0, L, 64, single_program=False),
+        "align_pairs (four kernels, then quantize_rows)": lambda: kernels.align_pairs(
+            ids, None, 0, L, 64, single_program=False, quantize=quant_kernels.plan_rows(x, QuantConfig())),
         "quantize_rows (ue8m0 bytes)": lambda: quant_kernels.quantize_rows(
             x, QuantConfig(scale_encoding="ue8m0"), scale=torch.empty(T, H // 128, dtype=torch.uint8)),
         "act_and_mul": lambda: kernels.act_and_mul(torch.empty(T * K, 2 * I, dtype=x.dtype), I),

@@ -91,11 +91,15 @@ def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L
     # The one-launch path (decode sizes) must produce the very buffers the four kernels do, so the
     # GEMMs downstream compute bit for bit the same; out= reuses a workspace that holds another
     # call's result (stale values must not leak through). With rows to quantize (fp8 experts) the
-    # one-launch path runs the quantization's programs beside the alignment's: both results unchanged.
+    # one-launch path runs the quantization's programs beside the alignment's (every row), the four-kernel
+    # path its own kernel after them, on the rows with a computed pair only (the others are left as they
+    # were: no GEMM reads them): the alignment unchanged, the rows quantized by the torch rule's bits.
     from ep_runtime.quant import QuantConfig
     from ep_runtime.quant_kernels import plan_rows
     gen = torch.Generator().manual_seed(T + block_m)
     ids = torch.randint(-1, first + L + 2, (T, K), generator=gen, dtype=torch.int32)
+    if T > 1:
+        ids[-1] = -1  # a row with no computed pair
     mask = (torch.rand(first + L + 3, generator=gen) > 0.2) if masked else None
     four = kernels.align_pairs(ids, mask, first, L, block_m, single_program=False)
     stale = kernels.align_pairs(torch.randint(0, L, (T, K), generator=gen, dtype=torch.int32), None, 0, L, block_m)
@@ -107,18 +111,26 @@ def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L
     one = kernels.align_pairs(ids, mask, first, L, block_m, out=stale, single_program=True)
     assert one is stale and one.work_queue.tolist() == [0, 0]
     quant = QuantConfig(scale_encoding="ue8m0")
-    # (its rows need not be the ids' tokens: a few keep the interpreter quick; three groups, one partial)
-    x = (torch.randn(min(T, 3), 300, generator=gen) * 10).to(torch.bfloat16)
+    x = (torch.randn(T, 300, generator=gen) * 10).to(torch.bfloat16)  # three groups, one partial
     want_q, want_s = quant.quantize_activation(x)
-    for single in (True, False) if T <= 40 else (True,):
+    with_pair = four.computed.view(T, K).any(1)
+    assert T <= 1 or not with_pair.all()
+    for single in (True, False) if T <= 40 else (True,) if T <= 100 else ():  # (interpreted: a program per row)
         rows = plan_rows(x, quant, interpreted=True)
+        rows.q.view(torch.uint8).fill_(0x55)
+        rows.scale.fill_(-1.0)
         with_rows = kernels.align_pairs(ids, mask, first, L, block_m, single_program=single, quantize=rows)
-        assert torch.equal(rows.q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(rows.scale, want_s)
+        done = torch.ones_like(with_pair) if single else with_pair
+        assert torch.equal(rows.q.view(torch.uint8)[done], want_q.view(torch.uint8)[done])
+        assert torch.equal(rows.scale[done], want_s[done])
+        assert (rows.q.view(torch.uint8)[~done] == 0x55).all() and (rows.scale[~done] == -1.0).all()
         for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
             assert torch.equal(getattr(with_rows, name), getattr(four, name)), (name, single)
     for name in ("sorted_pair_ids", "block_expert", "computed", "used_blocks"):
         assert torch.equal(getattr(one, name), getattr(four, name)), name
     assert torch.equal(kernels.align_pairs(ids, mask, first, L, block_m).sorted_pair_ids, four.sorted_pair_ids)
+    with pytest.raises(ValueError, match=f"quantize has {T + 1} rows; topk_ids {T} "):  # rows not the ids' tokens
+        kernels.align_pairs(ids, mask, first, L, block_m, quantize=plan_rows(torch.zeros(T + 1, 300), quant))
 
 
 # ------------------------------------------------------------------------------------ kernels alone
