@@ -58,32 +58,21 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 _PORTS_GIVEN: set = set()  # by free_port in this process: two calls never hand out the same port
-
-
-def _ephemeral_ports() -> tuple:
-    """The kernel's range for ports it picks itself (bind to 0, a client's connect); Linux's default
-    where it cannot be read."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(v) for v in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+_FREE_PORTS = range(10000, 15000)  # below the Slurm steps' ports (slurm_port) and the kernel's ephemeral range
 
 
 def free_port() -> int:
     """A TCP port that is free now, for a rendezvous server that binds it a moment later.
 
-    Taken between the Slurm steps' ports (slurm_port: 15000..29999) and the kernel's ephemeral range:
-    a port from bind(("", 0)) lies in that range, where another process's outgoing connection (a
-    gloo pair, a store client) may be given it before the server binds it (EADDRINUSE, seen in CI).
-    Random (from the OS, not the `random` module a test may seed, or forked ranks would pick alike)
-    and never the same twice in one process; bind(0) only when that gap is small or all taken."""
-    low, _ = _ephemeral_ports()
+    Taken from 10000..14999, below the Slurm steps' ports (slurm_port: 15000..29999) and Linux's ephemeral
+    range (32768.. by default; Kubernetes' NodePorts are 30000..32767): a port from bind(("", 0)) lies in the
+    ephemeral range, where another process's outgoing connection (a gloo pair, a store client) may be given it
+    before the server binds it (EADDRINUSE, seen in CI). Random (from the OS, not the `random` module a test
+    may seed, or forked ranks would pick alike) and never the same twice in one process; bind(0) only when 64
+    tries found none free."""
     pick = random.SystemRandom()
-    below = range(30000, low) if low >= 30000 + 512 else range(0)
-    for _ in range(64 if below else 0):
-        port = pick.choice(below)
+    for _ in range(64):
+        port = pick.choice(_FREE_PORTS)
         if port in _PORTS_GIVEN:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

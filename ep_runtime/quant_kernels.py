@@ -135,9 +135,10 @@ class RowQuantization:
         if row_counts is not None and (rows_per_count < 1 or row_counts.numel() * rows_per_count != T):
             raise ValueError(f"row_counts has {row_counts.numel()} counts of rows_per_count={rows_per_count} rows; x has "
                              f"{T} rows (one count per block of rows, rows_per_count >= 1)")
-        if computed_pairs is not None and (computed_pairs.dtype != torch.bool or (T and computed_pairs.numel() % T)):
+        if computed_pairs is not None and (computed_pairs.dtype != torch.bool or (T and computed_pairs.numel() % T)
+                                           or not computed_pairs.is_contiguous()):
             raise ValueError(f"computed_pairs has {computed_pairs.numel()} {computed_pairs.dtype} entries; x has {T} rows "
-                             f"(a bool per pair, the same number of pairs per row)")
+                             f"(a contiguous bool per pair, read flat, the same number of pairs per row)")
         if T:
             filter_by, span, mode = self.x, rows_per_count, 0
             if row_ok is not None:

@@ -189,8 +189,9 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
                         quantize=to_quantize)
     if P:
-        # row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding ids (= P) read the last token (computed,
-        # never stored by GEMM 2)
+        # row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding ids (= P) read the last token's row (maybe
+        # never quantized: align_pairs leaves rows without a computed pair; row by row, only the padding rows'
+        # results see it, and GEMM 2 stores none of them)
         rows = aligned.sorted_pair_ids.clamp(max=P - 1) // K
         torch.index_select(x.view(torch.uint8), 0, rows, out=a1.view(torch.uint8))
         torch.index_select(x_scale, 0, rows, out=s1)

@@ -344,6 +344,8 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),
     (["--fp8", "--triton-fp8-gemm", "cublas"], "--triton-fp8-gemm cublas: allowed triton, gluon"),
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
+    (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),
+    (["--fp8", "--triton-fp8-gemm", "gluon", "--runners", "masked"], "keep both in --runners and --runner-formats"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

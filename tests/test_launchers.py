@@ -294,22 +294,20 @@ def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch
 
 
 def test_free_port_is_outside_the_ephemeral_range_and_never_repeats():
-    """free_port's ports lie below the kernel's ephemeral range (a port there can be given to another
-    process's outgoing connection before the rendezvous binds it: EADDRINUSE in CI) and above the
-    Slurm steps' ports; a seeded `random` (forked ranks share its state) does not make it repeat."""
+    """free_port's ports lie in 10000..14999: below the kernel's ephemeral range (a port there can be given to
+    another process's outgoing connection before the rendezvous binds it: EADDRINUSE in CI) and the Slurm steps'
+    ports; a seeded `random` (forked ranks share its state) does not make it repeat; each is free."""
     import random
     import socket
 
-    low, _ = distributed._ephemeral_ports()
-    if low < 30000 + 512:
-        pytest.skip(f"this machine's ephemeral range starts at {low}: free_port falls back to bind(0)")
     ports = []
     for _ in range(20):
         random.seed(0)
         ports.append(distributed.free_port())
     assert len(set(ports)) == len(ports), ports
-    assert all(30000 <= p < low for p in ports), (ports, low)
-    for port in ports[:3]:  # free: a server can bind it
+    assert all(10000 <= p < 15000 for p in ports), ports
+    assert distributed.slurm_port(0, 0) >= 15000
+    for port in ports[:3]:
         with socket.socket() as server:
             server.bind(("", port))
 

@@ -141,6 +141,9 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         raise ValueError(f"--triton-fp8-gemm {','.join(args.triton_fp8_gemm)}: allowed {', '.join(gemm_knob.choices)}")
     if args.triton_fp8_gemm and not (args.fp8 or args.dtype == "fp8"):
         raise ValueError("--triton-fp8-gemm times fp8 rows: add --fp8")
+    if args.triton_fp8_gemm and ("standard" not in formats or (args.runners is not None and "triton" not in args.runners)):
+        raise ValueError("--triton-fp8-gemm times the triton runner on the standard format: keep both in --runners and "
+                         "--runner-formats")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(

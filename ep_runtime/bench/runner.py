@@ -90,7 +90,7 @@ def runner_suite(settings: Settings, device: torch.device, ep_size: int, progres
     fp8_names = [n for n in names if settings.fp8 and not (n == "torch" and device.type == "cuda")]
     fp8_gemms = settings.triton_fp8_gemms if "triton" in fp8_names and "standard" in settings.runner_formats else []
     total = len(settings.cases()) * len(settings.tokens) * (
-        (len(names) + len(fp8_names)) * len(settings.runner_formats) + len(fp8_gemms) + 1 + (2 if settings.fp8 else 0))
+        (len(names) + len(fp8_names)) * len(settings.runner_formats) + len(fp8_gemms) + 1 + (len(FP8_BASELINES) if settings.fp8 else 0))
     bar = Progress(total, progress, "runner")
     inter = settings.intermediate_size
     try:
