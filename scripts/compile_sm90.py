@@ -230,9 +230,12 @@ def _describe(kernel) -> str:
     counts = " ".join(f"{name}={len(re.findall(pattern, ptx))}" for name, pattern in PATTERNS.items())
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                          text=True).stderr
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for ptxas in ("ptxas", "ptxas-blackwell"):  # newer triton writes PTX its plain ptxas is too old to read
+        info = subprocess.run([os.path.join(tools, ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        if "Unsupported .version" not in info:
+            break
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores", info)
