@@ -21,6 +21,8 @@ class MoeConfig:
     w2[e] @ act(w1 @ x) (not gated; w13 has I rows).
     gemm1_alpha / gemm1_clamp_limit select gpt-oss's SwiGLU (gated silu only):
         gate = min(gate, limit); up = clamp(up, -limit, limit); h = gate * sigmoid(alpha * gate) * (up + 1).
+    gemm1_clamp_limit alone clamps the same way before a gated activation (DeepSeek-V4's SwiGLU):
+        gate = min(gate, limit); up = clamp(up, -limit, limit); h = act(gate) * up.
     routed_scaling_factor multiplies the layer output (DeepSeek); apply_router_weight_on_input
     multiplies each (token, expert) input by its weight instead of the output (Llama 4).
     """
@@ -47,13 +49,11 @@ class MoeConfig:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-        if self.gemm1_alpha is not None or self.gemm1_clamp_limit is not None:
-            if not (self.is_gated and self.activation == "silu"):
-                raise ValueError(
-                    "gemm1_alpha / gemm1_clamp_limit (gpt-oss SwiGLU) need is_gated=True and activation='silu'; "
-                    f"got is_gated={self.is_gated}, activation={self.activation!r}")
-        if self.gemm1_clamp_limit is not None and self.gemm1_alpha is None:
-            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} needs gemm1_alpha (gpt-oss SwiGLU uses both)")
+        if self.gemm1_alpha is not None and not (self.is_gated and self.activation == "silu"):
+            raise ValueError("gemm1_alpha (gpt-oss SwiGLU) needs is_gated=True and activation='silu'; "
+                             f"got is_gated={self.is_gated}, activation={self.activation!r}")
+        if self.gemm1_clamp_limit is not None and not self.is_gated:
+            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} clamps gate and up: it needs is_gated=True")
         if self.gemm1_alpha is not None:
             object.__setattr__(self, "gemm1_alpha", finite_float("gemm1_alpha", self.gemm1_alpha))
         if self.gemm1_clamp_limit is not None and not self.gemm1_clamp_limit > 0:

@@ -17,8 +17,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
     if state_dict is not None:
         model.save_pretrained(path, state_dict=state_dict)
 
-An MoE block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights,
-a clamped SwiGLU, ...) is never skipped silently: replace_experts raises naming it before anything
+Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
+block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights, a softcapped
+gate, ...) is never skipped silently: replace_experts raises naming it before anything
 changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MoeConfig
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .routing import TopKOutput
@@ -82,13 +84,15 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
     return QuantConfig(weight_block=tuple(block), activation_group=block[1]), dtype
 
 
-# FP8Experts' _apply_gate settings (from the model config) that change act(gate) * up
-_FP8_GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "swiglu_limit", "limit")
+# an _apply_gate override's settings (transformers' FP8Experts takes them from the model config): named in the
+# error when the gate is none of the forms EPMoE computes, and the candidates _gate_form probes
+_GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
 def _check_plain_swiglu(experts: nn.Module) -> None:
     """An error naming what makes `experts` compute something other than
-    sum_k w_k * down_proj[e] @ (act(gate) * up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights."""
+    sum_k w_k * down_proj[e] @ gated(gate, up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights
+    (the gate itself: _gate_form)."""
     name = type(experts).__name__
     flags = {"is_transposed": False, "is_concatenated": True, "has_gate": True, "has_bias": False,
              "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
@@ -99,24 +103,46 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
     if isinstance(getattr(experts, "post_expert_norm", None), nn.Module):
         raise ValueError(f"experts={name} has a post_expert_norm (a norm on each expert's output before the "
                          f"router weight); EPExperts does not apply it")
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    if apply_gate is not None:
-        try:
-            from transformers.integrations.moe import _default_apply_gate
-        except ImportError:  # pragma: no cover - a transformers without the experts interface
-            _default_apply_gate = None
-        plain_fp8 = apply_gate.__qualname__ == "FP8Experts._apply_gate" and all(
-            getattr(experts, knob, None) is None for knob in _FP8_GATE_KNOBS)  # its gate is the default then
-        if apply_gate is not _default_apply_gate and not plain_fp8:
-            knobs = {k: getattr(experts, k) for k in _FP8_GATE_KNOBS if getattr(experts, k, None) is not None}
-            raise ValueError(f"experts={name} overrides _apply_gate (e.g. a clamped SwiGLU) with "
-                             f"{apply_gate.__qualname__}{f' ({knobs})' if knobs else ''}; EPExperts runs "
-                             f"act(gate) * up only")
     w13, w2 = experts.gate_up_proj, experts.down_proj
     E, two_i, H = w13.shape
     if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
                          f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
+
+
+def _gate_form(experts: nn.Module, activation: str) -> tuple[Optional[float], Optional[float]]:
+    """(gemm1_alpha, gemm1_clamp_limit) under which EPMoE computes what `experts` does to [gate; up]: (None, None)
+    for act(gate) * up. An _apply_gate override (DeepSeek-V4's clamped SwiGLU, MiniMax-M3's gpt-oss gate on [gate;
+    up], transformers' FP8Experts with the model's swiglu_limit / swiglu_alpha) is taken when one of the forms
+    its own settings name computes what it computes on a probe; else an error naming it."""
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover - a transformers without the experts interface
+        _default_apply_gate = None
+    if apply_gate is None or apply_gate is _default_apply_gate:
+        return None, None
+    knobs = {k: getattr(experts, k) for k in _GATE_KNOBS if getattr(experts, k, None) is not None}
+    numbers_of = lambda keys: [float(knobs[k]) for k in keys if k in knobs and isinstance(knobs[k], numbers.Real)]  # noqa: E731
+    limits, alphas = numbers_of(("swiglu_limit", "limit")), numbers_of(("swiglu_alpha", "alpha"))
+    scale = max([abs(v) for v in limits] + [1.0])
+    probe = torch.linspace(-3 * scale, 3 * scale, 4 * 32, dtype=torch.float64).view(4, 32)
+    try:
+        out = experts._apply_gate(probe)
+    except Exception:  # noqa: BLE001 - a gate that cannot take a float64 probe is not one of ours
+        out = None
+    if isinstance(out, torch.Tensor) and out.shape == (4, 16):
+        from .runners.torch_runner import activate
+        for alpha, limit in [(None, None)] + [(None, lim) for lim in limits] + [(a, lim) for a in alphas
+                                                                                for lim in limits]:
+            if (limit is not None and not limit > 0) or (alpha is not None and activation != "silu"):
+                continue
+            config = MoeConfig(1, 1, 1, 16, activation=activation, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
+            if torch.allclose(out, activate(probe, config), rtol=1e-9, atol=1e-12):
+                return alpha, limit
+    raise ValueError(f"experts={type(experts).__name__} overrides _apply_gate with {apply_gate.__qualname__}"
+                     f"{f' ({knobs})' if knobs else ''}, which computes none of act(gate) * up, its clamped form "
+                     f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe")
 
 
 def _gpt_oss_gate(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -186,11 +212,14 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 @dataclass(frozen=True)
 class _Conversion:
     """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, with its activation and, for fp8 experts, their format."""
+    in and out) or the plain [gate; up] one, with its activation, its gate's clamp and alpha (_gate_form)
+    and, for fp8 experts, their format."""
     gpt_oss: bool
     activation: str
     quant: Optional[QuantConfig]
     dtype: torch.dtype
+    gemm1_alpha: Optional[float] = None
+    gemm1_clamp_limit: Optional[float] = None
 
 
 def _conversion(experts: nn.Module) -> _Conversion:
@@ -215,11 +244,15 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"and up differently; EPExperts does not convert them")
     _check_plain_swiglu(experts)
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
+    act_fn = getattr(experts, "act_fn", None)
     try:
-        activation = activation_name(experts.act_fn)
+        activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, activation, quant, dtype)
+    alpha, limit = _gate_form(experts, activation or "silu")
+    if activation is None and alpha is None:  # (gpt-oss's gate needs none: MiniMax-M3's module has no act_fn)
+        raise ValueError(f"experts={name} has no act_fn; EPExperts supports {', '.join(_ACTIVATIONS)}")
+    return _Conversion(False, activation or "silu", quant, dtype, alpha, limit)
 
 
 class EPExperts(nn.Module):
@@ -231,7 +264,8 @@ class EPExperts(nn.Module):
     to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
-    Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    A clamped SwiGLU on [gate; up] (DeepSeek-V4; MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and
+    gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
@@ -264,7 +298,8 @@ class EPExperts(nn.Module):
         quant = conversion.quant
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
-                           activation=conversion.activation, dispatcher_options=dispatcher_options,
+                           activation=conversion.activation, gemm1_alpha=conversion.gemm1_alpha,
+                           gemm1_clamp_limit=conversion.gemm1_clamp_limit, dispatcher_options=dispatcher_options,
                            runner_options=runner_options, num_redundant_experts=num_redundant_experts)
         if quant is None:
             self.layer.load_experts(w13.detach(), w2.detach())

@@ -47,15 +47,16 @@ def expert_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, confi
     I = config.intermediate_size
     if not config.is_gated:
         a = _activation(h, config.activation)
-    elif config.gemm1_alpha is not None:
+    else:
         gate, up = h[:, :I], h[:, I:]
         if config.gemm1_clamp_limit is not None:
             limit = config.gemm1_clamp_limit
             gate = torch.minimum(gate, torch.full_like(gate, limit))
             up = torch.maximum(torch.minimum(up, torch.full_like(up, limit)), torch.full_like(up, -limit))
-        a = gate / (1 + torch.exp(-config.gemm1_alpha * gate)) * (up + 1)
-    else:
-        a = _activation(h[:, :I], config.activation) * h[:, I:]
+        if config.gemm1_alpha is not None:
+            a = gate / (1 + torch.exp(-config.gemm1_alpha * gate)) * (up + 1)
+        else:
+            a = _activation(gate, config.activation) * up
     if fp8_activations:
         a = fp8_round_trip(a)
     out = torch.einsum("pi,hi->ph", a, w2)

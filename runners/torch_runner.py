@@ -24,11 +24,11 @@ def activate(h: torch.Tensor, config: MoeConfig) -> torch.Tensor:
     if not config.is_gated:
         return _act(h, config.activation)
     gate, up = h.split(config.intermediate_size, dim=-1)
+    limit = config.gemm1_clamp_limit
+    if limit is not None:  # gpt-oss's and DeepSeek-V4's clamped SwiGLU
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
     if config.gemm1_alpha is not None:  # gpt-oss SwiGLU
-        limit = config.gemm1_clamp_limit
-        if limit is not None:
-            gate = gate.clamp(max=limit)
-            up = up.clamp(-limit, limit)
         return gate * torch.sigmoid(config.gemm1_alpha * gate) * (up + 1)
     return _act(gate, config.activation) * up
 

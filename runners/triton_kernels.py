@@ -575,11 +575,12 @@ def activation_args(activation: str, is_gated: bool, gemm1_alpha: Optional[float
 def activate(g, u, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
              HAS_LIMIT: tl.constexpr):
     """fp32 gate g and up u (ignored when not gated) -> fp32 act(g) * u, or act(g); the one copy of the
-    activation math, used by GEMM 1's fused epilogue, _act_and_mul_kernel and the masked runner."""
-    if SWIGLU_ALPHA:  # gpt-oss: gate clamped above, up clamped both sides, up + 1
-        if HAS_LIMIT:
-            g = tl.minimum(g, limit)
-            u = tl.maximum(tl.minimum(u, limit), -limit)
+    activation math, used by GEMM 1's fused epilogue, _act_and_mul_kernel, the masked runner and the Gluon GEMM.
+    HAS_LIMIT (gated): gate clamped above, up clamped both sides first (gpt-oss, DeepSeek-V4)."""
+    if HAS_LIMIT:
+        g = tl.minimum(g, limit)
+        u = tl.maximum(tl.minimum(u, limit), -limit)
+    if SWIGLU_ALPHA:  # gpt-oss: up + 1
         a = g * tl.sigmoid(alpha * g) * (u + 1.0)
     else:
         if ACTIVATION == 0:

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CONFIGS = {
     "default": {},
     "gpt_oss_bias_scaled": dict(gemm1_alpha=1.702, gemm1_clamp_limit=7.0, has_bias=True, routed_scaling_factor=2.5),
+    "clamped_swiglu": dict(gemm1_clamp_limit=0.5),
     "not_gated_gelu_tanh_weight_on_input": dict(is_gated=False, activation="gelu_tanh",
                                                 apply_router_weight_on_input=True),
 }

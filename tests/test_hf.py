@@ -150,18 +150,12 @@ def _experts(module_name, cls_name, config_name, **fields):
 
 
 def test_experts_that_compute_something_else_are_rejected():
-    """Experts whose forward is not sum_k w_k * down(act(gate) * up) must not be swapped silently:
-    DeepSeek-V4's clamped SwiGLU (_apply_gate), MuSE-Spark's per-expert output norm, MiniMax-M3's
-    gpt-oss style gate on [gate; up], Llama 4's transposed weights."""
+    """Experts whose forward is not sum_k w_k * down(gated(gate, up)) must not be swapped silently:
+    MuSE-Spark's per-expert output norm, Llama 4's transposed weights."""
     cases = [
-        (("deepseek_v4", "DeepseekV4Experts", "DeepseekV4Config"),
-         dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, swiglu_limit=0.1, q_lora_rank=8),
-         "overrides _apply_gate"),
         (("muse_spark", "MuseSparkExperts", "MuseSparkTextConfig"),
          dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_attention_heads=4,
               num_key_value_heads=2), "has_post_expert_norm=True"),
-        (("minimax_m3_vl", "MiniMaxM3VLExperts", "MiniMaxM3VLTextConfig"),
-         dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4), "overrides _apply_gate"),
         (("llama4", "Llama4TextExperts", "Llama4TextConfig"),
          dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "needs \\[E, 2I, H\\] and \\[E, H, I\\]"),
     ]
@@ -174,17 +168,68 @@ def test_experts_that_compute_something_else_are_rejected():
             ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
 
 
-def test_fp8_experts_with_a_clamped_gate_are_rejected():
-    """transformers' FP8Experts clamps its SwiGLU when the model config has swiglu_limit (DeepSeek-V4):
-    EPExperts' fp8 path computes act(gate) * up, so such experts are refused, not run unclamped."""
+@pytest.mark.parametrize("family", ["deepseek_v4", "minimax_m3_vl"])
+def test_clamped_swiglu_experts_run_exactly(family):
+    """A clamped SwiGLU on [gate; up] (an _apply_gate override): DeepSeek-V4's act(min(gate, L)) * clamp(up, +-L)
+    becomes gemm1_clamp_limit=L, MiniMax-M3's gpt-oss gate gemm1_alpha and gemm1_clamp_limit; EPExperts then
+    equals the module, outputs and input gradients, in float64 up to the router weights' fp32 rounding (the layer
+    takes them as fp32: 6e-8 relative), with a limit small enough that most values clamp."""
+    names, fields, alpha = {
+        "deepseek_v4": (("deepseek_v4", "DeepseekV4Experts", "DeepseekV4Config"),
+                        dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, swiglu_limit=0.1,
+                             q_lora_rank=8), None),
+        "minimax_m3_vl": (("minimax_m3_vl", "MiniMaxM3VLExperts", "MiniMaxM3VLTextConfig"),
+                          dict(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, swiglu_limit=0.1,
+                               swiglu_alpha=1.5), 1.5),
+    }[family]
+    try:
+        experts = _experts(*names, **fields).double()
+    except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
+        pytest.skip(f"{names[1]}: {err}")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in (experts.gate_up_proj, experts.down_proj):
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * 0.5)
+    swapped = ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+    assert swapped.layer.config.gemm1_clamp_limit == 0.1 and swapped.layer.config.gemm1_alpha == alpha
+    x = torch.randn(9, 32, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 4, (9, 2), generator=gen)
+    ids[3, 1] = 4  # HF's "no expert"
+    weights = torch.rand(9, 2, generator=gen, dtype=torch.float64)
+    ys, grads = [], []
+    for module in (experts, swapped):
+        xr = x.clone().requires_grad_(True)
+        y = module(xr, ids, weights)
+        (y * torch.linspace(-1, 1, 32, dtype=torch.float64)).sum().backward()
+        ys.append(y.detach())
+        grads.append(xr.grad)
+    assert rel_err(ys[1], ys[0]) < 1e-6 and rel_err(grads[1], grads[0]) < 1e-6, (rel_err(ys[1], ys[0]),
+                                                                                 rel_err(grads[1], grads[0]))
+    gate_up = torch.einsum("th,eoh->teo", x, experts.gate_up_proj.detach())
+    assert (gate_up[..., :16] > 0.1).float().mean() > 0.3  # the clamp acts
+
+
+def test_fp8_experts_with_a_clamped_gate_run_it_and_a_softcapped_gate_is_rejected():
+    """transformers' FP8Experts clamps its SwiGLU when the model config has swiglu_limit (DeepSeek-V4): EPExperts
+    runs it with gemm1_clamp_limit; a softcapped gate (mlp_gate_softcap) is none of EPMoE's forms: refused, naming
+    the settings, not run as act(gate) * up."""
     fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("no DeepseekV4Config in this transformers")
     config = transformers.DeepseekV4Config(hidden_size=128, moe_intermediate_size=128, num_local_experts=4,
                                            swiglu_limit=10.0, q_lora_rank=8)
     experts = fp8_module.FP8Experts(config, block_size=(128, 128))
-    with pytest.raises(ValueError, match="overrides _apply_gate .*'swiglu_limit': 10.0"):
-        ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+    gen = torch.Generator().manual_seed(5)
+    for w in (experts.gate_up_proj, experts.down_proj):  # (made uninitialized: any bits, NaN too)
+        w.data.copy_(torch.randn(w.shape, generator=gen).to(w.dtype))
+    for scale in (experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv):
+        scale.data.fill_(0.01)
+    swapped = ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+    assert swapped.layer.config.gemm1_clamp_limit == 10.0 and swapped.layer.config.gemm1_alpha is None
+    config.mlp_gate_softcap, config.mlp_up_softcap = 5.0, 5.0
+    with pytest.raises(ValueError, match="overrides _apply_gate .*'gate_softcap': 5.0.* computes none of"):
+        ep.hf.EPExperts(fp8_module.FP8Experts(config, block_size=(128, 128)), 2, dispatcher="standard",
+                        runner="torch")
 
 
 def test_blocks_that_cannot_be_swapped_fail_loudly():

@@ -20,6 +20,7 @@ CONFIGS = {
     "non_gated_silu": dict(is_gated=False),
     "gpt_oss_swiglu": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.3, has_bias=True),
     "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+    "clamped_swiglu": dict(gemm1_clamp_limit=0.3),  # DeepSeek-V4: act(min(gate, L)) * clamp(up, -L, L)
     "routed_scaling": dict(routed_scaling_factor=2.5),
     "weight_on_input": dict(apply_router_weight_on_input=True),
 }
@@ -32,9 +33,11 @@ def test_config_fields_match_reference(name):
     assert max(errors.values()) <= tolerance(torch.float64), errors
 
 
-def test_gpt_oss_clamp_is_active():
-    # A tight limit must change the result (otherwise the clamp test above could not fail).
-    kw = dict(gemm1_alpha=1.702, runner="torch", dtype=torch.float64)
+@pytest.mark.parametrize("alpha", [1.702, None])
+def test_gpt_oss_clamp_is_active(alpha):
+    # A tight limit must change the result (otherwise the clamp tests above could not fail), with gpt-oss's alpha
+    # and without (DeepSeek-V4's clamped SwiGLU).
+    kw = dict(gemm1_alpha=alpha, runner="torch", dtype=torch.float64)
     a = ep.EPMoE(4, 1, 16, 8, gemm1_clamp_limit=0.05, **kw)
     b = ep.EPMoE(4, 1, 16, 8, **kw)
     b.load_state_dict(a.state_dict())
@@ -89,8 +92,8 @@ def test_bad_input_names_argument_value_and_range(bad, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(activation="relu"), "activation='relu'; allowed: silu, gelu, gelu_tanh"),
     (dict(top_k=9), "top_k=9 must be <= num_experts=8"),
-    (dict(gemm1_alpha=1.0, activation="gelu"), "gemm1_alpha / gemm1_clamp_limit"),
-    (dict(gemm1_clamp_limit=7.0), "needs gemm1_alpha"),
+    (dict(gemm1_alpha=1.0, activation="gelu"), r"gemm1_alpha \(gpt-oss SwiGLU\) needs is_gated=True and activation="),
+    (dict(gemm1_clamp_limit=7.0, is_gated=False), "gemm1_clamp_limit=7.0 clamps gate and up: it needs is_gated=True"),
     (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor=inf must be a finite number"),
     (dict(gemm1_alpha=float("nan")), "gemm1_alpha=nan must be a finite number"),
     (dict(num_experts=True), "num_experts=True must be an int >= 1"),

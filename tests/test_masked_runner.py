@@ -25,6 +25,7 @@ CONFIGS = {
     "bias_not_gated": dict(has_bias=True, is_gated=False, activation="gelu"),
     "gpt_oss": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.5, has_bias=True),
     "alpha_only": dict(gemm1_alpha=1.702),
+    "clamped_swiglu": dict(gemm1_clamp_limit=0.5),
     "routed_scaling_factor": dict(routed_scaling_factor=2.5),
     "apply_router_weight_on_input": dict(apply_router_weight_on_input=True),  # folded in by the dispatcher
 }

@@ -162,6 +162,7 @@ ACTIVATIONS = {
     "silu": dict(), "gelu": dict(activation="gelu"), "gelu_tanh": dict(activation="gelu_tanh"),
     "non_gated_gelu": dict(activation="gelu", is_gated=False),
     "gpt_oss": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.4), "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+    "clamped_silu": dict(gemm1_clamp_limit=0.4), "clamped_gelu_tanh": dict(activation="gelu_tanh", gemm1_clamp_limit=0.4),
 }
 
 
@@ -579,6 +580,7 @@ CONFIGS = {
     "non_gated_silu": dict(is_gated=False),
     "gpt_oss_swiglu": dict(gemm1_alpha=1.702, gemm1_clamp_limit=0.3, has_bias=True),
     "gpt_oss_no_limit": dict(gemm1_alpha=1.702),
+    "clamped_swiglu": dict(gemm1_clamp_limit=0.3),
     "routed_scaling": dict(routed_scaling_factor=2.5),
     "weight_on_input": dict(apply_router_weight_on_input=True, has_bias=True),
 }
