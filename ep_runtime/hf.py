@@ -24,6 +24,7 @@ changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def activation_name(act_fn: Any) -> str:
     """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
     probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
     try:
-        out = act_fn(probe)
+        out = act_fn(probe.clone())  # (an in-place activation must not change what it is compared with)
     except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)
         raise ValueError(f"act_fn={act_fn!r} cannot be probed ({err}); EPExperts supports "
                          f"{', '.join(_ACTIVATIONS)}") from None
@@ -110,37 +111,47 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
                          f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
 
 
-def _gate_form(experts: nn.Module, activation: str) -> tuple[Optional[float], Optional[float]]:
-    """(gemm1_alpha, gemm1_clamp_limit) under which EPMoE computes what `experts` does to [gate; up]: (None, None)
-    for act(gate) * up. An _apply_gate override (DeepSeek-V4's clamped SwiGLU, MiniMax-M3's gpt-oss gate on [gate;
-    up], transformers' FP8Experts with the model's swiglu_limit / swiglu_alpha) is taken when one of the forms
-    its own settings name computes what it computes on a probe; else an error naming it."""
-    apply_gate = getattr(type(experts), "_apply_gate", None)
+def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Optional[float], Optional[float]]:
+    """(activation, gemm1_alpha, gemm1_clamp_limit) under which EPMoE computes what `experts` does to [gate; up];
+    activation: what its act_fn computes (None: it has none). Without an _apply_gate override that is
+    act_fn(gate) * up. An override (DeepSeek-V4's clamped SwiGLU, MiniMax-M3's gpt-oss gate on [gate; up],
+    transformers' FP8Experts with the model's swiglu_limit / swiglu_alpha) is taken when one of the forms its own
+    settings name computes what it computes on a probe (magnitudes 1e-3..1e6 either sign, and around each named
+    limit; given a copy, so an in-place gate cannot change the comparison; float32 rounding inside it allowed);
+    else an error naming it."""
+    name = type(experts).__name__
+    apply_gate = getattr(experts, "_apply_gate", None)
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:  # pragma: no cover - a transformers without the experts interface
         _default_apply_gate = None
-    if apply_gate is None or apply_gate is _default_apply_gate:
-        return None, None
+    if apply_gate is None or getattr(apply_gate, "__func__", None) is _default_apply_gate:
+        if activation is None:
+            raise ValueError(f"experts={name} has no act_fn; EPExperts supports {', '.join(_ACTIVATIONS)}")
+        return activation, None, None
     knobs = {k: getattr(experts, k) for k in _GATE_KNOBS if getattr(experts, k, None) is not None}
-    numbers_of = lambda keys: [float(knobs[k]) for k in keys if k in knobs and isinstance(knobs[k], numbers.Real)]  # noqa: E731
-    limits, alphas = numbers_of(("swiglu_limit", "limit")), numbers_of(("swiglu_alpha", "alpha"))
-    scale = max([abs(v) for v in limits] + [1.0])
-    probe = torch.linspace(-3 * scale, 3 * scale, 4 * 32, dtype=torch.float64).view(4, 32)
+    numbers_of = lambda keys: [float(knobs[k]) for k in keys if isinstance(knobs.get(k), numbers.Real)  # noqa: E731
+                               and not isinstance(knobs[k], bool) and math.isfinite(knobs[k])]
+    limits, alphas = [v for v in numbers_of(("swiglu_limit", "limit")) if v > 0], numbers_of(("swiglu_alpha", "alpha"))
+    values = torch.cat([torch.logspace(-3, 6, 28, dtype=torch.float64)] +
+                       [torch.tensor([0.5, 0.99, 1.01, 2.0, 3.0], dtype=torch.float64) * v for v in limits])
+    values = torch.cat([values, -values])
+    n = values.numel()  # rows [gate | up]: every gate value beside two ups of either sign
+    probe = torch.stack([torch.cat([values, values.flip(0)]), torch.cat([values, values.roll(1)])])
     try:
-        out = experts._apply_gate(probe)
+        out = experts._apply_gate(probe.clone())
     except Exception:  # noqa: BLE001 - a gate that cannot take a float64 probe is not one of ours
         out = None
-    if isinstance(out, torch.Tensor) and out.shape == (4, 16):
+    if isinstance(out, torch.Tensor) and out.shape == (2, n):
         from .runners.torch_runner import activate
-        for alpha, limit in [(None, None)] + [(None, lim) for lim in limits] + [(a, lim) for a in alphas
-                                                                                for lim in limits]:
-            if (limit is not None and not limit > 0) or (alpha is not None and activation != "silu"):
-                continue
-            config = MoeConfig(1, 1, 1, 16, activation=activation, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
-            if torch.allclose(out, activate(probe, config), rtol=1e-9, atol=1e-12):
-                return alpha, limit
-    raise ValueError(f"experts={type(experts).__name__} overrides _apply_gate with {apply_gate.__qualname__}"
+        acts = [activation] if activation is not None else list(_ACTIVATIONS)
+        candidates = ([(a, None, None) for a in acts] + [(a, None, lim) for a in acts for lim in limits] +
+                      [("silu", alpha, lim) for alpha in alphas for lim in limits])
+        for act, alpha, limit in candidates:
+            config = MoeConfig(1, 1, 1, n, activation=act, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
+            if torch.allclose(out.double(), activate(probe, config), rtol=1e-6, atol=0.0):
+                return act, alpha, limit
+    raise ValueError(f"experts={name} overrides _apply_gate with {getattr(apply_gate, '__qualname__', apply_gate)}"
                      f"{f' ({knobs})' if knobs else ''}, which computes none of act(gate) * up, its clamped form "
                      f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe")
 
@@ -216,10 +227,10 @@ class _Conversion:
     and, for fp8 experts, their format."""
     gpt_oss: bool
     activation: str
+    gemm1_alpha: Optional[float]
+    gemm1_clamp_limit: Optional[float]
     quant: Optional[QuantConfig]
     dtype: torch.dtype
-    gemm1_alpha: Optional[float] = None
-    gemm1_clamp_limit: Optional[float] = None
 
 
 def _conversion(experts: nn.Module) -> _Conversion:
@@ -237,7 +248,7 @@ def _conversion(experts: nn.Module) -> _Conversion:
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
     if _is_gpt_oss(experts):
-        return _Conversion(True, "silu", None, w13.dtype)
+        return _Conversion(True, "silu", None, None, quant=None, dtype=w13.dtype)
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         if getattr(experts, bias, None) is not None:
             raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
@@ -249,10 +260,7 @@ def _conversion(experts: nn.Module) -> _Conversion:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    alpha, limit = _gate_form(experts, activation or "silu")
-    if activation is None and alpha is None:  # (gpt-oss's gate needs none: MiniMax-M3's module has no act_fn)
-        raise ValueError(f"experts={name} has no act_fn; EPExperts supports {', '.join(_ACTIVATIONS)}")
-    return _Conversion(False, activation or "silu", quant, dtype, alpha, limit)
+    return _Conversion(False, *_gate_form(experts, activation), quant=quant, dtype=dtype)
 
 
 class EPExperts(nn.Module):

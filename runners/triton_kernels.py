@@ -568,7 +568,7 @@ def activation_args(activation: str, is_gated: bool, gemm1_alpha: Optional[float
     with these, so the code table lives in one place."""
     return dict(alpha=float(gemm1_alpha or 0.0), limit=float(gemm1_clamp_limit or 0.0),
                 ACTIVATION=ACTIVATION_CODES[activation], GATED=is_gated,
-                SWIGLU_ALPHA=gemm1_alpha is not None, HAS_LIMIT=gemm1_clamp_limit is not None)
+                SWIGLU_ALPHA=gemm1_alpha is not None, HAS_LIMIT=gemm1_clamp_limit is not None and is_gated)
 
 
 @triton.jit

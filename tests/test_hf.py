@@ -209,6 +209,52 @@ def test_clamped_swiglu_experts_run_exactly(family):
     assert (gate_up[..., :16] > 0.1).float().mean() > 0.3  # the clamp acts
 
 
+class _GateExperts(torch.nn.Module):
+    """transformers-style experts with only what EPExperts reads: 3-D weights and an _apply_gate override
+    clamping gate and up at `clamp_at` (in place, as a gate written with clamp_ may), silu, no act_fn (as
+    HY-V4's and GLM-5-next's experts); `limit` the setting it names (None: none)."""
+
+    def __init__(self, clamp_at: float, limit=None):
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 32, 16, generator=gen, dtype=torch.float64))
+        self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 16, generator=gen, dtype=torch.float64))
+        self.clamp_at, self.limit = clamp_at, limit
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate.clamp_(max=self.clamp_at)
+        up.clamp_(-self.clamp_at, self.clamp_at)
+        return torch.nn.functional.silu(gate) * up
+
+    @torch.no_grad()  # (the in-place gate on chunk views: no autograd)
+    def forward(self, x, ids, weights):  # what transformers' experts compute, per (token, slot)
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                out[t] += weights[t, k] * (self.down_proj[e] @ self._apply_gate(self.gate_up_proj[e] @ x[t]))
+        return out
+
+
+def test_a_gate_is_identified_by_what_it_computes():
+    """_apply_gate is probed on a copy and over magnitudes 1e-3..1e6: an in-place clamp at its named limit runs
+    as gemm1_clamp_limit (silu taken from what the gate computes: the module has no act_fn) and equals the module;
+    a clamp at a limit the module does not name (or names wrongly) is refused, not run unclamped."""
+    experts = _GateExperts(0.5, limit=0.5)
+    swapped = ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
+    config = swapped.layer.config
+    assert (config.activation, config.gemm1_alpha, config.gemm1_clamp_limit) == ("silu", None, 0.5)
+    gen = torch.Generator().manual_seed(6)
+    x, ids = torch.randn(5, 16, generator=gen, dtype=torch.float64), torch.randint(0, 4, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(swapped(x, ids, weights), experts(x, ids, weights)) < 1e-6  # (router weights in fp32)
+    for unnamed in (_GateExperts(10.0), _GateExperts(5.0, limit=1.0)):
+        with pytest.raises(ValueError, match="overrides _apply_gate .* computes none of"):
+            ep.hf.EPExperts(unnamed, 2, dispatcher="standard", runner="torch")
+
+
 def test_fp8_experts_with_a_clamped_gate_run_it_and_a_softcapped_gate_is_rejected():
     """transformers' FP8Experts clamps its SwiGLU when the model config has swiglu_limit (DeepSeek-V4): EPExperts
     runs it with gemm1_clamp_limit; a softcapped gate (mlp_gate_softcap) is none of EPMoE's forms: refused, naming
