@@ -117,8 +117,8 @@ def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Opti
     act_fn(gate) * up. An override (DeepSeek-V4's clamped SwiGLU, MiniMax-M3's gpt-oss gate on [gate; up],
     transformers' FP8Experts with the model's swiglu_limit / swiglu_alpha) is taken when one of the forms its own
     settings name computes what it computes on a probe (magnitudes 1e-3..1e6 either sign, and around each named
-    limit; given a copy, so an in-place gate cannot change the comparison; float32 rounding inside it allowed);
-    else an error naming it."""
+    limit; given a copy, so an in-place gate cannot change the comparison; a gate computing in float32 passes:
+    1e-5 relative, and its underflow); else an error naming it."""
     name = type(experts).__name__
     apply_gate = getattr(experts, "_apply_gate", None)
     try:
@@ -149,7 +149,7 @@ def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Opti
                       [("silu", alpha, lim) for alpha in alphas for lim in limits])
         for act, alpha, limit in candidates:
             config = MoeConfig(1, 1, 1, n, activation=act, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
-            if torch.allclose(out.double(), activate(probe, config), rtol=1e-6, atol=0.0):
+            if torch.allclose(out.double(), activate(probe, config), rtol=1e-5, atol=1e-30):  # (fp32 inside)
                 return act, alpha, limit
     raise ValueError(f"experts={name} overrides _apply_gate with {getattr(apply_gate, '__qualname__', apply_gate)}"
                      f"{f' ({knobs})' if knobs else ''}, which computes none of act(gate) * up, its clamped form "

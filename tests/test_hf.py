@@ -237,10 +237,17 @@ class _GateExperts(torch.nn.Module):
         return out
 
 
+class _Float32Gate(_GateExperts):
+    def _apply_gate(self, gate_up):  # the plain SwiGLU computed in float32 (as Beam's experts do)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate_up.dtype)
+
+
 def test_a_gate_is_identified_by_what_it_computes():
     """_apply_gate is probed on a copy and over magnitudes 1e-3..1e6: an in-place clamp at its named limit runs
     as gemm1_clamp_limit (silu taken from what the gate computes: the module has no act_fn) and equals the module;
-    a clamp at a limit the module does not name (or names wrongly) is refused, not run unclamped."""
+    a plain gate computing in float32 passes as plain; a clamp at a limit the module does not name (or names
+    wrongly) is refused, not run unclamped."""
     experts = _GateExperts(0.5, limit=0.5)
     swapped = ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
     config = swapped.layer.config
@@ -250,6 +257,8 @@ def test_a_gate_is_identified_by_what_it_computes():
     weights = torch.rand(5, 2, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(swapped(x, ids, weights), experts(x, ids, weights)) < 1e-6  # (router weights in fp32)
+    plain = ep.hf.EPExperts(_Float32Gate(0.0), 2, dispatcher="standard", runner="torch").layer.config
+    assert (plain.activation, plain.gemm1_alpha, plain.gemm1_clamp_limit) == ("silu", None, None)
     for unnamed in (_GateExperts(10.0), _GateExperts(5.0, limit=1.0)):
         with pytest.raises(ValueError, match="overrides _apply_gate .* computes none of"):
             ep.hf.EPExperts(unnamed, 2, dispatcher="standard", runner="torch")
