@@ -154,15 +154,17 @@ _knob("TRITON_GEMM_SCHEDULE", str, "auto",
       "frees up: no program waits for a late one, e.g. while an overlapped exchange's kernel holds some SMs "
       "at the GEMM's launch; set it when overlapping exchanges with prefill GEMMs).",
       choices=("auto", "static", "dynamic"))
-_knob("TRITON_FP8_GEMM", str, "triton",
-      "runner='triton' with fp8 block-scaled experts: the grouped GEMMs of its w8a8 step: triton (the kernels of "
+_knob("TRITON_FP8_GEMM", str, "auto",
+      "runner='triton' with fp8 block-scaled experts: the grouped GEMMs of its w8a8 step: auto (gluon where it can "
+      "run, for bf16 results, no block_config given and at least 256 (token, expert) slots per local expert "
+      "(prefill sizes, where it was faster on an H200); else triton), triton (the kernels of "
       "EP_RUNTIME_TRITON_GEMM_KERNEL, activation and fp8 output fused into GEMM 1) or gluon (Gluon kernels that "
       "overlap each K step's scaling with the next tensor-core step: Hopper (compute capability 9.0) only, no "
       "biases, no apply_router_weight_on_input, 128 x 128 weight blocks, contiguous weights, hidden and intermediate "
       "sizes multiples of 128; GEMM 1's rows are gathered in expert order (more scratch memory), its epilogue "
       "activates and quantizes as triton's does; GEMM 2's output is bf16 whatever x's dtype; a block_config given "
-      "is not used; an error where it cannot run).",
-      choices=("triton", "gluon"))
+      "is not used; forced, an error where it cannot run).",
+      choices=("auto", "triton", "gluon"))
 _knob("SCRATCH_MB", int, 256,
       "MiB of scratch buffers kept between calls (runner='triton' and 'masked': pair alignment, intermediate "
       "rows; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "

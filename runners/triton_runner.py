@@ -74,7 +74,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         inp = inp.routed()
     interp = kernels.INTERPRETED
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
-    if quant is not None and envs.get("TRITON_FP8_GEMM") == "gluon":
+    if quant is not None and _fp8_gemm(inp, weights, config, x, block_config) == "gluon":
         return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
     N, K = inp.topk_ids.shape
     H, I = config.hidden_size, config.intermediate_size
@@ -147,32 +147,61 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
                                config.routed_scaling_factor, out_dtype, interpreted=interp)
 
 
+# From this many (token, expert) slots per local expert on (N*K over L: the host's bound on the computed pairs,
+# known without a sync) the Gluon GEMMs were faster on an H200 (2026-12-02, graph replays, the fp8 step's time
+# with triton's kernels over Gluon's): DeepSeek-V3 shard (32 experts, K=8) 0.87x / 0.95x / 1.10x / 1.20x /
+# 1.19x at 16 / 64 / 256 / 1024 / 4096 slots per expert; Mixtral (8 experts, K=2) 0.95x / 1.06x / 1.29x /
+# 1.20x / 1.33x at the same.
+GLUON_MIN_PAIRS_PER_EXPERT = 256
+
+
+def _fp8_gemm(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
+              block_config: Optional["kernels.BlockConfig"]) -> str:
+    """EP_RUNTIME_TRITON_FP8_GEMM resolved for this call: 'auto' takes the Gluon GEMMs where they can run, for
+    bf16 results (their GEMM 2 stores bf16), prefill-sized inputs (GLUON_MIN_PAIRS_PER_EXPERT; never an
+    expert-major buffer's capacity rows) and no block_config given (tiles the caller chose are for triton's
+    kernels); else 'triton'."""
+    choice = envs.get("TRITON_FP8_GEMM")
+    if choice != "auto":
+        return choice
+    N, K = inp.topk_ids.shape
+    if (block_config is not None or inp.capacity_rows or inp.output_dtype != torch.bfloat16
+            or N * K < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts):
+        return "triton"
+    return "triton" if _gluon_unsupported(weights, config, x) else "gluon"
+
+
+def _gluon_unsupported(weights: ExpertWeights, config: MoeConfig, x: torch.Tensor) -> Optional[str]:
+    """Why the Gluon fp8 step cannot run this layer here (None: it can): what the layer asks first (the same
+    answer on any machine), then what this machine can run."""
+    H, I, quant = config.hidden_size, config.intermediate_size, weights.quant
+    if weights.b13 is not None or weights.b2 is not None:
+        return "biases are not supported"
+    if config.apply_router_weight_on_input:
+        return "apply_router_weight_on_input is not supported"
+    if quant.dtype != torch.float8_e4m3fn:
+        return f"format={quant.format!r} stores {quant.dtype}; the kernels take float8_e4m3fn"
+    if tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2 or quant.activation_group != gluon_kernels.GROUP:
+        return (f"weight_block={tuple(quant.weight_block)} and activation_group={quant.activation_group}: the "
+                f"kernels take 128 x 128 weight blocks and 128-channel activation groups")
+    if not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv, weights.w2_scale_inv)):
+        return "the expert weights and their scales must be contiguous (TMA descriptors over them)"
+    return gluon_kernels.unsupported(x, I, H, H, I)
+
+
 def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
                        x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
-    """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM=gluon; runners/gluon_kernels.py):
+    """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM gluon, or auto: _fp8_gemm;
+    runners/gluon_kernels.py):
     align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
     with the activation and its fp8 quantization in the epilogue -> GEMM 2 (rows stored by pair) -> weighted
     top-k reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8,
     o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
-    # what the layer asks first (the same answer on any machine), then what this machine can run
-    why = None
-    if weights.b13 is not None or weights.b2 is not None:
-        why = "biases are not supported"
-    elif config.apply_router_weight_on_input:
-        why = "apply_router_weight_on_input is not supported"
-    elif quant.dtype != torch.float8_e4m3fn:
-        why = f"format={quant.format!r} stores {quant.dtype}; the kernels take float8_e4m3fn"
-    elif (tuple(quant.weight_block) != (gluon_kernels.GROUP,) * 2 or quant.activation_group != gluon_kernels.GROUP):
-        why = (f"weight_block={tuple(quant.weight_block)} and activation_group={quant.activation_group}: the kernels "
-               f"take 128 x 128 weight blocks and 128-channel activation groups")
-    elif not all(t.is_contiguous() for t in (weights.w13, weights.w2, weights.w13_scale_inv, weights.w2_scale_inv)):
-        why = "the expert weights and their scales must be contiguous (TMA descriptors over them)"
-    else:
-        why = gluon_kernels.unsupported(x, I, H, H, I)
+    why = _gluon_unsupported(weights, config, x)
     if why is not None:
-        raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'triton'")
+        raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'auto', 'triton'")
     P, device, out_dtype = N * K, x.device, inp.output_dtype
     block = gluon_kernels.BLOCK_M
 

@@ -5,7 +5,8 @@
 #   install                      pip install the tree (60 s)
 #   pytest gluon                 the GPU tests of the Gluon kernels (tests/test_fp8.py -k gluon) first, on their own
 #                                clock: a pipelined kernel that waits forever on a barrier costs 90 s, and the rest of
-#                                the run then leaves the Gluon path out (its pytest cases and bench rows) (90 s)
+#                                the run then leaves the Gluon path out (its pytest cases; bench rows with
+#                                EP_RUNTIME_TRITON_FP8_GEMM=triton) (90 s)
 #   pytest -m gpu                the other gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
 #                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer;
 #                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~60 s, its times printed
@@ -27,7 +28,8 @@
 #   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
 #   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
 #   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones; RUNNER_ARGS="--fp8
-#   --triton-fp8-gemm gluon": also the triton runner's fp8 rows on the Gluon GEMMs, Hopper only).
+#   --triton-fp8-gemm triton": also the triton runner's fp8 rows on its Triton kernels at every size, where the
+#   default takes the Gluon GEMMs at prefill sizes on Hopper).
 set -u
 OUT=${OUT:-/tmp/ep_gpu}
 W=$(mktemp -d)
@@ -54,8 +56,9 @@ if [ "${SKIP_PYTEST:-0}" != 1 ]; then  # outside the repo root so the installed 
      "$REPO/tests/test_fp8.py") >"$W/pytest_gluon.log" 2>&1
   rc=$?; section "pytest gluon" $rc; grep -E "^(FAILED|ERROR)" "$W/pytest_gluon.log" | head -10; tail -2 "$W/pytest_gluon.log"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    echo "the Gluon tests did not finish: no Gluon rows in the runner benches"
+    echo "the Gluon tests did not finish: the rest of the run keeps to triton's fp8 kernels"
     RUNNER_ARGS=$(echo "${RUNNER_ARGS:-}" | sed -E 's/--triton-fp8-gemm[= ][^ ]*//g')
+    export EP_RUNTIME_TRITON_FP8_GEMM=triton
   fi
   # The example has its own section below (it may not exit: issue 16).
   (cd /tmp && timeout -k 10 "$(budget 330)" python -m pytest -q -m gpu -k "not test_inference_cuda_graph and not gluon${PYTEST_K:+ and ($PYTEST_K)}" \

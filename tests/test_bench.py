@@ -250,7 +250,7 @@ def test_triton_fp8_rows_under_another_fp8_gemm_are_their_own_rows_or_skipped_wi
     gluon = [s for s in results.skipped if s["impl"] == "triton fp8 gluon"]
     assert len(gluon) == 1 and "EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here" in gluon[0]["reason"], gluon
     assert gluon[0]["reason"].startswith("standard ")
-    assert envs.get("TRITON_FP8_GEMM") == "triton"
+    assert envs.get("TRITON_FP8_GEMM") == "auto"
 
 
 def _finite_positive(value) -> bool:
@@ -342,7 +342,7 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--tokens", "a,b"], "not a comma-separated list"),
     (["--preset", "gpt9"], "invalid choice: 'gpt9'"),
     (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),
-    (["--fp8", "--triton-fp8-gemm", "cublas"], "--triton-fp8-gemm cublas: allowed triton, gluon"),
+    (["--fp8", "--triton-fp8-gemm", "cublas"], "--triton-fp8-gemm cublas: allowed auto, triton, gluon"),
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runners", "masked"], "keep both in --runners and --runner-formats"),

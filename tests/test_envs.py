@@ -51,7 +51,7 @@ def test_overridden_sets_a_knob_inside_the_block_and_restores_it(monkeypatch):
     monkeypatch.delenv("EP_RUNTIME_TRITON_FP8_GEMM", raising=False)
     with envs.overridden("TRITON_FP8_GEMM", "gluon"):
         assert envs.get("TRITON_FP8_GEMM") == "gluon"
-    assert envs.get("TRITON_FP8_GEMM") == "triton" and "EP_RUNTIME_TRITON_FP8_GEMM" not in envs.os.environ
+    assert envs.get("TRITON_FP8_GEMM") == "auto" and "EP_RUNTIME_TRITON_FP8_GEMM" not in envs.os.environ
     monkeypatch.setenv("EP_RUNTIME_SCRATCH_MB", "64")
     with pytest.raises(RuntimeError, match="inside"), envs.overridden("SCRATCH_MB", 0):
         assert envs.get("SCRATCH_MB") == 0
@@ -60,7 +60,7 @@ def test_overridden_sets_a_knob_inside_the_block_and_restores_it(monkeypatch):
     with pytest.raises(ValueError, match="EP_RUNTIME_TRITON_FP8_GEMM='cublas' is not allowed"):
         with envs.overridden("TRITON_FP8_GEMM", "cublas"):
             pass
-    assert envs.get("TRITON_FP8_GEMM") == "triton"
+    assert envs.get("TRITON_FP8_GEMM") == "auto"
 
 
 def test_unknown_knob():

@@ -462,6 +462,46 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
         ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
 
 
+def test_fp8_gemm_auto_takes_gluon_for_prefill_sized_bf16_steps_it_can_run(monkeypatch):
+    """EP_RUNTIME_TRITON_FP8_GEMM=auto (the default) resolves per call: the Gluon GEMMs from 256 (token, expert)
+    slots per local expert on, for bf16 results, with no block_config given and not on an expert-major buffer's
+    capacity rows; triton below that or where the Gluon step cannot run (biases, or this machine: its answer is
+    taken as a GPU of capability 9.0 would give it, so the rule itself is what is checked here); 'triton' and
+    'gluon' are taken as set."""
+    from ep_runtime.config import ExpertWeights
+    from ep_runtime.runner_core import RunnerInput
+    from ep_runtime.runners import gluon_kernels, triton_kernels, triton_runner
+    L, K, H, I = 4, 2, 128, 128
+    gen = _seeded(12)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(L, 2 * I, H, generator=gen)), q.quantize_weight(
+        torch.randn(L, H, I, generator=gen))
+    weights = ExpertWeights(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2, quant=q)
+    config = ep.MoeConfig(L, K, H, I)
+    threshold = triton_runner.GLUON_MIN_PAIRS_PER_EXPERT
+
+    def pick(tokens, dtype=torch.bfloat16, **changes):
+        x = torch.randn(tokens, H, generator=gen).to(dtype)
+        inp = RunnerInput(x, torch.randint(0, L, (tokens, K), generator=gen, dtype=torch.int32), torch.rand(tokens, K),
+                          torch.ones(L + 1, dtype=torch.bool), capacity_rows=changes.pop("capacity_rows", False))
+        return triton_runner._fp8_gemm(inp, changes.pop("weights", weights), config, x, changes.pop("block", None))
+
+    monkeypatch.delenv("EP_RUNTIME_TRITON_FP8_GEMM", raising=False)
+    assert pick(threshold * L // K) == "triton"  # on this CPU the Gluon kernels cannot run
+    monkeypatch.setattr(gluon_kernels, "unsupported", lambda *args: None)  # as on a GPU of capability 9.0
+    assert pick(threshold * L // K) == "gluon" and pick(4 * threshold * L // K) == "gluon"
+    assert pick(threshold * L // K - 1) == "triton"  # one token short of the threshold
+    assert pick(threshold * L // K, torch.float32) == "triton"  # its GEMM 2 stores bf16
+    assert pick(threshold * L // K, capacity_rows=True) == "triton"
+    tiles = triton_kernels.GemmTiles(64, 64, 1, 4, 1)
+    assert pick(threshold * L // K, block=triton_kernels.BlockConfig(16, tiles, tiles)) == "triton"
+    biased = ExpertWeights(q13, q2, torch.randn(L, 2 * I), torch.randn(L, H), s13, s2, q)
+    assert pick(threshold * L // K, weights=biased) == "triton"
+    for forced in ("triton", "gluon"):
+        monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", forced)
+        assert pick(1) == forced
+
+
 def test_fp8_split_k_gemm2_matches_the_fp8_reference():
     """Block-scaled GEMM 2 with its K loop split (GemmTiles.split_k: fp32 partial sums, each K step's
     scales as in one loop; I = 384 is three 128-channel steps, split 2 ways unevenly)."""
@@ -822,7 +862,8 @@ def test_gpu_fp8_deepseek_shard_matches_the_fp8_reference(kernel, monkeypatch):
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
         monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
-    else:
+    else:  # triton's fp8 kernels (512 tokens of 8 experts would take the Gluon GEMMs under auto)
+        monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "triton")
         monkeypatch.setenv("EP_RUNTIME_TRITON_GEMM_KERNEL", kernel)
     E, K, H, I, T = 8, 8, 7168, 2048, 512
     gen = torch.Generator(device="cuda").manual_seed(9)

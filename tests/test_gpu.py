@@ -39,6 +39,13 @@ CONFIGS = {
     "not_gated_gelu_tanh_weight_on_input": dict(is_gated=False, activation="gelu_tanh",
                                                 apply_router_weight_on_input=True),
 }
+# The gradients of gate and up through a clamp at 0.5 (most values clamped, so the forward shows the clamp) are
+# discontinuous there: a pre-activation within bf16's rounding of a limit (~0.006 wide at 0.5; values ~N(0, 1),
+# density 0.35, three limits: gate above, up both sides) falls on the other side than in float64 for ~0.6% of
+# them, and each such one's gradient is wholly wrong: sqrt(0.006) ~ 0.08 relative in dx and dw13, what every
+# pair measures (torch's runner on CPU in bf16 too; 0.009 at limit 3, 0.005 at 7). Bound: twice that; a clamp
+# whose gradient were passed through (or dropped) on the clamped values would be off by O(1).
+GRAD_TOLERANCE = {"clamped_swiglu": 0.16}
 E, K, H, INTER, M = 32, 4, 256, 128, 64  # INTER: intermediate size; M: static buffers' tokens per rank
 TOKENS = [64, 0, 37, 100, 5, 80, 1, 33]  # per rank; rank 1 routes nothing
 STATIC = {"deepep_ll": ("deepep_ll", lambda T, R: dict(num_max_dispatch_tokens_per_rank=T)),
@@ -352,7 +359,8 @@ def test_pair_matches_float64_reference_forward_and_backward(on_ranks, dispatche
         pytest.skip(value)
     assert status == "ok", value
     for errors in value:
-        assert max(errors.values()) <= tolerance(torch.bfloat16), errors
+        assert errors["y"] <= tolerance(torch.bfloat16), errors
+        assert max(errors.values()) <= GRAD_TOLERANCE.get(config, tolerance(torch.bfloat16)), errors
 
 
 @pytest.mark.parametrize("impl", list(ISOLATION))

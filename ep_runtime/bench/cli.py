@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the format has them) with fp8 baselines, and each dispatcher's use_fp8=True dispatch")
     p.add_argument("--triton-fp8-gemm", type=_name_list, default=[],
                    help="with --fp8: also the triton runner's fp8 rows with EP_RUNTIME_TRITON_FP8_GEMM set to each of "
-                        "these (e.g. gluon: 'triton fp8 gluon' rows; standard format only)")
+                        "these (e.g. triton: 'triton fp8 triton' rows, triton's kernels where the default, auto, may "
+                        "take the Gluon ones; standard format only)")
     p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
                    help="comma-separated: dispatch, runner, eplb, overlap (default dispatch,runner); eplb times the "
                         "whole EPMoE forward without redundant experts, with them, and after one rebalance; overlap: "

@@ -23,7 +23,8 @@ rowwise scales ("scaled_grouped_mm rowwise (raw)", where this torch and device s
 torch._scaled_mm per expert with the experts' own block scales ("scaled_mm blockwise per expert (raw)":
 cuBLAS's DeepSeek recipe, 1 x 128 activations and 128 x 128 weights, Hopper with CUDA >= 12.9).
 --triton-fp8-gemm adds the triton runner's fp8 rows under other values of EP_RUNTIME_TRITON_FP8_GEMM ("triton
-fp8 gluon" rows), on the standard format only (the prefill comparison it exists for).
+fp8 triton" rows: its Triton kernels at every size, where the default "triton fp8" rows take the Gluon GEMMs at
+prefill sizes on Hopper), on the standard format only (the prefill comparison it exists for).
 """
 from __future__ import annotations
 
