@@ -1,0 +1,120 @@
+"""Where the triton runner's fp8 prefill step spends its time, on one GPU: each kernel of the step (torch
+profiler, CUDA time per kernel name) under EP_RUNTIME_TRITON_FP8_GEMM=triton and =gluon, then the Gluon GEMMs
+alone under other pipeline settings (ring stages, row blocks swept together), each checked equal to the
+default's output (bit for bit: neither changes the order of any sum).
+
+    python scripts/profile_fp8_step.py [--tokens 4096,16384] [--json out.json]
+
+Shape: one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168, I=2048), routing uniform as the
+runner bench draws it. Kernel times are CUDA events over back-to-back calls after warm-up, eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import ep_runtime as ep
+from ep_runtime.bench.runner import runner_problem
+from ep_runtime.quant import QuantConfig
+
+L, K, H, I = 32, 8, 7168, 2048
+
+
+def _time_us(fn, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+def _kernels(fn) -> dict[str, float]:
+    """{kernel name: us per call} of one call of fn, as the CUDA profiler saw it."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total, 1) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="4096,16384")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    from ep_runtime.runners import gluon_kernels
+    from ep_runtime.scratch import SCRATCH
+
+    os.environ["EP_RUNTIME_SCRATCH_MB"] = "16384"  # keep the step's buffers: the GEMMs alone reuse them
+
+    device = torch.device("cuda", 0)
+    gen = torch.Generator().manual_seed(0)
+    quant = QuantConfig()
+    w13, s13 = quant.quantize_weight((torch.randn(L, 2 * I, H, device=device) * H ** -0.5))
+    w2, s2 = quant.quantize_weight((torch.randn(L, H, I, device=device) * I ** -0.5))
+    flops_per_pair = 2 * 3 * H * I
+    report = {"device": torch.cuda.get_device_name(device), "steps": {}, "variants": {}}
+    for T in (int(t) for t in args.tokens.split(",")):
+        x, topk, pairs, _ = runner_problem(gen, T, L, K, H, torch.bfloat16, device)
+
+        def step():
+            with torch.inference_mode():
+                return ep.runners.fused_experts(x, w13, w2, topk.topk_ids, topk.topk_weights, w13_scale_inv=s13,
+                                                w2_scale_inv=s2)
+
+        for gemm in ("triton", "gluon"):
+            os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = gemm
+            us = _time_us(step)
+            entry = dict(us=round(us, 1), tflops=round(pairs * flops_per_pair / us / 1e6, 1), kernels=_kernels(step))
+            report["steps"][f"{gemm} T={T}"] = entry
+            print(f"T={T} {gemm}: {us:.1f} us, {entry['tflops']} TFLOP/s")
+            for name, t in sorted(entry["kernels"].items(), key=lambda kv: -kv[1]):
+                print(f"    {t:10.1f} us  {name}")
+        # The Gluon GEMMs alone: the step's scratch as the last gluon call left it.
+        os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = "gluon"
+        step()
+        aligned, a1, sa1, a2, sa2, o = next(buffers for key, (buffers, _) in SCRATCH._entries.items()
+                                            if key[0][:2] == ("gluon fp8", pairs))
+        config = ep.MoeConfig(L * 8, K, H, I)
+        gemm1 = lambda: gluon_kernels.gemm_act_quant(a1, sa1, w13, s13, a2, sa2, aligned, config, quant)  # noqa: E731
+        gemm2 = lambda: gluon_kernels.gemm_by_pair(a2, sa2, w2, s2, o, aligned)  # noqa: E731
+        gemm1()
+        gemm2()
+        want1, want2 = a2.clone(), o.clone()
+        base = dict(NUM_STAGES=gluon_kernels.NUM_STAGES, GROUP_M=gluon_kernels.GROUP_M)
+        flops1, flops2 = pairs * 2 * 2 * H * I, pairs * 2 * H * I
+        # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
+        runs = [("gemm1", gemm1, flops1, a2, want1, stages, group_m) for stages, group_m in ((3, 8), (4, 4), (4, 8), (4, 16))]
+        runs += [("gemm2", gemm2, flops2, o, want2, stages, group_m)
+                 for stages, group_m in ((4, 4), (4, 8), (4, 16), (5, 8), (6, 8))]
+        for name, fn, flops, got, want, stages, group_m in runs:
+            gluon_kernels.NUM_STAGES, gluon_kernels.GROUP_M = stages, group_m
+            label = f"T={T} {name} stages={stages} group_m={group_m}"
+            try:
+                us = _time_us(fn)
+                same = bool(torch.equal(got.view(torch.uint8), want.view(torch.uint8)))
+            except Exception as err:  # noqa: BLE001 - e.g. more shared memory than the SM has
+                report["variants"][label] = str(err).splitlines()[0][:200]
+                print(f"{label}: {report['variants'][label]}")
+                continue
+            finally:
+                gluon_kernels.NUM_STAGES, gluon_kernels.GROUP_M = base["NUM_STAGES"], base["GROUP_M"]
+            report["variants"][label] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), same=same)
+            print(f"{label}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s, same output {same}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
