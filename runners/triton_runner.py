@@ -160,15 +160,20 @@ def _fp8_gemm(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: to
     """EP_RUNTIME_TRITON_FP8_GEMM resolved for this call: 'auto' takes the Gluon GEMMs where they can run, for
     bf16 results (their GEMM 2 stores bf16), prefill-sized inputs (GLUON_MIN_PAIRS_PER_EXPERT; never an
     expert-major buffer's capacity rows) and no block_config given (tiles the caller chose are for triton's
-    kernels); else 'triton'."""
+    kernels); else 'triton'. 'gluon' where it cannot run is an error naming the knob and why."""
     choice = envs.get("TRITON_FP8_GEMM")
-    if choice != "auto":
+    if choice == "triton":
         return choice
     N, K = inp.topk_ids.shape
-    if (block_config is not None or inp.capacity_rows or inp.output_dtype != torch.bfloat16
-            or N * K < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts):
+    if choice == "auto" and (block_config is not None or inp.capacity_rows or inp.output_dtype != torch.bfloat16
+                             or N * K < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts):
         return "triton"
-    return "triton" if _gluon_unsupported(weights, config, x) else "gluon"
+    why = _gluon_unsupported(weights, config, x)
+    if why is None:
+        return "gluon"
+    if choice == "auto":
+        return "triton"
+    raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'auto', 'triton'")
 
 
 def _gluon_unsupported(weights: ExpertWeights, config: MoeConfig, x: torch.Tensor) -> Optional[str]:
@@ -191,17 +196,13 @@ def _gluon_unsupported(weights: ExpertWeights, config: MoeConfig, x: torch.Tenso
 
 def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
                        x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
-    """fused_forward's fp8 step on the Gluon GEMMs (EP_RUNTIME_TRITON_FP8_GEMM gluon, or auto: _fp8_gemm;
-    runners/gluon_kernels.py):
+    """fused_forward's fp8 step on the Gluon GEMMs (runners/gluon_kernels.py), where _fp8_gemm takes them:
     align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
     with the activation and its fp8 quantization in the epilogue -> GEMM 2 (rows stored by pair) -> weighted
     top-k reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8,
     o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
-    why = _gluon_unsupported(weights, config, x)
-    if why is not None:
-        raise ValueError(f"EP_RUNTIME_TRITON_FP8_GEMM='gluon' cannot run here: {why}; allowed here: 'auto', 'triton'")
     P, device, out_dtype = N * K, x.device, inp.output_dtype
     block = gluon_kernels.BLOCK_M
 

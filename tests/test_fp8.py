@@ -499,7 +499,9 @@ def test_fp8_gemm_auto_takes_gluon_for_prefill_sized_bf16_steps_it_can_run(monke
     assert pick(threshold * L // K, weights=biased) == "triton"
     for forced in ("triton", "gluon"):
         monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", forced)
-        assert pick(1) == forced
+        assert pick(1) == forced and pick(1, torch.float32) == forced
+    with pytest.raises(ValueError, match="FP8_GEMM='gluon' cannot run here: biases are not supported"):
+        pick(1, weights=biased)
 
 
 def test_fp8_split_k_gemm2_matches_the_fp8_reference():
