@@ -182,8 +182,13 @@ def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:
-    return RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement,
+    rows = RunnerInput.from_local_ids(out.recv_x, out.recv_topk_ids, out.recv_topk_weights, placement,
                                       out.recv_x_scale, out.x_dtype, defer=True)
+    if out.handle.static:  # num_worst_tokens rows, the received ones first
+        rows.padded_rows = True
+    else:  # the count table (rounded up to the alignment): most of N*K slots are other ranks' experts
+        rows.local_pairs = sum(out.num_recv_tokens_per_expert)
+    return rows
 
 
 register_format("deepep_normal", RunnerInput, _runner_input)  # the rows go to combine as they are

@@ -143,8 +143,10 @@ def _runner_input(out: MoriDispatchOutput, placement, config) -> RunnerInput:
     """Global ids map to this rank's weight rows through the placement (any placement)."""
     r = out.num_runner_rows
     scale = out.recv_x_scale[:r] if out.recv_x_scale is not None else None
-    return RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement,
+    rows = RunnerInput.from_global_ids(out.recv_x[:r], out.recv_topk_ids[:r], out.recv_topk_weights[:r], placement,
                                        scale, out.x_dtype, defer=True)
+    rows.padded_rows = True  # rows past num_recv_tokens are padding
+    return rows
 
 
 register_format("mori", RunnerInput, _runner_input)  # the rows go to combine as they are

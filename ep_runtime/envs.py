@@ -156,8 +156,10 @@ _knob("TRITON_GEMM_SCHEDULE", str, "auto",
       choices=("auto", "static", "dynamic"))
 _knob("TRITON_FP8_GEMM", str, "auto",
       "runner='triton' with fp8 block-scaled experts: the grouped GEMMs of its w8a8 step: auto (gluon where it can "
-      "run, for bf16 results, no block_config given and at least 256 (token, expert) slots per local expert "
-      "(prefill sizes, where it was faster on an H200); else triton), triton (the kernels of "
+      "run, for bf16 results, at least 256 (token, expert) pairs per local expert as the host knows them (prefill "
+      "sizes, where it was faster on an H200; not on mori's or static deepep_normal's padded receive buffers, "
+      "whose real size only the device knows) and nothing chosen for triton's kernels (no block_config, "
+      "EP_RUNTIME_TRITON_GEMM_KERNEL and _SCHEDULE auto); else triton), triton (the kernels of "
       "EP_RUNTIME_TRITON_GEMM_KERNEL, activation and fp8 output fused into GEMM 1) or gluon (Gluon kernels that "
       "overlap each K step's scaling with the next tensor-core step: Hopper (compute capability 9.0) only, no "
       "biases, no apply_router_weight_on_input, 128 x 128 weight blocks, contiguous weights, hidden and intermediate "

@@ -106,6 +106,11 @@ class RunnerInput:
     Build it with from_local_ids / from_global_ids: they own the id mapping and the mask.
     capacity_rows: the rows are an expert-major buffer's capacity slots taken as top-1 tokens, mostly
     padding whose real count is on the device (a speed hint: kernels pick decode-sized tiles).
+    padded_rows: the rows are a fixed-size receive buffer's (mori; deepep_normal's static mode): N is its
+    capacity and the real count is on the device (a speed hint: choices that pay per row or need real
+    prefill sizes keep to the kernels that do not).
+    local_pairs: the (token, local expert) pairs, or a bound on them, where the host knows it without a
+    sync (deepep_normal's count table); None: N*K bounds them (a speed hint).
     id_table: None, or the ids are not mapped yet: topk_ids hold the format's ids as received and
     id_table [n + 1] int32 maps them (reroute_to_sink's rule; routed() applies it). A backend sees a
     mapped input unless its kernels do the lookup themselves (RunnerBackend.reads_id_table): two torch
@@ -120,6 +125,8 @@ class RunnerInput:
     out_dtype: Optional[torch.dtype] = None
     capacity_rows: bool = False
     id_table: Optional[torch.Tensor] = None
+    padded_rows: bool = False
+    local_pairs: Optional[int] = None
 
     @property
     def output_dtype(self) -> torch.dtype:

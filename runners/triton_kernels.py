@@ -1280,3 +1280,49 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
         num_warps=4,
     )
     return y
+
+
+@fast_launch
+@triton.jit
+def _gather_sorted_rows_kernel(src_ptr, src_scale_ptr, sorted_pair_ids_ptr, used_blocks_ptr, out_ptr, out_scale_ptr,
+                               num_pairs, H, G, stride_src, stride_src_scale, stride_out, stride_out_scale,
+                               TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+    first = tl.program_id(0) * BLOCK_ROWS
+    used_rows = tl.load(used_blocks_ptr) * BLOCK_M
+    if first < used_rows:  # programs past the used blocks (most of them at decode sizes) read nothing else
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        pair = tl.load(sorted_pair_ids_ptr + rows, mask=rows < used_rows, other=num_pairs)
+        ok = pair < num_pairs
+        token = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
+        out_rows = rows.to(tl.int64)
+        for c0 in range(0, H, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            keep = ok[:, None] & (cols < H)[None, :]
+            tl.store(out_ptr + out_rows[:, None] * stride_out + cols[None, :],
+                     tl.load(src_ptr + token[:, None] * stride_src + cols[None, :], mask=keep), mask=keep)
+        groups = tl.arange(0, BLOCK_G)
+        keep = ok[:, None] & (groups < G)[None, :]
+        tl.store(out_scale_ptr + out_rows[:, None] * stride_out_scale + groups[None, :],
+                 tl.load(src_scale_ptr + token[:, None] * stride_src_scale + groups[None, :], mask=keep), mask=keep)
+
+
+def gather_sorted_rows(src: torch.Tensor, src_scale: torch.Tensor, aligned: AlignedPairs, top_k: int,
+                       out: torch.Tensor, out_scale: torch.Tensor, interpreted: bool = False) -> None:
+    """out[m] = src[sorted_pair_ids[m] // top_k] and out_scale[m] = src_scale[...] likewise, for the sorted rows
+    m of the used blocks (aligned.used_blocks, read on the device) that hold a pair: GEMM 1's input rows in
+    expert order, for a GEMM that loads them a block at a time (TMA has no row gather). src [N, H] (1-byte
+    values: fp8 rows, viewed as bytes here), src_scale [N, G] fp32; out [S, H] and out_scale [S, G] (S =
+    sorted_pair_ids.numel()), rows unit-strided. Padding rows and blocks past the used ones are not written:
+    only traffic for the pairs computed, whatever the padding (a receive buffer's, other ranks' slots)."""
+    H, G = src.shape[1], src_scale.shape[1]
+    S = aligned.sorted_pair_ids.numel()
+    if S == 0:
+        return
+    src_bytes, out_bytes = src.view(torch.uint8), out.view(torch.uint8)
+    block_rows, block = _row_blocks(H, interpreted)
+    block_rows = min(block_rows, aligned.block_m)
+    _gather_sorted_rows_kernel[(cdiv(S, block_rows), )](
+        src_bytes, src_scale, aligned.sorted_pair_ids, aligned.used_blocks, out_bytes, out_scale, aligned.num_pairs,
+        H, G, src_bytes.stride(0), src_scale.stride(0), out_bytes.stride(0), out_scale.stride(0), TOP_K=top_k,
+        BLOCK_M=aligned.block_m, BLOCK_ROWS=block_rows, BLOCK=block, BLOCK_G=next_power_of_2(G), num_warps=4)

@@ -158,16 +158,21 @@ GLUON_MIN_PAIRS_PER_EXPERT = 256
 def _fp8_gemm(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
               block_config: Optional["kernels.BlockConfig"]) -> str:
     """EP_RUNTIME_TRITON_FP8_GEMM resolved for this call: 'auto' takes the Gluon GEMMs where they can run, for
-    bf16 results (their GEMM 2 stores bf16), prefill-sized inputs (GLUON_MIN_PAIRS_PER_EXPERT; never an
-    expert-major buffer's capacity rows) and no block_config given (tiles the caller chose are for triton's
-    kernels); else 'triton'. 'gluon' where it cannot run is an error naming the knob and why."""
+    bf16 results (their GEMM 2 stores bf16), prefill-sized inputs (GLUON_MIN_PAIRS_PER_EXPERT pairs per local
+    expert, as the host knows them: RunnerInput.local_pairs, else N*K; never a receive buffer's padded rows or
+    an expert-major buffer's capacity rows, whose real count only the device knows), and nothing chosen for
+    triton's kernels (a block_config given, EP_RUNTIME_TRITON_GEMM_KERNEL or _SCHEDULE set); else 'triton'.
+    'gluon' where it cannot run is an error naming the knob and why."""
     choice = envs.get("TRITON_FP8_GEMM")
     if choice == "triton":
         return choice
-    N, K = inp.topk_ids.shape
-    if choice == "auto" and (block_config is not None or inp.capacity_rows or inp.output_dtype != torch.bfloat16
-                             or N * K < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts):
-        return "triton"
+    if choice == "auto":
+        N, K = inp.topk_ids.shape
+        pairs = N * K if inp.local_pairs is None else inp.local_pairs
+        if (block_config is not None or inp.capacity_rows or inp.padded_rows or inp.output_dtype != torch.bfloat16
+                or pairs < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts
+                or envs.get("TRITON_GEMM_KERNEL") != "auto" or envs.get("TRITON_GEMM_SCHEDULE") != "auto"):
+            return "triton"
     why = _gluon_unsupported(weights, config, x)
     if why is None:
         return "gluon"
@@ -219,13 +224,10 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
                         quantize=to_quantize)
     if P:
-        # row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding ids (= P) read the last token's row (maybe
-        # never quantized: align_pairs leaves rows without a computed pair; row by row, only the padding rows'
-        # results see it, and GEMM 2 stores none of them)
-        rows = aligned.sorted_pair_ids.clamp(max=P - 1) // K
-        torch.index_select(x.view(torch.uint8), 0, rows, out=a1.view(torch.uint8))
-        torch.index_select(x_scale, 0, rows, out=s1)
-        # (rows past the used blocks are not written, nor read by GEMM 2)
+        # Row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding rows keep whatever the scratch held (row by
+        # row, only their own results see it, and GEMM 2 stores none of them), nor are blocks past the used ones
+        # written or read.
+        kernels.gather_sorted_rows(x, x_scale, aligned, K, a1, s1)
         gluon_kernels.gemm_act_quant(a1, s1, weights.w13, weights.w13_scale_inv, a2, s2, aligned, config, quant)
         gluon_kernels.gemm_by_pair(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned)
     weight = inp.topk_weights.float().contiguous()

@@ -464,10 +464,12 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
 
 def test_fp8_gemm_auto_takes_gluon_for_prefill_sized_bf16_steps_it_can_run(monkeypatch):
     """EP_RUNTIME_TRITON_FP8_GEMM=auto (the default) resolves per call: the Gluon GEMMs from 256 (token, expert)
-    slots per local expert on, for bf16 results, with no block_config given and not on an expert-major buffer's
-    capacity rows; triton below that or where the Gluon step cannot run (biases, or this machine: its answer is
-    taken as a GPU of capability 9.0 would give it, so the rule itself is what is checked here); 'triton' and
-    'gluon' are taken as set."""
+    pairs per local expert on (RunnerInput.local_pairs where the format knows them, else N*K), for bf16 results,
+    with nothing chosen for triton's kernels (block_config, EP_RUNTIME_TRITON_GEMM_KERNEL, _SCHEDULE) and not on
+    padded or capacity rows; triton below that or where the Gluon step cannot run (biases, or this machine: its
+    answer is taken as a GPU of capability 9.0 would give it, so the rule itself is what is checked here);
+    'triton' and 'gluon' are taken as set, forced 'gluon' where it cannot run is an error; fused_experts takes
+    the path the rule names."""
     from ep_runtime.config import ExpertWeights
     from ep_runtime.runner_core import RunnerInput
     from ep_runtime.runners import gluon_kernels, triton_kernels, triton_runner
@@ -477,29 +479,46 @@ def test_fp8_gemm_auto_takes_gluon_for_prefill_sized_bf16_steps_it_can_run(monke
     (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(L, 2 * I, H, generator=gen)), q.quantize_weight(
         torch.randn(L, H, I, generator=gen))
     weights = ExpertWeights(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2, quant=q)
-    config = ep.MoeConfig(L, K, H, I)
-    threshold = triton_runner.GLUON_MIN_PAIRS_PER_EXPERT
+    config = ep.MoeConfig(4 * L, K, H, I)  # 16 experts, 4 on this rank: the rule counts the local ones
+    at = triton_runner.GLUON_MIN_PAIRS_PER_EXPERT * L // K  # tokens at the threshold
 
-    def pick(tokens, dtype=torch.bfloat16, **changes):
+    def pick(tokens, dtype=torch.bfloat16, weights=weights, block=None, **fields):
         x = torch.randn(tokens, H, generator=gen).to(dtype)
         inp = RunnerInput(x, torch.randint(0, L, (tokens, K), generator=gen, dtype=torch.int32), torch.rand(tokens, K),
-                          torch.ones(L + 1, dtype=torch.bool), capacity_rows=changes.pop("capacity_rows", False))
-        return triton_runner._fp8_gemm(inp, changes.pop("weights", weights), config, x, changes.pop("block", None))
+                          torch.tensor([True] * L + [False]), **fields)
+        return triton_runner._fp8_gemm(inp, weights, config, x, block)
 
     monkeypatch.delenv("EP_RUNTIME_TRITON_FP8_GEMM", raising=False)
-    assert pick(threshold * L // K) == "triton"  # on this CPU the Gluon kernels cannot run
+    assert pick(at) == "triton"  # on this CPU the Gluon kernels cannot run
     monkeypatch.setattr(gluon_kernels, "unsupported", lambda *args: None)  # as on a GPU of capability 9.0
-    assert pick(threshold * L // K) == "gluon" and pick(4 * threshold * L // K) == "gluon"
-    assert pick(threshold * L // K - 1) == "triton"  # one token short of the threshold
-    assert pick(threshold * L // K, torch.float32) == "triton"  # its GEMM 2 stores bf16
-    assert pick(threshold * L // K, capacity_rows=True) == "triton"
+    assert pick(at) == "gluon" and pick(4 * at) == "gluon"
+    assert pick(at - 1) == "triton"  # one token short of the threshold
+    assert pick(at, torch.float32) == "triton"  # its GEMM 2 stores bf16
+    assert pick(at, capacity_rows=True) == "triton" and pick(4 * at, padded_rows=True) == "triton"
+    # a count table: other ranks' slots in N*K do not count; a prefill-sized one does
+    assert pick(4 * at, local_pairs=at * K - 1) == "triton" and pick(at // 2, local_pairs=at * K) == "gluon"
     tiles = triton_kernels.GemmTiles(64, 64, 1, 4, 1)
-    assert pick(threshold * L // K, block=triton_kernels.BlockConfig(16, tiles, tiles)) == "triton"
+    assert pick(at, block=triton_kernels.BlockConfig(16, tiles, tiles)) == "triton"
+    for knob, value in (("EP_RUNTIME_TRITON_GEMM_KERNEL", "persistent"), ("EP_RUNTIME_TRITON_GEMM_SCHEDULE", "dynamic")):
+        monkeypatch.setenv(knob, value)
+        assert pick(at) == "triton"
+        monkeypatch.delenv(knob)
     biased = ExpertWeights(q13, q2, torch.randn(L, 2 * I), torch.randn(L, H), s13, s2, q)
-    assert pick(threshold * L // K, weights=biased) == "triton"
+    assert pick(at, weights=biased) == "triton"
+
+    class TookGluon(Exception):
+        pass
+
+    def took_gluon(*args):
+        raise TookGluon
+
+    monkeypatch.setattr(triton_runner, "_gluon_fp8_forward", took_gluon)
+    x, ids = torch.randn(at, H, generator=gen).to(torch.bfloat16), torch.randint(0, L, (at, K), generator=gen)
+    with pytest.raises(TookGluon):
+        ep.runners.fused_experts(x, q13, q2, ids, torch.rand(at, K), w13_scale_inv=s13, w2_scale_inv=s2)
     for forced in ("triton", "gluon"):
         monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", forced)
-        assert pick(1) == forced and pick(1, torch.float32) == forced
+        assert pick(1) == forced and pick(1, torch.float32) == forced and pick(4 * at, padded_rows=True) == forced
     with pytest.raises(ValueError, match="FP8_GEMM='gluon' cannot run here: biases are not supported"):
         pick(1, weights=biased)
 
@@ -832,11 +851,15 @@ def test_gpu_fused_pack_equals_torch_and_the_float64_rule(encoding, H):
     assert not values[2 * T].view(torch.uint8).any() and not scales[2 * T].view(torch.uint8).any()
 
 
-@pytest.mark.parametrize("runner", ["triton", "masked", "torch"])
+@pytest.mark.parametrize("runner,fp8_gemm", [("triton", "auto"), ("triton", "triton"), ("masked", "auto"),
+                                             ("torch", "auto")])
 @pytest.mark.parametrize("T", [1, 64, 2048])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
-def test_gpu_fp8_runner_matches_the_fp8_reference(runner, T):
+def test_gpu_fp8_runner_matches_the_fp8_reference(runner, fp8_gemm, T, monkeypatch):
+    """The layer on fp8 experts, each runner; the triton runner under its default fp8 GEMMs (at 2048 tokens of 16
+    experts: the Gluon ones on Hopper) and forced to its Triton kernels."""
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", fp8_gemm)
     layer = ep.EPMoE(16, 4, 512, 256, runner=runner, dtype=torch.bfloat16, device="cuda")
     problem = make_problem(layer.config, [T], seed=8)
     layer.load_experts(problem.w13.float().cuda(), problem.w2.float().cuda(), quantize="fp8_block")

@@ -11,6 +11,7 @@ from ep_runtime.runner_core import (
     ExpertMajorInput,
     MoeRunner,
     RunnerInput,
+    format_path,
     reroute_to_sink,
 )
 from ep_runtime.testing import random_topk_ids
@@ -418,3 +419,20 @@ def test_untraced_dynamic_rows_follow_the_compile_dynamic_argument():
             assert torch.equal(compiled(), rows[:count[0]] * 2)
             frames[dynamic].append(counters["frames"]["total"] - before)
     assert frames[None][1:] == [0, 0] and frames[False][1:] == [1, 1], frames
+
+
+@pytest.mark.parametrize("name,options,padded", [("deepep_normal", {}, False),
+                                                 ("deepep_normal", {"num_worst_tokens": 64}, True),
+                                                 ("mori", {"max_dispatch_tokens_per_rank": 32}, True)])
+def test_token_major_formats_tell_the_runner_what_the_host_knows_of_their_size(name, options, padded):
+    """The size hints of RunnerInput (the triton runner's fp8 kernel choice reads them): deepep_normal's host plan
+    passes its count table's total as local_pairs (the pairs this rank computes, -1 slots excluded); its static
+    mode and mori receive into fixed-size buffers, marked padded_rows (their real count is on the device)."""
+    config = ep.MoeConfig(8, 2, 128, 64)
+    gen = torch.Generator().manual_seed(5)
+    disp = ep.dispatchers.create(name, config=config, **options)
+    ids = torch.randint(-1, 8, (20, 2), generator=gen, dtype=torch.int32)
+    out = disp.dispatch(torch.randn(20, 128, generator=gen), ep.TopKOutput(ids, torch.rand(20, 2, generator=gen)))
+    rows = format_path(name).to_runner_input(out, disp.placement, config)
+    assert rows.padded_rows is padded
+    assert rows.local_pairs == (None if padded else int((ids >= 0).sum()))

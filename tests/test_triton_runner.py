@@ -41,6 +41,34 @@ def _ids(gen, T, E, K, minus_one=0.2):
     return torch.where(holes, torch.full_like(ids, -1), ids).to(torch.int32)
 
 
+@pytest.mark.parametrize("block_m,T,K,L", [(16, 30, 4, 6), (128, 5, 8, 32), (16, 0, 2, 3)])
+def test_gather_sorted_rows_copies_each_computed_pairs_row_and_scales_and_nothing_else(block_m, T, K, L):
+    """gather_sorted_rows (GEMM 1's input rows in expert order for the Gluon GEMMs): sorted row m of a used
+    block holds token sorted_pair_ids[m] // K's bytes and scales, bit for bit; padding rows and blocks past the
+    used ones keep what they held (each GEMM reads only its own rows: no traffic for pairs never computed).
+    Slots -1 and a masked expert; (128, 5, 8, 32): a decode-sized step, most of 32 blocks unused."""
+    gen = torch.Generator().manual_seed(T + L)
+    H, G = 384, 3
+    ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
+    mask = torch.ones(L + 1, dtype=torch.bool)
+    mask[min(1, L - 1)] = False
+    mask[L] = False
+    aligned = kernels.align_pairs(torch.where(ids < 0, L, ids), mask, 0, L, block_m)
+    src = torch.randint(0, 256, (T, H), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    src_scale = torch.rand(T, G, generator=gen) + 0.5
+    S = aligned.sorted_pair_ids.numel()
+    out = torch.full((S, H), 0x5A, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    out_scale = torch.full((S, G), -7.0)
+    kernels.gather_sorted_rows(src, src_scale, aligned, K, out, out_scale, interpreted=True)
+    pairs = aligned.sorted_pair_ids.long()
+    written = (pairs < T * K) & (torch.arange(S) < int(aligned.used_blocks) * block_m)
+    assert int(written.sum()) == int(aligned.computed.sum())
+    token = pairs[written] // K
+    assert torch.equal(out.view(torch.uint8)[written], src.view(torch.uint8)[token])
+    assert torch.equal(out_scale[written], src_scale[token])
+    assert bool((out.view(torch.uint8)[~written] == 0x5A).all()) and bool((out_scale[~written] == -7.0).all())
+
+
 # ------------------------------------------------------------------------------------ alignment
 
 @pytest.mark.parametrize("single_program", [True, False])
