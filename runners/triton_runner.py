@@ -13,7 +13,10 @@ activation output as fp8 with one scale per row and 128 channels (QUANT_OUT), GE
 only (GEMM hooks: use runner="torch").
 
 Each GEMM's kernel (portable, persistent, tma, tma_stacked: runners/triton_kernels.py) comes with its
-tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_GEMM_KERNEL.
+tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_GEMM_KERNEL. On Hopper, fp8
+steps of prefill size run both GEMMs as Gluon kernels instead (runners/gluon_kernels.py; _fp8_gemm says
+when, EP_RUNTIME_TRITON_FP8_GEMM overrides): GEMM 1's rows gathered in expert order first, the same
+activation and quantization rule in its epilogue, the same alignment and reduction around them.
 """
 from __future__ import annotations
 
