@@ -3,10 +3,10 @@ profiler, CUDA time per kernel name) under EP_RUNTIME_TRITON_FP8_GEMM=triton and
 alone under other pipeline settings (ring stages, row blocks swept together), each checked equal to the
 default's output (bit for bit: neither changes the order of any sum).
 
-    python scripts/profile_fp8_step.py [--tokens 4096,16384] [--json out.json]
+    python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--json out.json]
 
-Shape: one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168, I=2048), routing uniform as the
-runner bench draws it. Kernel times are CUDA events over back-to-back calls after warm-up, eager.
+Shape (--shape): one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168, I=2048), or Mixtral-8x7B
+(8 experts, K=2, H=4096, I=14336); routing uniform as the runner bench draws it. Kernel times are CUDA events over back-to-back calls after warm-up, eager.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import ep_runtime as ep
 from ep_runtime.bench.runner import runner_problem
 from ep_runtime.quant import QuantConfig
 
-L, K, H, I = 32, 8, 7168, 2048
+SHAPES = {"deepseek": (32, 8, 7168, 2048), "mixtral": (8, 2, 4096, 14336)}  # L, K, H, I
 
 
 def _time_us(fn, repeats: int = 10) -> float:
@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="deepseek")
     args = parser.parse_args(argv)
+    L, K, H, I = SHAPES[args.shape]
     from ep_runtime.runners import gluon_kernels
     from ep_runtime.scratch import SCRATCH
 
