@@ -34,6 +34,10 @@ from .triton_kernels import _capability, activate, activation_args
 
 GROUP = 128  # the scale block (activations 1 x 128, weights 128 x 128) and BLOCK_N, BLOCK_K
 BLOCK_M, NUM_STAGES, NUM_WARPS, GROUP_STEPS, GROUP_M = 128, 4, 8, 4, 8
+# One load warp issues every TMA copy (warp specialization): it runs NUM_STAGES steps ahead across passes and
+# work items, through each epilogue. Its registers are given to the two math warpgroups (setmaxnreg): 168 a
+# thread at launch (65536 over 12 warps), then 24 for the load warp's warpgroup and 240 for the math ones.
+WARP_SPECIALIZE, LOAD_WARP_REGS, MAX_REGS = True, 24, 168
 
 try:
     from triton.experimental import gluon
@@ -99,7 +103,7 @@ if gluon is not None:
     @gluon.jit
     def _issue_load(ring, base, j, k_steps, m0, b_row, pred):
         """TMA loads of K step j (when j < k_steps and pred) into ring position base + j."""
-        a_desc, b_desc, a_ring, b_ring, ready = ring
+        a_desc, b_desc, a_ring, b_ring, ready, _ = ring
         slot, k0 = (base + j) % a_ring.shape[0], j * a_desc.block_type.shape[1]
         pred = pred & (j < k_steps)
         mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
@@ -109,7 +113,7 @@ if gluon is not None:
     @gluon.jit
     def _issue_mma(ring, position, acc, use_acc):
         """Wait for ring position's tiles, then start acc (+)= A_tile @ B_tile^T (returns at once)."""
-        _, _, a_ring, b_ring, ready = ring
+        _, _, a_ring, b_ring, ready, _ = ring
         slot = position % a_ring.shape[0]
         mbarrier.wait(ready.index(slot), (position // a_ring.shape[0]) & 1)
         # fp8 wgmma takes both operands K-major: B's [BLOCK_N, BLOCK_K] tile viewed as [BLOCK_K, BLOCK_N]
@@ -122,9 +126,18 @@ if gluon is not None:
         return gl.expand_dims(gl.load(sa_rows + k) * gl.load(sw_ptr + (b_row // 128) * stride_sw + k), 1)
 
     @gluon.jit
+    def _recycle(ring, step, done, k_steps, m0, b_row, WARP_SPECIALIZE: gl.constexpr):
+        """K step `done`'s wgmma has finished: its slot is free. Hand it back to the load warp, or refill it with
+        step done + NUM_STAGES's tiles."""
+        if WARP_SPECIALIZE:
+            mbarrier.arrive(ring[5].index((step + done) % ring[2].shape[0]), count=1)
+        else:
+            _issue_load(ring, step, done + ring[2].shape[0], k_steps, m0, b_row, True)
+
+    @gluon.jit
     def _promote_behind(ring, step, k, k_steps, m0, b_row, pending, pending_scale, acc, zero, sa_rows, sw_ptr,
-                        stride_sw):
-        """Start K step k's wgmma; then wait for step k-1's (`pending`), refill its slot and add its scaled
+                        stride_sw, WARP_SPECIALIZE: gl.constexpr):
+        """Start K step k's wgmma; then wait for step k-1's (`pending`), recycle its slot and add its scaled
         product while step k runs. Returns step k's (in flight, its scale) and acc."""
         # an empty asm with side effects: LLVM would sink the previous step's multiply-adds below this issue,
         # three accumulators live at once (255 registers, spills: ptxas then serializes every wgmma)
@@ -132,89 +145,108 @@ if gluon is not None:
         issued = _issue_mma(ring, step + k, zero, False)
         scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
         done = warpgroup_mma_wait(num_outstanding=1, deps=(pending, ))
-        _issue_load(ring, step, k + ring[2].shape[0] - 1, k_steps, m0, b_row, True)  # into step k-1's slot
+        _recycle(ring, step, k - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
         return issued, scale, acc + done * pending_scale
 
     @gluon.jit
-    def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, NUM_STAGES: gl.constexpr,
-                GROUP_STEPS: gl.constexpr):
-        """One work item's scaled product over K (its first NUM_STAGES - 1 loads already issued): returns acc. The
-        steps past the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each waited."""
+    def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS: gl.constexpr,
+                WARP_SPECIALIZE: gl.constexpr):
+        """One work item's scaled product over K (its first loads already issued): returns acc. The steps past
+        the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each waited."""
         acc = zero
         grouped = k_steps - k_steps % GROUP_STEPS
         for k in range(0, grouped, GROUP_STEPS):
-            _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
             pending = _issue_mma(ring, step + k, zero, False)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             for i in gl.static_range(1, GROUP_STEPS):
                 pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
-                                                      zero, sa_rows, sw_ptr, stride_sw)
+                                                      zero, sa_rows, sw_ptr, stride_sw, WARP_SPECIALIZE)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
+            _recycle(ring, step, k + GROUP_STEPS - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
             acc = acc + done * scale
         for k in range(grouped, k_steps):
-            _issue_load(ring, step, k + NUM_STAGES - 1, k_steps, m0, b_row, True)  # into step k-1's slot
             pending = _issue_mma(ring, step + k, zero, False)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
+            _recycle(ring, step, k, k_steps, m0, b_row, WARP_SPECIALIZE)
             acc = acc + done * scale
         return acc
 
     @gluon.jit
-    def _grouped_kernel(a_desc, b_desc, out, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr, used_blocks_ptr,
-                        num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, NUM_STAGES: gl.constexpr,
-                        GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
-                        out_scale_ptr=None, stride_out_scale=0, fp8_max=0.0, min_amax=0.0, alpha=0.0, limit=0.0,
-                        ACT_QUANT: gl.constexpr = False, ACTIVATION: gl.constexpr = 0, GATED: gl.constexpr = True,
-                        SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
-                        UE8M0: gl.constexpr = False):
-        """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
-        W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
-        per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
-        Else (GEMM 2): bf16 rows stored by pair."""
+    def _tile_count(used_blocks_ptr, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """(rows M the work items cover: the used blocks', number of work items, K steps of each pass)."""
+        used = gl.load(used_blocks_ptr)
+        return gl.maximum(used, 1) * BLOCK_M, used * (N // BLOCK_N), K // BLOCK_K
+
+    @gluon.jit
+    def _produce(ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES: gl.constexpr, GROUP_M: gl.constexpr):
+        """The load warp: every K step of this program's work items (each pass's W rows N further), in the math
+        warps' order, each as soon as they hand its ring slot back."""
+        a_desc, b_desc, a_ring, b_ring, ready, empty = ring
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        STAGES: gl.constexpr = a_ring.shape[0]
+        M, num_tiles, k_steps = _tile_count(used_blocks_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        position = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            m0, n0, b_row = _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+            for p in gl.static_range(PASSES):
+                for k in range(k_steps):
+                    slot = position % STAGES
+                    # a barrier starts with its phase 1 complete: the first lap through the ring does not wait
+                    mbarrier.wait(empty.index(slot), ((position // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    _tma_load(a_desc, [m0, k * BLOCK_K], ready.index(slot), a_ring.index(slot))
+                    _tma_load(b_desc, [b_row + p * N, k * BLOCK_K], ready.index(slot), b_ring.index(slot))
+                    position += 1
+
+    @gluon.jit
+    def _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                 used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
+                 GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
+                 ACTIVATION: gl.constexpr, GATED: gl.constexpr, SWIGLU_ALPHA: gl.constexpr, HAS_LIMIT: gl.constexpr,
+                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr):
+        """The math warps: each work item's passes (wgmma, promotion) and its epilogue; without warp
+        specialization they also issue the loads (a slot refilled as soon as its wgmma finishes; the next pass's
+        or item's first NUM_STAGES after a pass's last wait)."""
+        a_desc, b_desc, a_ring, _, _, _ = ring
+        out_scale_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit = epilogue
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        STAGES: gl.constexpr = a_ring.shape[0]
         PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
+        num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 32])
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # 16 x 8 bf16 a row
-        a_ring = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_ring = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
-        if ACT_QUANT:
-            c_smem = gl.allocate_shared_memory(out.dtype, out.block_type.shape, out.layout)
-        if PASSES == 2:
-            gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
-                                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        ring = (a_desc, b_desc, a_ring, b_ring, ready)
         zero = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-        used = gl.load(used_blocks_ptr)
-        M = gl.maximum(used, 1) * BLOCK_M  # the used blocks' rows: the work items cover only these
-        num_tiles = used * (N // BLOCK_N)
-        k_steps = K // a_desc.block_type.shape[1]
+        M, num_tiles, k_steps = _tile_count(used_blocks_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         step = 0  # K steps this program has consumed: the ring position and the barriers' phase
-        m0, n0, b_row = _work_item(gl.program_id(0), num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N,
-                                   GROUP_M)
-        for j in gl.static_range(NUM_STAGES - 1):  # loads run NUM_STAGES - 1 steps ahead of the wgmma
-            _issue_load(ring, 0, j, k_steps, m0, b_row, gl.program_id(0) < num_tiles)
+        if not WARP_SPECIALIZE:
+            m0, n0, b_row = _work_item(gl.program_id(0), num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M,
+                                       BLOCK_N, GROUP_M)
+            for j in gl.static_range(STAGES):  # every slot; then each is refilled as its wgmma finishes
+                _issue_load(ring, 0, j, k_steps, m0, b_row, gl.program_id(0) < num_tiles)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             m0, n0, b_row = _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
             sa_rows = sa_ptr + (m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))) * stride_sa
             for p in gl.static_range(PASSES):
-                acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, NUM_STAGES,
-                              GROUP_STEPS)
+                acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS,
+                              WARP_SPECIALIZE)
                 step += k_steps
                 # every slot is free after the loop's last wait: prefetch the next pass (the up rows) or item
                 if p + 1 < PASSES:
-                    for j in gl.static_range(NUM_STAGES - 1):
-                        _issue_load(ring, step, j, k_steps, m0, b_row + (p + 1) * N, True)
+                    if not WARP_SPECIALIZE:
+                        for j in gl.static_range(STAGES):
+                            _issue_load(ring, step, j, k_steps, m0, b_row + (p + 1) * N, True)
                     gate_smem.store(acc)  # read back below by the thread that wrote it: no barrier needed
-                else:
+                elif not WARP_SPECIALIZE:
                     next_tile = tile + gl.num_programs(0)
                     next_m0, next_n0, next_b_row = _work_item(next_tile, num_tiles, M, N, W_ROWS, block_expert_ptr,
                                                               BLOCK_M, BLOCK_N, GROUP_M)
-                    for j in gl.static_range(NUM_STAGES - 1):
+                    for j in gl.static_range(STAGES):
                         _issue_load(ring, step, j, k_steps, next_m0, next_b_row, next_tile < num_tiles)
             if not ACT_QUANT:  # row m of the block is pair sorted_pair_ids[m]'s; padding (= num_pairs) is not stored
                 rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
@@ -237,8 +269,59 @@ if gluon is not None:
                 _tma_store(out, [m0, n0], c_smem)
         if ACT_QUANT:
             tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _grouped_kernel(a_desc, b_desc, out, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr, used_blocks_ptr,
+                        num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, NUM_STAGES: gl.constexpr,
+                        GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
+                        out_scale_ptr=None, stride_out_scale=0, fp8_max=0.0, min_amax=0.0, alpha=0.0, limit=0.0,
+                        ACT_QUANT: gl.constexpr = False, ACTIVATION: gl.constexpr = 0, GATED: gl.constexpr = True,
+                        SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
+                        UE8M0: gl.constexpr = False, WARP_SPECIALIZE: gl.constexpr = False,
+                        LOAD_WARP_REGS: gl.constexpr = 24):
+        """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
+        W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
+        per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
+        Else (GEMM 2): bf16 rows stored by pair. WARP_SPECIALIZE: one more warp issues the loads (_produce)."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
+        a_ring = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_ring = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
+        c_smem = a_ring  # placeholders where unused: a partition's arguments cannot be None
+        gate_smem = a_ring
+        if ACT_QUANT:
+            c_smem = gl.allocate_shared_memory(out.dtype, out.block_type.shape, out.layout)
+        if PASSES == 2:
+            gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
+                                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = ready  # (unused without the load warp)
+        if WARP_SPECIALIZE:
+            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            if WARP_SPECIALIZE:
+                mbarrier.init(empty.index(i), count=1)
+        ring = (a_desc, b_desc, a_ring, b_ring, ready, empty)
+        epilogue = (out_scale_ptr if ACT_QUANT else sa_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit)
+        # (the constexprs inline: a tuple assigned to a name first turns them into tensors)
+        if WARP_SPECIALIZE:
+            gl.warp_specialize([
+                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
+                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
+                            WARP_SPECIALIZE)),
+                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
+            ], [1], [LOAD_WARP_REGS])
+        else:
+            _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                     used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue, GROUP_STEPS,
+                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, WARP_SPECIALIZE)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
+            if WARP_SPECIALIZE:
+                mbarrier.invalidate(empty.index(i))
 
 
 def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, aligned) -> None:
@@ -263,7 +346,8 @@ def _launch(a, a_scale, w, w_scale, out, aligned, N: int, **epilogue) -> None:
     _grouped_kernel[grid](a_desc, b_desc, target, a_scale, w_scale, aligned.sorted_pair_ids, aligned.block_expert,
                           aligned.used_blocks, aligned.num_pairs, N, w_rows, K, a_scale.stride(0), w_scale.shape[-1],
                           out.stride(0), NUM_STAGES=NUM_STAGES, GROUP_STEPS=GROUP_STEPS, GROUP_M=GROUP_M,
-                          num_warps=NUM_WARPS, **epilogue)
+                          num_warps=NUM_WARPS, WARP_SPECIALIZE=WARP_SPECIALIZE, LOAD_WARP_REGS=LOAD_WARP_REGS,
+                          **(dict(maxnreg=MAX_REGS) if WARP_SPECIALIZE else {}), **epilogue)
 
 
 def gemm_act_quant(a: torch.Tensor, a_scale: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,

@@ -1,7 +1,7 @@
 """Where the triton runner's fp8 prefill step spends its time, on one GPU: each kernel of the step (torch
 profiler, CUDA time per kernel name) under EP_RUNTIME_TRITON_FP8_GEMM=triton and =gluon, then the Gluon GEMMs
-alone under other pipeline settings (ring stages, row blocks swept together), each checked equal to the
-default's output (bit for bit: neither changes the order of any sum).
+alone under other pipeline settings (a load warp or none, ring stages, row blocks swept together), each checked
+equal to the default's output (bit for bit: none changes the order of any sum).
 
     python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--json out.json]
 
@@ -92,15 +92,18 @@ def main(argv=None) -> int:
         gemm1()
         gemm2()
         want1, want2 = a2.clone(), o.clone()
-        base = dict(NUM_STAGES=gluon_kernels.NUM_STAGES, GROUP_M=gluon_kernels.GROUP_M)
+        settings = ("WARP_SPECIALIZE", "NUM_STAGES", "GROUP_M")
+        base = {name: getattr(gluon_kernels, name) for name in settings}
         flops1, flops2 = pairs * 2 * 2 * H * I, pairs * 2 * H * I
         # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
-        runs = [("gemm1", gemm1, flops1, a2, want1, stages, group_m) for stages, group_m in ((3, 8), (4, 4), (4, 8), (4, 16))]
-        runs += [("gemm2", gemm2, flops2, o, want2, stages, group_m)
-                 for stages, group_m in ((4, 4), (4, 8), (4, 16), (5, 8), (6, 8))]
-        for name, fn, flops, got, want, stages, group_m in runs:
-            gluon_kernels.NUM_STAGES, gluon_kernels.GROUP_M = stages, group_m
-            label = f"T={T} {name} stages={stages} group_m={group_m}"
+        runs = [("gemm1", gemm1, flops1, a2, want1, variant)
+                for variant in ((False, 4, 8), (True, 3, 8), (True, 4, 4), (True, 4, 8), (True, 4, 16))]
+        runs += [("gemm2", gemm2, flops2, o, want2, variant)
+                 for variant in ((False, 4, 8), (True, 4, 4), (True, 4, 8), (True, 5, 8), (True, 6, 8), (True, 6, 4))]
+        for name, fn, flops, got, want, variant in runs:
+            for setting, value in zip(settings, variant):
+                setattr(gluon_kernels, setting, value)
+            label = f"T={T} {name} " + " ".join(f"{setting.lower()}={value}" for setting, value in zip(settings, variant))
             try:
                 us = _time_us(fn)
                 same = bool(torch.equal(got.view(torch.uint8), want.view(torch.uint8)))
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
                 print(f"{label}: {report['variants'][label]}")
                 continue
             finally:
-                gluon_kernels.NUM_STAGES, gluon_kernels.GROUP_M = base["NUM_STAGES"], base["GROUP_M"]
+                for setting, value in base.items():
+                    setattr(gluon_kernels, setting, value)
             report["variants"][label] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), same=same)
             print(f"{label}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s, same output {same}")
     if args.json:
