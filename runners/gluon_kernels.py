@@ -33,7 +33,10 @@ from ep_runtime.quant_kernels import quantize_groups
 from .triton_kernels import _capability, activate, activation_args
 
 GROUP = 128  # the scale block (activations 1 x 128, weights 128 x 128) and BLOCK_N, BLOCK_K
-BLOCK_M, NUM_STAGES, NUM_WARPS, GROUP_STEPS, GROUP_M = 128, 4, 8, 4, 8
+BLOCK_M, NUM_STAGES, NUM_WARPS, GROUP_STEPS = 128, 4, 8, 4
+# 4 row blocks sweep the column tiles together: GEMM 1 +1.5-4% over 8 on both shapes at 4096 and 16384 tokens,
+# GEMM 2 -3% to +2% (docs/performance.md, run AB)
+GROUP_M = 4
 # One load warp issues every TMA copy (warp specialization): it runs NUM_STAGES steps ahead across passes and
 # work items, through each epilogue. Its registers are given to the two math warpgroups (setmaxnreg): 168 a
 # thread at launch (65536 over 12 warps), then 24 for the load warp's warpgroup and 240 for the math ones.
