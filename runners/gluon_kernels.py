@@ -40,7 +40,9 @@ GROUP_M = 4
 # One load warp issues every TMA copy (warp specialization): it runs NUM_STAGES steps ahead across passes and
 # work items, through each epilogue. Its registers are given to the two math warpgroups (setmaxnreg): 168 a
 # thread at launch (65536 over 12 warps), then 24 for the load warp's warpgroup and 240 for the math ones.
-WARP_SPECIALIZE, LOAD_WARP_REGS, MAX_REGS = True, 24, 168
+# MATH_PARTITIONS 2: each math warpgroup is a partition of its own (a tile's 64 rows), handing ring slots back on
+# its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
+WARP_SPECIALIZE, MATH_PARTITIONS, LOAD_WARP_REGS, MATH_REGS, MAX_REGS = True, 2, 24, 240, 168
 
 try:
     from triton.experimental import gluon
@@ -114,14 +116,17 @@ if gluon is not None:
         _tma_load(b_desc, [b_row, k0], ready.index(slot), b_ring.index(slot), pred)
 
     @gluon.jit
-    def _issue_mma(ring, position, acc, use_acc):
-        """Wait for ring position's tiles, then start acc (+)= A_tile @ B_tile^T (returns at once)."""
+    def _issue_mma(ring, position, acc, use_acc, row0: gl.constexpr):
+        """Wait for ring position's tiles, then start acc (+)= A_tile[row0:row0 + acc rows] @ B_tile^T (returns at
+        once)."""
         _, _, a_ring, b_ring, ready, _ = ring
         slot = position % a_ring.shape[0]
         mbarrier.wait(ready.index(slot), (position // a_ring.shape[0]) & 1)
+        a = a_ring.index(slot)
+        if acc.shape[0] < a.shape[0]:
+            a = a.slice(row0, acc.shape[0])
         # fp8 wgmma takes both operands K-major: B's [BLOCK_N, BLOCK_K] tile viewed as [BLOCK_K, BLOCK_N]
-        return warpgroup_mma(a_ring.index(slot), b_ring.index(slot).permute((1, 0)), acc, use_acc=use_acc,
-                             is_async=True)
+        return warpgroup_mma(a, b_ring.index(slot).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
 
     @gluon.jit
     def _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw):
@@ -139,13 +144,13 @@ if gluon is not None:
 
     @gluon.jit
     def _promote_behind(ring, step, k, k_steps, m0, b_row, pending, pending_scale, acc, zero, sa_rows, sw_ptr,
-                        stride_sw, WARP_SPECIALIZE: gl.constexpr):
+                        stride_sw, WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr):
         """Start K step k's wgmma; then wait for step k-1's (`pending`), recycle its slot and add its scaled
         product while step k runs. Returns step k's (in flight, its scale) and acc."""
         # an empty asm with side effects: LLVM would sink the previous step's multiply-adds below this issue,
         # three accumulators live at once (255 registers, spills: ptxas then serializes every wgmma)
         acc = gl.inline_asm_elementwise("", "=r,0", [acc], dtype=gl.float32, is_pure=False, pack=1)
-        issued = _issue_mma(ring, step + k, zero, False)
+        issued = _issue_mma(ring, step + k, zero, False, row0)
         scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
         done = warpgroup_mma_wait(num_outstanding=1, deps=(pending, ))
         _recycle(ring, step, k - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
@@ -153,22 +158,22 @@ if gluon is not None:
 
     @gluon.jit
     def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS: gl.constexpr,
-                WARP_SPECIALIZE: gl.constexpr):
+                WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr):
         """One work item's scaled product over K (its first loads already issued): returns acc. The steps past
         the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each waited."""
         acc = zero
         grouped = k_steps - k_steps % GROUP_STEPS
         for k in range(0, grouped, GROUP_STEPS):
-            pending = _issue_mma(ring, step + k, zero, False)
+            pending = _issue_mma(ring, step + k, zero, False, row0)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             for i in gl.static_range(1, GROUP_STEPS):
                 pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
-                                                      zero, sa_rows, sw_ptr, stride_sw, WARP_SPECIALIZE)
+                                                      zero, sa_rows, sw_ptr, stride_sw, WARP_SPECIALIZE, row0)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
             _recycle(ring, step, k + GROUP_STEPS - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
             acc = acc + done * scale
         for k in range(grouped, k_steps):
-            pending = _issue_mma(ring, step + k, zero, False)
+            pending = _issue_mma(ring, step + k, zero, False, row0)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
             _recycle(ring, step, k, k_steps, m0, b_row, WARP_SPECIALIZE)
@@ -209,10 +214,11 @@ if gluon is not None:
                  used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                  GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
                  ACTIVATION: gl.constexpr, GATED: gl.constexpr, SWIGLU_ALPHA: gl.constexpr, HAS_LIMIT: gl.constexpr,
-                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr):
-        """The math warps: each work item's passes (wgmma, promotion) and its epilogue; without warp
-        specialization they also issue the loads (a slot refilled as soon as its wgmma finishes; the next pass's
-        or item's first NUM_STAGES after a pass's last wait)."""
+                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr):
+        """The math warps: each work item's passes (wgmma, promotion) and its epilogue, over the tile's rows
+        [PART * ROWS, (PART + 1) * ROWS), ROWS = 16 a warp; without warp specialization they also issue the loads
+        (a slot refilled as soon as its wgmma finishes; the next pass's or item's first NUM_STAGES after a pass's
+        last wait)."""
         a_desc, b_desc, a_ring, _, _, _ = ring
         out_scale_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit = epilogue
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -221,10 +227,17 @@ if gluon is not None:
         STAGES: gl.constexpr = a_ring.shape[0]
         PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
         num_warps: gl.constexpr = gl.num_warps()
+        ROWS: gl.constexpr = 16 * num_warps
+        row0: gl.constexpr = PART * ROWS
+        if ROWS < BLOCK_M:  # this partition's rows (its wgmmas read theirs of each A tile)
+            if ACT_QUANT:
+                c_smem = c_smem.slice(row0, ROWS)
+            if PASSES == 2:
+                gate_smem = gate_smem.slice(row0, ROWS)
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BLOCK_N, 32])
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # 16 x 8 bf16 a row
-        zero = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+        zero = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=mma_layout)
         M, num_tiles, k_steps = _tile_count(used_blocks_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         step = 0  # K steps this program has consumed: the ring position and the barriers' phase
         if not WARP_SPECIALIZE:
@@ -234,10 +247,10 @@ if gluon is not None:
                 _issue_load(ring, 0, j, k_steps, m0, b_row, gl.program_id(0) < num_tiles)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             m0, n0, b_row = _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
-            sa_rows = sa_ptr + (m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))) * stride_sa
+            sa_rows = sa_ptr + (m0 + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))) * stride_sa
             for p in gl.static_range(PASSES):
                 acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS,
-                              WARP_SPECIALIZE)
+                              WARP_SPECIALIZE, row0)
                 step += k_steps
                 # every slot is free after the loop's last wait: prefetch the next pass (the up rows) or item
                 if p + 1 < PASSES:
@@ -252,7 +265,7 @@ if gluon is not None:
                     for j in gl.static_range(STAGES):
                         _issue_load(ring, step, j, k_steps, next_m0, next_b_row, next_tile < num_tiles)
             if not ACT_QUANT:  # row m of the block is pair sorted_pair_ids[m]'s; padding (= num_pairs) is not stored
-                rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+                rows = m0 + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
                 pairs = gl.expand_dims(gl.load(sorted_pair_ids_ptr + rows), 1)
                 cols = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout)), 0)
                 gl.store(out + pairs.to(gl.int64) * stride_out + cols,
@@ -264,12 +277,12 @@ if gluon is not None:
                 else:
                     value = activate(acc, acc, alpha, limit, ACTIVATION, False, SWIGLU_ALPHA, HAS_LIMIT)
                 value, row_scale = quantize_groups(value, fp8_max, min_amax, UE8M0, False)
-                scale_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+                scale_rows = m0 + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))
                 gl.store(out_scale_ptr + scale_rows * stride_out_scale + n0 // BLOCK_N, row_scale)
                 tma.store_wait(pendings=0)  # the previous item's store has left c_smem
                 c_smem.store(value.to(out.dtype))
                 fence_async_shared()
-                _tma_store(out, [m0, n0], c_smem)
+                _tma_store(out, [m0 + row0, n0], c_smem)
         if ACT_QUANT:
             tma.store_wait(pendings=0)
 
@@ -281,11 +294,13 @@ if gluon is not None:
                         ACT_QUANT: gl.constexpr = False, ACTIVATION: gl.constexpr = 0, GATED: gl.constexpr = True,
                         SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
                         UE8M0: gl.constexpr = False, WARP_SPECIALIZE: gl.constexpr = False,
-                        LOAD_WARP_REGS: gl.constexpr = 24):
+                        MATH_PARTITIONS: gl.constexpr = 1, LOAD_WARP_REGS: gl.constexpr = 24,
+                        MATH_REGS: gl.constexpr = 240):
         """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
         W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
         per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
-        Else (GEMM 2): bf16 rows stored by pair. WARP_SPECIALIZE: one more warp issues the loads (_produce)."""
+        Else (GEMM 2): bf16 rows stored by pair. WARP_SPECIALIZE: one more warp issues the loads (_produce), and
+        the math warpgroups form MATH_PARTITIONS partitions (1 or 2; 2: num_warps is one warpgroup's, 4)."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
@@ -293,8 +308,8 @@ if gluon is not None:
         b_ring = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_smem = a_ring  # placeholders where unused: a partition's arguments cannot be None
         gate_smem = a_ring
-        if ACT_QUANT:
-            c_smem = gl.allocate_shared_memory(out.dtype, out.block_type.shape, out.layout)
+        if ACT_QUANT:  # (out's TMA box: one partition's rows)
+            c_smem = gl.allocate_shared_memory(out.dtype, [BLOCK_M, BLOCK_N], out.layout)
         if PASSES == 2:
             gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
                                                   gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
@@ -305,22 +320,34 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             if WARP_SPECIALIZE:
-                mbarrier.init(empty.index(i), count=1)
+                mbarrier.init(empty.index(i), count=MATH_PARTITIONS)
         ring = (a_desc, b_desc, a_ring, b_ring, ready, empty)
         epilogue = (out_scale_ptr if ACT_QUANT else sa_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit)
         # (the constexprs inline: a tuple assigned to a name first turns them into tensors)
-        if WARP_SPECIALIZE:
+        if WARP_SPECIALIZE and MATH_PARTITIONS == 2:
             gl.warp_specialize([
                 (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                             GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            WARP_SPECIALIZE)),
+                            True, 0)),
+                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
+                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
+                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
+                            True, 1)),
+            ], [1, num_warps], [LOAD_WARP_REGS, MATH_REGS])
+        elif WARP_SPECIALIZE:
+            gl.warp_specialize([
+                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
+                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
+                            True, 0)),
                 (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
             ], [1], [LOAD_WARP_REGS])
         else:
             _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                      used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue, GROUP_STEPS,
-                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, WARP_SPECIALIZE)
+                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
             if WARP_SPECIALIZE:
@@ -343,13 +370,16 @@ def _launch(a, a_scale, w, w_scale, out, aligned, N: int, **epilogue) -> None:
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
     b_desc = TensorDescriptor.from_tensor(w.view(num_experts * w_rows, K), [GROUP, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([GROUP, GROUP], gl.float8e4nv))
+    parts = MATH_PARTITIONS if WARP_SPECIALIZE else 1
+    rows = BLOCK_M // parts  # one math partition's rows of a tile
     target = out if not epilogue.get("ACT_QUANT") else TensorDescriptor.from_tensor(
-        out, [BLOCK_M, GROUP], gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
+        out, [rows, GROUP], gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv))
     grid = (max(1, min(_sm_count(a.device.index), aligned.block_expert.numel() * (N // GROUP))), )
     _grouped_kernel[grid](a_desc, b_desc, target, a_scale, w_scale, aligned.sorted_pair_ids, aligned.block_expert,
                           aligned.used_blocks, aligned.num_pairs, N, w_rows, K, a_scale.stride(0), w_scale.shape[-1],
                           out.stride(0), NUM_STAGES=NUM_STAGES, GROUP_STEPS=GROUP_STEPS, GROUP_M=GROUP_M,
-                          num_warps=NUM_WARPS, WARP_SPECIALIZE=WARP_SPECIALIZE, LOAD_WARP_REGS=LOAD_WARP_REGS,
+                          num_warps=NUM_WARPS // parts, WARP_SPECIALIZE=WARP_SPECIALIZE, MATH_PARTITIONS=parts,
+                          LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS,
                           **(dict(maxnreg=MAX_REGS) if WARP_SPECIALIZE else {}), **epilogue)
 
 

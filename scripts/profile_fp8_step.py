@@ -1,7 +1,8 @@
 """Where the triton runner's fp8 prefill step spends its time, on one GPU: each kernel of the step (torch
 profiler, CUDA time per kernel name) under EP_RUNTIME_TRITON_FP8_GEMM=triton and =gluon, then the Gluon GEMMs
-alone under other pipeline settings (a load warp or none, ring stages, row blocks swept together), each checked
-equal to the default's output (bit for bit: none changes the order of any sum).
+alone under other pipeline settings (a load warp or none, the math warpgroups in one partition or two, ring
+stages, row blocks swept together), each checked equal to the default's output (bit for bit: none changes the
+order of any sum).
 
     python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--json out.json]
 
@@ -92,14 +93,15 @@ def main(argv=None) -> int:
         gemm1()
         gemm2()
         want1, want2 = a2.clone(), o.clone()
-        settings = ("WARP_SPECIALIZE", "NUM_STAGES", "GROUP_M")
+        settings = ("WARP_SPECIALIZE", "MATH_PARTITIONS", "NUM_STAGES", "GROUP_M")
         base = {name: getattr(gluon_kernels, name) for name in settings}
         flops1, flops2 = pairs * 2 * 2 * H * I, pairs * 2 * H * I
         # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
         runs = [("gemm1", gemm1, flops1, a2, want1, variant)
-                for variant in ((False, 4, 8), (True, 3, 8), (True, 4, 4), (True, 4, 8), (True, 4, 16))]
+                for variant in ((False, 1, 4, 4), (True, 1, 4, 4), (True, 2, 4, 4), (True, 2, 4, 8))]
         runs += [("gemm2", gemm2, flops2, o, want2, variant)
-                 for variant in ((False, 4, 8), (True, 4, 4), (True, 4, 8), (True, 5, 8), (True, 6, 8), (True, 6, 4))]
+                 for variant in ((False, 1, 4, 4), (True, 1, 4, 4), (True, 2, 4, 4), (True, 2, 4, 8), (True, 2, 5, 4),
+                                 (True, 2, 6, 4))]
         for name, fn, flops, got, want, variant in runs:
             for setting, value in zip(settings, variant):
                 setattr(gluon_kernels, setting, value)

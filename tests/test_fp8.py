@@ -956,6 +956,48 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
         assert rel_err(ys["gluon"], ref) < BF16
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("gated", [True, False])
+def test_gpu_gluon_pipelines_give_the_same_bits(gated, monkeypatch):
+    """The Gluon GEMMs' three pipelines (the math warps issuing the loads; a load warp with both math warpgroups
+    in one partition; with each in its own, 64 rows apiece) change who waits for what, never the order of any
+    sum: y is bit-identical across them, and the first matches the float64 w8a8 reference. Five programs, so
+    each takes several work items in turn; H=1664 and I=640: groups of four K steps then steps alone, passes
+    starting on either barrier phase; one expert gets nothing, some slots are -1."""
+    from ep_runtime.runners import gluon_kernels
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
+    monkeypatch.setattr(gluon_kernels, "_sm_count", lambda index: 5)
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
+    E, K, H, I, T = 8, 4, 1664, 640, 300
+    options = {} if gated else dict(activation="gelu", is_gated=False)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    w13 = torch.randn(E, 2 * I if gated else I, H, device="cuda", generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5
+    x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda", generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    ids = torch.where(ids == 5, -1, ids)
+    ids[::7, 1] = -1
+    weights = torch.rand(T, K, device="cuda", generator=gen)
+    quant = QuantConfig()
+    q13, s13 = quant.quantize_weight(w13)
+    q2, s2 = quant.quantize_weight(w2)
+    ys = []
+    for warp_specialize, parts in ((False, 1), (True, 1), (True, 2)):
+        monkeypatch.setattr(gluon_kernels, "WARP_SPECIALIZE", warp_specialize)
+        monkeypatch.setattr(gluon_kernels, "MATH_PARTITIONS", parts)
+        with torch.inference_mode():
+            ys.append(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
+                                               **options))
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+    ref = moe_reference(x.double(), ids, weights.double(), quant.dequantize_weight(q13, s13).double(),
+                        quant.dequantize_weight(q2, s2).double(), ep.MoeConfig(E, K, H, I, **options),
+                        fp8_activations=True)
+    assert rel_err(ys[0], ref) < BF16
+
+
 def _gpu_dispatch_rank(rank, world_size):
     from ep_runtime.distributed import device_for_rank
     device = device_for_rank()
