@@ -22,6 +22,7 @@ N], row sorted_pair_ids[m]; padding rows are not stored). No interpreter: CPU te
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -33,16 +34,31 @@ from ep_runtime.quant_kernels import quantize_groups
 from .triton_kernels import _capability, activate, activation_args
 
 GROUP = 128  # the scale block (activations 1 x 128, weights 128 x 128) and BLOCK_N, BLOCK_K
-BLOCK_M, NUM_STAGES, NUM_WARPS, GROUP_STEPS = 128, 4, 8, 4
-# 4 row blocks sweep the column tiles together: GEMM 1 +1.5-4% over 8 on both shapes at 4096 and 16384 tokens,
-# GEMM 2 -3% to +2% (docs/performance.md, run AB)
-GROUP_M = 4
-# One load warp issues every TMA copy (warp specialization): it runs NUM_STAGES steps ahead across passes and
-# work items, through each epilogue. Its registers are given to the two math warpgroups (setmaxnreg): 168 a
-# thread at launch (65536 over 12 warps), then 24 for the load warp's warpgroup and 240 for the math ones.
-# MATH_PARTITIONS 2: each math warpgroup is a partition of its own (a tile's 64 rows), handing ring slots back on
-# its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
-WARP_SPECIALIZE, MATH_PARTITIONS, LOAD_WARP_REGS, MATH_REGS, MAX_REGS = True, 2, 24, 240, 168
+BLOCK_M, NUM_WARPS, GROUP_STEPS = 128, 8, 4
+# With a load warp, its registers go to the two math warpgroups (setmaxnreg): 168 a thread at launch (65536
+# over 12 warps), then 24 for the load warp's warpgroup and 240 for the math ones.
+LOAD_WARP_REGS, MATH_REGS, MAX_REGS = 24, 240, 168
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical."""
+
+    stages: int = 4  # ring slots, each one K step's A and W tiles (32 KB)
+    group_m: int = 4  # row blocks that sweep the column tiles together
+    # One load warp issues every TMA copy, running `stages` steps ahead across passes and work items, through
+    # each epilogue; else the math warps issue them.
+    warp_specialize: bool = True
+    # 2 (with the load warp): each math warpgroup a partition of its own (64 rows of a tile), handing ring slots
+    # back on its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
+    math_partitions: int = 1
+
+
+# Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB and AC): the load warp
+# +6-10% (GEMM 1) and up to +28% (GEMM 2); GROUP_M 4 over 8 +0-4% in GEMM 1; two math partitions and 5 stages
+# the fastest GEMM 2 (GEMM 1, with its 64 KB gate tile, has room for 4 stages; two partitions did not help it).
+GEMM1_PIPELINE = Pipeline()
+GEMM2_PIPELINE = Pipeline(stages=5, math_partitions=2)
 
 try:
     from triton.experimental import gluon
@@ -136,7 +152,7 @@ if gluon is not None:
     @gluon.jit
     def _recycle(ring, step, done, k_steps, m0, b_row, WARP_SPECIALIZE: gl.constexpr):
         """K step `done`'s wgmma has finished: its slot is free. Hand it back to the load warp, or refill it with
-        step done + NUM_STAGES's tiles."""
+        step done + (ring slots)'s tiles."""
         if WARP_SPECIALIZE:
             mbarrier.arrive(ring[5].index((step + done) % ring[2].shape[0]), count=1)
         else:
@@ -217,8 +233,8 @@ if gluon is not None:
                  UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr):
         """The math warps: each work item's passes (wgmma, promotion) and its epilogue, over the tile's rows
         [PART * ROWS, (PART + 1) * ROWS), ROWS = 16 a warp; without warp specialization they also issue the loads
-        (a slot refilled as soon as its wgmma finishes; the next pass's or item's first NUM_STAGES after a pass's
-        last wait)."""
+        (a slot refilled as soon as its wgmma finishes; the next pass's or item's first ones, a slot each, after
+        a pass's last wait)."""
         a_desc, b_desc, a_ring, _, _, _ = ring
         out_scale_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit = epilogue
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -363,24 +379,25 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: tor
         raise ValueError("w, w_scale and a must be contiguous and a_scale's rows unit-strided (TMA, flat scale rows)")
 
 
-def _launch(a, a_scale, w, w_scale, out, aligned, N: int, **epilogue) -> None:
+def _launch(a, a_scale, w, w_scale, out, aligned, N: int, pipeline: Pipeline, **epilogue) -> None:
     """One persistent wave over the used blocks' (row block, BLOCK_N columns of N) work items."""
     (_, K), (num_experts, w_rows, _) = a.shape, w.shape
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
     b_desc = TensorDescriptor.from_tensor(w.view(num_experts * w_rows, K), [GROUP, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([GROUP, GROUP], gl.float8e4nv))
-    parts = MATH_PARTITIONS if WARP_SPECIALIZE else 1
+    parts = pipeline.math_partitions if pipeline.warp_specialize else 1
     rows = BLOCK_M // parts  # one math partition's rows of a tile
     target = out if not epilogue.get("ACT_QUANT") else TensorDescriptor.from_tensor(
         out, [rows, GROUP], gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv))
     grid = (max(1, min(_sm_count(a.device.index), aligned.block_expert.numel() * (N // GROUP))), )
     _grouped_kernel[grid](a_desc, b_desc, target, a_scale, w_scale, aligned.sorted_pair_ids, aligned.block_expert,
                           aligned.used_blocks, aligned.num_pairs, N, w_rows, K, a_scale.stride(0), w_scale.shape[-1],
-                          out.stride(0), NUM_STAGES=NUM_STAGES, GROUP_STEPS=GROUP_STEPS, GROUP_M=GROUP_M,
-                          num_warps=NUM_WARPS // parts, WARP_SPECIALIZE=WARP_SPECIALIZE, MATH_PARTITIONS=parts,
+                          out.stride(0), NUM_STAGES=pipeline.stages, GROUP_STEPS=GROUP_STEPS,
+                          GROUP_M=pipeline.group_m, num_warps=NUM_WARPS // parts,
+                          WARP_SPECIALIZE=pipeline.warp_specialize, MATH_PARTITIONS=parts,
                           LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS,
-                          **(dict(maxnreg=MAX_REGS) if WARP_SPECIALIZE else {}), **epilogue)
+                          **(dict(maxnreg=MAX_REGS) if pipeline.warp_specialize else {}), **epilogue)
 
 
 def gemm_act_quant(a: torch.Tensor, a_scale: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
@@ -393,7 +410,7 @@ def gemm_act_quant(a: torch.Tensor, a_scale: torch.Tensor, w13: torch.Tensor, w1
     products and quant's activation rule (quant_kernels.quantize_groups), as the triton runner's fused GEMM 1.
     Rows of blocks past aligned.used_blocks are not written. Shapes as unsupported() admits them."""
     _check(a, a_scale, w13, w13_scale, aligned)
-    _launch(a, a_scale, w13, w13_scale, out, aligned, config.intermediate_size, ACT_QUANT=True,
+    _launch(a, a_scale, w13, w13_scale, out, aligned, config.intermediate_size, GEMM1_PIPELINE, ACT_QUANT=True,
             out_scale_ptr=out_scale, stride_out_scale=out_scale.stride(0), fp8_max=quant.spec.max_value,
             min_amax=MIN_AMAX, UE8M0=quant.ue8m0,
             **activation_args(config.activation, config.is_gated, config.gemm1_alpha, config.gemm1_clamp_limit))
@@ -407,5 +424,5 @@ def gemm_by_pair(a: torch.Tensor, a_scale: torch.Tensor, w2: torch.Tensor, w2_sc
     w2 [L, H, I] float8_e4m3fn, w2_scale [L, H/128, I/128] fp32, contiguous; out [P, H] bf16 (padding rows,
     sorted_pair_ids = P, are not stored)."""
     _check(a, a_scale, w2, w2_scale, aligned)
-    _launch(a, a_scale, w2, w2_scale, out, aligned, w2.shape[1])
+    _launch(a, a_scale, w2, w2_scale, out, aligned, w2.shape[1], GEMM2_PIPELINE)
     return out

@@ -12,6 +12,7 @@ Shape (--shape): one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -93,19 +94,21 @@ def main(argv=None) -> int:
         gemm1()
         gemm2()
         want1, want2 = a2.clone(), o.clone()
-        settings = ("WARP_SPECIALIZE", "MATH_PARTITIONS", "NUM_STAGES", "GROUP_M")
-        base = {name: getattr(gluon_kernels, name) for name in settings}
         flops1, flops2 = pairs * 2 * 2 * H * I, pairs * 2 * H * I
+        Pipeline = gluon_kernels.Pipeline
         # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
-        runs = [("gemm1", gemm1, flops1, a2, want1, variant)
-                for variant in ((False, 1, 4, 4), (True, 1, 4, 4), (True, 2, 4, 4), (True, 2, 4, 8))]
-        runs += [("gemm2", gemm2, flops2, o, want2, variant)
-                 for variant in ((False, 1, 4, 4), (True, 1, 4, 4), (True, 2, 4, 4), (True, 2, 4, 8), (True, 2, 5, 4),
-                                 (True, 2, 6, 4))]
-        for name, fn, flops, got, want, variant in runs:
-            for setting, value in zip(settings, variant):
-                setattr(gluon_kernels, setting, value)
-            label = f"T={T} {name} " + " ".join(f"{setting.lower()}={value}" for setting, value in zip(settings, variant))
+        runs = [("gemm1", "GEMM1_PIPELINE", gemm1, flops1, a2, want1, pipeline)
+                for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(group_m=8),
+                                 Pipeline(math_partitions=2))]
+        runs += [("gemm2", "GEMM2_PIPELINE", gemm2, flops2, o, want2, pipeline)
+                 for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(stages=5),
+                                  Pipeline(math_partitions=2), Pipeline(stages=5, math_partitions=2),
+                                  Pipeline(stages=5, math_partitions=2, group_m=8),
+                                  Pipeline(stages=6, math_partitions=2))]
+        for name, setting, fn, flops, got, want, pipeline in runs:
+            default = getattr(gluon_kernels, setting)
+            setattr(gluon_kernels, setting, pipeline)
+            label = f"T={T} {name} " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(pipeline).items())
             try:
                 us = _time_us(fn)
                 same = bool(torch.equal(got.view(torch.uint8), want.view(torch.uint8)))
@@ -114,8 +117,7 @@ def main(argv=None) -> int:
                 print(f"{label}: {report['variants'][label]}")
                 continue
             finally:
-                for setting, value in base.items():
-                    setattr(gluon_kernels, setting, value)
+                setattr(gluon_kernels, setting, default)
             report["variants"][label] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), same=same)
             print(f"{label}: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s, same output {same}")
     if args.json:

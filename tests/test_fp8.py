@@ -985,8 +985,9 @@ def test_gpu_gluon_pipelines_give_the_same_bits(gated, monkeypatch):
     q2, s2 = quant.quantize_weight(w2)
     ys = []
     for warp_specialize, parts in ((False, 1), (True, 1), (True, 2)):
-        monkeypatch.setattr(gluon_kernels, "WARP_SPECIALIZE", warp_specialize)
-        monkeypatch.setattr(gluon_kernels, "MATH_PARTITIONS", parts)
+        pipeline = gluon_kernels.Pipeline(warp_specialize=warp_specialize, math_partitions=parts)
+        monkeypatch.setattr(gluon_kernels, "GEMM1_PIPELINE", pipeline)
+        monkeypatch.setattr(gluon_kernels, "GEMM2_PIPELINE", pipeline)
         with torch.inference_mode():
             ys.append(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
                                                **options))
