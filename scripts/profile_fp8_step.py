@@ -4,7 +4,8 @@ alone under other pipeline settings (a load warp or none, the math warpgroups in
 stages, row blocks swept together), each checked equal to the default's output (bit for bit: none changes the
 order of any sum).
 
-    python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--json out.json]
+    python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--repeats 10]
+                                       [--json out.json]
 
 Shape (--shape): one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168, I=2048), or Mixtral-8x7B
 (8 experts, K=2, H=4096, I=14336); routing uniform as the runner bench draws it. Kernel times are CUDA events over back-to-back calls after warm-up, eager.
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="deepseek")
+    parser.add_argument("--repeats", type=int, default=10, help="back-to-back calls per timing")
     args = parser.parse_args(argv)
     L, K, H, I = SHAPES[args.shape]
     from ep_runtime.runners import gluon_kernels
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
 
         for gemm in ("triton", "gluon"):
             os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = gemm
-            us = _time_us(step)
+            us = _time_us(step, args.repeats)
             entry = dict(us=round(us, 1), tflops=round(pairs * flops_per_pair / us / 1e6, 1), kernels=_kernels(step))
             report["steps"][f"{gemm} T={T}"] = entry
             print(f"T={T} {gemm}: {us:.1f} us, {entry['tflops']} TFLOP/s")
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
             setattr(gluon_kernels, setting, pipeline)
             label = f"T={T} {name} " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(pipeline).items())
             try:
-                us = _time_us(fn)
+                us = _time_us(fn, args.repeats)
                 same = bool(torch.equal(got.view(torch.uint8), want.view(torch.uint8)))
             except Exception as err:  # noqa: BLE001 - e.g. more shared memory than the SM has
                 report["variants"][label] = str(err).splitlines()[0][:200]
