@@ -7,8 +7,10 @@ tensor cores idle through each promotion; the triton runner's block-scaled GEMMs
 Here the K steps go in unrolled groups of GROUP_STEPS: inside a group, step i's product is promoted after
 step i+1's wgmma is issued, behind a wait that leaves that wgmma running; the group's last step waits alone.
 (One wgmma kept in flight across the loop's back edge instead made ptxas serialize every wgmma of the kernel,
-C7514; groups of 8 ran out of registers.) One dense GEMM on an H200 (M=8192, N=4096, K=7168): 1194 TFLOP/s
-against 923 for the Triton kernel; grouped as here, 1.3-1.6x the runner's fp8 GEMMs (docs/performance.md).
+C7514; groups of 5 or more spill.) One load warp issues every TMA copy (warp specialization, Pipeline): the
+math warps hand each ring slot back as its wgmma finishes, and the ring stays full across passes, work items
+and epilogues. On an H200 each GEMM runs at ~1000 TFLOP/s on the DeepSeek-V3 and Mixtral shapes, 1.2-1.3x the
+runner's Triton fp8 kernels (docs/performance.md).
 
 A persistent program takes (row block, column tile) work items of the used blocks of AlignedPairs (rows in
 sorted order: BLOCK_M rows of one expert per block, block_expert[b]); A [S, K] fp8 in sorted order (TMA), W
