@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -56,9 +57,9 @@ class Pipeline:
     math_partitions: int = 1
 
 
-# Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB and AC): the load warp
-# +6-10% (GEMM 1) and up to +28% (GEMM 2); GROUP_M 4 over 8 +0-4% in GEMM 1; two math partitions and 5 stages
-# the fastest GEMM 2 (GEMM 1, with its 64 KB gate tile, has room for 4 stages; two partitions did not help it).
+# Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB, AC, AE): the load
+# warp +4-19% (GEMM 1) and up to +24% (GEMM 2); two math partitions and 5 stages the fastest GEMM 2 on average
+# (GEMM 1, with its 64 KB gate tile, has room for 4 stages; two partitions did not help it).
 GEMM1_PIPELINE = Pipeline()
 GEMM2_PIPELINE = Pipeline(stages=5, math_partitions=2)
 
@@ -77,6 +78,9 @@ try:
     # the TMA copies' names: triton 3.6 (the lent GPUs' build) has only the old ones; newer releases removed them
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # warp_specialize([(function, args), ...], warps, registers) since triton 3.6; older releases took the
+    # partitions another way: there the kernels run without the load warp (the same bits, a little slower)
+    _WARP_SPECIALIZE_API = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
     _IMPORT_ERROR: Optional[str] = None
 except (ImportError, AttributeError) as exc:  # an older triton, or none
     gluon = None
@@ -383,6 +387,8 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: tor
 
 def _launch(a, a_scale, w, w_scale, out, aligned, N: int, pipeline: Pipeline, **epilogue) -> None:
     """One persistent wave over the used blocks' (row block, BLOCK_N columns of N) work items."""
+    if not _WARP_SPECIALIZE_API:
+        pipeline = dataclasses.replace(pipeline, warp_specialize=False)
     (_, K), (num_experts, w_rows, _) = a.shape, w.shape
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, GROUP],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, GROUP], gl.float8e4nv))
