@@ -6,9 +6,13 @@ order of any sum).
 
     python scripts/profile_fp8_step.py [--shape deepseek|mixtral] [--tokens 4096,16384] [--repeats 10]
                                        [--json out.json]
+    ncu -k regex:_grouped_kernel -c 2 --section SpeedOfLight --section WarpStateStats \
+        python scripts/profile_fp8_step.py --tokens 4096 --one-step    # the Gluon GEMMs under Nsight Compute
 
 Shape (--shape): one rank of DeepSeek-V3 at EP 8 (32 local experts, K=8, H=7168, I=2048), or Mixtral-8x7B
-(8 experts, K=2, H=4096, I=14336); routing uniform as the runner bench draws it. Kernel times are CUDA events over back-to-back calls after warm-up, eager.
+(8 experts, K=2, H=4096, I=14336); routing uniform as the runner bench draws it. Kernel times are CUDA events
+over back-to-back calls after warm-up, eager. --one-step: only one step on the Gluon GEMMs, untimed (for a
+profiler around the process).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="deepseek")
     parser.add_argument("--repeats", type=int, default=10, help="back-to-back calls per timing")
+    parser.add_argument("--one-step", action="store_true", help="one untimed step on the Gluon GEMMs, then exit")
     args = parser.parse_args(argv)
     L, K, H, I = SHAPES[args.shape]
     from ep_runtime.runners import gluon_kernels
@@ -77,6 +82,11 @@ def main(argv=None) -> int:
                 return ep.runners.fused_experts(x, w13, w2, topk.topk_ids, topk.topk_weights, w13_scale_inv=s13,
                                                 w2_scale_inv=s2)
 
+        if args.one_step:
+            os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = "gluon"
+            step()
+            torch.cuda.synchronize()
+            return 0
         for gemm in ("triton", "gluon"):
             os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = gemm
             us = _time_us(step, args.repeats)
