@@ -7,7 +7,7 @@ tensor cores idle through each promotion; the triton runner's block-scaled GEMMs
 Here the K steps go in unrolled groups of GROUP_STEPS: inside a group, step i's product is promoted after
 step i+1's wgmma is issued, behind a wait that leaves that wgmma running; the group's last step waits alone.
 (One wgmma kept in flight across the loop's back edge instead made ptxas serialize every wgmma of the kernel,
-C7514; groups of 5 or more spill.) One load warp issues every TMA copy (warp specialization, Pipeline): the
+C7514; groups of 5 or more spill.) One load warp issues every TMA load (warp specialization, Pipeline): the
 math warps hand each ring slot back as its wgmma finishes, and the ring stays full across passes, work items
 and epilogues. On an H200 each GEMM runs at ~1000 TFLOP/s on the DeepSeek-V3 and Mixtral shapes, 1.2-1.3x the
 runner's Triton fp8 kernels (docs/performance.md).
@@ -47,9 +47,14 @@ LOAD_WARP_REGS, MATH_REGS, MAX_REGS = 24, 240, 168
 class Pipeline:
     """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical."""
 
+    def __post_init__(self):
+        if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2):
+            raise ValueError(f"{self}: stages >= 2 (one slot in use, one filling), group_m >= 1, math_partitions "
+                             f"1 or 2 (the two math warpgroups)")
+
     stages: int = 4  # ring slots, each one K step's A and W tiles (32 KB)
     group_m: int = 4  # row blocks that sweep the column tiles together
-    # One load warp issues every TMA copy, running `stages` steps ahead across passes and work items, through
+    # One load warp issues every TMA load, running `stages` steps ahead across passes and work items, through
     # each epilogue; else the math warps issue them.
     warp_specialize: bool = True
     # 2 (with the load warp): each math warpgroup a partition of its own (64 rows of a tile), handing ring slots
@@ -152,7 +157,7 @@ if gluon is not None:
 
     @gluon.jit
     def _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw):
-        """K step k's scale [BLOCK_M, 1]: each row's activation scale times the tile's one weight-block scale."""
+        """K step k's scale [rows, 1]: each row's activation scale times the tile's one weight-block scale."""
         return gl.expand_dims(gl.load(sa_rows + k) * gl.load(sw_ptr + (b_row // 128) * stride_sw + k), 1)
 
     @gluon.jit
@@ -181,8 +186,9 @@ if gluon is not None:
     @gluon.jit
     def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS: gl.constexpr,
                 WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr):
-        """One work item's scaled product over K (its first loads already issued): returns acc. The steps past
-        the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each waited."""
+        """One work item's scaled product over K (its first loads issued, here or by the load warp): returns acc.
+        The steps past the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each
+        waited."""
         acc = zero
         grouped = k_steps - k_steps % GROUP_STEPS
         for k in range(0, grouped, GROUP_STEPS):
@@ -236,7 +242,7 @@ if gluon is not None:
                  used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                  GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
                  ACTIVATION: gl.constexpr, GATED: gl.constexpr, SWIGLU_ALPHA: gl.constexpr, HAS_LIMIT: gl.constexpr,
-                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr):
+                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr, num_warps: gl.constexpr):
         """The math warps: each work item's passes (wgmma, promotion) and its epilogue, over the tile's rows
         [PART * ROWS, (PART + 1) * ROWS), ROWS = 16 a warp; without warp specialization they also issue the loads
         (a slot refilled as soon as its wgmma finishes; the next pass's or item's first ones, a slot each, after
@@ -248,8 +254,7 @@ if gluon is not None:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         STAGES: gl.constexpr = a_ring.shape[0]
         PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
-        num_warps: gl.constexpr = gl.num_warps()
-        ROWS: gl.constexpr = 16 * num_warps
+        ROWS: gl.constexpr = 16 * num_warps  # (num_warps: this partition's, as the kernel's)
         row0: gl.constexpr = PART * ROWS
         if ROWS < BLOCK_M:  # this partition's rows (its wgmmas read theirs of each A tile)
             if ACT_QUANT:
@@ -274,7 +279,8 @@ if gluon is not None:
                 acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS,
                               WARP_SPECIALIZE, row0)
                 step += k_steps
-                # every slot is free after the loop's last wait: prefetch the next pass (the up rows) or item
+                # every slot is free after the loop's last wait: without the load warp, prefetch the next pass
+                # (the up rows) or item
                 if p + 1 < PASSES:
                     if not WARP_SPECIALIZE:
                         for j in gl.static_range(STAGES):
@@ -351,25 +357,25 @@ if gluon is not None:
                 (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                             GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 0)),
+                            True, 0, num_warps)),
                 (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
                 (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                             GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 1)),
+                            True, 1, num_warps)),
             ], [1, num_warps], [LOAD_WARP_REGS, MATH_REGS])
         elif WARP_SPECIALIZE:
             gl.warp_specialize([
                 (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                             used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
                             GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 0)),
+                            True, 0, num_warps)),
                 (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
             ], [1], [LOAD_WARP_REGS])
         else:
             _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                      used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue, GROUP_STEPS,
-                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0)
+                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0, num_warps)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
             if WARP_SPECIALIZE:
