@@ -238,9 +238,8 @@ if gluon is not None:
                     position += 1
 
     @gluon.jit
-    def _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                 used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
-                 GROUP_STEPS: gl.constexpr, GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
+    def _consume(ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS: gl.constexpr,
+                 GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
                  ACTIVATION: gl.constexpr, GATED: gl.constexpr, SWIGLU_ALPHA: gl.constexpr, HAS_LIMIT: gl.constexpr,
                  UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr, num_warps: gl.constexpr):
         """The math warps: each work item's passes (wgmma, promotion) and its epilogue, over the tile's rows
@@ -248,6 +247,8 @@ if gluon is not None:
         (a slot refilled as soon as its wgmma finishes; the next pass's or item's first ones, a slot each, after
         a pass's last wait)."""
         a_desc, b_desc, a_ring, _, _, _ = ring
+        sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr, used_blocks_ptr = pointers
+        num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out = sizes
         out_scale_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit = epilogue
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -351,31 +352,26 @@ if gluon is not None:
                 mbarrier.init(empty.index(i), count=MATH_PARTITIONS)
         ring = (a_desc, b_desc, a_ring, b_ring, ready, empty)
         epilogue = (out_scale_ptr if ACT_QUANT else sa_ptr, stride_out_scale, fp8_max, min_amax, alpha, limit)
-        # (the constexprs inline: a tuple assigned to a name first turns them into tensors)
+        pointers = (sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr, used_blocks_ptr)
+        sizes = (num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out)
+        # (constexprs inline: in a tuple assigned to a name first they turn into tensors)
         if WARP_SPECIALIZE and MATH_PARTITIONS == 2:
             gl.warp_specialize([
-                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
-                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 0, num_warps)),
+                (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps)),
                 (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
-                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
-                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 1, num_warps)),
+                (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 1, num_warps)),
             ], [1, num_warps], [LOAD_WARP_REGS, MATH_REGS])
         elif WARP_SPECIALIZE:
             gl.warp_specialize([
-                (_consume, (ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                            used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue,
-                            GROUP_STEPS, GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0,
-                            True, 0, num_warps)),
+                (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps)),
                 (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
             ], [1], [LOAD_WARP_REGS])
         else:
-            _consume(ring, out, c_smem, gate_smem, sa_ptr, sw_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                     used_blocks_ptr, num_pairs, N, W_ROWS, K, stride_sa, stride_sw, stride_out, epilogue, GROUP_STEPS,
-                     GROUP_M, ACT_QUANT, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0, num_warps)
+            _consume(ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
+                     ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0, num_warps)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
             if WARP_SPECIALIZE:
