@@ -47,6 +47,11 @@ LOAD_WARP_REGS, MATH_REGS, MAX_REGS = 24, 240, 168
 class Pipeline:
     """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical."""
 
+    def __post_init__(self):
+        if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2):
+            raise ValueError(f"{self}: stages >= 2 (one slot in use, one filling), group_m >= 1, math_partitions "
+                             f"1 or 2 (the two math warpgroups)")
+
     stages: int = 4  # ring slots, each one K step's A and W tiles (32 KB)
     group_m: int = 4  # row blocks that sweep the column tiles together
     # One load warp issues every TMA load, running `stages` steps ahead across passes and work items, through
@@ -55,16 +60,6 @@ class Pipeline:
     # 2 (with the load warp): each math warpgroup a partition of its own (64 rows of a tile), handing ring slots
     # back on its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
     math_partitions: int = 1
-    # With the load warp: one ring barrier for each two K steps (a wait before the first's wgmma, a hand-back
-    # after the second's): half the mbarrier operations, each of which triton 3.6 precedes with a barrier over
-    # the partition's warps (the top stall in Nsight Compute: docs/performance.md, run AF). Even stages only.
-    pair_steps: bool = False
-
-    def __post_init__(self):
-        if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2) or (
-                self.pair_steps and self.stages % 2):
-            raise ValueError(f"{self}: stages >= 2 (one slot in use, one filling; even with pair_steps), group_m >= "
-                             f"1, math_partitions 1 or 2 (the two math warpgroups)")
 
 
 # Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB, AC, AE): the load
@@ -148,24 +143,12 @@ if gluon is not None:
         _tma_load(b_desc, [b_row, k0], ready.index(slot), b_ring.index(slot), pred)
 
     @gluon.jit
-    def _barrier(bars, position, PAIRS: gl.constexpr):
-        """Ring position `position`'s mbarrier and its phase: one barrier a slot, or (PAIRS) one for each two
-        consecutive slots."""
-        n: gl.constexpr = bars.shape[0]
-        if PAIRS:
-            position = position // 2
-        return bars.index(position % n), (position // n) & 1
-
-    @gluon.jit
-    def _issue_mma(ring, position, acc, use_acc, row0: gl.constexpr, PAIRS: gl.constexpr = False,
-                   WAIT: gl.constexpr = True, wait_pred=True):
-        """Wait for ring position's tiles (WAIT: else an earlier wait covered them), then start acc (+)=
-        A_tile[row0:row0 + acc rows] @ B_tile^T (returns at once)."""
+    def _issue_mma(ring, position, acc, use_acc, row0: gl.constexpr):
+        """Wait for ring position's tiles, then start acc (+)= A_tile[row0:row0 + acc rows] @ B_tile^T (returns at
+        once)."""
         _, _, a_ring, b_ring, ready, _ = ring
         slot = position % a_ring.shape[0]
-        if WAIT:
-            bar, phase = _barrier(ready, position, PAIRS)
-            mbarrier.wait(bar, phase, pred=wait_pred)
+        mbarrier.wait(ready.index(slot), (position // a_ring.shape[0]) & 1)
         a = a_ring.index(slot)
         if acc.shape[0] < a.shape[0]:
             a = a.slice(row0, acc.shape[0])
@@ -178,60 +161,50 @@ if gluon is not None:
         return gl.expand_dims(gl.load(sa_rows + k) * gl.load(sw_ptr + (b_row // 128) * stride_sw + k), 1)
 
     @gluon.jit
-    def _recycle(ring, step, done, k_steps, m0, b_row, WARP_SPECIALIZE: gl.constexpr, PAIRS: gl.constexpr = False,
-                 RELEASE: gl.constexpr = True, release_pred=True):
-        """K step `done`'s wgmma has finished: its slot is free. Hand it back to the load warp (RELEASE; with
-        PAIRS, after the second step of a pair), or refill it with step done + (ring slots)'s tiles."""
+    def _recycle(ring, step, done, k_steps, m0, b_row, WARP_SPECIALIZE: gl.constexpr):
+        """K step `done`'s wgmma has finished: its slot is free. Hand it back to the load warp, or refill it with
+        step done + (ring slots)'s tiles."""
         if WARP_SPECIALIZE:
-            if RELEASE:
-                bar, _ = _barrier(ring[5], step + done, PAIRS)
-                mbarrier.arrive(bar, count=1, pred=release_pred)
+            mbarrier.arrive(ring[5].index((step + done) % ring[2].shape[0]), count=1)
         else:
             _issue_load(ring, step, done + ring[2].shape[0], k_steps, m0, b_row, True)
 
     @gluon.jit
     def _promote_behind(ring, step, k, k_steps, m0, b_row, pending, pending_scale, acc, zero, sa_rows, sw_ptr,
-                        stride_sw, WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr, PAIRS: gl.constexpr,
-                        WAIT: gl.constexpr, RELEASE: gl.constexpr):
+                        stride_sw, WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr):
         """Start K step k's wgmma; then wait for step k-1's (`pending`), recycle its slot and add its scaled
         product while step k runs. Returns step k's (in flight, its scale) and acc."""
         # an empty asm with side effects: LLVM would sink the previous step's multiply-adds below this issue,
         # three accumulators live at once (255 registers, spills: ptxas then serializes every wgmma)
         acc = gl.inline_asm_elementwise("", "=r,0", [acc], dtype=gl.float32, is_pure=False, pack=1)
-        issued = _issue_mma(ring, step + k, zero, False, row0, PAIRS, WAIT)
+        issued = _issue_mma(ring, step + k, zero, False, row0)
         scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
         done = warpgroup_mma_wait(num_outstanding=1, deps=(pending, ))
-        _recycle(ring, step, k - 1, k_steps, m0, b_row, WARP_SPECIALIZE, PAIRS, RELEASE)
+        _recycle(ring, step, k - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
         return issued, scale, acc + done * pending_scale
 
     @gluon.jit
     def _k_loop(ring, step, m0, b_row, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS: gl.constexpr,
-                WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr, PAIRS: gl.constexpr):
+                WARP_SPECIALIZE: gl.constexpr, row0: gl.constexpr):
         """One work item's scaled product over K (its first loads issued, here or by the load warp): returns acc.
         The steps past the last whole group (K not a multiple of 128 * GROUP_STEPS) run one at a time, each
-        waited. PAIRS (step even, GROUP_STEPS even): a pair of steps' tiles is waited for before its first wgmma
-        and handed back after its second (or a pass's last step) finishes."""
+        waited."""
         acc = zero
         grouped = k_steps - k_steps % GROUP_STEPS
         for k in range(0, grouped, GROUP_STEPS):
-            pending = _issue_mma(ring, step + k, zero, False, row0, PAIRS)
+            pending = _issue_mma(ring, step + k, zero, False, row0)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
-            for i in gl.static_range(1, GROUP_STEPS):  # issue step i, then step i - 1 done
+            for i in gl.static_range(1, GROUP_STEPS):
                 pending, scale, acc = _promote_behind(ring, step, k + i, k_steps, m0, b_row, pending, scale, acc,
-                                                      zero, sa_rows, sw_ptr, stride_sw, WARP_SPECIALIZE, row0, PAIRS,
-                                                      not PAIRS or i % 2 == 0, not PAIRS or i % 2 == 0)
+                                                      zero, sa_rows, sw_ptr, stride_sw, WARP_SPECIALIZE, row0)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
-            _recycle(ring, step, k + GROUP_STEPS - 1, k_steps, m0, b_row, WARP_SPECIALIZE, PAIRS)
+            _recycle(ring, step, k + GROUP_STEPS - 1, k_steps, m0, b_row, WARP_SPECIALIZE)
             acc = acc + done * scale
         for k in range(grouped, k_steps):
-            if PAIRS:  # (k's parity is the position's: step and grouped are even)
-                first, second = k % 2 == 0, (k % 2 == 1) | (k == k_steps - 1)
-            else:
-                first, second = True, True
-            pending = _issue_mma(ring, step + k, zero, False, row0, PAIRS, True, first)
+            pending = _issue_mma(ring, step + k, zero, False, row0)
             scale = _step_scale(sa_rows, sw_ptr, b_row, k, stride_sw)
             done = warpgroup_mma_wait(num_outstanding=0, deps=(pending, ))
-            _recycle(ring, step, k, k_steps, m0, b_row, WARP_SPECIALIZE, PAIRS, True, second)
+            _recycle(ring, step, k, k_steps, m0, b_row, WARP_SPECIALIZE)
             acc = acc + done * scale
         return acc
 
@@ -242,11 +215,9 @@ if gluon is not None:
         return gl.maximum(used, 1) * BLOCK_M, used * (N // BLOCK_N), K // BLOCK_K
 
     @gluon.jit
-    def _produce(ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES: gl.constexpr, GROUP_M: gl.constexpr,
-                 PAIRS: gl.constexpr):
+    def _produce(ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES: gl.constexpr, GROUP_M: gl.constexpr):
         """The load warp: every K step of this program's work items (each pass's W rows N further), in the math
-        warps' order, each as soon as they hand its ring slot back; with PAIRS two steps at a time, a pass with
-        an odd number of steps leaving its last pair's second slot unused."""
+        warps' order, each as soon as they hand its ring slot back."""
         a_desc, b_desc, a_ring, b_ring, ready, empty = ring
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -257,34 +228,20 @@ if gluon is not None:
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             m0, n0, b_row = _work_item(tile, num_tiles, M, N, W_ROWS, block_expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
             for p in gl.static_range(PASSES):
-                for k in range(0, k_steps, 2 if PAIRS else 1):
+                for k in range(k_steps):
                     slot = position % STAGES
-                    free, phase = _barrier(empty, position, PAIRS)
-                    filled, _ = _barrier(ready, position, PAIRS)
                     # a barrier starts with its phase 1 complete: the first lap through the ring does not wait
-                    mbarrier.wait(free, phase ^ 1)
-                    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-                    if PAIRS:  # (an expect is an arrive: exactly one of the two)
-                        two = k + 1 < k_steps
-                        mbarrier.expect(filled, 2 * nbytes, pred=two)
-                        mbarrier.expect(filled, nbytes, pred=k + 1 >= k_steps)
-                    else:
-                        mbarrier.expect(filled, nbytes)
-                    _tma_load(a_desc, [m0, k * BLOCK_K], filled, a_ring.index(slot))
-                    _tma_load(b_desc, [b_row + p * N, k * BLOCK_K], filled, b_ring.index(slot))
-                    if PAIRS:
-                        _tma_load(a_desc, [m0, (k + 1) * BLOCK_K], filled, a_ring.index((position + 1) % STAGES),
-                                  two)
-                        _tma_load(b_desc, [b_row + p * N, (k + 1) * BLOCK_K], filled,
-                                  b_ring.index((position + 1) % STAGES), two)
-                    position += 2 if PAIRS else 1
+                    mbarrier.wait(empty.index(slot), ((position // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    _tma_load(a_desc, [m0, k * BLOCK_K], ready.index(slot), a_ring.index(slot))
+                    _tma_load(b_desc, [b_row + p * N, k * BLOCK_K], ready.index(slot), b_ring.index(slot))
+                    position += 1
 
     @gluon.jit
     def _consume(ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS: gl.constexpr,
                  GROUP_M: gl.constexpr, ACT_QUANT: gl.constexpr,
                  ACTIVATION: gl.constexpr, GATED: gl.constexpr, SWIGLU_ALPHA: gl.constexpr, HAS_LIMIT: gl.constexpr,
-                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr, num_warps: gl.constexpr,
-                 PAIRS: gl.constexpr):
+                 UE8M0: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, PART: gl.constexpr, num_warps: gl.constexpr):
         """The math warps: each work item's passes (wgmma, promotion) and its epilogue, over the tile's rows
         [PART * ROWS, (PART + 1) * ROWS), ROWS = 16 a warp; without warp specialization they also issue the loads
         (a slot refilled as soon as its wgmma finishes; the next pass's or item's first ones, a slot each, after
@@ -321,8 +278,8 @@ if gluon is not None:
             sa_rows = sa_ptr + (m0 + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))) * stride_sa
             for p in gl.static_range(PASSES):
                 acc = _k_loop(ring, step, m0, b_row + p * N, k_steps, sa_rows, sw_ptr, stride_sw, zero, GROUP_STEPS,
-                              WARP_SPECIALIZE, row0, PAIRS)
-                step += k_steps + (k_steps % 2 if PAIRS else 0)  # (PAIRS: each pass starts a pair)
+                              WARP_SPECIALIZE, row0)
+                step += k_steps
                 # every slot is free after the loop's last wait: without the load warp, prefetch the next pass
                 # (the up rows) or item
                 if p + 1 < PASSES:
@@ -366,8 +323,7 @@ if gluon is not None:
                         ACT_QUANT: gl.constexpr = False, ACTIVATION: gl.constexpr = 0, GATED: gl.constexpr = True,
                         SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
                         UE8M0: gl.constexpr = False, WARP_SPECIALIZE: gl.constexpr = False,
-                        MATH_PARTITIONS: gl.constexpr = 1, PAIRS: gl.constexpr = False,
-                        LOAD_WARP_REGS: gl.constexpr = 24,
+                        MATH_PARTITIONS: gl.constexpr = 1, LOAD_WARP_REGS: gl.constexpr = 24,
                         MATH_REGS: gl.constexpr = 240):
         """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
         W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
@@ -386,12 +342,11 @@ if gluon is not None:
         if PASSES == 2:
             gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
                                                   gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
-        BARRIERS: gl.constexpr = NUM_STAGES // 2 if PAIRS else NUM_STAGES
-        ready = gl.allocate_shared_memory(gl.int64, [BARRIERS, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = ready  # (unused without the load warp)
         if WARP_SPECIALIZE:
-            empty = gl.allocate_shared_memory(gl.int64, [BARRIERS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(BARRIERS):
+            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             if WARP_SPECIALIZE:
                 mbarrier.init(empty.index(i), count=MATH_PARTITIONS)
@@ -403,21 +358,21 @@ if gluon is not None:
         if WARP_SPECIALIZE and MATH_PARTITIONS == 2:
             gl.warp_specialize([
                 (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
-                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps, PAIRS)),
-                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M, PAIRS)),
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps)),
+                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
                 (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
-                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 1, num_warps, PAIRS)),
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 1, num_warps)),
             ], [1, num_warps], [LOAD_WARP_REGS, MATH_REGS])
         elif WARP_SPECIALIZE:
             gl.warp_specialize([
                 (_consume, (ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
-                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps, PAIRS)),
-                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M, PAIRS)),
+                            ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, True, 0, num_warps)),
+                (_produce, (ring, block_expert_ptr, used_blocks_ptr, N, W_ROWS, K, PASSES, GROUP_M)),
             ], [1], [LOAD_WARP_REGS])
         else:
             _consume(ring, out, c_smem, gate_smem, pointers, sizes, epilogue, GROUP_STEPS, GROUP_M, ACT_QUANT,
-                     ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0, num_warps, False)
-        for i in gl.static_range(BARRIERS):
+                     ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT, UE8M0, False, 0, num_warps)
+        for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
             if WARP_SPECIALIZE:
                 mbarrier.invalidate(empty.index(i))
@@ -451,7 +406,6 @@ def _launch(a, a_scale, w, w_scale, out, aligned, N: int, pipeline: Pipeline, **
                           out.stride(0), NUM_STAGES=pipeline.stages, GROUP_STEPS=GROUP_STEPS,
                           GROUP_M=pipeline.group_m, num_warps=NUM_WARPS // parts,
                           WARP_SPECIALIZE=pipeline.warp_specialize, MATH_PARTITIONS=parts,
-                          PAIRS=pipeline.warp_specialize and pipeline.pair_steps,
                           LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS,
                           **(dict(maxnreg=MAX_REGS) if pipeline.warp_specialize else {}), **epilogue)
 

@@ -114,15 +114,12 @@ def main(argv=None) -> int:
         # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
         runs = [("gemm1", "GEMM1_PIPELINE", gemm1, flops1, a2, want1, pipeline)
                 for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(group_m=8),
-                                 Pipeline(math_partitions=2), Pipeline(pair_steps=True),
-                                 Pipeline(math_partitions=2, pair_steps=True))]
+                                 Pipeline(math_partitions=2))]
         runs += [("gemm2", "GEMM2_PIPELINE", gemm2, flops2, o, want2, pipeline)
                  for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(stages=5),
                                   Pipeline(math_partitions=2), Pipeline(stages=5, math_partitions=2),
                                   Pipeline(stages=5, math_partitions=2, group_m=8),
-                                  Pipeline(stages=6, math_partitions=2), Pipeline(pair_steps=True),
-                                  Pipeline(math_partitions=2, pair_steps=True),
-                                  Pipeline(stages=6, math_partitions=2, pair_steps=True))]
+                                  Pipeline(stages=6, math_partitions=2))]
         for name, setting, fn, flops, got, want, pipeline in runs:
             default = getattr(gluon_kernels, setting)
             setattr(gluon_kernels, setting, pipeline)

@@ -436,8 +436,7 @@ def test_gluon_pipeline_settings_that_would_hang_are_errors():
     partitions other than the two warpgroups' 1 or 2 (the ring's barriers would count arrivals that never come)
     is refused when made; the shipped settings are valid."""
     from ep_runtime.runners import gluon_kernels
-    for bad in (dict(stages=1), dict(math_partitions=3), dict(math_partitions=0), dict(group_m=0),
-                dict(stages=5, pair_steps=True)):
+    for bad in (dict(stages=1), dict(math_partitions=3), dict(math_partitions=0), dict(group_m=0)):
         with pytest.raises(ValueError, match="stages >= 2"):
             gluon_kernels.Pipeline(**bad)
     assert gluon_kernels.GEMM1_PIPELINE.stages >= 2 and gluon_kernels.GEMM2_PIPELINE.math_partitions in (1, 2)
@@ -973,11 +972,11 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
 @pytest.mark.parametrize("H, I, programs", [(1664, 640, 5), (1664, 256, 132)])
 def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypatch):
     """The Gluon GEMMs' pipelines (the math warps issuing the loads; a load warp with both math warpgroups in one
-    partition; with each in its own, 64 rows apiece; either with one ring barrier for two K steps; the shipped
-    settings) change who waits for what, never the order of any sum: y is bit-identical across them, and the first matches the float64 w8a8 reference. The
+    partition; with each in its own, 64 rows apiece; the shipped settings) change who waits for what, never the
+    order of any sum: y is bit-identical across them, and the first matches the float64 w8a8 reference. The
     step's scratch is filled with NaN bytes before each, so rows one pipeline failed to write show. H=1664, I=640
-    on 5 programs: each program takes several work items, groups of four K steps then steps alone (13 and 5: odd,
-    a pair's second slot unused), passes starting on either barrier phase; I=256 on 132 programs: GEMM 2 has fewer K steps than ring slots and some
+    on 5 programs: each program takes several work items, groups of four K steps then steps alone, passes
+    starting on either barrier phase; I=256 on 132 programs: GEMM 2 has fewer K steps than ring slots and some
     programs no work item. One expert gets nothing, some slots are -1."""
     from ep_runtime.runners import gluon_kernels
     from ep_runtime.scratch import SCRATCH
@@ -1002,7 +1001,6 @@ def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypat
     q2, s2 = quant.quantize_weight(w2)
     Pipeline = gluon_kernels.Pipeline
     pipelines = [(Pipeline(warp_specialize=False),) * 2, (Pipeline(),) * 2, (Pipeline(math_partitions=2),) * 2,
-                 (Pipeline(pair_steps=True),) * 2, (Pipeline(math_partitions=2, pair_steps=True),) * 2,
                  (gluon_kernels.GEMM1_PIPELINE, gluon_kernels.GEMM2_PIPELINE)]
     ys = []
     for gemm1, gemm2 in pipelines:
