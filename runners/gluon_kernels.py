@@ -47,11 +47,6 @@ LOAD_WARP_REGS, MATH_REGS, MAX_REGS = 24, 240, 168
 class Pipeline:
     """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical."""
 
-    def __post_init__(self):
-        if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2):
-            raise ValueError(f"{self}: stages >= 2 (one slot in use, one filling), group_m >= 1, math_partitions "
-                             f"1 or 2 (the two math warpgroups)")
-
     stages: int = 4  # ring slots, each one K step's A and W tiles (32 KB)
     group_m: int = 4  # row blocks that sweep the column tiles together
     # One load warp issues every TMA load, running `stages` steps ahead across passes and work items, through
@@ -60,6 +55,11 @@ class Pipeline:
     # 2 (with the load warp): each math warpgroup a partition of its own (64 rows of a tile), handing ring slots
     # back on its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
     math_partitions: int = 1
+
+    def __post_init__(self):
+        if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2):
+            raise ValueError(f"{self}: stages >= 2 (one slot in use, one filling), group_m >= 1, math_partitions "
+                             f"1 or 2 (the two math warpgroups)")
 
 
 # Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB, AC, AE): the load
