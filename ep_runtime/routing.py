@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import routing_kernels
 from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least
 
 GROUP_SCORES = ("max", "top2_sum")
@@ -69,6 +70,13 @@ class TopKConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
 
+    def group_rule(self, num_experts: int, with_bias: bool) -> str:
+        """How groups are scored ("max" or "top2_sum"): group_score, else top2_sum with a correction bias (and
+        two experts or more per group), max without."""
+        if self.group_score is not None:
+            return self.group_score
+        return "top2_sum" if with_bias and num_experts // self.num_expert_group >= 2 else "max"
+
     def check(self, num_experts: int) -> None:
         """Raise when this routing cannot pick top_k of num_experts experts (checked when a layer is
         built, not at the first forward)."""
@@ -102,12 +110,6 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
     config.check(E)
-    scores = router_logits.float()
-    scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
-    # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
-    # (softmax and sigmoid underflow in fp32): rank it below every score (>= 0) so topk never prefers it
-    # to a finite logit, yet above the -inf of groups left out below.
-    choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
     if correction_bias is not None:
         check_float_tensor("correction_bias", correction_bias, router_logits.device, "router_logits")
         if tuple(correction_bias.shape) != (E,):
@@ -115,12 +117,23 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)
             # topk picks a NaN first, and its weight is finite: no later check would see it
             check_finite("correction_bias", correction_bias)
+    # one kernel where it can serve: not for autograd (the router's gradient) nor torch.compile (traces the ops)
+    differentiable = torch.is_grad_enabled() and router_logits.requires_grad
+    if routing_kernels.usable(router_logits) and not differentiable and not torch.compiler.is_compiling():
+        top2 = config.num_expert_group is not None and config.group_rule(E, correction_bias is not None) == "top2_sum"
+        return TopKOutput(*routing_kernels.select_experts(router_logits, config, correction_bias, top2))
+    scores = router_logits.float()
+    scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
+    # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
+    # (softmax and sigmoid underflow in fp32): rank it below every score (>= 0) so topk never prefers it
+    # to a finite logit, yet above the -inf of groups left out below.
+    choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
+    if correction_bias is not None:
         choice = scores + correction_bias.float()
     if config.num_expert_group is not None:
         G = config.num_expert_group
         per_group = choice.view(T, G, E // G)
-        rule = config.group_score or ("top2_sum" if correction_bias is not None and E // G >= 2 else "max")
-        if rule == "top2_sum":
+        if config.group_rule(E, correction_bias is not None) == "top2_sum":
             group_scores = per_group.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = per_group.max(dim=-1).values

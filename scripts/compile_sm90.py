@@ -181,7 +181,7 @@ def _compile_gluon(compiled: list, compile_only) -> None:
 def _compile_others(compiled: list) -> None:
     """Each launcher of the kernels that are not GEMMs, on small CPU placeholders: which kernels it compiles, or
     why it failed (a triton release that changed the language shows here before any GPU run)."""
-    from ep_runtime import quant_kernels
+    from ep_runtime import TopKConfig, quant_kernels, routing_kernels
     from ep_runtime.dispatchers import exchange_kernels as exchange
     from ep_runtime.quant import QuantConfig
     from ep_runtime.runners import triton_kernels as kernels
@@ -215,6 +215,10 @@ def _compile_others(compiled: list) -> None:
         "ll_plan": lambda: exchange.ll_plan(ids, weights, L, True),
         "ll_scatter": lambda: exchange.ll_scatter(x, slots, weights, L * T),
         "gather_rows": lambda: exchange.gather_rows(x, slots, weights),
+        "routing (sigmoid, 256 experts in 8 groups, bias)": lambda: routing_kernels.select_experts(
+            torch.empty(T, 256), TopKConfig(8, "sigmoid", True, 8, 4), torch.empty(256), True),
+        "routing (softmax, 60 experts)": lambda: routing_kernels.select_experts(
+            torch.empty(T, 60, dtype=torch.bfloat16), TopKConfig(4, renormalize=True), None, False),
     }
     for name, launch in launchers.items():
         first = len(compiled)

@@ -13,6 +13,7 @@
 #                                as `fault_probe:` lines) (330 s: ~250 s on a fast lent host, more on a slow one)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
 #                                replays of the static-shape dispatchers (140 s)
+#   bench_routing                benchmarks/bench_routing.py: select_experts' kernel vs its torch ops, one GPU (40 s)
 #   bench_runner_mixtral         ep-runtime bench runner suite on GPU 0: Mixtral 8x7B, all 8 experts local (115 s)
 #   bench_runner_deepseek        ... DeepSeek-V3, one rank of EP=8: 32 local experts (115 s)
 #   bench_eplb                   ep-runtime bench --suite eplb: Zipf(1.2) routing, DeepSeek-V3, 4096 tok/rank, before
@@ -74,6 +75,9 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # one GPU: R = 1 (exc
   section bench_dispatch $?; grep -A12 "^skipped" "$W/bench_dispatch.log" | cut -c1-220; tail -3 "$W/bench_dispatch.log"
 fi
 if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
+  (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$(budget 40)" python "$REPO/benchmarks/bench_routing.py" \
+     --json "$W/bench_routing.json") >"$W/bench_routing.log" 2>&1
+  section bench_routing $?; cat "$W/bench_routing.log" | cut -c1-160
   for shape in "mixtral --preset mixtral-8x7b --runner-ep-size 1 --tokens 1,16,64,256,1024,4096,16384" \
                "deepseek --preset deepseek-v3 --runner-ep-size 8 --tokens 1,64,256,1024,4096,16384"; do
     set -- $shape

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ep_runtime as ep
-from ep_runtime import TopKConfig, select_experts
+from ep_runtime import TopKConfig, routing_kernels, select_experts
 from ep_runtime.testing import run_ranks
 
 
@@ -42,6 +42,17 @@ def reference_routing(logits, cfg, bias=None):
     return out_ids, out_w
 
 
+@pytest.fixture(params=["torch", "kernel"])
+def routing_path(request, monkeypatch):
+    """select_experts on its torch ops, or on the routing kernel (routing_kernels: CUDA's path; here on CPU
+    tensors under Triton's interpreter)."""
+    if request.param == "kernel":
+        if routing_kernels.triton is None:
+            pytest.skip("triton is not installed")
+        monkeypatch.setattr(routing_kernels, "usable", lambda logits: True)
+    return request.param
+
+
 def check(logits, cfg, bias=None):
     out = select_experts(logits, cfg, bias)
     assert out.topk_ids.dtype == torch.int32 and out.topk_weights.dtype == torch.float32
@@ -54,13 +65,13 @@ def check(logits, cfg, bias=None):
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_softmax_topk(renormalize):
+def test_softmax_topk(renormalize, routing_path):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(33, 16, generator=gen)
     check(logits, TopKConfig(top_k=4, scoring="softmax", renormalize=renormalize))
 
 
-def test_sigmoid_grouped_with_bias_deepseek_v3():
+def test_sigmoid_grouped_with_bias_deepseek_v3(routing_path):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(40, 32, generator=gen)
     bias = torch.randn(32, generator=gen) * 0.3
@@ -70,7 +81,7 @@ def test_sigmoid_grouped_with_bias_deepseek_v3():
 
 
 @pytest.mark.parametrize("group_score,with_bias", [("top2_sum", False), ("max", True)])
-def test_explicit_group_score(group_score, with_bias):
+def test_explicit_group_score(group_score, with_bias, routing_path):
     # DeepSeek-V3 scores groups by their top two even when its correction bias is zero (None here).
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 32, generator=gen)
@@ -84,12 +95,12 @@ def test_explicit_group_score(group_score, with_bias):
                            inferred.topk_ids.sort(1).values)  # the setting changes the choice here
 
 
-def test_softmax_grouped_without_bias():
+def test_softmax_grouped_without_bias(routing_path):
     gen = torch.Generator().manual_seed(2)
     check(torch.randn(20, 24, generator=gen), TopKConfig(top_k=3, num_expert_group=6, topk_group=2))
 
 
-def test_bias_changes_choice_not_weights():
+def test_bias_changes_choice_not_weights(routing_path):
     logits = torch.zeros(1, 4)
     logits[0, 0] = 1.0
     bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
@@ -222,7 +233,7 @@ def test_non_finite_router_logits_are_named(dispatcher, world_size, scoring, bad
 
 
 @pytest.mark.parametrize("scoring,groups", [("softmax", None), ("sigmoid", None), ("sigmoid", (4, 2))])
-def test_masked_experts_route_around_them(scoring, groups):
+def test_masked_experts_route_around_them(scoring, groups, routing_path):
     """-inf logits mark experts a token may not take: they get weight 0 and are never picked ahead of a
     finite one, even a finite logit whose score underflows to 0 in fp32 as the masked one's does (they were
     tied, and topk took the masked expert first); under sigmoid a row of -inf is no error (every weight 0,
@@ -288,3 +299,87 @@ def test_float64_logits_beyond_float32_are_named():
     logits[2] = -1e39
     with pytest.raises(ValueError, match=r"router_logits has -inf in every entry of row 2 \(in float32"):
         layer(torch.randn(3, 16), router_logits=logits)
+
+
+@pytest.mark.parametrize("E,groups,K", [(256, (8, 4), 8), (160, (8, 3), 6), (60, None, 4), (7, None, 7)])
+def test_routing_kernel_at_model_sizes(E, groups, K, routing_path):
+    """DeepSeek-V3's 256 experts in 8 groups (4 kept, top-8, sigmoid, bias, renormalized, scaled); 160 experts
+    in groups of 20 and 60 experts (E not a power of two: the kernel pads its rows); K = E (every expert
+    picked); 12 tokens over several programs; fp16 and strided logits."""
+    gen = torch.Generator().manual_seed(E)
+    logits = torch.randn(12, 2 * E, generator=gen)[:, ::2]
+    bias = torch.randn(E, generator=gen) * 0.1 if groups else None
+    cfg = TopKConfig(top_k=K, scoring="sigmoid" if groups else "softmax", renormalize=True,
+                     num_expert_group=groups and groups[0], topk_group=groups and groups[1],
+                     routed_scaling_factor=2.5 if groups else 1.0)
+    check(logits, cfg, bias)
+    check(logits.half(), cfg, bias)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_routing_kernel_keeps_non_finite_logits_visible(scoring, monkeypatch):
+    """The kernel's picks for a row with a NaN (or, under softmax, +inf) logit: K distinct ids in range, and
+    non-finite weights exactly where the torch path's are (the dispatcher's weight check then names the
+    logit); other rows equal the torch path's; the layer's error names the logit."""
+    if routing_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 16, generator=gen)
+    logits[1, 3], logits[2, 7], logits[4] = float("nan"), float("inf"), float("-inf")
+    cfg = TopKConfig(top_k=4, scoring=scoring, renormalize=True)
+    want = select_experts(logits, cfg)
+    monkeypatch.setattr(routing_kernels, "usable", lambda logits: True)
+    got = select_experts(logits, cfg)
+    assert got.topk_ids.dtype == torch.int32 and ((got.topk_ids >= 0) & (got.topk_ids < 16)).all()
+    assert all(len(set(row)) == 4 for row in got.topk_ids.tolist())
+    assert torch.equal(torch.isfinite(got.topk_weights), torch.isfinite(want.topk_weights))
+    finite = torch.isfinite(want.topk_weights).all(1)
+    finite[4] = False  # a row of -inf (finite under sigmoid: every weight 0) ties every expert: any 4 will do
+    assert scoring == "softmax" or got.topk_weights[4].tolist() == [0.0] * 4
+    assert torch.equal(got.topk_ids[finite].sort(1).values, want.topk_ids[finite].sort(1).values)
+    torch.testing.assert_close(got.topk_weights[finite], want.topk_weights[finite], rtol=1e-5, atol=1e-7)
+    layer = ep.EPMoE(16, 4, 8, 8, dispatcher="standard", runner="torch", topk_config=cfg)
+    with pytest.raises(ValueError, match=r"router_logits has nan at \[1, 3\]"):
+        layer(torch.randn(6, 8, generator=gen), router_logits=logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("T", [1, 3000])
+def test_gpu_routing_kernel_matches_the_torch_path(T, monkeypatch):
+    """On CUDA select_experts takes the routing kernel: the picks equal the torch path's wherever the choice
+    at the K-th / (K+1)-th boundary is not a near-tie (both differ in exp's last bits), the weights within
+    fp32 rounding; a CUDA graph replay equals the eager call; logits that need a gradient take the torch path
+    (the weights then carry one)."""
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    for E, cfg, with_bias in ((256, TopKConfig(8, "sigmoid", True, 8, 4, routed_scaling_factor=2.5), True),
+                              (128, TopKConfig(8, "softmax", True), False), (8, TopKConfig(2, "softmax"), False)):
+        logits = torch.randn(T, E, device="cuda", generator=gen)
+        bias = torch.randn(E, device="cuda", generator=gen) * 0.1 if with_bias else None
+        got = select_experts(logits, cfg, bias)
+        with monkeypatch.context() as m:
+            m.setattr(routing_kernels, "usable", lambda logits: False)
+            want = select_experts(logits, cfg, bias)
+        choice = (logits.sigmoid() + bias) if with_bias else logits  # (softmax ranks as its logits do)
+        clear = torch.ones(T, dtype=torch.bool, device="cuda")  # rows without a near-tie at a boundary
+        if cfg.num_expert_group is not None:
+            G, kept = cfg.num_expert_group, cfg.topk_group
+            group_scores = choice.view(T, G, E // G).topk(2, dim=-1).values.sum(-1)
+            ranked = group_scores.sort(1, descending=True).values
+            clear &= ranked[:, kept - 1] - ranked[:, kept] > 1e-5
+            eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(kept).indices, True)
+            choice = choice.masked_fill(~eligible.repeat_interleave(E // G, dim=1), float("-inf"))
+        top = choice.topk(cfg.top_k + 1, dim=1).values
+        clear &= top[:, -2] - top[:, -1] > 1e-5
+        same = (got.topk_ids.sort(1).values == want.topk_ids.sort(1).values).all(1)
+        assert bool(same[clear].all()) and int(clear.sum()) >= 0.9 * T, (E, int(clear.sum()))
+        order = got.topk_ids.long().argsort(1), want.topk_ids.long().argsort(1)
+        torch.testing.assert_close(got.topk_weights.gather(1, order[0])[same], want.topk_weights.gather(1, order[1])[same],
+                                   rtol=1e-5, atol=1e-7)
+        graph, out = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(graph):
+            out = select_experts(logits, cfg, bias)
+        graph.replay()
+        assert torch.equal(out.topk_ids, got.topk_ids) and torch.equal(out.topk_weights, got.topk_weights)
+        trained = select_experts(logits.clone().requires_grad_(), cfg, bias)
+        assert trained.topk_weights.grad_fn is not None
