@@ -49,7 +49,8 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _select_experts_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, T, E, stride_t, stride_e, scaling,
+    def _select_experts_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, T, E, stride_t, stride_e, stride_bias,
+                               scaling,
                                K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
                                GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -67,7 +68,7 @@ if triton is not None:
             scores = tl.div_rn(shifted, tl.sum(shifted, axis=1)[:, None])
         choice = tl.where(x == float("-inf"), -1.0, scores)
         if HAS_BIAS:  # (as the torch path: the bias is added to the scores, the -1 of a -inf logit dropped)
-            choice = scores + tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+            choice = scores + tl.load(bias_ptr + cols * stride_bias, mask=cols < E, other=0.0).to(tl.float32)[None, :]
         choice = tl.where(choice != choice, float("inf"), choice)  # NaN first, as torch.topk ranks it
         if GROUPS > 0:
             size = E // GROUPS
@@ -129,7 +130,7 @@ def select_experts(router_logits: torch.Tensor, config, correction_bias: Optiona
     groups = config.num_expert_group or 0
     bias = correction_bias if correction_bias is not None else weights  # (a placeholder pointer, never read)
     _select_experts_kernel[(cdiv(T, BLOCK_T), )](
-        router_logits, bias, ids, weights, T, E, router_logits.stride(0), router_logits.stride(1),
+        router_logits, bias, ids, weights, T, E, router_logits.stride(0), router_logits.stride(1), bias.stride(0),
         float(config.routed_scaling_factor), K=K, K_PAD=next_power_of_2(K), E_PAD=E_PAD, BLOCK_T=BLOCK_T,
         SIGMOID=config.scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORMALIZE=config.renormalize,
         GROUPS=groups, G_PAD=max(next_power_of_2(groups), 1), TOPK_GROUP=config.topk_group or 0, TOP2=top2,

@@ -305,10 +305,10 @@ def test_float64_logits_beyond_float32_are_named():
 def test_routing_kernel_at_model_sizes(E, groups, K, routing_path):
     """DeepSeek-V3's 256 experts in 8 groups (4 kept, top-8, sigmoid, bias, renormalized, scaled); 160 experts
     in groups of 20 and 60 experts (E not a power of two: the kernel pads its rows); K = E (every expert
-    picked); 12 tokens over several programs; fp16 and strided logits."""
+    picked); 12 tokens over several programs; fp16 and strided logits, a strided bias."""
     gen = torch.Generator().manual_seed(E)
     logits = torch.randn(12, 2 * E, generator=gen)[:, ::2]
-    bias = torch.randn(E, generator=gen) * 0.1 if groups else None
+    bias = (torch.randn(2 * E, generator=gen) * 0.1)[::2] if groups else None
     cfg = TopKConfig(top_k=K, scoring="sigmoid" if groups else "softmax", renormalize=True,
                      num_expert_group=groups and groups[0], topk_group=groups and groups[1],
                      routed_scaling_factor=2.5 if groups else 1.0)
