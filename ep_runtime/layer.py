@@ -1069,6 +1069,9 @@ def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank,
     if num_redundant_experts != 0 and not shards:
         raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: 0 with dispatcher="
                          f"{dispatcher!r} (every rank holds every expert: there is no load to spread)")
+    if expert_to_rank is not None and not shards:  # (ignored, it would pass unchecked)
+        raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={dispatcher!r} (every "
+                         f"rank holds every expert)")
     placement = ExpertPlacement.with_redundant_experts(num_experts, num_redundant_experts, size, rank)
     if expert_to_rank is not None and shards:
         placement = ExpertPlacement(num_experts, size, rank, expert_to_rank, placement.physical_to_logical)
