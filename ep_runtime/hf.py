@@ -57,7 +57,9 @@ def is_hf_experts(module: nn.Module) -> bool:
 
 def activation_name(act_fn: Any) -> str:
     """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    # also far out: transformers' gelu_10 is gelu clipped to [-10, 10], equal to gelu on [-6, 6]
+    far = torch.logspace(1, 6, 26, dtype=torch.float64)
+    probe = torch.cat([torch.linspace(-6, 6, 97, dtype=torch.float64), far, -far])
     try:
         out = act_fn(probe.clone())  # (an in-place activation must not change what it is compared with)
     except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)

@@ -92,6 +92,8 @@ def test_unsupported_experts_are_rejected():
         ep.hf.EPExperts(Biased(), 2)
     with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):
         ep.hf.activation_name(torch.relu)
+    with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):  # gelu clipped to [-10, 10]: not gelu
+        ep.hf.activation_name(transformers.activations.ACT2FN["gelu_10"])
     assert [ep.hf.activation_name(f) for f in (torch.nn.SiLU(), torch.nn.GELU(), torch.nn.GELU("tanh"))] == [
         "silu", "gelu", "gelu_tanh"]
 
