@@ -109,6 +109,9 @@ def test_bad_config(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ep.EPMoE(**args, runner="torch")
+    if "expert_to_rank" in kwargs:  # the registry's create, as the layer
+        with pytest.raises(ValueError, match=match):
+            ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8), expert_to_rank=kwargs["expert_to_rank"])
 
 
 def _standard_on_ranks(rank, world_size):
