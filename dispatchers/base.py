@@ -82,7 +82,10 @@ class Dispatcher:
     def __init__(self, config: MoeConfig, group: Optional[dist.ProcessGroup] = None,
                  expert_to_rank: Optional[Sequence[int]] = None):
         """expert_to_rank: the rank holding each global expert (None: contiguous, rank r holds
-        [r*L, (r+1)*L)); ignored by dispatchers that do not shard experts."""
+        [r*L, (r+1)*L)); None for dispatchers that do not shard experts (any other is an error)."""
+        if expert_to_rank is not None and not self.shards_experts:  # (ignored, it would pass unchecked)
+            raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={self.name!r} (every "
+                             f"rank holds every expert)")
         self.config = config
         self.group = group = as_process_group(group)
         rank, size = group_rank_and_size(group)

@@ -57,7 +57,9 @@ def is_hf_experts(module: nn.Module) -> bool:
 
 def activation_name(act_fn: Any) -> str:
     """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    # also far out: transformers' gelu_10 is gelu clipped to [-10, 10], equal to gelu on [-6, 6]
+    far = torch.logspace(1, 6, 26, dtype=torch.float64)
+    probe = torch.cat([torch.linspace(-6, 6, 97, dtype=torch.float64), far, -far])
     try:
         out = act_fn(probe.clone())  # (an in-place activation must not change what it is compared with)
     except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)
@@ -438,10 +440,19 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                              f"other {len(swaps)} and warns")
         warnings.warn(f"{message}\nThese blocks stay as they are (every rank computes all of their experts); "
                       f"the other {len(swaps)} were swapped", stacklevel=2)
+    # Blocks that share one experts module (tied experts) share its EPExperts, so they keep training one set
+    # of weights; such an EPExperts has no one block's shared experts to compute during its dispatch.
+    users: dict[int, int] = {}
+    for block, _, _ in swaps:
+        users[id(block.experts)] = users.get(id(block.experts), 0) + 1
+    made: dict[int, EPExperts] = {}
     for block, top_k, conversion in swaps:
-        block.experts = EPExperts(block.experts, top_k, _conversion_checked=conversion, **options)
+        experts = block.experts
+        if id(experts) not in made:
+            made[id(experts)] = EPExperts(experts, top_k, _conversion_checked=conversion, **options)
+        block.experts = made[id(experts)]
         shared = getattr(block, "shared_experts", None)
-        if overlap_shared_experts and isinstance(shared, nn.Module):
+        if overlap_shared_experts and isinstance(shared, nn.Module) and users[id(experts)] == 1:
             block.experts._shared = _SharedHandoff(shared)
     return len(swaps)
 
@@ -454,13 +465,18 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     must call it (one gather per expert tensor); dst r: the dict on rank r of the layers' group only (with
     layers over a dp x ep DeviceMesh's ep group: on rank r of each ep group), None elsewhere (dst None: on
     every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
-    experts = {name: m for name, m in model.named_modules() if isinstance(m, EPExperts)}
+    # every name, also a second one of an EPExperts that several blocks share (the state_dict holds both)
+    experts = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, EPExperts)}
     if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if dst is not None and not (is_int_at_least(dst, 0) and dst < world_size):
             raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{world_size - 1}")
         return None if dst is not None and world_size > 1 and dist.get_rank() != dst else model.state_dict()
-    gathered = {name: m.layer.gather_experts(dst) for name, m in experts.items()}
+    gathered, by_module = {}, {}  # one gather per EPExperts (a shared one has several names), same order on every rank
+    for name, m in experts.items():
+        if id(m) not in by_module:
+            by_module[id(m)] = m.layer.gather_experts(dst)
+        gathered[name] = by_module[id(m)]
     if any(w is None for w in gathered.values()):
         return None
     out = {}

@@ -292,10 +292,12 @@ class EPMoE(nn.Module):
         float weights on load; a layer built with quant_config quantizes float weights with it. fp8
         weights given without scales to an unquantized layer are cast to its dtype as they are."""
         E, L = self.config.num_experts, self.placement.num_local_experts
-        given = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None
+        if not isinstance(w13, torch.Tensor):  # (its repr, a whole nested list, would be the message)
+            raise TypeError(f"w13 has type {type(w13).__name__}; expected a floating torch.Tensor")
+        given = w13.shape[0] if w13.dim() == 3 else None
         if given not in (E, L):
-            raise ValueError(f"w13 has shape {list(w13.shape) if isinstance(w13, torch.Tensor) else w13!r}; dim 0 must "
-                             f"be num_experts={E} (global weights) or this rank's num_local_experts={L} (its shard)")
+            raise ValueError(f"w13 has shape {list(w13.shape)}; dim 0 must be num_experts={E} (global weights) or "
+                             f"this rank's num_local_experts={L} (its shard)")
         given_tensors = dict(w13=w13, w2=w2, b13=b13, b2=b2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
         for name, t in given_tensors.items():
             if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
@@ -1069,6 +1071,9 @@ def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank,
     if num_redundant_experts != 0 and not shards:
         raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: 0 with dispatcher="
                          f"{dispatcher!r} (every rank holds every expert: there is no load to spread)")
+    if expert_to_rank is not None and not shards:  # (ignored, it would pass unchecked)
+        raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={dispatcher!r} (every "
+                         f"rank holds every expert)")
     placement = ExpertPlacement.with_redundant_experts(num_experts, num_redundant_experts, size, rank)
     if expert_to_rank is not None and shards:
         placement = ExpertPlacement(num_experts, size, rank, expert_to_rank, placement.physical_to_logical)

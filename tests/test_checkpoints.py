@@ -181,7 +181,7 @@ def _non_float_weights_rank(rank, world_size):
     w13, w2 = _global_weights()
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
     messages = []
-    for args in ((w13.round().int(), w2), (w13, w2 > 0), (w13, w2.tolist())):
+    for args in ((w13.round().int(), w2), (w13, w2 > 0), (w13, w2.tolist()), (w13.tolist(), w2), (w13, None)):
         with pytest.raises(TypeError) as err:
             layer.load_experts(*args)
         messages.append(str(err.value))
@@ -191,11 +191,14 @@ def _non_float_weights_rank(rank, world_size):
 
 def test_integer_or_bool_weights_are_refused_naming_the_tensor():
     """load_experts cast an int32 or bool checkpoint tensor into the layer's dtype without a word
-    (w13.round().int() loaded as whole numbers); a list for w2 failed with AttributeError 'shape'."""
+    (w13.round().int() loaded as whole numbers); a list for w2 failed with AttributeError 'shape', one for w13
+    was named by its whole repr as a shape, and w2=None was "missing; the config has has_bias=True" without biases."""
     for messages, loaded in run_ranks(_non_float_weights_rank, 2, timeout=120):
         assert messages == ["w13 has dtype torch.int32; expected a floating torch.Tensor",
                             "w2 has dtype torch.bool; expected a floating torch.Tensor",
-                            "w2 has type list; expected a floating torch.Tensor"], messages
+                            "w2 has type list; expected a floating torch.Tensor",
+                            "w13 has type list; expected a floating torch.Tensor",
+                            "w2 has type NoneType; expected a floating torch.Tensor"], messages
         assert loaded
 
 

@@ -1,6 +1,8 @@
 """ep_runtime.hf on real transformers models: every MoE family that transformers 5 builds with the
 shared router/experts interface, randomly initialised (the same on every rank), with its experts
 swapped for EPExperts over 2 gloo ranks: logits and router gradients equal the original model's."""
+import copy
+
 import pytest
 import torch
 
@@ -92,6 +94,8 @@ def test_unsupported_experts_are_rejected():
         ep.hf.EPExperts(Biased(), 2)
     with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):
         ep.hf.activation_name(torch.relu)
+    with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):  # gelu clipped to [-10, 10]: not gelu
+        ep.hf.activation_name(transformers.activations.ACT2FN["gelu_10"])
     assert [ep.hf.activation_name(f) for f in (torch.nn.SiLU(), torch.nn.GELU(), torch.nn.GELU("tanh"))] == [
         "silu", "gelu", "gelu_tanh"]
 
@@ -444,6 +448,26 @@ def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0():
             assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
         assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
+def test_blocks_sharing_one_experts_module_keep_sharing_it():
+    """Two blocks calling one experts module (tied experts) got an EPExperts each: the logits matched, but the
+    copies trained apart (an SGD step later the logits differed) and the model had the experts twice. Its
+    export names the experts under both blocks, as the original state_dict does."""
+    model = _tiny("mixtral").train()
+    model.model.layers[1].mlp.experts = model.model.layers[0].mlp.experts
+    original = copy.deepcopy(model)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert model.model.layers[1].mlp.experts is model.model.layers[0].mlp.experts
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    for m in (model, original):
+        m(ids).logits.square().mean().backward()
+        torch.optim.SGD(m.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, original(ids).logits) <= tolerance(torch.float32)
+    exported = ep.hf.export_state_dict(model)
+    assert exported.keys() == original.state_dict().keys()
+    assert torch.equal(exported["model.layers.1.mlp.experts.down_proj"], exported["model.layers.0.mlp.experts.down_proj"])
 
 
 def test_strict_false_swaps_the_blocks_it_can():

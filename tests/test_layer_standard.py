@@ -102,12 +102,16 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(dtype=torch.int32), r"dtype=torch.int32; allowed: torch.float32, torch.bfloat16"),
     (dict(dtype="float8"), r"dtype='float8'; allowed"),
     (dict(device="gpu0"), r"device='gpu0' is not a torch device"),
+    (dict(expert_to_rank=[0] * 8), r"expert_to_rank=\[0, 0, 0, 0, 0, 0, 0, 0\]; allowed: None with dispatcher='standard'"),
 ])
 def test_bad_config(kwargs, match):
     args = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ep.EPMoE(**args, runner="torch")
+    if "expert_to_rank" in kwargs:  # the registry's create, as the layer
+        with pytest.raises(ValueError, match=match):
+            ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8), expert_to_rank=kwargs["expert_to_rank"])
 
 
 def _standard_on_ranks(rank, world_size):

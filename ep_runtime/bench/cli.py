@@ -250,6 +250,24 @@ def _meta(settings: Settings, launcher: str, world_size: int, backend: str, devi
     )
 
 
+def _check_experts_divide(settings: Settings, world_size: int) -> None:
+    """The dispatch suite shards every E over the job's ranks (a launcher's, else --world-size spawned here) and
+    the runner suite computes E / --runner-ep-size (default: those ranks): a ValueError naming the flag when an E
+    does not divide, before any rank starts (the suites raise it on every rank otherwise)."""
+    from ..distributed import detect_launch
+
+    launch = detect_launch()
+    ranks = launch.world_size if launch.launcher != "single" else world_size
+    job = f"the {ranks} ranks (--world-size or the launcher's)"
+    ep_size = settings.runner_ep_size
+    checks = [("dispatch", ranks, job), ("runner", ep_size or ranks, f"--runner-ep-size {ep_size}" if ep_size else job)]
+    for suite, size, what in checks:
+        bad = [E for E in settings.num_experts if E % size]
+        if suite in settings.suites and bad:
+            raise ValueError(f"--experts {','.join(map(str, bad))}: the {suite} suite divides E over {what}; "
+                             f"allowed: multiples of {size}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -261,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for E in settings.num_experts:
                 if K > E:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
+        if not args.from_json:  # (nothing runs then)
+            _check_experts_divide(settings, args.world_size)
     except ValueError as err:
         parser.error(str(err))
     if args.plot and not has_matplotlib():
