@@ -63,6 +63,14 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def refuse_placement_unless_sharded(name: str, shards_experts: bool, expert_to_rank) -> None:
+    """An expert_to_rank given to a dispatcher that does not shard experts is an error (ignored, any table would
+    pass unchecked)."""
+    if expert_to_rank is not None and not shards_experts:
+        raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={name!r} (every rank holds "
+                         f"every expert)")
+
+
 class Dispatcher:
     """Ships (token, expert) pairs to the ranks owning the experts and brings the results home.
 
@@ -83,9 +91,7 @@ class Dispatcher:
                  expert_to_rank: Optional[Sequence[int]] = None):
         """expert_to_rank: the rank holding each global expert (None: contiguous, rank r holds
         [r*L, (r+1)*L)); None for dispatchers that do not shard experts (any other is an error)."""
-        if expert_to_rank is not None and not self.shards_experts:  # (ignored, it would pass unchecked)
-            raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={self.name!r} (every "
-                             f"rank holds every expert)")
+        refuse_placement_unless_sharded(self.name, self.shards_experts, expert_to_rank)
         self.config = config
         self.group = group = as_process_group(group)
         rank, size = group_rank_and_size(group)

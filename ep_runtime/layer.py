@@ -1065,17 +1065,15 @@ def _initial_placement(dispatcher: str, num_experts: int, group, expert_to_rank,
                        ) -> ExpertPlacement:
     """The layer's starting placement: this rank's view of E experts (plus N copies) over the group,
     or over one rank for dispatchers where every rank holds every expert."""
-    from .dispatchers.base import group_rank_and_size
+    from .dispatchers.base import group_rank_and_size, refuse_placement_unless_sharded
     shards = dispatchers.get(dispatcher).shards_experts
     rank, size = group_rank_and_size(group) if shards else (0, 1)
     if num_redundant_experts != 0 and not shards:
         raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: 0 with dispatcher="
                          f"{dispatcher!r} (every rank holds every expert: there is no load to spread)")
-    if expert_to_rank is not None and not shards:  # (ignored, it would pass unchecked)
-        raise ValueError(f"expert_to_rank={expert_to_rank!r}; allowed: None with dispatcher={dispatcher!r} (every "
-                         f"rank holds every expert)")
+    refuse_placement_unless_sharded(dispatcher, shards, expert_to_rank)
     placement = ExpertPlacement.with_redundant_experts(num_experts, num_redundant_experts, size, rank)
-    if expert_to_rank is not None and shards:
+    if expert_to_rank is not None:
         placement = ExpertPlacement(num_experts, size, rank, expert_to_rank, placement.physical_to_logical)
     return placement
 

@@ -33,9 +33,10 @@ _NUM_WARPS = 1
 
 
 def usable(router_logits: torch.Tensor) -> bool:
-    """The kernel serves these logits: CUDA, triton present, E within MAX_EXPERTS. (routing.select_experts
-    also keeps autograd and torch.compile on its torch path.)"""
-    return triton is not None and router_logits.is_cuda and router_logits.shape[-1] <= MAX_EXPERTS
+    """The kernel serves these logits: on the current CUDA device (where a launch goes), triton present, E within
+    MAX_EXPERTS. (routing.select_experts also keeps autograd and torch.compile on its torch path.)"""
+    return (triton is not None and router_logits.is_cuda and router_logits.shape[-1] <= MAX_EXPERTS
+            and router_logits.device.index == torch.cuda.current_device())
 
 
 if triton is not None:
@@ -59,7 +60,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
         valid = (rows < T)[:, None] & (cols < E)[None, :]
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e, mask=valid,
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :].to(tl.int64) * stride_e, mask=valid,
                     other=float("-inf")).to(tl.float32)
         if SIGMOID:
             scores = tl.div_rn(1.0, 1.0 + tl.exp(-x))
@@ -68,7 +69,7 @@ if triton is not None:
             scores = tl.div_rn(shifted, tl.sum(shifted, axis=1)[:, None])
         choice = tl.where(x == float("-inf"), -1.0, scores)
         if HAS_BIAS:  # (as the torch path: the bias is added to the scores, the -1 of a -inf logit dropped)
-            choice = scores + tl.load(bias_ptr + cols * stride_bias, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+            choice = scores + tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=cols < E, other=0.0).to(tl.float32)[None, :]
         choice = tl.where(choice != choice, float("inf"), choice)  # NaN first, as torch.topk ranks it
         if GROUPS > 0:
             size = E // GROUPS

@@ -383,3 +383,15 @@ def test_gpu_routing_kernel_matches_the_torch_path(T, monkeypatch):
         assert torch.equal(out.topk_ids, got.topk_ids) and torch.equal(out.topk_weights, got.topk_weights)
         trained = select_experts(logits.clone().requires_grad_(), cfg, bias)
         assert trained.topk_weights.grad_fn is not None
+
+
+def test_routing_kernel_breaks_exact_ties_to_the_lower_id(monkeypatch):
+    """Exact ties (common in bf16 logits) go to the lower expert id in the kernel, picks in order of choice;
+    torch.topk leaves their order unspecified."""
+    if routing_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(routing_kernels, "usable", lambda logits: True)
+    logits = torch.tensor([[1.0, 0, 1, 0, 2, 0, 1, 0]], dtype=torch.bfloat16)
+    assert select_experts(logits, TopKConfig(top_k=3)).topk_ids.tolist() == [[4, 0, 2]]
+    grouped = TopKConfig(top_k=2, num_expert_group=4, topk_group=2)  # groups {0,1} {2,3} {4,5} {6,7}: 2 and 0 kept
+    assert select_experts(logits, grouped).topk_ids.tolist() == [[4, 0]]
