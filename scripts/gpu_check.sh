@@ -26,7 +26,7 @@
 # Everything lands in $OUT/results.tgz, and the bench tables also as $OUT/*.md (the device tool brings back few
 # files); summaries go to stdout.
 #   PYTEST_K="..." narrows the GPU tests (pytest -k, e.g. "not faults" when device time is short);
-#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
+#   SKIP_PYTEST=1 SKIP_BENCH=1 SKIP_ROUTING=1 SKIP_RUNNERS=1 SKIP_EXAMPLES=1 SKIP_EPLB=1 SKIP_OVERLAP=1  skip a section;  RUNNER_ARGS="..."
 #   extra arguments for both runner benches (e.g. RUNNER_ARGS="--tokens 1,4096"), DISPATCH_ARGS="..." for the
 #   dispatch bench (RUNNER_ARGS="--fp8" DISPATCH_ARGS="--fp8": fp8 rows beside the bf16 ones; RUNNER_ARGS="--fp8
 #   --triton-fp8-gemm triton": also the triton runner's fp8 rows on its Triton kernels at every size, where the
@@ -74,10 +74,12 @@ if [ "$NGPU" -ge 1 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then  # one GPU: R = 1 (exc
      >"$W/bench_dispatch.log" 2>&1
   section bench_dispatch $?; grep -A12 "^skipped" "$W/bench_dispatch.log" | cut -c1-220; tail -3 "$W/bench_dispatch.log"
 fi
-if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
+if [ "$NGPU" -ge 1 ] && [ "${SKIP_ROUTING:-0}" != 1 ]; then
   (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 5 "$(budget 40)" python "$REPO/benchmarks/bench_routing.py" \
      --json "$W/bench_routing.json") >"$W/bench_routing.log" 2>&1
-  section bench_routing $?; cat "$W/bench_routing.log" | cut -c1-160
+  section bench_routing $?; cut -c1-160 "$W/bench_routing.log"
+fi
+if [ "$NGPU" -ge 1 ] && [ "${SKIP_RUNNERS:-0}" != 1 ]; then
   for shape in "mixtral --preset mixtral-8x7b --runner-ep-size 1 --tokens 1,16,64,256,1024,4096,16384" \
                "deepseek --preset deepseek-v3 --runner-ep-size 8 --tokens 1,64,256,1024,4096,16384"; do
     set -- $shape
