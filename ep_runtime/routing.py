@@ -102,7 +102,9 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32);
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
     weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
-    int32 global, K distinct per token, never -1; weights [T, K] fp32)."""
+    int32 global, K distinct per token, never -1; weights [T, K] fp32). On the current CUDA device, with no
+    gradient needed and nothing tracing it, one Triton kernel computes it (ep_runtime/routing_kernels.py: the
+    same picks up to fp32 rounding of exp, exact ties to the lower id); elsewhere torch ops do."""
     if not isinstance(config, TopKConfig):
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
