@@ -27,15 +27,16 @@ from .rank_exchange import RankExchange
 def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int = 1,
                 optional: bool = False) -> Optional[int]:
     """A dispatcher's integer option: the argument, else its knob (EP_RUNTIME_<knob>), else None when
-    optional; one error wording for every dispatcher, naming the argument, its value and the range."""
+    optional; one error wording for every dispatcher, naming the argument, its value and the range (at most
+    envs.MAX_TOKENS: counts travel as int32)."""
     if value is None and knob is not None:
         value = envs.get(knob)
     if value is None and optional:
         return None
-    if not is_int_at_least(value, minimum):
+    if not is_int_at_least(value, minimum) or value > envs.MAX_TOKENS:
         none = "None or " if optional else ""
         also = f" (also settable as {envs.PREFIX}{knob})" if knob else ""
-        raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum}{also}")
+        raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum} and <= {envs.MAX_TOKENS}{also}")
     return int(value)
 
 

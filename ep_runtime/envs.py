@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 PREFIX = "EP_RUNTIME_"
+# The most tokens or rows a size knob or dispatcher option may name: the count table carries them as int32
+# (larger values failed deep inside torch: "Overflow when unpacking long long", "int too big to convert").
+MAX_TOKENS = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class Knob:
         if self.choices is not None:
             return f"; allowed: {', '.join(map(str, self.choices))}"
         if self.minimum is not None:
-            most = f" and <= {self.maximum:g}" if self.maximum is not None else ""
-            return f"; allowed: {self.type.__name__} >= {self.minimum:g}{most}"
+            number = str if self.type is int else "{:g}".format
+            most = f" and <= {number(self.maximum)}" if self.maximum is not None else ""
+            return f"; allowed: {self.type.__name__} >= {number(self.minimum)}{most}"
         return ""
 
 
@@ -109,16 +113,20 @@ _knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
       "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
       "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")
 _knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
-      "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1)
+      "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1,
+      maximum=MAX_TOKENS)
 _knob("NORMAL_ALIGNMENT", int, 1,
-      "deepep_normal: round num_recv_tokens_per_expert up to a multiple of this.", minimum=1)
+      "deepep_normal: round num_recv_tokens_per_expert up to a multiple of this.", minimum=1,
+      maximum=MAX_TOKENS)
 _knob("MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", int, 4096,
-      "mori: most tokens one rank may dispatch; the receive buffer holds this many times R rows.", minimum=1)
+      "mori: most tokens one rank may dispatch; the receive buffer holds this many times R rows.", minimum=1,
+      maximum=MAX_TOKENS)
 _knob("MORI_PREALLOC_MAX_RECV_TOKENS", int, 0,
-      "mori: receive-buffer rows when > 0 (overrides max dispatch tokens x R); 0 = off.", minimum=0)
+      "mori: receive-buffer rows when > 0 (overrides max dispatch tokens x R); 0 = off.", minimum=0,
+      maximum=MAX_TOKENS)
 _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
       "mori: hand the runner only this many receive rows (widened when more arrived, never truncating data); 0 = off.",
-      minimum=0)
+      minimum=0, maximum=MAX_TOKENS)
 _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves, "

@@ -18,7 +18,7 @@ from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures, rank_name
 from .placement import ExpertPlacement
-from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, is_quantized_dtype
+from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, check_scale_values, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, needs_grad
@@ -1001,7 +1001,11 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
     quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
     with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
-    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized."""
+    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Scales that are not
+    finite and > 0 are refused before the layer changes, as load_experts refuses them."""
+    for name in ("w13_scale_inv", "w2_scale_inv"):
+        if isinstance(state_dict.get(prefix + name), torch.Tensor):
+            check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
     scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
            and is_quantized_dtype(state_dict[prefix + name].dtype)]

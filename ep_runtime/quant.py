@@ -188,7 +188,13 @@ def check_scale_tensor(name: str, scale: torch.Tensor, shape: tuple, values: boo
         raise ValueError(f"{name} has shape {list(scale.shape)}; expected {list(shape)} (one scale per block)")
     if scale.dtype != torch.float32:
         raise ValueError(f"{name} has dtype {scale.dtype}; expected torch.float32 (DeepSeek-V3's scale_inv)")
-    if not values or scale.is_meta or scale.numel() == 0:
+    if values:
+        check_scale_values(name, scale)
+
+
+def check_scale_values(name: str, scale: torch.Tensor) -> None:
+    """Raise naming the argument when a scale tensor holds a value that is not finite and > 0 (one host read)."""
+    if scale.is_meta or scale.numel() == 0:
         return
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):

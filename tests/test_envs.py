@@ -36,6 +36,9 @@ def test_defaults_and_typed_values(monkeypatch):
     ("EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS", "-3", r"'-3' is below the minimum; allowed: int >= 0"),
     ("EP_RUNTIME_TIMEOUT_S", "0", r"EP_RUNTIME_TIMEOUT_S='0' is below the minimum; allowed: float >= 1"),
     ("EP_RUNTIME_RUNNER", "cuda", r"EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton, masked"),
+    # beyond int32 (the count table's): failed deep inside torch ("int too big to convert") at the first dispatch
+    ("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", str(2 ** 64),
+     r"'18446744073709551616' is above the maximum; allowed: int >= 1 and <= 2147483647"),
 ])
 def test_invalid_values_name_the_variable(monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)

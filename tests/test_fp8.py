@@ -382,6 +382,17 @@ def test_state_dict_loads_into_a_layer_built_alike():
         want_q, want_s = layer.quant.quantize_weight(w.to(torch.bfloat16))
         assert torch.equal(getattr(layer, name).view(torch.uint8), want_q.view(torch.uint8))
         assert torch.equal(getattr(layer, f"{name}_scale_inv"), want_s)
+    # Scales load_experts refuses are refused here too, before the layer changes (they loaded silently: a negative
+    # or zero block scale flipped or zeroed its weights with no error)
+    for bad in (-s13, torch.zeros_like(s13), torch.full_like(s13, float("inf"))):
+        for built in (None, QuantConfig()):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, quant_config=built)
+            before = {name: t.clone() for name, t in layer.state_dict().items()}
+            with pytest.raises(ValueError, match=r"state_dict\['w13_scale_inv'\] has .* at \[0, 0, 0\]; allowed: "
+                                                 r"finite values > 0"):
+                layer.load_state_dict({**saved.state_dict(), "w13_scale_inv": bad})
+            assert layer.quant == built and all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+                                                for name, t in layer.state_dict().items())
 
 
 # ----------------------------------------------------------------- runners (one process)

@@ -99,6 +99,8 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(num_experts=True), "num_experts=True must be an int >= 1"),
     (dict(dispatcher="deepep_ll", dispatcher_options={"num_max_dispatch_tokens_per_rank": True}),
      "num_max_dispatch_tokens_per_rank=True; allowed: an int >= 1"),
+    (dict(dispatcher="mori", dispatcher_options={"max_dispatch_tokens_per_rank": 2 ** 64}),
+     "max_dispatch_tokens_per_rank=18446744073709551616; allowed: an int >= 1 and <= 2147483647"),
     (dict(dtype=torch.int32), r"dtype=torch.int32; allowed: torch.float32, torch.bfloat16"),
     (dict(dtype="float8"), r"dtype='float8'; allowed"),
     (dict(device="gpu0"), r"device='gpu0' is not a torch device"),
