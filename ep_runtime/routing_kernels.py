@@ -60,8 +60,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
         valid = (rows < T)[:, None] & (cols < E)[None, :]
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :].to(tl.int64) * stride_e, mask=valid,
-                    other=float("-inf")).to(tl.float32)
+        offsets = rows[:, None].to(tl.int64) * stride_t + cols[None, :].to(tl.int64) * stride_e
+        x = tl.load(logits_ptr + offsets, mask=valid, other=float("-inf")).to(tl.float32)
         if SIGMOID:
             scores = tl.div_rn(1.0, 1.0 + tl.exp(-x))
         else:  # (a NaN, a +inf or a row of -inf makes the row NaN, as torch's softmax does)
@@ -69,7 +69,8 @@ if triton is not None:
             scores = tl.div_rn(shifted, tl.sum(shifted, axis=1)[:, None])
         choice = tl.where(x == float("-inf"), -1.0, scores)
         if HAS_BIAS:  # (as the torch path: the bias is added to the scores, the -1 of a -inf logit dropped)
-            choice = scores + tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=cols < E, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=cols < E, other=0.0).to(tl.float32)
+            choice = scores + bias[None, :]
         choice = tl.where(choice != choice, float("inf"), choice)  # NaN first, as torch.topk ranks it
         if GROUPS > 0:
             size = E // GROUPS
