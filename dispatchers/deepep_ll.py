@@ -19,7 +19,14 @@ from typing import Optional
 import torch
 
 from ep_runtime.routing import TopKOutput
-from ep_runtime.runner_core import CombineInput, DispatchOutput, ExpertMajorInput, register_format, weighted_rows
+from ep_runtime.runner_core import (
+    CombineInput,
+    DispatchOutput,
+    ExpertMajorInput,
+    earlier_slots,
+    register_format,
+    weighted_rows,
+)
 
 from . import exchange_kernels, fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
@@ -172,8 +179,7 @@ def _first_of_each_slot(slot_index: torch.Tensor, none: int) -> torch.Tensor:
     """slot_index with every repeat of a slot within a row (a token listing one expert twice) set to
     `none`, so the slot is written once and its gradient flows back once."""
     K = slot_index.shape[1]
-    earlier = torch.ones(K, K, dtype=torch.bool, device=slot_index.device).tril(-1)  # [k, k']: k' < k
-    repeat = ((slot_index.unsqueeze(2) == slot_index.unsqueeze(1)) & earlier).any(2)
+    repeat = ((slot_index.unsqueeze(2) == slot_index.unsqueeze(1)) & earlier_slots(K, slot_index.device)).any(2)
     return torch.where(repeat, torch.full_like(slot_index, none), slot_index)
 
 
