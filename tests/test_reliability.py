@@ -292,6 +292,48 @@ def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(
         "build the layer with the same arguments and EP_RUNTIME_* knobs"]
 
 
+def _two_argument_hook(inputs, outputs):
+    return None
+
+
+def _bad_hooks_rank(rank, world_size, case):
+    """Every rank builds a layer with the same bad hooks: refused there (it failed inside the first forward,
+    or, for hooks given as a bare function, with an AttributeError in the runner)."""
+    try:
+        if case == "not_callable":
+            hooks = ep.runners.GemmHooks(after_gemm1=3)
+        elif case == "two_arguments":
+            hooks = ep.runners.GemmHooks(after_gemm2=_two_argument_hook)
+        else:  # a hook given where the GemmHooks go
+            hooks = _two_argument_hook
+        layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", hooks=hooks)
+    except TypeError as err:
+        return str(err)
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, 8, (4, 2), generator=gen)
+    try:
+        layer(torch.randn(4, 16, generator=gen), ids, torch.rand(4, 2, generator=gen))
+    except Exception as err:  # noqa: BLE001 - the test reads what a forward raised
+        return f"built; the forward raised {type(err).__name__}: {err}"
+    return "built"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not_callable", "hooks.after_gemm1=3 is not callable; allowed: None or a callable hook(inputs [P, in], "
+                     "outputs [P, out], expert_index [P])"),
+    ("two_arguments", "hooks.after_gemm2=<function _two_argument_hook at 0x"),
+    ("bare_function", "hooks=<function _two_argument_hook at 0x"),
+])
+def test_bad_gemm_hooks_are_refused_at_construction_naming_the_field(case, message):
+    results = run_ranks(_bad_hooks_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    for result in results:
+        assert result.startswith(message), result
+    if case == "two_arguments":
+        assert "has the signature (inputs, outputs), which cannot take three positional arguments" in results[0]
+    if case == "bare_function":
+        assert "allowed: None or an ep.runners.GemmHooks(after_gemm1=..., after_gemm2=...)" in results[0]
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
