@@ -334,6 +334,49 @@ def test_bad_gemm_hooks_are_refused_at_construction_naming_the_field(case, messa
         assert "allowed: None or an ep.runners.GemmHooks(after_gemm1=..., after_gemm2=...)" in results[0]
 
 
+def _grad_mode_rank(rank, world_size, dispatcher, mode):
+    """Rank 0 trains (its experts need gradients); rank 1 calls the same forward with grad mode off."""
+    from contextlib import nullcontext
+    torch.manual_seed(rank)
+    layer, x, ids, weights = _layer_and_input(dispatcher, "good")
+    off = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    try:
+        with off() if rank == 1 else nullcontext():
+            y = layer(x, ids, weights)
+        if rank == 0:
+            y.square().sum().backward()
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.parametrize("dispatcher,mode", [(name, "no_grad") for name in SHARDED] +
+                         [("deepep_normal", "inference_mode")])
+def test_one_rank_without_grad_mode_fails_every_rank_at_the_forward(dispatcher, mode):
+    """Rank 1 under torch.no_grad() (or inference_mode) records no backward, so rank 0's backward waited in
+    its reverse exchanges until the timeout (a PeerFailure naming no cause); grad mode rides in the count
+    table, and both ranks' forward raises naming every rank's mode."""
+    results = run_ranks(_grad_mode_rank, 2, dispatcher, mode, timeout=60, group_timeout=TIMEOUT_S)
+    assert results[0] == results[1] == (
+        f"RuntimeError: {dispatcher} dispatch: the ranks' grad modes differ (rank 0: grad mode on, needs a gradient, "
+        f"rank 1: grad mode off); allowed: grad mode on every rank where any rank needs a gradient (its backward's "
+        f"exchanges need every rank: call the layer under torch.no_grad() / torch.inference_mode() on every rank or "
+        f"on none); every rank stops here"), results
+
+
+def _frozen_rank_without_grad_mode(rank, world_size):
+    """Nothing needs a gradient on any rank: grad mode may differ (no backward runs)."""
+    torch.manual_seed(rank)
+    layer, x, ids, weights = _layer_and_input("deepep_normal", "good")
+    layer.requires_grad_(False)
+    with torch.no_grad() if rank == 1 else torch.enable_grad():
+        return list(layer(x, ids, weights).shape)
+
+
+def test_grad_modes_may_differ_where_no_rank_needs_a_gradient():
+    assert run_ranks(_frozen_rank_without_grad_mode, 2, timeout=60, group_timeout=TIMEOUT_S) == [[4, 16], [4, 16]]
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
