@@ -377,6 +377,47 @@ def test_grad_modes_may_differ_where_no_rank_needs_a_gradient():
     assert run_ranks(_frozen_rank_without_grad_mode, 2, timeout=60, group_timeout=TIMEOUT_S) == [[4, 16], [4, 16]]
 
 
+def _one_rank_cannot_build_rank(rank, world_size, case):
+    """Rank 1 alone gets an argument (or a runner) it cannot build its layer with; rank 0 builds its own."""
+    os.environ.pop("TRITON_INTERPRET", None)  # runner="triton" cannot run on these CPU ranks
+    dispatcher = "deepep_ll" if case == "dispatcher_options" else "deepep_normal"
+    kwargs = dict(runner="torch")
+    if rank == 1:
+        kwargs.update({"activation": dict(activation="relu"),
+                       "runner": dict(runner="triton"),
+                       "hooks": dict(hooks=3),
+                       "expert_to_rank": dict(expert_to_rank=[0, 1, 0]),
+                       "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
+                       }[case])
+    try:
+        ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
+        return f"{type(err).__name__}: {err}"
+    return "built"
+
+
+@pytest.mark.parametrize("case,own_error", [
+    ("activation", "ValueError: activation='relu'; allowed: "),
+    ("runner", "RuntimeError: runner='triton' cannot run here: "),
+    ("hooks", "TypeError: hooks=3; allowed: None or an ep.runners.GemmHooks("),
+    ("expert_to_rank", "ValueError: expert_to_rank"),
+    ("dispatcher_options", "ValueError: num_max_dispatch_tokens_per_rank=0; allowed: "),
+])
+def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own_error):
+    """Rank 1 raised on its own while rank 0 waited in the settings check's all_gather until the timeout (a
+    bad argument, a dispatcher option), or built its layer and waited in the first forward (a runner that
+    cannot run on rank 1, bad hooks). Rank 1 now joins the settings check with its error: rank 0 raises
+    there at once, naming rank 1 and the error."""
+    start = time.monotonic()
+    rank0, rank1 = run_ranks(_one_rank_cannot_build_rank, 2, case, timeout=60, group_timeout=30)
+    assert rank1.startswith(own_error), rank1
+    kind, _, message = rank1.partition(": ")
+    assert rank0 == (f"{kind}: rank 1 could not build its layer or dispatcher ({kind}: {message}); every rank stops "
+                     f"here (every rank must build it with the same arguments and EP_RUNTIME_* knobs, and with a "
+                     f"runner that runs there)"), rank0
+    assert time.monotonic() - start < 25  # not the group's 30 s timeout
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
