@@ -1022,8 +1022,10 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
     quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
     with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
-    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Scales that are not
-    finite and > 0 are refused before the layer changes, as load_experts refuses them."""
+    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Expert weights
+    that are not finite (in the layer's dtype: a float64 value may overflow float32; fp8: NaN) and scales that
+    are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them."""
+    _check_finite_experts(layer, state_dict, prefix)
     for name in ("w13_scale_inv", "w2_scale_inv"):
         if isinstance(state_dict.get(prefix + name), torch.Tensor):
             check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
@@ -1044,6 +1046,24 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
+
+
+def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
+    """Raise naming the key when an expert tensor of `state_dict` holds a NaN or an infinity: it would load
+    silently and make every token routed to that expert NaN, on whichever rank sent it. One isfinite pass per
+    tensor per load (none per forward). Float values are checked as the layer stores them (a float64 value
+    past float32's range is inf there; fp8 layers quantize them as they are); a DTensor (still sharded over
+    ranks: a check would be a collective) is left to whoever made it local."""
+    for name in ("w13", "w2", "b13", "b2"):
+        t, held = state_dict.get(prefix + name), getattr(layer, name)
+        if not isinstance(t, torch.Tensor) or t.is_meta or type(t).__name__ == "DTensor" or not t.is_floating_point():
+            continue
+        key = f"state_dict[{prefix + name!r}]"
+        if is_quantized_dtype(t.dtype):
+            _check_fp8_not_nan(key, t)
+            continue
+        stored = held.dtype if held is not None and not is_quantized_dtype(held.dtype) else t.dtype
+        check_finite(key, t.to(stored))
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

@@ -418,6 +418,41 @@ def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own
     assert time.monotonic() - start < 25  # not the group's 30 s timeout
 
 
+def _non_finite_state_dict_rank(rank, world_size):
+    """Each rank loads its own per-rank state_dict with one non-finite expert weight at a random place: rank 0
+    a NaN in w13, rank 1 a float64 w2 value past float32's range (inf once stored in this float32 layer)."""
+    torch.manual_seed(5)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    gen = torch.Generator().manual_seed(10 + rank)
+    state = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64 if rank else v.dtype)
+             for k, v in before.items()}
+    name = "w2" if rank else "w13"
+    where = tuple(int(torch.randint(0, n, (), generator=gen)) for n in state[name].shape)
+    state[name][where] = 1e300 if rank else float("nan")
+    try:
+        layer.load_state_dict(state)
+        message = "loaded"
+    except ValueError as err:
+        message = str(err)
+    unchanged = all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    del state[name]
+    layer.load_state_dict(state, strict=False)  # the finite tensors load
+    x, ids, weights = torch.randn(4, 16, generator=gen), torch.randint(0, 8, (4, 2), generator=gen), torch.rand(4, 2)
+    return message, list(where), unchanged, bool(layer(x, ids, weights).isfinite().all())
+
+
+def test_load_state_dict_refuses_non_finite_expert_weights_naming_the_key():
+    """NaN / inf expert weights loaded silently through load_state_dict (load_experts refuses them) and made
+    every token routed to that expert NaN, on every rank that sent one; refused now, naming the key and
+    the place, before the layer changes."""
+    results = run_ranks(_non_finite_state_dict_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (message, where, unchanged, finite) in enumerate(results):
+        value, name = ("inf", "w2") if rank else ("nan", "w13")
+        assert message == f"state_dict['{name}'] has a non-finite value {value} at {where}", message
+        assert unchanged and finite
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
