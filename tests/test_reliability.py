@@ -339,10 +339,14 @@ def _grad_mode_rank(rank, world_size, dispatcher, mode):
     from contextlib import nullcontext
     torch.manual_seed(rank)
     layer, x, ids, weights = _layer_and_input(dispatcher, "good")
-    off = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    off = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "no_grad_async": torch.no_grad}[mode]
     try:
         with off() if rank == 1 else nullcontext():
-            y = layer(x, ids, weights)
+            if mode == "no_grad_async":  # the dispatch's plan runs on the group's exchange thread (CPU ranks)
+                routed, shared = layer.routed_and_shared(x, ep.TopKOutput(ids, weights), torch.nn.Identity())
+                y = routed + shared
+            else:
+                y = layer(x, ids, weights)
         if rank == 0:
             y.square().sum().backward()
     except RuntimeError as err:
@@ -351,7 +355,7 @@ def _grad_mode_rank(rank, world_size, dispatcher, mode):
 
 
 @pytest.mark.parametrize("dispatcher,mode", [(name, "no_grad") for name in SHARDED] +
-                         [("deepep_normal", "inference_mode")])
+                         [("deepep_normal", "inference_mode"), ("deepep_normal", "no_grad_async")])
 def test_one_rank_without_grad_mode_fails_every_rank_at_the_forward(dispatcher, mode):
     """Rank 1 under torch.no_grad() (or inference_mode) records no backward, so rank 0's backward waited in
     its reverse exchanges until the timeout (a PeerFailure naming no cause); grad mode rides in the count
