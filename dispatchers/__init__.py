@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import build, check_config, register_named
 
-from .base import Dispatcher
+from .base import Dispatcher, join_settings_check
 from .overlap import ExchangeWork, ReceiveHook
 
 _DISPATCHERS: dict[str, type[Dispatcher]] = {}
@@ -34,10 +34,15 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
            **options: Any) -> Dispatcher:
     """Build dispatcher `name` over `group` (a ProcessGroup holding this rank or a 1-D DeviceMesh; None: the
     default group, or a single process). Every rank of the group must call this together: it checks that
-    they all built the same settings (on `device` when the group is NCCL; None: the current CUDA device)."""
+    they all built the same settings (on `device` when the group is NCCL; None: the current CUDA device), and a
+    rank that cannot build its dispatcher fails the others there, naming it and its error."""
     cls = get(name)
-    check_config(config)
-    dispatcher = build(cls, "dispatcher", name, dict(config=config, group=group), options)
+    try:
+        check_config(config)
+        dispatcher = build(cls, "dispatcher", name, dict(config=config, group=group), options)
+    except Exception as error:  # on this rank only, maybe: the others would wait in the settings check
+        join_settings_check(name, group, error, device)
+        raise
     dispatcher.check_same_settings_on_every_rank(device)
     return dispatcher
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,50 @@ def refuse_placement_unless_sharded(name: str, shards_experts: bool, expert_to_r
                          f"every expert)")
 
 
+class BuildFailure(NamedTuple):
+    """What a rank that could not build its dispatcher or layer sends in the settings check's all_gather
+    instead of its settings (join_settings_check): its error's type name and message."""
+
+    error_type: str
+    message: str
+
+
+# The types a peer's BuildFailure is raised as on the other ranks (any other: RuntimeError).
+_BUILD_ERROR_TYPES = {t.__name__: t for t in (ValueError, TypeError, RuntimeError)}
+
+
+def _gather_settings(group: Optional[dist.ProcessGroup], world_size: int, mine: Any,
+                     device: Optional[Any] = None) -> list:
+    """Every rank's settings (or BuildFailure), in group-rank order: the settings check's one all_gather."""
+    every = [None] * world_size
+    device = torch.device(device) if device is not None else None
+    with (torch.cuda.device(device) if device is not None and device.type == "cuda" and torch.cuda.is_available()
+          else nullcontext()):
+        # (NCCL: on the current CUDA device; CPU ranks: after the group's pending async exchanges)
+        overlap.in_call_order(group, lambda: dist.all_gather_object(every, mine, group=group))
+    return every
+
+
+def join_settings_check(name: Any, group: Any, error: Exception, device: Optional[Any] = None) -> None:
+    """This rank could not build dispatcher `name` (or the layer holding it): `error`, raised before the
+    settings check every rank's dispatchers.create ends with (Dispatcher.check_same_settings_on_every_rank).
+    Take part in that check's all_gather anyway, carrying the error, so the other ranks raise at once naming
+    this rank and the error instead of waiting in it until the timeout. The caller raises `error` after.
+    Nothing where the others run no such check (one rank, a dispatcher that does not shard experts, a name
+    no dispatcher has); a join that fails (a group this rank is not in, peers elsewhere) is dropped: `error`
+    is this rank's to raise."""
+    from ep_runtime import dispatchers
+    try:
+        if not dispatchers.get(name).shards_experts:
+            return
+        group = as_process_group(group)
+        _, size = group_rank_and_size(group)
+        if size > 1:
+            _gather_settings(group, size, BuildFailure(type(error).__name__, str(error)), device)
+    except Exception:  # noqa: BLE001 - see above: error is raised anyway
+        pass
+
+
 class Dispatcher:
     """Ships (token, expert) pairs to the ranks owning the experts and brings the results home.
 
@@ -127,15 +171,20 @@ class Dispatcher:
     def check_same_settings_on_every_rank(self, device: Optional[Any] = None) -> None:
         """One small all_gather when the dispatcher is built: ranks that disagree (a different
         hidden_size, or a knob set on one rank only) would otherwise exchange mismatched byte counts,
-        which aborts the process instead of raising. Raises on every rank, naming the setting."""
+        which aborts the process instead of raising. Raises on every rank, naming the setting. A rank that
+        could not build its dispatcher or layer joins with its error instead (join_settings_check): every
+        other rank raises naming it and its error."""
         if self.world_size == 1 or not self.shards_experts:
             return
         mine = self.settings()
-        every = [None] * self.world_size
-        device = torch.device(device) if device is not None else None
-        with torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext():
-            # (NCCL: on the current CUDA device; CPU ranks: after the group's pending async exchanges)
-            overlap.in_call_order(self.group, lambda: dist.all_gather_object(every, mine, group=self.group))
+        every = _gather_settings(self.group, self.world_size, mine, device)
+        failed = [(rank, theirs) for rank, theirs in enumerate(every) if isinstance(theirs, BuildFailure)]
+        if failed:
+            causes = "; ".join(f"{distributed.rank_name(self.group, rank)} could not build its layer or dispatcher "
+                               f"({f.error_type}: {f.message})" for rank, f in failed)
+            raise _BUILD_ERROR_TYPES.get(failed[0][1].error_type, RuntimeError)(
+                f"{causes}; every rank stops here (every rank must build it with the same arguments and "
+                f"EP_RUNTIME_* knobs, and with a runner that runs there)")
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:  # another dispatcher differs in its options too: name the dispatcher then

@@ -88,22 +88,33 @@ class DeferredChecks:
             self._check_oldest()
 
     def _check_oldest(self) -> None:
+        """Check the oldest pending call. Whatever it raises, nothing stays pending (the calls after it ran on
+        top of its invalid output, and a later call must not check them, nor wait for their copies, again).
+        A ValueError (LookupError: `overwritten`) or an exact TypeError or RuntimeError (the count table's
+        dtype and bad-input checks) gets a note naming the call that queued it; anything else (a peer that
+        never answered: ep.PeerFailure) is raised as it is."""
         pending = self._pending.popleft()
         try:
             if pending.ready is not None:
                 self._wait()(pending.ready, pending.context)
+            check = self._check()
         except Exception:
             self._pending.clear()
             raise
         try:
-            self._check()(pending.values.tolist(), pending.context)
-        except (ValueError, LookupError) as err:
+            check(pending.values.tolist(), pending.context)
+        except Exception as err:
             self._pending.clear()
             back = self._calls - pending.call + 1
             when = "the last call" if back == 1 else f"the call {back} calls back"
-            detail = str(err) if isinstance(err, ValueError) else self._overwritten
-            raise ValueError(f"{detail} [found by the deferred check of {self._what}: {when}, whose output is not "
-                             f"valid; EP_RUNTIME_SYNC_CHECKS=1 raises at the call itself]") from None
+            note = (f"[found by the deferred check of {self._what}: {when}, whose output is not valid; "
+                    f"EP_RUNTIME_SYNC_CHECKS=1 raises at the call itself]")
+            if isinstance(err, (ValueError, LookupError)):
+                detail = str(err) if isinstance(err, ValueError) else self._overwritten
+                raise ValueError(f"{detail} {note}") from None
+            if type(err) in (TypeError, RuntimeError):
+                raise type(err)(f"{err} {note}") from None
+            raise
 
 
 def _weakly(fn: Callable) -> Callable[[], Callable]:

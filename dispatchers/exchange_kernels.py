@@ -67,7 +67,8 @@ class RowLayout:
 
     @functools.cached_property
     def grads_at(self) -> int:
-        """(with `wants`) the gradient bits: 1 when x needs a gradient on that rank, 2 when topk_weights does."""
+        """(with `wants`) the gradient bits: 1 when x needs a gradient on that rank, 2 when topk_weights does, 4
+        when grad mode is on there (rank_exchange._wants)."""
         return self.nodes_at + self.nodes
 
     @functools.cached_property

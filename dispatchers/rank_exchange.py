@@ -219,16 +219,21 @@ def _normal_copy(value):
     return value
 
 
+# The gradient bits of a count row (RowLayout.grads_at): x needs a gradient, topk_weights does, grad mode is on.
+_X_GRAD, _WEIGHTS_GRAD, _GRAD_MODE = 1, 2, 4
+
+
 def _wants(x: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor]) -> tuple[int, int]:
-    """A count row's RowLayout.wants entries for this rank: (gradient bits: 1 where x needs a gradient, 2
-    where topk_weights does; x's dtype code)."""
-    return needs_grad(x) + 2 * needs_grad(topk_weights), _DTYPE_CODE.get(getattr(x, "dtype", None), 0)
+    """A count row's RowLayout.wants entries for this rank: (gradient bits: _X_GRAD where x needs a gradient,
+    _WEIGHTS_GRAD where topk_weights does, _GRAD_MODE where grad mode is on; x's dtype code)."""
+    bits = _X_GRAD * needs_grad(x) + _WEIGHTS_GRAD * needs_grad(topk_weights) + _GRAD_MODE * torch.is_grad_enabled()
+    return bits, _DTYPE_CODE.get(getattr(x, "dtype", None), 0)
 
 
 def _grads_on_any_rank(host_table: list, layout: RowLayout) -> tuple[bool, bool]:
     """(whether x, whether topk_weights need a gradient on some rank) from the count table read on the host."""
     bits = functools.reduce(operator.or_, (row[layout.grads_at] for row in host_table))
-    return bool(bits & 1), bool(bits & 2)
+    return bool(bits & _X_GRAD), bool(bits & _WEIGHTS_GRAD)
 
 
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
@@ -567,12 +572,14 @@ class RankExchange:
 
     def _check_host_table(self, host: list, layout: RowLayout, topk_ids, topk_weights, distinct) -> None:
         """Every rank raises on the count table read on the host (rows of `layout`): bad ids or weights on any
-        rank (rows with flags), too many tokens, ranks dispatching x in different dtypes (rows with them)."""
+        rank (rows with flags), too many tokens, ranks dispatching x in different dtypes or grad modes (rows
+        with them)."""
         if layout.num_flags:
             self._check_flags(host, layout.flags_at, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
         if layout.wants:
             self._check_dtypes([row[layout.dtype_at] for row in host])
+            self._check_grad_modes([row[layout.grads_at] for row in host])
 
     @staticmethod
     def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
@@ -683,6 +690,21 @@ class RankExchange:
             raise TypeError(f"x has dtype {_CODE_DTYPE.get(codes[self.rank])} on {rank_name(self.group, self.rank)}, but "
                             f"the ranks differ ({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
                             f"rank stops here")
+
+    def _check_grad_modes(self, bits: list) -> None:
+        """Every rank raises, naming each rank's grad mode, when some rank needs a gradient (its x or
+        topk_weights, or, through the layer, its experts) while another runs with grad mode off
+        (torch.no_grad, torch.inference_mode): the backward's reverse exchanges would wait for a rank that
+        recorded none (a hang until the timeout, or collectives paired with that rank's next forward)."""
+        needing = [r for r, b in enumerate(bits) if b & (_X_GRAD | _WEIGHTS_GRAD)]
+        if not needing or all(b & _GRAD_MODE for b in bits):
+            return
+        modes = ", ".join(f"{rank_name(self.group, r)}: grad mode {'on' if b & _GRAD_MODE else 'off'}"
+                          f"{', needs a gradient' if r in needing else ''}" for r, b in enumerate(bits))
+        raise RuntimeError(f"{self.name} dispatch: the ranks' grad modes differ ({modes}); allowed: grad mode on "
+                           f"every rank where any rank needs a gradient (its backward's exchanges need every rank: "
+                           f"call the layer under torch.no_grad() / torch.inference_mode() on every rank or on none); "
+                           f"every rank stops here")
 
     def _check_flags(self, host: list, flags_at: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      distinct: Optional[str]) -> None:

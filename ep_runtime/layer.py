@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
-from .dispatchers.base import as_process_group
+from .dispatchers.base import as_process_group, join_settings_check
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures, rank_name
@@ -80,37 +80,40 @@ class EPMoE(nn.Module):
                  quant_config: Optional[QuantConfig] = None, shared_experts: Optional[nn.Module] = None):
         super().__init__()
         from . import envs
-        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
-            raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
-                            f"mapping [T, H] to [T, H]")
+        # This rank's own arguments, its runner built, before its dispatcher: where one rank fails here alone,
+        # it joins the settings check every other rank's dispatcher ends with, so they fail there naming it
+        # (else they built their layers and waited for it in the first forward).
+        try:
+            if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+                raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
+                                f"mapping [T, H] to [T, H]")
+            if quant_config is not None and not isinstance(quant_config, QuantConfig):
+                raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant_config).__name__}")
+            self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
+                                    is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
+                                    gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
+                                    apply_router_weight_on_input=apply_router_weight_on_input)
+            self._check_topk_config(topk_config)
+            group = as_process_group(group)
+            if group is None and dist.is_available() and dist.is_initialized():
+                group = dist.group.WORLD
+            dtype, device = layer_dtype_and_device(dtype, device)
+            placement = _initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts)
+            if runner == "auto":
+                runner = envs.get("RUNNER")
+            self._runner_args = (runner, hooks, dict(runner_options or {}))
+            backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
+                                         device, dtype)
+            dispatcher_options = dict(dispatcher_options or {})
+        except Exception as error:
+            join_settings_check(dispatcher, group, error, device)
+            raise
         self.shared_experts = shared_experts
         self._side_streams: dict = {}
-        self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
-                                is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
-                                gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
-                                apply_router_weight_on_input=apply_router_weight_on_input)
-        group = as_process_group(group)
-        if group is None and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD
-        dtype, device = layer_dtype_and_device(dtype, device)
-        self._dispatcher_args = (dispatcher, group, device, dict(dispatcher_options or {}))
-        self._use_placement(_initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts))
-        if runner == "auto":
-            runner = envs.get("RUNNER")
-        self._runner_args = (runner, hooks, dict(runner_options or {}))
-        self.runner = self._make_runner(device, dtype)
+        self._dispatcher_args = (dispatcher, group, device, dispatcher_options)
+        self._use_placement(placement)
+        self.runner = MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
         self.runner.check_format(self.dispatcher.format)
-        if topk_config is not None and not isinstance(topk_config, TopKConfig):
-            raise TypeError(f"topk_config={topk_config!r}; expected None or an ep.TopKConfig")
-        self.topk_config = topk_config or TopKConfig(top_k=top_k)
-        if self.topk_config.top_k != top_k:
-            raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
-        self.topk_config.check(num_experts)
-        if self.topk_config.routed_scaling_factor != 1.0 and self.config.routed_scaling_factor != 1.0:
-            both = self.topk_config.routed_scaling_factor * self.config.routed_scaling_factor
-            raise ValueError(f"routed_scaling_factor={self.config.routed_scaling_factor} and "
-                             f"topk_config.routed_scaling_factor={self.topk_config.routed_scaling_factor} would both "
-                             f"scale the output (by {both}); allowed: one of them != 1 (DeepSeek scales once)")
 
         L, H, I = self.placement.num_local_experts, hidden_size, intermediate_size
         factory = dict(dtype=dtype, device=device)
@@ -132,6 +135,21 @@ class EPMoE(nn.Module):
         self.register_load_state_dict_pre_hook(_load_format)  # first: the placement hook reads the format
         self.register_load_state_dict_pre_hook(_load_placement)
         self.register_load_state_dict_post_hook(_follow_assigned_weights)
+
+    def _check_topk_config(self, topk_config: Optional[TopKConfig]) -> None:
+        """self.topk_config: `topk_config` checked against the config (None: top_k softmax routing)."""
+        top_k = self.config.top_k
+        if topk_config is not None and not isinstance(topk_config, TopKConfig):
+            raise TypeError(f"topk_config={topk_config!r}; expected None or an ep.TopKConfig")
+        self.topk_config = topk_config or TopKConfig(top_k=top_k)
+        if self.topk_config.top_k != top_k:
+            raise ValueError(f"topk_config.top_k={self.topk_config.top_k} differs from top_k={top_k}")
+        self.topk_config.check(self.config.num_experts)
+        if self.topk_config.routed_scaling_factor != 1.0 and self.config.routed_scaling_factor != 1.0:
+            both = self.topk_config.routed_scaling_factor * self.config.routed_scaling_factor
+            raise ValueError(f"routed_scaling_factor={self.config.routed_scaling_factor} and "
+                             f"topk_config.routed_scaling_factor={self.topk_config.routed_scaling_factor} would both "
+                             f"scale the output (by {both}); allowed: one of them != 1 (DeepSeek scales once)")
 
     def _use_placement(self, placement: ExpertPlacement) -> None:
         """Build the dispatcher over `placement`'s physical view (it sees P physical experts and their
@@ -165,11 +183,14 @@ class EPMoE(nn.Module):
         if hasattr(self, "w13") and not self.w13.is_meta:  # built on meta, then materialised: the real device
             device = self.w13.device
         physical = placement.physical()
-        config = self.config if physical.num_experts == self.config.num_experts else replace(
-            self.config, num_experts=physical.num_experts)
         if physical.expert_to_rank is not None:
             options = {**options, "expert_to_rank": physical.expert_to_rank}
-        return dispatchers.create(name, config, group=group, device=device, **options)
+        return dispatchers.create(name, self._physical_config(placement), group=group, device=device, **options)
+
+    def _physical_config(self, placement: ExpertPlacement) -> MoeConfig:
+        """The config as the dispatcher and the runner see it: num_experts = the placement's physical experts."""
+        P = placement.physical().num_experts
+        return self.config if P == self.config.num_experts else replace(self.config, num_experts=P)
 
     def _new_load_counters(self) -> None:
         """Per-expert load since the last reset: pairs per physical slot of the current placement
@@ -184,10 +205,12 @@ class EPMoE(nn.Module):
             self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64,
                                               device=logical.device)
 
-    def _make_runner(self, device, dtype) -> MoeRunner:
+    def _make_backend(self, config: MoeConfig, format: str, device, dtype) -> runners.RunnerBackend:
         name, hooks, options = self._runner_args
-        backend = runners.create(name, self.dispatcher.config, hooks=hooks, device=device,
-                                 format=self.dispatcher.format, dtype=dtype, **options)
+        return runners.create(name, config, hooks=hooks, device=device, format=format, dtype=dtype, **options)
+
+    def _make_runner(self, device, dtype) -> MoeRunner:
+        backend = self._make_backend(self.dispatcher.config, self.dispatcher.format, device, dtype)
         return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _apply(self, fn, *args, **kwargs):
@@ -210,8 +233,6 @@ class EPMoE(nn.Module):
     def _store_quantized(self, quant: QuantConfig, device) -> None:
         """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
         none of them (nor the biases) trainable (fp8 is inference-only)."""
-        if not isinstance(quant, QuantConfig):
-            raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant).__name__}")
         rows = getattr(self.dispatcher, "fp8", None)  # the fp8 dispatch's activation format, if any
         if rows is not None and quant.activation_group != rows.activation_group:
             raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
@@ -1001,8 +1022,10 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
     quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
     with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
-    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Scales that are not
-    finite and > 0 are refused before the layer changes, as load_experts refuses them."""
+    An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Expert weights
+    that are not finite (in the layer's dtype: a float64 value may overflow float32; fp8: NaN) and scales that
+    are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them."""
+    _check_finite_experts(layer, state_dict, prefix)
     for name in ("w13_scale_inv", "w2_scale_inv"):
         if isinstance(state_dict.get(prefix + name), torch.Tensor):
             check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
@@ -1023,6 +1046,24 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
+
+
+def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
+    """Raise naming the key when an expert tensor of `state_dict` holds a NaN or an infinity: it would load
+    silently and make every token routed to that expert NaN, on whichever rank sent it. One isfinite pass per
+    tensor per load (none per forward). Float values are checked as the layer stores them (a float64 value
+    past float32's range is inf there; fp8 layers quantize them as they are); a DTensor (still sharded over
+    ranks: a check would be a collective) is left to whoever made it local."""
+    for name in ("w13", "w2", "b13", "b2"):
+        t, held = state_dict.get(prefix + name), getattr(layer, name)
+        if not isinstance(t, torch.Tensor) or t.is_meta or type(t).__name__ == "DTensor" or not t.is_floating_point():
+            continue
+        key = f"state_dict[{prefix + name!r}]"
+        if is_quantized_dtype(t.dtype):
+            _check_fp8_not_nan(key, t)
+            continue
+        stored = held.dtype if held is not None and not is_quantized_dtype(held.dtype) else t.dtype
+        check_finite(key, t.to(stored))
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

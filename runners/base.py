@@ -2,7 +2,8 @@
 run(input, weights) for any layout (its own natively, others through the runner core's conversion)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
@@ -22,6 +23,37 @@ class GemmHooks:
 
     after_gemm1: Optional[GemmHook] = None
     after_gemm2: Optional[GemmHook] = None
+
+    def __post_init__(self) -> None:
+        """Each hook is None or a callable taking (inputs, outputs, expert_index), refused here naming the field:
+        a wrong one would otherwise fail inside the first forward, on a rank's runner, mid-exchange."""
+        for field in fields(self):
+            hook = getattr(self, field.name)
+            if hook is None:
+                continue
+            allowed = "allowed: None or a callable hook(inputs [P, in], outputs [P, out], expert_index [P])"
+            if not callable(hook):
+                raise TypeError(f"hooks.{field.name}={hook!r} is not callable; {allowed}")
+            try:
+                signature = inspect.signature(hook)
+            except (TypeError, ValueError):  # (a builtin without one: taken as it is)
+                continue
+            try:
+                signature.bind(None, None, None)
+            except TypeError:
+                raise TypeError(f"hooks.{field.name}={hook!r} has the signature {signature}, which cannot take "
+                                f"three positional arguments; {allowed}") from None
+
+
+def check_hooks(hooks: Optional[GemmHooks]) -> GemmHooks:
+    """`hooks` (a runner's argument) as a GemmHooks: None gives one without hooks; anything else is an error
+    naming it (its hooks are checked when it is built)."""
+    if hooks is None:
+        return GemmHooks()
+    if not isinstance(hooks, GemmHooks):
+        raise TypeError(f"hooks={hooks!r}; allowed: None or an ep.runners.GemmHooks(after_gemm1=..., "
+                        f"after_gemm2=...)")
+    return hooks
 
 
 def call_hook(name: str, hook: Optional[GemmHook], inputs: torch.Tensor, outputs: torch.Tensor,
@@ -55,7 +87,7 @@ class RunnerBackend:
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
-        self.hooks = hooks or GemmHooks()
+        self.hooks = check_hooks(hooks)
 
     @classmethod
     def is_available(cls) -> bool:

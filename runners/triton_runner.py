@@ -35,7 +35,7 @@ from ep_runtime.scratch import SCRATCH
 from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
 
 from . import register
-from .base import GemmHooks, TritonBackend, call_hook, recompute_backward
+from .base import GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -390,7 +390,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     # else as given (int32 and int64 ids are read as they are: no conversion kernel at decode sizes).
     local_ids = topk_ids.long() - first_expert if first_expert else topk_ids
     inp = RunnerInput.from_local_ids(x, local_ids, topk_weights, ExpertPlacement(L), defer=True)
-    return run_fused(inp, weights, config, hooks, block_config)
+    return run_fused(inp, weights, config, check_hooks(hooks), block_config)
 
 
 @register

@@ -55,6 +55,42 @@ def test_flush_checks_every_pending_call_and_names_the_last():
         checks.flush()
 
 
+def _raising_checks(seen: list, errors: dict) -> DeferredChecks:
+    """Checks whose call `name` raises errors[name] (the count table's dtype and bad-input checks raise
+    TypeError and RuntimeError; anything else stands for a bug or a peer's failure inside a check)."""
+    def check(values, context):
+        seen.append(context)
+        if context in errors:
+            raise errors[context]
+    return DeferredChecks(check, "the test flags", "overwritten")
+
+
+@pytest.mark.parametrize("error", [TypeError("x has dtype torch.float16 on rank 1, but the ranks differ"),
+                                   RuntimeError("deepep_ll dispatch: rank 1 was given bad input"),
+                                   ZeroDivisionError("a check that failed itself")])
+def test_any_error_from_a_check_leaves_nothing_pending(error):
+    """A check raising something else than ValueError / LookupError left the later calls pending: the next
+    call checked them again on top of the bad one's output (or waited for their copies again). TypeError and
+    RuntimeError keep their type and get the note naming the call; anything else is raised as it is."""
+    seen = []
+    checks = _raising_checks(seen, {"b": error})
+    _call(checks, 0, "a")
+    _call(checks, 0, "b")
+    _call(checks, 0, "c")  # checks a
+    with pytest.raises(type(error)) as raised:
+        _call(checks, 0, "d")  # checks b
+    assert len(checks) == 0 and seen == ["a", "b"]  # c goes with the error: never checked, never raised again
+    if type(error) is ZeroDivisionError:
+        assert raised.value is error
+    else:
+        assert str(raised.value) == (f"{error} [found by the deferred check of the test flags: the call 2 calls back, "
+                                     f"whose output is not valid; EP_RUNTIME_SYNC_CHECKS=1 raises at the call itself]")
+    _call(checks, 0, "e")
+    _call(checks, 0, "f")
+    checks.flush()  # the next calls check their own values only
+    assert seen == ["a", "b", "e", "f"]
+
+
 def _dropped_dispatcher_rank(rank, world_size, name):
     """A dispatcher (and its exchange) goes, with its deferred-check state, as soon as its last reference
     does: nothing in the checks refers back to it (a serving loop may run with the cyclic collector off)."""

@@ -292,6 +292,177 @@ def test_ranks_built_with_different_settings_fail_every_rank_naming_the_setting(
         "build the layer with the same arguments and EP_RUNTIME_* knobs"]
 
 
+def _two_argument_hook(inputs, outputs):
+    return None
+
+
+def _bad_hooks_rank(rank, world_size, case):
+    """Every rank builds a layer with the same bad hooks: refused there (it failed inside the first forward,
+    or, for hooks given as a bare function, with an AttributeError in the runner)."""
+    try:
+        if case == "not_callable":
+            hooks = ep.runners.GemmHooks(after_gemm1=3)
+        elif case == "two_arguments":
+            hooks = ep.runners.GemmHooks(after_gemm2=_two_argument_hook)
+        else:  # a hook given where the GemmHooks go
+            hooks = _two_argument_hook
+        layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", hooks=hooks)
+    except TypeError as err:
+        return str(err)
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, 8, (4, 2), generator=gen)
+    try:
+        layer(torch.randn(4, 16, generator=gen), ids, torch.rand(4, 2, generator=gen))
+    except Exception as err:  # noqa: BLE001 - the test reads what a forward raised
+        return f"built; the forward raised {type(err).__name__}: {err}"
+    return "built"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not_callable", "hooks.after_gemm1=3 is not callable; allowed: None or a callable hook(inputs [P, in], "
+                     "outputs [P, out], expert_index [P])"),
+    ("two_arguments", "hooks.after_gemm2=<function _two_argument_hook at 0x"),
+    ("bare_function", "hooks=<function _two_argument_hook at 0x"),
+])
+def test_bad_gemm_hooks_are_refused_at_construction_naming_the_field(case, message):
+    results = run_ranks(_bad_hooks_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S)
+    for result in results:
+        assert result.startswith(message), result
+    if case == "two_arguments":
+        assert "has the signature (inputs, outputs), which cannot take three positional arguments" in results[0]
+    if case == "bare_function":
+        assert "allowed: None or an ep.runners.GemmHooks(after_gemm1=..., after_gemm2=...)" in results[0]
+
+
+def _grad_mode_rank(rank, world_size, dispatcher, mode):
+    """Rank 0 trains (its experts need gradients); rank 1 calls the same forward with grad mode off."""
+    from contextlib import nullcontext
+    torch.manual_seed(rank)
+    layer, x, ids, weights = _layer_and_input(dispatcher, "good")
+    off = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "no_grad_async": torch.no_grad}[mode]
+    try:
+        with off() if rank == 1 else nullcontext():
+            if mode == "no_grad_async":  # the dispatch's plan runs on the group's exchange thread (CPU ranks)
+                routed, shared = layer.routed_and_shared(x, ep.TopKOutput(ids, weights), torch.nn.Identity())
+                y = routed + shared
+            else:
+                y = layer(x, ids, weights)
+        if rank == 0:
+            y.square().sum().backward()
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.parametrize("dispatcher,mode", [(name, "no_grad") for name in SHARDED] +
+                         [("deepep_normal", "inference_mode"), ("deepep_normal", "no_grad_async")])
+def test_one_rank_without_grad_mode_fails_every_rank_at_the_forward(dispatcher, mode):
+    """Rank 1 under torch.no_grad() (or inference_mode) records no backward, so rank 0's backward waited in
+    its reverse exchanges until the timeout (a PeerFailure naming no cause); grad mode rides in the count
+    table, and both ranks' forward raises naming every rank's mode."""
+    results = run_ranks(_grad_mode_rank, 2, dispatcher, mode, timeout=60, group_timeout=TIMEOUT_S)
+    assert results[0] == results[1] == (
+        f"RuntimeError: {dispatcher} dispatch: the ranks' grad modes differ (rank 0: grad mode on, needs a gradient, "
+        f"rank 1: grad mode off); allowed: grad mode on every rank where any rank needs a gradient (its backward's "
+        f"exchanges need every rank: call the layer under torch.no_grad() / torch.inference_mode() on every rank or "
+        f"on none); every rank stops here"), results
+
+
+def _frozen_rank_without_grad_mode(rank, world_size):
+    """Nothing needs a gradient on any rank: grad mode may differ (no backward runs)."""
+    torch.manual_seed(rank)
+    layer, x, ids, weights = _layer_and_input("deepep_normal", "good")
+    layer.requires_grad_(False)
+    with torch.no_grad() if rank == 1 else torch.enable_grad():
+        return list(layer(x, ids, weights).shape)
+
+
+def test_grad_modes_may_differ_where_no_rank_needs_a_gradient():
+    assert run_ranks(_frozen_rank_without_grad_mode, 2, timeout=60, group_timeout=TIMEOUT_S) == [[4, 16], [4, 16]]
+
+
+def _one_rank_cannot_build_rank(rank, world_size, case):
+    """Rank 1 alone gets an argument (or a runner) it cannot build its layer with; rank 0 builds its own."""
+    os.environ.pop("TRITON_INTERPRET", None)  # runner="triton" cannot run on these CPU ranks
+    dispatcher = "deepep_ll" if case == "dispatcher_options" else "deepep_normal"
+    kwargs = dict(runner="torch")
+    if rank == 1:
+        kwargs.update({"activation": dict(activation="relu"),
+                       "runner": dict(runner="triton"),
+                       "hooks": dict(hooks=3),
+                       "expert_to_rank": dict(expert_to_rank=[0, 1, 0]),
+                       "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
+                       }[case])
+    start = time.monotonic()
+    try:
+        ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
+        seconds = time.monotonic() - start
+        if rank == 1:  # its process lives on a while (a framework that caught the error): no lost connection
+            time.sleep(LINGER_S)
+        return f"{type(err).__name__}: {err}", seconds
+    return "built", time.monotonic() - start
+
+
+LINGER_S = 5
+
+
+@pytest.mark.parametrize("case,own_error", [
+    ("activation", "ValueError: activation='relu'; allowed: "),
+    ("runner", "RuntimeError: runner='triton' cannot run here: "),
+    ("hooks", "TypeError: hooks=3; allowed: None or an ep.runners.GemmHooks("),
+    ("expert_to_rank", "ValueError: expert_to_rank"),
+    ("dispatcher_options", "ValueError: num_max_dispatch_tokens_per_rank=0; allowed: "),
+])
+def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own_error):
+    """Rank 1 raised on its own while rank 0 waited in the settings check's all_gather until the timeout (a
+    bad argument, a dispatcher option), or built its layer and waited in the first forward (a runner that
+    cannot run on rank 1, bad hooks). Rank 1 now joins the settings check with its error: rank 0 raises
+    there at once, naming rank 1 and the error."""
+    (rank0, seconds), (rank1, _) = run_ranks(_one_rank_cannot_build_rank, 2, case, timeout=60, group_timeout=30)
+    assert rank1.startswith(own_error), rank1
+    kind, _, message = rank1.partition(": ")
+    assert rank0 == (f"{kind}: rank 1 could not build its layer or dispatcher ({kind}: {message}); every rank stops "
+                     f"here (every rank must build it with the same arguments and EP_RUNTIME_* knobs, and with a "
+                     f"runner that runs there)"), rank0
+    assert seconds < LINGER_S - 1, seconds  # at once: not once rank 1's process ended, nor the group's timeout
+
+
+def _non_finite_state_dict_rank(rank, world_size):
+    """Each rank loads its own per-rank state_dict with one non-finite expert weight at a random place: rank 0
+    a NaN in w13, rank 1 a float64 w2 value past float32's range (inf once stored in this float32 layer)."""
+    torch.manual_seed(5)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    gen = torch.Generator().manual_seed(10 + rank)
+    state = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64 if rank else v.dtype)
+             for k, v in before.items()}
+    name = "w2" if rank else "w13"
+    where = tuple(int(torch.randint(0, n, (), generator=gen)) for n in state[name].shape)
+    state[name][where] = 1e300 if rank else float("nan")
+    try:
+        layer.load_state_dict(state)
+        message = "loaded"
+    except ValueError as err:
+        message = str(err)
+    unchanged = all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    del state[name]
+    layer.load_state_dict(state, strict=False)  # the finite tensors load
+    x, ids, weights = torch.randn(4, 16, generator=gen), torch.randint(0, 8, (4, 2), generator=gen), torch.rand(4, 2)
+    return message, list(where), unchanged, bool(layer(x, ids, weights).isfinite().all())
+
+
+def test_load_state_dict_refuses_non_finite_expert_weights_naming_the_key():
+    """NaN / inf expert weights loaded silently through load_state_dict (load_experts refuses them) and made
+    every token routed to that expert NaN, on every rank that sent one; refused now, naming the key and
+    the place, before the layer changes."""
+    results = run_ranks(_non_finite_state_dict_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (message, where, unchanged, finite) in enumerate(results):
+        value, name = ("inf", "w2") if rank else ("nan", "w13")
+        assert message == f"state_dict['{name}'] has a non-finite value {value} at {where}", message
+        assert unchanged and finite
+
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
