@@ -55,6 +55,18 @@ def is_hf_experts(module: nn.Module) -> bool:
     return isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor) and w13.dim() == 3 and w2.dim() == 3
 
 
+def _describe(act_fn: Any) -> str:
+    """act_fn's repr on one line: a module whose repr spans lines (Inkling 2's softcapped SwiGLU) as its class
+    and the numbers it and its submodules hold (`Inkling2SoftcappedSwiGLU(gate_softcap.softcap=4.0, ...)`)."""
+    text = repr(act_fn)
+    if "\n" not in text or not isinstance(act_fn, nn.Module):
+        return text
+    settings = [f"{prefix}{'.' if prefix else ''}{key}={value!r}" for prefix, m in act_fn.named_modules()
+                for key, value in vars(m).items() if isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and not key.startswith("_")]
+    return f"{type(act_fn).__name__}({', '.join(settings)})"
+
+
 def activation_name(act_fn: Any) -> str:
     """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
     # also far out: transformers' gelu_10 is gelu clipped to [-10, 10], equal to gelu on [-6, 6]
@@ -63,12 +75,12 @@ def activation_name(act_fn: Any) -> str:
     try:
         out = act_fn(probe.clone())  # (an in-place activation must not change what it is compared with)
     except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)
-        raise ValueError(f"act_fn={act_fn!r} cannot be probed ({err}); EPExperts supports "
+        raise ValueError(f"act_fn={_describe(act_fn)} cannot be probed as act(gate) ({err}); EPExperts supports "
                          f"{', '.join(_ACTIVATIONS)}") from None
     for name, fn in _ACTIVATIONS.items():
         if torch.allclose(out, fn(probe), rtol=1e-6, atol=1e-9):
             return name
-    raise ValueError(f"act_fn={act_fn!r} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
+    raise ValueError(f"act_fn={_describe(act_fn)} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
 
 
 def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
@@ -107,6 +119,11 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
         raise ValueError(f"experts={name} has a post_expert_norm (a norm on each expert's output before the "
                          f"router weight); EPExperts does not apply it")
     w13, w2 = experts.gate_up_proj, experts.down_proj
+    zero_experts = getattr(experts, "zero_expert_num", 0)
+    if zero_experts:  # LongCat-Flash: ids >= n_routed_experts return the token itself, times its weight
+        raise ValueError(f"experts={name} has zero_expert_num={zero_experts!r} identity (zero-computation) experts "
+                         f"after its {w2.shape[0]} gated ones (gate_up_proj {list(w13.shape)}, down_proj "
+                         f"{list(w2.shape)}); EPExperts has no identity experts")
     E, two_i, H = w13.shape
     if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
@@ -253,8 +270,11 @@ def _conversion(experts: nn.Module) -> _Conversion:
         return _Conversion(True, "silu", None, None, quant=None, dtype=w13.dtype)
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         if getattr(experts, bias, None) is not None:
-            raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
-                             f"and up differently; EPExperts does not convert them")
+            layout = {flag: getattr(experts, flag) for flag in ("is_transposed", "is_concatenated")
+                      if hasattr(experts, flag)}
+            raise ValueError(f"experts={name} has {bias}{f' ({layout})' if layout else ''} and is not gpt-oss's "
+                             f"layout (transposed, gate and up interleaved, its clamped SwiGLU in _apply_gate), "
+                             f"the only biased experts EPExperts converts")
     _check_plain_swiglu(experts)
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
     act_fn = getattr(experts, "act_fn", None)
@@ -365,21 +385,30 @@ def _identity(x: torch.Tensor) -> tuple:
     return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], None if x.is_inference() else x._version)
 
 
+def _own_top_k(module: nn.Module) -> Optional[int]:
+    """The int top_k a module routes with itself (a router, or a block routing without one, as Doge's), else None."""
+    top_k = getattr(module, "top_k", None)
+    return int(top_k) if is_int_at_least(top_k, -2 ** 63) else None
+
+
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every MoE block of `model` not swapped yet: a module holding an `experts`
-    module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps its experts
-    elsewhere). A routed `experts` module inside such a block (JetMoE's mixture of attention heads) is
-    that block's, not a second one."""
-    found: dict[int, tuple[str, nn.Module]] = {}
+    """(name, module) of every MoE block of `model` not swapped yet: the outermost module holding an
+    `experts` module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps
+    its experts elsewhere), or with a top_k of its own (Doge's retrieval experts). What such a block
+    holds (its router, a routed `experts` module as JetMoE's mixture of attention heads) is that
+    block's, not a second one; a swapped block (its experts an EPExperts) is no block, nor what it holds."""
+    outer: list[str] = []  # blocks found and swapped blocks, outermost first (named_modules is pre-order)
+    found = []
     for name, m in model.named_modules():
+        if any(name.startswith(f"{prefix}.") or not prefix for prefix in outer):
+            continue
         experts = getattr(m, "experts", None)
         if isinstance(experts, EPExperts):
-            continue
-        if isinstance(experts, nn.Module) or _router_top_k(m) is not None:
-            found[id(m)] = (name, m)
-    for name, m in list(found.values()):
-        found.pop(id(getattr(m, "experts", None)), None)
-    return list(found.values())
+            outer.append(name)
+        elif isinstance(experts, nn.Module) or _router_top_k(m) is not None or _own_top_k(m) is not None:
+            outer.append(name)
+            found.append((name, m))
+    return found
 
 
 def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
@@ -387,7 +416,13 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     name = type(block).__name__
     experts = getattr(block, "experts", None)
     if not isinstance(experts, nn.Module):
-        raise ValueError(f"block={name} routes with top_k={_router_top_k(block)} but has no `experts` module "
+        top_k = _router_top_k(block) if _router_top_k(block) is not None else _own_top_k(block)
+        tables = {n: list(c.weight.shape) for n, c in block.named_children() if isinstance(c, nn.Embedding)}
+        if tables:  # Doge's CDMoE: product-key retrieval of one-neuron experts, act(down_embed[e] . x) * up_embed[e]
+            raise ValueError(f"block={name} routes with top_k={top_k} to experts that are rows of embedding tables "
+                             f"({', '.join(f'{n} {shape}' for n, shape in tables.items())}): one neuron each, not "
+                             f"gated MLPs with gate_up_proj / down_proj; EPExperts cannot run them")
+        raise ValueError(f"block={name} routes with top_k={top_k} but has no `experts` module "
                          f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
                          f"EPExperts swaps a block's `experts`")
     top_k = _router_top_k(block)
