@@ -637,3 +637,83 @@ def test_export_state_dict_on_dst_only_when_nothing_was_swapped():
     """export_state_dict(model) with no EPExperts in it (strict=False refused every block) gives the
     dict on rank 0 and None elsewhere, as documented (every rank got it, so every rank saved)."""
     assert run_ranks(_unswapped_export_rank, 2, timeout=120) == [True, None]
+
+
+# The sweep: one tiny model per transformers MoE family (the families above excepted), built from the family's
+# default config with these sizes wherever it has the field, and per-layer lists cut to their last two entries
+# (the first layers of a family are its dense ones); SWEEP names the fields a family needs besides.
+SWEEP_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                   num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
+                   moe_k=2, n_group=1, topk_group=1, first_k_dense_replace=0, expert_ffn_hidden_size=16,
+                   shared_expert_intermediate_size=16, moe_layer_start_index=0, decoder_sparse_step=1, num_layers=2,
+                   initializer_range=0.2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                   v_head_dim=8, qk_head_dim=8, top_k=2, moe_topk=2, n_shared_experts=1, num_shared_experts=1,
+                   moe_intermediate_size_shared=16, mlp_only_layers=[], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+SWEEP = {  # model_type -> extra config fields
+    "afmoe": {}, "aria_text": {}, "bailing_hybrid": dict(n_group=1, num_experts_per_tok=2), "cohere2_moe": {},
+    "deepseek_v2": {}, "deepseek_v4": {}, "doge": dict(is_moe=True, num_experts=16), "dots1": {},
+    "exaone_moe": {}, "flex_olmo": {}, "flint": {}, "glm4_moe": {}, "hunyuan_v1_moe": {}, "hy_v4": {},
+    "inkling_text": {}, "inkling2_text": {}, "kimi_linear": {}, "lfm2_moe": dict(layer_types=["full_attention", "conv"],
+                                                                                 num_dense_layers=0),
+    "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
+    "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
+    "zaya": dict(num_experts_per_tok=1),
+}
+# what the test takes for an MoE block, independently of replace_experts: the class names transformers gives them
+MOE_BLOCK_NAME = re.compile(r"(MoE|Moe|MoEBlock|MoeBlock|MoELayer)$")
+
+
+def _sweep_model(model_type, fields):
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    kwargs = {k: v for k, v in SWEEP_SIZES.items() if k in defaults}
+    kwargs.update({k: v[-2:] for k, v in defaults.items() if "layer" in k and isinstance(v, list)
+                   and len(v) == defaults.get("num_hidden_layers")})
+    config = config_class(**{**kwargs, **fields})
+    torch.manual_seed(0)
+    causal_lm = model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return getattr(transformers, "AutoModelForCausalLM" if causal_lm else "AutoModel").from_config(config).float().eval()
+
+
+def _sweep_rank(rank, world_size):
+    import warnings
+    out = {}
+    for model_type, fields in SWEEP.items():
+        model = _sweep_model(model_type, fields)
+        original = copy.deepcopy(model)
+        blocks = [name for name, m in model.named_modules() if MOE_BLOCK_NAME.search(type(m).__name__)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False)
+        refusal = "\n".join(str(w.message) for w in caught if "cannot swap" in str(w.message))
+        x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        errors = {}
+        with torch.no_grad():
+            for name in blocks:
+                if isinstance(getattr(model.get_submodule(name), "experts", None), ep.hf.EPExperts):
+                    expected, actual = (m.get_submodule(name)(x) for m in (original, model))
+                    expected, actual = (y[0] if isinstance(y, tuple) else y for y in (expected, actual))
+                    errors[name] = rel_err(actual, expected)
+                elif re.search(f"(^|[ ,]){re.escape(name)}[,:( ].*block={type(model.get_submodule(name)).__name__}",
+                               refusal):
+                    errors[name] = "refused"
+                else:
+                    errors[name] = None  # neither swapped nor refused: skipped silently
+        out[model_type] = (errors, refusal)
+    return out
+
+
+def test_every_moe_family_is_swapped_exactly_or_refused_by_name():
+    """The sweep: in each family's tiny model every MoE block (by transformers' class name) is either swapped,
+    with the block's output on random hidden states equal to HF's own (float32: the same products summed in
+    another order, ~1e-7; DESIGN's 1e-5 bound), or named in the strict=False warning (with its class and why),
+    never left as it was without a word (Doge's was). One gloo process."""
+    if not hasattr(transformers, "DogeConfig"):
+        pytest.skip("a transformers without the families swept here")
+    (out,) = run_ranks(_sweep_rank, 1, timeout=240)
+    for model_type, (errors, refusal) in out.items():
+        assert errors, (model_type, "no MoE block found")
+        for name, err in errors.items():
+            assert err == "refused" or (err is not None and err <= tolerance(torch.float32)), (
+                model_type, name, err, refusal)
