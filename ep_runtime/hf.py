@@ -18,9 +18,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
         model.save_pretrained(path, state_dict=state_dict)
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
-block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights, a softcapped
-gate, ...) is never skipped silently: replace_experts raises naming it before anything
-changes; strict=False swaps the others and warns.
+block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
+experts, LongCat-Flash's identity experts, MXFP4 weights, a softcapped gate as Inkling 2's, ...) is never skipped
+silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
@@ -446,10 +446,12 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
     raises a ValueError naming every such block (its path, class, and why), before any block is
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
-    (DBRX, JetMoE, Switch Transformers, NLLB-MoE: per-expert modules or other layouts), ungated
-    (NemotronH), packed quantized (MXFP4) weights, no router top_k, biased, transposed or interleaved
-    weights other than gpt-oss's (Llama 4), a custom _apply_gate, a post-expert norm, an activation
-    other than silu / gelu / gelu_tanh. strict=False swaps the blocks it can, leaves the others as they
+    (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
+    one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
+    experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
+    transposed or interleaved weights other than gpt-oss's (Llama 4, Aria, the OpenAI privacy filter), a
+    custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an activation
+    other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the blocks it can, leaves the others as they
     are (they keep computing every expert on every rank) and warns (UserWarning) naming them.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
