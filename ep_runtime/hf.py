@@ -104,12 +104,13 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
 _GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
-def _check_plain_swiglu(experts: nn.Module) -> None:
-    """An error naming what makes `experts` compute something other than
+def _check_plain_swiglu(experts: nn.Module) -> bool:
+    """Whether `experts` holds its weights transposed (is_transposed=True, as Aria's: gate_up_proj [E, H, 2I] with
+    [gate | up] columns, down_proj [E, I, H]); an error naming what makes it compute something other than
     sum_k w_k * down_proj[e] @ gated(gate, up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights
     (the gate itself: _gate_form)."""
     name = type(experts).__name__
-    flags = {"is_transposed": False, "is_concatenated": True, "has_gate": True, "has_bias": False,
+    flags = {"is_concatenated": True, "has_gate": True, "has_bias": False,
              "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
     for flag, plain in flags.items():
         value = getattr(experts, flag, plain)
@@ -124,10 +125,13 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
         raise ValueError(f"experts={name} has zero_expert_num={zero_experts!r} identity (zero-computation) experts "
                          f"after its {w2.shape[0]} gated ones (gate_up_proj {list(w13.shape)}, down_proj "
                          f"{list(w2.shape)}); EPExperts has no identity experts")
-    E, two_i, H = w13.shape
-    if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
+    transposed = getattr(experts, "is_transposed", False) is True
+    E, two_i, H = (w13.shape[0], w13.shape[2], w13.shape[1]) if transposed else w13.shape
+    if two_i % 2 or tuple(w2.shape) != ((E, two_i // 2, H) if transposed else (E, H, two_i // 2)):
+        layout = "[E, H, 2I] and [E, I, H] (is_transposed=True)" if transposed else "[E, 2I, H] and [E, H, I]"
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
-                         f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
+                         f"EPExperts needs {layout}, one weight per expert")
+    return transposed
 
 
 def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Optional[float], Optional[float]]:
@@ -242,9 +246,10 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 @dataclass(frozen=True)
 class _Conversion:
     """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, with its activation, its gate's clamp and alpha (_gate_form)
-    and, for fp8 experts, their format."""
+    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out), with its
+    activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their format."""
     gpt_oss: bool
+    transposed: bool
     activation: str
     gemm1_alpha: Optional[float]
     gemm1_clamp_limit: Optional[float]
@@ -267,7 +272,7 @@ def _conversion(experts: nn.Module) -> _Conversion:
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
     if _is_gpt_oss(experts):
-        return _Conversion(True, "silu", None, None, quant=None, dtype=w13.dtype)
+        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype)
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         if getattr(experts, bias, None) is not None:
             layout = {flag: getattr(experts, flag) for flag in ("is_transposed", "is_concatenated")
@@ -275,14 +280,17 @@ def _conversion(experts: nn.Module) -> _Conversion:
             raise ValueError(f"experts={name} has {bias}{f' ({layout})' if layout else ''} and is not gpt-oss's "
                              f"layout (transposed, gate and up interleaved, its clamped SwiGLU in _apply_gate), "
                              f"the only biased experts EPExperts converts")
-    _check_plain_swiglu(experts)
+    transposed = _check_plain_swiglu(experts)
+    if transposed and is_quantized_dtype(w13.dtype):
+        raise ValueError(f"experts={name} holds fp8 weights with is_transposed=True; EPExperts takes fp8 experts "
+                         f"as [E, 2I, H] and [E, H, I] with their block scales in that layout only")
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
     act_fn = getattr(experts, "act_fn", None)
     try:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, *_gate_form(experts, activation), quant=quant, dtype=dtype)
+    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype)
 
 
 class EPExperts(nn.Module):
@@ -294,7 +302,8 @@ class EPExperts(nn.Module):
     to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
-    A clamped SwiGLU on [gate; up] (DeepSeek-V4; MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and
+    Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
+    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4; MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and
     gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
@@ -311,6 +320,7 @@ class EPExperts(nn.Module):
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
         self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
+        self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
         if self.gpt_oss:
             w13, w2, b13, b2 = _from_gpt_oss(experts)
             E, two_i, H = w13.shape
@@ -323,6 +333,8 @@ class EPExperts(nn.Module):
             self.layer.load_experts(w13, w2, b13, b2)
             return
         w13, w2 = experts.gate_up_proj, experts.down_proj
+        if self.transposed:  # [E, H, 2I] and [E, I, H] -> EPMoE's [E, 2I, H] and [E, H, I]
+            w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         E, two_i, H = w13.shape
         self.num_experts = E
         quant = conversion.quant
@@ -440,7 +452,7 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    gpt-oss, Gemma 4, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    gpt-oss, Gemma 4, Aria, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
     model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
 
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
@@ -449,10 +461,11 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
     one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
     experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
-    transposed or interleaved weights other than gpt-oss's (Llama 4, Aria, the OpenAI privacy filter), a
-    custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an activation
-    other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the blocks it can, leaves the others as they
-    are (they keep computing every expert on every rank) and warns (UserWarning) naming them.
+    transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
+    filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
+    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the
+    blocks it can, leaves the others as they are (they keep computing every expert on every rank) and warns
+    (UserWarning) naming them.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
@@ -526,8 +539,9 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
             out.update({f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
                                                                               weights.b2).items()})
             continue
-        out[f"{name}.gate_up_proj"] = weights.w13
-        out[f"{name}.down_proj"] = weights.w2
+        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
+        out[f"{name}.gate_up_proj"] = transpose(weights.w13)
+        out[f"{name}.down_proj"] = transpose(weights.w2)
         if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
             out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
             out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv

@@ -33,6 +33,8 @@ FAMILIES = {  # name -> (config class, extra fields); small, with routing option
     # transposed, interleaved [g0, u0, ...] experts with biases and a clamped SwiGLU (a small limit, so it clamps)
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                                      layer_types=["full_attention"] * 2, swiglu_limit=0.5)),
+    # transposed experts (is_transposed=True: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj [E, I, H])
+    "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
 }
 
 
@@ -651,7 +653,7 @@ SWEEP_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=32, moe_inte
                    v_head_dim=8, qk_head_dim=8, top_k=2, moe_topk=2, n_shared_experts=1, num_shared_experts=1,
                    moe_intermediate_size_shared=16, mlp_only_layers=[], pad_token_id=0, bos_token_id=0, eos_token_id=0)
 SWEEP = {  # model_type -> extra config fields
-    "afmoe": {}, "aria_text": {}, "bailing_hybrid": dict(n_group=1, num_experts_per_tok=2), "cohere2_moe": {},
+    "afmoe": {}, "bailing_hybrid": dict(n_group=1, num_experts_per_tok=2), "cohere2_moe": {},
     "deepseek_v2": {}, "deepseek_v4": {}, "doge": dict(is_moe=True, num_experts=16), "dots1": {},
     "exaone_moe": {}, "flex_olmo": {}, "flint": {}, "glm4_moe": {}, "hunyuan_v1_moe": {}, "hy_v4": {},
     "inkling_text": {}, "inkling2_text": {}, "kimi_linear": {}, "lfm2_moe": dict(layer_types=["full_attention", "conv"],
