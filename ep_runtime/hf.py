@@ -303,8 +303,8 @@ class EPExperts(nn.Module):
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
     Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
-    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4; MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and
-    gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4;
+    MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
@@ -428,7 +428,8 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     name = type(block).__name__
     experts = getattr(block, "experts", None)
     if not isinstance(experts, nn.Module):
-        top_k = _router_top_k(block) if _router_top_k(block) is not None else _own_top_k(block)
+        top_k = _router_top_k(block)
+        top_k = _own_top_k(block) if top_k is None else top_k
         tables = {n: list(c.weight.shape) for n, c in block.named_children() if isinstance(c, nn.Embedding)}
         if tables:  # Doge's CDMoE: product-key retrieval of one-neuron experts, act(down_embed[e] . x) * up_embed[e]
             raise ValueError(f"block={name} routes with top_k={top_k} to experts that are rows of embedding tables "
