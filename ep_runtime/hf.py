@@ -18,9 +18,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
         model.save_pretrained(path, state_dict=state_dict)
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
-block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, MXFP4 weights, a softcapped
-gate, ...) is never skipped silently: replace_experts raises naming it before anything
-changes; strict=False swaps the others and warns.
+block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
+experts, LongCat-Flash's identity experts, MXFP4 weights, a softcapped gate as Inkling 2's, ...) is never skipped
+silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
@@ -55,6 +55,18 @@ def is_hf_experts(module: nn.Module) -> bool:
     return isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor) and w13.dim() == 3 and w2.dim() == 3
 
 
+def _describe(act_fn: Any) -> str:
+    """act_fn's repr on one line: a module whose repr spans lines (Inkling 2's softcapped SwiGLU) as its class
+    and the numbers it and its submodules hold (`Inkling2SoftcappedSwiGLU(gate_softcap.softcap=4.0, ...)`)."""
+    text = repr(act_fn)
+    if "\n" not in text or not isinstance(act_fn, nn.Module):
+        return text
+    settings = [f"{prefix}{'.' if prefix else ''}{key}={value!r}" for prefix, m in act_fn.named_modules()
+                for key, value in vars(m).items() if isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and not key.startswith("_")]
+    return f"{type(act_fn).__name__}({', '.join(settings)})"
+
+
 def activation_name(act_fn: Any) -> str:
     """Which of EPMoE's activations `act_fn` computes (probed on a fixed tensor); an error otherwise."""
     # also far out: transformers' gelu_10 is gelu clipped to [-10, 10], equal to gelu on [-6, 6]
@@ -63,12 +75,12 @@ def activation_name(act_fn: Any) -> str:
     try:
         out = act_fn(probe.clone())  # (an in-place activation must not change what it is compared with)
     except Exception as err:  # noqa: BLE001  (anything that is not a plain elementwise activation)
-        raise ValueError(f"act_fn={act_fn!r} cannot be probed ({err}); EPExperts supports "
+        raise ValueError(f"act_fn={_describe(act_fn)} cannot be probed as act(gate) ({err}); EPExperts supports "
                          f"{', '.join(_ACTIVATIONS)}") from None
     for name, fn in _ACTIVATIONS.items():
         if torch.allclose(out, fn(probe), rtol=1e-6, atol=1e-9):
             return name
-    raise ValueError(f"act_fn={act_fn!r} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
+    raise ValueError(f"act_fn={_describe(act_fn)} is none of {', '.join(_ACTIVATIONS)}; EPExperts cannot run it")
 
 
 def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
@@ -92,12 +104,13 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
 _GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
-def _check_plain_swiglu(experts: nn.Module) -> None:
-    """An error naming what makes `experts` compute something other than
+def _check_plain_swiglu(experts: nn.Module) -> bool:
+    """Whether `experts` holds its weights transposed (is_transposed=True, as Aria's: gate_up_proj [E, H, 2I] with
+    [gate | up] columns, down_proj [E, I, H]); an error naming what makes it compute something other than
     sum_k w_k * down_proj[e] @ gated(gate, up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights
     (the gate itself: _gate_form)."""
     name = type(experts).__name__
-    flags = {"is_transposed": False, "is_concatenated": True, "has_gate": True, "has_bias": False,
+    flags = {"is_concatenated": True, "has_gate": True, "has_bias": False,
              "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
     for flag, plain in flags.items():
         value = getattr(experts, flag, plain)
@@ -107,10 +120,18 @@ def _check_plain_swiglu(experts: nn.Module) -> None:
         raise ValueError(f"experts={name} has a post_expert_norm (a norm on each expert's output before the "
                          f"router weight); EPExperts does not apply it")
     w13, w2 = experts.gate_up_proj, experts.down_proj
-    E, two_i, H = w13.shape
-    if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
+    zero_experts = getattr(experts, "zero_expert_num", 0)
+    if zero_experts:  # LongCat-Flash: ids >= n_routed_experts return the token itself, times its weight
+        raise ValueError(f"experts={name} has zero_expert_num={zero_experts!r} identity (zero-computation) experts "
+                         f"after its {w2.shape[0]} gated ones (gate_up_proj {list(w13.shape)}, down_proj "
+                         f"{list(w2.shape)}); EPExperts has no identity experts")
+    transposed = getattr(experts, "is_transposed", False) is True
+    E, two_i, H = (w13.shape[0], w13.shape[2], w13.shape[1]) if transposed else w13.shape
+    if two_i % 2 or tuple(w2.shape) != ((E, two_i // 2, H) if transposed else (E, H, two_i // 2)):
+        layout = "[E, H, 2I] and [E, I, H] (is_transposed=True)" if transposed else "[E, 2I, H] and [E, H, I]"
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
-                         f"EPExperts needs [E, 2I, H] and [E, H, I] (not transposed, one weight per expert)")
+                         f"EPExperts needs {layout}, one weight per expert")
+    return transposed
 
 
 def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Optional[float], Optional[float]]:
@@ -225,9 +246,10 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 @dataclass(frozen=True)
 class _Conversion:
     """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, with its activation, its gate's clamp and alpha (_gate_form)
-    and, for fp8 experts, their format."""
+    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out), with its
+    activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their format."""
     gpt_oss: bool
+    transposed: bool
     activation: str
     gemm1_alpha: Optional[float]
     gemm1_clamp_limit: Optional[float]
@@ -250,19 +272,25 @@ def _conversion(experts: nn.Module) -> _Conversion:
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
     if _is_gpt_oss(experts):
-        return _Conversion(True, "silu", None, None, quant=None, dtype=w13.dtype)
+        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype)
     for bias in ("gate_up_proj_bias", "down_proj_bias"):
         if getattr(experts, bias, None) is not None:
-            raise ValueError(f"experts has {bias}: HF's biased experts other than gpt-oss's interleave gate "
-                             f"and up differently; EPExperts does not convert them")
-    _check_plain_swiglu(experts)
+            layout = {flag: getattr(experts, flag) for flag in ("is_transposed", "is_concatenated")
+                      if hasattr(experts, flag)}
+            raise ValueError(f"experts={name} has {bias}{f' ({layout})' if layout else ''} and is not gpt-oss's "
+                             f"layout (transposed, gate and up interleaved, its clamped SwiGLU in _apply_gate), "
+                             f"the only biased experts EPExperts converts")
+    transposed = _check_plain_swiglu(experts)
+    if transposed and is_quantized_dtype(w13.dtype):
+        raise ValueError(f"experts={name} holds fp8 weights with is_transposed=True; EPExperts takes fp8 experts "
+                         f"as [E, 2I, H] and [E, H, I] with their block scales in that layout only")
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
     act_fn = getattr(experts, "act_fn", None)
     try:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, *_gate_form(experts, activation), quant=quant, dtype=dtype)
+    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype)
 
 
 class EPExperts(nn.Module):
@@ -274,8 +302,9 @@ class EPExperts(nn.Module):
     to E (HF's "no expert") or -1 adds nothing. gpt-oss's experts (gate_up_proj [E, H, 2I] with gate and
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
-    A clamped SwiGLU on [gate; up] (DeepSeek-V4; MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and
-    gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
+    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4;
+    MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
@@ -291,6 +320,7 @@ class EPExperts(nn.Module):
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
         self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
+        self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
         if self.gpt_oss:
             w13, w2, b13, b2 = _from_gpt_oss(experts)
             E, two_i, H = w13.shape
@@ -303,6 +333,8 @@ class EPExperts(nn.Module):
             self.layer.load_experts(w13, w2, b13, b2)
             return
         w13, w2 = experts.gate_up_proj, experts.down_proj
+        if self.transposed:  # [E, H, 2I] and [E, I, H] -> EPMoE's [E, 2I, H] and [E, H, I]
+            w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         E, two_i, H = w13.shape
         self.num_experts = E
         quant = conversion.quant
@@ -365,21 +397,30 @@ def _identity(x: torch.Tensor) -> tuple:
     return (x.device, x.data_ptr(), x.numel(), x.shape[-1], x.stride()[-1], None if x.is_inference() else x._version)
 
 
+def _own_top_k(module: nn.Module) -> Optional[int]:
+    """The int top_k a module routes with itself (a router, or a block routing without one, as Doge's), else None."""
+    top_k = getattr(module, "top_k", None)
+    return int(top_k) if is_int_at_least(top_k, -2 ** 63) else None
+
+
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every MoE block of `model` not swapped yet: a module holding an `experts`
-    module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps its experts
-    elsewhere). A routed `experts` module inside such a block (JetMoE's mixture of attention heads) is
-    that block's, not a second one."""
-    found: dict[int, tuple[str, nn.Module]] = {}
+    """(name, module) of every MoE block of `model` not swapped yet: the outermost module holding an
+    `experts` module, or routing with a `gate` / `router` that has a top_k (JetMoE's MLP, which keeps
+    its experts elsewhere), or with a top_k of its own (Doge's retrieval experts). What such a block
+    holds (its router, a routed `experts` module as JetMoE's mixture of attention heads) is that
+    block's, not a second one; a swapped block (its experts an EPExperts) is no block, nor what it holds."""
+    outer: list[str] = []  # blocks found and swapped blocks, outermost first (named_modules is pre-order)
+    found = []
     for name, m in model.named_modules():
+        if any(name.startswith(f"{prefix}.") or not prefix for prefix in outer):
+            continue
         experts = getattr(m, "experts", None)
         if isinstance(experts, EPExperts):
-            continue
-        if isinstance(experts, nn.Module) or _router_top_k(m) is not None:
-            found[id(m)] = (name, m)
-    for name, m in list(found.values()):
-        found.pop(id(getattr(m, "experts", None)), None)
-    return list(found.values())
+            outer.append(name)
+        elif isinstance(experts, nn.Module) or _router_top_k(m) is not None or _own_top_k(m) is not None:
+            outer.append(name)
+            found.append((name, m))
+    return found
 
 
 def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
@@ -387,7 +428,14 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     name = type(block).__name__
     experts = getattr(block, "experts", None)
     if not isinstance(experts, nn.Module):
-        raise ValueError(f"block={name} routes with top_k={_router_top_k(block)} but has no `experts` module "
+        top_k = _router_top_k(block)
+        top_k = _own_top_k(block) if top_k is None else top_k
+        tables = {n: list(c.weight.shape) for n, c in block.named_children() if isinstance(c, nn.Embedding)}
+        if tables:  # Doge's CDMoE: product-key retrieval of one-neuron experts, act(down_embed[e] . x) * up_embed[e]
+            raise ValueError(f"block={name} routes with top_k={top_k} to experts that are rows of embedding tables "
+                             f"({', '.join(f'{n} {shape}' for n, shape in tables.items())}): one neuron each, not "
+                             f"gated MLPs with gate_up_proj / down_proj; EPExperts cannot run them")
+        raise ValueError(f"block={name} routes with top_k={top_k} but has no `experts` module "
                          f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
                          f"EPExperts swaps a block's `experts`")
     top_k = _router_top_k(block)
@@ -405,17 +453,20 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    gpt-oss, Gemma 4, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    gpt-oss, Gemma 4, Aria, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
     model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
 
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
     raises a ValueError naming every such block (its path, class, and why), before any block is
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
-    (DBRX, JetMoE, Switch Transformers, NLLB-MoE: per-expert modules or other layouts), ungated
-    (NemotronH), packed quantized (MXFP4) weights, no router top_k, biased, transposed or interleaved
-    weights other than gpt-oss's (Llama 4), a custom _apply_gate, a post-expert norm, an activation
-    other than silu / gelu / gelu_tanh. strict=False swaps the blocks it can, leaves the others as they
-    are (they keep computing every expert on every rank) and warns (UserWarning) naming them.
+    (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
+    one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
+    experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
+    transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
+    filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
+    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the
+    blocks it can, leaves the others as they are (they keep computing every expert on every rank) and warns
+    (UserWarning) naming them.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
@@ -489,8 +540,9 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
             out.update({f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
                                                                               weights.b2).items()})
             continue
-        out[f"{name}.gate_up_proj"] = weights.w13
-        out[f"{name}.down_proj"] = weights.w2
+        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
+        out[f"{name}.gate_up_proj"] = transpose(weights.w13)
+        out[f"{name}.down_proj"] = transpose(weights.w2)
         if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
             out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
             out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv

@@ -276,7 +276,7 @@ def _hf_round_trip_rank(rank, world_size, family, folder):
     return same + (torch.equal(logits, expected),)
 
 
-HF_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]
+HF_FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss", "aria"]
 
 
 def _hf_round_trips_rank(rank, world_size, folders):

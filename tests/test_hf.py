@@ -2,6 +2,7 @@
 shared router/experts interface, randomly initialised (the same on every rank), with its experts
 swapped for EPExperts over 2 gloo ranks: logits and router gradients equal the original model's."""
 import copy
+import re
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ FAMILIES = {  # name -> (config class, extra fields); small, with routing option
     # transposed, interleaved [g0, u0, ...] experts with biases and a clamped SwiGLU (a small limit, so it clamps)
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                                      layer_types=["full_attention"] * 2, swiglu_limit=0.5)),
+    # transposed experts (is_transposed=True: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj [E, I, H])
+    "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
 }
 
 
@@ -90,7 +93,7 @@ def test_unsupported_experts_are_rejected():
             self.down_proj = torch.nn.Parameter(torch.randn(4, 6, 4))
             self.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 8))
             self.act_fn = torch.nn.SiLU()
-    with pytest.raises(ValueError, match="experts has gate_up_proj_bias"):
+    with pytest.raises(ValueError, match="experts=Biased has gate_up_proj_bias and is not gpt-oss's layout"):
         ep.hf.EPExperts(Biased(), 2)
     with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):
         ep.hf.activation_name(torch.relu)
@@ -416,38 +419,73 @@ def _mxfp4_gpt_oss():
     return model
 
 
-UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block class)
-    "dbrx": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(  # 2-D w1 / v1 / w2
-        d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
-        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
-        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))), "DbrxFFN"),
-    "jetmoe": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.JetMoeConfig(  # no `experts`
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)), "JetMoeMoE"),
-    "switch": (lambda: transformers.SwitchTransformersForConditionalGeneration(  # a ModuleDict of MLPs
-        transformers.SwitchTransformersConfig(vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2,
-                                              num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=1,
-                                              decoder_sparse_step=1)), "SwitchTransformersSparseMLP"),
-    "gpt_oss_mxfp4": (_mxfp4_gpt_oss, "GptOssMLP"),
+def _tiny_model(config_name, auto="AutoModelForCausalLM", **fields):
+    """transformers.<auto> (an auto class or a model class) of a transformers.<config_name>(**fields)."""
+    config = getattr(transformers, config_name)(**fields)
+    model_class = getattr(transformers, auto)
+    return model_class.from_config(config) if auto.startswith("Auto") else model_class(config)
+
+
+UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block, why)
+    "dbrx": (lambda: _tiny_model("DbrxConfig", d_model=32, n_heads=4, n_layers=2, max_seq_len=32,  # 2-D w1 / v1 / w2
+                                 vocab_size=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+                                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
+             "DbrxFFN", "experts=DbrxExperts has no 3-D gate_up_proj / down_proj"),
+    "jetmoe": (lambda: _tiny_model("JetMoeConfig", vocab_size=64, hidden_size=32, num_hidden_layers=2,  # no `experts`
+                                   num_key_value_heads=2, kv_channels=8, intermediate_size=16, num_local_experts=4,
+                                   num_experts_per_tok=2, max_position_embeddings=32),
+               "JetMoeMoE", "routes with top_k=2 but has no `experts` module"),
+    "switch": (lambda: _tiny_model("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",  # MLPs
+                                   vocab_size=64, d_model=32, d_kv=8, d_ff=16, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1),
+               "SwitchTransformersSparseMLP", "experts=SwitchTransformersExperts has no 3-D gate_up_proj"),
+    "gpt_oss_mxfp4": (_mxfp4_gpt_oss, "GptOssMLP", "gate_up_proj torch.uint8 and down_proj torch.uint8"),
+    # Doge's CDMoE has no `experts` and routes with a top_k of its own: it was neither swapped nor refused
+    "doge": (lambda: _tiny_model("DogeConfig", **COMMON, intermediate_size=16, is_moe=True, num_experts=16,
+                                 num_experts_per_tok=2),
+             "DogeCDMoE", r"experts that are rows of embedding tables \(down_embed \[16, 32\], up_embed \[16, 32\]\)"),
+    # identity experts: the error named only the weights' shapes ([E + Z, 2I, H] against [E, H, I])
+    "longcat_flash": (lambda: _tiny_model("LongcatFlashConfig", vocab_size=64, hidden_size=32, num_layers=2,
+                                          num_attention_heads=4, ffn_hidden_size=16, expert_ffn_hidden_size=16,
+                                          n_routed_experts=4, zero_expert_num=2, moe_topk=2, kv_lora_rank=16,
+                                          q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+                      "LongcatFlashMoE", "has zero_expert_num=2 identity"),
+    # [gate | up] halves with biases: the error said its gate and up were interleaved (they are not)
+    "openai_privacy_filter": (lambda: _tiny_model("OpenAIPrivacyFilterConfig", "AutoModel", **COMMON, head_dim=8,
+                                                  intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                                  pad_token_id=0),
+                              "OpenAIPrivacyFilterMLP", r"gate_up_proj_bias \({'is_transposed': True, "
+                                                        r"'is_concatenated': True}\) and is not gpt-oss's layout"),
+    # a softcapped SwiGLU: the error printed the act_fn's multi-line repr, without its softcaps
+    "inkling2": (lambda: _tiny_model("Inkling2TextConfig", **COMMON, moe_intermediate_size=16, num_experts=4,
+                                     num_experts_per_tok=2, pad_token_id=0, eos_token_id=0, bos_token_id=0),
+                 "Inkling2SparseMoeBlock",
+                 r"act_fn=Inkling2SoftcappedSwiGLU\(gate_softcap.softcap=4.0, up_softcap.softcap=25.0\)"),
 }
 
 
-def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0():
-    """DBRX, JetMoE, Switch Transformers and MXFP4 gpt-oss: replace_experts raises naming each block's
-    path and class (nothing is skipped silently) and changes nothing; strict=False warns and leaves
-    them as they are."""
-    for name, (build, block) in UNSWAPPABLE.items():
+@pytest.mark.parametrize("name", UNSWAPPABLE)
+def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0(name):
+    """DBRX, JetMoE, Switch Transformers, MXFP4 gpt-oss, Doge, LongCat-Flash with identity experts, the
+    privacy filter and Inkling 2: replace_experts raises naming each block's path, class and what prevents
+    an exact swap (nothing is skipped silently), and changes nothing; strict=False warns and leaves them
+    as they are."""
+    build, block, why = UNSWAPPABLE[name]
+    try:
         torch.manual_seed(0)
         model = build()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
-                                             "model's 4 MoE blocks") as err:
-            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
-        assert f"block={block}" in str(err.value), (name, str(err.value))
-        with pytest.warns(UserWarning, match=f"block={block}"):
-            assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
-        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+    except (AttributeError, ImportError) as err:  # a transformers without this family
+        pytest.skip(f"{name}: {err}")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
+                                         "model's 4 MoE blocks") as err:
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    assert f"block={block}" in str(err.value), (name, str(err.value))
+    assert re.search(f"block={block}[^\n]*{why}", str(err.value)), (name, str(err.value))
+    with pytest.warns(UserWarning, match=f"block={block}"):
+        assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
 
 
 def test_blocks_sharing_one_experts_module_keep_sharing_it():
@@ -601,3 +639,83 @@ def test_export_state_dict_on_dst_only_when_nothing_was_swapped():
     """export_state_dict(model) with no EPExperts in it (strict=False refused every block) gives the
     dict on rank 0 and None elsewhere, as documented (every rank got it, so every rank saved)."""
     assert run_ranks(_unswapped_export_rank, 2, timeout=120) == [True, None]
+
+
+# The sweep: one tiny model per transformers MoE family (the families above excepted), built from the family's
+# default config with these sizes wherever it has the field, and per-layer lists cut to their last two entries
+# (the first layers of a family are its dense ones); SWEEP names the fields a family needs besides.
+SWEEP_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                   num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
+                   moe_k=2, n_group=1, topk_group=1, first_k_dense_replace=0, expert_ffn_hidden_size=16,
+                   shared_expert_intermediate_size=16, moe_layer_start_index=0, decoder_sparse_step=1, num_layers=2,
+                   initializer_range=0.2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                   v_head_dim=8, qk_head_dim=8, top_k=2, moe_topk=2, n_shared_experts=1, num_shared_experts=1,
+                   moe_intermediate_size_shared=16, mlp_only_layers=[], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+SWEEP = {  # model_type -> extra config fields
+    "afmoe": {}, "bailing_hybrid": dict(n_group=1, num_experts_per_tok=2), "cohere2_moe": {},
+    "deepseek_v2": {}, "deepseek_v4": {}, "doge": dict(is_moe=True, num_experts=16), "dots1": {},
+    "exaone_moe": {}, "flex_olmo": {}, "flint": {}, "glm4_moe": {}, "hunyuan_v1_moe": {}, "hy_v4": {},
+    "inkling_text": {}, "inkling2_text": {}, "kimi_linear": {}, "lfm2_moe": dict(layer_types=["full_attention", "conv"],
+                                                                                 num_dense_layers=0),
+    "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
+    "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
+    "zaya": dict(num_experts_per_tok=1),
+}
+# what the test takes for an MoE block, independently of replace_experts: the class names transformers gives them
+MOE_BLOCK_NAME = re.compile(r"(MoE|Moe|MoEBlock|MoeBlock|MoELayer)$")
+
+
+def _sweep_model(model_type, fields):
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    kwargs = {k: v for k, v in SWEEP_SIZES.items() if k in defaults}
+    kwargs.update({k: v[-2:] for k, v in defaults.items() if "layer" in k and isinstance(v, list)
+                   and len(v) == defaults.get("num_hidden_layers")})
+    config = config_class(**{**kwargs, **fields})
+    torch.manual_seed(0)
+    causal_lm = model_type in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return getattr(transformers, "AutoModelForCausalLM" if causal_lm else "AutoModel").from_config(config).float().eval()
+
+
+def _sweep_rank(rank, world_size):
+    import warnings
+    out = {}
+    for model_type, fields in SWEEP.items():
+        model = _sweep_model(model_type, fields)
+        original = copy.deepcopy(model)
+        blocks = [name for name, m in model.named_modules() if MOE_BLOCK_NAME.search(type(m).__name__)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False)
+        refusal = "\n".join(str(w.message) for w in caught if "cannot swap" in str(w.message))
+        x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        errors = {}
+        with torch.no_grad():
+            for name in blocks:
+                if isinstance(getattr(model.get_submodule(name), "experts", None), ep.hf.EPExperts):
+                    expected, actual = (m.get_submodule(name)(x) for m in (original, model))
+                    expected, actual = (y[0] if isinstance(y, tuple) else y for y in (expected, actual))
+                    errors[name] = rel_err(actual, expected)
+                elif re.search(f"(^|[ ,]){re.escape(name)}[,:( ].*block={type(model.get_submodule(name)).__name__}",
+                               refusal):
+                    errors[name] = "refused"
+                else:
+                    errors[name] = None  # neither swapped nor refused: skipped silently
+        out[model_type] = (errors, refusal)
+    return out
+
+
+def test_every_moe_family_is_swapped_exactly_or_refused_by_name():
+    """The sweep: in each family's tiny model every MoE block (by transformers' class name) is either swapped,
+    with the block's output on random hidden states equal to HF's own (float32: the same products summed in
+    another order, ~1e-7; DESIGN's 1e-5 bound), or named in the strict=False warning (with its class and why),
+    never left as it was without a word (Doge's was). One gloo process."""
+    if not hasattr(transformers, "DogeConfig"):
+        pytest.skip("a transformers without the families swept here")
+    (out,) = run_ranks(_sweep_rank, 1, timeout=240)
+    for model_type, (errors, refusal) in out.items():
+        assert errors, (model_type, "no MoE block found")
+        for name, err in errors.items():
+            assert err == "refused" or (err is not None and err <= tolerance(torch.float32)), (
+                model_type, name, err, refusal)
