@@ -157,3 +157,11 @@ def test_python_blocks_parse_and_name_what_exists(page):
         except AttributeError as err:
             problems.append(f"{page.name}: {err} does not exist")
     assert not problems, "\n".join(sorted(problems))
+
+
+def test_every_page_with_an_mpirun_command_says_how_to_run_it_as_root():
+    """Open MPI refuses to start ranks as root (containers, CI) without --allow-run-as-root: a page that shows an
+    mpirun command line says so."""
+    silent = [page.name for page in PAGES
+              if re.search(r"^mpirun ", page.read_text(), re.M) and "--allow-run-as-root" not in page.read_text()]
+    assert not silent, f"pages with an mpirun command and no word on --allow-run-as-root: {silent}"
