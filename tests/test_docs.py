@@ -5,6 +5,7 @@ import ast
 import importlib
 import inspect
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,49 @@ def test_every_page_with_an_mpirun_command_says_how_to_run_it_as_root():
     silent = [page.name for page in PAGES
               if re.search(r"^mpirun ", page.read_text(), re.M) and "--allow-run-as-root" not in page.read_text()]
     assert not silent, f"pages with an mpirun command and no word on --allow-run-as-root: {silent}"
+
+
+COMMAND = re.compile(r"(?:^|\s)(?:ep-runtime|-m ep_runtime)\s+(demo|env|bench)\b(.*)")
+
+
+def _command_lines(page: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, command, arguments) of every `ep-runtime COMMAND ...` (or `-m ep_runtime COMMAND ...`) line of the
+    page's ```bash blocks, continuation lines joined, comments dropped."""
+    found = []
+    text = page.read_text()
+    for block in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        line = text[:block.start(1)].count("\n") + 1
+        logical, start = "", line
+        for raw in block.group(1).splitlines():
+            logical += raw.split(" #")[0]
+            line += 1
+            if logical.endswith("\\"):
+                logical = logical[:-1]
+                continue
+            match = COMMAND.search(logical)
+            if match:
+                found.append((start, match.group(1), shlex.split(match.group(2))))
+            logical, start = "", line
+    for span in INLINE.finditer(text):  # and inline code spans that are such a command line
+        match = COMMAND.search(span.group(1))
+        if match and match.group(1) in span.group(1).split():
+            found.append((text[:span.start()].count("\n") + 1, match.group(1), shlex.split(match.group(2))))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_command_lines_use_flags_that_exist(page, capsys):
+    """Every `ep-runtime demo|env|bench` line of a page's shell blocks parses with the real parsers (no renamed or
+    misspelt flag, no value outside a flag's choices). Shell variables and "$@" are left out."""
+    from ep_runtime.bench.cli import build_parser as bench_parser
+    from ep_runtime.cli import build_parser
+    wrong = []
+    for line, command, args in _command_lines(page):
+        args = [a for a in args if "$" not in a]
+        parser = bench_parser() if command == "bench" else build_parser()[1][command]
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            wrong.append(f"{page.name}:{line}: ep-runtime {command} {' '.join(args)}: "
+                         f"{capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert not wrong, "\n".join(wrong)
