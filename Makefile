@@ -1,6 +1,7 @@
 # `make demo` and `make test` work on a fresh machine with Python >= 3.10 and pip: each creates .venv
-# when absent. torch is installed before the project so a CPU-only machine does not pull CUDA wheels
-# (override TORCH_SPEC, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
+# when absent. torch is installed before the project, from TORCH_SPEC, and the project keeps it: PyPI's Linux
+# wheel brings the CUDA libraries, so a CPU-only machine takes PyTorch's CPU wheel with
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

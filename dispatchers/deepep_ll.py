@@ -30,7 +30,7 @@ from ep_runtime.runner_core import (
 
 from . import exchange_kernels, fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
-from .rank_exchange import ExchangeHandle, running_count
+from .rank_exchange import Capacity, ExchangeHandle, running_count
 
 
 @dataclass
@@ -92,8 +92,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
                              "(fp8 bytes); use use_fp8=False or deepep_normal / mori")
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
-        self.exchange.max_tokens = (M, rule)
-        self._capacity = f"num_max_dispatch_tokens_per_rank={M}"  # made once: it names the setting in errors
+        setting = "num_max_dispatch_tokens_per_rank (or EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)"
+        self.exchange.max_tokens = (M, rule, setting)
+        self._capacity = Capacity(f"num_max_dispatch_tokens_per_rank={M}", setting)  # made once: errors name it
         # A token's row goes to an expert once; with the weight folded into that row, a repeated
         # expert would need two rows with different weights.
         self.distinct_ids = None

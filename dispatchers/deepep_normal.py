@@ -22,7 +22,7 @@ from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, regi
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
-from .rank_exchange import ExchangeHandle, Layout, dispatch_layout
+from .rank_exchange import Capacity, ExchangeHandle, Layout, dispatch_layout
 
 
 @dataclass
@@ -94,7 +94,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
                                            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         # the static mode's capacity as its errors name it (made once)
-        self._capacity = f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={M}" if M not in (None, W) else "")
+        self._capacity = Capacity(
+            f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={M}" if M not in (None, W) else ""),
+            "num_worst_tokens" if M is None else "num_max_dispatch_tokens_per_rank", "num_worst_tokens")
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,

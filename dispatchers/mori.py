@@ -29,7 +29,7 @@ from ep_runtime.validation import capturing
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
-from .rank_exchange import ExchangeHandle
+from .rank_exchange import Capacity, ExchangeHandle
 
 _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set either way: errors name both)
 
@@ -98,9 +98,14 @@ class MoriDispatcher(ExchangeDispatcher):
             "max_dispatch_tokens_per_rank / EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
             resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static,
             *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
+        setting = "max_dispatch_tokens_per_rank (or EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK)"
         self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "
-                                       f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank")
-        self._capacity = f"{self.options.buffer_setting} = {self.options.num_buffer_rows}"  # made once, for errors
+                                       f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank", setting)
+        # made once, for errors: which settings size the peer chunks (static plan) and the receive rows
+        self._capacity = Capacity(
+            f"{self.options.buffer_setting} = {self.options.num_buffer_rows}", setting,
+            "prealloc_max_recv_tokens (or EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS)" if prealloc else setting,
+            1 if prealloc else self.world_size)
 
     def _static(self) -> bool:
         static = self.options.static

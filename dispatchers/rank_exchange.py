@@ -242,6 +242,33 @@ def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     return sent, max(map(sum, zip(*sent)))
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """The settings that size a static plan's buffers, as its overflow errors name them. setting: their values
+    ("num_worst_tokens=5"); chunk: the argument (and knob) that sets the rows of each peer chunk; rows: the one
+    that sets the compacted receive rows (None: the same as chunk); rows_per_unit: receive rows per unit of
+    `rows` (mori without a preallocated buffer: R rows per max_dispatch_tokens_per_rank)."""
+
+    setting: str
+    chunk: str = ""
+    rows: Optional[str] = None
+    rows_per_unit: int = 1
+
+    def __str__(self) -> str:
+        return self.setting
+
+    def fix(self, per_peer: int, received: int, chunk: Optional[int], rows: Optional[int]) -> str:
+        """What to raise, and to at least what, so that a step needing `per_peer` tokens in a peer chunk and
+        `received` receive rows on a rank fits buffers of `chunk` and `rows`."""
+        need: dict[str, int] = {}
+        if chunk is not None and per_peer > chunk:
+            need[self.chunk] = per_peer
+        if rows is not None and received > rows:
+            name = self.rows or self.chunk
+            need[name] = max(need.get(name, 0), -(-received // self.rows_per_unit))
+        return " and ".join(f"raise {name} to at least {value}" for name, value in need.items() if name)
+
+
 class _StaticCall(NamedTuple):
     """What the deferred check of a static plan's count table needs besides the table."""
 
@@ -251,16 +278,17 @@ class _StaticCall(NamedTuple):
     distinct: Optional[str]
     chunk: int
     rows: Optional[int]
-    capacity: str
+    capacity: Capacity
     layout: RowLayout  # of the table's rows
 
 
 class RankExchange:
     """placement: which rank holds which expert (this rank's view: E, R, rank); group: the ranks.
-    max_tokens: (most tokens a rank may send, the rule as the error states it): the host plan checks
-    every rank's T against it in the count table, so one rank over it fails every rank at once."""
+    max_tokens: (most tokens a rank may send, the rule as the error states it, the argument and knob that
+    set it): the host plan checks every rank's T against it in the count table, so one rank over it fails
+    every rank at once."""
 
-    def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str]] = None,
+    def __init__(self, placement: ExpertPlacement, group, max_tokens: Optional[tuple[int, str, str]] = None,
                  name: str = "exchange", transport: str = "auto", num_sms: int = 0, hierarchical: str = "auto",
                  ranks_per_node: int = 0):
         """name: the dispatcher's, for the errors a peer that does not answer causes. hierarchical
@@ -357,7 +385,7 @@ class RankExchange:
     # empty, and a compiled layer's second call compiled again; each of its graph breaks cost frames too.
     @untraced
     def plan(self, topk_ids: torch.Tensor, chunk: Optional[int] = None, rows: Optional[int] = None,
-             capacity: str = "", topk_weights: Optional[torch.Tensor] = None,
+             capacity: Capacity = Capacity(""), topk_weights: Optional[torch.Tensor] = None,
              distinct: Optional[str] = None, x: Optional[torch.Tensor] = None) -> ExchangeHandle:
         """chunk None: host plan; else static. rows: pad/compact the receive side to this many rows;
         `capacity` names the setting that sized chunk/rows, for the overflow error. topk_weights:
@@ -473,7 +501,7 @@ class RankExchange:
         return handle, payload
 
     def plan_and_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, local_ids: bool,
-                      chunk: Optional[int] = None, rows: Optional[int] = None, capacity: str = "",
+                      chunk: Optional[int] = None, rows: Optional[int] = None, capacity: Capacity = Capacity(""),
                       distinct: Optional[str] = None, transient: bool = False, quant: Optional[QuantConfig] = None,
                       by_token: bool = False) -> tuple[ExchangeHandle, torch.Tensor, torch.Tensor, torch.Tensor]:
         """plan() then send() (their arguments); on the kernel path in one go, packing before the
@@ -500,7 +528,7 @@ class RankExchange:
         handle = self.plan(topk_ids, chunk, rows, capacity, topk_weights, distinct, x)
         return (handle, *self.send(x, topk_ids, topk_weights, handle, local_ids, quant))
 
-    def _put_tokens(self, x, topk_ids, topk_weights, chunk: int, capacity: str, distinct: Optional[str],
+    def _put_tokens(self, x, topk_ids, topk_weights, chunk: int, capacity: Capacity, distinct: Optional[str],
                     quant: Optional[QuantConfig]):
         """plan_and_send's by_token layout over the NVLink transport (None where it is not chosen or
         the region cannot grow now): the token put (PeerTransport.put_tokens: the layout, the rows and
@@ -582,18 +610,18 @@ class RankExchange:
             self._check_grad_modes([row[layout.grads_at] for row in host])
 
     @staticmethod
-    def _check_receive_rows(most: int, rows: Optional[int], capacity: str) -> None:
+    def _check_receive_rows(most: int, rows: Optional[int], capacity: Capacity) -> None:
         if rows is not None and most > rows:
-            raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens "
-                             f"(allowed: at least {most})")
+            raise ValueError(f"{capacity} is too small for this step: a rank receives {most} tokens and {rows} fit "
+                             f"(allowed: at least {most}); {capacity.fix(0, most, None, rows)}")
 
     @staticmethod
-    def _static_message(chunk: int, rows: Optional[int], capacity: str) -> str:
+    def _static_message(chunk: int, rows: Optional[int], capacity: Capacity) -> str:
         return (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
                 + (f" and a rank receives at most {rows}" if rows is not None else ""))
 
     def _assert_fits(self, sent: torch.Tensor, most_received: torch.Tensor, chunk: int, rows: Optional[int],
-                     capacity: str) -> None:
+                     capacity: Capacity) -> None:
         """While capturing: a device-side assert that every peer chunk and the receive rows hold the step.
         None where it cannot fail (five small kernels fewer in the graph): without compaction (rows None)
         a peer chunk holds at most its sender's T, which every rank checks against max_tokens <= chunk
@@ -603,19 +631,24 @@ class RankExchange:
         overflow = sent.max() > chunk
         if rows is not None:
             overflow = overflow | (most_received > rows)
-        torch._assert_async(~overflow, self._static_message(chunk, rows, capacity))
+        torch._assert_async(~overflow, f"{self._static_message(chunk, rows, capacity)}; raise "
+                                       f"{' or '.join(dict.fromkeys(n for n in (capacity.chunk, capacity.rows) if n))}")
 
-    def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: str) -> None:
+    def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: Capacity) -> None:
         """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""
         sent, received = _sent_on_host(host, self.world_size)
         per_peer = max(max(row) for row in sent)
         if per_peer > chunk or (rows is not None and received > rows):
             raise ValueError(f"{self._static_message(chunk, rows, capacity)}; this step needs {per_peer} per peer "
-                             f"and {received} received (allowed: {capacity} at least that)")
+                             f"and {received} received: {capacity.fix(per_peer, received, chunk, rows)}")
 
     def _check_local_tokens(self, num_tokens: int) -> None:
         if self.max_tokens is not None and num_tokens > self.max_tokens[0]:
-            raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}")
+            raise ValueError(f"x has {num_tokens} tokens; {self.max_tokens[1]}; {self._tokens_fix(num_tokens)}")
+
+    def _tokens_fix(self, num_tokens: int) -> str:
+        most, _, setting = self.max_tokens
+        return f"raise {setting} to at least {num_tokens}, or dispatch at most {most} tokens per call"
 
     def _host_plan(self, counts, host_table, sent, summary, rows, capacity, row_layout: RowLayout,
                    nodes: Optional[NodeLayout] = None) -> ExchangeHandle:
@@ -677,11 +710,11 @@ class RankExchange:
     def _check_tokens(self, tokens: list) -> None:
         if self.max_tokens is None:
             return
-        most, rule = self.max_tokens
+        most, rule, _ = self.max_tokens
         over = [r for r, t in enumerate(tokens) if t > most]
         if over:
-            raise ValueError(f"x has {tokens[over[0]]} tokens on {rank_name(self.group, over[0])}; {rule} (every rank "
-                             f"stops here)")
+            raise ValueError(f"x has {tokens[over[0]]} tokens on {rank_name(self.group, over[0])}; {rule}; "
+                             f"{self._tokens_fix(max(tokens))} (every rank stops here)")
 
     def _check_dtypes(self, codes: list) -> None:
         """Every rank raises, naming each rank's x dtype, when the ranks dispatch x in different dtypes."""

@@ -18,32 +18,14 @@ from .distributed import detect_launch
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Every input is checked before any work: a user error is one line naming the flag (or knob) and
     what is allowed, exit code 2 (argparse's `parser.error`), no traceback."""
-    parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="run every dispatcher forward and backward against the float64 reference")
-    demo.add_argument("--world-size", type=_positive_int, default=None,
-                      help="local CPU ranks to spawn when no launcher is detected (default EP_RUNTIME_DEMO_WORLD_SIZE)")
-    demo.add_argument("--runner", default="auto",
-                      help="runner backend for every dispatcher it serves; auto (default) picks, per dispatcher, the "
-                           "best available one that serves it")
-    demo.add_argument("--tokens", type=lambda text: _positive_int(text, DEMO_MAX_TOKENS), default=48,
-                      help=f"tokens on rank 0 (rank 1 gets none); sizes static buffers (deepep_ll's M); "
-                           f"1..{DEMO_MAX_TOKENS}")
-
-    env = sub.add_parser("env", help="print every EP_RUNTIME_* knob: value, default, doc")
-    env.add_argument("--markdown", action="store_true", help="print docs/environment_variables.md instead")
-
-    sub.add_parser("bench", help="benchmark dispatchers and runners (see `ep-runtime bench --help`)",
-                   add_help=False)
-
+    parser, commands = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
         return bench_main(bench_arguments(rest, interactive=sys.stdout.isatty() and sys.stderr.isatty()))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    command = sub.choices[args.command]
+    command = commands[args.command]
     if args.command == "env" and args.markdown:  # the registry's docs, whatever the environment holds
         return _env(markdown=True)
     try:
@@ -61,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"here: auto, {', '.join(runners.available())}")
     device = torch.device("cuda" if launch.launcher != "single" and torch.cuda.is_available() else "cpu")
     plan = demo_plan(args.runner, device, args.tokens)
+    for name, option, knob in demo_capacity_conflicts(plan, args.tokens):
+        command.error(f"--tokens {args.tokens}: above {envs.PREFIX}{knob}={envs.get(knob)}, which sizes {name}'s "
+                      f"{option}; allowed: --tokens at most {envs.get(knob)}, or set {envs.PREFIX}{knob} to at least "
+                      f"{args.tokens} (unset, the demo sizes it from --tokens)")
     if not any(runner for _, runner, _ in plan):
         reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
         command.error(f"--runner {args.runner} serves no dispatcher here ({reasons}); allowed here: auto, "
@@ -68,10 +54,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _demo(args, launch, plan)
 
 
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `ep-runtime` parser and its commands' parsers by name (bench's options are
+    ep_runtime.bench.cli.build_parser's: it takes the rest of the command line)."""
+    parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every dispatcher forward and backward against the float64 reference",
+                          description="Run every registered dispatcher forward and backward against the float64 "
+                                      "reference: on local CPU ranks, or as one rank of a torchrun, srun or mpirun "
+                                      "job.")
+    demo.add_argument("--world-size", type=_positive_int, default=None,
+                      help=f"local CPU ranks to spawn when no launcher is detected (default "
+                           f"{_knob_value('DEMO_WORLD_SIZE')}, from EP_RUNTIME_DEMO_WORLD_SIZE)")
+    demo.add_argument("--runner", default="auto",
+                      help="runner backend for every dispatcher it serves (default auto: per dispatcher, the best "
+                           "available one that serves it)")
+    demo.add_argument("--tokens", type=lambda text: _positive_int(text, DEMO_MAX_TOKENS), default=DEMO_TOKENS,
+                      help=f"tokens on rank 0, 1..{DEMO_MAX_TOKENS} (default {DEMO_TOKENS}; rank 1 gets none); sizes "
+                           f"the static buffers (deepep_ll's M, mori's max tokens per rank) unless their knob is set")
+
+    env = sub.add_parser("env", help="print every EP_RUNTIME_* knob: value, default, doc")
+    env.add_argument("--markdown", action="store_true",
+                     help="print docs/environment_variables.md instead (default: the knobs' values here)")
+
+    sub.add_parser("bench", help="benchmark dispatchers and runners (see `ep-runtime bench --help`)",
+                   add_help=False)
+    return parser, sub.choices
+
+
 DEMO_MAX_TOKENS = 1 << 16
+DEMO_TOKENS = 48
 
 # Options that size a dispatcher's static buffers for the tokens one rank sends: the demo sets them from
-# --tokens when the knob's value is smaller (a dispatcher absent here has no static buffer to size).
+# --tokens unless the user set the knob (a dispatcher absent here has no static buffer to size).
 DEMO_CAPACITY = {
     "deepep_ll": ("num_max_dispatch_tokens_per_rank", "LL_MAX_DISPATCH_TOKENS_PER_RANK"),
     "mori": ("max_dispatch_tokens_per_rank", "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK"),
@@ -98,12 +114,27 @@ def demo_plan(runner: str, device: torch.device, tokens: int) -> list[tuple[str,
             plan.append((name, None, f"runner {backend} has no path for the {fmt} format (it serves: {served})"))
             continue
         options = {}
-        if name in DEMO_CAPACITY:
-            option, knob = DEMO_CAPACITY[name]
-            if tokens > envs.get(knob):
-                options[option] = tokens
+        if name in DEMO_CAPACITY and not envs.is_set(DEMO_CAPACITY[name][1]):
+            options[DEMO_CAPACITY[name][0]] = tokens  # buffers of the demo's size, not the knob's default
         plan.append((name, backend, options))
     return plan
+
+
+def demo_capacity_conflicts(plan, tokens: int) -> list[tuple[str, str, str]]:
+    """(dispatcher, option, knob) for each dispatcher the demo runs whose buffer the user sized, by its knob,
+    below --tokens (the demo would fail inside the ranks: T > M)."""
+    return [(name, *DEMO_CAPACITY[name]) for name, runner, _ in plan
+            if runner is not None and name in DEMO_CAPACITY and envs.is_set(DEMO_CAPACITY[name][1])
+            and tokens > envs.get(DEMO_CAPACITY[name][1])]
+
+
+def _knob_value(name: str) -> object:
+    """A knob's value for --help: its default where the environment's value is invalid (reported when a
+    command runs, not while printing help)."""
+    try:
+        return envs.get(name)
+    except ValueError:
+        return envs.KNOBS[envs.PREFIX + name].default
 
 
 def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
@@ -111,9 +142,9 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
     dispatcher and runner names (registered, and for runners, available here), --plot's matplotlib.
     Returns the arguments to run with: --no-progress added when output is not a terminal."""
     from . import dispatchers
-    from .bench.cli import build_parser
+    from .bench.cli import build_parser as bench_parser
     argv = list(argv)
-    parser = build_parser()
+    parser = bench_parser()
     args = parser.parse_args(argv)
     for name in args.dispatchers or []:
         if name not in dispatchers.registered():

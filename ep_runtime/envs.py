@@ -196,6 +196,15 @@ def get(name: str) -> Any:
     return knob.parse(raw)
 
 
+def is_set(name: str) -> bool:
+    """Whether knob `name` (with or without the EP_RUNTIME_ prefix) has a value in the environment (an empty
+    one counts as unset, as get reads it): callers that pick their own value when the user chose none."""
+    full = name if name.startswith(PREFIX) else PREFIX + name
+    if full not in KNOBS:
+        raise KeyError(f"unknown knob {full}; known: {', '.join(sorted(KNOBS))}")
+    return os.environ.get(full, "") != ""
+
+
 @contextmanager
 def overridden(name: str, value: Any) -> Iterator[None]:
     """Knob `name` set to `value` (checked as the knob parses it) inside the block, restored after: how the bench

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -758,6 +759,10 @@ class EPMoE(nn.Module):
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         if dp_group is not None:
             dist.all_reduce(load, group=as_process_group(dp_group, "dp_group", "dp"))
+        if not bool(load.any()):  # (the plan reads the load on the host anyway) same on every rank: summed
+            warnings.warn("rebalance: no load was counted since the last reset (no forward ran, or expert_load(reset="
+                          "True) was called before rebalance: read it with expert_load() instead, rebalance resets "
+                          "it), so the plan places the experts as if every one were equally loaded", stacklevel=2)
         plan = eplb.plan(load, self.placement.ep_size, self.placement.num_physical_experts, num_nodes=num_nodes)
         if plan.num_ranks > 1 and num_nodes is not None and num_nodes > 1:
             plan = self._on_real_nodes(plan, num_nodes, load.device)

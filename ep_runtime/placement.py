@@ -242,17 +242,17 @@ class ExpertPlacement:
 
     def expert_rank_table(self, device=None) -> torch.Tensor:
         """[E] int32: the rank owning each global expert ([P]: each physical slot, with copies)."""
-        return _cached(self, "rank", _device(device))
+        return _table(self, "rank", _device(device))
 
     def expert_local_index_table(self, device=None) -> torch.Tensor:
         """[E] int32: each global expert's index among its owner's L experts (its weight row there)."""
-        return _cached(self, "local_index", _device(device))
+        return _table(self, "local_index", _device(device))
 
     def experts_of_rank(self, rank: int, device=None) -> torch.Tensor:
         """[L] int64: global (logical) ids of `rank`'s experts in local order (local index -> global id)."""
         if not 0 <= rank < self.ep_size:
             raise ValueError(f"rank={rank} out of range [0, {self.ep_size})")
-        return _cached(self, ("experts_of", rank), _device(device))
+        return _table(self, ("experts_of", rank), _device(device))
 
     def local_expert_ids(self, device=None) -> torch.Tensor:
         """[L] int64: this rank's global expert ids in local order (what load_experts slices)."""
@@ -261,20 +261,20 @@ class ExpertPlacement:
     def global_to_local_table(self, device=None) -> torch.Tensor:
         """[E + 1] int32: this rank's local index of each global id, the sink L for experts elsewhere;
         entry E (where a -1 id is rerouted) is the sink too. RunnerInput.from_global_ids reads it."""
-        return _cached(self, "global_to_local", _device(device))
+        return _table(self, "global_to_local", _device(device))
 
     def local_to_local_table(self, device=None) -> torch.Tensor:
         """[L + 1] int32: 0..L-1, then the sink L; RunnerInput.from_local_ids reads it (any id outside
         [0, L), -1 included, becomes the sink)."""
-        return _cached(self, "local_to_local", _device(device))
+        return _table(self, "local_to_local", _device(device))
 
     def local_mask_with_sink(self, device=None) -> torch.Tensor:
         """[L+1] bool: every local expert on, the sink slot L off."""
-        return _cached(self, "local_mask", _device(device))
+        return _table(self, "local_mask", _device(device))
 
     def global_mask(self, device=None) -> torch.Tensor:
         """[E] bool: 1 for this rank's experts (the mori format's mask; not a range when non-contiguous)."""
-        return _cached(self, "global_mask", _device(device))
+        return _table(self, "global_mask", _device(device))
 
     # ------------------------------------------------------------------ elementwise lookups
 
@@ -308,7 +308,7 @@ class ExpertPlacement:
         if not self.maps_ids:
             return topk_ids
         device = topk_ids.device
-        choice, count, local = (_cached(self, name, device) for name in ("replica_choice", "replica_count",
+        choice, count, local = (_table(self, name, device) for name in ("replica_choice", "replica_count",
                                                                               "replica_local"))
         E, P = self.num_experts, self.num_physical_experts
         ids = topk_ids.long()
@@ -323,7 +323,7 @@ class ExpertPlacement:
 
     def logical_of(self, physical_ids: torch.Tensor) -> torch.Tensor:
         """The logical expert of each physical id; -1 stays -1."""
-        return _lookup(_cached(self, "logical", physical_ids.device), physical_ids)
+        return _lookup(_table(self, "logical", physical_ids.device), physical_ids)
 
 
 def _contiguous(num_experts: int, ep_size: int) -> tuple[int, ...]:
@@ -347,6 +347,15 @@ def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 TABLE_CACHE_SIZE = 4096
 
 
+def _table(placement: ExpertPlacement, kind, device: torch.device) -> torch.Tensor:
+    """The placement's `kind` table on `device`: from the cache eagerly; built plainly while torch.compile
+    traces (dynamo does not keep an lru_cache's entries, it traces the wrapped function and warns at every
+    call site; the table becomes a constant of the compiled graph either way)."""
+    if torch.compiler.is_compiling():
+        return _build(placement, kind, device)
+    return _cached(placement, kind, device)
+
+
 @functools.lru_cache(maxsize=TABLE_CACHE_SIZE)
 def _cached(placement: ExpertPlacement, kind, device: torch.device) -> torch.Tensor:
     """Built on the host once per (placement, table, device), the least recently used dropped beyond
@@ -355,9 +364,13 @@ def _cached(placement: ExpertPlacement, kind, device: torch.device) -> torch.Ten
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a host copy cannot be captured
         raise RuntimeError(f"the expert placement's {kind} table for {device} is built on the first eager call; "
                            "run one eager step (the usual warm-up) before capturing a CUDA graph")
-    name, *args = kind if isinstance(kind, tuple) else (kind,)
     with torch.inference_mode(False):  # kept for later calls, training ones included: never an inference tensor
-        return _TABLES[name](placement, *args).to(device)
+        return _build(placement, kind, device)
+
+
+def _build(placement: ExpertPlacement, kind, device: torch.device) -> torch.Tensor:
+    name, *args = kind if isinstance(kind, tuple) else (kind,)
+    return _TABLES[name](placement, *args).to(device)
 
 
 def _global_to_local(p: ExpertPlacement) -> torch.Tensor:

@@ -112,6 +112,46 @@ def test_demo_sizes_deepep_ll_from_tokens(capsys, monkeypatch):
     assert "deepep_ll" in out and out.strip().endswith("demo: OK"), out
 
 
+def test_demo_sizes_static_buffers_from_tokens_unless_the_knob_is_set(monkeypatch, capsys):
+    """Unset knobs: buffers of --tokens rows (smaller ones too: not mori's default 4096 x R rows). A knob the
+    user set is kept as it is; below --tokens it is a one-line error before any work, naming both."""
+    import torch
+
+    from ep_runtime.cli import demo_capacity_conflicts, demo_plan, main
+    cpu = torch.device("cpu")
+    for name in ("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    options = {name: opts for name, _, opts in demo_plan("auto", cpu, 48)}
+    assert options["deepep_ll"] == {"num_max_dispatch_tokens_per_rank": 48}, options
+    assert options["mori"] == {"max_dispatch_tokens_per_rank": 48}, options
+    monkeypatch.setenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", "256")
+    monkeypatch.setenv("EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", "16")
+    plan = demo_plan("auto", cpu, 48)
+    assert {name: opts for name, _, opts in plan}["deepep_ll"] == {} and dict(
+        (name, opts) for name, _, opts in plan)["mori"] == {}, plan
+    assert demo_capacity_conflicts(plan, 48) == [
+        ("mori", "max_dispatch_tokens_per_rank", "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")]
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--tokens", "48"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err == (
+        "ep-runtime demo: error: --tokens 48: above EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK=16, which sizes "
+        "mori's max_dispatch_tokens_per_rank; allowed: --tokens at most 16, or set "
+        "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK to at least 48 (unset, the demo sizes it from --tokens)"), err
+
+
+def test_help_states_every_options_default():
+    """Every option of `ep-runtime demo|env|bench --help` that takes a value says its default (switches are off
+    unless given)."""
+    from ep_runtime.bench.cli import build_parser as bench_parser
+    from ep_runtime.cli import build_parser
+    parsers = dict(build_parser()[1], bench=bench_parser())
+    missing = [f"{command} {action.option_strings[0]}" for command, parser in parsers.items()
+               for action in parser._actions if action.option_strings and action.nargs != 0
+               and "default" not in (action.help or "")]
+    assert not missing, missing
+
+
 def test_demo_plan_picks_a_runner_per_dispatcher_or_says_why_not(monkeypatch):
     import torch
 
@@ -123,6 +163,7 @@ def test_demo_plan_picks_a_runner_per_dispatcher_or_says_why_not(monkeypatch):
     assert all(runner == "torch" for _, runner, _ in auto), auto  # auto on CPU: the reference backend
     options = {name: opts for name, _, opts in demo_plan("torch", cpu, 500)}
     assert options["deepep_ll"] == {"num_max_dispatch_tokens_per_rank": 500}, options
+    assert options["mori"] == {"max_dispatch_tokens_per_rank": 500}, options
     assert options["standard"] == {} and options["deepep_normal"] == {}, options
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if "masked" not in ep.runners.available():

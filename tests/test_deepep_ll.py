@@ -84,6 +84,8 @@ def test_t_equal_m_works_and_m_plus_one_fails_every_rank():
     with pytest.raises(ep.testing.RankFailure) as failure:
         run_ranks(_over_capacity, 2, 5)
     assert str(failure.value).count("x has 5 tokens on rank 0; deepep_ll allows at most num_max_dispatch_tokens_per_rank M=4") == 2
+    assert str(failure.value).count("raise num_max_dispatch_tokens_per_rank (or EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK) "
+                                    "to at least 5, or dispatch at most 4 tokens per call") == 2
 
 
 def _one_rank_capturing(rank, world_size):

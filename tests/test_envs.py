@@ -66,6 +66,18 @@ def test_overridden_sets_a_knob_inside_the_block_and_restores_it(monkeypatch):
     assert envs.get("TRITON_FP8_GEMM") == "auto"
 
 
+def test_is_set_tells_a_chosen_value_from_the_default(monkeypatch):
+    """A value equal to the default still counts as set (the user chose it); empty reads as unset, as get does."""
+    monkeypatch.delenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", raising=False)
+    assert not envs.is_set("LL_MAX_DISPATCH_TOKENS_PER_RANK")
+    monkeypatch.setenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", "128")
+    assert envs.is_set("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK") and envs.is_set("LL_MAX_DISPATCH_TOKENS_PER_RANK")
+    monkeypatch.setenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", "")
+    assert not envs.is_set("LL_MAX_DISPATCH_TOKENS_PER_RANK")
+    with pytest.raises(KeyError, match="unknown knob EP_RUNTIME_NOPE"):
+        envs.is_set("NOPE")
+
+
 def test_unknown_knob():
     with pytest.raises(KeyError, match="unknown knob EP_RUNTIME_NOPE"):
         envs.get("NOPE")

@@ -7,6 +7,7 @@ a round trip of placements; on 4 ranks with Zipf(1.2) routing one rebalance brin
 rank within 10% of the mean.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,20 @@ def test_a_refused_rebalance_keeps_the_load_and_one_placement_spelled_two_ways_a
                            "parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)"), refused
         assert kept and counted_once
         assert max(errors) <= tolerance(torch.float32), errors
+
+
+def test_rebalance_without_counted_load_warns():
+    """A rebalance planned from zero load (the counts reset just before, or no forward since) places the experts
+    as if all were equally loaded: a warning says so and how to read the load without resetting it."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    layer(torch.randn(4, 16), torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 2))
+    layer.expert_load(reset=True)
+    with pytest.warns(UserWarning, match=r"no load was counted since the last reset .*read it with expert_load\(\)"):
+        layer.rebalance()
+    layer(torch.randn(4, 16), torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.rebalance()
 
 
 def _moves_rank(rank, world_size):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ep_runtime as ep
+from ep_runtime.dispatchers.rank_exchange import Capacity
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 TOKENS = {1: [13], 2: [17, 0], 4: [9, 0, 23, 4]}  # uneven, rank 1 empty
@@ -75,12 +76,30 @@ def test_buffer_too_small_fails_every_rank(static):
         run_ranks(_mori_rank, 2, opts)
     assert str(failure.value).count("prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = 5 is too "
                                     "small for this step") == 2
+    # what to raise, and to what: the most any rank received
+    assert str(failure.value).count("raise prealloc_max_recv_tokens (or EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS) to "
+                                    "at least ") == 2
+
+
+def test_capacity_error_names_the_setting_to_raise_and_the_least_value_that_fits():
+    """Without a preallocated buffer mori's receive rows are max_dispatch_tokens_per_rank x R: 9 rows on 2 ranks
+    need 5 per rank; the peer chunk and the receive rows may need different settings raised (deepep_normal with
+    num_max_dispatch_tokens_per_rank), each named once, with the larger need where they are one setting."""
+    mori = Capacity("max_dispatch_tokens_per_rank x R = 8", "max_dispatch_tokens_per_rank", None, 2)
+    assert mori.fix(3, 9, 4, 8) == "raise max_dispatch_tokens_per_rank to at least 5"
+    assert mori.fix(6, 9, 4, 8) == "raise max_dispatch_tokens_per_rank to at least 6"
+    normal = Capacity("num_worst_tokens=20 / num_max_dispatch_tokens_per_rank=4", "num_max_dispatch_tokens_per_rank",
+                      "num_worst_tokens")
+    assert normal.fix(10, 25, 4, 20) == ("raise num_max_dispatch_tokens_per_rank to at least 10 and raise "
+                                         "num_worst_tokens to at least 25")
 
 
 def test_too_many_tokens_names_the_knob():
     layer = ep.EPMoE(8, 2, 16, 8, dispatcher="mori", runner="torch",
                      dispatcher_options={"max_dispatch_tokens_per_rank": 4})
-    with pytest.raises(ValueError, match=r"x has 5 tokens on rank 0; mori allows at most max_dispatch_tokens_per_rank=4"):
+    with pytest.raises(ValueError, match=r"x has 5 tokens on rank 0; mori allows at most max_dispatch_tokens_per_rank=4"
+                       r".*; raise max_dispatch_tokens_per_rank \(or EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK\) "
+                       r"to at least 5, or dispatch at most 4 tokens per call"):
         layer(torch.randn(5, 16), torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, 2))
 
 

@@ -368,6 +368,20 @@ def test_shared_experts_run_during_dispatch_with_unchanged_result(dispatcher):
         assert err <= tolerance(torch.float32), err
 
 
+def test_two_batch_schedules_name_a_micro_batch_that_is_no_pair():
+    """(x, ids, weights) instead of (x, (ids, weights)) failed deep inside the layer ("got multiple values for
+    argument 'async_op'"); both schedules name the micro-batch and the form they take."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    layer = ep.EPMoE(4, 2, 16, 8, dispatcher="standard", runner="torch")
+    x, ids, weights = torch.randn(3, 16), torch.zeros(3, 2, dtype=torch.int32), torch.ones(3, 2)
+    for schedule in (run_sequential, run_overlapped):
+        with pytest.raises(ValueError, match=r"batches\[1\] is 3 items; allowed: a pair \(x \[T, H\], topk\)"):
+            schedule(layer, [(x, (ids, weights)), (x, ids, weights)])
+        with pytest.raises(ValueError, match="batches is empty"):
+            schedule(layer, [])
+    assert torch.equal(run_overlapped(layer, [(x, (ids, weights))])[0], run_sequential(layer, [(x, (ids, weights))])[0])
+
+
 def test_shared_experts_must_be_a_module():
     with pytest.raises(TypeError, match="shared_experts=function; allowed: None or an nn.Module"):
         ep.EPMoE(8, 2, 32, 16, shared_experts=lambda x: x)

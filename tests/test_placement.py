@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -165,3 +167,27 @@ def test_device_tables_of_dropped_placements_are_freed():
     gc.collect()
     assert first_ref() is None  # nothing keeps the first placement (or its tables) alive
     check(ExpertPlacement(E, R, 1, physical_to_logical=start))
+
+
+def test_tables_under_torch_compile_warn_nothing_and_match_eager():
+    """While torch.compile traces, the tables are built plainly: dynamo ignores an lru_cache and warned at every
+    call site of the cached builder (one UserWarning per table). Eager calls keep using the cache."""
+    torch.manual_seed(0)
+    p = ExpertPlacement.with_redundant_experts(8, 4, ep_size=2, rank=1)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    gen = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(5, 16, generator=gen), torch.randn(5, 8, generator=gen)
+    ids = random_topk_ids(gen, 5, 8, 2, 1)
+
+    def step(x, logits, ids):
+        physical = p.to_physical(ids)
+        return layer(x, router_logits=logits), physical, p.logical_of(physical), p.to_local(ids)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(step, backend="eager")(x, logits, ids)
+    cached = [str(w.message).splitlines()[0] for w in caught if "lru_cache" in str(w.message)]
+    assert not cached, cached
+    for g, want in zip(got, step(x, logits, ids)):
+        assert torch.equal(g, want)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-fp8-gemm", type=_name_list, default=[],
                    help="with --fp8: also the triton runner's fp8 rows with EP_RUNTIME_TRITON_FP8_GEMM set to each of "
                         "these (e.g. triton: 'triton fp8 triton' rows, triton's kernels where the default, auto, may "
-                        "take the Gluon ones; standard format only)")
+                        "take the Gluon ones; standard format only; default: none)")
     p.add_argument("--suite", type=_name_list, default=list(DEFAULT_SUITES),
                    help="comma-separated: dispatch, runner, eplb, overlap (default dispatch,runner); eplb times the "
                         "whole EPMoE forward without redundant experts, with them, and after one rebalance; overlap: "
@@ -105,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on CUDA, also time CUDA-graph replays: every runner, and the dispatch suite's static-shape "
                         "implementations and baseline (what cannot be captured is listed under skipped)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", help="write every result and the run's metadata as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib)")
-    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs, weights and shuffled routing (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write every result and the run's metadata as JSON (default: none)")
+    p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib; default: none)")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md; default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--from-json", metavar="FILE",
                    help="run nothing: print, plot or convert the results of an earlier --json FILE (e.g. a GPU "
-                        "run's, on a machine that has matplotlib)")
+                        "run's, on a machine that has matplotlib; default: none, run the suites)")
     return p
 
 

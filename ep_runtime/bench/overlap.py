@@ -89,7 +89,20 @@ def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
     the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
     expert_load."""
-    return [layer._routed(x, topk) for x, topk in batches]
+    return [layer._routed(x, topk) for x, topk in _pairs(batches)]
+
+
+def _pairs(batches: Sequence[tuple[torch.Tensor, Any]]) -> Sequence[tuple[torch.Tensor, Any]]:
+    """batches, checked: a non-empty list of (x, topk) pairs (an (x, ids, weights) triple failed deep inside
+    the layer with "got multiple values for argument 'async_op'")."""
+    if len(batches) == 0:
+        raise ValueError("batches is empty; allowed: a list of (x [T, H], TopKOutput(ids, weights)) micro-batches")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+            raise ValueError(f"batches[{i}] is {what}; allowed: a pair (x [T, H], topk), topk an ep.TopKOutput or an "
+                             f"(ids, weights) pair: write (x, (ids, weights)), not (x, ids, weights)")
+    return batches
 
 
 _INPUTS_READY: dict = {}  # device -> the stream run_overlapped issues later dispatches from
@@ -105,7 +118,7 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     micro-batch's dispatch is issued from a stream that has waited for the inputs only: issued from the
     caller's stream it would wait behind the experts just queued there and overlap nothing (measured on
     2x H200: the next dispatch's first kernel started only when the previous experts ended)."""
-    device = batches[0][0].device
+    device = _pairs(batches)[0][0].device
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
     inputs_ready = None  # CUDA: a stream holding nothing but a wait for the work queued before this call
     if caller is not None:
