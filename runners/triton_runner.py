@@ -32,7 +32,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
+from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk, is_int_at_least
 
 from . import register
 from .base import GemmHooks, TritonBackend, call_hook, recompute_backward
@@ -361,6 +361,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     (unquantized experts)."""
     if kernels is None:
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
+    if not is_int_at_least(first_expert, 0):  # -1 would make every -1 slot expert 0's; 1.5 would round ids
+        raise ValueError(f"first_expert={first_expert!r}; allowed: an int >= 0 (the global id of w13[0])")
     for name, t in (("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

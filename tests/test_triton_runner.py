@@ -1082,6 +1082,17 @@ def test_fused_experts_names_the_bad_argument(bad, error, match):
         runners.fused_experts(**args)
 
 
+@pytest.mark.parametrize("first", [-1, 1.5, True, None])
+def test_fused_experts_names_a_first_expert_that_is_not_an_int_at_least_0(first):
+    """first_expert=-1 shifted every -1 slot onto local expert 0 (computed: a wrong y, 80% off), 1.5 gave fractional
+    ids the kernels truncated, True and None failed inside torch's subtraction naming no argument."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), torch.tensor([[0, -1], [2, -1], [-1, -1]]), torch.rand(3, 2)
+    with pytest.raises(ValueError, match=rf"first_expert={first!r}; allowed: an int >= 0"):
+        runners.fused_experts(x, w13, w2, ids, w, first_expert=first)
+
+
 @pytest.mark.parametrize("L,K,first", [(4, 6, 4), (1, 2, 3)])
 def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
     """A rank's shard may hold fewer experts than a token's top_k (DeepSeek: K=8 over 4 local experts;
