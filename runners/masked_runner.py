@@ -39,6 +39,7 @@ from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scale
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import cdiv, fast_launch
+from ep_runtime.validation import check_tile_sides
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -81,6 +82,9 @@ class MaskedTiles:
     num_warps: int = 4
     num_stages: int = 4
     ROW_SPLITS: int = 1
+
+    def __post_init__(self) -> None:
+        check_tile_sides("MaskedTiles", self, ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "BLOCK_K"))
 
 
 INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs keep the CPU interpreter fast
@@ -259,6 +263,8 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     I = config.intermediate_size
     if tiles is None:
         tiles = _default_tiles(weights.quant is not None, recv_x.device)
+    elif not isinstance(tiles, MaskedTiles):
+        raise TypeError(f"tiles is a {type(tiles).__name__}; allowed: None or a MaskedTiles")
     masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant

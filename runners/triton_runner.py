@@ -64,6 +64,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
+    if block_config is not None and not isinstance(block_config, kernels.BlockConfig):
+        raise TypeError(f"block_config is a {type(block_config).__name__}; allowed: None or a "
+                        f"ep_runtime.runners.triton_kernels.BlockConfig")
     # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
     if weights.quant is None:

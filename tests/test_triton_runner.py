@@ -10,6 +10,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -485,6 +486,26 @@ def test_split_k_below_one_or_not_an_int_is_named(split_k):
         tiles = kernels.GemmTiles(32, 16, 1)
         runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(
             16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split_k)))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda g: kernels.BlockConfig(24, g, g), r"BlockConfig.BLOCK_M=24; allowed: a power of two >= 16"),
+    (lambda g: kernels.BlockConfig(0, g, g), r"BlockConfig.BLOCK_M=0; allowed: a power of two >= 16"),
+    (lambda g: kernels.BlockConfig(16, replace(g, BLOCK_N=48), g), r"GemmTiles.BLOCK_N=48; allowed: a power of two"),
+    (lambda g: kernels.BlockConfig(16, g, replace(g, BLOCK_K=0)), r"GemmTiles.BLOCK_K=0; allowed: a power of two"),
+    (lambda g: kernels.BlockConfig(16, replace(g, GROUP_M=0), g), r"GemmTiles.GROUP_M=0; allowed: an int >= 1"),
+    (lambda g: kernels.BlockConfig(16, (32, 16), g), r"BlockConfig.gemm1 is a tuple; allowed: a GemmTiles"),
+    (lambda g: (16, g, g), r"block_config is a tuple; allowed: None or a ep_runtime.runners.triton_kernels.BlockConfig"),
+])
+def test_tiles_that_no_kernel_takes_are_named(make, match):
+    """Hand-made tiles a Triton kernel cannot take failed inside it naming nothing: a side of 24 or 48 with an
+    InterpreterError "arange's range must be a power of 2", 0 with a ZeroDivisionError, a tuple for the config or
+    a GEMM's tiles with an AttributeError. (GROUP_M=0 divides by zero in the tile order.)"""
+    gen = torch.Generator().manual_seed(34)
+    w13, w2, _, _ = _weights(gen, 2, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), _ids(gen, 3, 2, 2), torch.rand(3, 2, generator=gen)
+    with pytest.raises((ValueError, TypeError), match=match):
+        runners.fused_experts(x, w13, w2, ids, w, block_config=make(kernels.GemmTiles(32, 16, 1)))
 
 
 def test_gemm1_split_k_is_named():
