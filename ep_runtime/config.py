@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ep_runtime.quant import QuantConfig, check_scale_tensor
-from ep_runtime.validation import finite_float, is_int_at_least
+from ep_runtime.validation import finite_float, is_bool, is_int_at_least
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -45,6 +45,11 @@ class MoeConfig:
             if not is_int_at_least(value, 1):
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
             object.__setattr__(self, name, int(value))  # numpy ints become plain ints
+        for name in ("is_gated", "has_bias", "apply_router_weight_on_input"):
+            value = getattr(self, name)
+            if not is_bool(value):  # a config file's "False" is truthy: a gated layer, weights on the input
+                raise TypeError(f"{name}={value!r}; allowed: True or False")
+            object.__setattr__(self, name, bool(value))  # numpy's bool becomes a plain bool
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.activation not in ACTIVATIONS:

@@ -116,6 +116,15 @@ def test_bad_config(kwargs, match):
             ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8), expert_to_rank=kwargs["expert_to_rank"])
 
 
+@pytest.mark.parametrize("name", ["is_gated", "has_bias", "apply_router_weight_on_input"])
+@pytest.mark.parametrize("value", ["False", None, 0, 2.0])
+def test_config_flags_must_be_bools(name, value):
+    """MoeConfig took any value for its flags: is_gated="False" (a config file's string) built a gated layer,
+    apply_router_weight_on_input="False" scaled the inputs, None left them off, with no error."""
+    with pytest.raises(TypeError, match=rf"{name}={value!r}; allowed: True or False"):
+        ep.EPMoE(8, 2, 16, 8, runner="torch", **{name: value})
+
+
 def _standard_on_ranks(rank, world_size):
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
     problem = make_problem(layer.config, [11 * (r + 1) if r != 1 else 0 for r in range(world_size)], seed=5)
