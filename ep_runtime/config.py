@@ -1,6 +1,7 @@
 """Runner configuration and expert weights: what the experts compute, kept apart from the tensors."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,8 +62,11 @@ class MoeConfig:
             raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} clamps gate and up: it needs is_gated=True")
         if self.gemm1_alpha is not None:
             object.__setattr__(self, "gemm1_alpha", finite_float("gemm1_alpha", self.gemm1_alpha))
-        if self.gemm1_clamp_limit is not None and not self.gemm1_clamp_limit > 0:
-            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit!r} must be > 0")
+        if self.gemm1_clamp_limit is not None:
+            limit = self.gemm1_clamp_limit  # (a str failed on '>' naming nothing; True and tensors passed as they were)
+            if not isinstance(limit, numbers.Real) or isinstance(limit, bool) or not limit > 0:
+                raise ValueError(f"gemm1_clamp_limit={limit!r} must be a number > 0 (inf: no clamp)")
+            object.__setattr__(self, "gemm1_clamp_limit", float(limit))
         object.__setattr__(self, "routed_scaling_factor",
                            finite_float("routed_scaling_factor", self.routed_scaling_factor))
 

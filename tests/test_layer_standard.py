@@ -96,6 +96,8 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(gemm1_clamp_limit=7.0, is_gated=False), "gemm1_clamp_limit=7.0 clamps gate and up: it needs is_gated=True"),
     (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor=inf must be a finite number"),
     (dict(gemm1_alpha=float("nan")), "gemm1_alpha=nan must be a finite number"),
+    (dict(gemm1_clamp_limit="7"), r"gemm1_clamp_limit='7' must be a number > 0 \(inf: no clamp\)"),
+    (dict(gemm1_clamp_limit=True), r"gemm1_clamp_limit=True must be a number > 0"),
     (dict(num_experts=True), "num_experts=True must be an int >= 1"),
     (dict(dispatcher="deepep_ll", dispatcher_options={"num_max_dispatch_tokens_per_rank": True}),
      "num_max_dispatch_tokens_per_rank=True; allowed: an int >= 1"),
