@@ -23,6 +23,23 @@ class GemmHooks:
     after_gemm1: Optional[GemmHook] = None
     after_gemm2: Optional[GemmHook] = None
 
+    def __post_init__(self) -> None:
+        for name in ("after_gemm1", "after_gemm2"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"GemmHooks.{name}={getattr(self, name)!r}; allowed: None or a callable "
+                                f"hook(inputs, outputs, expert_index)")
+
+    @staticmethod
+    def of(hooks: Optional["GemmHooks"]) -> "GemmHooks":
+        """`hooks`, or no hooks for None; anything else (a bare function, say) is an error naming it (it failed at
+        the first call with an AttributeError, or on the torch and triton runners a layer took it when built)."""
+        if hooks is None:
+            return GemmHooks()
+        if not isinstance(hooks, GemmHooks):
+            raise TypeError(f"hooks={hooks!r}; allowed: None or an ep.runners.GemmHooks(after_gemm1=..., "
+                            f"after_gemm2=...)")
+        return hooks
+
 
 def call_hook(name: str, hook: Optional[GemmHook], inputs: torch.Tensor, outputs: torch.Tensor,
               expert_index: torch.Tensor) -> torch.Tensor:
@@ -55,7 +72,7 @@ class RunnerBackend:
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
-        self.hooks = hooks or GemmHooks()
+        self.hooks = GemmHooks.of(hooks)
 
     @classmethod
     def is_available(cls) -> bool:

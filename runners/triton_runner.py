@@ -366,6 +366,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
     if not is_int_at_least(first_expert, 0):  # -1 would make every -1 slot expert 0's; 1.5 would round ids
         raise ValueError(f"first_expert={first_expert!r}; allowed: an int >= 0 (the global id of w13[0])")
+    hooks = GemmHooks.of(hooks)
     for name, t in (("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

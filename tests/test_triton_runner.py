@@ -1135,6 +1135,24 @@ def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
     assert rel_err(xg.grad, x64.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked", "fused_experts"])
+def test_hooks_that_are_not_gemm_hooks_are_named(runner):
+    """A bare function for hooks: the torch and triton runners took it when the layer was built and failed at its
+    first call, the masked runner and fused_experts failed at once, each with an AttributeError ('function' object
+    has no attribute 'after_gemm1'); a hook that is not callable failed only when called."""
+    hook = lambda i, o, e: o  # noqa: E731
+    with pytest.raises(TypeError, match=r"hooks=<function .*>; allowed: None or an ep.runners.GemmHooks\("):
+        if runner == "fused_experts":
+            gen = torch.Generator().manual_seed(0)
+            w13, w2, _, _ = _weights(gen, 4, 16, 8)
+            runners.fused_experts(torch.randn(2, 16), w13, w2, torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2),
+                                  hooks=hook)
+        else:
+            ep.EPMoE(4, 2, 16, 8, runner=runner, hooks=hook)
+    with pytest.raises(TypeError, match=r"GemmHooks.after_gemm2='lora'; allowed: None or a callable"):
+        runners.GemmHooks(after_gemm2="lora")
+
+
 @pytest.mark.parametrize("runner", ["torch", "triton"])
 def test_a_hook_returning_another_shape_is_an_error_naming_it(runner):
     # A [2I] row returned for GEMM 1's [P, 2I] was broadcast over every pair by triton's row store (silently
