@@ -323,17 +323,9 @@ class _MaskedExperts(torch.autograd.Function):
         return (x_grad, None, *param_grads, None, None)
 
 
-def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig) -> None:
+def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> None:
     """What the kernels need beyond RunnerBackend.check_weights (the weights' shapes and dtypes, checked
-    once per call before compute: by run(), or by the runner core)."""
-    if recv_x.dim() != 3:
-        raise ValueError(f"recv_x has shape {list(recv_x.shape)}; expected [L, M*R, H] (deepep_ll layout)")
-    L, _, H = recv_x.shape
-    if H != config.hidden_size:
-        raise ValueError(f"recv_x has H={H}; expected hidden_size={config.hidden_size}")
-    if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
-                         f"expected [{L}] (L local experts) int32")
+    once per call before compute: by run(), or by the runner core) and ExpertMajorInput.check."""
     for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
         if t.device.type != "cuda" and not interpreted():
             raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "
@@ -369,10 +361,11 @@ class MaskedRunner(TritonBackend):
         dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
         unwritten. Differentiable."""
         MaskedRunner.check_dtype(inp.output_dtype, "x dtype")  # (a layer moved to another dtype after it was built)
+        inp.check(self.config.hidden_size)  # (the kernels read masked_m[l] for each of L experts; run() checked it too)
         recv_x, masked_m, recv_scale = inp.hidden_states, inp.masked_m, inp.hidden_scale
         if recv_scale is not None and weights.quant is None:  # fp8 rows, unquantized experts: dequantized first
             recv_x, recv_scale = QuantConfig().dequantize_activation(recv_x, recv_scale).to(inp.output_dtype), None
-        _check_inputs(recv_x, masked_m, weights, self.config)
+        _check_inputs(recv_x, masked_m, weights)
         if weights.quant is not None or recv_scale is not None:
             if needs_grad(recv_x, weights.b13, weights.b2):
                 raise RuntimeError(INFERENCE_ONLY)
