@@ -1,13 +1,14 @@
 """Runner configuration and expert weights: what the experts compute, kept apart from the tensors."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ep_runtime.quant import QuantConfig, check_scale_tensor
-from ep_runtime.validation import finite_float, is_int_at_least
+from ep_runtime.validation import finite_float, is_bool, is_int_at_least
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -45,6 +46,11 @@ class MoeConfig:
             if not is_int_at_least(value, 1):
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
             object.__setattr__(self, name, int(value))  # numpy ints become plain ints
+        for name in ("is_gated", "has_bias", "apply_router_weight_on_input"):
+            value = getattr(self, name)
+            if not is_bool(value):  # a config file's "False" is truthy: a gated layer, weights on the input
+                raise TypeError(f"{name}={value!r}; allowed: True or False")
+            object.__setattr__(self, name, bool(value))  # numpy's bool becomes a plain bool
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.activation not in ACTIVATIONS:
@@ -56,8 +62,11 @@ class MoeConfig:
             raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit} clamps gate and up: it needs is_gated=True")
         if self.gemm1_alpha is not None:
             object.__setattr__(self, "gemm1_alpha", finite_float("gemm1_alpha", self.gemm1_alpha))
-        if self.gemm1_clamp_limit is not None and not self.gemm1_clamp_limit > 0:
-            raise ValueError(f"gemm1_clamp_limit={self.gemm1_clamp_limit!r} must be > 0")
+        if self.gemm1_clamp_limit is not None:
+            limit = self.gemm1_clamp_limit  # (a str failed on '>' naming nothing; True and tensors passed as they were)
+            if not isinstance(limit, numbers.Real) or isinstance(limit, bool) or not limit > 0:
+                raise ValueError(f"gemm1_clamp_limit={limit!r} must be a number > 0 (inf: no clamp)")
+            object.__setattr__(self, "gemm1_clamp_limit", float(limit))
         object.__setattr__(self, "routed_scaling_factor",
                            finite_float("routed_scaling_factor", self.routed_scaling_factor))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .registry import add_once
-from .validation import is_int_at_least
+from .validation import is_int_at_least, is_power_of_two_at_least
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class QuantConfig:
         if self.format not in _FORMATS:
             raise ValueError(f"format={self.format!r}; allowed: {', '.join(_FORMATS)}")
         block = tuple(self.weight_block) if isinstance(self.weight_block, (tuple, list)) else None
-        if block is None or len(block) != 2 or not all(is_int_at_least(b, 16) and b & (b - 1) == 0 for b in block):
+        if block is None or len(block) != 2 or not all(is_power_of_two_at_least(b, 16) for b in block):
             raise ValueError(f"weight_block={self.weight_block!r}; allowed: two powers of two >= 16, e.g. (128, 128)")
         block = tuple(int(b) for b in block)  # numpy ints become plain ints
         object.__setattr__(self, "weight_block", block)

@@ -23,7 +23,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import decode_scales
 from .registry import add_once
-from .validation import capturing
+from .validation import capturing, check_topk
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -128,6 +128,20 @@ class RunnerInput:
     padded_rows: bool = False
     local_pairs: Optional[int] = None
 
+    def check(self, hidden_size: int) -> None:
+        """Raise naming the tensor whose shape or dtype does not fit: rows [N, hidden_size], ids (an integer dtype)
+        and weights [N, K], the mask [L+1] (RunnerBackend.run's check of an input made by hand; no host read).
+        Backends read rows, ids and weights by pair n*K + k: of other shapes the triton runner's kernels read past x
+        or the weights, or rows of another width, and returned a wrong result with no error."""
+        x = self.hidden_states
+        if x.dim() != 2 or x.shape[1] != hidden_size:
+            raise ValueError(f"hidden_states has shape {list(x.shape)}; expected [N, {hidden_size}] (token rows, "
+                             f"hidden_size={hidden_size})")
+        check_topk(self.topk_ids, self.topk_weights, x.shape[0], 0, None, x.device, values=False)
+        if self.expert_mask.dim() != 1:
+            raise ValueError(f"expert_mask has shape {list(self.expert_mask.shape)}; expected [L+1] (L local experts, "
+                             f"then the sink)")
+
     @property
     def output_dtype(self) -> torch.dtype:
         return self.out_dtype or self.hidden_states.dtype
@@ -154,7 +168,9 @@ class RunnerInput:
             return self.routed().pairs_by_expert(user)
         N, K = self.topk_ids.shape
         ids = self.topk_ids.long()
-        computed = self.expert_mask[ids]  # [N, K]
+        # [N, K] by value (an entry 0 is skipped, whatever the mask's dtype), never the sink L (whatever its entry):
+        # as the triton runner's alignment kernels read them
+        computed = (self.expert_mask[ids] != 0) & (ids < self.num_local_experts)
         pair = _computed_pairs(computed.reshape(-1))
         expert = ids.reshape(-1)[pair]
         order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert
@@ -247,6 +263,19 @@ class ExpertMajorInput:
     masked_m: torch.Tensor
     hidden_scale: Optional[torch.Tensor] = None
     out_dtype: Optional[torch.dtype] = None
+
+    def check(self, hidden_size: int) -> None:
+        """Raise naming the tensor whose shape or dtype does not fit: rows [L, M*R, hidden_size], masked_m [L] int
+        (RunnerBackend.run's check of an input made by hand; no host read). Every backend reads masked_m[l] per
+        expert: one of another length failed inside a broadcast, and float counts were compared as they were."""
+        L, H = self.num_local_experts, self.hidden_states.shape[2]
+        if H != hidden_size:
+            raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, "
+                             f"{hidden_size}] (hidden_size={hidden_size})")
+        masked_m = self.masked_m
+        if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
+                             f"expected [{L}] (L local experts) int32")
 
     @property
     def output_dtype(self) -> torch.dtype:

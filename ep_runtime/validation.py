@@ -18,6 +18,21 @@ def is_int_at_least(value, minimum: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
+def is_power_of_two_at_least(value, minimum: int) -> bool:
+    """An integer (as is_int_at_least takes) no smaller than `minimum` that is a power of two."""
+    return is_int_at_least(value, minimum) and value & (value - 1) == 0
+
+
+def check_tile_sides(owner: str, tiles, names: tuple[str, ...]) -> None:
+    """Raise naming the first of `tiles`' fields `names` (a Triton kernel's block sides) that is not a power of
+    two >= 16: tl.arange takes powers of two only and tl.dot on a GPU sides of 16 or more; another value
+    failed inside Triton (an InterpreterError, a ZeroDivisionError, a compile error) naming no argument."""
+    for name in names:
+        value = getattr(tiles, name)
+        if not is_power_of_two_at_least(value, 16):
+            raise ValueError(f"{owner}.{name}={value!r}; allowed: a power of two >= 16 (16, 32, 64, ...)")
+
+
 def is_bool(value) -> bool:
     """True or False: Python's, or a numpy bool scalar (not 0 / 1, not None)."""
     return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"

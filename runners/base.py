@@ -107,7 +107,8 @@ class RunnerBackend:
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
         natively when the backend declares that layout, else through the registered conversion.
-        `weights` are checked against the input first (check_weights)."""
+        The input's shapes (its check()) and `weights` against the input (check_weights) are checked first."""
+        runner_input.check(self.config.hidden_size)
         self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
         return self.run_checked(runner_input, weights)
 

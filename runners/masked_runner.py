@@ -39,6 +39,7 @@ from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scale
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import cdiv, fast_launch
+from ep_runtime.validation import check_tile_sides
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
@@ -81,6 +82,9 @@ class MaskedTiles:
     num_warps: int = 4
     num_stages: int = 4
     ROW_SPLITS: int = 1
+
+    def __post_init__(self) -> None:
+        check_tile_sides("MaskedTiles", self, ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "BLOCK_K"))
 
 
 INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs keep the CPU interpreter fast
@@ -259,6 +263,8 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     I = config.intermediate_size
     if tiles is None:
         tiles = _default_tiles(weights.quant is not None, recv_x.device)
+    elif not isinstance(tiles, MaskedTiles):
+        raise TypeError(f"tiles is a {type(tiles).__name__}; allowed: None or a MaskedTiles")
     masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
@@ -317,17 +323,9 @@ class _MaskedExperts(torch.autograd.Function):
         return (x_grad, None, *param_grads, None, None)
 
 
-def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig) -> None:
+def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> None:
     """What the kernels need beyond RunnerBackend.check_weights (the weights' shapes and dtypes, checked
-    once per call before compute: by run(), or by the runner core)."""
-    if recv_x.dim() != 3:
-        raise ValueError(f"recv_x has shape {list(recv_x.shape)}; expected [L, M*R, H] (deepep_ll layout)")
-    L, _, H = recv_x.shape
-    if H != config.hidden_size:
-        raise ValueError(f"recv_x has H={H}; expected hidden_size={config.hidden_size}")
-    if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
-                         f"expected [{L}] (L local experts) int32")
+    once per call before compute: by run(), or by the runner core) and ExpertMajorInput.check."""
     for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
         if t.device.type != "cuda" and not interpreted():
             raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "
@@ -363,10 +361,11 @@ class MaskedRunner(TritonBackend):
         dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
         unwritten. Differentiable."""
         MaskedRunner.check_dtype(inp.output_dtype, "x dtype")  # (a layer moved to another dtype after it was built)
+        inp.check(self.config.hidden_size)  # (the kernels read masked_m[l] for each of L experts; run() checked it too)
         recv_x, masked_m, recv_scale = inp.hidden_states, inp.masked_m, inp.hidden_scale
         if recv_scale is not None and weights.quant is None:  # fp8 rows, unquantized experts: dequantized first
             recv_x, recv_scale = QuantConfig().dequantize_activation(recv_x, recv_scale).to(inp.output_dtype), None
-        _check_inputs(recv_x, masked_m, weights, self.config)
+        _check_inputs(recv_x, masked_m, weights)
         if weights.quant is not None or recv_scale is not None:
             if needs_grad(recv_x, weights.b13, weights.b2):
                 raise RuntimeError(INFERENCE_ONLY)

@@ -40,7 +40,7 @@ import triton.language as tl
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import RowQuantization, quantize_groups, quantize_row_groups
 from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
-from ep_runtime.validation import is_int_at_least
+from ep_runtime.validation import check_tile_sides, is_int_at_least
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -90,6 +90,9 @@ class GemmTiles:
     split_k: int = 1
 
     def __post_init__(self) -> None:
+        check_tile_sides("GemmTiles", self, ("BLOCK_N", "BLOCK_K"))
+        if not is_int_at_least(self.GROUP_M, 1):  # (0: a division by zero in the tile order)
+            raise ValueError(f"GemmTiles.GROUP_M={self.GROUP_M!r}; allowed: an int >= 1")
         if not is_int_at_least(self.split_k, 1):
             raise ValueError(f"GemmTiles.split_k={self.split_k!r}; allowed: an int >= 1 (1: one K loop per tile)")
         object.__setattr__(self, "split_k", int(self.split_k))  # (numpy ints: a plain int for the constexpr)
@@ -104,6 +107,10 @@ class BlockConfig:
     gemm2: GemmTiles
 
     def __post_init__(self) -> None:
+        check_tile_sides("BlockConfig", self, ("BLOCK_M",))
+        for name in ("gemm1", "gemm2"):
+            if not isinstance(getattr(self, name), GemmTiles):
+                raise TypeError(f"BlockConfig.{name} is a {type(getattr(self, name)).__name__}; allowed: a GemmTiles")
         if self.gemm1.split_k != 1:
             raise ValueError(f"BlockConfig.gemm1.split_k={self.gemm1.split_k}; allowed: 1 (only GEMM 2 splits its K "
                              "loop: GEMM 1's activation needs whole sums)")

@@ -32,7 +32,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk
+from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk, is_int_at_least
 
 from . import register
 from .base import GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
@@ -64,6 +64,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
+    if block_config is not None and not isinstance(block_config, kernels.BlockConfig):
+        raise TypeError(f"block_config is a {type(block_config).__name__}; allowed: None or a "
+                        f"ep_runtime.runners.triton_kernels.BlockConfig")
     # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
     if weights.quant is None:
@@ -361,6 +364,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     (unquantized experts)."""
     if kernels is None:
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
+    if not is_int_at_least(first_expert, 0):  # -1 would make every -1 slot expert 0's; 1.5 would round ids
+        raise ValueError(f"first_expert={first_expert!r}; allowed: an int >= 0 (the global id of w13[0])")
+    hooks = check_hooks(hooks)
     for name, t in (("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -390,7 +396,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     # else as given (int32 and int64 ids are read as they are: no conversion kernel at decode sizes).
     local_ids = topk_ids.long() - first_expert if first_expert else topk_ids
     inp = RunnerInput.from_local_ids(x, local_ids, topk_weights, ExpertPlacement(L), defer=True)
-    return run_fused(inp, weights, config, check_hooks(hooks), block_config)
+    return run_fused(inp, weights, config, hooks, block_config)
 
 
 @register

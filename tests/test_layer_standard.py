@@ -96,6 +96,8 @@ def test_bad_input_names_argument_value_and_range(bad, match):
     (dict(gemm1_clamp_limit=7.0, is_gated=False), "gemm1_clamp_limit=7.0 clamps gate and up: it needs is_gated=True"),
     (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor=inf must be a finite number"),
     (dict(gemm1_alpha=float("nan")), "gemm1_alpha=nan must be a finite number"),
+    (dict(gemm1_clamp_limit="7"), r"gemm1_clamp_limit='7' must be a number > 0 \(inf: no clamp\)"),
+    (dict(gemm1_clamp_limit=True), r"gemm1_clamp_limit=True must be a number > 0"),
     (dict(num_experts=True), "num_experts=True must be an int >= 1"),
     (dict(dispatcher="deepep_ll", dispatcher_options={"num_max_dispatch_tokens_per_rank": True}),
      "num_max_dispatch_tokens_per_rank=True; allowed: an int >= 1"),
@@ -114,6 +116,15 @@ def test_bad_config(kwargs, match):
     if "expert_to_rank" in kwargs:  # the registry's create, as the layer
         with pytest.raises(ValueError, match=match):
             ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8), expert_to_rank=kwargs["expert_to_rank"])
+
+
+@pytest.mark.parametrize("name", ["is_gated", "has_bias", "apply_router_weight_on_input"])
+@pytest.mark.parametrize("value", ["False", None, 0, 2.0])
+def test_config_flags_must_be_bools(name, value):
+    """MoeConfig took any value for its flags: is_gated="False" (a config file's string) built a gated layer,
+    apply_router_weight_on_input="False" scaled the inputs, None left them off, with no error."""
+    with pytest.raises(TypeError, match=rf"{name}={value!r}; allowed: True or False"):
+        ep.EPMoE(8, 2, 16, 8, runner="torch", **{name: value})
 
 
 def _standard_on_ranks(rank, world_size):

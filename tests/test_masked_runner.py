@@ -175,6 +175,19 @@ def test_rejects_what_it_cannot_compute():
         MaskedRunner(config).run_masked(recv_x, masked_m, ExpertWeights(weights.w13, torch.zeros(L, H, I + 1)))
 
 
+@pytest.mark.parametrize("tiles,error,match", [
+    (lambda: MaskedTiles(16, 24, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_N1=24; allowed: a power of two >= 16"),
+    (lambda: MaskedTiles(0, 32, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_M=0; allowed: a power of two >= 16"),
+    (lambda: (16, 32, 32, 32, 4, 1, 1), TypeError, r"tiles is a tuple; allowed: None or a MaskedTiles"),
+])
+def test_tiles_that_the_kernel_cannot_take_are_named(tiles, error, match):
+    """Hand-made tiles failed inside Triton naming nothing: BLOCK_N1=24 with an InterpreterError "arange's range
+    must be a power of 2", BLOCK_M=0 with a ZeroDivisionError, a tuple with an AttributeError."""
+    config, weights, recv_x, masked_m = _problem({}, torch.float32)
+    with pytest.raises(error, match=match):
+        MaskedRunner(config, tiles=tiles()).run_masked(recv_x, masked_m, weights)
+
+
 @pytest.mark.parametrize("dispatcher", ["deepep_ll", "standard"])
 def test_bf16_layer_matches_reference(dispatcher):
     torch.manual_seed(0)

@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -173,6 +174,68 @@ def test_sum_per_token_adds_each_tokens_rows_without_atomics():
 def _layer(E=8, K=3, H=16, I=8, **kw):
     torch.manual_seed(0)
     return ep.EPMoE(E, K, H, I, runner="torch", dtype=torch.float64, **kw)
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), torch.tensor([1, 0, 1, 1, 1], dtype=torch.int32)])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_an_expert_mask_is_read_by_value_and_never_computes_the_sink(runner, mask):
+    """RunnerInput.expert_mask: an entry 0 skips its expert (RunnerInput's docstring), whatever the mask's dtype, and
+    the sink L is never computed. The triton runner's kernels read it so; the torch runner (and the masked one, whose
+    token rows it groups) failed inside torch on a float mask ('bitwise_and_cpu' not implemented for 'Float') and on
+    a sink entry 1 (an IndexError: expert L of L experts)."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(12)
+    N, K, L, H, I = 6, 2, 4, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    ids = torch.tensor([[0, 1], [2, L], [3, 3], [L, L], [1, 0], [2, 3]], dtype=torch.int32)  # L: the sink
+    x, w = torch.randn(N, H, generator=gen), torch.rand(N, K, generator=gen)
+    y = ep.runners.create(runner, cfg).run(RunnerInput(x, ids, w, mask), weights)
+    kept = torch.where((ids != 1) & (ids != L), ids, -1)  # expert 1 masked out; the sink adds nothing
+    assert rel_err(y, moe_reference(x, kept, w.double(), weights.w13, weights.w2, cfg)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("more_ids", ValueError, r"topk_ids has shape \[8, 2\]; expected \[5, K\]"),
+    ("narrow_weights", ValueError, r"topk_ids \[5, 2\] and topk_weights \[5, 1\] differ in shape"),
+    ("float_ids", TypeError, r"topk_ids has dtype torch.float32; expected a signed integer dtype"),
+    ("wide_rows", ValueError, r"hidden_states has shape \[5, 19\]; expected \[N, 16\] \(token rows, hidden_size=16\)"),
+])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_token_rows_of_mismatched_shapes_are_named_by_every_backend(runner, bad, error, match):
+    """A RunnerInput made by hand with ids or weights of another shape than its rows, float ids, or rows of another
+    width than hidden_size: the triton runner's kernels read past x or the weights, or rows of 19 values as 16, and
+    returned a wrong y with no error; the torch and masked runners failed inside an index or a matmul."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(3)
+    N, K, L, H, I = 5, 2, 4, 16, 8
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen), torch.randn(L, H, I, generator=gen))
+    x, ids, w = torch.randn(N, H, generator=gen), torch.randint(0, L, (N, K), dtype=torch.int32), torch.rand(N, K)
+    mask = torch.tensor([True] * L + [False])
+    x, ids, w = {"more_ids": (x, torch.randint(0, L, (N + 3, K), dtype=torch.int32), torch.rand(N + 3, K)),
+                 "narrow_weights": (x, ids, w[:, :1]), "float_ids": (x, ids.float(), w),
+                 "wide_rows": (torch.randn(N, H + 3), ids, w)}[bad]
+    with pytest.raises(error, match=match):
+        ep.runners.create(runner, ep.MoeConfig(L, K, H, I)).run(RunnerInput(x, ids, w, mask), weights)
+
+
+@pytest.mark.parametrize("masked_m", [torch.tensor([4, 2], dtype=torch.int32), torch.tensor([4.0, 2.0, 0.0]),
+                                      torch.tensor([[4, 2, 0]], dtype=torch.int32)])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_masked_m_of_another_shape_or_a_float_dtype_is_named_by_every_backend(runner, masked_m):
+    """ExpertMajorInput.masked_m [L] int: the masked runner named a wrong one; the torch and triton runners (through
+    the conversion to token rows) failed inside a broadcast ('The size of tensor a (2) must match ...') or compared
+    float counts as they were."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    L, H, I = 3, 16, 8
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H), torch.randn(L, H, I))
+    with pytest.raises(ValueError, match=rf"masked_m has shape {re.escape(str(list(masked_m.shape)))} and dtype "
+                                         rf"{masked_m.dtype}; expected \[3\] \(L local experts\) int32"):
+        ep.runners.create(runner, ep.MoeConfig(6, 2, H, I)).run(ExpertMajorInput(torch.randn(L, 5, H), masked_m),
+                                                                weights)
 
 
 def test_all_minus_one_gives_zeros_and_never_reads_rows():

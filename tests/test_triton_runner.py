@@ -10,6 +10,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -485,6 +486,26 @@ def test_split_k_below_one_or_not_an_int_is_named(split_k):
         tiles = kernels.GemmTiles(32, 16, 1)
         runners.fused_experts(x, w13, w2, ids, w, block_config=kernels.BlockConfig(
             16, tiles, kernels.GemmTiles(32, 16, 1, split_k=split_k)))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda g: kernels.BlockConfig(24, g, g), r"BlockConfig.BLOCK_M=24; allowed: a power of two >= 16"),
+    (lambda g: kernels.BlockConfig(0, g, g), r"BlockConfig.BLOCK_M=0; allowed: a power of two >= 16"),
+    (lambda g: kernels.BlockConfig(16, replace(g, BLOCK_N=48), g), r"GemmTiles.BLOCK_N=48; allowed: a power of two"),
+    (lambda g: kernels.BlockConfig(16, g, replace(g, BLOCK_K=0)), r"GemmTiles.BLOCK_K=0; allowed: a power of two"),
+    (lambda g: kernels.BlockConfig(16, replace(g, GROUP_M=0), g), r"GemmTiles.GROUP_M=0; allowed: an int >= 1"),
+    (lambda g: kernels.BlockConfig(16, (32, 16), g), r"BlockConfig.gemm1 is a tuple; allowed: a GemmTiles"),
+    (lambda g: (16, g, g), r"block_config is a tuple; allowed: None or a ep_runtime.runners.triton_kernels.BlockConfig"),
+])
+def test_tiles_that_no_kernel_takes_are_named(make, match):
+    """Hand-made tiles a Triton kernel cannot take failed inside it naming nothing: a side of 24 or 48 with an
+    InterpreterError "arange's range must be a power of 2", 0 with a ZeroDivisionError, a tuple for the config or
+    a GEMM's tiles with an AttributeError. (GROUP_M=0 divides by zero in the tile order.)"""
+    gen = torch.Generator().manual_seed(34)
+    w13, w2, _, _ = _weights(gen, 2, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), _ids(gen, 3, 2, 2), torch.rand(3, 2, generator=gen)
+    with pytest.raises((ValueError, TypeError), match=match):
+        runners.fused_experts(x, w13, w2, ids, w, block_config=make(kernels.GemmTiles(32, 16, 1)))
 
 
 def test_gemm1_split_k_is_named():
@@ -1082,6 +1103,17 @@ def test_fused_experts_names_the_bad_argument(bad, error, match):
         runners.fused_experts(**args)
 
 
+@pytest.mark.parametrize("first", [-1, 1.5, True, None])
+def test_fused_experts_names_a_first_expert_that_is_not_an_int_at_least_0(first):
+    """first_expert=-1 shifted every -1 slot onto local expert 0 (computed: a wrong y, 80% off), 1.5 gave fractional
+    ids the kernels truncated, True and None failed inside torch's subtraction naming no argument."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, ids, w = torch.randn(3, 16, generator=gen), torch.tensor([[0, -1], [2, -1], [-1, -1]]), torch.rand(3, 2)
+    with pytest.raises(ValueError, match=rf"first_expert={first!r}; allowed: an int >= 0"):
+        runners.fused_experts(x, w13, w2, ids, w, first_expert=first)
+
+
 @pytest.mark.parametrize("L,K,first", [(4, 6, 4), (1, 2, 3)])
 def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
     """A rank's shard may hold fewer experts than a token's top_k (DeepSeek: K=8 over 4 local experts;
@@ -1101,6 +1133,24 @@ def test_fused_experts_takes_more_slots_than_local_experts(L, K, first):
     y.sum().backward()
     ref.sum().backward()
     assert rel_err(xg.grad, x64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked", "fused_experts"])
+def test_hooks_that_are_not_gemm_hooks_are_named(runner):
+    """A bare function for hooks: the torch and triton runners took it when the layer was built and failed at its
+    first call, the masked runner and fused_experts failed at once, each with an AttributeError ('function' object
+    has no attribute 'after_gemm1'); a hook that is not callable failed only when called."""
+    hook = lambda i, o, e: o  # noqa: E731
+    with pytest.raises(TypeError, match=r"hooks=<function .*>; allowed: None or an ep.runners.GemmHooks\("):
+        if runner == "fused_experts":
+            gen = torch.Generator().manual_seed(0)
+            w13, w2, _, _ = _weights(gen, 4, 16, 8)
+            runners.fused_experts(torch.randn(2, 16), w13, w2, torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2),
+                                  hooks=hook)
+        else:
+            ep.EPMoE(4, 2, 16, 8, runner=runner, hooks=hook)
+    with pytest.raises(TypeError, match=r"hooks.after_gemm2='lora' is not callable; allowed: None or a callable"):
+        runners.GemmHooks(after_gemm2="lora")
 
 
 @pytest.mark.parametrize("runner", ["torch", "triton"])
