@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import build, check_config, register_named
+from ep_runtime.registry import build, check_config, did_you_mean, register_named
 
 from .base import Dispatcher, join_settings_check
 from .overlap import ExchangeWork, ReceiveHook
@@ -26,7 +26,8 @@ def registered() -> list[str]:
 
 def get(name: str) -> type[Dispatcher]:
     if name not in _DISPATCHERS:
-        raise ValueError(f"dispatcher={name!r} is unknown; registered: {', '.join(_DISPATCHERS)}")
+        raise ValueError(f"dispatcher={name!r} is unknown; registered: {', '.join(_DISPATCHERS)}"
+                         f"{did_you_mean(name, list(_DISPATCHERS))}")
     return _DISPATCHERS[name]
 
 

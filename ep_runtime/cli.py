@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 import socket
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from . import envs, runners
 from .distributed import detect_launch
+from .registry import did_you_mean
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _env(markdown=False)
     if args.runner != "auto" and args.runner not in runners.registered():
         command.error(f"--runner {args.runner}: unknown; allowed: auto, {', '.join(runners.registered())}"
-                      f"{_did_you_mean(args.runner, runners.registered())}")
+                      f"{did_you_mean(args.runner, runners.registered())}")
     if args.runner != "auto" and args.runner not in runners.available():
         command.error(f"--runner {args.runner}: cannot run here ({_unavailable_reason(args.runner)}); available "
                       f"here: auto, {', '.join(runners.available())}")
@@ -149,11 +149,11 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
     for name in args.dispatchers or []:
         if name not in dispatchers.registered():
             parser.error(f"--dispatchers {name}: unknown; allowed: {', '.join(dispatchers.registered())}"
-                         f"{_did_you_mean(name, dispatchers.registered())}")
+                         f"{did_you_mean(name, dispatchers.registered())}")
     for name in [] if args.from_json else args.runners or []:
         if name not in runners.registered():
             parser.error(f"--runners {name}: unknown; allowed: {', '.join(runners.registered())}"
-                         f"{_did_you_mean(name, runners.registered())}")
+                         f"{did_you_mean(name, runners.registered())}")
         if name not in runners.available():
             parser.error(f"--runners {name}: cannot run here ({_unavailable_reason(name)}); available here: "
                          f"{', '.join(runners.available())}")
@@ -168,11 +168,6 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
 def _unavailable_reason(name: str) -> str:
     from .runners import _RUNNERS  # the registry: each backend class says why it cannot run here
     return _RUNNERS[name].unavailable_reason() or "not available"
-
-
-def _did_you_mean(name: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, allowed, n=2, cutoff=0.5)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _positive_int(text: str, most: int = 1 << 20) -> int:

@@ -3,9 +3,10 @@ registered once. A second registration means two modules claim one name; failing
 later import silently replacing the earlier one."""
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
-from typing import Any
+from typing import Any, Sequence
 
 
 def add_once(registry: dict, key: Any, value: Any, what: str) -> None:
@@ -61,3 +62,10 @@ def check_config(config: Any) -> None:
     from .config import MoeConfig
     if not isinstance(config, MoeConfig):
         raise TypeError(f"config={config!r}; allowed: an ep.MoeConfig (e.g. layer.config)")
+
+
+def did_you_mean(name: Any, allowed: Sequence[str]) -> str:
+    """' (did you mean X?)' for the registered names closest to a misspelt one (`deepep` for deepep_normal or
+    deepep_ll), or ''; every unknown-name error of a registry and the command line ends with it."""
+    close = difflib.get_close_matches(name, allowed, n=2, cutoff=0.5) if isinstance(name, str) else []
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
-from ep_runtime.registry import build, check_config, register_named
+from ep_runtime.registry import build, check_config, did_you_mean, register_named
 
 from .base import GemmHooks, RunnerBackend
 
@@ -65,7 +65,8 @@ def get(name: str) -> type[RunnerBackend]:
 def check_name(name: str) -> None:
     """Raise naming the registered backends when `name` is neither one of them nor "auto"."""
     if name != "auto" and name not in _RUNNERS:
-        raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')")
+        raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')"
+                         f"{did_you_mean(name, list(_RUNNERS))}")
 
 
 def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, device: Any = None,

@@ -72,6 +72,12 @@ def test_unknown_backend_and_dispatcher_names():
     with pytest.raises(ValueError, match="dispatcher='nope' is unknown; registered: ") as err:
         ep.EPMoE(4, 1, 8, 8, dispatcher="nope")
     assert all(name in str(err.value) for name in ["standard", "deepep_normal", "deepep_ll", "mori"])
+    assert "did you mean" not in str(err.value)  # nothing close to 'nope'
+    # a misspelt name: the closest registered ones, as the command line suggests them
+    with pytest.raises(ValueError, match=r"\(did you mean deepep_ll or deepep_normal\?\)$"):
+        ep.EPMoE(4, 1, 8, 8, dispatcher="deepep")
+    with pytest.raises(ValueError, match=r"\(did you mean triton\?\)$"):
+        ep.EPMoE(4, 1, 8, 8, runner="trition")
 
 
 
