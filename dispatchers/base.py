@@ -84,9 +84,10 @@ class BuildFailure(NamedTuple):
 _BUILD_ERROR_TYPES = {t.__name__: t for t in (ValueError, TypeError, RuntimeError)}
 
 
-def _gather_settings(group: Optional[dist.ProcessGroup], world_size: int, mine: Any,
+def gather_objects(group: Optional[dist.ProcessGroup], world_size: int, mine: Any,
                      device: Optional[Any] = None) -> list:
-    """Every rank's settings (or BuildFailure), in group-rank order: the settings check's one all_gather."""
+    """Every rank's `mine` (settings, a BuildFailure, a load's error), in group-rank order: one all_gather of small
+    objects (the settings check's; load_state_dict's before a placement change)."""
     every = [None] * world_size
     device = torch.device(device) if device is not None else None
     with (torch.cuda.device(device) if device is not None and device.type == "cuda" and torch.cuda.is_available()
@@ -111,7 +112,7 @@ def join_settings_check(name: Any, group: Any, error: Exception, device: Optiona
         group = as_process_group(group)
         _, size = group_rank_and_size(group)
         if size > 1:
-            _gather_settings(group, size, BuildFailure(type(error).__name__, str(error)), device)
+            gather_objects(group, size, BuildFailure(type(error).__name__, str(error)), device)
     except Exception:  # noqa: BLE001 - see above: error is raised anyway
         pass
 
@@ -177,7 +178,7 @@ class Dispatcher:
         if self.world_size == 1 or not self.shards_experts:
             return
         mine = self.settings()
-        every = _gather_settings(self.group, self.world_size, mine, device)
+        every = gather_objects(self.group, self.world_size, mine, device)
         failed = [(rank, theirs) for rank, theirs in enumerate(every) if isinstance(theirs, BuildFailure)]
         if failed:
             causes = "; ".join(f"{distributed.rank_name(self.group, rank)} could not build its layer or dispatcher "

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
-from .dispatchers.base import as_process_group, join_settings_check
+from .dispatchers.base import as_process_group, gather_objects, join_settings_check
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures, rank_name
@@ -1029,11 +1029,18 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
     An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Expert weights
     that are not finite (in the layer's dtype: a float64 value may overflow float32; fp8: NaN) and scales that
-    are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them."""
-    _check_finite_experts(layer, state_dict, prefix)
-    for name in ("w13_scale_inv", "w2_scale_inv"):
-        if isinstance(state_dict.get(prefix + name), torch.Tensor):
-            check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
+    are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them;
+    where the load then moves the layer to the state_dict's placement (collectives every rank runs), on every
+    rank, naming the rank whose values they are."""
+    try:
+        _check_finite_experts(layer, state_dict, prefix)
+        for name in ("w13_scale_inv", "w2_scale_inv"):
+            if isinstance(state_dict.get(prefix + name), torch.Tensor):
+                check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
+        error = None
+    except ValueError as err:
+        error = err
+    _join_load_errors(layer, state_dict, prefix, error)
     scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
            and is_quantized_dtype(state_dict[prefix + name].dtype)]
@@ -1078,10 +1085,22 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
     rank loads together when it differs), so a checkpoint saved after a rebalance computes the same experts
     in a fresh layer, and a fresh checkpoint loaded into a rebalanced layer (or one built with
     expert_to_rank) does too."""
-    table = state_dict.pop(prefix + PLACEMENT_KEY, None)
+    saved = _saved_placement(layer, state_dict, prefix)
+    state_dict.pop(prefix + PLACEMENT_KEY, None)
+    if saved is not None and _placement_tables(saved) != _placement_tables(layer.placement):
+        # what this state_dict does not hold (strict=False: biases, say) keeps its experts: it moves to their slots
+        held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
+        layer._move_slots(saved, [getattr(layer, name) for name in held if prefix + name not in state_dict])
+        layer._adopt_placement(saved)
+
+
+def _saved_placement(layer: "EPMoE", state_dict: dict, prefix: str) -> Optional[ExpertPlacement]:
+    """The placement `state_dict`'s expert weights sit in (the default one where it names none), or None where it
+    holds no expert weights (the layer's placement then stays)."""
+    table = state_dict.get(prefix + PLACEMENT_KEY)
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
-    if not any(prefix + name in state_dict for name in held):  # no expert weights loaded here: their placement stays
-        return
+    if not any(prefix + name in state_dict for name in held):
+        return None
     current = layer.placement
     saved = _default_placement(current)
     if table is not None:
@@ -1098,10 +1117,29 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
                              f"{max(owners)}; this layer has ep_size={current.ep_size}, num_experts="
                              f"{current.num_experts} ({err}). A per-rank state_dict loads at the EP size it was "
                              f"saved at; to change it, gather_experts() then load_experts()") from None
-    if _placement_tables(saved) != _placement_tables(current):
-        # what this state_dict does not hold (strict=False: biases, say) keeps its experts: it moves to their slots
-        layer._move_slots(saved, [getattr(layer, name) for name in held if prefix + name not in state_dict])
-        layer._adopt_placement(saved)
+    return saved
+
+
+def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[ValueError]) -> None:
+    """Raise `error` (this rank's bad values in `state_dict`, or None). Where the load moves the layer to another
+    placement (_load_placement: collectives every rank of the group runs, each loading its own state_dict with the
+    same placement table), every rank first shares its error in one all_gather, so a bad value on one rank fails
+    every rank there, naming that rank, instead of leaving the others waiting in the move."""
+    try:
+        saved = _saved_placement(layer, state_dict, prefix)
+    except ValueError:  # a table this layer cannot take: _load_placement raises naming it
+        saved = None
+    moves = saved is not None and _placement_tables(saved) != _placement_tables(layer.placement)
+    if not moves or layer.placement.ep_size == 1:
+        if error is not None:
+            raise error
+        return
+    group = layer.dispatcher.group
+    every = gather_objects(group, layer.placement.ep_size, None if error is None else str(error), layer.w13.device)
+    bad = [(rank, message) for rank, message in enumerate(every) if message is not None]
+    if bad:
+        raise ValueError("; ".join(f"{rank_name(group, rank)}: {message}" for rank, message in bad) +
+                         " (each rank's state_dict; every rank stops before moving to its placement)")
 
 
 def _follow_assigned_weights(layer: "EPMoE", incompatible_keys) -> None:

@@ -463,6 +463,38 @@ def test_load_state_dict_refuses_non_finite_expert_weights_naming_the_key():
         assert unchanged and finite
 
 
+
+def _non_finite_moving_load_rank(rank, world_size):
+    """A checkpoint saved in another placement (round-robin experts) loads into a fresh layer (contiguous
+    experts): the load moves the layer's slots between ranks, collectives every rank runs. Rank 1's state_dict
+    holds a NaN."""
+    E = 8
+    saved = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch",
+                     expert_to_rank=[e % world_size for e in range(E)])
+    state = {k: v.clone() for k, v in saved.state_dict().items()}
+    if rank == 1:
+        state["w13"][1, 2, 3] = float("nan")
+    layer = ep.EPMoE(E, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    before = [layer.placement.local_expert_ids().tolist(), layer.w13.detach().clone()]
+    start = time.monotonic()
+    try:
+        layer.load_state_dict(state)
+        message = "loaded"
+    except ValueError as err:
+        message = str(err)
+    unchanged = layer.placement.local_expert_ids().tolist() == before[0] and torch.equal(layer.w13, before[1])
+    return message, unchanged, time.monotonic() - start
+
+
+def test_a_non_finite_weight_on_one_rank_fails_every_rank_before_the_placement_moves():
+    """Rank 1 alone refused its NaN, while rank 0 went on into the collectives that move the slots to the
+    checkpoint's placement and waited there until the timeout: now both raise at once, naming rank 1."""
+    results = run_ranks(_non_finite_moving_load_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
+    for message, unchanged, seconds in results:
+        assert message == ("rank 1: state_dict['w13'] has a non-finite value nan at [1, 2, 3] (each rank's "
+                           "state_dict; every rank stops before moving to its placement)"), message
+        assert unchanged and seconds < TIMEOUT_S / 2, (unchanged, seconds)
+
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):
     layer, x, ids, weights = _layer_and_input(dispatcher, case if rank == 1 else "good")
     try:
