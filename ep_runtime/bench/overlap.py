@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,7 +84,7 @@ def build_layer(num_experts: int, top_k: int, hidden_size: int, intermediate_siz
     return layer
 
 
-def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
+def run_sequential(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
     """Each micro-batch (x [T, H], TopKOutput of the router's ids, as the layer's forward takes them)
     through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
     the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
@@ -92,11 +92,10 @@ def run_sequential(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     return [layer._routed(x, topk) for x, topk in _pairs(batches)]
 
 
-def _pairs(batches: Sequence[tuple[torch.Tensor, Any]]) -> Sequence[tuple[torch.Tensor, Any]]:
-    """batches, checked: a non-empty list of (x, topk) pairs (an (x, ids, weights) triple failed deep inside
-    the layer with "got multiple values for argument 'async_op'")."""
-    if len(batches) == 0:
-        raise ValueError("batches is empty; allowed: a list of (x [T, H], TopKOutput(ids, weights)) micro-batches")
+def _pairs(batches: Iterable[tuple[torch.Tensor, Any]]) -> list[tuple[torch.Tensor, Any]]:
+    """batches (any iterable: a list, a zip) as a list, checked: (x, topk) pairs (an (x, ids, weights) triple
+    failed deep inside the layer with "got multiple values for argument 'async_op'"); none: nothing to run."""
+    batches = list(batches)
     for i, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
@@ -108,7 +107,7 @@ def _pairs(batches: Sequence[tuple[torch.Tensor, Any]]) -> Sequence[tuple[torch.
 _INPUTS_READY: dict = {}  # device -> the stream run_overlapped issues later dispatches from
 
 
-def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
+def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
     """The same work, exchanges asynchronous: per micro-batch wait for its dispatch, queue its experts,
     then issue the next micro-batch's dispatch (its host work, e.g. a count-table read, runs while the
     device computes these experts, and its exchange overlaps them) and this one's combine (which
@@ -118,7 +117,10 @@ def run_overlapped(layer, batches: Sequence[tuple[torch.Tensor, Any]]) -> list[t
     micro-batch's dispatch is issued from a stream that has waited for the inputs only: issued from the
     caller's stream it would wait behind the experts just queued there and overlap nothing (measured on
     2x H200: the next dispatch's first kernel started only when the previous experts ended)."""
-    device = _pairs(batches)[0][0].device
+    batches = _pairs(batches)
+    if not batches:
+        return []
+    device = batches[0][0].device
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
     inputs_ready = None  # CUDA: a stream holding nothing but a wait for the work queued before this call
     if caller is not None:
