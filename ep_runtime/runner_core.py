@@ -170,7 +170,7 @@ class RunnerInput:
         ids = self.topk_ids.long()
         # [N, K] by value (an entry 0 is skipped, whatever the mask's dtype), never the sink L (whatever its entry):
         # as the triton runner's alignment kernels read them
-        computed = (self.expert_mask[ids] != 0) & (ids < self.num_local_experts)
+        computed = (self.expert_mask[ids] != 0) & (ids >= 0) & (ids < self.num_local_experts)
         pair = _computed_pairs(computed.reshape(-1))
         expert = ids.reshape(-1)[pair]
         order = torch.argsort(expert, stable=True)  # stable: a deterministic order within an expert

@@ -188,14 +188,14 @@ def test_an_expert_mask_is_read_by_value_and_never_computes_the_sink(runner, mas
     """RunnerInput.expert_mask: an entry 0 skips its expert (RunnerInput's docstring), whatever the mask's dtype, and
     the sink L is never computed. The triton runner's kernels read it so; the torch runner (and the masked one, whose
     token rows it groups) failed inside torch on a float mask ('bitwise_and_cpu' not implemented for 'Float') and on
-    a sink entry 1 (an IndexError: expert L of L experts)."""
+    a sink entry 1 (an IndexError: expert L of L experts; a -1 id, which reads the sink entry, in bincount)."""
     if runner not in ep.runners.available():
         pytest.skip(f"runner {runner} cannot run here")
     gen = torch.Generator().manual_seed(12)
     N, K, L, H, I = 6, 2, 4, 16, 8
     cfg = ep.MoeConfig(L, K, H, I)
     weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(L, H, I, generator=gen) / I ** 0.5)
-    ids = torch.tensor([[0, 1], [2, L], [3, 3], [L, L], [1, 0], [2, 3]], dtype=torch.int32)  # L: the sink
+    ids = torch.tensor([[0, 1], [2, L], [3, 3], [-1, L], [1, 0], [2, 3]], dtype=torch.int32)  # L: the sink; -1: none
     x, w = torch.randn(N, H, generator=gen), torch.rand(N, K, generator=gen)
     y = ep.runners.create(runner, cfg).run(RunnerInput(x, ids, w, mask), weights)
     kept = torch.where((ids != 1) & (ids != L), ids, -1)  # expert 1 masked out; the sink adds nothing
