@@ -21,7 +21,7 @@ from . import exchange_kernels, fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
 from .overlap import ExchangeWork, PendingOutput, ReceiveHook
 from .peer_transport import TRANSPORTS, check_cpu_ranks, check_num_sms, check_transport
-from .rank_exchange import RankExchange
+from .rank_exchange import BAD_INPUT_TYPES, RankExchange
 
 
 def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int = 1,
@@ -81,7 +81,7 @@ class BuildFailure(NamedTuple):
 
 
 # The types a peer's BuildFailure is raised as on the other ranks (any other: RuntimeError).
-_BUILD_ERROR_TYPES = {t.__name__: t for t in (ValueError, TypeError, RuntimeError)}
+_BUILD_ERROR_TYPES = {t.__name__: t for t in BAD_INPUT_TYPES}
 
 
 def gather_objects(group: Optional[dist.ProcessGroup], world_size: int, mine: Any,

@@ -61,8 +61,9 @@ _CODE_DTYPE = {i: t for t, i in _DTYPE_CODE.items()}
 # A rank whose dispatch input failed its own checks (before any collective) still joins the count table's
 # all_gather (RankExchange.join_with_bad_input): its row has the length a good row would have, every count
 # 0, its first flag set and T = -1 - (the index of its error's type here), so every other rank's flag check
-# raises that type at once, before any payload moves.
-_BAD_INPUT_TYPES = (ValueError, TypeError, RuntimeError)
+# raises that type at once, before any payload moves. (A rank that cannot build its dispatcher sends its error's
+# type too, in the settings check: Dispatcher.check_same_settings_on_every_rank.)
+BAD_INPUT_TYPES = (ValueError, TypeError, RuntimeError)
 
 
 class Layout(NamedTuple):
@@ -682,12 +683,12 @@ class RankExchange:
         plan's) starts with, so that they raise at once too (_check_flags) instead of waiting for this rank
         until the timeout. The row is the length theirs is (row_layout's, as plan's), made on `device` from
         the settings alone (the bad input is not touched): every count 0, the first flag set, and T = -1 -
-        the index of error's type in _BAD_INPUT_TYPES. The caller decides where the peers read the table at
+        the index of error's type in BAD_INPUT_TYPES. The caller decides where the peers read the table at
         once (not for static plans on CUDA)."""
         nodes = self._two_stages(chunk, device)  # (the first host plan's node all_gather comes first on every rank)
         layout = self.row_layout(nodes, distinct)
         row = torch.zeros(layout.length, dtype=torch.int32)
-        row[0] = -1 - next((i for i, t in enumerate(_BAD_INPUT_TYPES) if isinstance(error, t)), 0)
+        row[0] = -1 - next((i for i, t in enumerate(BAD_INPUT_TYPES) if isinstance(error, t)), 0)
         row[layout.flags_at] = 1  # the first flag (bad ids): the peers' flag pass (_check_flags) finds this row
         all_gather_rows(row.to(device), self.group, self.world_size)
 
@@ -756,7 +757,7 @@ class RankExchange:
                          f"names the argument)" if len(refused) == 1 else
                          f"ranks {', '.join(map(str, refused))} of {self.world_size} were given bad input (their own "
                          f"errors name the arguments)")
-                raise _BAD_INPUT_TYPES[kind](f"{self.name} dispatch: {ranks}; no token was sent")
+                raise BAD_INPUT_TYPES[kind](f"{self.name} dispatch: {ranks}; no token was sent")
             raise ValueError(f"{rank_name(self.group, bad[0])} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
                              f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "
                              f"the value); every rank stops here")

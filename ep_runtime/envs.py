@@ -10,13 +10,14 @@ Two kinds of entries:
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
+
+from .registry import did_you_mean
 
 PREFIX = "EP_RUNTIME_"
 # The most tokens or rows a size knob or dispatcher option may name: the count table carries them as int32
@@ -244,10 +245,7 @@ def validate_all(warn: bool = True) -> None:
 
 def suggestion(name: str) -> str:
     """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''."""
-    # Compared without the shared prefix, which would make every name look close.
-    close = difflib.get_close_matches(name.removeprefix(PREFIX), [k.removeprefix(PREFIX) for k in KNOBS], n=1,
-                                      cutoff=0.6)
-    return f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+    return did_you_mean(name, list(KNOBS), most=1, cutoff=0.6, prefix=PREFIX)
 
 
 def unknown() -> list[str]:

@@ -64,8 +64,13 @@ def check_config(config: Any) -> None:
         raise TypeError(f"config={config!r}; allowed: an ep.MoeConfig (e.g. layer.config)")
 
 
-def did_you_mean(name: Any, allowed: Sequence[str]) -> str:
-    """' (did you mean X?)' for the registered names closest to a misspelt one (`deepep` for deepep_normal or
-    deepep_ll), or ''; every unknown-name error of a registry and the command line ends with it."""
-    close = difflib.get_close_matches(name, allowed, n=2, cutoff=0.5) if isinstance(name, str) else []
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
+def did_you_mean(name: Any, allowed: Sequence[str], most: int = 2, cutoff: float = 0.5, prefix: str = "") -> str:
+    """' (did you mean X?)' for the allowed names closest to a misspelt one (`deepep` for deepep_normal or
+    deepep_ll), or ''; every unknown-name error of a registry, the knobs and the command line ends with it.
+    prefix: a part every name shares (EP_RUNTIME_), left out of the comparison (it would make every name look
+    close) and kept in the suggestion."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name.removeprefix(prefix), [a.removeprefix(prefix) for a in allowed],
+                                      n=most, cutoff=cutoff)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""

@@ -252,6 +252,13 @@ def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, upcast: b
     )
 
 
+def _check_tiles(tiles) -> None:
+    """At both entry points (MaskedRunner's construction, masked_forward): tiles of another type failed inside the
+    first forward, between a layer's dispatch and combine."""
+    if tiles is not None and not isinstance(tiles, MaskedTiles):
+        raise TypeError(f"tiles is a {type(tiles).__name__}; allowed: None or a MaskedTiles")
+
+
 def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights, config: MoeConfig,
                    tiles: Optional[MaskedTiles] = None, recv_scale: Optional[torch.Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -263,8 +270,8 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     I = config.intermediate_size
     if tiles is None:
         tiles = _default_tiles(weights.quant is not None, recv_x.device)
-    elif not isinstance(tiles, MaskedTiles):
-        raise TypeError(f"tiles is a {type(tiles).__name__}; allowed: None or a MaskedTiles")
+    else:
+        _check_tiles(tiles)
     masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
     out_dtype = out_dtype or recv_x.dtype
     quant = weights.quant
@@ -354,6 +361,7 @@ class MaskedRunner(TritonBackend):
         if config.activation not in ACTIVATION_CODES:
             raise ValueError(f"runner='masked' does not implement activation={config.activation!r}; "
                              f"supported: {', '.join(ACTIVATION_CODES)}")
+        _check_tiles(tiles)
         self.tiles = tiles
 
     def compute(self, inp: ExpertMajorInput, weights: ExpertWeights) -> torch.Tensor:

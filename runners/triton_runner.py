@@ -57,6 +57,14 @@ def _check_device(x: torch.Tensor) -> None:
                          "(or TRITON_INTERPRET=1 for CPU tensors through the interpreter)")
 
 
+def _check_block_config(block_config) -> None:
+    """At both entry points (TritonRunner's construction, fused_experts): a block_config of another type failed
+    inside the first forward, between a layer's dispatch and combine."""
+    if block_config is not None and not isinstance(block_config, kernels.BlockConfig):
+        raise TypeError(f"block_config is a {type(block_config).__name__}; allowed: None or a "
+                        f"ep_runtime.runners.triton_kernels.BlockConfig")
+
+
 def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks: Optional[GemmHooks] = None,
                   block_config: Optional["kernels.BlockConfig"] = None) -> torch.Tensor:
     """The kernel sequence: align pairs -> GEMM 1 with the activation fused in its epilogue (or, with an
@@ -64,9 +72,6 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
     _check_device(inp.hidden_states)
-    if block_config is not None and not isinstance(block_config, kernels.BlockConfig):
-        raise TypeError(f"block_config is a {type(block_config).__name__}; allowed: None or a "
-                        f"ep_runtime.runners.triton_kernels.BlockConfig")
     # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
     if weights.quant is None:
@@ -367,6 +372,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     if not is_int_at_least(first_expert, 0):  # -1 would make every -1 slot expert 0's; 1.5 would round ids
         raise ValueError(f"first_expert={first_expert!r}; allowed: an int >= 0 (the global id of w13[0])")
     hooks = check_hooks(hooks)
+    _check_block_config(block_config)
     for name, t in (("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -415,6 +421,7 @@ class TritonRunner(TritonBackend):
         if config.activation not in kernels.ACTIVATION_CODES:
             raise ValueError(f"runner='triton' does not implement activation={config.activation!r}; "
                              f"supported: {', '.join(kernels.ACTIVATION_CODES)}")
+        _check_block_config(block_config)
         self.block_config = block_config
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
