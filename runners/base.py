@@ -45,11 +45,14 @@ class GemmHooks:
                                 f"three positional arguments; {allowed}") from None
 
 
+_NO_HOOKS = GemmHooks()  # (frozen: one shared instance; check_hooks runs per fused_experts call)
+
+
 def check_hooks(hooks: Optional[GemmHooks]) -> GemmHooks:
     """`hooks` (a runner's argument) as a GemmHooks: None gives one without hooks; anything else is an error
     naming it (its hooks are checked when it is built)."""
     if hooks is None:
-        return GemmHooks()
+        return _NO_HOOKS
     if not isinstance(hooks, GemmHooks):
         raise TypeError(f"hooks={hooks!r}; allowed: None or an ep.runners.GemmHooks(after_gemm1=..., "
                         f"after_gemm2=...)")

@@ -280,6 +280,7 @@ def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
     return x, scale, None
 
 
+@functools.lru_cache(maxsize=256)  # per fp8 call; three checked dataclass rebuilds were ~3 us of host time
 def _fit_k_tiles(block_config: "kernels.BlockConfig", group_k: int, untuned: bool) -> "kernels.BlockConfig":
     """BLOCK_K no larger than a scale group (one activation and one weight scale per K step); for tiles
     not tuned for this fp8 shape (defaults, or a bf16 "default" entry) exactly one group: 128 one-byte
