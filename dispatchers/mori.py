@@ -29,7 +29,7 @@ from ep_runtime.validation import capturing
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
-from .rank_exchange import Capacity, ExchangeHandle
+from .rank_exchange import Capacity, ExchangeHandle, assert_on_device
 
 _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set either way: errors name both)
 
@@ -137,7 +137,7 @@ class MoriDispatcher(ExchangeDispatcher):
         """Symmetric: every rank checks the largest receive count of any rank."""
         message = f"{_INPUT_KNOB}={self.max_input_tokens} is below the tokens a rank received"
         if most_received.is_cuda:
-            torch._assert_async(most_received <= rows, message)
+            assert_on_device(most_received <= rows, message)
         elif int(most_received) > rows:
             needed = int(most_received)
             raise ValueError(f"{message} ({needed}); allowed: 0 (off) or >= {needed}")

@@ -243,6 +243,13 @@ def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     return sent, max(map(sum, zip(*sent)))
 
 
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """torch._assert_async(condition, message) with the message cut to what CUDA takes (under 255 characters: a
+    longer one raised at the call, inside a CUDA graph capture; the CPU takes any). The cut keeps the start, where
+    the settings are named."""
+    torch._assert_async(condition, message if len(message) < 255 else message[:251] + "...")
+
+
 @dataclass(frozen=True)
 class Capacity:
     """The settings that size a static plan's buffers, as its overflow errors name them. setting: their values
@@ -632,8 +639,8 @@ class RankExchange:
         overflow = sent.max() > chunk
         if rows is not None:
             overflow = overflow | (most_received > rows)
-        torch._assert_async(~overflow, f"{self._static_message(chunk, rows, capacity)}; raise "
-                                       f"{' or '.join(dict.fromkeys(n for n in (capacity.chunk, capacity.rows) if n))}")
+        assert_on_device(~overflow, f"{self._static_message(chunk, rows, capacity)}; raise "
+                                    f"{' or '.join(dict.fromkeys(n for n in (capacity.chunk, capacity.rows) if n))}")
 
     def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: Capacity) -> None:
         """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""
