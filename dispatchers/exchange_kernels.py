@@ -85,10 +85,17 @@ class RowLayout:
         return self.flags_at + self.num_flags
 
 
-@functools.lru_cache(maxsize=None)
 def row_layout(ranks: int, experts: int, num_flags: int, nodes: int = 0, wants: bool = True) -> RowLayout:
     """RowLayout(ranks, experts, num_flags, nodes, wants), made once (a dispatch then reads its offsets
-    as plain attributes: host time)."""
+    as plain attributes: host time); made plainly while torch.compile traces (dynamo traces an lru_cache's
+    function and warns at every call of it)."""
+    if torch.compiler.is_compiling():
+        return RowLayout(ranks, experts, num_flags, nodes, wants)
+    return _row_layout(ranks, experts, num_flags, nodes, wants)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_layout(ranks: int, experts: int, num_flags: int, nodes: int, wants: bool) -> RowLayout:
     return RowLayout(ranks, experts, num_flags, nodes, wants)
 
 _FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU
