@@ -1085,18 +1085,18 @@ def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadat
     rank loads together when it differs), so a checkpoint saved after a rebalance computes the same experts
     in a fresh layer, and a fresh checkpoint loaded into a rebalanced layer (or one built with
     expert_to_rank) does too."""
-    saved = _saved_placement(layer, state_dict, prefix)
+    saved = _placement_to_move_to(layer, state_dict, prefix)
     state_dict.pop(prefix + PLACEMENT_KEY, None)
-    if saved is not None and _placement_tables(saved) != _placement_tables(layer.placement):
+    if saved is not None:
         # what this state_dict does not hold (strict=False: biases, say) keeps its experts: it moves to their slots
         held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
         layer._move_slots(saved, [getattr(layer, name) for name in held if prefix + name not in state_dict])
         layer._adopt_placement(saved)
 
 
-def _saved_placement(layer: "EPMoE", state_dict: dict, prefix: str) -> Optional[ExpertPlacement]:
-    """The placement `state_dict`'s expert weights sit in (the default one where it names none), or None where it
-    holds no expert weights (the layer's placement then stays)."""
+def _placement_to_move_to(layer: "EPMoE", state_dict: dict, prefix: str) -> Optional[ExpertPlacement]:
+    """The placement `state_dict`'s expert weights sit in (the default one where it names none) where it is not the
+    layer's, else None (no expert weights there, or the layer's own placement: the layer stays)."""
     table = state_dict.get(prefix + PLACEMENT_KEY)
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
     if not any(prefix + name in state_dict for name in held):
@@ -1117,7 +1117,7 @@ def _saved_placement(layer: "EPMoE", state_dict: dict, prefix: str) -> Optional[
                              f"{max(owners)}; this layer has ep_size={current.ep_size}, num_experts="
                              f"{current.num_experts} ({err}). A per-rank state_dict loads at the EP size it was "
                              f"saved at; to change it, gather_experts() then load_experts()") from None
-    return saved
+    return saved if _placement_tables(saved) != _placement_tables(current) else None
 
 
 def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[ValueError]) -> None:
@@ -1126,10 +1126,9 @@ def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Opti
     same placement table), every rank first shares its error in one all_gather, so a bad value on one rank fails
     every rank there, naming that rank, instead of leaving the others waiting in the move."""
     try:
-        saved = _saved_placement(layer, state_dict, prefix)
+        moves = _placement_to_move_to(layer, state_dict, prefix) is not None
     except ValueError:  # a table this layer cannot take: _load_placement raises naming it
-        saved = None
-    moves = saved is not None and _placement_tables(saved) != _placement_tables(layer.placement)
+        moves = False
     if not moves or layer.placement.ep_size == 1:
         if error is not None:
             raise error
