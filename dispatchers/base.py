@@ -85,7 +85,7 @@ _BUILD_ERROR_TYPES = {t.__name__: t for t in BAD_INPUT_TYPES}
 
 
 def gather_objects(group: Optional[dist.ProcessGroup], world_size: int, mine: Any,
-                     device: Optional[Any] = None) -> list:
+                   device: Optional[Any] = None) -> list:
     """Every rank's `mine` (settings, a BuildFailure, a load's error), in group-rank order: one all_gather of small
     objects (the settings check's; load_state_dict's before a placement change)."""
     every = [None] * world_size

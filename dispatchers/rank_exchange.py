@@ -265,6 +265,12 @@ class Capacity:
     def __str__(self) -> str:
         return self.setting
 
+    def raise_hint(self) -> str:
+        """'; raise <chunk setting> or <rows setting>' for a message that cannot say by how much (a device-side
+        assert), or '' where the settings are not named."""
+        names = " or ".join(dict.fromkeys(n for n in (self.chunk, self.rows) if n))
+        return f"; raise {names}" if names else ""
+
     def fix(self, per_peer: int, received: int, chunk: Optional[int], rows: Optional[int]) -> str:
         """What to raise, and to at least what, so that a step needing `per_peer` tokens in a peer chunk and
         `received` receive rows on a rank fits buffers of `chunk` and `rows`."""
@@ -639,8 +645,7 @@ class RankExchange:
         overflow = sent.max() > chunk
         if rows is not None:
             overflow = overflow | (most_received > rows)
-        assert_on_device(~overflow, f"{self._static_message(chunk, rows, capacity)}; raise "
-                                    f"{' or '.join(dict.fromkeys(n for n in (capacity.chunk, capacity.rows) if n))}")
+        assert_on_device(~overflow, self._static_message(chunk, rows, capacity) + capacity.raise_hint())
 
     def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: Capacity) -> None:
         """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""
