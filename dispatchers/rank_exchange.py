@@ -43,7 +43,7 @@ from ep_runtime.distributed import rank_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import needs_grad, untraced
-from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
+from ep_runtime.validation import assert_on_device, capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
@@ -241,13 +241,6 @@ def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     """(sent[s][d]: tokens rank s sends to rank d, the most tokens any rank receives) from the count table."""
     sent = [row[1:1 + R] for row in host_table]
     return sent, max(map(sum, zip(*sent)))
-
-
-def assert_on_device(condition: torch.Tensor, message: str) -> None:
-    """torch._assert_async(condition, message) with the message cut to what CUDA takes (under 255 characters: a
-    longer one raised at the call, inside a CUDA graph capture; the CPU takes any). The cut keeps the start, where
-    the settings are named."""
-    torch._assert_async(condition, message if len(message) < 255 else message[:251] + "...")
 
 
 @dataclass(frozen=True)
