@@ -354,15 +354,11 @@ class EPMoE(nn.Module):
             stored = (quant.dtype if quant is not None and name in ("w13", "w2") else
                       torch.float32 if name.endswith("_scale_inv") else getattr(self, name).dtype)
             staged[name] = _expert_values(f"{name} (experts {local_experts})", src if shard else take(src), stored,
-                                          self.w13.device)  # fp8: copied as raw bytes below
+                                          self.w13.device)
         if quant is not None and quant is not self.quant:
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
-            dst = getattr(self, name)
-            if dst.dtype in FP8_DTYPES:
-                dst.view(torch.uint8).copy_(piece.view(torch.uint8))
-            else:
-                dst.copy_(piece)
+            _copy_values(getattr(self, name), piece)
 
     @torch.no_grad()
     def load_expert(self, expert_id: int, *, w13: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
@@ -423,11 +419,7 @@ class EPMoE(nn.Module):
         for (param, start, shape), value, scale in staged:
             dst = getattr(self, param)
             for j in slots:
-                piece = dst[j, start:start + shape[0]]
-                if dst.dtype in FP8_DTYPES:
-                    piece.view(torch.uint8).copy_(value.view(torch.uint8))
-                else:
-                    piece.copy_(value)
+                _copy_values(dst[j, start:start + shape[0]], value)
                 if scale is not None:
                     first = start // self.quant.weight_block[0]
                     getattr(self, f"{param}_scale_inv")[j, first:first + scale.shape[0]].copy_(scale)
@@ -1044,7 +1036,7 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         layer._store_quantized(QuantConfig(), layer.w13.device)
         for name, values in kept.items():
             q, scale_inv = layer.quant.quantize_weight(values)
-            getattr(layer, name).view(torch.uint8).copy_(q.view(torch.uint8))
+            _copy_values(getattr(layer, name), q)
             getattr(layer, name + "_scale_inv").copy_(scale_inv)
     elif layer.quant is not None and not any(scales):
         for name in ("w13", "w2"):
@@ -1065,6 +1057,14 @@ def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None
         # float values as a float layer stores them; into an fp8 layer (quantized as they are) and fp8 ones as given
         as_held = held is not None and not is_quantized_dtype(held.dtype) and not is_quantized_dtype(t.dtype)
         _expert_values(f"state_dict[{prefix + name!r}]", t, held.dtype if as_held else t.dtype, t.device)
+
+
+def _copy_values(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes."""
+    if dst.dtype in FP8_DTYPES:
+        dst.view(torch.uint8).copy_(src.view(torch.uint8))
+    else:
+        dst.copy_(src)
 
 
 def _expert_values(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
