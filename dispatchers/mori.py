@@ -25,11 +25,11 @@ import torch
 
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
-from ep_runtime.validation import capturing
+from ep_runtime.validation import assert_on_device, capturing
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
-from .rank_exchange import Capacity, ExchangeHandle, assert_on_device
+from .rank_exchange import Capacity, ExchangeHandle
 
 _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set either way: errors name both)
 

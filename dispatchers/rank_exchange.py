@@ -43,7 +43,7 @@ from ep_runtime.distributed import rank_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import needs_grad, untraced
-from ep_runtime.validation import capturing, check_topk_values, topk_value_flags
+from ep_runtime.validation import assert_on_device, capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
 from .deferred import CHECK_LAG, DeferredChecks, land
@@ -231,23 +231,10 @@ def _wants(x: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor]) -> t
     return bits, _DTYPE_CODE.get(getattr(x, "dtype", None), 0)
 
 
-def _grads_on_any_rank(host_table: list, layout: RowLayout) -> tuple[bool, bool]:
-    """(whether x, whether topk_weights need a gradient on some rank) from the count table read on the host."""
-    bits = functools.reduce(operator.or_, (row[layout.grads_at] for row in host_table))
-    return bool(bits & _X_GRAD), bool(bits & _WEIGHTS_GRAD)
-
-
 def _sent_on_host(host_table: list, R: int) -> tuple[list, int]:
     """(sent[s][d]: tokens rank s sends to rank d, the most tokens any rank receives) from the count table."""
     sent = [row[1:1 + R] for row in host_table]
     return sent, max(map(sum, zip(*sent)))
-
-
-def assert_on_device(condition: torch.Tensor, message: str) -> None:
-    """torch._assert_async(condition, message) with the message cut to what CUDA takes (under 255 characters: a
-    longer one raised at the call, inside a CUDA graph capture; the CPU takes any). The cut keeps the start, where
-    the settings are named."""
-    torch._assert_async(condition, message if len(message) < 255 else message[:251] + "...")
 
 
 @dataclass(frozen=True)
@@ -432,14 +419,12 @@ class RankExchange:
         summary = torch.cat([table[:, 1 + R + self.tables(table.device)[2].long()].sum(0), sent[:, me].sum().view(1),
                              sent.sum(0).max().view(1)]).to(torch.int32)
         host = self._read_table(table, issued_at) if read else None  # the one wait
-        if host is not None:
-            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
+        grads = self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct) if host is not None else None
         if chunk is None:
             handle = self._host_plan(counts, host, sent, summary, rows, capacity, row_layout, nodes)
         else:
             handle = self._static_plan(counts, host, sent, summary, T, chunk, rows, capacity)
-        if host is not None:
-            handle.grads = _grads_on_any_rank(host, row_layout)
+        handle.grads = grads
         return handle
 
     def _device_plan(self, topk_ids, topk_weights, chunk, rows, capacity, distinct, wants, x=None, local_ids=False,
@@ -481,13 +466,11 @@ class RankExchange:
                                                         capacity, row_layout))
             elif not now:
                 host = self._read_table(table, issued_at)
-                self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
+                grads = self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
                 self._check_static(host, chunk, rows, capacity)
-                grads = _grads_on_any_rank(host, row_layout)
         else:
             host = self._read_table(table, issued_at, landed=True)  # the one wait
-            self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
-            grads = _grads_on_any_rank(host, row_layout)
+            grads = self._check_host_table(host, row_layout, topk_ids, topk_weights, distinct)
             sent, most = _sent_on_host(host, R)
             self._check_receive_rows(most, rows, capacity)
             most_rows = max(most, max(map(sum, sent)))
@@ -612,16 +595,18 @@ class RankExchange:
         self._check_host_table(host, call.layout, call.topk_ids, call.topk_weights, call.distinct)
         self._check_static(host, call.chunk, call.rows, call.capacity)
 
-    def _check_host_table(self, host: list, layout: RowLayout, topk_ids, topk_weights, distinct) -> None:
+    def _check_host_table(self, host: list, layout: RowLayout, topk_ids, topk_weights,
+                          distinct) -> Optional[tuple[bool, bool]]:
         """Every rank raises on the count table read on the host (rows of `layout`): bad ids or weights on any
         rank (rows with flags), too many tokens, ranks dispatching x in different dtypes or grad modes (rows
-        with them)."""
+        with them). Returns the plan's grads from the gradient bits (rows with them; else None)."""
         if layout.num_flags:
             self._check_flags(host, layout.flags_at, topk_ids, topk_weights, distinct)
         self._check_tokens([row[0] for row in host])
-        if layout.wants:
-            self._check_dtypes([row[layout.dtype_at] for row in host])
-            self._check_grad_modes([row[layout.grads_at] for row in host])
+        if not layout.wants:
+            return None
+        self._check_dtypes([row[layout.dtype_at] for row in host])
+        return self._check_grad_modes([row[layout.grads_at] for row in host])
 
     @staticmethod
     def _check_receive_rows(most: int, rows: Optional[int], capacity: Capacity) -> None:
@@ -737,16 +722,19 @@ class RankExchange:
                             f"the ranks differ ({dtypes}); allowed: one dtype on every rank (rows cross ranks as raw bytes); every "
                             f"rank stops here")
 
-    def _check_grad_modes(self, bits: list) -> None:
-        """Every rank raises, naming each rank's grad mode, when some rank needs a gradient (its x or
-        topk_weights, or, through the layer, its experts) while another runs with grad mode off
+    def _check_grad_modes(self, bits: list) -> tuple[bool, bool]:
+        """(whether x, whether topk_weights need a gradient on some rank: the plan's grads) from each rank's
+        gradient bits. Every rank raises, naming each rank's grad mode, when some rank needs a gradient (its x
+        or topk_weights, or, through the layer, its experts) while another runs with grad mode off
         (torch.no_grad, torch.inference_mode): the backward's reverse exchanges would wait for a rank that
         recorded none (a hang until the timeout, or collectives paired with that rank's next forward)."""
-        needing = [r for r, b in enumerate(bits) if b & (_X_GRAD | _WEIGHTS_GRAD)]
-        if not needing or all(b & _GRAD_MODE for b in bits):
-            return
+        union = functools.reduce(operator.or_, bits)
+        grads = bool(union & _X_GRAD), bool(union & _WEIGHTS_GRAD)
+        if not any(grads) or all(b & _GRAD_MODE for b in bits):
+            return grads
         modes = ", ".join(f"{rank_name(self.group, r)}: grad mode {'on' if b & _GRAD_MODE else 'off'}"
-                          f"{', needs a gradient' if r in needing else ''}" for r, b in enumerate(bits))
+                          f"{', needs a gradient' if b & (_X_GRAD | _WEIGHTS_GRAD) else ''}"
+                          for r, b in enumerate(bits))
         raise RuntimeError(f"{self.name} dispatch: the ranks' grad modes differ ({modes}); allowed: grad mode on "
                            f"every rank where any rank needs a gradient (its backward's exchanges need every rank: "
                            f"call the layer under torch.no_grad() / torch.inference_mode() on every rank or on none); "

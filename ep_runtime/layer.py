@@ -336,16 +336,14 @@ class EPMoE(nn.Module):
         elif is_quantized_dtype(w13.dtype):  # the checkpoint's fp8 and scales, as they are
             full = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
             # every scale given, not this rank's slice: global scales fail on every rank alike (they are small)
-            full.check(self.config, L if shard else E, values=True)
-            for name in ("w13", "w2"):
-                _check_fp8_not_nan(f"{name} (experts {local_experts})", take(getattr(full, name)))
+            full.check(self.config, L if shard else E, values=True)  # (w13/w2's values: staged below)
         else:  # float weights, quantized here (this rank's slice only)
             ExpertWeights(w13, w2, b13, b2).check(self.config, L if shard else E)
-            mine13, mine2 = take(w13), take(w2)
-            for name, mine in (("w13", mine13), ("w2", mine2)):  # a NaN weight would show as a NaN scale
-                check_finite(f"{name} (experts {local_experts})", mine)
-            q13, s13 = quant.quantize_weight(mine13)
-            q2, s2 = quant.quantize_weight(mine2)
+            # checked in fp32, as quantize_weight reads them (a NaN weight would show as a NaN scale); one at a time
+            q13, s13 = quant.quantize_weight(_expert_values(f"w13 (experts {local_experts})", take(w13), torch.float32,
+                                                            w13.device))
+            q2, s2 = quant.quantize_weight(_expert_values(f"w2 (experts {local_experts})", take(w2), torch.float32,
+                                                          w2.device))
             full, shard = ExpertWeights(q13, q2, take(b13), take(b2), s13, s2, quant), True
         # Every check passes before the layer changes: a refused load leaves it as it was (its format too).
         staged = {}
@@ -353,21 +351,14 @@ class EPMoE(nn.Module):
             src = getattr(full, name)
             if src is None:
                 continue
-            piece = (src if shard else take(src)).to(self.w13.device)
             stored = (quant.dtype if quant is not None and name in ("w13", "w2") else
                       torch.float32 if name.endswith("_scale_inv") else getattr(self, name).dtype)
-            if stored not in FP8_DTYPES:  # checked in the stored dtype (a float64 value may overflow float32)
-                piece = piece.to(stored)
-                check_finite(f"{name} (experts {local_experts})", piece)
-            staged[name] = piece  # fp8: copied as raw bytes (fp8 has no isfinite; NaN was checked above)
+            staged[name] = _expert_values(f"{name} (experts {local_experts})", src if shard else take(src), stored,
+                                          self.w13.device)
         if quant is not None and quant is not self.quant:
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
-            dst = getattr(self, name)
-            if dst.dtype in FP8_DTYPES:
-                dst.view(torch.uint8).copy_(piece.view(torch.uint8))
-            else:
-                dst.copy_(piece)
+            _copy_values(getattr(self, name), piece)
 
     @torch.no_grad()
     def load_expert(self, expert_id: int, *, w13: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
@@ -428,11 +419,7 @@ class EPMoE(nn.Module):
         for (param, start, shape), value, scale in staged:
             dst = getattr(self, param)
             for j in slots:
-                piece = dst[j, start:start + shape[0]]
-                if dst.dtype in FP8_DTYPES:
-                    piece.view(torch.uint8).copy_(value.view(torch.uint8))
-                else:
-                    piece.copy_(value)
+                _copy_values(dst[j, start:start + shape[0]], value)
                 if scale is not None:
                     first = start // self.quant.weight_block[0]
                     getattr(self, f"{param}_scale_inv")[j, first:first + scale.shape[0]].copy_(scale)
@@ -480,12 +467,11 @@ class EPMoE(nn.Module):
         """(the piece as stored, its block scales or None), on the layer's device, values checked."""
         param = "w13" if name in ("gate", "up") else name
         if is_quantized_dtype(t.dtype):
-            _check_fp8_not_nan(f"{name} (expert {expert_id})", t)
+            value = _expert_values(f"{name} (expert {expert_id})", t, t.dtype, self.w13.device)
             check_scale_tensor(f"{name}_scale_inv", scale, tuple(scale.shape))
-            return t.to(self.w13.device), scale.to(self.w13.device)
+            return value, scale.to(self.w13.device)
         stored = torch.float32 if self.quant is not None and param in ("w13", "w2") else getattr(self, param).dtype
-        value = t.to(device=self.w13.device, dtype=stored)  # checked in the stored dtype, as load_experts
-        check_finite(f"{name} (expert {expert_id})", value)
+        value = _expert_values(f"{name} (expert {expert_id})", t, stored, self.w13.device)
         if stored != getattr(self, param).dtype:  # float into fp8 experts: quantized as load_experts does
             q, scale_inv = self.quant.quantize_weight(value.unsqueeze(0))
             return q[0], scale_inv[0]
@@ -1050,7 +1036,7 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         layer._store_quantized(QuantConfig(), layer.w13.device)
         for name, values in kept.items():
             q, scale_inv = layer.quant.quantize_weight(values)
-            getattr(layer, name).view(torch.uint8).copy_(q.view(torch.uint8))
+            _copy_values(getattr(layer, name), q)
             getattr(layer, name + "_scale_inv").copy_(scale_inv)
     elif layer.quant is not None and not any(scales):
         for name in ("w13", "w2"):
@@ -1061,21 +1047,38 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
 
 
 def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
-    """Raise naming the key when an expert tensor of `state_dict` holds a NaN or an infinity: it would load
-    silently and make every token routed to that expert NaN, on whichever rank sent it. One isfinite pass per
-    tensor per load (none per forward). Float values are checked as the layer stores them (a float64 value
-    past float32's range is inf there; fp8 layers quantize them as they are); a DTensor (still sharded over
-    ranks: a check would be a collective) is left to whoever made it local."""
+    """Raise naming the key when an expert tensor of `state_dict` holds a NaN or an infinity as the layer would
+    store it (_expert_values); a DTensor (still sharded over ranks: a check would be a collective) is left to
+    whoever made it local."""
     for name in ("w13", "w2", "b13", "b2"):
         t, held = state_dict.get(prefix + name), getattr(layer, name)
         if not isinstance(t, torch.Tensor) or t.is_meta or type(t).__name__ == "DTensor" or not t.is_floating_point():
             continue
-        key = f"state_dict[{prefix + name!r}]"
-        if is_quantized_dtype(t.dtype):
-            _check_fp8_not_nan(key, t)
-            continue
-        stored = held.dtype if held is not None and not is_quantized_dtype(held.dtype) else t.dtype
-        check_finite(key, t.to(stored))
+        # float values as a float layer stores them; into an fp8 layer (quantized as they are) and fp8 ones as given
+        as_held = held is not None and not is_quantized_dtype(held.dtype) and not is_quantized_dtype(t.dtype)
+        _expert_values(f"state_dict[{prefix + name!r}]", t, held.dtype if as_held else t.dtype, t.device)
+
+
+def _copy_values(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes."""
+    if dst.dtype in FP8_DTYPES:
+        dst.view(torch.uint8).copy_(src.view(torch.uint8))
+    else:
+        dst.copy_(src)
+
+
+def _expert_values(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An expert tensor being loaded (by load_experts, load_expert or load_state_dict) as the layer stores it, in
+    `dtype` on `device`, refused naming `name` when it holds a NaN or an infinity: it would load silently and make
+    every token routed to that expert NaN, on whichever rank sent it. Floats are checked after the cast (a float64
+    value past float32's range is inf in a float32 layer); fp8 (no infinities, no isfinite) by its NaN patterns,
+    before any cast. One pass per tensor per load, none per forward; meta tensors pass."""
+    if is_quantized_dtype(t.dtype):
+        _check_fp8_not_nan(name, t)
+        return t.to(device=device, dtype=dtype)
+    t = t.to(device=device, dtype=dtype)
+    check_finite(name, t)
+    return t
 
 
 def _load_placement(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

@@ -23,7 +23,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import decode_scales
 from .registry import add_once
-from .validation import capturing, check_topk
+from .validation import assert_on_device, capturing, check_topk
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -264,11 +264,15 @@ class ExpertMajorInput:
     hidden_scale: Optional[torch.Tensor] = None
     out_dtype: Optional[torch.dtype] = None
 
-    def check(self, hidden_size: int) -> None:
+    def check(self, hidden_size: int, counts: bool = True) -> None:
         """Raise naming the tensor whose shape or dtype does not fit: rows [L, M*R, hidden_size], masked_m [L] int
-        (RunnerBackend.run's check of an input made by hand; no host read). Every backend reads masked_m[l] per
-        expert: one of another length failed inside a broadcast, and float counts were compared as they were."""
-        L, H = self.num_local_experts, self.hidden_states.shape[2]
+        (RunnerBackend.run's check of an input made by hand), and a count outside 0..M*R: on the host for CPU
+        tensors, a device-side assert on CUDA (no host sync). Every backend reads masked_m[l] per expert: one of
+        another length failed inside a broadcast, float counts were compared as they were, and a count above the
+        buffer's rows was clamped to them (the kernels' bound, the conversion's row < masked_m[l]).
+        counts=False: shapes and dtypes only, for a format's own masked_m (deepep_ll's is in range by
+        construction), which the assert's kernel launches would cost host time at every call."""
+        L, N, H = self.num_local_experts, self.hidden_states.shape[1], self.hidden_states.shape[2]
         if H != hidden_size:
             raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, "
                              f"{hidden_size}] (hidden_size={hidden_size})")
@@ -276,6 +280,15 @@ class ExpertMajorInput:
         if tuple(masked_m.shape) != (L,) or masked_m.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"masked_m has shape {list(masked_m.shape)} and dtype {masked_m.dtype}; "
                              f"expected [{L}] (L local experts) int32")
+        if not counts or masked_m.is_meta:
+            return
+        rows = f"hidden_states has M*R={N} rows per expert"
+        outside = (masked_m < 0) | (masked_m > N)
+        if masked_m.is_cuda:
+            assert_on_device(~outside.any(), f"masked_m has a count outside the allowed 0..{N} ({rows})")
+        elif bool(outside.any()):
+            expert = int(outside.nonzero()[0])
+            raise ValueError(f"masked_m has {int(masked_m[expert])} at [{expert}]; allowed 0..{N} ({rows})")
 
     @property
     def output_dtype(self) -> torch.dtype:

@@ -58,6 +58,13 @@ def capturing() -> bool:
     return _CUDA[0] and torch.cuda.is_current_stream_capturing()
 
 
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """torch._assert_async(condition, message) with the message cut to what CUDA takes (under 255 characters: a
+    longer one raised at the call, inside a CUDA graph capture; the CPU takes any). The cut keeps the start, where
+    the settings are named."""
+    torch._assert_async(condition, message if len(message) < 255 else message[:251] + "...")
+
+
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

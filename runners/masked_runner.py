@@ -143,6 +143,8 @@ if triton is not None:
         pid_s = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.program_id(2).to(tl.int64)
+        # ExpertMajorInput.check refuses a count above the buffer's rows; the bound keeps every load inside them
+        # even so (masked_forward called directly, or a CUDA assert that lands after this kernel started)
         num_rows = tl.minimum(tl.load(masked_m_ptr + expert), num_buffer_rows)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -369,7 +371,8 @@ class MaskedRunner(TritonBackend):
         dtype: routed_scaling_factor * expert_l(row) for valid rows (no topk weight), rows past masked_m
         unwritten. Differentiable."""
         MaskedRunner.check_dtype(inp.output_dtype, "x dtype")  # (a layer moved to another dtype after it was built)
-        inp.check(self.config.hidden_size)  # (the kernels read masked_m[l] for each of L experts; run() checked it too)
+        # (the kernels read masked_m[l] for each of L experts; run() checked it too, with the counts' range)
+        inp.check(self.config.hidden_size, counts=False)
         recv_x, masked_m, recv_scale = inp.hidden_states, inp.masked_m, inp.hidden_scale
         if recv_scale is not None and weights.quant is None:  # fp8 rows, unquantized experts: dequantized first
             recv_x, recv_scale = QuantConfig().dequantize_activation(recv_x, recv_scale).to(inp.output_dtype), None

@@ -35,7 +35,7 @@ from ep_runtime.scratch import SCRATCH
 from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk, is_int_at_least
 
 from . import register
-from .base import GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
+from .base import _NO_HOOKS, GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
 from .base import triton_interpreted as interpreted
 
 try:
@@ -76,7 +76,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
     if weights.quant is None:
         TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
-    hooks = hooks or GemmHooks()
+    hooks = hooks or _NO_HOOKS
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     quant, out_dtype = weights.quant, inp.output_dtype
     if quant is not None and hooked:
@@ -348,7 +348,7 @@ def run_fused(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooks
         if weights.quantized or inp.hidden_scale is not None:
             raise RuntimeError(INFERENCE_ONLY)
         inp = inp.routed()  # the backward's torch recompute reads the ids as they are
-        return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, config, hooks or GemmHooks(), block_config)
+        return _FusedExperts.apply(*tensors, inp.topk_ids, inp.expert_mask, config, hooks or _NO_HOOKS, block_config)
     return fused_forward(inp, weights, config, hooks, block_config)
 
 

@@ -165,6 +165,41 @@ def test_dtype_by_name_and_non_finite_weights():
         layer.load_experts(w13, w2)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_every_expert_load_refuses_a_non_finite_weight_in_the_same_words(fp8):
+    """load_experts, load_expert and load_state_dict share one rule: an expert weight is finite as the layer
+    stores it (a float64 value past float32's range is inf in a float32 layer; fp8 by its NaN pattern).
+    Each refuses it naming where it came from, the value and the place, and leaves the layer as it was."""
+    gen = torch.Generator().manual_seed(7)
+    E, H, I = 4, 32, 16
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64), torch.randn(E, H, I, generator=gen)
+    if fp8:
+        quant = ep.QuantConfig()
+        layer = ep.EPMoE(E, 2, H, I, runner="torch", quant_config=quant)
+        (w13, s13), (w2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+        w13.view(torch.uint8)[2, 5, 1] = 0x7F  # float8_e4m3fn's NaN
+        scales = dict(w13_scale_inv=s13, w2_scale_inv=s2)
+        fault = "has NaN at {}; allowed: finite fp8 values"
+    else:
+        layer = ep.EPMoE(E, 2, H, I, runner="torch")
+        w13[2, 5, 1] = 1e300
+        scales = {}
+        fault = "has a non-finite value inf at {}"
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    refused = {}
+    for how, load in {"load_experts": lambda: layer.load_experts(w13, w2, **scales),
+                      "load_expert": lambda: layer.load_expert(2, w13=w13[2], w2=w2[2],
+                                                               **{k: v[2] for k, v in scales.items()}),
+                      "load_state_dict": lambda: layer.load_state_dict(dict(w13=w13, w2=w2, **scales))}.items():
+        with pytest.raises(ValueError) as err:
+            load()
+        refused[how] = str(err.value)
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items()), how
+    assert refused == {"load_experts": "w13 (experts 0..3) " + fault.format([2, 5, 1]),
+                       "load_expert": "w13 (expert 2) " + fault.format([5, 1]),
+                       "load_state_dict": "state_dict['w13'] " + fault.format([2, 5, 1])}
+
+
 def test_dtype_follows_torch_default_dtype():
     """dtype left out follows torch.set_default_dtype, as torch's modules do (gpt-fast and torchtitan set
     it before building a model): a float64 default gives a float64 layer that equals the reference."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ep_runtime as ep
-from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.reference import expert_reference, moe_reference, rel_err
 from ep_runtime.runner_core import (
     CombineInput,
     DispatchOutput,
@@ -242,6 +242,29 @@ def test_masked_m_of_another_shape_or_a_float_dtype_is_named_by_every_backend(ru
                                          rf"{masked_m.dtype}; expected \[3\] \(L local experts\) int32"):
         ep.runners.create(runner, ep.MoeConfig(6, 2, H, I)).run(ExpertMajorInput(torch.randn(L, 5, H), masked_m),
                                                                 weights)
+
+
+@pytest.mark.parametrize("masked_m,bad", [([3, 6, 0], "6 at [1]"), ([-1, 2, 5], "-1 at [0]")])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_masked_m_outside_the_buffer_rows_is_named_not_clamped(runner, masked_m, bad):
+    """A count above the M*R rows per expert was clamped to them (the masked kernels' bound, the conversion's
+    row < masked_m[l]) and a negative one read as 0: both computed something other than what was asked. A
+    count of exactly M*R is every row, and equals the float64 reference."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    L, N, H, I = 3, 5, 16, 8
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(L, N, H, generator=gen)
+    w13, w2 = torch.randn(L, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(L, H, I, generator=gen) * I ** -0.5
+    config = ep.MoeConfig(6, 2, H, I)
+    backend = ep.runners.create(runner, config)
+    with pytest.raises(ValueError, match=rf"masked_m has {re.escape(bad)}; allowed 0\.\.{N} \(hidden_states has "
+                                         rf"M\*R={N} rows per expert\)"):
+        backend.run(ExpertMajorInput(x, torch.tensor(masked_m, dtype=torch.int32)), ep.ExpertWeights(w13, w2))
+    y = backend.run(ExpertMajorInput(x, torch.full((L,), N, dtype=torch.int32)), ep.ExpertWeights(w13, w2))
+    for e in range(L):
+        ref = expert_reference(x[e].double(), w13[e].double(), w2[e].double(), config)
+        assert rel_err(y[e], ref) <= 1e-5, e
 
 
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
