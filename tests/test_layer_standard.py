@@ -71,21 +71,22 @@ def test_load_experts_keeps_only_the_shard():
         layer.load_experts(torch.randn(8, 15, 16), w2)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(ids=[[0, 8]]), r"topk_ids has id 8 at \[0, 1\]; allowed -1..7 \(num_experts=8\)"),
-    (dict(ids=[[0, -2]]), r"topk_ids has id -2 at \[0, 1\]; allowed -1..7"),
-    (dict(ids=[[0]]), r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
-    (dict(x_cols=15), r"x has shape \[1, 15\]; expected \[T, 16\]"),
-    (dict(x_dtype=torch.float64), "x has dtype torch.float64; this layer's weights are torch.float32"),
-    (dict(ids_dtype=torch.float32), "topk_ids has dtype torch.float32; expected a signed integer dtype"),
-    (dict(weights=[[0.5, float("nan")]]), "topk_weights has a non-finite value nan"),
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(ids=[[0, 8]]), ValueError, r"topk_ids has id 8 at \[0, 1\]; allowed -1..7 \(num_experts=8\)"),
+    (dict(ids=[[0, -2]]), ValueError, r"topk_ids has id -2 at \[0, 1\]; allowed -1..7"),
+    (dict(ids=[[0]]), ValueError, r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
+    (dict(x_cols=15), ValueError, r"x has shape \[1, 15\]; expected \[T, 16\]"),
+    (dict(x_dtype=torch.float64), TypeError, "x has dtype torch.float64; this layer's weights are torch.float32"),
+    (dict(ids_dtype=torch.float32), TypeError, "topk_ids has dtype torch.float32; expected a signed integer dtype"),
+    (dict(weights=[[0.5, float("nan")]]), ValueError, "topk_weights has a non-finite value nan"),
 ])
-def test_bad_input_names_argument_value_and_range(bad, match):
+def test_bad_input_names_argument_value_and_range(bad, error, match):
+    # the exact type per case (a wrong value or shape: ValueError; a wrong dtype: TypeError), not either of them
     layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
     x = torch.randn(1, bad.get("x_cols", 16), dtype=bad.get("x_dtype", torch.float32))
     ids = torch.tensor(bad.get("ids", [[0, 1]]), dtype=bad.get("ids_dtype", torch.int32))
     w = torch.tensor(bad.get("weights", [[0.5] * ids.shape[1]]))
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(error, match=match):
         layer(x, ids, w)
 
 
