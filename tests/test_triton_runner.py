@@ -1195,9 +1195,11 @@ def test_a_hook_returning_another_shape_is_an_error_naming_it(runner):
     E, K, H, I = 4, 2, 16, 8
     problem = make_problem(MoeConfig(E, K, H, I), [5], seed=13)
     shape_of_outputs = r"allowed: None or the outputs' shape \[\d+, 16\]"
-    for name, bad, message in [("after_gemm1", lambda i, o, e: o.sum(0), r"a tensor of shape \[16\]; " + shape_of_outputs),
-                               ("after_gemm2", lambda i, o, e: o[:, :-1], r"a tensor of shape \[\d+, 15\]; " + shape_of_outputs),
-                               ("after_gemm2", lambda i, o, e: 3.0, "float; allowed: None or a tensor")]:
+    # a tensor of the wrong shape: ValueError; not a tensor at all: TypeError (each pinned, not either)
+    for name, bad, error, message in [
+            ("after_gemm1", lambda i, o, e: o.sum(0), ValueError, r"a tensor of shape \[16\]; " + shape_of_outputs),
+            ("after_gemm2", lambda i, o, e: o[:, :-1], ValueError, r"a tensor of shape \[\d+, 15\]; " + shape_of_outputs),
+            ("after_gemm2", lambda i, o, e: 3.0, TypeError, "float; allowed: None or a tensor")]:
         layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=runners.GemmHooks(**{name: bad}))
-        with pytest.raises((ValueError, TypeError), match=f"hooks.{name} returned " + message):
+        with pytest.raises(error, match=f"hooks.{name} returned " + message):
             layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
