@@ -42,9 +42,14 @@ def test_gpt_oss_clamp_is_active(alpha):
     a = ep.EPMoE(4, 1, 16, 8, gemm1_clamp_limit=0.05, **kw)
     b = ep.EPMoE(4, 1, 16, 8, **kw)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(10, 16, dtype=torch.float64)
-    ids, w = torch.zeros(10, 1, dtype=torch.int32), torch.ones(10, 1)
-    assert not torch.allclose(a(x, ids, w), b(x, ids, w))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 16, dtype=torch.float64, generator=gen)
+    # every expert, random weights (all ids 0 and weights 1 only showed the clamp acting on expert 0)
+    ids, w = torch.arange(10, dtype=torch.int32).remainder(4).view(10, 1), torch.rand(10, 1, generator=gen) + 0.1
+    ya, yb = a(x, ids, w), b(x, ids, w)
+    for e in range(4):
+        rows = ids[:, 0] == e
+        assert not torch.allclose(ya[rows], yb[rows]), e
 
 
 def test_router_logits_path_equals_explicit_topk():
