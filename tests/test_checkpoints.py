@@ -390,8 +390,10 @@ def _meta_forward_rank(rank, world_size):
     messages = []
     on_meta = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", device="meta")
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
-    for module, tokens in ((on_meta, x.to("meta")), (on_meta, x), (layer, x.to("meta"))):
-        with pytest.raises((RuntimeError, ValueError)) as err:
+    # a layer with no values: RuntimeError (a state, not an argument); x on the wrong device: ValueError
+    for module, tokens, error in ((on_meta, x.to("meta"), RuntimeError), (on_meta, x, RuntimeError),
+                                  (layer, x.to("meta"), ValueError)):
+        with pytest.raises(error) as err:
             module(tokens, ids.to(tokens.device), weights.to(tokens.device))
         messages.append(str(err.value))
     layer.load_experts(w13, w2)  # nothing was dispatched: the group goes on as usual

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 
@@ -41,9 +42,14 @@ def test_gpt_oss_clamp_is_active(alpha):
     a = ep.EPMoE(4, 1, 16, 8, gemm1_clamp_limit=0.05, **kw)
     b = ep.EPMoE(4, 1, 16, 8, **kw)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(10, 16, dtype=torch.float64)
-    ids, w = torch.zeros(10, 1, dtype=torch.int32), torch.ones(10, 1)
-    assert not torch.allclose(a(x, ids, w), b(x, ids, w))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 16, dtype=torch.float64, generator=gen)
+    # every expert, random weights (all ids 0 and weights 1 only showed the clamp acting on expert 0)
+    ids, w = torch.arange(10, dtype=torch.int32).remainder(4).view(10, 1), torch.rand(10, 1, generator=gen) + 0.1
+    ya, yb = a(x, ids, w), b(x, ids, w)
+    for e in range(4):
+        rows = ids[:, 0] == e
+        assert not torch.allclose(ya[rows], yb[rows]), e
 
 
 def test_router_logits_path_equals_explicit_topk():
@@ -59,7 +65,9 @@ def test_router_logits_path_equals_explicit_topk():
         with pytest.raises(TypeError, match=r"^topk_ids is a (TopKOutput|tuple) of 2 items; allowed: the ids tensor "
                                             r"\[T, K\], with topk_weights \[T, K\] as the next argument"):
             layer(tokens, topk)
-    assert torch.equal(layer(x, *ep.select_experts(logits, cfg)), layer(x, ids, w))
+    # the refused calls leave the layer computing the float64 reference (this compared layer(x, ids, w) with itself)
+    ref = moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)
+    assert rel_err(layer(x, router_logits=logits), ref) <= tolerance(torch.float64)
 
 
 def test_load_experts_keeps_only_the_shard():
@@ -71,21 +79,22 @@ def test_load_experts_keeps_only_the_shard():
         layer.load_experts(torch.randn(8, 15, 16), w2)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(ids=[[0, 8]]), r"topk_ids has id 8 at \[0, 1\]; allowed -1..7 \(num_experts=8\)"),
-    (dict(ids=[[0, -2]]), r"topk_ids has id -2 at \[0, 1\]; allowed -1..7"),
-    (dict(ids=[[0]]), r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
-    (dict(x_cols=15), r"x has shape \[1, 15\]; expected \[T, 16\]"),
-    (dict(x_dtype=torch.float64), "x has dtype torch.float64; this layer's weights are torch.float32"),
-    (dict(ids_dtype=torch.float32), "topk_ids has dtype torch.float32; expected a signed integer dtype"),
-    (dict(weights=[[0.5, float("nan")]]), "topk_weights has a non-finite value nan"),
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(ids=[[0, 8]]), ValueError, r"topk_ids has id 8 at \[0, 1\]; allowed -1..7 \(num_experts=8\)"),
+    (dict(ids=[[0, -2]]), ValueError, r"topk_ids has id -2 at \[0, 1\]; allowed -1..7"),
+    (dict(ids=[[0]]), ValueError, r"topk_ids has shape \[1, 1\]; expected \[1, 2\]"),
+    (dict(x_cols=15), ValueError, r"x has shape \[1, 15\]; expected \[T, 16\]"),
+    (dict(x_dtype=torch.float64), TypeError, "x has dtype torch.float64; this layer's weights are torch.float32"),
+    (dict(ids_dtype=torch.float32), TypeError, "topk_ids has dtype torch.float32; expected a signed integer dtype"),
+    (dict(weights=[[0.5, float("nan")]]), ValueError, "topk_weights has a non-finite value nan"),
 ])
-def test_bad_input_names_argument_value_and_range(bad, match):
+def test_bad_input_names_argument_value_and_range(bad, error, match):
+    # the exact type per case (a wrong value or shape: ValueError; a wrong dtype: TypeError), not either of them
     layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
     x = torch.randn(1, bad.get("x_cols", 16), dtype=bad.get("x_dtype", torch.float32))
     ids = torch.tensor(bad.get("ids", [[0, 1]]), dtype=bad.get("ids_dtype", torch.int32))
     w = torch.tensor(bad.get("weights", [[0.5] * ids.shape[1]]))
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(error, match=match):
         layer(x, ids, w)
 
 

@@ -4,6 +4,7 @@ synchronous run bit for bit and the float64 reference, buffers can be reused onc
 hooks complete the receive, bad arguments fail before any collective, and EPMoE's shared experts
 run during the dispatch with an unchanged result."""
 import importlib.util
+import re
 import time
 
 import pytest
@@ -214,17 +215,21 @@ def _errors_rank(rank, world_size):
 
 
 def test_bad_arguments_raise_on_every_rank():
-    for raised in run_ranks(_errors_rank, 2, timeout=60):
+    for rank, raised in enumerate(run_ranks(_errors_rank, 2, timeout=60)):
         assert len(raised) == 8, raised
         assert "async_op=True and return_recv_hook=True" in raised[0]
         assert "async_op=1; allowed: True or False" in raised[1]
         assert "previous_event='now'; allowed: None, a torch.cuda.Event or an ExchangeWork" in raised[2]
-        assert "hidden" in raised[3] or "32" in raised[3]
+        # the argument, its value and what is allowed (was: "hidden" or "32" anywhere in the message)
+        assert re.fullmatch(r"x has shape \[\d+, 5\]; expected \[T, 32\] \(hidden_size=32\)", raised[3]), raised[3]
         assert "return_recv_hook=True on the mori dispatcher; allowed: False" in raised[4]
         assert raised[5].startswith("use_fp8=True dispatch: quantized (fp8) experts and fp8 dispatch are inference-only")
         assert raised[6].startswith("handle was made for ") and raised[6].endswith(
             " tokens; x has 3 (a handle is only valid for a dispatch with the same routing)"), raised[6]
-        assert "invalid topk_ids" in raised[7] or "99" in raised[7]
+        # rank 0 names its bad value; rank 1 says which rank had one (either substring passed on either rank)
+        assert raised[7] == ("topk_ids has id 99 at [3, 1]; allowed -1..7 (num_experts=8)" if rank == 0 else
+                             "rank 0 got invalid topk_ids or topk_weights (ids outside -1..7 or non-finite weights; its "
+                             "own error names the value); every rank stops here"), raised[7]
 
 
 def _collectives_while_pending_rank(rank, world_size):

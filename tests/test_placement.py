@@ -72,7 +72,8 @@ def test_non_contiguous_tables_agree_with_a_python_model(seed):
 
 def test_from_global_ids_computes_this_ranks_experts_under_any_placement():
     """RunnerInput.from_global_ids + the torch runner == the float64 reference over this rank's experts,
-    with experts dealt round-robin (so no offset arithmetic could find them)."""
+    with experts dealt round-robin (so no offset arithmetic could find them). The reference's experts are read
+    off ROUND_ROBIN in the test, not from the placement under test (its tables would agree with themselves)."""
     gen = torch.Generator().manual_seed(2)
     cfg = ep.MoeConfig(8, 3, 16, 8)
     w13 = torch.randn(8, 16, 16, generator=gen, dtype=torch.float64) / 4
@@ -82,11 +83,13 @@ def test_from_global_ids_computes_this_ranks_experts_under_any_placement():
     w = torch.rand(20, 3, generator=gen)
     for rank in range(2):
         p = ExpertPlacement(8, 2, rank, expert_to_rank=ROUND_ROBIN)
-        mine = p.local_expert_ids()
+        mine = [e for e, owner in enumerate(ROUND_ROBIN) if owner == rank]  # in global order: the local order
         inp = RunnerInput.from_global_ids(x, ids, w, p)
         y = ep.runners.create("torch", cfg).run(inp, ep.ExpertWeights(w13[mine], w2[mine]))
-        elsewhere = torch.where(p.rank_of(ids) == rank, ids, torch.full_like(ids, -1))
-        assert rel_err(y, moe_reference(x, elsewhere, w.double(), w13, w2, cfg)) < 1e-12
+        here = torch.tensor([owner == rank for owner in ROUND_ROBIN])[ids.clamp(min=0).long()] & (ids >= 0)
+        assert here.any() and not here.all()
+        kept = torch.where(here, ids, torch.full_like(ids, -1))  # other ranks' experts add nothing here
+        assert rel_err(y, moe_reference(x, kept, w.double(), w13, w2, cfg)) < 1e-12  # float64 throughout
 
 
 def test_load_experts_takes_this_ranks_experts_from_the_placement():

@@ -694,9 +694,17 @@ def test_triton_runner_maps_deferred_ids_in_its_kernels_bit_for_bit():
     assert torch.equal(seen[0], seen[1]) and int(seen[0].max()) < L
 
 
-def test_triton_runner_backward_with_deferred_ids_matches_the_torch_runner():
+def _round_robin_local_ids(ids, E):
+    """Rank 1's local ids when experts are dealt round-robin over 2 ranks (it holds 1, 3, 5, 7 as 0..3), written
+    out here rather than read from the placement: other ranks' experts and ids outside [0, E) become -1."""
+    return torch.where((ids >= 0) & (ids < E) & (ids % 2 == 1), torch.div(ids, 2, rounding_mode="floor"), -1)
+
+
+def test_triton_runner_backward_with_deferred_ids_matches_the_reference():
     """Training through a format's deferred ids under a non-identity placement: the backward's torch
-    recompute must see the mapped ids (raw global ids would pick the wrong experts' weights)."""
+    recompute must see the mapped ids (raw global ids would pick the wrong experts' weights). Checked
+    against float64: the backward *is* the torch runner's recompute, so comparing with the torch runner
+    would compare the gradients with themselves."""
     gen = torch.Generator().manual_seed(13)
     E, K, H, I, L = 8, 2, 16, 32, 4
     cfg = MoeConfig(E, K, H, I)
@@ -704,18 +712,19 @@ def test_triton_runner_backward_with_deferred_ids_matches_the_torch_runner():
     placement = ep.ExpertPlacement(E, 2, 1, expert_to_rank=[e % 2 for e in range(E)])  # rank 1: 1, 3, 5, 7
     ids = torch.randint(-2, E + 2, (15, K), generator=gen, dtype=torch.int32)
     x, w = torch.randn(15, H, generator=gen), torch.rand(15, K, generator=gen)
-    grads = {}
-    for name in ("triton", "torch"):
-        leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
-        inp = RunnerInput.from_global_ids(leaves[0], ids, w, placement, defer=name == "triton")
-        y = runners.create(name, cfg).run(inp, ExpertWeights(leaves[1], leaves[2]))
-        y.square().sum().backward()
-        grads[name] = [y.detach()] + [t.grad for t in leaves]
-    for got, want in zip(grads["triton"], grads["torch"]):
-        assert rel_err(got, want.double()) <= 1e-5
+    leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
+    inp = RunnerInput.from_global_ids(leaves[0], ids, w, placement, defer=True)
+    y = runners.create("triton", cfg).run(inp, ExpertWeights(leaves[1], leaves[2]))
+    y.square().sum().backward()
+    refs = [t.double().requires_grad_() for t in (x, w13, w2)]
+    y_ref = moe_reference(refs[0], _round_robin_local_ids(ids, E), w.double(), refs[1], refs[2], MoeConfig(L, K, H, I))
+    y_ref.square().sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) <= tolerance(torch.float32)
+    for got, want in zip(leaves, refs):
+        assert rel_err(got.grad, want.grad) <= tolerance(torch.float32)
 
 
-def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
+def test_global_ids_through_a_non_contiguous_placement_match_the_reference():
     # The mori-style input: global ids mapped to this rank's weight rows through the placement's table
     # (experts dealt round-robin over 2 ranks: rank 1 holds 1, 3, 5, 7), -1 and other ranks' ids -> sink.
     gen = torch.Generator().manual_seed(6)
@@ -724,15 +733,18 @@ def test_global_ids_through_a_non_contiguous_placement_match_torch_runner():
     w13, w2, _, _ = _weights(gen, L, H, I)
     ids = torch.randint(-1, E, (15, K), generator=gen, dtype=torch.int32)
     placement = ep.ExpertPlacement(E, 2, 1, expert_to_rank=[e % 2 for e in range(E)])
-    inp = RunnerInput.from_global_ids(torch.randn(15, H, generator=gen), ids, torch.rand(15, K, generator=gen), placement)
+    x, w = torch.randn(15, H, generator=gen), torch.rand(15, K, generator=gen)
+    inp = RunnerInput.from_global_ids(x, ids, w, placement)
     y = runners.create("triton", cfg).run(inp, ExpertWeights(w13, w2))
-    assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
+    # float64 over the local ids written out in the test (the torch runner reads the same RunnerInput mapping)
+    want = moe_reference(x, _round_robin_local_ids(ids, E), w.double(), w13, w2, MoeConfig(L, K, H, I))
+    assert rel_err(y, want) <= tolerance(torch.float32)
 
 
 def test_an_expert_mask_given_as_a_strided_view_is_read_by_value():
     # RunnerInput.expert_mask [L+1] as a view with a stride (a column of a per-expert table, here with expert 1
     # masked out): the alignment kernels read mask[id], not the id-th byte after its first element (expert 1
-    # then read the table's [0, 1] entry, True, and expert 2 read [1, 0], False); == the torch runner.
+    # then read the table's [0, 1] entry, True, and expert 2 read [1, 0], False); == the float64 reference.
     gen = torch.Generator().manual_seed(8)
     E, K, H, I, L = 4, 2, 16, 32, 4
     cfg = MoeConfig(E, K, H, I)
@@ -741,9 +753,10 @@ def test_an_expert_mask_given_as_a_strided_view_is_read_by_value():
     column = torch.stack([mask, ~mask], 1)[:, 0]
     assert not column.is_contiguous() and torch.equal(column, mask)
     ids = torch.randint(0, L + 1, (9, K), generator=gen, dtype=torch.int32)
-    inp = RunnerInput(torch.randn(9, H, generator=gen), ids, torch.rand(9, K, generator=gen), column)
-    y = runners.create("triton", cfg).run(inp, ExpertWeights(w13, w2))
-    assert rel_err(y, runners.create("torch", cfg).run(inp, ExpertWeights(w13, w2)).double()) <= 1e-5
+    x, w = torch.randn(9, H, generator=gen), torch.rand(9, K, generator=gen)
+    y = runners.create("triton", cfg).run(RunnerInput(x, ids, w, column), ExpertWeights(w13, w2))
+    kept = torch.where(mask[ids.long()], ids, -1)  # expert 1 and the sink add nothing
+    assert (kept != ids).any() and rel_err(y, moe_reference(x, kept, w.double(), w13, w2, cfg)) <= tolerance(torch.float32)
 
 
 def _lora_hooks(gen, L, H, I, rank=4):
@@ -772,19 +785,39 @@ def _hooked_layer(runner, E, K, H, I, pick):
     return layer, problem, params, seen
 
 
-def test_gemm_hooks_match_torch_runner_forward_and_backward():
+def _lora_reference(problem, x, w13, w2, params, K, I):
+    """float64 y of the LoRA-hooked experts on problem's tokens, written out per (token, slot): GEMM 1's output
+    gets b1 @ (a1 @ x), GEMM 2's b2 @ (a2 @ a); differentiable in every argument."""
+    a1, b1, a2, b2 = params
+    ref = torch.zeros(x.shape, dtype=torch.float64)
+    for t, k in itertools.product(range(x.shape[0]), range(K)):
+        e = int(problem.topk_ids[0][t, k])
+        if e < 0:
+            continue
+        h = w13[e] @ x[t] + b1[e] @ (a1[e] @ x[t])
+        a = torch.nn.functional.silu(h[:I]) * h[I:]
+        ref[t] += problem.topk_weights[0][t, k].double() * (w2[e] @ a + b2[e] @ (a2[e] @ a))
+    return ref
+
+
+def test_gemm_hooks_match_the_reference_forward_and_backward():
+    # y and every gradient (tokens, experts, adapters) against float64; the triton runner's backward recomputes
+    # with the torch runner, so the torch runner is no independent check of the gradients.
     E, K, H, I = 4, 2, 16, 24
-    results = {}
+    seen_by = {}
     for name in ("torch", "triton"):
         layer, problem, params, seen = _hooked_layer(name, E, K, H, I, lambda hooks: hooks)
         x = problem.xs[0].float().requires_grad_()
         y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
         (y * problem.grad_outputs[0].float()).sum().backward()
-        results[name] = (y.detach(), x.grad, layer.w13.grad, *[p.grad for p in params], seen[:2])
-    ref, got = results["torch"], results["triton"]
-    for r, g in zip(ref[:-1], got[:-1]):
-        assert rel_err(g, r) <= 1e-5
-    assert all(torch.equal(r, g) for r, g in zip(ref[-1], got[-1]))  # hooks saw the same pair grouping
+        seen_by[name] = seen[:2]
+        leaves = [t.detach().double().requires_grad_() for t in (x, layer.w13, layer.w2, *params)]
+        ref = _lora_reference(problem, *leaves[:3], leaves[3:], K, I)
+        (ref * problem.grad_outputs[0]).sum().backward()
+        assert rel_err(y.detach(), ref.detach()) <= tolerance(torch.float32), name
+        for got, want in zip((x, layer.w13, layer.w2, *params), leaves):
+            assert got.grad is not None and rel_err(got.grad, want.grad) <= tolerance(torch.float32), name
+    assert all(torch.equal(r, g) for r, g in zip(seen_by["torch"], seen_by["triton"]))  # the same pair grouping
 
 
 def test_lora_hooks_on_frozen_experts_and_tokens_get_the_reference_gradients():
@@ -797,19 +830,11 @@ def test_lora_hooks_on_frozen_experts_and_tokens_get_the_reference_gradients():
         y = layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
         (y * problem.grad_outputs[0].float()).sum().backward()
 
-        a1, b1, a2, b2 = (p.detach().double().requires_grad_() for p in params)
-        ref = torch.zeros(13, H, dtype=torch.float64)
-        for t, k in itertools.product(range(13), range(K)):
-            e = int(problem.topk_ids[0][t, k])
-            if e < 0:
-                continue
-            x_t = problem.xs[0][t]
-            h = problem.w13[e] @ x_t + b1[e] @ (a1[e] @ x_t)
-            a = torch.nn.functional.silu(h[:I]) * h[I:]
-            ref[t] += problem.topk_weights[0][t, k].double() * (problem.w2[e] @ a + b2[e] @ (a2[e] @ a))
+        refs = [p.detach().double().requires_grad_() for p in params]
+        ref = _lora_reference(problem, problem.xs[0], problem.w13, problem.w2, refs, K, I)
         (ref * problem.grad_outputs[0]).sum().backward()
         assert rel_err(y.detach(), ref.detach()) <= tolerance(torch.float32), name
-        for got, want in zip(params, (a1, b1, a2, b2)):
+        for got, want in zip(params, refs):
             assert got.grad is not None, name
             assert rel_err(got.grad, want.grad) <= tolerance(torch.float32), name
 
@@ -838,48 +863,60 @@ def test_double_backward_matches_the_reference():
         torch.autograd.grad(y.sum(), [x], create_graph=True)
 
 
-def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_torch_runner():
-    # No after_gemm1 hook: GEMM 1 runs with the activation fused; the GEMM 2 hook still sees a[pairs].
+def test_after_gemm2_hook_alone_keeps_the_fused_activation_and_matches_the_reference():
+    # No after_gemm1 hook: GEMM 1 runs with the activation fused; the GEMM 2 hook still sees a[pairs]. y equals
+    # the float64 LoRA reference with GEMM 1's adapter left out (a1 = 0), on both runners.
     E, K, H, I = 4, 2, 16, 24
-    outs = {}
+    seen_by = {}
     for name in ("torch", "triton"):
-        layer, problem, _, seen = _hooked_layer(name, E, K, H, I,
-                                                lambda hooks: runners.GemmHooks(None, hooks.after_gemm2))
+        layer, problem, params, seen = _hooked_layer(name, E, K, H, I,
+                                                     lambda hooks: runners.GemmHooks(None, hooks.after_gemm2))
         with torch.no_grad():
-            outs[name] = (layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0]), seen[0])
-    assert rel_err(outs["triton"][0], outs["torch"][0].double()) <= 1e-5
-    assert torch.equal(outs["triton"][1], outs["torch"][1])
+            y = layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
+            a1, b1, a2, b2 = (p.detach().double() for p in params)
+            ref = _lora_reference(problem, problem.xs[0], problem.w13, problem.w2, (torch.zeros_like(a1), b1, a2, b2),
+                                  K, I)
+        assert rel_err(y, ref) <= tolerance(torch.float32), name
+        seen_by[name] = seen[0]
+    assert torch.equal(seen_by["triton"], seen_by["torch"])  # the same pair grouping
 
 
 def test_router_weight_gradient_flows():
-    # topk_weights from a differentiable router get the torch runner's gradient.
+    # topk_weights from a differentiable router (softmax, top-k, renormalized) get the float64 reference's
+    # gradient (the backward is the torch runner's recompute: the torch runner is no independent check).
     E, K, H, I = 4, 2, 16, 8
-    grads = {}
-    for name in ("torch", "triton"):
-        torch.manual_seed(0)
-        layer = ep.EPMoE(E, K, H, I, runner=name, topk_config=ep.TopKConfig(top_k=K, renormalize=True))
-        x = torch.randn(7, H)
-        logits = torch.randn(7, E, requires_grad=True)
-        layer(x, router_logits=logits).square().sum().backward()
-        grads[name] = logits.grad
-    assert rel_err(grads["triton"], grads["torch"].double()) <= 1e-5
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, K, H, I, runner="triton", topk_config=ep.TopKConfig(top_k=K, renormalize=True))
+    x = torch.randn(7, H)
+    logits = torch.randn(7, E, requires_grad=True)
+    y = layer(x, router_logits=logits)
+    y.square().sum().backward()
+    logits64 = logits.detach().double().requires_grad_()
+    probs = torch.softmax(logits64, -1)
+    ids = probs.detach().topk(K, dim=1).indices
+    chosen = probs.gather(1, ids)
+    y_ref = moe_reference(x.double(), ids, chosen / chosen.sum(1, keepdim=True), layer.w13.detach(), layer.w2.detach(),
+                          layer.config)
+    y_ref.square().sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) <= tolerance(torch.float32)
+    assert rel_err(logits.grad, logits64.grad) <= tolerance(torch.float32)
 
 
 def test_training_after_a_call_under_inference_mode():
     # Tables and buffers the first call caches (under inference_mode here) must not be inference tensors:
-    # a later training step saves them for backward. Gradients as the torch runner's (fp32, same math).
+    # a later training step saves them for backward. Gradients as the float64 reference's.
     E, K, H, I = 4, 2, 32, 16
-    grads = {}
-    for name in ("torch", "triton"):
-        torch.manual_seed(0)
-        layer = ep.EPMoE(E, K, H, I, runner=name)
-        x, ids, w = torch.randn(5, H), torch.randint(-1, E, (5, K)), torch.rand(5, K)
-        with torch.inference_mode():
-            layer(x, ids, w)
-        x = x.clone().requires_grad_()
-        layer(x, ids, w).square().sum().backward()
-        grads[name] = x.grad
-    assert rel_err(grads["triton"], grads["torch"].double()) <= 1e-5
+    torch.manual_seed(0)
+    layer = ep.EPMoE(E, K, H, I, runner="triton")
+    x, ids, w = torch.randn(5, H), torch.randint(-1, E, (5, K)), torch.rand(5, K)
+    with torch.inference_mode():
+        layer(x, ids, w)
+    x = x.clone().requires_grad_()
+    layer(x, ids, w).square().sum().backward()
+    x64, w13, w2 = (t.detach().double().requires_grad_() for t in (x, layer.w13, layer.w2))
+    moe_reference(x64, ids, w.double(), w13, w2, layer.config).square().sum().backward()
+    for got, want in ((x, x64), (layer.w13, w13), (layer.w2, w2)):
+        assert rel_err(got.grad, want.grad) <= tolerance(torch.float32)
 
 
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
@@ -1163,9 +1200,11 @@ def test_a_hook_returning_another_shape_is_an_error_naming_it(runner):
     E, K, H, I = 4, 2, 16, 8
     problem = make_problem(MoeConfig(E, K, H, I), [5], seed=13)
     shape_of_outputs = r"allowed: None or the outputs' shape \[\d+, 16\]"
-    for name, bad, message in [("after_gemm1", lambda i, o, e: o.sum(0), r"a tensor of shape \[16\]; " + shape_of_outputs),
-                               ("after_gemm2", lambda i, o, e: o[:, :-1], r"a tensor of shape \[\d+, 15\]; " + shape_of_outputs),
-                               ("after_gemm2", lambda i, o, e: 3.0, "float; allowed: None or a tensor")]:
+    # a tensor of the wrong shape: ValueError; not a tensor at all: TypeError (each pinned, not either)
+    for name, bad, error, message in [
+            ("after_gemm1", lambda i, o, e: o.sum(0), ValueError, r"a tensor of shape \[16\]; " + shape_of_outputs),
+            ("after_gemm2", lambda i, o, e: o[:, :-1], ValueError, r"a tensor of shape \[\d+, 15\]; " + shape_of_outputs),
+            ("after_gemm2", lambda i, o, e: 3.0, TypeError, "float; allowed: None or a tensor")]:
         layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=runners.GemmHooks(**{name: bad}))
-        with pytest.raises((ValueError, TypeError), match=f"hooks.{name} returned " + message):
+        with pytest.raises(error, match=f"hooks.{name} returned " + message):
             layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
