@@ -15,7 +15,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, untraced
-from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least
+from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least, weights_dtype
 
 from . import exchange_kernels, fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
@@ -241,7 +241,8 @@ class Dispatcher:
         # narrower accepted types become int32 losslessly.
         # (dtype tests, not no-op conversions: each skipped call saves ~2 us of host time per dispatch)
         ids = ids if ids.dtype in (torch.int64, torch.int32) else ids.to(torch.int32)
-        return TopKOutput(ids, weights if weights.dtype == torch.float32 else weights.float())
+        wdtype = weights_dtype(x.dtype)
+        return TopKOutput(ids, weights if weights.dtype == wdtype else weights.to(wdtype))
 
     def combine(self, combine_input: CombineInput, *, async_op: bool = False, return_recv_hook: bool = False,
                 previous_event: Any = None):
