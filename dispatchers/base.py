@@ -282,7 +282,14 @@ class Dispatcher:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked
         before any exchange, from shapes only: no host sync). Here: a tensor whose rows have hidden_size
         columns; dispatchers with a fixed layout check their rows too."""
-        rows = getattr(combine_input, "hidden_states", None)
+        if not isinstance(combine_input, CombineInput):  # (a tensor or None read as rows of None)
+            raise TypeError(f"combine_input must be an ep.CombineInput (the runner's output for this dispatcher's "
+                            f"dispatch: MoeRunner.run(dispatch_output, weights)); got {type(combine_input).__name__}")
+        made_by = combine_input.dispatch_output.format  # (a dispatch not waited for yet raises, saying so)
+        if made_by != self.format:  # another dispatcher's rows failed on an attribute of its handle, or combined
+            raise ValueError(f"combine_input.dispatch_output is a {made_by!r} dispatch's output; allowed: this "
+                             f"{self.name} dispatcher's own dispatch output (format {self.format!r})")
+        rows = combine_input.hidden_states
         if not isinstance(rows, torch.Tensor):
             raise TypeError(f"combine_input.hidden_states must be a torch.Tensor; got {type(rows).__name__}")
         if rows.dim() < 2 or rows.shape[-1] != self.config.hidden_size:
