@@ -15,7 +15,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import CombineInput, DispatchOutput, untraced
-from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least
+from ep_runtime.validation import capturing, check_hidden_states, check_topk, is_int_at_least, weights_dtype
 
 from . import exchange_kernels, fp8_payload, overlap
 from .hierarchical import MODES, LinkBytes
@@ -241,7 +241,8 @@ class Dispatcher:
         # narrower accepted types become int32 losslessly.
         # (dtype tests, not no-op conversions: each skipped call saves ~2 us of host time per dispatch)
         ids = ids if ids.dtype in (torch.int64, torch.int32) else ids.to(torch.int32)
-        return TopKOutput(ids, weights if weights.dtype == torch.float32 else weights.float())
+        wdtype = weights_dtype(x.dtype)
+        return TopKOutput(ids, weights if weights.dtype == wdtype else weights.to(wdtype))
 
     def combine(self, combine_input: CombineInput, *, async_op: bool = False, return_recv_hook: bool = False,
                 previous_event: Any = None):
@@ -281,7 +282,14 @@ class Dispatcher:
         """Raise naming combine_input.hidden_states when it cannot be this dispatch's runner output (checked
         before any exchange, from shapes only: no host sync). Here: a tensor whose rows have hidden_size
         columns; dispatchers with a fixed layout check their rows too."""
-        rows = getattr(combine_input, "hidden_states", None)
+        if not isinstance(combine_input, CombineInput):  # (a tensor or None read as rows of None)
+            raise TypeError(f"combine_input must be an ep.CombineInput (the runner's output for this dispatcher's "
+                            f"dispatch: MoeRunner.run(dispatch_output, weights)); got {type(combine_input).__name__}")
+        made_by = combine_input.dispatch_output.format  # (a dispatch not waited for yet raises, saying so)
+        if made_by != self.format:  # another dispatcher's rows failed on an attribute of its handle, or combined
+            raise ValueError(f"combine_input.dispatch_output is a {made_by!r} dispatch's output; allowed: this "
+                             f"{self.name} dispatcher's own dispatch output (format {self.format!r})")
+        rows = combine_input.hidden_states
         if not isinstance(rows, torch.Tensor):
             raise TypeError(f"combine_input.hidden_states must be a torch.Tensor; got {type(rows).__name__}")
         if rows.dim() < 2 or rows.shape[-1] != self.config.hidden_size:

@@ -37,7 +37,7 @@ _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set 
 @dataclass
 class MoriDispatchOutput(DispatchOutput):
     """recv_x [N_buf, H]; recv_topk_ids [N_buf, K] int32 global (-1: none or padding);
-    recv_topk_weights [N_buf, K] fp32; num_recv_tokens: [1] device int32; num_runner_rows: rows
+    recv_topk_weights [N_buf, K] fp32 (float64 for float64 x); num_recv_tokens: [1] device int32; num_runner_rows: rows
     handed to the runner. use_fp8: recv_x float8_e4m3fn with recv_x_scale [N_buf, ceil(H/128)] (fp32,
     or uint8 UE8M0 exponents); x_dtype: the tokens' dtype before quantization."""
 

@@ -18,7 +18,7 @@ from .deferred import DeferredChecks
 @dataclass
 class StandardDispatchOutput(DispatchOutput):
     """hidden_states [T, H]; topk_ids [T, K] int32 global (-1 = nowhere; int64 ids stay int64);
-    topk_weights [T, K] fp32; count_row [1 + 1 + E + 2] int32: the flag kernel's row (T, tokens with an
+    topk_weights [T, K] fp32 (float64 for float64 x); count_row [1 + 1 + E + 2] int32: the flag kernel's row (T, tokens with an
     expert, pairs per expert, value flags) where it ran, else None."""
 
     format = "standard"

@@ -23,7 +23,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import decode_scales
 from .registry import add_once
-from .validation import assert_on_device, capturing, check_topk
+from .validation import assert_on_device, capturing, check_topk, weights_dtype
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -98,7 +98,7 @@ class RunnerInput:
 
     hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
     that -1 ids and other ranks' experts were rerouted to (with id_table set: the format's int32 or int64
-    ids, not mapped yet); topk_weights [N, K] fp32;
+    ids, not mapped yet); topk_weights [N, K] fp32 (float64 for float64 rows);
     expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
     Quantized rows (an fp8 dispatch): hidden_states float8_e4m3fn, hidden_scale [N, ceil(H/128)] fp32
     (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
@@ -206,11 +206,12 @@ class RunnerInput:
     @classmethod
     def _mapped(cls, hidden_states, ids, weights, table, placement, hidden_scale, out_dtype, defer) -> "RunnerInput":
         mask = placement.local_mask_with_sink(hidden_states.device)
+        weights = weights.to(weights_dtype(out_dtype or hidden_states.dtype))
         if defer:
             if ids.dtype not in (torch.int32, torch.int64):  # as reroute_to_sink reads them
                 ids = ids.to(torch.int32)
-            return cls(hidden_states, ids, weights.float(), mask, hidden_scale, out_dtype, id_table=table)
-        return cls(hidden_states, reroute_to_sink(ids, table), weights.float(), mask, hidden_scale, out_dtype)
+            return cls(hidden_states, ids, weights, mask, hidden_scale, out_dtype, id_table=table)
+        return cls(hidden_states, reroute_to_sink(ids, table), weights, mask, hidden_scale, out_dtype)
 
 
 def _nonzero(computed: torch.Tensor) -> torch.Tensor:

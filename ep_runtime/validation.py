@@ -164,6 +164,14 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
         check_topk_values(topk_ids, topk_weights, num_experts)
 
 
+def weights_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype topk_weights travel and scale the experts' outputs in, for tokens of `x_dtype`: float32, and
+    float64 for float64 tokens (rounding their weights to float32 cut a float64 layer's results, and its weights'
+    gradients, to float32's precision: 1e-8 off the float64 reference). Every rank's x has one dtype (the count
+    table checks it), so every rank sends its weights in the same one."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
     """ids as int32, wider values saturated to the int32 range, so an out-of-range int64 id (2**40, say)
     stays out of range instead of wrapping onto a valid expert (for kernels that read ids before

@@ -90,3 +90,38 @@ def test_static_combine_names_rows_short_of_the_runner_rows(name):
         assert shape == [5, 16]
         assert message.startswith("combine_input.hidden_states has shape "), message
         assert f"with N >= {handed} (the rows the runner was handed" in message
+
+
+def _foreign_input_rank(rank, world_size):
+    """Each dispatcher's combine given what is not its own dispatch's runner output: a tensor (the runner's rows
+    alone), or a CombineInput over another dispatcher's dispatch output (two layers' calls mixed up)."""
+    config = ep.MoeConfig(8, 2, 16, 8)
+    made = {name: ep.dispatchers.create(name, config, **OPTIONS.get(name, {})) for name in ep.dispatchers.registered()
+            if ep.dispatchers.get(name).__module__.startswith("ep_runtime.")}
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(rank))
+    topk = ep.TopKOutput(torch.tensor([[0, 7], [4, -1], [5, 1], [3, 6], [2, 2]]), torch.rand(5, 2))
+    outputs = {name: d.dispatch(x, topk) for name, d in made.items()}
+    messages = {}
+    for name, d in made.items():
+        foreign = [(other, out) for other, out in outputs.items() if other != name]
+        for what, given in [("tensor", x)] + [(other, CombineInput(x, out)) for other, out in foreign]:
+            try:
+                d.combine(given)
+                messages[(name, what)] = None
+            except (TypeError, ValueError) as err:
+                messages[(name, what)] = f"{type(err).__name__}: {err}"
+    return messages
+
+
+def test_combine_names_an_input_that_is_not_its_own_dispatch_output():
+    """combine(a tensor) said "combine_input.hidden_states must be a torch.Tensor; got NoneType"; another
+    dispatcher's output failed on an attribute of its handle (AttributeError: 'LLHandle' object has no attribute
+    'recv_pos') or, deepep_normal's and mori's, was combined."""
+    for messages in run_ranks(_foreign_input_rank, 2):
+        for (name, what), message in messages.items():
+            if what == "tensor":
+                assert message == ("TypeError: combine_input must be an ep.CombineInput (the runner's output for this "
+                                   "dispatcher's dispatch: MoeRunner.run(dispatch_output, weights)); got Tensor"), message
+            else:
+                assert message == (f"ValueError: combine_input.dispatch_output is a {what!r} dispatch's output; allowed: "
+                                   f"this {name} dispatcher's own dispatch output (format {name!r})"), message

@@ -284,8 +284,7 @@ def _empty_rank_rank(rank, world_size, dispatcher):
 @pytest.mark.parametrize("dispatcher", [d for d in DISPATCHERS if ep.dispatchers.get(d).shards_experts])
 def test_empty_rank_whose_inputs_need_no_gradient(dispatcher):
     for errors in run_ranks(_empty_rank_rank, 3, dispatcher, timeout=90, group_timeout=30):
-        # the weights' gradient is rounded to fp32: float64 layers take fp32 routing weights (TopKOutput)
-        assert errors.pop("dweights", 0.0) <= 1e-6 and max(errors.values()) <= tolerance(torch.float64), errors
+        assert max(errors.values()) <= tolerance(torch.float64), errors
 
 
 def _weight_on_input_fp16_rank(rank, world_size):
@@ -314,3 +313,36 @@ def test_weight_on_input_is_applied_in_fp32_for_subnormal_fp16_weights():
     for errors in run_ranks(_weight_on_input_fp16_rank, 2, timeout=120):
         # fp16 rounding of the inputs, activations and output alone gives ~5e-4 here
         assert max(errors.values()) <= 2e-3, errors
+
+
+def _float64_weights_rank(rank, world_size):
+    """A float64 layer given float64 topk_weights (a float64 model's router makes them; torch.autograd.gradcheck
+    perturbs them): its output and the gradients of x and topk_weights equal the float64 reference within float64
+    rounding, with every dispatcher, rank 1's weights float32 (each rank's own dtype is fine; they travel in x's).
+    Every path rounded the weights to float32 first: 1e-8 off, and gradcheck's perturbations of 1e-6 lost."""
+    from ep_runtime.reference import moe_reference, rel_err
+    errors = {}
+    for dispatcher in DISPATCHERS:
+        layer = ep.EPMoE(8, 3, 16, 8, dispatcher=dispatcher, runner="torch", dtype=torch.float64,
+                         apply_router_weight_on_input=dispatcher == "mori", dispatcher_options=OPTIONS.get(dispatcher))
+        problem = make_problem(layer.config, [6, 4], seed=5, ep_size=world_size)
+        layer.load_experts(problem.w13, problem.w2)
+        gen = torch.Generator().manual_seed(rank)
+        weights = torch.rand(problem.topk_ids[rank].shape, generator=gen, dtype=torch.float64) + 0.1  # not fp32 values
+        weights = weights if rank == 0 else weights.float()
+        x, w = problem.xs[rank].clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        (layer(x, problem.topk_ids[rank], w) * problem.grad_outputs[rank]).sum().backward()
+        x64, w64 = problem.xs[rank].clone().requires_grad_(True), weights.double().requires_grad_(True)
+        ref = moe_reference(x64, problem.topk_ids[rank], w64, problem.w13, problem.w2, layer.config)
+        (ref * problem.grad_outputs[rank]).sum().backward()
+        # (rank 1's weights' gradient comes back in their float32, rounded once)
+        errors[dispatcher] = (rel_err(layer(x, problem.topk_ids[rank], w).detach(), ref.detach()),
+                              rel_err(x.grad, x64.grad), rel_err(w.grad, w64.grad) <= tolerance(w.dtype),
+                              w.grad.dtype == weights.dtype)
+    return errors
+
+
+def test_float64_layer_keeps_float64_topk_weights():
+    for errors in run_ranks(_float64_weights_rank, 2):
+        for dispatcher, (y, dx, dweights_ok, same_dtype) in errors.items():
+            assert max(y, dx) <= tolerance(torch.float64) and dweights_ok and same_dtype, (dispatcher, errors[dispatcher])
