@@ -286,11 +286,12 @@ if triton is not None:
     @triton.jit
     def _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out_ptr, flags_at, FLAGS: tl.constexpr,
                    DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_E: tl.constexpr):
+                   BLOCK_E: tl.constexpr, in_rank_ptr, IN_RANK: tl.constexpr):
         """layout_row's count row [T; tokens per rank (R); pairs per expert (E); flags at flags_at
         (RowLayout's)] of all T tokens in one program, stored at out_ptr (int32) without atomics or a
-        zeroed buffer (the NVLink token put stores it straight into the peers' tables). BLOCK_E > E:
-        ids outside [0, E) count in bin BLOCK_E - 1, which is not stored."""
+        zeroed buffer (the NVLink token put stores it straight into the peers' tables; layout_row at
+        small T). BLOCK_E > E: ids outside [0, E) count in bin BLOCK_E - 1, which is not stored. With
+        IN_RANK also is_token_in_rank [T, R] at in_rank_ptr (0/1 bytes)."""
         k = tl.arange(0, BLOCK_K)
         r = tl.arange(0, BLOCK_R)
         per_rank = tl.zeros([BLOCK_R], tl.int32)
@@ -305,6 +306,9 @@ if triton is not None:
             ids, valid, owner = _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E)
             hit = tl.max((owner[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
             per_rank += tl.sum(hit, axis=0)
+            if IN_RANK:
+                tl.store(in_rank_ptr + t[:, None].to(tl.int64) * R + r[None, :], hit.to(tl.int8),
+                         mask=(t[:, None] < T) & (r[None, :] < R))
             bins = tl.reshape(tl.where(valid, ids, BLOCK_E - 1).to(tl.int32), [BLOCK_T * BLOCK_K])
             per_expert += tl.histogram(bins, BLOCK_E)
             if FLAGS:
@@ -321,6 +325,20 @@ if triton is not None:
             tl.store(out_ptr + flags_at + 1, bad_w)
             if DISTINCT:
                 tl.store(out_ptr + flags_at + 2, repeated)
+
+    @fast_launch
+    @triton.jit(do_not_specialize=["grads", "dtype_code"])
+    def _layout_one_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at, grads_at, grads,
+                           dtype_code, FLAGS: tl.constexpr, DISTINCT: tl.constexpr, WANTS: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_E: tl.constexpr):
+        """_layout_kernel's outputs in one program (small T): every entry of the row is stored (_count_row),
+        so it needs no zeroed buffer and no atomics."""
+        _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, row_ptr, flags_at, FLAGS, DISTINCT, BLOCK_T, BLOCK_K,
+                   BLOCK_R, BLOCK_E, in_rank_ptr, True)
+        if WANTS:
+            tl.store(row_ptr + grads_at, grads)
+            tl.store(row_ptr + grads_at + 1, dtype_code)
 
     @triton.jit
     def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,
@@ -517,16 +535,47 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     T, K = topk_ids.shape
     E = rank_of.numel()
     layout = row_layout(ep_size, E, num_flags, 0, wants is not None)
+    device = topk_ids.device
     if in_rank is None:  # bool: the kernel stores 0/1 bytes (no int8 -> bool view per call)
-        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=topk_ids.device)
-    row = torch.zeros(layout.length, dtype=torch.int32, device=topk_ids.device)
+        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=device)
     grads, dtype_code = wants if wants is not None else (0, 0)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    w = rank_of if topk_weights is None else topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    if T <= _ONE_PROGRAM_TOKENS:  # one program stores every entry: no zero-filled row (a torch op fewer)
+        row = torch.empty(layout.length, dtype=torch.int32, device=device)
+        _layout_one_kernel[(1,)](ids, w, rank_of, in_rank, row, T, K, E, ep_size, layout.flags_at, layout.grads_at,
+                                 grads, dtype_code, FLAGS=num_flags > 0, DISTINCT=num_flags > 2,
+                                 WANTS=wants is not None, **_one_program_blocks(K, ep_size, E))
+        return in_rank, row
+    row = torch.zeros(layout.length, dtype=torch.int32, device=device)  # the programs add into it
     BLOCK_T = 64
-    _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
-        topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else rank_of, rank_of, in_rank,
-        row, T, K, E, ep_size, layout.flags_at, layout.grads_at, grads, dtype_code, FLAGS=num_flags > 0,
-        DISTINCT=num_flags > 2, WANTS=wants is not None, BLOCK_T=BLOCK_T, BLOCK_K=next_power_of_2(max(K, 2)))
+    _layout_kernel[(cdiv(T, BLOCK_T),)](
+        ids, w, rank_of, in_rank, row, T, K, E, ep_size, layout.flags_at, layout.grads_at, grads, dtype_code,
+        FLAGS=num_flags > 0, DISTINCT=num_flags > 2, WANTS=wants is not None, BLOCK_T=BLOCK_T,
+        BLOCK_K=next_power_of_2(max(K, 2)))
     return in_rank, row
+
+
+# layout_row runs one program up to this many tokens (decode sizes: a few block iterations), many above
+_ONE_PROGRAM_TOKENS = 256
+
+
+def _one_program_blocks(K: int, R: int, E: int) -> dict:
+    """_layout_one_kernel's blocks, made once per shape (plainly while torch.compile traces: see row_layout)."""
+    if torch.compiler.is_compiling():
+        return _blocks_of_one_program(K, R, E)
+    return _cached_blocks_of_one_program(K, R, E)
+
+
+def _blocks_of_one_program(K: int, R: int, E: int) -> dict:
+    """BLOCK_T tokens per step, so that the [BLOCK_T, BLOCK_K, BLOCK_R] owner test stays within 8192 entries
+    (registers); BLOCK_E > E (_count_row's bin for ids outside [0, E))."""
+    BLOCK_K, BLOCK_R = next_power_of_2(max(K, 2)), next_power_of_2(max(R, 2))
+    return dict(BLOCK_T=max(1, min(64, 8192 // (BLOCK_K * BLOCK_R))), BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+                BLOCK_E=next_power_of_2(E + 1))
+
+
+_cached_blocks_of_one_program = functools.lru_cache(maxsize=None)(_blocks_of_one_program)
 
 
 class TablePlan(NamedTuple):
