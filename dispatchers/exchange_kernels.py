@@ -780,15 +780,16 @@ def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor)
     Inference only (no autograd). partial is kept scratch (`kept`; combine only sends it): valid until
     the next ll_gather of this shape on this stream."""
     N, H = slot_index.shape[0], out.shape[1]
-    return gather_rows(out, slot_index, weight.float(), kept("ll_gather", (N, H), out.dtype, out.device))
+    weight = weight if weight.dtype == torch.float32 else weight.float()  # (a dtype test: .float() is an op)
+    return gather_rows(out, slot_index, weight, kept("ll_gather", (N, H), out.dtype, out.device))
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing.
-    out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
+    index [N, K], or [N] (K = 1). out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
     S, H = src.shape
-    N, K = index.shape
+    N, K = index.shape if index.dim() == 2 else (index.shape[0], 1)
     out = src.new_empty(N, H) if out is None else out
     if N:
         BLOCK_H = _block_h(H)

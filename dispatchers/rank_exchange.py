@@ -927,7 +927,7 @@ class RankExchange:
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
                 if partial.shape[0] != handle.rows:
                     partial = partial[:handle.rows]
-                index = handle.recv_pos.view(-1, 1)  # the chunk rows are only sent: kept scratch
+                index = handle.recv_pos  # [R*chunk]: one row each (no [R*chunk, 1] view: host time)
                 partial = exchange_kernels.gather_rows(partial, index, out=exchange_kernels.kept(
                     "chunk rows", (index.shape[0], partial.shape[1]), partial.dtype, partial.device))
             elif not handle.static:
