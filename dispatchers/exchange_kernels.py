@@ -342,8 +342,9 @@ if triton is not None:
 
     @triton.jit
     def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,
-                          BLOCK_T: tl.constexpr):
-        """Pairs (t, r) in token order take send rows base, base + 1, ... while below limit."""
+                          RANKS: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Pairs (t, r) in token order take send rows base, base + 1, ... while below limit (RANKS: their
+        send_rank too)."""
         carry = tl.zeros([], dtype=tl.int64)
         for start in range(0, T, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
@@ -352,7 +353,8 @@ if triton is not None:
             ok = (flag > 0) & (pos < limit)
             dest = tl.where(ok, base + pos, total)
             tl.store(send_token_ptr + dest, t.to(tl.int64), mask=ok)
-            tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
+            if RANKS:
+                tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
             tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
             carry += tl.sum(flag, axis=0)
 
@@ -363,12 +365,13 @@ if triton is not None:
     @triton.jit
     def _table_plan_kernel(in_rank_ptr, table_ptr, global_of_ptr, send_token_ptr, send_rank_ptr, index_ptr,
                            summary_ptr, recv_pos_ptr, recv_rows_ptr, T, R, ROW, me, L, chunk, total, rows,
-                           STATIC: tl.constexpr, COMPACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                           STATIC: tl.constexpr, COMPACT: tl.constexpr, RANKS: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
         """The whole plan from the all-gathered count table on the device (no host values needed).
-        Program r: the send rows for destination r (exact offsets, or chunk r when STATIC); with
-        COMPACT, where chunk r of the receive buffer lands among `rows` compact rows. Program 0 also
-        writes summary = [pairs per local expert (L); rows received; most rows any rank receives]."""
+        Program r: the send rows for destination r (exact offsets, or chunk r when STATIC; RANKS: their
+        send_rank too, else the caller's holds them); with COMPACT, where chunk r of the receive buffer
+        lands among `rows` compact rows. Program 0 also writes summary = [pairs per local expert (L);
+        rows received; most rows any rank receives]."""
         r = tl.program_id(0)
         rr = tl.arange(0, BLOCK_R)
         to_each = tl.load(table_ptr + me * ROW + 1 + rr, mask=rr < R, other=0)  # tokens I send to each rank
@@ -379,7 +382,8 @@ if triton is not None:
             real = tl.minimum(tl.sum(tl.where(rr == r, to_each, 0)), chunk)
             for start in range(0, chunk, BLOCK_T):  # pad rows of chunk r too: every entry is written
                 j = start + tl.arange(0, BLOCK_T)
-                tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
+                if RANKS:
+                    tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
                 tl.store(send_token_ptr + base + j, (tl.zeros_like(j) + T).to(tl.int64), mask=(j >= real) & (j < chunk))
         else:
             base = tl.sum(tl.where(rr < r, to_each, 0))
@@ -389,7 +393,8 @@ if triton is not None:
                 for start in range(sent, total, BLOCK_T):
                     j = start + tl.arange(0, BLOCK_T)
                     tl.store(send_token_ptr + j, (tl.zeros_like(j) + T).to(tl.int64), mask=j < total)
-        _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, BLOCK_T)
+        _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, RANKS,
+                          BLOCK_T)
         if COMPACT:  # chunk row (r, j) lands at compact row offset[r] + j; rows = dropped pad
             offset = tl.sum(tl.where(rr < r, from_each, 0))
             count = tl.sum(tl.where(rr == r, from_each, 0))
@@ -588,16 +593,21 @@ class TablePlan(NamedTuple):
 
 
 def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of: torch.Tensor, total: int,
-               chunk: Optional[int] = None, rows: Optional[int] = None) -> TablePlan:
+               chunk: Optional[int] = None, rows: Optional[int] = None,
+               send_rank: Optional[torch.Tensor] = None) -> TablePlan:
     """One kernel: the send plan (exact offsets, or fixed `chunk` rows per peer), the receive-side
     compaction into `rows` rows (static plans given rows) and the receive counts, all read from the
-    all-gathered count table [R, ROW] on the device. global_of [L]: this rank's experts' global ids."""
+    all-gathered count table [R, ROW] on the device. global_of [L]: this rank's experts' global ids.
+    send_rank (static plans): the plan's send_rank made once by the caller (chunk rows of rank r: r, the
+    same every call), returned as it is instead of a new one written by the kernel."""
     T, R = in_rank.shape
     device = in_rank.device
     L = global_of.numel()
     static, compact = chunk is not None, chunk is not None and rows is not None
     send_token = torch.empty(total, dtype=torch.long, device=device)  # every entry written by the kernel
-    send_rank = torch.empty(total, dtype=torch.long, device=device)
+    ranks = send_rank is None or not static  # the kernel writes send_rank
+    if ranks:
+        send_rank = torch.empty(total, dtype=torch.long, device=device)
     index = torch.empty(T, R, dtype=torch.long, device=device)
     summary = torch.empty(L + 2, dtype=torch.int32, device=device)
     recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
@@ -605,7 +615,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     _table_plan_kernel[(R,)](
         in_rank, table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
-        chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
+        chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, RANKS=ranks, BLOCK_T=256,
         BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
     return TablePlan(send_token, send_rank, index, summary, recv_pos, recv_rows)
 

@@ -496,7 +496,8 @@ class RankExchange:
             total = sum(send_splits)
             links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
         if plan is None:
-            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
+            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows,
+                                               self._static_send_rank(chunk, table.device) if static else None)
         summary = plan.summary
         if now:  # capturing: nothing can be read, so an overflow is a device-side error
             self._assert_fits(table[:, 1:1 + R], summary[L + 1], chunk, rows, capacity)
@@ -580,18 +581,27 @@ class RankExchange:
             host = self._read_table(table, issued_at, waited_for="the count table of the NVLink token put")
             peer.check(self.name, "dispatch")  # a peer that never wrote its row: PeerFailure, not a stale-row error
             self._check_deferred(host, call)
-        key = (chunk, x.device)
-        send_rank = self._send_ranks.get(key)
-        if send_rank is None:
-            send_rank = torch.arange(R, device=x.device).repeat_interleave(chunk)
-            if not now:  # (made inside a capture it would hold values only in replays)
-                self._send_ranks[key] = send_rank
+        send_rank = self._static_send_rank(chunk, x.device)
+        if send_rank is None:  # capturing: this call's own
+            send_rank = torch.arange(R * chunk, device=x.device) // chunk
         handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, combine_index,
                                 summary, chunk=chunk)
         rows, meta = exchange_kernels.payload_views(received, *exchange_kernels.row_format(x, quant),
                                                     topk_ids.shape[1])
         K = topk_ids.shape[1]
         return handle, rows, meta[:, K:], meta[:, :K].view(torch.float32)
+
+    def _static_send_rank(self, chunk: int, device: torch.device) -> Optional[torch.Tensor]:
+        """send_rank of a static plan [R*chunk] (chunk rows of rank r: r), the same every call: made once per
+        (chunk, device) and shared by the handles, which only read it. None while a CUDA graph is captured
+        before an eager call made it (made there it would hold its values only in replays): the caller
+        makes that call's own."""
+        key = (chunk, device)
+        send_rank = self._send_ranks.get(key)
+        if send_rank is None and not capturing():
+            with torch.inference_mode(False):  # (a normal tensor: it serves training calls too)
+                send_rank = self._send_ranks[key] = torch.arange(self.world_size * chunk, device=device) // chunk
+        return send_rank
 
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank
