@@ -574,9 +574,10 @@ def _one_program_blocks(K: int, R: int, E: int) -> dict:
 
 def _blocks_of_one_program(K: int, R: int, E: int) -> dict:
     """BLOCK_T tokens per step, so that the [BLOCK_T, BLOCK_K, BLOCK_R] owner test stays within 8192 entries
-    (registers); BLOCK_E > E (_count_row's bin for ids outside [0, E))."""
+    (registers) where it can: the histogram takes at least 128 ids (one per thread; the NVLink token put's
+    note), which wins over it; BLOCK_E > E (_count_row's bin for ids outside [0, E))."""
     BLOCK_K, BLOCK_R = next_power_of_2(max(K, 2)), next_power_of_2(max(R, 2))
-    return dict(BLOCK_T=max(1, min(64, 8192 // (BLOCK_K * BLOCK_R))), BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+    return dict(BLOCK_T=max(1, 128 // BLOCK_K, min(64, 8192 // (BLOCK_K * BLOCK_R))), BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
                 BLOCK_E=next_power_of_2(E + 1))
 
 
