@@ -510,9 +510,10 @@ if triton is not None:
     @fast_launch
     @triton.jit
     def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
-                          BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
+                          BYTES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
         """Output row i = received row index[i] (payload and metadata); index >= none: a pad row
-        (zeros, weights 0, ids -1)."""
+        (zeros, weights 0, ids -1). BYTES: x_ptr is the uint8 payload itself (rows x_stride bytes apart, the
+        metadata at byte meta_stride of each: payload_views' layout), read without views of it."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         src = tl.load(index_ptr + i)
@@ -520,11 +521,18 @@ if triton is not None:
         k_real = tl.where(src < none, 2 * K, 0)
         src = tl.where(src < none, src, 0).to(tl.int64)
         cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + src * x_stride + cols, mask=cols < h_real, other=0.0)
+        if BYTES:
+            at = x_ptr + src * x_stride
+            src_x = at.to(tl.pointer_type(out_x_ptr.dtype.element_ty))
+            src_meta = (at + meta_stride).to(tl.pointer_type(tl.int32))
+        else:
+            src_x = x_ptr + src * x_stride
+            src_meta = meta_ptr + src * meta_stride
+        row = tl.load(src_x + cols, mask=cols < h_real, other=0.0)
         tl.store(out_x_ptr + i.to(tl.int64) * H + cols, row, mask=cols < H)
         if hb == 0:
             c = tl.arange(0, BLOCK_K2)
-            m = tl.load(meta_ptr + src * meta_stride + c, mask=c < k_real, other=0)
+            m = tl.load(src_meta + c, mask=c < k_real, other=0)
             m = tl.where((c < k_real) | (c < K), m, -1)  # pad: weight bits 0, ids -1
             tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
 
@@ -735,8 +743,23 @@ def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none:
     if n:
         BLOCK_H = _block_h(H)
         _take_rows_kernel[(n, cdiv(H, BLOCK_H))](
-            rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none,
+            rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none, BYTES=False,
             BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
+    return out_x, out_meta
+
+
+def take_payload_rows(payload: torch.Tensor, index: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """take_rows of the rows and metadata of a uint8 payload [S, B] (payload_views' layout; rows may be
+    strided), read by the kernel from the payload's bytes: none of payload_views' four views is made."""
+    n, K = index.shape[0], top_k
+    out_x = torch.empty(n, hidden, dtype=dtype, device=payload.device)
+    out_meta = torch.empty(n, 2 * K, dtype=torch.int32, device=payload.device)
+    if n:
+        BLOCK_H = _block_h(hidden)
+        _take_rows_kernel[(n, cdiv(hidden, BLOCK_H))](
+            payload, payload, index, out_x, out_meta, hidden, K, payload.stride(0), _meta_offset(hidden, dtype),
+            payload.shape[0], BYTES=True, BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
     return out_x, out_meta
 
 
