@@ -492,9 +492,12 @@ if triton is not None:
                      meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
                      LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr, INT_META: tl.constexpr, QUANT: tl.constexpr,
                      UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
-                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PAYLOAD: tl.constexpr):
         """Send row i: x[token[i]] for rank[i], packed by _pack_one (SKIP_PAD: pad token T rows are left
-        unwritten, for rows past what a host plan sends)."""
+        unwritten, for rows past what a host plan sends). PAYLOAD: rows_ptr is the uint8 payload itself (rows
+        row_stride bytes apart; in each, the values at byte 0, the scales at byte scale_stride, the int32
+        metadata at byte meta_stride: payload_views' and fp8_payload's layout), written without views of it."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
@@ -502,8 +505,22 @@ if triton is not None:
             if tok >= T:
                 return
         row = i.to(tl.int64)
-        _pack_one(x_ptr, ids_ptr, w_ptr, tok, tl.load(rank_ptr + i), hb, rank_of_ptr, local_of_ptr,
-                  rows_ptr + row * row_stride, scale_ptr + row * scale_stride, meta_ptr + row * meta_stride,
+        if PAYLOAD:
+            at = rows_ptr + row * row_stride
+            if QUANT:
+                values = at.to(tl.pointer_type(tl.float8e4nv))
+            else:
+                values = at.to(tl.pointer_type(x_ptr.dtype.element_ty))
+            if SCALE_BYTE:
+                scales = at + scale_stride
+            else:
+                scales = (at + scale_stride).to(tl.pointer_type(tl.float32))
+            meta = (at + meta_stride).to(tl.pointer_type(tl.int32))
+        else:
+            values = rows_ptr + row * row_stride
+            scales = scale_ptr + row * scale_stride
+            meta = meta_ptr + row * meta_stride
+        _pack_one(x_ptr, ids_ptr, w_ptr, tok, tl.load(rank_ptr + i), hb, rank_of_ptr, local_of_ptr, values, scales, meta,
                   T, H, K, E, H, fp8_max, min_amax, LOCAL, INT_META, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP,
                   GROUPS, BLOCK_H, BLOCK_K)
 
@@ -690,13 +707,18 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     width, dtype = row_format(x, quant)
     shape = (S, payload_bytes(width, dtype, K))
     if reuse and not skip_pad:
-        payload, rows, meta = kept(("payload", width, dtype, K), shape, torch.uint8, x.device,
-                                   lambda p: (p, *payload_views(p, width, dtype, K)))
+        payload = kept(("payload", width, dtype, K), shape, torch.uint8, x.device)
     else:
         payload = torch.empty(shape, dtype=torch.uint8, device=x.device)
-        rows, meta = payload_views(payload, width, dtype, K)
-    if S:
-        _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad, quant=quant)
+    if S:  # the kernel writes the payload's bytes (PAYLOAD): no views of it
+        T, H = x.shape
+        fp8_max, min_amax, blocks = pack_params(H, K, quant)
+        scale_at = fp8_payload.row_layout(H, quant)[1] if quant is not None else 0
+        _pack_kernel[(S, cdiv(H, blocks["BLOCK_H"]))](
+            x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
+            local_of if local_of is not None else rank_of, payload, payload, payload, T, H, K, rank_of.numel(),
+            payload.stride(0), scale_at, _meta_offset(width, dtype), fp8_max, min_amax, LOCAL=local_of is not None,
+            SKIP_PAD=skip_pad, INT_META=True, **blocks, PAYLOAD=True)
     return payload
 
 
@@ -711,7 +733,7 @@ def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta,
         x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
         local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
         values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
-        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, **blocks)
+        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, **blocks, PAYLOAD=False)
 
 
 def pack_params(H: int, K: int, quant: Optional[QuantConfig]) -> tuple[float, float, dict]:
