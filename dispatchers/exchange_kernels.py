@@ -701,8 +701,8 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     (they are never sent). quant: an fp8 dispatch: each row is quantized as it is packed, into its wire
     row (fp8_payload.views reads values and scales), in the same one kernel: no quantized copy of x,
     and a token sent to several ranks is quantized the same way (bit for bit) for each. reuse: a kept
-    buffer (`kept`) for a payload that is only sent, never handed out, and has every row written
-    (skip_pad False): a static plan's on R > 1 ranks."""
+    buffer (`kept`) for a payload that is never handed out and has every row written (skip_pad False): a
+    static plan's (RankExchange._send_payload says when)."""
     S, K = send_token.numel(), ids.shape[1]
     width, dtype = row_format(x, quant)
     shape = (S, payload_bytes(width, dtype, K))
