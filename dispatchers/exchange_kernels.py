@@ -526,11 +526,12 @@ if triton is not None:
 
     @fast_launch
     @triton.jit
-    def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
-                          BYTES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
+    def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, out_ids_ptr, H, K, x_stride, meta_stride,
+                          none, BYTES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
         """Output row i = received row index[i] (payload and metadata); index >= none: a pad row
         (zeros, weights 0, ids -1). BYTES: x_ptr is the uint8 payload itself (rows x_stride bytes apart, the
-        metadata at byte meta_stride of each: payload_views' layout), read without views of it."""
+        metadata at byte meta_stride of each: payload_views' layout), read without views of it, and the
+        metadata goes out as weights [n, K] fp32 (out_meta_ptr) and ids [n, K] int32 (out_ids_ptr)."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         src = tl.load(index_ptr + i)
@@ -551,7 +552,12 @@ if triton is not None:
             c = tl.arange(0, BLOCK_K2)
             m = tl.load(src_meta + c, mask=c < k_real, other=0)
             m = tl.where((c < k_real) | (c < K), m, -1)  # pad: weight bits 0, ids -1
-            tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
+            if BYTES:
+                out_w = out_meta_ptr.to(tl.pointer_type(tl.int32)) + i.to(tl.int64) * K  # (the fp32 weights' bits)
+                tl.store(out_w + c, m, mask=c < K)
+                tl.store(out_ids_ptr + i.to(tl.int64) * K + (c - K), m, mask=(c >= K) & (c < 2 * K))
+            else:
+                tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
 
 def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], rank_of: torch.Tensor, ep_size: int,
                num_flags: int, in_rank: Optional[torch.Tensor] = None, wants: Optional[tuple[int, int]] = None
@@ -765,24 +771,26 @@ def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none:
     if n:
         BLOCK_H = _block_h(H)
         _take_rows_kernel[(n, cdiv(H, BLOCK_H))](
-            rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none, BYTES=False,
+            rows, meta, index, out_x, out_meta, out_meta, H, K, rows.stride(0), meta.stride(0), none, BYTES=False,
             BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
     return out_x, out_meta
 
 
 def take_payload_rows(payload: torch.Tensor, index: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """take_rows of the rows and metadata of a uint8 payload [S, B] (payload_views' layout; rows may be
-    strided), read by the kernel from the payload's bytes: none of payload_views' four views is made."""
-    n, K = index.shape[0], top_k
-    out_x = torch.empty(n, hidden, dtype=dtype, device=payload.device)
-    out_meta = torch.empty(n, 2 * K, dtype=torch.int32, device=payload.device)
+    strided), read by the kernel from the payload's bytes (none of payload_views' views is made): (x [n, H],
+    ids [n, K] int32, weights [n, K] fp32), each contiguous (no views of a metadata block either)."""
+    n, K, device = index.shape[0], top_k, payload.device
+    out_x = torch.empty(n, hidden, dtype=dtype, device=device)
+    out_ids = torch.empty(n, K, dtype=torch.int32, device=device)
+    out_w = torch.empty(n, K, dtype=torch.float32, device=device)
     if n:
         BLOCK_H = _block_h(hidden)
         _take_rows_kernel[(n, cdiv(hidden, BLOCK_H))](
-            payload, payload, index, out_x, out_meta, hidden, K, payload.stride(0), _meta_offset(hidden, dtype),
+            payload, payload, index, out_x, out_w, out_ids, hidden, K, payload.stride(0), _meta_offset(hidden, dtype),
             payload.shape[0], BYTES=True, BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
-    return out_x, out_meta
+    return out_x, out_ids, out_w
 
 
 def ll_slots(local_ids: torch.Tensor, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

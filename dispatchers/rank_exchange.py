@@ -908,13 +908,10 @@ class RankExchange:
         """transient: the caller reads the rows before its next exchange and keeps none of them."""
         taken = handle.recv_rows is not None or (handle.rows is not None and not handle.static)
         received = self._move(payload, handle, to_owner=False, keep=not (taken or transient))
-        if handle.recv_rows is not None:  # (the kernel reads the payload's bytes: no views of them)
-            rows, meta = exchange_kernels.take_payload_rows(received, handle.recv_rows, hidden, dtype, top_k)
-        elif taken:  # rows past the received ones: padding
-            rows, meta = exchange_kernels.take_payload_rows(received, self._arange(handle.rows, payload.device),
-                                                            hidden, dtype, top_k)
-        else:
-            rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
+        if taken:  # rows past the received ones: padding (the kernel reads the payload's bytes: no views)
+            index = handle.recv_rows if handle.recv_rows is not None else self._arange(handle.rows, payload.device)
+            return exchange_kernels.take_payload_rows(received, index, hidden, dtype, top_k)
+        rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
         return rows, meta[:, top_k:], meta[:, :top_k].view(torch.float32)
 
     def put_sums(self, src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, handle: ExchangeHandle
