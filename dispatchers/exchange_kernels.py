@@ -670,6 +670,16 @@ def payload_views(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k:
     return payload[:, :hidden * dtype.itemsize].view(dtype), payload[:, width:width + 8 * top_k].view(torch.int32)
 
 
+def payload_fields(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A uint8 payload [S, B] seen as (rows [S, H] of `dtype`, ids [S, K] int32, weights [S, K] fp32), strided
+    views: payload_views' rows and its metadata's two halves, in six view ops where that path takes seven."""
+    width = _meta_offset(hidden, dtype)
+    middle = width + 4 * top_k
+    return (payload[:, :hidden * dtype.itemsize].view(dtype), payload[:, middle:middle + 4 * top_k].view(torch.int32),
+            payload[:, width:middle].view(torch.float32))
+
+
 def _meta_offset(hidden: int, dtype: torch.dtype) -> int:
     """Bytes of a payload row before its metadata (the hidden state, padded to a multiple of 8)."""
     return -(-hidden * dtype.itemsize // 8) * 8
@@ -832,8 +842,10 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
     out = rows.new_empty(num_slots, H)
     if N * K:
         BLOCK_H = _block_h(H)
+        if scale is not None and scale.dtype != torch.float32:  # (a dtype test: .float() is an op)
+            scale = scale.float()
         _ll_scatter_kernel[(N, cdiv(H, BLOCK_H))](
-            rows, slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
+            rows, slot_index.contiguous(), scale.contiguous() if scale is not None else slot_index,
             out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H,
             BLOCK_K=next_power_of_2(max(K, 2)))
     return out

@@ -586,10 +586,8 @@ class RankExchange:
             send_rank = torch.arange(R * chunk, device=x.device) // chunk
         handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, combine_index,
                                 summary, chunk=chunk)
-        rows, meta = exchange_kernels.payload_views(received, *exchange_kernels.row_format(x, quant),
-                                                    topk_ids.shape[1])
-        K = topk_ids.shape[1]
-        return handle, rows, meta[:, K:], meta[:, :K].view(torch.float32)
+        return (handle, *exchange_kernels.payload_fields(received, *exchange_kernels.row_format(x, quant),
+                                                         topk_ids.shape[1]))
 
     def _static_send_rank(self, chunk: int, device: torch.device) -> Optional[torch.Tensor]:
         """send_rank of a static plan [R*chunk] (chunk rows of rank r: r), the same every call: made once per
@@ -911,8 +909,7 @@ class RankExchange:
         if taken:  # rows past the received ones: padding (the kernel reads the payload's bytes: no views)
             index = handle.recv_rows if handle.recv_rows is not None else self._arange(handle.rows, payload.device)
             return exchange_kernels.take_payload_rows(received, index, hidden, dtype, top_k)
-        rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
-        return rows, meta[:, top_k:], meta[:, :top_k].view(torch.float32)
+        return exchange_kernels.payload_fields(received, hidden, dtype, top_k)
 
     def put_sums(self, src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, handle: ExchangeHandle
                  ) -> Optional[torch.Tensor]:
