@@ -872,9 +872,10 @@ class RankExchange:
         metadata, and for padded or compacted receive sides one kernel laying the rows out."""
         rank_of, local_of, _ = self.tables(x.device)
         # A static plan's payload is read by the exchange on R > 1 ranks, and on one rank (where the exchange hands
-        # it back as it is) by this call's compaction or, transient, by the caller before its next exchange: never
-        # handed out, so its buffer is kept across calls.
-        reuse = handle.static and (self.world_size > 1 or transient or handle.recv_rows is not None)
+        # it back as it is) by this call's compaction: never handed out, so its buffer is kept across calls. (Not
+        # deepep_ll's transient rows on one rank: views of a kept buffer, a normal tensor, cost more host time
+        # under inference_mode than the new buffer they would save.)
+        reuse = handle.static and (self.world_size > 1 or handle.recv_rows is not None)
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
                                                 local_of if local_ids else None, quant=quant, reuse=reuse)
         return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1],
