@@ -153,11 +153,12 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         out: torch.Tensor = combine_input.hidden_states  # [L, N, H]
         handle: LLHandle = combine_input.dispatch_output.handle
         L, N, H = out.shape
+        rows = out.reshape(L * N, H)  # (once: each view costs host time)
         if exchange_kernels.inference_path(out, handle.slot_weight):  # NVLink: the partials go home as they are made
-            back = self.exchange.put_sums(out.reshape(L * N, H), handle.slot_index, handle.slot_weight, handle.exchange)
+            back = self.exchange.put_sums(rows, handle.slot_index, handle.slot_weight, handle.exchange)
             if back is not None:
                 return back
-        partial = _gather(out.reshape(L * N, H), handle.slot_index, handle.slot_weight)
+        partial = _gather(rows, handle.slot_index, handle.slot_weight)
         return self.exchange.reduce(partial, handle.exchange)
 
 

@@ -286,11 +286,12 @@ if triton is not None:
     @triton.jit
     def _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out_ptr, flags_at, FLAGS: tl.constexpr,
                    DISTINCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_E: tl.constexpr):
+                   BLOCK_E: tl.constexpr, in_rank_ptr, IN_RANK: tl.constexpr):
         """layout_row's count row [T; tokens per rank (R); pairs per expert (E); flags at flags_at
         (RowLayout's)] of all T tokens in one program, stored at out_ptr (int32) without atomics or a
-        zeroed buffer (the NVLink token put stores it straight into the peers' tables). BLOCK_E > E:
-        ids outside [0, E) count in bin BLOCK_E - 1, which is not stored."""
+        zeroed buffer (the NVLink token put stores it straight into the peers' tables; layout_row at
+        small T). BLOCK_E > E: ids outside [0, E) count in bin BLOCK_E - 1, which is not stored. With
+        IN_RANK also is_token_in_rank [T, R] at in_rank_ptr (0/1 bytes)."""
         k = tl.arange(0, BLOCK_K)
         r = tl.arange(0, BLOCK_R)
         per_rank = tl.zeros([BLOCK_R], tl.int32)
@@ -305,6 +306,9 @@ if triton is not None:
             ids, valid, owner = _owned_ids(ids_ptr, offs, inside, rank_of_ptr, E)
             hit = tl.max((owner[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
             per_rank += tl.sum(hit, axis=0)
+            if IN_RANK:
+                tl.store(in_rank_ptr + t[:, None].to(tl.int64) * R + r[None, :], hit.to(tl.int8),
+                         mask=(t[:, None] < T) & (r[None, :] < R))
             bins = tl.reshape(tl.where(valid, ids, BLOCK_E - 1).to(tl.int32), [BLOCK_T * BLOCK_K])
             per_expert += tl.histogram(bins, BLOCK_E)
             if FLAGS:
@@ -322,10 +326,25 @@ if triton is not None:
             if DISTINCT:
                 tl.store(out_ptr + flags_at + 2, repeated)
 
+    @fast_launch
+    @triton.jit(do_not_specialize=["grads", "dtype_code"])
+    def _layout_one_kernel(ids_ptr, w_ptr, rank_of_ptr, in_rank_ptr, row_ptr, T, K, E, R, flags_at, grads_at, grads,
+                           dtype_code, FLAGS: tl.constexpr, DISTINCT: tl.constexpr, WANTS: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_E: tl.constexpr):
+        """_layout_kernel's outputs in one program (small T): every entry of the row is stored (_count_row),
+        so it needs no zeroed buffer and no atomics."""
+        _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, row_ptr, flags_at, FLAGS, DISTINCT, BLOCK_T, BLOCK_K,
+                   BLOCK_R, BLOCK_E, in_rank_ptr, True)
+        if WANTS:
+            tl.store(row_ptr + grads_at, grads)
+            tl.store(row_ptr + grads_at + 1, dtype_code)
+
     @triton.jit
     def _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total,
-                          BLOCK_T: tl.constexpr):
-        """Pairs (t, r) in token order take send rows base, base + 1, ... while below limit."""
+                          RANKS: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Pairs (t, r) in token order take send rows base, base + 1, ... while below limit (RANKS: their
+        send_rank too)."""
         carry = tl.zeros([], dtype=tl.int64)
         for start in range(0, T, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
@@ -334,7 +353,8 @@ if triton is not None:
             ok = (flag > 0) & (pos < limit)
             dest = tl.where(ok, base + pos, total)
             tl.store(send_token_ptr + dest, t.to(tl.int64), mask=ok)
-            tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
+            if RANKS:
+                tl.store(send_rank_ptr + dest, tl.zeros_like(dest) + r, mask=ok)
             tl.store(index_ptr + t.to(tl.int64) * R + r, dest, mask=t < T)
             carry += tl.sum(flag, axis=0)
 
@@ -345,12 +365,13 @@ if triton is not None:
     @triton.jit
     def _table_plan_kernel(in_rank_ptr, table_ptr, global_of_ptr, send_token_ptr, send_rank_ptr, index_ptr,
                            summary_ptr, recv_pos_ptr, recv_rows_ptr, T, R, ROW, me, L, chunk, total, rows,
-                           STATIC: tl.constexpr, COMPACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                           STATIC: tl.constexpr, COMPACT: tl.constexpr, RANKS: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
         """The whole plan from the all-gathered count table on the device (no host values needed).
-        Program r: the send rows for destination r (exact offsets, or chunk r when STATIC); with
-        COMPACT, where chunk r of the receive buffer lands among `rows` compact rows. Program 0 also
-        writes summary = [pairs per local expert (L); rows received; most rows any rank receives]."""
+        Program r: the send rows for destination r (exact offsets, or chunk r when STATIC; RANKS: their
+        send_rank too, else the caller's holds them); with COMPACT, where chunk r of the receive buffer
+        lands among `rows` compact rows. Program 0 also writes summary = [pairs per local expert (L);
+        rows received; most rows any rank receives]."""
         r = tl.program_id(0)
         rr = tl.arange(0, BLOCK_R)
         to_each = tl.load(table_ptr + me * ROW + 1 + rr, mask=rr < R, other=0)  # tokens I send to each rank
@@ -361,7 +382,8 @@ if triton is not None:
             real = tl.minimum(tl.sum(tl.where(rr == r, to_each, 0)), chunk)
             for start in range(0, chunk, BLOCK_T):  # pad rows of chunk r too: every entry is written
                 j = start + tl.arange(0, BLOCK_T)
-                tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
+                if RANKS:
+                    tl.store(send_rank_ptr + base + j, (tl.zeros_like(j) + r).to(tl.int64), mask=j < chunk)
                 tl.store(send_token_ptr + base + j, (tl.zeros_like(j) + T).to(tl.int64), mask=(j >= real) & (j < chunk))
         else:
             base = tl.sum(tl.where(rr < r, to_each, 0))
@@ -371,7 +393,8 @@ if triton is not None:
                 for start in range(sent, total, BLOCK_T):
                     j = start + tl.arange(0, BLOCK_T)
                     tl.store(send_token_ptr + j, (tl.zeros_like(j) + T).to(tl.int64), mask=j < total)
-        _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, BLOCK_T)
+        _scan_destination(in_rank_ptr, send_token_ptr, send_rank_ptr, index_ptr, r, base, limit, T, R, total, RANKS,
+                          BLOCK_T)
         if COMPACT:  # chunk row (r, j) lands at compact row offset[r] + j; rows = dropped pad
             offset = tl.sum(tl.where(rr < r, from_each, 0))
             count = tl.sum(tl.where(rr == r, from_each, 0))
@@ -469,9 +492,12 @@ if triton is not None:
                      meta_ptr, T, H, K, E, row_stride, scale_stride, meta_stride, fp8_max, min_amax,
                      LOCAL: tl.constexpr, SKIP_PAD: tl.constexpr, INT_META: tl.constexpr, QUANT: tl.constexpr,
                      UE8M0: tl.constexpr, SCALE_BYTE: tl.constexpr, ROUND_FIRST: tl.constexpr,
-                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PAYLOAD: tl.constexpr):
         """Send row i: x[token[i]] for rank[i], packed by _pack_one (SKIP_PAD: pad token T rows are left
-        unwritten, for rows past what a host plan sends)."""
+        unwritten, for rows past what a host plan sends). PAYLOAD: rows_ptr is the uint8 payload itself (rows
+        row_stride bytes apart; in each, the values at byte 0, the scales at byte scale_stride, the int32
+        metadata at byte meta_stride: payload_views' and fp8_payload's layout), written without views of it."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         tok = tl.load(token_ptr + i)
@@ -479,17 +505,33 @@ if triton is not None:
             if tok >= T:
                 return
         row = i.to(tl.int64)
-        _pack_one(x_ptr, ids_ptr, w_ptr, tok, tl.load(rank_ptr + i), hb, rank_of_ptr, local_of_ptr,
-                  rows_ptr + row * row_stride, scale_ptr + row * scale_stride, meta_ptr + row * meta_stride,
+        if PAYLOAD:
+            at = rows_ptr + row * row_stride
+            if QUANT:
+                values = at.to(tl.pointer_type(tl.float8e4nv))
+            else:
+                values = at.to(tl.pointer_type(x_ptr.dtype.element_ty))
+            if SCALE_BYTE:
+                scales = at + scale_stride
+            else:
+                scales = (at + scale_stride).to(tl.pointer_type(tl.float32))
+            meta = (at + meta_stride).to(tl.pointer_type(tl.int32))
+        else:
+            values = rows_ptr + row * row_stride
+            scales = scale_ptr + row * scale_stride
+            meta = meta_ptr + row * meta_stride
+        _pack_one(x_ptr, ids_ptr, w_ptr, tok, tl.load(rank_ptr + i), hb, rank_of_ptr, local_of_ptr, values, scales, meta,
                   T, H, K, E, H, fp8_max, min_amax, LOCAL, INT_META, QUANT, UE8M0, SCALE_BYTE, ROUND_FIRST, GROUP,
                   GROUPS, BLOCK_H, BLOCK_K)
 
     @fast_launch
     @triton.jit
-    def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, H, K, x_stride, meta_stride, none,
-                          BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
+    def _take_rows_kernel(x_ptr, meta_ptr, index_ptr, out_x_ptr, out_meta_ptr, out_ids_ptr, H, K, x_stride, meta_stride,
+                          none, BYTES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K2: tl.constexpr):
         """Output row i = received row index[i] (payload and metadata); index >= none: a pad row
-        (zeros, weights 0, ids -1)."""
+        (zeros, weights 0, ids -1). BYTES: x_ptr is the uint8 payload itself (rows x_stride bytes apart, the
+        metadata at byte meta_stride of each: payload_views' layout), read without views of it, and the
+        metadata goes out as weights [n, K] fp32 (out_meta_ptr) and ids [n, K] int32 (out_ids_ptr)."""
         i = tl.program_id(0)
         hb = tl.program_id(1)
         src = tl.load(index_ptr + i)
@@ -497,13 +539,25 @@ if triton is not None:
         k_real = tl.where(src < none, 2 * K, 0)
         src = tl.where(src < none, src, 0).to(tl.int64)
         cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        row = tl.load(x_ptr + src * x_stride + cols, mask=cols < h_real, other=0.0)
+        if BYTES:
+            at = x_ptr + src * x_stride
+            src_x = at.to(tl.pointer_type(out_x_ptr.dtype.element_ty))
+            src_meta = (at + meta_stride).to(tl.pointer_type(tl.int32))
+        else:
+            src_x = x_ptr + src * x_stride
+            src_meta = meta_ptr + src * meta_stride
+        row = tl.load(src_x + cols, mask=cols < h_real, other=0.0)
         tl.store(out_x_ptr + i.to(tl.int64) * H + cols, row, mask=cols < H)
         if hb == 0:
             c = tl.arange(0, BLOCK_K2)
-            m = tl.load(meta_ptr + src * meta_stride + c, mask=c < k_real, other=0)
+            m = tl.load(src_meta + c, mask=c < k_real, other=0)
             m = tl.where((c < k_real) | (c < K), m, -1)  # pad: weight bits 0, ids -1
-            tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
+            if BYTES:
+                out_w = out_meta_ptr.to(tl.pointer_type(tl.int32)) + i.to(tl.int64) * K  # (the fp32 weights' bits)
+                tl.store(out_w + c, m, mask=c < K)
+                tl.store(out_ids_ptr + i.to(tl.int64) * K + (c - K), m, mask=(c >= K) & (c < 2 * K))
+            else:
+                tl.store(out_meta_ptr + i.to(tl.int64) * 2 * K + c, m, mask=c < 2 * K)
 
 def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], rank_of: torch.Tensor, ep_size: int,
                num_flags: int, in_rank: Optional[torch.Tensor] = None, wants: Optional[tuple[int, int]] = None
@@ -517,16 +571,48 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
     T, K = topk_ids.shape
     E = rank_of.numel()
     layout = row_layout(ep_size, E, num_flags, 0, wants is not None)
+    device = topk_ids.device
     if in_rank is None:  # bool: the kernel stores 0/1 bytes (no int8 -> bool view per call)
-        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=topk_ids.device)
-    row = torch.zeros(layout.length, dtype=torch.int32, device=topk_ids.device)
+        in_rank = torch.empty(T, ep_size, dtype=torch.bool, device=device)
     grads, dtype_code = wants if wants is not None else (0, 0)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    w = rank_of if topk_weights is None else topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    if T <= _ONE_PROGRAM_TOKENS:  # one program stores every entry: no zero-filled row (a torch op fewer)
+        row = torch.empty(layout.length, dtype=torch.int32, device=device)
+        _layout_one_kernel[(1,)](ids, w, rank_of, in_rank, row, T, K, E, ep_size, layout.flags_at, layout.grads_at,
+                                 grads, dtype_code, FLAGS=num_flags > 0, DISTINCT=num_flags > 2,
+                                 WANTS=wants is not None, **_one_program_blocks(K, ep_size, E))
+        return in_rank, row
+    row = torch.zeros(layout.length, dtype=torch.int32, device=device)  # the programs add into it
     BLOCK_T = 64
-    _layout_kernel[(max(1, cdiv(T, BLOCK_T)),)](
-        topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else rank_of, rank_of, in_rank,
-        row, T, K, E, ep_size, layout.flags_at, layout.grads_at, grads, dtype_code, FLAGS=num_flags > 0,
-        DISTINCT=num_flags > 2, WANTS=wants is not None, BLOCK_T=BLOCK_T, BLOCK_K=next_power_of_2(max(K, 2)))
+    _layout_kernel[(cdiv(T, BLOCK_T),)](
+        ids, w, rank_of, in_rank, row, T, K, E, ep_size, layout.flags_at, layout.grads_at, grads, dtype_code,
+        FLAGS=num_flags > 0, DISTINCT=num_flags > 2, WANTS=wants is not None, BLOCK_T=BLOCK_T,
+        BLOCK_K=next_power_of_2(max(K, 2)))
     return in_rank, row
+
+
+# layout_row runs one program up to this many tokens (decode sizes: a few block iterations), many above
+_ONE_PROGRAM_TOKENS = 256
+
+
+def _one_program_blocks(K: int, R: int, E: int) -> dict:
+    """_layout_one_kernel's blocks, made once per shape (plainly while torch.compile traces: see row_layout)."""
+    if torch.compiler.is_compiling():
+        return _blocks_of_one_program(K, R, E)
+    return _cached_blocks_of_one_program(K, R, E)
+
+
+def _blocks_of_one_program(K: int, R: int, E: int) -> dict:
+    """BLOCK_T tokens per step, so that the [BLOCK_T, BLOCK_K, BLOCK_R] owner test stays within 8192 entries
+    (registers) where it can: the histogram takes at least 128 ids (one per thread; the NVLink token put's
+    note), which wins over it; BLOCK_E > E (_count_row's bin for ids outside [0, E))."""
+    BLOCK_K, BLOCK_R = next_power_of_2(max(K, 2)), next_power_of_2(max(R, 2))
+    return dict(BLOCK_T=max(1, 128 // BLOCK_K, min(64, 8192 // (BLOCK_K * BLOCK_R))), BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+                BLOCK_E=next_power_of_2(E + 1))
+
+
+_cached_blocks_of_one_program = functools.lru_cache(maxsize=None)(_blocks_of_one_program)
 
 
 class TablePlan(NamedTuple):
@@ -539,16 +625,21 @@ class TablePlan(NamedTuple):
 
 
 def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of: torch.Tensor, total: int,
-               chunk: Optional[int] = None, rows: Optional[int] = None) -> TablePlan:
+               chunk: Optional[int] = None, rows: Optional[int] = None,
+               send_rank: Optional[torch.Tensor] = None) -> TablePlan:
     """One kernel: the send plan (exact offsets, or fixed `chunk` rows per peer), the receive-side
     compaction into `rows` rows (static plans given rows) and the receive counts, all read from the
-    all-gathered count table [R, ROW] on the device. global_of [L]: this rank's experts' global ids."""
+    all-gathered count table [R, ROW] on the device. global_of [L]: this rank's experts' global ids.
+    send_rank (static plans): the plan's send_rank made once by the caller (chunk rows of rank r: r, the
+    same every call), returned as it is instead of a new one written by the kernel."""
     T, R = in_rank.shape
     device = in_rank.device
     L = global_of.numel()
     static, compact = chunk is not None, chunk is not None and rows is not None
     send_token = torch.empty(total, dtype=torch.long, device=device)  # every entry written by the kernel
-    send_rank = torch.empty(total, dtype=torch.long, device=device)
+    ranks = send_rank is None or not static  # the kernel writes send_rank
+    if ranks:
+        send_rank = torch.empty(total, dtype=torch.long, device=device)
     index = torch.empty(T, R, dtype=torch.long, device=device)
     summary = torch.empty(L + 2, dtype=torch.int32, device=device)
     recv_pos = torch.empty(R * chunk, dtype=torch.long, device=device) if compact else None
@@ -556,7 +647,7 @@ def table_plan(in_rank: torch.Tensor, table: torch.Tensor, rank: int, global_of:
     _table_plan_kernel[(R,)](
         in_rank, table, global_of, send_token, send_rank, index, summary,
         recv_pos if compact else index, recv_rows if compact else index, T, R, table.shape[1], rank, L,
-        chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, BLOCK_T=256,
+        chunk or 0, total, rows or 0, STATIC=static, COMPACT=compact, RANKS=ranks, BLOCK_T=256,
         BLOCK_R=next_power_of_2(max(R, 2)), BLOCK_L=next_power_of_2(max(L, 2)))
     return TablePlan(send_token, send_rank, index, summary, recv_pos, recv_rows)
 
@@ -577,6 +668,16 @@ def payload_views(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k:
     one exchange moves a row and its metadata together."""
     width = _meta_offset(hidden, dtype)
     return payload[:, :hidden * dtype.itemsize].view(dtype), payload[:, width:width + 8 * top_k].view(torch.int32)
+
+
+def payload_fields(payload: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A uint8 payload [S, B] seen as (rows [S, H] of `dtype`, ids [S, K] int32, weights [S, K] fp32), strided
+    views: payload_views' rows and its metadata's two halves, in six view ops where that path takes seven."""
+    width = _meta_offset(hidden, dtype)
+    middle = width + 4 * top_k
+    return (payload[:, :hidden * dtype.itemsize].view(dtype), payload[:, middle:middle + 4 * top_k].view(torch.int32),
+            payload[:, width:middle].view(torch.float32))
 
 
 def _meta_offset(hidden: int, dtype: torch.dtype) -> int:
@@ -616,19 +717,24 @@ def pack_payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, send
     (they are never sent). quant: an fp8 dispatch: each row is quantized as it is packed, into its wire
     row (fp8_payload.views reads values and scales), in the same one kernel: no quantized copy of x,
     and a token sent to several ranks is quantized the same way (bit for bit) for each. reuse: a kept
-    buffer (`kept`) for a payload that is only sent, never handed out, and has every row written
-    (skip_pad False): a static plan's on R > 1 ranks."""
+    buffer (`kept`) for a payload that is never handed out and has every row written (skip_pad False): a
+    static plan's (RankExchange._send_payload says when)."""
     S, K = send_token.numel(), ids.shape[1]
     width, dtype = row_format(x, quant)
     shape = (S, payload_bytes(width, dtype, K))
     if reuse and not skip_pad:
-        payload, rows, meta = kept(("payload", width, dtype, K), shape, torch.uint8, x.device,
-                                   lambda p: (p, *payload_views(p, width, dtype, K)))
+        payload = kept(("payload", width, dtype, K), shape, torch.uint8, x.device)
     else:
         payload = torch.empty(shape, dtype=torch.uint8, device=x.device)
-        rows, meta = payload_views(payload, width, dtype, K)
-    if S:
-        _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta, skip_pad=skip_pad, quant=quant)
+    if S:  # the kernel writes the payload's bytes (PAYLOAD): no views of it
+        T, H = x.shape
+        fp8_max, min_amax, blocks = pack_params(H, K, quant)
+        scale_at = fp8_payload.row_layout(H, quant)[1] if quant is not None else 0
+        _pack_kernel[(S, cdiv(H, blocks["BLOCK_H"]))](
+            x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
+            local_of if local_of is not None else rank_of, payload, payload, payload, T, H, K, rank_of.numel(),
+            payload.stride(0), scale_at, _meta_offset(width, dtype), fp8_max, min_amax, LOCAL=local_of is not None,
+            SKIP_PAD=skip_pad, INT_META=True, **blocks, PAYLOAD=True)
     return payload
 
 
@@ -643,7 +749,7 @@ def _pack(x, ids, weights, send_token, send_rank, rank_of, local_of, rows, meta,
         x.contiguous(), ids.contiguous(), weights.contiguous(), send_token, send_rank, rank_of,
         local_of if local_of is not None else rank_of, values, scales, meta, T, H, K, rank_of.numel(),
         values.stride(0), scales.stride(0), meta.stride(0), fp8_max, min_amax, LOCAL=local_of is not None,
-        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, **blocks)
+        SKIP_PAD=skip_pad, INT_META=meta.dtype == torch.int32, **blocks, PAYLOAD=False)
 
 
 def pack_params(H: int, K: int, quant: Optional[QuantConfig]) -> tuple[float, float, dict]:
@@ -675,9 +781,26 @@ def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none:
     if n:
         BLOCK_H = _block_h(H)
         _take_rows_kernel[(n, cdiv(H, BLOCK_H))](
-            rows, meta, index, out_x, out_meta, H, K, rows.stride(0), meta.stride(0), none,
+            rows, meta, index, out_x, out_meta, out_meta, H, K, rows.stride(0), meta.stride(0), none, BYTES=False,
             BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
     return out_x, out_meta
+
+
+def take_payload_rows(payload: torch.Tensor, index: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """take_rows of the rows and metadata of a uint8 payload [S, B] (payload_views' layout; rows may be
+    strided), read by the kernel from the payload's bytes (none of payload_views' views is made): (x [n, H],
+    ids [n, K] int32, weights [n, K] fp32), each contiguous (no views of a metadata block either)."""
+    n, K, device = index.shape[0], top_k, payload.device
+    out_x = torch.empty(n, hidden, dtype=dtype, device=device)
+    out_ids = torch.empty(n, K, dtype=torch.int32, device=device)
+    out_w = torch.empty(n, K, dtype=torch.float32, device=device)
+    if n:
+        BLOCK_H = _block_h(hidden)
+        _take_rows_kernel[(n, cdiv(hidden, BLOCK_H))](
+            payload, payload, index, out_x, out_w, out_ids, hidden, K, payload.stride(0), _meta_offset(hidden, dtype),
+            payload.shape[0], BYTES=True, BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
+    return out_x, out_ids, out_w
 
 
 def ll_slots(local_ids: torch.Tensor, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -719,8 +842,10 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
     out = rows.new_empty(num_slots, H)
     if N * K:
         BLOCK_H = _block_h(H)
+        if scale is not None and scale.dtype != torch.float32:  # (a dtype test: .float() is an op)
+            scale = scale.float()
         _ll_scatter_kernel[(N, cdiv(H, BLOCK_H))](
-            rows, slot_index.contiguous(), scale.float().contiguous() if scale is not None else slot_index,
+            rows, slot_index.contiguous(), scale.contiguous() if scale is not None else slot_index,
             out, K, H, rows.stride(0), num_slots, SCALE=scale is not None, BLOCK_H=BLOCK_H,
             BLOCK_K=next_power_of_2(max(K, 2)))
     return out
@@ -731,15 +856,16 @@ def ll_gather(out: torch.Tensor, slot_index: torch.Tensor, weight: torch.Tensor)
     Inference only (no autograd). partial is kept scratch (`kept`; combine only sends it): valid until
     the next ll_gather of this shape on this stream."""
     N, H = slot_index.shape[0], out.shape[1]
-    return gather_rows(out, slot_index, weight.float(), kept("ll_gather", (N, H), out.dtype, out.device))
+    weight = weight if weight.dtype == torch.float32 else weight.float()  # (a dtype test: .float() is an op)
+    return gather_rows(out, slot_index, weight, kept("ll_gather", (N, H), out.dtype, out.device))
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, H] in src's dtype: row n = sum_k (weight[n, k] *) src[index[n, k]]; index >= len(src) adds nothing.
-    out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
+    index [N, K], or [N] (K = 1). out: a contiguous [N, H] tensor of src's dtype to write (default: a new one)."""
     S, H = src.shape
-    N, K = index.shape
+    N, K = index.shape if index.dim() == 2 else (index.shape[0], 1)
     out = src.new_empty(N, H) if out is None else out
     if N:
         BLOCK_H = _block_h(H)

@@ -232,10 +232,10 @@ if triton is not None:
             if t == M:
                 out = (tl.load(region_ptrs + r) + header_at).to(tl.pointer_type(tl.int32)) + me * ROW
                 _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, out, flags_at, FLAGS, DISTINCT, BLOCK_T, BLOCK_K,
-                           BLOCK_R, BLOCK_E)
+                           BLOCK_R, BLOCK_E, in_rank_ptr, False)
             elif r == me:
                 _count_row(ids_ptr, w_ptr, rank_of_ptr, T, K, E, R, count_row_ptr, flags_at, FLAGS, DISTINCT, BLOCK_T,
-                           BLOCK_K, BLOCK_R, BLOCK_E)
+                           BLOCK_K, BLOCK_R, BLOCK_E, in_rank_ptr, False)
 
     @fast_launch
     @triton.jit

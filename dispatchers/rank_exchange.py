@@ -479,7 +479,8 @@ class RankExchange:
             total = sum(send_splits)
             links = hierarchical.flat_link_rows(send_splits, recv_splits, me, self.nodes)
         if plan is None:
-            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows)
+            plan = exchange_kernels.table_plan(in_rank, table, me, global_of, total, chunk, rows,
+                                               self._static_send_rank(chunk, table.device) if static else None)
         summary = plan.summary
         if now:  # capturing: nothing can be read, so an overflow is a device-side error
             self._assert_fits(table[:, 1:1 + R], summary[L + 1], chunk, rows, capacity)
@@ -563,18 +564,25 @@ class RankExchange:
             host = self._read_table(table, issued_at, waited_for="the count table of the NVLink token put")
             peer.check(self.name, "dispatch")  # a peer that never wrote its row: PeerFailure, not a stale-row error
             self._check_deferred(host, call)
-        key = (chunk, x.device)
-        send_rank = self._send_ranks.get(key)
-        if send_rank is None:
-            send_rank = torch.arange(R, device=x.device).repeat_interleave(chunk)
-            if not now:  # (made inside a capture it would hold values only in replays)
-                self._send_ranks[key] = send_rank
+        send_rank = self._static_send_rank(chunk, x.device)
+        if send_rank is None:  # capturing: this call's own
+            send_rank = torch.arange(R * chunk, device=x.device) // chunk
         handle = ExchangeHandle(T, (row, in_rank, E), send_token, send_rank, combine_index,
                                 summary, chunk=chunk)
-        rows, meta = exchange_kernels.payload_views(received, *exchange_kernels.row_format(x, quant),
-                                                    topk_ids.shape[1])
-        K = topk_ids.shape[1]
-        return handle, rows, meta[:, K:], meta[:, :K].view(torch.float32)
+        return (handle, *exchange_kernels.payload_fields(received, *exchange_kernels.row_format(x, quant),
+                                                         topk_ids.shape[1]))
+
+    def _static_send_rank(self, chunk: int, device: torch.device) -> Optional[torch.Tensor]:
+        """send_rank of a static plan [R*chunk] (chunk rows of rank r: r), the same every call: made once per
+        (chunk, device) and shared by the handles, which only read it. None while a CUDA graph is captured
+        before an eager call made it (made there it would hold its values only in replays): the caller
+        makes that call's own."""
+        key = (chunk, device)
+        send_rank = self._send_ranks.get(key)
+        if send_rank is None and not capturing():
+            with torch.inference_mode(False):  # (a normal tensor: it serves training calls too)
+                send_rank = self._send_ranks[key] = torch.arange(self.world_size * chunk, device=device) // chunk
+        return send_rank
 
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank
@@ -851,10 +859,13 @@ class RankExchange:
         """The kernel path: one packing kernel (quantizing with quant), one exchange of rows with their
         metadata, and for padded or compacted receive sides one kernel laying the rows out."""
         rank_of, local_of, _ = self.tables(x.device)
-        # a static plan's payload on R > 1 ranks is only read by the exchange: its buffer is kept across calls
+        # A static plan's payload is read by the exchange on R > 1 ranks, and on one rank (where the exchange hands
+        # it back as it is) by this call's compaction: never handed out, so its buffer is kept across calls. (Not
+        # deepep_ll's transient rows on one rank: views of a kept buffer, a normal tensor, cost more host time
+        # under inference_mode than the new buffer they would save.)
+        reuse = handle.static and (self.world_size > 1 or handle.recv_rows is not None)
         payload = exchange_kernels.pack_payload(x, ids, weights, handle.send_token, handle.send_rank, rank_of,
-                                                local_of if local_ids else None, quant=quant,
-                                                reuse=handle.static and self.world_size > 1)
+                                                local_of if local_ids else None, quant=quant, reuse=reuse)
         return self._receive_payload(payload, handle, *exchange_kernels.row_format(x, quant), ids.shape[1],
                                      transient)
 
@@ -884,13 +895,10 @@ class RankExchange:
         """transient: the caller reads the rows before its next exchange and keeps none of them."""
         taken = handle.recv_rows is not None or (handle.rows is not None and not handle.static)
         received = self._move(payload, handle, to_owner=False, keep=not (taken or transient))
-        rows, meta = exchange_kernels.payload_views(received, hidden, dtype, top_k)
-        if handle.recv_rows is not None:
-            rows, meta = exchange_kernels.take_rows(rows, meta, handle.recv_rows, received.shape[0])
-        elif handle.rows is not None and not handle.static:  # rows past the received ones: padding
-            rows, meta = exchange_kernels.take_rows(rows, meta, self._arange(handle.rows, payload.device),
-                                                    received.shape[0])
-        return rows, meta[:, top_k:], meta[:, :top_k].view(torch.float32)
+        if taken:  # rows past the received ones: padding (the kernel reads the payload's bytes: no views)
+            index = handle.recv_rows if handle.recv_rows is not None else self._arange(handle.rows, payload.device)
+            return exchange_kernels.take_payload_rows(received, index, hidden, dtype, top_k)
+        return exchange_kernels.payload_fields(received, hidden, dtype, top_k)
 
     def put_sums(self, src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, handle: ExchangeHandle
                  ) -> Optional[torch.Tensor]:
@@ -915,7 +923,7 @@ class RankExchange:
             if handle.recv_pos is not None:  # back into the chunk layout; rows past partial are padding
                 if partial.shape[0] != handle.rows:
                     partial = partial[:handle.rows]
-                index = handle.recv_pos.view(-1, 1)  # the chunk rows are only sent: kept scratch
+                index = handle.recv_pos  # [R*chunk]: one row each (no [R*chunk, 1] view: host time)
                 partial = exchange_kernels.gather_rows(partial, index, out=exchange_kernels.kept(
                     "chunk rows", (index.shape[0], partial.shape[1]), partial.dtype, partial.device))
             elif not handle.static:

@@ -152,9 +152,9 @@ def test_pack_rows_backward_sums_each_tokens_rows_by_gather(dtype):
         assert torch.allclose(dw.double(), ref_w, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (130, 64, 8, 4), (77, 16, 3, 2)])
+@pytest.mark.parametrize("T,E,K,R", [(0, 8, 2, 2), (1, 4, 1, 4), (130, 64, 8, 4), (77, 16, 3, 2), (300, 64, 8, 4)])
 @pytest.mark.parametrize("distinct", [False, True])
-def test_layout_kernel_matches_torch(T, E, K, R, distinct):
+def test_layout_kernel_matches_torch(T, E, K, R, distinct):  # T=300: the many-program kernel (atomics)
     from ep_runtime.dispatchers.rank_exchange import count_row
     from ep_runtime.testing import random_topk_ids
     from ep_runtime.validation import topk_value_flags
