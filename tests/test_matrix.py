@@ -105,6 +105,17 @@ def test_auto_runner_has_a_path_for_every_dispatcher():
         assert ep.runners.resolve("auto", "cuda", "deepep_normal") == "triton"
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda", None])
+def test_auto_runner_names_an_unknown_format_on_every_device(device):
+    """A format no module registered is an error naming it and the registered ones, whatever the device (on CPU
+    "auto" took torch without looking at the format), and so is create("auto", ...) with it."""
+    with pytest.raises(ValueError, match=r"dispatch format 'nope'.*registered formats: .*deepep_ll"):
+        ep.runners.resolve("auto", device, "nope")
+    config = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch").config
+    with pytest.raises(ValueError, match=r"dispatch format 'nope'"):
+        ep.runners.create("auto", config, device=device, format="nope")
+
+
 def _compiled_rank(rank, world_size):
     """Each dispatcher under torch.compile (aot_eager: dynamo and autograd tracing, no C++ toolchain needed) around the
     layer: the host-side plan and collectives graph-break, the rest is traced; results and
