@@ -85,18 +85,23 @@ class RowLayout:
         return self.flags_at + self.num_flags
 
 
+def memoized_eagerly(fn):
+    """fn's results made once per arguments (a per-call host cost then reads a dict), and made plainly while
+    torch.compile traces (dynamo traces an lru_cache's function and warns at every call of it)."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
+    return call
+
+
+@memoized_eagerly
 def row_layout(ranks: int, experts: int, num_flags: int, nodes: int = 0, wants: bool = True) -> RowLayout:
     """RowLayout(ranks, experts, num_flags, nodes, wants), made once (a dispatch then reads its offsets
-    as plain attributes: host time); made plainly while torch.compile traces (dynamo traces an lru_cache's
-    function and warns at every call of it)."""
-    if torch.compiler.is_compiling():
-        return RowLayout(ranks, experts, num_flags, nodes, wants)
-    return _row_layout(ranks, experts, num_flags, nodes, wants)
-
-
-@functools.lru_cache(maxsize=None)
-def _row_layout(ranks: int, experts: int, num_flags: int, nodes: int, wants: bool) -> RowLayout:
+    as plain attributes: host time)."""
     return RowLayout(ranks, experts, num_flags, nodes, wants)
+
 
 _FORCED = False  # tests: run the kernels on CPU tensors (TRITON_INTERPRET=1) as on a GPU
 
@@ -596,23 +601,14 @@ def layout_row(topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], ran
 _ONE_PROGRAM_TOKENS = 256
 
 
+@memoized_eagerly
 def _one_program_blocks(K: int, R: int, E: int) -> dict:
-    """_layout_one_kernel's blocks, made once per shape (plainly while torch.compile traces: see row_layout)."""
-    if torch.compiler.is_compiling():
-        return _blocks_of_one_program(K, R, E)
-    return _cached_blocks_of_one_program(K, R, E)
-
-
-def _blocks_of_one_program(K: int, R: int, E: int) -> dict:
-    """BLOCK_T tokens per step, so that the [BLOCK_T, BLOCK_K, BLOCK_R] owner test stays within 8192 entries
-    (registers) where it can: the histogram takes at least 128 ids (one per thread; the NVLink token put's
+    """_layout_one_kernel's blocks, made once per shape: BLOCK_T tokens per step, so that the [BLOCK_T, BLOCK_K,
+    BLOCK_R] owner test stays within 8192 entries (registers) where it can: the histogram takes at least 128 ids (one per thread; the NVLink token put's
     note), which wins over it; BLOCK_E > E (_count_row's bin for ids outside [0, E))."""
     BLOCK_K, BLOCK_R = next_power_of_2(max(K, 2)), next_power_of_2(max(R, 2))
     return dict(BLOCK_T=max(1, 128 // BLOCK_K, min(64, 8192 // (BLOCK_K * BLOCK_R))), BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
                 BLOCK_E=next_power_of_2(E + 1))
-
-
-_cached_blocks_of_one_program = functools.lru_cache(maxsize=None)(_blocks_of_one_program)
 
 
 class TablePlan(NamedTuple):
