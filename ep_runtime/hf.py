@@ -309,6 +309,7 @@ class EPExperts(nn.Module):
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
+    Frozen experts stay frozen: w13 / w2 (b13 / b2) need a gradient where the weights they came from did.
     """
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
@@ -331,6 +332,7 @@ class EPExperts(nn.Module):
                                dispatcher_options=dispatcher_options, runner_options=runner_options,
                                num_redundant_experts=num_redundant_experts)
             self.layer.load_experts(w13, w2, b13, b2)
+            self._keep_frozen(experts)
             return
         w13, w2 = experts.gate_up_proj, experts.down_proj
         if self.transposed:  # [E, H, 2I] and [E, I, H] -> EPMoE's [E, 2I, H] and [E, H, I]
@@ -348,6 +350,16 @@ class EPExperts(nn.Module):
         else:
             self.layer.load_experts(w13.detach(), w2.detach(), w13_scale_inv=experts.gate_up_proj_scale_inv.detach(),
                                     w2_scale_inv=experts.down_proj_scale_inv.detach(), quantize=quant)
+        self._keep_frozen(experts)
+
+    def _keep_frozen(self, experts: nn.Module) -> None:
+        """The layer's w13 / w2 (b13 / b2) need a gradient where the module's weights they came from did: frozen
+        experts (fine-tuning the rest, or adapters) stay frozen, and get no .grad, as before the swap."""
+        sources = {"w13": "gate_up_proj", "w2": "down_proj", "b13": "gate_up_proj_bias", "b2": "down_proj_bias"}
+        for mine, theirs in sources.items():
+            param, source = getattr(self.layer, mine), getattr(experts, theirs, None)
+            if isinstance(param, nn.Parameter) and isinstance(source, torch.Tensor) and not source.requires_grad:
+                param.requires_grad_(False)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

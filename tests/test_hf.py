@@ -719,3 +719,41 @@ def test_every_moe_family_is_swapped_exactly_or_refused_by_name():
         for name, err in errors.items():
             assert err == "refused" or (err is not None and err <= tolerance(torch.float32)), (
                 model_type, name, err, refusal)
+
+
+def _frozen_experts_rank(rank, world_size, family, frozen):
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(0)  # the same model on every rank
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    for m in model.modules():
+        if ep.hf.is_hf_experts(m):
+            for name in frozen:
+                getattr(m, name).requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+    model(ids).logits.square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+    model(ids).logits.square().mean().backward()
+    trainable = sorted(n.rsplit(".", 1)[1] for n, p in model.named_parameters() if ".experts.layer." in n
+                       and p.requires_grad and p.grad is not None)
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    others = max(rel_err(p.grad, expected[n]) for n, p in model.named_parameters() if n in expected)
+    return sorted(set(trainable)), frozen_with_grad, others
+
+
+@pytest.mark.parametrize("family, frozen, trained", [
+    ("mixtral", ("gate_up_proj", "down_proj"), []),
+    ("mixtral", ("down_proj",), ["w13"]),
+    ("gpt_oss", ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"), []),
+    ("gpt_oss", ("gate_up_proj_bias", "down_proj_bias"), ["w13", "w2"]),
+])
+def test_frozen_experts_stay_frozen(family, frozen, trained):
+    """Experts frozen before replace_experts (fine-tuning the rest of the model, or adapters on frozen experts)
+    stay frozen after it: EPExperts' w13 / w2 (b13 / b2) need a gradient exactly where the HF weights they were
+    made of did (they all needed one: an optimizer built after the swap trained the frozen experts), and every
+    other parameter's gradient is HF's own (float32 over 2 gloo ranks: DESIGN's 1e-5)."""
+    for names, frozen_with_grad, others in run_ranks(_frozen_experts_rank, 2, family, frozen, timeout=300):
+        assert names == trained and frozen_with_grad == [] and others <= tolerance(torch.float32), (
+            names, frozen_with_grad, others)
