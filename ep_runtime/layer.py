@@ -102,10 +102,10 @@ class EPMoE(nn.Module):
             placement = _initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts)
             if runner == "auto":
                 runner = envs.get("RUNNER")
-            self._runner_args = (runner, hooks, dict(runner_options or {}))
+            self._runner_args = (runner, hooks, _options("runner_options", runner_options))
             backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                          device, dtype)
-            dispatcher_options = dict(dispatcher_options or {})
+            dispatcher_options = _options("dispatcher_options", dispatcher_options)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise
@@ -943,6 +943,14 @@ class EPMoE(nn.Module):
                 f"L={self.placement.num_local_experts}{f', redundant={copies}' if copies else ''}, "
                 f"dispatcher={self.dispatcher.name}, runner={self.runner.backend.name}{moved_by}"
                 + (", shared_experts" if self.shared_experts is not None else ""))
+
+
+def _options(name: str, options: Optional[Mapping]) -> dict:
+    """A copy of EPMoE's `dispatcher_options` / `runner_options` (None: none), refused naming the argument when
+    it is no mapping (dict() of a list or a string failed with "dictionary update sequence element #0 ...")."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"{name}={options!r}; allowed: None or a dict of option names to values")
+    return dict(options or {})
 
 
 def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:

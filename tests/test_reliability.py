@@ -384,7 +384,7 @@ def test_grad_modes_may_differ_where_no_rank_needs_a_gradient():
 def _one_rank_cannot_build_rank(rank, world_size, case):
     """Rank 1 alone gets an argument (or a runner) it cannot build its layer with; rank 0 builds its own."""
     os.environ.pop("TRITON_INTERPRET", None)  # runner="triton" cannot run on these CPU ranks
-    dispatcher = "deepep_ll" if case == "dispatcher_options" else "deepep_normal"
+    dispatcher = "deepep_ll" if case.startswith("dispatcher_options") else "deepep_normal"
     kwargs = dict(runner="torch")
     if rank == 1:
         kwargs.update({"activation": dict(activation="relu"),
@@ -392,6 +392,8 @@ def _one_rank_cannot_build_rank(rank, world_size, case):
                        "hooks": dict(hooks=3),
                        "expert_to_rank": dict(expert_to_rank=[0, 1, 0]),
                        "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
+                       "dispatcher_options_list": dict(dispatcher_options=[("num_max_dispatch_tokens_per_rank", 8)]),
+                       "runner_options_str": dict(runner_options="none"),
                        }[case])
     start = time.monotonic()
     try:
@@ -413,6 +415,10 @@ LINGER_S = 5
     ("hooks", "TypeError: hooks=3; allowed: None or an ep.runners.GemmHooks("),
     ("expert_to_rank", "ValueError: expert_to_rank"),
     ("dispatcher_options", "ValueError: num_max_dispatch_tokens_per_rank=0; allowed: "),
+    # options that are no dict: named (dict() of them said "dictionary update sequence element #0 ...")
+    ("dispatcher_options_list", "TypeError: dispatcher_options=[('num_max_dispatch_tokens_per_rank', 8)]; allowed: "
+                                "None or a dict"),
+    ("runner_options_str", "TypeError: runner_options='none'; allowed: None or a dict"),
 ])
 def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own_error):
     """Rank 1 raised on its own while rank 0 waited in the settings check's all_gather until the timeout (a
