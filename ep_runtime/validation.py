@@ -68,17 +68,24 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
-    """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16"; None: torch's default) and
-    device (None: torch's default device, which `with torch.device("meta"):` and
-    torch.set_default_device set, as for torch's own modules; cpu unless changed), checked: a wrong
-    one would otherwise surface as a torch error far from the argument."""
-    if dtype is None:  # e.g. a Hugging Face config's torch_dtype left unset
+def float_dtype(dtype) -> torch.dtype:
+    """A layer's or runner's token dtype checked: a floating torch.dtype of WEIGHT_DTYPES or its name (e.g.
+    "bfloat16"); None: torch's default (e.g. a Hugging Face config's torch_dtype left unset)."""
+    if dtype is None:
         dtype = torch.get_default_dtype()
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (or their names)")
+    return dtype
+
+
+def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
+    """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16"; None: torch's default) and
+    device (None: torch's default device, which `with torch.device("meta"):` and
+    torch.set_default_device set, as for torch's own modules; cpu unless changed), checked: a wrong
+    one would otherwise surface as a torch error far from the argument."""
+    dtype = float_dtype(dtype)
     try:
         device = torch.get_default_device() if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:

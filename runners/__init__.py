@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import build, check_config, did_you_mean, register_named
+from ep_runtime.validation import float_dtype
 
 from .base import GemmHooks, RunnerBackend
 
@@ -75,6 +76,8 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     given, a `dtype` (the tokens') it cannot compute in. "auto" is resolved for `device`, dispatch
     `format` and `dtype` (see resolve; no device: torch)."""
     check_name(name)
+    if dtype is not None:  # (checked before "auto" compares it with each backend's dtypes)
+        dtype = float_dtype(dtype)
     name = resolve(name, device, format, dtype)
     cls = get(name)
     if not cls.is_available():

@@ -108,6 +108,20 @@ def test_create_names_a_bad_config_or_option_and_what_is_allowed(bad):
         with pytest.raises(TypeError, match="runner torch has no option 'bogus'; allowed: none"):
             ep.runners.create("torch", cfg, bogus=1)
 
+
+@pytest.mark.parametrize("runner", ["torch", "auto"])
+def test_create_names_a_token_dtype_no_runner_computes_in(runner):
+    """runners.create(dtype=...) takes the tokens' dtype as EPMoE's dtype does (a float dtype or its name) and
+    refuses another one naming it and what is allowed; the torch runner (no dtype list of its own) took an
+    integer, a complex or an fp8 dtype without a word."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    for dtype in (torch.int32, torch.complex64, torch.float8_e4m3fn, torch.bool, "int8", "nope", 3):
+        with pytest.raises(ValueError, match=rf"dtype=\S*{re.escape(str(dtype))}'?; allowed: torch.float32, "
+                                             rf"torch.bfloat16, torch.float16, torch.float64 \(or their names\)"):
+            ep.runners.create(runner, cfg, dtype=dtype)
+    for dtype in (torch.float64, "bfloat16", None):
+        assert ep.runners.create(runner, cfg, dtype=dtype).name == "torch"
+
 def test_reroute_to_sink():
     ids = torch.tensor([[-1, 2], [0, -1]])
     out = reroute_to_sink(ids, ep.ExpertPlacement(5).local_to_local_table())
