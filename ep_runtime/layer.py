@@ -911,6 +911,12 @@ class EPMoE(nn.Module):
         if side is not None:
             caller.wait_stream(side)
             shared.record_stream(caller)
+        # here, once the exchange is complete on every rank: a module of the wrong shape fails each rank alike
+        if not isinstance(shared, torch.Tensor) or shared.shape != routed.shape:
+            got = f"shape {list(shared.shape)}" if isinstance(shared, torch.Tensor) else type(shared).__name__
+            raise ValueError(f"shared_experts returned {got} for x of shape {list(x.shape)}; allowed: a tensor of "
+                             f"x's shape (a module mapping [T, H] to [T, H]; another shape would broadcast against "
+                             f"the routed experts' output)")
         return routed, shared
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:

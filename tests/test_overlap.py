@@ -373,6 +373,49 @@ def test_shared_experts_run_during_dispatch_with_unchanged_result(dispatcher):
         assert err <= tolerance(torch.float32), err
 
 
+class _ScalarPerToken(torch.nn.Module):
+    """A shared 'expert' of the wrong shape: [T, H] -> [T, 1] (a gate's logit, say)."""
+    def __init__(self, hidden):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _wrong_shared_shape_rank(rank, world_size, dispatcher):
+    E, K, H, I = 8, 2, 32, 16
+    torch.manual_seed(0)  # the same modules on every rank
+    shared = _ScalarPerToken(H)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [9, 6], seed=3, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, w = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    errors = []
+    for call in (lambda: layer(x, ids, w), lambda: layer.routed_and_shared(x, ep.TopKOutput(ids, w))):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
+    layer.shared_experts = None  # the group still works: the routed experts alone equal the float64 reference
+    ref = moe_reference(problem.xs[rank], ids, w.double(), problem.w13, problem.w2, layer.config)
+    return errors, rel_err(layer(x, ids, w), ref)
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal", "deepep_ll"])
+def test_shared_experts_of_the_wrong_shape_are_named_not_broadcast(dispatcher):
+    """A shared_experts module returning [T, 1] (not [T, H]) was broadcast against the routed experts' [T, H]
+    output: forward returned a wrong [T, H] without a word. Now forward and routed_and_shared raise naming the
+    module's output shape and x's, on every rank, once the exchange has completed (the group stays usable)."""
+    for errors, err in run_ranks(_wrong_shared_shape_rank, 2, dispatcher, timeout=120):
+        for message in errors:
+            assert message is not None and message.startswith("shared_experts returned shape ["), errors
+            assert ", 1] for x of shape [" in message and "allowed: a tensor of x's shape" in message, message
+        assert err <= tolerance(torch.float32), err
+
+
 def test_two_batch_schedules_name_a_micro_batch_that_is_no_pair():
     """(x, ids, weights) instead of (x, (ids, weights)) failed deep inside the layer ("got multiple values for
     argument 'async_op'"); both schedules name the micro-batch and the form they take."""
