@@ -42,8 +42,15 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
 
 def as_process_group(group: Any, name: str = "group", dim: str = "ep") -> Optional[dist.ProcessGroup]:
     """`group` (the argument `name`) as a ProcessGroup: a 1-D DeviceMesh (torchtitan's mesh["ep"]) gives its
-    group; a ProcessGroup or None stays as it is. dim: the mesh dimension the argument is meant to be."""
+    group; a ProcessGroup or None stays as it is; anything else is refused naming the argument (torch's own
+    error, e.g. "Default process group has not been initialized", named nothing). dim: the mesh dimension the
+    argument is meant to be."""
     if type(group).__name__ != "DeviceMesh":
+        # (new_group's NON_GROUP_MEMBER, what a rank outside the new group gets, is named by group_rank_and_size)
+        if group is not None and not isinstance(group, dist.ProcessGroup) and not (
+                isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER):
+            raise TypeError(f"{name}={group!r}; allowed: None (the default group), a torch.distributed "
+                            f"ProcessGroup, or a 1-D DeviceMesh such as mesh['{dim}']")
         return group
     if group.ndim != 1:
         raise ValueError(f"{name}={group!r} is a {group.ndim}-D DeviceMesh; allowed: a ProcessGroup, or a 1-D "

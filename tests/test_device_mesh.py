@@ -3,6 +3,7 @@ layer over mesh["ep"].get_group() ([0, 1] and [2, 3]); the ranks holding the sam
 [0, 2] and [1, 3]) are data-parallel replicas. Each ep group routes its own tokens (different data per
 group). Four gloo ranks on a small machine: tiny shapes, one process start per test."""
 import os
+import re
 
 import pytest
 import torch
@@ -156,4 +157,34 @@ def _dp_x_ep_recipe_rank(rank, world_size):
 
 def test_dp_x_ep_training_recipe_gives_the_mean_loss_gradients():
     for errors in run_ranks(_dp_x_ep_recipe_rank, WORLD, timeout=60):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _bad_group_rank(rank, world_size):
+    """Every rank passes the same group that is no group; then builds its layer on the default group."""
+    messages = []
+    for bad in ("ep", 5, [0, 1]):
+        for build in (lambda: ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", group=bad),
+                      lambda: ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), group=bad),
+                      lambda: ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8), group=bad)):
+            try:
+                build()
+                messages.append(None)
+            except TypeError as err:
+                messages.append(str(err))
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [5, 3], seed=1, ep_size=world_size)
+    return messages, check_layer(layer, problem, rank)
+
+
+def test_a_group_that_is_no_group_is_named():
+    """group= something that is neither None, a ProcessGroup nor a 1-D DeviceMesh (a mesh dimension's name, a
+    list of ranks) was taken as it was and failed in torch ("Default process group has not been initialized",
+    "Group ep is not registered"), naming no argument; it is now refused naming it and what is allowed, on
+    every rank before any collective, and the group stays usable (a layer on the default group then matches
+    the float64 reference: output and gradients, float32 bound)."""
+    for messages, errors in run_ranks(_bad_group_rank, 2, timeout=120, group_timeout=30):
+        assert len(messages) == 9 and all(m is not None and re.fullmatch(
+            r"group=('ep'|5|\[0, 1\]); allowed: None \(the default group\), a torch.distributed ProcessGroup, or a "
+            r"1-D DeviceMesh such as mesh\['ep'\]", m) for m in messages), messages
         assert max(errors.values()) <= tolerance(torch.float32), errors
