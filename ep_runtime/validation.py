@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-ID_DTYPES = (torch.int32, torch.int64)
+ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
 def is_int_at_least(value, minimum: int) -> bool:
@@ -162,9 +162,9 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
             raise ValueError(f"{name} is on {t.device}; expected {device} (the device of x)")
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} differ in shape")
-    if topk_ids.dtype not in ID_DTYPES:  # (unsigned types cannot hold -1: uint32 2**32-1 would read as -1)
+    if topk_ids.dtype not in ID_DTYPES:  # unsigned wider types would hide -1 (uint32 2**32-1 reads as -1)
         raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected a signed integer dtype (int32 or int64; "
-                        f"cast other integer ids with .to(torch.int32))")
+                        f"int8, int16 and uint8 also accepted)")
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
     if values:

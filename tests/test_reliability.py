@@ -178,11 +178,6 @@ BAD_INPUT = {
     "id_beyond_int32": "topk_ids has id 1099511627777 at [0, 1]; allowed -1..7 (num_experts=8)",
     "float_ids": "topk_ids has dtype torch.float32; expected a signed integer dtype (int32 or int64;",
     "uint32_ids": "topk_ids has dtype torch.uint32; expected a signed integer dtype",
-    # int32 or int64 only (narrower ones were taken: uint8 cannot say -1, and no router makes them)
-    "int16_ids": "topk_ids has dtype torch.int16; expected a signed integer dtype (int32 or int64; cast other "
-                 "integer ids with .to(torch.int32))",
-    "int8_ids": "topk_ids has dtype torch.int8; expected a signed integer dtype (int32 or int64;",
-    "uint8_ids": "topk_ids has dtype torch.uint8; expected a signed integer dtype (int32 or int64;",
     "ids_shape": "topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
     "weights_shape": "topk_weights has shape [4, 3]; expected [4, 2] (T rows of x, top_k)",
     "int_weights": "topk_weights has dtype torch.int64; expected a floating dtype",
@@ -214,8 +209,6 @@ def _layer_and_input(dispatcher, case):
     elif case == "uint32_ids":  # 2**32 - 1 would read as -1 (a dropped slot) if accepted
         ids = ids.to(torch.uint32)
         ids[0, 0] = 2 ** 32 - 1
-    elif case in ("int16_ids", "int8_ids", "uint8_ids"):
-        ids = ids.clamp(min=0).to(getattr(torch, case[:-4]))
     elif case == "ids_shape":
         ids = ids[:3]
     elif case == "weights_shape":
