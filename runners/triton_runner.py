@@ -77,9 +77,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     hooks = hooks or _NO_HOOKS
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     quant, interp = weights.quant, kernels.INTERPRETED
+    knobs = (envs.get("TRITON_GEMM_KERNEL"), envs.get("TRITON_GEMM_SCHEDULE"))  # (read at every call)
     key = None
     if not (hooked or quant is not None or inp.hidden_scale is not None or torch.compiler.is_compiling()):
-        key = _plan_key(inp, weights, config, block_config)
+        key = _plan_key(inp, weights, config, block_config, knobs)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan.run(inp, weights, hooks, *_gemm_input(inp, None, interp))
@@ -95,7 +96,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
     if quant is not None and _fp8_gemm(inp, weights, config, x, block_config) == "gluon":
         return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
-    plan = _Plan(inp, weights, config, hooked, block_config, x)
+    plan = _Plan(inp, weights, config, hooked, block_config, x, knobs)
     if key is not None:
         if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: shapes beyond it are rare; plans rebuild in ~100 us)
             _PLANS.clear()
@@ -107,13 +108,13 @@ _PLANS: dict = {}  # _plan_key -> _Plan (shapes, dtypes, strides and knobs only:
 _MAX_PLANS = 256
 
 
-def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config) -> tuple:
+def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config, knobs: tuple) -> tuple:
     """Everything a _Plan of an unhooked, unquantized call reads: the config and tiles, the knobs read per call,
     the ids', rows' and weights' shapes, strides and dtypes, the device, and the weights' 16-byte alignment
     (whether TMA can load them). The weights' shapes and dtypes are the config's and x's: every caller checks
     them first (check_weights)."""
     x, ids, table, w13, w2 = inp.hidden_states, inp.topk_ids, inp.id_table, weights.w13, weights.w2
-    return (config, block_config, envs.get("TRITON_GEMM_KERNEL"), envs.get("TRITON_GEMM_SCHEDULE"), ids.shape,
+    return (config, block_config, knobs, ids.shape,
             ids.dtype, None if table is None else table.shape, inp.expert_mask.shape, x.shape, x.stride(), x.dtype,
             x.device, inp.out_dtype, inp.capacity_rows, w13.dtype, w13.stride(), w2.stride(), w13.data_ptr() % 16,
             w2.data_ptr() % 16, weights.b13 is None, weights.b2 is None)
@@ -124,16 +125,17 @@ class _Plan:
     tensor), so that run() on tensors of the same shapes, strides and dtypes only launches the sequence."""
 
     def __init__(self, inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooked: bool,
-                 block_config: Optional["kernels.BlockConfig"], x: torch.Tensor):
+                 block_config: Optional["kernels.BlockConfig"], x: torch.Tensor, knobs: tuple):
+        """knobs: (EP_RUNTIME_TRITON_GEMM_KERNEL, EP_RUNTIME_TRITON_GEMM_SCHEDULE) as this call read them."""
         interp, quant = kernels.INTERPRETED, weights.quant
         N, K = inp.topk_ids.shape
         H, I = config.hidden_size, config.intermediate_size
         L = weights.num_local_experts
         picked = block_config is None
         if picked:
-            kernel = envs.get("TRITON_GEMM_KERNEL")
-            block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel,
-                                               envs.get("TRITON_GEMM_SCHEDULE"), inp.capacity_rows)
+            kernel, schedule = knobs
+            block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel, schedule,
+                                               inp.capacity_rows)
             if kernel == "auto":
                 block_config = _runnable(block_config, weights, interp)
             else:  # forced: a kernel that cannot run here is an error naming the knob that forced it
