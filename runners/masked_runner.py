@@ -25,6 +25,9 @@ program's BLOCK_N1 columns are one scale group). Inference only.
 Autograd: the forward runs the kernels; the backward recomputes the valid rows with the torch
 runner's differentiable ops and back-propagates through them, so training gives the torch runner's
 gradients. GEMM hooks are not supported (rejected at construction): use runner="torch" or "triton".
+
+Host time: an eager call of a shape seen before reuses that shape's plan (_Plan: tiles, scratch key and the two
+prepared launches, made from shapes, strides and dtypes only) and only launches.
 """
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_G
 steps of prefill size run both GEMMs as Gluon kernels instead (runners/gluon_kernels.py; _fp8_gemm says
 when, EP_RUNTIME_TRITON_FP8_GEMM overrides): GEMM 1's rows gathered in expert order first, the same
 activation and quantization rule in its epilogue, the same alignment and reduction around them.
+
+Host time: an eager call of a shape seen before reuses that shape's plan (_Plan: tiles, scratch key and the
+kernels' prepared launches, made from shapes, strides and dtypes only), so it checks and computes nothing again and
+only launches; the kernels take the widths and strides a layer fixes as constexprs (fewer launch parameters).
 """
 from __future__ import annotations
 
