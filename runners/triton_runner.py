@@ -81,9 +81,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     hooks = hooks or _NO_HOOKS
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     quant, interp = weights.quant, kernels.INTERPRETED
-    knobs = (envs.get("TRITON_GEMM_KERNEL"), envs.get("TRITON_GEMM_SCHEDULE"))  # (read at every call)
-    key = None
+    key = knobs = None
     if not (hooked or quant is not None or inp.hidden_scale is not None or torch.compiler.is_compiling()):
+        knobs = _gemm_knobs()
         key = _plan_key(inp, weights, config, block_config, knobs)
         plan = _PLANS.get(key)
         if plan is not None:
@@ -100,9 +100,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
     if quant is not None and _fp8_gemm(inp, weights, config, x, block_config) == "gluon":
         return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
-    plan = _Plan(inp, weights, config, hooked, block_config, x, knobs)
+    plan = _Plan(inp, weights, config, hooked, block_config, x, knobs or _gemm_knobs())
     if key is not None:
-        if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: shapes beyond it are rare; plans rebuild in ~100 us)
+        if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: a dropped plan costs one call of the unplanned path)
             _PLANS.clear()
         _PLANS[key] = plan
     return plan.run(inp, weights, hooks, x, x_scale, to_quantize)
@@ -110,6 +110,11 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
 
 _PLANS: dict = {}  # _plan_key -> _Plan (shapes, dtypes, strides and knobs only: no tensor is kept)
 _MAX_PLANS = 256
+
+
+def _gemm_knobs() -> tuple[str, str]:
+    """(EP_RUNTIME_TRITON_GEMM_KERNEL, EP_RUNTIME_TRITON_GEMM_SCHEDULE), read at every call."""
+    return envs.get("TRITON_GEMM_KERNEL"), envs.get("TRITON_GEMM_SCHEDULE")
 
 
 def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config, knobs: tuple) -> tuple:
