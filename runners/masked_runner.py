@@ -25,12 +25,15 @@ program's BLOCK_N1 columns are one scale group). Inference only.
 Autograd: the forward runs the kernels; the backward recomputes the valid rows with the torch
 runner's differentiable ops and back-propagates through them, so training gives the torch runner's
 gradients. GEMM hooks are not supported (rejected at construction): use runner="torch" or "triton".
+
+Host time: an eager call of a shape seen before reuses that shape's plan (_Plan: tiles, scratch key and the two
+prepared launches, made from shapes, strides and dtypes only) and only launches.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -115,13 +118,14 @@ if triton is not None:
     @triton.jit
     def _masked_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr,
-        num_buffer_rows, N, K, up_offset,
-        stride_al, stride_am, stride_ak,
-        stride_wl, stride_wn, stride_wk,
-        stride_bl, stride_bn,
-        stride_ol, stride_om, stride_on,
-        a_scale_ptr, stride_asl, stride_asm, stride_ask, w_scale_ptr, stride_wsl, stride_wsn, stride_wsk,
-        out_scale_ptr, stride_osl, stride_osm, fp8_max, min_amax,
+        num_buffer_rows, N: tl.constexpr, K: tl.constexpr, up_offset: tl.constexpr,
+        stride_al, stride_am: tl.constexpr, stride_ak: tl.constexpr,
+        stride_wl: tl.constexpr, stride_wn: tl.constexpr, stride_wk: tl.constexpr,
+        stride_bl: tl.constexpr, stride_bn: tl.constexpr,
+        stride_ol, stride_om: tl.constexpr, stride_on: tl.constexpr,
+        a_scale_ptr, stride_asl, stride_asm: tl.constexpr, stride_ask: tl.constexpr,
+        w_scale_ptr, stride_wsl: tl.constexpr, stride_wsn: tl.constexpr, stride_wsk: tl.constexpr,
+        out_scale_ptr, stride_osl, stride_osm: tl.constexpr, fp8_max, min_amax,
         scale, alpha, limit,
         FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
         HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
@@ -139,7 +143,10 @@ if triton is not None:
         up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it
         writes scale * acc (gemm2). BLOCK_SCALED: fp8 a and w, each K step's product times a's (row, k
         group) and w's (row block, k group) scales. QUANT_OUT: the epilogue writes fp8 and one scale per
-        row for its BLOCK_N columns (one group)."""
+        row for its BLOCK_N columns (one group).
+        The widths and strides that follow from the layer's shape are constexprs (a launch binds 18 parameters
+        fewer); those that follow from the buffer's rows per expert (num_buffer_rows, the expert strides of a, out
+        and their scales) stay runtime: a token-major format's conversion sizes that buffer per call."""
         pid_s = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.program_id(2).to(tl.int64)
@@ -210,9 +217,11 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
             masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *,
             activation: Optional[MoeConfig] = None, scale: float = 1.0, quant: Optional[QuantConfig] = None,
             a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
-            out_scale: Optional[torch.Tensor] = None) -> None:
-    """One grouped GEMM: a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out [L, M*R, N].
-    activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
+            out_scale: Optional[torch.Tensor] = None) -> Callable[..., None]:
+    """One grouped GEMM, prepared for these tensors' shapes, strides and dtypes (never their values or addresses):
+    returns launch(a, w, bias, out, masked_m, a_scale, w_scale, out_scale), which launches it on tensors of the same
+    (masked_forward keeps it in a per-shape plan). a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out
+    [L, M*R, N]. activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
     quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
     out is fp8, quantized in the epilogue (block_n must be the activation group)."""
     L, rows, K = a.shape
@@ -224,14 +233,21 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     upcast = INTERPRETED and a.dtype == torch.bfloat16
     meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, row_splits, block_n, tiles, quant,
                  out_scale is not None, one_scale)
-    bias_arg = bias if bias is not None else w  # never read when HAS_BIAS is off
-    bias_strides = bias.stride() if bias is not None else (0, 0)
-    fp8 = (a_scale, *a_scale.stride(), w_scale, *w_scale.stride()) if quant is not None else (a, 0, 0, 0, a, 0, 0, 0)
-    fp8 += ((out_scale, *out_scale.stride()[:2]) if out_scale is not None else (a, 0, 0))
-    _masked_gemm_kernel[(row_splits, cdiv(N, block_n), L)](
-        a, w, bias_arg, out, masked_m, rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
-        *bias_strides, *out.stride(), *fp8, quant.spec.max_value if quant is not None else 1.0, MIN_AMAX,
-        float(scale), **meta)
+    has_bias, scaled, quant_out = bias is not None, quant is not None, out_scale is not None
+    kernel = _masked_gemm_kernel[(row_splits, cdiv(N, block_n), L)]
+    sizes = (rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
+             *(bias.stride() if has_bias else (0, 0)), *out.stride())
+    a_scale_strides = a_scale.stride() if scaled else (0, 0, 0)
+    w_scale_strides = w_scale.stride() if scaled else (0, 0, 0)
+    out_scale_strides = out_scale.stride()[:2] if quant_out else (0, 0)
+    values = (quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale))
+
+    def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None):
+        # (unused pointers get a tensor that is never read: the kernel's constexprs turn their loads off)
+        kernel(a, w, bias if has_bias else w, out, masked_m, *sizes, a_scale if scaled else a, *a_scale_strides,
+               w_scale if scaled else a, *w_scale_strides, out_scale if quant_out else a, *out_scale_strides, *values,
+               **meta)
+    return launch
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,36 +284,75 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     on recv_x's device; recv_scale [L, M*R, G]: recv_x's fp8 scales (an fp8 dispatch). Returns
     [L, M*R, H] in out_dtype (default recv_x's dtype); rows past masked_m are unwritten.
     Not differentiable by itself (see _MaskedExperts)."""
-    L, rows, H = recv_x.shape
-    I = config.intermediate_size
-    if tiles is None:
-        tiles = _default_tiles(weights.quant is not None, recv_x.device)
-    else:
-        _check_tiles(tiles)
-    masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
-    out_dtype = out_dtype or recv_x.dtype
+    _check_tiles(tiles)
     quant = weights.quant
-    device = recv_x.device
-    # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
-    a, a_scale = SCRATCH.get(("masked", L, rows, I, out_dtype, quant), device,
-                             lambda: _scratch(L, rows, I, out_dtype, quant, device))
-    if quant is None:
-        _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, tiles.BLOCK_N1, tiles, activation=config)
-        out = torch.empty(L, rows, H, dtype=out_dtype, device=device)
-        _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
-                scale=config.routed_scaling_factor)
+    key = None
+    if quant is None and not torch.compiler.is_compiling():
+        w13, w2, b13, b2 = weights.w13, weights.w2, weights.b13, weights.b2
+        key = (recv_x.shape, recv_x.stride(), recv_x.dtype, recv_x.device, out_dtype, config, tiles, w13.stride(),
+               w2.stride(), None if b13 is None else b13.stride(), None if b2 is None else b2.stride())
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan.run(recv_x, masked_m, weights)
+    if tiles is None:
+        tiles = _default_tiles(quant is not None, recv_x.device)
+    plan = _Plan(recv_x, weights, config, tiles, out_dtype)
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: shapes beyond it are rare)
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan.run(recv_x, masked_m, weights, recv_scale)
+
+
+_PLANS: dict = {}  # masked_forward's key -> _Plan (shapes, dtypes and strides only: no tensor is kept)
+_MAX_PLANS = 256
+
+
+class _Plan:
+    """masked_forward for one shape: its tiles, scratch and prepared launches (made at the first run; they hold no
+    tensor), so that run() on tensors of the same shapes, strides and dtypes only launches the two GEMMs. The
+    weights' shapes and dtypes are the config's and the rows': every caller checks them first."""
+
+    def __init__(self, recv_x: torch.Tensor, weights: ExpertWeights, config: MoeConfig, tiles: MaskedTiles,
+                 out_dtype: Optional[torch.dtype]):
+        L, rows, H = recv_x.shape
+        I, quant, device = config.intermediate_size, weights.quant, recv_x.device
+        self.config, self.tiles, self.shape = config, tiles, (L, rows, H)
+        self.out_dtype = out_dtype or recv_x.dtype
+        # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
+        self.scratch_key = ("masked", L, rows, I, self.out_dtype, quant)
+        self.make = functools.partial(_scratch, L, rows, I, self.out_dtype, quant, device)
+        self.launches = None  # (gemm1, gemm2), prepared at the first run
+
+    def run(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
+            recv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        config, tiles, quant, (L, rows, H) = self.config, self.tiles, weights.quant, self.shape
+        masked_m = masked_m.to(torch.int32).contiguous()  # the kernels read masked_m[l] at offset l
+        device = recv_x.device
+        a, a_scale = SCRATCH.get(self.scratch_key, device, self.make)
+        if quant is not None:
+            if recv_scale is None:  # float rows: quantized here, each expert's first masked_m rows (the padding is
+                # never read)
+                q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED,
+                                              row_counts=masked_m, rows_per_count=rows)
+                recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
+            recv_scale = decode_scales(recv_scale)
+        out = torch.empty(L, rows, H, dtype=self.out_dtype, device=device)
+        launches = self.launches
+        if launches is None or quant is not None:  # (a quantized plan serves one call)
+            fp8 = {} if quant is None else dict(quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv,
+                                                out_scale=a_scale)
+            first = _launch(recv_x, weights.w13, weights.b13, a, masked_m, config.intermediate_size,
+                            tiles.BLOCK_N1 if quant is None else quant.activation_group, tiles, activation=config,
+                            **fp8)
+            fp8 = {} if quant is None else dict(quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
+            second = _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
+                             scale=config.routed_scaling_factor, **fp8)
+            launches = self.launches = (first, second)
+        first, second = launches
+        first(recv_x, weights.w13, weights.b13, a, masked_m, recv_scale, weights.w13_scale_inv, a_scale)
+        second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv)
         return out
-    if recv_scale is None:  # float rows: quantized here, each expert's first masked_m rows (the padding is never read)
-        q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED, row_counts=masked_m,
-                                      rows_per_count=rows)
-        recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
-    recv_scale = decode_scales(recv_scale)
-    _launch(recv_x, weights.w13, weights.b13, a, masked_m, I, quant.activation_group, tiles, activation=config,
-            quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv, out_scale=a_scale)
-    out = torch.empty(L, rows, H, dtype=out_dtype, device=recv_x.device)
-    _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles, scale=config.routed_scaling_factor,
-            quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
-    return out
 
 
 def _scratch(L: int, rows: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],
@@ -335,12 +390,15 @@ class _MaskedExperts(torch.autograd.Function):
 def _check_inputs(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights) -> None:
     """What the kernels need beyond RunnerBackend.check_weights (the weights' shapes and dtypes, checked
     once per call before compute: by run(), or by the runner core) and ExpertMajorInput.check."""
+    device = recv_x.device
     for name, t in (("recv_x", recv_x), ("masked_m", masked_m), ("w13", weights.w13), ("w2", weights.w2)):
-        if t.device.type != "cuda" and not interpreted():
-            raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "
-                             "(or TRITON_INTERPRET=1 for CPU tensors through the interpreter)")
-        if t.device != recv_x.device:
-            raise ValueError(f"{name} is on {t.device} but recv_x is on {recv_x.device}")
+        # (recv_x's device checked first: the others on that device pass both checks, per call host time)
+        if t is recv_x or t.device != device:
+            if t.device.type != "cuda" and not interpreted():
+                raise ValueError(f"runner='masked' got {name} on {t.device}; it needs CUDA tensors "
+                                 "(or TRITON_INTERPRET=1 for CPU tensors through the interpreter)")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but recv_x is on {device}")
 
 
 @register

@@ -31,7 +31,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -403,8 +403,8 @@ def _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_
 @fast_launch
 @triton.jit
 def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
-                         sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert, table_size,
-                         mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
+                         sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert: tl.constexpr,
+                         table_size: tl.constexpr, mask_size: tl.constexpr, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
                          CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr):
     _align_single(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr, sorted_pair_ids_ptr,
                   work_queue_ptr, num_pairs, num_blocks, first_expert, table_size, mask_size, L, HAS_TABLE, HAS_MASK,
@@ -414,8 +414,8 @@ def _align_single_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr,
 @fast_launch
 @triton.jit
 def _align_quantize_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_ptr, block_expert_ptr,
-                           sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert, table_size,
-                           mask_size,
+                           sorted_pair_ids_ptr, work_queue_ptr, num_pairs, num_blocks, first_expert: tl.constexpr,
+                           table_size: tl.constexpr, mask_size: tl.constexpr,
                            x_ptr, q_ptr, s_ptr, group_blocks, H, G, stride_x, stride_q, stride_s, fp8_max, min_amax,
                            L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr,
                            E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, GROUP: tl.constexpr,
@@ -438,8 +438,8 @@ def _align_quantize_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, padded_pt
 
 @fast_launch
 @triton.jit
-def _align_count_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs, first_expert,
-                        table_size, mask_size, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
+def _align_count_kernel(ids_ptr, table_ptr, mask_ptr, computed_ptr, chunk_counts_ptr, num_pairs,
+                        first_expert: tl.constexpr, table_size: tl.constexpr, mask_size: tl.constexpr, L: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr,
                         CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     # One chunk of pairs: which are computed, and how many go to each local expert.
     chunk = tl.program_id(0)
@@ -486,7 +486,8 @@ def _align_blocks_kernel(padded_ptr, block_expert_ptr, sorted_pair_ids_ptr, num_
 @fast_launch
 @triton.jit
 def _align_scatter_kernel(ids_ptr, table_ptr, computed_ptr, chunk_offsets_ptr, padded_start_ptr, sorted_pair_ids_ptr,
-                          num_pairs, first_expert, table_size, HAS_TABLE: tl.constexpr, CHUNK: tl.constexpr,
+                          num_pairs, first_expert: tl.constexpr, table_size: tl.constexpr, HAS_TABLE: tl.constexpr,
+                          CHUNK: tl.constexpr,
                           E_PAD: tl.constexpr):
     # Slot of each computed pair: its expert's padded start + earlier chunks' pairs of that expert +
     # earlier pairs of that expert in this chunk.
@@ -519,52 +520,93 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     if quantize is not None and quantize.x.shape[0] != topk_ids.shape[0]:
         raise ValueError(f"quantize has {quantize.x.shape[0]} rows; topk_ids {topk_ids.shape[0]} (the rows are the ids' "
                          f"tokens: one row per row of topk_ids)")
-    # read flat: pair p = t*K + k; int64 ids stay int64 before a table (clamped there, never wrapped)
-    keep = id_table is not None and topk_ids.dtype == torch.int64
-    ids = (topk_ids if keep else topk_ids.to(torch.int32)).contiguous()
+    ids, table, mask = align_inputs(topk_ids, expert_mask, id_table)
     P = ids.numel()
     aligned = align_workspace(P, L, block_m, ids.device) if out is None else out
     if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
         if quantize is not None:
             quantize.launch()
         return aligned
+    check_id_table(id_table)
+    table_size = table.numel() if id_table is not None else None
+    mask_size = mask.numel() if expert_mask is not None else None
+    if quantize is None:
+        prepare_align(aligned, L, first_expert, table_size, mask_size, single_program)(ids, table, mask, aligned)
+        return aligned
     e_pad = aligned.padded.numel() // 2
     num_blocks = aligned.block_expert.numel()
-    mask = expert_mask.contiguous() if expert_mask is not None else ids  # read flat, as the table
-    if id_table is not None and id_table.dim() != 1:
-        raise ValueError(f"id_table must be 1-D [n + 1]; got shape {list(id_table.shape)}")
-    table = id_table.contiguous() if id_table is not None else ids  # read flat
     lookup = dict(HAS_TABLE=id_table is not None, HAS_MASK=expert_mask is not None)
+    # (constexprs: the layer's, 0 where unread, never the pair count, which would compile a kernel per count)
+    sizes = (first_expert, table_size or 0, mask_size or 0)
     blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
-        align_args = (ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
-                      aligned.sorted_pair_ids, aligned.work_queue, P, num_blocks, first_expert, table.numel(),
-                      mask.numel())
-        align_meta = dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=block_m,
-                          BLOCKS=blocks_per_program, num_warps=4, **lookup)
-        if quantize is None:
-            _align_single_kernel[(1,)](*align_args, **align_meta)
-        else:
-            work = quantize.x.shape[0] * quantize.group_blocks
-            _align_quantize_kernel[(1 + work,)](*align_args, quantize.x, quantize.q, quantize.scale,
-                                                quantize.group_blocks, *quantize.args, **align_meta, **quantize.meta)
+        work = quantize.x.shape[0] * quantize.group_blocks
+        _align_quantize_kernel[(1 + work,)](ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
+                                            aligned.sorted_pair_ids, aligned.work_queue, P, num_blocks, *sizes,
+                                            quantize.x, quantize.q, quantize.scale, quantize.group_blocks,
+                                            *quantize.args, L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad,
+                                            BLOCK_M=block_m, BLOCKS=blocks_per_program, num_warps=4, **lookup,
+                                            **quantize.meta)
         return aligned
-    num_chunks = cdiv(P, ALIGN_CHUNK)
-    _align_count_kernel[(num_chunks,)](ids, table, mask, aligned.computed, aligned.chunk_counts, P, first_expert,
-                                       table.numel(), mask.numel(), L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4,
-                                       **lookup)
-    _align_offsets_kernel[(1,)](aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, aligned.work_queue,
-                                num_chunks, L=L,
-                                BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
-    _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)](
-        aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m, E_PAD=e_pad,
-        BLOCKS=blocks_per_program, num_warps=4)
-    _align_scatter_kernel[(num_chunks,)](ids, table, aligned.computed, aligned.chunk_offsets, aligned.padded,
-                                         aligned.sorted_pair_ids, P, first_expert, table.numel(),
-                                         HAS_TABLE=lookup["HAS_TABLE"], CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
-    if quantize is not None:  # only rows with a computed pair (capacity or padded buffers: mostly none)
-        quantize.launch(computed_pairs=aligned.computed)
+    prepare_align(aligned, L, first_expert, table_size, mask_size, False)(ids, table, mask, aligned)
+    # only rows with a computed pair (capacity or padded buffers: mostly none)
+    quantize.launch(computed_pairs=aligned.computed)
     return aligned
+
+
+def check_id_table(id_table: Optional[torch.Tensor]) -> None:
+    if id_table is not None and id_table.dim() != 1:
+        raise ValueError(f"id_table must be 1-D [n + 1]; got shape {list(id_table.shape)}")
+
+
+def align_inputs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], id_table: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, table, mask) as the alignment kernels read them, flat: pair p = t*K + k; int64 ids stay int64 before a
+    table (clamped there, never wrapped), else int32; the table and mask contiguous, or ids where absent."""
+    keep = id_table is not None and topk_ids.dtype == torch.int64
+    ids = (topk_ids if keep else topk_ids.to(torch.int32)).contiguous()
+    return (ids, id_table.contiguous() if id_table is not None else ids,
+            expert_mask.contiguous() if expert_mask is not None else ids)
+
+
+def prepare_align(aligned: AlignedPairs, num_local_experts: int, first_expert: int, table_size: Optional[int],
+                  mask_size: Optional[int], single_program: Optional[bool] = None) -> Callable[..., None]:
+    """align_pairs' launches (without quantize) for a workspace of aligned's sizes, made once: returns
+    launch(ids, table, mask, aligned) for ids [N*K] contiguous int32 (int64 before a table), the id_table [n + 1]
+    of table_size entries (None: no table; ids is passed in its place) and the mask of mask_size (likewise),
+    both contiguous, writing into a workspace of the same sizes. The triton runner keeps it in a per-shape plan."""
+    L, P, block_m = num_local_experts, aligned.num_pairs, aligned.block_m
+    if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
+        return _no_launch
+    e_pad = aligned.padded.numel() // 2
+    num_blocks = aligned.block_expert.numel()
+    lookup = dict(HAS_TABLE=table_size is not None, HAS_MASK=mask_size is not None)
+    # (constexprs: the layer's, 0 where unread, never the pair count, which would compile a kernel per count)
+    sizes = (first_expert, table_size or 0, mask_size or 0)
+    blocks_per_program = max(1, 4096 // max(e_pad, block_m))
+    if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+        single = _align_single_kernel[(1,)]
+        meta = dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=block_m,
+                    BLOCKS=blocks_per_program, num_warps=4, **lookup)
+
+        def launch(ids, table, mask, aligned):
+            single(ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert, aligned.sorted_pair_ids,
+                   aligned.work_queue, P, num_blocks, *sizes, **meta)
+        return launch
+    num_chunks = cdiv(P, ALIGN_CHUNK)
+    count, offsets = _align_count_kernel[(num_chunks,)], _align_offsets_kernel[(1,)]
+    blocks, scatter = _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)], _align_scatter_kernel[(num_chunks,)]
+
+    def launch(ids, table, mask, aligned):
+        count(ids, table, mask, aligned.computed, aligned.chunk_counts, P, *sizes, L=L, CHUNK=ALIGN_CHUNK, E_PAD=e_pad,
+              num_warps=4, **lookup)
+        offsets(aligned.chunk_counts, aligned.chunk_offsets, aligned.padded, aligned.work_queue, num_chunks, L=L,
+                BLOCK_M=block_m, E_PAD=e_pad, CHUNK_TILE=max(1, 4096 // e_pad), num_warps=4)
+        blocks(aligned.padded, aligned.block_expert, aligned.sorted_pair_ids, P, num_blocks, BLOCK_M=block_m,
+               E_PAD=e_pad, BLOCKS=blocks_per_program, num_warps=4)
+        scatter(ids, table, aligned.computed, aligned.chunk_offsets, aligned.padded, aligned.sorted_pair_ids, P,
+                *sizes[:2], HAS_TABLE=lookup["HAS_TABLE"], CHUNK=ALIGN_CHUNK, E_PAD=e_pad, num_warps=4)
+    return launch
 
 
 # --------------------------------------------------------------------------- activation math
@@ -665,10 +707,12 @@ def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bia
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, sorted_pair_ids_ptr, block_expert_ptr, a_scale_ptr, b_scale_ptr,
-    num_pairs, N, K_dim, num_blocks,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_bias_e, stride_om, stride_on,
-    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-    out_scale_ptr, stride_os, fp8_max, min_amax,
+    num_pairs, N: tl.constexpr, K_dim: tl.constexpr, num_blocks,
+    stride_am: tl.constexpr, stride_ak: tl.constexpr, stride_be: tl.constexpr, stride_bn: tl.constexpr,
+    stride_bk: tl.constexpr, stride_bias_e: tl.constexpr, stride_om: tl.constexpr, stride_on: tl.constexpr,
+    stride_asm: tl.constexpr, stride_ask: tl.constexpr, stride_bse: tl.constexpr, stride_bsn: tl.constexpr,
+    stride_bsk: tl.constexpr,
+    out_scale_ptr, stride_os: tl.constexpr, fp8_max, min_amax,
     alpha, limit, stride_split,
     ROWS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
@@ -680,6 +724,9 @@ def _grouped_gemm_kernel(
     SPLIT_K: tl.constexpr,
 ):
     # "portable": one program per work item (and K split: program_id(1) of SPLIT_K).
+    # The widths and strides are constexprs: they follow from the layer's shape (H, I, the weights' layout), not
+    # from the token count, so a layer compiles once per shape as before, and each launch binds 16 parameters
+    # fewer (Triton's binder and launcher cost host time per runtime parameter: ~0.3 us each on an H200 host).
     # out[p, n] = sum_k a[p // ROWS_PER_A_ROW, k] * b[e, n, k]  for the pairs p of block pid_m (expert e).
     # BLOCK_SCALED (fp8 w8a8): a and b are fp8; each K step (BLOCK_K divides SCALE_K) multiplies its fp32
     # product by a's scale of (row, k group) and b's scale of (row block n // SCALE_N, k group).
@@ -1063,6 +1110,24 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     from aligned.work_queue as they free up.
     tiles.split_k > 1 (portable kernel, no activation): out [split_k, rows, N] fp32 gets each K split's
     partial sums (the bias in split 0); their sum is the product (topk_reduce adds them)."""
+    prepare_grouped_gemm(a, w, out, aligned, tiles, rows_per_a_row, bias, scale, interpreted, fuse_activation, is_gated,
+                         gemm1_alpha, gemm1_clamp_limit, a_scale, w_scale, scale_block, out_quant, out_scale, num_programs,
+                         a_sorted, out_sorted)(a, w, out, aligned, bias, scale, a_scale, w_scale, out_scale)
+    return out
+
+
+def prepare_grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: AlignedPairs, tiles: GemmTiles,
+                 rows_per_a_row: int, bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                 interpreted: bool = False, fuse_activation: Optional[str] = None, is_gated: bool = True,
+                 gemm1_alpha: Optional[float] = None, gemm1_clamp_limit: Optional[float] = None,
+                 a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
+                 scale_block: tuple[int, int] = (128, 128), out_quant: Optional[QuantConfig] = None,
+                 out_scale: Optional[torch.Tensor] = None, num_programs: Optional[int] = None,
+                 a_sorted: bool = False, out_sorted: bool = False) -> Callable[..., None]:
+    """grouped_gemm's checks and launch arguments, made once for these tensors' shapes, strides and dtypes (never
+    their values or addresses): returns launch(a, w, out, aligned, bias, scale, a_scale, w_scale, out_scale), which
+    launches the GEMM on tensors of the same shapes, strides and dtypes (none: those given here). grouped_gemm calls
+    it at once; the triton runner keeps it in a per-shape plan, so a call of a shape seen before only launches."""
     split = tiles.split_k
     if a.dim() != 2 or w.dim() != 3 or out.dim() != (2 if split == 1 else 3):
         raise ValueError(f"grouped_gemm takes a [rows, K], w [L, N, K] and out [rows, N] ([split_k, rows, N] with "
@@ -1105,7 +1170,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     out_n = block_n // 2 if two else block_n
     num_blocks = aligned.block_expert.numel()
     if num_blocks == 0:
-        return out
+        return _no_launch
     upcast = interpreted and a.dtype == torch.bfloat16
     precision = "ieee" if (a.dtype == torch.float32 or upcast) else None
     scaled = a_scale is not None
@@ -1114,51 +1179,72 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: A
     if scaled and scale_block[1] % tiles.BLOCK_K:
         raise ValueError(f"BLOCK_K={tiles.BLOCK_K} must divide the scale block's {scale_block[1]} channels")
     num_tiles = num_blocks * cdiv(N, out_n)
-    if bias is not None:
+    has_bias, has_scale, quant_out = bias is not None, scale is not None, out_quant is not None
+    if has_bias:
         bias = bias.contiguous()  # the epilogue steps through a bias row with stride 1
-    args = (bias if bias is not None else w, scale if scale is not None else a, out,
-            aligned.sorted_pair_ids, aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a,
-            aligned.num_pairs, N, K_dim)
-    strides = (*a.stride(), *w.stride(),  # (one call each: this runs per launch, on the host path)
-               bias.stride(0) if bias is not None else 0, *out.stride()[-2:],
-               *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5),
-               out_scale if out_quant is not None else a, out_scale.stride(0) if out_quant is not None else 0,
-               out_quant.spec.max_value if out_quant is not None else 1.0, MIN_AMAX)
+    sizes = (aligned.num_pairs, N, K_dim)
+    strides = (*a.stride(), *w.stride(),  # (one call each)
+               bias.stride(0) if has_bias else 0, *out.stride()[-2:],
+               *(a_scale.stride() + w_scale.stride() if scaled else (0,) * 5))
+    out_scale_stride = out_scale.stride(0) if quant_out else 0
+    fp8_values = (out_quant.spec.max_value if quant_out else 1.0, MIN_AMAX)
     # the portable kernel's gated tile interleaves gate and up rows (two scale blocks)
     one_scale = (scaled and not (two and tiles.kernel == "portable")
                  and one_weight_scale(scale_block[0], out_n, N if two else None))
-    meta = _gemm_meta(rows_per_a_row, bias is not None, scale is not None, scaled, scale_block,
+    meta = _gemm_meta(rows_per_a_row, has_bias, has_scale, scaled, scale_block,
                       None if out_quant is None else out_quant.ue8m0, interpreted, upcast, precision,
                       K_dim % tiles.BLOCK_K == 0, aligned.block_m, block_n, tiles, fuse_activation, is_gated,
                       gemm1_alpha, gemm1_clamp_limit, one_scale, a_sorted, out_sorted)
+
+    def pointers(a, w, out, aligned, bias, scale, a_scale, w_scale):
+        # (unused pointers get a tensor that is never read: the kernel's constexprs turn their loads off)
+        return (bias.contiguous() if has_bias else w, scale if has_scale else a, out, aligned.sorted_pair_ids,
+                aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a)
+
     if tiles.kernel == "portable":
-        _grouped_gemm_kernel[(num_tiles, split)](a, w, *args, num_blocks, *strides,
-                                                 stride_split=out.stride(0) if split > 1 else 0, SPLIT_K=split, **meta)
-        return out
-    b_desc, stacked, a_desc = w, tiles.kernel == "tma_stacked" and two, a
-    if tiles.kernel in TMA_KERNELS:
-        why = tma_unsupported(w, interpreted)
-        if why is not None:
-            raise ValueError(f"GemmTiles.kernel={tiles.kernel!r} cannot run here: {why}; use 'persistent' or "
-                             "'portable'")
-        L, rows = w.shape[0], w.shape[1]
-        if stacked:  # [L * 2, N, K_dim]: one box holds N-rows of gate and the same rows of up
-            b_desc = _TensorDescriptor(w, [L * 2, N, K_dim], [N * w.stride(1), w.stride(1), 1],
-                                       [2, out_n, tiles.BLOCK_K])
-        else:
-            b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
-        if a_sorted and _describable(a):
-            a_desc = _TensorDescriptor(a, [num_sorted, K_dim], [a.stride(0), 1], [aligned.block_m, tiles.BLOCK_K])
-    meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
-                DYNAMIC=tiles.dynamic, A_DESC=a_desc is not a)
-    call = (a, a_desc, w, b_desc, *args, aligned.used_blocks,
-            aligned.work_queue if tiles.dynamic else aligned.used_blocks)
-    if num_programs is None:
-        num_programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
-                                                                  (*call, num_tiles, *strides), meta, a.device)
-    num_programs = max(1, min(num_programs, num_tiles))
-    _grouped_gemm_persistent_kernel[(num_programs,)](*call, num_programs, *strides, **meta)
-    return out
+        grid = (num_tiles, split)
+        portable = _grouped_gemm_kernel[grid]
+        meta = dict(meta, stride_split=out.stride(0) if split > 1 else 0, SPLIT_K=split)
+
+        def launch(a, w, out, aligned, bias=None, scale=None, a_scale=None, w_scale=None, out_scale=None):
+            portable(a, w, *pointers(a, w, out, aligned, bias, scale, a_scale, w_scale), *sizes, num_blocks, *strides,
+                     out_scale if quant_out else a, out_scale_stride, *fp8_values, **meta)
+        return launch
+    stacked = tiles.kernel == "tma_stacked" and two
+
+    def launch(a, w, out, aligned, bias=None, scale=None, a_scale=None, w_scale=None, out_scale=None):
+        # the persistent kernels: TMA descriptors hold the tensors' addresses, made per call
+        b_desc, a_desc = w, a
+        if tiles.kernel in TMA_KERNELS:
+            why = tma_unsupported(w, interpreted)
+            if why is not None:
+                raise ValueError(f"GemmTiles.kernel={tiles.kernel!r} cannot run here: {why}; use 'persistent' or "
+                                 "'portable'")
+            L, rows = w.shape[0], w.shape[1]
+            if stacked:  # [L * 2, N, K_dim]: one box holds N-rows of gate and the same rows of up
+                b_desc = _TensorDescriptor(w, [L * 2, N, K_dim], [N * w.stride(1), w.stride(1), 1],
+                                           [2, out_n, tiles.BLOCK_K])
+            else:
+                b_desc = _TensorDescriptor(w, [L * rows, K_dim], [w.stride(1), 1], [out_n, tiles.BLOCK_K])
+            if a_sorted and _describable(a):
+                a_desc = _TensorDescriptor(a, [num_sorted, K_dim], [a.stride(0), 1],
+                                           [aligned.block_m, tiles.BLOCK_K])
+        launch_meta = dict(meta, B_DESC=tiles.kernel in TMA_KERNELS, STACKED=stacked, FLATTEN=tiles.flatten,
+                           DYNAMIC=tiles.dynamic, A_DESC=a_desc is not a)
+        call = (a, a_desc, w, b_desc, *pointers(a, w, out, aligned, bias, scale, a_scale, w_scale), *sizes,
+                aligned.used_blocks, aligned.work_queue if tiles.dynamic else aligned.used_blocks)
+        tail = (*strides, out_scale if quant_out else a, out_scale_stride, *fp8_values)
+        programs = num_programs
+        if programs is None:
+            programs = 3 if interpreted else _persistent_programs(_grouped_gemm_persistent_kernel,
+                                                                  (*call, num_tiles, *tail), launch_meta, a.device)
+        programs = max(1, min(programs, num_tiles))
+        _grouped_gemm_persistent_kernel[(programs,)](*call, programs, *tail, **launch_meta)
+    return launch
+
+
+def _no_launch(*args, **kwargs) -> None:
+    """A prepared launch with nothing to compute (no blocks)."""
 
 
 # --------------------------------------------------------------------------- activation (unfused)
@@ -1243,7 +1329,8 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
 
 @fast_launch
 @triton.jit
-def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H, stride_o, stride_y, scale, stride_split,
+def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H: tl.constexpr, stride_o: tl.constexpr,
+                        stride_y: tl.constexpr, scale, stride_split,
                         TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     tokens = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
@@ -1273,20 +1360,31 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
     """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
     accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones).
     o [S, N*K, H]: a split GEMM 2's partial sums (GemmTiles.split_k), each pair's S rows added first, in order."""
+    return prepare_topk_reduce(o, top_k, weights is not None, scale, out_dtype, interpreted)(o, computed, weights)
+
+
+def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: float, out_dtype: torch.dtype,
+                        interpreted: bool = False) -> Callable[..., torch.Tensor]:
+    """topk_reduce's launch for o of this shape, strides and dtype, made once: returns reduce(o, computed, weights)
+    -> y, for o of the same and weights given exactly when has_weights. The triton runner keeps it in a per-shape
+    plan."""
     splits = o.shape[0] if o.dim() == 3 else 1
     P, H = o.shape[-2:]
     N = P // top_k
-    y = torch.empty(N, H, dtype=out_dtype, device=o.device)
+    device = o.device
     if N == 0:
-        return y
+        return lambda o, computed, weights: torch.empty(N, H, dtype=out_dtype, device=device)
     block_rows, block = _reduce_blocks(N, H, interpreted)
-    _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))](
-        o, weights if weights is not None else o, computed, y, N, H, o.stride(-2), y.stride(0),
-        float(scale), o.stride(0) if splits > 1 else 0, TOP_K=top_k, HAS_WEIGHT=weights is not None, SPLITS=splits,
-        BLOCK_ROWS=block_rows, BLOCK=block,
-        num_warps=4,
-    )
-    return y
+    kernel = _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))]
+    # y [N, H] is contiguous: its row stride is H
+    sizes = (N, H, o.stride(-2), H, float(scale), o.stride(0) if splits > 1 else 0)
+    meta = dict(TOP_K=top_k, HAS_WEIGHT=has_weights, SPLITS=splits, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4)
+
+    def reduce(o, computed, weights):
+        y = torch.empty(N, H, dtype=out_dtype, device=device)
+        kernel(o, weights if has_weights else o, computed, y, *sizes, **meta)
+        return y
+    return reduce
 
 
 @fast_launch

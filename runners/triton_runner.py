@@ -17,6 +17,10 @@ tiles: from the block_config given, else the device table or EP_RUNTIME_TRITON_G
 steps of prefill size run both GEMMs as Gluon kernels instead (runners/gluon_kernels.py; _fp8_gemm says
 when, EP_RUNTIME_TRITON_FP8_GEMM overrides): GEMM 1's rows gathered in expert order first, the same
 activation and quantization rule in its epilogue, the same alignment and reduction around them.
+
+Host time: an eager call of a shape seen before reuses that shape's plan (_Plan: tiles, scratch key and the
+kernels' prepared launches, made from shapes, strides and dtypes only), so it checks and computes nothing again and
+only launches; the kernels take the widths and strides a layer fixes as constexprs (fewer launch parameters).
 """
 from __future__ import annotations
 
@@ -70,92 +74,164 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     """The kernel sequence: align pairs -> GEMM 1 with the activation fused in its epilogue (or, with an
     after_gemm1 hook, GEMM 1 -> hook -> filtered activation) -> GEMM 2 -> weighted top-k reduction.
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
-    need their id_table: the alignment kernels look them up (hooks see mapped ids)."""
+    need their id_table: the alignment kernels look them up (hooks see mapped ids).
+    The decisions and launch arguments that depend only on the call's shapes (a _Plan) are made once per shape
+    and kept (_PLANS) for eager calls without hooks of unquantized experts on float rows: a call of a shape seen
+    before checks nothing again (its key holds every check's input) and only launches."""
+    hooks = hooks or _NO_HOOKS
+    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
+    quant, interp = weights.quant, kernels.INTERPRETED
+    key = knobs = None
+    if not (hooked or quant is not None or inp.hidden_scale is not None or torch.compiler.is_compiling()):
+        knobs = _gemm_knobs()
+        key = _plan_key(inp, weights, config, block_config, knobs)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan.run(inp, weights, hooks, *_gemm_input(inp, None, interp))
     _check_device(inp.hidden_states)
     # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
-    if weights.quant is None:
+    if quant is None:
         TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
-    hooks = hooks or _NO_HOOKS
-    hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
-    quant, out_dtype = weights.quant, inp.output_dtype
     if quant is not None and hooked:
         raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
     if hooked:
         inp = inp.routed()
-    interp = kernels.INTERPRETED
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
     if quant is not None and _fp8_gemm(inp, weights, config, x, block_config) == "gluon":
         return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
-    N, K = inp.topk_ids.shape
-    H, I = config.hidden_size, config.intermediate_size
-    L = weights.num_local_experts
-    picked = block_config is None
-    if picked:
-        kernel = envs.get("TRITON_GEMM_KERNEL")
-        block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel,
-                                           envs.get("TRITON_GEMM_SCHEDULE"), inp.capacity_rows)
-        if kernel == "auto":
-            block_config = _runnable(block_config, weights, interp)
-        else:  # forced: a kernel that cannot run here is an error naming the knob that forced it
-            for tiles, w in ((block_config.gemm1, weights.w13), (block_config.gemm2, weights.w2)):
-                why = kernels.tma_unsupported(w, interp) if tiles.kernel in kernels.TMA_KERNELS else None
-                if why is not None:
-                    raise ValueError(f"EP_RUNTIME_TRITON_GEMM_KERNEL={kernel!r} cannot run here: {why}; allowed here: "
-                                     f"'auto', 'portable' or 'persistent'")
-    fp8 = {}
-    if quant is not None:
-        untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
-        block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
-        fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block)
-    if hooked and block_config.gemm2.split_k > 1:  # (the after_gemm2 hook takes GEMM 2's whole [P, H] output)
-        block_config = dataclasses.replace(block_config, gemm2=dataclasses.replace(block_config.gemm2, split_k=1))
-    split = block_config.gemm2.split_k
-    P = N * K
-    block_m = block_config.BLOCK_M
-    weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
-    scale = weight if config.apply_router_weight_on_input else None
-    # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
-    # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no result depends on
-    # them. Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2
-    # reads it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by
-    # pair (a block's padding rows come along, uninitialized; their results are never stored).
-    in_sorted_order = not hooked
-    make = functools.partial(_scratch, P, L, block_m, H, I, out_dtype, quant, x.device, in_sorted_order, split)
-    aligned, a, a_scale, o = make() if hooked else SCRATCH.get(("triton", P, L, block_m, H, I, out_dtype, quant, split),
-                                                                x.device, make)
-    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block_m, out=aligned, id_table=inp.id_table,
-                        quantize=to_quantize)
-    if hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
-        pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
-        expert_index = inp.topk_ids.reshape(-1).long()[pairs]
-    if hooks.after_gemm1 is None:
-        # The activation in GEMM 1's epilogue: h [P, 2I] never reaches memory.
+    plan = _Plan(inp, weights, config, hooked, block_config, x, knobs or _gemm_knobs())
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: a dropped plan costs one call of the unplanned path)
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan.run(inp, weights, hooks, x, x_scale, to_quantize)
+
+
+_PLANS: dict = {}  # _plan_key -> _Plan (shapes, dtypes, strides and knobs only: no tensor is kept)
+_MAX_PLANS = 256
+
+
+def _gemm_knobs() -> tuple[str, str]:
+    """(EP_RUNTIME_TRITON_GEMM_KERNEL, EP_RUNTIME_TRITON_GEMM_SCHEDULE), read at every call."""
+    return envs.get("TRITON_GEMM_KERNEL"), envs.get("TRITON_GEMM_SCHEDULE")
+
+
+def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config, knobs: tuple) -> tuple:
+    """Everything a _Plan of an unhooked, unquantized call reads: the config and tiles, the knobs read per call,
+    the ids', rows' and weights' shapes, strides and dtypes, the device, and the weights' 16-byte alignment
+    (whether TMA can load them). The weights' shapes and dtypes are the config's and x's: every caller checks
+    them first (check_weights)."""
+    x, ids, table, w13, w2 = inp.hidden_states, inp.topk_ids, inp.id_table, weights.w13, weights.w2
+    return (config, block_config, knobs, ids.shape,
+            ids.dtype, None if table is None else table.shape, inp.expert_mask.shape, x.shape, x.stride(), x.dtype,
+            x.device, inp.out_dtype, inp.capacity_rows, w13.dtype, w13.stride(), w2.stride(), w13.data_ptr() % 16,
+            w2.data_ptr() % 16, weights.b13 is None, weights.b2 is None)
+
+
+class _Plan:
+    """fused_forward for one shape: its tiles, scratch and prepared launches (made at the first run; they hold no
+    tensor), so that run() on tensors of the same shapes, strides and dtypes only launches the sequence."""
+
+    def __init__(self, inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, hooked: bool,
+                 block_config: Optional["kernels.BlockConfig"], x: torch.Tensor, knobs: tuple):
+        """knobs: (EP_RUNTIME_TRITON_GEMM_KERNEL, EP_RUNTIME_TRITON_GEMM_SCHEDULE) as this call read them."""
+        interp, quant = kernels.INTERPRETED, weights.quant
+        N, K = inp.topk_ids.shape
+        H, I = config.hidden_size, config.intermediate_size
+        L = weights.num_local_experts
+        picked = block_config is None
+        if picked:
+            kernel, schedule = knobs
+            block_config = kernels.pick_config(N, L, K, H, I, x.dtype, x.device, interp, kernel, schedule,
+                                               inp.capacity_rows)
+            if kernel == "auto":
+                block_config = _runnable(block_config, weights, interp)
+            else:  # forced: a kernel that cannot run here is an error naming the knob that forced it
+                for tiles, w in ((block_config.gemm1, weights.w13), (block_config.gemm2, weights.w2)):
+                    why = kernels.tma_unsupported(w, interp) if tiles.kernel in kernels.TMA_KERNELS else None
+                    if why is not None:
+                        raise ValueError(f"EP_RUNTIME_TRITON_GEMM_KERNEL={kernel!r} cannot run here: {why}; allowed "
+                                         f"here: 'auto', 'portable' or 'persistent'")
+        if quant is not None:
+            untuned = picked and not kernels.has_tuned_shape(L, K, H, I, x.dtype, x.device, interp)
+            block_config = _fit_k_tiles(block_config, quant.weight_block[1], untuned)
+        if hooked and block_config.gemm2.split_k > 1:  # (the after_gemm2 hook takes GEMM 2's whole [P, H] output)
+            block_config = dataclasses.replace(block_config,
+                                               gemm2=dataclasses.replace(block_config.gemm2, split_k=1))
+        self.config, self.block_config, self.hooked, self.top_k, self.L = config, block_config, hooked, K, L
+        self.P, self.out_dtype = N * K, inp.output_dtype
+        # Every buffer but the result is scratch, kept per shape across calls (SCRATCH), except where hooks
+        # see and write them (fresh then). Rows of pairs never computed stay uninitialized; no result depends on
+        # them. Without hooks GEMM 1 writes its output in sorted order (each expert's rows contiguous) and GEMM 2
+        # reads it so: the TMA kernels load GEMM 2's input rows a block at a time instead of gathering them by
+        # pair (a block's padding rows come along, uninitialized; their results are never stored).
+        self.in_sorted_order = not hooked
+        split = block_config.gemm2.split_k
+        self.make = functools.partial(_scratch, self.P, L, block_config.BLOCK_M, H, I, self.out_dtype, quant,
+                                      x.device, self.in_sorted_order, split)
+        self.scratch_key = ("triton", self.P, L, block_config.BLOCK_M, H, I, self.out_dtype, quant, split)
+        self.launches = None  # (align, GEMM 1, GEMM 2, reduction), prepared at the first run
+
+    def _prepare(self, inp, weights, x, x_scale, aligned, a, a_scale, o, h, weight, scale) -> tuple:
+        config, quant, interp, K = self.config, weights.quant, kernels.INTERPRETED, self.top_k
+        gemm1, gemm2 = self.block_config.gemm1, self.block_config.gemm2
+        kernels.check_id_table(inp.id_table)
+        align = kernels.prepare_align(aligned, self.L, 0, None if inp.id_table is None else inp.id_table.numel(),
+                                      inp.expert_mask.numel())
+        fp8 = {}
         if quant is not None:  # GEMM 2's fp8 input and its scales come out of GEMM 1's epilogue
-            fp8.update(out_quant=quant, out_scale=a_scale)
-        kernels.grouped_gemm(x, weights.w13, a, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
-                             scale=scale, interpreted=interp, fuse_activation=config.activation,
-                             is_gated=config.is_gated, gemm1_alpha=config.gemm1_alpha,
-                             gemm1_clamp_limit=config.gemm1_clamp_limit, out_sorted=in_sorted_order, **fp8)
-    else:
-        # The hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass.
-        h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device)
-        kernels.grouped_gemm(x, weights.w13, h, aligned, block_config.gemm1, rows_per_a_row=K, bias=weights.b13,
-                             scale=scale, interpreted=interp)
-        rows = x[pairs // K]
-        if config.apply_router_weight_on_input:
-            rows = weighted_rows(rows, weight.reshape(-1)[pairs].unsqueeze(1))
-        _apply_hook("after_gemm1", hooks.after_gemm1, rows, h, pairs, expert_index)
-        kernels.act_and_mul(h, I, config.activation, config.is_gated, aligned.computed, config.gemm1_alpha,
-                            config.gemm1_clamp_limit, out=a, interpreted=interp)
-    if quant is not None:
-        fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
-    kernels.grouped_gemm(a, weights.w2, o, aligned, block_config.gemm2, rows_per_a_row=1, bias=weights.b2,
-                         interpreted=interp, a_sorted=in_sorted_order, **fp8)
-    if hooks.after_gemm2 is not None:
-        _apply_hook("after_gemm2", hooks.after_gemm2, a[pairs], o, pairs, expert_index)
-    return kernels.topk_reduce(o, aligned.computed, K, None if config.apply_router_weight_on_input else weight,
-                               config.routed_scaling_factor, out_dtype, interpreted=interp)
+            fp8 = dict(a_scale=x_scale, w_scale=weights.w13_scale_inv, scale_block=quant.weight_block, out_quant=quant,
+                       out_scale=a_scale)
+        if h is None:  # the activation in GEMM 1's epilogue: h [P, 2I] never reaches memory
+            first = kernels.prepare_grouped_gemm(
+                x, weights.w13, a, aligned, gemm1, K, weights.b13, scale, interp, config.activation,
+                config.is_gated, config.gemm1_alpha, config.gemm1_clamp_limit, out_sorted=self.in_sorted_order, **fp8)
+        else:
+            first = kernels.prepare_grouped_gemm(x, weights.w13, h, aligned, gemm1, K, weights.b13, scale, interp)
+        if quant is not None:
+            fp8 = dict(a_scale=a_scale, w_scale=weights.w2_scale_inv, scale_block=quant.weight_block)
+        second = kernels.prepare_grouped_gemm(a, weights.w2, o, aligned, gemm2, 1, weights.b2, interpreted=interp,
+                                              a_sorted=self.in_sorted_order, **fp8)
+        reduce = kernels.prepare_topk_reduce(o, K, not config.apply_router_weight_on_input,
+                                             config.routed_scaling_factor, self.out_dtype, interp)
+        return align, first, second, reduce
+
+    def run(self, inp: RunnerInput, weights: ExpertWeights, hooks: GemmHooks, x: torch.Tensor,
+            x_scale: Optional[torch.Tensor], to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
+        config, quant, P, K = self.config, weights.quant, self.P, self.top_k
+        weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
+        scale = weight if config.apply_router_weight_on_input else None
+        aligned, a, a_scale, o = self.make() if self.hooked else SCRATCH.get(self.scratch_key, x.device, self.make)
+        # (the hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass)
+        h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device) if hooks.after_gemm1 is not None else None
+        launches = self.launches
+        if launches is None or self.hooked or quant is not None:  # (those plans serve one call)
+            launches = self.launches = self._prepare(inp, weights, x, x_scale, aligned, a, a_scale, o, h, weight,
+                                                     scale)
+        align, first, second, reduce = launches
+        if to_quantize is None:
+            align(*kernels.align_inputs(inp.topk_ids, inp.expert_mask, inp.id_table), aligned)
+        else:  # (x's quantization launched with the alignment)
+            kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, self.L, self.block_config.BLOCK_M, out=aligned,
+                                id_table=inp.id_table, quantize=to_quantize)
+        if self.hooked:  # computed pairs grouped by expert (host sync: hooks take compacted [P, ...] tensors)
+            pairs = aligned.sorted_pair_ids[aligned.sorted_pair_ids < P].long()
+            expert_index = inp.topk_ids.reshape(-1).long()[pairs]
+        if h is None:
+            first(x, weights.w13, a, aligned, weights.b13, scale, x_scale, weights.w13_scale_inv, a_scale)
+        else:
+            first(x, weights.w13, h, aligned, weights.b13, scale)
+            rows = x[pairs // K]
+            if config.apply_router_weight_on_input:
+                rows = weighted_rows(rows, weight.reshape(-1)[pairs].unsqueeze(1))
+            _apply_hook("after_gemm1", hooks.after_gemm1, rows, h, pairs, expert_index)
+            kernels.act_and_mul(h, config.intermediate_size, config.activation, config.is_gated, aligned.computed,
+                                config.gemm1_alpha, config.gemm1_clamp_limit, out=a, interpreted=kernels.INTERPRETED)
+        second(a, weights.w2, o, aligned, weights.b2, None, a_scale, weights.w2_scale_inv)
+        if hooks.after_gemm2 is not None:
+            _apply_hook("after_gemm2", hooks.after_gemm2, a[pairs], o, pairs, expert_index)
+        return reduce(o, aligned.computed, None if config.apply_router_weight_on_input else weight)
 
 
 # From this many (token, expert) slots per local expert on (N*K over L: the host's bound on the computed pairs,

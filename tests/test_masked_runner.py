@@ -2,6 +2,8 @@
 masked_m for every config field, padding rows (NaN) never read, and EPMoE(deepep_ll, masked) == reference
 with gradients, on 1 and 2 gloo ranks. Token-row formats reach it through the runner core's conversion
 (tests/test_matrix.py runs it under every dispatcher)."""
+import inspect
+
 import pytest
 import torch
 
@@ -197,3 +199,58 @@ def test_bf16_layer_matches_reference(dispatcher):
                      dispatcher_options={"num_max_dispatch_tokens_per_rank": 16} if dispatcher == "deepep_ll" else None)
     errors = check_layer(layer, make_problem(layer.config, [11], seed=4), 0)
     assert max(errors.values()) <= tolerance(torch.bfloat16), errors
+
+
+def test_kernels_compile_per_layer_shape_not_per_buffer_rows(monkeypatch):
+    """Token rows reach the kernels as an expert-major buffer whose rows per expert are the busiest expert's pair
+    count, another at nearly every call: the constexprs the GEMMs are launched with (a GPU compiles a variant per
+    value) must not follow it (the buffer's rows and expert strides are runtime arguments), else every call of a
+    token-major format compiled anew."""
+    from ep_runtime.runners import masked_runner
+    monkeypatch.setattr(masked_runner, "_PLANS", {})
+    kernel, launches = masked_runner._masked_gemm_kernel, []
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel.kernel.fn
+    params = list(inspect.signature(fn).parameters)
+    constexpr = {p for p in params if "constexpr" in str(fn.__annotations__.get(p, ""))}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = {**dict(zip(params, args)), **kwargs}
+                launches.append({k: v for k, v in named.items() if k in constexpr})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(masked_runner, "_masked_gemm_kernel", Spy())
+    config = MoeConfig(L, 3, H, I, has_bias=True)
+    gen = torch.Generator().manual_seed(2)
+    weights = ExpertWeights(torch.randn(L, config.w13_rows, H, generator=gen) / H ** 0.5,
+                            torch.randn(L, H, I, generator=gen) / I ** 0.5, torch.randn(L, config.w13_rows, generator=gen),
+                            torch.randn(L, H, generator=gen))
+    runner, capacities = MaskedRunner(config), set()
+    for T in (1, 4, 17, 40):
+        local_ids = torch.randint(-1, L, (T, 3), generator=gen)
+        x, w = torch.randn(T, H, generator=gen), torch.rand(T, 3, generator=gen)
+        capacities.add(int(torch.bincount(local_ids[local_ids >= 0], minlength=L).max()))
+        inp = ep.RunnerInput.from_local_ids(x, local_ids, w, ep.ExpertPlacement(L))
+        y = runner.run(inp, weights)
+        ref = moe_reference(x, local_ids, w.double(), weights.w13, weights.w2, config, weights.b13, weights.b2)
+        assert rel_err(y, ref) <= tolerance(torch.float32)
+    assert len(capacities) > 2
+    first, second = launches[0::2], launches[1::2]
+    assert all(c == first[0] for c in first) and all(c == second[0] for c in second), launches
+
+
+def test_a_kept_plan_serves_only_its_layout():
+    """masked_forward keeps a plan per shape: a later call whose rows or weights have the same shapes but other
+    strides takes its own and gives the same bits."""
+    config, weights, recv_x, masked_m = _problem(CONFIGS["bias"], torch.float32)
+    out = MaskedRunner(config).run_masked(recv_x, masked_m, weights)
+    b13_strided = torch.stack([weights.b13, weights.b13], dim=2)[:, :, 0]
+    w2_columns = weights.w2.transpose(1, 2).contiguous().transpose(1, 2)
+    x_strided = torch.cat([recv_x, recv_x], dim=2)[:, :, H:]
+    for x, other in ((recv_x, ExpertWeights(weights.w13, weights.w2, b13_strided, weights.b2)),
+                     (recv_x, ExpertWeights(weights.w13, w2_columns, weights.b13, weights.b2)), (x_strided, weights)):
+        got = MaskedRunner(config).run_masked(x, masked_m, other)
+        for e, m in enumerate(MASKED_M):
+            assert torch.equal(got[e, :m], out[e, :m]), e

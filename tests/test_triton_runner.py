@@ -6,10 +6,13 @@ checked on GPU (tests/test_gpu.py, `pytest -m gpu`). Tolerances: fp32 1e-5 (DESI
 accumulation over H, I <= 64 lands near 1e-7); fp16 2e-2 (DESIGN.md's low-precision bound; the
 intermediates h, a, o are rounded to fp16, about 5e-4 each).
 """
+import gc
+import inspect
 import itertools
 import json
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -1208,3 +1211,80 @@ def test_a_hook_returning_another_shape_is_an_error_naming_it(runner):
         layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=runners.GemmHooks(**{name: bad}))
         with pytest.raises(error, match=f"hooks.{name} returned " + message):
             layer(problem.xs[0].float(), problem.topk_ids[0], problem.topk_weights[0])
+
+
+# ------------------------------------------------------------------------------------ per-shape plans
+
+class _ConstexprSpy:
+    """Stands in for a @triton.jit kernel: launches it and records each launch's constexpr arguments (by name), the
+    values a GPU compiles a variant for."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+        fn = kernel.fn if hasattr(kernel, "fn") else kernel.kernel.fn
+        self.params = list(inspect.signature(fn).parameters)
+        self.constexpr = {p for p in self.params if "constexpr" in str(fn.__annotations__.get(p, ""))}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = {**dict(zip(self.params, args)), **kwargs}
+            self.launches.append((self.kernel.__name__, {k: v for k, v in named.items() if k in self.constexpr}))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _spy_on(monkeypatch, module, names):
+    launches = []
+    for name in names:
+        monkeypatch.setattr(module, name, _ConstexprSpy(getattr(module, name), launches))
+    return launches
+
+
+def test_kernels_compile_per_layer_shape_not_per_token_count(monkeypatch):
+    """The constexprs the runner's kernels are launched with (a GPU compiles a variant per value) are the same at
+    every token count: widths and strides follow from the layer (only the one-program alignment's CHUNK follows
+    the pair count, by powers of two). A count-dependent constexpr would compile at every new batch size."""
+    monkeypatch.setattr(triton_runner, "_PLANS", {})
+    names = ["_align_single_kernel", "_align_count_kernel", "_align_offsets_kernel", "_align_blocks_kernel",
+             "_align_scatter_kernel", "_grouped_gemm_kernel", "_topk_reduce_kernel"]
+    launches = _spy_on(monkeypatch, kernels, names)
+    gen = torch.Generator().manual_seed(0)
+    E, K, H, I = 6, 2, 32, 48
+    for bias, on_input in ((False, False), (True, True)):
+        w13, w2, b13, b2 = _weights(gen, E, H, I, bias=bias)
+        seen: dict = {}
+        for T in (1, 3, 29, 200):  # (200 * 2 pairs: the four-kernel alignment)
+            x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+            launches.clear()
+            runners.fused_experts(x, w13, w2, ids, w, b13=b13, b2=b2, apply_router_weight_on_input=on_input)
+            for i, (name, constexprs) in enumerate(launches):
+                constexprs.pop("CHUNK", None)
+                seen.setdefault((i if name == "_grouped_gemm_kernel" else name), []).append(constexprs)
+        assert {"_align_single_kernel", "_align_count_kernel", "_topk_reduce_kernel"} <= set(seen)
+        for name, each in seen.items():
+            assert all(c == each[0] for c in each), (name, each)
+
+
+def test_a_kept_plan_serves_only_its_layout_and_keeps_no_tensor_alive():
+    """fused_forward keeps a plan per shape: a later call whose weights or rows have the same shapes but other
+    strides takes its own and gives the same bits; no tensor of a call outlives it through a kept plan."""
+    gen = torch.Generator().manual_seed(1)
+    E, K, H, I, T = 6, 2, 32, 48, 5
+    w13, w2, b13, b2 = _weights(gen, E, H, I, bias=True)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    y = runners.fused_experts(x, w13, w2, ids, w, b13=b13, b2=b2)
+    cfg = MoeConfig(E, K, H, I, has_bias=True)
+    assert rel_err(y, moe_reference(x, ids, w.double(), w13, w2, cfg, b13, b2)) <= tolerance(torch.float32)
+    w2_columns = w2.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, I] read along dim 1
+    w13_rows = torch.cat([w13, w13], dim=2)[:, :, :H]  # rows of 2H
+    b13_strided = torch.stack([b13, b13], dim=2)[:, :, 0]
+    x_strided = torch.cat([x, x], dim=1)[:, H:]
+    for args in ((x, w13, w2_columns, b13), (x, w13_rows, w2, b13), (x, w13, w2, b13_strided),
+                 (x_strided, w13, w2, b13)):
+        assert torch.equal(runners.fused_experts(args[0], args[1], args[2], ids, w, b13=args[3], b2=b2), y)
+    gone = torch.randn(E, H, I, generator=gen)
+    kept = weakref.ref(gone)
+    runners.fused_experts(x, w13, gone, ids, w, b13=b13, b2=b2)
+    del gone
+    gc.collect()
+    assert kept() is None
