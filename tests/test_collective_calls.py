@@ -1,0 +1,124 @@
+"""The slow calls every rank of a layer's group makes together (gather_experts, rebalance, apply_placement):
+a bad argument on one rank only, or an argument that must be equal on every rank but is not, fails every
+rank at once with the same error, naming the argument, the value, what is allowed and the rank(s), before
+any collective; the group stays usable and the good call works afterwards.
+
+Before, the rank with the bad argument raised alone and the others waited in the call's first collective
+until the group's timeout (or, with different dst / num_nodes / plans, paired different collectives)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.placement import ExpertPlacement
+from ep_runtime.testing import run_ranks
+
+TIMEOUT_S = 3  # the gloo group's timeout: a rank left waiting in a collective fails after it, too late for the test
+E, K, H, I = 8, 2, 16, 8
+
+
+def _reversed_placement(R: int) -> ExpertPlacement:
+    """Slot p holds expert E - 1 - p: every expert crosses ranks."""
+    return ExpertPlacement(E, R, 0, physical_to_logical=list(reversed(range(E))))
+
+
+# case -> (call(layer, bad, rank, world_size) made by every rank; bad: this rank passes the bad argument,
+#          the message every rank must raise ({bad} is the bad rank's name), the call that must work afterwards)
+CASES = {
+    "gather_experts_dst_out_of_range": (
+        lambda layer, bad, rank, R: layer.gather_experts(dst=R + 3 if bad else 0),
+        "ValueError: rank {bad}: dst={R3}; allowed: None (every rank) or a rank 0..{Rm1} of the layer's group "
+        "(gather_experts: every rank stops before gathering)",
+        lambda layer: None),
+    "gather_experts_dst_differs": (
+        lambda layer, bad, rank, R: layer.gather_experts(dst=1 if bad else 0),
+        "ValueError: rank {bad} was given a different dst than rank 0 ({each}); allowed: the same dst on every "
+        "rank (gather_experts: every rank stops before gathering)",
+        lambda layer: None),
+    "rebalance_num_nodes_out_of_range": (
+        lambda layer, bad, rank, R: layer.rebalance(num_nodes=3 if bad else None),
+        "ValueError: rank {bad}: num_nodes=3; allowed: None or an int >= 1 dividing num_ranks={R}, num_experts=8 "
+        "and num_physical_experts=8 (rebalance: every rank stops before its first collective)",
+        lambda layer: layer.rebalance()),
+    "rebalance_num_nodes_differs": (
+        lambda layer, bad, rank, R: layer.rebalance(num_nodes=2 if bad else None),
+        "ValueError: rank {bad} was given a different num_nodes than rank 0 ({each_nodes}); allowed: the same "
+        "num_nodes on every rank (rebalance: every rank stops before its first collective)",
+        lambda layer: layer.rebalance()),
+    "rebalance_optimizer_not_an_optimizer": (
+        lambda layer, bad, rank, R: layer.rebalance(optimizer=object() if bad else None),
+        "TypeError: rank {bad}: optimizer=object; allowed: None or the optimizer of this layer's parameters (a "
+        "torch.optim.Optimizer: its per-parameter .state moves with the slots) (rebalance: every rank stops before "
+        "its first collective)",
+        lambda layer: layer.rebalance()),
+    "apply_placement_plan_not_a_plan": (
+        lambda layer, bad, rank, R: layer.apply_placement("contiguous" if bad else _reversed_placement(R)),
+        "TypeError: rank {bad}: plan must be an ep.eplb.Plan or an ep.ExpertPlacement; got str (apply_placement: "
+        "every rank stops before moving its slots)",
+        lambda layer: layer.apply_placement(_reversed_placement(layer.placement.ep_size))),
+    "apply_placement_plan_for_other_ranks": (
+        lambda layer, bad, rank, R: layer.apply_placement(
+            ep.eplb.plan(torch.ones(E), 2 * R if bad else R, E)),
+        "ValueError: rank {bad}: plan is for num_ranks={R2}; this layer's placement has ep_size={R} (allowed: {R}) "
+        "(apply_placement: every rank stops before moving its slots)",
+        lambda layer: layer.apply_placement(_reversed_placement(layer.placement.ep_size))),
+    "apply_placement_plan_differs": (
+        lambda layer, bad, rank, R: layer.apply_placement(
+            _reversed_placement(R) if bad else ExpertPlacement(E, R, 0, physical_to_logical=[1, 0] + list(range(2, E)))),
+        "ValueError: rank {bad} was given a different plan than rank 0",
+        lambda layer: layer.apply_placement(_reversed_placement(layer.placement.ep_size))),
+    "apply_placement_optimizer_on_one_rank": (
+        lambda layer, bad, rank, R: layer.apply_placement(_reversed_placement(R), optimizer=layer.optimizer if bad
+                                                          else None),
+        "ValueError: rank {bad} was given a different set of .grad and optimizer state tensors to move than rank 0",
+        lambda layer: layer.apply_placement(_reversed_placement(layer.placement.ep_size), optimizer=layer.optimizer)),
+}
+
+
+def _case_rank(rank, world_size, case):
+    """Every rank builds the layer from the same global weights, runs a training step (so there is a load,
+    .grad and Adam state), then makes the case's call, the last rank with the bad argument."""
+    call, _, good = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", group=None)
+    layer.load_experts(w13, w2)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(rank + 1))
+    layer(x, router_logits=torch.randn(6, E, generator=gen)).square().sum().backward()
+    layer.optimizer = torch.optim.Adam(layer.parameters(), lr=0.0)  # lr 0: the weights stay the loaded ones
+    layer.optimizer.step()
+    start, message = time.monotonic(), "returned"
+    try:
+        call(layer, rank == world_size - 1, rank, world_size)
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds = time.monotonic() - start
+    good(layer)  # the group is still usable and the good call works
+    gathered = layer.gather_experts()
+    same = torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)  # the experts survived every move
+    return message, seconds, same
+
+
+def _expected(case: str, R: int) -> str:
+    bad = R - 1
+    names = [f"rank {r} has {1 if r == bad else 0}" for r in range(R)]
+    nodes = [f"rank {r} has {2 if r == bad else None}" for r in range(R)]
+    return CASES[case][1].format(bad=bad, R=R, R2=2 * R, R3=R + 3, Rm1=R - 1, each=", ".join(names),
+                                 each_nodes=", ".join(nodes))
+
+
+@pytest.mark.parametrize("case, world_size", [(case, 2) for case in CASES] + [
+    (case, 4) for case in ("gather_experts_dst_differs", "rebalance_num_nodes_out_of_range",
+                           "apply_placement_plan_differs")])
+def test_one_rank_with_a_bad_or_different_argument_fails_every_rank_at_once(case, world_size):
+    results = run_ranks(_case_rank, world_size, case, timeout=60, group_timeout=TIMEOUT_S)
+    expected = _expected(case, world_size)
+    messages = [message for message, _, _ in results]
+    assert all(message == messages[0] for message in messages), messages  # the same error on every rank
+    assert messages[0].startswith(expected), (messages[0], expected)
+    for rank, (_, seconds, same) in enumerate(results):
+        assert seconds < TIMEOUT_S / 2, (rank, seconds)  # at once: no rank waited out a collective
+        assert same, rank
