@@ -1168,20 +1168,23 @@ def _placement_to_move_to(layer: "EPMoE", state_dict: dict, prefix: str) -> Opti
 
 
 def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[ValueError]) -> None:
-    """Raise `error` (this rank's bad values in `state_dict`, or None). Where the load moves the layer to another
-    placement (_load_placement: collectives every rank of the group runs, each loading its own state_dict with the
-    same placement table), every rank first shares its error in one all_gather, so a bad value on one rank fails
-    every rank there, naming that rank, instead of leaving the others waiting in the move."""
+    """Raise `error` (this rank's bad values in `state_dict`, or None) or a placement table this layer cannot take.
+    Where the experts are sharded over ranks and `state_dict` holds some (each rank loads its own, together), every
+    rank first shares its errors in one all_gather, so a bad value or table on one rank fails every rank, naming
+    that rank: else the others went on, into the collectives of a move to the state_dict's placement (waiting there
+    until the timeout), or into their next forward with the bad rank's experts left unloaded."""
     try:
-        moves = _placement_to_move_to(layer, state_dict, prefix) is not None
-    except ValueError:  # a table this layer cannot take: _load_placement raises naming it
-        moves = False
-    if not moves or layer.placement.ep_size == 1:
+        _placement_to_move_to(layer, state_dict, prefix)
+    except ValueError as err:  # (a table this layer cannot take; _load_placement raises it where the ranks agree)
+        error = error or err
+    held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
+    if not layer.dispatcher.shards_experts or layer.placement.ep_size == 1 or not any(
+            prefix + name in state_dict for name in held):
         if error is not None:
             raise error
         return
     agree_before_collectives(layer.dispatcher.group, layer.placement.ep_size, error,
-                             "each rank's state_dict; every rank stops before moving to its placement", layer.w13.device)
+                             "each rank's state_dict; every rank stops before loading it", layer.w13.device)
 
 
 def _follow_assigned_weights(layer: "EPMoE", incompatible_keys) -> None:

@@ -122,3 +122,53 @@ def test_one_rank_with_a_bad_or_different_argument_fails_every_rank_at_once(case
     for rank, (_, seconds, same) in enumerate(results):
         assert seconds < TIMEOUT_S / 2, (rank, seconds)  # at once: no rank waited out a collective
         assert same, rank
+
+
+# ---------------------------------------------------------------- load_state_dict
+
+def _bad_state_dict_rank(rank, world_size, case):
+    """Every rank loads its own per-rank state_dict; the last rank's holds a NaN (in the layer's own placement:
+    no slot moves) or a placement table of the wrong shape (the others' table moves the slots)."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    moved = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch",
+                     expert_to_rank=[e % world_size for e in range(E)])
+    moved.load_experts(w13, w2)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    good = {k: v.clone() for k, v in (moved if case == "table" else layer).state_dict().items()}
+    if case == "nan":
+        layer.load_experts(w13, w2)
+        good = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = {k: v.clone() for k, v in good.items()}
+    if rank == world_size - 1:
+        if case == "nan":
+            state["w13"][1, 2, 3] = float("nan")
+        else:
+            state["expert_placement"] = state["expert_placement"][:, :-1]
+    before = layer.w13.detach().clone()
+    start, message = time.monotonic(), "loaded"
+    try:
+        layer.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds, unchanged = time.monotonic() - start, torch.equal(layer.w13, before)
+    layer.load_state_dict(good)  # the group is still usable and the good load works
+    gathered = layer.gather_experts()
+    return message, seconds, unchanged, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("nan", "ValueError: rank {bad}: state_dict['w13'] has a non-finite value nan at [1, 2, 3] (each rank's "
+            "state_dict; every rank stops before loading it)"),
+    ("table", "ValueError: rank {bad}: state_dict['expert_placement'] has shape [2, 7]; expected [2, 8] (each "
+              "physical slot's rank and logical expert) (each rank's state_dict; every rank stops before loading it)"),
+])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_rank_with_a_bad_state_dict_fails_every_rank_at_once(case, expected, world_size):
+    """load_state_dict with a bad value or placement table on one rank only: before, that rank raised alone
+    and the others loaded (their next forward then waited for it) or went into the move's collectives and
+    waited there until the timeout."""
+    results = run_ranks(_bad_state_dict_rank, world_size, case, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (message, seconds, unchanged, good_load_works) in enumerate(results):
+        assert message == expected.format(bad=world_size - 1), (rank, message)
+        assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
