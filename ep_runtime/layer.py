@@ -312,7 +312,30 @@ class EPMoE(nn.Module):
         [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
         [L, ...] shards); the layer then stores fp8. quantize="fp8_block" (or a QuantConfig) quantizes
         float weights on load; a layer built with quant_config quantizes float weights with it. fp8
-        weights given without scales to an unquantized layer are cast to its dtype as they are."""
+        weights given without scales to an unquantized layer are cast to its dtype as they are.
+
+        Where the experts are sharded over ranks, every rank calls it together: the ranks share their checks'
+        results in one small all_gather before any layer changes, so a bad tensor on one rank (a shape, dtype,
+        NaN or inf) fails every rank, naming that rank, instead of leaving the others to wait for it in the next
+        forward."""
+        error = None
+        try:
+            quant, staged = self._staged_experts(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize)
+        except (TypeError, ValueError) as err:
+            error = err
+        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+            agree_before_collectives(self.dispatcher.group, self.placement.ep_size, error,
+                                     "load_experts: every rank stops before loading", self.w13.device)
+        elif error is not None:
+            raise error
+        if quant is not None and quant is not self.quant:
+            self._store_quantized(quant, self.w13.device)
+        for name, piece in staged.items():
+            _copy_values(getattr(self, name), piece)
+
+    def _staged_experts(self, w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize) -> tuple:
+        """load_experts' checks, touching nothing: (the QuantConfig the layer will store, or None;
+        {name: this rank's tensor as stored})."""
         E, L = self.config.num_experts, self.placement.num_local_experts
         if not isinstance(w13, torch.Tensor):  # (its repr, a whole nested list, would be the message)
             raise TypeError(f"w13 has type {type(w13).__name__}; expected a floating torch.Tensor")
@@ -355,10 +378,7 @@ class EPMoE(nn.Module):
                       torch.float32 if name.endswith("_scale_inv") else getattr(self, name).dtype)
             staged[name] = _expert_values(f"{name} (experts {local_experts})", src if shard else take(src), stored,
                                           self.w13.device)
-        if quant is not None and quant is not self.quant:
-            self._store_quantized(quant, self.w13.device)
-        for name, piece in staged.items():
-            _copy_values(getattr(self, name), piece)
+        return quant, staged
 
     @torch.no_grad()
     def load_expert(self, expert_id: int, *, w13: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,

@@ -172,3 +172,48 @@ def test_one_rank_with_a_bad_state_dict_fails_every_rank_at_once(case, expected,
     for rank, (message, seconds, unchanged, good_load_works) in enumerate(results):
         assert message == expected.format(bad=world_size - 1), (rank, message)
         assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
+
+
+# ---------------------------------------------------------------- load_experts
+
+def _bad_load_experts_rank(rank, world_size, case):
+    """Every rank loads the same global weights; the last rank's copy holds a NaN in one of its own experts
+    (the last one), or its w2 has another shape."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    before = layer.w13.detach().clone()
+    bad13, bad2 = w13.clone(), w2
+    if rank == world_size - 1:
+        if case == "nan":
+            bad13[E - 1, 2, 3] = float("nan")
+        else:
+            bad2 = w2[:, :, :-1]
+    start, message = time.monotonic(), "loaded"
+    try:
+        layer.load_experts(bad13, bad2)
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds, unchanged = time.monotonic() - start, torch.equal(layer.w13, before)
+    layer.load_experts(w13, w2)  # the group is still usable and the good load works
+    gathered = layer.gather_experts()
+    return message, seconds, unchanged, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("nan", "ValueError: rank {bad}: w13 (experts {experts}) has a non-finite value nan at [{row}, 2, 3] "
+            "(load_experts: every rank stops before loading)"),
+    ("shape", "ValueError: rank {bad}: w2 has shape [8, 16, 7]; expected [8, 16, 8] (load_experts: every rank stops "
+              "before loading)"),
+])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_rank_with_a_bad_expert_tensor_fails_every_rank_at_once(case, expected, world_size):
+    """load_experts with a NaN or a wrong shape on one rank only: before, that rank raised alone and the others
+    loaded and went on into their next forward, where they waited for it."""
+    results = run_ranks(_bad_load_experts_rank, world_size, case, timeout=60, group_timeout=TIMEOUT_S)
+    L = E // world_size
+    first = (world_size - 1) * L
+    expected = expected.format(bad=world_size - 1, experts=f"{first}..{E - 1}", row=L - 1)
+    for rank, (message, seconds, unchanged, good_load_works) in enumerate(results):
+        assert message == expected, (rank, message, expected)
+        assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
