@@ -99,14 +99,15 @@ def gather_objects(group: Optional[dist.ProcessGroup], world_size: int, mine: An
 
 def agree_before_collectives(group: Optional[dist.ProcessGroup], world_size: int, error: Optional[Exception],
                              stops: str, device: Optional[Any] = None, **same: Any) -> None:
-    """For a slow call every rank of `group` makes together (gather_experts, rebalance, apply_placement, a load
-    that moves the slots): one gather_objects of every rank's argument check before the call's first collective.
-    error: this rank's check's error (None: its arguments passed); same: values every rank must have alike (dst,
-    num_nodes, a plan). Raises on every rank at once, naming the rank(s) (`stops` ends the message: what every
-    rank stops before): the failed checks' messages, in the first failed one's type (the same error on every
-    rank: that error, as one process raises it), else a ValueError naming the value that differs and each
-    rank's. Without it the rank that raised left the others waiting in the call's
-    first collective until the group's timeout, and ranks with different values paired different collectives."""
+    """For a slow call every rank of `group` makes together (EPMoE's gather_experts, rebalance, apply_placement,
+    load_experts, load_state_dict): one gather_objects of every rank's argument checks before the call's first
+    collective or change. error: this rank's check's error (None: its arguments passed); same: values every rank
+    must have alike (dst, num_nodes, a plan). Raises on every rank at once, naming the rank(s) (`stops` ends the
+    message: what every rank stops before): the failed checks' messages, in the first failed one's type (the
+    same error on every rank: that error, as one process raises it), else a ValueError naming the value that
+    differs and each rank's. Without it the rank that raised left the others waiting in the call's first
+    collective until the group's timeout, and ranks with different values paired different collectives.
+    Not for dispatch / combine: their checks ride in the count table (no extra collective per call)."""
     every = gather_objects(group, world_size, (None if error is None else BuildFailure(type(error).__name__,
                                                                                        str(error)), same), device)
     failed = [(rank, failure) for rank, (failure, _) in enumerate(every) if failure is not None]

@@ -321,7 +321,7 @@ class EPMoE(nn.Module):
         error = None
         try:
             quant, staged = self._staged_experts(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
             agree_before_collectives(self.dispatcher.group, self.placement.ep_size, error,
@@ -780,7 +780,7 @@ class EPMoE(nn.Module):
             if dp_group is not None:
                 dp_group = as_process_group(dp_group, "dp_group", "dp")
                 dp_size = dist.get_world_size(dp_group)
-        except (TypeError, ValueError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
         sharded = self.dispatcher.shards_experts and self.placement.ep_size > 1
         if sharded:  # one all_gather: num_nodes or dp_group on one rank only would pair different collectives
@@ -843,7 +843,7 @@ class EPMoE(nn.Module):
                 raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
                                 f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
             new = self._check_plan(plan)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
         params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
         if self.dispatcher.shards_experts and self.placement.ep_size > 1:
