@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import ep_runtime as ep
 from ep_runtime.placement import ExpertPlacement
@@ -53,6 +54,11 @@ CASES = {
         "TypeError: rank {bad}: optimizer=object; allowed: None or the optimizer of this layer's parameters (a "
         "torch.optim.Optimizer: its per-parameter .state moves with the slots) (rebalance: every rank stops before "
         "its first collective)",
+        lambda layer: layer.rebalance()),
+    "rebalance_dp_group_on_one_rank": (  # (every rank makes the group: new_group is collective)
+        lambda layer, bad, rank, R: (lambda dp: layer.rebalance(dp_group=dp if bad else None))(dist.new_group()),
+        "ValueError: rank {bad} was given a different dp_group size than rank 0 ({each_dp}); allowed: the same "
+        "dp_group size on every rank (rebalance: every rank stops before its first collective)",
         lambda layer: layer.rebalance()),
     "apply_placement_plan_not_a_plan": (
         lambda layer, bad, rank, R: layer.apply_placement("contiguous" if bad else _reversed_placement(R)),
@@ -106,8 +112,9 @@ def _expected(case: str, R: int) -> str:
     bad = R - 1
     names = [f"rank {r} has {1 if r == bad else 0}" for r in range(R)]
     nodes = [f"rank {r} has {2 if r == bad else None}" for r in range(R)]
+    dp = [f"rank {r} has {R if r == bad else None}" for r in range(R)]
     return CASES[case][1].format(bad=bad, R=R, R2=2 * R, R3=R + 3, Rm1=R - 1, each=", ".join(names),
-                                 each_nodes=", ".join(nodes))
+                                 each_nodes=", ".join(nodes), each_dp=", ".join(dp))
 
 
 @pytest.mark.parametrize("case, world_size", [(case, 2) for case in CASES] + [
