@@ -224,3 +224,37 @@ def test_one_rank_with_a_bad_expert_tensor_fails_every_rank_at_once(case, expect
     for rank, (message, seconds, unchanged, good_load_works) in enumerate(results):
         assert message == expected, (rank, message, expected)
         assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
+
+
+# ---------------------------------------------------------------- distributed checkpoints
+
+def _bad_distributed_state_dict_rank(rank, world_size):
+    """ep.load_distributed_state_dict of the dict ep.distributed_state_dict gave (as dcp.load fills it), the last
+    rank's placement table cut short (a table of another number of slots)."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    layer.load_experts(w13, w2)
+    state = ep.distributed_state_dict(layer)
+    if rank == world_size - 1:
+        state = {**state, "expert_placement": state["expert_placement"][:, :-1]}
+    start, message = time.monotonic(), "loaded"
+    try:
+        ep.load_distributed_state_dict(layer, state)
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds = time.monotonic() - start
+    ep.load_distributed_state_dict(layer, ep.distributed_state_dict(layer))  # the good load works
+    gathered = layer.gather_experts()
+    return message, seconds, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+
+
+def test_one_rank_with_a_bad_distributed_state_dict_fails_every_rank_at_once():
+    """The rank whose table could not be read raised alone; the others went on into the load and waited in its
+    all_gather until the timeout."""
+    results = run_ranks(_bad_distributed_state_dict_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
+    for rank, (message, seconds, good_load_works) in enumerate(results):
+        assert message.startswith("ValueError: rank 1: the model: the checkpoint holds 7 physical expert slots "
+                                  "(expert_placement [2, 7]), this layer 8"), (rank, message)
+        assert message.endswith("(load_distributed_state_dict: every rank stops before loading)"), (rank, message)
+        assert seconds < TIMEOUT_S / 2 and good_load_works, (rank, seconds, good_load_works)
