@@ -104,6 +104,39 @@ def gather_objects(group: Optional[dist.ProcessGroup], world_size: int, mine: An
     return every
 
 
+def agree_before_collectives(group: Optional[dist.ProcessGroup], world_size: int, error: Optional[Exception],
+                             stops: str, device: Optional[Any] = None, **same: Any) -> None:
+    """For a slow call every rank of `group` makes together (EPMoE's gather_experts, rebalance, apply_placement,
+    load_experts, load_state_dict): one gather_objects of every rank's argument checks before the call's first
+    collective or change. error: this rank's check's error (None: its arguments passed); same: values every rank
+    must have alike (dst, num_nodes, a plan). Raises on every rank at once, naming the rank(s) (`stops` ends the
+    message: what every rank stops before): the failed checks' messages, in the first failed one's type (the
+    same error on every rank: that error, as one process raises it), else a ValueError naming the value that
+    differs and each rank's. Without it the rank that raised left the others waiting in the call's first
+    collective until the group's timeout, and ranks with different values paired different collectives.
+    Not for dispatch / combine: their checks ride in the count table (no extra collective per call)."""
+    every = gather_objects(group, world_size, (None if error is None else BuildFailure(type(error).__name__,
+                                                                                       str(error)), same), device)
+    failed = [(rank, failure) for rank, (failure, _) in enumerate(every) if failure is not None]
+    if failed and error is not None and len(failed) == world_size and all(f == failed[0][1] for _, f in failed):
+        raise error  # the same error on every rank (the same bad argument everywhere): as one process raises it
+    if failed:
+        ranks = {}  # message -> the ranks that raised it (a failure and its ranks, in rank order)
+        for rank, f in failed:
+            ranks.setdefault(f, []).append(distributed.rank_name(group, rank))
+        raise _BUILD_ERROR_TYPES.get(failed[0][1].error_type, RuntimeError)(
+            "; ".join(f"{', '.join(names)}: {f.message}" for f, names in ranks.items()) + f" ({stops})") from error
+    for name in same:
+        values = [theirs[name] for _, theirs in every]
+        differ = [rank for rank, value in enumerate(values) if value != values[0]]
+        if differ:
+            each = ", ".join(f"{distributed.rank_name(group, rank)} has {value!r}" for rank, value in enumerate(values))
+            raise ValueError(f"{', '.join(distributed.rank_name(group, rank) for rank in differ)} "
+                             f"{'was' if len(differ) == 1 else 'were'} given a different {name} than "
+                             f"{distributed.rank_name(group, 0)}" + (f" ({each})" if len(each) <= 300 else "") +
+                             f"; allowed: the same {name} on every rank ({stops})")
+
+
 def join_settings_check(name: Any, group: Any, error: Exception, device: Optional[Any] = None) -> None:
     """This rank could not build dispatcher `name` (or the layer holding it): `error`, raised before the
     settings check every rank's dispatchers.create ends with (Dispatcher.check_same_settings_on_every_rank).

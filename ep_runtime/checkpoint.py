@@ -28,6 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .dispatchers.base import agree_before_collectives
 from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _placement_tables
 from .placement import ExpertPlacement
 
@@ -70,11 +71,21 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     copies of an expert would share a rank at this EP size."""
     state = dict(state_dict)
     for prefix, layer in _sharded_layers(model):
-        for name in _EXPERT_TENSORS:
-            if isinstance(state.get(prefix + name), DTensor):
-                state[prefix + name] = state[prefix + name].to_local()
-        if prefix + PLACEMENT_KEY in state:  # the placement of the rows, as the per-rank load_state_dict takes it
-            state[prefix + PLACEMENT_KEY] = _placement_of_rows(layer, prefix, state[prefix + PLACEMENT_KEY])
+        error = None
+        try:
+            for name in _EXPERT_TENSORS:
+                if isinstance(state.get(prefix + name), DTensor):
+                    state[prefix + name] = state[prefix + name].to_local()
+            if prefix + PLACEMENT_KEY in state:  # the placement of the rows, as the per-rank load_state_dict takes it
+                state[prefix + PLACEMENT_KEY] = _placement_of_rows(layer, prefix, state[prefix + PLACEMENT_KEY])
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
+            error = err
+        if layer.placement.ep_size > 1:  # one all_gather per layer: a rank's error fails every rank, naming it,
+            # instead of leaving the others in the load's own all_gather until the timeout
+            agree_before_collectives(layer.dispatcher.group, layer.placement.ep_size, error,
+                                     "load_distributed_state_dict: every rank stops before loading", layer.w13.device)
+        elif error is not None:
+            raise error
     return model.load_state_dict(state, strict=strict)
 
 

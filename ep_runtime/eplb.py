@@ -78,14 +78,7 @@ def plan(load, num_ranks: int, num_physical_experts: int, num_nodes: Optional[in
                          f"in {E}..{E * num_ranks} (num_experts={E} plus at most num_ranks - 1 copies of each)")
     if not is_int_at_least(max_swaps, 0):
         raise ValueError(f"max_swaps={max_swaps!r}; allowed: an int >= 0")
-    G = 1 if num_nodes is None else num_nodes
-    if not is_int_at_least(G, 1) or num_ranks % G or E % G or num_physical_experts % G:
-        raise ValueError(f"num_nodes={num_nodes!r}; allowed: None or an int >= 1 dividing num_ranks={num_ranks}, "
-                         f"num_experts={E} and num_physical_experts={num_physical_experts}")
-    if G > 1 and num_physical_experts // G > (E // G) * (num_ranks // G):
-        raise ValueError(f"num_physical_experts={num_physical_experts} is too many for num_nodes={G}: each node "
-                         f"gets {E // G} experts and {num_ranks // G} ranks, room for at most "
-                         f"{(E // G) * (num_ranks // G) * G} slots in all")
+    G = check_num_nodes(num_nodes, num_ranks, E, num_physical_experts)
     R, P = num_ranks, num_physical_experts
     # Level 1: experts to nodes (each node E/G experts); level 2: within each node, copies and ranks.
     nodes = _pack(list(range(E)), [loads[e] for e in range(E)], G, E // G, max_swaps) if G > 1 else [list(range(E))]
@@ -98,6 +91,21 @@ def plan(load, num_ranks: int, num_physical_experts: int, num_nodes: Optional[in
         slots += node_slots
         rank_load += node_load
     return Plan(E, R, tuple(e for rank_slots in slots for e in rank_slots), tuple(rank_load))
+
+
+def check_num_nodes(num_nodes, num_ranks: int, num_experts: int, num_physical_experts: int) -> int:
+    """plan's num_nodes for these sizes, as the number of node groups G (1 for None); an error naming it and
+    what is allowed otherwise. EPMoE.rebalance checks it before its first collective."""
+    G = 1 if num_nodes is None else num_nodes
+    E = num_experts
+    if not is_int_at_least(G, 1) or num_ranks % G or E % G or num_physical_experts % G:
+        raise ValueError(f"num_nodes={num_nodes!r}; allowed: None or an int >= 1 dividing num_ranks={num_ranks}, "
+                         f"num_experts={E} and num_physical_experts={num_physical_experts}")
+    if G > 1 and num_physical_experts // G > (E // G) * (num_ranks // G):
+        raise ValueError(f"num_physical_experts={num_physical_experts} is too many for num_nodes={G}: each node "
+                         f"gets {E // G} experts and {num_ranks // G} ranks, room for at most "
+                         f"{(E // G) * (num_ranks // G) * G} slots in all")
+    return int(G)
 
 
 def on_nodes(plan: Plan, node_of: Sequence[int]) -> Plan:

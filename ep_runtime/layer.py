@@ -14,10 +14,10 @@ from torch import nn
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
-from .dispatchers.base import as_process_group, gather_objects, join_settings_check
+from .dispatchers.base import agree_before_collectives, as_process_group, join_settings_check
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
-from .distributed import naming_peer_failures, rank_name
+from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, check_scale_values, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
@@ -312,7 +312,30 @@ class EPMoE(nn.Module):
         [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
         [L, ...] shards); the layer then stores fp8. quantize="fp8_block" (or a QuantConfig) quantizes
         float weights on load; a layer built with quant_config quantizes float weights with it. fp8
-        weights given without scales to an unquantized layer are cast to its dtype as they are."""
+        weights given without scales to an unquantized layer are cast to its dtype as they are.
+
+        Where the experts are sharded over ranks, every rank calls it together: the ranks share their checks'
+        results in one small all_gather before any layer changes, so a bad tensor on one rank (a shape, dtype,
+        NaN or inf) fails every rank, naming that rank, instead of leaving the others to wait for it in the next
+        forward."""
+        error = None
+        try:
+            quant, staged = self._staged_experts(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize)
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
+            error = err
+        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+            agree_before_collectives(self.dispatcher.group, self.placement.ep_size, error,
+                                     "load_experts: every rank stops before loading", self.w13.device)
+        elif error is not None:
+            raise error
+        if quant is not None and quant is not self.quant:
+            self._store_quantized(quant, self.w13.device)
+        for name, piece in staged.items():
+            _copy_values(getattr(self, name), piece)
+
+    def _staged_experts(self, w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize) -> tuple:
+        """load_experts' checks, touching nothing: (the QuantConfig the layer will store, or None;
+        {name: this rank's tensor as stored})."""
         E, L = self.config.num_experts, self.placement.num_local_experts
         if not isinstance(w13, torch.Tensor):  # (its repr, a whole nested list, would be the message)
             raise TypeError(f"w13 has type {type(w13).__name__}; expected a floating torch.Tensor")
@@ -355,10 +378,7 @@ class EPMoE(nn.Module):
                       torch.float32 if name.endswith("_scale_inv") else getattr(self, name).dtype)
             staged[name] = _expert_values(f"{name} (experts {local_experts})", src if shard else take(src), stored,
                                           self.w13.device)
-        if quant is not None and quant is not self.quant:
-            self._store_quantized(quant, self.w13.device)
-        for name, piece in staged.items():
-            _copy_values(getattr(self, name), piece)
+        return quant, staged
 
     @torch.no_grad()
     def load_expert(self, expert_id: int, *, w13: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
@@ -509,17 +529,25 @@ class EPMoE(nn.Module):
         """Every expert back in checkpoint layout: ExpertWeights with w13 [E, 2I, H] ([gate; up]),
         w2 [E, H, I] (and b13 [E, 2I], b2 [E, H] with biases), the inverse of load_experts. dst None:
         on every rank (one all_gather per tensor); dst r (a rank of the layer's group): only there
-        (one gather per tensor), the other ranks get None. Every rank of the group must call it."""
+        (one gather per tensor), the other ranks get None. Every rank of the group must call it, with the
+        same dst: one small all_gather first shares it, so a bad or different dst on any rank fails every rank."""
         shards = [self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv]
         group, R = self.dispatcher.group, self.dispatcher.world_size
+        collective = self.dispatcher.shards_experts and R > 1
+        error = None
         if dst is not None and not (is_int_at_least(dst, 0) and dst < R):
-            raise ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
+            error = ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
+        if collective:  # a bad or different dst on one rank fails every rank here, not in the gathers below
+            agree_before_collectives(group, R, error, "gather_experts: every rank stops before gathering",
+                                     self.w13.device, dst=None if error is not None or dst is None else int(dst))
+        elif error is not None:
+            raise error
         dst = None if dst is None else int(dst)  # (a numpy integer becomes Python's, as torch's gather takes it)
         me = self.dispatcher.rank
         # row of each expert's first copy among the gathered [R * L] rows (all of them without copies)
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
-        if not self.dispatcher.shards_experts or R == 1:  # every rank already holds every expert (in its slots)
+        if not collective:  # every rank already holds every expert (in its slots)
             if dst is not None and me != dst:
                 return None
             return ExpertWeights(*[_first_copies(t.detach(), first) if t is not None else None for t in shards],
@@ -738,13 +766,35 @@ class EPMoE(nn.Module):
         hold the same experts (a dp x ep DeviceMesh), the group of this rank's replicas (mesh["dp"] or
         mesh["dp"].get_group()); the load is summed over it too (one more all_reduce), so every replica
         applies the same plan. Without it each replica plans from its own tokens, and replicas that saw different
-        data hold different experts in the same slots (their gradients then average different experts)."""
+        data hold different experts in the same slots (their gradients then average different experts).
+        The arguments are checked first and shared in one small all_gather, so a refused one on one rank, or a
+        num_nodes or dp_group size that differs between ranks, fails every rank there, naming the rank(s)."""
         from . import eplb
+        error = dp_size = None
+        try:  # every argument before the first collective: a rank that fails tells the others below
+            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
+                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            eplb.check_num_nodes(num_nodes, self.placement.ep_size, self.config.num_experts,
+                                 self.placement.num_physical_experts)
+            if dp_group is not None:
+                dp_group = as_process_group(dp_group, "dp_group", "dp")
+                dp_size = dist.get_world_size(dp_group)
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
+            error = err
+        sharded = self.dispatcher.shards_experts and self.placement.ep_size > 1
+        if sharded:  # one all_gather: num_nodes or dp_group on one rank only would pair different collectives
+            agree_before_collectives(self.dispatcher.group, self.placement.ep_size, error,
+                                     "rebalance: every rank stops before its first collective", self.w13.device,
+                                     num_nodes=num_nodes if error is None else None,
+                                     **{"dp_group size": dp_size})
+        elif error is not None:
+            raise error
         load = self.expert_load()
-        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+        if sharded:
             in_call_order(self.dispatcher.group, lambda: dist.all_reduce(load, group=self.dispatcher.group))
         if dp_group is not None:
-            dist.all_reduce(load, group=as_process_group(dp_group, "dp_group", "dp"))
+            dist.all_reduce(load, group=dp_group)
         if not bool(load.any()):  # (the plan reads the load on the host anyway) same on every rank: summed
             warnings.warn("rebalance: no load was counted since the last reset (no forward ran, or expert_load(reset="
                           "True) was called before rebalance: read it with expert_load() instead, rebalance resets "
@@ -784,23 +834,32 @@ class EPMoE(nn.Module):
         exchange per weight tensor); the rest are copied in place, bit for bit. Parameters keep their
         identity, and their .grad moves with them. optimizer: its per-parameter state tensors shaped
         like a weight (Adam's moments, momentum buffers) move the same way; without it such state
-        stays where it was and no longer matches its expert (reset it, or pass the optimizer)."""
-        if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
-                            f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
-        new = self._check_plan(plan)
-        group = self.dispatcher.group
-        if self.dispatcher.shards_experts and new.ep_size > 1:
-            every = [None] * new.ep_size
-            in_call_order(group, lambda: dist.all_gather_object(every, (new.expert_to_rank, new.physical_to_logical),
-                                                                group=group))
-            if any(theirs != every[0] for theirs in every):
-                bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
-                raise ValueError(f"apply_placement: {rank_name(group, bad)} was given a different plan than "
-                                 f"{rank_name(group, 0)}; every rank must apply the same plan (compute it from the "
-                                 f"same all-reduced load)")
-        self._move_slots(new, [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None],
-                         optimizer)
+        stays where it was and no longer matches its expert (reset it, or pass the optimizer). One small
+        all_gather first shares every rank's argument check and plan: a refused argument on one rank, a
+        different plan, or .grad / optimizer state on some ranks only fails every rank, naming the rank(s)."""
+        error = new = None
+        try:  # checked before any collective; a rank that fails tells the others in the agreement below
+            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
+                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            new = self._check_plan(plan)
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
+            error = err
+        params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
+        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+            # One all_gather: a bad argument on one rank, another plan, or another set of tensors to move (a
+            # .grad or optimizer state on some ranks only: one exchange per tensor) fails every rank here,
+            # naming the rank, instead of leaving the others in the moves' exchanges until the timeout
+            moves = None if new is None else _ExpertMoves(self.placement, new)
+            agree_before_collectives(
+                self.dispatcher.group, self.placement.ep_size, error,
+                "apply_placement: every rank stops before moving its slots", self.w13.device,
+                plan=None if new is None else _placement_tables(new),
+                **{"set of .grad and optimizer state tensors to move": None if moves is None or not moves.num_exchanged
+                   else [[kind for kind, _ in _slot_tensors(param, optimizer)] for param in params]})
+        elif error is not None:
+            raise error
+        self._move_slots(new, params, optimizer)
         self._adopt_placement(new)
 
     @torch.no_grad()
@@ -810,13 +869,10 @@ class EPMoE(nn.Module):
         instead of the current placement; every rank together (one exchange per tensor, none when no
         expert crosses ranks)."""
         moves = _ExpertMoves(self.placement, new)
-        states = optimizer.state if optimizer is not None else {}
         for param in params:
-            for t in [param.data, param.grad] + [v for v in states.get(param, {}).values()
-                                                  if isinstance(v, torch.Tensor) and v.shape == param.shape]:
-                if t is not None:
-                    raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t  # fp8 travels as bytes
-                    raw.copy_(moves.apply(raw, self.dispatcher.group))
+            for _, t in _slot_tensors(param, optimizer):
+                raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t  # fp8 travels as bytes
+                raw.copy_(moves.apply(raw, self.dispatcher.group))
 
     def _adopt_placement(self, new: ExpertPlacement) -> None:
         """Run on `new` from now on (the weights already sit in its slots)."""
@@ -957,6 +1013,14 @@ def _options(name: str, options: Optional[Mapping]) -> dict:
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"{name}={options!r}; allowed: None or a dict of option names to values")
     return dict(options or {})
+
+
+def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> list:
+    """[(what, tensor)] laid out by the slots like `param`: its data, its .grad, the optimizer's state tensors
+    shaped like it (Adam's moments, a momentum buffer), in the order they move."""
+    states = optimizer.state.get(param, {}) if optimizer is not None else {}
+    return [(what, t) for what, t in [("data", param.data), ("grad", param.grad)] + list(states.items())
+            if isinstance(t, torch.Tensor) and t.shape == param.shape]
 
 
 def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:
@@ -1138,24 +1202,23 @@ def _placement_to_move_to(layer: "EPMoE", state_dict: dict, prefix: str) -> Opti
 
 
 def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[ValueError]) -> None:
-    """Raise `error` (this rank's bad values in `state_dict`, or None). Where the load moves the layer to another
-    placement (_load_placement: collectives every rank of the group runs, each loading its own state_dict with the
-    same placement table), every rank first shares its error in one all_gather, so a bad value on one rank fails
-    every rank there, naming that rank, instead of leaving the others waiting in the move."""
+    """Raise `error` (this rank's bad values in `state_dict`, or None) or a placement table this layer cannot take.
+    Where the experts are sharded over ranks and `state_dict` holds some (each rank loads its own, together), every
+    rank first shares its errors in one all_gather, so a bad value or table on one rank fails every rank, naming
+    that rank: else the others went on, into the collectives of a move to the state_dict's placement (waiting there
+    until the timeout), or into their next forward with the bad rank's experts left unloaded."""
     try:
-        moves = _placement_to_move_to(layer, state_dict, prefix) is not None
-    except ValueError:  # a table this layer cannot take: _load_placement raises naming it
-        moves = False
-    if not moves or layer.placement.ep_size == 1:
+        _placement_to_move_to(layer, state_dict, prefix)
+    except ValueError as err:  # (a table this layer cannot take; _load_placement raises it where the ranks agree)
+        error = error or err
+    held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
+    if not layer.dispatcher.shards_experts or layer.placement.ep_size == 1 or not any(
+            prefix + name in state_dict for name in held):
         if error is not None:
             raise error
         return
-    group = layer.dispatcher.group
-    every = gather_objects(group, layer.placement.ep_size, None if error is None else str(error), layer.w13.device)
-    bad = [(rank, message) for rank, message in enumerate(every) if message is not None]
-    if bad:
-        raise ValueError("; ".join(f"{rank_name(group, rank)}: {message}" for rank, message in bad) +
-                         " (each rank's state_dict; every rank stops before moving to its placement)")
+    agree_before_collectives(layer.dispatcher.group, layer.placement.ep_size, error,
+                             "each rank's state_dict; every rank stops before loading it", layer.w13.device)
 
 
 def _follow_assigned_weights(layer: "EPMoE", incompatible_keys) -> None:

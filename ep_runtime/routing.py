@@ -1,20 +1,21 @@
-"""Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32)."""
+"""Top-k routing: router logits [T, E] -> TopKOutput(ids [T, K] int32 global, weights [T, K] fp32; float64 for
+float64 logits)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
 from . import routing_kernels
-from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least
+from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least, weights_dtype
 
 GROUP_SCORES = ("max", "top2_sum")
 
 
 class TopKOutput(NamedTuple):
-    """ids [T, K] int32 global expert ids (-1 = slot goes nowhere); weights [T, K] fp32."""
+    """ids [T, K] int32 global expert ids (-1 = slot goes nowhere); weights [T, K] fp32 (select_experts gives
+    float64 for float64 logits)."""
 
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
@@ -99,11 +100,13 @@ class TopKConfig:
 
 def select_experts(router_logits: torch.Tensor, config: TopKConfig,
                    correction_bias: Optional[torch.Tensor] = None) -> TopKOutput:
-    """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32);
+    """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32, float64 logits in
+    float64, as a float64 layer needs for its reference and gradchecks);
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
     weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
-    int32 global, K distinct per token, never -1; weights [T, K] fp32). On the current CUDA device, with no
-    gradient needed and nothing tracing it, one Triton kernel computes it (ep_runtime/routing_kernels.py: the
+    int32 global, K distinct per token, never -1; weights [T, K] in the scoring dtype: fp32, float64 for float64
+    logits, validation.weights_dtype's rule). On the current CUDA device, with no gradient needed, nothing tracing
+    it and logits other than float64, one Triton kernel computes it (ep_runtime/routing_kernels.py, fp32: the
     same picks up to fp32 rounding of exp, exact ties to the lower id); elsewhere torch ops do."""
     if not isinstance(config, TopKConfig):
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
@@ -121,17 +124,19 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
             check_finite("correction_bias", correction_bias)
     # one kernel where it can serve: not for autograd (the router's gradient) nor torch.compile (traces the ops)
     differentiable = torch.is_grad_enabled() and router_logits.requires_grad
-    if routing_kernels.usable(router_logits) and not differentiable and not torch.compiler.is_compiling():
+    scoring = weights_dtype(router_logits.dtype)  # float64 logits keep float64 (DeepEP/SGLang score in fp32)
+    if (scoring == torch.float32 and routing_kernels.usable(router_logits) and not differentiable
+            and not torch.compiler.is_compiling()):
         top2 = config.num_expert_group is not None and config.group_rule(E, correction_bias is not None) == "top2_sum"
         return TopKOutput(*routing_kernels.select_experts(router_logits, config, correction_bias, top2))
-    scores = router_logits.float()
+    scores = router_logits.to(scoring)
     scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
     # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
-    # (softmax and sigmoid underflow in fp32): rank it below every score (>= 0) so topk never prefers it
+    # (softmax and sigmoid underflow): rank it below every score (>= 0) so topk never prefers it
     # to a finite logit, yet above the -inf of groups left out below.
     choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
     if correction_bias is not None:
-        choice = scores + correction_bias.float()
+        choice = scores + correction_bias.to(scoring)
     if config.num_expert_group is not None:
         G = config.num_expert_group
         per_group = choice.view(T, G, E // G)
@@ -149,18 +154,18 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
-    return TopKOutput(ids.to(torch.int32), weights.float())
+    return TopKOutput(ids.to(torch.int32), weights.to(scoring))
 
 
 def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err: ValueError) -> None:
     """A dispatcher's error about non-finite topk_weights, when select_experts made them from router_logits
-    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf, in
-    float32, where they are scored); else return.
+    [T, E] in this call: raise one naming the logit behind them (NaN, or under softmax +inf or a row of -inf);
+    else return. Scoring widens the logits (fp32, float64 for float64), so a logit finite as given stays finite.
     (The dispatcher checks the weights with the counts every rank exchanges, so every rank stops together:
     checking the logits here, before the exchange, would stop this rank alone.)"""
     if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
         return  # (a deferred check's error is about an earlier call's weights: its message says which)
-    logits = router_logits.detach().float()  # as select_experts scores them: a float64 1e39 is inf here
+    logits = router_logits.detach()
     softmax = config.scoring == "softmax"
     bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
     masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])
@@ -171,12 +176,9 @@ def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err:
     where = bad[t].nonzero()
     if where.numel():
         e = int(where[0])
-        value = float(router_logits[t, e])
-        what = f"{value} at [{t}, {e}]" + ("" if math.isinf(value) or math.isnan(value) else
-                                          " (inf in float32, where routing scores it)")
+        what = f"{float(router_logits[t, e])} at [{t}, {e}]"
     else:
-        what = f"-inf in every entry of row {t}" + ("" if torch.isneginf(router_logits[t]).all() else
-                                                     " (in float32, where routing scores it)")
+        what = f"-inf in every entry of row {t}"
     allowed = ("finite logits or -inf (an expert the token may not take), at least one finite per row" if softmax
                else "logits that are not NaN")
     raise ValueError(f"router_logits has {what}, which gives non-finite routing weights; allowed: {allowed} "

@@ -8,7 +8,8 @@ choice is -1 (below every score, above an excluded group's -inf) unless a correc
 groups scored by their best or best two choices, the best topk_group kept; K picks by choice, ties
 to the lower expert id, a NaN choice first (torch.topk ranks NaN highest); weights gathered from the
 scores, renormalized by sum + 1e-20, scaled. Results equal the torch path's up to fp32 rounding of
-exp (so the same picks wherever two choices differ by more than that).
+exp (so the same picks wherever two choices differ by more than that). Float64 logits never come here:
+select_experts scores them in float64 on its torch path (a float64 layer's reference and gradchecks).
 """
 from __future__ import annotations
 

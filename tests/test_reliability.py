@@ -461,11 +461,13 @@ def _non_finite_state_dict_rank(rank, world_size):
 def test_load_state_dict_refuses_non_finite_expert_weights_naming_the_key():
     """NaN / inf expert weights loaded silently through load_state_dict (load_experts refuses them) and made
     every token routed to that expert NaN, on every rank that sent one; refused now, naming the key and
-    the place, before the layer changes."""
+    the place, before the layer changes; every rank's error on every rank (each rank loads its own state_dict)."""
     results = run_ranks(_non_finite_state_dict_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
-    for rank, (message, where, unchanged, finite) in enumerate(results):
-        value, name = ("inf", "w2") if rank else ("nan", "w13")
-        assert message == f"state_dict['{name}'] has a non-finite value {value} at {where}", message
+    expected = "; ".join(f"rank {rank}: state_dict['{name}'] has a non-finite value {value} at {where}"
+                         for rank, ((value, name), (_, where, _, _)) in enumerate(zip((("nan", "w13"), ("inf", "w2")),
+                                                                                      results)))
+    for message, _, unchanged, finite in results:
+        assert message == expected + " (each rank's state_dict; every rank stops before loading it)", message
         assert unchanged and finite
 
 
@@ -498,7 +500,7 @@ def test_a_non_finite_weight_on_one_rank_fails_every_rank_before_the_placement_m
     results = run_ranks(_non_finite_moving_load_rank, 2, timeout=60, group_timeout=TIMEOUT_S)
     for message, unchanged, seconds in results:
         assert message == ("rank 1: state_dict['w13'] has a non-finite value nan at [1, 2, 3] (each rank's "
-                           "state_dict; every rank stops before moving to its placement)"), message
+                           "state_dict; every rank stops before loading it)"), message
         assert unchanged and seconds < TIMEOUT_S / 2, (unchanged, seconds)
 
 def _asymmetric_bad_input_rank(rank, world_size, dispatcher, case, linger):

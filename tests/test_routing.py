@@ -268,7 +268,7 @@ def test_routed_scaling_factor_in_both_places_is_refused():
         layer = ep.EPMoE(8, 2, 16, 8, runner="torch", dtype=torch.float64, routed_scaling_factor=layer_factor,
                          topk_config=TopKConfig(top_k=2, routed_scaling_factor=routing_factor))
         outputs.append(layer(x, router_logits=logits))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)  # fp32 weights scaled vs the output
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=0)  # (float32 logits: fp32 weights)
     torch.testing.assert_close(outputs[0], 2.5 * outputs[2], rtol=1e-6, atol=0)
 
 
@@ -287,18 +287,94 @@ def test_group_score_without_groups_is_refused():
         TopKConfig(top_k=2, group_score="top2_sum")
 
 
-def test_float64_logits_beyond_float32_are_named():
-    """A float64 logit of 1e39 is inf once routing scores it in float32 (softmax then gives NaN weights):
-    the error named topk_weights. Now it names the logit as given."""
-    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
-    logits = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+def test_float64_logits_beyond_float32_are_scored_in_float64_and_nan_is_named():
+    """A float64 logit of 1e39 was inf once routing scored it in float32 (softmax then gave NaN weights, an
+    error). Float64 logits are scored in float64 now: it is an ordinary logit (weight 1 for its expert), a row of
+    -1e39 is uniform, and a NaN logit is still named with its place."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, dtype=torch.float64, generator=gen)
     logits[2, 6] = 1e39
-    with pytest.raises(ValueError, match=r"router_logits has 1e\+39 at \[2, 6\] \(inf in float32, where routing "
-                                         r"scores it\), which gives non-finite routing weights"):
-        layer(torch.randn(3, 16), router_logits=logits)
-    logits[2] = -1e39
-    with pytest.raises(ValueError, match=r"router_logits has -inf in every entry of row 2 \(in float32"):
-        layer(torch.randn(3, 16), router_logits=logits)
+    logits[1] = -1e39
+    out = select_experts(logits, layer.topk_config)
+    assert out.topk_weights.dtype == torch.float64
+    assert out.topk_ids[2, 0] == 6 and out.topk_weights[2].tolist() == [1.0, 0.0]
+    assert out.topk_weights[1].tolist() == [1 / 8, 1 / 8]
+    assert torch.isfinite(layer(torch.randn(3, 16, generator=gen, dtype=torch.float64), router_logits=logits)).all()
+    logits[0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"router_logits has nan at \[0, 3\], which gives non-finite routing weights"):
+        layer(torch.randn(3, 16, dtype=torch.float64), router_logits=logits)
+
+
+# (scoring, renormalize, num_expert_group, topk_group, routed_scaling_factor, correction bias)
+FLOAT64_ROUTINGS = {
+    "softmax": ("softmax", False, None, None, 1.0, False),
+    "softmax_renormalized": ("softmax", True, None, None, 1.0, False),
+    "sigmoid_grouped_bias_scaled": ("sigmoid", True, 4, 2, 2.5, True),
+    "softmax_grouped": ("softmax", True, 4, 3, 1.0, False),
+}
+
+
+def _float64_routing(case):
+    scoring, renormalize, groups, topk_group, factor, with_bias = FLOAT64_ROUTINGS[case]
+    cfg = TopKConfig(top_k=3, scoring=scoring, renormalize=renormalize, num_expert_group=groups,
+                     topk_group=topk_group, routed_scaling_factor=factor)
+    gen = torch.Generator().manual_seed(len(case))
+    logits = torch.randn(9, 16, generator=gen, dtype=torch.float64) * 3
+    bias = torch.randn(16, generator=gen, dtype=torch.float64) * 0.3 if with_bias else None
+    return cfg, logits, bias
+
+
+def _gated_mlp_reference(x, w13, w2, ids, weights):
+    """y_t = sum_k w_tk * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = ids[t][k], in float64 (Python loops)."""
+    inter = w2.shape[2]
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t], weights[t]):
+            gate, up = w13[e, :inter] @ x[t], w13[e, inter:] @ x[t]
+            y[t] += w * (w2[e] @ (gate * torch.sigmoid(gate) * up))
+    return y
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+@pytest.mark.parametrize("case", list(FLOAT64_ROUTINGS))
+def test_float64_layer_routes_in_float64(case, dispatcher, routing_path):
+    """A float64 layer called with float64 router_logits: its routing weights (scored in float32 before, 1e-7
+    off) and its output equal a float64 reference to 1e-12; where the fp32 routing kernel could serve, float64
+    logits still take the torch path."""
+    cfg, logits, bias = _float64_routing(case)
+    out = select_experts(logits, cfg, bias)
+    assert out.topk_weights.dtype == torch.float64
+    ref_ids, ref_w = reference_routing(logits, cfg, bias)
+    for t in range(logits.shape[0]):
+        got = dict(zip(out.topk_ids[t].tolist(), out.topk_weights[t].tolist()))
+        assert set(got) == set(ref_ids[t]), t
+        for e, w in zip(ref_ids[t], ref_w[t]):
+            assert got[e] == pytest.approx(w, rel=1e-13, abs=0), (t, e)
+    gen = torch.Generator().manual_seed(7)
+    E, H, I = 16, 12, 6
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64), torch.randn(E, H, I, generator=gen,
+                                                                                         dtype=torch.float64)
+    x = torch.randn(logits.shape[0], H, generator=gen, dtype=torch.float64)
+    layer = ep.EPMoE(E, 3, H, I, dispatcher=dispatcher, runner="torch", dtype=torch.float64, topk_config=cfg)
+    layer.load_experts(w13, w2)
+    y = layer(x, router_logits=logits, correction_bias=bias)
+    expected = _gated_mlp_reference(x, w13, w2, ref_ids, ref_w)
+    assert y.dtype == torch.float64
+    assert ((y - expected).norm() / expected.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("case", list(FLOAT64_ROUTINGS))
+def test_float64_routing_weights_pass_gradcheck(case):
+    """The routing weights' gradient with respect to float64 logits, alone and through a float64 layer (the
+    experts picked stay put under gradcheck's 1e-6 steps: the logits are far apart)."""
+    cfg, logits, bias = _float64_routing(case)
+    logits = logits[:4].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: select_experts(z, cfg, bias).topk_weights, (logits,))
+    gen = torch.Generator().manual_seed(3)
+    layer = ep.EPMoE(16, 3, 8, 4, dispatcher="standard", runner="torch", dtype=torch.float64, topk_config=cfg)
+    x = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: layer(x, router_logits=z, correction_bias=bias), (logits,))
 
 
 @pytest.mark.parametrize("E,groups,K", [(256, (8, 4), 8), (160, (8, 3), 6), (60, None, 4), (7, None, 7)])
