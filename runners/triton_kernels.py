@@ -144,10 +144,16 @@ def device_file(device_name: str) -> Path:
     return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
 
 
+TABLES_READ = 0  # how many times reload_tables ran: part of the triton runner's plan keys (a plan keeps its pick)
+
+
 def reload_tables() -> None:
-    """Forget the tables read so far and the configs picked from them (after triton_tune writes one)."""
+    """Forget the tables read so far and the configs picked from them (after triton_tune writes one), the triton
+    runner's per-shape plans' picks included (their keys hold TABLES_READ)."""
+    global TABLES_READ
     _load_table.cache_clear()
     pick_config.cache_clear()
+    TABLES_READ += 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -120,10 +120,11 @@ def _gemm_knobs() -> tuple[str, str]:
 def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config, knobs: tuple) -> tuple:
     """Everything a _Plan of an unhooked, unquantized call reads: the config and tiles, the knobs read per call,
     the ids', rows' and weights' shapes, strides and dtypes, the device, and the weights' 16-byte alignment
-    (whether TMA can load them). The weights' shapes and dtypes are the config's and x's: every caller checks
-    them first (check_weights)."""
+    (whether TMA can load them), and how often the tuned tables were reloaded (a plan keeps the tiles picked from
+    the tables it saw: after reload_tables the next call picks again). The weights' shapes and dtypes are the
+    config's and x's: every caller checks them first (check_weights)."""
     x, ids, table, w13, w2 = inp.hidden_states, inp.topk_ids, inp.id_table, weights.w13, weights.w2
-    return (config, block_config, knobs, ids.shape,
+    return (config, block_config, knobs, kernels.TABLES_READ, ids.shape,
             ids.dtype, None if table is None else table.shape, inp.expert_mask.shape, x.shape, x.stride(), x.dtype,
             x.device, inp.out_dtype, inp.capacity_rows, w13.dtype, w13.stride(), w2.stride(), w13.data_ptr() % 16,
             w2.data_ptr() % 16, weights.b13 is None, weights.b2 is None)

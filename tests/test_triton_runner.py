@@ -1288,3 +1288,23 @@ def test_a_kept_plan_serves_only_its_layout_and_keeps_no_tensor_alive():
     del gone
     gc.collect()
     assert kept() is None
+
+
+def test_reload_tables_makes_the_next_call_pick_its_tiles_again(monkeypatch):
+    """A kept plan holds the tiles picked from the tuned tables it saw; reload_tables (triton_tune calls it after
+    writing a table) forgets the picks, so the next call of a planned shape must plan again, not keep the tiles of
+    the table before (on a GPU the rewritten table's entry was never used until the process restarted)."""
+    monkeypatch.setattr(triton_runner, "_PLANS", {})
+    gen = torch.Generator().manual_seed(2)
+    E, K, H, I, T = 6, 2, 32, 48, 5
+    w13, w2, _, _ = _weights(gen, E, H, I, bias=False)
+    x, ids, w = torch.randn(T, H, generator=gen), _ids(gen, T, E, K), torch.rand(T, K, generator=gen)
+    y = runners.fused_experts(x, w13, w2, ids, w)
+    before = list(triton_runner._PLANS.values())
+    assert len(before) == 1
+    assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), y)
+    assert list(triton_runner._PLANS.values()) == before  # the same shape reuses its plan
+    kernels.reload_tables()
+    assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), y)
+    assert [plan for plan in triton_runner._PLANS.values() if all(plan is not old for old in before)], \
+        "the call after reload_tables reused the plan picked from the tables before"
