@@ -1206,9 +1206,14 @@ def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Opti
     Where the experts are sharded over ranks and `state_dict` holds some (each rank loads its own, together), every
     rank first shares its errors in one all_gather, so a bad value or table on one rank fails every rank, naming
     that rank: else the others went on, into the collectives of a move to the state_dict's placement (waiting there
-    until the timeout), or into their next forward with the bad rank's experts left unloaded."""
+    until the timeout), or into their next forward with the bad rank's experts left unloaded. The placement each
+    rank's state_dict puts its experts in, and (where the load moves the slots) which expert tensors it holds,
+    must be the same on every rank too:
+    they decide whether the load moves the slots and how many tensors it exchanges (another placement on one rank
+    paired that rank's next collective with the others' move)."""
+    saved = None
     try:
-        _placement_to_move_to(layer, state_dict, prefix)
+        saved = _placement_to_move_to(layer, state_dict, prefix)
     except ValueError as err:  # (a table this layer cannot take; _load_placement raises it where the ranks agree)
         error = error or err
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
@@ -1217,8 +1222,14 @@ def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Opti
         if error is not None:
             raise error
         return
+    same = {} if error is not None else {
+        f"placement (state_dict[{prefix + PLACEMENT_KEY!r}], the default one where absent)":
+            _placement_tables(saved if saved is not None else layer.placement),
+        # (only a move exchanges the tensors the state_dict does not hold: strict=False loads may differ otherwise)
+        "set of expert tensors in the state_dict": None if saved is None else [name for name in held
+                                                                             if prefix + name in state_dict]}
     agree_before_collectives(layer.dispatcher.group, layer.placement.ep_size, error,
-                             "each rank's state_dict; every rank stops before loading it", layer.w13.device)
+                             "each rank's state_dict; every rank stops before loading it", layer.w13.device, **same)
 
 
 def _follow_assigned_weights(layer: "EPMoE", incompatible_keys) -> None:
