@@ -539,25 +539,30 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     if quantize is None:
         prepare_align(aligned, L, first_expert, table_size, mask_size, single_program)(ids, table, mask, aligned)
         return aligned
-    e_pad = aligned.padded.numel() // 2
-    num_blocks = aligned.block_expert.numel()
-    lookup = dict(HAS_TABLE=id_table is not None, HAS_MASK=expert_mask is not None)
-    # (constexprs: the layer's, 0 where unread, never the pair count, which would compile a kernel per count)
-    sizes = (first_expert, table_size or 0, mask_size or 0)
-    blocks_per_program = max(1, 4096 // max(e_pad, block_m))
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+        sizes, meta = _align_args(aligned, L, first_expert, table_size, mask_size)
         work = quantize.x.shape[0] * quantize.group_blocks
         _align_quantize_kernel[(1 + work,)](ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
-                                            aligned.sorted_pair_ids, aligned.work_queue, P, num_blocks, *sizes,
-                                            quantize.x, quantize.q, quantize.scale, quantize.group_blocks,
-                                            *quantize.args, L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad,
-                                            BLOCK_M=block_m, BLOCKS=blocks_per_program, num_warps=4, **lookup,
+                                            aligned.sorted_pair_ids, aligned.work_queue, *sizes, quantize.x,
+                                            quantize.q, quantize.scale, quantize.group_blocks, *quantize.args, **meta,
                                             **quantize.meta)
         return aligned
     prepare_align(aligned, L, first_expert, table_size, mask_size, False)(ids, table, mask, aligned)
     # only rows with a computed pair (capacity or padded buffers: mostly none)
     quantize.launch(computed_pairs=aligned.computed)
     return aligned
+
+
+def _align_args(aligned: AlignedPairs, L: int, first_expert: int, table_size: Optional[int],
+                mask_size: Optional[int]) -> tuple[tuple, dict]:
+    """The one-program alignment kernels' (_align_single_kernel, _align_quantize_kernel) arguments after the
+    workspace's tensors: (num_pairs, num_blocks, first_expert, table_size, mask_size) and their constexprs."""
+    P, e_pad = aligned.num_pairs, aligned.padded.numel() // 2
+    # (constexprs: the layer's, 0 where unread, never the pair count, which would compile a kernel per count)
+    args = (P, aligned.block_expert.numel(), first_expert, table_size or 0, mask_size or 0)
+    return args, dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=aligned.block_m,
+                      BLOCKS=max(1, 4096 // max(e_pad, aligned.block_m)), num_warps=4,
+                      HAS_TABLE=table_size is not None, HAS_MASK=mask_size is not None)
 
 
 def check_id_table(id_table: Optional[torch.Tensor]) -> None:
@@ -584,21 +589,17 @@ def prepare_align(aligned: AlignedPairs, num_local_experts: int, first_expert: i
     L, P, block_m = num_local_experts, aligned.num_pairs, aligned.block_m
     if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
         return _no_launch
-    e_pad = aligned.padded.numel() // 2
-    num_blocks = aligned.block_expert.numel()
-    lookup = dict(HAS_TABLE=table_size is not None, HAS_MASK=mask_size is not None)
-    # (constexprs: the layer's, 0 where unread, never the pair count, which would compile a kernel per count)
-    sizes = (first_expert, table_size or 0, mask_size or 0)
-    blocks_per_program = max(1, 4096 // max(e_pad, block_m))
+    args, meta = _align_args(aligned, L, first_expert, table_size, mask_size)
     if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
         single = _align_single_kernel[(1,)]
-        meta = dict(L=L, CHUNK=single_program_chunk(e_pad, P), E_PAD=e_pad, BLOCK_M=block_m,
-                    BLOCKS=blocks_per_program, num_warps=4, **lookup)
 
         def launch(ids, table, mask, aligned):
             single(ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert, aligned.sorted_pair_ids,
-                   aligned.work_queue, P, num_blocks, *sizes, **meta)
+                   aligned.work_queue, *args, **meta)
         return launch
+    num_blocks, sizes = args[1], args[2:]
+    e_pad, blocks_per_program = meta["E_PAD"], meta["BLOCKS"]
+    lookup = dict(HAS_TABLE=meta["HAS_TABLE"], HAS_MASK=meta["HAS_MASK"])
     num_chunks = cdiv(P, ALIGN_CHUNK)
     count, offsets = _align_count_kernel[(num_chunks,)], _align_offsets_kernel[(1,)]
     blocks, scatter = _align_blocks_kernel[(cdiv(num_blocks, blocks_per_program),)], _align_scatter_kernel[(num_chunks,)]
