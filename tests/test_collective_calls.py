@@ -136,14 +136,15 @@ def test_one_rank_with_a_bad_or_different_argument_fails_every_rank_at_once(case
 def _bad_state_dict_rank(rank, world_size, case):
     """Every rank loads its own per-rank state_dict; the last rank's holds a NaN (in the layer's own placement:
     no slot moves) or a placement table of the wrong shape (the others' table moves the slots), or ("placement")
-    is valid alone but in the default placement (no table) while the others' were saved after a move."""
+    is valid alone but in the default placement (no table) while the others' were saved after a move, or
+    ("tensors") lacks w2 (a strict=False load) where every rank's load moves the slots."""
     gen = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
     moved = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch",
                      expert_to_rank=[e % world_size for e in range(E)])
     moved.load_experts(w13, w2)
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
-    good = {k: v.clone() for k, v in (moved if case in ("table", "placement") else layer).state_dict().items()}
+    good = {k: v.clone() for k, v in (moved if case in ("table", "placement", "tensors") else layer).state_dict().items()}
     if case == "nan":
         layer.load_experts(w13, w2)
         good = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -153,6 +154,9 @@ def _bad_state_dict_rank(rank, world_size, case):
         plain.load_experts(w13, w2)
         if rank == world_size - 1:
             state = {k: v.clone() for k, v in plain.state_dict().items()}
+    elif case == "tensors":
+        if rank == world_size - 1:  # (its w2 would move to the others' placement: one exchange they do not make)
+            del state["w2"]
     elif rank == world_size - 1:
         if case == "nan":
             state["w13"][1, 2, 3] = float("nan")
@@ -187,19 +191,21 @@ def test_one_rank_with_a_bad_state_dict_fails_every_rank_at_once(case, expected,
         assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
 
 
+@pytest.mark.parametrize("case, what", [
+    ("placement", "placement (state_dict['expert_placement'], the default one where absent)"),
+    ("tensors", "set of expert tensors in the state_dict"),
+])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_state_dicts_of_different_placements_fail_every_rank_at_once(world_size):
-    """load_state_dict where one rank's state_dict names another placement than the others': before, the others
-    moved their slots to theirs (collectives) while that rank loaded without moving, so the ranks paired
-    different collectives (the others waited until the timeout, that rank's next collective met their move)."""
-    results = run_ranks(_bad_state_dict_rank, world_size, "placement", timeout=60, group_timeout=TIMEOUT_S)
+def test_state_dicts_of_different_placements_fail_every_rank_at_once(case, what, world_size):
+    """load_state_dict where one rank's state_dict names another placement than the others', or holds other expert
+    tensors where the load moves the slots: before, the ranks made different moves (that rank none, or one
+    exchange more), so they paired different collectives (the others waited until the timeout, or read garbage)."""
+    results = run_ranks(_bad_state_dict_rank, world_size, case, timeout=60, group_timeout=TIMEOUT_S)
     for rank, (message, seconds, unchanged, good_load_works) in enumerate(results):
-        assert message.startswith(f"ValueError: rank {world_size - 1} was given a different placement "
-                                  f"(state_dict['expert_placement'], the default one where absent) than rank 0"), \
+        assert message.startswith(f"ValueError: rank {world_size - 1} was given a different {what} than rank 0"), \
             (rank, message)
-        assert message.endswith("; allowed: the same placement (state_dict['expert_placement'], the default one "
-                                "where absent) on every rank (each rank's state_dict; every rank stops before "
-                                "loading it)"), (rank, message)
+        assert message.endswith(f"; allowed: the same {what} on every rank (each rank's state_dict; every rank stops "
+                                f"before loading it)"), (rank, message)
         assert seconds < TIMEOUT_S / 2 and unchanged and good_load_works, (rank, seconds, unchanged, good_load_works)
 
 
