@@ -84,6 +84,21 @@ CASES = {
 }
 
 
+
+def _bad_then_good(layer, bad, good, w13, w2):
+    """(what bad() raised, or "returned"; its seconds; whether layer.w13 stayed as it was; whether, after good()
+    (the group still usable, the good call working), gather_experts gives back the global w13 and w2)."""
+    before = layer.w13.detach().clone()
+    start, message = time.monotonic(), "returned"
+    try:
+        bad()
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds, unchanged = time.monotonic() - start, torch.equal(layer.w13, before)
+    good()
+    gathered = layer.gather_experts()
+    return message, seconds, unchanged, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+
 def _case_rank(rank, world_size, case):
     """Every rank builds the layer from the same global weights, runs a training step (so there is a load,
     .grad and Adam state), then makes the case's call, the last rank with the bad argument."""
@@ -96,16 +111,9 @@ def _case_rank(rank, world_size, case):
     layer(x, router_logits=torch.randn(6, E, generator=gen)).square().sum().backward()
     layer.optimizer = torch.optim.Adam(layer.parameters(), lr=0.0)  # lr 0: the weights stay the loaded ones
     layer.optimizer.step()
-    start, message = time.monotonic(), "returned"
-    try:
-        call(layer, rank == world_size - 1, rank, world_size)
-    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
-        message = f"{type(err).__name__}: {err}"
-    seconds = time.monotonic() - start
-    good(layer)  # the group is still usable and the good call works
-    gathered = layer.gather_experts()
-    same = torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)  # the experts survived every move
-    return message, seconds, same
+    message, seconds, _, same = _bad_then_good(layer, lambda: call(layer, rank == world_size - 1, rank, world_size),
+                                               lambda: good(layer), w13, w2)
+    return message, seconds, same  # same: the experts survived every move
 
 
 def _expected(case: str, R: int) -> str:
@@ -162,16 +170,7 @@ def _bad_state_dict_rank(rank, world_size, case):
             state["w13"][1, 2, 3] = float("nan")
         else:
             state["expert_placement"] = state["expert_placement"][:, :-1]
-    before = layer.w13.detach().clone()
-    start, message = time.monotonic(), "loaded"
-    try:
-        layer.load_state_dict(state)
-    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
-        message = f"{type(err).__name__}: {err}"
-    seconds, unchanged = time.monotonic() - start, torch.equal(layer.w13, before)
-    layer.load_state_dict(good)  # the group is still usable and the good load works
-    gathered = layer.gather_experts()
-    return message, seconds, unchanged, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+    return _bad_then_good(layer, lambda: layer.load_state_dict(state), lambda: layer.load_state_dict(good), w13, w2)
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -217,22 +216,13 @@ def _bad_load_experts_rank(rank, world_size, case):
     gen = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
-    before = layer.w13.detach().clone()
     bad13, bad2 = w13.clone(), w2
     if rank == world_size - 1:
         if case == "nan":
             bad13[E - 1, 2, 3] = float("nan")
         else:
             bad2 = w2[:, :, :-1]
-    start, message = time.monotonic(), "loaded"
-    try:
-        layer.load_experts(bad13, bad2)
-    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
-        message = f"{type(err).__name__}: {err}"
-    seconds, unchanged = time.monotonic() - start, torch.equal(layer.w13, before)
-    layer.load_experts(w13, w2)  # the group is still usable and the good load works
-    gathered = layer.gather_experts()
-    return message, seconds, unchanged, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+    return _bad_then_good(layer, lambda: layer.load_experts(bad13, bad2), lambda: layer.load_experts(w13, w2), w13, w2)
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -266,15 +256,10 @@ def _bad_distributed_state_dict_rank(rank, world_size):
     state = ep.distributed_state_dict(layer)
     if rank == world_size - 1:
         state = {**state, "expert_placement": state["expert_placement"][:, :-1]}
-    start, message = time.monotonic(), "loaded"
-    try:
-        ep.load_distributed_state_dict(layer, state)
-    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
-        message = f"{type(err).__name__}: {err}"
-    seconds = time.monotonic() - start
-    ep.load_distributed_state_dict(layer, ep.distributed_state_dict(layer))  # the good load works
-    gathered = layer.gather_experts()
-    return message, seconds, torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2)
+    message, seconds, _, good_load_works = _bad_then_good(
+        layer, lambda: ep.load_distributed_state_dict(layer, state),
+        lambda: ep.load_distributed_state_dict(layer, ep.distributed_state_dict(layer)), w13, w2)
+    return message, seconds, good_load_works
 
 
 def test_one_rank_with_a_bad_distributed_state_dict_fails_every_rank_at_once():
