@@ -539,7 +539,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     if quantize is None:
         prepare_align(aligned, L, first_expert, table_size, mask_size, single_program)(ids, table, mask, aligned)
         return aligned
-    if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+    if _one_program(single_program, P):
         sizes, meta = _align_args(aligned, L, first_expert, table_size, mask_size)
         work = quantize.x.shape[0] * quantize.group_blocks
         _align_quantize_kernel[(1 + work,)](ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert,
@@ -551,6 +551,11 @@ def align_pairs(topk_ids: torch.Tensor, expert_mask: Optional[torch.Tensor], fir
     # only rows with a computed pair (capacity or padded buffers: mostly none)
     quantize.launch(computed_pairs=aligned.computed)
     return aligned
+
+
+def _one_program(single_program: Optional[bool], num_pairs: int) -> bool:
+    """Whether the alignment runs as one program: as asked, else up to SINGLE_PROGRAM_MAX_PAIRS pairs."""
+    return single_program if single_program is not None else num_pairs <= SINGLE_PROGRAM_MAX_PAIRS
 
 
 def _align_args(aligned: AlignedPairs, L: int, first_expert: int, table_size: Optional[int],
@@ -590,7 +595,7 @@ def prepare_align(aligned: AlignedPairs, num_local_experts: int, first_expert: i
     if P == 0:  # (the workspace's used_blocks is 0 from the start: no write, so a kept one stays valid)
         return _no_launch
     args, meta = _align_args(aligned, L, first_expert, table_size, mask_size)
-    if single_program if single_program is not None else P <= SINGLE_PROGRAM_MAX_PAIRS:
+    if _one_program(single_program, P):
         single = _align_single_kernel[(1,)]
 
         def launch(ids, table, mask, aligned):
