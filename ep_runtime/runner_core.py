@@ -354,18 +354,40 @@ def convert(inp: Any, target: type, config: MoeConfig) -> tuple[Any, Callable[[t
 
 def _expert_major_to_token_rows(inp: ExpertMajorInput, config: MoeConfig):
     """Each row becomes a token with one slot: expert l below masked_m[l], else -1 (the sink: never
-    read). Weight 1 is exact, so the rows come back unweighted, as the expert-major contract says."""
+    read). Weight 1 is exact, so the rows come back unweighted, as the expert-major contract says.
+    Two torch ops a call (the comparison with masked_m and the where): the rest is kept per shape
+    (_capacity_rows), and the ids are left to the backend's lookup (defer)."""
     L, N, H = inp.hidden_states.shape
     device = inp.hidden_states.device
-    row = torch.arange(N, device=device)
-    valid = row < inp.masked_m.to(device).unsqueeze(1)
-    ids = torch.where(valid, torch.arange(L, device=device).unsqueeze(1), -1).reshape(-1, 1)
-    ones = torch.ones(L * N, 1, dtype=torch.float32, device=device)
+    slot, expert, ones, placement = _capacity_rows(L, N, device)
+    ids = torch.where(slot < inp.masked_m.to(device).unsqueeze(1), expert, -1).view(L * N, 1)
     scale = inp.hidden_scale.reshape(L * N, -1) if inp.hidden_scale is not None else None
-    rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, ExpertPlacement(L), scale,
-                                      inp.out_dtype)
+    rows = RunnerInput.from_local_ids(inp.hidden_states.reshape(L * N, H), ids, ones, placement, scale,
+                                      inp.out_dtype, defer=True)
     rows.capacity_rows = True
     return rows, lambda y: y.view(L, N, H)
+
+
+_CAPACITY_ROWS: dict = {}  # (L, N, device) -> _capacity_rows' tensors; read only, like the placement's tables
+
+
+def _capacity_rows(L: int, N: int, device: torch.device) -> tuple:
+    """(slot [1, N] int32 0..N-1, expert [L, 1] int32 0..L-1, ones [L*N, 1] fp32, ExpertPlacement(L)): what an
+    expert-major input of L x N rows becomes as token rows, apart from masked_m. Kept per shape and device,
+    except while torch.compile traces or a CUDA graph captures (made there by ops the graph holds, never kept
+    for eager calls)."""
+    key, keep = (L, N, device), not (torch.compiler.is_compiling() or capturing())
+    kept = _CAPACITY_ROWS.get(key) if keep else None
+    if kept is not None:
+        return kept
+    made = (torch.arange(N, dtype=torch.int32, device=device).unsqueeze(0),
+            torch.arange(L, dtype=torch.int32, device=device).unsqueeze(1),
+            torch.ones(L * N, 1, dtype=torch.float32, device=device), ExpertPlacement(L))
+    if keep:
+        if len(_CAPACITY_ROWS) >= 64:  # (a bound, not an LRU: shapes beyond it are rare)
+            _CAPACITY_ROWS.clear()
+        _CAPACITY_ROWS[key] = made
+    return made
 
 
 def _token_rows_to_expert_major(inp: RunnerInput, config: MoeConfig):

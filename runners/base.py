@@ -126,12 +126,17 @@ class RunnerBackend:
     def run_checked(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """run() for `weights` that check_weights has passed for this input (the runner core checks them
         once per call, naming this rank's shard)."""
-        if isinstance(runner_input, RunnerInput) and not (self.reads_id_table and RunnerInput in self.layouts):
-            runner_input = runner_input.routed()
         if isinstance(runner_input, self.layouts):
-            return self.compute(runner_input, weights)
+            return self.compute(self._routed(runner_input), weights)
+        # (a RunnerInput converted to expert-major rows is grouped by its mapped ids: pairs_by_expert maps them)
         converted, back = convert(runner_input, self.layouts[0], self.config)
-        return back(self.compute(converted, weights))
+        return back(self.compute(self._routed(converted), weights))
+
+    def _routed(self, runner_input: Any) -> Any:
+        """runner_input as compute() takes it: token rows' ids mapped, unless the kernels look them up."""
+        if isinstance(runner_input, RunnerInput) and not self.reads_id_table:
+            return runner_input.routed()
+        return runner_input
 
     def compute(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of an input in one of `layouts` (the backend's own kernels). A RunnerInput arrives
