@@ -31,7 +31,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -474,33 +474,40 @@ def naming_peer_failures(dispatcher, operation: str) -> Iterator[None]:
     """Re-raise a collective's timeout or lost connection inside the block as a PeerFailure that
     says which dispatcher and operation waited, for which rank(s), and which knob sets the wait
     (EP_RUNTIME_TIMEOUT_S); every other error passes through unchanged. `dispatcher` gives name,
-    rank and world_size."""
+    rank and world_size. (A per-call path writes try/except RuntimeError: raise_peer_failure instead: a
+    generator context manager costs microseconds of host time per call.)"""
     try:
         yield
     except RuntimeError as exc:  # torch's DistBackendError is a RuntimeError
-        text = str(exc)
-        timed_out, gone, aborted = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text), _NCCL_ABORTED.search(text)
-        if isinstance(exc, PeerFailure) or not (timed_out or gone or aborted):
-            raise
-        rank, size, group = dispatcher.rank, dispatcher.world_size, getattr(dispatcher, "group", None)
-        peers = _peers(rank, size, group)
-        knob = envs.PREFIX + "TIMEOUT_S"
-        if aborted:
-            what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
-                    f"after a collective failed or outlived the group's timeout ({knob} + "
-                    f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
-                    f"that rank stalled, died, or took a different code path")
-        elif gone:
-            what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
-                    f"a rank that stalls instead is given up on after {knob}")
-        else:
-            waited = _WAITED_MS.search(text)
-            limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
-            what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
-                    f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
-        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise PeerFailure(f"{dispatcher.name} {operation} on {rank_name(group, rank, size)} {what}. Backend error: "
-                          f"{first_line}") from exc
+        raise_peer_failure(dispatcher, operation, exc)
+
+
+def raise_peer_failure(dispatcher, operation: str, exc: RuntimeError) -> NoReturn:
+    """Raise exc (a RuntimeError caught around a dispatcher's `operation`) as naming_peer_failures does: a
+    collective's timeout or lost connection as a PeerFailure, anything else as it is."""
+    text = str(exc)
+    timed_out, gone, aborted = _PEER_TIMEOUT.search(text), _PEER_GONE.search(text), _NCCL_ABORTED.search(text)
+    if isinstance(exc, PeerFailure) or not (timed_out or gone or aborted):
+        raise exc
+    rank, size, group = dispatcher.rank, dispatcher.world_size, getattr(dispatcher, "group", None)
+    peers = _peers(rank, size, group)
+    knob = envs.PREFIX + "TIMEOUT_S"
+    if aborted:
+        what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
+                f"after a collective failed or outlived the group's timeout ({knob} + "
+                f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
+                f"that rank stalled, died, or took a different code path")
+    elif gone:
+        what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
+                f"a rank that stalls instead is given up on after {knob}")
+    else:
+        waited = _WAITED_MS.search(text)
+        limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
+        what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
+                f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    raise PeerFailure(f"{dispatcher.name} {operation} on {rank_name(group, rank, size)} {what}. Backend error: "
+                      f"{first_line}") from exc
 
 
 # ---------------------------------------------------------------- bounded waits on the device (NCCL)
