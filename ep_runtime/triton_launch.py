@@ -9,7 +9,7 @@ hooks or the interpreter go through Triton's path unchanged (which compiles and 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -46,15 +46,7 @@ class FastKernel:
                 binder = None if caches is None else self._binders.setdefault(device, caches[-1])
             if binder is not None:  # else the kernel has not run on this device yet: Triton sets it up
                 bound, specialization, options = binder(*args, **kwargs)
-                runtime, compilation = _KNOBS
-                # Triton's own key also holds these two knobs (it adds them to the options)
-                key = (device, runtime.debug, getattr(compilation, "instrumentation_mode", None),
-                       tuple(specialization), tuple(options.items()))
-                try:
-                    compiled = self._compiled.get(key)
-                except TypeError:  # an unhashable constexpr value
-                    key = _hashable(key)
-                    compiled = self._compiled.get(key)
+                key, compiled = self._lookup(device, specialization, options)
                 if compiled is not None:
                     g1 = grid[1] if len(grid) > 1 else 1
                     g2 = grid[2] if len(grid) > 2 else 1
@@ -70,6 +62,16 @@ class FastKernel:
             return result
         return self._first(grid, args, kwargs, key)
 
+    def _lookup(self, device: int, specialization, options: dict) -> tuple:
+        """(key, the compiled kernel kept for it or None) of a launch the binder specialised so."""
+        # Triton's own key also holds these two knobs (it adds them to the options)
+        key = (device, *_knob_values(), tuple(specialization), tuple(options.items()))
+        try:
+            return key, self._compiled.get(key)
+        except TypeError:  # an unhashable constexpr value
+            key = _hashable(key)
+            return key, self._compiled.get(key)
+
     def _first(self, grid, args, kwargs, key):
         """Triton's own launch (it compiles on a miss); its compiled kernel is kept for the next call."""
         compiled = self.kernel[grid](*args, **kwargs)
@@ -78,6 +80,98 @@ class FastKernel:
         if compiled is not None and getattr(compiled, "function", None) is not None:
             self._compiled[key] = compiled
         return compiled
+
+
+class _Slot:
+    def __repr__(self) -> str:
+        return "SLOT"
+
+
+SLOT = _Slot()  # bind()'s marker of an argument given at each call
+
+
+def bind(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """kernel[grid](*args, **kwargs) for a launch whose arguments are the same at every call but for the tensors
+    marked SLOT (a per-shape plan's launch): returns go(*tensors), which launches with the SLOT positions' tensors
+    in order. For a fast_launch kernel, a call after the first skips Triton's binder and this module's key (a
+    BoundLaunch); the interpreter's kernels go through kernel[grid] at every call."""
+    if isinstance(kernel, FastKernel):
+        return BoundLaunch(kernel, grid, args, kwargs)
+    slots = [i for i, a in enumerate(args) if a is SLOT]
+    launch = kernel[grid]
+
+    def go(*tensors):
+        full = list(args)
+        for i, t in zip(slots, tensors):
+            full[i] = t
+        return launch(*full, **kwargs)
+    return go
+
+
+class BoundLaunch:
+    """bind()'s launch of a FastKernel. The first calls go through FastKernel (Triton compiles on a miss); the
+    second then keeps the compiled kernel and every argument in the order the launcher takes them (the binder's:
+    one more binder call, which a launch made once never pays), so a later call whose tensors have the same dtypes and 16-byte alignment (all Triton specialises a tensor on), on
+    the same device, launches that kernel at once: no binder, no key (~0.3 us a parameter of host time, the
+    constexprs included). Anything else (another device or alignment, a launch hook, torch.compile, the direct
+    path turned off) takes FastKernel's path, which is the first call's."""
+
+    def __init__(self, fast: FastKernel, grid: tuple, args: tuple, kwargs: dict):
+        self.fast, self.args, self.kwargs = fast, args, kwargs
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.slots = tuple(i for i, a in enumerate(args) if a is SLOT)
+        self.ready: Optional[tuple] = None  # (device, knobs, compiled, arguments, the tensors' dtypes and alignment)
+        self.calls = 0  # through FastKernel's path: a launch made once (a plan of one call) records nothing
+
+    def __call__(self, *tensors: torch.Tensor):
+        ready = self.ready
+        if ready is not None and not _DISABLED and _plain_launches() and not torch.compiler.is_compiling():
+            device, knobs, compiled, template, check = ready
+            if (torch._C._cuda_getDevice() == device and _knob_values() == knobs
+                    and tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) == check):
+                values = template.copy()
+                for i, t in zip(self.slots, tensors):
+                    values[i] = t
+                g0, g1, g2 = self.grid
+                compiled.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                             compiled.packed_metadata, None, None, None, *values)
+                return compiled
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        result = self.fast._launch(self.grid, tuple(args), self.kwargs)
+        if self.calls and ready is None:  # (one kernel kept: tensors specialised otherwise keep FastKernel's path)
+            self.ready = self._record(args, tensors)
+        self.calls += 1
+        return result
+
+    def _record(self, args: list, tensors: tuple) -> Optional[tuple]:
+        """What a direct launch of these arguments needs, or None where FastKernel keeps no compiled kernel for
+        them (yet), or Triton's internals differ from what this expects."""
+        if _DISABLED or not _KNOBS or torch.compiler.is_compiling():
+            return None
+        try:
+            device = torch._C._cuda_getDevice()
+            binder = self.fast._binders.get(device)
+            if binder is None:
+                return None
+            bound, specialization, options = binder(*args, **self.kwargs)
+            _, compiled = self.fast._lookup(device, specialization, options)
+            template = list(bound.values())
+            if compiled is None or any(template[i] is not t for i, t in zip(self.slots, tensors)):
+                return None  # (positional arguments first, in order: else the slots are not where we put them)
+            for i in self.slots:  # (no tensor kept: each call puts its own there)
+                template[i] = None
+            return (device, _knob_values(), compiled, template,
+                    tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
+        except Exception:  # noqa: BLE001 - FastKernel's path then, at every call (correct, only slower)
+            return None
+
+
+def _knob_values() -> tuple:
+    """The two Triton knobs its cache key holds besides the arguments (runtime.debug, instrumentation_mode)."""
+    runtime, compilation = _KNOBS
+    return runtime.debug, getattr(compilation, "instrumentation_mode", None)
 
 
 def _hashable(value: Any) -> Any:

@@ -41,7 +41,7 @@ from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.triton_launch import cdiv, fast_launch
+from ep_runtime.triton_launch import SLOT, bind, cdiv, fast_launch
 from ep_runtime.validation import check_tile_sides
 
 from . import register
@@ -234,19 +234,19 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, row_splits, block_n, tiles, quant,
                  out_scale is not None, one_scale)
     has_bias, scaled, quant_out = bias is not None, quant is not None, out_scale is not None
-    kernel = _masked_gemm_kernel[(row_splits, cdiv(N, block_n), L)]
     sizes = (rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
              *(bias.stride() if has_bias else (0, 0)), *out.stride())
     a_scale_strides = a_scale.stride() if scaled else (0, 0, 0)
     w_scale_strides = w_scale.stride() if scaled else (0, 0, 0)
     out_scale_strides = out_scale.stride()[:2] if quant_out else (0, 0)
     values = (quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale))
+    kernel = bind(_masked_gemm_kernel, (row_splits, cdiv(N, block_n), L), *(SLOT,) * 5, *sizes, SLOT, *a_scale_strides,
+                  SLOT, *w_scale_strides, SLOT, *out_scale_strides, *values, **meta)
 
     def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None):
         # (unused pointers get a tensor that is never read: the kernel's constexprs turn their loads off)
-        kernel(a, w, bias if has_bias else w, out, masked_m, *sizes, a_scale if scaled else a, *a_scale_strides,
-               w_scale if scaled else a, *w_scale_strides, out_scale if quant_out else a, *out_scale_strides, *values,
-               **meta)
+        kernel(a, w, bias if has_bias else w, out, masked_m, a_scale if scaled else a, w_scale if scaled else a,
+               out_scale if quant_out else a)
     return launch
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ep_runtime.quant import MIN_AMAX, QuantConfig
 from ep_runtime.quant_kernels import RowQuantization, quantize_groups, quantize_row_groups
-from ep_runtime.triton_launch import cdiv, fast_launch, interpreted, next_power_of_2
+from ep_runtime.triton_launch import SLOT, bind, cdiv, fast_launch, interpreted, next_power_of_2
 from ep_runtime.validation import check_tile_sides, is_int_at_least
 
 try:  # host-side TMA descriptors (triton >= 3.4; the TMA GEMM kernels)
@@ -596,11 +596,11 @@ def prepare_align(aligned: AlignedPairs, num_local_experts: int, first_expert: i
         return _no_launch
     args, meta = _align_args(aligned, L, first_expert, table_size, mask_size)
     if _one_program(single_program, P):
-        single = _align_single_kernel[(1,)]
+        single = bind(_align_single_kernel, (1,), *(SLOT,) * 8, *args, **meta)
 
         def launch(ids, table, mask, aligned):
             single(ids, table, mask, aligned.computed, aligned.padded, aligned.block_expert, aligned.sorted_pair_ids,
-                   aligned.work_queue, *args, **meta)
+                   aligned.work_queue)
         return launch
     num_blocks, sizes = args[1], args[2:]
     e_pad, blocks_per_program = meta["E_PAD"], meta["BLOCKS"]
@@ -1214,13 +1214,12 @@ def prepare_grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, al
                 aligned.block_expert, a_scale if scaled else a, w_scale if scaled else a)
 
     if tiles.kernel == "portable":
-        grid = (num_tiles, split)
-        portable = _grouped_gemm_kernel[grid]
         meta = dict(meta, stride_split=out.stride(0) if split > 1 else 0, SPLIT_K=split)
+        portable = bind(_grouped_gemm_kernel, (num_tiles, split), *(SLOT,) * 9, *sizes, num_blocks, *strides, SLOT,
+                        out_scale_stride, *fp8_values, **meta)
 
         def launch(a, w, out, aligned, bias=None, scale=None, a_scale=None, w_scale=None, out_scale=None):
-            portable(a, w, *pointers(a, w, out, aligned, bias, scale, a_scale, w_scale), *sizes, num_blocks, *strides,
-                     out_scale if quant_out else a, out_scale_stride, *fp8_values, **meta)
+            portable(a, w, *pointers(a, w, out, aligned, bias, scale, a_scale, w_scale), out_scale if quant_out else a)
         return launch
     stacked = tiles.kernel == "tma_stacked" and two
 
@@ -1387,14 +1386,14 @@ def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: f
     if N == 0:
         return lambda o, computed, weights: torch.empty(N, H, dtype=out_dtype, device=device)
     block_rows, block = _reduce_blocks(N, H, interpreted)
-    kernel = _topk_reduce_kernel[(cdiv(N, block_rows), cdiv(H, block))]
     # y [N, H] is contiguous: its row stride is H
     sizes = (N, H, o.stride(-2), H, float(scale), o.stride(0) if splits > 1 else 0)
-    meta = dict(TOP_K=top_k, HAS_WEIGHT=has_weights, SPLITS=splits, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4)
+    kernel = bind(_topk_reduce_kernel, (cdiv(N, block_rows), cdiv(H, block)), *(SLOT,) * 4, *sizes, TOP_K=top_k,
+                  HAS_WEIGHT=has_weights, SPLITS=splits, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4)
 
     def reduce(o, computed, weights):
         y = torch.empty(N, H, dtype=out_dtype, device=device)
-        kernel(o, weights if has_weights else o, computed, y, *sizes, **meta)
+        kernel(o, weights if has_weights else o, computed, y)
         return y
     return reduce
 

@@ -1044,6 +1044,50 @@ def test_alignment_on_gpu_places_every_pair_once_and_maps_ids_as_reroute_to_sink
             assert torch.equal(mine, mine.sort().values)
 
 
+def test_runner_plans_launch_their_kernels_directly_and_equal_the_plain_path(monkeypatch):
+    """The triton and masked runners' per-shape plans launch through triton_launch.bind: from the third call of a
+    shape no launch of runner.run goes through FastKernel's path (binder and key), and the outputs equal, bit for
+    bit, those of the same calls with the direct path turned off, for 16-byte-aligned and misaligned rows."""
+    from ep_runtime import triton_launch
+    E_, K_, H_, I_ = 16, 4, 128, 64
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w13 = (torch.randn(E_, 2 * I_, H_, device="cuda", generator=gen) / H_ ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E_, H_, I_, device="cuda", generator=gen) / I_ ** 0.5).to(torch.bfloat16)
+    flat = torch.randn(9 * H_ + 8, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.rand(9, E_, device="cuda", generator=gen).topk(K_, dim=1).indices.to(torch.int32)
+    w = torch.rand(9, K_, device="cuda", generator=gen)
+    slow = []
+    real_launch = triton_launch.FastKernel._launch
+    monkeypatch.setattr(triton_launch.FastKernel, "_launch", lambda self, *a: slow.append(1) or real_launch(self, *a))
+
+    def outputs(runner, dispatcher, offset):
+        opts = {"num_max_dispatch_tokens_per_rank": 16} if dispatcher == "deepep_ll" else {}
+        layer = ep.EPMoE(E_, K_, H_, I_, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16, device="cuda",
+                         dispatcher_options=opts)
+        layer.load_experts(w13, w2)
+        x = flat[offset:offset + 9 * H_].view(9, H_)  # offset 1: rows 2 bytes past a 16-byte boundary
+        with torch.inference_mode():
+            out = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, w))
+            ys = []
+            for call in range(5):
+                slow.clear()
+                rows = layer.runner.run(out, layer.weights)
+                direct = not slow  # (runner.run's launches only: deepep_ll's combine launches its own kernels)
+                ys.append(layer.dispatcher.combine(rows).clone())
+            torch.cuda.synchronize()
+        return ys, direct
+
+    for runner, dispatcher in (("triton", "standard"), ("masked", "deepep_ll")):
+        for offset in (0, 1):
+            ys, direct = outputs(runner, dispatcher, offset)
+            assert direct, (runner, offset)  # the last call's launches all went direct
+            monkeypatch.setattr(triton_launch, "_DISABLED", ["this test: FastKernel's path"])
+            plain, _ = outputs(runner, dispatcher, offset)
+            monkeypatch.setattr(triton_launch, "_DISABLED", [])
+            assert all(torch.equal(a, b) for a, b in zip(ys, plain)), (runner, offset)
+    assert triton_launch._DISABLED == []
+
+
 def test_direct_triton_launches_respect_the_kernels_specialisation():
     """ep_runtime.triton_launch keys compiled kernels by Triton's own specialisation: alternating
     16-byte-aligned and misaligned inputs, sizes that are and are not multiples of 16, weighted and

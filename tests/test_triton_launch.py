@@ -81,3 +81,54 @@ def test_fast_kernel_caches_per_specialisation_and_survives_caller_errors(monkey
     fast[(1,)](5, BLOCK=8)
     assert [p for p, spec, _, _ in kernel.launches[-2:]] == ["triton", "direct"]
     assert kernel.launches[-1][1] == (("i32", "odd"), ("constexpr", 8))
+
+
+class _TensorKernel(_Kernel):
+    """A stand-in kernel of two parameters, a tensor and an int, and a constexpr: specialised on the tensor's dtype
+    and 16-byte alignment and on the int's parity, as Triton specialises them."""
+
+    @staticmethod
+    def binder(t, n, *, BLOCK=4):
+        spec = [(str(t.dtype), t.data_ptr() % 16 == 0), ("i32", n % 2), ("constexpr", BLOCK)]
+        return {"t": t, "n": n, "BLOCK": BLOCK}, spec, {}
+
+
+def test_bound_launch_skips_the_binder_only_for_tensors_specialised_alike(monkeypatch):
+    """bind(): from the call after FastKernel keeps the compiled kernel, every call launches it directly with the
+    arguments in the binder's order and the SLOT replaced by that call's tensor; a tensor of another dtype or
+    16-byte alignment, or the direct path turned off, goes through FastKernel (Triton's kernel for it)."""
+    from ep_runtime import triton_launch
+    from ep_runtime.triton_launch import SLOT, bind
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(triton_launch, "_DISABLED", [])
+    kernel = _TensorKernel()
+    go = bind(triton_launch.FastKernel(kernel), (3,), SLOT, 7, BLOCK=8)
+    base = torch.zeros(64, dtype=torch.float32)
+    tensors = [base[:8], base[8:16], base[16:24]]  # 32-byte steps: all 16-byte aligned
+    for t in tensors:
+        go(t)
+    assert [p for p, *_ in kernel.launches] == ["triton", "triton", "direct"]  # kept at the second, direct after
+    path, spec, grid, args = kernel.launches[-1]
+    assert grid == (3, 1, 1) and args[0] is tensors[2] and args[1:] == (7, 8)
+    go(base[1:9])  # 4 bytes off the 16-byte grid: another specialisation, Triton's path
+    assert kernel.launches[-1][0] == "triton" and kernel.launches[-1][1][0] == ("torch.float32", False)
+    go(torch.zeros(8, dtype=torch.float64))  # another dtype likewise (then kept by FastKernel: its direct path)
+    assert kernel.launches[-1][0] == "triton" and kernel.launches[-1][1][0][0] == "torch.float64"
+    go(tensors[1])  # the kept kernel's tensors again: direct; no tensor of an earlier call is held
+    assert kernel.launches[-1][0] == "direct" and kernel.launches[-1][3][0] is tensors[1]
+    assert all(v is None or not isinstance(v, torch.Tensor) for v in go.ready[3])
+    monkeypatch.setattr(triton_launch, "_DISABLED", ["turned off"])
+    go(tensors[0])
+    assert kernel.launches[-1][0] == "triton"
+
+
+def test_bind_under_the_interpreter_fills_the_slots_in_order():
+    """A kernel that is no FastKernel (the interpreter's) gets the SLOT positions' tensors through kernel[grid]."""
+    from ep_runtime.triton_launch import SLOT, bind
+    kernel = _TensorKernel()
+    a, b = torch.zeros(4), torch.ones(4)
+    bind(kernel, (2,), SLOT, 5, BLOCK=16)(a)
+    bind(kernel, (1,), b, 3)(*())
+    assert [(grid, args) for _, _, grid, args in kernel.launches] == [((2,), (a, 5)), ((1,), (b, 3))]
