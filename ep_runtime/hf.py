@@ -38,6 +38,7 @@ from torch import nn
 from .config import MoeConfig
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
+from .registry import did_you_mean, named_options
 from .routing import TopKOutput
 from .validation import is_int_at_least
 
@@ -461,6 +462,32 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     return top_k, conversion
 
 
+def _check_model(model: Any) -> None:
+    """replace_experts' and export_state_dict's model must be an nn.Module (else: AttributeError 'str' object has
+    no attribute 'named_modules')."""
+    if not isinstance(model, nn.Module):
+        text = repr(model)
+        raise TypeError(f"model={text if len(text) <= 80 else text[:77] + '...'} ({type(model).__name__}); allowed: "
+                        f"a torch.nn.Module (a transformers model)")
+
+
+def _check_options(options: dict) -> None:
+    """replace_experts' **options are EPExperts' keyword arguments; any other is named with the ones there are (it
+    was EPExperts.__init__'s bare unexpected-keyword TypeError, and a model with no block to swap took any), and
+    the dispatcher and runner names are checked before any block is (a model with none took any name)."""
+    from . import dispatchers, runners
+    allowed = [name for name in named_options(EPExperts, ("experts", "top_k")) if not name.startswith("_")]
+    for key, value in options.items():
+        if key not in allowed:
+            why = " (each block's top_k is its router's)" if key == "top_k" else ""
+            raise TypeError(f"replace_experts has no option {key}={value!r}{why}; allowed: overlap_shared_experts, "
+                            f"strict, {', '.join(allowed)}{did_you_mean(key, allowed)}")
+    if "dispatcher" in options:
+        dispatchers.get(options["dispatcher"])
+    if "runner" in options:
+        runners.check_name(options["runner"])
+
+
 def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, strict: bool = True,
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
@@ -484,9 +511,11 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
     the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
+    _check_model(model)
     for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}={value!r}; allowed: True or False")
+    _check_options(options)
     swaps, refused = [], {}
     for name, block in _moe_blocks(model):  # check every block before changing any
         try:
@@ -528,6 +557,7 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     must call it (one gather per expert tensor); dst r: the dict on rank r of the layers' group only (with
     layers over a dp x ep DeviceMesh's ep group: on rank r of each ep group), None elsewhere (dst None: on
     every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
+    _check_model(model)
     # every name, also a second one of an EPExperts that several blocks share (the state_dict holds both)
     experts = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, EPExperts)}
     if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only

@@ -757,3 +757,30 @@ def test_frozen_experts_stay_frozen(family, frozen, trained):
     for names, frozen_with_grad, others in run_ranks(_frozen_experts_rank, 2, family, frozen, timeout=300):
         assert names == trained and frozen_with_grad == [] and others <= tolerance(torch.float32), (
             names, frozen_with_grad, others)
+
+
+def test_bad_arguments_are_named_before_anything_changes():
+    """replace_experts / export_state_dict given no nn.Module raised AttributeError "'str' object has no attribute
+    'named_modules'"; an option EPExperts does not take raised EPExperts.__init__'s bare unexpected-keyword error
+    (top_k: "got multiple values for argument 'top_k'"), and on a model with no MoE block any option and any
+    dispatcher or runner name was taken (0 returned). Each is now an error naming the argument, the value and
+    what is allowed, before any block is changed."""
+    for call in (ep.hf.replace_experts, ep.hf.export_state_dict):
+        with pytest.raises(TypeError, match=r"model='model' \(str\); allowed: a torch.nn.Module"):
+            call("model")
+    model = _tiny("mixtral")
+    with pytest.raises(TypeError, match=r"replace_experts has no option dispatchr='standard'; allowed: "
+                                        r"overlap_shared_experts, strict, dispatcher, runner, group, .*"
+                                        r"\(did you mean dispatcher"):
+        ep.hf.replace_experts(model, dispatchr="standard")
+    with pytest.raises(TypeError, match=r"no option top_k=3 \(each block's top_k is its router's\)"):
+        ep.hf.replace_experts(model, dispatcher="standard", top_k=3)
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+    dense = _tiny_model("LlamaConfig", **COMMON, intermediate_size=16)
+    with pytest.raises(ValueError, match="dispatcher='deepep' is unknown; registered: .*did you mean"):
+        ep.hf.replace_experts(dense, dispatcher="deepep")
+    with pytest.raises(ValueError, match="runner='trition' is unknown"):
+        ep.hf.replace_experts(dense, runner="trition")
+    with pytest.raises(TypeError, match="no option num_redundant=1"):
+        ep.hf.replace_experts(dense, num_redundant=1)
+    assert ep.hf.replace_experts(dense, dispatcher="deepep_normal", runner="torch") == 0
