@@ -572,20 +572,26 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         gathered[name] = by_module[id(m)]
     if any(w is None for w in gathered.values()):
         return None
-    out = {}
+    hf_keys = {}  # each EPExperts' HF keys, in the order its HF module registered them
+    for name, weights in gathered.items():
+        if experts[name].gpt_oss:
+            hf_keys[name] = {f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
+                                                                                  weights.b2).items()}
+            continue
+        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
+        keys = hf_keys[name] = {f"{name}.gate_up_proj": transpose(weights.w13)}
+        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
+            keys[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+        keys[f"{name}.down_proj"] = transpose(weights.w2)
+        if weights.quantized:
+            keys[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+    out = {}  # model.state_dict()'s order, each EPExperts' HF keys where its layer's keys were
     for key, value in model.state_dict().items():
         owner = next((name for name in experts if key.startswith(f"{name}.layer.")), None)
         if owner is None:
             out[key] = value
-    for name, weights in gathered.items():
-        if experts[name].gpt_oss:
-            out.update({f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
-                                                                              weights.b2).items()})
-            continue
-        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
-        out[f"{name}.gate_up_proj"] = transpose(weights.w13)
-        out[f"{name}.down_proj"] = transpose(weights.w2)
-        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
-            out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
-            out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+        elif owner in hf_keys:
+            out.update(hf_keys.pop(owner))
+    for keys in hf_keys.values():  # (an EPExperts whose layer has no state_dict entry: none expected)
+        out.update(keys)
     return out

@@ -784,3 +784,17 @@ def test_bad_arguments_are_named_before_anything_changes():
     with pytest.raises(TypeError, match="no option num_redundant=1"):
         ep.hf.replace_experts(dense, num_redundant=1)
     assert ep.hf.replace_experts(dense, dispatcher="deepep_normal", runner="torch") == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "aria"])
+def test_export_state_dict_keeps_the_checkpoint_order(family):
+    """export_state_dict gives the state_dict "as the Hugging Face model had it": the same keys in the same order,
+    each block's experts where they were (they came last, after every other key of the model, so a dict compared
+    or written key by key, or iterated in order, differed from the original's); every layout (plain, gpt-oss's,
+    Aria's transposed one) in its module's own order. In this process (the order does not depend on the group)."""
+    model = _tiny(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    exported = ep.hf.export_state_dict(model)
+    assert list(exported) == list(original), [k for k in exported if "experts" in k][:6]
+    assert all(torch.equal(exported[k], original[k]) for k in original)
