@@ -268,6 +268,11 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"gated ([gate; up]) experts only")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
+    if getattr(experts, "_is_expert_parallel", False) is True:  # set by transformers' MoEParamShard
+        raise ValueError(f"experts={name} is already split over ranks by transformers' own expert parallelism "
+                         f"(DistributedConfig ep_size: _is_expert_parallel=True, num_experts="
+                         f"{getattr(experts, 'num_experts', None)!r} here); EPExperts takes the whole model's experts: "
+                         f"load the model without ep_size")
     w13 = experts.gate_up_proj
     if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
@@ -503,9 +508,10 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
     transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
     filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
-    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the
-    blocks it can, leaves the others as they are (they keep computing every expert on every rank) and warns
-    (UserWarning) naming them.
+    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
+    parallelism already split (DistributedConfig ep_size). strict=False swaps the blocks it can, leaves the others
+    as they are (they keep computing every expert on every rank) and warns (UserWarning) naming them. An experts
+    module given as `model` is an error.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
@@ -516,6 +522,10 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
         if not isinstance(value, bool):
             raise TypeError(f"{flag}={value!r}; allowed: True or False")
     _check_options(options)
+    if is_hf_experts(model) and not _moe_blocks(model):
+        raise ValueError(f"model={type(model).__name__} is an experts module itself, not a model or MoE block (its "
+                         f"router, which gives top_k, is in the block above it); give replace_experts the model or "
+                         f"the block, or build ep.hf.EPExperts(experts, top_k)")
     swaps, refused = [], {}
     for name, block in _moe_blocks(model):  # check every block before changing any
         try:

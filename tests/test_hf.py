@@ -798,3 +798,21 @@ def test_export_state_dict_keeps_the_checkpoint_order(family):
     exported = ep.hf.export_state_dict(model)
     assert list(exported) == list(original), [k for k in exported if "experts" in k][:6]
     assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_experts_split_by_transformers_or_given_alone_are_refused():
+    """Experts transformers' own expert parallelism already split (DistributedConfig ep_size: MoEParamShard sets
+    _is_expert_parallel and this rank's num_experts) were swapped as if they were the whole model's: each block is
+    now refused by name. An experts module given as the model (no router, so no top_k) returned 0 without a word:
+    now an error saying what to give instead."""
+    model = _tiny("mixtral")
+    for layer in model.model.layers:  # what MoEParamShard leaves on each experts module
+        layer.mlp.experts._is_expert_parallel, layer.mlp.experts.num_experts = True, 4
+    with pytest.raises(ValueError, match=r"cannot swap 2 of the model's 2 MoE blocks:\n  model.layers.0.mlp, "
+                                         r"model.layers.1.mlp: block=MixtralSparseMoeBlock: experts=MixtralExperts is "
+                                         r"already split over ranks by transformers' own expert parallelism"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    experts = _tiny("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"model=MixtralExperts is an experts module itself, not a model or MoE "
+                                         r"block .* or build ep.hf.EPExperts\(experts, top_k\)"):
+        ep.hf.replace_experts(experts, dispatcher="standard", runner="torch")
