@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoeConfig
+from .dispatchers.base import join_settings_check
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .registry import did_you_mean, named_options
@@ -538,8 +539,13 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                              f"{reason}" for reason, names in refused.items())
         message = f"replace_experts cannot swap {blocks} of the model's {blocks + len(swaps)} MoE blocks:\n{reasons}"
         if strict:
-            raise ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
-                             f"other {len(swaps)} and warns")
+            error = ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
+                               f"other {len(swaps)} and warns")
+            # Every rank should refuse alike (the same model everywhere); a rank whose model differs joins the settings
+            # check the others' first EPExperts ends with, so they fail at once naming it, not at the group's timeout
+            join_settings_check(options.get("dispatcher", "deepep_normal"), options.get("group"), error,
+                                options.get("device"))
+            raise error
         warnings.warn(f"{message}\nThese blocks stay as they are (every rank computes all of their experts); "
                       f"the other {len(swaps)} were swapped", stacklevel=2)
     # Blocks that share one experts module (tied experts) share its EPExperts, so they keep training one set

@@ -816,3 +816,24 @@ def test_experts_split_by_transformers_or_given_alone_are_refused():
     with pytest.raises(ValueError, match=r"model=MixtralExperts is an experts module itself, not a model or MoE "
                                          r"block .* or build ep.hf.EPExperts\(experts, top_k\)"):
         ep.hf.replace_experts(experts, dispatcher="standard", runner="torch")
+
+
+def _one_rank_refuses_rank(rank, world_size):
+    model = _tiny("mixtral")
+    if rank == 1:  # this rank's model differs: its second block cannot be swapped
+        model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    try:
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+    except Exception as err:  # noqa: BLE001 - the test compares each rank's error
+        return type(err).__name__, str(err)
+    return None
+
+
+def test_a_rank_that_refuses_a_block_fails_the_others_naming_it():
+    """replace_experts raising on one rank only (its model differs: a block it cannot swap) left the others in their
+    first EPExperts' settings check until the peer's process ended (a bare gloo "Connection closed by peer") or
+    the group's timeout; that rank now joins the check, so every rank raises at once naming it and why."""
+    (kind0, message0), (kind1, message1) = run_ranks(_one_rank_refuses_rank, 2, timeout=120, group_timeout=60)
+    assert kind1 == "ValueError" and "act_fn=ReLU() is none of silu" in message1, message1
+    assert kind0 == "ValueError" and "rank 1 could not build" in message0, message0
+    assert "model.layers.1.mlp: block=MixtralSparseMoeBlock" in message0, message0
