@@ -25,7 +25,7 @@ def registered() -> list[str]:
 
 
 def get(name: str) -> type[Dispatcher]:
-    if name not in _DISPATCHERS:
+    if not isinstance(name, str) or name not in _DISPATCHERS:  # (a list or dict is no name: not a bare "unhashable")
         raise ValueError(f"dispatcher={name!r} is unknown; registered: {', '.join(_DISPATCHERS)}"
                          f"{did_you_mean(name, list(_DISPATCHERS))}")
     return _DISPATCHERS[name]

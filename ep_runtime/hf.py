@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoeConfig
+from .dispatchers.base import join_settings_check
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
+from .registry import did_you_mean, named_options
 from .routing import TopKOutput
 from .validation import is_int_at_least
 
@@ -267,6 +269,11 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"gated ([gate; up]) experts only")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
+    if getattr(experts, "_is_expert_parallel", False) is True:  # set by transformers' MoEParamShard
+        raise ValueError(f"experts={name} is already split over ranks by transformers' own expert parallelism "
+                         f"(DistributedConfig ep_size: _is_expert_parallel=True, num_experts="
+                         f"{getattr(experts, 'num_experts', None)!r} here); EPExperts takes the whole model's experts: "
+                         f"load the model without ep_size")
     w13 = experts.gate_up_proj
     if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
@@ -461,6 +468,32 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     return top_k, conversion
 
 
+def _check_model(model: Any) -> None:
+    """replace_experts' and export_state_dict's model must be an nn.Module (else: AttributeError 'str' object has
+    no attribute 'named_modules')."""
+    if not isinstance(model, nn.Module):
+        text = repr(model)
+        raise TypeError(f"model={text if len(text) <= 80 else text[:77] + '...'} ({type(model).__name__}); allowed: "
+                        f"a torch.nn.Module (a transformers model)")
+
+
+def _check_options(options: dict) -> None:
+    """replace_experts' **options are EPExperts' keyword arguments; any other is named with the ones there are (it
+    was EPExperts.__init__'s bare unexpected-keyword TypeError, and a model with no block to swap took any), and
+    the dispatcher and runner names are checked before any block is (a model with none took any name)."""
+    from . import dispatchers, runners
+    allowed = [name for name in named_options(EPExperts, ("experts", "top_k")) if not name.startswith("_")]
+    for key, value in options.items():
+        if key not in allowed:
+            why = " (each block's top_k is its router's)" if key == "top_k" else ""
+            raise TypeError(f"replace_experts has no option {key}={value!r}{why}; allowed: overlap_shared_experts, "
+                            f"strict, {', '.join(allowed)}{did_you_mean(key, allowed)}")
+    if "dispatcher" in options:
+        dispatchers.get(options["dispatcher"])
+    if "runner" in options:
+        runners.check_name(options["runner"])
+
+
 def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, strict: bool = True,
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
@@ -476,17 +509,24 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
     transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
     filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
-    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU). strict=False swaps the
-    blocks it can, leaves the others as they are (they keep computing every expert on every rank) and warns
-    (UserWarning) naming them.
+    activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
+    parallelism already split (DistributedConfig ep_size). strict=False swaps the blocks it can, leaves the others
+    as they are (they keep computing every expert on every rank) and warns (UserWarning) naming them. An experts
+    module given as `model` is an error.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
     the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
+    _check_model(model)
     for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}={value!r}; allowed: True or False")
+    _check_options(options)
+    if is_hf_experts(model) and not _moe_blocks(model):
+        raise ValueError(f"model={type(model).__name__} is an experts module itself, not a model or MoE block (its "
+                         f"router, which gives top_k, is in the block above it); give replace_experts the model or "
+                         f"the block, or build ep.hf.EPExperts(experts, top_k)")
     swaps, refused = [], {}
     for name, block in _moe_blocks(model):  # check every block before changing any
         try:
@@ -499,8 +539,13 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                              f"{reason}" for reason, names in refused.items())
         message = f"replace_experts cannot swap {blocks} of the model's {blocks + len(swaps)} MoE blocks:\n{reasons}"
         if strict:
-            raise ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
-                             f"other {len(swaps)} and warns")
+            error = ValueError(f"{message}\nNothing was changed; strict=False leaves these as they are, swaps the "
+                               f"other {len(swaps)} and warns")
+            # Every rank should refuse alike (the same model everywhere); a rank whose model differs joins the settings
+            # check the others' first EPExperts ends with, so they fail at once naming it, not at the group's timeout
+            join_settings_check(options.get("dispatcher", "deepep_normal"), options.get("group"), error,
+                                options.get("device"))
+            raise error
         warnings.warn(f"{message}\nThese blocks stay as they are (every rank computes all of their experts); "
                       f"the other {len(swaps)} were swapped", stacklevel=2)
     # Blocks that share one experts module (tied experts) share its EPExperts, so they keep training one set
@@ -528,6 +573,7 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
     must call it (one gather per expert tensor); dst r: the dict on rank r of the layers' group only (with
     layers over a dp x ep DeviceMesh's ep group: on rank r of each ep group), None elsewhere (dst None: on
     every rank). Feed it to `model.save_pretrained(path, state_dict=...)`."""
+    _check_model(model)
     # every name, also a second one of an EPExperts that several blocks share (the state_dict holds both)
     experts = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, EPExperts)}
     if not experts:  # nothing swapped (e.g. strict=False refused every block): still on dst only
@@ -542,20 +588,26 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         gathered[name] = by_module[id(m)]
     if any(w is None for w in gathered.values()):
         return None
-    out = {}
+    hf_keys = {}  # each EPExperts' HF keys, in the order its HF module registered them
+    for name, weights in gathered.items():
+        if experts[name].gpt_oss:
+            hf_keys[name] = {f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
+                                                                                  weights.b2).items()}
+            continue
+        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
+        keys = hf_keys[name] = {f"{name}.gate_up_proj": transpose(weights.w13)}
+        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
+            keys[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+        keys[f"{name}.down_proj"] = transpose(weights.w2)
+        if weights.quantized:
+            keys[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+    out = {}  # model.state_dict()'s order, each EPExperts' HF keys where its layer's keys were
     for key, value in model.state_dict().items():
         owner = next((name for name in experts if key.startswith(f"{name}.layer.")), None)
         if owner is None:
             out[key] = value
-    for name, weights in gathered.items():
-        if experts[name].gpt_oss:
-            out.update({f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
-                                                                              weights.b2).items()})
-            continue
-        transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
-        out[f"{name}.gate_up_proj"] = transpose(weights.w13)
-        out[f"{name}.down_proj"] = transpose(weights.w2)
-        if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
-            out[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
-            out[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+        elif owner in hf_keys:
+            out.update(hf_keys.pop(owner))
+    for keys in hf_keys.values():  # (an EPExperts whose layer has no state_dict entry: none expected)
+        out.update(keys)
     return out

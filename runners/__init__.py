@@ -65,7 +65,7 @@ def get(name: str) -> type[RunnerBackend]:
 
 def check_name(name: str) -> None:
     """Raise naming the registered backends when `name` is neither one of them nor "auto"."""
-    if name != "auto" and name not in _RUNNERS:
+    if not isinstance(name, str) or name != "auto" and name not in _RUNNERS:  # (a list is no name: not "unhashable")
         raise ValueError(f"runner={name!r} is unknown; registered: {', '.join(_RUNNERS)} (or 'auto')"
                          f"{did_you_mean(name, list(_RUNNERS))}")
 

@@ -757,3 +757,83 @@ def test_frozen_experts_stay_frozen(family, frozen, trained):
     for names, frozen_with_grad, others in run_ranks(_frozen_experts_rank, 2, family, frozen, timeout=300):
         assert names == trained and frozen_with_grad == [] and others <= tolerance(torch.float32), (
             names, frozen_with_grad, others)
+
+
+def test_bad_arguments_are_named_before_anything_changes():
+    """replace_experts / export_state_dict given no nn.Module raised AttributeError "'str' object has no attribute
+    'named_modules'"; an option EPExperts does not take raised EPExperts.__init__'s bare unexpected-keyword error
+    (top_k: "got multiple values for argument 'top_k'"), and on a model with no MoE block any option and any
+    dispatcher or runner name was taken (0 returned). Each is now an error naming the argument, the value and
+    what is allowed, before any block is changed."""
+    for call in (ep.hf.replace_experts, ep.hf.export_state_dict):
+        with pytest.raises(TypeError, match=r"model='model' \(str\); allowed: a torch.nn.Module"):
+            call("model")
+    model = _tiny("mixtral")
+    with pytest.raises(TypeError, match=r"replace_experts has no option dispatchr='standard'; allowed: "
+                                        r"overlap_shared_experts, strict, dispatcher, runner, group, .*"
+                                        r"\(did you mean dispatcher"):
+        ep.hf.replace_experts(model, dispatchr="standard")
+    with pytest.raises(TypeError, match=r"no option top_k=3 \(each block's top_k is its router's\)"):
+        ep.hf.replace_experts(model, dispatcher="standard", top_k=3)
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+    dense = _tiny_model("LlamaConfig", **COMMON, intermediate_size=16)
+    with pytest.raises(ValueError, match="dispatcher='deepep' is unknown; registered: .*did you mean"):
+        ep.hf.replace_experts(dense, dispatcher="deepep")
+    with pytest.raises(ValueError, match="runner='trition' is unknown"):
+        ep.hf.replace_experts(dense, runner="trition")
+    with pytest.raises(TypeError, match="no option num_redundant=1"):
+        ep.hf.replace_experts(dense, num_redundant=1)
+    assert ep.hf.replace_experts(dense, dispatcher="deepep_normal", runner="torch") == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "aria"])
+def test_export_state_dict_keeps_the_checkpoint_order(family):
+    """export_state_dict gives the state_dict "as the Hugging Face model had it": the same keys in the same order,
+    each block's experts where they were (they came last, after every other key of the model, so a dict compared
+    or written key by key, or iterated in order, differed from the original's); every layout (plain, gpt-oss's,
+    Aria's transposed one) in its module's own order. In this process (the order does not depend on the group)."""
+    model = _tiny(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    exported = ep.hf.export_state_dict(model)
+    assert list(exported) == list(original), [k for k in exported if "experts" in k][:6]
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_experts_split_by_transformers_or_given_alone_are_refused():
+    """Experts transformers' own expert parallelism already split (DistributedConfig ep_size: MoEParamShard sets
+    _is_expert_parallel and this rank's num_experts) were swapped as if they were the whole model's: each block is
+    now refused by name. An experts module given as the model (no router, so no top_k) returned 0 without a word:
+    now an error saying what to give instead."""
+    model = _tiny("mixtral")
+    for layer in model.model.layers:  # what MoEParamShard leaves on each experts module
+        layer.mlp.experts._is_expert_parallel, layer.mlp.experts.num_experts = True, 4
+    with pytest.raises(ValueError, match=r"cannot swap 2 of the model's 2 MoE blocks:\n  model.layers.0.mlp, "
+                                         r"model.layers.1.mlp: block=MixtralSparseMoeBlock: experts=MixtralExperts is "
+                                         r"already split over ranks by transformers' own expert parallelism"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    experts = _tiny("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"model=MixtralExperts is an experts module itself, not a model or MoE "
+                                         r"block .* or build ep.hf.EPExperts\(experts, top_k\)"):
+        ep.hf.replace_experts(experts, dispatcher="standard", runner="torch")
+
+
+def _one_rank_refuses_rank(rank, world_size):
+    model = _tiny("mixtral")
+    if rank == 1:  # this rank's model differs: its second block cannot be swapped
+        model.model.layers[1].mlp.experts.act_fn = torch.nn.ReLU()
+    try:
+        ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+    except Exception as err:  # noqa: BLE001 - the test compares each rank's error
+        return type(err).__name__, str(err)
+    return None
+
+
+def test_a_rank_that_refuses_a_block_fails_the_others_naming_it():
+    """replace_experts raising on one rank only (its model differs: a block it cannot swap) left the others in their
+    first EPExperts' settings check until the peer's process ended (a bare gloo "Connection closed by peer") or
+    the group's timeout; that rank now joins the check, so every rank raises at once naming it and why."""
+    (kind0, message0), (kind1, message1) = run_ranks(_one_rank_refuses_rank, 2, timeout=120, group_timeout=60)
+    assert kind1 == "ValueError" and "act_fn=ReLU() is none of silu" in message1, message1
+    assert kind0 == "ValueError" and "rank 1 could not build" in message0, message0
+    assert "model.layers.1.mlp: block=MixtralSparseMoeBlock" in message0, message0

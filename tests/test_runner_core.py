@@ -78,6 +78,12 @@ def test_unknown_backend_and_dispatcher_names():
         ep.EPMoE(4, 1, 8, 8, dispatcher="deepep")
     with pytest.raises(ValueError, match=r"\(did you mean triton\?\)$"):
         ep.EPMoE(4, 1, 8, 8, runner="trition")
+    # a name that is no str (a list or dict, e.g. hf.replace_experts(model, dispatcher=["deepep_ll"])): the same
+    # error, not Python's bare "unhashable type: 'list'"
+    with pytest.raises(ValueError, match=r"dispatcher=\['deepep_ll'\] is unknown; registered: "):
+        ep.EPMoE(4, 1, 8, 8, dispatcher=["deepep_ll"])
+    with pytest.raises(ValueError, match=r"runner=\{'torch': 1\} is unknown; registered: torch, "):
+        ep.EPMoE(4, 1, 8, 8, runner={"torch": 1})
 
 
 
