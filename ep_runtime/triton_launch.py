@@ -109,26 +109,29 @@ def bind(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> Callable[..., A
 
 
 class BoundLaunch:
-    """bind()'s launch of a FastKernel. The first calls go through FastKernel (Triton compiles on a miss); the
-    second then keeps the compiled kernel and every argument in the order the launcher takes them (the binder's:
-    one more binder call, which a launch made once never pays), so a later call whose tensors have the same dtypes and 16-byte alignment (all Triton specialises a tensor on), on
-    the same device, launches that kernel at once: no binder, no key (~0.3 us a parameter of host time, the
-    constexprs included). Anything else (another device or alignment, a launch hook, torch.compile, the direct
-    path turned off) takes FastKernel's path, which is the first call's."""
+    """bind()'s launch of a FastKernel. The first calls go through FastKernel (Triton compiles on a miss); from
+    the second, each specialisation of the tensors met (their dtypes and 16-byte alignment, all Triton specialises
+    a tensor on; a few at most) keeps its compiled kernel and every argument in the order the launcher takes them
+    (the binder's: one more binder call, which a launch made once never pays), so a later call of a kept
+    specialisation on the same device launches that kernel at once: no binder, no key (~0.3 us a parameter of
+    host time, the constexprs included). Anything else (a launch hook, torch.compile, the direct path turned off)
+    takes FastKernel's path, which is the first call's."""
+
+    MAX_KEPT = 8  # specialisations kept per launch (a plan's tensors take one or two: aligned or not)
 
     def __init__(self, fast: FastKernel, grid: tuple, args: tuple, kwargs: dict):
         self.fast, self.args, self.kwargs = fast, args, kwargs
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.slots = tuple(i for i, a in enumerate(args) if a is SLOT)
-        self.ready: Optional[tuple] = None  # (device, knobs, compiled, arguments, the tensors' dtypes and alignment)
+        self.kept: dict = {}  # the tensors' (dtype, aligned) -> (device, knobs, compiled, arguments)
         self.calls = 0  # through FastKernel's path: a launch made once (a plan of one call) records nothing
 
     def __call__(self, *tensors: torch.Tensor):
-        ready = self.ready
+        spec = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+        ready = self.kept.get(spec)
         if ready is not None and not _DISABLED and _plain_launches() and not torch.compiler.is_compiling():
-            device, knobs, compiled, template, check = ready
-            if (torch._C._cuda_getDevice() == device and _knob_values() == knobs
-                    and tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) == check):
+            device, knobs, compiled, template = ready
+            if torch._C._cuda_getDevice() == device and _knob_values() == knobs:
                 values = template.copy()
                 for i, t in zip(self.slots, tensors):
                     values[i] = t
@@ -140,8 +143,10 @@ class BoundLaunch:
         for i, t in zip(self.slots, tensors):
             args[i] = t
         result = self.fast._launch(self.grid, tuple(args), self.kwargs)
-        if self.calls and ready is None:  # (one kernel kept: tensors specialised otherwise keep FastKernel's path)
-            self.ready = self._record(args, tensors)
+        if self.calls and ready is None and len(self.kept) < self.MAX_KEPT:
+            ready = self._record(args, tensors)
+            if ready is not None:
+                self.kept[spec] = ready
         self.calls += 1
         return result
 
@@ -162,8 +167,7 @@ class BoundLaunch:
                 return None  # (positional arguments first, in order: else the slots are not where we put them)
             for i in self.slots:  # (no tensor kept: each call puts its own there)
                 template[i] = None
-            return (device, _knob_values(), compiled, template,
-                    tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
+            return device, _knob_values(), compiled, template
         except Exception:  # noqa: BLE001 - FastKernel's path then, at every call (correct, only slower)
             return None
 

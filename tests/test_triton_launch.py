@@ -114,11 +114,14 @@ def test_bound_launch_skips_the_binder_only_for_tensors_specialised_alike(monkey
     assert grid == (3, 1, 1) and args[0] is tensors[2] and args[1:] == (7, 8)
     go(base[1:9])  # 4 bytes off the 16-byte grid: another specialisation, Triton's path
     assert kernel.launches[-1][0] == "triton" and kernel.launches[-1][1][0] == ("torch.float32", False)
-    go(torch.zeros(8, dtype=torch.float64))  # another dtype likewise (then kept by FastKernel: its direct path)
+    go(base[5:13])  # misaligned again: FastKernel's direct path (it keeps that kernel now), and this launch keeps it
+    go(base[9:17])
+    assert kernel.launches[-1][0] == "direct" and kernel.launches[-1][3][0].data_ptr() == base[9:17].data_ptr()
+    go(torch.zeros(8, dtype=torch.float64))  # another dtype likewise
     assert kernel.launches[-1][0] == "triton" and kernel.launches[-1][1][0][0] == "torch.float64"
-    go(tensors[1])  # the kept kernel's tensors again: direct; no tensor of an earlier call is held
+    go(tensors[1])  # the first kept kernel's tensors again: direct; no tensor of an earlier call is held
     assert kernel.launches[-1][0] == "direct" and kernel.launches[-1][3][0] is tensors[1]
-    assert all(v is None or not isinstance(v, torch.Tensor) for v in go.ready[3])
+    assert len(go.kept) == 3 and all(not isinstance(v, torch.Tensor) for kept in go.kept.values() for v in kept[3])
     monkeypatch.setattr(triton_launch, "_DISABLED", ["turned off"])
     go(tensors[0])
     assert kernel.launches[-1][0] == "triton"
