@@ -911,23 +911,25 @@ class EPMoE(nn.Module):
         start equal stay equal under any optimizer. Call it after backward, before optimizer.step(),
         on every rank. Nothing to do without copies."""
         replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
-        if not replicated:
+        if not replicated or self.quant is not None:  # (quantized experts are inference-only: no gradients)
             return
         row = {e: i for i, e in enumerate(replicated)}
         local = self.placement.local_expert_ids().tolist()
         slots = [(j, row[e]) for j, e in enumerate(local) if e in row]
         for param in (self.w13, self.w2, self.b13, self.b2):
-            if param is None or param.grad is None:
+            if param is None:
                 continue
+            # Every rank joins each all_reduce: a rank whose experts are frozen (no .grad; experts trained on some
+            # ranks only) adds zeros and keeps no gradient. Skipping it left the others in the all_reduce.
             grad = param.grad
-            total = grad.new_zeros((len(replicated),) + tuple(grad.shape[1:]))
-            if slots:
+            total = param.new_zeros((len(replicated),) + tuple(param.shape[1:]))
+            if slots and grad is not None:
                 mine = torch.tensor([j for j, _ in slots], device=grad.device)
                 where = torch.tensor([i for _, i in slots], device=grad.device)
                 total.index_add_(0, where, grad[mine])
             if self.dispatcher.shards_experts and self.placement.ep_size > 1:
                 in_call_order(self.dispatcher.group, lambda: dist.all_reduce(total, group=self.dispatcher.group))
-            if slots:
+            if slots and grad is not None:
                 grad[mine] = total[where]
 
     def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None

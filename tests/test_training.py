@@ -206,6 +206,38 @@ def test_experts_trainable_on_some_ranks_only():
     assert all(grads == (None, None) for grads in frozen.values()), frozen
 
 
+def _replicas_trainable_on_some_ranks_rank(rank, world_size):
+    """Redundant experts (a copy of experts on both ranks) fine-tuned on rank 0 only, rank 1's frozen: both call
+    reduce_replica_grads() after backward, as documented. Rank 1 has no gradients and skipped its all_reduces,
+    so rank 0 waited in the first one until the group's timeout (or lost the connection). Now every rank joins:
+    rank 1 adds zeros and keeps no gradient, rank 0's copies keep their own gradients (at most one copy of an
+    expert per rank, and rank 1's frozen copies add nothing)."""
+    import time
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch", num_redundant_experts=4)
+    problem = make_problem(layer.config, [9, 6], seed=26, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    layer.requires_grad_(rank == 0)
+    head = torch.nn.Parameter(torch.tensor(1.5))
+    y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    (y * head * problem.grad_outputs[rank].float()).sum().backward()
+    before = None if layer.w13.grad is None else (layer.w13.grad.clone(), layer.w2.grad.clone())
+    start = time.monotonic()
+    layer.reduce_replica_grads()
+    seconds = time.monotonic() - start
+    if before is None:
+        return seconds, (layer.w13.grad, layer.w2.grad)
+    return seconds, (torch.equal(layer.w13.grad, before[0]), torch.equal(layer.w2.grad, before[1]),
+                     before[0].abs().sum().item() > 0)
+
+
+def test_reduce_replica_grads_with_experts_frozen_on_some_ranks():
+    (seconds0, trained), (seconds1, frozen) = run_ranks(_replicas_trainable_on_some_ranks_rank, 2, timeout=60,
+                                                        group_timeout=20)
+    assert seconds0 < 5 and seconds1 < 5, (seconds0, seconds1)
+    assert trained == (True, True, True), trained
+    assert frozen == (None, None), frozen
+
+
 def _gradient_penalty_rank(rank, world_size):
     """Double backward (torch.autograd.grad(create_graph=True), as a gradient penalty takes it): the
     penalty's gradients through dispatch, runner and combine equal the float64 reference's (the kernel
