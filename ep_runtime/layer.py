@@ -538,8 +538,11 @@ class EPMoE(nn.Module):
         if dst is not None and not (is_int_at_least(dst, 0) and dst < R):
             error = ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
         if collective:  # a bad or different dst on one rank fails every rank here, not in the gathers below
+            # (and experts of another dtype on some rank, a layer cast with .to(dtype) there only: the gathers
+            # below move raw bytes, which gloo answered by aborting a process)
             agree_before_collectives(group, R, error, "gather_experts: every rank stops before gathering",
-                                     self.w13.device, dst=None if error is not None or dst is None else int(dst))
+                                     self.w13.device, dst=None if error is not None or dst is None else int(dst),
+                                     **{"expert dtype": _expert_dtypes(self)})
         elif error is not None:
             raise error
         dst = None if dst is None else int(dst)  # (a numpy integer becomes Python's, as torch's gather takes it)
@@ -855,6 +858,7 @@ class EPMoE(nn.Module):
                 self.dispatcher.group, self.placement.ep_size, error,
                 "apply_placement: every rank stops before moving its slots", self.w13.device,
                 plan=None if new is None else _placement_tables(new),
+                **{"expert dtype": _expert_dtypes(self)},  # (the moves send raw bytes, as gather_experts' gathers)
                 **{"set of .grad and optimizer state tensors to move": None if moves is None or not moves.num_exchanged
                    else [[kind for kind, _ in _slot_tensors(param, optimizer)] for param in params]})
         elif error is not None:
@@ -1023,6 +1027,12 @@ def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer
     states = optimizer.state.get(param, {}) if optimizer is not None else {}
     return [(what, t) for what, t in [("data", param.data), ("grad", param.grad)] + list(states.items())
             if isinstance(t, torch.Tensor) and t.shape == param.shape]
+
+
+def _expert_dtypes(layer: "EPMoE") -> str:
+    """The dtypes of the layer's expert tensors ("w13 torch.float32, w2 torch.float32"): what every rank must have
+    alike where they exchange the experts' bytes (gather_experts, apply_placement)."""
+    return ", ".join(f"{name} {t.dtype}" for name in _EXPERT_TENSORS if (t := getattr(layer, name)) is not None)
 
 
 def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:
