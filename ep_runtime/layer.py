@@ -677,7 +677,9 @@ class EPMoE(nn.Module):
             # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
             # experts are frozen (and whose x and weights need none) would skip the exchanges this rank's backward
             # waits in. x needing a gradient rides in the dispatch's count table, so every rank's rows need one.
-            x = x.detach().requires_grad_()
+            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: a copy made here does,
+            # where raising on this rank alone, after its checks joined nothing, left the others in the exchange)
+            x = (x.clone() if x.is_inference() else x.detach()).requires_grad_()
         try:  # (a plain try on this per-call path: a context manager costs ~2.6 us a call; the dispatcher raises
             # ep.PeerFailure for a peer that does not answer)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
