@@ -152,9 +152,23 @@ def join_settings_check(name: Any, group: Any, error: Exception, device: Optiona
         group = as_process_group(group)
         _, size = group_rank_and_size(group)
         if size > 1:
-            gather_objects(group, size, BuildFailure(type(error).__name__, str(error)), device)
+            gather_objects(group, size, BuildFailure(type(error).__name__, str(error)), _joinable_device(device))
     except Exception:  # noqa: BLE001 - see above: error is raised anyway
         pass
+
+
+def _joinable_device(device: Optional[Any]) -> Optional[torch.device]:
+    """`device` for join_settings_check's all_gather, or None (the current device) where it is no device this
+    process has: the rank's error may be that very argument (device='bogus', a CUDA index past the GPUs), and
+    the join must not fail on it (the others would then wait in the settings check until the timeout)."""
+    try:
+        device = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if device is not None and device.type == "cuda" and not (
+            torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())):
+        return None
+    return device
 
 
 class Dispatcher:

@@ -802,7 +802,9 @@ class RankExchange:
             # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
             # empty x made here, say) skips reverse exchanges the others run (and on the kernel path takes the
             # inference kernels' one exchange where the others run two): a collective mismatch.
-            x, weights = (t if t.requires_grad or not wanted else t.detach().requires_grad_()
+            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: a copy does)
+            x, weights = (t if t.requires_grad or not wanted else
+                          (t.clone() if t.is_inference() else t.detach()).requires_grad_()
                           for t, wanted in zip((x, weights), handle.grads))
         if exchange_kernels.inference_path(x, weights) and handle.relay is None:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)

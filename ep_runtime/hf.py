@@ -370,7 +370,10 @@ class EPExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        ids = torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
+        # (anything but a tensor goes to the layer as it is: its checks name it, and fail every rank's dispatch
+        # with it; mapping it here raised an unnamed TypeError on this rank alone, the others left in the exchange)
+        ids = (torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
+               if isinstance(top_k_index, torch.Tensor) else top_k_index)
         if self._shared is None or not self._shared.enabled:
             return self.layer(hidden_states, ids, top_k_weights)
         # The block's shared experts run while the dispatch is in flight; the block then gets their

@@ -538,8 +538,11 @@ class EPMoE(nn.Module):
         if dst is not None and not (is_int_at_least(dst, 0) and dst < R):
             error = ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
         if collective:  # a bad or different dst on one rank fails every rank here, not in the gathers below
+            # (and experts of another dtype on some rank, a layer cast with .to(dtype) there only: the gathers
+            # below move raw bytes, which gloo answered by aborting a process)
             agree_before_collectives(group, R, error, "gather_experts: every rank stops before gathering",
-                                     self.w13.device, dst=None if error is not None or dst is None else int(dst))
+                                     self.w13.device, dst=None if error is not None or dst is None else int(dst),
+                                     **{"expert dtype": _expert_dtypes(self)})
         elif error is not None:
             raise error
         dst = None if dst is None else int(dst)  # (a numpy integer becomes Python's, as torch's gather takes it)
@@ -674,7 +677,9 @@ class EPMoE(nn.Module):
             # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
             # experts are frozen (and whose x and weights need none) would skip the exchanges this rank's backward
             # waits in. x needing a gradient rides in the dispatch's count table, so every rank's rows need one.
-            x = x.detach().requires_grad_()
+            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: a copy made here does,
+            # where raising on this rank alone, after its checks joined nothing, left the others in the exchange)
+            x = (x.clone() if x.is_inference() else x.detach()).requires_grad_()
         try:  # (a plain try on this per-call path: a context manager costs ~2.6 us a call; the dispatcher raises
             # ep.PeerFailure for a peer that does not answer)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical
@@ -855,6 +860,7 @@ class EPMoE(nn.Module):
                 self.dispatcher.group, self.placement.ep_size, error,
                 "apply_placement: every rank stops before moving its slots", self.w13.device,
                 plan=None if new is None else _placement_tables(new),
+                **{"expert dtype": _expert_dtypes(self)},  # (the moves send raw bytes, as gather_experts' gathers)
                 **{"set of .grad and optimizer state tensors to move": None if moves is None or not moves.num_exchanged
                    else [[kind for kind, _ in _slot_tensors(param, optimizer)] for param in params]})
         elif error is not None:
@@ -911,23 +917,25 @@ class EPMoE(nn.Module):
         start equal stay equal under any optimizer. Call it after backward, before optimizer.step(),
         on every rank. Nothing to do without copies."""
         replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
-        if not replicated:
+        if not replicated or self.quant is not None:  # (quantized experts are inference-only: no gradients)
             return
         row = {e: i for i, e in enumerate(replicated)}
         local = self.placement.local_expert_ids().tolist()
         slots = [(j, row[e]) for j, e in enumerate(local) if e in row]
         for param in (self.w13, self.w2, self.b13, self.b2):
-            if param is None or param.grad is None:
+            if param is None:
                 continue
+            # Every rank joins each all_reduce: a rank whose experts are frozen (no .grad; experts trained on some
+            # ranks only) adds zeros and keeps no gradient. Skipping it left the others in the all_reduce.
             grad = param.grad
-            total = grad.new_zeros((len(replicated),) + tuple(grad.shape[1:]))
-            if slots:
+            total = param.new_zeros((len(replicated),) + tuple(param.shape[1:]))
+            if slots and grad is not None:
                 mine = torch.tensor([j for j, _ in slots], device=grad.device)
                 where = torch.tensor([i for _, i in slots], device=grad.device)
                 total.index_add_(0, where, grad[mine])
             if self.dispatcher.shards_experts and self.placement.ep_size > 1:
                 in_call_order(self.dispatcher.group, lambda: dist.all_reduce(total, group=self.dispatcher.group))
-            if slots:
+            if slots and grad is not None:
                 grad[mine] = total[where]
 
     def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None
@@ -1021,6 +1029,12 @@ def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer
     states = optimizer.state.get(param, {}) if optimizer is not None else {}
     return [(what, t) for what, t in [("data", param.data), ("grad", param.grad)] + list(states.items())
             if isinstance(t, torch.Tensor) and t.shape == param.shape]
+
+
+def _expert_dtypes(layer: "EPMoE") -> str:
+    """The dtypes of the layer's expert tensors ("w13 torch.float32, w2 torch.float32"): what every rank must have
+    alike where they exchange the experts' bytes (gather_experts, apply_placement)."""
+    return ", ".join(f"{name} {t.dtype}" for name in _EXPERT_TENSORS if (t := getattr(layer, name)) is not None)
 
 
 def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:

@@ -176,7 +176,7 @@ def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err:
     where = bad[t].nonzero()
     if where.numel():
         e = int(where[0])
-        what = f"{float(router_logits[t, e])} at [{t}, {e}]"
+        what = f"{float(logits[t, e])} at [{t}, {e}]"
     else:
         what = f"-inf in every entry of row {t}"
     allowed = ("finite logits or -inf (an expert the token may not take), at least one finite per row" if softmax

@@ -103,7 +103,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name} has a non-finite value {float(t[tuple(where)])} at {where}")
+        # (detached: float() of a tensor needing a gradient warns, and under -W error replaced this error)
+        raise ValueError(f"{name} has a non-finite value {float(t.detach()[tuple(where)])} at {where}")
 
 
 def check_float_tensor(name: str, t, device: Optional[torch.device] = None, device_of: str = "x") -> None:

@@ -271,3 +271,42 @@ def test_one_rank_with_a_bad_distributed_state_dict_fails_every_rank_at_once():
                                   "(expert_placement [2, 7]), this layer 8"), (rank, message)
         assert message.endswith("(load_distributed_state_dict: every rank stops before loading)"), (rank, message)
         assert seconds < TIMEOUT_S / 2 and good_load_works, (rank, seconds, good_load_works)
+
+
+def _cast_on_one_rank(rank, world_size, call):
+    """The last rank's layer is cast to bfloat16 (.to(dtype) there only), then every rank makes `call`, which
+    exchanges the experts' bytes; then every rank casts back, and the call works."""
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    layer.load_experts(w13, w2)
+    if rank == world_size - 1:
+        layer.to(torch.bfloat16)
+    run = {"gather_experts": lambda: layer.gather_experts(),
+           "apply_placement": lambda: layer.apply_placement(_reversed_placement(world_size))}[call]
+    start, message = time.monotonic(), "returned"
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001 - every rank reports what it raised
+        message = f"{type(err).__name__}: {err}"
+    seconds = time.monotonic() - start
+    layer.float()
+    run()
+    return message, seconds
+
+
+@pytest.mark.parametrize("call, stops", [("gather_experts", "gather_experts: every rank stops before gathering"),
+                                         ("apply_placement", "apply_placement: every rank stops before moving its "
+                                                             "slots")])
+def test_experts_of_another_dtype_on_one_rank_fail_every_rank_at_once(call, stops):
+    """gather_experts and apply_placement (rebalance) send the experts' raw bytes: a layer cast to another dtype
+    on one rank only made gloo abort a process ("Received data size doesn't match expected size"), or, for
+    dtypes of one size, read one dtype's bits as the other's. The dtypes now ride in the argument check's
+    all_gather: every rank raises the same error naming each rank's, before any byte moves."""
+    results = run_ranks(_cast_on_one_rank, 2, call, timeout=60, group_timeout=TIMEOUT_S)
+    expected = (f"ValueError: rank 1 was given a different expert dtype than rank 0 (rank 0 has 'w13 torch.float32, "
+                f"w2 torch.float32', rank 1 has 'w13 torch.bfloat16, w2 torch.bfloat16'); allowed: the same expert "
+                f"dtype on every rank ({stops})")
+    for rank, (message, seconds) in enumerate(results):
+        assert message == expected, (rank, message)
+        assert seconds < TIMEOUT_S / 2, (rank, seconds)

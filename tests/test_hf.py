@@ -837,3 +837,48 @@ def test_a_rank_that_refuses_a_block_fails_the_others_naming_it():
     assert kind1 == "ValueError" and "act_fn=ReLU() is none of silu" in message1, message1
     assert kind0 == "ValueError" and "rank 1 could not build" in message0, message0
     assert "model.layers.1.mlp: block=MixtralSparseMoeBlock" in message0, message0
+
+
+def _ids_no_tensor_rank(rank, world_size):
+    """Rank 1 calls EPExperts with a top_k_index that is no tensor (a list, then None); rank 0 with good input.
+    Then both call it with good input and compare with the float64 reference."""
+    import time
+    cls_name, extra = FAMILIES["mixtral"]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(0)  # the same model on every rank
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    block = next(m for m in model.modules() if ep.hf.is_hf_experts(getattr(m, "experts", m)))
+    w13, w2 = block.experts.gate_up_proj.detach().double(), block.experts.down_proj.detach().double()
+    ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch")
+    experts = block.experts
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(4, COMMON["hidden_size"], generator=gen)
+    ids = torch.rand(4, 8, generator=gen).argsort(dim=1)[:, :2]
+    weights = torch.rand(4, 2, generator=gen)
+    errors = []
+    for bad in (ids.tolist(), None):
+        start = time.monotonic()
+        try:
+            experts(x, bad if rank == 1 else ids, weights)
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
+            errors.append((f"{type(err).__name__}: {err}", time.monotonic() - start))
+    y = experts(x, ids, weights)  # the ranks are still in step
+    from ep_runtime.reference import moe_reference
+    config = ep.MoeConfig(8, 2, COMMON["hidden_size"], extra["intermediate_size"])
+    return errors, rel_err(y.double(), moe_reference(x.double(), ids, weights.double(), w13, w2, config))
+
+
+def test_experts_given_no_tensor_ids_on_one_rank_fail_every_rank_at_once():
+    """EPExperts mapped HF's "no expert" id (E) to -1 with torch ops before the layer saw the ids: a list (or
+    None) raised an unnamed TypeError ("full_like(): argument 'input' ...") on that rank alone, and the other
+    rank went on into the exchange, paired with the bad rank's next call. Now the layer names it and every
+    rank fails at once, in step."""
+    (errors0, err0), (errors1, err1) = run_ranks(_ids_no_tensor_rank, 2, timeout=120, group_timeout=10)
+    assert errors1[0][0] == "TypeError: topk_ids must be a torch.Tensor; got list", errors1
+    assert errors1[1][0] == "ValueError: forward needs topk_ids and topk_weights, or router_logits", errors1
+    for (message, seconds), kind in zip(errors0, ("TypeError", "ValueError")):
+        assert message == (f"{kind}: deepep_normal dispatch: rank 1 of 2 was given bad input (its own error names "
+                           f"the argument); no token was sent"), message
+        assert seconds < 5, seconds
+    assert err0 <= tolerance(torch.float32) and err1 <= tolerance(torch.float32), (err0, err1)

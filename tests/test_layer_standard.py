@@ -238,3 +238,25 @@ def test_numpy_scalars_and_loads_that_must_keep_working():
     assert torch.equal(bf16.w13, w13.to(torch.float8_e4m3fn).to(torch.bfloat16))
     meta = ep.EPMoE(8, 2, 16, 8, runner="torch", device="meta")
     meta.load_experts(w13.to("meta"), w2.to("meta"))
+
+
+def test_non_finite_weights_and_logits_needing_a_gradient_are_named_without_a_warning():
+    """A NaN in topk_weights or router_logits that need a gradient (a training step) is named as it is
+    otherwise: reading the bad value for the message converted a tensor needing a gradient to a float, which
+    made torch warn ("Converting a tensor with requires_grad=True to a scalar"), and under warnings as
+    errors (`-W error`) that warning replaced the ValueError naming the value."""
+    import warnings
+    gen = torch.Generator().manual_seed(3)
+    layer = ep.EPMoE(8, 2, 16, 8, runner="torch")
+    x = torch.randn(4, 16, generator=gen)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
+    weights = torch.rand(4, 2, generator=gen)
+    weights[2, 1] = float("nan")
+    logits = torch.randn(4, 8, generator=gen)
+    logits[1, 3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"^topk_weights has a non-finite value nan at \[2, 1\]$"):
+            layer(x, ids, weights.requires_grad_())
+        with pytest.raises(ValueError, match=r"^router_logits has nan at \[1, 3\], which gives non-finite routing"):
+            layer(x, router_logits=logits.requires_grad_())

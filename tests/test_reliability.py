@@ -394,6 +394,7 @@ def _one_rank_cannot_build_rank(rank, world_size, case):
                        "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
                        "dispatcher_options_list": dict(dispatcher_options=[("num_max_dispatch_tokens_per_rank", 8)]),
                        "runner_options_str": dict(runner_options="none"),
+                       "device": dict(device="bogus"),
                        }[case])
     start = time.monotonic()
     try:
@@ -419,6 +420,8 @@ LINGER_S = 5
     ("dispatcher_options_list", "TypeError: dispatcher_options=[('num_max_dispatch_tokens_per_rank', 8)]; allowed: "
                                 "None or a dict"),
     ("runner_options_str", "TypeError: runner_options='none'; allowed: None or a dict"),
+    # a device that is no device: the join with it failed silently, leaving rank 0 to the timeout
+    ("device", "ValueError: device='bogus' is not a torch device"),
 ])
 def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own_error):
     """Rank 1 raised on its own while rank 0 waited in the settings check's all_gather until the timeout (a

@@ -206,6 +206,82 @@ def test_experts_trainable_on_some_ranks_only():
     assert all(grads == (None, None) for grads in frozen.values()), frozen
 
 
+def _replicas_trainable_on_some_ranks_rank(rank, world_size):
+    """Redundant experts (a copy of experts on both ranks) fine-tuned on rank 0 only, rank 1's frozen: both call
+    reduce_replica_grads() after backward, as documented. Rank 1 has no gradients and skipped its all_reduces,
+    so rank 0 waited in the first one until the group's timeout (or lost the connection). Now every rank joins:
+    rank 1 adds zeros and keeps no gradient, rank 0's copies keep their own gradients (at most one copy of an
+    expert per rank, and rank 1's frozen copies add nothing)."""
+    import time
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch", num_redundant_experts=4)
+    problem = make_problem(layer.config, [9, 6], seed=26, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    layer.requires_grad_(rank == 0)
+    head = torch.nn.Parameter(torch.tensor(1.5))
+    y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    (y * head * problem.grad_outputs[rank].float()).sum().backward()
+    before = None if layer.w13.grad is None else (layer.w13.grad.clone(), layer.w2.grad.clone())
+    start = time.monotonic()
+    layer.reduce_replica_grads()
+    seconds = time.monotonic() - start
+    if before is None:
+        return seconds, (layer.w13.grad, layer.w2.grad)
+    return seconds, (torch.equal(layer.w13.grad, before[0]), torch.equal(layer.w2.grad, before[1]),
+                     before[0].abs().sum().item() > 0)
+
+
+def test_reduce_replica_grads_with_experts_frozen_on_some_ranks():
+    (seconds0, trained), (seconds1, frozen) = run_ranks(_replicas_trainable_on_some_ranks_rank, 2, timeout=60,
+                                                        group_timeout=20)
+    assert seconds0 < 5 and seconds1 < 5, (seconds0, seconds1)
+    assert trained == (True, True, True), trained
+    assert frozen == (None, None), frozen
+
+
+def _inference_tensors_on_one_rank_rank(rank, world_size):
+    """Rank 1's x, ids and weights were made under torch.inference_mode (a data pipeline's), then fed to a
+    training step (experts needing gradients, x none). The layer sends such an x as needing a gradient (so
+    every rank runs the reverse exchanges) with x.detach().requires_grad_(), which torch refuses for an
+    inference tensor: rank 1 raised there alone, after the checks that tell the others, and rank 0 went on
+    into the exchange (gloo aborted it: "Received data size doesn't match expected size"). The exchange does
+    the same where another rank's x or weights need a gradient (frozen experts, rank 0's x and weights needing
+    one): rank 1 raised mid-dispatch, rank 0 waited until the timeout. Rank 1 now sends a copy: every rank's
+    output and gradients equal the float64 reference's."""
+    errors = {}
+    for dispatcher in ["deepep_normal", "deepep_ll", "mori"]:
+        for frozen in (False, True):
+            layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch",
+                             dispatcher_options=OPTIONS.get(dispatcher))
+            problem = make_problem(layer.config, [9, 6], seed=27, ep_size=world_size)
+            layer.load_experts(problem.w13.float(), problem.w2.float())
+            layer.requires_grad_(not frozen)
+            with torch.inference_mode(rank == 1):
+                x, ids = problem.xs[rank].float().clone(), problem.topk_ids[rank].clone()
+                weights = problem.topk_weights[rank].clone()
+            if frozen and rank == 0:
+                x.requires_grad_(True), weights.requires_grad_(True)
+            y = layer(x, ids, weights)
+            (y * problem.grad_outputs[rank].float()).sum().backward()
+            w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+            xs = [t.clone().requires_grad_(True) for t in problem.xs]
+            ws = [t.double().requires_grad_(True) for t in problem.topk_weights]
+            refs = [moe_reference(xs[r], problem.topk_ids[r], ws[r], w13, w2, layer.config) for r in range(world_size)]
+            sum((refs[r] * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+            mine = layer.placement.local_expert_ids()
+            errs = [rel_err(y.detach(), refs[rank].detach())]
+            if not frozen:
+                errs += [rel_err(layer.w13.grad, w13.grad[mine]), rel_err(layer.w2.grad, w2.grad[mine])]
+            elif rank == 0:
+                errs += [rel_err(x.grad, xs[0].grad), rel_err(weights.grad, ws[0].grad)]
+            errors[dispatcher, frozen] = max(errs)
+    return errors
+
+
+def test_inference_tensors_on_one_rank_in_a_training_step():
+    for errors in run_ranks(_inference_tensors_on_one_rank_rank, 2, timeout=60, group_timeout=20):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
 def _gradient_penalty_rank(rank, world_size):
     """Double backward (torch.autograd.grad(create_graph=True), as a gradient penalty takes it): the
     penalty's gradients through dispatch, runner and combine equal the float64 reference's (the kernel
