@@ -42,7 +42,7 @@ from ep_runtime import envs
 from ep_runtime.distributed import rank_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
-from ep_runtime.runner_core import needs_grad, untraced
+from ep_runtime.runner_core import grad_leaf, needs_grad, untraced
 from ep_runtime.validation import assert_on_device, capturing, check_topk_values, topk_value_flags
 
 from . import exchange_kernels, fp8_payload, hierarchical
@@ -802,9 +802,7 @@ class RankExchange:
             # gradient. Where some rank's x (or weights) need one, every rank's must, or this rank (T = 0 with an
             # empty x made here, say) skips reverse exchanges the others run (and on the kernel path takes the
             # inference kernels' one exchange where the others run two): a collective mismatch.
-            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: a copy does)
-            x, weights = (t if t.requires_grad or not wanted else
-                          (t.clone() if t.is_inference() else t.detach()).requires_grad_()
+            x, weights = (t if t.requires_grad or not wanted else grad_leaf(t)
                           for t, wanted in zip((x, weights), handle.grads))
         if exchange_kernels.inference_path(x, weights) and handle.relay is None:
             return self._send_payload(x, ids, weights, handle, local_ids, quant=quant)

@@ -22,7 +22,7 @@ from .placement import ExpertPlacement
 from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, check_scale_values, is_quantized_dtype
 from .quant import registered_formats as registered_quant_formats
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
-from .runner_core import MoeRunner, needs_grad
+from .runner_core import MoeRunner, grad_leaf, needs_grad
 from .validation import (
     check_finite,
     check_float_tensor,
@@ -677,9 +677,7 @@ class EPMoE(nn.Module):
             # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
             # experts are frozen (and whose x and weights need none) would skip the exchanges this rank's backward
             # waits in. x needing a gradient rides in the dispatch's count table, so every rank's rows need one.
-            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: a copy made here does,
-            # where raising on this rank alone, after its checks joined nothing, left the others in the exchange)
-            x = (x.clone() if x.is_inference() else x.detach()).requires_grad_()
+            x = grad_leaf(x)
         try:  # (a plain try on this per-call path: a context manager costs ~2.6 us a call; the dispatcher raises
             # ep.PeerFailure for a peer that does not answer)
             return self.dispatcher.dispatch(x, physical, async_op=async_op), physical

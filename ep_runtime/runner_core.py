@@ -32,6 +32,13 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def grad_leaf(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a new leaf that requires a gradient: detached, or copied where t is an inference tensor (made
+    under torch.inference_mode: it takes no requires_grad_, and raising there on one rank alone, mid-exchange,
+    left the other ranks in the exchange)."""
+    return (t.clone() if t.is_inference() else t.detach()).requires_grad_()
+
+
 def untraced(fn: Callable[..., Any], name: Optional[str] = None,
              dynamic_rows: Optional[Callable[[Any], Iterable[Optional[torch.Tensor]]]] = None) -> Callable[..., Any]:
     """fn, which torch.compile runs as it is (a graph break) instead of tracing it; eager calls call fn itself
