@@ -749,6 +749,8 @@ class EPMoE(nn.Module):
         counts twice). Summed over ranks (dist.all_reduce) it is the global load ep.eplb.plan takes.
         No host sync: the counts are added on the device at every forward (once: activation
         checkpointing's recompute in backward adds nothing)."""
+        if not isinstance(reset, bool):  # ("yes" or a tensor read as true reset the counts without a word)
+            raise TypeError(f"reset={reset!r}; allowed: True or False")
         logical = self.placement.logical_of(torch.arange(self.placement.num_physical_experts,
                                                          device=self._load_physical.device))
         load = self._load_logical.clone().index_add_(0, logical, self._load_physical)
@@ -780,6 +782,8 @@ class EPMoE(nn.Module):
                                 f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
             eplb.check_num_nodes(num_nodes, self.placement.ep_size, self.config.num_experts,
                                  self.placement.num_physical_experts)
+            if not isinstance(reset, bool):
+                raise TypeError(f"reset={reset!r}; allowed: True or False")
             if dp_group is not None:
                 dp_group = as_process_group(dp_group, "dp_group", "dp")
                 dp_size = dist.get_world_size(dp_group)

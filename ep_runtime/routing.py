@@ -114,6 +114,9 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
     T, E = router_logits.shape
+    if E < 1:  # (config.check would say "allowed 1..0")
+        raise ValueError(f"router_logits has shape {list(router_logits.shape)}: no expert to pick from; expected [T, E] "
+                         f"with E >= 1 (E >= top_k={config.top_k})")
     config.check(E)
     if correction_bias is not None:
         check_float_tensor("correction_bias", correction_bias, router_logits.device, "router_logits")

@@ -511,3 +511,14 @@ def test_rebalance_per_node_keeps_each_experts_copies_on_its_real_node():
         assert refused.startswith("num_nodes=2: this layer's group has [3, 1] ranks on its nodes"), refused
         assert all(len({r % 2 for r in ranks}) == 1 for ranks in owners), owners
         assert len(owners[0]) == 2 and len(owners[1]) == 2, owners  # the hot experts got the copies
+
+
+def test_a_reset_flag_that_is_no_bool_is_named_and_resets_nothing():
+    """expert_load(reset=...) and rebalance(reset=...) take True or False: "yes" or 1 read as true reset the counts
+    without a word."""
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="torch")
+    layer(torch.randn(4, 16), torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 2))
+    for call in (lambda: layer.expert_load(reset="yes"), lambda: layer.rebalance(reset=1)):
+        with pytest.raises(TypeError, match=r"reset=('yes'|1); allowed: True or False"):
+            call()
+    assert int(layer.expert_load().sum()) == 8  # nothing was reset

@@ -471,3 +471,10 @@ def test_routing_kernel_breaks_exact_ties_to_the_lower_id(monkeypatch):
     assert select_experts(logits, TopKConfig(top_k=3)).topk_ids.tolist() == [[4, 0, 2]]
     grouped = TopKConfig(top_k=2, num_expert_group=4, topk_group=2)  # groups {0,1} {2,3} {4,5} {6,7}: 2 and 0 kept
     assert select_experts(logits, grouped).topk_ids.tolist() == [[4, 0]]
+
+
+def test_router_logits_with_no_expert_are_named():
+    """[T, 0] logits: no expert to pick from (the top_k check said "allowed 1..0")."""
+    with pytest.raises(ValueError, match=r"router_logits has shape \[3, 0\]: no expert to pick from; expected \[T, E\] "
+                                         r"with E >= 1"):
+        ep.select_experts(torch.randn(3, 0), ep.TopKConfig(top_k=2))
