@@ -748,7 +748,7 @@ class EPMoE(nn.Module):
         expert since the last reset (pairs with id -1 are not counted; a token listing an expert twice
         counts twice). Summed over ranks (dist.all_reduce) it is the global load ep.eplb.plan takes.
         No host sync: the counts are added on the device at every forward (once: activation
-        checkpointing's recompute in backward adds nothing)."""
+        checkpointing's recompute in backward adds nothing). reset (True or False): zero the counts once read."""
         if not isinstance(reset, bool):  # ("yes" or a tensor read as true reset the counts without a word)
             raise TypeError(f"reset={reset!r}; allowed: True or False")
         logical = self.placement.logical_of(torch.arange(self.placement.num_physical_experts,
