@@ -202,6 +202,45 @@ def test_integer_or_bool_weights_are_refused_naming_the_tensor():
         assert loaded
 
 
+def _bad_state_dict_rank(rank, world_size):
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    layer.load_experts(w13, w2)
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    torch.manual_seed(3)
+    wide = ep.EPMoE(E, K, 2 * H, I, dispatcher="deepep_normal", runner="torch").state_dict()  # another hidden_size
+    one_rank = ep.EPMoE(E, K, H, I, dispatcher="standard", runner="torch").state_dict()  # [E, ...]: saved at 1 rank
+    messages = []
+    for state in ({"w13": wide["w13"], "w2": wide["w2"]} if rank == 0 else good,  # rank 0's alone
+                  one_rank,
+                  {**good, "w2": good["w2"].round().long()}):
+        with pytest.raises((TypeError, ValueError)) as err:
+            layer.load_state_dict(state)
+        messages.append(f"{type(err.value).__name__}: {err.value}")
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), layer.config)
+    with torch.no_grad():  # every rank refused every load: the layer is as loaded, and the ranks still pair up
+        return messages, rel_err(layer(x, ids, weights), ref)
+
+
+def test_a_bad_state_dict_on_one_rank_fails_every_rank_naming_it():
+    """load_state_dict of a per-rank state_dict of another shape raised torch's size mismatch on that rank
+    alone: the other rank loaded its own and went on to wait for it in the next forward. One saved at another EP
+    size was torch's size mismatch without the way out, and an int64 w2 loaded silently as whole numbers. Every
+    rank now refuses them together before loading, naming the key, both shapes (or the dtype) and the rank."""
+    for messages, err in run_ranks(_bad_state_dict_rank, 2, timeout=120, group_timeout=30):
+        assert messages == [
+            f"ValueError: rank 0: state_dict['w13'] has shape [4, {2 * I}, {2 * H}]; expected [4, {2 * I}, {H}] "
+            f"(num_experts={E}, hidden_size={H}, intermediate_size={I}, 4 expert slots on this rank) (each rank's "
+            f"state_dict; every rank stops before loading it)",
+            f"ValueError: state_dict['w13'] has shape [{E}, {2 * I}, {H}]; expected [4, {2 * I}, {H}] (this rank's 4 "
+            f"expert slots: num_experts={E} + num_redundant_experts=0 over ep_size=2; a per-rank state_dict loads at "
+            f"the num_experts and EP size it was saved at; to change the EP size, gather_experts() then load_experts())",
+            "TypeError: state_dict['w2'] has dtype torch.int64; expected a floating dtype (this layer stores w2 as "
+            "torch.float32)"], messages
+        assert err < tolerance(torch.float32), err
+
+
 def test_one_rank_shard_is_the_global_weights():
     w13, w2 = _global_weights()
     layer = ep.EPMoE(E, K, H, I, runner="torch")
