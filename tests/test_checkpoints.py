@@ -699,6 +699,45 @@ def test_dcp_loads_at_another_ep_size(dcp_checkpoint, world_size):
             assert rel_err(torch.from_numpy(y), torch.from_numpy(outputs[r])) < tolerance(torch.float32), (rank, r)
 
 
+def _dcp_without_placement_rank(rank, world_size, path):
+    w13, w2 = _global_weights()
+    make = lambda **kw: nn.ModuleDict({"moe": ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", **kw)})  # noqa: E731
+    saved = make(expert_to_rank=[e % world_size for e in range(E)])  # round-robin: the rows are not the slots
+    saved["moe"].load_experts(w13, w2)
+    dcp.save(ep.distributed_state_dict(saved), checkpoint_id=path)
+    torch.manual_seed(1)
+    model = make()
+    state = ep.distributed_state_dict(model)
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    state.pop("moe.expert_placement")
+    with pytest.raises(ValueError) as err:
+        ep.load_distributed_state_dict(model, state)
+    missing = ep.load_distributed_state_dict(model, state, strict=False).missing_keys
+    state = ep.distributed_state_dict(model)
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(model, state)  # with the placement: the saved experts
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), model["moe"].config)
+    with torch.no_grad():
+        return str(err.value), missing, rel_err(model["moe"](x, ids, weights), ref)
+
+
+def test_dcp_state_without_the_placement_is_named(tmp_path):
+    """A state without a layer's expert_placement (which distributed_state_dict always adds) loaded its rows as
+    the default placement under strict=True with no word: a round-robin checkpoint's experts went into the wrong
+    slots. strict=True now names the key on every rank; strict=False loads the rows so and reports the key in
+    missing_keys."""
+    for message, missing, err in run_ranks(_dcp_without_placement_rank, 2, str(tmp_path), timeout=120,
+                                                      group_timeout=30):
+        assert message == (
+            "state_dict holds moe's expert rows but no 'moe.expert_placement' (the placement they were saved in, which "
+            "ep.distributed_state_dict always adds): without it they would load into the wrong slots. Allowed: the "
+            "dict ep.distributed_state_dict made, filled by dcp.load; strict=False loads the rows as the default "
+            "placement and reports the key missing"), message
+        assert missing == ["moe.expert_placement"], missing
+        assert err < tolerance(torch.float32), err
+
+
 def _dcp_slot_counts_rank(rank, world_size, path):
     make = lambda e, n: nn.ModuleDict({"moe": ep.EPMoE(e, K, H, I, dispatcher="deepep_normal", runner="torch",  # noqa: E731
                                                        num_redundant_experts=n)})
