@@ -467,7 +467,7 @@ class EPMoE(nn.Module):
                              f"whole layer)")
         if scale is not None and not fp8:
             raise ValueError(f"{name}_scale_inv was given but {name} has dtype {t.dtype}; scales come with float8 "
-                             f"weights")
+                             f"weights ({', '.join(map(str, FP8_DTYPES))})")
         if self.quant is None or param not in ("w13", "w2"):
             return
         block_rows = self.quant.weight_block[0]
@@ -515,7 +515,8 @@ class EPMoE(nn.Module):
                 raise ValueError(f"{name} is missing: fp8 weights need their block scales (DeepSeek-V3's "
                                  f"*_scale_inv, fp32 [E, ceil(rows/128), ceil(cols/128)])")
             if not fp8_in and scale is not None:
-                raise ValueError(f"{name} was given but w13 has dtype {w13.dtype}; scales come with float8 weights")
+                raise ValueError(f"{name} was given but w13 has dtype {w13.dtype}; scales come with float8 weights "
+                                 f"({', '.join(map(str, FP8_DTYPES))})")
         if fp8_in and quantize is not None and quantize.dtype != w13.dtype:
             raise ValueError(f"quantize={quantize.format!r} stores {quantize.dtype} but w13 is already {w13.dtype}")
         if quantize is not None:
