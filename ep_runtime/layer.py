@@ -1146,7 +1146,8 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
 def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
     """Raise naming the key when an expert tensor of `state_dict` is not a floating tensor of this rank's shape
     (torch's own check raised on that rank alone, after the others had loaded, and cast integer weights silently);
-    a DTensor (global shape) is left to load_distributed_state_dict, which makes it local first."""
+    a DTensor (ep.distributed_state_dict's, global shape) is refused naming load_distributed_state_dict, which makes
+    it local first."""
     L, E, R = layer.placement.num_local_experts, layer.config.num_experts, layer.placement.ep_size
     for name in _EXPERT_TENSORS:
         key, held = prefix + name, getattr(layer, name)
@@ -1164,8 +1165,12 @@ def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict[{key!r}] has type {type(t).__name__}; expected a floating torch.Tensor of "
                             f"shape {list(held.shape)}")
-        if type(t).__name__ == "DTensor":
+        if type(held).__name__ == "DTensor":  # experts FSDP2 sharded further: torch checks its DTensors
             continue
+        if type(t).__name__ == "DTensor":  # ep.distributed_state_dict's rows of every rank, [P, ...]
+            raise ValueError(f"state_dict[{key!r}] is a DTensor of shape {list(t.shape)} (the rows of every rank, as "
+                             f"ep.distributed_state_dict gives them); allowed here: this rank's {list(held.shape)}. "
+                             f"Load a distributed state with ep.load_distributed_state_dict(model, state)")
         if not t.is_floating_point():
             raise TypeError(f"state_dict[{key!r}] has dtype {t.dtype}; expected a floating dtype (this layer stores "
                             f"{name} as {held.dtype})")

@@ -213,7 +213,8 @@ def _bad_state_dict_rank(rank, world_size):
     messages = []
     for state in ({"w13": wide["w13"], "w2": wide["w2"]} if rank == 0 else good,  # rank 0's alone
                   one_rank,
-                  {**good, "w2": good["w2"].round().long()}):
+                  {**good, "w2": good["w2"].round().long()},
+                  ep.distributed_state_dict(layer)):  # DTensors [E, ...]: for ep.load_distributed_state_dict
         with pytest.raises((TypeError, ValueError)) as err:
             layer.load_state_dict(state)
         messages.append(f"{type(err.value).__name__}: {err.value}")
@@ -226,8 +227,9 @@ def _bad_state_dict_rank(rank, world_size):
 def test_a_bad_state_dict_on_one_rank_fails_every_rank_naming_it():
     """load_state_dict of a per-rank state_dict of another shape raised torch's size mismatch on that rank
     alone: the other rank loaded its own and went on to wait for it in the next forward. One saved at another EP
-    size was torch's size mismatch without the way out, and an int64 w2 loaded silently as whole numbers. Every
-    rank now refuses them together before loading, naming the key, both shapes (or the dtype) and the rank."""
+    size (or ep.distributed_state_dict's DTensors) was torch's size mismatch without the way out, and an int64 w2
+    loaded silently as whole numbers. Every rank now refuses them together before loading, naming the key, both
+    shapes (or the dtype) and the rank."""
     for messages, err in run_ranks(_bad_state_dict_rank, 2, timeout=120, group_timeout=30):
         assert messages == [
             f"ValueError: rank 0: state_dict['w13'] has shape [4, {2 * I}, {2 * H}]; expected [4, {2 * I}, {H}] "
@@ -237,7 +239,10 @@ def test_a_bad_state_dict_on_one_rank_fails_every_rank_naming_it():
             f"expert slots: num_experts={E} + num_redundant_experts=0 over ep_size=2; a per-rank state_dict loads at "
             f"the num_experts and EP size it was saved at; to change the EP size, gather_experts() then load_experts())",
             "TypeError: state_dict['w2'] has dtype torch.int64; expected a floating dtype (this layer stores w2 as "
-            "torch.float32)"], messages
+            "torch.float32)",
+            f"ValueError: state_dict['w13'] is a DTensor of shape [{E}, {2 * I}, {H}] (the rows of every rank, as "
+            f"ep.distributed_state_dict gives them); allowed here: this rank's [4, {2 * I}, {H}]. Load a distributed "
+            f"state with ep.load_distributed_state_dict(model, state)"], messages
         assert err < tolerance(torch.float32), err
 
 
