@@ -67,9 +67,12 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     runs in the placement they make: at the saved EP size the saved one (rebalanced or built with
     expert_to_rank, as it was), at another one the layer's own slot ranks, each slot holding the expert
     of its row. Everything else loads as model.load_state_dict(state, strict) loads it (which it returns).
+    A layer's expert rows without its `expert_placement` are an error naming the key (strict=False: they load
+    as the default placement, the key in the result's missing_keys).
     Another number of slots (num_redundant_experts) is an error naming the layer; so is a placement whose
     copies of an expert would share a rank at this EP size."""
     state = dict(state_dict)
+    missing = []  # layers' placement keys absent (strict=False: their rows load as the default placement)
     for prefix, layer in _sharded_layers(model):
         error = None
         try:
@@ -78,6 +81,10 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
                     state[prefix + name] = state[prefix + name].to_local()
             if prefix + PLACEMENT_KEY in state:  # the placement of the rows, as the per-rank load_state_dict takes it
                 state[prefix + PLACEMENT_KEY] = _placement_of_rows(layer, prefix, state[prefix + PLACEMENT_KEY])
+            elif any(prefix + name in state for name in _EXPERT_TENSORS):  # rows in an unknown placement
+                missing.append(prefix + PLACEMENT_KEY)
+                if strict:
+                    raise ValueError(_no_placement(prefix))
         except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
         if layer.placement.ep_size > 1:  # one all_gather per layer: a rank's error fails every rank, naming it,
@@ -86,7 +93,17 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
                                      "load_distributed_state_dict: every rank stops before loading", layer.w13.device)
         elif error is not None:
             raise error
-    return model.load_state_dict(state, strict=strict)
+    result = model.load_state_dict(state, strict=strict)
+    result.missing_keys.extend(missing)
+    return result
+
+
+def _no_placement(prefix: str) -> str:
+    key = prefix + PLACEMENT_KEY
+    return (f"state_dict holds {prefix.rstrip('.') or 'the model'}'s expert rows but no {key!r} (the placement they "
+            f"were saved in, which ep.distributed_state_dict always adds): without it they would load into the wrong "
+            f"slots. Allowed: the dict ep.distributed_state_dict made, filled by dcp.load; strict=False loads the rows "
+            f"as the default placement and reports the key missing")
 
 
 def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -467,7 +467,7 @@ class EPMoE(nn.Module):
                              f"whole layer)")
         if scale is not None and not fp8:
             raise ValueError(f"{name}_scale_inv was given but {name} has dtype {t.dtype}; scales come with float8 "
-                             f"weights")
+                             f"weights ({', '.join(map(str, FP8_DTYPES))})")
         if self.quant is None or param not in ("w13", "w2"):
             return
         block_rows = self.quant.weight_block[0]
@@ -515,7 +515,8 @@ class EPMoE(nn.Module):
                 raise ValueError(f"{name} is missing: fp8 weights need their block scales (DeepSeek-V3's "
                                  f"*_scale_inv, fp32 [E, ceil(rows/128), ceil(cols/128)])")
             if not fp8_in and scale is not None:
-                raise ValueError(f"{name} was given but w13 has dtype {w13.dtype}; scales come with float8 weights")
+                raise ValueError(f"{name} was given but w13 has dtype {w13.dtype}; scales come with float8 weights "
+                                 f"({', '.join(map(str, FP8_DTYPES))})")
         if fp8_in and quantize is not None and quantize.dtype != w13.dtype:
             raise ValueError(f"quantize={quantize.format!r} stores {quantize.dtype} but w13 is already {w13.dtype}")
         if quantize is not None:
@@ -1113,12 +1114,14 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     where the load then moves the layer to the state_dict's placement (collectives every rank runs), on every
     rank, naming the rank whose values they are."""
     try:
+        _placement_to_move_to(layer, state_dict, prefix)  # first: a table from another EP size explains the shapes
+        _check_expert_shapes(layer, state_dict, prefix)
         _check_finite_experts(layer, state_dict, prefix)
         for name in ("w13_scale_inv", "w2_scale_inv"):
             if isinstance(state_dict.get(prefix + name), torch.Tensor):
                 check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
         error = None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         error = err
     _join_load_errors(layer, state_dict, prefix, error)
     scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
@@ -1138,6 +1141,49 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
+
+
+def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
+    """Raise naming the key when an expert tensor of `state_dict` is not a floating tensor of this rank's shape
+    (torch's own check raised on that rank alone, after the others had loaded, and cast integer weights silently);
+    a DTensor (ep.distributed_state_dict's, global shape) is refused naming load_distributed_state_dict, which makes
+    it local first."""
+    L, E, R = layer.placement.num_local_experts, layer.config.num_experts, layer.placement.ep_size
+    for name in _EXPERT_TENSORS:
+        key, held = prefix + name, getattr(layer, name)
+        if key not in state_dict:
+            continue
+        t = state_dict[key]
+        if name.endswith("_scale_inv") and held is None:  # a float layer that fp8 weights with scales switch to fp8
+            weight = state_dict.get(prefix + name[:-len("_scale_inv")])
+            if not (isinstance(weight, torch.Tensor) and is_quantized_dtype(weight.dtype)):
+                continue  # (no fp8 weight beside it: torch names the unexpected key)
+            held = torch.empty(QuantConfig().weight_scale_shape(L, *getattr(layer, name[:-len("_scale_inv")]).shape[1:]),
+                               device="meta")
+        if held is None:
+            continue  # (no biases here: torch names the unexpected keys)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] has type {type(t).__name__}; expected a floating torch.Tensor of "
+                            f"shape {list(held.shape)}")
+        if type(held).__name__ == "DTensor":  # experts FSDP2 sharded further: torch checks its DTensors
+            continue
+        if type(t).__name__ == "DTensor":  # ep.distributed_state_dict's rows of every rank, [P, ...]
+            raise ValueError(f"state_dict[{key!r}] is a DTensor of shape {list(t.shape)} (the rows of every rank, as "
+                             f"ep.distributed_state_dict gives them); allowed here: this rank's {list(held.shape)}. "
+                             f"Load a distributed state with ep.load_distributed_state_dict(model, state)")
+        if not t.is_floating_point():
+            raise TypeError(f"state_dict[{key!r}] has dtype {t.dtype}; expected a floating dtype (this layer stores "
+                            f"{name} as {held.dtype})")
+        if tuple(t.shape) != tuple(held.shape):
+            hint = ""
+            if t.dim() == held.dim() and tuple(t.shape[1:]) == tuple(held.shape[1:]):
+                hint = (f" (this rank's {L} expert slots: num_experts={E} + num_redundant_experts="
+                        f"{layer.placement.num_physical_experts - E} over ep_size={R}; a per-rank state_dict loads at "
+                        f"the num_experts and EP size it was saved at; to change the EP size, gather_experts() then "
+                        f"load_experts())")
+            raise ValueError(f"state_dict[{key!r}] has shape {list(t.shape)}; expected {list(held.shape)}" + (hint or (
+                f" (num_experts={E}, hidden_size={layer.config.hidden_size}, intermediate_size="
+                f"{layer.config.intermediate_size}, {L} expert slots on this rank)")))
 
 
 def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:

@@ -202,6 +202,50 @@ def test_integer_or_bool_weights_are_refused_naming_the_tensor():
         assert loaded
 
 
+def _bad_state_dict_rank(rank, world_size):
+    w13, w2 = _global_weights()
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    layer.load_experts(w13, w2)
+    good = {k: v.clone() for k, v in layer.state_dict().items()}
+    torch.manual_seed(3)
+    wide = ep.EPMoE(E, K, 2 * H, I, dispatcher="deepep_normal", runner="torch").state_dict()  # another hidden_size
+    one_rank = ep.EPMoE(E, K, H, I, dispatcher="standard", runner="torch").state_dict()  # [E, ...]: saved at 1 rank
+    messages = []
+    for state in ({"w13": wide["w13"], "w2": wide["w2"]} if rank == 0 else good,  # rank 0's alone
+                  one_rank,
+                  {**good, "w2": good["w2"].round().long()},
+                  ep.distributed_state_dict(layer)):  # DTensors [E, ...]: for ep.load_distributed_state_dict
+        with pytest.raises((TypeError, ValueError)) as err:
+            layer.load_state_dict(state)
+        messages.append(f"{type(err.value).__name__}: {err.value}")
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), layer.config)
+    with torch.no_grad():  # every rank refused every load: the layer is as loaded, and the ranks still pair up
+        return messages, rel_err(layer(x, ids, weights), ref)
+
+
+def test_a_bad_state_dict_on_one_rank_fails_every_rank_naming_it():
+    """load_state_dict of a per-rank state_dict of another shape raised torch's size mismatch on that rank
+    alone: the other rank loaded its own and went on to wait for it in the next forward. One saved at another EP
+    size (or ep.distributed_state_dict's DTensors) was torch's size mismatch without the way out, and an int64 w2
+    loaded silently as whole numbers. Every rank now refuses them together before loading, naming the key, both
+    shapes (or the dtype) and the rank."""
+    for messages, err in run_ranks(_bad_state_dict_rank, 2, timeout=120, group_timeout=30):
+        assert messages == [
+            f"ValueError: rank 0: state_dict['w13'] has shape [4, {2 * I}, {2 * H}]; expected [4, {2 * I}, {H}] "
+            f"(num_experts={E}, hidden_size={H}, intermediate_size={I}, 4 expert slots on this rank) (each rank's "
+            f"state_dict; every rank stops before loading it)",
+            f"ValueError: state_dict['w13'] has shape [{E}, {2 * I}, {H}]; expected [4, {2 * I}, {H}] (this rank's 4 "
+            f"expert slots: num_experts={E} + num_redundant_experts=0 over ep_size=2; a per-rank state_dict loads at "
+            f"the num_experts and EP size it was saved at; to change the EP size, gather_experts() then load_experts())",
+            "TypeError: state_dict['w2'] has dtype torch.int64; expected a floating dtype (this layer stores w2 as "
+            "torch.float32)",
+            f"ValueError: state_dict['w13'] is a DTensor of shape [{E}, {2 * I}, {H}] (the rows of every rank, as "
+            f"ep.distributed_state_dict gives them); allowed here: this rank's [4, {2 * I}, {H}]. Load a distributed "
+            f"state with ep.load_distributed_state_dict(model, state)"], messages
+        assert err < tolerance(torch.float32), err
+
+
 def test_one_rank_shard_is_the_global_weights():
     w13, w2 = _global_weights()
     layer = ep.EPMoE(E, K, H, I, runner="torch")
@@ -658,6 +702,45 @@ def test_dcp_loads_at_another_ep_size(dcp_checkpoint, world_size):
                 assert torch.equal(torch.as_tensor(loaded[name]), torch.as_tensor(want)), (rank, name)
         for y, r in zip(ys, ranks):
             assert rel_err(torch.from_numpy(y), torch.from_numpy(outputs[r])) < tolerance(torch.float32), (rank, r)
+
+
+def _dcp_without_placement_rank(rank, world_size, path):
+    w13, w2 = _global_weights()
+    make = lambda **kw: nn.ModuleDict({"moe": ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", **kw)})  # noqa: E731
+    saved = make(expert_to_rank=[e % world_size for e in range(E)])  # round-robin: the rows are not the slots
+    saved["moe"].load_experts(w13, w2)
+    dcp.save(ep.distributed_state_dict(saved), checkpoint_id=path)
+    torch.manual_seed(1)
+    model = make()
+    state = ep.distributed_state_dict(model)
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    state.pop("moe.expert_placement")
+    with pytest.raises(ValueError) as err:
+        ep.load_distributed_state_dict(model, state)
+    missing = ep.load_distributed_state_dict(model, state, strict=False).missing_keys
+    state = ep.distributed_state_dict(model)
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(model, state)  # with the placement: the saved experts
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), model["moe"].config)
+    with torch.no_grad():
+        return str(err.value), missing, rel_err(model["moe"](x, ids, weights), ref)
+
+
+def test_dcp_state_without_the_placement_is_named(tmp_path):
+    """A state without a layer's expert_placement (which distributed_state_dict always adds) loaded its rows as
+    the default placement under strict=True with no word: a round-robin checkpoint's experts went into the wrong
+    slots. strict=True now names the key on every rank; strict=False loads the rows so and reports the key in
+    missing_keys."""
+    for message, missing, err in run_ranks(_dcp_without_placement_rank, 2, str(tmp_path), timeout=120,
+                                                      group_timeout=30):
+        assert message == (
+            "state_dict holds moe's expert rows but no 'moe.expert_placement' (the placement they were saved in, which "
+            "ep.distributed_state_dict always adds): without it they would load into the wrong slots. Allowed: the "
+            "dict ep.distributed_state_dict made, filled by dcp.load; strict=False loads the rows as the default "
+            "placement and reports the key missing"), message
+        assert missing == ["moe.expert_placement"], missing
+        assert err < tolerance(torch.float32), err
 
 
 def _dcp_slot_counts_rank(rank, world_size, path):

@@ -316,6 +316,9 @@ def test_quantize_on_load_equals_quantizing_the_slice():
     ("zero", r"w2_scale_inv has 0.0 at \[2, 1, 0\]; allowed: finite values > 0"),
     ("missing", "w2_scale_inv is missing"),
     ("unquantized", "w13_scale_inv was given but w13 has dtype torch.float32"),
+    # another fp8 dtype: the message said "scales come with float8 weights" of a float8 w13 (which ones, now)
+    ("e5m2", r"w13_scale_inv was given but w13 has dtype torch.float8_e5m2; scales come with float8 weights "
+             r"\(torch.float8_e4m3fn\)"),
     ("quantize", "quantize='int4'"),
 ])
 def test_bad_scales_raise_naming_the_argument(case, match):
@@ -339,6 +342,8 @@ def test_bad_scales_raise_naming_the_argument(case, match):
         weights, args = (w13, w2), dict(w13_scale_inv=s13)
     elif case == "quantize":
         weights, args = (w13, w2), dict(quantize="int4")
+    elif case == "e5m2":
+        weights = (w13.to(torch.float8_e5m2), w2.to(torch.float8_e5m2))
     layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=match):
         layer.load_experts(*weights, **args)
