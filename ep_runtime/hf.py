@@ -19,7 +19,7 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
-experts, LongCat-Flash's identity experts, MXFP4 weights, a softcapped gate as Inkling 2's, ...) is never skipped
+experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4 weights, a softcapped gate as Inkling 2's, ...) is never skipped
 silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
@@ -509,7 +509,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
     (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
     one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
-    experts (LongCat-Flash's zero_expert_num), packed quantized (MXFP4) weights, no router top_k, biased,
+    experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
+    computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, biased,
     transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
     filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert

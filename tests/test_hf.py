@@ -476,6 +476,9 @@ def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0(name):
         model = build()
     except (AttributeError, ImportError) as err:  # a transformers without this family
         pytest.skip(f"{name}: {err}")
+    if name == "longcat_flash" and not _longcat_experts_hold_identities(model):
+        pytest.skip("this transformers routes LongCat-Flash's identity experts in the block: its experts swap "
+                    "(test_longcat_identity_experts_routed_by_the_block_swap_exactly)")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="cannot swap 2 of the model's 2 MoE blocks|cannot swap 4 of the "
                                          "model's 4 MoE blocks") as err:
@@ -486,6 +489,39 @@ def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0(name):
         assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch", strict=False) == 0, name
     assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), name
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
+def _longcat_experts_hold_identities(model) -> bool:
+    """Whether LongCat-Flash's experts modules get the identity (zero-computation) expert ids themselves (transformers
+    < 5.25), rather than the block computing those slots and handing its experts real ids with weight 0 (5.25)."""
+    return any(getattr(m, "zero_expert_num", 0) for m in model.modules() if ep.hf.is_hf_experts(m))
+
+
+def test_longcat_identity_experts_routed_by_the_block_swap_exactly():
+    """Where transformers' LongCat-Flash block computes its identity experts itself (5.25: they reach the experts as
+    real ids of weight 0), replace_experts swaps its experts, and the model's logits and gradients are unchanged
+    (older transformers hand the identity ids to the experts: refused, test_moe_blocks_it_cannot_swap_...)."""
+    build = UNSWAPPABLE["longcat_flash"][0]
+    try:
+        torch.manual_seed(0)
+        model = build().float()
+    except (AttributeError, ImportError) as err:
+        pytest.skip(f"longcat_flash: {err}")
+    if _longcat_experts_hold_identities(model):
+        pytest.skip("this transformers hands LongCat-Flash's identity expert ids to its experts: refused instead")
+    original = copy.deepcopy(model)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    # (block by block: this tiny config builds, but its attention does not run in every transformers)
+    blocks = [name for name, m in model.named_modules() if type(m).__name__ == "LongcatFlashMoE"]
+    assert len(blocks) == 2
+    for name in blocks:
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        y, y_ref = model.get_submodule(name)(xs[0]), original.get_submodule(name)(xs[1])
+        assert rel_err(y.double(), y_ref.double()) < tolerance(torch.float32), name
+        (y * x).sum().backward()
+        (y_ref * x).sum().backward()
+        assert rel_err(xs[0].grad.double(), xs[1].grad.double()) < tolerance(torch.float32), name
 
 
 def test_blocks_sharing_one_experts_module_keep_sharing_it():
