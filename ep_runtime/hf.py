@@ -19,8 +19,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
-experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4 weights, a softcapped gate as Inkling 2's, ...) is never skipped
-silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others and warns.
+experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
+weights, a softcapped gate as Inkling 2's, ...) is never skipped silently: replace_experts raises naming it and
+why before anything changes; strict=False swaps the others and warns.
 """
 from __future__ import annotations
 
