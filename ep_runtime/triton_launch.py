@@ -9,6 +9,7 @@ hooks or the interpreter go through Triton's path unchanged (which compiles and 
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -232,5 +233,33 @@ def interpreted(kernel: Any) -> bool:
 
 def fast_launch(kernel: Any) -> Any:
     """Wrap a @triton.jit kernel that Python launches (never one that other kernels call). Under the
-    interpreter (TRITON_INTERPRET=1) the kernel is returned as it is."""
-    return kernel if interpreted(kernel) else FastKernel(kernel)
+    interpreter (TRITON_INTERPRET=1) its launches run one at a time (InterpretedKernel)."""
+    return InterpretedKernel(kernel) if interpreted(kernel) else FastKernel(kernel)
+
+
+# Triton's interpreter swaps triton.language's functions for its own, process-wide, for the length of each
+# launch and puts them back after: two threads launching at once (two layers called from two threads) undid
+# each other's swap, and a kernel failed with "Did you forget to add @triton.jit ?" or "x >= grid_dim[0]".
+_INTERPRETER_LOCK = threading.RLock()
+
+
+class InterpretedKernel:
+    """An interpreted @triton.jit kernel: ik[grid](*args, **kwargs) as with the kernel itself, one launch at a
+    time in the process (_INTERPRETER_LOCK)."""
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+        self.__name__ = getattr(kernel, "__name__", type(kernel).__name__)
+
+    def __getattr__(self, name: str) -> Any:  # .fn, .warmup, ...: the kernel's own
+        if name.startswith("__") or name == "kernel":  # (copy/pickle before __init__)
+            raise AttributeError(name)
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def locked(*args, **kwargs):
+            with _INTERPRETER_LOCK:
+                return launch(*args, **kwargs)
+        return locked

@@ -1308,3 +1308,45 @@ def test_reload_tables_makes_the_next_call_pick_its_tiles_again(monkeypatch):
     assert torch.equal(runners.fused_experts(x, w13, w2, ids, w), y)
     assert [plan for plan in triton_runner._PLANS.values() if all(plan is not old for old in before)], \
         "the call after reload_tables reused the plan picked from the tables before"
+
+
+def test_two_layers_from_two_threads_at_once():
+    """Two triton-runner layers called from two Python threads at the same time equal the reference. Under the
+    interpreter (CPU) each launch swaps triton.language's functions process-wide: unserialized launches from two
+    threads undid each other's swap and a kernel failed ("Did you forget to add @triton.jit ?")."""
+    import threading
+    gen = torch.Generator().manual_seed(11)
+    layers, weights = [], []
+    for activation, bias in (("silu", False), ("gelu", True)):
+        layer = ep.EPMoE(6, 2, 16, 16, dispatcher="standard", runner="triton", dtype=torch.float32,
+                         activation=activation, has_bias=bias)
+        w = _weights(gen, 6, 16, 16, bias=bias)
+        layer.load_experts(*w)
+        layers.append(layer)
+        weights.append(w)
+    inputs = [[(torch.randn(9, 16, generator=gen), _ids(gen, 9, 6, 2), torch.rand(9, 2, generator=gen))
+               for _ in range(6)] for _ in layers]
+    errors, outputs = [], [[], []]
+    start = threading.Barrier(2)
+
+    def calls(i):
+        try:
+            start.wait()
+            for x, ids, w in inputs[i]:
+                with torch.no_grad():
+                    outputs[i].append(layers[i](x, ids, w))
+        except Exception as err:  # noqa: BLE001 - reported by the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for layer, (w13, w2, b13, b2), ins, outs in zip(layers, weights, inputs, outputs):
+        for (x, ids, w), y in zip(ins, outs):
+            expected = moe_reference(x.double(), ids, w.double(), w13.double(), w2.double(), layer.config,
+                                     b13=b13.double() if b13 is not None else None,
+                                     b2=b2.double() if b2 is not None else None)
+            assert rel_err(y, expected) < 1e-5
