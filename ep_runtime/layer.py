@@ -1113,8 +1113,10 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them;
     where the load then moves the layer to the state_dict's placement (collectives every rank runs), on every
     rank, naming the rank whose values they are."""
+    saved = None
     try:
-        _placement_to_move_to(layer, state_dict, prefix)  # first: a table from another EP size explains the shapes
+        # first: a table from another EP size explains the shapes (_join_load_errors reads it; no second pass)
+        saved = _placement_to_move_to(layer, state_dict, prefix)
         _check_expert_shapes(layer, state_dict, prefix)
         _check_finite_experts(layer, state_dict, prefix)
         for name in ("w13_scale_inv", "w2_scale_inv"):
@@ -1123,7 +1125,7 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         error = None
     except (TypeError, ValueError) as err:
         error = err
-    _join_load_errors(layer, state_dict, prefix, error)
+    _join_load_errors(layer, state_dict, prefix, error, saved)
     scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
            and is_quantized_dtype(state_dict[prefix + name].dtype)]
@@ -1263,8 +1265,10 @@ def _placement_to_move_to(layer: "EPMoE", state_dict: dict, prefix: str) -> Opti
     return saved if _placement_tables(saved) != _placement_tables(current) else None
 
 
-def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[ValueError]) -> None:
-    """Raise `error` (this rank's bad values in `state_dict`, or None) or a placement table this layer cannot take.
+def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Optional[Exception],
+                      saved: Optional[ExpertPlacement]) -> None:
+    """Raise `error` (this rank's bad values in `state_dict`, a placement table this layer cannot take, or None).
+    saved: _placement_to_move_to's result where it raised nothing.
     Where the experts are sharded over ranks and `state_dict` holds some (each rank loads its own, together), every
     rank first shares its errors in one all_gather, so a bad value or table on one rank fails every rank, naming
     that rank: else the others went on, into the collectives of a move to the state_dict's placement (waiting there
@@ -1273,11 +1277,6 @@ def _join_load_errors(layer: "EPMoE", state_dict: dict, prefix: str, error: Opti
     must be the same on every rank too:
     they decide whether the load moves the slots and how many tensors it exchanges (another placement on one rank
     paired that rank's next collective with the others' move)."""
-    saved = None
-    try:
-        saved = _placement_to_move_to(layer, state_dict, prefix)
-    except ValueError as err:  # (a table this layer cannot take; _load_placement raises it where the ranks agree)
-        error = error or err
     held = [name for name in _EXPERT_TENSORS if getattr(layer, name) is not None]
     if not layer.dispatcher.shards_experts or layer.placement.ep_size == 1 or not any(
             prefix + name in state_dict for name in held):
