@@ -31,6 +31,7 @@ prepared launches, made from shapes, strides and dtypes only) and only launches.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -75,8 +76,11 @@ except ImportError as exc:  # triton is optional (`pip install ep-runtime[triton
 class MaskedTiles:
     """Tiles of both GEMMs. A program owns one expert's BLOCK_N output columns and loops over that
     expert's row blocks below masked_m[l], taking every ROW_SPLITS-th one (ROW_SPLITS programs share
-    the rows: more parallelism when experts hold many rows). BLOCK_N1 counts output columns of gemm1
-    (of I: a gated program keeps a gate and an up accumulator of BLOCK_N1 columns each)."""
+    the rows: they run side by side, so each weight tile comes from HBM once for all of them and stays in
+    L2, where one program reads it again per row block; and more programs fill the GPU when few experts
+    are local). ROW_SPLITS None: row_splits() picks it from the buffer's rows per expert. BLOCK_N1 counts
+    output columns of gemm1 (of I: a gated program keeps a gate and an up accumulator of BLOCK_N1 columns
+    each)."""
 
     BLOCK_M: int = 64
     BLOCK_N1: int = 64
@@ -84,13 +88,35 @@ class MaskedTiles:
     BLOCK_K: int = 64
     num_warps: int = 4
     num_stages: int = 4
-    ROW_SPLITS: int = 1
+    ROW_SPLITS: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_tile_sides("MaskedTiles", self, ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "BLOCK_K"))
+        if self.ROW_SPLITS is not None and (isinstance(self.ROW_SPLITS, bool) or not isinstance(self.ROW_SPLITS, int)
+                                            or self.ROW_SPLITS < 1):
+            raise ValueError(f"MaskedTiles.ROW_SPLITS={self.ROW_SPLITS!r}; allowed: None (chosen per shape) or an "
+                             f"int >= 1")
 
 
-INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs keep the CPU interpreter fast
+MAX_ROW_SPLITS = 8
+
+
+def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
+    """ROW_SPLITS for a buffer of `rows` rows per expert: the row blocks an expert holds when every rank sends its
+    full M tokens and the routing is uniform (rows * top_k / num_experts rows: deepep_ll's buffer holds M*R rows
+    per expert), rounded down to a power of two, 1..MAX_ROW_SPLITS. Graph replay on an H200 (fp8 and bf16, experts
+    filled to 64 / 256 / 1024 rows; 2026-12-03): Mixtral with 1 local expert, ROW_SPLITS 1 -> 4 at 256 rows
+    323 -> 159 us fp8, 538 -> 222 us bf16, 8 at 1024 rows 1240 -> 519 us; DeepSeek-V3 with 4 or 8 local experts
+    1.3-1.8x at 256 and 1024 rows. Splits past an expert's rows are programs that exit at once, but not free
+    (at 64 rows, 8 splits cost Mixtral 90 -> 113 us): so the expectation, not the buffer's size, decides."""
+    expected = rows * config.top_k // config.num_experts
+    splits = 1
+    while splits * 2 <= min(MAX_ROW_SPLITS, expected // block_m):
+        splits *= 2
+    return splits
+
+
+INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1)  # few, small programs keep the CPU interpreter fast
 # fp8 experts (1-byte weights, a scale per 128 x 128 block): a K step of a whole scale block, eight warps. Graph
 # replay on an H200, DeepSeek-V3 shard (L=32, 128 buffer rows per expert), fp8 rows: T=64 577.5 -> 402.6 us
 # (57% -> 82% of the copy rate on the weights touched) against the default tiles (2026-12-02, a sweep of 33
@@ -100,7 +126,7 @@ INTERPRETER_TILES = MaskedTiles(16, 32, 32, 32, 4, 1, 1)  # few, small programs 
 # (and skewed routing has such experts); one kernel choosing 16- or 64-row blocks per expert on the device from
 # masked_m ran its 16-row path slower than 16-row tiles alone (one token's 8 experts 117.9 against 102.5 us, and
 # 111.1 for these tiles).
-FP8_TILES = MaskedTiles(64, 64, 128, 128, 8, 4, 1)
+FP8_TILES = MaskedTiles(64, 64, 128, 128, 8, 4)
 
 
 def _default_tiles(fp8: bool, device: torch.device) -> MaskedTiles:
@@ -129,7 +155,6 @@ if triton is not None:
         scale, alpha, limit,
         FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr,
         HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
-        ROW_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr,
         UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, ONE_SCALE: tl.constexpr,
@@ -158,7 +183,7 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         a_base = a_ptr + expert * stride_al
         w_base = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-        for m0 in range(pid_s * BLOCK_M, num_rows, ROW_SPLITS * BLOCK_M):
+        for m0 in range(pid_s * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):  # (the row splits: no constexpr)
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < num_rows  # padding rows are never loaded (they may be NaN)
             a_ptrs = a_base + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -231,7 +256,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     gated = activation is not None and activation.is_gated
     one_scale = quant is not None and one_weight_scale(quant.weight_block[0], block_n, N if gated else None)
     upcast = INTERPRETED and a.dtype == torch.bfloat16
-    meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, row_splits, block_n, tiles, quant,
+    meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, block_n, tiles, quant,
                  out_scale is not None, one_scale)
     has_bias, scaled, quant_out = bias is not None, quant is not None, out_scale is not None
     sizes = (rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
@@ -251,8 +276,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
 
 
 @functools.lru_cache(maxsize=1024)
-def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, upcast: bool, row_splits: int, block_n: int,
-          tiles: MaskedTiles, quant: Optional[QuantConfig], quant_out: bool, one_scale: bool) -> dict:
+def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, upcast: bool, block_n: int, tiles: MaskedTiles,
+          quant: Optional[QuantConfig], quant_out: bool, one_scale: bool) -> dict:
     """_masked_gemm_kernel's constexprs and launch options, built once per combination (rebuilding ~25
     entries per launch is host time at decode sizes). Shared: never changed by a caller. activation:
     (activation, is_gated, gemm1_alpha, gemm1_clamp_limit) of gemm1's epilogue, or None (gemm2)."""
@@ -260,7 +285,6 @@ def _meta(activation: Optional[tuple], has_bias: bool, fp32_dot: bool, upcast: b
     scaled = quant is not None
     return dict(
         FUSE_ACT=activation is not None, **act, HAS_BIAS=has_bias, FP32_DOT=fp32_dot, UPCAST=upcast,
-        ROW_SPLITS=row_splits,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=min(tiles.BLOCK_K, quant.weight_block[1]) if scaled else tiles.BLOCK_K,
         BLOCK_SCALED=scaled, SCALE_N=quant.weight_block[0] if scaled else 1,
@@ -317,6 +341,8 @@ class _Plan:
                  out_dtype: Optional[torch.dtype]):
         L, rows, H = recv_x.shape
         I, quant, device = config.intermediate_size, weights.quant, recv_x.device
+        if tiles.ROW_SPLITS is None:
+            tiles = dataclasses.replace(tiles, ROW_SPLITS=row_splits(rows, config, tiles.BLOCK_M))
         self.config, self.tiles, self.shape = config, tiles, (L, rows, H)
         self.out_dtype = out_dtype or recv_x.dtype
         # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.

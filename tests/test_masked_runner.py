@@ -11,7 +11,7 @@ import ep_runtime as ep
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import QuantConfig
 from ep_runtime.reference import expert_reference, moe_reference, rel_err
-from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles
+from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles, row_splits
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 L, ROWS, H, I = 3, 20, 40, 24  # H, I and ROWS not multiples of the interpreter tiles: edge masks are exercised
@@ -85,6 +85,36 @@ def test_other_tiles_and_row_splits(row_splits):
     out = MaskedRunner(config, tiles=tiles).run_masked(recv_x, masked_m, weights)
     for e, (m, ref) in enumerate(zip(MASKED_M, _reference(config, weights, recv_x))):
         assert rel_err(out[e, :m], ref) <= 1e-5
+
+
+def test_row_splits_follow_the_rows_an_expert_expects():
+    """deepep_ll's buffer holds M*R rows per expert; a full, uniform step fills rows * top_k / num_experts of them."""
+    mixtral, deepseek = MoeConfig(8, 2, 64, 32), MoeConfig(256, 8, 64, 32)
+    assert row_splits(128 * 8, mixtral, 64) == 4  # one local expert of 8 ranks: 256 rows expected
+    assert row_splits(128 * 4, mixtral, 64) == 2
+    assert row_splits(128 * 8, deepseek, 64) == 1  # 32 local experts of 8 ranks: 32 rows expected
+    assert row_splits(128 * 64, deepseek, 64) == 4
+    assert row_splits(1 << 20, mixtral, 64) == 8  # at most MAX_ROW_SPLITS
+    assert row_splits(0, mixtral, 64) == 1
+
+
+def test_automatic_row_splits_compute_the_bits_of_one_program_per_expert():
+    """ROW_SPLITS None picks 4 here (64 rows * top_k 2 / 2 experts, 16-row blocks): each row block is still one
+    program's, with the same K loop, so the output is bit-identical to ROW_SPLITS=1."""
+    config = MoeConfig(2, 2, H, I)
+    gen = torch.Generator().manual_seed(7)
+    weights = ExpertWeights(torch.randn(2, config.w13_rows, H, generator=gen) * H ** -0.5,
+                            torch.randn(2, H, I, generator=gen) * I ** -0.5)
+    recv_x = torch.randn(2, 64, H, generator=gen)
+    masked_m = torch.tensor([64, 37], dtype=torch.int32)
+    recv_x[1, 37:] = float("nan")
+    assert row_splits(64, config, 16) == 4
+    auto = MaskedRunner(config).run_masked(recv_x, masked_m, weights)
+    one = MaskedRunner(config, tiles=MaskedTiles(16, 32, 32, 32, 4, 1, 1)).run_masked(recv_x, masked_m, weights)
+    for e, m in enumerate(masked_m.tolist()):
+        assert torch.equal(auto[e, :m], one[e, :m])
+        ref = expert_reference(recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config)
+        assert rel_err(auto[e, :m], ref) <= 1e-5
 
 
 def test_all_zero_masked_m_reads_nothing():
@@ -183,6 +213,8 @@ def test_rejects_what_it_cannot_compute():
     (lambda: MaskedTiles(16, 24, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_N1=24; allowed: a power of two >= 16"),
     (lambda: MaskedTiles(0, 32, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_M=0; allowed: a power of two >= 16"),
     (lambda: (16, 32, 32, 32, 4, 1, 1), TypeError, r"tiles is a tuple; allowed: None or a MaskedTiles"),
+    (lambda: MaskedTiles(16, 32, 32, 32, 4, 1, 0), ValueError,
+     r"MaskedTiles.ROW_SPLITS=0; allowed: None \(chosen per shape\) or an int >= 1"),
 ])
 def test_tiles_that_the_kernel_cannot_take_are_named(tiles, error, match):
     """Hand-made tiles failed inside Triton naming nothing: BLOCK_N1=24 with an InterpreterError "arange's range
