@@ -106,6 +106,8 @@ class EPMoE(nn.Module):
             backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                          device, dtype)
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
+            if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
+                _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise
@@ -234,12 +236,8 @@ class EPMoE(nn.Module):
     def _store_quantized(self, quant: QuantConfig, device) -> None:
         """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
         none of them (nor the biases) trainable (fp8 is inference-only)."""
-        rows = getattr(self.dispatcher, "fp8", None)  # the fp8 dispatch's activation format, if any
-        if rows is not None and quant.activation_group != rows.activation_group:
-            raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
-                             f"{list(quant.weight_block)}) cannot take the rows of dispatcher {self.dispatcher.name!r} "
-                             f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
-                             f"activation_group={rows.activation_group}, or use_fp8=False")
+        # the fp8 dispatch's activation format, if any
+        _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
         L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         if self.quant is None:
@@ -1024,6 +1022,27 @@ def _options(name: str, options: Optional[Mapping]) -> dict:
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"{name}={options!r}; allowed: None or a dict of option names to values")
     return dict(options or {})
+
+
+def _check_activation_group(quant: QuantConfig, rows: Optional[QuantConfig], dispatcher: str) -> None:
+    """Quantized experts take an fp8 dispatch's rows (format `rows`) only with its channels per scale."""
+    if rows is not None and quant.activation_group != rows.activation_group:
+        raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
+                         f"{list(quant.weight_block)}) cannot take the rows of dispatcher {dispatcher!r} "
+                         f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
+                         f"activation_group={rows.activation_group}, or use_fp8=False")
+
+
+def _fp8_rows(dispatcher: str, options: dict) -> Optional[QuantConfig]:
+    """The rows' format that dispatcher `dispatcher` built with `options` will send (its `fp8`), read before it
+    is built: a quant_config refused on one rank then joins the settings check its construction ends with, so
+    the other ranks fail there naming it (refused after it, they went on to wait in the first collective)."""
+    from .dispatchers import fp8_payload
+    from .registry import named_options
+    if "use_fp8" not in named_options(dispatchers.get(dispatcher), ("config", "group")):
+        return None
+    use, encoding = fp8_payload.resolve(options.get("use_fp8"), options.get("fp8_scale_encoding"))
+    return QuantConfig(scale_encoding=encoding) if use else None
 
 
 def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> list:

@@ -817,6 +817,35 @@ def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
     assert ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
                     quant_config=blocks64).quant == blocks64  # unquantized rows: any group
 
+def _refused_on_one_rank(rank, world_size, knob):
+    """Rank 0 builds its layer with experts of 64-channel groups behind an fp8 dispatch (refused), rank 1 with
+    128-channel ones (taken); use_fp8 as an option, or through EP_RUNTIME_DISPATCH_FP8."""
+    import os
+    options = {} if knob else {"use_fp8": True}
+    if knob:
+        os.environ["EP_RUNTIME_DISPATCH_FP8"] = "1"
+    quant = QuantConfig(weight_block=(64, 64), activation_group=64) if rank == 0 else QuantConfig()
+    try:
+        ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16, dispatcher_options=options,
+                 quant_config=quant)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("knob", [False, True])
+def test_fp8_dispatch_refusing_one_ranks_experts_fails_every_rank(knob):
+    """The refusal above on one rank only (another quant_config there) came after the dispatcher's settings
+    check: rank 0 raised alone and rank 1 built its layer and went on to wait for rank 0 in its first
+    collective (load_experts' check, or the first dispatch) until the timeout. Now every rank fails building
+    the layer, the others naming rank 0 and its error."""
+    messages = run_ranks(_refused_on_one_rank, 2, knob, timeout=60, group_timeout=20)
+    assert messages[0] is not None and messages[0].startswith("experts quantized with activation_group=64"), messages
+    assert messages[1] is not None and messages[1].startswith("rank 0 could not build its layer or dispatcher "
+                                                              "(ValueError: experts quantized with activation_group=64"
+                                                              ), messages
+
+
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
     quantizes, after its first collective: a late error there would leave the peers waiting)."""
