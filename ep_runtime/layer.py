@@ -1125,8 +1125,9 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """load_state_dict pre-hook: the experts load in the format `state_dict` holds them in, as
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
-    quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
-    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
+    quantized on load saves them so), and float w13/w2 without their scales into an fp8 layer are quantized
+    with its config, each on its own (torch's copy would cast them, or the fp8 values, as numbers under other
+    scales; a float w2 beside an fp8 w13 with its scales was cast with scale 1).
     An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Expert weights
     that are not finite (in the layer's dtype: a float64 value may overflow float32; fp8: NaN) and scales that
     are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them;
@@ -1145,7 +1146,6 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     except (TypeError, ValueError) as err:
         error = err
     _join_load_errors(layer, state_dict, prefix, error, saved)
-    scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
            and is_quantized_dtype(state_dict[prefix + name].dtype)]
     if layer.quant is None and fp8 and all(prefix + name + "_scale_inv" in state_dict for name in fp8):
@@ -1156,10 +1156,11 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             q, scale_inv = layer.quant.quantize_weight(values)
             _copy_values(getattr(layer, name), q)
             getattr(layer, name + "_scale_inv").copy_(scale_inv)
-    elif layer.quant is not None and not any(scales):
+    if layer.quant is not None:  # each float matrix without its scales, also beside an fp8 one with them
         for name in ("w13", "w2"):
             t = state_dict.get(prefix + name)
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
+                    and prefix + name + "_scale_inv" not in state_dict
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
 

@@ -400,6 +400,33 @@ def test_state_dict_loads_into_a_layer_built_alike():
                                                 for name, t in layer.state_dict().items())
 
 
+def test_state_dict_quantizes_a_float_matrix_beside_an_fp8_one():
+    """A state_dict holding w13 fp8 with its scales and w2 as float (experts converted one matrix at a time):
+    the float w2 was quantized only when no scale key was there at all, so here torch's copy cast its values
+    into the fp8 w2 under scale 1 (into a layer built fp8: under the old scales), and a strict load into a
+    float layer then failed on w2_scale_inv after writing them. Each float matrix without its own scales is
+    now quantized with the layer's config, as load_experts does."""
+    E, K, H, I, T = 4, 2, 200, 72, 6  # ragged: H and I not multiples of 128
+    w13, w2, q13, s13, _, _ = _fp8_checkpoint(E, H, I)
+    w2 = w2.to(torch.bfloat16)
+    want_q2, want_s2 = QuantConfig().quantize_weight(w2)
+    gen = _seeded(18)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(want_q2, want_s2), ep.MoeConfig(E, K, H, I), fp8_activations=True,
+                         fp8_input=False)
+    for built in (None, QuantConfig()):
+        for strict in (True, False):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=built)
+            assert layer.load_state_dict({"w13": q13, "w13_scale_inv": s13, "w2": w2}, strict=strict) == ([], [])
+            assert layer.quant == QuantConfig() and torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8))
+            assert torch.equal(layer.w2.view(torch.uint8), want_q2.view(torch.uint8)), (built, strict)
+            assert torch.equal(layer.w2_scale_inv, want_s2), (built, strict)
+            with torch.no_grad():
+                assert rel_err(layer(x, ids, weights), want) < BF16
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
