@@ -351,6 +351,8 @@ class EPMoE(nn.Module):
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
         local_experts = self.placement.describe_local_experts()
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
+        if quant is not None and quant is not self.quant:  # before the ranks agree, not after (_store_quantized)
+            _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)

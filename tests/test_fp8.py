@@ -873,6 +873,29 @@ def test_fp8_dispatch_refusing_one_ranks_experts_fails_every_rank(knob):
                                                               ), messages
 
 
+def _quantized_on_one_rank(rank, world_size):
+    """Rank 0 quantizes the experts on load with 64-channel groups behind an fp8 dispatch (refused), rank 1
+    with 128-channel ones (taken); then each rank's layer format."""
+    w13, w2, *_ = _fp8_checkpoint(4, 256, 128)
+    layer = ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
+                     dispatcher_options={"use_fp8": True})
+    try:
+        layer.load_experts(w13, w2, quantize=QuantConfig(weight_block=(64, 64), activation_group=64) if rank == 0
+                           else QuantConfig())
+    except ValueError as err:
+        return str(err), layer.quant
+    return None, layer.quant
+
+
+def test_fp8_dispatch_refusing_one_ranks_quantize_on_load_fails_every_rank():
+    """The same refusal in load_experts came after the ranks' shared check: rank 0 raised alone and rank 1
+    loaded its experts and waited for rank 0 in the next forward's exchange. Now every rank stops before
+    loading, naming rank 0 and its error, and no layer changes."""
+    for message, quant in run_ranks(_quantized_on_one_rank, 2, timeout=60, group_timeout=20):
+        assert message is not None and message.startswith("rank 0: experts quantized with activation_group=64"), message
+        assert message.endswith("(load_experts: every rank stops before loading)") and quant is None, (message, quant)
+
+
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
     quantizes, after its first collective: a late error there would leave the peers waiting)."""
