@@ -30,8 +30,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .dispatchers.base import agree_before_collectives
 from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _placement_tables
-from .quant import is_quantized_dtype
 from .placement import ExpertPlacement
+from .quant import is_quantized_dtype
 
 
 def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
