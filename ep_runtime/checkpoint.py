@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .dispatchers.base import agree_before_collectives
 from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _placement_tables
 from .placement import ExpertPlacement
+from .quant import is_quantized_dtype
 
 
 def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -164,13 +165,20 @@ class ExpertLoadPlanner(DefaultLoadPlanner):
     another number of physical slots than the saved one (num_experts + num_redundant_experts) is named
     with both counts and the way to convert it (without this planner dcp.load stops at its own size
     check, "Size mismatch between saved torch.Size([2, 10]) and current: torch.Size([2, 8]) for
-    <layer>.expert_placement" or the same for an expert tensor). Takes DefaultLoadPlanner's arguments."""
+    <layer>.expert_placement" or the same for an expert tensor). Experts saved fp8 loading into a layer
+    built unquantized (or the reverse) are named too: dcp.load casts the saved values to the layer's dtype
+    and leaves the scales behind, so fp8 values loaded unscaled into a bf16 layer (no error). Takes
+    DefaultLoadPlanner's arguments."""
 
     def create_local_plan(self):
         for key, table in self.state_dict.items():
             saved = self.metadata.state_dict_metadata.get(key)
-            if key.rpartition(".")[2] == PLACEMENT_KEY and saved is not None and hasattr(saved, "size"):
+            prefix, _, name = key.rpartition(".")
+            if name == PLACEMENT_KEY and saved is not None and hasattr(saved, "size"):
                 _check_slot_count(key, int(saved.size[-1]), int(table.shape[-1]))
+            layer_key = (prefix + "." if prefix else "") + PLACEMENT_KEY
+            if name in ("w13", "w2") and layer_key in self.state_dict and hasattr(saved, "properties"):
+                _check_expert_format(key, saved.properties.dtype, table.dtype)
         return super().create_local_plan()
 
 
@@ -205,6 +213,20 @@ def _check_slot_count(key: str, saved: int, have: int) -> None:
                          f"EP size but into the same number of slots. To change num_redundant_experts, build the "
                          f"model as it was saved, load it, gather_experts() and load_experts() the [E, ...] "
                          f"weights into the new layer")
+
+
+def _check_expert_format(key: str, saved: torch.dtype, have: torch.dtype) -> None:
+    """Experts saved fp8 into a float layer (or the reverse) are an error: dcp.load would cast the values and
+    leave the scales behind (or find none)."""
+    fp8 = is_quantized_dtype(saved)
+    if fp8 == is_quantized_dtype(have):
+        return
+    way = ("build the layer with quant_config=ep.QuantConfig() as saved" if fp8 else
+           "build the layer without quant_config as saved, load it, then load_experts() its gather_experts() "
+           "weights with quantize='fp8_block'")
+    raise ValueError(f"{key.rpartition('.')[0] or 'the model'}: the checkpoint holds {key} as {saved}, this layer "
+                     f"stores it as {have} (dcp.load would cast the values "
+                     f"{'and leave their block scales behind' if fp8 else 'and find no block scales'}). Allowed: {way}")
 
 
 def _placement_of_rows(layer: EPMoE, prefix: str, table: Any) -> torch.Tensor:

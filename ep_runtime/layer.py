@@ -106,6 +106,8 @@ class EPMoE(nn.Module):
             backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                          device, dtype)
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
+            if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
+                _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise
@@ -234,12 +236,8 @@ class EPMoE(nn.Module):
     def _store_quantized(self, quant: QuantConfig, device) -> None:
         """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
         none of them (nor the biases) trainable (fp8 is inference-only)."""
-        rows = getattr(self.dispatcher, "fp8", None)  # the fp8 dispatch's activation format, if any
-        if rows is not None and quant.activation_group != rows.activation_group:
-            raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
-                             f"{list(quant.weight_block)}) cannot take the rows of dispatcher {self.dispatcher.name!r} "
-                             f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
-                             f"activation_group={rows.activation_group}, or use_fp8=False")
+        # the fp8 dispatch's activation format, if any
+        _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
         L, H, I = self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         if self.quant is None:
@@ -353,6 +351,8 @@ class EPMoE(nn.Module):
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
         local_experts = self.placement.describe_local_experts()
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
+        if quant is not None and quant is not self.quant:  # before the ranks agree, not after (_store_quantized)
+            _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)
@@ -1026,6 +1026,27 @@ def _options(name: str, options: Optional[Mapping]) -> dict:
     return dict(options or {})
 
 
+def _check_activation_group(quant: QuantConfig, rows: Optional[QuantConfig], dispatcher: str) -> None:
+    """Quantized experts take an fp8 dispatch's rows (format `rows`) only with its channels per scale."""
+    if rows is not None and quant.activation_group != rows.activation_group:
+        raise ValueError(f"experts quantized with activation_group={quant.activation_group} (weight_block="
+                         f"{list(quant.weight_block)}) cannot take the rows of dispatcher {dispatcher!r} "
+                         f"with use_fp8=True (one scale per {rows.activation_group} channels); allowed: "
+                         f"activation_group={rows.activation_group}, or use_fp8=False")
+
+
+def _fp8_rows(dispatcher: str, options: dict) -> Optional[QuantConfig]:
+    """The rows' format that dispatcher `dispatcher` built with `options` will send (its `fp8`), read before it
+    is built: a quant_config refused on one rank then joins the settings check its construction ends with, so
+    the other ranks fail there naming it (refused after it, they went on to wait in the first collective)."""
+    from .dispatchers import fp8_payload
+    from .registry import named_options
+    if "use_fp8" not in named_options(dispatchers.get(dispatcher), ("config", "group")):
+        return None
+    use, encoding = fp8_payload.resolve(options.get("use_fp8"), options.get("fp8_scale_encoding"))
+    return QuantConfig(scale_encoding=encoding) if use else None
+
+
 def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> list:
     """[(what, tensor)] laid out by the slots like `param`: its data, its .grad, the optimizer's state tensors
     shaped like it (Adam's moments, a momentum buffer), in the order they move."""
@@ -1106,8 +1127,9 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """load_state_dict pre-hook: the experts load in the format `state_dict` holds them in, as
     load_experts takes them: fp8 w13/w2 with their scales switch an unquantized layer to fp8 (a layer
-    quantized on load saves them so), and float w13/w2 without scales into an fp8 layer are quantized
-    with its config (torch's copy would cast them, or the fp8 values, as numbers under other scales).
+    quantized on load saves them so), and float w13/w2 without their scales into an fp8 layer are quantized
+    with its config, each on its own (torch's copy would cast them, or the fp8 values, as numbers under other
+    scales; a float w2 beside an fp8 w13 with its scales was cast with scale 1).
     An expert matrix the state_dict does not hold (strict=False) keeps its values, quantized. Expert weights
     that are not finite (in the layer's dtype: a float64 value may overflow float32; fp8: NaN) and scales that
     are not finite and > 0 are refused before the layer changes, naming the key, as load_experts refuses them;
@@ -1126,7 +1148,6 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
     except (TypeError, ValueError) as err:
         error = err
     _join_load_errors(layer, state_dict, prefix, error, saved)
-    scales = [prefix + name in state_dict for name in ("w13_scale_inv", "w2_scale_inv")]
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)
            and is_quantized_dtype(state_dict[prefix + name].dtype)]
     if layer.quant is None and fp8 and all(prefix + name + "_scale_inv" in state_dict for name in fp8):
@@ -1137,10 +1158,11 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             q, scale_inv = layer.quant.quantize_weight(values)
             _copy_values(getattr(layer, name), q)
             getattr(layer, name + "_scale_inv").copy_(scale_inv)
-    elif layer.quant is not None and not any(scales):
+    if layer.quant is not None:  # each float matrix without its scales, also beside an fp8 one with them
         for name in ("w13", "w2"):
             t = state_dict.get(prefix + name)
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and not is_quantized_dtype(t.dtype)
+                    and prefix + name + "_scale_inv" not in state_dict
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
 

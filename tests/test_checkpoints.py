@@ -786,6 +786,44 @@ def test_dcp_checkpoint_with_other_slot_counts_is_named(tmp_path):
             "into the layer at this EP size"), messages["copies"]
 
 
+def _dcp_other_format_rank(rank, world_size, path):
+    """fp8 experts saved, loaded into a layer built unquantized (and float experts into an fp8 layer)."""
+    w13, w2 = _global_weights()
+    make = lambda **kw: nn.ModuleDict({"moe": ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", **kw)})  # noqa: E731
+    messages, unchanged = {}, []
+    for saved_quant, loading_quant in ((ep.QuantConfig(), None), (None, ep.QuantConfig())):
+        saved = make()
+        saved["moe"].load_experts(w13, w2, quantize=saved_quant)
+        folder = f"{path}/{'fp8' if saved_quant else 'float'}"
+        dcp.save(ep.distributed_state_dict(saved), checkpoint_id=folder)
+        model = make(quant_config=loading_quant)
+        before = {name: t.clone() for name, t in model.state_dict().items()}
+        with pytest.raises(CheckpointException) as err:
+            dcp.load(ep.distributed_state_dict(model), checkpoint_id=folder, planner=ep.ExpertLoadPlanner())
+        messages["fp8" if saved_quant else "float"] = str(next(iter(err.value.failures.values()))[0])
+        unchanged.append(all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+                             for name, t in model.state_dict().items()))
+    return messages, unchanged
+
+
+def test_dcp_checkpoint_of_another_expert_format_is_named(tmp_path):
+    """fp8 experts saved through ep.distributed_state_dict loaded into a layer built without quant_config: dcp.load
+    cast the fp8 values to the layer's dtype and left the scales in the checkpoint, so the layer computed with
+    unscaled weights (outputs ~1e9 times too large), no error. ExpertLoadPlanner now names the tensor, both dtypes
+    and the way out on every rank before anything is read, in both directions (float experts into an fp8 layer
+    stopped at DCP's "Missing key in checkpoint state_dict: moe.w13_scale_inv")."""
+    for messages, unchanged in run_ranks(_dcp_other_format_rank, 2, str(tmp_path), timeout=120, group_timeout=30):
+        assert messages["fp8"] == (
+            "moe: the checkpoint holds moe.w13 as torch.float8_e4m3fn, this layer stores it as torch.float32 (dcp.load "
+            "would cast the values and leave their block scales behind). Allowed: build the layer with "
+            "quant_config=ep.QuantConfig() as saved"), messages["fp8"]
+        assert messages["float"] == (
+            "moe: the checkpoint holds moe.w13 as torch.float32, this layer stores it as torch.float8_e4m3fn (dcp.load "
+            "would cast the values and find no block scales). Allowed: build the layer without quant_config as saved, "
+            "load it, then load_experts() its gather_experts() weights with quantize='fp8_block'"), messages["float"]
+        assert unchanged == [True, True]
+
+
 def _train_step(model, optimizer, ranks):
     """One Adam step on the saving ranks' tokens in `ranks` (at 1 rank: both ranks' tokens, the same loss)."""
     optimizer.zero_grad()

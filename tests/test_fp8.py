@@ -400,6 +400,33 @@ def test_state_dict_loads_into_a_layer_built_alike():
                                                 for name, t in layer.state_dict().items())
 
 
+def test_state_dict_quantizes_a_float_matrix_beside_an_fp8_one():
+    """A state_dict holding w13 fp8 with its scales and w2 as float (experts converted one matrix at a time):
+    the float w2 was quantized only when no scale key was there at all, so here torch's copy cast its values
+    into the fp8 w2 under scale 1 (into a layer built fp8: under the old scales), and a strict load into a
+    float layer then failed on w2_scale_inv after writing them. Each float matrix without its own scales is
+    now quantized with the layer's config, as load_experts does."""
+    E, K, H, I, T = 4, 2, 200, 72, 6  # ragged: H and I not multiples of 128
+    w13, w2, q13, s13, _, _ = _fp8_checkpoint(E, H, I)
+    w2 = w2.to(torch.bfloat16)
+    want_q2, want_s2 = QuantConfig().quantize_weight(w2)
+    gen = _seeded(18)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(want_q2, want_s2), ep.MoeConfig(E, K, H, I), fp8_activations=True,
+                         fp8_input=False)
+    for built in (None, QuantConfig()):
+        for strict in (True, False):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=built)
+            assert layer.load_state_dict({"w13": q13, "w13_scale_inv": s13, "w2": w2}, strict=strict) == ([], [])
+            assert layer.quant == QuantConfig() and torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8))
+            assert torch.equal(layer.w2.view(torch.uint8), want_q2.view(torch.uint8)), (built, strict)
+            assert torch.equal(layer.w2_scale_inv, want_s2), (built, strict)
+            with torch.no_grad():
+                assert rel_err(layer(x, ids, weights), want) < BF16
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
@@ -816,6 +843,58 @@ def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
         assert layer.quant == QuantConfig()
     assert ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
                     quant_config=blocks64).quant == blocks64  # unquantized rows: any group
+
+def _refused_on_one_rank(rank, world_size, knob):
+    """Rank 0 builds its layer with experts of 64-channel groups behind an fp8 dispatch (refused), rank 1 with
+    128-channel ones (taken); use_fp8 as an option, or through EP_RUNTIME_DISPATCH_FP8."""
+    import os
+    options = {} if knob else {"use_fp8": True}
+    if knob:
+        os.environ["EP_RUNTIME_DISPATCH_FP8"] = "1"
+    quant = QuantConfig(weight_block=(64, 64), activation_group=64) if rank == 0 else QuantConfig()
+    try:
+        ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16, dispatcher_options=options,
+                 quant_config=quant)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("knob", [False, True])
+def test_fp8_dispatch_refusing_one_ranks_experts_fails_every_rank(knob):
+    """The refusal above on one rank only (another quant_config there) came after the dispatcher's settings
+    check: rank 0 raised alone and rank 1 built its layer and went on to wait for rank 0 in its first
+    collective (load_experts' check, or the first dispatch) until the timeout. Now every rank fails building
+    the layer, the others naming rank 0 and its error."""
+    messages = run_ranks(_refused_on_one_rank, 2, knob, timeout=60, group_timeout=20)
+    assert messages[0] is not None and messages[0].startswith("experts quantized with activation_group=64"), messages
+    assert messages[1] is not None and messages[1].startswith("rank 0 could not build its layer or dispatcher "
+                                                              "(ValueError: experts quantized with activation_group=64"
+                                                              ), messages
+
+
+def _quantized_on_one_rank(rank, world_size):
+    """Rank 0 quantizes the experts on load with 64-channel groups behind an fp8 dispatch (refused), rank 1
+    with 128-channel ones (taken); then each rank's layer format."""
+    w13, w2, *_ = _fp8_checkpoint(4, 256, 128)
+    layer = ep.EPMoE(4, 2, 256, 128, dispatcher="deepep_normal", dtype=torch.bfloat16,
+                     dispatcher_options={"use_fp8": True})
+    try:
+        layer.load_experts(w13, w2, quantize=QuantConfig(weight_block=(64, 64), activation_group=64) if rank == 0
+                           else QuantConfig())
+    except ValueError as err:
+        return str(err), layer.quant
+    return None, layer.quant
+
+
+def test_fp8_dispatch_refusing_one_ranks_quantize_on_load_fails_every_rank():
+    """The same refusal in load_experts came after the ranks' shared check: rank 0 raised alone and rank 1
+    loaded its experts and waited for rank 0 in the next forward's exchange. Now every rank stops before
+    loading, naming rank 0 and its error, and no layer changes."""
+    for message, quant in run_ranks(_quantized_on_one_rank, 2, timeout=60, group_timeout=20):
+        assert message is not None and message.startswith("rank 0: experts quantized with activation_group=64"), message
+        assert message.endswith("(load_experts: every rank stops before loading)") and quant is None, (message, quant)
+
 
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
