@@ -98,7 +98,9 @@ class MaskedTiles:
                              f"int >= 1")
 
 
-MAX_ROW_SPLITS = 8
+# 8 splits ran 5-13% faster than 4 at 1024 rows per expert but up to 25% slower at 64 (below): a buffer sized for
+# the largest batch (deepep_ll's M) is often far from full, so the bound keeps to 4.
+MAX_ROW_SPLITS = 4
 
 
 def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
@@ -106,7 +108,7 @@ def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
     full M tokens and the routing is uniform (rows * top_k / num_experts rows: deepep_ll's buffer holds M*R rows
     per expert), rounded down to a power of two, 1..MAX_ROW_SPLITS. Graph replay on an H200 (fp8 and bf16, experts
     filled to 64 / 256 / 1024 rows; 2026-12-03): Mixtral with 1 local expert, ROW_SPLITS 1 -> 4 at 256 rows
-    323 -> 159 us fp8, 538 -> 222 us bf16, 8 at 1024 rows 1240 -> 519 us; DeepSeek-V3 with 4 or 8 local experts
+    323 -> 159 us fp8, 538 -> 222 us bf16, at 1024 rows 1240 -> 599 us; DeepSeek-V3 with 4 or 8 local experts
     1.3-1.8x at 256 and 1024 rows. Splits past an expert's rows are programs that exit at once, but not free
     (at 64 rows, 8 splits cost Mixtral 90 -> 113 us): so the expectation, not the buffer's size, decides."""
     expected = rows * config.top_k // config.num_experts

@@ -94,7 +94,7 @@ def test_row_splits_follow_the_rows_an_expert_expects():
     assert row_splits(128 * 4, mixtral, 64) == 2
     assert row_splits(128 * 8, deepseek, 64) == 1  # 32 local experts of 8 ranks: 32 rows expected
     assert row_splits(128 * 64, deepseek, 64) == 4
-    assert row_splits(1 << 20, mixtral, 64) == 8  # at most MAX_ROW_SPLITS
+    assert row_splits(1 << 20, mixtral, 64) == 4  # at most MAX_ROW_SPLITS
     assert row_splits(0, mixtral, 64) == 1
 
 
