@@ -313,13 +313,16 @@ def masked_forward(recv_x: torch.Tensor, masked_m: torch.Tensor, weights: Expert
     _check_tiles(tiles)
     quant = weights.quant
     key = None
-    if quant is None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         w13, w2, b13, b2 = weights.w13, weights.w2, weights.b13, weights.b2
         key = (recv_x.shape, recv_x.stride(), recv_x.dtype, recv_x.device, out_dtype, config, tiles, w13.stride(),
                w2.stride(), None if b13 is None else b13.stride(), None if b2 is None else b2.stride())
+        if quant is not None:  # the experts' format, their scales' and the rows' scales' layout
+            key += (quant, weights.w13_scale_inv.stride(), weights.w2_scale_inv.stride(),
+                    None if recv_scale is None else (recv_scale.shape, recv_scale.stride(), recv_scale.dtype))
         plan = _PLANS.get(key)
         if plan is not None:
-            return plan.run(recv_x, masked_m, weights)
+            return plan.run(recv_x, masked_m, weights, recv_scale)
     if tiles is None:
         tiles = _default_tiles(quant is not None, recv_x.device)
     plan = _Plan(recv_x, weights, config, tiles, out_dtype)
@@ -367,7 +370,7 @@ class _Plan:
             recv_scale = decode_scales(recv_scale)
         out = torch.empty(L, rows, H, dtype=self.out_dtype, device=device)
         launches = self.launches
-        if launches is None or quant is not None:  # (a quantized plan serves one call)
+        if launches is None:
             fp8 = {} if quant is None else dict(quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv,
                                                 out_scale=a_scale)
             first = _launch(recv_x, weights.w13, weights.b13, a, masked_m, config.intermediate_size,

@@ -76,18 +76,18 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     Returns [N, H] in x's dtype. Not differentiable by itself (see _FusedExperts). The ids may still
     need their id_table: the alignment kernels look them up (hooks see mapped ids).
     The decisions and launch arguments that depend only on the call's shapes (a _Plan) are made once per shape
-    and kept (_PLANS) for eager calls without hooks of unquantized experts on float rows: a call of a shape seen
-    before checks nothing again (its key holds every check's input) and only launches."""
+    and kept (_PLANS) for eager calls without hooks, fp8 ones included: a call of a shape seen before checks
+    nothing again (its key holds every check's input) and only quantizes its rows (fp8) and launches."""
     hooks = hooks or _NO_HOOKS
     hooked = hooks.after_gemm1 is not None or hooks.after_gemm2 is not None
     quant, interp = weights.quant, kernels.INTERPRETED
     key = knobs = None
-    if not (hooked or quant is not None or inp.hidden_scale is not None or torch.compiler.is_compiling()):
+    if not (hooked or torch.compiler.is_compiling()):
         knobs = _gemm_knobs()
         key = _plan_key(inp, weights, config, block_config, knobs)
         plan = _PLANS.get(key)
         if plan is not None:
-            return plan.run(inp, weights, hooks, *_gemm_input(inp, None, interp))
+            return plan.run(inp, weights, hooks, *_gemm_input(inp, quant, interp))
     _check_device(inp.hidden_states)
     # (float64 would reach tl.dot with an fp32 accumulator: garbage under the interpreter, no kernel on GPU)
     TritonRunner.check_dtype(inp.output_dtype, "x dtype")
@@ -118,16 +118,27 @@ def _gemm_knobs() -> tuple[str, str]:
 
 
 def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block_config, knobs: tuple) -> tuple:
-    """Everything a _Plan of an unhooked, unquantized call reads: the config and tiles, the knobs read per call,
-    the ids', rows' and weights' shapes, strides and dtypes, the device, and the weights' 16-byte alignment
-    (whether TMA can load them), and how often the tuned tables were reloaded (a plan keeps the tiles picked from
-    the tables it saw: after reload_tables the next call picks again). The weights' shapes and dtypes are the
-    config's and x's: every caller checks them first (check_weights)."""
+    """Everything a _Plan of an unhooked call reads: the config and tiles, the knobs read per call, the ids',
+    rows' and weights' shapes, strides and dtypes, the device, and the weights' 16-byte alignment (whether TMA can
+    load them), and how often the tuned tables were reloaded (a plan keeps the tiles picked from the tables it
+    saw: after reload_tables the next call picks again). The weights' shapes and dtypes are the config's and x's:
+    every caller checks them first (check_weights). fp8: the experts' format and scales' strides, the rows'
+    scales, and what _fp8_gemm decides from (a call it sends to the Gluon GEMMs never makes a plan)."""
     x, ids, table, w13, w2 = inp.hidden_states, inp.topk_ids, inp.id_table, weights.w13, weights.w2
-    return (config, block_config, knobs, kernels.TABLES_READ, ids.shape,
-            ids.dtype, None if table is None else table.shape, inp.expert_mask.shape, x.shape, x.stride(), x.dtype,
-            x.device, inp.out_dtype, inp.capacity_rows, w13.dtype, w13.stride(), w2.stride(), w13.data_ptr() % 16,
-            w2.data_ptr() % 16, weights.b13 is None, weights.b2 is None)
+    key = (config, block_config, knobs, kernels.TABLES_READ, ids.shape,
+           ids.dtype, None if table is None else table.shape, inp.expert_mask.shape, x.shape, x.stride(), x.dtype,
+           x.device, inp.out_dtype, inp.capacity_rows, w13.dtype, w13.stride(), w2.stride(), w13.data_ptr() % 16,
+           w2.data_ptr() % 16, weights.b13 is None, weights.b2 is None)
+    scale, quant = inp.hidden_scale, weights.quant
+    if scale is None and quant is None:
+        return key
+    rows = None if scale is None else (scale.shape, scale.stride(), scale.dtype)
+    if quant is None:
+        return key + (rows,)
+    N, K = ids.shape
+    pairs = N * K if inp.local_pairs is None else inp.local_pairs
+    return key + (rows, quant, weights.w13_scale_inv.stride(), weights.w2_scale_inv.stride(), inp.padded_rows,
+                  envs.get("TRITON_FP8_GEMM"), pairs >= GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts)
 
 
 class _Plan:
@@ -200,14 +211,14 @@ class _Plan:
 
     def run(self, inp: RunnerInput, weights: ExpertWeights, hooks: GemmHooks, x: torch.Tensor,
             x_scale: Optional[torch.Tensor], to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
-        config, quant, P, K = self.config, weights.quant, self.P, self.top_k
+        config, P, K = self.config, self.P, self.top_k
         weight = inp.topk_weights.float().contiguous()  # [N, K], read flat by pair p = t*K + k
         scale = weight if config.apply_router_weight_on_input else None
         aligned, a, a_scale, o = self.make() if self.hooked else SCRATCH.get(self.scratch_key, x.device, self.make)
         # (the hook needs GEMM 1's raw output: h, the hook, then the filtered activation pass)
         h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device) if hooks.after_gemm1 is not None else None
         launches = self.launches
-        if launches is None or self.hooked or quant is not None:  # (those plans serve one call)
+        if launches is None or self.hooked:  # (a hooked plan serves one call)
             launches = self.launches = self._prepare(inp, weights, x, x_scale, aligned, a, a_scale, o, h, weight,
                                                      scale)
         align, first, second, reduce = launches

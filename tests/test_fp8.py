@@ -445,6 +445,34 @@ def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
 FIELDS = dict(apply_router_weight_on_input=True, routed_scaling_factor=2.5, activation="gelu", has_bias=True)
 
 
+@pytest.mark.parametrize("runner,dispatcher", [("triton", "standard"), ("masked", "deepep_ll")])
+def test_fp8_calls_of_one_shape_share_a_plan_and_each_computes_its_own_tensors(runner, dispatcher):
+    """fp8 calls keep a per-shape plan as float ones do (quantization and launches prepared once): two layers of
+    one shape with other weights, called in turn on other tokens, each give their own fp8 reference, and the
+    plan made by the first call serves the rest (one kept plan more, not one per call)."""
+    from ep_runtime.runners import masked_runner, triton_runner
+    plans = triton_runner._PLANS if runner == "triton" else masked_runner._PLANS
+    E, K, H, I, T = 8, 2, 256, 128, 12
+    options = {"num_max_dispatch_tokens_per_rank": T} if dispatcher == "deepep_ll" else None
+    layers, problems = [], []
+    for seed in (11, 12):
+        layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                         dispatcher_options=options)
+        problem = make_problem(layer.config, [T, T], seed=seed)
+        layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
+        layers.append(layer)
+        problems.append(problem)
+    plans.clear()
+    with torch.no_grad():
+        for step, (which, tokens) in enumerate([(0, 0), (1, 1), (0, 1), (1, 0)]):
+            layer, problem, other = layers[which], problems[which], problems[tokens]
+            x, ids, weights = other.xs[0].to(torch.bfloat16), other.topk_ids[0], other.topk_weights[0]
+            y = layer(x, ids, weights)
+            fp8_ref, _ = _fp8_references(problem, x.double(), ids, weights, layer.config)
+            assert rel_err(y, fp8_ref) < BF16, (step, rel_err(y, fp8_ref))
+            assert len(plans) == 1, (step, len(plans))
+
+
 @pytest.mark.parametrize("runner,extra,kernel,schedule", [
     ("torch", {}, "auto", "static"), ("triton", {}, "auto", "static"), ("torch", FIELDS, "auto", "static"),
     ("triton", FIELDS, "auto", "static"),
