@@ -358,6 +358,20 @@ def test_bad_arguments_fail_before_running(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_from_json_that_cannot_be_read_names_the_file(tmp_path, capsys):
+    not_json = tmp_path / "out.md"
+    not_json.write_text("| E | K |\n")
+    other_json = tmp_path / "other.json"
+    other_json.write_text(json.dumps({"rows": [1, 2]}))
+    for path, why in ((tmp_path / "missing.json", "No such file"), (not_json, "Expecting value"),
+                      (other_json, "unexpected keyword argument 'rows'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--from-json", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert f"--from-json {path}: cannot read it as an earlier run's --json file" in err and why in err, err
+
+
 def _overlap_rank(rank, world_size):
     import torch.distributed as dist
 

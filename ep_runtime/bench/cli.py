@@ -288,7 +288,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(MISSING_MATPLOTLIB)
         print(f"warning: {MISSING_MATPLOTLIB}; the run goes on and --plot fails after --json/--markdown are "
               "written (plot them later with --from-json)", file=sys.stderr)
-    results = read_json(args.from_json) if args.from_json else run(settings, args.world_size)
+    if args.from_json:
+        try:  # a missing or foreign file: one line naming it, not a traceback
+            results = read_json(args.from_json)
+        except (OSError, ValueError, TypeError) as err:
+            parser.error(f"--from-json {args.from_json}: cannot read it as an earlier run's --json file ({err})")
+    else:
+        results = run(settings, args.world_size)
     if results is None:  # not rank 0
         return 0
     print(render_text(results), end="")
