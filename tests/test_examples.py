@@ -56,6 +56,20 @@ def test_train_moe_matches_replica_and_loss_falls():
     assert "train_moe: OK (2 ranks" in out, out
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "5"], "--steps 5: allowed an int >= 20"),
+    (["--steps", "0"], "--steps 0: allowed an int >= 20"),
+    (["--lr", "0"], "--lr 0.0: allowed a finite float > 0"),
+    (["--lr", "nan"], "--lr nan: allowed a finite float > 0"),
+])
+def test_train_moe_refuses_arguments_its_checks_cannot_judge(args, message):
+    # (Before: every step ran, then "AssertionError: loss did not fall" blamed the model.)
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "train_moe.py"), *args],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_hf_mixtral_logits_equal_original():
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed (pip install 'ep-runtime[dev]' installs it)")
