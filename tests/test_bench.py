@@ -372,6 +372,33 @@ def test_from_json_that_cannot_be_read_names_the_file(tmp_path, capsys):
         assert f"--from-json {path}: cannot read it as an earlier run's --json file" in err and why in err, err
 
 
+def test_experts_larger_than_the_host_memory_fail_before_running(capsys):
+    # On CPU an allocation larger than the memory is no error: the OOM killer ends the run (or another process).
+    from ep_runtime.bench.cli import _check_host_memory, build_parser, settings_from_args
+    GiB = 2 ** 30
+    settings = settings_from_args(build_parser().parse_args(["--preset", "deepseek-v3"]), cuda=False)
+    # 2 ranks: the runner suite draws E / 2 = 128 experts of 3 * 2048 * 7168 fp32, and as much again scaling them.
+    with pytest.raises(ValueError, match=r"--experts 256 --hidden 7168 --intermediate 2048 \(fp32\): the runner suite "
+                                         r"would hold 42.0 GiB of experts on this host, which has 16.0 GiB available; "
+                                         r"allowed: what fits: a larger --runner-ep-size"):
+        _check_host_memory(settings, 2, 16 * GiB)
+    _check_host_memory(settings, 2, 43 * GiB)
+    settings.runner_ep_size = 8  # 32 experts: 10.5 GiB
+    _check_host_memory(settings, 2, 16 * GiB)
+    settings.suites = ["eplb"]  # every rank's (E + 32 copies) / R experts, the ranks spawned on this host
+    with pytest.raises(ValueError, match=r"the eplb suite would hold 47.2 GiB .* or --suite without eplb"):
+        _check_host_memory(settings, 2, 16 * GiB)
+    settings.suites = ["dispatch"]
+    _check_host_memory(settings, 2, 1 * GiB)
+    if torch.cuda.is_available():
+        return
+    # The command refuses on this host's memory before any rank starts: 16 experts of 3 * 2^40 numbers.
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--experts", "16", "--hidden", str(2 ** 20), "--intermediate", str(2 ** 20), "--suite", "runner"])
+    assert exit_info.value.code == 2
+    assert "the runner suite would hold" in capsys.readouterr().err
+
+
 def _overlap_rank(rank, world_size):
     import torch.distributed as dist
 

@@ -268,6 +268,48 @@ def _check_experts_divide(settings: Settings, world_size: int) -> None:
                              f"allowed: multiples of {size}")
 
 
+def _available_host_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (None where there is none to read: not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_host_memory(settings: Settings, world_size: int, available: Optional[int]) -> None:
+    """CPU runs: the experts the suites draw must fit in the host's available memory. An allocation larger than
+    it does not fail on Linux: the pages are drawn one by one until the OOM killer ends this run or another
+    process (on 2 CPU ranks `--preset deepseek-v3` draws 128 experts for the runner suite, 22 GiB in fp32, and
+    as much again while scaling them). Counted per process, times the ranks spawned here (a launcher's ranks:
+    this one's share only): the runner suite's E / its EP size experts twice (drawn, then scaled), the eplb
+    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts."""
+    from ..distributed import detect_launch
+    from .eplb import default_redundant_experts
+
+    if available is None:
+        return
+    launch = detect_launch()
+    ranks = launch.world_size if launch.launcher != "single" else world_size
+    here = 1 if launch.launcher != "single" else ranks
+    itemsize = DTYPES[settings.dtype].itemsize
+    for E, K, H in settings.cases():
+        expert = 3 * settings.intermediate_size * H * itemsize  # w13 [2I, H] and w2 [H, I]
+        N = settings.redundant_experts if settings.redundant_experts is not None else default_redundant_experts(E, ranks)
+        needs = {"runner": 2 * E // (settings.runner_ep_size or ranks) * expert,
+                 "eplb": here * (E + N) // ranks * expert, "overlap": here * E // ranks * expert}
+        for suite, need in needs.items():
+            if suite in settings.suites and need > available:
+                raise ValueError(
+                    f"--experts {E} --hidden {H} --intermediate {settings.intermediate_size} ({settings.dtype}): the "
+                    f"{suite} suite would hold {need / 2**30:.1f} GiB of experts on this host, which has "
+                    f"{available / 2**30:.1f} GiB available; allowed: what fits: "
+                    + ("a larger --runner-ep-size (the runner suite computes E / it experts), " if suite == "runner"
+                       else "") + "smaller --experts/--hidden/--intermediate, --dtype bf16, or --suite without "
+                    f"{suite} (the dispatch suite holds no experts)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -281,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, args.world_size)
+            if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
+                _check_host_memory(settings, args.world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
     if args.plot and not has_matplotlib():
