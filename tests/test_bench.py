@@ -350,6 +350,11 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runners", "masked"], "keep both in --runners and --runner-formats"),
+    (["--suite", "eplb", "--redundant-experts", "3", "--world-size", "2"],
+     "--redundant-experts 3: the eplb suite adds N copies to --experts 16 over the 2 ranks (--world-size or the "
+     "launcher's); allowed: at most 16 (one copy of an expert per rank) with E + N a multiple of 2"),
+    (["--suite", "eplb", "--redundant-experts", "18", "--world-size", "2"], "--redundant-experts 18: the eplb suite"),
+    (["--suite", "eplb", "--redundant-experts", "1", "--world-size", "1"], "allowed: at most 0"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

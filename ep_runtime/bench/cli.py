@@ -266,6 +266,12 @@ def _check_experts_divide(settings: Settings, world_size: int) -> None:
         if suite in settings.suites and bad:
             raise ValueError(f"--experts {','.join(map(str, bad))}: the {suite} suite divides E over {what}; "
                              f"allowed: multiples of {size}")
+    N = settings.redundant_experts  # (its default is chosen per E to fit)
+    for E in settings.num_experts if "eplb" in settings.suites and N is not None else []:
+        if N > E * (ranks - 1) or (E + N) % ranks:
+            raise ValueError(f"--redundant-experts {N}: the eplb suite adds N copies to --experts {E} over {job}; "
+                             f"allowed: at most {E * (ranks - 1)} (one copy of an expert per rank) with E + N a "
+                             f"multiple of {ranks}")
 
 
 def _available_host_bytes() -> Optional[int]:
