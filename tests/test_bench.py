@@ -355,6 +355,8 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
      "launcher's); allowed: at most 16 (one copy of an expert per rank) with E + N a multiple of 2"),
     (["--suite", "eplb", "--redundant-experts", "18", "--world-size", "2"], "--redundant-experts 18: the eplb suite"),
     (["--suite", "eplb", "--redundant-experts", "1", "--world-size", "1"], "allowed: at most 0"),
+    (["--suite", "overlap", "--dispatchers", "mori,standard"], "--suite overlap --dispatchers mori,standard: the "
+     "overlap suite times deepep_ll and deepep_normal only (it would time nothing); allowed: --dispatchers naming one"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -402,6 +404,21 @@ def test_experts_larger_than_the_host_memory_fail_before_running(capsys):
         bench.main(["--experts", "16", "--hidden", str(2 ** 20), "--intermediate", str(2 ** 20), "--suite", "runner"])
     assert exit_info.value.code == 2
     assert "the runner suite would hold" in capsys.readouterr().err
+
+
+def test_a_run_that_measured_nothing_says_so(tmp_path, capsys):
+    # (It printed an empty report, or the skipped table alone, and exited 1 without a word.)
+    empty, skipped = tmp_path / "empty.json", tmp_path / "skipped.json"
+    empty.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": []}))
+    skipped.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": [dict(
+        suite="eplb", impl="standard", num_experts=16, top_k=4, hidden_size=256, tokens_per_rank=8,
+        reason="ValueError: num_redundant_experts=2; allowed: 0 with dispatcher='standard'")]}))
+    assert bench.main(["--from-json", str(empty)]) == 1
+    assert capsys.readouterr().err == "ep-runtime bench: error: no benchmark produced a result\n"
+    assert bench.main(["--from-json", str(skipped)]) == 1
+    out = capsys.readouterr()
+    assert "num_redundant_experts=2" in out.out
+    assert out.err == "ep-runtime bench: error: no benchmark produced a result (the skipped table says why)\n"
 
 
 def _overlap_rank(rank, world_size):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
+from .overlap import VARIANTS as OVERLAP_VARIANTS
 from .overlap import overlap_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
@@ -145,6 +146,11 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
     if args.triton_fp8_gemm and ("standard" not in formats or (args.runners is not None and "triton" not in args.runners)):
         raise ValueError("--triton-fp8-gemm times the triton runner on the standard format: keep both in --runners and "
                          "--runner-formats")
+    overlapped = sorted({v.dispatcher for v in OVERLAP_VARIANTS})
+    if "overlap" in suites and args.dispatchers is not None and not set(args.dispatchers) & set(overlapped):
+        raise ValueError(f"--suite overlap --dispatchers {','.join(args.dispatchers)}: the overlap suite times "
+                         f"{' and '.join(overlapped)} only (it would time nothing); allowed: --dispatchers naming one "
+                         f"of them")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
@@ -363,4 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(f"wrote {args.plot}")
     measured = len(results.dispatch) + len(results.runner) + len(results.eplb) + len(results.overlap)
+    if not measured:  # (exit status 1 alone, after an empty report, says nothing)
+        print("ep-runtime bench: error: no benchmark produced a result"
+              + (" (the skipped table says why)" if results.skipped else ""), file=sys.stderr)
     return 0 if measured else 1
