@@ -107,7 +107,7 @@ class EPMoE(nn.Module):
                 backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                              device, dtype)
             except (RuntimeError, ValueError) as err:
-                if knob == "auto":
+                if knob == "auto" or type(err) not in (RuntimeError, ValueError):  # (a subclass may take other arguments)
                     raise
                 # (the error names runner='<knob>', a name the caller never wrote: say where it came from)
                 raise type(err)(f"{err} (runner='auto' took EP_RUNTIME_RUNNER={knob!r}: unset it, or pass "
