@@ -35,21 +35,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
-    if args.runner != "auto" and args.runner not in runners.registered():
-        command.error(f"--runner {args.runner}: unknown; allowed: auto, {', '.join(runners.registered())}"
-                      f"{did_you_mean(args.runner, runners.registered())}")
-    if args.runner != "auto" and args.runner not in runners.available():
-        command.error(f"--runner {args.runner}: cannot run here ({_unavailable_reason(args.runner)}); available "
-                      f"here: auto, {', '.join(runners.available())}")
+    runner, flag, auto = args.runner, f"--runner {args.runner}", "auto, "
+    if runner == "auto" and envs.get("RUNNER") != "auto":  # as EPMoE(runner="auto") and bench's layers take it
+        runner = envs.get("RUNNER")
+        flag, auto = f"{envs.PREFIX}RUNNER={runner} (which --runner auto takes)", f"--runner (or unset {envs.PREFIX}RUNNER) "
+    if runner != "auto" and runner not in runners.registered():
+        command.error(f"{flag}: unknown; allowed: auto, {', '.join(runners.registered())}"
+                      f"{did_you_mean(runner, runners.registered())}")
+    if runner != "auto" and runner not in runners.available():
+        command.error(f"{flag}: cannot run here ({_unavailable_reason(runner)}); available "
+                      f"here: {auto}{', '.join(runners.available())}")
     device = torch.device("cuda" if launch.launcher != "single" and torch.cuda.is_available() else "cpu")
-    plan = demo_plan(args.runner, device, args.tokens)
+    plan = demo_plan(runner, device, args.tokens)
     for name, option, knob in demo_capacity_conflicts(plan, args.tokens):
         command.error(f"--tokens {args.tokens}: above {envs.PREFIX}{knob}={envs.get(knob)}, which sizes {name}'s "
                       f"{option}; allowed: --tokens at most {envs.get(knob)}, or set {envs.PREFIX}{knob} to at least "
                       f"{args.tokens} (unset, the demo sizes it from --tokens)")
     if not any(runner for _, runner, _ in plan):
         reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
-        command.error(f"--runner {args.runner} serves no dispatcher here ({reasons}); allowed here: auto, "
+        command.error(f"{flag} serves no dispatcher here ({reasons}); allowed here: {auto}"
                       f"{', '.join(runners.available())}")
     return _demo(args, launch, plan)
 
@@ -68,8 +72,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                       help=f"local CPU ranks to spawn when no launcher is detected (default "
                            f"{_knob_value('DEMO_WORLD_SIZE')}, from EP_RUNTIME_DEMO_WORLD_SIZE)")
     demo.add_argument("--runner", default="auto",
-                      help="runner backend for every dispatcher it serves (default auto: per dispatcher, the best "
-                           "available one that serves it)")
+                      help="runner backend for every dispatcher it serves (default auto: EP_RUNTIME_RUNNER where "
+                           "set, as EPMoE(runner='auto') takes it, else per dispatcher the best available one that "
+                           "serves it)")
     demo.add_argument("--tokens", type=lambda text: _positive_int(text, DEMO_MAX_TOKENS), default=DEMO_TOKENS,
                       help=f"tokens on rank 0, 1..{DEMO_MAX_TOKENS} (default {DEMO_TOKENS}; rank 1 gets none); sizes "
                            f"the static buffers (deepep_ll's M, mori's max tokens per rank) unless their knob is set")

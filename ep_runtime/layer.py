@@ -100,11 +100,18 @@ class EPMoE(nn.Module):
                 group = dist.group.WORLD
             dtype, device = layer_dtype_and_device(dtype, device)
             placement = _initial_placement(dispatcher, num_experts, group, expert_to_rank, num_redundant_experts)
-            if runner == "auto":
-                runner = envs.get("RUNNER")
+            knob = envs.get("RUNNER") if runner == "auto" else "auto"
+            runner = knob if runner == "auto" else runner
             self._runner_args = (runner, hooks, _options("runner_options", runner_options))
-            backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
-                                         device, dtype)
+            try:
+                backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
+                                             device, dtype)
+            except (RuntimeError, ValueError) as err:
+                if knob == "auto" or type(err) not in (RuntimeError, ValueError):  # (a subclass may take other arguments)
+                    raise
+                # (the error names runner='<knob>', a name the caller never wrote: say where it came from)
+                raise type(err)(f"{err} (runner='auto' took EP_RUNTIME_RUNNER={knob!r}: unset it, or pass "
+                                f"runner=...)") from None
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
             if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
                 _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)

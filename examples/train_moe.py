@@ -116,9 +116,16 @@ def check_step0_against_replica(model, expert_weights, tokens, targets, rank, wo
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=300, help="training steps, >= 20 (default 300)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate, > 0 (default 3e-3)")
     args = parser.parse_args()
+    # The loss check compares the mean loss of the first 10 steps with the last 10's: with fewer than 20
+    # steps they overlap (with none, both are 0) and "loss did not fall" would blame the model.
+    if args.steps < 20:
+        parser.error(f"--steps {args.steps}: allowed an int >= 20 (the check compares the mean loss of the "
+                     f"first 10 steps with that of the last 10)")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr {args.lr}: allowed a finite float > 0")
 
     group = ep.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()

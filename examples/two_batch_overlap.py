@@ -28,18 +28,29 @@ GPU_SHAPE = dict(experts=256, top_k=8, hidden=7168, intermediate=2048, decode=64
 CPU_SHAPE = dict(experts=16, top_k=4, hidden=64, intermediate=32, decode=8, prefill=48)
 
 
-def parse() -> argparse.Namespace:
+def positive(text: str) -> int:
+    """An int >= 1 (0 or less failed deep inside the layer, naming its arguments instead of the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: allowed an int >= 1")
+    return value
+
+
+def parse() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in GPU_SHAPE:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+        p.add_argument(f"--{name.replace('_', '-')}", type=positive, default=None,
                        help=f"default {GPU_SHAPE[name]} on GPUs, {CPU_SHAPE[name]} on CPU ranks"
                        + (" (tokens per micro-batch and rank)" if name in ("decode", "prefill") else ""))
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 on GPUs, 5 on CPU)")
-    return p.parse_args()
+    p.add_argument("--repeats", type=positive, default=None, help="timed repeats (default 20 on GPUs, 5 on CPU)")
+    return p, p.parse_args()
 
 
 def main() -> int:
-    args = parse()
+    parser, args = parse()
     group = ep.init_distributed()
     rank, R = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = ep.distributed.device_for_rank()
@@ -51,6 +62,11 @@ def main() -> int:
     repeats = args.repeats or (20 if cuda else 5)
     routing = ep.TopKConfig(top_k=K, scoring="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
                             routed_scaling_factor=2.5, group_score="top2_sum")  # DeepSeek-V3's router
+    try:
+        routing.check(E)
+    except ValueError as err:  # named by the flags: the router's arguments are not the user's
+        parser.error(f"--experts {E} --top-k {K}: DeepSeek-V3's router (8 expert groups, the best 4 picked) needs "
+                     f"--experts a multiple of 8, at least 16, and --top-k at most --experts / 2 ({err})")
     gen = torch.Generator().manual_seed(0)  # the same router on every rank
     router = (torch.randn(H, E, generator=gen) * H ** -0.5).to(device, dtype)
     tokens = torch.Generator().manual_seed(1 + rank)

@@ -350,12 +350,75 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runners", "masked"], "keep both in --runners and --runner-formats"),
+    (["--suite", "eplb", "--redundant-experts", "3", "--world-size", "2"],
+     "--redundant-experts 3: the eplb suite adds N copies to --experts 16 over the 2 ranks (--world-size or the "
+     "launcher's); allowed: at most 16 (one copy of an expert per rank) with E + N a multiple of 2"),
+    (["--suite", "eplb", "--redundant-experts", "18", "--world-size", "2"], "--redundant-experts 18: the eplb suite"),
+    (["--suite", "eplb", "--redundant-experts", "1", "--world-size", "1"], "allowed: at most 0"),
+    (["--suite", "overlap", "--dispatchers", "mori,standard"], "--suite overlap --dispatchers mori,standard: the "
+     "overlap suite times deepep_ll and deepep_normal only (it would time nothing); allowed: --dispatchers naming one"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_from_json_that_cannot_be_read_names_the_file(tmp_path, capsys):
+    not_json = tmp_path / "out.md"
+    not_json.write_text("| E | K |\n")
+    other_json = tmp_path / "other.json"
+    other_json.write_text(json.dumps({"rows": [1, 2]}))
+    for path, why in ((tmp_path / "missing.json", "No such file"), (not_json, "Expecting value"),
+                      (other_json, "unexpected keyword argument 'rows'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--from-json", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert f"--from-json {path}: cannot read it as an earlier run's --json file" in err and why in err, err
+
+
+def test_experts_larger_than_the_host_memory_fail_before_running(capsys):
+    # On CPU an allocation larger than the memory is no error: the OOM killer ends the run (or another process).
+    from ep_runtime.bench.cli import _check_host_memory, build_parser, settings_from_args
+    GiB = 2 ** 30
+    settings = settings_from_args(build_parser().parse_args(["--preset", "deepseek-v3"]), cuda=False)
+    # 2 ranks: the runner suite draws E / 2 = 128 experts of 3 * 2048 * 7168 fp32, and as much again scaling them.
+    with pytest.raises(ValueError, match=r"--experts 256 --hidden 7168 --intermediate 2048 \(fp32\): the runner suite "
+                                         r"would hold 42.0 GiB of experts on this host, which has 16.0 GiB available; "
+                                         r"allowed: what fits: a larger --runner-ep-size"):
+        _check_host_memory(settings, 2, 16 * GiB)
+    _check_host_memory(settings, 2, 43 * GiB)
+    settings.runner_ep_size = 8  # 32 experts: 10.5 GiB
+    _check_host_memory(settings, 2, 16 * GiB)
+    settings.suites = ["eplb"]  # every rank's (E + 32 copies) / R experts, the ranks spawned on this host
+    with pytest.raises(ValueError, match=r"the eplb suite would hold 47.2 GiB .* or --suite without eplb"):
+        _check_host_memory(settings, 2, 16 * GiB)
+    settings.suites = ["dispatch"]
+    _check_host_memory(settings, 2, 1 * GiB)
+    if torch.cuda.is_available():
+        return
+    # The command refuses on this host's memory before any rank starts: 16 experts of 3 * 2^40 numbers.
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--experts", "16", "--hidden", str(2 ** 20), "--intermediate", str(2 ** 20), "--suite", "runner"])
+    assert exit_info.value.code == 2
+    assert "the runner suite would hold" in capsys.readouterr().err
+
+
+def test_a_run_that_measured_nothing_says_so(tmp_path, capsys):
+    # (It printed an empty report, or the skipped table alone, and exited 1 without a word.)
+    empty, skipped = tmp_path / "empty.json", tmp_path / "skipped.json"
+    empty.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": []}))
+    skipped.write_text(json.dumps({"meta": {}, "dispatch": [], "runner": [], "skipped": [dict(
+        suite="eplb", impl="standard", num_experts=16, top_k=4, hidden_size=256, tokens_per_rank=8,
+        reason="ValueError: num_redundant_experts=2; allowed: 0 with dispatcher='standard'")]}))
+    assert bench.main(["--from-json", str(empty)]) == 1
+    assert capsys.readouterr().err == "ep-runtime bench: error: no benchmark produced a result\n"
+    assert bench.main(["--from-json", str(skipped)]) == 1
+    out = capsys.readouterr()
+    assert "num_redundant_experts=2" in out.out
+    assert out.err == "ep-runtime bench: error: no benchmark produced a result (the skipped table says why)\n"
 
 
 def _overlap_rank(rank, world_size):

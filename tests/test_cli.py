@@ -176,6 +176,24 @@ def test_demo_plan_picks_a_runner_per_dispatcher_or_says_why_not(monkeypatch):
             assert runner is None and f"runner masked has no path for the {fmt} format" in why, (name, why)
 
 
+def test_demo_runner_auto_takes_the_runner_knob_as_layers_do(monkeypatch, capsys):
+    """--runner auto (the default) takes EP_RUNTIME_RUNNER, as EPMoE(runner="auto") and the bench's layers do
+    (the demo ran the torch runner on CPU whatever the knob said); --runner given wins."""
+    import ep_runtime as ep
+    from ep_runtime.cli import main
+    if "masked" not in ep.runners.available():
+        pytest.skip("the masked runner cannot run here (triton, with CUDA or TRITON_INTERPRET=1)")
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EP_RUNTIME_RUNNER", "masked")
+    assert main(["demo", "--world-size", "1", "--tokens", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(" ok")]
+    assert len(rows) == len(ep.dispatchers.registered()) and all(row[1] == "masked" for row in rows), rows
+    assert main(["demo", "--world-size", "1", "--tokens", "4", "--runner", "torch"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(" ok")]
+    assert rows and all(row[1] == "torch" for row in rows), rows
+
+
 def test_bench_progress_bar_only_on_a_terminal():
     from ep_runtime.cli import bench_arguments
     assert bench_arguments(["--suite", "dispatch"], interactive=False) == ["--suite", "dispatch", "--no-progress"]

@@ -130,3 +130,21 @@ def test_unknown_variable_is_reported_by_rank_0_of_a_job_only():
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert "did you mean EP_RUNTIME_RUNNER?" in errs[0] and "EP_RUNTIME_RUNNERS" not in errs[1], errs
+
+
+def test_a_runner_from_the_runner_knob_that_cannot_build_names_the_knob(monkeypatch):
+    """EPMoE(runner="auto") takes EP_RUNTIME_RUNNER; where that backend cannot run here (triton without CUDA
+    or TRITON_INTERPRET) or cannot compute the layer (float64), the error named runner='triton', a name the
+    caller never wrote."""
+    import torch
+
+    import ep_runtime as ep
+    monkeypatch.setenv("EP_RUNTIME_RUNNER", "triton")
+    with pytest.raises((RuntimeError, ValueError), match=r"runner='triton'.*\(runner='auto' took "
+                                                         r"EP_RUNTIME_RUNNER='triton': unset it, or pass runner=\.\.\.\)$"):
+        ep.EPMoE(8, 2, 16, 8, dispatcher="standard", dtype=torch.float64)
+    with pytest.raises((RuntimeError, ValueError)) as explicit:  # named by the caller: nothing to add
+        ep.EPMoE(8, 2, 16, 8, dispatcher="standard", runner="triton", dtype=torch.float64)
+    assert "EP_RUNTIME_RUNNER" not in str(explicit.value)
+    monkeypatch.setenv("EP_RUNTIME_RUNNER", "torch")
+    assert ep.EPMoE(8, 2, 16, 8, dispatcher="standard", dtype=torch.float64).runner.backend.name == "torch"

@@ -56,6 +56,20 @@ def test_train_moe_matches_replica_and_loss_falls():
     assert "train_moe: OK (2 ranks" in out, out
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "5"], "--steps 5: allowed an int >= 20"),
+    (["--steps", "0"], "--steps 0: allowed an int >= 20"),
+    (["--lr", "0"], "--lr 0.0: allowed a finite float > 0"),
+    (["--lr", "nan"], "--lr nan: allowed a finite float > 0"),
+])
+def test_train_moe_refuses_arguments_its_checks_cannot_judge(args, message):
+    # (Before: every step ran, then "AssertionError: loss did not fall" blamed the model.)
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "train_moe.py"), *args],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_hf_mixtral_logits_equal_original():
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed (pip install 'ep-runtime[dev]' installs it)")
@@ -68,6 +82,23 @@ def test_two_batch_overlap_is_bit_identical_to_sequential():
     for phase in ("decode", "prefill"):
         assert re.search(rf"{phase}: 2x\d+ tok/rank, .* speed-up [0-9.]+x\); bit-identical: yes", out), out
     assert "two_batch_overlap: OK (2 ranks" in out, out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--experts", "12"], "--experts 12 --top-k 4: DeepSeek-V3's router (8 expert groups, the best 4 picked) needs "
+                          "--experts a multiple of 8, at least 16, and --top-k at most --experts / 2"),
+    (["--experts", "16", "--top-k", "9"], "--experts 16 --top-k 9: DeepSeek-V3's router"),
+    (["--decode", "0"], "argument --decode: 0: allowed an int >= 1"),
+    (["--repeats", "0"], "argument --repeats: 0: allowed an int >= 1"),
+])
+def test_two_batch_overlap_names_the_flag_it_cannot_run(args, message):
+    # (Before: a traceback naming the layer's num_max_dispatch_tokens_per_rank or num_expert_group, or
+    # --repeats 0 silently taken as the default.) CPU shapes apply: no CUDA device in this process.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "two_batch_overlap.py"), *args],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_inference_cuda_graph_explains_and_exits_0_without_cuda():

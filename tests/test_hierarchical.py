@@ -256,6 +256,25 @@ def test_cost_model_counts_the_collectives_node_aware_runs():
         assert math.isclose(cm.predict(4096, 7168, 256, 8, 16, 8, combine=combine).aware, want, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "1"], "argument --nodes: 1: allowed an int >= 2"),
+    (["--ranks-per-node", "0"], "argument --ranks-per-node: 0: allowed an int >= 1"),
+    (["--network-gbs", "0"], "argument --network-gbs: '0': allowed a finite number of GB/s > 0"),
+    (["--nvlink-gbs", "-5"], "argument --nvlink-gbs: '-5': allowed a finite number of GB/s > 0"),
+    (["--network-gbs", "nan"], "argument --network-gbs: 'nan': allowed a finite number of GB/s > 0"),
+    (["--nodes", "3"], "--nodes 3 --ranks-per-node 8: 24 ranks do not divide DeepSeek-V3's 256 experts"),
+])
+def test_cost_model_command_names_the_flag_it_cannot_model(args, message, capsys):
+    """(Before: ZeroDivisionError or ValueError tracebacks, or negative times printed.)"""
+    from ep_runtime.bench import cost_model as cm
+    with pytest.raises(SystemExit) as exit_info:
+        cm.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    cm.main(["--nodes", "4", "--ranks-per-node", "4", "--network-gbs", "25.5"])
+    assert "| 4096 | combine |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("options,message", [({"hierarchical": "yes"}, "hierarchical='yes'; allowed: 'auto', 'on', 'off'"),
                                              ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0")])
 def test_bad_options_name_the_value(options, message):

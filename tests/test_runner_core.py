@@ -426,6 +426,27 @@ def test_a_backend_used_directly_refuses_weights_that_do_not_fit_its_input(runne
             backend.run(ExpertMajorInput(inp.hidden_states.reshape(-1, H), inp.masked_m), ep.ExpertWeights(w13, w2))
 
 
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal", "deepep_ll", "mori"])
+def test_a_backend_given_a_dispatch_output_names_the_runner_core_that_takes_it(dispatcher):
+    """ep.runners.create(...) is a backend: run() takes the normalized input. Given a dispatcher's output (as
+    layer.runner takes it) it failed with "'StandardDispatchOutput' object has no attribute 'check'"."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    gen = torch.Generator().manual_seed(5)
+    w = ep.ExpertWeights(torch.randn(8, 16, 16, generator=gen), torch.randn(8, 16, 8, generator=gen))
+    x = torch.randn(6, 16, generator=gen)
+    topk = ep.TopKOutput(random_topk_ids(gen, 6, 8, 2, 1), torch.rand(6, 2, generator=gen) + 0.1)
+    d = ep.dispatchers.create(dispatcher, cfg)
+    backend = ep.runners.create("torch", cfg)
+    out = d.dispatch(x, topk)
+    with pytest.raises(TypeError, match=rf"^runner 'torch': run\(\) takes the runner core's input \(RunnerInput or "
+                                        rf"ExpertMajorInput\); got a {type(out).__name__}, a dispatcher's output: run it "
+                                        rf"with ep.MoeRunner\(backend, config, dispatcher.placement\)"):
+        backend.run(out, w)
+    y = d.combine(MoeRunner(backend, cfg, d.placement).run(out, w))  # the way the message names
+    ref = moe_reference(x.double(), topk.topk_ids, topk.topk_weights.double(), w.w13.double(), w.w2.double(), cfg)
+    assert rel_err(y, ref) < 1e-5
+
+
 @pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
 @pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
 def test_a_layer_call_checks_its_weights_once(runner, dispatcher, monkeypatch):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
+from .overlap import VARIANTS as OVERLAP_VARIANTS
 from .overlap import overlap_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
@@ -145,6 +146,11 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
     if args.triton_fp8_gemm and ("standard" not in formats or (args.runners is not None and "triton" not in args.runners)):
         raise ValueError("--triton-fp8-gemm times the triton runner on the standard format: keep both in --runners and "
                          "--runner-formats")
+    overlapped = sorted({v.dispatcher for v in OVERLAP_VARIANTS})
+    if "overlap" in suites and args.dispatchers is not None and not set(args.dispatchers) & set(overlapped):
+        raise ValueError(f"--suite overlap --dispatchers {','.join(args.dispatchers)}: the overlap suite times "
+                         f"{' and '.join(overlapped)} only (it would time nothing); allowed: --dispatchers naming one "
+                         f"of them")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
@@ -266,6 +272,54 @@ def _check_experts_divide(settings: Settings, world_size: int) -> None:
         if suite in settings.suites and bad:
             raise ValueError(f"--experts {','.join(map(str, bad))}: the {suite} suite divides E over {what}; "
                              f"allowed: multiples of {size}")
+    N = settings.redundant_experts  # (its default is chosen per E to fit)
+    for E in settings.num_experts if "eplb" in settings.suites and N is not None else []:
+        if N > E * (ranks - 1) or (E + N) % ranks:
+            raise ValueError(f"--redundant-experts {N}: the eplb suite adds N copies to --experts {E} over {job}; "
+                             f"allowed: at most {E * (ranks - 1)} (one copy of an expert per rank) with E + N a "
+                             f"multiple of {ranks}")
+
+
+def _available_host_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (None where there is none to read: not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_host_memory(settings: Settings, world_size: int, available: Optional[int]) -> None:
+    """CPU runs: the experts the suites draw must fit in the host's available memory. An allocation larger than
+    it does not fail on Linux: the pages are drawn one by one until the OOM killer ends this run or another
+    process (on 2 CPU ranks `--preset deepseek-v3` draws 128 experts for the runner suite, 22 GiB in fp32, and
+    as much again while scaling them). Counted per process, times the ranks spawned here (a launcher's ranks:
+    this one's share only): the runner suite's E / its EP size experts twice (drawn, then scaled), the eplb
+    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts."""
+    from ..distributed import detect_launch
+    from .eplb import default_redundant_experts
+
+    if available is None:
+        return
+    launch = detect_launch()
+    ranks = launch.world_size if launch.launcher != "single" else world_size
+    here = 1 if launch.launcher != "single" else ranks
+    itemsize = DTYPES[settings.dtype].itemsize
+    for E, K, H in settings.cases():
+        expert = 3 * settings.intermediate_size * H * itemsize  # w13 [2I, H] and w2 [H, I]
+        N = settings.redundant_experts if settings.redundant_experts is not None else default_redundant_experts(E, ranks)
+        needs = {"runner": 2 * E // (settings.runner_ep_size or ranks) * expert,
+                 "eplb": here * (E + N) // ranks * expert, "overlap": here * E // ranks * expert}
+        for suite, need in needs.items():
+            if suite in settings.suites and need > available:
+                raise ValueError(
+                    f"--experts {E} --hidden {H} --intermediate {settings.intermediate_size} ({settings.dtype}): the "
+                    f"{suite} suite would hold {need / 2**30:.1f} GiB of experts on this host, which has "
+                    f"{available / 2**30:.1f} GiB available; allowed: what fits: "
+                    + ("a larger --runner-ep-size (the runner suite computes E / it experts), " if suite == "runner"
+                       else "") + "smaller --experts/--hidden/--intermediate, --dtype bf16, or --suite without "
+                    f"{suite} (the dispatch suite holds no experts)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -281,6 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, args.world_size)
+            if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
+                _check_host_memory(settings, args.world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
     if args.plot and not has_matplotlib():
@@ -288,7 +344,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(MISSING_MATPLOTLIB)
         print(f"warning: {MISSING_MATPLOTLIB}; the run goes on and --plot fails after --json/--markdown are "
               "written (plot them later with --from-json)", file=sys.stderr)
-    results = read_json(args.from_json) if args.from_json else run(settings, args.world_size)
+    if args.from_json:
+        try:  # a missing or foreign file: one line naming it, not a traceback
+            results = read_json(args.from_json)
+        except (OSError, ValueError, TypeError) as err:
+            parser.error(f"--from-json {args.from_json}: cannot read it as an earlier run's --json file ({err})")
+    else:
+        results = run(settings, args.world_size)
     if results is None:  # not rank 0
         return 0
     print(render_text(results), end="")
@@ -307,4 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(f"wrote {args.plot}")
     measured = len(results.dispatch) + len(results.runner) + len(results.eplb) + len(results.overlap)
+    if not measured:  # (exit status 1 alone, after an empty report, says nothing)
+        print("ep-runtime bench: error: no benchmark produced a result"
+              + (" (the skipped table says why)" if results.skipped else ""), file=sys.stderr)
     return 0 if measured else 1

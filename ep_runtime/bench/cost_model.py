@@ -116,14 +116,41 @@ def table(tokens=(128, 1024, 4096), hidden: int = 7168, num_experts: int = 256, 
     return "\n".join(lines)
 
 
+def _int_from(minimum: int):
+    """argparse type: an int >= minimum (one node or 0 ranks per node divided by zero in the summary line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: allowed an int >= {minimum}")
+        return value
+    return parse
+
+
+def _gbs(text: str) -> float:
+    """argparse type: a bandwidth in GB/s, finite and > 0 (a negative one printed negative times)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed a finite number of GB/s > 0")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Predicted dispatch/combine time, flat vs node-aware (DeepSeek-V3 shape)")
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=8)
-    p.add_argument("--network-gbs", type=float, default=NETWORK_400G.bandwidth_gbs)
-    p.add_argument("--nvlink-gbs", type=float, default=NVLINK_2XH200.bandwidth_gbs)
+    p.add_argument("--nodes", type=_int_from(2), default=2, help="nodes, >= 2 (default 2)")
+    p.add_argument("--ranks-per-node", type=_int_from(1), default=8, help="ranks per node, >= 1 (default 8)")
+    p.add_argument("--network-gbs", type=_gbs, default=NETWORK_400G.bandwidth_gbs)
+    p.add_argument("--nvlink-gbs", type=_gbs, default=NVLINK_2XH200.bandwidth_gbs)
     args = p.parse_args(argv)
     G = args.ranks_per_node
+    if 256 % (args.nodes * G):
+        p.error(f"--nodes {args.nodes} --ranks-per-node {G}: {args.nodes * G} ranks do not divide DeepSeek-V3's 256 "
+                f"experts; allowed: nodes x ranks per node a divisor of 256")
     rows = uniform_rows_per_token(256, 8, args.nodes * G, G)
     print(f"{args.nodes} x {G} ranks, K=8 of 256 uniform: rows per token to other nodes flat "
           f"{rows.flat_other_node:.3f}, node-aware {rows.aware_other_node:.3f} "
