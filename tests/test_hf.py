@@ -918,3 +918,67 @@ def test_experts_given_no_tensor_ids_on_one_rank_fail_every_rank_at_once():
                            f"the argument); no token was sent"), message
         assert seconds < 5, seconds
     assert err0 <= tolerance(torch.float32) and err1 <= tolerance(torch.float32), (err0, err1)
+
+
+def _ernie_vl_blocks():
+    """Two Ernie 4.5 VL MoE layers (each a text_moe and a vision_moe block), random non-zero weights, the same on
+    every rank."""
+    modeling = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
+    config = transformers.Ernie4_5_VLMoeTextConfig(hidden_size=32, moe_intermediate_size=[16, 24], moe_k=2,
+                                                   moe_num_experts=8, moe_num_shared_experts=0,
+                                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([modeling.Ernie4_5_VLMoeMoeBlock(config) for _ in range(2)])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return layers
+
+
+def _ernie_vl_forward(layers, x, token_types):
+    for layer in layers:
+        x = x + layer(x, token_types)[0].view(x.shape)
+    return x
+
+
+def _ernie_vl_rank(rank, world_size):
+    layers, x = _ernie_vl_blocks(), torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(rank))
+    token_types = torch.zeros(1, 6, dtype=torch.long)
+    token_types[0, 3:] = int(rank == 0)  # vision tokens on rank 0 only: it calls vision_moe, rank 1 does not
+    original = copy.deepcopy(layers)
+    try:
+        ep.hf.replace_experts(layers, dispatcher="deepep_normal", runner="torch")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    unchanged = not any(isinstance(m, ep.hf.EPExperts) for m in layers.modules())
+    swapped = ep.hf.replace_experts(layers, dispatcher="standard", runner="torch")  # no exchange: exact anywhere
+    with torch.no_grad():
+        err = rel_err(_ernie_vl_forward(layers, x, token_types), _ernie_vl_forward(original, x, token_types))
+    return refused, unchanged, swapped, err
+
+
+def test_blocks_called_per_modality_are_refused_over_several_ranks():
+    """Ernie 4.5 VL's layer holds a text_moe and a vision_moe block and calls vision_moe only when its batch holds
+    vision tokens: swapped over 2 ranks with an exchanging dispatcher, a rank with vision tokens entered an
+    exchange its peer (no vision tokens) entered for the next layer's text_moe (gloo aborted the process on the
+    size mismatch). replace_experts now refuses them by name over several ranks; dispatcher="standard" (no
+    exchange) and one rank swap them, with HF's outputs (float32: the same products, DESIGN's 1e-5)."""
+    for refused, unchanged, swapped, err in run_ranks(_ernie_vl_rank, 2, timeout=120):
+        assert refused is not None and unchanged, refused
+        assert re.search(r"cannot swap 4 of the model's 4 MoE blocks:\n  0.text_moe, 0.vision_moe, 1.text_moe "
+                         r"\(\+1 more\): block=Ernie4_5_VLMoeSparseMoeBlock is one of 2 MoE blocks of "
+                         r"Ernie4_5_VLMoeMoeBlock \(text_moe, vision_moe\).*over 2 ranks", refused), refused
+        assert swapped == 4 and err <= tolerance(torch.float32), (swapped, err)
+    layers = _ernie_vl_blocks()  # one process: every exchange is local
+    original = copy.deepcopy(layers)
+    assert ep.hf.replace_experts(layers, dispatcher="deepep_normal", runner="torch") == 4
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    token_types = torch.tensor([[0, 0, 1, 1, 0, 1]])  # text and vision tokens
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, y_ref = _ernie_vl_forward(layers, xs[0], token_types), _ernie_vl_forward(original, xs[1], token_types)
+    (y * x).sum().backward()
+    (y_ref * x).sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) <= tolerance(torch.float32)
+    assert rel_err(xs[0].grad, xs[1].grad) <= tolerance(torch.float32)
