@@ -178,9 +178,13 @@ def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Opti
             config = MoeConfig(1, 1, 1, n, activation=act, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
             if torch.allclose(out.double(), activate(probe, config), rtol=1e-5, atol=1e-30):  # (fp32 inside)
                 return act, alpha, limit
+    # transformers 5.25's Step3p7 / Bailing experts (and FP8Experts with limit_after_act) clamp act(gate), not gate
+    after_act = (" (limit_after_act=True: it clamps act(gate), after the activation; gemm1_clamp_limit clamps the gate "
+                 "before it, which differs unless the limit is far out)" if getattr(experts, "limit_after_act", False)
+                 is True and limits else "")
     raise ValueError(f"experts={name} overrides _apply_gate with {getattr(apply_gate, '__qualname__', apply_gate)}"
                      f"{f' ({knobs})' if knobs else ''}, which computes none of act(gate) * up, its clamped form "
-                     f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe")
+                     f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe{after_act}")
 
 
 def _gpt_oss_gate(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -542,7 +546,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
     computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, biased,
     transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
-    filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
+    filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
+    below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
     parallelism already split (DistributedConfig ep_size), sibling blocks their module may call on some tokens
     only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an exchanging dispatcher. strict=False

@@ -982,3 +982,35 @@ def test_blocks_called_per_modality_are_refused_over_several_ranks():
     (y_ref * x).sum().backward()
     assert rel_err(y.detach(), y_ref.detach()) <= tolerance(torch.float32)
     assert rel_err(xs[0].grad, xs[1].grad) <= tolerance(torch.float32)
+
+
+def test_gates_clamped_after_the_activation_are_refused_naming_it():
+    """transformers 5.25's Bailing-hybrid (and Step3p7) experts clamp act(gate) at their layer's limit
+    (limit_after_act); EPMoE's gemm1_clamp_limit clamps the gate before the activation. They agree only where
+    act(limit) ~ limit (silu: 1 - sigmoid(L) relative, under 1e-5 for L >= 12). A limit of 0.5 is refused, the
+    error naming limit_after_act (it named only the limit, as if the clamped form had been expected to match); a
+    limit of 16 swaps and equals the module in float64 with most gates past the limit (the router weights' fp32
+    rounding, 6e-8, and silu(16) = 16 (1 - 1.1e-7): under 1e-6)."""
+    try:
+        from transformers.models.bailing_hybrid import modeling_bailing_hybrid as modeling
+        config = transformers.BailingHybridConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4,
+                                                  num_hidden_layers=2, expert_swiglu_limit_list=[16.0, 0.5])
+        far, near = (modeling.BailingHybridExperts(config, layer).double() for layer in (0, 1))
+    except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
+        pytest.skip(f"BailingHybridExperts: {err}")
+    if getattr(near, "limit_after_act", None) is not True:
+        pytest.skip("this transformers' Bailing-hybrid experts do not clamp after the activation")
+    with pytest.raises(ValueError, match=r"\{'limit': 0.5\}\), which computes none of .* \(limit_after_act=True: "
+                                         r"it clamps act\(gate\), after the activation"):
+        ep.hf.EPExperts(near, 2, dispatcher="standard", runner="torch")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in (far.gate_up_proj, far.down_proj):
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * 8)
+    swapped = ep.hf.EPExperts(far, 2, dispatcher="standard", runner="torch")
+    assert swapped.layer.config.gemm1_clamp_limit == 16.0
+    x, ids = torch.randn(6, 32, generator=gen, dtype=torch.float64), torch.randint(0, 4, (6, 2), generator=gen)
+    weights = torch.rand(6, 2, generator=gen, dtype=torch.float64)
+    assert (far.gate_up_proj[ids] @ x[:, None, :, None]).squeeze(-1)[..., :16].gt(16).float().mean() > 0.3
+    with torch.no_grad():
+        assert rel_err(swapped(x, ids, weights), far(x, ids, weights)) < 1e-6
