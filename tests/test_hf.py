@@ -697,6 +697,9 @@ SWEEP = {  # model_type -> extra config fields
     "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
     "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
     "zaya": dict(num_experts_per_tok=1),
+    # new in transformers 5.25 (skipped where the transformers has no such model type)
+    "minicpm5_moe": {}, "ergo": {}, "kolibri1_1": dict(layer_types=["sliding_attention"] * 2, sliding_window=16,
+                                                       kv_source_layers=[0, 1], head_dim=16, index_num_heads=2),
 }
 # what the test takes for an MoE block, independently of replace_experts: the class names transformers gives them
 MOE_BLOCK_NAME = re.compile(r"(MoE|Moe|MoEBlock|MoeBlock|MoELayer)$")
@@ -718,6 +721,8 @@ def _sweep_rank(rank, world_size):
     import warnings
     out = {}
     for model_type, fields in SWEEP.items():
+        if model_type not in transformers.CONFIG_MAPPING:
+            continue
         model = _sweep_model(model_type, fields)
         original = copy.deepcopy(model)
         blocks = [name for name, m in model.named_modules() if MOE_BLOCK_NAME.search(type(m).__name__)]
