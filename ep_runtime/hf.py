@@ -488,7 +488,7 @@ def _sibling_blocks_check(model: nn.Module, names: list[str], options: dict) -> 
     siblings: dict[str, list[str]] = {}
     for name in names:
         parent = name.rpartition(".")[0]
-        if "." in name and not isinstance(modules.get(parent), (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+        if name and not isinstance(modules.get(parent), (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
             siblings.setdefault(parent, []).append(name)
     siblings = {parent: held for parent, held in siblings.items() if len(held) > 1}
     if not siblings:

@@ -957,11 +957,16 @@ def _ernie_vl_rank(rank, world_size):
         refused = None
     except ValueError as err:
         refused = str(err)
+    try:  # the layer itself given as the model: its blocks are the model's children
+        ep.hf.replace_experts(layers[0], dispatcher="deepep_normal", runner="torch")
+        refused_alone = None
+    except ValueError as err:
+        refused_alone = str(err)
     unchanged = not any(isinstance(m, ep.hf.EPExperts) for m in layers.modules())
     swapped = ep.hf.replace_experts(layers, dispatcher="standard", runner="torch")  # no exchange: exact anywhere
     with torch.no_grad():
         err = rel_err(_ernie_vl_forward(layers, x, token_types), _ernie_vl_forward(original, x, token_types))
-    return refused, unchanged, swapped, err
+    return refused, refused_alone, unchanged, swapped, err
 
 
 def test_blocks_called_per_modality_are_refused_over_several_ranks():
@@ -970,8 +975,9 @@ def test_blocks_called_per_modality_are_refused_over_several_ranks():
     exchange its peer (no vision tokens) entered for the next layer's text_moe (gloo aborted the process on the
     size mismatch). replace_experts now refuses them by name over several ranks; dispatcher="standard" (no
     exchange) and one rank swap them, with HF's outputs (float32: the same products, DESIGN's 1e-5)."""
-    for refused, unchanged, swapped, err in run_ranks(_ernie_vl_rank, 2, timeout=120):
+    for refused, refused_alone, unchanged, swapped, err in run_ranks(_ernie_vl_rank, 2, timeout=120):
         assert refused is not None and unchanged, refused
+        assert re.search(r"  text_moe, vision_moe: block=Ernie4_5_VLMoeSparseMoeBlock", refused_alone or ""), refused_alone
         assert re.search(r"cannot swap 4 of the model's 4 MoE blocks:\n  0.text_moe, 0.vision_moe, 1.text_moe "
                          r"\(\+1 more\): block=Ernie4_5_VLMoeSparseMoeBlock is one of 2 MoE blocks of "
                          r"Ernie4_5_VLMoeMoeBlock \(text_moe, vision_moe\).*over 2 ranks", refused), refused
