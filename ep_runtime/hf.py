@@ -20,8 +20,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
-weights, a softcapped gate as Inkling 2's, ...) is never skipped silently: replace_experts raises naming it and
-why before anything changes; strict=False swaps the others and warns.
+weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
+skipped silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others
+and warns.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoeConfig
-from .dispatchers.base import join_settings_check
+from .dispatchers.base import as_process_group, group_rank_and_size, join_settings_check
 from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .registry import did_you_mean, named_options
@@ -177,9 +178,13 @@ def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Opti
             config = MoeConfig(1, 1, 1, n, activation=act, gemm1_alpha=alpha, gemm1_clamp_limit=limit)
             if torch.allclose(out.double(), activate(probe, config), rtol=1e-5, atol=1e-30):  # (fp32 inside)
                 return act, alpha, limit
+    # transformers 5.25's Step3p7 / Bailing experts (and FP8Experts with limit_after_act) clamp act(gate), not gate
+    after_act = (" (limit_after_act=True: it clamps act(gate), after the activation; gemm1_clamp_limit clamps the gate "
+                 "before it, which differs unless the limit is far out)" if getattr(experts, "limit_after_act", False)
+                 is True and limits else "")
     raise ValueError(f"experts={name} overrides _apply_gate with {getattr(apply_gate, '__qualname__', apply_gate)}"
                      f"{f' ({knobs})' if knobs else ''}, which computes none of act(gate) * up, its clamped form "
-                     f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe")
+                     f"(gemm1_clamp_limit) or gpt-oss's (gemm1_alpha and gemm1_clamp_limit) on a probe{after_act}")
 
 
 def _gpt_oss_gate(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -472,6 +477,34 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
     return top_k, conversion
 
 
+def _sibling_blocks_check(model: nn.Module, names: list[str], options: dict) -> dict[str, str]:
+    """{name: why} for swappable MoE blocks that are siblings: several blocks held by one module (not a layer
+    list), as Ernie 4.5 VL's text_moe / vision_moe, which its block calls only when its tokens hold that modality.
+    Over a group whose dispatcher exchanges tokens, every rank must enter the same layers' exchanges in the same
+    order; ranks whose batches differ would not (a collective mismatch: a hang, an abort, or tokens computed by
+    another layer's experts), so such blocks are refused there. One rank, or dispatcher="standard", runs them."""
+    from . import dispatchers
+    modules = dict(model.named_modules())
+    siblings: dict[str, list[str]] = {}
+    for name in names:
+        parent = name.rpartition(".")[0]
+        if name and not isinstance(modules.get(parent), (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            siblings.setdefault(parent, []).append(name)
+    siblings = {parent: held for parent, held in siblings.items() if len(held) > 1}
+    if not siblings:
+        return {}
+    dispatcher = options.get("dispatcher", "deepep_normal")
+    _, size = group_rank_and_size(as_process_group(options.get("group")))
+    if size == 1 or not dispatchers.get(dispatcher).shards_experts:
+        return {}
+    return {name: f"block={type(modules[name]).__name__} is one of {len(held)} MoE blocks of "
+                  f"{type(modules[parent]).__name__} ({', '.join(n.rpartition('.')[2] for n in held)}), which it may "
+                  f"call on some of its tokens only (Ernie 4.5 VL: each modality's experts when the batch holds that "
+                  f"modality); with dispatcher={dispatcher!r} over {size} ranks, ranks whose batches differ would "
+                  f"enter different blocks' exchanges; EPExperts swaps them on one rank or with dispatcher='standard'"
+            for parent, held in siblings.items() for name in held}
+
+
 def _check_model(model: Any) -> None:
     """replace_experts' and export_state_dict's model must be an nn.Module (else: AttributeError 'str' object has
     no attribute 'named_modules')."""
@@ -513,11 +546,13 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
     computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, biased,
     transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
-    filter's), a custom _apply_gate computing none of EPMoE's gates, a post-expert norm (MuSE-Spark), an
+    filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
+    below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
-    parallelism already split (DistributedConfig ep_size). strict=False swaps the blocks it can, leaves the others
-    as they are (they keep computing every expert on every rank) and warns (UserWarning) naming them. An experts
-    module given as `model` is an error.
+    parallelism already split (DistributedConfig ep_size), sibling blocks their module may call on some tokens
+    only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an exchanging dispatcher. strict=False
+    swaps the blocks it can, leaves the others as they are (they keep computing every expert on every rank) and
+    warns (UserWarning) naming them. An experts module given as `model` is an error.
 
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
@@ -532,12 +567,18 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
         raise ValueError(f"model={type(model).__name__} is an experts module itself, not a model or MoE block (its "
                          f"router, which gives top_k, is in the block above it); give replace_experts the model or "
                          f"the block, or build ep.hf.EPExperts(experts, top_k)")
-    swaps, refused = [], {}
+    swaps, refused, checked = [], {}, []
     for name, block in _moe_blocks(model):  # check every block before changing any
         try:
-            swaps.append((block, *_swap_check(block)))
+            checked.append((name, block, *_swap_check(block)))
         except ValueError as err:
             refused.setdefault(str(err), []).append(name or "<model>")
+    split = _sibling_blocks_check(model, [name for name, *_ in checked], options)
+    for name, *swap in checked:
+        if name in split:
+            refused.setdefault(split[name], []).append(name)
+        else:
+            swaps.append(tuple(swap))
     if refused:
         blocks = sum(len(names) for names in refused.values())
         reasons = "\n".join(f"  {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}: "

@@ -697,6 +697,9 @@ SWEEP = {  # model_type -> extra config fields
     "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
     "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
     "zaya": dict(num_experts_per_tok=1),
+    # new in transformers 5.25 (skipped where the transformers has no such model type)
+    "minicpm5_moe": {}, "ergo": {}, "kolibri1_1": dict(layer_types=["sliding_attention"] * 2, sliding_window=16,
+                                                       kv_source_layers=[0, 1], head_dim=16, index_num_heads=2),
 }
 # what the test takes for an MoE block, independently of replace_experts: the class names transformers gives them
 MOE_BLOCK_NAME = re.compile(r"(MoE|Moe|MoEBlock|MoeBlock|MoELayer)$")
@@ -718,6 +721,8 @@ def _sweep_rank(rank, world_size):
     import warnings
     out = {}
     for model_type, fields in SWEEP.items():
+        if model_type not in transformers.CONFIG_MAPPING:
+            continue
         model = _sweep_model(model_type, fields)
         original = copy.deepcopy(model)
         blocks = [name for name, m in model.named_modules() if MOE_BLOCK_NAME.search(type(m).__name__)]
@@ -918,3 +923,105 @@ def test_experts_given_no_tensor_ids_on_one_rank_fail_every_rank_at_once():
                            f"the argument); no token was sent"), message
         assert seconds < 5, seconds
     assert err0 <= tolerance(torch.float32) and err1 <= tolerance(torch.float32), (err0, err1)
+
+
+def _ernie_vl_blocks():
+    """Two Ernie 4.5 VL MoE layers (each a text_moe and a vision_moe block), random non-zero weights, the same on
+    every rank."""
+    modeling = pytest.importorskip("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe")
+    config = transformers.Ernie4_5_VLMoeTextConfig(hidden_size=32, moe_intermediate_size=[16, 24], moe_k=2,
+                                                   moe_num_experts=8, moe_num_shared_experts=0,
+                                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([modeling.Ernie4_5_VLMoeMoeBlock(config) for _ in range(2)])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return layers
+
+
+def _ernie_vl_forward(layers, x, token_types):
+    for layer in layers:
+        x = x + layer(x, token_types)[0].view(x.shape)
+    return x
+
+
+def _ernie_vl_rank(rank, world_size):
+    layers, x = _ernie_vl_blocks(), torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(rank))
+    token_types = torch.zeros(1, 6, dtype=torch.long)
+    token_types[0, 3:] = int(rank == 0)  # vision tokens on rank 0 only: it calls vision_moe, rank 1 does not
+    original = copy.deepcopy(layers)
+    try:
+        ep.hf.replace_experts(layers, dispatcher="deepep_normal", runner="torch")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    try:  # the layer itself given as the model: its blocks are the model's children
+        ep.hf.replace_experts(layers[0], dispatcher="deepep_normal", runner="torch")
+        refused_alone = None
+    except ValueError as err:
+        refused_alone = str(err)
+    unchanged = not any(isinstance(m, ep.hf.EPExperts) for m in layers.modules())
+    swapped = ep.hf.replace_experts(layers, dispatcher="standard", runner="torch")  # no exchange: exact anywhere
+    with torch.no_grad():
+        err = rel_err(_ernie_vl_forward(layers, x, token_types), _ernie_vl_forward(original, x, token_types))
+    return refused, refused_alone, unchanged, swapped, err
+
+
+def test_blocks_called_per_modality_are_refused_over_several_ranks():
+    """Ernie 4.5 VL's layer holds a text_moe and a vision_moe block and calls vision_moe only when its batch holds
+    vision tokens: swapped over 2 ranks with an exchanging dispatcher, a rank with vision tokens entered an
+    exchange its peer (no vision tokens) entered for the next layer's text_moe (gloo aborted the process on the
+    size mismatch). replace_experts now refuses them by name over several ranks; dispatcher="standard" (no
+    exchange) and one rank swap them, with HF's outputs (float32: the same products, DESIGN's 1e-5)."""
+    for refused, refused_alone, unchanged, swapped, err in run_ranks(_ernie_vl_rank, 2, timeout=120):
+        assert refused is not None and unchanged, refused
+        assert re.search(r"  text_moe, vision_moe: block=Ernie4_5_VLMoeSparseMoeBlock", refused_alone or ""), refused_alone
+        assert re.search(r"cannot swap 4 of the model's 4 MoE blocks:\n  0.text_moe, 0.vision_moe, 1.text_moe "
+                         r"\(\+1 more\): block=Ernie4_5_VLMoeSparseMoeBlock is one of 2 MoE blocks of "
+                         r"Ernie4_5_VLMoeMoeBlock \(text_moe, vision_moe\).*over 2 ranks", refused), refused
+        assert swapped == 4 and err <= tolerance(torch.float32), (swapped, err)
+    layers = _ernie_vl_blocks()  # one process: every exchange is local
+    original = copy.deepcopy(layers)
+    assert ep.hf.replace_experts(layers, dispatcher="deepep_normal", runner="torch") == 4
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    token_types = torch.tensor([[0, 0, 1, 1, 0, 1]])  # text and vision tokens
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, y_ref = _ernie_vl_forward(layers, xs[0], token_types), _ernie_vl_forward(original, xs[1], token_types)
+    (y * x).sum().backward()
+    (y_ref * x).sum().backward()
+    assert rel_err(y.detach(), y_ref.detach()) <= tolerance(torch.float32)
+    assert rel_err(xs[0].grad, xs[1].grad) <= tolerance(torch.float32)
+
+
+def test_gates_clamped_after_the_activation_are_refused_naming_it():
+    """transformers 5.25's Bailing-hybrid (and Step3p7) experts clamp act(gate) at their layer's limit
+    (limit_after_act); EPMoE's gemm1_clamp_limit clamps the gate before the activation. They agree only where
+    act(limit) ~ limit (silu: 1 - sigmoid(L) relative, under 1e-5 for L >= 12). A limit of 0.5 is refused, the
+    error naming limit_after_act (it named only the limit, as if the clamped form had been expected to match); a
+    limit of 16 swaps and equals the module in float64 with most gates past the limit (the router weights' fp32
+    rounding, 6e-8, and silu(16) = 16 (1 - 1.1e-7): under 1e-6)."""
+    try:
+        from transformers.models.bailing_hybrid import modeling_bailing_hybrid as modeling
+        config = transformers.BailingHybridConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4,
+                                                  num_hidden_layers=2, expert_swiglu_limit_list=[16.0, 0.5])
+        far, near = (modeling.BailingHybridExperts(config, layer).double() for layer in (0, 1))
+    except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
+        pytest.skip(f"BailingHybridExperts: {err}")
+    if getattr(near, "limit_after_act", None) is not True:
+        pytest.skip("this transformers' Bailing-hybrid experts do not clamp after the activation")
+    with pytest.raises(ValueError, match=r"\{'limit': 0.5\}\), which computes none of .* \(limit_after_act=True: "
+                                         r"it clamps act\(gate\), after the activation"):
+        ep.hf.EPExperts(near, 2, dispatcher="standard", runner="torch")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in (far.gate_up_proj, far.down_proj):
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * 8)
+    swapped = ep.hf.EPExperts(far, 2, dispatcher="standard", runner="torch")
+    assert swapped.layer.config.gemm1_clamp_limit == 16.0
+    x, ids = torch.randn(6, 32, generator=gen, dtype=torch.float64), torch.randint(0, 4, (6, 2), generator=gen)
+    weights = torch.rand(6, 2, generator=gen, dtype=torch.float64)
+    assert (far.gate_up_proj[ids] @ x[:, None, :, None]).squeeze(-1)[..., :16].gt(16).float().mean() > 0.3
+    with torch.no_grad():
+        assert rel_err(swapped(x, ids, weights), far(x, ids, weights)) < 1e-6
