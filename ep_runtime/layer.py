@@ -1151,6 +1151,7 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         for name in ("w13_scale_inv", "w2_scale_inv"):
             if isinstance(state_dict.get(prefix + name), torch.Tensor):
                 check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
+        _check_fp8_scales_present(state_dict, prefix)
         error = None
     except (TypeError, ValueError) as err:
         error = err
@@ -1172,6 +1173,17 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
                     and prefix + name + "_scale_inv" not in state_dict
                     and not t.is_meta and t.shape == getattr(layer, name).shape):
                 state_dict[prefix + name], state_dict[prefix + name + "_scale_inv"] = layer.quant.quantize_weight(t)
+
+
+def _check_fp8_scales_present(state_dict: dict, prefix: str) -> None:
+    """fp8 expert values mean something only under their block scales: without them (strict or not) torch's copy
+    cast them as numbers into a float layer, or left an fp8 layer's old scales under new values, no error."""
+    for name in ("w13", "w2"):
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) and prefix + name + "_scale_inv" not in state_dict:
+            raise ValueError(f"state_dict[{prefix + name!r}] holds {t.dtype} values but no {prefix + name}_scale_inv: "
+                             f"fp8 experts load with their block scales; allowed: both keys, or {name} in a float "
+                             f"dtype (an fp8 layer quantizes it)")
 
 
 def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:

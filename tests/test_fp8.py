@@ -387,6 +387,18 @@ def test_state_dict_loads_into_a_layer_built_alike():
         want_q, want_s = layer.quant.quantize_weight(w.to(torch.bfloat16))
         assert torch.equal(getattr(layer, name).view(torch.uint8), want_q.view(torch.uint8))
         assert torch.equal(getattr(layer, f"{name}_scale_inv"), want_s)
+    # fp8 values without their scales: refused before the layer changes, strict or not (torch cast them as numbers
+    # into a float layer, or left an fp8 layer's old scales under them, no error)
+    for built in (None, QuantConfig()):
+        for strict in (True, False):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, quant_config=built)
+            before = {name: t.clone() for name, t in layer.state_dict().items()}
+            lacking = {name: t for name, t in saved.state_dict().items() if name != "w2_scale_inv"}
+            with pytest.raises(ValueError, match=r"state_dict\['w2'\] holds torch.float8_e4m3fn values but no "
+                                                 r"w2_scale_inv"):
+                layer.load_state_dict(lacking, strict=strict)
+            assert layer.quant == built and all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+                                                for name, t in layer.state_dict().items())
     # Scales load_experts refuses are refused here too, before the layer changes (they loaded silently: a negative
     # or zero block scale flipped or zeroed its weights with no error)
     for bad in (-s13, torch.zeros_like(s13), torch.full_like(s13, float("inf"))):
