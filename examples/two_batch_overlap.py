@@ -20,6 +20,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.bench.overlap import build_layer, capture_graphs, expert_weights, run_overlapped, run_sequential
+from ep_runtime.bench.settings import int_at_least
 from ep_runtime.bench.timing import measure_interleaved
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.testing import tolerance
@@ -28,24 +29,13 @@ GPU_SHAPE = dict(experts=256, top_k=8, hidden=7168, intermediate=2048, decode=64
 CPU_SHAPE = dict(experts=16, top_k=4, hidden=64, intermediate=32, decode=8, prefill=48)
 
 
-def positive(text: str) -> int:
-    """An int >= 1 (0 or less failed deep inside the layer, naming its arguments instead of the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: allowed an int >= 1")
-    return value
-
-
 def parse() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in GPU_SHAPE:
-        p.add_argument(f"--{name.replace('_', '-')}", type=positive, default=None,
+        p.add_argument(f"--{name.replace('_', '-')}", type=int_at_least(1), default=None,
                        help=f"default {GPU_SHAPE[name]} on GPUs, {CPU_SHAPE[name]} on CPU ranks"
                        + (" (tokens per micro-batch and rank)" if name in ("decode", "prefill") else ""))
-    p.add_argument("--repeats", type=positive, default=None, help="timed repeats (default 20 on GPUs, 5 on CPU)")
+    p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repeats (default 20 on GPUs, 5 on CPU)")
     return p, p.parse_args()
 
 

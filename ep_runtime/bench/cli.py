@@ -20,7 +20,7 @@ from .overlap import VARIANTS as OVERLAP_VARIANTS
 from .overlap import overlap_suite
 from .report import MISSING_MATPLOTLIB, has_matplotlib, plot, read_json, render_markdown, render_text, write_json
 from .runner import runner_suite
-from .settings import DEFAULT_SUITES, DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings
+from .settings import DEFAULT_SUITES, DTYPES, PRESETS, RUNNER_FORMATS, SUITES, Results, Settings, int_at_least
 
 
 def _int_list(text: str) -> list[int]:
@@ -31,16 +31,6 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
     return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def _name_list(text: str) -> list[str]:
@@ -68,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_int_list, default=None, help="hidden sizes H to sweep (default: preset)")
     p.add_argument("--experts", type=_int_list, default=None, help="expert counts E to sweep (default: preset)")
     p.add_argument("--top-k", type=_int_list, default=None, help="top-k values K to sweep (default: preset)")
-    p.add_argument("--intermediate", type=_positive, default=None, help="intermediate size I (default: preset)")
+    p.add_argument("--intermediate", type=int_at_least(1), default=None, help="intermediate size I (default: preset)")
     p.add_argument("--dtype", choices=sorted(DTYPES) + ["fp8"], default=None,
                    help="default bf16 on CUDA, fp32 on CPU; fp8: bf16 tokens plus the fp8 rows of --fp8")
     p.add_argument("--fp8", action="store_true",
@@ -95,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner-formats", type=_name_list, default=list(RUNNER_FORMATS),
                    help="runner suite: the dispatch formats fed to the runners, each made by that dispatcher on "
                         f"one rank (default {','.join(RUNNER_FORMATS)})")
-    p.add_argument("--runner-ep-size", type=_positive, default=None,
+    p.add_argument("--runner-ep-size", type=int_at_least(1), default=None,
                    help="runner suite: compute E / this many local experts (default: the number of ranks)")
-    p.add_argument("--world-size", type=_positive, default=2,
+    p.add_argument("--world-size", type=int_at_least(1), default=2,
                    help="local CPU ranks to spawn when no launcher is detected (default 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
-    p.add_argument("--repeats", type=_positive, default=None,
+    p.add_argument("--repeats", type=int_at_least(1), default=None,
                    help="timed repeats (default 100 on CUDA, 10 on CPU); on CUDA as many again for the host time")
-    p.add_argument("--rotate", type=_positive, default=4, help="distinct inputs cycled through (default 4)")
+    p.add_argument("--rotate", type=int_at_least(1), default=4, help="distinct inputs cycled through (default 4)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on CUDA, also time CUDA-graph replays: every runner, and the dispatch suite's static-shape "
                         "implementations and baseline (what cannot be captured is listed under skipped)")

@@ -26,6 +26,8 @@ import argparse
 from dataclasses import dataclass
 from math import comb
 
+from .settings import int_at_least
+
 
 @dataclass(frozen=True)
 class Link:
@@ -116,19 +118,6 @@ def table(tokens=(128, 1024, 4096), hidden: int = 7168, num_experts: int = 256, 
     return "\n".join(lines)
 
 
-def _int_from(minimum: int):
-    """argparse type: an int >= minimum (one node or 0 ranks per node divided by zero in the summary line)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: allowed an int >= {minimum}")
-        return value
-    return parse
-
-
 def _gbs(text: str) -> float:
     """argparse type: a bandwidth in GB/s, finite and > 0 (a negative one printed negative times)."""
     try:
@@ -142,8 +131,8 @@ def _gbs(text: str) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Predicted dispatch/combine time, flat vs node-aware (DeepSeek-V3 shape)")
-    p.add_argument("--nodes", type=_int_from(2), default=2, help="nodes, >= 2 (default 2)")
-    p.add_argument("--ranks-per-node", type=_int_from(1), default=8, help="ranks per node, >= 1 (default 8)")
+    p.add_argument("--nodes", type=int_at_least(2), default=2, help="nodes, >= 2 (default 2)")
+    p.add_argument("--ranks-per-node", type=int_at_least(1), default=8, help="ranks per node, >= 1 (default 8)")
     p.add_argument("--network-gbs", type=_gbs, default=NETWORK_400G.bandwidth_gbs)
     p.add_argument("--nvlink-gbs", type=_gbs, default=NVLINK_2XH200.bandwidth_gbs)
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """What a bench run is asked to do (presets, Settings) and what it yields (Results)."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from dataclasses import dataclass, field
@@ -129,3 +130,17 @@ def reason(err: BaseException) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def int_at_least(minimum: int):
+    """argparse type: an int >= minimum, else an error naming the value and the range (a value below it failed deep
+    inside a layer or divided by zero, naming something other than the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: allowed an int >= {minimum}")
+        return value
+    return parse
