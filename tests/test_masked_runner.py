@@ -2,6 +2,7 @@
 masked_m for every config field, padding rows (NaN) never read, and EPMoE(deepep_ll, masked) == reference
 with gradients, on 1 and 2 gloo ranks. Token-row formats reach it through the runner core's conversion
 (tests/test_matrix.py runs it under every dispatcher)."""
+import dataclasses
 import inspect
 
 import pytest
@@ -286,3 +287,33 @@ def test_a_kept_plan_serves_only_its_layout():
         got = MaskedRunner(config).run_masked(x, masked_m, other)
         for e, m in enumerate(MASKED_M):
             assert torch.equal(got[e, :m], out[e, :m]), e
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_automatic_row_splits_give_the_bits_of_one_split(fp8):
+    """Two local Mixtral-like experts (E=8, K=2) in a 512-row buffer: row_splits picks 2 (128 rows expected), the
+    experts hold 300 and 17 rows (several row blocks, one partial); every valid row equals ROW_SPLITS=1's bit for
+    bit, bf16 and fp8; against the unquantized float64 reference within bf16's bound, or for fp8 tests/test_fp8.py's
+    bound from e4m3's step (weights and rows each rounded: ~0.072 expected, 0.1 asserted)."""
+    from ep_runtime.runners.masked_runner import FP8_TILES, masked_forward
+    config = MoeConfig(8, 2, 256, 128)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    w13 = torch.randn(2, config.w13_rows, 256, generator=gen, device="cuda") * 256 ** -0.5
+    w2 = torch.randn(2, 256, 128, generator=gen, device="cuda") * 128 ** -0.5
+    weights = ExpertWeights(w13.bfloat16(), w2.bfloat16())
+    if fp8:
+        quant = QuantConfig()
+        (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+        weights = ExpertWeights(q13, q2, None, None, s13, s2, quant)
+    recv_x = torch.randn(2, 512, 256, generator=gen, device="cuda").bfloat16()
+    masked_m = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
+    assert row_splits(512, config, 64) == 2
+    one = dataclasses.replace(FP8_TILES if fp8 else MaskedTiles(), ROW_SPLITS=1)
+    auto = masked_forward(recv_x, masked_m, weights, config)
+    single = masked_forward(recv_x, masked_m, weights, config, tiles=one)
+    for e, m in enumerate(masked_m.tolist()):
+        assert torch.equal(auto[e, :m], single[e, :m])
+        ref = expert_reference(recv_x[e, :m].double(), w13[e].double(), w2[e].double(), config)
+        assert rel_err(auto[e, :m].cpu(), ref.cpu()) < (0.1 if fp8 else tolerance(torch.bfloat16))
