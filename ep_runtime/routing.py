@@ -123,8 +123,9 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         if tuple(correction_bias.shape) != (E,):
             raise ValueError(f"correction_bias has shape {list(correction_bias.shape)}; expected [{E}]")
         if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)
-            # topk picks a NaN first, and its weight is finite: no later check would see it
-            check_finite("correction_bias", correction_bias)
+            # topk picks a NaN first, and its weight is finite: no later check would see it (widened: torch has
+            # no isfinite for float8, and widening to float32 or float64 keeps every value)
+            check_finite("correction_bias", correction_bias.to(weights_dtype(correction_bias.dtype)))
     # one kernel where it can serve: not for autograd (the router's gradient) nor torch.compile (traces the ops)
     differentiable = torch.is_grad_enabled() and router_logits.requires_grad
     scoring = weights_dtype(router_logits.dtype)  # float64 logits keep float64 (DeepEP/SGLang score in fp32)
@@ -132,12 +133,12 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
             and not torch.compiler.is_compiling()):
         top2 = config.num_expert_group is not None and config.group_rule(E, correction_bias is not None) == "top2_sum"
         return TopKOutput(*routing_kernels.select_experts(router_logits, config, correction_bias, top2))
-    scores = router_logits.to(scoring)
-    scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
+    logits = router_logits.to(scoring)  # (widened first: torch has no isneginf for float8 logits)
+    scores = logits.softmax(dim=-1) if config.scoring == "softmax" else logits.sigmoid()
     # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
     # (softmax and sigmoid underflow): rank it below every score (>= 0) so topk never prefers it
     # to a finite logit, yet above the -inf of groups left out below.
-    choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
+    choice = scores.masked_fill(torch.isneginf(logits), -1.0)
     if correction_bias is not None:
         choice = scores + correction_bias.to(scoring)
     if config.num_expert_group is not None:
@@ -168,7 +169,7 @@ def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err:
     checking the logits here, before the exchange, would stop this rank alone.)"""
     if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
         return  # (a deferred check's error is about an earlier call's weights: its message says which)
-    logits = router_logits.detach()
+    logits = router_logits.detach().to(weights_dtype(router_logits.dtype))  # (float8: no isposinf; values kept)
     softmax = config.scoring == "softmax"
     bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
     masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])

@@ -478,3 +478,29 @@ def test_router_logits_with_no_expert_are_named():
     with pytest.raises(ValueError, match=r"router_logits has shape \[3, 0\]: no expert to pick from; expected \[T, E\] "
                                          r"with E >= 1"):
         ep.select_experts(torch.randn(3, 0), ep.TopKConfig(top_k=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_router_logits_and_bias_are_routed(dtype, routing_path):
+    """float8 logits or a float8 correction bias (floating dtypes, which select_experts takes) failed on the torch
+    path with torch's NotImplementedError ("isneginf_cpu" / "isfinite" not implemented for float8). Widened to
+    float32 (exact), they route as their float32 values do, -inf masking included; a NaN logit is named."""
+    gen = torch.Generator().manual_seed(11)
+    # each row a permutation of -2, -1.75, .., 1.75 (exact in both float8 formats): no tie for the picks to break
+    logits = torch.stack([torch.randperm(16, generator=gen) * 0.25 - 2 for _ in range(9)]).to(dtype)
+    bias = (torch.randn(16, generator=gen) * 0.3).to(dtype)
+    if dtype == torch.float8_e5m2:  # (e4m3fn has no inf)
+        logits[:, 5] = float("-inf")
+    cfg = TopKConfig(top_k=3, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                     routed_scaling_factor=2.5)
+    check(logits, cfg, bias)  # (the reference reads the float8 values widened: the same numbers)
+    check(logits, TopKConfig(top_k=3, scoring="softmax", renormalize=True))
+    bias[2] = float("nan")
+    with pytest.raises(ValueError, match=r"correction_bias has a non-finite value nan at \[2\]"):
+        select_experts(logits, cfg, bias)
+    if routing_path == "kernel":  # (Triton's interpreter reads a float8 NaN as a large finite value)
+        return
+    logits[4, 7] = float("nan")
+    layer = ep.EPMoE(16, 3, 8, 8, dispatcher="standard", runner="torch", topk_config=cfg)
+    with pytest.raises(ValueError, match=r"router_logits has nan at \[4, 7\]"):
+        layer(torch.randn(9, 8, generator=gen), router_logits=logits)
