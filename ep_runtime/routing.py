@@ -103,11 +103,12 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32, float64 logits in
     float64, as a float64 layer needs for its reference and gradchecks);
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
-    weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
-    int32 global, K distinct per token, never -1; weights [T, K] in the scoring dtype: fp32, float64 for float64
-    logits, validation.weights_dtype's rule). On the current CUDA device, with no gradient needed, nothing tracing
-    it and logits other than float64, one Triton kernel computes it (ep_runtime/routing_kernels.py, fp32: the
-    same picks up to fp32 rounding of exp, exact ties to the lower id); elsewhere torch ops do."""
+    weights (a non-finite entry, or under float32 scoring one past float32's range, is an error, checked for CPU
+    tensors). Returns TopKOutput(ids [T, K] int32 global, K distinct per token, never -1; weights [T, K] in the
+    scoring dtype: fp32, float64 for float64 logits, validation.weights_dtype's rule). On the current CUDA device,
+    with no gradient needed, nothing tracing it and logits other than float64, one Triton kernel computes it
+    (ep_runtime/routing_kernels.py, fp32: the same picks up to fp32 rounding of exp, exact ties to the lower id);
+    elsewhere torch ops do."""
     if not isinstance(config, TopKConfig):
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
@@ -126,6 +127,14 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
             # topk picks a NaN first, and its weight is finite: no later check would see it (widened: torch has
             # no isfinite for float8, and widening to float32 or float64 keeps every value)
             check_finite("correction_bias", correction_bias.to(weights_dtype(correction_bias.dtype)))
+            # A float64 entry beyond float32's range is inf once added to float32 scores: +inf picks its expert for
+            # every token, -inf ties it with the experts of groups left out (so one of those could be picked).
+            over = ~torch.isfinite(correction_bias.to(weights_dtype(router_logits.dtype)))
+            if bool(over.any()):
+                e = int(over.nonzero()[0])
+                raise ValueError(f"correction_bias has {float(correction_bias[e])} at [{e}], beyond float32's range "
+                                 f"(router_logits of dtype {router_logits.dtype} are scored in float32); allowed: "
+                                 f"|bias| <= {torch.finfo(torch.float32).max:.6g}")
     # one kernel where it can serve: not for autograd (the router's gradient) nor torch.compile (traces the ops)
     differentiable = torch.is_grad_enabled() and router_logits.requires_grad
     scoring = weights_dtype(router_logits.dtype)  # float64 logits keep float64 (DeepEP/SGLang score in fp32)
