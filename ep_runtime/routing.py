@@ -103,11 +103,12 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     """Pick K experts per token. router_logits [T, E] (any float dtype; scored in fp32, float64 logits in
     float64, as a float64 layer needs for its reference and gradchecks);
     correction_bias [E] (DeepSeek-V3's e_score_correction_bias) shifts the choice only, never the
-    weights (a non-finite entry is an error, checked for CPU tensors). Returns TopKOutput(ids [T, K]
-    int32 global, K distinct per token, never -1; weights [T, K] in the scoring dtype: fp32, float64 for float64
-    logits, validation.weights_dtype's rule). On the current CUDA device, with no gradient needed, nothing tracing
-    it and logits other than float64, one Triton kernel computes it (ep_runtime/routing_kernels.py, fp32: the
-    same picks up to fp32 rounding of exp, exact ties to the lower id); elsewhere torch ops do."""
+    weights (a non-finite entry, or under float32 scoring one past float32's range, is an error, checked for CPU
+    tensors). Returns TopKOutput(ids [T, K] int32 global, K distinct per token, never -1; weights [T, K] in the
+    scoring dtype: fp32, float64 for float64 logits, validation.weights_dtype's rule). On the current CUDA device,
+    with no gradient needed, nothing tracing it and logits other than float64, one Triton kernel computes it
+    (ep_runtime/routing_kernels.py, fp32: the same picks up to fp32 rounding of exp, exact ties to the lower id);
+    elsewhere torch ops do."""
     if not isinstance(config, TopKConfig):
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
@@ -123,8 +124,17 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         if tuple(correction_bias.shape) != (E,):
             raise ValueError(f"correction_bias has shape {list(correction_bias.shape)}; expected [{E}]")
         if not correction_bias.is_cuda:  # (on CUDA the host read would cost a sync per step)
-            # topk picks a NaN first, and its weight is finite: no later check would see it
-            check_finite("correction_bias", correction_bias)
+            # topk picks a NaN first, and its weight is finite: no later check would see it (widened: torch has
+            # no isfinite for float8, and widening to float32 or float64 keeps every value)
+            check_finite("correction_bias", correction_bias.to(weights_dtype(correction_bias.dtype)))
+            # A float64 entry beyond float32's range is inf once added to float32 scores: +inf picks its expert for
+            # every token, -inf ties it with the experts of groups left out (so one of those could be picked).
+            over = ~torch.isfinite(correction_bias.to(weights_dtype(router_logits.dtype)))
+            if bool(over.any()):
+                e = int(over.nonzero()[0])
+                raise ValueError(f"correction_bias has {float(correction_bias[e])} at [{e}], beyond float32's range "
+                                 f"(router_logits of dtype {router_logits.dtype} are scored in float32); allowed: "
+                                 f"|bias| <= {torch.finfo(torch.float32).max:.6g}")
     # one kernel where it can serve: not for autograd (the router's gradient) nor torch.compile (traces the ops)
     differentiable = torch.is_grad_enabled() and router_logits.requires_grad
     scoring = weights_dtype(router_logits.dtype)  # float64 logits keep float64 (DeepEP/SGLang score in fp32)
@@ -132,12 +142,12 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
             and not torch.compiler.is_compiling()):
         top2 = config.num_expert_group is not None and config.group_rule(E, correction_bias is not None) == "top2_sum"
         return TopKOutput(*routing_kernels.select_experts(router_logits, config, correction_bias, top2))
-    scores = router_logits.to(scoring)
-    scores = scores.softmax(dim=-1) if config.scoring == "softmax" else scores.sigmoid()
+    logits = router_logits.to(scoring)  # (widened first: torch has no isneginf for float8 logits)
+    scores = logits.softmax(dim=-1) if config.scoring == "softmax" else logits.sigmoid()
     # A -inf logit (an expert the token may not take) scores 0, as may a finite logit far below the others
     # (softmax and sigmoid underflow): rank it below every score (>= 0) so topk never prefers it
     # to a finite logit, yet above the -inf of groups left out below.
-    choice = scores.masked_fill(torch.isneginf(router_logits), -1.0)
+    choice = scores.masked_fill(torch.isneginf(logits), -1.0)
     if correction_bias is not None:
         choice = scores + correction_bias.to(scoring)
     if config.num_expert_group is not None:
@@ -168,7 +178,7 @@ def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err:
     checking the logits here, before the exchange, would stop this rank alone.)"""
     if not str(err).startswith("topk_weights has a non-finite value") or "[found by the deferred check" in str(err):
         return  # (a deferred check's error is about an earlier call's weights: its message says which)
-    logits = router_logits.detach()
+    logits = router_logits.detach().to(weights_dtype(router_logits.dtype))  # (float8: no isposinf; values kept)
     softmax = config.scoring == "softmax"
     bad = torch.isnan(logits) | (torch.isposinf(logits) if softmax else torch.zeros_like(logits, dtype=torch.bool))
     masked_rows = torch.isneginf(logits).all(dim=1) if softmax else torch.zeros_like(bad[:, 0])

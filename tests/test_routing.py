@@ -478,3 +478,53 @@ def test_router_logits_with_no_expert_are_named():
     with pytest.raises(ValueError, match=r"router_logits has shape \[3, 0\]: no expert to pick from; expected \[T, E\] "
                                          r"with E >= 1"):
         ep.select_experts(torch.randn(3, 0), ep.TopKConfig(top_k=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_router_logits_and_bias_are_routed(dtype, routing_path):
+    """float8 logits or a float8 correction bias (floating dtypes, which select_experts takes) failed on the torch
+    path with torch's NotImplementedError ("isneginf_cpu" / "isfinite" not implemented for float8). Widened to
+    float32 (exact), they route as their float32 values do, -inf masking included; a NaN logit is named."""
+    gen = torch.Generator().manual_seed(11)
+    # each row a permutation of -2, -1.75, .., 1.75 (exact in both float8 formats): no tie for the picks to break
+    logits = torch.stack([torch.randperm(16, generator=gen) * 0.25 - 2 for _ in range(9)]).to(dtype)
+    bias = (torch.randn(16, generator=gen) * 0.3).to(dtype)
+    if dtype == torch.float8_e5m2:  # (e4m3fn has no inf)
+        logits[:, 5] = float("-inf")
+    cfg = TopKConfig(top_k=3, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                     routed_scaling_factor=2.5)
+    check(logits, cfg, bias)  # (the reference reads the float8 values widened: the same numbers)
+    check(logits, TopKConfig(top_k=3, scoring="softmax", renormalize=True))
+    bias[2] = float("nan")
+    with pytest.raises(ValueError, match=r"correction_bias has a non-finite value nan at \[2\]"):
+        select_experts(logits, cfg, bias)
+    if routing_path == "kernel":  # (Triton's interpreter reads a float8 NaN as a large finite value)
+        return
+    logits[4, 7] = float("nan")
+    layer = ep.EPMoE(16, 3, 8, 8, dispatcher="standard", runner="torch", topk_config=cfg)
+    with pytest.raises(ValueError, match=r"router_logits has nan at \[4, 7\]"):
+        layer(torch.randn(9, 8, generator=gen), router_logits=logits)
+
+
+@pytest.mark.parametrize("value", [-1e39, 1e39])
+def test_float64_bias_beyond_float32_is_refused(value, routing_path):
+    """A float64 correction bias entry past float32's range passed the finiteness check, then was inf in the float32
+    choice: with -1e39 on expert 1 (group 0 kept alone) the torch path picked expert 6, from a group left out, and
+    the kernel picked expert 1; +1e39 picked its expert for every token. Now it is refused, naming the entry;
+    float64 logits score in float64, where it is an ordinary bias."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 8, generator=gen)
+    bias = torch.randn(8, generator=gen, dtype=torch.float64) * 0.3
+    bias[1] = value
+    cfg = TopKConfig(top_k=2, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=1, group_score="max")
+    with pytest.raises(ValueError, match=rf"correction_bias has {re.escape(str(value))} at \[1\], beyond float32's "
+                                         rf"range \(router_logits of dtype torch.float32 are scored in float32\); "
+                                         rf"allowed: \|bias\| <= 3.40282e\+38"):
+        select_experts(logits, cfg, bias)
+    with pytest.raises(ValueError, match=r"correction_bias has .* at \[1\], beyond float32's range"):
+        select_experts(logits.bfloat16(), cfg, bias)
+    bias[1] = 3e38  # (within float32: finite, routed)
+    check(logits, cfg, bias)
+    bias[1] = value
+    ids = select_experts(logits.double(), cfg, bias).topk_ids  # float64 logits: the bias is in range
+    assert ((ids // 2 == ids[:, :1] // 2).all() and (value < 0) != (ids == 1).any(1).all())
