@@ -127,10 +127,7 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
     At another EP size each rank's state rows follow its parameter rows (the same slots)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
-    # Each parameter's key in torch's dict, by identity: its param_groups list the keys in the optimizer's
-    # order (torch drops wrappers' prefixes, DDP's "module.", torch.compile's "_orig_mod.", from the keys).
-    key_of = {id(p): key for group, saved in zip(optimizer.param_groups, state["param_groups"])
-              for p, key in zip(group["params"], saved["params"])}
+    key_of = _state_keys(optimizer, state)
     for prefix, layer in _sharded_layers(model):
         mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
@@ -153,10 +150,23 @@ def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.opt
     """Load a dict made by distributed_optimizer_state_dict (after dcp.load filled it) into `optimizer`
     with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    # Only the experts' state goes back to plain tensors: other DTensors (the state of parameters FSDP2's
+    # fully_shard made DTensors) are what torch takes for those parameters, and as plain tensors the next
+    # optimizer.step() mixed them with the DTensor parameters and raised.
+    key_of = _state_keys(optimizer, state_dict)
+    experts = {key_of.get(id(getattr(layer, name))) for _, layer in _sharded_layers(model)
+               for name in _EXPERT_TENSORS if getattr(layer, name) is not None}
     state = {**state_dict, "state": {fqn: {key: value.to_local() if isinstance(value, DTensor) else value
-                                           for key, value in per_param.items()}
+                                           for key, value in per_param.items()} if fqn in experts else per_param
                                      for fqn, per_param in state_dict["state"].items()}}
     set_optimizer_state_dict(model, optimizer, state)
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[int, str]:
+    """Each parameter's key in torch's optimizer state_dict, by identity: its param_groups list the keys in
+    the optimizer's order (torch drops wrappers' prefixes, DDP's "module.", torch.compile's "_orig_mod.")."""
+    return {id(p): key for group, saved in zip(optimizer.param_groups, state_dict["param_groups"])
+            for p, key in zip(group["params"], saved["params"])}
 
 
 class ExpertLoadPlanner(DefaultLoadPlanner):
