@@ -64,9 +64,10 @@ class EPMoE(nn.Module):
     load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
     fp8 layers are inference-only (forward raises when a gradient is needed).
     shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
-    [T, H] -> [T, H]; forward adds its output to the routed experts'. It runs while the dispatch is
-    in flight (on a side CUDA stream, or on CPU ranks while the exchange thread moves the rows), so
-    it costs no time on the critical path; the sum equals routed + shared computed one after the other.
+    [T, H] -> [T, H]; forward adds its output to the routed experts'. On CUDA it runs while the dispatch
+    is in flight (on a side stream), so it costs no time on the critical path; CPU ranks run it before
+    the dispatch (its collectives, if any, then keep their order against the exchange's on every rank).
+    The sum equals routed + shared computed one after the other.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -951,7 +952,7 @@ class EPMoE(nn.Module):
     def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(routed experts' output, shared(x)), both [T, H], shared = shared_experts or the layer's own;
-        the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
+        on CUDA the shared experts run while the dispatch is in flight, on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
         try:  # (on one rank only: the others' dispatch fails at once too, see forward)
@@ -975,9 +976,11 @@ class EPMoE(nn.Module):
             with torch.cuda.stream(side):
                 shared = shared_module(x)
             x.record_stream(side)
-        (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
-        if side is None:  # CPU ranks: here, while the exchange thread moves the rows
+        else:  # CPU ranks: before the dispatch is issued, as on CUDA. Run while the exchange thread moved the rows,
+            # a collective of theirs on the layer's group (an FSDP2-sharded shared expert's all-gather) paired with
+            # the exchange's in another order on each rank: gloo aborted the process, or the ranks hung.
             shared = shared_module(x)
+        (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
         with self._naming_logical_ids(topk, physical), naming_peer_failures(self.dispatcher, "dispatch"):
             work.wait()  # (CPU ranks: the count table's errors are raised here)
         self._count_load(dispatch_output, physical)

@@ -150,6 +150,56 @@ def test_data_parallel_recipe_keeps_the_experts_and_their_gradients(dispatcher, 
         assert max(errors.values()) <= tolerance(torch.float32), errors
 
 
+
+def _fsdp_shared_experts_rank(rank, world_size, dispatcher):
+    """Shared experts sharded by FSDP2's fully_shard of their own (their forward all-gathers their weights on the
+    default group, the layer's): on CPU ranks they ran while the exchange thread moved the rows, so the two
+    threads' collectives paired in another order on each rank (gloo aborted the process: "Received data size
+    doesn't match expected size", or the ranks waited until the timeout). Now they run before the dispatch is
+    issued: three steps give what the same model computes unwrapped, routed and shared one after the other."""
+    import copy
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(32, 48), nn.SiLU(), nn.Linear(48, 32))
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    model.append(ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                          dispatcher_options=OPTIONS.get(dispatcher)))
+    problem = make_problem(model[2].config, [11, 7][:world_size], seed=27, ep_size=world_size)
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    twin = copy.deepcopy(model)
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+    mesh = init_device_mesh("cpu", (world_size,))
+    fully_shard(shared[0], mesh=mesh)
+    fully_shard(shared[2], mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={model[2].w13, model[2].w2})
+    errors = []
+    for step in range(3):
+        x, ids, weights = problem.xs[rank].float() * (step + 1), problem.topk_ids[rank], problem.topk_weights[rank]
+        grad_output = problem.grad_outputs[rank].float()
+        y = model(x, ids, weights)
+        (y * grad_output).sum().backward()
+        h = twin[1](twin[0](x))
+        y_twin = twin[2]._routed(h, ep.TopKOutput(ids, weights)) + twin[2].shared_experts(h)
+        (y_twin * grad_output).sum().backward()
+        errors.append(rel_err(y.detach(), y_twin.detach()))
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        want = q.grad.clone()
+        if name not in ("2.w13", "2.w2"):  # replicated: fully_shard averages their gradients over the ranks
+            torch.distributed.all_reduce(want)
+            want /= world_size
+        errors.append(rel_err(full(p.grad), want))
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_shared_experts_sharded_by_fully_shard_keep_the_collectives_in_order(dispatcher):
+    for errors in run_ranks(_fsdp_shared_experts_rank, 2, dispatcher, timeout=90, group_timeout=30):
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
 def _checkpointed_load_rank(rank, world_size, dispatcher):
     """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
     each (token, expert) pair of a step once."""
