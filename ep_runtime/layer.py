@@ -274,18 +274,26 @@ class EPMoE(nn.Module):
             return
         H, I = self.config.hidden_size, self.config.intermediate_size
         global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
+        # A "standard" layer's experts under FSDP2's fully_shard are DTensors (torchtitan's meta-device init:
+        # fully_shard, to_empty, then this): every expert drawn into whole tensors, of which each rank keeps its piece.
+        whole = self.quant is None and _is_dtensor(self.w13)
+        w13_rows, w2_rows = ([torch.empty(t.shape, dtype=t.dtype) for t in (self.w13, self.w2)] if whole
+                             else (self.w13, self.w2))
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
             w13 = torch.randn(self.w13.shape[1:], generator=gen, device="cpu") * H ** -0.5
             w2 = torch.randn(self.w2.shape[1:], generator=gen, device="cpu") * I ** -0.5
             if self.quant is None:
-                self.w13[local].copy_(w13)
-                self.w2[local].copy_(w2)
+                w13_rows[local].copy_(w13)
+                w2_rows[local].copy_(w2)
                 continue
             for name, w in (("w13", w13), ("w2", w2)):  # quantized per expert: the same draws, then rounded
                 q, scale = self.quant.quantize_weight(w.unsqueeze(0))
                 getattr(self, name)[local].copy_(q[0])
                 getattr(self, f"{name}_scale_inv")[local].copy_(scale[0])
+        if whole:
+            _copy_values(self.w13, w13_rows)
+            _copy_values(self.w2, w2_rows)
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.zero_()
@@ -417,6 +425,10 @@ class EPMoE(nn.Module):
         if self.w13.is_meta:
             raise RuntimeError("this layer's experts are on the meta device (no memory to load into); "
                                "layer.to_empty(device=...) first")
+        if _is_dtensor(self.w13):  # (its rows written into a DTensor's index went to a copy: nothing loaded)
+            raise RuntimeError("this layer's experts are DTensors (FSDP2's fully_shard sharded them), whose rows this "
+                               "rank may not hold; load them whole: load_experts with the [E, ...] weights on every "
+                               "rank, or load_state_dict")
         rows = self.config.w13_rows
         pieces = {"w13": ("w13", 0, (rows, H)), "w2": ("w2", 0, (H, I))}  # piece -> (tensor, first row, shape)
         if self.config.is_gated:
@@ -560,6 +572,9 @@ class EPMoE(nn.Module):
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
         if not collective:  # every rank already holds every expert (in its slots)
+            # (a "standard" layer's experts under FSDP2's fully_shard are DTensors: whole again by fully_shard's
+            # all-gather, which every rank calling this joins)
+            shards = [t.full_tensor() if _is_dtensor(t) else t for t in shards]
             if dst is not None and me != dst:
                 return None
             return ExpertWeights(*[_first_copies(t.detach(), first) if t is not None else None for t in shards],
@@ -1245,8 +1260,18 @@ def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None
         _expert_values(f"state_dict[{prefix + name!r}]", t, held.dtype if as_held else t.dtype, t.device)
 
 
+def _is_dtensor(t: Optional[torch.Tensor]) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _copy_values(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes."""
+    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes.
+    A DTensor dst (a "standard" layer's experts, which FSDP2's fully_shard shards like any replicated weight)
+    takes this rank's piece of the whole `src` every rank holds, with no communication (a plain copy_ raised
+    "got mixed torch.Tensor and DTensor")."""
+    if _is_dtensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
     if dst.dtype in FP8_DTYPES:
         dst.view(torch.uint8).copy_(src.view(torch.uint8))
     else:

@@ -200,6 +200,41 @@ def test_shared_experts_sharded_by_fully_shard_keep_the_collectives_in_order(dis
         assert max(errors) <= tolerance(torch.float32), errors
 
 
+
+def _fully_shard_standard_init_rank(rank, world_size):
+    """torchtitan's initialisation under FSDP2: the model built on the meta device, fully_shard (a "standard"
+    layer's experts, replicated weights, become DTensors), to_empty, then the weights initialised or loaded.
+    reset_parameters, load_experts and gather_experts raised "got mixed torch.Tensor and DTensor"; now they give
+    what a layer built normally gives, and load_expert (rows a rank may not hold) is refused naming why."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    plain = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    with torch.device("meta"):
+        layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    fully_shard(layer, mesh=init_device_mesh("cpu", (world_size,)))
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    results = {"reset": torch.equal(layer.w13.full_tensor(), plain.w13) and torch.equal(layer.w2.full_tensor(), plain.w2)}
+    problem = make_problem(plain.config, [11, 7][:world_size], seed=28, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    gathered = layer.gather_experts()
+    results["load_gather"] = (torch.equal(gathered.w13, problem.w13.float()) and torch.equal(gathered.w2, problem.w2.float()))
+    with pytest.raises(RuntimeError, match="experts are DTensors .FSDP2's fully_shard sharded them."):
+        layer.load_expert(3, w13=problem.w13[3].float())
+    y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    results["y"] = rel_err(y.detach(), moe_reference(problem.xs[rank], problem.topk_ids[rank],
+                                                     problem.topk_weights[rank].double(), problem.w13, problem.w2,
+                                                     plain.config)) <= tolerance(torch.float32)
+    return results
+
+
+def test_standard_layer_under_fully_shard_initialises_and_loads():
+    for results in run_ranks(_fully_shard_standard_init_rank, 2, timeout=60):
+        assert results == {"reset": True, "load_gather": True, "y": True}, results
+
+
 def _checkpointed_load_rank(rank, world_size, dispatcher):
     """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
     each (token, expert) pair of a step once."""
