@@ -235,6 +235,47 @@ def test_standard_layer_under_fully_shard_initialises_and_loads():
         assert results == {"reset": True, "load_gather": True, "y": True}, results
 
 
+
+def _fsdp_mixed_precision_rank(rank, world_size, dispatcher):
+    """docs/api.md: FSDP2's MixedPrecisionPolicy casts the dense parameters and the wrapped modules' inputs to
+    bf16, not the ignored float32 experts; the layer names the dtypes, and under torch.autocast it takes the bf16 x
+    (float32 master experts, bf16 GEMMs) and gives the reference within bf16's bound."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    model.append(ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher)))
+    problem = make_problem(model[2].config, [11, 7][:world_size], seed=29, ep_size=world_size)
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    lin = nn.Linear(32, 32).double()
+    lin.load_state_dict(model[0].state_dict())
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+    experts = {model[2].w13, model[2].w2}
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), ignored_params=experts,
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    args = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16; this layer's weights are torch.float32"):
+        model(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(*args)
+    (y.float() * problem.grad_outputs[rank].float()).sum().backward()
+    for p in experts:
+        p.grad /= world_size
+    w13, w2 = mean_loss_reference(lin, problem, model[2].config, world_size)
+    mine = model[2].placement.local_expert_ids()
+    ref = moe_reference(torch.tanh(lin(problem.xs[rank])), *args[1:], problem.w13, problem.w2, model[2].config)
+    return (str(y.dtype), rel_err(y.detach(), ref), rel_err(model[0].weight.grad.full_tensor(), lin.weight.grad),
+            rel_err(model[2].w13.grad, w13.grad[mine]), rel_err(model[2].w2.grad, w2.grad[mine]))
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_fsdp_mixed_precision_takes_float32_experts_under_autocast(dispatcher):
+    for dtype, *errors in run_ranks(_fsdp_mixed_precision_rank, 2, dispatcher, timeout=60):
+        assert dtype == "torch.float32"
+        assert max(errors) <= tolerance(torch.bfloat16), errors
+
+
 def _checkpointed_load_rank(rank, world_size, dispatcher):
     """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
     each (token, expert) pair of a step once."""
