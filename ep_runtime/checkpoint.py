@@ -209,10 +209,16 @@ def _check_not_distributed(key: str, t: Any) -> None:
 
 
 def _sharded_layers(model: nn.Module):
-    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts."""
-    for name, module in model.named_modules():
-        if isinstance(module, EPMoE) and module.dispatcher.shards_experts:
-            yield (name + "." if name else ""), module
+    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts. The prefix is the
+    one model.state_dict() gives the layer's w13 (found by identity), not always its module path: a wrapper may
+    rename keys (checkpoint_wrapper, as torchtitan's activation checkpointing wraps blocks, drops its
+    `_checkpoint_wrapped_module.`), and the module path put the DTensors beside the plain per-rank experts, which
+    DCP then saved once, rank 0's for every rank."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EPMoE) and m.dispatcher.shards_experts]
+    keys = {id(v): k for k, v in model.state_dict(keep_vars=True).items()} if layers else {}
+    for name, module in layers:
+        key = keys.get(id(module.w13))
+        yield (key[:-len("w13")] if key is not None else (name + "." if name else "")), module
 
 
 def _check_slot_count(key: str, saved: int, have: int) -> None:

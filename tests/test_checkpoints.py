@@ -948,3 +948,43 @@ def test_dcp_optimizer_state_of_an_fsdp_model_resumes_training(tmp_path):
     for kinds, errors in run_ranks(_dcp_optimizer_fsdp_rank, 2, str(tmp_path), timeout=60):
         assert kinds == {"proj.weight": "DTensor", "proj.bias": "DTensor", "moe.w13": "Tensor", "moe.w2": "Tensor"}, kinds
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _checkpoint_wrapped_model(seed, wrap):
+    """A block holding a sharded layer, wrapped by torch's checkpoint_wrapper as torchtitan's activation
+    checkpointing wraps its blocks (its state_dict keys drop `_checkpoint_wrapped_module.`), or not."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    torch.manual_seed(seed)
+    block = nn.Module()
+    block.moe = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    model = nn.Module()
+    model.block = checkpoint_wrapper(block) if wrap else block
+    return model, block.moe
+
+
+def _dcp_checkpoint_wrapper_rank(rank, world_size, path):
+    model, layer = _checkpoint_wrapped_model(0, wrap=True)
+    layer.load_experts(*_global_weights())
+    state = ep.distributed_state_dict(model)
+    kinds = {k: type(v).__name__ for k, v in state.items()}
+    dcp.save(state, checkpoint_id=path)
+    loaded = {}
+    for wrap in (True, False):  # into a model wrapped the same way, and into one without the wrapper
+        fresh, fresh_layer = _checkpoint_wrapped_model(1, wrap)
+        state = ep.distributed_state_dict(fresh)
+        dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+        ep.load_distributed_state_dict(fresh, state)
+        gathered = fresh_layer.gather_experts()
+        loaded[wrap] = [torch.equal(got, want) for got, want in zip((gathered.w13, gathered.w2), _global_weights())]
+    return kinds, loaded
+
+
+def test_dcp_state_of_a_checkpoint_wrapped_layer(tmp_path):
+    """ep.distributed_state_dict named a layer by its module path, "block._checkpoint_wrapped_module.moe.", while
+    state_dict() (checkpoint_wrapper's hook) names its tensors "block.moe.": the DTensors went in beside the plain
+    per-rank experts, which DCP saved once (rank 0's), and the load failed on the keys. The layer is named as
+    state_dict() names its w13: one DTensor per expert tensor, and the experts come back in a model wrapped the
+    same way or not wrapped."""
+    for kinds, loaded in run_ranks(_dcp_checkpoint_wrapper_rank, 2, str(tmp_path), timeout=60):
+        assert kinds == {"block.moe.w13": "DTensor", "block.moe.w2": "DTensor", "block.moe.expert_placement": "Tensor"}, kinds
+        assert loaded == {True: [True, True], False: [True, True]}, loaded
