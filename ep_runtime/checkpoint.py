@@ -127,10 +127,7 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
     At another EP size each rank's state rows follow its parameter rows (the same slots)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
-    # Each parameter's key in torch's dict, by identity: its param_groups list the keys in the optimizer's
-    # order (torch drops wrappers' prefixes, DDP's "module.", torch.compile's "_orig_mod.", from the keys).
-    key_of = {id(p): key for group, saved in zip(optimizer.param_groups, state["param_groups"])
-              for p, key in zip(group["params"], saved["params"])}
+    key_of = _state_keys(optimizer, state)
     for prefix, layer in _sharded_layers(model):
         mesh = _mesh(layer)
         for name in _EXPERT_TENSORS:
@@ -153,10 +150,23 @@ def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.opt
     """Load a dict made by distributed_optimizer_state_dict (after dcp.load filled it) into `optimizer`
     with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    # Only the experts' state goes back to plain tensors: other DTensors (the state of parameters FSDP2's
+    # fully_shard made DTensors) are what torch takes for those parameters, and as plain tensors the next
+    # optimizer.step() mixed them with the DTensor parameters and raised.
+    key_of = _state_keys(optimizer, state_dict)
+    experts = {key_of.get(id(getattr(layer, name))) for _, layer in _sharded_layers(model)
+               for name in _EXPERT_TENSORS if getattr(layer, name) is not None}
     state = {**state_dict, "state": {fqn: {key: value.to_local() if isinstance(value, DTensor) else value
-                                           for key, value in per_param.items()}
+                                           for key, value in per_param.items()} if fqn in experts else per_param
                                      for fqn, per_param in state_dict["state"].items()}}
     set_optimizer_state_dict(model, optimizer, state)
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[int, str]:
+    """Each parameter's key in torch's optimizer state_dict, by identity: its param_groups list the keys in
+    the optimizer's order (torch drops wrappers' prefixes, DDP's "module.", torch.compile's "_orig_mod.")."""
+    return {id(p): key for group, saved in zip(optimizer.param_groups, state_dict["param_groups"])
+            for p, key in zip(group["params"], saved["params"])}
 
 
 class ExpertLoadPlanner(DefaultLoadPlanner):
@@ -199,10 +209,16 @@ def _check_not_distributed(key: str, t: Any) -> None:
 
 
 def _sharded_layers(model: nn.Module):
-    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts."""
-    for name, module in model.named_modules():
-        if isinstance(module, EPMoE) and module.dispatcher.shards_experts:
-            yield (name + "." if name else ""), module
+    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts. The prefix is the
+    one model.state_dict() gives the layer's w13 (found by identity), not always its module path: a wrapper may
+    rename keys (checkpoint_wrapper, as torchtitan's activation checkpointing wraps blocks, drops its
+    `_checkpoint_wrapped_module.`), and the module path put the DTensors beside the plain per-rank experts, which
+    DCP then saved once, rank 0's for every rank."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EPMoE) and m.dispatcher.shards_experts]
+    keys = {id(v): k for k, v in model.state_dict(keep_vars=True).items()} if layers else {}
+    for name, module in layers:
+        key = keys.get(id(module.w13))
+        yield (key[:-len("w13")] if key is not None else (name + "." if name else "")), module
 
 
 def _check_slot_count(key: str, saved: int, have: int) -> None:

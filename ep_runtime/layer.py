@@ -64,9 +64,10 @@ class EPMoE(nn.Module):
     load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
     fp8 layers are inference-only (forward raises when a gradient is needed).
     shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
-    [T, H] -> [T, H]; forward adds its output to the routed experts'. It runs while the dispatch is
-    in flight (on a side CUDA stream, or on CPU ranks while the exchange thread moves the rows), so
-    it costs no time on the critical path; the sum equals routed + shared computed one after the other.
+    [T, H] -> [T, H]; forward adds its output to the routed experts'. On CUDA it runs while the dispatch
+    is in flight (on a side stream), so it costs no time on the critical path; CPU ranks run it before
+    the dispatch (its collectives, if any, then keep their order against the exchange's on every rank).
+    The sum equals routed + shared computed one after the other.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
@@ -273,18 +274,26 @@ class EPMoE(nn.Module):
             return
         H, I = self.config.hidden_size, self.config.intermediate_size
         global_ids = self.placement.local_expert_ids().tolist()  # copies of an expert start equal
+        # A "standard" layer's experts under FSDP2's fully_shard are DTensors (torchtitan's meta-device init:
+        # fully_shard, to_empty, then this): every expert drawn into whole tensors, of which each rank keeps its piece.
+        whole = self.quant is None and _is_dtensor(self.w13)
+        w13_rows, w2_rows = ([torch.empty(t.shape, dtype=t.dtype) for t in (self.w13, self.w2)] if whole
+                             else (self.w13, self.w2))
         for local, expert in enumerate(global_ids):
             gen = torch.Generator().manual_seed(base + expert)
             w13 = torch.randn(self.w13.shape[1:], generator=gen, device="cpu") * H ** -0.5
             w2 = torch.randn(self.w2.shape[1:], generator=gen, device="cpu") * I ** -0.5
             if self.quant is None:
-                self.w13[local].copy_(w13)
-                self.w2[local].copy_(w2)
+                w13_rows[local].copy_(w13)
+                w2_rows[local].copy_(w2)
                 continue
             for name, w in (("w13", w13), ("w2", w2)):  # quantized per expert: the same draws, then rounded
                 q, scale = self.quant.quantize_weight(w.unsqueeze(0))
                 getattr(self, name)[local].copy_(q[0])
                 getattr(self, f"{name}_scale_inv")[local].copy_(scale[0])
+        if whole:
+            _copy_values(self.w13, w13_rows)
+            _copy_values(self.w2, w2_rows)
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.zero_()
@@ -416,6 +425,10 @@ class EPMoE(nn.Module):
         if self.w13.is_meta:
             raise RuntimeError("this layer's experts are on the meta device (no memory to load into); "
                                "layer.to_empty(device=...) first")
+        if _is_dtensor(self.w13):  # (its rows written into a DTensor's index went to a copy: nothing loaded)
+            raise RuntimeError("this layer's experts are DTensors (FSDP2's fully_shard sharded them), whose rows this "
+                               "rank may not hold; load them whole: load_experts with the [E, ...] weights on every "
+                               "rank, or load_state_dict")
         rows = self.config.w13_rows
         pieces = {"w13": ("w13", 0, (rows, H)), "w2": ("w2", 0, (H, I))}  # piece -> (tensor, first row, shape)
         if self.config.is_gated:
@@ -559,6 +572,9 @@ class EPMoE(nn.Module):
         first = [rank * self.placement.num_local_experts + local
                  for rank, local in (self.placement.replicas_of(e)[0] for e in range(self.config.num_experts))]
         if not collective:  # every rank already holds every expert (in its slots)
+            # (a "standard" layer's experts under FSDP2's fully_shard are DTensors: whole again by fully_shard's
+            # all-gather, which every rank calling this joins)
+            shards = [t.full_tensor() if _is_dtensor(t) else t for t in shards]
             if dst is not None and me != dst:
                 return None
             return ExpertWeights(*[_first_copies(t.detach(), first) if t is not None else None for t in shards],
@@ -951,7 +967,7 @@ class EPMoE(nn.Module):
     def routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_experts: Optional[nn.Module] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(routed experts' output, shared(x)), both [T, H], shared = shared_experts or the layer's own;
-        the shared experts run while the dispatch is in flight. CUDA: on a side stream forked before the dispatch is issued (so they also
+        on CUDA the shared experts run while the dispatch is in flight, on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
         try:  # (on one rank only: the others' dispatch fails at once too, see forward)
@@ -975,9 +991,11 @@ class EPMoE(nn.Module):
             with torch.cuda.stream(side):
                 shared = shared_module(x)
             x.record_stream(side)
-        (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
-        if side is None:  # CPU ranks: here, while the exchange thread moves the rows
+        else:  # CPU ranks: before the dispatch is issued, as on CUDA. Run while the exchange thread moved the rows,
+            # a collective of theirs on the layer's group (an FSDP2-sharded shared expert's all-gather) paired with
+            # the exchange's in another order on each rank: gloo aborted the process, or the ranks hung.
             shared = shared_module(x)
+        (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
         with self._naming_logical_ids(topk, physical), naming_peer_failures(self.dispatcher, "dispatch"):
             work.wait()  # (CPU ranks: the count table's errors are raised here)
         self._count_load(dispatch_output, physical)
@@ -1242,8 +1260,18 @@ def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None
         _expert_values(f"state_dict[{prefix + name!r}]", t, held.dtype if as_held else t.dtype, t.device)
 
 
+def _is_dtensor(t: Optional[torch.Tensor]) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _copy_values(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes."""
+    """dst.copy_(src) into an expert parameter (or a slice of one); fp8 (src of dst's dtype) as raw bytes.
+    A DTensor dst (a "standard" layer's experts, which FSDP2's fully_shard shards like any replicated weight)
+    takes this rank's piece of the whole `src` every rank holds, with no communication (a plain copy_ raised
+    "got mixed torch.Tensor and DTensor")."""
+    if _is_dtensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
     if dst.dtype in FP8_DTYPES:
         dst.view(torch.uint8).copy_(src.view(torch.uint8))
     else:

@@ -888,3 +888,103 @@ def test_dcp_optimizer_state_resumes_training(dcp_optimizer_checkpoint, world_si
     for w13, w2 in run_ranks(_dcp_optimizer_load_rank, world_size, path, timeout=60):
         errors = rel_err(torch.from_numpy(w13), want13), rel_err(torch.from_numpy(w2), want2)
         assert max(errors) <= tolerance(torch.float32), errors
+
+
+class _DenseThenMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(H, H)
+        self.moe = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+
+    def forward(self, x, ids, weights):
+        return self.moe(self.proj(x), ids, weights)
+
+
+def _fsdp_adam_model(seed, world_size):
+    """A dense Linear sharded by FSDP2's fully_shard (its parameters and Adam's state DTensors) in front of an
+    expert-parallel layer left out of it, as docs/api.md's data-parallel recipe builds it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    model = _DenseThenMoE()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), ignored_params=set(model.moe.parameters()))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _fsdp_step(model, optimizer, rank):
+    optimizer.zero_grad()
+    x, ids, weights = _tokens(rank)
+    y = model(x, ids, weights)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(80 + rank))).sum().backward()
+    optimizer.step()
+
+
+def _dcp_optimizer_fsdp_rank(rank, world_size, path):
+    model, optimizer = _fsdp_adam_model(0, world_size)
+    for _ in range(2):
+        _fsdp_step(model, optimizer, rank)
+    dcp.save({"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=path)
+    _fsdp_step(model, optimizer, rank)  # the uninterrupted run's third step
+
+    resumed, resumed_optimizer = _fsdp_adam_model(1, world_size)  # another initialisation, a fresh optimizer
+    state = {"model": ep.distributed_state_dict(resumed),
+             "optim": ep.distributed_optimizer_state_dict(resumed, resumed_optimizer)}
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(resumed, state["model"])
+    ep.load_distributed_optimizer_state_dict(resumed, resumed_optimizer, state["optim"])
+    kinds = {name: type(resumed_optimizer.state[p]["exp_avg"]).__name__ for name, p in resumed.named_parameters()}
+    _fsdp_step(resumed, resumed_optimizer, rank)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    want = dict(model.named_parameters())
+    return kinds, {name: rel_err(full(p.detach()), full(want[name].detach())) for name, p in resumed.named_parameters()}
+
+
+def test_dcp_optimizer_state_of_an_fsdp_model_resumes_training(tmp_path):
+    """load_distributed_optimizer_state_dict turned every DTensor of the loaded state into a plain tensor, the
+    state of FSDP2's sharded parameters too: the first optimizer.step() after resuming raised ("got mixed
+    torch.Tensor and DTensor"). Only the experts' state is made plain; the step after resuming equals the
+    uninterrupted run's (the same ops on the same values)."""
+    for kinds, errors in run_ranks(_dcp_optimizer_fsdp_rank, 2, str(tmp_path), timeout=60):
+        assert kinds == {"proj.weight": "DTensor", "proj.bias": "DTensor", "moe.w13": "Tensor", "moe.w2": "Tensor"}, kinds
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _checkpoint_wrapped_model(seed, wrap):
+    """A block holding a sharded layer, wrapped by torch's checkpoint_wrapper as torchtitan's activation
+    checkpointing wraps its blocks (its state_dict keys drop `_checkpoint_wrapped_module.`), or not."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    torch.manual_seed(seed)
+    block = nn.Module()
+    block.moe = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    model = nn.Module()
+    model.block = checkpoint_wrapper(block) if wrap else block
+    return model, block.moe
+
+
+def _dcp_checkpoint_wrapper_rank(rank, world_size, path):
+    model, layer = _checkpoint_wrapped_model(0, wrap=True)
+    layer.load_experts(*_global_weights())
+    state = ep.distributed_state_dict(model)
+    kinds = {k: type(v).__name__ for k, v in state.items()}
+    dcp.save(state, checkpoint_id=path)
+    loaded = {}
+    for wrap in (True, False):  # into a model wrapped the same way, and into one without the wrapper
+        fresh, fresh_layer = _checkpoint_wrapped_model(1, wrap)
+        state = ep.distributed_state_dict(fresh)
+        dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+        ep.load_distributed_state_dict(fresh, state)
+        gathered = fresh_layer.gather_experts()
+        loaded[wrap] = [torch.equal(got, want) for got, want in zip((gathered.w13, gathered.w2), _global_weights())]
+    return kinds, loaded
+
+
+def test_dcp_state_of_a_checkpoint_wrapped_layer(tmp_path):
+    """ep.distributed_state_dict named a layer by its module path, "block._checkpoint_wrapped_module.moe.", while
+    state_dict() (checkpoint_wrapper's hook) names its tensors "block.moe.": the DTensors went in beside the plain
+    per-rank experts, which DCP saved once (rank 0's), and the load failed on the keys. The layer is named as
+    state_dict() names its w13: one DTensor per expert tensor, and the experts come back in a model wrapped the
+    same way or not wrapped."""
+    for kinds, loaded in run_ranks(_dcp_checkpoint_wrapper_rank, 2, str(tmp_path), timeout=60):
+        assert kinds == {"block.moe.w13": "DTensor", "block.moe.w2": "DTensor", "block.moe.expert_placement": "Tensor"}, kinds
+        assert loaded == {True: [True, True], False: [True, True]}, loaded

@@ -150,6 +150,132 @@ def test_data_parallel_recipe_keeps_the_experts_and_their_gradients(dispatcher, 
         assert max(errors.values()) <= tolerance(torch.float32), errors
 
 
+
+def _fsdp_shared_experts_rank(rank, world_size, dispatcher):
+    """Shared experts sharded by FSDP2's fully_shard of their own (their forward all-gathers their weights on the
+    default group, the layer's): on CPU ranks they ran while the exchange thread moved the rows, so the two
+    threads' collectives paired in another order on each rank (gloo aborted the process: "Received data size
+    doesn't match expected size", or the ranks waited until the timeout). Now they run before the dispatch is
+    issued: three steps give what the same model computes unwrapped, routed and shared one after the other."""
+    import copy
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(32, 48), nn.SiLU(), nn.Linear(48, 32))
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    model.append(ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                          dispatcher_options=OPTIONS.get(dispatcher)))
+    problem = make_problem(model[2].config, [11, 7][:world_size], seed=27, ep_size=world_size)
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    twin = copy.deepcopy(model)
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+    mesh = init_device_mesh("cpu", (world_size,))
+    fully_shard(shared[0], mesh=mesh)
+    fully_shard(shared[2], mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={model[2].w13, model[2].w2})
+    errors = []
+    for step in range(3):
+        x, ids, weights = problem.xs[rank].float() * (step + 1), problem.topk_ids[rank], problem.topk_weights[rank]
+        grad_output = problem.grad_outputs[rank].float()
+        y = model(x, ids, weights)
+        (y * grad_output).sum().backward()
+        h = twin[1](twin[0](x))
+        y_twin = twin[2]._routed(h, ep.TopKOutput(ids, weights)) + twin[2].shared_experts(h)
+        (y_twin * grad_output).sum().backward()
+        errors.append(rel_err(y.detach(), y_twin.detach()))
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        want = q.grad.clone()
+        if name not in ("2.w13", "2.w2"):  # replicated: fully_shard averages their gradients over the ranks
+            torch.distributed.all_reduce(want)
+            want /= world_size
+        errors.append(rel_err(full(p.grad), want))
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_shared_experts_sharded_by_fully_shard_keep_the_collectives_in_order(dispatcher):
+    for errors in run_ranks(_fsdp_shared_experts_rank, 2, dispatcher, timeout=90, group_timeout=30):
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
+
+def _fully_shard_standard_init_rank(rank, world_size):
+    """torchtitan's initialisation under FSDP2: the model built on the meta device, fully_shard (a "standard"
+    layer's experts, replicated weights, become DTensors), to_empty, then the weights initialised or loaded.
+    reset_parameters, load_experts and gather_experts raised "got mixed torch.Tensor and DTensor"; now they give
+    what a layer built normally gives, and load_expert (rows a rank may not hold) is refused naming why."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    plain = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    with torch.device("meta"):
+        layer = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch")
+    fully_shard(layer, mesh=init_device_mesh("cpu", (world_size,)))
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    results = {"reset": torch.equal(layer.w13.full_tensor(), plain.w13) and torch.equal(layer.w2.full_tensor(), plain.w2)}
+    problem = make_problem(plain.config, [11, 7][:world_size], seed=28, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    gathered = layer.gather_experts()
+    results["load_gather"] = (torch.equal(gathered.w13, problem.w13.float()) and torch.equal(gathered.w2, problem.w2.float()))
+    with pytest.raises(RuntimeError, match="experts are DTensors .FSDP2's fully_shard sharded them."):
+        layer.load_expert(3, w13=problem.w13[3].float())
+    y = layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    results["y"] = rel_err(y.detach(), moe_reference(problem.xs[rank], problem.topk_ids[rank],
+                                                     problem.topk_weights[rank].double(), problem.w13, problem.w2,
+                                                     plain.config)) <= tolerance(torch.float32)
+    return results
+
+
+def test_standard_layer_under_fully_shard_initialises_and_loads():
+    for results in run_ranks(_fully_shard_standard_init_rank, 2, timeout=60):
+        assert results == {"reset": True, "load_gather": True, "y": True}, results
+
+
+
+def _fsdp_mixed_precision_rank(rank, world_size, dispatcher):
+    """docs/api.md: FSDP2's MixedPrecisionPolicy casts the dense parameters and the wrapped modules' inputs to
+    bf16, not the ignored float32 experts; the layer names the dtypes, and under torch.autocast it takes the bf16 x
+    (float32 master experts, bf16 GEMMs) and gives the reference within bf16's bound."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+    model.append(ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher)))
+    problem = make_problem(model[2].config, [11, 7][:world_size], seed=29, ep_size=world_size)
+    model[2].load_experts(problem.w13.float(), problem.w2.float())
+    lin = nn.Linear(32, 32).double()
+    lin.load_state_dict(model[0].state_dict())
+    model.forward = lambda x, ids, weights: model[2](model[1](model[0](x)), ids, weights)
+    experts = {model[2].w13, model[2].w2}
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), ignored_params=experts,
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    args = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16; this layer's weights are torch.float32"):
+        model(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(*args)
+    (y.float() * problem.grad_outputs[rank].float()).sum().backward()
+    for p in experts:
+        p.grad /= world_size
+    w13, w2 = mean_loss_reference(lin, problem, model[2].config, world_size)
+    mine = model[2].placement.local_expert_ids()
+    ref = moe_reference(torch.tanh(lin(problem.xs[rank])), *args[1:], problem.w13, problem.w2, model[2].config)
+    return (str(y.dtype), rel_err(y.detach(), ref), rel_err(model[0].weight.grad.full_tensor(), lin.weight.grad),
+            rel_err(model[2].w13.grad, w13.grad[mine]), rel_err(model[2].w2.grad, w2.grad[mine]))
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_fsdp_mixed_precision_takes_float32_experts_under_autocast(dispatcher):
+    for dtype, *errors in run_ranks(_fsdp_mixed_precision_rank, 2, dispatcher, timeout=60):
+        assert dtype == "torch.float32"
+        assert max(errors) <= tolerance(torch.bfloat16), errors
+
+
 def _checkpointed_load_rank(rank, world_size, dispatcher):
     """Activation checkpointing runs the layer's forward again inside backward: expert_load still counts
     each (token, expert) pair of a step once."""
