@@ -158,6 +158,7 @@ def _fsdp_shared_experts_rank(rank, world_size, dispatcher):
     doesn't match expected size", or the ranks waited until the timeout). Now they run before the dispatch is
     issued: three steps give what the same model computes unwrapped, routed and shared one after the other."""
     import copy
+
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
