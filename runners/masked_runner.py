@@ -252,7 +252,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
     out is fp8, quantized in the epilogue (block_n must be the activation group)."""
     L, rows, K = a.shape
-    row_splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+    splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
     act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
                                            activation.gemm1_clamp_limit)
     gated = activation is not None and activation.is_gated
@@ -267,7 +267,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     w_scale_strides = w_scale.stride() if scaled else (0, 0, 0)
     out_scale_strides = out_scale.stride()[:2] if quant_out else (0, 0)
     values = (quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale))
-    kernel = bind(_masked_gemm_kernel, (row_splits, cdiv(N, block_n), L), *(SLOT,) * 5, *sizes, SLOT, *a_scale_strides,
+    kernel = bind(_masked_gemm_kernel, (splits, cdiv(N, block_n), L), *(SLOT,) * 5, *sizes, SLOT, *a_scale_strides,
                   SLOT, *w_scale_strides, SLOT, *out_scale_strides, *values, **meta)
 
     def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None):
