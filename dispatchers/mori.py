@@ -90,7 +90,7 @@ class MoriDispatcher(ExchangeDispatcher):
         M = resolve_int("max_dispatch_tokens_per_rank", max_dispatch_tokens_per_rank,
                         "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK")
         prealloc = resolve_int("prealloc_max_recv_tokens", prealloc_max_recv_tokens, "MORI_PREALLOC_MAX_RECV_TOKENS", 0)
-        if static not in (None, True, False):
+        if static is not None and not isinstance(static, bool):  # (1 == True: `in` let 0, 1 and 1.0 pass)
             raise ValueError(f"static={static!r}; allowed: None (static while capturing a CUDA graph), True or False")
         self.options = MoriOptions(
             M, prealloc or M * self.world_size,

@@ -163,3 +163,11 @@ def _receiver_view_rank(rank, world_size, options):
 def test_receiver_sees_mori_rows_and_count(static):
     for result in run_ranks(_receiver_view_rank, 2, {"static": static}):
         assert result == ((1,), torch.int32, True, True)
+
+
+@pytest.mark.parametrize("static", [1, 0, 1.0, "yes"])
+def test_static_must_be_none_or_a_bool(static):
+    # 0 and 1 compared equal to False and True, so they passed the check and became the frozen option as they were
+    with pytest.raises(ValueError, match=rf"static={static!r}; allowed: None \(static while capturing a CUDA graph\), "
+                                         r"True or False"):
+        ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), static=static)
