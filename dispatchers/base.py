@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence
@@ -243,7 +244,10 @@ class Dispatcher:
         for rank, theirs in enumerate(every):
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             if differ:  # another dispatcher differs in its options too: name the dispatcher then
-                k = "dispatcher" if "dispatcher" in differ else differ[0]
+                # the first that is an argument of this dispatcher: a derived field (deepep_normal's chunk, from
+                # num_worst_tokens) named alone does not say which argument or knob to make the same
+                arguments = inspect.signature(type(self).__init__).parameters
+                k = "dispatcher" if "dispatcher" in differ else min(differ, key=lambda name: name not in arguments)
                 me, them = (distributed.rank_name(self.group, r) for r in (self.rank, rank))
                 raise ValueError(f"ranks disagree on {self.name} setting {k}: {me} has {mine.get(k)!r}, {them} has "
                                  f"{theirs.get(k)!r}; every rank must build the layer with the same arguments and "
