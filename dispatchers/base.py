@@ -172,6 +172,15 @@ def _joinable_device(device: Optional[Any]) -> Optional[torch.device]:
     return device
 
 
+@functools.lru_cache(maxsize=None)
+def _call_options(cls: type) -> Optional[frozenset]:
+    """The per-call options (keyword arguments past x and topk) cls._dispatch takes; None: any (**options)."""
+    params = list(inspect.signature(cls._dispatch).parameters.values())[3:]  # (self, x, topk first)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
 class Dispatcher:
     """Ships (token, expert) pairs to the ranks owning the experts and brings the results home.
 
@@ -268,16 +277,29 @@ class Dispatcher:
         dispatch at once too, where it starts with a count table (see join_with_bad_input)."""
         distributed.check_group(self.group, self.name, "dispatch")
         try:
+            self._check_options(options)
             self._check_async(async_op, return_recv_hook, previous_event)
             topk = self._checked_topk(x, topk)
         except Exception as error:
-            self.join_with_bad_input(error, **options)
+            known = _call_options(type(self))
+            self.join_with_bad_input(error, **{k: v for k, v in options.items() if known is None or k in known})
             raise
         if self._plain(async_op, return_recv_hook, previous_event):
             return self._named_dispatch("dispatch", self._dispatch, x, topk, **options)
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure
             return self._issue("dispatch", lambda: self._dispatch(x, topk, **options), x.device, (x, *topk),
                                async_op, return_recv_hook, previous_event, PendingOutput, PendingOutput._become)
+
+    def _check_options(self, options: dict) -> None:
+        """A per-call option this dispatcher's dispatch does not take (handle= on mori) raises here, before any
+        collective and through join_with_bad_input: raised by _dispatch, the other ranks waited in the count
+        table for this one until the timeout."""
+        known = _call_options(type(self)) if options else None
+        unknown = sorted(options.keys() - known) if known is not None else []
+        if unknown:
+            given = ", ".join(f"{k}={type(options[k]).__name__}" for k in unknown)
+            raise TypeError(f"{self.name} dispatch got {given}; allowed per-call options: "
+                            f"{', '.join(sorted(known)) or 'none'} (besides async_op, return_recv_hook, previous_event)")
 
     def join_with_bad_input(self, error: Exception, **options: Any) -> None:
         """This rank's dispatch input failed its checks (`error`, raised before any collective; options:
