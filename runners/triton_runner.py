@@ -135,10 +135,8 @@ def _plan_key(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, block
     rows = None if scale is None else (scale.shape, scale.stride(), scale.dtype)
     if quant is None:
         return key + (rows,)
-    N, K = ids.shape
-    pairs = N * K if inp.local_pairs is None else inp.local_pairs
     return key + (rows, quant, weights.w13_scale_inv.stride(), weights.w2_scale_inv.stride(), inp.padded_rows,
-                  envs.get("TRITON_FP8_GEMM"), pairs >= GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts)
+                  envs.get("TRITON_FP8_GEMM"), _prefill_sized(inp, weights))
 
 
 class _Plan:
@@ -254,6 +252,14 @@ class _Plan:
 GLUON_MIN_PAIRS_PER_EXPERT = 256
 
 
+def _prefill_sized(inp: RunnerInput, weights: ExpertWeights) -> bool:
+    """Whether a call has GLUON_MIN_PAIRS_PER_EXPERT pairs per local expert as the host knows them
+    (RunnerInput.local_pairs, else N*K): _fp8_gemm's size test, which a plan's key holds too."""
+    N, K = inp.topk_ids.shape
+    pairs = N * K if inp.local_pairs is None else inp.local_pairs
+    return pairs >= GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts
+
+
 def _fp8_gemm(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
               block_config: Optional["kernels.BlockConfig"]) -> str:
     """EP_RUNTIME_TRITON_FP8_GEMM resolved for this call: 'auto' takes the Gluon GEMMs where they can run, for
@@ -266,10 +272,8 @@ def _fp8_gemm(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: to
     if choice == "triton":
         return choice
     if choice == "auto":
-        N, K = inp.topk_ids.shape
-        pairs = N * K if inp.local_pairs is None else inp.local_pairs
         if (block_config is not None or inp.capacity_rows or inp.padded_rows or inp.output_dtype != torch.bfloat16
-                or pairs < GLUON_MIN_PAIRS_PER_EXPERT * weights.num_local_experts
+                or not _prefill_sized(inp, weights)
                 or envs.get("TRITON_GEMM_KERNEL") != "auto" or envs.get("TRITON_GEMM_SCHEDULE") != "auto"):
             return "triton"
     why = _gluon_unsupported(weights, config, x)
