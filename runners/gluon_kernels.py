@@ -25,7 +25,6 @@ N], row sorted_pair_ids[m]; padding rows are not stored). No interpreter: CPU te
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Optional
 
@@ -34,7 +33,7 @@ import torch
 from ep_runtime.quant import MIN_AMAX
 from ep_runtime.quant_kernels import quantize_groups
 
-from .triton_kernels import _capability, activate, activation_args
+from .triton_kernels import _capability, _sm_count, activate, activation_args
 
 GROUP = 128  # the scale block (activations 1 x 128, weights 128 x 128) and BLOCK_N, BLOCK_K
 BLOCK_M, NUM_WARPS, GROUP_STEPS = 128, 8, 4
@@ -107,11 +106,6 @@ def unsupported(x: torch.Tensor, N1: int, K1: int, N2: int, K2: int) -> Optional
     if capability != (9, 0):
         return f"the GPU has compute capability {capability} (wgmma needs 9.0)"
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if gluon is not None:

@@ -59,6 +59,7 @@ try:
         ACTIVATION_CODES,
         INTERPRETED,
         _capability,
+        _sm_count,
         activate,
         activation_args,
         one_weight_scale,
@@ -78,9 +79,10 @@ class MaskedTiles:
     expert's row blocks below masked_m[l], taking every ROW_SPLITS-th one (ROW_SPLITS programs share
     the rows: they run side by side, so each weight tile comes from HBM once for all of them and stays in
     L2, where one program reads it again per row block; and more programs fill the GPU when few experts
-    are local). ROW_SPLITS None: row_splits() picks it from the buffer's rows per expert. BLOCK_N1 counts
-    output columns of gemm1 (of I: a gated program keeps a gate and an up accumulator of BLOCK_N1 columns
-    each)."""
+    are local). ROW_SPLITS None: row_splits() picks it from the buffer's rows per expert. K_SPLITS: programs
+    sharing gemm2's K loop for an expert whose rows fit one block (decode); None: k_splits() picks it from the
+    layer's shape and the GPU's SMs. BLOCK_N1 counts output columns of gemm1 (of I: a gated program keeps a gate
+    and an up accumulator of BLOCK_N1 columns each)."""
 
     BLOCK_M: int = 64
     BLOCK_N1: int = 64
@@ -89,13 +91,14 @@ class MaskedTiles:
     num_warps: int = 4
     num_stages: int = 4
     ROW_SPLITS: Optional[int] = None
+    K_SPLITS: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_tile_sides("MaskedTiles", self, ("BLOCK_M", "BLOCK_N1", "BLOCK_N2", "BLOCK_K"))
-        if self.ROW_SPLITS is not None and (isinstance(self.ROW_SPLITS, bool) or not isinstance(self.ROW_SPLITS, int)
-                                            or self.ROW_SPLITS < 1):
-            raise ValueError(f"MaskedTiles.ROW_SPLITS={self.ROW_SPLITS!r}; allowed: None (chosen per shape) or an "
-                             f"int >= 1")
+        for name in ("ROW_SPLITS", "K_SPLITS"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"MaskedTiles.{name}={value!r}; allowed: None (chosen per shape) or an int >= 1")
 
 
 # 8 splits ran 5-13% faster than 4 at 1024 rows per expert but up to 25% slower at 64 (below): a buffer sized for
@@ -114,6 +117,31 @@ def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
     expected = rows * config.top_k // config.num_experts
     splits = 1
     while splits * 2 <= min(MAX_ROW_SPLITS, expected // block_m):
+        splits *= 2
+    return splits
+
+
+MAX_K_SPLITS = 8
+
+
+def k_splits(num_local_experts: int, config: MoeConfig, block_n: int, sms: int, row_splits: int) -> int:
+    """K_SPLITS for gemm2. At decode one token's top_k experts hold rows: min(L, top_k) x (H / BLOCK_N2) programs
+    stream their w2 (Mixtral on one rank: 2 x 32 = 64 programs for an H200's 132 SMs; DeepSeek-V3's shard of 32
+    experts: 8 x 56 = 448). Where the row splits launch several programs per column block, they split K (the
+    kernel splits an expert only when its rows fit one block and the experts holding rows leave SMs idle, so
+    those programs would have nothing to do); else, where those programs fill under half the SMs, S programs a
+    column block, up to two per SM, a power of two <= MAX_K_SPLITS. Graph replay on an H200 (2026-12-03), K split
+    over one program: Mixtral, 8 local experts, one token 1.14-1.16x, 4-128 tokens 0.99-1.02x; one local expert
+    (EP 8; 4 row splits), 1-16 tokens a rank 1.34-1.42x, 32-128 0.98-1.00x. A grid of more programs than the row
+    splits use cost 2-3% where nothing was split (gpt-oss, 16 local experts, 4-128 tokens) and 15-22% beside 4 row
+    splits (Mixtral, one expert, 32-128 tokens): programs that exit at once are not free."""
+    if row_splits > 1:
+        return row_splits
+    programs = min(num_local_experts, config.top_k) * cdiv(config.hidden_size, block_n)
+    if programs * 2 > sms:
+        return 1
+    splits = 1
+    while splits * 2 <= MAX_K_SPLITS and programs * splits * 2 <= 2 * sms:
         splits *= 2
     return splits
 
@@ -142,11 +170,81 @@ def _default_tiles(fp8: bool, device: torch.device) -> MaskedTiles:
 
 if triton is not None:
 
+    @triton.jit
+    def _rows_times_weights(a_base, w_base, a_scale_ptr, w_scale_ptr, expert, rows, row_ok, cols, col_ok, ks, k_lo,
+                            k_hi, up_offset, stride_am, stride_ak, stride_wn, stride_wk, stride_asl, stride_asm,
+                            stride_ask, stride_wsl, stride_wsn, stride_wsk, GATED: tl.constexpr,
+                            FP32_DOT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SCALED: tl.constexpr,
+                            SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, ONE_SCALE: tl.constexpr):
+        """(acc, acc_up) [BLOCK_M, BLOCK_N] fp32: the rows' products with the weight columns over K in [k_lo, k_hi)
+        (k_lo a multiple of BLOCK_K; acc_up: the up half's, GATED)."""
+        a_ptrs = a_base + rows[:, None] * stride_am + (k_lo + ks)[None, :] * stride_ak
+        w_ptrs = w_base + k_lo * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = ks < k_hi - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if BLOCK_SCALED:
+                group_k = k0 // SCALE_K
+                a_s = tl.load(a_scale_ptr + expert * stride_asl + rows * stride_asm + group_k * stride_ask,
+                              mask=row_ok, other=0.0)
+                w_scale_row = w_scale_ptr + expert * stride_wsl + group_k * stride_wsk
+                acc = scaled_step(acc, tl.dot(a, w), a_s, w_scale_row, cols, col_ok, stride_wsn, SCALE_N,
+                                   ONE_SCALE)
+            elif FP32_DOT:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+            if GATED:
+                w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    w_up = w_up.to(tl.float32)
+                if BLOCK_SCALED:
+                    acc_up = scaled_step(acc_up, tl.dot(a, w_up), a_s, w_scale_row, cols + up_offset, col_ok,
+                                          stride_wsn, SCALE_N, ONE_SCALE)
+                elif FP32_DOT:
+                    acc_up += tl.dot(a, w_up, input_precision="ieee")
+                else:
+                    acc_up += tl.dot(a, w_up)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        return acc, acc_up
+
+    @triton.jit
+    def _epilogue(acc, acc_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok, pid_n,
+                  up_offset, stride_bl, stride_bn, stride_ol, stride_om, stride_on, stride_osl, stride_osm, fp8_max,
+                  min_amax, scale, alpha, limit, FUSE_ACT: tl.constexpr, ACTIVATION: tl.constexpr,
+                  GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
+        """Bias, then activate() (gemm1) or scale * acc (gemm2), then the store (fp8 plus a scale per row with
+        QUANT_OUT: the program's BLOCK_N columns are one scale group)."""
+        if HAS_BIAS:
+            b_ptrs = bias_ptr + expert * stride_bl + cols * stride_bn
+            acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(b_ptrs + up_offset * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if FUSE_ACT:
+            result = activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
+        else:
+            result = acc * scale
+        if QUANT_OUT:
+            result, group_scale = quantize_groups(tl.where(col_ok[None, :], result, 0.0), fp8_max, min_amax,
+                                                  UE8M0, ROUND_FIRST)
+            tl.store(out_scale_ptr + expert * stride_osl + rows * stride_osm + pid_n, group_scale, mask=row_ok)
+        out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
     @fast_launch
     @triton.jit
     def _masked_gemm_kernel(
-        a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr,
-        num_buffer_rows, N: tl.constexpr, K: tl.constexpr, up_offset: tl.constexpr,
+        a_ptr, w_ptr, bias_ptr, out_ptr, masked_m_ptr, partial_ptr, arrived_ptr,
+        num_buffer_rows, row_splits, split_below, N: tl.constexpr, K: tl.constexpr, up_offset: tl.constexpr,
         stride_al, stride_am: tl.constexpr, stride_ak: tl.constexpr,
         stride_wl: tl.constexpr, stride_wn: tl.constexpr, stride_wk: tl.constexpr,
         stride_bl: tl.constexpr, stride_bn: tl.constexpr,
@@ -159,18 +257,22 @@ if triton is not None:
         HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, QUANT_OUT: tl.constexpr,
-        UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, ONE_SCALE: tl.constexpr,
+        UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, ONE_SCALE: tl.constexpr, K_SPLIT: tl.constexpr,
+        L_PAD: tl.constexpr,
     ):
         """out[l, p, n] = epilogue(sum_k a[l, p, k] * w[l, n, k] (+ bias[l, n])) for p < masked_m[l].
 
-        Grid (ROW_SPLITS, column blocks, L). A program loops over the row blocks s, s + ROW_SPLITS, ...
-        of its expert that start below masked_m[l]: the launch never depends on the data (no host
-        sync) and no program exists per padding block (a grid over all M*R rows would launch mostly
-        empty programs at decode sizes). GATED: a second accumulator reads w rows up_offset + n (the
-        up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it
-        writes scale * acc (gemm2). BLOCK_SCALED: fp8 a and w, each K step's product times a's (row, k
-        group) and w's (row block, k group) scales. QUANT_OUT: the epilogue writes fp8 and one scale per
-        row for its BLOCK_N columns (one group).
+        Grid (S, column blocks, L). Row mode: program s < row_splits loops over the row blocks s, s + row_splits,
+        ... of its expert that start below masked_m[l]: the launch never depends on the data (no host sync) and no
+        program exists per padding block (a grid over all M*R rows would launch mostly empty programs at decode
+        sizes). K_SPLIT (gemm2 only): when the experts holding rows have fewer column blocks than split_below (the
+        GPU's SMs: decode, where few experts hold rows, so few programs would stream the weights), an expert whose
+        rows fit one block is computed by all S programs of its column block instead, each over its S-th of K; each stores its fp32 partial [BLOCK_M, BLOCK_N] in `partial` and counts itself in
+        `arrived`; the last to arrive adds the S partials in split order (deterministic), applies the epilogue and
+        sets the count back to 0 for the next launch. GATED: a second accumulator reads w rows up_offset + n (the
+        up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it writes scale *
+        acc (gemm2). BLOCK_SCALED: fp8 a and w, each K step's product times a's (row, k group) and w's (row
+        block, k group) scales. QUANT_OUT: the epilogue writes fp8 and one scale per row for its BLOCK_N columns.
         The widths and strides that follow from the layer's shape are constexprs (a launch binds 18 parameters
         fewer); those that follow from the buffer's rows per expert (num_buffer_rows, the expert strides of a, out
         and their scales) stay runtime: a token-major format's conversion sizes that buffer per call."""
@@ -185,74 +287,70 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         a_base = a_ptr + expert * stride_al
         w_base = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-        for m0 in range(pid_s * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):  # (the row splits: no constexpr)
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < num_rows  # padding rows are never loaded (they may be NaN)
-            a_ptrs = a_base + rows[:, None] * stride_am + ks[None, :] * stride_ak
-            w_ptrs = w_base
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k_ok = ks < K - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:  # the CPU interpreter's bf16 dot is wrong; fp32 operands are exact there
-                    a = a.to(tl.float32)
-                    w = w.to(tl.float32)
-                if BLOCK_SCALED:
-                    group_k = k0 // SCALE_K
-                    a_s = tl.load(a_scale_ptr + expert * stride_asl + rows * stride_asm + group_k * stride_ask,
-                                  mask=row_ok, other=0.0)
-                    w_scale_row = w_scale_ptr + expert * stride_wsl + group_k * stride_wsk
-                    acc = scaled_step(acc, tl.dot(a, w), a_s, w_scale_row, cols, col_ok, stride_wsn, SCALE_N,
-                                       ONE_SCALE)
-                elif FP32_DOT:
-                    acc += tl.dot(a, w, input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w)
-                if GATED:
-                    w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    if UPCAST:
-                        w_up = w_up.to(tl.float32)
-                    if BLOCK_SCALED:
-                        acc_up = scaled_step(acc_up, tl.dot(a, w_up), a_s, w_scale_row, cols + up_offset, col_ok,
-                                              stride_wsn, SCALE_N, ONE_SCALE)
-                    elif FP32_DOT:
-                        acc_up += tl.dot(a, w_up, input_precision="ieee")
-                    else:
-                        acc_up += tl.dot(a, w_up)
-                a_ptrs += BLOCK_K * stride_ak
-                w_ptrs += BLOCK_K * stride_wk
-            if HAS_BIAS:
-                b_ptrs = bias_ptr + expert * stride_bl + cols * stride_bn
-                acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                if GATED:
-                    acc_up += tl.load(b_ptrs + up_offset * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if FUSE_ACT:
-                result = activate(acc, acc_up, alpha, limit, ACTIVATION, GATED, SWIGLU_ALPHA, HAS_LIMIT)
-            else:
-                result = acc * scale
-            if QUANT_OUT:  # gemm2's fp8 input: this program's BLOCK_N columns are one scale group
-                result, group_scale = quantize_groups(tl.where(col_ok[None, :], result, 0.0), fp8_max, min_amax,
-                                                      UE8M0, ROUND_FIRST)
-                tl.store(out_scale_ptr + expert * stride_osl + rows * stride_osm + pid_n, group_scale, mask=row_ok)
-            out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
-            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        split = False
+        if K_SPLIT:
+            experts = tl.arange(0, L_PAD)
+            counts = tl.load(masked_m_ptr + experts, mask=experts < tl.num_programs(2), other=0)
+            split = (num_rows <= BLOCK_M) & (tl.sum((counts > 0).to(tl.int32)) * tl.num_programs(1) < split_below)
+        if split:
+            if num_rows > 0:
+                splits = tl.num_programs(0)
+                steps = tl.cdiv(tl.cdiv(K, BLOCK_K), splits)  # K steps per split
+                k_lo = pid_s * steps * BLOCK_K
+                rows = tl.arange(0, BLOCK_M)
+                row_ok = rows < num_rows
+                acc, acc_up = _rows_times_weights(
+                    a_base, w_base, a_scale_ptr, w_scale_ptr, expert, rows, row_ok, cols, col_ok, ks, k_lo,
+                    tl.minimum(K, k_lo + steps * BLOCK_K), up_offset, stride_am, stride_ak, stride_wn, stride_wk,
+                    stride_asl, stride_asm, stride_ask, stride_wsl, stride_wsn, stride_wsk, GATED, FP32_DOT, UPCAST,
+                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_SCALED, SCALE_N, SCALE_K, ONE_SCALE)
+                tile = expert * tl.num_programs(1) + pid_n
+                tile_ptrs = (partial_ptr + tile * splits * BLOCK_M * BLOCK_N + rows[:, None] * BLOCK_N
+                             + tl.arange(0, BLOCK_N)[None, :])
+                tl.store(tile_ptrs + pid_s * BLOCK_M * BLOCK_N, acc, mask=row_ok[:, None])
+                tl.debug_barrier()  # every thread's partial is stored before the count says so (release below)
+                if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == splits - 1:
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for s in range(0, splits):  # in split order, whichever program came last
+                        total += tl.load(tile_ptrs + s * BLOCK_M * BLOCK_N, mask=row_ok[:, None], other=0.0,
+                                         cache_modifier=".cg")
+                    tl.store(arrived_ptr + tile, 0)
+                    _epilogue(total, acc_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok,
+                              pid_n, up_offset, stride_bl, stride_bn, stride_ol, stride_om, stride_on, stride_osl,
+                              stride_osm, fp8_max, min_amax, scale, alpha, limit, FUSE_ACT, ACTIVATION, GATED,
+                              SWIGLU_ALPHA, HAS_LIMIT, HAS_BIAS, QUANT_OUT, UE8M0, ROUND_FIRST)
+        elif pid_s < row_splits:
+            for m0 in range(pid_s * BLOCK_M, num_rows, row_splits * BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < num_rows  # padding rows are never loaded (they may be NaN)
+                acc, acc_up = _rows_times_weights(
+                    a_base, w_base, a_scale_ptr, w_scale_ptr, expert, rows, row_ok, cols, col_ok, ks, 0, K,
+                    up_offset, stride_am, stride_ak, stride_wn, stride_wk, stride_asl, stride_asm, stride_ask,
+                    stride_wsl, stride_wsn, stride_wsk, GATED, FP32_DOT, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+                    BLOCK_SCALED, SCALE_N, SCALE_K, ONE_SCALE)
+                _epilogue(acc, acc_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok, pid_n,
+                          up_offset, stride_bl, stride_bn, stride_ol, stride_om, stride_on, stride_osl, stride_osm,
+                          fp8_max, min_amax, scale, alpha, limit, FUSE_ACT, ACTIVATION, GATED, SWIGLU_ALPHA,
+                          HAS_LIMIT, HAS_BIAS, QUANT_OUT, UE8M0, ROUND_FIRST)
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
             masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *,
             activation: Optional[MoeConfig] = None, scale: float = 1.0, quant: Optional[QuantConfig] = None,
             a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
-            out_scale: Optional[torch.Tensor] = None) -> Callable[..., None]:
+            out_scale: Optional[torch.Tensor] = None, k_splits: int = 1, split_below: int = 0) -> Callable[..., None]:
     """One grouped GEMM, prepared for these tensors' shapes, strides and dtypes (never their values or addresses):
-    returns launch(a, w, bias, out, masked_m, a_scale, w_scale, out_scale), which launches it on tensors of the same
-    (masked_forward keeps it in a per-shape plan). a [L, M*R, K] x w [L, N (or 2N when gated), K]^T -> out
-    [L, M*R, N]. activation: the config whose activation the epilogue applies (gemm1), or None (gemm2: scale * acc).
-    quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
-    out is fp8, quantized in the epilogue (block_n must be the activation group)."""
+    returns launch(a, w, bias, out, masked_m, a_scale, w_scale, out_scale, partial, arrived), which launches it on
+    tensors of the same (masked_forward keeps it in a per-shape plan). a [L, M*R, K] x w [L, N (or 2N when gated),
+    K]^T -> out [L, M*R, N]. activation: the config whose activation the epilogue applies (gemm1), or None (gemm2:
+    scale * acc). quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
+    out is fp8, quantized in the epilogue (block_n must be the activation group). k_splits > 1 (gemm2 only): an
+    expert of one row block is split over K (partial: split_scratch's buffers) when the experts holding rows have
+    fewer than split_below column blocks."""
     L, rows, K = a.shape
     splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+    if k_splits > 1 and activation is not None:
+        raise ValueError("k_splits > 1 is gemm2's (gemm1's epilogue needs whole rows of K)")
     act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
                                            activation.gemm1_clamp_limit)
     gated = activation is not None and activation.is_gated
@@ -261,20 +359,35 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     meta = _meta(act, bias is not None, a.dtype == torch.float32 or upcast, upcast, block_n, tiles, quant,
                  out_scale is not None, one_scale)
     has_bias, scaled, quant_out = bias is not None, quant is not None, out_scale is not None
+    k_splits = min(k_splits, cdiv(K, meta["BLOCK_K"]))  # (no program without a K step)
+    programs = max(splits, k_splits) if k_splits > 1 else splits  # a K split takes every program of the first axis
     sizes = (rows, N, K, N if meta["GATED"] else 0, *a.stride(), *w.stride(),
              *(bias.stride() if has_bias else (0, 0)), *out.stride())
     a_scale_strides = a_scale.stride() if scaled else (0, 0, 0)
     w_scale_strides = w_scale.stride() if scaled else (0, 0, 0)
     out_scale_strides = out_scale.stride()[:2] if quant_out else (0, 0)
     values = (quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale))
-    kernel = bind(_masked_gemm_kernel, (splits, cdiv(N, block_n), L), *(SLOT,) * 5, *sizes, SLOT, *a_scale_strides,
-                  SLOT, *w_scale_strides, SLOT, *out_scale_strides, *values, **meta)
+    kernel = bind(_masked_gemm_kernel, (programs, cdiv(N, block_n), L), *(SLOT,) * 7, rows, splits, split_below,
+                  *sizes[1:], SLOT, *a_scale_strides, SLOT, *w_scale_strides, SLOT, *out_scale_strides, *values,
+                  K_SPLIT=k_splits > 1, L_PAD=triton.next_power_of_2(L) if k_splits > 1 else 1, **meta)
 
-    def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None):
+    def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None, partial=None, arrived=None):
         # (unused pointers get a tensor that is never read: the kernel's constexprs turn their loads off)
-        kernel(a, w, bias if has_bias else w, out, masked_m, a_scale if scaled else a, w_scale if scaled else a,
+        kernel(a, w, bias if has_bias else w, out, masked_m, partial if k_splits > 1 else a,
+               arrived if k_splits > 1 else masked_m, a_scale if scaled else a, w_scale if scaled else a,
                out_scale if quant_out else a)
+    launch.k_splits = programs if k_splits > 1 else 1  # the partials split_scratch must hold per column block
     return launch
+
+
+def split_scratch(L: int, N: int, tiles: MaskedTiles, k_splits: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemm2's K-split buffers: fp32 partials [L * column blocks * k_splits * BLOCK_M * BLOCK_N2] (every entry
+    written before it is read) and the arrival counts [L * column blocks] int32, zero between launches (the last
+    program of each column block sets its count back)."""
+    tiles_n = L * cdiv(N, tiles.BLOCK_N2)
+    return (torch.empty(tiles_n * k_splits * tiles.BLOCK_M * tiles.BLOCK_N2, dtype=torch.float32, device=device),
+            torch.zeros(tiles_n, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -348,12 +461,20 @@ class _Plan:
         I, quant, device = config.intermediate_size, weights.quant, recv_x.device
         if tiles.ROW_SPLITS is None:
             tiles = dataclasses.replace(tiles, ROW_SPLITS=row_splits(rows, config, tiles.BLOCK_M))
+        # (the interpreter has no SMs to fill, and keeps one split unless tiles ask for more: a program past 1 << 20
+        # column blocks is beyond any test)
+        self.sms = (1 << 20) if INTERPRETED else _sm_count(device.index if device.index is not None else
+                                                           torch.cuda.current_device())
+        if tiles.K_SPLITS is None:
+            tiles = dataclasses.replace(tiles, K_SPLITS=1 if INTERPRETED else k_splits(
+                L, config, tiles.BLOCK_N2, self.sms, max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))))
         self.config, self.tiles, self.shape = config, tiles, (L, rows, H)
         self.out_dtype = out_dtype or recv_x.dtype
         # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
         self.scratch_key = ("masked", L, rows, I, self.out_dtype, quant)
         self.make = functools.partial(_scratch, L, rows, I, self.out_dtype, quant, device)
         self.launches = None  # (gemm1, gemm2), prepared at the first run
+        self.split_key = None  # gemm2's K-split buffers' scratch key, once the launch says it splits
 
     def run(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
             recv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -378,11 +499,18 @@ class _Plan:
                             **fp8)
             fp8 = {} if quant is None else dict(quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
             second = _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
-                             scale=config.routed_scaling_factor, **fp8)
+                             scale=config.routed_scaling_factor, k_splits=tiles.K_SPLITS, split_below=self.sms,
+                             **fp8)
+            if second.k_splits > 1:
+                self.split_key = ("masked split", L, H, tiles, second.k_splits)
             launches = self.launches = (first, second)
         first, second = launches
         first(recv_x, weights.w13, weights.b13, a, masked_m, recv_scale, weights.w13_scale_inv, a_scale)
-        second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv)
+        split = (None, None)
+        if self.split_key is not None:
+            split = SCRATCH.get(self.split_key, device,
+                                functools.partial(split_scratch, L, H, tiles, second.k_splits, device))
+        second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv, None, *split)
         return out
 
 

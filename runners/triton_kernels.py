@@ -1038,6 +1038,11 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 _PROGRAMS_PER_SM: dict = {}  # (device, dtypes, constexprs) -> resident programs per SM
 
 

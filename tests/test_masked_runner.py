@@ -12,7 +12,7 @@ import ep_runtime as ep
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import QuantConfig
 from ep_runtime.reference import expert_reference, moe_reference, rel_err
-from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles, row_splits
+from ep_runtime.runners.masked_runner import MaskedRunner, MaskedTiles, k_splits, row_splits
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 L, ROWS, H, I = 3, 20, 40, 24  # H, I and ROWS not multiples of the interpreter tiles: edge masks are exercised
@@ -116,6 +116,57 @@ def test_automatic_row_splits_compute_the_bits_of_one_program_per_expert():
         assert torch.equal(auto[e, :m], one[e, :m])
         ref = expert_reference(recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config)
         assert rel_err(auto[e, :m], ref) <= 1e-5
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_k_splits_match_the_reference_and_leave_their_counts_at_zero(splits):
+    """gemm2 split over K (K = I = 100: 7 steps of 16, so 3 and 8 splits leave uneven and empty shares): the expert
+    of 7 rows (one 16-row block) is split, the one of 20 rows keeps its row blocks whole, the empty one is
+    skipped. Valid rows within fp32 rounding of the float64 reference with bias and routed_scaling_factor (the
+    epilogue after the partials' sum); a second call (the same kept counts) gives the same bits, so every count
+    went back to zero."""
+    from ep_runtime.runners import masked_runner
+    config = MoeConfig(6, 2, 40, 100, has_bias=True, routed_scaling_factor=2.5)
+    gen = torch.Generator().manual_seed(11)
+    weights = ExpertWeights(torch.randn(3, config.w13_rows, 40, generator=gen) * 40 ** -0.5,
+                            torch.randn(3, 40, 100, generator=gen) * 0.1, torch.randn(3, config.w13_rows, generator=gen),
+                            torch.randn(3, 40, generator=gen))
+    recv_x = torch.randn(3, 20, 40, generator=gen)
+    masked_m = torch.tensor([20, 0, 7], dtype=torch.int32)
+    recv_x[2, 7:] = float("nan")
+    tiles = MaskedTiles(16, 16, 32, 16, 4, 1, 1, splits)
+    first = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles)
+    second = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles)
+    for e, m in enumerate(masked_m.tolist()):
+        ref = config.routed_scaling_factor * expert_reference(
+            recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config, weights.b13[e].double(),
+            weights.b2[e].double())
+        assert rel_err(first[e, :m], ref) <= 1e-5, (e, rel_err(first[e, :m], ref))
+        assert torch.equal(first[e, :m], second[e, :m]), e
+    plan = next(p for p in masked_runner._PLANS.values() if p.tiles == tiles)
+    assert plan.split_key is not None  # the split was taken, not clamped away
+    whole = masked_runner.masked_forward(recv_x, masked_m, weights, config, dataclasses.replace(tiles, K_SPLITS=1))
+    declined = masked_runner._Plan(recv_x, weights, config, tiles, None)
+    declined.sms = 0  # the experts holding rows have more column blocks than SMs: nothing is split
+    declined = declined.run(recv_x, masked_m, weights)
+    assert torch.equal(declined[2, :7], whole[2, :7]) and torch.equal(declined[0], whole[0])
+    if splits == 3:  # (partials of 3, 3 and 1 steps summed: another association than one running sum; 8 splits
+        # add one-step partials in order, the running sum's own bits)
+        assert not torch.equal(first[2, :7], whole[2, :7])  # so the split did run above
+
+
+def test_k_splits_fill_the_sms_a_decode_step_leaves_idle():
+    """gemm2's K split on 132 SMs: the row splits' programs where there are several, else min(L, top_k) experts'
+    column blocks split until two programs per SM where they fill under half the SMs."""
+    mixtral, deepseek, gpt_oss = MoeConfig(8, 2, 4096, 14336), MoeConfig(256, 8, 7168, 2048), MoeConfig(128, 4, 2880, 2880)
+    assert k_splits(8, mixtral, 128, 132, 1) == 4  # 2 experts x 32 blocks = 64 programs -> 256
+    assert k_splits(1, mixtral, 128, 132, 4) == 4  # one local expert (EP 8): its 4 row splits
+    assert k_splits(1, mixtral, 128, 132, 1) == 8  # 32 -> 256
+    assert k_splits(32, deepseek, 128, 132, 1) == 1  # 8 experts x 56 blocks = 448 programs already
+    assert k_splits(1, deepseek, 128, 132, 1) == 4  # 56 -> 224
+    assert k_splits(16, gpt_oss, 128, 132, 1) == 1  # 4 x 23 = 92 programs: over half the SMs
+    with pytest.raises(ValueError, match=r"MaskedTiles.K_SPLITS=0; allowed: None \(chosen per shape\) or an int >= 1"):
+        MaskedTiles(K_SPLITS=0)
 
 
 def test_all_zero_masked_m_reads_nothing():
@@ -310,10 +361,56 @@ def test_gpu_automatic_row_splits_give_the_bits_of_one_split(fp8):
     recv_x = torch.randn(2, 512, 256, generator=gen, device="cuda").bfloat16()
     masked_m = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
     assert row_splits(512, config, 64) == 2
-    one = dataclasses.replace(FP8_TILES if fp8 else MaskedTiles(), ROW_SPLITS=1)
-    auto = masked_forward(recv_x, masked_m, weights, config)
+    whole_k = dataclasses.replace(FP8_TILES if fp8 else MaskedTiles(), K_SPLITS=1)  # (K splits: the next test)
+    one = dataclasses.replace(whole_k, ROW_SPLITS=1)
+    auto = masked_forward(recv_x, masked_m, weights, config, tiles=whole_k)
     single = masked_forward(recv_x, masked_m, weights, config, tiles=one)
     for e, m in enumerate(masked_m.tolist()):
         assert torch.equal(auto[e, :m], single[e, :m])
         ref = expert_reference(recv_x[e, :m].double(), w13[e].double(), w2[e].double(), config)
         assert rel_err(auto[e, :m].cpu(), ref.cpu()) < (0.1 if fp8 else tolerance(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_k_splits_equal_one_program_per_column_block(fp8):
+    """Mixtral-like decode (E=8, K=2, 8 local experts, H=512, I=1024): gemm2's automatic K split (the programs of
+    a column block meet through a count in global memory) against K_SPLITS=1 on 20 fresh inputs, eager and in a
+    CUDA-graph replay, with experts of 0, 1, 5 and 64 rows (split) and 100 (row blocks). Each expert's valid rows
+    within 2^-8 of the unsplit result (the same products summed in another fp32 order, then rounded to bf16: at
+    most one bf16 step apart per element; a race that left one of the partials out would be off by ~1/3), and the
+    unsplit result within bf16's or e4m3's bound of the float64 reference as in the row-split test."""
+    from ep_runtime.runners.masked_runner import FP8_TILES, masked_forward
+    config = MoeConfig(8, 2, 512, 1024)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    w13 = torch.randn(8, config.w13_rows, 512, generator=gen, device="cuda") * 512 ** -0.5
+    w2 = torch.randn(8, 512, 1024, generator=gen, device="cuda") * 1024 ** -0.5
+    weights = ExpertWeights(w13.bfloat16(), w2.bfloat16())
+    if fp8:
+        quant = QuantConfig()
+        (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+        weights = ExpertWeights(q13, q2, None, None, s13, s2, quant)
+    base = FP8_TILES if fp8 else MaskedTiles()
+    whole = dataclasses.replace(base, K_SPLITS=1)
+    masked_m = torch.tensor([0, 1, 5, 64, 100, 0, 0, 3], dtype=torch.int32, device="cuda")
+    recv_x = torch.randn(8, 128, 512, generator=gen, device="cuda").bfloat16()
+    static = recv_x.clone()
+    masked_forward(static, masked_m, weights, config)  # the plan (and its kept counts) before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = masked_forward(static, masked_m, weights, config)
+    for trial in range(20):
+        recv_x.normal_(generator=gen)
+        static.copy_(recv_x)
+        graph.replay()
+        eager = masked_forward(recv_x, masked_m, weights, config)
+        unsplit = masked_forward(recv_x, masked_m, weights, config, tiles=whole)
+        for e, m in enumerate(masked_m.tolist()):
+            if m == 0:
+                continue
+            for got in (eager, replayed):
+                assert rel_err(got[e, :m].float(), unsplit[e, :m].float()) <= 2 ** -8, (trial, e)
+            if trial == 0:
+                ref = expert_reference(recv_x[e, :m].double(), w13[e].double(), w2[e].double(), config)
+                assert rel_err(unsplit[e, :m].cpu(), ref.cpu()) < (0.1 if fp8 else tolerance(torch.bfloat16))
