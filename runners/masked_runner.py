@@ -80,8 +80,8 @@ class MaskedTiles:
     the rows: they run side by side, so each weight tile comes from HBM once for all of them and stays in
     L2, where one program reads it again per row block; and more programs fill the GPU when few experts
     are local). ROW_SPLITS None: row_splits() picks it from the buffer's rows per expert. K_SPLITS: programs
-    sharing a GEMM's K loop for an expert whose rows fit one block (decode); None: k_splits() picks it per GEMM
-    from the layer's shape and the GPU's SMs. BLOCK_N1 counts output columns of gemm1 (of I: a gated program keeps a gate
+    sharing gemm2's K loop for an expert whose rows fit one block (decode); None: k_splits() picks it from the
+    layer's shape and the GPU's SMs. BLOCK_N1 counts output columns of gemm1 (of I: a gated program keeps a gate
     and an up accumulator of BLOCK_N1 columns each)."""
 
     BLOCK_M: int = 64
@@ -124,11 +124,10 @@ def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
 MAX_K_SPLITS = 8
 
 
-def k_splits(num_local_experts: int, config: MoeConfig, n: int, block_n: int, sms: int, row_splits: int) -> int:
-    """K_SPLITS for a GEMM of n output columns in blocks of block_n. At decode one token's top_k experts hold rows:
-    min(L, top_k) x (n / block_n) programs stream their weights (gemm2 of Mixtral on one rank: 2 x 32 = 64
-    programs for an H200's 132 SMs; of DeepSeek-V3's shard of 32 experts: 8 x 56 = 448; gemm1 of fp8 DeepSeek-V3
-    with 4 local experts, 128-column blocks for the activation's scale groups: 4 x 16 = 64). Where the row splits launch several programs per column block, they split K (the
+def k_splits(num_local_experts: int, config: MoeConfig, block_n: int, sms: int, row_splits: int) -> int:
+    """K_SPLITS for gemm2. At decode one token's top_k experts hold rows: min(L, top_k) x (H / BLOCK_N2) programs
+    stream their w2 (Mixtral on one rank: 2 x 32 = 64 programs for an H200's 132 SMs; DeepSeek-V3's shard of 32
+    experts: 8 x 56 = 448). Where the row splits launch several programs per column block, they split K (the
     kernel splits an expert only when its rows fit one block and the experts holding rows leave SMs idle, so
     those programs would have nothing to do); else, where those programs fill under half the SMs, S programs a
     column block, up to two per SM, a power of two <= MAX_K_SPLITS. Graph replay on an H200 (2026-12-03), K split
@@ -138,7 +137,7 @@ def k_splits(num_local_experts: int, config: MoeConfig, n: int, block_n: int, sm
     splits (Mixtral, one expert, 32-128 tokens): programs that exit at once are not free."""
     if row_splits > 1:
         return row_splits
-    programs = min(num_local_experts, config.top_k) * cdiv(n, block_n)
+    programs = min(num_local_experts, config.top_k) * cdiv(config.hidden_size, block_n)
     if programs * 2 > sms:
         return 1
     splits = 1
@@ -266,10 +265,9 @@ if triton is not None:
         Grid (S, column blocks, L). Row mode: program s < row_splits loops over the row blocks s, s + row_splits,
         ... of its expert that start below masked_m[l]: the launch never depends on the data (no host sync) and no
         program exists per padding block (a grid over all M*R rows would launch mostly empty programs at decode
-        sizes). K_SPLIT: when the experts holding rows have fewer column blocks than split_below (the GPU's SMs:
-        decode, where few experts hold rows, so few programs would stream the weights), an expert whose rows fit
-        one block is computed by all S programs of its column block instead, each over its S-th of K; each stores
-        its fp32 partials [BLOCK_M, BLOCK_N] (acc, and acc_up when GATED) in `partial` and counts itself in
+        sizes). K_SPLIT (gemm2 only): when the experts holding rows have fewer column blocks than split_below (the
+        GPU's SMs: decode, where few experts hold rows, so few programs would stream the weights), an expert whose
+        rows fit one block is computed by all S programs of its column block instead, each over its S-th of K; each stores its fp32 partial [BLOCK_M, BLOCK_N] in `partial` and counts itself in
         `arrived`; the last to arrive adds the S partials in split order (deterministic), applies the epilogue and
         sets the count back to 0 for the next launch. GATED: a second accumulator reads w rows up_offset + n (the
         up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it writes scale *
@@ -307,25 +305,17 @@ if triton is not None:
                     stride_asl, stride_asm, stride_ask, stride_wsl, stride_wsn, stride_wsk, GATED, FP32_DOT, UPCAST,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_SCALED, SCALE_N, SCALE_K, ONE_SCALE)
                 tile = expert * tl.num_programs(1) + pid_n
-                PARTS: tl.constexpr = 2 if GATED else 1
-                SIZE: tl.constexpr = BLOCK_M * BLOCK_N
-                tile_ptrs = (partial_ptr + tile * splits * PARTS * SIZE + rows[:, None] * BLOCK_N
+                tile_ptrs = (partial_ptr + tile * splits * BLOCK_M * BLOCK_N + rows[:, None] * BLOCK_N
                              + tl.arange(0, BLOCK_N)[None, :])
-                tl.store(tile_ptrs + pid_s * PARTS * SIZE, acc, mask=row_ok[:, None])
-                if GATED:
-                    tl.store(tile_ptrs + (pid_s * PARTS + 1) * SIZE, acc_up, mask=row_ok[:, None])
+                tl.store(tile_ptrs + pid_s * BLOCK_M * BLOCK_N, acc, mask=row_ok[:, None])
                 tl.debug_barrier()  # every thread's partial is stored before the count says so (release below)
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == splits - 1:
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for s in range(0, splits):  # in split order, whichever program came last
-                        total += tl.load(tile_ptrs + s * PARTS * SIZE, mask=row_ok[:, None], other=0.0,
+                        total += tl.load(tile_ptrs + s * BLOCK_M * BLOCK_N, mask=row_ok[:, None], other=0.0,
                                          cache_modifier=".cg")
-                        if GATED:
-                            total_up += tl.load(tile_ptrs + (s * PARTS + 1) * SIZE, mask=row_ok[:, None],
-                                                other=0.0, cache_modifier=".cg")
                     tl.store(arrived_ptr + tile, 0)
-                    _epilogue(total, total_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok,
+                    _epilogue(total, acc_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok,
                               pid_n, up_offset, stride_bl, stride_bn, stride_ol, stride_om, stride_on, stride_osl,
                               stride_osm, fp8_max, min_amax, scale, alpha, limit, FUSE_ACT, ACTIVATION, GATED,
                               SWIGLU_ALPHA, HAS_LIMIT, HAS_BIAS, QUANT_OUT, UE8M0, ROUND_FIRST)
@@ -354,11 +344,13 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     tensors of the same (masked_forward keeps it in a per-shape plan). a [L, M*R, K] x w [L, N (or 2N when gated),
     K]^T -> out [L, M*R, N]. activation: the config whose activation the epilogue applies (gemm1), or None (gemm2:
     scale * acc). quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
-    out is fp8, quantized in the epilogue (block_n must be the activation group). k_splits > 1: an expert of one
-    row block is split over K when the experts holding rows have fewer than split_below column blocks (partial and
-    arrived: split_scratch(launch.split_sizes))."""
+    out is fp8, quantized in the epilogue (block_n must be the activation group). k_splits > 1 (gemm2 only): an
+    expert of one row block is split over K (partial: split_scratch's buffers) when the experts holding rows have
+    fewer than split_below column blocks."""
     L, rows, K = a.shape
     splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+    if k_splits > 1 and activation is not None:
+        raise ValueError("k_splits > 1 is gemm2's (gemm1's epilogue needs whole rows of K)")
     act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
                                            activation.gemm1_clamp_limit)
     gated = activation is not None and activation.is_gated
@@ -384,18 +376,18 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         kernel(a, w, bias if has_bias else w, out, masked_m, partial if k_splits > 1 else a,
                arrived if k_splits > 1 else masked_m, a_scale if scaled else a, w_scale if scaled else a,
                out_scale if quant_out else a)
-    column_blocks = L * cdiv(N, block_n)  # (partials: every program of the first axis, acc and acc_up when gated)
-    launch.split_sizes = None if k_splits == 1 else (
-        column_blocks * programs * (2 if gated else 1) * tiles.BLOCK_M * block_n, column_blocks)
+    launch.k_splits = programs if k_splits > 1 else 1  # the partials split_scratch must hold per column block
     return launch
 
 
-def split_scratch(sizes: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A K split's buffers (sizes: a launch's split_sizes): fp32 partials (every entry written before it is read)
-    and an arrival count per column block, int32, zero between launches (the last program of each column block
-    sets its count back)."""
-    return (torch.empty(sizes[0], dtype=torch.float32, device=device),
-            torch.zeros(sizes[1], dtype=torch.int32, device=device))
+def split_scratch(L: int, N: int, tiles: MaskedTiles, k_splits: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemm2's K-split buffers: fp32 partials [L * column blocks * k_splits * BLOCK_M * BLOCK_N2] (every entry
+    written before it is read) and the arrival counts [L * column blocks] int32, zero between launches (the last
+    program of each column block sets its count back)."""
+    tiles_n = L * cdiv(N, tiles.BLOCK_N2)
+    return (torch.empty(tiles_n * k_splits * tiles.BLOCK_M * tiles.BLOCK_N2, dtype=torch.float32, device=device),
+            torch.zeros(tiles_n, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -473,19 +465,16 @@ class _Plan:
         # column blocks is beyond any test)
         self.sms = (1 << 20) if INTERPRETED else _sm_count(device.index if device.index is not None else
                                                            torch.cuda.current_device())
-        self.block_n1 = tiles.BLOCK_N1 if quant is None else quant.activation_group  # (fp8: one scale group)
-        self.k_splits = (tiles.K_SPLITS,) * 2
-        if tiles.K_SPLITS is None:  # each GEMM's own (the interpreter keeps one)
-            used = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
-            self.k_splits = (1, 1) if INTERPRETED else (k_splits(L, config, I, self.block_n1, self.sms, used),
-                                                        k_splits(L, config, H, tiles.BLOCK_N2, self.sms, used))
+        if tiles.K_SPLITS is None:
+            tiles = dataclasses.replace(tiles, K_SPLITS=1 if INTERPRETED else k_splits(
+                L, config, tiles.BLOCK_N2, self.sms, max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))))
         self.config, self.tiles, self.shape = config, tiles, (L, rows, H)
         self.out_dtype = out_dtype or recv_x.dtype
         # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
         self.scratch_key = ("masked", L, rows, I, self.out_dtype, quant)
         self.make = functools.partial(_scratch, L, rows, I, self.out_dtype, quant, device)
         self.launches = None  # (gemm1, gemm2), prepared at the first run
-        self.split_keys = None  # each GEMM's K-split buffers' scratch key (None: not split), set at the first run
+        self.split_key = None  # gemm2's K-split buffers' scratch key, once the launch says it splits
 
     def run(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
             recv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -505,20 +494,23 @@ class _Plan:
         if launches is None:
             fp8 = {} if quant is None else dict(quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv,
                                                 out_scale=a_scale)
-            first = _launch(recv_x, weights.w13, weights.b13, a, masked_m, config.intermediate_size, self.block_n1,
-                            tiles, activation=config, k_splits=self.k_splits[0], split_below=self.sms, **fp8)
+            first = _launch(recv_x, weights.w13, weights.b13, a, masked_m, config.intermediate_size,
+                            tiles.BLOCK_N1 if quant is None else quant.activation_group, tiles, activation=config,
+                            **fp8)
             fp8 = {} if quant is None else dict(quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
             second = _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
-                             scale=config.routed_scaling_factor, k_splits=self.k_splits[1], split_below=self.sms,
+                             scale=config.routed_scaling_factor, k_splits=tiles.K_SPLITS, split_below=self.sms,
                              **fp8)
-            self.split_keys = tuple(None if g.split_sizes is None else ("masked split", g.split_sizes)
-                                    for g in (first, second))
+            if second.k_splits > 1:
+                self.split_key = ("masked split", L, H, tiles, second.k_splits)
             launches = self.launches = (first, second)
         first, second = launches
-        split1, split2 = (() if key is None else SCRATCH.get(key, device, functools.partial(split_scratch, key[1], device))
-                          for key in self.split_keys)
-        first(recv_x, weights.w13, weights.b13, a, masked_m, recv_scale, weights.w13_scale_inv, a_scale, *split1)
-        second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv, None, *split2)
+        first(recv_x, weights.w13, weights.b13, a, masked_m, recv_scale, weights.w13_scale_inv, a_scale)
+        split = (None, None)
+        if self.split_key is not None:
+            split = SCRATCH.get(self.split_key, device,
+                                functools.partial(split_scratch, L, H, tiles, second.k_splits, device))
+        second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv, None, *split)
         return out
 
 
