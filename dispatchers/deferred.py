@@ -41,7 +41,10 @@ def land(values: torch.Tensor, slot: Optional[tuple]) -> tuple:
     event has completed."""
     buffer, ready = slot or (None, None)
     if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
-        buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        # kept for later calls: made outside inference mode (an inference tensor, made by a first call under
+        # torch.inference_mode, takes no copy_ outside it: a later no_grad or training call raised)
+        with torch.inference_mode(False):
+            buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
         ready = torch.cuda.Event() if values.is_cuda else None
     buffer.copy_(values, non_blocking=values.is_cuda)
     if ready is not None:  # (the stream by index: Event.record() alone asks current_stream() for the current

@@ -14,6 +14,7 @@ compute(), unless the backend's kernels do the lookup themselves (reads_id_table
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
@@ -387,9 +388,12 @@ def _capacity_rows(L: int, N: int, device: torch.device) -> tuple:
     kept = _CAPACITY_ROWS.get(key) if keep else None
     if kept is not None:
         return kept
-    made = (torch.arange(N, dtype=torch.int32, device=device).unsqueeze(0),
-            torch.arange(L, dtype=torch.int32, device=device).unsqueeze(1),
-            torch.ones(L * N, 1, dtype=torch.float32, device=device), ExpertPlacement(L))
+    # (made outside inference mode when kept: a kept tensor serves later training calls too, where an inference
+    # tensor cannot be saved for backward)
+    with torch.inference_mode(False) if keep else contextlib.nullcontext():
+        made = (torch.arange(N, dtype=torch.int32, device=device).unsqueeze(0),
+                torch.arange(L, dtype=torch.int32, device=device).unsqueeze(1),
+                torch.ones(L * N, 1, dtype=torch.float32, device=device), ExpertPlacement(L))
     if keep:
         if len(_CAPACITY_ROWS) >= 64:  # (a bound, not an LRU: shapes beyond it are rare)
             _CAPACITY_ROWS.clear()

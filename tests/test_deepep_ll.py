@@ -103,3 +103,28 @@ def _one_rank_capturing(rank, world_size):
 def test_a_capturing_rank_and_an_eager_rank_exchange_rows_of_one_length():
     for errors in run_ranks(_one_rank_capturing, 2, timeout=60, group_timeout=15):
         assert errors["y"] <= tolerance(torch.float32), errors
+
+
+def _inference_then_training_rank(rank, world_size, runner):
+    from ep_runtime import runner_core
+    runner_core._CAPACITY_ROWS.clear()  # (this process's first expert-major -> token-rows conversion of the shape)
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_ll", runner=runner,
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 12})
+    problem = make_problem(layer.config, [9, 7], seed=3, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    with torch.inference_mode():  # a serving call first: the conversion's kept tensors are made here
+        layer(problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank])
+    return check_layer(layer, problem, rank)
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton"])
+def test_a_training_step_after_an_inference_mode_call_matches_the_reference(runner):
+    """deepep_ll's [L, M*R, H] rows reach a token-row runner through a conversion whose constant tensors (row
+    slots, expert ids, unit weights) are kept per shape: made under torch.inference_mode by a serving call they
+    were inference tensors, and the next training step failed ("Inference tensors cannot be saved for
+    backward") when the triton runner's autograd function saved the unit weights. Float64 reference, fp32
+    tolerance (DESIGN.md); random tokens and experts."""
+    if runner == "triton":
+        pytest.importorskip("triton")
+    for errors in run_ranks(_inference_then_training_rank, 2, runner):
+        assert max(errors.values()) <= tolerance(torch.float32), errors

@@ -129,3 +129,29 @@ def test_a_dropped_dispatcher_frees_its_deferred_checks_without_the_cyclic_colle
     for live, err in run_ranks(_dropped_dispatcher_rank, world_size, name, timeout=120):
         assert err <= tolerance(torch.float32), err
         assert live == 0
+
+
+@pytest.mark.parametrize("first_in_inference_mode", [True, False])
+def test_a_landing_buffer_made_under_inference_mode_serves_later_calls_outside_it(first_in_inference_mode):
+    """land() keeps its buffer for the next copy (a host plan's one landing buffer, each deferred slot's): made by
+    a first call under torch.inference_mode it was an inference tensor, and the copy of a later call outside
+    inference mode (no_grad serving, a training step) raised "Inplace update to inference tensor outside
+    InferenceMode". Each copy lands its own values, in either order of modes (CPU values: the same buffer
+    bookkeeping as the pinned copies on GPUs)."""
+    from ep_runtime.dispatchers.deferred import land
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randint(-100, 100, (2, 5), generator=gen, dtype=torch.int32) for _ in range(3)]
+    modes = [first_in_inference_mode, not first_in_inference_mode, first_in_inference_mode]
+    slot = None
+    for v, inference in zip(values, modes):
+        with torch.inference_mode(inference):
+            slot = land(v, slot)
+        assert slot[0].tolist() == v.tolist()
+    seen = []  # and through DeferredChecks' landing slots, the modes alternating
+    checks = DeferredChecks(lambda vals, ctx: seen.append((vals, ctx)), "the test flags", "overwritten")
+    for n, inference in enumerate([True, False, True, False, False]):
+        with torch.inference_mode(inference):
+            checks.make_room()
+            checks.defer(torch.tensor([n, -n], dtype=torch.int32), n)
+    checks.flush()
+    assert seen == [([n, -n], n) for n in range(5)]
