@@ -110,7 +110,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         dispatcher or one with the same experts on the same ranks (another is an error): its plan is
         reused, nothing syncs, and the ids are not checked again (they were when it was made).
         With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
-        routing is sent again (its weights detached: pass topk for a weight gradient).
+        routing is sent again (its weights detached: pass topk for a weight gradient). The handle keeps the
+        caller's topk tensors, not copies: changed in place since, they no longer match its plan (pairs would
+        go to ranks that do not hold their experts), which such a reuse refuses (inference tensors keep no
+        version counter to check: do not change them while their handle is in use).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
         if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
@@ -123,6 +126,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
                 _check_handle_tokens(handle, x)
         if topk is None:
+            _check_unchanged(handle)
             topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
@@ -140,6 +144,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                 x, ids, weights, local_ids=True, chunk=chunk, rows=options.num_worst_tokens,
                 capacity=self._capacity, distinct=distinct, quant=quant)
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
+            handle.topk_versions = tuple(None if t.is_inference() else t._version for t in handle.topk)
             handle.placement = self.placement
         else:
             if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
@@ -175,6 +180,15 @@ def _owners(placement) -> str:
     """A placement's experts and their ranks, as a handle check names them."""
     owners = "contiguous" if placement.is_contiguous else list(placement._owners())
     return f"num_experts={placement.num_experts}, ep_size={placement.ep_size}, expert_to_rank={owners}"
+
+
+def _check_unchanged(handle: ExchangeHandle) -> None:
+    """A reuse without topk sends the handle's own (ids, weights) again: they must be what its plan was made for."""
+    for name, t, version in zip(("topk_ids", "topk_weights"), handle.topk, handle.topk_versions or (None, None)):
+        if version is not None and t._version != version:
+            raise ValueError(f"handle's {name} changed in place since the handle was made (version {version} -> "
+                             f"{t._version}); its plan no longer matches them: dispatch without the handle for new "
+                             f"routing, or pass topk= the routing it was made for")
 
 
 def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:

@@ -161,8 +161,10 @@ class ExchangeHandle:
     # then stage 1's (to the relays), send_splits / recv_splits still the tokens to / from each rank.
     relay: Optional[RelayPlan] = None
     # (topk_ids, topk_weights) the plan was made for, and the placement it was made over, kept by a
-    # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch)
+    # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch); with
+    # their version counters then (None for inference tensors, which have none): a reuse checks them unchanged
     topk: Optional[tuple] = None
+    topk_versions: Optional[tuple] = None
     placement: Optional[ExpertPlacement] = None
     # Plans whose table was read on the host when made (not a deferred or captured static plan, nor the
     # NVLink token put): whether x and topk_weights need gradients on any rank (send then makes this

@@ -168,12 +168,25 @@ def _cached_dispatch_rank(rank, world_size, options):
             call()
         except (TypeError, ValueError) as e:
             errors.append(message in str(e))
+    # The handle keeps the caller's tensors (weights in the dtype they travel in, float64 for float64 x, are not
+    # copied either): routing written into them in place since (a buffer reused for the next step's routing) no
+    # longer matches the plan, which would send pairs to ranks without their experts. Each rank changes its own, so
+    # each refuses before any exchange.
+    w = w.double()
+    for name, t in (("topk_ids", ids), ("topk_weights", w)):
+        handle = d.dispatch(x, ep.TopKOutput(ids, w)).handle
+        t.copy_(random_topk_ids(gen, 19, 16, 4, world_size) if t is ids else torch.rand(19, 4, generator=gen))
+        try:
+            d.dispatch(x, handle=handle)
+            errors.append(False)
+        except ValueError as e:
+            errors.append(f"handle's {name} changed in place since the handle was made" in str(e))
     return same, torch.equal(y, 3 * x * visits), errors
 
 
 @pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 40}])
 def test_cached_dispatch_takes_x_and_the_handle(options):
-    assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True, True])] * 2
+    assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True] * 4)] * 2
 
 
 def _foreign_handle_rank(rank, world_size):
