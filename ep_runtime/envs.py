@@ -178,7 +178,7 @@ _knob("TRITON_FP8_GEMM", str, "auto",
       choices=("auto", "triton", "gluon"))
 _knob("SCRATCH_MB", int, 256,
       "MiB of scratch buffers kept between calls (runner='triton' and 'masked': pair alignment, intermediate "
-      "rows; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "
+      "rows, K-split partial sums; the exchanges' send payloads and partial sums; never an output), per shape, stream and thread, so "
       "an eager call of a shape seen before allocates only its output; the least recently used shapes beyond it "
       "are freed. 0: allocate every call.", minimum=0)
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",

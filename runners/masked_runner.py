@@ -80,8 +80,9 @@ class MaskedTiles:
     the rows: they run side by side, so each weight tile comes from HBM once for all of them and stays in
     L2, where one program reads it again per row block; and more programs fill the GPU when few experts
     are local). ROW_SPLITS None: row_splits() picks it from the buffer's rows per expert. K_SPLITS: programs
-    sharing gemm2's K loop for an expert whose rows fit one block (decode); None: k_splits() picks it from the
-    layer's shape and the GPU's SMs. BLOCK_N1 counts output columns of gemm1 (of I: a gated program keeps a gate
+    sharing gemm2's K loop for an expert whose rows fit one block when the experts holding rows leave SMs idle
+    (decode); None: k_splits() picks it from the layer's shape, the GPU's SMs and the row splits (whose programs
+    split K then). BLOCK_N1 counts output columns of gemm1 (of I: a gated program keeps a gate
     and an up accumulator of BLOCK_N1 columns each)."""
 
     BLOCK_M: int = 64
@@ -121,20 +122,21 @@ def row_splits(rows: int, config: MoeConfig, block_m: int) -> int:
     return splits
 
 
+def _row_programs(tiles: MaskedTiles, rows: int) -> int:
+    """The programs that share an expert's row blocks: ROW_SPLITS, at most one per row block of the buffer."""
+    return max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+
+
 MAX_K_SPLITS = 8
 
 
 def k_splits(num_local_experts: int, config: MoeConfig, block_n: int, sms: int, row_splits: int) -> int:
     """K_SPLITS for gemm2. At decode one token's top_k experts hold rows: min(L, top_k) x (H / BLOCK_N2) programs
     stream their w2 (Mixtral on one rank: 2 x 32 = 64 programs for an H200's 132 SMs; DeepSeek-V3's shard of 32
-    experts: 8 x 56 = 448). Where the row splits launch several programs per column block, they split K (the
-    kernel splits an expert only when its rows fit one block and the experts holding rows leave SMs idle, so
-    those programs would have nothing to do); else, where those programs fill under half the SMs, S programs a
-    column block, up to two per SM, a power of two <= MAX_K_SPLITS. Graph replay on an H200 (2026-12-03), K split
-    over one program: Mixtral, 8 local experts, one token 1.14-1.16x, 4-128 tokens 0.99-1.02x; one local expert
-    (EP 8; 4 row splits), 1-16 tokens a rank 1.34-1.42x, 32-128 0.98-1.00x. A grid of more programs than the row
-    splits use cost 2-3% where nothing was split (gpt-oss, 16 local experts, 4-128 tokens) and 15-22% beside 4 row
-    splits (Mixtral, one expert, 32-128 tokens): programs that exit at once are not free."""
+    experts: 8 x 56 = 448). Where the row splits launch several programs per column block, those split K (an
+    expert they would leave idle); else, where min(L, top_k) experts' column blocks fill under half the SMs, S
+    programs a column block, up to two per SM, a power of two <= MAX_K_SPLITS; else none: a grid of programs that
+    exit at once costs time too (docs/performance.md, runs BK to BM)."""
     if row_splits > 1:
         return row_splits
     programs = min(num_local_experts, config.top_k) * cdiv(config.hidden_size, block_n)
@@ -267,9 +269,11 @@ if triton is not None:
         program exists per padding block (a grid over all M*R rows would launch mostly empty programs at decode
         sizes). K_SPLIT (gemm2 only): when the experts holding rows have fewer column blocks than split_below (the
         GPU's SMs: decode, where few experts hold rows, so few programs would stream the weights), an expert whose
-        rows fit one block is computed by all S programs of its column block instead, each over its S-th of K; each stores its fp32 partial [BLOCK_M, BLOCK_N] in `partial` and counts itself in
-        `arrived`; the last to arrive adds the S partials in split order (deterministic), applies the epilogue and
-        sets the count back to 0 for the next launch. GATED: a second accumulator reads w rows up_offset + n (the
+        rows fit one block is computed by all S programs of its column block instead, each over its S-th of K;
+        each stores its fp32 partial [BLOCK_M, BLOCK_N] in `partial` at the column block's slot (numbered over the
+        experts holding rows: fewer than split_below) and counts itself in `arrived`; the last to arrive adds the S
+        partials in split order (deterministic for given masked_m), applies the epilogue and sets the count back to
+        0 for the next launch. GATED: a second accumulator reads w rows up_offset + n (the
         up half) and the epilogue multiplies. FUSE_ACT: the epilogue is activate() (gemm1), else it writes scale *
         acc (gemm2). BLOCK_SCALED: fp8 a and w, each K step's product times a's (row, k group) and w's (row
         block, k group) scales. QUANT_OUT: the epilogue writes fp8 and one scale per row for its BLOCK_N columns.
@@ -288,10 +292,12 @@ if triton is not None:
         a_base = a_ptr + expert * stride_al
         w_base = w_ptr + expert * stride_wl + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         split = False
+        slot = 0
         if K_SPLIT:
             experts = tl.arange(0, L_PAD)
-            counts = tl.load(masked_m_ptr + experts, mask=experts < tl.num_programs(2), other=0)
-            split = (num_rows <= BLOCK_M) & (tl.sum((counts > 0).to(tl.int32)) * tl.num_programs(1) < split_below)
+            holding = tl.load(masked_m_ptr + experts, mask=experts < tl.num_programs(2), other=0) > 0
+            split = (num_rows <= BLOCK_M) & (tl.sum(holding.to(tl.int32)) * tl.num_programs(1) < split_below)
+            slot = tl.sum((holding & (experts < expert)).to(tl.int32)) * tl.num_programs(1) + pid_n
         if split:
             if num_rows > 0:
                 splits = tl.num_programs(0)
@@ -304,17 +310,16 @@ if triton is not None:
                     tl.minimum(K, k_lo + steps * BLOCK_K), up_offset, stride_am, stride_ak, stride_wn, stride_wk,
                     stride_asl, stride_asm, stride_ask, stride_wsl, stride_wsn, stride_wsk, GATED, FP32_DOT, UPCAST,
                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_SCALED, SCALE_N, SCALE_K, ONE_SCALE)
-                tile = expert * tl.num_programs(1) + pid_n
-                tile_ptrs = (partial_ptr + tile * splits * BLOCK_M * BLOCK_N + rows[:, None] * BLOCK_N
+                tile_ptrs = (partial_ptr + slot.to(tl.int64) * splits * BLOCK_M * BLOCK_N + rows[:, None] * BLOCK_N
                              + tl.arange(0, BLOCK_N)[None, :])
                 tl.store(tile_ptrs + pid_s * BLOCK_M * BLOCK_N, acc, mask=row_ok[:, None])
                 tl.debug_barrier()  # every thread's partial is stored before the count says so (release below)
-                if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == splits - 1:
+                if tl.atomic_add(arrived_ptr + slot, 1, sem="acq_rel") == splits - 1:
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for s in range(0, splits):  # in split order, whichever program came last
                         total += tl.load(tile_ptrs + s * BLOCK_M * BLOCK_N, mask=row_ok[:, None], other=0.0,
                                          cache_modifier=".cg")
-                    tl.store(arrived_ptr + tile, 0)
+                    tl.store(arrived_ptr + slot, 0)
                     _epilogue(total, acc_up, bias_ptr, out_ptr, out_scale_ptr, expert, rows, row_ok, cols, col_ok,
                               pid_n, up_offset, stride_bl, stride_bn, stride_ol, stride_om, stride_on, stride_osl,
                               stride_osm, fp8_max, min_amax, scale, alpha, limit, FUSE_ACT, ACTIVATION, GATED,
@@ -345,10 +350,10 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     K]^T -> out [L, M*R, N]. activation: the config whose activation the epilogue applies (gemm1), or None (gemm2:
     scale * acc). quant: block-scaled fp8 (a_scale [L, M*R, G_K], w_scale [L, G_N, G_K]); out_scale [L, M*R, G_N]:
     out is fp8, quantized in the epilogue (block_n must be the activation group). k_splits > 1 (gemm2 only): an
-    expert of one row block is split over K (partial: split_scratch's buffers) when the experts holding rows have
-    fewer than split_below column blocks."""
+    expert of one row block is split over K when the experts holding rows have fewer than split_below column
+    blocks (partial and arrived: split_scratch(launch.split_sizes); None when nothing is split)."""
     L, rows, K = a.shape
-    splits = max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))
+    splits = _row_programs(tiles, rows)
     if k_splits > 1 and activation is not None:
         raise ValueError("k_splits > 1 is gemm2's (gemm1's epilogue needs whole rows of K)")
     act = None if activation is None else (activation.activation, activation.is_gated, activation.gemm1_alpha,
@@ -376,18 +381,17 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
         kernel(a, w, bias if has_bias else w, out, masked_m, partial if k_splits > 1 else a,
                arrived if k_splits > 1 else masked_m, a_scale if scaled else a, w_scale if scaled else a,
                out_scale if quant_out else a)
-    launch.k_splits = programs if k_splits > 1 else 1  # the partials split_scratch must hold per column block
+    slots = min(L * cdiv(N, block_n), split_below)  # (a split launch has fewer column blocks holding rows)
+    launch.split_sizes = (slots * programs * tiles.BLOCK_M * block_n, slots) if k_splits > 1 else None
     return launch
 
 
-def split_scratch(L: int, N: int, tiles: MaskedTiles, k_splits: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gemm2's K-split buffers: fp32 partials [L * column blocks * k_splits * BLOCK_M * BLOCK_N2] (every entry
-    written before it is read) and the arrival counts [L * column blocks] int32, zero between launches (the last
-    program of each column block sets its count back)."""
-    tiles_n = L * cdiv(N, tiles.BLOCK_N2)
-    return (torch.empty(tiles_n * k_splits * tiles.BLOCK_M * tiles.BLOCK_N2, dtype=torch.float32, device=device),
-            torch.zeros(tiles_n, dtype=torch.int32, device=device))
+def split_scratch(sizes: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K split's buffers (sizes: its launch's split_sizes): the fp32 partials (every entry read was written in
+    the same launch) and an arrival count per slot, int32, zero between launches (the last program of a column
+    block sets its count back)."""
+    return (torch.empty(sizes[0], dtype=torch.float32, device=device),
+            torch.zeros(sizes[1], dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -461,20 +465,21 @@ class _Plan:
         I, quant, device = config.intermediate_size, weights.quant, recv_x.device
         if tiles.ROW_SPLITS is None:
             tiles = dataclasses.replace(tiles, ROW_SPLITS=row_splits(rows, config, tiles.BLOCK_M))
-        # (the interpreter has no SMs to fill, and keeps one split unless tiles ask for more: a program past 1 << 20
-        # column blocks is beyond any test)
-        self.sms = (1 << 20) if INTERPRETED else _sm_count(device.index if device.index is not None else
-                                                           torch.cuda.current_device())
+        # (split_below: the interpreter has no SMs to fill; it keeps one split unless the tiles ask for more, and
+        # then splits every expert of one row block)
+        self.split_below = 1 << 20
+        if not INTERPRETED and tiles.K_SPLITS != 1:
+            self.split_below = _sm_count(device.index)  # (a CUDA tensor's device always has its index)
         if tiles.K_SPLITS is None:
             tiles = dataclasses.replace(tiles, K_SPLITS=1 if INTERPRETED else k_splits(
-                L, config, tiles.BLOCK_N2, self.sms, max(1, min(tiles.ROW_SPLITS, cdiv(rows, tiles.BLOCK_M)))))
+                L, config, tiles.BLOCK_N2, self.split_below, _row_programs(tiles, rows)))
         self.config, self.tiles, self.shape = config, tiles, (L, rows, H)
         self.out_dtype = out_dtype or recv_x.dtype
         # gemm1's output (and its fp8 scales) is scratch, kept per shape across calls; the result is not.
         self.scratch_key = ("masked", L, rows, I, self.out_dtype, quant)
         self.make = functools.partial(_scratch, L, rows, I, self.out_dtype, quant, device)
         self.launches = None  # (gemm1, gemm2), prepared at the first run
-        self.split_key = None  # gemm2's K-split buffers' scratch key, once the launch says it splits
+        self.split_key = None  # gemm2's K-split buffers' scratch key (made with the launches: None, no split)
 
     def run(self, recv_x: torch.Tensor, masked_m: torch.Tensor, weights: ExpertWeights,
             recv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -499,17 +504,16 @@ class _Plan:
                             **fp8)
             fp8 = {} if quant is None else dict(quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
             second = _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
-                             scale=config.routed_scaling_factor, k_splits=tiles.K_SPLITS, split_below=self.sms,
-                             **fp8)
-            if second.k_splits > 1:
-                self.split_key = ("masked split", L, H, tiles, second.k_splits)
+                             scale=config.routed_scaling_factor, k_splits=tiles.K_SPLITS,
+                             split_below=self.split_below, **fp8)
+            if second.split_sizes is not None:  # (any launch on this stream may share them: counts end at 0)
+                self.split_key = ("masked split", second.split_sizes)
             launches = self.launches = (first, second)
         first, second = launches
         first(recv_x, weights.w13, weights.b13, a, masked_m, recv_scale, weights.w13_scale_inv, a_scale)
         split = (None, None)
         if self.split_key is not None:
-            split = SCRATCH.get(self.split_key, device,
-                                functools.partial(split_scratch, L, H, tiles, second.k_splits, device))
+            split = SCRATCH.get(self.split_key, device, functools.partial(split_scratch, self.split_key[1], device))
         second(a, weights.w2, weights.b2, out, masked_m, a_scale, weights.w2_scale_inv, None, *split)
         return out
 

@@ -122,27 +122,30 @@ def _compile_gemm(kernels, tiles, block_m: int, fuse: bool, quant) -> None:
 
 
 def _compile_masked(compiled: list) -> None:
-    """The masked runner's gemm1 and gemm2 (DeepSeek-V3 shard: 32 experts, 128 buffer rows), bf16 and fp8 experts,
-    each with the tiles masked_forward picks on a Hopper GPU."""
+    """The masked runner's gemm1 and gemm2 (DeepSeek-V3 shard: 32 experts; Mixtral: 8 experts, whose gemm2 splits
+    K at decode; 128 buffer rows), bf16 and fp8 experts, each with the tiles and splits masked_forward picks on an
+    H200."""
     from ep_runtime.config import ExpertWeights, MoeConfig
     from ep_runtime.quant import QuantConfig
     from ep_runtime.runners import masked_runner
 
     masked_runner._capability = lambda index: (9, 0)
-    L, rows, H, I = 32, 128, 7168, 2048
-    for quant in (None, QuantConfig()):
-        dtype = quant.dtype if quant is not None else torch.bfloat16
-        weights = ExpertWeights(torch.empty(L, 2 * I, H, dtype=dtype), torch.empty(L, H, I, dtype=dtype),
-                                w13_scale_inv=torch.empty(L, 2 * I // 128, H // 128) if quant else None,
-                                w2_scale_inv=torch.empty(L, H // 128, I // 128) if quant else None, quant=quant)
-        x = torch.empty(L, rows, H, dtype=dtype)
-        scale = torch.empty(L, rows, H // 128) if quant else None
-        tiles = masked_runner._default_tiles(quant is not None, torch.device("cuda", 0))
-        first = len(compiled)
-        masked_runner.masked_forward(x, torch.zeros(L, dtype=torch.int32), weights, MoeConfig(256, 8, H, I), tiles,
-                                     recv_scale=scale, out_dtype=torch.bfloat16)
-        for name, kernel in zip(("gemm1", "gemm2"), compiled[first:]):
-            print(f"masked {'fp8 ' if quant else 'bf16'} {name} {tiles}: {_describe(kernel)}", flush=True)
+    masked_runner._sm_count = lambda index: 132
+    for model, (L, rows, E, K, H, I) in (("deepseek", (32, 128, 256, 8, 7168, 2048)),
+                                         ("mixtral", (8, 128, 8, 2, 4096, 14336))):
+        for quant in (None, QuantConfig()):
+            dtype = quant.dtype if quant is not None else torch.bfloat16
+            weights = ExpertWeights(torch.empty(L, 2 * I, H, dtype=dtype), torch.empty(L, H, I, dtype=dtype),
+                                    w13_scale_inv=torch.empty(L, 2 * I // 128, H // 128) if quant else None,
+                                    w2_scale_inv=torch.empty(L, H // 128, I // 128) if quant else None, quant=quant)
+            x = torch.empty(L, rows, H, dtype=dtype)
+            scale = torch.empty(L, rows, H // 128) if quant else None
+            tiles = masked_runner._default_tiles(quant is not None, torch.device("cuda", 0))
+            first = len(compiled)
+            masked_runner.masked_forward(x, torch.zeros(L, dtype=torch.int32), weights, MoeConfig(E, K, H, I), tiles,
+                                         recv_scale=scale, out_dtype=torch.bfloat16)
+            for name, kernel in zip(("gemm1", "gemm2"), compiled[first:]):
+                print(f"masked {model} {'fp8 ' if quant else 'bf16'} {name} {tiles}: {_describe(kernel)}", flush=True)
 
 
 def _compile_gluon(compiled: list, compile_only) -> None:

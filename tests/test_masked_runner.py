@@ -118,36 +118,44 @@ def test_automatic_row_splits_compute_the_bits_of_one_program_per_expert():
         assert rel_err(auto[e, :m], ref) <= 1e-5
 
 
-@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("splits", [2, 3, 5, 8])
 def test_k_splits_match_the_reference_and_leave_their_counts_at_zero(splits):
-    """gemm2 split over K (K = I = 100: 7 steps of 16, so 3 and 8 splits leave uneven and empty shares): the expert
-    of 7 rows (one 16-row block) is split, the one of 20 rows keeps its row blocks whole, the empty one is
-    skipped. Valid rows within fp32 rounding of the float64 reference with bias and routed_scaling_factor (the
-    epilogue after the partials' sum); a second call (the same kept counts) gives the same bits, so every count
-    went back to zero."""
+    """gemm2 split over K (K = I = 100: 7 steps of 16; 3 splits take 3, 3 and 1 steps, 5 take 2, 2, 2, 1 and none,
+    8 are clamped to 7 of one step): an expert of at most 16 rows (one block) is split, the one of 20 rows keeps
+    its row blocks whole (the bits of an unsplit launch), an empty one is skipped. Three calls on fresh data, the
+    second with one more expert holding rows (the split experts' slots move): valid rows within fp32 rounding of
+    the float64 reference with bias and routed_scaling_factor (the epilogue after the partials' sum), the kept
+    counts all zero after each, and the third call repeats the first's bits."""
     from ep_runtime.runners import masked_runner
+    from ep_runtime.scratch import SCRATCH
     config = MoeConfig(6, 2, 40, 100, has_bias=True, routed_scaling_factor=2.5)
     gen = torch.Generator().manual_seed(11)
     weights = ExpertWeights(torch.randn(3, config.w13_rows, 40, generator=gen) * 40 ** -0.5,
                             torch.randn(3, 40, 100, generator=gen) * 0.1, torch.randn(3, config.w13_rows, generator=gen),
                             torch.randn(3, 40, generator=gen))
-    recv_x = torch.randn(3, 20, 40, generator=gen)
-    masked_m = torch.tensor([20, 0, 7], dtype=torch.int32)
-    recv_x[2, 7:] = float("nan")
     tiles = MaskedTiles(16, 16, 32, 16, 4, 1, 1, splits)
-    first = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles)
-    second = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles)
-    for e, m in enumerate(masked_m.tolist()):
-        ref = config.routed_scaling_factor * expert_reference(
-            recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config, weights.b13[e].double(),
-            weights.b2[e].double())
-        assert rel_err(first[e, :m], ref) <= 1e-5, (e, rel_err(first[e, :m], ref))
-        assert torch.equal(first[e, :m], second[e, :m]), e
-    plan = next(p for p in masked_runner._PLANS.values() if p.tiles == tiles)
-    assert plan.split_key is not None  # the split was taken, not clamped away
+    outputs = []
+    for counts in ([20, 0, 7], [20, 3, 16], [20, 0, 7]):
+        recv_x = torch.randn(3, 20, 40, generator=torch.Generator().manual_seed(sum(counts)))
+        masked_m = torch.tensor(counts, dtype=torch.int32)
+        for e, m in enumerate(counts):
+            recv_x[e, m:] = float("nan")
+        out = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles)
+        for e, m in enumerate(counts):
+            ref = config.routed_scaling_factor * expert_reference(
+                recv_x[e, :m].double(), weights.w13[e].double(), weights.w2[e].double(), config,
+                weights.b13[e].double(), weights.b2[e].double())
+            assert rel_err(out[e, :m], ref) <= 1e-5, (counts, e, rel_err(out[e, :m], ref))
+        plan = next(p for p in masked_runner._PLANS.values() if p.tiles == tiles)
+        assert plan.split_key is not None  # the split was taken, not clamped away
+        assert torch.equal(SCRATCH.get(plan.split_key, recv_x.device, lambda: None)[1], torch.zeros(6, dtype=torch.int32))
+        outputs.append((recv_x, masked_m, out))
+    (recv_x, masked_m, first), third = outputs[0], outputs[2][2]
+    assert torch.equal(first[0], third[0]) and torch.equal(first[2, :7], third[2, :7])
     whole = masked_runner.masked_forward(recv_x, masked_m, weights, config, dataclasses.replace(tiles, K_SPLITS=1))
+    assert torch.equal(first[0], whole[0])  # the expert of two row blocks, inside a launch that splits another
     declined = masked_runner._Plan(recv_x, weights, config, tiles, None)
-    declined.sms = 0  # the experts holding rows have more column blocks than SMs: nothing is split
+    declined.split_below = 0  # the experts holding rows have more column blocks than SMs: nothing is split
     declined = declined.run(recv_x, masked_m, weights)
     assert torch.equal(declined[2, :7], whole[2, :7]) and torch.equal(declined[0], whole[0])
     if splits == 3:  # (partials of 3, 3 and 1 steps summed: another association than one running sum; 8 splits
@@ -375,13 +383,16 @@ def test_gpu_automatic_row_splits_give_the_bits_of_one_split(fp8):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_k_splits_equal_one_program_per_column_block(fp8):
-    """Mixtral-like decode (E=8, K=2, 8 local experts, H=512, I=1024): gemm2's automatic K split (the programs of
-    a column block meet through a count in global memory) against K_SPLITS=1 on 20 fresh inputs, eager and in a
-    CUDA-graph replay, with experts of 0, 1, 5 and 64 rows (split) and 100 (row blocks). Each expert's valid rows
-    within 2^-8 of the unsplit result (the same products summed in another fp32 order, then rounded to bf16: at
-    most one bf16 step apart per element; a race that left one of the partials out would be off by ~1/3), and the
-    unsplit result within bf16's or e4m3's bound of the float64 reference as in the row-split test."""
-    from ep_runtime.runners.masked_runner import FP8_TILES, masked_forward
+    """Mixtral-like decode (E=8, K=2, 8 local experts, H=512, I=1024): gemm2's automatic K split (8 programs of a
+    column block meet through a count in global memory) against K_SPLITS=1 on 20 fresh inputs, eager and in a
+    CUDA-graph replay, the experts' rows alternating between two sets (0-100 rows: one expert crosses the 64-row
+    block, and the split experts' slots move). Each expert's valid rows within 2^-8 of the unsplit result (the
+    same products summed in another fp32 order, then rounded to bf16: at most one bf16 step apart per element; a
+    race that left one of the 8 partials out would be off by ~1/3), the unsplit result within bf16's or e4m3's
+    bound of the float64 reference as in the row-split test; the kept partials, poisoned with NaN before the
+    eager calls, were written (the split ran) and every kept count is back at 0."""
+    from ep_runtime.runners import masked_runner
+    from ep_runtime.scratch import SCRATCH
     config = MoeConfig(8, 2, 512, 1024)
     gen = torch.Generator(device="cuda").manual_seed(12)
     w13 = torch.randn(8, config.w13_rows, 512, generator=gen, device="cuda") * 512 ** -0.5
@@ -391,26 +402,34 @@ def test_gpu_k_splits_equal_one_program_per_column_block(fp8):
         quant = QuantConfig()
         (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
         weights = ExpertWeights(q13, q2, None, None, s13, s2, quant)
-    base = FP8_TILES if fp8 else MaskedTiles()
-    whole = dataclasses.replace(base, K_SPLITS=1)
-    masked_m = torch.tensor([0, 1, 5, 64, 100, 0, 0, 3], dtype=torch.int32, device="cuda")
+    whole = dataclasses.replace(masked_runner.FP8_TILES if fp8 else MaskedTiles(), K_SPLITS=1)
+    sets = [torch.tensor(m, dtype=torch.int32, device="cuda") for m in ([0, 1, 5, 64, 100, 0, 0, 3],
+                                                                        [7, 0, 65, 2, 0, 0, 30, 0])]
     recv_x = torch.randn(8, 128, 512, generator=gen, device="cuda").bfloat16()
-    static = recv_x.clone()
-    masked_forward(static, masked_m, weights, config)  # the plan (and its kept counts) before capture
+    static, static_m = recv_x.clone(), sets[0].clone()
+    masked_runner._PLANS.clear()  # (plans are remade on demand: the next one made is this call's)
+    masked_runner.masked_forward(static, static_m, weights, config)  # the plan (and its kept counts) before capture
+    (plan,) = masked_runner._PLANS.values()
+    assert plan.split_key is not None
+    partial, counts = SCRATCH.get(plan.split_key, recv_x.device, lambda: None)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = masked_forward(static, masked_m, weights, config)
+        replayed = masked_runner.masked_forward(static, static_m, weights, config)
     for trial in range(20):
+        masked_m = sets[trial % 2]
         recv_x.normal_(generator=gen)
         static.copy_(recv_x)
+        static_m.copy_(masked_m)
         graph.replay()
-        eager = masked_forward(recv_x, masked_m, weights, config)
-        unsplit = masked_forward(recv_x, masked_m, weights, config, tiles=whole)
+        partial.fill_(float("nan"))
+        eager = masked_runner.masked_forward(recv_x, masked_m, weights, config)
+        assert torch.isfinite(partial).any() and torch.equal(counts, torch.zeros_like(counts))
+        unsplit = masked_runner.masked_forward(recv_x, masked_m, weights, config, tiles=whole)
         for e, m in enumerate(masked_m.tolist()):
             if m == 0:
                 continue
             for got in (eager, replayed):
                 assert rel_err(got[e, :m].float(), unsplit[e, :m].float()) <= 2 ** -8, (trial, e)
-            if trial == 0:
+            if trial < 2:
                 ref = expert_reference(recv_x[e, :m].double(), w13[e].double(), w2[e].double(), config)
                 assert rel_err(unsplit[e, :m].cpu(), ref.cpu()) < (0.1 if fp8 else tolerance(torch.bfloat16))
