@@ -136,7 +136,7 @@ def k_splits(num_local_experts: int, config: MoeConfig, block_n: int, sms: int, 
     experts: 8 x 56 = 448). Where the row splits launch several programs per column block, those split K (an
     expert they would leave idle); else, where min(L, top_k) experts' column blocks fill under half the SMs, S
     programs a column block, up to two per SM, a power of two <= MAX_K_SPLITS; else none: a grid of programs that
-    exit at once costs time too (docs/performance.md, runs BK to BM)."""
+    exit at once costs time too (docs/performance.md, runs BK to BN)."""
     if row_splits > 1:
         return row_splits
     programs = min(num_local_experts, config.top_k) * cdiv(config.hidden_size, block_n)
