@@ -348,6 +348,18 @@ def test_a_kept_plan_serves_only_its_layout():
             assert torch.equal(got[e, :m], out[e, :m]), e
 
 
+def _experts(L, config, gen, fp8):
+    """(w13, w2) fp32 on gen's device and the ExpertWeights the runner gets: bf16, or fp8 with block scales."""
+    H, I = config.hidden_size, config.intermediate_size
+    w13 = torch.randn(L, config.w13_rows, H, generator=gen, device=gen.device) * H ** -0.5
+    w2 = torch.randn(L, H, I, generator=gen, device=gen.device) * I ** -0.5
+    if not fp8:
+        return w13, w2, ExpertWeights(w13.bfloat16(), w2.bfloat16())
+    quant = QuantConfig()
+    (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
+    return w13, w2, ExpertWeights(q13, q2, None, None, s13, s2, quant)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
 @pytest.mark.parametrize("fp8", [False, True])
@@ -359,13 +371,7 @@ def test_gpu_automatic_row_splits_give_the_bits_of_one_split(fp8):
     from ep_runtime.runners.masked_runner import FP8_TILES, masked_forward
     config = MoeConfig(8, 2, 256, 128)
     gen = torch.Generator(device="cuda").manual_seed(9)
-    w13 = torch.randn(2, config.w13_rows, 256, generator=gen, device="cuda") * 256 ** -0.5
-    w2 = torch.randn(2, 256, 128, generator=gen, device="cuda") * 128 ** -0.5
-    weights = ExpertWeights(w13.bfloat16(), w2.bfloat16())
-    if fp8:
-        quant = QuantConfig()
-        (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
-        weights = ExpertWeights(q13, q2, None, None, s13, s2, quant)
+    w13, w2, weights = _experts(2, config, gen, fp8)
     recv_x = torch.randn(2, 512, 256, generator=gen, device="cuda").bfloat16()
     masked_m = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
     assert row_splits(512, config, 64) == 2
@@ -395,13 +401,7 @@ def test_gpu_k_splits_equal_one_program_per_column_block(fp8):
     from ep_runtime.scratch import SCRATCH
     config = MoeConfig(8, 2, 512, 1024)
     gen = torch.Generator(device="cuda").manual_seed(12)
-    w13 = torch.randn(8, config.w13_rows, 512, generator=gen, device="cuda") * 512 ** -0.5
-    w2 = torch.randn(8, 512, 1024, generator=gen, device="cuda") * 1024 ** -0.5
-    weights = ExpertWeights(w13.bfloat16(), w2.bfloat16())
-    if fp8:
-        quant = QuantConfig()
-        (q13, s13), (q2, s2) = quant.quantize_weight(w13), quant.quantize_weight(w2)
-        weights = ExpertWeights(q13, q2, None, None, s13, s2, quant)
+    w13, w2, weights = _experts(8, config, gen, fp8)
     whole = dataclasses.replace(masked_runner.FP8_TILES if fp8 else MaskedTiles(), K_SPLITS=1)
     sets = [torch.tensor(m, dtype=torch.int32, device="cuda") for m in ([0, 1, 5, 64, 100, 0, 0, 3],
                                                                         [7, 0, 65, 2, 0, 0, 30, 0])]
