@@ -32,6 +32,7 @@ signal and copy without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -318,6 +319,14 @@ def _shared_file_region(nbytes: int, group, device: torch.device) -> _Region:
     return _Region(maps[me], [m.data_ptr() for m in maps], maps)
 
 
+def _kept_tensors():
+    """Where a transport makes the tensors it keeps for every later call (its flags, epoch, regions, static shares):
+    outside inference mode. Made by a first call under torch.inference_mode they were inference tensors, and the
+    next call outside it (no_grad serving, a training step) failed storing rows into the region ("Inplace update to
+    inference tensor outside InferenceMode")."""
+    return torch.inference_mode(False)
+
+
 def _map_region(nbytes: int, group, device: torch.device) -> _Region:
     return (_cuda_region if device.type == "cuda" else _shared_file_region)(nbytes, group, device)
 
@@ -379,8 +388,9 @@ class PeerTransport:
         want = -(-max(nbytes, 2 * have, 1) // _GRANULE) * _GRANULE
         if self._region is not None:  # graphs captured before hold its addresses: never freed while we live
             self._retired.append((self._region, self._region_ptrs))
-        self._region = _map_region(want, self.group, self.device)
-        self._region_ptrs = torch.tensor(self._region.addresses, dtype=torch.int64).to(self.device)
+        with _kept_tensors():
+            self._region = _map_region(want, self.group, self.device)
+            self._region_ptrs = torch.tensor(self._region.addresses, dtype=torch.int64).to(self.device)
         return True
 
     def check(self, name: str = "exchange", operation: str = "call") -> None:
@@ -533,7 +543,8 @@ class PeerTransport:
         if capturing():
             raise RuntimeError(f"the NVLink transport's copy kernel (num_sms > 0) met the plan {key} first while a "
                                f"CUDA graph was captured; run the same call eagerly once before capturing")
-        made = host_values(parts, torch.int64, self.device)
+        with _kept_tensors() if static else contextlib.nullcontext():
+            made = host_values(parts, torch.int64, self.device)
         if static:
             self._shares[key] = made
         return made
@@ -589,7 +600,8 @@ def peer_transport(group, device: torch.device, world_size: int, mode: str, puts
         if reason is None and (mode == "nvlink" or unsure is None):
             if capturing():  # the rendezvous is collective too
                 return _not_while_capturing(mode)
-            found = _TRANSPORTS.setdefault(key, {})[device] = PeerTransport(group, device)
+            with _kept_tensors():
+                found = _TRANSPORTS.setdefault(key, {})[device] = PeerTransport(group, device)
         elif mode == "auto":
             return None
         else:

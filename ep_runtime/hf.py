@@ -603,7 +603,10 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     for block, top_k, conversion in swaps:
         experts = block.experts
         if id(experts) not in made:
-            made[id(experts)] = EPExperts(experts, top_k, _conversion_checked=conversion, **options)
+            # (outside inference mode, as the weights it swaps were made: under torch.inference_mode the new experts
+            # were inference tensors, which no training step can use and no later load outside it can write)
+            with torch.inference_mode(False):
+                made[id(experts)] = EPExperts(experts, top_k, _conversion_checked=conversion, **options)
         block.experts = made[id(experts)]
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module) and users[id(experts)] == 1:

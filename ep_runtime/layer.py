@@ -251,10 +251,13 @@ class EPMoE(nn.Module):
         if self.quant is None:
             self._activation_dtype = self.w13.dtype
         self.quant = quant
-        self.w13 = frozen(torch.empty(L, self.config.w13_rows, H, dtype=quant.dtype, device=device))
-        self.w2 = frozen(torch.empty(L, H, I, dtype=quant.dtype, device=device))
-        self.w13_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, self.config.w13_rows, H), device=device))
-        self.w2_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, H, I), device=device))
+        # (normal tensors even under torch.inference_mode, as load_experts or load_state_dict may run there: an
+        # inference tensor takes no later load's copy_ outside it, nor apply_placement's moves)
+        with torch.inference_mode(False):
+            self.w13 = frozen(torch.empty(L, self.config.w13_rows, H, dtype=quant.dtype, device=device))
+            self.w2 = frozen(torch.empty(L, H, I, dtype=quant.dtype, device=device))
+            self.w13_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, self.config.w13_rows, H), device=device))
+            self.w2_scale_inv = frozen(torch.ones(quant.weight_scale_shape(L, H, I), device=device))
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.requires_grad_(False)

@@ -1234,3 +1234,35 @@ def test_hf_fp8_experts_are_replaced_and_kept_fp8():
                         q.dequantize_weight(q13, s13).double(), q.dequantize_weight(q2, s2).double(),
                         wrapped.layer.config, fp8_activations=True)
     assert rel_err(y, ref) < BF16
+
+
+def _quantized_under_inference_mode_rank(rank, world_size):
+    """load_experts(quantize="fp8_block") under torch.inference_mode (the layer switches to fp8 parameters there),
+    then, under torch.no_grad, a call, a load of other experts and a load_state_dict: each call equals its
+    experts' fp8 reference."""
+    E, K, H, I = 8, 2, 64, 32
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16)
+    first, second = (make_problem(layer.config, [10, 7], seed=seed, ep_size=world_size) for seed in (21, 22))
+    x, ids, weights = first.xs[rank].to(torch.bfloat16), first.topk_ids[rank], first.topk_weights[rank]
+    errors = []
+    with torch.inference_mode():
+        layer.load_experts(first.w13.float(), first.w2.float(), quantize="fp8_block")
+        errors.append(rel_err(layer(x, ids, weights), _fp8_references(first, x.double(), ids, weights, layer.config)[0]))
+    with torch.no_grad():
+        errors.append(rel_err(layer(x, ids, weights), _fp8_references(first, x.double(), ids, weights, layer.config)[0]))
+        layer.load_experts(second.w13.float(), second.w2.float(), quantize="fp8_block")
+        want = _fp8_references(second, x.double(), ids, weights, layer.config)[0]
+        errors.append(rel_err(layer(x, ids, weights), want))
+        layer.load_state_dict(copy.deepcopy(layer.state_dict()))
+        errors.append(rel_err(layer(x, ids, weights), want))
+    return errors
+
+
+def test_experts_quantized_on_load_under_inference_mode_take_later_loads_outside_it():
+    """Quantizing on load makes the layer's fp8 parameters (w13, w2 and their scales): made under
+    torch.inference_mode they were inference tensors, and the next load_experts or load_state_dict outside it
+    raised ("Inplace update to inference tensor outside InferenceMode"). Random weights and tokens on 2 ranks; the
+    fp8 reference is float64 on the dequantized weights and fp8-rounded activations, held to the bf16 bound (see
+    the module doc)."""
+    for errors in run_ranks(_quantized_under_inference_mode_rank, 2):
+        assert len(errors) == 4 and max(errors) < BF16, errors

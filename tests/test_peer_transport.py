@@ -456,3 +456,31 @@ def test_nvlink_on_cpu_ranks_is_an_error_on_every_rank(dispatcher):
     expected = ("transport='nvlink' (EP_RUNTIME_TRANSPORT) is impossible here: the ranks are CPU processes (no GPU "
                 "memory to map); allowed here: 'auto' or 'nccl'")
     assert run_ranks(_nvlink_on_cpu_rank, 2, dispatcher) == [[expected] * 2 + ["auto (collective))"]] * 2
+
+
+def _inference_mode_first_rank(rank, world_size, name):
+    """A serving call under torch.inference_mode first (the group's transport and its region are made there), then
+    one under torch.no_grad and a training step; each checked against the float64 reference."""
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=name, runner="torch", dispatcher_options={"transport": "nvlink"})
+    problem = make_problem(layer.config, [11, 6], seed=5, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    x, ids, weights = problem.xs[rank].float(), problem.topk_ids[rank], problem.topk_weights[rank]
+    want = moe_reference(problem.xs[rank], ids, weights.double(), problem.w13.float().double(),
+                         problem.w2.float().double(), layer.config)
+    errors = {}
+    with xk.forced():
+        for mode, context in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):
+            with context():
+                errors[mode] = rel_err(layer(x, ids, weights), want)
+        errors.update(check_layer(layer, problem, rank))
+    return errors
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_a_transport_made_under_inference_mode_serves_later_calls_outside_it(name):
+    """The transport is made by a group's first exchange and kept for every later one, with its region: made by a
+    first call under torch.inference_mode they were inference tensors, and the next call outside it (no_grad
+    serving, a training step) failed storing its rows into the region ("Inplace update to inference tensor outside
+    InferenceMode"). Float64 reference, fp32 tolerance (DESIGN.md); random tokens and experts."""
+    for errors in run_ranks(_inference_mode_first_rank, 2, name, timeout=240):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
