@@ -359,8 +359,9 @@ class RankExchange:
         the kernels read it (owning rank and local index of each expert; this rank's experts' ids)."""
         if device not in self._tables:
             p = self.placement
-            self._tables[device] = (p.expert_rank_table(device), p.expert_local_index_table(device),
-                                    p.local_expert_ids(device).to(torch.int32))
+            with torch.inference_mode(False):  # (kept for every later call, training ones too)
+                self._tables[device] = (p.expert_rank_table(device), p.expert_local_index_table(device),
+                                        p.local_expert_ids(device).to(torch.int32))
             columns = [1 + self.world_size + g for g in p.local_expert_ids().tolist()]
             first = columns[0] if columns else 0
             if columns == list(range(first, first + len(columns))):  # contiguous: one C-level slice per row
@@ -380,7 +381,8 @@ class RankExchange:
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         if (n, device) not in self._aranges:
-            self._aranges[(n, device)] = torch.arange(n, device=device)
+            with torch.inference_mode(False):  # (kept: a later training call may index rows with it)
+                self._aranges[(n, device)] = torch.arange(n, device=device)
         return self._aranges[(n, device)]
 
     # Host work around a collective and a host read: under torch.compile it runs as it is (one graph break).
