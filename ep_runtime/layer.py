@@ -189,6 +189,23 @@ class EPMoE(nn.Module):
         twin.__setstate__(copy.deepcopy(self.__dict__, memo))
         return twin
 
+    def __copy__(self) -> "EPMoE":
+        """copy.copy: a shallow copy, as before __getstate__ refused pickling (copy.copy goes through it)."""
+        twin = self.__class__.__new__(self.__class__)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __getstate__(self):
+        """pickle (torch.save(model), pickle.dumps, sending the module to another process) is refused by name:
+        the dispatcher is bound to this process's group, exchange buffers and transport, which no other process
+        can use (it was a bare "cannot pickle 'WeakMethod' object", or the process group's own error)."""
+        raise TypeError(f"EPMoE(num_experts={self.config.num_experts}, dispatcher={self.dispatcher.name!r}) cannot be "
+                        f"pickled (torch.save(model), pickle.dumps, or a module sent to another process): its "
+                        f"dispatcher is bound to this process's group and exchange buffers. Save the weights instead: "
+                        f"torch.save(model.state_dict()) (this rank's experts; load_state_dict into a model built the "
+                        f"same way), layer.gather_experts() or, for a Hugging Face model, ep.hf.export_state_dict(model) "
+                        f"and save_pretrained; copy.deepcopy(model) copies it within the process")
+
     def _make_dispatcher(self, placement: ExpertPlacement):
         name, group, device, options = self._dispatcher_args
         if hasattr(self, "w13") and not self.w13.is_meta:  # built on meta, then materialised: the real device

@@ -100,6 +100,26 @@ def test_deepcopy_computes_the_same_and_owns_its_weights(dispatcher):
         assert own_storage and original_unchanged
 
 
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_pickling_is_refused_naming_what_to_save_instead(dispatcher):
+    """torch.save(model) / pickle of a model holding the layer raised a bare "cannot pickle 'WeakMethod' object";
+    it names the layer and the way out, and copy.copy / copy.deepcopy still work."""
+    import copy
+    import io
+    import pickle
+
+    from torch import nn
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch")
+    model = nn.Sequential(nn.Linear(32, 32), layer)
+    for save in (lambda: pickle.dumps(model), lambda: torch.save(model, io.BytesIO())):
+        with pytest.raises(TypeError, match=rf"EPMoE\(num_experts=8, dispatcher='{dispatcher}'\) cannot be pickled "
+                                            r".*torch.save\(model.state_dict\(\)\).*export_state_dict"):
+            save()
+    assert copy.copy(layer).w13 is layer.w13
+    assert copy.deepcopy(model)[1].w13.data_ptr() != layer.w13.data_ptr()
+    torch.save(model.state_dict(), io.BytesIO())  # what it names
+
+
 def _ddp_rank(rank, world_size, dispatcher, wrapper):
     """docs/api.md's recipe: DistributedDataParallel (or FSDP2's fully_shard) over a model holding the layer,
     told to leave the sharded experts alone. Without it DDP overwrites every rank's experts with rank 0's at
