@@ -323,6 +323,11 @@ class EPExperts(nn.Module):
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
     Frozen experts stay frozen: w13 / w2 (b13 / b2) need a gradient where the weights they came from did.
+    Experts on the meta device (a model built under `with torch.device("meta"):`) make a layer on meta (a real
+    `device` is an error): `model.to_empty(device=...)`, then load them (load_state_dict of a replaced model's
+    state_dict, or layer.load_experts). transformers' `model.init_weights()` does not initialise an EPExperts (its
+    _init_weights knows its own experts classes only): after to_empty its experts hold whatever memory they got
+    until loaded or initialised, e.g. `torch.nn.init.normal_(experts.layer.w13, std=config.initializer_range)`.
     """
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
@@ -333,6 +338,7 @@ class EPExperts(nn.Module):
         self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
+        _check_meta_source(experts, device)
         self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
         self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
         if self.gpt_oss:
@@ -388,6 +394,21 @@ class EPExperts(nn.Module):
                                                       self._shared.compute)
         self._shared.stash(hidden_states, shared)
         return routed
+
+
+def _check_meta_source(experts: nn.Module, device: Any) -> None:
+    """Experts on the meta device (a model built under `with torch.device("meta"):`) have no values to copy: with a
+    real `device` that was load_experts' "w13 is on the meta device" error, naming neither device nor the way out."""
+    try:
+        target = None if device is None else torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        return  # (EPMoE names a device it cannot take)
+    if experts.gate_up_proj.is_meta and target is not None and target.type != "meta":
+        raise ValueError(f"experts={type(experts).__name__} holds its weights on the meta device (no values) and "
+                         f"device={device!r} asks for this rank's experts there: EPExperts copies the experts' values, "
+                         f"which it has none of. Leave device out (the experts stay on meta; then model.to_empty("
+                         f"device=...) and load them: load_state_dict of a replaced model's state_dict, or each "
+                         f"EPExperts' layer.load_experts), or replace the experts of a model holding its weights")
 
 
 class _SharedHandoff:

@@ -1025,3 +1025,27 @@ def test_gates_clamped_after_the_activation_are_refused_naming_it():
     assert (far.gate_up_proj[ids] @ x[:, None, :, None]).squeeze(-1)[..., :16].gt(16).float().mean() > 0.3
     with torch.no_grad():
         assert rel_err(swapped(x, ids, weights), far(x, ids, weights)) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_model_built_on_meta_is_replaced_there_and_loads_after_to_empty(family):
+    """A model built under `with torch.device("meta"):` is replaced on meta, materialised with to_empty and loaded
+    from a replaced model's state_dict: logits equal that model's. device="cpu" given for its meta experts raised
+    load_experts' "w13 is on the meta device", naming neither replace_experts' device nor the way out; now an
+    error naming both, before any block changes."""
+    cls_name, extra = FAMILIES[family]
+    with torch.device("meta"):
+        empty = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra))
+    with pytest.raises(ValueError, match=r"experts=\w+Experts holds its weights on the meta device \(no values\) and "
+                                         r"device='cpu' .* Leave device out .*to_empty"):
+        ep.hf.replace_experts(empty, dispatcher="standard", runner="torch", device="cpu")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in empty.modules())
+    assert ep.hf.replace_experts(empty, dispatcher="standard", runner="torch") == 2
+    model = _tiny(family)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(model.state_dict())
+    for (name, buffer), (_, loaded) in zip(empty.named_buffers(), model.named_buffers()):  # rotary inv_freq
+        buffer.copy_(loaded)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(empty.eval()(ids).logits, model(ids).logits)
