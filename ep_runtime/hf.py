@@ -17,6 +17,13 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
     if state_dict is not None:
         model.save_pretrained(path, state_dict=state_dict)
 
+A replaced model's own state_dict holds each EPExperts' `layer.w13` / `layer.w2` (this rank's shard; torch.save it
+per rank; save_pretrained without state_dict= writes it, which from_pretrained does not load as experts: give it
+export_state_dict's); its load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
+from_pretrained's model or export_state_dict has it), of which each rank keeps its experts, so a model built on the
+meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
+(torch.save(model)) is refused by name.
+
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
@@ -324,8 +331,8 @@ class EPExperts(nn.Module):
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
     Frozen experts stay frozen: w13 / w2 (b13 / b2) need a gradient where the weights they came from did.
     Experts on the meta device (a model built under `with torch.device("meta"):`) make a layer on meta (a real
-    `device` is an error): `model.to_empty(device=...)`, then load them (load_state_dict of a replaced model's
-    state_dict, or layer.load_experts). transformers' `model.init_weights()` does not initialise an EPExperts (its
+    `device` is an error): `model.to_empty(device=...)`, then load them (load_state_dict of a Hugging Face state_dict
+    or a replaced model's, or layer.load_experts). transformers' `model.init_weights()` does not initialise an EPExperts (its
     _init_weights knows its own experts classes only): after to_empty its experts hold whatever memory they got
     until loaded or initialised, e.g. `torch.nn.init.normal_(experts.layer.w13, std=config.initializer_range)`.
     """
@@ -380,6 +387,37 @@ class EPExperts(nn.Module):
             if isinstance(param, nn.Parameter) and isinstance(source, torch.Tensor) and not source.requires_grad:
                 param.requires_grad_(False)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """load_state_dict of a Hugging Face state_dict (the model's before replace_experts, or export_state_dict's):
+        this module's HF keys (gate_up_proj [E, 2I, H] and down_proj [E, H, I] with every expert, gpt-oss's and Aria's
+        layouts, fp8 *_scale_inv) become its layer's keys holding this rank's experts, as load_experts slices them
+        (they were unexpected keys, and the layer's missing). Each tensor with every expert (dim 0 E) is taken; any
+        other, or a state_dict holding the layer's own key too, is left as it is for torch to name."""
+        E = self.num_experts
+        local = self.layer.placement.local_expert_ids()
+
+        def hf(name: str, dims: int, layer_name: str, convert=lambda t: t) -> None:
+            key, mine = prefix + name, f"{prefix}layer.{layer_name}"
+            t = state_dict.get(key)
+            if (isinstance(t, torch.Tensor) and t.dim() == dims and t.shape[0] == E and mine not in state_dict
+                    and type(t).__name__ != "DTensor"):
+                state_dict[mine] = convert(t)[local.to(t.device)]
+                del state_dict[key]
+
+        transpose = lambda t: t.transpose(1, 2)  # noqa: E731
+        if self.gpt_oss:  # gate / up columns interleaved, transposed: see _from_gpt_oss
+            hf("gate_up_proj", 3, "w13", lambda w: torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2))
+            hf("gate_up_proj_bias", 2, "b13", lambda b: torch.cat((b[..., ::2], b[..., 1::2]), dim=1))
+            hf("down_proj", 3, "w2", transpose)
+            hf("down_proj_bias", 2, "b2")
+        else:
+            hf("gate_up_proj", 3, "w13", transpose if self.transposed else lambda t: t)
+            hf("down_proj", 3, "w2", transpose if self.transposed else lambda t: t)
+            if not self.transposed:  # fp8 experts' block scales (plain layout only)
+                hf("gate_up_proj_scale_inv", 3, "w13_scale_inv")
+                hf("down_proj_scale_inv", 3, "w2_scale_inv")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # (anything but a tensor goes to the layer as it is: its checks name it, and fail every rank's dispatch
@@ -407,8 +445,9 @@ def _check_meta_source(experts: nn.Module, device: Any) -> None:
         raise ValueError(f"experts={type(experts).__name__} holds its weights on the meta device (no values) and "
                          f"device={device!r} asks for this rank's experts there: EPExperts copies the experts' values, "
                          f"which it has none of. Leave device out (the experts stay on meta; then model.to_empty("
-                         f"device=...) and load them: load_state_dict of a replaced model's state_dict, or each "
-                         f"EPExperts' layer.load_experts), or replace the experts of a model holding its weights")
+                         f"device=...) and load them: load_state_dict of a Hugging Face state_dict or a replaced "
+                         f"model's, or each EPExperts' layer.load_experts), or replace the experts of a model holding "
+                         f"its weights")
 
 
 class _SharedHandoff:

@@ -1049,3 +1049,62 @@ def test_a_model_built_on_meta_is_replaced_there_and_loads_after_to_empty(family
         buffer.copy_(loaded)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     assert torch.equal(empty.eval()(ids).logits, model(ids).logits)
+
+
+def _hf_state_dict_into_replaced_rank(rank, world_size):
+    out = {}
+    ids = torch.randint(0, 64, (2, 7 + 2 * rank), generator=torch.Generator().manual_seed(rank))
+    for family in ("mixtral", "gpt_oss", "aria"):
+        model = _tiny(family)
+        checkpoint = {k: v.clone() for k, v in model.state_dict().items()}  # HF's names, every expert
+        assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+        expected = model(ids).logits
+        cls_name, extra = FAMILIES[family]
+        with torch.device("meta"):  # no rank holds every expert of its own: built on meta, then materialised
+            other = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra))
+        assert ep.hf.replace_experts(other, dispatcher="deepep_normal", runner="torch", num_redundant_experts=2) == 2
+        other.to_empty(device="cpu")
+        loaded = other.load_state_dict(checkpoint, strict=True)
+        for (name, buffer), (_, kept) in zip(other.named_buffers(), model.named_buffers()):  # rotary inv_freq
+            buffer.copy_(kept)
+        again = _tiny(family)  # and export_state_dict's dict, into a replaced model holding other values
+        assert ep.hf.replace_experts(again, dispatcher="deepep_normal", runner="torch") == 2
+        again.load_state_dict(ep.hf.export_state_dict(model, dst=None), strict=True)
+        out[family] = (loaded.missing_keys, loaded.unexpected_keys, rel_err(other.eval()(ids).logits, expected),
+                       rel_err(again(ids).logits, expected))
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    models = []
+    for seed in (0, 1):
+        block = torch.nn.Module()
+        block.experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+        block.gate = torch.nn.Linear(256, 4)
+        block.gate.top_k = 2
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, t in block.experts.state_dict().items():
+                t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) if "scale" not in name else
+                        torch.rand(t.shape, generator=gen) + 0.5)
+        models.append(torch.nn.ModuleDict({"block": block}))
+    checkpoint = {k: v.clone() for k, v in models[0].state_dict().items()}
+    assert ep.hf.replace_experts(models[1], dispatcher="deepep_normal", runner="torch") == 1
+    models[1].load_state_dict(checkpoint, strict=True)
+    exported = ep.hf.export_state_dict(models[1], dst=None)
+    out["fp8"] = [k for k in checkpoint if not torch.equal(exported[k].view(torch.uint8), checkpoint[k].view(torch.uint8))]
+    return out
+
+
+def test_a_hugging_face_state_dict_loads_into_a_replaced_model():
+    """load_state_dict of a Hugging Face state_dict (the model's before replace_experts, or export_state_dict's) into
+    a replaced model failed strict loading: its experts' gate_up_proj / down_proj (with every expert) were unexpected
+    keys and the layers' w13 / w2 missing, so a model built on meta and replaced there had no way to take the
+    checkpoint. Each EPExperts now takes its HF keys as this rank's shard, as load_experts slices them (gpt-oss's and
+    Aria's layouts converted, fp8 scales kept, redundant copies filled): 2 gloo ranks, logits equal the model's,
+    fp8 experts exported back byte for byte."""
+    for out in run_ranks(_hf_state_dict_into_replaced_rank, 2, timeout=300):
+        for family in ("mixtral", "gpt_oss", "aria"):
+            missing, unexpected, err, err_export = out[family]
+            assert missing == [] and unexpected == [] and err <= tolerance(torch.float32) and err_export == 0.0, (
+                family, out[family])
+        assert out["fp8"] == [], out["fp8"]
