@@ -401,7 +401,7 @@ class EPExperts(nn.Module):
             t = state_dict.get(key)
             if (isinstance(t, torch.Tensor) and t.dim() == dims and t.shape[0] == E and mine not in state_dict
                     and type(t).__name__ != "DTensor"):
-                state_dict[mine] = convert(t)[local.to(t.device)]
+                state_dict[mine] = convert(t)[local.to(t.device)].contiguous()  # (assign=True keeps it)
                 del state_dict[key]
 
         transpose = lambda t: t.transpose(1, 2)  # noqa: E731
