@@ -1108,3 +1108,39 @@ def test_a_hugging_face_state_dict_loads_into_a_replaced_model():
             assert missing == [] and unexpected == [] and err <= tolerance(torch.float32) and err_export == 0.0, (
                 family, out[family])
         assert out["fp8"] == [], out["fp8"]
+
+
+class _LowRank(torch.nn.Module):
+    """A LoRA-like parametrization of a [E, out, in] experts weight (what PEFT's target_parameters adds)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        E, out, inp = shape
+        self.A = torch.nn.Parameter(torch.randn(E, 2, inp) * 0.1)
+        self.B = torch.nn.Parameter(torch.randn(E, out, 2) * 0.1)
+
+    def forward(self, w):
+        return w + self.B @ self.A
+
+
+def test_experts_with_parametrized_weights_are_refused_not_merged():
+    """Experts whose weights are parametrized (LoRA adapters as PEFT's target_parameters registers them, through
+    torch.nn.utils.parametrize) were swapped with the weights they computed at that moment: the same logits, but the
+    adapters' parameters left the model and the frozen base experts became trainable (LoRA fine-tuning silently
+    turned into full fine-tuning of the experts). Each such block is now refused by name; merged first, it swaps."""
+    from torch.nn.utils import parametrize
+    model = _tiny("mixtral").requires_grad_(False)
+    for layer in model.model.layers:
+        parametrize.register_parametrization(layer.mlp.experts, "gate_up_proj", _LowRank(layer.mlp.experts.gate_up_proj.shape))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp, model.layers.1.mlp: block=MixtralSparseMoeBlock: "
+                                         r"experts=ParametrizedMixtralExperts has parametrizations on gate_up_proj "
+                                         r"\(adapters .*merge them first"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+    for layer in model.model.layers:
+        parametrize.remove_parametrizations(layer.mlp.experts, "gate_up_proj")  # merged: plain weights
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
