@@ -673,6 +673,13 @@ class EPMoE(nn.Module):
         """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the
         layer before anything runs: [T, H], the layer's dtype (self.dtype: for fp8 experts the activations'
         dtype, not the weights') and device; fp8 experts still fp8 (a step needing a gradient: _dispatch)."""
+        transform = None if torch.compiler.is_compiling() else torch._C._functorch.peek_interpreter_stack()
+        if transform is not None:  # (it failed in the load counter's add_, or the exchange's requires_grad_)
+            raise RuntimeError(f"this layer runs inside a torch.func transform ({str(transform.key()).rpartition('.')[2]}"
+                               f": torch.func.grad, vjp, vmap, jacrev, jacfwd, hessian), which it does not support: "
+                               f"its exchange, autograd functions and load counters take no functorch tensors. Take "
+                               f"gradients with autograd instead (loss.backward(), torch.autograd.grad); "
+                               f"torch.func.functional_call outside a transform works")
         if self.w13.is_meta:  # (nothing could be read: the first value check failed inside torch)
             raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
                                "`with torch.device('meta'):`), so they have no values to compute with; materialise "
