@@ -281,13 +281,20 @@ def _conversion(experts: nn.Module) -> _Conversion:
                for w in ("up_proj", "down_proj")):
             raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
                              f"gated ([gate; up]) experts only")
+        base = getattr(experts, "base_layer", None)
+        if isinstance(base, nn.Module) and (is_hf_experts(base) or isinstance(getattr(base, "base_layer", None),
+                                                                              nn.Module)):
+            raise ValueError(f"experts={name} wraps {type(base).__name__} as its base_layer (an adapter, as PEFT's "
+                             f"LoRA on target_parameters wraps experts): EPExperts would take the base experts and "
+                             f"drop the adapter; replace_experts before adding adapters, or merge them first (PEFT's "
+                             f"merge_and_unload)")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
     parametrized = [w for w in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
                     if parametrize.is_parametrized(experts, w)]
-    if parametrized:  # its weights are computed (LoRA adapters, as PEFT's target_parameters adds them): copied once
-        raise ValueError(f"experts={name} has parametrizations on {', '.join(parametrized)} (adapters such as PEFT's "
-                         f"target_parameters LoRA, or another torch.nn.utils.parametrize function): EPExperts would "
+    if parametrized:  # its weights are computed (LoRA-style adapters, weight norm, ...): they would be copied once
+        raise ValueError(f"experts={name} has parametrizations on {', '.join(parametrized)} (LoRA-style adapters or "
+                         f"another torch.nn.utils.parametrize function): EPExperts would "
                          f"copy the weights they compute once, dropping them (their parameters leave the model and "
                          f"the merged experts train instead); replace_experts before adding them, or merge them first "
                          f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
@@ -618,9 +625,10 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
     below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
-    parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize: LoRA
-    adapters as PEFT's target_parameters adds them; merge them first), sibling blocks their module may call on some tokens
-    only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an exchanging dispatcher. strict=False
+    parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize, e.g.
+    LoRA) or experts wrapped by an adapter (PEFT's LoRA on target_parameters: merge them first), sibling blocks their
+    module may call on some tokens only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an
+    exchanging dispatcher. strict=False
     swaps the blocks it can, leaves the others as they are (they keep computing every expert on every rank) and
     warns (UserWarning) naming them. An experts module given as `model` is an error.
 

@@ -1123,11 +1123,38 @@ class _LowRank(torch.nn.Module):
         return w + self.B @ self.A
 
 
+class _AdapterWrapper(torch.nn.Module):
+    """What PEFT's LoRA on target_parameters puts in the experts' place (its ParamWrapper): the experts as base_layer,
+    the adapter parametrizing their weight during forward only."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.base_layer = experts
+        self.lora = _LowRank(experts.gate_up_proj.shape)
+
+    def forward(self, *args):
+        from torch.nn.utils import parametrize
+        parametrize.register_parametrization(self.base_layer, "gate_up_proj", self.lora)
+        try:
+            return self.base_layer(*args)
+        finally:
+            parametrize.remove_parametrizations(self.base_layer, "gate_up_proj", leave_parametrized=False)
+
+
 def test_experts_with_parametrized_weights_are_refused_not_merged():
-    """Experts whose weights are parametrized (LoRA adapters as PEFT's target_parameters registers them, through
-    torch.nn.utils.parametrize) were swapped with the weights they computed at that moment: the same logits, but the
-    adapters' parameters left the model and the frozen base experts became trainable (LoRA fine-tuning silently
-    turned into full fine-tuning of the experts). Each such block is now refused by name; merged first, it swaps."""
+    """Experts whose weights are parametrized (LoRA-style adapters through torch.nn.utils.parametrize) were swapped
+    with the weights they computed at that moment: the same logits, but the adapters' parameters left the model and
+    the frozen base experts became trainable (LoRA fine-tuning silently turned into full fine-tuning of the experts).
+    Each such block is now refused by name; merged first, it swaps. Experts wrapped by an adapter (PEFT's LoRA on
+    target_parameters: the experts as the wrapper's base_layer) are refused naming the adapter, not as "no 3-D
+    gate_up_proj / down_proj ... per-expert modules or other layouts"."""
+    wrapped = _tiny("mixtral").requires_grad_(False)
+    for layer in wrapped.model.layers:
+        layer.mlp.experts = _AdapterWrapper(layer.mlp.experts)
+    wrapped(torch.randint(0, 64, (1, 5)))
+    with pytest.raises(ValueError, match=r"experts=_AdapterWrapper wraps MixtralExperts as its base_layer \(an "
+                                         r"adapter, .*merge them first"):
+        ep.hf.replace_experts(wrapped, dispatcher="standard", runner="torch")
     from torch.nn.utils import parametrize
     model = _tiny("mixtral").requires_grad_(False)
     for layer in model.model.layers:
@@ -1136,7 +1163,7 @@ def test_experts_with_parametrized_weights_are_refused_not_merged():
     expected = model(ids).logits
     with pytest.raises(ValueError, match=r"model.layers.0.mlp, model.layers.1.mlp: block=MixtralSparseMoeBlock: "
                                          r"experts=ParametrizedMixtralExperts has parametrizations on gate_up_proj "
-                                         r"\(adapters .*merge them first"):
+                                         r"\(LoRA-style adapters .*merge them first"):
         ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
     assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
     for layer in model.model.layers:
