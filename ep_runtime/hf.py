@@ -17,6 +17,13 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
     if state_dict is not None:
         model.save_pretrained(path, state_dict=state_dict)
 
+A replaced model's own state_dict holds each EPExperts' `layer.w13` / `layer.w2` (this rank's shard; torch.save it
+per rank; save_pretrained without state_dict= writes it, which from_pretrained does not load as experts: give it
+export_state_dict's); its load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
+from_pretrained's model or export_state_dict has it), of which each rank keeps its experts, so a model built on the
+meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
+(torch.save(model)) is refused by name.
+
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
@@ -36,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import MoeConfig
 from .dispatchers.base import as_process_group, group_rank_and_size, join_settings_check
@@ -273,8 +281,23 @@ def _conversion(experts: nn.Module) -> _Conversion:
                for w in ("up_proj", "down_proj")):
             raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
                              f"gated ([gate; up]) experts only")
+        base = getattr(experts, "base_layer", None)
+        if isinstance(base, nn.Module) and (is_hf_experts(base) or isinstance(getattr(base, "base_layer", None),
+                                                                              nn.Module)):
+            raise ValueError(f"experts={name} wraps {type(base).__name__} as its base_layer (an adapter, as PEFT's "
+                             f"LoRA on target_parameters wraps experts): EPExperts would take the base experts and "
+                             f"drop the adapter; replace_experts before adding adapters, or merge them first (PEFT's "
+                             f"merge_and_unload)")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
+    parametrized = [w for w in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+                    if parametrize.is_parametrized(experts, w)]
+    if parametrized:  # its weights are computed (LoRA-style adapters, weight norm, ...): they would be copied once
+        raise ValueError(f"experts={name} has parametrizations on {', '.join(parametrized)} (LoRA-style adapters or "
+                         f"another torch.nn.utils.parametrize function): EPExperts would "
+                         f"copy the weights they compute once, dropping them (their parameters leave the model and "
+                         f"the merged experts train instead); replace_experts before adding them, or merge them first "
+                         f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
     if getattr(experts, "_is_expert_parallel", False) is True:  # set by transformers' MoEParamShard
         raise ValueError(f"experts={name} is already split over ranks by transformers' own expert parallelism "
                          f"(DistributedConfig ep_size: _is_expert_parallel=True, num_experts="
@@ -323,6 +346,11 @@ class EPExperts(nn.Module):
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
     (inference only); the layer computes in the model config's dtype (bf16 when it names none).
     Frozen experts stay frozen: w13 / w2 (b13 / b2) need a gradient where the weights they came from did.
+    Experts on the meta device (a model built under `with torch.device("meta"):`) make a layer on meta (a real
+    `device` is an error): `model.to_empty(device=...)`, then load them (load_state_dict of a Hugging Face state_dict
+    or a replaced model's, or layer.load_experts). transformers' `model.init_weights()` does not initialise an EPExperts (its
+    _init_weights knows its own experts classes only): after to_empty its experts hold whatever memory they got
+    until loaded or initialised, e.g. `torch.nn.init.normal_(experts.layer.w13, std=config.initializer_range)`.
     """
 
     def __init__(self, experts: nn.Module, top_k: int, *, dispatcher: str = "deepep_normal", runner: str = "auto",
@@ -333,6 +361,7 @@ class EPExperts(nn.Module):
         self._shared: Optional[_SharedHandoff] = None  # set by overlap_shared_experts
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
+        _check_meta_source(experts, device)
         self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
         self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
         if self.gpt_oss:
@@ -374,6 +403,37 @@ class EPExperts(nn.Module):
             if isinstance(param, nn.Parameter) and isinstance(source, torch.Tensor) and not source.requires_grad:
                 param.requires_grad_(False)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """load_state_dict of a Hugging Face state_dict (the model's before replace_experts, or export_state_dict's):
+        this module's HF keys (gate_up_proj [E, 2I, H] and down_proj [E, H, I] with every expert, gpt-oss's and Aria's
+        layouts, fp8 *_scale_inv) become its layer's keys holding this rank's experts, as load_experts slices them
+        (they were unexpected keys, and the layer's missing). Each tensor with every expert (dim 0 E) is taken; any
+        other, or a state_dict holding the layer's own key too, is left as it is for torch to name."""
+        E = self.num_experts
+        local = self.layer.placement.local_expert_ids()
+
+        def hf(name: str, dims: int, layer_name: str, convert=lambda t: t) -> None:
+            key, mine = prefix + name, f"{prefix}layer.{layer_name}"
+            t = state_dict.get(key)
+            if (isinstance(t, torch.Tensor) and t.dim() == dims and t.shape[0] == E and mine not in state_dict
+                    and type(t).__name__ != "DTensor"):
+                state_dict[mine] = convert(t)[local.to(t.device)].contiguous()  # (assign=True keeps it)
+                del state_dict[key]
+
+        transpose = lambda t: t.transpose(1, 2)  # noqa: E731
+        if self.gpt_oss:  # gate / up columns interleaved, transposed: see _from_gpt_oss
+            hf("gate_up_proj", 3, "w13", lambda w: torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2))
+            hf("gate_up_proj_bias", 2, "b13", lambda b: torch.cat((b[..., ::2], b[..., 1::2]), dim=1))
+            hf("down_proj", 3, "w2", transpose)
+            hf("down_proj_bias", 2, "b2")
+        else:
+            hf("gate_up_proj", 3, "w13", transpose if self.transposed else lambda t: t)
+            hf("down_proj", 3, "w2", transpose if self.transposed else lambda t: t)
+            if not self.transposed:  # fp8 experts' block scales (plain layout only)
+                hf("gate_up_proj_scale_inv", 3, "w13_scale_inv")
+                hf("down_proj_scale_inv", 3, "w2_scale_inv")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # (anything but a tensor goes to the layer as it is: its checks name it, and fail every rank's dispatch
@@ -388,6 +448,22 @@ class EPExperts(nn.Module):
                                                       self._shared.compute)
         self._shared.stash(hidden_states, shared)
         return routed
+
+
+def _check_meta_source(experts: nn.Module, device: Any) -> None:
+    """Experts on the meta device (a model built under `with torch.device("meta"):`) have no values to copy: with a
+    real `device` that was load_experts' "w13 is on the meta device" error, naming neither device nor the way out."""
+    try:
+        target = None if device is None else torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        return  # (EPMoE names a device it cannot take)
+    if experts.gate_up_proj.is_meta and target is not None and target.type != "meta":
+        raise ValueError(f"experts={type(experts).__name__} holds its weights on the meta device (no values) and "
+                         f"device={device!r} asks for this rank's experts there: EPExperts copies the experts' values, "
+                         f"which it has none of. Leave device out (the experts stay on meta; then model.to_empty("
+                         f"device=...) and load them: load_state_dict of a Hugging Face state_dict or a replaced "
+                         f"model's, or each EPExperts' layer.load_experts), or replace the experts of a model holding "
+                         f"its weights")
 
 
 class _SharedHandoff:
@@ -549,8 +625,10 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
     below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
-    parallelism already split (DistributedConfig ep_size), sibling blocks their module may call on some tokens
-    only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an exchanging dispatcher. strict=False
+    parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize, e.g.
+    LoRA) or experts wrapped by an adapter (PEFT's LoRA on target_parameters: merge them first), sibling blocks their
+    module may call on some tokens only (Ernie 4.5 VL's text_moe / vision_moe) over more than one rank of an
+    exchanging dispatcher. strict=False
     swaps the blocks it can, leaves the others as they are (they keep computing every expert on every rank) and
     warns (UserWarning) naming them. An experts module given as `model` is an error.
 

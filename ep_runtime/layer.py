@@ -189,6 +189,23 @@ class EPMoE(nn.Module):
         twin.__setstate__(copy.deepcopy(self.__dict__, memo))
         return twin
 
+    def __copy__(self) -> "EPMoE":
+        """copy.copy: a shallow copy, as before __getstate__ refused pickling (copy.copy goes through it)."""
+        twin = self.__class__.__new__(self.__class__)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __getstate__(self):
+        """pickle (torch.save(model), pickle.dumps, sending the module to another process) is refused by name:
+        the dispatcher is bound to this process's group, exchange buffers and transport, which no other process
+        can use (it was a bare "cannot pickle 'WeakMethod' object", or the process group's own error)."""
+        raise TypeError(f"EPMoE(num_experts={self.config.num_experts}, dispatcher={self.dispatcher.name!r}) cannot be "
+                        f"pickled (torch.save(model), pickle.dumps, or a module sent to another process): its "
+                        f"dispatcher is bound to this process's group and exchange buffers. Save the weights instead: "
+                        f"torch.save(model.state_dict()) (this rank's experts; load_state_dict into a model built the "
+                        f"same way), layer.gather_experts() or, for a Hugging Face model, ep.hf.export_state_dict(model) "
+                        f"and save_pretrained; copy.deepcopy(model) copies it within the process")
+
     def _make_dispatcher(self, placement: ExpertPlacement):
         name, group, device, options = self._dispatcher_args
         if hasattr(self, "w13") and not self.w13.is_meta:  # built on meta, then materialised: the real device
@@ -659,6 +676,13 @@ class EPMoE(nn.Module):
         """x as forward and routed_and_shared compute it (cast under torch.autocast), checked against the
         layer before anything runs: [T, H], the layer's dtype (self.dtype: for fp8 experts the activations'
         dtype, not the weights') and device; fp8 experts still fp8 (a step needing a gradient: _dispatch)."""
+        transform = None if torch.compiler.is_compiling() else torch._C._functorch.peek_interpreter_stack()
+        if transform is not None:  # (it failed in the load counter's add_, or the exchange's requires_grad_)
+            raise RuntimeError(f"this layer runs inside a torch.func transform ({str(transform.key()).rpartition('.')[2]}"
+                               f": torch.func.grad, vjp, vmap, jacrev, jacfwd, hessian), which it does not support: "
+                               f"its exchange, autograd functions and load counters take no functorch tensors. Take "
+                               f"gradients with autograd instead (loss.backward(), torch.autograd.grad); "
+                               f"torch.func.functional_call outside a transform works")
         if self.w13.is_meta:  # (nothing could be read: the first value check failed inside torch)
             raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
                                "`with torch.device('meta'):`), so they have no values to compute with; materialise "

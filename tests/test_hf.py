@@ -1068,3 +1068,149 @@ def test_experts_swapped_under_inference_mode_train_like_the_original():
     float32 bound (DESIGN.md's 1e-5)."""
     for errors in run_ranks(_swapped_under_inference_mode_rank, 2, timeout=300):
         assert len(errors) > 4 and max(errors.values()) <= tolerance(torch.float32), errors
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_model_built_on_meta_is_replaced_there_and_loads_after_to_empty(family):
+    """A model built under `with torch.device("meta"):` is replaced on meta, materialised with to_empty and loaded
+    from a replaced model's state_dict: logits equal that model's. device="cpu" given for its meta experts raised
+    load_experts' "w13 is on the meta device", naming neither replace_experts' device nor the way out; now an
+    error naming both, before any block changes."""
+    cls_name, extra = FAMILIES[family]
+    with torch.device("meta"):
+        empty = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra))
+    with pytest.raises(ValueError, match=r"experts=\w+Experts holds its weights on the meta device \(no values\) and "
+                                         r"device='cpu' .* Leave device out .*to_empty"):
+        ep.hf.replace_experts(empty, dispatcher="standard", runner="torch", device="cpu")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in empty.modules())
+    assert ep.hf.replace_experts(empty, dispatcher="standard", runner="torch") == 2
+    model = _tiny(family)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    empty.to_empty(device="cpu")
+    empty.load_state_dict(model.state_dict())
+    for (name, buffer), (_, loaded) in zip(empty.named_buffers(), model.named_buffers()):  # rotary inv_freq
+        buffer.copy_(loaded)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(empty.eval()(ids).logits, model(ids).logits)
+
+
+def _hf_state_dict_into_replaced_rank(rank, world_size):
+    out = {}
+    ids = torch.randint(0, 64, (2, 7 + 2 * rank), generator=torch.Generator().manual_seed(rank))
+    for family in ("mixtral", "gpt_oss", "aria"):
+        model = _tiny(family)
+        checkpoint = {k: v.clone() for k, v in model.state_dict().items()}  # HF's names, every expert
+        assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+        expected = model(ids).logits
+        cls_name, extra = FAMILIES[family]
+        with torch.device("meta"):  # no rank holds every expert of its own: built on meta, then materialised
+            other = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**COMMON, **extra))
+        assert ep.hf.replace_experts(other, dispatcher="deepep_normal", runner="torch", num_redundant_experts=2) == 2
+        other.to_empty(device="cpu")
+        loaded = other.load_state_dict(checkpoint, strict=True)
+        for (name, buffer), (_, kept) in zip(other.named_buffers(), model.named_buffers()):  # rotary inv_freq
+            buffer.copy_(kept)
+        again = _tiny(family)  # and export_state_dict's dict, into a replaced model holding other values
+        assert ep.hf.replace_experts(again, dispatcher="deepep_normal", runner="torch") == 2
+        again.load_state_dict(ep.hf.export_state_dict(model, dst=None), strict=True)
+        out[family] = (loaded.missing_keys, loaded.unexpected_keys, rel_err(other.eval()(ids).logits, expected),
+                       rel_err(again(ids).logits, expected))
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    config = transformers.DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                                           num_experts_per_tok=2, hidden_act="silu")
+    models = []
+    for seed in (0, 1):
+        block = torch.nn.Module()
+        block.experts = fp8_module.FP8Experts(config, block_size=(128, 128))
+        block.gate = torch.nn.Linear(256, 4)
+        block.gate.top_k = 2
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, t in block.experts.state_dict().items():
+                t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) if "scale" not in name else
+                        torch.rand(t.shape, generator=gen) + 0.5)
+        models.append(torch.nn.ModuleDict({"block": block}))
+    checkpoint = {k: v.clone() for k, v in models[0].state_dict().items()}
+    assert ep.hf.replace_experts(models[1], dispatcher="deepep_normal", runner="torch") == 1
+    models[1].load_state_dict(checkpoint, strict=True)
+    exported = ep.hf.export_state_dict(models[1], dst=None)
+    out["fp8"] = [k for k in checkpoint if not torch.equal(exported[k].view(torch.uint8), checkpoint[k].view(torch.uint8))]
+    return out
+
+
+def test_a_hugging_face_state_dict_loads_into_a_replaced_model():
+    """load_state_dict of a Hugging Face state_dict (the model's before replace_experts, or export_state_dict's) into
+    a replaced model failed strict loading: its experts' gate_up_proj / down_proj (with every expert) were unexpected
+    keys and the layers' w13 / w2 missing, so a model built on meta and replaced there had no way to take the
+    checkpoint. Each EPExperts now takes its HF keys as this rank's shard, as load_experts slices them (gpt-oss's and
+    Aria's layouts converted, fp8 scales kept, redundant copies filled): 2 gloo ranks, logits equal the model's,
+    fp8 experts exported back byte for byte."""
+    for out in run_ranks(_hf_state_dict_into_replaced_rank, 2, timeout=300):
+        for family in ("mixtral", "gpt_oss", "aria"):
+            missing, unexpected, err, err_export = out[family]
+            assert missing == [] and unexpected == [] and err <= tolerance(torch.float32) and err_export == 0.0, (
+                family, out[family])
+        assert out["fp8"] == [], out["fp8"]
+
+
+class _LowRank(torch.nn.Module):
+    """A LoRA-like parametrization of a [E, out, in] experts weight (what PEFT's target_parameters adds)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        E, out, inp = shape
+        self.A = torch.nn.Parameter(torch.randn(E, 2, inp) * 0.1)
+        self.B = torch.nn.Parameter(torch.randn(E, out, 2) * 0.1)
+
+    def forward(self, w):
+        return w + self.B @ self.A
+
+
+class _AdapterWrapper(torch.nn.Module):
+    """What PEFT's LoRA on target_parameters puts in the experts' place (its ParamWrapper): the experts as base_layer,
+    the adapter parametrizing their weight during forward only."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.base_layer = experts
+        self.lora = _LowRank(experts.gate_up_proj.shape)
+
+    def forward(self, *args):
+        from torch.nn.utils import parametrize
+        parametrize.register_parametrization(self.base_layer, "gate_up_proj", self.lora)
+        try:
+            return self.base_layer(*args)
+        finally:
+            parametrize.remove_parametrizations(self.base_layer, "gate_up_proj", leave_parametrized=False)
+
+
+def test_experts_with_parametrized_weights_are_refused_not_merged():
+    """Experts whose weights are parametrized (LoRA-style adapters through torch.nn.utils.parametrize) were swapped
+    with the weights they computed at that moment: the same logits, but the adapters' parameters left the model and
+    the frozen base experts became trainable (LoRA fine-tuning silently turned into full fine-tuning of the experts).
+    Each such block is now refused by name; merged first, it swaps. Experts wrapped by an adapter (PEFT's LoRA on
+    target_parameters: the experts as the wrapper's base_layer) are refused naming the adapter, not as "no 3-D
+    gate_up_proj / down_proj ... per-expert modules or other layouts"."""
+    wrapped = _tiny("mixtral").requires_grad_(False)
+    for layer in wrapped.model.layers:
+        layer.mlp.experts = _AdapterWrapper(layer.mlp.experts)
+    wrapped(torch.randint(0, 64, (1, 5)))
+    with pytest.raises(ValueError, match=r"experts=_AdapterWrapper wraps MixtralExperts as its base_layer \(an "
+                                         r"adapter, .*merge them first"):
+        ep.hf.replace_experts(wrapped, dispatcher="standard", runner="torch")
+    from torch.nn.utils import parametrize
+    model = _tiny("mixtral").requires_grad_(False)
+    for layer in model.model.layers:
+        parametrize.register_parametrization(layer.mlp.experts, "gate_up_proj", _LowRank(layer.mlp.experts.gate_up_proj.shape))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp, model.layers.1.mlp: block=MixtralSparseMoeBlock: "
+                                         r"experts=ParametrizedMixtralExperts has parametrizations on gate_up_proj "
+                                         r"\(LoRA-style adapters .*merge them first"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules())
+    for layer in model.model.layers:
+        parametrize.remove_parametrizations(layer.mlp.experts, "gate_up_proj")  # merged: plain weights
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []

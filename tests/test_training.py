@@ -100,6 +100,46 @@ def test_deepcopy_computes_the_same_and_owns_its_weights(dispatcher):
         assert own_storage and original_unchanged
 
 
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_pickling_is_refused_naming_what_to_save_instead(dispatcher):
+    """torch.save(model) / pickle of a model holding the layer raised a bare "cannot pickle 'WeakMethod' object";
+    it names the layer and the way out, and copy.copy / copy.deepcopy still work."""
+    import copy
+    import io
+    import pickle
+
+    from torch import nn
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch")
+    model = nn.Sequential(nn.Linear(32, 32), layer)
+    for save in (lambda: pickle.dumps(model), lambda: torch.save(model, io.BytesIO())):
+        with pytest.raises(TypeError, match=rf"EPMoE\(num_experts=8, dispatcher='{dispatcher}'\) cannot be pickled "
+                                            r".*torch.save\(model.state_dict\(\)\).*export_state_dict"):
+            save()
+    assert copy.copy(layer).w13 is layer.w13
+    assert copy.deepcopy(model)[1].w13.data_ptr() != layer.w13.data_ptr()
+    torch.save(model.state_dict(), io.BytesIO())  # what it names
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_torch_func_transforms_are_refused_by_name(dispatcher):
+    """Under torch.func.grad / vmap the layer failed inside: functorch's "in-place operation ... would mutate a
+    captured Tensor" from its load counter (one rank), or "attempting to call Tensor.requires_grad_()" from the
+    exchange (over ranks). It now names the transform and the way out; functional_call outside one still works."""
+    from torch.func import functional_call
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch")
+    gen = torch.Generator().manual_seed(5)
+    x, ids, weights = torch.randn(6, 32, generator=gen), torch.randint(0, 8, (6, 2), generator=gen), torch.rand(6, 2)
+    params = {"w13": layer.w13.detach() * 2, "w2": layer.w2.detach()}
+    with pytest.raises(RuntimeError, match=r"inside a torch.func transform \(Grad: .*loss.backward\(\)"):
+        torch.func.grad(lambda p: functional_call(layer, p, (x, ids, weights)).square().sum())(params)
+    with pytest.raises(RuntimeError, match=r"inside a torch.func transform \(Vmap: "):
+        torch.func.vmap(lambda xb: layer(xb, ids, weights))(x.unsqueeze(0).repeat(2, 1, 1))
+    twin = ep.EPMoE(8, 2, 32, 16, dispatcher=dispatcher, runner="torch")
+    twin.load_experts(params["w13"], params["w2"])
+    assert torch.equal(functional_call(layer, params, (x, ids, weights)), twin(x, ids, weights))
+    layer(x, ids, weights)  # (nothing left behind)
+
+
 def _ddp_rank(rank, world_size, dispatcher, wrapper):
     """docs/api.md's recipe: DistributedDataParallel (or FSDP2's fully_shard) over a model holding the layer,
     told to leave the sharded experts alone. Without it DDP overwrites every rank's experts with rank 0's at
