@@ -24,7 +24,8 @@ from_pretrained's model or export_state_dict has it), of which each rank keeps i
 meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
 (torch.save(model)) is refused by name.
 
-Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
+Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
+filter, whose biased experts run with has_bias). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
 weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
@@ -116,13 +117,14 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
 _GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
-def _check_plain_swiglu(experts: nn.Module) -> bool:
-    """Whether `experts` holds its weights transposed (is_transposed=True, as Aria's: gate_up_proj [E, H, 2I] with
-    [gate | up] columns, down_proj [E, I, H]); an error naming what makes it compute something other than
-    sum_k w_k * down_proj[e] @ gated(gate, up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights
-    (the gate itself: _gate_form)."""
+def _check_plain_swiglu(experts: nn.Module) -> tuple[bool, bool]:
+    """(transposed, biased): whether `experts` holds its weights transposed (is_transposed=True, as Aria's:
+    gate_up_proj [E, H, 2I] with [gate | up] columns, down_proj [E, I, H]) and has biases (gate_up_proj_bias
+    [E, 2I] in [gate; up] order and down_proj_bias [E, H], both: the OpenAI privacy filter's); an error naming what
+    makes it compute something other than sum_k w_k * (down_proj[e] @ gated(gate, up) + b2[e]),
+    [gate; up] = gate_up_proj[e] @ x + b13[e], with E experts on every tensor (the gate itself: _gate_form)."""
     name = type(experts).__name__
-    flags = {"is_concatenated": True, "has_gate": True, "has_bias": False,
+    flags = {"is_concatenated": True, "has_gate": True,
              "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
     for flag, plain in flags.items():
         value = getattr(experts, flag, plain)
@@ -143,7 +145,21 @@ def _check_plain_swiglu(experts: nn.Module) -> bool:
         layout = "[E, H, 2I] and [E, I, H] (is_transposed=True)" if transposed else "[E, 2I, H] and [E, H, I]"
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
                          f"EPExperts needs {layout}, one weight per expert")
-    return transposed
+    # transformers' experts functions add the biases when has_bias says so, the module's own forward when it has them
+    biases = {b: getattr(experts, b, None) for b in ("gate_up_proj_bias", "down_proj_bias")}
+    biased = getattr(experts, "has_bias", any(b is not None for b in biases.values()))
+    shapes = {b: list(t.shape) if isinstance(t, torch.Tensor) else t for b, t in biases.items()}
+    if biased is not False and (biased is not True or shapes != {"gate_up_proj_bias": [E, two_i],
+                                                                "down_proj_bias": [E, H]}):
+        raise ValueError(f"experts={name} has has_bias={getattr(experts, 'has_bias', None)!r}, gate_up_proj_bias "
+                         f"{shapes['gate_up_proj_bias']} and down_proj_bias {shapes['down_proj_bias']}; EPExperts "
+                         f"takes biased experts with both, [E, 2I] = [{E}, {two_i}] ([gate; up]) and [E, H] = "
+                         f"[{E}, {H}]")
+    held = [b for b, t in biases.items() if t is not None]
+    if not biased and held:
+        raise ValueError(f"experts={name} has has_bias=False and holds {', '.join(held)}, which its forward may add "
+                         f"or not; EPExperts cannot tell which")
+    return transposed, biased
 
 
 def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Optional[float], Optional[float]]:
@@ -262,8 +278,9 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 @dataclass(frozen=True)
 class _Conversion:
     """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out), with its
-    activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their format."""
+    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out) and biased (the
+    privacy filter's), with its activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their
+    format."""
     gpt_oss: bool
     transposed: bool
     activation: str
@@ -271,6 +288,7 @@ class _Conversion:
     gemm1_clamp_limit: Optional[float]
     quant: Optional[QuantConfig]
     dtype: torch.dtype
+    has_bias: bool = False
 
 
 def _conversion(experts: nn.Module) -> _Conversion:
@@ -308,25 +326,19 @@ def _conversion(experts: nn.Module) -> _Conversion:
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
     if _is_gpt_oss(experts):
-        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype)
-    for bias in ("gate_up_proj_bias", "down_proj_bias"):
-        if getattr(experts, bias, None) is not None:
-            layout = {flag: getattr(experts, flag) for flag in ("is_transposed", "is_concatenated")
-                      if hasattr(experts, flag)}
-            raise ValueError(f"experts={name} has {bias}{f' ({layout})' if layout else ''} and is not gpt-oss's "
-                             f"layout (transposed, gate and up interleaved, its clamped SwiGLU in _apply_gate), "
-                             f"the only biased experts EPExperts converts")
-    transposed = _check_plain_swiglu(experts)
-    if transposed and is_quantized_dtype(w13.dtype):
-        raise ValueError(f"experts={name} holds fp8 weights with is_transposed=True; EPExperts takes fp8 experts "
-                         f"as [E, 2I, H] and [E, H, I] with their block scales in that layout only")
+        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype, has_bias=True)
+    transposed, biased = _check_plain_swiglu(experts)
+    if (transposed or biased) and is_quantized_dtype(w13.dtype):
+        raise ValueError(f"experts={name} holds fp8 weights with is_transposed={transposed} and has_bias={biased}; "
+                         f"EPExperts takes fp8 experts as [E, 2I, H] and [E, H, I] without biases, with their block "
+                         f"scales in that layout only")
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
     act_fn = getattr(experts, "act_fn", None)
     try:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype)
+    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased)
 
 
 class EPExperts(nn.Module):
@@ -339,8 +351,10 @@ class EPExperts(nn.Module):
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
     Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
-    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4;
-    MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    [E, I, H]) are transposed in, and back by export_state_dict; biases of [gate; up] experts (gate_up_proj_bias
+    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. A clamped SwiGLU on [gate; up]
+    (DeepSeek-V4; MiniMax-M3's and the privacy filter's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha).
+    Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
@@ -385,10 +399,13 @@ class EPExperts(nn.Module):
         self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
                            activation=conversion.activation, gemm1_alpha=conversion.gemm1_alpha,
-                           gemm1_clamp_limit=conversion.gemm1_clamp_limit, dispatcher_options=dispatcher_options,
-                           runner_options=runner_options, num_redundant_experts=num_redundant_experts)
+                           gemm1_clamp_limit=conversion.gemm1_clamp_limit, has_bias=conversion.has_bias,
+                           dispatcher_options=dispatcher_options, runner_options=runner_options,
+                           num_redundant_experts=num_redundant_experts)
         if quant is None:
-            self.layer.load_experts(w13.detach(), w2.detach())
+            biases = ((experts.gate_up_proj_bias.detach(), experts.down_proj_bias.detach()) if conversion.has_bias
+                      else ())
+            self.layer.load_experts(w13.detach(), w2.detach(), *biases)
         else:
             self.layer.load_experts(w13.detach(), w2.detach(), w13_scale_inv=experts.gate_up_proj_scale_inv.detach(),
                                     w2_scale_inv=experts.down_proj_scale_inv.detach(), quantize=quant)
@@ -429,6 +446,9 @@ class EPExperts(nn.Module):
         else:
             hf("gate_up_proj", 3, "w13", transpose if self.transposed else lambda t: t)
             hf("down_proj", 3, "w2", transpose if self.transposed else lambda t: t)
+            if self.layer.config.has_bias:  # ([gate; up] and [H] in either layout)
+                hf("gate_up_proj_bias", 2, "b13")
+                hf("down_proj_bias", 2, "b2")
             if not self.transposed:  # fp8 experts' block scales (plain layout only)
                 hf("gate_up_proj_scale_inv", 3, "w13_scale_inv")
                 hf("down_proj_scale_inv", 3, "w2_scale_inv")
@@ -620,9 +640,9 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
     one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
-    computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, biased,
-    transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
-    filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
+    computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, interleaved
+    weights other than gpt-oss's, other shapes (Llama 4's transposed experts called without top-k ids), biases
+    other than gate_up_proj_bias [E, 2I] with down_proj_bias [E, H] (the OpenAI privacy filter's swap), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
     below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
     parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize, e.g.
@@ -725,9 +745,13 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         keys = hf_keys[name] = {f"{name}.gate_up_proj": transpose(weights.w13)}
         if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
             keys[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+        if weights.b13 is not None:  # (the privacy filter's order: each bias after its weight)
+            keys[f"{name}.gate_up_proj_bias"] = weights.b13
         keys[f"{name}.down_proj"] = transpose(weights.w2)
         if weights.quantized:
             keys[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+        if weights.b2 is not None:
+            keys[f"{name}.down_proj_bias"] = weights.b2
     out = {}  # model.state_dict()'s order, each EPExperts' HF keys where its layer's keys were
     for key, value in model.state_dict().items():
         owner = next((name for name in experts if key.startswith(f"{name}.layer.")), None)
