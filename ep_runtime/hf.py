@@ -25,7 +25,8 @@ meta device and replaced there loads the checkpoint after `model.to_empty(device
 (torch.save(model)) is refused by name.
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
-filter, whose biased experts run with has_bias). An MoE
+filter, whose biased experts run with has_bias). Llama 4's experts, which its block calls on every expert's
+router-scaled rows, are called the same way (each non-zero row one token of its expert). An MoE
 block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
 weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
@@ -34,6 +35,7 @@ and warns.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -117,6 +119,19 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
 _GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
+def _called_densely(experts: nn.Module) -> bool:
+    """Whether `experts` is called as Llama 4's: forward(hidden_states) on [E * T, H] rows, rows e * T .. e * T + T - 1
+    expert e's tokens times their router score (0 where the token is not routed to e: apply_router_weight_on_input),
+    weights laid out for bmm (gate_up_proj [E, H, 2I], down_proj [E, I, H]); the block sums the E outputs per token.
+    Told by its forward taking the hidden states alone, where transformers' experts take top_k_index and weights."""
+    try:
+        params = list(inspect.signature(experts.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _check_plain_swiglu(experts: nn.Module) -> tuple[bool, bool]:
     """(transposed, biased): whether `experts` holds its weights transposed (is_transposed=True, as Aria's:
     gate_up_proj [E, H, 2I] with [gate | up] columns, down_proj [E, I, H]) and has biases (gate_up_proj_bias
@@ -139,7 +154,7 @@ def _check_plain_swiglu(experts: nn.Module) -> tuple[bool, bool]:
         raise ValueError(f"experts={name} has zero_expert_num={zero_experts!r} identity (zero-computation) experts "
                          f"after its {w2.shape[0]} gated ones (gate_up_proj {list(w13.shape)}, down_proj "
                          f"{list(w2.shape)}); EPExperts has no identity experts")
-    transposed = getattr(experts, "is_transposed", False) is True
+    transposed = getattr(experts, "is_transposed", False) is True or _called_densely(experts)
     E, two_i, H = (w13.shape[0], w13.shape[2], w13.shape[1]) if transposed else w13.shape
     if two_i % 2 or tuple(w2.shape) != ((E, two_i // 2, H) if transposed else (E, H, two_i // 2)):
         layout = "[E, H, 2I] and [E, I, H] (is_transposed=True)" if transposed else "[E, 2I, H] and [E, H, I]"
@@ -289,6 +304,7 @@ class _Conversion:
     quant: Optional[QuantConfig]
     dtype: torch.dtype
     has_bias: bool = False
+    dense: bool = False  # called as Llama 4's: _called_densely
 
 
 def _conversion(experts: nn.Module) -> _Conversion:
@@ -328,6 +344,10 @@ def _conversion(experts: nn.Module) -> _Conversion:
     if _is_gpt_oss(experts):
         return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype, has_bias=True)
     transposed, biased = _check_plain_swiglu(experts)
+    dense = _called_densely(experts)
+    if dense and biased:  # (a row of zeros, a token not routed there, would get the biases' output)
+        raise ValueError(f"experts={name} is called on every expert's rows (forward(hidden_states), as Llama 4's) "
+                         f"and has biases; EPExperts runs such experts without biases only")
     if (transposed or biased) and is_quantized_dtype(w13.dtype):
         raise ValueError(f"experts={name} holds fp8 weights with is_transposed={transposed} and has_bias={biased}; "
                          f"EPExperts takes fp8 experts as [E, 2I, H] and [E, H, I] without biases, with their block "
@@ -338,7 +358,8 @@ def _conversion(experts: nn.Module) -> _Conversion:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased)
+    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased,
+                       dense=dense)
 
 
 class EPExperts(nn.Module):
@@ -352,7 +373,8 @@ class EPExperts(nn.Module):
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
     Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
     [E, I, H]) are transposed in, and back by export_state_dict; biases of [gate; up] experts (gate_up_proj_bias
-    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. A clamped SwiGLU on [gate; up]
+    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. Llama 4's experts, called as
+    forward(rows [E * T, H]) on each expert's router-scaled tokens, keep that call (_dense_forward). A clamped SwiGLU on [gate; up]
     (DeepSeek-V4; MiniMax-M3's and the privacy filter's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha).
     Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
@@ -395,8 +417,10 @@ class EPExperts(nn.Module):
             w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         E, two_i, H = w13.shape
         self.num_experts = E
+        self.dense = conversion.dense  # each of its rows is one token of one expert: top_k 1
+        self._dense_top_k = top_k  # (its router's: how many of a token's rows may be non-zero)
         quant = conversion.quant
-        self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
+        self.layer = EPMoE(E, 1 if self.dense else top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
                            activation=conversion.activation, gemm1_alpha=conversion.gemm1_alpha,
                            gemm1_clamp_limit=conversion.gemm1_clamp_limit, has_bias=conversion.has_bias,
@@ -454,8 +478,10 @@ class EPExperts(nn.Module):
                 hf("down_proj_scale_inv", 3, "w2_scale_inv")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                top_k_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if getattr(self, "dense", False) and top_k_index is None and top_k_weights is None:
+            return self._dense_forward(hidden_states)
         # (anything but a tensor goes to the layer as it is: its checks name it, and fail every rank's dispatch
         # with it; mapping it here raised an unnamed TypeError on this rank alone, the others left in the exchange)
         ids = (torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
@@ -468,6 +494,24 @@ class EPExperts(nn.Module):
                                                       self._shared.compute)
         self._shared.stash(hidden_states, shared)
         return routed
+
+
+    def _dense_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Llama 4's call (_called_densely) on [E * T, H] rows: each token's non-zero rows (at most its router's
+        top_k; more fail an assert) become tokens of one expert each, weight 1 (the router's weight is in them
+        already), so T * top_k tokens are dispatched, not E * T; the rest of the [E * T, H] result is 0, as the
+        module's is on a row of zeros (no biases, act(0) = 0). No host sync (ids from a device-side mask)."""
+        E, H, K = self.num_experts, rows.shape[-1], self._dense_top_k
+        routed = rows.detach().reshape(E, -1, H).ne(0).any(dim=-1).t()  # [T, E]
+        T = routed.shape[0]
+        torch._assert_async(routed.sum(dim=1).le(K).all(), f"experts called on more than top_k={K} non-zero rows "
+                                                           f"of one token")
+        hit, experts = routed.float().topk(min(K, E), dim=1)  # [T, K]: its experts, then any others (hit 0)
+        ids = torch.where(hit.bool(), experts, torch.full_like(experts, -1)).reshape(-1, 1)
+        where = (experts * T + torch.arange(T, device=rows.device).unsqueeze(1)).reshape(-1)  # their rows
+        flat = rows.reshape(E * T, H)
+        out = self.layer(flat[where], ids, torch.ones(ids.shape, dtype=torch.float32, device=rows.device))
+        return torch.zeros_like(flat).index_copy(0, where, out)
 
 
 def _check_meta_source(experts: nn.Module, device: Any) -> None:
@@ -631,7 +675,7 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    gpt-oss, Gemma 4, Aria, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    gpt-oss, Gemma 4, Aria, Llama 4, the OpenAI privacy filter, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
     model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
 
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
@@ -641,8 +685,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
     computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, interleaved
-    weights other than gpt-oss's, other shapes (Llama 4's transposed experts called without top-k ids), biases
-    other than gate_up_proj_bias [E, 2I] with down_proj_bias [E, H] (the OpenAI privacy filter's swap), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
+    weights other than gpt-oss's, other shapes, biases other than gate_up_proj_bias [E, 2I] with down_proj_bias
+    [E, H] (the OpenAI privacy filter's swap) or on experts called on every expert's rows (Llama 4's swap), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
     below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
     parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize, e.g.

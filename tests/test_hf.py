@@ -35,6 +35,10 @@ FAMILIES = {  # name -> (config class, extra fields); small, with routing option
                                      layer_types=["full_attention"] * 2, swiglu_limit=0.5)),
     # transposed experts (is_transposed=True: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj [E, I, H])
     "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
+    # experts called on every expert's router-scaled rows (bmm layout [E, H, 2I], [E, I, H]), a shared expert
+    "llama4": ("Llama4TextConfig", dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8,
+                                        num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"] * 2,
+                                        no_rope_layers=[1, 1], moe_layers=[0, 1])),
 }
 
 
@@ -159,19 +163,24 @@ def _experts(module_name, cls_name, config_name, **fields):
 
 def test_experts_that_compute_something_else_are_rejected():
     """Experts whose forward is not sum_k w_k * down(gated(gate, up)) must not be swapped silently:
-    MuSE-Spark's per-expert output norm, Llama 4's transposed weights."""
+    MuSE-Spark's per-expert output norm, Llama 4's experts (called on every expert's rows) given biases: a row of
+    zeros, a token not routed there, would get their output."""
     cases = [
         (("muse_spark", "MuseSparkExperts", "MuseSparkTextConfig"),
          dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_attention_heads=4,
               num_key_value_heads=2), "has_post_expert_norm=True"),
         (("llama4", "Llama4TextExperts", "Llama4TextConfig"),
-         dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "needs \\[E, 2I, H\\] and \\[E, H, I\\]"),
+         dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "called on every expert's rows .* and has "
+                                                                          "biases"),
     ]
     for names, fields, message in cases:
         try:
             experts = _experts(*names, **fields)
         except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
             pytest.skip(f"{names[1]}: {err}")
+        if names[0] == "llama4":
+            experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 32))
+            experts.down_proj_bias = torch.nn.Parameter(torch.zeros(4, 32))
         with pytest.raises(ValueError, match=message):
             ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
 
@@ -295,21 +304,38 @@ def test_fp8_experts_with_a_clamped_gate_run_it_and_a_softcapped_gate_is_rejecte
                         runner="torch")
 
 
-def test_blocks_that_cannot_be_swapped_fail_loudly():
-    """Llama 4 (transposed experts called without top-k ids; its router is named `router`):
-    replace_experts raises naming the experts and changes nothing."""
-    cases = {"Llama4TextConfig": dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8,
-                                      num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"] * 2,
-                                      no_rope_layers=[1, 1], moe_layers=[0, 1])}
-    for cls_name, extra in cases.items():
-        config = getattr(transformers, cls_name)(**COMMON, **extra)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match=r"experts=Llama4TextExperts has "):
-            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
-        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), cls_name
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), cls_name
+def test_llama4_experts_called_on_every_experts_rows_swap_exactly():
+    """Llama 4's block calls its experts on [E * T, H] rows (each expert's tokens times their router score, zeros
+    where not routed there: apply_router_weight_on_input) and sums the E outputs; it was refused as if its weights had
+    the wrong shapes. Now each non-zero row is one token of its expert (weight 1): float64, top_k=2, logits and every
+    gradient (the experts' too) equal the original's (measured 0 and ~2e-16: the same products, DESIGN's 1e-12), and
+    export_state_dict gives its checkpoint back ([E, H, 2I] and [E, I, H]); rows routed to more experts than the
+    router's top_k fail an assert, not drop."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip("no Llama 4 in this transformers")
+    config = transformers.Llama4TextConfig(**COMMON, **{**FAMILIES["llama4"][1], "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    original, checkpoint = copy.deepcopy(model), {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+    logits = [m(ids).logits for m in (original, model)]
+    for lg in logits:
+        lg.square().mean().backward()
+    assert rel_err(logits[1].detach(), logits[0].detach()) <= tolerance(torch.float64)
+    grads = {n: p.grad for n, p in original.named_parameters()}
+    for n, p in model.named_parameters():
+        if ".experts.layer." in n:
+            prefix, mine = n.split(".layer.")
+            expected = grads.pop(f"{prefix}.{dict(w13='gate_up_proj', w2='down_proj')[mine]}").transpose(1, 2)
+        else:
+            expected = grads.pop(n)
+        assert rel_err(p.grad, expected) <= tolerance(torch.float64), n
+    assert not grads, grads
+    exported = ep.hf.export_state_dict(model)
+    assert list(exported) == list(checkpoint) and all(torch.equal(exported[k], checkpoint[k]) for k in checkpoint)
+    with pytest.raises(RuntimeError, match="more than top_k=2 non-zero rows"):  # not routed as its router routes
+        model.model.layers[0].feed_forward.experts(torch.ones(8 * 3, 32, dtype=torch.float64))
 
 
 def test_overlapped_shared_experts_under_inference_mode():
