@@ -25,9 +25,10 @@ meta device and replaced there loads the checkpoint after `model.to_empty(device
 (torch.save(model)) is refused by name.
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
-filter, whose biased experts run with has_bias). Llama 4's experts, which its block calls on every expert's
+filter, whose biased experts run with has_bias). DBRX's w1 / v1 / w2 [E * I, H] experts are converted in and out as
+gpt-oss's are (_LAYOUTS). Llama 4's experts, which its block calls on every expert's
 router-scaled rows, are called the same way (each non-zero row one token of its expert). An MoE
-block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
+block it cannot swap exactly (Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
 weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
 skipped silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others
@@ -40,7 +41,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -252,16 +253,12 @@ def _is_gpt_oss(experts: nn.Module) -> bool:
         out, _gpt_oss_gate(probe, alpha, limit), rtol=1e-9, atol=1e-12)
 
 
-def _from_gpt_oss(experts: nn.Module) -> tuple[torch.Tensor, ...]:
+def _from_gpt_oss(t: dict[str, torch.Tensor], E: int) -> tuple[torch.Tensor, ...]:
     """gpt-oss weights -> EPMoE's (w13 [E, 2I, H] = [gate; up], w2 [E, H, I], b13 [E, 2I], b2 [E, H])."""
-    w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
-    E, H, two_i = w.shape
-    if two_i % 2 or tuple(experts.down_proj.shape) != (E, two_i // 2, H):
-        raise ValueError(f"experts={type(experts).__name__} has gate_up_proj {list(w.shape)} and down_proj "
-                         f"{list(experts.down_proj.shape)}; gpt-oss's layout is [E, H, 2I] and [E, I, H]")
+    w, b = t["gate_up_proj"], t["gate_up_proj_bias"]
     w13 = torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2).contiguous()
     b13 = torch.cat((b[..., ::2], b[..., 1::2]), dim=1)
-    return w13, experts.down_proj.detach().transpose(1, 2).contiguous(), b13, experts.down_proj_bias.detach()
+    return w13, t["down_proj"].transpose(1, 2).contiguous(), b13, t["down_proj_bias"]
 
 
 def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -271,6 +268,60 @@ def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torc
     return {"gate_up_proj": torch.stack((w13[:, :i], w13[:, i:]), dim=2).reshape(E, two_i, H).transpose(1, 2).contiguous(),
             "gate_up_proj_bias": torch.stack((b13[:, :i], b13[:, i:]), dim=2).reshape(E, two_i),
             "down_proj": w2.transpose(1, 2).contiguous(), "down_proj_bias": b2}
+
+
+def _is_dbrx(experts: nn.Module) -> bool:
+    """DBRX's experts layout: `mlp` holding w1 (gate), v1 (up) and w2 (down, as [I, H] per expert), each a floating
+    [E * I, H] matrix, E = num_experts, called as transformers' experts are (hidden_states, top_k_index, weights)."""
+    mlp, E = getattr(experts, "mlp", None), getattr(experts, "num_experts", None)
+    weights = [getattr(mlp, w, None) for w in ("w1", "v1", "w2")]
+    return (is_int_at_least(E, 1) and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
+                                          and w.shape == weights[0].shape and w.dtype == weights[0].dtype
+                                          for w in weights) and weights[0].shape[0] % E == 0)
+
+
+def _from_dbrx(t: dict[str, torch.Tensor], E: int) -> tuple[torch.Tensor, ...]:
+    """DBRX weights -> EPMoE's (w13 [E, 2I, H] = [w1; v1], w2 [E, H, I], no biases)."""
+    w1, v1, w2 = (t[f"mlp.{w}"].reshape(E, -1, t[f"mlp.{w}"].shape[-1]) for w in ("w1", "v1", "w2"))
+    return torch.cat((w1, v1), dim=1), w2.transpose(1, 2).contiguous(), None, None
+
+
+def _to_dbrx(w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor],
+             b2: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of _from_dbrx, under DBRX's parameter names."""
+    E, two_i, H = w13.shape
+    i = two_i // 2
+    return {"mlp.w1": w13[:, :i].reshape(E * i, H), "mlp.v1": w13[:, i:].reshape(E * i, H),
+            "mlp.w2": w2.transpose(1, 2).reshape(E * i, H)}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """An experts layout EPExperts converts in and out (not transformers' gate_up_proj / down_proj, plain or
+    transposed): `keys` its tensors under the experts module (checkpoint order), `to_layer` them (with E) to EPMoE's
+    global (w13, w2, b13, b2), `to_hf` the inverse, `settings` the EPMoE settings it runs with, `sources` which keys
+    each EPMoE tensor is made of (frozen where they all are)."""
+    keys: tuple[str, ...]
+    is_it: Callable[[nn.Module], bool]
+    to_layer: Callable[[dict[str, torch.Tensor], int], tuple]
+    to_hf: Callable[..., dict[str, torch.Tensor]]
+    settings: Callable[[nn.Module], dict[str, Any]]
+    sources: dict[str, tuple[str, ...]]
+
+
+_LAYOUTS = {
+    "gpt_oss": _Layout(("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"), _is_gpt_oss,
+                       _from_gpt_oss, _to_gpt_oss,
+                       lambda m: dict(activation="silu", gemm1_alpha=float(m.alpha), gemm1_clamp_limit=float(m.limit),
+                                      has_bias=True),
+                       dict(w13=("gate_up_proj",), w2=("down_proj",), b13=("gate_up_proj_bias",),
+                            b2=("down_proj_bias",))),
+    "dbrx": _Layout(("mlp.w1", "mlp.v1", "mlp.w2"), _is_dbrx, _from_dbrx, _to_dbrx,
+                    lambda m: dict(activation=activation_name(m.mlp.activation_fn), gemm1_alpha=None,
+                                   gemm1_clamp_limit=None, has_bias=False),
+                    dict(w13=("mlp.w1", "mlp.v1"), w2=("mlp.w2",))),
+}
+_PLAIN_SOURCES = dict(w13=("gate_up_proj",), w2=("down_proj",), b13=("gate_up_proj_bias",), b2=("down_proj_bias",))
 
 
 def _router_top_k(block: nn.Module) -> Optional[int]:
@@ -292,11 +343,11 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 
 @dataclass(frozen=True)
 class _Conversion:
-    """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out) and biased (the
-    privacy filter's), with its activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their
-    format."""
-    gpt_oss: bool
+    """How one transformers experts module becomes an EPMoE, checked once: a _LAYOUTS layout (gpt-oss's, DBRX's:
+    converted in and out) or the plain [gate; up] one (layout None), possibly transposed (Aria's: transposed in and
+    out) and biased (the privacy filter's), with its activation, its gate's clamp and alpha (_gate_form) and, for fp8
+    experts, their format."""
+    layout: Optional[str]
     transposed: bool
     activation: str
     gemm1_alpha: Optional[float]
@@ -307,9 +358,40 @@ class _Conversion:
     dense: bool = False  # called as Llama 4's: _called_densely
 
 
+def _tensor(module: nn.Module, key: str) -> Optional[torch.Tensor]:
+    """The tensor at `key` ("mlp.w1") under `module`, None if there is none."""
+    for part in key.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, torch.Tensor) else None
+
+
+def _tensor_owner(module: nn.Module, key: str) -> Optional[nn.Module]:
+    """The module holding `key` under `module` (itself for a name without dots), None if there is none."""
+    for part in key.split(".")[:-1]:
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+def _check_unparametrized(experts: nn.Module, keys: tuple[str, ...]) -> None:
+    """An error naming the tensors of `experts` (keys under it) that are parametrized: their values are computed
+    (LoRA-style adapters, weight norm, ...) and EPExperts would copy them once."""
+    owners = {key: _tensor_owner(experts, key) for key in keys}
+    parametrized = [key for key, owner in owners.items() if isinstance(owner, nn.Module)
+                    and parametrize.is_parametrized(owner, key.rpartition(".")[2])]
+    if parametrized:
+        raise ValueError(f"experts={type(experts).__name__} has parametrizations on {', '.join(parametrized)} "
+                         f"(LoRA-style adapters or another torch.nn.utils.parametrize function): EPExperts would "
+                         f"copy the weights they compute once, dropping them (their parameters leave the model and "
+                         f"the merged experts train instead); replace_experts before adding them, or merge them first "
+                         f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
+
+
 def _conversion(experts: nn.Module) -> _Conversion:
     """What EPExperts needs to run `experts` exactly; a ValueError naming what it cannot run."""
     name = type(experts).__name__
+    layout = next((key for key, known in _LAYOUTS.items() if known.is_it(experts)), None)
+    if layout is not None and not is_hf_experts(experts):  # (gpt-oss's: after the checks below)
+        return _layout_conversion(experts, layout)
     if not is_hf_experts(experts):
         if all(isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
                for w in ("up_proj", "down_proj")):
@@ -324,14 +406,7 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"merge_and_unload)")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
-    parametrized = [w for w in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-                    if parametrize.is_parametrized(experts, w)]
-    if parametrized:  # its weights are computed (LoRA-style adapters, weight norm, ...): they would be copied once
-        raise ValueError(f"experts={name} has parametrizations on {', '.join(parametrized)} (LoRA-style adapters or "
-                         f"another torch.nn.utils.parametrize function): EPExperts would "
-                         f"copy the weights they compute once, dropping them (their parameters leave the model and "
-                         f"the merged experts train instead); replace_experts before adding them, or merge them first "
-                         f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
+    _check_unparametrized(experts, ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
     if getattr(experts, "_is_expert_parallel", False) is True:  # set by transformers' MoEParamShard
         raise ValueError(f"experts={name} is already split over ranks by transformers' own expert parallelism "
                          f"(DistributedConfig ep_size: _is_expert_parallel=True, num_experts="
@@ -341,8 +416,12 @@ def _conversion(experts: nn.Module) -> _Conversion:
     if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
-    if _is_gpt_oss(experts):
-        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype, has_bias=True)
+    if layout is not None:
+        E, H, two_i = w13.shape
+        if two_i % 2 or tuple(experts.down_proj.shape) != (E, two_i // 2, H):
+            raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj "
+                             f"{list(experts.down_proj.shape)}; gpt-oss's layout is [E, H, 2I] and [E, I, H]")
+        return _layout_conversion(experts, layout)
     transposed, biased = _check_plain_swiglu(experts)
     dense = _called_densely(experts)
     if dense and biased:  # (a row of zeros, a token not routed there, would get the biases' output)
@@ -358,8 +437,18 @@ def _conversion(experts: nn.Module) -> _Conversion:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased,
+    return _Conversion(None, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased,
                        dense=dense)
+
+
+def _layout_conversion(experts: nn.Module, layout: str) -> _Conversion:
+    """The _Conversion of experts in one of _LAYOUTS (its parametrized tensors refused as the plain layout's are)."""
+    known = _LAYOUTS[layout]
+    _check_unparametrized(experts, known.keys)
+    settings = known.settings(experts)
+    activation = settings.pop("activation")
+    return _Conversion(layout, False, activation, settings.pop("gemm1_alpha"), settings.pop("gemm1_clamp_limit"),
+                       quant=None, dtype=_tensor(experts, known.keys[0]).dtype, **settings)
 
 
 class EPExperts(nn.Module):
@@ -398,21 +487,14 @@ class EPExperts(nn.Module):
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
         _check_meta_source(experts, device)
-        self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
+        self.layout = conversion.layout  # a _LAYOUTS layout: converted in and out (export_state_dict)
         self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
-        if self.gpt_oss:
-            w13, w2, b13, b2 = _from_gpt_oss(experts)
-            E, two_i, H = w13.shape
-            self.num_experts = E
-            self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
-                               dtype=w13.dtype, device=w13.device if device is None else device, has_bias=True,
-                               gemm1_alpha=float(experts.alpha), gemm1_clamp_limit=float(experts.limit),
-                               dispatcher_options=dispatcher_options, runner_options=runner_options,
-                               num_redundant_experts=num_redundant_experts)
-            self.layer.load_experts(w13, w2, b13, b2)
-            self._keep_frozen(experts)
-            return
-        w13, w2 = experts.gate_up_proj, experts.down_proj
+        w13, w2 = (experts.gate_up_proj, experts.down_proj) if self.layout is None else (None, None)
+        biases = ((experts.gate_up_proj_bias, experts.down_proj_bias) if conversion.has_bias else (None, None))
+        if self.layout is not None:
+            known = _LAYOUTS[self.layout]
+            w13, w2, *biases = known.to_layer({k: _tensor(experts, k).detach() for k in known.keys},
+                                              getattr(experts, "num_experts", None))
         if self.transposed:  # [E, H, 2I] and [E, I, H] -> EPMoE's [E, 2I, H] and [E, H, I]
             w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         E, two_i, H = w13.shape
@@ -427,9 +509,7 @@ class EPExperts(nn.Module):
                            dispatcher_options=dispatcher_options, runner_options=runner_options,
                            num_redundant_experts=num_redundant_experts)
         if quant is None:
-            biases = ((experts.gate_up_proj_bias.detach(), experts.down_proj_bias.detach()) if conversion.has_bias
-                      else ())
-            self.layer.load_experts(w13.detach(), w2.detach(), *biases)
+            self.layer.load_experts(w13.detach(), w2.detach(), *(b.detach() for b in biases if b is not None))
         else:
             self.layer.load_experts(w13.detach(), w2.detach(), w13_scale_inv=experts.gate_up_proj_scale_inv.detach(),
                                     w2_scale_inv=experts.down_proj_scale_inv.detach(), quantize=quant)
@@ -438,10 +518,12 @@ class EPExperts(nn.Module):
     def _keep_frozen(self, experts: nn.Module) -> None:
         """The layer's w13 / w2 (b13 / b2) need a gradient where the module's weights they came from did: frozen
         experts (fine-tuning the rest, or adapters) stay frozen, and get no .grad, as before the swap."""
-        sources = {"w13": "gate_up_proj", "w2": "down_proj", "b13": "gate_up_proj_bias", "b2": "down_proj_bias"}
+        sources = _PLAIN_SOURCES if self.layout is None else _LAYOUTS[self.layout].sources
         for mine, theirs in sources.items():
-            param, source = getattr(self.layer, mine), getattr(experts, theirs, None)
-            if isinstance(param, nn.Parameter) and isinstance(source, torch.Tensor) and not source.requires_grad:
+            param = getattr(self.layer, mine)
+            made_of = [_tensor(experts, k) for k in theirs]
+            if isinstance(param, nn.Parameter) and all(isinstance(t, torch.Tensor) and not t.requires_grad
+                                                       for t in made_of):
                 param.requires_grad_(False)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -462,11 +544,18 @@ class EPExperts(nn.Module):
                 del state_dict[key]
 
         transpose = lambda t: t.transpose(1, 2)  # noqa: E731
-        if self.gpt_oss:  # gate / up columns interleaved, transposed: see _from_gpt_oss
-            hf("gate_up_proj", 3, "w13", lambda w: torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2))
-            hf("gate_up_proj_bias", 2, "b13", lambda b: torch.cat((b[..., ::2], b[..., 1::2]), dim=1))
-            hf("down_proj", 3, "w2", transpose)
-            hf("down_proj_bias", 2, "b2")
+        if self.layout is not None:  # all of its tensors, converted together (_LAYOUTS)
+            known = _LAYOUTS[self.layout]
+            given = {k: state_dict.get(prefix + k) for k in known.keys}
+            if (all(isinstance(t, torch.Tensor) and type(t).__name__ != "DTensor" for t in given.values())
+                    and not any(f"{prefix}layer.{mine}" in state_dict for mine in known.sources)):
+                converted = dict(zip(("w13", "w2", "b13", "b2"), known.to_layer(given, E)))
+                if converted["w13"].shape[0] == E:
+                    for mine, t in converted.items():
+                        if t is not None:
+                            state_dict[f"{prefix}layer.{mine}"] = t[local.to(t.device)].contiguous()
+                    for k in known.keys:
+                        del state_dict[prefix + k]
         else:
             hf("gate_up_proj", 3, "w13", transpose if self.transposed else lambda t: t)
             hf("down_proj", 3, "w2", transpose if self.transposed else lambda t: t)
@@ -486,6 +575,11 @@ class EPExperts(nn.Module):
         # with it; mapping it here raised an unnamed TypeError on this rank alone, the others left in the exchange)
         ids = (torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
                if isinstance(top_k_index, torch.Tensor) else top_k_index)
+        if (isinstance(hidden_states, torch.Tensor) and isinstance(ids, torch.Tensor) and hidden_states.dim() > 2
+                and ids.dim() == 2 and ids.shape[0] == hidden_states.shape[:-1].numel()):
+            # DBRX's block hands [B, S, H] states with ids of its [B * S] tokens, and takes [B, S, H] back
+            return self.forward(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index,
+                                top_k_weights).view(hidden_states.shape)
         if self._shared is None or not self._shared.enabled:
             return self.layer(hidden_states, ids, top_k_weights)
         # The block's shared experts run while the dispatch is in flight; the block then gets their
@@ -521,7 +615,7 @@ def _check_meta_source(experts: nn.Module, device: Any) -> None:
         target = None if device is None else torch.device(device)
     except (TypeError, RuntimeError, ValueError):
         return  # (EPMoE names a device it cannot take)
-    if experts.gate_up_proj.is_meta and target is not None and target.type != "meta":
+    if any(p.is_meta for p in experts.parameters()) and target is not None and target.type != "meta":
         raise ValueError(f"experts={type(experts).__name__} holds its weights on the meta device (no values) and "
                          f"device={device!r} asks for this rank's experts there: EPExperts copies the experts' values, "
                          f"which it has none of. Leave device out (the experts stay on meta; then model.to_empty("
@@ -607,9 +701,10 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
                          f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
                          f"EPExperts swaps a block's `experts`")
     top_k = _router_top_k(block)
-    if top_k is None and is_hf_experts(experts):
+    top_k = _own_top_k(block) if top_k is None else top_k  # (DBRX's block routes itself: its router gives logits)
+    if top_k is None and (is_hf_experts(experts) or any(known.is_it(experts) for known in _LAYOUTS.values())):
         raise ValueError(f"block={name} has experts={type(experts).__name__} but no router `gate` or `router` "
-                         f"with an int top_k; EPExperts cannot tell its top_k")
+                         f"with an int top_k, nor a top_k of its own; EPExperts cannot tell its top_k")
     try:
         conversion = _conversion(experts)
     except ValueError as err:
@@ -675,13 +770,13 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    gpt-oss, Gemma 4, Aria, Llama 4, the OpenAI privacy filter, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    gpt-oss, Gemma 4, Aria, Llama 4, the OpenAI privacy filter, DBRX (whose block has the top_k), ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
     model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
 
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
     raises a ValueError naming every such block (its path, class, and why), before any block is
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
-    (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
+    (JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
     one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
     computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, interleaved
@@ -781,9 +876,9 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         return None
     hf_keys = {}  # each EPExperts' HF keys, in the order its HF module registered them
     for name, weights in gathered.items():
-        if experts[name].gpt_oss:
-            hf_keys[name] = {f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
-                                                                                  weights.b2).items()}
+        if experts[name].layout is not None:
+            hf_keys[name] = {f"{name}.{key}": value for key, value in _LAYOUTS[experts[name].layout].to_hf(
+                weights.w13, weights.w2, weights.b13, weights.b2).items()}
             continue
         transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
         keys = hf_keys[name] = {f"{name}.gate_up_proj": transpose(weights.w13)}

@@ -454,10 +454,6 @@ def _tiny_model(config_name, auto="AutoModelForCausalLM", **fields):
 
 
 UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block, why)
-    "dbrx": (lambda: _tiny_model("DbrxConfig", d_model=32, n_heads=4, n_layers=2, max_seq_len=32,  # 2-D w1 / v1 / w2
-                                 vocab_size=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
-                                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
-             "DbrxFFN", "experts=DbrxExperts has no 3-D gate_up_proj / down_proj"),
     "jetmoe": (lambda: _tiny_model("JetMoeConfig", vocab_size=64, hidden_size=32, num_hidden_layers=2,  # no `experts`
                                    num_key_value_heads=2, kv_channels=8, intermediate_size=16, num_local_experts=4,
                                    num_experts_per_tok=2, max_position_embeddings=32),
@@ -487,8 +483,8 @@ UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot ta
 
 @pytest.mark.parametrize("name", UNSWAPPABLE)
 def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0(name):
-    """DBRX, JetMoE, Switch Transformers, MXFP4 gpt-oss, Doge, LongCat-Flash with identity experts and
-    Inkling 2: replace_experts raises naming each block's path, class and what prevents
+    """JetMoE, Switch Transformers, MXFP4 gpt-oss, Doge, LongCat-Flash with identity experts and Inkling 2:
+    replace_experts raises naming each block's path, class and what prevents
     an exact swap (nothing is skipped silently), and changes nothing; strict=False warns and leaves them
     as they are."""
     build, block, why = UNSWAPPABLE[name]
@@ -685,8 +681,8 @@ def test_num_experts_not_divisible_by_the_group():
 
 def _unswapped_export_rank(rank, world_size):
     torch.manual_seed(0)  # the same model on every rank
-    model = UNSWAPPABLE["dbrx"][0]()
-    with pytest.warns(UserWarning, match="block=DbrxFFN"):
+    model = UNSWAPPABLE["doge"][0]()
+    with pytest.warns(UserWarning, match="block=DogeCDMoE"):
         assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False) == 0
     exported = ep.hf.export_state_dict(model)
     return None if exported is None else sorted(exported) == sorted(model.state_dict())
@@ -1237,40 +1233,63 @@ def test_experts_with_parametrized_weights_are_refused_not_merged():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == []
 
 
-def _privacy_filter_rank(rank, world_size):
-    """The OpenAI privacy filter (float32, a limit small enough that most gate / up values clamp) on 2 ranks: its
-    hidden states and every gradient (the experts' weights and biases summed over the ranks' tokens, as EP sums
-    them) against the original's, its export_state_dict and a Hugging Face state_dict loaded into a zeroed one."""
+def _dbrx():
+    return _tiny_model("DbrxConfig", d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
+                       attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
+
+
+CONVERTED = {  # family -> tiny model builder: experts in a layout EPExperts converts in and out
+    # transposed [gate | up] experts with biases and gpt-oss's clamped SwiGLU on [gate; up] (a limit small enough
+    # that most gate / up values clamp)
+    "openai_privacy_filter": lambda: _tiny_model("OpenAIPrivacyFilterConfig", "AutoModel", **COMMON, head_dim=8,
+                                                 intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                                 pad_token_id=0, swiglu_limit=0.5),
+    # w1 / v1 / w2 [E * I, H] under an `mlp`, a block routing with its own top_k and handing its experts [B, S, H]
+    "dbrx": _dbrx,
+}
+
+
+def _output(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _converted_rank(rank, world_size, family):
+    """CONVERTED[family] (float32) on 2 ranks: its output and every gradient against the original's (the experts'
+    summed over both ranks' tokens, as EP sums them, read in the checkpoint's layout through export_state_dict), its
+    export_state_dict, and a Hugging Face state_dict loaded into a zeroed one."""
     def build():
         torch.manual_seed(0)  # the same model on every rank
-        return _tiny_model("OpenAIPrivacyFilterConfig", "AutoModel", **COMMON, head_dim=8, intermediate_size=16,
-                           num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, swiglu_limit=0.5).float()
+        return CONVERTED[family]().float().eval()
     model = build()
     original = copy.deepcopy(model)
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
     ids = [torch.randint(1, 64, (2, 7 + 3 * r), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     expected = []
     for r in range(2):  # the original on each rank's tokens: the experts' gradients over both
-        out = original(ids[r]).last_hidden_state
-        (out * torch.linspace(-1, 1, 32)).square().mean().backward()
+        out = _output(original, ids[r])
+        (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
         expected.append(out.detach())
+    hf_grads = {n: p.grad.clone() for n, p in original.named_parameters() if p.grad is not None}
     assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
-    config = model.layers[0].mlp.experts.layer.config
-    out = model(ids[rank]).last_hidden_state
-    (out * torch.linspace(-1, 1, 32)).square().mean().backward()
-    hf_grads = {n: p.grad for n, p in original.named_parameters()}
-    errors = {"hidden": rel_err(out.detach(), expected[rank])}
-    for name, m in model.named_modules():
-        if isinstance(m, ep.hf.EPExperts):
-            local = m.layer.placement.local_expert_ids()
-            for mine, theirs, convert in (("w13", "gate_up_proj", lambda t: t.transpose(1, 2)), ("b13", "gate_up_proj_bias", None),
-                                          ("w2", "down_proj", lambda t: t.transpose(1, 2)), ("b2", "down_proj_bias", None)):
-                hf = hf_grads.pop(f"{name}.{theirs}")[local]
-                errors[f"{name}.{mine}"] = rel_err(getattr(m.layer, mine).grad, convert(hf) if convert else hf)
-    grads = dict(model.named_parameters())  # the rest: this rank's tokens only
+    config = next(m.layer.config for m in model.modules() if isinstance(m, ep.hf.EPExperts))
+    out = _output(model, ids[rank])
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+    errors = {"output": rel_err(out.detach(), expected[rank])}
+    experts = [p for m in model.modules() if isinstance(m, ep.hf.EPExperts) for p in m.parameters()]
+    others = {n: p.grad for n, p in model.named_parameters() if all(p is not q for q in experts)}
+    with torch.no_grad():  # the experts' gradients in the checkpoint's layout: exported in place of their weights
+        for p in experts:
+            p.copy_(p.grad)
+        expert_grads = {k: v for k, v in ep.hf.export_state_dict(model, dst=None).items() if k not in others
+                        and k in hf_grads}
+    errors.update({k: rel_err(v, hf_grads[k]) for k, v in expert_grads.items()})
     original.zero_grad()
-    (original(ids[rank]).last_hidden_state * torch.linspace(-1, 1, 32)).square().mean().backward()
-    errors["others"] = max(rel_err(grads[n].grad, p.grad) for n, p in original.named_parameters() if n in hf_grads)
+    out = _output(original, ids[rank])
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+    errors["others"] = max(rel_err(g, original.get_parameter(n).grad) for n, g in others.items() if g is not None)
+    model.load_state_dict(checkpoint)
     exported = ep.hf.export_state_dict(model, dst=None)
     same = list(exported) == list(checkpoint) and all(torch.equal(exported[k], checkpoint[k]) for k in checkpoint)
     zeroed = build()
@@ -1279,20 +1298,22 @@ def _privacy_filter_rank(rank, world_size):
     ep.hf.replace_experts(zeroed, dispatcher="deepep_normal", runner="torch")
     zeroed.load_state_dict(checkpoint)
     with torch.no_grad():
-        errors["loaded"] = rel_err(zeroed(ids[rank]).last_hidden_state, expected[rank])
-    clamped = float((torch.einsum("th,ehi->tei", torch.randn(64, 32), checkpoint["layers.0.mlp.experts.gate_up_proj"])
-                     .abs() > 0.5).float().mean())
-    return (config.has_bias, config.gemm1_alpha, config.gemm1_clamp_limit), errors, same, clamped
+        errors["loaded"] = rel_err(_output(zeroed, ids[rank]), expected[rank])
+    return (config.activation, config.has_bias, config.gemm1_alpha, config.gemm1_clamp_limit), len(expert_grads), \
+        errors, same
 
 
-def test_biased_transposed_experts_with_a_clamped_gate_swap_exactly():
-    """The OpenAI privacy filter's experts (transposed [E, H, 2I] with [gate | up] columns, biases, gpt-oss's clamped
-    SwiGLU on [gate; up] in _apply_gate) are what EPMoE computes with has_bias, gemm1_alpha and gemm1_clamp_limit;
-    they were refused ('not gpt-oss's layout'). Now swapped over 2 gloo ranks: hidden states and every gradient
-    equal the original's (float32: DESIGN's 1e-5; measured ~3e-7 and ~1e-6), and the checkpoint goes out
-    (export_state_dict, in its key order) and back in (load_state_dict) unchanged."""
-    if not hasattr(transformers, "OpenAIPrivacyFilterConfig"):
+@pytest.mark.parametrize("family, settings, expert_tensors", [
+    ("openai_privacy_filter", ("silu", True, 1.702, 0.5), 8), ("dbrx", ("silu", False, None, None), 6)])
+def test_experts_in_other_layouts_swap_exactly(family, settings, expert_tensors):
+    """Experts EPMoE computes that were refused for their layout: the OpenAI privacy filter's (transposed [E, H, 2I]
+    with [gate | up] columns, biases, gpt-oss's clamped SwiGLU on [gate; up] in _apply_gate: has_bias, gemm1_alpha,
+    gemm1_clamp_limit; 'not gpt-oss's layout') and DBRX's (w1, v1, w2 [E * I, H] under `mlp`, its block routing with
+    its own top_k: 'no 3-D gate_up_proj / down_proj'). Swapped over 2 gloo ranks: outputs and every gradient equal
+    the original's (float32: DESIGN's 1e-5; measured <= ~1e-6), and the checkpoint goes out (export_state_dict, in
+    its key order) and back in (load_state_dict) unchanged."""
+    if family == "openai_privacy_filter" and not hasattr(transformers, "OpenAIPrivacyFilterConfig"):
         pytest.skip("no OpenAI privacy filter in this transformers")
-    for settings, errors, same, clamped in run_ranks(_privacy_filter_rank, 2, timeout=120):
-        assert settings == (True, 1.702, 0.5) and same and clamped > 0.3, (settings, same, clamped)
+    for got, tensors, errors, same in run_ranks(_converted_rank, 2, family, timeout=120):
+        assert got == settings and tensors == expert_tensors and same, (got, tensors, same)
         assert all(err <= tolerance(torch.float32) for err in errors.values()), errors
