@@ -26,7 +26,8 @@ meta device and replaced there loads the checkpoint after `model.to_empty(device
 
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
 filter, whose biased experts run with has_bias). DBRX's w1 / v1 / w2 [E * I, H] experts are converted in and out as
-gpt-oss's are (_LAYOUTS). Llama 4's experts, which its block calls on every expert's
+gpt-oss's are (_LAYOUTS), and so are ungated ones (NemotronH's up_proj / down_proj: is_gated=False; its relu2 is
+refused by name). Llama 4's experts, which its block calls on every expert's
 router-scaled rows, are called the same way (each non-zero row one token of its expert). An MoE
 block it cannot swap exactly (Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
@@ -295,6 +296,15 @@ def _to_dbrx(w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor],
             "mlp.w2": w2.transpose(1, 2).reshape(E * i, H)}
 
 
+def _is_ungated(experts: nn.Module) -> bool:
+    """Ungated experts (has_gate=False, NemotronH's): up_proj [E, I, H] and down_proj [E, H, I], floating, no
+    gate_up_proj: expert e computes down_proj[e] @ act(up_proj[e] @ x)."""
+    up, down = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
+    return (getattr(experts, "gate_up_proj", None) is None and getattr(experts, "has_gate", False) is not True
+            and all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.is_floating_point() for w in (up, down))
+            and up.dtype == down.dtype and tuple(down.shape) == (up.shape[0], up.shape[2], up.shape[1]))
+
+
 @dataclass(frozen=True)
 class _Layout:
     """An experts layout EPExperts converts in and out (not transformers' gate_up_proj / down_proj, plain or
@@ -320,6 +330,11 @@ _LAYOUTS = {
                     lambda m: dict(activation=activation_name(m.mlp.activation_fn), gemm1_alpha=None,
                                    gemm1_clamp_limit=None, has_bias=False),
                     dict(w13=("mlp.w1", "mlp.v1"), w2=("mlp.w2",))),
+    "ungated": _Layout(("up_proj", "down_proj"), _is_ungated, lambda t, E: (t["up_proj"], t["down_proj"], None, None),
+                       lambda w13, w2, b13, b2: {"up_proj": w13, "down_proj": w2},
+                       lambda m: dict(activation=activation_name(getattr(m, "act_fn", None)), gemm1_alpha=None,
+                                      gemm1_clamp_limit=None, has_bias=False, is_gated=False),
+                       dict(w13=("up_proj",), w2=("down_proj",))),
 }
 _PLAIN_SOURCES = dict(w13=("gate_up_proj",), w2=("down_proj",), b13=("gate_up_proj_bias",), b2=("down_proj_bias",))
 
@@ -356,6 +371,7 @@ class _Conversion:
     dtype: torch.dtype
     has_bias: bool = False
     dense: bool = False  # called as Llama 4's: _called_densely
+    is_gated: bool = True
 
 
 def _tensor(module: nn.Module, key: str) -> Optional[torch.Tensor]:
@@ -395,8 +411,10 @@ def _conversion(experts: nn.Module) -> _Conversion:
     if not is_hf_experts(experts):
         if all(isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
                for w in ("up_proj", "down_proj")):
-            raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
-                             f"gated ([gate; up]) experts only")
+            raise ValueError(f"experts={name} with up_proj {list(experts.up_proj.shape)} {experts.up_proj.dtype} and "
+                             f"down_proj {list(experts.down_proj.shape)} {experts.down_proj.dtype} and no gate_up_proj "
+                             f"(has_gate={getattr(experts, 'has_gate', None)!r}); EPExperts runs ungated experts as "
+                             f"up_proj [E, I, H] and down_proj [E, H, I], floating")
         base = getattr(experts, "base_layer", None)
         if isinstance(base, nn.Module) and (is_hf_experts(base) or isinstance(getattr(base, "base_layer", None),
                                                                               nn.Module)):
@@ -445,7 +463,10 @@ def _layout_conversion(experts: nn.Module, layout: str) -> _Conversion:
     """The _Conversion of experts in one of _LAYOUTS (its parametrized tensors refused as the plain layout's are)."""
     known = _LAYOUTS[layout]
     _check_unparametrized(experts, known.keys)
-    settings = known.settings(experts)
+    try:
+        settings = known.settings(experts)
+    except ValueError as err:  # (its activation)
+        raise ValueError(f"experts={type(experts).__name__}: {err}") from None
     activation = settings.pop("activation")
     return _Conversion(layout, False, activation, settings.pop("gemm1_alpha"), settings.pop("gemm1_clamp_limit"),
                        quant=None, dtype=_tensor(experts, known.keys[0]).dtype, **settings)
@@ -502,9 +523,11 @@ class EPExperts(nn.Module):
         self.dense = conversion.dense  # each of its rows is one token of one expert: top_k 1
         self._dense_top_k = top_k  # (its router's: how many of a token's rows may be non-zero)
         quant = conversion.quant
-        self.layer = EPMoE(E, 1 if self.dense else top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
+        self.layer = EPMoE(E, 1 if self.dense else top_k, H, two_i // 2 if conversion.is_gated else two_i,
+                           dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
-                           activation=conversion.activation, gemm1_alpha=conversion.gemm1_alpha,
+                           activation=conversion.activation, is_gated=conversion.is_gated,
+                           gemm1_alpha=conversion.gemm1_alpha,
                            gemm1_clamp_limit=conversion.gemm1_clamp_limit, has_bias=conversion.has_bias,
                            dispatcher_options=dispatcher_options, runner_options=runner_options,
                            num_redundant_experts=num_redundant_experts)
@@ -777,7 +800,7 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     raises a ValueError naming every such block (its path, class, and why), before any block is
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
     (JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
-    one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
+    one-neuron experts in embedding tables, found by its own top_k), relu2 (NemotronH's: ungated silu / gelu ones swap), identity
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
     computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, interleaved
     weights other than gpt-oss's, other shapes, biases other than gate_up_proj_bias [E, 2I] with down_proj_bias

@@ -371,25 +371,48 @@ def test_shared_experts_called_first_are_computed_once_and_never_stale():
         assert all(b.experts._shared._stashed is None for b in blocks), step
 
 
-def test_ungated_experts_are_rejected_not_skipped():
-    """NemotronH's experts (up_proj / down_proj, no gate): replace_experts raises instead of
-    returning 0 with the model left as it was."""
+def test_ungated_experts_swap_or_are_refused_by_their_activation():
+    """NemotronH's ungated experts (up_proj [E, I, H], down_proj [E, H, I], has_gate=False) are what EPMoE computes
+    with is_gated=False; they were refused as 'gated experts only'. With a silu act_fn they swap: float64 outputs and
+    input / weight gradients equal the module's (~1e-16; float64 router weights: with float32 ones its own sum rounds
+    to float32), and the checkpoint goes out and back in unchanged; NemotronH's default relu2 is refused naming it."""
     try:
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
-        config = transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4)
-        experts = NemotronHExperts(config)
+        configs = [transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
+                                                mlp_hidden_act=act) for act in ("silu", "relu2")]
     except (AttributeError, ImportError, TypeError, ValueError) as err:
         pytest.skip(f"NemotronH: {err}")
 
     class Block(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, config):
             super().__init__()
-            self.experts = experts
+            torch.manual_seed(0)
+            self.experts = NemotronHExperts(config).double()
+            for w in (self.experts.up_proj, self.experts.down_proj):
+                torch.nn.init.normal_(w, std=0.3)
             self.gate = torch.nn.Linear(32, 4)
             self.gate.top_k = 2
 
-    with pytest.raises(ValueError, match="experts=NemotronHExperts with up_proj and no gate_up_proj"):
-        ep.hf.replace_experts(torch.nn.Sequential(Block()), dispatcher="standard", runner="torch")
+    with pytest.raises(ValueError, match=r"experts=NemotronHExperts: act_fn=ReLUSquaredActivation\(\) is none of"):
+        ep.hf.replace_experts(torch.nn.Sequential(Block(configs[1])), dispatcher="standard", runner="torch")
+    model = torch.nn.Sequential(Block(configs[0]))
+    original, checkpoint = copy.deepcopy(model[0].experts), copy.deepcopy(model.state_dict())
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 1
+    gen = torch.Generator().manual_seed(1)
+    x, ids = torch.randn(9, 32, generator=gen, dtype=torch.float64), torch.randint(0, 4, (9, 2), generator=gen)
+    weights = torch.rand(9, 2, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for module in (original, model[0].experts):
+        xr = x.clone().requires_grad_(True)
+        out = module(xr, ids, weights)
+        (out * torch.linspace(-1, 1, 32, dtype=torch.float64)).square().sum().backward()
+        outs.append(out.detach())
+        grads.append([xr.grad] + [p.grad for p in module.parameters()])
+    assert rel_err(outs[1], outs[0]) <= tolerance(torch.float64)
+    assert all(rel_err(a, b) <= tolerance(torch.float64) for a, b in zip(grads[1], grads[0]))
+    assert list(ep.hf.export_state_dict(model)) == list(checkpoint)
+    model.load_state_dict({k: v + 1 for k, v in checkpoint.items()})
+    assert all(torch.equal(v, checkpoint[k] + 1) for k, v in ep.hf.export_state_dict(model).items())
 
 
 def test_gemma4_router_without_top_k_attribute():
