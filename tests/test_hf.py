@@ -737,6 +737,23 @@ SWEEP = {  # model_type -> extra config fields
     "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
     "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
     "zaya": dict(num_experts_per_tok=1),
+    # swept since: MLA families (an indexer where they have one), VL text towers, hybrids
+    "axk1": {}, "axk2": {}, "beam": {}, "deepseek_v32": dict(index_n_heads=2, index_head_dim=8, index_topk=4),
+    "dots3_note_text": dict(num_key_value_heads=4, per_layer_config={}, shared_experts_intermediate_size=16),
+    "glm4_moe_lite": {}, "glm4v_moe_text": {}, "glm_moe_dsa": dict(index_n_heads=2, index_head_dim=8, index_topk=4),
+    "glm5_next_text": dict(num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, index_n_heads=2,
+                           index_head_dim=8, index_topk=4, index_kpool=2, qk_nope_head_dim=8, v_head_dim=8,
+                           qk_rope_head_dim=0, head_dim=0),
+    "granitemoe_swa": {}, "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16),
+    "granitemoeshared": {}, "hy_v3": {}, "hy_v4_vl_text": dict(num_key_value_heads=4, rope_parameters=dict(
+        rope_theta=1e4, rope_type="default", mrope_section=[1, 1, 0])), "inkling2_loop_text": {}, "kolibri1": {},
+    "laguna": {}, "lara_mini": {}, "mellum": {}, "mistral4": {},
+    "mistral_large4_text": dict(num_key_value_heads=4, kv_source_layers=[0, 1], no_rope_layers=[0, 0],
+                                rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    "qwen3_5_moe_text": {}, "qwen3_vl_moe_text": {},
+    "qwen4_exp_text": dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                           linear_num_value_heads=4, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                           indexer_budget=8, indexer_compress_ratio=2),
     # new in transformers 5.25 (skipped where the transformers has no such model type)
     "minicpm5_moe": {}, "ergo": {}, "kolibri1_1": dict(layer_types=["sliding_attention"] * 2, sliding_window=16,
                                                        kv_source_layers=[0, 1], head_dim=16, index_num_heads=2),
