@@ -463,6 +463,12 @@ def _layout_conversion(experts: nn.Module, layout: str) -> _Conversion:
     """The _Conversion of experts in one of _LAYOUTS (its parametrized tensors refused as the plain layout's are)."""
     known = _LAYOUTS[layout]
     _check_unparametrized(experts, known.keys)
+    for mine, theirs in known.sources.items():  # (one layer tensor needs a gradient or not: _keep_frozen)
+        needs = {k: _tensor(experts, k).requires_grad for k in theirs}
+        if len(set(needs.values())) > 1:
+            flags = ", ".join(f"{k} requires_grad={v}" for k, v in needs.items())
+            raise ValueError(f"experts={type(experts).__name__} has {flags}, which EPExperts holds as one tensor "
+                             f"({mine}); freeze or unfreeze them together")
     try:
         settings = known.settings(experts)
     except ValueError as err:  # (its activation)

@@ -1357,3 +1357,19 @@ def test_experts_in_other_layouts_swap_exactly(family, settings, expert_tensors)
     for got, tensors, errors, same in run_ranks(_converted_rank, 2, family, timeout=120):
         assert got == settings and tensors == expert_tensors and same, (got, tensors, same)
         assert all(err <= tolerance(torch.float32) for err in errors.values()), errors
+
+
+def test_converted_experts_freeze_by_layer_tensor():
+    """DBRX's w1 and v1 become one layer tensor (w13): frozen together it stays frozen after the swap; one frozen and
+    the other not is refused by name (either choice would silently train or freeze the other)."""
+    model = _dbrx()
+    for block in model.transformer.blocks:
+        block.ffn.experts.mlp.w1.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"experts=DbrxExperts has mlp.w1 requires_grad=False, mlp.v1 "
+                                         r"requires_grad=True, which EPExperts holds as one tensor \(w13\)"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    for block in model.transformer.blocks:
+        block.ffn.experts.mlp.v1.requires_grad_(False)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert sorted({n.rsplit(".", 1)[1] for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}) \
+        == ["w2"]
