@@ -277,8 +277,9 @@ def _is_dbrx(experts: nn.Module) -> bool:
     mlp, E = getattr(experts, "mlp", None), getattr(experts, "num_experts", None)
     weights = [getattr(mlp, w, None) for w in ("w1", "v1", "w2")]
     return (is_int_at_least(E, 1) and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
-                                          and w.shape == weights[0].shape and w.dtype == weights[0].dtype
-                                          for w in weights) and weights[0].shape[0] % E == 0)
+                                          and not is_quantized_dtype(w.dtype) and w.shape == weights[0].shape
+                                          and w.dtype == weights[0].dtype for w in weights)
+            and weights[0].shape[0] % E == 0)
 
 
 def _from_dbrx(t: dict[str, torch.Tensor], E: int) -> tuple[torch.Tensor, ...]:
@@ -301,7 +302,8 @@ def _is_ungated(experts: nn.Module) -> bool:
     gate_up_proj: expert e computes down_proj[e] @ act(up_proj[e] @ x)."""
     up, down = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
     return (getattr(experts, "gate_up_proj", None) is None and getattr(experts, "has_gate", False) is not True
-            and all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.is_floating_point() for w in (up, down))
+            and all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.is_floating_point()
+                    and not is_quantized_dtype(w.dtype) for w in (up, down))
             and up.dtype == down.dtype and tuple(down.shape) == (up.shape[0], up.shape[2], up.shape[1]))
 
 
@@ -414,7 +416,8 @@ def _conversion(experts: nn.Module) -> _Conversion:
             raise ValueError(f"experts={name} with up_proj {list(experts.up_proj.shape)} {experts.up_proj.dtype} and "
                              f"down_proj {list(experts.down_proj.shape)} {experts.down_proj.dtype} and no gate_up_proj "
                              f"(has_gate={getattr(experts, 'has_gate', None)!r}); EPExperts runs ungated experts as "
-                             f"up_proj [E, I, H] and down_proj [E, H, I], floating")
+                             f"up_proj [E, I, H] and down_proj [E, H, I] in float32 / bfloat16 / float16 / float64 "
+                             f"(fp8 experts gated only)")
         base = getattr(experts, "base_layer", None)
         if isinstance(base, nn.Module) and (is_hf_experts(base) or isinstance(getattr(base, "base_layer", None),
                                                                               nn.Module)):

@@ -375,7 +375,8 @@ def test_ungated_experts_swap_or_are_refused_by_their_activation():
     """NemotronH's ungated experts (up_proj [E, I, H], down_proj [E, H, I], has_gate=False) are what EPMoE computes
     with is_gated=False; they were refused as 'gated experts only'. With a silu act_fn they swap: float64 outputs and
     input / weight gradients equal the module's (~1e-16; float64 router weights: with float32 ones its own sum rounds
-    to float32), and the checkpoint goes out and back in unchanged; NemotronH's default relu2 is refused naming it."""
+    to float32), and the checkpoint goes out and back in unchanged; NemotronH's default relu2 is refused naming it,
+    and so are ungated fp8 experts (their block scales: gated fp8 experts only)."""
     try:
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
         configs = [transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
@@ -413,6 +414,12 @@ def test_ungated_experts_swap_or_are_refused_by_their_activation():
     assert list(ep.hf.export_state_dict(model)) == list(checkpoint)
     model.load_state_dict({k: v + 1 for k, v in checkpoint.items()})
     assert all(torch.equal(v, checkpoint[k] + 1) for k, v in ep.hf.export_state_dict(model).items())
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    fp8 = fp8_module.FP8Experts(transformers.MixtralConfig(hidden_size=128, intermediate_size=128, num_local_experts=4),
+                                block_size=(128, 128), has_gate=False)  # (was EPMoE's "dtype=torch.float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"experts=FP8Experts with up_proj \[4, 128, 128\] torch.float8_e4m3fn .*"
+                                         r"\(fp8 experts gated only\)"):
+        ep.hf.EPExperts(fp8, 2, dispatcher="standard", runner="torch")
 
 
 def test_gemma4_router_without_top_k_attribute():
