@@ -27,8 +27,8 @@ meta device and replaced there loads the checkpoint after `model.to_empty(device
 Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
 filter, whose biased experts run with has_bias). DBRX's w1 / v1 / w2 [E * I, H] experts are converted in and out as
 gpt-oss's are (_LAYOUTS), and so are ungated ones (NemotronH's up_proj / down_proj: is_gated=False; its relu2 is
-refused by name). Llama 4's experts, which its block calls on every expert's
-router-scaled rows, are called the same way (each non-zero row one token of its expert). An MoE
+refused by name). Llama 4's experts, which its block calls on every expert's router-scaled rows, are called the
+same way (each non-zero row one token of its expert). An MoE
 block it cannot swap exactly (Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
 weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
@@ -492,8 +492,10 @@ class EPExperts(nn.Module):
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
     Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
     [E, I, H]) are transposed in, and back by export_state_dict; biases of [gate; up] experts (gate_up_proj_bias
-    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. Llama 4's experts, called as
-    forward(rows [E * T, H]) on each expert's router-scaled tokens, keep that call (_dense_forward). A clamped SwiGLU on [gate; up]
+    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. DBRX's (mlp.w1 / v1 / w2
+    [E * I, H], called on [B, S, H] states) and ungated ones (NemotronH's up_proj / down_proj: is_gated=False) are
+    converted in and out (_LAYOUTS). Llama 4's experts, called as forward(rows [E * T, H]) on each expert's
+    router-scaled tokens, keep that call (_dense_forward). A clamped SwiGLU on [gate; up]
     (DeepSeek-V4; MiniMax-M3's and the privacy filter's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha).
     Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
