@@ -24,8 +24,12 @@ from_pretrained's model or export_state_dict has it), of which each rank keeps i
 meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
 (torch.save(model)) is refused by name.
 
-Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3). An MoE
-block it cannot swap exactly (DBRX's or Switch Transformers' per-expert modules, Doge's one-neuron embedding
+Clamped SwiGLUs run as EPMoE's gemm1_clamp_limit / gemm1_alpha (gpt-oss, DeepSeek-V4, MiniMax-M3, the OpenAI privacy
+filter, whose biased experts run with has_bias). DBRX's w1 / v1 / w2 [E * I, H] experts are converted in and out as
+gpt-oss's are (_LAYOUTS), and so are ungated ones (NemotronH's up_proj / down_proj: is_gated=False; its relu2 is
+refused by name). Llama 4's experts, which its block calls on every expert's router-scaled rows, are called the
+same way (each non-zero row one token of its expert). An MoE
+block it cannot swap exactly (Switch Transformers' per-expert modules, Doge's one-neuron embedding
 experts, LongCat-Flash's identity experts where its experts module gets their ids (transformers < 5.25), MXFP4
 weights, a softcapped gate as Inkling 2's, Ernie 4.5 VL's per-modality blocks over several ranks, ...) is never
 skipped silently: replace_experts raises naming it and why before anything changes; strict=False swaps the others
@@ -33,11 +37,12 @@ and warns.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -116,13 +121,27 @@ def _fp8_format(experts: nn.Module) -> tuple[QuantConfig, torch.dtype]:
 _GATE_KNOBS = ("gate_softcap", "up_softcap", "swiglu_alpha", "alpha", "swiglu_limit", "limit")
 
 
-def _check_plain_swiglu(experts: nn.Module) -> bool:
-    """Whether `experts` holds its weights transposed (is_transposed=True, as Aria's: gate_up_proj [E, H, 2I] with
-    [gate | up] columns, down_proj [E, I, H]); an error naming what makes it compute something other than
-    sum_k w_k * down_proj[e] @ gated(gate, up), [gate; up] = gate_up_proj[e] @ x, with E experts on both weights
-    (the gate itself: _gate_form)."""
+def _called_densely(experts: nn.Module) -> bool:
+    """Whether `experts` is called as Llama 4's: forward(hidden_states) on [E * T, H] rows, rows e * T .. e * T + T - 1
+    expert e's tokens times their router score (0 where the token is not routed to e: apply_router_weight_on_input),
+    weights laid out for bmm (gate_up_proj [E, H, 2I], down_proj [E, I, H]); the block sums the E outputs per token.
+    Told by its forward taking the hidden states alone, where transformers' experts take top_k_index and weights."""
+    try:
+        params = list(inspect.signature(experts.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _check_plain_swiglu(experts: nn.Module) -> tuple[bool, bool]:
+    """(transposed, biased): whether `experts` holds its weights transposed (is_transposed=True, as Aria's:
+    gate_up_proj [E, H, 2I] with [gate | up] columns, down_proj [E, I, H]) and has biases (gate_up_proj_bias
+    [E, 2I] in [gate; up] order and down_proj_bias [E, H], both: the OpenAI privacy filter's); an error naming what
+    makes it compute something other than sum_k w_k * (down_proj[e] @ gated(gate, up) + b2[e]),
+    [gate; up] = gate_up_proj[e] @ x + b13[e], with E experts on every tensor (the gate itself: _gate_form)."""
     name = type(experts).__name__
-    flags = {"is_concatenated": True, "has_gate": True, "has_bias": False,
+    flags = {"is_concatenated": True, "has_gate": True,
              "has_post_expert_norm": False}  # what transformers' use_experts_implementation records
     for flag, plain in flags.items():
         value = getattr(experts, flag, plain)
@@ -137,13 +156,27 @@ def _check_plain_swiglu(experts: nn.Module) -> bool:
         raise ValueError(f"experts={name} has zero_expert_num={zero_experts!r} identity (zero-computation) experts "
                          f"after its {w2.shape[0]} gated ones (gate_up_proj {list(w13.shape)}, down_proj "
                          f"{list(w2.shape)}); EPExperts has no identity experts")
-    transposed = getattr(experts, "is_transposed", False) is True
+    transposed = getattr(experts, "is_transposed", False) is True or _called_densely(experts)
     E, two_i, H = (w13.shape[0], w13.shape[2], w13.shape[1]) if transposed else w13.shape
     if two_i % 2 or tuple(w2.shape) != ((E, two_i // 2, H) if transposed else (E, H, two_i // 2)):
         layout = "[E, H, 2I] and [E, I, H] (is_transposed=True)" if transposed else "[E, 2I, H] and [E, H, I]"
         raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj {list(w2.shape)}; "
                          f"EPExperts needs {layout}, one weight per expert")
-    return transposed
+    # transformers' experts functions add the biases when has_bias says so, the module's own forward when it has them
+    biases = {b: getattr(experts, b, None) for b in ("gate_up_proj_bias", "down_proj_bias")}
+    biased = getattr(experts, "has_bias", any(b is not None for b in biases.values()))
+    shapes = {b: list(t.shape) if isinstance(t, torch.Tensor) else t for b, t in biases.items()}
+    if biased is not False and (biased is not True or shapes != {"gate_up_proj_bias": [E, two_i],
+                                                                "down_proj_bias": [E, H]}):
+        raise ValueError(f"experts={name} has has_bias={getattr(experts, 'has_bias', None)!r}, gate_up_proj_bias "
+                         f"{shapes['gate_up_proj_bias']} and down_proj_bias {shapes['down_proj_bias']}; EPExperts "
+                         f"takes biased experts with both, [E, 2I] = [{E}, {two_i}] ([gate; up]) and [E, H] = "
+                         f"[{E}, {H}]")
+    held = [b for b, t in biases.items() if t is not None]
+    if not biased and held:
+        raise ValueError(f"experts={name} has has_bias=False and holds {', '.join(held)}, which its forward may add "
+                         f"or not; EPExperts cannot tell which")
+    return transposed, biased
 
 
 def _gate_form(experts: nn.Module, activation: Optional[str]) -> tuple[str, Optional[float], Optional[float]]:
@@ -221,16 +254,12 @@ def _is_gpt_oss(experts: nn.Module) -> bool:
         out, _gpt_oss_gate(probe, alpha, limit), rtol=1e-9, atol=1e-12)
 
 
-def _from_gpt_oss(experts: nn.Module) -> tuple[torch.Tensor, ...]:
+def _from_gpt_oss(t: dict[str, torch.Tensor], E: int) -> tuple[torch.Tensor, ...]:
     """gpt-oss weights -> EPMoE's (w13 [E, 2I, H] = [gate; up], w2 [E, H, I], b13 [E, 2I], b2 [E, H])."""
-    w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
-    E, H, two_i = w.shape
-    if two_i % 2 or tuple(experts.down_proj.shape) != (E, two_i // 2, H):
-        raise ValueError(f"experts={type(experts).__name__} has gate_up_proj {list(w.shape)} and down_proj "
-                         f"{list(experts.down_proj.shape)}; gpt-oss's layout is [E, H, 2I] and [E, I, H]")
+    w, b = t["gate_up_proj"], t["gate_up_proj_bias"]
     w13 = torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2).contiguous()
     b13 = torch.cat((b[..., ::2], b[..., 1::2]), dim=1)
-    return w13, experts.down_proj.detach().transpose(1, 2).contiguous(), b13, experts.down_proj_bias.detach()
+    return w13, t["down_proj"].transpose(1, 2).contiguous(), b13, t["down_proj_bias"]
 
 
 def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -240,6 +269,76 @@ def _to_gpt_oss(w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torc
     return {"gate_up_proj": torch.stack((w13[:, :i], w13[:, i:]), dim=2).reshape(E, two_i, H).transpose(1, 2).contiguous(),
             "gate_up_proj_bias": torch.stack((b13[:, :i], b13[:, i:]), dim=2).reshape(E, two_i),
             "down_proj": w2.transpose(1, 2).contiguous(), "down_proj_bias": b2}
+
+
+def _is_dbrx(experts: nn.Module) -> bool:
+    """DBRX's experts layout: `mlp` holding w1 (gate), v1 (up) and w2 (down, as [I, H] per expert), each a floating
+    [E * I, H] matrix, E = num_experts, called as transformers' experts are (hidden_states, top_k_index, weights)."""
+    mlp, E = getattr(experts, "mlp", None), getattr(experts, "num_experts", None)
+    weights = [getattr(mlp, w, None) for w in ("w1", "v1", "w2")]
+    return (is_int_at_least(E, 1) and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
+                                          and not is_quantized_dtype(w.dtype) and w.shape == weights[0].shape
+                                          and w.dtype == weights[0].dtype for w in weights)
+            and weights[0].shape[0] % E == 0)
+
+
+def _from_dbrx(t: dict[str, torch.Tensor], E: int) -> tuple[torch.Tensor, ...]:
+    """DBRX weights -> EPMoE's (w13 [E, 2I, H] = [w1; v1], w2 [E, H, I], no biases)."""
+    w1, v1, w2 = (t[f"mlp.{w}"].reshape(E, -1, t[f"mlp.{w}"].shape[-1]) for w in ("w1", "v1", "w2"))
+    return torch.cat((w1, v1), dim=1), w2.transpose(1, 2).contiguous(), None, None
+
+
+def _to_dbrx(w13: torch.Tensor, w2: torch.Tensor, b13: Optional[torch.Tensor],
+             b2: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of _from_dbrx, under DBRX's parameter names."""
+    E, two_i, H = w13.shape
+    i = two_i // 2
+    return {"mlp.w1": w13[:, :i].reshape(E * i, H), "mlp.v1": w13[:, i:].reshape(E * i, H),
+            "mlp.w2": w2.transpose(1, 2).reshape(E * i, H)}
+
+
+def _is_ungated(experts: nn.Module) -> bool:
+    """Ungated experts (has_gate=False, NemotronH's): up_proj [E, I, H] and down_proj [E, H, I], floating, no
+    gate_up_proj: expert e computes down_proj[e] @ act(up_proj[e] @ x)."""
+    up, down = getattr(experts, "up_proj", None), getattr(experts, "down_proj", None)
+    return (getattr(experts, "gate_up_proj", None) is None and getattr(experts, "has_gate", False) is not True
+            and all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.is_floating_point()
+                    and not is_quantized_dtype(w.dtype) for w in (up, down))
+            and up.dtype == down.dtype and tuple(down.shape) == (up.shape[0], up.shape[2], up.shape[1]))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """An experts layout EPExperts converts in and out (not transformers' gate_up_proj / down_proj, plain or
+    transposed): `keys` its tensors under the experts module (checkpoint order), `to_layer` them (with E) to EPMoE's
+    global (w13, w2, b13, b2), `to_hf` the inverse, `settings` the EPMoE settings it runs with, `sources` which keys
+    each EPMoE tensor is made of (frozen where they all are)."""
+    keys: tuple[str, ...]
+    is_it: Callable[[nn.Module], bool]
+    to_layer: Callable[[dict[str, torch.Tensor], int], tuple]
+    to_hf: Callable[..., dict[str, torch.Tensor]]
+    settings: Callable[[nn.Module], dict[str, Any]]
+    sources: dict[str, tuple[str, ...]]
+
+
+_LAYOUTS = {
+    "gpt_oss": _Layout(("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"), _is_gpt_oss,
+                       _from_gpt_oss, _to_gpt_oss,
+                       lambda m: dict(activation="silu", gemm1_alpha=float(m.alpha), gemm1_clamp_limit=float(m.limit),
+                                      has_bias=True),
+                       dict(w13=("gate_up_proj",), w2=("down_proj",), b13=("gate_up_proj_bias",),
+                            b2=("down_proj_bias",))),
+    "dbrx": _Layout(("mlp.w1", "mlp.v1", "mlp.w2"), _is_dbrx, _from_dbrx, _to_dbrx,
+                    lambda m: dict(activation=activation_name(m.mlp.activation_fn), gemm1_alpha=None,
+                                   gemm1_clamp_limit=None, has_bias=False),
+                    dict(w13=("mlp.w1", "mlp.v1"), w2=("mlp.w2",))),
+    "ungated": _Layout(("up_proj", "down_proj"), _is_ungated, lambda t, E: (t["up_proj"], t["down_proj"], None, None),
+                       lambda w13, w2, b13, b2: {"up_proj": w13, "down_proj": w2},
+                       lambda m: dict(activation=activation_name(getattr(m, "act_fn", None)), gemm1_alpha=None,
+                                      gemm1_clamp_limit=None, has_bias=False, is_gated=False),
+                       dict(w13=("up_proj",), w2=("down_proj",))),
+}
+_PLAIN_SOURCES = dict(w13=("gate_up_proj",), w2=("down_proj",), b13=("gate_up_proj_bias",), b2=("down_proj_bias",))
 
 
 def _router_top_k(block: nn.Module) -> Optional[int]:
@@ -261,26 +360,64 @@ def _router_top_k(block: nn.Module) -> Optional[int]:
 
 @dataclass(frozen=True)
 class _Conversion:
-    """How one transformers experts module becomes an EPMoE, checked once: gpt-oss's layout (converted
-    in and out) or the plain [gate; up] one, possibly transposed (Aria's: transposed in and out), with its
-    activation, its gate's clamp and alpha (_gate_form) and, for fp8 experts, their format."""
-    gpt_oss: bool
+    """How one transformers experts module becomes an EPMoE, checked once: a _LAYOUTS layout (gpt-oss's, DBRX's:
+    converted in and out) or the plain [gate; up] one (layout None), possibly transposed (Aria's: transposed in and
+    out) and biased (the privacy filter's), with its activation, its gate's clamp and alpha (_gate_form) and, for fp8
+    experts, their format."""
+    layout: Optional[str]
     transposed: bool
     activation: str
     gemm1_alpha: Optional[float]
     gemm1_clamp_limit: Optional[float]
     quant: Optional[QuantConfig]
     dtype: torch.dtype
+    has_bias: bool = False
+    dense: bool = False  # called as Llama 4's: _called_densely
+    is_gated: bool = True
+
+
+def _tensor(module: nn.Module, key: str) -> Optional[torch.Tensor]:
+    """The tensor at `key` ("mlp.w1") under `module`, None if there is none."""
+    for part in key.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, torch.Tensor) else None
+
+
+def _tensor_owner(module: nn.Module, key: str) -> Optional[nn.Module]:
+    """The module holding `key` under `module` (itself for a name without dots), None if there is none."""
+    for part in key.split(".")[:-1]:
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+def _check_unparametrized(experts: nn.Module, keys: tuple[str, ...]) -> None:
+    """An error naming the tensors of `experts` (keys under it) that are parametrized: their values are computed
+    (LoRA-style adapters, weight norm, ...) and EPExperts would copy them once."""
+    owners = {key: _tensor_owner(experts, key) for key in keys}
+    parametrized = [key for key, owner in owners.items() if isinstance(owner, nn.Module)
+                    and parametrize.is_parametrized(owner, key.rpartition(".")[2])]
+    if parametrized:
+        raise ValueError(f"experts={type(experts).__name__} has parametrizations on {', '.join(parametrized)} "
+                         f"(LoRA-style adapters or another torch.nn.utils.parametrize function): EPExperts would "
+                         f"copy the weights they compute once, dropping them (their parameters leave the model and "
+                         f"the merged experts train instead); replace_experts before adding them, or merge them first "
+                         f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
 
 
 def _conversion(experts: nn.Module) -> _Conversion:
     """What EPExperts needs to run `experts` exactly; a ValueError naming what it cannot run."""
     name = type(experts).__name__
+    layout = next((key for key, known in _LAYOUTS.items() if known.is_it(experts)), None)
+    if layout is not None and not is_hf_experts(experts):  # (gpt-oss's: after the checks below)
+        return _layout_conversion(experts, layout)
     if not is_hf_experts(experts):
         if all(isinstance(getattr(experts, w, None), torch.Tensor) and getattr(experts, w).dim() == 3
                for w in ("up_proj", "down_proj")):
-            raise ValueError(f"experts={name} with up_proj and no gate_up_proj (has_gate=False); EPExperts runs "
-                             f"gated ([gate; up]) experts only")
+            raise ValueError(f"experts={name} with up_proj {list(experts.up_proj.shape)} {experts.up_proj.dtype} and "
+                             f"down_proj {list(experts.down_proj.shape)} {experts.down_proj.dtype} and no gate_up_proj "
+                             f"(has_gate={getattr(experts, 'has_gate', None)!r}); EPExperts runs ungated experts as "
+                             f"up_proj [E, I, H] and down_proj [E, H, I] in float32 / bfloat16 / float16 / float64 "
+                             f"(fp8 experts gated only)")
         base = getattr(experts, "base_layer", None)
         if isinstance(base, nn.Module) and (is_hf_experts(base) or isinstance(getattr(base, "base_layer", None),
                                                                               nn.Module)):
@@ -290,14 +427,7 @@ def _conversion(experts: nn.Module) -> _Conversion:
                              f"merge_and_unload)")
         raise ValueError(f"experts={name} has no 3-D gate_up_proj / down_proj (transformers >= 5 fused experts, "
                          f"[E, 2I, H] and [E, H, I]); EPExperts cannot take per-expert modules or other layouts")
-    parametrized = [w for w in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-                    if parametrize.is_parametrized(experts, w)]
-    if parametrized:  # its weights are computed (LoRA-style adapters, weight norm, ...): they would be copied once
-        raise ValueError(f"experts={name} has parametrizations on {', '.join(parametrized)} (LoRA-style adapters or "
-                         f"another torch.nn.utils.parametrize function): EPExperts would "
-                         f"copy the weights they compute once, dropping them (their parameters leave the model and "
-                         f"the merged experts train instead); replace_experts before adding them, or merge them first "
-                         f"(torch.nn.utils.parametrize.remove_parametrizations(experts, name), PEFT's merge_and_unload)")
+    _check_unparametrized(experts, ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
     if getattr(experts, "_is_expert_parallel", False) is True:  # set by transformers' MoEParamShard
         raise ValueError(f"experts={name} is already split over ranks by transformers' own expert parallelism "
                          f"(DistributedConfig ep_size: _is_expert_parallel=True, num_experts="
@@ -307,26 +437,48 @@ def _conversion(experts: nn.Module) -> _Conversion:
     if not (w13.is_floating_point() and experts.down_proj.dtype == w13.dtype):
         raise ValueError(f"experts={name} has gate_up_proj {w13.dtype} and down_proj {experts.down_proj.dtype} "
                          f"(packed quantized weights, e.g. MXFP4); EPExperts takes floating or fp8 weights")
-    if _is_gpt_oss(experts):
-        return _Conversion(True, False, "silu", None, None, quant=None, dtype=w13.dtype)
-    for bias in ("gate_up_proj_bias", "down_proj_bias"):
-        if getattr(experts, bias, None) is not None:
-            layout = {flag: getattr(experts, flag) for flag in ("is_transposed", "is_concatenated")
-                      if hasattr(experts, flag)}
-            raise ValueError(f"experts={name} has {bias}{f' ({layout})' if layout else ''} and is not gpt-oss's "
-                             f"layout (transposed, gate and up interleaved, its clamped SwiGLU in _apply_gate), "
-                             f"the only biased experts EPExperts converts")
-    transposed = _check_plain_swiglu(experts)
-    if transposed and is_quantized_dtype(w13.dtype):
-        raise ValueError(f"experts={name} holds fp8 weights with is_transposed=True; EPExperts takes fp8 experts "
-                         f"as [E, 2I, H] and [E, H, I] with their block scales in that layout only")
+    if layout is not None:
+        E, H, two_i = w13.shape
+        if two_i % 2 or tuple(experts.down_proj.shape) != (E, two_i // 2, H):
+            raise ValueError(f"experts={name} has gate_up_proj {list(w13.shape)} and down_proj "
+                             f"{list(experts.down_proj.shape)}; gpt-oss's layout is [E, H, 2I] and [E, I, H]")
+        return _layout_conversion(experts, layout)
+    transposed, biased = _check_plain_swiglu(experts)
+    dense = _called_densely(experts)
+    if dense and biased:  # (a row of zeros, a token not routed there, would get the biases' output)
+        raise ValueError(f"experts={name} is called on every expert's rows (forward(hidden_states), as Llama 4's) "
+                         f"and has biases; EPExperts runs such experts without biases only")
+    if (transposed or biased) and is_quantized_dtype(w13.dtype):
+        raise ValueError(f"experts={name} holds fp8 weights with is_transposed={transposed} and has_bias={biased}; "
+                         f"EPExperts takes fp8 experts as [E, 2I, H] and [E, H, I] without biases, with their block "
+                         f"scales in that layout only")
     quant, dtype = _fp8_format(experts) if is_quantized_dtype(w13.dtype) else (None, w13.dtype)
     act_fn = getattr(experts, "act_fn", None)
     try:
         activation = None if act_fn is None else activation_name(act_fn)
     except ValueError as err:
         raise ValueError(f"experts={name}: {err}") from None
-    return _Conversion(False, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype)
+    return _Conversion(None, transposed, *_gate_form(experts, activation), quant=quant, dtype=dtype, has_bias=biased,
+                       dense=dense)
+
+
+def _layout_conversion(experts: nn.Module, layout: str) -> _Conversion:
+    """The _Conversion of experts in one of _LAYOUTS (its parametrized tensors refused as the plain layout's are)."""
+    known = _LAYOUTS[layout]
+    _check_unparametrized(experts, known.keys)
+    for mine, theirs in known.sources.items():  # (one layer tensor needs a gradient or not: _keep_frozen)
+        needs = {k: _tensor(experts, k).requires_grad for k in theirs}
+        if len(set(needs.values())) > 1:
+            flags = ", ".join(f"{k} requires_grad={v}" for k, v in needs.items())
+            raise ValueError(f"experts={type(experts).__name__} has {flags}, which EPExperts holds as one tensor "
+                             f"({mine}); freeze or unfreeze them together")
+    try:
+        settings = known.settings(experts)
+    except ValueError as err:  # (its activation)
+        raise ValueError(f"experts={type(experts).__name__}: {err}") from None
+    activation = settings.pop("activation")
+    return _Conversion(layout, False, activation, settings.pop("gemm1_alpha"), settings.pop("gemm1_clamp_limit"),
+                       quant=None, dtype=_tensor(experts, known.keys[0]).dtype, **settings)
 
 
 class EPExperts(nn.Module):
@@ -339,8 +491,13 @@ class EPExperts(nn.Module):
     up columns interleaved, down_proj [E, I, H], biases, clamped SwiGLU with alpha / limit) are converted
     to EPMoE's layout with has_bias, gemm1_alpha and gemm1_clamp_limit; export_state_dict converts back.
     Transposed experts (is_transposed=True, Aria's: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj
-    [E, I, H]) are transposed in, and back by export_state_dict. A clamped SwiGLU on [gate; up] (DeepSeek-V4;
-    MiniMax-M3's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha). Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
+    [E, I, H]) are transposed in, and back by export_state_dict; biases of [gate; up] experts (gate_up_proj_bias
+    [E, 2I], down_proj_bias [E, H]: the OpenAI privacy filter's) run with has_bias. DBRX's (mlp.w1 / v1 / w2
+    [E * I, H], called on [B, S, H] states) and ungated ones (NemotronH's up_proj / down_proj: is_gated=False) are
+    converted in and out (_LAYOUTS). Llama 4's experts, called as forward(rows [E * T, H]) on each expert's
+    router-scaled tokens, keep that call (_dense_forward). A clamped SwiGLU on [gate; up]
+    (DeepSeek-V4; MiniMax-M3's and the privacy filter's gpt-oss gate) runs as gemm1_clamp_limit (and gemm1_alpha).
+    Other biases and activations are rejected. num_redundant_experts: extra copies of experts, as
     EPMoE takes them (e.g. when E is not a multiple of the group's size).
     fp8 experts (transformers' FP8Experts: float8_e4m3fn gate_up_proj / down_proj with fp32
     *_scale_inv blocks of `block_size`, dynamic activation scales) are kept fp8 and run w8a8
@@ -362,33 +519,31 @@ class EPExperts(nn.Module):
         # replace_experts checked every block before changing any; it hands that check over
         conversion = _conversion_checked or _conversion(experts)
         _check_meta_source(experts, device)
-        self.gpt_oss = conversion.gpt_oss  # its layout is converted in and out (export_state_dict)
+        self.layout = conversion.layout  # a _LAYOUTS layout: converted in and out (export_state_dict)
         self.transposed = conversion.transposed  # its layout is transposed in and out (export_state_dict)
-        if self.gpt_oss:
-            w13, w2, b13, b2 = _from_gpt_oss(experts)
-            E, two_i, H = w13.shape
-            self.num_experts = E
-            self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
-                               dtype=w13.dtype, device=w13.device if device is None else device, has_bias=True,
-                               gemm1_alpha=float(experts.alpha), gemm1_clamp_limit=float(experts.limit),
-                               dispatcher_options=dispatcher_options, runner_options=runner_options,
-                               num_redundant_experts=num_redundant_experts)
-            self.layer.load_experts(w13, w2, b13, b2)
-            self._keep_frozen(experts)
-            return
-        w13, w2 = experts.gate_up_proj, experts.down_proj
+        w13, w2 = (experts.gate_up_proj, experts.down_proj) if self.layout is None else (None, None)
+        biases = ((experts.gate_up_proj_bias, experts.down_proj_bias) if conversion.has_bias else (None, None))
+        if self.layout is not None:
+            known = _LAYOUTS[self.layout]
+            w13, w2, *biases = known.to_layer({k: _tensor(experts, k).detach() for k in known.keys},
+                                              getattr(experts, "num_experts", None))
         if self.transposed:  # [E, H, 2I] and [E, I, H] -> EPMoE's [E, 2I, H] and [E, H, I]
             w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
         E, two_i, H = w13.shape
         self.num_experts = E
+        self.dense = conversion.dense  # each of its rows is one token of one expert: top_k 1
+        self._dense_top_k = top_k  # (its router's: how many of a token's rows may be non-zero)
         quant = conversion.quant
-        self.layer = EPMoE(E, top_k, H, two_i // 2, dispatcher=dispatcher, runner=runner, group=group,
+        self.layer = EPMoE(E, 1 if self.dense else top_k, H, two_i // 2 if conversion.is_gated else two_i,
+                           dispatcher=dispatcher, runner=runner, group=group,
                            dtype=conversion.dtype, device=w13.device if device is None else device,
-                           activation=conversion.activation, gemm1_alpha=conversion.gemm1_alpha,
-                           gemm1_clamp_limit=conversion.gemm1_clamp_limit, dispatcher_options=dispatcher_options,
-                           runner_options=runner_options, num_redundant_experts=num_redundant_experts)
+                           activation=conversion.activation, is_gated=conversion.is_gated,
+                           gemm1_alpha=conversion.gemm1_alpha,
+                           gemm1_clamp_limit=conversion.gemm1_clamp_limit, has_bias=conversion.has_bias,
+                           dispatcher_options=dispatcher_options, runner_options=runner_options,
+                           num_redundant_experts=num_redundant_experts)
         if quant is None:
-            self.layer.load_experts(w13.detach(), w2.detach())
+            self.layer.load_experts(w13.detach(), w2.detach(), *(b.detach() for b in biases if b is not None))
         else:
             self.layer.load_experts(w13.detach(), w2.detach(), w13_scale_inv=experts.gate_up_proj_scale_inv.detach(),
                                     w2_scale_inv=experts.down_proj_scale_inv.detach(), quantize=quant)
@@ -397,10 +552,12 @@ class EPExperts(nn.Module):
     def _keep_frozen(self, experts: nn.Module) -> None:
         """The layer's w13 / w2 (b13 / b2) need a gradient where the module's weights they came from did: frozen
         experts (fine-tuning the rest, or adapters) stay frozen, and get no .grad, as before the swap."""
-        sources = {"w13": "gate_up_proj", "w2": "down_proj", "b13": "gate_up_proj_bias", "b2": "down_proj_bias"}
+        sources = _PLAIN_SOURCES if self.layout is None else _LAYOUTS[self.layout].sources
         for mine, theirs in sources.items():
-            param, source = getattr(self.layer, mine), getattr(experts, theirs, None)
-            if isinstance(param, nn.Parameter) and isinstance(source, torch.Tensor) and not source.requires_grad:
+            param = getattr(self.layer, mine)
+            made_of = [_tensor(experts, k) for k in theirs]
+            if isinstance(param, nn.Parameter) and all(isinstance(t, torch.Tensor) and not t.requires_grad
+                                                       for t in made_of):
                 param.requires_grad_(False)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -421,25 +578,42 @@ class EPExperts(nn.Module):
                 del state_dict[key]
 
         transpose = lambda t: t.transpose(1, 2)  # noqa: E731
-        if self.gpt_oss:  # gate / up columns interleaved, transposed: see _from_gpt_oss
-            hf("gate_up_proj", 3, "w13", lambda w: torch.cat((w[..., ::2], w[..., 1::2]), dim=2).transpose(1, 2))
-            hf("gate_up_proj_bias", 2, "b13", lambda b: torch.cat((b[..., ::2], b[..., 1::2]), dim=1))
-            hf("down_proj", 3, "w2", transpose)
-            hf("down_proj_bias", 2, "b2")
+        if self.layout is not None:  # all of its tensors, converted together (_LAYOUTS)
+            known = _LAYOUTS[self.layout]
+            given = {k: state_dict.get(prefix + k) for k in known.keys}
+            if (all(isinstance(t, torch.Tensor) and type(t).__name__ != "DTensor" for t in given.values())
+                    and not any(f"{prefix}layer.{mine}" in state_dict for mine in known.sources)):
+                converted = dict(zip(("w13", "w2", "b13", "b2"), known.to_layer(given, E)))
+                if converted["w13"].shape[0] == E:
+                    for mine, t in converted.items():
+                        if t is not None:
+                            state_dict[f"{prefix}layer.{mine}"] = t[local.to(t.device)].contiguous()
+                    for k in known.keys:
+                        del state_dict[prefix + k]
         else:
             hf("gate_up_proj", 3, "w13", transpose if self.transposed else lambda t: t)
             hf("down_proj", 3, "w2", transpose if self.transposed else lambda t: t)
+            if self.layer.config.has_bias:  # ([gate; up] and [H] in either layout)
+                hf("gate_up_proj_bias", 2, "b13")
+                hf("down_proj_bias", 2, "b2")
             if not self.transposed:  # fp8 experts' block scales (plain layout only)
                 hf("gate_up_proj_scale_inv", 3, "w13_scale_inv")
                 hf("down_proj_scale_inv", 3, "w2_scale_inv")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                top_k_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if getattr(self, "dense", False) and top_k_index is None and top_k_weights is None:
+            return self._dense_forward(hidden_states)
         # (anything but a tensor goes to the layer as it is: its checks name it, and fail every rank's dispatch
         # with it; mapping it here raised an unnamed TypeError on this rank alone, the others left in the exchange)
         ids = (torch.where(top_k_index == self.num_experts, torch.full_like(top_k_index, -1), top_k_index)
                if isinstance(top_k_index, torch.Tensor) else top_k_index)
+        if (isinstance(hidden_states, torch.Tensor) and isinstance(ids, torch.Tensor) and hidden_states.dim() > 2
+                and ids.dim() == 2 and ids.shape[0] == hidden_states.shape[:-1].numel()):
+            # DBRX's block hands [B, S, H] states with ids of its [B * S] tokens, and takes [B, S, H] back
+            return self.forward(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index,
+                                top_k_weights).view(hidden_states.shape)
         if self._shared is None or not self._shared.enabled:
             return self.layer(hidden_states, ids, top_k_weights)
         # The block's shared experts run while the dispatch is in flight; the block then gets their
@@ -450,6 +624,24 @@ class EPExperts(nn.Module):
         return routed
 
 
+    def _dense_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Llama 4's call (_called_densely) on [E * T, H] rows: each token's non-zero rows (at most its router's
+        top_k; more fail an assert) become tokens of one expert each, weight 1 (the router's weight is in them
+        already), so T * top_k tokens are dispatched, not E * T; the rest of the [E * T, H] result is 0, as the
+        module's is on a row of zeros (no biases, act(0) = 0). No host sync (ids from a device-side mask)."""
+        E, H, K = self.num_experts, rows.shape[-1], self._dense_top_k
+        routed = rows.detach().reshape(E, -1, H).ne(0).any(dim=-1).t()  # [T, E]
+        T = routed.shape[0]
+        torch._assert_async(routed.sum(dim=1).le(K).all(), f"experts called on more than top_k={K} non-zero rows "
+                                                           f"of one token")
+        hit, experts = routed.float().topk(min(K, E), dim=1)  # [T, K]: its experts, then any others (hit 0)
+        ids = torch.where(hit.bool(), experts, torch.full_like(experts, -1)).reshape(-1, 1)
+        where = (experts * T + torch.arange(T, device=rows.device).unsqueeze(1)).reshape(-1)  # their rows
+        flat = rows.reshape(E * T, H)
+        out = self.layer(flat[where], ids, torch.ones(ids.shape, dtype=torch.float32, device=rows.device))
+        return torch.zeros_like(flat).index_copy(0, where, out)
+
+
 def _check_meta_source(experts: nn.Module, device: Any) -> None:
     """Experts on the meta device (a model built under `with torch.device("meta"):`) have no values to copy: with a
     real `device` that was load_experts' "w13 is on the meta device" error, naming neither device nor the way out."""
@@ -457,7 +649,7 @@ def _check_meta_source(experts: nn.Module, device: Any) -> None:
         target = None if device is None else torch.device(device)
     except (TypeError, RuntimeError, ValueError):
         return  # (EPMoE names a device it cannot take)
-    if experts.gate_up_proj.is_meta and target is not None and target.type != "meta":
+    if any(p.is_meta for p in experts.parameters()) and target is not None and target.type != "meta":
         raise ValueError(f"experts={type(experts).__name__} holds its weights on the meta device (no values) and "
                          f"device={device!r} asks for this rank's experts there: EPExperts copies the experts' values, "
                          f"which it has none of. Leave device out (the experts stay on meta; then model.to_empty("
@@ -543,9 +735,10 @@ def _swap_check(block: nn.Module) -> tuple[int, _Conversion]:
                          f"(its modules: {', '.join(sorted({type(c).__name__ for c in block.children()}))}); "
                          f"EPExperts swaps a block's `experts`")
     top_k = _router_top_k(block)
-    if top_k is None and is_hf_experts(experts):
+    top_k = _own_top_k(block) if top_k is None else top_k  # (DBRX's block routes itself: its router gives logits)
+    if top_k is None and (is_hf_experts(experts) or any(known.is_it(experts) for known in _LAYOUTS.values())):
         raise ValueError(f"block={name} has experts={type(experts).__name__} but no router `gate` or `router` "
-                         f"with an int top_k; EPExperts cannot tell its top_k")
+                         f"with an int top_k, nor a top_k of its own; EPExperts cannot tell its top_k")
     try:
         conversion = _conversion(experts)
     except ValueError as err:
@@ -611,18 +804,18 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
                     **options: Any) -> int:
     """Swap the `experts` of every MoE block in `model` (a block with an HF experts module and a router
     `gate` or `router` that has `top_k`: Mixtral, Qwen-MoE, DeepSeek, OLMoE, GraniteMoE, Phi-MoE, Jamba,
-    gpt-oss, Gemma 4, Aria, ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
+    gpt-oss, Gemma 4, Aria, Llama 4, the OpenAI privacy filter, DBRX (whose block has the top_k), ...) for EPExperts(experts, top_k, **options). Every rank must call it on the same
     model. Returns how many blocks it changed (blocks swapped by an earlier call are left as they are).
 
     An MoE block it cannot swap exactly is never skipped silently: with strict=True (the default) it
     raises a ValueError naming every such block (its path, class, and why), before any block is
     changed. Such blocks: experts that are not transformers' fused 3-D gate_up_proj / down_proj
-    (DBRX, JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
-    one-neuron experts in embedding tables, found by its own top_k), ungated (NemotronH), identity
+    (JetMoE, Switch Transformers, NLLB-MoE, VitPose: per-expert modules or other layouts; Doge:
+    one-neuron experts in embedding tables, found by its own top_k), relu2 (NemotronH's: ungated silu / gelu ones swap), identity
     experts handed to the experts module (LongCat-Flash's zero_expert_num before transformers 5.25, whose block
-    computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, biased,
-    transposed or interleaved weights other than gpt-oss's and Aria's (Llama 4's, the OpenAI privacy
-    filter's), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
+    computes them itself and swaps), packed quantized (MXFP4) weights, no router top_k, interleaved
+    weights other than gpt-oss's, other shapes, biases other than gate_up_proj_bias [E, 2I] with down_proj_bias
+    [E, H] (the OpenAI privacy filter's swap) or on experts called on every expert's rows (Llama 4's swap), a custom _apply_gate computing none of EPMoE's gates (act(gate) clamped after the activation,
     below ~12 for silu: Step3p7's, Bailing-hybrid's limit_after_act), a post-expert norm (MuSE-Spark), an
     activation other than silu / gelu / gelu_tanh (Inkling 2's softcapped SwiGLU), experts transformers' own expert
     parallelism already split (DistributedConfig ep_size), parametrized weights (torch.nn.utils.parametrize, e.g.
@@ -717,17 +910,21 @@ def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict
         return None
     hf_keys = {}  # each EPExperts' HF keys, in the order its HF module registered them
     for name, weights in gathered.items():
-        if experts[name].gpt_oss:
-            hf_keys[name] = {f"{name}.{key}": value for key, value in _to_gpt_oss(weights.w13, weights.w2, weights.b13,
-                                                                                  weights.b2).items()}
+        if experts[name].layout is not None:
+            hf_keys[name] = {f"{name}.{key}": value for key, value in _LAYOUTS[experts[name].layout].to_hf(
+                weights.w13, weights.w2, weights.b13, weights.b2).items()}
             continue
         transpose = (lambda w: w.transpose(1, 2).contiguous()) if experts[name].transposed else (lambda w: w)
         keys = hf_keys[name] = {f"{name}.gate_up_proj": transpose(weights.w13)}
         if weights.quantized:  # FP8Experts' block scales, in its layout (the layer keeps them as loaded)
             keys[f"{name}.gate_up_proj_scale_inv"] = weights.w13_scale_inv
+        if weights.b13 is not None:  # (the privacy filter's order: each bias after its weight)
+            keys[f"{name}.gate_up_proj_bias"] = weights.b13
         keys[f"{name}.down_proj"] = transpose(weights.w2)
         if weights.quantized:
             keys[f"{name}.down_proj_scale_inv"] = weights.w2_scale_inv
+        if weights.b2 is not None:
+            keys[f"{name}.down_proj_bias"] = weights.b2
     out = {}  # model.state_dict()'s order, each EPExperts' HF keys where its layer's keys were
     for key, value in model.state_dict().items():
         owner = next((name for name in experts if key.startswith(f"{name}.layer.")), None)

@@ -35,6 +35,10 @@ FAMILIES = {  # name -> (config class, extra fields); small, with routing option
                                      layer_types=["full_attention"] * 2, swiglu_limit=0.5)),
     # transposed experts (is_transposed=True: gate_up_proj [E, H, 2I] = [gate | up] columns, down_proj [E, I, H])
     "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
+    # experts called on every expert's router-scaled rows (bmm layout [E, H, 2I], [E, I, H]), a shared expert
+    "llama4": ("Llama4TextConfig", dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8,
+                                        num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"] * 2,
+                                        no_rope_layers=[1, 1], moe_layers=[0, 1])),
 }
 
 
@@ -93,7 +97,8 @@ def test_unsupported_experts_are_rejected():
             self.down_proj = torch.nn.Parameter(torch.randn(4, 6, 4))
             self.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 8))
             self.act_fn = torch.nn.SiLU()
-    with pytest.raises(ValueError, match="experts=Biased has gate_up_proj_bias and is not gpt-oss's layout"):
+    with pytest.raises(ValueError, match=r"experts=Biased has has_bias=None, gate_up_proj_bias \[4, 8\] and "
+                                         r"down_proj_bias None; EPExperts takes biased experts with both"):
         ep.hf.EPExperts(Biased(), 2)
     with pytest.raises(ValueError, match="is none of silu, gelu, gelu_tanh"):
         ep.hf.activation_name(torch.relu)
@@ -158,19 +163,24 @@ def _experts(module_name, cls_name, config_name, **fields):
 
 def test_experts_that_compute_something_else_are_rejected():
     """Experts whose forward is not sum_k w_k * down(gated(gate, up)) must not be swapped silently:
-    MuSE-Spark's per-expert output norm, Llama 4's transposed weights."""
+    MuSE-Spark's per-expert output norm, Llama 4's experts (called on every expert's rows) given biases: a row of
+    zeros, a token not routed there, would get their output."""
     cases = [
         (("muse_spark", "MuseSparkExperts", "MuseSparkTextConfig"),
          dict(hidden_size=32, moe_hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_attention_heads=4,
               num_key_value_heads=2), "has_post_expert_norm=True"),
         (("llama4", "Llama4TextExperts", "Llama4TextConfig"),
-         dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "needs \\[E, 2I, H\\] and \\[E, H, I\\]"),
+         dict(hidden_size=32, intermediate_size=16, num_local_experts=4), "called on every expert's rows .* and has "
+                                                                          "biases"),
     ]
     for names, fields, message in cases:
         try:
             experts = _experts(*names, **fields)
         except (AttributeError, ImportError, TypeError, ValueError) as err:  # a transformers without this family
             pytest.skip(f"{names[1]}: {err}")
+        if names[0] == "llama4":
+            experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 32))
+            experts.down_proj_bias = torch.nn.Parameter(torch.zeros(4, 32))
         with pytest.raises(ValueError, match=message):
             ep.hf.EPExperts(experts, 2, dispatcher="standard", runner="torch")
 
@@ -294,21 +304,38 @@ def test_fp8_experts_with_a_clamped_gate_run_it_and_a_softcapped_gate_is_rejecte
                         runner="torch")
 
 
-def test_blocks_that_cannot_be_swapped_fail_loudly():
-    """Llama 4 (transposed experts called without top-k ids; its router is named `router`):
-    replace_experts raises naming the experts and changes nothing."""
-    cases = {"Llama4TextConfig": dict(intermediate_size=16, intermediate_size_mlp=24, num_local_experts=8,
-                                      num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"] * 2,
-                                      no_rope_layers=[1, 1], moe_layers=[0, 1])}
-    for cls_name, extra in cases.items():
-        config = getattr(transformers, cls_name)(**COMMON, **extra)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match=r"experts=Llama4TextExperts has "):
-            ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
-        assert not any(isinstance(m, ep.hf.EPExperts) for m in model.modules()), cls_name
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), cls_name
+def test_llama4_experts_called_on_every_experts_rows_swap_exactly():
+    """Llama 4's block calls its experts on [E * T, H] rows (each expert's tokens times their router score, zeros
+    where not routed there: apply_router_weight_on_input) and sums the E outputs; it was refused as if its weights had
+    the wrong shapes. Now each non-zero row is one token of its expert (weight 1): float64, top_k=2, logits and every
+    gradient (the experts' too) equal the original's (measured 0 and ~2e-16: the same products, DESIGN's 1e-12), and
+    export_state_dict gives its checkpoint back ([E, H, 2I] and [E, I, H]); rows routed to more experts than the
+    router's top_k fail an assert, not drop."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip("no Llama 4 in this transformers")
+    config = transformers.Llama4TextConfig(**COMMON, **{**FAMILIES["llama4"][1], "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    original, checkpoint = copy.deepcopy(model), {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+    logits = [m(ids).logits for m in (original, model)]
+    for lg in logits:
+        lg.square().mean().backward()
+    assert rel_err(logits[1].detach(), logits[0].detach()) <= tolerance(torch.float64)
+    grads = {n: p.grad for n, p in original.named_parameters()}
+    for n, p in model.named_parameters():
+        if ".experts.layer." in n:
+            prefix, mine = n.split(".layer.")
+            expected = grads.pop(f"{prefix}.{dict(w13='gate_up_proj', w2='down_proj')[mine]}").transpose(1, 2)
+        else:
+            expected = grads.pop(n)
+        assert rel_err(p.grad, expected) <= tolerance(torch.float64), n
+    assert not grads, grads
+    exported = ep.hf.export_state_dict(model)
+    assert list(exported) == list(checkpoint) and all(torch.equal(exported[k], checkpoint[k]) for k in checkpoint)
+    with pytest.raises(RuntimeError, match="more than top_k=2 non-zero rows"):  # not routed as its router routes
+        model.model.layers[0].feed_forward.experts(torch.ones(8 * 3, 32, dtype=torch.float64))
 
 
 def test_overlapped_shared_experts_under_inference_mode():
@@ -344,25 +371,55 @@ def test_shared_experts_called_first_are_computed_once_and_never_stale():
         assert all(b.experts._shared._stashed is None for b in blocks), step
 
 
-def test_ungated_experts_are_rejected_not_skipped():
-    """NemotronH's experts (up_proj / down_proj, no gate): replace_experts raises instead of
-    returning 0 with the model left as it was."""
+def test_ungated_experts_swap_or_are_refused_by_their_activation():
+    """NemotronH's ungated experts (up_proj [E, I, H], down_proj [E, H, I], has_gate=False) are what EPMoE computes
+    with is_gated=False; they were refused as 'gated experts only'. With a silu act_fn they swap: float64 outputs and
+    input / weight gradients equal the module's (~1e-16; float64 router weights: with float32 ones its own sum rounds
+    to float32), and the checkpoint goes out and back in unchanged; NemotronH's default relu2 is refused naming it,
+    and so are ungated fp8 experts (their block scales: gated fp8 experts only)."""
     try:
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
-        config = transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4)
-        experts = NemotronHExperts(config)
+        configs = [transformers.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
+                                                mlp_hidden_act=act) for act in ("silu", "relu2")]
     except (AttributeError, ImportError, TypeError, ValueError) as err:
         pytest.skip(f"NemotronH: {err}")
 
     class Block(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, config):
             super().__init__()
-            self.experts = experts
+            torch.manual_seed(0)
+            self.experts = NemotronHExperts(config).double()
+            for w in (self.experts.up_proj, self.experts.down_proj):
+                torch.nn.init.normal_(w, std=0.3)
             self.gate = torch.nn.Linear(32, 4)
             self.gate.top_k = 2
 
-    with pytest.raises(ValueError, match="experts=NemotronHExperts with up_proj and no gate_up_proj"):
-        ep.hf.replace_experts(torch.nn.Sequential(Block()), dispatcher="standard", runner="torch")
+    with pytest.raises(ValueError, match=r"experts=NemotronHExperts: act_fn=ReLUSquaredActivation\(\) is none of"):
+        ep.hf.replace_experts(torch.nn.Sequential(Block(configs[1])), dispatcher="standard", runner="torch")
+    model = torch.nn.Sequential(Block(configs[0]))
+    original, checkpoint = copy.deepcopy(model[0].experts), copy.deepcopy(model.state_dict())
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 1
+    gen = torch.Generator().manual_seed(1)
+    x, ids = torch.randn(9, 32, generator=gen, dtype=torch.float64), torch.randint(0, 4, (9, 2), generator=gen)
+    weights = torch.rand(9, 2, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for module in (original, model[0].experts):
+        xr = x.clone().requires_grad_(True)
+        out = module(xr, ids, weights)
+        (out * torch.linspace(-1, 1, 32, dtype=torch.float64)).square().sum().backward()
+        outs.append(out.detach())
+        grads.append([xr.grad] + [p.grad for p in module.parameters()])
+    assert rel_err(outs[1], outs[0]) <= tolerance(torch.float64)
+    assert all(rel_err(a, b) <= tolerance(torch.float64) for a, b in zip(grads[1], grads[0]))
+    assert list(ep.hf.export_state_dict(model)) == list(checkpoint)
+    model.load_state_dict({k: v + 1 for k, v in checkpoint.items()})
+    assert all(torch.equal(v, checkpoint[k] + 1) for k, v in ep.hf.export_state_dict(model).items())
+    fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    fp8 = fp8_module.FP8Experts(transformers.MixtralConfig(hidden_size=128, intermediate_size=128, num_local_experts=4),
+                                block_size=(128, 128), has_gate=False)  # (was EPMoE's "dtype=torch.float8_e4m3fn")
+    with pytest.raises(ValueError, match=r"experts=FP8Experts with up_proj \[4, 128, 128\] torch.float8_e4m3fn .*"
+                                         r"\(fp8 experts gated only\)"):
+        ep.hf.EPExperts(fp8, 2, dispatcher="standard", runner="torch")
 
 
 def test_gemma4_router_without_top_k_attribute():
@@ -427,10 +484,6 @@ def _tiny_model(config_name, auto="AutoModelForCausalLM", **fields):
 
 
 UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot take: name -> (build, block, why)
-    "dbrx": (lambda: _tiny_model("DbrxConfig", d_model=32, n_heads=4, n_layers=2, max_seq_len=32,  # 2-D w1 / v1 / w2
-                                 vocab_size=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
-                                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
-             "DbrxFFN", "experts=DbrxExperts has no 3-D gate_up_proj / down_proj"),
     "jetmoe": (lambda: _tiny_model("JetMoeConfig", vocab_size=64, hidden_size=32, num_hidden_layers=2,  # no `experts`
                                    num_key_value_heads=2, kv_channels=8, intermediate_size=16, num_local_experts=4,
                                    num_experts_per_tok=2, max_position_embeddings=32),
@@ -450,12 +503,6 @@ UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot ta
                                           n_routed_experts=4, zero_expert_num=2, moe_topk=2, kv_lora_rank=16,
                                           q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
                       "LongcatFlashMoE", "has zero_expert_num=2 identity"),
-    # [gate | up] halves with biases: the error said its gate and up were interleaved (they are not)
-    "openai_privacy_filter": (lambda: _tiny_model("OpenAIPrivacyFilterConfig", "AutoModel", **COMMON, head_dim=8,
-                                                  intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
-                                                  pad_token_id=0),
-                              "OpenAIPrivacyFilterMLP", r"gate_up_proj_bias \({'is_transposed': True, "
-                                                        r"'is_concatenated': True}\) and is not gpt-oss's layout"),
     # a softcapped SwiGLU: the error printed the act_fn's multi-line repr, without its softcaps
     "inkling2": (lambda: _tiny_model("Inkling2TextConfig", **COMMON, moe_intermediate_size=16, num_experts=4,
                                      num_experts_per_tok=2, pad_token_id=0, eos_token_id=0, bos_token_id=0),
@@ -466,8 +513,8 @@ UNSWAPPABLE = {  # tiny transformers models whose MoE blocks EPExperts cannot ta
 
 @pytest.mark.parametrize("name", UNSWAPPABLE)
 def test_moe_blocks_it_cannot_swap_raise_instead_of_returning_0(name):
-    """DBRX, JetMoE, Switch Transformers, MXFP4 gpt-oss, Doge, LongCat-Flash with identity experts, the
-    privacy filter and Inkling 2: replace_experts raises naming each block's path, class and what prevents
+    """JetMoE, Switch Transformers, MXFP4 gpt-oss, Doge, LongCat-Flash with identity experts and Inkling 2:
+    replace_experts raises naming each block's path, class and what prevents
     an exact swap (nothing is skipped silently), and changes nothing; strict=False warns and leaves them
     as they are."""
     build, block, why = UNSWAPPABLE[name]
@@ -664,8 +711,8 @@ def test_num_experts_not_divisible_by_the_group():
 
 def _unswapped_export_rank(rank, world_size):
     torch.manual_seed(0)  # the same model on every rank
-    model = UNSWAPPABLE["dbrx"][0]()
-    with pytest.warns(UserWarning, match="block=DbrxFFN"):
+    model = UNSWAPPABLE["doge"][0]()
+    with pytest.warns(UserWarning, match="block=DogeCDMoE"):
         assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch", strict=False) == 0
     exported = ep.hf.export_state_dict(model)
     return None if exported is None else sorted(exported) == sorted(model.state_dict())
@@ -697,6 +744,23 @@ SWEEP = {  # model_type -> extra config fields
     "longcat_flash": dict(zero_expert_num=0), "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {},
     "muse_spark_text": {}, "nemotron_h": {}, "olmoe": {}, "qwen3_next": {}, "solar_open": {}, "sarvam_moe": {}, "sarvam_mla": {},
     "zaya": dict(num_experts_per_tok=1),
+    # swept since: MLA families (an indexer where they have one), VL text towers, hybrids
+    "axk1": {}, "axk2": {}, "beam": {}, "deepseek_v32": dict(index_n_heads=2, index_head_dim=8, index_topk=4),
+    "dots3_note_text": dict(num_key_value_heads=4, per_layer_config={}, shared_experts_intermediate_size=16),
+    "glm4_moe_lite": {}, "glm4v_moe_text": {}, "glm_moe_dsa": dict(index_n_heads=2, index_head_dim=8, index_topk=4),
+    "glm5_next_text": dict(num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, index_n_heads=2,
+                           index_head_dim=8, index_topk=4, index_kpool=2, qk_nope_head_dim=8, v_head_dim=8,
+                           qk_rope_head_dim=0, head_dim=0),
+    "granitemoe_swa": {}, "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16),
+    "granitemoeshared": {}, "hy_v3": {}, "hy_v4_vl_text": dict(num_key_value_heads=4, rope_parameters=dict(
+        rope_theta=1e4, rope_type="default", mrope_section=[1, 1, 0])), "inkling2_loop_text": {}, "kolibri1": {},
+    "laguna": {}, "lara_mini": {}, "mellum": {}, "mistral4": {},
+    "mistral_large4_text": dict(num_key_value_heads=4, kv_source_layers=[0, 1], no_rope_layers=[0, 0],
+                                rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    "qwen3_5_moe_text": {}, "qwen3_vl_moe_text": {},
+    "qwen4_exp_text": dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                           linear_num_value_heads=4, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                           indexer_budget=8, indexer_compress_ratio=2),
     # new in transformers 5.25 (skipped where the transformers has no such model type)
     "minicpm5_moe": {}, "ergo": {}, "kolibri1_1": dict(layer_types=["sliding_attention"] * 2, sliding_window=16,
                                                        kv_source_layers=[0, 1], head_dim=16, index_num_heads=2),
@@ -1214,3 +1278,105 @@ def test_experts_with_parametrized_weights_are_refused_not_merged():
     assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
     assert rel_err(model(ids).logits, expected) <= tolerance(torch.float32)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+
+
+def _dbrx():
+    return _tiny_model("DbrxConfig", d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
+                       attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=1e4),
+                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
+
+
+CONVERTED = {  # family -> tiny model builder: experts in a layout EPExperts converts in and out
+    # transposed [gate | up] experts with biases and gpt-oss's clamped SwiGLU on [gate; up] (a limit small enough
+    # that most gate / up values clamp)
+    "openai_privacy_filter": lambda: _tiny_model("OpenAIPrivacyFilterConfig", "AutoModel", **COMMON, head_dim=8,
+                                                 intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                                 pad_token_id=0, swiglu_limit=0.5),
+    # w1 / v1 / w2 [E * I, H] under an `mlp`, a block routing with its own top_k and handing its experts [B, S, H]
+    "dbrx": _dbrx,
+}
+
+
+def _output(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _converted_rank(rank, world_size, family):
+    """CONVERTED[family] (float32) on 2 ranks: its output and every gradient against the original's (the experts'
+    summed over both ranks' tokens, as EP sums them, read in the checkpoint's layout through export_state_dict), its
+    export_state_dict, and a Hugging Face state_dict loaded into a zeroed one."""
+    def build():
+        torch.manual_seed(0)  # the same model on every rank
+        return CONVERTED[family]().float().eval()
+    model = build()
+    original = copy.deepcopy(model)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [torch.randint(1, 64, (2, 7 + 3 * r), generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    expected = []
+    for r in range(2):  # the original on each rank's tokens: the experts' gradients over both
+        out = _output(original, ids[r])
+        (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+        expected.append(out.detach())
+    hf_grads = {n: p.grad.clone() for n, p in original.named_parameters() if p.grad is not None}
+    assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+    config = next(m.layer.config for m in model.modules() if isinstance(m, ep.hf.EPExperts))
+    out = _output(model, ids[rank])
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+    errors = {"output": rel_err(out.detach(), expected[rank])}
+    experts = [p for m in model.modules() if isinstance(m, ep.hf.EPExperts) for p in m.parameters()]
+    others = {n: p.grad for n, p in model.named_parameters() if all(p is not q for q in experts)}
+    with torch.no_grad():  # the experts' gradients in the checkpoint's layout: exported in place of their weights
+        for p in experts:
+            p.copy_(p.grad)
+        expert_grads = {k: v for k, v in ep.hf.export_state_dict(model, dst=None).items() if k not in others
+                        and k in hf_grads}
+    errors.update({k: rel_err(v, hf_grads[k]) for k, v in expert_grads.items()})
+    original.zero_grad()
+    out = _output(original, ids[rank])
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+    errors["others"] = max(rel_err(g, original.get_parameter(n).grad) for n, g in others.items() if g is not None)
+    model.load_state_dict(checkpoint)
+    exported = ep.hf.export_state_dict(model, dst=None)
+    same = list(exported) == list(checkpoint) and all(torch.equal(exported[k], checkpoint[k]) for k in checkpoint)
+    zeroed = build()
+    for p in zeroed.parameters():
+        p.data.zero_()
+    ep.hf.replace_experts(zeroed, dispatcher="deepep_normal", runner="torch")
+    zeroed.load_state_dict(checkpoint)
+    with torch.no_grad():
+        errors["loaded"] = rel_err(_output(zeroed, ids[rank]), expected[rank])
+    return (config.activation, config.has_bias, config.gemm1_alpha, config.gemm1_clamp_limit), len(expert_grads), \
+        errors, same
+
+
+@pytest.mark.parametrize("family, settings, expert_tensors", [
+    ("openai_privacy_filter", ("silu", True, 1.702, 0.5), 8), ("dbrx", ("silu", False, None, None), 6)])
+def test_experts_in_other_layouts_swap_exactly(family, settings, expert_tensors):
+    """Experts EPMoE computes that were refused for their layout: the OpenAI privacy filter's (transposed [E, H, 2I]
+    with [gate | up] columns, biases, gpt-oss's clamped SwiGLU on [gate; up] in _apply_gate: has_bias, gemm1_alpha,
+    gemm1_clamp_limit; 'not gpt-oss's layout') and DBRX's (w1, v1, w2 [E * I, H] under `mlp`, its block routing with
+    its own top_k: 'no 3-D gate_up_proj / down_proj'). Swapped over 2 gloo ranks: outputs and every gradient equal
+    the original's (float32: DESIGN's 1e-5; measured <= ~1e-6), and the checkpoint goes out (export_state_dict, in
+    its key order) and back in (load_state_dict) unchanged."""
+    if family == "openai_privacy_filter" and not hasattr(transformers, "OpenAIPrivacyFilterConfig"):
+        pytest.skip("no OpenAI privacy filter in this transformers")
+    for got, tensors, errors, same in run_ranks(_converted_rank, 2, family, timeout=120):
+        assert got == settings and tensors == expert_tensors and same, (got, tensors, same)
+        assert all(err <= tolerance(torch.float32) for err in errors.values()), errors
+
+
+def test_converted_experts_freeze_by_layer_tensor():
+    """DBRX's w1 and v1 become one layer tensor (w13): frozen together it stays frozen after the swap; one frozen and
+    the other not is refused by name (either choice would silently train or freeze the other)."""
+    model = _dbrx()
+    for block in model.transformer.blocks:
+        block.ffn.experts.mlp.w1.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"experts=DbrxExperts has mlp.w1 requires_grad=False, mlp.v1 "
+                                         r"requires_grad=True, which EPExperts holds as one tensor \(w13\)"):
+        ep.hf.replace_experts(model, dispatcher="standard", runner="torch")
+    for block in model.transformer.blocks:
+        block.ffn.experts.mlp.v1.requires_grad_(False)
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    assert sorted({n.rsplit(".", 1)[1] for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}) \
+        == ["w2"]
