@@ -514,6 +514,19 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
         assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
 
 
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_fp8_call_routing_no_pair_returns_zeros(runner):
+    """A call whose every slot is -1 (or no token at all) on fp8 experts: the masked runner on token rows
+    (an expert-major buffer of 0 rows per expert) refused it inside its row quantization ("row_counts has
+    4 counts of rows_per_count=0 rows"), naming nothing the caller gave. Now zeros, as on bf16 experts."""
+    E, K, H, I = 4, 2, 256, 128
+    layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.float16, quant_config=QuantConfig())
+    with torch.no_grad():
+        for T in (0, 3):
+            y = layer(torch.randn(T, H, dtype=torch.float16), torch.full((T, K), -1), torch.rand(T, K))
+            assert y.shape == (T, H) and y.dtype == torch.float16 and not bool(y.any()), T
+
+
 def test_gluon_pipeline_settings_that_would_hang_are_errors():
     """A Gluon GEMM's Pipeline with one ring slot (its loads would wait on the wgmma reading it) or math
     partitions other than the two warpgroups' 1 or 2 (the ring's barriers would count arrivals that never come)
