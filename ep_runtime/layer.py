@@ -19,8 +19,15 @@ from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
-from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, check_scale_values, is_quantized_dtype
-from .quant import registered_formats as registered_quant_formats
+from .quant import (
+    FP8_DTYPES,
+    INFERENCE_ONLY,
+    QuantConfig,
+    as_quant_config,
+    check_scale_tensor,
+    check_scale_values,
+    is_quantized_dtype,
+)
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, grad_leaf, needs_grad
 from .validation import (
@@ -539,11 +546,7 @@ class EPMoE(nn.Module):
 
     def _load_quant(self, w13, w2, w13_scale_inv, w2_scale_inv, quantize) -> Optional[QuantConfig]:
         """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""
-        if quantize is not None and not isinstance(quantize, QuantConfig):
-            if quantize not in registered_quant_formats():
-                raise ValueError(f"quantize={quantize!r}; allowed: None, {', '.join(registered_quant_formats())} "
-                                 f"or an ep.QuantConfig")
-            quantize = QuantConfig(format=quantize)
+        quantize = as_quant_config("quantize", quantize)
         fp8_in = isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype)
         for name, t in (("w2", w2),):
             if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) != fp8_in:

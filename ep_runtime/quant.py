@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -152,6 +153,16 @@ class QuantConfig:
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
         limit = self.spec.max_value  # |v| <= max by construction; the clamp guards fp32 rounding
         return v.clamp(-limit, limit).to(self.dtype)
+
+
+def as_quant_config(name: str, value) -> Optional[QuantConfig]:
+    """`value` given as argument `name`: None, an ep.QuantConfig, or a registered format's name (its default
+    QuantConfig); anything else raises naming the argument, as every entry point that takes a format does."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str) and value in _FORMATS:
+        return QuantConfig(format=value)
+    raise ValueError(f"{name}={value!r}; allowed: None, {', '.join(_FORMATS)} or an ep.QuantConfig")
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:

@@ -648,6 +648,25 @@ def test_fp8_split_k_gemm2_matches_the_fp8_reference():
                          fp8_input=False)
     assert rel_err(y, want) < BF16
 
+def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
+    """fused_experts(quant="fp8_block"), the spelling load_experts' quantize takes, failed inside with
+    "AttributeError: 'str' object has no attribute 'dtype'" (naming no argument); a format's name now means its
+    default QuantConfig, and anything else is refused naming quant and what is allowed."""
+    E, K, H, I, T = 2, 2, 128, 128, 3
+    gen = _seeded(9)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5), \
+        q.quantize_weight(torch.randn(E, H, I, generator=gen) * I ** -0.5)
+    x = torch.randn(T, H, generator=gen).half()
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    run = lambda quant: ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13,  # noqa: E731
+                                                 w2_scale_inv=s2, quant=quant)
+    assert torch.equal(run("fp8_block"), run(None))
+    for bad in ("int4", 42):
+        with pytest.raises(ValueError, match=f"quant={bad!r}; allowed: None, fp8_block or an ep.QuantConfig"):
+            run(bad)
+
+
 def test_torch_runner_fp8_math_ignores_autocast():
     """Under torch.autocast (bf16) the torch runner's fp8 path computes as it documents, in fp32 on the
     dequantized weights: autocast ran its GEMMs in bf16, rounding the dequantized operands and GEMM 1's
