@@ -369,7 +369,8 @@ class EPMoE(nn.Module):
                                      "load_experts: every rank stops before loading", self.w13.device)
         elif error is not None:
             raise error
-        if quant is not None and quant is not self.quant:
+        # (stored anew also where a module-wide .to(dtype) cast the fp8 storage: its values would be cast again)
+        if quant is not None and (quant is not self.quant or self.w13.dtype != quant.dtype):
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
             _copy_values(getattr(self, name), piece)
@@ -693,7 +694,7 @@ class EPMoE(nn.Module):
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
-                               f"move it with .to(device) only, or reload the experts")
+                               f"move it with .to(device) only, or load the experts again with load_experts(...)")
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         return x

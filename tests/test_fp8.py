@@ -706,6 +706,37 @@ def test_fp8_is_inference_only():
             layer(x.half(), ids, torch.rand(3, 2))
 
 
+def test_fp8_experts_cast_by_a_module_wide_to_dtype_load_again():
+    """After layer.to(torch.bfloat16) (or .float()) casts the fp8 experts, forward's error says to load the
+    experts again; load_experts copied the new fp8 values (or the quantized float ones) into the cast tensors,
+    cast as numbers again, and the forward kept raising. It now stores them fp8 anew, with their scales in
+    fp32, and the layer computes as one never cast."""
+    E, K, H, I, T = 4, 2, 256, 128, 5
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    gen = _seeded(21)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    want = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    want.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    with torch.no_grad():
+        want = want(x, ids, weights)
+    for cast in (torch.bfloat16, torch.float32):
+        for reload in ("fp8", "float"):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+            layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+            layer.to(cast)
+            with torch.no_grad(), pytest.raises(RuntimeError, match=r"load the experts again with load_experts"):
+                layer(x, ids, weights)
+            if reload == "fp8":
+                layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+            else:  # quantized with the layer's config: the same fp8 values and scales
+                layer.load_experts(w13, w2)
+            assert layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn and layer.w13_scale_inv.dtype == torch.float32
+            assert torch.equal(layer.w2_scale_inv, s2) and layer.dtype == torch.bfloat16
+            with torch.no_grad():
+                assert torch.equal(layer(x, ids, weights), want), (cast, reload)
+
+
 def _gradient_rank(rank, world_size):
     """fp8 layers on 2 ranks (deepep_normal, torch runner: fp8 experts, or bf16 experts with an fp8
     dispatch) given router weights that need a gradient; then each layer under no_grad against the
