@@ -527,6 +527,29 @@ def test_fp8_call_routing_no_pair_returns_zeros(runner):
             assert y.shape == (T, H) and y.dtype == torch.float16 and not bool(y.any()), T
 
 
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_fp8_masked_runner_on_token_rows_weights_the_input_after_quantizing(dispatcher):
+    """apply_router_weight_on_input, fp8 experts, the masked runner on token rows: the conversion to expert-major
+    rows weighted them in x's dtype (x * w rounded to bf16) before the runner rounded them to fp8, a double
+    rounding the token-row runners do not make (they put w into the fp32 scales): 0.041 off the w8a8 reference
+    at this seed, twice the bf16 bound. The rows are now quantized first and w goes into their scales."""
+    E, K, H, I, T = 4, 1, 200, 72, 7
+    gen = _seeded(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="masked", dtype=torch.bfloat16,
+                     apply_router_weight_on_input=True)
+    layer.load_experts(w13, w2, quantize="fp8_block")
+    with torch.no_grad():
+        y = layer(x, ids, weights)
+    q = QuantConfig()
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(*q.quantize_weight(w13)),
+                         _dequantize_weight64(*q.quantize_weight(w2)), layer.config, fp8_activations=True,
+                         fp8_input=False)
+    assert rel_err(y, want) < BF16 / 4, rel_err(y, want)
+
+
 def test_gluon_pipeline_settings_that_would_hang_are_errors():
     """A Gluon GEMM's Pipeline with one ring slot (its loads would wait on the wgmma reading it) or math
     partitions other than the two warpgroups' 1 or 2 (the ring's barriers would count arrivals that never come)
