@@ -59,6 +59,21 @@ def test_config_takes_integers_only():
     config = QuantConfig(weight_block=(np.int64(128), 128), activation_group=np.int64(128))
     assert config == QuantConfig() and all(type(v) is int for v in (*config.weight_block, config.activation_group))
 
+def test_conversions_name_a_tensor_of_the_wrong_shape():
+    """ep.QuantConfig's conversions given one [N, K] matrix, a [batch, seq, H] x or scales of another block grid
+    said "not enough values to unpack (expected 3, got 2)" or torch's size mismatch, naming nothing; now the
+    argument, its shape and the layout expected."""
+    q = QuantConfig()
+    with pytest.raises(ValueError, match=r"w has shape \[300, 200\]; expected \[E, N, K\].*w.unsqueeze\(0\)"):
+        q.quantize_weight(torch.randn(300, 200))
+    with pytest.raises(ValueError, match=r"x has shape \[2, 3, 200\]; expected \[T, H\]"):
+        q.quantize_activation(torch.randn(2, 3, 200))
+    qw, scale = q.quantize_weight(torch.randn(1, 300, 200))
+    with pytest.raises(ValueError, match=r"scale_inv has shape \[1, 2, 2\]; expected \[1, 3, 2\]"):
+        q.dequantize_weight(qw, scale[:, :2])
+    assert q.quantize_weight(torch.randn(0, 300, 200))[1].shape == (0, 3, 2)
+
+
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_weight_round_trip_is_within_one_e4m3_rounding(encoding):
     q = QuantConfig(scale_encoding=encoding)
