@@ -66,8 +66,9 @@ class EPMoE(nn.Module):
     The router's ids stay logical: each (token, expert) pair goes to one copy, chosen on the device
     (placement.to_physical). expert_load() counts the pairs this rank sent per expert;
     apply_placement / rebalance move experts between steps (ep_runtime.eplb).
-    quant_config: store the experts quantized (ep.QuantConfig(): fp8 e4m3 with [128, 128] block
-    scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the activations' dtype.
+    quant_config: store the experts quantized (ep.QuantConfig(), or a format's name such as "fp8_block":
+    fp8 e4m3 with [128, 128] block scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the
+    activations' dtype.
     load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
     fp8 layers are inference-only (forward raises when a gradient is needed).
     shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
@@ -86,7 +87,7 @@ class EPMoE(nn.Module):
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0,
-                 quant_config: Optional[QuantConfig] = None, shared_experts: Optional[nn.Module] = None):
+                 quant_config: Optional[Union[str, QuantConfig]] = None, shared_experts: Optional[nn.Module] = None):
         super().__init__()
         from . import envs
         # This rank's own arguments, its runner built, before its dispatcher: where one rank fails here alone,
@@ -96,8 +97,7 @@ class EPMoE(nn.Module):
             if shared_experts is not None and not isinstance(shared_experts, nn.Module):
                 raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
                                 f"mapping [T, H] to [T, H]")
-            if quant_config is not None and not isinstance(quant_config, QuantConfig):
-                raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant_config).__name__}")
+            quant_config = as_quant_config("quant_config", quant_config)  # (a format's name, as quantize= takes it)
             self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
                                     is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                     gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,

@@ -703,6 +703,10 @@ def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
     for bad in ("int4", 42):
         with pytest.raises(ValueError, match=f"quant={bad!r}; allowed: None, fp8_block or an ep.QuantConfig"):
             run(bad)
+    # EPMoE's quant_config likewise (it was refused as "must be an ep.QuantConfig; got str")
+    assert ep.EPMoE(E, K, H, I, dtype=torch.float16, quant_config="fp8_block").quant == QuantConfig()
+    with pytest.raises(ValueError, match="quant_config='int4'; allowed: None, fp8_block or an ep.QuantConfig"):
+        ep.EPMoE(E, K, H, I, dtype=torch.float16, quant_config="int4")
 
 
 def test_torch_runner_fp8_math_ignores_autocast():
