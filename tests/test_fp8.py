@@ -967,6 +967,15 @@ def test_fp8_dispatch_options_are_checked():
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
 
+def test_deepep_ll_fp8_refusal_names_the_knob_that_asked_for_it(monkeypatch):
+    """use_fp8 from EP_RUNTIME_DISPATCH_FP8=1 with apply_router_weight_on_input: the error said "use_fp8=True",
+    an argument the caller never gave; it now names the knob."""
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    cfg = ep.MoeConfig(8, 2, 128, 64, apply_router_weight_on_input=True)
+    with pytest.raises(ValueError, match="use_fp8=None with EP_RUNTIME_DISPATCH_FP8=1 on deepep_ll cannot fold"):
+        ep.dispatchers.create("deepep_ll", cfg)
+
+
 def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
     """An fp8 dispatch sends one scale per 128 channels; experts quantized with another activation
     group (weight_block (64, 64)) cannot consume those rows: refused when the layer is built or its
