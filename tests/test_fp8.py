@@ -565,6 +565,41 @@ def test_fp8_masked_runner_on_token_rows_weights_the_input_after_quantizing(disp
     assert rel_err(y, want) < BF16 / 4, rel_err(y, want)
 
 
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_runner_input_made_by_hand_checks_its_fp8_rows_scales(runner):
+    """RunnerBackend.run on a RunnerInput made by hand: fp8 rows without hidden_scale were computed as numbers
+    (scale 1: ~2.6e4 off), float rows beside a hidden_scale had it applied, and scales of another shape or dtype
+    were read past their end, misread or rounded (masked: [N, 1] scales 4e3 off; triton: N - 1 rows of scales
+    read past the end), all with no error. Each is now refused naming hidden_scale (or hidden_states, out_dtype)."""
+    from ep_runtime.placement import ExpertPlacement
+    from ep_runtime.runner_core import RunnerInput
+    E, K, H, I, N = 4, 2, 256, 128, 5
+    q = QuantConfig()
+    gen = _seeded(30)
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5), \
+        q.quantize_weight(torch.randn(E, H, I, generator=gen) * I ** -0.5)
+    weights = ep.ExpertWeights(q13, q2, None, None, s13, s2, q)
+    x = torch.randn(N, H, generator=gen)
+    xq, xs = q.quantize_activation(x)
+    ids, topk_weights = torch.randint(-1, E, (N, K), generator=gen).int(), torch.rand(N, K, generator=gen)
+    backend = ep.runners.create(runner, config=ep.MoeConfig(E, K, H, I))
+
+    def run(rows, scale, out_dtype=torch.bfloat16):
+        inp = RunnerInput.from_local_ids(rows, ids, topk_weights, ExpertPlacement(E), scale, out_dtype)
+        with torch.no_grad():
+            return backend.run(inp, weights)
+    assert run(xq, xs).dtype == torch.bfloat16
+    for rows, scale, out_dtype, match in [
+            (xq, None, torch.bfloat16, "hidden_states has dtype torch.float8_e4m3fn but hidden_scale is None"),
+            (x.bfloat16(), xs, torch.bfloat16, "hidden_scale was given but hidden_states has dtype torch.bfloat16"),
+            (xq, xs[:, :1].contiguous(), torch.bfloat16, r"hidden_scale has shape \[5, 1\].*expected \[5, 2\]"),
+            (xq, xs[:-1], torch.bfloat16, r"hidden_scale has shape \[4, 2\].*expected \[5, 2\]"),
+            (xq, xs.bfloat16(), torch.bfloat16, r"dtype torch.bfloat16; expected \[5, 2\].*float32, or uint8"),
+            (xq, xs, None, "out_dtype=None; fp8 rows need the tokens' dtype")]:
+        with pytest.raises(ValueError, match=match):
+            run(rows, scale, out_dtype)
+
+
 def test_gluon_pipeline_settings_that_would_hang_are_errors():
     """A Gluon GEMM's Pipeline with one ring slot (its loads would wait on the wgmma reading it) or math
     partitions other than the two warpgroups' 1 or 2 (the ring's barriers would count arrivals that never come)
