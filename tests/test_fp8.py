@@ -1102,6 +1102,21 @@ def test_fp8_dispatch_refuses_autograd_before_any_exchange():
             dispatcher.dispatch(x, topk)
 
 
+@pytest.mark.parametrize("name,options", [("standard", {}), ("deepep_normal", {}), ("deepep_normal", {"use_fp8": True}),
+                                          ("mori", {"use_fp8": True, "max_dispatch_tokens_per_rank": 4}),
+                                          ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 4})])
+def test_dispatch_refuses_fp8_tokens_without_their_scales(name, options):
+    """x already fp8 (values without their scales, as a caller pre-quantizing for DeepEP holds them) was taken by
+    dispatch and sent, and failed after the exchange inside the runner ("Promotion for Float8 Types is not
+    supported", or the experts' dtype named against float8 tokens); refused now, naming x, before any exchange."""
+    cfg = ep.MoeConfig(4, 2, 256, 128)
+    topk = ep.TopKOutput(torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32), torch.rand(3, 2))
+    dispatcher = ep.dispatchers.create(name, cfg, **options)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(TypeError, match=f"x has dtype {dtype}; expected the tokens' dtype.*use_fp8=True"):
+            dispatcher.dispatch(torch.randn(3, 256).to(dtype), topk)
+
+
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
