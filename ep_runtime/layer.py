@@ -720,7 +720,8 @@ class EPMoE(nn.Module):
             fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
             if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
                 fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
-                       else "this layer's dispatcher has use_fp8=True")
+                       else "this layer's dispatcher has use_fp8=True (from dispatcher_options, or "
+                            "EP_RUNTIME_DISPATCH_FP8=1 where they leave it None)")
                 raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
                                    f"{INFERENCE_ONLY}")
             physical = self._to_physical(x, topk)

@@ -1085,6 +1085,17 @@ def test_fp8_dispatch_refusing_one_ranks_quantize_on_load_fails_every_rank():
         assert message.endswith("(load_experts: every rank stops before loading)") and quant is None, (message, quant)
 
 
+def test_fp8_dispatch_from_the_knob_names_it_when_a_gradient_is_needed(monkeypatch):
+    """A training step on a bf16 layer whose fp8 dispatch came from EP_RUNTIME_DISPATCH_FP8=1 (set for serving) was
+    refused as "this layer's dispatcher has use_fp8=True", an argument the caller never gave; the knob is named."""
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    layer = ep.EPMoE(4, 2, 128, 128, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"use_fp8=True \(from dispatcher_options, or EP_RUNTIME_DISPATCH_FP8=1 "
+                                           r"where they leave it None\) and x.*inference-only"):
+        layer(x, torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2))
+
+
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
     quantizes, after its first collective: a late error there would leave the peers waiting)."""
@@ -1098,7 +1109,8 @@ def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     for name in ("deepep_normal", "mori"):
         dispatcher = ep.dispatchers.create(name, cfg, use_fp8=True)
         dispatcher.exchange.plan_and_send = exchanged
-        with pytest.raises(RuntimeError, match="use_fp8=True dispatch: .*inference-only"):
+        with pytest.raises(RuntimeError, match=r"use_fp8=True dispatch \(the argument, or EP_RUNTIME_DISPATCH_FP8=1 "
+                                               r"where it is None\): .*inference-only"):
             dispatcher.dispatch(x, topk)
 
 
