@@ -88,8 +88,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
         self.options = DeepEPLLOptions(M, *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         if self.options.use_fp8 and config.apply_router_weight_on_input:
-            raise ValueError("use_fp8=True on deepep_ll cannot fold apply_router_weight_on_input into the received rows "
-                             "(fp8 bytes); use use_fp8=False or deepep_normal / mori")
+            given = "use_fp8=True" if use_fp8 is not None else "use_fp8=None with EP_RUNTIME_DISPATCH_FP8=1"
+            raise ValueError(f"{given} on deepep_ll cannot fold apply_router_weight_on_input into the received rows "
+                             f"(fp8 bytes); use use_fp8=False or deepep_normal / mori")
         rule = (f"deepep_ll allows at most num_max_dispatch_tokens_per_rank M={M} per rank "
                 f"(EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)")
         setting = "num_max_dispatch_tokens_per_rank (or EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)"

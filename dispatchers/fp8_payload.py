@@ -49,7 +49,8 @@ def resolve(use_fp8: Optional[bool], scale_encoding: Optional[str]) -> tuple[boo
 def check_inference(x: torch.Tensor, topk_weights: Optional[torch.Tensor] = None) -> None:
     """fp8 dispatch defines no gradient: raise before any collective when x (or topk_weights) needs one."""
     if needs_grad(x, topk_weights):
-        raise RuntimeError(f"use_fp8=True dispatch: {INFERENCE_ONLY}")
+        raise RuntimeError(f"use_fp8=True dispatch (the argument, or EP_RUNTIME_DISPATCH_FP8=1 where it is None): "
+                           f"{INFERENCE_ONLY}")
 
 
 def encode(x: torch.Tensor, quant: QuantConfig) -> torch.Tensor:

@@ -19,8 +19,15 @@ from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
 from .placement import ExpertPlacement
-from .quant import FP8_DTYPES, INFERENCE_ONLY, QuantConfig, check_scale_tensor, check_scale_values, is_quantized_dtype
-from .quant import registered_formats as registered_quant_formats
+from .quant import (
+    FP8_DTYPES,
+    INFERENCE_ONLY,
+    QuantConfig,
+    as_quant_config,
+    check_scale_tensor,
+    check_scale_values,
+    is_quantized_dtype,
+)
 from .routing import TopKConfig, TopKOutput, name_non_finite_logits, select_experts
 from .runner_core import MoeRunner, grad_leaf, needs_grad
 from .validation import (
@@ -59,8 +66,9 @@ class EPMoE(nn.Module):
     The router's ids stay logical: each (token, expert) pair goes to one copy, chosen on the device
     (placement.to_physical). expert_load() counts the pairs this rank sent per expert;
     apply_placement / rebalance move experts between steps (ep_runtime.eplb).
-    quant_config: store the experts quantized (ep.QuantConfig(): fp8 e4m3 with [128, 128] block
-    scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the activations' dtype.
+    quant_config: store the experts quantized (ep.QuantConfig(), or a format's name such as "fp8_block":
+    fp8 e4m3 with [128, 128] block scales, w13_scale_inv / w2_scale_inv beside w13 / w2); `dtype` stays the
+    activations' dtype.
     load_experts can also switch a layer to fp8 (fp8 checkpoint weights, or quantize="fp8_block").
     fp8 layers are inference-only (forward raises when a gradient is needed).
     shared_experts: a module every rank holds (DeepSeek-V3's and Qwen2-MoE's shared experts),
@@ -79,7 +87,7 @@ class EPMoE(nn.Module):
                  topk_config: Optional[TopKConfig] = None, hooks: Optional[runners.GemmHooks] = None,
                  dispatcher_options: Optional[dict] = None, runner_options: Optional[dict] = None,
                  expert_to_rank: Optional[Sequence[int]] = None, num_redundant_experts: int = 0,
-                 quant_config: Optional[QuantConfig] = None, shared_experts: Optional[nn.Module] = None):
+                 quant_config: Optional[Union[str, QuantConfig]] = None, shared_experts: Optional[nn.Module] = None):
         super().__init__()
         from . import envs
         # This rank's own arguments, its runner built, before its dispatcher: where one rank fails here alone,
@@ -89,8 +97,7 @@ class EPMoE(nn.Module):
             if shared_experts is not None and not isinstance(shared_experts, nn.Module):
                 raise TypeError(f"shared_experts={type(shared_experts).__name__}; allowed: None or an nn.Module "
                                 f"mapping [T, H] to [T, H]")
-            if quant_config is not None and not isinstance(quant_config, QuantConfig):
-                raise TypeError(f"quant_config must be an ep.QuantConfig; got {type(quant_config).__name__}")
+            quant_config = as_quant_config("quant_config", quant_config)  # (a format's name, as quantize= takes it)
             self.config = MoeConfig(num_experts, top_k, hidden_size, intermediate_size, activation=activation,
                                     is_gated=is_gated, has_bias=has_bias, gemm1_alpha=gemm1_alpha,
                                     gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
@@ -362,7 +369,8 @@ class EPMoE(nn.Module):
                                      "load_experts: every rank stops before loading", self.w13.device)
         elif error is not None:
             raise error
-        if quant is not None and quant is not self.quant:
+        # (stored anew also where a module-wide .to(dtype) cast the fp8 storage: its values would be cast again)
+        if quant is not None and (quant is not self.quant or self.w13.dtype != quant.dtype):
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
             _copy_values(getattr(self, name), piece)
@@ -539,11 +547,7 @@ class EPMoE(nn.Module):
 
     def _load_quant(self, w13, w2, w13_scale_inv, w2_scale_inv, quantize) -> Optional[QuantConfig]:
         """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""
-        if quantize is not None and not isinstance(quantize, QuantConfig):
-            if quantize not in registered_quant_formats():
-                raise ValueError(f"quantize={quantize!r}; allowed: None, {', '.join(registered_quant_formats())} "
-                                 f"or an ep.QuantConfig")
-            quantize = QuantConfig(format=quantize)
+        quantize = as_quant_config("quantize", quantize)
         fp8_in = isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype)
         for name, t in (("w2", w2),):
             if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) != fp8_in:
@@ -690,7 +694,7 @@ class EPMoE(nn.Module):
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
-                               f"move it with .to(device) only, or reload the experts")
+                               f"move it with .to(device) only, or load the experts again with load_experts(...)")
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         return x
@@ -716,7 +720,8 @@ class EPMoE(nn.Module):
             fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
             if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
                 fp8 = (f"this layer's experts are {self.quant.format} ({self.quant.dtype})" if self.quant is not None
-                       else "this layer's dispatcher has use_fp8=True")
+                       else "this layer's dispatcher has use_fp8=True (from dispatcher_options, or "
+                            "EP_RUNTIME_DISPATCH_FP8=1 where they leave it None)")
                 raise RuntimeError(f"{fp8} and x, topk_weights (router_logits) or the experts need a gradient: "
                                    f"{INFERENCE_ONLY}")
             physical = self._to_physical(x, topk)

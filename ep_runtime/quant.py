@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -109,6 +110,7 @@ class QuantConfig:
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [E, N, K] float -> (q [E, N, K] in the format's dtype, scale_inv [E, ceil(N/bn), ceil(K/bk)]
         fp32) with w ~= q * scale_inv blockwise."""
+        _check_dims("w", w, 3, "[E, N, K] (a stack of expert matrices; one matrix [N, K] is w.unsqueeze(0))")
         E, N, K = w.shape
         bn, bk = self.weight_block
         _, gn, gk = self.weight_scale_shape(E, N, K)
@@ -121,6 +123,10 @@ class QuantConfig:
 
     def dequantize_weight(self, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
         """(q [E, N, K], scale_inv [E, gn, gk]) -> fp32 [E, N, K]."""
+        _check_dims("q", q, 3, "[E, N, K] (a stack of expert matrices)")
+        if tuple(scale_inv.shape) != self.weight_scale_shape(*q.shape):
+            raise ValueError(f"scale_inv has shape {list(scale_inv.shape)}; expected "
+                             f"{list(self.weight_scale_shape(*q.shape))} (one scale per {list(self.weight_block)} block of q)")
         bn, bk = self.weight_block
         N, K = q.shape[1], q.shape[2]
         s = scale_inv.float().repeat_interleave(bn, 1)[:, :N].repeat_interleave(bk, 2)[:, :, :K]
@@ -128,6 +134,7 @@ class QuantConfig:
 
     def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group."""
+        _check_dims("x", x, 2, "[T, H] (one row per token)")
         T, H = x.shape
         g = self.activation_group
         G = self.num_groups(H)
@@ -152,6 +159,23 @@ class QuantConfig:
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
         limit = self.spec.max_value  # |v| <= max by construction; the clamp guards fp32 rounding
         return v.clamp(-limit, limit).to(self.dtype)
+
+
+def as_quant_config(name: str, value) -> Optional[QuantConfig]:
+    """`value` given as argument `name`: None, an ep.QuantConfig, or a registered format's name (its default
+    QuantConfig); anything else raises naming the argument, as every entry point that takes a format does."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str) and value in _FORMATS:
+        return QuantConfig(format=value)
+    raise ValueError(f"{name}={value!r}; allowed: None, {', '.join(_FORMATS)} or an ep.QuantConfig")
+
+
+def _check_dims(name: str, t: torch.Tensor, dims: int, layout: str) -> None:
+    """The conversions' argument `name` has `dims` dims, as `layout` says (its unpacking said only "too many values")."""
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} has shape {shape}; expected {layout}")
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:

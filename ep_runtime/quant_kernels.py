@@ -132,9 +132,10 @@ class RowQuantization:
         if sum(f is not None for f in (row_ok, row_counts, computed_pairs)) > 1:
             raise ValueError("quantize_rows takes one of row_ok, row_counts or computed_pairs")
         T = self.x.shape[0]
-        if row_counts is not None and (rows_per_count < 1 or row_counts.numel() * rows_per_count != T):
+        # (rows_per_count 0 with no rows: an expert-major buffer of 0 rows per expert, a call routing no pair)
+        if row_counts is not None and (rows_per_count < min(T, 1) or row_counts.numel() * rows_per_count != T):
             raise ValueError(f"row_counts has {row_counts.numel()} counts of rows_per_count={rows_per_count} rows; x has "
-                             f"{T} rows (one count per block of rows, rows_per_count >= 1)")
+                             f"{T} rows (one count per block of rows, rows_per_count >= 1, or 0 with no rows)")
         if computed_pairs is not None and (computed_pairs.dtype != torch.bool or (T and computed_pairs.numel() % T)
                                            or not computed_pairs.is_contiguous()):
             raise ValueError(f"computed_pairs has {computed_pairs.numel()} {computed_pairs.dtype} entries; x has {T} rows "

@@ -22,7 +22,7 @@ import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
-from .quant import decode_scales
+from .quant import decode_scales, is_quantized_dtype
 from .registry import add_once
 from .validation import assert_on_device, capturing, check_topk, weights_dtype
 
@@ -309,6 +309,35 @@ class ExpertMajorInput:
             raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, H] "
                              f"(expert-major rows)")
         return self.hidden_states.shape[0]
+
+
+def check_row_scales(inp: Any, group: int) -> None:
+    """RunnerBackend.run's check of quantized rows made by hand (RunnerInput or ExpertMajorInput): fp8 rows
+    come with hidden_scale [..., ceil(H / group)] (one per row and `group` channels: the experts' activation
+    group, 128 for unquantized ones) fp32 or uint8 UE8M0 exponent bytes, and out_dtype a float dtype; float
+    rows take none. The kernels read the scales by row and group with no bound: fp8 rows without scales were
+    computed as numbers (scale 1), float rows beside scales had them applied, and scales of another shape
+    were read past their end or misread, all with no error."""
+    x, scale = inp.hidden_states, inp.hidden_scale
+    fp8 = is_quantized_dtype(x.dtype)
+    if scale is None:
+        if fp8:
+            raise ValueError(f"hidden_states has dtype {x.dtype} but hidden_scale is None; fp8 rows come with their "
+                             f"scales [..., ceil(H/{group})] fp32 (or uint8 UE8M0 exponents)")
+        return
+    if not fp8:
+        raise ValueError(f"hidden_scale was given but hidden_states has dtype {x.dtype}; scales come with fp8 rows "
+                         f"(torch.float8_e4m3fn)")
+    want = (*x.shape[:-1], -(-x.shape[-1] // group))
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != want or scale.dtype not in (torch.float32,
+                                                                                               torch.uint8):
+        got = f"shape {list(scale.shape)} and dtype {scale.dtype}" if isinstance(scale, torch.Tensor) else \
+            f"type {type(scale).__name__}"
+        raise ValueError(f"hidden_scale has {got}; expected {list(want)} (one scale per row and {group} channels) "
+                         f"float32, or uint8 UE8M0 exponent bytes")
+    if inp.out_dtype is None or not inp.out_dtype.is_floating_point or is_quantized_dtype(inp.out_dtype):
+        raise ValueError(f"out_dtype={inp.out_dtype}; fp8 rows need the tokens' dtype to return (e.g. "
+                         f"torch.bfloat16)")
 
 
 def weighted_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,9 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
         raise ValueError(f"{name} has shape {list(x.shape)}; expected [T, {hidden_size}] (hidden_size={hidden_size})")
     if not x.is_floating_point():
         raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    if x.dtype.itemsize == 1:  # fp8 values without their scales: dispatched, they failed in the runner after the exchange
+        raise TypeError(f"{name} has dtype {x.dtype}; expected the tokens' dtype (e.g. torch.bfloat16): fp8 values "
+                        f"without their scales are not tokens. Pass the tokens, and use_fp8=True to send them as fp8")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype} (cast {name} with "
                         f".to({dtype}), build the layer in {x.dtype}, or run it under torch.autocast)")

@@ -3,13 +3,14 @@ run(input, weights) for any layout (its own natively, others through the runner 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.runner_core import DispatchOutput, RunnerInput, convert, untraced
+from ep_runtime.quant import QuantConfig
+from ep_runtime.runner_core import DispatchOutput, RunnerInput, check_row_scales, convert, untraced
 from ep_runtime.validation import check_expert_dtypes
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
@@ -110,13 +111,15 @@ class RunnerBackend:
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed
         natively when the backend declares that layout, else through the registered conversion.
-        The input's shapes (its check()) and `weights` against the input (check_weights) are checked first."""
+        The input's shapes (its check(); quantized rows: check_row_scales) and `weights` against the input
+        (check_weights) are checked first."""
         if isinstance(runner_input, DispatchOutput):  # (it has no check(): an AttributeError named neither)
             raise TypeError(f"runner {self.name!r}: run() takes the runner core's input (RunnerInput or "
                             f"ExpertMajorInput); got a {type(runner_input).__name__}, a dispatcher's output: run it "
                             f"with ep.MoeRunner(backend, config, dispatcher.placement).run(dispatch_output, weights), "
                             f"as layer.runner does")
         runner_input.check(self.config.hidden_size)
+        check_row_scales(runner_input, (weights.quant or QuantConfig()).activation_group)
         self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
         return self.run_checked(runner_input, weights)
 
@@ -134,6 +137,14 @@ class RunnerBackend:
         if isinstance(runner_input, self.layouts):
             return self.compute(self._routed(runner_input), weights)
         # (a RunnerInput converted to expert-major rows is grouped by its mapped ids: pairs_by_expert maps them)
+        if (weights.quant is not None and self.config.apply_router_weight_on_input
+                and isinstance(runner_input, RunnerInput) and runner_input.hidden_scale is None):
+            # float rows into quantized experts: quantized first, so the conversion puts the router weight into
+            # their fp32 scales, as the token-row runners apply it (weighted rows in x's dtype were rounded twice,
+            # to bf16 and then to fp8: 2-4x the bf16 bound off the w8a8 reference)
+            q, scale = weights.quant.quantize_activation(runner_input.hidden_states)
+            runner_input = replace(runner_input, hidden_states=q, hidden_scale=scale,
+                                   out_dtype=runner_input.output_dtype)
         converted, back = convert(runner_input, self.layouts[0], self.config)
         return back(self.compute(self._routed(converted), weights))
 

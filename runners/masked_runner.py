@@ -492,7 +492,7 @@ class _Plan:
                 # never read)
                 q, recv_scale = quantize_rows(recv_x.reshape(L * rows, H), quant, interpreted=INTERPRETED,
                                               row_counts=masked_m, rows_per_count=rows)
-                recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, -1)
+                recv_x, recv_scale = q.view(L, rows, H), recv_scale.view(L, rows, recv_scale.shape[1])
             recv_scale = decode_scales(recv_scale)
         out = torch.empty(L, rows, H, dtype=self.out_dtype, device=device)
         launches = self.launches

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ep_runtime import envs
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.placement import ExpertPlacement
-from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, decode_scales
+from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, as_quant_config, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk, is_int_at_least
@@ -451,12 +451,13 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                   apply_router_weight_on_input: bool = False, first_expert: int = 0,
                   hooks: Optional[GemmHooks] = None, block_config: Optional["kernels.BlockConfig"] = None,
                   w13_scale_inv: Optional[torch.Tensor] = None, w2_scale_inv: Optional[torch.Tensor] = None,
-                  quant: Optional[QuantConfig] = None) -> torch.Tensor:
+                  quant: Optional[Union[str, QuantConfig]] = None) -> torch.Tensor:
     """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
     gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert, ids outside [first_expert, first_expert+L)
     are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I], b2 [L, H] optional.
     fp8 experts: w13/w2 float8_e4m3fn with w13_scale_inv [L, ceil(2I/128), ceil(H/128)] and
-    w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: default ep.QuantConfig()); x stays float
+    w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: an ep.QuantConfig or a format's name, default
+    ep.QuantConfig()); x stays float
     and is quantized per token and 128 channels inside (w8a8), inference only.
     Returns [T, H] in x's dtype: routed_scaling_factor * sum_k w_k * expert_{id_k}(x). Differentiable
     (unquantized experts)."""
@@ -466,6 +467,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
         raise ValueError(f"first_expert={first_expert!r}; allowed: an int >= 0 (the global id of w13[0])")
     hooks = check_hooks(hooks)
     _check_block_config(block_config)
+    quant = as_quant_config("quant", quant)  # (a format's name, as load_experts' quantize takes it)
     for name, t in (("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -59,6 +59,21 @@ def test_config_takes_integers_only():
     config = QuantConfig(weight_block=(np.int64(128), 128), activation_group=np.int64(128))
     assert config == QuantConfig() and all(type(v) is int for v in (*config.weight_block, config.activation_group))
 
+def test_conversions_name_a_tensor_of_the_wrong_shape():
+    """ep.QuantConfig's conversions given one [N, K] matrix, a [batch, seq, H] x or scales of another block grid
+    said "not enough values to unpack (expected 3, got 2)" or torch's size mismatch, naming nothing; now the
+    argument, its shape and the layout expected."""
+    q = QuantConfig()
+    with pytest.raises(ValueError, match=r"w has shape \[300, 200\]; expected \[E, N, K\].*w.unsqueeze\(0\)"):
+        q.quantize_weight(torch.randn(300, 200))
+    with pytest.raises(ValueError, match=r"x has shape \[2, 3, 200\]; expected \[T, H\]"):
+        q.quantize_activation(torch.randn(2, 3, 200))
+    qw, scale = q.quantize_weight(torch.randn(1, 300, 200))
+    with pytest.raises(ValueError, match=r"scale_inv has shape \[1, 2, 2\]; expected \[1, 3, 2\]"):
+        q.dequantize_weight(qw, scale[:, :2])
+    assert q.quantize_weight(torch.randn(0, 300, 200))[1].shape == (0, 3, 2)
+
+
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_weight_round_trip_is_within_one_e4m3_rounding(encoding):
     q = QuantConfig(scale_encoding=encoding)
@@ -514,6 +529,77 @@ def test_fp8_experts_match_the_fp8_reference(runner, extra, kernel, schedule, mo
         assert rel_err(y, bf16(x, problem.topk_ids[0], problem.topk_weights[0])) < UNQUANTIZED_BOUND
 
 
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_fp8_call_routing_no_pair_returns_zeros(runner):
+    """A call whose every slot is -1 (or no token at all) on fp8 experts: the masked runner on token rows
+    (an expert-major buffer of 0 rows per expert) refused it inside its row quantization ("row_counts has
+    4 counts of rows_per_count=0 rows"), naming nothing the caller gave. Now zeros, as on bf16 experts."""
+    E, K, H, I = 4, 2, 256, 128
+    layer = ep.EPMoE(E, K, H, I, runner=runner, dtype=torch.float16, quant_config=QuantConfig())
+    with torch.no_grad():
+        for T in (0, 3):
+            y = layer(torch.randn(T, H, dtype=torch.float16), torch.full((T, K), -1), torch.rand(T, K))
+            assert y.shape == (T, H) and y.dtype == torch.float16 and not bool(y.any()), T
+
+
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_normal"])
+def test_fp8_masked_runner_on_token_rows_weights_the_input_after_quantizing(dispatcher):
+    """apply_router_weight_on_input, fp8 experts, the masked runner on token rows: the conversion to expert-major
+    rows weighted them in x's dtype (x * w rounded to bf16) before the runner rounded them to fp8, a double
+    rounding the token-row runners do not make (they put w into the fp32 scales): 0.041 off the w8a8 reference
+    at this seed, twice the bf16 bound. The rows are now quantized first and w goes into their scales."""
+    E, K, H, I, T = 4, 1, 200, 72, 7
+    gen = _seeded(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="masked", dtype=torch.bfloat16,
+                     apply_router_weight_on_input=True)
+    layer.load_experts(w13, w2, quantize="fp8_block")
+    with torch.no_grad():
+        y = layer(x, ids, weights)
+    q = QuantConfig()
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(*q.quantize_weight(w13)),
+                         _dequantize_weight64(*q.quantize_weight(w2)), layer.config, fp8_activations=True,
+                         fp8_input=False)
+    assert rel_err(y, want) < BF16 / 4, rel_err(y, want)
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_runner_input_made_by_hand_checks_its_fp8_rows_scales(runner):
+    """RunnerBackend.run on a RunnerInput made by hand: fp8 rows without hidden_scale were computed as numbers
+    (scale 1: ~2.6e4 off), float rows beside a hidden_scale had it applied, and scales of another shape or dtype
+    were read past their end, misread or rounded (masked: [N, 1] scales 4e3 off; triton: N - 1 rows of scales
+    read past the end), all with no error. Each is now refused naming hidden_scale (or hidden_states, out_dtype)."""
+    from ep_runtime.placement import ExpertPlacement
+    from ep_runtime.runner_core import RunnerInput
+    E, K, H, I, N = 4, 2, 256, 128, 5
+    q = QuantConfig()
+    gen = _seeded(30)
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5), \
+        q.quantize_weight(torch.randn(E, H, I, generator=gen) * I ** -0.5)
+    weights = ep.ExpertWeights(q13, q2, None, None, s13, s2, q)
+    x = torch.randn(N, H, generator=gen)
+    xq, xs = q.quantize_activation(x)
+    ids, topk_weights = torch.randint(-1, E, (N, K), generator=gen).int(), torch.rand(N, K, generator=gen)
+    backend = ep.runners.create(runner, config=ep.MoeConfig(E, K, H, I))
+
+    def run(rows, scale, out_dtype=torch.bfloat16):
+        inp = RunnerInput.from_local_ids(rows, ids, topk_weights, ExpertPlacement(E), scale, out_dtype)
+        with torch.no_grad():
+            return backend.run(inp, weights)
+    assert run(xq, xs).dtype == torch.bfloat16
+    for rows, scale, out_dtype, match in [
+            (xq, None, torch.bfloat16, "hidden_states has dtype torch.float8_e4m3fn but hidden_scale is None"),
+            (x.bfloat16(), xs, torch.bfloat16, "hidden_scale was given but hidden_states has dtype torch.bfloat16"),
+            (xq, xs[:, :1].contiguous(), torch.bfloat16, r"hidden_scale has shape \[5, 1\].*expected \[5, 2\]"),
+            (xq, xs[:-1], torch.bfloat16, r"hidden_scale has shape \[4, 2\].*expected \[5, 2\]"),
+            (xq, xs.bfloat16(), torch.bfloat16, r"dtype torch.bfloat16; expected \[5, 2\].*float32, or uint8"),
+            (xq, xs, None, "out_dtype=None; fp8 rows need the tokens' dtype")]:
+        with pytest.raises(ValueError, match=match):
+            run(rows, scale, out_dtype)
+
+
 def test_gluon_pipeline_settings_that_would_hang_are_errors():
     """A Gluon GEMM's Pipeline with one ring slot (its loads would wait on the wgmma reading it) or math
     partitions other than the two warpgroups' 1 or 2 (the ring's barriers would count arrivals that never come)
@@ -635,6 +721,29 @@ def test_fp8_split_k_gemm2_matches_the_fp8_reference():
                          fp8_input=False)
     assert rel_err(y, want) < BF16
 
+def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
+    """fused_experts(quant="fp8_block"), the spelling load_experts' quantize takes, failed inside with
+    "AttributeError: 'str' object has no attribute 'dtype'" (naming no argument); a format's name now means its
+    default QuantConfig, and anything else is refused naming quant and what is allowed."""
+    E, K, H, I, T = 2, 2, 128, 128, 3
+    gen = _seeded(9)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5), \
+        q.quantize_weight(torch.randn(E, H, I, generator=gen) * I ** -0.5)
+    x = torch.randn(T, H, generator=gen).half()
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    run = lambda quant: ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13,  # noqa: E731
+                                                 w2_scale_inv=s2, quant=quant)
+    assert torch.equal(run("fp8_block"), run(None))
+    for bad in ("int4", 42):
+        with pytest.raises(ValueError, match=f"quant={bad!r}; allowed: None, fp8_block or an ep.QuantConfig"):
+            run(bad)
+    # EPMoE's quant_config likewise (it was refused as "must be an ep.QuantConfig; got str")
+    assert ep.EPMoE(E, K, H, I, dtype=torch.float16, quant_config="fp8_block").quant == QuantConfig()
+    with pytest.raises(ValueError, match="quant_config='int4'; allowed: None, fp8_block or an ep.QuantConfig"):
+        ep.EPMoE(E, K, H, I, dtype=torch.float16, quant_config="int4")
+
+
 def test_torch_runner_fp8_math_ignores_autocast():
     """Under torch.autocast (bf16) the torch runner's fp8 path computes as it documents, in fp32 on the
     dequantized weights: autocast ran its GEMMs in bf16, rounding the dequantized operands and GEMM 1's
@@ -672,6 +781,37 @@ def test_fp8_is_inference_only():
         layer.half()  # named as such for tokens of the new dtype too (not as x's dtype, as if the layer were bf16)
         with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.float16"):
             layer(x.half(), ids, torch.rand(3, 2))
+
+
+def test_fp8_experts_cast_by_a_module_wide_to_dtype_load_again():
+    """After layer.to(torch.bfloat16) (or .float()) casts the fp8 experts, forward's error says to load the
+    experts again; load_experts copied the new fp8 values (or the quantized float ones) into the cast tensors,
+    cast as numbers again, and the forward kept raising. It now stores them fp8 anew, with their scales in
+    fp32, and the layer computes as one never cast."""
+    E, K, H, I, T = 4, 2, 256, 128, 5
+    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
+    gen = _seeded(21)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    want = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    want.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    with torch.no_grad():
+        want = want(x, ids, weights)
+    for cast in (torch.bfloat16, torch.float32):
+        for reload in ("fp8", "float"):
+            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+            layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+            layer.to(cast)
+            with torch.no_grad(), pytest.raises(RuntimeError, match=r"load the experts again with load_experts"):
+                layer(x, ids, weights)
+            if reload == "fp8":
+                layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+            else:  # quantized with the layer's config: the same fp8 values and scales
+                layer.load_experts(w13, w2)
+            assert layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn and layer.w13_scale_inv.dtype == torch.float32
+            assert torch.equal(layer.w2_scale_inv, s2) and layer.dtype == torch.bfloat16
+            with torch.no_grad():
+                assert torch.equal(layer(x, ids, weights), want), (cast, reload)
 
 
 def _gradient_rank(rank, world_size):
@@ -862,6 +1002,15 @@ def test_fp8_dispatch_options_are_checked():
         ep.dispatchers.create("deepep_ll", cfg, use_fp8=True)
 
 
+def test_deepep_ll_fp8_refusal_names_the_knob_that_asked_for_it(monkeypatch):
+    """use_fp8 from EP_RUNTIME_DISPATCH_FP8=1 with apply_router_weight_on_input: the error said "use_fp8=True",
+    an argument the caller never gave; it now names the knob."""
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    cfg = ep.MoeConfig(8, 2, 128, 64, apply_router_weight_on_input=True)
+    with pytest.raises(ValueError, match="use_fp8=None with EP_RUNTIME_DISPATCH_FP8=1 on deepep_ll cannot fold"):
+        ep.dispatchers.create("deepep_ll", cfg)
+
+
 def test_fp8_dispatch_refuses_experts_with_other_activation_groups():
     """An fp8 dispatch sends one scale per 128 channels; experts quantized with another activation
     group (weight_block (64, 64)) cannot consume those rows: refused when the layer is built or its
@@ -936,6 +1085,17 @@ def test_fp8_dispatch_refusing_one_ranks_quantize_on_load_fails_every_rank():
         assert message.endswith("(load_experts: every rank stops before loading)") and quant is None, (message, quant)
 
 
+def test_fp8_dispatch_from_the_knob_names_it_when_a_gradient_is_needed(monkeypatch):
+    """A training step on a bf16 layer whose fp8 dispatch came from EP_RUNTIME_DISPATCH_FP8=1 (set for serving) was
+    refused as "this layer's dispatcher has use_fp8=True", an argument the caller never gave; the knob is named."""
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    layer = ep.EPMoE(4, 2, 128, 128, dispatcher="deepep_normal", dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"use_fp8=True \(from dispatcher_options, or EP_RUNTIME_DISPATCH_FP8=1 "
+                                           r"where they leave it None\) and x.*inference-only"):
+        layer(x, torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2))
+
+
 def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     """x needing a gradient fails in dispatch itself, before its exchange is entered (the exchange
     quantizes, after its first collective: a late error there would leave the peers waiting)."""
@@ -949,8 +1109,24 @@ def test_fp8_dispatch_refuses_autograd_before_any_exchange():
     for name in ("deepep_normal", "mori"):
         dispatcher = ep.dispatchers.create(name, cfg, use_fp8=True)
         dispatcher.exchange.plan_and_send = exchanged
-        with pytest.raises(RuntimeError, match="use_fp8=True dispatch: .*inference-only"):
+        with pytest.raises(RuntimeError, match=r"use_fp8=True dispatch \(the argument, or EP_RUNTIME_DISPATCH_FP8=1 "
+                                               r"where it is None\): .*inference-only"):
             dispatcher.dispatch(x, topk)
+
+
+@pytest.mark.parametrize("name,options", [("standard", {}), ("deepep_normal", {}), ("deepep_normal", {"use_fp8": True}),
+                                          ("mori", {"use_fp8": True, "max_dispatch_tokens_per_rank": 4}),
+                                          ("deepep_ll", {"num_max_dispatch_tokens_per_rank": 4})])
+def test_dispatch_refuses_fp8_tokens_without_their_scales(name, options):
+    """x already fp8 (values without their scales, as a caller pre-quantizing for DeepEP holds them) was taken by
+    dispatch and sent, and failed after the exchange inside the runner ("Promotion for Float8 Types is not
+    supported", or the experts' dtype named against float8 tokens); refused now, naming x, before any exchange."""
+    cfg = ep.MoeConfig(4, 2, 256, 128)
+    topk = ep.TopKOutput(torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32), torch.rand(3, 2))
+    dispatcher = ep.dispatchers.create(name, cfg, **options)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(TypeError, match=f"x has dtype {dtype}; expected the tokens' dtype.*use_fp8=True"):
+            dispatcher.dispatch(torch.randn(3, 256).to(dtype), topk)
 
 
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)

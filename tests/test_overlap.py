@@ -223,7 +223,8 @@ def test_bad_arguments_raise_on_every_rank():
         # the argument, its value and what is allowed (was: "hidden" or "32" anywhere in the message)
         assert re.fullmatch(r"x has shape \[\d+, 5\]; expected \[T, 32\] \(hidden_size=32\)", raised[3]), raised[3]
         assert "return_recv_hook=True on the mori dispatcher; allowed: False" in raised[4]
-        assert raised[5].startswith("use_fp8=True dispatch: quantized (fp8) experts and fp8 dispatch are inference-only")
+        assert raised[5].startswith("use_fp8=True dispatch (the argument, or EP_RUNTIME_DISPATCH_FP8=1 where it is "
+                                    "None): quantized (fp8) experts and fp8 dispatch are inference-only")
         assert raised[6].startswith("handle was made for ") and raised[6].endswith(
             " tokens; x has 3 (a handle is only valid for a dispatch with the same routing)"), raised[6]
         # rank 0 names its bad value; rank 1 says which rank had one (either substring passed on either rank)
