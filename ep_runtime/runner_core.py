@@ -22,7 +22,7 @@ import torch
 
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
-from .quant import decode_scales, is_quantized_dtype
+from .quant import QuantConfig, decode_scales, is_quantized_dtype
 from .registry import add_once
 from .validation import assert_on_device, capturing, check_topk, weights_dtype
 
@@ -311,20 +311,21 @@ class ExpertMajorInput:
         return self.hidden_states.shape[0]
 
 
-def check_row_scales(inp: Any, group: int) -> None:
+def check_row_scales(inp: Any, quant: Optional[QuantConfig]) -> None:
     """RunnerBackend.run's check of quantized rows made by hand (RunnerInput or ExpertMajorInput): fp8 rows
     come with hidden_scale [..., ceil(H / group)] (one per row and `group` channels: the experts' activation
-    group, 128 for unquantized ones) fp32 or uint8 UE8M0 exponent bytes, and out_dtype a float dtype; float
-    rows take none. The kernels read the scales by row and group with no bound: fp8 rows without scales were
+    group, the default QuantConfig's for unquantized ones) fp32 or uint8 UE8M0 exponent bytes, and out_dtype
+    a float dtype; float rows take none. The kernels read the scales by row and group with no bound: fp8 rows without scales were
     computed as numbers (scale 1), float rows beside scales had them applied, and scales of another shape
     were read past their end or misread, all with no error."""
     x, scale = inp.hidden_states, inp.hidden_scale
     fp8 = is_quantized_dtype(x.dtype)
-    if scale is None:
-        if fp8:
-            raise ValueError(f"hidden_states has dtype {x.dtype} but hidden_scale is None; fp8 rows come with their "
-                             f"scales [..., ceil(H/{group})] fp32 (or uint8 UE8M0 exponents)")
+    if scale is None and not fp8:
         return
+    group = (quant or QuantConfig).activation_group  # (no QuantConfig built on the common path: float rows)
+    if scale is None:
+        raise ValueError(f"hidden_states has dtype {x.dtype} but hidden_scale is None; fp8 rows come with their "
+                         f"scales [..., ceil(H/{group})] fp32 (or uint8 UE8M0 exponents)")
     if not fp8:
         raise ValueError(f"hidden_scale was given but hidden_states has dtype {x.dtype}; scales come with fp8 rows "
                          f"(torch.float8_e4m3fn)")

@@ -9,7 +9,6 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
-from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, check_row_scales, convert, untraced
 from ep_runtime.validation import check_expert_dtypes
 
@@ -119,7 +118,7 @@ class RunnerBackend:
                             f"with ep.MoeRunner(backend, config, dispatcher.placement).run(dispatch_output, weights), "
                             f"as layer.runner does")
         runner_input.check(self.config.hidden_size)
-        check_row_scales(runner_input, (weights.quant or QuantConfig()).activation_group)
+        check_row_scales(runner_input, weights.quant)
         self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
         return self.run_checked(runner_input, weights)
 
