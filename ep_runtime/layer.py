@@ -781,9 +781,7 @@ class EPMoE(nn.Module):
         """Add this step's pairs per physical expert to the load counter: the dispatch layout's
         per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids.
         A forward run again inside backward (activation checkpointing's recompute; FSDP tells backward
-        apart the same way) adds nothing: its pairs were counted when the step ran it."""
-        if not torch.compiler.is_compiling() and _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1:
-            return
+        apart the same way) adds nothing: its pairs were counted when the step ran it (_add_load)."""
         sent = _SENT_PER_EXPERT.get(dispatch_output.format)
         counts = sent(dispatch_output) if sent is not None else None
         if counts is None:
@@ -792,7 +790,7 @@ class EPMoE(nn.Module):
             valid = (ids >= 0) & (ids < P)
             counts = torch.zeros(P + 1, dtype=torch.int64, device=ids.device).scatter_add_(
                 0, torch.where(valid, ids, P), torch.ones_like(ids))[:P]
-        self._load_physical.add_(counts)
+        (_ADD_LOAD_OP if torch.compiler.is_compiling() else _add_load)(self._load_physical, counts)
 
     def expert_load(self, reset: bool = False) -> torch.Tensor:
         """[E] int64 on the layer's device: (token, expert) pairs this rank sent to each logical
@@ -1144,6 +1142,19 @@ _EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv")  #
 # The running backward's graph task (-1 outside backward): a private torch call FSDP uses too; without it
 # (another torch) a checkpointed forward's recompute counts its pairs again.
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _add_load(counter: torch.Tensor, counts: torch.Tensor) -> None:
+    """counter += counts, except in a forward run again inside backward (activation checkpointing's recompute):
+    its pairs were counted when the step ran it."""
+    if _GRAPH_TASK_ID is None or _GRAPH_TASK_ID() == -1:
+        counter.add_(counts)
+
+
+# _add_load as a custom op, which torch.compile keeps in the graph as it is: the recompute check then runs each time
+# the compiled code runs. Traced, the check ran once, while tracing, so a compiled layer called inside activation
+# checkpointing (checkpoint around the compiled block) counted its pairs again in the recompute.
+_ADD_LOAD_OP = torch.library.custom_op("ep_runtime::add_load", mutates_args=("counter",))(_add_load)
 
 
 def _placement_tables(placement: ExpertPlacement) -> tuple:
