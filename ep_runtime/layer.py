@@ -966,7 +966,9 @@ class EPMoE(nn.Module):
         """Training with redundant experts: make every copy's gradient the sum over all copies of its
         expert (one all_reduce per weight tensor, over the replicated experts only), so copies that
         start equal stay equal under any optimizer. Call it after backward, before optimizer.step(),
-        on every rank. Nothing to do without copies."""
+        on every rank; with gradient accumulation once per step, after the last micro-batch's backward (it
+        sums the gradients accumulated so far: a call per micro-batch would add the earlier ones again).
+        Nothing to do without copies."""
         replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
         if not replicated or self.quant is not None:  # (quantized experts are inference-only: no gradients)
             return
