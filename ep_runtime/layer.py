@@ -786,9 +786,7 @@ class EPMoE(nn.Module):
         """Add this step's pairs per physical expert to the load counter: the dispatch layout's
         per-expert counts when the format has one (no extra kernel), else one scatter-add of the ids.
         A forward run again inside backward (activation checkpointing's recompute; FSDP tells backward
-        apart the same way) adds nothing: its pairs were counted when the step ran it."""
-        if not torch.compiler.is_compiling() and _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1:
-            return
+        apart the same way) adds nothing: its pairs were counted when the step ran it (_add_load)."""
         sent = _SENT_PER_EXPERT.get(dispatch_output.format)
         counts = sent(dispatch_output) if sent is not None else None
         if counts is None:
@@ -797,7 +795,7 @@ class EPMoE(nn.Module):
             valid = (ids >= 0) & (ids < P)
             counts = torch.zeros(P + 1, dtype=torch.int64, device=ids.device).scatter_add_(
                 0, torch.where(valid, ids, P), torch.ones_like(ids))[:P]
-        self._load_physical.add_(counts)
+        (_ADD_LOAD_OP if torch.compiler.is_compiling() else _add_load)(self._load_physical, counts)
 
     def expert_load(self, reset: bool = False) -> torch.Tensor:
         """[E] int64 on the layer's device: (token, expert) pairs this rank sent to each logical
@@ -973,7 +971,9 @@ class EPMoE(nn.Module):
         """Training with redundant experts: make every copy's gradient the sum over all copies of its
         expert (one all_reduce per weight tensor, over the replicated experts only), so copies that
         start equal stay equal under any optimizer. Call it after backward, before optimizer.step(),
-        on every rank. Nothing to do without copies."""
+        on every rank; with gradient accumulation once per step, after the last micro-batch's backward (it
+        sums the gradients accumulated so far: a call per micro-batch would add the earlier ones again).
+        Nothing to do without copies."""
         replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
         if not replicated or self.quant is not None:  # (quantized experts are inference-only: no gradients)
             return
@@ -1149,6 +1149,19 @@ _EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv")  #
 # The running backward's graph task (-1 outside backward): a private torch call FSDP uses too; without it
 # (another torch) a checkpointed forward's recompute counts its pairs again.
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _add_load(counter: torch.Tensor, counts: torch.Tensor) -> None:
+    """counter += counts, except in a forward run again inside backward (activation checkpointing's recompute):
+    its pairs were counted when the step ran it."""
+    if _GRAPH_TASK_ID is None or _GRAPH_TASK_ID() == -1:
+        counter.add_(counts)
+
+
+# _add_load as a custom op, which torch.compile keeps in the graph as it is: the recompute check then runs each time
+# the compiled code runs. Traced, the check ran once, while tracing, so a compiled layer called inside activation
+# checkpointing (checkpoint around the compiled block) counted its pairs again in the recompute.
+_ADD_LOAD_OP = torch.library.custom_op("ep_runtime::add_load", mutates_args=("counter",))(_add_load)
 
 
 def _placement_tables(placement: ExpertPlacement) -> tuple:

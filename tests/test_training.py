@@ -341,6 +341,37 @@ def test_activation_checkpointing_counts_the_load_once(dispatcher):
         assert checkpointed == [once, once]
 
 
+def _checkpointed_compiled_load_rank(rank, world_size):
+    """torch.compile(layer) called inside activation checkpointing (checkpoint around a compiled block): the
+    recompute in backward runs the compiled forward again, whose counter add was traced unconditionally (the
+    check that tells a recompute apart ran only eagerly), so expert_load counted each pair twice. Checkpointing
+    inside the compiled region counts once too."""
+    from torch.utils.checkpoint import checkpoint
+    layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
+    problem = make_problem(layer.config, [11, 7][:world_size], seed=24, ep_size=world_size)
+    x = problem.xs[rank].float().requires_grad_(True)
+    ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+    layer(x, ids, weights).sum().backward()
+    once = layer.expert_load(reset=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    inside = torch.compile(lambda t: checkpoint(lambda u: layer(u, ids, weights), t, use_reentrant=False),
+                           backend="aot_eager")
+    loads = []
+    for step in (lambda: checkpoint(lambda t: compiled(t, ids, weights), x, use_reentrant=False),
+                 lambda: checkpoint(lambda t: compiled(t, ids, weights), x, use_reentrant=True),
+                 lambda: compiled(x, ids, weights), lambda: inside(x)):
+        step().sum().backward()
+        loads.append(layer.expert_load(reset=True).tolist())
+    return once.tolist(), loads
+
+
+def test_activation_checkpointing_of_a_compiled_layer_counts_the_load_once():
+    for once, checkpointed in run_ranks(_checkpointed_compiled_load_rank, 2, timeout=240):
+        assert sum(once) > 0
+        assert checkpointed == [once] * 4
+
+
 def _experts_trainable_on_some_ranks_rank(rank, world_size):
     """Fine-tuning some ranks' experts only (the others frozen), under a frozen embedding and router, with a
     trainable head on every rank: the trainable experts get their float64 reference gradients (from every
