@@ -172,13 +172,23 @@ def _joinable_device(device: Optional[Any]) -> Optional[torch.device]:
     return device
 
 
-@functools.lru_cache(maxsize=None)
 def _call_options(cls: type) -> Optional[frozenset]:
-    """The per-call options (keyword arguments past x and topk) cls._dispatch takes; None: any (**options)."""
+    """The per-call options (keyword arguments past x and topk) cls._dispatch takes; None: any (**options).
+    Cached eagerly; read plainly while torch.compile traces (dynamo warns at every lru_cache it traces through,
+    as placement._table notes)."""
+    if torch.compiler.is_compiling():
+        return _read_call_options(cls)
+    return _cached_call_options(cls)
+
+
+def _read_call_options(cls: type) -> Optional[frozenset]:
     params = list(inspect.signature(cls._dispatch).parameters.values())[3:]  # (self, x, topk first)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params)
+
+
+_cached_call_options = functools.lru_cache(maxsize=None)(_read_call_options)
 
 
 class Dispatcher:

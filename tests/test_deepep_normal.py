@@ -329,3 +329,25 @@ def test_receiver_sees_deepep_ids_and_weights(R, options):
 @pytest.mark.skipif(xk.triton is None, reason="triton not installed")
 def test_receiver_sees_deepep_ids_and_weights_kernel_path():
     assert run_ranks(_receiver_view_rank, 2, {}, True, timeout=240) == [(True, True, True)] * 2
+
+
+def test_compiled_dispatch_with_per_call_options_traces_no_cached_helper():
+    """dispatch(..., handle=None) under torch.compile: the per-call options' check read an lru_cache'd helper,
+    which dynamo traces through with a warning naming our code ('Dynamo detected a call to a
+    functools.lru_cache-wrapped function'); it is now read plainly while tracing, and the output is the eager one."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = ep.EPMoE(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, dispatcher="deepep_normal",
+                     runner="torch")
+    dispatcher = layer.dispatcher
+
+    def rows(x, ids, w):
+        return dispatcher.dispatch(x, ep.TopKOutput(ids, w), handle=None).recv_x * 2
+
+    x, ids, w = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(rows, backend="aot_eager")(x, ids, w)
+    assert torch.equal(got, rows(x, ids, w))
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
