@@ -125,6 +125,9 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
         raise ValueError(f"{name} has shape {list(x.shape)}; expected [T, {hidden_size}] (hidden_size={hidden_size})")
     if not x.is_floating_point():
         raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+    if x.dtype not in WEIGHT_DTYPES:  # float8 is floating too: gloo refused it mid-exchange ("Invalid scalar type")
+        raise TypeError(f"{name} has dtype {x.dtype}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (tokens travel "
+                        f"and are computed in one of them; for an fp8 dispatch pass them so with use_fp8=True)")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype} (cast {name} with "
                         f".to({dtype}), build the layer in {x.dtype}, or run it under torch.autocast)")
