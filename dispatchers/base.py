@@ -617,7 +617,8 @@ class ExchangeDispatcher(Dispatcher):
         """Bytes this rank sends over links inside its node and between nodes, for the dispatch that
         made `dispatch_output` and its combine (ep.dispatchers.hierarchical.LinkBytes); None for static
         plans (fixed chunks, padding included). A dispatch row is the wire row (x, or its fp8 row with
-        scales) plus K weights and K ids; a combine row H values of x's dtype."""
+        scales) plus K weights and K ids, each in the weights' dtype (weights_dtype: float32, float64 for
+        float64 x); a combine row H values of x's dtype."""
         handle = getattr(dispatch_output.handle, "exchange", dispatch_output.handle)
         if handle.links is None:
             return None
@@ -625,7 +626,7 @@ class ExchangeDispatcher(Dispatcher):
         dtype = dispatch_output.x_dtype or dispatch_output.recv_x.dtype
         quant = self.fp8
         wire = fp8_payload.row_layout(H, quant)[0] if quant is not None else H * dtype.itemsize
-        return LinkBytes.of(handle.links, wire + 8 * K, H * dtype.itemsize)
+        return LinkBytes.of(handle.links, wire + 2 * K * weights_dtype(dtype).itemsize, H * dtype.itemsize)
 
     @functools.cached_property
     def fp8(self) -> Optional[QuantConfig]:
