@@ -128,6 +128,9 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
     if x.dtype not in WEIGHT_DTYPES:  # float8 is floating too: gloo refused it mid-exchange ("Invalid scalar type")
         raise TypeError(f"{name} has dtype {x.dtype}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (tokens travel "
                         f"and are computed in one of them; for an fp8 dispatch pass them so with use_fp8=True)")
+    if device is None and x.is_meta:  # (a layer names its own device below) torch failed mid-dispatch, naming nothing
+        raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the tokens, on "
+                         f"the group's device (cpu for gloo, cuda for NCCL)")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype} (cast {name} with "
                         f".to({dtype}), build the layer in {x.dtype}, or run it under torch.autocast)")
