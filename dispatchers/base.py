@@ -377,6 +377,11 @@ class Dispatcher:
         if rows.dim() < 2 or rows.shape[-1] != self.config.hidden_size:
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected rows of "
                              f"hidden_size={self.config.hidden_size} (the {self.name} runner output)")
+        dispatched = getattr(combine_input.dispatch_output, "recv_x", None)  # (standard: the rows it handed on)
+        device = (dispatched if dispatched is not None else combine_input.dispatch_output.hidden_states).device
+        if rows.device != device:  # the exchange failed on it naming nothing; standard returned y there
+            raise ValueError(f"combine_input.hidden_states is on {rows.device}; expected {device} (the device of "
+                             f"the {self.name} dispatch output's rows)")
 
     def combined_tokens(self, dispatch_output: DispatchOutput) -> Optional[int]:
         """T of the dispatch `dispatch_output` came from (the rows combine returns); None when unknown,
