@@ -564,7 +564,7 @@ ONE_RANK_BAD = {
     "x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "ids_shape": "ValueError: topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
     "int_weights": "TypeError: topk_weights has dtype torch.int64; expected a floating dtype",
-    "x_on_meta": "ValueError: topk_ids is on cpu; expected meta (the device of x)",
+    "x_on_meta": "ValueError: x is on the meta device (it has no values); allowed: a tensor holding the tokens",
     "async_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "layer_x_dtype": "TypeError: x has dtype torch.float64; this layer's weights are torch.float32",
     "layer_x_on_meta": "ValueError: x is on meta; this layer is on cpu",
