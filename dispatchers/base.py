@@ -387,6 +387,11 @@ class Dispatcher:
         if rows.dim() < 2 or rows.shape[-1] != self.config.hidden_size:
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected rows of "
                              f"hidden_size={self.config.hidden_size} (the {self.name} runner output)")
+        dispatched = getattr(combine_input.dispatch_output, "recv_x", None)  # (standard: the rows it handed on)
+        device = (dispatched if dispatched is not None else combine_input.dispatch_output.hidden_states).device
+        if rows.device != device:  # the exchange failed on it naming nothing; standard returned y there
+            raise ValueError(f"combine_input.hidden_states is on {rows.device}; expected {device} (the device of "
+                             f"the {self.name} dispatch output's rows)")
 
     def combined_tokens(self, dispatch_output: DispatchOutput) -> Optional[int]:
         """T of the dispatch `dispatch_output` came from (the rows combine returns); None when unknown,
@@ -627,7 +632,8 @@ class ExchangeDispatcher(Dispatcher):
         """Bytes this rank sends over links inside its node and between nodes, for the dispatch that
         made `dispatch_output` and its combine (ep.dispatchers.hierarchical.LinkBytes); None for static
         plans (fixed chunks, padding included). A dispatch row is the wire row (x, or its fp8 row with
-        scales) plus K weights and K ids; a combine row H values of x's dtype."""
+        scales) plus K weights and K ids, each in the weights' dtype (weights_dtype: float32, float64 for
+        float64 x); a combine row H values of x's dtype."""
         handle = getattr(dispatch_output.handle, "exchange", dispatch_output.handle)
         if handle.links is None:
             return None
@@ -635,7 +641,7 @@ class ExchangeDispatcher(Dispatcher):
         dtype = dispatch_output.x_dtype or dispatch_output.recv_x.dtype
         quant = self.fp8
         wire = fp8_payload.row_layout(H, quant)[0] if quant is not None else H * dtype.itemsize
-        return LinkBytes.of(handle.links, wire + 8 * K, H * dtype.itemsize)
+        return LinkBytes.of(handle.links, wire + 2 * K * weights_dtype(dtype).itemsize, H * dtype.itemsize)
 
     @functools.cached_property
     def fp8(self) -> Optional[QuantConfig]:

@@ -19,6 +19,7 @@ import torch
 
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, register_format
+from ep_runtime.validation import check_topk_ids
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
@@ -100,7 +101,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
-        is_token_in_rank [T, R] bool (topk_ids [T, K] global, -1 = none). No host sync."""
+        is_token_in_rank [T, R] bool (topk_ids [T, K] global, -1 = none). topk_ids are checked as dispatch
+        checks them (an id outside [-1, E) was left out of every count with no error, float ids were counted),
+        with one host read for their values (none while capturing a CUDA graph)."""
+        check_topk_ids(topk_ids, self.config.num_experts, self.config.top_k)
         return dispatch_layout(topk_ids, self.config.num_experts, self.world_size,
                                self.exchange.tables(topk_ids.device)[0])
 

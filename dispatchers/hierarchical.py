@@ -147,7 +147,7 @@ class LinkRows:
 @dataclass(frozen=True)
 class LinkBytes:
     """LinkRows in bytes: a dispatch row is the token's wire row plus its K weights and K ids (4 bytes
-    each); a combine row is H values of the tokens' dtype. The count table's all_gather (a few ints
+    each; 8 with float64 tokens, whose weights travel as float64); a combine row is H values of the tokens' dtype. The count table's all_gather (a few ints
     per rank and expert) is not counted."""
 
     dispatch_same_node: int

@@ -125,9 +125,12 @@ def check_hidden_states(x: torch.Tensor, hidden_size: int, dtype: Optional[torch
         raise ValueError(f"{name} has shape {list(x.shape)}; expected [T, {hidden_size}] (hidden_size={hidden_size})")
     if not x.is_floating_point():
         raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
-    if x.dtype.itemsize == 1:  # fp8 values without their scales: dispatched, they failed in the runner after the exchange
-        raise TypeError(f"{name} has dtype {x.dtype}; expected the tokens' dtype (e.g. torch.bfloat16): fp8 values "
-                        f"without their scales are not tokens. Pass the tokens, and use_fp8=True to send them as fp8")
+    if x.dtype not in WEIGHT_DTYPES:  # float8 is floating too: gloo refused it mid-exchange ("Invalid scalar type")
+        raise TypeError(f"{name} has dtype {x.dtype}; allowed: {', '.join(map(str, WEIGHT_DTYPES))} (tokens travel "
+                        f"and are computed in one of them; for an fp8 dispatch pass them so with use_fp8=True)")
+    if device is None and x.is_meta:  # (a layer names its own device below) torch failed mid-dispatch, naming nothing
+        raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the tokens, on "
+                         f"the group's device (cpu for gloo, cuda for NCCL)")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}; this layer's weights are {dtype} (cast {name} with "
                         f".to({dtype}), build the layer in {x.dtype}, or run it under torch.autocast)")
@@ -157,22 +160,42 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_tokens: i
     dtypes and devices only (the caller checks values, e.g. inside its count exchange)."""
     device = torch.device(device) if device is not None else None
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] != num_tokens or (top_k is not None and t.shape[1] != top_k):
-            k = top_k if top_k is not None else "K"
-            raise ValueError(f"{name} has shape {list(t.shape)}; expected [{num_tokens}, {k}] (T rows of x, top_k)")
-        if device is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}; expected {device} (the device of x)")
+        _check_topk_tensor(name, t, num_tokens, top_k, device)
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} differ in shape")
-    if topk_ids.dtype not in ID_DTYPES:  # unsigned wider types would hide -1 (uint32 2**32-1 reads as -1)
-        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected a signed integer dtype (int32 or int64; "
-                        f"int8, int16 and uint8 also accepted)")
+    _check_ids_dtype(topk_ids)
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights has dtype {topk_weights.dtype}; expected a floating dtype")
     if values:
         check_topk_values(topk_ids, topk_weights, num_experts)
+
+
+def _check_topk_tensor(name: str, t, num_tokens: Optional[int], top_k: Optional[int],
+                       device: Optional[torch.device]) -> None:
+    """`t` (topk_ids or topk_weights) is a [num_tokens, top_k] tensor on `device` (None: any T, K, device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != 2 or num_tokens not in (None, t.shape[0]) or (top_k is not None and t.shape[1] != top_k):
+        k = top_k if top_k is not None else "K"
+        raise ValueError(f"{name} has shape {list(t.shape)}; expected [{'T' if num_tokens is None else num_tokens}, "
+                         f"{k}] (T rows of x, top_k)")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected {device} (the device of x)")
+
+
+def _check_ids_dtype(topk_ids: torch.Tensor) -> None:
+    if topk_ids.dtype not in ID_DTYPES:  # unsigned wider types would hide -1 (uint32 2**32-1 reads as -1)
+        raise TypeError(f"topk_ids has dtype {topk_ids.dtype}; expected a signed integer dtype (int32 or int64; "
+                        f"int8, int16 and uint8 also accepted)")
+
+
+def check_topk_ids(topk_ids: torch.Tensor, num_experts: int, top_k: Optional[int]) -> None:
+    """topk_ids on their own (a layout of them, no dispatch): [T, top_k], a signed integer dtype, ids in
+    [-1, E) (one host read; none while capturing a CUDA graph, as check_topk_values)."""
+    _check_topk_tensor("topk_ids", topk_ids, None, top_k, None)
+    _check_ids_dtype(topk_ids)
+    if topk_ids.numel() and not capturing() and bool(_out_of_range(topk_ids, num_experts).any()):
+        _raise_bad_id(topk_ids, num_experts)
 
 
 def weights_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -226,12 +249,16 @@ def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_ex
         flags = topk_value_flags(topk_ids, topk_weights, num_experts, distinct is not None).tolist()
     bad_id, bad_weight = flags[:2]
     if bad_id:
-        where = _out_of_range(topk_ids, num_experts).nonzero()[0].tolist()
-        value = int(topk_ids[where[0], where[1]])
-        raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
-                         f"(num_experts={num_experts})")
+        _raise_bad_id(topk_ids, num_experts)
     if bad_weight:
         check_finite("topk_weights", topk_weights)
     if len(flags) > 2 and flags[2]:
         t = int(_repeated(topk_ids).any(1).nonzero()[0])
         raise ValueError(f"topk_ids row {t} lists an expert twice: {topk_ids[t].tolist()}; {distinct}")
+
+
+def _raise_bad_id(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise naming the first id outside [-1, E) of topk_ids (which holds one) and its position."""
+    where = _out_of_range(topk_ids, num_experts).nonzero()[0].tolist()
+    value = int(topk_ids[where[0], where[1]])
+    raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} (num_experts={num_experts})")

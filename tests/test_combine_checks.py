@@ -125,3 +125,27 @@ def test_combine_names_an_input_that_is_not_its_own_dispatch_output():
             else:
                 assert message == (f"ValueError: combine_input.dispatch_output is a {what!r} dispatch's output; allowed: "
                                    f"this {name} dispatcher's own dispatch output (format {name!r})"), message
+
+
+def _other_device_rank(rank, world_size, name):
+    d = ep.dispatchers.create(name, ep.MoeConfig(8, 2, 16, 8), **OPTIONS.get(name, {}))
+    out = d.dispatch(torch.randn(5, 16), ep.TopKOutput(torch.tensor([[0, 7], [4, -1], [5, 1], [3, 6], [2, 2]]),
+                                                       torch.rand(5, 2)))
+    rows = out.hidden_states if name == "standard" else out.recv_x
+    try:
+        d.combine(CombineInput(rows.to("meta"), out))
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    return message, list(d.combine(CombineInput(rows.clone(), out)).shape)  # the ranks are still in step
+
+
+@pytest.mark.parametrize("name", ["standard", "deepep_normal", "deepep_ll", "mori"])
+def test_combine_names_rows_on_another_device(name):
+    """Rows on another device than the dispatch's (meta here; a CPU expert output for a CUDA dispatch alike):
+    standard, deepep_normal and mori on one rank returned y on that device, deepep_ll failed inside torch
+    ("Tensor on device meta is not on the expected device cpu!"), the exchanges failed in their collective."""
+    for message, shape in run_ranks(_other_device_rank, 2, name, timeout=120, group_timeout=20):
+        assert shape == [5, 16]
+        assert message == (f"combine_input.hidden_states is on meta; expected cpu (the device of the {name} dispatch "
+                           f"output's rows)"), message

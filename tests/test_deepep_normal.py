@@ -65,6 +65,24 @@ def test_get_dispatch_layout_matches_torch_reference(E, K):
         assert got == expected
 
 
+@pytest.mark.parametrize("ids,error", [
+    (torch.tensor([[0, 9], [1, -1]]), "ValueError: topk_ids has id 9 at [0, 1]; allowed -1..7 (num_experts=8)"),
+    (torch.tensor([[0, -2], [1, -1]], dtype=torch.int16), "ValueError: topk_ids has id -2 at [0, 1]; allowed -1..7"),
+    (torch.tensor([[0.0, 1.0], [2.0, 3.0]]), "TypeError: topk_ids has dtype torch.float32; expected a signed integer"),
+    (torch.tensor([0, 1]), "ValueError: topk_ids has shape [2]; expected [T, 2]"),
+    (torch.tensor([[0, 1, 2]]), "ValueError: topk_ids has shape [1, 3]; expected [T, 2]"),
+])
+def test_get_dispatch_layout_refuses_bad_ids_naming_them(ids, error):
+    """An id outside [-1, E) was left out of every count without a word, float ids were counted as experts and
+    1-D ids failed inside torch's scatter; now each is refused as dispatch refuses it."""
+    dispatcher = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8))
+    with pytest.raises((ValueError, TypeError)) as info:
+        dispatcher.get_dispatch_layout(ids)
+    assert f"{info.typename}: {info.value}".startswith(error), info.value
+    layout = dispatcher.get_dispatch_layout(torch.zeros(0, 2, dtype=torch.int64))  # T = 0 is fine
+    assert layout.num_tokens_per_expert.tolist() == [0] * 8
+
+
 def _tokens(R):
     # Uneven, one rank (rank 1) with none.
     return [[13], [9, 0], [9, 0, 23], [9, 0, 23, 4]][R - 1]

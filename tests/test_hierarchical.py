@@ -77,6 +77,24 @@ def _compare_rank(rank, world_size, name):
         multi_node_tokens=int((~one_node).sum()), auto=auto)
 
 
+def _float64_link_bytes_rank(rank, world_size, name):
+    cfg = ep.MoeConfig(8, 2, 5, 4)
+    options = {"max_dispatch_tokens_per_rank": 4} if name == "mori" else {}
+    d = ep.dispatchers.create(name, cfg, hierarchical="on", ranks_per_node=1, **options)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    out = d.dispatch(x, ep.TopKOutput(torch.tensor([[0, 7], [2, 5], [1, -1]]), torch.rand(3, 2)))
+    return d.link_bytes(out), out.handle.links, out.recv_topk_weights.dtype
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori"])
+def test_link_bytes_count_float64_weights_and_ids_at_8_bytes(name):
+    """float64 tokens send their K weights as float64 (and the K ids beside them in the same float64 metadata
+    rows): link_bytes counted 4 bytes each, 8 K bytes short per dispatch row."""
+    for got, links, weights in run_ranks(_float64_link_bytes_rank, 2, name):
+        assert weights == torch.float64
+        assert got == LinkBytes.of(links, 5 * 8 + 2 * 2 * 8, 5 * 8)
+
+
 def _auto_modes(rank, cfg, problem):
     """hierarchical='auto' (the default) under three node sources: this one host (flat), torchrun's
     GROUP_RANK saying 2 nodes, EP_RUNTIME_RANKS_PER_NODE=2 (both node-aware)."""

@@ -564,7 +564,7 @@ ONE_RANK_BAD = {
     "x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "ids_shape": "ValueError: topk_ids has shape [3, 2]; expected [4, 2] (T rows of x, top_k)",
     "int_weights": "TypeError: topk_weights has dtype torch.int64; expected a floating dtype",
-    "x_on_meta": "ValueError: topk_ids is on cpu; expected meta (the device of x)",
+    "x_on_meta": "ValueError: x is on the meta device (it has no values); allowed: a tensor holding the tokens",
     "async_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "layer_x_dtype": "TypeError: x has dtype torch.float64; this layer's weights are torch.float32",
     "layer_x_on_meta": "ValueError: x is on meta; this layer is on cpu",
@@ -715,6 +715,40 @@ def test_ranks_dispatching_x_in_different_dtypes_fail_every_rank_naming_them(cas
             assert message == (f"x has dtype {dtypes[rank]} on rank {rank}, but the ranks differ ({dtypes[0]} on "
                                f"rank 0, {dtypes[1]} on rank 1); allowed: one dtype on every rank (rows cross ranks "
                                f"as raw bytes); every rank stops here"), message
+
+
+def _refused_x_rank(rank, world_size, case):
+    d, x, topk = _exchange_and_input(case, rank) if case != "standard" else (
+        ep.dispatchers.create("standard", ep.MoeConfig(8, 2, 16, 8)), torch.randn(4, 16),
+        ep.TopKOutput(torch.tensor([[0, 5], [1, 2], [7, -1], [3, 4]]), torch.rand(4, 2)))
+    messages = []
+    for bad in (torch.float8_e4m3fn, torch.float8_e5m2, "meta"):
+        try:
+            d.dispatch(x.to(bad), ep.TopKOutput(*(t.to(bad) if bad == "meta" else t for t in topk)))
+            messages.append("no error")
+        except Exception as err:  # noqa: BLE001 - the type is part of what is checked
+            messages.append(f"{type(err).__name__}: {err}")
+    out = d.dispatch(x, topk)  # refused before any collective: the ranks are still in step
+    rows = out.hidden_states if case == "standard" else out.recv_x
+    return messages, list(d.combine(CombineInput(rows, out)).shape)
+
+
+@pytest.mark.parametrize("case", ["standard"] + list(EXCHANGES))
+def test_x_in_float8_or_on_meta_is_refused_naming_it(case):
+    """A float8 x is a floating tensor, but no dispatcher or runner computes on it (an fp8 dispatch quantizes
+    x itself, use_fp8=True): it was accepted, then gloo refused it inside the payload exchange ("Invalid scalar
+    type", naming nothing); standard handed it on to the runner. An x on the meta device (with its topk there
+    too) failed inside torch ("Tensor on device cpu is not on the expected device meta!", "Cannot copy out of
+    meta tensor"), naming nothing."""
+    results = (run_ranks(_refused_x_rank, 2, case, timeout=60, group_timeout=TIMEOUT_S) if case != "standard"
+               else [_refused_x_rank(0, 1, case)])
+    for messages, shape in results:
+        assert shape == [4, 16]
+        assert messages == [f"TypeError: x has dtype {dtype}; allowed: torch.float32, torch.bfloat16, torch.float16, "
+                            f"torch.float64 (tokens travel and are computed in one of them; for an fp8 dispatch pass "
+                            f"them so with use_fp8=True)" for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)] + [
+            "ValueError: x is on the meta device (it has no values); allowed: a tensor holding the tokens, on the "
+            "group's device (cpu for gloo, cuda for NCCL)"], messages
 
 
 def _combine_dtype_rank(rank, world_size, case):
