@@ -79,6 +79,9 @@ def _has(module: str) -> bool:
     (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
     (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
     (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
+    (["bench", "--tokens", "4,8,4"], "argument --tokens: '4,8,4': 4 given more than once; allowed: distinct"),
+    (["bench", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: cannot write it (No such"),
+    (["bench", "--suite", "runner", "--markdown", "/proc/out.md"], "--markdown /proc/out.md: cannot write it ("),
 ])
 def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monkeypatch):
     """In process, so nothing can have started: exit 2, the last line names the flag and what is

@@ -30,6 +30,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # (each case ran as often as given, its rows and their 'vs' ratios mixed up in the tables)
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(str, twice))} given more than once; allowed: "
+                                         f"distinct integers >= 0")
     return values
 
 
@@ -270,6 +274,28 @@ def _check_experts_divide(settings: Settings, world_size: int) -> None:
                              f"multiple of {ranks}")
 
 
+def _check_outputs_writable(args: argparse.Namespace) -> None:
+    """--json, --markdown and --plot files can be written, checked on rank 0 (the rank that writes them) before
+    the run: they are written after it, where a missing directory cost the whole run and ended in a traceback.
+    Probed by opening the file for appending (a file made by the probe is removed again)."""
+    from ..distributed import detect_launch
+
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                                              ("--plot", args.plot)) if path]
+    if not outputs or detect_launch().rank != 0:
+        return
+    for flag, path in outputs:
+        existed = os.path.exists(path)
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: cannot write it ({err.strerror}); allowed: a file path in an existing, "
+                             f"writable directory") from None
+        if not existed:
+            os.remove(path)
+
+
 def _available_host_bytes() -> Optional[int]:
     """MemAvailable of /proc/meminfo (None where there is none to read: not Linux)."""
     try:
@@ -323,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for E in settings.num_experts:
                 if K > E:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
+        _check_outputs_writable(args)
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, args.world_size)
             if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
