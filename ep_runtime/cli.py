@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import envs, runners
-from .distributed import detect_launch
+from .distributed import RendezvousError, check_rendezvous, detect_launch
 from .registry import did_you_mean
 
 
@@ -30,6 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _env(markdown=True)
     try:
         launch = detect_launch()
+        if args.command == "demo":
+            check_rendezvous(launch)
         envs.validate_all(warn=launch.rank == 0)
     except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
         command.error(str(err))
@@ -55,7 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
         command.error(f"{flag} serves no dispatcher here ({reasons}); allowed here: {auto}"
                       f"{', '.join(runners.available())}")
-    return _demo(args, launch, plan)
+    try:
+        return _demo(args, launch, plan)
+    except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+        command.error(str(err))
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

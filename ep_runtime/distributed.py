@@ -162,6 +162,23 @@ def _checked(launch: LaunchInfo, rank: str, size: str, local_rank: str) -> Launc
     return launch
 
 
+def check_rendezvous(launch: LaunchInfo) -> None:
+    """The rendezvous variables a torchrun-style launch needs (RANK and WORLD_SIZE set by hand without them):
+    torch's env:// failed inside init_process_group with a traceback ("environment variable MASTER_ADDR
+    expected, but not set"). Checked by init_distributed and, before any work, by the CLI."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if envs.launcher(name) is None]
+    if launch.launcher == "torchrun" and missing:
+        raise ValueError(f"launcher variable{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not set while "
+                         f"RANK={launch.rank} and WORLD_SIZE={launch.world_size} are; torchrun sets all four: set "
+                         f"{' and '.join(missing)} (rank 0's host and a free port, the same on every rank), or unset "
+                         f"RANK and WORLD_SIZE for Slurm, MPI or a single process")
+
+
+class RendezvousError(RuntimeError):
+    """This rank cannot host or reach the job's rendezvous (its port is taken, its host does not answer): the
+    message names the variable or launcher the address came from. The CLI prints it as one line."""
+
+
 def _check_port(port: Optional[int]) -> None:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"launcher variable MASTER_PORT={port}; allowed: 1..65535")
@@ -242,8 +259,12 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
             store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
         except dist.DistNetworkError as err:  # torch's message names the port, not where it came from
             if "EADDRINUSE" not in str(err):
-                raise
-            raise RuntimeError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                where = (f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
+                         if launch.init_method == "env://" else launch.init_method)
+                raise RendezvousError(f"rank {launch.rank} cannot reach the rendezvous ({where}) within "
+                                      f"{timeout.total_seconds():g} s ({envs.PREFIX}TIMEOUT_S): {first}") from err
+            raise RendezvousError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
                                f"host (by another job, or a process left over from one)") from err
         _RENDEZVOUS[key] = [store, 0]
     store, made = _RENDEZVOUS[key]
@@ -281,6 +302,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
             _TIMEOUT_S = given
         return dist.group.WORLD
     launch = detect_launch()
+    check_rendezvous(launch)
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")

@@ -6,10 +6,11 @@ import sys
 import pytest
 
 
-def _run(args, **kw):
+def _run(args, env_extra=None, **kw):
     env = dict(os.environ)
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    env.update(env_extra or {})
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, **kw)
 
 
@@ -201,3 +202,19 @@ def test_bench_progress_bar_only_on_a_terminal():
     from ep_runtime.cli import bench_arguments
     assert bench_arguments(["--suite", "dispatch"], interactive=False) == ["--suite", "dispatch", "--no-progress"]
     assert bench_arguments(["--suite", "dispatch"], interactive=True) == ["--suite", "dispatch"]
+
+
+def test_demo_rendezvous_port_in_use_is_one_line():
+    """A torchrun-style launch whose MASTER_PORT another process holds: the demo ended in a RuntimeError
+    traceback from init_distributed; now one argparse-style line naming MASTER_PORT, exit 2."""
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = _run([sys.executable, "-m", "ep_runtime", "demo", "--tokens", "4"],
+                   env_extra=dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert last.startswith(f"ep-runtime demo: error: rank 0 cannot host the rendezvous: MASTER_PORT={port}"), out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

@@ -276,6 +276,9 @@ def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
      r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
     # Half of torchrun's variables (a hand-written launch): ran as a one-process job.
     (dict(RANK="1"), r"RANK=1 is set but WORLD_SIZE is not; torchrun sets both"),
+    # RANK and WORLD_SIZE by hand without the address: torch's env:// raised from inside init_process_group.
+    (dict(RANK="0", WORLD_SIZE="2"), r"MASTER_ADDR and MASTER_PORT not set while RANK=0 and WORLD_SIZE=2 are"),
+    (dict(RANK="0", WORLD_SIZE="1", MASTER_PORT="29500"), r"variable MASTER_ADDR not set while RANK=0"),
     (dict(WORLD_SIZE="2", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1"), r"WORLD_SIZE=2 is set but RANK is not"),
 ])
 def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):

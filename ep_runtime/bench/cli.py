@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..distributed import RendezvousError, check_rendezvous, detect_launch
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
@@ -350,6 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if K > E:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
         _check_outputs_writable(args)
+        if not args.from_json:
+            check_rendezvous(detect_launch())
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, args.world_size)
             if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
@@ -367,7 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError, TypeError) as err:
             parser.error(f"--from-json {args.from_json}: cannot read it as an earlier run's --json file ({err})")
     else:
-        results = run(settings, args.world_size)
+        try:
+            results = run(settings, args.world_size)
+        except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+            parser.error(str(err))
     if results is None:  # not rank 0
         return 0
     print(render_text(results), end="")
