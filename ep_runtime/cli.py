@@ -34,6 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_rendezvous(launch)
         envs.validate_all(warn=launch.rank == 0)
     except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
+        if args.command == "env":  # the listing first: every knob's value, the invalid ones marked
+            _env(markdown=False)
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
@@ -196,6 +198,9 @@ def _env(markdown: bool) -> int:
         return 0
     for name, value, default, doc in envs.describe():
         print(f"{name}={value}  (default {default})\n    {doc}")
+        problem = envs.problem_of(name)
+        if problem:
+            print(f"    INVALID: {problem}")
     for name in envs.unknown():
         print(f"{name}  (unknown: not an ep-runtime knob, ignored){envs.suggestion(name)}")
     return 0

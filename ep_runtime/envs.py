@@ -229,18 +229,30 @@ _WARNED: set[str] = set()  # unknown variables already warned about in this proc
 
 
 def validate_all(warn: bool = True) -> None:
-    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run; warn about
+    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run (one ValueError naming
+    every invalid one, a line each); warn about
     EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word), once
     per process and variable, with the closest knob's name. warn=False: check only (ranks other than
     0 pass it, so a job prints the warning once)."""
-    for name in KNOBS:
-        get(name)
+    invalid = [problem for problem in map(problem_of, KNOBS) if problem]
+    if invalid:  # every bad value at once, not one per attempt
+        raise ValueError("\n".join(invalid))
     new = [name for name in unknown() if name not in _WARNED]
     if warn and new:
         _WARNED.update(new)
         described = ", ".join(name + suggestion(name) for name in new)
         warnings.warn(f"ignoring unknown variable{'s' if len(new) > 1 else ''} {described}: no such ep-runtime knob "
                       f"(`ep-runtime env` lists them)", stacklevel=2)
+
+
+def problem_of(name: str) -> Optional[str]:
+    """Why knob `name`'s value in the environment is invalid (the error get raises), or None when it is valid or
+    unset: `ep-runtime env` marks each such knob in its listing."""
+    try:
+        get(name)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def suggestion(name: str) -> str:
