@@ -216,6 +216,15 @@ def _mpi_launch() -> LaunchInfo:
         raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]' "
                            "(scripts/setup_mpi.sh installs Open MPI and mpi4py)") from err
     comm = MPI.COMM_WORLD
+    # mpi4py built for another MPI than the Open MPI mpirun that started us (or the variable left over from
+    # one): every rank is a singleton, rank 0 of 1, and each would run the whole job alone.
+    size = envs.launcher("OMPI_COMM_WORLD_SIZE", int)
+    if size is not None and size != comm.Get_size():
+        library = MPI.Get_library_version().strip().split(",")[0]
+        raise ValueError(f"launcher variable OMPI_COMM_WORLD_SIZE={size}, but MPI (mpi4py on {library}) sees "
+                         f"{comm.Get_size()} rank(s): mpi4py was built for another MPI than the mpirun that started "
+                         f"this process, or OMPI_COMM_WORLD_SIZE was left over from another job; allowed: mpi4py of "
+                         f"the launching MPI (pip install --no-binary mpi4py mpi4py), or unset OMPI_COMM_WORLD_SIZE")
     address = None
     if comm.Get_rank() == 0:
         address = (envs.launcher("MASTER_ADDR") or socket.gethostname(), free_port())

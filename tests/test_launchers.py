@@ -264,6 +264,20 @@ def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
     assert distributed.detect_launch().launcher == launcher
 
 
+@pytest.mark.parametrize("name", ["OMPI_COMM_WORLD_SIZE"])
+def test_mpi_size_that_mpi_does_not_see_fails_naming_it(monkeypatch, name):
+    """mpi4py built for another MPI than the launching mpirun (or the variable left over from another job):
+    MPI saw a singleton, and `ep-runtime demo` ran as 'a mpi job: 1 ranks', each rank alone. Now an error
+    naming the variable, its value and the size MPI sees."""
+    pytest.importorskip("mpi4py", reason="an MPI launch needs mpi4py (scripts/setup_mpi.sh)")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.setattr(distributed, "_MPI_LAUNCH", None)  # this process's MPI launch is made afresh
+    monkeypatch.setenv(name, "2")
+    with pytest.raises(ValueError, match=rf"launcher variable {name}=2, but MPI \(mpi4py on .*\) sees 1 rank\(s\)"):
+        distributed.detect_launch()
+    assert distributed._MPI_LAUNCH is None
+
+
 @pytest.mark.parametrize("env,match", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
     (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
