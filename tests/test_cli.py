@@ -80,6 +80,10 @@ def _has(module: str) -> bool:
     (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
     (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
     (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
+    (["bench", "--tokens", "99999999999999999999"], "argument --tokens: '99999999999999999999': give one or more "
+                                                     "integers >= 0 and <= 2147483647"),
+    (["bench", "--tokens", "2147483647", "--hidden", "65536"], "--tokens 2147483647 --hidden 65536: the suites would "
+                                                              "draw"),
     (["bench", "--tokens", "4,8,4"], "argument --tokens: '4,8,4': 4 given more than once; allowed: distinct"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: cannot write it (No such"),
     (["bench", "--suite", "runner", "--markdown", "/proc/out.md"], "--markdown /proc/out.md: cannot write it ("),

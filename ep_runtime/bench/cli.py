@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import RendezvousError, check_rendezvous, detect_launch
+from ..envs import MAX_TOKENS
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
@@ -29,8 +30,8 @@ def _int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
+    if not values or any(v < 0 or v > MAX_TOKENS for v in values):  # (beyond int32: a C++ overflow traceback)
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0 and <= {MAX_TOKENS}")
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:  # (each case ran as often as given, its rows and their 'vs' ratios mixed up in the tables)
         raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(str, twice))} given more than once; allowed: "
@@ -313,7 +314,8 @@ def _check_host_memory(settings: Settings, world_size: int, available: Optional[
     process (on 2 CPU ranks `--preset deepseek-v3` draws 128 experts for the runner suite, 22 GiB in fp32, and
     as much again while scaling them). Counted per process, times the ranks spawned here (a launcher's ranks:
     this one's share only): the runner suite's E / its EP size experts twice (drawn, then scaled), the eplb
-    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts."""
+    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts. And every suite's
+    --rotate token inputs [T, H] per rank."""
     from ..distributed import detect_launch
     from .eplb import default_redundant_experts
 
@@ -337,6 +339,15 @@ def _check_host_memory(settings: Settings, world_size: int, available: Optional[
                     + ("a larger --runner-ep-size (the runner suite computes E / it experts), " if suite == "runner"
                        else "") + "smaller --experts/--hidden/--intermediate, --dtype bf16, or --suite without "
                     f"{suite} (the dispatch suite holds no experts)")
+        # Every suite draws --rotate inputs [T, H] per rank (in fp32 first): --tokens 100000000 failed in an
+        # allocation traceback (or went to the OOM killer) after the smaller sweeps had run.
+        T = max(settings.tokens)
+        rows = (here if set(settings.suites) & set(_GROUP_SUITES) else 1) * settings.rotate * T * H * 4
+        if rows > available:
+            raise ValueError(f"--tokens {T} --hidden {H}: the suites would draw {rows / 2**30:.1f} GiB of token rows "
+                             f"on this host ({settings.rotate} inputs [T, H] per rank, --rotate), which has "
+                             f"{available / 2**30:.1f} GiB available; allowed: what fits: smaller --tokens, "
+                             f"--hidden or --rotate")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
