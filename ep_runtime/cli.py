@@ -32,6 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         launch = detect_launch()
         if args.command == "demo":
             check_rendezvous(launch)
+            check_world_size_flag(args.world_size, launch)
         envs.validate_all(warn=launch.rank == 0)
     except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
         if args.command == "env":  # the listing first: every knob's value, the invalid ones marked
@@ -138,6 +139,15 @@ def demo_capacity_conflicts(plan, tokens: int) -> list[tuple[str, str, str]]:
     return [(name, *DEMO_CAPACITY[name]) for name, runner, _ in plan
             if runner is not None and name in DEMO_CAPACITY and envs.is_set(DEMO_CAPACITY[name][1])
             and tokens > envs.get(DEMO_CAPACITY[name][1])]
+
+
+def check_world_size_flag(world_size: Optional[int], launch) -> None:
+    """demo's and bench's --world-size sizes the ranks spawned without a launcher: under torchrun, srun or mpirun,
+    a value other than the job's was ignored without a word (2 ranks ran for --world-size 4)."""
+    if world_size is not None and launch.launcher != "single" and world_size != launch.world_size:
+        raise ValueError(f"--world-size {world_size}: this process is rank {launch.rank} of a {launch.launcher} job of "
+                         f"{launch.world_size} ranks, and the launcher sizes the job; allowed: no --world-size (or "
+                         f"--world-size {launch.world_size}) under a launcher")
 
 
 def _knob_value(name: str) -> object:

@@ -222,3 +222,20 @@ def test_demo_rendezvous_port_in_use_is_one_line():
     assert out.returncode == 2, out.stdout + out.stderr
     assert last.startswith(f"ep-runtime demo: error: rank 0 cannot host the rendezvous: MASTER_PORT={port}"), out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_world_size_flag_that_contradicts_the_launcher_is_an_error(command, capsys, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m ep_runtime demo --world-size 4` ran 2 ranks and said nothing of the 4:
+    --world-size sizes only the ranks spawned without a launcher. Now one line naming both sizes, exit 2."""
+    from ep_runtime.cli import main
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--world-size", "4"])
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and out == "", out + err
+    assert last == (f"ep-runtime {command}: error: --world-size 4: this process is rank 0 of a torchrun job of 1 "
+                    f"ranks, and the launcher sizes the job; allowed: no --world-size (or --world-size 1) under a "
+                    f"launcher"), err

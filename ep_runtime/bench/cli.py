@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..cli import check_world_size_flag
 from ..distributed import RendezvousError, check_rendezvous, detect_launch
 from ..envs import MAX_TOKENS
 from .dispatch import dispatch_suite, parse_routing
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"one rank (default {','.join(RUNNER_FORMATS)})")
     p.add_argument("--runner-ep-size", type=int_at_least(1), default=None,
                    help="runner suite: compute E / this many local experts (default: the number of ranks)")
-    p.add_argument("--world-size", type=int_at_least(1), default=2,
-                   help="local CPU ranks to spawn when no launcher is detected (default 2)")
+    p.add_argument("--world-size", type=int_at_least(1), default=None,
+                   help=f"local CPU ranks to spawn when no launcher is detected (default {SPAWNED_RANKS})")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--repeats", type=int_at_least(1), default=None,
                    help="timed repeats (default 100 on CUDA, 10 on CPU); on CUDA as many again for the host time")
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: print, plot or convert the results of an earlier --json FILE (e.g. a GPU "
                         "run's, on a machine that has matplotlib; default: none, run the suites)")
     return p
+
+
+SPAWNED_RANKS = 2  # --world-size's default
 
 
 def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
@@ -364,10 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check_outputs_writable(args)
         if not args.from_json:
             check_rendezvous(detect_launch())
+            check_world_size_flag(args.world_size, detect_launch())
+        world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
-            _check_experts_divide(settings, args.world_size)
+            _check_experts_divide(settings, world_size)
             if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
-                _check_host_memory(settings, args.world_size, _available_host_bytes())
+                _check_host_memory(settings, world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
     if args.plot and not has_matplotlib():
@@ -382,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--from-json {args.from_json}: cannot read it as an earlier run's --json file ({err})")
     else:
         try:
-            results = run(settings, args.world_size)
+            results = run(settings, world_size)
         except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
             parser.error(str(err))
     if results is None:  # not rank 0
