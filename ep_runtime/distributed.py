@@ -266,15 +266,18 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
     if key not in _RENDEZVOUS:
         try:
             store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
-        except dist.DistNetworkError as err:  # torch's message names the port, not where it came from
-            if "EADDRINUSE" not in str(err):
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                where = (f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
-                         if launch.init_method == "env://" else launch.init_method)
-                raise RendezvousError(f"rank {launch.rank} cannot reach the rendezvous ({where}) within "
-                                      f"{timeout.total_seconds():g} s ({envs.PREFIX}TIMEOUT_S): {first}") from err
-            raise RendezvousError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
-                               f"host (by another job, or a process left over from one)") from err
+        except (dist.DistNetworkError, dist.DistStoreError) as err:  # torch's message names no variable
+            if "EADDRINUSE" in str(err):
+                raise RendezvousError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use "
+                                      f"on this host (by another job, or a process left over from one)") from err
+            first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            where = (f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
+                     if launch.init_method == "env://" else launch.init_method)
+            what = ("waited in vain for the other ranks of its" if isinstance(err, dist.DistStoreError) else
+                    "cannot reach the rendezvous of its")
+            raise RendezvousError(f"rank {launch.rank} {what} {launch.launcher} job of {launch.world_size} ranks "
+                                  f"({where}) within {timeout.total_seconds():g} s ({envs.PREFIX}TIMEOUT_S): {first}; "
+                                  f"were all {launch.world_size} ranks started, with the same address?") from err
         _RENDEZVOUS[key] = [store, 0]
     store, made = _RENDEZVOUS[key]
     _RENDEZVOUS[key][1] += 1

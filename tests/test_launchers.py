@@ -361,6 +361,28 @@ def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_por
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("rank,message", [
+    ("0", "rank 0 waited in vain for the other ranks of its torchrun job of 2 ranks (MASTER_ADDR=127.0.0.1 "
+          "MASTER_PORT={port}) within 1 s (EP_RUNTIME_TIMEOUT_S): "),
+    ("1", "rank 1 cannot reach the rendezvous of its torchrun job of 2 ranks (MASTER_ADDR=127.0.0.1 "
+          "MASTER_PORT={port}) within 1 s (EP_RUNTIME_TIMEOUT_S): "),
+])
+def test_rendezvous_that_no_peer_joins_names_the_job_and_the_timeout(monkeypatch, rank, message):
+    """A rank started alone (a srun step or a hand-set RANK/WORLD_SIZE of another job): rank 0 failed with
+    torch's DistStoreError traceback ('1/2 clients joined'), another rank with DistNetworkError; neither named
+    the job's size, its address variables or the knob that bounds the wait. Now a RendezvousError does."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    port = distributed.free_port()
+    for name, value in dict(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.RendezvousError, match=re.escape(message.format(port=port))):
+        distributed.init_distributed(backend="gloo", timeout_s=1)
+    assert not dist.is_initialized()
+
+
 def test_init_distributed_again_meets_at_the_new_master_port(monkeypatch):
     """The rendezvous store kept for a re-made group is the one of the launcher's current address: a
     process told to meet elsewhere (MASTER_PORT changed) must not stay on the old store."""
