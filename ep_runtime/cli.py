@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import socket
 import sys
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -18,6 +20,7 @@ from .registry import did_you_mean
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Every input is checked before any work: a user error is one line naming the flag (or knob) and
     what is allowed, exit code 2 (argparse's `parser.error`), no traceback."""
+    warnings.formatwarning = _one_line_warning
     parser, commands = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -148,6 +151,21 @@ def check_world_size_flag(world_size: Optional[int], launch) -> None:
         raise ValueError(f"--world-size {world_size}: this process is rank {launch.rank} of a {launch.launcher} job of "
                          f"{launch.world_size} ranks, and the launcher sizes the job; allowed: no --world-size (or "
                          f"--world-size {launch.world_size}) under a launcher")
+
+
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """ep-runtime's own warnings (an unknown EP_RUNTIME_* variable, ...) as one line in the CLI,
+    'ep-runtime: warning: ...': Python's format added our source path and code line, which read like a
+    traceback of a failure. Other packages' warnings keep Python's format (their location helps)."""
+    from . import dispatchers
+    own = [os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (sys.modules[__package__],
+                                                                                     dispatchers, runners)]
+    if any(os.path.abspath(filename).startswith(folder) for folder in own):
+        return f"ep-runtime: warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
 
 
 def _knob_value(name: str) -> object:

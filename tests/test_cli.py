@@ -239,3 +239,12 @@ def test_world_size_flag_that_contradicts_the_launcher_is_an_error(command, caps
     assert last == (f"ep-runtime {command}: error: --world-size 4: this process is rank 0 of a torchrun job of 1 "
                     f"ranks, and the launcher sizes the job; allowed: no --world-size (or --world-size 1) under a "
                     f"launcher"), err
+
+
+def test_unknown_variable_warning_is_one_line():
+    """An EP_RUNTIME_* typo warned as '<path>/ep_runtime/cli.py:33: UserWarning: ...' followed by our code line
+    ('  envs.validate_all(...)'), which read like a traceback; the CLI now prints our warnings as one line."""
+    out = _run([sys.executable, "-m", "ep_runtime", "env"], env_extra=dict(EP_RUNTIME_TIMOUT_S="5"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ("ep-runtime: warning: ignoring unknown variable EP_RUNTIME_TIMOUT_S (did you mean "
+                          "EP_RUNTIME_TIMEOUT_S?): no such ep-runtime knob (`ep-runtime env` lists them)\n"), out.stderr
