@@ -43,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
+    if envs.get("DISPATCH_FP8"):  # (the ranks failed in a RuntimeError traceback at the first backward)
+        command.error(f"{envs.PREFIX}DISPATCH_FP8 is on: fp8 dispatch is inference-only, and the demo checks gradients against the float64 reference; "
+                      f"allowed: unset it (or 0) for the demo")
     runner, flag, auto = args.runner, f"--runner {args.runner}", "auto, "
     if runner == "auto" and envs.get("RUNNER") != "auto":  # as EPMoE(runner="auto") and bench's layers take it
         runner = envs.get("RUNNER")

@@ -248,3 +248,20 @@ def test_unknown_variable_warning_is_one_line():
     assert out.returncode == 0, out.stderr
     assert out.stderr == ("ep-runtime: warning: ignoring unknown variable EP_RUNTIME_TIMOUT_S (did you mean "
                           "EP_RUNTIME_TIMEOUT_S?): no such ep-runtime knob (`ep-runtime env` lists them)\n"), out.stderr
+
+
+def test_demo_with_fp8_dispatch_knob_on_is_one_line(capsys, monkeypatch):
+    """EP_RUNTIME_DISPATCH_FP8=1 (an inference job's setting left in the environment): every rank of the demo,
+    which checks gradients, died in a RuntimeError traceback (fp8 dispatch is inference-only). Now one line
+    naming the knob, before any rank starts."""
+    from ep_runtime.cli import main
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--world-size", "1", "--tokens", "4"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "", out + err
+    assert err.strip().splitlines()[-1] == (
+        "ep-runtime demo: error: EP_RUNTIME_DISPATCH_FP8 is on: fp8 dispatch is inference-only, and the demo checks "
+        "gradients against the float64 reference; allowed: unset it (or 0) for the demo"), err
