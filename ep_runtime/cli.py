@@ -20,6 +20,15 @@ from .registry import did_you_mean
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Every input is checked before any work: a user error is one line naming the flag (or knob) and
     what is allowed, exit code 2 (argparse's `parser.error`), no traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `ep-runtime demo | head -1`: the reader left; end quietly, as Unix tools do
+        # (stdout to /dev/null: Python's own flush at exit would report the closed pipe again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     warnings.formatwarning = _one_line_warning
     parser, commands = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -265,3 +265,17 @@ def test_demo_with_fp8_dispatch_knob_on_is_one_line(capsys, monkeypatch):
     assert err.strip().splitlines()[-1] == (
         "ep-runtime demo: error: EP_RUNTIME_DISPATCH_FP8 is on: fp8 dispatch is inference-only, and the demo checks "
         "gradients against the float64 reference; allowed: unset it (or 0) for the demo"), err
+
+
+@pytest.mark.parametrize("args", [["env"], ["env", "--markdown"]])
+def test_output_into_a_closed_pipe_ends_quietly(args):
+    """`ep-runtime demo | head -1`: once the reader left, the next print ended in a BrokenPipeError traceback.
+    Now the command ends quietly (exit 1, nothing on stderr), as Unix tools do."""
+    env = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "ep_runtime", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
