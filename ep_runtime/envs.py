@@ -256,8 +256,9 @@ def problem_of(name: str) -> Optional[str]:
 
 
 def suggestion(name: str) -> str:
-    """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''."""
-    return did_you_mean(name, list(KNOBS), most=1, cutoff=0.6, prefix=PREFIX)
+    """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''. Compared in upper case, as every
+    knob is named (EP_RUNTIME_timeout_s got no suggestion)."""
+    return did_you_mean(PREFIX + name.removeprefix(PREFIX).upper(), list(KNOBS), most=1, cutoff=0.6, prefix=PREFIX)
 
 
 def unknown() -> list[str]:

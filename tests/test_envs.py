@@ -169,3 +169,10 @@ def test_env_lists_every_knob_marking_each_invalid_value(monkeypatch, capsys):
             in out), out
     assert "    INVALID: environment variable EP_RUNTIME_NUM_SMS='many' is not a valid int; allowed: int >= 0" in out
     assert "EP_RUNTIME_TIMEOUT_S='0'" in err and "EP_RUNTIME_NUM_SMS='many'" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("typo,knob", [("EP_RUNTIME_timeout_s", "EP_RUNTIME_TIMEOUT_S"),
+                                       ("EP_RUNTIME_Num_Sms", "EP_RUNTIME_NUM_SMS")])
+def test_a_variable_in_the_wrong_case_gets_the_knobs_name(typo, knob):
+    """EP_RUNTIME_timeout_s was reported as unknown with no suggestion: the comparison was case-sensitive."""
+    assert envs.suggestion(typo) == f" (did you mean {knob}?)"
