@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def _run(args, env_extra=None, **kw):
@@ -84,6 +85,7 @@ def _has(module: str) -> bool:
                                                      "integers >= 0 and <= 2147483647"),
     (["bench", "--tokens", "2147483647", "--hidden", "65536"], "--tokens 2147483647 --hidden 65536: the suites would "
                                                               "draw"),
+    (["bench", "--suite", "runner", "--tokens", "4", "--cuda-graph"], "--cuda-graph: this host has no CUDA device"),
     (["bench", "--tokens", "4,8,4"], "argument --tokens: '4,8,4': 4 given more than once; allowed: distinct"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: cannot write it (No such"),
     (["bench", "--suite", "runner", "--markdown", "/proc/out.md"], "--markdown /proc/out.md: cannot write it ("),
@@ -97,6 +99,8 @@ def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monk
     if "triton" in args or "masked" in args:
         if {"triton", "masked"} & set(runners.available()):
             pytest.skip("Triton runs here (GPU)")
+    if "--cuda-graph" in args and torch.cuda.is_available():
+        pytest.skip("CUDA here")
     if "--plot" in args and _has("matplotlib"):
         pytest.skip("matplotlib is installed")
     with pytest.raises(SystemExit) as exit_:

@@ -151,6 +151,9 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         raise ValueError(f"--suite overlap --dispatchers {','.join(args.dispatchers)}: the overlap suite times "
                          f"{' and '.join(overlapped)} only (it would time nothing); allowed: --dispatchers naming one "
                          f"of them")
+    if args.cuda_graph and not cuda:  # (it was ignored: no graph row, nothing under skipped, as --help promises)
+        raise ValueError("--cuda-graph: this host has no CUDA device (torch.cuda.is_available() is False), so there is "
+                         "nothing to capture; allowed: --cuda-graph on a CUDA host only")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
