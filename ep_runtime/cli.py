@@ -243,6 +243,18 @@ def _env(markdown: bool) -> int:
             print(f"    INVALID: {problem}")
     for name in envs.unknown():
         print(f"{name}  (unknown: not an ep-runtime knob, ignored){envs.suggestion(name)}")
+    # What init_distributed would join here, and from which variables (a launcher problem is the usual question).
+    for name, doc in envs.LAUNCHER_VARIABLES.items():
+        if envs.launcher(name) is not None:
+            print(f"{name}={envs.launcher(name)}  ({doc})")
+    try:
+        launch = detect_launch()
+    except (ValueError, RuntimeError) as err:  # (RuntimeError: mpirun without mpi4py)
+        print(f"launch: INVALID: {err}")
+    else:
+        print(f"launch: {launch.launcher}" + (" process (no launcher detected)" if launch.launcher == "single" else
+                                               f", rank {launch.rank} of {launch.world_size}, local rank "
+                                               f"{launch.local_rank}, rendezvous {launch.init_method}"))
     return 0
 
 

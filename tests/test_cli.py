@@ -283,3 +283,18 @@ def test_output_into_a_closed_pipe_ends_quietly(args):
     proc.stdout.close()  # the reader is gone before the first write
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_env_shows_the_launcher_variables_and_the_launch_they_make(capsys, monkeypatch):
+    """`ep-runtime env` listed the knobs only: the launcher variables the registry keeps "so `ep-runtime env` can
+    show what was detected" and the launch init_distributed would join were nowhere (the first question when a
+    torchrun or srun job does not start)."""
+    from ep_runtime.cli import main
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "MASTER_PORT=29500  (torchrun: rendezvous port)\n" in out, out
+    assert out.endswith("launch: torchrun, rank 0 of 1, local rank 0, rendezvous env://\n"), out
