@@ -338,11 +338,14 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
 
 
 def describe() -> list[tuple[str, str, str, str]]:
-    """(name, current value, default, doc) per knob, for `ep-runtime env`."""
+    """(name, current value, default, doc) per knob, for `ep-runtime env`. A variable set to the empty string
+    shows as such (it was '(unset)', though `export EP_RUNTIME_X=` left it in the environment): get reads it as
+    unset, i.e. the default."""
     rows = []
     for name, knob in KNOBS.items():
         raw = os.environ.get(name)
-        rows.append((name, raw if raw not in (None, "") else "(unset)", str(knob.default), knob.doc))
+        shown = "(unset)" if raw is None else "'' (empty: the default)" if raw == "" else raw
+        rows.append((name, shown, str(knob.default), knob.doc))
     return rows
 
 

@@ -176,3 +176,13 @@ def test_env_lists_every_knob_marking_each_invalid_value(monkeypatch, capsys):
 def test_a_variable_in_the_wrong_case_gets_the_knobs_name(typo, knob):
     """EP_RUNTIME_timeout_s was reported as unknown with no suggestion: the comparison was case-sensitive."""
     assert envs.suggestion(typo) == f" (did you mean {knob}?)"
+
+
+def test_describe_shows_an_empty_value_as_empty(monkeypatch):
+    """EP_RUNTIME_TIMEOUT_S set to '' was listed by `ep-runtime env` as '(unset)' though it is in the
+    environment; it reads as the default, and the listing now says both."""
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "")
+    monkeypatch.delenv("EP_RUNTIME_NUM_SMS", raising=False)
+    rows = {name: value for name, value, _, _ in envs.describe()}
+    assert rows["EP_RUNTIME_TIMEOUT_S"] == "'' (empty: the default)" and rows["EP_RUNTIME_NUM_SMS"] == "(unset)"
+    assert envs.get("TIMEOUT_S") == 300.0
