@@ -271,18 +271,30 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
                 raise RendezvousError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use "
                                       f"on this host (by another job, or a process left over from one)") from err
             first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-            where = (f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
-                     if launch.init_method == "env://" else launch.init_method)
-            what = ("waited in vain for the other ranks of its" if isinstance(err, dist.DistStoreError) else
-                    "cannot reach the rendezvous of its")
+            waited = isinstance(err, dist.DistStoreError)
+            what = "waited in vain for the other ranks of its" if waited else "cannot reach the rendezvous of its"
+            hint = (f"were all {launch.world_size} ranks started, with the same address?" if waited else
+                    "is that host up, reachable from here, and rank 0's?")
             raise RendezvousError(f"rank {launch.rank} {what} {launch.launcher} job of {launch.world_size} ranks "
-                                  f"({where}) within {timeout.total_seconds():g} s ({envs.PREFIX}TIMEOUT_S): {first}; "
-                                  f"were all {launch.world_size} ranks started, with the same address?") from err
+                                  f"({_address_origin(launch)}) within {timeout.total_seconds():g} s "
+                                  f"({envs.PREFIX}TIMEOUT_S): {first}; {hint}") from err
         _RENDEZVOUS[key] = [store, 0]
     store, made = _RENDEZVOUS[key]
     _RENDEZVOUS[key][1] += 1
     store.set_timeout(timeout)
     return dist.PrefixStore(f"ep_runtime/group{made}", store)
+
+
+def _address_origin(launch: LaunchInfo) -> str:
+    """The rendezvous address of `launch` and the variables it came from."""
+    if launch.init_method == "env://" or (envs.launcher("MASTER_ADDR") and launch.launcher != "mpi"):
+        return f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
+    if launch.launcher == "slurm":
+        nodelist = next(name for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", None)
+                        if name is None or envs.launcher(name) is not None)
+        host = f"the first host of {nodelist}={envs.launcher(nodelist)}" if nodelist else "localhost (no node list)"
+        return f"{launch.init_method}: {host}, {_port_origin(launch)}"
+    return f"{launch.init_method}: {_port_origin(launch)}"
 
 
 def _port_origin(launch: LaunchInfo) -> str:

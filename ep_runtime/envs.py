@@ -334,7 +334,9 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
     try:
         return cast(raw)
     except ValueError:
-        raise ValueError(f"launcher variable {name}={raw!r} is not a valid {getattr(cast, '__name__', cast)}") from None
+        kind = getattr(cast, '__name__', cast)
+        raise ValueError(f"launcher variable {name}={raw!r} is not a valid {kind}; allowed: "
+                         f"{'an integer' if cast is int else f'a {kind}'} ({LAUNCHER_VARIABLES[name]})") from None
 
 
 def describe() -> list[tuple[str, str, str, str]]:

@@ -293,6 +293,8 @@ def test_mpi_size_that_mpi_does_not_see_fails_naming_it(monkeypatch, name):
     # RANK and WORLD_SIZE by hand without the address: torch's env:// raised from inside init_process_group.
     (dict(RANK="0", WORLD_SIZE="2"), r"MASTER_ADDR and MASTER_PORT not set while RANK=0 and WORLD_SIZE=2 are"),
     (dict(RANK="0", WORLD_SIZE="1", MASTER_PORT="29500"), r"variable MASTER_ADDR not set while RANK=0"),
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="abc"),
+     r"SLURM_NTASKS='abc' is not a valid int; allowed: an integer \(Slurm: number of tasks\)"),
     (dict(WORLD_SIZE="2", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1"), r"WORLD_SIZE=2 is set but RANK is not"),
 ])
 def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):
@@ -379,6 +381,24 @@ def test_rendezvous_that_no_peer_joins_names_the_job_and_the_timeout(monkeypatch
     for name, value in dict(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(name, value)
     with pytest.raises(distributed.RendezvousError, match=re.escape(message.format(port=port))):
+        distributed.init_distributed(backend="gloo", timeout_s=1)
+    assert not dist.is_initialized()
+
+
+def test_slurm_rendezvous_that_cannot_be_reached_names_the_node_list(monkeypatch):
+    """A srun step's (or another job's) variables whose node list names a host that does not answer: the error
+    named tcp://host:port only; now also the variable the host came from and how the port was derived."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_PROCID="1", SLURM_NTASKS="2",
+                            SLURM_JOB_NODELIST="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    port = distributed.slurm_port(4242, 1)
+    with pytest.raises(distributed.RendezvousError, match=re.escape(
+            f"rank 1 cannot reach the rendezvous of its slurm job of 2 ranks (tcp://127.0.0.1:{port}: the first host "
+            f"of SLURM_JOB_NODELIST=127.0.0.1, port {port}, derived from SLURM_JOB_ID=4242 and SLURM_STEP_ID=1")):
         distributed.init_distributed(backend="gloo", timeout_s=1)
     assert not dist.is_initialized()
 
