@@ -3,21 +3,33 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import socket
 import sys
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 
 from . import envs, runners
-from .distributed import detect_launch
+from .distributed import RendezvousError, check_rendezvous, detect_launch
 from .registry import did_you_mean
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Every input is checked before any work: a user error is one line naming the flag (or knob) and
     what is allowed, exit code 2 (argparse's `parser.error`), no traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `ep-runtime demo | head -1`: the reader left; end quietly, as Unix tools do
+        # (stdout to /dev/null: Python's own flush at exit would report the closed pipe again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    warnings.formatwarning = _one_line_warning
     parser, commands = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -30,11 +42,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _env(markdown=True)
     try:
         launch = detect_launch()
+        if args.command == "demo":
+            check_rendezvous(launch)
+            check_world_size_flag(args.world_size, launch)
         envs.validate_all(warn=launch.rank == 0)
     except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
+        if args.command == "env":  # the listing first: every knob's value, the invalid ones marked
+            _env(markdown=False)
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
+    if envs.get("DISPATCH_FP8"):  # (the ranks failed in a RuntimeError traceback at the first backward)
+        command.error(f"{envs.PREFIX}DISPATCH_FP8 is on: fp8 dispatch is inference-only, and the demo checks gradients against the float64 reference; "
+                      f"allowed: unset it (or 0) for the demo")
     runner, flag, auto = args.runner, f"--runner {args.runner}", "auto, "
     if runner == "auto" and envs.get("RUNNER") != "auto":  # as EPMoE(runner="auto") and bench's layers take it
         runner = envs.get("RUNNER")
@@ -55,7 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
         command.error(f"{flag} serves no dispatcher here ({reasons}); allowed here: {auto}"
                       f"{', '.join(runners.available())}")
-    return _demo(args, launch, plan)
+    try:
+        return _demo(args, launch, plan)
+    except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+        command.error(str(err))
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -133,6 +156,30 @@ def demo_capacity_conflicts(plan, tokens: int) -> list[tuple[str, str, str]]:
             and tokens > envs.get(DEMO_CAPACITY[name][1])]
 
 
+def check_world_size_flag(world_size: Optional[int], launch) -> None:
+    """demo's and bench's --world-size sizes the ranks spawned without a launcher: under torchrun, srun or mpirun,
+    a value other than the job's was ignored without a word (2 ranks ran for --world-size 4)."""
+    if world_size is not None and launch.launcher != "single" and world_size != launch.world_size:
+        raise ValueError(f"--world-size {world_size}: this process is rank {launch.rank} of a {launch.launcher} job of "
+                         f"{launch.world_size} ranks, and the launcher sizes the job; allowed: no --world-size (or "
+                         f"--world-size {launch.world_size}) under a launcher")
+
+
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """ep-runtime's own warnings (an unknown EP_RUNTIME_* variable, ...) as one line in the CLI,
+    'ep-runtime: warning: ...': Python's format added our source path and code line, which read like a
+    traceback of a failure. Other packages' warnings keep Python's format (their location helps)."""
+    from . import dispatchers
+    own = [os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (sys.modules[__package__],
+                                                                                     dispatchers, runners)]
+    if any(os.path.abspath(filename).startswith(folder) for folder in own):
+        return f"ep-runtime: warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
+
+
 def _knob_value(name: str) -> object:
     """A knob's value for --help: its default where the environment's value is invalid (reported when a
     command runs, not while printing help)."""
@@ -191,8 +238,23 @@ def _env(markdown: bool) -> int:
         return 0
     for name, value, default, doc in envs.describe():
         print(f"{name}={value}  (default {default})\n    {doc}")
+        problem = envs.problem_of(name)
+        if problem:
+            print(f"    INVALID: {problem}")
     for name in envs.unknown():
         print(f"{name}  (unknown: not an ep-runtime knob, ignored){envs.suggestion(name)}")
+    # What init_distributed would join here, and from which variables (a launcher problem is the usual question).
+    for name, doc in envs.LAUNCHER_VARIABLES.items():
+        if envs.launcher(name) is not None:
+            print(f"{name}={envs.launcher(name)}  ({doc})")
+    try:
+        launch = detect_launch()
+    except (ValueError, RuntimeError) as err:  # (RuntimeError: mpirun without mpi4py)
+        print(f"launch: INVALID: {err}")
+    else:
+        print(f"launch: {launch.launcher}" + (" process (no launcher detected)" if launch.launcher == "single" else
+                                               f", rank {launch.rank} of {launch.world_size}, local rank "
+                                               f"{launch.local_rank}, rendezvous {launch.init_method}"))
     return 0
 
 

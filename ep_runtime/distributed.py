@@ -162,6 +162,23 @@ def _checked(launch: LaunchInfo, rank: str, size: str, local_rank: str) -> Launc
     return launch
 
 
+def check_rendezvous(launch: LaunchInfo) -> None:
+    """The rendezvous variables a torchrun-style launch needs (RANK and WORLD_SIZE set by hand without them):
+    torch's env:// failed inside init_process_group with a traceback ("environment variable MASTER_ADDR
+    expected, but not set"). Checked by init_distributed and, before any work, by the CLI."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if envs.launcher(name) is None]
+    if launch.launcher == "torchrun" and missing:
+        raise ValueError(f"launcher variable{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not set while "
+                         f"RANK={launch.rank} and WORLD_SIZE={launch.world_size} are; torchrun sets all four: set "
+                         f"{' and '.join(missing)} (rank 0's host and a free port, the same on every rank), or unset "
+                         f"RANK and WORLD_SIZE for Slurm, MPI or a single process")
+
+
+class RendezvousError(RuntimeError):
+    """This rank cannot host or reach the job's rendezvous (its port is taken, its host does not answer): the
+    message names the variable or launcher the address came from. The CLI prints it as one line."""
+
+
 def _check_port(port: Optional[int]) -> None:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"launcher variable MASTER_PORT={port}; allowed: 1..65535")
@@ -199,6 +216,15 @@ def _mpi_launch() -> LaunchInfo:
         raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]' "
                            "(scripts/setup_mpi.sh installs Open MPI and mpi4py)") from err
     comm = MPI.COMM_WORLD
+    # mpi4py built for another MPI than the Open MPI mpirun that started us (or the variable left over from
+    # one): every rank is a singleton, rank 0 of 1, and each would run the whole job alone.
+    size = envs.launcher("OMPI_COMM_WORLD_SIZE", int)
+    if size is not None and size != comm.Get_size():
+        library = MPI.Get_library_version().strip().split(",")[0]
+        raise ValueError(f"launcher variable OMPI_COMM_WORLD_SIZE={size}, but MPI (mpi4py on {library}) sees "
+                         f"{comm.Get_size()} rank(s): mpi4py was built for another MPI than the mpirun that started "
+                         f"this process, or OMPI_COMM_WORLD_SIZE was left over from another job; allowed: mpi4py of "
+                         f"the launching MPI (pip install --no-binary mpi4py mpi4py), or unset OMPI_COMM_WORLD_SIZE")
     address = None
     if comm.Get_rank() == 0:
         address = (envs.launcher("MASTER_ADDR") or socket.gethostname(), free_port())
@@ -240,16 +266,35 @@ def _rendezvous(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
     if key not in _RENDEZVOUS:
         try:
             store, _, _ = next(dist.rendezvous(launch.init_method, launch.rank, launch.world_size, timeout=timeout))
-        except dist.DistNetworkError as err:  # torch's message names the port, not where it came from
-            if "EADDRINUSE" not in str(err):
-                raise
-            raise RuntimeError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use on this "
-                               f"host (by another job, or a process left over from one)") from err
+        except (dist.DistNetworkError, dist.DistStoreError) as err:  # torch's message names no variable
+            if "EADDRINUSE" in str(err):
+                raise RendezvousError(f"rank {launch.rank} cannot host the rendezvous: {_port_origin(launch)} is in use "
+                                      f"on this host (by another job, or a process left over from one)") from err
+            first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+            waited = isinstance(err, dist.DistStoreError)
+            what = "waited in vain for the other ranks of its" if waited else "cannot reach the rendezvous of its"
+            hint = (f"were all {launch.world_size} ranks started, with the same address?" if waited else
+                    "is that host up, reachable from here, and rank 0's?")
+            raise RendezvousError(f"rank {launch.rank} {what} {launch.launcher} job of {launch.world_size} ranks "
+                                  f"({_address_origin(launch)}) within {timeout.total_seconds():g} s "
+                                  f"({envs.PREFIX}TIMEOUT_S): {first}; {hint}") from err
         _RENDEZVOUS[key] = [store, 0]
     store, made = _RENDEZVOUS[key]
     _RENDEZVOUS[key][1] += 1
     store.set_timeout(timeout)
     return dist.PrefixStore(f"ep_runtime/group{made}", store)
+
+
+def _address_origin(launch: LaunchInfo) -> str:
+    """The rendezvous address of `launch` and the variables it came from."""
+    if launch.init_method == "env://" or (envs.launcher("MASTER_ADDR") and launch.launcher != "mpi"):
+        return f"MASTER_ADDR={envs.launcher('MASTER_ADDR')} MASTER_PORT={envs.launcher('MASTER_PORT')}"
+    if launch.launcher == "slurm":
+        nodelist = next(name for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", None)
+                        if name is None or envs.launcher(name) is not None)
+        host = f"the first host of {nodelist}={envs.launcher(nodelist)}" if nodelist else "localhost (no node list)"
+        return f"{launch.init_method}: {host}, {_port_origin(launch)}"
+    return f"{launch.init_method}: {_port_origin(launch)}"
 
 
 def _port_origin(launch: LaunchInfo) -> str:
@@ -281,6 +326,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
             _TIMEOUT_S = given
         return dist.group.WORLD
     launch = detect_launch()
+    check_rendezvous(launch)
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")

@@ -229,12 +229,14 @@ _WARNED: set[str] = set()  # unknown variables already warned about in this proc
 
 
 def validate_all(warn: bool = True) -> None:
-    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run; warn about
+    """Parse every knob that is set, so a bad value fails at start-up rather than mid-run (one ValueError naming
+    every invalid one, a line each); warn about
     EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word), once
     per process and variable, with the closest knob's name. warn=False: check only (ranks other than
     0 pass it, so a job prints the warning once)."""
-    for name in KNOBS:
-        get(name)
+    invalid = [problem for problem in map(problem_of, KNOBS) if problem]
+    if invalid:  # every bad value at once, not one per attempt
+        raise ValueError("\n".join(invalid))
     new = [name for name in unknown() if name not in _WARNED]
     if warn and new:
         _WARNED.update(new)
@@ -243,9 +245,20 @@ def validate_all(warn: bool = True) -> None:
                       f"(`ep-runtime env` lists them)", stacklevel=2)
 
 
+def problem_of(name: str) -> Optional[str]:
+    """Why knob `name`'s value in the environment is invalid (the error get raises), or None when it is valid or
+    unset: `ep-runtime env` marks each such knob in its listing."""
+    try:
+        get(name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def suggestion(name: str) -> str:
-    """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''."""
-    return did_you_mean(name, list(KNOBS), most=1, cutoff=0.6, prefix=PREFIX)
+    """' (did you mean EP_RUNTIME_X?)' for the knob closest to `name`, or ''. Compared in upper case, as every
+    knob is named (EP_RUNTIME_timeout_s got no suggestion)."""
+    return did_you_mean(PREFIX + name.removeprefix(PREFIX).upper(), list(KNOBS), most=1, cutoff=0.6, prefix=PREFIX)
 
 
 def unknown() -> list[str]:
@@ -321,15 +334,20 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
     try:
         return cast(raw)
     except ValueError:
-        raise ValueError(f"launcher variable {name}={raw!r} is not a valid {getattr(cast, '__name__', cast)}") from None
+        kind = getattr(cast, '__name__', cast)
+        raise ValueError(f"launcher variable {name}={raw!r} is not a valid {kind}; allowed: "
+                         f"{'an integer' if cast is int else f'a {kind}'} ({LAUNCHER_VARIABLES[name]})") from None
 
 
 def describe() -> list[tuple[str, str, str, str]]:
-    """(name, current value, default, doc) per knob, for `ep-runtime env`."""
+    """(name, current value, default, doc) per knob, for `ep-runtime env`. A variable set to the empty string
+    shows as such (it was '(unset)', though `export EP_RUNTIME_X=` left it in the environment): get reads it as
+    unset, i.e. the default."""
     rows = []
     for name, knob in KNOBS.items():
         raw = os.environ.get(name)
-        rows.append((name, raw if raw not in (None, "") else "(unset)", str(knob.default), knob.doc))
+        shown = "(unset)" if raw is None else "'' (empty: the default)" if raw == "" else raw
+        rows.append((name, shown, str(knob.default), knob.doc))
     return rows
 
 

@@ -4,12 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
-def _run(args, **kw):
+def _run(args, env_extra=None, **kw):
     env = dict(os.environ)
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    env.update(env_extra or {})
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, **kw)
 
 
@@ -79,6 +81,14 @@ def _has(module: str) -> bool:
     (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
     (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
     (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
+    (["bench", "--tokens", "99999999999999999999"], "argument --tokens: '99999999999999999999': give one or more "
+                                                     "integers >= 0 and <= 2147483647"),
+    (["bench", "--tokens", "2147483647", "--hidden", "65536"], "--tokens 2147483647 --hidden 65536: the suites would "
+                                                              "draw"),
+    (["bench", "--suite", "runner", "--tokens", "4", "--cuda-graph"], "--cuda-graph: this host has no CUDA device"),
+    (["bench", "--tokens", "4,8,4"], "argument --tokens: '4,8,4': 4 given more than once; allowed: distinct"),
+    (["bench", "--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: cannot write it (No such"),
+    (["bench", "--suite", "runner", "--markdown", "/proc/out.md"], "--markdown /proc/out.md: cannot write it ("),
 ])
 def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monkeypatch):
     """In process, so nothing can have started: exit 2, the last line names the flag and what is
@@ -89,6 +99,8 @@ def test_cli_user_error_is_one_line_before_any_work(args, expected, capsys, monk
     if "triton" in args or "masked" in args:
         if {"triton", "masked"} & set(runners.available()):
             pytest.skip("Triton runs here (GPU)")
+    if "--cuda-graph" in args and torch.cuda.is_available():
+        pytest.skip("CUDA here")
     if "--plot" in args and _has("matplotlib"):
         pytest.skip("matplotlib is installed")
     with pytest.raises(SystemExit) as exit_:
@@ -198,3 +210,91 @@ def test_bench_progress_bar_only_on_a_terminal():
     from ep_runtime.cli import bench_arguments
     assert bench_arguments(["--suite", "dispatch"], interactive=False) == ["--suite", "dispatch", "--no-progress"]
     assert bench_arguments(["--suite", "dispatch"], interactive=True) == ["--suite", "dispatch"]
+
+
+def test_demo_rendezvous_port_in_use_is_one_line():
+    """A torchrun-style launch whose MASTER_PORT another process holds: the demo ended in a RuntimeError
+    traceback from init_distributed; now one argparse-style line naming MASTER_PORT, exit 2."""
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = _run([sys.executable, "-m", "ep_runtime", "demo", "--tokens", "4"],
+                   env_extra=dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert last.startswith(f"ep-runtime demo: error: rank 0 cannot host the rendezvous: MASTER_PORT={port}"), out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_world_size_flag_that_contradicts_the_launcher_is_an_error(command, capsys, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m ep_runtime demo --world-size 4` ran 2 ranks and said nothing of the 4:
+    --world-size sizes only the ranks spawned without a launcher. Now one line naming both sizes, exit 2."""
+    from ep_runtime.cli import main
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--world-size", "4"])
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and out == "", out + err
+    assert last == (f"ep-runtime {command}: error: --world-size 4: this process is rank 0 of a torchrun job of 1 "
+                    f"ranks, and the launcher sizes the job; allowed: no --world-size (or --world-size 1) under a "
+                    f"launcher"), err
+
+
+def test_unknown_variable_warning_is_one_line():
+    """An EP_RUNTIME_* typo warned as '<path>/ep_runtime/cli.py:33: UserWarning: ...' followed by our code line
+    ('  envs.validate_all(...)'), which read like a traceback; the CLI now prints our warnings as one line."""
+    out = _run([sys.executable, "-m", "ep_runtime", "env"], env_extra=dict(EP_RUNTIME_TIMOUT_S="5"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ("ep-runtime: warning: ignoring unknown variable EP_RUNTIME_TIMOUT_S (did you mean "
+                          "EP_RUNTIME_TIMEOUT_S?): no such ep-runtime knob (`ep-runtime env` lists them)\n"), out.stderr
+
+
+def test_demo_with_fp8_dispatch_knob_on_is_one_line(capsys, monkeypatch):
+    """EP_RUNTIME_DISPATCH_FP8=1 (an inference job's setting left in the environment): every rank of the demo,
+    which checks gradients, died in a RuntimeError traceback (fp8 dispatch is inference-only). Now one line
+    naming the knob, before any rank starts."""
+    from ep_runtime.cli import main
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EP_RUNTIME_DISPATCH_FP8", "1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--world-size", "1", "--tokens", "4"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "", out + err
+    assert err.strip().splitlines()[-1] == (
+        "ep-runtime demo: error: EP_RUNTIME_DISPATCH_FP8 is on: fp8 dispatch is inference-only, and the demo checks "
+        "gradients against the float64 reference; allowed: unset it (or 0) for the demo"), err
+
+
+@pytest.mark.parametrize("args", [["env"], ["env", "--markdown"]])
+def test_output_into_a_closed_pipe_ends_quietly(args):
+    """`ep-runtime demo | head -1`: once the reader left, the next print ended in a BrokenPipeError traceback.
+    Now the command ends quietly (exit 1, nothing on stderr), as Unix tools do."""
+    env = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "ep_runtime", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_env_shows_the_launcher_variables_and_the_launch_they_make(capsys, monkeypatch):
+    """`ep-runtime env` listed the knobs only: the launcher variables the registry keeps "so `ep-runtime env` can
+    show what was detected" and the launch init_distributed would join were nowhere (the first question when a
+    torchrun or srun job does not start)."""
+    from ep_runtime.cli import main
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "MASTER_PORT=29500  (torchrun: rendezvous port)\n" in out, out
+    assert out.endswith("launch: torchrun, rank 0 of 1, local rank 0, rendezvous env://\n"), out

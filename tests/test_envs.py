@@ -148,3 +148,41 @@ def test_a_runner_from_the_runner_knob_that_cannot_build_names_the_knob(monkeypa
     assert "EP_RUNTIME_RUNNER" not in str(explicit.value)
     monkeypatch.setenv("EP_RUNTIME_RUNNER", "torch")
     assert ep.EPMoE(8, 2, 16, 8, dispatcher="standard", dtype=torch.float64).runner.backend.name == "torch"
+
+
+def test_env_lists_every_knob_marking_each_invalid_value(monkeypatch, capsys):
+    """`ep-runtime env` with bad values: it printed the first bad knob's error alone (no listing, and the next
+    bad knob only after fixing that one). Now the listing marks each invalid value, and the error names all."""
+    from ep_runtime import cli
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "0")
+    monkeypatch.setenv("EP_RUNTIME_NUM_SMS", "many")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["env"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err
+    for name in envs.KNOBS:
+        assert name in out
+    assert ("EP_RUNTIME_TIMEOUT_S=0  (default 300.0)\n    Seconds a collective may wait" in out
+            and "    INVALID: environment variable EP_RUNTIME_TIMEOUT_S='0' is below the minimum; allowed: float >= 1"
+            in out), out
+    assert "    INVALID: environment variable EP_RUNTIME_NUM_SMS='many' is not a valid int; allowed: int >= 0" in out
+    assert "EP_RUNTIME_TIMEOUT_S='0'" in err and "EP_RUNTIME_NUM_SMS='many'" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("typo,knob", [("EP_RUNTIME_timeout_s", "EP_RUNTIME_TIMEOUT_S"),
+                                       ("EP_RUNTIME_Num_Sms", "EP_RUNTIME_NUM_SMS")])
+def test_a_variable_in_the_wrong_case_gets_the_knobs_name(typo, knob):
+    """EP_RUNTIME_timeout_s was reported as unknown with no suggestion: the comparison was case-sensitive."""
+    assert envs.suggestion(typo) == f" (did you mean {knob}?)"
+
+
+def test_describe_shows_an_empty_value_as_empty(monkeypatch):
+    """EP_RUNTIME_TIMEOUT_S set to '' was listed by `ep-runtime env` as '(unset)' though it is in the
+    environment; it reads as the default, and the listing now says both."""
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "")
+    monkeypatch.delenv("EP_RUNTIME_NUM_SMS", raising=False)
+    rows = {name: value for name, value, _, _ in envs.describe()}
+    assert rows["EP_RUNTIME_TIMEOUT_S"] == "'' (empty: the default)" and rows["EP_RUNTIME_NUM_SMS"] == "(unset)"
+    assert envs.get("TIMEOUT_S") == 300.0

@@ -264,6 +264,20 @@ def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
     assert distributed.detect_launch().launcher == launcher
 
 
+@pytest.mark.parametrize("name", ["OMPI_COMM_WORLD_SIZE"])
+def test_mpi_size_that_mpi_does_not_see_fails_naming_it(monkeypatch, name):
+    """mpi4py built for another MPI than the launching mpirun (or the variable left over from another job):
+    MPI saw a singleton, and `ep-runtime demo` ran as 'a mpi job: 1 ranks', each rank alone. Now an error
+    naming the variable, its value and the size MPI sees."""
+    pytest.importorskip("mpi4py", reason="an MPI launch needs mpi4py (scripts/setup_mpi.sh)")
+    clear_launcher_variables(monkeypatch)
+    monkeypatch.setattr(distributed, "_MPI_LAUNCH", None)  # this process's MPI launch is made afresh
+    monkeypatch.setenv(name, "2")
+    with pytest.raises(ValueError, match=rf"launcher variable {name}=2, but MPI \(mpi4py on .*\) sees 1 rank\(s\)"):
+        distributed.detect_launch()
+    assert distributed._MPI_LAUNCH is None
+
+
 @pytest.mark.parametrize("env,match", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK=3; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
     (dict(RANK="-1", WORLD_SIZE="2"), r"RANK=-1; allowed: 0\.\.1 \(WORLD_SIZE=2\)"),
@@ -276,6 +290,11 @@ def test_mpich_mpiexec_under_slurm_is_an_mpi_launch(monkeypatch, pmi, launcher):
      r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
     # Half of torchrun's variables (a hand-written launch): ran as a one-process job.
     (dict(RANK="1"), r"RANK=1 is set but WORLD_SIZE is not; torchrun sets both"),
+    # RANK and WORLD_SIZE by hand without the address: torch's env:// raised from inside init_process_group.
+    (dict(RANK="0", WORLD_SIZE="2"), r"MASTER_ADDR and MASTER_PORT not set while RANK=0 and WORLD_SIZE=2 are"),
+    (dict(RANK="0", WORLD_SIZE="1", MASTER_PORT="29500"), r"variable MASTER_ADDR not set while RANK=0"),
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="abc"),
+     r"SLURM_NTASKS='abc' is not a valid int; allowed: an integer \(Slurm: number of tasks\)"),
     (dict(WORLD_SIZE="2", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1"), r"WORLD_SIZE=2 is set but RANK is not"),
 ])
 def test_launcher_variables_outside_the_job_fail_at_once_naming_them(monkeypatch, env, match):
@@ -341,6 +360,46 @@ def test_rendezvous_port_in_use_names_where_it_came_from(monkeypatch, master_por
                     f"port {port}, derived from SLURM_JOB_ID={job} and SLURM_STEP_ID=0 (export MASTER_PORT")
         with pytest.raises(RuntimeError, match=re.escape(f"rank 0 cannot host the rendezvous: {expected}")):
             distributed.init_distributed(backend="gloo", timeout_s=5)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank,message", [
+    ("0", "rank 0 waited in vain for the other ranks of its torchrun job of 2 ranks (MASTER_ADDR=127.0.0.1 "
+          "MASTER_PORT={port}) within 1 s (EP_RUNTIME_TIMEOUT_S): "),
+    ("1", "rank 1 cannot reach the rendezvous of its torchrun job of 2 ranks (MASTER_ADDR=127.0.0.1 "
+          "MASTER_PORT={port}) within 1 s (EP_RUNTIME_TIMEOUT_S): "),
+])
+def test_rendezvous_that_no_peer_joins_names_the_job_and_the_timeout(monkeypatch, rank, message):
+    """A rank started alone (a srun step or a hand-set RANK/WORLD_SIZE of another job): rank 0 failed with
+    torch's DistStoreError traceback ('1/2 clients joined'), another rank with DistNetworkError; neither named
+    the job's size, its address variables or the knob that bounds the wait. Now a RendezvousError does."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    port = distributed.free_port()
+    for name, value in dict(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.RendezvousError, match=re.escape(message.format(port=port))):
+        distributed.init_distributed(backend="gloo", timeout_s=1)
+    assert not dist.is_initialized()
+
+
+def test_slurm_rendezvous_that_cannot_be_reached_names_the_node_list(monkeypatch):
+    """A srun step's (or another job's) variables whose node list names a host that does not answer: the error
+    named tcp://host:port only; now also the variable the host came from and how the port was derived."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    clear_launcher_variables(monkeypatch)
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_PROCID="1", SLURM_NTASKS="2",
+                            SLURM_JOB_NODELIST="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    port = distributed.slurm_port(4242, 1)
+    with pytest.raises(distributed.RendezvousError, match=re.escape(
+            f"rank 1 cannot reach the rendezvous of its slurm job of 2 ranks (tcp://127.0.0.1:{port}: the first host "
+            f"of SLURM_JOB_NODELIST=127.0.0.1, port {port}, derived from SLURM_JOB_ID=4242 and SLURM_STEP_ID=1")):
+        distributed.init_distributed(backend="gloo", timeout_s=1)
     assert not dist.is_initialized()
 
 

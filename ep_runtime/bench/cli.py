@@ -14,6 +14,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..cli import check_world_size_flag
+from ..distributed import RendezvousError, check_rendezvous, detect_launch
+from ..envs import MAX_TOKENS
 from .dispatch import dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
@@ -28,8 +31,12 @@ def _int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
+    if not values or any(v < 0 or v > MAX_TOKENS for v in values):  # (beyond int32: a C++ overflow traceback)
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0 and <= {MAX_TOKENS}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # (each case ran as often as given, its rows and their 'vs' ratios mixed up in the tables)
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(str, twice))} given more than once; allowed: "
+                                         f"distinct integers >= 0")
     return values
 
 
@@ -87,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"one rank (default {','.join(RUNNER_FORMATS)})")
     p.add_argument("--runner-ep-size", type=int_at_least(1), default=None,
                    help="runner suite: compute E / this many local experts (default: the number of ranks)")
-    p.add_argument("--world-size", type=int_at_least(1), default=2,
-                   help="local CPU ranks to spawn when no launcher is detected (default 2)")
+    p.add_argument("--world-size", type=int_at_least(1), default=None,
+                   help=f"local CPU ranks to spawn when no launcher is detected (default {SPAWNED_RANKS})")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--repeats", type=int_at_least(1), default=None,
                    help="timed repeats (default 100 on CUDA, 10 on CPU); on CUDA as many again for the host time")
@@ -105,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: print, plot or convert the results of an earlier --json FILE (e.g. a GPU "
                         "run's, on a machine that has matplotlib; default: none, run the suites)")
     return p
+
+
+SPAWNED_RANKS = 2  # --world-size's default
 
 
 def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
@@ -141,6 +151,9 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
         raise ValueError(f"--suite overlap --dispatchers {','.join(args.dispatchers)}: the overlap suite times "
                          f"{' and '.join(overlapped)} only (it would time nothing); allowed: --dispatchers naming one "
                          f"of them")
+    if args.cuda_graph and not cuda:  # (it was ignored: no graph row, nothing under skipped, as --help promises)
+        raise ValueError("--cuda-graph: this host has no CUDA device (torch.cuda.is_available() is False), so there is "
+                         "nothing to capture; allowed: --cuda-graph on a CUDA host only")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts {args.redundant_experts}: allowed an int >= 0")
     return Settings(
@@ -270,6 +283,28 @@ def _check_experts_divide(settings: Settings, world_size: int) -> None:
                              f"multiple of {ranks}")
 
 
+def _check_outputs_writable(args: argparse.Namespace) -> None:
+    """--json, --markdown and --plot files can be written, checked on rank 0 (the rank that writes them) before
+    the run: they are written after it, where a missing directory cost the whole run and ended in a traceback.
+    Probed by opening the file for appending (a file made by the probe is removed again)."""
+    from ..distributed import detect_launch
+
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                                              ("--plot", args.plot)) if path]
+    if not outputs or detect_launch().rank != 0:
+        return
+    for flag, path in outputs:
+        existed = os.path.exists(path)
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: cannot write it ({err.strerror}); allowed: a file path in an existing, "
+                             f"writable directory") from None
+        if not existed:
+            os.remove(path)
+
+
 def _available_host_bytes() -> Optional[int]:
     """MemAvailable of /proc/meminfo (None where there is none to read: not Linux)."""
     try:
@@ -286,7 +321,8 @@ def _check_host_memory(settings: Settings, world_size: int, available: Optional[
     process (on 2 CPU ranks `--preset deepseek-v3` draws 128 experts for the runner suite, 22 GiB in fp32, and
     as much again while scaling them). Counted per process, times the ranks spawned here (a launcher's ranks:
     this one's share only): the runner suite's E / its EP size experts twice (drawn, then scaled), the eplb
-    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts."""
+    suite's (E + copies) / R and the overlap suite's E / R; the dispatch suite holds no experts. And every suite's
+    --rotate token inputs [T, H] per rank."""
     from ..distributed import detect_launch
     from .eplb import default_redundant_experts
 
@@ -310,6 +346,15 @@ def _check_host_memory(settings: Settings, world_size: int, available: Optional[
                     + ("a larger --runner-ep-size (the runner suite computes E / it experts), " if suite == "runner"
                        else "") + "smaller --experts/--hidden/--intermediate, --dtype bf16, or --suite without "
                     f"{suite} (the dispatch suite holds no experts)")
+        # Every suite draws --rotate inputs [T, H] per rank (in fp32 first): --tokens 100000000 failed in an
+        # allocation traceback (or went to the OOM killer) after the smaller sweeps had run.
+        T = max(settings.tokens)
+        rows = (here if set(settings.suites) & set(_GROUP_SUITES) else 1) * settings.rotate * T * H * 4
+        if rows > available:
+            raise ValueError(f"--tokens {T} --hidden {H}: the suites would draw {rows / 2**30:.1f} GiB of token rows "
+                             f"on this host ({settings.rotate} inputs [T, H] per rank, --rotate), which has "
+                             f"{available / 2**30:.1f} GiB available; allowed: what fits: smaller --tokens, "
+                             f"--hidden or --rotate")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -323,10 +368,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for E in settings.num_experts:
                 if K > E:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
+        _check_outputs_writable(args)
+        if not args.from_json:
+            check_rendezvous(detect_launch())
+            check_world_size_flag(args.world_size, detect_launch())
+        world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
-            _check_experts_divide(settings, args.world_size)
+            _check_experts_divide(settings, world_size)
             if not torch.cuda.is_available():  # (GPU runs hold the experts in device memory)
-                _check_host_memory(settings, args.world_size, _available_host_bytes())
+                _check_host_memory(settings, world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
     if args.plot and not has_matplotlib():
@@ -340,7 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError, TypeError) as err:
             parser.error(f"--from-json {args.from_json}: cannot read it as an earlier run's --json file ({err})")
     else:
-        results = run(settings, args.world_size)
+        try:
+            results = run(settings, world_size)
+        except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+            parser.error(str(err))
     if results is None:  # not rank 0
         return 0
     print(render_text(results), end="")
