@@ -287,8 +287,6 @@ def _check_outputs_writable(args: argparse.Namespace) -> None:
     """--json, --markdown and --plot files can be written, checked on rank 0 (the rank that writes them) before
     the run: they are written after it, where a missing directory cost the whole run and ended in a traceback.
     Probed by opening the file for appending (a file made by the probe is removed again)."""
-    from ..distributed import detect_launch
-
     outputs = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
                                               ("--plot", args.plot)) if path]
     if not outputs or detect_launch().rank != 0:
@@ -370,8 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise ValueError(f"--top-k {K} is more than --experts {E}")
         _check_outputs_writable(args)
         if not args.from_json:
-            check_rendezvous(detect_launch())
-            check_world_size_flag(args.world_size, detect_launch())
+            launch = detect_launch()
+            check_rendezvous(launch)
+            check_world_size_flag(args.world_size, launch)
         world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, world_size)
