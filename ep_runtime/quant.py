@@ -142,7 +142,8 @@ class QuantConfig:
         padded[:, :H] = x.float()
         groups = padded.view(T, G, g)
         scale = self._scale(groups.abs().amax(dim=2))
-        return self._cast((groups / scale.unsqueeze(2)).view(T, G * g)[:, :H]), scale
+        # times the group's correctly rounded reciprocal, as the kernels (quant_kernels.quantize_groups)
+        return self._cast((groups * (torch.ones_like(scale) / scale).unsqueeze(2)).view(T, G * g)[:, :H]), scale
 
     def dequantize_activation(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """(q [..., H], scale [..., G] fp32, or uint8 exponents under ue8m0) -> fp32 [..., H]."""

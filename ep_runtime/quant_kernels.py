@@ -44,7 +44,9 @@ if triton is not None:
         """The activation rule, shared by every kernel that quantizes (this file's and the dispatch
         packing kernel): v [GROUPS, GROUP] fp32 (zeros past the row) -> (q [GROUPS, GROUP] fp32, exact
         once cast to e4m3; scale [GROUPS] fp32). s = max(amax, min_amax) / fp8_max (UE8M0: rounded up
-        to 2^n on the bits, exactly as quant.round_up_pow2), q = x / s clamped to +-fp8_max; ROUND_FIRST
+        to 2^n on the bits, exactly as quant.round_up_pow2), q = x * r clamped to +-fp8_max, r = 1 / s
+        correctly rounded once per group (a correctly rounded quotient per element is a branching
+        routine that left GEMM 1's tensor cores idle ~10% of the Gluon kernel's time); ROUND_FIRST
         (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does. A NaN or infinity
         makes its group's scale and values non-finite, as in torch: max and clamp keep NaN operands
         (a GPU's plain max drops them, which turned a NaN token into finite values)."""
@@ -54,7 +56,7 @@ if triton is not None:
             bits = scale.to(tl.int32, bitcast=True)
             exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
             scale = tl.where(scale == scale, (exponent << 23).to(tl.float32, bitcast=True), scale)  # NaN stays NaN
-        q = tl.div_rn(v, scale[:, None])
+        q = v * tl.div_rn(1.0, scale)[:, None]
         q = tl.minimum(tl.maximum(q, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
                        propagate_nan=tl.PropagateNan.ALL)
         if ROUND_FIRST:

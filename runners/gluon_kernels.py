@@ -62,9 +62,10 @@ class Pipeline:
 
 
 # Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB, AC, AE): the load
-# warp +4-19% (GEMM 1) and up to +24% (GEMM 2); two math partitions and 5 stages the fastest GEMM 2 on average
-# (GEMM 1, with its 64 KB gate tile, has room for 4 stages; two partitions did not help it).
-GEMM1_PIPELINE = Pipeline()
+# warp +4-19% (GEMM 1) and up to +24% (GEMM 2); two math partitions and 5 stages the fastest GEMM 2 on average.
+# GEMM 1 (its 64 KB gate tile leaves room for 4 stages) gains from two partitions since its quantization
+# multiplies by a reciprocal (run BT: -2% / -6%; with a division per value they cost 3%).
+GEMM1_PIPELINE = Pipeline(math_partitions=2)
 GEMM2_PIPELINE = Pipeline(stages=5, math_partitions=2)
 
 try:

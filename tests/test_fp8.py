@@ -125,6 +125,26 @@ def test_quantize_kernel_equals_torch_bit_for_bit(encoding):
         quantize_rows(x, q, row_counts=torch.tensor([1, 3], dtype=torch.int32), rows_per_count=3, interpreted=True)
 
 
+def test_activation_rule_multiplies_by_the_reciprocal():
+    """q = e4m3(x * fp32(1 / s)), not the correctly rounded quotient's e4m3: groups (amax, x) where the two
+    differ by one e4m3 step (found by search over 25.6 million random values), in the kernel, the torch rule
+    and the float64 rule alike. One reciprocal per group is what keeps GEMM 1's epilogue off its tensor
+    cores' critical path (docs/performance.md, run BT)."""
+    bits = [(993742282, 959749451, 28.0, 26.0), (1001717881, 975281114, 52.0, 48.0),
+            (1065111425, 1052588961, 160.0, 176.0), (1119031061, -1042715201, -144.0, -128.0)]
+    x = torch.zeros(len(bits), 128)
+    x[:, :2] = torch.tensor([b[:2] for b in bits], dtype=torch.int32).view(torch.float32)
+    quant = QuantConfig()
+    want, quotient = torch.tensor([b[2] for b in bits]), torch.tensor([b[3] for b in bits])
+    scale = x[:, 0] / torch.full((len(bits), ), 448.0)
+    assert torch.equal((x[:, 1] / scale).to(torch.float8_e4m3fn).float(), quotient)  # the division's answer
+    got_q, got_s = quantize_rows(x, quant, interpreted=True)
+    want_q, want_s = quant.quantize_activation(x)
+    assert torch.equal(want_s, scale.unsqueeze(1)) and torch.equal(got_s, want_s)
+    assert torch.equal(got_q[:, 1].float(), want) and torch.equal(want_q[:, 1].float(), want)
+    assert torch.equal(_quantize64(x, False)[0][:, 1], want.double())
+
+
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
 def test_non_finite_activations_stay_non_finite(encoding):
     """A NaN or an infinity in x makes its whole 128-channel group non-finite through the fp8 round
@@ -164,9 +184,10 @@ def _e4m3_round64(v: torch.Tensor) -> torch.Tensor:
 
 def _quantize64(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation rule in float64, rounding to fp32 where the rule does: s = fp32(max(amax,
-    fp32(1e-10)) / 448) (ue8m0: the next power of two up), q = e4m3(clamp(fp32(x / s), +-448)). An
-    fp32 quotient of fp32 operands computed in float64 and rounded once more is the correctly rounded
-    fp32 quotient (53 >= 2 * 24 + 2 bits), so the fp32 points are exact here. Returns (q [T, H], s [T, G])."""
+    fp32(1e-10)) / 448) (ue8m0: the next power of two up), r = fp32(1 / s), q = e4m3(clamp(fp32(x * r),
+    +-448)). An fp32 quotient of fp32 operands computed in float64 and rounded once more is the correctly
+    rounded fp32 quotient (53 >= 2 * 24 + 2 bits), and a product of two fp32 is exact in float64, so the
+    fp32 points are exact here. Returns (q [T, H], s [T, G])."""
     T, H = x.shape
     G = -(-H // 128)
     groups = torch.zeros(T, G * 128, dtype=torch.float64)
@@ -177,7 +198,8 @@ def _quantize64(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tenso
     if ue8m0:
         mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
         scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
-    q = (groups / scale.unsqueeze(2)).float().double().clamp(-448.0, 448.0)
+    reciprocal = (1.0 / scale).float().double()
+    q = (groups * reciprocal.unsqueeze(2)).float().double().clamp(-448.0, 448.0)
     return _e4m3_round64(q).view(T, G * 128)[:, :H], scale
 
 
