@@ -427,6 +427,12 @@ def test_weights_on_the_meta_device_are_named():
                                   f"checkpoint's values, on any device (this layer's is cpu)")
     on_meta = ep.EPMoE(E, K, H, I, runner="torch", device="meta")
     on_meta.load_experts(w13.to("meta"), w2.to("meta"))  # meta into meta: shapes checked, nothing to copy
+    # values into a layer still on the meta device: nothing to copy them into (they were dropped, no error)
+    with pytest.raises(RuntimeError) as err:
+        on_meta.load_experts(w13, w2.to("meta"))
+    assert str(err.value) == ("w13 holds values but this layer's experts are on the meta device (no memory to load "
+                              "into); layer.to_empty(device=...) first"), str(err.value)
+    assert on_meta.w13.is_meta
 
 
 def _meta_forward_rank(rank, world_size):
