@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .dispatchers.base import agree_before_collectives
-from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _placement_tables
+from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _first_copies, _placement_tables
 from .placement import ExpertPlacement
 from .quant import is_quantized_dtype
 
@@ -43,17 +43,20 @@ def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
       1-D DeviceMesh of the layer's group, placement Shard(0), global shape [P, ...]: row r*L + j is rank
       r's local slot j (physical slot r*L + j in a contiguous placement; with an expert_to_rank that
       interleaves the ranks, the slots in rank order). Plain tensors when no process group is initialized.
-    - `<layer>.expert_placement`: int64 [2, P], always (the per-rank state_dict has it only off the default
-      placement): each physical slot's rank, then its logical expert; the same on every rank.
+    - `<layer>.expert_placement`: int64 [2, P], for every EPMoE layer (the per-rank state_dict has it only off
+      the default placement): each physical slot's rank, then its logical expert; the same on every rank. A
+      "standard" layer's (every slot on rank 0, slot e holding expert e) lets a sharded layer load its rows, and
+      a sharded layer's lets a "standard" one put the rows of its slots in expert order.
 
     Everything else is what model.state_dict() holds: replicated parameters (a "standard" layer's
     experts included) as plain tensors, which DCP saves once."""
     state = model.state_dict()
-    for prefix, layer in _sharded_layers(model):
-        mesh = _mesh(layer)
+    for prefix, layer in _expert_layers(model):
+        mesh = _mesh(layer) if layer.dispatcher.shards_experts else None
         for name in _EXPERT_TENSORS:
             t = getattr(layer, name)
-            _check_not_distributed(prefix + name, t)
+            if layer.dispatcher.shards_experts:
+                _check_not_distributed(prefix + name, t)
             if t is not None and mesh is not None:
                 state[prefix + name] = DTensor.from_local(t.detach(), mesh, [Shard(0)], run_check=False)
         state[prefix + PLACEMENT_KEY] = torch.tensor(_placement_tables(layer.placement), dtype=torch.int64,
@@ -73,6 +76,9 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     Another number of slots (num_redundant_experts) is an error naming the layer; so is a placement whose
     copies of an expert would share a rank at this EP size."""
     state = dict(state_dict)
+    for prefix, layer in _expert_layers(model):
+        if not layer.dispatcher.shards_experts:
+            _rows_in_expert_order(layer, prefix, state)
     missing = []  # layers' placement keys absent (strict=False: their rows load as the default placement)
     for prefix, layer in _sharded_layers(model):
         error = None
@@ -97,6 +103,27 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     result = model.load_state_dict(state, strict=strict)
     result.missing_keys.extend(missing)
     return result
+
+
+def _rows_in_expert_order(layer: EPMoE, prefix: str, state: dict) -> None:
+    """A replicated ("standard") layer's rows in `state`, as dcp.load filled them, put in expert order: a sharded
+    layer saved them in its slots' order, rank by rank (a round-robin or rebalanced placement's rows are not its
+    experts in order). Without its expert_placement, the rows are taken as they are (as model.state_dict() holds
+    them)."""
+    table = state.pop(prefix + PLACEMENT_KEY, None)
+    if table is None:
+        return
+    experts = _placement_of_rows(layer, prefix, table)[1].tolist()  # the expert of each row (no copies: P = E)
+    if experts == list(range(len(experts))):
+        return
+    row_of = [experts.index(e) for e in range(len(experts))]
+    for name in _EXPERT_TENSORS:
+        rows = state.get(prefix + name)
+        if isinstance(rows, DTensor):  # (FSDP2's fully_shard sharded the replicated experts: whole, then its piece)
+            state[prefix + name] = distribute_tensor(_first_copies(rows.full_tensor(), row_of), rows.device_mesh,
+                                                     rows.placements, src_data_rank=None)
+        elif isinstance(rows, torch.Tensor):
+            state[prefix + name] = _first_copies(rows, row_of)
 
 
 def _no_placement(prefix: str) -> str:
@@ -178,18 +205,31 @@ class ExpertLoadPlanner(DefaultLoadPlanner):
     <layer>.expert_placement" or the same for an expert tensor). Experts saved fp8 loading into a layer
     built unquantized (or the reverse) are named too: dcp.load casts the saved values to the layer's dtype
     and leaves the scales behind, so fp8 values loaded unscaled into a bf16 layer (no error). Takes
-    DefaultLoadPlanner's arguments."""
+    DefaultLoadPlanner's arguments.
+    A layer's expert_placement the checkpoint does not hold (a "standard" layer's, saved before
+    distributed_state_dict gave those one) is read as what such a layer saves: its experts in order, one row
+    each."""
 
     def create_local_plan(self):
+        unsaved = {}
         for key, table in self.state_dict.items():
             saved = self.metadata.state_dict_metadata.get(key)
             prefix, _, name = key.rpartition(".")
+            if name == PLACEMENT_KEY and saved is None:
+                P = table.shape[-1]
+                table.copy_(torch.stack([torch.zeros(P, dtype=table.dtype), torch.arange(P, dtype=table.dtype)]))
+                unsaved[key] = table
             if name == PLACEMENT_KEY and saved is not None and hasattr(saved, "size"):
                 _check_slot_count(key, int(saved.size[-1]), int(table.shape[-1]))
             layer_key = (prefix + "." if prefix else "") + PLACEMENT_KEY
             if name in ("w13", "w2") and layer_key in self.state_dict and hasattr(saved, "properties"):
                 _check_expert_format(key, saved.properties.dtype, table.dtype)
-        return super().create_local_plan()
+        for key in unsaved:  # (nothing to read for them: DCP's own plan would stop at "Missing key in checkpoint")
+            del self.state_dict[key]
+        try:
+            return super().create_local_plan()
+        finally:
+            self.state_dict.update(unsaved)
 
 
 def _mesh(layer: EPMoE):
@@ -208,17 +248,21 @@ def _check_not_distributed(key: str, t: Any) -> None:
                          f"reduce their gradients over the data-parallel replicas as docs/api.md's dp x ep recipe does")
 
 
-def _sharded_layers(model: nn.Module):
-    """(state_dict prefix, layer) of every EPMoE in `model` whose ranks hold different experts. The prefix is the
-    one model.state_dict() gives the layer's w13 (found by identity), not always its module path: a wrapper may
-    rename keys (checkpoint_wrapper, as torchtitan's activation checkpointing wraps blocks, drops its
-    `_checkpoint_wrapped_module.`), and the module path put the DTensors beside the plain per-rank experts, which
-    DCP then saved once, rank 0's for every rank."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EPMoE) and m.dispatcher.shards_experts]
+def _expert_layers(model: nn.Module):
+    """(state_dict prefix, layer) of every EPMoE in `model`. The prefix is the one model.state_dict() gives the
+    layer's w13 (found by identity), not always its module path: a wrapper may rename keys (checkpoint_wrapper, as
+    torchtitan's activation checkpointing wraps blocks, drops its `_checkpoint_wrapped_module.`), and the module
+    path put the DTensors beside the plain per-rank experts, which DCP then saved once, rank 0's for every rank."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, EPMoE)]
     keys = {id(v): k for k, v in model.state_dict(keep_vars=True).items()} if layers else {}
     for name, module in layers:
         key = keys.get(id(module.w13))
         yield (key[:-len("w13")] if key is not None else (name + "." if name else "")), module
+
+
+def _sharded_layers(model: nn.Module):
+    """_expert_layers' layers whose ranks hold different experts."""
+    return ((prefix, layer) for prefix, layer in _expert_layers(model) if layer.dispatcher.shards_experts)
 
 
 def _check_slot_count(key: str, saved: int, have: int) -> None:

@@ -390,6 +390,8 @@ class EPMoE(nn.Module):
             if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
                 raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
                                  f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+            if isinstance(t, torch.Tensor) and not t.is_meta and self.w13.is_meta:  # (its copy would do nothing)
+                raise RuntimeError(f"{name} holds values but {_META_LAYER}")
         shard = given != E  # E rows are global, also where L == E (see above)
         experts = self.placement.local_expert_ids()  # this rank's global ids, in local order
         take = lambda t: None if t is None else (t if shard else t[experts.to(t.device)])  # noqa: E731
@@ -451,8 +453,7 @@ class EPMoE(nn.Module):
             raise ValueError(f"expert_id={expert_id!r}; allowed: an int 0..{E - 1} (a global expert id, "
                              f"num_experts={E})")
         if self.w13.is_meta:
-            raise RuntimeError("this layer's experts are on the meta device (no memory to load into); "
-                               "layer.to_empty(device=...) first")
+            raise RuntimeError(_META_LAYER)
         if _is_dtensor(self.w13):  # (its rows written into a DTensor's index went to a copy: nothing loaded)
             raise RuntimeError("this layer's experts are DTensors (FSDP2's fully_shard sharded them), whose rows this "
                                "rank may not hold; load them whole: load_experts with the [E, ...] weights on every "
@@ -1144,6 +1145,7 @@ _SENT_PER_EXPERT = {
 }
 
 
+_META_LAYER = "this layer's experts are on the meta device (no memory to load into); layer.to_empty(device=...) first"
 PLACEMENT_KEY = "expert_placement"
 _EXPERT_TENSORS = ("w13", "w2", "b13", "b2", "w13_scale_inv", "w2_scale_inv")  # laid out by the placement's slots
 # The running backward's graph task (-1 outside backward): a private torch call FSDP uses too; without it

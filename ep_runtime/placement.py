@@ -66,10 +66,14 @@ class ExpertPlacement:
                                                 self.physical_to_logical)))
 
     def _validate(self) -> None:
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size={self.ep_size} must be >= 1")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts} must be >= 1")
+        for name in ("num_experts", "ep_size"):
+            if not is_int_at_least(getattr(self, name), 1):
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        # (not truncated or compared as they are: rank=1.5 matched no slot's rank and held no experts, silently)
+        if not (is_int_at_least(self.rank, 0) and self.rank < self.ep_size):
+            raise ValueError(f"rank={self.rank!r}; allowed: an int in 0..{self.ep_size - 1} (ep_size={self.ep_size})")
+        for name in ("num_experts", "ep_size", "rank"):  # (a numpy integer becomes Python's)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.physical_to_logical is not None:
             self._check_physical_to_logical()
         P = self.num_physical_experts
@@ -79,8 +83,6 @@ class ExpertPlacement:
                     f"{P - self.num_experts} redundant)")
             raise ValueError(f"{what} is not divisible by ep_size={self.ep_size}; "
                              f"pick an ep_size that divides it (each rank must own the same number of experts)")
-        if not 0 <= self.rank < self.ep_size:
-            raise ValueError(f"rank={self.rank} out of range [0, {self.ep_size})")
         if self.expert_to_rank is not None:
             self._check_expert_to_rank()
         if self.physical_to_logical is not None:

@@ -427,6 +427,12 @@ def test_weights_on_the_meta_device_are_named():
                                   f"checkpoint's values, on any device (this layer's is cpu)")
     on_meta = ep.EPMoE(E, K, H, I, runner="torch", device="meta")
     on_meta.load_experts(w13.to("meta"), w2.to("meta"))  # meta into meta: shapes checked, nothing to copy
+    # values into a layer still on the meta device: nothing to copy them into (they were dropped, no error)
+    with pytest.raises(RuntimeError) as err:
+        on_meta.load_experts(w13, w2.to("meta"))
+    assert str(err.value) == ("w13 holds values but this layer's experts are on the meta device (no memory to load "
+                              "into); layer.to_empty(device=...) first"), str(err.value)
+    assert on_meta.w13.is_meta
 
 
 def _meta_forward_rank(rank, world_size):
@@ -822,6 +828,58 @@ def test_dcp_checkpoint_of_another_expert_format_is_named(tmp_path):
             "would cast the values and find no block scales). Allowed: build the layer without quant_config as saved, "
             "load it, then load_experts() its gather_experts() weights with quantize='fp8_block'"), messages["float"]
         assert unchanged == [True, True]
+
+
+def _dcp_replicated_rank(rank, world_size, path):
+    """DCP checkpoints between a sharded layer and a replicated (dispatcher="standard") one, both ways, and fp8
+    experts of a replicated layer into a float one. Returns (each case's gathered experts equal the saved ones, its
+    relative error against the float64 reference), and the planner's message for the fp8 case."""
+    w13, w2 = _global_weights()
+    make = lambda dispatcher, **kw: nn.ModuleDict({"moe": ep.EPMoE(  # noqa: E731
+        E, K, H, I, dispatcher=dispatcher, runner="torch", **kw)})
+    x, ids, weights = _tokens(rank)
+    ref = moe_reference(x.double(), ids, weights.double(), w13.double(), w2.double(), make("standard")["moe"].config)
+    round_robin = {"expert_to_rank": [e % world_size for e in range(E)]}  # rank r's rows are slots r, r+2, ...
+    results = {}
+    for case, (saved_as, saving, loading_as, loading) in {
+            "sharded -> replicated": ("deepep_normal", round_robin, "standard", {}),
+            "replicated -> sharded": ("standard", {}, "deepep_normal", round_robin),
+            "replicated (no table) -> sharded": ("standard", {}, "deepep_normal", round_robin)}.items():
+        saved = make(saved_as, **saving)
+        saved["moe"].load_experts(w13, w2)
+        # (no table: a replicated layer's state as distributed_state_dict gave it before it added one)
+        dcp.save(saved.state_dict() if "no table" in case else ep.distributed_state_dict(saved),
+                 checkpoint_id=f"{path}/{len(results)}")
+        torch.manual_seed(1)
+        model = make(loading_as, **loading)
+        state = ep.distributed_state_dict(model)
+        dcp.load(state, checkpoint_id=f"{path}/{len(results)}", planner=ep.ExpertLoadPlanner())
+        ep.load_distributed_state_dict(model, state)
+        gathered = model["moe"].gather_experts()
+        with torch.no_grad():
+            results[case] = (torch.equal(gathered.w13, w13) and torch.equal(gathered.w2, w2),
+                             rel_err(model["moe"](x, ids, weights), ref))
+    saved = make("standard", quant_config=ep.QuantConfig())
+    saved["moe"].load_experts(w13, w2)
+    dcp.save(ep.distributed_state_dict(saved), checkpoint_id=f"{path}/fp8")
+    with pytest.raises(CheckpointException) as err:
+        dcp.load(ep.distributed_state_dict(make("standard")), checkpoint_id=f"{path}/fp8", planner=ep.ExpertLoadPlanner())
+    return results, str(next(iter(err.value.failures.values()))[0])
+
+
+def test_dcp_between_sharded_and_replicated_layers(tmp_path):
+    """A DCP checkpoint holds a sharded layer's experts in its slots' order (rank by rank): a replicated
+    (dispatcher="standard") layer took those rows as its experts in order, so a round-robin or rebalanced
+    checkpoint gave it every expert's weights to another expert, no error (relative error ~1); and fp8 experts
+    of a replicated layer loaded into a float one unscaled (the planner named that for sharded layers only).
+    distributed_state_dict now gives every EPMoE layer its expert_placement, the replicated layer puts the rows in
+    expert order, and a replicated checkpoint (with its table, or without one as saved before) loads into a
+    sharded layer of any placement."""
+    for results, fp8 in run_ranks(_dcp_replicated_rank, 2, str(tmp_path), timeout=120, group_timeout=30):
+        for case, (same, err) in results.items():
+            assert same and err < tolerance(torch.float32), (case, same, err)
+        assert fp8.startswith("moe: the checkpoint holds moe.w13 as torch.float8_e4m3fn, this layer stores it as "
+                              "torch.float32"), fp8
 
 
 def _train_step(model, optimizer, ranks):

@@ -106,7 +106,7 @@ def test_load_experts_takes_this_ranks_experts_from_the_placement():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_experts=10, ep_size=4), "num_experts=10 is not divisible by ep_size=4"),
-    (dict(num_experts=8, ep_size=2, rank=2), r"rank=2 out of range \[0, 2\)"),
+    (dict(num_experts=8, ep_size=2, rank=2), r"rank=2; allowed: an int in 0..1 \(ep_size=2\)"),
     (dict(num_experts=8, ep_size=0), "ep_size=0"),
     (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 0]), "expert_to_rank has 3 entries; expected num_experts=4"),
     (dict(num_experts=4, ep_size=2, expert_to_rank=[0, 1, 2, 1]), r"expert_to_rank\[2\]=2 out of range \[0, 2\)"),
@@ -118,6 +118,12 @@ def test_load_experts_takes_this_ranks_experts_from_the_placement():
     (dict(num_experts=4, ep_size=2, expert_to_rank=[0, True, 1, 0]), r"expert_to_rank\[1\]=True; allowed: an int"),
     (dict(num_experts=2, ep_size=2, physical_to_logical=[0, 1, 1.5, 0]),
      r"physical_to_logical\[2\]=1.5; allowed: an int"),
+    # the sizes and the rank are ints too: rank=1.5 held no experts (no slot's rank equals it), silently
+    (dict(num_experts=8, ep_size=2, rank=1.5), r"rank=1.5; allowed: an int in 0..1 \(ep_size=2\)"),
+    (dict(num_experts=8, ep_size=2, rank=True), r"rank=True; allowed: an int in 0..1"),
+    (dict(num_experts=8, ep_size=2.0), r"ep_size=2.0; allowed: an int >= 1"),
+    (dict(num_experts=8.0, ep_size=2), r"num_experts=8.0; allowed: an int >= 1"),
+    (dict(num_experts="8", ep_size=2), r"num_experts='8'; allowed: an int >= 1"),
 ])
 def test_bad_placement_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
