@@ -447,7 +447,9 @@ class Dispatcher:
                 out, work = future.result(), ExchangeWork()
             else:
                 out = make_shell()
-                work = ExchangeWork(future=future, fill=lambda real, out=out: fill(out, real))
+                # filled in the call's autograd modes, however the wait is made (a combine's copy into its shell
+                # under no_grad lost its gradient; made under inference_mode, it raised outside it)
+                work = ExchangeWork(future=future, fill=overlap.in_caller_modes(lambda real, out=out: fill(out, real)))
         else:
             out, work = fn(), ExchangeWork()
         if not wanted:

@@ -113,10 +113,16 @@ class ExchangeWork:
             self._future.result()
 
     def is_completed(self) -> bool:
+        """Whether the exchange is done, without blocking (torch.distributed's Work.is_completed). CPU ranks:
+        once it is, the output is filled here, so a caller polling this (and never calling wait()) reads a
+        ready output; an exchange that failed counts as completed, and wait() raises its error."""
         if self.event is not None:
             return self.event.query()
         if self._future is not None:
-            return self._future.done() and self._fill is None
+            if not self._future.done():
+                return False
+            if self._fill is not None and self._future.exception() is None:
+                self.wait()
         return True
 
 
@@ -237,13 +243,14 @@ def has_worker(group: Any) -> bool:
     return _key(group) in _WORKERS
 
 
-def in_caller_modes(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn run elsewhere with the caller's autograd modes (grad and inference mode are per thread)."""
+def in_caller_modes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn run elsewhere or later (the exchange thread, the fill at wait()) with the autograd modes of the
+    call that made it (grad and inference mode are per thread, and may have changed by the wait)."""
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def run():
+    def run(*args: Any):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn()
+            return fn(*args)
     return run
 
 

@@ -155,6 +155,60 @@ def test_a_buffer_is_reused_only_after_its_wait(name):
         assert same and finite
 
 
+def _polling_rank(rank, world_size, name):
+    """A caller that polls work.is_completed() (torch.distributed's Work) instead of calling wait(): it
+    becomes True once the exchange is done, and the output is then ready (it stayed False until wait(),
+    so a polling loop spun forever)."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    x, topk = batches[0]
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    out, work = d.dispatch(x, topk, async_op=True)
+    deadline = time.monotonic() + 10
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    y, work = d.combine(runner.run(out, weights), async_op=True)
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_polling_is_completed_completes_the_exchange(name):
+    assert all(run_ranks(_polling_rank, 2, name, timeout=60))
+
+
+def _modes_at_wait_rank(rank, world_size, name):
+    """The output of an async combine keeps the autograd modes of its call, whatever the modes at the wait:
+    called with a gradient and waited under no_grad, its gradient equals the synchronous one (the CPU output
+    had no grad_fn: the experts' gradient was silently lost); called under inference_mode and waited outside
+    it, the output equals the synchronous one (the wait raised "Inplace update to inference tensor")."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    (x, topk), grad_out = batches[0], torch.randn(batches[0][0].shape, generator=torch.Generator().manual_seed(rank))
+    grads = []
+    for use_async in (False, True):
+        xg = x.clone().requires_grad_()
+        rows = runner.run(d.dispatch(xg, topk), weights)
+        if use_async:
+            y, work = d.combine(rows, async_op=True)
+            with torch.no_grad():
+                work.wait()
+        else:
+            y = d.combine(rows)
+        (y * grad_out).sum().backward()
+        grads.append(xg.grad)
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    with torch.inference_mode():
+        y, work = d.combine(runner.run(d.dispatch(x, topk), weights), async_op=True)
+    work.wait()
+    return torch.equal(grads[0], grads[1]), torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_async_combine_output_keeps_the_modes_of_its_call(name):
+    for same_grad, same in run_ranks(_modes_at_wait_rank, 2, name, timeout=60):
+        assert same_grad and same
+
+
 def _hook_rank(rank, world_size, name):
     d, runner, weights, batches, _ = _setup(rank, world_size, name)
     x, topk = batches[0]
