@@ -209,6 +209,32 @@ def test_async_combine_output_keeps_the_modes_of_its_call(name):
         assert same_grad and same
 
 
+def _chained_rank(rank, world_size, name):
+    """Layer 1's async combine output fed to layer 2's dispatch with previous_event=its work, and no wait
+    in between (DeepEP's previous_event chaining): layer 2's exchange reads the combined values, as the
+    synchronous calls do (on CPU ranks it read the combine's empty shell, filled only at wait(); a
+    dispatcher that moves nothing, standard, ignored previous_event)."""
+    first, runner, weights, batches, problem = _setup(rank, world_size, "deepep_normal")
+    second = ep.dispatchers.create(name, CONFIG, **OPTIONS.get(name, {}))
+    second_runner = MoeRunner(ep.runners.create("torch", CONFIG), CONFIG, second.placement)
+    mine = second.placement.local_expert_ids()
+    second_weights = ep.ExpertWeights(problem.w13.float()[mine], problem.w2.float()[mine])
+    x, topk = batches[0]
+    y = first.combine(runner.run(first.dispatch(x, topk), weights))
+    expected = second.combine(second_runner.run(second.dispatch(y, topk), second_weights))
+    y, work = first.combine(runner.run(first.dispatch(x, topk), weights), async_op=True)
+    out, second_work = second.dispatch(y, topk, async_op=True, previous_event=work)
+    second_work.wait()
+    chained = second.combine(second_runner.run(out, second_weights))
+    work.wait()
+    return torch.equal(chained, expected)
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori", "standard"])
+def test_previous_event_orders_an_exchange_after_the_output_of_another(name):
+    assert all(run_ranks(_chained_rank, 2, name, timeout=60))
+
+
 def _hook_rank(rank, world_size, name):
     d, runner, weights, batches, _ = _setup(rank, world_size, name)
     x, topk = batches[0]
