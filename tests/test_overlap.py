@@ -377,6 +377,38 @@ def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
             assert counted, name
 
 
+def _bad_micro_batch_rank(rank, world_size, name):
+    """run_overlapped with micro-batch 1 of the wrong shape on rank 0 only: every rank raises (rank 0 its own
+    error, the others the count table's) and the group stays usable, the next step equal to the sequential
+    one. (Rank 0 raised before issuing micro-batch 0's combine, which the others issued: the next step's
+    exchanges paired with it out of order, and every rank timed out.)"""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=name, runner="torch", dispatcher_options=OPTIONS.get(name))
+    problem = make_problem(layer.config, [5, 7, 6, 4], seed=1, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b]))
+               for b in range(2 * rank, 2 * rank + 2)]
+    bad = [batches[0], (batches[1][0][:, :8], batches[1][1])] if rank == 0 else batches
+    with torch.no_grad():
+        try:
+            run_overlapped(layer, bad)
+            raised = None
+        except ValueError as err:
+            raised = str(err)
+        expected = run_sequential(layer, batches)
+        again = run_overlapped(layer, batches)
+    return raised, all(torch.equal(a, b) for a, b in zip(again, expected))
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "deepep_ll"])
+def test_run_overlapped_with_one_rank_bad_micro_batch_leaves_the_group_usable(name):
+    (raised0, same0), (raised1, same1) = run_ranks(_bad_micro_batch_rank, 2, name, timeout=60, group_timeout=10)
+    assert raised0.startswith("x has shape [7, 8]; expected [T, 16]"), raised0
+    assert "rank 0 of 2 was given bad input" in raised1, raised1
+    assert same0 and same1
+
+
 def _backward_while_pending_rank(rank, world_size):
     """Training with overlap: the next micro-batch's dispatch is in flight (async) while this one's backward
     runs, whose reverse exchanges are collectives on the same group. They run after the pending exchange,

@@ -137,8 +137,15 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
         layer._count_load(out, physical)
         expert_out = layer.runner.run(out, layer.weights)
         if i + 1 < len(batches):
-            with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
-                pending = layer._dispatch(*batches[i + 1], async_op=True)
+            try:
+                with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
+                    pending = layer._dispatch(*batches[i + 1], async_op=True)
+            except Exception:
+                # this rank's micro-batch failed its checks at the call; the other ranks' dispatch fails at its
+                # wait, after they issued this combine: issue it too, so every rank's exchanges stay paired (the
+                # combine missing here, the group's next exchanges paired with theirs out of order: a timeout)
+                layer.dispatcher.combine(expert_out, async_op=True)
+                raise
         combined.append(layer.dispatcher.combine(expert_out, async_op=True))
     for _, work in combined:
         work.wait()
