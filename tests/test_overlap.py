@@ -377,11 +377,14 @@ def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
             assert counted, name
 
 
-def _bad_micro_batch_rank(rank, world_size, name):
-    """run_overlapped with micro-batch 1 of the wrong shape on rank 0 only: every rank raises (rank 0 its own
-    error, the others the count table's) and the group stays usable, the next step equal to the sequential
-    one. (Rank 0 raised before issuing micro-batch 0's combine, which the others issued: the next step's
-    exchanges paired with it out of order, and every rank timed out.)"""
+def _bad_micro_batch_rank(rank, world_size, name, bad):
+    """run_overlapped / run_sequential with micro-batch 1 bad on rank 0 only (x of another dtype than the
+    layer's: checked before anything is dispatched, as forward checks it; topk_ids of another shape: found
+    by that micro-batch's dispatch at the call): every rank raises (rank 0 its own error, the others the
+    count table's) and the group stays usable, the next step equal to the sequential one. (run_overlapped's
+    rank 0 raised before issuing micro-batch 0's combine, which the others issued: the next step's exchanges
+    paired with it out of order, and every rank timed out. An x of another dtype failed in the runner after
+    the dispatch, naming w13.)"""
     from ep_runtime.bench.overlap import run_overlapped, run_sequential
     torch.manual_seed(0)
     layer = ep.EPMoE(8, 2, 16, 8, dispatcher=name, runner="torch", dispatcher_options=OPTIONS.get(name))
@@ -389,23 +392,29 @@ def _bad_micro_batch_rank(rank, world_size, name):
     layer.load_experts(problem.w13.float(), problem.w2.float())
     batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b]))
                for b in range(2 * rank, 2 * rank + 2)]
-    bad = [batches[0], (batches[1][0][:, :8], batches[1][1])] if rank == 0 else batches
+    x, (ids, weights) = batches[1]
+    wrong = (x.double(), (ids, weights)) if bad == "x_dtype" else (x, (torch.cat([ids, ids[:, :1]], 1), weights))
+    raised = []
     with torch.no_grad():
-        try:
-            run_overlapped(layer, bad)
-            raised = None
-        except ValueError as err:
-            raised = str(err)
+        for schedule in (run_overlapped, run_sequential):
+            try:
+                schedule(layer, [batches[0], wrong] if rank == 0 else batches)
+                raised.append(None)
+            except (TypeError, ValueError) as err:
+                raised.append(str(err))
         expected = run_sequential(layer, batches)
         again = run_overlapped(layer, batches)
     return raised, all(torch.equal(a, b) for a, b in zip(again, expected))
 
 
+@pytest.mark.parametrize("bad", ["x_dtype", "topk_ids"])
 @pytest.mark.parametrize("name", ["deepep_normal", "deepep_ll"])
-def test_run_overlapped_with_one_rank_bad_micro_batch_leaves_the_group_usable(name):
-    (raised0, same0), (raised1, same1) = run_ranks(_bad_micro_batch_rank, 2, name, timeout=60, group_timeout=10)
-    assert raised0.startswith("x has shape [7, 8]; expected [T, 16]"), raised0
-    assert "rank 0 of 2 was given bad input" in raised1, raised1
+def test_a_micro_batch_bad_on_one_rank_fails_every_rank_and_leaves_the_group_usable(name, bad):
+    (raised0, same0), (raised1, same1) = run_ranks(_bad_micro_batch_rank, 2, name, bad, timeout=60,
+                                                   group_timeout=10)
+    own = "x has dtype torch.float64; this layer's weights" if bad == "x_dtype" else "topk_ids has shape [7, 3]"
+    assert all(message.startswith(own) for message in raised0), raised0
+    assert all("rank 0 of 2 was given bad input" in message for message in raised1), raised1
     assert same0 and same1
 
 
