@@ -442,13 +442,18 @@ class Dispatcher:
         elif moves and (wanted or overlap.has_worker(self.group)):
             prior = previous_event if isinstance(previous_event, ExchangeWork) else None
             fn = self._named(operation, fn)  # (its error may reach the caller outside dispatch's own naming)
+            out = make_shell() if wanted and make_shell is not None else None
+            if out is not None:  # filled on the exchange thread, as the exchange's last step: a call ordered after
+                # this one by previous_event=work reads it filled (filled at wait(), it read the empty shell)
+                fn = lambda fn=fn, out=out: (fill(out, fn()), out)[1]  # noqa: E731
             future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)
-            if not wanted or make_shell is None:  # in call order after the pending async exchanges
+            if out is None:  # in call order after the pending async exchanges
                 out, work = future.result(), ExchangeWork()
             else:
-                out = make_shell()
-                work = ExchangeWork(future=future, fill=lambda real, out=out: fill(out, real))
+                work = ExchangeWork(future=future)
         else:
+            if isinstance(previous_event, ExchangeWork):  # nothing moves here: ordered after it by waiting for it
+                previous_event.finished()
             out, work = fn(), ExchangeWork()
         if not wanted:
             return out

@@ -13,8 +13,9 @@ CPU (gloo): the exchange runs on one worker thread per process group. Every exch
 synchronous ones included once the worker exists, runs there in call order, so every rank issues its
 collectives in the same order however its waits are ordered. gloo releases the GIL while it waits on
 the wire, so the caller's own compute runs meanwhile. The output handed back at the call is a shell
-filled by wait(): a dispatch output that raises when read before wait(), a combine output of the
-final shape whose values are written by wait().
+the exchange thread fills as the exchange's last step (so an exchange ordered after it by previous_event
+reads it filled): a dispatch output that raises when read before that, a combine output of the final
+shape whose values are written then. Read it after wait() (or once is_completed() is True).
 
 Argument checks run in the caller before anything is issued (they raise on every rank before any
 collective); an error of the exchange itself (a count-table check, a peer failure) is raised by wait()
@@ -63,33 +64,31 @@ def tensors_in(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
 
 
 class PendingOutput:
-    """The output of an async dispatch on CPU ranks until its work.wait(): reading it before then is
-    a mistake the message names (the exchange may still be writing it); wait() turns this very object
-    into the dispatcher's output."""
+    """The output of an async dispatch on CPU ranks until its exchange is done: reading it before work.wait()
+    is a mistake the message names (the exchange may still be writing it); the exchange thread turns this
+    very object into the dispatcher's output as the exchange's last step."""
 
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError(f"this dispatch output is not ready: call work.wait() (or the receive hook) before "
                            f"reading it (attribute {name!r})")
 
     def _become(self, real: Any) -> None:
+        self.__dict__.update(vars(real))  # (first: a read racing this finds every field once the class is real)
         self.__class__ = type(real)
-        self.__dict__.update(vars(real))
 
 
 class ExchangeWork:
     """What dispatch/combine return beside their output when called with async_op=True (the
     torch.distributed convention). wait() orders the caller after the exchange: on CUDA the current
     stream waits on the exchange's event (the host does not block); on CPU ranks the host waits for
-    the worker thread and the output is filled in. Waiting again is a no-op; works may be waited in
-    any order. `event` (CUDA): the exchange's end, to pass as another call's previous_event."""
+    the worker thread (which fills the output as the exchange's last step). Waiting again is a no-op;
+    works may be waited in any order. `event` (CUDA): the exchange's end, to pass as another call's previous_event."""
 
     def __init__(self, event: Optional["torch.cuda.Event"] = None, device: Optional[torch.device] = None,
-                 outputs: tuple = (),
-                 future: Optional[Future] = None, fill: Optional[Callable[[Any], None]] = None):
+                 outputs: tuple = (), future: Optional[Future] = None):
         self.event, self.device = event, device
         self._outputs = outputs
         self._future = future
-        self._fill = fill
         self._waited_streams: set = set()
 
     def wait(self) -> bool:
@@ -101,23 +100,20 @@ class ExchangeWork:
                     t.record_stream(stream)
                 self._waited_streams.add(stream)
         elif self._future is not None:
-            result = self._future.result()  # the exchange's own error is raised here, where the caller waits
-            if self._fill is not None:
-                fill, self._fill = self._fill, None
-                fill(result)
+            self._future.result()  # the exchange's own error is raised here, where the caller waits
         return True
 
     def finished(self) -> None:
-        """Block until the exchange itself is done (CPU ranks; from any thread, fills nothing)."""
+        """Block until the exchange is done (CPU ranks; from any thread, the exchange thread included)."""
         if self._future is not None:
             self._future.result()
 
     def is_completed(self) -> bool:
+        """Whether the exchange is done, without blocking (torch.distributed's Work.is_completed): on CPU ranks
+        its output is then filled; an exchange that failed is completed too, and wait() raises its error."""
         if self.event is not None:
             return self.event.query()
-        if self._future is not None:
-            return self._future.done() and self._fill is None
-        return True
+        return self._future is None or self._future.done()
 
 
 class ReceiveHook:

@@ -155,6 +155,86 @@ def test_a_buffer_is_reused_only_after_its_wait(name):
         assert same and finite
 
 
+def _polling_rank(rank, world_size, name):
+    """A caller that polls work.is_completed() (torch.distributed's Work) instead of calling wait(): it
+    becomes True once the exchange is done, and the output is then ready (it stayed False until wait(),
+    so a polling loop spun forever)."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    x, topk = batches[0]
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    out, work = d.dispatch(x, topk, async_op=True)
+    deadline = time.monotonic() + 10
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    y, work = d.combine(runner.run(out, weights), async_op=True)
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_polling_is_completed_completes_the_exchange(name):
+    assert all(run_ranks(_polling_rank, 2, name, timeout=60))
+
+
+def _modes_at_wait_rank(rank, world_size, name):
+    """The output of an async combine keeps the autograd modes of its call, whatever the modes at the wait:
+    called with a gradient and waited under no_grad, its gradient equals the synchronous one (the CPU output
+    had no grad_fn: the experts' gradient was silently lost); called under inference_mode and waited outside
+    it, the output equals the synchronous one (the wait raised "Inplace update to inference tensor")."""
+    d, runner, weights, batches, _ = _setup(rank, world_size, name)
+    (x, topk), grad_out = batches[0], torch.randn(batches[0][0].shape, generator=torch.Generator().manual_seed(rank))
+    grads = []
+    for use_async in (False, True):
+        xg = x.clone().requires_grad_()
+        rows = runner.run(d.dispatch(xg, topk), weights)
+        if use_async:
+            y, work = d.combine(rows, async_op=True)
+            with torch.no_grad():
+                work.wait()
+        else:
+            y = d.combine(rows)
+        (y * grad_out).sum().backward()
+        grads.append(xg.grad)
+    expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+    with torch.inference_mode():
+        y, work = d.combine(runner.run(d.dispatch(x, topk), weights), async_op=True)
+    work.wait()
+    return torch.equal(grads[0], grads[1]), torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_async_combine_output_keeps_the_modes_of_its_call(name):
+    for same_grad, same in run_ranks(_modes_at_wait_rank, 2, name, timeout=60):
+        assert same_grad and same
+
+
+def _chained_rank(rank, world_size, name):
+    """Layer 1's async combine output fed to layer 2's dispatch with previous_event=its work, and no wait
+    in between (DeepEP's previous_event chaining): layer 2's exchange reads the combined values, as the
+    synchronous calls do (on CPU ranks it read the combine's empty shell, filled only at wait(); a
+    dispatcher that moves nothing, standard, ignored previous_event)."""
+    first, runner, weights, batches, problem = _setup(rank, world_size, "deepep_normal")
+    second = ep.dispatchers.create(name, CONFIG, **OPTIONS.get(name, {}))
+    second_runner = MoeRunner(ep.runners.create("torch", CONFIG), CONFIG, second.placement)
+    mine = second.placement.local_expert_ids()
+    second_weights = ep.ExpertWeights(problem.w13.float()[mine], problem.w2.float()[mine])
+    x, topk = batches[0]
+    y = first.combine(runner.run(first.dispatch(x, topk), weights))
+    expected = second.combine(second_runner.run(second.dispatch(y, topk), second_weights))
+    y, work = first.combine(runner.run(first.dispatch(x, topk), weights), async_op=True)
+    out, second_work = second.dispatch(y, topk, async_op=True, previous_event=work)
+    second_work.wait()
+    chained = second.combine(second_runner.run(out, second_weights))
+    work.wait()
+    return torch.equal(chained, expected)
+
+
+@pytest.mark.parametrize("name", ["deepep_normal", "mori", "standard"])
+def test_previous_event_orders_an_exchange_after_the_output_of_another(name):
+    assert all(run_ranks(_chained_rank, 2, name, timeout=60))
+
+
 def _hook_rank(rank, world_size, name):
     d, runner, weights, batches, _ = _setup(rank, world_size, name)
     x, topk = batches[0]
@@ -295,6 +375,47 @@ def test_two_batch_overlap_of_a_rebalanced_layer_with_copies():
         for name, (errors, counted) in out.items():
             assert max(errors) <= tolerance(torch.float32), (name, errors)
             assert counted, name
+
+
+def _bad_micro_batch_rank(rank, world_size, name, bad):
+    """run_overlapped / run_sequential with micro-batch 1 bad on rank 0 only (x of another dtype than the
+    layer's: checked before anything is dispatched, as forward checks it; topk_ids of another shape: found
+    by that micro-batch's dispatch at the call): every rank raises (rank 0 its own error, the others the
+    count table's) and the group stays usable, the next step equal to the sequential one. (run_overlapped's
+    rank 0 raised before issuing micro-batch 0's combine, which the others issued: the next step's exchanges
+    paired with it out of order, and every rank timed out. An x of another dtype failed in the runner after
+    the dispatch, naming w13.)"""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    torch.manual_seed(0)
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher=name, runner="torch", dispatcher_options=OPTIONS.get(name))
+    problem = make_problem(layer.config, [5, 7, 6, 4], seed=1, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b]))
+               for b in range(2 * rank, 2 * rank + 2)]
+    x, (ids, weights) = batches[1]
+    wrong = (x.double(), (ids, weights)) if bad == "x_dtype" else (x, (torch.cat([ids, ids[:, :1]], 1), weights))
+    raised = []
+    with torch.no_grad():
+        for schedule in (run_overlapped, run_sequential):
+            try:
+                schedule(layer, [batches[0], wrong] if rank == 0 else batches)
+                raised.append(None)
+            except (TypeError, ValueError) as err:
+                raised.append(str(err))
+        expected = run_sequential(layer, batches)
+        again = run_overlapped(layer, batches)
+    return raised, all(torch.equal(a, b) for a, b in zip(again, expected))
+
+
+@pytest.mark.parametrize("bad", ["x_dtype", "topk_ids"])
+@pytest.mark.parametrize("name", ["deepep_normal", "deepep_ll"])
+def test_a_micro_batch_bad_on_one_rank_fails_every_rank_and_leaves_the_group_usable(name, bad):
+    (raised0, same0), (raised1, same1) = run_ranks(_bad_micro_batch_rank, 2, name, bad, timeout=60,
+                                                   group_timeout=10)
+    own = "x has dtype torch.float64; this layer's weights" if bad == "x_dtype" else "topk_ids has shape [7, 3]"
+    assert all(message.startswith(own) for message in raised0), raised0
+    assert all("rank 0 of 2 was given bad input" in message for message in raised1), raised1
+    assert same0 and same1
 
 
 def _backward_while_pending_rank(rank, world_size):

@@ -89,7 +89,19 @@ def run_sequential(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
     through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
     the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
     expert_load."""
-    return [layer._routed(x, topk) for x, topk in _pairs(batches)]
+    return [layer._routed(x, topk) for x, topk in _checked(layer, batches)]
+
+
+def _checked(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[tuple[torch.Tensor, Any]]:
+    """_pairs(batches), each x checked as the layer's forward checks it (its dtype and device, cast under
+    torch.autocast) before anything is dispatched: an x of another dtype failed in the runner, after its
+    dispatch, naming w13. On one rank only, its error joins the others' first dispatch (join_with_bad_input),
+    so they raise too."""
+    try:
+        return [(layer._checked_tokens(x), topk) for x, topk in _pairs(batches)]
+    except Exception as error:
+        layer.dispatcher.join_with_bad_input(error)
+        raise
 
 
 def _pairs(batches: Iterable[tuple[torch.Tensor, Any]]) -> list[tuple[torch.Tensor, Any]]:
@@ -117,7 +129,7 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
     micro-batch's dispatch is issued from a stream that has waited for the inputs only: issued from the
     caller's stream it would wait behind the experts just queued there and overlap nothing (measured on
     2x H200: the next dispatch's first kernel started only when the previous experts ended)."""
-    batches = _pairs(batches)
+    batches = _checked(layer, batches)
     if not batches:
         return []
     device = batches[0][0].device
@@ -137,8 +149,15 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
         layer._count_load(out, physical)
         expert_out = layer.runner.run(out, layer.weights)
         if i + 1 < len(batches):
-            with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
-                pending = layer._dispatch(*batches[i + 1], async_op=True)
+            try:
+                with torch.cuda.stream(inputs_ready) if inputs_ready is not None else contextlib.nullcontext():
+                    pending = layer._dispatch(*batches[i + 1], async_op=True)
+            except Exception:
+                # this rank's micro-batch failed its checks at the call; the other ranks' dispatch fails at its
+                # wait, after they issued this combine: issue it too, so every rank's exchanges stay paired (the
+                # combine missing here, the group's next exchanges paired with theirs out of order: a timeout)
+                layer.dispatcher.combine(expert_out, async_op=True)
+                raise
         combined.append(layer.dispatcher.combine(expert_out, async_op=True))
     for _, work in combined:
         work.wait()
