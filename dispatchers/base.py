@@ -272,11 +272,13 @@ class Dispatcher:
                                  f"{theirs.get(k)!r}; every rank must build the layer with the same arguments and "
                                  f"EP_RUNTIME_* knobs")
 
-    def dispatch(self, x: torch.Tensor, topk: TopKOutput, *, async_op: bool = False,
+    def dispatch(self, x: torch.Tensor, topk: Optional[TopKOutput] = None, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event: Any = None, **options: Any):
         """x [T, H]; topk: TopKOutput(topk_ids [T, K] int global (-1 = nowhere), topk_weights [T, K]),
         or any (ids, weights) pair. Checked before any collective. options: per-call extras a
-        dispatcher documents (deepep_normal: handle).
+        dispatcher documents (deepep_normal: handle). topk is required; its default None is refused by
+        those checks, so a call without it (DeepEP's cached dispatch, dispatch(x, handle=h)) fails the
+        other ranks at once too, not in Python's argument binding before any check.
 
         async_op=True returns (output, work): the exchange runs on the device's communication
         stream (CPU ranks: its group's exchange thread) and work.wait() must be called before the

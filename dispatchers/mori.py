@@ -54,11 +54,13 @@ class MoriDispatchOutput(DispatchOutput):
 
 @dataclass(frozen=True)
 class MoriOptions:
-    """max_dispatch_tokens_per_rank: most tokens a rank dispatches; num_buffer_rows N_buf and the
-    setting that sized it (buffer_setting, for errors); max_input_tokens: runner rows (0 = off);
+    """max_dispatch_tokens_per_rank: most tokens a rank dispatches; prealloc_max_recv_tokens as resolved (0 =
+    off; kept so that the settings check names it, not only the N_buf it derives); num_buffer_rows N_buf and
+    the setting that sized it (buffer_setting, for errors); max_input_tokens: runner rows (0 = off);
     static: None (static plan while capturing), True or False."""
 
     max_dispatch_tokens_per_rank: int
+    prealloc_max_recv_tokens: int
     num_buffer_rows: int
     buffer_setting: str
     max_input_tokens: int
@@ -93,7 +95,7 @@ class MoriDispatcher(ExchangeDispatcher):
         if static is not None and not isinstance(static, bool):  # (1 == True: `in` let 0, 1 and 1.0 pass)
             raise ValueError(f"static={static!r}; allowed: None (static while capturing a CUDA graph), True or False")
         self.options = MoriOptions(
-            M, prealloc or M * self.world_size,
+            M, prealloc, prealloc or M * self.world_size,
             "prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS" if prealloc else
             "max_dispatch_tokens_per_rank / EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
             resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static,

@@ -68,9 +68,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     device = torch.device("cuda" if launch.launcher != "single" and torch.cuda.is_available() else "cpu")
     plan = demo_plan(runner, device, args.tokens)
     for name, option, knob in demo_capacity_conflicts(plan, args.tokens):
+        otherwise = ("unset, the demo sizes it from --tokens" if knob == DEMO_CAPACITY[name][1] else
+                     f"or to 0: {name}'s receive rows are then {DEMO_CAPACITY[name][0]} x R")
         command.error(f"--tokens {args.tokens}: above {envs.PREFIX}{knob}={envs.get(knob)}, which sizes {name}'s "
                       f"{option}; allowed: --tokens at most {envs.get(knob)}, or set {envs.PREFIX}{knob} to at least "
-                      f"{args.tokens} (unset, the demo sizes it from --tokens)")
+                      f"{args.tokens} ({otherwise})")
     if not any(runner for _, runner, _ in plan):
         reasons = "; ".join(f"{name}: {why}" for name, _, why in plan)
         command.error(f"{flag} serves no dispatcher here ({reasons}); allowed here: {auto}"
@@ -120,6 +122,9 @@ DEMO_CAPACITY = {
     "deepep_ll": ("num_max_dispatch_tokens_per_rank", "LL_MAX_DISPATCH_TOKENS_PER_RANK"),
     "mori": ("max_dispatch_tokens_per_rank", "MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK"),
 }
+# Knobs that size a receive buffer which the demo leaves as the user set it (0 = off): rank 0's --tokens tokens
+# may all reach one rank, so one set below --tokens is refused with those above.
+DEMO_RECEIVE_ROWS = {"mori": ("prealloc_max_recv_tokens", "MORI_PREALLOC_MAX_RECV_TOKENS")}
 
 
 def demo_plan(runner: str, device: torch.device, tokens: int) -> list[tuple[str, Optional[str], Any]]:
@@ -150,10 +155,10 @@ def demo_plan(runner: str, device: torch.device, tokens: int) -> list[tuple[str,
 
 def demo_capacity_conflicts(plan, tokens: int) -> list[tuple[str, str, str]]:
     """(dispatcher, option, knob) for each dispatcher the demo runs whose buffer the user sized, by its knob,
-    below --tokens (the demo would fail inside the ranks: T > M)."""
-    return [(name, *DEMO_CAPACITY[name]) for name, runner, _ in plan
-            if runner is not None and name in DEMO_CAPACITY and envs.is_set(DEMO_CAPACITY[name][1])
-            and tokens > envs.get(DEMO_CAPACITY[name][1])]
+    below --tokens (the demo would fail inside the ranks: T > M, or more rows received than fit)."""
+    return [(name, option, knob) for name, runner, _ in plan if runner is not None
+            for option, knob in (sizing.get(name) for sizing in (DEMO_CAPACITY, DEMO_RECEIVE_ROWS) if name in sizing)
+            if envs.is_set(knob) and 0 < envs.get(knob) < tokens]
 
 
 def check_world_size_flag(world_size: Optional[int], launch) -> None:

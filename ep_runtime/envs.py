@@ -126,7 +126,8 @@ _knob("MORI_PREALLOC_MAX_RECV_TOKENS", int, 0,
       "mori: receive-buffer rows when > 0 (overrides max dispatch tokens x R); 0 = off.", minimum=0,
       maximum=MAX_TOKENS)
 _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
-      "mori: hand the runner only this many receive rows (widened when more arrived, never truncating data); 0 = off.",
+      "mori: hand the runner only this many receive rows, never truncating data (an eager dispatch widens it to the "
+      "rows received; a static plan raises on every rank when a rank received more); 0 = off.",
       minimum=0, maximum=MAX_TOKENS)
 _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "

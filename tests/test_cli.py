@@ -152,6 +152,27 @@ def test_demo_sizes_static_buffers_from_tokens_unless_the_knob_is_set(monkeypatc
         "EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK to at least 48 (unset, the demo sizes it from --tokens)"), err
 
 
+def test_demo_refuses_a_mori_receive_buffer_knob_below_tokens_in_one_line(monkeypatch, capsys):
+    """EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS sizes mori's receive rows instead of max tokens x R; the demo's
+    rank 0 sends --tokens tokens, which may all reach one rank. Set below --tokens it failed inside the ranks in a
+    RankFailure traceback ('... = 4 is too small for this step'); 0 (off) is no conflict."""
+    import torch
+
+    from ep_runtime.cli import demo_capacity_conflicts, demo_plan, main
+    monkeypatch.delenv("EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", raising=False)
+    monkeypatch.setenv("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", "0")
+    assert demo_capacity_conflicts(demo_plan("torch", torch.device("cpu"), 48), 48) == []
+    monkeypatch.setenv("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", "4")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--runner", "torch", "--tokens", "48"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err == (
+        "ep-runtime demo: error: --tokens 48: above EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS=4, which sizes "
+        "mori's prealloc_max_recv_tokens; allowed: --tokens at most 4, or set "
+        "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS to at least 48 (or to 0: mori's receive rows are then "
+        "max_dispatch_tokens_per_rank x R)"), err
+
+
 def test_help_states_every_options_default():
     """Every option of `ep-runtime demo|env|bench --help` that takes a value says its default (switches are off
     unless given)."""

@@ -212,3 +212,20 @@ def test_command_lines_use_flags_that_exist(page, capsys):
             wrong.append(f"{page.name}:{line}: ep-runtime {command} {' '.join(args)}: "
                          f"{capsys.readouterr().err.strip().splitlines()[-1]}")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("section,output", [("deepep_normal (throughput)", "deepep_normal.DeepEPNormalDispatchOutput"),
+                                            ("deepep_ll (low latency)", "deepep_ll.DeepEPLLDispatchOutput"),
+                                            ("mori", "mori.MoriDispatchOutput")])
+def test_format_tables_list_every_field_of_the_dispatch_output(section, output):
+    """docs/formats.md's table of each exchange format names exactly the fields its dispatch output has (mori's
+    lacked num_runner_rows, the rows its runner is handed, and handle)."""
+    import dataclasses
+
+    module, _, name = output.partition(".")
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(f"ep_runtime.dispatchers.{module}"),
+                                                         name))}
+    page = (REPO / "docs" / "formats.md").read_text()
+    body = page.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", body, re.M))
+    assert listed == fields, (sorted(fields - listed), sorted(listed - fields))

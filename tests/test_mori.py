@@ -173,28 +173,30 @@ def test_static_must_be_none_or_a_bool(static):
         ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), static=static)
 
 
-def _unknown_option_rank(rank, world_size, async_op):
-    """Rank 0 passes a per-call option mori does not take (deepep_normal's handle=); rank 1 dispatches as usual."""
+def _unknown_option_rank(rank, world_size, async_op, with_topk):
+    """Rank 0 passes a per-call option mori does not take (deepep_normal's handle=), with topk or, as DeepEP's
+    cached dispatch, without it; rank 1 dispatches as usual."""
     d = ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), max_dispatch_tokens_per_rank=8)
     gen = torch.Generator().manual_seed(rank)
     x, topk = torch.randn(5, 16, generator=gen), ep.TopKOutput(torch.randint(0, 8, (5, 2), generator=gen),
                                                                torch.rand(5, 2, generator=gen))
     handle = d.dispatch(x, topk).handle
-    options = {"handle": handle} if rank == 0 else {}
+    args, options = ((x, topk) if with_topk or rank else (x,)), ({"handle": handle} if rank == 0 else {})
     try:
         if async_op:
-            d.dispatch(x, topk, async_op=True, **options)[1].wait()
+            d.dispatch(*args, async_op=True, **options)[1].wait()
         else:
-            d.dispatch(x, topk, **options)
+            d.dispatch(*args, **options)
     except TypeError as err:
         return str(err)
     return "dispatched"
 
 
-@pytest.mark.parametrize("async_op", [False, True])
-def test_an_option_mori_does_not_take_fails_every_rank_at_once(async_op):
-    # raised by _dispatch, rank 0's TypeError left rank 1 in the count table's all_gather until the timeout
-    got = run_ranks(_unknown_option_rank, 2, async_op, timeout=60, group_timeout=60)
+@pytest.mark.parametrize("async_op,with_topk", [(False, True), (True, True), (False, False)])
+def test_an_option_mori_does_not_take_fails_every_rank_at_once(async_op, with_topk):
+    # raised by _dispatch, rank 0's TypeError left rank 1 in the count table's all_gather until the timeout; and
+    # d.dispatch(x, handle=h) raised Python's "missing 1 required positional argument: 'topk'" before any check
+    got = run_ranks(_unknown_option_rank, 2, async_op, with_topk, timeout=60, group_timeout=60)
     assert got == ["mori dispatch got handle=ExchangeHandle; allowed per-call options: none (besides async_op, "
                    "return_recv_hook, previous_event)",
                    "mori dispatch: rank 0 of 2 was given bad input (its own error names the argument); no token was sent"]
