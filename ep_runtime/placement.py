@@ -275,7 +275,8 @@ class ExpertPlacement:
         return _table(self, "local_mask", _device(device))
 
     def global_mask(self, device=None) -> torch.Tensor:
-        """[E] bool: 1 for this rank's experts (the mori format's mask; not a range when non-contiguous)."""
+        """[P] bool, one per physical slot (P = E without redundant experts): 1 for this rank's slots (the view of
+        the mori format's global ids as a mask; not a range when non-contiguous)."""
         return _table(self, "global_mask", _device(device))
 
     # ------------------------------------------------------------------ elementwise lookups
