@@ -386,6 +386,16 @@ def test_bad_scales_raise_naming_the_argument(case, match):
         layer.load_experts(*weights, **args)
 
 
+def _small_fp8_case(T: int, seed: int):
+    """((E, K, H, I) = (4, 2, 256, 128), _fp8_checkpoint's six tensors, T bf16 tokens, ids with -1 among them,
+    weights): a layer-sized fp8 problem for the tests of loading and casting."""
+    E, K, H, I = 4, 2, 256, 128
+    checkpoint = _fp8_checkpoint(E, H, I)
+    gen = _seeded(seed)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    return (E, K, H, I), checkpoint, x, torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+
+
 def test_state_dict_loads_into_a_layer_built_alike():
     """A layer quantized on load (load_experts(quantize="fp8_block")) saves fp8 experts and their
     scales; its state_dict loads into a layer built with the same arguments, which takes the fp8
@@ -393,11 +403,7 @@ def test_state_dict_loads_into_a_layer_built_alike():
     fp8 values, cast as numbers, into the bf16 experts; strict=False computed with them, no error). A
     float state_dict loads into an fp8 layer quantized with its config (it was cast to fp8 under the
     old scales). An expert matrix a strict=False state_dict does not hold keeps its values, quantized."""
-    E, K, H, I, T = 4, 2, 256, 128, 6
-    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
-    gen = _seeded(17)
-    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
-    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(6, seed=17)
     saved = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
     saved.load_experts(w13, w2, quantize="fp8_block")
     for strict in (True, False):
@@ -810,11 +816,7 @@ def test_fp8_experts_cast_by_a_module_wide_to_dtype_load_again():
     experts again; load_experts copied the new fp8 values (or the quantized float ones) into the cast tensors,
     cast as numbers again, and the forward kept raising. It now stores them fp8 anew, with their scales in
     fp32, and the layer computes as one never cast."""
-    E, K, H, I, T = 4, 2, 256, 128, 5
-    w13, w2, q13, s13, q2, s2 = _fp8_checkpoint(E, H, I)
-    gen = _seeded(21)
-    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
-    ids, weights = torch.randint(-1, E, (T, K), generator=gen), torch.rand(T, K, generator=gen)
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(5, seed=21)
     want = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
     want.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
     with torch.no_grad():
