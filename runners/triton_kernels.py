@@ -1345,9 +1345,9 @@ def act_and_mul(h: torch.Tensor, intermediate_size: int, activation: str = "silu
 
 @fast_launch
 @triton.jit
-def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H: tl.constexpr, stride_o: tl.constexpr,
-                        stride_y: tl.constexpr, scale, stride_split,
-                        TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr,
+def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, pair_rows_ptr, N, H: tl.constexpr,
+                        stride_o: tl.constexpr, stride_y: tl.constexpr, scale, stride_split,
+                        TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPLITS: tl.constexpr, PAIR_ROWS: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     tokens = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -1358,7 +1358,10 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H: tl.constex
         pair = tokens * TOP_K + k
         keep = token_ok & (tl.load(computed_ptr + pair, mask=token_ok, other=0) != 0)
         # Rows of filtered pairs are never loaded: their contents are undefined.
-        row = o_ptr + pair[:, None] * stride_o + cols[None, :]
+        if PAIR_ROWS:  # o in another row order: the pair's row is pair_rows[pair]
+            row = o_ptr + tl.load(pair_rows_ptr + pair, mask=keep, other=0).to(tl.int64)[:, None] * stride_o + cols[None, :]
+        else:
+            row = o_ptr + pair[:, None] * stride_o + cols[None, :]
         v = tl.load(row, mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         split_row = row
         for s in tl.static_range(1, SPLITS):  # a split GEMM 2's partial sums, in split order
@@ -1372,33 +1375,41 @@ def _topk_reduce_kernel(o_ptr, weight_ptr, computed_ptr, y_ptr, N, H: tl.constex
 
 
 def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Optional[torch.Tensor],
-                scale: float, out_dtype: torch.dtype, interpreted: bool = False) -> torch.Tensor:
+                scale: float, out_dtype: torch.dtype, interpreted: bool = False,
+                pair_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """o [N*K, H] pair rows -> y [N, H] = scale * sum_k weights[t, k] * o[t*K + k] over computed pairs,
     accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones).
-    o [S, N*K, H]: a split GEMM 2's partial sums (GemmTiles.split_k), each pair's S rows added first, in order."""
-    return prepare_topk_reduce(o, top_k, weights is not None, scale, out_dtype, interpreted)(o, computed, weights)
+    o [S, N*K, H]: a split GEMM 2's partial sums (GemmTiles.split_k), each pair's S rows added first, in order.
+    pair_rows [N*K] int32: o holds pair p's row at o[pair_rows[p]] instead (any number of rows; the Gluon GEMM 2's
+    rows in sorted order, gather_sorted_rows' map), read for computed pairs only."""
+    num_pairs = computed.numel() if pair_rows is not None else None
+    return prepare_topk_reduce(o, top_k, weights is not None, scale, out_dtype, interpreted, num_pairs)(
+        o, computed, weights, pair_rows)
 
 
 def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: float, out_dtype: torch.dtype,
-                        interpreted: bool = False) -> Callable[..., torch.Tensor]:
-    """topk_reduce's launch for o of this shape, strides and dtype, made once: returns reduce(o, computed, weights)
-    -> y, for o of the same and weights given exactly when has_weights. The triton runner keeps it in a per-shape
-    plan."""
+                        interpreted: bool = False, num_pairs: Optional[int] = None) -> Callable[..., torch.Tensor]:
+    """topk_reduce's launch for o of this shape, strides and dtype, made once: returns reduce(o, computed, weights,
+    pair_rows=None) -> y, for o of the same and weights given exactly when has_weights. num_pairs: o's rows are
+    found through a pair_rows map of that many pairs (always given then), not o's row count. The triton runner
+    keeps it in a per-shape plan."""
     splits = o.shape[0] if o.dim() == 3 else 1
     P, H = o.shape[-2:]
+    P = P if num_pairs is None else num_pairs
     N = P // top_k
     device = o.device
     if N == 0:
-        return lambda o, computed, weights: torch.empty(N, H, dtype=out_dtype, device=device)
+        return lambda o, computed, weights, pair_rows=None: torch.empty(N, H, dtype=out_dtype, device=device)
     block_rows, block = _reduce_blocks(N, H, interpreted)
     # y [N, H] is contiguous: its row stride is H
     sizes = (N, H, o.stride(-2), H, float(scale), o.stride(0) if splits > 1 else 0)
-    kernel = bind(_topk_reduce_kernel, (cdiv(N, block_rows), cdiv(H, block)), *(SLOT,) * 4, *sizes, TOP_K=top_k,
-                  HAS_WEIGHT=has_weights, SPLITS=splits, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=4)
+    kernel = bind(_topk_reduce_kernel, (cdiv(N, block_rows), cdiv(H, block)), *(SLOT,) * 5, *sizes, TOP_K=top_k,
+                  HAS_WEIGHT=has_weights, SPLITS=splits, PAIR_ROWS=num_pairs is not None, BLOCK_ROWS=block_rows,
+                  BLOCK=block, num_warps=4)
 
-    def reduce(o, computed, weights):
+    def reduce(o, computed, weights, pair_rows=None):
         y = torch.empty(N, H, dtype=out_dtype, device=device)
-        kernel(o, weights if has_weights else o, computed, y)
+        kernel(o, weights if has_weights else o, computed, y, computed if pair_rows is None else pair_rows)
         return y
     return reduce
 
@@ -1406,7 +1417,7 @@ def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: f
 @fast_launch
 @triton.jit
 def _gather_sorted_rows_kernel(src_ptr, src_scale_ptr, sorted_pair_ids_ptr, used_blocks_ptr, out_ptr, out_scale_ptr,
-                               num_pairs, H, G, stride_src, stride_src_scale, stride_out, stride_out_scale,
+                               pair_rows_ptr, num_pairs, H, G, stride_src, stride_src_scale, stride_out, stride_out_scale,
                                TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                                BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
     first = tl.program_id(0) * BLOCK_ROWS
@@ -1416,6 +1427,7 @@ def _gather_sorted_rows_kernel(src_ptr, src_scale_ptr, sorted_pair_ids_ptr, used
         pair = tl.load(sorted_pair_ids_ptr + rows, mask=rows < used_rows, other=num_pairs)
         ok = pair < num_pairs
         token = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
+        tl.store(pair_rows_ptr + pair, rows, mask=ok)
         out_rows = rows.to(tl.int64)
         for c0 in range(0, H, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
@@ -1429,13 +1441,16 @@ def _gather_sorted_rows_kernel(src_ptr, src_scale_ptr, sorted_pair_ids_ptr, used
 
 
 def gather_sorted_rows(src: torch.Tensor, src_scale: torch.Tensor, aligned: AlignedPairs, top_k: int,
-                       out: torch.Tensor, out_scale: torch.Tensor, interpreted: bool = False) -> None:
+                       out: torch.Tensor, out_scale: torch.Tensor, pair_rows: torch.Tensor,
+                       interpreted: bool = False) -> None:
     """out[m] = src[sorted_pair_ids[m] // top_k] and out_scale[m] = src_scale[...] likewise, for the sorted rows
     m of the used blocks (aligned.used_blocks, read on the device) that hold a pair: GEMM 1's input rows in
     expert order, for a GEMM that loads them a block at a time (TMA has no row gather). src [N, H] (1-byte
     values: fp8 rows, viewed as bytes here), src_scale [N, G] fp32; out [S, H] and out_scale [S, G] (S =
     sorted_pair_ids.numel()), rows unit-strided. Padding rows and blocks past the used ones are not written:
-    only traffic for the pairs computed, whatever the padding (a receive buffer's, other ranks' slots)."""
+    only traffic for the pairs computed, whatever the padding (a receive buffer's, other ranks' slots).
+    pair_rows [num_pairs] int32: pair_rows[sorted_pair_ids[m]] = m, the inverse map (topk_reduce reads GEMM 2's
+    rows in sorted order through it); entries of pairs not computed are not written."""
     H, G = src.shape[1], src_scale.shape[1]
     S = aligned.sorted_pair_ids.numel()
     if S == 0:
@@ -1444,6 +1459,7 @@ def gather_sorted_rows(src: torch.Tensor, src_scale: torch.Tensor, aligned: Alig
     block_rows, block = _row_blocks(H, interpreted)
     block_rows = min(block_rows, aligned.block_m)
     _gather_sorted_rows_kernel[(cdiv(S, block_rows), )](
-        src_bytes, src_scale, aligned.sorted_pair_ids, aligned.used_blocks, out_bytes, out_scale, aligned.num_pairs,
+        src_bytes, src_scale, aligned.sorted_pair_ids, aligned.used_blocks, out_bytes, out_scale, pair_rows,
+        aligned.num_pairs,
         H, G, src_bytes.stride(0), src_scale.stride(0), out_bytes.stride(0), out_scale.stride(0), TOP_K=top_k,
         BLOCK_M=aligned.block_m, BLOCK_ROWS=block_rows, BLOCK=block, BLOCK_G=next_power_of_2(G), num_warps=4)

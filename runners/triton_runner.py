@@ -305,10 +305,11 @@ def _gluon_unsupported(weights: ExpertWeights, config: MoeConfig, x: torch.Tenso
 def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
                        x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
     """fused_forward's fp8 step on the Gluon GEMMs (runners/gluon_kernels.py), where _fp8_gemm takes them:
-    align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order -> GEMM 1
-    with the activation and its fp8 quantization in the epilogue -> GEMM 2 (rows stored by pair) -> weighted
-    top-k reduction. Scratch, kept per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8,
-    o [P, H] bf16 (whatever x's dtype); S the sorted rows (BLOCK_M 128 blocks)."""
+    align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order (and each
+    pair's sorted row noted) -> GEMM 1 with the activation and its fp8 quantization in the epilogue -> GEMM 2
+    (rows in sorted order) -> weighted top-k reduction, reading each pair's row through that map. Scratch, kept
+    per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8, o [S, H] bf16 (whatever x's
+    dtype), pair_rows [P] int32; S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
     P, device, out_dtype = N * K, x.device, inp.output_dtype
@@ -321,20 +322,21 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
                 torch.empty(S, quant.num_groups(H), dtype=torch.float32, device=device),
                 torch.empty(S, I, dtype=quant.dtype, device=device),
                 torch.empty(S, quant.num_groups(I), dtype=torch.float32, device=device),
-                torch.empty(P, H, dtype=torch.bfloat16, device=device))
+                torch.empty(S, H, dtype=torch.bfloat16, device=device), torch.empty(P, dtype=torch.int32, device=device))
 
-    aligned, a1, s1, a2, s2, o = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
+    aligned, a1, s1, a2, s2, o, pair_rows = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
     kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
                         quantize=to_quantize)
     if P:
         # Row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding rows keep whatever the scratch held (row by
-        # row, only their own results see it, and GEMM 2 stores none of them), nor are blocks past the used ones
-        # written or read.
-        kernels.gather_sorted_rows(x, x_scale, aligned, K, a1, s1)
+        # row, only their own results see it, and the reduction reads none of them), nor are blocks past the
+        # used ones written or read.
+        kernels.gather_sorted_rows(x, x_scale, aligned, K, a1, s1, pair_rows)
         gluon_kernels.gemm_act_quant(a1, s1, weights.w13, weights.w13_scale_inv, a2, s2, aligned, config, quant)
-        gluon_kernels.gemm_by_pair(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned)
+        gluon_kernels.gemm_sorted(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned)
     weight = inp.topk_weights.float().contiguous()
-    return kernels.topk_reduce(o, aligned.computed, K, weight, config.routed_scaling_factor, out_dtype)
+    return kernels.topk_reduce(o, aligned.computed, K, weight, config.routed_scaling_factor, out_dtype,
+                               pair_rows=pair_rows)
 
 
 def _scratch(P: int, L: int, block_m: int, H: int, I: int, out_dtype: torch.dtype, quant: Optional[QuantConfig],

@@ -175,10 +175,10 @@ def _compile_gluon(compiled: list, compile_only) -> None:
                                      torch.empty(S, I // 128), aligned, config, quant)
         print(f"gluon gemm1 {name:<20} {_describe(compiled[-1])}", flush=True)
     for H, I in ((H, I), (2048, 768)):  # 768: a K tail of two steps after the groups of GROUP_STEPS (Qwen3-30B-A3B)
-        gluon_kernels.gemm_by_pair(torch.empty(S, I, dtype=f8), torch.empty(S, I // 128),
-                                   torch.empty(L, H, I, dtype=f8), torch.empty(L, H // 128, I // 128),
-                                   torch.empty(T * K, H, dtype=torch.bfloat16), aligned)
-        print(f"gluon gemm2 {f'by pair, K={I}':<20} {_describe(compiled[-1])}", flush=True)
+        gluon_kernels.gemm_sorted(torch.empty(S, I, dtype=f8), torch.empty(S, I // 128),
+                                  torch.empty(L, H, I, dtype=f8), torch.empty(L, H // 128, I // 128),
+                                  torch.empty(S, H, dtype=torch.bfloat16), aligned)
+        print(f"gluon gemm2 {f'sorted, K={I}':<20} {_describe(compiled[-1])}", flush=True)
 
 
 def _compile_others(compiled: list) -> None:

@@ -99,11 +99,11 @@ def main(argv=None) -> int:
         # The Gluon GEMMs alone: the step's scratch as the last gluon call left it.
         os.environ["EP_RUNTIME_TRITON_FP8_GEMM"] = "gluon"
         step()
-        aligned, a1, sa1, a2, sa2, o = next(buffers for key, (buffers, _) in SCRATCH._entries.items()
+        aligned, a1, sa1, a2, sa2, o, _ = next(buffers for key, (buffers, _) in SCRATCH._entries.items()
                                             if key[0][:2] == ("gluon fp8", pairs))
         config = ep.MoeConfig(L * 8, K, H, I)
         gemm1 = lambda: gluon_kernels.gemm_act_quant(a1, sa1, w13, s13, a2, sa2, aligned, config, quant)  # noqa: E731
-        gemm2 = lambda: gluon_kernels.gemm_by_pair(a2, sa2, w2, s2, o, aligned)  # noqa: E731
+        gemm2 = lambda: gluon_kernels.gemm_sorted(a2, sa2, w2, s2, o, aligned)  # noqa: E731
         poison = lambda t: t.view(torch.uint8).fill_(255)  # noqa: E731 - NaN bytes: rows a variant skips show
         poison(a2)
         gemm1()

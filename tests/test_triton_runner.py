@@ -49,8 +49,10 @@ def _ids(gen, T, E, K, minus_one=0.2):
 def test_gather_sorted_rows_copies_each_computed_pairs_row_and_scales_and_nothing_else(block_m, T, K, L):
     """gather_sorted_rows (GEMM 1's input rows in expert order for the Gluon GEMMs): sorted row m of a used
     block holds token sorted_pair_ids[m] // K's bytes and scales, bit for bit; padding rows and blocks past the
-    used ones keep what they held (each GEMM reads only its own rows: no traffic for pairs never computed).
-    Slots -1 and a masked expert; (128, 5, 8, 32): a decode-sized step, most of 32 blocks unused."""
+    used ones keep what they held (each GEMM reads only its own rows: no traffic for pairs never computed);
+    pair_rows maps each computed pair to its sorted row (GEMM 2's rows in that order reach the reduction through
+    it) and leaves the other pairs' entries alone. Slots -1 and a masked expert; (128, 5, 8, 32): a decode-sized
+    step, most of 32 blocks unused."""
     gen = torch.Generator().manual_seed(T + L)
     H, G = 384, 3
     ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
@@ -63,10 +65,13 @@ def test_gather_sorted_rows_copies_each_computed_pairs_row_and_scales_and_nothin
     S = aligned.sorted_pair_ids.numel()
     out = torch.full((S, H), 0x5A, dtype=torch.uint8).view(torch.float8_e4m3fn)
     out_scale = torch.full((S, G), -7.0)
-    kernels.gather_sorted_rows(src, src_scale, aligned, K, out, out_scale, interpreted=True)
+    pair_rows = torch.full((T * K, ), -3, dtype=torch.int32)
+    kernels.gather_sorted_rows(src, src_scale, aligned, K, out, out_scale, pair_rows, interpreted=True)
     pairs = aligned.sorted_pair_ids.long()
     written = (pairs < T * K) & (torch.arange(S) < int(aligned.used_blocks) * block_m)
     assert int(written.sum()) == int(aligned.computed.sum())
+    assert torch.equal(pair_rows[pairs[written]].long(), torch.arange(S)[written])
+    assert bool((pair_rows[~aligned.computed] == -3).all())
     token = pairs[written] // K
     assert torch.equal(out.view(torch.uint8)[written], src.view(torch.uint8)[token])
     assert torch.equal(out_scale[written], src_scale[token])
@@ -405,6 +410,14 @@ def test_topk_reduce_is_weighted_slot_order_sum_and_skips_filtered_rows():
     assert torch.equal(y, kernels.topk_reduce(o, computed, K, w, 2.5, torch.float32, interpreted=False))
     assert kernels._reduce_blocks(1, 7168, False) == (1, 256)  # T=1, DeepSeek-V3: 28 programs, not 7
     assert kernels._reduce_blocks(4096, 7168, False) == kernels._row_blocks(7168, False)  # prefill: as they were
+    # o in another row order, more rows than pairs (the Gluon GEMM 2's sorted rows): pair p's row is o[pair_rows[p]];
+    # the rows no computed pair maps to are never read (NaN), nor are the map's entries of filtered pairs (-1)
+    order = torch.randperm(N * K + 7, generator=gen)[:N * K]
+    shuffled = torch.full((N * K + 7, H), float("nan"))
+    shuffled[order] = o
+    pair_rows = torch.where(computed, order, -1).to(torch.int32)
+    assert torch.equal(y, kernels.topk_reduce(shuffled, computed, K, w, 2.5, torch.float32, interpreted=True,
+                                              pair_rows=pair_rows))
 
 
 # ------------------------------------------------------------------------------------ functional API
