@@ -31,7 +31,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, NoReturn, Optional
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -500,15 +500,21 @@ def rank_name(group, rank: int, size: Optional[int] = None) -> str:
     return f"rank {rank}" + ("" if size is None else f" of {size}") + ("" if g == rank else f" (global rank {g})")
 
 
+def ranks_name(group, ranks: Sequence[int], size: Optional[int] = None) -> str:
+    """rank_name for several ranks of `group`: 'ranks 0, 2' (size given: 'ranks 0, 2 of 3'), with their global
+    ranks where those differ ('ranks 0, 2 of 3 (global ranks 1, 3)'); one rank: rank_name's words."""
+    if len(ranks) == 1:
+        return rank_name(group, ranks[0], size)
+    named = f"ranks {', '.join(map(str, ranks))}" + ("" if size is None else f" of {size}")
+    global_ranks = [global_rank(group, r) for r in ranks]
+    return named if global_ranks == list(ranks) else f"{named} (global ranks {', '.join(map(str, global_ranks))})"
+
+
 def _peers(rank: int, size: int, group=None) -> str:
     """The rank(s) of `group` that did not answer, as far as a collective can tell: the other rank of a
     2-rank group; otherwise any of the others (neither gloo nor NCCL says which)."""
     others = [r for r in range(size) if r != rank]
-    if len(others) == 1:
-        return rank_name(group, others[0])
-    named = f"one or more of ranks {', '.join(map(str, others))}"
-    global_ranks = [global_rank(group, r) for r in others]
-    return named if global_ranks == others else f"{named} (global ranks {', '.join(map(str, global_ranks))})"
+    return ranks_name(group, others) if len(others) == 1 else f"one or more of {ranks_name(group, others)}"
 
 
 # What NCCL says once its communicator was aborted (by NCCL's watchdog, after the group's timeout).

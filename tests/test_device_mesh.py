@@ -188,3 +188,30 @@ def test_a_group_that_is_no_group_is_named():
             r"group=('ep'|5|\[0, 1\]); allowed: None \(the default group\), a torch.distributed ProcessGroup, or a "
             r"1-D DeviceMesh such as mesh\['ep'\]", m) for m in messages), messages
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _several_ranks_named_rank(rank, world_size):
+    """An ep group of global ranks [1, 2, 3] (rank 0 outside it); two of its ranks dispatch an x of the wrong
+    hidden size, and two of its ranks claim one GPU (the NVLink transport's verdict, computed alike on every rank)."""
+    from ep_runtime.dispatchers import peer_transport
+    group = dist.new_group([1, 2, 3])
+    if rank == 0:
+        return None
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(6, 2, 16, 8), group=group)
+    g = dist.get_rank(group)
+    try:
+        d.dispatch(torch.randn(3, 15 if g in (0, 2) else 16), ep.TopKOutput(torch.tensor([[0, 5]] * 3), torch.rand(3, 2)))
+    except ValueError as err:
+        message = str(err)
+    one_gpu = peer_transport.shared_gpu([("node0", 0, "GPU-a"), ("node0", 1, "GPU-b"), ("node0", 0, "GPU-a")], group)
+    return message, one_gpu
+
+
+def test_messages_naming_several_ranks_of_a_subgroup_give_their_global_ranks():
+    """Several ranks named at once: 'ranks 0, 2 of 3 were given bad input' named the group's ranks only, while
+    one rank gets 'rank 1 of 3 (global rank 2)' (docs/api.md: messages add the global ranks where they differ)."""
+    results = run_ranks(_several_ranks_named_rank, WORLD, timeout=60)
+    assert results[0] is None
+    assert results[2][0] == ("deepep_normal dispatch: ranks 0, 2 of 3 (global ranks 1, 3) were given bad input (their "
+                             "own errors name the arguments); no token was sent"), results[2][0]
+    assert all(r[1].startswith("ranks 0, 2 (global ranks 1, 3) share one GPU (GPU-a)") for r in results[1:]), results
