@@ -544,19 +544,25 @@ def raise_peer_failure(dispatcher, operation: str, exc: RuntimeError) -> NoRetur
     rank, size, group = dispatcher.rank, dispatcher.world_size, getattr(dispatcher, "group", None)
     peers = _peers(rank, size, group)
     knob = envs.PREFIX + "TIMEOUT_S"
+    # A subgroup (new_group, a DeviceMesh dimension) keeps the timeout torch gave it when it was made (without
+    # timeout=: torch's default, 30 min on gloo), which neither the knob nor init_distributed sets.
+    subgroup = _group_key(group) != "WORLD"
     if aborted:
         what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
                 f"after a collective failed or outlived the group's timeout ({knob} + "
                 f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
                 f"that rank stalled, died, or took a different code path")
     elif gone:
+        limit = "the subgroup's timeout" if subgroup else knob
         what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
-                f"a rank that stalls instead is given up on after {knob}")
+                f"a rank that stalls instead is given up on after {limit}")
     else:
         waited = _WAITED_MS.search(text)
         limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
-        what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
-                f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
+        setting = (f"set it with {knob} or init_distributed(timeout_s=...)" if not subgroup else
+                   "a subgroup's own, given when it is made: dist.new_group(ranks, timeout=...)")
+        what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; {setting}); "
+                f"that rank stalled, died, or took a different code path")
     first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     raise PeerFailure(f"{dispatcher.name} {operation} on {rank_name(group, rank, size)} {what}. Backend error: "
                       f"{first_line}") from exc

@@ -112,6 +112,10 @@ def test_layers_on_ep_subgroups_match_the_reference():
     assert results[1][2].startswith("mori dispatch on rank 1 of 2 waited in vain for rank 0: "), results[1][2]
     assert results[3][2].startswith("mori dispatch on rank 1 of 2 (global rank 3) waited in vain for rank 0 (global "
                                     "rank 2): "), results[3][2]
+    # the timeout that ran out is the subgroup's own (torch's default unless new_group got timeout=), which
+    # EP_RUNTIME_TIMEOUT_S does not set: the message said to set it with that knob
+    for _, _, message in results:
+        assert "(3 s; a subgroup's own, given when it is made: dist.new_group(ranks, timeout=...))" in message, message
 
 
 def _dp_x_ep_recipe_rank(rank, world_size):
