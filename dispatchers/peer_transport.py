@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime import envs
-from ep_runtime.distributed import PeerFailure, abort_group, rank_name, record_failure, timeout_s
+from ep_runtime.distributed import PeerFailure, abort_group, rank_name, ranks_name, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
 from ep_runtime.triton_launch import fast_launch, next_power_of_2
 from ep_runtime.validation import capturing
@@ -690,15 +690,16 @@ def _interpreting() -> bool:
     return envs.launcher("TRITON_INTERPRET") == "1"
 
 
-def shared_gpu(every: list) -> Optional[str]:
+def shared_gpu(every: list, group=None) -> Optional[str]:
     """Why ranks sharing one GPU cannot take the NVLink transport (None: one GPU per rank). every: each
-    rank's (host, device index, GPU uuid). Symmetric memory maps one allocation per GPU; two ranks on one
-    GPU make its rendezvous fail deep inside torch."""
+    rank's (host, device index, GPU uuid), in rank order of `group` (named with their global ranks where
+    those differ). Symmetric memory maps one allocation per GPU; two ranks on one GPU make its rendezvous
+    fail deep inside torch."""
     seen: dict = {}
     for rank, (host, _, gpu) in enumerate(every):
         first = seen.setdefault((host, gpu), rank)
         if first != rank:
-            return f"ranks {first} and {rank} share one GPU ({gpu}); the NVLink transport needs one GPU per rank"
+            return f"{ranks_name(group, [first, rank])} share one GPU ({gpu}); the NVLink transport needs one GPU per rank"
     return None
 
 
@@ -718,7 +719,7 @@ def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[
     hosts = sorted({host for host, _, _ in every})
     if len(hosts) > 1:
         return f"the group spans {len(hosts)} hosts ({', '.join(hosts)})", None
-    shared = shared_gpu(every)
+    shared = shared_gpu(every, group)
     if shared is not None:
         return shared, None
     missing = [r for r, (_, other, _) in enumerate(every) if other != index
@@ -728,12 +729,13 @@ def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[
         dist.all_gather_object(verdicts, missing, group=group)
     for rank, unreachable in enumerate(verdicts):
         if unreachable:
-            return f"rank {rank}'s GPU has no peer access to rank {unreachable[0]}'s GPU", None
+            return (f"the GPU of {rank_name(group, rank)} has no peer access to the GPU of "
+                    f"{rank_name(group, unreachable[0])}"), None
     # each process seeing only its own GPU (CUDA_VISIBLE_DEVICES per rank): peer access unchecked (decided
     # from `every`, the same list on every rank, so every rank gives the same answer)
     hidden = [(a, b) for a in range(world_size) for b in range(a) if every[a][1] == every[b][1]
               and every[a][2] != every[b][2]]
     if hidden:
-        return None, (f"ranks {hidden[0][1]} and {hidden[0][0]} see different GPUs under one device index, so their "
+        return None, (f"{ranks_name(group, hidden[0][::-1])} see different GPUs under one device index, so their "
                       f"peer access cannot be checked")
     return None, None

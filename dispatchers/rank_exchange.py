@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ep_runtime import envs
-from ep_runtime.distributed import rank_name, wait_on_device
+from ep_runtime.distributed import rank_name, ranks_name, wait_on_device
 from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import grad_leaf, needs_grad, untraced
@@ -306,7 +306,7 @@ class RankExchange:
         self._send_ranks: dict = {}  # (chunk, device) -> send_rank of a by-token static plan, made once
         self._deferred = DeferredChecks(
             self._check_deferred, "the count table of a static-plan call on this exchange",
-            f"rank {self.rank}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} or "
+            f"{rank_name(group, self.rank)}'s topk_ids/topk_weights were invalid (ids outside -1..{self.num_experts - 1} or "
             f"non-finite weights) and have been overwritten since, so the value cannot be named", self._wait_deferred)
         self.sync_checks = envs.get("SYNC_CHECKS")
         self.transport, self.num_sms = transport, num_sms  # the kernel path's (see peer_transport)
@@ -765,10 +765,9 @@ class RankExchange:
             refused = [r for r in bad if host[r][0] < 0]
             if refused:
                 kind = -1 - host[refused[0]][0]
-                ranks = (f"{rank_name(self.group, refused[0], self.world_size)} was given bad input (its own error "
-                         f"names the argument)" if len(refused) == 1 else
-                         f"ranks {', '.join(map(str, refused))} of {self.world_size} were given bad input (their own "
-                         f"errors name the arguments)")
+                one = len(refused) == 1
+                ranks = (f"{ranks_name(self.group, refused, self.world_size)} {'was' if one else 'were'} given bad input "
+                         f"({'its own error names the argument' if one else 'their own errors name the arguments'})")
                 raise BAD_INPUT_TYPES[kind](f"{self.name} dispatch: {ranks}; no token was sent")
             raise ValueError(f"{rank_name(self.group, bad[0])} got invalid topk_ids or topk_weights (ids outside -1..{self.num_experts - 1}"
                              f"{', a repeated expert' if distinct else ''} or non-finite weights; its own error names "

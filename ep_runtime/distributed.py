@@ -31,7 +31,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, NoReturn, Optional
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -500,15 +500,21 @@ def rank_name(group, rank: int, size: Optional[int] = None) -> str:
     return f"rank {rank}" + ("" if size is None else f" of {size}") + ("" if g == rank else f" (global rank {g})")
 
 
+def ranks_name(group, ranks: Sequence[int], size: Optional[int] = None) -> str:
+    """rank_name for several ranks of `group`: 'ranks 0, 2' (size given: 'ranks 0, 2 of 3'), with their global
+    ranks where those differ ('ranks 0, 2 of 3 (global ranks 1, 3)'); one rank: rank_name's words."""
+    if len(ranks) == 1:
+        return rank_name(group, ranks[0], size)
+    named = f"ranks {', '.join(map(str, ranks))}" + ("" if size is None else f" of {size}")
+    global_ranks = [global_rank(group, r) for r in ranks]
+    return named if global_ranks == list(ranks) else f"{named} (global ranks {', '.join(map(str, global_ranks))})"
+
+
 def _peers(rank: int, size: int, group=None) -> str:
     """The rank(s) of `group` that did not answer, as far as a collective can tell: the other rank of a
     2-rank group; otherwise any of the others (neither gloo nor NCCL says which)."""
     others = [r for r in range(size) if r != rank]
-    if len(others) == 1:
-        return rank_name(group, others[0])
-    named = f"one or more of ranks {', '.join(map(str, others))}"
-    global_ranks = [global_rank(group, r) for r in others]
-    return named if global_ranks == others else f"{named} (global ranks {', '.join(map(str, global_ranks))})"
+    return ranks_name(group, others) if len(others) == 1 else f"one or more of {ranks_name(group, others)}"
 
 
 # What NCCL says once its communicator was aborted (by NCCL's watchdog, after the group's timeout).
@@ -538,19 +544,25 @@ def raise_peer_failure(dispatcher, operation: str, exc: RuntimeError) -> NoRetur
     rank, size, group = dispatcher.rank, dispatcher.world_size, getattr(dispatcher, "group", None)
     peers = _peers(rank, size, group)
     knob = envs.PREFIX + "TIMEOUT_S"
+    # A subgroup (new_group, a DeviceMesh dimension) keeps the timeout torch gave it when it was made (without
+    # timeout=: torch's default, 30 min on gloo), which neither the knob nor init_distributed sets.
+    subgroup = _group_key(group) != "WORLD"
     if aborted:
         what = (f"waited in vain for {peers}: the group's NCCL communicator was aborted by NCCL's watchdog, "
                 f"after a collective failed or outlived the group's timeout ({knob} + "
                 f"{NCCL_WATCHDOG_MARGIN_S:g} s) in a wait outside ep-runtime (e.g. a read of an earlier output); "
                 f"that rank stalled, died, or took a different code path")
     elif gone:
+        limit = "the subgroup's timeout" if subgroup else knob
         what = (f"lost its connection to {peers}: that rank's process ended (see its own error first); "
-                f"a rank that stalls instead is given up on after {knob}")
+                f"a rank that stalls instead is given up on after {limit}")
     else:
         waited = _WAITED_MS.search(text)
         limit = f"{int(waited.group(1)) / 1000:g} s" if waited else f"{envs.get('TIMEOUT_S'):g} s by default"
-        what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; set it with {knob} "
-                f"or init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path")
+        setting = (f"set it with {knob} or init_distributed(timeout_s=...)" if not subgroup else
+                   "a subgroup's own, given when it is made: dist.new_group(ranks, timeout=...)")
+        what = (f"waited in vain for {peers}: no answer within the group's timeout ({limit}; {setting}); "
+                f"that rank stalled, died, or took a different code path")
     first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     raise PeerFailure(f"{dispatcher.name} {operation} on {rank_name(group, rank, size)} {what}. Backend error: "
                       f"{first_line}") from exc

@@ -102,8 +102,8 @@ _knob("NUM_SMS", int, 0,
       "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs (at most the GPU's SMs).",
       minimum=0, maximum=1024)
 _knob("HIERARCHICAL", str, "auto",
-      "Node-aware exchange for host-plan dispatches (deepep_normal, mori eager): a token crosses the network once "
-      "per destination node, then fans out inside it. auto: when the group spans several nodes and a node holds "
+      "Node-aware exchange for host-plan dispatches (deepep_normal without num_worst_tokens, mori not static): a "
+      "token crosses the network once per destination node, then fans out inside it. auto: when the group spans several nodes and a node holds "
       "several ranks; on: whenever the group spans several nodes (one node: flat, the same exchange in one stage); "
       "off (flat: once per destination rank).", choices=("auto", "on", "off"))
 _knob("RANKS_PER_NODE", int, 0,

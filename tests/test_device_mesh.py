@@ -112,6 +112,10 @@ def test_layers_on_ep_subgroups_match_the_reference():
     assert results[1][2].startswith("mori dispatch on rank 1 of 2 waited in vain for rank 0: "), results[1][2]
     assert results[3][2].startswith("mori dispatch on rank 1 of 2 (global rank 3) waited in vain for rank 0 (global "
                                     "rank 2): "), results[3][2]
+    # the timeout that ran out is the subgroup's own (torch's default unless new_group got timeout=), which
+    # EP_RUNTIME_TIMEOUT_S does not set: the message said to set it with that knob
+    for _, _, message in results:
+        assert "(3 s; a subgroup's own, given when it is made: dist.new_group(ranks, timeout=...))" in message, message
 
 
 def _dp_x_ep_recipe_rank(rank, world_size):
@@ -188,3 +192,30 @@ def test_a_group_that_is_no_group_is_named():
             r"group=('ep'|5|\[0, 1\]); allowed: None \(the default group\), a torch.distributed ProcessGroup, or a "
             r"1-D DeviceMesh such as mesh\['ep'\]", m) for m in messages), messages
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def _several_ranks_named_rank(rank, world_size):
+    """An ep group of global ranks [1, 2, 3] (rank 0 outside it); two of its ranks dispatch an x of the wrong
+    hidden size, and two of its ranks claim one GPU (the NVLink transport's verdict, computed alike on every rank)."""
+    from ep_runtime.dispatchers import peer_transport
+    group = dist.new_group([1, 2, 3])
+    if rank == 0:
+        return None
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(6, 2, 16, 8), group=group)
+    g = dist.get_rank(group)
+    try:
+        d.dispatch(torch.randn(3, 15 if g in (0, 2) else 16), ep.TopKOutput(torch.tensor([[0, 5]] * 3), torch.rand(3, 2)))
+    except ValueError as err:
+        message = str(err)
+    one_gpu = peer_transport.shared_gpu([("node0", 0, "GPU-a"), ("node0", 1, "GPU-b"), ("node0", 0, "GPU-a")], group)
+    return message, one_gpu
+
+
+def test_messages_naming_several_ranks_of_a_subgroup_give_their_global_ranks():
+    """Several ranks named at once: 'ranks 0, 2 of 3 were given bad input' named the group's ranks only, while
+    one rank gets 'rank 1 of 3 (global rank 2)' (docs/api.md: messages add the global ranks where they differ)."""
+    results = run_ranks(_several_ranks_named_rank, WORLD, timeout=60)
+    assert results[0] is None
+    assert results[2][0] == ("deepep_normal dispatch: ranks 0, 2 of 3 (global ranks 1, 3) were given bad input (their "
+                             "own errors name the arguments); no token was sent"), results[2][0]
+    assert all(r[1].startswith("ranks 0, 2 (global ranks 1, 3) share one GPU (GPU-a)") for r in results[1:]), results

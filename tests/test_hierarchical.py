@@ -12,7 +12,7 @@ import torch
 import ep_runtime as ep
 from ep_runtime.bench.cost_model import uniform_rows_per_token
 from ep_runtime.dispatchers.hierarchical import LinkBytes, LinkRows, NodeLayout, count_link_rows, use_two_stages
-from ep_runtime.testing import check_layer, host_syncs, make_problem, run_ranks, tolerance
+from ep_runtime.testing import check_layer, host_syncs, make_problem, random_topk_ids, run_ranks, tolerance
 
 # One rank sends nothing; ranks 1 and 2 do, so stage 2's arrival order (relay by relay) differs
 # from the flat order (source by source) and the receiver's reordering is exercised.
@@ -369,3 +369,47 @@ def test_node_aware_keeps_the_layouts_constants_across_dispatches():
         assert same and relays == [(False, True)] * 2
         assert kept == {"node_of", ("relays", rank), ("node_mask", rank), ("node_ranks", rank)}, kept  # node = rank
         assert reused
+
+
+def _half_combine_rank(rank, world_size, dtype_name):
+    """Flat and node-aware combine of the same half-precision partials (2 nodes x 2, K = 4 of 8, no -1
+    slots): the elementwise difference, and the documented bound for it, computed in float64 from each
+    (token, rank) partial as the owning rank makes it."""
+    dtype = getattr(torch, dtype_name)
+    cfg = ep.MoeConfig(8, 4, 64, 8)
+    gen = torch.Generator().manual_seed(10 + rank)
+    ids = random_topk_ids(gen, 32, 8, 4, world_size, minus_one_fraction=0.0)
+    x, w = torch.randn(32, 64, generator=gen).to(dtype), torch.rand(32, 4, generator=gen)
+    scale = torch.tensor([0.75, 1.5, -1.25, 2.0])
+
+    def partial(rows, weights, r):  # rank r's partial of rows whose weights on r's experts sum to `weights`
+        return (rows.float() * weights * scale[r]).to(dtype)
+
+    y = {}
+    for mode in ("off", "on"):
+        d = ep.dispatchers.create("deepep_normal", cfg, hierarchical=mode, ranks_per_node=2)
+        out = d.dispatch(x, ep.TopKOutput(ids, w))
+        y[mode] = d.combine(ep.CombineInput(partial(out.recv_x, out.recv_topk_weights.sum(1, keepdim=True), rank), out))
+    owner = d.placement.rank_of(ids)
+    node_sums = torch.zeros(2, 32, 64, dtype=torch.float64)
+    magnitude = torch.zeros(32, 64, dtype=torch.float64)
+    for r in range(world_size):
+        p = partial(x, (w * (owner == r)).sum(1, keepdim=True), r).double() * (owner == r).any(1, keepdim=True)
+        node_sums[r // 2] += p
+        magnitude += p.abs()
+    rho = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    flat, aware = y["off"].double(), y["on"].double()
+    bound = 2 * (world_size - 1) * U32 * magnitude + rho * node_sums.abs().sum(0) + 2 * rho * flat.abs()  # ulp(y)
+    one_node = (owner // 2 == owner[:, :1] // 2).all(1)
+    return (bool(((flat - aware).abs() <= bound).all()), torch.equal(flat[one_node], aware[one_node]),
+            int((flat != aware).sum()))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_node_aware_combine_of_half_partials_within_the_documented_bound(dtype_name):
+    """docs/multinode.md's bound for bf16/fp16 partials: the fp32 summation-order term, one rounding of each
+    node's sum, and one ulp of the output (each path rounds its fp32 sum to the partials' dtype once, and the
+    two sums may round to neighbouring values). Without the last term, which the page left out, about a third
+    of the differing elements were outside its bound."""
+    for within, one_node_equal, differing in run_ranks(_half_combine_rank, 4, dtype_name):
+        assert within and one_node_equal and differing > 0

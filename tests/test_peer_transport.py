@@ -423,11 +423,11 @@ def test_ranks_sharing_one_gpu_are_refused_the_nvlink_transport_by_name():
     the verdict names both ranks, so `auto` keeps the collective and `nvlink` raises that reason."""
     one_gpu = [("node0", 0, "GPU-a"), ("node0", 0, "GPU-a")]
     reason = pt.shared_gpu(one_gpu)
-    assert reason is not None and "ranks 0 and 1 share one GPU (GPU-a)" in reason
+    assert reason is not None and "ranks 0, 1 share one GPU (GPU-a)" in reason
     # one GPU per rank: under one device index each (CUDA_VISIBLE_DEVICES per rank) or several indices
     assert pt.shared_gpu([("node0", 0, "GPU-a"), ("node0", 0, "GPU-b"), ("node0", 1, "GPU-c")]) is None
     assert pt.shared_gpu([("node0", 0, "GPU-a"), ("node0", 1, "GPU-b"), ("node0", 1, "GPU-b")]).startswith(
-        "ranks 1 and 2")
+        "ranks 1, 2 share one GPU")
 
 
 def _nvlink_on_cpu_rank(rank, world_size, dispatcher):
