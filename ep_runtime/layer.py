@@ -1016,33 +1016,52 @@ class EPMoE(nn.Module):
     def _routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_module: nn.Module
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """routed_and_shared on checked tokens (_checked_tokens)."""
-        side = None
-        if x.is_cuda:
-            caller = torch.cuda.current_stream(x.device)
-            side = self._side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
-            side.wait_stream(caller)
-            with torch.cuda.stream(side):
-                shared = shared_module(x)
-            x.record_stream(side)
-        else:  # CPU ranks: before the dispatch is issued, as on CUDA. Run while the exchange thread moved the rows,
-            # a collective of theirs on the layer's group (an FSDP2-sharded shared expert's all-gather) paired with
-            # the exchange's in another order on each rank: gloo aborted the process, or the ranks hung.
-            shared = shared_module(x)
+        started = self._start_shared(shared_module, [x])
         (dispatch_output, work), physical = self._dispatch(x, topk, async_op=True)
         with self._naming_logical_ids(topk, physical), naming_peer_failures(self.dispatcher, "dispatch"):
             work.wait()  # (CPU ranks: the count table's errors are raised here)
         self._count_load(dispatch_output, physical)
         routed = self.experts_and_combine(dispatch_output)
+        return routed, self._finish_shared(started, [routed])[0]
+
+    def _start_shared(self, shared_module: nn.Module, xs: list) -> tuple:
+        """shared_module on each checked x of xs, before any of their dispatches is issued: on CUDA on the
+        layer's side stream (forked from the caller's: they run beside the exchanges, a host-planned dispatch's
+        count read included), on CPU ranks right away (run while the exchange thread moved rows, a collective of
+        theirs on the layer's group, an FSDP2-sharded shared expert's all-gather, paired with the exchange's in
+        another order on each rank: gloo aborted the process, or the ranks hung). Hand the result to
+        _finish_shared."""
+        side = caller = None
+        if xs and xs[0].is_cuda:
+            caller = torch.cuda.current_stream(xs[0].device)
+            side = self._side_streams.setdefault(xs[0].device, torch.cuda.Stream(xs[0].device))
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                shared = [shared_module(x) for x in xs]
+            for x in xs:
+                x.record_stream(side)
+        else:
+            shared = [shared_module(x) for x in xs]
+        return shared, side, caller, [tuple(x.shape) for x in xs]
+
+    @staticmethod
+    def _finish_shared(started: tuple, routed: list) -> list:
+        """_start_shared's outputs, joined to the caller's stream and checked against the routed outputs'
+        shapes; call it once the exchanges are complete on every rank, so a module of the wrong shape fails
+        each rank alike."""
+        shared, side, caller, shapes = started
         if side is not None:
             caller.wait_stream(side)
-            shared.record_stream(caller)
-        # here, once the exchange is complete on every rank: a module of the wrong shape fails each rank alike
-        if not isinstance(shared, torch.Tensor) or shared.shape != routed.shape:
-            got = f"shape {list(shared.shape)}" if isinstance(shared, torch.Tensor) else type(shared).__name__
-            raise ValueError(f"shared_experts returned {got} for x of shape {list(x.shape)}; allowed: a tensor of "
-                             f"x's shape (a module mapping [T, H] to [T, H]; another shape would broadcast against "
-                             f"the routed experts' output)")
-        return routed, shared
+            for t in shared:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(caller)
+        for out, y, shape in zip(shared, routed, shapes):
+            if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+                got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"shared_experts returned {got} for x of shape {list(shape)}; allowed: a tensor of "
+                                 f"x's shape (a module mapping [T, H] to [T, H]; another shape would broadcast "
+                                 f"against the routed experts' output)")
+        return shared
 
     def route(self, x, topk_ids, topk_weights, router_logits, correction_bias) -> TopKOutput:
         if router_logits is not None:

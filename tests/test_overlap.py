@@ -495,6 +495,39 @@ def test_shared_experts_run_during_dispatch_with_unchanged_result(dispatcher):
         assert err <= tolerance(torch.float32), err
 
 
+def _two_batch_shared_rank(rank, world_size, dispatcher):
+    """run_sequential / run_overlapped on a layer with shared experts give layer(x) for each micro-batch, bit
+    for bit, shared experts included (they returned the routed experts' output alone), and the float64
+    reference with the shared MLP added."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    E, K, H, I = 8, 2, 32, 16
+    torch.manual_seed(0)
+    shared = SharedMLP(H, 24)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    problem = make_problem(layer.config, [13, 19, 7, 11], seed=3, ep_size=world_size)
+    layer.load_experts(problem.w13.float(), problem.w2.float())
+    mine = (2 * rank, 2 * rank + 1)
+    batches = [(problem.xs[b].float(), ep.TopKOutput(problem.topk_ids[b], problem.topk_weights[b])) for b in mine]
+    with torch.no_grad():
+        forward = [layer(x, topk.topk_ids, topk.topk_weights) for x, topk in batches]
+        sequential, overlapped = run_sequential(layer, batches), run_overlapped(layer, batches)
+    errors = []
+    for b, y in zip(mine, overlapped):
+        x64 = problem.xs[b]
+        s64 = (shared.down.weight.double() @ torch.nn.functional.silu(shared.up.weight.double() @ x64.T)).T
+        errors.append(rel_err(y.double(), moe_reference(x64, problem.topk_ids[b], problem.topk_weights[b].double(),
+                                                        problem.w13, problem.w2, layer.config) + s64))
+    return all(map(torch.equal, forward, sequential)) and all(map(torch.equal, forward, overlapped)), max(errors)
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_two_batch_schedules_add_the_shared_experts_as_forward_does(dispatcher):
+    for same, err in run_ranks(_two_batch_shared_rank, 2, dispatcher, timeout=120):
+        assert same
+        assert err <= tolerance(torch.float32), err
+
+
 class _ScalarPerToken(torch.nn.Module):
     """A shared 'expert' of the wrong shape: [T, H] -> [T, 1] (a gate's logit, say)."""
     def __init__(self, hidden):

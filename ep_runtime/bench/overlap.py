@@ -86,10 +86,13 @@ def build_layer(num_experts: int, top_k: int, hidden_size: int, intermediate_siz
 
 def run_sequential(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[torch.Tensor]:
     """Each micro-batch (x [T, H], TopKOutput of the router's ids, as the layer's forward takes them)
-    through dispatch, experts and combine, one after the other. As in the layer's forward, the ids go to
-    the layer's physical slots (its copies of experts, after a rebalance) and the pairs are counted in
-    expert_load."""
-    return [layer._routed(x, topk) for x, topk in _checked(layer, batches)]
+    through dispatch, experts and combine, one after the other: layer(x, topk) each, the layer's shared
+    experts added as its forward adds them. As in the layer's forward, the ids go to the layer's physical
+    slots (its copies of experts, after a rebalance) and the pairs are counted in expert_load."""
+    if layer.shared_experts is None:
+        return [layer._routed(x, topk) for x, topk in _checked(layer, batches)]
+    return [routed + shared for routed, shared in (layer._routed_and_shared(x, topk, layer.shared_experts)
+                                                   for x, topk in _checked(layer, batches))]
 
 
 def _checked(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[tuple[torch.Tensor, Any]]:
@@ -123,7 +126,9 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
     """The same work, exchanges asynchronous: per micro-batch wait for its dispatch, queue its experts,
     then issue the next micro-batch's dispatch (its host work, e.g. a count-table read, runs while the
     device computes these experts, and its exchange overlaps them) and this one's combine (which
-    overlaps the next micro-batch's experts); wait for the combines last.
+    overlaps the next micro-batch's experts); wait for the combines last. The layer's shared experts (if
+    any) run on every micro-batch before the first dispatch is issued (on CUDA on the layer's side stream,
+    beside the exchanges: EPMoE._start_shared) and are added last, as run_sequential adds them.
 
     On CUDA an exchange is ordered after everything queued on its caller's current stream, so the next
     micro-batch's dispatch is issued from a stream that has waited for the inputs only: issued from the
@@ -140,6 +145,8 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
             _INPUTS_READY[device] = torch.cuda.Stream(device)
         inputs_ready = _INPUTS_READY[device]
         inputs_ready.wait_stream(caller)
+    shared = None if layer.shared_experts is None else layer._start_shared(layer.shared_experts,
+                                                                        [x for x, _ in batches])
     pending = layer._dispatch(*batches[0], async_op=True)  # ((output, work), the physical ids sent)
     combined = []
     for i in range(len(batches)):
@@ -163,7 +170,10 @@ def run_overlapped(layer, batches: Iterable[tuple[torch.Tensor, Any]]) -> list[t
         work.wait()
     if caller is not None:  # joins the side stream back (a CUDA-graph capture needs every fork joined)
         caller.wait_stream(inputs_ready)
-    return [y for y, _ in combined]
+    ys = [y for y, _ in combined]
+    if shared is None:
+        return ys
+    return [y + s for y, s in zip(ys, layer._finish_shared(shared, ys))]
 
 
 def overlap_suite(settings: Settings, group: Any, device: torch.device, progress: bool) -> Results:
