@@ -29,15 +29,18 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
                 optional: bool = False) -> Optional[int]:
     """A dispatcher's integer option: the argument, else its knob (EP_RUNTIME_<knob>), else None when
     optional; one error wording for every dispatcher, naming the argument, its value and the range (at most
-    envs.MAX_TOKENS: counts travel as int32)."""
+    the knob's own maximum, else envs.MAX_TOKENS: counts travel as int32; an argument was let past its knob's
+    maximum, num_sms=2**31-1 where EP_RUNTIME_NUM_SMS stops at 1024)."""
     if value is None and knob is not None:
         value = envs.get(knob)
     if value is None and optional:
         return None
-    if not is_int_at_least(value, minimum) or value > envs.MAX_TOKENS:
+    limit = envs.KNOBS[envs.PREFIX + knob].maximum if knob is not None else None
+    most = envs.MAX_TOKENS if limit is None else int(limit)
+    if not is_int_at_least(value, minimum) or value > most:
         none = "None or " if optional else ""
         also = f" (also settable as {envs.PREFIX}{knob})" if knob else ""
-        raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum} and <= {envs.MAX_TOKENS}{also}")
+        raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum} and <= {most}{also}")
     return int(value)
 
 

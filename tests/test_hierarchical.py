@@ -294,7 +294,10 @@ def test_cost_model_command_names_the_flag_it_cannot_model(args, message, capsys
 
 
 @pytest.mark.parametrize("options,message", [({"hierarchical": "yes"}, "hierarchical='yes'; allowed: 'auto', 'on', 'off'"),
-                                             ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0")])
+                                             ({"ranks_per_node": -1}, "ranks_per_node=-1; allowed: an int >= 0"),
+                                             # an argument holds to its knob's maximum (it let 2**31 - 1 pass)
+                                             ({"num_sms": 2000}, r"num_sms=2000; allowed: an int >= 0 and <= 1024 "
+                                                                 r"\(also settable as EP_RUNTIME_NUM_SMS\)")])
 def test_bad_options_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):
         ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
