@@ -563,6 +563,34 @@ def test_standard_layer_forward_makes_no_host_sync():
     assert rel_err(want, ref) <= tolerance(torch.bfloat16)
 
 
+def test_shared_experts_on_the_side_stream_equal_their_sum_one_after_the_other():
+    """On CUDA a layer's shared experts run on its side stream beside the dispatch, in the forward and in the
+    two-batch schedules: each equals the routed experts' output plus the shared MLP's, computed one after the
+    other on the caller's stream, bit for bit, and the float64 reference."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    up = torch.nn.Linear(H, 48, bias=False, device="cuda", dtype=torch.bfloat16)
+    down = torch.nn.Linear(48, H, bias=False, device="cuda", dtype=torch.bfloat16)
+    shared = torch.nn.Sequential(up, torch.nn.SiLU(), down)
+    layer = ep.EPMoE(E, K, H, INTER, dispatcher="standard", runner="torch", dtype=torch.bfloat16, device="cuda",
+                     shared_experts=shared)
+    plain = ep.EPMoE(E, K, H, INTER, dispatcher="standard", runner="torch", dtype=torch.bfloat16, device="cuda")
+    plain.load_experts(layer.w13.detach(), layer.w2.detach())
+    xs = [torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen) for T in (64, 37)]
+    routing = [_routing(x.shape[0], "cuda", 20 + i) for i, x in enumerate(xs)]
+    batches = [(x, ep.TopKOutput(ids, w)) for x, (ids, w) in zip(xs, routing)]
+    with torch.no_grad():
+        want = [plain(x, ids, w) + shared(x) for x, (ids, w) in zip(xs, routing)]
+        got = [layer(x, ids, w) for x, (ids, w) in zip(xs, routing)]
+        schedules = run_sequential(layer, batches) + run_overlapped(layer, batches)
+    assert all(map(torch.equal, got, want)) and all(map(torch.equal, schedules, want * 2))
+    for x, (ids, w), y in zip(xs, routing, got):
+        s64 = (down.weight.double() @ torch.nn.functional.silu(up.weight.double() @ x.double().T)).T
+        ref = moe_reference(x.double(), ids, w.double(), layer.w13.detach().double(), layer.w2.detach().double(),
+                            layer.config) + s64
+        assert rel_err(y, ref) <= tolerance(torch.bfloat16)
+
+
 @pytest.mark.parametrize("dispatcher,runner,tokens", [("standard", "triton", 65536), ("deepep_ll", "masked", 16384)])
 def test_rows_past_2_31_elements_equal_the_same_rows_in_chunks(dispatcher, runner, tokens):
     """DeepSeek-V3's EP 8 shard (32 experts, K=8, H=7168, I=2048) on enough tokens that the runner's
