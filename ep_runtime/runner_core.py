@@ -24,7 +24,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import QuantConfig, decode_scales, is_quantized_dtype
 from .registry import add_once
-from .validation import assert_on_device, capturing, check_topk, weights_dtype
+from .validation import assert_on_device, capturing, check_local_ids, check_topk, weights_dtype
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -105,8 +105,8 @@ class RunnerInput:
     """Token rows, the layout of every token-major format.
 
     hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
-    that -1 ids and other ranks' experts were rerouted to (with id_table set: the format's int32 or int64
-    ids, not mapped yet); topk_weights [N, K] fp32 (float64 for float64 rows);
+    that -1 ids and other ranks' experts were rerouted to (-1, no expert, is taken too; with id_table set:
+    the format's int32 or int64 ids, not mapped yet); topk_weights [N, K] fp32 (float64 for float64 rows);
     expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
     Quantized rows (an fp8 dispatch): hidden_states float8_e4m3fn, hidden_scale [N, ceil(H/128)] fp32
     (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
@@ -138,7 +138,8 @@ class RunnerInput:
 
     def check(self, hidden_size: int) -> None:
         """Raise naming the tensor whose shape or dtype does not fit: rows [N, hidden_size], ids (an integer dtype)
-        and weights [N, K], the mask [L+1] (RunnerBackend.run's check of an input made by hand; no host read).
+        and weights [N, K], the mask [L+1], mapped ids in -1..L (RunnerBackend.run's check of an input made by hand;
+        the ids' one host read on CPU, a device-side assert on CUDA, as ExpertMajorInput.check's counts).
         Backends read rows, ids and weights by pair n*K + k: of other shapes the triton runner's kernels read past x
         or the weights, or rows of another width, and returned a wrong result with no error."""
         x = self.hidden_states
@@ -149,6 +150,8 @@ class RunnerInput:
         if self.expert_mask.dim() != 1:
             raise ValueError(f"expert_mask has shape {list(self.expert_mask.shape)}; expected [L+1] (L local experts, "
                              f"then the sink)")
+        if self.id_table is None:  # (with one, reroute_to_sink sends every id outside the table to the sink)
+            check_local_ids(self.topk_ids, self.num_local_experts)
 
     @property
     def output_dtype(self) -> torch.dtype:

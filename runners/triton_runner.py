@@ -417,8 +417,9 @@ class _FusedExperts(torch.autograd.Function):
         *inputs, ids, mask = ctx.saved_tensors
 
         def recompute(x, topk_weights, w13, w2, b13, b2):
-            return TorchRunner(ctx.config, ctx.hooks).run(RunnerInput(x, ids, topk_weights, mask),
-                                                          ExpertWeights(w13, w2, b13, b2))
+            # (run_checked: the forward checked these; run() would check the ids again, a device assert per step)
+            return TorchRunner(ctx.config, ctx.hooks).run_checked(RunnerInput(x, ids, topk_weights, mask),
+                                                                  ExpertWeights(w13, w2, b13, b2))
 
         hooked = ctx.hooks.after_gemm1 is not None or ctx.hooks.after_gemm2 is not None
         grads = recompute_backward(recompute, inputs, ctx.needs_input_grad[:6], grad_y, into_every_leaf=hooked)

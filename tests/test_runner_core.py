@@ -287,6 +287,33 @@ def test_masked_m_outside_the_buffer_rows_is_named_not_clamped(runner, masked_m,
         assert rel_err(y[e], ref) <= 1e-5, e
 
 
+@pytest.mark.parametrize("bad_id,where", [(5, "[2, 1]"), (-2, "[2, 1]")])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_token_row_ids_outside_the_local_experts_are_named_by_every_backend(runner, bad_id, where):
+    """A RunnerInput made by hand takes mapped ids in -1..L (L the sink, -1 no expert). An id above L failed inside
+    the torch and masked runners' mask lookup (an IndexError naming neither) and was skipped by the triton kernels;
+    one below -1 was skipped by all three: a pair silently dropped. Ids -1..L still compute the reference."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(13)
+    N, K, L, H, I = 4, 2, 4, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5,
+                               torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    x, w = torch.randn(N, H, generator=gen), torch.rand(N, K, generator=gen)
+    ids = torch.tensor([[0, -1], [L, 3], [2, 1], [1, 1]], dtype=torch.int32)
+    mask = torch.tensor([True] * L + [False])
+    backend = ep.runners.create(runner, cfg)
+    y = backend.run(RunnerInput(x, ids, w, mask), weights)
+    kept = torch.where(ids == L, -1, ids)  # the sink adds nothing
+    assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, cfg)) <= 1e-5
+    bad = ids.clone()
+    bad[2, 1] = bad_id
+    with pytest.raises(ValueError, match=rf"topk_ids has id {bad_id} at {re.escape(where)}; allowed -1\.\.{L} "
+                                         rf"\(local expert indices, {L}: the sink; -1: no expert\)"):
+        backend.run(RunnerInput(x, bad, w, mask), weights)
+
+
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
     layer = _layer()
     x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed
