@@ -318,12 +318,16 @@ def check_row_scales(inp: Any, quant: Optional[QuantConfig]) -> None:
     """RunnerBackend.run's check of quantized rows made by hand (RunnerInput or ExpertMajorInput): fp8 rows
     come with hidden_scale [..., ceil(H / group)] (one per row and `group` channels: the experts' activation
     group, the default QuantConfig's for unquantized ones) fp32 or uint8 UE8M0 exponent bytes, and out_dtype
-    a float dtype; float rows take none. The kernels read the scales by row and group with no bound: fp8 rows without scales were
-    computed as numbers (scale 1), float rows beside scales had them applied, and scales of another shape
-    were read past their end or misread, all with no error."""
+    a float dtype; float rows take none, and return their own dtype (out_dtype None or theirs: another one was
+    refused naming the experts' dtype, or failed inside a matmul or a kernel). The kernels read the scales by row
+    and group with no bound: fp8 rows without scales were computed as numbers (scale 1), float rows beside scales
+    had them applied, and scales of another shape were read past their end or misread, all with no error."""
     x, scale = inp.hidden_states, inp.hidden_scale
     fp8 = is_quantized_dtype(x.dtype)
     if scale is None and not fp8:
+        if inp.out_dtype not in (None, x.dtype):
+            raise ValueError(f"out_dtype={inp.out_dtype} but hidden_states has dtype {x.dtype}; allowed: None or "
+                             f"{x.dtype} (float rows return their own dtype; out_dtype is fp8 rows' tokens' dtype)")
         return
     group = (quant or QuantConfig).activation_group  # (no QuantConfig built on the common path: float rows)
     if scale is None:

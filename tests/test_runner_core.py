@@ -314,6 +314,44 @@ def test_token_row_ids_outside_the_local_experts_are_named_by_every_backend(runn
         backend.run(RunnerInput(x, bad, w, mask), weights)
 
 
+@pytest.mark.parametrize("layout", ["token_rows", "expert_major"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_float_rows_with_another_out_dtype_are_named_by_every_backend(runner, layout):
+    """out_dtype is the tokens' dtype of fp8 rows; float rows return their own. fp32 rows made by hand with
+    out_dtype=bf16 were refused naming w13 (fp32 experts, as the rows, "allowed: torch.bfloat16"), and beside bf16
+    experts failed inside a matmul or the Triton interpreter ('Both operands must be same dtype'), naming neither.
+    out_dtype equal to the rows' dtype is taken, and equals the float64 reference."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(14)
+    N, K, L, H, I = 5, 2, 3, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    w13, w2 = torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(L, H, I, generator=gen) / I ** 0.5
+
+    def make(out_dtype):
+        if layout == "token_rows":
+            ids = torch.randint(0, L, (N, K), generator=gen, dtype=torch.int32)
+            return RunnerInput(torch.randn(N, H, generator=gen), ids, torch.rand(N, K, generator=gen),
+                               torch.tensor([True] * L + [False]), out_dtype=out_dtype)
+        return ExpertMajorInput(torch.randn(L, N, H, generator=gen), torch.tensor([N, 2, 0], dtype=torch.int32),
+                                out_dtype=out_dtype)
+
+    backend = ep.runners.create(runner, cfg)
+    inp = make(torch.float32)
+    y = backend.run(inp, ep.ExpertWeights(w13, w2))
+    if layout == "token_rows":
+        ref = moe_reference(inp.hidden_states, inp.topk_ids, inp.topk_weights, w13, w2, cfg)
+        assert rel_err(y, ref) <= 1e-5
+    else:
+        for e, m in enumerate(inp.masked_m.tolist()):
+            assert rel_err(y[e, :m], expert_reference(inp.hidden_states[e, :m].double(), w13[e].double(),
+                                                      w2[e].double(), cfg)) <= 1e-5
+    for weights in (ep.ExpertWeights(w13, w2), ep.ExpertWeights(w13.bfloat16(), w2.bfloat16())):
+        with pytest.raises(ValueError, match=r"out_dtype=torch.bfloat16 but hidden_states has dtype torch.float32; "
+                                             r"allowed: None or torch.float32"):
+            backend.run(make(torch.bfloat16), weights)
+
+
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
     layer = _layer()
     x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed
