@@ -228,7 +228,10 @@ def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exp
 
 
 def _out_of_range(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, K] bool: ids outside [-1, num_experts)."""
+    """[T, K] bool: ids outside [-1, num_experts). Narrow ids are compared as int32: in their own dtype -1 wraps
+    to 255 for uint8 (every id read as < -1) and 128 or 256 to -128 or 0 for int8 (every id read as >= E)."""
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        topk_ids = topk_ids.to(torch.int32)
     return (topk_ids < -1) | (topk_ids >= num_experts)
 
 

@@ -352,6 +352,35 @@ def test_float_rows_with_another_out_dtype_are_named_by_every_backend(runner, la
             backend.run(make(torch.bfloat16), weights)
 
 
+@pytest.mark.parametrize("dtype,E", [(torch.uint8, 8), (torch.int8, 128), (torch.int8, 256), (torch.int16, 300)])
+def test_narrow_id_dtypes_are_checked_by_value_not_by_a_wrapped_bound(dtype, E):
+    """int8, int16 and uint8 ids are accepted. Their value check compared them with -1 and E in their own dtype,
+    where -1 wraps to 255 for uint8 and 128 or 256 to -128 or 0 for int8: every uint8 id, and every int8 id at
+    E >= 128, was refused as out of range ("topk_ids has id 0 at [0, 0]; allowed -1..7"). Now valid ids pass (the
+    layout counts them) and a bad one is still named, in get_dispatch_layout and a backend's run()."""
+    top = min(E, torch.iinfo(dtype).max + 1) - 1  # the largest valid id the dtype holds
+    ids = torch.tensor([[0, top], [top // 2, 0 if dtype == torch.uint8 else -1]], dtype=dtype)
+    layout = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, 2, 16, 8)).get_dispatch_layout(ids)
+    valid = ids.long()[ids.long() >= 0]
+    assert layout.num_tokens_per_expert.tolist() == torch.bincount(valid, minlength=E).tolist()
+    if E <= torch.iinfo(dtype).max:
+        bad = ids.clone()
+        bad[1, 0] = E
+        with pytest.raises(ValueError, match=rf"topk_ids has id {E} at \[1, 0\]; allowed -1\.\.{E - 1}"):
+            ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, 2, 16, 8)).get_dispatch_layout(bad)
+    # a backend's run() on hand-made token rows of narrow ids (-1..L local indices; L = 3, the sink)
+    L, H, I = 3, 16, 8
+    gen = torch.Generator().manual_seed(15)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5,
+                               torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    x, w = torch.randn(2, H, generator=gen), torch.rand(2, 2, generator=gen)
+    local = torch.tensor([[0, L], [2, 1]], dtype=dtype)
+    y = ep.runners.create("torch", ep.MoeConfig(L, 2, H, I)).run(
+        RunnerInput(x, local, w, torch.tensor([True] * L + [False])), weights)
+    kept = torch.where(local.long() == L, -1, local.long())
+    assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, ep.MoeConfig(L, 2, H, I))) <= 1e-5
+
+
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
     layer = _layer()
     x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed
