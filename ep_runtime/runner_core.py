@@ -143,6 +143,10 @@ class RunnerInput:
         Backends read rows, ids and weights by pair n*K + k: of other shapes the triton runner's kernels read past x
         or the weights, or rows of another width, and returned a wrong result with no error."""
         x = self.hidden_states
+        for name in ("hidden_states", "expert_mask"):  # (a list: an AttributeError named neither)
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name} is a {type(getattr(self, name)).__name__}; expected a tensor (hidden_states "
+                                f"[N, {hidden_size}], expert_mask [L+1])")
         if x.dim() != 2 or x.shape[1] != hidden_size:
             raise ValueError(f"hidden_states has shape {list(x.shape)}; expected [N, {hidden_size}] (token rows, "
                              f"hidden_size={hidden_size})")
@@ -284,6 +288,10 @@ class ExpertMajorInput:
         buffer's rows was clamped to them (the kernels' bound, the conversion's row < masked_m[l]).
         counts=False: shapes and dtypes only, for a format's own masked_m (deepep_ll's is in range by
         construction), which the assert's kernel launches would cost host time at every call."""
+        for name in ("hidden_states", "masked_m"):  # (a list: an AttributeError named neither)
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name} is a {type(getattr(self, name)).__name__}; expected a tensor (hidden_states "
+                                f"[L, M*R, H], masked_m [L] int32)")
         L, N, H = self.num_local_experts, self.hidden_states.shape[1], self.hidden_states.shape[2]
         if H != hidden_size:
             raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, "

@@ -381,6 +381,36 @@ def test_narrow_id_dtypes_are_checked_by_value_not_by_a_wrapped_bound(dtype, E):
     assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, ep.MoeConfig(L, 2, H, I))) <= 1e-5
 
 
+@pytest.mark.parametrize("bad,error", [
+    ("tensor", "runner '{runner}': run() takes the runner core's input (RunnerInput or ExpertMajorInput); got Tensor"),
+    ("weights_tuple", "weights is a tuple; allowed: an ep.ExpertWeights(w13, w2, b13=None, b2=None)"),
+    ("mask_list", "expert_mask is a list; expected a tensor (hidden_states [N, 16], expert_mask [L+1])"),
+    ("masked_m_list", "masked_m is a list; expected a tensor (hidden_states [L, M*R, H], masked_m [L] int32)"),
+])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_run_names_an_argument_of_the_wrong_type(runner, bad, error):
+    """run(x_tensor, ...), weights as a (w13, w2) tuple, and an input holding a list failed with an AttributeError
+    ("'Tensor' object has no attribute 'check'", "'tuple' object has no attribute 'quant'", "'list' object has no
+    attribute 'dim'") naming neither the argument nor what is allowed; MoeRunner.run's weights check too."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(16)
+    L, N, K, H, I = 3, 4, 2, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen), torch.randn(L, H, I, generator=gen))
+    x, ids, w = torch.randn(N, H, generator=gen), torch.zeros(N, K, dtype=torch.int32), torch.rand(N, K, generator=gen)
+    mask = torch.tensor([True] * L + [False])
+    args = {"tensor": (x, weights), "weights_tuple": (RunnerInput(x, ids, w, mask), (weights.w13, weights.w2)),
+            "mask_list": (RunnerInput(x, ids, w, mask.tolist()), weights),
+            "masked_m_list": (ExpertMajorInput(torch.randn(L, N, H, generator=gen), [N, 1, 0]), weights)}[bad]
+    backend = ep.runners.create(runner, cfg)
+    with pytest.raises(TypeError, match=re.escape(error.format(runner=runner))):
+        backend.run(*args)
+    if bad == "weights_tuple":
+        with pytest.raises(TypeError, match=re.escape(error)):
+            backend.check_weights(args[1], L, x.dtype)
+
+
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
     layer = _layer()
     x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed
