@@ -24,7 +24,7 @@ from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import QuantConfig, decode_scales, is_quantized_dtype
 from .registry import add_once
-from .validation import assert_on_device, capturing, check_topk, weights_dtype
+from .validation import assert_on_device, capturing, check_local_ids, check_topk, weights_dtype
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -105,8 +105,8 @@ class RunnerInput:
     """Token rows, the layout of every token-major format.
 
     hidden_states [N, H]; topk_ids [N, K] int32 local weight indices in [0, L], where L is the sink
-    that -1 ids and other ranks' experts were rerouted to (with id_table set: the format's int32 or int64
-    ids, not mapped yet); topk_weights [N, K] fp32 (float64 for float64 rows);
+    that -1 ids and other ranks' experts were rerouted to (-1, no expert, is taken too; with id_table set:
+    the format's int32 or int64 ids, not mapped yet); topk_weights [N, K] fp32 (float64 for float64 rows);
     expert_mask [L+1] bool: an id whose entry is 0 (the sink, at least) is skipped: no FLOPs, adds zero.
     Quantized rows (an fp8 dispatch): hidden_states float8_e4m3fn, hidden_scale [N, ceil(H/128)] fp32
     (or uint8 UE8M0 exponents), out_dtype the tokens' dtype before quantization.
@@ -138,10 +138,15 @@ class RunnerInput:
 
     def check(self, hidden_size: int) -> None:
         """Raise naming the tensor whose shape or dtype does not fit: rows [N, hidden_size], ids (an integer dtype)
-        and weights [N, K], the mask [L+1] (RunnerBackend.run's check of an input made by hand; no host read).
+        and weights [N, K], the mask [L+1], mapped ids in -1..L (RunnerBackend.run's check of an input made by hand;
+        the ids' one host read on CPU, a device-side assert on CUDA, as ExpertMajorInput.check's counts).
         Backends read rows, ids and weights by pair n*K + k: of other shapes the triton runner's kernels read past x
         or the weights, or rows of another width, and returned a wrong result with no error."""
         x = self.hidden_states
+        for name in ("hidden_states", "expert_mask"):  # (a list: an AttributeError named neither)
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name} is a {type(getattr(self, name)).__name__}; expected a tensor (hidden_states "
+                                f"[N, {hidden_size}], expert_mask [L+1])")
         if x.dim() != 2 or x.shape[1] != hidden_size:
             raise ValueError(f"hidden_states has shape {list(x.shape)}; expected [N, {hidden_size}] (token rows, "
                              f"hidden_size={hidden_size})")
@@ -149,6 +154,8 @@ class RunnerInput:
         if self.expert_mask.dim() != 1:
             raise ValueError(f"expert_mask has shape {list(self.expert_mask.shape)}; expected [L+1] (L local experts, "
                              f"then the sink)")
+        if self.id_table is None:  # (with one, reroute_to_sink sends every id outside the table to the sink)
+            check_local_ids(self.topk_ids, self.num_local_experts)
 
     @property
     def output_dtype(self) -> torch.dtype:
@@ -281,6 +288,10 @@ class ExpertMajorInput:
         buffer's rows was clamped to them (the kernels' bound, the conversion's row < masked_m[l]).
         counts=False: shapes and dtypes only, for a format's own masked_m (deepep_ll's is in range by
         construction), which the assert's kernel launches would cost host time at every call."""
+        for name in ("hidden_states", "masked_m"):  # (a list: an AttributeError named neither)
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name} is a {type(getattr(self, name)).__name__}; expected a tensor (hidden_states "
+                                f"[L, M*R, H], masked_m [L] int32)")
         L, N, H = self.num_local_experts, self.hidden_states.shape[1], self.hidden_states.shape[2]
         if H != hidden_size:
             raise ValueError(f"hidden_states has shape {list(self.hidden_states.shape)}; expected [L, M*R, "
@@ -315,12 +326,16 @@ def check_row_scales(inp: Any, quant: Optional[QuantConfig]) -> None:
     """RunnerBackend.run's check of quantized rows made by hand (RunnerInput or ExpertMajorInput): fp8 rows
     come with hidden_scale [..., ceil(H / group)] (one per row and `group` channels: the experts' activation
     group, the default QuantConfig's for unquantized ones) fp32 or uint8 UE8M0 exponent bytes, and out_dtype
-    a float dtype; float rows take none. The kernels read the scales by row and group with no bound: fp8 rows without scales were
-    computed as numbers (scale 1), float rows beside scales had them applied, and scales of another shape
-    were read past their end or misread, all with no error."""
+    a float dtype; float rows take none, and return their own dtype (out_dtype None or theirs: another one was
+    refused naming the experts' dtype, or failed inside a matmul or a kernel). The kernels read the scales by row
+    and group with no bound: fp8 rows without scales were computed as numbers (scale 1), float rows beside scales
+    had them applied, and scales of another shape were read past their end or misread, all with no error."""
     x, scale = inp.hidden_states, inp.hidden_scale
     fp8 = is_quantized_dtype(x.dtype)
     if scale is None and not fp8:
+        if inp.out_dtype not in (None, x.dtype):
+            raise ValueError(f"out_dtype={inp.out_dtype} but hidden_states has dtype {x.dtype}; allowed: None or "
+                             f"{x.dtype} (float rows return their own dtype; out_dtype is fp8 rows' tokens' dtype)")
         return
     group = (quant or QuantConfig).activation_group  # (no QuantConfig built on the common path: float rows)
     if scale is None:

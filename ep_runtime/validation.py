@@ -228,7 +228,10 @@ def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exp
 
 
 def _out_of_range(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, K] bool: ids outside [-1, num_experts)."""
+    """[T, K] bool: ids outside [-1, num_experts). Narrow ids are compared as int32: in their own dtype -1 wraps
+    to 255 for uint8 (every id read as < -1) and 128 or 256 to -128 or 0 for int8 (every id read as >= E)."""
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        topk_ids = topk_ids.to(torch.int32)
     return (topk_ids < -1) | (topk_ids >= num_experts)
 
 
@@ -257,8 +260,24 @@ def check_topk_values(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_ex
         raise ValueError(f"topk_ids row {t} lists an expert twice: {topk_ids[t].tolist()}; {distinct}")
 
 
-def _raise_bad_id(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Raise naming the first id outside [-1, E) of topk_ids (which holds one) and its position."""
+def _raise_bad_id(topk_ids: torch.Tensor, num_experts: int, why: Optional[str] = None) -> None:
+    """Raise naming the first id outside [-1, E) of topk_ids (which holds one), its position and `why` that range
+    (default: num_experts)."""
     where = _out_of_range(topk_ids, num_experts).nonzero()[0].tolist()
     value = int(topk_ids[where[0], where[1]])
-    raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} (num_experts={num_experts})")
+    raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
+                     f"({why or f'num_experts={num_experts}'})")
+
+
+def check_local_ids(topk_ids: torch.Tensor, num_local_experts: int) -> None:
+    """A runner input's mapped ids in -1..L (L the sink, -1 no expert): on the host for CPU ids, a device-side
+    assert on CUDA (no host sync). For inputs made by hand: an id above L indexed past the expert mask (an
+    IndexError naming neither) or was skipped by the triton kernels, one below -1 was skipped everywhere."""
+    if topk_ids.numel() == 0 or topk_ids.is_meta:
+        return
+    L = num_local_experts
+    why = f"local expert indices, {L}: the sink; -1: no expert"
+    if topk_ids.is_cuda:
+        assert_on_device(~_out_of_range(topk_ids, L + 1).any(), f"topk_ids has an id outside -1..{L} ({why})")
+    elif bool(_out_of_range(topk_ids, L + 1).any()):
+        _raise_bad_id(topk_ids, L + 1, why)

@@ -77,6 +77,14 @@ def call_hook(name: str, hook: Optional[GemmHook], inputs: torch.Tensor, outputs
     return replaced
 
 
+def _check_weights_type(weights: Any) -> None:
+    """A backend's `weights` argument is an ExpertWeights (a (w13, w2) tuple failed with an AttributeError naming
+    neither)."""
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"weights is a {type(weights).__name__}; allowed: an ep.ExpertWeights(w13, w2, b13=None, "
+                        f"b2=None)")
+
+
 class RunnerBackend:
     """Subclasses set `name`, `layouts` (the input types compute() takes, preferred first: RunnerInput
     for token rows, ExpertMajorInput for [L, M*R, H] with masked_m) and implement compute()."""
@@ -117,7 +125,11 @@ class RunnerBackend:
                             f"ExpertMajorInput); got a {type(runner_input).__name__}, a dispatcher's output: run it "
                             f"with ep.MoeRunner(backend, config, dispatcher.placement).run(dispatch_output, weights), "
                             f"as layer.runner does")
+        if not callable(getattr(runner_input, "check", None)):  # (a tensor, None: an AttributeError named neither)
+            raise TypeError(f"runner {self.name!r}: run() takes the runner core's input (RunnerInput or "
+                            f"ExpertMajorInput); got {type(runner_input).__name__}")
         runner_input.check(self.config.hidden_size)
+        _check_weights_type(weights)  # (before check_row_scales reads weights.quant)
         check_row_scales(runner_input, weights.quant)
         self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
         return self.run_checked(runner_input, weights)
@@ -127,6 +139,7 @@ class RunnerBackend:
         experts: shapes (and quantized dtypes and scales) against the config (ExpertWeights.check), and
         unquantized experts of another dtype than the tokens' (a mismatch would fail inside a matmul or a
         Triton kernel, naming neither)."""
+        _check_weights_type(weights)
         weights.check(self.config, num_local_experts)
         check_expert_dtypes(weights, dtype, f"the tokens runner={self.name!r} got")
 

@@ -419,8 +419,9 @@ class _FusedExperts(torch.autograd.Function):
         *inputs, ids, mask = ctx.saved_tensors
 
         def recompute(x, topk_weights, w13, w2, b13, b2):
-            return TorchRunner(ctx.config, ctx.hooks).run(RunnerInput(x, ids, topk_weights, mask),
-                                                          ExpertWeights(w13, w2, b13, b2))
+            # (run_checked: the forward checked these; run() would check the ids again, a device assert per step)
+            return TorchRunner(ctx.config, ctx.hooks).run_checked(RunnerInput(x, ids, topk_weights, mask),
+                                                                  ExpertWeights(w13, w2, b13, b2))
 
         hooked = ctx.hooks.after_gemm1 is not None or ctx.hooks.after_gemm2 is not None
         grads = recompute_backward(recompute, inputs, ctx.needs_input_grad[:6], grad_y, into_every_leaf=hooked)
@@ -456,7 +457,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                   quant: Optional[Union[str, QuantConfig]] = None) -> torch.Tensor:
     """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
     gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert, ids outside [first_expert, first_expert+L)
-    are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I], b2 [L, H] optional.
+    are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I] and b2 [L, H] optional (both or neither).
     fp8 experts: w13/w2 float8_e4m3fn with w13_scale_inv [L, ceil(2I/128), ceil(H/128)] and
     w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: an ep.QuantConfig or a format's name, default
     ep.QuantConfig()); x stays float
@@ -486,9 +487,13 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     # top_k may exceed L: a token's other experts live on other ranks (skipped). The runner never reads
     # config.num_experts; it only has to admit top_k.
     config = MoeConfig(max(L, topk_ids.shape[1]), topk_ids.shape[1], H, intermediate, activation=activation,
-                       is_gated=is_gated, has_bias=b13 is not None or b2 is not None, gemm1_alpha=gemm1_alpha,
+                       is_gated=is_gated, has_bias=b13 is not None, gemm1_alpha=gemm1_alpha,
                        gemm1_clamp_limit=gemm1_clamp_limit, routed_scaling_factor=routed_scaling_factor,
                        apply_router_weight_on_input=apply_router_weight_on_input)
+    if (b13 is None) != (b2 is None):  # (else named as "missing" by a config the caller never made)
+        given, missing = ("b13", "b2") if b2 is None else ("b2", "b13")
+        raise ValueError(f"{given} was given without {missing}; fused_experts takes both biases or neither (b13 "
+                         f"[L, 2I or I], b2 [L, H]: pass zeros for the one a model lacks)")
     if quant is None and (w13_scale_inv is not None or w2_scale_inv is not None):
         quant = QuantConfig()
     weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)

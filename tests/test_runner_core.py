@@ -287,6 +287,130 @@ def test_masked_m_outside_the_buffer_rows_is_named_not_clamped(runner, masked_m,
         assert rel_err(y[e], ref) <= 1e-5, e
 
 
+@pytest.mark.parametrize("bad_id,where", [(5, "[2, 1]"), (-2, "[2, 1]")])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_token_row_ids_outside_the_local_experts_are_named_by_every_backend(runner, bad_id, where):
+    """A RunnerInput made by hand takes mapped ids in -1..L (L the sink, -1 no expert). An id above L failed inside
+    the torch and masked runners' mask lookup (an IndexError naming neither) and was skipped by the triton kernels;
+    one below -1 was skipped by all three: a pair silently dropped. Ids -1..L still compute the reference."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(13)
+    N, K, L, H, I = 4, 2, 4, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5,
+                               torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    x, w = torch.randn(N, H, generator=gen), torch.rand(N, K, generator=gen)
+    ids = torch.tensor([[0, -1], [L, 3], [2, 1], [1, 1]], dtype=torch.int32)
+    mask = torch.tensor([True] * L + [False])
+    backend = ep.runners.create(runner, cfg)
+    y = backend.run(RunnerInput(x, ids, w, mask), weights)
+    kept = torch.where(ids == L, -1, ids)  # the sink adds nothing
+    assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, cfg)) <= 1e-5
+    bad = ids.clone()
+    bad[2, 1] = bad_id
+    with pytest.raises(ValueError, match=rf"topk_ids has id {bad_id} at {re.escape(where)}; allowed -1\.\.{L} "
+                                         rf"\(local expert indices, {L}: the sink; -1: no expert\)"):
+        backend.run(RunnerInput(x, bad, w, mask), weights)
+
+
+@pytest.mark.parametrize("layout", ["token_rows", "expert_major"])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_float_rows_with_another_out_dtype_are_named_by_every_backend(runner, layout):
+    """out_dtype is the tokens' dtype of fp8 rows; float rows return their own. fp32 rows made by hand with
+    out_dtype=bf16 were refused naming w13 (fp32 experts, as the rows, "allowed: torch.bfloat16"), and beside bf16
+    experts failed inside a matmul or the Triton interpreter ('Both operands must be same dtype'), naming neither.
+    out_dtype equal to the rows' dtype is taken, and equals the float64 reference."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(14)
+    N, K, L, H, I = 5, 2, 3, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    w13, w2 = torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(L, H, I, generator=gen) / I ** 0.5
+
+    def make(out_dtype):
+        if layout == "token_rows":
+            ids = torch.randint(0, L, (N, K), generator=gen, dtype=torch.int32)
+            return RunnerInput(torch.randn(N, H, generator=gen), ids, torch.rand(N, K, generator=gen),
+                               torch.tensor([True] * L + [False]), out_dtype=out_dtype)
+        return ExpertMajorInput(torch.randn(L, N, H, generator=gen), torch.tensor([N, 2, 0], dtype=torch.int32),
+                                out_dtype=out_dtype)
+
+    backend = ep.runners.create(runner, cfg)
+    inp = make(torch.float32)
+    y = backend.run(inp, ep.ExpertWeights(w13, w2))
+    if layout == "token_rows":
+        ref = moe_reference(inp.hidden_states, inp.topk_ids, inp.topk_weights, w13, w2, cfg)
+        assert rel_err(y, ref) <= 1e-5
+    else:
+        for e, m in enumerate(inp.masked_m.tolist()):
+            assert rel_err(y[e, :m], expert_reference(inp.hidden_states[e, :m].double(), w13[e].double(),
+                                                      w2[e].double(), cfg)) <= 1e-5
+    for weights in (ep.ExpertWeights(w13, w2), ep.ExpertWeights(w13.bfloat16(), w2.bfloat16())):
+        with pytest.raises(ValueError, match=r"out_dtype=torch.bfloat16 but hidden_states has dtype torch.float32; "
+                                             r"allowed: None or torch.float32"):
+            backend.run(make(torch.bfloat16), weights)
+
+
+@pytest.mark.parametrize("dtype,E", [(torch.uint8, 8), (torch.int8, 128), (torch.int8, 256), (torch.int16, 300)])
+def test_narrow_id_dtypes_are_checked_by_value_not_by_a_wrapped_bound(dtype, E):
+    """int8, int16 and uint8 ids are accepted. Their value check compared them with -1 and E in their own dtype,
+    where -1 wraps to 255 for uint8 and 128 or 256 to -128 or 0 for int8: every uint8 id, and every int8 id at
+    E >= 128, was refused as out of range ("topk_ids has id 0 at [0, 0]; allowed -1..7"). Now valid ids pass (the
+    layout counts them) and a bad one is still named, in get_dispatch_layout and a backend's run()."""
+    top = min(E, torch.iinfo(dtype).max + 1) - 1  # the largest valid id the dtype holds
+    ids = torch.tensor([[0, top], [top // 2, 0 if dtype == torch.uint8 else -1]], dtype=dtype)
+    layout = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, 2, 16, 8)).get_dispatch_layout(ids)
+    valid = ids.long()[ids.long() >= 0]
+    assert layout.num_tokens_per_expert.tolist() == torch.bincount(valid, minlength=E).tolist()
+    if E <= torch.iinfo(dtype).max:
+        bad = ids.clone()
+        bad[1, 0] = E
+        with pytest.raises(ValueError, match=rf"topk_ids has id {E} at \[1, 0\]; allowed -1\.\.{E - 1}"):
+            ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, 2, 16, 8)).get_dispatch_layout(bad)
+    # a backend's run() on hand-made token rows of narrow ids (-1..L local indices; L = 3, the sink)
+    L, H, I = 3, 16, 8
+    gen = torch.Generator().manual_seed(15)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen) / H ** 0.5,
+                               torch.randn(L, H, I, generator=gen) / I ** 0.5)
+    x, w = torch.randn(2, H, generator=gen), torch.rand(2, 2, generator=gen)
+    local = torch.tensor([[0, L], [2, 1]], dtype=dtype)
+    y = ep.runners.create("torch", ep.MoeConfig(L, 2, H, I)).run(
+        RunnerInput(x, local, w, torch.tensor([True] * L + [False])), weights)
+    kept = torch.where(local.long() == L, -1, local.long())
+    assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, ep.MoeConfig(L, 2, H, I))) <= 1e-5
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("tensor", "runner '{runner}': run() takes the runner core's input (RunnerInput or ExpertMajorInput); got Tensor"),
+    ("weights_tuple", "weights is a tuple; allowed: an ep.ExpertWeights(w13, w2, b13=None, b2=None)"),
+    ("mask_list", "expert_mask is a list; expected a tensor (hidden_states [N, 16], expert_mask [L+1])"),
+    ("masked_m_list", "masked_m is a list; expected a tensor (hidden_states [L, M*R, H], masked_m [L] int32)"),
+])
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+def test_run_names_an_argument_of_the_wrong_type(runner, bad, error):
+    """run(x_tensor, ...), weights as a (w13, w2) tuple, and an input holding a list failed with an AttributeError
+    ("'Tensor' object has no attribute 'check'", "'tuple' object has no attribute 'quant'", "'list' object has no
+    attribute 'dim'") naming neither the argument nor what is allowed; MoeRunner.run's weights check too."""
+    if runner not in ep.runners.available():
+        pytest.skip(f"runner {runner} cannot run here")
+    gen = torch.Generator().manual_seed(16)
+    L, N, K, H, I = 3, 4, 2, 16, 8
+    cfg = ep.MoeConfig(L, K, H, I)
+    weights = ep.ExpertWeights(torch.randn(L, 2 * I, H, generator=gen), torch.randn(L, H, I, generator=gen))
+    x, ids, w = torch.randn(N, H, generator=gen), torch.zeros(N, K, dtype=torch.int32), torch.rand(N, K, generator=gen)
+    mask = torch.tensor([True] * L + [False])
+    args = {"tensor": (x, weights), "weights_tuple": (RunnerInput(x, ids, w, mask), (weights.w13, weights.w2)),
+            "mask_list": (RunnerInput(x, ids, w, mask.tolist()), weights),
+            "masked_m_list": (ExpertMajorInput(torch.randn(L, N, H, generator=gen), [N, 1, 0]), weights)}[bad]
+    backend = ep.runners.create(runner, cfg)
+    with pytest.raises(TypeError, match=re.escape(error.format(runner=runner))):
+        backend.run(*args)
+    if bad == "weights_tuple":
+        with pytest.raises(TypeError, match=re.escape(error)):
+            backend.check_weights(args[1], L, x.dtype)
+
+
 def test_all_minus_one_gives_zeros_and_never_reads_rows():
     layer = _layer()
     x = torch.full((5, 16), float("nan"), dtype=torch.float64)  # poison: no row may be computed

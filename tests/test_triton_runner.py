@@ -1141,6 +1141,10 @@ def test_float64_is_rejected_naming_the_dtype_not_computed_as_garbage(runner, fm
     (dict(w2="fp16"), TypeError, r"w2 has dtype torch.float16; allowed: torch.float32, the dtype of x \(unquantized"),
     (dict(w2="wide"), ValueError, r"w2 has shape \[4, 16, 9\]; expected \[4, 16, 8\]"),
     (dict(x="int"), TypeError, r"x has dtype torch.int64; expected a floating dtype"),
+    # one bias alone was named "missing" by a config the caller never made ("b13 is missing; the config has
+    # has_bias=True")
+    (dict(b2="bias"), ValueError, r"b2 was given without b13; fused_experts takes both biases or neither"),
+    (dict(b13="bias"), ValueError, r"b13 was given without b2; fused_experts takes both biases or neither"),
 ])
 def test_fused_experts_names_the_bad_argument(bad, error, match):
     """fused_experts took float and bool ids (2.7 silently became expert 2) and integer weights as
@@ -1148,13 +1152,14 @@ def test_fused_experts_names_the_bad_argument(bad, error, match):
     AssertionError 'Both operands must be same dtype', a compile error on GPU); a w2 of the wrong
     width was reported as a wrong w13. Each now raises naming the argument, as the layer does."""
     gen = torch.Generator().manual_seed(0)
-    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    w13, w2, b13, b2 = _weights(gen, 4, 16, 8, bias=True)
     x, ids, w = torch.randn(3, 16, generator=gen), torch.tensor([[0, 1], [2, -1], [3, 3]]), torch.rand(3, 2)
-    args = dict(x=x, w13=w13, w2=w2, topk_ids=ids, topk_weights=w)
+    args = dict(x=x, w13=w13, w2=w2, topk_ids=ids, topk_weights=w, b13=None, b2=None)
+    biases = dict(b13=b13, b2=b2)
     change = {"float": lambda t: t.float() + 0.7, "bool": lambda t: t > 0, "int": lambda t: t.long(),
               "fp16": lambda t: t.half(), "wide": lambda t: torch.randn(4, 16, 9)}
     for name, how in bad.items():
-        args[name] = change[how](args[name])
+        args[name] = biases[name] if how == "bias" else change[how](args[name])
     with pytest.raises(error, match=match):
         runners.fused_experts(**args)
 
