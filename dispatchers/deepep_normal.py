@@ -116,7 +116,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
         routing is sent again (its weights detached: pass topk for a weight gradient). The handle keeps the
         caller's topk tensors, not copies: changed in place since, they no longer match its plan (pairs would
-        go to ranks that do not hold their experts), which such a reuse refuses (inference tensors keep no
+        go to ranks that do not hold their experts), which such a reuse refuses, also where topk gives the
+        handle's own ids tensor again (inference tensors keep no
         version counter to check: do not change them while their handle is in use).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
@@ -132,6 +133,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         if topk is None:
             _check_unchanged(handle)
             topk = (handle.topk[0], handle.topk[1].detach())
+        elif handle is not None and isinstance(topk, (tuple, list)) and len(topk) == 2:
+            # the handle's own ids tensor given again, written in place since: its plan sent pairs to the ranks
+            # of the old experts, which dropped them (new weights in place are fine: they travel as given)
+            _check_unchanged(handle, ids=topk[0])
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
 
@@ -186,9 +191,13 @@ def _owners(placement) -> str:
     return f"num_experts={placement.num_experts}, ep_size={placement.ep_size}, expert_to_rank={owners}"
 
 
-def _check_unchanged(handle: ExchangeHandle) -> None:
-    """A reuse without topk sends the handle's own (ids, weights) again: they must be what its plan was made for."""
-    for name, t, version in zip(("topk_ids", "topk_weights"), handle.topk, handle.topk_versions or (None, None)):
+def _check_unchanged(handle: ExchangeHandle, ids: Optional[torch.Tensor] = None) -> None:
+    """A reuse without topk sends the handle's own (ids, weights) again: they must be what its plan was made for.
+    ids: the topk_ids a reuse with topk was given; where they are the handle's own tensor, only they are checked."""
+    checked = zip(("topk_ids", "topk_weights"), handle.topk or (), handle.topk_versions or (None, None))
+    if ids is not None:
+        checked = [(name, t, version) for name, t, version in checked if t is ids]
+    for name, t, version in checked:
         if version is not None and t._version != version:
             raise ValueError(f"handle's {name} changed in place since the handle was made (version {version} -> "
                              f"{t._version}); its plan no longer matches them: dispatch without the handle for new "

@@ -207,6 +207,32 @@ def test_cached_dispatch_takes_x_and_the_handle(options):
     assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True] * 4)] * 2
 
 
+def _reuse_with_ids_written_in_place_rank(rank, world_size):
+    """A reuse given topk whose ids are the handle's own tensor, written in place since (a routing buffer the next
+    step fills): its plan sends pairs to the ranks of the old experts, which dropped them with no error (0.7-0.9
+    relative error); it is refused like the reuse without topk. Weights written in place keep the routing: served."""
+    E, K, H = 8, 2, 16
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, 8))
+    gen = torch.Generator().manual_seed(rank)
+    ids = random_topk_ids(gen, 9, E, K, world_size)
+    x, w = torch.randn(9, H, generator=gen), torch.rand(9, K, generator=gen)
+    handle = d.dispatch(x, ep.TopKOutput(ids, w)).handle
+    w.copy_(torch.rand(9, K, generator=gen))
+    served = d.dispatch(x, ep.TopKOutput(ids, w), handle=handle)
+    fresh = d.dispatch(x, ep.TopKOutput(ids, w))
+    same = torch.equal(served.recv_topk_weights, fresh.recv_topk_weights) and torch.equal(served.recv_x, fresh.recv_x)
+    ids.copy_(random_topk_ids(gen, 9, E, K, world_size))
+    try:
+        d.dispatch(x, ep.TopKOutput(ids, w), handle=handle)
+        return same, "no error"
+    except ValueError as e:
+        return same, "handle's topk_ids changed in place since the handle was made" in str(e)
+
+
+def test_reuse_with_the_handles_ids_written_in_place_is_refused():
+    assert run_ranks(_reuse_with_ids_written_in_place_rank, 2) == [(True, True)] * 2
+
+
 def _foreign_handle_rank(rank, world_size):
     """A handle sends each token to the ranks its plan named and tells them the local expert of each id: one
     made over another placement (another dispatcher's experts, or the layer's own before apply_placement moved
