@@ -95,9 +95,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
                                            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         # the static mode's capacity as its errors name it (made once)
-        self._capacity = Capacity(
-            f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={M}" if M not in (None, W) else ""),
-            "num_worst_tokens" if M is None else "num_max_dispatch_tokens_per_rank", "num_worst_tokens")
+        self._capacity = Capacity(_static_setting(W, M or W), "num_worst_tokens" if M is None else
+                                  "num_max_dispatch_tokens_per_rank", "num_worst_tokens")
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -111,8 +110,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     def dispatch(self, x, topk=None, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event=None):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank), by this
-        dispatcher or one with the same experts on the same ranks (another is an error): its plan is
-        reused, nothing syncs, and the ids are not checked again (they were when it was made).
+        dispatcher or one with the same experts on the same ranks and the same num_worst_tokens and chunk (another
+        is an error), for x of the same T and dtype: its plan is reused, nothing syncs, and the ids are not checked
+        again (they were when it was made).
         With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
         routing is sent again (its weights detached: pass topk for a weight gradient). The handle keeps the
         caller's topk tensors, not copies: changed in place since, they no longer match its plan (pairs would
@@ -128,7 +128,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
             self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
-                _check_handle_tokens(handle, x)
+                _check_handle_input(handle, x)
         if topk is None:
             _check_unchanged(handle)
             topk = (handle.topk[0], handle.topk[1].detach())
@@ -150,6 +150,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
             handle.topk_versions = tuple(None if t.is_inference() else t._version for t in handle.topk)
             handle.placement = self.placement
+            handle.x_dtype = x_dtype
         else:
             if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
                 handle = handle.for_autograd()
@@ -170,6 +171,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             raise TypeError(f"handle={type(handle).__name__}; allowed: None or the handle of an earlier "
                             f"deepep_normal dispatch")
         made, mine = handle.placement, self.placement
+        if made is not None and (handle.rows, handle.chunk) != (self.options.num_worst_tokens, self.options.chunk):
+            # (a host plan's handle in a num_worst_tokens dispatcher gave its variable rows, and the reverse)
+            raise ValueError(f"handle was made with {_static_setting(handle.rows, handle.chunk)}; allowed: a handle "
+                             f"made with this dispatcher's {self._capacity} (its receive shapes)")
         if made is mine:
             return
         if made is None or (made.num_experts, made.ep_size, made._owners()) != (mine.num_experts, mine.ep_size,
@@ -178,6 +183,12 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                              f"allowed: a handle made for this dispatcher's experts and ranks, {_owners(mine)} "
                              f"(reuse a handle only for the placement it was made over: after apply_placement "
                              f"moved experts between ranks, dispatch again without it)")
+
+
+def _static_setting(num_worst_tokens: Optional[int], chunk: Optional[int]) -> str:
+    """The options that shape a dispatch's receive side, as its errors name them."""
+    return f"num_worst_tokens={num_worst_tokens}" + (
+        f" / num_max_dispatch_tokens_per_rank={chunk}" if chunk != num_worst_tokens else "")
 
 
 def _owners(placement) -> str:
@@ -195,10 +206,17 @@ def _check_unchanged(handle: ExchangeHandle) -> None:
                              f"routing, or pass topk= the routing it was made for")
 
 
-def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:
+def _check_handle_input(handle: ExchangeHandle, x: torch.Tensor) -> None:
+    """x as the handle's plan was made for: its T, and its dtype, which the plan's count table checked alike on
+    every rank (a reuse reads no table: a rank reusing it with x of another dtype sent rows of another byte count,
+    and gloo aborted the process)."""
     if handle.num_tokens != x.shape[0]:
         raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                          f"(a handle is only valid for a dispatch with the same routing)")
+    if handle.x_dtype is not None and x.dtype != handle.x_dtype:
+        raise TypeError(f"handle was made for x of dtype {handle.x_dtype}; x has dtype {x.dtype} (allowed: "
+                        f"{handle.x_dtype}; for another dtype dispatch without the handle, which checks that every "
+                        f"rank changed it)")
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:

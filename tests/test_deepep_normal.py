@@ -258,6 +258,67 @@ def test_a_handle_made_over_another_placement_is_refused():
         ], errors
 
 
+def _handle_of_other_shapes_rank(rank, world_size):
+    """A handle made by a dispatcher whose receive side is shaped otherwise (host plan vs num_worst_tokens W, another
+    W, another chunk) over the same experts: each reuse is refused before any exchange (the host plan's handle in a
+    num_worst_tokens=30 dispatcher gave its variable row counts, breaking the static shapes a CUDA graph needs, and
+    the static handle in a host-plan dispatcher gave 30 rows and no counts)."""
+    config = ep.MoeConfig(8, 2, 16, 8)
+    gen = torch.Generator().manual_seed(rank)
+    topk = ep.TopKOutput(random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen))
+    x = torch.randn(6, 16, generator=gen)
+    options = [{}, {"num_worst_tokens": 30}, {"num_worst_tokens": 40}, {"num_worst_tokens": 30,
+                                                                          "num_max_dispatch_tokens_per_rank": 12}]
+    made = [ep.dispatchers.create("deepep_normal", config, **o) for o in options]
+    outs = [d.dispatch(x, topk) for d in made]
+    errors = {}
+    for i, d in enumerate(made):
+        for j, out in enumerate(outs):
+            try:
+                again = d.dispatch(x, topk, handle=out.handle)
+                errors[(i, j)] = torch.equal(again.recv_x, out.recv_x)
+            except ValueError as err:
+                errors[(i, j)] = str(err)
+    return errors
+
+
+def test_a_handle_of_other_receive_shapes_is_refused():
+    settings = ["num_worst_tokens=None", "num_worst_tokens=30", "num_worst_tokens=40",
+                "num_worst_tokens=30 / num_max_dispatch_tokens_per_rank=12"]
+    for errors in run_ranks(_handle_of_other_shapes_rank, 2):
+        for (i, j), got in errors.items():
+            assert got == (True if i == j else f"handle was made with {settings[j]}; allowed: a handle made with this "
+                           f"dispatcher's {settings[i]} (its receive shapes)"), (i, j, got)
+
+
+def _reuse_in_another_dtype_rank(rank, world_size, options):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
+    gen = torch.Generator().manual_seed(rank)
+    topk = ep.TopKOutput(random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen))
+    x = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    out = d.dispatch(x, topk)
+    try:
+        d.dispatch(x.float(), topk, handle=out.handle)
+        message = "no error"
+    except TypeError as err:
+        message = str(err)
+    again = d.dispatch(2 * x, handle=out.handle)  # the group is still in step
+    return message, torch.equal(again.recv_x, 2 * out.recv_x)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 24}], ids=["host_plan", "static_plan"])
+def test_a_handle_reused_with_x_of_another_dtype_is_refused(options):
+    """The count table checks x's dtype alike on every rank; a reuse reads none, so one rank reusing the handle
+    with x of another dtype sent rows of another byte count and gloo aborted the process ("Received data size
+    doesn't match expected size"). Now the handle names the dtype it was made for, on the rank that changed it,
+    before any exchange (a dtype change dispatches without the handle, whose count table checks every rank)."""
+    for message, same in run_ranks(_reuse_in_another_dtype_rank, 2, options):
+        assert message == ("handle was made for x of dtype torch.float64; x has dtype torch.float32 (allowed: "
+                           "torch.float64; for another dtype dispatch without the handle, which checks that every "
+                           "rank changed it)"), message
+        assert same
+
+
 def _inference_handle_rank(rank, world_size, options):
     """A handle made under torch.inference_mode (an evaluation pass), reused by a dispatch that needs
     gradients: outputs and gradients of x and of the router weights equal the float64 reference."""
