@@ -129,8 +129,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
                 _check_handle_input(handle, x)
+            _check_unchanged(handle, topk)
         if topk is None:
-            _check_unchanged(handle)
             topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
@@ -197,9 +197,14 @@ def _owners(placement) -> str:
     return f"num_experts={placement.num_experts}, ep_size={placement.ep_size}, expert_to_rank={owners}"
 
 
-def _check_unchanged(handle: ExchangeHandle) -> None:
-    """A reuse without topk sends the handle's own (ids, weights) again: they must be what its plan was made for."""
+def _check_unchanged(handle: ExchangeHandle, topk) -> None:
+    """A reuse without topk sends the handle's own (ids, weights) again, and one given the handle's own ids tensor
+    (a routing buffer refilled in place each step) sends those ids: they must be what its plan was made for (ids
+    changed since went by the old plan, and pairs now owned by another rank were dropped without a word)."""
+    given = topk[0] if isinstance(topk, (tuple, list)) and len(topk) == 2 else None  # (a bad topk: named later)
     for name, t, version in zip(("topk_ids", "topk_weights"), handle.topk, handle.topk_versions or (None, None)):
+        if topk is not None and not (name == "topk_ids" and t is given):
+            continue
         if version is not None and t._version != version:
             raise ValueError(f"handle's {name} changed in place since the handle was made (version {version} -> "
                              f"{t._version}); its plan no longer matches them: dispatch without the handle for new "

@@ -207,6 +207,36 @@ def test_cached_dispatch_takes_x_and_the_handle(options):
     assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True] * 4)] * 2
 
 
+def _refilled_ids_rank(rank, world_size):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8))
+    gen = torch.Generator().manual_seed(rank)
+    ids, w = random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen)
+    x = torch.randn(6, 16, generator=gen)
+    first = d.dispatch(x, ep.TopKOutput(ids, w))
+    w.mul_(2)  # new weights for the same routing: sent as given
+    again = d.dispatch(x, ep.TopKOutput(ids, w), handle=first.handle)
+    ids.copy_(random_topk_ids(gen, 6, 8, 2, world_size))  # the routing buffer refilled for the next step
+    try:
+        d.dispatch(x, ep.TopKOutput(ids, w), handle=first.handle)
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    d.dispatch(x, ep.TopKOutput(ids, w))  # the group is still in step
+    return message, torch.equal(again.recv_topk_weights, 2 * first.recv_topk_weights)
+
+
+def test_a_handle_given_its_own_ids_changed_in_place_is_refused():
+    """dispatch(x, TopKOutput(ids, w), handle=h) with ids the very tensor h was made with, refilled in place since
+    (a routing buffer reused each step): the old plan sent the new ids' pairs to the old ranks, which dropped those
+    whose expert they do not hold (rank 1 received 10 of its 13 pairs, no error). Refused now, as the cached
+    dispatch without topk refuses it; weights changed in place are sent as given."""
+    for message, weights_sent in run_ranks(_refilled_ids_rank, 2):
+        assert weights_sent
+        assert message == ("handle's topk_ids changed in place since the handle was made (version 0 -> 1); its plan no "
+                           "longer matches them: dispatch without the handle for new routing, or pass topk= the "
+                           "routing it was made for"), message
+
+
 def _foreign_handle_rank(rank, world_size):
     """A handle sends each token to the ranks its plan named and tells them the local expert of each id: one
     made over another placement (another dispatcher's experts, or the layer's own before apply_placement moved
