@@ -95,9 +95,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
                                            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         # the static mode's capacity as its errors name it (made once)
-        self._capacity = Capacity(
-            f"num_worst_tokens={W}" + (f" / num_max_dispatch_tokens_per_rank={M}" if M not in (None, W) else ""),
-            "num_worst_tokens" if M is None else "num_max_dispatch_tokens_per_rank", "num_worst_tokens")
+        self._capacity = Capacity(_static_setting(W, M or W), "num_worst_tokens" if M is None else
+                                  "num_max_dispatch_tokens_per_rank", "num_worst_tokens")
 
     def get_dispatch_layout(self, topk_ids: torch.Tensor) -> Layout:
         """DeepEP's layout: num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
@@ -111,13 +110,13 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
     def dispatch(self, x, topk=None, handle: Optional[ExchangeHandle] = None, *, async_op: bool = False,
                  return_recv_hook: bool = False, previous_event=None):
         """handle: from an earlier dispatch with the same routing (same topk_ids on every rank), by this
-        dispatcher or one with the same experts on the same ranks (another is an error): its plan is
-        reused, nothing syncs, and the ids are not checked again (they were when it was made).
+        dispatcher or one with the same experts on the same ranks and the same num_worst_tokens and chunk (another
+        is an error), for x of the same T and dtype: its plan is reused, nothing syncs, and the ids are not checked
+        again (they were when it was made).
         With a handle, topk may be None (DeepEP's cached dispatch: same layout, new x): the handle's
         routing is sent again (its weights detached: pass topk for a weight gradient). The handle keeps the
         caller's topk tensors, not copies: changed in place since, they no longer match its plan (pairs would
-        go to ranks that do not hold their experts), which such a reuse refuses, also where topk gives the
-        handle's own ids tensor again (inference tensors keep no
+        go to ranks that do not hold their experts), which such a reuse refuses (inference tensors keep no
         version counter to check: do not change them while their handle is in use).
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
@@ -129,14 +128,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
             self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
-                _check_handle_tokens(handle, x)
+                _check_handle_input(handle, x)
+            _check_unchanged(handle, topk)
         if topk is None:
-            _check_unchanged(handle)
             topk = (handle.topk[0], handle.topk[1].detach())
-        elif handle is not None and isinstance(topk, (tuple, list)) and len(topk) == 2:
-            # the handle's own ids tensor given again, written in place since: its plan sent pairs to the ranks
-            # of the old experts, which dropped them (new weights in place are fine: they travel as given)
-            _check_unchanged(handle, ids=topk[0])
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
 
@@ -155,6 +150,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             handle.topk = (ids, weights)  # a reuse given only the handle sends these again (detached then)
             handle.topk_versions = tuple(None if t.is_inference() else t._version for t in handle.topk)
             handle.placement = self.placement
+            handle.x_dtype = x_dtype
         else:
             if needs_grad(x, weights):  # a handle made under torch.inference_mode, reused in training
                 handle = handle.for_autograd()
@@ -175,6 +171,10 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             raise TypeError(f"handle={type(handle).__name__}; allowed: None or the handle of an earlier "
                             f"deepep_normal dispatch")
         made, mine = handle.placement, self.placement
+        if made is not None and (handle.rows, handle.chunk) != (self.options.num_worst_tokens, self.options.chunk):
+            # (a host plan's handle in a num_worst_tokens dispatcher gave its variable rows, and the reverse)
+            raise ValueError(f"handle was made with {_static_setting(handle.rows, handle.chunk)}; allowed: a handle "
+                             f"made with this dispatcher's {self._capacity} (its receive shapes)")
         if made is mine:
             return
         if made is None or (made.num_experts, made.ep_size, made._owners()) != (mine.num_experts, mine.ep_size,
@@ -185,29 +185,43 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                              f"moved experts between ranks, dispatch again without it)")
 
 
+def _static_setting(num_worst_tokens: Optional[int], chunk: Optional[int]) -> str:
+    """The options that shape a dispatch's receive side, as its errors name them."""
+    return f"num_worst_tokens={num_worst_tokens}" + (
+        f" / num_max_dispatch_tokens_per_rank={chunk}" if chunk != num_worst_tokens else "")
+
+
 def _owners(placement) -> str:
     """A placement's experts and their ranks, as a handle check names them."""
     owners = "contiguous" if placement.is_contiguous else list(placement._owners())
     return f"num_experts={placement.num_experts}, ep_size={placement.ep_size}, expert_to_rank={owners}"
 
 
-def _check_unchanged(handle: ExchangeHandle, ids: Optional[torch.Tensor] = None) -> None:
-    """A reuse without topk sends the handle's own (ids, weights) again: they must be what its plan was made for.
-    ids: the topk_ids a reuse with topk was given; where they are the handle's own tensor, only they are checked."""
-    checked = zip(("topk_ids", "topk_weights"), handle.topk or (), handle.topk_versions or (None, None))
-    if ids is not None:
-        checked = [(name, t, version) for name, t, version in checked if t is ids]
-    for name, t, version in checked:
+def _check_unchanged(handle: ExchangeHandle, topk) -> None:
+    """A reuse without topk sends the handle's own (ids, weights) again, and one given the handle's own ids tensor
+    (a routing buffer refilled in place each step) sends those ids: they must be what its plan was made for (ids
+    changed since went by the old plan, and pairs now owned by another rank were dropped without a word)."""
+    given = topk[0] if isinstance(topk, (tuple, list)) and len(topk) == 2 else None  # (a bad topk: named later)
+    for name, t, version in zip(("topk_ids", "topk_weights"), handle.topk, handle.topk_versions or (None, None)):
+        if topk is not None and not (name == "topk_ids" and t is given):
+            continue
         if version is not None and t._version != version:
             raise ValueError(f"handle's {name} changed in place since the handle was made (version {version} -> "
                              f"{t._version}); its plan no longer matches them: dispatch without the handle for new "
                              f"routing, or pass topk= the routing it was made for")
 
 
-def _check_handle_tokens(handle: ExchangeHandle, x: torch.Tensor) -> None:
+def _check_handle_input(handle: ExchangeHandle, x: torch.Tensor) -> None:
+    """x as the handle's plan was made for: its T, and its dtype, which the plan's count table checked alike on
+    every rank (a reuse reads no table: a rank reusing it with x of another dtype sent rows of another byte count,
+    and gloo aborted the process)."""
     if handle.num_tokens != x.shape[0]:
         raise ValueError(f"handle was made for {handle.num_tokens} tokens; x has {x.shape[0]} "
                          f"(a handle is only valid for a dispatch with the same routing)")
+    if handle.x_dtype is not None and x.dtype != handle.x_dtype:
+        raise TypeError(f"handle was made for x of dtype {handle.x_dtype}; x has dtype {x.dtype} (allowed: "
+                        f"{handle.x_dtype}; for another dtype dispatch without the handle, which checks that every "
+                        f"rank changed it)")
 
 
 def _runner_input(out: DeepEPNormalDispatchOutput, placement, config) -> RunnerInput:

@@ -162,10 +162,12 @@ class ExchangeHandle:
     relay: Optional[RelayPlan] = None
     # (topk_ids, topk_weights) the plan was made for, and the placement it was made over, kept by a
     # dispatcher whose handle may be reused without them (deepep_normal, as DeepEP's cached dispatch); with
-    # their version counters then (None for inference tensors, which have none): a reuse checks them unchanged
+    # their version counters then (None for inference tensors, which have none): a reuse checks them unchanged.
+    # x_dtype: the dispatched x's, which the count table checked alike on every rank (a reuse reads no table)
     topk: Optional[tuple] = None
     topk_versions: Optional[tuple] = None
     placement: Optional[ExpertPlacement] = None
+    x_dtype: Optional[torch.dtype] = None
     # Plans whose table was read on the host when made (not a deferred or captured static plan, nor the
     # NVLink token put): whether x and topk_weights need gradients on any rank (send then makes this
     # rank's need them too); None elsewhere.

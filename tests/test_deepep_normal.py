@@ -207,30 +207,34 @@ def test_cached_dispatch_takes_x_and_the_handle(options):
     assert run_ranks(_cached_dispatch_rank, 2, options) == [(True, True, [True] * 4)] * 2
 
 
-def _reuse_with_ids_written_in_place_rank(rank, world_size):
-    """A reuse given topk whose ids are the handle's own tensor, written in place since (a routing buffer the next
-    step fills): its plan sends pairs to the ranks of the old experts, which dropped them with no error (0.7-0.9
-    relative error); it is refused like the reuse without topk. Weights written in place keep the routing: served."""
-    E, K, H = 8, 2, 16
-    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, 8))
+def _refilled_ids_rank(rank, world_size):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8))
     gen = torch.Generator().manual_seed(rank)
-    ids = random_topk_ids(gen, 9, E, K, world_size)
-    x, w = torch.randn(9, H, generator=gen), torch.rand(9, K, generator=gen)
-    handle = d.dispatch(x, ep.TopKOutput(ids, w)).handle
-    w.copy_(torch.rand(9, K, generator=gen))
-    served = d.dispatch(x, ep.TopKOutput(ids, w), handle=handle)
-    fresh = d.dispatch(x, ep.TopKOutput(ids, w))
-    same = torch.equal(served.recv_topk_weights, fresh.recv_topk_weights) and torch.equal(served.recv_x, fresh.recv_x)
-    ids.copy_(random_topk_ids(gen, 9, E, K, world_size))
+    ids, w = random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen)
+    x = torch.randn(6, 16, generator=gen)
+    first = d.dispatch(x, ep.TopKOutput(ids, w))
+    w.mul_(2)  # new weights for the same routing: sent as given
+    again = d.dispatch(x, ep.TopKOutput(ids, w), handle=first.handle)
+    ids.copy_(random_topk_ids(gen, 6, 8, 2, world_size))  # the routing buffer refilled for the next step
     try:
-        d.dispatch(x, ep.TopKOutput(ids, w), handle=handle)
-        return same, "no error"
-    except ValueError as e:
-        return same, "handle's topk_ids changed in place since the handle was made" in str(e)
+        d.dispatch(x, ep.TopKOutput(ids, w), handle=first.handle)
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    d.dispatch(x, ep.TopKOutput(ids, w))  # the group is still in step
+    return message, torch.equal(again.recv_topk_weights, 2 * first.recv_topk_weights)
 
 
-def test_reuse_with_the_handles_ids_written_in_place_is_refused():
-    assert run_ranks(_reuse_with_ids_written_in_place_rank, 2) == [(True, True)] * 2
+def test_a_handle_given_its_own_ids_changed_in_place_is_refused():
+    """dispatch(x, TopKOutput(ids, w), handle=h) with ids the very tensor h was made with, refilled in place since
+    (a routing buffer reused each step): the old plan sent the new ids' pairs to the old ranks, which dropped those
+    whose expert they do not hold (rank 1 received 10 of its 13 pairs, no error). Refused now, as the cached
+    dispatch without topk refuses it; weights changed in place are sent as given."""
+    for message, weights_sent in run_ranks(_refilled_ids_rank, 2):
+        assert weights_sent
+        assert message == ("handle's topk_ids changed in place since the handle was made (version 0 -> 1); its plan no "
+                           "longer matches them: dispatch without the handle for new routing, or pass topk= the "
+                           "routing it was made for"), message
 
 
 def _foreign_handle_rank(rank, world_size):
@@ -282,6 +286,67 @@ def test_a_handle_made_over_another_placement_is_refused():
             "was made over: after apply_placement moved experts between ranks, dispatch again without it)",
             "handle=DeepEPNormalDispatchOutput; allowed: None or the handle of an earlier deepep_normal dispatch",
         ], errors
+
+
+def _handle_of_other_shapes_rank(rank, world_size):
+    """A handle made by a dispatcher whose receive side is shaped otherwise (host plan vs num_worst_tokens W, another
+    W, another chunk) over the same experts: each reuse is refused before any exchange (the host plan's handle in a
+    num_worst_tokens=30 dispatcher gave its variable row counts, breaking the static shapes a CUDA graph needs, and
+    the static handle in a host-plan dispatcher gave 30 rows and no counts)."""
+    config = ep.MoeConfig(8, 2, 16, 8)
+    gen = torch.Generator().manual_seed(rank)
+    topk = ep.TopKOutput(random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen))
+    x = torch.randn(6, 16, generator=gen)
+    options = [{}, {"num_worst_tokens": 30}, {"num_worst_tokens": 40}, {"num_worst_tokens": 30,
+                                                                          "num_max_dispatch_tokens_per_rank": 12}]
+    made = [ep.dispatchers.create("deepep_normal", config, **o) for o in options]
+    outs = [d.dispatch(x, topk) for d in made]
+    errors = {}
+    for i, d in enumerate(made):
+        for j, out in enumerate(outs):
+            try:
+                again = d.dispatch(x, topk, handle=out.handle)
+                errors[(i, j)] = torch.equal(again.recv_x, out.recv_x)
+            except ValueError as err:
+                errors[(i, j)] = str(err)
+    return errors
+
+
+def test_a_handle_of_other_receive_shapes_is_refused():
+    settings = ["num_worst_tokens=None", "num_worst_tokens=30", "num_worst_tokens=40",
+                "num_worst_tokens=30 / num_max_dispatch_tokens_per_rank=12"]
+    for errors in run_ranks(_handle_of_other_shapes_rank, 2):
+        for (i, j), got in errors.items():
+            assert got == (True if i == j else f"handle was made with {settings[j]}; allowed: a handle made with this "
+                           f"dispatcher's {settings[i]} (its receive shapes)"), (i, j, got)
+
+
+def _reuse_in_another_dtype_rank(rank, world_size, options):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
+    gen = torch.Generator().manual_seed(rank)
+    topk = ep.TopKOutput(random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen))
+    x = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    out = d.dispatch(x, topk)
+    try:
+        d.dispatch(x.float(), topk, handle=out.handle)
+        message = "no error"
+    except TypeError as err:
+        message = str(err)
+    again = d.dispatch(2 * x, handle=out.handle)  # the group is still in step
+    return message, torch.equal(again.recv_x, 2 * out.recv_x)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 24}], ids=["host_plan", "static_plan"])
+def test_a_handle_reused_with_x_of_another_dtype_is_refused(options):
+    """The count table checks x's dtype alike on every rank; a reuse reads none, so one rank reusing the handle
+    with x of another dtype sent rows of another byte count and gloo aborted the process ("Received data size
+    doesn't match expected size"). Now the handle names the dtype it was made for, on the rank that changed it,
+    before any exchange (a dtype change dispatches without the handle, whose count table checks every rank)."""
+    for message, same in run_ranks(_reuse_in_another_dtype_rank, 2, options):
+        assert message == ("handle was made for x of dtype torch.float64; x has dtype torch.float32 (allowed: "
+                           "torch.float64; for another dtype dispatch without the handle, which checks that every "
+                           "rank changed it)"), message
+        assert same
 
 
 def _inference_handle_rank(rank, world_size, options):
