@@ -319,8 +319,9 @@ if gluon is not None:
         """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
         W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
         per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
-        Else (GEMM 2): bf16 rows in sorted order (TMA). out: the output's TMA descriptor (one partition's rows). WARP_SPECIALIZE: one more warp issues the loads (_produce), and
-        the math warpgroups form MATH_PARTITIONS partitions (1 or 2; 2: num_warps is one warpgroup's, 4)."""
+        Else (GEMM 2): bf16 rows in sorted order (TMA). out: the output's TMA descriptor (one partition's rows).
+        WARP_SPECIALIZE: one more warp issues the loads (_produce), and the math warpgroups form MATH_PARTITIONS
+        partitions (1 or 2; 2: num_warps is one warpgroup's, 4)."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         PASSES: gl.constexpr = 2 if (ACT_QUANT and GATED) else 1
@@ -392,8 +393,7 @@ def _launch(a, a_scale, w, w_scale, out, aligned, N: int, pipeline: Pipeline, **
     grid = (max(1, min(_sm_count(a.device.index), aligned.block_expert.numel() * (N // GROUP))), )
     _grouped_kernel[grid](a_desc, b_desc, target, a_scale, w_scale, aligned.block_expert, aligned.used_blocks, N,
                           w_rows, K, a_scale.stride(0), w_scale.shape[-1], NUM_STAGES=pipeline.stages,
-                          GROUP_STEPS=GROUP_STEPS,
-                          GROUP_M=pipeline.group_m, num_warps=NUM_WARPS // parts,
+                          GROUP_STEPS=GROUP_STEPS, GROUP_M=pipeline.group_m, num_warps=NUM_WARPS // parts,
                           WARP_SPECIALIZE=pipeline.warp_specialize, MATH_PARTITIONS=parts,
                           LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS,
                           **(dict(maxnreg=MAX_REGS) if pipeline.warp_specialize else {}), **epilogue)
