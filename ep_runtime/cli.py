@@ -87,6 +87,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     """The `ep-runtime` parser and its commands' parsers by name (bench's options are
     ep_runtime.bench.cli.build_parser's: it takes the rest of the command line)."""
     parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
+    from . import __version__  # (what a bug report asks first; `--version` was "arguments are required: command")
+    parser.add_argument("--version", action="version", version=f"ep-runtime {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run every dispatcher forward and backward against the float64 reference",

@@ -173,6 +173,17 @@ def test_demo_refuses_a_mori_receive_buffer_knob_below_tokens_in_one_line(monkey
         "max_dispatch_tokens_per_rank x R)"), err
 
 
+def test_version_prints_ours_and_torchs(capsys):
+    import torch
+
+    import ep_runtime as ep
+    from ep_runtime.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"ep-runtime {ep.__version__} (torch {torch.__version__})\n"
+
+
 def test_help_states_every_options_default():
     """Every option of `ep-runtime demo|env|bench --help` that takes a value says its default (switches are off
     unless given)."""
