@@ -217,8 +217,10 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
             parser.error(f"--runners {name}: cannot run here ({_unavailable_reason(name)}); available here: "
                          f"{', '.join(runners.available())}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error(f"--plot {args.plot}: needs matplotlib, which is not installed (pip install matplotlib, or "
-                     f"drop --plot and plot a --json file later with --from-json)")
+        later = ("run this --from-json on a machine that has it" if args.from_json else
+                 "drop --plot and plot a --json file later with --from-json")  # (--from-json: it was that advice)
+        parser.error(f"--plot {args.plot}: needs matplotlib, which is not installed (pip install 'ep-runtime[bench]' "
+                     f"or matplotlib, or {later})")
     if not interactive and not args.no_progress:
         argv.append("--no-progress")
     return argv

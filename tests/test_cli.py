@@ -79,7 +79,9 @@ def _has(module: str) -> bool:
                                            "standard (did you mean deepep_ll or deepep_normal?)"),
     (["bench", "--dispatchers", "standard,nope"], "--dispatchers nope: unknown"),
     (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
-    (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
+    (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib, which is not installed "
+                                                           "(pip install 'ep-runtime[bench]' or matplotlib, or drop --plot"),
+    (["bench", "--from-json", "out.json", "--plot", "out.png"], "or run this --from-json on a machine that has it)"),
     (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
     (["bench", "--tokens", "99999999999999999999"], "argument --tokens: '99999999999999999999': give one or more "
                                                      "integers >= 0 and <= 2147483647"),
