@@ -75,6 +75,19 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def refuse_missing_group(name: str, group: Optional[dist.ProcessGroup]) -> None:
+    """No process group in a process that a launcher started as one rank of several: a dispatcher that shards
+    experts would hold every expert on every rank and exchange nothing, with no error (ep.init_distributed()
+    forgotten, or called after the layer was built)."""
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        return
+    variable, size = distributed.launched_job_size()
+    if size > 1:
+        raise RuntimeError(f"dispatcher={name!r} was built with no process group, but {variable}={size}: this "
+                           f"process is one rank of a {size}-rank job; call ep.init_distributed() before building "
+                           f"the layer (or pass group=)")
+
+
 def refuse_placement_unless_sharded(name: str, shards_experts: bool, expert_to_rank) -> None:
     """An expert_to_rank given to a dispatcher that does not shard experts is an error (ignored, any table would
     pass unchecked)."""
@@ -217,6 +230,8 @@ class Dispatcher:
         refuse_placement_unless_sharded(self.name, self.shards_experts, expert_to_rank)
         self.config = config
         self.group = group = as_process_group(group)
+        if self.shards_experts:
+            refuse_missing_group(self.name, group)
         rank, size = group_rank_and_size(group)
         self.rank, self.world_size = rank, size
         self.placement = (ExpertPlacement(config.num_experts, size, rank, expert_to_rank) if self.shards_experts

@@ -87,6 +87,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     """The `ep-runtime` parser and its commands' parsers by name (bench's options are
     ep_runtime.bench.cli.build_parser's: it takes the rest of the command line)."""
     parser = argparse.ArgumentParser(prog="ep-runtime", description="Expert-parallel MoE runtime for PyTorch.")
+    from . import __version__  # (what a bug report asks first; `--version` was "arguments are required: command")
+    parser.add_argument("--version", action="version", version=f"ep-runtime {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run every dispatcher forward and backward against the float64 reference",
@@ -215,8 +217,10 @@ def bench_arguments(argv: Sequence[str], interactive: bool) -> list[str]:
             parser.error(f"--runners {name}: cannot run here ({_unavailable_reason(name)}); available here: "
                          f"{', '.join(runners.available())}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error(f"--plot {args.plot}: needs matplotlib, which is not installed (pip install matplotlib, or "
-                     f"drop --plot and plot a --json file later with --from-json)")
+        later = ("run this --from-json on a machine that has it" if args.from_json else
+                 "drop --plot and plot a --json file later with --from-json")  # (--from-json: it was that advice)
+        parser.error(f"--plot {args.plot}: needs matplotlib, which is not installed (pip install 'ep-runtime[bench]' "
+                     f"or matplotlib, or {later})")
     if not interactive and not args.no_progress:
         argv.append("--no-progress")
     return argv

@@ -122,6 +122,19 @@ def detect_launch() -> LaunchInfo:
     return LaunchInfo("single", 0, 1, 0, "")
 
 
+def launched_job_size() -> tuple[Optional[str], int]:
+    """(variable, ranks) of the job a launcher started this process in, read from its variables alone (no
+    MPI broadcast, unlike detect_launch): (None, 1) for a single process or an srun step of one task."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if (size := envs.launcher(name, int)) is not None:
+            return name, size
+    if envs.launcher("SLURM_STEP_ID") is not None:  # a batch script itself (no step) runs as one process
+        for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+            if (size := envs.launcher(name, int)) is not None:
+                return name, size
+    return None, 1
+
+
 def _started_by_mpi_proxy() -> bool:
     """MPICH's and Intel MPI's mpiexec inside an allocation start one proxy per node with srun, and the
     proxy starts that node's ranks: each rank inherits the proxy's SLURM_PROCID and the step's task

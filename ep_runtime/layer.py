@@ -53,7 +53,9 @@ class EPMoE(nn.Module):
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
     runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
-    mesh["ep"]); None: the default process group when one exists, else a single process.
+    mesh["ep"]); None: the default process group when one exists, else a single process (with a dispatcher
+    that shards experts, an error in a process a launcher started as one rank of several: call
+    ep.init_distributed() before building the layer).
     dtype None / device None: torch's default dtype and device, as torch's own modules take them
     (torch.set_default_dtype, `with torch.device("meta"):` while a model is built; float32 and cpu
     unless changed).

@@ -113,7 +113,8 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
     if router_logits.dim() != 2:
-        raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E]")
+        raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected [T, E] (flatten the leading "
+                         f"dims: router_logits.flatten(0, -2); a layer's router_logits= takes [..., E] as it is)")
     T, E = router_logits.shape
     if E < 1:  # (config.check would say "allowed 1..0")
         raise ValueError(f"router_logits has shape {list(router_logits.shape)}: no expert to pick from; expected [T, E] "

@@ -346,6 +346,9 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--experts", "4", "--top-k", "8"], "--top-k 8 is more than --experts 4"),
     (["--experts", "8,9", "--top-k", "2", "--world-size", "3"], "--experts 8: the dispatch suite divides E over the 3"),
     (["--suite", "runner", "--experts", "8", "--top-k", "2", "--runner-ep-size", "3"], "--experts 8: the runner suite"),
+    # eplb's layer without copies and overlap's layers shard E too: every row was skipped, after the whole run
+    (["--suite", "eplb", "--world-size", "3"], "--experts 16: the eplb suite divides E over the 3 ranks"),
+    (["--suite", "overlap", "--world-size", "3"], "--experts 16: the overlap suite divides E over the 3 ranks"),
     (["--fp8", "--triton-fp8-gemm", "cublas"], "--triton-fp8-gemm cublas: allowed auto, triton, gluon"),
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),

@@ -79,7 +79,9 @@ def _has(module: str) -> bool:
                                            "standard (did you mean deepep_ll or deepep_normal?)"),
     (["bench", "--dispatchers", "standard,nope"], "--dispatchers nope: unknown"),
     (["bench", "--suite", "dispatch", "--runners", "triton"], "--runners triton: cannot run here"),
-    (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib"),
+    (["bench", "--plot", "out.png", "--json", "out.json"], "--plot out.png: needs matplotlib, which is not installed "
+                                                           "(pip install 'ep-runtime[bench]' or matplotlib, or drop --plot"),
+    (["bench", "--from-json", "out.json", "--plot", "out.png"], "or run this --from-json on a machine that has it)"),
     (["demo", "--runner", "masked"], "--runner masked: cannot run here"),
     (["bench", "--tokens", "99999999999999999999"], "argument --tokens: '99999999999999999999': give one or more "
                                                      "integers >= 0 and <= 2147483647"),
@@ -171,6 +173,17 @@ def test_demo_refuses_a_mori_receive_buffer_knob_below_tokens_in_one_line(monkey
         "mori's prealloc_max_recv_tokens; allowed: --tokens at most 4, or set "
         "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS to at least 48 (or to 0: mori's receive rows are then "
         "max_dispatch_tokens_per_rank x R)"), err
+
+
+def test_version_prints_ours_and_torchs(capsys):
+    import torch
+
+    import ep_runtime as ep
+    from ep_runtime.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"ep-runtime {ep.__version__} (torch {torch.__version__})\n"
 
 
 def test_help_states_every_options_default():

@@ -227,6 +227,32 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
         ("torchrun", 5, 8, 1, "env://")
 
 
+@pytest.mark.parametrize("env,variable", [
+    (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"), "WORLD_SIZE=2"),
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="4"), "SLURM_STEP_NUM_TASKS=4"),
+    (dict(OMPI_COMM_WORLD_SIZE="2"), "OMPI_COMM_WORLD_SIZE=2"),
+])
+def test_sharded_layer_without_a_group_in_a_launched_job_names_init_distributed(monkeypatch, env, variable):
+    """`torchrun --nproc-per-node 2 script.py` whose script builds its layer before (or without)
+    ep.init_distributed(): each rank held every expert and ran alone, with no error."""
+    import torch
+
+    import ep_runtime as ep
+    clear_launcher_variables(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=rf"dispatcher='deepep_normal' .*{variable}.*call ep.init_distributed\(\)"):
+        ep.EPMoE(8, 2, 16, 24, dispatcher="deepep_normal")
+    with pytest.raises(RuntimeError, match=rf"dispatcher='mori' .*{variable}"):
+        ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 24))
+    layer = ep.EPMoE(8, 2, 16, 24, dispatcher="standard")  # every rank holds every expert anyway
+    assert layer(torch.randn(3, 16), router_logits=torch.randn(3, 8)).shape == (3, 16)
+    clear_launcher_variables(monkeypatch)  # a plain process (or a one-task srun step) runs alone
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert ep.EPMoE(8, 2, 16, 24, dispatcher="deepep_normal").placement.ep_size == 1
+
+
 @pytest.mark.parametrize("env,local_rank", [
     (dict(SLURM_STEP_ID="3", SLURM_PROCID="3", SLURM_LOCALID="1"), 1),
     (dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1"), 1),

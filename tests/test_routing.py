@@ -169,6 +169,13 @@ def test_router_logits_of_a_wrong_type_are_refused(logits, error, match):
         select_experts(logits, TopKConfig(top_k=2))
 
 
+def test_router_logits_with_leading_dims_name_the_flatten():
+    """[B, S, E] logits, as a layer's router_logits= takes them, said only "expected [T, E]"."""
+    with pytest.raises(ValueError, match=r"router_logits has shape \[2, 3, 8\]; expected \[T, E\] \(flatten the "
+                                         r"leading dims: router_logits.flatten\(0, -2\)"):
+        select_experts(torch.randn(2, 3, 8), TopKConfig(top_k=2))
+
+
 @pytest.mark.parametrize("bias,error,match", [
     (torch.zeros(8, dtype=torch.int64), TypeError, r"correction_bias has dtype torch.int64; expected a floating dtype"),
     (torch.ones(8, dtype=torch.bool), TypeError, r"correction_bias has dtype torch.bool; expected a floating dtype"),

@@ -260,16 +260,18 @@ def _meta(settings: Settings, launcher: str, world_size: int, backend: str, devi
 
 
 def _check_experts_divide(settings: Settings, world_size: int) -> None:
-    """The dispatch suite shards every E over the job's ranks (a launcher's, else --world-size spawned here) and
-    the runner suite computes E / --runner-ep-size (default: those ranks): a ValueError naming the flag when an E
-    does not divide, before any rank starts (the suites raise it on every rank otherwise)."""
+    """The dispatch, eplb and overlap suites shard every E over the job's ranks (a launcher's, else --world-size
+    spawned here; eplb's layer without copies too) and the runner suite computes E / --runner-ep-size (default:
+    those ranks): a ValueError naming the flag when an E does not divide, before any rank starts (the suites raise
+    it on every rank otherwise; eplb and overlap skipped every row and ended "no benchmark produced a result")."""
     from ..distributed import detect_launch
 
     launch = detect_launch()
     ranks = launch.world_size if launch.launcher != "single" else world_size
     job = f"the {ranks} ranks (--world-size or the launcher's)"
     ep_size = settings.runner_ep_size
-    checks = [("dispatch", ranks, job), ("runner", ep_size or ranks, f"--runner-ep-size {ep_size}" if ep_size else job)]
+    checks = [(suite, ranks, job) for suite in ("dispatch", "eplb", "overlap")]
+    checks.append(("runner", ep_size or ranks, f"--runner-ep-size {ep_size}" if ep_size else job))
     for suite, size, what in checks:
         bad = [E for E in settings.num_experts if E % size]
         if suite in settings.suites and bad:
