@@ -115,6 +115,19 @@ def test_create_names_a_bad_config_or_option_and_what_is_allowed(bad):
             ep.runners.create("torch", cfg, bogus=1)
 
 
+@pytest.mark.parametrize("device", ["gpu0", 0.5, [0]])
+def test_create_names_a_bad_device(device):
+    """runners.create and dispatchers.create check `device` as EPMoE does: the torch runner and a gloo
+    dispatcher took any value without a word, and runner "auto" failed in torch.device naming nothing."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    match = rf"device={re.escape(repr(device))} is not a torch device \(.*\); allowed: a torch.device"
+    for runner in ("torch", "auto"):
+        with pytest.raises(ValueError, match=match):
+            ep.runners.create(runner, cfg, device=device)
+    with pytest.raises(ValueError, match=match):
+        ep.dispatchers.create("standard", cfg, device=device)
+
+
 @pytest.mark.parametrize("runner", ["torch", "auto"])
 def test_create_names_a_token_dtype_no_runner_computes_in(runner):
     """runners.create(dtype=...) takes the tokens' dtype as EPMoE's dtype does (a float dtype or its name) and
