@@ -33,6 +33,16 @@ def check_tile_sides(owner: str, tiles, names: tuple[str, ...]) -> None:
             raise ValueError(f"{owner}.{name}={value!r}; allowed: a power of two >= 16 (16, 32, 64, ...)")
 
 
+def check_type(name: str, value, kind: type, allowed: str) -> None:
+    """Raise naming argument `name`, its value (cut to 80 characters) and type, and `allowed`, when `value` is no
+    `kind` (a module, a dict or an optimizer of the wrong kind failed later as "'NoneType' object has no attribute
+    ..." or "... is not iterable", naming neither)."""
+    if not isinstance(value, kind):
+        text = repr(value)
+        raise TypeError(f"{name}={text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__}); "
+                        f"allowed: {allowed}")
+
+
 def is_bool(value) -> bool:
     """True or False: Python's, or a numpy bool scalar (not 0 / 1, not None)."""
     return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"
