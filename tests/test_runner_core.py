@@ -395,6 +395,25 @@ def test_narrow_id_dtypes_are_checked_by_value_not_by_a_wrapped_bound(dtype, E):
 
 
 @pytest.mark.parametrize("bad,error", [
+    ("backend", "backend=None (NoneType); allowed: a runner backend (ep.runners.create(name, config))"),
+    ("config", "config=None; allowed: an ep.MoeConfig (e.g. layer.config)"),
+    ("placement", "placement=8 (int); allowed: an ep.ExpertPlacement (e.g. dispatcher.placement)"),
+    ("dispatch_output", "dispatch_output must be a dispatcher's dispatch output (d.dispatch(x, topk)); got Tensor"),
+])
+def test_moe_runner_names_an_argument_of_the_wrong_type(bad, error):
+    """MoeRunner(None, ...) and MoeRunner(backend, config, 8) failed in run() with AttributeError ("'NoneType'
+    object has no attribute 'name'", "... 'global_to_local_table'"), config=None was taken silently, and
+    run(a tensor, weights) raised AttributeError: 'Tensor' object has no attribute 'format'."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    backend, placement = ep.runners.create("torch", cfg), ep.ExpertPlacement(8)
+    args = {"backend": (None, cfg, placement), "config": (backend, None, placement), "placement": (backend, cfg, 8)}
+    with pytest.raises(TypeError, match=re.escape(error)):
+        runner = MoeRunner(*args.get(bad, (backend, cfg, placement)))
+        weights = ep.ExpertWeights(torch.randn(8, 16, 16), torch.randn(8, 16, 8))
+        runner.run(torch.randn(4, 16), weights)
+
+
+@pytest.mark.parametrize("bad,error", [
     ("tensor", "runner '{runner}': run() takes the runner core's input (RunnerInput or ExpertMajorInput); got Tensor"),
     ("weights_tuple", "weights is a tuple; allowed: an ep.ExpertWeights(w13, w2, b13=None, b2=None)"),
     ("mask_list", "expert_mask is a list; expected a tensor (hidden_states [N, 16], expert_mask [L+1])"),
