@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import build, check_config, did_you_mean, register_named
+from ep_runtime.validation import as_device
 
 from .base import Dispatcher, join_settings_check
 from .overlap import ExchangeWork, ReceiveHook
@@ -40,6 +41,8 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
     cls = get(name)
     try:
         check_config(config)
+        if device is not None:  # (a gloo group ignored a bad one, silently)
+            as_device(device)
         dispatcher = build(cls, "dispatcher", name, dict(config=config, group=group), options)
     except Exception as error:  # on this rank only, maybe: the others would wait in the settings check
         join_settings_check(name, group, error, device)

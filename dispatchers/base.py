@@ -397,7 +397,11 @@ class Dispatcher:
         if not isinstance(combine_input, CombineInput):  # (a tensor or None read as rows of None)
             raise TypeError(f"combine_input must be an ep.CombineInput (the runner's output for this dispatcher's "
                             f"dispatch: MoeRunner.run(dispatch_output, weights)); got {type(combine_input).__name__}")
-        made_by = combine_input.dispatch_output.format  # (a dispatch not waited for yet raises, saying so)
+        # (a dispatch not waited for yet raises, saying so; None or another object raised AttributeError 'format')
+        made_by = getattr(combine_input.dispatch_output, "format", None)
+        if not isinstance(made_by, str):
+            raise TypeError(f"combine_input.dispatch_output must be this {self.name} dispatcher's dispatch output; got "
+                            f"{type(combine_input.dispatch_output).__name__}")
         if made_by != self.format:  # another dispatcher's rows failed on an attribute of its handle, or combined
             raise ValueError(f"combine_input.dispatch_output is a {made_by!r} dispatch's output; allowed: this "
                              f"{self.name} dispatcher's own dispatch output (format {self.format!r})")

@@ -19,6 +19,7 @@ get_optimizer_state_dict / set_optimizer_state_dict likewise.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .dispatchers.base import agree_before_collectives
 from .layer import _EXPERT_TENSORS, PLACEMENT_KEY, EPMoE, _first_copies, _placement_tables
 from .placement import ExpertPlacement
 from .quant import is_quantized_dtype
+from .validation import check_type
 
 
 def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -50,6 +52,7 @@ def distributed_state_dict(model: nn.Module) -> dict[str, Any]:
 
     Everything else is what model.state_dict() holds: replicated parameters (a "standard" layer's
     experts included) as plain tensors, which DCP saves once."""
+    check_type("model", model, nn.Module, "a torch.nn.Module holding EPMoE layers")
     state = model.state_dict()
     for prefix, layer in _expert_layers(model):
         mesh = _mesh(layer) if layer.dispatcher.shards_experts else None
@@ -75,6 +78,8 @@ def load_distributed_state_dict(model: nn.Module, state_dict: dict[str, Any], st
     as the default placement, the key in the result's missing_keys).
     Another number of slots (num_redundant_experts) is an error naming the layer; so is a placement whose
     copies of an expert would share a rank at this EP size."""
+    check_type("model", model, nn.Module, "a torch.nn.Module holding EPMoE layers")
+    check_type("state_dict", state_dict, Mapping, "a dict (the one ep.distributed_state_dict made, filled by dcp.load)")
     state = dict(state_dict)
     for prefix, layer in _expert_layers(model):
         if not layer.dispatcher.shards_experts:
@@ -152,6 +157,8 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
         ep.load_distributed_optimizer_state_dict(model, optimizer, state["optim"])
 
     At another EP size each rank's state rows follow its parameter rows (the same slots)."""
+    check_type("model", model, nn.Module, "a torch.nn.Module holding EPMoE layers")
+    check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer of the model's parameters")
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)
     key_of = _state_keys(optimizer, state)
@@ -176,6 +183,9 @@ def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.opt
                                           state_dict: dict[str, Any]) -> None:
     """Load a dict made by distributed_optimizer_state_dict (after dcp.load filled it) into `optimizer`
     with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict."""
+    check_type("model", model, nn.Module, "a torch.nn.Module holding EPMoE layers")
+    check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer of the model's parameters")
+    check_type("state_dict", state_dict, Mapping, "a dict (the one ep.distributed_optimizer_state_dict made, filled by dcp.load)")
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     # Only the experts' state goes back to plain tensors: other DTensors (the state of parameters FSDP2's
     # fully_shard made DTensors) are what torch takes for those parameters, and as plain tensors the next

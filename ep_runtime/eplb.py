@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -113,10 +114,14 @@ def on_nodes(plan: Plan, node_of: Sequence[int]) -> Plan:
     moved onto ranks whose nodes are node_of[r] (G nodes numbered 0.. in order of first appearance, n ranks
     each, in any order, e.g. a launcher that deals ranks out to nodes round-robin): the i-th rank of node
     g takes the slots of rank g*n + i, so every copy of an expert still stays on one node."""
-    R, node_of = plan.num_ranks, list(node_of)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an ep.eplb.Plan (eplb.plan's result); got {type(plan).__name__}")
+    # (a str listed its characters; an int or None failed in list() naming nothing: "'int' object is not iterable")
+    given, R = node_of, plan.num_ranks
+    node_of = list(node_of) if isinstance(node_of, Iterable) and not isinstance(node_of, str) else []
     G = max(node_of) + 1 if node_of and all(is_int_at_least(b, 0) for b in node_of) else 0
     if len(node_of) != R or G == 0 or any(node_of.count(b) != R // G for b in range(G)):
-        raise ValueError(f"node_of={node_of}; allowed: the node (0..G-1) of each of the plan's num_ranks={R} ranks, "
+        raise ValueError(f"node_of={given!r}; allowed: the node (0..G-1) of each of the plan's num_ranks={R} ranks, "
                          f"every node holding R/G of them (the plan's num_nodes=G)")
     n, L = R // G, plan.num_physical_experts // R
     index = {b: 0 for b in range(G)}
@@ -136,6 +141,8 @@ def _check_load(load) -> list[float]:
         values = load.detach().double().cpu().tolist()
     else:
         try:
+            if isinstance(load, (str, bytes)):  # ("1234" read as the loads 1, 2, 3 and 4 of four experts)
+                raise TypeError
             values = [float(v) for v in load]
         except (TypeError, ValueError):
             raise ValueError(f"load={load!r}; expected a 1-D tensor or sequence of counts, one per expert") from None

@@ -56,7 +56,7 @@ from .layer import EPMoE
 from .quant import QuantConfig, is_quantized_dtype
 from .registry import did_you_mean, named_options
 from .routing import TopKOutput
-from .validation import is_int_at_least
+from .validation import check_type, is_int_at_least
 
 # activation name -> function, to recognise an experts module's act_fn by what it computes
 _ACTIVATIONS = {
@@ -777,10 +777,7 @@ def _sibling_blocks_check(model: nn.Module, names: list[str], options: dict) -> 
 def _check_model(model: Any) -> None:
     """replace_experts' and export_state_dict's model must be an nn.Module (else: AttributeError 'str' object has
     no attribute 'named_modules')."""
-    if not isinstance(model, nn.Module):
-        text = repr(model)
-        raise TypeError(f"model={text if len(text) <= 80 else text[:77] + '...'} ({type(model).__name__}); allowed: "
-                        f"a torch.nn.Module (a transformers model)")
+    check_type("model", model, nn.Module, "a torch.nn.Module (a transformers model)")
 
 
 def _check_options(options: dict) -> None:

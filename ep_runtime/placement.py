@@ -29,6 +29,7 @@ expert hold the same weights).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -411,6 +412,9 @@ _TABLES = {
 def _int_table(name: str, values: Sequence) -> tuple:
     """values as a tuple of Python ints (integer tensors and numpy ints too); an entry that is no
     integer (0.7, True, "1") is an error naming it, not truncated onto some rank or expert by int()."""
+    if isinstance(values, torch.Tensor) and values.dim() == 0 or not isinstance(values, Iterable):
+        # (iterating failed naming neither the argument nor the value: "'int' object is not iterable")
+        raise ValueError(f"{name}={values!r}; allowed: None or a sequence of ints (one per expert slot)")
     table = []
     for i, v in enumerate(values):
         if isinstance(v, torch.Tensor) and v.dim() == 0 and not (v.is_floating_point() or v.dtype == torch.bool):

@@ -72,7 +72,7 @@ class QuantConfig:
     scale_encoding: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.format not in _FORMATS:
+        if not isinstance(self.format, str) or self.format not in _FORMATS:  # (a list is no name: not "unhashable")
             raise ValueError(f"format={self.format!r}; allowed: {', '.join(_FORMATS)}")
         block = tuple(self.weight_block) if isinstance(self.weight_block, (tuple, list)) else None
         if block is None or len(block) != 2 or not all(is_power_of_two_at_least(b, 16) for b in block):

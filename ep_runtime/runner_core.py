@@ -23,8 +23,8 @@ import torch
 from .config import ExpertWeights, MoeConfig
 from .placement import ExpertPlacement
 from .quant import QuantConfig, decode_scales, is_quantized_dtype
-from .registry import add_once
-from .validation import assert_on_device, capturing, check_local_ids, check_topk, weights_dtype
+from .registry import add_once, check_config
+from .validation import assert_on_device, capturing, check_local_ids, check_topk, check_type, weights_dtype
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -549,6 +549,12 @@ class MoeRunner:
     """Runs one backend on any registered dispatch format (the layer never branches on backend)."""
 
     def __init__(self, backend: Any, config: MoeConfig, placement: ExpertPlacement):
+        from .runners.base import RunnerBackend  # (runners import this module)
+        # (a wrong one failed in the first run() as "'NoneType' object has no attribute ...", or, config=None,
+        # was taken silently)
+        check_type("backend", backend, RunnerBackend, "a runner backend (ep.runners.create(name, config))")
+        check_config(config)
+        check_type("placement", placement, ExpertPlacement, "an ep.ExpertPlacement (e.g. dispatcher.placement)")
         self.backend = backend
         self.config = config
         self.placement = placement
@@ -560,6 +566,9 @@ class MoeRunner:
         """The backend on this rank's dispatch output (or the pair's registered fused function). weights:
         this rank's local experts only, [L, ...] in the placement's local order, never the global
         [E, ...] tensors (the format's local ids would index them as if they were the shard)."""
+        if not isinstance(getattr(dispatch_output, "format", None), str):  # (else AttributeError 'format')
+            raise TypeError(f"dispatch_output must be a dispatcher's dispatch output (d.dispatch(x, topk)); got "
+                            f"{type(dispatch_output).__name__}")
         fused = _FUSED.get((dispatch_output.format, self.backend.name))
         if fused is not None:
             return fused(self, dispatch_output, weights)

@@ -33,6 +33,16 @@ def check_tile_sides(owner: str, tiles, names: tuple[str, ...]) -> None:
             raise ValueError(f"{owner}.{name}={value!r}; allowed: a power of two >= 16 (16, 32, 64, ...)")
 
 
+def check_type(name: str, value, kind: type, allowed: str) -> None:
+    """Raise naming argument `name`, its value (cut to 80 characters) and type, and `allowed`, when `value` is no
+    `kind` (a module, a dict or an optimizer of the wrong kind failed later as "'NoneType' object has no attribute
+    ..." or "... is not iterable", naming neither)."""
+    if not isinstance(value, kind):
+        text = repr(value)
+        raise TypeError(f"{name}={text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__}); "
+                        f"allowed: {allowed}")
+
+
 def is_bool(value) -> bool:
     """True or False: Python's, or a numpy bool scalar (not 0 / 1, not None)."""
     return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"
@@ -80,16 +90,23 @@ def float_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def as_device(device) -> torch.device:
+    """`device` (a torch.device, "cuda:0", an index) as a torch.device; anything else raises naming the argument
+    (torch's own error names neither, e.g. "device() received an invalid combination of arguments")."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:  # (torch's message is several lines for a wrong type: keep its first)
+        raise ValueError(f"device={device!r} is not a torch device ({str(err).splitlines()[0]}); allowed: a "
+                         f"torch.device, its name ('cpu', 'cuda', 'cuda:1', ...) or a CUDA index >= 0") from None
+
+
 def layer_dtype_and_device(dtype, device) -> tuple[torch.dtype, torch.device]:
     """A layer's dtype (a floating torch.dtype or its name, e.g. "bfloat16"; None: torch's default) and
     device (None: torch's default device, which `with torch.device("meta"):` and
     torch.set_default_device set, as for torch's own modules; cpu unless changed), checked: a wrong
     one would otherwise surface as a torch error far from the argument."""
     dtype = float_dtype(dtype)
-    try:
-        device = torch.get_default_device() if device is None else torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+    device = torch.get_default_device() if device is None else as_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} needs CUDA, and this process has none (torch.cuda.is_available() "
                          f"is False); use device='cpu'")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import build, check_config, did_you_mean, register_named
-from ep_runtime.validation import float_dtype
+from ep_runtime.validation import as_device, float_dtype
 
 from .base import GemmHooks, RunnerBackend
 
@@ -78,6 +78,8 @@ def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, d
     check_name(name)
     if dtype is not None:  # (checked before "auto" compares it with each backend's dtypes)
         dtype = float_dtype(dtype)
+    if device is not None:  # (a named backend ignored a bad one; "auto" failed in torch.device naming nothing)
+        device = as_device(device)
     name = resolve(name, device, format, dtype)
     cls = get(name)
     if not cls.is_available():

@@ -733,6 +733,22 @@ def _dcp_without_placement_rank(rank, world_size, path):
         return str(err.value), missing, rel_err(model["moe"](x, ids, weights), ref)
 
 
+@pytest.mark.parametrize("call,match", [
+    (lambda m, o: ep.distributed_state_dict(None), r"model=None \(NoneType\); allowed: a torch.nn.Module"),
+    (lambda m, o: ep.load_distributed_state_dict(m, None), r"state_dict=None \(NoneType\); allowed: a dict"),
+    (lambda m, o: ep.load_distributed_state_dict("model", {}), r"model='model' \(str\); allowed: a torch.nn.Module"),
+    (lambda m, o: ep.distributed_optimizer_state_dict(m, None), r"optimizer=None \(NoneType\); allowed: a torch.optim"),
+    (lambda m, o: ep.load_distributed_optimizer_state_dict(m, o, [1]), r"state_dict=\[1\] \(list\); allowed: a dict"),
+    (lambda m, o: ep.load_distributed_optimizer_state_dict(m, {}, {}), r"optimizer=\{\} \(dict\); allowed: a torch.optim"),
+])
+def test_checkpoint_arguments_of_the_wrong_type_are_named(call, match):
+    """The dcp helpers' model, state_dict and optimizer of the wrong type are named with what is allowed (was:
+    AttributeError 'NoneType' object has no attribute 'state_dict', or "'NoneType' object is not iterable")."""
+    model = nn.ModuleDict({"moe": ep.EPMoE(8, 2, 16, 8, runner="torch")})
+    with pytest.raises(TypeError, match=match):
+        call(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def test_dcp_state_without_the_placement_is_named(tmp_path):
     """A state without a layer's expert_placement (which distributed_state_dict always adds) loaded its rows as
     the default placement under strict=True with no word: a round-robin checkpoint's experts went into the wrong

@@ -104,7 +104,8 @@ def _foreign_input_rank(rank, world_size):
     messages = {}
     for name, d in made.items():
         foreign = [(other, out) for other, out in outputs.items() if other != name]
-        for what, given in [("tensor", x)] + [(other, CombineInput(x, out)) for other, out in foreign]:
+        for what, given in [("tensor", x), ("None", CombineInput(x, None)), ("int", CombineInput(x, 3))] + [
+                (other, CombineInput(x, out)) for other, out in foreign]:
             try:
                 d.combine(given)
                 messages[(name, what)] = None
@@ -116,12 +117,16 @@ def _foreign_input_rank(rank, world_size):
 def test_combine_names_an_input_that_is_not_its_own_dispatch_output():
     """combine(a tensor) said "combine_input.hidden_states must be a torch.Tensor; got NoneType"; another
     dispatcher's output failed on an attribute of its handle (AttributeError: 'LLHandle' object has no attribute
-    'recv_pos') or, deepep_normal's and mori's, was combined."""
+    'recv_pos') or, deepep_normal's and mori's, was combined. A dispatch_output that is no dispatch output at all
+    (None, an int) raised AttributeError: 'NoneType' object has no attribute 'format'."""
     for messages in run_ranks(_foreign_input_rank, 2):
         for (name, what), message in messages.items():
             if what == "tensor":
                 assert message == ("TypeError: combine_input must be an ep.CombineInput (the runner's output for this "
                                    "dispatcher's dispatch: MoeRunner.run(dispatch_output, weights)); got Tensor"), message
+            elif what in ("None", "int"):
+                assert message == (f"TypeError: combine_input.dispatch_output must be this {name} dispatcher's "
+                                   f"dispatch output; got {'NoneType' if what == 'None' else 'int'}"), message
             else:
                 assert message == (f"ValueError: combine_input.dispatch_output is a {what!r} dispatch's output; allowed: "
                                    f"this {name} dispatcher's own dispatch output (format {name!r})"), message

@@ -151,6 +151,13 @@ def test_on_nodes_names_a_node_of_that_does_not_fit_the_plan():
         with pytest.raises(ValueError, match=r"^node_of=\[.*\]; allowed: the node \(0..G-1\) of each of the plan's "
                                              r"num_ranks=4 ranks, every node holding R/G of them"):
             eplb.on_nodes(plan, node_of)
+    for node_of in (2, None, "0101"):  # (was: TypeError "'int' object is not iterable"; a str's characters)
+        with pytest.raises(ValueError, match=rf"^node_of={node_of!r}; allowed: the node \(0..G-1\) of each"):
+            eplb.on_nodes(plan, node_of)
+    with pytest.raises(TypeError, match=r"plan must be an ep.eplb.Plan \(eplb.plan's result\); got NoneType"):
+        eplb.on_nodes(None, [0, 1, 0, 1])  # (was: AttributeError 'NoneType' object has no attribute 'num_ranks')
+    with pytest.raises(ValueError, match=r"load='1234'; expected a 1-D tensor or sequence of counts"):
+        eplb.plan("1234", 2, 4)  # (was: the loads 1, 2, 3, 4 of four experts, silently)
 
 
 # ---------------------------------------------------------------- every pair, load counts, moves (2 ranks)

@@ -14,6 +14,7 @@ really happened).
 """
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -47,6 +48,9 @@ def test_config_rejects_bad_fields():
         QuantConfig(activation_group=64)
     with pytest.raises(ValueError, match="scale_encoding='e5m2'"):
         QuantConfig(scale_encoding="e5m2")
+    for bad in (["fp8_block"], {"fp8_block": 1}):  # (was: TypeError "unhashable type: 'list'", naming nothing)
+        with pytest.raises(ValueError, match=rf"format={re.escape(repr(bad))}; allowed: fp8_block"):
+            QuantConfig(format=bad)
 
 
 def test_config_takes_integers_only():

@@ -115,6 +115,7 @@ def test_bad_input_names_argument_value_and_range(bad, error, match):
     (dict(dtype=torch.int32), r"dtype=torch.int32; allowed: torch.float32, torch.bfloat16"),
     (dict(dtype="float8"), r"dtype='float8'; allowed"),
     (dict(device="gpu0"), r"device='gpu0' is not a torch device"),
+    (dict(device=0.5), r"device=0.5 is not a torch device \(.*\); allowed: a torch.device, its name \('cpu', "),
     (dict(expert_to_rank=[0] * 8), r"expert_to_rank=\[0, 0, 0, 0, 0, 0, 0, 0\]; allowed: None with dispatcher='standard'"),
 ])
 def test_bad_config(kwargs, match):

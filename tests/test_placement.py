@@ -124,6 +124,11 @@ def test_load_experts_takes_this_ranks_experts_from_the_placement():
     (dict(num_experts=8, ep_size=2.0), r"ep_size=2.0; allowed: an int >= 1"),
     (dict(num_experts=8.0, ep_size=2), r"num_experts=8.0; allowed: an int >= 1"),
     (dict(num_experts="8", ep_size=2), r"num_experts='8'; allowed: an int >= 1"),
+    # a table that is no sequence was "'int' object is not iterable" / "iteration over a 0-d tensor"
+    (dict(num_experts=4, ep_size=2, expert_to_rank=3), r"expert_to_rank=3; allowed: None or a sequence of ints"),
+    (dict(num_experts=4, ep_size=2, expert_to_rank=torch.tensor(1)),
+     r"expert_to_rank=tensor\(1\); allowed: None or a sequence of ints"),
+    (dict(num_experts=4, ep_size=2, physical_to_logical=4), r"physical_to_logical=4; allowed: None or a sequence"),
 ])
 def test_bad_placement_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -115,6 +115,19 @@ def test_create_names_a_bad_config_or_option_and_what_is_allowed(bad):
             ep.runners.create("torch", cfg, bogus=1)
 
 
+@pytest.mark.parametrize("device", ["gpu0", 0.5, [0]])
+def test_create_names_a_bad_device(device):
+    """runners.create and dispatchers.create check `device` as EPMoE does: the torch runner and a gloo
+    dispatcher took any value without a word, and runner "auto" failed in torch.device naming nothing."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    match = rf"device={re.escape(repr(device))} is not a torch device \(.*\); allowed: a torch.device"
+    for runner in ("torch", "auto"):
+        with pytest.raises(ValueError, match=match):
+            ep.runners.create(runner, cfg, device=device)
+    with pytest.raises(ValueError, match=match):
+        ep.dispatchers.create("standard", cfg, device=device)
+
+
 @pytest.mark.parametrize("runner", ["torch", "auto"])
 def test_create_names_a_token_dtype_no_runner_computes_in(runner):
     """runners.create(dtype=...) takes the tokens' dtype as EPMoE's dtype does (a float dtype or its name) and
@@ -379,6 +392,25 @@ def test_narrow_id_dtypes_are_checked_by_value_not_by_a_wrapped_bound(dtype, E):
         RunnerInput(x, local, w, torch.tensor([True] * L + [False])), weights)
     kept = torch.where(local.long() == L, -1, local.long())
     assert rel_err(y, moe_reference(x, kept, w, weights.w13, weights.w2, ep.MoeConfig(L, 2, H, I))) <= 1e-5
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("backend", "backend=None (NoneType); allowed: a runner backend (ep.runners.create(name, config))"),
+    ("config", "config=None; allowed: an ep.MoeConfig (e.g. layer.config)"),
+    ("placement", "placement=8 (int); allowed: an ep.ExpertPlacement (e.g. dispatcher.placement)"),
+    ("dispatch_output", "dispatch_output must be a dispatcher's dispatch output (d.dispatch(x, topk)); got Tensor"),
+])
+def test_moe_runner_names_an_argument_of_the_wrong_type(bad, error):
+    """MoeRunner(None, ...) and MoeRunner(backend, config, 8) failed in run() with AttributeError ("'NoneType'
+    object has no attribute 'name'", "... 'global_to_local_table'"), config=None was taken silently, and
+    run(a tensor, weights) raised AttributeError: 'Tensor' object has no attribute 'format'."""
+    cfg = ep.MoeConfig(8, 2, 16, 8)
+    backend, placement = ep.runners.create("torch", cfg), ep.ExpertPlacement(8)
+    args = {"backend": (None, cfg, placement), "config": (backend, None, placement), "placement": (backend, cfg, 8)}
+    with pytest.raises(TypeError, match=re.escape(error)):
+        runner = MoeRunner(*args.get(bad, (backend, cfg, placement)))
+        weights = ep.ExpertWeights(torch.randn(8, 16, 16), torch.randn(8, 16, 8))
+        runner.run(torch.randn(4, 16), weights)
 
 
 @pytest.mark.parametrize("bad,error", [
