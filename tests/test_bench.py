@@ -439,3 +439,18 @@ def test_overlap_suite_times_both_schedules_and_finds_them_identical():
             r["overlapped"]["median_us"] / r["sequential"]["median_us"])
     text = bench.render_text(results)
     assert "overlap: 2 ranks, float32" in text and "deepep_normal static" in text, text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench_peer_transport", "profile_host", "profile_peer_transport",
+                                    "profile_fp8_step"])
+def test_gpu_only_scripts_refuse_a_machine_without_cuda_in_one_line(script, capsys):
+    # (They ended in a traceback from torch.cuda.current_device(), or from the first CUDA tensor.)
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{script}.py")
+    spec = importlib.util.spec_from_file_location(f"_script_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 2
+    out = capsys.readouterr()
+    assert out.out.count("\n") == 1 and out.out.startswith(f"{script} needs") and "CUDA" in out.out, out
