@@ -454,3 +454,21 @@ def test_gpu_only_scripts_refuse_a_machine_without_cuda_in_one_line(script, caps
     assert module.main([]) == 2
     out = capsys.readouterr()
     assert out.out.count("\n") == 1 and out.out.startswith(f"{script} needs") and "CUDA" in out.out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the script's CPU check (TRITON_INTERPRET=1)")
+def test_grouped_gemm_bench_gives_every_row_its_time_over_the_raw_baselines(tmp_path):
+    # (portable ran before the baseline: its x raw was "-" in the table and null in the JSON.)
+    out = tmp_path / "rows.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_grouped_gemm.py")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, script, "--models", "tiny", "--tokens", "16", "--repeats", "1",
+                           "--candidates", "0", "--stacked-candidates", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    raw = next(r for r in rows if r["impl"] == "grouped_mm (raw)")
+    assert [r["impl"] for r in rows][:2] == ["grouped_mm (raw)", "portable"]
+    for row in rows:
+        assert "error" not in row and "WRONG" not in row["check"], row
+        assert row["vs_raw"] == pytest.approx(raw["ms"] / row["ms"], rel=1e-12), row
