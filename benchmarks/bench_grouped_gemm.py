@@ -30,6 +30,7 @@ import torch
 import triton
 
 from ep_runtime.bench.runner import _grouped_mm_call, _matmul_rate
+from ep_runtime.bench.settings import int_at_least
 from ep_runtime.bench.timing import measure
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import rel_err
@@ -49,10 +50,10 @@ CANDIDATES = [(128, 256, 64, 8, 8, 3, False), (128, 256, 64, 8, 8, 3, True), (12
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["deepseek-v3-ep8", "mixtral-8x7b"], choices=list(MODELS))
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--candidates", type=int, default=3, help="how many of CANDIDATES to time with tma")
-    p.add_argument("--stacked-candidates", type=int, default=2, help="... and with tma_stacked")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tokens", type=int_at_least(0), nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--candidates", type=int_at_least(0), default=3, help="how many of CANDIDATES to time with tma")
+    p.add_argument("--stacked-candidates", type=int_at_least(0), default=2, help="... and with tma_stacked")
+    p.add_argument("--repeats", type=int_at_least(1), default=10)
     p.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
