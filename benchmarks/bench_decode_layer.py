@@ -20,6 +20,7 @@ import time
 import torch
 
 import ep_runtime as ep
+from ep_runtime.bench.settings import int_at_least
 
 SHAPES = {"deepseek-v3": (256, 8, 7168, 2048), "toy": (16, 4, 512, 256)}  # (E, K, H, I)
 
@@ -81,12 +82,16 @@ def layer_ranks(group) -> int:
     return torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="deepseek-v3,toy", help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per step (default 128)")
+    p.add_argument("--tokens", type=int_at_least(0), default=128, help="tokens per step (default 128)")
     p.add_argument("--json", help="write the rows here too")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    shapes = args.shapes.split(",")
+    for name in shapes:  # checked before anything runs (on a machine without CUDA too)
+        if name not in SHAPES:
+            p.error(f"--shapes: {name!r} is none of {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         print("bench_decode_layer: skipped: needs a CUDA GPU (CUDA graphs)")
         return 0
@@ -94,9 +99,7 @@ def main() -> int:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     device = ep.distributed.device_for_rank()
     rows = []
-    for name in args.shapes.split(","):
-        if name not in SHAPES:
-            p.error(f"--shapes: {name!r} is none of {', '.join(SHAPES)}")
+    for name in shapes:
         E, K, H, I = SHAPES[name]
         row = {"shape": name, "E": E, "K": K, "H": H, "I": I, "T": args.tokens, "ranks": layer_ranks(group),
                **step_times(E, K, H, I, args.tokens, group, device)}

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ep_runtime.bench.settings import int_at_least
+
 SIZES = {"deepseek": (8192, 4096, 7168), "tiny": (128, 256, 512)}  # (M, N, K); deepseek: one gate_up GEMM
 GROUP = 128  # scale block (DeepSeek-V3: activations 1 x 128, weights 128 x 128)
 # (label, dtype, mode, BLOCK_M, BLOCK_N, BLOCK_K per loop step, num_stages, num_warps)
@@ -118,7 +120,7 @@ def _time_us(fn, repeats: int, device: torch.device) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="deepseek")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int_at_least(1), default=20)
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     interp = not hasattr(_gemm_kernel, "device_caches")

@@ -14,7 +14,7 @@ expert (grouping untimed), as the bench's runner suite times it. TFLOP/s count 2
 
 Every row is checked: portable against an fp32 recomputation of a few tokens, the others against
 portable's output. A kernel that does not compile, fails, or is wrong is reported on its row and the
-run goes on; rows are measured kernel by kernel (portable and the baseline first, for every case), so
+run goes on; rows are measured kernel by kernel (the baseline and portable first, for every case), so
 a failure that leaves the CUDA context unusable still leaves the earlier rows printed. Rows not started
 within --budget-s are listed as not run.
 """
@@ -30,6 +30,7 @@ import torch
 import triton
 
 from ep_runtime.bench.runner import _grouped_mm_call, _matmul_rate
+from ep_runtime.bench.settings import int_at_least
 from ep_runtime.bench.timing import measure
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.reference import rel_err
@@ -49,10 +50,10 @@ CANDIDATES = [(128, 256, 64, 8, 8, 3, False), (128, 256, 64, 8, 8, 3, True), (12
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["deepseek-v3-ep8", "mixtral-8x7b"], choices=list(MODELS))
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--candidates", type=int, default=3, help="how many of CANDIDATES to time with tma")
-    p.add_argument("--stacked-candidates", type=int, default=2, help="... and with tma_stacked")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tokens", type=int_at_least(0), nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--candidates", type=int_at_least(0), default=3, help="how many of CANDIDATES to time with tma")
+    p.add_argument("--stacked-candidates", type=int_at_least(0), default=2, help="... and with tma_stacked")
+    p.add_argument("--repeats", type=int_at_least(1), default=10)
     p.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -95,12 +96,13 @@ def main(argv=None) -> int:
                 if kernels.BlockConfig(m, tiles, tiles) not in out:
                     out.append(kernels.BlockConfig(m, tiles, tiles))
             return [(f"{kernel} {_tiles(c)}", c) for c in out]
-        return ([("portable", pick("portable")), ("grouped_mm (raw)", None), ("persistent", pick("persistent"))]
+        # The baseline first: each later row's x raw is its time over the baseline's.
+        return ([("grouped_mm (raw)", None), ("portable", pick("portable")), ("persistent", pick("persistent"))]
                 + candidates("tma", args.candidates) + candidates("tma_stacked", args.stacked_candidates))
 
     rows, dead = [], None
     plan = [(i, key) for key in cases for i in range(len(configs(cases[key])))]
-    plan.sort(key=lambda item: item[0])  # kernel by kernel across cases: portable and the baseline first
+    plan.sort(key=lambda item: item[0])  # kernel by kernel across cases: the baseline and portable first
     print(f"{'model':<16} {'T':>6}  {'impl':<58} {'ms':>8} {'TFLOP/s':>8} {'x raw':>6}  check", flush=True)
     for index, key in plan:
         case = cases[key]

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timings of each variant, interleaved")
     parser.add_argument("--one-step", action="store_true", help="one untimed step on the Gluon GEMMs, then exit")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_fp8_step needs a CUDA GPU (Hopper or newer: the Gluon fp8 GEMMs)")
+        return 2
     L, K, H, I = SHAPES[args.shape]
     from ep_runtime.runners import gluon_kernels
     from ep_runtime.scratch import SCRATCH

@@ -128,14 +128,17 @@ def floor_us(device) -> dict:
             "fast_launch disabled": list(triton_launch._DISABLED)}
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/profile_host")
     p.add_argument("--tokens", default="128,4096")
     p.add_argument("--profile", action="store_true", help="torch.profiler's top CPU ops per case")
     p.add_argument("--python", action="store_true", help="cProfile's top Python functions per case")
     p.add_argument("--trace", action="store_true", help="a chrome trace per case and op (rank 0) in --out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_host needs CUDA GPUs (device times, host syncs), under torchrun")
+        return 2
     group = ep.init_distributed()
     rank, R = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -207,7 +210,8 @@ def main():
             for key, table in report["profiles"].items():
                 f.write(f"===== {key}\n{table}\n")
     ep.destroy_distributed()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,6 @@
 """Host cost of one NVLink transport call, piece by piece (2 ranks): `torchrun --nproc-per-node 2
 scripts/profile_peer_transport.py`; rank 0 prints microseconds per piece and a cProfile of 200 calls."""
+import argparse
 import cProfile
 import pstats
 import time
@@ -23,7 +24,11 @@ def _per_call_us(fn, n=200):
     return us
 
 
-def main():
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_peer_transport needs CUDA GPUs (the NVLink transport), under torchrun")
+        return 2
     group = ep.init_distributed()
     R, me = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -54,7 +59,8 @@ def main():
     if me == 0:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     ep.destroy_distributed()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -442,3 +442,58 @@ def test_overlap_suite_times_both_schedules_and_finds_them_identical():
             r["overlapped"]["median_us"] / r["sequential"]["median_us"])
     text = bench.render_text(results)
     assert "overlap: 2 ranks, float32" in text and "deepep_normal static" in text, text
+
+
+def _script(folder: str, name: str):
+    """The module of folder/name.py (benchmarks/, scripts/), its `main(argv)` not run."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_{folder}_{name}",
+                                                  os.path.join(os.path.dirname(__file__), "..", folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench_peer_transport", "profile_host", "profile_peer_transport",
+                                    "profile_fp8_step"])
+def test_gpu_only_scripts_refuse_a_machine_without_cuda_in_one_line(script, capsys):
+    # (They ended in a traceback from torch.cuda.current_device(), or from the first CUDA tensor.)
+    assert _script("scripts", script).main([]) == 2
+    out = capsys.readouterr()
+    assert out.out.count("\n") == 1 and out.out.startswith(f"{script} needs") and "CUDA" in out.out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the script's CPU check (TRITON_INTERPRET=1)")
+def test_grouped_gemm_bench_gives_every_row_its_time_over_the_raw_baselines(tmp_path):
+    # (portable ran before the baseline: its x raw was "-" in the table and null in the JSON.)
+    out = tmp_path / "rows.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_grouped_gemm.py")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, script, "--models", "tiny", "--tokens", "16", "--repeats", "1",
+                           "--candidates", "0", "--stacked-candidates", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    raw = next(r for r in rows if r["impl"] == "grouped_mm (raw)")
+    assert [r["impl"] for r in rows][:2] == ["grouped_mm (raw)", "portable"]
+    for row in rows:
+        assert "error" not in row and "WRONG" not in row["check"], row
+        assert row["vs_raw"] == pytest.approx(raw["ms"] / row["ms"], rel=1e-12), row
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("bench_grouped_gemm", ["--tokens", "-1"], "argument --tokens: -1: allowed an int >= 0"),
+    ("bench_grouped_gemm", ["--repeats", "0"], "argument --repeats: 0: allowed an int >= 1"),
+    ("bench_grouped_gemm", ["--candidates", "-1"], "argument --candidates: -1: allowed an int >= 0"),
+    ("bench_fp8_scaling", ["--repeats", "0"], "argument --repeats: 0: allowed an int >= 1"),
+    ("bench_decode_layer", ["--tokens", "-1"], "argument --tokens: -1: allowed an int >= 0"),
+    ("bench_decode_layer", ["--shapes", "toy,gpt9"], "--shapes: 'gpt9' is none of deepseek-v3, toy"),
+])
+def test_benchmark_scripts_refuse_bad_arguments_before_running(script, args, message, capsys):
+    # (--tokens -1 ended in a traceback from torch.randn; --repeats 0 printed every row as failed and exited 0;
+    # bench_decode_layer checked --shapes only on a GPU, after the process group was up.)
+    with pytest.raises(SystemExit) as exit_info:
+        _script("benchmarks", script).main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
