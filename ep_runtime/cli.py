@@ -231,7 +231,7 @@ def _unavailable_reason(name: str) -> str:
     return _RUNNERS[name].unavailable_reason() or "not available"
 
 
-def _positive_int(text: str, most: int = 1 << 20) -> int:
+def _positive_int(text: str, most: int = envs.MAX_LOCAL_RANKS) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -23,6 +23,7 @@ PREFIX = "EP_RUNTIME_"
 # The most tokens or rows a size knob or dispatcher option may name: the count table carries them as int32
 # (larger values failed deep inside torch: "Overflow when unpacking long long", "int too big to convert").
 MAX_TOKENS = 2 ** 31 - 1
+MAX_LOCAL_RANKS = 1 << 20  # `ep-runtime demo`'s ranks: --world-size and its knob alike
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ _knob("SCRATCH_MB", int, 256,
       "an eager call of a shape seen before allocates only its output; the least recently used shapes beyond it "
       "are freed. 0: allocate every call.", minimum=0)
 _knob("DEMO_WORLD_SIZE", int, 2, "`ep-runtime demo`: local CPU ranks to spawn when no launcher is detected.",
-      minimum=1)
+      minimum=1, maximum=MAX_LOCAL_RANKS)
 
 
 def get(name: str) -> Any:

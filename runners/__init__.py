@@ -38,13 +38,14 @@ AUTO_PREFERENCE = ("masked", "triton", "torch")
 def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: Any = None) -> str:
     """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available, computes the
     dispatch format's layout natively (masked for deepep_ll, triton for the others) and, when given,
-    `dtype`; else torch. Any other name is returned as is. An unknown format is an error on any device."""
-    if name != "auto":
-        return name
+    `dtype`; else torch. Any other name is returned as is. An unknown format is an error on any device and for
+    any name (a named backend took format="nope" or 3 without a word)."""
     import torch
 
     from ep_runtime.runner_core import format_path
     layout = format_path(format or "standard").layout  # (first: a format that is not registered is named anywhere)
+    if name != "auto":
+        return name
     if device is None or torch.device(device).type != "cuda":
         return "torch"
     for backend in AUTO_PREFERENCE:

@@ -114,6 +114,9 @@ def test_auto_runner_names_an_unknown_format_on_every_device(device):
     config = ep.EPMoE(8, 2, 32, 16, dispatcher="standard", runner="torch").config
     with pytest.raises(ValueError, match=r"dispatch format 'nope'"):
         ep.runners.create("auto", config, device=device, format="nope")
+    for name in ("torch", "masked"):  # a named backend too (it took any format without a word)
+        with pytest.raises(ValueError, match=r"dispatch format 'nope'"):
+            ep.runners.create(name, config, device=device, format="nope")
 
 
 def _compiled_rank(rank, world_size):

@@ -855,6 +855,8 @@ KNOB_CASES = [
      "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS='many' is not a valid int"),
     ("EP_RUNTIME_RUNNER", "cuda", "EP_RUNTIME_RUNNER='cuda' is not allowed; allowed: auto, torch, triton, masked"),
     ("EP_RUNTIME_DEMO_WORLD_SIZE", "0", "EP_RUNTIME_DEMO_WORLD_SIZE='0' is below the minimum"),
+    # (as --world-size: a huge value built that many Process objects, then hung or ran out of memory)
+    ("EP_RUNTIME_DEMO_WORLD_SIZE", str(2 ** 21), f"EP_RUNTIME_DEMO_WORLD_SIZE='{2 ** 21}' is above the maximum"),
 ]
 
 
