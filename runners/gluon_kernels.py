@@ -15,11 +15,11 @@ runner's Triton fp8 kernels (docs/performance.md).
 A persistent program takes (row block, column tile) work items of the used blocks of AlignedPairs (rows in
 sorted order: BLOCK_M rows of one expert per block, block_expert[b]); A [S, K] fp8 in sorted order (TMA), W
 [L, W_ROWS, K] fp8 viewed as [L*W_ROWS, K] (TMA rows expert*W_ROWS + n0), sw viewed likewise per 128 rows.
-GEMM 1 (gemm_act_quant) computes each item's gate tile, parks it in shared memory (fp32), computes the up
-tile (W rows I further), and stores act(gate) * up quantized to fp8 per 128 columns, with its scales, in
-sorted order: GEMM 2's input, never rounded to bf16 (as the triton runner's fused GEMM 1; the activation
-and the quantization rule are the same jit functions). GEMM 2 (gemm_sorted) stores bf16 rows in sorted order
-too, padding rows included ([S, N]; the top-k reduction finds a pair's row through gather_sorted_rows'
+GEMM 1 (gemm_act_quant) computes each item's gate tile, parks it in shared memory (bf16 by default:
+Pipeline.gate_bf16), computes the up tile (W rows I further), and stores act(gate) * up quantized to fp8 per
+128 columns, with its scales, in sorted order: GEMM 2's input, never rounded to bf16 (as the triton runner's
+fused GEMM 1; the activation and the quantization rule are the same jit functions). GEMM 2 (gemm_sorted) stores bf16 rows in sorted order
+too, padding rows included ([S, N]; the top-k reduction finds a pair's row through sort_rows'
 pair_rows): each tile one asynchronous TMA store, where a store by pair (no TMA scatter on Hopper) held the
 math warps through every tile's epilogue (run BV: GEMM 2 9% faster on the DeepSeek-V3 shard's short items).
 No interpreter: CPU tests cannot run these kernels (GPU tests do); scripts/compile_sm90.py --gluon compiles
@@ -47,7 +47,8 @@ LOAD_WARP_REGS, MATH_REGS, MAX_REGS = 24, 240, 168
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical."""
+    """How one GEMM's kernel runs. None of it changes the order of any sum: outputs are bit-identical, for one
+    gate_bf16."""
 
     stages: int = 4  # ring slots, each one K step's A and W tiles (32 KB)
     group_m: int = 4  # row blocks that sweep the column tiles together
@@ -57,6 +58,9 @@ class Pipeline:
     # 2 (with the load warp): each math warpgroup a partition of its own (64 rows of a tile), handing ring slots
     # back on its own, so one's promotion or epilogue runs beside the other's wgmma; 1: both in one, in step.
     math_partitions: int = 1
+    # GEMM 1: the gate's product parked in shared memory as bf16 (32 KB, room for a fifth ring stage) instead
+    # of fp32 (64 KB): the gate rounded to bf16 before the activation (other bits than fp32's, the same sums).
+    gate_bf16: bool = False
 
     def __post_init__(self):
         if self.stages < 2 or self.group_m < 1 or self.math_partitions not in (1, 2):
@@ -66,9 +70,11 @@ class Pipeline:
 
 # Measured on one H200, both shapes, 4096 and 16384 tokens (docs/performance.md, runs AB, AC, AE): the load
 # warp +4-19% (GEMM 1) and up to +24% (GEMM 2); two math partitions and 5 stages the fastest GEMM 2 on average.
-# GEMM 1 (its 64 KB gate tile leaves room for 4 stages) gains from two partitions since its quantization
-# multiplies by a reciprocal (run BT: -2% / -6%; with a division per value they cost 3%).
-GEMM1_PIPELINE = Pipeline(math_partitions=2)
+# GEMM 1 gains from two partitions since its quantization multiplies by a reciprocal (run BT: -2% / -6%; with a
+# division per value they cost 3%), and from a fifth stage where its gate tile is parked as bf16 (run BY, 4096
+# tokens: -4.7% DeepSeek-V3 shard, -3.5% Mixtral; with an fp32 gate 4 stages fit; the gate's rounding moves ~2%
+# of the fp8 outputs by one e4m3 step, far inside e4m3's own rounding of them).
+GEMM1_PIPELINE = Pipeline(stages=5, math_partitions=2, gate_bf16=True)
 GEMM2_PIPELINE = Pipeline(stages=5, math_partitions=2)
 
 try:
@@ -282,7 +288,7 @@ if gluon is not None:
                     if not WARP_SPECIALIZE:
                         for j in gl.static_range(STAGES):
                             _issue_load(ring, step, j, k_steps, m0, b_row + (p + 1) * N, True)
-                    gate_smem.store(acc)  # read back below by the thread that wrote it: no barrier needed
+                    gate_smem.store(acc.to(gate_smem.dtype))  # read back below by the thread that wrote it: no barrier needed
                 elif not WARP_SPECIALIZE:
                     next_tile = tile + gl.num_programs(0)
                     next_m0, next_n0, next_b_row = _work_item(next_tile, num_tiles, M, N, W_ROWS, block_expert_ptr,
@@ -292,7 +298,7 @@ if gluon is not None:
             value = acc  # GEMM 2: bf16 rows in sorted order
             if ACT_QUANT:
                 if PASSES == 2:
-                    value = activate(gate_smem.load(mma_layout), acc, alpha, limit, ACTIVATION, True, SWIGLU_ALPHA,
+                    value = activate(gate_smem.load(mma_layout).to(gl.float32), acc, alpha, limit, ACTIVATION, True, SWIGLU_ALPHA,
                                      HAS_LIMIT)
                 else:
                     value = activate(acc, acc, alpha, limit, ACTIVATION, False, SWIGLU_ALPHA, HAS_LIMIT)
@@ -315,7 +321,7 @@ if gluon is not None:
                         SWIGLU_ALPHA: gl.constexpr = False, HAS_LIMIT: gl.constexpr = False,
                         UE8M0: gl.constexpr = False, WARP_SPECIALIZE: gl.constexpr = False,
                         MATH_PARTITIONS: gl.constexpr = 1, LOAD_WARP_REGS: gl.constexpr = 24,
-                        MATH_REGS: gl.constexpr = 240):
+                        MATH_REGS: gl.constexpr = 240, GATE_BF16: gl.constexpr = False):
         """ACT_QUANT (GEMM 1): the activation (activate(); gated: gate columns n and up columns N + n of W's
         W_ROWS = 2N rows per expert, two K passes per item, the gate's product parked in shared memory) quantized
         per 128 columns (quantize_groups()): fp8 rows in sorted order (TMA) and their scales [S, N/128] fp32.
@@ -330,8 +336,9 @@ if gluon is not None:
         c_smem = gl.allocate_shared_memory(out.dtype, [BLOCK_M, BLOCK_N], out.layout)  # (out's box: a partition's rows)
         gate_smem = a_ring  # a placeholder where unused: a partition's arguments cannot be None
         if PASSES == 2:
-            gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_N],
-                                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float32))
+            gate_dtype: gl.constexpr = gl.bfloat16 if GATE_BF16 else gl.float32
+            gate_smem = gl.allocate_shared_memory(gate_dtype, [BLOCK_M, BLOCK_N],
+                                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gate_dtype))
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = ready  # (unused without the load warp)
         if WARP_SPECIALIZE:
@@ -395,7 +402,7 @@ def _launch(a, a_scale, w, w_scale, out, aligned, N: int, pipeline: Pipeline, **
                           w_rows, K, a_scale.stride(0), w_scale.shape[-1], NUM_STAGES=pipeline.stages,
                           GROUP_STEPS=GROUP_STEPS, GROUP_M=pipeline.group_m, num_warps=NUM_WARPS // parts,
                           WARP_SPECIALIZE=pipeline.warp_specialize, MATH_PARTITIONS=parts,
-                          LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS,
+                          LOAD_WARP_REGS=LOAD_WARP_REGS, MATH_REGS=MATH_REGS, GATE_BF16=pipeline.gate_bf16,
                           **(dict(maxnreg=MAX_REGS) if pipeline.warp_specialize else {}), **epilogue)
 
 

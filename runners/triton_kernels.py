@@ -1303,11 +1303,15 @@ def _row_blocks(cols: int, interpreted: bool) -> tuple[int, int]:
 MIN_REDUCE_PROGRAMS = 264  # two per SM of an H100/H200
 
 
-def _reduce_blocks(num_tokens: int, cols: int, interpreted: bool) -> tuple[int, int]:
+def _reduce_blocks(num_tokens: int, cols: int, interpreted: bool, indexed: bool = False) -> tuple[int, int]:
     """topk_reduce's (BLOCK_ROWS, BLOCK): _row_blocks' tiles, halved (rows first, then columns down to
     256) while the grid would have fewer than MIN_REDUCE_PROGRAMS programs; as they are at prefill sizes
-    and under the interpreter."""
+    and under the interpreter. indexed (rows found through pair_rows): one token a program, whose K rows lie
+    apart (an H200, the DeepSeek-V3 shard at 4096 / 16384 tokens: 179 -> 128 / 685 -> 497 us, the speed of
+    rows by pair; four tokens a program read them 1.4x slower)."""
     rows, block = _row_blocks(cols, interpreted)
+    if indexed and not interpreted:
+        rows = 1
     while not interpreted and cdiv(num_tokens, rows) * cdiv(cols, block) < MIN_REDUCE_PROGRAMS:
         if rows > 1:
             rows //= 2
@@ -1381,7 +1385,7 @@ def topk_reduce(o: torch.Tensor, computed: torch.Tensor, top_k: int, weights: Op
     accumulated in fp32 in slot order (deterministic). weights [N*K] (or [N, K]) contiguous fp32, or None (all ones).
     o [S, N*K, H]: a split GEMM 2's partial sums (GemmTiles.split_k), each pair's S rows added first, in order.
     pair_rows [N*K] int32: o holds pair p's row at o[pair_rows[p]] instead (any number of rows; the Gluon GEMM 2's
-    rows in sorted order, gather_sorted_rows' map), read for computed pairs only."""
+    rows in sorted order, sort_rows' map), read for computed pairs only."""
     num_pairs = computed.numel() if pair_rows is not None else None
     return prepare_topk_reduce(o, top_k, weights is not None, scale, out_dtype, interpreted, num_pairs)(
         o, computed, weights, pair_rows)
@@ -1400,7 +1404,7 @@ def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: f
     device = o.device
     if N == 0:
         return lambda o, computed, weights, pair_rows=None: torch.empty(N, H, dtype=out_dtype, device=device)
-    block_rows, block = _reduce_blocks(N, H, interpreted)
+    block_rows, block = _reduce_blocks(N, H, interpreted, num_pairs is not None)
     # y [N, H] is contiguous: its row stride is H
     sizes = (N, H, o.stride(-2), H, float(scale), o.stride(0) if splits > 1 else 0)
     kernel = bind(_topk_reduce_kernel, (cdiv(N, block_rows), cdiv(H, block)), *(SLOT,) * 5, *sizes, TOP_K=top_k,
@@ -1416,50 +1420,81 @@ def prepare_topk_reduce(o: torch.Tensor, top_k: int, has_weights: bool, scale: f
 
 @fast_launch
 @triton.jit
-def _gather_sorted_rows_kernel(src_ptr, src_scale_ptr, sorted_pair_ids_ptr, used_blocks_ptr, out_ptr, out_scale_ptr,
-                               pair_rows_ptr, num_pairs, H, G, stride_src, stride_src_scale, stride_out, stride_out_scale,
-                               TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                               BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-    first = tl.program_id(0) * BLOCK_ROWS
+def _invert_sorted_pairs_kernel(sorted_pair_ids_ptr, used_blocks_ptr, pair_rows_ptr, num_pairs,
+                                BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    first = tl.program_id(0) * BLOCK
     used_rows = tl.load(used_blocks_ptr) * BLOCK_M
     if first < used_rows:  # programs past the used blocks (most of them at decode sizes) read nothing else
-        rows = first + tl.arange(0, BLOCK_ROWS)
+        rows = first + tl.arange(0, BLOCK)
         pair = tl.load(sorted_pair_ids_ptr + rows, mask=rows < used_rows, other=num_pairs)
-        ok = pair < num_pairs
-        token = tl.where(ok, pair // TOP_K, 0).to(tl.int64)
-        tl.store(pair_rows_ptr + pair, rows, mask=ok)
-        out_rows = rows.to(tl.int64)
-        for c0 in range(0, H, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            keep = ok[:, None] & (cols < H)[None, :]
-            tl.store(out_ptr + out_rows[:, None] * stride_out + cols[None, :],
-                     tl.load(src_ptr + token[:, None] * stride_src + cols[None, :], mask=keep), mask=keep)
-        groups = tl.arange(0, BLOCK_G)
-        keep = ok[:, None] & (groups < G)[None, :]
-        tl.store(out_scale_ptr + out_rows[:, None] * stride_out_scale + groups[None, :],
-                 tl.load(src_scale_ptr + token[:, None] * stride_src_scale + groups[None, :], mask=keep), mask=keep)
+        tl.store(pair_rows_ptr + pair, rows, mask=pair < num_pairs)
 
 
-def gather_sorted_rows(src: torch.Tensor, src_scale: torch.Tensor, aligned: AlignedPairs, top_k: int,
-                       out: torch.Tensor, out_scale: torch.Tensor, pair_rows: torch.Tensor,
-                       interpreted: bool = False) -> None:
-    """out[m] = src[sorted_pair_ids[m] // top_k] and out_scale[m] = src_scale[...] likewise, for the sorted rows
-    m of the used blocks (aligned.used_blocks, read on the device) that hold a pair: GEMM 1's input rows in
-    expert order, for a GEMM that loads them a block at a time (TMA has no row gather). src [N, H] (1-byte
-    values: fp8 rows, viewed as bytes here), src_scale [N, G] fp32; out [S, H] and out_scale [S, G] (S =
-    sorted_pair_ids.numel()), rows unit-strided. Padding rows and blocks past the used ones are not written:
-    only traffic for the pairs computed, whatever the padding (a receive buffer's, other ranks' slots).
+@fast_launch
+@triton.jit
+def _sort_rows_kernel(src_ptr, src_scale_ptr, computed_ptr, pair_rows_ptr, out_ptr, out_scale_ptr, H, G, stride_src,
+                      stride_src_scale, stride_out, stride_out_scale, fp8_max, min_amax, TOP_K: tl.constexpr,
+                      K_PAD: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, QUANTIZE: tl.constexpr,
+                      UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
+    """Program (t, b): token t's columns [b * GROUPS * GROUP, ...), read once (and quantized once: QUANTIZE),
+    written to the sorted row of each of its computed pairs; a token with none is not read."""
+    t = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, K_PAD)
+    if tl.max(tl.load(computed_ptr + t * TOP_K + slots, mask=slots < TOP_K, other=0).to(tl.int32), 0) != 0:
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        inside = cols < H
+        if QUANTIZE:  # the activation rule, as quantize_rows applies it (bit for bit)
+            q, scale = quantize_groups(tl.load(src_ptr + t * stride_src + cols, mask=inside, other=0.0).to(tl.float32),
+                                       fp8_max, min_amax, UE8M0, ROUND_FIRST)
+            q = q.to(out_ptr.dtype.element_ty)
+            scale_cols = g
+        else:  # fp8 rows (bytes) and their scales, as they are: program 0 of the token copies every scale
+            q = tl.load(src_ptr + t * stride_src + cols, mask=inside)
+            scale_cols = tl.where(tl.program_id(1) == 0, tl.arange(0, BLOCK_G), G)
+            scale = tl.load(src_scale_ptr + t * stride_src_scale + scale_cols, mask=scale_cols < G)
+        for k in tl.static_range(TOP_K):
+            pair = t * TOP_K + k
+            if tl.load(computed_ptr + pair) != 0:
+                row = tl.load(pair_rows_ptr + pair).to(tl.int64)
+                tl.store(out_ptr + row * stride_out + cols, q, mask=inside)
+                tl.store(out_scale_ptr + row * stride_out_scale + scale_cols, scale, mask=scale_cols < G)
+
+
+def sort_rows(src: torch.Tensor, src_scale: Optional[torch.Tensor], aligned: AlignedPairs, top_k: int,
+              out: torch.Tensor, out_scale: torch.Tensor, pair_rows: torch.Tensor, quant: Optional[QuantConfig] = None,
+              interpreted: bool = False) -> None:
+    """GEMM 1's input rows in expert order, for a GEMM that loads them a block at a time (TMA has no row gather):
+    out[m] = token sorted_pair_ids[m] // top_k's row and out_scale[m] its scales, for the sorted rows m of the
+    used blocks (aligned.used_blocks, read on the device) that hold a pair. src [N, H] rows unit-strided: fp8 rows
+    with src_scale [N, G] fp32, copied as they are; or (src_scale None) float rows quantized here by quant's
+    activation rule (quantize_rows' bits). out [S, H] fp8 and out_scale [S, G] fp32 (S =
+    sorted_pair_ids.numel()), rows unit-strided. Padding rows and blocks past the used ones are not written, nor
+    tokens without a computed pair read: only traffic for the pairs computed.
     pair_rows [num_pairs] int32: pair_rows[sorted_pair_ids[m]] = m, the inverse map (topk_reduce reads GEMM 2's
-    rows in sorted order through it); entries of pairs not computed are not written."""
-    H, G = src.shape[1], src_scale.shape[1]
+    rows in sorted order through it); entries of pairs not computed are not written.
+    Two launches: the map, then one program per (token, column block) that reads its token's row once (and
+    quantizes it once) and writes it to each of its pairs' rows: a gather by sorted row read each token's row K
+    times, and ran 1.4x (4096 tokens) to 1.6x (16384) slower with the quantization's own launch before it (the
+    DeepSeek-V3 shard, H200, docs/performance.md)."""
+    N, H = src.shape
     S = aligned.sorted_pair_ids.numel()
-    if S == 0:
+    if S == 0 or N == 0:
         return
-    src_bytes, out_bytes = src.view(torch.uint8), out.view(torch.uint8)
-    block_rows, block = _row_blocks(H, interpreted)
-    block_rows = min(block_rows, aligned.block_m)
-    _gather_sorted_rows_kernel[(cdiv(S, block_rows), )](
-        src_bytes, src_scale, aligned.sorted_pair_ids, aligned.used_blocks, out_bytes, out_scale, pair_rows,
-        aligned.num_pairs,
-        H, G, src_bytes.stride(0), src_scale.stride(0), out_bytes.stride(0), out_scale.stride(0), TOP_K=top_k,
-        BLOCK_M=aligned.block_m, BLOCK_ROWS=block_rows, BLOCK=block, BLOCK_G=next_power_of_2(G), num_warps=4)
+    block = min(1024, next_power_of_2(S))
+    _invert_sorted_pairs_kernel[(cdiv(S, block), )](aligned.sorted_pair_ids, aligned.used_blocks, pair_rows,
+                                                   aligned.num_pairs, BLOCK_M=aligned.block_m, BLOCK=block,
+                                                   num_warps=4)
+    quantize = src_scale is None
+    if quantize:
+        G, group, fp8_max, ue8m0 = quant.num_groups(H), quant.activation_group, quant.spec.max_value, quant.ue8m0
+        src_scale = out_scale  # (unread)
+    else:  # bytes, in 128-byte groups; the scales copied whole
+        G, group, fp8_max, ue8m0 = src_scale.shape[1], 128, 0.0, False
+        src, out = src.view(torch.uint8), out.view(torch.uint8)
+    columns = cdiv(H, group)
+    groups = min(next_power_of_2(columns), 64 if interpreted else 16)  # 16: run BY's fastest (2048 bf16 values)
+    _sort_rows_kernel[(N, cdiv(columns, groups))](
+        src, src_scale, aligned.computed, pair_rows, out, out_scale, H, G, src.stride(0), src_scale.stride(0),
+        out.stride(0), out_scale.stride(0), fp8_max, MIN_AMAX, TOP_K=top_k, K_PAD=next_power_of_2(top_k), GROUP=group, GROUPS=groups,
+        BLOCK_G=next_power_of_2(G), QUANTIZE=quantize, UE8M0=ue8m0, ROUND_FIRST=interpreted, num_warps=4)

@@ -97,9 +97,9 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
         raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
     if hooked:
         inp = inp.routed()
+    if quant is not None and _fp8_gemm(inp, weights, config, inp.hidden_states, block_config) == "gluon":
+        return _gluon_fp8_forward(inp, weights, config)
     x, x_scale, to_quantize = _gemm_input(inp, quant, interp)
-    if quant is not None and _fp8_gemm(inp, weights, config, x, block_config) == "gluon":
-        return _gluon_fp8_forward(inp, weights, config, x, x_scale, to_quantize)
     plan = _Plan(inp, weights, config, hooked, block_config, x, knobs or _gemm_knobs())
     if key is not None:
         if len(_PLANS) >= _MAX_PLANS:  # (a bound, not an LRU: a dropped plan costs one call of the unplanned path)
@@ -302,17 +302,16 @@ def _gluon_unsupported(weights: ExpertWeights, config: MoeConfig, x: torch.Tenso
     return gluon_kernels.unsupported(x, I, H, H, I)
 
 
-def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, x: torch.Tensor,
-                       x_scale: torch.Tensor, to_quantize: Optional["RowQuantization"]) -> torch.Tensor:
+def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig) -> torch.Tensor:
     """fused_forward's fp8 step on the Gluon GEMMs (runners/gluon_kernels.py), where _fp8_gemm takes them:
-    align pairs (with x's quantization in the same launch) -> GEMM 1's rows gathered in sorted order (and each
-    pair's sorted row noted) -> GEMM 1 with the activation and its fp8 quantization in the epilogue -> GEMM 2
+    align pairs -> GEMM 1's rows in sorted order (each pair's sorted row noted; x quantized there, once a token,
+    unless an fp8 dispatch did) -> GEMM 1 with the activation and its fp8 quantization in the epilogue -> GEMM 2
     (rows in sorted order) -> weighted top-k reduction, reading each pair's row through that map. Scratch, kept
     per shape (SCRATCH): rows gathered [S, H] fp8, the activation [S, I] fp8, o [S, H] bf16 (whatever x's
     dtype), pair_rows [P] int32; S the sorted rows (BLOCK_M 128 blocks)."""
     N, K = inp.topk_ids.shape
     H, I, L, quant = config.hidden_size, config.intermediate_size, weights.num_local_experts, weights.quant
-    P, device, out_dtype = N * K, x.device, inp.output_dtype
+    P, device, out_dtype = N * K, inp.hidden_states.device, inp.output_dtype
     block = gluon_kernels.BLOCK_M
 
     def make():
@@ -325,13 +324,14 @@ def _gluon_fp8_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConf
                 torch.empty(S, H, dtype=torch.bfloat16, device=device), torch.empty(P, dtype=torch.int32, device=device))
 
     aligned, a1, s1, a2, s2, o, pair_rows = SCRATCH.get(("gluon fp8", P, L, H, I, config.w13_rows, quant), device, make)
-    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table,
-                        quantize=to_quantize)
+    kernels.align_pairs(inp.topk_ids, inp.expert_mask, 0, L, block, out=aligned, id_table=inp.id_table)
     if P:
         # Row m of GEMM 1 is token sorted_pair_ids[m] // K's; padding rows keep whatever the scratch held (row by
         # row, only their own results see it, and the reduction reads none of them), nor are blocks past the
         # used ones written or read.
-        kernels.gather_sorted_rows(x, x_scale, aligned, K, a1, s1, pair_rows)
+        x = inp.hidden_states if inp.hidden_states.stride(1) == 1 else inp.hidden_states.contiguous()
+        x_scale = None if inp.hidden_scale is None else _dispatched_scale(inp, quant)
+        kernels.sort_rows(x, x_scale, aligned, K, a1, s1, pair_rows, quant)
         gluon_kernels.gemm_act_quant(a1, s1, weights.w13, weights.w13_scale_inv, a2, s2, aligned, config, quant)
         gluon_kernels.gemm_sorted(a2, s2, weights.w2, weights.w2_scale_inv, o, aligned)
     weight = inp.topk_weights.float().contiguous()
@@ -367,11 +367,16 @@ def _gemm_input(inp: RunnerInput, quant: Optional[QuantConfig], interp: bool
         return rows.q, rows.scale, rows
     if quant is None:
         return QuantConfig().dequantize_activation(x, inp.hidden_scale).to(inp.output_dtype), None, None
-    scale = decode_scales(inp.hidden_scale)
-    if scale.shape[-1] != quant.num_groups(x.shape[-1]):
+    return x, _dispatched_scale(inp, quant), None
+
+
+def _dispatched_scale(inp: RunnerInput, quant: QuantConfig) -> torch.Tensor:
+    """An fp8 dispatch's row scales as fp32 [N, G], checked against the experts' activation groups."""
+    scale, H = decode_scales(inp.hidden_scale), inp.hidden_states.shape[-1]
+    if scale.shape[-1] != quant.num_groups(H):
         raise ValueError(f"hidden_scale has {scale.shape[-1]} groups per row; the experts' {quant.format} needs "
-                         f"{quant.num_groups(x.shape[-1])} (activation_group={quant.activation_group})")
-    return x, scale, None
+                         f"{quant.num_groups(H)} (activation_group={quant.activation_group})")
+    return scale
 
 
 @functools.lru_cache(maxsize=256)  # per fp8 call; three checked dataclass rebuilds were ~3 us of host time

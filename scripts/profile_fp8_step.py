@@ -115,14 +115,15 @@ def main(argv=None) -> int:
         want1, want2 = a2.clone(), o.clone()
         flops1, flops2 = pairs * 2 * 2 * H * I, pairs * 2 * H * I
         Pipeline = gluon_kernels.Pipeline
-        # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most)
+        # (GEMM 1 holds a 64 KB gate tile and a 16 KB output tile beside the ring: 4 stages of 32 KB at most; a
+        # bf16 gate (32 KB) leaves room for 5. Outputs of the other gate dtype than the shipped one's are compared
+        # by how many e4m3 codes differ, not bitwise; the shipped GEMM 1 runs last, so GEMM 2 reads its output.)
         two = dict(math_partitions=2)
         runs = [("gemm1", "GEMM1_PIPELINE", gemm1, flops1, a2, want1, pipeline)
-                for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(group_m=8), Pipeline(**two))]
+                for pipeline in (Pipeline(), Pipeline(**two), Pipeline(gate_bf16=True, **two),
+                                 gluon_kernels.GEMM1_PIPELINE)]
         runs += [("gemm2", "GEMM2_PIPELINE", gemm2, flops2, o, want2, pipeline)
-                 for pipeline in (Pipeline(warp_specialize=False), Pipeline(), Pipeline(**two),
-                                  Pipeline(stages=5, **two), Pipeline(stages=5, group_m=8, **two),
-                                  Pipeline(stages=6, **two))]
+                 for pipeline in (Pipeline(), Pipeline(stages=5, **two))]
         # Rounds: every variant once per round, in turn, so the GPU's clock drift under its power cap (5-10%
         # between calls) falls on all of them alike; each variant's median over the rounds is reported.
         times, failed = {}, {}
@@ -139,7 +140,11 @@ def main(argv=None) -> int:
                     if round_ == 0:  # outputs checked once, against the shipped pipelines'
                         poison(got)
                         fn()
-                        if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                        if pipeline.gate_bf16 != default.gate_bf16:  # the gate's rounding: codes one step apart
+                            step = (got.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
+                            print(f"{label}: {(step > 0).float().mean().item():.2e} of the codes differ, by at most "
+                                  f"{step.max().item()}")
+                        elif not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                             failed[label] = "output differs from the shipped pipeline's"
                             continue
                     times.setdefault(label, (flops, []))[1].append(_time_us(fn, args.repeats))

@@ -1312,7 +1312,8 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
 def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypatch):
     """The Gluon GEMMs' pipelines (the math warps issuing the loads; a load warp with both math warpgroups in one
     partition; with each in its own, 64 rows apiece; the shipped settings) change who waits for what, never the
-    order of any sum: y is bit-identical across them, and the first matches the float64 w8a8 reference. The
+    order of any sum: y is bit-identical across those that park GEMM 1's gate alike (fp32 or bf16), and each
+    matches the float64 w8a8 reference. The
     step's scratch is filled with NaN bytes before each, so rows one pipeline failed to write show. H=1664, I=640
     on 5 programs: each program takes several work items, groups of four K steps then steps alone, passes
     starting on either barrier phase; I=256 on 132 programs: GEMM 2 has fewer K steps than ring slots and some
@@ -1339,9 +1340,12 @@ def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypat
     q13, s13 = quant.quantize_weight(w13)
     q2, s2 = quant.quantize_weight(w2)
     Pipeline = gluon_kernels.Pipeline
+    bf16_gate = dict(gate_bf16=True)
     pipelines = [(Pipeline(warp_specialize=False),) * 2, (Pipeline(),) * 2, (Pipeline(math_partitions=2),) * 2,
+                 (Pipeline(warp_specialize=False, **bf16_gate), Pipeline()), (Pipeline(**bf16_gate), Pipeline()),
+                 (Pipeline(stages=5, math_partitions=2, **bf16_gate), Pipeline(math_partitions=2)),
                  (gluon_kernels.GEMM1_PIPELINE, gluon_kernels.GEMM2_PIPELINE)]
-    ys = []
+    ys = {}
     for gemm1, gemm2 in pipelines:
         monkeypatch.setattr(gluon_kernels, "GEMM1_PIPELINE", gemm1)
         monkeypatch.setattr(gluon_kernels, "GEMM2_PIPELINE", gemm2)
@@ -1350,14 +1354,16 @@ def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypat
                 for t in buffers[1:]:
                     t.view(torch.uint8).fill_(255)
         with torch.inference_mode():
-            ys.append(ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2,
-                                               **options))
-    for y in ys[1:]:
-        assert torch.equal(y, ys[0])
+            y = ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2, **options)
+        ys.setdefault(gemm1.gate_bf16 and gated, []).append(y)
+    assert len(ys[False]) >= 3 and len(ys.get(True, ys[False])) >= 3
     ref = moe_reference(x.double(), ids, weights.double(), quant.dequantize_weight(q13, s13).double(),
                         quant.dequantize_weight(q2, s2).double(), ep.MoeConfig(E, K, H, I, **options),
                         fp8_activations=True)
-    assert rel_err(ys[0], ref) < BF16
+    for same in ys.values():
+        for y in same[1:]:
+            assert torch.equal(y, same[0])
+        assert rel_err(same[0], ref) < BF16
 
 
 def _gpu_dispatch_rank(rank, world_size):

@@ -22,6 +22,7 @@ from test_matrix import frames_compiled_per_call
 import ep_runtime as ep
 from ep_runtime import runners
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.reference import moe_reference, rel_err
 from ep_runtime.runner_core import RunnerInput, reroute_to_sink
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
@@ -45,36 +46,47 @@ def _ids(gen, T, E, K, minus_one=0.2):
     return torch.where(holes, torch.full_like(ids, -1), ids).to(torch.int32)
 
 
-@pytest.mark.parametrize("block_m,T,K,L", [(16, 30, 4, 6), (128, 5, 8, 32), (16, 0, 2, 3)])
-def test_gather_sorted_rows_copies_each_computed_pairs_row_and_scales_and_nothing_else(block_m, T, K, L):
-    """gather_sorted_rows (GEMM 1's input rows in expert order for the Gluon GEMMs): sorted row m of a used
-    block holds token sorted_pair_ids[m] // K's bytes and scales, bit for bit; padding rows and blocks past the
-    used ones keep what they held (each GEMM reads only its own rows: no traffic for pairs never computed);
-    pair_rows maps each computed pair to its sorted row (GEMM 2's rows in that order reach the reduction through
-    it) and leaves the other pairs' entries alone. Slots -1 and a masked expert; (128, 5, 8, 32): a decode-sized
-    step, most of 32 blocks unused."""
-    gen = torch.Generator().manual_seed(T + L)
-    H, G = 384, 3
+@pytest.mark.parametrize("block_m,T,K,L", [(16, 30, 4, 6), (128, 5, 8, 32), (16, 0, 2, 3), (16, 9, 6, 5)])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_sort_rows_writes_each_computed_pairs_row_and_scales_and_nothing_else(block_m, T, K, L, quantize):
+    """sort_rows (GEMM 1's input rows in expert order for the Gluon GEMMs): sorted row m of a used block holds
+    token sorted_pair_ids[m] // K's fp8 row and scales, bit for bit: an fp8 dispatch's bytes as they came, or
+    float rows quantized by the activation rule exactly as quantize_rows quantizes them (fp32 and UE8M0 scales);
+    padding rows and blocks past the used ones keep what they held (each GEMM reads only its own rows: no
+    traffic for pairs never computed); pair_rows maps each computed pair to its sorted row (GEMM 2's rows in
+    that order reach the reduction through it) and leaves the other pairs' entries alone. Slots -1 and a masked
+    expert; (128, 5, 8, 32): a decode-sized step, most of 32 blocks unused; K=6: slots padded to 8; H=400: a
+    partial last group."""
+    gen = torch.Generator().manual_seed(T + L + K)
+    H = 400
     ids = torch.randint(-1, L, (T, K), generator=gen, dtype=torch.int32)
     mask = torch.ones(L + 1, dtype=torch.bool)
     mask[min(1, L - 1)] = False
     mask[L] = False
     aligned = kernels.align_pairs(torch.where(ids < 0, L, ids), mask, 0, L, block_m)
-    src = torch.randint(0, 256, (T, H), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    src_scale = torch.rand(T, G, generator=gen) + 0.5
+    quant = QuantConfig(scale_encoding="ue8m0" if K % 2 else "fp32")
+    G = quant.num_groups(H)
+    if quantize:
+        src, src_scale = torch.randn(T, H, generator=gen).to(torch.bfloat16), None
+        rows, scales = quant.quantize_activation(src.float())
+        want_rows, want_scales = rows.view(torch.uint8), scales
+    else:
+        src = torch.randint(0, 256, (T, H), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        src_scale = torch.rand(T, G, generator=gen) + 0.5
+        want_rows, want_scales = src.view(torch.uint8), src_scale
     S = aligned.sorted_pair_ids.numel()
     out = torch.full((S, H), 0x5A, dtype=torch.uint8).view(torch.float8_e4m3fn)
     out_scale = torch.full((S, G), -7.0)
     pair_rows = torch.full((T * K, ), -3, dtype=torch.int32)
-    kernels.gather_sorted_rows(src, src_scale, aligned, K, out, out_scale, pair_rows, interpreted=True)
+    kernels.sort_rows(src, src_scale, aligned, K, out, out_scale, pair_rows, quant, interpreted=True)
     pairs = aligned.sorted_pair_ids.long()
     written = (pairs < T * K) & (torch.arange(S) < int(aligned.used_blocks) * block_m)
     assert int(written.sum()) == int(aligned.computed.sum())
     assert torch.equal(pair_rows[pairs[written]].long(), torch.arange(S)[written])
     assert bool((pair_rows[~aligned.computed] == -3).all())
     token = pairs[written] // K
-    assert torch.equal(out.view(torch.uint8)[written], src.view(torch.uint8)[token])
-    assert torch.equal(out_scale[written], src_scale[token])
+    assert torch.equal(out.view(torch.uint8)[written], want_rows[token])
+    assert torch.equal(out_scale[written], want_scales[token])
     assert bool((out.view(torch.uint8)[~written] == 0x5A).all()) and bool((out_scale[~written] == -7.0).all())
 
 
@@ -131,7 +143,6 @@ def test_align_pairs_in_one_program_equals_the_four_kernel_path(block_m, T, K, L
     # one-launch path runs the quantization's programs beside the alignment's (every row), the four-kernel
     # path its own kernel after them, on the rows with a computed pair only (the others are left as they
     # were: no GEMM reads them): the alignment unchanged, the rows quantized by the torch rule's bits.
-    from ep_runtime.quant import QuantConfig
     from ep_runtime.quant_kernels import plan_rows
     gen = torch.Generator().manual_seed(T + block_m)
     ids = torch.randint(-1, first + L + 2, (T, K), generator=gen, dtype=torch.int32)
