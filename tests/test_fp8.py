@@ -1307,6 +1307,45 @@ def test_gpu_gluon_gemm1_epilogue_matches_the_triton_fp8_path(case, monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
+def test_gpu_gluon_step_on_quantized_rows_equals_it_on_the_float_rows(encoding, monkeypatch):
+    """The Gluon step on rows an fp8 dispatch quantized (sort_rows copies the fp8 bytes and their scales, fp32 or
+    UE8M0 exponent bytes decoded) gives the bits of the same step on the float rows it quantizes itself (the same
+    activation rule), and matches the float64 reference (fp32 scales); a runner input made as a dispatch makes it, prefill
+    sized (300 pairs per expert), slots -1, 6 slots a token."""
+    from ep_runtime.placement import ExpertPlacement
+    from ep_runtime.runner_core import RunnerInput
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon GEMMs need CUDA capability 9.0")
+    monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
+    E, K, H, I, N = 8, 6, 384, 256, 400
+    q = QuantConfig(scale_encoding=encoding)
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    (q13, s13), (q2, s2) = (q.quantize_weight(torch.randn(E, 2 * I, H, device="cuda", generator=gen) * H ** -0.5),
+                            q.quantize_weight(torch.randn(E, H, I, device="cuda", generator=gen) * I ** -0.5))
+    weights = ep.ExpertWeights(q13, q2, None, None, s13, s2, q)
+    x = torch.randn(N, H, device="cuda", generator=gen).to(torch.bfloat16)
+    xq, xs = q.quantize_activation(x)
+    if q.ue8m0:  # as a UE8M0 dispatch carries them: exponent bytes
+        xs = ((xs.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    ids = torch.rand(N, E, device="cuda", generator=gen).topk(K, dim=1).indices.int()
+    ids[::9, 2] = -1
+    topk_weights = torch.rand(N, K, device="cuda", generator=gen)
+    backend = ep.runners.create("triton", config=ep.MoeConfig(E, K, H, I))
+    ys = []
+    for rows, scale in ((x, None), (xq, xs)):
+        inp = RunnerInput.from_local_ids(rows, ids, topk_weights, ExpertPlacement(E), scale, torch.bfloat16)
+        with torch.inference_mode():
+            ys.append(backend.run(inp, weights))
+    assert torch.equal(ys[0], ys[1])
+    if not q.ue8m0:  # (ue8m0 rounds the activation on another grid than the reference's)
+        ref = moe_reference(x.double(), ids, topk_weights.double(), q.dequantize_weight(q13, s13).double(),
+                            q.dequantize_weight(q2, s2).double(), ep.MoeConfig(E, K, H, I), fp8_activations=True)
+        assert rel_err(ys[1], ref) < BF16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("H, I, programs", [(1664, 640, 5), (1664, 256, 132)])
 def test_gpu_gluon_pipelines_give_the_same_bits(gated, H, I, programs, monkeypatch):
