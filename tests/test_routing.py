@@ -505,6 +505,35 @@ def test_exact_ties_go_to_the_lower_id_on_both_paths(dtype, routing_path):
     assert select_experts(nan_row, TopKConfig(top_k=3)).topk_ids.tolist() == [[0, 1, 2]]
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_router_gradient_equals_a_float64_reference(dtype, tol):
+    """Training a router: d(loss)/d(router_logits) through topk_weights equals the float64 gradient of the plain
+    formula (scores of the picked ids, renormalised, scaled) within the logits' precision; a -inf logit (a masked
+    expert) gets gradient 0, not NaN."""
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(24, 16, generator=gen).to(dtype)
+    logits[2, 5] = float("-inf")
+    bias = torch.randn(16, generator=gen) * 0.2
+    for cfg, b in ((TopKConfig(top_k=4, renormalize=True), None), (TopKConfig(top_k=3), None),
+                   (TopKConfig(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, group_score="top2_sum"), bias),
+                   (TopKConfig(top_k=1, scoring="sigmoid"), None)):
+        leaf = logits.clone().requires_grad_()
+        out = select_experts(leaf, cfg, b)
+        upstream = torch.randn(out.topk_weights.shape, generator=gen)
+        (out.topk_weights * upstream).sum().backward()
+        ref_leaf = logits.double().requires_grad_()
+        scores = ref_leaf.softmax(-1) if cfg.scoring == "softmax" else ref_leaf.sigmoid()
+        ids = torch.tensor(reference_routing(logits, cfg, b)[0])
+        assert torch.equal(out.topk_ids.long().sort(1).values, ids.sort(1).values), cfg
+        weights = scores.gather(1, out.topk_ids.long())
+        if cfg.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        (weights * cfg.routed_scaling_factor * upstream.double()).sum().backward()
+        assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all() and leaf.grad[2, 5] == 0
+        assert (leaf.grad.double() - ref_leaf.grad).norm() <= tol * ref_leaf.grad.norm(), cfg
+
+
 def test_router_logits_with_no_expert_are_named():
     """[T, 0] logits: no expert to pick from (the top_k check said "allowed 1..0")."""
     with pytest.raises(ValueError, match=r"router_logits has shape \[3, 0\]: no expert to pick from; expected \[T, E\] "
