@@ -107,8 +107,8 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
     tensors). Returns TopKOutput(ids [T, K] int32 global, K distinct per token, never -1; weights [T, K] in the
     scoring dtype: fp32, float64 for float64 logits, validation.weights_dtype's rule). On the current CUDA device,
     with no gradient needed, nothing tracing it and logits other than float64, one Triton kernel computes it
-    (ep_runtime/routing_kernels.py, fp32: the same picks up to fp32 rounding of exp, exact ties to the lower id);
-    elsewhere torch ops do."""
+    (ep_runtime/routing_kernels.py, fp32: the same picks up to fp32 rounding of exp); elsewhere torch ops do. On
+    both the ids come best first, an exact tie to the lower id (and group)."""
     if not isinstance(config, TopKConfig):
         raise TypeError(f"config={config!r}; expected an ep.TopKConfig")
     check_float_tensor("router_logits", router_logits)
@@ -158,17 +158,24 @@ def select_experts(router_logits: torch.Tensor, config: TopKConfig,
             group_scores = per_group.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = per_group.max(dim=-1).values
-        best_groups = group_scores.topk(config.topk_group, dim=-1).indices
+        best_groups = _largest(group_scores, config.topk_group)
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
         eligible = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
         choice = choice.masked_fill(~eligible, float("-inf"))
-    ids = choice.topk(config.top_k, dim=-1).indices
+    ids = _largest(choice, config.top_k)
     weights = scores.gather(1, ids)
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
     return TopKOutput(ids.to(torch.int32), weights.to(scoring))
+
+
+def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest of each row of values [T, N], largest first, NaN first (as torch.topk ranks it), an
+    exact tie to the lower index: the routing kernel's order. (torch.topk leaves ties unspecified, CPU and CUDA
+    differ, so a zero-initialised router or bf16 logits routed differently in training and in inference.)"""
+    return values.sort(dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 def name_non_finite_logits(router_logits: torch.Tensor, config: TopKConfig, err: ValueError) -> None:

@@ -30,9 +30,9 @@ def reference_routing(logits, cfg, bias=None):
                 members = sorted(choice[g * size:(g + 1) * size], reverse=True)
                 top2 = cfg.group_score == "top2_sum" or (cfg.group_score is None and bias is not None)
                 groups.append((sum(members[:2]) if top2 else members[0], g))
-            best = [g for _, g in sorted(groups, reverse=True)[:cfg.topk_group]]
+            best = [g for _, g in sorted(groups, key=lambda sg: (-sg[0], sg[1]))[:cfg.topk_group]]  # ties: lower g
             eligible = {e for e in range(E) if e // size in best}
-        ranked = sorted(eligible, key=lambda e: -choice[e])[:cfg.top_k]
+        ranked = sorted(eligible, key=lambda e: (-choice[e], e))[:cfg.top_k]  # best first, ties to the lower id
         weights = [scores[e] for e in ranked]
         if cfg.renormalize:
             total = sum(weights) + 1e-20
@@ -478,6 +478,60 @@ def test_routing_kernel_breaks_exact_ties_to_the_lower_id(monkeypatch):
     assert select_experts(logits, TopKConfig(top_k=3)).topk_ids.tolist() == [[4, 0, 2]]
     grouped = TopKConfig(top_k=2, num_expert_group=4, topk_group=2)  # groups {0,1} {2,3} {4,5} {6,7}: 2 and 0 kept
     assert select_experts(logits, grouped).topk_ids.tolist() == [[4, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_ties_go_to_the_lower_id_on_both_paths(dtype, routing_path):
+    """Exact ties (bf16 logits, a zero-initialised router as Qwen2-MoE's and OLMoE's) went to the lower id in the
+    kernel but anywhere on the torch path (torch.topk leaves them unspecified: [0, 0, 0, 0] took ids 6, 5, 4 of 8),
+    so training (torch path) and inference (kernel) routed the same logits to different experts. Both now give
+    the reference's ids in its order: best first, a tie (of experts or of groups) to the lower id; a NaN row (all
+    tied as NaN) too."""
+    gen = torch.Generator().manual_seed(13)
+    values = torch.tensor([0.0, 1.0, 3.0])  # sigmoid pair sums all distinct: a group tie is a tie in float64 too
+    logits = values[torch.randint(0, 3, (24, 16), generator=gen)].to(dtype)
+    logits[0] = 0.0
+    bias = torch.zeros(16)
+    for cfg, b in ((TopKConfig(top_k=4, renormalize=True), None), (TopKConfig(top_k=5), None),
+                   (TopKConfig(top_k=3, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, group_score="top2_sum"), bias),
+                   (TopKConfig(top_k=3, num_expert_group=8, topk_group=3), None)):
+        out = select_experts(logits, cfg, b)
+        ref_ids, ref_w = reference_routing(logits, cfg, b)
+        assert out.topk_ids.tolist() == ref_ids, cfg
+        torch.testing.assert_close(out.topk_weights, torch.tensor(ref_w, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+    nan_row = torch.zeros(1, 16, dtype=dtype)
+    nan_row[0, 9] = float("nan")
+    assert select_experts(nan_row, TopKConfig(top_k=3)).topk_ids.tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_router_gradient_equals_a_float64_reference(dtype, tol):
+    """Training a router: d(loss)/d(router_logits) through topk_weights equals the float64 gradient of the plain
+    formula (scores of the picked ids, renormalised, scaled) within the logits' precision; a -inf logit (a masked
+    expert) gets gradient 0, not NaN."""
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(24, 16, generator=gen).to(dtype)
+    logits[2, 5] = float("-inf")
+    bias = torch.randn(16, generator=gen) * 0.2
+    for cfg, b in ((TopKConfig(top_k=4, renormalize=True), None), (TopKConfig(top_k=3), None),
+                   (TopKConfig(top_k=4, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, group_score="top2_sum"), bias),
+                   (TopKConfig(top_k=1, scoring="sigmoid"), None)):
+        leaf = logits.clone().requires_grad_()
+        out = select_experts(leaf, cfg, b)
+        upstream = torch.randn(out.topk_weights.shape, generator=gen)
+        (out.topk_weights * upstream).sum().backward()
+        ref_leaf = logits.double().requires_grad_()
+        scores = ref_leaf.softmax(-1) if cfg.scoring == "softmax" else ref_leaf.sigmoid()
+        ids = torch.tensor(reference_routing(logits, cfg, b)[0])
+        assert torch.equal(out.topk_ids.long().sort(1).values, ids.sort(1).values), cfg
+        weights = scores.gather(1, out.topk_ids.long())
+        if cfg.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        (weights * cfg.routed_scaling_factor * upstream.double()).sum().backward()
+        assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all() and leaf.grad[2, 5] == 0
+        assert (leaf.grad.double() - ref_leaf.grad).norm() <= tol * ref_leaf.grad.norm(), cfg
 
 
 def test_router_logits_with_no_expert_are_named():

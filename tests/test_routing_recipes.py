@@ -5,6 +5,8 @@ router `gate` returns (logits, weights, ids) for random hidden states; ep.select
 logits with the recipe must give the same expert set per token and the same weights (float32
 softmax/sigmoid arithmetic on both sides: 1e-6).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -64,3 +66,50 @@ def test_the_defaults_are_none_of_mixtral_qwen3_deepseek():
     and scores with softmax (so not DeepSeek-V3)."""
     default = ep.TopKConfig(top_k=2)
     assert default.scoring == "softmax" and not default.renormalize and default.num_expert_group is None
+
+
+ROUTERS = {  # family -> (config class, router module and class, config fields, the docs' recipe)
+    "olmoe": ("OlmoeConfig", "olmoe.modeling_olmoe.OlmoeTopKRouter", dict(num_experts=16, num_experts_per_tok=4),
+              ep.TopKConfig(top_k=4)),
+    "granitemoe": ("GraniteMoeConfig", "granitemoe.modeling_granitemoe.GraniteMoeTopKRouter",
+                   dict(num_local_experts=8, num_experts_per_tok=2), ep.TopKConfig(top_k=2, renormalize=True)),
+    "gpt_oss": ("GptOssConfig", "gpt_oss.modeling_gpt_oss.GptOssTopKRouter",
+                dict(num_local_experts=8, num_experts_per_tok=4), ep.TopKConfig(top_k=4, renormalize=True)),
+    "llama4": ("Llama4TextConfig", "llama4.modeling_llama4.Llama4Router", dict(num_local_experts=8, num_experts_per_tok=1),
+               ep.TopKConfig(top_k=1, scoring="sigmoid")),
+    "deepseek_v2_greedy": ("DeepseekV2Config", "deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter",
+                           dict(n_routed_experts=16, num_experts_per_tok=4, topk_method="greedy",
+                                routed_scaling_factor=16.0), ep.TopKConfig(top_k=4, routed_scaling_factor=16.0)),
+    "deepseek_v2": ("DeepseekV2Config", "deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter",
+                    dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                         topk_method="group_limited_greedy", routed_scaling_factor=16.0),
+                    ep.TopKConfig(top_k=4, num_expert_group=4, topk_group=2, routed_scaling_factor=16.0,
+                                  group_score="max")),
+}
+
+
+@pytest.mark.parametrize("family", list(ROUTERS))
+def test_more_recipes_match_the_hf_router(family):
+    """docs/routing.md's rows for routers that are not a block's `gate` with (logits, weights, ids): each built
+    from its transformers config with random weights; our weights scattered to [T, E] equal theirs (Llama 4's
+    router returns them so: sigmoid of the picked logits, 0 elsewhere). GPT-OSS and GraniteMoE take the softmax
+    of the K largest logits, which is the softmax over all E renormalised over the K picked."""
+    cls_name, router_path, fields, cfg = ROUTERS[family]
+    module, cls = router_path.rsplit(".", 1)
+    config = getattr(transformers, cls_name)(hidden_size=32, **fields)
+    router = getattr(importlib.import_module(f"transformers.models.{module}"), cls)(config).float()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        hidden = torch.randn(40, 32, generator=gen)
+        out = router(hidden)
+    if family == "llama4":
+        theirs, logits = out
+    else:
+        logits, hf_weights, hf_ids = out
+        theirs = torch.zeros_like(logits).scatter_(1, hf_ids.long(), hf_weights.float())
+    ids, weights = ep.select_experts(logits, cfg)
+    mine = torch.zeros_like(logits).scatter_(1, ids.long(), weights)
+    assert torch.equal(mine != 0, theirs != 0), family
+    torch.testing.assert_close(mine, theirs.float(), rtol=1e-6, atol=1e-6)
