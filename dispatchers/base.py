@@ -481,6 +481,7 @@ class Dispatcher:
             out, work = fn(), ExchangeWork()
         if not wanted:
             return out
+        work._made_by(self, operation, out)  # what its timeout's error names, get_future's value
         return (out, ReceiveHook(work)) if return_recv_hook else (out, work)
 
     def raise_deferred(self) -> None:
