@@ -193,25 +193,25 @@ class ExchangeWork:
         return self.is_completed() and self.exception() is None
 
     def result(self) -> list:
-        """The output's tensors (torch's Work.result: a list), after wait()."""
+        """The output's tensors, as torch's Work.result() gives a list (after wait()): combine's [y]; a dispatch
+        output's tensor fields in their order (recv_x first)."""
         self.wait()
-        return list(tensors_in(self._output))
+        return _output_tensors(self._output)
 
     def get_future(self) -> "torch.futures.Future":
-        """A torch.futures.Future whose value is the call's output (the dispatch output, or combine's y),
-        set when the exchange is done (its error set instead on CPU ranks). On CUDA it is a CUDA-aware
-        future, as torch's NCCL works give: its wait()/value() make the current stream wait for the
-        exchange. Callbacks (then) run on the thread that completes it."""
+        """A torch.futures.Future whose value is result()'s list, set when the exchange is done (on CPU ranks its
+        error is set instead). On CUDA it is a CUDA-aware future, as torch's NCCL works give: its wait()/value()
+        make the current stream wait for the exchange. Callbacks (then) run on the thread that completes it."""
         if self.event is not None:
             future = torch.futures.Future(devices=[self.device])
-            side = torch.cuda.Stream(self.device)  # its events end where the exchange does
+            side = torch.cuda.Stream(self.device)  # the value's events are recorded where the exchange has ended
             side.wait_event(self.event)
             with torch.cuda.stream(side):
-                future.set_result(self._output)
+                future.set_result(_output_tensors(self._output))
             return future
         future = torch.futures.Future()
         if self._future is None:
-            future.set_result(self._output)
+            future.set_result(_output_tensors(self._output))
             return future
 
         def done(f: Future) -> None:
@@ -219,9 +219,18 @@ class ExchangeWork:
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(self._output)
+                future.set_result(_output_tensors(self._output))
         self._future.add_done_callback(done)
         return future
+
+
+def _output_tensors(output: Any) -> list:
+    """A call's output as a list of tensors: [y], or a dispatch output's own tensor fields (not its handle's)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if is_dataclass(output) and not isinstance(output, type):
+        return [t for f in fields(output) if isinstance(t := getattr(output, f.name, None), torch.Tensor)]
+    return []
 
 
 def _seconds(timeout: Any) -> float:

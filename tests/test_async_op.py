@@ -151,8 +151,8 @@ def test_wait_gives_up_after_its_timeout_when_a_peer_never_joins(how):
 
 
 def _future_rank(rank, world_size):
-    """torch.distributed.Work's surface on a completed exchange: get_future()'s value is the call's own
-    output, result() its tensors, is_success() and exception() report no error; a bad timeout is named."""
+    """torch.distributed.Work's surface on a completed exchange: get_future()'s value and result() are the
+    output's own tensors, is_success() and exception() report no error; a bad timeout is named."""
     d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 32, 16))
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(9, 32, generator=gen)
@@ -160,10 +160,12 @@ def _future_rank(rank, world_size):
     sync = d.dispatch(x, topk)
     out, work = d.dispatch(x, topk, async_op=True)
     got = work.get_future().wait()
-    same = got is out and torch.equal(out.recv_x, sync.recv_x) and work.is_success() and work.exception() is None
-    same = same and all(a is b for a, b in zip(work.result(), [out.recv_x, out.recv_topk_ids]))
+    fields = [out.recv_x, out.recv_topk_ids, out.recv_topk_weights, out.num_recv_tokens_per_expert_tensor]
+    same = torch.equal(out.recv_x, sync.recv_x) and work.is_success() and work.exception() is None
+    same = same and [id(t) for t in got] == [id(t) for t in work.result()] == [id(t) for t in fields]
     y, work = d.combine(CombineInput(out.recv_x * 2, out), async_op=True)
-    same = same and torch.equal(work.get_future().wait(), d.combine(CombineInput(sync.recv_x * 2, sync)))
+    [got] = work.get_future().wait()
+    same = same and got is y and torch.equal(y, d.combine(CombineInput(sync.recv_x * 2, sync)))
     errors = []
     for bad in (0.5, float("inf"), "2"):
         try:
