@@ -471,7 +471,8 @@ class Dispatcher:
                 # this one by previous_event=work reads it filled (filled at wait(), it read the empty shell)
                 fn = lambda fn=fn, out=out: (fill(out, fn()), out)[1]  # noqa: E731
             future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)
-            if out is None:  # in call order after the pending async exchanges
+            if out is None:  # in call order after the pending async exchanges (waited as a work: bounded)
+                ExchangeWork(future=future)._made_by(self, operation, None).wait()
                 out, work = future.result(), ExchangeWork()
             else:
                 work = ExchangeWork(future=future)
@@ -481,6 +482,7 @@ class Dispatcher:
             out, work = fn(), ExchangeWork()
         if not wanted:
             return out
+        work._made_by(self, operation, out)  # what its timeout's error names, get_future's value
         return (out, ReceiveHook(work)) if return_recv_hook else (out, work)
 
     def raise_deferred(self) -> None:

@@ -12,6 +12,7 @@ then row-strided views of one receive buffer).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,10 +20,11 @@ import torch
 
 from ep_runtime.routing import TopKOutput
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, register_format
-from ep_runtime.validation import check_topk_ids
+from ep_runtime.validation import capturing, check_topk_ids
 
 from . import fp8_payload, register
 from .base import ExchangeDispatcher, resolve_int
+from .deferred import DeferredChecks
 from .rank_exchange import Capacity, ExchangeHandle, Layout, dispatch_layout
 
 
@@ -117,7 +119,8 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         routing is sent again (its weights detached: pass topk for a weight gradient). The handle keeps the
         caller's topk tensors, not copies: changed in place since, they no longer match its plan (pairs would
         go to ranks that do not hold their experts), which such a reuse refuses (inference tensors keep no
-        version counter to check: do not change them while their handle is in use).
+        version counter to check: do not change them while their handle is in use). topk_ids given as another
+        tensor must hold the handle's ids (a handle fixes the routing, as DeepEP's): see _check_same_routing.
         async_op, return_recv_hook, previous_event: see Dispatcher.dispatch (the host plan's count read
         then waits for the communication stream only, never for the caller's later work)."""
         if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
@@ -130,10 +133,48 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)
                 _check_handle_input(handle, x)
             _check_unchanged(handle, topk)
+            self._check_same_routing(handle, topk)
         if topk is None:
             topk = (handle.topk[0], handle.topk[1].detach())
         return super().dispatch(x, topk, handle=handle, async_op=async_op, return_recv_hook=return_recv_hook,
                                 previous_event=previous_event)
+
+    def _check_same_routing(self, handle: ExchangeHandle, topk) -> None:
+        """topk_ids given with a handle, as another tensor than the one it was made with: the same ids (a handle
+        fixes the layout, as DeepEP's: each token's ranks, each id's local expert), or an error naming topk_ids.
+        CPU: compared at once. CUDA: one fused compare on the device whose flag lands in pinned memory and is
+        checked CHECK_LAG reusing calls later or at raise_deferred() (no host sync; EP_RUNTIME_SYNC_CHECKS=1:
+        at once); not while capturing a CUDA graph or under torch.compile."""
+        ids = topk[0] if isinstance(topk, (tuple, list)) and len(topk) == 2 else None
+        made = handle.topk[0] if handle.topk is not None else None
+        if not isinstance(ids, torch.Tensor) or made is None or ids is made:
+            return  # (a malformed topk is named by the dispatch's own checks; the handle's own ids: _check_unchanged)
+        version = (handle.topk_versions or (None,))[0]
+        if version is not None and made._version != version:
+            raise ValueError(f"topk_ids is another tensor than the handle was made with, and that one changed in "
+                             f"place since (version {version} -> {made._version}), so the routing the handle fixes "
+                             f"is unknown: dispatch without the handle for new routing")
+        if ids.shape != made.shape or ids.device != made.device:
+            raise ValueError(f"topk_ids has shape {list(ids.shape)} on {ids.device}; the handle was made for "
+                             f"{list(made.shape)} on {made.device} (a handle fixes the routing: dispatch without it "
+                             f"for new routing)")
+        if not ids.is_cuda or self.exchange.sync_checks:
+            _check_ids_equal(ids, made)
+        elif not capturing() and not torch.compiler.is_compiling():
+            self._routing_checks.make_room()
+            self._routing_checks.defer((ids != made).any().reshape(1).int(), (ids, made))
+
+    @functools.cached_property
+    def _routing_checks(self) -> DeferredChecks:
+        return DeferredChecks(_check_routing_flag, "a dispatch's topk_ids against its reused handle",
+                              "topk_ids differed from the routing its handle was made for, and the two have been "
+                              "overwritten since, so the place cannot be named")
+
+    def raise_deferred(self) -> None:
+        """The exchange's deferred checks, then those of topk_ids given with a reused handle (see Dispatcher)."""
+        if "_routing_checks" in self.__dict__:
+            self._routing_checks.flush()
+        super().raise_deferred()
 
     def _table_plan(self, handle=None):
         return None if handle is not None else (self.options.chunk, None)  # a reused handle: no count table
@@ -209,6 +250,24 @@ def _check_unchanged(handle: ExchangeHandle, topk) -> None:
             raise ValueError(f"handle's {name} changed in place since the handle was made (version {version} -> "
                              f"{t._version}); its plan no longer matches them: dispatch without the handle for new "
                              f"routing, or pass topk= the routing it was made for")
+
+
+def _check_ids_equal(ids: torch.Tensor, made: torch.Tensor) -> None:
+    """ids equal to `made`, the ids a reused handle was made for, or a ValueError naming the first difference."""
+    differ = (ids != made).nonzero()
+    if differ.shape[0]:
+        t, k = differ[0].tolist()
+        raise ValueError(f"topk_ids[{t}, {k}] = {int(ids[t, k])}, but the handle was made for routing with "
+                         f"{int(made[t, k])} there ({differ.shape[0]} ids differ); a handle fixes the routing (each "
+                         f"token's ranks and each id's local expert, as DeepEP's): pass topk with the ids it was made "
+                         f"for (or topk=None), or dispatch without handle= for new routing")
+
+
+def _check_routing_flag(flag: list, call: tuple) -> None:
+    """The deferred form of _check_ids_equal (CUDA): flag [1] set where the ids differed."""
+    if flag[0]:
+        _check_ids_equal(*call)
+        raise LookupError("overwritten")  # flagged, yet equal now: the caller changed its tensors since
 
 
 def _check_handle_input(handle: ExchangeHandle, x: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ later on the same owner, before that call's work, or when the owner flushes (its
 `raise_deferred()`). The point depends on the call count only, never on timing, so ranks making
 the same calls check at the same call. At most CHECK_LAG copies are pending, so CHECK_LAG landing
 buffers, used in turn, never overwrite one still to be checked. Shared by rank_exchange's static
-plans and the standard dispatcher.
+plans, the standard dispatcher and deepep_normal's check of topk_ids given with a reused handle.
 """
 from __future__ import annotations
 

@@ -24,9 +24,12 @@ on CPU ranks, and on CUDA where the synchronous call raises it (a host plan read
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields, is_dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -82,7 +85,11 @@ class ExchangeWork:
     torch.distributed convention). wait() orders the caller after the exchange: on CUDA the current
     stream waits on the exchange's event (the host does not block); on CPU ranks the host waits for
     the worker thread (which fills the output as the exchange's last step). Waiting again is a no-op;
-    works may be waited in any order. `event` (CUDA): the exchange's end, to pass as another call's previous_event."""
+    works may be waited in any order. `event` (CUDA): the exchange's end, to pass as another call's previous_event.
+
+    torch.distributed.Work's surface: wait(timeout=None), is_completed(), is_success(), exception(),
+    get_future(), result(), synchronize(); DeepEP's EventOverlap.current_stream_wait() too. Not offered:
+    source_rank (no point-to-point receive) and boxed/unbox (TorchScript)."""
 
     def __init__(self, event: Optional["torch.cuda.Event"] = None, device: Optional[torch.device] = None,
                  outputs: tuple = (), future: Optional[Future] = None):
@@ -90,8 +97,24 @@ class ExchangeWork:
         self._outputs = outputs
         self._future = future
         self._waited_streams: set = set()
+        self._output: Any = None  # the call's output (get_future's value); set by the dispatcher
+        self._dispatcher: Any = None  # who made it, and for which operation: what a timeout's error names
+        self._operation = "exchange"
 
-    def wait(self) -> bool:
+    def _made_by(self, dispatcher: Any, operation: str, output: Any) -> "ExchangeWork":
+        self._dispatcher, self._operation, self._output = dispatcher, operation, output
+        return self
+
+    def wait(self, timeout: Any = None) -> bool:
+        """Order the caller after the exchange. CPU ranks: the host waits at most `timeout` (seconds, or a
+        datetime.timedelta as torch's Work.wait takes; None: EP_RUNTIME_TIMEOUT_S, or init_distributed's
+        timeout_s), counted from this call; past it, ep.PeerFailure names the operation, the peer(s) and the
+        timeout, and the group is marked failed (later calls on it raise at once: a rank that never joins
+        leaves the exchange pending on the group's thread). The exchange's own error is raised here too.
+        CUDA: timeout=None makes the current stream wait (no host wait; a stuck exchange ends with NCCL's
+        watchdog); a timeout also waits on the host, at most that long, then aborts the group's communicator
+        and raises ep.PeerFailure. Returns True, as torch's Work.wait."""
+        limit = None if timeout is None else _seconds(timeout)
         if self.event is not None:
             stream = torch.cuda.current_stream(self.device)
             if stream not in self._waited_streams:
@@ -99,9 +122,53 @@ class ExchangeWork:
                 for t in self._outputs:  # read on this stream from now on: freed only once it is done
                     t.record_stream(stream)
                 self._waited_streams.add(stream)
+            if limit is not None and not self.event.query():
+                self._wait_on_device(limit)
         elif self._future is not None:
-            self._future.result()  # the exchange's own error is raised here, where the caller waits
+            from ep_runtime import distributed
+            try:
+                self._future.result(timeout=distributed.timeout_s() if limit is None else limit)
+            except FutureTimeout:
+                raise self._timed_out(limit) from None
+            # (the exchange's own error is raised by result(), here, where the caller waits)
         return True
+
+    def _names(self) -> tuple:
+        d = self._dispatcher
+        return (getattr(d, "name", "exchange"), getattr(d, "group", None), getattr(d, "rank", 0),
+                getattr(d, "world_size", 1))
+
+    def _timed_out(self, limit: Optional[float]) -> Exception:
+        """The error of a CPU wait that gave up (the group is then recorded as failed)."""
+        from ep_runtime import distributed, envs
+        name, group, rank, size = self._names()
+        knob = envs.PREFIX + "TIMEOUT_S"
+        setting = (f"timeout={limit:g} s given to work.wait()" if limit is not None else
+                   f"{distributed.timeout_s():g} s, set with {knob} or init_distributed(timeout_s=...), or "
+                   f"work.wait(timeout=...)")
+        message = (f"{name} {self._operation} on {distributed.rank_name(group, rank, size)}: work.wait() waited in "
+                   f"vain for {distributed._peers(rank, size, group)}: the exchange had not completed within the "
+                   f"timeout ({setting}); that rank stalled, died, or took a different code path. The exchange "
+                   f"stays pending on the group's exchange thread, so the group is marked failed: rebuild the "
+                   f"process group (and the layer) to go on")
+        distributed.record_failure(group, message)
+        return distributed.PeerFailure(message)
+
+    def _wait_on_device(self, limit: float) -> None:
+        from ep_runtime import distributed
+        name, group, rank, size = self._names()
+        distributed.wait_on_device(self.event, issued_at=time.monotonic(), group=group, name=name,
+                                   operation=self._operation, rank=rank, world_size=size,
+                                   waited_for=f"the {self._operation} awaited by work.wait()", limit_s=limit,
+                                   setting="the timeout given to work.wait()")
+
+    def current_stream_wait(self) -> None:
+        """DeepEP's EventOverlap.current_stream_wait(): wait() without a timeout."""
+        self.wait()
+
+    def synchronize(self) -> None:
+        """torch's Work.synchronize(): wait() without a timeout."""
+        self.wait()
 
     def finished(self) -> None:
         """Block until the exchange is done (CPU ranks; from any thread, the exchange thread included)."""
@@ -114,6 +181,64 @@ class ExchangeWork:
         if self.event is not None:
             return self.event.query()
         return self._future is None or self._future.done()
+
+    def exception(self) -> Optional[BaseException]:
+        """The exchange's error once it completed with one (CPU ranks), else None; never blocks."""
+        if self._future is not None and self._future.done():
+            return self._future.exception()
+        return None
+
+    def is_success(self) -> bool:
+        """Completed without an error (torch's Work.is_success)."""
+        return self.is_completed() and self.exception() is None
+
+    def result(self) -> list:
+        """The output's tensors, as torch's Work.result() gives a list (after wait()): combine's [y]; a dispatch
+        output's tensor fields in their order (recv_x first)."""
+        self.wait()
+        return _output_tensors(self._output)
+
+    def get_future(self) -> "torch.futures.Future":
+        """A torch.futures.Future whose value is result()'s list, set when the exchange is done (on CPU ranks its
+        error is set instead). On CUDA it is a CUDA-aware future, as torch's NCCL works give: its wait()/value()
+        make the current stream wait for the exchange. Callbacks (then) run on the thread that completes it."""
+        if self.event is not None:
+            future = torch.futures.Future(devices=[self.device])
+            side = torch.cuda.Stream(self.device)  # the value's events are recorded where the exchange has ended
+            side.wait_event(self.event)
+            with torch.cuda.stream(side):
+                future.set_result(_output_tensors(self._output))
+            return future
+        future = torch.futures.Future()
+        if self._future is None:
+            future.set_result(_output_tensors(self._output))
+            return future
+
+        def done(f: Future) -> None:
+            error = f.exception()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(_output_tensors(self._output))
+        self._future.add_done_callback(done)
+        return future
+
+
+def _output_tensors(output: Any) -> list:
+    """A call's output as a list of tensors: [y], or a dispatch output's own tensor fields (not its handle's)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if is_dataclass(output) and not isinstance(output, type):
+        return [t for f in fields(output) if isinstance(t := getattr(output, f.name, None), torch.Tensor)]
+    return []
+
+
+def _seconds(timeout: Any) -> float:
+    """wait()'s timeout as seconds: a number or a datetime.timedelta, in the range of EP_RUNTIME_TIMEOUT_S."""
+    from ep_runtime import distributed
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    return distributed.check_timeout(timeout, "timeout")
 
 
 class ReceiveHook:

@@ -115,20 +115,30 @@ def _rows_in_expert_order(layer: EPMoE, prefix: str, state: dict) -> None:
     layer saved them in its slots' order, rank by rank (a round-robin or rebalanced placement's rows are not its
     experts in order). Without its expert_placement, the rows are taken as they are (as model.state_dict() holds
     them)."""
+    layer._loaded_row_order = None
     table = state.pop(prefix + PLACEMENT_KEY, None)
     if table is None:
         return
     experts = _placement_of_rows(layer, prefix, table)[1].tolist()  # the expert of each row (no copies: P = E)
-    if experts == list(range(len(experts))):
-        return
     row_of = [experts.index(e) for e in range(len(experts))]
+    # the optimizer's rows of these experts were saved in the same order: load_distributed_optimizer_state_dict
+    # puts them in expert order too (left in the slots' order, each expert stepped with another's moments)
+    layer._loaded_row_order = None if row_of == list(range(len(row_of))) else row_of
+    if layer._loaded_row_order is None:
+        return
     for name in _EXPERT_TENSORS:
         rows = state.get(prefix + name)
-        if isinstance(rows, DTensor):  # (FSDP2's fully_shard sharded the replicated experts: whole, then its piece)
-            state[prefix + name] = distribute_tensor(_first_copies(rows.full_tensor(), row_of), rows.device_mesh,
-                                                     rows.placements, src_data_rank=None)
-        elif isinstance(rows, torch.Tensor):
-            state[prefix + name] = _first_copies(rows, row_of)
+        if isinstance(rows, torch.Tensor):
+            state[prefix + name] = _in_expert_order(rows, row_of)
+
+
+def _in_expert_order(rows: torch.Tensor, row_of: list) -> torch.Tensor:
+    """rows[row_of]: a replicated layer's [E, ...] rows in expert order (a DTensor, as FSDP2's fully_shard shards
+    the replicated experts: whole, then its piece)."""
+    if isinstance(rows, DTensor):
+        return distribute_tensor(_first_copies(rows.full_tensor(), row_of), rows.device_mesh, rows.placements,
+                                 src_data_rank=None)
+    return _first_copies(rows, row_of)
 
 
 def _no_placement(prefix: str) -> str:
@@ -182,7 +192,9 @@ def distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
 def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
                                           state_dict: dict[str, Any]) -> None:
     """Load a dict made by distributed_optimizer_state_dict (after dcp.load filled it) into `optimizer`
-    with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict."""
+    with torch's `set_optimizer_state_dict`; every rank calls it, after load_distributed_state_dict: the state
+    rows of each layer's experts then follow its weights' rows (a replicated layer's, put in expert order from a
+    sharded layer's slot order, take the same order)."""
     check_type("model", model, nn.Module, "a torch.nn.Module holding EPMoE layers")
     check_type("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer of the model's parameters")
     check_type("state_dict", state_dict, Mapping, "a dict (the one ep.distributed_optimizer_state_dict made, filled by dcp.load)")
@@ -196,7 +208,17 @@ def load_distributed_optimizer_state_dict(model: nn.Module, optimizer: torch.opt
     state = {**state_dict, "state": {fqn: {key: value.to_local() if isinstance(value, DTensor) else value
                                            for key, value in per_param.items()} if fqn in experts else per_param
                                      for fqn, per_param in state_dict["state"].items()}}
+    for _, layer in _expert_layers(model):  # a replicated layer whose weights load_distributed_state_dict reordered
+        row_of = getattr(layer, "_loaded_row_order", None)
+        for param in (getattr(layer, name) for name in _EXPERT_TENSORS) if row_of is not None else ():
+            per_param = state["state"].get(key_of.get(id(param)))
+            if param is not None and per_param:
+                state["state"][key_of[id(param)]] = {
+                    k: _in_expert_order(v, row_of) if isinstance(v, torch.Tensor) and v.dim() > 0
+                    and v.shape[0] == len(row_of) else v for k, v in per_param.items()}
     set_optimizer_state_dict(model, optimizer, state)
+    for _, layer in _expert_layers(model):
+        layer._loaded_row_order = None  # (used once: a later load without the model's would reorder again)
 
 
 def _state_keys(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[int, str]:

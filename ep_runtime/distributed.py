@@ -249,14 +249,14 @@ def _mpi_launch() -> LaunchInfo:
     return _MPI_LAUNCH
 
 
-def check_timeout(timeout_s) -> float:
-    """timeout_s as float seconds, or an error: a finite number in the range of EP_RUNTIME_TIMEOUT_S
-    (an infinite or NaN timeout would let a job hang forever)."""
+def check_timeout(timeout_s, name: str = "timeout_s") -> float:
+    """timeout_s as float seconds, or an error naming the argument `name`: a finite number in the range of
+    EP_RUNTIME_TIMEOUT_S (an infinite or NaN timeout would let a job hang forever)."""
     knob = envs.KNOBS[envs.PREFIX + "TIMEOUT_S"]
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):  # numpy's numbers too
-        raise TypeError(f"timeout_s={timeout_s!r} must be a number of seconds (int or float)")
+        raise TypeError(f"{name}={timeout_s!r} must be a number of seconds (int or float)")
     if not knob.minimum <= timeout_s <= knob.maximum:  # False for NaN too
-        raise ValueError(f"timeout_s={timeout_s!r}; allowed: {knob.minimum:g} <= seconds <= {knob.maximum:g} "
+        raise ValueError(f"{name}={timeout_s!r}; allowed: {knob.minimum:g} <= seconds <= {knob.maximum:g} "
                          f"(the range of {knob.name})")
     return float(timeout_s)
 
@@ -613,14 +613,15 @@ def check_group(group, name: str, operation: str) -> None:
 
 
 def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: str, operation: str,
-                   rank: int, world_size: int, waited_for: str = "the count table's all_gather") -> None:
+                   rank: int, world_size: int, waited_for: str = "the count table's all_gather",
+                   limit_s: Optional[float] = None, setting: Optional[str] = None) -> None:
     """Return once `event` has completed; raise PeerFailure (after aborting the group) when it has not
-    completed EP_RUNTIME_TIMEOUT_S after `issued_at` (time.monotonic() when the awaited collective was
-    queued). Polls: queries alone for the first 2 ms (the usual wait is tens of microseconds, and a
-    blocking synchronize spins too), then with sleeps of 50 us until 20 ms, then of 1 ms."""
+    completed EP_RUNTIME_TIMEOUT_S (or limit_s, set as `setting` says) after `issued_at` (time.monotonic()
+    when the awaited collective was queued). Polls: queries alone for the first 2 ms (the usual wait is tens
+    of microseconds, and a blocking synchronize spins too), then with sleeps of 50 us until 20 ms, then of 1 ms."""
     if event.query():
         return
-    limit = timeout_s()
+    limit = timeout_s() if limit_s is None else limit_s
     deadline = issued_at + limit
     start = time.monotonic()
     while not event.query():
@@ -631,8 +632,8 @@ def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: 
             knob = envs.PREFIX + "TIMEOUT_S"
             message = (f"{name} {operation} on {rank_name(group, rank, world_size)} waited in vain for "
                        f"{_peers(rank, world_size, group)}: {waited_for} had not completed {now - issued_at:.1f} s after it "
-                       f"was issued (the timeout is {limit:g} s; set it with {knob} or "
-                       f"init_distributed(timeout_s=...)); that rank stalled, died, or took a different code path. "
+                       f"was issued (the timeout is {limit:g} s; "
+                       f"{setting or f'set it with {knob} or init_distributed(timeout_s=...)'}); that rank stalled, died, or took a different code path. "
                        f"The group's NCCL communicator has been aborted, so no later call waits on it")
             done = abort_group(group, message)
             if not done:

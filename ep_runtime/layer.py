@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
@@ -898,7 +900,8 @@ class EPMoE(nn.Module):
         exchange per weight tensor); the rest are copied in place, bit for bit. Parameters keep their
         identity, and their .grad moves with them. optimizer: its per-parameter state tensors shaped
         like a weight (Adam's moments, momentum buffers) move the same way; without it such state
-        stays where it was and no longer matches its expert (reset it, or pass the optimizer). One small
+        stays where it was and no longer matches its expert, so the next optimizer.step() holding it raises
+        until remap_optimizer_state(optimizer) moves it (or the state is dropped). One small
         all_gather first shares every rank's argument check and plan: a refused argument on one rank, a
         different plan, or .grad / optimizer state on some ranks only fails every rank, naming the rank(s)."""
         error = new = None
@@ -907,6 +910,8 @@ class EPMoE(nn.Module):
                 raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
                                 f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
             new = self._check_plan(plan)
+            if optimizer is not None:  # its state left in older slots by a move without it: moved on, lost for good
+                _refuse_stale_state(optimizer, (), {}, "apply_placement(optimizer=...)")
         except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
         params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
@@ -924,8 +929,47 @@ class EPMoE(nn.Module):
                    else [[kind for kind, _ in _slot_tensors(param, optimizer)] for param in params]})
         elif error is not None:
             raise error
+        if optimizer is None and self.quant is None and _placement_tables(new) != _placement_tables(self.placement):
+            _mark_state_stale(self.placement, params)  # any optimizer's state of these now sits in the old slots
         self._move_slots(new, params, optimizer)
         self._adopt_placement(new)
+
+    def remap_optimizer_state(self, optimizer: torch.optim.Optimizer, from_placement=None) -> None:
+        """Move `optimizer`'s state tensors shaped like the expert weights (Adam's moments, momentum buffers)
+        from the slots of `from_placement` (an ep.eplb.Plan or ep.ExpertPlacement; None: the placement before
+        the first apply_placement / rebalance made without optimizer=, or the current one if there was none)
+        to the slots of the current placement, so each expert's state follows its expert; every rank together
+        (one exchange per tensor where experts crossed ranks). After an apply_placement / rebalance without
+        optimizer=, optimizer.step() raises until this is called (or the state is dropped); give
+        from_placement=layer.placement for state already laid out in the current placement (loaded since)."""
+        error = old = None
+        params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
+        try:
+            if not isinstance(getattr(optimizer, "state", None), Mapping):
+                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: the optimizer of this layer's "
+                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            old = self._check_plan(from_placement) if from_placement is not None else _STALE.get(self.w13, self.placement)
+        except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
+            error = err
+        if self.dispatcher.shards_experts and self.placement.ep_size > 1:
+            agree_before_collectives(
+                self.dispatcher.group, self.placement.ep_size, error,
+                "remap_optimizer_state: every rank stops before moving the optimizer's state", self.w13.device,
+                **{"placement to remap from": None if old is None else _placement_tables(old),
+                   "set of optimizer state tensors to move": None if error is not None else
+                   [[kind for kind, _ in _slot_tensors(param, optimizer, weights=False)] for param in params]})
+        elif error is not None:
+            raise error
+        if _placement_tables(old) != _placement_tables(self.placement):
+            moves = _ExpertMoves(old, self.placement)
+            with torch.no_grad():
+                for param in params:
+                    for _, t in _slot_tensors(param, optimizer, weights=False):
+                        raw = t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+                        raw.copy_(moves.apply(raw, self.dispatcher.group))
+        for param in (getattr(self, name) for name in _EXPERT_TENSORS):
+            if param is not None:
+                _STALE.pop(param, None)
 
     @torch.no_grad()
     def _move_slots(self, new: ExpertPlacement, params: list, optimizer: Optional[torch.optim.Optimizer] = None
@@ -1126,12 +1170,49 @@ def _fp8_rows(dispatcher: str, options: dict) -> Optional[QuantConfig]:
     return QuantConfig(scale_encoding=encoding) if use else None
 
 
-def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> list:
-    """[(what, tensor)] laid out by the slots like `param`: its data, its .grad, the optimizer's state tensors
-    shaped like it (Adam's moments, a momentum buffer), in the order they move."""
+def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer], weights: bool = True) -> list:
+    """[(what, tensor)] laid out by the slots like `param`: its data, its .grad (weights=False: not those), the
+    optimizer's state tensors shaped like it (Adam's moments, a momentum buffer), in the order they move."""
     states = optimizer.state.get(param, {}) if optimizer is not None else {}
-    return [(what, t) for what, t in [("data", param.data), ("grad", param.grad)] + list(states.items())
-            if isinstance(t, torch.Tensor) and t.shape == param.shape]
+    own = [("data", param.data), ("grad", param.grad)] if weights else []
+    return [(what, t) for what, t in own + list(states.items()) if isinstance(t, torch.Tensor) and t.shape == param.shape]
+
+
+# Expert parameters moved to other slots by apply_placement / rebalance without optimizer= (param -> the placement
+# an optimizer's state of it made before is laid out in), until that state is remapped or found dropped. A hook on
+# every optimizer.step() refuses state still laid out in the old slots.
+_STALE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()  # (by identity: tensors compare elementwise)
+_STEP_HOOK: list = []
+
+
+def _mark_state_stale(old: ExpertPlacement, params: list) -> None:
+    for param in params:
+        _STALE.setdefault(param, old)  # (moved twice without an optimizer: its state is still in the first slots)
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_stale_state))
+
+
+def _refuse_stale_state(optimizer, args, kwargs, where: str = "") -> None:
+    """optimizer.step() pre-hook (and apply_placement's check of its optimizer): state of an expert parameter laid
+    out in the slots before a move made without this optimizer would update other experts' weights (Adam's
+    moments of expert a applied to expert b) or, moved again, be lost for good."""
+    if not _STALE:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param not in _STALE:
+                continue
+            kinds = [kind for kind, _ in _slot_tensors(param, optimizer, weights=False)]
+            if not kinds:  # no state (dropped, or a new optimizer): what it makes now is laid out in the new slots
+                del _STALE[param]
+                continue
+            raise RuntimeError(f"{where or type(optimizer).__name__ + '.step()'}: the optimizer's state "
+                               f"{', '.join(kinds)} of an EPMoE expert parameter of shape {list(param.shape)} is "
+                               f"laid out in the expert slots before apply_placement / rebalance moved the experts "
+                               f"without optimizer=, so it would update other experts' weights. Call "
+                               f"layer.remap_optimizer_state(optimizer) on every rank (next time pass optimizer= to "
+                               f"apply_placement / rebalance), or drop that state (optimizer.state.pop(param)) to "
+                               f"restart it")
 
 
 def _expert_dtypes(layer: "EPMoE") -> str:

@@ -83,3 +83,101 @@ def test_exchange_threads_end_with_their_group():
     for errors, threads, left in run_ranks(_async_after_reinit_rank, 2, free_port(), timeout=120):
         assert max(errors) < tolerance(torch.float32), errors
         assert threads == [1, 1] and left == 0, (threads, left)
+
+
+WAIT_TIMEOUT_S = 2  # the waits' timeout below; the group's own (gloo's) is 60 s
+
+
+def _never_joins_rank(rank, world_size, how):
+    """Rank 1 never joins rank 0's async dispatch (it stays alive, waiting on the store): rank 0's
+    work.wait() gives up after the timeout given to it (`how`: a number, a timedelta, or
+    EP_RUNTIME_TIMEOUT_S), not after the group's own 60 s, with an ep.PeerFailure naming the dispatcher,
+    the peer and the timeout; the group is then marked failed (the next call raises at once). Rank 1 then
+    leaves; rank 0's pending exchange ends with the lost connection, which the work reports."""
+    from datetime import timedelta
+
+    store = dist.distributed_c10d._get_default_store()
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 32, 16))
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(5, 32, generator=gen)
+    topk = ep.TopKOutput(torch.rand(5, 8, generator=gen).topk(2, dim=1).indices.int(), torch.rand(5, 2, generator=gen))
+    d.dispatch(x, topk)  # both ranks are in step up to here
+    if rank == 1:
+        store.get("rank 0 gave up")  # alive, never dispatching again
+        return None
+    out, work = d.dispatch(x, topk, async_op=True)
+    future = work.get_future()
+    start = time.monotonic()
+    try:
+        if how == "knob":
+            with ep.envs.overridden("TIMEOUT_S", WAIT_TIMEOUT_S):
+                work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=WAIT_TIMEOUT_S) if how == "timedelta" else WAIT_TIMEOUT_S)
+        failure = None
+    except ep.PeerFailure as err:
+        failure = str(err)
+    waited = time.monotonic() - start
+    pending = not work.is_completed() and not future.done()
+    start = time.monotonic()
+    try:
+        d.dispatch(x, topk)
+        later = None
+    except ep.PeerFailure as err:
+        later = str(err)
+    refused_in = time.monotonic() - start
+    store.set("rank 0 gave up", "1")
+    deadline = time.monotonic() + 30  # rank 1's process ends: the pending exchange loses its connection
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ended = work.is_completed() and not work.is_success() and work.exception() is not None
+    return failure, waited, pending, later, refused_in, ended
+
+
+@pytest.mark.parametrize("how", ["seconds", "timedelta", "knob"])
+def test_wait_gives_up_after_its_timeout_when_a_peer_never_joins(how):
+    started = time.monotonic()
+    failure, waited, pending, later, refused_in, ended = run_ranks(_never_joins_rank, 2, how, timeout=60)[0]
+    assert failure is not None, "work.wait() returned although rank 1 never joined"
+    assert WAIT_TIMEOUT_S - 0.1 <= waited < WAIT_TIMEOUT_S + 1.5, waited
+    setting = "EP_RUNTIME_TIMEOUT_S" if how == "knob" else f"timeout={WAIT_TIMEOUT_S} s given to work.wait()"
+    assert failure.startswith("deepep_normal dispatch on rank 0 of 2: work.wait() waited in vain for rank 1: "
+                              "the exchange had not completed within the timeout ("), failure
+    assert setting in failure and f"{WAIT_TIMEOUT_S} s" in failure, failure
+    assert pending, "the exchange should still be pending when the wait gave up"
+    assert later is not None and "this group failed earlier" in later and refused_in < 1.0, (later, refused_in)
+    assert ended
+    assert time.monotonic() - started < 40
+
+
+def _future_rank(rank, world_size):
+    """torch.distributed.Work's surface on a completed exchange: get_future()'s value and result() are the
+    output's own tensors, is_success() and exception() report no error; a bad timeout is named."""
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 32, 16))
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(9, 32, generator=gen)
+    topk = ep.TopKOutput(torch.rand(9, 8, generator=gen).topk(2, dim=1).indices.int(), torch.rand(9, 2, generator=gen))
+    sync = d.dispatch(x, topk)
+    out, work = d.dispatch(x, topk, async_op=True)
+    got = work.get_future().wait()
+    fields = [out.recv_x, out.recv_topk_ids, out.recv_topk_weights, out.num_recv_tokens_per_expert_tensor]
+    same = torch.equal(out.recv_x, sync.recv_x) and work.is_success() and work.exception() is None
+    same = same and [id(t) for t in got] == [id(t) for t in work.result()] == [id(t) for t in fields]
+    y, work = d.combine(CombineInput(out.recv_x * 2, out), async_op=True)
+    [got] = work.get_future().wait()
+    same = same and got is y and torch.equal(y, d.combine(CombineInput(sync.recv_x * 2, sync)))
+    errors = []
+    for bad in (0.5, float("inf"), "2"):
+        try:
+            work.wait(timeout=bad)
+        except (TypeError, ValueError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+    return same, errors
+
+
+def test_work_offers_torch_work_surface():
+    for same, errors in run_ranks(_future_rank, 2, timeout=60):
+        assert same
+        assert errors == ["ValueError: timeout=0.5; allowed: 1 <= seconds <= 1e+09 (the range of EP_RUNTIME_TIMEOUT_S)",
+                          "ValueError: timeout=inf; allowed: 1 <= seconds <= 1e+09 (the range of EP_RUNTIME_TIMEOUT_S)",
+                          "TypeError: timeout='2' must be a number of seconds (int or float)"], errors

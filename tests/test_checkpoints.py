@@ -964,6 +964,53 @@ def test_dcp_optimizer_state_resumes_training(dcp_optimizer_checkpoint, world_si
         assert max(errors) <= tolerance(torch.float32), errors
 
 
+def _rebalanced_optimizer_save_rank(rank, world_size, path):
+    """Adam steps with a rebalance between them (the slots then hold the experts in a
+    non-contiguous order, their moments moved with them); saved, then one more step: the uninterrupted run."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.moe = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    model.moe.load_experts(*_global_weights())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train_step(model, optimizer, [rank])
+    model.moe.apply_placement(ep.eplb.plan(torch.arange(E, dtype=torch.float64) ** 3, world_size, E), optimizer=optimizer)
+    _train_step(model, optimizer, [rank])
+    dcp.save({"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=path)
+    _train_step(model, optimizer, [rank])
+    gathered = model.moe.gather_experts()
+    return model.moe.placement.is_contiguous, gathered.w13.numpy(), gathered.w2.numpy()
+
+
+def _rebalanced_optimizer_load_rank(rank, world_size, path, dispatcher):
+    torch.manual_seed(1)  # another initialisation, a fresh optimizer
+    model = nn.Module()
+    model.moe = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
+    ep.load_distributed_state_dict(model, state["model"])
+    ep.load_distributed_optimizer_state_dict(model, optimizer, state["optim"])
+    _train_step(model, optimizer, [0, 1] if world_size == 1 else [rank])
+    gathered = model.moe.gather_experts()
+    return gathered.w13.numpy(), gathered.w2.numpy()
+
+
+@pytest.mark.parametrize("dispatcher, world_size", [("deepep_normal", 2), ("deepep_normal", 1), ("standard", 1)])
+def test_dcp_optimizer_state_of_a_rebalanced_layer_follows_its_experts(tmp_path, dispatcher, world_size):
+    """A checkpoint saved after a rebalance (slots in a non-contiguous order, Adam's moments moved with them) resumes
+    with each expert's moments on its expert: the step after loading, sharded at the saved EP size, at 1 rank, or
+    into a replicated (dispatcher="standard") layer, equals the uninterrupted run's. The replicated layer
+    put the weights' rows in expert order but left the moments in the slots' order: each expert stepped with
+    another's moments, silently."""
+    saved = run_ranks(_rebalanced_optimizer_save_rank, 2, str(tmp_path), timeout=60)
+    contiguous, want13, want2 = saved[0][0], *(torch.from_numpy(w) for w in saved[0][1:])
+    assert not contiguous
+    for w13, w2 in run_ranks(_rebalanced_optimizer_load_rank, world_size, str(tmp_path), dispatcher, timeout=60):
+        errors = rel_err(torch.from_numpy(w13), want13), rel_err(torch.from_numpy(w2), want2)
+        assert max(errors) <= tolerance(torch.float32), errors
+
+
 class _DenseThenMoE(nn.Module):
     def __init__(self):
         super().__init__()

@@ -237,6 +237,41 @@ def test_a_handle_given_its_own_ids_changed_in_place_is_refused():
                            "routing it was made for"), message
 
 
+def _other_ids_rank(rank, world_size, options):
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(8, 2, 16, 8), **options)
+    gen = torch.Generator().manual_seed(rank)
+    ids, w = random_topk_ids(gen, 6, 8, 2, world_size), torch.rand(6, 2, generator=gen)
+    x = torch.randn(6, 16, generator=gen)
+    first = d.dispatch(x, ep.TopKOutput(ids, w))
+    # the same routing in another tensor (another dtype too): accepted, sent by the handle's plan
+    same = d.dispatch(2 * x, ep.TopKOutput(ids.clone().long(), w), handle=first.handle)
+    other = ids.clone()
+    other[4, 1] = (int(ids[4, 1]) + 3) % 8  # one id to another expert (on another rank for half of them)
+    if int(other[4, 1]) == int(other[4, 0]):
+        other[4, 1] = (int(other[4, 1]) + 1) % 8
+    try:
+        d.dispatch(x, ep.TopKOutput(other, w), handle=first.handle)
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    again = d.dispatch(x, ep.TopKOutput(other, w))  # the group is still in step
+    return (message, int(ids[4, 1]), int(other[4, 1]), torch.equal(same.recv_x, 2 * first.recv_x),
+            torch.equal(same.recv_topk_ids, first.recv_topk_ids), again.recv_x.shape[1])
+
+
+@pytest.mark.parametrize("options", [{}, {"num_worst_tokens": 24}])
+def test_a_handle_given_other_ids_is_refused(options):
+    """dispatch(x, TopKOutput(ids, w), handle=h) with ids another tensor than h was made with: the same routing is
+    accepted (a clone, int64), other routing is refused naming topk_ids and the first place it differs (it was sent
+    by the handle's plan: pairs whose expert moved to another rank were dropped, without a word)."""
+    for message, made, given, same_x, same_ids, H in run_ranks(_other_ids_rank, 2, options):
+        assert same_x and same_ids and H == 16
+        assert message == (f"topk_ids[4, 1] = {given}, but the handle was made for routing with {made} there (1 ids "
+                           f"differ); a handle fixes the routing (each token's ranks and each id's local expert, as "
+                           f"DeepEP's): pass topk with the ids it was made for (or topk=None), or dispatch without "
+                           f"handle= for new routing"), message
+
+
 def _foreign_handle_rank(rank, world_size):
     """A handle sends each token to the ranks its plan named and tells them the local expert of each id: one
     made over another placement (another dispatcher's experts, or the layer's own before apply_placement moved

@@ -529,3 +529,142 @@ def test_a_reset_flag_that_is_no_bool_is_named_and_resets_nothing():
         with pytest.raises(TypeError, match=r"reset=('yes'|1); allowed: True or False"):
             call()
     assert int(layer.expert_load().sum()) == 8  # nothing was reset
+
+
+def _states_by_expert(layer, opt):
+    """{(param name, state key): [E, ...] float64} with each expert's row (from its first copy), every rank's
+    slots gathered: the optimizer state seen per logical expert, whatever the placement."""
+    group = layer.dispatcher.group
+    local = layer.placement.local_expert_ids()
+    experts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(experts, local, group=group)
+    experts = torch.cat(experts).tolist()
+    first = [experts.index(e) for e in range(layer.config.num_experts)]
+    out = {}
+    for name, param in (("w13", layer.w13), ("w2", layer.w2), ("b13", layer.b13), ("b2", layer.b2)):
+        for key, t in list(opt.state[param].items()) + [("param", param.detach()), ("grad", param.grad)]:
+            if isinstance(t, torch.Tensor) and t.shape == param.shape:
+                rows = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(rows, t.contiguous(), group=group)
+                out[(name, key)] = torch.cat(rows)[first]
+    return out
+
+
+def _rebalanced_training_rank(rank, world_size, mode):
+    """Two Adam steps in float64 on two identical layers; then one is rebalanced (experts cross ranks, hot ones
+    get the copies) and both take a third step. `mode`: "optimizer" passes the optimizer to apply_placement;
+    "remap" does not (the third optimizer.step() then raises, naming remap_optimizer_state) and calls
+    remap_optimizer_state(optimizer); "unmapped" claims the state already sits in the new slots
+    (from_placement=the new placement), leaving it where it was. Returns, per expert tensor and state, whether
+    the rebalanced layer's rows by logical expert equal the other's before the third step, and the relative error
+    after it."""
+    E, K, H, I = 8, 2, 8, 4
+    layers, opts = [], []
+    for _ in range(2):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                         has_bias=True, num_redundant_experts=2)
+        layer.load_experts(*(torch.randn(*s, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                             for i, s in enumerate([(E, 2 * I, H), (E, H, I), (E, 2 * I), (E, H)])))
+        layers.append(layer)
+        opts.append(torch.optim.Adam(layer.parameters(), lr=1e-2))
+    gen = torch.Generator().manual_seed(10 + rank)
+    batches = [(torch.randn(12, H, generator=gen, dtype=torch.float64),
+                torch.rand(12, E, generator=gen).topk(K, dim=1).indices,
+                torch.rand(12, K, generator=gen, dtype=torch.float64),
+                torch.randn(12, H, generator=gen, dtype=torch.float64)) for _ in range(3)]
+
+    def step(layer, opt, batch):
+        x, ids, w, g = batch
+        opt.zero_grad()
+        (layer(x, ids, w) * g).sum().backward()
+        layer.reduce_replica_grads()
+        opt.step()
+
+    for batch in batches[:2]:
+        for layer, opt in zip(layers, opts):
+            step(layer, opt, batch)
+    target = eplb.plan(torch.arange(E, dtype=torch.float64) ** 3, world_size, E + 2)
+    layers[0].apply_placement(target, optimizer=opts[0] if mode == "optimizer" else None)
+    crossed = sorted(layers[0].placement.local_expert_ids().tolist()) != sorted(
+        layers[1].placement.local_expert_ids().tolist())
+    refused = None
+    if mode != "optimizer":
+        try:
+            step(layers[0], opts[0], batches[2])
+        except RuntimeError as err:
+            refused = str(err)
+        layers[0].remap_optimizer_state(opts[0], from_placement=layers[0].placement if mode == "unmapped" else None)
+    before = [_states_by_expert(layer, opt) for layer, opt in zip(layers, opts)]
+    for layer, opt in zip(layers, opts):
+        step(layer, opt, batches[2])
+    after = [_states_by_expert(layer, opt) for layer, opt in zip(layers, opts)]
+    exact = {f"{n}.{k}": torch.equal(before[0][n, k], before[1][n, k]) for n, k in before[1]}
+    errors = {f"{n}.{k}": float((after[0][n, k] - after[1][n, k]).norm() / after[1][n, k].norm())
+              for n, k in after[1]}
+    return crossed, refused, exact, errors
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "remap", "unmapped"])
+def test_optimizer_state_follows_its_expert_through_a_rebalance(mode):
+    """A rebalance with the optimizer, or without it and then remap_optimizer_state, leaves every expert's Adam
+    moments with their expert (bit for bit; the next step equals the unrebalanced run's within 1e-12, float64).
+    Without either, the next optimizer.step() raises naming remap_optimizer_state (it applied expert a's moments
+    to the weights of whichever expert took a's slot, silently); state left in its slots differs (the check
+    tells them apart)."""
+    for crossed, refused, exact, errors in run_ranks(_rebalanced_training_rank, 2, mode, timeout=120):
+        assert crossed
+        moments = [k for k in exact if k.endswith((".exp_avg", ".exp_avg_sq"))]
+        assert len(moments) == 8, sorted(exact)
+        if mode == "optimizer":
+            assert refused is None
+        else:
+            assert refused is not None and refused.startswith(
+                "Adam.step(): the optimizer's state exp_avg, exp_avg_sq of an EPMoE expert parameter of shape ["), refused
+            assert "layer.remap_optimizer_state(optimizer) on every rank" in refused, refused
+        if mode == "unmapped":
+            assert not any(exact[k] for k in moments), exact
+            assert max(errors[k] for k in moments) > 1e-3, errors
+        else:  # (after a refused step the layer holds that step's gradients: the rest must be exact)
+            assert all(v for k, v in exact.items() if mode == "optimizer" or not k.endswith(".grad")), exact
+            assert max(errors.values()) < 1e-12, errors
+
+
+def _stale_state_rank(rank, world_size):
+    """After apply_placement without the optimizer: moving the stale state on with apply_placement(optimizer=)
+    is refused on every rank, naming remap_optimizer_state; remap_optimizer_state of no optimizer is named;
+    dropping the state lets the next step (and a move with the optimizer) run."""
+    E = 8
+    layer = ep.EPMoE(E, 2, 8, 4, dispatcher="deepep_normal", runner="torch")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x, ids = torch.randn(6, 8), torch.randint(0, E, (6, 2))
+    layer(x, ids, torch.rand(6, 2)).sum().backward()
+    opt.step()
+    original = layer.placement
+    layer.apply_placement(eplb.plan(torch.arange(E, dtype=torch.float64) ** 2, world_size, E))
+    messages = []
+    for call in (lambda: layer.apply_placement(original, optimizer=opt),
+                 lambda: layer.remap_optimizer_state([opt])):
+        try:
+            call()
+            messages.append(None)
+        except (RuntimeError, TypeError) as err:
+            messages.append(f"{type(err).__name__}: {err}")
+    for p in layer.parameters():
+        opt.state.pop(p, None)
+    opt.zero_grad()
+    layer(x, ids, torch.rand(6, 2)).sum().backward()
+    opt.step()  # state made now, in the new slots
+    layer.apply_placement(original, optimizer=opt)
+    return messages, layer.placement == original
+
+
+def test_stale_optimizer_state_is_refused_until_remapped_or_dropped():
+    for messages, back in run_ranks(_stale_state_rank, 2):
+        assert back
+        moved, remap = messages
+        assert moved is not None and moved.startswith(
+            "RuntimeError: apply_placement(optimizer=...): the optimizer's state momentum_buffer of an EPMoE expert "
+            "parameter of shape ["), moved
+        assert "remap_optimizer_state(optimizer) on every rank" in moved, moved
+        assert remap == ("TypeError: optimizer=list; allowed: the optimizer of this layer's parameters (a "
+                         "torch.optim.Optimizer: its per-parameter .state moves with the slots)"), remap

@@ -220,6 +220,20 @@ def inference_on_rank(rank: int, world_size: int) -> dict:
                          "combine": len(host_syncs(lambda: d.combine(combine)))}
                 if name == "deepep_normal" and not options:
                     syncs["reused handle"] = len(host_syncs(lambda: d.dispatch(x, topk, handle=sent.handle)))
+                    # topk_ids as another tensor: compared on the device, the flag checked later (no sync here)
+                    copied = ep.TopKOutput(topk[0].clone(), topk[1])
+                    syncs["reused handle, ids copied"] = len(host_syncs(
+                        lambda: d.dispatch(x, copied, handle=sent.handle)))
+                    d.raise_deferred()  # equal ids: nothing raised
+                    other = topk[0].clone()
+                    other[:, 0] = (other[:, 0] + E // 2) % E
+                    other[:, 1:] = torch.where(other[:, 1:] == other[:, :1], -1, other[:, 1:])
+                    d.dispatch(x, ep.TopKOutput(other, topk[1]), handle=sent.handle)
+                    try:
+                        d.raise_deferred()
+                        syncs["other ids refused"] = "no error"
+                    except ValueError as err:
+                        syncs["other ids refused"] = str(err).startswith("topk_ids[0, 0] = ")
                 torch.cuda.synchronize()
             out[f"inference/{impl}"] = ("ok", {"y": errors["y"], "syncs": syncs})
         except Exception:  # noqa: BLE001
@@ -427,6 +441,8 @@ def test_inference_path_matches_reference_with_no_device_sync(on_ranks, impl):
         assert result["y"] <= tolerance(torch.bfloat16), result
         assert result["syncs"]["dispatch"] == 0 and result["syncs"]["combine"] == 0, result
         assert result["syncs"].get("reused handle", 0) == 0, result
+        assert result["syncs"].get("reused handle, ids copied", 0) == 0, result
+        assert result["syncs"].get("other ids refused", True) is True, result
 
 
 def test_deferred_check_fails_every_rank(on_ranks):
