@@ -631,7 +631,11 @@ class RankExchange:
                              f"(allowed: at least {most}); {capacity.fix(0, most, None, rows)}")
 
     @staticmethod
-    def _static_message(chunk: int, rows: Optional[int], capacity: Capacity) -> str:
+    def _static_message(chunk: int, rows: Optional[int], capacity: Capacity, chunk_fits: bool = False) -> str:
+        """chunk_fits: only the receive rows can overflow (the chunks go unnamed: a device assert keeps 255
+        characters)."""
+        if chunk_fits and rows is not None:
+            return f"{capacity} is too small for this step: a rank receives at most {rows}"
         return (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
                 + (f" and a rank receives at most {rows}" if rows is not None else ""))
 
@@ -647,7 +651,8 @@ class RankExchange:
         overflow = None if chunk_fits else sent.max() > chunk
         if rows is not None:
             overflow = most_received > rows if overflow is None else overflow | (most_received > rows)
-        assert_on_device(~overflow, self._static_message(chunk, rows, capacity) + capacity.raise_hint(not chunk_fits))
+        assert_on_device(~overflow, self._static_message(chunk, rows, capacity, chunk_fits)
+                         + capacity.raise_hint(not chunk_fits))
 
     def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: Capacity) -> None:
         """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""
