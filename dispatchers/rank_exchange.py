@@ -256,10 +256,12 @@ class Capacity:
     def __str__(self) -> str:
         return self.setting
 
-    def raise_hint(self) -> str:
+    def raise_hint(self, chunk: bool = True) -> str:
         """'; raise <chunk setting> or <rows setting>' for a message that cannot say by how much (a device-side
-        assert), or '' where the settings are not named."""
-        names = " or ".join(dict.fromkeys(n for n in (self.chunk, self.rows) if n))
+        assert), or '' where the settings are not named. chunk=False: the peer chunks cannot overflow, so only
+        the receive rows' setting is named (a CUDA assert keeps 255 characters: the cut dropped it after the
+        chunk's, and named only a setting that could not help)."""
+        names = " or ".join(dict.fromkeys(n for n in ((self.chunk if chunk else ""), self.rows or self.chunk) if n))
         return f"; raise {names}" if names else ""
 
     def fix(self, per_peer: int, received: int, chunk: Optional[int], rows: Optional[int]) -> str:
@@ -629,7 +631,11 @@ class RankExchange:
                              f"(allowed: at least {most}); {capacity.fix(0, most, None, rows)}")
 
     @staticmethod
-    def _static_message(chunk: int, rows: Optional[int], capacity: Capacity) -> str:
+    def _static_message(chunk: int, rows: Optional[int], capacity: Capacity, chunk_fits: bool = False) -> str:
+        """chunk_fits: only the receive rows can overflow (the chunks go unnamed: a device assert keeps 255
+        characters)."""
+        if chunk_fits and rows is not None:
+            return f"{capacity} is too small for this step: a rank receives at most {rows}"
         return (f"{capacity} is too small for this step: every peer chunk holds {chunk} tokens"
                 + (f" and a rank receives at most {rows}" if rows is not None else ""))
 
@@ -639,12 +645,14 @@ class RankExchange:
         None where it cannot fail (five small kernels fewer in the graph): without compaction (rows None)
         a peer chunk holds at most its sender's T, which every rank checks against max_tokens <= chunk
         before any capture (check_tokens_while_capturing)."""
-        if rows is None and self.max_tokens is not None and self.max_tokens[0] <= chunk:
+        chunk_fits = self.max_tokens is not None and self.max_tokens[0] <= chunk
+        if rows is None and chunk_fits:
             return
-        overflow = sent.max() > chunk
+        overflow = None if chunk_fits else sent.max() > chunk
         if rows is not None:
-            overflow = overflow | (most_received > rows)
-        assert_on_device(~overflow, self._static_message(chunk, rows, capacity) + capacity.raise_hint())
+            overflow = most_received > rows if overflow is None else overflow | (most_received > rows)
+        assert_on_device(~overflow, self._static_message(chunk, rows, capacity, chunk_fits)
+                         + capacity.raise_hint(not chunk_fits))
 
     def _check_static(self, host: list, chunk: int, rows: Optional[int], capacity: Capacity) -> None:
         """Every rank raises when a peer chunk or the compacted receive rows cannot hold the step."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ep_runtime as ep
-from ep_runtime.dispatchers.rank_exchange import Capacity
+from ep_runtime.dispatchers.rank_exchange import Capacity, RankExchange
 from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
 
 TOKENS = {1: [13], 2: [17, 0], 4: [9, 0, 23, 4]}  # uneven, rank 1 empty
@@ -79,6 +79,39 @@ def test_buffer_too_small_fails_every_rank(static):
     # what to raise, and to what: the most any rank received
     assert str(failure.value).count("raise prealloc_max_recv_tokens (or EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS) to "
                                     "at least ") == 2
+
+
+def _capturing_rank(rank, world_size):
+    """As under CUDA-graph capture on every rank (nothing read on the host: the device-side assert, which the CPU
+    raises at once): every token of both ranks goes to expert 0, so rank 0 receives 8 rows; the buffer holds 5."""
+    from ep_runtime.dispatchers import base, mori, rank_exchange
+    rank_exchange.capturing = mori.capturing = base.capturing = lambda: True
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="mori", runner="torch",
+                     dispatcher_options={"max_dispatch_tokens_per_rank": 4, "prealloc_max_recv_tokens": 5})
+    ids = torch.tensor([[0, -1]] * 4, dtype=torch.int32)
+    layer(torch.randn(4, 16), ids, torch.ones(4, 2))
+
+
+def test_a_small_buffer_while_capturing_names_the_buffer_setting():
+    """While capturing, mori's peer chunks cannot overflow (T <= max_dispatch_tokens_per_rank is checked before any
+    collective): only the preallocated receive rows can. The device-side assert's message (at most 255 characters
+    on CUDA) named max_dispatch_tokens_per_rank first and was cut before prealloc_max_recv_tokens, so it told the
+    user to raise a setting that cannot help; it names the buffer's setting, whole (under 255 characters at any
+    allowed value), on every rank."""
+    with pytest.raises(ep.testing.RankFailure) as failure:
+        run_ranks(_capturing_rank, 2, timeout=60)
+    text = str(failure.value)
+    assert text.count("prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = 5 is too small for this "
+                      "step: a rank receives at most 5; raise prealloc_max_recv_tokens (or "
+                      "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS)\n") == 2, text
+    assert "raise max_dispatch_tokens_per_rank" not in text
+    # the largest buffer the knob allows: the message still fits CUDA's assert whole
+    most = ep.envs.MAX_TOKENS
+    mori = ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), max_dispatch_tokens_per_rank=most,
+                                 prealloc_max_recv_tokens=most)
+    message = RankExchange._static_message(most, most, mori._capacity, True) + mori._capacity.raise_hint(False)
+    assert len(message) < 255 and message.endswith("raise prealloc_max_recv_tokens (or "
+                                                   "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS)"), message
 
 
 def test_capacity_error_names_the_setting_to_raise_and_the_least_value_that_fits():
