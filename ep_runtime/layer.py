@@ -636,13 +636,15 @@ class EPMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: Optional[torch.Tensor] = None,
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
                 correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K],
-        or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
+        """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K] (or
+        both as one ep.TopKOutput, select_experts' result), or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
         Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
         y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         # A check failing here, on one rank only, fails the other ranks' dispatch at once too
         # (Dispatcher.join_with_bad_input), as the dispatcher's own checks do.
+        if isinstance(topk_ids, (tuple, list)) and len(topk_ids) == 2 and topk_weights is None:
+            topk_ids, topk_weights = topk_ids  # layer(x, ep.select_experts(...)): a TopKOutput passed whole, as SGLang's
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead, H = tuple(x.shape[:-1]), self.config.hidden_size
             K, E = self.config.top_k, self.config.num_experts
@@ -1118,10 +1120,10 @@ class EPMoE(nn.Module):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
-        if isinstance(topk_ids, tuple) and topk_weights is None:  # layer(x, ep.select_experts(...))
+        if isinstance(topk_ids, (tuple, list)):  # (one of two items: forward unpacked it)
             raise TypeError(f"topk_ids is a {type(topk_ids).__name__} of {len(topk_ids)} items; allowed: the ids "
-                            f"tensor [T, K], with topk_weights [T, K] as the next argument (layer(x, *topk) unpacks "
-                            f"an ep.TopKOutput)")
+                            f"tensor [T, K] with topk_weights [T, K] as the next argument, or an ep.TopKOutput "
+                            f"(ids, weights) alone")
         if topk_ids is None or topk_weights is None:
             raise ValueError("forward needs topk_ids and topk_weights, or router_logits")
         if correction_bias is not None:

@@ -59,13 +59,14 @@ def test_router_logits_path_equals_explicit_topk():
     logits = torch.randn(9, 8)
     ids, w = ep.select_experts(logits, cfg)
     assert torch.equal(layer(x, router_logits=logits), layer(x, ids, w))
-    # select_experts' TopKOutput passed whole as topk_ids is named (it read "forward needs topk_ids and
-    # topk_weights"), in x's [T, H] and [batch, seq, H] forms
-    for tokens, topk in ((x, ep.select_experts(logits, cfg)), (x.view(3, 3, 16), (ids.view(3, 3, 2), w.view(3, 3, 2)))):
-        with pytest.raises(TypeError, match=r"^topk_ids is a (TopKOutput|tuple) of 2 items; allowed: the ids tensor "
-                                            r"\[T, K\], with topk_weights \[T, K\] as the next argument"):
-            layer(tokens, topk)
-    # the refused calls leave the layer computing the float64 reference (this compared layer(x, ids, w) with itself)
+    # select_experts' TopKOutput passed whole (as SGLang's layers take it), in x's [T, H] and [batch, seq, H] forms
+    assert torch.equal(layer(x, ep.select_experts(logits, cfg)), layer(x, ids, w))
+    assert torch.equal(layer(x.view(3, 3, 16), (ids.view(3, 3, 2), w.view(3, 3, 2))), layer(x, ids, w).view(3, 3, 16))
+    # a tuple of another length is named (it read "forward needs topk_ids and topk_weights")
+    with pytest.raises(TypeError, match=r"^topk_ids is a tuple of 3 items; allowed: the ids tensor \[T, K\] with "
+                                        r"topk_weights \[T, K\] as the next argument, or an ep.TopKOutput"):
+        layer(x, (ids, w, w))
+    # the refused call leaves the layer computing the float64 reference (this compared layer(x, ids, w) with itself)
     ref = moe_reference(x, ids, w.double(), layer.w13, layer.w2, layer.config)
     assert rel_err(layer(x, router_logits=logits), ref) <= tolerance(torch.float64)
 
