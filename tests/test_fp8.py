@@ -75,6 +75,15 @@ def test_conversions_name_a_tensor_of_the_wrong_shape():
     qw, scale = q.quantize_weight(torch.randn(1, 300, 200))
     with pytest.raises(ValueError, match=r"scale_inv has shape \[1, 2, 2\]; expected \[1, 3, 2\]"):
         q.dequantize_weight(qw, scale[:, :2])
+    with pytest.raises(ValueError, match=r"scale_inv has shape list; expected \[1, 3, 2\]"):  # (AttributeError)
+        q.dequantize_weight(qw, scale.tolist())
+    qx, x_scale = q.quantize_activation(torch.randn(4, 200))
+    # one scale per row (200 channels are 2 groups), or a row's scales missing: torch's size mismatch, or
+    # broadcast silently over the groups
+    for bad in (x_scale[:, :1], x_scale[:1]):
+        with pytest.raises(ValueError, match=re.escape(f"scale has shape {list(bad.shape)}; expected [4, 2] (one scale "
+                                                       f"per row and 128 channels of q)")):
+            q.dequantize_activation(qx, bad)
     assert q.quantize_weight(torch.randn(0, 300, 200))[1].shape == (0, 3, 2)
 
 
@@ -357,9 +366,15 @@ def test_quantize_on_load_equals_quantizing_the_slice():
     ("zero", r"w2_scale_inv has 0.0 at \[2, 1, 0\]; allowed: finite values > 0"),
     ("missing", "w2_scale_inv is missing"),
     ("unquantized", "w13_scale_inv was given but w13 has dtype torch.float32"),
-    # another fp8 dtype: the message said "scales come with float8 weights" of a float8 w13 (which ones, now)
-    ("e5m2", r"w13_scale_inv was given but w13 has dtype torch.float8_e5m2; scales come with float8 weights "
-             r"\(torch.float8_e4m3fn\)"),
+    ("negative", r"w13_scale_inv has -0.\d+ at \[0, 0, 0\]; allowed: finite values > 0"),
+    ("inf", r"w2_scale_inv has inf at \[0, 0, 0\]; allowed: finite values > 0"),
+    # another fp8 flavour, with scales or without, or to be quantized: no format reads e5m2 / e4m3fnuz (without
+    # scales, or with quantize=, they were cast or quantized as numbers, off by their scales, no error)
+    ("e5m2", r"w13 has dtype torch.float8_e5m2; allowed: torch.float8_e4m3fn with its block scales"),
+    ("e5m2_no_scales", r"w13 has dtype torch.float8_e5m2; allowed: torch.float8_e4m3fn with its block scales"),
+    ("e4m3fnuz_quantize", r"w13 has dtype torch.float8_e4m3fnuz; allowed: torch.float8_e4m3fn with its block scales"),
+    # e4m3fn without any scale into an unquantized layer: cast as numbers (scale 1), silently off by its scales
+    ("no_scales", r"w13 has dtype torch.float8_e4m3fn but no block scales were given"),
     ("quantize", "quantize='int4'"),
 ])
 def test_bad_scales_raise_naming_the_argument(case, match):
@@ -383,11 +398,43 @@ def test_bad_scales_raise_naming_the_argument(case, match):
         weights, args = (w13, w2), dict(w13_scale_inv=s13)
     elif case == "quantize":
         weights, args = (w13, w2), dict(quantize="int4")
+    elif case == "negative":
+        args["w13_scale_inv"] = -s13
+    elif case == "inf":
+        args["w2_scale_inv"] = torch.full_like(s2, float("inf"))
     elif case == "e5m2":
         weights = (w13.to(torch.float8_e5m2), w2.to(torch.float8_e5m2))
+    elif case == "e5m2_no_scales":
+        weights, args = (w13.to(torch.float8_e5m2), w2.to(torch.float8_e5m2)), {}
+    elif case == "e4m3fnuz_quantize":
+        weights, args = (w13.to(torch.float8_e4m3fnuz), w2.to(torch.float8_e4m3fnuz)), dict(quantize="fp8_block")
+    elif case == "no_scales":
+        args = {}
     layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16)
+    before = layer.w13.detach().clone()
     with pytest.raises(ValueError, match=match):
         layer.load_experts(*weights, **args)
+    assert layer.quant is None and torch.equal(layer.w13, before)  # a refused load changes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fnuz])
+def test_other_fp8_flavours_are_refused_by_every_loader(dtype):
+    """load_expert and load_state_dict refuse e5m2 / e4m3fnuz experts as load_experts does, naming the piece or the
+    key and what is allowed: they were cast as numbers (scale 1) into the layer, no error."""
+    E, H, I = 4, 64, 32
+    gen = _seeded(2)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) / 8, torch.randn(E, H, I, generator=gen) / 8
+    allowed = r"; allowed: torch.float8_e4m3fn with its block scales"
+    for quant_config in (None, QuantConfig()):
+        layer = ep.EPMoE(E, 2, H, I, dtype=torch.bfloat16, quant_config=quant_config)
+        before = layer.state_dict()
+        with pytest.raises(ValueError, match=rf"up has dtype {dtype}{allowed}"):
+            layer.load_expert(1, up=w13[1, I:].to(dtype))
+        with pytest.raises(ValueError, match=rf"state_dict\['w2'\] has dtype {dtype}{allowed}"):
+            layer.load_state_dict({**before, "w2": w2.to(dtype)})
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
+                               before[key].view(torch.uint8) if value.dtype.itemsize == 1 else before[key]), key
 
 
 def _small_fp8_case(T: int, seed: int):
