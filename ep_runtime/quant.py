@@ -134,8 +134,10 @@ class QuantConfig:
         s = scale_inv.float().repeat_interleave(bn, 1)[:, :N].repeat_interleave(bk, 2)[:, :, :K]
         return q.float() * s
 
-    def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group."""
+    def quantize_activation(self, x: torch.Tensor, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group, q = x / scale
+        correctly rounded, as the token kernels (quant_kernels.quantize_groups with QUOTIENT). reciprocal: q = x
+        times the group's correctly rounded reciprocal instead, as the GEMM epilogues quantize the activation."""
         _check_dims("x", x, 2, "[T, H] (one row per token)")
         T, H = x.shape
         g = self.activation_group
@@ -144,8 +146,8 @@ class QuantConfig:
         padded[:, :H] = x.float()
         groups = padded.view(T, G, g)
         scale = self._scale(groups.abs().amax(dim=2))
-        # times the group's correctly rounded reciprocal, as the kernels (quant_kernels.quantize_groups)
-        return self._cast((groups * (torch.ones_like(scale) / scale).unsqueeze(2)).view(T, G * g)[:, :H]), scale
+        q = groups * (torch.ones_like(scale) / scale).unsqueeze(2) if reciprocal else groups / scale.unsqueeze(2)
+        return self._cast(q.view(T, G * g)[:, :H]), scale
 
     def dequantize_activation(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """(q [..., H], scale [..., G] fp32, or uint8 exponents under ue8m0) -> fp32 [..., H]."""
