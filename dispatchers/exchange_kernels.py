@@ -464,7 +464,7 @@ if triton is not None:
             g = hb * GROUPS + tl.arange(0, GROUPS)
             cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
             v = tl.load(x_ptr + tok.to(tl.int64) * H + cols, mask=cols < h_real, other=0.0).to(tl.float32)
-            q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST)
+            q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST, True)  # (tokens: the quotient)
             tl.store(values_out + cols, q.to(values_out.dtype.element_ty), mask=cols < store_h)
             scale = tl.where(tok < T, scale, 0.0)
             tl.store(scales_out + g, stored_scale(scale, SCALE_BYTE), mask=g * GROUP < store_h)

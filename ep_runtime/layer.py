@@ -26,6 +26,7 @@ from .quant import (
     INFERENCE_ONLY,
     QuantConfig,
     as_quant_config,
+    check_expert_dtype,
     check_scale_tensor,
     check_scale_values,
     is_quantized_dtype,
@@ -357,7 +358,7 @@ class EPMoE(nn.Module):
         [E, ceil(2I/128), ceil(H/128)] and w2_scale_inv [E, ceil(H/128), ceil(I/128)] fp32 (or their
         [L, ...] shards); the layer then stores fp8. quantize="fp8_block" (or a QuantConfig) quantizes
         float weights on load; a layer built with quant_config quantizes float weights with it. fp8
-        weights given without scales to an unquantized layer are cast to its dtype as they are.
+        weights without their scales, and other fp8 flavours (e5m2, e4m3fnuz), are refused naming the tensor.
 
         Where the experts are sharded over ranks, every rank calls it together: the ranks share their checks'
         results in one small all_gather before any layer changes, so a bad tensor on one rank (a shape, dtype,
@@ -508,6 +509,7 @@ class EPMoE(nn.Module):
                              f"checkpoint's values, on any device (this layer's is {self.w13.device})")
         if not t.is_floating_point():
             raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+        check_expert_dtype(name, t)  # (e5m2, e4m3fnuz: no format of ours reads them)
         if tuple(t.shape) != shape:
             hint = f"; a checkpoint storing it transposed passes {name}.t()" if tuple(t.shape) == shape[::-1] else ""
             raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(shape)} (one expert, [out, in] as "
@@ -554,11 +556,13 @@ class EPMoE(nn.Module):
         """The format load_experts stores: the layer's, the one asked for, or fp8_block for fp8 input."""
         quantize = as_quant_config("quantize", quantize)
         fp8_in = isinstance(w13, torch.Tensor) and is_quantized_dtype(w13.dtype)
+        for name, t in (("w13", w13), ("w2", w2)):
+            check_expert_dtype(name, t)  # (e5m2, e4m3fnuz: no format of ours reads them)
         for name, t in (("w2", w2),):
             if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) != fp8_in:
                 raise ValueError(f"{name} has dtype {t.dtype} but w13 has {w13.dtype}; give both quantized or neither")
         if fp8_in and w13_scale_inv is None and w2_scale_inv is None and quantize is None and self.quant is None:
-            return None  # fp8 values without scales into a float layer: cast as they are (scale 1)
+            check_expert_dtype("w13", w13, scaled=False)  # (cast as numbers, they were off by their scales, silently)
         for name, scale in (("w13_scale_inv", w13_scale_inv), ("w2_scale_inv", w2_scale_inv)):
             if fp8_in and scale is None:
                 raise ValueError(f"{name} is missing: fp8 weights need their block scales (DeepSeek-V3's "
@@ -1316,6 +1320,8 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         # first: a table from another EP size explains the shapes (_join_load_errors reads it; no second pass)
         saved = _placement_to_move_to(layer, state_dict, prefix)
         _check_expert_shapes(layer, state_dict, prefix)
+        for name in ("w13", "w2"):  # (e5m2 was cast as numbers, no error; e4m3fnuz's finite check raised torch's own)
+            check_expert_dtype(f"state_dict[{prefix + name!r}]", state_dict.get(prefix + name))
         _check_finite_experts(layer, state_dict, prefix)
         for name in ("w13_scale_inv", "w2_scale_inv"):
             if isinstance(state_dict.get(prefix + name), torch.Tensor):

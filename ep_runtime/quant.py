@@ -124,6 +124,8 @@ class QuantConfig:
     def dequantize_weight(self, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
         """(q [E, N, K], scale_inv [E, gn, gk]) -> fp32 [E, N, K]."""
         _check_dims("q", q, 3, "[E, N, K] (a stack of expert matrices)")
+        _check_dims("scale_inv", scale_inv, 3, f"{list(self.weight_scale_shape(*q.shape))} (one scale per "
+                                                f"{list(self.weight_block)} block of q)")  # (a list: AttributeError)
         if tuple(scale_inv.shape) != self.weight_scale_shape(*q.shape):
             raise ValueError(f"scale_inv has shape {list(scale_inv.shape)}; expected "
                              f"{list(self.weight_scale_shape(*q.shape))} (one scale per {list(self.weight_block)} block of q)")
@@ -132,8 +134,10 @@ class QuantConfig:
         s = scale_inv.float().repeat_interleave(bn, 1)[:, :N].repeat_interleave(bk, 2)[:, :, :K]
         return q.float() * s
 
-    def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group."""
+    def quantize_activation(self, x: torch.Tensor, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q [T, H], scale [T, ceil(H / group)] fp32): one scale per token and group, q = x / scale
+        correctly rounded, as the token kernels (quant_kernels.quantize_groups with QUOTIENT). reciprocal: q = x
+        times the group's correctly rounded reciprocal instead, as the GEMM epilogues quantize the activation."""
         _check_dims("x", x, 2, "[T, H] (one row per token)")
         T, H = x.shape
         g = self.activation_group
@@ -142,12 +146,17 @@ class QuantConfig:
         padded[:, :H] = x.float()
         groups = padded.view(T, G, g)
         scale = self._scale(groups.abs().amax(dim=2))
-        # times the group's correctly rounded reciprocal, as the kernels (quant_kernels.quantize_groups)
-        return self._cast((groups * (torch.ones_like(scale) / scale).unsqueeze(2)).view(T, G * g)[:, :H]), scale
+        q = groups * (torch.ones_like(scale) / scale).unsqueeze(2) if reciprocal else groups / scale.unsqueeze(2)
+        return self._cast(q.view(T, G * g)[:, :H]), scale
 
     def dequantize_activation(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """(q [..., H], scale [..., G] fp32, or uint8 exponents under ue8m0) -> fp32 [..., H]."""
         H = q.shape[-1]
+        expected = (*q.shape[:-1], self.num_groups(H))  # (another group count: a broadcast error naming nothing)
+        if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected:
+            got = list(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"scale has shape {got}; expected {list(expected)} (one scale per row and "
+                             f"{self.activation_group} channels of q)")
         s = decode_scales(scale).repeat_interleave(self.activation_group, -1)[..., :H]
         return q.float() * s
 
@@ -202,6 +211,23 @@ def decode_scales(scale: torch.Tensor) -> torch.Tensor:
 
 def is_quantized_dtype(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
+
+
+def check_expert_dtype(name: str, t, scaled: bool = True) -> None:
+    """Expert weights of a 1-byte float dtype mean something only under their block scales: raise naming `name`
+    for another fp8 flavour than a registered format's (e5m2, e4m3fnuz: no format reads them; cast as numbers
+    they were silently off by their scales), and for float8_e4m3fn where no scale was given (not scaled)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype.itemsize != 1:
+        return
+    if not is_quantized_dtype(t.dtype):
+        raise ValueError(f"{name} has dtype {t.dtype}; allowed: {', '.join(map(str, FP8_DTYPES))} with its block "
+                         f"scales (DeepSeek-V3's format), or a float dtype (bf16, fp16, fp32: quantize= stores it "
+                         f"fp8); dequantize other fp8 flavours first")
+    if not scaled:
+        raise ValueError(f"{name} has dtype {t.dtype} but no block scales were given: fp8 values mean something only "
+                         f"under their *_scale_inv (fp32 [E, ceil(rows/128), ceil(cols/128)]); allowed: w13_scale_inv "
+                         f"and w2_scale_inv with them, or {name} cast to a float dtype first where its values are meant "
+                         f"as they are (scale 1)")
 
 
 def check_scale_tensor(name: str, scale: torch.Tensor, shape: tuple, values: bool = True) -> None:

@@ -40,13 +40,17 @@ if triton is not None:
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
-    def quantize_groups(v, fp8_max, min_amax, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
+    def quantize_groups(v, fp8_max, min_amax, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr, QUOTIENT: tl.constexpr):
         """The activation rule, shared by every kernel that quantizes (this file's and the dispatch
         packing kernel): v [GROUPS, GROUP] fp32 (zeros past the row) -> (q [GROUPS, GROUP] fp32, exact
         once cast to e4m3; scale [GROUPS] fp32). s = max(amax, min_amax) / fp8_max (UE8M0: rounded up
         to 2^n on the bits, exactly as quant.round_up_pow2), q = x * r clamped to +-fp8_max, r = 1 / s
         correctly rounded once per group (a correctly rounded quotient per element is a branching
-        routine that left GEMM 1's tensor cores idle ~10% of the Gluon kernel's time); ROUND_FIRST
+        routine that left GEMM 1's tensor cores idle ~10% of the Gluon kernel's time: the GEMM epilogues'
+        rule); QUOTIENT (the tokens' rule: memory-bound kernels, and bf16 tokens' 8 significant bits often put
+        x / s exactly halfway between two e4m3 values, where x * r fell on the other side ~1 value in 2000,
+        which the activation's own fp8 rounding amplified past the bf16 bound): q = x / s correctly rounded;
+        ROUND_FIRST
         (the interpreter) rounds q onto the e4m3 grid here, as the GPU's cast does. A NaN or infinity
         makes its group's scale and values non-finite, as in torch: max and clamp keep NaN operands
         (a GPU's plain max drops them, which turned a NaN token into finite values)."""
@@ -56,7 +60,10 @@ if triton is not None:
             bits = scale.to(tl.int32, bitcast=True)
             exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
             scale = tl.where(scale == scale, (exponent << 23).to(tl.float32, bitcast=True), scale)  # NaN stays NaN
-        q = v * tl.div_rn(1.0, scale)[:, None]
+        if QUOTIENT:
+            q = tl.div_rn(v, scale[:, None])
+        else:
+            q = v * tl.div_rn(1.0, scale)[:, None]
         q = tl.minimum(tl.maximum(q, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
                        propagate_nan=tl.PropagateNan.ALL)
         if ROUND_FIRST:
@@ -82,7 +89,7 @@ if triton is not None:
         cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         inside = (cols < H) & (g[:, None] < G)
         v = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-        q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST)
+        q, scale = quantize_groups(v, fp8_max, min_amax, UE8M0, ROUND_FIRST, True)  # (tokens: the quotient)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
         tl.store(s_ptr + row * stride_s + g, stored_scale(scale, SCALE_BYTE), mask=g < G)
 

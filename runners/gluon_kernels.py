@@ -302,7 +302,7 @@ if gluon is not None:
                                      HAS_LIMIT)
                 else:
                     value = activate(acc, acc, alpha, limit, ACTIVATION, False, SWIGLU_ALPHA, HAS_LIMIT)
-                value, row_scale = quantize_groups(value, fp8_max, min_amax, UE8M0, False)
+                value, row_scale = quantize_groups(value, fp8_max, min_amax, UE8M0, False, False)
                 scale_rows = m0 + row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))
                 gl.store(out_scale_ptr + scale_rows * stride_out_scale + n0 // BLOCK_N, row_scale)
             # the tile's rows in sorted order (padding rows too): one TMA box, stored while the next item runs

@@ -237,7 +237,7 @@ if triton is not None:
             result = acc * scale
         if QUANT_OUT:
             result, group_scale = quantize_groups(tl.where(col_ok[None, :], result, 0.0), fp8_max, min_amax,
-                                                  UE8M0, ROUND_FIRST)
+                                                  UE8M0, ROUND_FIRST, False)
             tl.store(out_scale_ptr + expert * stride_osl + rows * stride_osm + pid_n, group_scale, mask=row_ok)
         out_ptrs = out_ptr + expert * stride_ol + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -73,8 +73,8 @@ class TorchRunner(RunnerBackend):
         h = _grouped_mm(rows, w13, counts) if _grouped_mm_takes(rows, w13) else _gemm1_per_expert(rows, w13, counts)
         h = call_hook("after_gemm1", self.hooks.after_gemm1, rows, _plus_bias(h, b13, expert), expert)
         a = activate(h, cfg)
-        if quant is not None:  # GEMM 2's input is rounded to fp8 as the w8a8 kernels round it
-            a = quant.dequantize_activation(*quant.quantize_activation(a))
+        if quant is not None:  # GEMM 2's input is rounded to fp8 as the w8a8 kernels' epilogues round it
+            a = quant.dequantize_activation(*quant.quantize_activation(a, reciprocal=True))
         o = _grouped_mm(a, w2, counts) if _grouped_mm_takes(a, w2) else _gemm2_per_expert(a, w2, counts)
         o = call_hook("after_gemm2", self.hooks.after_gemm2, a, _plus_bias(o, b2, expert), expert)
 

@@ -709,7 +709,7 @@ def _gemm_epilogue(gate, up, pair, out_row, row_ok, expert, pid_n, N, split, bia
     else:
         res = gate
     if QUANT_OUT:  # fp8 GEMM 2 input straight from the fp32 result: OUT_N is one scale group of a row
-        res, group_scale = quantize_groups(tl.where(n_ok[None, :], res, 0.0), fp8_max, min_amax, UE8M0, ROUND_FIRST)
+        res, group_scale = quantize_groups(tl.where(n_ok[None, :], res, 0.0), fp8_max, min_amax, UE8M0, ROUND_FIRST, False)
         tl.store(out_scale_ptr + out_row * stride_os + pid_n, group_scale, mask=row_ok)
     out_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])

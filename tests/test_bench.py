@@ -353,6 +353,11 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--triton-fp8-gemm", "gluon"], "--triton-fp8-gemm times fp8 rows: add --fp8"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runner-formats", "deepep_ll"], "keep both in --runners and --runner-formats"),
     (["--fp8", "--triton-fp8-gemm", "gluon", "--runners", "masked"], "keep both in --runners and --runner-formats"),
+    # fp8 rows are the runner suite's and fp8 dispatchers': other suites ran without them, no word
+    (["--dtype", "fp8", "--suite", "eplb"], "--dtype fp8 adds fp8 rows to the runner suite and to the dispatch suite's "
+     "deepep_normal, deepep_ll, mori; --suite eplb would time none"),
+    (["--fp8", "--suite", "dispatch,overlap", "--dispatchers", "standard"], "--suite dispatch,overlap --dispatchers "
+     "standard would time none; allowed: --suite with runner, or dispatch with one of those dispatchers"),
     (["--suite", "eplb", "--redundant-experts", "3", "--world-size", "2"],
      "--redundant-experts 3: the eplb suite adds N copies to --experts 16 over the 2 ranks (--world-size or the "
      "launcher's); allowed: at most 16 (one copy of an expert per rank) with E + N a multiple of 2"),

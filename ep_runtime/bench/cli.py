@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..cli import check_world_size_flag
 from ..distributed import RendezvousError, check_rendezvous, detect_launch
 from ..envs import MAX_TOKENS
-from .dispatch import dispatch_suite, parse_routing
+from .dispatch import FP8_DISPATCHERS, dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
 from .overlap import overlap_suite
@@ -146,6 +146,14 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
     if args.triton_fp8_gemm and ("standard" not in formats or (args.runners is not None and "triton" not in args.runners)):
         raise ValueError("--triton-fp8-gemm times the triton runner on the standard format: keep both in --runners and "
                          "--runner-formats")
+    fp8 = "--fp8" if args.fp8 else "--dtype fp8"
+    fp8_dispatchers = [n for n in FP8_DISPATCHERS if args.dispatchers is None or n in args.dispatchers]
+    if (args.fp8 or args.dtype == "fp8") and "runner" not in suites and ("dispatch" not in suites or not fp8_dispatchers):
+        # (its fp8 rows were left out without a word: the eplb and overlap suites time none, nor a dispatcher without it)
+        raise ValueError(f"{fp8} adds fp8 rows to the runner suite and to the dispatch suite's "
+                         f"{', '.join(FP8_DISPATCHERS)}; --suite {','.join(suites)}"
+                         + (f" --dispatchers {','.join(args.dispatchers)}" if "dispatch" in suites else "")
+                         + " would time none; allowed: --suite with runner, or dispatch with one of those dispatchers")
     overlapped = sorted({v.dispatcher for v in OVERLAP_VARIANTS})
     if "overlap" in suites and args.dispatchers is not None and not set(args.dispatchers) & set(overlapped):
         raise ValueError(f"--suite overlap --dispatchers {','.join(args.dispatchers)}: the overlap suite times "
