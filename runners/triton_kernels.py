@@ -1446,7 +1446,7 @@ def _sort_rows_kernel(src_ptr, src_scale_ptr, computed_ptr, pair_rows_ptr, out_p
         inside = cols < H
         if QUANTIZE:  # the activation rule, as quantize_rows applies it (bit for bit)
             q, scale = quantize_groups(tl.load(src_ptr + t * stride_src + cols, mask=inside, other=0.0).to(tl.float32),
-                                       fp8_max, min_amax, UE8M0, ROUND_FIRST)
+                                       fp8_max, min_amax, UE8M0, ROUND_FIRST, True)  # (tokens: the quotient)
             q = q.to(out_ptr.dtype.element_ty)
             scale_cols = g
         else:  # fp8 rows (bytes) and their scales, as they are: program 0 of the token copies every scale
