@@ -641,14 +641,14 @@ class EPMoE(nn.Module):
                 topk_weights: Optional[torch.Tensor] = None, *, router_logits: Optional[torch.Tensor] = None,
                 correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K] (or
-        both as one ep.TopKOutput, select_experts' result), or router_logits [T, E] (routed with self.topk_config). x may also be [..., H] (e.g. a Hugging
-        Face block's [batch, seq, H]) with ids/weights/logits [..., K or E]: tokens are flattened and
-        y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
+        both as one ep.TopKOutput, select_experts' result), or router_logits [T, E] (routed with
+        self.topk_config). x may also be [..., H] (e.g. a Hugging Face block's [batch, seq, H]) with
+        ids/weights/logits [..., K or E]: tokens are flattened and y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         # A check failing here, on one rank only, fails the other ranks' dispatch at once too
         # (Dispatcher.join_with_bad_input), as the dispatcher's own checks do.
         if isinstance(topk_ids, (tuple, list)) and len(topk_ids) == 2 and topk_weights is None:
-            topk_ids, topk_weights = topk_ids  # layer(x, ep.select_experts(...)): a TopKOutput passed whole, as SGLang's
+            topk_ids, topk_weights = topk_ids  # layer(x, ep.select_experts(...)), as SGLang's layers take it
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead, H = tuple(x.shape[:-1]), self.config.hidden_size
             K, E = self.config.top_k, self.config.num_experts
