@@ -1380,3 +1380,51 @@ def test_converted_experts_freeze_by_layer_tensor():
     assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
     assert sorted({n.rsplit(".", 1)[1] for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}) \
         == ["w2"]
+
+
+def _save_pretrained_rank(rank, world_size, folder):
+    """Each family swapped over the ranks, saved by every rank's model.save_pretrained(path) (no state_dict), loaded
+    by from_pretrained into a fresh transformers model: its logits against the original's, and the keys it lacked."""
+    import torch.distributed as dist
+    out = {}
+    for family in ("mixtral", "gpt_oss"):
+        model = _tiny(family)
+        ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(ids).logits
+        assert ep.hf.replace_experts(model, dispatcher="deepep_normal", runner="torch") == 2
+        path = f"{folder}/{family}"
+        model.save_pretrained(path)
+        dist.barrier()  # (rank 0 wrote it)
+        reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        with torch.no_grad():
+            out[family] = (rel_err(reloaded.float().eval()(ids).logits, expected), sorted(info["missing_keys"]))
+        dist.barrier()  # (every rank read it before the next family's files)
+    return out
+
+
+def test_save_pretrained_of_a_replaced_model_writes_a_hugging_face_checkpoint(tmp_path):
+    """model.save_pretrained(path) of a replaced model wrote its own state_dict: each block's layer.w13 / layer.w2
+    (this rank's shard), which from_pretrained reported as unexpected while it initialised every expert at random
+    (logits ~50% off, a load report the only word). It now writes export_state_dict's (every rank calls it where the
+    experts are split, rank 0 writes), so from_pretrained gives back the original's logits and misses no key."""
+    for out in run_ranks(_save_pretrained_rank, 2, str(tmp_path), timeout=300):
+        for family, (err, missing) in out.items():
+            assert missing == [] and err <= tolerance(torch.float32), (family, err, missing)
+
+
+def test_save_pretrained_in_one_process_and_a_given_state_dict(tmp_path):
+    """One process: a replaced model's save_pretrained writes the Hugging Face checkpoint, also through the base model
+    inside it (replace_experts finds every transformers model it holds); a state_dict= given is written as it is
+    (here the model's own: this rank's experts under the layer's names, which from_pretrained does not take)."""
+    model = _tiny("mixtral")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    for saved, loader, prefix in ((model, transformers.AutoModelForCausalLM, ""), (model.model, transformers.AutoModel,
+                                                                                  "model.")):
+        saved.save_pretrained(tmp_path / type(saved).__name__)
+        reloaded = loader.from_pretrained(tmp_path / type(saved).__name__).state_dict()
+        assert [k for k, v in reloaded.items() if not torch.equal(v, original[prefix + k])] == [], type(saved)
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "given", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(k for k in original if ".experts." in k), info
