@@ -19,9 +19,9 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
 
 A replaced model's own state_dict holds each EPExperts' `layer.w13` / `layer.w2` (this rank's shard; torch.save it
 per rank). Its save_pretrained(path) (that of every transformers model replace_experts was given or found inside it)
-writes export_state_dict's instead, so from_pretrained loads the experts back: every rank calls it where the experts
-are split over ranks, as transformers asks of its own sharded models (rank 0 writes); a state_dict= given is written as
-it is. Its load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
+writes export_state_dict's instead, so from_pretrained loads the experts back; where the experts are split over ranks
+that needs every rank, so it raises naming the way above (a state_dict= given is written as it is). Its
+load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
 from_pretrained's model or export_state_dict has it), of which each rank keeps its experts, so a model built on the
 meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
 (torch.save(model)) is refused by name.
@@ -831,7 +831,8 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once.
 
     The transformers models in `model` (itself and those inside it) save_pretrained a Hugging Face checkpoint
-    (export_state_dict's) where no state_dict is given; give replace_experts the model you save (a model above it
+    (export_state_dict's) where no state_dict is given, and raise naming export_state_dict where their experts are
+    split over ranks (gathering them needs every rank); give replace_experts the model you save (a model above it
     keeps transformers' save_pretrained, which writes the layers' shards: pass it export_state_dict's)."""
     _check_model(model)
     for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
@@ -904,14 +905,26 @@ def _save_as_hugging_face(model: nn.Module) -> None:
 
 def _save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
     """transformers' save_pretrained, writing export_state_dict's Hugging Face checkpoint where no state_dict is
-    given (one given is written as it is). Where experts are split over ranks every rank must call it, as
-    transformers asks of its own sharded models: each joins the gathers, and transformers writes on rank 0."""
+    given (one given is written as it is). Where that needs every rank (experts split over ranks) it raises, before
+    any collective, naming the way: save_pretrained is often called on one rank only (transformers' Trainer does),
+    where a gather would wait for ranks that are elsewhere, or meet their next layer's exchange."""
     save = type(self).save_pretrained
     try:
         call = inspect.signature(save).bind(self, save_directory, *args, **kwargs)
     except TypeError:
         return save(self, save_directory, *args, **kwargs)  # (it names what it does not take)
     if call.arguments.get("state_dict") is None:
+        split = {name: m.layer for name, m in self.named_modules() if isinstance(m, EPExperts)
+                 and m.layer.gathers_collectively()}
+        if split:
+            name, layer = next(iter(split.items()))
+            raise ValueError(f"{type(self).__name__}.save_pretrained({str(save_directory)!r}) without state_dict: "
+                             f"{len(split)} replaced experts modules ({name}, ...) hold only this rank's experts "
+                             f"(dispatcher={layer.dispatcher.name!r} over {layer.dispatcher.world_size} ranks), and "
+                             f"gathering them needs every rank; on every rank: state_dict = "
+                             f"ep.hf.export_state_dict(model), then where it is not None: "
+                             f"model.save_pretrained(path, state_dict=state_dict) (or pass state_dict=model.state_dict() "
+                             f"to write this rank's experts under the layer's names)")
         call.arguments["state_dict"] = export_state_dict(self, dst=None)
     return save(*call.args, **call.kwargs)
 
