@@ -18,8 +18,10 @@ and layout, gate_up_proj [E, 2I, H] and down_proj [E, H, I], with every expert):
         model.save_pretrained(path, state_dict=state_dict)
 
 A replaced model's own state_dict holds each EPExperts' `layer.w13` / `layer.w2` (this rank's shard; torch.save it
-per rank; save_pretrained without state_dict= writes it, which from_pretrained does not load as experts: give it
-export_state_dict's); its load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
+per rank). Its save_pretrained(path) (that of every transformers model replace_experts was given or found inside it)
+writes export_state_dict's instead, so from_pretrained loads the experts back; where the experts are split over ranks
+that needs every rank, so it raises naming the way above (a state_dict= given is written as it is). Its
+load_state_dict also takes a Hugging Face state_dict (HF's names, every expert, as
 from_pretrained's model or export_state_dict has it), of which each rank keeps its experts, so a model built on the
 meta device and replaced there loads the checkpoint after `model.to_empty(device=...)`. Pickling it
 (torch.save(model)) is refused by name.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -825,7 +828,12 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
     overlap_shared_experts=True: a block whose `shared_experts` module runs after its experts
     (DeepSeek-V3's order) gets their output computed while the dispatch is in flight, off the
     critical path; outputs and gradients are unchanged. Blocks that call their shared experts before
-    the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once."""
+    the routed ones (Qwen2-MoE, AfMoE, ERNIE-4.5-MoE, Laguna) keep computing them first, once.
+
+    The transformers models in `model` (itself and those inside it) save_pretrained a Hugging Face checkpoint
+    (export_state_dict's) where no state_dict is given, and raise naming export_state_dict where their experts are
+    split over ranks (gathering them needs every rank); give replace_experts the model you save (a model above it
+    keeps transformers' save_pretrained, which writes the layers' shards: pass it export_state_dict's)."""
     _check_model(model)
     for flag, value in (("overlap_shared_experts", overlap_shared_experts), ("strict", strict)):
         if not isinstance(value, bool):
@@ -879,7 +887,46 @@ def replace_experts(model: nn.Module, *, overlap_shared_experts: bool = False, s
         shared = getattr(block, "shared_experts", None)
         if overlap_shared_experts and isinstance(shared, nn.Module) and users[id(experts)] == 1:
             block.experts._shared = _SharedHandoff(shared)
+    _save_as_hugging_face(model)
     return len(swaps)
+
+
+def _save_as_hugging_face(model: nn.Module) -> None:
+    """Give every transformers model in `model` (itself included) that holds an EPExperts the save_pretrained of
+    _save_pretrained: its own wrote the replaced state_dict (this rank's shard under the layer's names), which
+    from_pretrained took as unexpected keys while it initialised every expert at random."""
+    for m in model.modules():
+        save = getattr(type(m), "save_pretrained", None)
+        patched = m.__dict__.get("save_pretrained")
+        if (callable(save) and getattr(patched, "__func__", None) is not _save_pretrained
+                and any(isinstance(e, EPExperts) for e in m.modules())):
+            m.save_pretrained = types.MethodType(_save_pretrained, m)  # (an instance attribute; copies rebind it)
+
+
+def _save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    """transformers' save_pretrained, writing export_state_dict's Hugging Face checkpoint where no state_dict is
+    given (one given is written as it is). Where that needs every rank (experts split over ranks) it raises, before
+    any collective, naming the way: save_pretrained is often called on one rank only (transformers' Trainer does),
+    where a gather would wait for ranks that are elsewhere, or meet their next layer's exchange."""
+    save = type(self).save_pretrained
+    try:
+        call = inspect.signature(save).bind(self, save_directory, *args, **kwargs)
+    except TypeError:
+        return save(self, save_directory, *args, **kwargs)  # (it names what it does not take)
+    if call.arguments.get("state_dict") is None:
+        split = {name: m.layer for name, m in self.named_modules() if isinstance(m, EPExperts)
+                 and m.layer.gathers_collectively()}
+        if split:
+            name, layer = next(iter(split.items()))
+            raise ValueError(f"{type(self).__name__}.save_pretrained({str(save_directory)!r}) without state_dict: "
+                             f"{len(split)} replaced experts modules ({name}, ...) hold only this rank's experts "
+                             f"(dispatcher={layer.dispatcher.name!r} over {layer.dispatcher.world_size} ranks), and "
+                             f"gathering them needs every rank; on every rank: state_dict = "
+                             f"ep.hf.export_state_dict(model), then where it is not None: "
+                             f"model.save_pretrained(path, state_dict=state_dict) (or pass state_dict=model.state_dict() "
+                             f"to write this rank's experts under the layer's names)")
+        call.arguments["state_dict"] = export_state_dict(self, dst=None)
+    return save(*call.args, **call.kwargs)
 
 
 def export_state_dict(model: nn.Module, dst: Optional[int] = 0) -> Optional[dict[str, torch.Tensor]]:

@@ -587,7 +587,7 @@ class EPMoE(nn.Module):
         same dst: one small all_gather first shares it, so a bad or different dst on any rank fails every rank."""
         shards = [self.w13, self.w2, self.b13, self.b2, self.w13_scale_inv, self.w2_scale_inv]
         group, R = self.dispatcher.group, self.dispatcher.world_size
-        collective = self.dispatcher.shards_experts and R > 1
+        collective = self._experts_split()
         error = None
         if dst is not None and not (is_int_at_least(dst, 0) and dst < R):
             error = ValueError(f"dst={dst!r}; allowed: None (every rank) or a rank 0..{R - 1} of the layer's group")
@@ -623,6 +623,15 @@ class EPMoE(nn.Module):
         if dst is not None and me != dst:
             return None
         return ExpertWeights(*out, self.quant)
+
+    def _experts_split(self) -> bool:
+        """Whether this rank holds only its share of the experts (they are split over the group's ranks)."""
+        return self.dispatcher.shards_experts and self.dispatcher.world_size > 1
+
+    def gathers_collectively(self) -> bool:
+        """Whether gather_experts needs every rank of the group: its experts are split over the ranks, or they are
+        DTensors (FSDP2's fully_shard), whole again only through a collective."""
+        return self._experts_split() or any(_is_dtensor(t) for t in (self.w13, self.w2, self.b13, self.b2))
 
     @staticmethod
     def _collect(t: torch.Tensor, group, world_size: int, dst: Optional[int]) -> Optional[torch.Tensor]:

@@ -1380,3 +1380,69 @@ def test_converted_experts_freeze_by_layer_tensor():
     assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
     assert sorted({n.rsplit(".", 1)[1] for n, p in model.named_parameters() if ".experts." in n and p.requires_grad}) \
         == ["w2"]
+
+
+def _save_pretrained_rank(rank, world_size, folder):
+    """Each family swapped over 2 ranks, saved by every rank's model.save_pretrained(path) (no state_dict): with its
+    experts split (deepep_normal) the error, with every expert on every rank (standard) the logits of the checkpoint
+    from_pretrained loads against the original's, and the keys it lacked."""
+    import os
+
+    import torch.distributed as dist
+    out = {}
+    for family in ("mixtral", "gpt_oss"):
+        for dispatcher in ("deepep_normal", "standard"):
+            model = _tiny(family)
+            ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                expected = model(ids).logits
+            assert ep.hf.replace_experts(model, dispatcher=dispatcher, runner="torch") == 2
+            path = f"{folder}/{family}_{dispatcher}"
+            try:
+                model.save_pretrained(path)
+            except ValueError as err:
+                out[family, dispatcher] = (str(err), os.path.exists(f"{path}/model.safetensors"))
+                continue
+            dist.barrier()  # (rank 0 wrote it)
+            reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+            with torch.no_grad():
+                out[family, dispatcher] = (rel_err(reloaded.float().eval()(ids).logits, expected),
+                                           sorted(info["missing_keys"]))
+    return out
+
+
+def test_save_pretrained_of_a_replaced_model_writes_a_hugging_face_checkpoint(tmp_path):
+    """model.save_pretrained(path) of a replaced model wrote its own state_dict: each block's layer.w13 / layer.w2
+    (this rank's shard), which from_pretrained reported as unexpected while it initialised every expert at random
+    (logits ~50% off, a load report the only word). Over 2 gloo ranks with every expert on every rank it now writes
+    export_state_dict's, so from_pretrained gives back the original's logits and misses no key; with the experts
+    split it raises on the rank calling it, before any collective (transformers' Trainer calls it on one rank only),
+    naming export_state_dict, and writes nothing."""
+    for out in run_ranks(_save_pretrained_rank, 2, str(tmp_path), timeout=300):
+        for (family, dispatcher), result in out.items():
+            if dispatcher == "standard":
+                err, missing = result
+                assert missing == [] and err <= tolerance(torch.float32), (family, err, missing)
+            else:
+                message, written = result
+                assert not written and re.search(r"ForCausalLM.save_pretrained\(.* without state_dict: 2 replaced "
+                                                 r"experts modules \(model.layers.0.mlp.experts, ...\) hold only this "
+                                                 r"rank's experts \(dispatcher='deepep_normal' over 2 ranks\).*"
+                                                 r"ep.hf.export_state_dict\(model\)", message), message
+
+
+def test_save_pretrained_in_one_process_and_a_given_state_dict(tmp_path):
+    """One process: a replaced model's save_pretrained writes the Hugging Face checkpoint, also through the base model
+    inside it (replace_experts finds every transformers model it holds); a state_dict= given is written as it is
+    (here the model's own: this rank's experts under the layer's names, which from_pretrained does not take)."""
+    model = _tiny("mixtral")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ep.hf.replace_experts(model, dispatcher="standard", runner="torch") == 2
+    for saved, loader, prefix in ((model, transformers.AutoModelForCausalLM, ""), (model.model, transformers.AutoModel,
+                                                                                  "model.")):
+        saved.save_pretrained(tmp_path / type(saved).__name__)
+        reloaded = loader.from_pretrained(tmp_path / type(saved).__name__).state_dict()
+        assert [k for k, v in reloaded.items() if not torch.equal(v, original[prefix + k])] == [], type(saved)
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "given", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(k for k in original if ".experts." in k), info
