@@ -656,7 +656,7 @@ class EPMoE(nn.Module):
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         # A check failing here, on one rank only, fails the other ranks' dispatch at once too
         # (Dispatcher.join_with_bad_input), as the dispatcher's own checks do.
-        if isinstance(topk_ids, (tuple, list)) and len(topk_ids) == 2 and topk_weights is None:
+        if isinstance(topk_ids, tuple) and len(topk_ids) == 2 and topk_weights is None:
             topk_ids, topk_weights = topk_ids  # layer(x, ep.select_experts(...)), as SGLang's layers take it
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead, H = tuple(x.shape[:-1]), self.config.hidden_size
@@ -1133,7 +1133,7 @@ class EPMoE(nn.Module):
                 raise ValueError(f"router_logits has shape {list(router_logits.shape)}; expected "
                                  f"[{x.shape[0]}, {self.config.num_experts}] (T, num_experts)")
             return select_experts(router_logits, self.topk_config, correction_bias)
-        if isinstance(topk_ids, (tuple, list)):  # (one of two items: forward unpacked it)
+        if isinstance(topk_ids, tuple):  # (one of two items: forward unpacked it)
             raise TypeError(f"topk_ids is a {type(topk_ids).__name__} of {len(topk_ids)} items; allowed: the ids "
                             f"tensor [T, K] with topk_weights [T, K] as the next argument, or an ep.TopKOutput "
                             f"(ids, weights) alone")
