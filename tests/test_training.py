@@ -656,3 +656,117 @@ def test_training_step_adds_no_float_values_with_atomics(dispatcher, runner):
         for ran, errors in results:
             assert ran == [], ran
             assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+class _RoutedBlock(torch.nn.Module):
+    """A transformer block's MoE half as torchtitan builds it: a dense input layer, a router (Linear) whose logits
+    the layer routes (softmax top-k, renormalized), shared experts, the EPMoE layer."""
+
+    def __init__(self, dispatcher, redundant=0):
+        from torch import nn
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.router = nn.Linear(16, 8, bias=False)
+        shared = nn.Sequential(nn.Linear(16, 12), nn.SiLU(), nn.Linear(12, 16))
+        self.moe = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                            topk_config=ep.TopKConfig(2, renormalize=True), num_redundant_experts=redundant,
+                            dispatcher_options=OPTIONS.get(dispatcher))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.moe(h, router_logits=self.router(h))
+
+
+def _block_reference(params, x, config):
+    """_RoutedBlock in float64 from its global parameters, routing included (written from DESIGN.md)."""
+    h = torch.tanh(x @ params["inp.weight"].T + params["inp.bias"])
+    weights, ids = (h @ params["router.weight"].T).softmax(-1).topk(config.top_k, dim=-1)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    shared = torch.nn.functional.silu(h @ params["moe.shared_experts.0.weight"].T + params["moe.shared_experts.0.bias"])
+    shared = shared @ params["moe.shared_experts.2.weight"].T + params["moe.shared_experts.2.bias"]
+    return moe_reference(h, ids.int(), weights, params["moe.w13"], params["moe.w2"], config) + shared
+
+
+def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, norm_type):
+    """Three optimizer steps of two micro-batches each (rank 1 without tokens in one), the dense gradients
+    all-reduced over the ranks (as DDP does), reduce_replica_grads, ep.clip_grad_norm_, an eval call under no_grad
+    between steps: every rank's parameters and returned norms equal the float64 model's trained on every rank's
+    tokens (torch's clip_grad_norm_ on it). docs/api.md's former recipe (sum the experts' squared norms over the
+    group) counted each redundant expert once per copy; torch's clip_grad_norm_ gives each rank its own norm."""
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    model = _RoutedBlock(dispatcher, redundant)
+    full = model.moe.gather_experts()
+    names = {"moe.w13": full.w13, "moe.w2": full.w2}
+    params = {n: names.get(n, p).detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2)}
+    opt, ref_opt = make[optimizer](model.parameters()), make[optimizer](params.values())
+    experts = {model.moe.w13, model.moe.w2} if model.moe.dispatcher.shards_experts else set()
+    norms = []
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        for micro in range(2):
+            gen = torch.Generator().manual_seed(10 * step + micro)
+            tokens = [9, 0 if step == 1 else 6][:world_size]
+            xs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
+            gs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
+            (model(xs[rank].float()) * gs[rank].float()).sum().div(2 * world_size).backward()
+            sum((_block_reference(params, xs[r], model.moe.config) * gs[r]).sum()
+                for r in range(world_size)).div(2 * world_size).backward()
+        for p in model.parameters():
+            if p not in experts and p.grad is not None and world_size > 1:
+                dist.all_reduce(p.grad)
+        model.moe.reduce_replica_grads()
+        norms.append((ep.clip_grad_norm_(model, 0.3, norm_type).item(),
+                      torch.nn.utils.clip_grad_norm_(params.values(), 0.3, norm_type).item()))
+        opt.step()
+        ref_opt.step()
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(3, 16))
+        model.train()
+    full = model.moe.gather_experts()
+    mine = {"moe.w13": full.w13, "moe.w2": full.w2}
+    errors = {n: rel_err(mine.get(n, p).detach(), params[n].detach()) for n, p in model.named_parameters()}
+    errors.update({f"norm{step}": abs(a - b) / b for step, (a, b) in enumerate(norms)})
+    return errors, [a for a, _ in norms], [b for _, b in norms]
+
+
+@pytest.mark.parametrize("dispatcher,redundant,optimizer,norm_type", [
+    ("deepep_normal", 4, "sgd", 2.0), ("deepep_normal", 0, "adam", float("inf")), ("mori", 0, "adam", 2.0),
+    ("deepep_ll", 4, "sgd", float("inf")), ("standard", 0, "sgd", 2.0)])
+def test_clip_grad_norm_trains_as_the_float64_model(dispatcher, redundant, optimizer, norm_type):
+    results = run_ranks(_clipped_training_rank, 2, dispatcher, redundant, optimizer, norm_type, timeout=120)
+    for errors, norms, ref_norms in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert min(ref_norms) > 0.3  # every step clipped
+        assert norms == results[0][1]  # the same norm on every rank
+
+
+def _clip_frozen_rank(rank, world_size):
+    """Experts frozen on rank 1 (no .grad): its call still joins the all_reduce (no wait until the timeout) and
+    the norm counts rank 0's experts; a bad argument is named."""
+    torch.manual_seed(0)
+    model = _RoutedBlock("deepep_normal")
+    model.moe.requires_grad_(rank == 0)
+    model.moe.shared_experts.requires_grad_(True)
+    model(torch.randn(5, 16)).square().sum().backward()
+    experts = [model.moe.w13, model.moe.w2]
+    dense = [p.grad for p in model.parameters() if p.grad is not None and all(p is not w for w in experts)]
+    expert_grads = [p.grad for p in experts if p.grad is not None]
+    with pytest.raises(TypeError, match="model=<generator object .*allowed: an nn.Module"):
+        ep.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(ValueError, match="norm_type=-1.0; allowed: a number > 0"):
+        ep.clip_grad_norm_(model, 1.0, norm_type=-1.0)
+    square = lambda grads: sum(g.double().square().sum().item() for g in grads)  # noqa: E731
+    return square(dense), square(expert_grads), ep.clip_grad_norm_(model, 1e9).item() ** 2
+
+
+def test_clip_grad_norm_with_experts_frozen_on_some_ranks():
+    (dense0, experts0, total0), (dense1, experts1, total1) = run_ranks(_clip_frozen_rank, 2, timeout=60,
+                                                                       group_timeout=20)
+    assert experts0 > 0 and experts1 == 0
+    # each rank's own dense gradients plus the experts' (rank 0's, over the group)
+    assert abs(total0 - (dense0 + experts0)) <= 1e-5 * total0
+    assert abs(total1 - (dense1 + experts0)) <= 1e-5 * total1
