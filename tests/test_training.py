@@ -687,9 +687,10 @@ def _block_reference(params, x, config):
     return moe_reference(h, ids.int(), weights, params["moe.w13"], params["moe.w2"], config) + shared
 
 
-def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, norm_type):
+def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, norm_type, wrapper=None):
     """Three optimizer steps of two micro-batches each (rank 1 without tokens in one), the dense gradients
-    all-reduced over the ranks (as DDP does), reduce_replica_grads, ep.clip_grad_norm_, an eval call under no_grad
+    all-reduced over the ranks (as DDP does; or by FSDP2's fully_shard, the experts left out, docs/api.md's
+    recipe: its DTensor gradients count over their mesh), reduce_replica_grads, ep.clip_grad_norm_, an eval call under no_grad
     between steps: every rank's parameters and returned norms equal the float64 model's trained on every rank's
     tokens (torch's clip_grad_norm_ on it). docs/api.md's former recipe (sum the experts' squared norms over the
     group) counted each redundant expert once per copy; torch's clip_grad_norm_ gives each rank its own norm."""
@@ -699,9 +700,13 @@ def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, n
     full = model.moe.gather_experts()
     names = {"moe.w13": full.w13, "moe.w2": full.w2}
     params = {n: names.get(n, p).detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    experts = {model.moe.w13, model.moe.w2} if model.moe.dispatcher.shards_experts else set()
+    if wrapper == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), ignored_params=experts)
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2)}
     opt, ref_opt = make[optimizer](model.parameters()), make[optimizer](params.values())
-    experts = {model.moe.w13, model.moe.w2} if model.moe.dispatcher.shards_experts else set()
     norms = []
     for step in range(3):
         opt.zero_grad(set_to_none=True)
@@ -711,11 +716,14 @@ def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, n
             tokens = [9, 0 if step == 1 else 6][:world_size]
             xs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
             gs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
-            (model(xs[rank].float()) * gs[rank].float()).sum().div(2 * world_size).backward()
+            # (fully_shard averages the dense gradients over the ranks; the experts are divided below)
+            (model(xs[rank].float()) * gs[rank].float()).sum().div(2 * (1 if wrapper else world_size)).backward()
             sum((_block_reference(params, xs[r], model.moe.config) * gs[r]).sum()
                 for r in range(world_size)).div(2 * world_size).backward()
         for p in model.parameters():
-            if p not in experts and p.grad is not None and world_size > 1:
+            if wrapper and p in experts:
+                p.grad /= world_size
+            elif not wrapper and p not in experts and p.grad is not None and world_size > 1:
                 dist.all_reduce(p.grad)
         model.moe.reduce_replica_grads()
         norms.append((ep.clip_grad_norm_(model, 0.3, norm_type).item(),
@@ -728,7 +736,8 @@ def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, n
         model.train()
     full = model.moe.gather_experts()
     mine = {"moe.w13": full.w13, "moe.w2": full.w2}
-    errors = {n: rel_err(mine.get(n, p).detach(), params[n].detach()) for n, p in model.named_parameters()}
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    errors = {n: rel_err(whole(mine.get(n, p).detach()), params[n].detach()) for n, p in model.named_parameters()}
     errors.update({f"norm{step}": abs(a - b) / b for step, (a, b) in enumerate(norms)})
     return errors, [a for a, _ in norms], [b for _, b in norms]
 
@@ -742,6 +751,15 @@ def test_clip_grad_norm_trains_as_the_float64_model(dispatcher, redundant, optim
         assert max(errors.values()) <= tolerance(torch.float32), errors
         assert min(ref_norms) > 0.3  # every step clipped
         assert norms == results[0][1]  # the same norm on every rank
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_clip_grad_norm_under_fully_shard_trains_as_the_float64_model(dispatcher):
+    results = run_ranks(_clipped_training_rank, 2, dispatcher, 0, "adam", 2.0, "fsdp", timeout=120)
+    for errors, norms, ref_norms in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert min(ref_norms) > 0.3
+        assert norms == results[0][1]
 
 
 def _clip_frozen_rank(rank, world_size):
