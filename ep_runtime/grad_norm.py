@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, e
     nothing but their ranks still join the all_reduce."""
     check_type("model", model, nn.Module, "an nn.Module holding the EPMoE layers (e.g. the whole model)")
     max_norm = finite_float("max_norm", max_norm)
-    p = float(norm_type) if isinstance(norm_type, (int, float)) and not isinstance(norm_type, bool) else None
+    p = float(norm_type) if isinstance(norm_type, numbers.Real) and not isinstance(norm_type, bool) else None
     if p is None or math.isnan(p) or p <= 0:
         raise ValueError(f"norm_type={norm_type!r}; allowed: a number > 0, or math.inf")
     params = [q for q in model.parameters() if q.grad is not None]
-    expert_ids, by_group = set(), {}  # id(group) -> (group, device, [this rank's p-th powers or maxima])
+    expert_ids, by_group = set(), {}  # id(group) -> (group, size, device, [the norms of this rank's experts])
     for layer in model.modules():
         if not isinstance(layer, EPMoE) or not layer.dispatcher.shards_experts:
             continue
@@ -39,7 +40,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, e
         keep = [j for j, e in enumerate(placement.local_expert_ids().tolist())
                 if placement.replicas_of(e)[0] == (rank, j)]  # each logical expert's first copy
         group = layer.dispatcher.group
-        _, _, pieces = by_group.setdefault(id(group), (group, layer.w13.device, []))
+        *_, pieces = by_group.setdefault(id(group), (group, layer.dispatcher.world_size, layer.w13.device, []))
         for weight in (layer.w13, layer.w2, layer.b13, layer.b2):
             if weight is None:
                 continue
@@ -53,10 +54,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, e
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, p, foreach=foreach).float()
             norms.append(norm.full_tensor() if _is_dtensor(norm) else norm)
-    for group, device, pieces in by_group.values():
+    for group, size, device, pieces in by_group.values():
         # every rank joins, with or without gradients of its own
         part = _combine([t.to(device) for t in pieces], p, device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if size > 1:
             op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
             powered = part if math.isinf(p) else part ** p
             in_call_order(group, lambda t=powered, o=op, g=group: dist.all_reduce(t, op=o, group=g))
