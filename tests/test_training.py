@@ -788,3 +788,49 @@ def test_clip_grad_norm_with_experts_frozen_on_some_ranks():
     # each rank's own dense gradients plus the experts' (rank 0's, over the group)
     assert abs(total0 - (dense0 + experts0)) <= 1e-5 * total0
     assert abs(total1 - (dense1 + experts0)) <= 1e-5 * total1
+
+
+def _checkpointed_gradients_rank(rank, world_size, dispatcher):
+    """Activation checkpointing (reentrant, non-reentrant, and torchtitan's selective form that keeps the matmuls'
+    outputs and recomputes the rest) around a block that routes router logits to the layer with shared experts:
+    backward runs the layer's forward, exchanges included, again on every rank (rank 1 without tokens), and every
+    gradient (x, the router, the dense and shared parameters summed over the ranks, the experts) equals the float64
+    model's."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    policy = lambda ctx, op, *args, **kwargs: (  # noqa: E731
+        CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE)
+    selective = functools.partial(create_selective_checkpoint_contexts, policy)
+    torch.manual_seed(0)
+    model = _RoutedBlock(dispatcher)
+    full = model.moe.gather_experts()
+    names = {"moe.w13": full.w13, "moe.w2": full.w2}
+    params = {n: names.get(n, p).detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(31)
+    xs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in [9, 0][:world_size]]
+    gs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in [9, 0][:world_size]]
+    x64 = [x.clone().requires_grad_(True) for x in xs]
+    sum((_block_reference(params, x64[r], model.moe.config) * gs[r]).sum() for r in range(world_size)).backward()
+    mine = model.moe.placement.local_expert_ids()
+    want = {n: p.grad[mine] if n in names else p.grad for n, p in params.items()}
+    errors = {}
+    for form in ({"use_reentrant": True}, {"use_reentrant": False}, {"use_reentrant": False, "context_fn": selective}):
+        model.zero_grad(set_to_none=True)
+        x = xs[rank].float().requires_grad_(True)
+        (checkpoint(model, x, **form) * gs[rank].float()).sum().backward()
+        got = dict(model.named_parameters())
+        for n, p in got.items():
+            if n not in names:  # replicated: the ranks' gradients summed (DDP would average them)
+                torch.distributed.all_reduce(p.grad)
+        key = "selective" if "context_fn" in form else f"reentrant={form['use_reentrant']}"
+        errors[key] = max([rel_err(got[n].grad, want[n]) for n in want] + [rel_err(x.grad, x64[rank].grad)
+                                                                            if x64[rank].grad is not None else 0.0])
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_activation_checkpointing_gives_the_float64_gradients(dispatcher):
+    for errors in run_ranks(_checkpointed_gradients_rank, 2, dispatcher, timeout=90):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
