@@ -514,11 +514,12 @@ def test_gradient_penalty_through_the_exchange():
         assert errors and max(errors.values()) <= tolerance(torch.float32), errors
 
 
-def _loss_scaler_rank(rank, world_size):
+def _loss_scaler_rank(rank, world_size, clip=None):
     """The loss-scaler recipe of docs/api.md: an overflow in one rank's expert gradients skips the step
     on every rank and leaves every rank with the same scale (one scale for the whole exchange: the
     backward adds every rank's scaled gradients into each rank's experts), then a clean step equals
-    the unscaled SGD step, float64 reference's gradients."""
+    the unscaled SGD step, float64 reference's gradients. clip: unscale_ and ep.clip_grad_norm_ before the step
+    (the overflowing step's norm is inf on every rank; the clean step is the clipped one)."""
     import torch.distributed as dist
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
@@ -527,6 +528,7 @@ def _loss_scaler_rank(rank, world_size):
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
     scaler = ShardedGradScaler(device="cpu", init_scale=2.0 ** 10, process_group=dist.group.WORLD)
     start = layer.w13.detach().clone(), layer.w2.detach().clone()
+    norms = []
 
     def step(overflow_here: bool) -> None:
         optimizer.zero_grad()
@@ -534,6 +536,9 @@ def _loss_scaler_rank(rank, world_size):
         scaler.scale((y * problem.grad_outputs[rank].float()).sum()).backward()
         if overflow_here:
             layer.w13.grad[0, 0, 0] = float("inf")
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            norms.append(ep.clip_grad_norm_(layer, clip).item())
         scaler.step(optimizer)
         scaler.update()
 
@@ -543,14 +548,18 @@ def _loss_scaler_rank(rank, world_size):
     w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
     sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
          * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+    if clip is not None:
+        want = torch.nn.utils.clip_grad_norm_([w13, w2], clip).item()
+        assert norms[0] == float("inf") and want > clip and abs(norms[1] - want) <= 1e-5 * want, (norms, want)
     mine = layer.placement.local_expert_ids()
     stepped = {"w13": rel_err(layer.w13.detach(), (problem.w13 - 0.5 * w13.grad)[mine]),
                "w2": rel_err(layer.w2.detach(), (problem.w2 - 0.5 * w2.grad)[mine])}
     return skipped, stepped
 
 
-def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank():
-    results = run_ranks(_loss_scaler_rank, 2, timeout=30)
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank(clip):
+    results = run_ranks(_loss_scaler_rank, 2, clip, timeout=30)
     assert [skipped for skipped, _ in results] == [(True, 2.0 ** 9)] * 2, results
     for _, stepped in results:
         assert max(stepped.values()) <= tolerance(torch.float32), stepped
