@@ -19,6 +19,7 @@ from .runner_core import CombineInput, ExpertMajorInput, MoeRunner, RunnerInput,
 # isort: off
 from . import dispatchers, runners  # noqa: E402  (ep_runtime.dispatchers / ep_runtime.runners)
 from .layer import EPMoE  # noqa: E402
+from .grad_norm import clip_grad_norm_  # noqa: E402
 from . import hf  # noqa: E402,F401  (ep_runtime.hf: transformers drop-in; imports no transformers itself)
 # isort: on
 
@@ -38,7 +39,7 @@ def __getattr__(name: str):
 __all__ = [
     "CombineInput", "EPMoE", "ExpertLoadPlanner", "ExpertMajorInput", "ExpertPlacement", "ExpertWeights", "MoeConfig",
     "MoeRunner", "PeerFailure", "QuantConfig", "RunnerInput", "eplb", "TopKConfig", "TopKOutput",
-    "destroy_distributed", "detect_launch", "dispatchers", "distributed_optimizer_state_dict",
+    "clip_grad_norm_", "destroy_distributed", "detect_launch", "dispatchers", "distributed_optimizer_state_dict",
     "distributed_state_dict", "envs", "init_distributed", "load_distributed_optimizer_state_dict",
     "load_distributed_state_dict", "registered_pairs", "runners", "select_experts", "supported_formats",
 ]

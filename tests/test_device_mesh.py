@@ -155,8 +155,15 @@ def _dp_x_ep_recipe_rank(rank, world_size):
                           mesh=mesh["dp"])
     with pytest.raises(ValueError, match=r"w13 is a DTensor over .*: the experts were sharded by FSDP2"):
         ep.distributed_state_dict(sharded)
-    return {"dlinear": rel_err(model[0].weight.grad, lin.weight.grad), "dbias": rel_err(model[0].bias.grad, lin.bias.grad),
-            "dw13": rel_err(model[2].w13.grad, w13.grad[mine]), "dw2": rel_err(model[2].w2.grad, w2.grad[mine])}
+    errors = {"dlinear": rel_err(model[0].weight.grad, lin.weight.grad), "dbias": rel_err(model[0].bias.grad, lin.bias.grad),
+              "dw13": rel_err(model[2].w13.grad, w13.grad[mine]), "dw2": rel_err(model[2].w2.grad, w2.grad[mine])}
+    # ep.clip_grad_norm_ after the recipe: the experts' norms summed over ep only (the dp replicas hold the same)
+    reference = [lin.weight, lin.bias, w13, w2]
+    want = torch.nn.utils.clip_grad_norm_(reference, 1e-3)
+    errors["norm"] = rel_err(ep.clip_grad_norm_(model, 1e-3), want)
+    errors["clipped_dw13"] = rel_err(model[2].w13.grad, w13.grad[mine])
+    errors["clipped_dlinear"] = rel_err(model[0].weight.grad, lin.weight.grad)
+    return errors
 
 
 def test_dp_x_ep_training_recipe_gives_the_mean_loss_gradients():

@@ -514,11 +514,12 @@ def test_gradient_penalty_through_the_exchange():
         assert errors and max(errors.values()) <= tolerance(torch.float32), errors
 
 
-def _loss_scaler_rank(rank, world_size):
+def _loss_scaler_rank(rank, world_size, clip=None):
     """The loss-scaler recipe of docs/api.md: an overflow in one rank's expert gradients skips the step
     on every rank and leaves every rank with the same scale (one scale for the whole exchange: the
     backward adds every rank's scaled gradients into each rank's experts), then a clean step equals
-    the unscaled SGD step, float64 reference's gradients."""
+    the unscaled SGD step, float64 reference's gradients. clip: unscale_ and ep.clip_grad_norm_ before the step
+    (the overflowing step's norm is inf on every rank; the clean step is the clipped one)."""
     import torch.distributed as dist
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     layer = ep.EPMoE(8, 2, 32, 16, dispatcher="deepep_normal", runner="torch")
@@ -527,6 +528,7 @@ def _loss_scaler_rank(rank, world_size):
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
     scaler = ShardedGradScaler(device="cpu", init_scale=2.0 ** 10, process_group=dist.group.WORLD)
     start = layer.w13.detach().clone(), layer.w2.detach().clone()
+    norms = []
 
     def step(overflow_here: bool) -> None:
         optimizer.zero_grad()
@@ -534,6 +536,9 @@ def _loss_scaler_rank(rank, world_size):
         scaler.scale((y * problem.grad_outputs[rank].float()).sum()).backward()
         if overflow_here:
             layer.w13.grad[0, 0, 0] = float("inf")
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            norms.append(ep.clip_grad_norm_(layer, clip).item())
         scaler.step(optimizer)
         scaler.update()
 
@@ -543,14 +548,18 @@ def _loss_scaler_rank(rank, world_size):
     w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
     sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
          * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+    if clip is not None:
+        want = torch.nn.utils.clip_grad_norm_([w13, w2], clip).item()
+        assert norms[0] == float("inf") and want > clip and abs(norms[1] - want) <= 1e-5 * want, (norms, want)
     mine = layer.placement.local_expert_ids()
     stepped = {"w13": rel_err(layer.w13.detach(), (problem.w13 - 0.5 * w13.grad)[mine]),
                "w2": rel_err(layer.w2.detach(), (problem.w2 - 0.5 * w2.grad)[mine])}
     return skipped, stepped
 
 
-def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank():
-    results = run_ranks(_loss_scaler_rank, 2, timeout=30)
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_loss_scaler_recipe_skips_an_overflowing_step_on_every_rank(clip):
+    results = run_ranks(_loss_scaler_rank, 2, clip, timeout=30)
     assert [skipped for skipped, _ in results] == [(True, 2.0 ** 9)] * 2, results
     for _, stepped in results:
         assert max(stepped.values()) <= tolerance(torch.float32), stepped
@@ -656,3 +665,181 @@ def test_training_step_adds_no_float_values_with_atomics(dispatcher, runner):
         for ran, errors in results:
             assert ran == [], ran
             assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+class _RoutedBlock(torch.nn.Module):
+    """A transformer block's MoE half as torchtitan builds it: a dense input layer, a router (Linear) whose logits
+    the layer routes (softmax top-k, renormalized), shared experts, the EPMoE layer."""
+
+    def __init__(self, dispatcher, redundant=0):
+        from torch import nn
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.router = nn.Linear(16, 8, bias=False)
+        shared = nn.Sequential(nn.Linear(16, 12), nn.SiLU(), nn.Linear(12, 16))
+        self.moe = ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, runner="torch", shared_experts=shared,
+                            topk_config=ep.TopKConfig(2, renormalize=True), num_redundant_experts=redundant,
+                            dispatcher_options=OPTIONS.get(dispatcher))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.moe(h, router_logits=self.router(h))
+
+
+def _block_reference(params, x, config):
+    """_RoutedBlock in float64 from its global parameters, routing included (written from DESIGN.md)."""
+    h = torch.tanh(x @ params["inp.weight"].T + params["inp.bias"])
+    weights, ids = (h @ params["router.weight"].T).softmax(-1).topk(config.top_k, dim=-1)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    shared = torch.nn.functional.silu(h @ params["moe.shared_experts.0.weight"].T + params["moe.shared_experts.0.bias"])
+    shared = shared @ params["moe.shared_experts.2.weight"].T + params["moe.shared_experts.2.bias"]
+    return moe_reference(h, ids.int(), weights, params["moe.w13"], params["moe.w2"], config) + shared
+
+
+def _clipped_training_rank(rank, world_size, dispatcher, redundant, optimizer, norm_type, wrapper=None):
+    """Three optimizer steps of two micro-batches each (rank 1 without tokens in one), the dense gradients
+    all-reduced over the ranks (as DDP does; or by FSDP2's fully_shard, the experts left out, docs/api.md's
+    recipe: its DTensor gradients count over their mesh), reduce_replica_grads, ep.clip_grad_norm_, an eval call under no_grad
+    between steps: every rank's parameters and returned norms equal the float64 model's trained on every rank's
+    tokens (torch's clip_grad_norm_ on it). docs/api.md's former recipe (sum the experts' squared norms over the
+    group) counted each redundant expert once per copy; torch's clip_grad_norm_ gives each rank its own norm."""
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    model = _RoutedBlock(dispatcher, redundant)
+    full = model.moe.gather_experts()
+    names = {"moe.w13": full.w13, "moe.w2": full.w2}
+    params = {n: names.get(n, p).detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    experts = {model.moe.w13, model.moe.w2} if model.moe.dispatcher.shards_experts else set()
+    if wrapper == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), ignored_params=experts)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2)}
+    opt, ref_opt = make[optimizer](model.parameters()), make[optimizer](params.values())
+    norms = []
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        for micro in range(2):
+            gen = torch.Generator().manual_seed(10 * step + micro)
+            tokens = [9, 0 if step == 1 else 6][:world_size]
+            xs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
+            gs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in tokens]
+            # (fully_shard averages the dense gradients over the ranks; the experts are divided below)
+            (model(xs[rank].float()) * gs[rank].float()).sum().div(2 * (1 if wrapper else world_size)).backward()
+            sum((_block_reference(params, xs[r], model.moe.config) * gs[r]).sum()
+                for r in range(world_size)).div(2 * world_size).backward()
+        for p in model.parameters():
+            if wrapper and p in experts:
+                p.grad /= world_size
+            elif not wrapper and p not in experts and p.grad is not None and world_size > 1:
+                dist.all_reduce(p.grad)
+        model.moe.reduce_replica_grads()
+        norms.append((ep.clip_grad_norm_(model, 0.3, norm_type).item(),
+                      torch.nn.utils.clip_grad_norm_(params.values(), 0.3, norm_type).item()))
+        opt.step()
+        ref_opt.step()
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(3, 16))
+        model.train()
+    full = model.moe.gather_experts()
+    mine = {"moe.w13": full.w13, "moe.w2": full.w2}
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - fully_shard's DTensors
+    errors = {n: rel_err(whole(mine.get(n, p).detach()), params[n].detach()) for n, p in model.named_parameters()}
+    errors.update({f"norm{step}": abs(a - b) / b for step, (a, b) in enumerate(norms)})
+    return errors, [a for a, _ in norms], [b for _, b in norms]
+
+
+@pytest.mark.parametrize("dispatcher,redundant,optimizer,norm_type", [
+    ("deepep_normal", 4, "sgd", 2.0), ("deepep_normal", 0, "adam", float("inf")), ("mori", 0, "adam", 2.0),
+    ("deepep_ll", 4, "sgd", float("inf")), ("standard", 0, "sgd", 2.0)])
+def test_clip_grad_norm_trains_as_the_float64_model(dispatcher, redundant, optimizer, norm_type):
+    results = run_ranks(_clipped_training_rank, 2, dispatcher, redundant, optimizer, norm_type, timeout=120)
+    for errors, norms, ref_norms in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert min(ref_norms) > 0.3  # every step clipped
+        assert norms == results[0][1]  # the same norm on every rank
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "mori"])
+def test_clip_grad_norm_under_fully_shard_trains_as_the_float64_model(dispatcher):
+    results = run_ranks(_clipped_training_rank, 2, dispatcher, 0, "adam", 2.0, "fsdp", timeout=120)
+    for errors, norms, ref_norms in results:
+        assert max(errors.values()) <= tolerance(torch.float32), errors
+        assert min(ref_norms) > 0.3
+        assert norms == results[0][1]
+
+
+def _clip_frozen_rank(rank, world_size):
+    """Experts frozen on rank 1 (no .grad): its call still joins the all_reduce (no wait until the timeout) and
+    the norm counts rank 0's experts; a bad argument is named."""
+    torch.manual_seed(0)
+    model = _RoutedBlock("deepep_normal")
+    model.moe.requires_grad_(rank == 0)
+    model.moe.shared_experts.requires_grad_(True)
+    model(torch.randn(5, 16)).square().sum().backward()
+    experts = [model.moe.w13, model.moe.w2]
+    dense = [p.grad for p in model.parameters() if p.grad is not None and all(p is not w for w in experts)]
+    expert_grads = [p.grad for p in experts if p.grad is not None]
+    with pytest.raises(TypeError, match="model=<generator object .*allowed: an nn.Module"):
+        ep.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(ValueError, match="norm_type=-1.0; allowed: a number > 0"):
+        ep.clip_grad_norm_(model, 1.0, norm_type=-1.0)
+    square = lambda grads: sum(g.double().square().sum().item() for g in grads)  # noqa: E731
+    return square(dense), square(expert_grads), ep.clip_grad_norm_(model, 1e9).item() ** 2
+
+
+def test_clip_grad_norm_with_experts_frozen_on_some_ranks():
+    (dense0, experts0, total0), (dense1, experts1, total1) = run_ranks(_clip_frozen_rank, 2, timeout=60,
+                                                                       group_timeout=20)
+    assert experts0 > 0 and experts1 == 0
+    # each rank's own dense gradients plus the experts' (rank 0's, over the group)
+    assert abs(total0 - (dense0 + experts0)) <= 1e-5 * total0
+    assert abs(total1 - (dense1 + experts0)) <= 1e-5 * total1
+
+
+def _checkpointed_gradients_rank(rank, world_size, dispatcher):
+    """Activation checkpointing (reentrant, non-reentrant, and torchtitan's selective form that keeps the matmuls'
+    outputs and recomputes the rest) around a block that routes router logits to the layer with shared experts:
+    backward runs the layer's forward, exchanges included, again on every rank (rank 1 without tokens), and every
+    gradient (x, the router, the dense and shared parameters summed over the ranks, the experts) equals the float64
+    model's."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    policy = lambda ctx, op, *args, **kwargs: (  # noqa: E731
+        CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE)
+    selective = functools.partial(create_selective_checkpoint_contexts, policy)
+    torch.manual_seed(0)
+    model = _RoutedBlock(dispatcher)
+    full = model.moe.gather_experts()
+    names = {"moe.w13": full.w13, "moe.w2": full.w2}
+    params = {n: names.get(n, p).detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(31)
+    xs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in [9, 0][:world_size]]
+    gs = [torch.randn(t, 16, generator=gen, dtype=torch.float64) for t in [9, 0][:world_size]]
+    x64 = [x.clone().requires_grad_(True) for x in xs]
+    sum((_block_reference(params, x64[r], model.moe.config) * gs[r]).sum() for r in range(world_size)).backward()
+    mine = model.moe.placement.local_expert_ids()
+    want = {n: p.grad[mine] if n in names else p.grad for n, p in params.items()}
+    errors = {}
+    for form in ({"use_reentrant": True}, {"use_reentrant": False}, {"use_reentrant": False, "context_fn": selective}):
+        model.zero_grad(set_to_none=True)
+        x = xs[rank].float().requires_grad_(True)
+        (checkpoint(model, x, **form) * gs[rank].float()).sum().backward()
+        got = dict(model.named_parameters())
+        for n, p in got.items():
+            if n not in names:  # replicated: the ranks' gradients summed (DDP would average them)
+                torch.distributed.all_reduce(p.grad)
+        key = "selective" if "context_fn" in form else f"reentrant={form['use_reentrant']}"
+        errors[key] = max([rel_err(got[n].grad, want[n]) for n in want] + [rel_err(x.grad, x64[rank].grad)
+                                                                            if x64[rank].grad is not None else 0.0])
+    return errors
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_activation_checkpointing_gives_the_float64_gradients(dispatcher):
+    for errors in run_ranks(_checkpointed_gradients_rank, 2, dispatcher, timeout=90):
+        assert max(errors.values()) <= tolerance(torch.float32), errors
