@@ -933,6 +933,12 @@ def _dcp_optimizer_save_rank(rank, world_size, path):
 
 def _dcp_optimizer_load_rank(rank, world_size, path):
     model, optimizer = _adam_model(1)  # another initialisation, a fresh optimizer
+    return _load_and_step(model, optimizer, path, rank, world_size)
+
+
+def _load_and_step(model, optimizer, path, rank, world_size):
+    """Load the model and optimizer from the DCP checkpoint at path, take one step (all the saved ranks' tokens
+    at 1 rank): the experts after it, gathered (numpy: pickled by value)."""
     state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
     ep.load_distributed_state_dict(model, state["model"])
@@ -986,14 +992,7 @@ def _rebalanced_optimizer_load_rank(rank, world_size, path, dispatcher):
     torch.manual_seed(1)  # another initialisation, a fresh optimizer
     model = nn.Module()
     model.moe = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    state = {"model": ep.distributed_state_dict(model), "optim": ep.distributed_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path, planner=ep.ExpertLoadPlanner())
-    ep.load_distributed_state_dict(model, state["model"])
-    ep.load_distributed_optimizer_state_dict(model, optimizer, state["optim"])
-    _train_step(model, optimizer, [0, 1] if world_size == 1 else [rank])
-    gathered = model.moe.gather_experts()
-    return gathered.w13.numpy(), gathered.w2.numpy()
+    return _load_and_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), path, rank, world_size)
 
 
 @pytest.mark.parametrize("dispatcher, world_size", [("deepep_normal", 2), ("deepep_normal", 1), ("standard", 1)])
