@@ -350,7 +350,7 @@ def _port_origin(launch: LaunchInfo) -> str:
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call checks timeout_s and returns the existing group). A group the caller
+    Safe to call twice (the second call checks timeout_s and backend, and returns the existing group). A group the caller
     made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
     timeout_s then bounds ep-runtime's own waits (the group keeps the timeout it was made with). Sets the
     CUDA device from the local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
@@ -359,7 +359,14 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     global _CREATED_HERE
     given = check_timeout(timeout_s) if timeout_s is not None else None  # checked on a second call too
     global _TIMEOUT_S, _MADE_HERE
+    if backend not in (None, "nccl", "gloo", "mpi"):  # checked on a second call too (it was returned the group)
+        raise ValueError(f"backend={backend!r}; allowed: None (nccl with CUDA, gloo without), nccl, gloo, mpi")
     if dist.is_initialized():
+        existing = str(dist.get_backend())  # "gloo", or a device map such as "cuda:nccl,cpu:gloo"
+        if backend is not None and backend not in re.split(r"[:,]", existing):
+            raise ValueError(f"backend={backend!r}, but the default process group exists with backend {existing!r}; "
+                             f"allowed: None or {existing!r} (it is returned as it is), or ep.destroy_distributed() "
+                             f"first to make a {backend} group")
         made_here = _MADE_HERE is not None and _MADE_HERE() is dist.group.WORLD
         if given is not None and not made_here:  # the caller's group: its own timeout is set; ours take this one
             _TIMEOUT_S = given
@@ -369,8 +376,6 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
-    if backend not in ("nccl", "gloo", "mpi"):
-        raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
     ours = given if given is not None else envs.get("TIMEOUT_S")

@@ -621,3 +621,37 @@ def test_layer_used_after_destroy_fails_naming_the_destroyed_group():
                                 rf"or dist\.destroy_process_group\(\)\) after the layer was built; allowed: a layer on "
                                 rf"a live group: call ep\.init_distributed\(\) and build the layer again", message), \
                 (key, message)
+
+
+def _second_init_rank(rank, world_size):
+    """The harness made the default group, as a framework would; init_distributed's calls on top of it."""
+    import torch
+    import torch.distributed as dist
+
+    import ep_runtime as ep
+    theirs = dist.group.WORLD
+    outcome = {"same": ep.init_distributed(timeout_s=5) is theirs and ep.init_distributed(backend="gloo") is theirs}
+    for backend in ("mpi", "nccl", "bogus"):
+        try:
+            ep.init_distributed(backend=backend)
+            outcome[backend] = "returned"
+        except ValueError as err:
+            outcome[backend] = str(err)
+    x = torch.full((1,), float(rank + 1))
+    dist.all_reduce(x)  # the caller's group is untouched
+    outcome["sum"] = x.item()
+    return outcome
+
+
+def test_second_init_distributed_checks_its_backend_against_the_group():
+    """init_distributed(backend='mpi') (or any name at all: 'bogus') on a process whose default gloo group exists
+    returned that group, with no word that the backend asked for was not the one in use. Now a ValueError naming
+    the argument, the existing backend and what is allowed; the caller's group is returned as it is otherwise."""
+    from ep_runtime.testing import run_ranks
+    for outcome in run_ranks(_second_init_rank, 2, timeout=60):
+        assert outcome["same"] and outcome["sum"] == 3.0, outcome
+        for backend in ("mpi", "nccl"):
+            assert outcome[backend] == (f"backend='{backend}', but the default process group exists with backend 'gloo'; "
+                                        f"allowed: None or 'gloo' (it is returned as it is), or ep.destroy_distributed() "
+                                        f"first to make a {backend} group"), outcome
+        assert outcome["bogus"] == "backend='bogus'; allowed: None (nccl with CUDA, gloo without), nccl, gloo, mpi", outcome
