@@ -589,10 +589,21 @@ def _layer_after_destroy_rank(rank, world_size, port):
         assert rel_err(layer(x, ids, weights), moe_reference(x, ids, weights, w13, w2, layer.config)) < 1e-5
         return layer
 
+    ep.init_distributed(backend="gloo", timeout_s=5)
+    # A dispatcher built with group=None keeps None (the default group, whichever exists when it runs).
+    dispatcher = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, I), group=None)
+    dispatcher.dispatch(x, (ids, weights))
+    ep.destroy_distributed()
+    try:
+        dispatcher.dispatch(x, (ids, weights))
+        bare = "ran"
+    except RuntimeError as err:
+        bare = str(err)
     group = ep.init_distributed(backend="gloo", timeout_s=5)
+    dispatcher.dispatch(x, (ids, weights))  # the new default group
     layers = {(d, name): layer_on(given, d) for d in ("deepep_normal", "deepep_ll")
               for name, given in (("passed", group), ("none", None))}
-    errors = {}
+    errors = {("bare dispatcher",): bare}
     for generation in ("destroyed", "new group"):
         if generation == "destroyed":
             ep.destroy_distributed()
@@ -615,7 +626,11 @@ def test_layer_used_after_destroy_fails_naming_the_destroyed_group():
     from ep_runtime.testing import run_ranks
     results = run_ranks(_layer_after_destroy_rank, 2, distributed.free_port(), timeout=60)
     for errors in results:
-        assert len(errors) == 8, errors
+        assert len(errors) == 9, errors
+        assert errors.pop(("bare dispatcher",)) == (
+            "deepep_normal dispatch: the default process group was destroyed (ep.destroy_distributed() or "
+            "dist.destroy_process_group()) after the layer was built; allowed: a layer on a live group: call "
+            "ep.init_distributed() and build the layer again")
         for key, message in errors.items():
             assert re.fullmatch(rf"{key[0]} dispatch: its process group was destroyed \(ep\.destroy_distributed\(\) "
                                 rf"or dist\.destroy_process_group\(\)\) after the layer was built; allowed: a layer on "
