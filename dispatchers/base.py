@@ -305,7 +305,7 @@ class Dispatcher:
         previous_event: a torch.cuda.Event or an ExchangeWork the exchange is ordered after. x, topk
         must not be changed before the wait. Input that fails a check on one rank only fails the others'
         dispatch at once too, where it starts with a count table (see join_with_bad_input)."""
-        distributed.check_group(self.group, self.name, "dispatch")
+        distributed.check_group(self.group, self.name, "dispatch", self.world_size)
         try:
             self._check_options(options)
             self._check_async(async_op, return_recv_hook, previous_event)
@@ -359,7 +359,7 @@ class Dispatcher:
         """The runner's rows, reduced per original token: [T, H] in x's dtype. async_op=True returns
         (y, work), return_recv_hook=True (y, hook), as dispatch does; previous_event likewise."""
         self._check_async(async_op, return_recv_hook, previous_event)
-        distributed.check_group(self.group, self.name, "combine")
+        distributed.check_group(self.group, self.name, "combine", self.world_size)
         self.check_combine_input(combine_input)
         if self._plain(async_op, return_recv_hook, previous_event):
             return self._named_combine("combine", self._combine, combine_input)

@@ -46,7 +46,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             check_rendezvous(launch)
             check_world_size_flag(args.world_size, launch)
         envs.validate_all(warn=launch.rank == 0)
-    except ValueError as err:  # a bad knob value (or launcher variable): named by the registry
+    except (ValueError, RendezvousError) as err:  # a bad knob value (or launcher variable): named by the registry
+        # (RendezvousError: mpirun's variables, but no mpi4py or MPI library to join its job with)
         if args.command == "env":  # the listing first: every knob's value, the invalid ones marked
             _env(markdown=False)
         command.error(str(err))
@@ -258,7 +259,7 @@ def _env(markdown: bool) -> int:
             print(f"{name}={envs.launcher(name)}  ({doc})")
     try:
         launch = detect_launch()
-    except (ValueError, RuntimeError) as err:  # (RuntimeError: mpirun without mpi4py)
+    except (ValueError, RendezvousError) as err:  # (RendezvousError: mpirun without mpi4py or an MPI library)
         print(f"launch: INVALID: {err}")
     else:
         print(f"launch: {launch.launcher}" + (" process (no launcher detected)" if launch.launcher == "single" else

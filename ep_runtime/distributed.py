@@ -48,12 +48,14 @@ class LaunchInfo:
     init_method: str
 
 
-def first_slurm_host(nodelist: str) -> str:
+def first_slurm_host(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> str:
     """First host of a Slurm node list, as `scontrol show hostnames` gives it: 'gpu[03-05,09],cpu1' ->
-    'gpu03'; a name with several ranges is their product, 'rack[1-2]-n[07-08]' -> 'rack1-n07'."""
+    'gpu03'; a name with several ranges is their product, 'rack[1-2]-n[07-08]' -> 'rack1-n07'. name: the
+    variable the list came from, for the error."""
     head = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())  # up to the first comma outside brackets
     if head is None or nodelist.strip()[head.end():head.end() + 1] not in ("", ","):
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm node list")
+        raise ValueError(f"launcher variable {name}={nodelist!r} is not a Slurm node list; allowed: host names and "
+                         f"bracketed ranges, such as 'node[01-04,07],login1'")
     return re.sub(r"\[([^\]]+)\]", lambda bracket: bracket.group(1).split(",")[0].split("-")[0], head.group(0))
 
 
@@ -116,7 +118,7 @@ def detect_launch() -> LaunchInfo:
         return _mpi_launch()
     if (envs.launcher("SLURM_STEP_ID") is not None and envs.launcher("SLURM_PROCID", int) is not None
             and not _started_by_mpi_proxy()):
-        return _checked(_slurm_launch(), "SLURM_PROCID", "SLURM_STEP_NUM_TASKS / SLURM_NTASKS", "SLURM_LOCALID")
+        return _slurm_launch()
     if envs.launcher("PMI_SIZE", int) is not None:
         return _mpi_launch()
     return LaunchInfo("single", 0, 1, 0, "")
@@ -129,9 +131,9 @@ def launched_job_size() -> tuple[Optional[str], int]:
         if (size := envs.launcher(name, int)) is not None:
             return name, size
     if envs.launcher("SLURM_STEP_ID") is not None:  # a batch script itself (no step) runs as one process
-        for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
-            if (size := envs.launcher(name, int)) is not None:
-                return name, size
+        name, size = _slurm_task_count()
+        if size is not None:
+            return name, size
     return None, 1
 
 
@@ -143,7 +145,7 @@ def _started_by_mpi_proxy() -> bool:
     pmi_size = envs.launcher("PMI_SIZE", int)
     if pmi_size is None:
         return False
-    slurm_size = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int)
+    slurm_size = _slurm_task_count()[1]
     pmi_rank = envs.launcher("PMI_RANK", int)
     return pmi_size != slurm_size or (pmi_rank is not None and pmi_rank != envs.launcher("SLURM_PROCID", int))
 
@@ -188,8 +190,9 @@ def check_rendezvous(launch: LaunchInfo) -> None:
 
 
 class RendezvousError(RuntimeError):
-    """This rank cannot host or reach the job's rendezvous (its port is taken, its host does not answer): the
-    message names the variable or launcher the address came from. The CLI prints it as one line."""
+    """This rank cannot host or reach the job's rendezvous (its port is taken, its host does not answer, the
+    MPI that launched it cannot be loaded): the message names the variable or launcher the address came from.
+    The CLI prints it as one line."""
 
 
 def _check_port(port: Optional[int]) -> None:
@@ -203,16 +206,32 @@ def slurm_port(job_id: int, step_id: int) -> int:
     return 15000 + (job_id * 7 + step_id) % 15000
 
 
+def _slurm_task_count() -> tuple[str, Optional[int]]:
+    """(variable, value) of a Slurm step's task count: SLURM_STEP_NUM_TASKS, else SLURM_NTASKS; value None
+    when neither is set. (A 0 or an unset count was read as 1: rank 0 ran the job alone, with no error.)"""
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        if (size := envs.launcher(name, int)) is not None:
+            return name, size
+    return "SLURM_STEP_NUM_TASKS / SLURM_NTASKS", None
+
+
 def _slurm_launch() -> LaunchInfo:
-    ntasks = envs.launcher("SLURM_STEP_NUM_TASKS", int) or envs.launcher("SLURM_NTASKS", int) or 1
-    nodelist = envs.launcher("SLURM_STEP_NODELIST") or envs.launcher("SLURM_JOB_NODELIST") or "localhost"
+    size_name, ntasks = _slurm_task_count()
+    if ntasks is None:  # srun sets both; a hand-made environment may lack them
+        raise ValueError(f"launcher variable SLURM_PROCID={envs.launcher('SLURM_PROCID')} is set in a Slurm step "
+                         f"(SLURM_STEP_ID={envs.launcher('SLURM_STEP_ID')}) but neither SLURM_STEP_NUM_TASKS nor "
+                         f"SLURM_NTASKS is; srun sets them: set SLURM_NTASKS to the job's process count, or unset "
+                         f"SLURM_STEP_ID for a single process")
+    nodelist_name = next((name for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST") if envs.launcher(name)), None)
+    nodelist = envs.launcher(nodelist_name) if nodelist_name else "localhost"
     # MASTER_ADDR / MASTER_PORT, when exported, override (a head node known by another name).
-    host = envs.launcher("MASTER_ADDR") or first_slurm_host(nodelist)
+    host = envs.launcher("MASTER_ADDR") or first_slurm_host(nodelist, nodelist_name)
     step = envs.launcher("SLURM_STEP_ID", int) or 0  # "batch"/"extern" steps never run ranks
     _check_port(envs.launcher("MASTER_PORT", int))
     port = envs.launcher("MASTER_PORT", int) or slurm_port(envs.launcher("SLURM_JOB_ID", int) or 0, step)
-    return LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
-                      envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}")
+    return _checked(LaunchInfo("slurm", envs.launcher("SLURM_PROCID", int), ntasks,
+                               envs.launcher("SLURM_LOCALID", int) or 0, f"tcp://{host}:{port}"),
+                    "SLURM_PROCID", size_name, "SLURM_LOCALID")
 
 
 _MPI_LAUNCH: Optional[LaunchInfo] = None
@@ -223,11 +242,18 @@ def _mpi_launch() -> LaunchInfo:
     global _MPI_LAUNCH
     if _MPI_LAUNCH is not None:
         return _MPI_LAUNCH
+    variable = next(f"{name}={envs.launcher(name)}" for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+                    if envs.launcher(name) is not None)
     try:
         from mpi4py import MPI
     except ImportError as err:
-        raise RuntimeError("started by mpirun but mpi4py is missing: pip install 'ep-runtime[mpi]' "
-                           "(scripts/setup_mpi.sh installs Open MPI and mpi4py)") from err
+        raise RendezvousError(f"started by mpirun (launcher variable {variable}) but mpi4py is missing: pip install "
+                              f"'ep-runtime[mpi]' (scripts/setup_mpi.sh installs Open MPI and mpi4py)") from err
+    except RuntimeError as err:  # mpi4py installed, but no MPI library it can load: its multi-line message
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise RendezvousError(f"started by mpirun (launcher variable {variable}) but mpi4py cannot load an MPI "
+                              f"library ({lines[min(1, len(lines) - 1)]}): install the MPI that launched the job (scripts/setup_mpi.sh "
+                              f"installs Open MPI), or point MPI4PY_LIBMPI at its libmpi.so") from err
     comm = MPI.COMM_WORLD
     # mpi4py built for another MPI than the Open MPI mpirun that started us (or the variable left over from
     # one): every rank is a singleton, rank 0 of 1, and each would run the whole job alone.
@@ -324,7 +350,7 @@ def _port_origin(launch: LaunchInfo) -> str:
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call checks timeout_s and returns the existing group). A group the caller
+    Safe to call twice (the second call checks timeout_s and backend, and returns the existing group). A group the caller
     made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
     timeout_s then bounds ep-runtime's own waits (the group keeps the timeout it was made with). Sets the
     CUDA device from the local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
@@ -333,7 +359,14 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     global _CREATED_HERE
     given = check_timeout(timeout_s) if timeout_s is not None else None  # checked on a second call too
     global _TIMEOUT_S, _MADE_HERE
+    if backend not in (None, "nccl", "gloo", "mpi"):  # checked on a second call too (it was returned the group)
+        raise ValueError(f"backend={backend!r}; allowed: None (nccl with CUDA, gloo without), nccl, gloo, mpi")
     if dist.is_initialized():
+        existing = str(dist.get_backend())  # "gloo", or a device map such as "cuda:nccl,cpu:gloo"
+        if backend is not None and backend not in re.split(r"[:,]", existing):
+            raise ValueError(f"backend={backend!r}, but the default process group exists with backend {existing!r}; "
+                             f"allowed: None or {existing!r} (it is returned as it is), or ep.destroy_distributed() "
+                             f"first to make a {backend} group")
         made_here = _MADE_HERE is not None and _MADE_HERE() is dist.group.WORLD
         if given is not None and not made_here:  # the caller's group: its own timeout is set; ours take this one
             _TIMEOUT_S = given
@@ -343,8 +376,6 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
-    if backend not in ("nccl", "gloo", "mpi"):
-        raise ValueError(f"backend={backend!r}; allowed: nccl, gloo, mpi")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
     ours = given if given is not None else envs.get("TIMEOUT_S")
@@ -602,14 +633,29 @@ def _group_key(group):
     return "WORLD" if group is None or group is dist.GroupMember.WORLD else group
 
 
-def check_group(group, name: str, operation: str) -> None:
+def check_group(group, name: str, operation: str, world_size: int = 1) -> None:
     """Raise a PeerFailure at once when an earlier wait gave up on this group (its communicator is
-    aborted: anything queued on it would fail or hang)."""
+    aborted: anything queued on it would fail or hang); raise a RuntimeError when the group of a layer of
+    several ranks (world_size; group None: the default group) was destroyed. A destroyed gloo group still
+    ran collectives: a layer used after destroy_distributed() went on exchanging over it, with no error."""
+    if world_size > 1 and _destroyed(group):
+        which = "the default process group" if group is None else "its process group"
+        raise RuntimeError(f"{name} {operation}: {which} was destroyed (ep.destroy_distributed() or "
+                           f"dist.destroy_process_group()) after the layer was built; allowed: a layer on a live "
+                           f"group: call ep.init_distributed() and build the layer again")
     if _current_failures():
         earlier = _FAILED.get(_group_key(group)) or _FAILED.get("WORLD")  # aborting WORLD aborted every group
         if earlier is not None:
             raise PeerFailure(f"{name} {operation}: this group failed earlier and its communicator was aborted; "
                               f"rebuild the process group (and the layer) to go on. The earlier failure: {earlier}")
+
+
+def _destroyed(group) -> bool:
+    """Whether `group` (None: the default group) is no longer one of torch's live process groups."""
+    if group is None:
+        return not dist.is_initialized()
+    live = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)  # None: unknown, unchecked
+    return isinstance(group, dist.ProcessGroup) and live is not None and group not in live
 
 
 def wait_on_device(event: "torch.cuda.Event", *, issued_at: float, group, name: str, operation: str,
@@ -648,7 +694,7 @@ def synchronize(group, name: str, rank: int, world_size: int, operation: str = "
     """Wait, bounded by EP_RUNTIME_TIMEOUT_S, until the work queued so far on the current CUDA stream
     has finished (e.g. a replayed CUDA graph holding a layer's exchange); on expiry abort the group
     and raise PeerFailure. Nothing to wait for on CPU ranks (gloo's collectives wait themselves)."""
-    check_group(group, name, operation)
+    check_group(group, name, operation, world_size)
     if not dist.is_initialized() or dist.get_backend(group) != "nccl" or torch.cuda.is_current_stream_capturing():
         return
     event = torch.cuda.Event()

@@ -94,7 +94,9 @@ def assert_demo_ok(out, launcher):
 
 
 def test_torchrun_runs_demo():
-    out = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
+    # (torch.distributed.run is what the torchrun script runs; through this interpreter, the job runs this tree's
+    # ep_runtime, whatever interpreter a copied venv's torchrun script names in its #! line)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(distributed.free_port()), "-m", "ep_runtime", "demo"],
                          capture_output=True, text=True, timeout=180, env=launcher_free_env(), cwd=REPO)
     assert_demo_ok(out, "torchrun")
@@ -313,7 +315,16 @@ def test_mpi_size_that_mpi_does_not_see_fails_naming_it(monkeypatch, name):
      r"MASTER_PORT='notaport' is not a valid int"),
     (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="70000"), r"MASTER_PORT=70000; allowed: 1\.\.65535"),
     (dict(SLURM_STEP_ID="0", SLURM_PROCID="4", SLURM_NTASKS="4", SLURM_JOB_NODELIST="vm"),
-     r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_STEP_NUM_TASKS / SLURM_NTASKS=4\)"),
+     r"SLURM_PROCID=4; allowed: 0\.\.3 \(SLURM_NTASKS=4\)"),
+    (dict(SLURM_STEP_ID="3", SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="4"),
+     r"SLURM_PROCID=1; allowed: 0\.\.0 \(SLURM_STEP_NUM_TASKS=1\)"),
+    # A Slurm step without its task count (a hand-made environment): rank 0 ran alone as a job of 1, with no error.
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_JOB_NODELIST="vm"),
+     r"SLURM_PROCID=0 is set in a Slurm step \(SLURM_STEP_ID=0\) but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS"),
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="0"), r"SLURM_NTASKS=0; allowed: an int >= 1"),
+    # The step's node list is the one read: the error named SLURM_JOB_NODELIST, which held a valid list.
+    (dict(SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_NODELIST="a[1-2",
+          SLURM_JOB_NODELIST="a[1-4]"), r"launcher variable SLURM_STEP_NODELIST='a\[1-2' is not a Slurm node list"),
     # Half of torchrun's variables (a hand-written launch): ran as a one-process job.
     (dict(RANK="1"), r"RANK=1 is set but WORLD_SIZE is not; torchrun sets both"),
     # RANK and WORLD_SIZE by hand without the address: torch's env:// raised from inside init_process_group.
@@ -533,3 +544,129 @@ def test_init_distributed_on_the_callers_group_takes_timeout_s(monkeypatch):
     finally:
         distributed.destroy_distributed()
     assert distributed.timeout_s() == 300.0  # the knob's default again once the group is gone
+
+
+@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_mpi_launch_whose_mpi_library_cannot_load_names_it(variable, tmp_path):
+    """mpi4py installed (a wheel) but no MPI library it can load: init_distributed raised mpi4py's multi-line
+    RuntimeError naming no launcher, and `ep-runtime env` / `demo` died in a traceback. Now one error naming the
+    launcher variable and what to install; the CLI prints it as a usage error (exit 2). Real processes, the
+    library hidden by mpi4py's own MPI4PY_LIBMPI."""
+    pytest.importorskip("mpi4py", reason="mpi4py is what fails to load here")
+    env = launcher_free_env(**{variable: "2", "MPI4PY_LIBMPI": str(tmp_path / "libmpi.so")})
+    init = subprocess.run([sys.executable, "-c", "import ep_runtime as ep; ep.init_distributed(timeout_s=5)"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert init.returncode == 1, init.stdout + init.stderr
+    assert re.search(rf"RendezvousError: started by mpirun \(launcher variable {variable}=2\) but mpi4py cannot load "
+                     rf"an MPI library \(.*libmpi\.so.*\): install the MPI", init.stderr), init.stderr
+    for command in (["env"], ["demo"]):
+        cli = subprocess.run([sys.executable, "-m", "ep_runtime", *command], capture_output=True, text=True, timeout=60,
+                             env=env, cwd=REPO)
+        assert cli.returncode == 2, cli.stdout + cli.stderr
+        assert "Traceback" not in cli.stderr, cli.stderr
+        assert f"error: started by mpirun (launcher variable {variable}=2) but mpi4py cannot load" in cli.stderr
+
+
+def _layer_after_destroy_rank(rank, world_size, port):
+    """Layers on the default group (passed, and taken with group=None), used after destroy_distributed, and
+    again once a new default group exists; a layer built anew then runs."""
+    import torch
+    import torch.distributed as dist
+
+    import ep_runtime as ep
+    from ep_runtime.reference import moe_reference, rel_err
+    dist.destroy_process_group()  # the harness's group: this one is made as a launched job's is
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    E, K, H, I = 4, 2, 8, 16
+    gen = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(1 + rank))
+    ids, weights = ep.select_experts(torch.randn(5, E, generator=gen), ep.TopKConfig(top_k=K))
+
+    def layer_on(group, dispatcher):
+        layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", group=group)
+        layer.load_experts(w13, w2)
+        assert rel_err(layer(x, ids, weights), moe_reference(x, ids, weights, w13, w2, layer.config)) < 1e-5
+        return layer
+
+    ep.init_distributed(backend="gloo", timeout_s=5)
+    # A dispatcher built with group=None keeps None (the default group, whichever exists when it runs).
+    dispatcher = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, I), group=None)
+    dispatcher.dispatch(x, (ids, weights))
+    ep.destroy_distributed()
+    try:
+        dispatcher.dispatch(x, (ids, weights))
+        bare = "ran"
+    except RuntimeError as err:
+        bare = str(err)
+    group = ep.init_distributed(backend="gloo", timeout_s=5)
+    dispatcher.dispatch(x, (ids, weights))  # the new default group
+    layers = {(d, name): layer_on(given, d) for d in ("deepep_normal", "deepep_ll")
+              for name, given in (("passed", group), ("none", None))}
+    errors = {("bare dispatcher",): bare}
+    for generation in ("destroyed", "new group"):
+        if generation == "destroyed":
+            ep.destroy_distributed()
+        else:
+            layer_on(ep.init_distributed(backend="gloo", timeout_s=5), "deepep_normal")
+        for key, layer in layers.items():
+            try:
+                layer(x, ids, weights)
+                errors[key + (generation,)] = "ran"
+            except RuntimeError as err:
+                errors[key + (generation,)] = str(err)
+    ep.destroy_distributed()
+    return errors
+
+
+def test_layer_used_after_destroy_fails_naming_the_destroyed_group():
+    """A layer called after ep.destroy_distributed() went on exchanging over the destroyed gloo group (its
+    pairs stay connected), with no error, even after a new default group was made. Now every rank raises at
+    once, before any collective, saying the group was destroyed and to rebuild the layer (which then runs)."""
+    from ep_runtime.testing import run_ranks
+    results = run_ranks(_layer_after_destroy_rank, 2, distributed.free_port(), timeout=60)
+    for errors in results:
+        assert len(errors) == 9, errors
+        assert errors.pop(("bare dispatcher",)) == (
+            "deepep_normal dispatch: the default process group was destroyed (ep.destroy_distributed() or "
+            "dist.destroy_process_group()) after the layer was built; allowed: a layer on a live group: call "
+            "ep.init_distributed() and build the layer again")
+        for key, message in errors.items():
+            assert re.fullmatch(rf"{key[0]} dispatch: its process group was destroyed \(ep\.destroy_distributed\(\) "
+                                rf"or dist\.destroy_process_group\(\)\) after the layer was built; allowed: a layer on "
+                                rf"a live group: call ep\.init_distributed\(\) and build the layer again", message), \
+                (key, message)
+
+
+def _second_init_rank(rank, world_size):
+    """The harness made the default group, as a framework would; init_distributed's calls on top of it."""
+    import torch
+    import torch.distributed as dist
+
+    import ep_runtime as ep
+    theirs = dist.group.WORLD
+    outcome = {"same": ep.init_distributed(timeout_s=5) is theirs and ep.init_distributed(backend="gloo") is theirs}
+    for backend in ("mpi", "nccl", "bogus"):
+        try:
+            ep.init_distributed(backend=backend)
+            outcome[backend] = "returned"
+        except ValueError as err:
+            outcome[backend] = str(err)
+    x = torch.full((1,), float(rank + 1))
+    dist.all_reduce(x)  # the caller's group is untouched
+    outcome["sum"] = x.item()
+    return outcome
+
+
+def test_second_init_distributed_checks_its_backend_against_the_group():
+    """init_distributed(backend='mpi') (or any name at all: 'bogus') on a process whose default gloo group exists
+    returned that group, with no word that the backend asked for was not the one in use. Now a ValueError naming
+    the argument, the existing backend and what is allowed; the caller's group is returned as it is otherwise."""
+    from ep_runtime.testing import run_ranks
+    for outcome in run_ranks(_second_init_rank, 2, timeout=60):
+        assert outcome["same"] and outcome["sum"] == 3.0, outcome
+        for backend in ("mpi", "nccl"):
+            assert outcome[backend] == (f"backend='{backend}', but the default process group exists with backend 'gloo'; "
+                                        f"allowed: None or 'gloo' (it is returned as it is), or ep.destroy_distributed() "
+                                        f"first to make a {backend} group"), outcome
+        assert outcome["bogus"] == "backend='bogus'; allowed: None (nccl with CUDA, gloo without), nccl, gloo, mpi", outcome
