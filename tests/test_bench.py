@@ -365,6 +365,12 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--suite", "eplb", "--redundant-experts", "1", "--world-size", "1"], "allowed: at most 0"),
     (["--suite", "overlap", "--dispatchers", "mori,standard"], "--suite overlap --dispatchers mori,standard: the "
      "overlap suite times deepep_ll and deepep_normal only (it would time nothing); allowed: --dispatchers naming one"),
+    # an empty list timed the all_to_all baseline (or the raw grouped_mm) alone, without a word
+    (["--dispatchers", ""], "--dispatchers '': names none; allowed: one or more names, comma-separated"),
+    (["--runners", " , "], "--runners '': names none; allowed: one or more names, comma-separated"),
+    # (10**20: torch's "Overflow when unpacking long long" traceback after the argument checks)
+    (["--seed", str(10 ** 20)], f"argument --seed: {10 ** 20}: allowed an int >= 0 and <= 4294967295"),
+    (["--seed", "-1"], "argument --seed: -1: allowed an int >= 0 and <= 4294967295"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

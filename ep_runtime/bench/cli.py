@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on CUDA, also time CUDA-graph replays: every runner, and the dispatch suite's static-shape "
                         "implementations and baseline (what cannot be captured is listed under skipped)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs, weights and shuffled routing (default 0)")
+    # (bounded: 10**20 ended in torch's "Overflow when unpacking long long" traceback; seeds derived per rank and
+    # size, seed * 1000003 + ..., stay within int64 below 2**32)
+    p.add_argument("--seed", type=int_at_least(0, 2 ** 32 - 1), default=0,
+                   help="seed of the inputs, weights and shuffled routing, 0..2**32-1 (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every result and the run's metadata as JSON (default: none)")
     p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib; default: none)")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md; default: none)")
@@ -125,6 +128,10 @@ def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
     unknown = [s for s in suites if s not in SUITES]
     if unknown or not suites:
         raise ValueError(f"--suite {','.join(suites)}: allowed {', '.join(SUITES)}")
+    for flag, names in (("--dispatchers", args.dispatchers), ("--runners", args.runners)):
+        if names is not None and not names:  # (--dispatchers '' timed the all_to_all baseline alone, without a word)
+            raise ValueError(f"{flag} '': names none; allowed: one or more names, comma-separated (or no {flag}: "
+                             f"all)")
     formats = args.runner_formats
     if not formats or any(f not in dispatchers.registered() for f in formats):
         raise ValueError(f"--runner-formats {','.join(formats)}: allowed {', '.join(dispatchers.registered())}")
