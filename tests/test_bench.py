@@ -508,3 +508,28 @@ def test_benchmark_scripts_refuse_bad_arguments_before_running(script, args, mes
         _script("benchmarks", script).main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_knobs_are_checked_before_running_and_an_unknown_one_is_warned_of_by_rank_0(monkeypatch, capsys, recwarn, rank):
+    """A bad EP_RUNTIME_* value ended `ep-runtime bench` in a ValueError traceback (exit 1) from run(); now exit 2
+    and one line, before any work, as demo and env give. An unknown variable: one warning per job (rank 0), as
+    init_distributed gives (run() warned on every rank of a launched job)."""
+    from ep_runtime import envs
+    from ep_runtime.distributed import free_port
+    monkeypatch.setattr(envs, "_WARNED", set())  # as in a fresh process
+    for name, value in dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), EP_RUNTIME_TIMEOUT="5").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:  # (E = 3 does not divide over the 2 ranks: stops before any work)
+        bench.main(["--experts", "3", "--top-k", "2"])
+    assert exit_info.value.code == 2 and "--experts 3: the dispatch suite divides E" in capsys.readouterr().err
+    warned = [str(w.message) for w in recwarn if "EP_RUNTIME_TIMEOUT" in str(w.message)]
+    assert warned == (["ignoring unknown variable EP_RUNTIME_TIMEOUT (did you mean EP_RUNTIME_TIMEOUT_S?): no such "
+                       "ep-runtime knob (`ep-runtime env` lists them)"] if rank == 0 else []), warned
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "abc")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--suite", "runner", "--tokens", "4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "error: environment variable EP_RUNTIME_TIMEOUT_S='abc' is not a valid float" in err and "Traceback" not in err

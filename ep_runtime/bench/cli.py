@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import envs
 from ..cli import check_world_size_flag
 from ..distributed import RendezvousError, check_rendezvous, detect_launch
 from ..envs import MAX_TOKENS
@@ -121,7 +122,7 @@ SPAWNED_RANKS = 2  # --world-size's default
 
 
 def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
-    from .. import dispatchers, envs
+    from .. import dispatchers
 
     preset = PRESETS[args.preset]
     suites = args.suite
@@ -206,12 +207,11 @@ _GROUP_SUITES = {"dispatch": dispatch_suite, "eplb": eplb_suite, "overlap": over
 
 def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Results]:
     """Run the chosen suites in whatever launch this process is in; rank 0 gets the Results."""
-    from .. import envs
     from ..distributed import destroy_distributed, detect_launch, device_for_rank, init_distributed
     from ..testing import run_ranks
 
-    envs.validate_all()
     launch = detect_launch()
+    envs.validate_all(warn=launch.rank == 0)  # one warning per job, as init_distributed gives
     results = Results()
     if launch.launcher != "single" or (world_size or 1) == 1:
         init_distributed()
@@ -388,6 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             launch = detect_launch()
             check_rendezvous(launch)
             check_world_size_flag(args.world_size, launch)
+            # (a bad knob failed in run(): a ValueError traceback, exit 1; an unknown one was warned of by every rank)
+            envs.validate_all(warn=launch.rank == 0)
         world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, world_size)
