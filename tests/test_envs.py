@@ -250,3 +250,31 @@ def test_a_knob_read_at_each_call_invalid_on_one_rank_fails_every_rank_at_build(
     results = run_ranks(_build_with_a_knob_on_rank_1, 2, name, raw, timeout=60, group_timeout=300)
     assert all(f"{name}={raw!r}" in result for result in results), results
     assert "rank 1 could not build its layer or dispatcher" in results[0], results
+
+
+def test_a_knob_invalid_on_one_rank_fails_init_distributed_on_every_rank_at_once():
+    """init_distributed checked the knobs before the rendezvous: the rank with a bad value raised, and its peers
+    waited in the rendezvous for EP_RUNTIME_TIMEOUT_S, then read that a rank was never started. Now every rank
+    joins, and all raise at once naming the rank and the value; the group is destroyed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ep_runtime.distributed import free_port
+    code = ("import ep_runtime as ep, torch.distributed as dist\n"
+            "try:\n    ep.init_distributed(backend='gloo')\n"
+            "except ValueError as err:\n    print(err)\n    assert not dist.is_initialized()\n")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               EP_RUNTIME_TIMEOUT_S="60")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r),
+                                       **({"EP_RUNTIME_SCRATCH_MB": "lots"} if r == 1 else {})))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert time.monotonic() - start < 40, "the good rank waited for the timeout"
+    for out, _ in outs:
+        assert ("rank 1: environment variable EP_RUNTIME_SCRATCH_MB='lots' is not a valid int; allowed: int >= 0 "
+                "(every rank stops in init_distributed; the group is destroyed)") in out, outs
