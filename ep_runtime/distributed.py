@@ -192,6 +192,11 @@ class RendezvousError(RuntimeError):
     message names the variable or launcher the address came from. The CLI prints it as one line."""
 
 
+class KnobsError(ValueError):
+    """init_distributed under a launcher: a rank's EP_RUNTIME_* knob is invalid, raised on every rank of the job
+    at once, naming the rank, the variable and its value. The CLI prints it as one line."""
+
+
 def _check_port(port: Optional[int]) -> None:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"launcher variable MASTER_PORT={port}; allowed: 1..65535")
@@ -385,6 +390,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         try:  # every rank's knob check, one small all_gather: a rank's bad value fails every rank here, at once
             agree_before_collectives(dist.group.WORLD, dist.get_world_size(), knob_error,
                                      "every rank stops in init_distributed; the group is destroyed")
+        except ValueError as err:
+            destroy_distributed()
+            raise KnobsError(str(err)) from None
         except Exception:
             destroy_distributed()
             raise

@@ -246,9 +246,9 @@ def validate_all(warn: bool = True) -> None:
     EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word), once
     per process and variable, with the closest knob's name. warn=False: check only (ranks other than
     0 pass it, so a job prints the warning once)."""
-    invalid = [problem for problem in map(problem_of, KNOBS) if problem]
-    if invalid:  # every bad value at once, not one per attempt
-        raise ValueError("\n".join(invalid))
+    problems = [problem for problem in map(problem_of, KNOBS) if problem]
+    if problems:  # every bad value at once, not one per attempt
+        raise ValueError("\n".join(problems))
     new = [name for name in unknown() if name not in _WARNED]
     if warn and new:
         _WARNED.update(new)

@@ -527,9 +527,39 @@ def test_knobs_are_checked_before_running_and_an_unknown_one_is_warned_of_by_ran
     warned = [str(w.message) for w in recwarn if "EP_RUNTIME_TIMEOUT" in str(w.message)]
     assert warned == (["ignoring unknown variable EP_RUNTIME_TIMEOUT (did you mean EP_RUNTIME_TIMEOUT_S?): no such "
                        "ep-runtime knob (`ep-runtime env` lists them)"] if rank == 0 else []), warned
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # one process: no job to join
+        monkeypatch.delenv(name)
     monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "abc")
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--suite", "runner", "--tokens", "4"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert "error: environment variable EP_RUNTIME_TIMEOUT_S='abc' is not a valid float" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["demo", "--tokens", "4"],
+                                     ["bench", "--suite", "runner", "--tokens", "4", "--repeats", "1", "--warmup", "0"]])
+def test_a_knob_invalid_on_one_rank_of_a_job_fails_every_rank_at_once(command):
+    """demo and bench checked the knobs before joining the job: the rank with a bad value stopped (exit 2) and its
+    peers waited in the rendezvous for EP_RUNTIME_TIMEOUT_S, then failed in a RendezvousError. That rank now joins
+    the job, and every rank stops at once with one line naming it and the value."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ep_runtime.distributed import free_port
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               EP_RUNTIME_TIMEOUT_S="60")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "ep_runtime", *command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r),
+                                       **({"EP_RUNTIME_SCRATCH_MB": "lots"} if r == 1 else {})))
+             for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert time.monotonic() - start < 40, "a good rank waited for the timeout"
+    for err in errs:
+        assert ("error: rank 1: environment variable EP_RUNTIME_SCRATCH_MB='lots' is not a valid int; allowed: int "
+                ">= 0 (every rank stops in init_distributed; the group is destroyed)") in err and "Traceback" not in err, errs

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .. import envs
-from ..cli import check_world_size_flag
-from ..distributed import RendezvousError, check_rendezvous, detect_launch
+from ..cli import check_world_size_flag, fail_with_the_job
+from ..distributed import KnobsError, RendezvousError, check_rendezvous, detect_launch
 from ..envs import MAX_TOKENS
 from .dispatch import FP8_DISPATCHERS, dispatch_suite, parse_routing
 from .eplb import eplb_suite
@@ -376,6 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    knob_error = None
     try:
         settings = settings_from_args(args, torch.cuda.is_available())
         settings.command = " ".join(["ep-runtime bench", *map(shlex.quote, argv)])
@@ -388,8 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             launch = detect_launch()
             check_rendezvous(launch)
             check_world_size_flag(args.world_size, launch)
-            # (a bad knob failed in run(): a ValueError traceback, exit 1; an unknown one was warned of by every rank)
-            envs.validate_all(warn=launch.rank == 0)
+            try:  # (a bad knob failed in run(): a ValueError traceback, exit 1; an unknown one: every rank warned)
+                envs.validate_all(warn=launch.rank == 0)
+            except ValueError as err:
+                knob_error = err
         world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, world_size)
@@ -397,6 +400,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _check_host_memory(settings, world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
+    if knob_error is not None:  # after the other checks: under a launcher this rank joins the job to fail it
+        if launch.launcher != "single":
+            fail_with_the_job(knob_error, parser.error)
+        parser.error(str(knob_error))
     if args.plot and not has_matplotlib():
         if not (args.json or args.markdown):  # nothing would be kept: fail before the run
             parser.error(MISSING_MATPLOTLIB)
@@ -410,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         try:
             results = run(settings, world_size)
-        except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+        except (RendezvousError, KnobsError) as err:  # MASTER_PORT taken, a peer's bad knob: one line, no traceback
             parser.error(str(err))
     if results is None:  # not rank 0
         return 0
