@@ -52,6 +52,8 @@ class Knob:
                     raise ValueError
                 value: Any = low in ("1", "true", "yes", "on")
             else:
+                if not text.isascii():  # (Python's int() and float() read other scripts' digits: '٣' was 3)
+                    raise ValueError
                 value = self.type(text)
                 if self.type is float and not math.isfinite(value):
                     raise ValueError

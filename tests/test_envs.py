@@ -218,6 +218,9 @@ def test_values_are_read_as_documented(monkeypatch, name, raw, value):
     ("EP_RUNTIME_SCRATCH_MB", "2.0", r"EP_RUNTIME_SCRATCH_MB='2.0' is not a valid int; allowed: int >= 0"),
     ("EP_RUNTIME_SYNC_CHECKS", "2", r"EP_RUNTIME_SYNC_CHECKS='2' is not a valid bool; allowed: 0, 1, true"),
     ("EP_RUNTIME_HIERARCHICAL", "of", r"EP_RUNTIME_HIERARCHICAL='of' is not allowed; allowed: auto, on, off"),
+    # (int() and float() read other scripts' digits: Arabic-Indic three and fullwidth one were taken as 3 and 1)
+    ("EP_RUNTIME_NUM_SMS", "\u0663", r"EP_RUNTIME_NUM_SMS='\u0663' is not a valid int"),
+    ("EP_RUNTIME_TIMEOUT_S", "\uff11\uff10", r"EP_RUNTIME_TIMEOUT_S='\uff11\uff10' is not a valid float"),
     # (no maximum: 2**40 passed the registry, then failed as ranks_per_node=..., an argument never given)
     ("EP_RUNTIME_RANKS_PER_NODE", str(2 ** 40), r"EP_RUNTIME_RANKS_PER_NODE='1099511627776' is above the maximum; "
                                                 r"allowed: int >= 0 and <= 1048576"),
