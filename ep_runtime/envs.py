@@ -326,7 +326,7 @@ def torch_nccl(name: str) -> Optional[str]:
     if name not in TORCH_NCCL_VARIABLES:
         raise KeyError(f"{name} is not a registered torch NCCL variable")
     raw = os.environ.get(name)
-    return None if raw is None or raw == "" else raw
+    return None if _unset(raw) else raw
 
 
 def set_torch_nccl_default(name: str, value: str) -> str:
@@ -343,7 +343,7 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
     if name not in LAUNCHER_VARIABLES:
         raise KeyError(f"{name} is not a registered launcher variable")
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if _unset(raw):
         return None
     try:
         return cast(raw)

@@ -281,3 +281,13 @@ def test_a_knob_invalid_on_one_rank_fails_init_distributed_on_every_rank_at_once
     for out, _ in outs:
         assert ("rank 1: environment variable EP_RUNTIME_SCRATCH_MB='lots' is not a valid int; allowed: int >= 0 "
                 "(every rank stops in init_distributed; the group is destroyed)") in out, outs
+
+
+def test_a_blank_launcher_or_torch_nccl_variable_is_unset_as_a_knob_is(monkeypatch):
+    """RANK=' ' failed as "not a valid int" while RANK='' read as unset, and a blank TORCH_NCCL_* variable counted as
+    the user's value (init_distributed then left torch's default in force): blank is unset everywhere."""
+    monkeypatch.setenv("RANK", " ")
+    monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "\t")
+    assert envs.launcher("RANK", int) is None and envs.torch_nccl("TORCH_NCCL_DUMP_ON_TIMEOUT") is None
+    monkeypatch.setenv("RANK", " 3 ")
+    assert envs.launcher("RANK", int) == 3
