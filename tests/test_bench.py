@@ -371,6 +371,9 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     # (10**20: torch's "Overflow when unpacking long long" traceback after the argument checks)
     (["--seed", str(10 ** 20)], f"argument --seed: {10 ** 20}: allowed an int >= 0 and <= 4294967295"),
     (["--seed", "-1"], "argument --seed: -1: allowed an int >= 0 and <= 4294967295"),
+    # (no maximum, where demo's --world-size and EP_RUNTIME_DEMO_WORLD_SIZE stop at 2**20: it built that many
+    # processes once the E checks passed)
+    (["--world-size", str(2 ** 21)], f"argument --world-size: {2 ** 21}: allowed an int >= 1 and <= 1048576"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

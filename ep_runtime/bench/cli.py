@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import envs
 from ..cli import check_world_size_flag, fail_with_the_job
 from ..distributed import KnobsError, RendezvousError, check_rendezvous, detect_launch
-from ..envs import MAX_TOKENS
+from ..envs import MAX_LOCAL_RANKS, MAX_TOKENS
 from .dispatch import FP8_DISPATCHERS, dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"one rank (default {','.join(RUNNER_FORMATS)})")
     p.add_argument("--runner-ep-size", type=int_at_least(1), default=None,
                    help="runner suite: compute E / this many local experts (default: the number of ranks)")
-    p.add_argument("--world-size", type=int_at_least(1), default=None,
+    p.add_argument("--world-size", type=int_at_least(1, MAX_LOCAL_RANKS), default=None,
                    help=f"local CPU ranks to spawn when no launcher is detected (default {SPAWNED_RANKS})")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--repeats", type=int_at_least(1), default=None,
