@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ep_runtime import envs
 from ep_runtime.config import MoeConfig
 from ep_runtime.registry import build, check_config, did_you_mean, register_named
 from ep_runtime.validation import as_device
@@ -40,6 +41,10 @@ def create(name: str, config: MoeConfig, group: Optional[Any] = None, device: Op
     rank that cannot build its dispatcher fails the others there, naming it and its error."""
     cls = get(name)
     try:
+        # Every knob, not only this dispatcher's: one read at each call (EP_RUNTIME_SCRATCH_MB, the Triton GEMM
+        # choices) invalid on one rank only was not noticed here, on CPU ranks never, and on GPUs that rank
+        # raised between dispatch and combine while the others waited in combine until the timeout.
+        envs.validate_all(warn=False)
         check_config(config)
         if device is not None:  # (a gloo group ignored a bad one, silently)
             as_device(device)

@@ -8,12 +8,12 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import envs, runners
-from .distributed import RendezvousError, check_rendezvous, detect_launch
+from .distributed import KnobsError, RendezvousError, check_rendezvous, detect_launch
 from .registry import did_you_mean
 
 
@@ -40,16 +40,20 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     command = commands[args.command]
     if args.command == "env" and args.markdown:  # the registry's docs, whatever the environment holds
         return _env(markdown=True)
+    knobs_checked = False
     try:
         launch = detect_launch()
         if args.command == "demo":
             check_rendezvous(launch)
             check_world_size_flag(args.world_size, launch)
+        knobs_checked = True
         envs.validate_all(warn=launch.rank == 0)
     except (ValueError, RendezvousError) as err:  # a bad knob value (or launcher variable): named by the registry
         # (RendezvousError: mpirun's variables, but no mpi4py or MPI library to join its job with)
         if args.command == "env":  # the listing first: every knob's value, the invalid ones marked
             _env(markdown=False)
+        elif knobs_checked and launch.launcher != "single":
+            fail_with_the_job(err, command.error)
         command.error(str(err))
     if args.command == "env":
         return _env(markdown=False)
@@ -80,7 +84,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                       f"{', '.join(runners.available())}")
     try:
         return _demo(args, launch, plan)
-    except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+    except (RendezvousError, KnobsError) as err:  # MASTER_PORT taken, a peer's bad knob: one line, no traceback
         command.error(str(err))
 
 
@@ -162,6 +166,19 @@ def demo_capacity_conflicts(plan, tokens: int) -> list[tuple[str, str, str]]:
     return [(name, option, knob) for name, runner, _ in plan if runner is not None
             for option, knob in (sizing.get(name) for sizing in (DEMO_CAPACITY, DEMO_RECEIVE_ROWS) if name in sizing)
             if envs.is_set(knob) and 0 < envs.get(knob) < tokens]
+
+
+def fail_with_the_job(err: ValueError, error: Callable[[str], Any]) -> None:
+    """A knob invalid on this rank of a launched job (demo, bench): before, this rank alone stopped, and the others
+    waited in the rendezvous until EP_RUNTIME_TIMEOUT_S, then read that a rank was never started. It joins the job
+    instead: init_distributed raises on every rank at once naming this rank and the value; `error` prints it."""
+    from .distributed import destroy_distributed, init_distributed
+    try:
+        init_distributed()
+    except (RendezvousError, KnobsError) as joined:
+        error(str(joined))
+    destroy_distributed()  # (not reached: init_distributed checks the same knobs)
+    error(str(err))
 
 
 def check_world_size_flag(world_size: Optional[int], launch) -> None:

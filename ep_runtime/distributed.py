@@ -195,6 +195,11 @@ class RendezvousError(RuntimeError):
     The CLI prints it as one line."""
 
 
+class KnobsError(ValueError):
+    """init_distributed under a launcher: a rank's EP_RUNTIME_* knob is invalid, raised on every rank of the job
+    at once, naming the rank, the variable and its value. The CLI prints it as one line."""
+
+
 def _check_port(port: Optional[int]) -> None:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"launcher variable MASTER_PORT={port}; allowed: 1..65535")
@@ -373,12 +378,21 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         return dist.group.WORLD
     launch = detect_launch()
     check_rendezvous(launch)
-    envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
+    knob_error = None
+    try:
+        envs.validate_all(warn=launch.rank == 0)  # unknown EP_RUNTIME_* variables: one warning per job
+    except ValueError as err:
+        if launch.launcher == "single":
+            raise
+        # A bad value on this rank only: its peers would wait in the rendezvous until their timeout, then read that
+        # a rank never started. Joined first, every rank raises naming this rank and the value (below).
+        knob_error = err
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
-    ours = given if given is not None else envs.get("TIMEOUT_S")
+    ours = given if given is not None else envs.KNOBS[envs.PREFIX + "TIMEOUT_S"].default if envs.problem_of(
+        "TIMEOUT_S") else envs.get("TIMEOUT_S")
     timeout = timedelta(seconds=ours)
     kwargs = {}
     if use_cuda:
@@ -402,6 +416,17 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     _CREATED_HERE = True
     _MADE_HERE = weakref.ref(dist.group.WORLD)
     _TIMEOUT_S = ours
+    if launch.launcher != "single":
+        from ep_runtime.dispatchers.base import agree_before_collectives
+        try:  # every rank's knob check, one small all_gather: a rank's bad value fails every rank here, at once
+            agree_before_collectives(dist.group.WORLD, dist.get_world_size(), knob_error,
+                                     "every rank stops in init_distributed; the group is destroyed")
+        except ValueError as err:
+            destroy_distributed()
+            raise KnobsError(str(err)) from None
+        except Exception:
+            destroy_distributed()
+            raise
     return dist.group.WORLD
 
 

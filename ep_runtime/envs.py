@@ -23,7 +23,7 @@ PREFIX = "EP_RUNTIME_"
 # The most tokens or rows a size knob or dispatcher option may name: the count table carries them as int32
 # (larger values failed deep inside torch: "Overflow when unpacking long long", "int too big to convert").
 MAX_TOKENS = 2 ** 31 - 1
-MAX_LOCAL_RANKS = 1 << 20  # `ep-runtime demo`'s ranks: --world-size and its knob alike
+MAX_LOCAL_RANKS = 1 << 20  # the most ranks of one host: `ep-runtime demo`'s --world-size and its knob, RANKS_PER_NODE
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Knob:
     allowed: str = ""
 
     def parse(self, raw: str) -> Any:
-        """Turn the raw string into a typed value, or raise naming the variable."""
+        """Turn the raw string into a typed value, or raise naming the variable. Spaces around it do not count;
+        booleans and named choices are read in any case (EP_RUNTIME_HIERARCHICAL=OFF was refused where a boolean's
+        OFF was read), a choice as the registry spells it."""
         text = raw.strip()
         try:
             if self.type is bool:
@@ -50,6 +52,8 @@ class Knob:
                     raise ValueError
                 value: Any = low in ("1", "true", "yes", "on")
             else:
+                if not text.isascii():  # (Python's int() and float() read other scripts' digits: '٣' was 3)
+                    raise ValueError
                 value = self.type(text)
                 if self.type is float and not math.isfinite(value):
                     raise ValueError
@@ -63,6 +67,8 @@ class Knob:
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"environment variable {self.name}={raw!r} is above the maximum{self._allowed()}")
         choices = self.choices if self.choices_from is None else self.choices_from()
+        if choices is not None and self.type is str:
+            value = next((choice for choice in choices if choice.lower() == value.lower()), value)
         if choices is not None and value not in choices:
             raise ValueError(f"environment variable {self.name}={raw!r} is not allowed; allowed: "
                              f"{', '.join(map(str, choices))}")
@@ -110,7 +116,7 @@ _knob("HIERARCHICAL", str, "auto",
 _knob("RANKS_PER_NODE", int, 0,
       "Node of each rank for the node-aware exchange: > 0 puts group ranks [0, n) on node 0, [n, 2n) on node 1, "
       "... (e.g. to test 4 CPU ranks as 2 nodes); 0 takes it from the launcher (GROUP_RANK, SLURM_NODEID) or "
-      "the host name.", minimum=0)
+      "the host name.", minimum=0, maximum=MAX_LOCAL_RANKS)
 _knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
       "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
       "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")
@@ -194,18 +200,24 @@ def get(name: str) -> Any:
         raise KeyError(f"unknown knob {full}; known: {', '.join(sorted(KNOBS))}")
     knob = KNOBS[full]
     raw = os.environ.get(full)
-    if raw is None or raw == "":
+    if _unset(raw):
         return knob.default
     return knob.parse(raw)
 
 
+def _unset(raw: Optional[str]) -> bool:
+    """Whether a knob's raw value means "not set": absent, empty or only spaces (`EP_RUNTIME_X=` in a script, or
+    `EP_RUNTIME_X=" "`, which was refused as "not a valid int" while the empty string read as the default)."""
+    return raw is None or not raw.strip()
+
+
 def is_set(name: str) -> bool:
     """Whether knob `name` (with or without the EP_RUNTIME_ prefix) has a value in the environment (an empty
-    one counts as unset, as get reads it): callers that pick their own value when the user chose none."""
+    or blank one counts as unset, as get reads it): callers that pick their own value when the user chose none."""
     full = name if name.startswith(PREFIX) else PREFIX + name
     if full not in KNOBS:
         raise KeyError(f"unknown knob {full}; known: {', '.join(sorted(KNOBS))}")
-    return os.environ.get(full, "") != ""
+    return not _unset(os.environ.get(full))
 
 
 @contextmanager
@@ -236,9 +248,9 @@ def validate_all(warn: bool = True) -> None:
     EP_RUNTIME_* variables that are no knob (a typo would otherwise be ignored without a word), once
     per process and variable, with the closest knob's name. warn=False: check only (ranks other than
     0 pass it, so a job prints the warning once)."""
-    invalid = [problem for problem in map(problem_of, KNOBS) if problem]
-    if invalid:  # every bad value at once, not one per attempt
-        raise ValueError("\n".join(invalid))
+    problems = [problem for problem in map(problem_of, KNOBS) if problem]
+    if problems:  # every bad value at once, not one per attempt
+        raise ValueError("\n".join(problems))
     new = [name for name in unknown() if name not in _WARNED]
     if warn and new:
         _WARNED.update(new)
@@ -314,7 +326,7 @@ def torch_nccl(name: str) -> Optional[str]:
     if name not in TORCH_NCCL_VARIABLES:
         raise KeyError(f"{name} is not a registered torch NCCL variable")
     raw = os.environ.get(name)
-    return None if raw is None or raw == "" else raw
+    return None if _unset(raw) else raw
 
 
 def set_torch_nccl_default(name: str, value: str) -> str:
@@ -331,7 +343,7 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
     if name not in LAUNCHER_VARIABLES:
         raise KeyError(f"{name} is not a registered launcher variable")
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if _unset(raw):
         return None
     try:
         return cast(raw)
@@ -343,12 +355,12 @@ def launcher(name: str, cast: Callable[[str], Any] = str) -> Any:
 
 def describe() -> list[tuple[str, str, str, str]]:
     """(name, current value, default, doc) per knob, for `ep-runtime env`. A variable set to the empty string
-    shows as such (it was '(unset)', though `export EP_RUNTIME_X=` left it in the environment): get reads it as
-    unset, i.e. the default."""
+    (or only spaces) shows as such (it was '(unset)', though `export EP_RUNTIME_X=` left it in the environment):
+    get reads it as unset, i.e. the default."""
     rows = []
     for name, knob in KNOBS.items():
         raw = os.environ.get(name)
-        shown = "(unset)" if raw is None else "'' (empty: the default)" if raw == "" else raw
+        shown = "(unset)" if raw is None else f"{raw!r} (empty: the default)" if _unset(raw) else raw
         rows.append((name, shown, str(knob.default), knob.doc))
     return rows
 
@@ -359,6 +371,16 @@ def markdown() -> str:
         "# Environment variables",
         "",
         "Generated by `ep-runtime env --markdown` from `ep_runtime/envs.py`; do not edit by hand.",
+        "",
+        "How values are read: a variable set to the empty string or to spaces only counts as unset (its default: "
+        "`EP_RUNTIME_X=` in a script means unset); spaces around a value are ignored; booleans and named choices "
+        "are read in any case (`True`, `yes`, `OFF`, `NCCL`); integers in decimal, underscores allowed (`1_000`; no "
+        "hex, no `2.0`); floats in decimal or exponent notation (`1e3`). Any other value is an error naming the "
+        "variable, its value and what is allowed: when the layer or dispatcher is built (on every rank of its "
+        "group at once, whichever knob it is), by `ep.init_distributed`, by every `ep-runtime` command, and "
+        "where the knob is read. An `EP_RUNTIME_*` variable that is no knob (a typo such as "
+        "`EP_RUNTIME_TIMEOUT` for `EP_RUNTIME_TIMEOUT_S`) gets a warning naming the closest knob, from "
+        "`ep.init_distributed` (rank 0) and every `ep-runtime` command; `ep-runtime env` lists it.",
         "",
         "When each is read: a dispatcher's and runner's knobs (transport, SMs, buffer sizes, alignment, fp8, "
         "sync checks, the node-aware exchange, `EP_RUNTIME_RUNNER`) when the layer or dispatcher is built: they "

@@ -365,6 +365,15 @@ def test_plot_without_matplotlib_names_the_package(monkeypatch, tmp_path, capsys
     (["--suite", "eplb", "--redundant-experts", "1", "--world-size", "1"], "allowed: at most 0"),
     (["--suite", "overlap", "--dispatchers", "mori,standard"], "--suite overlap --dispatchers mori,standard: the "
      "overlap suite times deepep_ll and deepep_normal only (it would time nothing); allowed: --dispatchers naming one"),
+    # an empty list timed the all_to_all baseline (or the raw grouped_mm) alone, without a word
+    (["--dispatchers", ""], "--dispatchers '': names none; allowed: one or more names, comma-separated"),
+    (["--runners", " , "], "--runners '': names none; allowed: one or more names, comma-separated"),
+    # (10**20: torch's "Overflow when unpacking long long" traceback after the argument checks)
+    (["--seed", str(10 ** 20)], f"argument --seed: {10 ** 20}: allowed an int >= 0 and <= 4294967295"),
+    (["--seed", "-1"], "argument --seed: -1: allowed an int >= 0 and <= 4294967295"),
+    # (no maximum, where demo's --world-size and EP_RUNTIME_DEMO_WORLD_SIZE stop at 2**20: it built that many
+    # processes once the E checks passed)
+    (["--world-size", str(2 ** 21)], f"argument --world-size: {2 ** 21}: allowed an int >= 1 and <= 1048576"),
 ])
 def test_bad_arguments_fail_before_running(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -502,3 +511,58 @@ def test_benchmark_scripts_refuse_bad_arguments_before_running(script, args, mes
         _script("benchmarks", script).main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_knobs_are_checked_before_running_and_an_unknown_one_is_warned_of_by_rank_0(monkeypatch, capsys, recwarn, rank):
+    """A bad EP_RUNTIME_* value ended `ep-runtime bench` in a ValueError traceback (exit 1) from run(); now exit 2
+    and one line, before any work, as demo and env give. An unknown variable: one warning per job (rank 0), as
+    init_distributed gives (run() warned on every rank of a launched job)."""
+    from ep_runtime import envs
+    from ep_runtime.distributed import free_port
+    monkeypatch.setattr(envs, "_WARNED", set())  # as in a fresh process
+    for name, value in dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port()), EP_RUNTIME_TIMEOUT="5").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:  # (E = 3 does not divide over the 2 ranks: stops before any work)
+        bench.main(["--experts", "3", "--top-k", "2"])
+    assert exit_info.value.code == 2 and "--experts 3: the dispatch suite divides E" in capsys.readouterr().err
+    warned = [str(w.message) for w in recwarn if "EP_RUNTIME_TIMEOUT" in str(w.message)]
+    assert warned == (["ignoring unknown variable EP_RUNTIME_TIMEOUT (did you mean EP_RUNTIME_TIMEOUT_S?): no such "
+                       "ep-runtime knob (`ep-runtime env` lists them)"] if rank == 0 else []), warned
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # one process: no job to join
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EP_RUNTIME_TIMEOUT_S", "abc")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--suite", "runner", "--tokens", "4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "error: environment variable EP_RUNTIME_TIMEOUT_S='abc' is not a valid float" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["demo", "--tokens", "4"],
+                                     ["bench", "--suite", "runner", "--tokens", "4", "--repeats", "1", "--warmup", "0"]])
+def test_a_knob_invalid_on_one_rank_of_a_job_fails_every_rank_at_once(command):
+    """demo and bench checked the knobs before joining the job: the rank with a bad value stopped (exit 2) and its
+    peers waited in the rendezvous for EP_RUNTIME_TIMEOUT_S, then failed in a RendezvousError. That rank now joins
+    the job, and every rank stops at once with one line naming it and the value."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ep_runtime.distributed import free_port
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               EP_RUNTIME_TIMEOUT_S="60")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "ep_runtime", *command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r),
+                                       **({"EP_RUNTIME_SCRATCH_MB": "lots"} if r == 1 else {})))
+             for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert time.monotonic() - start < 40, "a good rank waited for the timeout"
+    for err in errs:
+        assert ("error: rank 1: environment variable EP_RUNTIME_SCRATCH_MB='lots' is not a valid int; allowed: int "
+                ">= 0 (every rank stops in init_distributed; the group is destroyed)") in err and "Traceback" not in err, errs

@@ -186,3 +186,108 @@ def test_describe_shows_an_empty_value_as_empty(monkeypatch):
     rows = {name: value for name, value, _, _ in envs.describe()}
     assert rows["EP_RUNTIME_TIMEOUT_S"] == "'' (empty: the default)" and rows["EP_RUNTIME_NUM_SMS"] == "(unset)"
     assert envs.get("TIMEOUT_S") == 300.0
+
+
+@pytest.mark.parametrize("raw", ["", " ", "\t", "  \n"])
+def test_an_empty_or_blank_value_is_the_default_for_every_knob(monkeypatch, raw):
+    """`EP_RUNTIME_X=` in a script means unset: '' read as the default, but ' ' failed ("not a valid int", and
+    for a choice knob "not allowed"). Now both are unset everywhere: get, is_set, validate_all and the listing."""
+    for name, knob in envs.KNOBS.items():
+        monkeypatch.setenv(name, raw)
+        assert envs.get(name) == knob.default and not envs.is_set(name), name
+    envs.validate_all(warn=False)
+    assert {value for _, value, _, _ in envs.describe()} == {f"{raw!r} (empty: the default)"}
+
+
+@pytest.mark.parametrize("name,raw,value", [
+    ("EP_RUNTIME_HIERARCHICAL", "OFF", "off"), ("EP_RUNTIME_TRANSPORT", " NCCL ", "nccl"),
+    ("EP_RUNTIME_DISPATCH_FP8_SCALE_ENCODING", "UE8M0", "ue8m0"), ("EP_RUNTIME_RUNNER", "Torch", "torch"),
+    ("EP_RUNTIME_TRITON_GEMM_KERNEL", "TMA_Stacked", "tma_stacked"), ("EP_RUNTIME_SYNC_CHECKS", "OFF", False),
+    ("EP_RUNTIME_SYNC_CHECKS", "True", True), ("EP_RUNTIME_DISPATCH_FP8", " yes ", True),
+    ("EP_RUNTIME_SCRATCH_MB", "1_024", 1024), ("EP_RUNTIME_TIMEOUT_S", "1e3", 1000.0),
+])
+def test_values_are_read_as_documented(monkeypatch, name, raw, value):
+    """Booleans were read in any case (OFF) but named choices only in lower case (EP_RUNTIME_HIERARCHICAL=OFF was
+    'not allowed'); a choice comes back as the registry spells it."""
+    monkeypatch.setenv(name, raw)
+    assert envs.get(name) == value and type(envs.get(name)) is type(value)
+
+
+@pytest.mark.parametrize("name,raw,match", [
+    ("EP_RUNTIME_NUM_SMS", "0x10", r"EP_RUNTIME_NUM_SMS='0x10' is not a valid int; allowed: int >= 0 and <= 1024"),
+    ("EP_RUNTIME_SCRATCH_MB", "2.0", r"EP_RUNTIME_SCRATCH_MB='2.0' is not a valid int; allowed: int >= 0"),
+    ("EP_RUNTIME_SYNC_CHECKS", "2", r"EP_RUNTIME_SYNC_CHECKS='2' is not a valid bool; allowed: 0, 1, true"),
+    ("EP_RUNTIME_HIERARCHICAL", "of", r"EP_RUNTIME_HIERARCHICAL='of' is not allowed; allowed: auto, on, off"),
+    # (int() and float() read other scripts' digits: Arabic-Indic three and fullwidth one were taken as 3 and 1)
+    ("EP_RUNTIME_NUM_SMS", "\u0663", r"EP_RUNTIME_NUM_SMS='\u0663' is not a valid int"),
+    ("EP_RUNTIME_TIMEOUT_S", "\uff11\uff10", r"EP_RUNTIME_TIMEOUT_S='\uff11\uff10' is not a valid float"),
+    # (no maximum: 2**40 passed the registry, then failed as ranks_per_node=..., an argument never given)
+    ("EP_RUNTIME_RANKS_PER_NODE", str(2 ** 40), r"EP_RUNTIME_RANKS_PER_NODE='1099511627776' is above the maximum; "
+                                                r"allowed: int >= 0 and <= 1048576"),
+])
+def test_awkward_values_fail_naming_the_variable_value_and_allowed(monkeypatch, name, raw, match):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=match):
+        envs.get(name)
+
+
+def _build_with_a_knob_on_rank_1(rank, world_size, name, raw):
+    import os
+
+    import ep_runtime as ep
+    if rank == 1:
+        os.environ[name] = raw  # this worker process only
+    try:
+        ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch")
+    except ValueError as err:
+        return str(err)
+    return "built"
+
+
+@pytest.mark.parametrize("name,raw", [("EP_RUNTIME_SCRATCH_MB", "lots"), ("EP_RUNTIME_TRITON_GEMM_SCHEDULE", "fast")])
+def test_a_knob_read_at_each_call_invalid_on_one_rank_fails_every_rank_at_build(name, raw):
+    """A knob read only at each call (not a dispatcher option) set to a bad value on one rank: the layer built on
+    every rank, the value was never noticed on CPU ranks, and on GPUs that rank raised between dispatch and combine
+    while the others waited in combine until the timeout. Now every rank's build fails at once, naming it."""
+    from ep_runtime.testing import run_ranks
+    results = run_ranks(_build_with_a_knob_on_rank_1, 2, name, raw, timeout=60, group_timeout=300)
+    assert all(f"{name}={raw!r}" in result for result in results), results
+    assert "rank 1 could not build its layer or dispatcher" in results[0], results
+
+
+def test_a_knob_invalid_on_one_rank_fails_init_distributed_on_every_rank_at_once():
+    """init_distributed checked the knobs before the rendezvous: the rank with a bad value raised, and its peers
+    waited in the rendezvous for EP_RUNTIME_TIMEOUT_S, then read that a rank was never started. Now every rank
+    joins, and all raise at once naming the rank and the value; the group is destroyed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ep_runtime.distributed import free_port
+    code = ("import ep_runtime as ep, torch.distributed as dist\n"
+            "try:\n    ep.init_distributed(backend='gloo')\n"
+            "except ValueError as err:\n    print(err)\n    assert not dist.is_initialized()\n")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               EP_RUNTIME_TIMEOUT_S="60")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r),
+                                       **({"EP_RUNTIME_SCRATCH_MB": "lots"} if r == 1 else {})))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert time.monotonic() - start < 40, "the good rank waited for the timeout"
+    for out, _ in outs:
+        assert ("rank 1: environment variable EP_RUNTIME_SCRATCH_MB='lots' is not a valid int; allowed: int >= 0 "
+                "(every rank stops in init_distributed; the group is destroyed)") in out, outs
+
+
+def test_a_blank_launcher_or_torch_nccl_variable_is_unset_as_a_knob_is(monkeypatch):
+    """RANK=' ' failed as "not a valid int" while RANK='' read as unset, and a blank TORCH_NCCL_* variable counted as
+    the user's value (init_distributed then left torch's default in force): blank is unset everywhere."""
+    monkeypatch.setenv("RANK", " ")
+    monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "\t")
+    assert envs.launcher("RANK", int) is None and envs.torch_nccl("TORCH_NCCL_DUMP_ON_TIMEOUT") is None
+    monkeypatch.setenv("RANK", " 3 ")
+    assert envs.launcher("RANK", int) == 3

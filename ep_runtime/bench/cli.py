@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..cli import check_world_size_flag
-from ..distributed import RendezvousError, check_rendezvous, detect_launch
-from ..envs import MAX_TOKENS
+from .. import envs
+from ..cli import check_world_size_flag, fail_with_the_job
+from ..distributed import KnobsError, RendezvousError, check_rendezvous, detect_launch
+from ..envs import MAX_LOCAL_RANKS, MAX_TOKENS
 from .dispatch import FP8_DISPATCHERS, dispatch_suite, parse_routing
 from .eplb import eplb_suite
 from .overlap import VARIANTS as OVERLAP_VARIANTS
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"one rank (default {','.join(RUNNER_FORMATS)})")
     p.add_argument("--runner-ep-size", type=int_at_least(1), default=None,
                    help="runner suite: compute E / this many local experts (default: the number of ranks)")
-    p.add_argument("--world-size", type=int_at_least(1), default=None,
+    p.add_argument("--world-size", type=int_at_least(1, MAX_LOCAL_RANKS), default=None,
                    help=f"local CPU ranks to spawn when no launcher is detected (default {SPAWNED_RANKS})")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on CUDA, 2 on CPU)")
     p.add_argument("--repeats", type=int_at_least(1), default=None,
@@ -103,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on CUDA, also time CUDA-graph replays: every runner, and the dispatch suite's static-shape "
                         "implementations and baseline (what cannot be captured is listed under skipped)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs, weights and shuffled routing (default 0)")
+    # (bounded: 10**20 ended in torch's "Overflow when unpacking long long" traceback; seeds derived per rank and
+    # size, seed * 1000003 + ..., stay within int64 below 2**32)
+    p.add_argument("--seed", type=int_at_least(0, 2 ** 32 - 1), default=0,
+                   help="seed of the inputs, weights and shuffled routing, 0..2**32-1 (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every result and the run's metadata as JSON (default: none)")
     p.add_argument("--plot", metavar="FILE.png", help="write latency-vs-tokens plots (needs matplotlib; default: none)")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/performance.md; default: none)")
@@ -118,13 +122,17 @@ SPAWNED_RANKS = 2  # --world-size's default
 
 
 def settings_from_args(args: argparse.Namespace, cuda: bool) -> Settings:
-    from .. import dispatchers, envs
+    from .. import dispatchers
 
     preset = PRESETS[args.preset]
     suites = args.suite
     unknown = [s for s in suites if s not in SUITES]
     if unknown or not suites:
         raise ValueError(f"--suite {','.join(suites)}: allowed {', '.join(SUITES)}")
+    for flag, names in (("--dispatchers", args.dispatchers), ("--runners", args.runners)):
+        if names is not None and not names:  # (--dispatchers '' timed the all_to_all baseline alone, without a word)
+            raise ValueError(f"{flag} '': names none; allowed: one or more names, comma-separated (or no {flag}: "
+                             f"all)")
     formats = args.runner_formats
     if not formats or any(f not in dispatchers.registered() for f in formats):
         raise ValueError(f"--runner-formats {','.join(formats)}: allowed {', '.join(dispatchers.registered())}")
@@ -199,12 +207,11 @@ _GROUP_SUITES = {"dispatch": dispatch_suite, "eplb": eplb_suite, "overlap": over
 
 def run(settings: Settings, world_size: Optional[int] = None) -> Optional[Results]:
     """Run the chosen suites in whatever launch this process is in; rank 0 gets the Results."""
-    from .. import envs
     from ..distributed import destroy_distributed, detect_launch, device_for_rank, init_distributed
     from ..testing import run_ranks
 
-    envs.validate_all()
     launch = detect_launch()
+    envs.validate_all(warn=launch.rank == 0)  # one warning per job, as init_distributed gives
     results = Results()
     if launch.launcher != "single" or (world_size or 1) == 1:
         init_distributed()
@@ -369,6 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    knob_error = None
     try:
         settings = settings_from_args(args, torch.cuda.is_available())
         settings.command = " ".join(["ep-runtime bench", *map(shlex.quote, argv)])
@@ -381,6 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             launch = detect_launch()
             check_rendezvous(launch)
             check_world_size_flag(args.world_size, launch)
+            try:  # (a bad knob failed in run(): a ValueError traceback, exit 1; an unknown one: every rank warned)
+                envs.validate_all(warn=launch.rank == 0)
+            except ValueError as err:
+                knob_error = err
         world_size = args.world_size or SPAWNED_RANKS
         if not args.from_json:  # (nothing runs then)
             _check_experts_divide(settings, world_size)
@@ -388,6 +400,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _check_host_memory(settings, world_size, _available_host_bytes())
     except ValueError as err:
         parser.error(str(err))
+    if knob_error is not None:  # after the other checks: under a launcher this rank joins the job to fail it
+        if launch.launcher != "single":
+            fail_with_the_job(knob_error, parser.error)
+        parser.error(str(knob_error))
     if args.plot and not has_matplotlib():
         if not (args.json or args.markdown):  # nothing would be kept: fail before the run
             parser.error(MISSING_MATPLOTLIB)
@@ -401,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         try:
             results = run(settings, world_size)
-        except RendezvousError as err:  # MASTER_PORT taken, MASTER_ADDR not answering: one line, no traceback
+        except (RendezvousError, KnobsError) as err:  # MASTER_PORT taken, a peer's bad knob: one line, no traceback
             parser.error(str(err))
     if results is None:  # not rank 0
         return 0

@@ -132,15 +132,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def int_at_least(minimum: int):
-    """argparse type: an int >= minimum, else an error naming the value and the range (a value below it failed deep
-    inside a layer or divided by zero, naming something other than the flag)."""
+def int_at_least(minimum: int, most: Optional[int] = None):
+    """argparse type: an int >= minimum (and <= most, when given), else an error naming the value and the range (a
+    value outside it failed deep inside a layer or divided by zero, naming something other than the flag)."""
+    allowed = f"allowed an int >= {minimum}" + (f" and <= {most}" if most is not None else "")
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: allowed an int >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: allowed an int >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r}: {allowed}") from None
+        if value < minimum or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{value}: {allowed}")
         return value
     return parse
