@@ -391,8 +391,12 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs CUDA; this process sees no GPU (use backend='gloo')")
-    ours = given if given is not None else envs.KNOBS[envs.PREFIX + "TIMEOUT_S"].default if envs.problem_of(
-        "TIMEOUT_S") else envs.get("TIMEOUT_S")
+    if given is not None:
+        ours = given
+    elif envs.problem_of("TIMEOUT_S"):  # (a bad value is this rank's knob_error, raised on every rank below)
+        ours = envs.KNOBS[envs.PREFIX + "TIMEOUT_S"].default
+    else:
+        ours = envs.get("TIMEOUT_S")
     timeout = timedelta(seconds=ours)
     kwargs = {}
     if use_cuda:
