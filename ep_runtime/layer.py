@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -652,7 +653,8 @@ class EPMoE(nn.Module):
         """x [T, H] -> y [T, H]. Give topk_ids [T, K] (global, -1 allowed) with topk_weights [T, K] (or
         both as one ep.TopKOutput, select_experts' result), or router_logits [T, E] (routed with
         self.topk_config). x may also be [..., H] (e.g. a Hugging Face block's [batch, seq, H]) with
-        ids/weights/logits [..., K or E]: tokens are flattened and y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
+        ids/weights/logits [..., K or E] or already flat [T, K or E] (as a Hugging Face router's logits come): tokens
+        are flattened and y comes back in x's shape. x's dtype must be the layer's (self.dtype), except under
         torch.autocast, where x of any float dtype is cast to it (and y is in it)."""
         # A check failing here, on one rank only, fails the other ranks' dispatch at once too
         # (Dispatcher.join_with_bad_input), as the dispatcher's own checks do.
@@ -1243,12 +1245,14 @@ def _first_copies(rows: torch.Tensor, first: list[int]) -> torch.Tensor:
 
 
 def _flatten(name: str, t: Optional[torch.Tensor], lead: tuple, last: int) -> Optional[torch.Tensor]:
-    """[*lead, last] -> [prod(lead), last]; a tensor without x's leading dims is an error."""
+    """[*lead, last] -> [prod(lead), last]. Given flat already ([prod(lead), last]: a Hugging Face router's logits
+    come so, computed on the flattened tokens) it is taken as it is; any other shape is an error."""
     if not isinstance(t, torch.Tensor):
         return t
-    if tuple(t.shape) != lead + (last,):
+    flat = (math.prod(lead), last)
+    if tuple(t.shape) not in (lead + (last,), flat):
         raise ValueError(f"{name} has shape {list(t.shape)}; expected {list(lead) + [last]} (x's leading dims, "
-                         f"then {'num_experts' if name == 'router_logits' else 'top_k'})")
+                         f"then {'num_experts' if name == 'router_logits' else 'top_k'}) or {list(flat)} (flattened)")
     return t.reshape(-1, last)
 
 

@@ -183,7 +183,7 @@ BAD_INPUT = {
     "int_weights": "topk_weights has dtype torch.int64; expected a floating dtype",
     "x_hidden": "x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "x_dtype": "x has dtype torch.float64; this layer's weights are torch.float32",
-    "x_3d": "topk_ids has shape [4, 2]; expected [4, 1, 2] (x's leading dims, then top_k)",
+    "x_3d": "topk_ids has shape [4, 1, 2]; expected [1, 4, 2] (x's leading dims, then top_k) or [4, 2] (flattened)",
     "nan_weight": "topk_weights has a non-finite value nan at [3, 1]",
 }
 CAPACITY = {  # T = 5 over a capacity of 4 tokens per rank
@@ -219,8 +219,8 @@ def _layer_and_input(dispatcher, case):
         x = torch.randn(T, H + 1)
     elif case == "x_dtype":
         x = x.double()
-    elif case == "x_3d":
-        x = x.unsqueeze(1)
+    elif case == "x_3d":  # ([4, 2] ids are taken for x [1, 4, H]: flattened)
+        x, ids = x.unsqueeze(0), ids.unsqueeze(1)
     elif case == "nan_weight":
         weights[3, 1] = float("nan")
     elif case == "too_many_tokens":
@@ -569,7 +569,8 @@ ONE_RANK_BAD = {
     "async_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
     "layer_x_dtype": "TypeError: x has dtype torch.float64; this layer's weights are torch.float32",
     "layer_x_on_meta": "ValueError: x is on meta; this layer is on cpu",
-    "layer_x_3d": "ValueError: topk_ids has shape [4, 2]; expected [4, 1, 2] (x's leading dims, then top_k)",
+    "layer_x_3d": "ValueError: topk_ids has shape [4, 1, 2]; expected [1, 4, 2] (x's leading dims, then top_k) or "
+                  "[4, 2] (flattened)",
     "layer_logits_shape": "ValueError: router_logits has shape [4, 7]; expected [4, 8] (T, num_experts)",
     "shared_x_hidden": "ValueError: x has shape [4, 17]; expected [T, 16] (hidden_size=16)",
 }
@@ -598,7 +599,7 @@ def _one_rank_bad_call(layer, case, bad):
     elif bad and case == "layer_x_dtype":
         x = x.double()
     elif bad and case == "layer_x_3d":
-        x = x.unsqueeze(1)
+        x, ids = x.unsqueeze(0), ids.unsqueeze(1)
     if case == "async_x_hidden":  # CPU ranks: the exchange runs on the group's thread; its error comes at wait()
         out, work = layer.dispatcher.dispatch(x, ep.TopKOutput(ids, weights), async_op=True)
         work.wait()
