@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
@@ -1006,24 +1006,27 @@ class EPMoE(nn.Module):
         self.runner = MoeRunner(self.runner.backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _check_plan(self, plan) -> ExpertPlacement:
-        """The plan as this rank's placement, checked against the layer before any collective."""
+        """The plan as this rank's placement, checked against the layer before any collective. Its sizes come
+        first: a plan of another size failed the table checks on a consequence instead (a Plan with too many
+        slots as "no slot for expert 3", an ExpertPlacement of fewer ranks as "rank=2" on the ranks it lacks)."""
         current = self.placement
         if isinstance(plan, ExpertPlacement):
-            new = plan.at_rank(current.rank)
+            sizes = plan.num_experts, plan.ep_size, plan.num_physical_experts
         elif hasattr(plan, "placement") and callable(plan.placement):
-            new = plan.placement(0)
-            if new.ep_size != current.ep_size:
-                raise ValueError(f"plan is for num_ranks={new.ep_size}; this layer's placement has "
-                                 f"ep_size={current.ep_size} (allowed: {current.ep_size})")
-            new = new.at_rank(current.rank)
+            table = getattr(plan, "physical_to_logical", None)
+            sizes = (getattr(plan, "num_experts", None), getattr(plan, "num_ranks", None),
+                     len(table) if isinstance(table, Sized) else None)
         else:
             raise TypeError(f"plan must be an ep.eplb.Plan or an ep.ExpertPlacement; got {type(plan).__name__}")
-        for name, have, want in (("num_experts", new.num_experts, current.num_experts),
-                                 ("ep_size (num_ranks)", new.ep_size, current.ep_size),
-                                 ("num_physical_experts", new.num_physical_experts, current.num_physical_experts)):
-            if have != want:
-                raise ValueError(f"plan has {name}={have}; this layer has {want} (allowed: {want}; the weights' "
+        for name, have, want in zip(("num_experts", "ep_size (num_ranks)", "num_physical_experts"), sizes,
+                                    (current.num_experts, current.ep_size, current.num_physical_experts)):
+            if have is not None and have != want and name.startswith("ep_size"):
+                raise ValueError(f"plan is for num_ranks={have!r}; this layer's placement has ep_size={want} "
+                                 f"(allowed: {want})")
+            if have is not None and have != want:
+                raise ValueError(f"plan has {name}={have!r}; this layer has {want} (allowed: {want}; the weights' "
                                  f"shapes are fixed)")
+        new = (plan if isinstance(plan, ExpertPlacement) else plan.placement(0)).at_rank(current.rank)
         # One spelling per placement (expert_to_rank None or its contiguous table, say): the ranks compare
         # them, and each decides from it whether to rebuild its dispatcher (a collective)
         return _canonical_placement(new.num_experts, new.ep_size, new.rank, *_placement_tables(new))

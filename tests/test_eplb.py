@@ -329,19 +329,28 @@ def _moves_rank(rank, world_size):
     back_state = all(torch.equal(opt.state[t]["exp_avg"], start_state[n]) for n, t in layer.named_parameters())
     back_grad = all(torch.equal(t.grad, start_grad[n]) for n, t in layer.named_parameters())
     moved = layer.placement != plan_b.placement(rank)
-    # A plan of the wrong size is an error on every rank before any collective.
-    try:
-        layer.apply_placement(eplb.plan(torch.ones(E), R, E))
-        wrong = None
-    except ValueError as err:
-        wrong = str(err)
+    # A plan of the wrong size is an error on every rank before any collective, naming its size: a hand-made
+    # Plan with more slots than the layer's (was: "two copies of expert 0 on rank 0", a consequence) and an
+    # ExpertPlacement of one rank (was: "rank=1; allowed: an int in 0..0" on rank 1).
+    wrong = []
+    for bad in (eplb.plan(torch.ones(E), R, E), eplb.Plan(E, R, tuple(range(E)) * 3, (0.0,) * R),
+                ExpertPlacement(E, 1, 0)):
+        try:
+            layer.apply_placement(bad)
+            wrong.append(None)
+        except ValueError as err:
+            wrong.append(str(err))
     return exact, back, back_state, back_grad, moved, wrong
 
 
 def test_weight_moves_are_exact_after_a_round_trip_of_placements():
     for exact, back, back_state, back_grad, moved, wrong in run_ranks(_moves_rank, 2):
         assert all(exact) and back and back_state and back_grad and moved
-        assert wrong == "plan has num_physical_experts=16; this layer has 24 (allowed: 24; the weights' shapes are fixed)"
+        assert wrong == ["plan has num_physical_experts=16; this layer has 24 (allowed: 24; the weights' shapes are "
+                         "fixed)",
+                         "plan has num_physical_experts=48; this layer has 24 (allowed: 24; the weights' shapes are "
+                         "fixed)",
+                         "plan is for num_ranks=1; this layer's placement has ep_size=2 (allowed: 2)"], wrong
 
 
 def _state_dict_rank(rank, world_size, redundant):
