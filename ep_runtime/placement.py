@@ -131,6 +131,9 @@ class ExpertPlacement:
         """The starting placement of E experts plus N copies, before any load is measured: P = E + N
         slots, contiguous over the ranks, slot p holding expert p % E (with N < E, experts 0..N-1 get a
         second copy). ep.eplb.plan computes a better one from measured load."""
+        for name, value in (("num_experts", num_experts), ("ep_size", ep_size)):  # first: the limit is made of them
+            if not is_int_at_least(value, 1):  # (ep_size=0 blamed num_redundant_experts, "allowed: 0..-8")
+                raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
         limit = num_experts * (ep_size - 1)
         if not is_int_at_least(num_redundant_experts, 0) or num_redundant_experts > limit:
             raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: an int in 0..{limit} "

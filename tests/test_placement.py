@@ -205,3 +205,16 @@ def test_tables_under_torch_compile_warn_nothing_and_match_eager():
     assert not cached, cached
     for g, want in zip(got, step(x, logits, ids)):
         assert torch.equal(g, want)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((8, 0, 0), r"^ep_size=0; allowed: an int >= 1$"),  # (was: "num_redundant_experts=0; allowed: an int in 0..-8")
+    ((8, 2, -1), r"^ep_size=-1; allowed: an int >= 1$"),
+    (("8", 2, 2), r"^num_experts='8'; allowed: an int >= 1$"),  # (was: TypeError "'>' not supported ...")
+    ((8, 9, 2), r"^num_redundant_experts=9; allowed: an int in 0..8 "),
+])
+def test_redundant_placement_names_the_bad_size(args, match):
+    """with_redundant_experts checks num_experts and ep_size before the copy limit made of them: a bad
+    ep_size was blamed on num_redundant_experts with a negative allowed range."""
+    with pytest.raises(ValueError, match=match):
+        ExpertPlacement.with_redundant_experts(*args)
