@@ -17,7 +17,7 @@ import ep_runtime as ep
 from ep_runtime import ExpertPlacement, bench, eplb
 from ep_runtime.bench.dispatch import zipf_topk
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance, training_step
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
 SHARDED = [d for d in ep.dispatchers.registered()
@@ -677,3 +677,24 @@ def test_stale_optimizer_state_is_refused_until_remapped_or_dropped():
         assert "remap_optimizer_state(optimizer) on every rank" in moved, moved
         assert remap == ("TypeError: optimizer=list; allowed: the optimizer of this layer's parameters (a "
                          "torch.optim.Optimizer: its per-parameter .state moves with the slots)"), remap
+
+
+def _float64_clip_rank(rank, world_size):
+    """ep.clip_grad_norm_ of a float64 layer whose first copies all sit on rank 0 (N = E: every rank holds
+    every expert): the norm over the ranks, each expert once."""
+    layer = ep.EPMoE(4, 2, 8, 4, dispatcher="deepep_normal", runner="torch", num_redundant_experts=4,
+                     dtype=torch.float64)
+    problem = make_problem(layer.config, [6, 5], seed=8, ep_size=world_size)
+    training_step(layer, problem, rank)  # backward, then reduce_replica_grads
+    norm = ep.clip_grad_norm_(layer, 1e9).item()
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+         * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+    return norm, torch.cat([w13.grad.flatten(), w2.grad.flatten()]).norm().item()
+
+
+def test_clip_grad_norm_of_float64_experts_with_copies():
+    """The expert rows' norm was taken with dtype=float32, which vector_norm refuses for float64 rows: the ranks
+    holding first copies raised while the others waited in the norm's all_reduce."""
+    for norm, want in run_ranks(_float64_clip_rank, 2):
+        assert abs(norm - want) <= 1e-5 * want, (norm, want)
