@@ -232,6 +232,7 @@ class ExpertPlacement:
 
     def physical_slots_of_rank(self, rank: int) -> list[int]:
         """`rank`'s physical slots in local order (ascending physical id)."""
+        _check_index("rank", rank, self.ep_size, f"ep_size={self.ep_size}")  # (5 or 1.5 held no slots, silently)
         return [q for q, r in enumerate(self._owners()) if r == rank]
 
     def logical_experts_of_rank(self, rank: int) -> list[int]:
@@ -241,6 +242,7 @@ class ExpertPlacement:
 
     def replicas_of(self, expert: int) -> list[tuple[int, int]]:
         """(rank, local index) of every copy of logical `expert`."""
+        _check_index("expert", expert, self.num_experts, f"num_experts={self.num_experts}")  # (-1: the last one's)
         owners, local = self._owners(), self._local_indices()
         return [(owners[q], local[q]) for q in self._replicas()[expert]]
 
@@ -256,8 +258,7 @@ class ExpertPlacement:
 
     def experts_of_rank(self, rank: int, device=None) -> torch.Tensor:
         """[L] int64: global (logical) ids of `rank`'s experts in local order (local index -> global id)."""
-        if not 0 <= rank < self.ep_size:
-            raise ValueError(f"rank={rank} out of range [0, {self.ep_size})")
+        _check_index("rank", rank, self.ep_size, f"ep_size={self.ep_size}")  # (True read as 1, 1.5 as no rank)
         return _table(self, ("experts_of", rank), _device(device))
 
     def local_expert_ids(self, device=None) -> torch.Tensor:
@@ -331,6 +332,12 @@ class ExpertPlacement:
     def logical_of(self, physical_ids: torch.Tensor) -> torch.Tensor:
         """The logical expert of each physical id; -1 stays -1."""
         return _lookup(_table(self, "logical", physical_ids.device), physical_ids)
+
+
+def _check_index(name: str, value, limit: int, why: str) -> None:
+    """An error naming `name` unless `value` is an int in 0..limit-1 (bools and floats are not)."""
+    if not (is_int_at_least(value, 0) and value < limit):
+        raise ValueError(f"{name}={value!r}; allowed: an int in 0..{limit - 1} ({why})")
 
 
 def _contiguous(num_experts: int, ep_size: int) -> tuple[int, ...]:

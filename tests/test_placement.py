@@ -218,3 +218,18 @@ def test_redundant_placement_names_the_bad_size(args, match):
     ep_size was blamed on num_redundant_experts with a negative allowed range."""
     with pytest.raises(ValueError, match=match):
         ExpertPlacement.with_redundant_experts(*args)
+
+
+@pytest.mark.parametrize("method, value, match", [
+    ("experts_of_rank", 1.5, r"^rank=1.5; allowed: an int in 0..1 \(ep_size=2\)$"),  # (was: no experts, silently)
+    ("experts_of_rank", True, r"^rank=True; allowed: an int in 0..1"),  # (was: rank 1's)
+    ("logical_experts_of_rank", 5, r"^rank=5; allowed: an int in 0..1"),  # (was: [])
+    ("physical_slots_of_rank", -1, r"^rank=-1; allowed: an int in 0..1"),
+    ("replicas_of", -1, r"^expert=-1; allowed: an int in 0..3 \(num_experts=4\)$"),  # (was: expert 3's copies)
+    ("replicas_of", 4, r"^expert=4; allowed: an int in 0..3"),  # (was: IndexError naming nothing)
+])
+def test_lookups_by_rank_or_expert_name_a_bad_index(method, value, match):
+    p = ExpertPlacement(4, 2, 0, physical_to_logical=[0, 1, 2, 3, 0, 1])
+    assert p.experts_of_rank(1).tolist() == [3, 0, 1] and p.replicas_of(0) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match=match):
+        getattr(p, method)(value)
