@@ -950,7 +950,7 @@ class EPMoE(nn.Module):
         self._adopt_placement(new)
 
     def remap_optimizer_state(self, optimizer: torch.optim.Optimizer, from_placement=None) -> None:
-        """Move `optimizer`'s state tensors shaped like the expert weights (Adam's moments, momentum buffers)
+        """Move `optimizer`'s state tensors laid out by the slots (Adam's moments, momentum buffers, Adafactor's)
         from the slots of `from_placement` (an ep.eplb.Plan or ep.ExpertPlacement; None: the placement before
         the first apply_placement / rebalance made without optimizer=, or the current one if there was none)
         to the slots of the current placement, so each expert's state follows its expert; every rank together
@@ -989,7 +989,7 @@ class EPMoE(nn.Module):
     @torch.no_grad()
     def _move_slots(self, new: ExpertPlacement, params: list, optimizer: Optional[torch.optim.Optimizer] = None
                     ) -> None:
-        """Lay `params` (each with its .grad and the optimizer's state tensors shaped like it) out by `new`
+        """Lay `params` (each with its .grad and the optimizer's state tensors laid out like it) out by `new`
         instead of the current placement; every rank together (one exchange per tensor, none when no
         expert crosses ranks)."""
         moves = _ExpertMoves(self.placement, new)
@@ -1190,10 +1190,18 @@ def _fp8_rows(dispatcher: str, options: dict) -> Optional[QuantConfig]:
 
 def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer], weights: bool = True) -> list:
     """[(what, tensor)] laid out by the slots like `param`: its data, its .grad (weights=False: not those), the
-    optimizer's state tensors shaped like it (Adam's moments, a momentum buffer), in the order they move."""
+    optimizer's state tensors with one row per slot, each dim after it param's or 1 (Adam's moments, a momentum
+    buffer, Adafactor's factored row_var [L, 2I, 1] and col_var [L, 1, H]: those stayed in their old slots, no error),
+    in the order they move."""
     states = optimizer.state.get(param, {}) if optimizer is not None else {}
     own = [("data", param.data), ("grad", param.grad)] if weights else []
-    return [(what, t) for what, t in own + list(states.items()) if isinstance(t, torch.Tensor) and t.shape == param.shape]
+    return [(what, t) for what, t in own + list(states.items()) if isinstance(t, torch.Tensor) and _per_slot(t, param)]
+
+
+def _per_slot(t: torch.Tensor, param: torch.Tensor) -> bool:
+    """t holds one row per slot of param: param's rank and dim 0, each later dim param's or 1."""
+    return (t.dim() == param.dim() and t.shape[0] == param.shape[0]
+            and all(n in (1, m) for n, m in zip(t.shape[1:], param.shape[1:])))
 
 
 # Expert parameters moved to other slots by apply_placement / rebalance without optimizer= (param -> the placement

@@ -551,8 +551,10 @@ def _states_by_expert(layer, opt):
     first = [experts.index(e) for e in range(layer.config.num_experts)]
     out = {}
     for name, param in (("w13", layer.w13), ("w2", layer.w2), ("b13", layer.b13), ("b2", layer.b2)):
+        if param is None:  # (a layer without biases)
+            continue
         for key, t in list(opt.state[param].items()) + [("param", param.detach()), ("grad", param.grad)]:
-            if isinstance(t, torch.Tensor) and t.shape == param.shape:
+            if isinstance(t, torch.Tensor) and t.dim() == param.dim() and t.shape[0] == param.shape[0]:  # per slot
                 rows = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(rows, t.contiguous(), group=group)
                 out[(name, key)] = torch.cat(rows)[first]
@@ -636,6 +638,53 @@ def test_optimizer_state_follows_its_expert_through_a_rebalance(mode):
         else:  # (after a refused step the layer holds that step's gradients: the rest must be exact)
             assert all(v for k, v in exact.items() if mode == "optimizer" or not k.endswith(".grad")), exact
             assert max(errors.values()) < 1e-12, errors
+
+
+def _adafactor_rank(rank, world_size, mode):
+    """One Adafactor step in float64 on two identical layers without biases; one is moved to another placement
+    (experts cross ranks), with the optimizer or ("remap") without it and then remap_optimizer_state. Returns the
+    refused step's error (remap) and, per state, whether the moved layer's rows by logical expert equal the other's."""
+    E, K, H, I = 8, 2, 8, 4
+    layers, opts = [], []
+    for _ in range(2):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                         num_redundant_experts=2)
+        layer.load_experts(torch.randn(E, 2 * I, H, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                           torch.randn(E, H, I, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        layers.append(layer)
+        opts.append(torch.optim.Adafactor(layer.parameters(), lr=1e-2))
+    gen = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(12, H, generator=gen, dtype=torch.float64)
+    ids = torch.rand(12, E, generator=gen).topk(K, dim=1).indices
+    w = torch.rand(12, K, generator=gen, dtype=torch.float64)
+    for layer, opt in zip(layers, opts):
+        layer(x, ids, w).sum().backward()
+        layer.reduce_replica_grads()
+        opt.step()
+    target = eplb.plan(torch.arange(E, dtype=torch.float64) ** 3, world_size, E + 2)
+    layers[0].apply_placement(target, optimizer=opts[0] if mode == "optimizer" else None)
+    refused = None
+    if mode == "remap":
+        try:
+            opts[0].step()
+        except RuntimeError as err:
+            refused = str(err)
+        layers[0].remap_optimizer_state(opts[0])
+    moved, kept = (_states_by_expert(layer, opt) for layer, opt in zip(layers, opts))
+    return refused, {f"{n}.{k}": torch.equal(moved[n, k], kept[n, k]) for n, k in kept}
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "remap"])
+def test_adafactor_factored_state_follows_its_expert(mode):
+    """Adafactor's factored second moments of a [L, 2I, H] weight are row_var [L, 2I, 1] and col_var [L, 1, H]:
+    one row per slot, not the weight's shape, so a rebalance left them in their old slots (another expert's
+    statistics, no error, and no refused step without optimizer=). They move with their expert now."""
+    for refused, same in run_ranks(_adafactor_rank, 2, mode):
+        assert {"w13.row_var", "w13.col_var", "w2.row_var", "w2.col_var", "w13.param", "w2.grad"} <= set(same), same
+        assert all(same.values()), same
+        if mode == "remap":
+            assert refused is not None and refused.startswith(
+                "Adafactor.step(): the optimizer's state row_var, col_var of an EPMoE expert parameter"), refused
 
 
 def _stale_state_rank(rank, world_size):
