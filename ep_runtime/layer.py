@@ -1015,7 +1015,7 @@ class EPMoE(nn.Module):
         elif hasattr(plan, "placement") and callable(plan.placement):
             table = getattr(plan, "physical_to_logical", None)
             sizes = (getattr(plan, "num_experts", None), getattr(plan, "num_ranks", None),
-                     len(table) if isinstance(table, Sized) else None)
+                     len(table) if isinstance(table, Sized) and getattr(table, "ndim", 1) > 0 else None)
         else:
             raise TypeError(f"plan must be an ep.eplb.Plan or an ep.ExpertPlacement; got {type(plan).__name__}")
         for name, have, want in zip(("num_experts", "ep_size (num_ranks)", "num_physical_experts"), sizes,

@@ -334,7 +334,7 @@ def _moves_rank(rank, world_size):
     # ExpertPlacement of one rank (was: "rank=1; allowed: an int in 0..0" on rank 1).
     wrong = []
     for bad in (eplb.plan(torch.ones(E), R, E), eplb.Plan(E, R, tuple(range(E)) * 3, (0.0,) * R),
-                ExpertPlacement(E, 1, 0)):
+                ExpertPlacement(E, 1, 0), eplb.Plan(E, R, torch.tensor(3), (0.0,) * R)):
         try:
             layer.apply_placement(bad)
             wrong.append(None)
@@ -350,7 +350,8 @@ def test_weight_moves_are_exact_after_a_round_trip_of_placements():
                          "fixed)",
                          "plan has num_physical_experts=48; this layer has 24 (allowed: 24; the weights' shapes are "
                          "fixed)",
-                         "plan is for num_ranks=1; this layer's placement has ep_size=2 (allowed: 2)"], wrong
+                         "plan is for num_ranks=1; this layer's placement has ep_size=2 (allowed: 2)",
+                         "physical_to_logical=tensor(3); allowed: None or a sequence of ints (one per expert slot)"], wrong
 
 
 def _state_dict_rank(rank, world_size, redundant):
