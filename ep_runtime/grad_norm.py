@@ -47,7 +47,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, e
             expert_ids.add(id(weight))
             if weight.grad is not None and keep:
                 rows = weight.grad[torch.tensor(keep, device=weight.grad.device)]
-                pieces.append(torch.linalg.vector_norm(rows, p, dtype=torch.float32))
+                # float32 on every rank (the all_reduce pairs them); float64 rows are not narrowed by dtype=
+                # (vector_norm refused them, on the ranks holding first copies only: the others waited below)
+                wide = rows.dtype == torch.float64
+                pieces.append(torch.linalg.vector_norm(rows, p, dtype=None if wide else torch.float32).float())
     dense = [q.grad for q in params if id(q) not in expert_ids]
     norms = []
     for grads in ([g for g in dense if not _is_dtensor(g)], [g for g in dense if _is_dtensor(g)]):

@@ -55,7 +55,7 @@ from torch.nn.utils import parametrize
 
 from .config import MoeConfig
 from .dispatchers.base import as_process_group, group_rank_and_size, join_settings_check
-from .layer import EPMoE
+from .layer import PLACEMENT_KEY, EPMoE, _placement_tables
 from .quant import QuantConfig, is_quantized_dtype
 from .registry import did_you_mean, named_options
 from .routing import TopKOutput
@@ -571,6 +571,7 @@ class EPExperts(nn.Module):
         other, or a state_dict holding the layer's own key too, is left as it is for torch to name."""
         E = self.num_experts
         local = self.layer.placement.local_expert_ids()
+        converted_any = []
 
         def hf(name: str, dims: int, layer_name: str, convert=lambda t: t) -> None:
             key, mine = prefix + name, f"{prefix}layer.{layer_name}"
@@ -579,6 +580,7 @@ class EPExperts(nn.Module):
                     and type(t).__name__ != "DTensor"):
                 state_dict[mine] = convert(t)[local.to(t.device)].contiguous()  # (assign=True keeps it)
                 del state_dict[key]
+                converted_any.append(mine)
 
         transpose = lambda t: t.transpose(1, 2)  # noqa: E731
         if self.layout is not None:  # all of its tensors, converted together (_LAYOUTS)
@@ -591,6 +593,7 @@ class EPExperts(nn.Module):
                     for mine, t in converted.items():
                         if t is not None:
                             state_dict[f"{prefix}layer.{mine}"] = t[local.to(t.device)].contiguous()
+                            converted_any.append(mine)
                     for k in known.keys:
                         del state_dict[prefix + k]
         else:
@@ -602,6 +605,10 @@ class EPExperts(nn.Module):
             if not self.transposed:  # fp8 experts' block scales (plain layout only)
                 hf("gate_up_proj_scale_inv", 3, "w13_scale_inv")
                 hf("down_proj_scale_inv", 3, "w2_scale_inv")
+        if converted_any:  # the rows sit in the layer's current slots: say so (without it the layer took them for
+            # the default placement's, so a rebalanced layer moved back and computed other experts' weights)
+            state_dict[f"{prefix}layer.{PLACEMENT_KEY}"] = torch.tensor(_placement_tables(self.layer.placement),
+                                                                         dtype=torch.int64)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
@@ -952,7 +952,7 @@ class EPMoE(nn.Module):
         self._adopt_placement(new)
 
     def remap_optimizer_state(self, optimizer: torch.optim.Optimizer, from_placement=None) -> None:
-        """Move `optimizer`'s state tensors shaped like the expert weights (Adam's moments, momentum buffers)
+        """Move `optimizer`'s state tensors laid out by the slots (Adam's moments, momentum buffers, Adafactor's)
         from the slots of `from_placement` (an ep.eplb.Plan or ep.ExpertPlacement; None: the placement before
         the first apply_placement / rebalance made without optimizer=, or the current one if there was none)
         to the slots of the current placement, so each expert's state follows its expert; every rank together
@@ -991,7 +991,7 @@ class EPMoE(nn.Module):
     @torch.no_grad()
     def _move_slots(self, new: ExpertPlacement, params: list, optimizer: Optional[torch.optim.Optimizer] = None
                     ) -> None:
-        """Lay `params` (each with its .grad and the optimizer's state tensors shaped like it) out by `new`
+        """Lay `params` (each with its .grad and the optimizer's state tensors laid out like it) out by `new`
         instead of the current placement; every rank together (one exchange per tensor, none when no
         expert crosses ranks)."""
         moves = _ExpertMoves(self.placement, new)
@@ -1008,24 +1008,27 @@ class EPMoE(nn.Module):
         self.runner = MoeRunner(self.runner.backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _check_plan(self, plan) -> ExpertPlacement:
-        """The plan as this rank's placement, checked against the layer before any collective."""
+        """The plan as this rank's placement, checked against the layer before any collective. Its sizes come
+        first: a plan of another size failed the table checks on a consequence instead (a Plan with too many
+        slots as "no slot for expert 3", an ExpertPlacement of fewer ranks as "rank=2" on the ranks it lacks)."""
         current = self.placement
         if isinstance(plan, ExpertPlacement):
-            new = plan.at_rank(current.rank)
+            sizes = plan.num_experts, plan.ep_size, plan.num_physical_experts
         elif hasattr(plan, "placement") and callable(plan.placement):
-            new = plan.placement(0)
-            if new.ep_size != current.ep_size:
-                raise ValueError(f"plan is for num_ranks={new.ep_size}; this layer's placement has "
-                                 f"ep_size={current.ep_size} (allowed: {current.ep_size})")
-            new = new.at_rank(current.rank)
+            table = getattr(plan, "physical_to_logical", None)
+            sizes = (getattr(plan, "num_experts", None), getattr(plan, "num_ranks", None),
+                     len(table) if isinstance(table, Sized) and getattr(table, "ndim", 1) > 0 else None)
         else:
             raise TypeError(f"plan must be an ep.eplb.Plan or an ep.ExpertPlacement; got {type(plan).__name__}")
-        for name, have, want in (("num_experts", new.num_experts, current.num_experts),
-                                 ("ep_size (num_ranks)", new.ep_size, current.ep_size),
-                                 ("num_physical_experts", new.num_physical_experts, current.num_physical_experts)):
-            if have != want:
-                raise ValueError(f"plan has {name}={have}; this layer has {want} (allowed: {want}; the weights' "
+        for name, have, want in zip(("num_experts", "ep_size (num_ranks)", "num_physical_experts"), sizes,
+                                    (current.num_experts, current.ep_size, current.num_physical_experts)):
+            if have is not None and have != want and name.startswith("ep_size"):
+                raise ValueError(f"plan is for num_ranks={have!r}; this layer's placement has ep_size={want} "
+                                 f"(allowed: {want})")
+            if have is not None and have != want:
+                raise ValueError(f"plan has {name}={have!r}; this layer has {want} (allowed: {want}; the weights' "
                                  f"shapes are fixed)")
+        new = (plan if isinstance(plan, ExpertPlacement) else plan.placement(0)).at_rank(current.rank)
         # One spelling per placement (expert_to_rank None or its contiguous table, say): the ranks compare
         # them, and each decides from it whether to rebuild its dispatcher (a collective)
         return _canonical_placement(new.num_experts, new.ep_size, new.rank, *_placement_tables(new))
@@ -1189,10 +1192,18 @@ def _fp8_rows(dispatcher: str, options: dict) -> Optional[QuantConfig]:
 
 def _slot_tensors(param: torch.Tensor, optimizer: Optional[torch.optim.Optimizer], weights: bool = True) -> list:
     """[(what, tensor)] laid out by the slots like `param`: its data, its .grad (weights=False: not those), the
-    optimizer's state tensors shaped like it (Adam's moments, a momentum buffer), in the order they move."""
+    optimizer's state tensors with one row per slot, each dim after it param's or 1 (Adam's moments, a momentum
+    buffer, Adafactor's factored row_var [L, 2I, 1] and col_var [L, 1, H]: those stayed in their old slots, no error),
+    in the order they move."""
     states = optimizer.state.get(param, {}) if optimizer is not None else {}
     own = [("data", param.data), ("grad", param.grad)] if weights else []
-    return [(what, t) for what, t in own + list(states.items()) if isinstance(t, torch.Tensor) and t.shape == param.shape]
+    return [(what, t) for what, t in own + list(states.items()) if isinstance(t, torch.Tensor) and _per_slot(t, param)]
+
+
+def _per_slot(t: torch.Tensor, param: torch.Tensor) -> bool:
+    """t holds one row per slot of param: param's rank and dim 0, each later dim param's or 1."""
+    return (t.dim() == param.dim() and t.shape[0] == param.shape[0]
+            and all(n in (1, m) for n, m in zip(t.shape[1:], param.shape[1:])))
 
 
 # Expert parameters moved to other slots by apply_placement / rebalance without optimizer= (param -> the placement

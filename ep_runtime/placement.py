@@ -131,6 +131,9 @@ class ExpertPlacement:
         """The starting placement of E experts plus N copies, before any load is measured: P = E + N
         slots, contiguous over the ranks, slot p holding expert p % E (with N < E, experts 0..N-1 get a
         second copy). ep.eplb.plan computes a better one from measured load."""
+        for name, value in (("num_experts", num_experts), ("ep_size", ep_size)):  # first: the limit is made of them
+            if not is_int_at_least(value, 1):  # (ep_size=0 blamed num_redundant_experts, "allowed: 0..-8")
+                raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
         limit = num_experts * (ep_size - 1)
         if not is_int_at_least(num_redundant_experts, 0) or num_redundant_experts > limit:
             raise ValueError(f"num_redundant_experts={num_redundant_experts!r}; allowed: an int in 0..{limit} "
@@ -229,6 +232,7 @@ class ExpertPlacement:
 
     def physical_slots_of_rank(self, rank: int) -> list[int]:
         """`rank`'s physical slots in local order (ascending physical id)."""
+        _check_index("rank", rank, self.ep_size, f"ep_size={self.ep_size}")  # (5 or 1.5 held no slots, silently)
         return [q for q, r in enumerate(self._owners()) if r == rank]
 
     def logical_experts_of_rank(self, rank: int) -> list[int]:
@@ -238,6 +242,7 @@ class ExpertPlacement:
 
     def replicas_of(self, expert: int) -> list[tuple[int, int]]:
         """(rank, local index) of every copy of logical `expert`."""
+        _check_index("expert", expert, self.num_experts, f"num_experts={self.num_experts}")  # (-1: the last one's)
         owners, local = self._owners(), self._local_indices()
         return [(owners[q], local[q]) for q in self._replicas()[expert]]
 
@@ -253,8 +258,7 @@ class ExpertPlacement:
 
     def experts_of_rank(self, rank: int, device=None) -> torch.Tensor:
         """[L] int64: global (logical) ids of `rank`'s experts in local order (local index -> global id)."""
-        if not 0 <= rank < self.ep_size:
-            raise ValueError(f"rank={rank} out of range [0, {self.ep_size})")
+        _check_index("rank", rank, self.ep_size, f"ep_size={self.ep_size}")  # (True read as 1, 1.5 as no rank)
         return _table(self, ("experts_of", rank), _device(device))
 
     def local_expert_ids(self, device=None) -> torch.Tensor:
@@ -328,6 +332,12 @@ class ExpertPlacement:
     def logical_of(self, physical_ids: torch.Tensor) -> torch.Tensor:
         """The logical expert of each physical id; -1 stays -1."""
         return _lookup(_table(self, "logical", physical_ids.device), physical_ids)
+
+
+def _check_index(name: str, value, limit: int, why: str) -> None:
+    """An error naming `name` unless `value` is an int in 0..limit-1 (bools and floats are not)."""
+    if not (is_int_at_least(value, 0) and value < limit):
+        raise ValueError(f"{name}={value!r}; allowed: an int in 0..{limit - 1} ({why})")
 
 
 def _contiguous(num_experts: int, ep_size: int) -> tuple[int, ...]:

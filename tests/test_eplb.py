@@ -17,7 +17,7 @@ import ep_runtime as ep
 from ep_runtime import ExpertPlacement, bench, eplb
 from ep_runtime.bench.dispatch import zipf_topk
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance
+from ep_runtime.testing import check_layer, make_problem, run_ranks, tolerance, training_step
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
 SHARDED = [d for d in ep.dispatchers.registered()
@@ -329,19 +329,29 @@ def _moves_rank(rank, world_size):
     back_state = all(torch.equal(opt.state[t]["exp_avg"], start_state[n]) for n, t in layer.named_parameters())
     back_grad = all(torch.equal(t.grad, start_grad[n]) for n, t in layer.named_parameters())
     moved = layer.placement != plan_b.placement(rank)
-    # A plan of the wrong size is an error on every rank before any collective.
-    try:
-        layer.apply_placement(eplb.plan(torch.ones(E), R, E))
-        wrong = None
-    except ValueError as err:
-        wrong = str(err)
+    # A plan of the wrong size is an error on every rank before any collective, naming its size: a hand-made
+    # Plan with more slots than the layer's (was: "two copies of expert 0 on rank 0", a consequence) and an
+    # ExpertPlacement of one rank (was: "rank=1; allowed: an int in 0..0" on rank 1).
+    wrong = []
+    for bad in (eplb.plan(torch.ones(E), R, E), eplb.Plan(E, R, tuple(range(E)) * 3, (0.0,) * R),
+                ExpertPlacement(E, 1, 0), eplb.Plan(E, R, torch.tensor(3), (0.0,) * R)):
+        try:
+            layer.apply_placement(bad)
+            wrong.append(None)
+        except ValueError as err:
+            wrong.append(str(err))
     return exact, back, back_state, back_grad, moved, wrong
 
 
 def test_weight_moves_are_exact_after_a_round_trip_of_placements():
     for exact, back, back_state, back_grad, moved, wrong in run_ranks(_moves_rank, 2):
         assert all(exact) and back and back_state and back_grad and moved
-        assert wrong == "plan has num_physical_experts=16; this layer has 24 (allowed: 24; the weights' shapes are fixed)"
+        assert wrong == ["plan has num_physical_experts=16; this layer has 24 (allowed: 24; the weights' shapes are "
+                         "fixed)",
+                         "plan has num_physical_experts=48; this layer has 24 (allowed: 24; the weights' shapes are "
+                         "fixed)",
+                         "plan is for num_ranks=1; this layer's placement has ep_size=2 (allowed: 2)",
+                         "physical_to_logical=tensor(3); allowed: None or a sequence of ints (one per expert slot)"], wrong
 
 
 def _state_dict_rank(rank, world_size, redundant):
@@ -542,8 +552,10 @@ def _states_by_expert(layer, opt):
     first = [experts.index(e) for e in range(layer.config.num_experts)]
     out = {}
     for name, param in (("w13", layer.w13), ("w2", layer.w2), ("b13", layer.b13), ("b2", layer.b2)):
+        if param is None:  # (a layer without biases)
+            continue
         for key, t in list(opt.state[param].items()) + [("param", param.detach()), ("grad", param.grad)]:
-            if isinstance(t, torch.Tensor) and t.shape == param.shape:
+            if isinstance(t, torch.Tensor) and t.dim() == param.dim() and t.shape[0] == param.shape[0]:  # per slot
                 rows = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(rows, t.contiguous(), group=group)
                 out[(name, key)] = torch.cat(rows)[first]
@@ -629,6 +641,53 @@ def test_optimizer_state_follows_its_expert_through_a_rebalance(mode):
             assert max(errors.values()) < 1e-12, errors
 
 
+def _adafactor_rank(rank, world_size, mode):
+    """One Adafactor step in float64 on two identical layers without biases; one is moved to another placement
+    (experts cross ranks), with the optimizer or ("remap") without it and then remap_optimizer_state. Returns the
+    refused step's error (remap) and, per state, whether the moved layer's rows by logical expert equal the other's."""
+    E, K, H, I = 8, 2, 8, 4
+    layers, opts = [], []
+    for _ in range(2):
+        layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.float64,
+                         num_redundant_experts=2)
+        layer.load_experts(torch.randn(E, 2 * I, H, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                           torch.randn(E, H, I, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        layers.append(layer)
+        opts.append(torch.optim.Adafactor(layer.parameters(), lr=1e-2))
+    gen = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(12, H, generator=gen, dtype=torch.float64)
+    ids = torch.rand(12, E, generator=gen).topk(K, dim=1).indices
+    w = torch.rand(12, K, generator=gen, dtype=torch.float64)
+    for layer, opt in zip(layers, opts):
+        layer(x, ids, w).sum().backward()
+        layer.reduce_replica_grads()
+        opt.step()
+    target = eplb.plan(torch.arange(E, dtype=torch.float64) ** 3, world_size, E + 2)
+    layers[0].apply_placement(target, optimizer=opts[0] if mode == "optimizer" else None)
+    refused = None
+    if mode == "remap":
+        try:
+            opts[0].step()
+        except RuntimeError as err:
+            refused = str(err)
+        layers[0].remap_optimizer_state(opts[0])
+    moved, kept = (_states_by_expert(layer, opt) for layer, opt in zip(layers, opts))
+    return refused, {f"{n}.{k}": torch.equal(moved[n, k], kept[n, k]) for n, k in kept}
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "remap"])
+def test_adafactor_factored_state_follows_its_expert(mode):
+    """Adafactor's factored second moments of a [L, 2I, H] weight are row_var [L, 2I, 1] and col_var [L, 1, H]:
+    one row per slot, not the weight's shape, so a rebalance left them in their old slots (another expert's
+    statistics, no error, and no refused step without optimizer=). They move with their expert now."""
+    for refused, same in run_ranks(_adafactor_rank, 2, mode):
+        assert {"w13.row_var", "w13.col_var", "w2.row_var", "w2.col_var", "w13.param", "w2.grad"} <= set(same), same
+        assert all(same.values()), same
+        if mode == "remap":
+            assert refused is not None and refused.startswith(
+                "Adafactor.step(): the optimizer's state row_var, col_var of an EPMoE expert parameter"), refused
+
+
 def _stale_state_rank(rank, world_size):
     """After apply_placement without the optimizer: moving the stale state on with apply_placement(optimizer=)
     is refused on every rank, naming remap_optimizer_state; remap_optimizer_state of no optimizer is named;
@@ -668,3 +727,24 @@ def test_stale_optimizer_state_is_refused_until_remapped_or_dropped():
         assert "remap_optimizer_state(optimizer) on every rank" in moved, moved
         assert remap == ("TypeError: optimizer=list; allowed: the optimizer of this layer's parameters (a "
                          "torch.optim.Optimizer: its per-parameter .state moves with the slots)"), remap
+
+
+def _float64_clip_rank(rank, world_size):
+    """ep.clip_grad_norm_ of a float64 layer whose first copies all sit on rank 0 (N = E: every rank holds
+    every expert): the norm over the ranks, each expert once."""
+    layer = ep.EPMoE(4, 2, 8, 4, dispatcher="deepep_normal", runner="torch", num_redundant_experts=4,
+                     dtype=torch.float64)
+    problem = make_problem(layer.config, [6, 5], seed=8, ep_size=world_size)
+    training_step(layer, problem, rank)  # backward, then reduce_replica_grads
+    norm = ep.clip_grad_norm_(layer, 1e9).item()
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    sum((moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+         * problem.grad_outputs[r]).sum() for r in range(world_size)).backward()
+    return norm, torch.cat([w13.grad.flatten(), w2.grad.flatten()]).norm().item()
+
+
+def test_clip_grad_norm_of_float64_experts_with_copies():
+    """The expert rows' norm was taken with dtype=float32, which vector_norm refuses for float64 rows: the ranks
+    holding first copies raised while the others waited in the norm's all_reduce."""
+    for norm, want in run_ranks(_float64_clip_rank, 2):
+        assert abs(norm - want) <= 1e-5 * want, (norm, want)

@@ -695,18 +695,29 @@ def _redundant_rank(rank, world_size):
     with torch.no_grad():
         logits = model(ids).logits
     exported = ep.hf.export_state_dict(model, dst=None)
+    # The Hugging Face checkpoint loaded again into the rebalanced model: each rank's rows are its current
+    # slots' experts (they were taken for the default placement's, and the layers computed other experts)
+    layers = [m.layer for m in model.modules() if isinstance(m, ep.hf.EPExperts)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.apply_placement(ep.eplb.Plan(5, 2, (4, 3, 2, 1, 0, 4), (0.0, 0.0)))  # every slot moves
+        model.load_state_dict(original)
+        reloaded = rel_err(model(ids).logits, expected)
+    moved = all(layer.placement.physical_to_logical == (4, 3, 2, 1, 0, 4) for layer in layers)
     return (refused, replaced, rel_err(logits, expected), sorted(exported) == sorted(original)
-            and all(torch.equal(exported[k], original[k]) for k in original))
+            and all(torch.equal(exported[k], original[k]) for k in original), reloaded, moved)
 
 
 def test_num_experts_not_divisible_by_the_group():
     """E=5 experts over 2 ranks: replace_experts says E is not divisible and names num_redundant_experts,
     which it now takes (it was an unexpected keyword): with one redundant copy the logits are the
-    original's and export_state_dict gives back the checkpoint."""
-    for refused, replaced, err, same in run_ranks(_redundant_rank, 2, timeout=300):
+    original's and export_state_dict gives back the checkpoint; after a new placement, loading the
+    checkpoint again keeps the placement and the logits."""
+    for refused, replaced, err, same, reloaded, moved in run_ranks(_redundant_rank, 2, timeout=300):
         assert refused is not None and "num_experts=5 is not divisible by ep_size=2" in refused
         assert "num_redundant_experts=1" in refused  # the copies that would fill the slots, as used below
         assert replaced == 2 and err <= tolerance(torch.float32) and same, (replaced, err, same)
+        assert reloaded <= tolerance(torch.float32) and moved, (reloaded, moved)
 
 
 def _unswapped_export_rank(rank, world_size):

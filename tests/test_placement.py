@@ -205,3 +205,31 @@ def test_tables_under_torch_compile_warn_nothing_and_match_eager():
     assert not cached, cached
     for g, want in zip(got, step(x, logits, ids)):
         assert torch.equal(g, want)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((8, 0, 0), r"^ep_size=0; allowed: an int >= 1$"),  # (was: "num_redundant_experts=0; allowed: an int in 0..-8")
+    ((8, 2, -1), r"^ep_size=-1; allowed: an int >= 1$"),
+    (("8", 2, 2), r"^num_experts='8'; allowed: an int >= 1$"),  # (was: TypeError "'>' not supported ...")
+    ((8, 9, 2), r"^num_redundant_experts=9; allowed: an int in 0..8 "),
+])
+def test_redundant_placement_names_the_bad_size(args, match):
+    """with_redundant_experts checks num_experts and ep_size before the copy limit made of them: a bad
+    ep_size was blamed on num_redundant_experts with a negative allowed range."""
+    with pytest.raises(ValueError, match=match):
+        ExpertPlacement.with_redundant_experts(*args)
+
+
+@pytest.mark.parametrize("method, value, match", [
+    ("experts_of_rank", 1.5, r"^rank=1.5; allowed: an int in 0..1 \(ep_size=2\)$"),  # (was: no experts, silently)
+    ("experts_of_rank", True, r"^rank=True; allowed: an int in 0..1"),  # (was: rank 1's)
+    ("logical_experts_of_rank", 5, r"^rank=5; allowed: an int in 0..1"),  # (was: [])
+    ("physical_slots_of_rank", -1, r"^rank=-1; allowed: an int in 0..1"),
+    ("replicas_of", -1, r"^expert=-1; allowed: an int in 0..3 \(num_experts=4\)$"),  # (was: expert 3's copies)
+    ("replicas_of", 4, r"^expert=4; allowed: an int in 0..3"),  # (was: IndexError naming nothing)
+])
+def test_lookups_by_rank_or_expert_name_a_bad_index(method, value, match):
+    p = ExpertPlacement(4, 2, 0, physical_to_logical=[0, 1, 2, 3, 0, 1])
+    assert p.experts_of_rank(1).tolist() == [3, 0, 1] and p.replicas_of(0) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match=match):
+        getattr(p, method)(value)
