@@ -40,6 +40,7 @@ from .validation import (
     check_hidden_states,
     check_topk,
     check_topk_values,
+    float_dtype,
     is_int_at_least,
     layer_dtype_and_device,
 )
@@ -255,7 +256,15 @@ class EPMoE(nn.Module):
         return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
 
     def _apply(self, fn, *args, **kwargs):
-        """.to(), .cuda(), to_empty() ...: see _follow_weights."""
+        """.to(), .cuda(), to_empty() ...: see _follow_weights. A dtype the runners do not take (.to(torch.complex64),
+        .to(torch.float8_e4m3fn)) is refused before any tensor moves, naming it (else the move succeeded and the next
+        forward blamed x's dtype)."""
+        probe = fn(torch.empty(0, dtype=self.w13.dtype, device=self.w13.device))
+        if probe.dtype != self.w13.dtype:
+            try:
+                float_dtype(probe.dtype)
+            except ValueError as err:
+                raise ValueError(f"EPMoE.to(...): {err}") from None
         out = super()._apply(fn, *args, **kwargs)
         self._follow_weights()
         return out

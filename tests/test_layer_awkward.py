@@ -91,3 +91,22 @@ def test_strided_inputs_match_reference(dispatcher):
     # a float64 weights view with a storage offset, int16 and uint8 ids: as contiguous copies would give.
     for errors in run_ranks(_strided_rank, 2, dispatcher):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_move_to_unsupported_dtype_is_refused_before_moving(dtype):
+    """layer.to(complex64) used to succeed (nn.Module.to takes complex and float8 dtypes) and the next forward
+    blamed x's dtype; now .to() names the dtype and the allowed ones, and the layer keeps its float32 experts."""
+    torch.manual_seed(0)
+    E, K, H, I = 8, 2, 16, 8
+    layer = ep.EPMoE(E, K, H, I, dispatcher="standard", runner="torch")
+    w13, w2 = torch.randn(E, 2 * I, H) * 0.3, torch.randn(E, H, I) * 0.3
+    layer.load_experts(w13, w2)
+    with pytest.raises(ValueError, match=rf"EPMoE.to\(...\): dtype={dtype}; allowed: torch.float32"):
+        layer.to(dtype)
+    assert layer.w13.dtype == layer.w2.dtype == torch.float32
+    x, ids, w = torch.randn(6, H), torch.randint(0, E, (6, K), dtype=torch.int32), torch.rand(6, K)
+    y = layer(x, ids, w)
+    assert rel_err(y.double(), moe_reference(x.double(), ids, w.double(), w13.double(), w2.double(),
+                                             layer.config)) < tolerance(torch.float32)
+    assert layer.double()(x.double(), ids, w).dtype == torch.float64  # supported moves still work
