@@ -131,6 +131,8 @@ class RunnerBackend:
         runner_input.check(self.config.hidden_size)
         _check_weights_type(weights)  # (before check_row_scales reads weights.quant)
         check_row_scales(runner_input, weights.quant)
+        # (before check_weights: tokens of a dtype it cannot compute would be told their weights must match them)
+        self.check_dtype(runner_input.output_dtype, "x dtype")
         self.check_weights(weights, runner_input.num_local_experts, runner_input.output_dtype)
         return self.run_checked(runner_input, weights)
 

@@ -269,6 +269,15 @@ def test_rejects_what_it_cannot_compute():
         MaskedRunner(config).run_masked(recv_x, masked_m, ExpertWeights(weights.w13, torch.zeros(L, H, I + 1)))
 
 
+def test_tokens_of_a_dtype_it_cannot_compute_are_named_before_their_weights():
+    """float64 rows with fp32 weights were told "w13 has dtype torch.float32; allowed: torch.float64", a dtype
+    runner='masked' refuses next; the rows' dtype is named first, with the dtypes it computes in."""
+    config, weights, recv_x, masked_m = _problem({}, torch.float32)
+    with pytest.raises(ValueError, match=r"x dtype=torch.float64; runner='masked' computes in torch.float32, "
+                                         r"torch.bfloat16, torch.float16"):
+        MaskedRunner(config).run_masked(recv_x.double(), masked_m, weights)
+
+
 @pytest.mark.parametrize("tiles,error,match", [
     (lambda: MaskedTiles(16, 24, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_N1=24; allowed: a power of two >= 16"),
     (lambda: MaskedTiles(0, 32, 32, 32, 4, 1, 1), ValueError, r"MaskedTiles.BLOCK_M=0; allowed: a power of two >= 16"),
