@@ -429,7 +429,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         from ep_runtime.dispatchers.base import agree_before_collectives
         try:  # every rank's knob check, one small all_gather: a rank's bad value fails every rank here, at once
             agree_before_collectives(dist.group.WORLD, dist.get_world_size(), knob_error,
-                                     "every rank stops in init_distributed; the group is destroyed")
+                                     "every rank stops in init_distributed; the group is destroyed",
+                                     **envs.values_on_every_rank())  # the knobs that must agree: in the same gather
         except ValueError as err:
             destroy_distributed()
             raise KnobsError(str(err)) from None
