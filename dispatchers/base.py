@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence
@@ -42,6 +43,27 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
         also = f" (also settable as {envs.PREFIX}{knob})" if knob else ""
         raise ValueError(f"{name}={value!r}; allowed: {none}an int >= {minimum} and <= {most}{also}")
     return int(value)
+
+
+def memory_bound() -> tuple[int, str]:
+    """Bytes the static buffers may take at most, and where: the current GPU's total memory when CUDA is
+    available (the buffers live there), else the host's."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host"
+
+
+def check_buffer_memory(setting: str, rows: int, hidden_size: int, plan_entries: int) -> None:
+    """Refuse a size setting whose buffers cannot fit in memory, before anything is allocated (a huge
+    EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK got the process OOM-killed allocating its per-call plan).
+    Counted at the least they take (receive rows of one byte a channel, as fp8; the plan's int64 entries), so
+    only values no run could use are refused: DeepSeek-V3 on deepep_ll (L=4, M=8192, R=64, H=7168) needs 15 GiB."""
+    need = rows * hidden_size + 8 * plan_entries
+    total, where = memory_bound()
+    if need > total:
+        raise ValueError(f"{setting}: its buffers would take at least {need / 2 ** 30:.1f} GiB ({rows} receive "
+                         f"rows of hidden_size={hidden_size} at one byte a channel, a plan of {plan_entries} int64 "
+                         f"entries); allowed: at most the {where}'s {total / 2 ** 30:.1f} GiB of memory")
 
 
 def as_process_group(group: Any, name: str = "group", dim: str = "ep") -> Optional[dist.ProcessGroup]:

@@ -29,7 +29,7 @@ from ep_runtime.runner_core import (
 )
 
 from . import exchange_kernels, fp8_payload, register
-from .base import ExchangeDispatcher, resolve_int
+from .base import ExchangeDispatcher, check_buffer_memory, resolve_int
 from .rank_exchange import Capacity, ExchangeHandle, running_count
 
 
@@ -86,6 +86,9 @@ class DeepEPLLDispatcher(ExchangeDispatcher):
         super().__init__(config, group, expert_to_rank, transport, num_sms, hierarchical="off", ranks_per_node=0)
         M = resolve_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
                         "LL_MAX_DISPATCH_TOKENS_PER_RANK")
+        check_buffer_memory(f"num_max_dispatch_tokens_per_rank={M} (or EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK)",
+                            self.placement.num_local_experts * M * self.world_size, config.hidden_size,
+                            M * self.world_size)  # recv_x [L, M*R, H]; the per-call plan of R*M rows
         self.options = DeepEPLLOptions(M, *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         if self.options.use_fp8 and config.apply_router_weight_on_input:
             given = "use_fp8=True" if use_fp8 is not None else "use_fp8=None with EP_RUNTIME_DISPATCH_FP8=1"

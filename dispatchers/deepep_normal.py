@@ -23,7 +23,7 @@ from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, regi
 from ep_runtime.validation import capturing, check_topk_ids
 
 from . import fp8_payload, register
-from .base import ExchangeDispatcher, resolve_int
+from .base import ExchangeDispatcher, check_buffer_memory, resolve_int
 from .deferred import DeferredChecks
 from .rank_exchange import Capacity, ExchangeHandle, Layout, dispatch_layout
 
@@ -94,6 +94,9 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         if M is not None and W is None:
             raise ValueError(f"num_max_dispatch_tokens_per_rank={M!r}; allowed: None, or an int >= 1 with "
                              f"num_worst_tokens set (it sizes the static mode's chunks)")
+        if W is not None:  # static mode: W receive rows, a chunk of M (default W) rows per peer
+            check_buffer_memory(_static_setting(W, M or W), W + (M or W) * self.world_size, config.hidden_size,
+                                (M or W) * self.world_size)
         self.options = DeepEPNormalOptions(resolve_int("alignment", alignment, "NORMAL_ALIGNMENT"), W, M or W,
                                            *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
         # the static mode's capacity as its errors name it (made once)

@@ -28,7 +28,7 @@ from ep_runtime.runner_core import DispatchOutput, RunnerInput, register_format
 from ep_runtime.validation import assert_on_device, capturing
 
 from . import fp8_payload, register
-from .base import ExchangeDispatcher, resolve_int
+from .base import ExchangeDispatcher, check_buffer_memory, resolve_int
 from .rank_exchange import Capacity, ExchangeHandle
 
 _INPUT_KNOB = "max_input_tokens / EP_RUNTIME_MORI_MOE_MAX_INPUT_TOKENS"  # (set either way: errors name both)
@@ -100,6 +100,8 @@ class MoriDispatcher(ExchangeDispatcher):
             "max_dispatch_tokens_per_rank / EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK x R",
             resolve_int("max_input_tokens", max_input_tokens, "MORI_MOE_MAX_INPUT_TOKENS", 0), static,
             *fp8_payload.resolve(use_fp8, fp8_scale_encoding))
+        check_buffer_memory(f"{self.options.buffer_setting} = {self.options.num_buffer_rows}",
+                            self.options.num_buffer_rows, config.hidden_size, M * self.world_size)
         setting = "max_dispatch_tokens_per_rank (or EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK)"
         self.exchange.max_tokens = (M, f"mori allows at most max_dispatch_tokens_per_rank={M} "
                                        f"(EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK) per rank", setting)

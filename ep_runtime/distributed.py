@@ -355,8 +355,9 @@ def _port_origin(launch: LaunchInfo) -> str:
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> dist.ProcessGroup:
     """Initialise the default process group from the launcher's environment and return it.
 
-    Safe to call twice (the second call checks timeout_s and backend, and returns the existing group). A group the caller
-    made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
+    Safe to call twice (the second call checks timeout_s and backend, and returns the existing group; a timeout_s
+    other than the one the group was made with here is an error, as torch cannot change a group's timeout). A group
+    the caller made (dist.init_process_group, as torchtitan and SGLang do) is returned as it is, never destroyed here;
     timeout_s then bounds ep-runtime's own waits (the group keeps the timeout it was made with). Sets the
     CUDA device from the local rank. backend: None (nccl with CUDA, gloo without), "nccl", "gloo" or "mpi". timeout_s: how
     long a collective waits for a missing rank (EP_RUNTIME_TIMEOUT_S).
@@ -375,6 +376,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         made_here = _MADE_HERE is not None and _MADE_HERE() is dist.group.WORLD
         if given is not None and not made_here:  # the caller's group: its own timeout is set; ours take this one
             _TIMEOUT_S = given
+        elif given is not None and given != _TIMEOUT_S:  # our group was made with its timeout: it cannot change
+            raise ValueError(f"timeout_s={timeout_s!r}, but the default process group exists with timeout_s="
+                             f"{_TIMEOUT_S:g}; allowed: None or {_TIMEOUT_S:g} (it is returned as it is), or "
+                             f"ep.destroy_distributed() first to make a group with timeout_s={timeout_s!r}")
         return dist.group.WORLD
     launch = detect_launch()
     check_rendezvous(launch)
@@ -424,7 +429,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         from ep_runtime.dispatchers.base import agree_before_collectives
         try:  # every rank's knob check, one small all_gather: a rank's bad value fails every rank here, at once
             agree_before_collectives(dist.group.WORLD, dist.get_world_size(), knob_error,
-                                     "every rank stops in init_distributed; the group is destroyed")
+                                     "every rank stops in init_distributed; the group is destroyed",
+                                     **envs.values_on_every_rank())  # the knobs that must agree: in the same gather
         except ValueError as err:
             destroy_distributed()
             raise KnobsError(str(err)) from None

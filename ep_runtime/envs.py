@@ -39,6 +39,9 @@ class Knob:
     # so the registry's modules may import this one); `allowed` describes them for the docs.
     choices_from: Optional[Callable[[], tuple]] = None
     allowed: str = ""
+    # Must be equal on every rank (buffer sizes, payload format, transport, node layout): init_distributed compares
+    # them, as ranks with different values would pair different collectives and wait until the timeout.
+    same_on_every_rank: bool = False
 
     def parse(self, raw: str) -> Any:
         """Turn the raw string into a typed value, or raise naming the variable. Spaces around it do not count;
@@ -103,7 +106,7 @@ _knob("TRANSPORT", str, "auto",
       "How exchanges move rows on GPUs: auto (the fastest measured here: NVLink for deepep_ll where the GPUs map "
       "each other's memory, NCCL otherwise), nccl, or nvlink (stores into peers' symmetric memory; an error "
       "where GPUs cannot map each other's).",
-      choices=("auto", "nccl", "nvlink"))
+      choices=("auto", "nccl", "nvlink"), same_on_every_rank=True)
 _knob("NUM_SMS", int, 0,
       "SMs the NVLink transport copies rows with: 0 (default) none, the GPU's copy engines move them "
       "(cudaMemcpyAsync into the peer's memory); N > 0: a Triton copy kernel of N programs (at most the GPU's SMs).",
@@ -112,30 +115,30 @@ _knob("HIERARCHICAL", str, "auto",
       "Node-aware exchange for host-plan dispatches (deepep_normal without num_worst_tokens, mori not static): a "
       "token crosses the network once per destination node, then fans out inside it. auto: when the group spans several nodes and a node holds "
       "several ranks; on: whenever the group spans several nodes (one node: flat, the same exchange in one stage); "
-      "off (flat: once per destination rank).", choices=("auto", "on", "off"))
+      "off (flat: once per destination rank).", choices=("auto", "on", "off"), same_on_every_rank=True)
 _knob("RANKS_PER_NODE", int, 0,
       "Node of each rank for the node-aware exchange: > 0 puts group ranks [0, n) on node 0, [n, 2n) on node 1, "
       "... (e.g. to test 4 CPU ranks as 2 nodes); 0 takes it from the launcher (GROUP_RANK, SLURM_NODEID) or "
-      "the host name.", minimum=0, maximum=MAX_LOCAL_RANKS)
+      "the host name.", minimum=0, maximum=MAX_LOCAL_RANKS, same_on_every_rank=True)
 _knob("NCCL_DUMP_ON_TIMEOUT", bool, False,
       "On NCCL: keep torch's flight-recorder dump (TORCH_NCCL_DUMP_ON_TIMEOUT, and a dump written before a group "
       "that timed out is aborted). Off: no dump and a short watchdog grace, so nothing delays the error.")
 _knob("LL_MAX_DISPATCH_TOKENS_PER_RANK", int, 128,
       "deepep_ll: M, the most tokens one rank may dispatch in one call (static buffer size).", minimum=1,
-      maximum=MAX_TOKENS)
+      maximum=MAX_TOKENS, same_on_every_rank=True)
 _knob("NORMAL_ALIGNMENT", int, 1,
       "deepep_normal: round num_recv_tokens_per_expert up to a multiple of this.", minimum=1,
-      maximum=MAX_TOKENS)
+      maximum=MAX_TOKENS, same_on_every_rank=True)
 _knob("MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK", int, 4096,
       "mori: most tokens one rank may dispatch; the receive buffer holds this many times R rows.", minimum=1,
-      maximum=MAX_TOKENS)
+      maximum=MAX_TOKENS, same_on_every_rank=True)
 _knob("MORI_PREALLOC_MAX_RECV_TOKENS", int, 0,
       "mori: receive-buffer rows when > 0 (overrides max dispatch tokens x R); 0 = off.", minimum=0,
-      maximum=MAX_TOKENS)
+      maximum=MAX_TOKENS, same_on_every_rank=True)
 _knob("MORI_MOE_MAX_INPUT_TOKENS", int, 0,
       "mori: hand the runner only this many receive rows, never truncating data (an eager dispatch widens it to the "
       "rows received; a static plan raises on every rank when a rank received more); 0 = off.",
-      minimum=0, maximum=MAX_TOKENS)
+      minimum=0, maximum=MAX_TOKENS, same_on_every_rank=True)
 _knob("SYNC_CHECKS", bool, False,
       "Static-shape exchanges on CUDA (deepep_ll, deepep_normal num_worst_tokens, mori static) read the count "
       "table on the host every call, so bad ids/weights or a too-small buffer fail before the payload moves, "
@@ -143,10 +146,12 @@ _knob("SYNC_CHECKS", bool, False,
       "a sync and checked two calls later.")
 _knob("DISPATCH_FP8", bool, False,
       "deepep_normal, deepep_ll, mori: send tokens as fp8 (e4m3, one scale per token and 128 channels) "
-      "when the dispatcher's use_fp8 argument is None; combine stays in the tokens' dtype. Inference only.")
+      "when the dispatcher's use_fp8 argument is None; combine stays in the tokens' dtype. Inference only.",
+      same_on_every_rank=True)
 _knob("DISPATCH_FP8_SCALE_ENCODING", str, "fp32",
       "fp8 dispatch scales: fp32 (amax / 448) or ue8m0 (powers of two, one exponent byte each on the wire), "
-      "when the dispatcher's fp8_scale_encoding argument is None.", choices=("fp32", "ue8m0"))
+      "when the dispatcher's fp8_scale_encoding argument is None.", choices=("fp32", "ue8m0"),
+      same_on_every_rank=True)
 
 
 def _runner_names() -> tuple:
@@ -203,6 +208,14 @@ def get(name: str) -> Any:
     if _unset(raw):
         return knob.default
     return knob.parse(raw)
+
+
+def values_on_every_rank() -> dict[str, Any]:
+    """The knobs that must be equal on every rank, by name: each one's value (its raw text where it is invalid,
+    which init_distributed reports on its own), for init_distributed's one all_gather to compare."""
+    return {name: knob.default if _unset(os.environ.get(name)) else
+            (os.environ[name] if problem_of(name) else get(name))
+            for name, knob in KNOBS.items() if knob.same_on_every_rank}
 
 
 def _unset(raw: Optional[str]) -> bool:
@@ -385,7 +398,10 @@ def markdown() -> str:
         "When each is read: a dispatcher's and runner's knobs (transport, SMs, buffer sizes, alignment, fp8, "
         "sync checks, the node-aware exchange, `EP_RUNTIME_RUNNER`) when the layer or dispatcher is built: they "
         "become its frozen options, compared across the ranks then, and setting them later changes only layers "
-        "built later. `EP_RUNTIME_SCRATCH_MB`, `EP_RUNTIME_TRITON_GEMM_KERNEL`, `EP_RUNTIME_TRITON_GEMM_SCHEDULE` "
+        "built later. Those that must be equal on every rank (" + ", ".join(
+            f"`{name}`" for name, knob in KNOBS.items() if knob.same_on_every_rank) + ") are also compared by "
+        "`ep.init_distributed`, in its knob check: a value that differs fails every rank at once, naming the knob "
+        "and each rank's value. `EP_RUNTIME_SCRATCH_MB`, `EP_RUNTIME_TRITON_GEMM_KERNEL`, `EP_RUNTIME_TRITON_GEMM_SCHEDULE` "
         "and `EP_RUNTIME_TRITON_FP8_GEMM` at every call. `EP_RUNTIME_TIMEOUT_S` by `ep.init_distributed` (for a process group made without it: when a "
         "wait or an NVLink transport starts); `EP_RUNTIME_NCCL_DUMP_ON_TIMEOUT` by `ep.init_distributed` and when a "
         "group is aborted.",

@@ -468,7 +468,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     ep.QuantConfig()); x stays float
     and is quantized per token and 128 channels inside (w8a8), inference only.
     Returns [T, H] in x's dtype: routed_scaling_factor * sum_k w_k * expert_{id_k}(x). Differentiable
-    (unquantized experts)."""
+    (unquantized experts). Scale values (finite, > 0) are checked as load_experts checks them on CPU only: on
+    CUDA the read would cost a host sync per call, so check them once where the weights are loaded."""
     if kernels is None:
         raise RuntimeError(f"fused_experts needs triton: {_IMPORT_ERROR}")
     if not is_int_at_least(first_expert, 0):  # -1 would make every -1 slot expert 0's; 1.5 would round ids
@@ -503,7 +504,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
         quant = QuantConfig()
     weights = ExpertWeights(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quant)
     check_expert_dtypes(weights, x.dtype, "x")
-    weights.check(config, L)
+    weights.check(config, L, values=x.device.type == "cpu")  # (CPU: no sync to save; see the docstring)
     # The runner core's input: local ids whose mapping (the alignment kernels do it) sends every id outside
     # [0, L), -1 included, to the sink L (masked out); shifted by first_expert in int64 (never wrapped),
     # else as given (int32 and int64 ids are read as they are: no conversion kernel at decode sizes).

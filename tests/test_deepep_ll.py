@@ -128,3 +128,15 @@ def test_a_training_step_after_an_inference_mode_call_matches_the_reference(runn
         pytest.importorskip("triton")
     for errors in run_ranks(_inference_then_training_rank, 2, runner):
         assert max(errors.values()) <= tolerance(torch.float32), errors
+
+
+def test_huge_max_tokens_is_refused_before_any_allocation(monkeypatch):
+    """M = 10**9 made every call allocate an int64 plan of R*M entries (8 GB), and the process was OOM-killed: the
+    layer now refuses it when built, naming the argument, the knob, the value and the memory it would need."""
+    monkeypatch.setenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", str(10 ** 9))
+    with pytest.raises(ValueError, match=r"num_max_dispatch_tokens_per_rank=1000000000 \(or EP_RUNTIME_LL_MAX_"
+                                         r"DISPATCH_TOKENS_PER_RANK\): its buffers would take at least .* GiB"):
+        ep.EPMoE(8, 2, 64, 8, dispatcher="deepep_ll", runner="torch")  # L*M*H: 512 GB at least
+    monkeypatch.setenv("EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK", "8192")  # DeepSeek-V3's largest: allowed
+    layer = ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_ll", runner="torch")
+    assert layer.dispatcher.num_max_dispatch_tokens_per_rank == 8192

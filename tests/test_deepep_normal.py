@@ -495,3 +495,13 @@ def test_compiled_dispatch_with_per_call_options_traces_no_cached_helper():
         got = torch.compile(rows, backend="aot_eager")(x, ids, w)
     assert torch.equal(got, rows(x, ids, w))
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+def test_huge_num_worst_tokens_is_refused_before_any_allocation():
+    """Static buffers larger than the machine's memory are an error naming the setting and the memory, when built."""
+    cfg = ep.MoeConfig(8, 2, 4096, 8)  # (H large enough that 2**31 rows exceed any GPU's or host's memory)
+    with pytest.raises(ValueError, match=r"num_worst_tokens=2147483647: its buffers would take at least"):
+        ep.dispatchers.create("deepep_normal", cfg, num_worst_tokens=2 ** 31 - 1)
+    with pytest.raises(ValueError, match=r"num_worst_tokens=64 / num_max_dispatch_tokens_per_rank=2147483647: its"):
+        ep.dispatchers.create("deepep_normal", cfg, num_worst_tokens=64, num_max_dispatch_tokens_per_rank=2 ** 31 - 1)
+    assert ep.dispatchers.create("deepep_normal", cfg, num_worst_tokens=8192 * 8).num_worst_tokens == 8192 * 8

@@ -283,6 +283,40 @@ def test_a_knob_invalid_on_one_rank_fails_init_distributed_on_every_rank_at_once
                 "(every rank stops in init_distributed; the group is destroyed)") in out, outs
 
 
+def _init_with_env_per_rank(env_per_rank):
+    """Start init_distributed on 2 gloo processes, rank r with env_per_rank[r] added; each one's stdout."""
+    import os
+    import subprocess
+    import sys
+
+    from ep_runtime.distributed import free_port
+    code = ("import ep_runtime as ep, torch.distributed as dist\n"
+            "try:\n    ep.init_distributed(backend='gloo')\n    print('joined')\n    ep.destroy_distributed()\n"
+            "except ep.distributed.KnobsError as err:\n    print(err)\n    assert not dist.is_initialized()\n")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               EP_RUNTIME_TIMEOUT_S="60")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), **env_per_rank[r])) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return [out for out, _ in outs]
+
+
+def test_a_knob_that_differs_between_ranks_fails_init_distributed_on_every_rank():
+    """A knob that must agree across ranks (fp8 dispatch, buffer sizes, transport) set on one rank only: every
+    rank joined, and the layers' exchanges paired different byte counts (or the build's check came late, after
+    collectives of their own). Now the knob check's one all_gather compares them: every rank raises KnobsError
+    naming the knob and each rank's value. Equal values written differently (0 and the default False) agree."""
+    outs = _init_with_env_per_rank([{}, {"EP_RUNTIME_DISPATCH_FP8": "1", "EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK": "64"}])
+    for out in outs:
+        assert ("rank 1 was given a different EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK than rank 0 (rank 0 has 128, "
+                "rank 1 has 64); allowed: the same EP_RUNTIME_LL_MAX_DISPATCH_TOKENS_PER_RANK on every rank (every "
+                "rank stops in init_distributed; the group is destroyed)") in out, outs
+    outs = _init_with_env_per_rank([{"EP_RUNTIME_DISPATCH_FP8": "0", "EP_RUNTIME_TRANSPORT": "auto"},
+                                    {"EP_RUNTIME_TRANSPORT": "AUTO"}])
+    assert outs == ["joined\n", "joined\n"], outs
+
+
 def test_a_blank_launcher_or_torch_nccl_variable_is_unset_as_a_knob_is(monkeypatch):
     """RANK=' ' failed as "not a valid int" while RANK='' read as unset, and a blank TORCH_NCCL_* variable counted as
     the user's value (init_distributed then left torch's default in force): blank is unset everywhere."""

@@ -752,6 +752,24 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
         ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=s2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_fused_experts_checks_scale_values_on_cpu(bad):
+    """fused_experts ran with a non-finite, zero or negative block scale (load_experts refuses them) and returned
+    garbage without a word; on CPU it now raises naming the scale tensor, the value and where, as load_experts does."""
+    E, K, H, I = 2, 2, 128, 128
+    gen = _seeded(12)
+    q = QuantConfig()
+    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen)), q.quantize_weight(
+        torch.randn(E, H, I, generator=gen))
+    x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
+    bad13, bad2 = s13.clone(), s2.clone()
+    bad13[1, 1, 0], bad2[0, 0, 0] = bad, bad
+    with pytest.raises(ValueError, match=re.escape(f"w13_scale_inv has {bad!r} at [1, 1, 0]; allowed: finite values > 0")):
+        ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=bad13, w2_scale_inv=s2)
+    with pytest.raises(ValueError, match=re.escape(f"w2_scale_inv has {bad!r} at [0, 0, 0]; allowed: finite values > 0")):
+        ep.runners.fused_experts(x, q13, q2, ids, weights, w13_scale_inv=s13, w2_scale_inv=bad2)
+
+
 def test_fp8_gemm_auto_takes_gluon_for_prefill_sized_bf16_steps_it_can_run(monkeypatch):
     """EP_RUNTIME_TRITON_FP8_GEMM=auto (the default) resolves per call: the Gluon GEMMs from 256 (token, expert)
     pairs per local expert on (RunnerInput.local_pairs where the format knows them, else N*K), for bf16 results,

@@ -92,7 +92,7 @@ def _capturing_rank(rank, world_size):
     layer(torch.randn(4, 16), ids, torch.ones(4, 2))
 
 
-def test_a_small_buffer_while_capturing_names_the_buffer_setting():
+def test_a_small_buffer_while_capturing_names_the_buffer_setting(monkeypatch):
     """While capturing, mori's peer chunks cannot overflow (T <= max_dispatch_tokens_per_rank is checked before any
     collective): only the preallocated receive rows can. The device-side assert's message (at most 255 characters
     on CUDA) named max_dispatch_tokens_per_rank first and was cut before prealloc_max_recv_tokens, so it told the
@@ -105,8 +105,10 @@ def test_a_small_buffer_while_capturing_names_the_buffer_setting():
                       "step: a rank receives at most 5; raise prealloc_max_recv_tokens (or "
                       "EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS)\n") == 2, text
     assert "raise max_dispatch_tokens_per_rank" not in text
-    # the largest buffer the knob allows: the message still fits CUDA's assert whole
+    # the largest buffer the knob allows (on a machine whose memory would hold it): the message still fits
+    # CUDA's assert whole
     most = ep.envs.MAX_TOKENS
+    monkeypatch.setattr(ep.dispatchers.base, "memory_bound", lambda: (2 ** 62, "host"))
     mori = ep.dispatchers.create("mori", ep.MoeConfig(8, 2, 16, 8), max_dispatch_tokens_per_rank=most,
                                  prealloc_max_recv_tokens=most)
     message = RankExchange._static_message(most, most, mori._capacity, True) + mori._capacity.raise_hint(False)
@@ -233,3 +235,17 @@ def test_an_option_mori_does_not_take_fails_every_rank_at_once(async_op, with_to
     assert got == ["mori dispatch got handle=ExchangeHandle; allowed per-call options: none (besides async_op, "
                    "return_recv_hook, previous_event)",
                    "mori dispatch: rank 0 of 2 was given bad input (its own error names the argument); no token was sent"]
+
+
+def test_huge_buffer_knobs_are_refused_before_any_allocation(monkeypatch):
+    """A receive buffer larger than the machine's memory is an error naming the setting and the memory, when built."""
+    cfg = ep.MoeConfig(8, 2, 4096, 8)  # (H large enough that 2**31 rows exceed any GPU's or host's memory)
+    monkeypatch.setenv("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", str(2 ** 31 - 1))
+    with pytest.raises(ValueError, match=r"prealloc_max_recv_tokens / EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS = "
+                                         r"2147483647: its buffers would take at least"):
+        ep.dispatchers.create("mori", cfg, max_dispatch_tokens_per_rank=4)
+    monkeypatch.setenv("EP_RUNTIME_MORI_PREALLOC_MAX_RECV_TOKENS", "0")
+    with pytest.raises(ValueError, match=r"max_dispatch_tokens_per_rank / EP_RUNTIME_MORI_NUM_MAX_DISPATCH_TOKENS_"
+                                         r"PER_RANK x R = 2147483647: its buffers"):
+        ep.dispatchers.create("mori", cfg, max_dispatch_tokens_per_rank=2 ** 31 - 1)
+    assert ep.dispatchers.create("mori", cfg, max_dispatch_tokens_per_rank=8192).num_buffer_rows == 8192

@@ -881,12 +881,31 @@ def test_init_distributed_timeout_argument_is_checked(bad):
     try:
         with pytest.raises(ValueError, match=re.escape(f"timeout_s={bad!r}; allowed: 1 <= seconds <= 1e+09")):
             ep.init_distributed(backend="gloo", timeout_s=bad)
-        assert ep.init_distributed(backend="gloo", timeout_s=5) is group
-        for number in (np.float32(2.5), np.int64(5)):  # numpy's numbers are numbers (a TypeError before)
-            assert ep.init_distributed(backend="gloo", timeout_s=number) is group
+        assert ep.init_distributed(backend="gloo", timeout_s=300) is group  # the timeout it was made with
+        assert ep.init_distributed(backend="gloo", timeout_s=np.int64(300)) is group  # numpy's numbers are numbers
+    finally:
+        ep.destroy_distributed()
+    group = ep.init_distributed(backend="gloo", timeout_s=2.5)
+    try:
+        assert ep.init_distributed(backend="gloo", timeout_s=np.float32(2.5)) is group
     finally:
         ep.destroy_distributed()
     assert ep.distributed.check_timeout(np.float32(2.5)) == 2.5
+
+
+def test_second_init_distributed_refuses_another_timeout():
+    """A second call with another timeout_s than the group was made with raises naming both (it was ignored
+    without a word: the group and ep-runtime's waits kept the first timeout)."""
+    group = ep.init_distributed(backend="gloo", timeout_s=30)
+    try:
+        message = ("timeout_s=5, but the default process group exists with timeout_s=30; allowed: None or 30 "
+                   "(it is returned as it is), or ep.destroy_distributed() first")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ep.init_distributed(backend="gloo", timeout_s=5)
+        assert ep.distributed.timeout_s() == 30
+        assert ep.init_distributed(backend="gloo") is group and ep.init_distributed(timeout_s=30.0) is group
+    finally:
+        ep.destroy_distributed()
 
 
 def test_numpy_integers_are_taken_as_ints():
