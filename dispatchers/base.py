@@ -46,9 +46,10 @@ def resolve_int(name: str, value: Any, knob: Optional[str] = None, minimum: int 
 
 
 def memory_bound() -> tuple[int, str]:
-    """Bytes the static buffers may take at most, and where: the current GPU's total memory when CUDA is
-    available (the buffers live there), else the host's."""
-    if torch.cuda.is_available():
+    """Bytes the static buffers may take at most, and where: the current GPU's total memory once this process
+    has initialised CUDA (the buffers live there), else the host's (asking the GPU would initialise CUDA here,
+    which a CPU job, or a process forked after, must not have done for it)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host"
 
