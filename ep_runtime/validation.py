@@ -56,6 +56,15 @@ def finite_float(name: str, value) -> float:
     return float(value)
 
 
+def check_routed_scaling_factor(value) -> float:
+    """A routed_scaling_factor as a float: finite and > 0 (0 would silently zero every routed output, a negative one
+    flip its sign; no model scales so, and SGLang / vLLM take either without a word)."""
+    value = finite_float("routed_scaling_factor", value)
+    if not value > 0:
+        raise ValueError(f"routed_scaling_factor={value!r}; allowed: a finite number > 0 (1.0: no scaling)")
+    return value
+
+
 _CUDA: list = []  # torch.cuda.is_available(), asked once: it costs ~2 us and capturing() runs several times a call
 
 
