@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ep_runtime.quant import QuantConfig, check_scale_tensor
-from ep_runtime.validation import finite_float, is_bool, is_int_at_least
+from ep_runtime.validation import check_routed_scaling_factor, finite_float, is_bool, is_int_at_least
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -67,8 +67,7 @@ class MoeConfig:
             if not isinstance(limit, numbers.Real) or isinstance(limit, bool) or not limit > 0:
                 raise ValueError(f"gemm1_clamp_limit={limit!r} must be a number > 0 (inf: no clamp)")
             object.__setattr__(self, "gemm1_clamp_limit", float(limit))
-        object.__setattr__(self, "routed_scaling_factor",
-                           finite_float("routed_scaling_factor", self.routed_scaling_factor))
+        object.__setattr__(self, "routed_scaling_factor", check_routed_scaling_factor(self.routed_scaling_factor))
 
     @property
     def w13_rows(self) -> int:

@@ -8,7 +8,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import routing_kernels
-from .validation import check_finite, check_float_tensor, finite_float, is_bool, is_int_at_least, weights_dtype
+from .validation import (
+    check_finite,
+    check_float_tensor,
+    check_routed_scaling_factor,
+    is_bool,
+    is_int_at_least,
+    weights_dtype,
+)
 
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -65,8 +72,7 @@ class TopKConfig:
         if self.group_score is not None and self.num_expert_group is None:
             raise ValueError(f"group_score={self.group_score!r} scores expert groups; give num_expert_group and "
                              f"topk_group too (or leave group_score None)")
-        object.__setattr__(self, "routed_scaling_factor",
-                           finite_float("routed_scaling_factor", self.routed_scaling_factor))
+        object.__setattr__(self, "routed_scaling_factor", check_routed_scaling_factor(self.routed_scaling_factor))
         for name in ("top_k", "num_expert_group", "topk_group"):  # numpy ints become plain ints
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))

@@ -56,6 +56,15 @@ def finite_float(name: str, value) -> float:
     return float(value)
 
 
+def check_routed_scaling_factor(value) -> float:
+    """A routed_scaling_factor as a float: finite and > 0 (0 would silently zero every routed output, a negative one
+    flip its sign; no model scales so, and SGLang / vLLM take either without a word)."""
+    value = finite_float("routed_scaling_factor", value)
+    if not value > 0:
+        raise ValueError(f"routed_scaling_factor={value!r}; allowed: a finite number > 0 (1.0: no scaling)")
+    return value
+
+
 _CUDA: list = []  # torch.cuda.is_available(), asked once: it costs ~2 us and capturing() runs several times a call
 
 
@@ -284,6 +293,20 @@ def _raise_bad_id(topk_ids: torch.Tensor, num_experts: int, why: Optional[str] =
     value = int(topk_ids[where[0], where[1]])
     raise ValueError(f"topk_ids has id {value} at {where}; allowed -1..{num_experts - 1} "
                      f"({why or f'num_experts={num_experts}'})")
+
+
+def check_ids_not_below_minus_one(topk_ids: torch.Tensor, why: str) -> None:
+    """No id below -1 (which no expert has, on any rank: a caller's bug, else silently skipped as another rank's
+    expert): on the host for CPU ids, a device-side assert on CUDA (no host sync), as check_local_ids."""
+    if topk_ids.numel() == 0 or topk_ids.is_meta:
+        return
+    below = topk_ids < -1
+    if topk_ids.is_cuda:
+        assert_on_device(~below.any(), f"topk_ids has an id below -1 ({why})")
+    elif bool(below.any()):
+        where = [int(i) for i in below.nonzero()[0]]
+        raise ValueError(f"topk_ids has id {int(topk_ids[tuple(where)])} at {where}; allowed: -1 (no expert) or an id "
+                         f">= 0 ({why})")
 
 
 def check_local_ids(topk_ids: torch.Tensor, num_local_experts: int) -> None:

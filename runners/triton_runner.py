@@ -36,7 +36,13 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, as_quant_config, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.validation import check_expert_dtypes, check_hidden_states, check_topk, is_int_at_least
+from ep_runtime.validation import (
+    check_expert_dtypes,
+    check_hidden_states,
+    check_ids_not_below_minus_one,
+    check_topk,
+    is_int_at_least,
+)
 
 from . import register
 from .base import _NO_HOOKS, GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
@@ -461,7 +467,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                   w13_scale_inv: Optional[torch.Tensor] = None, w2_scale_inv: Optional[torch.Tensor] = None,
                   quant: Optional[Union[str, QuantConfig]] = None) -> torch.Tensor:
     """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
-    gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert, ids outside [first_expert, first_expert+L)
+    gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert (below -1: an error), ids outside [first_expert, first_expert+L)
     are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I] and b2 [L, H] optional (both or neither).
     fp8 experts: w13/w2 float8_e4m3fn with w13_scale_inv [L, ceil(2I/128), ceil(H/128)] and
     w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: an ep.QuantConfig or a format's name, default
@@ -486,6 +492,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     intermediate = w13_rows // 2 if is_gated else w13_rows
     check_hidden_states(x, H, name="x")
     check_topk(topk_ids, topk_weights, x.shape[0], L, None, x.device, values=False)
+    check_ids_not_below_minus_one(topk_ids, "global ids; those outside [first_expert, first_expert + L) are skipped")
     for name, t in (("w13", w13), ("w2", w2), ("b13", b13), ("b2", b2), ("w13_scale_inv", w13_scale_inv),
                     ("w2_scale_inv", w2_scale_inv)):
         if t is not None and t.device != x.device:

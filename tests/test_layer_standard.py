@@ -105,6 +105,8 @@ def test_bad_input_names_argument_value_and_range(bad, error, match):
     (dict(gemm1_alpha=1.0, activation="gelu"), r"gemm1_alpha \(gpt-oss SwiGLU\) needs is_gated=True and activation="),
     (dict(gemm1_clamp_limit=7.0, is_gated=False), "gemm1_clamp_limit=7.0 clamps gate and up: it needs is_gated=True"),
     (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor=inf must be a finite number"),
+    (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0; allowed: a finite number > 0"),
+    (dict(routed_scaling_factor=-1), r"routed_scaling_factor=-1.0; allowed: a finite number > 0"),
     (dict(gemm1_alpha=float("nan")), "gemm1_alpha=nan must be a finite number"),
     (dict(gemm1_clamp_limit="7"), r"gemm1_clamp_limit='7' must be a number > 0 \(inf: no clamp\)"),
     (dict(gemm1_clamp_limit=True), r"gemm1_clamp_limit=True must be a number > 0"),

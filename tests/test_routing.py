@@ -146,6 +146,8 @@ def test_bad_routing_config(cfg, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor=nan must be a finite number"),
+    (dict(routed_scaling_factor=0), r"routed_scaling_factor=0.0; allowed: a finite number > 0"),
+    (dict(routed_scaling_factor=-2.5), r"routed_scaling_factor=-2.5; allowed: a finite number > 0"),
     (dict(group_score="sum"), "group_score='sum'; allowed: None"),
     (dict(num_expert_group=2, topk_group=0), "topk_group=0 must be in"),
     (dict(top_k=2.0), "top_k=2.0 must be an int >= 1"),

@@ -1175,6 +1175,28 @@ def test_fused_experts_names_the_bad_argument(bad, error, match):
         runners.fused_experts(**args)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int8])
+def test_fused_experts_names_an_id_below_minus_one(dtype):
+    """An id of -2 (no expert has it on any rank) was skipped as another rank's expert: its slot silently dropped
+    (y lost that expert's share). It is now named with its position; -1 and ids >= L stay skipped, matching the
+    float64 reference of the slots that remain."""
+    gen = torch.Generator().manual_seed(3)
+    w13, w2, _, _ = _weights(gen, 4, 16, 8)
+    x, w = torch.randn(3, 16, generator=gen), torch.rand(3, 2, generator=gen)
+    with pytest.raises(ValueError, match=r"topk_ids has id -2 at \[1, 1\]; allowed: -1 \(no expert\) or an id >= 0"):
+        runners.fused_experts(x, w13, w2, torch.tensor([[0, 1], [2, -2], [3, 3]], dtype=dtype), w)
+    ids = torch.tensor([[0, 1], [2, -1], [3, 9]], dtype=dtype)
+    y = runners.fused_experts(x, w13, w2, ids, w).double()
+    ref = torch.zeros(3, 16, dtype=torch.float64)
+    for t in range(3):
+        for k in range(2):
+            e = int(ids[t, k])
+            if 0 <= e < 4:
+                h = w13[e].double() @ x[t].double()
+                ref[t] += w[t, k].double() * (w2[e].double() @ (torch.nn.functional.silu(h[:8]) * h[8:]))
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("first", [-1, 1.5, True, None])
 def test_fused_experts_names_a_first_expert_that_is_not_an_int_at_least_0(first):
     """first_expert=-1 shifted every -1 slot onto local expert 0 (computed: a wrong y, 80% off), 1.5 gave fractional
