@@ -467,7 +467,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
                   w13_scale_inv: Optional[torch.Tensor] = None, w2_scale_inv: Optional[torch.Tensor] = None,
                   quant: Optional[Union[str, QuantConfig]] = None) -> torch.Tensor:
     """Functional fused MoE on one device: x [T, H]; w13 [L, 2I, H] ([gate; up]) or [L, I, H] when not
-    gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert (below -1: an error), ids outside [first_expert, first_expert+L)
+    gated; w2 [L, H, I]; topk_ids [T, K] int, -1 = no expert (below -1: an error on CPU), ids outside [first_expert, first_expert+L)
     are skipped (another rank's experts); topk_weights [T, K]; b13 [L, 2I or I] and b2 [L, H] optional (both or neither).
     fp8 experts: w13/w2 float8_e4m3fn with w13_scale_inv [L, ceil(2I/128), ceil(H/128)] and
     w2_scale_inv [L, ceil(H/128), ceil(I/128)] fp32 (quant: an ep.QuantConfig or a format's name, default
