@@ -722,16 +722,24 @@ def test_gluon_pipeline_settings_that_would_hang_are_errors():
     assert gluon_kernels.GEMM1_PIPELINE.stages >= 2 and gluon_kernels.GEMM2_PIPELINE.math_partitions in (1, 2)
 
 
-def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypatch):
-    """EP_RUNTIME_TRITON_FP8_GEMM=gluon (the Gluon GEMMs: CUDA capability 9.0 only, no interpreter) where it cannot
-    run: an error naming the knob and why (allowed: 'triton'), not a silent fall-back to other kernels; 'triton'
-    runs; a value outside the choices is an error."""
+def _tiny_fp8_problem(seed: int):
+    """(generator, QuantConfig, (w13, its scales, w2, its scales, x [3, 128], ids [3, 2], weights)): 2 experts,
+    H = I = 128, quantized by the default block rule."""
     E, K, H, I = 2, 2, 128, 128
-    gen = _seeded(11)
+    gen = _seeded(seed)
     q = QuantConfig()
     (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen)), q.quantize_weight(
         torch.randn(E, H, I, generator=gen))
     x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
+    return gen, q, (q13, s13, q2, s2, x, ids, weights)
+
+
+def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypatch):
+    """EP_RUNTIME_TRITON_FP8_GEMM=gluon (the Gluon GEMMs: CUDA capability 9.0 only, no interpreter) where it cannot
+    run: an error naming the knob and why (allowed: 'triton'), not a silent fall-back to other kernels; 'triton'
+    runs; a value outside the choices is an error."""
+    E, H, I = 2, 128, 128
+    gen, q, (q13, s13, q2, s2, x, ids, weights) = _tiny_fp8_problem(11)
     monkeypatch.setenv("EP_RUNTIME_TRITON_FP8_GEMM", "gluon")
     # what the layer asks is refused first, on any machine: biases; sizes not multiples of 128 (H = 192)
     with pytest.raises(ValueError, match="FP8_GEMM='gluon' cannot run here: biases are not supported"):
@@ -756,12 +764,7 @@ def test_gluon_fp8_gemm_where_it_cannot_run_is_an_error_naming_the_knob(monkeypa
 def test_fused_experts_checks_scale_values_on_cpu(bad):
     """fused_experts ran with a non-finite, zero or negative block scale (load_experts refuses them) and returned
     garbage without a word; on CPU it now raises naming the scale tensor, the value and where, as load_experts does."""
-    E, K, H, I = 2, 2, 128, 128
-    gen = _seeded(12)
-    q = QuantConfig()
-    (q13, s13), (q2, s2) = q.quantize_weight(torch.randn(E, 2 * I, H, generator=gen)), q.quantize_weight(
-        torch.randn(E, H, I, generator=gen))
-    x, ids, weights = torch.randn(3, H, generator=gen), torch.randint(0, E, (3, K), generator=gen), torch.rand(3, K)
+    gen, q, (q13, s13, q2, s2, x, ids, weights) = _tiny_fp8_problem(12)
     bad13, bad2 = s13.clone(), s2.clone()
     bad13[1, 1, 0], bad2[0, 0, 0] = bad, bad
     with pytest.raises(ValueError, match=re.escape(f"w13_scale_inv has {bad!r} at [1, 1, 0]; allowed: finite values > 0")):
