@@ -213,9 +213,14 @@ def get(name: str) -> Any:
 def values_on_every_rank() -> dict[str, Any]:
     """The knobs that must be equal on every rank, by name: each one's value (its raw text where it is invalid,
     which init_distributed reports on its own), for init_distributed's one all_gather to compare."""
-    return {name: knob.default if _unset(os.environ.get(name)) else
-            (os.environ[name] if problem_of(name) else get(name))
-            for name, knob in KNOBS.items() if knob.same_on_every_rank}
+    values = {}
+    for name, knob in KNOBS.items():
+        if knob.same_on_every_rank:
+            try:
+                values[name] = get(name)  # (the default where unset)
+            except ValueError:
+                values[name] = os.environ[name]
+    return values
 
 
 def _unset(raw: Optional[str]) -> bool:
