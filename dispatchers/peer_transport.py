@@ -46,7 +46,7 @@ import torch.distributed as dist
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure, abort_group, rank_name, ranks_name, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
-from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2, triton_interpreted
 from ep_runtime.validation import capturing
 
 from . import exchange_kernels, fp8_payload
@@ -686,10 +686,6 @@ def release_transports() -> None:
     _VERDICTS.clear()
 
 
-def _interpreting() -> bool:
-    return envs.launcher("TRITON_INTERPRET") == "1"
-
-
 def shared_gpu(every: list, group=None) -> Optional[str]:
     """Why ranks sharing one GPU cannot take the NVLink transport (None: one GPU per rank). every: each
     rank's (host, device index, GPU uuid), in rank order of `group` (named with their global ranks where
@@ -710,7 +706,7 @@ def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[
     if triton is None:
         return "triton is not installed", None
     if device.type != "cuda":  # CPU ranks: only the test stand-in, under the interpreter
-        return (None if _interpreting() else "the ranks are CPU processes (no GPU memory to map)"), None
+        return (None if triton_interpreted() else "the ranks are CPU processes (no GPU memory to map)"), None
     index = device.index if device.index is not None else torch.cuda.current_device()
     mine = (socket.gethostname(), index, str(torch.cuda.get_device_properties(index).uuid))
     every = [None] * world_size

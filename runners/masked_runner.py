@@ -43,11 +43,11 @@ from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scale
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import SLOT, bind, cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import triton_interpreted as interpreted
 from ep_runtime.validation import check_tile_sides
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
-from .base import triton_interpreted as interpreted
 
 try:
     import triton

@@ -36,6 +36,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, as_quant_config, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
+from ep_runtime.triton_launch import triton_interpreted as interpreted
 from ep_runtime.validation import (
     check_expert_dtypes,
     check_hidden_states,
@@ -46,7 +47,6 @@ from ep_runtime.validation import (
 
 from . import register
 from .base import _NO_HOOKS, GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
-from .base import triton_interpreted as interpreted
 
 try:
     import triton  # noqa: F401
