@@ -909,7 +909,7 @@ class EPMoE(nn.Module):
         d = self.dispatcher
         exchange = getattr(d, "exchange", None)  # (a registered dispatcher of one's own may have none)
         nodes = in_call_order(d.group, lambda: exchange.node_layout(device) if exchange is not None else
-                              resolve_nodes(d.group, d.rank, d.world_size, 0, device))
+                              resolve_nodes(d.group, d.world_size, 0, device))
         if nodes.num_nodes != num_nodes:
             return plan
         sizes = [len(nodes.ranks_on(b)) for b in range(nodes.num_nodes)]
