@@ -403,8 +403,7 @@ class EPMoE(nn.Module):
         given_tensors = dict(w13=w13, w2=w2, b13=b13, b2=b2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
         for name, t in given_tensors.items():
             if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
-                raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
-                                 f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+                self._refuse_meta(name)
             if isinstance(t, torch.Tensor) and not t.is_meta and self.w13.is_meta:  # (its copy would do nothing)
                 raise RuntimeError(f"{name} holds values but {_META_LAYER}")
         shard = given != E  # E rows are global, also where L == E (see above)
@@ -509,14 +508,18 @@ class EPMoE(nn.Module):
                     getattr(self, f"{param}_scale_inv")[j, first:first + scale.shape[0]].copy_(scale)
         return len(slots)
 
+    def _refuse_meta(self, name: str) -> None:
+        """load_experts' and load_expert's error for a checkpoint tensor on the meta device."""
+        raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
+                         f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+
     def _check_expert_piece(self, name: str, t, where: tuple, scale) -> None:
         """load_expert's checks of one piece that read no values: type, shape, dtype, scale shape, block fit."""
         param, start, shape = where
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}; got {type(t).__name__}")
         if t.is_meta:
-            raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
-                             f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+            self._refuse_meta(name)
         if not t.is_floating_point():
             raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
         check_expert_dtype(name, t)  # (e5m2, e4m3fnuz: no format of ours reads them)
