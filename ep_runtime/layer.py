@@ -865,9 +865,7 @@ class EPMoE(nn.Module):
         from . import eplb
         error = dp_size = None
         try:  # every argument before the first collective: a rank that fails tells the others below
-            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=True)
             eplb.check_num_nodes(num_nodes, self.placement.ep_size, self.config.num_experts,
                                  self.placement.num_physical_experts)
             if not isinstance(reset, bool):
@@ -935,9 +933,7 @@ class EPMoE(nn.Module):
         different plan, or .grad / optimizer state on some ranks only fails every rank, naming the rank(s)."""
         error = new = None
         try:  # checked before any collective; a rank that fails tells the others in the agreement below
-            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=True)
             new = self._check_plan(plan)
             if optimizer is not None:  # its state left in older slots by a move without it: moved on, lost for good
                 _refuse_stale_state(optimizer, (), {}, "apply_placement(optimizer=...)")
@@ -974,9 +970,7 @@ class EPMoE(nn.Module):
         error = old = None
         params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
         try:
-            if not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=False)
             old = self._check_plan(from_placement) if from_placement is not None else _STALE.get(self.w13, self.placement)
         except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
@@ -1230,6 +1224,16 @@ def _mark_state_stale(old: ExpertPlacement, params: list) -> None:
         _STALE.setdefault(param, old)  # (moved twice without an optimizer: its state is still in the first slots)
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_stale_state))
+
+
+def _check_optimizer(optimizer, optional: bool) -> None:
+    """rebalance's, apply_placement's (optional: None allowed) and remap_optimizer_state's optimizer argument."""
+    if optimizer is None and optional:
+        return
+    if not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: {'None or ' if optional else ''}the optimizer "
+                        f"of this layer's parameters (a torch.optim.Optimizer: its per-parameter .state moves with the "
+                        f"slots)")
 
 
 def _refuse_stale_state(optimizer, args, kwargs, where: str = "") -> None:
