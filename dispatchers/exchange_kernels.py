@@ -755,7 +755,7 @@ def pack_params(H: int, K: int, quant: Optional[QuantConfig]) -> tuple[float, fl
     group = groups = 1
     fp8_max = min_amax = 0.0
     if quant is None:
-        BLOCK_H = _block_h(H)
+        BLOCK_H = block_h(H)
     else:
         group, fp8_max, min_amax = quant.activation_group, quant.spec.max_value, MIN_AMAX
         # Groups per program: 1024 channels on a GPU (as the unquantized rows); the interpreter runs
@@ -775,7 +775,7 @@ def take_rows(rows: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, none:
     out_x = rows.new_empty(n, H)
     out_meta = torch.empty(n, 2 * K, dtype=torch.int32, device=rows.device)
     if n:
-        BLOCK_H = _block_h(H)
+        BLOCK_H = block_h(H)
         _take_rows_kernel[(n, cdiv(H, BLOCK_H))](
             rows, meta, index, out_x, out_meta, out_meta, H, K, rows.stride(0), meta.stride(0), none, BYTES=False,
             BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
@@ -792,7 +792,7 @@ def take_payload_rows(payload: torch.Tensor, index: torch.Tensor, hidden: int, d
     out_ids = torch.empty(n, K, dtype=torch.int32, device=device)
     out_w = torch.empty(n, K, dtype=torch.float32, device=device)
     if n:
-        BLOCK_H = _block_h(hidden)
+        BLOCK_H = block_h(hidden)
         _take_rows_kernel[(n, cdiv(hidden, BLOCK_H))](
             payload, payload, index, out_x, out_w, out_ids, hidden, K, payload.stride(0), _meta_offset(hidden, dtype),
             payload.shape[0], BYTES=True, BLOCK_H=BLOCK_H, BLOCK_K2=next_power_of_2(max(2 * K, 2)))
@@ -837,7 +837,7 @@ def ll_scatter(rows: torch.Tensor, slot_index: torch.Tensor, scale: Optional[tor
         rows = rows.contiguous()
     out = rows.new_empty(num_slots, H)
     if N * K:
-        BLOCK_H = _block_h(H)
+        BLOCK_H = block_h(H)
         if scale is not None and scale.dtype != torch.float32:  # (a dtype test: .float() is an op)
             scale = scale.float()
         _ll_scatter_kernel[(N, cdiv(H, BLOCK_H))](
@@ -864,14 +864,15 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.T
     N, K = index.shape if index.dim() == 2 else (index.shape[0], 1)
     out = src.new_empty(N, H) if out is None else out
     if N:
-        BLOCK_H = _block_h(H)
+        BLOCK_H = block_h(H)
         _gather_rows_kernel[(N, cdiv(H, BLOCK_H))](
             src.contiguous(), index.contiguous(), weight.contiguous() if weight is not None else index, out, K, H, S,
             WEIGHTED=weight is not None, BLOCK_H=BLOCK_H)
     return out
 
 
-def _block_h(H: int) -> int:
+def block_h(H: int) -> int:
+    """BLOCK_H of the row kernels (here and the NVLink transport's): H's power of two, 16..1024."""
     return min(1024, next_power_of_2(max(H, 16)))
 
 

@@ -109,9 +109,8 @@ def use_two_stages(mode: str, nodes: NodeLayout) -> bool:
     return mode == "on" and nodes.num_nodes > 1
 
 
-def _node_key(rank: int, ranks_per_node: int) -> int:
-    if ranks_per_node > 0:
-        return rank // ranks_per_node
+def _node_key() -> int:
+    """This rank's node, as far as it knows alone: the launcher's node index, else a hash of the host name."""
     # Under Open MPI's mpirun a SLURM_NODEID is not this job's: mpirun starts its daemons with an srun step
     # of the other nodes (numbered from 0 there) and its own node's ranks inherit the batch script's 0, so two
     # nodes would read one (detect_launch ignores the Slurm variables there too); the host name tells them apart.
@@ -123,12 +122,12 @@ def _node_key(rank: int, ranks_per_node: int) -> int:
     return zlib.crc32(socket.gethostname().encode())  # same host name, same node (a clash only costs speed)
 
 
-def resolve_nodes(group, rank: int, world_size: int, ranks_per_node: int, device: torch.device) -> NodeLayout:
+def resolve_nodes(group, world_size: int, ranks_per_node: int, device: torch.device) -> NodeLayout:
     """Every rank's node: from ranks_per_node alone when > 0, else one all_gather of each rank's key
     (call it on every rank together)."""
     if ranks_per_node > 0 or world_size == 1:
         return NodeLayout.blocks(world_size, ranks_per_node or 1)
-    mine = torch.tensor([_node_key(rank, 0)], dtype=torch.int64, device=device)
+    mine = torch.tensor([_node_key()], dtype=torch.int64, device=device)
     return NodeLayout.from_keys(all_gather_rows(mine, group, world_size).view(-1).tolist())
 
 

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from ep_runtime import envs
 from ep_runtime.distributed import PeerFailure, abort_group, rank_name, ranks_name, record_failure, timeout_s
 from ep_runtime.quant import QuantConfig
-from ep_runtime.triton_launch import fast_launch, next_power_of_2
+from ep_runtime.triton_launch import cdiv, fast_launch, next_power_of_2, triton_interpreted
 from ep_runtime.validation import capturing
 
 from . import exchange_kernels, fp8_payload
@@ -480,7 +480,7 @@ class PeerTransport:
                              f"(0, 2, 3), {want} and layout.length = {ROW} entries")
         fp8_max, min_amax, blocks = exchange_kernels.pack_params(H, K, quant)
         self._open()
-        _put_tokens_kernel[(chunk + 2, -(-H // blocks["BLOCK_H"]), R)](
+        _put_tokens_kernel[(chunk + 2, cdiv(H, blocks["BLOCK_H"]), R)](
             x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), in_rank, rank_of, local_of, count_row,
             self._region_ptrs, combine_index, send_token, T, H, K, E, R, me, chunk, row_bytes, scale_at,
             meta_at, header_at, ROW, layout.flags_at, fp8_max, min_amax, FLAGS=layout.num_flags > 0,
@@ -499,12 +499,12 @@ class PeerTransport:
         itemsize) first."""
         self.check()
         (N, K), H = index.shape, src.shape[1]
-        BLOCK_H = min(1024, triton.next_power_of_2(max(H, 16)))
+        BLOCK_H = exchange_kernels.block_h(H)
         row_bytes = H * src.element_size()
         self._open()
-        _put_sums_kernel[(N, -(-H // BLOCK_H))](
+        _put_sums_kernel[(N, cdiv(H, BLOCK_H))](
             src.contiguous(), index.contiguous(), weight.float().contiguous(), self._region_ptrs, K, H, src.shape[0],
-            self.rank, chunk, row_bytes, BLOCK_H=BLOCK_H, BLOCK_K=triton.next_power_of_2(max(K, 2)),
+            self.rank, chunk, row_bytes, BLOCK_H=BLOCK_H, BLOCK_K=next_power_of_2(max(K, 2)),
             ALIGN=math.gcd(row_bytes, 16))
         return self._finish(N * H * src.element_size()).view(src.dtype).view(N, H)
 
@@ -686,10 +686,6 @@ def release_transports() -> None:
     _VERDICTS.clear()
 
 
-def _interpreting() -> bool:
-    return envs.launcher("TRITON_INTERPRET") == "1"
-
-
 def shared_gpu(every: list, group=None) -> Optional[str]:
     """Why ranks sharing one GPU cannot take the NVLink transport (None: one GPU per rank). every: each
     rank's (host, device index, GPU uuid), in rank order of `group` (named with their global ranks where
@@ -710,7 +706,7 @@ def _cannot_map(group, device: torch.device, world_size: int) -> tuple[Optional[
     if triton is None:
         return "triton is not installed", None
     if device.type != "cuda":  # CPU ranks: only the test stand-in, under the interpreter
-        return (None if _interpreting() else "the ranks are CPU processes (no GPU memory to map)"), None
+        return (None if triton_interpreted() else "the ranks are CPU processes (no GPU memory to map)"), None
     index = device.index if device.index is not None else torch.cuda.current_device()
     mine = (socket.gethostname(), index, str(torch.cuda.get_device_properties(index).uuid))
     every = [None] * world_size

@@ -330,8 +330,7 @@ class RankExchange:
         """Every rank's node, resolved once (one small all_gather unless ranks_per_node is set; every rank
         calls it together the first time) and kept: the host plans' and rebalance's one source."""
         if self.nodes is None:
-            self.nodes = hierarchical.resolve_nodes(self.group, self.rank, self.world_size, self.ranks_per_node,
-                                                    device)
+            self.nodes = hierarchical.resolve_nodes(self.group, self.world_size, self.ranks_per_node, device)
         return self.nodes
 
     def _read_table(self, table: torch.Tensor, issued_at: float, landed: bool = False,

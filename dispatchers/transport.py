@@ -1,9 +1,10 @@
-"""How rows cross ranks. Dispatchers call these functions only, so a faster transport (NVLink
-stores into symmetric memory) can replace them without touching the dispatch logic.
+"""The collective transport: how rows cross ranks through torch.distributed, everywhere (NCCL on GPU,
+gloo on CPU, across hosts). The other transport, NVLink stores into symmetric memory
+(peer_transport.py), is chosen per exchange by rank_exchange (peer_transport(): None means this one).
 
-The portable transport is torch.distributed: all_to_all_single for payloads (NCCL on GPU, gloo on
-CPU), all_gather for the small count tables. `all_to_all` is differentiable: its backward is the
-reverse exchange, which is what makes dispatch's backward a combine and combine's a dispatch.
+all_to_all_single for payloads, all_gather for the small count tables. `all_to_all` is differentiable:
+its backward is the reverse exchange, which is what makes dispatch's backward a combine and combine's
+a dispatch.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one registry of environment variables. Nothing else in ep_runtime reads os.environ.
 
-Two kinds of entries:
+Three kinds of entries:
 - knobs (EP_RUNTIME_*): typed settings with a default and a one-line doc; an invalid value
   raises an error that names the variable, the value and what is allowed.
 - launcher variables (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, ...): set by torchrun, Slurm

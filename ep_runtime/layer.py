@@ -403,8 +403,7 @@ class EPMoE(nn.Module):
         given_tensors = dict(w13=w13, w2=w2, b13=b13, b2=b2, w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
         for name, t in given_tensors.items():
             if isinstance(t, torch.Tensor) and t.is_meta and not self.w13.is_meta:
-                raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
-                                 f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+                self._refuse_meta(name)
             if isinstance(t, torch.Tensor) and not t.is_meta and self.w13.is_meta:  # (its copy would do nothing)
                 raise RuntimeError(f"{name} holds values but {_META_LAYER}")
         shard = given != E  # E rows are global, also where L == E (see above)
@@ -509,14 +508,18 @@ class EPMoE(nn.Module):
                     getattr(self, f"{param}_scale_inv")[j, first:first + scale.shape[0]].copy_(scale)
         return len(slots)
 
+    def _refuse_meta(self, name: str) -> None:
+        """load_experts' and load_expert's error for a checkpoint tensor on the meta device."""
+        raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
+                         f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+
     def _check_expert_piece(self, name: str, t, where: tuple, scale) -> None:
         """load_expert's checks of one piece that read no values: type, shape, dtype, scale shape, block fit."""
         param, start, shape = where
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}; got {type(t).__name__}")
         if t.is_meta:
-            raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
-                             f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+            self._refuse_meta(name)
         if not t.is_floating_point():
             raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")
         check_expert_dtype(name, t)  # (e5m2, e4m3fnuz: no format of ours reads them)
@@ -862,9 +865,7 @@ class EPMoE(nn.Module):
         from . import eplb
         error = dp_size = None
         try:  # every argument before the first collective: a rank that fails tells the others below
-            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=True)
             eplb.check_num_nodes(num_nodes, self.placement.ep_size, self.config.num_experts,
                                  self.placement.num_physical_experts)
             if not isinstance(reset, bool):
@@ -909,7 +910,7 @@ class EPMoE(nn.Module):
         d = self.dispatcher
         exchange = getattr(d, "exchange", None)  # (a registered dispatcher of one's own may have none)
         nodes = in_call_order(d.group, lambda: exchange.node_layout(device) if exchange is not None else
-                              resolve_nodes(d.group, d.rank, d.world_size, 0, device))
+                              resolve_nodes(d.group, d.world_size, 0, device))
         if nodes.num_nodes != num_nodes:
             return plan
         sizes = [len(nodes.ranks_on(b)) for b in range(nodes.num_nodes)]
@@ -932,9 +933,7 @@ class EPMoE(nn.Module):
         different plan, or .grad / optimizer state on some ranks only fails every rank, naming the rank(s)."""
         error = new = None
         try:  # checked before any collective; a rank that fails tells the others in the agreement below
-            if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: None or the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=True)
             new = self._check_plan(plan)
             if optimizer is not None:  # its state left in older slots by a move without it: moved on, lost for good
                 _refuse_stale_state(optimizer, (), {}, "apply_placement(optimizer=...)")
@@ -971,9 +970,7 @@ class EPMoE(nn.Module):
         error = old = None
         params = [t for t in (getattr(self, name) for name in _EXPERT_TENSORS) if t is not None]
         try:
-            if not isinstance(getattr(optimizer, "state", None), Mapping):
-                raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: the optimizer of this layer's "
-                                f"parameters (a torch.optim.Optimizer: its per-parameter .state moves with the slots)")
+            _check_optimizer(optimizer, optional=False)
             old = self._check_plan(from_placement) if from_placement is not None else _STALE.get(self.w13, self.placement)
         except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
@@ -1227,6 +1224,16 @@ def _mark_state_stale(old: ExpertPlacement, params: list) -> None:
         _STALE.setdefault(param, old)  # (moved twice without an optimizer: its state is still in the first slots)
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_pre_hook(_refuse_stale_state))
+
+
+def _check_optimizer(optimizer, optional: bool) -> None:
+    """rebalance's, apply_placement's (optional: None allowed) and remap_optimizer_state's optimizer argument."""
+    if optimizer is None and optional:
+        return
+    if not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: {'None or ' if optional else ''}the optimizer "
+                        f"of this layer's parameters (a torch.optim.Optimizer: its per-parameter .state moves with the "
+                        f"slots)")
 
 
 def _refuse_stale_state(optimizer, args, kwargs, where: str = "") -> None:

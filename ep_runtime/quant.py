@@ -41,10 +41,6 @@ def register_format(fmt: QuantFormat) -> None:
     add_once(_FORMATS, fmt.name, fmt, f"quantization format {fmt.name!r}")
 
 
-def registered_formats() -> list[str]:
-    return list(_FORMATS)
-
-
 register_format(QuantFormat("fp8_block", torch.float8_e4m3fn, 448.0,
                             "float8_e4m3fn weights with [128, 128] block scales, activations per token and 128 "
                             "channels"))

@@ -529,11 +529,6 @@ def format_path(format: str) -> FormatPath:
     return _FORMATS[format]
 
 
-def registered_formats() -> list[str]:
-    _ensure_registrations()
-    return sorted(_FORMATS)
-
-
 def registered_pairs() -> list[tuple[str, str]]:
     """Every (format, backend) pair the core can run: all of them (natively or through a conversion)."""
     _ensure_registrations()

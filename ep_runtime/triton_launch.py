@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import envs
+
 _DISABLED: list[str] = []  # why the direct launch was turned off (Triton's internals differ): Triton's path then
 _KNOBS: list = []  # (triton.knobs.runtime, triton.knobs.compilation), imported on the first launch; [] without
 
@@ -223,6 +225,13 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """triton.next_power_of_2 for host code (0 for n <= 0, as Triton's)."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def triton_interpreted() -> bool:
+    """Whether TRITON_INTERPRET asks Triton to run kernels on CPU tensors through its interpreter, read as Triton
+    reads it (1, true, yes or on, in any case): the environment now, where interpreted(kernel) is what a kernel
+    was decorated under."""
+    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def interpreted(kernel: Any) -> bool:

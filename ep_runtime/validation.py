@@ -232,16 +232,6 @@ def weights_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
-    """ids as int32, wider values saturated to the int32 range, so an out-of-range int64 id (2**40, say)
-    stays out of range instead of wrapping onto a valid expert (for kernels that read ids before
-    they are checked)."""
-    if topk_ids.dtype == torch.int64:
-        info = torch.iinfo(torch.int32)
-        topk_ids = topk_ids.clamp(info.min, info.max)
-    return topk_ids.to(torch.int32)
-
-
 def topk_value_flags(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                      distinct: bool = False) -> torch.Tensor:
     """[2] int32 on the device, no sync: (any id outside [-1, E), any non-finite weight), and a third,

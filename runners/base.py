@@ -10,6 +10,7 @@ import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, check_row_scales, convert, untraced
+from ep_runtime.triton_launch import triton_interpreted
 from ep_runtime.validation import check_expert_dtypes
 
 # hook(inputs [P, in], outputs [P, out], expert_index [P]) -> replacement outputs or None.
@@ -203,12 +204,6 @@ def recompute_backward(recompute: Callable[..., torch.Tensor], inputs: Sequence[
 
 
 _RUN_CHECKED = untraced(RunnerBackend.run_checked)
-
-
-def triton_interpreted() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
-    from ep_runtime import envs
-    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 class TritonBackend(RunnerBackend):

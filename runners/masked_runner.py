@@ -42,12 +42,12 @@ from ep_runtime.config import ExpertWeights, MoeConfig
 from ep_runtime.quant import INFERENCE_ONLY, MIN_AMAX, QuantConfig, decode_scales
 from ep_runtime.runner_core import ExpertMajorInput, needs_grad
 from ep_runtime.scratch import SCRATCH
-from ep_runtime.triton_launch import SLOT, bind, cdiv, fast_launch
+from ep_runtime.triton_launch import SLOT, bind, cdiv, fast_launch, next_power_of_2
+from ep_runtime.triton_launch import triton_interpreted as interpreted
 from ep_runtime.validation import check_tile_sides
 
 from . import register
 from .base import GemmHooks, TritonBackend, recompute_backward
-from .base import triton_interpreted as interpreted
 
 try:
     import triton
@@ -340,7 +340,7 @@ if triton is not None:
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-            masked_m: torch.Tensor, N: int, block_n: int, tiles: MaskedTiles, *,
+            N: int, block_n: int, tiles: MaskedTiles, *,
             activation: Optional[MoeConfig] = None, scale: float = 1.0, quant: Optional[QuantConfig] = None,
             a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
             out_scale: Optional[torch.Tensor] = None, k_splits: int = 1, split_below: int = 0) -> Callable[..., None]:
@@ -374,7 +374,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out:
     values = (quant.spec.max_value if scaled else 1.0, MIN_AMAX, float(scale))
     kernel = bind(_masked_gemm_kernel, (programs, cdiv(N, block_n), L), *(SLOT,) * 7, rows, splits, split_below,
                   *sizes[1:], SLOT, *a_scale_strides, SLOT, *w_scale_strides, SLOT, *out_scale_strides, *values,
-                  K_SPLIT=k_splits > 1, L_PAD=triton.next_power_of_2(L) if k_splits > 1 else 1, **meta)
+                  K_SPLIT=k_splits > 1, L_PAD=next_power_of_2(L) if k_splits > 1 else 1, **meta)
 
     def launch(a, w, bias, out, masked_m, a_scale=None, w_scale=None, out_scale=None, partial=None, arrived=None):
         # (unused pointers get a tensor that is never read: the kernel's constexprs turn their loads off)
@@ -499,11 +499,11 @@ class _Plan:
         if launches is None:
             fp8 = {} if quant is None else dict(quant=quant, a_scale=recv_scale, w_scale=weights.w13_scale_inv,
                                                 out_scale=a_scale)
-            first = _launch(recv_x, weights.w13, weights.b13, a, masked_m, config.intermediate_size,
+            first = _launch(recv_x, weights.w13, weights.b13, a, config.intermediate_size,
                             tiles.BLOCK_N1 if quant is None else quant.activation_group, tiles, activation=config,
                             **fp8)
             fp8 = {} if quant is None else dict(quant=quant, a_scale=a_scale, w_scale=weights.w2_scale_inv)
-            second = _launch(a, weights.w2, weights.b2, out, masked_m, H, tiles.BLOCK_N2, tiles,
+            second = _launch(a, weights.w2, weights.b2, out, H, tiles.BLOCK_N2, tiles,
                              scale=config.routed_scaling_factor, k_splits=tiles.K_SPLITS,
                              split_below=self.split_below, **fp8)
             if second.split_sizes is not None:  # (any launch on this stream may share them: counts end at 0)

@@ -36,6 +36,7 @@ from ep_runtime.placement import ExpertPlacement
 from ep_runtime.quant import INFERENCE_ONLY, QuantConfig, as_quant_config, decode_scales
 from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
+from ep_runtime.triton_launch import triton_interpreted as interpreted
 from ep_runtime.validation import (
     check_expert_dtypes,
     check_hidden_states,
@@ -46,7 +47,6 @@ from ep_runtime.validation import (
 
 from . import register
 from .base import _NO_HOOKS, GemmHooks, TritonBackend, call_hook, check_hooks, recompute_backward
-from .base import triton_interpreted as interpreted
 
 try:
     import triton  # noqa: F401
@@ -189,7 +189,7 @@ class _Plan:
         self.scratch_key = ("triton", self.P, L, block_config.BLOCK_M, H, I, self.out_dtype, quant, split)
         self.launches = None  # (align, GEMM 1, GEMM 2, reduction), prepared at the first run
 
-    def _prepare(self, inp, weights, x, x_scale, aligned, a, a_scale, o, h, weight, scale) -> tuple:
+    def _prepare(self, inp, weights, x, x_scale, aligned, a, a_scale, o, h, scale) -> tuple:
         config, quant, interp, K = self.config, weights.quant, kernels.INTERPRETED, self.top_k
         gemm1, gemm2 = self.block_config.gemm1, self.block_config.gemm2
         kernels.check_id_table(inp.id_table)
@@ -223,8 +223,7 @@ class _Plan:
         h = torch.empty(P, config.w13_rows, dtype=x.dtype, device=x.device) if hooks.after_gemm1 is not None else None
         launches = self.launches
         if launches is None or self.hooked:  # (a hooked plan serves one call)
-            launches = self.launches = self._prepare(inp, weights, x, x_scale, aligned, a, a_scale, o, h, weight,
-                                                     scale)
+            launches = self.launches = self._prepare(inp, weights, x, x_scale, aligned, a, a_scale, o, h, scale)
         align, first, second, reduce = launches
         if to_quantize is None:
             align(*kernels.align_inputs(inp.topk_ids, inp.expert_mask, inp.id_table), aligned)

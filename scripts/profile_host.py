@@ -147,34 +147,24 @@ def main(argv=None) -> int:
     report = {"R": R, "rows": [], "profiles": {}, "floor": floor_us(device)}
     if rank == 0:
         print("floor (host us per call):", report["floor"], flush=True)
-    cases = [("standard", {}), ("deepep_normal", {}), ("deepep_normal", {"num_worst_tokens": None}),
-             ("mori", {}), ("deepep_ll", {})]
+    # (label, dispatcher, its options at T tokens per rank; None: not profiled at that T)
+    cases = [("standard", "standard", lambda T: {}),
+             ("deepep_normal", "deepep_normal", lambda T: {}),
+             ("deepep_normal_static", "deepep_normal", lambda T: {"num_worst_tokens": T * R}),
+             ("mori", "mori", lambda T: {"max_dispatch_tokens_per_rank": T}),
+             ("deepep_ll", "deepep_ll", lambda T: {"num_max_dispatch_tokens_per_rank": T} if T <= 256 else None)]
     for T in [int(t) for t in args.tokens.split(",")]:
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         ids, w = routing(T, E, K, device, 1000 + rank)
         topk = ep.TopKOutput(ids, w)
-        for name, opts in cases:
-            opts = dict(opts)
-            label = name
-            if "num_worst_tokens" in opts:
-                opts["num_worst_tokens"] = T * R
-                label = "deepep_normal_static"
-            if name == "mori":
-                opts["max_dispatch_tokens_per_rank"] = T
-            if name == "deepep_ll":
-                if T > 256:
-                    continue
-                opts["num_max_dispatch_tokens_per_rank"] = T
+        for label, name, options in cases:
+            opts = options(T)
+            if opts is None:
+                continue
             d = ep.dispatchers.create(name, config, group=group, device=device, **opts)
             out = d.dispatch(x, topk)
-            if name == "deepep_ll":
-                y_rows = out.recv_x.clone()
-            elif name == "mori":
-                y_rows = out.recv_x.clone()
-            elif name == "standard":
-                y_rows = out.hidden_states.clone()
-            else:
-                y_rows = out.recv_x.clone()
+            # combine's rows: the received rows as they came (standard receives x itself)
+            y_rows = (out.hidden_states if name == "standard" else out.recv_x).clone()
             ci = CombineInput(y_rows, out)
             row = {"dispatcher": label, "T": T}
             row["dispatch_host_us"] = host_us(lambda: d.dispatch(x, topk))
@@ -183,7 +173,7 @@ def main(argv=None) -> int:
             row["combine_dev_us"] = device_us(lambda: d.combine(ci))
             row["dispatch_syncs"] = host_syncs(lambda: d.dispatch(x, topk))
             row["combine_syncs"] = host_syncs(lambda: d.combine(ci))
-            if name == "deepep_normal" and label == "deepep_normal":
+            if label == "deepep_normal":
                 row["reuse_host_us"] = host_us(lambda: d.dispatch(x, topk, handle=out.handle))
                 row["reuse_dev_us"] = device_us(lambda: d.dispatch(x, topk, handle=out.handle))
                 row["reuse_syncs"] = host_syncs(lambda: d.dispatch(x, topk, handle=out.handle))

@@ -1007,30 +1007,29 @@ def _dispatch_rank(rank, world_size, forced, cases):
         options = {"use_fp8": True, "fp8_scale_encoding": encoding}
         options.update({"deepep_ll": {"num_max_dispatch_tokens_per_rank": 12},
                         "mori": {"max_dispatch_tokens_per_rank": 12}}.get(dispatcher, {}))
-        if True:
-            layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
-                             dispatcher_options=options)
-            problem = make_problem(layer.config, [12, 9][:world_size], seed=6, ep_size=world_size)
-            if experts == "fp8":
-                layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
-            else:
-                layer.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16())
-            x = problem.xs[rank].to(torch.bfloat16)
-            ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
-            with torch.no_grad(), (xk.forced() if forced else _nothing()):
-                y, (out,) = _layer_and_its_dispatch(layer, x, ids, weights)
-            ue8m0 = encoding == "ue8m0"
-            fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, ue8m0)
-            if experts == "bf16":  # fp8 on the wire only: the reference rounds x alone
-                fp8_ref = moe_reference(fp8_round_trip(x.double(), ue8m0=ue8m0), ids, weights.double(),
-                                        problem.w13.bfloat16().double(), problem.w2.bfloat16().double(), layer.config)
-            G = H // 128
-            scale_ok = (out.recv_x.dtype == torch.float8_e4m3fn and out.recv_x_scale.shape[-1] == G
-                        and out.recv_x_scale.shape[:-1] == out.recv_x.shape[:-1]
-                        and out.recv_x_scale.dtype == (torch.uint8 if encoding == "ue8m0" else torch.float32)
-                        and out.x_dtype == torch.bfloat16)
-            scale_ok = scale_ok and _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0)
-            results[(dispatcher, encoding, runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
+        layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,
+                         dispatcher_options=options)
+        problem = make_problem(layer.config, [12, 9][:world_size], seed=6, ep_size=world_size)
+        if experts == "fp8":
+            layer.load_experts(problem.w13.float(), problem.w2.float(), quantize="fp8_block")
+        else:
+            layer.load_experts(problem.w13.bfloat16(), problem.w2.bfloat16())
+        x = problem.xs[rank].to(torch.bfloat16)
+        ids, weights = problem.topk_ids[rank], problem.topk_weights[rank]
+        with torch.no_grad(), (xk.forced() if forced else _nothing()):
+            y, (out,) = _layer_and_its_dispatch(layer, x, ids, weights)
+        ue8m0 = encoding == "ue8m0"
+        fp8_ref, exact = _fp8_references(problem, x.double(), ids, weights, layer.config, ue8m0)
+        if experts == "bf16":  # fp8 on the wire only: the reference rounds x alone
+            fp8_ref = moe_reference(fp8_round_trip(x.double(), ue8m0=ue8m0), ids, weights.double(),
+                                    problem.w13.bfloat16().double(), problem.w2.bfloat16().double(), layer.config)
+        G = H // 128
+        scale_ok = (out.recv_x.dtype == torch.float8_e4m3fn and out.recv_x_scale.shape[-1] == G
+                    and out.recv_x_scale.shape[:-1] == out.recv_x.shape[:-1]
+                    and out.recv_x_scale.dtype == (torch.uint8 if encoding == "ue8m0" else torch.float32)
+                    and out.x_dtype == torch.bfloat16)
+        scale_ok = scale_ok and _received_rows_are_the_senders(out, problem, rank, world_size, E, ue8m0)
+        results[(dispatcher, encoding, runner, experts)] = (rel_err(y, fp8_ref), rel_err(y, exact), scale_ok)
     return results
 
 

@@ -8,14 +8,16 @@ Suites, over sweeps of tokens per rank T (and optionally H, E, K), for a model p
   drives it, next to the torch runner, a raw `torch._grouped_mm` baseline and the device's roofline.
 - eplb (bench/eplb.py, on request): the whole EPMoE forward without redundant experts, with them,
   and after one rebalance, under --routing (e.g. zipf:1.2): what load balancing buys here.
+- overlap (bench/overlap.py, on request): one layer step in two micro-batches, run sequentially and
+  overlapped (each exchange on the communication stream while the other micro-batch's experts run).
 
-One timer serves both and every GPU script (bench/timing.py: `measure`, `measure_interleaved` for
-comparisons, `measure_cuda_graph`); one report path prints, writes and plots the results
-(bench/report.py); bench/cli.py is the command.
+One timer serves every suite (bench/timing.py: `measure`, `measure_interleaved` for comparisons,
+`measure_cuda_graph`); one report path prints, writes and plots the results (bench/report.py);
+bench/cli.py is the command.
 
 Launch: under torchrun / srun / mpirun every rank joins the job's group (NCCL on GPUs); with no
-launcher it spawns `--world-size` local CPU ranks (gloo) for the dispatch suite and runs the runner
-suite in this process.
+launcher it spawns `--world-size` local CPU ranks (gloo) for the multi-rank suites (dispatch, eplb,
+overlap) and runs the runner suite in this process.
 """
 from .cli import main, run
 from .dispatch import (

@@ -1,4 +1,5 @@
-"""The one timer every benchmark uses: `measure` (and `measure_cuda_graph`, which times replays with it).
+"""The one timer of every `ep-runtime bench` suite: `measure` (and `measure_cuda_graph`, which times replays
+with it).
 
 A repeat's device time is one pair of CUDA events around the call on the current stream (wall time
 on CPU), after an untimed device sync and a barrier across the group; it is the slowest rank's. For
