@@ -258,14 +258,29 @@ class EPMoE(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), to_empty() ...: see _follow_weights. A dtype the runners do not take (.to(torch.complex64),
         .to(torch.float8_e4m3fn)) is refused before any tensor moves, naming it (else the move succeeded and the next
-        forward blamed x's dtype)."""
-        probe = fn(torch.empty(0, dtype=self.w13.dtype, device=self.w13.device))
-        if probe.dtype != self.w13.dtype:
+        forward blamed x's dtype).
+        Quantized experts keep their format: a dtype cast (.to(torch.float32), .half(), a model-wide .to(dtype))
+        changes the dtype the layer computes in (and its biases'), while w13 / w2 stay fp8 and their scales fp32,
+        moved to the new device only (the cast turned the fp8 values into plain numbers beside their scales, the
+        scales into bf16, or under .to(torch.float8_e4m3fn) into zeros)."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.w13.device))
+        if probe.dtype != self.dtype:
             try:
                 float_dtype(probe.dtype)
             except ValueError as err:
                 raise ValueError(f"EPMoE.to(...): {err}") from None
+        if self.quant is not None:
+            stored = {id(t) for t in (self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)}
+            applied = fn
+
+            def fn(t):  # noqa: F811 - the stored format's tensors move without a cast
+                if id(t) not in stored:
+                    return applied(t)
+                moved = applied(torch.empty(0, dtype=t.dtype, device=t.device))
+                return applied(t) if moved.dtype == t.dtype else t.to(device=moved.device)
         out = super()._apply(fn, *args, **kwargs)
+        if self.quant is not None:
+            self._activation_dtype = probe.dtype
         self._follow_weights()
         return out
 
@@ -384,7 +399,7 @@ class EPMoE(nn.Module):
                                      "load_experts: every rank stops before loading", self.w13.device)
         elif error is not None:
             raise error
-        # (stored anew also where a module-wide .to(dtype) cast the fp8 storage: its values would be cast again)
+        # (stored anew also where the fp8 storage was replaced by tensors of another dtype: cast again otherwise)
         if quant is not None and (quant is not self.quant or self.w13.dtype != quant.dtype):
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
@@ -724,8 +739,8 @@ class EPMoE(nn.Module):
                                "them first: layer.to_empty(device=...), then layer.load_experts(...)")
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
-                               f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
-                               f"move it with .to(device) only, or load the experts again with load_experts(...)")
+                               f"{self.w13.dtype}/{self.w2.dtype} (tensors of another dtype were put in their place); "
+                               f"load the experts again with load_experts(...)")
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         return x

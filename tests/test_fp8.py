@@ -907,39 +907,55 @@ def test_fp8_is_inference_only():
         layer(x, ids, torch.rand(3, 2))
     with torch.no_grad():
         assert layer(x, ids, torch.rand(3, 2)).shape == (3, 128)
-        layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
-        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
+    layer.requires_grad_(True)  # the experts made trainable: a forward under autograd needs their gradient
+    with pytest.raises(RuntimeError, match=r"fp8_block \(torch.float8_e4m3fn\) and x, topk_weights \(router_logits\) "
+                                           r"or the experts need a gradient: .*inference-only"):
+        layer(x.detach(), ids, torch.rand(3, 2))
+    with torch.no_grad():  # (forward's guard where the stored experts were replaced by other tensors)
+        layer.w13 = torch.nn.Parameter(layer.w13.to(torch.bfloat16), requires_grad=False)
+        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16/torch.float8_e4m3fn"):
             layer(x, ids, torch.rand(3, 2))
-        layer.half()  # named as such for tokens of the new dtype too (not as x's dtype, as if the layer were bf16)
-        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.float16"):
-            layer(x.half(), ids, torch.rand(3, 2))
 
 
-def test_fp8_experts_cast_by_a_module_wide_to_dtype_load_again():
-    """After layer.to(torch.bfloat16) (or .float()) casts the fp8 experts, forward's error says to load the
-    experts again; load_experts copied the new fp8 values (or the quantized float ones) into the cast tensors,
-    cast as numbers again, and the forward kept raising. It now stores them fp8 anew, with their scales in
-    fp32, and the layer computes as one never cast."""
+@pytest.mark.parametrize("cast", ["bfloat16", "float32", "float16", "half", "double", "model"])
+def test_fp8_experts_keep_their_format_under_a_module_wide_cast(cast):
+    """A module-wide .to(dtype) (.half(), .double(), a model's .to(dtype)) cast the fp8 experts as numbers and their
+    scales with them (to bf16: rounded; .to(torch.float8_e4m3fn): to zeros), and forward then raised; gather_experts
+    and state_dict gave the cast values as fp8 experts, with or without their scales. Now the experts stay fp8 with
+    their fp32 scales, bit for bit, and the layer computes in the new dtype: its output, in that dtype, equals the
+    float64 w8a8 reference (to the bf16 bound, see the module doc). .to(torch.float8_e4m3fn) (no compute dtype) is
+    refused before anything moves. The cast layer's state_dict loads into a layer built unquantized."""
     (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(5, seed=21)
-    want = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
-    want.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    dtype = {"half": torch.float16, "double": torch.float64, "model": torch.float32}.get(cast) or getattr(torch, cast)
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    if cast == "model":  # inside a model: its other modules cast too
+        model = torch.nn.Sequential(torch.nn.Linear(H, H, dtype=torch.bfloat16), layer)
+        model.to(dtype)
+        assert model[0].weight.dtype == dtype
+    elif cast in ("half", "double"):
+        getattr(layer, cast)()
+    else:
+        layer.to(dtype)
+    assert layer.dtype == dtype and layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, s2)
+    assert torch.equal(layer.w13_scale_inv, s13) and layer.w13_scale_inv.dtype == torch.float32
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
     with torch.no_grad():
-        want = want(x, ids, weights)
-    for cast in (torch.bfloat16, torch.float32):
-        for reload in ("fp8", "float"):
-            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
-            layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
-            layer.to(cast)
-            with torch.no_grad(), pytest.raises(RuntimeError, match=r"load the experts again with load_experts"):
-                layer(x, ids, weights)
-            if reload == "fp8":
-                layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
-            else:  # quantized with the layer's config: the same fp8 values and scales
-                layer.load_experts(w13, w2)
-            assert layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn and layer.w13_scale_inv.dtype == torch.float32
-            assert torch.equal(layer.w2_scale_inv, s2) and layer.dtype == torch.bfloat16
-            with torch.no_grad():
-                assert torch.equal(layer(x, ids, weights), want), (cast, reload)
+        y = layer(x.to(dtype), ids, weights)
+    assert y.dtype == dtype and rel_err(y, want) < BF16, (y.dtype, rel_err(y, want))
+    back = layer.gather_experts()
+    assert back.quant == QuantConfig() and torch.equal(back.w2.view(torch.uint8), q2.view(torch.uint8))
+    fresh = ep.EPMoE(E, K, H, I, dtype=dtype, runner="torch")
+    assert fresh.load_state_dict(layer.state_dict()) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(fresh(x.to(dtype), ids, weights), y)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"EPMoE.to\(...\): dtype=torch.float8_e4m3fn; allowed: torch.float32"):
+        layer.to(torch.float8_e4m3fn)
+    assert layer.dtype == dtype and all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+                                        for name, t in layer.state_dict().items())
 
 
 def _gradient_rank(rank, world_size):
