@@ -1399,14 +1399,24 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
 
 
 def _check_fp8_scales_present(state_dict: dict, prefix: str) -> None:
-    """fp8 expert values mean something only under their block scales: without them (strict or not) torch's copy
-    cast them as numbers into a float layer, or left an fp8 layer's old scales under new values, no error."""
+    """fp8 expert values and their block scales load together, as load_experts takes them: fp8 values without their
+    scales (strict or not) were cast as numbers into a float layer, or left under an fp8 layer's old scales; float
+    values beside scales were cast as numbers into an fp8 layer under those scales (a dequantized checkpoint that
+    kept its scale keys: every weight off by its scale), or into a float layer with the scales dropped (strict=False);
+    scales without their values went under the layer's old values. All silently."""
     for name in ("w13", "w2"):
-        t = state_dict.get(prefix + name)
-        if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) and prefix + name + "_scale_inv" not in state_dict:
-            raise ValueError(f"state_dict[{prefix + name!r}] holds {t.dtype} values but no {prefix + name}_scale_inv: "
-                             f"fp8 experts load with their block scales; allowed: both keys, or {name} in a float "
-                             f"dtype (an fp8 layer quantizes it)")
+        key, scale_key = prefix + name, prefix + name + "_scale_inv"
+        t, has_scale = state_dict.get(key), scale_key in state_dict
+        fp8 = isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype)
+        if fp8 and not has_scale:
+            raise ValueError(f"state_dict[{key!r}] holds {t.dtype} values but no {scale_key}: fp8 experts load with "
+                             f"their block scales; allowed: both keys, or {name} in a float dtype (an fp8 layer "
+                             f"quantizes it)")
+        if has_scale and not fp8:
+            held = f"holds {t.dtype} values" if isinstance(t, torch.Tensor) else "has no values"
+            raise ValueError(f"state_dict[{scale_key!r}] is given but state_dict[{key!r}] {held}: block scales load "
+                             f"with the {', '.join(map(str, FP8_DTYPES))} values they scale; allowed: both keys with "
+                             f"{name} fp8, or {name} in a float dtype without {scale_key} (an fp8 layer quantizes it)")
 
 
 def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:

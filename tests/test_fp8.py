@@ -541,6 +541,41 @@ def test_state_dict_quantizes_a_float_matrix_beside_an_fp8_one():
                 assert rel_err(layer(x, ids, weights), want) < BF16
 
 
+def test_state_dict_scales_load_only_with_their_fp8_values():
+    """Block scales in a state_dict beside float experts (a checkpoint dequantized that kept its *_scale_inv keys) were
+    taken by an fp8 layer with the float values cast to fp8 as numbers under those scales (every weight off by its
+    scale), and by a float layer with strict=False with the scales dropped; scales without their values went under the
+    layer's old fp8 values. All silently. Now each is refused before the layer changes, strict or not, naming the keys;
+    the same state_dict with the values fp8 (or without the scales, quantized by an fp8 layer) loads and computes the
+    float64 w8a8 reference."""
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(6, seed=23)
+    dequantized = {"w13": _dequantize_weight64(q13, s13).float(), "w13_scale_inv": s13,
+                   "w2": _dequantize_weight64(q2, s2).float(), "w2_scale_inv": s2}
+    cases = {"float values beside their scales": (dequantized, r"state_dict\['w13_scale_inv'\] is given but "
+                                                  r"state_dict\['w13'\] holds torch.float32 values: block scales load "
+                                                  r"with the torch.float8_e4m3fn values they scale"),
+             "scales without values": ({"w13": q13, "w13_scale_inv": s13, "w2_scale_inv": s2},
+                                       r"state_dict\['w2_scale_inv'\] is given but state_dict\['w2'\] has no values")}
+    for name, (state, match) in cases.items():
+        for built in (None, QuantConfig()):
+            for strict in (True, False):
+                layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=built)
+                before = {key: t.clone() for key, t in layer.state_dict().items()}
+                with pytest.raises(ValueError, match=match):
+                    layer.load_state_dict(state, strict=strict)
+                assert layer.quant == built and all(torch.equal(t.view(torch.uint8), before[key].view(torch.uint8))
+                                                    for key, t in layer.state_dict().items()), (name, built, strict)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), ep.MoeConfig(E, K, H, I), fp8_activations=True, fp8_input=False)
+    for state in ({"w13": q13, "w13_scale_inv": s13, "w2": q2, "w2_scale_inv": s2},
+                  {"w13": dequantized["w13"], "w2": dequantized["w2"]}):  # (float: quantized again, the same fp8 values)
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=QuantConfig())
+        assert layer.load_state_dict(state) == ([], [])
+        assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, s2)
+        with torch.no_grad():
+            assert rel_err(layer(x, ids, weights), want) < BF16
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
