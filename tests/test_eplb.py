@@ -758,7 +758,7 @@ def _fp8_rebalance_rank(rank, world_size, dispatcher, runner, use_fp8):
     matches the float64 w8a8 reference, and the rebalanced layer's state_dict computes the same in a fresh layer."""
     from ep_runtime.quant import QuantConfig
     from ep_runtime.reference import fp8_round_trip
-    E, K, H, I, T = 8, 2, 256, 128, [10, 0][rank]
+    E, K, H, I = 8, 2, 256, 128
     gen = torch.Generator().manual_seed(31)
     quant = QuantConfig()
     (q13, s13), (q2, s2) = (quant.quantize_weight(torch.randn(E, *shape, generator=gen) * shape[1] ** -0.5)
