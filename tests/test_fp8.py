@@ -1308,6 +1308,71 @@ def test_dispatch_refuses_fp8_tokens_without_their_scales(name, options):
             dispatcher.dispatch(torch.randn(3, 256).to(dtype), topk)
 
 
+def _fp8_overlap_rank(rank, world_size, dispatcher, runner, experts, encoding):
+    """One fp8-dispatch layer on three micro-batches (the middle one empty on rank 1, ids with -1 among them) run
+    through the two-batch-overlap schedule, and by hand with async_op (each dispatch chained to the previous combine
+    with previous_event) or with receive hooks: outputs against the layer's forward and the float64 reference."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    E, K, H, I = 8, 2, 256, 128
+    gen = _seeded(37)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    mine = [[(torch.randn(n, H, generator=gen).to(torch.bfloat16), torch.randint(-1, E, (n, K), generator=gen,
+                                                                                 dtype=torch.int32),
+              torch.rand(n, K, generator=gen)) for n in per_rank] for per_rank in ([5, 4, 3], [2, 0, 6])][rank]
+    mine[0][1][0] = -1  # a token routed nowhere
+    options = {"use_fp8": True, "fp8_scale_encoding": encoding,
+               **{"deepep_ll": {"num_max_dispatch_tokens_per_rank": 8},
+                  "mori": {"max_dispatch_tokens_per_rank": 8}}.get(dispatcher, {})}
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16, dispatcher_options=options)
+    q = QuantConfig()
+    if experts == "fp8":
+        layer.load_experts(w13, w2, quantize="fp8_block")
+        W13, W2 = _dequantize_weight64(*q.quantize_weight(w13)), _dequantize_weight64(*q.quantize_weight(w2))
+    else:
+        layer.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+        W13, W2 = w13.to(torch.bfloat16).double(), w2.to(torch.bfloat16).double()
+    batches = [(x, ep.TopKOutput(ids, weights)) for x, ids, weights in mine]
+    errors, same = [], []
+    with torch.no_grad():
+        forward = [layer(x, ids, weights) for x, ids, weights in mine]
+        overlapped, sequential = run_overlapped(layer, batches), run_sequential(layer, batches)
+        d, by_hand, hooked, previous = layer.dispatcher, [], [], None
+        for x, topk in batches:
+            out, work = d.dispatch(x, topk, async_op=True, previous_event=previous)
+            work.wait()
+            y, previous = d.combine(layer.runner.run(out, layer.weights), async_op=True)
+            by_hand.append(y)
+        previous.wait()
+        if d.supports_recv_hook:
+            for x, topk in batches:
+                out, hook = d.dispatch(x, topk, return_recv_hook=True)
+                hook()
+                y, hook = d.combine(layer.runner.run(out, layer.weights), return_recv_hook=True)
+                hook()
+                hooked.append(y)
+    for i, (x, ids, weights) in enumerate(mine):
+        want = moe_reference(fp8_round_trip(x.double(), ue8m0=encoding == "ue8m0"), ids, weights.double(), W13, W2,
+                             layer.config, fp8_activations=experts == "fp8", fp8_input=False)
+        runs = [forward[i], overlapped[i], sequential[i], by_hand[i]] + hooked[i:i + 1]
+        same.append(all(torch.equal(y, forward[i]) for y in runs) and forward[i].shape == x.shape)
+        if len(x):
+            errors.append(rel_err(forward[i], want))
+    return same, errors
+
+
+@pytest.mark.parametrize("dispatcher,runner,experts,encoding", [
+    ("deepep_normal", "triton", "fp8", "fp32"), ("deepep_ll", "masked", "fp8", "ue8m0"), ("mori", "torch", "bf16", "fp32"),
+    ("deepep_ll", "torch", "bf16", "fp32")])
+def test_fp8_dispatch_under_two_batch_overlap_and_async_calls(dispatcher, runner, experts, encoding):
+    """fp8 dispatch on every dispatcher offering it, through the two-batch-overlap schedule (run_overlapped), async
+    dispatch / combine chained with previous_event, and deepep_ll's receive hooks: every way gives the layer's forward
+    bit for bit, a rank's empty micro-batch included, and the forward matches the float64 reference (x rounded
+    through fp8 as the dispatch rounds it; fp8 experts: on the dequantized weights with the activation rounded too)."""
+    for same, errors in run_ranks(_fp8_overlap_rank, 2, dispatcher, runner, experts, encoding, timeout=400):
+        assert all(same), same
+        assert len(errors) >= 2 and max(errors) < BF16, errors
+
+
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
 
 @pytest.mark.parametrize("encoding", ["fp32", "ue8m0"])
