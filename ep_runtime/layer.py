@@ -1460,6 +1460,8 @@ def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
             raise ValueError(f"state_dict[{key!r}] has shape {list(t.shape)}; expected {list(held.shape)}" + (hint or (
                 f" (num_experts={E}, hidden_size={layer.config.hidden_size}, intermediate_size="
                 f"{layer.config.intermediate_size}, {L} expert slots on this rank)")))
+        if name.endswith("_scale_inv"):  # fp32, as load_experts takes them (torch's copy rounded bf16 scales silently)
+            check_scale_tensor(f"state_dict[{key!r}]", t, tuple(held.shape), values=False)
 
 
 def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:

@@ -576,6 +576,55 @@ def test_state_dict_scales_load_only_with_their_fp8_values():
             assert rel_err(layer(x, ids, weights), want) < BF16
 
 
+def _bad_scale_on_one_rank_rank(rank, world_size, bad):
+    """A rebalanced fp8 layer's state_dict (experts with copies, not in the default placement), rank 1's with one bad
+    block scale (or a scale tensor of the wrong dtype), loaded into a fresh layer: the load would move the slots
+    between ranks (collectives every rank runs). (its message, whether the layer is unchanged, seconds)."""
+    import time
+    E, K, H, I = 8, 2, 256, 128
+    saved = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                     num_redundant_experts=2, quant_config=QuantConfig())
+    with torch.no_grad():
+        saved(torch.randn(6, H, generator=_seeded(rank)).to(torch.bfloat16), torch.zeros(6, K, dtype=torch.int32),
+              torch.rand(6, K))
+        saved.rebalance()
+    state = {k: v.clone() for k, v in saved.state_dict().items()}
+    assert "expert_placement" in state
+    if rank == 1:
+        if bad == "dtype":
+            state["w2_scale_inv"] = state["w2_scale_inv"].to(torch.bfloat16)
+        else:
+            state["w2_scale_inv"][2, 1, 0] = {"zero": 0.0, "negative": -1.0, "nan": float("nan")}[bad]
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                     num_redundant_experts=2, quant_config=QuantConfig())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    start = time.monotonic()
+    try:
+        layer.load_state_dict(state)
+        message = "loaded"
+    except (TypeError, ValueError) as err:
+        message = str(err)
+    unchanged = layer.state_dict().keys() == before.keys() and all(
+        torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)) for k, v in layer.state_dict().items())
+    return message, unchanged, time.monotonic() - start
+
+
+@pytest.mark.parametrize("bad", ["zero", "negative", "nan", "dtype"])
+def test_a_bad_scale_in_one_ranks_state_dict_fails_every_rank_before_the_slots_move(bad):
+    """A bad block scale in one rank's state_dict of a rebalanced fp8 layer: every rank raises at once, naming that rank,
+    the key and the value, before the load moves any slot (the other rank would otherwise go on into the move's
+    exchanges), and no layer changes. Scales of another dtype than fp32 (load_experts refuses them) loaded silently,
+    rounded by torch's copy (bf16: 8 significant bits)."""
+    want = {"zero": r"rank 1: state_dict\['w2_scale_inv'\] has 0.0 at \[2, 1, 0\]; allowed: finite values > 0",
+            "negative": r"rank 1: state_dict\['w2_scale_inv'\] has -1.0 at \[2, 1, 0\]; allowed: finite values > 0",
+            "nan": r"rank 1: state_dict\['w2_scale_inv'\] has nan at \[2, 1, 0\]; allowed: finite values > 0",
+            "dtype": r"rank 1: state_dict\['w2_scale_inv'\] has dtype torch.bfloat16; expected torch.float32"}[bad]
+    for message, unchanged, seconds in run_ranks(_bad_scale_on_one_rank_rank, 2, bad, timeout=120, group_timeout=30):
+        assert re.match(want, message) and message.endswith("(each rank's state_dict; every rank stops before loading "
+                                                            "it)"), message
+        assert unchanged and seconds < 15, (unchanged, seconds)
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
