@@ -130,6 +130,7 @@ class EPMoE(nn.Module):
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
             if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
                 _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
+                backend.check_quant(quant_config)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise
@@ -429,6 +430,7 @@ class EPMoE(nn.Module):
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
         if quant is not None and quant is not self.quant:  # before the ranks agree, not after (_store_quantized)
             _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
+            self.runner.backend.check_quant(quant)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)
@@ -1375,6 +1377,9 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if isinstance(state_dict.get(prefix + name), torch.Tensor):
                 check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
         _check_fp8_scales_present(state_dict, prefix)
+        if layer.quant is None and any(isinstance(state_dict.get(prefix + name), torch.Tensor)
+                                       and is_quantized_dtype(state_dict[prefix + name].dtype) for name in ("w13", "w2")):
+            layer.runner.backend.check_quant(QuantConfig())  # (the layer switches to fp8 below)
         error = None
     except (TypeError, ValueError) as err:
         error = err

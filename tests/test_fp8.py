@@ -937,6 +937,35 @@ def test_fp8_split_k_gemm2_matches_the_fp8_reference():
                          fp8_input=False)
     assert rel_err(y, want) < BF16
 
+def test_triton_gemm_hooks_with_fp8_experts_are_refused_when_the_layer_becomes_fp8():
+    """runner='triton' takes no GEMM hooks with fp8 experts: a layer built so (quant_config), or switched to fp8 by
+    load_experts or load_state_dict, raised only in its first forward, after the dispatch's exchange. Now each is
+    refused where the layer would become fp8, naming the runner and the way out, and a refused load changes nothing;
+    the torch runner takes the hooks with fp8 experts and calls them."""
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(4, seed=25)
+    calls = []
+    hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: calls.append(len(expert_index)))
+    match = r"runner='triton' with quantized \(fp8\) experts takes no GEMM hooks; use runner='torch'"
+    with pytest.raises(ValueError, match=match):
+        ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="triton", hooks=hooks, quant_config=QuantConfig())
+    fp8_state = {"w13": q13, "w13_scale_inv": s13, "w2": q2, "w2_scale_inv": s2}
+    for load in (lambda layer: layer.load_experts(w13, w2, quantize="fp8_block"),
+                 lambda layer: layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2),
+                 lambda layer: layer.load_state_dict(fp8_state)):
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="triton", hooks=hooks)
+        before = {key: t.clone() for key, t in layer.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            load(layer)
+        assert layer.quant is None and layer.state_dict().keys() == before.keys()
+        assert all(torch.equal(t, before[key]) for key, t in layer.state_dict().items())
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", hooks=hooks, quant_config=QuantConfig())
+    layer.load_state_dict(fp8_state)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
+    with torch.no_grad():
+        assert rel_err(layer(x, ids, weights), want) < BF16
+    assert calls and sum(calls) == int((ids >= 0).sum())
+
 def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
     """fused_experts(quant="fp8_block"), the spelling load_experts' quantize takes, failed inside with
     "AttributeError: 'str' object has no attribute 'dtype'" (naming no argument); a format's name now means its
