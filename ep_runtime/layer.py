@@ -130,6 +130,7 @@ class EPMoE(nn.Module):
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
             if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
                 _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
+                backend.check_quant(quant_config)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise
@@ -258,14 +259,29 @@ class EPMoE(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), to_empty() ...: see _follow_weights. A dtype the runners do not take (.to(torch.complex64),
         .to(torch.float8_e4m3fn)) is refused before any tensor moves, naming it (else the move succeeded and the next
-        forward blamed x's dtype)."""
-        probe = fn(torch.empty(0, dtype=self.w13.dtype, device=self.w13.device))
-        if probe.dtype != self.w13.dtype:
+        forward blamed x's dtype).
+        Quantized experts keep their format: a dtype cast (.to(torch.float32), .half(), a model-wide .to(dtype))
+        changes the dtype the layer computes in (and its biases'), while w13 / w2 stay fp8 and their scales fp32,
+        moved to the new device only (the cast turned the fp8 values into plain numbers beside their scales, the
+        scales into bf16, or under .to(torch.float8_e4m3fn) into zeros)."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.w13.device))
+        if probe.dtype != self.dtype:
             try:
                 float_dtype(probe.dtype)
             except ValueError as err:
                 raise ValueError(f"EPMoE.to(...): {err}") from None
+        if self.quant is not None:
+            stored = {id(t) for t in (self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv)}
+            applied = fn
+
+            def fn(t):  # noqa: F811 - the stored format's tensors move without a cast
+                if id(t) not in stored:
+                    return applied(t)
+                moved = applied(torch.empty(0, dtype=t.dtype, device=t.device))
+                return applied(t) if moved.dtype == t.dtype else t.to(device=moved.device)
         out = super()._apply(fn, *args, **kwargs)
+        if self.quant is not None:
+            self._activation_dtype = probe.dtype
         self._follow_weights()
         return out
 
@@ -384,7 +400,7 @@ class EPMoE(nn.Module):
                                      "load_experts: every rank stops before loading", self.w13.device)
         elif error is not None:
             raise error
-        # (stored anew also where a module-wide .to(dtype) cast the fp8 storage: its values would be cast again)
+        # (stored anew also where the fp8 storage was replaced by tensors of another dtype: cast again otherwise)
         if quant is not None and (quant is not self.quant or self.w13.dtype != quant.dtype):
             self._store_quantized(quant, self.w13.device)
         for name, piece in staged.items():
@@ -413,6 +429,7 @@ class EPMoE(nn.Module):
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
         if quant is not None and quant is not self.quant:  # before the ranks agree, not after (_store_quantized)
             _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
+            self.runner.backend.check_quant(quant)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)
@@ -727,8 +744,8 @@ class EPMoE(nn.Module):
                                "them first: layer.to_empty(device=...), then layer.load_experts(...)")
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
-                               f"{self.w13.dtype}/{self.w2.dtype} (a module-wide .to(dtype) casts fp8 tensors too); "
-                               f"move it with .to(device) only, or load the experts again with load_experts(...)")
+                               f"{self.w13.dtype}/{self.w2.dtype} (tensors of another dtype were put in their place); "
+                               f"load the experts again with load_experts(...)")
         x = self._autocast_tokens(x)
         check_hidden_states(x, self.config.hidden_size, self.dtype, self.w13.device)
         return x
@@ -1367,6 +1384,9 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if isinstance(state_dict.get(prefix + name), torch.Tensor):
                 check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
         _check_fp8_scales_present(state_dict, prefix)
+        if layer.quant is None and any(isinstance(state_dict.get(prefix + name), torch.Tensor)
+                                       and is_quantized_dtype(state_dict[prefix + name].dtype) for name in ("w13", "w2")):
+            layer.runner.backend.check_quant(QuantConfig())  # (the layer switches to fp8 below)
         error = None
     except (TypeError, ValueError) as err:
         error = err
@@ -1391,14 +1411,24 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
 
 
 def _check_fp8_scales_present(state_dict: dict, prefix: str) -> None:
-    """fp8 expert values mean something only under their block scales: without them (strict or not) torch's copy
-    cast them as numbers into a float layer, or left an fp8 layer's old scales under new values, no error."""
+    """fp8 expert values and their block scales load together, as load_experts takes them: fp8 values without their
+    scales (strict or not) were cast as numbers into a float layer, or left under an fp8 layer's old scales; float
+    values beside scales were cast as numbers into an fp8 layer under those scales (a dequantized checkpoint that
+    kept its scale keys: every weight off by its scale), or into a float layer with the scales dropped (strict=False);
+    scales without their values went under the layer's old values. All silently."""
     for name in ("w13", "w2"):
-        t = state_dict.get(prefix + name)
-        if isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype) and prefix + name + "_scale_inv" not in state_dict:
-            raise ValueError(f"state_dict[{prefix + name!r}] holds {t.dtype} values but no {prefix + name}_scale_inv: "
-                             f"fp8 experts load with their block scales; allowed: both keys, or {name} in a float "
-                             f"dtype (an fp8 layer quantizes it)")
+        key, scale_key = prefix + name, prefix + name + "_scale_inv"
+        t, has_scale = state_dict.get(key), scale_key in state_dict
+        fp8 = isinstance(t, torch.Tensor) and is_quantized_dtype(t.dtype)
+        if fp8 and not has_scale:
+            raise ValueError(f"state_dict[{key!r}] holds {t.dtype} values but no {scale_key}: fp8 experts load with "
+                             f"their block scales; allowed: both keys, or {name} in a float dtype (an fp8 layer "
+                             f"quantizes it)")
+        if has_scale and not fp8:
+            held = f"holds {t.dtype} values" if isinstance(t, torch.Tensor) else "has no values"
+            raise ValueError(f"state_dict[{scale_key!r}] is given but state_dict[{key!r}] {held}: block scales load "
+                             f"with the {', '.join(map(str, FP8_DTYPES))} values they scale; allowed: both keys with "
+                             f"{name} fp8, or {name} in a float dtype without {scale_key} (an fp8 layer quantizes it)")
 
 
 def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
@@ -1442,6 +1472,8 @@ def _check_expert_shapes(layer: "EPMoE", state_dict: dict, prefix: str) -> None:
             raise ValueError(f"state_dict[{key!r}] has shape {list(t.shape)}; expected {list(held.shape)}" + (hint or (
                 f" (num_experts={E}, hidden_size={layer.config.hidden_size}, intermediate_size="
                 f"{layer.config.intermediate_size}, {L} expert slots on this rank)")))
+        if name.endswith("_scale_inv"):  # fp32, as load_experts takes them (torch's copy rounded bf16 scales silently)
+            check_scale_tensor(f"state_dict[{key!r}]", t, tuple(held.shape), values=False)
 
 
 def _check_finite_experts(layer: "EPMoE", state_dict: dict, prefix: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 
 from ep_runtime.config import ExpertWeights, MoeConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.runner_core import DispatchOutput, RunnerInput, check_row_scales, convert, untraced
 from ep_runtime.triton_launch import triton_interpreted
 from ep_runtime.validation import check_expert_dtypes
@@ -115,6 +116,11 @@ class RunnerBackend:
     @classmethod
     def unavailable_reason(cls) -> str:
         return ""
+
+    def check_quant(self, quant: Optional[QuantConfig]) -> None:
+        """Raise naming what this backend cannot compute with experts stored in `quant`'s format (None:
+        unquantized), called when a layer is built with it or switches to it: before any exchange, not in the
+        first forward after its dispatch."""
 
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed

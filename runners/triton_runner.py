@@ -100,7 +100,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if quant is None:
         TritonRunner.check_dtype(weights.w13.dtype, "w13 dtype")
     if quant is not None and hooked:
-        raise ValueError("runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'")
+        raise ValueError(_NO_FP8_HOOKS)
     if hooked:
         inp = inp.routed()
     if quant is not None and _fp8_gemm(inp, weights, config, inp.hidden_states, block_config) == "gluon":
@@ -116,6 +116,7 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
 
 _PLANS: dict = {}  # _plan_key -> _Plan (shapes, dtypes, strides and knobs only: no tensor is kept)
 _MAX_PLANS = 256
+_NO_FP8_HOOKS = "runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'"
 
 
 def _gemm_knobs() -> tuple[str, str]:
@@ -537,6 +538,10 @@ class TritonRunner(TritonBackend):
                              f"supported: {', '.join(kernels.ACTIVATION_CODES)}")
         _check_block_config(block_config)
         self.block_config = block_config
+
+    def check_quant(self, quant: Optional[QuantConfig]) -> None:
+        if quant is not None and (self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None):
+            raise ValueError(_NO_FP8_HOOKS)
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         return run_fused(inp, weights, self.config, self.hooks, self.block_config)

@@ -748,3 +748,64 @@ def test_clip_grad_norm_of_float64_experts_with_copies():
     holding first copies raised while the others waited in the norm's all_reduce."""
     for norm, want in run_ranks(_float64_clip_rank, 2):
         assert abs(norm - want) <= 1e-5 * want, (norm, want)
+
+
+# ---------------------------------------------------------------- fp8 experts (block scales) on the move
+
+def _fp8_rebalance_rank(rank, world_size, dispatcher, runner, use_fp8):
+    """fp8 experts from a DeepSeek-V3-layout checkpoint on a layer with copies; rank 1 sends no token. Before and
+    after an inference rebalance (no optimizer): each slot's fp8 bytes and block scales are its expert's, the output
+    matches the float64 w8a8 reference, and the rebalanced layer's state_dict computes the same in a fresh layer."""
+    from ep_runtime.quant import QuantConfig
+    from ep_runtime.reference import fp8_round_trip
+    E, K, H, I = 8, 2, 256, 128
+    gen = torch.Generator().manual_seed(31)
+    quant = QuantConfig()
+    (q13, s13), (q2, s2) = (quant.quantize_weight(torch.randn(E, *shape, generator=gen) * shape[1] ** -0.5)
+                            for shape in ((2 * I, H), (H, I)))
+    tokens = [(torch.randn(n, H, generator=gen).to(torch.bfloat16), torch.randint(-1, E, (n, K), generator=gen),
+               torch.rand(n, K, generator=gen)) for n in (10, 0)]
+    x, ids, weights = tokens[rank]
+    options = {**OPTIONS.get(dispatcher, {}), "use_fp8": use_fp8}
+    make = lambda: ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16,  # noqa: E731
+                            num_redundant_experts=N, dispatcher_options=options)
+    layer = make()
+    layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    want = moe_reference(fp8_round_trip(x.double()), ids, weights.double(), quant.dequantize_weight(q13, s13).double(),
+                         quant.dequantize_weight(q2, s2).double(), layer.config, fp8_activations=True, fp8_input=False)
+
+    def slots_hold_their_experts(layer):
+        mine = layer.placement.local_expert_ids()
+        return all(torch.equal(getattr(layer, name).view(torch.uint8), full[mine].view(torch.uint8))
+                   for name, full in (("w13", q13), ("w2", q2), ("w13_scale_inv", s13), ("w2_scale_inv", s2)))
+
+    out = {"held before": slots_hold_their_experts(layer)}
+    with torch.no_grad():
+        out["before"] = rel_err(layer(x, ids, weights), want)
+        layer(x, torch.zeros_like(ids), weights)  # expert 0 hot: the plan moves experts and their copies
+        before = layer.placement
+        layer.rebalance()
+        out["moved"] = ep.layer._placement_tables(layer.placement) != ep.layer._placement_tables(before)
+        out["held after"] = slots_hold_their_experts(layer)
+        y = layer(x, ids, weights)
+        out["after"] = rel_err(y, want)
+        back = layer.gather_experts()
+        out["gathered"] = all(torch.equal(getattr(back, name).view(torch.uint8), full.view(torch.uint8))
+                              for name, full in (("w13", q13), ("w2", q2), ("w13_scale_inv", s13), ("w2_scale_inv", s2)))
+        fresh = make()
+        fresh.load_state_dict(layer.state_dict())
+        out["fresh"] = torch.equal(fresh(x, ids, weights), y) and slots_hold_their_experts(fresh)
+    return out
+
+
+@pytest.mark.parametrize("dispatcher,runner,use_fp8", [("deepep_normal", "triton", True), ("deepep_ll", "masked", True),
+                                                      ("mori", "torch", False)])
+def test_fp8_experts_and_their_scales_move_together_in_a_rebalance(dispatcher, runner, use_fp8):
+    """fp8 experts with copies (E=8 + 4 over 2 ranks): a rebalance moves each expert's fp8 bytes and block scales into
+    every slot that now holds it, copies included; the output matches the float64 reference on the dequantized weights
+    (x and the intermediate activation rounded through fp8; bf16 bound, see tests/test_fp8.py) before and after, the
+    experts gather back bit for bit, and the rebalanced state_dict loads into a fresh layer that computes the same."""
+    for rank, out in enumerate(run_ranks(_fp8_rebalance_rank, 2, dispatcher, runner, use_fp8, timeout=400)):
+        assert out.pop("moved") and all(out.pop(k) for k in ("held before", "held after", "gathered", "fresh")), (rank, out)
+        if rank == 0:
+            assert max(out.values()) < tolerance(torch.bfloat16), out

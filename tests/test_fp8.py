@@ -541,6 +541,90 @@ def test_state_dict_quantizes_a_float_matrix_beside_an_fp8_one():
                 assert rel_err(layer(x, ids, weights), want) < BF16
 
 
+def test_state_dict_scales_load_only_with_their_fp8_values():
+    """Block scales in a state_dict beside float experts (a checkpoint dequantized that kept its *_scale_inv keys) were
+    taken by an fp8 layer with the float values cast to fp8 as numbers under those scales (every weight off by its
+    scale), and by a float layer with strict=False with the scales dropped; scales without their values went under the
+    layer's old fp8 values. All silently. Now each is refused before the layer changes, strict or not, naming the keys;
+    the same state_dict with the values fp8 (or without the scales, quantized by an fp8 layer) loads and computes the
+    float64 w8a8 reference."""
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(6, seed=23)
+    dequantized = {"w13": _dequantize_weight64(q13, s13).float(), "w13_scale_inv": s13,
+                   "w2": _dequantize_weight64(q2, s2).float(), "w2_scale_inv": s2}
+    cases = {"float values beside their scales": (dequantized, r"state_dict\['w13_scale_inv'\] is given but "
+                                                  r"state_dict\['w13'\] holds torch.float32 values: block scales load "
+                                                  r"with the torch.float8_e4m3fn values they scale"),
+             "scales without values": ({"w13": q13, "w13_scale_inv": s13, "w2_scale_inv": s2},
+                                       r"state_dict\['w2_scale_inv'\] is given but state_dict\['w2'\] has no values")}
+    for name, (state, match) in cases.items():
+        for built in (None, QuantConfig()):
+            for strict in (True, False):
+                layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=built)
+                before = {key: t.clone() for key, t in layer.state_dict().items()}
+                with pytest.raises(ValueError, match=match):
+                    layer.load_state_dict(state, strict=strict)
+                assert layer.quant == built and all(torch.equal(t.view(torch.uint8), before[key].view(torch.uint8))
+                                                    for key, t in layer.state_dict().items()), (name, built, strict)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), ep.MoeConfig(E, K, H, I), fp8_activations=True, fp8_input=False)
+    for state in ({"w13": q13, "w13_scale_inv": s13, "w2": q2, "w2_scale_inv": s2},
+                  {"w13": dequantized["w13"], "w2": dequantized["w2"]}):  # (float: quantized again, the same fp8 values)
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", quant_config=QuantConfig())
+        assert layer.load_state_dict(state) == ([], [])
+        assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, s2)
+        with torch.no_grad():
+            assert rel_err(layer(x, ids, weights), want) < BF16
+
+
+def _bad_scale_on_one_rank_rank(rank, world_size, bad):
+    """A rebalanced fp8 layer's state_dict (experts with copies, not in the default placement), rank 1's with one bad
+    block scale (or a scale tensor of the wrong dtype), loaded into a fresh layer: the load would move the slots
+    between ranks (collectives every rank runs). (its message, whether the layer is unchanged, seconds)."""
+    import time
+    E, K, H, I = 8, 2, 256, 128
+    saved = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                     num_redundant_experts=2, quant_config=QuantConfig())
+    with torch.no_grad():
+        saved(torch.randn(6, H, generator=_seeded(rank)).to(torch.bfloat16), torch.zeros(6, K, dtype=torch.int32),
+              torch.rand(6, K))
+        saved.rebalance()
+    state = {k: v.clone() for k, v in saved.state_dict().items()}
+    assert "expert_placement" in state
+    if rank == 1:
+        if bad == "dtype":
+            state["w2_scale_inv"] = state["w2_scale_inv"].to(torch.bfloat16)
+        else:
+            state["w2_scale_inv"][2, 1, 0] = {"zero": 0.0, "negative": -1.0, "nan": float("nan")}[bad]
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", dtype=torch.bfloat16,
+                     num_redundant_experts=2, quant_config=QuantConfig())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    start = time.monotonic()
+    try:
+        layer.load_state_dict(state)
+        message = "loaded"
+    except (TypeError, ValueError) as err:
+        message = str(err)
+    unchanged = layer.state_dict().keys() == before.keys() and all(
+        torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)) for k, v in layer.state_dict().items())
+    return message, unchanged, time.monotonic() - start
+
+
+@pytest.mark.parametrize("bad", ["zero", "negative", "nan", "dtype"])
+def test_a_bad_scale_in_one_ranks_state_dict_fails_every_rank_before_the_slots_move(bad):
+    """A bad block scale in one rank's state_dict of a rebalanced fp8 layer: every rank raises at once, naming that rank,
+    the key and the value, before the load moves any slot (the other rank would otherwise go on into the move's
+    exchanges), and no layer changes. Scales of another dtype than fp32 (load_experts refuses them) loaded silently,
+    rounded by torch's copy (bf16: 8 significant bits)."""
+    want = {"zero": r"rank 1: state_dict\['w2_scale_inv'\] has 0.0 at \[2, 1, 0\]; allowed: finite values > 0",
+            "negative": r"rank 1: state_dict\['w2_scale_inv'\] has -1.0 at \[2, 1, 0\]; allowed: finite values > 0",
+            "nan": r"rank 1: state_dict\['w2_scale_inv'\] has nan at \[2, 1, 0\]; allowed: finite values > 0",
+            "dtype": r"rank 1: state_dict\['w2_scale_inv'\] has dtype torch.bfloat16; expected torch.float32"}[bad]
+    for message, unchanged, seconds in run_ranks(_bad_scale_on_one_rank_rank, 2, bad, timeout=120, group_timeout=30):
+        assert re.match(want, message) and message.endswith("(each rank's state_dict; every rank stops before loading "
+                                                            "it)"), message
+        assert unchanged and seconds < 15, (unchanged, seconds)
+
+
 # ----------------------------------------------------------------- runners (one process)
 
 def _fp8_references(problem, rank_xs, ids, weights, config, ue8m0_input=False):
@@ -853,6 +937,35 @@ def test_fp8_split_k_gemm2_matches_the_fp8_reference():
                          fp8_input=False)
     assert rel_err(y, want) < BF16
 
+def test_triton_gemm_hooks_with_fp8_experts_are_refused_when_the_layer_becomes_fp8():
+    """runner='triton' takes no GEMM hooks with fp8 experts: a layer built so (quant_config), or switched to fp8 by
+    load_experts or load_state_dict, raised only in its first forward, after the dispatch's exchange. Now each is
+    refused where the layer would become fp8, naming the runner and the way out, and a refused load changes nothing;
+    the torch runner takes the hooks with fp8 experts and calls them."""
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(4, seed=25)
+    calls = []
+    hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: calls.append(len(expert_index)))
+    match = r"runner='triton' with quantized \(fp8\) experts takes no GEMM hooks; use runner='torch'"
+    with pytest.raises(ValueError, match=match):
+        ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="triton", hooks=hooks, quant_config=QuantConfig())
+    fp8_state = {"w13": q13, "w13_scale_inv": s13, "w2": q2, "w2_scale_inv": s2}
+    for load in (lambda layer: layer.load_experts(w13, w2, quantize="fp8_block"),
+                 lambda layer: layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2),
+                 lambda layer: layer.load_state_dict(fp8_state)):
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="triton", hooks=hooks)
+        before = {key: t.clone() for key, t in layer.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            load(layer)
+        assert layer.quant is None and layer.state_dict().keys() == before.keys()
+        assert all(torch.equal(t, before[key]) for key, t in layer.state_dict().items())
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch", hooks=hooks, quant_config=QuantConfig())
+    layer.load_state_dict(fp8_state)
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
+    with torch.no_grad():
+        assert rel_err(layer(x, ids, weights), want) < BF16
+    assert calls and sum(calls) == int((ids >= 0).sum())
+
 def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
     """fused_experts(quant="fp8_block"), the spelling load_experts' quantize takes, failed inside with
     "AttributeError: 'str' object has no attribute 'dtype'" (naming no argument); a format's name now means its
@@ -907,39 +1020,55 @@ def test_fp8_is_inference_only():
         layer(x, ids, torch.rand(3, 2))
     with torch.no_grad():
         assert layer(x, ids, torch.rand(3, 2)).shape == (3, 128)
-        layer.to(torch.bfloat16)  # casts every floating tensor, fp8 included
-        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16"):
+    layer.requires_grad_(True)  # the experts made trainable: a forward under autograd needs their gradient
+    with pytest.raises(RuntimeError, match=r"fp8_block \(torch.float8_e4m3fn\) and x, topk_weights \(router_logits\) "
+                                           r"or the experts need a gradient: .*inference-only"):
+        layer(x.detach(), ids, torch.rand(3, 2))
+    with torch.no_grad():  # (forward's guard where the stored experts were replaced by other tensors)
+        layer.w13 = torch.nn.Parameter(layer.w13.to(torch.bfloat16), requires_grad=False)
+        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.bfloat16/torch.float8_e4m3fn"):
             layer(x, ids, torch.rand(3, 2))
-        layer.half()  # named as such for tokens of the new dtype too (not as x's dtype, as if the layer were bf16)
-        with pytest.raises(RuntimeError, match="w13/w2 now have dtype torch.float16"):
-            layer(x.half(), ids, torch.rand(3, 2))
 
 
-def test_fp8_experts_cast_by_a_module_wide_to_dtype_load_again():
-    """After layer.to(torch.bfloat16) (or .float()) casts the fp8 experts, forward's error says to load the
-    experts again; load_experts copied the new fp8 values (or the quantized float ones) into the cast tensors,
-    cast as numbers again, and the forward kept raising. It now stores them fp8 anew, with their scales in
-    fp32, and the layer computes as one never cast."""
+@pytest.mark.parametrize("cast", ["bfloat16", "float32", "float16", "half", "double", "model"])
+def test_fp8_experts_keep_their_format_under_a_module_wide_cast(cast):
+    """A module-wide .to(dtype) (.half(), .double(), a model's .to(dtype)) cast the fp8 experts as numbers and their
+    scales with them (to bf16: rounded; .to(torch.float8_e4m3fn): to zeros), and forward then raised; gather_experts
+    and state_dict gave the cast values as fp8 experts, with or without their scales. Now the experts stay fp8 with
+    their fp32 scales, bit for bit, and the layer computes in the new dtype: its output, in that dtype, equals the
+    float64 w8a8 reference (to the bf16 bound, see the module doc). .to(torch.float8_e4m3fn) (no compute dtype) is
+    refused before anything moves. The cast layer's state_dict loads into a layer built unquantized."""
     (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(5, seed=21)
-    want = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
-    want.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    dtype = {"half": torch.float16, "double": torch.float64, "model": torch.float32}.get(cast) or getattr(torch, cast)
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
+    layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
+    if cast == "model":  # inside a model: its other modules cast too
+        model = torch.nn.Sequential(torch.nn.Linear(H, H, dtype=torch.bfloat16), layer)
+        model.to(dtype)
+        assert model[0].weight.dtype == dtype
+    elif cast in ("half", "double"):
+        getattr(layer, cast)()
+    else:
+        layer.to(dtype)
+    assert layer.dtype == dtype and layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.w13.view(torch.uint8), q13.view(torch.uint8)) and torch.equal(layer.w2_scale_inv, s2)
+    assert torch.equal(layer.w13_scale_inv, s13) and layer.w13_scale_inv.dtype == torch.float32
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), layer.config, fp8_activations=True, fp8_input=False)
     with torch.no_grad():
-        want = want(x, ids, weights)
-    for cast in (torch.bfloat16, torch.float32):
-        for reload in ("fp8", "float"):
-            layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, runner="torch")
-            layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
-            layer.to(cast)
-            with torch.no_grad(), pytest.raises(RuntimeError, match=r"load the experts again with load_experts"):
-                layer(x, ids, weights)
-            if reload == "fp8":
-                layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2)
-            else:  # quantized with the layer's config: the same fp8 values and scales
-                layer.load_experts(w13, w2)
-            assert layer.w13.dtype == layer.w2.dtype == torch.float8_e4m3fn and layer.w13_scale_inv.dtype == torch.float32
-            assert torch.equal(layer.w2_scale_inv, s2) and layer.dtype == torch.bfloat16
-            with torch.no_grad():
-                assert torch.equal(layer(x, ids, weights), want), (cast, reload)
+        y = layer(x.to(dtype), ids, weights)
+    assert y.dtype == dtype and rel_err(y, want) < BF16, (y.dtype, rel_err(y, want))
+    back = layer.gather_experts()
+    assert back.quant == QuantConfig() and torch.equal(back.w2.view(torch.uint8), q2.view(torch.uint8))
+    fresh = ep.EPMoE(E, K, H, I, dtype=dtype, runner="torch")
+    assert fresh.load_state_dict(layer.state_dict()) == ([], [])
+    with torch.no_grad():
+        assert torch.equal(fresh(x.to(dtype), ids, weights), y)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"EPMoE.to\(...\): dtype=torch.float8_e4m3fn; allowed: torch.float32"):
+        layer.to(torch.float8_e4m3fn)
+    assert layer.dtype == dtype and all(torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+                                        for name, t in layer.state_dict().items())
 
 
 def _gradient_rank(rank, world_size):
@@ -1254,6 +1383,71 @@ def test_dispatch_refuses_fp8_tokens_without_their_scales(name, options):
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         with pytest.raises(TypeError, match=f"x has dtype {dtype}; allowed: torch.float32, .*use_fp8=True"):
             dispatcher.dispatch(torch.randn(3, 256).to(dtype), topk)
+
+
+def _fp8_overlap_rank(rank, world_size, dispatcher, runner, experts, encoding):
+    """One fp8-dispatch layer on three micro-batches (the middle one empty on rank 1, ids with -1 among them) run
+    through the two-batch-overlap schedule, and by hand with async_op (each dispatch chained to the previous combine
+    with previous_event) or with receive hooks: outputs against the layer's forward and the float64 reference."""
+    from ep_runtime.bench.overlap import run_overlapped, run_sequential
+    E, K, H, I = 8, 2, 256, 128
+    gen = _seeded(37)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5, torch.randn(E, H, I, generator=gen) * I ** -0.5
+    mine = [[(torch.randn(n, H, generator=gen).to(torch.bfloat16), torch.randint(-1, E, (n, K), generator=gen,
+                                                                                 dtype=torch.int32),
+              torch.rand(n, K, generator=gen)) for n in per_rank] for per_rank in ([5, 4, 3], [2, 0, 6])][rank]
+    mine[0][1][0] = -1  # a token routed nowhere
+    options = {"use_fp8": True, "fp8_scale_encoding": encoding,
+               **{"deepep_ll": {"num_max_dispatch_tokens_per_rank": 8},
+                  "mori": {"max_dispatch_tokens_per_rank": 8}}.get(dispatcher, {})}
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=torch.bfloat16, dispatcher_options=options)
+    q = QuantConfig()
+    if experts == "fp8":
+        layer.load_experts(w13, w2, quantize="fp8_block")
+        W13, W2 = _dequantize_weight64(*q.quantize_weight(w13)), _dequantize_weight64(*q.quantize_weight(w2))
+    else:
+        layer.load_experts(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+        W13, W2 = w13.to(torch.bfloat16).double(), w2.to(torch.bfloat16).double()
+    batches = [(x, ep.TopKOutput(ids, weights)) for x, ids, weights in mine]
+    errors, same = [], []
+    with torch.no_grad():
+        forward = [layer(x, ids, weights) for x, ids, weights in mine]
+        overlapped, sequential = run_overlapped(layer, batches), run_sequential(layer, batches)
+        d, by_hand, hooked, previous = layer.dispatcher, [], [], None
+        for x, topk in batches:
+            out, work = d.dispatch(x, topk, async_op=True, previous_event=previous)
+            work.wait()
+            y, previous = d.combine(layer.runner.run(out, layer.weights), async_op=True)
+            by_hand.append(y)
+        previous.wait()
+        if d.supports_recv_hook:
+            for x, topk in batches:
+                out, hook = d.dispatch(x, topk, return_recv_hook=True)
+                hook()
+                y, hook = d.combine(layer.runner.run(out, layer.weights), return_recv_hook=True)
+                hook()
+                hooked.append(y)
+    for i, (x, ids, weights) in enumerate(mine):
+        want = moe_reference(fp8_round_trip(x.double(), ue8m0=encoding == "ue8m0"), ids, weights.double(), W13, W2,
+                             layer.config, fp8_activations=experts == "fp8", fp8_input=False)
+        runs = [forward[i], overlapped[i], sequential[i], by_hand[i]] + hooked[i:i + 1]
+        same.append(all(torch.equal(y, forward[i]) for y in runs) and forward[i].shape == x.shape)
+        if len(x):
+            errors.append(rel_err(forward[i], want))
+    return same, errors
+
+
+@pytest.mark.parametrize("dispatcher,runner,experts,encoding", [
+    ("deepep_normal", "triton", "fp8", "fp32"), ("deepep_ll", "masked", "fp8", "ue8m0"), ("mori", "torch", "bf16", "fp32"),
+    ("deepep_ll", "torch", "bf16", "fp32")])
+def test_fp8_dispatch_under_two_batch_overlap_and_async_calls(dispatcher, runner, experts, encoding):
+    """fp8 dispatch on every dispatcher offering it, through the two-batch-overlap schedule (run_overlapped), async
+    dispatch / combine chained with previous_event, and deepep_ll's receive hooks: every way gives the layer's forward
+    bit for bit, a rank's empty micro-batch included, and the forward matches the float64 reference (x rounded
+    through fp8 as the dispatch rounds it; fp8 experts: on the dequantized weights with the activation rounded too)."""
+    for same, errors in run_ranks(_fp8_overlap_rank, 2, dispatcher, runner, experts, encoding, timeout=400):
+        assert all(same), same
+        assert len(errors) >= 2 and max(errors) < BF16, errors
 
 
 # ----------------------------------------------------------------- GPU (marker gpu; the lead's H200 runs)
