@@ -180,8 +180,9 @@ if triton is not None:
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SCALED: tl.constexpr,
                             SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, ONE_SCALE: tl.constexpr):
         """(acc, acc_up) [BLOCK_M, BLOCK_N] fp32: the rows' products with the weight columns over K in [k_lo, k_hi)
-        (k_lo a multiple of BLOCK_K; acc_up: the up half's, GATED)."""
-        a_ptrs = a_base + rows[:, None] * stride_am + (k_lo + ks)[None, :] * stride_ak
+        (k_lo a multiple of BLOCK_K; acc_up: the up half's, GATED). Row offsets in int64, once per call: an
+        expert's rows * H pass 2**31 at M*R > 299593 rows (H=7168), where int32 wrapped."""
+        a_ptrs = a_base + rows[:, None].to(tl.int64) * stride_am + (k_lo + ks)[None, :] * stride_ak
         w_ptrs = w_base + k_lo * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -225,7 +226,8 @@ if triton is not None:
                   GATED: tl.constexpr, SWIGLU_ALPHA: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                   QUANT_OUT: tl.constexpr, UE8M0: tl.constexpr, ROUND_FIRST: tl.constexpr):
         """Bias, then activate() (gemm1) or scale * acc (gemm2), then the store (fp8 plus a scale per row with
-        QUANT_OUT: the program's BLOCK_N columns are one scale group)."""
+        QUANT_OUT: the program's BLOCK_N columns are one scale group). Row offsets in int64 (as the loads')."""
+        rows = rows.to(tl.int64)
         if HAS_BIAS:
             b_ptrs = bias_ptr + expert * stride_bl + cols * stride_bn
             acc += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]

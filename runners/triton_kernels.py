@@ -278,11 +278,21 @@ def sorted_rows(num_pairs: int, num_local_experts: int, block_m: int) -> int:
     return (cdiv(num_pairs, block_m) + min(num_local_experts, num_pairs)) * block_m
 
 
+# The most sorted rows an alignment may have: sorted_pair_ids and the inverse map hold pair ids and rows as int32
+# (and the kernels index them in int32), so num_pairs (N*K) and the padded rows stay below 2**31.
+MAX_SORTED_ROWS = 2 ** 31 - 1
+
+
 def align_workspace(num_pairs: int, num_local_experts: int, block_m: int, device: torch.device) -> AlignedPairs:
     """Every buffer align_pairs writes for this shape, carved from one allocation (one allocator call
     instead of six; a caller that keeps it across calls pays none)."""
     P, e_pad = num_pairs, next_power_of_2(num_local_experts + 1)
-    num_blocks = sorted_rows(P, num_local_experts, block_m) // block_m
+    rows = sorted_rows(P, num_local_experts, block_m)
+    if rows > MAX_SORTED_ROWS:
+        raise ValueError(f"num_pairs={P} (tokens x top_k) pads to {rows} sorted rows (num_local_experts="
+                         f"{num_local_experts}, BLOCK_M={block_m}); allowed: at most {MAX_SORTED_ROWS} rows (int32 pair "
+                         f"ids): split the tokens over several calls")
+    num_blocks = rows // block_m
     chunk_ints = cdiv(P, ALIGN_CHUNK) * e_pad
     sizes = (num_blocks * block_m, num_blocks, 2 * e_pad + 1, chunk_ints, chunk_ints, cdiv(P, 4), 2)
     # No pairs: nothing will write it, so used_blocks and the work queue must already say 0 (zeros: a few ints).

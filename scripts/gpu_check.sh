@@ -10,7 +10,8 @@
 #   pytest -m gpu                the other gpu-marked tests (tests/test_gpu.py: every dispatcher x runner on min(2, GPUs)
 #                                NCCL ranks, CUDA-graph replays, kernels, runners on one GPU; the CUDA timer;
 #                                tests/test_gpu_faults.py: a stalled or SIGKILLed peer, ~60 s, its times printed
-#                                as `fault_probe:` lines) (330 s: ~250 s on a fast lent host, more on a slow one)
+#                                as `fault_probe:` lines; tests/test_gpu_int64.py: the kernels on buffers past 2**31
+#                                elements, one GPU) (330 s: ~250 s on a fast lent host, more on a slow one)
 #   bench_dispatch               ep-runtime bench dispatch suite, DeepSeek-V3 shape, every GPU, with CUDA-graph
 #                                replays of the static-shape dispatchers (140 s)
 #   bench_routing                benchmarks/bench_routing.py: select_experts' kernel vs its torch ops, one GPU (40 s)

@@ -308,3 +308,22 @@ def test_pack_never_forwards_an_out_of_range_global_id():
     payload = xk.pack_payload(x, ids, torch.rand(2, 2), torch.tensor([0, 1]), torch.tensor([0, 0]), rank_of, None)
     _, meta = xk.payload_views(payload, 16, x.dtype, 2)
     assert meta[:, 2:].tolist() == [[0, -1], [1, -1]]
+
+
+def test_take_payload_rows_reads_rows_whose_byte_offset_passes_int32():
+    """A payload view whose rows lie 2**30 + 64 bytes apart (storage reserved, three rows touched): row 2 starts at
+    byte 2**31 + 128. The kernel takes the row as int64 before the stride multiplies it (a prefill's S rows of
+    ~14 KB pass 2**31 bytes from S = 149130); rows, ids and weights equal the packed ones."""
+    x, ids, w, send_token, send_rank, L = _case(T=4, H=40, dtype=torch.float16)
+    rank_of, _ = _tables(8, 2)
+    packed = xk.pack_payload(x, ids, w, send_token[:3], send_rank[:3], rank_of, None)
+    stride = 2 ** 30 + 64
+    payload = torch.empty(2 * stride + packed.shape[1], dtype=torch.uint8).as_strided(packed.shape, (stride, 1))
+    payload.copy_(packed)  # (~2.1 GB reserved, three rows written)
+    index = torch.tensor([2, 0, 3, 1])  # 3 >= S: a pad row
+    got_x, got_ids, got_w = xk.take_payload_rows(payload, index, 40, torch.float16, ids.shape[1])
+    want_x, want_ids, want_w = xk.take_payload_rows(packed, index, 40, torch.float16, ids.shape[1])
+    rows, ids_in, w_in = xk.payload_fields(packed, 40, torch.float16, ids.shape[1])
+    assert torch.equal(got_x[:2], rows[[2, 0]]) and torch.equal(got_ids[:2], ids_in[[2, 0]])
+    assert torch.equal(got_x, want_x) and torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+    assert torch.equal(got_w[:2], w_in[[2, 0]]) and not got_x[2].any() and (got_ids[2] == -1).all()

@@ -473,3 +473,21 @@ def test_layer_with_k_splits_forced_matches_reference_on_two_ranks(dispatcher, f
         for e in errors:
             assert max(e.values()) <= tolerance(torch.float32), e
         assert split_ran and counts_zero
+
+
+def test_rows_whose_offset_passes_int32_are_read_where_they_are():
+    """An expert-major buffer whose rows lie 2**30 + 64 elements apart (a strided view: storage reserved, three rows
+    touched): row 2 starts at element 2**31 + 128, past int32. The kernels' row offsets are int64 (an expert's
+    M*R rows times H pass 2**31 from M*R = 299594 at H=7168); in int32 row 2's offset wrapped negative, and the
+    load read outside the buffer. Every valid row equals the float64 reference."""
+    config = MoeConfig(2, 1, 64, 32)
+    gen = torch.Generator().manual_seed(3)
+    stride = 2 ** 30 + 64
+    storage = torch.empty(2 * stride + config.hidden_size, dtype=torch.float16)  # (~4.3 GB reserved, untouched)
+    recv_x = storage.as_strided((1, 3, config.hidden_size), (3 * stride, stride, 1))
+    recv_x.copy_(torch.randn(1, 3, config.hidden_size, generator=gen).half())
+    w13 = (torch.randn(1, config.w13_rows, 64, generator=gen) * 64 ** -0.5).half()
+    w2 = (torch.randn(1, 64, 32, generator=gen) * 32 ** -0.5).half()
+    out = MaskedRunner(config).run_masked(recv_x, torch.tensor([3], dtype=torch.int32), ExpertWeights(w13, w2))
+    ref = expert_reference(recv_x[0].double(), w13[0].double(), w2[0].double(), config)
+    assert rel_err(out[0], ref) <= tolerance(torch.float16), rel_err(out[0], ref)

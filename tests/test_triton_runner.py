@@ -206,6 +206,36 @@ def test_grouped_gemm_matches_float64(dtype, strided_bias):
     assert out[~aligned.computed].isnan().all()  # filtered pairs' rows are never written
 
 
+@pytest.mark.parametrize("kernel", ["portable", "persistent"])
+def test_grouped_gemm_reads_token_rows_whose_offset_passes_int32(kernel):
+    """x a strided view whose rows lie 2**30 + 64 elements apart (storage reserved, three rows touched): token 2's
+    row starts at element 2**31 + 128. The kernels take a's row as int64 before the stride multiplies it (pair rows
+    times H pass 2**31 from P = 299594 pairs at H=7168); every computed pair equals float64."""
+    gen = torch.Generator().manual_seed(5)
+    T, K, L, N, Kd = 3, 2, 2, 32, 64
+    stride = 2 ** 30 + 64
+    x = torch.empty(2 * stride + Kd, dtype=torch.float16).as_strided((T, Kd), (stride, 1))  # (~4.3 GB reserved)
+    x.copy_(torch.randn(T, Kd, generator=gen).half())
+    w = (torch.randn(L, N, Kd, generator=gen) * Kd ** -0.5).half()
+    ids = torch.tensor([[0, 1], [1, 0], [1, 0]], dtype=torch.int32)
+    aligned = kernels.align_pairs(ids, None, 0, L, 16)
+    out = torch.full((T * K, N), float("nan"), dtype=torch.float16)
+    kernels.grouped_gemm(x, w, out, aligned, kernels.GemmTiles(32, 32, 1, kernel=kernel), rows_per_a_row=K,
+                         interpreted=True)
+    pair = torch.arange(T * K)
+    ref = torch.einsum("ph,pnh->pn", x.double()[pair // K], w.double()[ids.reshape(-1).long()])
+    assert rel_err(out, ref) <= tolerance(torch.float16) / 2, rel_err(out, ref)
+
+
+def test_alignment_refuses_pairs_past_int32_before_allocating():
+    """sorted_pair_ids and the inverse map hold pair ids and rows as int32: num_pairs whose padded rows pass
+    2**31 - 1 is refused by name (nothing allocated), one below is sized as before."""
+    with pytest.raises(ValueError, match=r"num_pairs=2147483600 .* allowed: at most 2147483647 rows"):
+        kernels.align_workspace(2 ** 31 - 48, 8, 64, torch.device("cpu"))
+    assert kernels.align_workspace(100, 8, 64, torch.device("cpu")).sorted_pair_ids.numel() == \
+        kernels.sorted_rows(100, 8, 64)
+
+
 ACTIVATIONS = {
     "silu": dict(), "gelu": dict(activation="gelu"), "gelu_tanh": dict(activation="gelu_tanh"),
     "non_gated_gelu": dict(activation="gelu", is_gated=False),
