@@ -1,0 +1,211 @@
+"""A serving (or long-running) caller's view of the layer over many calls, on gloo ranks against float64: token
+counts that change every call and differ between ranks (0, 1, odd sizes) under inference_mode, no_grad and
+training, with kept state that does not grow with the calls; deferred checks still pending when a dispatcher is
+dropped; a layer built under torch.inference_mode, then loaded and trained outside it; layers on two subgroup
+partitions interleaved; an earlier dispatch's output combined with a later call's rows."""
+import gc
+
+import pytest
+import torch
+
+import ep_runtime as ep
+from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.testing import run_ranks, tolerance
+
+E, K, H, I = 8, 2, 16, 8
+M = 12  # the static capacities below: the most tokens a rank dispatches here
+CASES = {
+    "standard": ("standard", {}),
+    "deepep_normal": ("deepep_normal", {}),
+    "deepep_normal static": ("deepep_normal", {"num_worst_tokens": 4 * M}),  # (4 ranks' M tokens each)
+    "deepep_ll": ("deepep_ll", {"num_max_dispatch_tokens_per_rank": M}),
+    "mori": ("mori", {"max_dispatch_tokens_per_rank": M}),
+    "mori static": ("mori", {"max_dispatch_tokens_per_rank": M, "static": True}),
+}
+
+
+def _inputs(gen: torch.Generator, T: int):
+    """x [T, H] (float32 values exact in float64), global ids [T, K] with -1 holes and a whole -1 token, weights."""
+    x = torch.randn(T, H, generator=gen, dtype=torch.float64).float()
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=1).indices.to(torch.int32)
+    if T > 2:
+        ids[1, 0] = -1
+    if T > 3:
+        ids[3] = -1
+    return x, ids, torch.rand(T, K, generator=gen) + 0.1
+
+
+def _schedule(world_size: int, calls: int) -> list:
+    """Every rank's T per call, the same list on every rank: random 0..M, with calls where one rank has 0 tokens,
+    where every rank has 0, where ranks have 1, and M."""
+    gen = torch.Generator().manual_seed(1234)
+    sizes = [torch.randint(0, M + 1, (world_size,), generator=gen).tolist() for _ in range(calls)]
+    sizes[0] = [0] * world_size
+    sizes[1] = [1] * world_size
+    sizes[2] = [0] + [M] * (world_size - 1)
+    sizes[3] = [1] + [0] * (world_size - 1)
+    sizes[4] = [M - 1 - r for r in range(world_size)]
+    return sizes
+
+
+def _kept_state(layer) -> dict:
+    """Entries of what the layer's calls keep for later calls (scratch buffers, per-shape tables, pending
+    deferred checks): none may grow once the calls' shapes have all been seen."""
+    from ep_runtime import runner_core
+    from ep_runtime.scratch import SCRATCH
+    d = layer.dispatcher
+    exchange = getattr(d, "exchange", None)
+    checks = [getattr(d, "_deferred", None), d.__dict__.get("_routing_checks"), getattr(exchange, "_deferred", None)]
+    state = {"scratch": len(SCRATCH._entries), "scratch bytes": SCRATCH._bytes,
+             "capacity rows": len(runner_core._CAPACITY_ROWS),
+             "pending checks": sum(len(c) for c in checks if c is not None)}
+    if exchange is not None:
+        state.update({name: len(getattr(exchange, name)) for name in ("_tables", "_aranges", "_send_ranks")})
+    return state
+
+
+def _python_objects() -> int:
+    """Python objects the collector tracks (containers, tensors, dataclass instances: what a cache would hold), once
+    the garbage is collected. (tracemalloc's bytes grow by a few small objects per call inside torch's own ops.)"""
+    gc.collect()
+    return len(gc.get_objects())
+
+
+def _varying_rank(rank, world_size, case):
+    name, options = CASES[case]
+    torch.manual_seed(3)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=name, runner="torch", dispatcher_options=options)
+    experts = layer.gather_experts()
+    half = 16
+    sizes = _schedule(world_size, half)
+    sizes += sizes  # the second half repeats the first's shapes (new values): nothing kept may grow there
+    gen = torch.Generator().manual_seed(100 + rank)
+    errors, states, python = [], [], []
+    for call, Ts in enumerate(sizes):
+        x, ids, w = _inputs(gen, Ts[rank])
+        want = moe_reference(x.double(), ids.long(), w.double(), experts.w13, experts.w2, layer.config)
+        mode = ("inference_mode", "no_grad", "train")[call % 3]
+        if mode == "train":
+            xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            y = layer(xg, ids, wg)
+            grad = torch.randn(y.shape, generator=gen, dtype=torch.float64).float()
+            y.backward(grad)
+            x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+            ref = moe_reference(x64, ids.long(), w64, experts.w13, experts.w2, layer.config)
+            (ref + 0 * (x64.sum() + w64.sum())).backward(grad.double())  # (a token-less call has no graph)
+            if Ts[rank]:
+                errors += [(call, "dx", rel_err(xg.grad, x64.grad)), (call, "dw", rel_err(wg.grad, w64.grad))]
+        else:
+            with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+                y = layer(x, ids, w)
+        assert y.shape == (Ts[rank], H) and y.dtype == torch.float32, (call, y.shape, y.dtype)
+        if Ts[rank]:
+            errors.append((call, mode, rel_err(y, want)))
+        if call + 1 in (half, 2 * half):
+            states.append(_kept_state(layer))
+            python.append(_python_objects())
+    layer.dispatcher.raise_deferred()
+    return errors, states, python
+
+
+# world size 4 for one dispatcher of each plan kind (host plan, static by expert, static by token)
+@pytest.mark.parametrize("case,world_size", [(case, 2) for case in CASES] +
+                         [(case, 4) for case in ("deepep_normal", "deepep_ll", "mori static")])
+def test_token_counts_varying_every_call_and_between_ranks(case, world_size):
+    """32 calls whose T changes every call and differs between ranks (0 on some ranks, on every rank, 1, odd,
+    the static capacity), under inference_mode, no_grad and training in turn: every call's output (and dx, dweights)
+    equals the float64 reference, and a second run of the same shapes keeps nothing more (scratch entries, tables,
+    pending checks, Python objects)."""
+    for errors, states, python in run_ranks(_varying_rank, world_size, case, timeout=300):
+        assert len(errors) > 32, errors
+        worst = max(errors, key=lambda e: e[2])
+        assert worst[2] <= tolerance(torch.float32), worst
+        assert states[1] == states[0], states
+        assert states[1]["pending checks"] == 0
+        assert python[1] - python[0] <= 8, python
+
+
+# ---------------------------------------------------------------- lifecycle
+
+def _inference_built_rank(rank, world_size, case):
+    """A layer built (and first called) under torch.inference_mode, as a server sets its model up, then loaded and
+    trained outside it: its experts were inference tensors, so load_experts raised ("Inplace update to inference
+    tensor outside InferenceMode") and a training forward "Inference tensors cannot be saved for backward"."""
+    name, options = CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    w13 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=gen, dtype=torch.float64) * I ** -0.5
+    with torch.inference_mode():
+        layer = ep.EPMoE(E, K, H, I, dispatcher=name, runner="torch", dispatcher_options=options)
+        layer(*_inputs(torch.Generator().manual_seed(rank), 5))
+    layer.load_experts(w13.float(), w2.float())
+    layer = layer.to(torch.float64)  # (a move outside inference mode too)
+    with torch.inference_mode():
+        layer.to(torch.float32)  # (and one inside it: the experts stay normal tensors)
+    # every rank's tokens and output gradient: a sharded layer's expert gradients sum every rank's tokens
+    ranks = range(world_size) if layer.dispatcher.shards_experts else [rank]
+    calls = {r: (*_inputs(torch.Generator().manual_seed(10 + r), 7),
+                 torch.randn(7, H, generator=torch.Generator().manual_seed(20 + r))) for r in ranks}
+    x, ids, w, grad = calls[rank]
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg, ids, w)
+    y.backward(grad)
+    # the reference with the experts as float32 holds them: the layer ran in float32 after the last .to()
+    w13_32, w2_32 = w13.float().double().requires_grad_(True), w2.float().double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    loss = 0
+    for r, (xr, idr, wr, gr) in calls.items():
+        out = moe_reference(x64 if r == rank else xr.double(), idr.long(), wr.double(), w13_32, w2_32, layer.config)
+        if r == rank:
+            want = out.detach()
+        loss = loss + (out * gr.double()).sum()
+    loss.backward()
+    mine = layer.placement.local_expert_ids()
+    return {"inference": [p.is_inference() for p in layer.parameters()], "y": rel_err(y, want),
+            "dx": rel_err(xg.grad, x64.grad), "dw13": rel_err(layer.w13.grad, w13_32.grad[mine]),
+            "dw2": rel_err(layer.w2.grad, w2_32.grad[mine])}
+
+
+@pytest.mark.parametrize("case", ["standard", "deepep_normal", "deepep_ll", "mori"])
+def test_a_layer_built_under_inference_mode_loads_and_trains_outside_it(case):
+    for result in run_ranks(_inference_built_rank, 2, case, timeout=120):
+        assert result.pop("inference") == [False, False], result
+        assert max(result.values()) <= tolerance(torch.float32), result
+
+
+def _subgroups_rank(rank, world_size):
+    """Two layers on two partitions of 4 ranks into pairs ({0,1},{2,3} and {0,2},{1,3}), called in alternating
+    order with T changing every call (0 included), some calls training."""
+    import torch.distributed as dist
+    rows = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cols = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    torch.manual_seed(1)
+    a = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", group=rows[rank // 2])
+    b = ep.EPMoE(E, K, H, I, dispatcher="mori", runner="torch", group=cols[rank % 2],
+                 dispatcher_options={"max_dispatch_tokens_per_rank": M})
+    experts = {id(a): a.gather_experts(), id(b): b.gather_experts()}
+    errors = []
+    for call, Ts in enumerate(_schedule(world_size, 12)):
+        gen = torch.Generator().manual_seed(call * 10 + rank)
+        x, ids, w = _inputs(gen, Ts[rank])
+        for layer in ([a, b] if call % 2 else [b, a]):
+            ex = experts[id(layer)]
+            want = moe_reference(x.double(), ids.long(), w.double(), ex.w13, ex.w2, layer.config)
+            xg = x.clone().requires_grad_(call % 3 == 0)
+            y = layer(xg, ids, w)
+            if xg.requires_grad:
+                y.backward(torch.ones_like(y))
+                x64 = x.double().requires_grad_(True)
+                (moe_reference(x64, ids.long(), w.double(), ex.w13, ex.w2, layer.config) + 0 * x64.sum()).sum().backward()
+                if Ts[rank]:
+                    errors.append(rel_err(xg.grad, x64.grad))
+            if Ts[rank]:
+                errors.append(rel_err(y, want))
+    for group in rows + cols:
+        dist.destroy_process_group(group)
+    return errors
+
+
+def test_layers_on_two_subgroup_partitions_interleaved():
+    for errors in run_ranks(_subgroups_rank, 4, timeout=300):
+        assert len(errors) >= 12 and max(errors) <= tolerance(torch.float32), errors
