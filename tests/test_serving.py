@@ -10,6 +10,7 @@ import torch
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
+from ep_runtime.runner_core import CombineInput, MoeRunner
 from ep_runtime.testing import run_ranks, tolerance
 
 E, K, H, I = 8, 2, 16, 8
@@ -209,3 +210,47 @@ def _subgroups_rank(rank, world_size):
 def test_layers_on_two_subgroup_partitions_interleaved():
     for errors in run_ranks(_subgroups_rank, 4, timeout=300):
         assert len(errors) >= 12 and max(errors) <= tolerance(torch.float32), errors
+
+
+# ---------------------------------------------------------------- an earlier dispatch's output
+
+def _stale_output_rank(rank, world_size):
+    """deepep_normal (host plan) dispatched twice with different T: a later call's runner rows combined with the
+    earlier call's dispatch_output (a caller keeping the wrong one) read the earlier handle's first rows as its
+    partials, with no error, when the later call had received more rows."""
+    d = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, I))
+    runner = MoeRunner(ep.runners.create("torch", d.config), d.config, d.placement)
+    gen = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(E, H, I, generator=gen, dtype=torch.float64)
+    mine = d.placement.local_expert_ids()
+    weights = ep.ExpertWeights(w13[mine].float(), w2[mine].float())
+    gen = torch.Generator().manual_seed(rank)
+    earlier, later = [], []
+    for T, calls in ((3, earlier), (11, later)):
+        x, ids, w = _inputs(gen, T)
+        ids[:, 0] = torch.arange(T) % E  # every rank receives rows from every peer
+        out = d.dispatch(x, ep.TopKOutput(ids, w))
+        calls += [x, ids, w, out, runner.run(out, weights)]
+    received = (sum(earlier[3].handle.recv_splits), sum(later[3].handle.recv_splits))
+    messages = []
+    for rows, out in ((later[4].hidden_states, earlier[3]), (earlier[4].hidden_states, later[3])):
+        try:
+            d.combine(CombineInput(rows, out))
+            messages.append("combined")
+        except ValueError as err:
+            messages.append(str(err))
+    errors = [rel_err(d.combine(combine), moe_reference(x.double(), ids.long(), w.double(), w13, w2, d.config))
+              for x, ids, w, _, combine in (earlier, later)]  # the ranks are still in step
+    return received, messages, errors
+
+
+def test_combine_of_an_earlier_dispatchs_output_with_later_rows_is_refused():
+    for (early, late), messages, errors in run_ranks(_stale_output_rank, 2, timeout=120):
+        assert early < late, (early, late)
+        assert messages == [
+            f"combine_input.hidden_states has shape [{late}, {H}]; expected [{early}, {H}] (the rows this rank "
+            f"received in the dispatch that made combine_input.dispatch_output)",
+            f"combine_input.hidden_states has shape [{early}, {H}]; expected [{late}, {H}] (the rows this rank "
+            f"received in the dispatch that made combine_input.dispatch_output)"], messages
+        assert max(errors) <= tolerance(torch.float32), errors
