@@ -4,6 +4,7 @@ training, with kept state that does not grow with the calls; deferred checks sti
 dropped; a layer built under torch.inference_mode, then loaded and trained outside it; layers on two subgroup
 partitions interleaved; an earlier dispatch's output combined with a later call's rows."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,85 @@ def test_token_counts_varying_every_call_and_between_ranks(case, world_size):
         assert states[1] == states[0], states
         assert states[1]["pending checks"] == 0
         assert python[1] - python[0] <= 8, python
+
+
+# ---------------------------------------------------------------- deferred checks pending at a drop
+
+def _pending(checks, values: torch.Tensor, context) -> None:
+    """Queue a deferred check as a CUDA call does (make_room, then defer): host values take the same bookkeeping."""
+    checks.make_room()
+    checks.defer(values, context)
+
+
+def _dropped(make, queue) -> list:
+    """Warnings raised while the object `make()` returns is dropped with the checks `queue(obj)` left pending."""
+    obj = make()
+    queue(obj)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del obj
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_layer_dropped_with_a_failing_deferred_check_warns_naming_the_value():
+    """A standard layer's value checks are deferred on CUDA: one dropped (a model swapped out, a server's shutdown)
+    before raise_deferred() after its last calls lost a bad id of those calls without a word. The checks whose
+    values have landed now run at the drop, and a failing one is a RuntimeWarning with the error it would have
+    raised (a finalizer cannot raise); good pending checks say nothing."""
+    from ep_runtime.validation import topk_value_flags
+
+    def layer():
+        return ep.EPMoE(E, K, H, I, dispatcher="standard", runner="torch")
+
+    def queue(ids):  # the flags row a CUDA dispatch lands (its last two entries are topk_value_flags')
+        weights = torch.rand(ids.shape)
+        return lambda obj: _pending(obj.dispatcher._deferred, topk_value_flags(ids, weights, E), (ids, weights))
+
+    bad = torch.tensor([[0, 1], [2, 9], [3, -1]], dtype=torch.int32)
+    messages = _dropped(layer, queue(bad))
+    assert messages == ["a standard dispatcher was dropped with a deferred check pending, which fails: topk_ids has id "
+                        "9 at [1, 1]; allowed -1..7 (num_experts=8) [found by the deferred check of the value flags of a "
+                        "standard dispatch: the last call, whose output is not valid; EP_RUNTIME_SYNC_CHECKS=1 raises "
+                        "at the call itself] (call its raise_deferred() after the last call to get this error "
+                        "raised)"], messages
+    assert _dropped(layer, queue(bad.clamp(max=E - 1))) == []
+
+
+def _routing_drop_rank(rank, world_size):
+    """deepep_normal: topk_ids given with a reused handle are compared on the device on CUDA, the flag checked two
+    reusing calls later: a dispatcher dropped before then lost the mismatch."""
+    config = ep.MoeConfig(E, K, H, I)
+    made = torch.tensor([[0, 5], [7, -1]], dtype=torch.int32)
+    other = torch.tensor([[0, 5], [6, -1]], dtype=torch.int32)
+    results = {}
+    for label, ids in (("other ids", other), ("same ids", made.clone())):
+        def queue(d, ids=ids):
+            _pending(d._routing_checks, (ids != made).any().reshape(1).int(), (ids, made))
+        results[label] = _dropped(lambda: ep.dispatchers.create("deepep_normal", config), queue)
+    return results
+
+
+def test_a_deepep_normal_dispatcher_dropped_with_a_failing_routing_check_warns():
+    for results in run_ranks(_routing_drop_rank, 2, timeout=120):
+        assert results["same ids"] == [], results
+        [message] = results["other ids"]
+        assert message.startswith("a deepep_normal dispatcher was dropped with a deferred check pending, which fails: "
+                                  "topk_ids[1, 0] = 6, but the handle was made for routing with 7 there"), message
+
+
+def test_checks_pending_in_a_collected_cycle_neither_raise_nor_warn():
+    """An owner collected by the cyclic collector has lost its check methods (weak references are cleared first):
+    its pending checks are skipped, not reported wrongly, and nothing raises from the finalizer."""
+    from ep_runtime.validation import topk_value_flags
+    d = ep.dispatchers.create("standard", ep.MoeConfig(E, K, H, I))
+    ids, weights = torch.tensor([[9, 0]], dtype=torch.int32), torch.rand(1, 2)
+    _pending(d._deferred, topk_value_flags(ids, weights, E), (ids, weights))
+    d.cycle = d
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del d
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
 
 
 # ---------------------------------------------------------------- lifecycle
