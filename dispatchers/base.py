@@ -660,8 +660,8 @@ class ExchangeDispatcher(Dispatcher):
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
         """Token rows in the dispatched x's dtype: one per row this rank received when the plan has the
-        received count on the host (host plans; at least that many where a receive buffer pads them, mori's); static plans
-        (device-only counts, not read here): at least the rows the runner was handed."""
+        received count on the host (host plans; at least that many where a receive buffer pads them, mori's);
+        static plans (device-only counts, not read here): at least the rows the runner was handed."""
         super().check_combine_input(combine_input)
         out = combine_input.dispatch_output
         handle = getattr(out, "handle", None)

@@ -10,6 +10,7 @@ plans, the standard dispatcher and deepep_normal's check of topk_ids given with 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -94,7 +95,10 @@ class DeferredChecks:
     def drop(self, owner: str) -> None:
         """The owner (`owner` names it) is going with calls still pending, no raise_deferred() after its last ones:
         check those whose copies have landed (no wait: a finalizer must not block) and warn with the first error,
-        since nothing can raise from a finalizer. Before, their bad values went unreported."""
+        since nothing can raise from a finalizer (else the bad values of its last calls go unreported). Not at
+        interpreter shutdown (CUDA and torch may be torn down already)."""
+        if sys.is_finalizing():
+            return
         try:
             while self._pending:
                 ready = self._pending[0].ready
