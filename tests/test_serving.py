@@ -39,7 +39,7 @@ def _inputs(gen: torch.Generator, T: int):
 
 def _schedule(world_size: int, calls: int) -> list:
     """Every rank's T per call, the same list on every rank: random 0..M, with calls where one rank has 0 tokens,
-    where every rank has 0, where ranks have 1, and M."""
+    where every rank has 0 (under inference_mode and in training), where ranks have 1, and M."""
     gen = torch.Generator().manual_seed(1234)
     sizes = [torch.randint(0, M + 1, (world_size,), generator=gen).tolist() for _ in range(calls)]
     sizes[0] = [0] * world_size
@@ -47,6 +47,7 @@ def _schedule(world_size: int, calls: int) -> list:
     sizes[2] = [0] + [M] * (world_size - 1)
     sizes[3] = [1] + [0] * (world_size - 1)
     sizes[4] = [M - 1 - r for r in range(world_size)]
+    sizes[5] = [0] * world_size  # (a training call: calls 2, 5, 8, ... train)
     return sizes
 
 
