@@ -4,6 +4,7 @@ training, with kept state that does not grow with the calls; deferred checks sti
 dropped; a layer built under torch.inference_mode, then loaded and trained outside it; layers on two subgroup
 partitions interleaved; an earlier dispatch's output combined with a later call's rows."""
 import gc
+import re
 import warnings
 
 import pytest
@@ -257,7 +258,7 @@ def test_a_layer_built_under_inference_mode_loads_and_trains_outside_it(case):
 
 def _subgroups_rank(rank, world_size):
     """Two layers on two partitions of 4 ranks into pairs ({0,1},{2,3} and {0,2},{1,3}), called in alternating
-    order with T changing every call (0 included), some calls training."""
+    order with T changing every call (0 included), some calls training through both layers at once."""
     import torch.distributed as dist
     rows = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     cols = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -270,20 +271,20 @@ def _subgroups_rank(rank, world_size):
     for call, Ts in enumerate(_schedule(world_size, 12)):
         gen = torch.Generator().manual_seed(call * 10 + rank)
         x, ids, w = _inputs(gen, Ts[rank])
-        for layer in ([a, b] if call % 2 else [b, a]):
+        train = call % 3 == 0
+        xg, x64 = x.clone().requires_grad_(train), x.double().requires_grad_(train)
+        ys, refs = [], []
+        for layer in ([a, b] if call % 2 else [b, a]):  # both forwards, then one backward through both
             ex = experts[id(layer)]
-            want = moe_reference(x.double(), ids.long(), w.double(), ex.w13, ex.w2, layer.config)
-            xg = x.clone().requires_grad_(call % 3 == 0)
-            y = layer(xg, ids, w)
-            if xg.requires_grad:
-                y.backward(torch.ones_like(y))
-                x64 = x.double().requires_grad_(True)
-                ref = moe_reference(x64, ids.long(), w.double(), ex.w13, ex.w2, layer.config)
-                (ref + 0 * x64.sum()).sum().backward()  # (a token-less call has no graph)
-                if Ts[rank]:
-                    errors.append(rel_err(xg.grad, x64.grad))
+            ys.append(layer(xg, ids, w))
+            refs.append(moe_reference(x64, ids.long(), w.double(), ex.w13, ex.w2, layer.config))
             if Ts[rank]:
-                errors.append(rel_err(y, want))
+                errors.append(rel_err(ys[-1], refs[-1].detach()))
+        if train:
+            (ys[0] + 2 * ys[1]).sum().backward()
+            (refs[0] + 2 * refs[1] + 0 * x64.sum()).sum().backward()  # (a token-less call has no graph)
+            if Ts[rank]:
+                errors.append(rel_err(xg.grad, x64.grad))
     for group in rows + cols:
         dist.destroy_process_group(group)
     return errors
@@ -292,6 +293,52 @@ def _subgroups_rank(rank, world_size):
 def test_layers_on_two_subgroup_partitions_interleaved():
     for errors in run_ranks(_subgroups_rank, 4, timeout=300):
         assert len(errors) >= 12 and max(errors) <= tolerance(torch.float32), errors
+
+
+def _destroyed_subgroup_rank(rank, world_size):
+    """Layers on a subgroup of the world, the subgroup destroyed between a training forward and its backward: the
+    backward's reverse exchanges went on over the destroyed gloo group (a destroyed NCCL one fails or hangs), as
+    a forward did before check_group; now they raise naming it, as the layers' next calls and a dispatch reusing
+    an earlier handle do. The world group stays usable: a layer on it then gives the float64 output."""
+    import torch.distributed as dist
+    sub = dist.new_group([0, 1])
+    x, ids, w = _inputs(torch.Generator().manual_seed(rank), 6)
+    messages = {}
+    pending = []
+    for case in ("deepep_normal", "deepep_ll", "mori static"):
+        name, options = CASES[case]
+        layer = ep.EPMoE(E, K, H, I, dispatcher=name, runner="torch", group=sub, dispatcher_options=options)
+        pending.append((case, layer, layer(x.clone().requires_grad_(True), ids, w)))
+    handle = ep.dispatchers.create("deepep_normal", ep.MoeConfig(E, K, H, I), group=sub).dispatch(x, (ids, w)).handle
+    dist.destroy_process_group(sub)
+    calls = [(f"{case} backward", lambda y=y: y.sum().backward()) for case, _, y in pending]
+    calls += [(f"{case} forward", lambda layer=layer: layer(x, ids, w)) for case, layer, _ in pending]
+    calls.append(("reused handle", lambda: pending[0][1].dispatcher.dispatch(x, None, handle=handle)))
+    for label, call in calls:
+        try:
+            call()
+            messages[label] = "ran"
+        except RuntimeError as err:
+            messages[label] = str(err)
+    torch.manual_seed(2)
+    layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")  # the world group
+    experts = layer.gather_experts()
+    error = rel_err(layer(x, ids, w), moe_reference(x.double(), ids.long(), w.double(), experts.w13, experts.w2,
+                                                    layer.config))
+    return messages, error
+
+
+def test_a_destroyed_subgroup_fails_its_layers_calls_and_backward_naming_it():
+    destroyed = (r"its process group was destroyed \(ep\.destroy_distributed\(\) or dist\.destroy_process_group\(\)\) "
+                 r"after the layer was built; allowed: a layer on a live group: call ep\.init_distributed\(\) and build "
+                 r"the layer again")
+    for messages, error in run_ranks(_destroyed_subgroup_rank, 2, timeout=120):
+        assert error <= tolerance(torch.float32), error
+        assert len(messages) == 7, messages
+        for label, message in messages.items():
+            operation = (re.escape("an ep-runtime layer's backward (the reverse exchange of its forward)")
+                         if label.endswith("backward") else r"\w+ dispatch")
+            assert re.fullmatch(f"{operation}: {destroyed}", message), (label, message)
 
 
 # ---------------------------------------------------------------- an earlier dispatch's output
