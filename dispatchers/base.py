@@ -673,11 +673,12 @@ class ExchangeDispatcher(Dispatcher):
                             f"dispatched x (the rows cross ranks as raw bytes, so every rank must send that dtype)")
         # (handle.rows None: a host plan hands out the rows as received, deepep_normal's, so there is no padding and
         # more rows are another dispatch's, a later call's runner output given an earlier call's dispatch_output)
-        if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits) or (
-                handle.rows is None and rows.shape[0] != sum(splits))):
-            expected = (f"[{sum(splits)}, {self.config.hidden_size}] (the rows this rank received in the dispatch that "
+        received = sum(splits) if splits is not None else None
+        if received is not None and (rows.dim() != 2 or rows.shape[0] < received or (
+                handle.rows is None and rows.shape[0] != received)):
+            expected = (f"[{received}, {self.config.hidden_size}] (the rows this rank received in the dispatch that "
                         f"made combine_input.dispatch_output)" if handle.rows is None else
-                        f"[N, {self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; rows "
+                        f"[N, {self.config.hidden_size}] with N >= {received} (the rows this rank received; rows "
                         f"past them are padding)")
             raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected {expected}")
         if getattr(handle, "static", False) and handle.rows is not None:
