@@ -659,9 +659,9 @@ class ExchangeDispatcher(Dispatcher):
         return topk
 
     def check_combine_input(self, combine_input: CombineInput) -> None:
-        """Token rows in the dispatched x's dtype: at least one per row this rank received (rows past them
-        are padding), when the plan has the received count on the host (host plans); static plans
-        (device-only counts, not read here): at least the rows the runner was handed."""
+        """Token rows in the dispatched x's dtype: one per row this rank received when the plan has the
+        received count on the host (host plans; at least that many where a receive buffer pads them, mori's);
+        static plans (device-only counts, not read here): at least the rows the runner was handed."""
         super().check_combine_input(combine_input)
         out = combine_input.dispatch_output
         handle = getattr(out, "handle", None)
@@ -671,10 +671,16 @@ class ExchangeDispatcher(Dispatcher):
         if x_dtype is not None and rows.dtype != x_dtype:  # (every rank dispatched x_dtype: the count table checks it)
             raise TypeError(f"combine_input.hidden_states has dtype {rows.dtype}; expected {x_dtype}, the dtype of the "
                             f"dispatched x (the rows cross ranks as raw bytes, so every rank must send that dtype)")
-        if splits is not None and (rows.dim() != 2 or rows.shape[0] < sum(splits)):
-            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected [N, "
-                             f"{self.config.hidden_size}] with N >= {sum(splits)} (the rows this rank received; "
-                             f"rows past them are padding)")
+        # (handle.rows None: a host plan hands out the rows as received, deepep_normal's, so there is no padding and
+        # more rows are another dispatch's, a later call's runner output given an earlier call's dispatch_output)
+        received = sum(splits) if splits is not None else None
+        if received is not None and (rows.dim() != 2 or rows.shape[0] < received or (
+                handle.rows is None and rows.shape[0] != received)):
+            expected = (f"[{received}, {self.config.hidden_size}] (the rows this rank received in the dispatch that "
+                        f"made combine_input.dispatch_output)" if handle.rows is None else
+                        f"[N, {self.config.hidden_size}] with N >= {received} (the rows this rank received; rows "
+                        f"past them are padding)")
+            raise ValueError(f"combine_input.hidden_states has shape {list(rows.shape)}; expected {expected}")
         if getattr(handle, "static", False) and handle.rows is not None:
             handed = getattr(out, "num_runner_rows", handle.rows)
             if rows.dim() != 2 or rows.shape[0] < handed:

@@ -173,6 +173,13 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
                               "topk_ids differed from the routing its handle was made for, and the two have been "
                               "overwritten since, so the place cannot be named")
 
+    def __del__(self) -> None:
+        """Pending compares of topk_ids given with a reused handle: checked where landed, a bad one warned of
+        (DeferredChecks.drop; the exchange's own checks go with the exchange)."""
+        routing = self.__dict__.get("_routing_checks")
+        if routing:
+            routing.drop(f"a {self.name} dispatcher")
+
     def raise_deferred(self) -> None:
         """The exchange's deferred checks, then those of topk_ids given with a reused handle (see Dispatcher)."""
         if "_routing_checks" in self.__dict__:

@@ -10,6 +10,8 @@ plans, the standard dispatcher and deepep_normal's check of topk_ids given with 
 """
 from __future__ import annotations
 
+import sys
+import warnings
 import weakref
 from collections import deque
 from typing import Any, Callable, NamedTuple, Optional
@@ -89,6 +91,24 @@ class DeferredChecks:
         """Check every pending call now (waits for their copies); the first bad one raises."""
         while self._pending:
             self._check_oldest()
+
+    def drop(self, owner: str) -> None:
+        """The owner (`owner` names it) is going with calls still pending, no raise_deferred() after its last ones:
+        check those whose copies have landed (no wait: a finalizer must not block) and warn with the first error,
+        since nothing can raise from a finalizer (else the bad values of its last calls go unreported). Not at
+        interpreter shutdown (CUDA and torch may be torn down already)."""
+        if sys.is_finalizing():
+            return
+        try:
+            while self._pending:
+                ready = self._pending[0].ready
+                if (ready is not None and not ready.query()) or self._check() is None:
+                    return  # (not landed yet, or the owner's methods already gone: a cyclic collection)
+                self._check_oldest()
+        except Exception as err:  # (anything: a finalizer's exception is printed and lost)
+            warnings.warn(f"{owner} was dropped with a deferred check pending, which fails: {err} (call its "
+                          f"raise_deferred() after the last call to get this error raised)", RuntimeWarning,
+                          stacklevel=2)
 
     def _check_oldest(self) -> None:
         """Check the oldest pending call. Whatever it raises, nothing stays pending (the calls after it ran on

@@ -591,6 +591,13 @@ class RankExchange:
                 send_rank = self._send_ranks[key] = torch.arange(self.world_size * chunk, device=device) // chunk
         return send_rank
 
+    def __del__(self) -> None:
+        """Pending static-plan tables of the last calls: checked where landed, a bad one warned of
+        (DeferredChecks.drop)."""
+        deferred = self.__dict__.get("_deferred")
+        if deferred:
+            deferred.drop(f"a {self.name} dispatcher's exchange")
+
     def raise_deferred(self) -> None:
         """Check every pending static-plan table now (waits for their copies). Call it on every rank
         together, e.g. after the last step; the first bad table raises its call's error."""

@@ -79,6 +79,12 @@ class StandardDispatcher(Dispatcher):
         if any(flags):  # flagged, yet nothing bad there now: the caller changed its tensors since
             raise LookupError("overwritten")
 
+    def __del__(self) -> None:
+        """Pending value checks of the last calls: checked where landed, a bad one warned of (DeferredChecks.drop)."""
+        deferred = self.__dict__.get("_deferred")
+        if deferred:
+            deferred.drop(f"a {self.name} dispatcher")
+
     def raise_deferred(self) -> None:
         """Check every pending dispatch's value flags now (waits for their copies); the first bad call
         raises the error it would have raised at once, naming which call it was."""

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ep_runtime.distributed import check_group
+
 from .overlap import in_call_order
 
 
@@ -37,6 +39,9 @@ class _AllToAll(torch.autograd.Function):
         # The reverse exchange, itself differentiable: under create_graph=True (a gradient penalty, double
         # backward) the gradient keeps its graph through the exchange instead of arriving as a constant.
         recv_splits, send_splits = ctx.splits
+        # a forward run before its group was destroyed (or failed): named, as a forward call is (a destroyed gloo
+        # group still exchanged; a destroyed or aborted NCCL one fails or hangs)
+        check_group(ctx.group, "an ep-runtime layer's", "backward (the reverse exchange of its forward)", 2)
         if torch.is_grad_enabled() and grad.requires_grad:
             return _AllToAll.apply(grad, send_splits, recv_splits, ctx.group), None, None, None
         # CPU ranks: after the group's async exchanges issued so far (another micro-batch's dispatch in

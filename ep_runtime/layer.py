@@ -146,10 +146,13 @@ class EPMoE(nn.Module):
         self._activation_dtype = dtype  # the tokens' dtype once the experts are quantized
         self.quant: Optional[QuantConfig] = None
         self.w13_scale_inv = self.w2_scale_inv = None
-        self.w13 = nn.Parameter(torch.empty(L, self.config.w13_rows, H, **factory))
-        self.w2 = nn.Parameter(torch.empty(L, H, I, **factory))
-        self.b13 = nn.Parameter(torch.zeros(L, self.config.w13_rows, **factory)) if has_bias else None
-        self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
+        # normal tensors even for a layer built under torch.inference_mode (a server's model setup): an inference
+        # tensor takes no load_experts / load_state_dict copy_ outside it, and a training step cannot save it
+        with torch.inference_mode(False):
+            self.w13 = nn.Parameter(torch.empty(L, self.config.w13_rows, H, **factory))
+            self.w2 = nn.Parameter(torch.empty(L, H, I, **factory))
+            self.b13 = nn.Parameter(torch.zeros(L, self.config.w13_rows, **factory)) if has_bias else None
+            self.b2 = nn.Parameter(torch.zeros(L, H, **factory)) if has_bias else None
         self._new_load_counters()
         if quant_config is not None:
             self._store_quantized(quant_config, device)
@@ -279,7 +282,8 @@ class EPMoE(nn.Module):
                     return applied(t)
                 moved = applied(torch.empty(0, dtype=t.dtype, device=t.device))
                 return applied(t) if moved.dtype == t.dtype else t.to(device=moved.device)
-        out = super()._apply(fn, *args, **kwargs)
+        with torch.inference_mode(False):  # (.to() under torch.inference_mode: the experts stay normal tensors)
+            out = super()._apply(fn, *args, **kwargs)
         if self.quant is not None:
             self._activation_dtype = probe.dtype
         self._follow_weights()

@@ -33,14 +33,16 @@ def _combine_rank(rank, world_size, name):
     # standard returned rows of another dtype as they were ([T, H] in x's dtype is every combine's promise;
     # the exchanges already refuse them: test_reliability.py)
     for case in ("one_row_short", "one_row_long", "wide") + (("dtype",) if name == "standard" else ()):
-        if case == "one_row_long" and name in ("deepep_normal", "mori"):
-            continue  # padding rows past the received ones are allowed there
+        if case == "one_row_long" and name == "mori":
+            continue  # padding rows past the received ones are allowed there (its receive buffer's)
         try:
             received = sum(out.handle.recv_splits) if name in ("deepep_normal", "mori") else rows.shape[0]
             d.combine(CombineInput(_bad_rows(rows.clone(), case, received), out))
             messages[case] = "no error"
         except (ValueError, TypeError) as err:
             messages[case] = str(err)
+    if name == "deepep_normal":
+        messages["received"] = sum(out.handle.recv_splits)
     y = d.combine(CombineInput(rows.clone(), out))  # the ranks are still in step
     return messages, list(y.shape)
 
@@ -50,6 +52,7 @@ def test_combine_names_rows_that_are_not_the_runner_output(name):
     for messages, shape in run_ranks(_combine_rank, 2, name, timeout=120, group_timeout=20):
         assert shape == [5, 16]
         dtype = messages.pop("dtype", None)
+        received = messages.pop("received", None)
         for case, message in messages.items():
             assert message.startswith("combine_input.hidden_states has shape "), (case, message)
         if name == "standard":
@@ -59,8 +62,12 @@ def test_combine_names_rows_that_are_not_the_runner_output(name):
             assert "expected [4, 16, 16] (recv_x's [L, M*R, H] layout" in messages["one_row_short"]
         if name == "standard":
             assert "expected [5, 16] (one row per dispatched token)" in messages["one_row_long"]
-        if name in ("deepep_normal", "mori"):
+        if name == "mori":
             assert "(the rows this rank received; rows past them are padding)" in messages["one_row_short"]
+        if name == "deepep_normal":  # no padding there: one row long is refused as one row short is
+            for case in ("one_row_short", "one_row_long"):
+                assert f"expected [{received}, 16] (the rows this rank received in the dispatch that made " \
+                       f"combine_input.dispatch_output)" in messages[case], messages[case]
         assert "hidden_size=16" in messages["wide"]
 
 
