@@ -229,9 +229,9 @@ def next_power_of_2(n: int) -> int:
 
 def triton_interpreted() -> bool:
     """Whether TRITON_INTERPRET asks Triton to run kernels on CPU tensors through its interpreter, read as Triton
-    reads it (1, true, yes or on, in any case): the environment now, where interpreted(kernel) is what a kernel
-    was decorated under."""
-    return (envs.launcher("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "yes", "on")
+    reads it (1, true, yes, on or y, in any case, no spaces around): the environment now, where
+    interpreted(kernel) is what a kernel was decorated under."""
+    return (envs.launcher("TRITON_INTERPRET") or "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 def interpreted(kernel: Any) -> bool:

@@ -6,7 +6,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ep_runtime.triton_launch import cdiv, next_power_of_2  # noqa: E402
+from ep_runtime.triton_launch import cdiv, next_power_of_2, triton_interpreted  # noqa: E402
 
 VALUES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 127, 128, 129, 1000, 1023, 1024, 1025, 7168,
           (1 << 31) - 1, 1 << 31, (1 << 31) + 1, 3 * (1 << 40) + 7]
@@ -21,6 +21,16 @@ def test_next_power_of_2_equals_tritons(n):
 def test_cdiv_equals_tritons(b):
     for a in VALUES:
         assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+@pytest.mark.skipif(not hasattr(getattr(triton, "knobs", None), "runtime"), reason="Triton without knobs.runtime")
+@pytest.mark.parametrize("value", ["1", "0", "true", "TRUE", "yes", "On", "y", "Y", "off", "2", "t", " 1", "1 ", ""])
+def test_triton_interpreted_reads_the_variable_as_tritons_knob(monkeypatch, value):
+    """runners, the masked runner and the NVLink transport take CPU ranks as Triton-interpreted by this reading:
+    where it differed from Triton's (" 1" read as interpreted while Triton ran no interpreter; "y" the other way),
+    runner='triton' was offered on CPU tensors Triton could not run, or refused where Triton interprets."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreted() == bool(triton.knobs.runtime.interpret), value
 
 
 class _Compiled:
