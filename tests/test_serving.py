@@ -137,13 +137,17 @@ def _pending(checks, values: torch.Tensor, context) -> None:
     checks.defer(values, context)
 
 
-def _dropped(make, queue) -> list:
-    """Warnings raised while the object `make()` returns is dropped with the checks `queue(obj)` left pending."""
+def _dropped(make, queue, cycle: bool = False) -> list:
+    """Warnings raised while the object `make()` returns is dropped with the checks `queue(obj)` left pending (cycle:
+    in a reference cycle, collected by the cyclic collector)."""
     obj = make()
     queue(obj)
+    if cycle:
+        obj.cycle = obj
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         del obj
+        gc.collect()
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
@@ -173,7 +177,8 @@ def test_a_layer_dropped_with_a_failing_deferred_check_warns_naming_the_value():
 
 def _routing_drop_rank(rank, world_size):
     """deepep_normal: topk_ids given with a reused handle are compared on the device on CUDA, the flag checked two
-    reusing calls later: a dispatcher dropped before then lost the mismatch."""
+    reusing calls later: a dispatcher dropped before then lost the mismatch. Its compare needs no method of the
+    dispatcher, so it runs in a collected cycle too."""
     config = ep.MoeConfig(E, K, H, I)
     made = torch.tensor([[0, 5], [7, -1]], dtype=torch.int32)
     other = torch.tensor([[0, 5], [6, -1]], dtype=torch.int32)
@@ -182,13 +187,16 @@ def _routing_drop_rank(rank, world_size):
         def queue(d, ids=ids):
             _pending(d._routing_checks, (ids != made).any().reshape(1).int(), (ids, made))
         results[label] = _dropped(lambda: ep.dispatchers.create("deepep_normal", config), queue)
+        results[label + ", in a cycle"] = _dropped(lambda: ep.dispatchers.create("deepep_normal", config), queue,
+                                                   cycle=True)
     return results
 
 
 def test_a_deepep_normal_dispatcher_dropped_with_a_failing_routing_check_warns():
     for results in run_ranks(_routing_drop_rank, 2, timeout=120):
-        assert results["same ids"] == [], results
+        assert results["same ids"] == results["same ids, in a cycle"] == [], results
         [message] = results["other ids"]
+        assert results["other ids, in a cycle"] == [message], results
         assert message.startswith("a deepep_normal dispatcher was dropped with a deferred check pending, which fails: "
                                   "topk_ids[1, 0] = 6, but the handle was made for routing with 7 there"), message
 
