@@ -121,6 +121,8 @@ class EPMoE(nn.Module):
             try:
                 backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                              device, dtype)
+                if quant_config is not None:  # (what the backend cannot compute fp8 with: its hooks, say)
+                    backend.check_quant(quant_config)
             except (RuntimeError, ValueError) as err:
                 if knob == "auto" or type(err) not in (RuntimeError, ValueError):  # (a subclass may take other arguments)
                     raise
@@ -130,7 +132,6 @@ class EPMoE(nn.Module):
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
             if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
                 _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
-                backend.check_quant(quant_config)
         except Exception as error:
             join_settings_check(dispatcher, group, error, device)
             raise

@@ -150,6 +150,28 @@ def test_a_runner_from_the_runner_knob_that_cannot_build_names_the_knob(monkeypa
     assert ep.EPMoE(8, 2, 16, 8, dispatcher="standard", dtype=torch.float64).runner.backend.name == "torch"
 
 
+def test_fp8_experts_the_runner_knobs_backend_refuses_name_the_knob(monkeypatch):
+    """runner='triton' takes no GEMM hooks with fp8 experts, refused when the layer is built with quant_config
+    (RunnerBackend.check_quant). Where EP_RUNTIME_RUNNER chose triton for runner='auto', that error named
+    runner='triton' alone, a name the caller never wrote, as the backend's other refusals no longer do."""
+    import torch
+
+    import ep_runtime as ep
+    if "triton" not in ep.runners.available():
+        pytest.skip("runner='triton' cannot run here (triton with CUDA or TRITON_INTERPRET=1)")
+    hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: None)
+    monkeypatch.setenv("EP_RUNTIME_RUNNER", "triton")
+    with pytest.raises(ValueError, match=r"^runner='triton' with quantized \(fp8\) experts takes no GEMM hooks; use "
+                                         r"runner='torch' \(runner='auto' took EP_RUNTIME_RUNNER='triton': unset it, "
+                                         r"or pass runner=\.\.\.\)$"):
+        ep.EPMoE(8, 2, 256, 128, dispatcher="standard", dtype=torch.bfloat16, hooks=hooks,
+                 quant_config=ep.QuantConfig())
+    with pytest.raises(ValueError) as explicit:  # named by the caller: nothing to add
+        ep.EPMoE(8, 2, 256, 128, dispatcher="standard", runner="triton", dtype=torch.bfloat16, hooks=hooks,
+                 quant_config=ep.QuantConfig())
+    assert str(explicit.value) == "runner='triton' with quantized (fp8) experts takes no GEMM hooks; use runner='torch'"
+
+
 def test_env_lists_every_knob_marking_each_invalid_value(monkeypatch, capsys):
     """`ep-runtime env` with bad values: it printed the first bad knob's error alone (no listing, and the next
     bad knob only after fixing that one). Now the listing marks each invalid value, and the error names all."""
