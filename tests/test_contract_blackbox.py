@@ -56,9 +56,10 @@ def ref_route(logits, cfg, bias=None):
         grouped = choice.detach().view(T, G, E // G)
         gscore = grouped.max(-1).values if rule == "max" else grouped.topk(2, -1).values.sum(-1)
         keep = torch.zeros(T, G, dtype=torch.bool)
-        keep.scatter_(1, gscore.topk(cfg.topk_group, -1).indices, True)
+        keep.scatter_(1, gscore.sort(dim=-1, descending=True, stable=True).indices[:, :cfg.topk_group], True)
         choice = choice.masked_fill(~keep.repeat_interleave(E // G, 1), -math.inf)
-    ids = choice.detach().topk(cfg.top_k, -1).indices
+    # best first, an exact tie to the lower id: a stable descending sort
+    ids = choice.detach().sort(dim=-1, descending=True, stable=True).indices[:, :cfg.top_k]
     w = scores.gather(1, ids)
     if cfg.renormalize:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -273,6 +274,11 @@ ROUTINGS = {
                                          True, 1.0),
     "sigmoid_K1_layer_scaling": (4, dict(top_k=1, scoring="sigmoid"), True, 1.5),
     "softmax_K_equals_E": (4, dict(top_k=4), False, 1.0),
+    # routing.md: a logit of -inf is an expert the token may not take (weight 0, picked after every finite one)
+    "softmax_minus_inf_logits": (8, dict(top_k=3, renormalize=True, num_expert_group=4, topk_group=3), False, 1.0),
+    "sigmoid_minus_inf_logits": (8, dict(top_k=2, scoring="sigmoid"), False, 1.0),
+    # exact ties (a zero-initialised router): the lower expert id, between groups the lower group
+    "ties": (8, dict(top_k=3, num_expert_group=4, topk_group=2), False, 1.0),
 }
 
 
@@ -289,6 +295,12 @@ def _routing_rank(rank, R, dispatcher, runner, name, dtype):
     data = [(torch.randn(T, H, generator=g, dtype=torch.float64).to(dtype),
              (torch.randn(T, E, generator=g, dtype=torch.float64) * 2).to(dtype),
              torch.randn(T, H, generator=g, dtype=torch.float64).to(dtype)) for T in tokens]
+    for _, logits, _ in data:
+        if "minus_inf" in name:  # two or three experts per token barred (never a whole row, never a whole group)
+            logits[:, 1::4] = -math.inf
+            logits[::2, 2] = -math.inf
+        elif name == "ties":
+            logits[:] = 0.5
     layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=dtype, topk_config=cfg,
                      routed_scaling_factor=layer_scale, dispatcher_options=OPTIONS.get(dispatcher))
     layer.load_experts(W13.to(dtype), W2.to(dtype))
@@ -485,10 +497,10 @@ def test_bad_input_on_one_rank_of_four_fails_every_rank_naming_it(dispatcher, ca
 
 # ---------------------------------------------------------------- settings that cannot work
 
-def _bad_settings_rank(rank, R, dispatcher, name):
+def _bad_settings_rank(rank, R, dispatcher, name, runner="torch"):
     try:
         kwargs = SETTINGS[name][0]()
-        ep.EPMoE(**{"num_experts": 8, "top_k": 2, "hidden_size": 16, "intermediate_size": 8,
+        ep.EPMoE(**{"num_experts": 8, "top_k": 2, "hidden_size": 16, "intermediate_size": 8, "runner": runner,
                     "dispatcher": dispatcher, "dispatcher_options": OPTIONS.get(dispatcher), **kwargs})
     except Exception as e:
         return f"{type(e).__name__}: {e}"
@@ -505,16 +517,33 @@ SETTINGS = {  # name: (EPMoE arguments, made on the rank; what every rank's mess
     "groups_too_few_for_K": (lambda: dict(top_k=4, topk_config=ep.TopKConfig(top_k=4, num_expert_group=4,
                                                                              topk_group=1)), ["topk_group", "4"]),
     "topk_config_K_differs": (lambda: dict(topk_config=ep.TopKConfig(top_k=3)), ["top_k", "3", "2"]),
+    "alpha_with_gelu": (lambda: dict(activation="gelu", gemm1_alpha=1.702), ["gemm1_alpha", "gelu", "silu"]),
+    "alpha_not_gated": (lambda: dict(is_gated=False, gemm1_alpha=1.702), ["gemm1_alpha", "is_gated"]),
+    "unknown_activation": (lambda: dict(activation="relu"), ["activation", "relu", "silu"]),
+    "scaling_zero": (lambda: dict(routed_scaling_factor=0.0), ["routed_scaling_factor", "0"]),
+    "scaling_nan": (lambda: dict(routed_scaling_factor=math.nan), ["routed_scaling_factor", "nan"]),
+    "topk_scaling_negative": (lambda: dict(topk_config=ep.TopKConfig(top_k=2, routed_scaling_factor=-1.0)),
+                              ["routed_scaling_factor", "-1"]),
+    "top_k_zero": (lambda: dict(top_k=0), ["top_k", "0"]),
+    "hidden_zero": (lambda: dict(hidden_size=0), ["hidden_size", "0"]),
+    "integer_dtype": (lambda: dict(dtype=torch.int32), ["dtype", "int32"]),
+    "expert_to_rank_out_of_range": (lambda: dict(expert_to_rank=[0, 1, 2, 4, 0, 1, 2, 3]),
+                                    ["expert_to_rank", "4"]),
+    "expert_to_rank_uneven": (lambda: dict(expert_to_rank=[0, 0, 0, 1, 1, 2, 2, 3]), ["expert_to_rank"]),
+    "negative_redundant": (lambda: dict(num_redundant_experts=-4), ["num_redundant_experts", "-4"]),
 }
 
 
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_settings_that_cannot_work_fail_every_rank_naming_them(dispatcher, name):
+def test_settings_that_cannot_work_fail_every_rank_naming_them(dispatcher, name, runner):
+    """DESIGN.md: every runner supports every config field or rejects it at construction, naming it."""
     words = SETTINGS[name][1]
-    if name == "E_not_divisible_by_R" and not ep.dispatchers.get(dispatcher).shards_experts:
+    if not ep.dispatchers.get(dispatcher).shards_experts and name in (
+            "E_not_divisible_by_R", "expert_to_rank_out_of_range", "expert_to_rank_uneven", "negative_redundant"):
         pytest.skip("standard holds every expert on every rank")
-    for rank, message in enumerate(run_ranks(_bad_settings_rank, 4, dispatcher, name, timeout=120,
+    for rank, message in enumerate(run_ranks(_bad_settings_rank, 4, dispatcher, name, runner, timeout=120,
                                              group_timeout=30)):
         assert message is not None, (rank, name)
         for word in words:
@@ -718,3 +747,219 @@ def test_expert_load_and_masks_at_four_ranks(dispatcher, expert_to_rank):
     for rank, got in enumerate(run_ranks(_load_and_mask_rank, 4, dispatcher, expert_to_rank, timeout=300)):
         for key, (have, want) in got.items():
             assert have == want, (rank, key, have, want)
+
+
+# ---------------------------------------------------------------- buffers set below what the step needs
+
+CAPACITY = [  # (dispatcher, options too small for 4 ranks x 8 tokens all sent to rank 0, words every rank names)
+    ("mori", {"prealloc_max_recv_tokens": 20}, ["prealloc_max_recv_tokens", "20", "32"]),
+    ("mori", {"static": True, "max_input_tokens": 20}, ["max_input_tokens", "20", "32"]),
+    ("deepep_normal", {"num_worst_tokens": 20}, ["num_worst_tokens", "20", "32"]),
+    ("deepep_normal", {"num_worst_tokens": 64, "num_max_dispatch_tokens_per_rank": 5},
+     ["num_max_dispatch_tokens_per_rank", "5", "8"]),
+]
+
+
+def _capacity_rank(rank, R, dispatcher, options):
+    E, K, H, I = 8, 2, 8, 4
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="triton",
+                     dispatcher_options={**OPTIONS.get(dispatcher, {}), **options})
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(8, H, generator=g)
+    ids = torch.stack([torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)], 1)  # rank 0's experts
+    start = time.monotonic()
+    try:
+        layer(x, ids, torch.rand(8, K, generator=g))
+        message = None
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+    seconds = time.monotonic() - start
+    ids = torch.randint(-1, E, (3, K), generator=g)  # a step that fits
+    w = torch.rand(3, K, generator=g)
+    y = layer(x[:3], ids, w)
+    experts = layer.gather_experts()
+    return message, seconds, rel(y, ref_moe(x[:3].double(), ids, w.double(), experts.w13.double(),
+                                            experts.w2.double()))
+
+
+@pytest.mark.parametrize("dispatcher,options,words", CAPACITY, ids=lambda v: str(v).replace(" ", ""))
+def test_buffers_below_the_step_fail_every_rank_naming_the_setting(dispatcher, options, words):
+    """Never a drop: a receive buffer too small fails every rank at once, naming the setting, its value and the
+    least value that fits; the next step that fits runs."""
+    for rank, (message, seconds, good) in enumerate(run_ranks(_capacity_rank, 4, dispatcher, options, timeout=300,
+                                                              group_timeout=30)):
+        assert message is not None and seconds < 10, (rank, message, seconds)
+        for word in words:
+            assert word in message, (rank, word, message)
+        assert good <= 1e-5, (rank, good)
+
+
+# ---------------------------------------------------------------- second-order gradients, autocast, [B, S, H]
+
+def _second_order_rank(rank, R, dispatcher, runner, dtype):
+    """A gradient penalty: loss = |d<y, dy>/dx|^2 on every rank, backward into the experts (create_graph)."""
+    E, K, H, I = 8, 2, 8, 4
+    sharded = ep.dispatchers.get(dispatcher).shards_experts
+    W13, W2, ranks = problem(R, E, K, H, I, [4, 0, 5, 3][:R] if R > 1 else [4], "minus_one", seed=41)
+    # the reference takes the values the layer is given (rounded to dtype)
+    W13, W2 = W13.to(dtype).double(), W2.to(dtype).double()
+    ranks = [tuple(t.to(dtype).double() if t.is_floating_point() else t for t in rk) for rk in ranks]
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, dtype=dtype,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    layer.load_experts(W13.to(dtype), W2.to(dtype))
+    x64, ids, w64, dy = ranks[rank]
+    x = x64.to(dtype, copy=True).requires_grad_(True)
+    w = w64.to(dtype, copy=True).requires_grad_(True)
+    y = layer(x, ids, w)
+    gx, = torch.autograd.grad((y * dy.to(dtype)).sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    Wa, Wb = W13.clone().requires_grad_(True), W2.clone().requires_grad_(True)
+    total = 0
+    for r, (xr, ir, wr, dyr) in enumerate(ranks):
+        if not sharded and r != rank:
+            continue
+        xr = xr.clone().requires_grad_(True)
+        wr = wr.clone().requires_grad_(True)
+        gr, = torch.autograd.grad((ref_moe(xr, ir, wr, Wa, Wb) * dyr).sum(), xr, create_graph=True)
+        total = total + gr.square().sum()
+        if r == rank:
+            mine = (gr, wr)
+    total.backward()
+    gr, wr = mine
+    L = layer.w13.shape[0]
+    lo = rank * L if sharded else 0
+    return {"gx": rel(gx, gr), "dw": rel(w.grad, wr.grad), "dW13": rel(layer.w13.grad, Wa.grad[lo:lo + L]),
+            "dW2": rel(layer.w2.grad, Wb.grad[lo:lo + L])}
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_double_backward_at_four_ranks(dispatcher, runner):
+    """api.md: double backward (a gradient penalty) runs through the exchange and every runner (the kernel
+    runners in fp32: they take no float64)."""
+    dtype = torch.float64 if runner == "torch" else torch.float32
+    for errors in run_ranks(_second_order_rank, 4, dispatcher, runner, dtype, timeout=600):
+        assert max(errors.values()) <= TOL[dtype], errors
+
+
+def _autocast_batched_async_rank(rank, R, dispatcher, runner):
+    E, K, H, I = 8, 2, 16, 8
+    cfg = ep.TopKConfig(top_k=K, renormalize=True)
+    tokens = [(2, 3), (1, 0), (3, 2), (2, 2)][rank]  # [B, S]; rank 1 has none
+    g = torch.Generator().manual_seed(53)
+    W13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    W2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(*tokens, H, generator=g)
+    logits = torch.randn(*tokens, E, generator=g)
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, topk_config=cfg,
+                     dispatcher_options=OPTIONS.get(dispatcher))
+    layer.load_experts(W13, W2)
+    ids, w = ref_route(logits.view(-1, E).double(), cfg)
+    want = ref_moe(x.view(-1, H).double(), ids, w, W13.double(), W2.double()).view(x.shape)
+    errors = {}
+    # x [B, S, H] with router logits [B, S, E]: y in x's shape
+    y = layer(x, router_logits=logits)
+    assert y.shape == x.shape, y.shape
+    errors["batched"] = (rel(y, want), 1e-5)
+    # a TopKOutput in place of ids and weights, flat
+    y = layer(x.view(-1, H), ep.select_experts(logits.view(-1, E), cfg))
+    errors["topk_output"] = (rel(y.view(x.shape), want), 1e-5)
+    # under autocast a bf16 x is cast to the layer's fp32 and y comes back in it (forward's docstring)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16(), router_logits=logits)
+    assert y.dtype == torch.float32, y.dtype
+    errors["autocast"] = (rel(y, want), 2e-2)
+    # the dispatcher's verbs with async_op=True: (output, work), wait, run, combine
+    d = layer.dispatcher
+    out, work = d.dispatch(x.view(-1, H), ep.TopKOutput(ids.int(), w.float()), async_op=True)
+    work.wait()
+    rows = layer.runner.run(out, layer.weights)
+    y, work = d.combine(rows, async_op=True)
+    work.wait()
+    errors["async"] = (rel(y.view(x.shape), want), 1e-5)
+    return errors
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton", "masked"])
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_batched_autocast_and_async_at_four_ranks(dispatcher, runner):
+    """x [B, S, H] with router logits [B, S, E] (B*S = 0 on one rank), a TopKOutput, torch.autocast, and
+    dispatch / combine with async_op=True."""
+    for errors in run_ranks(_autocast_batched_async_rank, 4, dispatcher, runner, timeout=600):
+        assert all(err <= tol for err, tol in errors.values()), errors
+
+
+# ---------------------------------------------------------------- the dispatch formats' tables (formats.md)
+
+def _format_rank(rank, R, dispatcher, dtype, wdtype):
+    E, K, H = 8, 3, 4
+    L = E // R
+    d = ep.dispatchers.create(dispatcher, ep.MoeConfig(num_experts=E, top_k=K, hidden_size=H, intermediate_size=4),
+                              **OPTIONS.get(dispatcher, {}))
+    g = torch.Generator().manual_seed(61)
+    every = []
+    for src, T in enumerate([5, 0, 7, 3][:R]):
+        ids = torch.rand(T, E, generator=g).argsort(1)[:, :K]
+        ids[torch.rand(T, K, generator=g) < 0.3] = -1
+        x = torch.randn(T, H, generator=g, dtype=torch.float64)
+        x[:, 0], x[:, 1] = src, torch.arange(T)  # each row says where it came from
+        every.append((x.to(dtype), ids, (torch.rand(T, K, generator=g) + 0.5).to(wdtype)))
+    x, ids, w = every[rank]
+    out = d.dispatch(x, ep.TopKOutput(ids, w))
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    problems = []
+
+    def expect(what, ok):
+        if not ok:
+            problems.append(what)
+    # the tokens this rank receives, in (source rank, token) order, and their ids
+    arriving = [(s, t) for s, (_, ii, _) in enumerate(every) for t in range(ii.shape[0])
+                if (ii[t] >= 0).logical_and(ii[t] // L == rank).any()]
+    expect("x_dtype", out.x_dtype == dtype)
+    if dispatcher == "deepep_normal":
+        rows = [(int(a), int(b)) for a, b in out.recv_x[:, :2].double().tolist()]
+        expect(f"rows {rows} != {arriving}", rows == arriving)
+        expect("recv_topk_ids int32", out.recv_topk_ids.dtype == torch.int32)
+        expect(f"recv_topk_weights {out.recv_topk_weights.dtype}", out.recv_topk_weights.dtype == wide)
+        for n, (s, t) in enumerate(arriving):
+            gi, gw = every[s][1][t], every[s][2][t]
+            local = torch.where((gi >= 0) & (gi // L == rank), gi - rank * L, -1)
+            expect(f"ids of {s, t}", torch.equal(out.recv_topk_ids[n].long(), local))
+            want_w = torch.where(local >= 0, gw.to(wide), 0)
+            expect(f"weights of {s, t}", torch.equal(out.recv_topk_weights[n], want_w))
+        expect("counts tensor int32", out.num_recv_tokens_per_expert_tensor.dtype == torch.int32)
+    elif dispatcher == "mori":
+        n = out.num_recv_tokens
+        expect("num_recv_tokens [1] int32", tuple(n.shape) == (1,) and n.dtype == torch.int32)
+        n = int(n[0])
+        rows = [(int(a), int(b)) for a, b in out.recv_x[:n, :2].double().tolist()]
+        expect(f"rows {rows} != {arriving}", rows == arriving)
+        expect("recv_topk_ids int32", out.recv_topk_ids.dtype == torch.int32)
+        expect(f"recv_topk_weights {out.recv_topk_weights.dtype}", out.recv_topk_weights.dtype == wide)
+        for m, (s, t) in enumerate(arriving):  # global ids, all K of the token
+            expect(f"ids of {s, t}", torch.equal(out.recv_topk_ids[m].long(), every[s][1][t]))
+            expect(f"weights of {s, t}", torch.equal(out.recv_topk_weights[m], every[s][2][t].to(wide)))
+        expect("padding ids -1", bool((out.recv_topk_ids[n:] == -1).all()))
+        expect("padding weights 0", bool((out.recv_topk_weights[n:] == 0).all()))
+        expect("N_buf", out.recv_x.shape[0] == CAP * R)
+    else:  # deepep_ll
+        expect("recv_x shape", tuple(out.recv_x.shape) == (L, CAP * R, H))
+        expect("masked_m int32", out.masked_m.dtype == torch.int32)
+        for ll in range(L):
+            e = rank * L + ll
+            want = [(s, t) for s, (_, ii, _) in enumerate(every) for t in range(ii.shape[0]) if (ii[t] == e).any()]
+            m = int(out.masked_m[ll])
+            rows = [(int(a), int(b)) for a, b in out.recv_x[ll, :m, :2].double().tolist()]
+            expect(f"expert {e} rows {rows} != {want}", rows == want)
+    return problems
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
+                                          (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_dispatch_outputs_follow_the_format_tables_at_four_ranks(dispatcher, dtype, wdtype):
+    """formats.md's tables: dtypes, local / global ids, weights 0 where the id is -1, padding rows, rows in
+    (source rank, token) order, one row per token per rank."""
+    for rank, problems in enumerate(run_ranks(_format_rank, 4, dispatcher, dtype, wdtype, timeout=300)):
+        assert not problems, (rank, problems)
