@@ -96,6 +96,8 @@ def problem(R, E, K, H, I, tokens, pattern, seed):
             ids[::2, 1] = ids[::2, 0]  # every other token lists one expert twice
             ids[1::3, -1] = -1
         w = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.1
+        if pattern == "negative_weights":  # nothing says router weights are positive
+            w = torch.randn(T, K, generator=g, dtype=torch.float64)
         dy = torch.randn(T, H, generator=g, dtype=torch.float64)
         if r >= 2:  # one row repeated: that rank hands backward an expanded (stride 0) view of it
             dy[:] = dy[:1].clone() if T else dy
@@ -230,6 +232,7 @@ CASES = {
     "all_minus_one": (8, 2, 16, 8, [3, 0, 2, 4], "all_minus_one"),
     "T0_on_rank0": (8, 2, 16, 8, [0, 5, 3, 4], "minus_one"),
     "T0_everywhere": (8, 2, 16, 8, [0, 0, 0, 0], "minus_one"),
+    "negative_weights": (8, 3, 16, 8, [4, 6, 3, 5], "negative_weights"),
     "capacity_full_hot_expert": (8, 2, 16, 8, [CAP] * 4, "hot"),
 }
 
@@ -237,10 +240,11 @@ CASES = {
 @pytest.mark.parametrize("R", [1, 2, 4])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 def test_every_runner_and_dtype_matches_the_float64_reference(dispatcher, R):
-    """Every runner (auto too) x fp32 / bf16 / fp64, forward and every gradient, on awkward but valid input."""
+    """Every runner (auto too) x fp32 / bf16 / fp16 / fp64, forward and every gradient, on awkward but valid
+    input."""
     case = CASES["uneven_T_minus_one"]
     refused = _check(run_ranks(_matrix_rank, R, dispatcher, case,
-                               [torch.float32, torch.bfloat16, torch.float64], RUNNERS, timeout=600))
+                               [torch.float32, torch.bfloat16, torch.float16, torch.float64], RUNNERS, timeout=600))
     assert not refused, refused
 
 
@@ -411,6 +415,8 @@ BAD_CASES = {  # name: (what the bad rank's message must hold)
     "nan_logit": ["router_logits", "[1, 3]"],
     "bias_wrong_shape": ["correction_bias", "9", "8"],
     "bias_nan": ["correction_bias", "nan"],
+    "plus_inf_logit_softmax": ["router_logits", "[2, 6]"],
+    "row_of_minus_inf_softmax": ["router_logits", "row 4", "-inf"],
     "weights_missing": ["topk_weights"],
     "ids_and_logits": ["router_logits", "topk_ids"],
 }
@@ -420,10 +426,10 @@ ROUTED = ep.TopKConfig(top_k=2, scoring="sigmoid", renormalize=True)
 def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
     E, K, H, I = 8, 2, 16, 8
     layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner="torch", dispatcher_options=OPTIONS.get(dispatcher),
-                     topk_config=ROUTED)
+                     topk_config=ep.TopKConfig(top_k=2) if case.endswith("softmax") else ROUTED)
     g = torch.Generator().manual_seed(rank)
-    T = 5
-    routed = "logit" in case or "bias" in case
+    T = 0 if (bad_rank != 2 and rank == 2) else 5  # with the bad rank elsewhere, rank 2 has no tokens
+    routed = "logit" in case or "bias" in case or "minus_inf" in case
     logits, bias = torch.randn(T, E, generator=g), torch.randn(E, generator=g)
     x, ids, w = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g), torch.rand(T, K)
     if rank == bad_rank:
@@ -455,6 +461,10 @@ def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
             bias = torch.randn(E + 1)
         elif case == "bias_nan":
             bias[5] = float("nan")
+        elif case == "plus_inf_logit_softmax":
+            logits[2, 6] = math.inf
+        elif case == "row_of_minus_inf_softmax":
+            logits[4] = -math.inf
         elif case == "weights_missing":
             w = None
     start = time.monotonic()
@@ -462,7 +472,7 @@ def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
         if case == "ids_and_logits" and rank == bad_rank:
             layer(x, ids, w, router_logits=logits)
         elif routed:
-            layer(x, router_logits=logits, correction_bias=bias)
+            layer(x, router_logits=logits, correction_bias=None if case.endswith("softmax") else bias)
         else:
             layer(x, ids, w)
         outcome = None
@@ -482,7 +492,17 @@ def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
 def test_bad_input_on_one_rank_of_four_fails_every_rank_naming_it(dispatcher, case):
     if case == "too_many_tokens" and dispatcher == "deepep_normal":
         pytest.skip("deepep_normal has no per-rank token capacity")
-    bad_rank = 2
+    _bad_input_everywhere(dispatcher, case, 2)
+
+
+@pytest.mark.parametrize("bad_rank", [0, 3])
+@pytest.mark.parametrize("case", ["id_equal_E", "wrong_hidden", "bias_nan", "float_ids"])
+@pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
+def test_bad_input_on_the_first_or_last_rank_with_an_empty_rank(dispatcher, case, bad_rank):
+    _bad_input_everywhere(dispatcher, case, bad_rank)
+
+
+def _bad_input_everywhere(dispatcher, case, bad_rank):
     results = run_ranks(_bad_input_rank, 4, dispatcher, case, bad_rank, timeout=120, group_timeout=30)
     for rank, (outcome, seconds, good) in enumerate(results):
         assert outcome is not None, (rank, "no error")
@@ -492,7 +512,7 @@ def test_bad_input_on_one_rank_of_four_fails_every_rank_naming_it(dispatcher, ca
             for word in BAD_CASES[case]:
                 assert word in outcome, (word, outcome)
         else:
-            assert "rank 2" in outcome, (rank, outcome)
+            assert f"rank {bad_rank}" in outcome, (rank, outcome)
 
 
 # ---------------------------------------------------------------- settings that cannot work
