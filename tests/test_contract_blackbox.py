@@ -403,6 +403,7 @@ def test_reported_counts_with_repeated_experts_at_four_ranks(dispatcher):
 BAD_CASES = {  # name: (what the bad rank's message must hold)
     "id_equal_E": ["topk_ids", "8", "-1"],
     "id_below_minus_one": ["topk_ids", "-2", "-1"],
+    "id_wraps_in_int32": ["topk_ids", str(2 ** 32 + 3), "-1"],  # int64 that a cast to int32 would make 3
     "nan_weight": ["topk_weights", "nan"],
     "inf_weight": ["topk_weights", "inf"],
     "wrong_hidden": ["x", "17", "16"],
@@ -437,6 +438,8 @@ def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
             ids[3, 1] = E
         elif case == "id_below_minus_one":
             ids[2, 0] = -2
+        elif case == "id_wraps_in_int32":
+            ids[0, 0] = 2 ** 32 + 3
         elif case == "nan_weight":
             w[1, 1] = float("nan")
         elif case == "inf_weight":
@@ -654,6 +657,18 @@ def _variant_rank(rank, R, dispatcher, name, runners, dtype, mode, options=None)
             y = layer(x.view(1, T, H), ids.view(1, T, K), w.view(1, T, K))
             assert y.shape == (1, T, H), y.shape
             errors[runner] = rel(y.view(T, H), want)
+        elif mode == "router_only":
+            # experts frozen, x needing no gradient anywhere, the weights needing one on ranks 0 and 3 only
+            layer.requires_grad_(False)
+            w.requires_grad_(rank in (0, 3))
+            y = layer(x, ids, w)
+            errors[runner] = rel(y, want)
+            if y.requires_grad:
+                y.backward(dy64.to(dtype))
+            if rank in (0, 3):
+                wr = w.detach().double().requires_grad_(True)
+                (ref_moe_cfg(x.double(), ids, wr, exr, kw) * dy64.to(dtype).double()).sum().backward()
+                errors[f"{runner} dw"] = rel(w.grad, wr.grad)
         else:  # training, experts frozen or not
             frozen = mode == "frozen_experts"
             if frozen:
@@ -692,7 +707,7 @@ def test_config_fields_and_placements_at_four_ranks(dispatcher, name):
         assert max(errors.values()) <= 1e-5, errors
 
 
-@pytest.mark.parametrize("mode", ["inference", "no_grad", "batched", "frozen_experts"])
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "batched", "frozen_experts", "router_only"])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 def test_inference_and_frozen_experts_at_four_ranks(dispatcher, mode):
     """The inference paths (no gradient anywhere) of every runner in fp32, bf16 and fp16, x [1, T, H], and a
