@@ -1022,3 +1022,67 @@ def _mixed_inputs_rank(rank, R, dispatcher):
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
 def test_router_logits_on_some_ranks_and_ids_on_others(dispatcher):
     assert max(run_ranks(_mixed_inputs_rank, 4, dispatcher, timeout=300)) <= 1e-5
+
+
+def _stack_rank(rank, R, first, second, runner):
+    """Two layers in one model (y = B(x + A(x)), B routed on A's output through TopKConfig), so each backward
+    runs two layers' reverse exchanges, in the order autograd picks, on ranks whose graphs differ (no tokens,
+    a router that needs a gradient on some ranks only)."""
+    E, K, H, I = 8, 2, 16, 8
+    cfg = ep.TopKConfig(top_k=K, renormalize=True)
+    torch.manual_seed(0)  # the same experts on every rank's copy of the model
+    a = ep.EPMoE(E, K, H, I, dispatcher=first, runner=runner, dispatcher_options=OPTIONS.get(first))
+    b = ep.EPMoE(E, K, H, I, dispatcher=second, runner=runner, topk_config=cfg, dispatcher_options=OPTIONS.get(second))
+    ea, eb = a.gather_experts(), b.gather_experts()
+    sharded = (ep.dispatchers.get(first).shards_experts, ep.dispatchers.get(second).shards_experts)
+    tokens = [3, 0, 5, 4]
+    data = []
+    for r, T in enumerate(tokens):
+        g = torch.Generator().manual_seed(80 + r)
+        ids = torch.rand(T, E, generator=g).argsort(1)[:, :K]
+        data.append((torch.randn(T, H, generator=g), ids, torch.rand(T, K, generator=g),
+                     torch.randn(H, E, generator=g) / H ** 0.5, torch.randn(T, H, generator=g)))  # gate: a router
+    x, ids, w, gate, dy = data[rank]
+    x.requires_grad_(rank != 3)
+    gate.requires_grad_(rank % 2 == 0)
+    h = x + a(x, ids, w)
+    y = b(h, router_logits=h @ gate)
+    y.backward(dy)
+    W = {k: v.double().requires_grad_(True) for k, v in
+         (("a13", ea.w13), ("a2", ea.w2), ("b13", eb.w13), ("b2", eb.w2))}
+    grads = {}
+    for which in (0, 1):  # experts of A (which=0) and of B see every rank's tokens only where they are sharded
+        total = 0
+        for r, (xr, ir, wr, gr, dyr) in enumerate(data):
+            if not sharded[which] and r != rank:
+                continue
+            xr, gr = xr.detach().double().requires_grad_(True), gr.detach().double().requires_grad_(True)
+            hr = xr + ref_moe(xr, ir, wr.double(), W["a13"], W["a2"])
+            i2, w2 = ref_route(hr @ gr, cfg)
+            yr = ref_moe(hr, i2, w2, W["b13"], W["b2"])
+            total = total + (yr * dyr.double()).sum()
+            if r == rank and which == 0:
+                mine = (yr, xr, gr)
+        keys = ("a13", "a2") if which == 0 else ("b13", "b2")
+        for k, gk in zip(keys, torch.autograd.grad(total, [W[k] for k in keys], retain_graph=True)):
+            grads[k] = gk
+    yr, xr, gr = mine
+    (yr * data[rank][4].double()).sum().backward()
+    errors = {"y": rel(y, yr)}
+    if x.requires_grad:
+        errors["dx"] = rel(x.grad, xr.grad)
+    if gate.requires_grad:
+        errors["dgate"] = rel(gate.grad, gr.grad)
+    for k, layer, s in (("a13", a, sharded[0]), ("a2", a, sharded[0]), ("b13", b, sharded[1]), ("b2", b, sharded[1])):
+        L = layer.w13.shape[0]
+        lo = rank * L if s else 0
+        errors[k] = rel(getattr(layer, "w13" if k.endswith("13") else "w2").grad, grads[k][lo:lo + L])
+    return errors
+
+
+@pytest.mark.parametrize("runner", ["torch", "triton"])
+@pytest.mark.parametrize("first,second", [("deepep_normal", "mori"), ("deepep_ll", "deepep_normal"),
+                                          ("mori", "deepep_ll"), ("standard", "deepep_normal")])
+def test_two_layers_in_one_model_at_four_ranks(first, second, runner):
+    for errors in run_ranks(_stack_rank, 4, first, second, runner, timeout=600):
+        assert max(errors.values()) <= 1e-5, errors
