@@ -274,7 +274,7 @@ ROUTINGS = {
     "softmax_groups_max": (8, dict(top_k=3, num_expert_group=4, topk_group=2), False, 1.0),
     "deepseek_v3": (8, dict(top_k=3, scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
                             routed_scaling_factor=2.5, group_score="top2_sum"), True, 1.0),
-    "sigmoid_bias_groups_default_rule": (8, dict(top_k=2, scoring="sigmoid", num_expert_group=2, topk_group=1),
+    "sigmoid_bias_groups_default_rule": (8, dict(top_k=3, scoring="sigmoid", num_expert_group=4, topk_group=2),
                                          True, 1.0),
     "sigmoid_K1_layer_scaling": (4, dict(top_k=1, scoring="sigmoid"), True, 1.5),
     "softmax_K_equals_E": (4, dict(top_k=4), False, 1.0),
