@@ -46,6 +46,10 @@ def _worker(fn, rank, world_size, port, results, args, kwargs, group_timeout, ba
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=group_timeout))
+        # init_process_group returns on a rank once its own pairs connect; a fn that ends before any collective
+        # (an error raised at construction) then closed its sockets under peers still in gloo's connectFullMesh
+        # ("Connection closed by peer", 2 runs in 40 of a fn that only returns, 4 ranks on 2 cores).
+        dist.barrier()
         payload = fn(rank, world_size, *args, **kwargs)
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         status, payload = "error", traceback.format_exc()
