@@ -202,6 +202,12 @@ def _matrix_rank(rank, R, dispatcher, case, dtypes, runners):
     return results
 
 
+def _in_one_job(rank, R, fn, cases):
+    """[fn(rank, R, *case) for each case] in one group of R processes: a spawn of R ranks costs ~1 s on a 2-core
+    CI machine, more than most cases; every case leaves the group usable for the next."""
+    return [fn(rank, R, *case) for case in cases]
+
+
 def _check(results):
     """Every run within its tolerance; returns the refusals other than the kernel runners' float64, which
     they refuse at construction naming the dtype, what they compute in and runner='torch'."""
@@ -248,12 +254,14 @@ def test_every_runner_and_dtype_matches_the_float64_reference(dispatcher, R):
     assert not refused, refused
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "uneven_T_minus_one"])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_awkward_routing_at_four_ranks(dispatcher, name):
-    refused = _check(run_ranks(_matrix_rank, 4, dispatcher, CASES[name], [torch.float32],
-                               ["torch", "triton", "masked"], timeout=600))
-    assert not refused, refused
+def test_awkward_routing_at_four_ranks(dispatcher):
+    names = [n for n in CASES if n != "uneven_T_minus_one"]
+    cases = [(dispatcher, CASES[name], [torch.float32], ["torch", "triton", "masked"]) for name in names]
+    per_rank = run_ranks(_in_one_job, 4, _matrix_rank, cases, timeout=900)
+    for i, name in enumerate(names):
+        refused = _check([results[i] for results in per_rank])
+        assert not refused, (name, refused)
 
 
 @pytest.mark.parametrize("R", [1, 2, 4])
@@ -334,16 +342,17 @@ def _routing_rank(rank, R, dispatcher, runner, name, dtype):
             "dW13": rel(layer.w13.grad, W13r.grad[lo:lo + L]), "dW2": rel(layer.w2.grad, W2r.grad[lo:lo + L])}
 
 
-@pytest.mark.parametrize("name", list(ROUTINGS))
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_router_logits_through_topk_config_at_four_ranks(dispatcher, name):
+def test_router_logits_through_topk_config_at_four_ranks(dispatcher):
     """y and the gradients of x, the router logits and the experts through TopKConfig routing (groups, sigmoid
     with a correction bias, renormalize, both scaling factors), one rank without tokens."""
-    R = min(4, ROUTINGS[name][0])
-    for runner, dtype in (("torch", torch.float32), ("triton", torch.float32), ("masked", torch.bfloat16),
-                          ("torch", torch.float64)):
-        for errors in run_ranks(_routing_rank, R, dispatcher, runner, name, dtype, timeout=600):
-            assert max(errors.values()) <= TOL[dtype], (runner, dtype, errors)
+    runs = (("torch", torch.float32), ("triton", torch.float32), ("masked", torch.bfloat16), ("torch", torch.float64))
+    for R in sorted({min(4, spec[0]) for spec in ROUTINGS.values()}):  # one group per rank count
+        cases = [(dispatcher, runner, name, dtype) for name in ROUTINGS if min(4, ROUTINGS[name][0]) == R
+                 for runner, dtype in runs]
+        for per in run_ranks(_in_one_job, R, _routing_rank, cases, timeout=900):
+            for (_, runner, name, dtype), errors in zip(cases, per):
+                assert max(errors.values()) <= TOL[dtype], (name, runner, dtype, errors)
 
 
 # ---------------------------------------------------------------- counts with repeated experts
@@ -490,32 +499,33 @@ def _bad_input_rank(rank, R, dispatcher, case, bad_rank):
     return outcome, seconds, good
 
 
-@pytest.mark.parametrize("case", list(BAD_CASES))
 @pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
-def test_bad_input_on_one_rank_of_four_fails_every_rank_naming_it(dispatcher, case):
-    if case == "too_many_tokens" and dispatcher == "deepep_normal":
-        pytest.skip("deepep_normal has no per-rank token capacity")
-    _bad_input_everywhere(dispatcher, case, 2)
+def test_bad_input_on_one_rank_of_four_fails_every_rank_naming_it(dispatcher):
+    # (deepep_normal has no per-rank token capacity)
+    _bad_input_everywhere(dispatcher, [(case, 2) for case in BAD_CASES
+                                       if not (case == "too_many_tokens" and dispatcher == "deepep_normal")])
 
 
-@pytest.mark.parametrize("bad_rank", [0, 3])
-@pytest.mark.parametrize("case", ["id_equal_E", "wrong_hidden", "bias_nan", "float_ids"])
 @pytest.mark.parametrize("dispatcher", ["deepep_normal", "deepep_ll", "mori"])
-def test_bad_input_on_the_first_or_last_rank_with_an_empty_rank(dispatcher, case, bad_rank):
-    _bad_input_everywhere(dispatcher, case, bad_rank)
+def test_bad_input_on_the_first_or_last_rank_with_an_empty_rank(dispatcher):
+    _bad_input_everywhere(dispatcher, [(case, bad_rank) for case in ("id_equal_E", "wrong_hidden", "bias_nan",
+                                                                     "float_ids") for bad_rank in (0, 3)])
 
 
-def _bad_input_everywhere(dispatcher, case, bad_rank):
-    results = run_ranks(_bad_input_rank, 4, dispatcher, case, bad_rank, timeout=120, group_timeout=30)
-    for rank, (outcome, seconds, good) in enumerate(results):
-        assert outcome is not None, (rank, "no error")
-        assert seconds < 10, (rank, seconds, outcome)  # not the group's timeout
-        assert good <= 1e-5, (rank, good)
-        if rank == bad_rank:
-            for word in BAD_CASES[case]:
-                assert word in outcome, (word, outcome)
-        else:
-            assert f"rank {bad_rank}" in outcome, (rank, outcome)
+def _bad_input_everywhere(dispatcher, cases):
+    """Each (case, bad rank) in turn on one group of four ranks (each leaves it usable: a good step follows)."""
+    per_rank = run_ranks(_in_one_job, 4, _bad_input_rank, [(dispatcher, case, bad) for case, bad in cases],
+                         timeout=600, group_timeout=30)
+    for rank, results in enumerate(per_rank):
+        for (case, bad_rank), (outcome, seconds, good) in zip(cases, results):
+            assert outcome is not None, (case, rank, "no error")
+            assert seconds < 10, (case, rank, seconds, outcome)  # not the group's timeout
+            assert good <= 1e-5, (case, rank, good)
+            if rank == bad_rank:
+                for word in BAD_CASES[case]:
+                    assert word in outcome, (case, word, outcome)
+            else:
+                assert f"rank {bad_rank}" in outcome, (case, rank, outcome)
 
 
 # ---------------------------------------------------------------- settings that cannot work
@@ -560,20 +570,20 @@ SETTINGS = {  # name: (EPMoE arguments, made on the rank; what every rank's mess
 CONFIG_FIELDS = ("alpha_with_gelu", "alpha_not_gated", "unknown_activation", "scaling_zero", "scaling_nan")
 
 
-@pytest.mark.parametrize("name,runner", [(n, r) for n in SETTINGS
-                                         for r in (("torch", "triton", "masked") if n in CONFIG_FIELDS else ("torch",))])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_settings_that_cannot_work_fail_every_rank_naming_them(dispatcher, name, runner):
-    """DESIGN.md: every runner supports every config field or rejects it at construction, naming it."""
-    words = SETTINGS[name][1]
-    if not ep.dispatchers.get(dispatcher).shards_experts and name in (
-            "E_not_divisible_by_R", "expert_to_rank_out_of_range", "expert_to_rank_uneven", "negative_redundant"):
-        pytest.skip("standard holds every expert on every rank")
-    for rank, message in enumerate(run_ranks(_bad_settings_rank, 4, dispatcher, name, runner, timeout=120,
-                                             group_timeout=30)):
-        assert message is not None, (rank, name)
-        for word in words:
-            assert word in message, (rank, word, message)
+def test_settings_that_cannot_work_fail_every_rank_naming_them(dispatcher):
+    """DESIGN.md: every runner supports every config field or rejects it at construction, naming it. (standard
+    holds every expert on every rank: no placement settings there.)"""
+    placement = ("E_not_divisible_by_R", "expert_to_rank_out_of_range", "expert_to_rank_uneven", "negative_redundant")
+    cases = [(dispatcher, name, runner) for name in SETTINGS
+             for runner in (("torch", "triton", "masked") if name in CONFIG_FIELDS else ("torch",))
+             if ep.dispatchers.get(dispatcher).shards_experts or name not in placement]
+    for rank, messages in enumerate(run_ranks(_in_one_job, 4, _bad_settings_rank, cases, timeout=600,
+                                              group_timeout=30)):
+        for (_, name, runner), message in zip(cases, messages):
+            assert message is not None, (rank, name, runner)
+            for word in SETTINGS[name][1]:
+                assert word in message, (rank, name, runner, word, message)
 
 
 # ---------------------------------------------------------------- config fields, inference, placements, x [..., H]
@@ -699,28 +709,27 @@ def _variant_rank(rank, R, dispatcher, name, runners, dtype, mode, options=None)
     return errors
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_config_fields_and_placements_at_four_ranks(dispatcher, name):
-    """Every config field of MoeConfig, scattered and redundant placements, through every runner at R = 4."""
-    if dispatcher == "standard" and ("placement" in name or "redundant" in name):
-        pytest.skip("standard holds every expert on every rank")
-    for errors in run_ranks(_variant_rank, 4, dispatcher, name, ["torch", "triton", "masked"], torch.float32,
-                            "train", timeout=600):
-        assert max(errors.values()) <= 1e-5, errors
+def test_config_fields_and_placements_at_four_ranks(dispatcher):
+    """Every config field of MoeConfig, scattered and redundant placements, through every runner at R = 4
+    (standard holds every expert on every rank: no placements there)."""
+    names = [n for n in VARIANTS if not (dispatcher == "standard" and ("placement" in n or "redundant" in n))]
+    cases = [(dispatcher, name, ["torch", "triton", "masked"], torch.float32, "train") for name in names]
+    for per in run_ranks(_in_one_job, 4, _variant_rank, cases, timeout=900):
+        for name, errors in zip(names, per):
+            assert max(errors.values()) <= 1e-5, (name, errors)
 
 
-@pytest.mark.parametrize("mode", ["inference", "no_grad", "batched", "frozen_experts", "router_only"])
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
-def test_inference_and_frozen_experts_at_four_ranks(dispatcher, mode):
+def test_inference_and_frozen_experts_at_four_ranks(dispatcher):
     """The inference paths (no gradient anywhere) of every runner in fp32, bf16 and fp16, x [1, T, H], and a
     training step whose experts are frozen."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if mode != "inference" and dtype != torch.float32:
-            continue
-        for errors in run_ranks(_variant_rank, 4, dispatcher, "gpt_oss_swiglu_biases", RUNNERS, dtype, mode,
-                                timeout=600):
-            assert max(errors.values()) <= TOL[dtype], (dtype, errors)
+    runs = [("inference", dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    runs += [(mode, torch.float32) for mode in ("no_grad", "batched", "frozen_experts", "router_only")]
+    cases = [(dispatcher, "gpt_oss_swiglu_biases", RUNNERS, dtype, mode) for mode, dtype in runs]
+    for per in run_ranks(_in_one_job, 4, _variant_rank, cases, timeout=900):
+        for (mode, dtype), errors in zip(runs, per):
+            assert max(errors.values()) <= TOL[dtype], (mode, dtype, errors)
 
 
 DISPATCHER_OPTIONS = [
@@ -735,16 +744,15 @@ DISPATCHER_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["train", "inference"])
 @pytest.mark.parametrize("dispatcher,options", DISPATCHER_OPTIONS, ids=lambda v: str(v).replace(" ", ""))
-def test_dispatcher_options_at_four_ranks(dispatcher, options, mode):
+def test_dispatcher_options_at_four_ranks(dispatcher, options):
     """Static plans, alignment, chunked sends, small runner rows and the node-aware exchange under every runner."""
-    for dtype in (torch.float32, torch.bfloat16):
-        if mode == "train" and dtype != torch.float32:
-            continue
-        for errors in run_ranks(_variant_rank, 4, dispatcher, "gpt_oss_swiglu_biases", ["torch", "triton", "masked"],
-                                dtype, mode, options, timeout=600):
-            assert max(errors.values()) <= TOL[dtype], (dtype, errors)
+    runs = [("train", torch.float32), ("inference", torch.float32), ("inference", torch.bfloat16)]
+    cases = [(dispatcher, "gpt_oss_swiglu_biases", ["torch", "triton", "masked"], dtype, mode, options)
+             for mode, dtype in runs]
+    for per in run_ranks(_in_one_job, 4, _variant_rank, cases, timeout=900):
+        for (mode, dtype), errors in zip(runs, per):
+            assert max(errors.values()) <= TOL[dtype], (mode, dtype, errors)
 
 
 # ---------------------------------------------------------------- the layer's own counts and masks
