@@ -56,8 +56,8 @@ class EPMoE(nn.Module):
     layout. device="meta" builds it without memory: `to_empty(device=...)` then `load_experts` (or
     `load_expert` per expert) materialises it. dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
-    native to the dispatcher's layout, masked for deepep_ll and triton otherwise, else torch; see
-    runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
+    native to the dispatcher's layout, masked for deepep_ll and triton otherwise, that takes the hooks and
+    the experts' storage format, else torch; see runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
     mesh["ep"]); None: the default process group when one exists, else a single process (with a dispatcher
     that shards experts, an error in a process a launcher started as one rank of several: call
     ep.init_distributed() before building the layer).
@@ -119,10 +119,9 @@ class EPMoE(nn.Module):
             runner = knob if runner == "auto" else runner
             self._runner_args = (runner, hooks, _options("runner_options", runner_options))
             try:
+                # (with quant_config: what the backend cannot compute fp8 with, its hooks say, is refused here)
                 backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
-                                             device, dtype)
-                if quant_config is not None:  # (what the backend cannot compute fp8 with: its hooks, say)
-                    backend.check_quant(quant_config)
+                                             device, dtype, quant_config)
             except (RuntimeError, ValueError) as err:
                 if knob == "auto" or type(err) not in (RuntimeError, ValueError):  # (a subclass may take other arguments)
                     raise
@@ -252,13 +251,29 @@ class EPMoE(nn.Module):
             self._load_physical = torch.zeros(self.placement.num_physical_experts, dtype=torch.int64,
                                               device=logical.device)
 
-    def _make_backend(self, config: MoeConfig, format: str, device, dtype) -> runners.RunnerBackend:
+    def _make_backend(self, config: MoeConfig, format: str, device, dtype,
+                      quant: Optional[QuantConfig]) -> runners.RunnerBackend:
         name, hooks, options = self._runner_args
-        return runners.create(name, config, hooks=hooks, device=device, format=format, dtype=dtype, **options)
+        return runners.create(name, config, hooks=hooks, device=device, format=format, dtype=dtype, quant=quant,
+                              **options)
 
     def _make_runner(self, device, dtype) -> MoeRunner:
-        backend = self._make_backend(self.dispatcher.config, self.dispatcher.format, device, dtype)
+        backend = self._make_backend(self.dispatcher.config, self.dispatcher.format, device, dtype, self.quant)
         return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
+
+    def _check_runner_quant(self, quant: QuantConfig) -> None:
+        """Before the layer switches to `quant`'s format: a named runner that cannot compute it is refused
+        (runner="auto" chooses again in _choose_runner, torch at worst)."""
+        if self._runner_args[0] != "auto":
+            self.runner.backend.check_quant(quant)
+
+    def _choose_runner(self) -> None:
+        """runner="auto" chosen again for the experts' device, the dtype, the hooks and the storage format."""
+        if self._runner_args[0] == "auto" and not self.w13.is_meta:
+            wanted = runners.resolve("auto", self.w13.device, self.dispatcher.format, self.dtype,
+                                     self._runner_args[1], self.quant)
+            if wanted != self.runner.backend.name:
+                self.runner = self._make_runner(self.w13.device, self.dtype)
 
     def _apply(self, fn, *args, **kwargs):
         """.to(), .cuda(), to_empty() ...: see _follow_weights. A dtype the runners do not take (.to(torch.complex64),
@@ -296,10 +311,7 @@ class EPMoE(nn.Module):
         dtype (a layer built on the meta device, as torchtitan builds models, then materialised on CUDA,
         gets the CUDA backend)."""
         self._new_load_counters()
-        if self._runner_args[0] == "auto" and not self.w13.is_meta:
-            wanted = runners.resolve("auto", self.w13.device, self.dispatcher.format, self.dtype)
-            if wanted != self.runner.backend.name:
-                self.runner = self._make_runner(self.w13.device, self.dtype)
+        self._choose_runner()
 
     def _store_quantized(self, quant: QuantConfig, device) -> None:
         """Switch the expert storage to `quant`'s format: w13/w2 in its dtype plus their block scales,
@@ -321,6 +333,7 @@ class EPMoE(nn.Module):
         for bias in (self.b13, self.b2):
             if bias is not None:
                 bias.requires_grad_(False)
+        self._choose_runner()  # (runner="auto" with hooks: triton takes them unquantized only)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -434,7 +447,7 @@ class EPMoE(nn.Module):
         quant = self._load_quant(w13, w2, w13_scale_inv, w2_scale_inv, quantize)
         if quant is not None and quant is not self.quant:  # before the ranks agree, not after (_store_quantized)
             _check_activation_group(quant, getattr(self.dispatcher, "fp8", None), self.dispatcher.name)
-            self.runner.backend.check_quant(quant)
+            self._check_runner_quant(quant)
         if quant is None:
             full = ExpertWeights(w13, w2, b13, b2)
             full.check(self.config, L if shard else E)
@@ -1391,7 +1404,7 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
         _check_fp8_scales_present(state_dict, prefix)
         if layer.quant is None and any(isinstance(state_dict.get(prefix + name), torch.Tensor)
                                        and is_quantized_dtype(state_dict[prefix + name].dtype) for name in ("w13", "w2")):
-            layer.runner.backend.check_quant(QuantConfig())  # (the layer switches to fp8 below)
+            layer._check_runner_quant(QuantConfig())  # (the layer switches to fp8 below)
         error = None
     except (TypeError, ValueError) as err:
         error = err

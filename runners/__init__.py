@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ep_runtime.config import MoeConfig
+from ep_runtime.quant import QuantConfig
 from ep_runtime.registry import build, check_config, did_you_mean, register_named
 from ep_runtime.validation import as_device, float_dtype
 
-from .base import GemmHooks, RunnerBackend
+from .base import GemmHooks, RunnerBackend, check_hooks
 
 _RUNNERS: dict[str, type[RunnerBackend]] = {}
 
@@ -35,10 +36,12 @@ def registered() -> list[str]:
 AUTO_PREFERENCE = ("masked", "triton", "torch")
 
 
-def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: Any = None) -> str:
+def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: Any = None,
+            hooks: Optional[GemmHooks] = None, quant: Optional[QuantConfig] = None) -> str:
     """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available, computes the
     dispatch format's layout natively (masked for deepep_ll, triton for the others) and, when given,
-    `dtype`; else torch. Any other name is returned as is. An unknown format is an error on any device and for
+    `dtype`, GEMM `hooks` and experts stored in `quant`'s format (RunnerBackend.refusal); else torch, which
+    computes them all. Any other name is returned as is. An unknown format is an error on any device and for
     any name (a named backend took format="nope" or 3 without a word)."""
     import torch
 
@@ -50,8 +53,9 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: 
         return "torch"
     for backend in AUTO_PREFERENCE:
         cls = _RUNNERS[backend]
-        if backend in available() and layout in cls.layouts and (dtype is None or cls.dtypes is None
-                                                                  or dtype in cls.dtypes):
+        if (backend in available() and layout in cls.layouts and (dtype is None or cls.dtypes is None
+                                                                   or dtype in cls.dtypes)
+                and not cls.refusal(check_hooks(hooks), quant)):
             return backend
     return "torch"
 
@@ -72,23 +76,28 @@ def check_name(name: str) -> None:
 
 
 def create(name: str, config: MoeConfig, hooks: Optional[GemmHooks] = None, *, device: Any = None,
-           format: Optional[str] = None, dtype: Any = None, **options: Any) -> RunnerBackend:
+           format: Optional[str] = None, dtype: Any = None, quant: Optional[QuantConfig] = None,
+           **options: Any) -> RunnerBackend:
     """Build runner backend `name` for `config`; rejects config fields it cannot compute and, when
-    given, a `dtype` (the tokens') it cannot compute in. "auto" is resolved for `device`, dispatch
-    `format` and `dtype` (see resolve; no device: torch)."""
+    given, a `dtype` (the tokens') it cannot compute in, and experts stored in `quant`'s format it cannot
+    compute with its `hooks`. "auto" is resolved for `device`, dispatch `format`, `dtype`, `hooks` and
+    `quant` (see resolve; no device: torch)."""
     check_name(name)
     if dtype is not None:  # (checked before "auto" compares it with each backend's dtypes)
         dtype = float_dtype(dtype)
     if device is not None:  # (a named backend ignored a bad one; "auto" failed in torch.device naming nothing)
         device = as_device(device)
-    name = resolve(name, device, format, dtype)
+    name = resolve(name, device, format, dtype, hooks, quant)
     cls = get(name)
     if not cls.is_available():
         raise RuntimeError(f"runner={name!r} cannot run here: {cls.unavailable_reason()}")
     check_config(config)
     if dtype is not None:
         cls.check_dtype(dtype)
-    return build(cls, "runner", name, dict(config=config, hooks=hooks), options)
+    backend = build(cls, "runner", name, dict(config=config, hooks=hooks), options)
+    if quant is not None:
+        backend.check_quant(quant)
+    return backend
 
 
 # Registration order is the order registered() and error messages list the backends.

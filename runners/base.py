@@ -101,6 +101,7 @@ class RunnerBackend:
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None):
         self.config = config
         self.hooks = check_hooks(hooks)
+        self.check_quant(None)  # (hooks a backend never takes: refused when it is built)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -117,10 +118,19 @@ class RunnerBackend:
     def unavailable_reason(cls) -> str:
         return ""
 
+    @classmethod
+    def refusal(cls, hooks: GemmHooks, quant: Optional[QuantConfig]) -> str:
+        """Why this backend cannot compute with `hooks` and experts stored in `quant`'s format (None:
+        unquantized); "" when it can. runner="auto" skips the backends that refuse, a named one raises it."""
+        return ""
+
     def check_quant(self, quant: Optional[QuantConfig]) -> None:
-        """Raise naming what this backend cannot compute with experts stored in `quant`'s format (None:
-        unquantized), called when a layer is built with it or switches to it: before any exchange, not in the
-        first forward after its dispatch."""
+        """Raise the refusal of experts stored in `quant`'s format with this backend's hooks, called when a
+        layer is built with it or switches to it: before any exchange, not in the first forward after its
+        dispatch."""
+        reason = self.refusal(self.hooks, quant)
+        if reason:
+            raise ValueError(reason)
 
     def run(self, runner_input: Any, weights: ExpertWeights) -> torch.Tensor:
         """The result of `runner_input` in its own layout (see RunnerInput, ExpertMajorInput): computed

@@ -580,14 +580,18 @@ class MaskedRunner(TritonBackend):
 
     def __init__(self, config: MoeConfig, hooks: Optional[GemmHooks] = None, tiles: Optional[MaskedTiles] = None):
         super().__init__(config, hooks)
-        if self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None:
-            raise ValueError("runner='masked' does not support GEMM hooks (after_gemm1/after_gemm2); "
-                             "use runner='torch' or runner='triton' with hooks")
         if config.activation not in ACTIVATION_CODES:
             raise ValueError(f"runner='masked' does not implement activation={config.activation!r}; "
                              f"supported: {', '.join(ACTIVATION_CODES)}")
         _check_tiles(tiles)
         self.tiles = tiles
+
+    @classmethod
+    def refusal(cls, hooks: GemmHooks, quant: Optional[QuantConfig]) -> str:
+        if hooks.after_gemm1 is not None or hooks.after_gemm2 is not None:
+            return ("runner='masked' does not support GEMM hooks (after_gemm1/after_gemm2); use runner='torch' "
+                    "(or runner='triton' with unquantized experts) with hooks")
+        return ""
 
     def compute(self, inp: ExpertMajorInput, weights: ExpertWeights) -> torch.Tensor:
         """inp.hidden_states [L, M*R, H], rows p >= masked_m[l] never read. Returns [L, M*R, H] in its

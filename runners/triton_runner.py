@@ -539,9 +539,10 @@ class TritonRunner(TritonBackend):
         _check_block_config(block_config)
         self.block_config = block_config
 
-    def check_quant(self, quant: Optional[QuantConfig]) -> None:
-        if quant is not None and (self.hooks.after_gemm1 is not None or self.hooks.after_gemm2 is not None):
-            raise ValueError(_NO_FP8_HOOKS)
+    @classmethod
+    def refusal(cls, hooks: GemmHooks, quant: Optional[QuantConfig]) -> str:
+        return _NO_FP8_HOOKS if quant is not None and (hooks.after_gemm1 is not None
+                                                       or hooks.after_gemm2 is not None) else ""
 
     def compute(self, inp: RunnerInput, weights: ExpertWeights) -> torch.Tensor:
         return run_fused(inp, weights, self.config, self.hooks, self.block_config)

@@ -882,6 +882,32 @@ def test_auto_runner_follows_a_layer_built_on_meta_to_the_gpu(dispatcher):
     assert max(check_layer(layer, problem, 0).values()) < tolerance(torch.float64)
 
 
+def test_auto_runner_with_gemm_hooks_skips_the_backends_that_refuse_them():
+    """runner="auto" with GEMM hooks on CUDA took masked for deepep_ll (it refuses hooks: the layer could not be
+    built) and triton for experts that load_experts then made fp8 (triton refuses hooks with fp8: the load
+    raised). Now deepep_ll runs them on torch, and standard on triton until its experts become fp8, then torch;
+    the hooks are called and each output is right."""
+    calls = []
+    hooks = runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: calls.append(len(expert_index)))
+    layer = ep.EPMoE(8, 2, 128, 128, dispatcher="deepep_ll", hooks=hooks, dtype=torch.float32, device="cuda",
+                     dispatcher_options={"num_max_dispatch_tokens_per_rank": 40})
+    assert layer.runner.backend.name == "torch"
+    layer = ep.EPMoE(8, 2, 128, 128, dispatcher="standard", hooks=hooks, dtype=torch.bfloat16, device="cuda")
+    assert layer.runner.backend.name == "triton"
+    problem = make_problem(layer.config, [33], seed=5)
+    assert max(check_layer(layer, problem, 0).values()) <= tolerance(torch.bfloat16)
+    assert calls
+    calls.clear()
+    layer.load_experts(problem.w13.to(torch.bfloat16), problem.w2.to(torch.bfloat16), quantize="fp8_block")
+    assert layer.runner.backend.name == "torch" and layer.quant is not None
+    x, ids, w = problem.xs[0].to("cuda", torch.bfloat16), problem.topk_ids[0].cuda(), problem.topk_weights[0].cuda()
+    with torch.no_grad():
+        y = layer(x, ids, w)
+    want = moe_reference(x.double(), ids, w.double(), problem.w13, problem.w2, layer.config)
+    assert rel_err(y, want.to(y.device)) < 0.1  # fp8 vs unquantized: the bound tests/test_fp8.py derives
+    assert sum(calls) == int((ids >= 0).sum())
+
+
 def test_torch_runner_names_what_it_cannot_capture():
     """The torch runner groups its pairs by expert with a host sync: under a graph capture it raises naming
     the runners that capture, instead of invalidating the capture with a bare CUDA error."""

@@ -105,6 +105,29 @@ def test_auto_runner_has_a_path_for_every_dispatcher():
         assert ep.runners.resolve("auto", "cuda", "deepep_normal") == "triton"
 
 
+def test_auto_runner_skips_a_backend_that_refuses_the_hooks_or_the_fp8_experts():
+    """runner="auto" with GEMM hooks on CUDA picked masked for deepep_ll, which refuses hooks when built, and
+    triton for fp8 experts with hooks, which refuses them once the layer is fp8: a layer the caller never named
+    a runner for could not be built or loaded. "auto" now skips a refusing backend (torch computes them all);
+    a named one still raises the refusal."""
+    if not {"masked", "triton"} <= set(ep.runners.available()):
+        pytest.skip("needs the Triton runners (CUDA or TRITON_INTERPRET=1)")
+    hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert: None)
+    fp8 = ep.QuantConfig()
+    resolve = ep.runners.resolve
+    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks) == "torch"
+    assert resolve("auto", "cuda", "deepep_normal", torch.bfloat16, hooks) == "triton"
+    assert resolve("auto", "cuda", "deepep_normal", torch.bfloat16, hooks, fp8) == "torch"
+    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, None, fp8) == "masked"
+    assert resolve("auto", "cuda", "standard", torch.bfloat16, None, fp8) == "triton"
+    config = ep.EPMoE(8, 2, 128, 128, runner="torch").config
+    for name, quant, refusal in [("masked", None, "runner='masked' does not support GEMM hooks"),
+                                 ("triton", fp8, "runner='triton' with quantized \\(fp8\\) experts takes no GEMM hooks")]:
+        with pytest.raises(ValueError, match=refusal):
+            ep.runners.create(name, config, hooks, device="cuda", format="deepep_ll", quant=quant)
+        assert ep.runners.create("auto", config, hooks, device="cuda", format="deepep_ll", quant=quant).name == "torch"
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda", None])
 def test_auto_runner_names_an_unknown_format_on_every_device(device):
     """A format no module registered is an error naming it and the registered ones, whatever the device (on CPU
