@@ -383,60 +383,72 @@ def test_grad_modes_may_differ_where_no_rank_needs_a_gradient():
     assert run_ranks(_frozen_rank_without_grad_mode, 2, timeout=60, group_timeout=TIMEOUT_S) == [[4, 16], [4, 16]]
 
 
-def _one_rank_cannot_build_rank(rank, world_size, case):
-    """Rank 1 alone gets an argument (or a runner) it cannot build its layer with; rank 0 builds its own."""
+def _one_rank_cannot_build_rank(rank, world_size, cases):
+    """For each case in turn, rank 1 alone gets an argument (or a runner) it cannot build its layer with; rank 0
+    builds its own. {case: (what this rank raised, or "built"; seconds it took)}."""
     os.environ.pop("TRITON_INTERPRET", None)  # runner="triton" cannot run on these CPU ranks
-    dispatcher = "deepep_ll" if case.startswith("dispatcher_options") else "deepep_normal"
-    kwargs = dict(runner="torch")
-    if rank == 1:
-        kwargs.update({"activation": dict(activation="relu"),
-                       "runner": dict(runner="triton"),
-                       "hooks": dict(hooks=3),
-                       "expert_to_rank": dict(expert_to_rank=[0, 1, 0]),
-                       "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
-                       "dispatcher_options_list": dict(dispatcher_options=[("num_max_dispatch_tokens_per_rank", 8)]),
-                       "runner_options_str": dict(runner_options="none"),
-                       "device": dict(device="bogus"),
-                       }[case])
-    start = time.monotonic()
-    try:
-        ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, **kwargs)
-    except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
-        seconds = time.monotonic() - start
-        if rank == 1:  # its process lives on a while (a framework that caught the error): no lost connection
-            time.sleep(LINGER_S)
-        return f"{type(err).__name__}: {err}", seconds
-    return "built", time.monotonic() - start
+    outcome = {}
+    for case in cases:
+        dispatcher = "deepep_ll" if case.startswith("dispatcher_options") else "deepep_normal"
+        kwargs = dict(runner="torch")
+        if rank == 1:
+            kwargs.update({"activation": dict(activation="relu"),
+                           "runner": dict(runner="triton"),
+                           "hooks": dict(hooks=3),
+                           "expert_to_rank": dict(expert_to_rank=[0, 1, 0]),
+                           "dispatcher_options": dict(dispatcher_options={"num_max_dispatch_tokens_per_rank": 0}),
+                           "dispatcher_options_list": dict(dispatcher_options=[("num_max_dispatch_tokens_per_rank",
+                                                                                 8)]),
+                           "runner_options_str": dict(runner_options="none"),
+                           "device": dict(device="bogus"),
+                           }[case])
+        start = time.monotonic()
+        try:
+            ep.EPMoE(8, 2, 16, 8, dispatcher=dispatcher, **kwargs)
+            outcome[case] = "built", time.monotonic() - start
+        except Exception as err:  # noqa: BLE001 - the test reads what each rank raised
+            outcome[case] = f"{type(err).__name__}: {err}", time.monotonic() - start
+    if rank == 1:  # its process lives on a while (a framework that caught the error): no lost connection
+        time.sleep(LINGER_S)
+    return outcome
 
 
 LINGER_S = 5
-
-
-@pytest.mark.parametrize("case,own_error", [
-    ("activation", "ValueError: activation='relu'; allowed: "),
-    ("runner", "RuntimeError: runner='triton' cannot run here: "),
-    ("hooks", "TypeError: hooks=3; allowed: None or an ep.runners.GemmHooks("),
-    ("expert_to_rank", "ValueError: expert_to_rank"),
-    ("dispatcher_options", "ValueError: num_max_dispatch_tokens_per_rank=0; allowed: "),
+CANNOT_BUILD = {
+    "activation": "ValueError: activation='relu'; allowed: ",
+    "runner": "RuntimeError: runner='triton' cannot run here: ",
+    "hooks": "TypeError: hooks=3; allowed: None or an ep.runners.GemmHooks(",
+    "expert_to_rank": "ValueError: expert_to_rank",
+    "dispatcher_options": "ValueError: num_max_dispatch_tokens_per_rank=0; allowed: ",
     # options that are no dict: named (dict() of them said "dictionary update sequence element #0 ...")
-    ("dispatcher_options_list", "TypeError: dispatcher_options=[('num_max_dispatch_tokens_per_rank', 8)]; allowed: "
-                                "None or a dict"),
-    ("runner_options_str", "TypeError: runner_options='none'; allowed: None or a dict"),
+    "dispatcher_options_list": "TypeError: dispatcher_options=[('num_max_dispatch_tokens_per_rank', 8)]; allowed: "
+                               "None or a dict",
+    "runner_options_str": "TypeError: runner_options='none'; allowed: None or a dict",
     # a device that is no device: the join with it failed silently, leaving rank 0 to the timeout
-    ("device", "ValueError: device='bogus' is not a torch device"),
-])
-def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, own_error):
+    "device": "ValueError: device='bogus' is not a torch device",
+}
+
+
+@pytest.fixture(scope="module")
+def cannot_build_outcomes():
+    """Every case in one group of ranks, one after another (each case's settings check leaves the group usable)."""
+    return run_ranks(_one_rank_cannot_build_rank, 2, list(CANNOT_BUILD), timeout=90, group_timeout=30)
+
+
+@pytest.mark.parametrize("case", list(CANNOT_BUILD))
+def test_a_rank_that_cannot_build_its_layer_fails_every_rank_naming_it(case, cannot_build_outcomes):
     """Rank 1 raised on its own while rank 0 waited in the settings check's all_gather until the timeout (a
     bad argument, a dispatcher option), or built its layer and waited in the first forward (a runner that
     cannot run on rank 1, bad hooks). Rank 1 now joins the settings check with its error: rank 0 raises
     there at once, naming rank 1 and the error."""
-    (rank0, seconds), (rank1, _) = run_ranks(_one_rank_cannot_build_rank, 2, case, timeout=60, group_timeout=30)
-    assert rank1.startswith(own_error), rank1
+    (rank0, seconds), (rank1, _) = (outcome[case] for outcome in cannot_build_outcomes)
+    assert rank1.startswith(CANNOT_BUILD[case]), rank1
     kind, _, message = rank1.partition(": ")
     assert rank0 == (f"{kind}: rank 1 could not build its layer or dispatcher ({kind}: {message}); every rank stops "
                      f"here (every rank must build it with the same arguments and EP_RUNTIME_* knobs, and with a "
                      f"runner that runs there)"), rank0
-    assert seconds < LINGER_S - 1, seconds  # at once: not once rank 1's process ended, nor the group's timeout
+    # at once: not once rank 1's process ended (it lingers LINGER_S after its last case), nor the group's timeout
+    assert seconds < LINGER_S - 1, seconds
 
 
 def _non_finite_state_dict_rank(rank, world_size):
