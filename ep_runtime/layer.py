@@ -54,7 +54,8 @@ class EPMoE(nn.Module):
     checkpoint and keeps this rank's slice, or this rank's [L, ...] shard (`load_expert`: one expert's
     tensors, as an inference engine reads them); `gather_experts` hands every expert back in that
     layout. device="meta" builds it without memory: `to_empty(device=...)` then `load_experts` (or
-    `load_expert` per expert) materialises it. dispatcher: a name from ep_runtime.dispatchers;
+    `load_expert` per expert) materialises it (a forward before, or with some expert tensors still on meta after a
+    load_state_dict(..., assign=True) of a state_dict without them, raises naming them). dispatcher: a name from ep_runtime.dispatchers;
     runner: a name from ep_runtime.runners or "auto" (EP_RUNTIME_RUNNER, else on CUDA the backend
     native to the dispatcher's layout, masked for deepep_ll and triton otherwise, that takes the hooks and
     the experts' storage format, else torch; see runners.resolve). group: a ProcessGroup holding this rank, or a 1-D DeviceMesh (its group: torchtitan's
@@ -760,6 +761,14 @@ class EPMoE(nn.Module):
             raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
                                "`with torch.device('meta'):`), so they have no values to compute with; materialise "
                                "them first: layer.to_empty(device=...), then layer.load_experts(...)")
+        # (a meta expert beside real ones gave numbers from uninitialised memory, no error)
+        meta = [name for name in _EXPERT_TENSORS if (t := getattr(self, name)) is not None and t.is_meta]
+        if meta:
+            raise RuntimeError(f"this layer's {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device "
+                               f"while w13 holds values (a meta tensor put in place: load_state_dict(..., assign=True) "
+                               f"of a state_dict without it, or torch.func.functional_call), so there are no values "
+                               f"to compute with; give them values: load_state_dict({{...}}, assign=True) with them, "
+                               f"or layer.to_empty(device=...) then layer.load_experts(...)")
         if self.quant is not None and (self.w13.dtype, self.w2.dtype) != (self.quant.dtype, self.quant.dtype):
             raise RuntimeError(f"this layer's experts are {self.quant.format} but w13/w2 now have dtype "
                                f"{self.w13.dtype}/{self.w2.dtype} (tensors of another dtype were put in their place); "

@@ -441,9 +441,12 @@ def _meta_forward_rank(rank, world_size):
     messages = []
     on_meta = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", device="meta")
     layer = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch")
+    # w13 given values by an assign=True load of a state_dict without w2: w2 stays on the meta device
+    half_meta = ep.EPMoE(E, K, H, I, dispatcher="deepep_normal", runner="torch", device="meta")
+    half_meta.load_state_dict({"w13": layer.state_dict()["w13"].clone()}, strict=False, assign=True)
     # a layer with no values: RuntimeError (a state, not an argument); x on the wrong device: ValueError
     for module, tokens, error in ((on_meta, x.to("meta"), RuntimeError), (on_meta, x, RuntimeError),
-                                  (layer, x.to("meta"), ValueError)):
+                                  (layer, x.to("meta"), ValueError), (half_meta, x, RuntimeError)):
         with pytest.raises(error) as err:
             module(tokens, ids.to(tokens.device), weights.to(tokens.device))
         messages.append(str(err.value))
@@ -456,12 +459,19 @@ def _meta_forward_rank(rank, world_size):
 def test_meta_device_forward_is_named():
     """A forward on a layer still on the meta device (built there, never materialised), or of x on the
     meta device into a CPU layer, failed inside torch.autocast's device lookup ("unknown device type for
-    autocast"), naming neither the layer nor x. Now: an error naming what to do, or x's device."""
+    autocast"), naming neither the layer nor x. Now: an error naming what to do, or x's device. A layer whose
+    w13 holds values but w2 is still on the meta device (load_state_dict(..., assign=True) of a state_dict without
+    w2; torch.func.functional_call with a meta w2) returned numbers read from uninitialised memory: now an error
+    naming w2."""
     not_materialised = ("this layer's experts are on the meta device (built with device='meta' or under `with "
                         "torch.device('meta'):`), so they have no values to compute with; materialise them first: "
                         "layer.to_empty(device=...), then layer.load_experts(...)")
+    w2_on_meta = ("this layer's w2 is on the meta device while w13 holds values (a meta tensor put in place: "
+                  "load_state_dict(..., assign=True) of a state_dict without it, or torch.func.functional_call), so "
+                  "there are no values to compute with; give them values: load_state_dict({...}, assign=True) with "
+                  "them, or layer.to_empty(device=...) then layer.load_experts(...)")
     for messages, error in run_ranks(_meta_forward_rank, 2):
-        assert messages == [not_materialised, not_materialised, "x is on meta; this layer is on cpu"]
+        assert messages == [not_materialised, not_materialised, "x is on meta; this layer is on cpu", w2_on_meta]
         assert error <= tolerance(torch.float32)
 
 
