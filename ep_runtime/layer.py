@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -346,6 +347,7 @@ class EPMoE(nn.Module):
         float32 on the CPU and cast to the layer's dtype; biases start at 0. Nothing is drawn on the
         meta device (materialise with to_empty, then load_experts)."""
         # On the CPU whatever the default device (`with torch.device("meta"):` while a model is built)
+        self._refuse_parametrized("reset_parameters")
         base = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64, device="cpu"))
         if self.w13.is_meta:
             return
@@ -411,6 +413,7 @@ class EPMoE(nn.Module):
         forward."""
         error = None
         try:
+            self._refuse_parametrized("load_experts")
             quant, staged = self._staged_experts(w13, w2, b13, b2, w13_scale_inv, w2_scale_inv, quantize)
         except Exception as err:  # noqa: BLE001 - whatever stops this rank stops every rank (raised below)
             error = err
@@ -504,6 +507,7 @@ class EPMoE(nn.Module):
                              f"num_experts={E})")
         if self.w13.is_meta:
             raise RuntimeError(_META_LAYER)
+        self._refuse_parametrized("load_expert")
         if _is_dtensor(self.w13):  # (its rows written into a DTensor's index went to a copy: nothing loaded)
             raise RuntimeError("this layer's experts are DTensors (FSDP2's fully_shard sharded them), whose rows this "
                                "rank may not hold; load them whole: load_experts with the [E, ...] weights on every "
@@ -548,6 +552,20 @@ class EPMoE(nn.Module):
         """load_experts' and load_expert's error for a checkpoint tensor on the meta device."""
         raise ValueError(f"{name} is on the meta device (it has no values); allowed: a tensor holding the "
                          f"checkpoint's values, on any device (this layer's is {self.w13.device})")
+
+    def _refuse_parametrized(self, verb: str) -> None:
+        """The verbs that write or move the expert tensors in place refuse parametrized ones (torch.nn.utils.parametrize,
+        weight_norm, spectral_norm): `layer.w2` is then computed from its originals at each access, so a write into it
+        went into that copy and was lost, no error (forward, backward, state_dict and gather_experts read it as
+        any module does, and work)."""
+        names = [name for name in _EXPERT_TENSORS if parametrize.is_parametrized(self, name)]
+        if names:
+            raise RuntimeError(f"{verb}: this layer's {', '.join(names)} {'is' if len(names) == 1 else 'are'} "
+                               f"parametrized (torch.nn.utils.parametrize, weight_norm, ...), computed from "
+                               f"layer.parametrizations.{names[0]}.original* at each access, so {verb} cannot write or "
+                               f"move {'it' if len(names) == 1 else 'them'} in place; call it before registering the "
+                               f"parametrization, or remove it first: torch.nn.utils.parametrize."
+                               f"remove_parametrizations(layer, {names[0]!r}) (keeps the current values)")
 
     def _check_expert_piece(self, name: str, t, where: tuple, scale) -> None:
         """load_expert's checks of one piece that read no values: type, shape, dtype, scale shape, block fit."""
@@ -910,6 +928,7 @@ class EPMoE(nn.Module):
         error = dp_size = None
         try:  # every argument before the first collective: a rank that fails tells the others below
             _check_optimizer(optimizer, optional=True)
+            self._refuse_parametrized("rebalance")
             eplb.check_num_nodes(num_nodes, self.placement.ep_size, self.config.num_experts,
                                  self.placement.num_physical_experts)
             if not isinstance(reset, bool):
@@ -978,6 +997,7 @@ class EPMoE(nn.Module):
         error = new = None
         try:  # checked before any collective; a rank that fails tells the others in the agreement below
             _check_optimizer(optimizer, optional=True)
+            self._refuse_parametrized("apply_placement")
             new = self._check_plan(plan)
             if optimizer is not None:  # its state left in older slots by a move without it: moved on, lost for good
                 _refuse_stale_state(optimizer, (), {}, "apply_placement(optimizer=...)")
@@ -1094,6 +1114,7 @@ class EPMoE(nn.Module):
         replicated = [e for e in range(self.config.num_experts) if len(self.placement.replicas_of(e)) > 1]
         if not replicated or self.quant is not None:  # (quantized experts are inference-only: no gradients)
             return
+        self._refuse_parametrized("reduce_replica_grads")
         row = {e: i for i, e in enumerate(replicated)}
         local = self.placement.local_expert_ids().tolist()
         slots = [(j, row[e]) for j, e in enumerate(local) if e in row]

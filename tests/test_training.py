@@ -140,6 +140,69 @@ def test_torch_func_transforms_are_refused_by_name(dispatcher):
     layer(x, ids, weights)  # (nothing left behind)
 
 
+def _parametrized_experts_rank(rank, world_size):
+    """weight_norm on w2 (torch.nn.utils.parametrize): forward and backward read the parametrized w2 and its
+    originals get their gradients; the verbs that write or move the experts in place refuse it by name."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    make = lambda **kw: ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", dtype=torch.float64, **kw)  # noqa: E731
+    layer = make()
+    problem = make_problem(layer.config, [6, 5], seed=23, ep_size=world_size)
+    layer.load_experts(problem.w13, problem.w2)
+    weight_norm(layer, "w2", dim=0)
+    x = problem.xs[rank].clone().requires_grad_(True)
+    y = layer(x, problem.topk_ids[rank], problem.topk_weights[rank].double())
+    (y * problem.grad_outputs[rank]).sum().backward()
+    w13, w2 = problem.w13.clone().requires_grad_(True), problem.w2.clone().requires_grad_(True)
+    refs = [moe_reference(problem.xs[r], problem.topk_ids[r], problem.topk_weights[r].double(), w13, w2, layer.config)
+            for r in range(world_size)]
+    sum((ref * problem.grad_outputs[r]).sum() for r, ref in enumerate(refs)).backward()
+    mine = layer.placement.local_expert_ids()
+    g, v = layer.parametrizations.w2.original0, layer.parametrizations.w2.original1
+    g64, v64 = g.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
+    torch._weight_norm(v64, g64, 0).backward(w2.grad[mine])  # the chain rule through weight_norm, in float64
+    errors = {"y": rel_err(y.detach(), refs[rank].detach()), "dw13": rel_err(layer.w13.grad, w13.grad[mine]),
+              "dg": rel_err(g.grad, g64.grad), "dv": rel_err(v.grad, v64.grad)}
+    # (each wrote into the w2 computed for that access and was lost, no error: the experts stayed as they were)
+    other_w13, other_w2 = problem.w13 * 2, problem.w2 * 3
+    copies = make(num_redundant_experts=2)
+    weight_norm(copies, "w2", dim=0)
+    copies(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()).sum().backward()
+    refused = []
+    for verb, call in (("load_experts", lambda: layer.load_experts(other_w13, other_w2)),
+                       ("load_expert", lambda: layer.load_expert(0, w2=other_w2[0])),
+                       ("reset_parameters", layer.reset_parameters),
+                       ("apply_placement", lambda: layer.apply_placement(layer.placement)),
+                       ("rebalance", layer.rebalance),
+                       ("reduce_replica_grads", copies.reduce_replica_grads)):
+        with pytest.raises(RuntimeError) as err:
+            call()
+        refused.append(str(err.value).startswith(f"{verb}: this layer's w2 is parametrized") and
+                       "remove_parametrizations(layer, 'w2')" in str(err.value))
+    errors["y unchanged"] = rel_err(layer(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()),
+                                    refs[rank].detach())
+    parametrize.remove_parametrizations(layer, "w2")  # the way out it names
+    layer.load_experts(other_w13, other_w2)
+    errors["y loaded"] = rel_err(layer(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()),
+                                 moe_reference(problem.xs[rank], problem.topk_ids[rank],
+                                               problem.topk_weights[rank].double(), other_w13, other_w2, layer.config))
+    if rank == 0:  # parametrized on one rank only: that rank's refusal fails every rank before the load's exchange
+        weight_norm(layer, "w2", dim=0)
+    with pytest.raises(RuntimeError, match=r"rank 0: load_experts: this layer's w2 is parametrized"):
+        layer.load_experts(problem.w13, problem.w2)
+    return errors, refused
+
+
+def test_parametrized_experts_train_and_refuse_in_place_writes():
+    """register_parametrization / weight_norm on w2: load_experts, load_expert and reset_parameters wrote into the
+    w2 computed for that access (lost: the layer kept its experts, no error), and apply_placement, rebalance and
+    reduce_replica_grads moved or summed that copy. Now they raise naming w2 and the way out; forward and
+    backward (the parametrized w2, gradients into its originals) equal the float64 reference."""
+    for errors, refused in run_ranks(_parametrized_experts_rank, 2):
+        assert max(errors.values()) <= tolerance(torch.float64), errors
+        assert all(refused), refused
+
+
 def _ddp_rank(rank, world_size, dispatcher, wrapper):
     """docs/api.md's recipe: DistributedDataParallel (or FSDP2's fully_shard) over a model holding the layer,
     told to leave the sharded experts alone. Without it DDP overwrites every rank's experts with rank 0's at
