@@ -554,18 +554,23 @@ class EPMoE(nn.Module):
                          f"checkpoint's values, on any device (this layer's is {self.w13.device})")
 
     def _refuse_parametrized(self, verb: str) -> None:
-        """The verbs that write or move the expert tensors in place refuse parametrized ones (torch.nn.utils.parametrize,
-        weight_norm, spectral_norm): `layer.w2` is then computed from its originals at each access, so a write into it
-        went into that copy and was lost, no error (forward, backward, state_dict and gather_experts read it as
-        any module does, and work)."""
-        names = [name for name in _EXPERT_TENSORS if parametrize.is_parametrized(self, name)]
-        if names:
-            raise RuntimeError(f"{verb}: this layer's {', '.join(names)} {'is' if len(names) == 1 else 'are'} "
-                               f"parametrized (torch.nn.utils.parametrize, weight_norm, ...), computed from "
-                               f"layer.parametrizations.{names[0]}.original* at each access, so {verb} cannot write or "
-                               f"move {'it' if len(names) == 1 else 'them'} in place; call it before registering the "
-                               f"parametrization, or remove it first: torch.nn.utils.parametrize."
-                               f"remove_parametrizations(layer, {names[0]!r}) (keeps the current values)")
+        """The verbs that write or move the expert tensors in place refuse one that is not the layer's own parameter
+        but computed from others at each access (torch.nn.utils.parametrize, parametrizations.weight_norm; the hook
+        based prune, weight_norm and spectral_norm): a write into it went into that access's copy and was lost, no
+        error (forward, backward, state_dict and gather_experts read it as any module does, and work)."""
+        names = [name for name in _EXPERT_TENSORS if name not in self._parameters and getattr(self, name) is not None]
+        if not names:
+            return
+        first = names[0]
+        undo = (f"torch.nn.utils.parametrize.remove_parametrizations(layer, {first!r})"
+                if parametrize.is_parametrized(self, first) else
+                f"torch.nn.utils.prune.remove(layer, {first!r}), torch.nn.utils.remove_weight_norm(layer, {first!r}) "
+                f"or remove_spectral_norm")
+        raise RuntimeError(f"{verb}: this layer's {', '.join(names)} {'is' if len(names) == 1 else 'are'} computed from "
+                           f"other tensors at each access (a reparametrization: torch.nn.utils.parametrize, weight_norm, "
+                           f"spectral_norm or prune), so {verb} cannot write or move {'it' if len(names) == 1 else 'them'} "
+                           f"in place (the write went into that access's copy); call it before the reparametrization, "
+                           f"or remove it first, keeping the current values: {undo}")
 
     def _check_expert_piece(self, name: str, t, where: tuple, scale) -> None:
         """load_expert's checks of one piece that read no values: type, shape, dtype, scale shape, block fit."""

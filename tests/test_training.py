@@ -143,7 +143,7 @@ def test_torch_func_transforms_are_refused_by_name(dispatcher):
 def _parametrized_experts_rank(rank, world_size):
     """weight_norm on w2 (torch.nn.utils.parametrize): forward and backward read the parametrized w2 and its
     originals get their gradients; the verbs that write or move the experts in place refuse it by name."""
-    from torch.nn.utils import parametrize
+    from torch.nn.utils import parametrize, prune
     from torch.nn.utils.parametrizations import weight_norm
     make = lambda **kw: ep.EPMoE(8, 2, 16, 8, dispatcher="deepep_normal", runner="torch", dtype=torch.float64, **kw)  # noqa: E731
     layer = make()
@@ -177,8 +177,12 @@ def _parametrized_experts_rank(rank, world_size):
                        ("reduce_replica_grads", copies.reduce_replica_grads)):
         with pytest.raises(RuntimeError) as err:
             call()
-        refused.append(str(err.value).startswith(f"{verb}: this layer's w2 is parametrized") and
-                       "remove_parametrizations(layer, 'w2')" in str(err.value))
+        refused.append(str(err.value).startswith(f"{verb}: this layer's w2 is computed from other tensors at each "
+                                                 f"access") and "remove_parametrizations(layer, 'w2')" in str(err.value))
+    pruned = make()  # prune's hook-based reparametrization (as the old weight_norm and spectral_norm): the same
+    prune.l1_unstructured(pruned, "w2", amount=0.5)
+    with pytest.raises(RuntimeError, match=r"^load_experts: this layer's w2 is computed .*prune.remove\(layer, 'w2'\)"):
+        pruned.load_experts(other_w13, other_w2)
     errors["y unchanged"] = rel_err(layer(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()),
                                     refs[rank].detach())
     parametrize.remove_parametrizations(layer, "w2")  # the way out it names
@@ -188,15 +192,15 @@ def _parametrized_experts_rank(rank, world_size):
                                                problem.topk_weights[rank].double(), other_w13, other_w2, layer.config))
     if rank == 0:  # parametrized on one rank only: that rank's refusal fails every rank before the load's exchange
         weight_norm(layer, "w2", dim=0)
-    with pytest.raises(RuntimeError, match=r"rank 0: load_experts: this layer's w2 is parametrized"):
+    with pytest.raises(RuntimeError, match=r"rank 0: load_experts: this layer's w2 is computed from other tensors"):
         layer.load_experts(problem.w13, problem.w2)
     return errors, refused
 
 
 def test_parametrized_experts_train_and_refuse_in_place_writes():
-    """register_parametrization / weight_norm on w2: load_experts, load_expert and reset_parameters wrote into the
-    w2 computed for that access (lost: the layer kept its experts, no error), and apply_placement, rebalance and
-    reduce_replica_grads moved or summed that copy. Now they raise naming w2 and the way out; forward and
+    """register_parametrization / weight_norm / prune on w2: load_experts, load_expert and reset_parameters wrote
+    into the w2 computed for that access (lost: the layer kept its experts, no error), and apply_placement, rebalance
+    and reduce_replica_grads moved or summed that copy. Now they raise naming w2 and the way out; forward and
     backward (the parametrized w2, gradients into its originals) equal the float64 reference."""
     for errors, refused in run_ranks(_parametrized_experts_rank, 2):
         assert max(errors.values()) <= tolerance(torch.float64), errors
