@@ -784,8 +784,11 @@ class EPMoE(nn.Module):
             raise RuntimeError("this layer's experts are on the meta device (built with device='meta' or under "
                                "`with torch.device('meta'):`), so they have no values to compute with; materialise "
                                "them first: layer.to_empty(device=...), then layer.load_experts(...)")
-        # (a meta expert beside real ones gave numbers from uninitialised memory, no error)
-        meta = [name for name in _EXPERT_TENSORS if (t := getattr(self, name)) is not None and t.is_meta]
+        # (a meta expert beside real ones gave numbers from uninitialised memory, no error; the parameters read from
+        # their dict: 3 -> 0.9 us a call, getattr for those put in place otherwise, as functional_call does)
+        params = self._parameters
+        meta = [name for name in _EXPERT_TENSORS
+                if (t := params[name] if name in params else getattr(self, name)) is not None and t.is_meta]
         if meta:
             raise RuntimeError(f"this layer's {', '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta device "
                                f"while w13 holds values (a meta tensor put in place: load_state_dict(..., assign=True) "
