@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import ep_runtime as ep
 from ep_runtime.reference import moe_reference, rel_err
@@ -194,6 +195,19 @@ def _parametrized_experts_rank(rank, world_size):
         weight_norm(layer, "w2", dim=0)
     with pytest.raises(RuntimeError, match=r"rank 0: load_experts: this layer's w2 is computed from other tensors"):
         layer.load_experts(problem.w13, problem.w2)
+    # reduce_replica_grads with w2 parametrized on rank 0 only: rank 0 raised before its all_reduces, leaving rank 1
+    # in them until the group's timeout; now it joins them (adding zeros) and then raises
+    copies = make(num_redundant_experts=2)
+    copies(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()).sum().backward()
+    if rank == 0:
+        weight_norm(copies, "w2", dim=0)
+        with pytest.raises(RuntimeError, match=r"^reduce_replica_grads: this layer's w2 is computed"):
+            copies.reduce_replica_grads()
+    else:
+        copies.reduce_replica_grads()
+    after = torch.tensor([1.0 + rank])  # the ranks' collectives still pair up: the next one sums these
+    dist.all_reduce(after)
+    refused.append(after.item() == 3.0)
     return errors, refused
 
 
