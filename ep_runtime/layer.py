@@ -120,16 +120,11 @@ class EPMoE(nn.Module):
             knob = envs.get("RUNNER") if runner == "auto" else "auto"
             runner = knob if runner == "auto" else runner
             self._runner_args = (runner, hooks, _options("runner_options", runner_options))
-            try:
+            self._runner_knob = None if knob == "auto" else knob  # the runner EP_RUNTIME_RUNNER chose for "auto"
+            with self._naming_the_runner_knob():
                 # (with quant_config: what the backend cannot compute fp8 with, its hooks say, is refused here)
                 backend = self._make_backend(self._physical_config(placement), dispatchers.get(dispatcher).format,
                                              device, dtype, quant_config)
-            except (RuntimeError, ValueError) as err:
-                if knob == "auto" or type(err) not in (RuntimeError, ValueError):  # (a subclass may take other arguments)
-                    raise
-                # (the error names runner='<knob>', a name the caller never wrote: say where it came from)
-                raise type(err)(f"{err} (runner='auto' took EP_RUNTIME_RUNNER={knob!r}: unset it, or pass "
-                                f"runner=...)") from None
             dispatcher_options = _options("dispatcher_options", dispatcher_options)
             if quant_config is not None:  # refused here, not after the dispatcher's settings check: see _fp8_rows
                 _check_activation_group(quant_config, _fp8_rows(dispatcher, dispatcher_options), dispatcher)
@@ -263,11 +258,27 @@ class EPMoE(nn.Module):
         backend = self._make_backend(self.dispatcher.config, self.dispatcher.format, device, dtype, self.quant)
         return MoeRunner(backend, self.dispatcher.config, self.dispatcher.placement)
 
+    @contextmanager
+    def _naming_the_runner_knob(self):
+        """Around building or checking a runner EP_RUNTIME_RUNNER chose for runner="auto": its error names
+        runner='<knob>', a name the caller never wrote; say where it came from."""
+        try:
+            yield
+        except (RuntimeError, ValueError) as err:
+            if self._runner_knob is None or type(err) not in (RuntimeError, ValueError):  # (a subclass: other args)
+                raise
+            raise type(err)(f"{err} (runner='auto' took EP_RUNTIME_RUNNER={self._runner_knob!r}: unset it, or pass "
+                            f"runner=...)") from None
+
     def _check_runner_quant(self, quant: QuantConfig) -> None:
-        """Before the layer switches to `quant`'s format: a named runner that cannot compute it is refused
-        (runner="auto" chooses again in _choose_runner, torch at worst)."""
-        if self._runner_args[0] != "auto":
-            self.runner.backend.check_quant(quant)
+        """Before the layer switches to `quant`'s format: a named runner that cannot compute it is refused;
+        for runner="auto" the backend _choose_runner will take is built (and dropped) here, so a load it would
+        fail refuses before the layer changes."""
+        with self._naming_the_runner_knob():
+            if self._runner_args[0] != "auto":
+                self.runner.backend.check_quant(quant)
+            elif not self.w13.is_meta:
+                self._make_backend(self.dispatcher.config, self.dispatcher.format, self.w13.device, self.dtype, quant)
 
     def _choose_runner(self) -> None:
         """runner="auto" chosen again for the experts' device, the dtype, the hooks and the storage format."""
@@ -1447,11 +1458,15 @@ def _load_format(layer: "EPMoE", state_dict: dict, prefix: str, local_metadata: 
             if isinstance(state_dict.get(prefix + name), torch.Tensor):
                 check_scale_values(f"state_dict[{prefix + name!r}]", state_dict[prefix + name])
         _check_fp8_scales_present(state_dict, prefix)
-        if layer.quant is None and any(isinstance(state_dict.get(prefix + name), torch.Tensor)
-                                       and is_quantized_dtype(state_dict[prefix + name].dtype) for name in ("w13", "w2")):
+        switch = layer.quant is None and any(isinstance(state_dict.get(prefix + name), torch.Tensor)
+                                             and is_quantized_dtype(state_dict[prefix + name].dtype)
+                                             for name in ("w13", "w2"))
+        if switch:
             layer._check_runner_quant(QuantConfig())  # (the layer switches to fp8 below)
+        if saved is not None or switch:  # (a move or a switch of a parametrized tensor went into a copy of it)
+            layer._refuse_parametrized("load_state_dict")
         error = None
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         error = err
     _join_load_errors(layer, state_dict, prefix, error, saved)
     fp8 = [name for name in ("w13", "w2") if isinstance(state_dict.get(prefix + name), torch.Tensor)

@@ -38,11 +38,12 @@ AUTO_PREFERENCE = ("masked", "triton", "torch")
 
 def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: Any = None,
             hooks: Optional[GemmHooks] = None, quant: Optional[QuantConfig] = None) -> str:
-    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available, computes the
-    dispatch format's layout natively (masked for deepep_ll, triton for the others) and, when given,
-    `dtype`, GEMM `hooks` and experts stored in `quant`'s format (RunnerBackend.refusal); else torch, which
-    computes them all. Any other name is returned as is. An unknown format is an error on any device and for
-    any name (a named backend took format="nope" or 3 without a word)."""
+    """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available and computes, when
+    given, `dtype`, GEMM `hooks` and experts stored in `quant`'s format (RunnerBackend.refusal), preferring
+    one that computes the dispatch format's layout natively (masked for deepep_ll, triton for the others; with
+    hooks deepep_ll's rows go to triton through the layout conversion, which captures, not to torch); else
+    torch, which computes them all. Any other name is returned as is. An unknown format is an error on any
+    device and for any name (a named backend took format="nope" or 3 without a word)."""
     import torch
 
     from ep_runtime.runner_core import format_path
@@ -51,13 +52,11 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: 
         return name
     if device is None or torch.device(device).type != "cuda":
         return "torch"
-    for backend in AUTO_PREFERENCE:
-        cls = _RUNNERS[backend]
-        if (backend in available() and layout in cls.layouts and (dtype is None or cls.dtypes is None
-                                                                   or dtype in cls.dtypes)
-                and not cls.refusal(check_hooks(hooks), quant)):
-            return backend
-    return "torch"
+    hooks, here = check_hooks(hooks), available()
+    able = [backend for backend in AUTO_PREFERENCE if backend in here and not _RUNNERS[backend].refusal(hooks, quant)
+            and (dtype is None or _RUNNERS[backend].dtypes is None or dtype in _RUNNERS[backend].dtypes)]
+    native = [backend for backend in able if layout in _RUNNERS[backend].layouts]
+    return (native or able or ["torch"])[0]
 
 
 def get(name: str) -> type[RunnerBackend]:

@@ -166,6 +166,10 @@ def test_fp8_experts_the_runner_knobs_backend_refuses_name_the_knob(monkeypatch)
                                          r"or pass runner=\.\.\.\)$"):
         ep.EPMoE(8, 2, 256, 128, dispatcher="standard", dtype=torch.bfloat16, hooks=hooks,
                  quant_config=ep.QuantConfig())
+    layer = ep.EPMoE(8, 2, 256, 128, dispatcher="standard", dtype=torch.bfloat16, hooks=hooks)  # and its fp8 load
+    with pytest.raises(ValueError, match=r"takes no GEMM hooks; use runner='torch' \(runner='auto' took "
+                                         r"EP_RUNTIME_RUNNER='triton': unset it, or pass runner=\.\.\.\)$"):
+        layer.load_experts(torch.randn(8, 256, 256), torch.randn(8, 256, 128), quantize="fp8_block")
     with pytest.raises(ValueError) as explicit:  # named by the caller: nothing to add
         ep.EPMoE(8, 2, 256, 128, dispatcher="standard", runner="triton", dtype=torch.bfloat16, hooks=hooks,
                  quant_config=ep.QuantConfig())

@@ -966,6 +966,41 @@ def test_triton_gemm_hooks_with_fp8_experts_are_refused_when_the_layer_becomes_f
         assert rel_err(layer(x, ids, weights), want) < BF16
     assert calls and sum(calls) == int((ids >= 0).sum())
 
+def test_auto_runner_with_hooks_chooses_again_when_the_experts_become_fp8(monkeypatch):
+    """runner="auto" with GEMM hooks: triton takes them until the experts become fp8, which it refuses with hooks,
+    so load_experts(quantize=...) and an fp8 state_dict raised. Now "auto" chooses torch there (the hooks are called,
+    the output is the fp8 reference's), and a backend it cannot build refuses the load before the layer changes. On
+    CPU "auto" is always torch: resolve runs as on CUDA here (triton runs under the interpreter) so the layer's
+    choice shows."""
+    resolve = ep.runners.resolve
+    monkeypatch.setattr(ep.runners, "resolve", lambda name, device=None, *args, **kwargs: resolve(
+        name, "cuda" if device is not None and torch.device(device).type == "cpu" else device, *args, **kwargs))
+    (E, K, H, I), (w13, w2, q13, s13, q2, s2), x, ids, weights = _small_fp8_case(5, seed=29)
+    calls = []
+    hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: calls.append(len(expert_index)))
+    want = moe_reference(_w8a8_input64(x), ids, weights.double(), _dequantize_weight64(q13, s13),
+                         _dequantize_weight64(q2, s2), ep.MoeConfig(E, K, H, I), fp8_activations=True, fp8_input=False)
+    fp8_state = {"w13": q13, "w13_scale_inv": s13, "w2": q2, "w2_scale_inv": s2}
+    for load in (lambda layer: layer.load_experts(q13, q2, w13_scale_inv=s13, w2_scale_inv=s2),
+                 lambda layer: layer.load_state_dict(fp8_state)):
+        layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, hooks=hooks)
+        assert layer.runner.backend.name == "triton"
+        load(layer)
+        assert layer.runner.backend.name == "torch" and layer.quant is not None
+        calls.clear()
+        with torch.no_grad():
+            assert rel_err(layer(x, ids, weights), want) < BF16
+        assert sum(calls) == int((ids >= 0).sum())
+    assert ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, hooks=hooks, quant_config=QuantConfig()).runner.backend.name == "torch"
+    assert ep.EPMoE(E, K, H, I, dispatcher="deepep_ll", dtype=torch.bfloat16, hooks=hooks,
+                    dispatcher_options={"num_max_dispatch_tokens_per_rank": 8}).runner.backend.name == "triton"
+    # triton's option, which the torch runner the fp8 experts need does not take: refused before the layer changes
+    layer = ep.EPMoE(E, K, H, I, dtype=torch.bfloat16, hooks=hooks, runner_options={"block_config": None})
+    with pytest.raises(TypeError, match="block_config"):
+        layer.load_experts(w13, w2, quantize="fp8_block")
+    assert layer.quant is None and layer.w13.dtype == torch.bfloat16 and layer.runner.backend.name == "triton"
+
+
 def test_fused_experts_takes_a_format_name_and_names_a_bad_quant():
     """fused_experts(quant="fp8_block"), the spelling load_experts' quantize takes, failed inside with
     "AttributeError: 'str' object has no attribute 'dtype'" (naming no argument); a format's name now means its

@@ -885,13 +885,17 @@ def test_auto_runner_follows_a_layer_built_on_meta_to_the_gpu(dispatcher):
 def test_auto_runner_with_gemm_hooks_skips_the_backends_that_refuse_them():
     """runner="auto" with GEMM hooks on CUDA took masked for deepep_ll (it refuses hooks: the layer could not be
     built) and triton for experts that load_experts then made fp8 (triton refuses hooks with fp8: the load
-    raised). Now deepep_ll runs them on torch, and standard on triton until its experts become fp8, then torch;
-    the hooks are called and each output is right."""
+    raised). Now deepep_ll runs them on triton (its rows converted), and standard on triton until its experts
+    become fp8, then torch; the hooks are called and each output is right."""
     calls = []
     hooks = runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert_index: calls.append(len(expert_index)))
     layer = ep.EPMoE(8, 2, 128, 128, dispatcher="deepep_ll", hooks=hooks, dtype=torch.float32, device="cuda",
                      dispatcher_options={"num_max_dispatch_tokens_per_rank": 40})
-    assert layer.runner.backend.name == "torch"
+    assert layer.runner.backend.name == "triton"
+    problem = make_problem(layer.config, [33], seed=4)
+    assert max(check_layer(layer, problem, 0).values()) <= tolerance(torch.float32)
+    assert calls
+    calls.clear()
     layer = ep.EPMoE(8, 2, 128, 128, dispatcher="standard", hooks=hooks, dtype=torch.bfloat16, device="cuda")
     assert layer.runner.backend.name == "triton"
     problem = make_problem(layer.config, [33], seed=5)

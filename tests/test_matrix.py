@@ -115,7 +115,9 @@ def test_auto_runner_skips_a_backend_that_refuses_the_hooks_or_the_fp8_experts()
     hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert: None)
     fp8 = ep.QuantConfig()
     resolve = ep.runners.resolve
-    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks) == "torch"
+    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks) == "triton"  # (converted rows; captures)
+    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks, fp8) == "torch"
+    assert resolve("auto", "cuda", "deepep_ll", torch.float64, hooks) == "torch"
     assert resolve("auto", "cuda", "deepep_normal", torch.bfloat16, hooks) == "triton"
     assert resolve("auto", "cuda", "deepep_normal", torch.bfloat16, hooks, fp8) == "torch"
     assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, None, fp8) == "masked"
@@ -125,7 +127,8 @@ def test_auto_runner_skips_a_backend_that_refuses_the_hooks_or_the_fp8_experts()
                                  ("triton", fp8, "runner='triton' with quantized \\(fp8\\) experts takes no GEMM hooks")]:
         with pytest.raises(ValueError, match=refusal):
             ep.runners.create(name, config, hooks, device="cuda", format="deepep_ll", quant=quant)
-        assert ep.runners.create("auto", config, hooks, device="cuda", format="deepep_ll", quant=quant).name == "torch"
+        assert ep.runners.create("auto", config, hooks, device="cuda", format="deepep_ll", quant=quant).name == (
+            "torch" if quant else "triton")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", None])

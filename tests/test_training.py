@@ -170,7 +170,9 @@ def _parametrized_experts_rank(rank, world_size):
     weight_norm(copies, "w2", dim=0)
     copies(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double()).sum().backward()
     refused = []
+    round_robin = make(expert_to_rank=[e % world_size for e in range(8)]).state_dict()  # (its load moves the slots)
     for verb, call in (("load_experts", lambda: layer.load_experts(other_w13, other_w2)),
+                       ("load_state_dict", lambda: layer.load_state_dict(round_robin, strict=False)),
                        ("load_expert", lambda: layer.load_expert(0, w2=other_w2[0])),
                        ("reset_parameters", layer.reset_parameters),
                        ("apply_placement", lambda: layer.apply_placement(layer.placement)),
@@ -213,8 +215,8 @@ def _parametrized_experts_rank(rank, world_size):
 
 def test_parametrized_experts_train_and_refuse_in_place_writes():
     """register_parametrization / weight_norm / prune on w2: load_experts, load_expert and reset_parameters wrote
-    into the w2 computed for that access (lost: the layer kept its experts, no error), and apply_placement, rebalance
-    and reduce_replica_grads moved or summed that copy. Now they raise naming w2 and the way out; forward and
+    into the w2 computed for that access (lost: the layer kept its experts, no error), and apply_placement, rebalance,
+    load_state_dict of another placement and reduce_replica_grads moved or summed that copy. Now they raise naming w2 and the way out; forward and
     backward (the parametrized w2, gradients into its originals) equal the float64 reference."""
     for errors, refused in run_ranks(_parametrized_experts_rank, 2):
         assert max(errors.values()) <= tolerance(torch.float64), errors
