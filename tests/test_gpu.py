@@ -896,6 +896,15 @@ def test_auto_runner_with_gemm_hooks_skips_the_backends_that_refuse_them():
     assert max(check_layer(layer, problem, 0).values()) <= tolerance(torch.float32)
     assert calls
     calls.clear()
+    x, ids, w = problem.xs[0].to("cuda", torch.float32), problem.topk_ids[0].cuda(), problem.topk_weights[0].cuda()
+    with torch.no_grad():  # deepep_ll's point: the step captures (the hooks run once, at capture)
+        eager = layer(x, ids, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = layer(x, ids, w)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(replayed, eager)
     layer = ep.EPMoE(8, 2, 128, 128, dispatcher="standard", hooks=hooks, dtype=torch.bfloat16, device="cuda")
     assert layer.runner.backend.name == "triton"
     problem = make_problem(layer.config, [33], seed=5)
