@@ -38,6 +38,7 @@ from ep_runtime.runner_core import RunnerInput, needs_grad, weighted_rows
 from ep_runtime.scratch import SCRATCH
 from ep_runtime.triton_launch import triton_interpreted as interpreted
 from ep_runtime.validation import (
+    capturing,
     check_expert_dtypes,
     check_hidden_states,
     check_ids_not_below_minus_one,
@@ -102,6 +103,10 @@ def fused_forward(inp: RunnerInput, weights: ExpertWeights, config: MoeConfig, h
     if quant is not None and hooked:
         raise ValueError(_NO_FP8_HOOKS)
     if hooked:
+        if capturing():  # (named here: the compaction's sync invalidated the capture with a bare CUDA error)
+            raise RuntimeError("runner='triton' with GEMM hooks cannot run inside a CUDA graph capture: the hooks "
+                               "take the computed (token, expert) pairs compacted ([P, ...]), whose count P is "
+                               "data-dependent (a host sync); capture a layer without hooks")
         inp = inp.routed()
     if quant is not None and _fp8_gemm(inp, weights, config, inp.hidden_states, block_config) == "gluon":
         return _gluon_fp8_forward(inp, weights, config)
