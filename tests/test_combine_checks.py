@@ -3,6 +3,8 @@ combine_input.hidden_states, on every rank, before any exchange (the low-level A
 and a runner of the user's own). deepep_ll used to read its [L, M*R, H] rows flat with the wrong row
 count (garbage up to 1e33, reads past the end of the tensor), standard returned the wrong number of
 tokens, and deepep_normal / mori failed inside all_to_all ("Split sizes doesn't match")."""
+import contextlib
+
 import pytest
 import torch
 
@@ -161,3 +163,83 @@ def test_combine_names_rows_on_another_device(name):
         assert shape == [5, 16]
         assert message == (f"combine_input.hidden_states is on meta; expected cpu (the device of the {name} dispatch "
                            f"output's rows)"), message
+
+
+# Static-shape formats: their receive rows past the real ones are padding, and so are the runner's rows there.
+PADDED = [("deepep_ll", {"num_max_dispatch_tokens_per_rank": 4}), ("mori", {"max_dispatch_tokens_per_rank": 4}),
+          ("mori", {"max_dispatch_tokens_per_rank": 4, "static": True}), ("deepep_normal", {"num_worst_tokens": 8})]
+
+
+def _padding_rows(out) -> list:
+    """The runner rows of `out` that are padding: deepep_ll's past masked_m, the others' past the received rows."""
+    if out.format == "deepep_ll":
+        return [(l, slice(m, None)) for l, m in enumerate(out.masked_m.tolist())]
+    received = int(out.handle.num_recv_tokens[0])
+    return [(slice(received, None),)]
+
+
+def _padding_rows_rank(rank, world_size):
+    """Every padded format, on the autograd path, the torch path and the kernel path (exchange kernels forced onto
+    these CPU ranks), under torch.use_deterministic_algorithms: torch.empty fills floats with NaN and integers with
+    their largest value, as a GPU's uninitialized memory may hold, and the exchange's kept scratch buffers are
+    filled so too before each call (their contract: rewritten whole before any read). Two calls of other T, an empty
+    rank in the second. Returns [(case, what broke)]."""
+    from ep_runtime.dispatchers import exchange_kernels as xk
+    from ep_runtime.reference import moe_reference, rel_err
+    from ep_runtime.scratch import SCRATCH
+    from ep_runtime.testing import make_problem, tolerance
+
+    def poison_kept_buffers():
+        for ((user, *_), *_), (buffer, _) in list(SCRATCH._entries.items()):
+            if user == "exchange" and isinstance(buffer, torch.Tensor):
+                buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
+
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    modes = ["autograd", "no_grad"] + (["kernels"] if xk.triton is not None else [])
+    broken = []
+    for name, options in PADDED:
+        layer = ep.EPMoE(8, 3, 16, 8, dispatcher=name, runner="torch", dispatcher_options=options)
+        for call, tokens in enumerate([[2, 4], [3, 0]]):
+            problem = make_problem(layer.config, tokens, seed=call, ep_size=world_size)
+            layer.load_experts(problem.w13.float(), problem.w2.float())
+            for mode in modes[:2] if call == 0 else modes:  # (the kernel path once: the interpreter is slow)
+                case = (name, options.get("static", "num_worst_tokens" in options), call, mode)
+                poison_kept_buffers()
+                x = problem.xs[rank].float().requires_grad_(mode == "autograd")
+                weights = problem.topk_weights[rank].clone().requires_grad_(mode == "autograd")
+                grad = torch.enable_grad() if mode == "autograd" else torch.no_grad()
+                with grad, (xk.forced() if mode == "kernels" else contextlib.nullcontext()):
+                    out = layer.dispatcher.dispatch(x, ep.TopKOutput(problem.topk_ids[rank], weights))
+                    if name != "deepep_ll":  # formats.md: padding rows hold id -1 and weight 0
+                        (pad,) = _padding_rows(out)
+                        if not (bool((out.recv_topk_ids[pad] == -1).all()) and bool((out.recv_topk_weights[pad] == 0).all())):
+                            broken.append((case, "padding metadata", out.recv_topk_ids[pad].tolist(),
+                                           out.recv_topk_weights[pad].tolist()))
+                    rows = layer.runner.run(out, layer.weights)
+                    for pad in _padding_rows(out):  # a runner of the user's own may leave them unwritten
+                        rows.hidden_states[pad] = float("nan")
+                    y = layer.dispatcher.combine(rows)
+                x64 = problem.xs[rank].float().double().requires_grad_(True)
+                w64 = problem.topk_weights[rank].double().requires_grad_(True)
+                want = moe_reference(x64, problem.topk_ids[rank], w64, problem.w13.float().double(),
+                                     problem.w2.float().double(), layer.config)
+                errors = {"y": rel_err(y.detach(), want.detach())}
+                if mode == "autograd":
+                    dy = problem.grad_outputs[rank]
+                    y.backward(dy.float())
+                    if want.requires_grad:
+                        want.backward(dy)
+                    for key, got, ref in (("dx", x.grad, x64.grad), ("dweights", weights.grad, w64.grad)):
+                        errors[key] = rel_err(got, torch.zeros_like(got) if ref is None else ref)
+                if not all(e <= tolerance(torch.float32) for e in errors.values()):
+                    broken.append((case, errors))
+    return broken
+
+
+def test_combine_never_reads_padding_rows_or_unwritten_memory():
+    """The padded formats' combine reads only real rows: the runner rows of padding (past masked_m, past the received
+    rows) set to NaN, as a grouped GEMM that skips them leaves them on a GPU, add nothing (0 * NaN is NaN), and every
+    buffer the exchange allocates or keeps starts as NaN / the largest integer; the outputs and gradients equal the
+    float64 reference, and padding rows hold id -1 and weight 0 (docs/formats.md)."""
+    assert run_ranks(_padding_rows_rank, 2, timeout=120) == [[], []]
