@@ -115,7 +115,7 @@ def test_auto_runner_skips_a_backend_that_refuses_the_hooks_or_the_fp8_experts()
     hooks = ep.runners.GemmHooks(after_gemm1=lambda inputs, outputs, expert: None)
     fp8 = ep.QuantConfig()
     resolve = ep.runners.resolve
-    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks) == "triton"  # (converted rows; captures)
+    assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks) == "triton"  # (its rows converted)
     assert resolve("auto", "cuda", "deepep_ll", torch.bfloat16, hooks, fp8) == "torch"
     assert resolve("auto", "cuda", "deepep_ll", torch.float64, hooks) == "torch"
     assert resolve("auto", "cuda", "deepep_normal", torch.bfloat16, hooks) == "triton"

@@ -833,10 +833,11 @@ def _lora_hooks(gen, L, H, I, rank=4):
     return runners.GemmHooks(lora(a1, b1), lora(a2, b2)), (a1, b1, a2, b2), seen
 
 
-def _hooked_layer(runner, E, K, H, I, pick):
+def _hooked_layer(runner, E, K, H, I, pick, dispatcher="standard"):
     """A layer on `runner` with the hooks `pick` makes of the LoRA hooks, loaded with a fixed problem."""
     hooks, params, seen = _lora_hooks(torch.Generator().manual_seed(8), E, H, I)
-    layer = ep.EPMoE(E, K, H, I, runner=runner, hooks=pick(hooks))
+    options = {"num_max_dispatch_tokens_per_rank": 13} if dispatcher == "deepep_ll" else None
+    layer = ep.EPMoE(E, K, H, I, dispatcher=dispatcher, runner=runner, hooks=pick(hooks), dispatcher_options=options)
     problem = make_problem(layer.config, [13], seed=9)
     layer.load_experts(problem.w13.float(), problem.w2.float())
     return layer, problem, params, seen
@@ -857,13 +858,15 @@ def _lora_reference(problem, x, w13, w2, params, K, I):
     return ref
 
 
-def test_gemm_hooks_match_the_reference_forward_and_backward():
+@pytest.mark.parametrize("dispatcher", ["standard", "deepep_ll"])
+def test_gemm_hooks_match_the_reference_forward_and_backward(dispatcher):
     # y and every gradient (tokens, experts, adapters) against float64; the triton runner's backward recomputes
-    # with the torch runner, so the torch runner is no independent check of the gradients.
+    # with the torch runner, so the torch runner is no independent check of the gradients. deepep_ll: its
+    # expert-major rows converted to token rows (where runner="auto" sends them with hooks)
     E, K, H, I = 4, 2, 16, 24
     seen_by = {}
     for name in ("torch", "triton"):
-        layer, problem, params, seen = _hooked_layer(name, E, K, H, I, lambda hooks: hooks)
+        layer, problem, params, seen = _hooked_layer(name, E, K, H, I, lambda hooks: hooks, dispatcher)
         x = problem.xs[0].float().requires_grad_()
         y = layer(x, problem.topk_ids[0], problem.topk_weights[0])
         (y * problem.grad_outputs[0].float()).sum().backward()
