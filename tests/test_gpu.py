@@ -898,14 +898,8 @@ def test_auto_runner_with_gemm_hooks_skips_the_backends_that_refuse_them():
     assert calls
     calls.clear()
     x, ids, w = problem.xs[0].to("cuda", torch.float32), problem.topk_ids[0].cuda(), problem.topk_weights[0].cuda()
-    with torch.no_grad():  # hooks take compacted pairs (a host sync): a capture is refused by name, not a CUDA error
-        eager = layer(x, ids, w)
-        layer.dispatcher.raise_deferred()
-        torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match="runner='triton' with GEMM hooks cannot run inside a CUDA graph"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                layer(x, ids, w)
-        assert torch.equal(layer(x, ids, w), eager)  # and the layer still runs eagerly
+    with torch.no_grad():  # hooks take compacted pairs (a host sync)
+        _capture_is_refused(layer, (x, ids, w), "runner='triton' with GEMM hooks cannot run inside a CUDA graph")
     layer = ep.EPMoE(8, 2, 128, 128, dispatcher="standard", hooks=hooks, dtype=torch.bfloat16, device="cuda")
     assert layer.runner.backend.name == "triton"
     problem = make_problem(layer.config, [33], seed=5)
@@ -922,6 +916,18 @@ def test_auto_runner_with_gemm_hooks_skips_the_backends_that_refuse_them():
     assert sum(calls) == int((ids >= 0).sum())
 
 
+def _capture_is_refused(layer, args, match):
+    """A CUDA graph capture of layer(*args) raises `match` (by name, not the bare CUDA error of an invalidated
+    capture), and the layer still runs eagerly after it, as before."""
+    eager = layer(*args)
+    layer.dispatcher.raise_deferred()
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=match):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(*args)
+    assert torch.equal(layer(*args), eager)
+
+
 def test_torch_runner_names_what_it_cannot_capture():
     """The torch runner groups its pairs by expert with a host sync: under a graph capture it raises naming
     the runners that capture, instead of invalidating the capture with a bare CUDA error."""
@@ -931,22 +937,11 @@ def test_torch_runner_names_what_it_cannot_capture():
     ids = torch.rand(16, 8, device="cuda").topk(2, dim=1).indices.int()
     w = torch.rand(16, 2, device="cuda")
     with torch.inference_mode():
-        eager = layer(x, ids, w)
-        layer.dispatcher.raise_deferred()
-        torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match="runner='torch' cannot run inside a CUDA graph capture"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                layer(x, ids, w)
-        assert torch.equal(layer(x, ids, w), eager)  # the layer still runs eagerly after the refused capture
+        _capture_is_refused(layer, (x, ids, w), "runner='torch' cannot run inside a CUDA graph capture")
     # the masked runner on token rows groups them with a host sync too
     masked = ep.EPMoE(8, 2, 64, 32, dispatcher="standard", runner="masked", dtype=torch.bfloat16, device="cuda")
     with torch.inference_mode():
-        masked(x.bfloat16(), ids, w)
-        masked.dispatcher.raise_deferred()
-        torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match="cannot run inside a CUDA graph capture"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                masked(x.bfloat16(), ids, w)
+        _capture_is_refused(masked, (x.bfloat16(), ids, w), "cannot run inside a CUDA graph capture")
 
 
 def test_torch_compile_traces_the_torch_runners_grouped_mm_and_compiles_each_frame_once():
