@@ -41,7 +41,7 @@ def resolve(name: str, device: Any = None, format: Optional[str] = None, dtype: 
     """Resolve "auto": on CUDA the first backend of AUTO_PREFERENCE that is available and computes, when
     given, `dtype`, GEMM `hooks` and experts stored in `quant`'s format (RunnerBackend.refusal), preferring
     one that computes the dispatch format's layout natively (masked for deepep_ll, triton for the others; with
-    hooks deepep_ll's rows go to triton through the layout conversion, faster than torch; neither captures); else
+    hooks deepep_ll's rows go to triton's kernels through the layout conversion; with hooks neither captures); else
     torch, which computes them all. Any other name is returned as is. An unknown format is an error on any
     device and for any name (a named backend took format="nope" or 3 without a word)."""
     import torch
