@@ -486,7 +486,9 @@ class Dispatcher:
                 # an async call that moves nothing ran on the caller's current stream: its work still
                 # orders a waiter on another stream after it
                 work = overlap.finished_here(device, out) if wanted else ExchangeWork()
-        elif moves and (wanted or overlap.has_worker(self.group)):
+        # (a synchronous call made on the group's exchange thread itself, from a get_future() callback, runs in
+        # place, in the last branch: queued there, it waited for itself until the timeout, then blamed a peer)
+        elif moves and (wanted or (overlap.has_worker(self.group) and not overlap.on_worker(self.group))):
             prior = previous_event if isinstance(previous_event, ExchangeWork) else None
             fn = self._named(operation, fn)  # (its error may reach the caller outside dispatch's own naming)
             out = make_shell() if wanted and make_shell is not None else None

@@ -126,6 +126,11 @@ class ExchangeWork:
                 self._wait_on_device(limit)
         elif self._future is not None:
             from ep_runtime import distributed
+            if not self._future.done() and on_worker(getattr(self._dispatcher, "group", None)):
+                raise RuntimeError(f"work.wait() of a {self._operation} called on its group's exchange thread (from a "
+                                   f"get_future() callback): the {self._operation} is queued behind the callback "
+                                   f"running there, so it cannot complete while the callback waits; wait for it "
+                                   f"outside the callback, or chain it with get_future().then(...)")
             try:
                 self._future.result(timeout=distributed.timeout_s() if limit is None else limit)
             except FutureTimeout:
@@ -356,6 +361,13 @@ def release_workers() -> None:
 
 def has_worker(group: Any) -> bool:
     return _key(group) in _WORKERS
+
+
+def on_worker(group: Any) -> bool:
+    """Whether this thread is `group`'s exchange thread (a get_future() callback runs there): a call made here
+    must not queue behind itself and wait for that (it waited until the timeout, then blamed a peer)."""
+    executor = _WORKERS.get(_key(group))
+    return executor is not None and threading.current_thread() in getattr(executor, "_threads", ())
 
 
 def in_caller_modes(fn: Callable[[], Any]) -> Callable[[], Any]:

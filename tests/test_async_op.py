@@ -10,7 +10,7 @@ import torch.distributed as dist
 import ep_runtime as ep
 from ep_runtime.distributed import free_port
 from ep_runtime.reference import moe_reference, rel_err
-from ep_runtime.runner_core import CombineInput
+from ep_runtime.runner_core import CombineInput, MoeRunner
 from ep_runtime.testing import make_problem, run_ranks, tolerance
 
 OPTIONS = {"deepep_ll": {"num_max_dispatch_tokens_per_rank": 16}, "mori": {"max_dispatch_tokens_per_rank": 16}}
@@ -181,3 +181,50 @@ def test_work_offers_torch_work_surface():
         assert errors == ["ValueError: timeout=0.5; allowed: 1 <= seconds <= 1e+09 (the range of EP_RUNTIME_TIMEOUT_S)",
                           "ValueError: timeout=inf; allowed: 1 <= seconds <= 1e+09 (the range of EP_RUNTIME_TIMEOUT_S)",
                           "TypeError: timeout='2' must be a number of seconds (int or float)"], errors
+
+
+def _callback_rank(rank, world_size):
+    """A get_future() callback runs on the group's exchange thread (CPU ranks): a synchronous combine made there
+    equals the one made outside, at once (queued behind the callback, it waited for itself until the timeout,
+    then raised ep.PeerFailure blaming the peer and marked the group failed); waiting there for an exchange queued
+    behind the callback raises at once naming the misuse, and the group goes on."""
+    config = ep.MoeConfig(8, 2, 32, 16)
+    problem = make_problem(config, [13, 9], seed=2, ep_size=world_size)
+    x, topk = problem.xs[rank].float(), ep.TopKOutput(problem.topk_ids[rank], problem.topk_weights[rank])
+    want = moe_reference(problem.xs[rank], problem.topk_ids[rank], problem.topk_weights[rank].double(),
+                         problem.w13, problem.w2, config)
+    results, start = [], time.monotonic()
+    with torch.no_grad(), ep.envs.overridden("TIMEOUT_S", 3):
+        for name in ("deepep_normal", "deepep_ll", "mori"):
+            d = ep.dispatchers.create(name, config, **OPTIONS.get(name, {}))
+            runner = MoeRunner(ep.runners.create("torch", config), config, d.placement)
+            mine = d.placement.local_expert_ids()
+            weights = ep.ExpertWeights(problem.w13.float()[mine], problem.w2.float()[mine])
+            expected = d.combine(runner.run(d.dispatch(x, topk), weights))
+            got = {}
+
+            def then(future, d=d, runner=runner, weights=weights, got=got):
+                try:
+                    got["y"] = d.combine(runner.run(got["out"], weights))
+                    got["y2"], got["work"] = d.combine(runner.run(got["out"], weights), async_op=True)
+                    got["work"].wait()
+                except Exception as err:  # noqa: BLE001 - what the callback met is the result
+                    got["error"] = f"{type(err).__name__}: {err}"
+            got["out"], work = d.dispatch(x, topk, async_op=True)
+            work.get_future().then(then).wait()
+            if "work" not in got:  # the synchronous combine in the callback failed
+                return got["error"], time.monotonic() - start
+            got["work"].wait()  # outside the callback: completes
+            results.append((torch.equal(got["y"], expected), torch.equal(got["y2"], expected),
+                            rel_err(got["y"].double(), want), got.get("error", "")))
+    return results, time.monotonic() - start
+
+
+def test_calls_from_a_future_callback_run_at_once_or_name_the_wait():
+    for results, elapsed in run_ranks(_callback_rank, 2, timeout=60):
+        assert isinstance(results, list), results
+        assert elapsed < 2.5, elapsed
+        for same, same_async, err, error in results:
+            assert same and same_async and err <= tolerance(torch.float32), (same, same_async, err)
+            assert error.startswith("RuntimeError: work.wait() of a combine called on its group's exchange thread "
+                                    "(from a get_future() callback)"), error
