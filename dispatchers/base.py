@@ -492,10 +492,12 @@ class Dispatcher:
             prior = previous_event if isinstance(previous_event, ExchangeWork) else None
             fn = self._named(operation, fn)  # (its error may reach the caller outside dispatch's own naming)
             out = make_shell() if wanted and make_shell is not None else None
+            if prior is not None:
+                fn = lambda fn=fn: (prior.finished(), fn())[1]  # noqa: E731
             if out is not None:  # filled on the exchange thread, as the exchange's last step: a call ordered after
                 # this one by previous_event=work reads it filled (filled at wait(), it read the empty shell)
-                fn = lambda fn=fn, out=out: (fill(out, fn()), out)[1]  # noqa: E731
-            future = overlap.submit(self.group, (lambda: (prior.finished(), fn())[1]) if prior else fn)
+                fn = overlap.filled(fn, out, fill)
+            future = overlap.submit(self.group, fn)
             if out is None:  # in call order after the pending async exchanges (waited as a work: bounded)
                 ExchangeWork(future=future)._made_by(self, operation, None).wait()
                 out, work = future.result(), ExchangeWork()

@@ -72,12 +72,34 @@ class PendingOutput:
     very object into the dispatcher's output as the exchange's last step."""
 
     def __getattr__(self, name: str) -> Any:
+        failed = self.__dict__.get("_failed")
+        if failed is not None:  # (it said "not ready: call work.wait()" also after wait() had raised the failure)
+            raise RuntimeError(f"this dispatch output has no value: its exchange failed ({type(failed).__name__}: "
+                               f"{failed}) (attribute {name!r})") from failed
         raise RuntimeError(f"this dispatch output is not ready: call work.wait() (or the receive hook) before "
                            f"reading it (attribute {name!r})")
 
     def _become(self, real: Any) -> None:
         self.__dict__.update(vars(real))  # (first: a read racing this finds every field once the class is real)
         self.__class__ = type(real)
+
+
+def filled(fn: Callable[[], Any], out: Any, fill: Callable[[Any, Any], Any]) -> Callable[[], Any]:
+    """fn(), written into the shell `out` by fill as the exchange's last step. A failed exchange marks the shell
+    instead: a dispatch output then raises naming the failure, a combine output holds NaN (a caller that polled
+    is_completed(), True for a failed exchange too, read uninitialised memory as its result)."""
+    def run() -> Any:
+        try:
+            fill(out, fn())
+        except BaseException as error:
+            if isinstance(out, PendingOutput):
+                out.__dict__["_failed"] = error
+            elif isinstance(out, torch.Tensor) and out.is_floating_point():
+                with torch.no_grad():
+                    out.fill_(float("nan"))
+            raise
+        return out
+    return run
 
 
 class ExchangeWork:

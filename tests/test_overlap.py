@@ -418,6 +418,47 @@ def test_a_micro_batch_bad_on_one_rank_fails_every_rank_and_leaves_the_group_usa
     assert same0 and same1
 
 
+def _failed_exchange_rank(rank, world_size):
+    """What a failed async exchange leaves in its output. A dispatch failed by the count table (rank 0's bad id;
+    wait() raises on every rank): reading its output names the failure (it said "not ready: call work.wait()"
+    after that very wait had raised), and the group goes on. A combine whose peer is gone, polled with
+    is_completed() (True for a failed exchange too): its output holds NaN, not uninitialised memory passing as
+    the result."""
+    d, runner, weights, batches, problem = _setup(rank, world_size, "deepep_normal")
+    (x, topk), errors = batches[0], []
+    ids = topk.topk_ids.clone()
+    if rank == 0:
+        ids[2, 0] = 99
+    out, work = d.dispatch(x, ep.TopKOutput(ids, topk.topk_weights), async_op=True)
+    for read in (work.wait, lambda: out.recv_x):
+        try:
+            read()
+        except (ValueError, RuntimeError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+    with torch.no_grad():
+        rows = runner.run(d.dispatch(x, topk), weights)
+        y = d.combine(rows)
+    ref = moe_reference(problem.xs[2 * rank], problem.topk_ids[2 * rank], problem.topk_weights[2 * rank].double(),
+                        problem.w13, problem.w2, CONFIG)
+    if rank == 1:  # leaves: rank 0's next exchange loses its connection
+        return errors, rel_err(y, ref), None
+    with torch.no_grad():
+        lost, work = d.combine(rows, async_op=True)
+    deadline = time.monotonic() + 10
+    while not work.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return errors, rel_err(y, ref), (work.exception() is not None, bool(lost.isnan().all()))
+
+
+def test_a_failed_async_exchange_leaves_no_output_passing_as_a_result():
+    for rank, (errors, err, lost) in enumerate(run_ranks(_failed_exchange_rank, 2, timeout=60, group_timeout=10)):
+        assert len(errors) == 2 and errors[0].startswith("ValueError: "), errors
+        assert errors[1].startswith("RuntimeError: this dispatch output has no value: its exchange failed "
+                                    f"({errors[0]}) (attribute 'recv_x')"), errors
+        assert err <= tolerance(torch.float32), err
+        assert lost == ((True, True) if rank == 0 else None), lost
+
+
 def _backward_while_pending_rank(rank, world_size):
     """Training with overlap: the next micro-batch's dispatch is in flight (async) while this one's backward
     runs, whose reverse exchanges are collectives on the same group. They run after the pending exchange,
