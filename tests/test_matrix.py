@@ -386,3 +386,32 @@ def test_float64_layer_keeps_float64_topk_weights():
     for errors in run_ranks(_float64_weights_rank, 2):
         for dispatcher, (y, dx, dweights_ok, same_dtype) in errors.items():
             assert max(y, dx) <= tolerance(torch.float64) and dweights_ok and same_dtype, (dispatcher, errors[dispatcher])
+
+
+def test_torch_compile_of_a_layer_given_bad_input_raises_as_eager_and_skips_no_frame():
+    """A compiled layer given bad input that a traced check finds (x's hidden size, in forward; the ids' dtype,
+    in the dispatch) raises the eager layer's error, from outside the traced code.
+    Raised inside it, the error left the frame dynamo traced ("Observed exception"), and dynamo then skipped
+    that code for good, in every layer of the process: EPMoE.forward and Dispatcher.dispatch ran eagerly from
+    then on, each callee a frame of its own (no error; a good step ran one graph more). In this process, one
+    rank, no good step: a compiled layer's first good step takes seconds here (test_torch_compile_matches_eager)."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    layer = ep.EPMoE(4, 2, 8, 4, dispatcher="standard", runner="torch")
+    x, ids, weights = torch.randn(3, 8), torch.tensor([[0, 3], [1, -1], [2, 1]]), torch.rand(3, 2)
+    bad = {"x_hidden": (torch.randn(3, 9), ids, weights), "float_ids": (x, ids.float(), weights)}
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager")
+    seen = set(counters["unimplemented"])
+    try:
+        for case, args in bad.items():
+            errors = []
+            for module in (layer, compiled):
+                with pytest.raises((ValueError, TypeError)) as caught:
+                    module(*args)
+                errors.append(f"{caught.type.__name__}: {caught.value}")
+            assert errors[0] == errors[1], (case, errors)
+        escaped = [k.split("\n")[0] for k in set(counters["unimplemented"]) - seen if "Observed exception" in k]
+    finally:
+        torch._dynamo.reset()
+    assert not escaped, escaped
