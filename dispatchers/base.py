@@ -230,6 +230,19 @@ def _read_call_options(cls: type) -> Optional[frozenset]:
 _cached_call_options = functools.lru_cache(maxsize=None)(_read_call_options)
 
 
+def _join_and_raise(dispatcher: "Dispatcher", error: Exception, options: Optional[dict] = None) -> None:
+    """dispatcher.join_with_bad_input(error, **options), then raise error. Untraced under torch.compile, and
+    called outside the `except` that caught error: a check that dynamo traced and saw fail (a shape or
+    dtype) raised inside the traced frame, and dynamo then skipped that frame's code for good (every layer
+    of the process: EPMoE.forward, the dispatch, ran eagerly from then on, their callees as frames of their
+    own)."""
+    dispatcher.join_with_bad_input(error, **(options or {}))
+    raise error
+
+
+raise_bad_input = untraced(_join_and_raise, "raise_bad_input")
+
+
 class Dispatcher:
     """Ships (token, expert) pairs to the ranks owning the experts and brings the results home.
 
@@ -329,14 +342,16 @@ class Dispatcher:
         must not be changed before the wait. Input that fails a check on one rank only fails the others'
         dispatch at once too, where it starts with a count table (see join_with_bad_input)."""
         distributed.check_group(self.group, self.name, "dispatch", self.world_size)
+        bad_input = None
         try:
             self._check_options(options)
             self._check_async(async_op, return_recv_hook, previous_event)
             topk = self._checked_topk(x, topk)
         except Exception as error:
+            bad_input = error
+        if bad_input is not None:  # (raised outside the handler: see raise_bad_input)
             known = _call_options(type(self))
-            self.join_with_bad_input(error, **{k: v for k, v in options.items() if known is None or k in known})
-            raise
+            raise_bad_input(self, bad_input, {k: v for k, v in options.items() if known is None or k in known})
         if self._plain(async_op, return_recv_hook, previous_event):
             return self._named_dispatch("dispatch", self._dispatch, x, topk, **options)
         with distributed.naming_peer_failures(self, "dispatch"):  # a peer that does not answer: ep.PeerFailure

@@ -23,7 +23,7 @@ from ep_runtime.runner_core import DispatchOutput, RunnerInput, needs_grad, regi
 from ep_runtime.validation import capturing, check_topk_ids
 
 from . import fp8_payload, register
-from .base import ExchangeDispatcher, check_buffer_memory, resolve_int
+from .base import ExchangeDispatcher, check_buffer_memory, raise_bad_input, resolve_int
 from .deferred import DeferredChecks
 from .rank_exchange import Capacity, ExchangeHandle, Layout, dispatch_layout
 
@@ -129,8 +129,7 @@ class DeepEPNormalDispatcher(ExchangeDispatcher):
         if topk is None and (not isinstance(handle, ExchangeHandle) or handle.topk is None):
             error = TypeError(f"topk=None with handle={type(handle).__name__}; allowed: topk=ep.TopKOutput(ids, "
                               f"weights), or topk=None with the handle of an earlier deepep_normal dispatch")
-            self.join_with_bad_input(error, handle=handle)
-            raise error
+            raise_bad_input(self, error, {"handle": handle})
         if handle is not None:  # here, not in the exchange: an async call raises at the call, not at wait()
             self._check_handle(handle)
             if isinstance(x, torch.Tensor) and x.dim() == 2:  # (before topk's shape check names the handle's ids)

@@ -18,7 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import dispatchers, runners
 from .config import ExpertWeights, MoeConfig
-from .dispatchers.base import agree_before_collectives, as_process_group, join_settings_check
+from .dispatchers.base import agree_before_collectives, as_process_group, join_settings_check, raise_bad_input
 from .dispatchers.overlap import in_call_order
 from .dispatchers.peer_transport import describe as describe_transport
 from .distributed import naming_peer_failures
@@ -745,6 +745,7 @@ class EPMoE(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() > 2:
             lead, H = tuple(x.shape[:-1]), self.config.hidden_size
             K, E = self.config.top_k, self.config.num_experts
+            bad_input = None
             try:
                 if x.shape[-1] != H:  # named as given: the [T, H] check would name the flattened shape
                     raise ValueError(f"x has shape {list(x.shape)}; expected [..., {H}] (hidden_size={H}: [T, H], or "
@@ -752,17 +753,20 @@ class EPMoE(nn.Module):
                 flat = (_flatten("topk_ids", topk_ids, lead, K), _flatten("topk_weights", topk_weights, lead, K),
                         _flatten("router_logits", router_logits, lead, E))
             except Exception as error:
-                self.dispatcher.join_with_bad_input(error)
-                raise
+                bad_input = error
+            if bad_input is not None:
+                raise_bad_input(self.dispatcher, bad_input)
             y = self.forward(x.reshape(-1, x.shape[-1]), flat[0], flat[1], router_logits=flat[2],
                              correction_bias=correction_bias)
             return y.view(*lead, y.shape[-1])
+        bad_input = None
         try:
             x = self._checked_tokens(x)
             topk = self.route(x, topk_ids, topk_weights, router_logits, correction_bias)
         except Exception as error:
-            self.dispatcher.join_with_bad_input(error)
-            raise
+            bad_input = error
+        if bad_input is not None:  # (raised outside the handler: see raise_bad_input)
+            raise_bad_input(self.dispatcher, bad_input)
         try:
             if self.shared_experts is None:
                 return self._routed(x, topk)
@@ -832,6 +836,7 @@ class EPMoE(nn.Module):
         dispatch) refuses a step that needs a gradient here, before any exchange, whatever the runner."""
         # (topk's form is the dispatcher's to check and name: a malformed one reaches it)
         weights = topk[1] if isinstance(topk, (tuple, list)) and len(topk) == 2 and isinstance(topk[1], torch.Tensor) else None
+        bad_input = None
         try:  # (on one rank only: the others' dispatch fails at once too, see forward)
             fp8 = self.quant is not None or getattr(self.dispatcher, "fp8", None) is not None
             if fp8 and needs_grad(x, weights, self.w13, self.w2, self.b13, self.b2):
@@ -842,8 +847,9 @@ class EPMoE(nn.Module):
                                    f"{INFERENCE_ONLY}")
             physical = self._to_physical(x, topk)
         except Exception as error:
-            self.dispatcher.join_with_bad_input(error)
-            raise
+            bad_input = error
+        if bad_input is not None:
+            raise_bad_input(self.dispatcher, bad_input)
         if self.dispatcher._moves_rows() and not needs_grad(x) and needs_grad(self.w13, self.w2, self.b13, self.b2):
             # This rank's experts compute rows that other ranks' tokens sent: their gradient comes back through
             # each rank's combine, which runs a reverse exchange only where the rows need a gradient. A rank whose
@@ -1166,14 +1172,16 @@ class EPMoE(nn.Module):
         on CUDA the shared experts run while the dispatch is in flight, on a side stream forked before the dispatch is issued (so they also
         overlap a host-planned dispatch's count read) and joined before this returns."""
         shared_module = shared_experts if shared_experts is not None else self.shared_experts
+        bad_input = None
         try:  # (on one rank only: the others' dispatch fails at once too, see forward)
             if shared_module is None:  # before the dispatch: an error after it would leave the exchange pending
                 raise ValueError("shared_experts=None and this layer has none (built without shared_experts); pass "
                                  "a module [T, H] -> [T, H], or call the layer itself for the routed experts alone")
             x = self._checked_tokens(x)
         except Exception as error:
-            self.dispatcher.join_with_bad_input(error)
-            raise
+            bad_input = error
+        if bad_input is not None:
+            raise_bad_input(self.dispatcher, bad_input)
         return self._routed_and_shared(x, topk, shared_module)
 
     def _routed_and_shared(self, x: torch.Tensor, topk: TopKOutput, shared_module: nn.Module

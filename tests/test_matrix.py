@@ -386,3 +386,52 @@ def test_float64_layer_keeps_float64_topk_weights():
     for errors in run_ranks(_float64_weights_rank, 2):
         for dispatcher, (y, dx, dweights_ok, same_dtype) in errors.items():
             assert max(y, dx) <= tolerance(torch.float64) and dweights_ok and same_dtype, (dispatcher, errors[dispatcher])
+
+
+def _observed_exceptions(calls) -> list[str]:
+    """Run each of calls (a function taking no argument, raising); the errors dynamo saw leave a traced frame
+    (it skips such a frame's code for good), after a fresh start; dynamo is reset after too."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    seen = set(counters["unimplemented"])
+    try:
+        for call in calls:
+            call()
+        return [k.split("\n")[0] for k in set(counters["unimplemented"]) - seen if "Observed exception" in k]
+    finally:
+        torch._dynamo.reset()
+
+
+def _raises_as_eager(eager, compiled, *args, **kwargs):
+    """The same error type and message from the eager and the compiled call."""
+    errors = []
+    for fn in (eager, compiled):
+        with pytest.raises((ValueError, TypeError)) as caught:
+            fn(*args, **kwargs)
+        errors.append(f"{caught.type.__name__}: {caught.value}")
+    assert errors[0] == errors[1], errors
+
+
+def test_torch_compile_of_a_layer_given_bad_input_raises_as_eager_and_skips_no_frame():
+    """A compiled layer given bad input that a traced check finds (x's hidden size, in forward) raises the eager
+    layer's error, from outside the traced code. Raised inside it, the error left the frame dynamo traced
+    ("Observed exception"), and dynamo then skipped that code for good, in every layer of the process:
+    EPMoE.forward ran eagerly from then on, each callee a frame of its own (no error; a good step ran one graph
+    more and compiled frames again). In this process, one rank, no good step: a compiled layer's first good step
+    takes seconds here (test_torch_compile_matches_eager)."""
+    layer = ep.EPMoE(4, 2, 8, 4, dispatcher="standard", runner="torch")
+    ids, weights = torch.tensor([[0, 3], [1, -1], [2, 1]]), torch.rand(3, 2)
+    compiled = torch.compile(layer, backend="eager")
+    assert _observed_exceptions([lambda: _raises_as_eager(layer, compiled, torch.randn(3, 9), ids, weights)]) == []
+
+
+def test_torch_compile_of_a_dispatch_given_bad_input_raises_as_eager_and_skips_no_frame():
+    """The same for a compiled dispatch: float topk_ids (Dispatcher.dispatch's checks) and deepep_normal's
+    dispatch(x, None, handle=None); raised inside the traced code, dynamo skipped Dispatcher.dispatch and
+    DeepEPNormalDispatcher.dispatch for good."""
+    layer = ep.EPMoE(4, 2, 8, 4, dispatcher="deepep_normal", runner="torch")
+    x, ids, weights = torch.randn(3, 8), torch.tensor([[0, 3], [1, -1], [2, 1]]).float(), torch.rand(3, 2)
+    compiled = torch.compile(layer.dispatcher.dispatch, backend="eager")
+    eager = layer.dispatcher.dispatch
+    assert _observed_exceptions([lambda: _raises_as_eager(eager, compiled, x, (ids, weights)),
+                                 lambda: _raises_as_eager(eager, compiled, x, None, handle=None)]) == []
